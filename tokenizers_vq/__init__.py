@@ -1,0 +1,29 @@
+"""tokenizers_vq: discrete tokenizers for images, audio and video.
+
+Importing the package loads torch only: torchvision, torchaudio, lpips and triton
+are imported lazily by the parts that need them.
+"""
+
+from tokenizers_vq.quantizers import (
+    FSQ,
+    LFQ,
+    GroupedQuantizer,
+    Quantizer,
+    QuantizerOutput,
+    ResidualQuantizer,
+    VectorQuantizer,
+    nearest_codes,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FSQ",
+    "LFQ",
+    "GroupedQuantizer",
+    "Quantizer",
+    "QuantizerOutput",
+    "ResidualQuantizer",
+    "VectorQuantizer",
+    "nearest_codes",
+]

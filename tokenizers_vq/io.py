@@ -1,0 +1,81 @@
+"""Media in and out. Images through PIL; every write is atomic (a temporary file
+renamed into place), so a failed write never leaves a half-written or clobbered file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
+
+    The temporary file sits beside ``path`` (same filesystem, so the rename is
+    atomic) and keeps ``path``'s suffix so writers that pick a format by suffix work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_image(path: str | os.PathLike) -> Tensor:
+    """Read an image file as ``(3, H, W)`` float32 in ``[0, 1]``.
+
+    Greyscale is repeated to RGB; an alpha channel is composited on white.
+
+    Raises:
+        ValueError: the file is missing, unreadable, truncated or not an image.
+    """
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 (keep import cheap)
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+    return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255.0
+
+
+def save_image(img: Tensor, path: str | os.PathLike) -> Path:
+    """Write ``(3, H, W)`` or ``(H, W)`` float in ``[0, 1]`` (clamped) atomically;
+    the format follows the suffix (PNG, JPEG, ...)."""
+    from PIL import Image  # noqa: PLC0415
+
+    if img.ndim == 2:
+        img = img.unsqueeze(0).expand(3, -1, -1)
+    if img.ndim != 3 or img.shape[0] not in (1, 3):
+        raise ValueError(f"save_image expects (3, H, W) or (H, W), got shape {tuple(img.shape)}")
+    arr = (img.detach().float().clamp(0, 1) * 255).round().byte().expand(3, -1, -1).permute(1, 2, 0).cpu().numpy()
+    return atomic_write(path, lambda tmp: Image.fromarray(arr, "RGB").save(tmp))
+
+
+def bundled_photo() -> Path:
+    """A real photograph shipped with an installed dependency (matplotlib's
+    ``grace_hopper.jpg``, 512x600), for demos and examples."""
+    import matplotlib  # noqa: PLC0415
+
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if not path.is_file():
+        raise FileNotFoundError(f"matplotlib's sample photo is missing at {path}; pass your own image file")
+    return path

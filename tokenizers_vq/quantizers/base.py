@@ -1,0 +1,151 @@
+"""The contract every quantizer follows.
+
+Layout: latents are channels-last, ``z`` of shape ``(B, *S, D)`` where ``S`` is any
+number of spatial / temporal axes (``()`` for a single vector per item, ``(T,)``
+for audio, ``(H, W)`` for images, ``(T, H, W)`` for video). Codes have shape
+``(B, *S, *code_shape)`` with ``code_shape`` ``()`` for a single codebook and e.g.
+``(L,)`` for L residual levels; every code lies in ``[0, codebook_size)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class QuantizerOutput:
+    """What every quantizer's ``forward`` returns.
+
+    Attributes:
+        quantized: ``(B, *S, D)``, same shape and dtype as the input; gradients
+            reach the input through the quantizer's estimator.
+        codes: ``(B, *S, *code_shape)`` int64 code indices.
+        losses: named scalar losses, already multiplied by the quantizer's own
+            weights (e.g. ``beta`` for commitment), ready to be summed.
+        metrics: named scalar diagnostics (detached), e.g. ``perplexity``.
+    """
+
+    quantized: Tensor
+    codes: Tensor
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+    def total_loss(self) -> Tensor:
+        """Sum of all named losses (a zero scalar when there are none)."""
+        if not self.losses:
+            return self.quantized.new_zeros((), dtype=torch.float32)
+        return torch.stack([v.float() for v in self.losses.values()]).sum()
+
+
+class Quantizer(nn.Module, ABC):
+    """Base class: ``forward(z) -> QuantizerOutput``, ``encode(z) -> codes``,
+    ``decode(codes) -> quantized``.
+
+    Subclasses implement :meth:`_forward` and :meth:`_decode` on validated input;
+    the public methods validate shapes, dtypes and values once, here.
+
+    Args:
+        dim: ``D``, the size of the latent's last axis.
+        check_finite: raise on NaN/Inf latents. This costs one host
+            synchronisation per call; turn it off for the fastest GPU training
+            (the check is skipped inside ``torch.compile`` regardless).
+    """
+
+    def __init__(self, dim: int, check_finite: bool = True):
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.dim = dim
+        self.check_finite = check_finite
+
+    # -- properties every quantizer has ------------------------------------------------
+    @property
+    @abstractmethod
+    def codebook_size(self) -> int:
+        """Number of distinct values one code can take (codes lie in ``[0, size)``)."""
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        """Trailing shape of the codes for one latent position (``()`` by default)."""
+        return ()
+
+    @property
+    def num_codebooks(self) -> int:
+        """Number of codes emitted per latent position."""
+        n = 1
+        for s in self.code_shape:
+            n *= s
+        return n
+
+    # -- the contract --------------------------------------------------------------------
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """Quantize ``z`` ``(B, *S, D)``; see :class:`QuantizerOutput`."""
+        self._check_latent(z)
+        return self._forward(z)
+
+    @torch.no_grad()
+    def encode(self, z: Tensor) -> Tensor:
+        """Codes ``(B, *S, *code_shape)`` for latents ``z`` ``(B, *S, D)``. Never
+        updates codebook statistics."""
+        self._check_latent(z)
+        was_training = self.training
+        self.eval()
+        try:
+            return self._forward(z).codes
+        finally:
+            self.train(was_training)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Latents ``(B, *S, D)`` for codes ``(B, *S, *code_shape)``."""
+        self._check_codes(codes)
+        return self._decode(codes)
+
+    @abstractmethod
+    def _forward(self, z: Tensor) -> QuantizerOutput: ...
+
+    @abstractmethod
+    def _decode(self, codes: Tensor) -> Tensor: ...
+
+    # -- validation ----------------------------------------------------------------------
+    def _check_latent(self, z: Tensor) -> None:
+        if not isinstance(z, Tensor):
+            raise ValueError(f"expected a torch.Tensor latent, got {type(z).__name__}")
+        if not z.is_floating_point():
+            raise ValueError(f"latent must be a floating-point tensor, got dtype {z.dtype}")
+        if z.ndim < 2:
+            raise ValueError(f"latent must be (B, ..., D) with at least 2 axes, got shape {tuple(z.shape)}")
+        if z.shape[-1] != self.dim:
+            raise ValueError(
+                f"latent's last dimension is {z.shape[-1]} but this quantizer expects D={self.dim} "
+                f"(shape {tuple(z.shape)}; layout is channels-last (B, ..., D))"
+            )
+        if z.numel() == 0:
+            raise ValueError(f"empty latent batch: shape {tuple(z.shape)}")
+        if self.check_finite and not torch.compiler.is_compiling() and not torch.isfinite(z).all():
+            raise ValueError("latent contains NaN or Inf values")
+
+    def _check_codes(self, codes: Tensor) -> None:
+        if not isinstance(codes, Tensor):
+            raise ValueError(f"expected a torch.Tensor of codes, got {type(codes).__name__}")
+        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype}")
+        cs = self.code_shape
+        if codes.ndim < 1 + len(cs) or tuple(codes.shape[codes.ndim - len(cs) :]) != cs:
+            raise ValueError(f"codes must be (B, ..., *{cs}), got shape {tuple(codes.shape)}")
+        if codes.numel() == 0:
+            raise ValueError(f"empty code batch: shape {tuple(codes.shape)}")
+        if not torch.compiler.is_compiling():
+            lo, hi = int(codes.min()), int(codes.max())
+            if lo < 0 or hi >= self.codebook_size:
+                raise ValueError(
+                    f"codes out of range: found values in [{lo}, {hi}], valid range is [0, {self.codebook_size})"
+                )
+
+
+def flatten_latent(z: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """``(B, *S, D) -> (N, D)`` plus the leading shape ``(B, *S)`` to undo it."""
+    return z.reshape(-1, z.shape[-1]), tuple(z.shape[:-1])

@@ -1,0 +1,49 @@
+"""Pictures of results: image grids and codebook-usage plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tokenizers_vq.io import atomic_write, save_image
+
+
+def image_row(images: Sequence[Tensor], path: str | os.PathLike, pad: int = 4) -> Path:
+    """Save ``(3, H, W)`` images in ``[0, 1]`` side by side (white gaps) as one picture."""
+    h = max(im.shape[1] for im in images)
+    w = sum(im.shape[2] for im in images) + pad * (len(images) - 1)
+    canvas = torch.ones(3, h, w)
+    x = 0
+    for im in images:
+        canvas[:, : im.shape[1], x : x + im.shape[2]] = im.detach().float().cpu()
+        x += im.shape[2] + pad
+    return save_image(canvas, path)
+
+
+def usage_plot(counts: dict[str, Tensor], path: str | os.PathLike, title: str = "codebook usage") -> Path:
+    """Sorted code frequencies (log scale) per quantizer, one line each."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for name, c in counts.items():
+        c = c.detach().float().cpu()
+        freq = (c / c.sum().clamp_min(1)).sort(descending=True).values
+        used = int((c > 0).sum())
+        ax.plot(torch.arange(1, len(freq) + 1).numpy(), freq.numpy(), label=f"{name} ({used}/{len(c)} used)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("code rank")
+    ax.set_ylabel("frequency")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp))
+    plt.close(fig)
+    return out
