@@ -68,6 +68,25 @@ def code_histogram(codes: Tensor, size: int) -> Tensor:
     return counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
 
 
+def code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Per-code assignment counts ``(K,)`` and sums of assigned rows ``(K, d)``, fp32.
+
+    Args:
+        x: ``(N, d)`` latents.
+        idx: ``(N,)`` int64 code of each row.
+
+    Segment sums by ``index_add_`` (no one-hot, no host sync); on CUDA the Triton
+    version in ``tokenizers_vq.kernels`` is used when available.
+    """
+    if x.is_cuda:
+        op = _triton_op("code_statistics_triton")
+        if op is not None:
+            return op(x, idx, size)
+    sums = torch.zeros(size, x.shape[1], device=x.device, dtype=torch.float32)
+    sums.index_add_(0, idx, x.float())
+    return code_histogram(idx, size), sums
+
+
 def perplexity(counts: Tensor, eps: float = 1e-10) -> Tensor:
     """exp(entropy) of the distribution given by ``counts`` ``(K,)``."""
     p = counts / counts.sum().clamp_min(eps)
@@ -130,13 +149,14 @@ def nearest_codes_reference(
     return best_d, best_i
 
 
-def _triton_op():
-    """The Triton search op, or None when Triton or the kernel is not importable."""
+def _triton_op(name: str = "nearest_codes_triton"):
+    """A Triton op from ``tokenizers_vq.kernels.nearest``, or None when Triton or the
+    kernel is not importable (imported lazily: ``import tokenizers_vq`` never loads triton)."""
     try:
-        from tokenizers_vq.kernels import nearest as _nearest  # noqa: PLC0415 (lazy: triton)
+        from tokenizers_vq.kernels import nearest as _nearest  # noqa: PLC0415
     except ImportError:
         return None
-    return getattr(_nearest, "nearest_codes_triton", None)
+    return getattr(_nearest, name, None)
 
 
 def nearest_codes(

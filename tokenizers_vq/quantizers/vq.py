@@ -19,6 +19,7 @@ from tokenizers_vq.quantizers._functional import (
     Backend,
     Metric,
     code_histogram,
+    code_statistics,
     l2norm,
     nearest_codes,
     perplexity,
@@ -142,10 +143,13 @@ class VectorQuantizer(Quantizer):
             cb = self.codebook
             _, idx = nearest_codes(xf.detach(), cb.detach(), self.metric, self.backend)
             q = F.embedding(idx, cb)
-            counts = code_histogram(idx, self._size)
+            if self.training and self.learning == "ema":
+                counts, sums = code_statistics(xf.detach(), idx, self._size)
+            else:
+                counts, sums = code_histogram(idx, self._size), None
             metrics = self._metrics(counts)
             if self.training:
-                self._update(xf.detach(), idx, counts, metrics)
+                self._update(xf.detach(), counts, sums, metrics)
             losses = {"commitment": self.beta * F.mse_loss(xf, q.detach())}
             if self.learning == "loss":
                 losses["codebook"] = F.mse_loss(q, xf.detach())
@@ -159,12 +163,11 @@ class VectorQuantizer(Quantizer):
 
     # -- codebook learning ----------------------------------------------------------------
     @torch.no_grad()
-    def _update(self, x: Tensor, idx: Tensor, counts: Tensor, metrics: dict[str, Tensor]) -> None:
+    def _update(self, x: Tensor, counts: Tensor, sums: Tensor | None, metrics: dict[str, Tensor]) -> None:
         """EMA statistics (summed over ranks) then dead-code restarts, in that order so
         that a restarted code is not overwritten by the same step's EMA update."""
         k = self._size
-        if self.learning == "ema":
-            sums = torch.zeros(k, x.shape[1], device=x.device).index_add_(0, idx, x)
+        if sums is not None:
             stats = tdist.all_reduce_sum_(torch.cat([counts.unsqueeze(1), sums], dim=1))
             g_counts, g_sums = stats[:, 0], stats[:, 1:]
             self.cluster_size.lerp_(g_counts, 1 - self.decay)
@@ -223,8 +226,8 @@ class VectorQuantizer(Quantizer):
         counts = torch.zeros(self._size, device=x.device)
         for _ in range(self.kmeans_iters):
             _, idx = nearest_codes(x, centres, self.metric, self.backend)
-            sums = torch.zeros_like(centres).index_add_(0, idx, x)
-            stats = tdist.all_reduce_sum_(torch.cat([code_histogram(idx, self._size).unsqueeze(1), sums], 1))
+            counts, sums = code_statistics(x, idx, self._size)
+            stats = tdist.all_reduce_sum_(torch.cat([counts.unsqueeze(1), sums], 1))
             counts, sums = stats[:, 0], stats[:, 1:]
             means = sums / counts.clamp_min(1.0).unsqueeze(1)
             if self.metric == "cosine":
