@@ -118,7 +118,7 @@ class VectorQuantizer(Quantizer):
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))
-        self._initted_cache: bool | None = None
+        self._initted = not kmeans_init  # host copy of the buffer: no sync per step
 
     @property
     def codebook_size(self) -> int:
@@ -138,7 +138,7 @@ class VectorQuantizer(Quantizer):
             xf = flat.float()
             if self.metric == "cosine":
                 xf = l2norm(xf)
-            if self.training and not self._is_initted():
+            if self.training and not self._initted:
                 self._kmeans(xf.detach())
             cb = self.codebook
             _, idx = nearest_codes(xf.detach(), cb.detach(), self.metric, self.backend)
@@ -208,14 +208,9 @@ class VectorQuantizer(Quantizer):
         }
 
     # -- k-means initialisation ---------------------------------------------------------
-    def _is_initted(self) -> bool:
-        if self._initted_cache is None:
-            self._initted_cache = bool(self.initted)  # one sync, once
-        return self._initted_cache
-
     def _load_from_state_dict(self, *args, **kwargs):
-        self._initted_cache = None
         super()._load_from_state_dict(*args, **kwargs)
+        self._initted = bool(self.initted)  # one sync, at load time
 
     @torch.no_grad()
     def _kmeans(self, x: Tensor) -> None:
@@ -238,4 +233,4 @@ class VectorQuantizer(Quantizer):
         if self.learning == "ema":
             self.embed_sum.copy_(centres * counts.unsqueeze(1))
         self.initted.fill_(True)
-        self._initted_cache = True
+        self._initted = True

@@ -1,0 +1,39 @@
+"""One rank of the distributed codebook test (run by tests/test_distributed.py).
+
+Usage: RANK=r WORLD_SIZE=w MASTER_ADDR=... MASTER_PORT=... python dist_worker.py OUT_DIR
+Each rank trains the same quantizers for 20 steps on different data and writes
+its state dicts to OUT_DIR/{name}_rank{r}.safetensors.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from tokenizers_vq import ResidualQuantizer, VectorQuantizer
+
+
+def main(out_dir: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # same initial codebooks everywhere
+    models = {
+        "vq": VectorQuantizer(8, 64, kmeans_init=True, kmeans_iters=5, dead_code_threshold=1.5),
+        "rvq": ResidualQuantizer([VectorQuantizer(8, 32, kmeans_init=True) for _ in range(2)]),
+        "vq-cosine-learned": VectorQuantizer(8, 64, metric="cosine", learning="loss", dead_code_threshold=1.5),
+    }
+    torch.manual_seed(100 + rank)  # different data (and random streams) per rank
+    for _ in range(20):
+        x = torch.randn(4, 32, 8) * (1 + rank) + rank
+        for m in models.values():
+            m(x)
+    for name, m in models.items():
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, f"{out_dir}/{name}_rank{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,169 @@
+"""The contract every quantizer keeps, parametrised over quantizer x latent rank x precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tokenizers_vq import FSQ, LFQ, GroupedQuantizer, ResidualQuantizer, VectorQuantizer
+
+D = 16
+QUANTIZERS = {
+    "vq-ema": lambda: VectorQuantizer(D, 64),
+    "vq-ema-cosine-factorised-kmeans": lambda: VectorQuantizer(
+        D, 64, codebook_dim=4, metric="cosine", kmeans_init=True, kmeans_iters=3
+    ),
+    "vq-learned-rotation": lambda: VectorQuantizer(D, 64, learning="loss", estimator="rotation"),
+    "fsq": lambda: FSQ(D, [8, 5, 5, 5]),
+    "fsq-no-projection": lambda: FSQ(4, [7, 6, 5, 4]),
+    "lfq": lambda: LFQ(D, 10),
+    "bsq": lambda: LFQ(D, 12, spherical=True),
+    "residual-vq-dropout": lambda: ResidualQuantizer([VectorQuantizer(D, 32) for _ in range(3)], dropout=0.5),
+    "residual-fsq": lambda: ResidualQuantizer([FSQ(D, [5, 5, 5]) for _ in range(2)]),
+    "grouped-lfq": lambda: GroupedQuantizer([LFQ(D // 2, 6) for _ in range(2)]),
+    "grouped-residual-vq": lambda: GroupedQuantizer(
+        [ResidualQuantizer([VectorQuantizer(D // 2, 16) for _ in range(2)]) for _ in range(2)]
+    ),
+}
+SHAPES = {"1d": (2, 9), "2d": (2, 5, 6), "3d": (2, 3, 4, 5)}
+PRECISIONS = ["fp32", "bf16-autocast"]
+
+
+def make(name: str):
+    torch.manual_seed(0)
+    q = QUANTIZERS[name]()
+    return q.dim, q
+
+
+def latent(dim: int, lead: tuple[int, ...], requires_grad: bool = False) -> torch.Tensor:
+    return torch.randn(*lead, dim, requires_grad=requires_grad)
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("rank", SHAPES)
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_contract(name: str, rank: str, precision: str):
+    dim, q = make(name)
+    lead = SHAPES[rank]
+    z = latent(dim, lead, requires_grad=True)
+
+    # training forward: shapes, dtypes, code range, finite named losses and metrics
+    q.train()
+    with autocast(precision):
+        out = q(z)
+    assert out.quantized.shape == z.shape and out.quantized.dtype == z.dtype
+    assert out.codes.shape == (*lead, *q.code_shape) and out.codes.dtype == torch.int64
+    assert int(out.codes.min()) >= 0 and int(out.codes.max()) < q.codebook_size
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in [*out.losses.values(), *out.metrics.values()])
+
+    # gradients reach z (through the estimator and the losses)
+    w = torch.randn_like(z)
+    ((out.quantized * w).sum() + out.total_loss()).backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+    # eval: decode(encode(z)) is exactly forward(z).quantized
+    q.eval()
+    zz = z.detach()
+    with autocast(precision), torch.no_grad():
+        codes = q.encode(zz)
+        rec = q.decode(codes)
+        out_eval = q(zz)
+    assert torch.equal(codes, out_eval.codes)
+    assert torch.equal(rec.to(zz.dtype), out_eval.quantized)
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_state_dict_roundtrip_through_safetensors(name: str, tmp_path):
+    dim, q = make(name)
+    q.train()
+    for _ in range(3):  # move EMA buffers, k-means init, restarts away from their initial values
+        q(latent(dim, (4, 32)))
+    q.eval()
+    save_file({k: v.contiguous() for k, v in q.state_dict().items()}, tmp_path / "q.safetensors")
+    torch.manual_seed(123)  # a differently initialised twin
+    twin = QUANTIZERS[name]()
+    twin.load_state_dict(load_file(tmp_path / "q.safetensors"))
+    twin.eval()
+    z = latent(dim, (3, 11))
+    assert torch.equal(twin.encode(z), q.encode(z))
+    assert torch.equal(twin(z).quantized, q(z).quantized)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e4])
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_finite_on_zeros_and_huge_latents(name: str, scale: float):
+    dim, q = make(name)
+    z = (latent(dim, (2, 8, 8)) * scale).requires_grad_()
+    for train in (True, False):
+        q.train(train)
+        out = q(z)
+        assert torch.isfinite(out.quantized).all()
+        assert all(torch.isfinite(v) for v in [*out.losses.values(), *out.metrics.values()])
+    out = q.train()(z)
+    (out.quantized.sum() + out.total_loss()).backward()
+    assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_bad_input_raises_named_value_error(name: str):
+    dim, q = make(name)
+    good = latent(dim, (2, 4))
+    bad_latents = {
+        "last dimension": latent(dim + 1, (2, 4)),
+        "floating-point": torch.ones(2, 4, dim, dtype=torch.int64),
+        "NaN or Inf": good.clone().index_fill_(1, torch.tensor([2]), float("nan")),
+        "empty": torch.zeros(0, 4, dim),
+        "at least 2 axes": torch.randn(dim),
+    }
+    inf = good.clone()
+    inf[0, 0, 0] = float("inf")
+    bad_latents["NaN or Inf "] = inf
+    for message, z in bad_latents.items():
+        for call in (q, q.encode):
+            with pytest.raises(ValueError, match=message.strip()):
+                call(z)
+    codes = q.encode(good)
+    too_big = codes.clone()
+    too_big.view(-1)[0] = q.codebook_size
+    negative = codes.clone()
+    negative.view(-1)[-1] = -1
+    for message, c in {
+        "out of range": too_big,
+        "out of range ": negative,
+        "integer tensor": codes.float(),
+        "empty": codes[:0],
+    }.items():
+        with pytest.raises(ValueError, match=message.strip()):
+            q.decode(c)
+    if q.code_shape:
+        with pytest.raises(ValueError, match="codes must be"):
+            q.decode(codes[..., 0])
+
+
+@pytest.mark.parametrize("name", ["vq-ema", "vq-learned-rotation", "fsq", "bsq", "residual-vq-dropout", "grouped-lfq"])
+def test_training_forward_compiles_without_graph_breaks(name: str):
+    """fullgraph=True fails on any graph break: no .item(), no data-dependent Python
+    branch, i.e. no host synchronisation in the training forward."""
+    dim, q = make(name)
+    q.train()
+    compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
+    z = latent(dim, (2, 6, 6), requires_grad=True)
+    out = compiled(z)
+    (out.quantized.sum() + out.total_loss()).backward()
+    assert out.codes.shape == (2, 6, 6, *q.code_shape)
+    assert torch.isfinite(z.grad).all()
+
+
+def test_vq_compiles_with_inductor_and_matches_eager():
+    dim, q = make("vq-ema")
+    q.eval()
+    z = latent(dim, (4, 8, 8))
+    eager = q(z)
+    compiled = torch.compile(q, fullgraph=True)(z)
+    assert torch.equal(compiled.codes, eager.codes)
+    torch.testing.assert_close(compiled.quantized, eager.quantized)

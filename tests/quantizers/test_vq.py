@@ -1,0 +1,173 @@
+"""VectorQuantizer: search reference, EMA arithmetic, k-means, restarts, estimators."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenizers_vq import VectorQuantizer, nearest_codes
+from tokenizers_vq.quantizers._functional import nearest_codes_reference, rotation_trick
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (7, 17, 3), (1000, 1000, 24), (300, 5000, 5)])
+def test_reference_search_matches_fp64_brute_force_across_block_sizes(metric, n, k, d):
+    x, c = torch.randn(n, d), torch.randn(k, d)
+    xd, cd = x.double(), c.double()
+    if metric == "cosine":
+        xd, cd = F.normalize(xd, dim=-1), F.normalize(cd, dim=-1)
+        full = 1 - xd @ cd.t()
+    else:
+        full = torch.cdist(xd, cd).pow(2)
+    ref_d, ref_i = full.min(1)
+    two = full.topk(min(2, k), dim=1, largest=False).values
+    gap = (two[:, -1] - two[:, 0]) if k > 1 else torch.full((n,), float("inf"), dtype=torch.float64)
+    for block in (-(-k // 3), 4 * k, 2**24):  # 3 K blocks; N blocks of 4 rows; one block
+        dist, idx = nearest_codes_reference(x, c, metric, block_elems=block)
+        # fp32 rounding of |x|^2 - 2x.c + |c|^2: differ only where the best two are within it
+        bound = 1e-5 * (xd.pow(2).sum(1) + cd.pow(2).sum(1).max()) + 1e-6
+        clear = gap > bound
+        assert torch.equal(idx[clear], ref_i[clear])
+        torch.testing.assert_close(dist.double(), ref_d, atol=bound.max().item(), rtol=0)
+
+
+def test_ties_go_to_the_lowest_index_across_blocks():
+    c = torch.randn(10, 4).repeat(3, 1)  # every codeword three times: at i, i+10, i+20
+    x = c[torch.randint(0, 30, (50,))] + 0.01 * torch.randn(50, 4)
+    for block in (4, 11, 2**24):
+        _, idx = nearest_codes_reference(x, c, block_elems=block)
+        assert int(idx.max()) < 10
+
+
+def test_nearest_codes_rejects_bad_shapes_and_backends():
+    with pytest.raises(ValueError, match="expects x"):
+        nearest_codes(torch.randn(3, 4), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="unknown backend"):
+        nearest_codes(torch.randn(3, 4), torch.randn(5, 4), backend="cuda")
+
+
+def test_ema_update_follows_the_laplace_smoothed_formula():
+    torch.manual_seed(0)
+    k, d, decay, eps = 8, 3, 0.9, 1e-5
+    vq = VectorQuantizer(d, k, decay=decay, eps=eps, restart_dead_codes=False)
+    embed0, size0, sum0 = vq.embed.clone(), vq.cluster_size.clone(), vq.embed_sum.clone()
+    x = torch.randn(1, 64, d)
+    out = vq(x)
+    idx = out.codes.view(-1)
+    one_hot = F.one_hot(idx, k).double()  # the test may build what the module must not
+    counts, sums = one_hot.sum(0), one_hot.t() @ x.view(-1, d).double()
+    size = decay * size0.double() + (1 - decay) * counts
+    esum = decay * sum0.double() + (1 - decay) * sums
+    n = size.sum()
+    smoothed = (size + eps) / (n + k * eps) * n
+    torch.testing.assert_close(vq.cluster_size.double(), size)
+    torch.testing.assert_close(vq.embed.double(), esum / smoothed[:, None])
+    # codes were chosen against the codebook before the update
+    assert torch.equal(idx, torch.cdist(x.view(-1, d), embed0).argmin(1))
+
+
+def test_kmeans_init_finds_separated_clusters():
+    torch.manual_seed(0)
+    centres = torch.tensor([[10.0, 0], [-10, 0], [0, 10], [0, -10]])
+    x = centres[torch.randint(0, 4, (4000,))] + 0.1 * torch.randn(4000, 2)
+    vq = VectorQuantizer(2, 4, kmeans_init=True, kmeans_iters=20, restart_dead_codes=False)
+    assert not bool(vq.initted)
+    vq(x.unsqueeze(0))
+    assert bool(vq.initted)
+    # every true centre has a codeword within 0.5 (k-means seeds from data, then Lloyd)
+    assert torch.cdist(centres, vq.embed).min(1).values.max() < 0.5
+
+
+def test_dead_code_restart_survives_the_same_steps_ema_update():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 16, dead_code_threshold=0.5, decay=0.99)
+    vq.embed[5] = 1e3  # far from every latent: never chosen
+    vq.embed_sum[5] = 1e3 * vq.cluster_size[5]
+    x = torch.randn(2, 100, 4)
+    for _ in range(80):  # EMA count of code 5 decays 0.99^t from 1.0 below 0.5
+        vq.embed[5], vq.embed_sum[5] = 1e3, 1e3 * vq.cluster_size[5]
+        if vq.cluster_size[5] * 0.99 < 0.5:
+            break
+        vq(x)
+    assert vq.cluster_size[5] * 0.99 < 0.5
+    restarts_before = int(vq.restarts)
+    out = vq(x)
+    assert out.metrics["restarted"] >= 1 and int(vq.restarts) > restarts_before
+    # the restarted codeword is one of this step's latents, not the EMA's value
+    assert (vq.embed[5] - x.view(-1, 4)).abs().sum(1).min() == 0
+    assert vq.cluster_size[5] == 1.0  # twice the threshold
+    torch.testing.assert_close(vq.embed_sum[5] / vq.cluster_size[5], vq.embed[5])
+    # and it stays near the data on the next step instead of jumping back
+    vq(x)
+    assert vq.embed[5].abs().max() < 10
+
+
+def test_rotation_trick_gradient_is_the_rotated_scaled_upstream_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(5, 6, dtype=torch.float64)
+    g = torch.randn(5, 6, dtype=torch.float64)
+    out = rotation_trick(x, q)
+    assert torch.equal(out.detach(), q)
+    (out * g).sum().backward()
+    for i in range(5):
+        u, v = F.normalize(x[i].detach(), dim=0), F.normalize(q[i], dim=0)
+        r = F.normalize(u + v, dim=0)
+        rot = torch.eye(6, dtype=torch.float64) - 2 * torch.outer(r, r) + 2 * torch.outer(v, u)
+        assert torch.allclose(rot @ u, v)  # it really rotates x onto q
+        scale = q[i].norm() / x[i].detach().norm()
+        torch.testing.assert_close(x.grad[i], scale * rot.t() @ g[i])
+
+
+def test_straight_through_and_rotation_give_different_gradients():
+    torch.manual_seed(0)
+    z = torch.randn(1, 64, 8)
+    grads = {}
+    for est in ("ste", "rotation"):
+        torch.manual_seed(1)
+        vq = VectorQuantizer(8, 32, estimator=est)
+        zz = z.clone().requires_grad_()
+        vq(zz).quantized.pow(2).sum().backward()
+        grads[est] = zz.grad
+    assert not torch.allclose(grads["ste"], grads["rotation"])
+
+
+def test_factorised_lookup_uses_a_low_dimensional_codebook():
+    vq = VectorQuantizer(64, 128, codebook_dim=8, metric="cosine")
+    assert vq.embed.shape == (128, 8)
+    assert torch.allclose(vq.codebook.norm(dim=1), torch.ones(128))
+    out = vq(torch.randn(2, 10, 64))
+    assert out.quantized.shape == (2, 10, 64)
+
+
+def test_metrics_report_usage_and_dead_codes():
+    vq = VectorQuantizer(4, 64, dead_code_threshold=0.995, restart_dead_codes=False)
+    x = torch.randn(1, 2, 4)  # two latents can use at most two codes
+    assert vq(x).metrics["dead_codes"] == 0  # counts start at 1: nothing is dead yet
+    m = vq(x).metrics  # unused codes' EMA counts are now 0.99, under the threshold
+    assert m["usage_batch"] <= 2 / 64
+    assert 1.0 <= m["perplexity"] <= 2.0
+    assert m["dead_codes"] >= 62 and abs(m["usage_window"] - (1 - m["dead_codes"] / 64)) < 1e-6
+
+
+def test_encode_never_updates_codebook():
+    vq = VectorQuantizer(4, 16, kmeans_init=True)
+    vq.train()
+    state = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq.encode(torch.randn(3, 7, 4))
+    assert all(torch.equal(state[k], v) for k, v in vq.state_dict().items())
+    assert vq.training
+
+
+def test_constructor_rejects_bad_settings():
+    for kwargs, msg in [
+        ({"metric": "dot"}, "metric"),
+        ({"learning": "sgd"}, "learning"),
+        ({"estimator": "gumbel"}, "estimator"),
+        ({"decay": 1.0}, "decay"),
+        ({"codebook_size": 0}, "codebook_size"),
+    ]:
+        args = {"dim": 4, "codebook_size": 8, **kwargs}
+        with pytest.raises(ValueError, match=msg):
+            VectorQuantizer(**args)

@@ -1,0 +1,88 @@
+"""The installed package: cheap import, namespaced folders, README examples, `tvq demo`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokenizers_vq.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, cwd: Path) -> str:
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_import_is_cheap_and_namespaced(tmp_path):
+    heavy = run_python(
+        "import sys, tokenizers_vq; print([m for m in ('torchvision', 'torchaudio', 'lpips', 'triton') if m in sys.modules])",
+        tmp_path,
+    )
+    assert heavy == "[]"
+    found = run_python(
+        "import importlib.util as u, tokenizers_vq.kernels, tokenizers_vq.train, tokenizers_vq.eval;"
+        "print([n for n in ('kernels', 'train', 'eval') if u.find_spec(n) is not None])",
+        tmp_path,  # outside the repo: only what is installed is importable
+    )
+    assert found == "[]"
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
+    readme = (REPO / "README.md").read_text()
+    first_block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).strip().splitlines()
+    assert len(first_block) == 2 and first_block[0].endswith("tvq demo")
+    assert first_block[1] in (REPO / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("block", re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S))
+def test_readme_python_examples_run(block: str):
+    exec(compile(block, "README.md", "exec"), {})
+
+
+def test_docstring_examples_run():
+    import doctest  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from tokenizers_vq.quantizers import fsq, grouped, lfq, residual, vq  # noqa: PLC0415
+
+    globs = {"torch": torch, **{n: getattr(sys.modules["tokenizers_vq"], n) for n in ("FSQ", "LFQ", "VectorQuantizer")}}
+    for mod in (vq, fsq, lfq, residual, grouped):
+        result = doctest.testmod(mod, extraglobs=globs, verbose=False)
+        assert result.attempted > 0 and result.failed == 0, mod.__name__
+
+
+def test_demo_writes_pictures_and_metrics(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "30"]) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(report["results"]) == {"vq-ema 1024", "rvq 4x256", "fsq 8.8.8.5.5.5"}
+    vq, rvq = report["results"]["vq-ema 1024"], report["results"]["rvq 4x256"]
+    assert vq["psnr_db"] > 22 and rvq["psnr_db"] > vq["psnr_db"]  # more bits, better
+    assert vq["bits_per_pixel"] == 10 / 16 and rvq["bits_per_pixel"] == 32 / 16
+    from PIL import Image  # noqa: PLC0415
+
+    with Image.open(tmp_path / "reconstruction.png") as im:
+        assert im.size == (4 * 512 + 3 * 4, 600)  # original + three reconstructions, side by side
+    with Image.open(tmp_path / "codebook_usage.png") as im:
+        assert im.size[0] > 300
+    assert "vq-ema 1024" in capsys.readouterr().out
+
+
+def test_demo_bad_image_fails_clearly_and_keeps_existing_outputs(tmp_path, capsys):
+    (tmp_path / "metrics.json").write_text("earlier results")
+    truncated = tmp_path / "broken.jpg"
+    from tokenizers_vq.io import bundled_photo  # noqa: PLC0415
+
+    truncated.write_bytes(bundled_photo().read_bytes()[:2000])
+    for bad in (truncated, tmp_path / "missing.png"):
+        assert main(["demo", str(bad), "--out", str(tmp_path), "--steps", "1"]) == 2
+        assert "tvq: error:" in capsys.readouterr().err
+    assert (tmp_path / "metrics.json").read_text() == "earlier results"
