@@ -17,6 +17,42 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace):
+    import torch  # noqa: PLC0415
+
+    from tokenizers_vq.tokenizer import Tokenizer  # noqa: PLC0415
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Tokenizer.from_pretrained(args.model).to(device)
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from tokenizers_vq.tokens import encode_files  # noqa: PLC0415
+
+    out = encode_files(_load_model(args), args.files, args.output)
+    print(f"wrote {out}")
+    return 0
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from tokenizers_vq.tokens import decode_file  # noqa: PLC0415
+
+    for path in decode_file(_load_model(args), args.tokens, args.output):
+        print(f"wrote {path}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tokenizers_vq.train.config import load_config  # noqa: PLC0415
+    from tokenizers_vq.train.trainer import Trainer  # noqa: PLC0415
+
+    cfg = load_config(args.config, args.overrides)
+    summary = Trainer(cfg).train()
+    print(f"trained to step {summary['steps']} in {summary['seconds']:.0f} s "
+          f"({summary['steps_per_s']:.2f} steps/s); checkpoint: {cfg.out_dir}/checkpoint/model")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tvq", description="Discrete tokenizers for images, audio and video.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -26,6 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=300, help="training steps per quantizer")
     demo.add_argument("--patch", type=int, default=4, help="patch size in pixels")
     demo.set_defaults(func=_demo)
+
+    train = sub.add_parser("train", help="train a tokenizer from a YAML config (accelerate: runs under accelerate launch)")
+    train.add_argument("config", help="YAML config, e.g. train/configs/image.yaml")
+    train.add_argument("overrides", nargs=argparse.REMAINDER, help="section.key=value overrides, e.g. --steps=100")
+    train.set_defaults(func=_train)
+
+    model_help = "tokenizer directory (config.json + model.safetensors); default: the embedded image tokenizer"
+    enc = sub.add_parser("encode", help="encode media files to one token file")
+    enc.add_argument("files", nargs="+", help="media files of the model's modality")
+    enc.add_argument("-o", "--output", required=True, help="token file to write (tvq-tokens/1, safetensors)")
+    dec = sub.add_parser("decode", help="decode a token file back to media")
+    dec.add_argument("tokens", help="token file written by tvq encode")
+    dec.add_argument("-o", "--output", required=True, help="output file (one item) or directory")
+    for p, fn in ((enc, _encode), (dec, _decode)):
+        p.add_argument("--model", default=None, help=model_help)
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        p.set_defaults(func=fn)
     return parser
 
 

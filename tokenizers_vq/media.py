@@ -1,0 +1,144 @@
+"""Audio and video files in and out (images are in ``io``).
+
+Audio goes through ``soundfile`` (WAV, FLAC, OGG, ...) and a windowed-sinc resampler
+written here (torchaudio >= 2.9 needs torchcodec for files and may not import on CPU
+builds). Video goes through PyAV, imported only when a video is read or written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tokenizers_vq.io import atomic_write
+
+
+def resample(wav: Tensor, orig_sr: int, new_sr: int, taps: int = 16, rolloff: float = 0.95) -> Tensor:
+    """Band-limited resampling of ``(..., T)`` from ``orig_sr`` to ``new_sr`` Hz.
+
+    With ``o/n`` the reduced ratio, output sample ``m`` sits at input position
+    ``m*o/n``; it is ``sum_k x[k] h(m*o/n - k)`` with ``h`` a Hann-windowed sinc
+    of cut-off ``rolloff * min(1, n/o)`` (in input-sample units) and
+    ``taps / cutoff`` input samples on each side. Phases ``m mod n`` share a base
+    index, so this is one strided ``conv1d`` with ``n`` output channels.
+
+    Returns:
+        ``(..., ceil(T * new_sr / orig_sr))``.
+    """
+    if orig_sr <= 0 or new_sr <= 0:
+        raise ValueError(f"sample rates must be positive, got {orig_sr} and {new_sr}")
+    if orig_sr == new_sr:
+        return wav
+    ratio = Fraction(new_sr, orig_sr)
+    n, o = ratio.numerator, ratio.denominator
+    cutoff = rolloff * min(1.0, n / o)
+    width = math.ceil(taps / cutoff)
+    k = torch.arange(-width, width + o, dtype=torch.float64)  # taps around each base index
+    t = torch.arange(n, dtype=torch.float64).unsqueeze(1) * o / n - k  # (n, len(k))
+    window = torch.where(t.abs() <= width, torch.cos(t * math.pi / (2 * width)) ** 2, 0.0)
+    kernel = (cutoff * torch.sinc(cutoff * t) * window).to(wav.dtype)
+    lead, length = wav.shape[:-1], wav.shape[-1]
+    x = F.pad(wav.reshape(-1, 1, length), (width, width + o))
+    out = F.conv1d(x, kernel.unsqueeze(1), stride=o)  # (B, n, frames)
+    out = out.transpose(1, 2).reshape(x.shape[0], -1)
+    return out[:, : math.ceil(length * n / o)].reshape(*lead, -1)
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple[Tensor, int]:
+    """Read an audio file as float32 ``(channels, T)`` in [-1, 1].
+
+    Args:
+        sample_rate: resample to this rate (``None`` keeps the file's).
+
+    Returns:
+        ``(waveform, sample_rate)``.
+
+    Raises:
+        ValueError: missing, unreadable or truncated file, or no samples.
+    """
+    import soundfile as sf  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"audio file not found: {path}")
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ValueError(f"cannot read audio {path}: {e}") from e
+    if data.shape[0] == 0:
+        raise ValueError(f"audio file {path} has no samples (zero length)")
+    wav = torch.from_numpy(data.T.copy())
+    if not torch.isfinite(wav).all():
+        raise ValueError(f"audio file {path} contains NaN or Inf samples")
+    if sample_rate is not None and sample_rate != sr:
+        wav, sr = resample(wav, sr, sample_rate), sample_rate
+    return wav, sr
+
+
+def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
+    """Write ``(channels, T)`` or ``(T,)`` float audio atomically (format by suffix;
+    16-bit PCM for WAV/FLAC), clipping to [-1, 1]."""
+    import soundfile as sf  # noqa: PLC0415
+
+    if wav.ndim == 1:
+        wav = wav.unsqueeze(0)
+    if wav.ndim != 2 or wav.shape[-1] == 0:
+        raise ValueError(f"save_audio expects (channels, T) with T > 0, got shape {tuple(wav.shape)}")
+    data = wav.detach().float().clamp(-1, 1).t().cpu().numpy()
+    subtype = "PCM_16" if Path(path).suffix.lower() in (".wav", ".flac") else None
+    return atomic_write(path, lambda tmp: sf.write(tmp, data, sample_rate, subtype=subtype))
+
+
+def load_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[Tensor, float]:
+    """Decode a video file to ``(T, 3, H, W)`` float32 in [0, 1] and its frame rate."""
+    try:
+        import av  # noqa: PLC0415
+    except ImportError as e:
+        raise ImportError("reading video needs PyAV: pip install av") from e
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"video file not found: {path}")
+    frames = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 25)
+            for frame in container.decode(stream):
+                frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot read video {path}: {e}") from e
+    if not frames:
+        raise ValueError(f"video {path} has no decodable frames")
+    return torch.stack(frames).permute(0, 3, 1, 2).float() / 255.0, fps
+
+
+def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:
+    """Write ``(T, 3, H, W)`` float frames in [0, 1] as H.264 MP4 (yuv420p, so H and
+    W are cropped to even sizes), atomically."""
+    import av  # noqa: PLC0415
+
+    if frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"save_video expects (T, 3, H, W), got shape {tuple(frames.shape)}")
+    h, w = frames.shape[2] // 2 * 2, frames.shape[3] // 2 * 2
+    data = (frames[:, :, :h, :w].detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    def write(tmp: str) -> None:
+        with av.open(tmp, mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            stream.options = {"crf": "18"}
+            for arr in data:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
+            container.mux(stream.encode())
+
+    return atomic_write(path, write)

@@ -1,0 +1,296 @@
+"""Tokenizer = encoder + quantizer + decoder, for images, audio or video.
+
+Model-space tensors: images ``(B, C, H, W)`` and video ``(B, C, T, H, W)`` in
+[-1, 1]; audio ``(B, 1, T)`` waveforms at ``sample_rate``. Codes are
+``(B, *grid, *code_shape)``: ``grid`` is ``(h, w)``, ``(frames,)`` or
+``(t, h, w)``. A model rebuilds from its own directory (``config.json`` +
+``model.safetensors``); nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokenizers_vq.backbones import BACKBONES
+from tokenizers_vq.io import atomic_write
+from tokenizers_vq.quantizers import FSQ, LFQ, GroupedQuantizer, Quantizer, ResidualQuantizer, VectorQuantizer
+
+QUANTIZER_KINDS: dict[str, type[Quantizer]] = {"vq": VectorQuantizer, "fsq": FSQ, "lfq": LFQ}
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "image_f16"
+
+
+@dataclass
+class QuantizerConfig:
+    """Which quantizer sits in the bottleneck.
+
+    Attributes:
+        kind: a key of ``QUANTIZER_KINDS`` (``"vq"``, ``"fsq"``, ``"lfq"``).
+        options: keyword arguments of that class except ``dim``
+            (e.g. ``{"codebook_size": 1024}`` or ``{"levels": [8, 5, 5, 5]}``).
+        levels: residual levels (> 1 wraps in :class:`ResidualQuantizer`).
+        groups: channel groups (> 1 wraps in :class:`GroupedQuantizer`).
+        dropout: quantizer dropout of the residual wrapper.
+    """
+
+    kind: str = "vq"
+    options: dict[str, Any] = field(default_factory=lambda: {"codebook_size": 1024})
+    levels: int = 1
+    groups: int = 1
+    dropout: float = 0.0
+
+    def build(self, dim: int) -> Quantizer:
+        if self.kind not in QUANTIZER_KINDS:
+            raise ValueError(f"unknown quantizer kind {self.kind!r}; choose from {sorted(QUANTIZER_KINDS)}")
+        if dim % self.groups:
+            raise ValueError(f"latent dim {dim} is not divisible by groups={self.groups}")
+        cls, d = QUANTIZER_KINDS[self.kind], dim // self.groups
+
+        def one() -> Quantizer:
+            if self.levels == 1:
+                return cls(d, **self.options)
+            return ResidualQuantizer([cls(d, **self.options) for _ in range(self.levels)], dropout=self.dropout)
+
+        return one() if self.groups == 1 else GroupedQuantizer([one() for _ in range(self.groups)])
+
+
+@dataclass
+class TokenizerConfig:
+    """Everything needed to rebuild a tokenizer; saved as ``config.json``.
+
+    Attributes:
+        modality: ``"image"``, ``"audio"`` or ``"video"``.
+        backbone: fields of that modality's backbone config (defaults where absent).
+        quantizer: the bottleneck.
+        name: model id written into token files.
+        chunk_frames: audio: latent frames encoded per chunk of long audio.
+        chunk_context: audio: extra latent frames of context on each side of a chunk.
+        clip_frames: video: frames per independently coded clip (``1 + 4k``).
+    """
+
+    modality: str = "image"
+    backbone: dict[str, Any] = field(default_factory=dict)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    name: str = "tokenizers_vq"
+    chunk_frames: int = 500
+    chunk_context: int = 25
+    clip_frames: int = 17
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown tokenizer config fields {sorted(unknown)}")
+        d = dict(d)
+        d["quantizer"] = QuantizerConfig(**d.get("quantizer", {}))
+        return cls(**d)
+
+
+@dataclass
+class TokenizerOutput:
+    """``forward``'s result: reconstruction (input's shape), codes, named losses
+    (already weighted by the quantizer) and metrics."""
+
+    reconstruction: Tensor
+    codes: Tensor
+    losses: dict[str, Tensor]
+    metrics: dict[str, Tensor]
+
+
+def _as_backbone_config(cls: type, d: dict[str, Any]):
+    names = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class Tokenizer(nn.Module):
+    """Media tokenizer. See the module docstring for layouts.
+
+    Example:
+        >>> tok = Tokenizer(TokenizerConfig("image", {"channels": 16, "channel_mult": [1, 2], "latent_dim": 8}))
+        >>> codes = tok.encode(torch.rand(1, 3, 30, 41) * 2 - 1)
+        >>> codes.shape  # ceil(30/2) x ceil(41/2)
+        torch.Size([1, 15, 21])
+        >>> tok.decode(codes, size=(30, 41)).shape
+        torch.Size([1, 3, 30, 41])
+    """
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        if config.modality not in BACKBONES:
+            raise ValueError(f"unknown modality {config.modality!r}; choose from {sorted(BACKBONES)}")
+        self.config = config
+        cfg_cls, enc_cls, dec_cls = BACKBONES[config.modality]
+        self.backbone_config = _as_backbone_config(cfg_cls, config.backbone)
+        self.encoder = enc_cls(self.backbone_config)
+        self.decoder = dec_cls(self.backbone_config)
+        self.quantizer = config.quantizer.build(self.backbone_config.latent_dim)
+
+    # -- model space ----------------------------------------------------------------------
+    @property
+    def modality(self) -> str:
+        return self.config.modality
+
+    @property
+    def sample_rate(self) -> int | None:
+        return getattr(self.backbone_config, "sample_rate", None)
+
+    def forward(self, x: Tensor) -> TokenizerOutput:
+        """Training pass on stride-aligned input (crops): reconstruction, codes, losses."""
+        self._check_media(x, aligned=True)
+        h = self.encoder(x).movedim(1, -1)
+        q = self.quantizer(h)
+        rec = self.decoder(q.quantized.movedim(-1, 1))
+        return TokenizerOutput(rec, q.codes, q.losses, q.metrics)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Codes ``(B, *grid, *code_shape)`` of media of any size (padded to the
+        stride here; long audio in overlapping chunks, long video in clips)."""
+        self._check_media(x, aligned=False)
+        if self.modality == "audio":
+            return self._audio_chunks(x, self._encode_aligned, self.backbone_config.hop, 1)
+        if self.modality == "video":
+            clips = [self._encode_aligned(self._pad(c)) for c in x.split(self.config.clip_frames, dim=2)]
+            return torch.cat(clips, dim=1)
+        return self._encode_aligned(self._pad(x))
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor, size: tuple[int, ...] | None = None) -> Tensor:
+        """Media ``(B, C, ...)`` from codes; ``size`` (``(H, W)``, ``(T,)`` or
+        ``(T, H, W)``) crops the stride padding back off."""
+        if self.modality == "audio":
+            out = self._audio_chunks(codes, self._decode_aligned, 1, self.backbone_config.hop)
+        elif self.modality == "video":
+            per_clip = 1 + (self.config.clip_frames - 1) // self.backbone_config.temporal_factor
+            out = torch.cat([self._decode_aligned(c) for c in codes.split(per_clip, dim=1)], dim=2)
+        else:
+            out = self._decode_aligned(codes)
+        if size is not None:
+            out = out[(..., *[slice(0, s) for s in size])]
+        return out
+
+    def _encode_aligned(self, x: Tensor) -> Tensor:
+        was_training = self.training
+        self.eval()
+        try:
+            return self.quantizer.encode(self.encoder(x).movedim(1, -1))
+        finally:
+            self.train(was_training)
+
+    def _decode_aligned(self, codes: Tensor) -> Tensor:
+        z = self.quantizer.decode(codes)
+        return self.decoder(z.movedim(-1, 1).to(next(self.decoder.parameters()).dtype))
+
+    def _audio_chunks(self, x: Tensor, fn, unit_in: int, unit_out: int) -> Tensor:
+        """Apply ``fn`` over time in chunks of ``chunk_frames`` latent frames with
+        ``chunk_context`` frames of context each side, keeping the chunk centres.
+        ``unit_in``/``unit_out``: samples per latent frame of ``fn``'s input/output."""
+        axis = x.ndim - 1 if unit_in > 1 else 1  # waveform time axis, or the codes' frame axis
+        if unit_in > 1:
+            x = self._pad(x)
+        frames = x.shape[axis] // unit_in
+        chunk, ctx = self.config.chunk_frames, self.config.chunk_context
+        if frames <= chunk + 2 * ctx:
+            return fn(x)
+        parts = []
+        for s in range(0, frames, chunk):
+            a, b = max(0, s - ctx), min(frames, s + chunk + ctx)
+            out = fn(x.narrow(axis, a * unit_in, (b - a) * unit_in))
+            out_axis = out.ndim - 1 if unit_out > 1 else 1
+            n = min(chunk, frames - s)
+            parts.append(out.narrow(out_axis, (s - a) * unit_out, n * unit_out))
+        return torch.cat(parts, dim=out_axis)
+
+    def _pad(self, x: Tensor) -> Tensor:
+        """Pad the trailing axes up to the stride (replicate for pixels, zeros for audio;
+        video time to ``1 + 4k`` frames by repeating the last frame)."""
+        b = self.backbone_config
+        if self.modality == "audio":
+            return F.pad(x, (0, -x.shape[-1] % b.hop))
+        f = b.downsample if self.modality == "image" else b.spatial_downsample
+        pad = [0, -x.shape[-1] % f, 0, -x.shape[-2] % f]
+        if self.modality == "video":
+            pad += [0, -(x.shape[2] - 1) % b.temporal_factor]
+        return F.pad(x, pad, mode="replicate") if any(pad) else x
+
+    def _check_media(self, x: Tensor, aligned: bool) -> None:
+        want = {"image": 4, "audio": 3, "video": 5}[self.modality]
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise ValueError(f"{self.modality} input must be a floating-point tensor")
+        if x.ndim != want:
+            raise ValueError(f"{self.modality} input must have {want} axes (B, C, ...), got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"empty {self.modality} input: shape {tuple(x.shape)}")
+        if self.modality in ("image", "video") and min(x.shape[-2:]) < 8:
+            raise ValueError(f"{self.modality} frames are {x.shape[-1]}x{x.shape[-2]}; at least 8x8 pixels are needed")
+        if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+            raise ValueError(f"{self.modality} input contains NaN or Inf")
+
+    # -- saving and loading ---------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (each atomically)."""
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        directory = Path(directory)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        text = json.dumps(asdict(self.config), indent=2)
+        atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike | None = None, map_location: str = "cpu") -> Tokenizer:
+        """Rebuild from ``directory`` (default: the embedded image tokenizer).
+
+        Raises:
+            ValueError: the directory, ``config.json`` or ``model.safetensors`` is
+                missing or corrupt, or the weights do not fit the config.
+        """
+        from safetensors import SafetensorError  # noqa: PLC0415
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        directory = Path(directory) if directory is not None else DEFAULT_MODEL
+        cfg_path, weights = directory / "config.json", directory / "model.safetensors"
+        for p in (directory, cfg_path, weights):
+            if not p.exists():
+                raise ValueError(f"not a tokenizer directory: {p} is missing")
+        try:
+            config = TokenizerConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"corrupt {cfg_path}: {e}") from e
+        model = cls(config)
+        try:
+            state = load_file(weights, device=map_location)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"corrupt weights file {weights}: {e}") from e
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights} does not fit {cfg_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model.eval()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def tokens_per_unit(self) -> float:
+        """Tokens per image pixel, per second of audio, or per video frame pixel."""
+        b = self.backbone_config
+        n = self.quantizer.num_codebooks
+        if self.modality == "audio":
+            return n * b.tokens_per_second
+        f = b.downsample if self.modality == "image" else b.spatial_downsample
+        return n / f**2 / (b.temporal_factor if self.modality == "video" else 1)
+
+    def bits_per_token(self) -> float:
+        return math.log2(self.quantizer.codebook_size)

@@ -1,0 +1,164 @@
+"""Media files <-> token files.
+
+Token file format (``tvq-tokens/1``): a safetensors file, so it is memory-mappable,
+language-neutral and never pickled. Tensors ``codes.0``, ``codes.1``, ... hold one
+item each, int32 (int64 when the codebook exceeds 2^31), shaped
+``(*grid, *code_shape)``: ``(h, w)`` for images, ``(frames,)`` for audio,
+``(t, h, w)`` for video, plus a level/group axis for residual/grouped codes.
+The safetensors metadata (string to string) holds:
+
+- ``format``: ``"tvq-tokens/1"``
+- ``model_id``, ``modality``, ``codebook_size``, ``code_shape`` (JSON list)
+- ``items``: a JSON list, one object per item: ``source`` (file name), ``size``
+  (original ``[H, W]``, ``[samples]`` at the model rate, or ``[T, H, W]``),
+  ``sample_rate`` (audio), ``fps`` (video), ``channels`` of the source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from tokenizers_vq.io import atomic_write, load_image, save_image
+from tokenizers_vq.tokenizer import Tokenizer
+
+FORMAT = "tvq-tokens/1"
+EXTENSIONS = {"image": ".png", "audio": ".wav", "video": ".mp4"}
+
+
+@dataclass
+class TokenRecord:
+    """One encoded media item (see the module docstring for fields)."""
+
+    codes: Tensor
+    source: str
+    size: list[int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None = None) -> TokenRecord:
+    """Read a media file of the tokenizer's modality and encode it (video: at most
+    ``max_frames`` frames)."""
+    from tokenizers_vq.media import load_audio, load_video  # noqa: PLC0415
+
+    path = Path(path)
+    device = next(tok.parameters()).device
+    if tok.modality == "image":
+        img = load_image(path)
+        x, size, info = img.unsqueeze(0) * 2 - 1, list(img.shape[1:]), {"channels": 3}
+    elif tok.modality == "audio":
+        wav, sr = load_audio(path, tok.sample_rate)
+        x = wav.mean(0, keepdim=True).unsqueeze(0)  # mono mix-down
+        size, info = [wav.shape[-1]], {"sample_rate": sr, "channels": wav.shape[0]}
+    else:
+        frames, fps = load_video(path, max_frames)
+        x = frames.permute(1, 0, 2, 3).unsqueeze(0) * 2 - 1
+        size, info = list(x.shape[2:]), {"fps": fps, "channels": 3}
+    codes = tok.encode(x.to(device))[0].cpu()
+    return TokenRecord(codes, path.name, size, info)
+
+
+def decode_record(tok: Tokenizer, rec: TokenRecord) -> Tensor:
+    """Media tensor of one record: image ``(3, H, W)`` / video ``(T, 3, H, W)`` in
+    [0, 1], audio ``(1, T)`` in [-1, 1]."""
+    device = next(tok.parameters()).device
+    out = tok.decode(rec.codes.long().unsqueeze(0).to(device), size=tuple(rec.size))[0].float().cpu()
+    if tok.modality == "audio":
+        return out.clamp(-1, 1)
+    out = ((out + 1) / 2).clamp(0, 1)
+    return out.permute(1, 0, 2, 3) if tok.modality == "video" else out
+
+
+def save_media(tok: Tokenizer, media: Tensor, rec: TokenRecord, path: str | os.PathLike) -> Path:
+    from tokenizers_vq.media import save_audio, save_video  # noqa: PLC0415
+
+    if tok.modality == "image":
+        return save_image(media, path)
+    if tok.modality == "audio":
+        return save_audio(media, path, tok.sample_rate)
+    return save_video(media, path, rec.info.get("fps", 25.0))
+
+
+def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[TokenRecord]) -> Path:
+    """Write records to a token file atomically."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    q = tok.quantizer
+    dtype = torch.int32 if q.codebook_size <= 2**31 else torch.int64
+    tensors = {f"codes.{i}": r.codes.to(dtype).contiguous() for i, r in enumerate(records)}
+    items = [{"source": r.source, "size": r.size, **r.info} for r in records]
+    meta = {
+        "format": FORMAT,
+        "model_id": tok.config.name,
+        "modality": tok.modality,
+        "codebook_size": str(q.codebook_size),
+        "code_shape": json.dumps(list(q.code_shape)),
+        "items": json.dumps(items),
+    }
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenRecord]]:
+    """Read a token file: its header (metadata) and records.
+
+    Raises:
+        ValueError: not a readable ``tvq-tokens/1`` file.
+    """
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"token file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a {FORMAT} token file (format={meta.get('format')!r})")
+            items = json.loads(meta["items"])
+            records = [
+                TokenRecord(f.get_tensor(f"codes.{i}"), it.pop("source"), it.pop("size"), it)
+                for i, it in enumerate(items)
+            ]
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"corrupt token file {path}: {e}") from e
+    return meta, records
+
+
+def check_compatible(meta: dict[str, str], tok: Tokenizer, path: Path) -> None:
+    """Token files decode only with a tokenizer of the same modality and codes."""
+    if meta["modality"] != tok.modality or int(meta["codebook_size"]) != tok.quantizer.codebook_size:
+        raise ValueError(
+            f"{path} holds {meta['modality']} tokens of model {meta['model_id']!r} "
+            f"(codebook {meta['codebook_size']}), but the tokenizer is {tok.modality} {tok.config.name!r} "
+            f"(codebook {tok.quantizer.codebook_size})"
+        )
+    if json.loads(meta["code_shape"]) != list(tok.quantizer.code_shape):
+        raise ValueError(f"{path}: code shape {meta['code_shape']} does not match the tokenizer's")
+
+
+def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Encode media files into one token file (all inputs are read before anything is written)."""
+    records = [encode_file(tok, p) for p in tqdm(paths, desc="encode", disable=len(paths) < 2)]
+    return save_tokens(out, tok, records)
+
+
+def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLike) -> list[Path]:
+    """Decode a token file. ``out`` is the output file for a single item (its suffix
+    picks the format) or a directory that receives ``<source stem><ext>`` per item."""
+    meta, records = load_tokens(tokens)
+    check_compatible(meta, tok, Path(tokens))
+    out = Path(out)
+    single = len(records) == 1 and out.suffix != ""
+    targets = [out] if single else [out / (Path(r.source).stem + EXTENSIONS[tok.modality]) for r in records]
+    written = []
+    for rec, target in tqdm(list(zip(records, targets)), desc="decode", disable=len(records) < 2):
+        written.append(save_media(tok, decode_record(tok, rec), rec, target))
+    return written

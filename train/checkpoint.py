@@ -1,0 +1,117 @@
+"""Trainer checkpoints: safetensors for every tensor, JSON for everything else,
+written to a temporary folder and renamed into place.
+
+Layout of ``<out_dir>/checkpoint/``:
+- ``model/``: the tokenizer to release (EMA weights when kept), ``from_pretrained``-able;
+- ``state.safetensors``: generator, EMA, discriminator, optimiser moments, RNG states;
+- ``state.json``: step, the full config, and the non-tensor optimiser/scheduler state.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+TENSOR = "__tensor__:"
+
+
+def flatten(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
+    """Move every tensor of a nested dict/list into ``tensors`` (keyed by its path)
+    and return the JSON-able remainder with ``"__tensor__:<key>"`` placeholders."""
+    if isinstance(obj, Tensor):
+        tensors[prefix] = obj.detach().contiguous().cpu()
+        return TENSOR + prefix
+    if isinstance(obj, dict):
+        return {str(k): flatten(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def unflatten(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(obj, str) and obj.startswith(TENSOR):
+        return tensors[obj[len(TENSOR) :]]
+    if isinstance(obj, dict):
+        return {k: unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
+    """Optimizer ``state_dict`` after JSON: integer parameter ids come back as ints."""
+    state = dict(state)
+    state["state"] = {int(k): v for k, v in state["state"].items()}
+    return state
+
+
+def save_checkpoint(directory: Path, parts: dict[str, Any], meta: dict[str, Any], model_dir_writer) -> Path:
+    """Write a checkpoint atomically.
+
+    Args:
+        directory: final checkpoint folder (replaced as a whole).
+        parts: named nested state (state dicts, optimiser states, RNG tensors).
+        meta: JSON-able fields (step, config).
+        model_dir_writer: ``f(path)`` that writes the release tokenizer folder.
+    """
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=directory.parent))
+    try:
+        tensors: dict[str, Tensor] = {}
+        structure = {name: flatten(value, name, tensors) for name, value in parts.items()}
+        save_file(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps({**meta, "structure": structure}, indent=1))
+        model_dir_writer(tmp / "model")
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def find_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint to resume from (``.old`` if a crash hit between the renames)."""
+    for cand in (directory, directory.with_name(directory.name + ".old")):
+        if (cand / "state.json").is_file() and (cand / "state.safetensors").is_file():
+            return cand
+    return None
+
+
+def load_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(parts, meta)`` as given to :func:`save_checkpoint`."""
+    from safetensors import SafetensorError  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    try:
+        meta = json.loads((directory / "state.json").read_text())
+        tensors = load_file(directory / "state.safetensors")
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise ValueError(f"corrupt checkpoint {directory}: {e}") from e
+    structure = meta.pop("structure")
+    return {k: unflatten(v, tensors) for k, v in structure.items()}, meta
+
+
+def rng_state() -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

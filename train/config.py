@@ -1,0 +1,151 @@
+"""Training configuration: dataclasses with their defaults, YAML and
+``--section.key=value`` overrides at the edge (the library never reads YAML)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenizers_vq.tokenizer import QuantizerConfig, TokenizerConfig
+
+
+@dataclass
+class DataConfig:
+    """Folders of media; ``train`` is required, ``val`` optional."""
+
+    train: str = ""
+    val: str = ""
+    crop: int = 128  # image / video crop side in pixels
+    segment_seconds: float = 1.0  # audio segment length
+    clip_frames: int = 17  # video frames per clip (1 + 4k)
+    val_fraction: float = 0.0  # without a val folder: hold apart the last files (e.g. unseen speakers)
+    max_items: int = 0  # use at most this many files (0: all)
+    max_frames: int = 120  # video: frames decoded per file
+    num_workers: int = 2
+
+
+@dataclass
+class LossConfig:
+    """Weights of the named loss terms (0 turns a term off)."""
+
+    l1: float = 1.0
+    l2: float = 0.0
+    perceptual: float = 0.0  # LPIPS (images, video frames)
+    lpips_net: str = "vgg"
+    lpips_weights: str = ""  # path to the torchvision backbone weights
+    mel: float = 0.0  # multi-scale mel distance (audio)
+    stft: float = 0.0  # multi-resolution STFT loss (audio)
+    quantizer: float = 1.0  # the quantizer's own (already beta-weighted) losses
+    adversarial: float = 0.0  # 0: no adversary (no discriminator is built)
+    disc_start: int = 0  # step at which the discriminator and the GAN term start
+    adaptive_weight: bool = True  # VQGAN's gradient-norm balance at the decoder's last layer
+    feature_matching: float = 0.0
+    lecam: float = 0.0
+    lecam_decay: float = 0.99
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    disc_lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm (0: off)
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accelerate)
+    seed: int = 0
+    out_dir: str = "runs/run"
+    log_every: int = 10
+    sample_every: int = 500  # pictures / audio samples beside the checkpoint
+    save_every: int = 500
+    ema_decay: float = 0.999  # EMA of the generator's weights (0: off)
+    max_minutes: float = 0.0  # stop (and save) after this wall time (0: no limit)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Dataclass ``cls`` from a dict, recursing into dataclass fields; unknown keys
+    are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown config keys in {where or 'config'}: {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for key, val in values.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(val, dict):
+                raise ValueError(f"{where}{key} must be a mapping")
+            kwargs[key] = _build(hint, val, f"{where}{key}.")
+        elif typing.get_origin(hint) is tuple and isinstance(val, list):
+            kwargs[key] = tuple(val)
+        elif hint is str and isinstance(val, bool):  # YAML 1.1 reads a bare `no` as False
+            kwargs[key] = "yes" if val else "no"
+        else:
+            kwargs[key] = val
+    return cls(**kwargs)
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"override {dotted}: {k} is not a section")
+    tree[keys[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML file into :class:`TrainConfig` and apply ``section.key=value``
+    overrides (values parsed as YAML scalars/lists; a leading ``--`` is allowed).
+
+    Raises:
+        ValueError: unknown keys, malformed overrides or a missing file.
+    """
+    import yaml  # noqa: PLC0415
+
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file not found: {p}")
+        tree = yaml.safe_load(p.read_text()) or {}
+    for item in overrides or []:
+        item = item.removeprefix("--")
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        # model.quantizer.options is free-form: values are kept as parsed
+        _set(tree, key, yaml.safe_load(raw))
+    model = tree.pop("model", {})
+    quant = model.pop("quantizer", {}) if isinstance(model, dict) else {}
+    cfg = _build(TrainConfig, tree, "")
+    cfg.model = TokenizerConfig.from_dict({**model, "quantizer": dataclasses.asdict(_build(QuantizerConfig, quant, "model.quantizer."))})
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    model = d.pop("model", {})
+    cfg = _build(TrainConfig, d, "")
+    cfg.model = TokenizerConfig.from_dict(model)
+    return cfg

@@ -1,0 +1,119 @@
+"""Folders of images, audio or video, decoded once into memory, with random crops.
+
+Batches are drawn by a generator seeded from ``(seed, step, rank)``, so a resumed
+run sees exactly the batches the uninterrupted run would have seen, and each rank
+of a multi-GPU run sees different data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from tokenizers_vq.io import load_image
+
+EXTENSIONS = {
+    "image": {".png", ".jpg", ".jpeg", ".bmp", ".webp"},
+    "audio": {".wav", ".flac", ".ogg", ".mp3"},
+    "video": {".mp4", ".avi", ".mov", ".mkv", ".webm"},
+}
+
+
+def list_media(folder: str | Path, modality: str, max_items: int = 0) -> list[Path]:
+    """Sorted media files of a modality under ``folder`` (recursively)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"data folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS[modality])
+    if not files:
+        raise ValueError(f"no {modality} files ({', '.join(sorted(EXTENSIONS[modality]))}) under {root}")
+    return files[:max_items] if max_items else files
+
+
+class MediaFolder:
+    """In-memory media of one folder.
+
+    Items: images ``(3, H, W)`` uint8, audio ``(T,)`` float16 mono at
+    ``sample_rate``, video ``(3, T, H, W)`` uint8 (at most ``max_frames`` frames).
+
+    Args:
+        files: media files.
+        modality: ``"image"``, ``"audio"`` or ``"video"``.
+        sample_rate: audio: model rate (files are resampled).
+        max_frames: video: frames kept per file.
+    """
+
+    def __init__(self, files: list[Path], modality: str, sample_rate: int | None = None, max_frames: int = 120):
+        from tokenizers_vq.media import load_audio, load_video  # noqa: PLC0415
+
+        self.modality, self.files = modality, files
+        self.items: list[Tensor] = []
+        for f in tqdm(files, desc=f"loading {len(files)} {modality} files", leave=False, disable=len(files) < 20):
+            if modality == "image":
+                self.items.append((load_image(f) * 255).round().to(torch.uint8))
+            elif modality == "audio":
+                wav, _ = load_audio(f, sample_rate)
+                self.items.append(wav.mean(0).to(torch.float16))
+            else:
+                frames, _ = load_video(f, max_frames)
+                self.items.append((frames * 255).round().to(torch.uint8).permute(1, 0, 2, 3))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def crop(self, item: Tensor, size: int, gen: torch.Generator) -> Tensor:
+        """Random ``size`` crop of the last axis (audio) or last two axes (pixels),
+        padding (reflect for pixels, zeros for audio) where the item is smaller."""
+        if self.modality == "audio":
+            x = item.float()
+            if x.shape[-1] < size:
+                x = F.pad(x, (0, size - x.shape[-1]))
+            start = int(torch.randint(0, x.shape[-1] - size + 1, (1,), generator=gen))
+            return x[start : start + size].unsqueeze(0)
+        x = item.float() / 127.5 - 1
+        h, w = x.shape[-2:]
+        if h < size or w < size:
+            ph, pw = max(0, size - h), max(0, size - w)
+            x = F.pad(x.unsqueeze(0) if x.ndim == 3 else x, (0, pw, 0, ph), mode="replicate").squeeze(0)
+            h, w = x.shape[-2:]
+        top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
+        x = x[..., top : top + size, left : left + size]
+        if bool(torch.rand((), generator=gen) < 0.5):
+            x = x.flip(-1)
+        return x
+
+    def clip(self, item: Tensor, frames: int, gen: torch.Generator) -> Tensor:
+        """Random run of ``frames`` consecutive frames (the last frame repeated if short)."""
+        t = item.shape[1]
+        if t < frames:
+            item = torch.cat([item, item[:, -1:].expand(-1, frames - t, -1, -1)], dim=1)
+            t = frames
+        start = int(torch.randint(0, t - frames + 1, (1,), generator=gen))
+        return item[:, start : start + frames]
+
+    def batch(self, batch_size: int, size: int, seed: int, step: int, rank: int = 0, frames: int = 17) -> Tensor:
+        """The batch of a step: ``(B, 3, size, size)``, ``(B, 1, size)`` or
+        ``(B, 3, frames, size, size)``, a pure function of ``(seed, step, rank)``."""
+        gen = torch.Generator().manual_seed(hash((seed, step, rank)) % 2**62)
+        idx = torch.randint(0, len(self.items), (batch_size,), generator=gen)
+        out = []
+        for i in idx.tolist():
+            item = self.items[i]
+            if self.modality == "video":
+                item = self.clip(item, frames, gen)
+            out.append(self.crop(item, size, gen))
+        return torch.stack(out)
+
+
+def split_files(files: list[Path], val_files: list[Path] | None, val_fraction: float) -> tuple[list[Path], list[Path]]:
+    """Train and validation files: an explicit validation folder, or the last
+    ``val_fraction`` of the sorted files held apart (e.g. unseen speakers)."""
+    if val_files:
+        return files, val_files
+    n_val = int(round(len(files) * val_fraction))
+    return (files[:-n_val], files[-n_val:]) if n_val else (files, [])

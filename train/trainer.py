@@ -1,0 +1,255 @@
+"""One trainer for every modality: build -> ``accelerator.prepare`` -> a loop with a
+named generator step and a named discriminator step.
+
+Runs unchanged on CPU, one GPU, or several through ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from tokenizers_vq.tokenizer import Tokenizer
+from tokenizers_vq.train import samples
+from tokenizers_vq.train.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    optimizer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from tokenizers_vq.train.config import TrainConfig, config_to_dict
+from tokenizers_vq.train.data import MediaFolder, list_media, split_files
+from tokenizers_vq.train.discriminators import build_discriminator
+from tokenizers_vq.train.losses import (
+    LPIPS,
+    LeCam,
+    adaptive_weight,
+    feature_matching,
+    hinge_d_loss,
+    hinge_g_loss,
+    reconstruction_terms,
+)
+
+
+class Trainer:
+    """Trains a :class:`Tokenizer` from a :class:`TrainConfig`; resumes from
+    ``<out_dir>/checkpoint`` when one is there."""
+
+    def __init__(self, cfg: TrainConfig, lpips_module: nn.Module | None = None):
+        from accelerate import Accelerator  # noqa: PLC0415
+
+        self.cfg = cfg
+        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = Tokenizer(cfg.model)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.ema_decay > 0 else None
+        loss = cfg.loss
+        self.disc = build_discriminator(cfg.model.modality) if loss.adversarial > 0 else None
+        self.lecam = LeCam(loss.lecam_decay) if self.disc is not None and loss.lecam > 0 else None
+        self.lpips = None
+        if loss.perceptual > 0 and cfg.model.modality != "audio":
+            self.lpips = lpips_module or LPIPS(loss.lpips_net, loss.lpips_weights or None)
+            self.lpips.to(self.acc.device)
+
+        o = cfg.optim
+        self.opt_g = torch.optim.AdamW(self.model.parameters(), o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        warm = max(1, o.warmup_steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda s: min(1.0, (s + 1) / warm))
+        self.model, self.opt_g = self.acc.prepare(self.model, self.opt_g)
+        if self.disc is not None:
+            self.opt_d = torch.optim.AdamW(self.disc.parameters(), o.disc_lr, betas=o.betas)
+            self.disc, self.opt_d = self.acc.prepare(self.disc, self.opt_d)
+        if self.ema is not None:
+            self.ema.to(self.acc.device)
+        if self.lecam is not None:
+            self.lecam.to(self.acc.device)
+
+        d = cfg.data
+        files = list_media(d.train, cfg.model.modality, d.max_items)
+        val_files = list_media(d.val, cfg.model.modality, d.max_items) if d.val else None
+        train_files, val_files = split_files(files, val_files, d.val_fraction)
+        sr = self.unwrapped.sample_rate
+        self.train_data = MediaFolder(train_files, cfg.model.modality, sr, d.max_frames)
+        self.val_files = val_files
+        if sr:  # audio segments: a whole number of latent frames
+            hop = self.unwrapped.backbone_config.hop
+            self.crop = max(1, int(d.segment_seconds * sr) // hop) * hop
+        else:
+            self.crop = d.crop
+        self.out_dir = Path(cfg.out_dir)
+        self.step = 0
+        ckpt = find_checkpoint(self.out_dir / "checkpoint")
+        if ckpt is not None:
+            self._resume(ckpt)
+
+    @property
+    def unwrapped(self) -> Tokenizer:
+        return self.acc.unwrap_model(self.model)
+
+    # -- one optimisation step ------------------------------------------------------------
+    def generator_step(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Reconstruction (+ perceptual, spectral, quantizer, adversarial) terms, each
+        times its named weight, summed once; backward; returns the reconstruction."""
+        cfg, w = self.cfg, self.cfg.loss
+        out = self.model(x)
+        rec = out.reconstruction
+        terms = reconstruction_terms(rec.float(), x.float(), cfg.model.modality, self.unwrapped.sample_rate)
+        weights = {"l1": w.l1, "l2": w.l2, "mel": w.mel, "stft": w.stft}
+        if self.lpips is not None:
+            frames = rec if rec.ndim == 4 else rec.transpose(1, 2).flatten(0, 1)
+            target = x if x.ndim == 4 else x.transpose(1, 2).flatten(0, 1)
+            terms["perceptual"], weights["perceptual"] = self.lpips(frames, target), w.perceptual
+        if out.losses:
+            terms["quantizer"], weights["quantizer"] = torch.stack(list(out.losses.values())).sum(), w.quantizer
+        if self._gan_active():
+            fake_logits, fake_feats = self.disc(rec)
+            g_adv = hinge_g_loss(fake_logits)
+            scale = torch.ones((), device=x.device)
+            if w.adaptive_weight:
+                rec_loss = sum(weights[k] * terms[k] for k in ("l1", "l2", "mel", "stft", "perceptual") if k in terms)
+                scale = adaptive_weight(rec_loss, g_adv, self.unwrapped.decoder.last_layer)
+            terms["adversarial"], weights["adversarial"] = g_adv * scale, w.adversarial
+            if w.feature_matching > 0:
+                with torch.no_grad():
+                    _, real_feats = self.disc(x)
+                terms["feature_matching"], weights["feature_matching"] = feature_matching(real_feats, fake_feats), w.feature_matching
+        total = sum(weights[k] * v for k, v in terms.items() if weights[k] != 0)
+        self.acc.backward(total)
+        if self.acc.sync_gradients and cfg.optim.grad_clip > 0:
+            self.acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.opt_g.step()
+        self.sched.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        logs = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
+        logs.update({k: float(v) for k, v in out.metrics.items()})
+        logs["loss/total"] = float(total.detach())
+        return rec.detach(), logs
+
+    def discriminator_step(self, x: Tensor, rec: Tensor) -> dict[str, float]:
+        """Hinge loss on real vs reconstructed (+ LeCam); only after ``disc_start``."""
+        real_logits, _ = self.disc(x)
+        fake_logits, _ = self.disc(rec)
+        d_loss = hinge_d_loss(real_logits, fake_logits)
+        logs = {"disc/hinge": float(d_loss.detach())}
+        if self.lecam is not None:
+            reg = self.lecam(real_logits, fake_logits)
+            d_loss = d_loss + self.cfg.loss.lecam * reg
+            logs["disc/lecam"] = float(reg.detach())
+        self.acc.backward(d_loss)
+        if self.acc.sync_gradients and self.cfg.optim.grad_clip > 0:
+            self.acc.clip_grad_norm_(self.disc.parameters(), self.cfg.optim.grad_clip)
+        self.opt_d.step()
+        self.opt_d.zero_grad(set_to_none=True)
+        return logs
+
+    def _gan_active(self) -> bool:
+        return self.disc is not None and self.step >= self.cfg.loss.disc_start
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        live = self.unwrapped
+        for e, p in zip(self.ema.parameters(), live.parameters()):
+            e.lerp_(p.detach(), 1 - self.cfg.ema_decay)
+        for e, b in zip(self.ema.buffers(), live.buffers()):
+            e.copy_(b)  # codebook statistics are EMAs already
+
+    # -- the loop -------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        log_path = self.out_dir / "metrics.jsonl"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        start, start_step = time.time(), self.step
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.acc.is_main_process)
+        items_per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
+        while self.step < cfg.steps:
+            self.model.train()
+            logs: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                x = self.train_data.batch(
+                    cfg.batch_size, self.crop, cfg.seed, self.step * cfg.grad_accum + micro,
+                    self.acc.process_index, cfg.data.clip_frames,
+                ).to(self.acc.device)
+                models = [self.model] + ([self.disc] if self.disc is not None else [])
+                with self.acc.accumulate(*models):
+                    rec, logs = self.generator_step(x)
+                    if self._gan_active():
+                        logs.update(self.discriminator_step(x, rec))
+            self._update_ema()
+            self.step += 1
+            bar.update(1)
+            elapsed = time.time() - start
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                rate = (self.step - start_step) / max(elapsed, 1e-9)
+                logs.update(step=self.step, steps_per_s=rate, items_per_s=rate * items_per_step)
+                bar.set_postfix(loss=f"{logs['loss/total']:.4f}")
+                if self.acc.is_main_process:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(logs) + "\n")
+            out_of_time = cfg.max_minutes > 0 and elapsed > cfg.max_minutes * 60
+            if self.step % cfg.sample_every == 0 or self.step == cfg.steps or out_of_time:
+                self.write_samples()
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps or out_of_time:
+                self.save()
+            if out_of_time:
+                break
+        bar.close()
+        elapsed = time.time() - start
+        rate = (self.step - start_step) / max(elapsed, 1e-9)
+        return {"steps": self.step, "seconds": elapsed, "steps_per_s": rate, "items_per_s": rate * items_per_step}
+
+    def release_model(self) -> Tokenizer:
+        return self.ema if self.ema is not None else self.unwrapped
+
+    def write_samples(self) -> None:
+        if self.acc.is_main_process:
+            samples.write(self.release_model(), self.val_files or self.train_data.files, self.out_dir / "samples" / f"step_{self.step:07d}")
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save(self) -> None:
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return
+        parts: dict[str, Any] = {
+            "model": self.unwrapped.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "sched": self.sched.state_dict(),
+            "rng": rng_state(),
+        }
+        if self.ema is not None:
+            parts["ema"] = self.ema.state_dict()
+        if self.disc is not None:
+            parts["disc"] = self.acc.unwrap_model(self.disc).state_dict()
+            parts["opt_d"] = self.opt_d.state_dict()
+        if self.lecam is not None:
+            parts["lecam"] = self.lecam.state_dict()
+        meta = {"step": self.step, "config": config_to_dict(self.cfg)}
+        save_checkpoint(self.out_dir / "checkpoint", parts, meta, self.release_model().save_pretrained)
+
+    def _resume(self, directory: Path) -> None:
+        parts, meta = load_checkpoint(directory)
+        if asdict(self.cfg.model) != meta["config"]["model"]:
+            raise ValueError(f"checkpoint {directory} was trained with another model config; use a new out_dir")
+        self.unwrapped.load_state_dict(parts["model"])
+        self.opt_g.load_state_dict(optimizer_state(parts["opt_g"]))
+        self.sched.load_state_dict(parts["sched"])
+        if self.ema is not None:
+            self.ema.load_state_dict(parts["ema"])
+        if self.disc is not None:
+            self.acc.unwrap_model(self.disc).load_state_dict(parts["disc"])
+            self.opt_d.load_state_dict(optimizer_state(parts["opt_d"]))
+        if self.lecam is not None:
+            self.lecam.load_state_dict(parts["lecam"])
+        set_rng_state(parts["rng"])
+        self.step = int(meta["step"])
