@@ -53,6 +53,30 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from tokenizers_vq.eval.report import write_report  # noqa: PLC0415
+    from tokenizers_vq.train.data import list_media  # noqa: PLC0415
+
+    tok = _load_model(args)
+    files = list_media(args.data, tok.modality, args.max_items)
+    result = write_report(tok, files, args.out, args.model or "embedded default")
+    for k, v in result["summary"].items():
+        print(f"{k:>22}: {v:.4f}" if isinstance(v, float) else f"{k:>22}: {v}")
+    for k, v in result["skipped"].items():
+        print(f"{k:>22}: {v}")
+    print(f"wrote {Path(args.out) / 'report.md'}, metrics.json and pictures")
+    return 0
+
+
+def _example_photo(args: argparse.Namespace) -> int:
+    from tokenizers_vq.io import bundled_photo  # noqa: PLC0415
+
+    print(bundled_photo())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tvq", description="Discrete tokenizers for images, audio and video.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     dec = sub.add_parser("decode", help="decode a token file back to media")
     dec.add_argument("tokens", help="token file written by tvq encode")
     dec.add_argument("-o", "--output", required=True, help="output file (one item) or directory")
-    for p, fn in ((enc, _encode), (dec, _decode)):
+    ev = sub.add_parser("eval", help="evaluate a tokenizer on a folder: report.md, metrics.json, pictures")
+    ev.add_argument("--data", required=True, help="folder of media of the model's modality")
+    ev.add_argument("--out", default="tvq_eval", help="output folder (default: tvq_eval)")
+    ev.add_argument("--max-items", type=int, default=0, help="evaluate at most this many files (0: all)")
+    photo = sub.add_parser("example-photo", help="print the path of a real photo shipped with matplotlib")
+    photo.set_defaults(func=_example_photo)
+    for p, fn in ((enc, _encode), (dec, _decode), (ev, _eval)):
         p.add_argument("--model", default=None, help=model_help)
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         p.set_defaults(func=fn)

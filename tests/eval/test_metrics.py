@@ -1,0 +1,74 @@
+"""Metrics against known values and properties, on constructed and real inputs."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+from testdata import shared_path
+
+from tokenizers_vq.eval.metrics import audio_metrics, ms_ssim, psnr, ssim, token_stats
+from tokenizers_vq.io import load_image
+from tokenizers_vq.media import load_audio
+from tokenizers_vq.spectral import multiscale_mel_distance, si_sdr
+
+
+def test_psnr_of_a_constructed_pair():
+    x = torch.rand(3, 20, 30)
+    y = x + 0.1 * torch.where(torch.rand_like(x) < 0.5, 1.0, -1.0)  # MSE exactly 0.01
+    assert psnr(y, x) == pytest.approx(20.0, abs=1e-4)  # fp32 rounding of x + 0.1
+    assert psnr(x, x) == math.inf
+    with pytest.raises(ValueError, match="equal shapes"):
+        psnr(x, x[:, :-1])
+
+
+def test_ssim_is_one_on_identical_images_and_falls_with_noise():
+    img = load_image(shared_path("images", "bsds500", "val", "3096.jpg"))
+    assert ssim(img, img) == pytest.approx(1.0, abs=1e-6)
+    assert ms_ssim(img, img) == pytest.approx(1.0, abs=1e-6)
+    noisy = [(img + s * torch.randn_like(img)).clamp(0, 1) for s in (0.02, 0.05, 0.1)]
+    values = [ssim(n, img) for n in noisy]
+    assert values[0] > values[1] > values[2] > 0
+    assert ms_ssim(img[:, :100, :100], img[:, :100, :100]) is None  # too small for 5 scales
+
+
+def test_si_sdr_matches_the_construction():
+    torch.manual_seed(0)
+    ref = torch.randn(16000)
+    noise = torch.randn(16000)
+    noise -= (noise @ ref) / (ref @ ref) * ref  # orthogonal to the reference
+    noise *= (ref.norm() / noise.norm()) * 10 ** (-15 / 20)  # 15 dB below
+    assert float(si_sdr(3.0 * ref + 3.0 * noise, ref)) == pytest.approx(15.0, abs=1e-3)
+
+
+def test_speech_metrics_fall_monotonically_with_added_noise():
+    pytest.importorskip("pesq", reason="the pesq package is needed for PESQ")
+    pytest.importorskip("pystoi", reason="the pystoi package is needed for STOI")
+    flac = sorted(shared_path("audio", "librispeech_train-clean-100").glob("*.flac"))[3]
+    ref = load_audio(flac, 16000)[0][0, : 16000 * 4]
+    torch.manual_seed(0)
+    noise = torch.randn_like(ref) * ref.std()
+    rows = [audio_metrics(ref + a * noise, ref, 16000) for a in (0.01, 0.1, 0.5)]
+    assert rows[0]["pesq_wb"] > rows[1]["pesq_wb"] > rows[2]["pesq_wb"]
+    assert rows[0]["stoi"] > rows[1]["stoi"] > rows[2]["stoi"]
+    assert rows[0]["mel_distance"] < rows[1]["mel_distance"] < rows[2]["mel_distance"]
+    assert audio_metrics(ref, ref, 16000)["stoi"] == pytest.approx(1.0, abs=1e-6)
+    assert float(multiscale_mel_distance(ref, ref, 16000)) == 0.0
+
+
+def test_missing_optional_packages_give_none(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pesq", None)
+    monkeypatch.setitem(sys.modules, "pystoi", None)
+    m = audio_metrics(torch.randn(8000), torch.randn(8000), 16000)
+    assert m["pesq_wb"] is None and m["stoi"] is None and math.isfinite(m["mel_distance"])
+
+
+def test_token_stats():
+    k = 16
+    uniform = torch.arange(k).repeat(10).unsqueeze(1)
+    s = token_stats(uniform, k)
+    assert s == {"usage": 1.0, "perplexity": pytest.approx(16.0), "entropy_bits": pytest.approx(4.0)}
+    one = torch.zeros(50, 1, dtype=torch.long)
+    assert token_stats(one, k) == {"usage": 1 / 16, "perplexity": 1.0, "entropy_bits": 0.0}
