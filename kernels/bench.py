@@ -1,0 +1,294 @@
+"""GPU benchmark of the fused nearest-code search against the peers (issue 3).
+
+One run checks and times everything: for each ``N x K x D`` case, our kernel (bf16,
+fp32 with tf32 dot products, and exact fp32 for small ``D``) against
+``torch.cdist + argmin`` (fp32), ``addmm(|c|^2, x, C^T, alpha=-2) + argmin`` (fp32
+and bf16) and vector-quantize-pytorch's ``VectorQuantize`` (eval forward); then one
+VQ-EMA training step (forward + backward + EMA update) of ours against theirs.
+
+Reported per method: median ms (``triton.testing.do_bench``), extra peak memory
+beyond inputs and outputs (``max_memory_allocated`` delta after a warm-up call, so
+autotuning is excluded), and for ours the percent of the floor
+``max(2 N K D / bf16 matmul rate, N K * 4 ops / CUDA-core op rate)``, both rates
+measured or read on the device. Writes ``nearest.csv``, ``nearest.json`` and
+``nearest.md`` under ``$OUT`` (or ``--out``) after every case; prints the table last.
+
+    python -m tokenizers_vq.kernels.bench            # or: python kernels/bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CASES = [(32768, 100000, 8), (262144, 262144, 8), (32768, 16384, 8), (32768, 16384, 32), (32768, 16384, 256),
+         (32768, 16384, 1536), (32768, 1024, 256), (32768, 100000, 256), (262144, 16384, 32)]
+METHODS = ["ours_bf16", "ours_fp32", "ours_fp32_exact", "cdist_fp32", "mm_fp32", "mm_bf16", "vqp"]
+EPILOGUE_OPS = 4  # per distance: score (1), compare (1), two selects (2)
+
+
+def _kernels():
+    """``tokenizers_vq.kernels.nearest``, aliasing this folder when the package is not installed."""
+    try:
+        from tokenizers_vq.kernels import nearest  # noqa: PLC0415
+    except ImportError:
+        here = Path(__file__).resolve().parent
+        spec = importlib.util.spec_from_file_location("tokenizers_vq.kernels", here / "__init__.py",
+                                                      submodule_search_locations=[str(here)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["tokenizers_vq.kernels"] = mod
+        spec.loader.exec_module(mod)
+        from tokenizers_vq.kernels import nearest  # noqa: PLC0415
+    return nearest
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def measure(fn, skip_time: bool = False) -> dict:
+    """Warm up (compiles, autotunes), then extra peak MiB of one call, then median ms."""
+    import triton  # noqa: PLC0415
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base - sum(t.numel() * t.element_size() for t in _tensors(out))
+        del out
+        ms = math.nan if skip_time else triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return {"ms": ms, "extra_mib": extra / 2**20, "status": "ok"}
+    except torch.OutOfMemoryError:
+        return {"ms": math.nan, "extra_mib": math.nan, "status": "OOM"}
+    except Exception as e:  # noqa: BLE001  (recorded, the run goes on)
+        return {"ms": math.nan, "extra_mib": math.nan, "status": f"error: {type(e).__name__}: {str(e)[:200]}"}
+    finally:
+        torch.cuda.empty_cache()
+
+
+def device_rates() -> dict:
+    """Measured bf16 matmul rate and the CUDA-core op rate (SMs x 128 lanes x max clock)."""
+    import triton  # noqa: PLC0415
+
+    props = torch.cuda.get_device_properties(0)
+    clock_mhz = None
+    try:
+        import pynvml  # noqa: PLC0415
+
+        pynvml.nvmlInit()
+        clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(pynvml.nvmlDeviceGetHandleByIndex(0), pynvml.NVML_CLOCK_SM)
+    except Exception:  # noqa: BLE001
+        clock_mhz = getattr(props, "clock_rate", 1980000) / 1000
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    del a, b
+    return {"device": props.name, "sms": props.multi_processor_count, "sm_clock_mhz": float(clock_mhz),
+            "bf16_tflops": 2 * 8192**3 / ms / 1e9, "cuda_core_tops": props.multi_processor_count * 128 * clock_mhz / 1e6}
+
+
+def floor_ms(n: int, k: int, d: int, rates: dict) -> tuple[float, float]:
+    """``(floor, epilogue bound)`` in ms."""
+    epi = n * k * EPILOGUE_OPS / (rates["cuda_core_tops"] * 1e12) * 1e3
+    return max(2 * n * k * d / (rates["bf16_tflops"] * 1e12) * 1e3, epi), epi
+
+
+def check(x, c, idx, u_in: float) -> dict:
+    """Rows whose index differs from the chunked fp32 torch reference, and how many of
+    those are worse (in fp64) by more than the rounding bound of the search."""
+    from tokenizers_vq.quantizers._functional import nearest_codes_reference  # noqa: PLC0415
+
+    _, ref = nearest_codes_reference(x, c)
+    rows = (idx != ref).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return {"mismatch": 0, "bad": 0}
+    xs = x[rows].double()
+    d_ours = (xs - c[idx[rows]].double()).pow(2).sum(-1)
+    d_ref = (xs - c[ref[rows]].double()).pow(2).sum(-1)
+    c_max = c.float().norm(dim=-1).max().double()
+    tol = 4 * (2 * u_in + (x.shape[1] + 4) * 2.0**-24) * (xs.norm(dim=-1) + c_max) ** 2
+    return {"mismatch": int(rows.numel()), "bad": int((d_ours - d_ref > tol).sum())}
+
+
+def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
+    x32 = torch.randn(n, d, device="cuda")
+    c32 = torch.randn(k, d, device="cuda")
+    xb, cb = x32.bfloat16(), c32.bfloat16()
+    csq32 = c32.square().sum(1)
+    csqb = csq32.bfloat16()
+    fns = {
+        "ours_bf16": lambda: nearest.nearest_codes_triton(xb, cb),
+        "ours_fp32": lambda: nearest.nearest_codes_triton(x32, c32),
+        "ours_fp32_exact": (lambda: nearest.nearest_codes_triton(x32, c32, precision="ieee")) if d <= 32 else None,
+        "cdist_fp32": lambda: torch.cdist(x32, c32).argmin(1),
+        "mm_fp32": lambda: torch.addmm(csq32, x32, c32.T, alpha=-2.0).argmin(1),
+        "mm_bf16": lambda: torch.addmm(csqb, xb, cb.T, alpha=-2.0).argmin(1),
+    }
+    res = {}
+    for name, fn in fns.items():
+        over = time.time() > deadline and not name.startswith("ours")
+        res[name] = {"status": "skipped"} if fn is None or over else measure(fn)
+    checks = {}
+    if time.time() < deadline:
+        for name, x, c, u_in in (("ours_bf16", xb, cb, 0.0), ("ours_fp32", x32, c32, 2.0**-11)):
+            try:
+                checks[name] = check(x, c, nearest.nearest_codes_triton(x, c)[1], u_in)
+            except torch.OutOfMemoryError:
+                checks[name] = {"mismatch": -1, "bad": -1}
+            torch.cuda.empty_cache()
+    if vqp_cls is None or time.time() > deadline:
+        res["vqp"] = {"status": "skipped" if vqp_cls is not None else "not installed"}
+    else:
+        try:
+            vq = vqp_cls(dim=d, codebook_size=k, decay=0.99).cuda().eval()
+            x3 = x32[None]
+
+            def vqp_fwd():
+                with torch.no_grad():
+                    return vq(x3)
+
+            res["vqp"] = measure(vqp_fwd)
+            del vq
+        except torch.OutOfMemoryError:
+            res["vqp"] = {"ms": math.nan, "extra_mib": math.nan, "status": "OOM"}
+    del x32, c32, xb, cb
+    torch.cuda.empty_cache()
+    return {"methods": res, "checks": checks}
+
+
+def vq_train_step(vqp_cls, n: int = 32768, k: int = 16384, d: int = 256) -> dict:
+    """Forward + backward + EMA update, ours vs vector-quantize-pytorch, ``n`` tokens."""
+    from tokenizers_vq import VectorQuantizer  # noqa: PLC0415
+
+    z = torch.randn(n // 1024, 1024, d, device="cuda", requires_grad=True)
+    ours = VectorQuantizer(dim=d, codebook_size=k, check_finite=False).cuda().train()
+
+    def step_ours():
+        z.grad = None
+        out = ours(z)
+        (out.quantized.square().mean() + sum(out.losses.values())).backward()
+
+    res = {"ours": measure(step_ours)}
+    del ours
+    if vqp_cls is not None:
+        theirs = vqp_cls(dim=d, codebook_size=k, decay=0.99, commitment_weight=0.25).cuda().train()
+
+        def step_theirs():
+            z.grad = None
+            q, _, loss = theirs(z)
+            (q.square().mean() + loss).backward()
+
+        res["vqp"] = measure(step_theirs)
+    return res
+
+
+def _cell(r: dict) -> str:
+    if r.get("status") != "ok":
+        return r.get("status", "-").split(":")[0]
+    return f"{r['ms']:.3f} ({r['extra_mib']:.0f})"
+
+
+def markdown(meta: dict, rows: list[dict], train: dict | None) -> str:
+    r = meta["rates"]
+    lines = [f"# Nearest-code search: {r['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, vector-quantize-pytorch {meta['vqp']}. "
+             f"Measured bf16 matmul {r['bf16_tflops']:.0f} TFLOP/s (8192^3). Epilogue bound: {EPILOGUE_OPS} CUDA-core "
+             f"ops per distance at {r['sms']} SMs x 128 lanes x {r['sm_clock_mhz']:.0f} MHz = "
+             f"{r['cuda_core_tops']:.1f} Tops/s. Floor = max(2NKD / bf16 rate, that bound).", "",
+             "Median ms (extra peak MiB beyond inputs and outputs); ours fp32 uses tf32 dot products, "
+             "exact = `precision=\"ieee\"`.", "",
+             "| N x K x D | ours bf16 | ours fp32 | ours fp32 exact | cdist fp32 | x@C^T fp32 | x@C^T bf16 | "
+             "vq-pytorch eval | floor ms | % floor (bf16) | vs x@C^T bf16 | idx check bf16 / fp32 (mismatch, bad) |",
+             "|" + "---|" * 12]
+    for row in rows:
+        m = row["methods"]
+        fl, _ = floor_ms(row["n"], row["k"], row["d"], r)
+        ours = m["ours_bf16"].get("ms", math.nan)
+        pct = f"{100 * fl / ours:.0f}%" if ours == ours else "-"
+        mb = m["mm_bf16"].get("ms", math.nan)
+        speed = f"{mb / ours:.1f}x" if mb == mb and ours == ours else "-"
+        chk = " / ".join(f"{c['mismatch']}, {c['bad']}" for c in row["checks"].values()) or "-"
+        lines.append(f"| {row['n']} x {row['k']} x {row['d']} | " + " | ".join(_cell(m[k]) for k in METHODS)
+                     + f" | {fl:.3f} | {pct} | {speed} | {chk} |")
+    if train:
+        lines += ["", "VQ-EMA training step (forward + backward + EMA update), 32768 x 16384 x 256, fp32 latents:", "",
+                  "| | ms | extra peak MiB | status |", "|---|---|---|---|"]
+        for name, r2 in train.items():
+            lines.append(f"| {name} | {r2.get('ms', math.nan):.2f} | {r2.get('extra_mib', math.nan):.0f} | {r2['status']} |")
+        if "vqp" in train and train["ours"]["status"] == train["vqp"]["status"] == "ok":
+            lines.append(f"\nspeed-up {train['vqp']['ms'] / train['ours']['ms']:.1f}x, memory "
+                         f"{train['ours']['extra_mib'] / train['vqp']['extra_mib']:.3f} of theirs")
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, meta: dict, rows: list[dict], train: dict | None) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "nearest.json").write_text(json.dumps({"meta": meta, "cases": rows, "train_step": train}, indent=1))
+    with open(out / "nearest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["n", "k", "d", "method", "ms", "extra_mib", "status", "floor_ms", "epilogue_ms"])
+        for row in rows:
+            fl, epi = floor_ms(row["n"], row["k"], row["d"], meta["rates"])
+            for name, r in row["methods"].items():
+                w.writerow([row["n"], row["k"], row["d"], name, r.get("ms"), r.get("extra_mib"), r["status"], fl, epi])
+        for name, r in (train or {}).items():
+            w.writerow([32768, 16384, 256, f"train_step_{name}", r.get("ms"), r.get("extra_mib"), r["status"], "", ""])
+    md = markdown(meta, rows, train)
+    (out / "nearest.md").write_text(md)
+    return md
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "results_tmp"))
+    p.add_argument("--budget", type=float, default=420.0, help="seconds before peers are skipped")
+    p.add_argument("--cases", default="", help="subset, e.g. '32768x100000x8,262144x262144x8'")
+    args = p.parse_args()
+    start = time.time()
+    nearest = _kernels()
+    import triton  # noqa: PLC0415
+
+    try:
+        import vector_quantize_pytorch as vqp  # noqa: PLC0415
+
+        vqp_cls, vqp_ver = vqp.VectorQuantize, getattr(vqp, "__version__", None)
+        if vqp_ver is None:
+            from importlib.metadata import version  # noqa: PLC0415
+
+            vqp_ver = version("vector-quantize-pytorch")
+    except ImportError:
+        vqp_cls, vqp_ver = None, "not installed"
+    cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")] if args.cases else CASES
+    meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,
+            "vqp": vqp_ver, "rates": device_rates()}
+    out, rows, train = Path(args.out), [], None
+    for n, k, d in cases:
+        t0 = time.time()
+        rows.append({"n": n, "k": k, "d": d, **run_case(n, k, d, nearest, vqp_cls, start + args.budget)})
+        print(f"{n}x{k}x{d}: {time.time() - t0:.1f}s " + json.dumps(rows[-1], default=str), flush=True)
+        write(out, meta, rows, train)
+    train = vq_train_step(vqp_cls)
+    print(markdown(meta, rows, train), flush=True)
+    write(out, meta, rows, train)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Per-code EMA statistics by segment reduction (Triton), without a one-hot.
+
+``counts[k] = #{n : idx_n = k}`` and ``sums[k] = sum_{n : idx_n = k} x_n`` in fp32.
+The rows are sorted by code once (a stable sort), so code ``k`` owns the contiguous
+segment ``order[start_k : start_{k+1}]``; one program per (code, column block) adds its
+segment's rows in a fixed order. No atomics: the result is bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tokenizers_vq.kernels import _compat  # noqa: F401  (interpreter fix, before any launch)
+
+
+@triton.jit
+def _segment_sum_kernel(X, ORDER, START, SUMS, D, sxn, sxd,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid ``(K, column blocks)``: ``SUMS[k, cols] = sum_r X[ORDER[r], cols]`` over
+    ``START[k] <= r < START[k + 1]``, accumulated in fp32."""
+    k = tl.program_id(0).to(tl.int64)
+    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    lo = tl.load(START + k)
+    hi = tl.load(START + k + 1)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    rr = tl.arange(0, BLOCK_R)
+    for r0 in range(lo, hi, BLOCK_R):
+        rmask = r0 + rr < hi
+        rows = tl.load(ORDER + r0 + rr, mask=rmask, other=0)
+        xv = tl.load(X + rows[:, None] * sxn + dd[None, :] * sxd, mask=rmask[:, None] & dmask[None, :], other=0.0)
+        acc += xv.to(tl.float32)
+    tl.store(SUMS + k * D + dd, tl.sum(acc, axis=0), mask=dmask)
+
+
+def _code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    n, d = x.shape
+    sums = torch.empty(size, d, device=x.device, dtype=torch.float32)
+    sorted_idx, order = torch.sort(idx.reshape(-1).long(), stable=True)
+    # start[k] = first sorted position with code >= k; codes outside [0, size) are ignored.
+    start = torch.searchsorted(sorted_idx, torch.arange(size + 1, device=x.device, dtype=torch.int64))
+    counts = (start[1:] - start[:-1]).float()
+    block_d = min(128, max(16, triton.next_power_of_2(d)))
+    block_r = max(1, min(16, 2048 // block_d))
+    _segment_sum_kernel[(size, triton.cdiv(d, block_d))](x, order, start, sums, d, *x.stride(),
+                                                         BLOCK_R=block_r, BLOCK_D=block_d)
+    return counts, sums
+
+
+@torch.library.custom_op("tokenizers_vq::code_statistics", mutates_args=())
+def _code_statistics_op(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    if x.ndim != 2 or idx.shape != x.shape[:1]:
+        raise ValueError(f"expected x (N, d) and idx (N,); got {tuple(x.shape)} and {tuple(idx.shape)}")
+    return _code_statistics(x, idx, size)
+
+
+@_code_statistics_op.register_fake
+def _(x, idx, size):
+    return x.new_empty(size, dtype=torch.float32), x.new_empty(size, x.shape[1], dtype=torch.float32)
+
+
+def code_statistics_triton(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Per-code counts and sums of assigned rows, as ``code_statistics`` in
+    ``tokenizers_vq.quantizers._functional`` (which calls this on CUDA).
+
+    Accepts ``x (N, d)`` of any float dtype and strides and integer ``idx (N,)``;
+    CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Extra memory is
+    ``O(N + K)`` (the sort), never ``N x K``.
+
+    Args:
+        x: ``(N, d)`` latents.
+        idx: ``(N,)`` code of each row, in ``[0, size)``.
+        size: number of codes ``K``.
+
+    Returns:
+        ``(counts, sums)``: fp32 ``(K,)`` and ``(K, d)``.
+    """
+    return _code_statistics_op(x, idx, size)
