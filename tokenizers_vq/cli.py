@@ -70,6 +70,35 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from tokenizers_vq.export import export_dataset  # noqa: PLC0415
+    from tokenizers_vq.train.data import list_media  # noqa: PLC0415
+
+    tok = _load_model(args)
+    manifest = export_dataset(tok, list_media(args.data, tok.modality), args.out, args.shard_items, args.batch_size)
+    print(f"wrote {len(manifest['shards'])} shards, {manifest['num_items']} items, {manifest['num_tokens']} tokens to {args.out}")
+    return 0
+
+
+def _prior(args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from tokenizers_vq.prior import PriorConfig  # noqa: PLC0415
+    from tokenizers_vq.train.prior import PriorTrainConfig, sample_images, train_prior  # noqa: PLC0415
+
+    tok = _load_model(args)
+    device = str(next(tok.parameters()).device)
+    cfg = PriorTrainConfig(export_dir=args.tokens, out_dir=args.out, window=args.window, steps=args.steps,
+                           batch_size=args.batch_size, max_minutes=args.max_minutes,
+                           prior=PriorConfig(n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64)))
+    prior, summary = train_prior(cfg, device)
+    print(f"validation {summary['val_nats_per_token']:.3f} nats/token vs unigram entropy {summary['unigram_entropy_nats']:.3f}")
+    if tok.modality == "image":
+        sample_images(prior, tok, 8, args.window, Path(args.out) / "samples.png", top_k=args.top_k)
+        print(f"wrote {Path(args.out) / 'samples.png'}")
+    return 0
+
+
 def _example_photo(args: argparse.Namespace) -> int:
     from tokenizers_vq.io import bundled_photo  # noqa: PLC0415
 
@@ -105,7 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-items", type=int, default=0, help="evaluate at most this many files (0: all)")
     photo = sub.add_parser("example-photo", help="print the path of a real photo shipped with matplotlib")
     photo.set_defaults(func=_example_photo)
-    for p, fn in ((enc, _encode), (dec, _decode), (ev, _eval)):
+    ex = sub.add_parser("export", help="encode a folder to memory-mappable token shards for AR training (resumable)")
+    ex.add_argument("--data", required=True, help="folder of media")
+    ex.add_argument("--out", required=True, help="export directory")
+    ex.add_argument("--shard-items", type=int, default=256, help="items per shard")
+    ex.add_argument("--batch-size", type=int, default=16, help="images of equal size encoded together")
+    pr = sub.add_parser("prior", help="train the small GPT prior on an export and sample media")
+    pr.add_argument("--tokens", required=True, help="export directory written by tvq export")
+    pr.add_argument("--out", default="runs/prior", help="output folder")
+    pr.add_argument("--window", type=int, default=8, help="grid cells per side (frames for audio) per sequence")
+    pr.add_argument("--steps", type=int, default=1000)
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--layers", type=int, default=6)
+    pr.add_argument("--width", type=int, default=256)
+    pr.add_argument("--top-k", type=int, default=0)
+    pr.add_argument("--max-minutes", type=float, default=0.0)
+    for p, fn in ((enc, _encode), (dec, _decode), (ev, _eval), (ex, _export), (pr, _prior)):
         p.add_argument("--model", default=None, help=model_help)
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         p.set_defaults(func=fn)

@@ -1,0 +1,117 @@
+"""A small GPT-style autoregressive prior over token ids, with sampling.
+
+Decoder-only transformer (Radford et al. 2019) with pre-norm blocks, learned position
+embeddings and an optional class token; sampling with temperature, top-k and top-p
+(Holtzman et al. 2020).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class PriorConfig:
+    vocab_size: int = 1024  # code ids; the model adds one <bos> id per class (or one)
+    block_size: int = 256  # longest sequence (tokens after the <bos>)
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 256
+    dropout: float = 0.0
+    num_classes: int = 0  # 0: unconditional
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd))
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        drop = self.dropout if self.training else 0.0
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp(self.ln2(x))
+
+
+class TokenPrior(nn.Module):
+    """``p(tokens | class)``: the sequence starts with a ``<bos>`` id per class
+    (``vocab_size + class``) and predicts each code id from those before it.
+
+    Example:
+        >>> prior = TokenPrior(PriorConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16))
+        >>> prior.generate(torch.zeros(3, dtype=torch.long), 8).shape
+        torch.Size([3, 8])
+    """
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab_size + max(1, cfg.num_classes), cfg.n_embd)
+        self.pos = nn.Embedding(cfg.block_size + 1, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, tokens: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Logits ``(B, L, vocab)`` of each next code and the mean cross-entropy
+        (nats/token) of ``tokens`` ``(B, L)`` given ``labels`` ``(B,)`` (or class 0)."""
+        b, length = tokens.shape
+        if length > self.cfg.block_size:
+            raise ValueError(f"sequence of {length} tokens exceeds block_size={self.cfg.block_size}")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
+        labels = torch.zeros(b, dtype=torch.long, device=tokens.device) if labels is None else labels
+        bos = (self.cfg.vocab_size + labels).unsqueeze(1)
+        inp = torch.cat([bos, tokens[:, :-1]], dim=1)
+        logits = self._logits(inp)
+        return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+
+    def _logits(self, inp: Tensor) -> Tensor:
+        x = self.tok(inp) + self.pos(torch.arange(inp.shape[1], device=inp.device))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln(x))
+
+    @torch.no_grad()
+    def generate(
+        self, labels: Tensor, length: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample ``(B, length)`` code ids for class ``labels`` ``(B,)``."""
+        if length > self.cfg.block_size:
+            raise ValueError(f"length {length} exceeds block_size={self.cfg.block_size}")
+        seq = (self.cfg.vocab_size + labels).unsqueeze(1)
+        for _ in range(length):
+            logits = self._logits(seq)[:, -1].float() / max(temperature, 1e-5)
+            if top_k > 0:
+                kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            if top_p < 1.0:
+                srt, idx = logits.sort(descending=True)
+                cum = srt.softmax(-1).cumsum(-1)
+                drop = cum - srt.softmax(-1) > top_p  # keep the smallest set reaching top_p
+                logits = logits.scatter(1, idx, srt.masked_fill(drop, -math.inf))
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            seq = torch.cat([seq, nxt], dim=1)
+        return seq[:, 1:]
