@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("dist_worker.py")
+SHARDED_WORKER = Path(__file__).with_name("dist_sharded_worker.py")
 
 
 def free_port() -> int:
@@ -19,13 +22,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, out_dir: Path) -> None:
+def launch(world: int, out_dir: Path, worker: Path = WORKER) -> None:
     port = str(free_port())
     procs = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out_dir)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(out_dir)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:
         out, _ = p.communicate(timeout=240)
@@ -50,3 +53,32 @@ def test_codebooks_are_bitwise_identical_on_two_ranks(tmp_path):
         sizes = [k for k in r0 if k.endswith("cluster_size")]
         assert all(not alone[k].equal(r0[k]) for k in sizes), f"{name}: same statistics without the peer"
 
+
+
+def test_sharded_search_returns_the_unsharded_indices(tmp_path):
+    launch(2, tmp_path, SHARDED_WORKER)
+    for rank in range(2):
+        r = load_file(tmp_path / f"sharded_rank{rank}.safetensors")
+        for metric in ("l2", "cosine"):
+            assert torch.equal(r[f"{metric}_sharded"], r[f"{metric}_reference"]), (rank, metric)
+        assert int(r["l2_sharded"][0]) == 3  # exact tie between shards: the lower id
+
+
+def test_trainer_under_accelerate_launch_keeps_codebooks_identical(tmp_path):
+    """2 gloo processes through `accelerate launch`, a few steps on real photos."""
+    from testdata import shared_path  # noqa: PLC0415
+
+    photos = shared_path("images", "bsds500", "train")
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "tokenizers_vq.cli", "train",
+           str(Path(__file__).parents[1] / "train" / "configs" / "image.yaml"), f"--data.train={photos}",
+           "--data.max_items=6", "--data.val=", "--steps=4", "--batch_size=2", "--data.crop=32", "--loss.disc_start=2",
+           "--sample_every=100", "--save_every=100", f"--out_dir={tmp_path}",
+           '--model.backbone={"channels": 8, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "attention": false, "latent_dim": 8}',
+           '--model.quantizer.options={"codebook_size": 64, "kmeans_init": true, "dead_code_threshold": 0.5}']
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    hashes = json.loads((tmp_path / "codebook_hashes.json").read_text())
+    assert len(hashes) == 2 and hashes[0] == hashes[1]
+    assert (tmp_path / "checkpoint" / "model" / "model.safetensors").is_file()

@@ -49,7 +49,10 @@ class Trainer:
         from accelerate import Accelerator  # noqa: PLC0415
 
         self.cfg = cfg
-        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+        # cpu=True on a machine without GPUs lets several launched processes form a gloo group
+        self.acc = Accelerator(
+            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available()
+        )
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = Tokenizer(cfg.model)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.ema_decay > 0 else None
@@ -207,7 +210,30 @@ class Trainer:
         bar.close()
         elapsed = time.time() - start
         rate = (self.step - start_step) / max(elapsed, 1e-9)
-        return {"steps": self.step, "seconds": elapsed, "steps_per_s": rate, "items_per_s": rate * items_per_step}
+        hashes = self.codebook_hashes()
+        if self.acc.is_main_process:
+            (self.out_dir / "codebook_hashes.json").write_text(json.dumps(hashes))
+        return {"steps": self.step, "seconds": elapsed, "steps_per_s": rate, "items_per_s": rate * items_per_step,
+                "codebook_hashes": hashes}
+
+    def codebook_hashes(self) -> list[str]:
+        """SHA-256 of the quantizer's state on every rank (equal when the codebooks are
+        bitwise identical), gathered to all ranks."""
+        import hashlib  # noqa: PLC0415
+
+        h = hashlib.sha256()
+        for k, v in sorted(self.unwrapped.quantizer.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest = h.hexdigest()
+        print(f"rank {self.acc.process_index}: codebook sha256 {digest}")
+        if self.acc.num_processes == 1:
+            return [digest]
+        import torch.distributed as dist  # noqa: PLC0415
+
+        out: list[str] = [""] * self.acc.num_processes
+        dist.all_gather_object(out, digest)
+        return out
 
     def release_model(self) -> Tokenizer:
         return self.ema if self.ema is not None else self.unwrapped

@@ -1,0 +1,36 @@
+"""One rank of the sharded-search test (run by tests/test_distributed.py): writes the
+sharded search's indices for its queries and the unsharded reference's."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from tokenizers_vq.quantizers._functional import nearest_codes_reference
+from tokenizers_vq.quantizers.sharded import shard_bounds, sharded_nearest_codes
+
+
+def main(out_dir: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    codebook = torch.randn(1001, 8)  # odd size: uneven shards
+    codebook[700] = codebook[3]  # an exact tie across shards: the lower id must win
+    torch.manual_seed(10 + rank)
+    x = torch.randn(257, 8)
+    x[0] = codebook[3]
+    offset, count = shard_bounds(len(codebook), rank, world)
+    out = {}
+    for metric in ("l2", "cosine"):
+        _, idx = sharded_nearest_codes(x, codebook[offset : offset + count], offset, metric)
+        _, ref = nearest_codes_reference(x, codebook, metric)
+        out[f"{metric}_sharded"], out[f"{metric}_reference"] = idx, ref
+    save_file(out, f"{out_dir}/sharded_rank{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
