@@ -163,8 +163,10 @@ class Trainer:
         if self.ema is None:
             return
         live = self.unwrapped
+        # warm-up: early on the average follows the live weights (decay (1+t)/(10+t))
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         for e, p in zip(self.ema.parameters(), live.parameters()):
-            e.lerp_(p.detach(), 1 - self.cfg.ema_decay)
+            e.lerp_(p.detach(), 1 - decay)
         for e, b in zip(self.ema.buffers(), live.buffers()):
             e.copy_(b)  # codebook statistics are EMAs already
 
