@@ -14,6 +14,7 @@ from tokenizers_vq.quantizers import (
     VectorQuantizer,
     nearest_codes,
 )
+from tokenizers_vq.tokenizer import QuantizerConfig, Tokenizer, TokenizerConfig
 
 __version__ = "0.1.0"
 
@@ -22,8 +23,11 @@ __all__ = [
     "LFQ",
     "GroupedQuantizer",
     "Quantizer",
+    "QuantizerConfig",
     "QuantizerOutput",
     "ResidualQuantizer",
+    "Tokenizer",
+    "TokenizerConfig",
     "VectorQuantizer",
     "nearest_codes",
 ]
