@@ -22,9 +22,24 @@ from torch import Tensor, nn
 
 from tokenizers_vq.backbones import BACKBONES
 from tokenizers_vq.io import atomic_write
-from tokenizers_vq.quantizers import FSQ, LFQ, GroupedQuantizer, Quantizer, ResidualQuantizer, VectorQuantizer
+from tokenizers_vq.quantizers import (
+    FSQ,
+    LFQ,
+    GroupedQuantizer,
+    LatentQuantizer,
+    ProjectedCodebookVQ,
+    Quantizer,
+    ResidualQuantizer,
+    VectorQuantizer,
+)
 
-QUANTIZER_KINDS: dict[str, type[Quantizer]] = {"vq": VectorQuantizer, "fsq": FSQ, "lfq": LFQ}
+QUANTIZER_KINDS: dict[str, type[Quantizer]] = {
+    "vq": VectorQuantizer,
+    "fsq": FSQ,
+    "lfq": LFQ,
+    "projected_vq": ProjectedCodebookVQ,
+    "latent": LatentQuantizer,
+}
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "image_f16"
 
 

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tokenizers_vq import FSQ, LFQ, GroupedQuantizer, ResidualQuantizer, VectorQuantizer
+from tokenizers_vq.quantizers import HierarchicalQuantizer, LatentQuantizer, ProjectedCodebookVQ, shrink_codebook
 
 D = 16
 QUANTIZERS = {
@@ -25,6 +26,16 @@ QUANTIZERS = {
     "grouped-residual-vq": lambda: GroupedQuantizer(
         [ResidualQuantizer([VectorQuantizer(D // 2, 16) for _ in range(2)]) for _ in range(2)]
     ),
+    "projected-vq-features": lambda: ProjectedCodebookVQ(D, 64, features=torch.randn(256, 24), kmeans_iters=3),
+    "projected-vq-self-init-mlp": lambda: ProjectedCodebookVQ(
+        D, 64, projector="mlp", metric="cosine", init_samples=64, init_batches=2, kmeans_iters=3
+    ),
+    "hierarchical-vq": lambda: HierarchicalQuantizer(VectorQuantizer(D, 64), VectorQuantizer(D, 64)),
+    "hierarchical-residual-fsq": lambda: HierarchicalQuantizer(
+        ResidualQuantizer([FSQ(D, [5, 5, 5]) for _ in range(2)]), ResidualQuantizer([FSQ(D, [5, 5, 5]) for _ in range(2)])
+    ),
+    "latent": lambda: LatentQuantizer(D, 10),
+    "shrunk-vq": lambda: shrink_codebook(VectorQuantizer(D, 256), 32, iters=3)[0],
 }
 SHAPES = {"1d": (2, 9), "2d": (2, 5, 6), "3d": (2, 3, 4, 5)}
 PRECISIONS = ["fp32", "bf16-autocast"]

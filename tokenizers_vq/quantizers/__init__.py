@@ -2,19 +2,34 @@
 
 from tokenizers_vq.quantizers._functional import nearest_codes
 from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
+from tokenizers_vq.quantizers.dynamic import DynamicOutput, DynamicQuantizer, PackedCodes
 from tokenizers_vq.quantizers.fsq import FSQ
 from tokenizers_vq.quantizers.grouped import GroupedQuantizer
+from tokenizers_vq.quantizers.hierarchical import HierarchicalOutput, HierarchicalQuantizer
+from tokenizers_vq.quantizers.latent import LatentQuantizer, latent_quantization_param_groups
 from tokenizers_vq.quantizers.lfq import LFQ
+from tokenizers_vq.quantizers.projected import ProjectedCodebookVQ
 from tokenizers_vq.quantizers.residual import ResidualQuantizer
+from tokenizers_vq.quantizers.shrink import shrink_codebook, shrink_family
 from tokenizers_vq.quantizers.vq import VectorQuantizer
 
 __all__ = [
     "FSQ",
     "LFQ",
+    "DynamicOutput",
+    "DynamicQuantizer",
     "GroupedQuantizer",
+    "HierarchicalOutput",
+    "HierarchicalQuantizer",
+    "LatentQuantizer",
+    "PackedCodes",
+    "ProjectedCodebookVQ",
     "Quantizer",
     "QuantizerOutput",
     "ResidualQuantizer",
     "VectorQuantizer",
+    "latent_quantization_param_groups",
     "nearest_codes",
+    "shrink_codebook",
+    "shrink_family",
 ]

@@ -1,0 +1,75 @@
+"""Lloyd's k-means over :func:`nearest_codes`, shared by the projected codebook's
+initialisation and codebook shrinking."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tokenizers_vq import distributed as tdist
+from tokenizers_vq.quantizers._functional import Backend, Metric, code_statistics, l2norm, nearest_codes
+
+
+@torch.no_grad()
+def kmeans(
+    x: Tensor,
+    k: int,
+    iters: int = 10,
+    metric: Metric = "l2",
+    weights: Tensor | None = None,
+    reduce_over_ranks: bool = False,
+    backend: Backend = "auto",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Cluster the rows of ``x`` into ``k`` centres.
+
+    Centres start at ``k`` distinct rows (drawn on rank 0 and broadcast); a centre
+    left empty by an iteration moves to the row farthest from its centre, so all
+    ``k`` centres stay in use whenever ``x`` has ``k`` distinct rows.
+
+    Args:
+        x: ``(N, d)`` points, ``N >= k``.
+        k: number of centres.
+        iters: Lloyd iterations.
+        metric: ``"l2"`` or ``"cosine"`` (centres are then unit vectors).
+        weights: optional ``(N,)`` non-negative weight of each point (e.g. usage
+            counts of codewords being merged).
+        reduce_over_ranks: sum the cluster statistics over ``torch.distributed``
+            ranks (for latents that differ per rank).
+        backend: nearest-code search backend, see :func:`nearest_codes`.
+        generator: random generator of the seeding.
+
+    Returns:
+        ``(centres, counts)``: ``(k, d)`` fp32 centres and ``(k,)`` fp32 (weighted)
+        number of points assigned to each in the last iteration.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"kmeans expects x of shape (N, d), got {tuple(x.shape)}")
+    if not 1 <= k <= x.shape[0]:
+        raise ValueError(f"kmeans needs 1 <= k <= N; got k={k} for {x.shape[0]} points")
+    x = x.float()
+    if metric == "cosine":
+        x = l2norm(x)
+    w = None if weights is None else weights.float().reshape(-1, 1)
+    perm = torch.randperm(x.shape[0], generator=generator, device="cpu")[:k].to(x.device)
+    centres = tdist.broadcast_(x[perm].contiguous())
+    counts = torch.zeros(k, device=x.device)
+    for _ in range(iters):
+        dist, idx = nearest_codes(x, centres, metric, backend)
+        if w is None:
+            counts, sums = code_statistics(x, idx, k)
+        else:
+            counts, sums = code_statistics(x * w, idx, k)
+            counts = torch.zeros(k, device=x.device).index_add_(0, idx, w.squeeze(1))
+        if reduce_over_ranks:
+            stats = tdist.all_reduce_sum_(torch.cat([counts.unsqueeze(1), sums], 1))
+            counts, sums = stats[:, 0], stats[:, 1:]
+        means = sums / counts.clamp_min(1e-12).unsqueeze(1)
+        if metric == "cosine":
+            means = l2norm(means)
+        centres = torch.where(counts.unsqueeze(1) > 0, means, centres)
+        empty = (counts <= 0).nonzero().squeeze(1)
+        if empty.numel():  # one host sync per iteration; k-means runs outside the training step
+            far = dist.topk(min(empty.numel(), x.shape[0])).indices
+            centres[empty[: far.numel()]] = tdist.broadcast_(x[far].contiguous())
+    return centres, counts
