@@ -73,3 +73,20 @@ def test_flicker_is_zero_for_a_perfect_copy_and_grows_for_a_frozen_frame():
     frozen = clip[:1].expand(5, -1, -1, -1)
     expected = (clip[1:] - clip[:-1]).abs().mean().item()
     assert item_metrics(tok, clip, frozen)["flicker"] == pytest.approx(expected)
+
+
+def test_rate_distortion_of_a_shrunk_family(tmp_path):
+    from tokenizers_vq.eval.rate_distortion import rate_distortion, write_table  # noqa: PLC0415
+
+    tok = tiny("image")
+    tok.train()(torch.rand(8, 3, 32, 32) * 2 - 1)  # give the codebook usage statistics
+    tok.eval()
+    files = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:2]
+    rows = rate_distortion(tok, files, [8, 2])
+    assert [r["codebook_size"] for r in rows] == [32, 8, 2]
+    pixels = sum(load_image(f).shape[1] * load_image(f).shape[2] for f in files)
+    tokens = sum(tok.encode(load_image(f)[None] * 2 - 1).numel() for f in files)
+    assert rows[1]["bpp_fixed"] == pytest.approx(tokens * 3 / pixels)
+    assert all(r["bits_per_token_entropy"] <= r["bits_per_token_fixed"] + 1e-9 for r in rows)
+    write_table(rows, tmp_path, "tiny")
+    assert "| 8 |" in (tmp_path / "rate_distortion.md").read_text()
