@@ -146,6 +146,12 @@ class Quantizer(nn.Module, ABC):
                 )
 
 
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    """Raise a ValueError naming ``name`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+
+
 def flatten_latent(z: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """``(B, *S, D) -> (N, D)`` plus the leading shape ``(B, *S)`` to undo it."""
     return z.reshape(-1, z.shape[-1]), tuple(z.shape[:-1])

@@ -25,7 +25,7 @@ from tokenizers_vq.quantizers._functional import (
     perplexity,
     straight_through,
 )
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, flatten_latent
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_choice, flatten_latent
 from tokenizers_vq.quantizers.kmeans import kmeans
 
 Projector = Literal["linear", "mlp"]
@@ -114,10 +114,8 @@ class ProjectedCodebookVQ(Quantizer):
         super().__init__(dim, check_finite)
         if codebook_size < 1:
             raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
-        if metric not in ("l2", "cosine"):
-            raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
-        if projector not in ("linear", "mlp"):
-            raise ValueError(f"projector must be 'linear' or 'mlp', got {projector!r}")
+        check_choice("metric", metric, ("l2", "cosine"))
+        check_choice("projector", projector, ("linear", "mlp"))
         if features is None and init_samples < codebook_size:
             raise ValueError(f"init_samples={init_samples} must be >= codebook_size={codebook_size}")
         self._size, self.metric, self.beta, self.backend = codebook_size, metric, beta, backend

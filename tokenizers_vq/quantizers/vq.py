@@ -26,7 +26,7 @@ from tokenizers_vq.quantizers._functional import (
     rotation_trick,
     straight_through,
 )
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, flatten_latent
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_choice, flatten_latent
 
 Estimator = Literal["ste", "rotation"]
 Learning = Literal["ema", "loss"]
@@ -88,12 +88,9 @@ class VectorQuantizer(Quantizer):
         super().__init__(dim, check_finite)
         if codebook_size < 1:
             raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
-        if metric not in ("l2", "cosine"):
-            raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
-        if learning not in ("ema", "loss"):
-            raise ValueError(f"learning must be 'ema' or 'loss', got {learning!r}")
-        if estimator not in ("ste", "rotation"):
-            raise ValueError(f"estimator must be 'ste' or 'rotation', got {estimator!r}")
+        check_choice("metric", metric, ("l2", "cosine"))
+        check_choice("learning", learning, ("ema", "loss"))
+        check_choice("estimator", estimator, ("ste", "rotation"))
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         d = codebook_dim or dim
