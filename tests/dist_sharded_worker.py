@@ -10,7 +10,13 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from tokenizers_vq.quantizers._functional import nearest_codes_reference
-from tokenizers_vq.quantizers.sharded import shard_bounds, sharded_nearest_codes
+from tokenizers_vq.quantizers.sharded import ShardedVectorQuantizer, shard_bounds, sharded_nearest_codes
+
+
+def batches(rank: int, steps: int = 12) -> list[torch.Tensor]:
+    """Rank ``rank``'s training batches (different data per rank)."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn(3, 40, 8, generator=gen) * (1 + rank) for _ in range(steps)]
 
 
 def main(out_dir: str) -> None:
@@ -28,6 +34,13 @@ def main(out_dir: str) -> None:
         _, idx = sharded_nearest_codes(x, codebook[offset : offset + count], offset, metric)
         _, ref = nearest_codes_reference(x, codebook, metric)
         out[f"{metric}_sharded"], out[f"{metric}_reference"] = idx, ref
+    vq = ShardedVectorQuantizer(8, 301, dead_code_threshold=0.95)
+    for x in batches(rank):
+        out["train_codes"] = vq(x).codes
+    out["shard"], out["cluster_size"], out["restarts"] = vq.embed, vq.cluster_size, vq.restarts
+    vq.eval()
+    probe = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(7 + rank))
+    out["probe_codes"], out["probe_decoded"] = vq.encode(probe), vq.decode(vq.encode(probe))
     save_file(out, f"{out_dir}/sharded_rank{rank}.safetensors")
     dist.destroy_process_group()
 

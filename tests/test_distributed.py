@@ -64,6 +64,31 @@ def test_sharded_search_returns_the_unsharded_indices(tmp_path):
         assert int(r["l2_sharded"][0]) == 3  # exact tie between shards: the lower id
 
 
+def test_sharded_vq_ema_equals_one_process_holding_the_whole_codebook(tmp_path):
+    """2 ranks, each holding half of a 301-code EMA codebook, trained on different data
+    with dead-code restarts, end with the codebook one process gets from both ranks' data."""
+    import importlib.util  # noqa: PLC0415
+
+    from tokenizers_vq.quantizers.sharded import ShardedVectorQuantizer  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("dist_sharded_worker", SHARDED_WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    launch(2, tmp_path, SHARDED_WORKER)
+    ranks = [load_file(tmp_path / f"sharded_rank{r}.safetensors") for r in range(2)]
+    whole = ShardedVectorQuantizer(8, 301, dead_code_threshold=0.95)
+    for x0, x1 in zip(worker.batches(0), worker.batches(1)):
+        codes = whole(torch.cat([x0, x1])).codes
+    assert torch.equal(torch.cat([ranks[0]["train_codes"], ranks[1]["train_codes"]]), codes)
+    torch.testing.assert_close(torch.cat([r["shard"] for r in ranks]), whole.embed, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["cluster_size"] for r in ranks]), whole.cluster_size)
+    assert ranks[0]["shard"].shape[0] == 151 and ranks[1]["shard"].shape[0] == 150
+    assert int(whole.restarts) > 0 and sum(int(r["restarts"]) for r in ranks) == int(whole.restarts)
+    for r in ranks:  # decode across shards returns the chosen codewords
+        full = torch.cat([x["shard"] for x in ranks])
+        assert torch.equal(r["probe_decoded"], full[r["probe_codes"]])
+
+
 def test_trainer_under_accelerate_launch_keeps_codebooks_identical(tmp_path):
     """2 gloo processes through `accelerate launch`, a few steps on real photos."""
     from testdata import shared_path  # noqa: PLC0415

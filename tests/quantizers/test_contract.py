@@ -8,9 +8,11 @@ from safetensors.torch import load_file, save_file
 
 from tokenizers_vq import FSQ, LFQ, GroupedQuantizer, ResidualQuantizer, VectorQuantizer
 from tokenizers_vq.quantizers import HierarchicalQuantizer, LatentQuantizer, ProjectedCodebookVQ, shrink_codebook
+from tokenizers_vq.quantizers.sharded import ShardedVectorQuantizer
 
 D = 16
 QUANTIZERS = {
+    "sharded-vq-one-rank": lambda: ShardedVectorQuantizer(D, 64, dead_code_threshold=0.5),
     "vq-ema": lambda: VectorQuantizer(D, 64),
     "vq-ema-cosine-factorised-kmeans": lambda: VectorQuantizer(
         D, 64, codebook_dim=4, metric="cosine", kmeans_init=True, kmeans_iters=3
