@@ -10,7 +10,6 @@ import functools
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -96,11 +95,6 @@ def si_sdr(estimate: Tensor, reference: Tensor, eps: float = 1e-8) -> Tensor:
     target = alpha * reference
     noise = estimate - target
     return 10 * torch.log10(target.pow(2).sum(-1).clamp_min(eps) / noise.pow(2).sum(-1).clamp_min(eps))
-
-
-def pad_to(x: Tensor, length: int) -> Tensor:
-    """Zero-pad or crop the last axis to ``length``."""
-    return F.pad(x, (0, length - x.shape[-1])) if x.shape[-1] < length else x[..., :length]
 
 
 __all__ = [
