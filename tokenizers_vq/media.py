@@ -95,8 +95,37 @@ def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
     return atomic_write(path, lambda tmp: sf.write(tmp, data, sample_rate, subtype=subtype))
 
 
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def is_frame_folder(path: str | os.PathLike) -> bool:
+    """A folder of image files, one per frame (sorted by name), read as one video."""
+    p = Path(path)
+    return p.is_dir() and any(c.suffix.lower() in FRAME_EXTENSIONS for c in p.iterdir())
+
+
+def _load_frame_folder(path: Path, max_frames: int | None) -> tuple[Tensor, float]:
+    from tokenizers_vq.io import load_image  # noqa: PLC0415
+
+    files = sorted(c for c in path.iterdir() if c.suffix.lower() in FRAME_EXTENSIONS)[:max_frames]
+    frames = [load_image(f) for f in files]
+    if len({f.shape for f in frames}) != 1:
+        raise ValueError(f"frames in {path} differ in size: {sorted({tuple(f.shape) for f in frames})}")
+    fps_file = path / "fps.txt"
+    fps = float(fps_file.read_text()) if fps_file.is_file() else 25.0
+    return torch.stack(frames), fps
+
+
 def load_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[Tensor, float]:
-    """Decode a video file to ``(T, 3, H, W)`` float32 in [0, 1] and its frame rate."""
+    """Decode a video to ``(T, 3, H, W)`` float32 in [0, 1] and its frame rate.
+
+    ``path`` is a video file (through PyAV) or a folder of frame images sorted by name
+    (an optional ``fps.txt`` there gives the rate; 25 otherwise).
+    """
+    if Path(path).is_dir():
+        if not is_frame_folder(path):
+            raise ValueError(f"video folder {path} holds no frame images ({', '.join(FRAME_EXTENSIONS)})")
+        return _load_frame_folder(Path(path), max_frames)
     try:
         import av  # noqa: PLC0415
     except ImportError as e:

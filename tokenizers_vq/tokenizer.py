@@ -254,12 +254,26 @@ class Tokenizer(nn.Module):
             raise ValueError(f"{self.modality} input contains NaN or Inf")
 
     # -- saving and loading ---------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (each atomically)."""
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (each atomically).
+
+        Args:
+            dtype: store floating-point tensors in this type (e.g. ``torch.float16`` to
+                halve the file); tensors whose values would not fit stay as they are.
+                ``from_pretrained`` loads either back into float32.
+        """
         from safetensors.torch import save_file  # noqa: PLC0415
 
         directory = Path(directory)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if dtype is not None:
+            if not dtype.is_floating_point:
+                raise ValueError(f"save_pretrained dtype must be a floating-point type, got {dtype}")
+            big = torch.finfo(dtype).max / 2
+            state = {
+                k: v.to(dtype) if v.is_floating_point() and (v.numel() == 0 or float(v.abs().max()) < big) else v
+                for k, v in state.items()
+            }
         atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         text = json.dumps(asdict(self.config), indent=2)
         atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
@@ -290,6 +304,8 @@ class Tokenizer(nn.Module):
             state = load_file(weights, device=map_location)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"corrupt weights file {weights}: {e}") from e
+        own = model.state_dict()  # weights stored at a lower precision load back at the model's
+        state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{weights} does not fit {cfg_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")

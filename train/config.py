@@ -71,7 +71,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/run"
     log_every: int = 10
-    sample_every: int = 500  # pictures / audio samples beside the checkpoint
+    sample_every: int = 500  # pictures / audio samples beside the checkpoint (0: none)
     save_every: int = 500
     ema_decay: float = 0.999  # EMA of the generator's weights (0: off)
     max_minutes: float = 0.0  # stop (and save) after this wall time (0: no limit)

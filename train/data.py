@@ -24,11 +24,16 @@ EXTENSIONS = {
 
 
 def list_media(folder: str | Path, modality: str, max_items: int = 0) -> list[Path]:
-    """Sorted media files of a modality under ``folder`` (recursively)."""
+    """Sorted media files of a modality under ``folder`` (recursively); for video,
+    folders of frame images count as clips too."""
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"data folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS[modality])
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS[modality] and p.is_file())
+    if modality == "video":  # folders of frame images count as videos
+        from tokenizers_vq.media import is_frame_folder  # noqa: PLC0415
+
+        files = sorted(files + [p for p in [root, *root.rglob("*")] if is_frame_folder(p)])
     if not files:
         raise ValueError(f"no {modality} files ({', '.join(sorted(EXTENSIONS[modality]))}) under {root}")
     return files[:max_items] if max_items else files

@@ -203,7 +203,7 @@ class Trainer:
                     with log_path.open("a") as f:
                         f.write(json.dumps(logs) + "\n")
             out_of_time = cfg.max_minutes > 0 and elapsed > cfg.max_minutes * 60
-            if self.step % cfg.sample_every == 0 or self.step == cfg.steps or out_of_time:
+            if cfg.sample_every > 0 and (self.step % cfg.sample_every == 0 or self.step == cfg.steps or out_of_time):
                 self.write_samples()
             if self.step % cfg.save_every == 0 or self.step == cfg.steps or out_of_time:
                 self.save()
@@ -213,10 +213,12 @@ class Trainer:
         elapsed = time.time() - start
         rate = (self.step - start_step) / max(elapsed, 1e-9)
         hashes = self.codebook_hashes()
+        summary = {"steps": self.step, "seconds": elapsed, "steps_per_s": rate, "items_per_s": rate * items_per_step,
+                   "num_processes": self.acc.num_processes, "device": str(self.acc.device), "codebook_hashes": hashes}
         if self.acc.is_main_process:
             (self.out_dir / "codebook_hashes.json").write_text(json.dumps(hashes))
-        return {"steps": self.step, "seconds": elapsed, "steps_per_s": rate, "items_per_s": rate * items_per_step,
-                "codebook_hashes": hashes}
+            (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
 
     def codebook_hashes(self) -> list[str]:
         """SHA-256 of the quantizer's state on every rank (equal when the codebooks are
