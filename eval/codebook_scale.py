@@ -80,7 +80,7 @@ def run(train_dir: str, val_dir: str, k: int = 100_000, dim: int = 16, steps: in
     proj = (torch.randn(48, dim, generator=torch.Generator().manual_seed(seed + 1)) / 48**0.5).to(device)
     train_z, val_z = train_x @ proj, val_x @ proj
     t0 = time.time()
-    feats, _ = kmeans(train_x, k, iters=kmeans_iters, generator=torch.Generator(device=device).manual_seed(seed))
+    feats, _ = kmeans(train_x, k, iters=kmeans_iters, generator=torch.Generator().manual_seed(seed))
     kmeans_s = time.time() - t0
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",

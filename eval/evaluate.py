@@ -1,8 +1,8 @@
 """Evaluate a tokenizer on a folder of media: per-item metrics, aggregates, speed.
 
-Every reported number comes from the functions in ``eval.metrics``, over the files
-listed, with the model's own encode/decode (the same path as ``tvq encode`` /
-``tvq decode``).
+Every reported number comes from the functions in ``eval.metrics`` (and, when their
+networks are given, ``eval.lpips`` / ``eval.inception``), over the files listed, with
+the model's own encode/decode (the same path as ``tvq encode`` / ``tvq decode``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tokenizers_vq.eval.metrics import audio_metrics, ms_ssim, psnr, ssim, token_stats
+from tokenizers_vq.eval.inception import FIDInception, inception_features
+from tokenizers_vq.eval.lpips import LPIPSNet, lpips_distance
+from tokenizers_vq.eval.metrics import audio_metrics, feature_frechet_distance, ms_ssim, psnr, ssim, token_stats
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import decode_record, encode_file
 
@@ -31,16 +33,21 @@ def _reference(tok: Tokenizer, path: Path, max_frames: int | None) -> torch.Tens
     return load_video(path, max_frames)[0]
 
 
-def item_metrics(tok: Tokenizer, ref: torch.Tensor, rec: torch.Tensor) -> dict[str, Any]:
-    if tok.modality == "image":
-        return {"psnr_db": psnr(rec, ref), "ssim": ssim(rec, ref), "ms_ssim": ms_ssim(rec, ref)}
+def item_metrics(tok: Tokenizer, ref: torch.Tensor, rec: torch.Tensor, lpips: LPIPSNet | None = None) -> dict[str, Any]:
+    """Metrics of one item; ``lpips`` adds LPIPS (per frame and averaged for video)."""
     if tok.modality == "audio":
         return audio_metrics(rec[0], ref, tok.sample_rate)
-    per_frame = [psnr(r, f) for r, f in zip(rec, ref)]
-    ssims = [ssim(r, f) for r, f in zip(rec, ref)]
-    # flicker: how much the frame-to-frame changes differ between input and output
-    flicker = torch.mean(((rec[1:] - rec[:-1]) - (ref[1:] - ref[:-1])).abs()).item() if len(ref) > 1 else 0.0
-    return {"psnr_db": sum(per_frame) / len(per_frame), "ssim": sum(ssims) / len(ssims), "flicker": flicker}
+    if tok.modality == "image":
+        out = {"psnr_db": psnr(rec, ref), "ssim": ssim(rec, ref), "ms_ssim": ms_ssim(rec, ref)}
+    else:
+        per_frame = [psnr(r, f) for r, f in zip(rec, ref)]
+        ssims = [ssim(r, f) for r, f in zip(rec, ref)]
+        # flicker: how much the frame-to-frame changes differ between input and output
+        flicker = torch.mean(((rec[1:] - rec[:-1]) - (ref[1:] - ref[:-1])).abs()).item() if len(ref) > 1 else 0.0
+        out = {"psnr_db": sum(per_frame) / len(per_frame), "ssim": sum(ssims) / len(ssims), "flicker": flicker}
+    if lpips is not None:
+        out["lpips"] = lpips_distance(lpips, rec, ref)
+    return out
 
 
 def peak_memory_mib() -> float:
@@ -53,10 +60,17 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33) -> dict[str, Any]:
-    """Encode and decode every file; returns ``{"items": [...], "summary": {...}}``."""
+def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpips: LPIPSNet | None = None,
+             inception: FIDInception | None = None) -> dict[str, Any]:
+    """Encode and decode every file; returns ``{"items": [...], "summary": {...}}``.
+
+    ``lpips`` adds per-item ``lpips`` (and its mean); ``inception`` (images only) adds
+    ``rfid``, the FID between the originals and their reconstructions, and
+    ``rfid_images``, the number of images it is over (FID is biased upwards for few
+    images; it needs at least 2).
+    """
     tok.eval()
-    items, all_codes = [], []
+    items, all_codes, ref_feats, rec_feats = [], [], [], []
     seconds = units = pixels = 0.0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -67,7 +81,10 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33) -> 
         seconds += time.perf_counter() - t0
         ref = _reference(tok, f, max_frames)
         all_codes.append(rec.codes.reshape(-1, tok.quantizer.num_codebooks))
-        m = item_metrics(tok, ref, out)
+        m = item_metrics(tok, ref, out, lpips)
+        if inception is not None and tok.modality == "image":
+            ref_feats.append(inception_features(inception, ref))
+            rec_feats.append(inception_features(inception, out))
         units += ref.shape[-1] / tok.sample_rate if tok.modality == "audio" else (ref.shape[0] if tok.modality == "video" else 1)
         if tok.modality != "audio":
             pixels += ref.shape[-1] * ref.shape[-2] * (ref.shape[0] if tok.modality == "video" else 1)
@@ -77,6 +94,9 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33) -> 
         vals = [it[key] for it in items if isinstance(it.get(key), (int, float)) and key != "file"]
         if vals and key != "file":
             summary[key] = sum(vals) / len(vals)
+    if len(ref_feats) >= 2:
+        summary["rfid"] = feature_frechet_distance(torch.cat(ref_feats), torch.cat(rec_feats))
+        summary["rfid_images"] = len(ref_feats)
     summary.update(token_stats(torch.cat(all_codes), tok.quantizer.codebook_size))
     bits = math.log2(tok.quantizer.codebook_size) * sum(it["tokens"] for it in items)
     summary["bits_per_token"] = math.log2(tok.quantizer.codebook_size)

@@ -4,7 +4,9 @@ Images: PSNR (here), SSIM and MS-SSIM from ``pytorch-msssim`` (Gaussian window
 11, sigma 1.5, as in Wang et al. 2004 / 2003). Audio: multi-scale mel distance,
 multi-resolution STFT distance and SI-SDR (``tokenizers_vq.spectral``); PESQ
 (``pesq``, wide-band, 16 kHz) and STOI (``pystoi``, 10 kHz internally) when those
-packages are installed. Tokens: usage, perplexity, entropy, bitrate.
+packages are installed. Tokens: usage, perplexity, entropy, bitrate. Feature sets: the
+Fréchet distance of their Gaussian fits (FID's formula; the features come from
+``eval.inception``).
 """
 
 from __future__ import annotations
@@ -88,3 +90,51 @@ def token_stats(codes: Tensor, codebook_size: int) -> dict[str, float]:
         ppl.append(2**h)
     g = len(usage)
     return {"usage": sum(usage) / g, "perplexity": sum(ppl) / g, "entropy_bits": sum(ent) / g}
+
+
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
+    """Fréchet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)``:
+    ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``, in float64.
+
+    The trace of the square root is the sum of the square roots of the eigenvalues of
+    ``sigma1^(1/2) sigma2 sigma1^(1/2)``, a symmetric PSD matrix with the same spectrum
+    as ``sigma1 sigma2``; two symmetric eigendecompositions give it without the complex
+    parts and singular-matrix failures a general ``sqrtm`` meets on rank-deficient
+    covariances (fewer samples than dimensions).
+
+    Args:
+        mu1, mu2: means ``(D,)``.
+        sigma1, sigma2: covariances ``(D, D)``.
+    """
+    mu1, mu2, s1, s2 = (torch.as_tensor(t).double().cpu() for t in (mu1, mu2, sigma1, sigma2))
+    w, v = torch.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * w.clamp_min(0).sqrt()) @ v.T
+    m = root1 @ s2 @ root1
+    trace_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * trace_sqrt)
+
+
+def feature_frechet_distance(a: Tensor, b: Tensor) -> float:
+    """FID of two feature sets: the Fréchet distance between their Gaussian fits (mean
+    and unbiased covariance, as pytorch-fid's ``np.cov``).
+
+    With at most ``D`` samples per set the covariances are low rank and the distance
+    is computed from the samples: for centred features ``A (N, D)``, ``B (M, D)``,
+    ``sigma_a sigma_b = A^T (A B^T) B / ((N-1)(M-1))`` has the non-zero eigenvalues of
+    ``C C^T / ((N-1)(M-1))`` with ``C = A B^T``, so ``tr((sigma_a sigma_b)^(1/2))`` is
+    the sum of the singular values of ``C`` over ``sqrt((N-1)(M-1))``: an ``(N, M)``
+    SVD in place of ``(D, D)`` eigendecompositions, exact, not an approximation.
+
+    Args:
+        a: ``(N, D)``, b: ``(M, D)``; ``N, M >= 2``.
+    """
+    a, b = a.double().cpu(), b.double().cpu()
+    (n, d), m = a.shape, b.shape[0]
+    if min(n, m) < 2:
+        raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {n} and {m}")
+    ca, cb = a - a.mean(0), b - b.mean(0)
+    if max(n, m) > d:
+        return frechet_distance(a.mean(0), ca.T @ ca / (n - 1), b.mean(0), cb.T @ cb / (m - 1))
+    trace_sqrt = torch.linalg.svdvals(ca @ cb.T).sum() / math.sqrt((n - 1) * (m - 1))
+    mean_term = (a.mean(0) - b.mean(0)).square().sum()
+    return float(mean_term + ca.square().sum() / (n - 1) + cb.square().sum() / (m - 1) - 2 * trace_sqrt)

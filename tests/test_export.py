@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -10,12 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_tokenizer import tiny
 from testdata import shared_path
 
-from tokenizers_vq.export import TokenDataset, Vocabulary, export_dataset
+from tokenizers_vq.export import TokenDataset, Vocabulary, decode_dynamic, encode_dynamic, export_dataset
+from tokenizers_vq.io import load_image
+from tokenizers_vq.media import load_audio
 from tokenizers_vq.prior import PriorConfig, TokenPrior
-from tokenizers_vq.quantizers import ResidualQuantizer, VectorQuantizer
+from tokenizers_vq.quantizers import DynamicQuantizer, ResidualQuantizer, VectorQuantizer
 from tokenizers_vq.tokens import decode_record, encode_file
 from tokenizers_vq.train.prior import PriorTrainConfig, sample_images, train_prior
 
@@ -81,6 +85,101 @@ def test_dataset_orders_for_residual_codes(tmp_path):
     assert torch.equal(flat["positions"][: h * w], torch.arange(h * w)) and int(flat["levels"][-1]) == 2
     with pytest.raises(ValueError, match="order"):
         TokenDataset(tmp_path, "zigzag")
+
+
+def tiny_dynamic(modality: str, inner=None, calibrate_on: Path | None = None):
+    """``tiny(modality)`` with a DQ-VAE style dynamic bottleneck; the router threshold is
+    calibrated on one file so that about 30% of its regions are fine."""
+    tok = tiny(modality)
+    tok.quantizer = DynamicQuantizer(inner or VectorQuantizer(8, 32), target_fine_ratio=0.3).eval()
+    if calibrate_on is not None:
+        with torch.no_grad():
+            z = tok.encoder(pad_even(tok, media(tok, calibrate_on)[None]))
+        tok.quantizer.calibrate_threshold(z.movedim(1, -1))
+    return tok
+
+
+def pad_even(tok, x: torch.Tensor) -> torch.Tensor:
+    """Media padded to twice the stride (as ``encode_dynamic`` documents): an even latent."""
+    if tok.modality == "audio":
+        return F.pad(x, (0, -x.shape[-1] % (2 * tok.backbone_config.hop)))
+    f = 2 * tok.backbone_config.downsample
+    return F.pad(x, (0, -x.shape[-1] % f, 0, -x.shape[-2] % f), mode="replicate")
+
+
+def media(tok, path: Path) -> torch.Tensor:
+    if tok.modality == "image":
+        return load_image(path) * 2 - 1
+    return load_audio(path, tok.sample_rate)[0].mean(0, keepdim=True)
+
+
+def cells_covered(item) -> torch.Tensor:
+    """Raster cell indices covered by an item's tokens: a coarse token's region, a fine token's cell."""
+    grid = item["grid"]
+    strides = torch.tensor([math.prod(grid[a + 1 :]) for a in range(len(grid))])
+    corner = torch.cartesian_prod(*[torch.tensor([0, 1])] * len(grid)).reshape(-1, len(grid)) @ strides
+    coarse = item["positions"][item["granularity"] == 0]
+    return torch.cat([(coarse[:, None] + corner).reshape(-1), item["positions"][item["granularity"] == 1]])
+
+
+def test_dynamic_length_export_decodes_like_direct_encode(tmp_path):
+    """DQ-VAE codes of real photos and speech: shards -> Dataset -> decode is bit-exact,
+    coarse tokens lead, every latent cell is covered once, lengths vary."""
+    for modality, files in [("image", photos(4)), ("audio", sorted(shared_path("audio", "fsdd").glob("*.wav"))[:3])]:
+        tok = tiny_dynamic(modality, calibrate_on=files[0])
+        manifest = export_dataset(tok, files, tmp_path / modality, shard_items=2, batch_size=4)
+        assert manifest["layout"] == "dynamic" and (tmp_path / modality / "shard_00000.layout.bin").is_file()
+        ds = TokenDataset(tmp_path / modality)
+        lengths, ratios = [], []
+        for i, f in enumerate(files):
+            x = media(tok, f)[None]
+            direct = encode_dynamic(tok, x)
+            rec = decode_dynamic(tok, direct, x.shape[2:])
+            item = ds[i]
+            assert item["source"] == f.name and item["size"] == list(x.shape[2:])
+            assert torch.equal(item["tokens"], direct.codes) and item["grid"] == list(direct.shape)
+            g = item["granularity"]
+            assert (g.diff() >= 0).all() and 0 < int(g.sum()) < len(g)  # coarse first, both kinds present
+            assert torch.equal(cells_covered(item).sort().values, torch.arange(math.prod(item["grid"])))
+            assert torch.equal(decode_dynamic(tok, ds.to_packed(item), item["size"]), rec)
+            if modality == "image":  # the Tokenizer's own API on the same (even-latent) input agrees
+                assert torch.equal(tok.decode(tok.encode(pad_even(tok, x)), size=x.shape[2:]), rec)
+            lengths.append(len(g))
+            ratios.append(float(g.float().mean()))
+        print(modality, "tokens", lengths, "fine share", [round(r, 2) for r in ratios])
+        assert len(set(lengths)) == len(lengths)  # the budget follows the content
+        assert manifest["num_tokens"] == sum(lengths)
+
+
+def test_dynamic_items_are_coarse_to_fine_whatever_the_packing_and_level_order(tmp_path):
+    tok = tiny_dynamic("image", ResidualQuantizer([VectorQuantizer(8, 32) for _ in range(2)]), photos(1)[0])
+    export_dataset(tok, photos(1), tmp_path / "c2f")
+    tok.quantizer.order = "raster"
+    export_dataset(tok, photos(1), tmp_path / "raster")
+    c2f, raster = TokenDataset(tmp_path / "c2f"), TokenDataset(tmp_path / "raster")
+    assert not torch.equal(c2f.codes(0), raster.codes(0))  # stored as packed: region raster order
+    assert c2f.codes(0).sort(0).values.equal(raster.codes(0).sort(0).values)
+    a, b = c2f[0], raster[0]
+    for key in ("tokens", "positions", "levels", "granularity"):
+        assert torch.equal(a[key], b[key]), key
+    n = c2f.codes(0).shape[0]
+    assert torch.equal(a["levels"][:4], torch.tensor([0, 1, 0, 1]))
+    flat_ds = TokenDataset(tmp_path / "raster", "flatten")
+    flat = flat_ds[0]
+    assert torch.equal(flat["tokens"][:n], a["tokens"][0::2]) and int(flat["levels"][n]) == 1
+    size = a["size"]
+    rec = decode_dynamic(tok, encode_dynamic(tok, load_image(photos(1)[0])[None] * 2 - 1), size)
+    assert torch.equal(decode_dynamic(tok, c2f.to_packed(a), size), rec)
+    assert torch.equal(decode_dynamic(tok, flat_ds.to_packed(flat), size), rec)
+    export_dataset(tiny("image"), photos(1), tmp_path / "grid")
+    grid = TokenDataset(tmp_path / "grid")
+    assert grid.manifest["layout"] == "grid" and "granularity" not in grid[0]
+    with pytest.raises(ValueError, match="dynamic-length export"):
+        grid.to_packed(grid[0])
+    with pytest.raises(ValueError, match="DynamicQuantizer bottleneck"):
+        encode_dynamic(tiny("image"), torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="images and audio"):
+        encode_dynamic(tiny_dynamic("video"), torch.zeros(1, 3, 5, 16, 16))
 
 
 def test_vocabulary_offsets_and_special_tokens():

@@ -61,7 +61,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     tok = _load_model(args)
     files = list_media(args.data, tok.modality, args.max_items)
-    result = write_report(tok, files, args.out, args.model or "embedded default")
+    result = write_report(tok, files, args.out, args.model or "embedded default", lpips_weights=args.lpips_weights,
+                          lpips_heads=args.lpips_heads, fid_weights=args.fid_weights)
     for k, v in result["summary"].items():
         print(f"{k:>22}: {v:.4f}" if isinstance(v, float) else f"{k:>22}: {v}")
     for k, v in result["skipped"].items():
@@ -137,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="folder of media of the model's modality")
     ev.add_argument("--out", default="tvq_eval", help="output folder (default: tvq_eval)")
     ev.add_argument("--max-items", type=int, default=0, help="evaluate at most this many files (0: all)")
+    ev.add_argument("--lpips-weights", default=None,
+                    help="torchvision vgg16-397923af.pth or alexnet-owt-7be5be79.pth for LPIPS (default: torch hub cache)")
+    ev.add_argument("--lpips-heads", default=None, help="LPIPS v0.1 linear heads (default: from the installed lpips package)")
+    ev.add_argument("--fid-weights", default=None,
+                    help="pytorch-fid pt_inception-2015-12-05-6726825d.pth for rFID (default: torch hub cache)")
     photo = sub.add_parser("example-photo", help="print the path of a real photo shipped with matplotlib")
     photo.set_defaults(func=_example_photo)
     ex = sub.add_parser("export", help="encode a folder to memory-mappable token shards for AR training (resumable)")

@@ -9,7 +9,18 @@ Layout of an export directory (``tvq-shards/1``):
 - ``shard_00000.json`` ...: that shard's index: per item ``source``, ``offset`` and
   ``length`` (in tokens), ``shape``, original ``size`` and ``info``.
 - ``manifest.json`` (written last): ``format``, ``model_id``, ``modality``,
-  ``codebook_size``, ``code_shape``, ``dtype``, ``shards``, ``num_items``, ``num_tokens``.
+  ``codebook_size``, ``code_shape``, ``dtype``, ``layout``, ``shards``, ``num_items``,
+  ``num_tokens``.
+
+``layout`` is ``"grid"`` (fixed-shape codes, the default of older exports) or
+``"dynamic"`` (a :class:`~tokenizers_vq.quantizers.DynamicQuantizer` bottleneck:
+variable-length codes). A dynamic item's codes are its packed tokens ``(N, *code_shape)``
+(``shape`` in the index) and its index entry adds ``grid``, the dense latent shape; a
+parallel ``shard_00000.layout.bin`` (``<u4``, written before the ``.bin``) holds one row
+``(cell, granularity)`` per packed token: the raster index of its latent cell (a coarse
+token's region's first cell) and 0 for a coarse token (a region of 2, 2x2 or 2x2x2
+cells), 1 for a fine one (one cell). Row ``r`` describes codes ``[r*P, (r+1)*P)``,
+``P = prod(code_shape)``.
 
 Shard ``k`` always holds files ``[k*S, (k+1)*S)`` of the sorted file list, and each
 shard is written atomically (``.bin`` then ``.json``), so an interrupted export
@@ -19,6 +30,7 @@ resumes by skipping finished shards and never leaves a half-written one.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -26,10 +38,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from tokenizers_vq.io import atomic_write
+from tokenizers_vq.io import atomic_write, load_image
+from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import TokenRecord, encode_file
 
@@ -44,8 +59,6 @@ def _encode_shard(tok: Tokenizer, files: list[Path], batch_size: int) -> list[To
     """Encode files; images of equal size are batched through the model together."""
     if tok.modality != "image" or batch_size <= 1:
         return [encode_file(tok, f) for f in files]
-    from tokenizers_vq.io import load_image  # noqa: PLC0415
-
     images = {f: load_image(f) for f in files}
     groups: dict[tuple[int, ...], list[Path]] = defaultdict(list)
     for f, img in images.items():
@@ -61,6 +74,88 @@ def _encode_shard(tok: Tokenizer, files: list[Path], batch_size: int) -> list[To
     return [records[f] for f in files]
 
 
+# -- dynamic-length codes --------------------------------------------------------------------
+def _is_dynamic(tok: Tokenizer, require: bool = False) -> bool:
+    """Whether the bottleneck is a :class:`DynamicQuantizer` (of an image or audio model)."""
+    if not isinstance(tok.quantizer, DynamicQuantizer):
+        if require:
+            raise ValueError(f"expected a DynamicQuantizer bottleneck, got {type(tok.quantizer).__name__}")
+        return False
+    if tok.modality not in ("image", "audio"):
+        raise ValueError(f"dynamic-length codes are exported for images and audio, not {tok.modality}")
+    return True
+
+
+@torch.no_grad()
+def encode_dynamic(tok: Tokenizer, x: Tensor) -> PackedCodes:
+    """Packed codes of model-space media for a tokenizer whose quantizer is a
+    :class:`DynamicQuantizer`.
+
+    Args:
+        x: images ``(B, C, H, W)`` in [-1, 1] or audio ``(B, 1, T)``. They are padded to
+            twice the stride (replicate for pixels, zeros for audio), so the latent has
+            the even sizes the 2-cell regions need, and coded in one window (long audio is
+            not chunked: packed codes of chunks would not join).
+
+    Returns:
+        :class:`PackedCodes` of the ``B`` items, over the padded latent grid.
+    """
+    _is_dynamic(tok, require=True)
+    tok._check_media(x, aligned=False)
+    b = tok.backbone_config
+    if tok.modality == "audio":
+        x = F.pad(x, (0, -x.shape[-1] % (2 * b.hop)))
+    else:
+        f = 2 * b.downsample
+        pad = (0, -x.shape[-1] % f, 0, -x.shape[-2] % f)
+        x = F.pad(x, pad, mode="replicate") if any(pad) else x
+    return tok._encode_aligned(x)
+
+
+@torch.no_grad()
+def decode_dynamic(tok: Tokenizer, packed: PackedCodes, size: tuple[int, ...] | list[int]) -> Tensor:
+    """Media ``(B, C, *size)`` from packed codes (of :func:`encode_dynamic` or
+    :meth:`TokenDataset.to_packed`), cropped to the original ``size`` (``(H, W)`` or
+    ``(T,)``)."""
+    _is_dynamic(tok, require=True)
+    return tok._decode_aligned(packed)[(..., *[slice(0, s) for s in size])]
+
+
+def _load(tok: Tokenizer, path: Path) -> tuple[Tensor, list[int], dict[str, Any]]:
+    """Model-space media ``(C, ...)``, original size and source info of an image or
+    audio file (as :func:`~tokenizers_vq.tokens.encode_file` reads it)."""
+    if tok.modality == "image":
+        img = load_image(path)
+        return img * 2 - 1, list(img.shape[1:]), {"channels": 3}
+    from tokenizers_vq.media import load_audio  # noqa: PLC0415
+
+    wav, sr = load_audio(path, tok.sample_rate)
+    return wav.mean(0, keepdim=True), [wav.shape[-1]], {"sample_rate": sr, "channels": wav.shape[0]}
+
+
+def _encode_dynamic_shard(
+    tok: Tokenizer, files: list[Path], batch_size: int
+) -> list[tuple[TokenRecord, Tensor, list[int]]]:
+    """Per file: record of its packed codes ``(N, *code_shape)``, layout rows ``(N, 2)``
+    (cell raster index, granularity) and latent grid; media of equal shape are batched."""
+    media = {f: _load(tok, f) for f in files}
+    groups: dict[tuple[int, ...], list[Path]] = defaultdict(list)
+    for f, (x, _, _) in media.items():
+        groups[tuple(x.shape)].append(f)
+    device = next(tok.parameters()).device
+    out = {}
+    for group in groups.values():
+        for i in range(0, len(group), max(1, batch_size)):
+            chunk = group[i : i + max(1, batch_size)]
+            packed = encode_dynamic(tok, torch.stack([media[f][0] for f in chunk]).to(device))
+            strides = torch.tensor([math.prod(packed.shape[a + 1 :]) for a in range(len(packed.shape))])
+            for b, f in enumerate(chunk):
+                codes, pos, fine = (t.cpu() for t in packed.sample(b))
+                layout = torch.stack([(pos * strides).sum(-1), fine.long()], -1)
+                out[f] = (TokenRecord(codes, f.name, *media[f][1:]), layout, list(packed.shape))
+    return [out[f] for f in files]
+
+
 def export_dataset(
     tok: Tokenizer, files: list[Path], out_dir: str | os.PathLike, shard_items: int = 256, batch_size: int = 16
 ) -> dict[str, Any]:
@@ -71,7 +166,7 @@ def export_dataset(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    q = tok.quantizer
+    q, dynamic = tok.quantizer, _is_dynamic(tok)
     dtype = token_dtype(q.codebook_size)
     n_shards = (len(files) + shard_items - 1) // shard_items
     shards, n_tokens = [], 0
@@ -79,14 +174,21 @@ def export_dataset(
         name = f"shard_{k:05d}"
         bin_path, idx_path = out / f"{name}.bin", out / f"{name}.json"
         if not (bin_path.is_file() and idx_path.is_file()):  # finished shards are kept
-            records = _encode_shard(tok, files[k * shard_items : (k + 1) * shard_items], batch_size)
+            chunk = files[k * shard_items : (k + 1) * shard_items]
+            if dynamic:
+                encoded = _encode_dynamic_shard(tok, chunk, batch_size)
+            else:
+                encoded = [(r, None, None) for r in _encode_shard(tok, chunk, batch_size)]
             items, offset = [], 0
-            for r in records:
+            for r, _, grid in encoded:
                 n = r.codes.numel()
                 items.append({"source": r.source, "offset": offset, "length": n, "shape": list(r.codes.shape),
-                              "size": r.size, "info": r.info})
+                              "size": r.size, "info": r.info, **({"grid": grid} if dynamic else {})})
                 offset += n
-            flat = np.concatenate([r.codes.reshape(-1).numpy().astype(dtype) for r in records])
+            if dynamic:
+                rows = np.concatenate([lay.numpy().astype("<u4") for _, lay, _ in encoded])
+                atomic_write(out / f"{name}.layout.bin", lambda tmp, a=rows: a.tofile(tmp))
+            flat = np.concatenate([r.codes.reshape(-1).numpy().astype(dtype) for r, _, _ in encoded])
             atomic_write(bin_path, lambda tmp, a=flat: a.tofile(tmp))
             atomic_write(idx_path, lambda tmp, it=items: Path(tmp).write_text(json.dumps({"items": it})))
         index = json.loads(idx_path.read_text())
@@ -95,7 +197,7 @@ def export_dataset(
     manifest = {
         "format": FORMAT, "model_id": tok.config.name, "modality": tok.modality,
         "codebook_size": q.codebook_size, "code_shape": list(q.code_shape), "dtype": dtype.str,
-        "shards": shards, "num_items": len(files), "num_tokens": n_tokens,
+        "layout": "dynamic" if dynamic else "grid", "shards": shards, "num_items": len(files), "num_tokens": n_tokens,
     }
     atomic_write(out / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
     return manifest
@@ -108,11 +210,17 @@ class TokenDataset(Dataset):
         directory: an export directory (``manifest.json`` present).
         order: for codes with a level/group axis: ``"interleave"`` (all levels of
             one position, then the next position) or ``"flatten"`` (all positions
-            of level 0, then level 1, ...). Grids are in raster order.
+            of level 0, then level 1, ...).
 
     Each item is a dict: ``tokens`` (int64 ``(L,)``), ``positions`` (raster index of
-    each token's grid cell), ``levels`` (its level/group index, 0 without one),
-    ``shape`` (the code tensor's shape), ``source``, ``size``.
+    each token's latent cell), ``levels`` (its level/group index, 0 without one),
+    ``shape`` (the stored code tensor's shape), ``source``, ``size``. Grids are in
+    raster order. Dynamic-length items (``layout == "dynamic"``) are in coarse-to-fine
+    order (all coarse tokens in region raster order, then the fine tokens region by
+    region, whatever order the quantizer packed them in) and add ``granularity`` (0
+    coarse: the token covers the 2/2x2/2x2x2 cells from ``positions``; 1 fine: that one
+    cell) and ``grid`` (the latent shape); :meth:`to_packed` turns such a sequence back
+    into :class:`PackedCodes` for :func:`decode_dynamic`.
     """
 
     def __init__(self, directory: str | os.PathLike, order: str = "interleave"):
@@ -125,8 +233,15 @@ class TokenDataset(Dataset):
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{path} is not a {FORMAT} manifest")
+        self.layout = self.manifest.get("layout", "grid")
+        if self.layout not in ("grid", "dynamic"):
+            raise ValueError(f"{path}: unknown layout {self.layout!r}")
+        self.code_shape = tuple(self.manifest["code_shape"])
+        self.per_cell = math.prod(self.code_shape)
         dtype = np.dtype(self.manifest["dtype"])
         self.arrays = [np.memmap(self.dir / f"{s}.bin", dtype=dtype, mode="r") for s in self.manifest["shards"]]
+        self.layouts = [np.memmap(self.dir / f"{s}.layout.bin", dtype="<u4", mode="r").reshape(-1, 2)
+                        for s in self.manifest["shards"]] if self.layout == "dynamic" else []
         self.items = [(k, it) for k, s in enumerate(self.manifest["shards"])
                       for it in json.loads((self.dir / f"{s}.json").read_text())["items"]]
 
@@ -134,25 +249,52 @@ class TokenDataset(Dataset):
         return len(self.items)
 
     def codes(self, i: int) -> torch.Tensor:
-        """The item's codes in their original shape ``(*grid, *code_shape)``."""
+        """The item's codes as stored: ``(*grid, *code_shape)``, or for dynamic items the
+        packed tokens ``(N, *code_shape)`` in the quantizer's order."""
         k, it = self.items[i]
         flat = self.arrays[k][it["offset"] : it["offset"] + it["length"]]
         return torch.from_numpy(flat.astype(np.int64)).reshape(it["shape"])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        _, it = self.items[i]
+        k, it = self.items[i]
         codes = self.codes(i)
-        n_code_axes = len(self.manifest["code_shape"])
-        grid = codes.shape[: codes.ndim - n_code_axes]
-        per_cell = int(np.prod(self.manifest["code_shape"])) if n_code_axes else 1
-        cells = int(np.prod(grid))
-        flat = codes.reshape(cells, per_cell)
-        pos = torch.arange(cells).unsqueeze(1).expand(cells, per_cell)
-        lvl = torch.arange(per_cell).unsqueeze(0).expand(cells, per_cell)
-        if self.order == "flatten":
-            flat, pos, lvl = flat.t(), pos.t(), lvl.t()
-        return {"tokens": flat.reshape(-1), "positions": pos.reshape(-1), "levels": lvl.reshape(-1),
-                "shape": list(codes.shape), "source": it["source"], "size": it["size"]}
+        rows = codes.reshape(-1, self.per_cell)  # one row per cell (grid) or packed token (dynamic)
+        n = rows.shape[0]
+        extra = {}
+        if self.layout == "dynamic":
+            r0 = it["offset"] // self.per_cell
+            lay = torch.from_numpy(self.layouts[k][r0 : r0 + n].astype(np.int64))
+            first = lay[:, 1].argsort(stable=True)  # coarse first; stable keeps region raster order
+            rows, cell = rows[first], lay[first, 0]
+            extra = {"granularity": self._spread(lay[first, 1]), "grid": it["grid"]}
+        else:
+            cell = torch.arange(n)
+        lvl = torch.arange(self.per_cell).unsqueeze(0).expand(n, self.per_cell)
+        return {"tokens": self._spread(rows), "positions": self._spread(cell), "levels": self._spread(lvl),
+                "shape": list(codes.shape), "source": it["source"], "size": it["size"], **extra}
+
+    def _spread(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` or ``(n, P)`` per-row values -> the ``(n * P,)`` sequence in ``order``."""
+        if rows.ndim == 1:
+            rows = rows.unsqueeze(1).expand(-1, self.per_cell)
+        return (rows.t() if self.order == "flatten" else rows).reshape(-1)
+
+    def to_packed(self, item: dict[str, Any]) -> PackedCodes:
+        """:class:`PackedCodes` (one sample) of a dynamic item: ``tokens``,
+        ``positions``, ``granularity`` in this dataset's ``order`` (as ``__getitem__``
+        yields them, or generated in that layout) and ``grid``."""
+        if self.layout != "dynamic":
+            raise ValueError("to_packed takes items of a dynamic-length export (layout 'dynamic')")
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            t = torch.as_tensor(t).long()
+            return t.reshape(self.per_cell, -1).t() if self.order == "flatten" else t.reshape(-1, self.per_cell)
+
+        codes = rows(item["tokens"])
+        grid = tuple(item["grid"])
+        cell, fine = rows(item["positions"])[:, 0], rows(item["granularity"])[:, 0].bool()
+        pos = torch.stack(torch.unravel_index(cell, grid), -1)
+        return PackedCodes(codes.reshape(-1, *self.code_shape), pos, fine, torch.tensor([0, codes.shape[0]]), grid)
 
     def unigram_entropy(self) -> float:
         """Entropy (nats/token) of the code distribution over the whole export."""

@@ -79,15 +79,13 @@ class MediaFolder:
                 x = F.pad(x, (0, size - x.shape[-1]))
             start = int(torch.randint(0, x.shape[-1] - size + 1, (1,), generator=gen))
             return x[start : start + size].unsqueeze(0)
-        x = item.float() / 127.5 - 1
-        h, w = x.shape[-2:]
-        if h < size or w < size:
-            ph, pw = max(0, size - h), max(0, size - w)
+        h, w = item.shape[-2:]
+        top = int(torch.randint(0, max(h - size, 0) + 1, (1,), generator=gen))
+        left = int(torch.randint(0, max(w - size, 0) + 1, (1,), generator=gen))
+        x = item[..., top : top + size, left : left + size].float() / 127.5 - 1  # crop first: cheap
+        if x.shape[-2] < size or x.shape[-1] < size:
+            ph, pw = size - x.shape[-2], size - x.shape[-1]
             x = F.pad(x.unsqueeze(0) if x.ndim == 3 else x, (0, pw, 0, ph), mode="replicate").squeeze(0)
-            h, w = x.shape[-2:]
-        top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
-        left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
-        x = x[..., top : top + size, left : left + size]
         if bool(torch.rand((), generator=gen) < 0.5):
             x = x.flip(-1)
         return x

@@ -53,6 +53,8 @@ class Trainer:
         self.acc = Accelerator(
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available()
         )
+        if torch.cuda.is_available():
+            torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = Tokenizer(cfg.model)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.ema_decay > 0 else None

@@ -3,11 +3,12 @@
 # pyproject's package-dir does) and installs carried wheels (.whl/) for the
 # modules that machine lacks, after its own site-packages so nothing is shadowed.
 export PYTHONUNBUFFERED=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}  # several trainings share 16 cores: no oversubscription
 for d in kernels train eval; do [ -e tokenizers_vq/$d ] || ln -s ../$d tokenizers_vq/$d; done
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 missing=$(python3 - <<'PY'
 import importlib.util
-wanted = {"soundfile": "soundfile", "yaml": "pyyaml", "safetensors": "safetensors", "tqdm": "tqdm",
+wanted = {"_cffi_backend": "cffi", "pycparser": "pycparser", "soundfile": "soundfile", "yaml": "pyyaml", "safetensors": "safetensors", "tqdm": "tqdm",
           "pytorch_msssim": "pytorch_msssim", "accelerate": "accelerate", "vector_quantize_pytorch": "vector_quantize_pytorch",
           "einx": "einx", "einops": "einops", "matplotlib": "matplotlib"}
 print(" ".join(w for m, w in wanted.items() if importlib.util.find_spec(m) is None))

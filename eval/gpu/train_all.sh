@@ -13,17 +13,19 @@ IMG_MIN=${IMG_MIN:-5.5}; AV_MIN=${AV_MIN:-7.5}; LIMIT=${LIMIT:-555}
 T0=$(date +%s)
 left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$W/gpu.txt" 2>&1
+MODS=${MODS:-"image audio video codebook"}  # a subset re-runs only those
+has() { [[ " $MODS " == *" $1 "* ]]; }
 common="--sample_every=0 --save_every=1000000 --steps=1000000 --log_every=50"
 
-timeout $(left) python3 -m tokenizers_vq.cli train train/configs/audio.yaml $common --max_minutes=$AV_MIN \
+has audio && timeout $(left) python3 -m tokenizers_vq.cli train train/configs/audio.yaml $common --max_minutes=$AV_MIN \
   --data.train=$D/audio/librispeech --data.val_fraction=0 --out_dir=runs/audio > "$W/audio.log" 2>&1 &
-timeout $(left) python3 -m tokenizers_vq.cli train train/configs/video.yaml $common --max_minutes=$AV_MIN \
+has video && timeout $(left) python3 -m tokenizers_vq.cli train train/configs/video.yaml $common --max_minutes=$AV_MIN \
   --data.train=$D/video --out_dir=runs/video > "$W/video.log" 2>&1 &
-timeout $(left) python3 -m tokenizers_vq.eval.codebook_scale --train $D/images/train --val $D/images/val ${CS_ARGS:-} \
+has codebook && timeout $(left) python3 -m tokenizers_vq.eval.codebook_scale --train $D/images/train --val $D/images/val ${CS_ARGS:-} \
   --out "$W" > "$W/codebook_scale.log" 2>&1 &
 
 # image: train, then export its tokens and train the prior on them
-timeout $(left) python3 -m tokenizers_vq.cli train train/configs/image.yaml $common --max_minutes=$IMG_MIN \
+has image && timeout $(left) python3 -m tokenizers_vq.cli train train/configs/image.yaml $common --max_minutes=$IMG_MIN \
   --model.backbone.channels=64 --loss.disc_start=2000 \
   --data.train=$D/images/train --data.val=$D/images/val --out_dir=runs/image > "$W/image.log" 2>&1
 M=runs/image/checkpoint/model
@@ -44,7 +46,7 @@ for m in ("image", "audio", "video"):
         print(m, "saved")
 PY
 for m in image audio video; do
-  tar -cf "$OUT/$m.tar" -C runs/$m --exclude=checkpoint --exclude='checkpoint.old' . 2>>"$W/pack.log"
+  [ -d runs/$m ] && tar -cf "$OUT/$m.tar" -C runs/$m --exclude=checkpoint --exclude='checkpoint.old' . 2>>"$W/pack.log"
 done
 tar -cf "$OUT/prior.tar" -C runs prior export/manifest.json 2>>"$W/pack.log"
 tar -cf "$OUT/logs.tar" -C "$OUT" work
