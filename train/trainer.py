@@ -117,7 +117,10 @@ class Trainer:
         if out.losses:
             terms["quantizer"], weights["quantizer"] = torch.stack(list(out.losses.values())).sum(), w.quantizer
         if self._gan_active():
-            fake_logits, fake_feats = self.disc(rec)
+            # the generator's terms must not train the discriminator: call the unwrapped
+            # module with its weights frozen (no gradient reaches them, no DDP hooks fire)
+            disc = self.acc.unwrap_model(self.disc).requires_grad_(False)
+            fake_logits, fake_feats = disc(rec)
             g_adv = hinge_g_loss(fake_logits)
             scale = torch.ones((), device=x.device)
             if w.adaptive_weight:
@@ -126,8 +129,9 @@ class Trainer:
             terms["adversarial"], weights["adversarial"] = g_adv * scale, w.adversarial
             if w.feature_matching > 0:
                 with torch.no_grad():
-                    _, real_feats = self.disc(x)
+                    _, real_feats = disc(x)
                 terms["feature_matching"], weights["feature_matching"] = feature_matching(real_feats, fake_feats), w.feature_matching
+            disc.requires_grad_(True)
         total = sum(weights[k] * v for k, v in terms.items() if weights[k] != 0)
         self.acc.backward(total)
         if self.acc.sync_gradients and cfg.optim.grad_clip > 0:

@@ -107,6 +107,27 @@ def test_resume_continues_the_run_exactly(tmp_path):
     assert read_log(tmp_path / "a")[-1]["loss/total"] == read_log(tmp_path / "b")[-1]["loss/total"]
 
 
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_generator_step_leaves_the_discriminator_untouched(modality, tmp_path):
+    """The generator's adversarial and feature-matching terms must not put gradients on
+    the discriminator (they would cancel its fake-side hinge loss and let its scores of
+    reconstructions grow without bound, as a GPU audio run did before this test)."""
+    over = {"loss.adversarial": 1.0, "loss.disc_start": 0, "loss.adaptive_weight": modality == "image",
+            "loss.feature_matching": 1.0, "data.max_items": 2}
+    tr = Trainer(config(modality, tmp_path / "run", 1, **over))
+    x = tr.train_data.batch(2, tr.crop, seed=0, step=0, frames=tr.cfg.data.clip_frames)
+    disc = tr.acc.unwrap_model(tr.disc)
+    before = {k: v.clone() for k, v in disc.state_dict().items()}
+    rec, logs = tr.generator_step(x)
+    assert logs["loss/adversarial"] != 0 and logs["loss/feature_matching"] > 0
+    assert all(p.grad is None for p in disc.parameters())
+    assert all(p.requires_grad for p in disc.parameters())
+    assert all(torch.equal(before[k], v) for k, v in disc.state_dict().items())
+    d_logs = tr.discriminator_step(x, rec)  # and the discriminator still trains
+    assert d_logs["disc/hinge"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in disc.state_dict().items())
+
+
 def test_config_overrides_are_checked(tmp_path):
     cfg = load_config("train/configs/image.yaml", ["--steps=7", "optim.betas=[0.1, 0.2]", "mixed_precision=no"])
     assert cfg.steps == 7 and cfg.optim.betas == (0.1, 0.2) and cfg.mixed_precision == "no"
