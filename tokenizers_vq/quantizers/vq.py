@@ -212,7 +212,13 @@ class VectorQuantizer(Quantizer):
     @torch.no_grad()
     def _kmeans(self, x: Tensor) -> None:
         """Lloyd's k-means over at most ``kmeans_max_samples`` latents per rank; sums
-        and counts are reduced over ranks so every rank gets the same centres."""
+        and counts are reduced over ranks so every rank gets the same centres.
+
+        Not ``quantizers.kmeans.kmeans``: this one runs inside the first training
+        forward, so it has no data-dependent branch or host sync (``torch.compile``
+        with ``fullgraph=True`` traces it) and accepts fewer latents than codes (seeds
+        drawn with replacement). An empty centre keeps its seed; dead-code restarts
+        deal with it afterwards."""
         x = x[: self.kmeans_max_samples]
         centres = tdist.sample_rows(x, self._size)
         counts = torch.zeros(self._size, device=x.device)
