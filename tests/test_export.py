@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_tokenizer import tiny
+from test_tokenizer import tiny, tiny_dynamic
 from testdata import shared_path
 
-from tokenizers_vq.export import TokenDataset, Vocabulary, decode_dynamic, encode_dynamic, export_dataset
-from tokenizers_vq.io import load_image
+from tokenizers_vq.cli import main
+from tokenizers_vq.export import TokenDataset, Vocabulary, export_dataset
+from tokenizers_vq.io import load_image, save_image
 from tokenizers_vq.media import load_audio
 from tokenizers_vq.prior import PriorConfig, TokenPrior
-from tokenizers_vq.quantizers import DynamicQuantizer, ResidualQuantizer, VectorQuantizer
+from tokenizers_vq.quantizers import PackedCodes, ResidualQuantizer, VectorQuantizer
+from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import decode_record, encode_file
 from tokenizers_vq.train.prior import PriorTrainConfig, sample_images, train_prior
 
@@ -87,20 +89,18 @@ def test_dataset_orders_for_residual_codes(tmp_path):
         TokenDataset(tmp_path, "zigzag")
 
 
-def tiny_dynamic(modality: str, inner=None, calibrate_on: Path | None = None):
-    """``tiny(modality)`` with a DQ-VAE style dynamic bottleneck; the router threshold is
-    calibrated on one file so that about 30% of its regions are fine."""
-    tok = tiny(modality)
-    tok.quantizer = DynamicQuantizer(inner or VectorQuantizer(8, 32), target_fine_ratio=0.3).eval()
-    if calibrate_on is not None:
-        with torch.no_grad():
-            z = tok.encoder(pad_even(tok, media(tok, calibrate_on)[None]))
-        tok.quantizer.calibrate_threshold(z.movedim(1, -1))
-    return tok
+def speech(n: int) -> list[Path]:
+    return sorted(shared_path("audio", "fsdd").glob("*.wav"))[:n]
+
+
+def calibrated(modality: str, path: Path, levels: int = 1) -> Tokenizer:
+    """A tiny dynamic-length model (``QuantizerConfig.dynamic``) whose router threshold
+    makes about 30% of the regions of ``path`` fine."""
+    return tiny_dynamic(modality, levels, calibrate_on=media(tiny(modality), path)[None])
 
 
 def pad_even(tok, x: torch.Tensor) -> torch.Tensor:
-    """Media padded to twice the stride (as ``encode_dynamic`` documents): an even latent."""
+    """Media padded to twice the stride (as ``Tokenizer.encode`` documents for dynamic models): an even latent."""
     if tok.modality == "audio":
         return F.pad(x, (0, -x.shape[-1] % (2 * tok.backbone_config.hop)))
     f = 2 * tok.backbone_config.downsample
@@ -125,25 +125,25 @@ def cells_covered(item) -> torch.Tensor:
 def test_dynamic_length_export_decodes_like_direct_encode(tmp_path):
     """DQ-VAE codes of real photos and speech: shards -> Dataset -> decode is bit-exact,
     coarse tokens lead, every latent cell is covered once, lengths vary."""
-    for modality, files in [("image", photos(4)), ("audio", sorted(shared_path("audio", "fsdd").glob("*.wav"))[:3])]:
-        tok = tiny_dynamic(modality, calibrate_on=files[0])
+    for modality, files in [("image", photos(4)), ("audio", speech(3))]:
+        tok = calibrated(modality, files[0])
         manifest = export_dataset(tok, files, tmp_path / modality, shard_items=2, batch_size=4)
         assert manifest["layout"] == "dynamic" and (tmp_path / modality / "shard_00000.layout.bin").is_file()
         ds = TokenDataset(tmp_path / modality)
         lengths, ratios = [], []
         for i, f in enumerate(files):
             x = media(tok, f)[None]
-            direct = encode_dynamic(tok, x)
-            rec = decode_dynamic(tok, direct, x.shape[2:])
+            direct = tok.encode(x)
+            rec = tok.decode(direct, x.shape[2:])
             item = ds[i]
             assert item["source"] == f.name and item["size"] == list(x.shape[2:])
             assert torch.equal(item["tokens"], direct.codes) and item["grid"] == list(direct.shape)
             g = item["granularity"]
             assert (g.diff() >= 0).all() and 0 < int(g.sum()) < len(g)  # coarse first, both kinds present
             assert torch.equal(cells_covered(item).sort().values, torch.arange(math.prod(item["grid"])))
-            assert torch.equal(decode_dynamic(tok, ds.to_packed(item), item["size"]), rec)
-            if modality == "image":  # the Tokenizer's own API on the same (even-latent) input agrees
-                assert torch.equal(tok.decode(tok.encode(pad_even(tok, x)), size=x.shape[2:]), rec)
+            assert torch.equal(tok.decode(ds.to_packed(item), item["size"]), rec)
+            # media already padded to an even latent code the same: the padding is the documented one
+            assert torch.equal(tok.decode(tok.encode(pad_even(tok, x)), size=x.shape[2:]), rec)
             lengths.append(len(g))
             ratios.append(float(g.float().mean()))
         print(modality, "tokens", lengths, "fine share", [round(r, 2) for r in ratios])
@@ -152,7 +152,7 @@ def test_dynamic_length_export_decodes_like_direct_encode(tmp_path):
 
 
 def test_dynamic_items_are_coarse_to_fine_whatever_the_packing_and_level_order(tmp_path):
-    tok = tiny_dynamic("image", ResidualQuantizer([VectorQuantizer(8, 32) for _ in range(2)]), photos(1)[0])
+    tok = calibrated("image", photos(1)[0], levels=2)
     export_dataset(tok, photos(1), tmp_path / "c2f")
     tok.quantizer.order = "raster"
     export_dataset(tok, photos(1), tmp_path / "raster")
@@ -168,18 +168,51 @@ def test_dynamic_items_are_coarse_to_fine_whatever_the_packing_and_level_order(t
     flat = flat_ds[0]
     assert torch.equal(flat["tokens"][:n], a["tokens"][0::2]) and int(flat["levels"][n]) == 1
     size = a["size"]
-    rec = decode_dynamic(tok, encode_dynamic(tok, load_image(photos(1)[0])[None] * 2 - 1), size)
-    assert torch.equal(decode_dynamic(tok, c2f.to_packed(a), size), rec)
-    assert torch.equal(decode_dynamic(tok, flat_ds.to_packed(flat), size), rec)
+    rec = tok.decode(tok.encode(load_image(photos(1)[0])[None] * 2 - 1), size)
+    assert torch.equal(tok.decode(c2f.to_packed(a), size), rec)
+    assert torch.equal(tok.decode(flat_ds.to_packed(flat), size), rec)
     export_dataset(tiny("image"), photos(1), tmp_path / "grid")
     grid = TokenDataset(tmp_path / "grid")
     assert grid.manifest["layout"] == "grid" and "granularity" not in grid[0]
     with pytest.raises(ValueError, match="dynamic-length export"):
         grid.to_packed(grid[0])
-    with pytest.raises(ValueError, match="DynamicQuantizer bottleneck"):
-        encode_dynamic(tiny("image"), torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="dynamic-length bottleneck"):
+        tiny("image").decode(c2f.to_packed(a), size)
     with pytest.raises(ValueError, match="images and audio"):
-        encode_dynamic(tiny_dynamic("video"), torch.zeros(1, 3, 5, 16, 16))
+        export_dataset(tiny_dynamic("video"), [], tmp_path / "video")
+
+
+def test_tvq_export_of_a_saved_dynamic_model_decodes_like_the_tokenizer(tmp_path, capsys):
+    """`tvq export --model DIR` on a saved DQ-VAE model: the reloaded model is detected
+    as dynamic, and every item decodes bit for bit like direct encode/decode."""
+    for modality, sources in [("image", photos(3)), ("audio", speech(3))]:
+        data = tmp_path / modality / "data"
+        data.mkdir(parents=True)
+        for f in sources:  # photos: odd-sized crops, saved losslessly (keeps the test fast)
+            if modality == "image":
+                save_image(load_image(f)[:, 40:139, 60:191], data / f"{f.stem}.png")
+            else:
+                (data / f.name).write_bytes(f.read_bytes())
+        files = sorted(data.iterdir())
+        tok = calibrated(modality, files[0])
+        model = tok.save_pretrained(tmp_path / modality / "model")
+        out = tmp_path / modality / "tokens"
+        assert main(["export", "--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu",
+                     "--shard-items", "2"]) == 0
+        assert "3 items" in capsys.readouterr().out
+        ds = TokenDataset(out)
+        assert ds.manifest["layout"] == "dynamic" and ds.manifest["codebook_size"] == 32 and len(ds) == len(files)
+        for i, f in enumerate(files):
+            x = media(tok, f)[None]
+            direct = tok.encode(x)
+            item = ds[i]
+            assert item["source"] == f.name and item["size"] == list(x.shape[2:])
+            assert torch.equal(ds.codes(i), direct.codes)  # stored in the quantizer's packing order
+            packed = ds.to_packed(item)
+            assert isinstance(packed, PackedCodes) and packed.shape == direct.shape
+            assert torch.equal(tok.decode(packed, item["size"]), tok.decode(direct, x.shape[2:]))
+        with pytest.raises(ValueError, match="tvq export"):  # token files hold fixed grids only
+            encode_file(Tokenizer.from_pretrained(model), files[0])
 
 
 def test_vocabulary_offsets_and_special_tokens():

@@ -7,8 +7,12 @@ import math
 
 import pytest
 import torch
+from testdata import shared_path
 
-from tokenizers_vq.tokenizer import QuantizerConfig, Tokenizer, TokenizerConfig
+from tokenizers_vq.io import load_image
+from tokenizers_vq.media import load_audio
+from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
+from tokenizers_vq.tokenizer import DEFAULT_MODEL, QuantizerConfig, Tokenizer, TokenizerConfig
 
 TINY = {
     "image": {"channels": 8, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "attention": False, "latent_dim": 8},
@@ -17,9 +21,9 @@ TINY = {
 }
 
 
-def tiny(modality: str, **kw) -> Tokenizer:
+def tiny(modality: str, quantizer: QuantizerConfig | None = None, **kw) -> Tokenizer:
     torch.manual_seed(0)
-    q = QuantizerConfig("vq", {"codebook_size": 32})
+    q = quantizer or QuantizerConfig("vq", {"codebook_size": 32})
     return Tokenizer(TokenizerConfig(modality, TINY[modality], q, **kw)).eval()
 
 
@@ -129,3 +133,111 @@ def test_long_video_is_coded_in_clips():
 def test_bad_media_tensors_raise(modality, x, msg):
     with pytest.raises(ValueError, match=msg):
         tiny(modality).encode(x)
+
+
+# -- dynamic-length (DQ-VAE) models -------------------------------------------------------------
+def tiny_dynamic(modality: str, levels: int = 1, calibrate_on: torch.Tensor | None = None) -> Tokenizer:
+    """``tiny`` with ``QuantizerConfig.dynamic``; with ``calibrate_on`` (model-space media
+    ``(1, C, ...)``) the router threshold makes about 30% of its regions fine."""
+    q = QuantizerConfig("vq", {"codebook_size": 32}, levels=levels, dynamic={"target_fine_ratio": 0.3})
+    tok = tiny(modality, q)
+    if calibrate_on is not None:
+        with torch.no_grad():
+            z = tok.encoder(tok._pad(calibrate_on, mult=2)).movedim(1, -1)
+        tok.quantizer.calibrate_threshold(z)
+    return tok
+
+
+def photo() -> torch.Tensor:
+    """A real BSDS photo ``(1, 3, 321, 481)`` (odd on both axes) in [-1, 1]."""
+    return load_image(sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0])[None] * 2 - 1
+
+
+def speech() -> torch.Tensor:
+    """A real spoken digit ``(1, 1, T)`` at 16 kHz, ``T`` not a multiple of the stride."""
+    wav, _ = load_audio(sorted(shared_path("audio", "fsdd").glob("*.wav"))[0], 16_000)
+    return wav.mean(0, keepdim=True)[None]
+
+
+def assert_same_packed(a: PackedCodes, b: PackedCodes) -> None:
+    assert a.shape == b.shape
+    for key in ("codes", "positions", "fine", "offsets"):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+
+
+def test_dynamic_model_saves_and_loads_to_the_same_codes_and_reconstructions(tmp_path):
+    x = photo()
+    tok = tiny_dynamic("image")
+    tok.train()(torch.rand(4, 3, 16, 16) * 2 - 1)  # move the codebook statistics and the threshold EMA
+    tok.quantizer.calibrate_threshold(tok.encoder(tok._pad(x, mult=2)).detach().movedim(1, -1))
+    tok.eval().save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["quantizer"]["dynamic"] == {"target_fine_ratio": 0.3}
+    again = Tokenizer.from_pretrained(tmp_path / "m")
+    assert isinstance(again.quantizer, DynamicQuantizer) and again.is_dynamic
+    keys = set(again.state_dict())
+    assert {"quantizer.threshold", "quantizer.router.0.weight"} <= keys
+    assert any(k.startswith("quantizer.inner.") for k in keys)
+    for k, v in tok.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    assert float(again.quantizer.threshold) != 0.0
+    packed = tok.encode(x)
+    assert_same_packed(again.encode(x), packed)
+    assert 0 < int(packed.fine.sum()) < len(packed.fine)  # the calibrated router splits some regions
+    assert torch.equal(again.decode(packed, size=(321, 481)), tok.decode(packed, size=(321, 481)))
+
+
+def test_dynamic_encode_decode_of_odd_sized_photo_and_speech_keeps_their_size():
+    for modality, x in [("image", photo()[..., :75, :97]), ("audio", speech())]:
+        tok = tiny_dynamic(modality, calibrate_on=x)
+        tok.config.chunk_frames, tok.config.chunk_context = 16, 4  # audio: coded whole all the same
+        stride = tok.backbone_config.downsample if modality == "image" else tok.backbone_config.hop
+        assert all(s % (2 * stride) for s in x.shape[2:])  # padding needed on every axis
+        packed = tok.encode(x)
+        assert isinstance(packed, PackedCodes) and packed.lengths.numel() == 1
+        assert packed.shape == tuple(2 * math.ceil(s / (2 * stride)) for s in x.shape[2:])  # even latent
+        n_regions, cells = math.prod(packed.shape) // 2 ** len(packed.shape), math.prod(packed.shape)
+        assert n_regions < int(packed.lengths[0]) < cells  # between all-coarse and all-fine
+        rec = tok.decode(packed, size=tuple(x.shape[2:]))
+        assert rec.shape == x.shape and torch.isfinite(rec).all()
+        z_q = tok.quantizer(tok.encoder(tok._pad(x, mult=2)).movedim(1, -1)).quantized  # eval forward
+        whole = tok.decoder(z_q.movedim(-1, 1))[(..., *[slice(0, s) for s in x.shape[2:]])]
+        assert torch.equal(rec, whole)  # one window, the quantizer's own eval path
+        expected = (1 + 0.3 * (2 ** len(packed.shape) - 1)) / 2 ** len(packed.shape)
+        per_unit = expected / stride**2 if modality == "image" else expected * 16_000 / stride
+        assert tok.tokens_per_unit() == pytest.approx(per_unit)
+    with pytest.raises(ValueError, match="PackedCodes of a dynamic-length"):
+        tok.decode(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="dynamic-length bottleneck"):
+        tiny("audio").decode(packed)
+    with pytest.raises(ValueError, match="images and audio"):
+        tiny_dynamic("video").encode(torch.rand(1, 3, 5, 16, 16) * 2 - 1)
+
+
+def test_configs_without_the_dynamic_field_load_as_fixed_grids(tmp_path):
+    raw = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    assert "dynamic" not in raw["quantizer"]  # the embedded default predates the field
+    default = Tokenizer.from_pretrained()
+    assert default.config.quantizer.dynamic is None and not default.is_dynamic
+    assert default.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 2, 2)
+    tok = tiny("image")
+    tok.save_pretrained(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    del cfg["quantizer"]["dynamic"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    x = torch.rand(1, 3, 20, 24) * 2 - 1
+    assert torch.equal(Tokenizer.from_pretrained(tmp_path / "old").encode(x), tok.encode(x))
+    cfg["quantizer"]["dynamic"] = {"target_fine_ratio": 0.3, "colour": 1}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown DynamicQuantizer options"):
+        Tokenizer.from_pretrained(tmp_path / "old")
+
+
+def test_docstring_examples():
+    import doctest  # noqa: PLC0415
+
+    import tokenizers_vq.tokenizer as mod  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    result = doctest.testmod(mod, extraglobs={"torch": torch}, verbose=False)
+    assert result.attempted >= 6 and result.failed == 0

@@ -13,8 +13,9 @@ Layout of an export directory (``tvq-shards/1``):
   ``num_tokens``.
 
 ``layout`` is ``"grid"`` (fixed-shape codes, the default of older exports) or
-``"dynamic"`` (a :class:`~tokenizers_vq.quantizers.DynamicQuantizer` bottleneck:
-variable-length codes). A dynamic item's codes are its packed tokens ``(N, *code_shape)``
+``"dynamic"`` (a tokenizer with a :class:`~tokenizers_vq.quantizers.DynamicQuantizer`
+bottleneck, ``QuantizerConfig.dynamic``: variable-length codes, as ``Tokenizer.encode``
+gives them). A dynamic item's codes are its packed tokens ``(N, *code_shape)``
 (``shape`` in the index) and its index entry adds ``grid``, the dense latent shape; a
 parallel ``shard_00000.layout.bin`` (``<u4``, written before the ``.bin``) holds one row
 ``(cell, granularity)`` per packed token: the raster index of its latent cell (a coarse
@@ -38,13 +39,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from tokenizers_vq.io import atomic_write, load_image
-from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
+from tokenizers_vq.quantizers import PackedCodes
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import TokenRecord, encode_file
 
@@ -75,52 +75,6 @@ def _encode_shard(tok: Tokenizer, files: list[Path], batch_size: int) -> list[To
 
 
 # -- dynamic-length codes --------------------------------------------------------------------
-def _is_dynamic(tok: Tokenizer, require: bool = False) -> bool:
-    """Whether the bottleneck is a :class:`DynamicQuantizer` (of an image or audio model)."""
-    if not isinstance(tok.quantizer, DynamicQuantizer):
-        if require:
-            raise ValueError(f"expected a DynamicQuantizer bottleneck, got {type(tok.quantizer).__name__}")
-        return False
-    if tok.modality not in ("image", "audio"):
-        raise ValueError(f"dynamic-length codes are exported for images and audio, not {tok.modality}")
-    return True
-
-
-@torch.no_grad()
-def encode_dynamic(tok: Tokenizer, x: Tensor) -> PackedCodes:
-    """Packed codes of model-space media for a tokenizer whose quantizer is a
-    :class:`DynamicQuantizer`.
-
-    Args:
-        x: images ``(B, C, H, W)`` in [-1, 1] or audio ``(B, 1, T)``. They are padded to
-            twice the stride (replicate for pixels, zeros for audio), so the latent has
-            the even sizes the 2-cell regions need, and coded in one window (long audio is
-            not chunked: packed codes of chunks would not join).
-
-    Returns:
-        :class:`PackedCodes` of the ``B`` items, over the padded latent grid.
-    """
-    _is_dynamic(tok, require=True)
-    tok._check_media(x, aligned=False)
-    b = tok.backbone_config
-    if tok.modality == "audio":
-        x = F.pad(x, (0, -x.shape[-1] % (2 * b.hop)))
-    else:
-        f = 2 * b.downsample
-        pad = (0, -x.shape[-1] % f, 0, -x.shape[-2] % f)
-        x = F.pad(x, pad, mode="replicate") if any(pad) else x
-    return tok._encode_aligned(x)
-
-
-@torch.no_grad()
-def decode_dynamic(tok: Tokenizer, packed: PackedCodes, size: tuple[int, ...] | list[int]) -> Tensor:
-    """Media ``(B, C, *size)`` from packed codes (of :func:`encode_dynamic` or
-    :meth:`TokenDataset.to_packed`), cropped to the original ``size`` (``(H, W)`` or
-    ``(T,)``)."""
-    _is_dynamic(tok, require=True)
-    return tok._decode_aligned(packed)[(..., *[slice(0, s) for s in size])]
-
-
 def _load(tok: Tokenizer, path: Path) -> tuple[Tensor, list[int], dict[str, Any]]:
     """Model-space media ``(C, ...)``, original size and source info of an image or
     audio file (as :func:`~tokenizers_vq.tokens.encode_file` reads it)."""
@@ -147,7 +101,7 @@ def _encode_dynamic_shard(
     for group in groups.values():
         for i in range(0, len(group), max(1, batch_size)):
             chunk = group[i : i + max(1, batch_size)]
-            packed = encode_dynamic(tok, torch.stack([media[f][0] for f in chunk]).to(device))
+            packed = tok.encode(torch.stack([media[f][0] for f in chunk]).to(device))
             strides = torch.tensor([math.prod(packed.shape[a + 1 :]) for a in range(len(packed.shape))])
             for b, f in enumerate(chunk):
                 codes, pos, fine = (t.cpu() for t in packed.sample(b))
@@ -160,13 +114,16 @@ def export_dataset(
     tok: Tokenizer, files: list[Path], out_dir: str | os.PathLike, shard_items: int = 256, batch_size: int = 16
 ) -> dict[str, Any]:
     """Encode ``files`` into shards under ``out_dir``; resumes an interrupted export.
+    A dynamic-length tokenizer (``tok.is_dynamic``) writes the ``"dynamic"`` layout.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    q, dynamic = tok.quantizer, _is_dynamic(tok)
+    q, dynamic = tok.quantizer, tok.is_dynamic
+    if dynamic:
+        tok._check_dynamic()
     dtype = token_dtype(q.codebook_size)
     n_shards = (len(files) + shard_items - 1) // shard_items
     shards, n_tokens = [], 0
@@ -220,7 +177,7 @@ class TokenDataset(Dataset):
     region, whatever order the quantizer packed them in) and add ``granularity`` (0
     coarse: the token covers the 2/2x2/2x2x2 cells from ``positions``; 1 fine: that one
     cell) and ``grid`` (the latent shape); :meth:`to_packed` turns such a sequence back
-    into :class:`PackedCodes` for :func:`decode_dynamic`.
+    into :class:`PackedCodes` for ``Tokenizer.decode``.
     """
 
     def __init__(self, directory: str | os.PathLike, order: str = "interleave"):

@@ -3,12 +3,15 @@
 Model-space tensors: images ``(B, C, H, W)`` and video ``(B, C, T, H, W)`` in
 [-1, 1]; audio ``(B, 1, T)`` waveforms at ``sample_rate``. Codes are
 ``(B, *grid, *code_shape)``: ``grid`` is ``(h, w)``, ``(frames,)`` or
-``(t, h, w)``. A model rebuilds from its own directory (``config.json`` +
-``model.safetensors``); nothing is pickled.
+``(t, h, w)``; a dynamic-length model (``QuantizerConfig.dynamic``, images and audio)
+codes each item into a variable number of tokens, :class:`PackedCodes`. A model
+rebuilds from its own directory (``config.json`` + ``model.safetensors``); nothing is
+pickled.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -25,8 +28,10 @@ from tokenizers_vq.io import atomic_write
 from tokenizers_vq.quantizers import (
     FSQ,
     LFQ,
+    DynamicQuantizer,
     GroupedQuantizer,
     LatentQuantizer,
+    PackedCodes,
     ProjectedCodebookVQ,
     Quantizer,
     ResidualQuantizer,
@@ -54,6 +59,11 @@ class QuantizerConfig:
         levels: residual levels (> 1 wraps in :class:`ResidualQuantizer`).
         groups: channel groups (> 1 wraps in :class:`GroupedQuantizer`).
         dropout: quantizer dropout of the residual wrapper.
+        dynamic: ``None`` (fixed grids), or keyword arguments of
+            :class:`DynamicQuantizer` except ``inner`` (e.g.
+            ``{"target_fine_ratio": 0.3}``; ``{}`` for its defaults): wraps the
+            quantizer above in DQ-VAE style coarse/fine routing, so that the tokenizer
+            codes images and audio into :class:`PackedCodes`.
     """
 
     kind: str = "vq"
@@ -61,8 +71,9 @@ class QuantizerConfig:
     levels: int = 1
     groups: int = 1
     dropout: float = 0.0
+    dynamic: dict[str, Any] | None = None
 
-    def build(self, dim: int) -> Quantizer:
+    def build(self, dim: int) -> Quantizer | DynamicQuantizer:
         if self.kind not in QUANTIZER_KINDS:
             raise ValueError(f"unknown quantizer kind {self.kind!r}; choose from {sorted(QUANTIZER_KINDS)}")
         if dim % self.groups:
@@ -74,7 +85,13 @@ class QuantizerConfig:
                 return cls(d, **self.options)
             return ResidualQuantizer([cls(d, **self.options) for _ in range(self.levels)], dropout=self.dropout)
 
-        return one() if self.groups == 1 else GroupedQuantizer([one() for _ in range(self.groups)])
+        q = one() if self.groups == 1 else GroupedQuantizer([one() for _ in range(self.groups)])
+        if self.dynamic is None:
+            return q
+        unknown = set(self.dynamic) - (set(inspect.signature(DynamicQuantizer).parameters) - {"inner"})
+        if unknown:
+            raise ValueError(f"unknown DynamicQuantizer options {sorted(unknown)} in the quantizer's dynamic field")
+        return DynamicQuantizer(q, **self.dynamic)
 
 
 @dataclass
@@ -139,6 +156,16 @@ class Tokenizer(nn.Module):
         torch.Size([1, 15, 21])
         >>> tok.decode(codes, size=(30, 41)).shape
         torch.Size([1, 3, 30, 41])
+
+        A dynamic-length bottleneck codes each item into :class:`PackedCodes`:
+
+        >>> q = QuantizerConfig("vq", {"codebook_size": 64}, dynamic={"target_fine_ratio": 0.25})
+        >>> dyn = Tokenizer(TokenizerConfig("image", {"channels": 16, "channel_mult": [1, 2], "latent_dim": 8}, q))
+        >>> packed = dyn.encode(torch.rand(1, 3, 30, 41) * 2 - 1)
+        >>> packed.shape  # the latent of 32 x 44 pixels: padded to twice the stride
+        (16, 22)
+        >>> dyn.decode(packed, size=(30, 41)).shape
+        torch.Size([1, 3, 30, 41])
     """
 
     def __init__(self, config: TokenizerConfig):
@@ -161,8 +188,16 @@ class Tokenizer(nn.Module):
     def sample_rate(self) -> int | None:
         return getattr(self.backbone_config, "sample_rate", None)
 
+    @property
+    def is_dynamic(self) -> bool:
+        """Whether the bottleneck is a :class:`DynamicQuantizer`: ``encode`` then gives
+        :class:`PackedCodes` and ``decode`` takes them (images and audio)."""
+        return isinstance(self.quantizer, DynamicQuantizer)
+
     def forward(self, x: Tensor) -> TokenizerOutput:
-        """Training pass on stride-aligned input (crops): reconstruction, codes, losses."""
+        """Training pass on stride-aligned input (crops): reconstruction, codes, losses.
+        A dynamic-length model needs crops aligned to twice the stride (even latents);
+        its ``codes`` are the dense map (a coarse region's code on each of its cells)."""
         self._check_media(x, aligned=True)
         h = self.encoder(x).movedim(1, -1)
         q = self.quantizer(h)
@@ -170,10 +205,19 @@ class Tokenizer(nn.Module):
         return TokenizerOutput(rec, q.codes, q.losses, q.metrics)
 
     @torch.no_grad()
-    def encode(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor) -> Tensor | PackedCodes:
         """Codes ``(B, *grid, *code_shape)`` of media of any size (padded to the
-        stride here; long audio in overlapping chunks, long video in clips)."""
+        stride here; long audio in overlapping chunks, long video in clips).
+
+        A dynamic-length model returns :class:`PackedCodes` instead, over the latent of
+        the media padded to twice the stride (replicate for pixels, zeros for audio) so
+        that its sizes are even, as the 2-cell regions need. Each item is coded whole, in
+        one window: packed codes of audio chunks would not join, and video is refused.
+        """
         self._check_media(x, aligned=False)
+        if self.is_dynamic:
+            self._check_dynamic()
+            return self._encode_aligned(self._pad(x, mult=2))
         if self.modality == "audio":
             return self._audio_chunks(x, self._encode_aligned, self.backbone_config.hop, 1)
         if self.modality == "video":
@@ -182,10 +226,20 @@ class Tokenizer(nn.Module):
         return self._encode_aligned(self._pad(x))
 
     @torch.no_grad()
-    def decode(self, codes: Tensor, size: tuple[int, ...] | None = None) -> Tensor:
-        """Media ``(B, C, ...)`` from codes; ``size`` (``(H, W)``, ``(T,)`` or
-        ``(T, H, W)``) crops the stride padding back off."""
-        if self.modality == "audio":
+    def decode(self, codes: Tensor | PackedCodes, size: tuple[int, ...] | None = None) -> Tensor:
+        """Media ``(B, C, ...)`` from codes (:class:`PackedCodes` for a dynamic-length
+        model); ``size`` (``(H, W)``, ``(T,)`` or ``(T, H, W)``) crops the stride padding
+        back off."""
+        if isinstance(codes, PackedCodes) != self.is_dynamic:
+            raise ValueError(
+                f"decode takes the PackedCodes of a dynamic-length tokenizer, got {type(codes).__name__}"
+                if self.is_dynamic
+                else "PackedCodes need a tokenizer with a dynamic-length bottleneck (QuantizerConfig.dynamic)"
+            )
+        if self.is_dynamic:
+            self._check_dynamic()
+            out = self._decode_aligned(codes)
+        elif self.modality == "audio":
             out = self._audio_chunks(codes, self._decode_aligned, 1, self.backbone_config.hop)
         elif self.modality == "video":
             per_clip = 1 + (self.config.clip_frames - 1) // self.backbone_config.temporal_factor
@@ -196,7 +250,7 @@ class Tokenizer(nn.Module):
             out = out[(..., *[slice(0, s) for s in size])]
         return out
 
-    def _encode_aligned(self, x: Tensor) -> Tensor:
+    def _encode_aligned(self, x: Tensor) -> Tensor | PackedCodes:
         was_training = self.training
         self.eval()
         try:
@@ -204,7 +258,11 @@ class Tokenizer(nn.Module):
         finally:
             self.train(was_training)
 
-    def _decode_aligned(self, codes: Tensor) -> Tensor:
+    def _check_dynamic(self) -> None:
+        if self.modality not in ("image", "audio"):
+            raise ValueError(f"dynamic-length codes are for images and audio, not {self.modality}")
+
+    def _decode_aligned(self, codes: Tensor | PackedCodes) -> Tensor:
         z = self.quantizer.decode(codes)
         return self.decoder(z.movedim(-1, 1).to(next(self.decoder.parameters()).dtype))
 
@@ -228,13 +286,13 @@ class Tokenizer(nn.Module):
             parts.append(out.narrow(out_axis, (s - a) * unit_out, n * unit_out))
         return torch.cat(parts, dim=out_axis)
 
-    def _pad(self, x: Tensor) -> Tensor:
-        """Pad the trailing axes up to the stride (replicate for pixels, zeros for audio;
-        video time to ``1 + 4k`` frames by repeating the last frame)."""
+    def _pad(self, x: Tensor, mult: int = 1) -> Tensor:
+        """Pad the trailing axes up to ``mult`` times the stride (replicate for pixels,
+        zeros for audio; video time to ``1 + 4k`` frames by repeating the last frame)."""
         b = self.backbone_config
         if self.modality == "audio":
-            return F.pad(x, (0, -x.shape[-1] % b.hop))
-        f = b.downsample if self.modality == "image" else b.spatial_downsample
+            return F.pad(x, (0, -x.shape[-1] % (mult * b.hop)))
+        f = mult * (b.downsample if self.modality == "image" else b.spatial_downsample)
         pad = [0, -x.shape[-1] % f, 0, -x.shape[-2] % f]
         if self.modality == "video":
             pad += [0, -(x.shape[2] - 1) % b.temporal_factor]
@@ -315,9 +373,14 @@ class Tokenizer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def tokens_per_unit(self) -> float:
-        """Tokens per image pixel, per second of audio, or per video frame pixel."""
-        b = self.backbone_config
-        n = self.quantizer.num_codebooks
+        """Tokens per image pixel, per second of audio, or per video frame pixel (for a
+        dynamic-length model, the mean at its target fine ratio)."""
+        b, q = self.backbone_config, self.quantizer
+        if self.is_dynamic:  # a region of `cells` latent cells is 1 coarse or `cells` fine tokens
+            cells = 2 ** (1 if self.modality == "audio" else 2 if self.modality == "image" else 3)
+            n = q.inner.num_codebooks * (1 + q.target_fine_ratio * (cells - 1)) / cells
+        else:
+            n = q.num_codebooks
         if self.modality == "audio":
             return n * b.tokens_per_second
         f = b.downsample if self.modality == "image" else b.spatial_downsample

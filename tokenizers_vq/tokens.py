@@ -49,6 +49,9 @@ def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None 
     ``max_frames`` frames)."""
     from tokenizers_vq.media import load_audio, load_video  # noqa: PLC0415
 
+    if tok.is_dynamic:
+        raise ValueError("a dynamic-length tokenizer's PackedCodes do not fit token files (fixed grids); "
+                         "write them with tvq export (tokenizers_vq.export.export_dataset)")
     path = Path(path)
     device = next(tok.parameters()).device
     if tok.modality == "image":
