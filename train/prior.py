@@ -90,7 +90,7 @@ def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior,
         opt.step()
         sched.step()
         if (step + 1) % max(1, cfg.steps // 10) == 0:
-            history.append({"step": step + 1, "train_loss": float(loss), "val_loss": val_loss(prior, val)})
+            history.append({"step": step + 1, "train_loss": float(loss.detach()), "val_loss": val_loss(prior, val)})
         if cfg.max_minutes and time.time() - start > cfg.max_minutes * 60:
             break
     summary = {
