@@ -64,11 +64,16 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpi
              inception: FIDInception | None = None) -> dict[str, Any]:
     """Encode and decode every file; returns ``{"items": [...], "summary": {...}}``.
 
+    Fixed-grid tokenizers only (a dynamic-length one raises ``ValueError``).
+
     ``lpips`` adds per-item ``lpips`` (and its mean); ``inception`` (images only) adds
     ``rfid``, the FID between the originals and their reconstructions, and
     ``rfid_images``, the number of images it is over (FID is biased upwards for few
     images; it needs at least 2).
     """
+    if tok.is_dynamic:
+        raise ValueError("tvq eval measures fixed-grid tokenizers only; this one has dynamic-length codes "
+                         "(encode/decode them with Tokenizer.encode/decode)")
     tok.eval()
     items, all_codes, ref_feats, rec_feats = [], [], [], []
     seconds = units = pixels = 0.0

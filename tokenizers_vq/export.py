@@ -130,7 +130,9 @@ def export_dataset(
     for k in tqdm(range(n_shards), desc="export shards"):
         name = f"shard_{k:05d}"
         bin_path, idx_path = out / f"{name}.bin", out / f"{name}.json"
-        if not (bin_path.is_file() and idx_path.is_file()):  # finished shards are kept
+        layout_path = out / f"{name}.layout.bin"
+        finished = bin_path.is_file() and idx_path.is_file() and (not dynamic or layout_path.is_file())
+        if not finished:  # finished shards are kept
             chunk = files[k * shard_items : (k + 1) * shard_items]
             if dynamic:
                 encoded = _encode_dynamic_shard(tok, chunk, batch_size)
@@ -144,7 +146,7 @@ def export_dataset(
                 offset += n
             if dynamic:
                 rows = np.concatenate([lay.numpy().astype("<u4") for _, lay, _ in encoded])
-                atomic_write(out / f"{name}.layout.bin", lambda tmp, a=rows: a.tofile(tmp))
+                atomic_write(layout_path, lambda tmp, a=rows: a.tofile(tmp))
             flat = np.concatenate([r.codes.reshape(-1).numpy().astype(dtype) for r, _, _ in encoded])
             atomic_write(bin_path, lambda tmp, a=flat: a.tofile(tmp))
             atomic_write(idx_path, lambda tmp, it=items: Path(tmp).write_text(json.dumps({"items": it})))

@@ -105,9 +105,11 @@ def is_frame_folder(path: str | os.PathLike) -> bool:
 
 
 def _load_frame_folder(path: Path, max_frames: int | None) -> tuple[Tensor, float]:
-    from tokenizers_vq.io import load_image  # noqa: PLC0415
+    from tokenizers_vq.io import load_image  # noqa: PLC0415  (io imports PIL lazily itself)
 
     files = sorted(c for c in path.iterdir() if c.suffix.lower() in FRAME_EXTENSIONS)[:max_frames]
+    if not files:
+        raise ValueError(f"video folder {path} holds no frame images ({', '.join(FRAME_EXTENSIONS)})")
     frames = [load_image(f) for f in files]
     if len({f.shape for f in frames}) != 1:
         raise ValueError(f"frames in {path} differ in size: {sorted({tuple(f.shape) for f in frames})}")
@@ -123,8 +125,6 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     (an optional ``fps.txt`` there gives the rate; 25 otherwise).
     """
     if Path(path).is_dir():
-        if not is_frame_folder(path):
-            raise ValueError(f"video folder {path} holds no frame images ({', '.join(FRAME_EXTENSIONS)})")
         return _load_frame_folder(Path(path), max_frames)
     try:
         import av  # noqa: PLC0415

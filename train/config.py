@@ -75,6 +75,7 @@ class TrainConfig:
     save_every: int = 500
     ema_decay: float = 0.999  # EMA of the generator's weights (0: off)
     max_minutes: float = 0.0  # stop (and save) after this wall time (0: no limit)
+    cudnn_benchmark: bool = False  # GPU: let cuDNN time its kernels (faster; sets a process-wide flag)
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:

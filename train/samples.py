@@ -21,6 +21,9 @@ def write(tok: Tokenizer, files: list[Path], out_dir: Path, n_items: int = 4, ma
     from tokenizers_vq.media import load_audio, load_video, save_audio, save_video  # noqa: PLC0415
     from tokenizers_vq.spectral import spectrogram_db  # noqa: PLC0415
 
+    if tok.is_dynamic:
+        raise ValueError("training samples are written for fixed-grid tokenizers only; this one has dynamic-length "
+                         "codes: set sample_every=0 and check it with Tokenizer.encode/decode")
     was_training = tok.training
     tok.eval()
     out_dir.mkdir(parents=True, exist_ok=True)

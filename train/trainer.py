@@ -53,10 +53,13 @@ class Trainer:
         self.acc = Accelerator(
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available()
         )
-        if torch.cuda.is_available():
-            torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels
+        if cfg.cudnn_benchmark and torch.cuda.is_available():
+            torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN time and pick its kernels
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = Tokenizer(cfg.model)
+        if self.model.is_dynamic and cfg.sample_every > 0:
+            raise ValueError("training samples are written for fixed-grid tokenizers only; set sample_every=0 "
+                             "for a dynamic-length one")
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.ema_decay > 0 else None
         loss = cfg.loss
         self.disc = build_discriminator(cfg.model.modality) if loss.adversarial > 0 else None

@@ -64,8 +64,11 @@ def main() -> None:
             src = sorted((SHARED / "images" / "bsds500" / split).glob("*.jpg"))
             sizes[what] = copy_files(src, DEST / "images" / split)
         elif what == "audio":
-            src = sorted((SHARED / "audio" / "librispeech_train-clean-100").glob("*.flac"))
-            train = src[: len(src) - round(0.1 * len(src))]  # audio.yaml holds out the last 10%
+            from tokenizers_vq.train.config import load_config  # noqa: PLC0415
+            from tokenizers_vq.train.data import list_media, split_files  # noqa: PLC0415
+
+            held_out = load_config(REPO / "train" / "configs" / "audio.yaml").data.val_fraction
+            train, _ = split_files(list_media(SHARED / "audio" / "librispeech_train-clean-100", "audio"), None, held_out)
             sizes[what] = copy_files(train, DEST / "audio" / "librispeech", args.audio_mb * 2**20)
         else:
             sizes[what] = sum(video_frames(f, DEST / "video" / f.stem) for f in sorted((SHARED / "video").iterdir()))

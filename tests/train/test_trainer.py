@@ -128,6 +128,17 @@ def test_generator_step_leaves_the_discriminator_untouched(modality, tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in disc.state_dict().items())
 
 
+def test_fixed_grid_tools_refuse_a_dynamic_tokenizer_up_front(tmp_path):
+    from tokenizers_vq.eval.evaluate import evaluate  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="sample_every=0"):
+        Trainer(config("image", tmp_path / "run", 1, **{"model.quantizer.dynamic": "{}", "sample_every": 5}))
+    tr = Trainer(config("image", tmp_path / "run", 1, **{"model.quantizer.dynamic": "{}", "sample_every": 0}))
+    assert tr.unwrapped.is_dynamic
+    with pytest.raises(ValueError, match="fixed-grid"):
+        evaluate(tr.unwrapped, tr.train_data.files[:1])
+
+
 def test_config_overrides_are_checked(tmp_path):
     cfg = load_config("train/configs/image.yaml", ["--steps=7", "optim.betas=[0.1, 0.2]", "mixed_precision=no"])
     assert cfg.steps == 7 and cfg.optim.betas == (0.1, 0.2) and cfg.mixed_precision == "no"
