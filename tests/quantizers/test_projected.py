@@ -13,6 +13,7 @@ from tokenizers_vq.demo import image_to_patches
 from tokenizers_vq.io import load_image
 from tokenizers_vq.quantizers import ProjectedCodebookVQ
 from tokenizers_vq.quantizers.kmeans import kmeans
+from tokenizers_vq.quantizers.projected import fit_linear_projector
 
 
 def test_features_from_tensor_file_and_kmeans(tmp_path):
@@ -60,13 +61,73 @@ def test_codebook_loss_trains_the_projector_not_the_features():
     assert {"perplexity", "usage_batch", "usage_window"} <= set(out.metrics)
 
 
+def test_projector_fit_registers_the_codebook_onto_the_latents():
+    """Features: samples of 12 unequal clusters in 6 dims; latents: other samples through
+    an unknown affine map to 3 dims. The fit (no correspondences) lands near that map;
+    the paper's training from a random projector does not. In the quantizer it runs
+    once, after ``init_batches`` training batches."""
+    g = torch.Generator().manual_seed(3)
+    centres, weights = torch.randn(12, 6, generator=g) * 4, torch.rand(12, generator=g) + 0.2
+
+    def sample(n: int) -> torch.Tensor:
+        return centres[torch.multinomial(weights, n, replacement=True, generator=g)] + torch.randn(n, 6, generator=g)
+
+    feats, a, c = sample(512), torch.randn(3, 6, generator=g), torch.randn(3, generator=g) * 3
+    z = sample(4096) @ a.T + c
+    truth = nearest_codes(z, feats @ a.T + c)[0].mean()
+
+    def distortion_and_usage(codebook: torch.Tensor) -> tuple[float, float]:
+        dist, idx = nearest_codes(z, codebook.detach())
+        return float(dist.mean() / truth), idx.unique().numel() / 512
+
+    torch.manual_seed(0)
+    w, b = fit_linear_projector(feats, z[:1024])
+    fitted = distortion_and_usage(feats @ w.T + b)
+    q = ProjectedCodebookVQ(3, 512, features=feats, init_samples=1024, init_batches=4)
+    for step in range(4):
+        assert not q._initted
+        q(z[step * 256 : (step + 1) * 256])
+    assert q._initted and bool(q.initted)
+    in_module = distortion_and_usage(q.codebook)
+    rand = ProjectedCodebookVQ(3, 512, features=feats, fit_projector=False)
+    assert rand._initted
+    opt = torch.optim.Adam(rand.parameters(), lr=1e-2)
+    for _ in range(200):
+        out = rand(z[torch.randint(0, len(z), (512,))])
+        opt.zero_grad()
+        out.total_loss().backward()
+        opt.step()
+    trained = distortion_and_usage(rand.codebook)
+    print(f"distortion / true map's, usage: fit {fitted}, fit in the quantizer {in_module}, "
+          f"paper's training from a random projector {trained}")
+    assert fitted[0] < 1.6 and in_module[0] < 1.6 and trained[0] > 2 * fitted[0]
+    assert fitted[1] > 0.75 and in_module[1] > 0.75 and fitted[1] > trained[1] + 0.15
+    assert fit_linear_projector(feats, torch.zeros(64, 3)) is None  # nothing to fit to
+
+
+def test_fit_keeps_the_contract_and_waits_for_latents_with_spread():
+    torch.manual_seed(0)
+    feats = torch.randn(256, 24)
+    q = ProjectedCodebookVQ(16, 64, features=feats, init_batches=1, kmeans_iters=3)
+    q(torch.zeros(4, 32, 16))  # nothing to fit to: keeps collecting
+    assert not q._initted
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(1e4 * torch.randn(4, 32, 16))
+    assert q._initted and torch.isfinite(q.projector.weight).all() and torch.isfinite(out.quantized).all()
+    twin = ProjectedCodebookVQ(16, 64, features=feats, init_batches=1, kmeans_iters=3)
+    twin.load_state_dict(q.state_dict())
+    z = 1e4 * torch.randn(3, 11, 16)
+    assert twin._initted and torch.equal(twin.eval().encode(z), q.eval().encode(z))
+    assert torch.equal(q.decode(q.encode(z)), q(z).quantized)
+
+
 def photo_patches(split: str, n_images: int) -> torch.Tensor:
     folder = shared_path("images", "bsds500", split)
     return torch.cat([image_to_patches(load_image(f), 4)[0] for f in sorted(folder.glob("*.jpg"))[:n_images]])
 
 
-def held_out_usage(q, train: torch.Tensor, val: torch.Tensor, proj: torch.Tensor, steps: int = 300) -> float:
-    opt = torch.optim.Adam(q.parameters(), lr=1e-2) if list(q.parameters()) else None
+def held_out_usage(q, train: torch.Tensor, val: torch.Tensor, proj: torch.Tensor, steps: int = 150) -> float:
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3) if list(q.parameters()) else None
     for _ in range(steps):
         out = q(train[torch.randint(0, len(train), (1024,))] @ proj)
         if opt is not None:
@@ -78,20 +139,22 @@ def held_out_usage(q, train: torch.Tensor, val: torch.Tensor, proj: torch.Tensor
 
 def test_projected_codebook_keeps_a_large_codebook_in_use_on_real_photos():
     """Latents: a fixed random projection (48 -> 16) of 4x4 RGB patches, the stand-in
-    for a frozen encoder. Codebook: k-means (K=4096) of the 48-dim patch features."""
+    for a frozen encoder. Codebook: k-means (K=4096) of the 48-dim patch features.
+    The fitted projector reaches the usage of the true projection (88%); from a random
+    init the same training gave 57-84% depending on the seed."""
     train, val = photo_patches("train", 20), photo_patches("val", 6)
     k, dim = 4096, 16
     torch.manual_seed(0)
     proj = torch.randn(48, dim, generator=torch.Generator().manual_seed(1)) / 48**0.5
     feats, _ = kmeans(train[torch.randperm(len(train))[: 6 * k]], k, iters=5)
-    bound = nearest_codes(val @ proj, feats @ proj)[1].unique().numel() / k  # best linear projector
+    bound = nearest_codes(val @ proj, feats @ proj)[1].unique().numel() / k  # the true projection
     torch.manual_seed(0)
-    lc = held_out_usage(ProjectedCodebookVQ(dim, k, features=feats), train, val, proj)
+    lc = held_out_usage(ProjectedCodebookVQ(dim, k, features=feats, init_samples=8192), train, val, proj)
     torch.manual_seed(0)
     plain = held_out_usage(VectorQuantizer(dim, k, restart_dead_codes=False), train, val, proj)
     print(f"held-out usage at K={k}: projected (VQGAN-LC) {lc:.1%}, plain VQ-EMA {plain:.1%}, "
           f"k-means codebook through the true projection {bound:.1%}")
-    assert lc >= 0.6 and lc >= 0.7 * bound
+    assert lc >= 0.8 and lc >= 0.93 * bound
     assert lc >= 10 * plain
 
 

@@ -5,10 +5,22 @@ The codebook is a frozen ``(K, F)`` buffer of features (k-means centres of
 pretrained features in the paper); only a projector ``F -> D`` is trained. Every
 step projects the *whole* codebook, so every code moves with the projector whether
 or not it was chosen, which is what keeps utilisation near 100% at large ``K``.
+
+Where the projector starts matters as much. Its codebook loss has many local
+minima of nearly equal distortion and very different usage: on frozen latents
+that are a known linear map of 4x4 photo patches, with the features the k-means
+(K=4096) of those patches, the paper's training from a random projector settles
+far from that map and, seed by seed, uses 57-84% of the codes on held-out
+photos, where the map itself uses 88%. (In the paper the encoder trains too and
+can move its latents towards the codebook; frozen latents cannot.) So by default a
+linear projector is first registered onto the latents of the first training
+batches (:func:`fit_linear_projector`: 86-90% before any gradient step, 87-89%
+after 300-2000 steps of the paper's training at lr 1e-3), which then continues.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Literal
 
@@ -16,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokenizers_vq import distributed as tdist
 from tokenizers_vq.quantizers._functional import (
     Backend,
     Metric,
@@ -58,6 +71,120 @@ def load_features(features: Tensor | str | os.PathLike, key: str | None = None) 
     return t.detach().float()
 
 
+def _principal_axes(x: Tensor, reduce_over_ranks: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean ``(d,)``, variances ``(d,)`` (descending) and axes ``(d, d)`` (columns) of
+    the rows of ``x``, and the sign of the third moment along each axis."""
+    d = x.shape[1]
+    stats = torch.cat([x.new_full((1,), x.shape[0]), x.sum(0), (x.T @ x).reshape(-1)])
+    if reduce_over_ranks:
+        stats = tdist.all_reduce_sum_(stats)
+    n = stats[0]
+    mean = stats[1 : d + 1] / n
+    cov = stats[d + 1 :].reshape(d, d) / n - torch.outer(mean, mean)
+    var, axes = torch.linalg.eigh((cov + cov.T) / 2)
+    var, axes = var.flip(0).clamp_min(0), axes.flip(1)
+    third = ((x - mean) @ axes).pow(3).sum(0)
+    if reduce_over_ranks:
+        third = tdist.all_reduce_sum_(third)
+    return mean, var, axes, torch.where(third >= 0, 1.0, -1.0)
+
+
+def _soft_statistics(z: Tensor, codebook: Tensor, var: float, block_elems: int = 2**22) -> Tensor:
+    """``(K, 1 + D)``: per code, the summed responsibilities ``softmax(-|z - c|^2 / 2 var)``
+    over the rows of ``z`` and the responsibility-weighted sum of those rows."""
+    stats = z.new_zeros(codebook.shape[0], 1 + z.shape[1])
+    half_sq = codebook.pow(2).sum(1) / 2
+    rows = max(1, block_elems // codebook.shape[0])
+    for i in range(0, z.shape[0], rows):
+        zb = z[i : i + rows]
+        r = torch.softmax((zb @ codebook.T - half_sq) / var, dim=1)
+        stats[:, 0] += r.sum(0)
+        stats[:, 1:] += r.T @ zb
+    return stats
+
+
+@torch.no_grad()
+def fit_linear_projector(
+    features: Tensor,
+    latents: Tensor,
+    starts: int = 4,
+    iters: int = 20,
+    max_codes: int | None = None,
+    max_latents: int | None = None,
+    reduce_over_ranks: bool = False,
+    backend: Backend = "auto",
+) -> tuple[Tensor, Tensor] | None:
+    """Affine map with ``features @ W.T + b`` spread like ``latents``, found without
+    knowing which latent belongs to which feature.
+
+    The projected features are the means of an equal-weight Gaussian mixture that is
+    fitted to the latents by EM, as in affine Coherent Point Drift (Myronenko & Song
+    2010): soft assignments, then weighted least squares for ``(W, b)``. The shared
+    variance follows a deterministic-annealing schedule (Rose 1998) instead of its
+    ML estimate: from the latents' variance down 1000x, so the first iterations see
+    only the coarse shape of the cloud and the last ones are nearest-code (ICP)
+    steps. This avoids most of the local minima that the hard nearest-code loss
+    settles in from a random map. Each start pairs the top principal axes of the
+    features with those of the latents (matching means and variances), with signs
+    from the third moments (start 0) or random (the others); the start whose map has
+    the lowest nearest-code distortion over the full codebook wins.
+
+    Args:
+        features: ``(K, F)`` codebook features, identical on every rank.
+        latents: ``(N, D)`` latents of this rank.
+        starts: number of sign patterns tried (>= 1).
+        iters: EM iterations per start.
+        max_codes: features subsampled for the EM (the map has only ``(F + 1) D``
+            numbers). Default ``min(K / 4, 16384)``, raised to ``max(1024, 8 (F + 1))``:
+            at ``K = 100,000`` a 1024-code subset registered the map
+            too coarsely (held-out usage 81.5%), 16384 codes matched the true map
+            (89.3%, 2.8 s on an H100).
+        max_latents: latents subsampled per rank; default ``4 max_codes``.
+        reduce_over_ranks: sum the statistics over ``torch.distributed`` ranks.
+        backend: nearest-code search backend of the final scoring.
+
+    Returns:
+        ``(W, b)`` as ``(D, F)`` and ``(D,)`` fp32, or ``None`` when the latents
+        have no spread to fit to.
+    """
+    gen = torch.Generator().manual_seed(0)  # same subset and signs on every rank
+    dev = latents.device
+    max_codes = max_codes or max(min(features.shape[0] // 4, 16384), 1024, 8 * (features.shape[1] + 1))
+    max_latents = max_latents or 4 * max_codes
+    f = features[torch.randperm(features.shape[0], generator=gen)[:max_codes].to(dev)].float()
+    z = latents[torch.randperm(latents.shape[0])[:max_latents].to(dev)].float()
+    mf, vf, uf, skew_f = _principal_axes(f, reduce_over_ranks=False)
+    mz, vz, uz, skew_z = _principal_axes(z, reduce_over_ranks)
+    v0 = float(vz.mean())
+    if not math.isfinite(v0) or v0 <= 1e-12 * max(1.0, float(mz.abs().max()) ** 2):
+        return None
+    r = min(f.shape[1], z.shape[1])
+    gain = (vz[:r] / vf[:r].clamp_min(1e-6 * float(vf[0]))).sqrt() * skew_f[:r] * skew_z[:r]
+    f1 = torch.cat([f, torch.ones(f.shape[0], 1, device=dev)], 1)  # affine: bias as a column
+    best: tuple[float, Tensor, Tensor] | None = None
+    for s in range(max(1, starts)):
+        signs = torch.ones(r) if s == 0 else torch.randint(0, 2, (r,), generator=gen) * 2.0 - 1
+        w = uz[:, :r] @ torch.diag(gain * signs.to(dev)) @ uf[:, :r].T
+        b = mz - w @ mf
+        for i in range(iters):
+            var = v0 * 1e-3 ** (i / max(1, iters - 1))
+            stats = _soft_statistics(z, f @ w.T + b, var)
+            if reduce_over_ranks:
+                stats = tdist.all_reduce_sum_(stats)
+            a = f1.T @ (f1 * stats[:, :1])
+            a = a + 1e-6 * a.diagonal().mean() * torch.eye(a.shape[0], device=dev)
+            sol = torch.linalg.solve(a, f1.T @ stats[:, 1:])
+            w, b = sol[:-1].T, sol[-1]
+        dist, _ = nearest_codes(z, features.float() @ w.T + b, "l2", backend)
+        err = torch.stack([dist.sum(), dist.new_tensor(dist.shape[0])])
+        if reduce_over_ranks:
+            err = tdist.all_reduce_sum_(err)
+        err = float(err[0] / err[1])
+        if best is None or err < best[0]:
+            best = (err, w.contiguous(), b.contiguous())
+    return best[1], best[2]
+
+
 class ProjectedCodebookVQ(Quantizer):
     """Nearest-code search over ``projector(features)``, ``(B, *S, D) -> codes (B, *S)``.
 
@@ -71,21 +198,28 @@ class ProjectedCodebookVQ(Quantizer):
         feature_key: tensor name in a safetensors file with several tensors.
         projector: ``"linear"`` (the paper's) or ``"mlp"`` (``F -> hidden -> D``, GELU).
             A linear projector with ``F == D`` starts as the identity.
+        fit_projector: with ``features`` given and a linear projector, register the
+            projector onto the latents of the first training batches (pooled as for
+            the self-initialisation, see ``init_samples``/``init_batches``) with
+            :func:`fit_linear_projector` before training moves it. Ignored for the
+            MLP projector and for the self-initialised codebook (whose identity
+            projector is already exact).
         hidden: width of the MLP projector (default ``max(F, D)``).
         metric: ``"l2"`` or ``"cosine"``.
         beta: weight of the commitment loss ``|z - sg(q)|^2``; the codebook loss
             ``|sg(z) - q|^2`` (which trains the projector) has weight 1.
         init_samples: latents kept (a uniform subsample per batch) for the
-            self-initialisation; bounds its memory to ``init_samples x D`` floats.
-        init_batches: training batches collected before the k-means runs (it runs
-            earlier once ``init_samples`` latents are held).
+            self-initialisation or the projector fit; bounds their memory to
+            ``init_samples x D`` floats.
+        init_batches: training batches collected before the k-means or the fit runs
+            (it runs earlier once ``init_samples`` latents are held).
         kmeans_iters: Lloyd iterations of the k-means.
         usage_window: training steps over which ``usage_window`` counts a code as used.
         backend: nearest-code search backend, see :func:`nearest_codes`.
         check_finite: see :class:`Quantizer`.
 
-    Until a self-initialised codebook is ready, ``forward`` quantizes with the random
-    initial codebook (so the first ``init_batches`` steps are warm-up).
+    Until a self-initialised codebook or a fitted projector is ready, ``forward``
+    quantizes with the initial one (so the first ``init_batches`` steps are warm-up).
 
     Example:
         >>> feats = torch.randn(5000, 96)
@@ -101,6 +235,7 @@ class ProjectedCodebookVQ(Quantizer):
         features: Tensor | str | os.PathLike | None = None,
         feature_key: str | None = None,
         projector: Projector = "linear",
+        fit_projector: bool = True,
         hidden: int | None = None,
         metric: Metric = "l2",
         beta: float = 0.25,
@@ -119,13 +254,14 @@ class ProjectedCodebookVQ(Quantizer):
         if features is None and init_samples < codebook_size:
             raise ValueError(f"init_samples={init_samples} must be >= codebook_size={codebook_size}")
         self._size, self.metric, self.beta, self.backend = codebook_size, metric, beta, backend
+        self._self_init = features is None
         self.init_samples, self.init_batches, self.kmeans_iters = init_samples, init_batches, kmeans_iters
         self.usage_window = usage_window
 
         if features is None:
             feats, ready = torch.randn(codebook_size, dim), False
         else:
-            feats, ready = load_features(features, feature_key), True
+            feats, ready = load_features(features, feature_key), not (fit_projector and projector == "linear")
             if feats.shape[0] < codebook_size:
                 raise ValueError(f"{feats.shape[0]} feature rows cannot initialise {codebook_size} codes")
             if feats.shape[0] > codebook_size:
@@ -200,8 +336,9 @@ class ProjectedCodebookVQ(Quantizer):
 
     @torch.no_grad()
     def _collect(self, x: Tensor) -> None:
-        """Keep a uniform subsample of this batch (its share of ``init_samples``), then
-        k-means the pool into the codebook once it is full or ``init_batches`` passed."""
+        """Keep a uniform subsample of this batch (its share of ``init_samples``), then,
+        once the pool is full or ``init_batches`` passed, k-means it into the codebook
+        (self-initialisation) or fit the projector to it."""
         share = max(1, -(-self.init_samples // self.init_batches))
         held = sum(p.shape[0] for p in self._pool)
         take = min(share, self.init_samples - held, x.shape[0])
@@ -212,6 +349,15 @@ class ProjectedCodebookVQ(Quantizer):
             return
         pool = torch.cat(self._pool)
         self._pool, self._pool_batches = [], 0
+        if not self._self_init:
+            fit = fit_linear_projector(self.features, pool, reduce_over_ranks=True, backend=self.backend)
+            if fit is None:  # latents without spread (yet): collect afresh
+                return
+            self.projector.weight.copy_(fit[0])
+            self.projector.bias.copy_(fit[1])
+            self.initted.fill_(True)
+            self._initted = True
+            return
         if pool.shape[0] < self._size:  # too few latents so far: keep collecting
             self._pool, self._pool_batches = [pool], 0
             return
