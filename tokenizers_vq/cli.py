@@ -47,7 +47,11 @@ def _train(args: argparse.Namespace) -> int:
     from tokenizers_vq.train.trainer import Trainer  # noqa: PLC0415
 
     cfg = load_config(args.config, args.overrides)
-    summary = Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
     print(f"trained to step {summary['steps']} in {summary['seconds']:.0f} s "
           f"({summary['steps_per_s']:.2f} steps/s); checkpoint: {cfg.out_dir}/checkpoint/model")
     return 0

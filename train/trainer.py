@@ -229,6 +229,14 @@ class Trainer:
             (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
+    def close(self) -> None:
+        """Wait for every rank, then tear the process group down. Without this, a gloo
+        process can abort at interpreter exit ("terminate called without an active
+        exception") while its peer is still in the last collective."""
+        if self.acc.num_processes > 1:
+            self.acc.wait_for_everyone()
+        self.acc.end_training()
+
     def codebook_hashes(self) -> list[str]:
         """SHA-256 of the quantizer's state on every rank (equal when the codebooks are
         bitwise identical), gathered to all ranks."""
