@@ -52,7 +52,8 @@ class LPIPSNet(nn.Module):
     Args:
         net: ``"vgg"`` or ``"alex"``.
 
-    Built with random weights; fill it with :meth:`load_files` or use :func:`load_lpips`.
+    Built with random weights (meaningful only for testing the plumbing); fill it with
+    :meth:`load_files` or use :func:`load_lpips`.
     """
 
     def __init__(self, net: str = "vgg"):
@@ -62,6 +63,8 @@ class LPIPSNet(nn.Module):
         self.net = net
         self.features = _trunk(net)
         self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _CHANNELS[net])
+        for head in self.heads:  # non-negative like the learned heads, so a random network is a distance too
+            nn.init.uniform_(head.weight, 0, 1 / head.in_channels)
         # lpips v0.1 maps [-1, 1] inputs to ImageNet statistics with these constants
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
@@ -113,22 +116,30 @@ def _default_heads(net: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "weights" / "v0.1" / f"{net}.pth"
 
 
-def load_lpips(weights: str | os.PathLike | None = None, heads: str | os.PathLike | None = None) -> LPIPSNet:
-    """LPIPS from weight files: ``weights`` is a torchvision VGG16 or AlexNet file (the
-    trunk is read from its shapes; default: the first of ``BACKBONE_FILES`` in the torch
-    hub cache), ``heads`` the lpips v0.1 heads for that trunk (default: inside the
-    installed ``lpips`` package).
+def load_lpips(weights: str | os.PathLike | None = None, heads: str | os.PathLike | None = None,
+               net: str | None = None) -> LPIPSNet:
+    """LPIPS from weight files.
+
+    Args:
+        weights: a torchvision VGG16 or AlexNet file; the trunk is read from its shapes.
+            Default: ``BACKBONE_FILES[net]`` (without ``net``, the first of them found)
+            in the torch hub cache.
+        heads: the lpips v0.1 heads for that trunk. Default: inside the installed
+            ``lpips`` package.
+        net: ``"vgg"`` or ``"alex"`` to require that trunk; ``None`` takes the file's.
 
     Raises:
         FileNotFoundError: a file is absent; the message names where it was looked for.
-        ValueError: a file does not fit the network.
+        ValueError: a file does not fit the network, or holds another trunk than ``net``.
     """
+    if net is not None and net not in BACKBONE_FILES:
+        raise ValueError(f"LPIPS net must be one of {sorted(BACKBONE_FILES)}, got {net!r}")
     if weights is None:
         cache = Path(torch.hub.get_dir()) / "checkpoints"
-        found = [cache / f for f in BACKBONE_FILES.values() if (cache / f).is_file()]
+        names = [BACKBONE_FILES[net]] if net else list(BACKBONE_FILES.values())
+        found = [cache / f for f in names if (cache / f).is_file()]
         if not found:
-            names = " or ".join(BACKBONE_FILES.values())
-            raise FileNotFoundError(f"LPIPS backbone weights ({names}) not found in {cache}")
+            raise FileNotFoundError(f"LPIPS backbone weights ({' or '.join(names)}) not found in {cache}")
         weights = found[0]
     if not Path(weights).is_file():
         raise FileNotFoundError(f"LPIPS backbone weights not found at {weights}")
@@ -136,7 +147,10 @@ def load_lpips(weights: str | os.PathLike | None = None, heads: str | os.PathLik
     first = backbone.get("features.0.weight")
     if first is None or first.shape[-1] not in (3, 11):
         raise ValueError(f"{weights} is not a torchvision VGG16 or AlexNet state dict")
-    net = "alex" if first.shape[-1] == 11 else "vgg"
+    found_net = "alex" if first.shape[-1] == 11 else "vgg"
+    if net is not None and found_net != net:
+        raise ValueError(f"{weights} holds LPIPS-{found_net} backbone weights, not the {net} asked for")
+    net = found_net
     heads = heads if heads is not None else _default_heads(net)
     if heads is None:
         raise FileNotFoundError(f"LPIPS-{net} linear heads (lpips weights/v0.1/{net}.pth) not given, "

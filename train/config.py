@@ -36,7 +36,8 @@ class LossConfig:
     l2: float = 0.0
     perceptual: float = 0.0  # LPIPS (images, video frames)
     lpips_net: str = "vgg"
-    lpips_weights: str = ""  # path to the torchvision backbone weights
+    lpips_weights: str = ""  # torchvision backbone weights ("": the torch hub cache)
+    lpips_heads: str = ""  # lpips v0.1 linear heads ("": from the installed lpips package)
     mel: float = 0.0  # multi-scale mel distance (audio)
     stft: float = 0.0  # multi-resolution STFT loss (audio)
     quantizer: float = 1.0  # the quantizer's own (already beta-weighted) losses

@@ -13,58 +13,45 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokenizers_vq.eval.lpips import BACKBONE_FILES, LPIPSNet, load_lpips
 from tokenizers_vq.spectral import multires_stft_distance, multiscale_mel_distance
 
 
 class LPIPS(nn.Module):
-    """LPIPS through the ``lpips`` package (Zhang et al. 2018), frozen.
+    """LPIPS (Zhang et al. 2018) as a loss: :class:`~tokenizers_vq.eval.lpips.LPIPSNet`,
+    frozen, averaged over the batch. Plain torch, no torchvision.
 
-    The backbone's ImageNet weights are not downloaded here: pass ``weights`` (a
-    torchvision ``alexnet-owt-7be5be79.pth`` / ``vgg16-397923af.pth`` file) or put
-    that file in the torch hub cache (``$TORCH_HOME/hub/checkpoints``). The linear
-    heads ship inside the ``lpips`` wheel. ``random_backbone=True`` skips the
-    ImageNet weights (for testing the plumbing only: the distance is meaningless).
+    Args:
+        net: ``"vgg"`` or ``"alex"``.
+        weights: torchvision ``vgg16-397923af.pth`` / ``alexnet-owt-7be5be79.pth``
+            (config ``loss.lpips_weights``; default: the torch hub cache,
+            ``$TORCH_HOME/hub/checkpoints``). Nothing is downloaded.
+        heads: the lpips v0.1 linear heads (config ``loss.lpips_heads``; default: the
+            ``weights/v0.1/{net}.pth`` inside the installed ``lpips`` package).
+        random_backbone: random trunk and heads, no file needed; for testing the
+            plumbing only (the distance is meaningless).
 
     Raises:
-        RuntimeError: ``lpips``/``torchvision`` missing or the backbone weights absent.
+        FileNotFoundError: a weight file is absent; the message names the path looked at.
+        ValueError: a file does not fit ``net``.
     """
 
-    FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
-
-    def __init__(self, net: str = "vgg", weights: str | os.PathLike | None = None, random_backbone: bool = False):
+    def __init__(self, net: str = "vgg", weights: str | os.PathLike | None = None,
+                 heads: str | os.PathLike | None = None, random_backbone: bool = False):
         super().__init__()
-        if net not in self.FILES:
-            raise ValueError(f"LPIPS net must be one of {sorted(self.FILES)}, got {net!r}")
         try:
-            import lpips  # noqa: PLC0415
-        except ImportError as e:
-            raise RuntimeError("LPIPS needs the vision extra: pip install 'tokenizers_vq[vision]'") from e
-        # Built with a random backbone (no download), then the ImageNet weights are
-        # loaded from the file, so nothing is fetched at run time.
-        self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        if not random_backbone:
-            path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / self.FILES[net]
-            if not path.is_file():
-                raise RuntimeError(
-                    f"LPIPS-{net} backbone weights not found at {path}; download {self.FILES[net]} "
-                    "elsewhere and pass its path (loss.lpips_weights) or place it in the torch hub cache"
-                )
-            load_backbone(self.model.net, torch.load(path, map_location="cpu", weights_only=True))
-        self.model.eval().requires_grad_(False)
+            self.model = LPIPSNet(net) if random_backbone else load_lpips(weights, heads, net)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{e}. Training LPIPS-{net} reads the torchvision {BACKBONE_FILES[net]} from loss.lpips_weights "
+                f"(default: the torch hub cache {Path(torch.hub.get_dir()) / 'checkpoints'}) and its linear heads "
+                f"from loss.lpips_heads (default: the lpips package's weights/v0.1/{net}.pth; pip install lpips)"
+            ) from e
+        self.eval().requires_grad_(False)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """Mean LPIPS of images ``(B, 3, H, W)`` in [-1, 1]."""
-        return self.model(x.float(), y.float()).mean()
-
-
-def load_backbone(net: nn.Module, state: dict[str, Tensor]) -> None:
-    """Load torchvision ``features.{i}.*`` weights into lpips' sliced backbone, whose
-    layers keep their torchvision index inside ``slice{k}``."""
-    slots = {name.split(".", 1)[1]: name for name, _ in net.named_parameters()}
-    mapped = {slots[k.split(".", 1)[1]]: v for k, v in state.items() if k.startswith("features.") and k.split(".", 1)[1] in slots}
-    if len(mapped) != len(slots):
-        raise RuntimeError(f"LPIPS backbone weights fit {len(mapped)} of {len(slots)} layers: wrong file?")
-    net.load_state_dict(mapped, strict=True)
+        """Mean LPIPS of images ``(B, 3, H, W)`` in [-1, 1]; differentiable in both."""
+        return self.model(x, y).mean()
 
 
 def reconstruction_terms(rec: Tensor, target: Tensor, modality: str, sample_rate: int | None) -> dict[str, Tensor]:

@@ -66,7 +66,7 @@ class Trainer:
         self.lecam = LeCam(loss.lecam_decay) if self.disc is not None and loss.lecam > 0 else None
         self.lpips = None
         if loss.perceptual > 0 and cfg.model.modality != "audio":
-            self.lpips = lpips_module or LPIPS(loss.lpips_net, loss.lpips_weights or None)
+            self.lpips = lpips_module or LPIPS(loss.lpips_net, loss.lpips_weights or None, loss.lpips_heads or None)
             self.lpips.to(self.acc.device)
 
         o = cfg.optim

@@ -14,19 +14,12 @@ import re
 import pytest
 import torch
 from test_tokenizer import tiny
-from testdata import shared_path
+from testdata import LPIPS_CONVS, lpips_files, lpips_heads, shared_path
 
 from tokenizers_vq.cli import main
 from tokenizers_vq.eval.inception import FIDInception, inception_features, load_inception
 from tokenizers_vq.eval.lpips import LPIPSNet, load_lpips, lpips_distance
 from tokenizers_vq.eval.metrics import feature_frechet_distance, frechet_distance
-
-# torchvision ``features.{i}.weight`` shapes (convs only; biases are (out,))
-ALEX_CONVS = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
-VGG16_CONVS = dict(zip((0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28),
-                       [(64, 3), (64, 64), (128, 64), (128, 128), (256, 128), (256, 256), (256, 256),
-                        (512, 256), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]))
-LPIPS_CHANNELS = {"alex": (64, 192, 384, 256, 256), "vgg": (64, 128, 256, 512, 512)}
 
 # pytorch-fid's FID Inception (torchvision's Inception3 layout, aux_logits=False,
 # num_classes=1008): every conv is ``{name}.conv.weight`` + ``{name}.bn.*`` (eps 1e-3)
@@ -65,28 +58,13 @@ INCEPTION_SHAPES = {
 INCEPTION_PARAMETERS = 27_161_264 - 3_326_696 + 8 * 2049
 
 
-def _torchvision_state(convs: dict[int, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    state = {}
-    for i, shape in convs.items():
-        shape = shape if len(shape) == 4 else (*shape, 3, 3)
-        state[f"features.{i}.weight"] = torch.randn(shape) * math.sqrt(2 / math.prod(shape[1:]))
-        state[f"features.{i}.bias"] = torch.randn(shape[0]) * 0.01
-    state["classifier.1.weight"] = torch.randn(16, 8)  # the classifier is not LPIPS's; ignored
-    return state
-
-
-def _lpips_heads(net: str) -> dict[str, torch.Tensor]:
-    return {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(LPIPS_CHANNELS[net])}
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """Random weight files in the published layouts: torchvision AlexNet, lpips v0.1 alex
     heads, pytorch-fid Inception (He-initialised so activations keep their scale)."""
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("weights")
-    torch.save(_torchvision_state(ALEX_CONVS), d / "alexnet-owt-7be5be79.pth")
-    torch.save(_lpips_heads("alex"), d / "alex.pth")
+    backbone, heads = lpips_files(d, "alex")
     net = FIDInception()
     for m in net.modules():
         if isinstance(m, torch.nn.Conv2d):
@@ -95,7 +73,7 @@ def weights(tmp_path_factory):
             m.running_mean.normal_(0, 0.1)
             m.running_var.uniform_(0.5, 2)
     torch.save(net.state_dict(), d / "pt_inception-2015-12-05-6726825d.pth")
-    return {"lpips": d / "alexnet-owt-7be5be79.pth", "heads": d / "alex.pth", "fid": d / "pt_inception-2015-12-05-6726825d.pth"}
+    return {"lpips": backbone, "heads": heads, "fid": d / "pt_inception-2015-12-05-6726825d.pth"}
 
 
 def test_frechet_distance_of_two_gaussians_is_the_closed_form():
@@ -154,15 +132,14 @@ def test_fid_inception_has_pytorch_fids_layout_and_gives_2048_features(weights, 
         load_inception(tmp_path / "nothing.pth")
 
 
-@pytest.mark.parametrize("net,convs", [("alex", ALEX_CONVS), ("vgg", VGG16_CONVS)])
-def test_lpips_loads_torchvision_and_lpips_files_and_is_a_distance(net, convs, tmp_path):
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_loads_torchvision_and_lpips_files_and_is_a_distance(net, tmp_path):
     torch.manual_seed(0)
-    torch.save(_torchvision_state(convs), tmp_path / "backbone.pth")
-    torch.save(_lpips_heads(net), tmp_path / "heads.pth")
-    model = load_lpips(tmp_path / "backbone.pth", tmp_path / "heads.pth")
+    backbone, heads = lpips_files(tmp_path, net)
+    model = load_lpips(backbone, heads)
     assert model.net == net
     assert {k: tuple(v.shape) for k, v in model.features.state_dict().items() if k.endswith("weight")} == \
-        {f"{i}.weight": s if len(s) == 4 else (*s, 3, 3) for i, s in convs.items()}
+        {f"{i}.weight": s if len(s) == 4 else (*s, 3, 3) for i, s in LPIPS_CONVS[net].items()}
     x, y = torch.rand(2, 3, 48, 40), torch.rand(2, 3, 48, 40)
     d = model(x * 2 - 1, y * 2 - 1)
     assert d.shape == (2,) and (d > 0).all()
@@ -170,12 +147,15 @@ def test_lpips_loads_torchvision_and_lpips_files_and_is_a_distance(net, convs, t
     assert lpips_distance(model, y[0], x[0]) == pytest.approx(d[0].item(), rel=1e-5)
 
     with pytest.raises(FileNotFoundError, match=re.escape(f"heads not found at {tmp_path / 'none.pth'}")):
-        load_lpips(tmp_path / "backbone.pth", tmp_path / "none.pth")
+        load_lpips(backbone, tmp_path / "none.pth")
     with pytest.raises(FileNotFoundError, match=re.escape(f"backbone weights not found at {tmp_path / 'none.pth'}")):
-        load_lpips(tmp_path / "none.pth", tmp_path / "heads.pth")
-    torch.save(_lpips_heads("vgg" if net == "alex" else "alex"), tmp_path / "other.pth")
+        load_lpips(tmp_path / "none.pth", heads)
+    other = "vgg" if net == "alex" else "alex"
+    torch.save(lpips_heads(other), tmp_path / "other.pth")
     with pytest.raises(ValueError, match="do not fit"):
-        load_lpips(tmp_path / "backbone.pth", tmp_path / "other.pth")
+        load_lpips(backbone, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=f"holds LPIPS-{net} backbone weights, not the {other} asked for"):
+        load_lpips(backbone, heads, net=other)
 
 
 def test_video_lpips_is_the_mean_over_frames(weights):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
+import re
 import sys
 
 import pytest
 import torch
+from testdata import lpips_files
 from torch import nn
+
+from tokenizers_vq.eval.lpips import load_lpips, lpips_distance
 
 from tokenizers_vq.train.discriminators import build_discriminator
 from tokenizers_vq.train.losses import (
@@ -17,7 +20,6 @@ from tokenizers_vq.train.losses import (
     feature_matching,
     hinge_d_loss,
     hinge_g_loss,
-    load_backbone,
     reconstruction_terms,
 )
 
@@ -67,35 +69,68 @@ def test_discriminators_give_logits_and_features_with_gradients(modality, shape)
         build_discriminator("text")
 
 
-def test_lpips_without_the_vision_extra_or_weights_says_what_is_missing(tmp_path, monkeypatch):
-    if importlib.util.find_spec("lpips") is None:
-        with pytest.raises(RuntimeError, match="vision extra"):
-            LPIPS()
-        monkeypatch.setitem(sys.modules, "lpips", None)
-    else:
-        with pytest.raises(RuntimeError, match="weights not found"):
-            LPIPS(weights=tmp_path / "absent.pth")
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_random_backbone_plumbing(net, tmp_path, monkeypatch):
+    """Random trunk and heads: no weight file (an empty hub cache) and no lpips package."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setitem(sys.modules, "lpips", None)
+    torch.manual_seed(0)
+    m = LPIPS(net, random_backbone=True)
+    assert not m.training and not any(p.requires_grad for p in m.parameters())
+    x = (torch.rand(2, 3, 48, 48) * 2 - 1).requires_grad_()
+    assert m(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    d = m(x, -x)
+    assert d.shape == () and d.item() > 0
+    d.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.parameters())
 
 
-def test_lpips_random_backbone_plumbing():
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_loss_from_weight_files_is_the_eval_lpips(net, tmp_path):
+    torch.manual_seed(0)
+    backbone, heads = lpips_files(tmp_path, net)
+    m = LPIPS(net, backbone, heads)
+    assert not m.training and not any(p.requires_grad for p in m.parameters())
+    x, y = torch.rand(3, 3, 40, 48), torch.rand(3, 3, 40, 48)  # images in [0, 1], as eval takes them
+    d = float(m(x * 2 - 1, y * 2 - 1))
+    assert d > 0 and d == pytest.approx(lpips_distance(load_lpips(backbone, heads), x, y), rel=1e-5)
+    with pytest.raises(ValueError, match="not the .* asked for"):
+        LPIPS("vgg" if net == "alex" else "alex", backbone, heads)
+
+
+def test_lpips_loss_matches_the_lpips_package(tmp_path):
     pytest.importorskip("torchvision", reason="torchvision (vision extra) does not import with this torch build")
-    pytest.importorskip("lpips", reason="the lpips package (vision extra) is not installed")
-    m = LPIPS("alex", random_backbone=True)
-    x = torch.rand(1, 3, 64, 64) * 2 - 1
-    assert float(m(x, x)) == pytest.approx(0.0, abs=1e-6) and float(m(x, -x)) > 0
+    lpips = pytest.importorskip("lpips", reason="the lpips package (vision extra) is not installed")
+    torch.manual_seed(0)
+    backbone, heads = lpips_files(tmp_path, "alex")
+    ref = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, model_path=str(heads), verbose=False).eval()
+    state = torch.load(backbone, weights_only=True)
+    # lpips keeps torchvision's layer index inside each slice: slice{k}.{i} is features.{i}
+    ref.net.load_state_dict({k: state["features." + k.split(".", 1)[1]] for k in ref.net.state_dict()})
+    x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert float(LPIPS("alex", backbone, heads)(x, y)) == pytest.approx(float(ref(x, y).mean()), rel=1e-5)
 
 
-def test_torchvision_weights_map_onto_lpips_slices():
-    """lpips keeps torchvision's layer index inside each slice: features.{i} -> slice{k}.{i}."""
-    net = nn.Module()
-    net.slice1 = nn.Sequential()
-    net.slice1.add_module("0", nn.Conv2d(3, 4, 3))
-    net.slice2 = nn.Sequential()
-    net.slice2.add_module("2", nn.Conv2d(4, 4, 3))
-    state = {"features.0.weight": torch.randn(4, 3, 3, 3), "features.0.bias": torch.randn(4),
-             "features.2.weight": torch.randn(4, 4, 3, 3), "features.2.bias": torch.randn(4),
-             "classifier.1.weight": torch.randn(2, 2)}
-    load_backbone(net, state)
-    assert torch.equal(net.slice2[0].weight, state["features.2.weight"])
-    with pytest.raises(RuntimeError, match="wrong file"):
-        load_backbone(net, {"features.0.weight": torch.randn(4, 3, 3, 3)})
+def test_lpips_without_its_files_names_the_path_and_the_config_fields(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    backbone, heads = lpips_files(tmp_path / "weights", "alex")
+    absent = tmp_path / "absent.pth"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"backbone weights not found at {absent}")) as e:
+        LPIPS("alex", absent, heads)
+    assert "loss.lpips_weights" in str(e.value) and "torch hub cache" in str(e.value)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"heads not found at {absent}")) as e:
+        LPIPS("alex", backbone, absent)
+    assert "loss.lpips_heads" in str(e.value)
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cache = tmp_path / "hub" / "checkpoints"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"(vgg16-397923af.pth) not found in {cache}")):
+        LPIPS("vgg")
+    monkeypatch.setitem(sys.modules, "lpips", None)  # the package that ships the heads: absent
+    with pytest.raises(FileNotFoundError, match="lpips package that ships them is not installed") as e:
+        LPIPS("alex", backbone)
+    assert "loss.lpips_heads" in str(e.value) and "pip install lpips" in str(e.value)
+    with pytest.raises(ValueError, match="must be one of"):
+        LPIPS("resnet", random_backbone=True)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_tokenizer import TINY
-from testdata import shared_path
+from testdata import lpips_files, shared_path
 
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.train.config import load_config
-from tokenizers_vq.train.losses import reconstruction_terms
+from tokenizers_vq.train.losses import LPIPS, reconstruction_terms
 from tokenizers_vq.train.trainer import Trainer
 
 DATA = {
@@ -126,6 +127,24 @@ def test_generator_step_leaves_the_discriminator_untouched(modality, tmp_path):
     d_logs = tr.discriminator_step(x, rec)  # and the discriminator still trains
     assert d_logs["disc/hinge"] > 0
     assert any(not torch.equal(before[k], v) for k, v in disc.state_dict().items())
+
+
+def test_lpips_term_trains_from_weight_files(tmp_path):
+    """LPIPS from (random) torchvision and lpips-heads files given in the config: the
+    term is logged, finite, and weighted into the total."""
+    torch.manual_seed(0)
+    backbone, heads = lpips_files(tmp_path / "weights", "alex")
+    over = {"loss.perceptual": 0.5, "loss.lpips_net": "alex", "loss.lpips_weights": backbone,
+            "loss.lpips_heads": heads, "data.max_items": 2}
+    tr = Trainer(config("image", tmp_path / "run", 3, **over))
+    assert isinstance(tr.lpips, LPIPS) and not any(p.requires_grad for p in tr.lpips.parameters())
+    tr.train()
+    log = read_log(tmp_path / "run")
+    assert len(log) == 3 and all(math.isfinite(r["loss/perceptual"]) and r["loss/perceptual"] > 0 for r in log)
+    weighted = log[0]["loss/l1"] + 0.5 * log[0]["loss/perceptual"] + log[0]["loss/quantizer"]
+    assert log[0]["loss/total"] == pytest.approx(weighted, rel=1e-5)
+    with pytest.raises(FileNotFoundError, match="loss.lpips_weights"):
+        Trainer(config("image", tmp_path / "run2", 1, **{**over, "loss.lpips_weights": tmp_path / "none.pth"}))
 
 
 def test_fixed_grid_tools_refuse_a_dynamic_tokenizer_up_front(tmp_path):
