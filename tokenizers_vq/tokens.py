@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from tokenizers_vq.io import atomic_write, load_image, save_image
+from tokenizers_vq.io import atomic_write, save_image
 from tokenizers_vq.tokenizer import Tokenizer
 
 FORMAT = "tvq-tokens/1"
@@ -45,27 +45,17 @@ class TokenRecord:
 
 
 def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None = None) -> TokenRecord:
-    """Read a media file of the tokenizer's modality and encode it (video: at most
+    """Read a media file of the tokenizer's modality (as
+    :func:`~tokenizers_vq.media.load_input` does) and encode it (video: at most
     ``max_frames`` frames)."""
-    from tokenizers_vq.media import load_audio, load_video  # noqa: PLC0415
+    from tokenizers_vq.media import load_input  # noqa: PLC0415
 
     if tok.is_dynamic:
         raise ValueError("a dynamic-length tokenizer's PackedCodes do not fit token files (fixed grids); "
                          "write them with tvq export (tokenizers_vq.export.export_dataset)")
     path = Path(path)
-    device = next(tok.parameters()).device
-    if tok.modality == "image":
-        img = load_image(path)
-        x, size, info = img.unsqueeze(0) * 2 - 1, list(img.shape[1:]), {"channels": 3}
-    elif tok.modality == "audio":
-        wav, sr = load_audio(path, tok.sample_rate)
-        x = wav.mean(0, keepdim=True).unsqueeze(0)  # mono mix-down
-        size, info = [wav.shape[-1]], {"sample_rate": sr, "channels": wav.shape[0]}
-    else:
-        frames, fps = load_video(path, max_frames)
-        x = frames.permute(1, 0, 2, 3).unsqueeze(0) * 2 - 1
-        size, info = list(x.shape[2:]), {"fps": fps, "channels": 3}
-    codes = tok.encode(x.to(device))[0].cpu()
+    x, size, info = load_input(path, tok.modality, tok.sample_rate, max_frames)
+    codes = tok.encode(x.unsqueeze(0).to(next(tok.parameters()).device))[0].cpu()
     return TokenRecord(codes, path.name, size, info)
 
 

@@ -25,12 +25,15 @@ EXTENSIONS = {
 
 def list_media(folder: str | Path, modality: str, max_items: int = 0) -> list[Path]:
     """Sorted media files of a modality under ``folder`` (recursively); for video,
-    folders of frame images count as clips too."""
+    ``folder`` or any folder below it that holds one clip as frame images counts as a
+    clip too: one with an ``fps.txt``, or with at least
+    :data:`~tokenizers_vq.media.MIN_NUMBERED_FRAMES` consecutively numbered frames (see
+    :func:`~tokenizers_vq.media.is_frame_folder`), so a folder of photos is not a video."""
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"data folder not found: {root}")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS[modality] and p.is_file())
-    if modality == "video":  # folders of frame images count as videos
+    if modality == "video":
         from tokenizers_vq.media import is_frame_folder  # noqa: PLC0415
 
         files = sorted(files + [p for p in [root, *root.rglob("*")] if is_frame_folder(p)])
