@@ -1,7 +1,9 @@
 """GPU benchmark of the fused nearest-code search against the peers (issue 3).
 
 One run checks and times everything: for each ``N x K x D`` case, our kernel (bf16,
-fp32 with tf32 dot products, and exact fp32 for small ``D``) against
+fp32 with tf32 dot products, and exact fp32 for small ``D``; the opt-in
+``algorithm="packed"`` variant in bf16 and fp32-tf32 where ``D + 6`` fits the padded
+row, else skipped as it would run v1) against
 ``torch.cdist + argmin`` (fp32), ``addmm(|c|^2, x, C^T, alpha=-2) + argmin`` (fp32
 and bf16) and vector-quantize-pytorch's ``VectorQuantize`` (eval forward); then one
 VQ-EMA training step (forward + backward + EMA update) of ours against theirs.
@@ -33,7 +35,9 @@ import torch
 
 CASES = [(32768, 100000, 8), (262144, 262144, 8), (32768, 16384, 8), (32768, 16384, 32), (32768, 16384, 256),
          (32768, 16384, 1536), (32768, 1024, 256), (32768, 100000, 256), (262144, 16384, 32)]
-METHODS = ["ours_bf16", "ours_fp32", "ours_fp32_exact", "cdist_fp32", "mm_fp32", "mm_bf16", "vqp"]
+METHODS = ["ours_bf16", "ours_fp32", "ours_fp32_exact", "ours_packed_bf16", "ours_packed_fp32", "cdist_fp32",
+           "mm_fp32", "mm_bf16", "vqp"]
+CHECKED = ["ours_bf16", "ours_fp32", "ours_packed_bf16", "ours_packed_fp32"]  # index checks, in this order
 EPILOGUE_OPS = 4  # per distance: score (1), compare (1), two selects (2)
 
 
@@ -111,9 +115,10 @@ def floor_ms(n: int, k: int, d: int, rates: dict) -> tuple[float, float]:
     return max(2 * n * k * d / (rates["bf16_tflops"] * 1e12) * 1e3, epi), epi
 
 
-def check(x, c, idx, u_in: float) -> dict:
+def check(x, c, idx, u_in: float, tile_bits: int = 0) -> dict:
     """Rows whose index differs from the chunked fp32 torch reference, and how many of
-    those are worse (in fp64) by more than the rounding bound of the search."""
+    those are worse (in fp64) by more than the rounding bound of the search (plus, for
+    the packed variant, its key truncation: ``2^-(23 - tile_bits)`` of the distance)."""
     from tokenizers_vq.quantizers._functional import nearest_codes_reference  # noqa: PLC0415
 
     _, ref = nearest_codes_reference(x, c)
@@ -125,10 +130,14 @@ def check(x, c, idx, u_in: float) -> dict:
     d_ref = (xs - c[ref[rows]].double()).pow(2).sum(-1)
     c_max = c.float().norm(dim=-1).max().double()
     tol = 4 * (2 * u_in + (x.shape[1] + 4) * 2.0**-24) * (xs.norm(dim=-1) + c_max) ** 2
+    if tile_bits:
+        tol = tol + 2 * 2.0 ** -(23 - tile_bits) * (d_ref + tol)
     return {"mismatch": int(rows.numel()), "bad": int((d_ours - d_ref > tol).sum())}
 
 
 def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415  (after _kernels())
+
     x32 = torch.randn(n, d, device="cuda")
     c32 = torch.randn(k, d, device="cuda")
     xb, cb = x32.bfloat16(), c32.bfloat16()
@@ -138,6 +147,10 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
         "ours_bf16": lambda: nearest.nearest_codes_triton(xb, cb),
         "ours_fp32": lambda: nearest.nearest_codes_triton(x32, c32),
         "ours_fp32_exact": (lambda: nearest.nearest_codes_triton(x32, c32, precision="ieee")) if d <= 32 else None,
+        "ours_packed_bf16": (lambda: nearest.nearest_codes_triton(xb, cb, algorithm="packed"))
+        if packed.applies(xb.dtype, d, "l2", "tf32") else None,
+        "ours_packed_fp32": (lambda: nearest.nearest_codes_triton(x32, c32, algorithm="packed"))
+        if packed.applies(x32.dtype, d, "l2", "tf32") else None,
         "cdist_fp32": lambda: torch.cdist(x32, c32).argmin(1),
         "mm_fp32": lambda: torch.addmm(csq32, x32, c32.T, alpha=-2.0).argmin(1),
         "mm_bf16": lambda: torch.addmm(csqb, xb, cb.T, alpha=-2.0).argmin(1),
@@ -148,11 +161,14 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
         res[name] = {"status": "skipped"} if fn is None or over else measure(fn)
     checks = {}
     if time.time() < deadline:
-        for name, x, c, u_in in (("ours_bf16", xb, cb, 0.0), ("ours_fp32", x32, c32, 2.0**-11)):
+        for name, (x, c, u_in) in zip(CHECKED, ((xb, cb, 0.0), (x32, c32, 2.0**-11)) * 2):
+            if res[name]["status"] != "ok":
+                continue
+            algorithm, bits = ("packed", packed.TILE_BITS) if "packed" in name else ("v1", 0)
             try:
-                checks[name] = check(x, c, nearest.nearest_codes_triton(x, c)[1], u_in)
-            except torch.OutOfMemoryError:
-                checks[name] = {"mismatch": -1, "bad": -1}
+                checks[name] = check(x, c, nearest.nearest_codes_triton(x, c, algorithm=algorithm)[1], u_in, bits)
+            except Exception as e:  # noqa: BLE001  (OOM or a failing variant: recorded, the run goes on)
+                checks[name] = {"mismatch": -1, "bad": -1, "status": f"{type(e).__name__}: {str(e)[:200]}"}
             torch.cuda.empty_cache()
     if vqp_cls is None or time.time() > deadline:
         res["vqp"] = {"status": "skipped" if vqp_cls is not None else "not installed"}
@@ -214,18 +230,24 @@ def markdown(meta: dict, rows: list[dict], train: dict | None) -> str:
              f"ops per distance at {r['sms']} SMs x 128 lanes x {r['sm_clock_mhz']:.0f} MHz = "
              f"{r['cuda_core_tops']:.1f} Tops/s. Floor = max(2NKD / bf16 rate, that bound).", "",
              "Median ms (extra peak MiB beyond inputs and outputs); ours fp32 uses tf32 dot products, "
-             "exact = `precision=\"ieee\"`.", "",
-             "| N x K x D | ours bf16 | ours fp32 | ours fp32 exact | cdist fp32 | x@C^T fp32 | x@C^T bf16 | "
-             "vq-pytorch eval | floor ms | % floor (bf16) | vs x@C^T bf16 | idx check bf16 / fp32 (mismatch, bad) |",
-             "|" + "---|" * 12]
+             "exact = `precision=\"ieee\"`, packed = `algorithm=\"packed\"` (skipped where `D + 6` does not fit "
+             "the padded row). % floor and speed-up: bf16, v1 / packed. Index checks (mismatch, bad): "
+             "bf16 / fp32 / packed bf16 / packed fp32.", "",
+             "| N x K x D | ours bf16 | ours fp32 | ours fp32 exact | ours packed bf16 | ours packed fp32 | cdist fp32 | "
+             "x@C^T fp32 | x@C^T bf16 | vq-pytorch eval | floor ms | % floor (bf16 v1 / packed) | "
+             "vs x@C^T bf16 (v1 / packed) | idx check (mismatch, bad) |",
+             "|" + "---|" * 14]
     for row in rows:
         m = row["methods"]
         fl, _ = floor_ms(row["n"], row["k"], row["d"], r)
-        ours = m["ours_bf16"].get("ms", math.nan)
-        pct = f"{100 * fl / ours:.0f}%" if ours == ours else "-"
         mb = m["mm_bf16"].get("ms", math.nan)
-        speed = f"{mb / ours:.1f}x" if mb == mb and ours == ours else "-"
-        chk = " / ".join(f"{c['mismatch']}, {c['bad']}" for c in row["checks"].values()) or "-"
+        pcts, speeds = [], []
+        for name in ("ours_bf16", "ours_packed_bf16"):
+            ours = m[name].get("ms", math.nan)
+            pcts.append(f"{100 * fl / ours:.0f}%" if ours == ours else "-")
+            speeds.append(f"{mb / ours:.1f}x" if mb == mb and ours == ours else "-")
+        pct, speed = " / ".join(pcts), " / ".join(speeds)
+        chk = " / ".join(f"{c['mismatch']}, {c['bad']}" if (c := row["checks"].get(name)) else "-" for name in CHECKED)
         lines.append(f"| {row['n']} x {row['k']} x {row['d']} | " + " | ".join(_cell(m[k]) for k in METHODS)
                      + f" | {fl:.3f} | {pct} | {speed} | {chk} |")
     if train:

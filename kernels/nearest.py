@@ -18,7 +18,9 @@ over the tile columns at the end picks the row's minimum, lowest index first.
 When there are too few row blocks to fill the GPU the codebook is split over
 ``S`` programs per row block; a second tiny pass merges the ``S`` partial results
 in index order. Top-k (``k <= 8``) lives in :mod:`tokenizers_vq.kernels.topk`, EMA
-statistics in :mod:`tokenizers_vq.kernels.segment`.
+statistics in :mod:`tokenizers_vq.kernels.segment`, and the opt-in packed-key top-1
+variant (``algorithm="packed"``: the distance in the dot, 2 integer operations per
+distance) in :mod:`tokenizers_vq.kernels.packed`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import Tensor
 from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  (re-exported)
 
 PRECISIONS = ("tf32", "tf32x3", "ieee")
+ALGORITHMS = ("v1", "packed")  # top-1 search; "packed" (opt-in) is in tokenizers_vq.kernels.packed
 SPLIT_QUANTUM = 256  # each split covers a multiple of every BLOCK_K, so tiles never straddle splits
 MAX_ONE_CHUNK_BYTES = 256  # x row bytes (padded) kept for the whole codebook walk; larger d goes in 64-wide chunks
 COS_EPS = tl.constexpr(1e-12)  # as F.normalize
@@ -54,20 +57,24 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
 
 
-def _prune(configs, named_args, **meta):
-    """Keep the set for this ``BLOCK_D`` whose operands fit in 200 KiB of shared memory."""
+def prune_to_fit(configs, named_args, **meta):
+    """Keep the configs whose operand tiles fit in 200 KiB of shared memory (else the last)."""
     esize = named_args["X"].element_size()
-    bd = meta["BLOCK_D"]
-    group = configs[:4] if bd <= 32 else configs[4:]
-    keep = [c for c in group if (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"] * c.num_stages) * bd * esize <= 200 * 1024]
-    return keep or group[-1:]
+    keep = [c for c in configs
+            if (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"] * c.num_stages) * meta["BLOCK_D"] * esize <= 200 * 1024]
+    return keep or configs[-1:]
 
 
-def launch(kernel, grid, work: int, *args, **meta) -> None:
+def _prune(configs, named_args, **meta):
+    """The set for this ``BLOCK_D`` (small or large ``d``), pruned to fit."""
+    return prune_to_fit(configs[:4] if meta["BLOCK_D"] <= 32 else configs[4:], named_args, **meta)
+
+
+def launch(kernel, grid, work: int, *args, interpret_tile: dict = INTERPRET_FIXED, **meta) -> None:
     """Run a ``triton.autotune``-wrapped kernel: autotuned (per key, cached) when the
     problem is large, else its plain ``jit`` function with one fixed tile."""
     if _interpret():
-        kernel.fn[grid](*args, **meta, **INTERPRET_FIXED)
+        kernel.fn[grid](*args, **meta, **interpret_tile)
     elif work < TUNE_MIN_WORK:
         kernel.fn[grid](*args, **meta, **FIXED)
     else:
@@ -209,6 +216,21 @@ def _nearest_kernel(X, C, BIAS, SCALE, OUT_S, OUT_I, OFF, N, K, D, K_SPLIT,
 
 
 @triton.jit
+def merge_rows(PS, PI, base, rmask, N, S):
+    """Best ``(score, index)`` over ``S`` partials at ``base + s N``, in split (= index)
+    order; strict ``<`` keeps the earlier split on ties. Scores may be fp32 or int32."""
+    best = tl.load(PS + base, mask=rmask, other=0)
+    bi = tl.load(PI + base, mask=rmask, other=0)
+    for s in range(1, S):
+        v = tl.load(PS + base + s * N, mask=rmask, other=0)
+        i = tl.load(PI + base + s * N, mask=rmask, other=0)
+        lt = v < best
+        best = tl.where(lt, v, best)
+        bi = tl.where(lt, i, bi)
+    return best, bi
+
+
+@triton.jit
 def _merge_kernel(PS, PI, OFF, DIST, IDX, N, S, COSINE: tl.constexpr, WRITE_DIST: tl.constexpr,
                   BLOCK: tl.constexpr):
     """Second pass over ``S`` partials ``(G, S, N)`` in split (= index) order; strict
@@ -216,15 +238,7 @@ def _merge_kernel(PS, PI, OFF, DIST, IDX, N, S, COSINE: tl.constexpr, WRITE_DIST
     g = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < N
-    base = g * S * N + rows
-    best = tl.load(PS + base, mask=rmask, other=0.0)
-    bi = tl.load(PI + base, mask=rmask, other=0)
-    for s in range(1, S):
-        v = tl.load(PS + base + s * N, mask=rmask, other=0.0)
-        i = tl.load(PI + base + s * N, mask=rmask, other=0)
-        lt = v < best
-        best = tl.where(lt, v, best)
-        bi = tl.where(lt, i, bi)
+    best, bi = merge_rows(PS, PI, g * S * N + rows, rmask, N, S)
     if WRITE_DIST:
         off = tl.load(OFF + g * N + rows, mask=rmask, other=0.0)
         tl.store(DIST + g * N + rows, _finish(best, off, COSINE), mask=rmask)
@@ -238,13 +252,17 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: small, so that CPU tests also take the split path
 
 
-def _split_plan(g: int, n: int, k: int, device: torch.device, split_k: int | None) -> tuple[int, int]:
+def _split_plan(g: int, n: int, k: int, device: torch.device, split_k: int | None,
+                max_split: int | None = None) -> tuple[int, int]:
     """``(S, K_SPLIT)``: split the codebook when the row blocks (128 rows each) cannot
-    fill two waves of the GPU; each split covers a multiple of ``SPLIT_QUANTUM`` codes."""
+    fill two waves of the GPU; each split covers a multiple of ``SPLIT_QUANTUM`` codes,
+    and at most ``max_split`` (a multiple of it) when given."""
     if split_k is None:
         blocks = g * triton.cdiv(n, 128 if device.type == "cuda" else 64)
         split_k = max(1, triton.cdiv(2 * _num_sms(device), blocks))
     k_split = triton.cdiv(triton.cdiv(k, max(1, split_k)), SPLIT_QUANTUM) * SPLIT_QUANTUM
+    if max_split is not None:
+        k_split = min(k_split, max_split)
     return triton.cdiv(k, k_split), k_split
 
 
@@ -267,7 +285,7 @@ def codeword_terms(codebook: Tensor, cosine: bool) -> tuple[Tensor, Tensor]:
     return bias, scale
 
 
-def _check(x: Tensor, codebook: Tensor, metric: str, precision: str) -> None:
+def _check(x: Tensor, codebook: Tensor, metric: str, precision: str, algorithm: str) -> None:
     if x.ndim not in (2, 3) or codebook.ndim != x.ndim or x.shape[-1] != codebook.shape[-1]:
         raise ValueError(f"expected x (N, d) and codebook (K, d), or (G, N, d) and (G, K, d); "
                          f"got {tuple(x.shape)} and {tuple(codebook.shape)}")
@@ -279,6 +297,8 @@ def _check(x: Tensor, codebook: Tensor, metric: str, precision: str) -> None:
         raise ValueError(f"unknown metric {metric!r}; expected 'l2' or 'cosine'")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
     if x.device != codebook.device:
         raise ValueError(f"x on {x.device} but codebook on {codebook.device}")
 
@@ -291,13 +311,20 @@ def _common(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     return x.to(dt), codebook.to(dt)
 
 
+def new_outputs(x: Tensor, write_dist: bool, *tail: int) -> tuple[Tensor, Tensor]:
+    """Unwritten fp32 distances (empty unless ``write_dist``) and int64 indices, each
+    ``(G, N, *tail)`` for ``x (G, N, d)``."""
+    shape = (*x.shape[:2], *tail)
+    dist = torch.empty(shape, device=x.device, dtype=torch.float32) if write_dist else x.new_empty(0, dtype=torch.float32)
+    return dist, torch.empty(shape, device=x.device, dtype=torch.int64)
+
+
 def _nearest_top1(x: Tensor, codebook: Tensor, cosine: bool, precision: str, write_dist: bool,
                   split_k: int | None) -> tuple[Tensor, Tensor]:
     """Launch on grouped ``x (G, N, d)`` / ``codebook (G, K, d)``; returns ``(G, N)`` each."""
     g, n, d = x.shape
     k = codebook.shape[1]
-    dist = torch.empty(g, n, device=x.device, dtype=torch.float32) if write_dist else x.new_empty(0, dtype=torch.float32)
-    idx = torch.empty(g, n, device=x.device, dtype=torch.int64)
+    dist, idx = new_outputs(x, write_dist)
     if n == 0:
         return dist, idx
     bias, scale = codeword_terms(codebook, cosine)
@@ -326,12 +353,14 @@ def _nearest_top1(x: Tensor, codebook: Tensor, cosine: bool, precision: str, wri
 
 @torch.library.custom_op("tokenizers_vq::nearest_codes", mutates_args=())
 def _nearest_op(x: Tensor, codebook: Tensor, metric: str, k: int, precision: str, return_dist: bool,
-                split_k: int) -> tuple[Tensor, Tensor]:
-    _check(x, codebook, metric, precision)
+                split_k: int, algorithm: str = "v1") -> tuple[Tensor, Tensor]:
+    _check(x, codebook, metric, precision, algorithm)
     grouped = x.ndim == 3
     xg, cg = _common(x if grouped else x[None], codebook if grouped else codebook[None])
     split = split_k if split_k > 0 else None
-    if k == 0:
+    if k == 0 and algorithm == "packed" and _packed().applies(xg.dtype, xg.shape[-1], metric, precision):
+        dist, idx = _packed().nearest_packed(xg, cg, return_dist, split)
+    elif k == 0:
         dist, idx = _nearest_top1(xg, cg, metric == "cosine", precision, return_dist, split)
     else:
         from tokenizers_vq.kernels.topk import nearest_topk  # noqa: PLC0415
@@ -342,8 +371,14 @@ def _nearest_op(x: Tensor, codebook: Tensor, metric: str, k: int, precision: str
     return dist, idx
 
 
+def _packed():
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415  (imports this module)
+
+    return packed
+
+
 @_nearest_op.register_fake
-def _(x, codebook, metric, k, precision, return_dist, split_k):
+def _(x, codebook, metric, k, precision, return_dist, split_k, algorithm="v1"):
     shape = x.shape[:-1] + ((k,) if k > 0 else ())
     dist = x.new_empty(shape if return_dist else (0,), dtype=torch.float32)
     return dist, x.new_empty(shape, dtype=torch.int64)
@@ -351,7 +386,7 @@ def _(x, codebook, metric, k, precision, return_dist, split_k):
 
 def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int | None = None,
                          return_dist: bool = True, precision: str = "tf32",
-                         split_k: int | None = None) -> tuple[Tensor | None, Tensor]:
+                         split_k: int | None = None, algorithm: str = "v1") -> tuple[Tensor | None, Tensor]:
     """Nearest codeword(s) of each row, fused: never materialises ``N x K``.
 
     Accepts ``x (N, d)`` with ``codebook (K, d)``, or ``G`` codebooks in one launch as
@@ -372,6 +407,12 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
             Ignored for 16-bit inputs.
         split_k: programs per row block over the codebook; ``None`` picks it from the
             GPU size (more when ``N`` is small).
+        algorithm: ``"v1"`` (default) or ``"packed"``, the opt-in variant of
+            :mod:`tokenizers_vq.kernels.packed` for ``l2``, ``k=None``, bf16 or fp32
+            with ``"tf32"``, and ``d`` in 1-10, 17-26, 33-58 (bf16 also 65-122: six
+            spare columns in the padded row); anything else runs ``"v1"``. Its
+            indices may also differ from the exact argmin on near-ties within a
+            relative ``2^-13`` of the distance (then the lowest index wins).
 
     Returns:
         ``(dist, idx)``: fp32 and int64, shaped ``(N,)`` / ``(G, N)`` (``(..., k)`` with
@@ -379,5 +420,5 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
     """
     if k is not None and not 1 <= k <= min(8, codebook.shape[-2]):
         raise ValueError(f"k must be in [1, min(8, K)], got {k}")
-    dist, idx = _nearest_op(x, codebook, metric, k or 0, precision, return_dist, split_k or 0)
+    dist, idx = _nearest_op(x, codebook, metric, k or 0, precision, return_dist, split_k or 0, algorithm)
     return (dist if return_dist else None), idx

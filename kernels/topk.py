@@ -24,6 +24,8 @@ from tokenizers_vq.kernels.nearest import (
     _finish,
     _load_rows,
     launch,
+    new_outputs,
+    prune_to_fit,
     _row_offset,
     _score_tile,
     _split_plan,
@@ -39,15 +41,8 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
 
 
-def _prune_topk(configs, named_args, **meta):
-    esize = named_args["X"].element_size()
-    keep = [c for c in configs
-            if (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"] * c.num_stages) * meta["BLOCK_D"] * esize <= 200 * 1024]
-    return keep or configs[-1:]
-
-
 @triton.autotune(configs=_configs(), key=["BLOCK_D", "PRECISION", "TOPK"],  # and the dtypes
-                 prune_configs_by={"early_config_prune": _prune_topk}, cache_results=True)
+                 prune_configs_by={"early_config_prune": prune_to_fit}, cache_results=True)
 @triton.jit
 def _topk_kernel(X, C, BIAS, SCALE, OUT_S, OUT_I, OFF, N, K, D, K_SPLIT,
                  sxg, sxn, sxd, scg, sck, scd, sog, sos,
@@ -118,8 +113,7 @@ def nearest_topk(x: Tensor, codebook: Tensor, k: int, cosine: bool, precision: s
     ``write_dist``) and int64 indices, ascending."""
     g, n, d = x.shape
     kc = codebook.shape[1]
-    dist = torch.empty(g, n, k, device=x.device, dtype=torch.float32) if write_dist else x.new_empty(0, dtype=torch.float32)
-    idx = torch.empty(g, n, k, device=x.device, dtype=torch.int64)
+    dist, idx = new_outputs(x, write_dist, k)
     if n == 0:
         return dist, idx
     bias, scale = codeword_terms(codebook, cosine)

@@ -11,6 +11,12 @@ than the rounding bound of the search arithmetic for that input dtype:
 (``u_in`` = 2^-11 for tf32 operands, 0 for exact fp32 or bf16/fp16 operands, whose
 products are exact in fp32; ``u_32`` = 2^-24 for fp32 accumulation), and the same
 without the ``(|x| + |c|)^2`` factor for ``cosine``. Two of those, times 2 for slack.
+
+``algorithm="packed"`` sums ``d + 6`` terms in its dot (within that slack) and compares
+distances truncated to ``23 - TILE_BITS`` mantissa bits, so its indices may also
+differ where the two best distances differ by less than ``2^-(23 - TILE_BITS)`` times
+the distance: the index check adds twice that (of the best distance plus the bound);
+its distances, recomputed in fp32, must meet the bound as they are.
 """
 
 from __future__ import annotations
@@ -78,13 +84,14 @@ def _tol(x, c, metric, u_in):
     return 4 * unit * (xn + cn) ** 2
 
 
-def _check_search(x, c, metric, dtype_name, k=None, split_k=None, dist_out=True):
+def _check_search(x, c, metric, dtype_name, k=None, split_k=None, dist_out=True, algorithm="v1"):
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
     _, precision, u_in = DTYPES[dtype_name]
     with poisoned_outputs():
         dist, idx = nearest_codes_triton(x, c, metric=metric, k=k, precision=precision, split_k=split_k,
-                                         return_dist=dist_out)
+                                         return_dist=dist_out, algorithm=algorithm)
     kk = 1 if k is None else k
     lead = x.shape[:-1] + (() if k is None else (k,))
     assert idx.shape == lead and idx.dtype == torch.int64, (idx.shape, idx.dtype)
@@ -95,7 +102,8 @@ def _check_search(x, c, metric, dtype_name, k=None, split_k=None, dist_out=True)
     tol = _tol(x, c, metric, u_in)
     chosen = ref.gather(-1, idx)
     kth = ref.sort(dim=-1).values[..., :kk]
-    bad = chosen - kth > tol  # each returned code is within tol of the true j-th best
+    tol_idx = tol + 2 * 2.0 ** -(23 - packed.TILE_BITS) * (kth + tol) if algorithm == "packed" else tol
+    bad = chosen - kth > tol_idx  # each returned code is within tol of the true j-th best
     assert not bad.any(), f"{int(bad.sum())} picks worse than the reference by more than the rounding bound"
     if kk > 1:
         assert (idx.sort(-1).values.diff(dim=-1) > 0).all(), "duplicate indices in top-k"
@@ -107,6 +115,7 @@ def _check_search(x, c, metric, dtype_name, k=None, split_k=None, dist_out=True)
         assert (dist.diff(dim=-1) >= 0).all(), "top-k distances not ascending"
     else:
         assert dist is None
+    return idx
 
 
 # -- groups of checks; each takes a device ---------------------------------------------
@@ -170,6 +179,76 @@ def check_grouped_and_layouts(device, full=False):
     _check_search(xt, ct, "l2", "fp32_ieee", dist_out=False)
 
 
+PACKED = ("bf16", "fp32_tf32")  # what algorithm="packed" runs on; other dtypes fall back to v1
+
+
+@contextlib.contextmanager
+def tile_bits(bits):
+    """Packed keys with ``bits`` tile bits: small codebooks then use every tile number
+    and need the splits that keep it in range."""
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+
+    old, packed.TILE_BITS = packed.TILE_BITS, bits
+    try:
+        yield
+    finally:
+        packed.TILE_BITS = old
+
+
+def check_packed_odd_shapes(device, full=False):
+    """``algorithm="packed"``, l2, bf16 and fp32_tf32 in turn: N in {1, 7, 300}, D in
+    {1, 3, 8, 10, 12, 24, 100} (12, and 100 in fp32, have no spare padding columns: v1
+    runs), K in {1, 17, 700}; on CPU the 300 x 700 cases for two D only."""
+    big = 1000 if full else 300
+    for i, (n, d, k) in enumerate(itertools.product((1, 7, big), (1, 3, 8, 10, 12, 24, 100), (1, 17, 700))):
+        if n == big and k == 700 and d not in (8, 24) and not full:
+            continue
+        name = PACKED[i % 2]
+        dt = DTYPES[name][0]
+        _check_search(_data((n, d), dt, device), _data((k, d), dt, device), "l2", name, algorithm="packed")
+
+
+def check_packed_ties_splits_groups(device, full=False):
+    """Packed: exact duplicate codewords within a tile, across tiles and across splits go
+    to the lowest index, with the default ``TILE_BITS`` and with 2 (every tile number
+    used, splits forced); G codebooks equal G searches; strided views and
+    ``return_dist=False``; what it does not cover (cosine, fp16, ieee, top-k) runs v1."""
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels.nearest import FIXED, nearest_codes_triton  # noqa: PLC0415
+
+    for bits in (packed.TILE_BITS, 2):  # every tile a launch may pick keeps its tile number in range
+        for bk in [c.kwargs["BLOCK_K"] for c in packed._configs()] + [FIXED["BLOCK_K"], packed.INTERPRET_TILE["BLOCK_K"]]:
+            assert packed.max_split(bits) // bk <= 2**bits
+    for name, split, bits, base in itertools.product(PACKED, (None, 1, 3), (packed.TILE_BITS, 2), (20, 300)):
+        if base == 20 and split is not None:
+            continue
+        dt = DTYPES[name][0]
+        c0 = _data((base, 5), dt, device)
+        with tile_bits(bits):
+            idx = _check_search(_data((37, 5), dt, device), torch.cat([c0, c0, c0]), "l2", name, split_k=split,
+                                algorithm="packed")
+        assert (idx < base).all(), "tie not broken to the lowest index"
+    for name in PACKED:
+        dt = DTYPES[name][0]
+        x, c = _data((3, 50, 8), dt, device), _data((3, 200, 8), dt, device)
+        with tile_bits(2):
+            _check_search(x, c, "l2", name, algorithm="packed")
+        dist, idx = nearest_codes_triton(x, c, algorithm="packed")
+        for g in range(3):
+            dg, ig = nearest_codes_triton(x[g], c[g], algorithm="packed")
+            assert torch.equal(ig, idx[g]) and torch.equal(dg, dist[g]), "grouped != per group"
+    xt = _data((24, 40), torch.float32, device).t()  # (40, 24), stride (1, 40)
+    ct = _data((600, 48), torch.float32, device)[:, ::2]  # (600, 24), stride (48, 2)
+    for split in (None, 2):
+        _check_search(xt, ct, "l2", "fp32_tf32", split_k=split, algorithm="packed")
+        _check_search(xt, ct, "l2", "fp32_tf32", split_k=split, dist_out=False, algorithm="packed")
+    x, c = _data((9, 8), torch.float32, device), _data((70, 8), torch.float32, device)
+    for kw in (dict(metric="cosine"), dict(precision="ieee"), dict(k=2), dict(x=x.half(), codebook=c.half())):
+        args = dict(x=x, codebook=c) | kw
+        ours, v1 = nearest_codes_triton(algorithm="packed", **args), nearest_codes_triton(**args)
+        assert torch.equal(ours[0], v1[0]) and torch.equal(ours[1], v1[1]), f"packed {kw} is not v1"
+
+
 def check_code_statistics(device, full=False):
     from tokenizers_vq.kernels.nearest import code_statistics_triton  # noqa: PLC0415
 
@@ -187,14 +266,17 @@ def check_code_statistics(device, full=False):
 def check_custom_op(device, full=False):
     """The registered op passes torch's opcheck (schema, fake tensor, dispatch)."""
     for args in ((_data((9, 6), torch.float32, device), _data((33, 6), torch.float32, device), "l2", 0, "ieee", True, 0),
-                 (_data((2, 5, 3), torch.float32, device), _data((2, 8, 3), torch.float32, device), "cosine", 2, "ieee", False, 0)):
+                 (_data((2, 5, 3), torch.float32, device), _data((2, 8, 3), torch.float32, device), "cosine", 2, "ieee", False, 0),
+                 (_data((9, 6), torch.bfloat16, device), _data((33, 6), torch.bfloat16, device), "l2", 0, "tf32", True, 0,
+                  "packed")):
         torch.library.opcheck(torch.ops.tokenizers_vq.nearest_codes.default, args)
     x = _data((20, 4), torch.float32, device)
     torch.library.opcheck(torch.ops.tokenizers_vq.code_statistics.default, (x, torch.randint(0, 6, (20,), device=device), 6))
 
 
 GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_grouped_and_layouts,
-                                  check_code_statistics, check_custom_op)}
+                                  check_packed_odd_shapes, check_packed_ties_splits_groups, check_code_statistics,
+                                  check_custom_op)}
 
 
 # -- CPU: all groups in one interpreter subprocess --------------------------------------
@@ -223,9 +305,9 @@ def test_gpu(group):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_large_codebook():
     """K > 2^20 (int32 offsets times d), auto split for small N."""
-    for name in ("bf16", "fp32_tf32"):
+    for name, algorithm in itertools.product(("bf16", "fp32_tf32"), ("v1", "packed")):  # packed: autotuned, split cap
         dt = DTYPES[name][0]
-        _check_search(_data((64, 8), dt, "cuda"), _data((2**20 + 3, 8), dt, "cuda"), "l2", name)
+        _check_search(_data((64, 8), dt, "cuda"), _data((2**20 + 3, 8), dt, "cuda"), "l2", name, algorithm=algorithm)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

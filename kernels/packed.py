@@ -1,0 +1,255 @@
+"""Packed-key nearest-codeword search (Triton), opt-in as ``algorithm="packed"`` (issue 3, v3).
+
+v1 (:mod:`tokenizers_vq.kernels.nearest`) turns each dot product into a score with one
+CUDA-core operation and keeps a running ``(min, tile)`` pair per tile element: about 4
+operations and 3 live fp32 values per distance. Here the tensor cores produce the
+whole distance and the epilogue is 2 integer operations on one live int32.
+
+Distance in the dot. When the padded row has 6 spare columns (``d + 6 <= BLOCK_D``)::
+
+    x_aug = [x,   1,  1,  1,  s1, s2, s3, 0...]   built once per program, kept in registers
+    c_aug = [-2c, h1, h2, h3, 1,  1,  1,  0...]   one small kernel per call, (G, K_pad, BLOCK_D)
+
+with ``h1 + h2 + h3 = |c|^2`` and ``s1 + s2 + s3 = |x|^2`` (fp32), each part exact in the
+operand format (bf16; or tf32, i.e. fp32 with its low 13 mantissa bits cleared), so
+with fp32 accumulation ``acc = x_aug . c_aug = |x|^2 - 2 x.c + |c|^2 = |x - c|^2``.
+
+Packed key. A non-negative fp32 orders like its int32 bits, so each element keeps
+``run = min(run, (bits(acc) & ~(2^TILE_BITS - 1)) | t)`` (one LOP3, one IMNMX), ``t`` the
+program's tile number. Equal truncated distances keep the lower tile; the row's
+minimum key, then its lowest column with that key, gives ``k_lo + t BLOCK_K + col``:
+the lowest index among the codes of least truncated distance. A distance within
+rounding of 0 may come out negative: its key has the sign bit set and beats every
+non-negative one (such codes are near-ties of distance 0). The host caps a program's
+share of the codebook at ``2^TILE_BITS`` tiles of the smallest ``BLOCK_K`` any launch
+may use (more splits when needed), so ``t`` always fits. ``c_aug`` is padded to a
+multiple of ``SPLIT_QUANTUM`` rows with ``h1 = +inf``: no tile needs a column mask and
+padding never beats a finite distance.
+
+Accuracy. The key drops ``TILE_BITS`` of the 23 mantissa bits, so on top of v1's
+rounding bound an index may differ from the exact argmin where the two best distances
+differ by less than ``2^-(23 - TILE_BITS)`` times the distance (see
+``tests/kernels/test_nearest.py``). Returned distances are recomputed from the inputs
+as ``|x - c_idx|^2`` in fp32 (in the search kernel, or in the merge after splits).
+
+Splits write per split the key without its tile bits and the index, ``(G, S, N)``; the
+merge takes the least key in split order (strict ``<``: the earlier split keeps ties).
+
+Scope: ``l2``, top-1, bf16, or fp32 with ``precision="tf32"``, ``d + 6 <= BLOCK_D`` in
+one chunk (d <= 10, 17-26, 33-58; bf16 also 65-122). Everything else runs v1: cosine
+(a normalised codebook rounded to bf16 would break v1's error bound), fp16 (``|c|^2``
+overflows), ``ieee``/``tf32x3`` (exactness is their point), top-k, larger ``d``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tokenizers_vq.kernels.nearest import (
+    FIXED,
+    SPLIT_QUANTUM,
+    _block_d,
+    _interpret,
+    _split_plan,
+    launch,
+    merge_rows,
+    new_outputs,
+    prune_to_fit,
+)
+
+TILE_BITS = 10  # tile-number bits of the key (read per call: tests lower it to exercise the cap)
+EXTRA_COLUMNS = 6  # three 1-columns and three parts of a squared norm, on each side
+INTERPRET_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
+AUGMENT_BLOCK_K = 64  # divides SPLIT_QUANTUM
+
+
+def _configs() -> list[triton.Config]:
+    """Small-``d`` tiles, 64 elements per thread: two live 32-bit values each (accumulator
+    and key) instead of v1's three leave room for more warps per SM. ``c_aug`` rows are
+    ``BLOCK_D`` wide (32 B bf16, 64 B fp32 at d = 8; v1 reads 16 / 32 B), so tall tiles
+    (``BLOCK_N = 256``) halve the L2 reads per distance, which at 2 operations per
+    distance may bind first (about 4 TB/s for bf16 at ``BLOCK_N = 128``)."""
+    shapes = [(128, 128, 8, 3), (256, 64, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
+
+
+MIN_BLOCK_K = min([c.kwargs["BLOCK_K"] for c in _configs()] + [FIXED["BLOCK_K"], INTERPRET_TILE["BLOCK_K"]])
+
+
+@triton.jit
+def _operand_round(v, DT: tl.constexpr):
+    """``v`` (fp32) rounded to what the tensor cores read for operand dtype ``DT``, in fp32:
+    tf32 keeps the top 10 mantissa bits of an fp32 (masked, so exact whatever the
+    hardware's own rounding), bf16 rounds to nearest."""
+    if DT == tl.float32:
+        return (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return v.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _parts(v, DT: tl.constexpr):
+    """``v ~ p1 + p2 + p3``, each part exact in the operand format (33 bits for tf32, 24
+    for bf16: the fp32 value, up to about 2^-27 relative)."""
+    p1 = _operand_round(v, DT)
+    p2 = _operand_round(v - p1, DT)
+    p3 = _operand_round((v - p1) - p2, DT)
+    return p1, p2, p3
+
+
+@triton.jit
+def _augment_kernel(C, CA, K, D, scg, sck, scd, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``c_aug`` (module docstring), ``(G, K_pad, BLOCK_D)`` contiguous, every element
+    written; rows ``>= K`` are zeros with ``h1 = +inf`` (distance ``+inf``)."""
+    g = tl.program_id(1).to(tl.int64)
+    kk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    dd = tl.arange(0, BLOCK_D)[None, :]
+    real = kk < K
+    c = tl.load(C + g * scg + kk[:, None].to(tl.int64) * sck + dd * scd, mask=real[:, None] & (dd < D), other=0.0)
+    c = c.to(tl.float32)
+    h1, h2, h3 = _parts(tl.sum(c * c, axis=1), CA.dtype.element_ty)
+    h1 = tl.where(real, h1, float("inf"))
+    norm = tl.where(dd == D, h1[:, None], tl.where(dd == D + 1, h2[:, None], h3[:, None]))
+    row = tl.where(dd < D, -2.0 * c, tl.where(dd < D + 3, norm, tl.where(dd < D + 6, 1.0, 0.0)))
+    k_pad = tl.num_programs(0) * BLOCK_K
+    tl.store(CA + (g * k_pad + kk[:, None]) * BLOCK_D + dd, row.to(CA.dtype.element_ty))
+
+
+@triton.jit
+def _augment_rows(x, dd, D):
+    """``x_aug`` (module docstring) of a loaded ``(BLOCK_N, BLOCK_D)`` x tile (zeros past ``d``)."""
+    xf = x.to(tl.float32)
+    s1, s2, s3 = _parts(tl.sum(xf * xf, axis=1), x.dtype)
+    col = dd[None, :]
+    norm = tl.where(col == D + 3, s1[:, None], tl.where(col == D + 4, s2[:, None], s3[:, None]))
+    return tl.where(col < D, xf, tl.where(col < D + 3, 1.0, tl.where(col < D + 6, norm, 0.0))).to(x.dtype)
+
+
+@triton.jit
+def _exact_l2(xf, C_g, i, rmask, dd, D, sck, scd):
+    """``|x - c_i|^2`` in fp32 for fp32 rows ``xf`` (zeros past ``d``) and indices ``i``."""
+    c = tl.load(C_g + i[:, None].to(tl.int64) * sck + dd[None, :] * scd,
+                mask=rmask[:, None] & (dd[None, :] < D), other=0.0)
+    diff = xf - c.to(tl.float32)
+    return tl.sum(diff * diff, axis=1)
+
+
+@triton.autotune(configs=_configs(), key=["BLOCK_D", "TILE_BITS"],  # and the dtypes
+                 prune_configs_by={"early_config_prune": prune_to_fit}, cache_results=True)
+@triton.jit
+def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
+                   sxg, sxn, sxd, scg, sck, scd, sog, sos,
+                   SPLIT: tl.constexpr, WRITE_DIST: tl.constexpr, TILE_BITS: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid ``(row blocks, splits, G)``. Writes ``(dist, idx)`` ``(G, N)``, or with
+    ``SPLIT`` the partial int32 ``(key without tile bits, index)`` ``(G, S, N)``.
+    ``DOT_F32`` (interpreter only, whose bf16 dot is wrong) upcasts the operands."""
+    pid_n, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    dd = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_K)
+    x = tl.load(X + g * sxg + rows[:, None].to(tl.int64) * sxn + dd[None, :] * sxd,
+                mask=rmask[:, None] & (dd[None, :] < D), other=0.0)
+    xa = _augment_rows(x, dd, D)
+
+    k_lo = pid_s * K_SPLIT
+    ca = CA + (g * K_PAD + k_lo + cols[None, :]) * BLOCK_D + dd[:, None]  # (BLOCK_D, BLOCK_K) tile
+    run = tl.full([BLOCK_N, BLOCK_K], 2**31 - 1, tl.int32)
+    for t in range(0, tl.cdiv(tl.minimum(k_lo + K_SPLIT, K_PAD) - k_lo, BLOCK_K)):  # no masks: padded rows
+        c = tl.load(ca)
+        if DOT_F32:
+            acc = tl.dot(xa.to(tl.float32), c.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(xa, c, input_precision="tf32")
+        run = tl.minimum(run, (acc.to(tl.int32, bitcast=True) & -(1 << TILE_BITS)) | t)
+        ca += BLOCK_K * BLOCK_D
+
+    # Least key (tile bits included), then its lowest column; padding or NaN rows fall back to k_lo.
+    m = tl.min(run, axis=1)
+    col = tl.min(tl.where(run == m[:, None], cols[None, :], BLOCK_K), axis=1)
+    i = k_lo + (m & ((1 << TILE_BITS) - 1)) * BLOCK_K + col
+    i = tl.where(i < tl.minimum(k_lo + K_SPLIT, K), i, k_lo)
+    if SPLIT:
+        o = g * sog + pid_s * sos + rows
+        tl.store(OUT_D + o, m & -(1 << TILE_BITS), mask=rmask)
+        tl.store(OUT_I + o, i, mask=rmask)
+    else:
+        if WRITE_DIST:
+            xf = tl.where(dd[None, :] < D, xa.to(tl.float32), 0.0)  # x itself: no reload, nothing extra live
+            tl.store(OUT_D + g * sog + rows, _exact_l2(xf, C + g * scg, i, rmask, dd, D, sck, scd), mask=rmask)
+        tl.store(OUT_I + g * sog + rows, i.to(tl.int64), mask=rmask)
+
+
+@triton.jit
+def _packed_merge_kernel(X, C, PK, PI, DIST, IDX, N, S, D, sxg, sxn, sxd, scg, sck, scd,
+                         WRITE_DIST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Least partial key over the ``S`` splits (earlier split on ties), then the exact distance."""
+    g = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < N
+    _, i = merge_rows(PK, PI, g * S * N + rows, rmask, N, S)
+    if WRITE_DIST:
+        dd = tl.arange(0, BLOCK_D)
+        xf = tl.load(X + g * sxg + rows[:, None].to(tl.int64) * sxn + dd[None, :] * sxd,
+                     mask=rmask[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+        tl.store(DIST + g * N + rows, _exact_l2(xf, C + g * scg, i, rmask, dd, D, sck, scd), mask=rmask)
+    tl.store(IDX + g * N + rows, i.to(tl.int64), mask=rmask)
+
+
+# -- host side --------------------------------------------------------------------------
+def applies(dtype: torch.dtype, d: int, metric: str, precision: str) -> bool:
+    """Whether ``algorithm="packed"`` runs the packed kernel (else v1) for these inputs
+    (``dtype``: the common dtype of x and the codebook)."""
+    if metric != "l2" or not (dtype == torch.bfloat16 or (dtype == torch.float32 and precision == "tf32")):
+        return False
+    block_d, one_chunk = _block_d(d, torch.finfo(dtype).bits // 8)
+    return one_chunk and d + EXTRA_COLUMNS <= block_d
+
+
+def max_split(tile_bits: int) -> int:
+    """Most codes one program may walk: ``2^tile_bits`` tiles of the smallest ``BLOCK_K``
+    any launch may pick, rounded down to a multiple of ``SPLIT_QUANTUM``."""
+    cap = 2**tile_bits * MIN_BLOCK_K // SPLIT_QUANTUM * SPLIT_QUANTUM
+    if cap < SPLIT_QUANTUM or not 0 < tile_bits < 23:
+        raise ValueError(f"TILE_BITS={tile_bits} leaves no room for one split of {SPLIT_QUANTUM} codes")
+    return cap
+
+
+def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int | None) -> tuple[Tensor, Tensor]:
+    """Launch on grouped ``x (G, N, d)`` / ``codebook (G, K, d)``, both bf16 or both fp32
+    (tf32 dot products), any strides, with :func:`applies` true; returns ``(G, N)`` fp32
+    distances (empty unless ``write_dist``) and int64 indices."""
+    g, n, d = x.shape
+    k = codebook.shape[1]
+    dist, idx = new_outputs(x, write_dist)
+    if n == 0:
+        return dist, idx
+    tile_bits = TILE_BITS
+    block_d, _ = _block_d(d, x.element_size())
+    k_pad = triton.cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM
+    c_aug = torch.empty(g, k_pad, block_d, device=x.device, dtype=x.dtype)
+    _augment_kernel[(k_pad // AUGMENT_BLOCK_K, g)](codebook, c_aug, k, d, *codebook.stride(),
+                                                   BLOCK_K=AUGMENT_BLOCK_K, BLOCK_D=block_d)
+    s, k_split = _split_plan(g, n, k, x.device, split_k, max_split(tile_bits))
+    meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d,
+                DOT_F32=_interpret() and x.dtype == torch.bfloat16)
+
+    def grid(m):
+        return (triton.cdiv(n, m["BLOCK_N"]), s, g)
+
+    args = (x, codebook, c_aug)
+    sizes = (n, k, k_pad, d, k_split, *x.stride(), *codebook.stride())
+    if s == 1:
+        launch(_packed_kernel, grid, g * n * k, *args, dist, idx, *sizes, n, 0, interpret_tile=INTERPRET_TILE, **meta)
+        return dist, idx
+    part_k = torch.empty(g, s, n, device=x.device, dtype=torch.int32)
+    part_i = torch.empty(g, s, n, device=x.device, dtype=torch.int32)
+    launch(_packed_kernel, grid, g * n * k, *args, part_k, part_i, *sizes, s * n, n, interpret_tile=INTERPRET_TILE,
+           **meta)
+    _packed_merge_kernel[(triton.cdiv(n, 128), g)](x, codebook, part_k, part_i, dist, idx, n, s, d, *x.stride(),
+                                                   *codebook.stride(), WRITE_DIST=write_dist, BLOCK=128,
+                                                   BLOCK_D=block_d)
+    return dist, idx
