@@ -9,8 +9,7 @@ from safetensors.torch import save_file
 
 from testdata import shared_path
 from tokenizers_vq import VectorQuantizer, nearest_codes
-from tokenizers_vq.demo import image_to_patches
-from tokenizers_vq.io import load_image
+from tokenizers_vq.eval.codebook_scale import photo_patches, run, train, usage
 from tokenizers_vq.quantizers import ProjectedCodebookVQ
 from tokenizers_vq.quantizers.kmeans import kmeans
 from tokenizers_vq.quantizers.projected import fit_linear_projector
@@ -121,41 +120,49 @@ def test_fit_keeps_the_contract_and_waits_for_latents_with_spread():
     assert torch.equal(q.decode(q.encode(z)), q(z).quantized)
 
 
-def photo_patches(split: str, n_images: int) -> torch.Tensor:
-    folder = shared_path("images", "bsds500", split)
-    return torch.cat([image_to_patches(load_image(f), 4)[0] for f in sorted(folder.glob("*.jpg"))[:n_images]])
-
-
-def held_out_usage(q, train: torch.Tensor, val: torch.Tensor, proj: torch.Tensor, steps: int = 150) -> float:
-    opt = torch.optim.Adam(q.parameters(), lr=1e-3) if list(q.parameters()) else None
-    for _ in range(steps):
-        out = q(train[torch.randint(0, len(train), (1024,))] @ proj)
-        if opt is not None:
-            opt.zero_grad()
-            out.total_loss().backward()
-            opt.step()
-    return q.eval().encode(val @ proj).unique().numel() / q.codebook_size
-
-
 def test_projected_codebook_keeps_a_large_codebook_in_use_on_real_photos():
     """Latents: a fixed random projection (48 -> 16) of 4x4 RGB patches, the stand-in
-    for a frozen encoder. Codebook: k-means (K=4096) of the 48-dim patch features.
-    The fitted projector reaches the usage of the true projection (88%); from a random
-    init the same training gave 57-84% depending on the seed."""
-    train, val = photo_patches("train", 20), photo_patches("val", 6)
+    for a frozen encoder (the benchmark ``eval/codebook_scale.py`` at a CPU size).
+    Codebook: k-means (K=4096) of the 48-dim patch features. The fitted projector
+    reaches the usage of the true projection (88%); from a random init the same
+    training gave 57-84% depending on the seed."""
+    folder = shared_path("images", "bsds500")
+    train_x, val_x = photo_patches(folder / "train", 20), photo_patches(folder / "val", 6)
     k, dim = 4096, 16
     torch.manual_seed(0)
     proj = torch.randn(48, dim, generator=torch.Generator().manual_seed(1)) / 48**0.5
-    feats, _ = kmeans(train[torch.randperm(len(train))[: 6 * k]], k, iters=5)
-    bound = nearest_codes(val @ proj, feats @ proj)[1].unique().numel() / k  # the true projection
-    torch.manual_seed(0)
-    lc = held_out_usage(ProjectedCodebookVQ(dim, k, features=feats, init_samples=8192), train, val, proj)
-    torch.manual_seed(0)
-    plain = held_out_usage(VectorQuantizer(dim, k, restart_dead_codes=False), train, val, proj)
+    feats, _ = kmeans(train_x[torch.randperm(len(train_x))[: 6 * k]], k, iters=5)
+    train_z, val_z = train_x @ proj, val_x @ proj
+    bound = nearest_codes(val_z, feats @ proj)[1].unique().numel() / k  # the true projection
+    found = []
+    for make in (lambda: ProjectedCodebookVQ(dim, k, features=feats, init_samples=8192),
+                 lambda: VectorQuantizer(dim, k, restart_dead_codes=False)):
+        torch.manual_seed(0)
+        q = make()
+        train(q, train_z, steps=150, batch=1024, lr=1e-3)
+        found.append(usage(q, val_z))
+    lc, plain = found
     print(f"held-out usage at K={k}: projected (VQGAN-LC) {lc:.1%}, plain VQ-EMA {plain:.1%}, "
           f"k-means codebook through the true projection {bound:.1%}")
     assert lc >= 0.8 and lc >= 0.93 * bound
     assert lc >= 10 * plain
+
+
+def test_benchmark_runs_both_encoders_end_to_end(tmp_path):
+    """``eval/codebook_scale.py`` at a toy size: the trainable-encoder setups write their
+    rows (with the dense held-out usage), and a later frozen-encoder run on the same
+    data adds its rows beside them."""
+    folder = shared_path("images", "bsds500")
+    small = {"k": 64, "steps": 3, "batch": 512, "trainable_steps": 10, "trainable_batch": 512, "kmeans_iters": 2,
+             "train_images": 1, "val_images": 1, "dense_stride": 2, "device": "cpu", "out": tmp_path}
+    first = run(folder / "train", folder / "val", encoder="trainable", **small)["methods"]
+    trainable = first["trainable encoder + projected (VQGAN-LC)"]
+    assert len(first) == 2 and trainable["steps"] == 10 and 0 < trainable["val_mse"] < 1
+    both = run(folder / "train", folder / "val", encoder="frozen", **small)["methods"]
+    assert len(both) == 5 and both["trainable encoder + projected (VQGAN-LC)"] == trainable
+    assert all(0 < m["val"] <= m["val_dense"] <= 1 for m in both.values())
+    table = (tmp_path / "codebook_scale.md").read_text()
+    assert all(f"| {name} |" in table for name in both)
 
 
 def test_docstring_examples_run():
