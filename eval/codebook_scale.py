@@ -54,14 +54,11 @@ def photo_patches(folder: str | Path, limit: int = 0, stride: int = 4) -> torch.
     """``(N, 48)`` 4x4 RGB patches in [-1, 1] of the photos in ``folder`` (the first
     ``limit`` in sorted order; 0: all), row by row; ``stride < 4`` gives overlapping
     windows."""
+    from tokenizers_vq.demo import image_to_patches  # noqa: PLC0415
     from tokenizers_vq.io import load_image  # noqa: PLC0415
     from tokenizers_vq.train.data import list_media  # noqa: PLC0415
 
-    def windows(img: torch.Tensor) -> torch.Tensor:
-        x = (img * 2 - 1).unfold(1, 4, stride).unfold(2, 4, stride)  # (3, h, w, 4, 4)
-        return x.permute(1, 2, 0, 3, 4).reshape(-1, 48)
-
-    return torch.cat([windows(load_image(f)) for f in list_media(folder, "image", limit)])
+    return torch.cat([image_to_patches(load_image(f), 4, stride)[0] for f in list_media(folder, "image", limit)])
 
 
 def usage(q, x: torch.Tensor, encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -110,7 +107,8 @@ class PatchAutoencoder(nn.Module):
 
     @torch.no_grad()
     def mse(self, x: torch.Tensor, batch: int = 1 << 18) -> float:
-        """Reconstruction MSE over the rows of ``x`` (in eval mode)."""
+        """Reconstruction MSE over the rows of ``x``; switches the model to eval mode."""
+        self.eval()
         return sum(float(F.mse_loss(self(x[i : i + batch])[0], x[i : i + batch], reduction="sum"))
                    for i in range(0, len(x), batch)) / x.numel()
 
@@ -176,6 +174,7 @@ def run(train_dir: str, val_dir: str, k: int = 100_000, dim: int = 16, steps: in
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"), "k": k, "dim": dim, "steps": steps, "batch": batch,
+        "seed": seed, "kmeans_iters": kmeans_iters,
         "train_patches": len(train_x), "val_patches": len(val_x), "val_dense_patches": len(dense_x),
         "kmeans_seconds": kmeans_s,
         "uniform_ceiling_val": 1 - math.exp(-len(val_x) / k),
@@ -224,13 +223,14 @@ def run(train_dir: str, val_dir: str, k: int = 100_000, dim: int = 16, steps: in
 
 
 def previous_rows(out: Path | None, result: dict) -> dict:
-    """The rows of an earlier ``codebook_scale.json`` in ``out`` whose device, ``k``,
-    ``dim`` and patch counts are those of ``result``."""
+    """The rows of an earlier ``codebook_scale.json`` in ``out`` made on the same device
+    from the same data, codebook features and seed as ``result``."""
     path = out / "codebook_scale.json" if out is not None else None
     if path is None or not path.exists():
         return {}
     old = json.loads(path.read_text())
-    if any(old.get(key) != result[key] for key in ("device", "k", "dim", "train_patches", "val_patches")):
+    if any(old.get(key) != result[key] for key in ("device", "k", "dim", "seed", "kmeans_iters", "train_patches",
+                                             "val_patches", "val_dense_patches")):
         return {}
     return {m: {"steps": old["steps"], "batch": old["batch"], "date": old["date"], **row}
             for m, row in old["methods"].items()}

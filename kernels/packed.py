@@ -20,7 +20,11 @@ program's tile number. Equal truncated distances keep the lower tile; the row's
 minimum key, then its lowest column with that key, gives ``k_lo + t BLOCK_K + col``:
 the lowest index among the codes of least truncated distance. A distance within
 rounding of 0 may come out negative: its key has the sign bit set and beats every
-non-negative one (such codes are near-ties of distance 0). The host caps a program's
+non-negative one (such codes are near-ties of distance 0), but negative keys order in
+reverse, so among several such codes the pick is not the most negative. With tf32
+operands (x and -2c rounded to 11 significant bits, the norms exact) that band is
+about ``2^-10 |x| |c|`` wide, inside the error bound below; a clamp (one more
+operation per distance) would restore the order if measurements allow it. The host caps a program's
 share of the codebook at ``2^TILE_BITS`` tiles of the smallest ``BLOCK_K`` any launch
 may use (more splits when needed), so ``t`` always fits. ``c_aug`` is padded to a
 multiple of ``SPLIT_QUANTUM`` rows with ``h1 = +inf``: no tile needs a column mask and
@@ -91,8 +95,8 @@ def _operand_round(v, DT: tl.constexpr):
 
 @triton.jit
 def _parts(v, DT: tl.constexpr):
-    """``v ~ p1 + p2 + p3``, each part exact in the operand format (33 bits for tf32, 24
-    for bf16: the fp32 value, up to about 2^-27 relative)."""
+    """``v = p1 + p2 + p3`` exactly, each part exact in the operand format: three parts
+    hold the fp32 significand's 24 bits (bf16: 3 x 8 bits; tf32: 3 x 11)."""
     p1 = _operand_round(v, DT)
     p2 = _operand_round(v - p1, DT)
     p3 = _operand_round((v - p1) - p2, DT)

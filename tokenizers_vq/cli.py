@@ -48,10 +48,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
-    try:
-        summary = trainer.train()
-    finally:
-        trainer.close()
+    summary = trainer.train()  # on an exception the process exits and the launcher stops its peers
+    trainer.close()
     print(f"trained to step {summary['steps']} in {summary['seconds']:.0f} s "
           f"({summary['steps_per_s']:.2f} steps/s); checkpoint: {cfg.out_dir}/checkpoint/model")
     return 0

@@ -22,12 +22,13 @@ from tokenizers_vq.quantizers._functional import code_histogram
 from tokenizers_vq.viz import image_row, usage_plot
 
 
-def image_to_patches(img: torch.Tensor, p: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``(3, H, W)`` in [0, 1] -> ``(N, 3*p*p)`` in [-1, 1] (cropped to a multiple of p)."""
-    h, w = img.shape[1] // p * p, img.shape[2] // p * p
-    x = img[:, :h, :w] * 2 - 1
-    patches = x.unfold(1, p, p).unfold(2, p, p)  # (3, h/p, w/p, p, p)
-    return patches.permute(1, 2, 0, 3, 4).reshape(-1, 3 * p * p), (h, w)
+def image_to_patches(img: torch.Tensor, p: int, stride: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``(3, H, W)`` in [0, 1] -> ``(N, 3*p*p)`` in [-1, 1], row by row, and the size
+    ``(h, w)`` cropped to a multiple of ``p`` that :func:`patches_to_image` rebuilds.
+    ``stride < p`` gives overlapping windows (not invertible by ``patches_to_image``)."""
+    s = stride or p
+    patches = (img * 2 - 1).unfold(1, p, s).unfold(2, p, s)  # (3, rows, cols, p, p)
+    return patches.permute(1, 2, 0, 3, 4).reshape(-1, 3 * p * p), (img.shape[1] // p * p, img.shape[2] // p * p)
 
 
 def patches_to_image(patches: torch.Tensor, hw: tuple[int, int], p: int) -> torch.Tensor:

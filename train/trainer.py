@@ -230,9 +230,11 @@ class Trainer:
         return summary
 
     def close(self) -> None:
-        """Wait for every rank, then tear the process group down. Without this, a gloo
-        process can abort at interpreter exit ("terminate called without an active
-        exception") while its peer is still in the last collective."""
+        """After a finished :meth:`train`: wait for every rank, then tear the process
+        group down. Without this, a gloo process can abort at interpreter exit
+        ("terminate called without an active exception") while its peer is still in the
+        last collective. Not for a failed run: a rank that raised would wait here for
+        peers stuck in a collective until the group's timeout."""
         if self.acc.num_processes > 1:
             self.acc.wait_for_everyone()
         self.acc.end_training()

@@ -11,7 +11,9 @@ set -u
 source eval/gpu/setup.sh
 OUT=${OUT:-results_tmp}; W=$OUT/work; mkdir -p "$W"
 if [ "${SKIP_KERNELS:-0}" != 1 ]; then
-  timeout 300 python3 -m pytest tests/kernels -k gpu -q -p no:cacheprovider -rA --durations=10 > "$W/kernel_tests.log" 2>&1
+  # with them, the LPIPS loss against the lpips package (skipped on the CPU machine: no torchvision there)
+  timeout 300 python3 -m pytest tests/kernels tests/train/test_losses.py -k "gpu or lpips_package" -q -p no:cacheprovider \
+    -rA --durations=10 > "$W/kernel_tests.log" 2>&1
   echo "kernel tests exit $?" >> "$W/kernel_tests.log"
   timeout 240 python3 -m tokenizers_vq.kernels.bench --out "$OUT/kernels" --budget 200 > "$W/bench.log" 2>&1
   echo "bench exit $?" >> "$W/bench.log"

@@ -195,6 +195,25 @@ def tile_bits(bits):
         packed.TILE_BITS = old
 
 
+@contextlib.contextmanager
+def packed_calls():
+    """Counts the searches the packed kernel really ran (``calls[0]``), so a case that
+    qualifies cannot pass by silently falling back to v1."""
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+
+    calls, real = [0], packed.nearest_packed
+
+    def spy(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    packed.nearest_packed = spy
+    try:
+        yield calls
+    finally:
+        packed.nearest_packed = real
+
+
 def check_packed_odd_shapes(device, full=False):
     """``algorithm="packed"``, l2, bf16 and fp32_tf32 in turn: N in {1, 7, 300}, D in
     {1, 3, 8, 10, 12, 24, 100} (12, and 100 in fp32, have no spare padding columns: v1
@@ -205,7 +224,10 @@ def check_packed_odd_shapes(device, full=False):
             continue
         name = PACKED[i % 2]
         dt = DTYPES[name][0]
-        _check_search(_data((n, d), dt, device), _data((k, d), dt, device), "l2", name, algorithm="packed")
+        with packed_calls() as calls:
+            _check_search(_data((n, d), dt, device), _data((k, d), dt, device), "l2", name, algorithm="packed")
+        spare = d + 6 <= max(16, 1 << (d - 1).bit_length())  # the padded row has 6 free columns
+        assert calls[0] == int(spare and (d <= 64 or dt == torch.bfloat16)), (n, d, k, name, calls[0])
 
 
 def check_packed_ties_splits_groups(device, full=False):
@@ -245,8 +267,13 @@ def check_packed_ties_splits_groups(device, full=False):
     x, c = _data((9, 8), torch.float32, device), _data((70, 8), torch.float32, device)
     for kw in (dict(metric="cosine"), dict(precision="ieee"), dict(k=2), dict(x=x.half(), codebook=c.half())):
         args = dict(x=x, codebook=c) | kw
-        ours, v1 = nearest_codes_triton(algorithm="packed", **args), nearest_codes_triton(**args)
-        assert torch.equal(ours[0], v1[0]) and torch.equal(ours[1], v1[1]), f"packed {kw} is not v1"
+        with packed_calls() as calls:
+            ours = nearest_codes_triton(algorithm="packed", **args)
+        v1 = nearest_codes_triton(**args)
+        assert calls[0] == 0 and torch.equal(ours[0], v1[0]) and torch.equal(ours[1], v1[1]), f"packed {kw} is not v1"
+    with packed_calls() as calls:
+        nearest_codes_triton(x, c, algorithm="packed")
+    assert calls[0] == 1, "a qualifying search did not run the packed kernel"
 
 
 def check_code_statistics(device, full=False):
