@@ -1,9 +1,8 @@
 """GPU benchmark of the fused nearest-code search against the peers (issue 3).
 
-One run checks and times everything: for each ``N x K x D`` case, our kernel (bf16,
-fp32 with tf32 dot products, and exact fp32 for small ``D``; the opt-in
-``algorithm="packed"`` variant in bf16 and fp32-tf32 where ``D + 6`` fits the padded
-row, else skipped as it would run v1) against
+One run checks and times everything: for each ``N x K x D`` case, our kernel as users
+call it (bf16, fp32 with tf32 dot products, and exact fp32 for small ``D``: the packed
+kernel where it applies, else v1), v1 forced (``algorithm="v1"``) beside it, against
 ``torch.cdist + argmin`` (fp32), ``addmm(|c|^2, x, C^T, alpha=-2) + argmin`` (fp32
 and bf16) and vector-quantize-pytorch's ``VectorQuantize`` (eval forward); then one
 VQ-EMA training step (forward + backward + EMA update) of ours against theirs.
@@ -35,9 +34,9 @@ import torch
 
 CASES = [(32768, 100000, 8), (262144, 262144, 8), (32768, 16384, 8), (32768, 16384, 32), (32768, 16384, 256),
          (32768, 16384, 1536), (32768, 1024, 256), (32768, 100000, 256), (262144, 16384, 32)]
-METHODS = ["ours_bf16", "ours_fp32", "ours_fp32_exact", "ours_packed_bf16", "ours_packed_fp32", "cdist_fp32",
+METHODS = ["ours_bf16", "ours_bf16_v1", "ours_fp32", "ours_fp32_v1", "ours_fp32_exact", "cdist_fp32",
            "mm_fp32", "mm_bf16", "vqp"]
-CHECKED = ["ours_bf16", "ours_fp32", "ours_packed_bf16", "ours_packed_fp32"]  # index checks, in this order
+CHECKED = ["ours_bf16", "ours_fp32", "ours_bf16_v1", "ours_fp32_v1"]  # index checks, in this order
 EPILOGUE_OPS = 4  # per distance: score (1), compare (1), two selects (2)
 
 
@@ -145,12 +144,10 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
     csqb = csq32.bfloat16()
     fns = {
         "ours_bf16": lambda: nearest.nearest_codes_triton(xb, cb),
+        "ours_bf16_v1": lambda: nearest.nearest_codes_triton(xb, cb, algorithm="v1"),
         "ours_fp32": lambda: nearest.nearest_codes_triton(x32, c32),
+        "ours_fp32_v1": lambda: nearest.nearest_codes_triton(x32, c32, algorithm="v1"),
         "ours_fp32_exact": (lambda: nearest.nearest_codes_triton(x32, c32, precision="ieee")) if d <= 32 else None,
-        "ours_packed_bf16": (lambda: nearest.nearest_codes_triton(xb, cb, algorithm="packed"))
-        if packed.applies(xb.dtype, d, "l2", "tf32") else None,
-        "ours_packed_fp32": (lambda: nearest.nearest_codes_triton(x32, c32, algorithm="packed"))
-        if packed.applies(x32.dtype, d, "l2", "tf32") else None,
         "cdist_fp32": lambda: torch.cdist(x32, c32).argmin(1),
         "mm_fp32": lambda: torch.addmm(csq32, x32, c32.T, alpha=-2.0).argmin(1),
         "mm_bf16": lambda: torch.addmm(csqb, xb, cb.T, alpha=-2.0).argmin(1),
@@ -164,7 +161,8 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
         for name, (x, c, u_in) in zip(CHECKED, ((xb, cb, 0.0), (x32, c32, 2.0**-11)) * 2):
             if res[name]["status"] != "ok":
                 continue
-            algorithm, bits = ("packed", packed.TILE_BITS) if "packed" in name else ("v1", 0)
+            algorithm = "v1" if name.endswith("_v1") else "auto"
+            bits = packed.TILE_BITS if algorithm == "auto" and packed.applies(x.dtype, d, "l2", "tf32") else 0
             try:
                 checks[name] = check(x, c, nearest.nearest_codes_triton(x, c, algorithm=algorithm)[1], u_in, bits)
             except Exception as e:  # noqa: BLE001  (OOM or a failing variant: recorded, the run goes on)
@@ -185,9 +183,11 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
             del vq
         except torch.OutOfMemoryError:
             res["vqp"] = {"ms": math.nan, "extra_mib": math.nan, "status": "OOM"}
+    kernel = {dt: "packed" if packed.applies(t, d, "l2", "tf32") else "v1" for dt, t in (("bf16", torch.bfloat16),
+                                                                                        ("fp32", torch.float32))}
     del x32, c32, xb, cb
     torch.cuda.empty_cache()
-    return {"methods": res, "checks": checks}
+    return {"methods": res, "checks": checks, "kernel": kernel}
 
 
 def vq_train_step(vqp_cls, n: int = 32768, k: int = 16384, d: int = 256) -> dict:
@@ -229,27 +229,28 @@ def markdown(meta: dict, rows: list[dict], train: dict | None) -> str:
              f"Measured bf16 matmul {r['bf16_tflops']:.0f} TFLOP/s (8192^3). Epilogue bound: {EPILOGUE_OPS} CUDA-core "
              f"ops per distance at {r['sms']} SMs x 128 lanes x {r['sm_clock_mhz']:.0f} MHz = "
              f"{r['cuda_core_tops']:.1f} Tops/s. Floor = max(2NKD / bf16 rate, that bound).", "",
-             "Median ms (extra peak MiB beyond inputs and outputs); ours fp32 uses tf32 dot products, "
-             "exact = `precision=\"ieee\"`, packed = `algorithm=\"packed\"` (skipped where `D + 6` does not fit "
-             "the padded row). % floor and speed-up: bf16, v1 / packed. Index checks (mismatch, bad): "
-             "bf16 / fp32 / packed bf16 / packed fp32.", "",
-             "| N x K x D | ours bf16 | ours fp32 | ours fp32 exact | ours packed bf16 | ours packed fp32 | cdist fp32 | "
-             "x@C^T fp32 | x@C^T bf16 | vq-pytorch eval | floor ms | % floor (bf16 v1 / packed) | "
-             "vs x@C^T bf16 (v1 / packed) | idx check (mismatch, bad) |",
-             "|" + "---|" * 14]
+             "Median ms (extra peak MiB beyond inputs and outputs). \"ours\" is the default call (the packed "
+             "kernel where it applies, named in the kernel column, else v1); \"v1\" forces `algorithm=\"v1\"`; "
+             "ours fp32 uses tf32 dot products, exact = `precision=\"ieee\"`. % floor and speed-up: bf16, "
+             "ours / v1. Index checks against the fp32 torch argmin (mismatch, bad): ours bf16 / ours fp32 / "
+             "v1 bf16 / v1 fp32.", "",
+             "| N x K x D | ours bf16 | v1 bf16 | ours fp32 | v1 fp32 | ours fp32 exact | cdist fp32 | "
+             "x@C^T fp32 | x@C^T bf16 | vq-pytorch eval | floor ms | % floor (ours / v1) | "
+             "vs x@C^T bf16 (ours / v1) | kernel bf16, fp32 | idx check (mismatch, bad) |",
+             "|" + "---|" * 15]
     for row in rows:
         m = row["methods"]
         fl, _ = floor_ms(row["n"], row["k"], row["d"], r)
         mb = m["mm_bf16"].get("ms", math.nan)
         pcts, speeds = [], []
-        for name in ("ours_bf16", "ours_packed_bf16"):
+        for name in ("ours_bf16", "ours_bf16_v1"):
             ours = m[name].get("ms", math.nan)
             pcts.append(f"{100 * fl / ours:.0f}%" if ours == ours else "-")
             speeds.append(f"{mb / ours:.1f}x" if mb == mb and ours == ours else "-")
         pct, speed = " / ".join(pcts), " / ".join(speeds)
         chk = " / ".join(f"{c['mismatch']}, {c['bad']}" if (c := row["checks"].get(name)) else "-" for name in CHECKED)
         lines.append(f"| {row['n']} x {row['k']} x {row['d']} | " + " | ".join(_cell(m[k]) for k in METHODS)
-                     + f" | {fl:.3f} | {pct} | {speed} | {chk} |")
+                     + f" | {fl:.3f} | {pct} | {speed} | {', '.join(row.get('kernel', {}).values()) or '-'} | {chk} |")
     if train:
         lines += ["", "VQ-EMA training step (forward + backward + EMA update), 32768 x 16384 x 256, fp32 latents:", "",
                   "| | ms | extra peak MiB | status |", "|---|---|---|---|"]

@@ -19,8 +19,8 @@ When there are too few row blocks to fill the GPU the codebook is split over
 ``S`` programs per row block; a second tiny pass merges the ``S`` partial results
 in index order. Top-k (``k <= 8``) lives in :mod:`tokenizers_vq.kernels.topk`, EMA
 statistics in :mod:`tokenizers_vq.kernels.segment`, and the opt-in packed-key top-1
-variant (``algorithm="packed"``: the distance in the dot, 2 integer operations per
-distance) in :mod:`tokenizers_vq.kernels.packed`.
+variant (the default where it applies: the distance in the dot, 2 integer operations
+per distance) in :mod:`tokenizers_vq.kernels.packed`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import Tensor
 from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  (re-exported)
 
 PRECISIONS = ("tf32", "tf32x3", "ieee")
-ALGORITHMS = ("v1", "packed")  # top-1 search; "packed" (opt-in) is in tokenizers_vq.kernels.packed
+ALGORITHMS = ("auto", "v1", "packed")  # top-1 search: "auto" = "packed" (tokenizers_vq.kernels.packed) where it applies, else v1
 SPLIT_QUANTUM = 256  # each split covers a multiple of every BLOCK_K, so tiles never straddle splits
 MAX_ONE_CHUNK_BYTES = 256  # x row bytes (padded) kept for the whole codebook walk; larger d goes in 64-wide chunks
 COS_EPS = tl.constexpr(1e-12)  # as F.normalize
@@ -53,7 +53,8 @@ def _configs() -> list[triton.Config]:
     per-distance epilogue (wide tiles, 3 live fp32 values per distance in registers);
     large ``d`` by the dot (GEMM-like tiles, deeper pipelines). ``_prune`` picks the set."""
     shapes = [(128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),  # small d
-              (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3)]  # large d
+              (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3),  # large d
+              (128, 128, 8, 5)]  # best at d = 1536 in the H100 sweep (kernels/results/sweep_h100.md)
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
 
 
@@ -351,14 +352,13 @@ def _nearest_top1(x: Tensor, codebook: Tensor, cosine: bool, precision: str, wri
     return dist, idx
 
 
-@torch.library.custom_op("tokenizers_vq::nearest_codes", mutates_args=())
-def _nearest_op(x: Tensor, codebook: Tensor, metric: str, k: int, precision: str, return_dist: bool,
-                split_k: int, algorithm: str = "v1") -> tuple[Tensor, Tensor]:
+def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: str, return_dist: bool,
+                  split_k: int, algorithm: str = "auto") -> tuple[Tensor, Tensor]:
     _check(x, codebook, metric, precision, algorithm)
     grouped = x.ndim == 3
     xg, cg = _common(x if grouped else x[None], codebook if grouped else codebook[None])
     split = split_k if split_k > 0 else None
-    if k == 0 and algorithm == "packed" and _packed().applies(xg.dtype, xg.shape[-1], metric, precision):
+    if k == 0 and algorithm != "v1" and _packed().applies(xg.dtype, xg.shape[-1], metric, precision):
         dist, idx = _packed().nearest_packed(xg, cg, return_dist, split)
     elif k == 0:
         dist, idx = _nearest_top1(xg, cg, metric == "cosine", precision, return_dist, split)
@@ -371,6 +371,21 @@ def _nearest_op(x: Tensor, codebook: Tensor, metric: str, k: int, precision: str
     return dist, idx
 
 
+@torch.library.custom_op("tokenizers_vq::nearest_codes", mutates_args=())
+def _nearest_op(x: Tensor, codebook: Tensor, metric: str, k: int, precision: str, return_dist: bool,
+                split_k: int, algorithm: str = "auto") -> tuple[Tensor, Tensor]:
+    return _nearest_impl(x, codebook, metric, k, precision, return_dist, split_k, algorithm)
+
+
+def _eager(*tensors: Tensor) -> bool:
+    """Plain tensors, no tracing, no dispatch mode: the op's implementation may run
+    directly, skipping the dispatcher's overhead (about 10 us a call)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode  # noqa: PLC0415
+
+    return (all(type(t) is Tensor for t in tensors) and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None)
+
+
 def _packed():
     from tokenizers_vq.kernels import packed  # noqa: PLC0415  (imports this module)
 
@@ -378,7 +393,7 @@ def _packed():
 
 
 @_nearest_op.register_fake
-def _(x, codebook, metric, k, precision, return_dist, split_k, algorithm="v1"):
+def _(x, codebook, metric, k, precision, return_dist, split_k, algorithm="auto"):
     shape = x.shape[:-1] + ((k,) if k > 0 else ())
     dist = x.new_empty(shape if return_dist else (0,), dtype=torch.float32)
     return dist, x.new_empty(shape, dtype=torch.int64)
@@ -386,7 +401,7 @@ def _(x, codebook, metric, k, precision, return_dist, split_k, algorithm="v1"):
 
 def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int | None = None,
                          return_dist: bool = True, precision: str = "tf32",
-                         split_k: int | None = None, algorithm: str = "v1") -> tuple[Tensor | None, Tensor]:
+                         split_k: int | None = None, algorithm: str = "auto") -> tuple[Tensor | None, Tensor]:
     """Nearest codeword(s) of each row, fused: never materialises ``N x K``.
 
     Accepts ``x (N, d)`` with ``codebook (K, d)``, or ``G`` codebooks in one launch as
@@ -407,12 +422,13 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
             Ignored for 16-bit inputs.
         split_k: programs per row block over the codebook; ``None`` picks it from the
             GPU size (more when ``N`` is small).
-        algorithm: ``"v1"`` (default) or ``"packed"``, the opt-in variant of
-            :mod:`tokenizers_vq.kernels.packed` for ``l2``, ``k=None``, bf16 or fp32
-            with ``"tf32"``, and ``d`` in 1-10, 17-26, 33-58 (bf16 also 65-122: six
-            spare columns in the padded row); anything else runs ``"v1"``. Its
-            indices may also differ from the exact argmin on near-ties within a
-            relative ``2^-13`` of the distance (then the lowest index wins).
+        algorithm: ``"auto"`` (default; ``"packed"`` is the same) runs the packed
+            kernel of :mod:`tokenizers_vq.kernels.packed` where it applies: ``l2``,
+            ``k=None``, bf16 with ``d <= 128``, or fp32 with ``"tf32"`` and ``d <= 58``
+            (a second dot holds the norms for d 11-16 and 27-32, and in bf16 also 59-64
+            and 123-128). Everything else runs v1, which ``"v1"`` forces. The packed
+            kernel's indices may also differ from the exact argmin on near-ties
+            within a relative ``2^-13`` of the distance (then the lowest index wins).
 
     Returns:
         ``(dist, idx)``: fp32 and int64, shaped ``(N,)`` / ``(G, N)`` (``(..., k)`` with
@@ -420,5 +436,6 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
     """
     if k is not None and not 1 <= k <= min(8, codebook.shape[-2]):
         raise ValueError(f"k must be in [1, min(8, K)], got {k}")
-    dist, idx = _nearest_op(x, codebook, metric, k or 0, precision, return_dist, split_k or 0, algorithm)
+    op = _nearest_impl if _eager(x, codebook) else _nearest_op
+    dist, idx = op(x, codebook, metric, k or 0, precision, return_dist, split_k or 0, algorithm)
     return (dist if return_dist else None), idx

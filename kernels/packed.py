@@ -1,4 +1,4 @@
-"""Packed-key nearest-codeword search (Triton), opt-in as ``algorithm="packed"`` (issue 3, v3).
+"""Packed-key nearest-codeword search (Triton), the default top-1 l2 search where it applies (issue 3, v3).
 
 v1 (:mod:`tokenizers_vq.kernels.nearest`) turns each dot product into a score with one
 CUDA-core operation and keeps a running ``(min, tile)`` pair per tile element: about 4
@@ -39,8 +39,13 @@ as ``|x - c_idx|^2`` in fp32 (in the search kernel, or in the merge after splits
 Splits write per split the key without its tile bits and the index, ``(G, S, N)``; the
 merge takes the least key in split order (strict ``<``: the earlier split keeps ties).
 
-Scope: ``l2``, top-1, bf16, or fp32 with ``precision="tf32"``, ``d + 6 <= BLOCK_D`` in
-one chunk (d <= 10, 17-26, 33-58; bf16 also 65-122). Everything else runs v1: cosine
+When the padded row has no six spare columns (d 11-16, 27-32, 59-64, 123-128), the
+norm columns go in a second dot of 16 columns (``EXT``; the narrowest dot Triton emits
+on the GPU, tf32 included) that accumulates into the same ``acc``.
+
+Scope: ``l2``, top-1, bf16 (``d <= 128``), or fp32 with ``precision="tf32"``
+(``d <= 58``: ``d <= 32`` where a second dot is needed, ``EXT_MAX_D``, from the H100
+sweep in ``kernels/results/sweep_h100.md``). Everything else runs v1: cosine
 (a normalised codebook rounded to bf16 would break v1's error bound), fp16 (``|c|^2``
 overflows), ``ieee``/``tf32x3`` (exactness is their point), top-k, larger ``d``.
 """
@@ -104,9 +109,22 @@ def _parts(v, DT: tl.constexpr):
 
 
 @triton.jit
-def _augment_kernel(C, CA, K, D, scg, sck, scd, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``c_aug`` (module docstring), ``(G, K_pad, BLOCK_D)`` contiguous, every element
-    written; rows ``>= K`` are zeros with ``h1 = +inf`` (distance ``+inf``)."""
+def _aug_tile(main, col, D, NC, s1, s2, s3, X_SIDE: tl.constexpr):
+    """Columns ``col`` (absolute, ``(1, W)``) of augmented rows: ``main`` below ``d``
+    (x, or ``-2 c``: fp32 ``(R, W)``, or a scalar when every column is past ``d``); in
+    the six columns from ``NC``, three 1s and the norm parts ``s1, s2, s3`` ``(R,)``
+    (x side: 1s first; codebook side: parts first); zeros elsewhere."""
+    nb = NC + 3 if X_SIDE else NC
+    norm = tl.where(col == nb, s1[:, None], tl.where(col == nb + 1, s2[:, None], s3[:, None]))
+    aug = tl.where((col >= nb) & (col < nb + 3), norm, 1.0)
+    return tl.where(col < D, main, tl.where((col >= NC) & (col < NC + 6), aug, 0.0))
+
+
+@triton.jit
+def _augment_kernel(C, CA, K, D, NC, scg, sck, scd, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                    EXT: tl.constexpr):
+    """``c_aug`` (module docstring), ``(G, K_pad, BLOCK_D + EXT)`` contiguous, every
+    element written; rows ``>= K`` are zeros with ``h1 = +inf`` (distance ``+inf``)."""
     g = tl.program_id(1).to(tl.int64)
     kk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     dd = tl.arange(0, BLOCK_D)[None, :]
@@ -115,20 +133,12 @@ def _augment_kernel(C, CA, K, D, scg, sck, scd, BLOCK_K: tl.constexpr, BLOCK_D: 
     c = c.to(tl.float32)
     h1, h2, h3 = _parts(tl.sum(c * c, axis=1), CA.dtype.element_ty)
     h1 = tl.where(real, h1, float("inf"))
-    norm = tl.where(dd == D, h1[:, None], tl.where(dd == D + 1, h2[:, None], h3[:, None]))
-    row = tl.where(dd < D, -2.0 * c, tl.where(dd < D + 3, norm, tl.where(dd < D + 6, 1.0, 0.0)))
     k_pad = tl.num_programs(0) * BLOCK_K
-    tl.store(CA + (g * k_pad + kk[:, None]) * BLOCK_D + dd, row.to(CA.dtype.element_ty))
-
-
-@triton.jit
-def _augment_rows(x, dd, D):
-    """``x_aug`` (module docstring) of a loaded ``(BLOCK_N, BLOCK_D)`` x tile (zeros past ``d``)."""
-    xf = x.to(tl.float32)
-    s1, s2, s3 = _parts(tl.sum(xf * xf, axis=1), x.dtype)
-    col = dd[None, :]
-    norm = tl.where(col == D + 3, s1[:, None], tl.where(col == D + 4, s2[:, None], s3[:, None]))
-    return tl.where(col < D, xf, tl.where(col < D + 3, 1.0, tl.where(col < D + 6, norm, 0.0))).to(x.dtype)
+    row = CA + (g * k_pad + kk[:, None]) * (BLOCK_D + EXT)
+    tl.store(row + dd, _aug_tile(-2.0 * c, dd, D, NC, h1, h2, h3, False).to(CA.dtype.element_ty))
+    if EXT > 0:
+        ee = tl.arange(0, EXT)[None, :]
+        tl.store(row + BLOCK_D + ee, _aug_tile(0.0, BLOCK_D + ee, D, NC, h1, h2, h3, False).to(CA.dtype.element_ty))
 
 
 @triton.jit
@@ -140,15 +150,23 @@ def _exact_l2(xf, C_g, i, rmask, dd, D, sck, scd):
     return tl.sum(diff * diff, axis=1)
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_D", "TILE_BITS"],  # and the dtypes
-                 prune_configs_by={"early_config_prune": prune_to_fit}, cache_results=True)
+def _prune(configs, named_args, **meta):
+    """Configs whose tiles of ``BLOCK_D + EXT`` columns fit in shared memory."""
+    return prune_to_fit(configs, named_args, BLOCK_D=meta["BLOCK_D"] + meta["EXT"])
+
+
+@triton.autotune(configs=_configs(), key=["BLOCK_D", "EXT", "TILE_BITS"],  # and the dtypes
+                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
                    sxg, sxn, sxd, scg, sck, scd, sog, sos,
                    SPLIT: tl.constexpr, WRITE_DIST: tl.constexpr, TILE_BITS: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_D: tl.constexpr, EXT: tl.constexpr, DOT_F32: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid ``(row blocks, splits, G)``. Writes ``(dist, idx)`` ``(G, N)``, or with
     ``SPLIT`` the partial int32 ``(key without tile bits, index)`` ``(G, S, N)``.
+    ``EXT``: 0 when the six norm columns fit past ``d`` in the padded row, else the
+    width of a second dot that holds them (16 for bf16, 8 for tf32: the narrowest dot).
     ``DOT_F32`` (interpreter only, whose bf16 dot is wrong) upcasts the operands."""
     pid_n, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -157,10 +175,18 @@ def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
     cols = tl.arange(0, BLOCK_K)
     x = tl.load(X + g * sxg + rows[:, None].to(tl.int64) * sxn + dd[None, :] * sxd,
                 mask=rmask[:, None] & (dd[None, :] < D), other=0.0)
-    xa = _augment_rows(x, dd, D)
+    xf = x.to(tl.float32)
+    s1, s2, s3 = _parts(tl.sum(xf * xf, axis=1), x.dtype)
+    NC = D if EXT == 0 else BLOCK_D  # first of the six norm columns
+    xa = _aug_tile(xf, dd[None, :], D, NC, s1, s2, s3, True).to(x.dtype)
+    W = BLOCK_D + EXT  # c_aug row length
 
     k_lo = pid_s * K_SPLIT
-    ca = CA + (g * K_PAD + k_lo + cols[None, :]) * BLOCK_D + dd[:, None]  # (BLOCK_D, BLOCK_K) tile
+    ca = CA + (g * K_PAD + k_lo + cols[None, :]) * W + dd[:, None]  # (BLOCK_D, BLOCK_K) tile
+    if EXT > 0:
+        ee = tl.arange(0, EXT)
+        xe = _aug_tile(0.0, BLOCK_D + ee[None, :], D, NC, s1, s2, s3, True).to(x.dtype)
+        ce = CA + (g * K_PAD + k_lo + cols[None, :]) * W + BLOCK_D + ee[:, None]  # (EXT, BLOCK_K) tile
     run = tl.full([BLOCK_N, BLOCK_K], 2**31 - 1, tl.int32)
     for t in range(0, tl.cdiv(tl.minimum(k_lo + K_SPLIT, K_PAD) - k_lo, BLOCK_K)):  # no masks: padded rows
         c = tl.load(ca)
@@ -168,8 +194,15 @@ def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
             acc = tl.dot(xa.to(tl.float32), c.to(tl.float32), input_precision="ieee")
         else:
             acc = tl.dot(xa, c, input_precision="tf32")
+        if EXT > 0:
+            c2 = tl.load(ce)
+            if DOT_F32:
+                acc = tl.dot(xe.to(tl.float32), c2.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xe, c2, acc, input_precision="tf32")
+            ce += BLOCK_K * W
         run = tl.minimum(run, (acc.to(tl.int32, bitcast=True) & -(1 << TILE_BITS)) | t)
-        ca += BLOCK_K * BLOCK_D
+        ca += BLOCK_K * W
 
     # Least key (tile bits included), then its lowest column; padding or NaN rows fall back to k_lo.
     m = tl.min(run, axis=1)
@@ -181,8 +214,7 @@ def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
         tl.store(OUT_D + o, m & -(1 << TILE_BITS), mask=rmask)
         tl.store(OUT_I + o, i, mask=rmask)
     else:
-        if WRITE_DIST:
-            xf = tl.where(dd[None, :] < D, xa.to(tl.float32), 0.0)  # x itself: no reload, nothing extra live
+        if WRITE_DIST:  # x itself, from registers
             tl.store(OUT_D + g * sog + rows, _exact_l2(xf, C + g * scg, i, rmask, dd, D, sck, scd), mask=rmask)
         tl.store(OUT_I + g * sog + rows, i.to(tl.int64), mask=rmask)
 
@@ -204,13 +236,30 @@ def _packed_merge_kernel(X, C, PK, PI, DIST, IDX, N, S, D, sxg, sxn, sxd, scg, s
 
 
 # -- host side --------------------------------------------------------------------------
+EXT_MAX_D = {torch.bfloat16: 128, torch.float32: 32}  # widest d run with a second (norm) dot: where it beat v1 on the H100 (kernels/results/sweep_h100.md)
+
+
+def layout(dtype: torch.dtype, d: int) -> tuple[int, int] | None:
+    """``(BLOCK_D, EXT)`` of the packed kernel for rows of ``d`` values of ``dtype``:
+    ``EXT = 0`` when the six norm columns fit in the padded row past ``d``, else the
+    width of the second dot that holds them; ``None`` when the row is not kept in one
+    chunk or the second dot is not worth it (``d > EXT_MAX_D``): v1 then runs."""
+    block_d, one_chunk = _block_d(d, torch.finfo(dtype).bits // 8)
+    if not one_chunk:
+        return None
+    if d + EXTRA_COLUMNS <= block_d:
+        return block_d, 0
+    if d > EXT_MAX_D.get(dtype, 0):
+        return None
+    return block_d, 16  # the narrowest dot Triton emits on GPU (K >= 16, tf32 too)
+
+
 def applies(dtype: torch.dtype, d: int, metric: str, precision: str) -> bool:
-    """Whether ``algorithm="packed"`` runs the packed kernel (else v1) for these inputs
-    (``dtype``: the common dtype of x and the codebook)."""
+    """Whether the packed kernel runs (else v1) for these inputs (``dtype``: the common
+    dtype of x and the codebook)."""
     if metric != "l2" or not (dtype == torch.bfloat16 or (dtype == torch.float32 and precision == "tf32")):
         return False
-    block_d, one_chunk = _block_d(d, torch.finfo(dtype).bits // 8)
-    return one_chunk and d + EXTRA_COLUMNS <= block_d
+    return layout(dtype, d) is not None
 
 
 def max_split(tile_bits: int) -> int:
@@ -232,14 +281,18 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     if n == 0:
         return dist, idx
     tile_bits = TILE_BITS
-    block_d, _ = _block_d(d, x.element_size())
+    block_d, ext = layout(x.dtype, d)
     k_pad = triton.cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM
-    c_aug = torch.empty(g, k_pad, block_d, device=x.device, dtype=x.dtype)
-    _augment_kernel[(k_pad // AUGMENT_BLOCK_K, g)](codebook, c_aug, k, d, *codebook.stride(),
-                                                   BLOCK_K=AUGMENT_BLOCK_K, BLOCK_D=block_d)
     s, k_split = _split_plan(g, n, k, x.device, split_k, max_split(tile_bits))
-    meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d,
+    meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d, EXT=ext,
                 DOT_F32=_interpret() and x.dtype == torch.bfloat16)
+    if s > 1:
+        part_k = torch.empty(g, s, n, device=x.device, dtype=torch.int32)
+        part_i = torch.empty(g, s, n, device=x.device, dtype=torch.int32)
+    c_aug = torch.empty(g, k_pad, block_d + ext, device=x.device, dtype=x.dtype)
+    nc = d if ext == 0 else block_d
+    _augment_kernel[(k_pad // AUGMENT_BLOCK_K, g)](codebook, c_aug, k, d, nc, *codebook.stride(),
+                                                   BLOCK_K=AUGMENT_BLOCK_K, BLOCK_D=block_d, EXT=ext)
 
     def grid(m):
         return (triton.cdiv(n, m["BLOCK_N"]), s, g)
@@ -249,8 +302,6 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     if s == 1:
         launch(_packed_kernel, grid, g * n * k, *args, dist, idx, *sizes, n, 0, interpret_tile=INTERPRET_TILE, **meta)
         return dist, idx
-    part_k = torch.empty(g, s, n, device=x.device, dtype=torch.int32)
-    part_i = torch.empty(g, s, n, device=x.device, dtype=torch.int32)
     launch(_packed_kernel, grid, g * n * k, *args, part_k, part_i, *sizes, s * n, n, interpret_tile=INTERPRET_TILE,
            **meta)
     _packed_merge_kernel[(triton.cdiv(n, 128), g)](x, codebook, part_k, part_i, dist, idx, n, s, d, *x.stride(),

@@ -216,18 +216,23 @@ def packed_calls():
 
 def check_packed_odd_shapes(device, full=False):
     """``algorithm="packed"``, l2, bf16 and fp32_tf32 in turn: N in {1, 7, 300}, D in
-    {1, 3, 8, 10, 12, 24, 100} (12, and 100 in fp32, have no spare padding columns: v1
-    runs), K in {1, 17, 700}; on CPU the 300 x 700 cases for two D only."""
+    {1, 3, 8, 10, 12, 16, 24, 32, 100} (12, 16 and 32 have no spare padding columns: the
+    norms go in a second dot; 100 in fp32 is not one chunk: v1 runs), K in {1, 17, 700};
+    on CPU the 300 x 700 cases for two D only."""
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+
     big = 1000 if full else 300
-    for i, (n, d, k) in enumerate(itertools.product((1, 7, big), (1, 3, 8, 10, 12, 24, 100), (1, 17, 700))):
+    for i, (n, d, k) in enumerate(itertools.product((1, 7, big), (1, 3, 8, 10, 12, 16, 24, 32, 100), (1, 17, 700))):
         if n == big and k == 700 and d not in (8, 24) and not full:
             continue
         name = PACKED[i % 2]
         dt = DTYPES[name][0]
         with packed_calls() as calls:
             _check_search(_data((n, d), dt, device), _data((k, d), dt, device), "l2", name, algorithm="packed")
-        spare = d + 6 <= max(16, 1 << (d - 1).bit_length())  # the padded row has 6 free columns
-        assert calls[0] == int(spare and (d <= 64 or dt == torch.bfloat16)), (n, d, k, name, calls[0])
+        padded = max(16, 1 << (d - 1).bit_length())
+        spare = d + 6 <= padded  # the padded row has 6 free columns: one dot, else a second for the norms
+        one_chunk = padded * dt.itemsize <= 256
+        assert calls[0] == int(one_chunk and (spare or d <= packed.EXT_MAX_D[dt])), (n, d, k, name, calls[0])
 
 
 def check_packed_ties_splits_groups(device, full=False):

@@ -1,0 +1,148 @@
+"""Tuning sweep on the GPU (issue 3), one call: what the benchmark's defaults are chosen from.
+
+1. The packed kernel with the norm columns in a second dot (``EXT > 0``) against v1, bf16
+   and fp32-tf32, over ``d`` where the padded row has no six spare columns: sets
+   :data:`tokenizers_vq.kernels.packed.EXT_MAX_D`.
+2. Host overhead: the full call through the registered op, the direct eager call, and
+   the same call replayed from a CUDA graph (GPU time only).
+3. v1 tile configurations for large ``d`` (64- or 128-wide chunks), launched directly
+   without the autotuner: sets the large-``d`` entries of ``nearest._configs``.
+
+Writes ``sweep.json`` and ``sweep.md`` under ``--out``; every row is printed as it lands.
+
+    python -m tokenizers_vq.kernels.sweep --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def bench(fn) -> float:
+    import triton  # noqa: PLC0415
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    except Exception as e:  # noqa: BLE001  (a config that does not compile or fit: recorded)
+        print("  failed:", type(e).__name__, str(e)[:160], flush=True)
+        return float("nan")
+
+
+def graph_ms(fn) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph (no host work in the timing)."""
+    import triton  # noqa: PLC0415
+
+    fn()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
+
+
+def packed_vs_v1(rows: list, n: int = 32768) -> None:
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+
+    packed.EXT_MAX_D = {torch.bfloat16: 128, torch.float32: 64}  # every one-chunk d, for this sweep
+    for k in (100000, 16384):
+        for dt, ds in ((torch.bfloat16, (16, 32, 64, 128)), (torch.float32, (16, 32, 64))):
+            for d in ds:
+                x = torch.randn(n, d, device="cuda").to(dt)
+                c = torch.randn(k, d, device="cuda").to(dt)
+                lay = packed.layout(dt, d)
+                v1 = bench(lambda: nearest_codes_triton(x, c, algorithm="v1"))
+                pk = bench(lambda: nearest_codes_triton(x, c, algorithm="packed"))
+                row = {"part": "ext", "n": n, "k": k, "d": d, "dtype": str(dt).split(".")[1], "layout": lay,
+                       "v1_ms": v1, "packed_ms": pk}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+
+def host_overhead(rows: list) -> None:
+    from tokenizers_vq.kernels.nearest import _nearest_impl, _nearest_op, nearest_codes_triton  # noqa: PLC0415
+
+    for n, k, d in ((32768, 16384, 8), (32768, 100000, 8), (32768, 16384, 32)):
+        x = torch.randn(n, d, device="cuda").bfloat16()
+        c = torch.randn(k, d, device="cuda").bfloat16()
+        for alg in ("v1", "packed"):
+            row = {"part": "host", "n": n, "k": k, "d": d, "algorithm": alg,
+                   "public_ms": bench(lambda: nearest_codes_triton(x, c, algorithm=alg)),
+                   "op_ms": bench(lambda: _nearest_op(x, c, "l2", 0, "tf32", True, 0, alg)),
+                   "direct_ms": bench(lambda: _nearest_impl(x, c, "l2", 0, "tf32", True, 0, alg)),
+                   "graph_ms": graph_ms(lambda: _nearest_impl(x, c, "l2", 0, "tf32", True, 0, alg))}
+            t = time.perf_counter()
+            for _ in range(200):
+                _nearest_impl(x, c, "l2", 0, "tf32", True, 0, alg)
+            row["host_us_per_call"] = (time.perf_counter() - t) / 200 * 1e6  # launches queue; sync below
+            torch.cuda.synchronize()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
+def v1_configs(rows: list, n: int = 32768) -> None:
+    import triton  # noqa: PLC0415
+
+    from tokenizers_vq.kernels import nearest as nr  # noqa: PLC0415
+
+    tiles = [(128, 128, 8, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 64, 4, 4),
+             (128, 128, 4, 4), (128, 128, 8, 5), (256, 128, 8, 4)]
+    for k, d in ((16384, 256), (16384, 1536)):
+        x = torch.randn(1, n, d, device="cuda").bfloat16()
+        c = torch.randn(1, k, d, device="cuda").bfloat16()
+        bias, scale = nr.codeword_terms(c, False)
+        dist = torch.empty(1, n, device="cuda")
+        idx = torch.empty(1, n, device="cuda", dtype=torch.int64)
+        auto = bench(lambda: nr.nearest_codes_triton(x[0], c[0], algorithm="v1"))
+        print(json.dumps({"part": "v1cfg", "k": k, "d": d, "autotuned_public_ms": auto}), flush=True)
+        rows.append({"part": "v1cfg", "n": n, "k": k, "d": d, "config": "autotuned (public call)", "ms": auto})
+        for bd in (64, 128):
+            for bn, bk, w, st in tiles:
+                if (bn + bk * st) * bd * 2 > 220 * 1024:
+                    continue
+
+                def run(bn=bn, bk=bk, w=w, st=st, bd=bd):
+                    grid = (triton.cdiv(n, bn), 1, 1)
+                    nr._nearest_kernel.fn[grid](x, c, bias, scale, dist, idx, dist, n, k, d, k, *x.stride(), *c.stride(),
+                                                n, 0, COSINE=False, PRECISION="tf32", SPLIT=False, WRITE_DIST=True,
+                                                ONE_CHUNK=False, BLOCK_D=bd, DOT_F32=False, BLOCK_N=bn, BLOCK_K=bk,
+                                                num_warps=w, num_stages=st)
+
+                row = {"part": "v1cfg", "n": n, "k": k, "d": d, "config": [bn, bk, w, st, bd], "ms": bench(run),
+                       "tflops": None}
+                row["tflops"] = 2 * n * k * d / row["ms"] / 1e9 if row["ms"] == row["ms"] else None
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results_tmp/sweep")
+    ap.add_argument("--parts", default="ext,host,v1cfg")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list = []
+    meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    parts = {"ext": packed_vs_v1, "host": host_overhead, "v1cfg": v1_configs}
+    try:
+        for name in args.parts.split(","):
+            parts[name](rows)
+            (out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    finally:
+        (out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
