@@ -25,6 +25,8 @@ per distance) in :mod:`tokenizers_vq.kernels.packed`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -71,15 +73,29 @@ def _prune(configs, named_args, **meta):
     return prune_to_fit(configs[:4] if meta["BLOCK_D"] <= 32 else configs[4:], named_args, **meta)
 
 
+_TUNED: dict = {}  # (kernel, meta, dtypes) -> the autotuner's pick, launched without the autotuner
+
+
 def launch(kernel, grid, work: int, *args, interpret_tile: dict = INTERPRET_FIXED, **meta) -> None:
     """Run a ``triton.autotune``-wrapped kernel: autotuned (per key, cached) when the
-    problem is large, else its plain ``jit`` function with one fixed tile."""
+    problem is large, else its plain ``jit`` function with one fixed tile. After the
+    first autotuned launch for a (meta, dtypes) key, its config is launched directly:
+    the autotuner's per-call bookkeeping costs tens of microseconds."""
     if _interpret():
         kernel.fn[grid](*args, **meta, **interpret_tile)
     elif work < TUNE_MIN_WORK:
         kernel.fn[grid](*args, **meta, **FIXED)
     else:
+        key = (id(kernel), tuple(meta.items()), tuple(a.dtype for a in args if isinstance(a, Tensor)))
+        best = _TUNED.get(key)
+        if best is not None:
+            kernel.fn[grid](*args, **meta, **best)
+            return
         kernel[grid](*args, **meta)
+        config = getattr(kernel, "best_config", None)
+        if config is not None:
+            _TUNED[key] = config.all_kwargs() if hasattr(config, "all_kwargs") else \
+                {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 @triton.jit
@@ -249,8 +265,14 @@ def _merge_kernel(PS, PI, OFF, DIST, IDX, N, S, COSINE: tl.constexpr, WRITE_DIST
 # -- host side --------------------------------------------------------------------------
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # interpreter: small, so that CPU tests also take the split path
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    """SM count, cached: reading the device properties costs tens of microseconds a call."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _split_plan(g: int, n: int, k: int, device: torch.device, split_k: int | None,
@@ -278,8 +300,7 @@ def _block_d(d: int, esize: int) -> tuple[int, bool]:
 def codeword_terms(codebook: Tensor, cosine: bool) -> tuple[Tensor, Tensor]:
     """fp32 ``(bias, scale)``, each ``(G, K)``, of a ``(G, K, d)`` codebook (no fp32 copy)."""
     g, k, d = codebook.shape
-    bias = torch.empty(g, k, device=codebook.device, dtype=torch.float32)
-    scale = torch.empty_like(bias)
+    bias, scale = torch.empty(2, g, k, device=codebook.device, dtype=torch.float32).unbind(0)  # one allocation
     bd = min(128, max(16, triton.next_power_of_2(d)))
     _row_terms_kernel[(triton.cdiv(k, 64), g)](codebook, bias, scale, k, d, *codebook.stride(),
                                                COSINE=cosine, BLOCK_K=64, BLOCK_D=bd)
@@ -342,9 +363,9 @@ def _nearest_top1(x: Tensor, codebook: Tensor, cosine: bool, precision: str, wri
         launch(_nearest_kernel, grid, g * n * k, x, codebook, bias, scale, dist, idx, dist, n, k, d, k_split,
                               *x.stride(), *codebook.stride(), n, 0, **meta)
         return dist, idx
-    part_s = torch.empty(g, s, n, device=x.device, dtype=torch.float32)
-    part_i = torch.empty(g, s, n, device=x.device, dtype=torch.int32)
-    off = torch.empty(g, n, device=x.device, dtype=torch.float32)
+    part = torch.empty(2 * g * s * n + g * n, device=x.device, dtype=torch.float32)  # one allocation
+    part_s, part_i = part[:g * s * n], part[g * s * n:2 * g * s * n].view(torch.int32)
+    off = part[2 * g * s * n:]
     launch(_nearest_kernel, grid, g * n * k, x, codebook, bias, scale, part_s, part_i, off, n, k, d, k_split,
                           *x.stride(), *codebook.stride(), s * n, n, **meta)
     _merge_kernel[(triton.cdiv(n, 256), g)](part_s, part_i, off, dist, idx, n, s, COSINE=cosine,

@@ -287,8 +287,7 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d, EXT=ext,
                 DOT_F32=_interpret() and x.dtype == torch.bfloat16)
     if s > 1:
-        part_k = torch.empty(g, s, n, device=x.device, dtype=torch.int32)
-        part_i = torch.empty(g, s, n, device=x.device, dtype=torch.int32)
+        part_k, part_i = torch.empty(2, g, s, n, device=x.device, dtype=torch.int32).unbind(0)  # one allocation
     c_aug = torch.empty(g, k_pad, block_d + ext, device=x.device, dtype=x.dtype)
     nc = d if ext == 0 else block_d
     _augment_kernel[(k_pad // AUGMENT_BLOCK_K, g)](codebook, c_aug, k, d, nc, *codebook.stride(),

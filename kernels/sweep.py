@@ -126,6 +126,38 @@ def v1_configs(rows: list, n: int = 32768) -> None:
                 print(json.dumps(row), flush=True)
 
 
+def profile(rows: list) -> None:
+    """cProfile of 500 default calls at 32768 x 16384 x 8 (bf16): where the host time goes."""
+    import cProfile  # noqa: PLC0415
+    import io  # noqa: PLC0415
+    import pstats  # noqa: PLC0415
+
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+
+    x = torch.randn(32768, 8, device="cuda").bfloat16()
+    c = torch.randn(16384, 8, device="cuda").bfloat16()
+    for alg in ("packed", "v1"):
+        for _ in range(20):
+            nearest_codes_triton(x, c, algorithm=alg)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(500):
+            nearest_codes_triton(x, c, algorithm=alg)
+            torch.cuda.synchronize()
+        synced = (time.perf_counter() - t) / 500 * 1e6
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(500):
+            nearest_codes_triton(x, c, algorithm=alg)
+        pr.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+        print(f"== {alg}: {synced:.0f} us per synchronised call", flush=True)
+        print(buf.getvalue(), flush=True)
+        rows.append({"part": "profile", "algorithm": alg, "us_per_synced_call": synced, "top": buf.getvalue()[:6000]})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results_tmp/sweep")
@@ -135,7 +167,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows: list = []
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
-    parts = {"ext": packed_vs_v1, "host": host_overhead, "v1cfg": v1_configs}
+    parts = {"ext": packed_vs_v1, "host": host_overhead, "v1cfg": v1_configs, "profile": profile}
     try:
         for name in args.parts.split(","):
             parts[name](rows)
