@@ -18,7 +18,7 @@ over the tile columns at the end picks the row's minimum, lowest index first.
 When there are too few row blocks to fill the GPU the codebook is split over
 ``S`` programs per row block; a second tiny pass merges the ``S`` partial results
 in index order. Top-k (``k <= 8``) lives in :mod:`tokenizers_vq.kernels.topk`, EMA
-statistics in :mod:`tokenizers_vq.kernels.segment`, and the opt-in packed-key top-1
+statistics in :mod:`tokenizers_vq.kernels.segment`, and the packed-key top-1
 variant (the default where it applies: the distance in the dot, 2 integer operations
 per distance) in :mod:`tokenizers_vq.kernels.packed`.
 """
@@ -275,6 +275,12 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def aligned(numel: int) -> int:
+    """``numel`` rounded up to 4 elements (16 bytes of 4-byte values): buffers carved out of
+    one allocation at these offsets keep Triton's 16-byte pointer specialisation."""
+    return -(-numel // 4) * 4
+
+
 def _split_plan(g: int, n: int, k: int, device: torch.device, split_k: int | None,
                 max_split: int | None = None) -> tuple[int, int]:
     """``(S, K_SPLIT)``: split the codebook when the row blocks (128 rows each) cannot
@@ -300,7 +306,9 @@ def _block_d(d: int, esize: int) -> tuple[int, bool]:
 def codeword_terms(codebook: Tensor, cosine: bool) -> tuple[Tensor, Tensor]:
     """fp32 ``(bias, scale)``, each ``(G, K)``, of a ``(G, K, d)`` codebook (no fp32 copy)."""
     g, k, d = codebook.shape
-    bias, scale = torch.empty(2, g, k, device=codebook.device, dtype=torch.float32).unbind(0)  # one allocation
+    seg = aligned(g * k)
+    both = torch.empty(2 * seg, device=codebook.device, dtype=torch.float32)  # one allocation
+    bias, scale = both[:g * k].view(g, k), both[seg:seg + g * k].view(g, k)
     bd = min(128, max(16, triton.next_power_of_2(d)))
     _row_terms_kernel[(triton.cdiv(k, 64), g)](codebook, bias, scale, k, d, *codebook.stride(),
                                                COSINE=cosine, BLOCK_K=64, BLOCK_D=bd)
@@ -363,9 +371,10 @@ def _nearest_top1(x: Tensor, codebook: Tensor, cosine: bool, precision: str, wri
         launch(_nearest_kernel, grid, g * n * k, x, codebook, bias, scale, dist, idx, dist, n, k, d, k_split,
                               *x.stride(), *codebook.stride(), n, 0, **meta)
         return dist, idx
-    part = torch.empty(2 * g * s * n + g * n, device=x.device, dtype=torch.float32)  # one allocation
-    part_s, part_i = part[:g * s * n], part[g * s * n:2 * g * s * n].view(torch.int32)
-    off = part[2 * g * s * n:]
+    seg = aligned(g * s * n)
+    part = torch.empty(2 * seg + g * n, device=x.device, dtype=torch.float32)  # one allocation
+    part_s, part_i = part[:g * s * n], part[seg:seg + g * s * n].view(torch.int32)
+    off = part[2 * seg:]
     launch(_nearest_kernel, grid, g * n * k, x, codebook, bias, scale, part_s, part_i, off, n, k, d, k_split,
                           *x.stride(), *codebook.stride(), s * n, n, **meta)
     _merge_kernel[(triton.cdiv(n, 256), g)](part_s, part_i, off, dist, idx, n, s, COSINE=cosine,
@@ -396,15 +405,6 @@ def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: s
 def _nearest_op(x: Tensor, codebook: Tensor, metric: str, k: int, precision: str, return_dist: bool,
                 split_k: int, algorithm: str = "auto") -> tuple[Tensor, Tensor]:
     return _nearest_impl(x, codebook, metric, k, precision, return_dist, split_k, algorithm)
-
-
-def _eager(*tensors: Tensor) -> bool:
-    """Plain tensors, no tracing, no dispatch mode: the op's implementation may run
-    directly, skipping the dispatcher's overhead (about 10 us a call)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode  # noqa: PLC0415
-
-    return (all(type(t) is Tensor for t in tensors) and not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None)
 
 
 def _packed():
@@ -457,6 +457,5 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
     """
     if k is not None and not 1 <= k <= min(8, codebook.shape[-2]):
         raise ValueError(f"k must be in [1, min(8, K)], got {k}")
-    op = _nearest_impl if _eager(x, codebook) else _nearest_op
-    dist, idx = op(x, codebook, metric, k or 0, precision, return_dist, split_k or 0, algorithm)
+    dist, idx = _nearest_op(x, codebook, metric, k or 0, precision, return_dist, split_k or 0, algorithm)
     return (dist if return_dist else None), idx

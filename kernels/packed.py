@@ -8,7 +8,7 @@ whole distance and the epilogue is 2 integer operations on one live int32.
 Distance in the dot. When the padded row has 6 spare columns (``d + 6 <= BLOCK_D``)::
 
     x_aug = [x,   1,  1,  1,  s1, s2, s3, 0...]   built once per program, kept in registers
-    c_aug = [-2c, h1, h2, h3, 1,  1,  1,  0...]   one small kernel per call, (G, K_pad, BLOCK_D)
+    c_aug = [-2c, h1, h2, h3, 1,  1,  1,  0...]   one small kernel per call, (G, K_pad, BLOCK_D + EXT)
 
 with ``h1 + h2 + h3 = |c|^2`` and ``s1 + s2 + s3 = |x|^2`` (fp32), each part exact in the
 operand format (bf16; or tf32, i.e. fp32 with its low 13 mantissa bits cleared), so
@@ -63,6 +63,7 @@ from tokenizers_vq.kernels.nearest import (
     _block_d,
     _interpret,
     _split_plan,
+    aligned,
     launch,
     merge_rows,
     new_outputs,
@@ -165,8 +166,8 @@ def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid ``(row blocks, splits, G)``. Writes ``(dist, idx)`` ``(G, N)``, or with
     ``SPLIT`` the partial int32 ``(key without tile bits, index)`` ``(G, S, N)``.
-    ``EXT``: 0 when the six norm columns fit past ``d`` in the padded row, else the
-    width of a second dot that holds them (16 for bf16, 8 for tf32: the narrowest dot).
+    ``EXT``: 0 when the six norm columns fit past ``d`` in the padded row, else 16, the
+    width of a second dot that holds them (the narrowest dot Triton emits on the GPU).
     ``DOT_F32`` (interpreter only, whose bf16 dot is wrong) upcasts the operands."""
     pid_n, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -287,7 +288,9 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d, EXT=ext,
                 DOT_F32=_interpret() and x.dtype == torch.bfloat16)
     if s > 1:
-        part_k, part_i = torch.empty(2, g, s, n, device=x.device, dtype=torch.int32).unbind(0)  # one allocation
+        seg = aligned(g * s * n)
+        both = torch.empty(2 * seg, device=x.device, dtype=torch.int32)  # one allocation
+        part_k, part_i = both[:g * s * n].view(g, s, n), both[seg:seg + g * s * n].view(g, s, n)
     c_aug = torch.empty(g, k_pad, block_d + ext, device=x.device, dtype=x.dtype)
     nc = d if ext == 0 else block_d
     _augment_kernel[(k_pad // AUGMENT_BLOCK_K, g)](codebook, c_aug, k, d, nc, *codebook.stride(),

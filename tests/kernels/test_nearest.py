@@ -135,16 +135,17 @@ def check_odd_shapes(device, full=False):
 
 def check_ties_and_splits(device, full=False):
     """Exact duplicate codewords across tiles and splits: the lowest index must win,
-    in top-1 and top-k, whether or not the codebook is split."""
+    in top-1 (v1 and the default, packed, kernel) and top-k, whether or not the
+    codebook is split."""
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
     base = 300
-    for name, split in itertools.product(("fp32_tf32", "bf16"), (None, 1, 3)):
+    for name, split, alg in itertools.product(("fp32_tf32", "bf16"), (None, 1, 3), ("v1", "auto")):
         dt, prec, _ = DTYPES[name]
         c0 = _data((base, 5), dt, device)
         c = torch.cat([c0, c0, c0])
         x = _data((37, 5), dt, device)
-        _, i1 = nearest_codes_triton(x, c, precision=prec, split_k=split)
+        _, i1 = nearest_codes_triton(x, c, precision=prec, split_k=split, algorithm=alg)
         assert (i1 < base).all(), "tie not broken to the lowest index"
         _, ik = nearest_codes_triton(x, c, k=3, precision=prec, split_k=split)
         assert torch.equal(ik, i1[:, None] + torch.tensor([0, base, 2 * base], device=device)), "top-k tie order"
@@ -274,7 +275,7 @@ def check_packed_ties_splits_groups(device, full=False):
         args = dict(x=x, codebook=c) | kw
         with packed_calls() as calls:
             ours = nearest_codes_triton(algorithm="packed", **args)
-        v1 = nearest_codes_triton(**args)
+        v1 = nearest_codes_triton(algorithm="v1", **args)
         assert calls[0] == 0 and torch.equal(ours[0], v1[0]) and torch.equal(ours[1], v1[1]), f"packed {kw} is not v1"
     with packed_calls() as calls:
         nearest_codes_triton(x, c, algorithm="packed")
