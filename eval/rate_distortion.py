@@ -25,8 +25,9 @@ from tokenizers_vq.tokenizer import Tokenizer
 
 @torch.no_grad()
 def rate_distortion(tok: Tokenizer, files: list[Path], sizes: list[int]) -> list[dict[str, Any]]:
-    """One row per codebook size (the original size first)."""
-    images = [load_image(f) for f in files]
+    """One row per codebook size (the original size first), on the tokenizer's device."""
+    device = next(tok.parameters()).device
+    images = [load_image(f).to(device) for f in files]
     pixels = sum(img.shape[1] * img.shape[2] for img in images)
     rows = []
     for size in [tok.quantizer.codebook_size, *sizes]:
@@ -39,8 +40,8 @@ def rate_distortion(tok: Tokenizer, files: list[Path], sizes: list[int]) -> list
             codes = model.encode(img[None] * 2 - 1)
             rec = ((model.decode(codes, size=tuple(img.shape[1:]))[0] + 1) / 2).clamp(0, 1)
             tokens.append(codes.reshape(-1))
-            err.append(psnr(rec, img))
-        stream = torch.cat(tokens)
+            err.append(float(psnr(rec, img)))
+        stream = torch.cat(tokens).cpu()
         rows.append({
             "codebook_size": size,
             "psnr_db": sum(err) / len(err),
@@ -64,12 +65,26 @@ def write_table(rows: list[dict[str, Any]], out_dir: Path, title: str) -> None:
     atomic_write(out_dir / "rate_distortion.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    import argparse  # noqa: PLC0415
 
-    folder, n = Path(sys.argv[1]), int(sys.argv[2])
-    files = sorted(folder.glob("*.jpg"))[:n]
-    tok = Tokenizer.from_pretrained()
-    rows = rate_distortion(tok, files, [256, 64, 16])
-    write_table(rows, Path(sys.argv[3]), f"Rate-distortion of {tok.config.name} shrunk by k-means, {len(files)} BSDS500 val photos, CPU")
-    print((Path(sys.argv[3]) / "rate_distortion.md").read_text())
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path, help="folder of .jpg/.png photos (e.g. BSDS500 val)")
+    ap.add_argument("n", type=int, help="first n photos in sorted order")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--sizes", default="256,64,16", help="shrunk codebook sizes")
+    ap.add_argument("--device", default="cpu", help="e.g. cuda")
+    args = ap.parse_args(argv)
+    files = sorted([*args.folder.glob("*.jpg"), *args.folder.glob("*.png")])[: args.n]
+    if not files:
+        raise SystemExit(f"no .jpg or .png photos in {args.folder}")
+    tok = Tokenizer.from_pretrained().to(args.device).eval()
+    rows = rate_distortion(tok, files, [int(v) for v in args.sizes.split(",")])
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    write_table(rows, args.out, f"Rate-distortion of {tok.config.name} shrunk by k-means, {len(files)} photos "
+                                f"of {args.folder.name}, {where}")
+    print((args.out / "rate_distortion.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

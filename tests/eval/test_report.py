@@ -90,3 +90,16 @@ def test_rate_distortion_of_a_shrunk_family(tmp_path):
     assert all(r["bits_per_token_entropy"] <= r["bits_per_token_fixed"] + 1e-9 for r in rows)
     write_table(rows, tmp_path, "tiny")
     assert "| 8 |" in (tmp_path / "rate_distortion.md").read_text()
+
+
+def test_rate_distortion_command_on_the_embedded_default(tmp_path, capsys):
+    from tokenizers_vq.eval.rate_distortion import main  # noqa: PLC0415
+
+    val = shared_path("images", "bsds500", "val")
+    main([str(val), "1", str(tmp_path), "--sizes", "16"])
+    rows = json.loads((tmp_path / "rate_distortion.json").read_text())
+    assert [r["codebook_size"] for r in rows] == [1024, 16]
+    assert rows[1]["bpp_fixed"] < rows[0]["bpp_fixed"] and rows[1]["psnr_db"] < rows[0]["psnr_db"]
+    assert "1 photos of val, CPU" in (tmp_path / "rate_distortion.md").read_text()
+    with pytest.raises(SystemExit, match="no .jpg or .png photos"):
+        main([str(tmp_path), "1", str(tmp_path / "o")])
