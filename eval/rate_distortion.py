@@ -40,7 +40,7 @@ def rate_distortion(tok: Tokenizer, files: list[Path], sizes: list[int]) -> list
             codes = model.encode(img[None] * 2 - 1)
             rec = ((model.decode(codes, size=tuple(img.shape[1:]))[0] + 1) / 2).clamp(0, 1)
             tokens.append(codes.reshape(-1))
-            err.append(float(psnr(rec, img)))
+            err.append(psnr(rec, img))
         stream = torch.cat(tokens).cpu()
         rows.append({
             "codebook_size": size,

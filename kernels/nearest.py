@@ -73,30 +73,15 @@ def _prune(configs, named_args, **meta):
     return prune_to_fit(configs[:4] if meta["BLOCK_D"] <= 32 else configs[4:], named_args, **meta)
 
 
-_TUNED: dict = {}  # (kernel, meta, dtypes) -> the autotuner's pick, launched without the autotuner
-
-
 def launch(kernel, grid, work: int, *args, interpret_tile: dict = INTERPRET_FIXED, **meta) -> None:
     """Run a ``triton.autotune``-wrapped kernel: autotuned (per key, cached) when the
-    problem is large, else its plain ``jit`` function with one fixed tile. After the
-    first autotuned launch for a (meta, dtypes) key, its config is launched directly,
-    skipping the autotuner's per-call bookkeeping (a profile showed it; the measured
-    call times did not move: ``kernels/results/sweep_h100.md``)."""
+    problem is large, else its plain ``jit`` function with one fixed tile."""
     if _interpret():
         kernel.fn[grid](*args, **meta, **interpret_tile)
     elif work < TUNE_MIN_WORK:
         kernel.fn[grid](*args, **meta, **FIXED)
     else:
-        key = (id(kernel), tuple(meta.items()), tuple(a.dtype for a in args if isinstance(a, Tensor)))
-        best = _TUNED.get(key)
-        if best is not None:
-            kernel.fn[grid](*args, **meta, **best)
-            return
         kernel[grid](*args, **meta)
-        config = getattr(kernel, "best_config", None)
-        if config is not None:
-            _TUNED[key] = config.all_kwargs() if hasattr(config, "all_kwargs") else \
-                {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 @triton.jit

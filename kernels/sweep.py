@@ -119,9 +119,9 @@ def v1_configs(rows: list, n: int = 32768) -> None:
                                                 ONE_CHUNK=False, BLOCK_D=bd, DOT_F32=False, BLOCK_N=bn, BLOCK_K=bk,
                                                 num_warps=w, num_stages=st)
 
-                row = {"part": "v1cfg", "n": n, "k": k, "d": d, "config": [bn, bk, w, st, bd], "ms": bench(run),
-                       "tflops": None}
-                row["tflops"] = 2 * n * k * d / row["ms"] / 1e9 if row["ms"] == row["ms"] else None
+                ms = bench(run)
+                row = {"part": "v1cfg", "n": n, "k": k, "d": d, "config": [bn, bk, w, st, bd], "ms": ms,
+                       "tflops": 2 * n * k * d / ms / 1e9 if ms == ms else None}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 

@@ -92,7 +92,7 @@ def test_rate_distortion_of_a_shrunk_family(tmp_path):
     assert "| 8 |" in (tmp_path / "rate_distortion.md").read_text()
 
 
-def test_rate_distortion_command_on_the_embedded_default(tmp_path, capsys):
+def test_rate_distortion_command_on_the_embedded_default(tmp_path):
     from tokenizers_vq.eval.rate_distortion import main  # noqa: PLC0415
 
     val = shared_path("images", "bsds500", "val")
