@@ -139,7 +139,8 @@ def train(q, data: torch.Tensor, steps: int, batch: int, lr: float, seed: int = 
 def run(train_dir: str, val_dir: str, k: int = 100_000, dim: int = 16, steps: int = 2000, batch: int = 65536,
         kmeans_iters: int = 10, device: str | None = None, seed: int = 0, encoder: Encoder = "frozen",
         trainable_steps: int = 12000, trainable_batch: int = 65536, lr: float = 1e-3, beta: float = 0.25,
-        train_images: int = 0, val_images: int = 0, dense_stride: int = 1, out: Path | None = None) -> dict:
+        train_images: int = 0, val_images: int = 0, dense_stride: int = 1, out: Path | None = None,
+        kmeans_balance: float = 0.25) -> dict:
     """Train and measure the quantizers on patches of the photos in ``train_dir`` and
     ``val_dir``; returns the results (the JSON's content).
 
@@ -151,6 +152,9 @@ def run(train_dir: str, val_dir: str, k: int = 100_000, dim: int = 16, steps: in
         beta: commitment weight of every quantizer.
         train_images, val_images: the first photos of each folder (0: all).
         dense_stride: stride of the windows of the dense held-out usage (0: skip it).
+        kmeans_balance: the projected codebook also runs on features from a balanced
+            k-means (``balance`` of :func:`kmeans`: small clusters re-seeded in big
+            ones), with its own ceiling row (0: skip).
         out: folder rewritten after each setup (:func:`save`), so that a run cut short
             keeps its finished rows; rows there from an earlier run of the same
             data, ``k`` and ``dim`` on the same device are kept unless re-run.
@@ -167,22 +171,28 @@ def run(train_dir: str, val_dir: str, k: int = 100_000, dim: int = 16, steps: in
     t0 = time.time()
     feats, _ = kmeans(train_x, k, iters=kmeans_iters, generator=torch.Generator().manual_seed(seed))
     kmeans_s = time.time() - t0
-    true_map = ProjectedCodebookVQ(dim, k, features=feats, fit_projector=False, check_finite=False).to(device)
-    with torch.no_grad():
-        true_map.projector.weight.copy_(proj.T)
-        true_map.projector.bias.zero_()
+    feats_bal = None
+    if kmeans_balance > 0:
+        feats_bal, _ = kmeans(train_x, k, iters=kmeans_iters, generator=torch.Generator().manual_seed(seed),
+                              balance=kmeans_balance)
+
+    def ceiling(features: torch.Tensor) -> dict:
+        true_map = ProjectedCodebookVQ(dim, k, features=features, fit_projector=False, check_finite=False).to(device)
+        with torch.no_grad():
+            true_map.projector.weight.copy_(proj.T)
+            true_map.projector.bias.zero_()
+        return {"val": usage(true_map, val_x, frozen), "train": usage(true_map, train_x, frozen),
+                "val_dense": usage(true_map, dense_x, frozen) if dense_stride else None}
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"), "k": k, "dim": dim, "steps": steps, "batch": batch,
-        "seed": seed, "kmeans_iters": kmeans_iters,
+        "seed": seed, "kmeans_iters": kmeans_iters, "kmeans_balance": kmeans_balance,
         "train_patches": len(train_x), "val_patches": len(val_x), "val_dense_patches": len(dense_x),
         "kmeans_seconds": kmeans_s,
         "uniform_ceiling_val": 1 - math.exp(-len(val_x) / k),
         "uniform_ceiling_train": 1 - math.exp(-len(train_x) / k),
-        "kmeans_codebook_true_projection": {
-            "val": usage(true_map, val_x, frozen), "train": usage(true_map, train_x, frozen),
-            "val_dense": usage(true_map, dense_x, frozen) if dense_stride else None,
-        },
+        "kmeans_codebook_true_projection": ceiling(feats),
+        "balanced_kmeans_codebook_true_projection": ceiling(feats_bal) if feats_bal is not None else None,
         "methods": {},
     }
     result["methods"] = previous_rows(out, result)
@@ -196,6 +206,9 @@ def run(train_dir: str, val_dir: str, k: int = 100_000, dim: int = 16, steps: in
         "trainable encoder + projected (VQGAN-LC)": ("trainable", projected),
         "trainable encoder + VQ-EMA, k-means init + dead-code restarts": ("trainable", ema),
     }
+    if feats_bal is not None:  # first, before the rows a short run could cut
+        bal = partial(ProjectedCodebookVQ, dim, k, features=feats_bal, beta=beta, check_finite=False)
+        setups = {f"projected (VQGAN-LC), balanced k-means features ({kmeans_balance})": ("frozen", bal), **setups}
     train_z = frozen(train_x) if encoder != "trainable" else None
     for name, (kind, make) in setups.items():
         if encoder not in (kind, "both"):
@@ -229,7 +242,8 @@ def previous_rows(out: Path | None, result: dict) -> dict:
     if path is None or not path.exists():
         return {}
     old = json.loads(path.read_text())
-    if any(old.get(key) != result[key] for key in ("device", "k", "dim", "seed", "kmeans_iters", "train_patches",
+    if any(old.get(key) != result[key] for key in ("device", "k", "dim", "seed", "kmeans_iters", "kmeans_balance",
+                                             "train_patches",
                                              "val_patches", "val_dense_patches")):
         return {}
     return {m: {"steps": old["steps"], "batch": old["batch"], "date": old["date"], **row}
@@ -270,6 +284,9 @@ def markdown(r: dict) -> str:
     lines += [
         f"| ceiling (frozen encoder): the k-means codebook through the true projection | {_pct(c['val'])} | "
         f"{_pct(c.get('val_dense'))} | {_pct(c['train'])} | | | | |",
+        *([f"| ceiling (frozen encoder): the balanced k-means codebook ({r['kmeans_balance']}) through the true "
+           f"projection | {_pct(b['val'])} | {_pct(b.get('val_dense'))} | {_pct(b['train'])} | | | | |"]
+          if (b := r.get("balanced_kmeans_codebook_true_projection")) else []),
         f"| ceiling: codes used uniformly, 1 - exp(-n/K) | {_pct(r['uniform_ceiling_val'])} | | "
         f"{_pct(r['uniform_ceiling_train'])} | | | | |",
         "",
@@ -295,13 +312,15 @@ def main() -> None:
     p.add_argument("--train-images", type=int, default=0, help="first N training photos (0: all)")
     p.add_argument("--val-images", type=int, default=0, help="first N held-out photos (0: all)")
     p.add_argument("--dense-stride", type=int, default=1, help="window stride of the dense held-out usage (0: skip)")
+    p.add_argument("--kmeans-balance", type=float, default=0.25,
+                   help="also run the projected codebook on balanced k-means features (0: skip)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0, help="seeds the projection, the k-means and the batches")
     args = p.parse_args()
     r = run(args.train, args.val, args.k, args.dim, args.steps, args.batch, device=args.device, encoder=args.encoder,
             trainable_steps=args.trainable_steps, trainable_batch=args.trainable_batch, lr=args.lr, beta=args.beta,
             train_images=args.train_images, val_images=args.val_images, dense_stride=args.dense_stride,
-            seed=args.seed, out=Path(args.out))
+            seed=args.seed, out=Path(args.out), kmeans_balance=args.kmeans_balance)
     print(markdown(r))
 
 

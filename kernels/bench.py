@@ -162,7 +162,7 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
             if res[name]["status"] != "ok":
                 continue
             algorithm = "v1" if name.endswith("_v1") else "auto"
-            bits = packed.TILE_BITS if algorithm == "auto" and packed.applies(x.dtype, d, "l2", "tf32") else 0
+            bits = packed.TILE_BITS if algorithm == "auto" and packed.applies(x.dtype, d, "l2", "tf32", 1, k) else 0
             try:
                 checks[name] = check(x, c, nearest.nearest_codes_triton(x, c, algorithm=algorithm)[1], u_in, bits)
             except Exception as e:  # noqa: BLE001  (OOM or a failing variant: recorded, the run goes on)
@@ -183,7 +183,7 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
             del vq
         except torch.OutOfMemoryError:
             res["vqp"] = {"ms": math.nan, "extra_mib": math.nan, "status": "OOM"}
-    kernel = {dt: "packed" if packed.applies(t, d, "l2", "tf32") else "v1" for dt, t in (("bf16", torch.bfloat16),
+    kernel = {dt: "packed" if packed.applies(t, d, "l2", "tf32", 1, k) else "v1" for dt, t in (("bf16", torch.bfloat16),
                                                                                         ("fp32", torch.float32))}
     del x32, c32, xb, cb
     torch.cuda.empty_cache()

@@ -167,7 +167,9 @@ def _load_rows(X_row, rmask, dd, D, sxd, ONE_CHUNK: tl.constexpr, BLOCK_N: tl.co
     return x, x_sq
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_D", "PRECISION"],  # and the dtypes
+# Keyed on D and SPLIT too: with only BLOCK_D (64 for every large d), the tile tuned at d = 256 ran at
+# d = 1536 as well, 16% slower there than the best (kernels/results/sweep_h100.md).
+@triton.autotune(configs=_configs(), key=["BLOCK_D", "PRECISION", "D", "SPLIT"],  # and the dtypes
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _nearest_kernel(X, C, BIAS, SCALE, OUT_S, OUT_I, OFF, N, K, D, K_SPLIT,
@@ -374,7 +376,7 @@ def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: s
     grouped = x.ndim == 3
     xg, cg = _common(x if grouped else x[None], codebook if grouped else codebook[None])
     split = split_k if split_k > 0 else None
-    if k == 0 and algorithm != "v1" and _packed().applies(xg.dtype, xg.shape[-1], metric, precision):
+    if k == 0 and algorithm != "v1" and _packed().applies(xg.dtype, xg.shape[-1], metric, precision, *cg.shape[:2]):
         dist, idx = _packed().nearest_packed(xg, cg, return_dist, split)
     elif k == 0:
         dist, idx = _nearest_top1(xg, cg, metric == "cosine", precision, return_dist, split)

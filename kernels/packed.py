@@ -60,7 +60,6 @@ from torch import Tensor
 from tokenizers_vq.kernels.nearest import (
     FIXED,
     SPLIT_QUANTUM,
-    _block_d,
     _interpret,
     _split_plan,
     aligned,
@@ -82,8 +81,14 @@ def _configs() -> list[triton.Config]:
     ``BLOCK_D`` wide (32 B bf16, 64 B fp32 at d = 8; v1 reads 16 / 32 B), so tall tiles
     (``BLOCK_N = 256``) halve the L2 reads per distance, which at 2 operations per
     distance may bind first (about 4 TB/s for bf16 at ``BLOCK_N = 128``)."""
-    shapes = [(128, 128, 8, 3), (256, 64, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3)]
+    shapes = [(128, 128, 8, 3), (256, 64, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
+              # wide rows (BLOCK_D 256, bf16 d 129-256): the x tile alone is 64 KiB at BLOCK_N 128,
+              # so shallower pipelines and narrower codebook tiles
+              (128, 64, 8, 3), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 4)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
+
+
+WIDE_CONFIGS = 5  # _configs()[5:] are the wide-row set (BLOCK_D > 128)
 
 
 MIN_BLOCK_K = min([c.kwargs["BLOCK_K"] for c in _configs()] + [FIXED["BLOCK_K"], INTERPRET_TILE["BLOCK_K"]])
@@ -152,8 +157,11 @@ def _exact_l2(xf, C_g, i, rmask, dd, D, sck, scd):
 
 
 def _prune(configs, named_args, **meta):
-    """Configs whose tiles of ``BLOCK_D + EXT`` columns fit in shared memory."""
-    return prune_to_fit(configs, named_args, BLOCK_D=meta["BLOCK_D"] + meta["EXT"])
+    """The set for this row width (``BLOCK_D <= 128`` or wide), pruned to the configs whose
+    tiles of ``BLOCK_D + EXT`` columns fit in shared memory."""
+    wide = meta["BLOCK_D"] > 128
+    return prune_to_fit(configs[WIDE_CONFIGS:] if wide else configs[:WIDE_CONFIGS], named_args,
+                        BLOCK_D=meta["BLOCK_D"] + meta["EXT"])
 
 
 @triton.autotune(configs=_configs(), key=["BLOCK_D", "EXT", "TILE_BITS"],  # and the dtypes
@@ -237,16 +245,18 @@ def _packed_merge_kernel(X, C, PK, PI, DIST, IDX, N, S, D, sxg, sxn, sxd, scg, s
 
 
 # -- host side --------------------------------------------------------------------------
-EXT_MAX_D = {torch.bfloat16: 128, torch.float32: 32}  # widest d run with a second (norm) dot: where it beat v1 on the H100 (kernels/results/sweep_h100.md)
+EXT_MAX_D = {torch.bfloat16: 256, torch.float32: 32}  # widest d run with a second (norm) dot: where it beat v1 on the H100 (kernels/results/sweep_h100.md)
+MAX_ROW_BYTES = {torch.bfloat16: 512, torch.float32: 256}  # padded x row kept in registers for the whole walk
+MAX_AUG_BYTES = 64 << 20  # the c_aug copy of the codebook; a larger one runs v1 (issue 3's memory target)
 
 
 def layout(dtype: torch.dtype, d: int) -> tuple[int, int] | None:
     """``(BLOCK_D, EXT)`` of the packed kernel for rows of ``d`` values of ``dtype``:
     ``EXT = 0`` when the six norm columns fit in the padded row past ``d``, else the
-    width of the second dot that holds them; ``None`` when the row is not kept in one
-    chunk or the second dot is not worth it (``d > EXT_MAX_D``): v1 then runs."""
-    block_d, one_chunk = _block_d(d, torch.finfo(dtype).bits // 8)
-    if not one_chunk:
+    width of the second dot that holds them; ``None`` when the padded row is wider than
+    ``MAX_ROW_BYTES`` or the second dot is not worth it (``d > EXT_MAX_D``): v1 then runs."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if block_d * torch.finfo(dtype).bits // 8 > MAX_ROW_BYTES.get(dtype, 0):
         return None
     if d + EXTRA_COLUMNS <= block_d:
         return block_d, 0
@@ -255,12 +265,18 @@ def layout(dtype: torch.dtype, d: int) -> tuple[int, int] | None:
     return block_d, 16  # the narrowest dot Triton emits on GPU (K >= 16, tf32 too)
 
 
-def applies(dtype: torch.dtype, d: int, metric: str, precision: str) -> bool:
+def aug_bytes(dtype: torch.dtype, groups: int, k: int, d: int) -> int:
+    """Bytes of ``c_aug`` for ``groups`` codebooks of ``k`` codes (``layout`` not None)."""
+    block_d, ext = layout(dtype, d)
+    return groups * triton.cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM * (block_d + ext) * torch.finfo(dtype).bits // 8
+
+
+def applies(dtype: torch.dtype, d: int, metric: str, precision: str, groups: int = 1, k: int = 1) -> bool:
     """Whether the packed kernel runs (else v1) for these inputs (``dtype``: the common
-    dtype of x and the codebook)."""
+    dtype of x and the codebook; ``groups`` codebooks of ``k`` codes)."""
     if metric != "l2" or not (dtype == torch.bfloat16 or (dtype == torch.float32 and precision == "tf32")):
         return False
-    return layout(dtype, d) is not None
+    return layout(dtype, d) is not None and aug_bytes(dtype, groups, k, d) <= MAX_AUG_BYTES
 
 
 def max_split(tile_bits: int) -> int:
@@ -272,10 +288,12 @@ def max_split(tile_bits: int) -> int:
     return cap
 
 
-def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int | None) -> tuple[Tensor, Tensor]:
+def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int | None,
+                   tile: dict | None = None) -> tuple[Tensor, Tensor]:
     """Launch on grouped ``x (G, N, d)`` / ``codebook (G, K, d)``, both bf16 or both fp32
     (tf32 dot products), any strides, with :func:`applies` true; returns ``(G, N)`` fp32
-    distances (empty unless ``write_dist``) and int64 indices."""
+    distances (empty unless ``write_dist``) and int64 indices. ``tile`` (the tuning sweep):
+    ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages`` launched without the autotuner."""
     g, n, d = x.shape
     k = codebook.shape[1]
     dist, idx = new_outputs(x, write_dist)
@@ -301,11 +319,12 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
 
     args = (x, codebook, c_aug)
     sizes = (n, k, k_pad, d, k_split, *x.stride(), *codebook.stride())
+    run = launch if tile is None else (lambda kernel, grid, work, *a, **kw: kernel.fn[grid](*a, **meta, **tile))
     if s == 1:
-        launch(_packed_kernel, grid, g * n * k, *args, dist, idx, *sizes, n, 0, interpret_tile=INTERPRET_TILE, **meta)
+        run(_packed_kernel, grid, g * n * k, *args, dist, idx, *sizes, n, 0, interpret_tile=INTERPRET_TILE, **meta)
         return dist, idx
-    launch(_packed_kernel, grid, g * n * k, *args, part_k, part_i, *sizes, s * n, n, interpret_tile=INTERPRET_TILE,
-           **meta)
+    run(_packed_kernel, grid, g * n * k, *args, part_k, part_i, *sizes, s * n, n, interpret_tile=INTERPRET_TILE,
+        **meta)
     _packed_merge_kernel[(triton.cdiv(n, 128), g)](x, codebook, part_k, part_i, dist, idx, n, s, d, *x.stride(),
                                                    *codebook.stride(), WRITE_DIST=write_dist, BLOCK=128,
                                                    BLOCK_D=block_d)

@@ -7,6 +7,8 @@
    the same call replayed from a CUDA graph (GPU time only).
 3. v1 tile configurations for large ``d`` (64- or 128-wide chunks), launched directly
    without the autotuner: sets the large-``d`` entries of ``nearest._configs``.
+4. ``wide``: bf16 rows of 129-256 values in the packed kernel (x kept in registers) against
+   v1, and each wide-row tile: sets ``packed.MAX_ROW_BYTES`` and the wide configs.
 
 Writes ``sweep.json`` and ``sweep.md`` under ``--out``; every row is printed as it lands.
 
@@ -126,6 +128,29 @@ def v1_configs(rows: list, n: int = 32768) -> None:
                 print(json.dumps(row), flush=True)
 
 
+def wide_rows(rows: list, n: int = 32768) -> None:
+    """bf16 d 129-256 (BLOCK_D 256): the packed kernel (x kept in registers, d = 256 with a
+    second dot) against v1, autotuned, and each wide-row tile launched directly."""
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels.nearest import _common, nearest_codes_triton  # noqa: PLC0415
+
+    for k, d in ((16384, 256), (100000, 256), (16384, 192), (16384, 160)):
+        x = torch.randn(n, d, device="cuda").bfloat16()
+        c = torch.randn(k, d, device="cuda").bfloat16()
+        row = {"part": "wide", "n": n, "k": k, "d": d, "layout": packed.layout(torch.bfloat16, d),
+               "v1_ms": bench(lambda: nearest_codes_triton(x, c, algorithm="v1")),
+               "packed_ms": bench(lambda: nearest_codes_triton(x, c, algorithm="packed")),
+               "ran_packed": packed.applies(torch.bfloat16, d, "l2", "tf32", 1, k)}
+        if d == 256:
+            xg, cg = _common(x[None], c[None])
+            for cfg in packed._configs()[packed.WIDE_CONFIGS:] + [packed._configs()[3]]:
+                tile = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                key = f"{tile['BLOCK_N']}x{tile['BLOCK_K']}w{tile['num_warps']}s{tile['num_stages']}"
+                row[key] = bench(lambda tile=tile: packed.nearest_packed(xg, cg, True, None, tile=tile))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def profile(rows: list) -> None:
     """cProfile of 500 default calls at 32768 x 16384 x 8 (bf16): where the host time goes."""
     import cProfile  # noqa: PLC0415
@@ -167,7 +192,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows: list = []
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
-    parts = {"ext": packed_vs_v1, "host": host_overhead, "v1cfg": v1_configs, "profile": profile}
+    parts = {"ext": packed_vs_v1, "host": host_overhead, "v1cfg": v1_configs, "profile": profile,
+             "wide": wide_rows}
     try:
         for name in args.parts.split(","):
             parts[name](rows)

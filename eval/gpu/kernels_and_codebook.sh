@@ -5,20 +5,26 @@
 # utilisation run (issue 5) at K = ${CODEBOOK_K:-100000} over all 100 val photos.
 #   here first: python eval/gpu/prepare_data.py images-train images-val
 #   device run, carry [.devdata/images, .whl]:  bash eval/gpu/kernels_and_codebook.sh
-#   SKIP_BENCH=1 / SKIP_TESTS=1 / SKIP_CODEBOOK=1 leave a part out; RD=1 adds the rate-distortion
+#   SKIP_BENCH=1 / SKIP_TESTS=1 / SKIP_CODEBOOK=1 leave a part out; SWEEP_PARTS=wide,... runs those
+#   parts of kernels/sweep.py first; TESTS_K narrows the GPU tests (pytest -k); RD=1 adds the rate-distortion
 #   table (next session: SKIP_BENCH=1 SKIP_TESTS=1 RD=1 gives issue 5's utilisation and RD in one call); the timeouts below sum to
 #   under the device tool's 600 s per call, and at most 8 files land in $OUT
 #   (3 logs, 3 bench, 2 codebook).
 set -u
 source eval/gpu/setup.sh
 OUT=${OUT:-results_tmp}; mkdir -p "$OUT"
+if [ -n "${SWEEP_PARTS:-}" ]; then  # e.g. SWEEP_PARTS=wide: tuning rows first, alone on the GPU
+  timeout "${SWEEP_TIMEOUT:-150}" python3 -m tokenizers_vq.kernels.sweep --parts "$SWEEP_PARTS" --out "$OUT/sweep" \
+    > "$OUT/sweep.log" 2>&1
+  echo "sweep exit $?" >> "$OUT/sweep.log"
+fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "${BENCH_TIMEOUT:-250}" python3 -m tokenizers_vq.kernels.bench --out "$OUT/kernels" --budget "${BENCH_BUDGET:-170}" \
     > "$OUT/bench.log" 2>&1
   echo "bench exit $?" >> "$OUT/bench.log"
 fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  ( timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest tests/kernels tests/train/test_losses.py -k "gpu or lpips_package" \
+  ( timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest tests/kernels tests/train/test_losses.py -k "${TESTS_K:-gpu or lpips_package}" \
       -v -p no:cacheprovider -rA --durations=15 > "$OUT/kernel_tests.log" 2>&1
     echo "kernel tests exit $?" >> "$OUT/kernel_tests.log" ) &
 fi

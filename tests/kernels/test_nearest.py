@@ -217,13 +217,13 @@ def packed_calls():
 
 def check_packed_odd_shapes(device, full=False):
     """``algorithm="packed"``, l2, bf16 and fp32_tf32 in turn: N in {1, 7, 300}, D in
-    {1, 3, 8, 10, 12, 16, 24, 32, 100} (12, 16 and 32 have no spare padding columns: the
-    norms go in a second dot; 100 in fp32 is not one chunk: v1 runs), K in {1, 17, 700};
-    on CPU the 300 x 700 cases for two D only."""
+    {1, 3, 8, 10, 12, 16, 24, 32, 100, 200, 256} (12, 16, 32 and 256 have no spare padding
+    columns: the norms go in a second dot; rows wider than ``MAX_ROW_BYTES`` run v1:
+    fp32 at 100 and up), K in {1, 17, 700}; on CPU the 300 x 700 cases for two D only."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
 
     big = 1000 if full else 300
-    for i, (n, d, k) in enumerate(itertools.product((1, 7, big), (1, 3, 8, 10, 12, 16, 24, 32, 100), (1, 17, 700))):
+    for i, (n, d, k) in enumerate(itertools.product((1, 7, big), (1, 3, 8, 10, 12, 16, 24, 32, 100, 200, 256), (1, 17, 700))):
         if n == big and k == 700 and d not in (8, 24) and not full:
             continue
         name = PACKED[i % 2]
@@ -232,7 +232,7 @@ def check_packed_odd_shapes(device, full=False):
             _check_search(_data((n, d), dt, device), _data((k, d), dt, device), "l2", name, algorithm="packed")
         padded = max(16, 1 << (d - 1).bit_length())
         spare = d + 6 <= padded  # the padded row has 6 free columns: one dot, else a second for the norms
-        one_chunk = padded * dt.itemsize <= 256
+        one_chunk = padded * dt.itemsize <= packed.MAX_ROW_BYTES[dt]
         assert calls[0] == int(one_chunk and (spare or d <= packed.EXT_MAX_D[dt])), (n, d, k, name, calls[0])
 
 
@@ -280,6 +280,15 @@ def check_packed_ties_splits_groups(device, full=False):
     with packed_calls() as calls:
         nearest_codes_triton(x, c, algorithm="packed")
     assert calls[0] == 1, "a qualifying search did not run the packed kernel"
+    old_cap = packed.MAX_AUG_BYTES
+    packed.MAX_AUG_BYTES = packed.aug_bytes(torch.float32, 1, 70, 8) - 1  # c_aug one byte over the cap: v1
+    try:
+        with packed_calls() as calls:
+            ours = nearest_codes_triton(x, c, algorithm="packed")
+    finally:
+        packed.MAX_AUG_BYTES = old_cap
+    v1 = nearest_codes_triton(x, c, algorithm="v1")
+    assert calls[0] == 0 and torch.equal(ours[1], v1[1]), "a c_aug over MAX_AUG_BYTES did not fall back to v1"
 
 
 def check_code_statistics(device, full=False):

@@ -159,10 +159,26 @@ def test_benchmark_runs_both_encoders_end_to_end(tmp_path):
     trainable = first["trainable encoder + projected (VQGAN-LC)"]
     assert len(first) == 2 and trainable["steps"] == 10 and 0 < trainable["val_mse"] < 1
     both = run(folder / "train", folder / "val", encoder="frozen", **small)["methods"]
-    assert len(both) == 5 and both["trainable encoder + projected (VQGAN-LC)"] == trainable
+    assert len(both) == 6 and both["trainable encoder + projected (VQGAN-LC)"] == trainable
+    assert "projected (VQGAN-LC), balanced k-means features (0.25)" in both
     assert all(0 < m["val"] <= m["val_dense"] <= 1 for m in both.values())
     table = (tmp_path / "codebook_scale.md").read_text()
     assert all(f"| {name} |" in table for name in both)
+    assert "| ceiling (frozen encoder): the balanced k-means codebook (0.25) through the true projection |" in table
+
+
+def test_balanced_kmeans_evens_out_cluster_sizes():
+    """A dense blob and a small far one: plain k-means leaves clusters far under the mean
+    size; ``balance`` re-seeds them inside big clusters until none is under the threshold,
+    at a quantisation error close to plain k-means'."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(20000, 4), torch.randn(300, 4) * 0.05 + 8])
+    plain, n_plain = kmeans(x, 256, iters=10, generator=torch.Generator().manual_seed(0))
+    even, n_even = kmeans(x, 256, iters=10, generator=torch.Generator().manual_seed(0), balance=0.25)
+    assert (n_plain < 0.25 * n_plain.mean()).any()
+    assert (n_even >= 0.25 * n_even.mean()).all() and n_even.sum() == len(x)
+    err_plain, err_even = nearest_codes(x, plain)[0].mean(), nearest_codes(x, even)[0].mean()
+    assert err_even < 1.2 * err_plain, (err_even, err_plain)  # still a good quantizer of x
 
 
 def test_docstring_examples_run():

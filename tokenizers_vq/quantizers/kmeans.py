@@ -20,6 +20,8 @@ def kmeans(
     reduce_over_ranks: bool = False,
     backend: Backend = "auto",
     generator: torch.Generator | None = None,
+    balance: float = 0.0,
+    balance_rounds: int = 6,
 ) -> tuple[Tensor, Tensor]:
     """Cluster the rows of ``x`` into ``k`` centres.
 
@@ -38,6 +40,12 @@ def kmeans(
             ranks (for latents that differ per rank).
         backend: nearest-code search backend, see :func:`nearest_codes`.
         generator: random generator of the seeding.
+        balance: after the Lloyd iterations, centres holding fewer than ``balance``
+            times the mean cluster size move to points drawn in proportion to their
+            cluster's size (so big clusters split), then 2 more Lloyd iterations; up to
+            ``balance_rounds`` rounds. Evens out the cluster sizes, so that fewer codes
+            sit where held-out data rarely goes (``0``: plain k-means).
+        balance_rounds: most re-seeding rounds of ``balance``.
 
     Returns:
         ``(centres, counts)``: ``(k, d)`` fp32 centres and ``(k,)`` fp32 (weighted)
@@ -55,21 +63,43 @@ def kmeans(
     centres = tdist.broadcast_(x[perm].contiguous())
     counts = torch.zeros(k, device=x.device)
     for _ in range(iters):
-        dist, idx = nearest_codes(x, centres, metric, backend)
-        if w is None:
-            counts, sums = code_statistics(x, idx, k)
-        else:
-            counts, sums = code_statistics(x * w, idx, k)
-            counts = torch.zeros(k, device=x.device).index_add_(0, idx, w.squeeze(1))
-        if reduce_over_ranks:
-            stats = tdist.all_reduce_sum_(torch.cat([counts.unsqueeze(1), sums], 1))
-            counts, sums = stats[:, 0], stats[:, 1:]
-        means = sums / counts.clamp_min(1e-12).unsqueeze(1)
-        if metric == "cosine":
-            means = l2norm(means)
-        centres = torch.where(counts.unsqueeze(1) > 0, means, centres)
-        empty = (counts <= 0).nonzero().squeeze(1)
-        if empty.numel():  # one host sync per iteration; k-means runs outside the training step
-            far = dist.topk(min(empty.numel(), x.shape[0])).indices
-            centres[empty[: far.numel()]] = tdist.broadcast_(x[far].contiguous())
+        centres, counts, idx = _lloyd_step(x, w, centres, metric, backend, reduce_over_ranks)
+    for _ in range(balance_rounds if balance > 0 and iters > 0 else 0):
+        small = (counts < balance * counts.mean()).nonzero().squeeze(1)
+        if small.numel() == 0:  # one host sync per round, outside the training step
+            break
+        size = counts[idx]  # each point drawn in proportion to its cluster's size
+        rows = torch.arange(x.shape[0], device=x.device)
+        if x.shape[0] > 2**24:  # torch.multinomial's limit on categories
+            rows = torch.randperm(x.shape[0], generator=generator, device="cpu")[: 2**24].to(x.device)
+        gen = generator if generator is None or generator.device == x.device else None
+        pick = rows[torch.multinomial(size[rows], min(small.numel(), rows.numel()), replacement=False, generator=gen)]
+        centres[small[: pick.numel()]] = tdist.broadcast_(x[pick].contiguous())
+        for _ in range(2):
+            centres, counts, idx = _lloyd_step(x, w, centres, metric, backend, reduce_over_ranks)
     return centres, counts
+
+
+def _lloyd_step(x: Tensor, w: Tensor | None, centres: Tensor, metric: Metric, backend: Backend,
+                reduce_over_ranks: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One Lloyd iteration: new ``(centres, counts)`` and the assignment ``idx`` they were
+    computed from. A centre left empty moves to the row farthest from its centre."""
+    k = centres.shape[0]
+    dist, idx = nearest_codes(x, centres, metric, backend)
+    if w is None:
+        counts, sums = code_statistics(x, idx, k)
+    else:
+        counts, sums = code_statistics(x * w, idx, k)
+        counts = torch.zeros(k, device=x.device).index_add_(0, idx, w.squeeze(1))
+    if reduce_over_ranks:
+        stats = tdist.all_reduce_sum_(torch.cat([counts.unsqueeze(1), sums], 1))
+        counts, sums = stats[:, 0], stats[:, 1:]
+    means = sums / counts.clamp_min(1e-12).unsqueeze(1)
+    if metric == "cosine":
+        means = l2norm(means)
+    centres = torch.where(counts.unsqueeze(1) > 0, means, centres)
+    empty = (counts <= 0).nonzero().squeeze(1)
+    if empty.numel():  # one host sync per iteration; k-means runs outside the training step
+        far = dist.topk(min(empty.numel(), x.shape[0])).indices
+        centres[empty[: far.numel()]] = tdist.broadcast_(x[far].contiguous())
+    return centres, counts, idx

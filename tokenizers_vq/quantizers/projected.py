@@ -214,6 +214,8 @@ class ProjectedCodebookVQ(Quantizer):
         init_batches: training batches collected before the k-means or the fit runs
             (it runs earlier once ``init_samples`` latents are held).
         kmeans_iters: Lloyd iterations of the k-means.
+        kmeans_balance: re-seed k-means clusters smaller than this fraction of the mean
+            size at points of big ones (``balance`` of :func:`kmeans`); ``0``: plain.
         usage_window: training steps over which ``usage_window`` counts a code as used.
         backend: nearest-code search backend, see :func:`nearest_codes`.
         check_finite: see :class:`Quantizer`.
@@ -242,6 +244,7 @@ class ProjectedCodebookVQ(Quantizer):
         init_samples: int = 65536,
         init_batches: int = 8,
         kmeans_iters: int = 10,
+        kmeans_balance: float = 0.0,
         usage_window: int = 100,
         backend: Backend = "auto",
         check_finite: bool = True,
@@ -256,6 +259,7 @@ class ProjectedCodebookVQ(Quantizer):
         self._size, self.metric, self.beta, self.backend = codebook_size, metric, beta, backend
         self._self_init = features is None
         self.init_samples, self.init_batches, self.kmeans_iters = init_samples, init_batches, kmeans_iters
+        self.kmeans_balance = kmeans_balance
         self.usage_window = usage_window
 
         if features is None:
@@ -265,7 +269,7 @@ class ProjectedCodebookVQ(Quantizer):
             if feats.shape[0] < codebook_size:
                 raise ValueError(f"{feats.shape[0]} feature rows cannot initialise {codebook_size} codes")
             if feats.shape[0] > codebook_size:
-                feats, _ = kmeans(feats, codebook_size, kmeans_iters, metric, backend=backend)
+                feats, _ = kmeans(feats, codebook_size, kmeans_iters, metric, backend=backend, balance=kmeans_balance)
         fdim = feats.shape[1]
         self.feature_dim = fdim
         self.register_buffer("features", feats.contiguous())  # frozen: never a parameter
@@ -361,7 +365,8 @@ class ProjectedCodebookVQ(Quantizer):
         if pool.shape[0] < self._size:  # too few latents so far: keep collecting
             self._pool, self._pool_batches = [pool], 0
             return
-        centres, _ = kmeans(pool, self._size, self.kmeans_iters, self.metric, reduce_over_ranks=True, backend=self.backend)
+        centres, _ = kmeans(pool, self._size, self.kmeans_iters, self.metric, reduce_over_ranks=True, backend=self.backend,
+                            balance=self.kmeans_balance)
         self.features.copy_(centres)
         self.initted.fill_(True)
         self._initted = True
