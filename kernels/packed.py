@@ -82,9 +82,10 @@ def _configs() -> list[triton.Config]:
     (``BLOCK_N = 256``) halve the L2 reads per distance, which at 2 operations per
     distance may bind first (about 4 TB/s for bf16 at ``BLOCK_N = 128``)."""
     shapes = [(128, 128, 8, 3), (256, 64, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
-              # wide rows (BLOCK_D 256, bf16 d 129-256): the x tile alone is 64 KiB at BLOCK_N 128,
-              # so shallower pipelines and narrower codebook tiles
-              (128, 64, 8, 3), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 4)]
+              # wide rows (BLOCK_D 256, bf16 d 129-256): the x tile alone is 64 KiB at BLOCK_N 128, so
+              # shallower pipelines and narrower codebook tiles; 128 x 64, 8 warps, 3 stages was the best
+              # of five in the H100 sweep (kernels/results/sweep_h100.md, "wide"); 64-row tiles were 40% slower
+              (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
 
 
@@ -161,7 +162,7 @@ def _prune(configs, named_args, **meta):
     tiles of ``BLOCK_D + EXT`` columns fit in shared memory."""
     wide = meta["BLOCK_D"] > 128
     return prune_to_fit(configs[WIDE_CONFIGS:] if wide else configs[:WIDE_CONFIGS], named_args,
-                        BLOCK_D=meta["BLOCK_D"] + meta["EXT"])
+                        BLOCK_D=meta["BLOCK_D"] + meta["EXT"], limit=(224 if wide else 200) * 1024)
 
 
 @triton.autotune(configs=_configs(), key=["BLOCK_D", "EXT", "TILE_BITS"],  # and the dtypes
