@@ -37,7 +37,6 @@ from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  
 PRECISIONS = ("tf32", "tf32x3", "ieee")
 ALGORITHMS = ("auto", "v1", "packed")  # top-1 search: "auto" = "packed" (tokenizers_vq.kernels.packed) where it applies, else v1
 SPLIT_QUANTUM = 256  # each split covers a multiple of every BLOCK_K, so tiles never straddle splits
-FLAT_LOOP = False  # large d: one (tile, chunk) loop in v1 (see _nearest_kernel's FLAT), else nested loops
 MAX_ONE_CHUNK_BYTES = 256  # x row bytes (padded) kept for the whole codebook walk; larger d goes in 64-wide chunks
 COS_EPS = tl.constexpr(1e-12)  # as F.normalize
 
@@ -170,19 +169,16 @@ def _load_rows(X_row, rmask, dd, D, sxd, ONE_CHUNK: tl.constexpr, BLOCK_N: tl.co
 
 # Keyed on D and SPLIT too: with only BLOCK_D (64 for every large d), the tile tuned at d = 256 ran at
 # d = 1536 as well, 16% slower there than the best (kernels/results/sweep_h100.md).
-@triton.autotune(configs=_configs(), key=["BLOCK_D", "PRECISION", "D", "SPLIT", "FLAT"],  # and the dtypes
+@triton.autotune(configs=_configs(), key=["BLOCK_D", "PRECISION", "D", "SPLIT"],  # and the dtypes
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _nearest_kernel(X, C, BIAS, SCALE, OUT_S, OUT_I, OFF, N, K, D, K_SPLIT,
                     sxg, sxn, sxd, scg, sck, scd, sog, sos,
                     COSINE: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, WRITE_DIST: tl.constexpr,
                     ONE_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr = False):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid ``(row blocks, splits, G)``. Writes ``(dist, idx)`` ``(G, N)``, or with
-    ``SPLIT`` the partial ``(score, idx)`` ``(G, S, N)`` and the row offsets ``(G, N)``.
-    ``FLAT`` (large ``d``, not ``ONE_CHUNK``): one loop over (tile, chunk) pairs with the
-    tile's epilogue on its last chunk, so loads stay in flight across tiles instead of
-    the pipeline draining and refilling at every tile (a nested chunk loop)."""
+    ``SPLIT`` the partial ``(score, idx)`` ``(G, S, N)`` and the row offsets ``(G, N)``."""
     pid_n, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -195,42 +191,15 @@ def _nearest_kernel(X, C, BIAS, SCALE, OUT_S, OUT_I, OFF, N, K, D, K_SPLIT,
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
     best_t = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
-    if FLAT:
-        n_chunks = tl.cdiv(D, BLOCK_D)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for it in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K) * n_chunks):
-            t = it // n_chunks
-            d0 = (it - t * n_chunks) * BLOCK_D
-            kk = k_lo + t * BLOCK_K + cols
-            kmask = kk < k_hi
-            dm = d0 + dd < D
-            xc = tl.load(X_row + (d0 + dd[None, :]) * sxd, mask=rmask[:, None] & dm[None, :], other=0.0)
-            c = tl.load(C + g * scg + kk[None, :].to(tl.int64) * sck + (d0 + dd[:, None]) * scd,
-                        mask=kmask[None, :] & dm[:, None], other=0.0)
-            if DOT_F32:
-                acc = tl.dot(xc.to(tl.float32), c.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xc, c, acc, input_precision=PRECISION)
-            if d0 + BLOCK_D >= D:  # the tile's last chunk: its scores, then a fresh accumulator
-                bias = tl.load(BIAS + g * K + kk, mask=kmask, other=float("inf"))
-                if COSINE:
-                    s = acc * (-tl.load(SCALE + g * K + kk, mask=kmask, other=0.0)[None, :]) + bias[None, :]
-                else:
-                    s = bias[None, :] - acc
-                lt = s < best  # strict: an earlier tile (lower index) keeps a tie
-                best = tl.where(lt, s, best)
-                best_t = tl.where(lt, t, best_t)
-                acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    else:
-        for t in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
-            kk = k_lo + t * BLOCK_K + cols
-            kmask = kk < k_hi
-            C_tile = C + g * scg + kk[None, :].to(tl.int64) * sck
-            s = _score_tile(x, X_row, rmask, C_tile, kk, kmask, dd, D, sxd, scd, BIAS + g * K, SCALE + g * K,
-                            COSINE, ONE_CHUNK, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, DOT_F32)
-            lt = s < best  # strict: an earlier tile (lower index) keeps a tie
-            best = tl.where(lt, s, best)
-            best_t = tl.where(lt, t, best_t)
+    for t in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
+        kk = k_lo + t * BLOCK_K + cols
+        kmask = kk < k_hi
+        C_tile = C + g * scg + kk[None, :].to(tl.int64) * sck
+        s = _score_tile(x, X_row, rmask, C_tile, kk, kmask, dd, D, sxd, scd, BIAS + g * K, SCALE + g * K,
+                        COSINE, ONE_CHUNK, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, DOT_F32)
+        lt = s < best  # strict: an earlier tile (lower index) keeps a tie
+        best = tl.where(lt, s, best)
+        best_t = tl.where(lt, t, best_t)
 
     # Row minimum, then the lowest index attaining it (rows of inf/NaN fall back to k_lo).
     k_idx = k_lo + best_t * BLOCK_K + cols[None, :]
@@ -381,7 +350,7 @@ def _nearest_top1(x: Tensor, codebook: Tensor, cosine: bool, precision: str, wri
     prec = precision if x.dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
     s, k_split = _split_plan(g, n, k, x.device, split_k)
     meta = dict(COSINE=cosine, PRECISION=prec, SPLIT=s > 1, WRITE_DIST=write_dist, ONE_CHUNK=one_chunk,
-                BLOCK_D=block_d, DOT_F32=_interpret() and x.dtype == torch.bfloat16, FLAT=FLAT_LOOP and not one_chunk)
+                BLOCK_D=block_d, DOT_F32=_interpret() and x.dtype == torch.bfloat16)
 
     def grid(m):
         return (triton.cdiv(n, m["BLOCK_N"]), s, g)

@@ -70,6 +70,7 @@ from tokenizers_vq.kernels.nearest import (
 )
 
 TILE_BITS = 10  # tile-number bits of the key (read per call: tests lower it to exercise the cap)
+NORM_INIT = False  # rows without 6 spare columns: norms as the dot's initial accumulator, not a second dot (read per call)
 EXTRA_COLUMNS = 6  # three 1-columns and three parts of a squared norm, on each side
 INTERPRET_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
 AUGMENT_BLOCK_K = 64  # divides SPLIT_QUANTUM
@@ -128,19 +129,24 @@ def _aug_tile(main, col, D, NC, s1, s2, s3, X_SIDE: tl.constexpr):
 
 
 @triton.jit
-def _augment_kernel(C, CA, K, D, NC, scg, sck, scd, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                    EXT: tl.constexpr):
+def _augment_kernel(C, CA, CSQ, K, D, NC, scg, sck, scd, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                    EXT: tl.constexpr, NORM_INIT: tl.constexpr):
     """``c_aug`` (module docstring), ``(G, K_pad, BLOCK_D + EXT)`` contiguous, every
-    element written; rows ``>= K`` are zeros with ``h1 = +inf`` (distance ``+inf``)."""
+    element written; rows ``>= K`` are zeros with ``h1 = +inf`` (distance ``+inf``).
+    ``NORM_INIT``: ``c_aug = [-2c, 0...]`` and fp32 ``|c|^2`` in ``CSQ (G, K_pad)``
+    (``+inf`` for rows ``>= K``) instead of the norm columns."""
     g = tl.program_id(1).to(tl.int64)
     kk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     dd = tl.arange(0, BLOCK_D)[None, :]
     real = kk < K
     c = tl.load(C + g * scg + kk[:, None].to(tl.int64) * sck + dd * scd, mask=real[:, None] & (dd < D), other=0.0)
     c = c.to(tl.float32)
-    h1, h2, h3 = _parts(tl.sum(c * c, axis=1), CA.dtype.element_ty)
+    csq = tl.sum(c * c, axis=1)
+    h1, h2, h3 = _parts(csq, CA.dtype.element_ty)
     h1 = tl.where(real, h1, float("inf"))
     k_pad = tl.num_programs(0) * BLOCK_K
+    if NORM_INIT:
+        tl.store(CSQ + g * k_pad + kk, tl.where(real, csq, float("inf")))
     row = CA + (g * k_pad + kk[:, None]) * (BLOCK_D + EXT)
     tl.store(row + dd, _aug_tile(-2.0 * c, dd, D, NC, h1, h2, h3, False).to(CA.dtype.element_ty))
     if EXT > 0:
@@ -165,18 +171,21 @@ def _prune(configs, named_args, **meta):
                         BLOCK_D=meta["BLOCK_D"] + meta["EXT"], limit=(224 if wide else 200) * 1024)
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_D", "EXT", "TILE_BITS"],  # and the dtypes
+@triton.autotune(configs=_configs(), key=["BLOCK_D", "EXT", "TILE_BITS", "NORM_INIT"],  # and the dtypes
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
                    sxg, sxn, sxd, scg, sck, scd, sog, sos,
                    SPLIT: tl.constexpr, WRITE_DIST: tl.constexpr, TILE_BITS: tl.constexpr,
                    BLOCK_D: tl.constexpr, EXT: tl.constexpr, DOT_F32: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_INIT: tl.constexpr = False, CSQ=None):
     """Grid ``(row blocks, splits, G)``. Writes ``(dist, idx)`` ``(G, N)``, or with
     ``SPLIT`` the partial int32 ``(key without tile bits, index)`` ``(G, S, N)``.
     ``EXT``: 0 when the six norm columns fit past ``d`` in the padded row, else 16, the
     width of a second dot that holds them (the narrowest dot Triton emits on the GPU).
+    ``NORM_INIT`` (with ``EXT = 0``; for rows without spare columns): no norm columns;
+    the dot accumulates ``-2 x.c`` onto ``|x|^2 + |c|^2`` (fp32, ``CSQ``), one add per
+    distance instead of the second dot.
     ``DOT_F32`` (interpreter only, whose bf16 dot is wrong) upcasts the operands."""
     pid_n, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -187,8 +196,11 @@ def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
                 mask=rmask[:, None] & (dd[None, :] < D), other=0.0)
     xf = x.to(tl.float32)
     s1, s2, s3 = _parts(tl.sum(xf * xf, axis=1), x.dtype)
-    NC = D if EXT == 0 else BLOCK_D  # first of the six norm columns
+    NC = BLOCK_D if EXT > 0 or NORM_INIT else D  # first of the six norm columns (none in the tile: BLOCK_D)
     xa = _aug_tile(xf, dd[None, :], D, NC, s1, s2, s3, True).to(x.dtype)
+    if NORM_INIT:
+        xsq = tl.sum(xf * xf, axis=1)
+        csq_ptr = CSQ + g * K_PAD + pid_s * K_SPLIT + cols
     W = BLOCK_D + EXT  # c_aug row length
 
     k_lo = pid_s * K_SPLIT
@@ -200,7 +212,14 @@ def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
     run = tl.full([BLOCK_N, BLOCK_K], 2**31 - 1, tl.int32)
     for t in range(0, tl.cdiv(tl.minimum(k_lo + K_SPLIT, K_PAD) - k_lo, BLOCK_K)):  # no masks: padded rows
         c = tl.load(ca)
-        if DOT_F32:
+        if NORM_INIT:
+            acc = xsq[:, None] + tl.load(csq_ptr)[None, :]
+            csq_ptr += BLOCK_K
+            if DOT_F32:
+                acc = tl.dot(xa.to(tl.float32), c.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xa, c, acc, input_precision="tf32")
+        elif DOT_F32:
             acc = tl.dot(xa.to(tl.float32), c.to(tl.float32), input_precision="ieee")
         else:
             acc = tl.dot(xa, c, input_precision="tf32")
@@ -304,22 +323,27 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     block_d, ext = layout(x.dtype, d)
     k_pad = triton.cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM
     s, k_split = _split_plan(g, n, k, x.device, split_k, max_split(tile_bits))
+    norm_init = ext > 0 and NORM_INIT
+    ext = 0 if norm_init else ext
     meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d, EXT=ext,
-                DOT_F32=_interpret() and x.dtype == torch.bfloat16)
+                DOT_F32=_interpret() and x.dtype == torch.bfloat16, NORM_INIT=norm_init)
     if s > 1:
         seg = aligned(g * s * n)
         both = torch.empty(2 * seg, device=x.device, dtype=torch.int32)  # one allocation
         part_k, part_i = both[:g * s * n].view(g, s, n), both[seg:seg + g * s * n].view(g, s, n)
     c_aug = torch.empty(g, k_pad, block_d + ext, device=x.device, dtype=x.dtype)
-    nc = d if ext == 0 else block_d
-    _augment_kernel[(k_pad // AUGMENT_BLOCK_K, g)](codebook, c_aug, k, d, nc, *codebook.stride(),
-                                                   BLOCK_K=AUGMENT_BLOCK_K, BLOCK_D=block_d, EXT=ext)
+    csq = torch.empty(g, k_pad, device=x.device, dtype=torch.float32) if norm_init else None
+    nc = block_d if ext > 0 or norm_init else d
+    _augment_kernel[(k_pad // AUGMENT_BLOCK_K, g)](codebook, c_aug, csq, k, d, nc, *codebook.stride(),
+                                                   BLOCK_K=AUGMENT_BLOCK_K, BLOCK_D=block_d, EXT=ext,
+                                                   NORM_INIT=norm_init)
 
     def grid(m):
         return (triton.cdiv(n, m["BLOCK_N"]), s, g)
 
     args = (x, codebook, c_aug)
     sizes = (n, k, k_pad, d, k_split, *x.stride(), *codebook.stride())
+    meta["CSQ"] = csq
     run = launch if tile is None else (lambda kernel, grid, work, *a, **kw: kernel.fn[grid](*a, **meta, **tile))
     if s == 1:
         run(_packed_kernel, grid, g * n * k, *args, dist, idx, *sizes, n, 0, interpret_tile=INTERPRET_TILE, **meta)

@@ -9,8 +9,10 @@
    without the autotuner: sets the large-``d`` entries of ``nearest._configs``.
 4. ``wide``: bf16 rows of 129-256 values in the packed kernel (x kept in registers) against
    v1, and each wide-row tile: sets ``packed.MAX_ROW_BYTES`` and the wide configs.
-5. ``flat``: v1 at d = 768 / 1536 with nested tile/chunk loops against one flat loop:
-   sets ``nearest.FLAT_LOOP``.
+5. ``norminit``: rows without six spare columns, the norms in a second dot against the
+   norms as the dot's initial accumulator: sets ``packed.NORM_INIT``. (A part ``flat``,
+   v1 with one loop over (tile, chunk) pairs for large d, was measured at commit
+   ``6211b01`` and removed with its kernel option: it lost, ``results/sweep_h100.md``.)
 
 Writes ``sweep.json`` and ``sweep.md`` under ``--out``; every row is printed as it lands.
 
@@ -153,34 +155,23 @@ def wide_rows(rows: list, n: int = 32768) -> None:
         print(json.dumps(row), flush=True)
 
 
-def flat_loop(rows: list, n: int = 32768, k: int = 16384) -> None:
-    """v1 for large d (64-wide chunks): nested tile/chunk loops against one flat loop
-    (``FLAT``), per tile, launched directly; then the autotuned public call each way."""
-    import triton  # noqa: PLC0415
+def norm_init(rows: list) -> None:
+    """Rows without six spare columns: the norms in a second 16-wide dot (default) against
+    the norms as the dot's initial accumulator (``packed.NORM_INIT``), public calls."""
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
-    from tokenizers_vq.kernels import nearest as nr  # noqa: PLC0415
-
-    tiles = [(128, 128, 8, 5), (128, 128, 8, 4), (128, 128, 8, 3), (128, 256, 8, 3), (128, 64, 8, 4), (256, 128, 8, 3)]
-    for d in (1536, 768):
-        x = torch.randn(1, n, d, device="cuda").bfloat16()
-        c = torch.randn(1, k, d, device="cuda").bfloat16()
-        bias, scale = nr.codeword_terms(c, False)
-        dist = torch.empty(1, n, device="cuda")
-        idx = torch.empty(1, n, device="cuda", dtype=torch.int64)
-        row = {"part": "flat", "n": n, "k": k, "d": d}
-        for flat in (False, True):
-            nr.FLAT_LOOP = flat
-            row[f"public_flat{int(flat)}"] = bench(lambda: nr.nearest_codes_triton(x[0], c[0], algorithm="v1"))
-            for bn, bk, w, st in tiles:
-                def run(bn=bn, bk=bk, w=w, st=st, flat=flat):
-                    grid = (triton.cdiv(n, bn), 1, 1)
-                    nr._nearest_kernel.fn[grid](x, c, bias, scale, dist, idx, dist, n, k, d, k, *x.stride(), *c.stride(),
-                                                n, 0, COSINE=False, PRECISION="tf32", SPLIT=False, WRITE_DIST=True,
-                                                ONE_CHUNK=False, BLOCK_D=64, DOT_F32=False, BLOCK_N=bn, BLOCK_K=bk,
-                                                FLAT=flat, num_warps=w, num_stages=st)
-
-                row[f"{bn}x{bk}w{w}s{st}_flat{int(flat)}"] = bench(run)
-        nr.FLAT_LOOP = False
+    for n, k, d, dt in ((32768, 16384, 256, torch.bfloat16), (32768, 100000, 256, torch.bfloat16),
+                        (32768, 16384, 128, torch.bfloat16), (32768, 16384, 32, torch.bfloat16),
+                        (262144, 16384, 32, torch.bfloat16), (32768, 100000, 32, torch.bfloat16),
+                        (32768, 16384, 32, torch.float32), (32768, 100000, 16, torch.bfloat16)):
+        x = torch.randn(n, d, device="cuda").to(dt)
+        c = torch.randn(k, d, device="cuda").to(dt)
+        row = {"part": "norminit", "n": n, "k": k, "d": d, "dtype": str(dt).split(".")[1]}
+        for flag in (False, True, False, True):  # twice each, interleaved: run-to-run noise shows
+            packed.NORM_INIT = flag
+            row.setdefault(f"norm_init{int(flag)}_ms", []).append(bench(lambda: nearest_codes_triton(x, c)))
+        packed.NORM_INIT = False
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -227,7 +218,7 @@ def main() -> None:
     rows: list = []
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     parts = {"ext": packed_vs_v1, "host": host_overhead, "v1cfg": v1_configs, "profile": profile,
-             "wide": wide_rows, "flat": flat_loop}
+             "wide": wide_rows, "norminit": norm_init}
     try:
         for name in args.parts.split(","):
             parts[name](rows)

@@ -280,6 +280,19 @@ def check_packed_ties_splits_groups(device, full=False):
     with packed_calls() as calls:
         nearest_codes_triton(x, c, algorithm="packed")
     assert calls[0] == 1, "a qualifying search did not run the packed kernel"
+    old_init, packed.NORM_INIT = packed.NORM_INIT, not packed.NORM_INIT  # the other way of the norms
+    try:
+        for (n, d, k), name in itertools.product(((7, 12, 17), (300, 32, 700), (37, 256, 300)), PACKED):
+            if name == "fp32_tf32" and d > packed.EXT_MAX_D[torch.float32]:
+                continue
+            dt = DTYPES[name][0]
+            with packed_calls() as calls:
+                for split in (None, 3):
+                    _check_search(_data((n, d), dt, device), _data((k, d), dt, device), "l2", name, split_k=split,
+                                  algorithm="packed")
+            assert calls[0] == 2, (n, d, k, name)
+    finally:
+        packed.NORM_INIT = old_init
     old_cap = packed.MAX_AUG_BYTES
     packed.MAX_AUG_BYTES = packed.aug_bytes(torch.float32, 1, 70, 8) - 1  # c_aug one byte over the cap: v1
     try:
@@ -289,24 +302,6 @@ def check_packed_ties_splits_groups(device, full=False):
         packed.MAX_AUG_BYTES = old_cap
     v1 = nearest_codes_triton(x, c, algorithm="v1")
     assert calls[0] == 0 and torch.equal(ours[1], v1[1]), "a c_aug over MAX_AUG_BYTES did not fall back to v1"
-
-
-def check_flat_loop(device, full=False):
-    """v1 with ``FLAT_LOOP`` (one loop over (tile, chunk) pairs for rows of several
-    chunks): every dtype, both metrics, d in {100, 130, 300}, with and without splits."""
-    from tokenizers_vq.kernels import nearest  # noqa: PLC0415
-
-    old, nearest.FLAT_LOOP = nearest.FLAT_LOOP, True
-    try:
-        names = list(DTYPES)
-        for i, (n, d, k, split) in enumerate(itertools.product((7, 300), (100, 130, 300), (17, 700), (None, 3))):
-            if d == 300 and n * k > 2100 and not full:
-                continue
-            name, metric = names[i % 4], ("l2", "cosine")[i // 4 % 2]
-            dt = DTYPES[name][0]
-            _check_search(_data((n, d), dt, device), _data((k, d), dt, device), metric, name, split_k=split)
-    finally:
-        nearest.FLAT_LOOP = old
 
 
 def check_code_statistics(device, full=False):
@@ -335,8 +330,7 @@ def check_custom_op(device, full=False):
 
 
 GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_grouped_and_layouts,
-                                  check_packed_odd_shapes, check_packed_ties_splits_groups, check_flat_loop,
-                                  check_code_statistics,
+                                  check_packed_odd_shapes, check_packed_ties_splits_groups, check_code_statistics,
                                   check_custom_op)}
 
 
