@@ -70,7 +70,10 @@ from tokenizers_vq.kernels.nearest import (
 )
 
 TILE_BITS = 10  # tile-number bits of the key (read per call: tests lower it to exercise the cap)
-NORM_INIT = False  # rows without 6 spare columns: norms as the dot's initial accumulator, not a second dot (read per call)
+# Rows without 6 spare columns, BLOCK_D >= this: the norms are the dot's initial accumulator, not a second
+# dot (read per call). H100 sweep ("norminit" in results/sweep_h100.md): 9-12% faster at d = 128 and 256,
+# 4-6% slower at d = 32 (there the added per-distance add costs more than the 16-wide dot saves).
+NORM_INIT_MIN_BLOCK_D = 128
 EXTRA_COLUMNS = 6  # three 1-columns and three parts of a squared norm, on each side
 INTERPRET_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
 AUGMENT_BLOCK_K = 64  # divides SPLIT_QUANTUM
@@ -171,7 +174,7 @@ def _prune(configs, named_args, **meta):
                         BLOCK_D=meta["BLOCK_D"] + meta["EXT"], limit=(224 if wide else 200) * 1024)
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_D", "EXT", "TILE_BITS", "NORM_INIT"],  # and the dtypes
+@triton.autotune(configs=_configs(), key=["BLOCK_D", "EXT", "TILE_BITS", "NORM_INIT", "K_SPLIT"],  # and the dtypes
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
@@ -323,7 +326,7 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     block_d, ext = layout(x.dtype, d)
     k_pad = triton.cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM
     s, k_split = _split_plan(g, n, k, x.device, split_k, max_split(tile_bits))
-    norm_init = ext > 0 and NORM_INIT
+    norm_init = ext > 0 and block_d >= NORM_INIT_MIN_BLOCK_D
     ext = 0 if norm_init else ext
     meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d, EXT=ext,
                 DOT_F32=_interpret() and x.dtype == torch.bfloat16, NORM_INIT=norm_init)

@@ -157,7 +157,7 @@ def wide_rows(rows: list, n: int = 32768) -> None:
 
 def norm_init(rows: list) -> None:
     """Rows without six spare columns: the norms in a second 16-wide dot (default) against
-    the norms as the dot's initial accumulator (``packed.NORM_INIT``), public calls."""
+    the norms as the dot's initial accumulator (``packed.NORM_INIT_MIN_BLOCK_D``), public calls."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
@@ -168,10 +168,11 @@ def norm_init(rows: list) -> None:
         x = torch.randn(n, d, device="cuda").to(dt)
         c = torch.randn(k, d, device="cuda").to(dt)
         row = {"part": "norminit", "n": n, "k": k, "d": d, "dtype": str(dt).split(".")[1]}
+        old = packed.NORM_INIT_MIN_BLOCK_D
         for flag in (False, True, False, True):  # twice each, interleaved: run-to-run noise shows
-            packed.NORM_INIT = flag
+            packed.NORM_INIT_MIN_BLOCK_D = 0 if flag else 2**30
             row.setdefault(f"norm_init{int(flag)}_ms", []).append(bench(lambda: nearest_codes_triton(x, c)))
-        packed.NORM_INIT = False
+        packed.NORM_INIT_MIN_BLOCK_D = old
         rows.append(row)
         print(json.dumps(row), flush=True)
 

@@ -280,11 +280,12 @@ def check_packed_ties_splits_groups(device, full=False):
     with packed_calls() as calls:
         nearest_codes_triton(x, c, algorithm="packed")
     assert calls[0] == 1, "a qualifying search did not run the packed kernel"
-    old_init, packed.NORM_INIT = packed.NORM_INIT, not packed.NORM_INIT  # the other way of the norms
-    try:
-        for (n, d, k), name in itertools.product(((7, 12, 17), (300, 32, 700), (37, 256, 300)), PACKED):
+    old_init = packed.NORM_INIT_MIN_BLOCK_D
+    try:  # rows without spare columns, the norms both ways: initial accumulator (0) and second dot (2^30)
+        for (n, d, k), name, at in itertools.product(((7, 12, 17), (300, 32, 700), (37, 256, 300)), PACKED, (0, 2**30)):
             if name == "fp32_tf32" and d > packed.EXT_MAX_D[torch.float32]:
                 continue
+            packed.NORM_INIT_MIN_BLOCK_D = at
             dt = DTYPES[name][0]
             with packed_calls() as calls:
                 for split in (None, 3):
@@ -292,7 +293,7 @@ def check_packed_ties_splits_groups(device, full=False):
                                   algorithm="packed")
             assert calls[0] == 2, (n, d, k, name)
     finally:
-        packed.NORM_INIT = old_init
+        packed.NORM_INIT_MIN_BLOCK_D = old_init
     old_cap = packed.MAX_AUG_BYTES
     packed.MAX_AUG_BYTES = packed.aug_bytes(torch.float32, 1, 70, 8) - 1  # c_aug one byte over the cap: v1
     try:
