@@ -73,7 +73,10 @@ TILE_BITS = 10  # tile-number bits of the key (read per call: tests lower it to 
 # Rows without 6 spare columns, BLOCK_D >= this: the norms are the dot's initial accumulator, not a second
 # dot (read per call). H100 sweep ("norminit" in results/sweep_h100.md): 9-12% faster at d = 128 and 256,
 # 4-6% slower at d = 32 (there the added per-distance add costs more than the 16-wide dot saves).
+# Only while c_aug stays small enough to live in L2 (NORM_INIT_MAX_AUG_BYTES): at 32768 x 100000 x 256
+# (51 MiB, streamed from memory) the second dot was faster, 4.10-4.22 ms against 4.44-4.47, in three runs.
 NORM_INIT_MIN_BLOCK_D = 128
+NORM_INIT_MAX_AUG_BYTES = 32 << 20
 EXTRA_COLUMNS = 6  # three 1-columns and three parts of a squared norm, on each side
 INTERPRET_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
 AUGMENT_BLOCK_K = 64  # divides SPLIT_QUANTUM
@@ -326,7 +329,8 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     block_d, ext = layout(x.dtype, d)
     k_pad = triton.cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM
     s, k_split = _split_plan(g, n, k, x.device, split_k, max_split(tile_bits))
-    norm_init = ext > 0 and block_d >= NORM_INIT_MIN_BLOCK_D
+    norm_init = (ext > 0 and block_d >= NORM_INIT_MIN_BLOCK_D
+                 and g * k_pad * block_d * x.element_size() <= NORM_INIT_MAX_AUG_BYTES)
     ext = 0 if norm_init else ext
     meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d, EXT=ext,
                 DOT_F32=_interpret() and x.dtype == torch.bfloat16, NORM_INIT=norm_init)
