@@ -433,9 +433,11 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
             GPU size (more when ``N`` is small).
         algorithm: ``"auto"`` (default; ``"packed"`` is the same) runs the packed
             kernel of :mod:`tokenizers_vq.kernels.packed` where it applies: ``l2``,
-            ``k=None``, bf16 with ``d <= 128``, or fp32 with ``"tf32"`` and ``d <= 58``
-            (a second dot holds the norms for d 11-16 and 27-32, and in bf16 also 59-64
-            and 123-128). Everything else runs v1, which ``"v1"`` forces. The packed
+            ``k=None``, bf16 with ``d <= 256``, or fp32 with ``"tf32"`` and ``d <= 58``
+            (a second dot, or at 123-128 and 251-256 an initial accumulator, holds the
+            norms for d 11-16 and 27-32, and in bf16 also 59-64, 123-128 and 251-256;
+            the augmented codebook copy is capped at 64 MiB). Everything else runs v1,
+            which ``"v1"`` forces. The packed
             kernel's indices may also differ from the exact argmin on near-ties
             within a relative ``2^-13`` of the distance (then the lowest index wins).
 

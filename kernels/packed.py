@@ -39,11 +39,16 @@ as ``|x - c_idx|^2`` in fp32 (in the search kernel, or in the merge after splits
 Splits write per split the key without its tile bits and the index, ``(G, S, N)``; the
 merge takes the least key in split order (strict ``<``: the earlier split keeps ties).
 
-When the padded row has no six spare columns (d 11-16, 27-32, 59-64, 123-128), the
+When the padded row has no six spare columns (d 11-16, 27-32, 59-64, 123-128, 251-256), the
 norm columns go in a second dot of 16 columns (``EXT``; the narrowest dot Triton emits
-on the GPU, tf32 included) that accumulates into the same ``acc``.
+on the GPU, tf32 included) that accumulates into the same ``acc``; for rows of
+``BLOCK_D >= 128`` with a ``c_aug`` of at most 32 MiB, the dot instead accumulates onto
+``|x|^2 + |c|^2`` (``NORM_INIT``), faster there on the H100.
 
-Scope: ``l2``, top-1, bf16 (``d <= 128``), or fp32 with ``precision="tf32"``
+Rows of up to ``MAX_ROW_BYTES`` (bf16 d <= 256) keep x in registers; ``c_aug`` beyond
+``MAX_AUG_BYTES`` (64 MiB) runs v1 instead.
+
+Scope: ``l2``, top-1, bf16 (``d <= 256``), or fp32 with ``precision="tf32"``
 (``d <= 58``: ``d <= 32`` where a second dot is needed, ``EXT_MAX_D``, from the H100
 sweep in ``kernels/results/sweep_h100.md``). Everything else runs v1: cosine
 (a normalised codebook rounded to bf16 would break v1's error bound), fp16 (``|c|^2``
