@@ -10,7 +10,7 @@
 4. ``wide``: bf16 rows of 129-256 values in the packed kernel (x kept in registers) against
    v1, and each wide-row tile: sets ``packed.MAX_ROW_BYTES`` and the wide configs.
 5. ``norminit``: rows without six spare columns, the norms in a second dot against the
-   norms as the dot's initial accumulator: sets ``packed.NORM_INIT``. (A part ``flat``,
+   norms as the dot's initial accumulator: sets ``packed.NORM_INIT_MIN_BLOCK_D``. (A part ``flat``,
    v1 with one loop over (tile, chunk) pairs for large d, was measured at commit
    ``6211b01`` and removed with its kernel option: it lost, ``results/sweep_h100.md``.)
 
@@ -147,7 +147,7 @@ def wide_rows(rows: list, n: int = 32768) -> None:
                "ran_packed": packed.applies(torch.bfloat16, d, "l2", "tf32", 1, k)}
         if d == 256:
             xg, cg = _common(x[None], c[None])
-            for cfg in packed._configs()[packed.WIDE_CONFIGS:] + [packed._configs()[3]]:
+            for cfg in packed._configs()[packed.WIDE_CONFIGS:]:
                 tile = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 key = f"{tile['BLOCK_N']}x{tile['BLOCK_K']}w{tile['num_warps']}s{tile['num_stages']}"
                 row[key] = bench(lambda tile=tile: packed.nearest_packed(xg, cg, True, None, tile=tile))

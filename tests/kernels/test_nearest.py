@@ -218,7 +218,8 @@ def packed_calls():
 def check_packed_odd_shapes(device, full=False):
     """``algorithm="packed"``, l2, bf16 and fp32_tf32 in turn: N in {1, 7, 300}, D in
     {1, 3, 8, 10, 12, 16, 24, 32, 100, 200, 256} (12, 16, 32 and 256 have no spare padding
-    columns: the norms go in a second dot; rows wider than ``MAX_ROW_BYTES`` run v1:
+    columns: the norms go in a second dot, or at 256 in the dot's initial accumulator;
+    rows wider than ``MAX_ROW_BYTES`` run v1:
     fp32 at 100 and up), K in {1, 17, 700}; on CPU the 300 x 700 cases for two D only."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
 
@@ -240,7 +241,9 @@ def check_packed_ties_splits_groups(device, full=False):
     """Packed: exact duplicate codewords within a tile, across tiles and across splits go
     to the lowest index, with the default ``TILE_BITS`` and with 2 (every tile number
     used, splits forced); G codebooks equal G searches; strided views and
-    ``return_dist=False``; what it does not cover (cosine, fp16, ieee, top-k) runs v1."""
+    ``return_dist=False``; the norms both ways (second dot, initial accumulator) where the
+    row has no spare columns; what it does not cover (cosine, fp16, ieee, top-k, a c_aug
+    over ``MAX_AUG_BYTES``) runs v1."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import FIXED, nearest_codes_triton  # noqa: PLC0415
 
