@@ -35,7 +35,9 @@ from torch import Tensor
 from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  (re-exported)
 
 PRECISIONS = ("tf32", "tf32x3", "ieee")
-ALGORITHMS = ("auto", "v1", "packed")  # top-1 search: "auto" = "packed" (tokenizers_vq.kernels.packed) where it applies, else v1
+# top-1 search: "auto" (= "packed") runs the packed kernel (tokenizers_vq.kernels.packed) where it applies, else the
+# chunked GEMM (tokenizers_vq.kernels.gemm) for wide 16-bit rows, else v1; "gemm" forces the chunked GEMM at any d
+ALGORITHMS = ("auto", "v1", "packed", "gemm")
 SPLIT_QUANTUM = 256  # each split covers a multiple of every BLOCK_K, so tiles never straddle splits
 MAX_ONE_CHUNK_BYTES = 256  # x row bytes (padded) kept for the whole codebook walk; larger d goes in 64-wide chunks
 COS_EPS = tl.constexpr(1e-12)  # as F.normalize
@@ -376,8 +378,14 @@ def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: s
     grouped = x.ndim == 3
     xg, cg = _common(x if grouped else x[None], codebook if grouped else codebook[None])
     split = split_k if split_k > 0 else None
-    if k == 0 and algorithm != "v1" and _packed().applies(xg.dtype, xg.shape[-1], metric, precision, *cg.shape[:2]):
+    d = xg.shape[-1]
+    if algorithm == "gemm" and not (k == 0 and _gemm().applies(xg.dtype, d, metric, xg.device, min_d=0)):
+        raise ValueError("algorithm='gemm' needs metric='l2', k=None and bf16 or fp16 inputs on CUDA (or under "
+                         f"TRITON_INTERPRET=1); got metric={metric!r}, k={k or None}, dtype {xg.dtype}, {xg.device}")
+    if k == 0 and algorithm in ("auto", "packed") and _packed().applies(xg.dtype, d, metric, precision, *cg.shape[:2]):
         dist, idx = _packed().nearest_packed(xg, cg, return_dist, split)
+    elif k == 0 and (algorithm == "gemm" or (algorithm != "v1" and _gemm().applies(xg.dtype, d, metric, xg.device))):
+        dist, idx = _gemm().nearest_gemm(xg, cg, return_dist)
     elif k == 0:
         dist, idx = _nearest_top1(xg, cg, metric == "cosine", precision, return_dist, split)
     else:
@@ -399,6 +407,12 @@ def _packed():
     from tokenizers_vq.kernels import packed  # noqa: PLC0415  (imports this module)
 
     return packed
+
+
+def _gemm():
+    from tokenizers_vq.kernels import gemm  # noqa: PLC0415  (imports this module)
+
+    return gemm
 
 
 @_nearest_op.register_fake
@@ -436,8 +450,11 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
             ``k=None``, bf16 with ``d <= 256``, or fp32 with ``"tf32"`` and ``d <= 58``
             (a second dot, or at 123-128 and 251-256 an initial accumulator, holds the
             norms for d 11-16 and 27-32, and in bf16 also 59-64, 123-128 and 251-256;
-            the augmented codebook copy is capped at 64 MiB). Everything else runs v1,
-            which ``"v1"`` forces. The packed
+            the augmented codebook copy is capped at 64 MiB); then, for ``l2``,
+            ``k=None`` and bf16 / fp16 rows of ``d >= 1024``, the chunked GEMM of
+            :mod:`tokenizers_vq.kernels.gemm` (the vendor GEMM into one reused block
+            of at most 32 MiB, folded by a Triton pass), which ``"gemm"`` forces at
+            any ``d``. Everything else runs v1, which ``"v1"`` forces. The packed
             kernel's indices may also differ from the exact argmin on near-ties
             within a relative ``2^-13`` of the distance (then the lowest index wins).
 

@@ -13,6 +13,9 @@
    norms as the dot's initial accumulator: sets ``packed.NORM_INIT_MIN_BLOCK_D``. (A part ``flat``,
    v1 with one loop over (tile, chunk) pairs for large d, was measured at commit
    ``6211b01`` and removed with its kernel option: it lost, ``results/sweep_h100.md``.)
+6. ``gemm``: wide bf16 rows, v1 against the chunked GEMM of :mod:`tokenizers_vq.kernels.gemm`
+   and its block shapes: sets ``gemm.GEMM_MIN_D`` and ``gemm.CHUNK_ROWS``.
+7. ``hostparts``: small calls, the split choice and the host time of each piece.
 
 Writes ``sweep.json`` and ``sweep.md`` under ``--out``; every row is printed as it lands.
 
@@ -177,6 +180,91 @@ def norm_init(rows: list) -> None:
         print(json.dumps(row), flush=True)
 
 
+def gemm_path(rows: list, n: int = 32768) -> None:
+    """Wide bf16 rows: v1 (autotuned; and split so that each program walks one 256-code
+    slice), the chunked GEMM (default blocks and others, extra peak memory, CUDA-graph
+    time) and the bare fp32-out GEMM of the whole ``N x K`` product: sets
+    ``gemm.GEMM_MIN_D`` and the block shape."""
+    from tokenizers_vq.kernels import gemm  # noqa: PLC0415
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+
+    for k, d in ((16384, 1536), (16384, 1024), (16384, 768), (100000, 1024)):
+        x = torch.randn(1, n, d, device="cuda").bfloat16()
+        c = torch.randn(1, k, d, device="cuda").bfloat16()
+        row = {"part": "gemm", "n": n, "k": k, "d": d, "default_chunk": gemm.plan(n, k),
+               "v1_ms": bench(lambda: nearest_codes_triton(x[0], c[0], algorithm="v1")),
+               "gemm_ms": bench(lambda: nearest_codes_triton(x[0], c[0], algorithm="gemm")),
+               "gemm_graph_ms": graph_ms(lambda: gemm.nearest_gemm(x, c, True))}
+        if d == 1536:
+            row["v1_split256_ms"] = bench(lambda: nearest_codes_triton(x[0], c[0], algorithm="v1", split_k=k // 256))
+        if k == 16384:
+            for chunk in ((4096, 2048), (16384, 512), (8192, 2048), (4096, 1024), (2048, 4096), (32768, 256)):
+                row[f"gemm_{chunk[0]}x{chunk[1]}_ms"] = bench(lambda chunk=chunk: gemm.nearest_gemm(x, c, True, chunk))
+            if d == 1536:
+                out = torch.empty(n, k, device="cuda")
+                row["mm_fp32_out_full_ms"] = bench(lambda: torch.mm(x[0], c[0].T, out_dtype=torch.float32, out=out))
+                del out
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        nearest_codes_triton(x[0], c[0], algorithm="gemm")
+        torch.cuda.synchronize()
+        row["gemm_extra_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def host_parts(rows: list) -> None:
+    """Small calls (32768 x 16384, d = 8 and 32, bf16): call and CUDA-graph time with the
+    automatic split and with one split, and the host microseconds of each piece (issued
+    without synchronising: the launch queue absorbs them)."""
+    import triton  # noqa: PLC0415
+
+    from tokenizers_vq.kernels import nearest as nr  # noqa: PLC0415
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+
+    def host_us(fn, reps=300):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        us = (time.perf_counter() - t) / reps * 1e6
+        torch.cuda.synchronize()
+        return us
+
+    for n, k, d in ((32768, 16384, 8), (32768, 16384, 32)):
+        x = torch.randn(1, n, d, device="cuda").bfloat16()
+        c = torch.randn(1, k, d, device="cuda").bfloat16()
+        row = {"part": "hostparts", "n": n, "k": k, "d": d}
+        for split in (None, 1, 2):
+            tag = "auto" if split is None else str(split)
+            row[f"split_{tag}"] = {
+                "public_ms": bench(lambda: nr.nearest_codes_triton(x[0], c[0], split_k=split)),
+                "graph_ms": graph_ms(lambda: packed.nearest_packed(x, c, True, split)),
+                "public_host_us": host_us(lambda: nr.nearest_codes_triton(x[0], c[0], split_k=split)),
+                "nearest_packed_host_us": host_us(lambda: packed.nearest_packed(x, c, True, split))}
+        block_d, ext = packed.layout(torch.bfloat16, d)
+        k_pad = triton.cdiv(k, 256) * 256
+        c_aug = torch.empty(1, k_pad, block_d + ext, device="cuda", dtype=torch.bfloat16)
+        dist = torch.empty(1, n, device="cuda")
+        idx = torch.empty(1, n, device="cuda", dtype=torch.int64)
+        row["augment_host_us"] = host_us(lambda: packed._augment_kernel[(k_pad // 64, 1)](
+            c, c_aug, None, k, d, block_d if ext else d, *c.stride(), BLOCK_K=64, BLOCK_D=block_d, EXT=ext,
+            NORM_INIT=False))
+        meta = dict(SPLIT=False, WRITE_DIST=True, TILE_BITS=packed.TILE_BITS, BLOCK_D=block_d, EXT=ext, DOT_F32=False,
+                    NORM_INIT=False, CSQ=None)
+        args = (x, c, c_aug, dist, idx, n, k, k_pad, d, k_pad, *x.stride(), *c.stride(), n, 0)
+        row["packed_autotuned_launch_host_us"] = host_us(
+            lambda: packed._packed_kernel[lambda m: (triton.cdiv(n, m["BLOCK_N"]), 1, 1)](*args, **meta))
+        tile = {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}
+        row["packed_jit_launch_host_us"] = host_us(lambda: packed._packed_kernel.fn[(n // 128, 1, 1)](*args, **meta, **tile))
+        row["empty3_host_us"] = host_us(lambda: (torch.empty(n, device="cuda"), torch.empty(n, device="cuda"),
+                                                 torch.empty(k_pad, 48, device="cuda")))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def profile(rows: list) -> None:
     """cProfile of 500 default calls at 32768 x 16384 x 8 (bf16): where the host time goes."""
     import cProfile  # noqa: PLC0415
@@ -219,7 +307,7 @@ def main() -> None:
     rows: list = []
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     parts = {"ext": packed_vs_v1, "host": host_overhead, "v1cfg": v1_configs, "profile": profile,
-             "wide": wide_rows, "norminit": norm_init}
+             "wide": wide_rows, "norminit": norm_init, "gemm": gemm_path, "hostparts": host_parts}
     try:
         for name in args.parts.split(","):
             parts[name](rows)
