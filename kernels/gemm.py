@@ -31,7 +31,7 @@ from torch import Tensor
 from tokenizers_vq.kernels.nearest import _interpret, aligned, codeword_terms, new_outputs
 
 GEMM_MIN_D = 1024  # 16-bit rows this wide run here by default (H100 sweep, results/sweep_h100.md "gemm")
-CHUNK_BYTES = 32 << 20  # the fp32 block buffer
+CHUNK_BYTES = 56 << 20  # the fp32 block buffer: fewer, larger blocks cost less host time; under issue 3's 64 MiB
 CHUNK_ROWS = 8192  # rows per block (fewer when N is smaller); codes per block fill CHUNK_BYTES
 FOLD_ROWS, FOLD_COLS = 16, 256  # fold tile: BLOCK_R rows, BLOCK_C columns per step
 
@@ -146,17 +146,23 @@ def nearest_gemm(x: Tensor, codebook: Tensor, write_dist: bool,
     seg = aligned(g * n)
     best = torch.empty(2 * seg, device=x.device, dtype=torch.float32)  # one allocation
     best_s, best_i = best[:g * n].view(g, n), best[seg:seg + g * n].view(torch.int32).view(g, n)
+    # Host time per block (a GEMM and a fold launch) is what bounds the call at large blocks counts:
+    # views are made once, outside the block loop.
+    views: dict = {}
     for gi in range(g):
+        blocks = [(k0, min(codes, k - k0), codebook[gi, k0:k0 + codes].T) for k0 in range(0, k, codes)]
+        bias_g = bias[gi]
         for r0 in range(0, n, rows):
             r = min(rows, n - r0)
-            xr = x[gi, r0:r0 + r]
-            for k0 in range(0, k, codes):
-                kc = min(codes, k - k0)
-                p = buf[:r * kc].view(r, kc)
-                _block_product(xr, codebook[gi, k0:k0 + kc].T, p)
-                _fold_kernel[(triton.cdiv(r, FOLD_ROWS),)](p, bias[gi], best_s[gi, r0:], best_i[gi, r0:], r, kc, k0,
-                                                          kc, FIRST=k0 == 0, BLOCK_R=FOLD_ROWS, BLOCK_C=FOLD_COLS,
-                                                          num_warps=4)
+            xr, bs, bi = x[gi, r0:r0 + r], best_s[gi, r0:], best_i[gi, r0:]
+            grid = (triton.cdiv(r, FOLD_ROWS),)
+            for k0, kc, ct in blocks:
+                p = views.get((r, kc))
+                if p is None:
+                    p = views[r, kc] = buf[:r * kc].view(r, kc)
+                _block_product(xr, ct, p)
+                _fold_kernel[grid](p, bias_g, bs, bi, r, kc, k0, kc, FIRST=k0 == 0, BLOCK_R=FOLD_ROWS,
+                                   BLOCK_C=FOLD_COLS, num_warps=4)
     _finish_kernel[(triton.cdiv(n, 64), g)](x, best_s, best_i, dist, idx, n, d, *x.stride(), WRITE_DIST=write_dist,
                                             BLOCK=64, BLOCK_D=128)
     return dist, idx

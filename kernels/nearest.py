@@ -58,8 +58,16 @@ def _configs() -> list[triton.Config]:
     large ``d`` by the dot (GEMM-like tiles, deeper pipelines). ``_prune`` picks the set."""
     shapes = [(128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),  # small d
               (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3),  # large d
-              (128, 128, 8, 5)]  # best at d = 1536 in the H100 sweep (kernels/results/sweep_h100.md)
+              (128, 128, 8, 5),  # best at d = 1536 in the H100 sweep (kernels/results/sweep_h100.md)
+              # ROW_REDUCE (d >= ROW_REDUCE_MIN_D): one running value per row, not per tile element, leaves
+              # the registers to larger tiles (more flops per byte of operands read from L2) and deeper pipelines
+              (128, 256, 8, 4), (256, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 6),
+              (128, 128, 8, 5)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
+
+
+ROW_REDUCE_CONFIGS = 9  # _configs()[9:] are the ROW_REDUCE set
+ROW_REDUCE_MIN_D = 512  # d from which v1 reduces each tile to its rows at once (read per call)
 
 
 def prune_to_fit(configs, named_args, limit: int = 200 * 1024, **meta):
@@ -71,8 +79,10 @@ def prune_to_fit(configs, named_args, limit: int = 200 * 1024, **meta):
 
 
 def _prune(configs, named_args, **meta):
-    """The set for this ``BLOCK_D`` (small or large ``d``), pruned to fit."""
-    return prune_to_fit(configs[:4] if meta["BLOCK_D"] <= 32 else configs[4:], named_args, **meta)
+    """The set for this ``BLOCK_D`` (small or large ``d``; ``ROW_REDUCE``), pruned to fit."""
+    if meta.get("ROW_REDUCE"):
+        return prune_to_fit(configs[ROW_REDUCE_CONFIGS:], named_args, limit=224 * 1024, **meta)
+    return prune_to_fit(configs[:4] if meta["BLOCK_D"] <= 32 else configs[4:ROW_REDUCE_CONFIGS], named_args, **meta)
 
 
 def launch(kernel, grid, work: int, *args, interpret_tile: dict = INTERPRET_FIXED, **meta) -> None:
@@ -171,16 +181,18 @@ def _load_rows(X_row, rmask, dd, D, sxd, ONE_CHUNK: tl.constexpr, BLOCK_N: tl.co
 
 # Keyed on D and SPLIT too: with only BLOCK_D (64 for every large d), the tile tuned at d = 256 ran at
 # d = 1536 as well, 16% slower there than the best (kernels/results/sweep_h100.md).
-@triton.autotune(configs=_configs(), key=["BLOCK_D", "PRECISION", "D", "SPLIT"],  # and the dtypes
+@triton.autotune(configs=_configs(), key=["BLOCK_D", "PRECISION", "D", "SPLIT", "ROW_REDUCE"],  # and the dtypes
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _nearest_kernel(X, C, BIAS, SCALE, OUT_S, OUT_I, OFF, N, K, D, K_SPLIT,
                     sxg, sxn, sxd, scg, sck, scd, sog, sos,
                     COSINE: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, WRITE_DIST: tl.constexpr,
                     ONE_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_REDUCE: tl.constexpr = False):
     """Grid ``(row blocks, splits, G)``. Writes ``(dist, idx)`` ``(G, N)``, or with
-    ``SPLIT`` the partial ``(score, idx)`` ``(G, S, N)`` and the row offsets ``(G, N)``."""
+    ``SPLIT`` the partial ``(score, idx)`` ``(G, S, N)`` and the row offsets ``(G, N)``.
+    ``ROW_REDUCE`` (large ``d``, where the dot dwarfs the epilogue): each tile is reduced
+    to its rows' ``(min, lowest index)`` at once, one running pair per row."""
     pid_n, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -191,23 +203,38 @@ def _nearest_kernel(X, C, BIAS, SCALE, OUT_S, OUT_I, OFF, N, K, D, K_SPLIT,
 
     k_lo = pid_s * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
-    best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
-    best_t = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
+    if ROW_REDUCE:
+        best = tl.full([BLOCK_N], float("inf"), tl.float32)
+        best_i = tl.full([BLOCK_N], 0, tl.int32) + k_lo
+    else:
+        best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+        best_t = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
     for t in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
         kk = k_lo + t * BLOCK_K + cols
         kmask = kk < k_hi
         C_tile = C + g * scg + kk[None, :].to(tl.int64) * sck
         s = _score_tile(x, X_row, rmask, C_tile, kk, kmask, dd, D, sxd, scd, BIAS + g * K, SCALE + g * K,
                         COSINE, ONE_CHUNK, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, DOT_F32)
-        lt = s < best  # strict: an earlier tile (lower index) keeps a tie
-        best = tl.where(lt, s, best)
-        best_t = tl.where(lt, t, best_t)
+        if ROW_REDUCE:
+            m_t = tl.min(s, axis=1)
+            i_t = tl.min(tl.where((s == m_t[:, None]) & kmask[None, :], kk[None, :], K), axis=1)
+            lt = m_t < best  # strict: an earlier tile (lower index) keeps a tie
+            best = tl.where(lt, m_t, best)
+            best_i = tl.where(lt, i_t, best_i)
+        else:
+            lt = s < best  # strict: an earlier tile (lower index) keeps a tie
+            best = tl.where(lt, s, best)
+            best_t = tl.where(lt, t, best_t)
 
     # Row minimum, then the lowest index attaining it (rows of inf/NaN fall back to k_lo).
-    k_idx = k_lo + best_t * BLOCK_K + cols[None, :]
-    m = tl.min(best, axis=1)
-    cand = tl.where((best == m[:, None]) & (k_idx < k_hi), k_idx, K)
-    i = tl.min(cand, axis=1)
+    if ROW_REDUCE:
+        m = best
+        i = best_i
+    else:
+        k_idx = k_lo + best_t * BLOCK_K + cols[None, :]
+        m = tl.min(best, axis=1)
+        cand = tl.where((best == m[:, None]) & (k_idx < k_hi), k_idx, K)
+        i = tl.min(cand, axis=1)
     i = tl.where(i < k_hi, i, k_lo)
     off = _row_offset(x_sq, COSINE)
     if SPLIT:
@@ -352,7 +379,7 @@ def _nearest_top1(x: Tensor, codebook: Tensor, cosine: bool, precision: str, wri
     prec = precision if x.dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
     s, k_split = _split_plan(g, n, k, x.device, split_k)
     meta = dict(COSINE=cosine, PRECISION=prec, SPLIT=s > 1, WRITE_DIST=write_dist, ONE_CHUNK=one_chunk,
-                BLOCK_D=block_d, DOT_F32=_interpret() and x.dtype == torch.bfloat16)
+                BLOCK_D=block_d, DOT_F32=_interpret() and x.dtype == torch.bfloat16, ROW_REDUCE=d >= ROW_REDUCE_MIN_D)
 
     def grid(m):
         return (triton.cdiv(n, m["BLOCK_N"]), s, g)

@@ -16,6 +16,9 @@
 6. ``gemm``: wide bf16 rows, v1 against the chunked GEMM of :mod:`tokenizers_vq.kernels.gemm`
    and its block shapes: sets ``gemm.GEMM_MIN_D`` and ``gemm.CHUNK_ROWS``.
 7. ``hostparts``: small calls, the split choice and the host time of each piece.
+8. ``rowreduce``: v1 with each tile reduced to its rows at once, against the per-element
+   walk and the chunked GEMM: sets ``nearest.ROW_REDUCE_MIN_D``.
+9. ``splitone``: the packed kernel with the automatic split against one split.
 
 Writes ``sweep.json`` and ``sweep.md`` under ``--out``; every row is printed as it lands.
 
@@ -214,6 +217,58 @@ def gemm_path(rows: list, n: int = 32768) -> None:
         print(json.dumps(row), flush=True)
 
 
+def row_reduce(rows: list, n: int = 32768) -> None:
+    """Wide bf16 rows: v1 with the per-element walk against ``ROW_REDUCE`` (autotuned,
+    public calls, automatic split and one split), and the chunked GEMM (call, CUDA graph,
+    block shapes): sets ``nearest.ROW_REDUCE_MIN_D`` and the wide-row default."""
+    from tokenizers_vq.kernels import gemm  # noqa: PLC0415
+    from tokenizers_vq.kernels import nearest as nr  # noqa: PLC0415
+
+    old = nr.ROW_REDUCE_MIN_D
+    for k, d in ((16384, 1536), (16384, 1024), (16384, 768), (16384, 512)):
+        x = torch.randn(1, n, d, device="cuda").bfloat16()
+        c = torch.randn(1, k, d, device="cuda").bfloat16()
+        row = {"part": "rowreduce", "n": n, "k": k, "d": d}
+        for flag in (False, True):
+            nr.ROW_REDUCE_MIN_D = 0 if flag else 2**30
+            for split in (None, 1):
+                row[f"v1_rr{int(flag)}_split{split or 'auto'}_ms"] = bench(
+                    lambda split=split: nr.nearest_codes_triton(x[0], c[0], algorithm="v1", split_k=split))
+        nr.ROW_REDUCE_MIN_D = old
+        row["gemm_ms"] = bench(lambda: nr.nearest_codes_triton(x[0], c[0], algorithm="gemm"))
+        row["gemm_graph_ms"] = graph_ms(lambda: gemm.nearest_gemm(x, c, True))
+        row["gemm_default_chunk"] = gemm.plan(n, k)
+        if d >= 1024:
+            for chunk in ((7168, 2048), (4096, 3584), (16384, 896)):
+                row[f"gemm_{chunk[0]}x{chunk[1]}_ms"] = bench(lambda chunk=chunk: gemm.nearest_gemm(x, c, True, chunk))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        nr.nearest_codes_triton(x[0], c[0], algorithm="gemm")
+        torch.cuda.synchronize()
+        row["gemm_extra_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def split_one(rows: list) -> None:
+    """The packed kernel at the benchmark's sizes, automatic split (more programs while
+    the row blocks fill fewer than two waves) against one split: call and CUDA-graph ms."""
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+
+    for n, k, d in ((32768, 16384, 8), (32768, 16384, 32), (32768, 100000, 8), (32768, 16384, 256),
+                    (32768, 100000, 256), (262144, 16384, 32)):
+        x = torch.randn(1, n, d, device="cuda").bfloat16()
+        c = torch.randn(1, k, d, device="cuda").bfloat16()
+        row = {"part": "splitone", "n": n, "k": k, "d": d}
+        for split in (None, 1):
+            row[f"split{split or 'auto'}_ms"] = bench(lambda split=split: nearest_codes_triton(x[0], c[0], split_k=split))
+            row[f"split{split or 'auto'}_graph_ms"] = graph_ms(lambda split=split: packed.nearest_packed(x, c, True, split))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def host_parts(rows: list) -> None:
     """Small calls (32768 x 16384, d = 8 and 32, bf16): call and CUDA-graph time with the
     automatic split and with one split, and the host microseconds of each piece (issued
@@ -307,7 +362,8 @@ def main() -> None:
     rows: list = []
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     parts = {"ext": packed_vs_v1, "host": host_overhead, "v1cfg": v1_configs, "profile": profile,
-             "wide": wide_rows, "norminit": norm_init, "gemm": gemm_path, "hostparts": host_parts}
+             "wide": wide_rows, "norminit": norm_init, "gemm": gemm_path, "hostparts": host_parts,
+             "rowreduce": row_reduce, "splitone": split_one}
     try:
         for name in args.parts.split(","):
             parts[name](rows)

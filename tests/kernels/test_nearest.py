@@ -379,6 +379,37 @@ def check_gemm(device, full=False):
             nearest_codes_triton(**(dict(x=x, codebook=c) | kw), algorithm="gemm")
 
 
+def check_row_reduce(device, full=False):
+    """v1 with ``ROW_REDUCE`` (each tile reduced to its rows at once; large ``d`` by
+    default), forced on at every ``d``: odd shapes over dtypes and both metrics, split and
+    not; exact duplicates across tiles and splits go to the lowest index; exact fp32 at
+    d = 520 picks the same codes as the per-element walk."""
+    from tokenizers_vq.kernels import nearest as nr  # noqa: PLC0415
+
+    names = list(DTYPES)
+    old = nr.ROW_REDUCE_MIN_D
+    try:
+        nr.ROW_REDUCE_MIN_D = 0
+        cases = ((1, 3, 1), (7, 5, 17), (7, 100, 1000), (300, 24, 700), (37, 600, 300))
+        for i, ((n, d, k), split) in enumerate(itertools.product(cases, (None, 3))):
+            metric = ("l2", "cosine")[i % 2]
+            name = names[i % 4]
+            dt = DTYPES[name][0]
+            _check_search(_data((n, d), dt, device), _data((k, d), dt, device), metric, name, split_k=split)
+        for split in (None, 1, 3):
+            c0 = _data((300, 40), torch.float32, device)
+            idx = _check_search(_data((50, 40), torch.float32, device), torch.cat([c0, c0, c0]), "l2", "fp32_ieee",
+                                split_k=split)
+            assert (idx < 300).all(), "tie not broken to the lowest index"
+        x, c = _data((30, 520), torch.float32, device), _data((200, 520), torch.float32, device)
+        forced = nr.nearest_codes_triton(x, c, precision="ieee", algorithm="v1")
+        nr.ROW_REDUCE_MIN_D = 2**30
+        plain = nr.nearest_codes_triton(x, c, precision="ieee", algorithm="v1")
+        assert torch.equal(forced[1], plain[1]), "ROW_REDUCE picks other codes than the per-element walk"
+    finally:
+        nr.ROW_REDUCE_MIN_D = old
+
+
 def check_code_statistics(device, full=False):
     from tokenizers_vq.kernels.nearest import code_statistics_triton  # noqa: PLC0415
 
@@ -405,7 +436,7 @@ def check_custom_op(device, full=False):
 
 
 GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_grouped_and_layouts,
-                                  check_packed_odd_shapes, check_packed_ties_splits_groups, check_gemm,
+                                  check_packed_odd_shapes, check_packed_ties_splits_groups, check_gemm, check_row_reduce,
                                   check_code_statistics,
                                   check_custom_op)}
 
