@@ -35,9 +35,7 @@ from torch import Tensor
 from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  (re-exported)
 
 PRECISIONS = ("tf32", "tf32x3", "ieee")
-# top-1 search: "auto" (= "packed") runs the packed kernel (tokenizers_vq.kernels.packed) where it applies, else the
-# chunked GEMM (tokenizers_vq.kernels.gemm) for wide 16-bit rows, else v1; "gemm" forces the chunked GEMM at any d
-ALGORITHMS = ("auto", "v1", "packed", "gemm")
+ALGORITHMS = ("auto", "v1", "packed")  # top-1 search: "auto" = "packed" (tokenizers_vq.kernels.packed) where it applies, else v1
 SPLIT_QUANTUM = 256  # each split covers a multiple of every BLOCK_K, so tiles never straddle splits
 MAX_ONE_CHUNK_BYTES = 256  # x row bytes (padded) kept for the whole codebook walk; larger d goes in 64-wide chunks
 COS_EPS = tl.constexpr(1e-12)  # as F.normalize
@@ -299,13 +297,15 @@ def aligned(numel: int) -> int:
 
 
 def _split_plan(g: int, n: int, k: int, device: torch.device, split_k: int | None,
-                max_split: int | None = None) -> tuple[int, int]:
+                max_split: int | None = None, unsplit_waves: int = 2) -> tuple[int, int]:
     """``(S, K_SPLIT)``: split the codebook when the row blocks (128 rows each) cannot
-    fill two waves of the GPU; each split covers a multiple of ``SPLIT_QUANTUM`` codes,
-    and at most ``max_split`` (a multiple of it) when given."""
+    fill ``unsplit_waves`` waves of the GPU (one per SM), into enough splits for two
+    waves; each split covers a multiple of ``SPLIT_QUANTUM`` codes, and at most
+    ``max_split`` (a multiple of it) when given."""
     if split_k is None:
         blocks = g * triton.cdiv(n, 128 if device.type == "cuda" else 64)
-        split_k = max(1, triton.cdiv(2 * _num_sms(device), blocks))
+        sms = _num_sms(device)
+        split_k = 1 if blocks >= unsplit_waves * sms else max(1, triton.cdiv(2 * sms, blocks))
     k_split = triton.cdiv(triton.cdiv(k, max(1, split_k)), SPLIT_QUANTUM) * SPLIT_QUANTUM
     if max_split is not None:
         k_split = min(k_split, max_split)
@@ -405,14 +405,8 @@ def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: s
     grouped = x.ndim == 3
     xg, cg = _common(x if grouped else x[None], codebook if grouped else codebook[None])
     split = split_k if split_k > 0 else None
-    d = xg.shape[-1]
-    if algorithm == "gemm" and not (k == 0 and _gemm().applies(xg.dtype, d, metric, xg.device, min_d=0)):
-        raise ValueError("algorithm='gemm' needs metric='l2', k=None and bf16 or fp16 inputs on CUDA (or under "
-                         f"TRITON_INTERPRET=1); got metric={metric!r}, k={k or None}, dtype {xg.dtype}, {xg.device}")
-    if k == 0 and algorithm in ("auto", "packed") and _packed().applies(xg.dtype, d, metric, precision, *cg.shape[:2]):
+    if k == 0 and algorithm != "v1" and _packed().applies(xg.dtype, xg.shape[-1], metric, precision, *cg.shape[:2]):
         dist, idx = _packed().nearest_packed(xg, cg, return_dist, split)
-    elif k == 0 and (algorithm == "gemm" or (algorithm != "v1" and _gemm().applies(xg.dtype, d, metric, xg.device))):
-        dist, idx = _gemm().nearest_gemm(xg, cg, return_dist)
     elif k == 0:
         dist, idx = _nearest_top1(xg, cg, metric == "cosine", precision, return_dist, split)
     else:
@@ -434,12 +428,6 @@ def _packed():
     from tokenizers_vq.kernels import packed  # noqa: PLC0415  (imports this module)
 
     return packed
-
-
-def _gemm():
-    from tokenizers_vq.kernels import gemm  # noqa: PLC0415  (imports this module)
-
-    return gemm
 
 
 @_nearest_op.register_fake
@@ -477,11 +465,8 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
             ``k=None``, bf16 with ``d <= 256``, or fp32 with ``"tf32"`` and ``d <= 58``
             (a second dot, or at 123-128 and 251-256 an initial accumulator, holds the
             norms for d 11-16 and 27-32, and in bf16 also 59-64, 123-128 and 251-256;
-            the augmented codebook copy is capped at 64 MiB); then, for ``l2``,
-            ``k=None`` and bf16 / fp16 rows of ``d >= 1024``, the chunked GEMM of
-            :mod:`tokenizers_vq.kernels.gemm` (the vendor GEMM into one reused block
-            of at most 32 MiB, folded by a Triton pass), which ``"gemm"`` forces at
-            any ``d``. Everything else runs v1, which ``"v1"`` forces. The packed
+            the augmented codebook copy is capped at 64 MiB). Everything else runs v1,
+            which ``"v1"`` forces. The packed
             kernel's indices may also differ from the exact argmin on near-ties
             within a relative ``2^-13`` of the distance (then the lowest index wins).
 

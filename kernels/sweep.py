@@ -13,12 +13,10 @@
    norms as the dot's initial accumulator: sets ``packed.NORM_INIT_MIN_BLOCK_D``. (A part ``flat``,
    v1 with one loop over (tile, chunk) pairs for large d, was measured at commit
    ``6211b01`` and removed with its kernel option: it lost, ``results/sweep_h100.md``.)
-6. ``gemm``: wide bf16 rows, v1 against the chunked GEMM of :mod:`tokenizers_vq.kernels.gemm`
-   and its block shapes: sets ``gemm.GEMM_MIN_D`` and ``gemm.CHUNK_ROWS``.
-7. ``hostparts``: small calls, the split choice and the host time of each piece.
-8. ``rowreduce``: v1 with each tile reduced to its rows at once, against the per-element
-   walk and the chunked GEMM: sets ``nearest.ROW_REDUCE_MIN_D``.
-9. ``splitone``: the packed kernel with the automatic split against one split.
+6. ``hostparts``: small calls, the split choice and the host time of each piece.
+7. ``rowreduce``: v1 with each tile reduced to its rows at once, against the per-element
+   walk: sets ``nearest.ROW_REDUCE_MIN_D``.
+8. ``splitone``: the packed kernel with the automatic split against one split.
 
 Writes ``sweep.json`` and ``sweep.md`` under ``--out``; every row is printed as it lands.
 
@@ -183,45 +181,12 @@ def norm_init(rows: list) -> None:
         print(json.dumps(row), flush=True)
 
 
-def gemm_path(rows: list, n: int = 32768) -> None:
-    """Wide bf16 rows: v1 (autotuned; and split so that each program walks one 256-code
-    slice), the chunked GEMM (default blocks and others, extra peak memory, CUDA-graph
-    time) and the bare fp32-out GEMM of the whole ``N x K`` product: sets
-    ``gemm.GEMM_MIN_D`` and the block shape."""
-    from tokenizers_vq.kernels import gemm  # noqa: PLC0415
-    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
-
-    for k, d in ((16384, 1536), (16384, 1024), (16384, 768), (100000, 1024)):
-        x = torch.randn(1, n, d, device="cuda").bfloat16()
-        c = torch.randn(1, k, d, device="cuda").bfloat16()
-        row = {"part": "gemm", "n": n, "k": k, "d": d, "default_chunk": gemm.plan(n, k),
-               "v1_ms": bench(lambda: nearest_codes_triton(x[0], c[0], algorithm="v1")),
-               "gemm_ms": bench(lambda: nearest_codes_triton(x[0], c[0], algorithm="gemm")),
-               "gemm_graph_ms": graph_ms(lambda: gemm.nearest_gemm(x, c, True))}
-        if d == 1536:
-            row["v1_split256_ms"] = bench(lambda: nearest_codes_triton(x[0], c[0], algorithm="v1", split_k=k // 256))
-        if k == 16384:
-            for chunk in ((4096, 2048), (16384, 512), (8192, 2048), (4096, 1024), (2048, 4096), (32768, 256)):
-                row[f"gemm_{chunk[0]}x{chunk[1]}_ms"] = bench(lambda chunk=chunk: gemm.nearest_gemm(x, c, True, chunk))
-            if d == 1536:
-                out = torch.empty(n, k, device="cuda")
-                row["mm_fp32_out_full_ms"] = bench(lambda: torch.mm(x[0], c[0].T, out_dtype=torch.float32, out=out))
-                del out
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        nearest_codes_triton(x[0], c[0], algorithm="gemm")
-        torch.cuda.synchronize()
-        row["gemm_extra_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-
 def row_reduce(rows: list, n: int = 32768) -> None:
     """Wide bf16 rows: v1 with the per-element walk against ``ROW_REDUCE`` (autotuned,
-    public calls, automatic split and one split), and the chunked GEMM (call, CUDA graph,
-    block shapes): sets ``nearest.ROW_REDUCE_MIN_D`` and the wide-row default."""
-    from tokenizers_vq.kernels import gemm  # noqa: PLC0415
+    public calls, automatic split and one split): sets ``nearest.ROW_REDUCE_MIN_D``. (At
+    ``954f6fa`` this part also timed a chunked-GEMM path, the vendor GEMM into a reused
+    56 MiB fp32 block folded by a Triton pass; it lost at every d and was removed:
+    ``results/session6/``.)"""
     from tokenizers_vq.kernels import nearest as nr  # noqa: PLC0415
 
     old = nr.ROW_REDUCE_MIN_D
@@ -235,18 +200,6 @@ def row_reduce(rows: list, n: int = 32768) -> None:
                 row[f"v1_rr{int(flag)}_split{split or 'auto'}_ms"] = bench(
                     lambda split=split: nr.nearest_codes_triton(x[0], c[0], algorithm="v1", split_k=split))
         nr.ROW_REDUCE_MIN_D = old
-        row["gemm_ms"] = bench(lambda: nr.nearest_codes_triton(x[0], c[0], algorithm="gemm"))
-        row["gemm_graph_ms"] = graph_ms(lambda: gemm.nearest_gemm(x, c, True))
-        row["gemm_default_chunk"] = gemm.plan(n, k)
-        if d >= 1024:
-            for chunk in ((7168, 2048), (4096, 3584), (16384, 896)):
-                row[f"gemm_{chunk[0]}x{chunk[1]}_ms"] = bench(lambda chunk=chunk: gemm.nearest_gemm(x, c, True, chunk))
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        nr.nearest_codes_triton(x[0], c[0], algorithm="gemm")
-        torch.cuda.synchronize()
-        row["gemm_extra_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -362,7 +315,7 @@ def main() -> None:
     rows: list = []
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     parts = {"ext": packed_vs_v1, "host": host_overhead, "v1cfg": v1_configs, "profile": profile,
-             "wide": wide_rows, "norminit": norm_init, "gemm": gemm_path, "hostparts": host_parts,
+             "wide": wide_rows, "norminit": norm_init, "hostparts": host_parts,
              "rowreduce": row_reduce, "splitone": split_one}
     try:
         for name in args.parts.split(","):

@@ -308,77 +308,6 @@ def check_packed_ties_splits_groups(device, full=False):
     assert calls[0] == 0 and torch.equal(ours[1], v1[1]), "a c_aug over MAX_AUG_BYTES did not fall back to v1"
 
 
-@contextlib.contextmanager
-def gemm_blocks(rows, codes_bytes):
-    """Chunked-GEMM blocks of ``rows`` rows and ``codes_bytes`` bytes, and a count of the
-    searches that really ran the chunked GEMM (``calls[0]``)."""
-    from tokenizers_vq.kernels import gemm  # noqa: PLC0415
-
-    calls, real = [0], gemm.nearest_gemm
-    old = gemm.CHUNK_ROWS, gemm.CHUNK_BYTES
-
-    def spy(*a, **k):
-        calls[0] += 1
-        return real(*a, **k)
-
-    gemm.nearest_gemm, gemm.CHUNK_ROWS, gemm.CHUNK_BYTES = spy, rows, codes_bytes
-    try:
-        yield calls
-    finally:
-        gemm.nearest_gemm = real
-        gemm.CHUNK_ROWS, gemm.CHUNK_BYTES = old
-
-
-def check_gemm(device, full=False):
-    """``algorithm="gemm"`` (the chunked GEMM of wide 16-bit rows), bf16 and fp16 in turn:
-    N in {1, 7, 300}, D in {1, 5, 100, 1100}, K in {1, 17, 700}, with blocks shrunk to
-    128 rows x 256 codes so rows and codes span several blocks; exact duplicate codewords
-    across blocks go to the lowest index; G codebooks equal G searches; strided views and
-    ``return_dist=False``; ``"auto"`` picks it for 16-bit rows from ``GEMM_MIN_D`` only;
-    forcing it where it does not apply is an error naming the reason."""
-    from tokenizers_vq.kernels import gemm  # noqa: PLC0415
-    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
-
-    big = 1000 if full else 300
-    with gemm_blocks(128, 128 * 256 * 4) as calls:
-        for i, (n, d, k) in enumerate(itertools.product((1, 7, big), (1, 5, 100, 1100), (1, 17, 700))):
-            if n == big and k == 700 and d not in (5, 1100) and not full:
-                continue
-            name = ("bf16", "fp16")[i % 2]
-            dt = DTYPES[name][0]
-            _check_search(_data((n, d), dt, device), _data((k, d), dt, device), "l2", name, algorithm="gemm",
-                          dist_out=i % 3 != 0)
-        ran = calls[0]
-        c0 = _data((300, 24), torch.bfloat16, device)
-        idx = _check_search(_data((200, 24), torch.bfloat16, device), torch.cat([c0, c0, c0]), "l2", "bf16",
-                            algorithm="gemm")
-        assert (idx < 300).all(), "tie across blocks not broken to the lowest index"
-        x, c = _data((3, 150, 40), torch.float16, device), _data((3, 600, 40), torch.float16, device)
-        _check_search(x, c, "l2", "fp16", algorithm="gemm")
-        dist, idx = nearest_codes_triton(x, c, algorithm="gemm")
-        for g in range(3):
-            dg, ig = nearest_codes_triton(x[g], c[g], algorithm="gemm")
-            assert torch.equal(ig, idx[g]) and torch.equal(dg, dist[g]), "grouped != per group"
-        xt = _data((24, 140), torch.bfloat16, device).t()  # (140, 24), stride (1, 140)
-        ct = _data((600, 48), torch.bfloat16, device)[:, ::2]  # (600, 24), stride (48, 2)
-        _check_search(xt, ct, "l2", "bf16", algorithm="gemm")
-        _check_search(xt, ct, "l2", "bf16", algorithm="gemm", dist_out=False)
-        assert calls[0] == ran + 1 + 2 + 3 + 2, "a forced search did not run the chunked GEMM"
-        wide = gemm.GEMM_MIN_D
-        for dt, d, expect in ((torch.bfloat16, wide, 1), (torch.float16, wide + 3, 1), (torch.bfloat16, wide - 1, 0),
-                              (torch.float32, wide, 0)):
-            before = calls[0]
-            ours = nearest_codes_triton(_data((5, d), dt, device), _data((9, d), dt, device))
-            assert calls[0] - before == expect, (dt, d)
-            assert ours[1].shape == (5,)
-    x, c = _data((5, 8), torch.float32, device), _data((9, 8), torch.float32, device)
-    for kw, what in ((dict(), "dtype torch.float32"),
-                     (dict(metric="cosine", x=x.bfloat16(), codebook=c.bfloat16()), "metric='cosine'"),
-                     (dict(k=2, x=x.bfloat16(), codebook=c.bfloat16()), "k=2")):
-        with pytest.raises(ValueError, match=what):
-            nearest_codes_triton(**(dict(x=x, codebook=c) | kw), algorithm="gemm")
-
-
 def check_row_reduce(device, full=False):
     """v1 with ``ROW_REDUCE`` (each tile reduced to its rows at once; large ``d`` by
     default), forced on at every ``d``: odd shapes over dtypes and both metrics, split and
@@ -436,7 +365,7 @@ def check_custom_op(device, full=False):
 
 
 GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_grouped_and_layouts,
-                                  check_packed_odd_shapes, check_packed_ties_splits_groups, check_gemm, check_row_reduce,
+                                  check_packed_odd_shapes, check_packed_ties_splits_groups, check_row_reduce,
                                   check_code_statistics,
                                   check_custom_op)}
 
