@@ -7,7 +7,8 @@ kernel where it applies, else v1), v1 forced (``algorithm="v1"``) beside it, aga
 and bf16) and vector-quantize-pytorch's ``VectorQuantize`` (eval forward); then one
 VQ-EMA training step (forward + backward + EMA update) of ours against theirs.
 
-Reported per method: median ms (``triton.testing.do_bench``), extra peak memory
+Reported per method: median ms (``triton.testing.do_bench``; every method is timed in
+``ROUNDS`` rounds over all methods and keeps its fastest round), extra peak memory
 beyond inputs and outputs (``max_memory_allocated`` delta after a warm-up call, so
 autotuning is excluded), and for ours the percent of the floor
 ``max(2 N K D / bf16 matmul rate, N K * 4 ops / CUDA-core op rate)``, both rates
@@ -37,6 +38,10 @@ CASES = [(32768, 100000, 8), (262144, 262144, 8), (32768, 16384, 8), (32768, 163
 METHODS = ["ours_bf16", "ours_bf16_v1", "ours_fp32", "ours_fp32_v1", "ours_fp32_exact", "cdist_fp32",
            "mm_fp32", "mm_bf16", "vqp"]
 CHECKED = ["ours_bf16", "ours_fp32", "ours_bf16_v1", "ours_fp32_v1"]  # index checks, in this order
+# Each method is timed in ROUNDS rounds over all methods and keeps its fastest median: a host-bound call
+# (about 0.1 ms of GPU work under 0.1-0.4 ms of Python) was up to 4x slower in the first round after a
+# peer's large run than in later ones (results/session6/), for ours and the peers alike.
+ROUNDS = 2
 EPILOGUE_OPS = 4  # per distance: score (1), compare (1), two selects (2)
 
 
@@ -153,9 +158,16 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
         "mm_bf16": lambda: torch.addmm(csqb, xb, cb.T, alpha=-2.0).argmin(1),
     }
     res = {}
-    for name, fn in fns.items():
-        over = time.time() > deadline and not name.startswith("ours")
-        res[name] = {"status": "skipped"} if fn is None or over else measure(fn)
+    for rnd in range(ROUNDS):  # every method once per round; each keeps its fastest round (see module doc)
+        for name, fn in fns.items():
+            over = time.time() > deadline and not name.startswith("ours")
+            if rnd == 0:
+                res[name] = {"status": "skipped"} if fn is None or over else measure(fn)
+            elif res[name].get("status") == "ok" and not over:
+                again = measure(fn)
+                if again["status"] == "ok":
+                    res[name]["round_ms"] = [res[name].get("round_ms", [res[name]["ms"]])[0], again["ms"]]
+                    res[name]["ms"] = min(res[name]["round_ms"])
     checks = {}
     if time.time() < deadline:
         for name, (x, c, u_in) in zip(CHECKED, ((xb, cb, 0.0), (x32, c32, 2.0**-11)) * 2):
@@ -229,7 +241,8 @@ def markdown(meta: dict, rows: list[dict], train: dict | None) -> str:
              f"Measured bf16 matmul {r['bf16_tflops']:.0f} TFLOP/s (8192^3). Epilogue bound: {EPILOGUE_OPS} CUDA-core "
              f"ops per distance at {r['sms']} SMs x 128 lanes x {r['sm_clock_mhz']:.0f} MHz = "
              f"{r['cuda_core_tops']:.1f} Tops/s. Floor = max(2NKD / bf16 rate, that bound).", "",
-             "Median ms (extra peak MiB beyond inputs and outputs). \"ours\" is the default call (the packed "
+             f"Median ms, the faster of {ROUNDS} rounds over all methods (both rounds in the JSON, `round_ms`), "
+             "and extra peak MiB beyond inputs and outputs. \"ours\" is the default call (the packed "
              "kernel where it applies, named in the kernel column, else v1); \"v1\" forces `algorithm=\"v1\"`; "
              "ours fp32 uses tf32 dot products, exact = `precision=\"ieee\"`. % floor and speed-up: bf16, "
              "ours / v1. Index checks against the fp32 torch argmin (mismatch, bad): ours bf16 / ours fp32 / "

@@ -60,7 +60,7 @@ def _configs() -> list[triton.Config]:
               # ROW_REDUCE (d >= ROW_REDUCE_MIN_D): one running value per row, not per tile element, leaves
               # the registers to larger tiles (more flops per byte of operands read from L2) and deeper pipelines
               (128, 256, 8, 4), (256, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 6),
-              (128, 128, 8, 5)]
+              (128, 128, 8, 5), (128, 128, 8, 3), (128, 64, 4, 4)]  # the last two: fp32 rows fit
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
 
 
@@ -78,8 +78,11 @@ def prune_to_fit(configs, named_args, limit: int = 200 * 1024, **meta):
 
 def _prune(configs, named_args, **meta):
     """The set for this ``BLOCK_D`` (small or large ``d``; ``ROW_REDUCE``), pruned to fit."""
-    if meta.get("ROW_REDUCE"):
-        return prune_to_fit(configs[ROW_REDUCE_CONFIGS:], named_args, limit=224 * 1024, **meta)
+    if meta.get("ROW_REDUCE"):  # x chunks are pipelined too (many-chunk rows): stages x both operand tiles
+        esize = named_args["X"].element_size()
+        keep = [c for c in configs[ROW_REDUCE_CONFIGS:] if c.num_stages * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"])
+                * meta["BLOCK_D"] * esize <= 224 * 1024]
+        return keep or configs[-1:]
     return prune_to_fit(configs[:4] if meta["BLOCK_D"] <= 32 else configs[4:ROW_REDUCE_CONFIGS], named_args, **meta)
 
 
