@@ -39,8 +39,9 @@ as ``|x - c_idx|^2`` in fp32 (in the search kernel, or in the merge after splits
 Splits write per split the key without its tile bits and the index, ``(G, S, N)``; the
 merge takes the least key in split order (strict ``<``: the earlier split keeps ties).
 
-When the padded row has no six spare columns (d 11-16, 27-32, 59-64, 123-128, 251-256), the
-norm columns go in a second dot of 16 columns (``EXT``; the narrowest dot Triton emits
+When the padded row has no six spare columns (d 11-16, 27-32, 59-64, 123-128, 251-256), bf16
+rows of d 11-16 pad to 32 columns (``PAD_UP_MAX_D``: one dot, 11% faster than two on the H100);
+otherwise the norm columns go in a second dot of 16 columns (``EXT``; the narrowest dot Triton emits
 on the GPU, tf32 included) that accumulates into the same ``acc``; for rows of
 ``BLOCK_D >= 128`` with a ``c_aug`` of at most 32 MiB, the dot instead accumulates onto
 ``|x|^2 + |c|^2`` (``NORM_INIT``), faster there on the H100.
@@ -278,6 +279,10 @@ def _packed_merge_kernel(X, C, PK, PI, DIST, IDX, N, S, D, sxg, sxn, sxd, scg, s
 # -- host side --------------------------------------------------------------------------
 EXT_MAX_D = {torch.bfloat16: 256, torch.float32: 32}  # widest d run with a second (norm) dot: where it beat v1 on the H100 (kernels/results/sweep_h100.md)
 MAX_ROW_BYTES = {torch.bfloat16: 512, torch.float32: 256}  # padded x row kept in registers for the whole walk
+# Rows without spare columns up to this d pad to twice the width (one dot, no second one; read per call). H100
+# sweep "padup" (results/session6/): bf16 d = 16 11% faster at 32768 x 100000 and 4.5% at 262144 x 16384; at
+# d = 32 no gain (262144 x 16384) or 4% slower (32768 x 100000). fp32 not measured: off.
+PAD_UP_MAX_D = {torch.bfloat16: 16}
 MAX_AUG_BYTES = 64 << 20  # the c_aug copy of the codebook; a larger one runs v1 (issue 3's memory target)
 
 
@@ -291,6 +296,8 @@ def layout(dtype: torch.dtype, d: int) -> tuple[int, int] | None:
         return None
     if d + EXTRA_COLUMNS <= block_d:
         return block_d, 0
+    if d <= PAD_UP_MAX_D.get(dtype, 0) and 2 * block_d * torch.finfo(dtype).bits // 8 <= MAX_ROW_BYTES.get(dtype, 0):
+        return 2 * block_d, 0  # one dot twice as wide instead of a second dot
     if d > EXT_MAX_D.get(dtype, 0):
         return None
     return block_d, 16  # the narrowest dot Triton emits on GPU (K >= 16, tf32 too)

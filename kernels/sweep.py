@@ -17,6 +17,7 @@
 7. ``rowreduce``: v1 with each tile reduced to its rows at once, against the per-element
    walk: sets ``nearest.ROW_REDUCE_MIN_D``.
 8. ``splitone``: the packed kernel with the automatic split against one split.
+9. ``padup``: rows without spare columns, a second dot against one dot twice as wide.
 
 Writes ``sweep.json`` and ``sweep.md`` under ``--out``; every row is printed as it lands.
 
@@ -222,6 +223,27 @@ def split_one(rows: list) -> None:
         print(json.dumps(row), flush=True)
 
 
+def pad_up(rows: list) -> None:
+    """Rows without six spare columns (d 11-16, 27-32): the norms in a second 16-wide dot
+    (default) against one dot over a row padded to twice the width (``PAD_UP_MAX_D``)."""
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+
+    for n, k, d in ((262144, 16384, 32), (32768, 16384, 32), (32768, 100000, 32), (262144, 16384, 16),
+                    (32768, 100000, 16)):
+        x = torch.randn(n, d, device="cuda").bfloat16()
+        c = torch.randn(k, d, device="cuda").bfloat16()
+        row = {"part": "padup", "n": n, "k": k, "d": d}
+        old = packed.PAD_UP_MAX_D
+        for flag in (False, True, False, True):  # twice each, interleaved
+            packed.PAD_UP_MAX_D = {torch.bfloat16: 2**30 if flag else 0}
+            row.setdefault(f"padup{int(flag)}_ms", []).append(bench(lambda: nearest_codes_triton(x, c)))
+            row[f"padup{int(flag)}_layout"] = packed.layout(torch.bfloat16, d)
+        packed.PAD_UP_MAX_D = old
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def host_parts(rows: list) -> None:
     """Small calls (32768 x 16384, d = 8 and 32, bf16): call and CUDA-graph time with the
     automatic split and with one split, and the host microseconds of each piece (issued
@@ -316,7 +338,7 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     parts = {"ext": packed_vs_v1, "host": host_overhead, "v1cfg": v1_configs, "profile": profile,
              "wide": wide_rows, "norminit": norm_init, "hostparts": host_parts,
-             "rowreduce": row_reduce, "splitone": split_one}
+             "rowreduce": row_reduce, "splitone": split_one, "padup": pad_up}
     try:
         for name in args.parts.split(","):
             parts[name](rows)

@@ -233,6 +233,8 @@ def check_packed_odd_shapes(device, full=False):
             _check_search(_data((n, d), dt, device), _data((k, d), dt, device), "l2", name, algorithm="packed")
         padded = max(16, 1 << (d - 1).bit_length())
         spare = d + 6 <= padded  # the padded row has 6 free columns: one dot, else a second for the norms
+        if not spare and d <= packed.PAD_UP_MAX_D.get(dt, 0):  # or one dot over a row twice as wide
+            assert packed.layout(dt, d) == (2 * padded, 0), (d, name)
         one_chunk = padded * dt.itemsize <= packed.MAX_ROW_BYTES[dt]
         assert calls[0] == int(one_chunk and (spare or d <= packed.EXT_MAX_D[dt])), (n, d, k, name, calls[0])
 
