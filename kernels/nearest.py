@@ -15,6 +15,11 @@ from (compare + 2 selects): about 4 operations per distance, nothing ``N x K`` e
 reaches memory, and ties keep the earliest tile (the lowest index). One reduction
 over the tile columns at the end picks the row's minimum, lowest index first.
 
+From ``d >= ROW_REDUCE_MIN_D`` (512), where the dot dwarfs the epilogue, each tile is
+reduced to its rows' ``(min, lowest index)`` at once instead (``ROW_REDUCE``): one running
+pair per row leaves the registers to larger tiles and deeper pipelines (H100: 3.6 against
+4.6 ms at 32768 x 16384 x 1536, ``results/sweep_h100.md`` section 7).
+
 When there are too few row blocks to fill the GPU the codebook is split over
 ``S`` programs per row block; a second tiny pass merges the ``S`` partial results
 in index order. Top-k (``k <= 8``) lives in :mod:`tokenizers_vq.kernels.topk`, EMA
