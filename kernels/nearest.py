@@ -83,7 +83,10 @@ def prune_to_fit(configs, named_args, limit: int = 200 * 1024, **meta):
 
 def _prune(configs, named_args, **meta):
     """The set for this ``BLOCK_D`` (small or large ``d``; ``ROW_REDUCE``), pruned to fit."""
-    if meta.get("ROW_REDUCE"):  # x chunks are pipelined too (many-chunk rows): stages x both operand tiles
+    # x chunks are pipelined too (many-chunk rows): stages x both operand tiles. 224 KiB leaves about 3 KiB of the
+    # H100's 232448 bytes for the row reductions' scratch (all compiled and ran there); the autotuner skips a config
+    # that runs out of shared memory anyway.
+    if meta.get("ROW_REDUCE"):
         esize = named_args["X"].element_size()
         keep = [c for c in configs[ROW_REDUCE_CONFIGS:] if c.num_stages * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"])
                 * meta["BLOCK_D"] * esize <= 224 * 1024]
@@ -471,8 +474,9 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
         algorithm: ``"auto"`` (default; ``"packed"`` is the same) runs the packed
             kernel of :mod:`tokenizers_vq.kernels.packed` where it applies: ``l2``,
             ``k=None``, bf16 with ``d <= 256``, or fp32 with ``"tf32"`` and ``d <= 58``
-            (a second dot, or at 123-128 and 251-256 an initial accumulator, holds the
-            norms for d 11-16 and 27-32, and in bf16 also 59-64, 123-128 and 251-256;
+            (bf16 d 11-16 pad to a 32-wide row; a second dot, or at 123-128 and 251-256
+            an initial accumulator, holds the norms for fp32 d 11-16, for d 27-32, and in
+            bf16 also 59-64, 123-128 and 251-256;
             the augmented codebook copy is capped at 64 MiB). Everything else runs v1,
             which ``"v1"`` forces. The packed
             kernel's indices may also differ from the exact argmin on near-ties

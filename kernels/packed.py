@@ -288,8 +288,9 @@ MAX_AUG_BYTES = 64 << 20  # the c_aug copy of the codebook; a larger one runs v1
 
 def layout(dtype: torch.dtype, d: int) -> tuple[int, int] | None:
     """``(BLOCK_D, EXT)`` of the packed kernel for rows of ``d`` values of ``dtype``:
-    ``EXT = 0`` when the six norm columns fit in the padded row past ``d``, else the
-    width of the second dot that holds them; ``None`` when the padded row is wider than
+    ``EXT = 0`` when the six norm columns fit in the padded row past ``d`` (or, up to
+    ``PAD_UP_MAX_D``, in a row padded to twice the width), else the width of the second
+    dot that holds them; ``None`` when the padded row is wider than
     ``MAX_ROW_BYTES`` or the second dot is not worth it (``d > EXT_MAX_D``): v1 then runs."""
     block_d = max(16, triton.next_power_of_2(d))
     if block_d * torch.finfo(dtype).bits // 8 > MAX_ROW_BYTES.get(dtype, 0):

@@ -195,19 +195,22 @@ def row_reduce(rows: list, n: int = 32768) -> None:
         x = torch.randn(1, n, d, device="cuda").bfloat16()
         c = torch.randn(1, k, d, device="cuda").bfloat16()
         row = {"part": "rowreduce", "n": n, "k": k, "d": d}
-        for flag in (False, True):
-            nr.ROW_REDUCE_MIN_D = 0 if flag else 2**30
-            for split in (None, 1):
-                row[f"v1_rr{int(flag)}_split{split or 'auto'}_ms"] = bench(
-                    lambda split=split: nr.nearest_codes_triton(x[0], c[0], algorithm="v1", split_k=split))
-        nr.ROW_REDUCE_MIN_D = old
+        try:
+            for flag in (False, True):
+                nr.ROW_REDUCE_MIN_D = 0 if flag else 2**30
+                for split in (None, 1):
+                    row[f"v1_rr{int(flag)}_split{split or 'auto'}_ms"] = bench(
+                        lambda split=split: nr.nearest_codes_triton(x[0], c[0], algorithm="v1", split_k=split))
+        finally:
+            nr.ROW_REDUCE_MIN_D = old
         rows.append(row)
         print(json.dumps(row), flush=True)
 
 
 def split_one(rows: list) -> None:
     """The packed kernel at the benchmark's sizes, automatic split (more programs while
-    the row blocks fill fewer than two waves) against one split: call and CUDA-graph ms."""
+    the row blocks fill fewer than ``unsplit_waves`` waves: 2 when this part ran, 1 since)
+    against one split: call and CUDA-graph ms."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
@@ -235,11 +238,13 @@ def pad_up(rows: list) -> None:
         c = torch.randn(k, d, device="cuda").bfloat16()
         row = {"part": "padup", "n": n, "k": k, "d": d}
         old = packed.PAD_UP_MAX_D
-        for flag in (False, True, False, True):  # twice each, interleaved
-            packed.PAD_UP_MAX_D = {torch.bfloat16: 2**30 if flag else 0}
-            row.setdefault(f"padup{int(flag)}_ms", []).append(bench(lambda: nearest_codes_triton(x, c)))
-            row[f"padup{int(flag)}_layout"] = packed.layout(torch.bfloat16, d)
-        packed.PAD_UP_MAX_D = old
+        try:
+            for flag in (False, True, False, True):  # twice each, interleaved
+                packed.PAD_UP_MAX_D = {torch.bfloat16: 2**30 if flag else 0}
+                row.setdefault(f"padup{int(flag)}_ms", []).append(bench(lambda: nearest_codes_triton(x, c)))
+                row[f"padup{int(flag)}_layout"] = packed.layout(torch.bfloat16, d)
+        finally:
+            packed.PAD_UP_MAX_D = old
         rows.append(row)
         print(json.dumps(row), flush=True)
 

@@ -218,7 +218,8 @@ def packed_calls():
 def check_packed_odd_shapes(device, full=False):
     """``algorithm="packed"``, l2, bf16 and fp32_tf32 in turn: N in {1, 7, 300}, D in
     {1, 3, 8, 10, 12, 16, 24, 32, 100, 200, 256} (12, 16, 32 and 256 have no spare padding
-    columns: the norms go in a second dot, or at 256 in the dot's initial accumulator;
+    columns: bf16 12 and 16 pad to a 32-wide row, otherwise the norms go in a second dot,
+    or at 256 in the dot's initial accumulator;
     rows wider than ``MAX_ROW_BYTES`` run v1:
     fp32 at 100 and up), K in {1, 17, 700}; on CPU the 300 x 700 cases for two D only."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
@@ -235,6 +236,8 @@ def check_packed_odd_shapes(device, full=False):
         spare = d + 6 <= padded  # the padded row has 6 free columns: one dot, else a second for the norms
         if not spare and d <= packed.PAD_UP_MAX_D.get(dt, 0):  # or one dot over a row twice as wide
             assert packed.layout(dt, d) == (2 * padded, 0), (d, name)
+        elif not spare and one_chunk and d <= packed.EXT_MAX_D[dt]:
+            assert packed.layout(dt, d) == (padded, 16), (d, name)
         one_chunk = padded * dt.itemsize <= packed.MAX_ROW_BYTES[dt]
         assert calls[0] == int(one_chunk and (spare or d <= packed.EXT_MAX_D[dt])), (n, d, k, name, calls[0])
 
@@ -285,7 +288,8 @@ def check_packed_ties_splits_groups(device, full=False):
     with packed_calls() as calls:
         nearest_codes_triton(x, c, algorithm="packed")
     assert calls[0] == 1, "a qualifying search did not run the packed kernel"
-    old_init = packed.NORM_INIT_MIN_BLOCK_D
+    old_init, old_pad = packed.NORM_INIT_MIN_BLOCK_D, packed.PAD_UP_MAX_D
+    packed.PAD_UP_MAX_D = {}  # d = 12 in bf16 too takes the second dot here, not the 32-wide row
     try:  # rows without spare columns, the norms both ways: initial accumulator (0) and second dot (2^30)
         for (n, d, k), name, at in itertools.product(((7, 12, 17), (300, 32, 700), (37, 256, 300)), PACKED, (0, 2**30)):
             if name == "fp32_tf32" and d > packed.EXT_MAX_D[torch.float32]:
@@ -298,7 +302,7 @@ def check_packed_ties_splits_groups(device, full=False):
                                   algorithm="packed")
             assert calls[0] == 2, (n, d, k, name)
     finally:
-        packed.NORM_INIT_MIN_BLOCK_D = old_init
+        packed.NORM_INIT_MIN_BLOCK_D, packed.PAD_UP_MAX_D = old_init, old_pad
     old_cap = packed.MAX_AUG_BYTES
     packed.MAX_AUG_BYTES = packed.aug_bytes(torch.float32, 1, 70, 8) - 1  # c_aug one byte over the cap: v1
     try:
@@ -331,7 +335,10 @@ def check_row_reduce(device, full=False):
             c0 = _data((300, 40), torch.float32, device)
             idx = _check_search(_data((50, 40), torch.float32, device), torch.cat([c0, c0, c0]), "l2", "fp32_ieee",
                                 split_k=split)
-            assert (idx < 300).all(), "tie not broken to the lowest index"
+            assert (idx < 300).all(), "tie across tiles or splits not broken to the lowest index"
+            idx = _check_search(_data((50, 40), torch.float32, device), c0.repeat_interleave(3, 0), "l2",
+                                "fp32_ieee", split_k=split)
+            assert (idx % 3 == 0).all(), "tie within a tile not broken to the lowest index"
         x, c = _data((30, 520), torch.float32, device), _data((200, 520), torch.float32, device)
         forced = nr.nearest_codes_triton(x, c, precision="ieee", algorithm="v1")
         nr.ROW_REDUCE_MIN_D = 2**30
