@@ -73,24 +73,21 @@ ROW_REDUCE_CONFIGS = 9  # _configs()[9:] are the ROW_REDUCE set
 ROW_REDUCE_MIN_D = 512  # d from which v1 reduces each tile to its rows at once (read per call)
 
 
-def prune_to_fit(configs, named_args, limit: int = 200 * 1024, **meta):
-    """Keep the configs whose operand tiles fit in ``limit`` bytes of shared memory (else the last)."""
+def prune_to_fit(configs, named_args, limit: int = 200 * 1024, x_staged: bool = False, **meta):
+    """Keep the configs whose operand tiles fit in ``limit`` bytes of shared memory (else the
+    last): the x tile once, or with ``x_staged`` (x walked in chunks) once per stage."""
     esize = named_args["X"].element_size()
     keep = [c for c in configs
-            if (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"] * c.num_stages) * meta["BLOCK_D"] * esize <= limit]
+            if (c.kwargs["BLOCK_N"] * (c.num_stages if x_staged else 1) + c.kwargs["BLOCK_K"] * c.num_stages)
+            * meta["BLOCK_D"] * esize <= limit]
     return keep or configs[-1:]
 
 
 def _prune(configs, named_args, **meta):
     """The set for this ``BLOCK_D`` (small or large ``d``; ``ROW_REDUCE``), pruned to fit."""
-    # x chunks are pipelined too (many-chunk rows): stages x both operand tiles. 224 KiB leaves about 3 KiB of the
-    # H100's 232448 bytes for the row reductions' scratch (all compiled and ran there); the autotuner skips a config
-    # that runs out of shared memory anyway.
-    if meta.get("ROW_REDUCE"):
-        esize = named_args["X"].element_size()
-        keep = [c for c in configs[ROW_REDUCE_CONFIGS:] if c.num_stages * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"])
-                * meta["BLOCK_D"] * esize <= 224 * 1024]
-        return keep or configs[-1:]
+    if meta.get("ROW_REDUCE"):  # 224 KiB leaves about 3 KiB of the H100's 232448 bytes for the row reductions'
+        # scratch (all compiled and ran there); the autotuner skips a config that runs out of shared memory anyway
+        return prune_to_fit(configs[ROW_REDUCE_CONFIGS:], named_args, limit=224 * 1024, x_staged=True, **meta)
     return prune_to_fit(configs[:4] if meta["BLOCK_D"] <= 32 else configs[4:ROW_REDUCE_CONFIGS], named_args, **meta)
 
 
