@@ -140,13 +140,17 @@ def check_ties_and_splits(device, full=False):
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
     base = 300
-    for name, split, alg in itertools.product(("fp32_tf32", "bf16"), (None, 1, 3), ("v1", "auto")):
+    for name, split in itertools.product(("fp32_tf32", "bf16"), (None, 1, 3)):
         dt, prec, _ = DTYPES[name]
         c0 = _data((base, 5), dt, device)
         c = torch.cat([c0, c0, c0])
         x = _data((37, 5), dt, device)
-        _, i1 = nearest_codes_triton(x, c, precision=prec, split_k=split, algorithm=alg)
-        assert (i1 < base).all(), "tie not broken to the lowest index"
+        for alg in ("v1", "auto"):
+            _, i1 = nearest_codes_triton(x, c, precision=prec, split_k=split, algorithm=alg)
+            assert (i1 < base).all(), "tie not broken to the lowest index"
+        # top-k against v1's top-1 (the packed kernel, "auto", may pick another code on a near-tie of two
+        # distinct codes within its 2^-13 key resolution, which random data meets now and then)
+        _, i1 = nearest_codes_triton(x, c, precision=prec, split_k=split, algorithm="v1")
         _, ik = nearest_codes_triton(x, c, k=3, precision=prec, split_k=split)
         assert torch.equal(ik, i1[:, None] + torch.tensor([0, base, 2 * base], device=device)), "top-k tie order"
 
