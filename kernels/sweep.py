@@ -81,6 +81,19 @@ def packed_vs_v1(rows: list, n: int = 32768) -> None:
                 print(json.dumps(row), flush=True)
 
 
+def host_us(fn, reps: int = 300) -> float:
+    """Host microseconds per call of ``fn``, issued without synchronising (the launch
+    queue absorbs them), after one warm call."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    us = (time.perf_counter() - t) / reps * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
 def host_overhead(rows: list) -> None:
     from tokenizers_vq.kernels.nearest import _nearest_impl, _nearest_op, nearest_codes_triton  # noqa: PLC0415
 
@@ -93,11 +106,7 @@ def host_overhead(rows: list) -> None:
                    "op_ms": bench(lambda: _nearest_op(x, c, "l2", 0, "tf32", True, 0, alg)),
                    "direct_ms": bench(lambda: _nearest_impl(x, c, "l2", 0, "tf32", True, 0, alg)),
                    "graph_ms": graph_ms(lambda: _nearest_impl(x, c, "l2", 0, "tf32", True, 0, alg))}
-            t = time.perf_counter()
-            for _ in range(200):
-                _nearest_impl(x, c, "l2", 0, "tf32", True, 0, alg)
-            row["host_us_per_call"] = (time.perf_counter() - t) / 200 * 1e6  # launches queue; sync below
-            torch.cuda.synchronize()
+            row["host_us_per_call"] = host_us(lambda: _nearest_impl(x, c, "l2", 0, "tf32", True, 0, alg), reps=200)
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -257,16 +266,6 @@ def host_parts(rows: list) -> None:
 
     from tokenizers_vq.kernels import nearest as nr  # noqa: PLC0415
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
-
-    def host_us(fn, reps=300):
-        fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        us = (time.perf_counter() - t) / reps * 1e6
-        torch.cuda.synchronize()
-        return us
 
     for n, k, d in ((32768, 16384, 8), (32768, 16384, 32)):
         x = torch.randn(1, n, d, device="cuda").bfloat16()
