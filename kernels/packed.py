@@ -105,7 +105,14 @@ def _configs() -> list[triton.Config]:
 WIDE_CONFIGS = 5  # _configs()[5:] are the wide-row set (BLOCK_D > 128)
 
 
-MIN_BLOCK_K = min([c.kwargs["BLOCK_K"] for c in _configs()] + [FIXED["BLOCK_K"], INTERPRET_TILE["BLOCK_K"]])
+def tag_cols(tile: dict) -> int:
+    """Codes per key tag of a tile: ``BLOCK_K``, or half of it with ``HALF`` (two tags per tile)."""
+    return tile["BLOCK_K"] // (2 if tile.get("HALF") else 1)
+
+
+MIN_TAG_COLS = min(tag_cols(t) for t in [c.kwargs for c in _configs()] + [FIXED, INTERPRET_TILE])
+FORCE_TILE: dict | None = None  # tests and the sweep: every launch takes this tile (kwargs as ``nearest_packed``'s ``tile``)
+USE_ASM = True  # the inline-PTX epilogue on the GPU (read per call; the sweep turns it off to compare)
 
 
 @triton.jit
@@ -175,6 +182,54 @@ def _exact_l2(xf, C_g, i, rmask, dd, D, sck, scd):
     return tl.sum(diff * diff, axis=1)
 
 
+@triton.jit
+def _key(acc, tag, TILE_BITS: tl.constexpr, ASM: tl.constexpr):
+    """``(bits(acc) & ~(2^TILE_BITS - 1)) | tag``: with ``ASM`` one ``lop3`` (ptxas left the
+    AND and the OR as two LOP3s wherever a second dot or a wider row held more registers
+    live: 3 integer operations per distance instead of 2, in the sm_90 SASS of d = 16-128)."""
+    bits = acc.to(tl.int32, bitcast=True)
+    if ASM:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $2, $3, $1, 0xF8;", "=r,r,r,r",
+                                         [bits, tag, -(1 << TILE_BITS)], dtype=tl.int32, is_pure=True, pack=1)
+    return (bits & -(1 << TILE_BITS)) | tag
+
+
+@triton.jit
+def _min3(a, b, c, ASM: tl.constexpr):
+    """``min(a, b, c)`` (int32); with ``ASM`` written so that ptxas emits one VIMNMX3 (its
+    own pattern matching fused only some of them)."""
+    if ASM:
+        return tl.inline_asm_elementwise("{ .reg .s32 m; min.s32 m, $2, $3; min.s32 $0, $1, m; }", "=r,r,r,r",
+                                         [a, b, c], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.minimum(a, tl.minimum(b, c))
+
+
+@triton.jit
+def _dist_tile(xa, xe, c_ptr, e_ptr, xsq, csq_ptr, EXT: tl.constexpr, NORM_INIT: tl.constexpr,
+               DOT_F32: tl.constexpr):
+    """``|x - c|^2`` for one codebook tile: ``c_ptr`` ``(BLOCK_D, cols)`` and ``e_ptr``
+    ``(EXT, cols)`` pointers into ``c_aug`` (``csq_ptr``: the ``|c|^2`` of the columns,
+    with ``NORM_INIT``)."""
+    c = tl.load(c_ptr)
+    if NORM_INIT:
+        acc = xsq[:, None] + tl.load(csq_ptr)[None, :]
+        if DOT_F32:
+            acc = tl.dot(xa.to(tl.float32), c.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xa, c, acc, input_precision="tf32")
+    elif DOT_F32:
+        acc = tl.dot(xa.to(tl.float32), c.to(tl.float32), input_precision="ieee")
+    else:
+        acc = tl.dot(xa, c, input_precision="tf32")
+    if EXT > 0:
+        c2 = tl.load(e_ptr)
+        if DOT_F32:
+            acc = tl.dot(xe.to(tl.float32), c2.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xe, c2, acc, input_precision="tf32")
+    return acc
+
+
 def _prune(configs, named_args, **meta):
     """The set for this row width (``BLOCK_D <= 128`` or wide), pruned to the configs whose
     tiles of ``BLOCK_D + EXT`` columns fit in shared memory."""
@@ -183,14 +238,15 @@ def _prune(configs, named_args, **meta):
                         BLOCK_D=meta["BLOCK_D"] + meta["EXT"], limit=(224 if wide else 200) * 1024)
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_D", "EXT", "TILE_BITS", "NORM_INIT", "K_SPLIT"],  # and the dtypes
+@triton.autotune(configs=_configs(), key=["BLOCK_D", "EXT", "TILE_BITS", "NORM_INIT", "K_SPLIT", "ASM"],  # and the dtypes
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
                    sxg, sxn, sxd, scg, sck, scd, sog, sos,
                    SPLIT: tl.constexpr, WRITE_DIST: tl.constexpr, TILE_BITS: tl.constexpr,
                    BLOCK_D: tl.constexpr, EXT: tl.constexpr, DOT_F32: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_INIT: tl.constexpr = False, CSQ=None):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_INIT: tl.constexpr = False, CSQ=None,
+                   HALF: tl.constexpr = False, ASM: tl.constexpr = False):
     """Grid ``(row blocks, splits, G)``. Writes ``(dist, idx)`` ``(G, N)``, or with
     ``SPLIT`` the partial int32 ``(key without tile bits, index)`` ``(G, S, N)``.
     ``EXT``: 0 when the six norm columns fit past ``d`` in the padded row, else 16, the
@@ -203,52 +259,42 @@ def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     dd = tl.arange(0, BLOCK_D)
-    cols = tl.arange(0, BLOCK_K)
+    HK: tl.constexpr = BLOCK_K // 2 if HALF else BLOCK_K  # columns of one dot (a half tile with HALF)
+    cols = tl.arange(0, HK)
     x = tl.load(X + g * sxg + rows[:, None].to(tl.int64) * sxn + dd[None, :] * sxd,
                 mask=rmask[:, None] & (dd[None, :] < D), other=0.0)
     xf = x.to(tl.float32)
     s1, s2, s3 = _parts(tl.sum(xf * xf, axis=1), x.dtype)
     NC = BLOCK_D if EXT > 0 or NORM_INIT else D  # first of the six norm columns (none in the tile: BLOCK_D)
     xa = _aug_tile(xf, dd[None, :], D, NC, s1, s2, s3, True).to(x.dtype)
-    if NORM_INIT:
-        xsq = tl.sum(xf * xf, axis=1)
-        csq_ptr = CSQ + g * K_PAD + pid_s * K_SPLIT + cols
+    xsq = tl.sum(xf * xf, axis=1)  # used only with NORM_INIT
+    csq_ptr = CSQ + g * K_PAD + pid_s * K_SPLIT + cols if NORM_INIT else CA
     W = BLOCK_D + EXT  # c_aug row length
 
     k_lo = pid_s * K_SPLIT
-    ca = CA + (g * K_PAD + k_lo + cols[None, :]) * W + dd[:, None]  # (BLOCK_D, BLOCK_K) tile
+    ca = CA + (g * K_PAD + k_lo + cols[None, :]) * W + dd[:, None]  # (BLOCK_D, HK) tile
     if EXT > 0:
         ee = tl.arange(0, EXT)
         xe = _aug_tile(0.0, BLOCK_D + ee[None, :], D, NC, s1, s2, s3, True).to(x.dtype)
-        ce = CA + (g * K_PAD + k_lo + cols[None, :]) * W + BLOCK_D + ee[:, None]  # (EXT, BLOCK_K) tile
-    run = tl.full([BLOCK_N, BLOCK_K], 2**31 - 1, tl.int32)
+        ce = CA + (g * K_PAD + k_lo + cols[None, :]) * W + BLOCK_D + ee[:, None]  # (EXT, HK) tile
+    else:
+        xe, ce = xa, ca  # unused
+    run = tl.full([BLOCK_N, HK], 2**31 - 1, tl.int32)
     for t in range(0, tl.cdiv(tl.minimum(k_lo + K_SPLIT, K_PAD) - k_lo, BLOCK_K)):  # no masks: padded rows
-        c = tl.load(ca)
-        if NORM_INIT:
-            acc = xsq[:, None] + tl.load(csq_ptr)[None, :]
-            csq_ptr += BLOCK_K
-            if DOT_F32:
-                acc = tl.dot(xa.to(tl.float32), c.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xa, c, acc, input_precision="tf32")
-        elif DOT_F32:
-            acc = tl.dot(xa.to(tl.float32), c.to(tl.float32), input_precision="ieee")
+        acc = _dist_tile(xa, xe, ca, ce, xsq, csq_ptr, EXT, NORM_INIT, DOT_F32)
+        if HALF:
+            acc2 = _dist_tile(xa, xe, ca + HK * W, ce + HK * W, xsq, csq_ptr + HK, EXT, NORM_INIT, DOT_F32)
+            run = _min3(run, _key(acc, 2 * t, TILE_BITS, ASM), _key(acc2, 2 * t + 1, TILE_BITS, ASM), ASM)
         else:
-            acc = tl.dot(xa, c, input_precision="tf32")
-        if EXT > 0:
-            c2 = tl.load(ce)
-            if DOT_F32:
-                acc = tl.dot(xe.to(tl.float32), c2.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xe, c2, acc, input_precision="tf32")
-            ce += BLOCK_K * W
-        run = tl.minimum(run, (acc.to(tl.int32, bitcast=True) & -(1 << TILE_BITS)) | t)
+            run = tl.minimum(run, _key(acc, t, TILE_BITS, ASM))
         ca += BLOCK_K * W
+        ce += BLOCK_K * W
+        csq_ptr += BLOCK_K
 
-    # Least key (tile bits included), then its lowest column; padding or NaN rows fall back to k_lo.
+    # Least key (tag bits included), then its lowest column; padding or NaN rows fall back to k_lo.
     m = tl.min(run, axis=1)
-    col = tl.min(tl.where(run == m[:, None], cols[None, :], BLOCK_K), axis=1)
-    i = k_lo + (m & ((1 << TILE_BITS) - 1)) * BLOCK_K + col
+    col = tl.min(tl.where(run == m[:, None], cols[None, :], HK), axis=1)
+    i = k_lo + (m & ((1 << TILE_BITS) - 1)) * HK + col  # tag 2t + half (HALF) or t: tag * HK is the tile's offset
     i = tl.where(i < tl.minimum(k_lo + K_SPLIT, K), i, k_lo)
     if SPLIT:
         o = g * sog + pid_s * sos + rows
@@ -318,10 +364,11 @@ def applies(dtype: torch.dtype, d: int, metric: str, precision: str, groups: int
     return layout(dtype, d) is not None and aug_bytes(dtype, groups, k, d) <= MAX_AUG_BYTES
 
 
-def max_split(tile_bits: int) -> int:
-    """Most codes one program may walk: ``2^tile_bits`` tiles of the smallest ``BLOCK_K``
-    any launch may pick, rounded down to a multiple of ``SPLIT_QUANTUM``."""
-    cap = 2**tile_bits * MIN_BLOCK_K // SPLIT_QUANTUM * SPLIT_QUANTUM
+def max_split(tile_bits: int, cols: int | None = None) -> int:
+    """Most codes one program may walk: ``2^tile_bits`` tags of ``cols`` codes (default: the
+    fewest of any tile a launch may pick, :func:`tag_cols`), rounded down to a multiple of
+    ``SPLIT_QUANTUM``."""
+    cap = 2**tile_bits * (cols or MIN_TAG_COLS) // SPLIT_QUANTUM * SPLIT_QUANTUM
     if cap < SPLIT_QUANTUM or not 0 < tile_bits < 23:
         raise ValueError(f"TILE_BITS={tile_bits} leaves no room for one split of {SPLIT_QUANTUM} codes")
     return cap
@@ -335,6 +382,7 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages`` launched without the autotuner."""
     g, n, d = x.shape
     k = codebook.shape[1]
+    tile = tile or FORCE_TILE
     dist, idx = new_outputs(x, write_dist)
     if n == 0:
         return dist, idx
@@ -343,12 +391,14 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     k_pad = triton.cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM
     # One wave of row blocks is enough here: at 256 blocks on the H100's 132 SMs, a second split (another
     # launch, the merge) saved no GPU time and cost 0.06 ms of host time (results/session6/, "splitone").
-    s, k_split = _split_plan(g, n, k, x.device, split_k, max_split(tile_bits), unsplit_waves=1)
+    cap = max_split(tile_bits, tag_cols(tile) if tile is not None else None)
+    s, k_split = _split_plan(g, n, k, x.device, split_k, cap, unsplit_waves=1)
     norm_init = (ext > 0 and block_d >= NORM_INIT_MIN_BLOCK_D
                  and g * k_pad * block_d * x.element_size() <= NORM_INIT_MAX_AUG_BYTES)
     ext = 0 if norm_init else ext
     meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d, EXT=ext,
-                DOT_F32=_interpret() and x.dtype == torch.bfloat16, NORM_INIT=norm_init)
+                DOT_F32=_interpret() and x.dtype == torch.bfloat16, NORM_INIT=norm_init,
+                ASM=USE_ASM and not _interpret())
     if s > 1:
         seg = aligned(g * s * n)
         both = torch.empty(2 * seg, device=x.device, dtype=torch.int32)  # one allocation

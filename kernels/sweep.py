@@ -18,6 +18,8 @@
    walk: sets ``nearest.ROW_REDUCE_MIN_D``.
 8. ``splitone``: the packed kernel with the automatic split against one split.
 9. ``padup``: rows without spare columns, a second dot against one dot twice as wide.
+10. ``half``: the packed epilogue with one inline-PTX ``lop3`` per distance, and two half-tile
+    dots folded by a 3-input min, per tile: sets ``packed.USE_ASM`` and the ``HALF`` configs.
 
 Writes ``sweep.json`` and ``sweep.md`` under ``--out``; every row is printed as it lands.
 
@@ -258,6 +260,54 @@ def pad_up(rows: list) -> None:
         print(json.dumps(row), flush=True)
 
 
+HALF_TILES = [(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (64, 256, 8, 3), (64, 128, 4, 3), (128, 128, 8, 4),
+              (128, 128, 8, 2), (64, 256, 4, 3), (256, 64, 8, 3), (128, 64, 4, 3)]
+HALF_WIDE_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 128, 4, 3)]
+
+
+def half_tiles(rows: list) -> None:
+    """The packed kernel's epilogue: the autotuned default with the compiler's LOP3s
+    (``USE_ASM`` off) and with one inline-PTX ``lop3`` per distance; then each tile with
+    one dot per tile against two half-tile dots whose keys fold in one 3-input min
+    (``HALF``). Public calls, plus CUDA-graph time where the host may bind; every variant's
+    indices are compared with v1's."""
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+
+    for n, k, d in ((262144, 16384, 32), (32768, 16384, 32), (32768, 100000, 8), (262144, 16384, 8),
+                    (32768, 16384, 8), (32768, 100000, 32), (262144, 16384, 16), (32768, 16384, 64),
+                    (32768, 16384, 128), (32768, 16384, 256)):
+        x = torch.randn(n, d, device="cuda").bfloat16()
+        c = torch.randn(k, d, device="cuda").bfloat16()
+        ref = nearest_codes_triton(x, c, algorithm="v1")[1]
+        row = {"part": "half", "n": n, "k": k, "d": d, "layout": packed.layout(torch.bfloat16, d)}
+        host_bound = n * k < 10**9
+
+        def measure(tag):
+            row[f"{tag}_ms"] = bench(lambda: nearest_codes_triton(x, c))
+            if host_bound:
+                row[f"{tag}_graph_ms"] = graph_ms(lambda: packed.nearest_packed(x[None], c[None], True, None))
+            try:
+                row[f"{tag}_differ"] = int((nearest_codes_triton(x, c)[1] != ref).sum())
+            except Exception as e:  # noqa: BLE001
+                row[f"{tag}_differ"] = type(e).__name__
+
+        old_asm, old_tile = packed.USE_ASM, packed.FORCE_TILE
+        try:
+            for asm in (False, True):
+                packed.USE_ASM = asm
+                measure(f"auto_asm{int(asm)}")
+            packed.USE_ASM = True
+            for bn, bk, w, st in HALF_WIDE_TILES if d > 128 else HALF_TILES:
+                for half in (False, True):
+                    packed.FORCE_TILE = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st, "HALF": half}
+                    measure(f"{bn}x{bk}w{w}s{st}{'h' if half else ''}")
+        finally:
+            packed.USE_ASM, packed.FORCE_TILE = old_asm, old_tile
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def host_parts(rows: list) -> None:
     """Small calls (32768 x 16384, d = 8 and 32, bf16): call and CUDA-graph time with the
     automatic split and with one split, and the host microseconds of each piece (issued
@@ -342,7 +392,7 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     parts = {"ext": packed_vs_v1, "host": host_overhead, "v1cfg": v1_configs, "profile": profile,
              "wide": wide_rows, "norminit": norm_init, "hostparts": host_parts,
-             "rowreduce": row_reduce, "splitone": split_one, "padup": pad_up}
+             "rowreduce": row_reduce, "splitone": split_one, "padup": pad_up, "half": half_tiles}
     try:
         for name in args.parts.split(","):
             parts[name](rows)
