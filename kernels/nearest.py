@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tokenizers_vq.kernels._host import cdiv, next_pow2
 from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  (re-exported)
 
 PRECISIONS = ("tf32", "tf32x3", "ieee")
@@ -311,18 +312,18 @@ def _split_plan(g: int, n: int, k: int, device: torch.device, split_k: int | Non
     waves; each split covers a multiple of ``SPLIT_QUANTUM`` codes, and at most
     ``max_split`` (a multiple of it) when given."""
     if split_k is None:
-        blocks = g * triton.cdiv(n, 128 if device.type == "cuda" else 64)
+        blocks = g * cdiv(n, 128 if device.type == "cuda" else 64)
         sms = _num_sms(device)
-        split_k = 1 if blocks >= unsplit_waves * sms else max(1, triton.cdiv(2 * sms, blocks))
-    k_split = triton.cdiv(triton.cdiv(k, max(1, split_k)), SPLIT_QUANTUM) * SPLIT_QUANTUM
+        split_k = 1 if blocks >= unsplit_waves * sms else max(1, cdiv(2 * sms, blocks))
+    k_split = cdiv(cdiv(k, max(1, split_k)), SPLIT_QUANTUM) * SPLIT_QUANTUM
     if max_split is not None:
         k_split = min(k_split, max_split)
-    return triton.cdiv(k, k_split), k_split
+    return cdiv(k, k_split), k_split
 
 
 def _block_d(d: int, esize: int) -> tuple[int, bool]:
     """``(BLOCK_D, ONE_CHUNK)``: the whole padded row when it is small, else 64-wide chunks."""
-    bd = max(16, triton.next_power_of_2(d))
+    bd = max(16, next_pow2(d))
     if bd * esize <= MAX_ONE_CHUNK_BYTES:
         return bd, True
     return 64, False
@@ -334,8 +335,8 @@ def codeword_terms(codebook: Tensor, cosine: bool) -> tuple[Tensor, Tensor]:
     seg = aligned(g * k)
     both = torch.empty(2 * seg, device=codebook.device, dtype=torch.float32)  # one allocation
     bias, scale = both[:g * k].view(g, k), both[seg:seg + g * k].view(g, k)
-    bd = min(128, max(16, triton.next_power_of_2(d)))
-    _row_terms_kernel[(triton.cdiv(k, 64), g)](codebook, bias, scale, k, d, *codebook.stride(),
+    bd = min(128, max(16, next_pow2(d)))
+    _row_terms_kernel[(cdiv(k, 64), g)](codebook, bias, scale, k, d, *codebook.stride(),
                                                COSINE=cosine, BLOCK_K=64, BLOCK_D=bd)
     return bias, scale
 
@@ -390,7 +391,7 @@ def _nearest_top1(x: Tensor, codebook: Tensor, cosine: bool, precision: str, wri
                 BLOCK_D=block_d, DOT_F32=_interpret() and x.dtype == torch.bfloat16, ROW_REDUCE=d >= ROW_REDUCE_MIN_D)
 
     def grid(m):
-        return (triton.cdiv(n, m["BLOCK_N"]), s, g)
+        return (cdiv(n, m["BLOCK_N"]), s, g)
 
     if s == 1:
         launch(_nearest_kernel, grid, g * n * k, x, codebook, bias, scale, dist, idx, dist, n, k, d, k_split,
@@ -402,7 +403,7 @@ def _nearest_top1(x: Tensor, codebook: Tensor, cosine: bool, precision: str, wri
     off = part[2 * seg:]
     launch(_nearest_kernel, grid, g * n * k, x, codebook, bias, scale, part_s, part_i, off, n, k, d, k_split,
                           *x.stride(), *codebook.stride(), s * n, n, **meta)
-    _merge_kernel[(triton.cdiv(n, 256), g)](part_s, part_i, off, dist, idx, n, s, COSINE=cosine,
+    _merge_kernel[(cdiv(n, 256), g)](part_s, part_i, off, dist, idx, n, s, COSINE=cosine,
                                             WRITE_DIST=write_dist, BLOCK=256)
     return dist, idx
 

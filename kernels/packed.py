@@ -18,15 +18,21 @@ Packed key. A non-negative fp32 orders like its int32 bits, so each element keep
 ``run = min(run, (bits(acc) & ~(2^TILE_BITS - 1)) | t)`` (one LOP3, one IMNMX), ``t`` the
 program's tile number. Equal truncated distances keep the lower tile; the row's
 minimum key, then its lowest column with that key, gives ``k_lo + t BLOCK_K + col``:
-the lowest index among the codes of least truncated distance. A distance within
+the lowest index among the codes of least truncated distance. ``HALF`` tiles take two
+dots of ``BLOCK_K / 2`` columns per tile, tagged ``2t`` and ``2t + 1``, and fold both keys
+into ``run`` with one 3-input min (two LOP3, one VIMNMX3 per two distances): the tag
+times ``BLOCK_K / 2`` is then the half tile's offset, and the order (tag, column) is
+still the order of the indices. On the GPU the LOP3 and the 3-input min are written in
+inline PTX (``USE_ASM``): ptxas otherwise split ``& | `` into two LOP3s wherever a second
+dot or a wider row held more registers live, and fused only some of the min pairs. A distance within
 rounding of 0 may come out negative: its key has the sign bit set and beats every
 non-negative one (such codes are near-ties of distance 0), but negative keys order in
 reverse, so among several such codes the pick is not the most negative. With tf32
 operands (x and -2c rounded to 11 significant bits, the norms exact) that band is
 about ``2^-10 |x| |c|`` wide, inside the error bound below; a clamp (one more
 operation per distance) would restore the order if measurements allow it. The host caps a program's
-share of the codebook at ``2^TILE_BITS`` tiles of the smallest ``BLOCK_K`` any launch
-may use (more splits when needed), so ``t`` always fits. ``c_aug`` is padded to a
+share of the codebook at ``2^TILE_BITS`` tags of the fewest codes per tag any launch
+may use (:func:`tag_cols`; more splits when needed), so the tag always fits. ``c_aug`` is padded to a
 multiple of ``SPLIT_QUANTUM`` rows with ``h1 = +inf``: no tile needs a column mask and
 padding never beats a finite distance.
 
@@ -40,7 +46,7 @@ Splits write per split the key without its tile bits and the index, ``(G, S, N)`
 merge takes the least key in split order (strict ``<``: the earlier split keeps ties).
 
 When the padded row has no six spare columns (d 11-16, 27-32, 59-64, 123-128, 251-256), bf16
-rows of d 11-16 pad to 32 columns (``PAD_UP_MAX_D``: one dot, 11% faster than two on the H100);
+rows of d 11-16 and 27-32 pad to twice the width (``PAD_UP_MAX_D``: one dot, 9-11% faster than two on the H100);
 otherwise the norm columns go in a second dot of 16 columns (``EXT``; the narrowest dot Triton emits
 on the GPU, tf32 included) that accumulates into the same ``acc``; for rows of
 ``BLOCK_D >= 128`` with a ``c_aug`` of at most 32 MiB, the dot instead accumulates onto
@@ -58,6 +64,8 @@ overflows), ``ieee``/``tf32x3`` (exactness is their point), top-k, larger ``d``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -69,9 +77,11 @@ from tokenizers_vq.kernels.nearest import (
     _interpret,
     _split_plan,
     aligned,
+    cdiv,
     launch,
     merge_rows,
     new_outputs,
+    next_pow2,
     prune_to_fit,
 )
 
@@ -93,16 +103,22 @@ def _configs() -> list[triton.Config]:
     and key) instead of v1's three leave room for more warps per SM. ``c_aug`` rows are
     ``BLOCK_D`` wide (32 B bf16, 64 B fp32 at d = 8; v1 reads 16 / 32 B), so tall tiles
     (``BLOCK_N = 256``) halve the L2 reads per distance, which at 2 operations per
-    distance may bind first (about 4 TB/s for bf16 at ``BLOCK_N = 128``)."""
+    distance may bind first (about 4 TB/s for bf16 at ``BLOCK_N = 128``). ``HALF`` tiles
+    (two half-tile dots, one 3-input min: 1.5 integer operations per distance) won the H100
+    sweep at d = 8, 16 and 27-32 (``results/session7/``), by up to 37%; the autotuner picks per shape."""
     shapes = [(128, 128, 8, 3), (256, 64, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
+              (64, 256, 4, 3, True), (64, 128, 4, 3, True), (128, 128, 8, 3, True), (128, 256, 8, 3, True),
+              (64, 128, 4, 4, True),
               # wide rows (BLOCK_D 256, bf16 d 129-256): the x tile alone is 64 KiB at BLOCK_N 128, so
               # shallower pipelines and narrower codebook tiles; 128 x 64, 8 warps, 3 stages was the best
-              # of five in the H100 sweep (kernels/results/sweep_h100.md, "wide"); 64-row tiles were 40% slower
+              # of five in the H100 sweep (kernels/results/sweep_h100.md, "wide"); 64-row tiles were 40% slower;
+              # HALF lost there (session 7)
               (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
+    return [triton.Config({"BLOCK_N": s[0], "BLOCK_K": s[1], "HALF": len(s) > 4}, num_warps=s[2], num_stages=s[3])
+            for s in shapes]
 
 
-WIDE_CONFIGS = 5  # _configs()[5:] are the wide-row set (BLOCK_D > 128)
+WIDE_CONFIGS = 10  # _configs()[10:] are the wide-row set (BLOCK_D > 128)
 
 
 def tag_cols(tile: dict) -> int:
@@ -326,10 +342,26 @@ def _packed_merge_kernel(X, C, PK, PI, DIST, IDX, N, S, D, sxg, sxn, sxd, scg, s
 EXT_MAX_D = {torch.bfloat16: 256, torch.float32: 32}  # widest d run with a second (norm) dot: where it beat v1 on the H100 (kernels/results/sweep_h100.md)
 MAX_ROW_BYTES = {torch.bfloat16: 512, torch.float32: 256}  # padded x row kept in registers for the whole walk
 # Rows without spare columns up to this d pad to twice the width (one dot, no second one; read per call). H100
-# sweep "padup" (results/session6/): bf16 d = 16 11% faster at 32768 x 100000 and 4.5% at 262144 x 16384; at
-# d = 32 no gain (262144 x 16384) or 4% slower (32768 x 100000). fp32 not measured: off.
-PAD_UP_MAX_D = {torch.bfloat16: 16}
+# sweep "padup" (results/session6/): bf16 d = 16 11% faster at 32768 x 100000 and 4.5% at 262144 x 16384; d = 32
+# then gained nothing, its 3-operation epilogue bound first. With the lop3 epilogue and HALF tiles (session 7,
+# "padup_half"), d = 32: 262144 x 16384 0.946 ms against 1.043, 32768 x 16384 0.126 against 0.141 (CUDA graph),
+# 32768 x 100000 0.719 against 0.698. fp32 not measured: off.
+PAD_UP_MAX_D = {torch.bfloat16: 32}
 MAX_AUG_BYTES = 64 << 20  # the c_aug copy of the codebook; a larger one runs v1 (issue 3's memory target)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(dtype: torch.dtype, d: int, pad_up_max_d: int, ext_max_d: int, max_row_bytes: int) -> tuple[int, int] | None:
+    block_d = max(16, next_pow2(d))
+    if block_d * torch.finfo(dtype).bits // 8 > max_row_bytes:
+        return None
+    if d + EXTRA_COLUMNS <= block_d:
+        return block_d, 0
+    if d <= pad_up_max_d and 2 * block_d * torch.finfo(dtype).bits // 8 <= max_row_bytes:
+        return 2 * block_d, 0  # one dot twice as wide instead of a second dot
+    if d > ext_max_d:
+        return None
+    return block_d, 16  # the narrowest dot Triton emits on GPU (K >= 16, tf32 too)
 
 
 def layout(dtype: torch.dtype, d: int) -> tuple[int, int] | None:
@@ -337,23 +369,15 @@ def layout(dtype: torch.dtype, d: int) -> tuple[int, int] | None:
     ``EXT = 0`` when the six norm columns fit in the padded row past ``d`` (or, up to
     ``PAD_UP_MAX_D``, in a row padded to twice the width), else the width of the second
     dot that holds them; ``None`` when the padded row is wider than
-    ``MAX_ROW_BYTES`` or the second dot is not worth it (``d > EXT_MAX_D``): v1 then runs."""
-    block_d = max(16, triton.next_power_of_2(d))
-    if block_d * torch.finfo(dtype).bits // 8 > MAX_ROW_BYTES.get(dtype, 0):
-        return None
-    if d + EXTRA_COLUMNS <= block_d:
-        return block_d, 0
-    if d <= PAD_UP_MAX_D.get(dtype, 0) and 2 * block_d * torch.finfo(dtype).bits // 8 <= MAX_ROW_BYTES.get(dtype, 0):
-        return 2 * block_d, 0  # one dot twice as wide instead of a second dot
-    if d > EXT_MAX_D.get(dtype, 0):
-        return None
-    return block_d, 16  # the narrowest dot Triton emits on GPU (K >= 16, tf32 too)
+    ``MAX_ROW_BYTES`` or the second dot is not worth it (``d > EXT_MAX_D``): v1 then runs.
+    (Cached on the module settings, which the tests and the sweep change.)"""
+    return _layout(dtype, d, PAD_UP_MAX_D.get(dtype, 0), EXT_MAX_D.get(dtype, 0), MAX_ROW_BYTES.get(dtype, 0))
 
 
 def aug_bytes(dtype: torch.dtype, groups: int, k: int, d: int) -> int:
     """Bytes of ``c_aug`` for ``groups`` codebooks of ``k`` codes (``layout`` not None)."""
     block_d, ext = layout(dtype, d)
-    return groups * triton.cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM * (block_d + ext) * torch.finfo(dtype).bits // 8
+    return groups * cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM * (block_d + ext) * torch.finfo(dtype).bits // 8
 
 
 def applies(dtype: torch.dtype, d: int, metric: str, precision: str, groups: int = 1, k: int = 1) -> bool:
@@ -388,7 +412,7 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
         return dist, idx
     tile_bits = TILE_BITS
     block_d, ext = layout(x.dtype, d)
-    k_pad = triton.cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM
+    k_pad = cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM
     # One wave of row blocks is enough here: at 256 blocks on the H100's 132 SMs, a second split (another
     # launch, the merge) saved no GPU time and cost 0.06 ms of host time (results/session6/, "splitone").
     cap = max_split(tile_bits, tag_cols(tile) if tile is not None else None)
@@ -411,7 +435,7 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
                                                    NORM_INIT=norm_init)
 
     def grid(m):
-        return (triton.cdiv(n, m["BLOCK_N"]), s, g)
+        return (cdiv(n, m["BLOCK_N"]), s, g)
 
     args = (x, codebook, c_aug)
     sizes = (n, k, k_pad, d, k_split, *x.stride(), *codebook.stride())
@@ -422,7 +446,7 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
         return dist, idx
     run(_packed_kernel, grid, g * n * k, *args, part_k, part_i, *sizes, s * n, n, interpret_tile=INTERPRET_TILE,
         **meta)
-    _packed_merge_kernel[(triton.cdiv(n, 128), g)](x, codebook, part_k, part_i, dist, idx, n, s, d, *x.stride(),
+    _packed_merge_kernel[(cdiv(n, 128), g)](x, codebook, part_k, part_i, dist, idx, n, s, d, *x.stride(),
                                                    *codebook.stride(), WRITE_DIST=write_dist, BLOCK=128,
                                                    BLOCK_D=block_d)
     return dist, idx

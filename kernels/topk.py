@@ -29,7 +29,9 @@ from tokenizers_vq.kernels.nearest import (
     _row_offset,
     _score_tile,
     _split_plan,
+    cdiv,
     codeword_terms,
+    next_pow2,
 )
 
 _BIG = tl.constexpr(2**31 - 1)
@@ -122,10 +124,10 @@ def nearest_topk(x: Tensor, codebook: Tensor, k: int, cosine: bool, precision: s
     s, k_split = _split_plan(g, n, kc, x.device, split_k)
     meta = dict(COSINE=cosine, PRECISION=prec, SPLIT=s > 1, WRITE_DIST=write_dist, ONE_CHUNK=one_chunk,
                 BLOCK_D=block_d, DOT_F32=triton.knobs.runtime.interpret and x.dtype == torch.bfloat16, TOPK=k,
-                KP=max(2, triton.next_power_of_2(k)))
+                KP=max(2, next_pow2(k)))
 
     def grid(m):
-        return (triton.cdiv(n, m["BLOCK_N"]), s, g)
+        return (cdiv(n, m["BLOCK_N"]), s, g)
 
     if s == 1:
         launch(_topk_kernel, grid, g * n * kc, x, codebook, bias, scale, dist, idx, dist, n, kc, d, k_split,

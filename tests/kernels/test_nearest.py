@@ -222,7 +222,7 @@ def packed_calls():
 def check_packed_odd_shapes(device, full=False):
     """``algorithm="packed"``, l2, bf16 and fp32_tf32 in turn: N in {1, 7, 300}, D in
     {1, 3, 8, 10, 12, 16, 24, 32, 100, 200, 256} (12, 16, 32 and 256 have no spare padding
-    columns: bf16 12 and 16 pad to a 32-wide row, otherwise the norms go in a second dot,
+    columns: bf16 12 and 16 pad to a 32-wide row and 32 to a 64-wide one, otherwise the norms go in a second dot,
     or at 256 in the dot's initial accumulator;
     rows wider than ``MAX_ROW_BYTES`` run v1:
     fp32 at 100 and up), K in {1, 17, 700}; on CPU the 300 x 700 cases for two D only."""
@@ -256,9 +256,9 @@ def check_packed_ties_splits_groups(device, full=False):
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import FIXED, nearest_codes_triton  # noqa: PLC0415
 
-    for bits in (packed.TILE_BITS, 2):  # every tile a launch may pick keeps its tile number in range
-        for bk in [c.kwargs["BLOCK_K"] for c in packed._configs()] + [FIXED["BLOCK_K"], packed.INTERPRET_TILE["BLOCK_K"]]:
-            assert packed.max_split(bits) // bk <= 2**bits
+    for bits in (packed.TILE_BITS, 2):  # every tile a launch may pick keeps its tags in range
+        for tile in [c.kwargs for c in packed._configs()] + [FIXED, packed.INTERPRET_TILE]:
+            assert packed.max_split(bits) // packed.tag_cols(tile) <= 2**bits, tile
     for name, split, bits, base in itertools.product(PACKED, (None, 1, 3), (packed.TILE_BITS, 2), (20, 300)):
         if base == 20 and split is not None:
             continue
@@ -293,7 +293,7 @@ def check_packed_ties_splits_groups(device, full=False):
         nearest_codes_triton(x, c, algorithm="packed")
     assert calls[0] == 1, "a qualifying search did not run the packed kernel"
     old_init, old_pad = packed.NORM_INIT_MIN_BLOCK_D, packed.PAD_UP_MAX_D
-    packed.PAD_UP_MAX_D = {}  # d = 12 in bf16 too takes the second dot here, not the 32-wide row
+    packed.PAD_UP_MAX_D = {}  # d = 12 and 32 in bf16 too take the second dot here, not a row twice as wide
     try:  # rows without spare columns, the norms both ways: initial accumulator (0) and second dot (2^30)
         for (n, d, k), name, at in itertools.product(((7, 12, 17), (300, 32, 700), (37, 256, 300)), PACKED, (0, 2**30)):
             if name == "fp32_tf32" and d > packed.EXT_MAX_D[torch.float32]:
@@ -316,6 +316,74 @@ def check_packed_ties_splits_groups(device, full=False):
         packed.MAX_AUG_BYTES = old_cap
     v1 = nearest_codes_triton(x, c, algorithm="v1")
     assert calls[0] == 0 and torch.equal(ours[1], v1[1]), "a c_aug over MAX_AUG_BYTES did not fall back to v1"
+
+
+@contextlib.contextmanager
+def forced_tile(tile):
+    """Every packed launch takes ``tile`` (``packed.FORCE_TILE``)."""
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+
+    old, packed.FORCE_TILE = packed.FORCE_TILE, tile
+    try:
+        yield
+    finally:
+        packed.FORCE_TILE = old
+
+
+def check_packed_half(device, full=False):
+    """Packed ``HALF`` tiles (two half-tile dots per tile, tags ``2t`` and ``2t + 1``, one
+    3-input min): odd shapes in bf16 and fp32_tf32, split and not; exact duplicates within a
+    half tile, across the halves, tiles and splits go to the lowest index (the fewest
+    ``TILE_BITS`` that leave one 256-code split force the splits); the same indices and distances as whole tiles; on the GPU, the
+    inline-PTX epilogue (``USE_ASM``) equals the plain one."""
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+
+    if device == "cpu":
+        halves = [dict(packed.INTERPRET_TILE, HALF=True)]
+    else:
+        halves = [{"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "HALF": True},
+                  {"BLOCK_N": 128, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3, "HALF": True}]
+    cases = ((1, 3, 1), (7, 8, 17), (300, 32, 700), (37, 100, 300), (20, 256, 300)) if full or device != "cpu" else (
+        (1, 3, 1), (7, 8, 17), (60, 32, 300), (37, 100, 150))
+    for half in halves:
+        whole = dict(half, HALF=False)
+        for i, ((n, d, k), split) in enumerate(itertools.product(cases, (None, 3))):
+            name = PACKED[i % 2]
+            dt = DTYPES[name][0]
+            if not packed.applies(dt, d, "l2", "tf32", 1, k):
+                name, dt = "bf16", torch.bfloat16
+            x, c = _data((n, d), dt, device), _data((k, d), dt, device)
+            with forced_tile(half), packed_calls() as calls:
+                got = _check_search(x, c, "l2", name, split_k=split, algorithm="packed")
+                dist_h = nearest_codes_triton(x, c, split_k=split)[0]
+            assert calls[0] == 2, (n, d, k, name)
+            with forced_tile(whole):
+                dist_w, idx_w = nearest_codes_triton(x, c, split_k=split)
+            assert torch.equal(got[:, 0], idx_w.cpu()) and torch.equal(dist_h, dist_w), ("HALF != whole", n, d, k, name)
+        fewest = max(2, (256 // packed.tag_cols(half)).bit_length() - 1)  # least TILE_BITS with one 256-code split
+        for name, split, bits in itertools.product(PACKED, (None, 3), (packed.TILE_BITS, fewest)):
+            dt = DTYPES[name][0]
+            c0 = _data((150, 5), dt, device)
+            with forced_tile(half), tile_bits(bits):
+                idx = _check_search(_data((37, 5), dt, device), torch.cat([c0, c0, c0]), "l2", name, split_k=split,
+                                    algorithm="packed")
+                assert (idx < 150).all(), "tie across halves, tiles or splits not broken to the lowest index"
+                idx = _check_search(_data((37, 5), dt, device), c0.repeat_interleave(3, 0), "l2", name, split_k=split,
+                                    algorithm="packed")
+                assert (idx % 3 == 0).all(), "tie within a half tile not broken to the lowest index"
+    if device != "cpu":
+        old = packed.USE_ASM
+        try:
+            for d, k in ((8, 5000), (32, 3000), (100, 2000), (256, 1000)):
+                x, c = _data((3000, d), torch.bfloat16, device), _data((k, d), torch.bfloat16, device)
+                outs = []
+                for asm in (True, False):
+                    packed.USE_ASM = asm
+                    outs.append(nearest_codes_triton(x, c))
+                assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][0], outs[1][0]), ("USE_ASM", d)
+        finally:
+            packed.USE_ASM = old
 
 
 def check_row_reduce(device, full=False):
@@ -378,7 +446,8 @@ def check_custom_op(device, full=False):
 
 
 GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_grouped_and_layouts,
-                                  check_packed_odd_shapes, check_packed_ties_splits_groups, check_row_reduce,
+                                  check_packed_odd_shapes, check_packed_ties_splits_groups, check_packed_half,
+                                  check_row_reduce,
                                   check_code_statistics,
                                   check_custom_op)}
 
