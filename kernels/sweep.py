@@ -20,7 +20,8 @@
 9. ``padup``: rows without spare columns, a second dot against one dot twice as wide.
 10. ``half``: the packed epilogue with one inline-PTX ``lop3`` per distance, and two half-tile
     dots folded by a 3-input min, per tile: sets ``packed.USE_ASM`` and the ``HALF`` configs.
-    ``padup_half``: the same with d 27-32 and 59-64 padded to one dot twice as wide.
+    ``padup_half``: the same with d 27-32 and 59-64 padded to one dot twice as wide;
+    ``norminit_half``: with their norms as the dot's initial accumulator.
 
 Writes ``sweep.json`` and ``sweep.md`` under ``--out``; every row is printed as it lands.
 
@@ -267,7 +268,7 @@ HALF_TILES = [(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (64, 256, 8,
 HALF_WIDE_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 128, 4, 3)]
 
 
-def half_tiles(rows: list, cases=None, pad_up: bool = False, part: str = "half") -> None:
+def half_tiles(rows: list, cases=None, pad_up: bool | None = None, part: str = "half", norm_init: bool = False) -> None:
     """The packed kernel's epilogue: the autotuned default with the compiler's LOP3s
     (``USE_ASM`` off) and with one inline-PTX ``lop3`` per distance; then each tile with
     one dot per tile against two half-tile dots whose keys fold in one 3-input min
@@ -279,13 +280,14 @@ def half_tiles(rows: list, cases=None, pad_up: bool = False, part: str = "half")
     cases = cases or ((262144, 16384, 32), (32768, 16384, 32), (32768, 100000, 8), (262144, 16384, 8),
                       (32768, 16384, 8), (32768, 100000, 32), (262144, 16384, 16), (32768, 16384, 64),
                       (32768, 16384, 128), (32768, 16384, 256))
-    old_pad = packed.PAD_UP_MAX_D
+    old_pad, old_init = packed.PAD_UP_MAX_D, packed.NORM_INIT_MIN_BLOCK_D
     for n, k, d in cases:
-        packed.PAD_UP_MAX_D = {torch.bfloat16: 2**30} if pad_up else old_pad
+        packed.PAD_UP_MAX_D = old_pad if pad_up is None else {torch.bfloat16: 2**30 if pad_up else 0}
+        packed.NORM_INIT_MIN_BLOCK_D = 0 if norm_init else old_init
         x = torch.randn(n, d, device="cuda").bfloat16()
         c = torch.randn(k, d, device="cuda").bfloat16()
         ref = nearest_codes_triton(x, c, algorithm="v1")[1]
-        row = {"part": part, "n": n, "k": k, "d": d, "layout": packed.layout(torch.bfloat16, d)}
+        row = {"part": part, "n": n, "k": k, "d": d, "layout": packed.layout(torch.bfloat16, d), "norm_init": norm_init}
         host_bound = n * k < 10**9
 
         def measure(tag):
@@ -309,6 +311,7 @@ def half_tiles(rows: list, cases=None, pad_up: bool = False, part: str = "half")
                     measure(f"{bn}x{bk}w{w}s{st}{'h' if half else ''}")
         finally:
             packed.USE_ASM, packed.FORCE_TILE, packed.PAD_UP_MAX_D = old_asm, old_tile, old_pad
+            packed.NORM_INIT_MIN_BLOCK_D = old_init
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -317,6 +320,14 @@ def pad_up_half(rows: list) -> None:
     """``half`` with rows of d 27-32 and 59-64 padded to twice the width (one dot, no second)."""
     half_tiles(rows, ((262144, 16384, 32), (32768, 16384, 32), (32768, 100000, 32), (32768, 16384, 64)), True,
                "padup_half")
+
+
+def norm_init_half(rows: list) -> None:
+    """``half`` with rows of d 27-32 and 59-64 taking the norms as the dot's initial
+    accumulator (one fp32 add per distance, on the FMA pipe) instead of a second dot or a
+    row twice as wide."""
+    half_tiles(rows, ((262144, 16384, 32), (32768, 16384, 32), (32768, 100000, 32), (32768, 16384, 64)), False,
+               "norminit_half", norm_init=True)
 
 
 def host_parts(rows: list) -> None:
@@ -404,7 +415,7 @@ def main() -> None:
     parts = {"ext": packed_vs_v1, "host": host_overhead, "v1cfg": v1_configs, "profile": profile,
              "wide": wide_rows, "norminit": norm_init, "hostparts": host_parts,
              "rowreduce": row_reduce, "splitone": split_one, "padup": pad_up, "half": half_tiles,
-             "padup_half": pad_up_half}
+             "padup_half": pad_up_half, "norminit_half": norm_init_half}
     try:
         for name in args.parts.split(","):
             parts[name](rows)

@@ -332,7 +332,8 @@ def forced_tile(tile):
 
 def check_packed_half(device, full=False):
     """Packed ``HALF`` tiles (two half-tile dots per tile, tags ``2t`` and ``2t + 1``, one
-    3-input min): odd shapes in bf16 and fp32_tf32, split and not; exact duplicates within a
+    3-input min): odd shapes in bf16 and fp32_tf32, split and not (the norms in the row, in a
+    row twice as wide, or in the initial accumulator); exact duplicates within a
     half tile, across the halves, tiles and splits go to the lowest index (the fewest
     ``TILE_BITS`` that leave one 256-code split force the splits); the same indices and distances as whole tiles; on the GPU, the
     inline-PTX epilogue (``USE_ASM``) equals the plain one."""
@@ -345,16 +346,18 @@ def check_packed_half(device, full=False):
         halves = [{"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "HALF": True},
                   {"BLOCK_N": 128, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3, "HALF": True}]
     cases = ((1, 3, 1), (7, 8, 17), (300, 32, 700), (37, 100, 300), (20, 256, 300)) if full or device != "cpu" else (
-        (1, 3, 1), (7, 8, 17), (60, 32, 300), (37, 100, 150))
+        (1, 3, 1), (7, 8, 17), (60, 32, 300), (37, 100, 150), (9, 128, 150))  # d = 128: NORM_INIT
+    wide_half = {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 2, "HALF": True}  # fits d = 256
     for half in halves:
-        whole = dict(half, HALF=False)
         for i, ((n, d, k), split) in enumerate(itertools.product(cases, (None, 3))):
+            tile = half if device == "cpu" or d <= 128 else wide_half
+            whole = dict(tile, HALF=False)
             name = PACKED[i % 2]
             dt = DTYPES[name][0]
             if not packed.applies(dt, d, "l2", "tf32", 1, k):
                 name, dt = "bf16", torch.bfloat16
             x, c = _data((n, d), dt, device), _data((k, d), dt, device)
-            with forced_tile(half), packed_calls() as calls:
+            with forced_tile(tile), packed_calls() as calls:
                 got = _check_search(x, c, "l2", name, split_k=split, algorithm="packed")
                 dist_h = nearest_codes_triton(x, c, split_k=split)[0]
             assert calls[0] == 2, (n, d, k, name)
