@@ -24,8 +24,8 @@ When there are too few row blocks to fill the GPU the codebook is split over
 ``S`` programs per row block; a second tiny pass merges the ``S`` partial results
 in index order. Top-k (``k <= 8``) lives in :mod:`tokenizers_vq.kernels.topk`, EMA
 statistics in :mod:`tokenizers_vq.kernels.segment`, and the packed-key top-1
-variant (the default where it applies: the distance in the dot, 2 integer operations
-per distance) in :mod:`tokenizers_vq.kernels.packed`.
+variant (the default where it applies: the distance in the dot, 1.5 to 2 integer
+operations per distance) in :mod:`tokenizers_vq.kernels.packed`.
 """
 
 from __future__ import annotations
@@ -472,9 +472,9 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
         algorithm: ``"auto"`` (default; ``"packed"`` is the same) runs the packed
             kernel of :mod:`tokenizers_vq.kernels.packed` where it applies: ``l2``,
             ``k=None``, bf16 with ``d <= 256``, or fp32 with ``"tf32"`` and ``d <= 58``
-            (bf16 d 11-16 pad to a 32-wide row; a second dot, or at 123-128 and 251-256
-            an initial accumulator, holds the norms for fp32 d 11-16, for d 27-32, and in
-            bf16 also 59-64, 123-128 and 251-256;
+            (bf16 d 11-16 and 27-32 pad to a row twice as wide; a second dot, or at
+            123-128 and 251-256 an initial accumulator, holds the norms for fp32 d 11-16
+            and 27-32, and in bf16 for 59-64, 123-128 and 251-256;
             the augmented codebook copy is capped at 64 MiB). Everything else runs v1,
             which ``"v1"`` forces. The packed
             kernel's indices may also differ from the exact argmin on near-ties

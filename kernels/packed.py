@@ -39,7 +39,7 @@ padding never beats a finite distance.
 Accuracy. The key drops ``TILE_BITS`` of the 23 mantissa bits, so on top of v1's
 rounding bound an index may differ from the exact argmin where the two best distances
 differ by less than ``2^-(23 - TILE_BITS)`` times the distance (see
-``tests/kernels/test_nearest.py``). Returned distances are recomputed from the inputs
+``tests/nearest_checks.py``). Returned distances are recomputed from the inputs
 as ``|x - c_idx|^2`` in fp32 (in the search kernel, or in the merge after splits).
 
 Splits write per split the key without its tile bits and the index, ``(G, S, N)``; the
