@@ -77,6 +77,11 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of the generator's weights (0: off)
     max_minutes: float = 0.0  # stop (and save) after this wall time (0: no limit)
     cudnn_benchmark: bool = False  # GPU: let cuDNN time its kernels (faster; sets a process-wide flag)
+    # warm start: a tokenizer folder (config.json + model.safetensors, e.g. a shipped model) or a
+    # training checkpoint folder; its model config must be this run's (the name aside). Only the
+    # weights are taken; optimiser, discriminator and step start afresh. A checkpoint of this
+    # run's own out_dir still takes precedence (resume).
+    init_from: str = ""
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -127,8 +132,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not p.is_file():
             raise ValueError(f"config file not found: {p}")
         tree = yaml.safe_load(p.read_text()) or {}
-    for item in overrides or []:
-        item = item.removeprefix("--")
+    items = list(overrides or [])
+    while items:
+        item = items.pop(0).removeprefix("--")
+        if "=" not in item and items and not items[0].startswith("--"):
+            item = f"{item}={items.pop(0)}"  # "--key value" as well as "--key=value"
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)

@@ -57,6 +57,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN time and pick its kernels
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = Tokenizer(cfg.model)
+        if cfg.init_from:
+            self._warm_start(Path(cfg.init_from))
         if self.model.is_dynamic and cfg.sample_every > 0:
             raise ValueError("training samples are written for fixed-grid tokenizers only; set sample_every=0 "
                              "for a dynamic-length one")
@@ -285,6 +287,20 @@ class Trainer:
             parts["lecam"] = self.lecam.state_dict()
         meta = {"step": self.step, "config": config_to_dict(self.cfg)}
         save_checkpoint(self.out_dir / "checkpoint", parts, meta, self.release_model().save_pretrained)
+
+    def _warm_start(self, directory: Path) -> None:
+        """Weights of ``directory`` (a tokenizer folder, or a checkpoint folder's
+        ``model``) into the fresh model, before the EMA copy and ``prepare``."""
+        if (directory / "model" / "config.json").is_file():
+            directory = directory / "model"
+        src = Tokenizer.from_pretrained(directory)
+        mine, theirs = asdict(self.cfg.model), asdict(src.config)
+        mine.pop("name"), theirs.pop("name")
+        if mine != theirs:
+            diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+            raise ValueError(f"init_from={directory}: its model config differs from this run's in {diff}; "
+                             "train with the same model section, or start without init_from")
+        self.model.load_state_dict(src.state_dict())
 
     def _resume(self, directory: Path) -> None:
         parts, meta = load_checkpoint(directory)

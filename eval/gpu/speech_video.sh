@@ -5,10 +5,10 @@
 #   device run, carry [.devdata, .whl, (warm-start folders)]:  RUNS="s50 r4 va" bash eval/gpu/speech_video.sh
 # Each run comes back as $OUT/<run>.tar (fp16 release model, metrics.jsonl, summary, log);
 # video runs are scored on the held-apart clip here and only the best one comes back.
-# INIT_<run>=DIR warm-starts that run from a model folder (tvq train --init_from).
+# INIT_<run>=DIR warm-starts that run from a model folder (tvq train --init_from);
+# EXTRA_<run>="--loss.mel=45 ..." adds overrides to that run.
 set -u
 source eval/gpu/setup.sh
-export OMP_NUM_THREADS=3
 OUT=${OUT:-results_tmp}; W=$OUT/work; mkdir -p "$W" runs
 D=.devdata
 MIN=${MIN:-7.0}; LIMIT=${LIMIT:-570}
@@ -16,6 +16,7 @@ T0=$(date +%s)
 left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$W/gpu.txt" 2>&1
 RUNS=${RUNS:-"s50 s67 r4 va vb"}
+n_runs=$(echo $RUNS | wc -w); export OMP_NUM_THREADS=$(( 15 / n_runs ))
 common="--sample_every=0 --save_every=1000000 --steps=1000000 --log_every=50 --max_minutes=$MIN"
 speech="train/configs/audio.yaml --data.train=$D/audio/librispeech --data.val_fraction=0"
 video="train/configs/video.yaml --data.train=$D/video --data.val=$D/video_val --data.crop=128 --data.clip_frames=9"
@@ -27,8 +28,9 @@ declare -A ARGS=(
   [vb]="$video --model.backbone.channels=64 --model.backbone.channel_mult=[1,1,2,2] --model.name=tvq-video-4x8x8-fsq-wide"
 )
 for r in $RUNS; do
-  init_var="INIT_$r"; init=${!init_var:-}
-  timeout $(left) python3 -m tokenizers_vq.cli train ${ARGS[$r]} $common --out_dir=runs/$r ${init:+--init_from=$init} > "$W/$r.log" 2>&1 &
+  init_var="INIT_$r"; init=${!init_var:-}; extra_var="EXTRA_$r"
+  timeout $(left) python3 -m tokenizers_vq.cli train ${ARGS[$r]} $common ${!extra_var:-} --out_dir=runs/$r \
+    ${init:+--init_from=$init} > "$W/$r.log" 2>&1 &
 done
 wait
 # fp16 release folders; video runs scored on the held-apart clip, the best one kept
