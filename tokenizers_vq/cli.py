@@ -17,27 +17,37 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(args: argparse.Namespace):
+def _load_model(args: argparse.Namespace, default: str | None = None):
     import torch  # noqa: PLC0415
 
     from tokenizers_vq.tokenizer import Tokenizer  # noqa: PLC0415
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Tokenizer.from_pretrained(args.model).to(device)
+    return Tokenizer.from_pretrained(args.model or default).to(device)
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from tokenizers_vq.tokens import encode_files  # noqa: PLC0415
+    from tokenizers_vq.tokens import default_model_name, encode_files  # noqa: PLC0415
 
-    out = encode_files(_load_model(args), args.files, args.output)
+    default = None if args.model else default_model_name(args.files)
+    out = encode_files(_load_model(args, default), args.files, args.output)
     print(f"wrote {out}")
     return 0
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from tokenizers_vq.tokens import decode_file  # noqa: PLC0415
+    from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY  # noqa: PLC0415
+    from tokenizers_vq.tokens import decode_file, load_tokens  # noqa: PLC0415
 
-    for path in decode_file(_load_model(args), args.tokens, args.output):
+    default = None
+    if not args.model:
+        meta, _ = load_tokens(args.tokens)
+        default = DEFAULT_FOR_MODALITY.get(meta["modality"], "image")
+    tok = _load_model(args, default)
+    if not args.model and meta["model_id"] != tok.config.name:
+        raise ValueError(f"{args.tokens} was written by model {meta['model_id']!r}, not by the embedded "
+                         f"{default} model {tok.config.name!r}; pass --model DIR of the model that wrote it")
+    for path in decode_file(tok, args.tokens, args.output):
         print(f"wrote {path}")
     return 0
 
@@ -129,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs=argparse.REMAINDER, help="section.key=value overrides, e.g. --steps=100")
     train.set_defaults(func=_train)
 
-    model_help = "tokenizer directory (config.json + model.safetensors); default: the embedded image tokenizer"
+    model_help = ("tokenizer directory (config.json + model.safetensors) or an embedded model: image, speech, "
+                  "video; default: by the inputs' type (encode), the token file's modality (decode), else image")
     enc = sub.add_parser("encode", help="encode media files to one token file")
     enc.add_argument("files", nargs="+", help="media files of the model's modality")
     enc.add_argument("-o", "--output", required=True, help="token file to write (tvq-tokens/1, safetensors)")

@@ -99,6 +99,38 @@ def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
 
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+SUFFIXES: dict[str, frozenset[str]] = {
+    "image": frozenset(FRAME_EXTENSIONS),
+    "audio": frozenset({".wav", ".flac", ".ogg", ".mp3"}),
+    "video": frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"}),
+}
+"""File suffixes (lower case) read as each modality."""
+
+
+def modality_of(path: str | os.PathLike, unknown: str | None = None) -> str:
+    """``"image"``, ``"audio"`` or ``"video"`` for a media file by its suffix; a folder
+    of frame images (see :func:`is_frame_folder`) is a video; a suffix not in
+    :data:`SUFFIXES` gives ``unknown`` when that is set (the reader then decides).
+
+    Raises:
+        ValueError: a missing path, a folder that is not a clip, or an unknown suffix
+            when ``unknown`` is ``None``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if is_frame_folder(p):
+            return "video"
+        raise ValueError(f"{p} is a directory, not a media file (nor a folder of numbered video frames); "
+                         "pass the files in it")
+    if not p.exists():
+        raise ValueError(f"file not found: {p}")
+    for modality, suffixes in SUFFIXES.items():
+        if p.suffix.lower() in suffixes:
+            return modality
+    if unknown is not None:
+        return unknown
+    known = ", ".join(sorted(set().union(*SUFFIXES.values())))
+    raise ValueError(f"{p}: unknown media suffix {p.suffix!r}; known: {known}")
 MIN_NUMBERED_FRAMES = 8
 """Numbered images a folder needs, without an ``fps.txt``, to be found as a clip."""
 

@@ -45,7 +45,16 @@ QUANTIZER_KINDS: dict[str, type[Quantizer]] = {
     "projected_vq": ProjectedCodebookVQ,
     "latent": LatentQuantizer,
 }
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "image_f16"
+_ASSETS = Path(__file__).parent / "assets"
+PRETRAINED: dict[str, Path] = {
+    "image": _ASSETS / "image_f16",
+    "speech": _ASSETS / "speech_16k",
+    "video": _ASSETS / "video_4x8x8",
+}
+"""The embedded models by name (model cards in ``model_cards/``)."""
+DEFAULT_FOR_MODALITY = {"image": "image", "audio": "speech", "video": "video"}
+"""The embedded model that ``tvq`` picks for each modality of input when no model is given."""
+DEFAULT_MODEL = PRETRAINED["image"]
 
 
 @dataclass
@@ -186,7 +195,23 @@ class Tokenizer(nn.Module):
 
     @property
     def sample_rate(self) -> int | None:
+        """Audio: samples per second the model codes (files are resampled to it); else ``None``."""
         return getattr(self.backbone_config, "sample_rate", None)
+
+    @property
+    def frame_rate(self) -> float | None:
+        """Audio: token frames per second (tokens per second per codebook); else ``None``."""
+        return self.backbone_config.tokens_per_second if self.modality == "audio" else None
+
+    @property
+    def codebook_size(self) -> int:
+        """Distinct ids per codebook: codes lie in ``[0, codebook_size)``."""
+        return self.quantizer.codebook_size
+
+    @property
+    def num_codebooks(self) -> int:
+        """Codes per latent cell (residual levels x groups; 1 for a single codebook)."""
+        return self.quantizer.num_codebooks
 
     @property
     def is_dynamic(self) -> bool:
@@ -339,7 +364,9 @@ class Tokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike | None = None, map_location: str = "cpu") -> Tokenizer:
-        """Rebuild from ``directory`` (default: the embedded image tokenizer).
+        """Rebuild from ``directory``, or an embedded model by name: ``"image"`` (the
+        default), ``"speech"`` or ``"video"`` (see :data:`PRETRAINED`; a folder of that
+        name in the working directory is not taken for it).
 
         Raises:
             ValueError: the directory, ``config.json`` or ``model.safetensors`` is
@@ -348,7 +375,9 @@ class Tokenizer(nn.Module):
         from safetensors import SafetensorError  # noqa: PLC0415
         from safetensors.torch import load_file  # noqa: PLC0415
 
-        directory = Path(directory) if directory is not None else DEFAULT_MODEL
+        if directory is None or (isinstance(directory, str) and directory in PRETRAINED):
+            directory = PRETRAINED[directory or "image"]
+        directory = Path(directory)
         cfg_path, weights = directory / "config.json", directory / "model.safetensors"
         for p in (directory, cfg_path, weights):
             if not p.exists():

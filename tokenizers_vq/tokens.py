@@ -54,9 +54,44 @@ def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None 
         raise ValueError("a dynamic-length tokenizer's PackedCodes do not fit token files (fixed grids); "
                          "write them with tvq export (tokenizers_vq.export.export_dataset)")
     path = Path(path)
+    check_input_modality(tok, path)
     x, size, info = load_input(path, tok.modality, tok.sample_rate, max_frames)
     codes = tok.encode(x.unsqueeze(0).to(next(tok.parameters()).device))[0].cpu()
     return TokenRecord(codes, path.name, size, info)
+
+
+def check_input_modality(tok: Tokenizer, path: Path) -> None:
+    """Refuse a media file of another modality than the tokenizer's (by its suffix; a
+    folder of frames is a video), naming the model and the fix."""
+    from tokenizers_vq.media import modality_of  # noqa: PLC0415
+    from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY  # noqa: PLC0415
+
+    kind = modality_of(path, unknown=tok.modality)
+    if kind != tok.modality:
+        a = {"image": "an image", "audio": "an audio", "video": "a video"}
+        raise ValueError(f"{path} is {a[kind]} file, but model {tok.config.name!r} is {a[tok.modality]} tokenizer; "
+                         f"use {a[kind]} model (leave out --model to get the embedded "
+                         f"'{DEFAULT_FOR_MODALITY[kind]}' one, or Tokenizer.from_pretrained('{DEFAULT_FOR_MODALITY[kind]}'))")
+
+
+def default_model_name(paths: Sequence[str | os.PathLike]) -> str:
+    """The embedded model (``"image"``, ``"speech"`` or ``"video"``) for media files
+    by their type.
+
+    Raises:
+        ValueError: the files mix modalities (a token file holds one), or one is not
+            a media file.
+    """
+    from tokenizers_vq.media import modality_of  # noqa: PLC0415
+    from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY  # noqa: PLC0415
+
+    kinds = {Path(p).name: modality_of(p) for p in paths}
+    found = sorted(set(kinds.values()))
+    if len(found) > 1:
+        example = ", ".join(f"{next(n for n, k in kinds.items() if k == m)} is {m}" for m in found)
+        raise ValueError(f"the inputs mix {' and '.join(found)} files ({example}); a token file holds one "
+                         "modality: encode each kind in its own call")
+    return DEFAULT_FOR_MODALITY[found[0]]
 
 
 def decode_record(tok: Tokenizer, rec: TokenRecord) -> Tensor:

@@ -15,12 +15,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from tokenizers_vq.io import load_image
-
-EXTENSIONS = {
-    "image": {".png", ".jpg", ".jpeg", ".bmp", ".webp"},
-    "audio": {".wav", ".flac", ".ogg", ".mp3"},
-    "video": {".mp4", ".avi", ".mov", ".mkv", ".webm"},
-}
+from tokenizers_vq.media import SUFFIXES as EXTENSIONS
 
 
 def list_media(folder: str | Path, modality: str, max_items: int = 0) -> list[Path]:
