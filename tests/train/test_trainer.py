@@ -108,6 +108,35 @@ def test_resume_continues_the_run_exactly(tmp_path):
     assert read_log(tmp_path / "a")[-1]["loss/total"] == read_log(tmp_path / "b")[-1]["loss/total"]
 
 
+def test_init_from_continues_from_a_released_model(tmp_path):
+    """A second run warm-started from the first run's released fp16 model starts at the
+    loss of those weights: its first logged loss equals the loss of the released model
+    on the same batch, and the held batch scores the same before and after loading."""
+    first = Trainer(config("audio", tmp_path / "a", 20, **{"data.max_items": 2}))
+    first.train()
+    release = tmp_path / "release"
+    first.release_model().save_pretrained(release, dtype=torch.float16)
+    warm = Trainer(config("audio", tmp_path / "b", 1, **{"data.max_items": 2, "init_from": str(release)}))
+    src = Tokenizer.from_pretrained(release)
+    assert held_batch_loss(warm) == held_batch_loss(type("T", (), {"cfg": warm.cfg, "unwrapped": src,
+                                                                    "train_data": warm.train_data, "crop": warm.crop})())
+    fresh = Trainer(config("audio", tmp_path / "c", 1, **{"data.max_items": 2}))
+    assert held_batch_loss(fresh) > held_batch_loss(warm)
+    # step 0 of the warm run: the logged training loss is the released weights' loss on that batch
+    x = warm.train_data.batch(warm.cfg.batch_size, warm.crop, warm.cfg.seed, 0)
+    with torch.no_grad():
+        out = src.train()(x)
+    terms = reconstruction_terms(out.reconstruction, x, "audio", src.sample_rate)
+    expected = terms["l1"] + terms["mel"] + sum(out.losses.values())
+    warm.train()
+    assert read_log(tmp_path / "b")[0]["loss/total"] == pytest.approx(float(expected), rel=1e-5)
+    # a different model config is refused, naming the field
+    with pytest.raises(ValueError, match="differs from this run's in \\['quantizer'\\]"):
+        Trainer(config("audio", tmp_path / "d", 1, **{"init_from": str(release),
+                                                       "model.quantizer.options": '{"codebook_size": 32}'}))
+    assert load_config(None, ["--init_from", str(release)]).init_from == str(release)
+
+
 @pytest.mark.parametrize("modality", ["image", "audio"])
 def test_generator_step_leaves_the_discriminator_untouched(modality, tmp_path):
     """The generator's adversarial and feature-matching terms must not put gradients on
