@@ -77,7 +77,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of the generator's weights (0: off)
     max_minutes: float = 0.0  # stop (and save) after this wall time (0: no limit)
     cudnn_benchmark: bool = False  # GPU: let cuDNN time its kernels (faster; sets a process-wide flag)
-    # warm start: a tokenizer folder (config.json + model.safetensors, e.g. a shipped model) or a
+    # warm start: an embedded model's name (image, speech, video), a tokenizer folder or a
     # training checkpoint folder; its model config must be this run's (the name aside). Only the
     # weights are taken; optimiser, discriminator and step start afresh. A checkpoint of this
     # run's own out_dir still takes precedence (resume).

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tokenizers_vq.tokenizer import Tokenizer
+from tokenizers_vq.tokenizer import PRETRAINED, Tokenizer
 from tokenizers_vq.train import samples
 from tokenizers_vq.train.checkpoint import (
     find_checkpoint,
@@ -58,7 +58,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = Tokenizer(cfg.model)
         if cfg.init_from:
-            self._warm_start(Path(cfg.init_from))
+            self._warm_start(cfg.init_from)
         if self.model.is_dynamic and cfg.sample_every > 0:
             raise ValueError("training samples are written for fixed-grid tokenizers only; set sample_every=0 "
                              "for a dynamic-length one")
@@ -288,12 +288,14 @@ class Trainer:
         meta = {"step": self.step, "config": config_to_dict(self.cfg)}
         save_checkpoint(self.out_dir / "checkpoint", parts, meta, self.release_model().save_pretrained)
 
-    def _warm_start(self, directory: Path) -> None:
-        """Weights of ``directory`` (a tokenizer folder, or a checkpoint folder's
-        ``model``) into the fresh model, before the EMA copy and ``prepare``."""
+    def _warm_start(self, source: str) -> None:
+        """Weights of ``source`` (an embedded model's name, a tokenizer folder, or a
+        checkpoint folder's ``model``) into the fresh model, before the EMA copy and
+        ``prepare``."""
+        directory = Path(source)
         if (directory / "model" / "config.json").is_file():
             directory = directory / "model"
-        src = Tokenizer.from_pretrained(directory)
+        src = Tokenizer.from_pretrained(source if source in PRETRAINED else directory)
         mine, theirs = asdict(self.cfg.model), asdict(src.config)
         mine.pop("name"), theirs.pop("name")
         if mine != theirs:
