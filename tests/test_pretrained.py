@@ -131,3 +131,23 @@ def test_a_folder_named_like_an_embedded_model_is_not_taken_for_it(tmp_path, mon
     assert Tokenizer.from_pretrained("speech").modality == "audio"
     assert torch.equal(Tokenizer.from_pretrained("speech").encoder.layers[0].weight,
                        Tokenizer.from_pretrained(str(PRETRAINED["speech"])).encoder.layers[0].weight)
+
+
+def test_readme_speech_and_video_commands_run_on_real_files(tmp_path, monkeypatch):
+    """The README's second bash block, with its placeholder files replaced by real ones."""
+    import re
+    import shlex
+
+    from testdata import REPO
+
+    block = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)[1]
+    real = {"talk.flac": str(held_apart_flac()), "clip.mp4": str(shared_path("video", "imageio_realshort.mp4"))}
+    monkeypatch.chdir(tmp_path)
+    lines = block.strip().splitlines()
+    assert [name for name in real if any(name in line for line in lines)] == list(real)
+    for line in lines:
+        for cmd in line.split("&&"):
+            argv = [real.get(a, a) for a in shlex.split(cmd)]
+            assert argv[0] == "tvq" and main(argv[1:] + ["--device", "cpu"]) == 0, cmd
+    assert load_audio(tmp_path / "talk_decoded.wav")[1] == 16000
+    assert load_video(tmp_path / "clip_decoded.mp4")[0].shape[-2:] == (240, 320)
