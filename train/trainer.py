@@ -320,3 +320,24 @@ class Trainer:
             self.lecam.load_state_dict(parts["lecam"])
         set_rng_state(parts["rng"])
         self.step = int(meta["step"])
+        self._truncate_log()
+
+    def _truncate_log(self) -> None:
+        """Drop the ``metrics.jsonl`` lines of steps after the checkpoint (written
+        before a kill, and written again by the resumed run), so each step has one line."""
+        log = self.out_dir / "metrics.jsonl"
+        if not self.acc.is_main_process or not log.is_file():
+            return
+        lines = log.read_text().splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) > self.step:
+                    break
+            except json.JSONDecodeError:  # a line cut by the kill
+                break
+            keep.append(line)
+        if len(keep) < len(lines):
+            tmp = log.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(log)

@@ -96,6 +96,8 @@ def test_resume_continues_the_run_exactly(tmp_path):
     first = Trainer(config("image", tmp_path / "b", 6, **over, save_every=3, max_minutes=0))
     first.cfg.steps = 3
     first.train()
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:  # a killed run had logged steps 4-5, the last cut
+        f.write('{"step": 4, "loss/total": 9.0}\n{"step": 5, "loss/to')
     resumed = Trainer(config("image", tmp_path / "b", 6, **over))
     assert resumed.step == 3
     resumed.train()
@@ -106,6 +108,7 @@ def test_resume_continues_the_run_exactly(tmp_path):
     assert differ == []
     assert any(k.startswith("disc.") for k in a) and any(k.startswith("opt_d.") for k in a)
     assert read_log(tmp_path / "a")[-1]["loss/total"] == read_log(tmp_path / "b")[-1]["loss/total"]
+    assert [line["step"] for line in read_log(tmp_path / "b")] == list(range(1, 7))  # one line per step
 
 
 def test_init_from_continues_from_a_released_model(tmp_path):
