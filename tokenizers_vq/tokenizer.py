@@ -37,6 +37,7 @@ from tokenizers_vq.quantizers import (
     ResidualQuantizer,
     VectorQuantizer,
 )
+from tokenizers_vq.streaming import AudioDecodeStream, AudioEncodeStream
 
 QUANTIZER_KINDS: dict[str, type[Quantizer]] = {
     "vq": VectorQuantizer,
@@ -275,6 +276,44 @@ class Tokenizer(nn.Module):
             out = out[(..., *[slice(0, s) for s in size])]
         return out
 
+    def encode_stream(self) -> AudioEncodeStream:
+        """A stream that codes audio pushed in chunks of any length: ``push(chunk)``
+        returns the ``(frames, *code_shape)`` codes that are final, ``flush()`` the
+        rest; together they equal ``encode`` of the whole ``(1, 1, T)`` waveform.
+        A token is final once the last sample of its frame has arrived (at most
+        ``hop - 1`` samples of delay). Causal audio models only; see
+        :mod:`tokenizers_vq.streaming`.
+
+        Example:
+            >>> q = QuantizerConfig("vq", {"codebook_size": 16})
+            >>> small = {"channels": 4, "strides": [2, 4], "latent_dim": 8, "causal": True, "decoder_layers": 1}
+            >>> tok = Tokenizer(TokenizerConfig("audio", {**small, "decoder_dim": 16}, q)).eval()
+            >>> x = torch.randn(100)  # hop = 8 samples per frame
+            >>> enc = tok.encode_stream()
+            >>> parts = [enc.push(x[:30]), enc.push(x[30:32]), enc.push(x[32:]), enc.flush()]
+            >>> [p.shape[0] for p in parts]  # frames 0-2 end at sample 23, frame 3 at 31
+            [3, 1, 8, 1]
+            >>> codes = torch.cat(parts)
+            >>> torch.equal(codes, tok.encode(x.view(1, 1, -1))[0])
+            True
+            >>> dec = tok.decode_stream()
+            >>> audio = torch.cat([dec.push(codes[:5]), dec.push(codes[5:]), dec.flush(size=100)], dim=1)
+            >>> audio.shape
+            torch.Size([1, 100])
+            >>> torch.allclose(audio, tok.decode(codes[None], size=(100,))[0], atol=1e-5)
+            True
+        """
+        return AudioEncodeStream(self)
+
+    def decode_stream(self) -> AudioDecodeStream:
+        """A stream that decodes code frames pushed in chunks: ``push(codes)`` with
+        ``(n, *code_shape)`` codes returns the ``(1, m)`` samples that are final,
+        ``flush(size)`` the rest; together they equal ``decode`` of all the codes.
+        The samples of frame ``k`` are final once code frame ``k + 2`` has arrived
+        (``2 * hop`` samples of delay, from the iSTFT's overlap). Causal audio models
+        only; example in :meth:`encode_stream`."""
+        return AudioDecodeStream(self)
+
     def _encode_aligned(self, x: Tensor) -> Tensor | PackedCodes:
         was_training = self.training
         self.eval()
@@ -393,6 +432,11 @@ class Tokenizer(nn.Module):
             raise ValueError(f"corrupt weights file {weights}: {e}") from e
         own = model.state_dict()  # weights stored at a lower precision load back at the model's
         state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
+        mismatched = [f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} for the config"
+                      for k, v in state.items() if k in own and v.shape != own[k].shape]
+        if mismatched:
+            raise ValueError(f"{weights} does not fit {cfg_path} (edited config, or weights of another model?): "
+                             f"{'; '.join(mismatched[:3])}; restore the config.json saved with these weights")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{weights} does not fit {cfg_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
