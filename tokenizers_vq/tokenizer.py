@@ -11,6 +11,7 @@ pickled.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import math
@@ -82,6 +83,19 @@ class QuantizerConfig:
     groups: int = 1
     dropout: float = 0.0
     dynamic: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        if self.kind not in QUANTIZER_KINDS:
+            raise ValueError(f"unknown quantizer kind {self.kind!r}; choose from {sorted(QUANTIZER_KINDS)}")
+        params = inspect.signature(QUANTIZER_KINDS[self.kind]).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            allowed = set(params) - {"dim", "self"}
+            unknown = sorted(set(self.options) - allowed)
+            if unknown:
+                close = {u: difflib.get_close_matches(u, allowed, n=1) for u in unknown}
+                hint = "; ".join(f"{u!r}: did you mean {c[0]!r}?" for u, c in close.items() if c)
+                raise ValueError(f"unknown options {unknown} for quantizer kind {self.kind!r} "
+                                 f"(quantizer.options){'; ' + hint if hint else ''}; it takes {sorted(allowed)}")
 
     def build(self, dim: int) -> Quantizer | DynamicQuantizer:
         if self.kind not in QUANTIZER_KINDS:

@@ -200,6 +200,8 @@ def test_config_overrides_are_checked(tmp_path):
         load_config(None, ["steps"])
     with pytest.raises(ValueError, match="not found"):
         load_config(tmp_path / "none.yaml")
+    with pytest.raises(ValueError, match=r"unknown options \['codebok_size'\].*did you mean 'codebook_size'"):
+        load_config("train/configs/image.yaml", ["model.quantizer.options.codebok_size=512"])
 
 
 @pytest.mark.parametrize("name", ["image", "audio", "video"])
