@@ -169,8 +169,10 @@ def test_bad_inputs_get_clear_errors_and_keep_existing_outputs(tmp_path, image_m
     text.write_text("not an image")
     tiny_img = tmp_path / "dot.png"
     Image.new("RGB", (1, 1)).save(tiny_img)
+    folder = tmp_path / "photos"
+    folder.mkdir()
     cases = {truncated: "cannot read image", text: "cannot read image", tiny_img: "at least 8x8",
-             tmp_path / "missing.png": "not found"}
+             tmp_path / "missing.png": "not found", folder: "is a directory, not a media file"}
     for bad, msg in cases.items():
         assert main(["encode", str(photo), str(bad), "--model", str(image_model), "-o", str(out)]) == 2
         assert msg in capsys.readouterr().err
@@ -179,6 +181,10 @@ def test_bad_inputs_get_clear_errors_and_keep_existing_outputs(tmp_path, image_m
     assert "corrupt token file" in capsys.readouterr().err
     assert main(["encode", str(photo), "--model", str(tmp_path / "nope"), "-o", str(out)]) == 2
     assert "not a tokenizer directory" in capsys.readouterr().err
+    assert main(["encode", str(photo), "--model", str(image_model), "-o", str(folder)]) == 2  # -o a directory
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is a directory, but a file is written here" in err
+    assert list(folder.iterdir()) == []
 
 
 def test_zero_length_audio_and_wrong_model_are_refused(tmp_path, image_model):

@@ -17,8 +17,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
     The temporary file sits beside ``path`` (same filesystem, so the rename is
     atomic) and keeps ``path``'s suffix so writers that pick a format by suffix work.
+
+    Raises:
+        ValueError: ``path`` is an existing directory, or its folder is an existing file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, but a file is written here; give a file name "
+                         f"(e.g. {path / ('out' + (path.suffix or '.tvq'))})")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"cannot write {path}: {path.parent} is a file, not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
