@@ -147,6 +147,15 @@ def test_load_input_gives_the_model_input_and_names_bad_files(tmp_path):
     photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
     x, size, info = load_input(photo, "image")
     assert torch.equal(x, load_image(photo) * 2 - 1) and size == list(x.shape[1:]) and info == {"channels": 3}
+    from PIL import Image  # noqa: PLC0415
+
+    grey, rgba = tmp_path / "grey.png", tmp_path / "rgba.png"
+    Image.open(photo).convert("L").save(grey)
+    Image.open(photo).convert("RGBA").save(rgba)
+    for path, channels in [(grey, 1), (rgba, 4)]:  # the source's own channels, coded as RGB
+        x, _, info = load_input(path, "image")
+        assert info == {"channels": channels} and x.shape[0] == 3
+    assert torch.equal(load_input(grey, "image")[0][0], load_input(grey, "image")[0][2])
     wav = sorted(shared_path("audio", "ljspeech").glob("*.wav"))[0]
     x, size, info = load_input(wav, "audio", 16000)
     assert x.shape == (1, size[0]) and info == {"sample_rate": 16000, "channels": 1}

@@ -42,10 +42,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def image_channels(path: str | os.PathLike) -> int:
+    """Channels of the image file as stored: 1 (greyscale), 2 (greyscale + alpha),
+    3 (RGB or a palette), 4 (RGBA, CMYK, or a palette with transparency). Reads the
+    header only."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    try:
+        with Image.open(path) as im:
+            if im.mode == "P":
+                return 4 if "transparency" in im.info else 3
+            return len(im.getbands())
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
 def load_image(path: str | os.PathLike) -> Tensor:
     """Read an image file as ``(3, H, W)`` float32 in ``[0, 1]``.
 
-    Greyscale is repeated to RGB; an alpha channel is composited on white.
+    Greyscale is repeated to RGB; an alpha channel is composited on white (token
+    files record the source's own channel count, :func:`image_channels`).
 
     Raises:
         ValueError: the file is missing, unreadable, truncated or not an image.

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenizers_vq.io import atomic_write, load_image
+from tokenizers_vq.io import atomic_write, image_channels, load_image
 
 
 def resample(wav: Tensor, orig_sr: int, new_sr: int, taps: int = 16, rolloff: float = 0.95) -> Tensor:
@@ -238,7 +238,7 @@ def load_input(
     """
     if modality == "image":
         img = load_image(path)
-        return img * 2 - 1, list(img.shape[1:]), {"channels": 3}
+        return img * 2 - 1, list(img.shape[1:]), {"channels": image_channels(path)}
     if modality == "audio":
         wav, sr = load_audio(path, sample_rate)
         return wav.mean(0, keepdim=True), [wav.shape[-1]], {"sample_rate": sr, "channels": wav.shape[0]}
