@@ -1,0 +1,186 @@
+"""Streaming audio tokenizer: streamed codes equal offline ``encode``, streamed audio
+equals offline ``decode``, on real speech fed in chunks of random length; the
+receptive-field helper against perturbations; refusals and input checks."""
+
+from __future__ import annotations
+
+import doctest
+import random
+
+import pytest
+import torch
+
+from testdata import shared_path
+from tokenizers_vq import QuantizerConfig, Tokenizer, TokenizerConfig
+from tokenizers_vq.backbones import AudioBackboneConfig, AudioDecoder, AudioEncoder
+from tokenizers_vq.media import load_audio
+from tokenizers_vq.streaming import LOOKAHEAD_FRAMES, receptive_field
+
+SMALL = {"channels": 8, "strides": [2, 4, 5], "latent_dim": 16, "causal": True, "decoder_dim": 32, "decoder_layers": 2}
+HOP = 40
+
+
+def speech(samples: int) -> torch.Tensor:
+    """``(samples,)`` of the first LibriSpeech file at 16 kHz."""
+    flac = sorted(shared_path("audio", "librispeech_train-clean-100").glob("*.flac"))[0]
+    wav, _ = load_audio(flac, sample_rate=16000)
+    assert wav.shape[1] >= samples
+    return wav[0, :samples]
+
+
+def small_tokenizer(x: torch.Tensor, levels: int = 1, **config) -> Tokenizer:
+    """A causal model whose codebooks are k-means initialised on the latents of ``x``."""
+    torch.manual_seed(0)
+    q = QuantizerConfig("vq", {"codebook_size": 64, "kmeans_init": True}, levels=levels)
+    tok = Tokenizer(TokenizerConfig("audio", dict(SMALL), q, **config))
+    n = x.shape[0] // HOP * HOP
+    with torch.no_grad():
+        tok(x[:n].view(1, 1, -1))  # first training pass: k-means on the latents
+    return tok.eval()
+
+
+def random_chunks(n: int, sizes: list[int], rng: random.Random) -> list[slice]:
+    out, i = [], 0
+    while i < n:
+        k = rng.choice(sizes)
+        out.append(slice(i, min(n, i + k)))
+        i += k
+    return out
+
+
+@pytest.mark.parametrize(("levels", "chunk_frames"), [(1, 500), (2, 500), (1, 40)])
+def test_stream_equals_offline_on_speech(levels, chunk_frames):
+    """``chunk_frames=40`` makes offline coding run in chunks (context 30 frames >=
+    both receptive fields), which a causal model codes exactly as well."""
+    n = 6_001  # offline: one window, or 4 chunks of 40 frames when chunk_frames=40
+    x = speech(n)
+    tok = small_tokenizer(x, levels, chunk_frames=chunk_frames, chunk_context=30)
+    codes = tok.encode(x.view(1, 1, -1))[0]
+    audio = tok.decode(codes[None], size=(n,))[0]
+    assert len(codes.unique()) > 8  # the codes carry information, not one constant
+    enc, dec = tok.encode_stream(), tok.decode_stream()
+    rng = random.Random(levels + chunk_frames)
+    got_codes, got_audio = [], []
+    for s in random_chunks(n, [0, 1, 1, 3, 39, 40, 41, 97, 700, 1500], rng):
+        c = enc.push(x[s])
+        assert enc.frames_out == enc.samples_in // HOP  # a frame is out once its last sample is in
+        got_codes.append(c)
+        got_audio.append(dec.push(c))
+        assert dec.samples_out == max(0, dec.frames_in - LOOKAHEAD_FRAMES) * HOP
+    c = enc.flush()
+    got_codes.append(c)
+    got_audio += [dec.push(c), dec.flush(size=enc.samples_in)]
+    streamed = torch.cat(got_codes)
+    assert streamed.dtype == torch.long and streamed.shape == codes.shape
+    assert torch.equal(streamed, codes)
+    streamed_audio = torch.cat(got_audio, dim=1)
+    assert streamed_audio.shape == (1, n)
+    torch.testing.assert_close(streamed_audio, audio, atol=1e-5, rtol=0)
+
+
+def test_decode_stream_in_random_code_chunks():
+    x = speech(4_000)
+    tok = small_tokenizer(x)
+    codes = tok.encode(x.view(1, 1, -1))[0]
+    dec, rng, parts = tok.decode_stream(), random.Random(1), []
+    for s in random_chunks(len(codes), [0, 1, 2, 5, 30], rng):
+        parts.append(dec.push(codes[s][None] if rng.random() < 0.5 else codes[s]))
+    parts.append(dec.flush())
+    torch.testing.assert_close(torch.cat(parts, dim=1), tok.decode(codes[None])[0], atol=1e-5, rtol=0)
+
+
+def test_receptive_field_matches_perturbations():
+    """Changing an input outside the receptive field leaves the output bit-identical;
+    the gradient shows that every input inside it counts (a unit change at the far
+    end moves the output by ~1e-17 only, below float resolution)."""
+    torch.manual_seed(0)
+    cfg = AudioBackboneConfig(**SMALL)
+    enc, dec = AudioEncoder(cfg).eval(), AudioDecoder(cfg).eval()
+    r, t = receptive_field(enc), 40
+    assert r == 1034
+    x = torch.randn(1, 1, (t + 3) * HOP, requires_grad=True)
+    z = enc(x)[..., t]
+    (grad,) = torch.autograd.grad(z.square().sum(), x)
+    inside = grad[0, 0].ne(0).nonzero()
+    assert (inside.min(), inside.max()) == ((t + 1) * HOP - r, (t + 1) * HOP - 1)
+    with torch.no_grad():
+        y = x.clone()
+        y[..., : (t + 1) * HOP - r] += torch.randn((t + 1) * HOP - r)
+        y[..., (t + 1) * HOP :] += 1.0
+        assert torch.equal(enc(y)[..., t], z)
+    rd = receptive_field(dec)  # in frames: conv_in and two depthwise convs of kernel 7
+    assert rd == 19
+    zl = torch.randn(1, cfg.latent_dim, t + 3, requires_grad=True)
+    f = dec.frame_features(zl)[..., t]
+    (grad,) = torch.autograd.grad(f.square().sum(), zl)
+    inside = grad[0].abs().sum(0).ne(0).nonzero()
+    assert (inside.min(), inside.max()) == (t - rd + 1, t)
+    with torch.no_grad():
+        zz = zl.clone()
+        zz[..., : t - rd + 1] += 1.0
+        zz[..., t + 1 :] += 1.0
+        assert torch.equal(dec.frame_features(zz)[..., t], f)
+    # the default causal config fits in the offline chunk context (25 frames)
+    default = AudioBackboneConfig(causal=True)
+    assert receptive_field(AudioEncoder(default)) <= TokenizerConfig().chunk_context * default.hop
+
+
+def test_refuses_models_that_cannot_stream():
+    vq = QuantizerConfig("vq", {"codebook_size": 8})
+    acausal = Tokenizer(TokenizerConfig("audio", {**SMALL, "causal": False}, vq))
+    for make in (acausal.encode_stream, acausal.decode_stream):
+        with pytest.raises(ValueError, match=r"model\.backbone\.causal=true"):
+            make()
+    dyn = QuantizerConfig("vq", {"codebook_size": 8}, dynamic={})
+    with pytest.raises(ValueError, match="dynamic-length"):
+        Tokenizer(TokenizerConfig("audio", SMALL, dyn)).encode_stream()
+    image = Tokenizer(TokenizerConfig("image", {"channels": 8, "channel_mult": [1, 2], "latent_dim": 4}))
+    with pytest.raises(ValueError, match="audio"):
+        image.decode_stream()
+
+
+def test_chunk_layouts_empty_streams_and_misuse():
+    torch.manual_seed(0)
+    tok = Tokenizer(TokenizerConfig("audio", SMALL, QuantizerConfig("vq", {"codebook_size": 8}))).eval()
+    x = torch.randn(130)
+    results = []
+    for layout in (lambda c: c, lambda c: c[None], lambda c: c[None, None]):
+        enc = tok.encode_stream()
+        parts = [enc.push(layout(x[:50])), enc.push(layout(x[50:50])), enc.push(layout(x[50:])), enc.flush()]
+        results.append(torch.cat(parts))
+        with pytest.raises(ValueError, match="after flush"):
+            enc.push(x)
+    assert all(torch.equal(r, results[0]) for r in results) and results[0].shape == (4,)
+    enc = tok.encode_stream()
+    for bad in (torch.randn(2, 10), torch.arange(5), torch.tensor([0.0, float("nan")])):
+        with pytest.raises(ValueError):
+            enc.push(bad)
+    assert enc.flush().shape == (0,)
+    dec = tok.decode_stream()
+    assert dec.push(torch.zeros(0, dtype=torch.long)).shape == (1, 0)
+    for bad in (torch.zeros(3), torch.full((3,), 8), torch.zeros(2, 3, dtype=torch.long)):
+        with pytest.raises(ValueError):
+            dec.push(bad)
+    assert dec.flush().shape == (1, 0)
+    dec = tok.decode_stream()
+    assert dec.push(results[0]).shape == (1, 2 * HOP)
+    with pytest.raises(ValueError, match="already returned"):
+        dec.flush(size=HOP)
+
+
+def test_state_stays_bounded_on_a_long_stream():
+    torch.manual_seed(0)
+    tok = Tokenizer(TokenizerConfig("audio", SMALL, QuantizerConfig("vq", {"codebook_size": 8}))).eval()
+    enc, dec = tok.encode_stream(), tok.decode_stream()
+    for _ in range(20):
+        dec.push(enc.push(torch.randn(333)))
+        assert enc._buf.numel() < enc.context + HOP
+        assert dec._codes.shape[0] <= dec.context + LOOKAHEAD_FRAMES
+    assert enc.samples_in == 20 * 333 and dec.samples_out == (enc.frames_out - LOOKAHEAD_FRAMES) * HOP
+
+
+def test_module_docstring_examples():
+    import tokenizers_vq.streaming as mod  # noqa: PLC0415
+
+    result = doctest.testmod(mod, extraglobs={"torch": torch}, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
