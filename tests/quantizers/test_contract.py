@@ -180,3 +180,23 @@ def test_vq_compiles_with_inductor_and_matches_eager():
     compiled = torch.compile(q, fullgraph=True)(z)
     assert torch.equal(compiled.codes, eager.codes)
     torch.testing.assert_close(compiled.quantized, eager.quantized)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_half_inputs_without_autocast(name: str, dtype: torch.dtype):
+    """fp32 weights (projections, codebooks) and a half-precision latent, outside
+    autocast: the output keeps the input's dtype, codes are in range, and they are the
+    codes of the same latent in fp32 except on near-ties."""
+    dim, q = make(name)
+    z = latent(dim, SHAPES["2d"]).to(dtype)
+    q.train()
+    out = q(z)  # training forward (statistics, k-means init) in half
+    assert out.quantized.dtype == dtype and torch.isfinite(out.quantized.float()).all()
+    q.eval()
+    codes = q.encode(z)
+    assert codes.shape == (*SHAPES["2d"], *q.code_shape)
+    assert int(codes.min()) >= 0 and int(codes.max()) < q.codebook_size
+    assert q.decode(codes).shape == z.shape
+    same = (codes == q.encode(z.float())).float().mean()
+    assert same > 0.8, f"only {same:.0%} of half-input codes equal the fp32 ones"

@@ -83,9 +83,17 @@ class Quantizer(nn.Module, ABC):
 
     # -- the contract --------------------------------------------------------------------
     def forward(self, z: Tensor) -> QuantizerOutput:
-        """Quantize ``z`` ``(B, *S, D)``; see :class:`QuantizerOutput`."""
+        """Quantize ``z`` ``(B, *S, D)``; see :class:`QuantizerOutput`.
+
+        Outside autocast, a latent of another float dtype than the quantizer's weights
+        (e.g. bf16 activations and fp32 projections) is quantized in the weights' dtype
+        and ``quantized`` is cast back to the latent's dtype."""
         self._check_latent(z)
-        return self._forward(z)
+        zc = self._in_weight_dtype(z)
+        if zc is z:
+            return self._forward(z)
+        out = self._forward(zc)
+        return QuantizerOutput(out.quantized.to(z.dtype), out.codes, out.losses, out.metrics)
 
     @torch.no_grad()
     def encode(self, z: Tensor) -> Tensor:
@@ -95,7 +103,7 @@ class Quantizer(nn.Module, ABC):
         was_training = self.training
         self.eval()
         try:
-            return self._forward(z).codes
+            return self._forward(self._in_weight_dtype(z)).codes
         finally:
             self.train(was_training)
 
@@ -109,6 +117,16 @@ class Quantizer(nn.Module, ABC):
 
     @abstractmethod
     def _decode(self, codes: Tensor) -> Tensor: ...
+
+    def _in_weight_dtype(self, z: Tensor) -> Tensor:
+        """``z`` in the dtype of the first floating parameter or buffer, unless autocast
+        is on for its device (autocast then picks the dtypes) or they already agree."""
+        if torch.is_autocast_enabled(z.device.type):
+            return z
+        for t in (*self.parameters(), *self.buffers()):
+            if t.is_floating_point():
+                return z if t.dtype == z.dtype else z.to(t.dtype)
+        return z
 
     # -- validation ----------------------------------------------------------------------
     def _check_latent(self, z: Tensor) -> None:
