@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from tokenizers_vq.eval.baselines import run_baselines
 from tokenizers_vq.eval.evaluate import evaluate
 from tokenizers_vq.eval.inception import FIDInception, load_inception
 from tokenizers_vq.eval.lpips import LPIPSNet, load_lpips
@@ -42,6 +43,49 @@ def _feature_nets(modality: str, device: torch.device, lpips_weights: str | Path
     return lpips, inception, skipped
 
 
+BETTER = {"psnr_db": 1, "ssim": 1, "ms_ssim": 1, "lpips": -1, "flicker": -1, "stoi": 1, "pesq_wb": 1,
+          "mel_distance": -1, "stft_distance": -1, "si_sdr_db": 1}
+"""Metrics of the side-by-side table: +1 where higher is better, -1 where lower is."""
+RATES = {"image": ["bits_per_pixel"], "audio": ["kbps"], "video": ["kbps", "bits_per_pixel"]}
+
+
+def baseline_lines(modality: str, summary: dict[str, Any], baselines: dict[str, Any]) -> list[str]:
+    """The report's section comparing the tokenizer (first row, its ``summary``) with
+    each codec of :func:`run_baselines`'s result, and a line per codec that beats it
+    on some metric, with how many more or fewer bits that codec spent."""
+    rates = RATES[modality]
+    mine = {**summary, **baselines["target"]}
+    keys = [k for k in BETTER if isinstance(mine.get(k), float)]
+
+    def cells(s: dict[str, Any]) -> str:
+        return " | ".join("n/a" if s.get(k) is None else f"{s[k]:.4f}" for k in rates + keys)
+
+    note = {"audio": " Codec2 runs at its mode nearest the tokenizer's kbps; Opus at 6 kbps, its lowest usable rate.",
+            "image": " JPEG/WebP at their lowest quality can exceed the tokenizer's bits on detailed photos.",
+            "video": " H.264/H.265 run at the best constant quality (CRF) that fits the tokenizer's bits per clip."}
+    lines = ["## Classical codecs at the same bitrate", "",
+             "Each file also encoded by real codecs at the tokenizer's bits for it; rates are those each codec "
+             "achieved, and `over budget` counts the items where it spent more bits than the tokenizer."
+             + note[modality], "",
+             "| codec | " + " | ".join(rates + keys) + " | over budget |", "|---" * (2 + len(rates) + len(keys)) + "|",
+             f"| tokenizer | {cells(mine)} | - |"]
+    losses = []
+    for name, c in baselines["codecs"].items():
+        s = c["summary"]
+        lines.append(f"| {name} | {cells(s)} | {s['over_budget']}/{s['items']} |")
+        beaten = [f"{k} {s[k]:.4f} vs {mine[k]:.4f}" for k in keys
+                  if s.get(k) is not None and (s[k] - mine[k]) * BETTER[k] > 0]
+        if beaten:
+            losses.append(f"- `{name}`, spending {s[rates[0]] / mine[rates[0]] - 1:+.0%} bits: " + ", ".join(beaten))
+    if losses:
+        lines += ["", "Where the tokenizer loses (codec vs tokenizer):", "", *losses]
+    elif baselines["codecs"]:
+        lines += ["", "The tokenizer beats every codec that ran on every metric in the table."]
+    if baselines["skipped"]:
+        lines += ["", "Codecs not run:", ""] + [f"- {n}: {v}" for n, v in baselines["skipped"].items()]
+    return lines
+
+
 def _distribution_plot(items: list[dict[str, Any]], keys: list[str], path: Path) -> None:
     from tokenizers_vq.viz import _pyplot  # noqa: PLC0415
 
@@ -58,9 +102,12 @@ def _distribution_plot(items: list[dict[str, Any]], keys: list[str], path: Path)
 
 def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_name: str,
                  lpips_weights: str | Path | None = None, lpips_heads: str | Path | None = None,
-                 fid_weights: str | Path | None = None) -> dict[str, Any]:
+                 fid_weights: str | Path | None = None, baselines: bool = False) -> dict[str, Any]:
     """Evaluate and write ``metrics.json``, ``report.md``, ``metric_distributions.png``,
     ``codebook_usage.png`` and reconstruction pictures (via the trainer's sample writer).
+
+    ``baselines`` adds a ``baselines`` section (:func:`run_baselines`: classical codecs
+    at the tokenizer's bitrate on the same files) to metrics.json and its table to the report.
 
     LPIPS and rFID are computed when their weight files are found (paths here, else the
     defaults of :func:`load_lpips` / :func:`load_inception`) and listed under
@@ -82,6 +129,8 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     result["skipped"] = skipped
     result["model"] = model_name
     result["config"] = json.loads(json.dumps(tok.config, default=lambda o: o.__dict__))
+    if baselines:
+        result["baselines"] = run_baselines(tok, files, result["items"], lpips=lpips)
     atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
 
     keys = [k for k in ("psnr_db", "ssim", "lpips", "mel_distance", "stoi", "si_sdr_db") if k in result["summary"]]
@@ -101,6 +150,8 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     if "rfid" in result["summary"]:
         lines += ["", f"rFID is over {result['summary']['rfid_images']} images. FID is biased upwards for few images "
                   "(the usual count is 50,000): compare only values over the same images."]
+    if baselines:
+        lines += [""] + baseline_lines(tok.modality, result["summary"], result["baselines"])
     if skipped:
         lines += ["", "## Not computed", ""] + [f"- {v}" for v in skipped.values()]
     lines += ["", "Pictures: `samples/` (reconstructions), `codebook_usage.png`, `metric_distributions.png`."]

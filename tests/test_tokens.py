@@ -196,6 +196,18 @@ def test_bad_inputs_get_clear_errors_and_keep_existing_outputs(tmp_path, image_m
     assert list(folder.iterdir()) == []
 
 
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path, image_model, capsys):
+    photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]  # 481 x 321 = 154,401 pixels
+    out = tmp_path / "p.tvq"
+    assert main(["encode", str(photo), "--model", str(image_model), "-o", str(out), "--max-pixels", "150000"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "over the limit" in err and "--max-pixels 154401" in err
+    assert not out.exists()
+    assert main(["encode", str(photo), "--model", str(image_model), "-o", str(out), "--max-pixels", "154401"]) == 0
+    with pytest.raises(ValueError, match="megapixels"):
+        encode_file(tiny("image"), photo, max_pixels=1000)
+
+
 def test_zero_length_audio_and_wrong_model_are_refused(tmp_path, image_model):
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros(0), 16000)

@@ -1,9 +1,11 @@
-"""Test data: where the real media lives (../shared/data) and how to skip without it,
-and random weight files in the layouts of published ones (none can be downloaded here)."""
+"""Test data: where the real media lives (``$TVQ_TEST_DATA``, default ../shared/data) and
+how to skip without it, and random weight files in the layouts of published ones (none
+can be downloaded here)."""
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 from tokenizers_vq.eval.lpips import BACKBONE_FILES
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("TVQ_TEST_DATA") or REPO.parent / "shared" / "data")
 
 # torchvision ``features.{i}.weight`` shapes (convs only; biases are (out,); VGG kernels 3x3)
 LPIPS_CONVS = {
@@ -25,10 +27,13 @@ LPIPS_CHANNELS = {"alex": (64, 192, 384, 256, 256), "vgg": (64, 128, 256, 512, 5
 
 
 def shared_path(*parts: str) -> Path:
-    """A path under ``../shared/data``; skips the test (with the reason) when absent."""
+    """A path under :data:`SHARED_DATA`; skips the test (with the reason) when absent, or
+    fails it when ``$TVQ_REQUIRE_DATA`` is set (as CI does)."""
     p = SHARED_DATA.joinpath(*parts)
+    if not p.exists() and os.environ.get("TVQ_REQUIRE_DATA"):
+        pytest.fail(f"real test data not found at {p}: set TVQ_TEST_DATA to the shared data folder")
     if not p.exists():
-        pytest.skip(f"real test data not found at {p} (the ../shared/data folder beside the repo)")
+        pytest.skip(f"real test data not found at {p} ($TVQ_TEST_DATA, default the ../shared/data folder beside the repo)")
     return p
 
 

@@ -30,7 +30,7 @@ def _encode(args: argparse.Namespace) -> int:
     from tokenizers_vq.tokens import default_model_name, encode_files  # noqa: PLC0415
 
     default = None if args.model else default_model_name(args.files)
-    out = encode_files(_load_model(args, default), args.files, args.output)
+    out = encode_files(_load_model(args, default), args.files, args.output, max_pixels=args.max_pixels or None)
     print(f"wrote {out}")
     return 0
 
@@ -74,10 +74,12 @@ def _eval(args: argparse.Namespace) -> int:
     tok = _load_model(args)
     files = list_media(args.data, tok.modality, args.max_items)
     result = write_report(tok, files, args.out, args.model or "embedded default", lpips_weights=args.lpips_weights,
-                          lpips_heads=args.lpips_heads, fid_weights=args.fid_weights)
+                          lpips_heads=args.lpips_heads, fid_weights=args.fid_weights, baselines=args.baselines)
     for k, v in result["summary"].items():
         print(f"{k:>22}: {v:.4f}" if isinstance(v, float) else f"{k:>22}: {v}")
     for k, v in result["skipped"].items():
+        print(f"{k:>22}: {v}")
+    for k, v in result.get("baselines", {}).get("skipped", {}).items():
         print(f"{k:>22}: {v}")
     print(f"wrote {Path(args.out) / 'report.md'}, metrics.json and pictures")
     return 0
@@ -144,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     enc = sub.add_parser("encode", help="encode media files to one token file")
     enc.add_argument("files", nargs="+", help="media files of the model's modality")
     enc.add_argument("-o", "--output", required=True, help="token file to write (tvq-tokens/1, safetensors)")
+    enc.add_argument("--max-pixels", type=int, default=4096 * 4096,
+                     help="refuse larger images (default 4096*4096; memory grows with pixels; 0: no limit)")
     dec = sub.add_parser("decode", help="decode a token file back to media")
     dec.add_argument("tokens", help="token file written by tvq encode")
     dec.add_argument("-o", "--output", required=True, help="output file (one item) or directory")
@@ -156,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lpips-heads", default=None, help="LPIPS v0.1 linear heads (default: from the installed lpips package)")
     ev.add_argument("--fid-weights", default=None,
                     help="pytorch-fid pt_inception-2015-12-05-6726825d.pth for rFID (default: torch hub cache)")
+    ev.add_argument("--baselines", action="store_true",
+                    help="also encode every file with classical codecs at the tokenizer's bitrate (Codec2 and Opus for "
+                         "audio, H.264/H.265 for video, JPEG/WebP and their downscaled variants for images) and compare "
+                         "them in report.md; off by default, as it runs several encodes per file (needs c2enc, ffmpeg)")
     photo = sub.add_parser("example-photo", help="print the path of a real photo shipped with matplotlib")
     photo.set_defaults(func=_example_photo)
     ex = sub.add_parser("export", help="encode a folder to memory-mappable token shards for AR training (resumable)")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenizers_vq.io import atomic_write, image_channels, load_image
+from tokenizers_vq.io import MAX_PIXELS, atomic_write, image_channels, image_size, load_image
 
 
 def resample(wav: Tensor, orig_sr: int, new_sr: int, taps: int = 16, rolloff: float = 0.95) -> Tensor:
@@ -217,7 +217,8 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
 
 
 def load_input(
-    path: str | os.PathLike, modality: str, sample_rate: int | None = None, max_frames: int | None = None
+    path: str | os.PathLike, modality: str, sample_rate: int | None = None, max_frames: int | None = None,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> tuple[Tensor, list[int], dict[str, Any]]:
     """Read a media file as a tokenizer's input, with what a token file records of it.
 
@@ -225,6 +226,8 @@ def load_input(
         modality: ``"image"``, ``"audio"`` or ``"video"``.
         sample_rate: audio: the model's rate (the file is resampled to it).
         max_frames: video: read at most this many frames (``None``: all).
+        max_pixels: images: refuse more than this many pixels (``None``: no limit);
+            checked from the file's header, before it is decoded.
 
     Returns:
         ``(x, size, info)``: ``x`` is image ``(3, H, W)`` or video ``(3, T, H, W)`` in
@@ -237,6 +240,11 @@ def load_input(
             unreadable, truncated, zero-length audio, ...), named in the message.
     """
     if modality == "image":
+        w, h = image_size(path) if Path(path).is_file() else (0, 0)
+        if max_pixels is not None and w * h > max_pixels:
+            raise ValueError(f"{path} is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
+                             f"{max_pixels / 1e6:.1f} (memory grows with the pixel count); downscale it, or raise the "
+                             f"limit with --max-pixels {w * h} (max_pixels= in Python)")
         img = load_image(path)
         return img * 2 - 1, list(img.shape[1:]), {"channels": image_channels(path)}
     if modality == "audio":

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from tokenizers_vq.io import atomic_write, save_image
+from tokenizers_vq.io import MAX_PIXELS, atomic_write, save_image
 from tokenizers_vq.tokenizer import Tokenizer
 
 FORMAT = "tvq-tokens/1"
@@ -44,10 +44,11 @@ class TokenRecord:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None = None) -> TokenRecord:
+def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None = None,
+                max_pixels: int | None = MAX_PIXELS) -> TokenRecord:
     """Read a media file of the tokenizer's modality (as
     :func:`~tokenizers_vq.media.load_input` does) and encode it (video: at most
-    ``max_frames`` frames)."""
+    ``max_frames`` frames; images of at most ``max_pixels`` pixels)."""
     from tokenizers_vq.media import load_input  # noqa: PLC0415
 
     if tok.is_dynamic:
@@ -55,7 +56,7 @@ def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None 
                          "write them with tvq export (tokenizers_vq.export.export_dataset)")
     path = Path(path)
     check_input_modality(tok, path)
-    x, size, info = load_input(path, tok.modality, tok.sample_rate, max_frames)
+    x, size, info = load_input(path, tok.modality, tok.sample_rate, max_frames, max_pixels)
     codes = tok.encode(x.unsqueeze(0).to(next(tok.parameters()).device))[0].cpu()
     return TokenRecord(codes, path.name, size, info)
 
@@ -172,9 +173,10 @@ def check_compatible(meta: dict[str, str], tok: Tokenizer, path: Path) -> None:
         raise ValueError(f"{path}: code shape {meta['code_shape']} does not match the tokenizer's")
 
 
-def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | os.PathLike,
+                 max_pixels: int | None = MAX_PIXELS) -> Path:
     """Encode media files into one token file (all inputs are read before anything is written)."""
-    records = [encode_file(tok, p) for p in tqdm(paths, desc="encode", disable=len(paths) < 2)]
+    records = [encode_file(tok, p, max_pixels=max_pixels) for p in tqdm(paths, desc="encode", disable=len(paths) < 2)]
     return save_tokens(out, tok, records)
 
 
