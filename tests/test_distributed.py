@@ -94,7 +94,8 @@ def test_trainer_under_accelerate_launch_keeps_codebooks_identical(tmp_path):
     from testdata import shared_path  # noqa: PLC0415
 
     photos = shared_path("images", "bsds500", "train")
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+    # this interpreter's accelerate, not whichever `accelerate` is first on PATH
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
            "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "tokenizers_vq.cli", "train",
            str(Path(__file__).parents[1] / "train" / "configs" / "image.yaml"), f"--data.train={photos}",
            "--data.max_items=6", "--data.val=", "--steps=4", "--batch_size=2", "--data.crop=32", "--loss.disc_start=2",
