@@ -1,7 +1,9 @@
-"""Token export for AR generators: shards, resume after a kill, Dataset orders, prior."""
+"""Token export for AR generators: shards, resume after a kill, refused reruns, Dataset
+orders and count checks, prior."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -13,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_tokenizer import tiny, tiny_dynamic
-from testdata import shared_path
+from testdata import shared_path, small_photos
 
 from tokenizers_vq.cli import main
 from tokenizers_vq.export import TokenDataset, Vocabulary, export_dataset
@@ -251,3 +253,73 @@ def test_prior_doctest_and_sampling_filters():
     out = prior.generate(torch.tensor([0, 2]), 8, top_k=1, generator=gen)
     again = prior.generate(torch.tensor([0, 2]), 8, top_k=1, generator=torch.Generator().manual_seed(5))
     assert torch.equal(out, again)  # top-1 is greedy: no randomness left
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_a_rerun_that_differs_is_refused_and_overwrite_starts_over(tmp_path, capsys):
+    """Rerunning a finished export with another shard size used to keep the old shards
+    and add new ones (60 items for 40 inputs); now it is refused, naming the field,
+    --overwrite gives a correct export, and an identical rerun resumes it untouched."""
+    model = tiny("image").save_pretrained(tmp_path / "model")
+    data, out = tmp_path / "photos", tmp_path / "tokens"
+    files = small_photos(data, 40)
+    cmd = ["export", "--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu"]
+    assert main([*cmd, "--shard-items", "16"]) == 0
+    first = TokenDataset(out)
+    codes = [first.codes(i) for i in range(len(first))]
+    (out / "notes.txt").write_text("not the export's")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main([*cmd, "--shard-items", "24"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shard_items: 16 vs 24" in err and "--overwrite" in err
+    assert snapshot(out) == before  # refused before anything was written
+
+    assert main([*cmd, "--shard-items", "24", "--overwrite"]) == 0
+    ds = TokenDataset(out)
+    m = ds.manifest
+    assert len(ds) == m["num_items"] == 40 and m["items_per_shard"] == [24, 16]
+    assert m["num_tokens"] == sum(m["tokens_per_shard"]) == sum(len(ds[i]["tokens"]) for i in range(40)) == 40 * 16 * 16
+    assert [ds[i]["source"] for i in range(40)] == [f.name for f in files]
+    assert all(torch.equal(ds.codes(i), c) for i, c in enumerate(codes))
+    assert (out / "notes.txt").read_text() == "not the export's" and not (out / "shard_00002.bin").exists()
+
+    after = snapshot(out)
+    assert main([*cmd, "--shard-items", "24"]) == 0  # identical: resumes, nothing re-encoded or rewritten
+    again = snapshot(out)
+    assert {k: v[0] for k, v in again.items()} == {k: v[0] for k, v in after.items()}
+    assert all(again[k][1] == after[k][1] for k in after if k != "manifest.json")  # only the manifest is rewritten
+    save_image(torch.zeros(3, 64, 64), files[5])  # an input changed since
+    assert main([*cmd, "--shard-items", "24"]) == 2
+    err = capsys.readouterr().err
+    assert f"first difference at #5: {files[5]}" in err
+
+
+def test_token_dataset_refuses_counts_that_disagree_with_the_shards(tmp_path):
+    tok = tiny("image")
+    files = small_photos(tmp_path / "photos", 3)
+    out = tmp_path / "tokens"
+    export_dataset(tok, files, out, shard_items=2)
+    path = out / "manifest.json"
+    good = json.loads(path.read_text())
+    for key, value, msg in [("num_items", 4, "num_items 4, the shards hold 3"),
+                            ("num_tokens", good["num_tokens"] - 1, "num_tokens"),
+                            ("tokens_per_shard", [good["tokens_per_shard"][0], 7], "shard_00001: the manifest says 7 tokens"),
+                            ("items_per_shard", [2, 2], "shard_00001: the manifest says 2 items")]:
+        path.write_text(json.dumps({**good, key: value}))
+        with pytest.raises(ValueError, match=msg):
+            TokenDataset(out)
+    path.write_text(json.dumps(good))
+    assert len(TokenDataset(out)) == 3
+    data = (out / "shard_00000.bin").read_bytes()
+    (out / "shard_00000.bin").write_bytes(data[:-2])
+    with pytest.raises(ValueError, match=f"shard shard_00000: shard_00000.bin holds {len(data) // 2 - 1} tokens"):
+        TokenDataset(out)
+    (out / "export.json").unlink()  # export files of unknown origin are not resumed
+    with pytest.raises(ValueError, match="no export.json.*overwrite"):
+        export_dataset(tok, files, out, shard_items=2)
+    export_dataset(tok, files, out, shard_items=2, overwrite=True)
+    assert len(TokenDataset(out)) == 3

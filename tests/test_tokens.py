@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,11 +11,21 @@ import soundfile as sf
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import save_file
 from test_tokenizer import tiny
-from testdata import shared_path
+from testdata import shared_path, small_photos
 
 from tokenizers_vq.cli import main
-from tokenizers_vq.tokens import decode_file, decode_record, encode_file, encode_files, load_tokens
+from tokenizers_vq.tokens import (
+    TokenRecord,
+    check_grid,
+    decode_file,
+    decode_record,
+    encode_file,
+    encode_files,
+    load_tokens,
+    save_tokens,
+)
 
 
 @pytest.fixture()
@@ -217,3 +228,75 @@ def test_zero_length_audio_and_wrong_model_are_refused(tmp_path, image_model):
     tokens = encode_files(tiny("image"), [photo], tmp_path / "p.tvq")
     with pytest.raises(ValueError, match="holds image tokens"):
         decode_file(tiny("audio"), tokens, tmp_path / "x.wav")
+
+
+def read_raw(path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A token file's metadata and tensors, read with plain safetensors."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_altered_codes_fail_their_checksum_on_load_and_in_tvq_decode(tmp_path, image_model, capsys):
+    photos = small_photos(tmp_path / "photos", 2)
+    tokens = tmp_path / "photos.tvq"
+    assert main(["encode", *map(str, photos), "--model", str(image_model), "-o", str(tokens)]) == 0
+    meta, tensors = read_raw(tokens)
+    assert all(len(it["sha256"]) == 64 for it in json.loads(meta["items"]))
+    assert all("sha256" not in r.info for r in load_tokens(tokens)[1])
+    tensors["codes.1"][3, 5] = (tensors["codes.1"][3, 5] + 1) % 32  # one code changed, the metadata kept
+    save_file(tensors, str(tokens), metadata=meta)
+    with pytest.raises(ValueError, match=rf"item 1 \({photos[1].name}\): its codes do not match their recorded sha256"):
+        load_tokens(tokens)
+    out = tmp_path / "decoded"
+    capsys.readouterr()
+    for model in (["--model", str(image_model)], []):
+        assert main(["decode", str(tokens), *model, "-o", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{tokens}: item 1 ({photos[1].name})" in err
+    assert not out.exists()
+
+
+def test_a_cut_grid_is_refused_at_decode(tmp_path):
+    """Codes cut to 10 rows (frames) with a valid checksum decoded to media of another
+    size; now decoding names the item, the shape found and the one its size needs."""
+    wav, sr = sf.read(str(sorted(shared_path("audio", "fsdd").glob("*.wav"))[0]))
+    sf.write(tmp_path / "digit.wav", wav[:4000], sr)  # half a second of a real spoken digit
+    sources = {"image": small_photos(tmp_path / "photos", 1)[0], "audio": tmp_path / "digit.wav"}
+    for modality, src in sources.items():
+        tok = tiny(modality)
+        rec = encode_file(tok, src)
+        cut = TokenRecord(rec.codes[:10], rec.source, rec.size, rec.info)
+        path = save_tokens(tmp_path / f"{modality}.tvq", tok, [rec, cut])
+        found, expected = (re.escape(str(list(r.codes.shape))) for r in (cut, rec))
+        shapes = rf"codes of shape {found}, .* as {expected}"
+        with pytest.raises(ValueError, match=rf"item 1 \({src.name}\): {shapes}"):
+            decode_file(tok, path, tmp_path / modality)
+        assert not (tmp_path / modality).exists()  # every item is checked before anything is written
+        with pytest.raises(ValueError, match=shapes):
+            decode_record(tok, cut)
+
+
+@pytest.mark.parametrize("modality,size", [("image", (30, 41)), ("image", (33, 17)), ("audio", (1001,)),
+                                           ("audio", (4501,)), ("video", (12, 20, 18)), ("video", (1, 16, 24))])
+def test_decode_expects_the_grid_encode_gives(modality, size):
+    """Odd sizes, long audio (coded in chunks) and video clips (9 frames, the last one
+    shorter): the grid decode checks for is the one encode gives."""
+    tok = tiny(modality, clip_frames=9) if modality == "video" else tiny(modality)
+    x = torch.rand(1, 1 if modality == "audio" else 3, *size) * 2 - 1
+    codes = tok.encode(x)[0]
+    assert tok.grid_shape(size) == tuple(codes.shape)
+    check_grid(tok, TokenRecord(codes, "x", list(size)))
+    with pytest.raises(ValueError, match="codes of shape"):
+        check_grid(tok, TokenRecord(codes, "x", [2 * s for s in size]))
+
+
+def test_token_files_without_checksums_still_decode(tmp_path, image_model):
+    new = encode_files(tiny("image"), small_photos(tmp_path / "photos", 1), tmp_path / "new.tvq")
+    meta, tensors = read_raw(new)
+    items = [{k: v for k, v in it.items() if k != "sha256"} for it in json.loads(meta["items"])]
+    old = tmp_path / "old.tvq"
+    save_file(tensors, str(old), metadata={**meta, "items": json.dumps(items)})
+    assert load_tokens(old)[1][0].info == load_tokens(new)[1][0].info == {"channels": 3}
+    for path in (old, new):
+        assert main(["decode", str(path), "--model", str(image_model), "-o", str(tmp_path / f"{path.stem}.png")]) == 0
+    assert (tmp_path / "old.png").read_bytes() == (tmp_path / "new.png").read_bytes()

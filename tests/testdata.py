@@ -1,6 +1,6 @@
-"""Test data: where the real media lives (``$TVQ_TEST_DATA``, default ../shared/data) and
-how to skip without it, and random weight files in the layouts of published ones (none
-can be downloaded here)."""
+"""Test data: where the real media lives (``$TVQ_TEST_DATA``, default ../shared/data),
+how to skip without it, small copies of it, and random weight files in the layouts of
+published ones (none can be downloaded here)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tokenizers_vq.eval.lpips import BACKBONE_FILES
+from tokenizers_vq.io import load_image, save_image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TVQ_TEST_DATA") or REPO.parent / "shared" / "data")
@@ -35,6 +37,15 @@ def shared_path(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"real test data not found at {p} ($TVQ_TEST_DATA, default the ../shared/data folder beside the repo)")
     return p
+
+
+def small_photos(folder: Path, n: int, side: int = 64) -> list[Path]:
+    """The first ``n`` real BSDS validation photos scaled to ``side`` x ``side`` pixels,
+    written as PNGs into ``folder`` (created); sorted paths. Small inputs keep tests fast."""
+    folder.mkdir(parents=True)
+    for p in sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:n]:
+        save_image(F.interpolate(load_image(p)[None], size=(side, side), mode="area")[0], folder / f"{p.stem}.png")
+    return sorted(folder.iterdir())
 
 
 def torchvision_state(net: str) -> dict[str, torch.Tensor]:

@@ -93,7 +93,8 @@ def _export(args: argparse.Namespace) -> int:
 
     tok = _load_model(args)
     start = time.perf_counter()
-    manifest = export_dataset(tok, list_media(args.data, tok.modality), args.out, args.shard_items, args.batch_size)
+    manifest = export_dataset(tok, list_media(args.data, tok.modality), args.out, args.shard_items, args.batch_size,
+                              overwrite=args.overwrite)
     secs = time.perf_counter() - start
     print(f"wrote {len(manifest['shards'])} shards, {manifest['num_items']} items, {manifest['num_tokens']} tokens "
           f"to {args.out} in {secs:.1f} s ({manifest['num_items'] / secs:.1f} items/s, files read and decoded included)")
@@ -171,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="export directory")
     ex.add_argument("--shard-items", type=int, default=256, help="items per shard")
     ex.add_argument("--batch-size", type=int, default=16, help="images of equal size encoded together")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="delete an earlier export in --out (its shards, index files, manifest and export.json; no "
+                         "other file) and start over; without it, a rerun resumes only an export of the same model, "
+                         "inputs and options, and refuses any other, naming what differs")
     pr = sub.add_parser("prior", help="train the small GPT prior on an export and sample media")
     pr.add_argument("--tokens", required=True, help="export directory written by tvq export")
     pr.add_argument("--out", default="runs/prior", help="output folder")

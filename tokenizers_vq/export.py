@@ -10,7 +10,13 @@ Layout of an export directory (``tvq-shards/1``):
   ``length`` (in tokens), ``shape``, original ``size`` and ``info``.
 - ``manifest.json`` (written last): ``format``, ``model_id``, ``modality``,
   ``codebook_size``, ``code_shape``, ``dtype``, ``layout``, ``shards``, ``num_items``,
-  ``num_tokens``.
+  ``num_tokens``, ``items_per_shard`` and ``tokens_per_shard`` (one count per shard).
+  :class:`TokenDataset` checks these counts against the index files and the token
+  arrays' sizes when it opens the export.
+- ``export.json`` (written before the first shard): what the export is made from
+  (:func:`~tokenizers_vq.export_record.fingerprint`): the model (id, config, sha256 of
+  its weights), the inputs (path as given, bytes, mtime), ``format``,
+  ``shard_items``, ``dtype`` and ``layout``.
 
 ``layout`` is ``"grid"`` (fixed-shape codes, the default of older exports) or
 ``"dynamic"`` (a tokenizer with a :class:`~tokenizers_vq.quantizers.DynamicQuantizer`
@@ -25,7 +31,10 @@ cells), 1 for a fine one (one cell). Row ``r`` describes codes ``[r*P, (r+1)*P)`
 
 Shard ``k`` always holds files ``[k*S, (k+1)*S)`` of the sorted file list, and each
 shard is written atomically (``.bin`` then ``.json``), so an interrupted export
-resumes by skipping finished shards and never leaves a half-written one.
+resumes by skipping finished shards and never leaves a half-written one. A rerun
+resumes only when its fingerprint equals the recorded ``export.json``; otherwise it
+is refused, naming what differs, unless ``overwrite=True`` (``tvq export
+--overwrite``), which first deletes the files an export writes (and no others).
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from tokenizers_vq.export_record import START_OVER, claim, fingerprint
 from tokenizers_vq.io import atomic_write
 from tokenizers_vq.media import load_input
 from tokenizers_vq.quantizers import PackedCodes
@@ -108,30 +118,78 @@ def _encode_dynamic_shard(
     return [out[f] for f in files]
 
 
+def _check_shard(directory: Path, name: str, items: list[dict[str, Any]], dtype: np.dtype, per_cell: int,
+                 dynamic: bool) -> int:
+    """Tokens in shard ``name``, once its index and arrays agree: items back to back
+    from offset 0, each ``length`` the product of its ``shape``, the ``.bin`` exactly
+    that many tokens long (and a dynamic shard's ``.layout.bin`` one row per
+    ``per_cell`` tokens).
+
+    Raises:
+        ValueError: naming the shard and what disagrees.
+    """
+    where = f"{directory}: shard {name}"
+    offset = 0
+    for j, it in enumerate(items):
+        if it["offset"] != offset or it["length"] != math.prod(it["shape"]):
+            raise ValueError(f"{where}: item {j} ({it['source']}) has offset {it['offset']} and length {it['length']} "
+                             f"for shape {it['shape']}, expected offset {offset} and length {math.prod(it['shape'])}")
+        offset += it["length"]
+    arrays = {f"{name}.bin": (dtype.itemsize, offset, "tokens")}
+    if dynamic:
+        arrays[f"{name}.layout.bin"] = (8, offset // per_cell, "layout rows")
+    for file, (itemsize, want, what) in arrays.items():
+        path = directory / file
+        if not path.is_file():
+            raise ValueError(f"{where}: {file} is missing")
+        have = path.stat().st_size / itemsize
+        if have != want:
+            raise ValueError(f"{where}: {file} holds {have:g} {what}, but {name}.json lists {want}")
+    return offset
+
+
 def export_dataset(
-    tok: Tokenizer, files: list[Path], out_dir: str | os.PathLike, shard_items: int = 256, batch_size: int = 16
+    tok: Tokenizer, files: list[Path], out_dir: str | os.PathLike, shard_items: int = 256, batch_size: int = 16,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Encode ``files`` into shards under ``out_dir``; resumes an interrupted export.
     A dynamic-length tokenizer (``tok.is_dynamic``) writes the ``"dynamic"`` layout.
 
+    Args:
+        overwrite: delete an earlier export in ``out_dir`` first (its shards, index
+            files, manifest and ``export.json``; no other file) and start over.
+
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
+
+    Raises:
+        ValueError: without ``overwrite``, ``out_dir`` holds an export whose
+            ``export.json`` differs from this run's fingerprint
+            (:func:`~tokenizers_vq.export_record.fingerprint`; the message names each
+            differing field, recorded vs this run), or export files without an
+            ``export.json``.
     """
+    if shard_items < 1:
+        raise ValueError(f"shard_items must be at least 1, got {shard_items}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     q, dynamic = tok.quantizer, tok.is_dynamic
     if dynamic:
         tok._check_dynamic()
+    files = [Path(f) for f in files]
     dtype = token_dtype(q.codebook_size)
+    layout = "dynamic" if dynamic else "grid"
+    claim(out, fingerprint(tok, files, {"format": FORMAT, "shard_items": shard_items, "dtype": dtype.str,
+                                        "layout": layout}), overwrite)
     n_shards = (len(files) + shard_items - 1) // shard_items
-    shards, n_tokens = [], 0
+    shards, items_per_shard, tokens_per_shard = [], [], []
     for k in tqdm(range(n_shards), desc="export shards"):
         name = f"shard_{k:05d}"
         bin_path, idx_path = out / f"{name}.bin", out / f"{name}.json"
         layout_path = out / f"{name}.layout.bin"
+        chunk = files[k * shard_items : (k + 1) * shard_items]
         finished = bin_path.is_file() and idx_path.is_file() and (not dynamic or layout_path.is_file())
         if not finished:  # finished shards are kept
-            chunk = files[k * shard_items : (k + 1) * shard_items]
             if dynamic:
                 encoded = _encode_dynamic_shard(tok, chunk, batch_size)
             else:
@@ -148,13 +206,20 @@ def export_dataset(
             flat = np.concatenate([r.codes.reshape(-1).numpy().astype(dtype) for r, _, _ in encoded])
             atomic_write(bin_path, lambda tmp, a=flat: a.tofile(tmp))
             atomic_write(idx_path, lambda tmp, it=items: Path(tmp).write_text(json.dumps({"items": it})))
-        index = json.loads(idx_path.read_text())
-        n_tokens += sum(it["length"] for it in index["items"])
+        index = json.loads(idx_path.read_text())["items"]
+        if [it["source"] for it in index] != [f.name for f in chunk]:
+            raise ValueError(f"{idx_path} indexes other files than shard {k} of this export; {START_OVER}")
+        try:
+            tokens_per_shard.append(_check_shard(out, name, index, dtype, math.prod(q.code_shape), dynamic))
+        except ValueError as e:
+            raise ValueError(f"{e}; {START_OVER}") from None
+        items_per_shard.append(len(index))
         shards.append(name)
     manifest = {
         "format": FORMAT, "model_id": tok.config.name, "modality": tok.modality,
         "codebook_size": q.codebook_size, "code_shape": list(q.code_shape), "dtype": dtype.str,
-        "layout": "dynamic" if dynamic else "grid", "shards": shards, "num_items": len(files), "num_tokens": n_tokens,
+        "layout": layout, "shards": shards, "num_items": sum(items_per_shard),
+        "num_tokens": sum(tokens_per_shard), "items_per_shard": items_per_shard, "tokens_per_shard": tokens_per_shard,
     }
     atomic_write(out / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
     return manifest
@@ -178,6 +243,11 @@ class TokenDataset(Dataset):
     coarse: the token covers the 2/2x2/2x2x2 cells from ``positions``; 1 fine: that one
     cell) and ``grid`` (the latent shape); :meth:`to_packed` turns such a sequence back
     into :class:`PackedCodes` for ``Tokenizer.decode``.
+
+    Raises:
+        ValueError: not a finished export, or its manifest's counts (``num_items``,
+            ``num_tokens``, per shard items and tokens), index files and token arrays
+            disagree (the message names the shard).
     """
 
     def __init__(self, directory: str | os.PathLike, order: str = "interleave"):
@@ -196,11 +266,41 @@ class TokenDataset(Dataset):
         self.code_shape = tuple(self.manifest["code_shape"])
         self.per_cell = math.prod(self.code_shape)
         dtype = np.dtype(self.manifest["dtype"])
-        self.arrays = [np.memmap(self.dir / f"{s}.bin", dtype=dtype, mode="r") for s in self.manifest["shards"]]
+        shards = self.manifest["shards"]
+        index = [self._index(s) for s in shards]
+        self._check_counts(index, dtype)
+        self.arrays = [np.memmap(self.dir / f"{s}.bin", dtype=dtype, mode="r") for s in shards]
         self.layouts = [np.memmap(self.dir / f"{s}.layout.bin", dtype="<u4", mode="r").reshape(-1, 2)
-                        for s in self.manifest["shards"]] if self.layout == "dynamic" else []
-        self.items = [(k, it) for k, s in enumerate(self.manifest["shards"])
-                      for it in json.loads((self.dir / f"{s}.json").read_text())["items"]]
+                        for s in shards] if self.layout == "dynamic" else []
+        self.items = [(k, it) for k, items in enumerate(index) for it in items]
+
+    def _index(self, shard: str) -> list[dict[str, Any]]:
+        path = self.dir / f"{shard}.json"
+        if not path.is_file():
+            raise ValueError(f"{self.dir}: shard {shard}: {path.name} is missing")
+        return json.loads(path.read_text())["items"]
+
+    def _check_counts(self, index: list[list[dict[str, Any]]], dtype: np.dtype) -> None:
+        """The manifest's counts against the index files, and those against the arrays."""
+        m, fix = self.manifest, "; the export is inconsistent: export it again (tvq export --overwrite)"
+        shards, tokens = m["shards"], []
+        for key in ("items_per_shard", "tokens_per_shard"):  # absent from exports of older versions
+            if key in m and len(m[key]) != len(shards):
+                raise ValueError(f"{self.dir}: manifest lists {len(shards)} shards but {len(m[key])} {key}{fix}")
+        for k, (s, items) in enumerate(zip(shards, index)):
+            try:
+                tokens.append(_check_shard(self.dir, s, items, dtype, self.per_cell, self.layout == "dynamic"))
+            except ValueError as e:
+                raise ValueError(f"{e}{fix}") from None
+            counts = (("items_per_shard", len(items), "items"), ("tokens_per_shard", tokens[-1], "tokens"))
+            for key, have, what in counts:
+                if key in m and m[key][k] != have:
+                    raise ValueError(f"{self.dir}: shard {s}: the manifest says {m[key][k]} {what}, "
+                                     f"{s}.json and {s}.bin hold {have}{fix}")
+        for key, have in (("num_items", sum(map(len, index))), ("num_tokens", sum(tokens))):
+            if m[key] != have:
+                raise ValueError(f"{self.dir}: the manifest says {key} {m[key]}, the shards hold {have} "
+                                 f"(per shard: {[len(i) for i in index] if key == 'num_items' else tokens}){fix}")
 
     def __len__(self) -> int:
         return len(self.items)

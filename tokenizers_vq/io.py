@@ -3,6 +3,7 @@ renamed into place), so a failed write never leaves a half-written or clobbered 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import warnings
@@ -41,6 +42,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def tensor_sha256(*parts: Tensor | str) -> str:
+    """Hex sha256 over ``parts`` in order: a string as its UTF-8 bytes, a tensor as its
+    raw bytes in C order (native byte order: little-endian on every supported machine;
+    for int32 codes, the bytes a safetensors file stores)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 MAX_PIXELS = 4096 * 4096

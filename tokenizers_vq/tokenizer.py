@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -472,6 +473,27 @@ class Tokenizer(nn.Module):
             return n * b.tokens_per_second
         f = b.downsample if self.modality == "image" else b.spatial_downsample
         return n / f**2 / (b.temporal_factor if self.modality == "video" else 1)
+
+    def grid_shape(self, size: Sequence[int]) -> tuple[int, ...]:
+        """The latent grid ``encode`` gives for media of ``size`` (``(H, W)``, ``(T,)``
+        or ``(T, H, W)``): the leading axes of its codes ``(*grid, *code_shape)``, or
+        ``PackedCodes.shape`` for a dynamic-length model.
+
+        Each axis is the size over the stride, rounded up (to an even count for a
+        dynamic-length model); video time goes clip by clip (``clip_frames`` frames,
+        the last clip shorter): a clip of ``t`` frames gives ``1 + ceil((t - 1) / 4)``
+        latent frames for a temporal factor of 4.
+        """
+        b, m = self.backbone_config, 2 if self.is_dynamic else 1
+        if self.modality == "audio":
+            return (m * -(-size[0] // (m * b.hop)),)
+        f = b.downsample if self.modality == "image" else b.spatial_downsample
+        hw = tuple(m * -(-s // (m * f)) for s in size[-2:])
+        if self.modality == "image":
+            return hw
+        clip, tf = self.config.clip_frames, b.temporal_factor
+        frames = sum(1 - (-(min(clip, size[0] - s) - 1) // tf) for s in range(0, size[0], clip))
+        return (frames, *hw)
 
     def bits_per_token(self) -> float:
         return math.log2(self.quantizer.codebook_size)

@@ -11,7 +11,12 @@ The safetensors metadata (string to string) holds:
 - ``model_id``, ``modality``, ``codebook_size``, ``code_shape`` (JSON list)
 - ``items``: a JSON list, one object per item: ``source`` (file name), ``size``
   (original ``[H, W]``, ``[samples]`` at the model rate, or ``[T, H, W]``),
-  ``sample_rate`` (audio), ``fps`` (video), ``channels`` of the source.
+  ``sample_rate`` (audio), ``fps`` (video), ``channels`` of the source, and
+  ``sha256``: the hex sha256 of the item's tensor data as stored (little-endian, C
+  order), checked by :func:`load_tokens` (files written without it load unchecked).
+
+Decoding checks each item's grid against the one the model gives for its recorded
+``size`` (:meth:`~tokenizers_vq.tokenizer.Tokenizer.grid_shape`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from tokenizers_vq.io import MAX_PIXELS, atomic_write, save_image
+from tokenizers_vq.io import MAX_PIXELS, atomic_write, save_image, tensor_sha256
 from tokenizers_vq.tokenizer import Tokenizer
 
 FORMAT = "tvq-tokens/1"
@@ -95,9 +100,25 @@ def default_model_name(paths: Sequence[str | os.PathLike]) -> str:
     return DEFAULT_FOR_MODALITY[found[0]]
 
 
+def check_grid(tok: Tokenizer, rec: TokenRecord, name: str | None = None) -> None:
+    """Refuse codes whose shape is not the ``(*grid, *code_shape)`` that ``tok`` gives
+    for the record's original ``size`` (a cut or padded grid would decode to media of
+    another size). ``name`` names the item in the message (default: its source)."""
+    expected = (*tok.grid_shape(rec.size), *tok.quantizer.code_shape)
+    if tuple(rec.codes.shape) != expected:
+        raise ValueError(f"{name or rec.source}: codes of shape {list(rec.codes.shape)}, but model {tok.config.name!r} "
+                         f"codes its recorded size {list(rec.size)} as {list(expected)}; the grid was cut or padded, "
+                         "or the size or the model is not the one it was encoded with")
+
+
 def decode_record(tok: Tokenizer, rec: TokenRecord) -> Tensor:
     """Media tensor of one record: image ``(3, H, W)`` / video ``(T, 3, H, W)`` in
-    [0, 1], audio ``(1, T)`` in [-1, 1]."""
+    [0, 1], audio ``(1, T)`` in [-1, 1].
+
+    Raises:
+        ValueError: the codes' shape does not fit the record's size (:func:`check_grid`).
+    """
+    check_grid(tok, rec)
     device = next(tok.parameters()).device
     out = tok.decode(rec.codes.long().unsqueeze(0).to(device), size=tuple(rec.size))[0].float().cpu()
     if tok.modality == "audio":
@@ -123,7 +144,8 @@ def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[Token
     q = tok.quantizer
     dtype = torch.int32 if q.codebook_size <= 2**31 else torch.int64
     tensors = {f"codes.{i}": r.codes.to(dtype).contiguous() for i, r in enumerate(records)}
-    items = [{"source": r.source, "size": r.size, **r.info} for r in records]
+    items = [{"source": r.source, "size": r.size, **r.info, "sha256": tensor_sha256(tensors[f"codes.{i}"])}
+             for i, r in enumerate(records)]
     meta = {
         "format": FORMAT,
         "model_id": tok.config.name,
@@ -136,10 +158,12 @@ def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[Token
 
 
 def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenRecord]]:
-    """Read a token file: its header (metadata) and records.
+    """Read a token file: its header (metadata) and records, each item's codes checked
+    against its recorded ``sha256`` (items written without one are taken as they are).
 
     Raises:
-        ValueError: not a readable ``tvq-tokens/1`` file.
+        ValueError: not a readable ``tvq-tokens/1`` file, or an item's codes do not
+            match their checksum (named by index and source).
     """
     from safetensors import SafetensorError, safe_open  # noqa: PLC0415
 
@@ -152,10 +176,14 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a {FORMAT} token file (format={meta.get('format')!r})")
             items = json.loads(meta["items"])
-            records = [
-                TokenRecord(f.get_tensor(f"codes.{i}"), it.pop("source"), it.pop("size"), it)
-                for i, it in enumerate(items)
-            ]
+            records = []
+            for i, it in enumerate(items):
+                codes, digest = f.get_tensor(f"codes.{i}"), it.pop("sha256", None)
+                if digest is not None and tensor_sha256(codes) != digest:
+                    raise ValueError(f"{path}: item {i} ({it['source']}): its codes do not match their recorded "
+                                     "sha256; the file was altered or damaged after it was written: encode the "
+                                     "source again")
+                records.append(TokenRecord(codes, it.pop("source"), it.pop("size"), it))
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"corrupt token file {path}: {e}") from e
     return meta, records
@@ -182,9 +210,12 @@ def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | 
 
 def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLike) -> list[Path]:
     """Decode a token file. ``out`` is the output file for a single item (its suffix
-    picks the format) or a directory that receives ``<source stem><ext>`` per item."""
+    picks the format) or a directory that receives ``<source stem><ext>`` per item.
+    Every item's checksum and grid are checked before anything is written."""
     meta, records = load_tokens(tokens)
     check_compatible(meta, tok, Path(tokens))
+    for i, rec in enumerate(records):
+        check_grid(tok, rec, f"{tokens}: item {i} ({rec.source})")
     out = Path(out)
     single = len(records) == 1 and out.suffix != ""
     targets = [out] if single else [out / (Path(r.source).stem + EXTENSIONS[tok.modality]) for r in records]

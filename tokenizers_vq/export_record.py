@@ -1,0 +1,139 @@
+"""What an export folder was made from (``export.json``), so that a rerun resumes only
+an export it would write identically.
+
+:func:`fingerprint` describes a run: the model (id, config, a sha256 of its weights),
+the inputs (path as given, bytes, mtime) and the export's own options. :func:`claim`
+records it in a fresh folder before the first shard is written, lets a rerun with an
+equal fingerprint resume, and refuses one that differs, naming each differing field,
+unless asked to start over: then it deletes the files an export writes, and only those.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tokenizers_vq.io import atomic_write, tensor_sha256
+from tokenizers_vq.tokenizer import Tokenizer
+
+RECORD = "export.json"
+START_OVER = ("pass overwrite=True (tvq export --overwrite) to delete its shards, index files and manifest and "
+              "start over, or export to another folder (--out)")
+
+
+def written_by_export(name: str) -> bool:
+    """Whether a file name is one an export writes: a shard's ``.bin``, ``.json`` or
+    ``.layout.bin``, ``manifest.json``, ``export.json``, or the temporary file of an
+    interrupted atomic write of one of them (``.<stem>.<8 characters><suffix>``)."""
+    tmp = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}(\.[a-z]+)", name)
+    if tmp:
+        name = tmp[1] + tmp[2]
+    return re.fullmatch(r"shard_\d{5,}(\.json|\.bin|\.layout\.bin)|manifest\.json|export\.json", name) is not None
+
+
+def _input_entry(path: Path) -> list[Any]:
+    """``[path as given, bytes, mtime_ns]``; a folder of frames: its files' total bytes
+    and the latest mtime among them."""
+    if not path.exists():
+        raise ValueError(f"input not found: {path}")
+    files = sorted(c for c in path.iterdir() if c.is_file()) if path.is_dir() else [path]
+    stats = [f.stat() for f in files]
+    return [str(path), sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
+
+
+def weights_sha256(tok: Tokenizer) -> str:
+    """Hex sha256 over the state dict by name: each tensor's name, dtype, shape and bytes."""
+    state = tok.state_dict()
+    parts = ((f"{k} {state[k].dtype} {list(state[k].shape)}", state[k]) for k in sorted(state))
+    return tensor_sha256(*(x for pair in parts for x in pair))
+
+
+def fingerprint(tok: Tokenizer, files: Sequence[Path], options: dict[str, Any]) -> dict[str, Any]:
+    """What an export's files follow from, as ``export.json`` records it.
+
+    Args:
+        options: the export's settings that shape its files (format, items per
+            shard, token dtype, layout), recorded as given.
+
+    Returns:
+        ``model_id``, ``model_config`` (the
+        :class:`~tokenizers_vq.tokenizer.TokenizerConfig` as a dict),
+        ``weights_sha256`` (:func:`weights_sha256`), the ``options``, and ``inputs``:
+        ``[path as given, bytes, mtime_ns]`` per input in export order (a folder of
+        frames: its files' total bytes and latest mtime). In JSON types, as read back.
+    """
+    fp = {"model_id": tok.config.name, "model_config": asdict(tok.config), "weights_sha256": weights_sha256(tok),
+          **options, "inputs": [_input_entry(Path(f)) for f in files]}
+    return json.loads(json.dumps(fp))
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``field: old vs new`` per differing field (config fields dotted, e.g.
+    ``model_config.backbone.channels``); the inputs by their count and first
+    differing entry."""
+    a, b = (_flat({k: v for k, v in d.items() if k != "inputs"}) for d in (old, new))
+
+    def show(d: dict[str, Any], k: str) -> str:
+        return json.dumps(d[k]) if k in d else "(absent)"
+
+    diffs = [f"{k}: {show(a, k)} vs {show(b, k)}" for k in dict.fromkeys([*a, *b])
+             if k not in a or k not in b or a[k] != b[k]]
+    x, y = old.get("inputs", []), new["inputs"]
+    if x != y:
+        i = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+        first = [f"{e[i][0]} ({e[i][1]} bytes, mtime_ns {e[i][2]})" if i < len(e) else "(none)" for e in (x, y)]
+        diffs.append(f"inputs: {len(x)} files vs {len(y)}, first difference at #{i}: {first[0]} vs {first[1]}")
+    return diffs
+
+
+def remove_export(out: Path) -> None:
+    """Delete the files an export wrote in ``out`` (:func:`written_by_export`) and
+    nothing else: ``manifest.json`` first, so that a removal cut short never leaves a
+    finished-looking export, ``export.json`` last."""
+    own = [p for p in out.iterdir() if p.is_file() and written_by_export(p.name)]
+    rank = {"manifest.json": 0, RECORD: 2}
+    for p in sorted(own, key=lambda p: rank.get(p.name, 1)):
+        p.unlink()
+
+
+def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
+    """Make ``out`` an export of ``fp``: record it in ``out/export.json`` (atomically),
+    or resume when the one recorded there equals it. With ``overwrite``, an earlier
+    export there is deleted first (:func:`remove_export`).
+
+    Raises:
+        ValueError: without ``overwrite``, the recorded fingerprint differs (each
+            differing field named, recorded vs this run) or is unreadable, or ``out``
+            holds export files but no ``export.json``.
+    """
+    record = out / RECORD
+    if overwrite:
+        remove_export(out)
+    elif record.is_file():
+        try:
+            old = json.loads(record.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"corrupt {record}: {e}; {START_OVER}") from e
+        diffs = differences(old, fp)
+        if diffs:
+            more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""
+            raise ValueError(f"{out} holds an export made differently (recorded vs this run): "
+                             f"{'; '.join(diffs[:6])}{more}. Resuming would mix the two: {START_OVER}")
+        return
+    else:
+        found = sorted(p.name for p in out.iterdir() if written_by_export(p.name))
+        if found:
+            raise ValueError(f"{out} holds export files ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}) "
+                             f"but no {RECORD}, so what they were made from is unknown: {START_OVER}")
+    atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(fp)))
