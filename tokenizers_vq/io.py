@@ -70,7 +70,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 return im.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
@@ -85,7 +85,7 @@ def image_channels(path: str | os.PathLike) -> int:
             if im.mode == "P":
                 return 4 if "transparency" in im.info else 3
             return len(im.getbands())
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
@@ -96,7 +96,9 @@ def load_image(path: str | os.PathLike) -> Tensor:
     files record the source's own channel count, :func:`image_channels`).
 
     Raises:
-        ValueError: the file is missing, unreadable, truncated or not an image.
+        ValueError: the file is missing, unreadable, truncated or not an image, or its
+            header claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (89 million
+            unless raised there; PIL itself only warns below twice that).
     """
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 (keep import cheap)
 
@@ -104,13 +106,18 @@ def load_image(path: str | os.PathLike) -> Tensor:
     if not path.is_file():
         raise ValueError(f"image file not found: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-            rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        with warnings.catch_warnings():
+            # a header of a few hundred bytes can claim 178 million pixels, which PIL
+            # merely warns about: about 3 GB of buffers here before the data runs out
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                    rgba = im.convert("RGBA")
+                    im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+                rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
     data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
     return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255.0

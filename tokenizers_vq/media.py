@@ -15,6 +15,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,7 +30,10 @@ def resample(wav: Tensor, orig_sr: int, new_sr: int, taps: int = 16, rolloff: fl
     ``m*o/n``; it is ``sum_k x[k] h(m*o/n - k)`` with ``h`` a Hann-windowed sinc
     of cut-off ``rolloff * min(1, n/o)`` (in input-sample units) and
     ``taps / cutoff`` input samples on each side. Phases ``m mod n`` share a base
-    index, so this is one strided ``conv1d`` with ``n`` output channels.
+    index, so this is one strided ``conv1d`` with ``n`` output channels, whose kernel
+    has ``n * (2 * taps / cutoff + o)`` entries; when that is large (coprime rates
+    such as 11127 -> 16000 Hz would need over 10^8), the same sum is taken per
+    output sample over its ``2 * taps / cutoff + 1`` neighbours instead.
 
     Returns:
         ``(..., ceil(T * new_sr / orig_sr))``.
@@ -42,15 +46,39 @@ def resample(wav: Tensor, orig_sr: int, new_sr: int, taps: int = 16, rolloff: fl
     n, o = ratio.numerator, ratio.denominator
     cutoff = rolloff * min(1.0, n / o)
     width = math.ceil(taps / cutoff)
-    k = torch.arange(-width, width + o, dtype=torch.float64)  # taps around each base index
-    t = torch.arange(n, dtype=torch.float64).unsqueeze(1) * o / n - k  # (n, len(k))
-    window = torch.where(t.abs() <= width, torch.cos(t * math.pi / (2 * width)) ** 2, 0.0)
-    kernel = (cutoff * torch.sinc(cutoff * t) * window).to(wav.dtype)
     lead, length = wav.shape[:-1], wav.shape[-1]
-    x = F.pad(wav.reshape(-1, 1, length), (width, width + o))
-    out = F.conv1d(x, kernel.unsqueeze(1), stride=o)  # (B, n, frames)
+    x = wav.reshape(-1, length)
+    out_len = math.ceil(length * n / o)
+    if n * (2 * width + o) > 2**20:
+        return _resample_by_neighbours(x, n, o, cutoff, width, out_len).reshape(*lead, -1)
+    k = torch.arange(-width, width + o, dtype=torch.float64)  # taps around each base index
+    kernel = _windowed_sinc(torch.arange(n, dtype=torch.float64).unsqueeze(1) * o / n - k, cutoff, width)
+    x = F.pad(x.unsqueeze(1), (width, width + o))
+    out = F.conv1d(x, kernel.to(wav.dtype).unsqueeze(1), stride=o)  # (B, n, frames)
     out = out.transpose(1, 2).reshape(x.shape[0], -1)
-    return out[:, : math.ceil(length * n / o)].reshape(*lead, -1)
+    return out[:, :out_len].reshape(*lead, -1)
+
+
+def _windowed_sinc(t: Tensor, cutoff: float, width: int) -> Tensor:
+    """``h(t)``: the sinc of cut-off ``cutoff`` times a Hann window of half-width ``width``."""
+    window = torch.where(t.abs() <= width, torch.cos(t * math.pi / (2 * width)) ** 2, 0.0)
+    return cutoff * torch.sinc(cutoff * t) * window
+
+
+def _resample_by_neighbours(x: Tensor, n: int, o: int, cutoff: float, width: int, out_len: int) -> Tensor:
+    """:func:`resample` of ``(B, T)`` as a sum per output sample: output ``m`` sums the
+    inputs ``k = floor(m*o/n) + j``, ``|j| <= width``, weighted by ``h(m*o/n - k)``;
+    in blocks of outputs whose gathered inputs hold about 2^22 numbers."""
+    j = torch.arange(-width, width + 1)
+    padded = F.pad(x, (width, width + 1))
+    block = max(1, 2**22 // (x.shape[0] * j.numel()))
+    outs = []
+    for start in range(0, out_len, block):
+        m = torch.arange(start, min(out_len, start + block), dtype=torch.int64)
+        base, frac = m * o // n, (m * o % n).double() / n
+        h = _windowed_sinc(frac.unsqueeze(1) - j, cutoff, width).to(x.dtype)  # (M, taps)
+        outs.append((padded[:, base.unsqueeze(1) + j + width] * h).sum(-1))
+    return torch.cat(outs, -1) if outs else x.new_zeros(x.shape[0], 0)
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple[Tensor, int]:
@@ -71,12 +99,18 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
     if not path.is_file():
         raise ValueError(f"audio file not found: {path}")
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            sr, block = f.samplerate, max(1, 2**22 // f.channels)
+            # in blocks until the data ends: one read would allocate the header's frame count,
+            # which a truncated or forged file overstates (a FLAC may claim 2^36 samples)
+            blocks = []
+            while len(data := f.read(block, dtype="float32", always_2d=True)):
+                blocks.append(data)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise ValueError(f"cannot read audio {path}: {e}") from e
-    if data.shape[0] == 0:
+    if not blocks:
         raise ValueError(f"audio file {path} has no samples (zero length)")
-    wav = torch.from_numpy(data.T.copy())
+    wav = torch.from_numpy(np.concatenate(blocks).T.copy())
     if not torch.isfinite(wav).all():
         raise ValueError(f"audio file {path} contains NaN or Inf samples")
     if sample_rate is not None and sample_rate != sr:
@@ -173,7 +207,15 @@ def _load_frame_folder(path: Path, max_frames: int | None) -> tuple[Tensor, floa
     if len({f.shape for f in frames}) != 1:
         raise ValueError(f"frames in {path} differ in size: {sorted({tuple(f.shape) for f in frames})}")
     fps_file = path / "fps.txt"
-    fps = float(fps_file.read_text()) if fps_file.is_file() else 25.0
+    fps = 25.0
+    if fps_file.is_file():
+        text = fps_file.read_bytes().decode("utf-8", "replace").strip()
+        try:
+            fps = float(text)
+        except ValueError:
+            fps = math.nan
+        if not (math.isfinite(fps) and fps > 0):
+            raise ValueError(f"{fps_file} must hold the frame rate, a positive number such as 25, got {text[:40]!r}")
     return torch.stack(frames), fps
 
 

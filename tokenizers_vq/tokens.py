@@ -62,7 +62,10 @@ def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None 
     path = Path(path)
     check_input_modality(tok, path)
     x, size, info = load_input(path, tok.modality, tok.sample_rate, max_frames, max_pixels)
-    codes = tok.encode(x.unsqueeze(0).to(next(tok.parameters()).device))[0].cpu()
+    try:
+        codes = tok.encode(x.unsqueeze(0).to(next(tok.parameters()).device))[0].cpu()
+    except ValueError as e:  # the tokenizer's refusal (e.g. too small), said of this file
+        raise ValueError(f"{path}: {e}") from e
     return TokenRecord(codes, path.name, size, info)
 
 

@@ -9,11 +9,19 @@ for audio, ``(H, W)`` for images, ``(T, H, W)`` for video). Codes have shape
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+
+MAX_LATENT_MAGNITUDE = 1e15
+"""Largest ``|value|`` a latent may hold when ``check_finite`` is on. Squared distances
+and losses of values from about 1e19 overflow float32 (and bf16): Inf losses, and an
+Inf or NaN codebook after an EMA update. 1e15 leaves room for sums over many channels
+and positions."""
 
 
 @dataclass
@@ -50,7 +58,8 @@ class Quantizer(nn.Module, ABC):
 
     Args:
         dim: ``D``, the size of the latent's last axis.
-        check_finite: raise on NaN/Inf latents. This costs one host
+        check_finite: raise on latents holding NaN, Inf or values of magnitude
+            over :data:`MAX_LATENT_MAGNITUDE`. This costs one host
             synchronisation per call; turn it off for the fastest GPU training
             (the check is skipped inside ``torch.compile`` regardless).
     """
@@ -120,9 +129,11 @@ class Quantizer(nn.Module, ABC):
 
     def _in_weight_dtype(self, z: Tensor) -> Tensor:
         """``z`` in the dtype of the first floating parameter or buffer, unless autocast
-        is on for its device (autocast then picks the dtypes) or they already agree."""
+        is on for its device (autocast then picks the dtypes; a latent of a third float
+        dtype, e.g. fp16 in a CPU bf16 region, where ``cat`` refuses it, goes in fp32)
+        or they already agree."""
         if torch.is_autocast_enabled(z.device.type):
-            return z
+            return z if z.dtype in (torch.float32, torch.get_autocast_dtype(z.device.type)) else z.float()
         for t in (*self.parameters(), *self.buffers()):
             if t.is_floating_point():
                 return z if t.dtype == z.dtype else z.to(t.dtype)
@@ -143,8 +154,16 @@ class Quantizer(nn.Module, ABC):
             )
         if z.numel() == 0:
             raise ValueError(f"empty latent batch: shape {tuple(z.shape)}")
-        if self.check_finite and not torch.compiler.is_compiling() and not torch.isfinite(z).all():
-            raise ValueError("latent contains NaN or Inf values")
+        if self.check_finite and not torch.compiler.is_compiling():
+            lo, hi = torch.aminmax(z.detach())
+            peak = float(torch.maximum(-lo, hi))  # one sync; NaN propagates
+            if not math.isfinite(peak):
+                raise ValueError("latent contains NaN or Inf values")
+            if peak > MAX_LATENT_MAGNITUDE:
+                raise ValueError(
+                    f"latent has values of magnitude {peak:.3g}, over the limit of {MAX_LATENT_MAGNITUDE:.0e} "
+                    "(their squared distances overflow float32); the encoder has likely diverged"
+                )
 
     def _check_codes(self, codes: Tensor) -> None:
         if not isinstance(codes, Tensor):

@@ -80,7 +80,7 @@ class FSQ(Quantizer):
             rounded = straight_through(bounded, torch.round(bounded))
             width = (self._levels // 2).float()
             xq = (rounded / width).to(x.dtype)
-            digits = (torch.round(bounded.detach()) + width).long()
+            digits = (torch.round(bounded.detach()).nan_to_num(0.0) + width).long()  # NaN (check_finite off): the centre
             codes = (digits * self._basis).sum(-1)
             metrics = {}
             if self.usage_metrics:
