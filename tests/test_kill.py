@@ -2,8 +2,9 @@
 the result of a run that was never interrupted.
 
 Each test starts the command twice at once (two processes, one thread each): one runs
-through, the other is killed as soon as its first checkpoint (train) or shard (export)
-is on disk, then started again with the same command line and left to finish.
+through; the other is killed (train: once after two logged steps, before any
+checkpoint, and again as soon as its first checkpoint is on disk; export: as soon as its
+first shard is), then started again with the same command line and left to finish.
 """
 
 from __future__ import annotations
@@ -51,23 +52,30 @@ def finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
 
 
-def test_train_killed_after_its_first_checkpoint_resumes_to_the_same_weights(tmp_path):
+def test_train_killed_before_and_after_its_first_checkpoint_resumes_to_the_same_weights(tmp_path):
+    """Killed once before any checkpoint (the rerun starts over and must drop the lines
+    the killed run logged) and once just after the first one (the rerun resumes)."""
     steps = 40
     cfg = {
         "model": {"modality": "image", "backbone": TINY["image"],
                   "quantizer": {"options": {"codebook_size": 64, "kmeans_init": True, "dead_code_threshold": 0.5}}},
         "data": {"train": str(shared_path("images", "bsds500", "train")), "max_items": 4, "crop": 48},
         "optim": {"lr": 3e-3},
-        "steps": steps, "batch_size": 2, "log_every": 1, "sample_every": 0, "save_every": 4,
+        "steps": steps, "batch_size": 2, "log_every": 1, "sample_every": 0, "save_every": 8,
     }
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run = {d: tvq("train", str(config), f"out_dir={d}") for d in (whole, killed)}
     straight = subprocess.Popen(run[whole], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log, state = killed / "metrics.jsonl", killed / "checkpoint" / "state.json"
+
     victim = subprocess.Popen(run[killed], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(victim, lambda: (killed / "checkpoint" / "state.json").is_file(), "a checkpoint")
-    cut_at = json.loads((killed / "checkpoint" / "state.json").read_text())["step"]
+    kill_when(victim, lambda: log.is_file() and len(log.read_text().splitlines()) >= 2, "two logged steps")
+    assert not state.exists(), "killed after the first checkpoint: save_every leaves too little time"
+    victim = subprocess.Popen(run[killed], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(victim, state.is_file, "a checkpoint")
+    cut_at = json.loads(state.read_text())["step"]
     assert cut_at < steps and not (killed / "train_summary.json").exists()
     finish(subprocess.Popen(run[killed], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     finish(straight)

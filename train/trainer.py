@@ -101,6 +101,8 @@ class Trainer:
         ckpt = find_checkpoint(self.out_dir / "checkpoint")
         if ckpt is not None:
             self._resume(ckpt)
+        else:  # a run killed before its first checkpoint starts over: drop the lines it logged
+            self._truncate_log()
 
     @property
     def unwrapped(self) -> Tokenizer:
@@ -323,8 +325,9 @@ class Trainer:
         self._truncate_log()
 
     def _truncate_log(self) -> None:
-        """Drop the ``metrics.jsonl`` lines of steps after the checkpoint (written
-        before a kill, and written again by the resumed run), so each step has one line."""
+        """Drop the ``metrics.jsonl`` lines of steps after the checkpoint (or all, when
+        there is none), written before a kill and written again by this run, so each step
+        has one line."""
         log = self.out_dir / "metrics.jsonl"
         if not self.acc.is_main_process or not log.is_file():
             return
