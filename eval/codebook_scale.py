@@ -1,5 +1,5 @@
 """Codebook utilisation at 100,000 codes on real photos: the projected codebook of
-VQGAN-LC against plain VQ-EMA (issue 5).
+VQGAN-LC against plain VQ-EMA.
 
 Data: 4x4 RGB patches of real photos (48 values). The projected codebook's features
 are the k-means centres of the training patches (48-dim); only its projector

@@ -1,4 +1,4 @@
-"""GPU benchmark of the fused nearest-code search against the peers (issue 3).
+"""GPU benchmark of the fused nearest-code search against the peers.
 
 One run checks and times everything: for each ``N x K x D`` case, our kernel as users
 call it (bf16, fp32 with tf32 dot products, and exact fp32 for small ``D``: the packed
@@ -41,7 +41,7 @@ METHODS = ["ours_bf16", "ours_bf16_v1", "ours_fp32", "ours_fp32_v1", "ours_fp32_
 CHECKED = ["ours_bf16", "ours_fp32", "ours_bf16_v1", "ours_fp32_v1"]  # index checks, in this order
 # Each method is timed in ROUNDS rounds over all methods and keeps its fastest median: a host-bound call
 # (about 0.1 ms of GPU work under 0.1-0.4 ms of Python) was up to 4x slower in the first round after a
-# peer's large run than in later ones (results/session6/), for ours and the peers alike.
+# peer's large run than in later ones (H100 bench), for ours and the peers alike.
 ROUNDS = 2
 EPILOGUE_OPS = 4  # per distance: score (1), compare (1), two selects (2)
 

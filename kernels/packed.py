@@ -1,4 +1,4 @@
-"""Packed-key nearest-codeword search (Triton), the default top-1 l2 search where it applies (issue 3, v3).
+"""Packed-key nearest-codeword search (Triton), the default top-1 l2 search where it applies.
 
 v1 (:mod:`tokenizers_vq.kernels.nearest`) turns each dot product into a score with one
 CUDA-core operation and keeps a running ``(min, tile)`` pair per tile element: about 4
@@ -105,14 +105,14 @@ def _configs() -> list[triton.Config]:
     (``BLOCK_N = 256``) halve the L2 reads per distance, which at 2 operations per
     distance may bind first (about 4 TB/s for bf16 at ``BLOCK_N = 128``). ``HALF`` tiles
     (two half-tile dots, one 3-input min: 1.5 integer operations per distance) won the H100
-    sweep at d = 8, 16 and 27-32 (``results/session7/``), by up to 37%; the autotuner picks per shape."""
+    sweep at d = 8, 16 and 27-32, by up to 37%; the autotuner picks per shape."""
     shapes = [(128, 128, 8, 3), (256, 64, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
               (64, 256, 4, 3, True), (64, 128, 4, 3, True), (128, 128, 8, 3, True), (128, 256, 8, 3, True),
               (64, 128, 4, 4, True),
               # wide rows (BLOCK_D 256, bf16 d 129-256): the x tile alone is 64 KiB at BLOCK_N 128, so
               # shallower pipelines and narrower codebook tiles; 128 x 64, 8 warps, 3 stages was the best
               # of five in the H100 sweep (kernels/results/sweep_h100.md, "wide"); 64-row tiles were 40% slower;
-              # HALF lost there (session 7)
+              # HALF lost there
               (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3)]
     return [triton.Config({"BLOCK_N": s[0], "BLOCK_K": s[1], "HALF": len(s) > 4}, num_warps=s[2], num_stages=s[3])
             for s in shapes]
@@ -342,12 +342,12 @@ def _packed_merge_kernel(X, C, PK, PI, DIST, IDX, N, S, D, sxg, sxn, sxd, scg, s
 EXT_MAX_D = {torch.bfloat16: 256, torch.float32: 32}  # widest d run with a second (norm) dot: where it beat v1 on the H100 (kernels/results/sweep_h100.md)
 MAX_ROW_BYTES = {torch.bfloat16: 512, torch.float32: 256}  # padded x row kept in registers for the whole walk
 # Rows without spare columns up to this d pad to twice the width (one dot, no second one; read per call). H100
-# sweep "padup" (results/session6/): bf16 d = 16 11% faster at 32768 x 100000 and 4.5% at 262144 x 16384; d = 32
-# then gained nothing, its 3-operation epilogue bound first. With the lop3 epilogue and HALF tiles (session 7,
+# sweep "padup": bf16 d = 16 11% faster at 32768 x 100000 and 4.5% at 262144 x 16384; d = 32
+# then gained nothing, its 3-operation epilogue bound first. With the lop3 epilogue and HALF tiles (sweep
 # "padup_half"), d = 32: 262144 x 16384 0.946 ms against 1.043, 32768 x 16384 0.126 against 0.141 (CUDA graph),
 # 32768 x 100000 0.719 against 0.698. fp32 not measured: off.
 PAD_UP_MAX_D = {torch.bfloat16: 32}
-MAX_AUG_BYTES = 64 << 20  # the c_aug copy of the codebook; a larger one runs v1 (issue 3's memory target)
+MAX_AUG_BYTES = 64 << 20  # the c_aug copy of the codebook; a larger one runs v1 (the search's extra-memory bound)
 
 
 @functools.lru_cache(maxsize=256)
@@ -414,7 +414,7 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     block_d, ext = layout(x.dtype, d)
     k_pad = cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM
     # One wave of row blocks is enough here: at 256 blocks on the H100's 132 SMs, a second split (another
-    # launch, the merge) saved no GPU time and cost 0.06 ms of host time (results/session6/, "splitone").
+    # launch, the merge) saved no GPU time and cost 0.06 ms of host time (H100 sweep "splitone").
     cap = max_split(tile_bits, tag_cols(tile) if tile is not None else None)
     s, k_split = _split_plan(g, n, k, x.device, split_k, cap, unsplit_waves=1)
     norm_init = (ext > 0 and block_d >= NORM_INIT_MIN_BLOCK_D

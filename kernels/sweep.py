@@ -1,4 +1,4 @@
-"""Tuning sweep on the GPU (issue 3), one call: what the benchmark's defaults are chosen from.
+"""Tuning sweep on the GPU, one call: what the benchmark's defaults are chosen from.
 
 1. The packed kernel with the norm columns in a second dot (``EXT > 0``) against v1, bf16
    and fp32-tf32, over ``d`` where the padded row has no six spare columns: sets
@@ -197,10 +197,9 @@ def norm_init(rows: list) -> None:
 
 def row_reduce(rows: list, n: int = 32768) -> None:
     """Wide bf16 rows: v1 with the per-element walk against ``ROW_REDUCE`` (autotuned,
-    public calls, automatic split and one split): sets ``nearest.ROW_REDUCE_MIN_D``. (At
-    ``954f6fa`` this part also timed a chunked-GEMM path, the vendor GEMM into a reused
-    56 MiB fp32 block folded by a Triton pass; it lost at every d and was removed:
-    ``results/session6/``.)"""
+    public calls, automatic split and one split): sets ``nearest.ROW_REDUCE_MIN_D``. (A chunked-GEMM
+    path, the vendor GEMM into a reused 56 MiB fp32 block folded by a Triton pass, lost to
+    it at every d.)"""
     from tokenizers_vq.kernels import nearest as nr  # noqa: PLC0415
 
     old = nr.ROW_REDUCE_MIN_D

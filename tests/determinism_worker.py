@@ -18,7 +18,7 @@ def search(path_in: str, path_out: str) -> None:
     from tokenizers_vq.quantizers._functional import nearest_codes_reference  # noqa: PLC0415
 
     out = {"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
-    for name, case in torch.load(path_in).items():
+    for name, case in torch.load(path_in, weights_only=True).items():
         for metric in case["metrics"]:
             for block in case["blocks"]:
                 out[name, metric, block] = nearest_codes_reference(case["x"], case["codebook"], metric, block)

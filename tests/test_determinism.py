@@ -80,7 +80,7 @@ def test_search_ties_and_answers_do_not_depend_on_the_cpu_settings(tmp_path, tie
     env = {"ATEN_CPU_CAPABILITY": capability, "MKL_CBWR": cbwr, "OMP_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads)}
     finish(run_worker("search", str(path), str(tmp_path / "out.pt"), env=env))
-    out = torch.load(tmp_path / "out.pt")
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
     assert out.pop("capability") == capability.upper() and out.pop("threads") == threads, "setting not applied"
     assert out.keys() == here.keys()
     for (name, metric, block), (dist, idx) in out.items():

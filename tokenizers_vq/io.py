@@ -61,30 +61,18 @@ on a CPU, and memory grows linearly with the pixel count (about 4 GB at this lim
 ``tvq encode --max-pixels``."""
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(width, height)`` of an image file, from its header only."""
+def image_header(path: str | os.PathLike) -> tuple[int, int, int]:
+    """``(width, height, channels)`` of an image file, from its header only. Channels
+    are as stored: 1 (greyscale), 2 (greyscale + alpha), 3 (RGB or a palette), 4 (RGBA,
+    CMYK, or a palette with transparency)."""
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
     try:
         with warnings.catch_warnings():  # sizes are checked against MAX_PIXELS by the caller
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                return im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-
-
-def image_channels(path: str | os.PathLike) -> int:
-    """Channels of the image file as stored: 1 (greyscale), 2 (greyscale + alpha),
-    3 (RGB or a palette), 4 (RGBA, CMYK, or a palette with transparency). Reads the
-    header only."""
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
-
-    try:
-        with Image.open(path) as im:
-            if im.mode == "P":
-                return 4 if "transparency" in im.info else 3
-            return len(im.getbands())
+                channels = (4 if "transparency" in im.info else 3) if im.mode == "P" else len(im.getbands())
+                return (*im.size, channels)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
@@ -93,7 +81,7 @@ def load_image(path: str | os.PathLike) -> Tensor:
     """Read an image file as ``(3, H, W)`` float32 in ``[0, 1]``.
 
     Greyscale is repeated to RGB; an alpha channel is composited on white (token
-    files record the source's own channel count, :func:`image_channels`).
+    files record the source's own channel count, :func:`image_header`).
 
     Raises:
         ValueError: the file is missing, unreadable, truncated or not an image, or its

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenizers_vq.io import MAX_PIXELS, atomic_write, image_channels, image_size, load_image
+from tokenizers_vq.io import MAX_PIXELS, atomic_write, image_header, load_image
 
 
 def resample(wav: Tensor, orig_sr: int, new_sr: int, taps: int = 16, rolloff: float = 0.95) -> Tensor:
@@ -282,13 +282,13 @@ def load_input(
             unreadable, truncated, zero-length audio, ...), named in the message.
     """
     if modality == "image":
-        w, h = image_size(path) if Path(path).is_file() else (0, 0)
+        w, h, channels = image_header(path) if Path(path).is_file() else (0, 0, 3)
         if max_pixels is not None and w * h > max_pixels:
             raise ValueError(f"{path} is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
                              f"{max_pixels / 1e6:.1f} (memory grows with the pixel count); downscale it, or raise the "
                              f"limit with --max-pixels {w * h} (max_pixels= in Python)")
         img = load_image(path)
-        return img * 2 - 1, list(img.shape[1:]), {"channels": image_channels(path)}
+        return img * 2 - 1, list(img.shape[1:]), {"channels": channels}
     if modality == "audio":
         wav, sr = load_audio(path, sample_rate)
         return wav.mean(0, keepdim=True), [wav.shape[-1]], {"sample_rate": sr, "channels": wav.shape[0]}

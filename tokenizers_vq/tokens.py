@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from tokenizers_vq.io import MAX_PIXELS, atomic_write, save_image, tensor_sha256
-from tokenizers_vq.tokenizer import Tokenizer
+from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY, Tokenizer
 
 FORMAT = "tvq-tokens/1"
 EXTENSIONS = {"image": ".png", "audio": ".wav", "video": ".mp4"}
@@ -73,7 +73,6 @@ def check_input_modality(tok: Tokenizer, path: Path) -> None:
     """Refuse a media file of another modality than the tokenizer's (by its suffix; a
     folder of frames is a video), naming the model and the fix."""
     from tokenizers_vq.media import modality_of  # noqa: PLC0415
-    from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY  # noqa: PLC0415
 
     kind = modality_of(path, unknown=tok.modality)
     if kind != tok.modality:
@@ -92,7 +91,6 @@ def default_model_name(paths: Sequence[str | os.PathLike]) -> str:
             a media file.
     """
     from tokenizers_vq.media import modality_of  # noqa: PLC0415
-    from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY  # noqa: PLC0415
 
     kinds = {Path(p).name: modality_of(p) for p in paths}
     found = sorted(set(kinds.values()))
