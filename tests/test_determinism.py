@@ -91,18 +91,16 @@ def test_search_ties_and_answers_do_not_depend_on_the_cpu_settings(tmp_path, tie
         assert torch.equal(idx, here_i) and dist.numpy().tobytes() == here_d.numpy().tobytes()
 
 
-def test_image_codes_do_not_depend_on_the_thread_count(tmp_path):
-    """Token files of a real photo written with 1 and with 2 threads hold the same header and
-    the same code bytes. (Not the same file bytes: safetensors writes the header's keys in a
-    per-process order.)"""
+def test_image_token_files_do_not_depend_on_the_thread_count(tmp_path):
+    """Token files of a real photo written by two processes, with 1 and with 2 threads, are
+    byte-identical (codes, and a header written in a fixed order)."""
     pytest.importorskip("matplotlib")  # the bundled photo ships with it
     from safetensors import safe_open  # noqa: PLC0415
 
     procs = [run_worker("encode", str(n), str(tmp_path / f"threads{n}.tvq")) for n in (1, 2)]
     for p in procs:
         finish(p)
-    files = [safe_open(tmp_path / f"threads{n}.tvq", "pt") for n in (1, 2)]
-    assert files[0].metadata() == files[1].metadata()
-    assert list(files[0].keys()) == list(files[1].keys()) == ["codes.0"]
-    one, two = (f.get_tensor("codes.0") for f in files)
-    assert one.numel() > 1000 and one.numpy().tobytes() == two.numpy().tobytes()
+    one, two = ((tmp_path / f"threads{n}.tvq").read_bytes() for n in (1, 2))
+    assert one == two
+    with safe_open(tmp_path / "threads1.tvq", "pt") as f:
+        assert list(f.keys()) == ["codes.0"] and f.get_tensor("codes.0").numel() > 1000

@@ -54,6 +54,43 @@ def tensor_sha256(*parts: Tensor | str) -> str:
     return h.hexdigest()
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose bytes depend only on its contents: the header's keys
+    sorted (the ``safetensors`` package writes the metadata in a per-process hash order,
+    so the same tokens gave different files from two processes), tensors in name order,
+    little-endian, the header padded with spaces to 8 bytes. Any safetensors reader
+    reads it."""
+    import json  # noqa: PLC0415
+    import struct  # noqa: PLC0415
+
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    offset, blobs = 0, []
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"save_safetensors: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        blob = t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for blob in blobs:
+            f.write(blob)
+
+
 MAX_PIXELS = 4096 * 4096
 """Default largest image (in pixels, H x W) that :func:`~tokenizers_vq.media.load_input`
 reads for a tokenizer: the embedded f16 model asked for 25.6 GB at 10000 x 10000 pixels

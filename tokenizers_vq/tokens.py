@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from tokenizers_vq.io import MAX_PIXELS, atomic_write, save_image, tensor_sha256
+from tokenizers_vq.io import MAX_PIXELS, atomic_write, save_image, save_safetensors, tensor_sha256
 from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY, Tokenizer
 
 FORMAT = "tvq-tokens/1"
@@ -140,8 +140,6 @@ def save_media(tok: Tokenizer, media: Tensor, rec: TokenRecord, path: str | os.P
 
 def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[TokenRecord]) -> Path:
     """Write records to a token file atomically."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
     q = tok.quantizer
     dtype = torch.int32 if q.codebook_size <= 2**31 else torch.int64
     tensors = {f"codes.{i}": r.codes.to(dtype).contiguous() for i, r in enumerate(records)}
@@ -155,7 +153,7 @@ def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[Token
         "code_shape": json.dumps(list(q.code_shape)),
         "items": json.dumps(items),
     }
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata=meta))
 
 
 def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenRecord]]:
