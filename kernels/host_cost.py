@@ -1,0 +1,100 @@
+"""The host (Python) cost of one nearest-code call, with every kernel launch stubbed out.
+
+A small search is host-bound: its kernels take tens of microseconds, the Python around
+them as long or longer. This times that Python alone, on any machine (no GPU needed): the
+Triton kernels of :mod:`tokenizers_vq.kernels` are replaced by no-ops that accept the same
+launch syntax, and the public call runs on CPU tensors of the case's shape. Two entry
+points are timed: ``nearest_codes_triton`` (through the ``torch.library`` custom op, as
+users and ``torch.compile`` see it) and the implementation behind the op, so the op's own
+dispatch cost shows apart.
+
+    python -m tokenizers_vq.kernels.host_cost              # the bench cases, microseconds per call
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+
+import torch
+
+CASES = [(32768, 1024, 8), (32768, 1024, 256), (32768, 4096, 8), (32768, 4096, 32), (32768, 16384, 8),
+         (32768, 16384, 32), (32768, 16384, 256)]
+
+
+class _NoLaunch:
+    """Stands in for a ``@triton.jit`` or ``@triton.autotune`` kernel: ``kernel[grid](...)``
+    and ``kernel.fn[grid](...)`` do nothing."""
+
+    def __init__(self, name: str):
+        self.name, self.fn = name, self
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[None]:
+    """Every Triton kernel of the search modules replaced by :class:`_NoLaunch`, and the
+    interpreter switch off (so the host takes its GPU branches), for the ``with`` block."""
+    import triton  # noqa: PLC0415
+
+    from tokenizers_vq.kernels import nearest, packed, topk  # noqa: PLC0415
+
+    saved = []
+    for mod in (nearest, packed, topk):
+        for name, obj in vars(mod).items():
+            if isinstance(obj, (triton.runtime.JITFunction, triton.runtime.Autotuner)):
+                saved.append((mod, name, obj))
+                setattr(mod, name, _NoLaunch(name))
+    saved.append((nearest, "_interpret", nearest._interpret))
+    nearest._interpret = lambda: False
+    try:
+        yield
+    finally:
+        for mod, name, obj in saved:
+            setattr(mod, name, obj)
+
+
+def host_us(fn, calls: int = 300, repeats: int = 5) -> float:
+    """Median over ``repeats`` of the mean wall time of ``calls`` calls, in microseconds."""
+    for _ in range(20):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - t) / calls * 1e6)
+    return sorted(runs)[len(runs) // 2]
+
+
+def measure(n: int, k: int, d: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """Host microseconds per call of ``(N, d)`` queries against a ``(K, d)`` codebook."""
+    from tokenizers_vq.kernels import nearest  # noqa: PLC0415
+
+    x, c = torch.empty(n, d, dtype=dtype), torch.empty(k, d, dtype=dtype)
+    with stubbed_launches():
+        return {
+            "public_us": host_us(lambda: nearest.nearest_codes_triton(x, c, return_dist=False)),
+            "impl_us": host_us(lambda: nearest._nearest_impl(x, c, "l2", 0, "tf32", False, 0)),
+        }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", default="", help="subset, e.g. '32768x1024x8,32768x16384x32'")
+    args = p.parse_args(argv)
+    cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")] if args.cases else CASES
+    rows = [{"n": n, "k": k, "d": d, **measure(n, k, d)} for n, k, d in cases]
+    print("| N x K x d (bf16) | public call, us | behind the custom op, us |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']} x {r['k']} x {r['d']} | {r['public_us']:.1f} | {r['impl_us']:.1f} |")
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
