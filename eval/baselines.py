@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.eval.evaluate import _reference, item_metrics
-from tokenizers_vq.eval.lpips import LPIPSNet
+from tokenizers_vq.lpips import LPIPSNet
 from tokenizers_vq.media import load_video, resample
 from tokenizers_vq.tokenizer import Tokenizer
 

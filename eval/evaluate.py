@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from tokenizers_vq.eval.inception import FIDInception, inception_features
-from tokenizers_vq.eval.lpips import LPIPSNet, lpips_distance
+from tokenizers_vq.lpips import LPIPSNet, lpips_distance
 from tokenizers_vq.eval.metrics import audio_metrics, feature_frechet_distance, ms_ssim, psnr, ssim, token_stats
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import decode_record, encode_file

@@ -10,7 +10,7 @@ Two measurements per model, both against the CPU's exact search
   near-tie: its exact (fp64) distance exceeds the CPU winner's by at most the rounding
   bound of that precision, ``2 u (|x|^2 + |c|^2)`` with ``u`` the unit roundoff of the
   dot's inputs (fp32 2^-24, tf32 2^-11, bf16 2^-8), plus the packed kernel's
-  ``2^-13`` of the distance (see ``kernels/NOTES.md``).
+  ``2^-13`` of the distance (see ``eval/results/kernels/DESIGN.md``).
 - **end to end**: ``Tokenizer.encode`` of the same files on the GPU (fp32, the encoder's
   convolutions in TF32 as PyTorch allows by default, and under bf16 autocast) against
   the CPU. Here the latents themselves differ, so a differing id is not a statement about
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("id_agreement compares CPU and CUDA ids: it needs a GPU")
-    from tokenizers_vq.train.data import list_media  # noqa: PLC0415
+    from tokenizers_vq.media import list_media  # noqa: PLC0415
 
     results = []
     for name, src, modality in (("image", args.images, "image"), ("speech", args.audio, "audio"),

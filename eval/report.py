@@ -12,7 +12,7 @@ import torch
 from tokenizers_vq.eval.baselines import run_baselines
 from tokenizers_vq.eval.evaluate import evaluate
 from tokenizers_vq.eval.inception import FIDInception, load_inception
-from tokenizers_vq.eval.lpips import LPIPSNet, load_lpips
+from tokenizers_vq.lpips import LPIPSNet, load_lpips
 from tokenizers_vq.io import atomic_write
 from tokenizers_vq.quantizers._functional import code_histogram
 from tokenizers_vq.tokenizer import Tokenizer
@@ -113,7 +113,7 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     defaults of :func:`load_lpips` / :func:`load_inception`) and listed under
     ``skipped`` with the path looked for when not.
     """
-    from tokenizers_vq.train import samples  # noqa: PLC0415
+    from tokenizers_vq import samples  # noqa: PLC0415
     from tokenizers_vq.viz import usage_plot  # noqa: PLC0415
 
     out_dir = Path(out_dir)

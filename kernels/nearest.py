@@ -62,7 +62,7 @@ def _configs() -> list[triton.Config]:
     large ``d`` by the dot (GEMM-like tiles, deeper pipelines). ``_prune`` picks the set."""
     shapes = [(128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),  # small d
               (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3),  # large d
-              (128, 128, 8, 5),  # best at d = 1536 in the H100 sweep (kernels/results/sweep_h100.md)
+              (128, 128, 8, 5),  # best at d = 1536 in the H100 sweep (eval/results/kernels/sweep_h100.md)
               # ROW_REDUCE (d >= ROW_REDUCE_MIN_D): one running value per row, not per tile element, leaves
               # the registers to larger tiles (more flops per byte of operands read from L2) and deeper pipelines
               (128, 256, 8, 4), (256, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 6),
@@ -187,7 +187,7 @@ def _load_rows(X_row, rmask, dd, D, sxd, ONE_CHUNK: tl.constexpr, BLOCK_N: tl.co
 
 
 # Keyed on D and SPLIT too: with only BLOCK_D (64 for every large d), the tile tuned at d = 256 ran at
-# d = 1536 as well, 16% slower there than the best (kernels/results/sweep_h100.md).
+# d = 1536 as well, 16% slower there than the best (eval/results/kernels/sweep_h100.md).
 @triton.autotune(configs=_configs(), key=["BLOCK_D", "PRECISION", "D", "SPLIT", "ROW_REDUCE"],  # and the dtypes
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
@@ -487,7 +487,7 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
     if k is not None and not 1 <= k <= min(8, codebook.shape[-2]):
         raise ValueError(f"k must be in [1, min(8, K)], got {k}")
     # the custom op is for torch.compile and fake tensors; an eager call on plain tensors
-    # skips its dispatch (about 15 us of Python per call, measured by kernels.host_cost)
+    # skips its dispatch (about 15 us of Python per call, measured by eval.benchmarks.host_cost)
     eager = type(x) is Tensor and type(codebook) is Tensor and not torch.compiler.is_compiling()
     op = _nearest_impl if eager else _nearest_op
     dist, idx = op(x, codebook, metric, k or 0, precision, return_dist, split_k or 0, algorithm)

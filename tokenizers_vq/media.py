@@ -342,3 +342,20 @@ def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:
             container.mux(stream.encode())
 
     return atomic_write(path, write)
+
+
+def list_media(folder: str | Path, modality: str, max_items: int = 0) -> list[Path]:
+    """Sorted media files of a modality under ``folder`` (recursively); for video,
+    ``folder`` or any folder below it that holds one clip as frame images counts as a
+    clip too: one with an ``fps.txt``, or with at least
+    :data:`MIN_NUMBERED_FRAMES` consecutively numbered frames (see
+    :func:`~tokenizers_vq.media.is_frame_folder`), so a folder of photos is not a video."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"data folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES[modality] and p.is_file())
+    if modality == "video":
+        files = sorted(files + [p for p in [root, *root.rglob("*")] if is_frame_folder(p)])
+    if not files:
+        raise ValueError(f"no {modality} files ({', '.join(sorted(SUFFIXES[modality]))}) under {root}")
+    return files[:max_items] if max_items else files

@@ -15,26 +15,6 @@ from torch import Tensor
 from tqdm import tqdm
 
 from tokenizers_vq.io import load_image
-from tokenizers_vq.media import SUFFIXES as EXTENSIONS
-
-
-def list_media(folder: str | Path, modality: str, max_items: int = 0) -> list[Path]:
-    """Sorted media files of a modality under ``folder`` (recursively); for video,
-    ``folder`` or any folder below it that holds one clip as frame images counts as a
-    clip too: one with an ``fps.txt``, or with at least
-    :data:`~tokenizers_vq.media.MIN_NUMBERED_FRAMES` consecutively numbered frames (see
-    :func:`~tokenizers_vq.media.is_frame_folder`), so a folder of photos is not a video."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"data folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS[modality] and p.is_file())
-    if modality == "video":
-        from tokenizers_vq.media import is_frame_folder  # noqa: PLC0415
-
-        files = sorted(files + [p for p in [root, *root.rglob("*")] if is_frame_folder(p)])
-    if not files:
-        raise ValueError(f"no {modality} files ({', '.join(sorted(EXTENSIONS[modality]))}) under {root}")
-    return files[:max_items] if max_items else files
 
 
 class MediaFolder:

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizers_vq.eval.lpips import BACKBONE_FILES, LPIPSNet, load_lpips
+from tokenizers_vq.lpips import BACKBONE_FILES, LPIPSNet, load_lpips
 from tokenizers_vq.spectral import multires_stft_distance, multiscale_mel_distance
 
 
 class LPIPS(nn.Module):
-    """LPIPS (Zhang et al. 2018) as a loss: :class:`~tokenizers_vq.eval.lpips.LPIPSNet`,
+    """LPIPS (Zhang et al. 2018) as a loss: :class:`~tokenizers_vq.lpips.LPIPSNet`,
     frozen, averaged over the batch. Plain torch, no torchvision.
 
     Args:

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from tokenizers_vq import samples
+from tokenizers_vq.media import list_media
 from tokenizers_vq.tokenizer import PRETRAINED, Tokenizer
-from tokenizers_vq.train import samples
 from tokenizers_vq.train.checkpoint import (
     find_checkpoint,
     load_checkpoint,
@@ -28,7 +29,7 @@ from tokenizers_vq.train.checkpoint import (
     set_rng_state,
 )
 from tokenizers_vq.train.config import TrainConfig, config_to_dict
-from tokenizers_vq.train.data import MediaFolder, list_media, split_files
+from tokenizers_vq.train.data import MediaFolder, split_files
 from tokenizers_vq.train.discriminators import build_discriminator
 from tokenizers_vq.train.losses import (
     LPIPS,

@@ -6,7 +6,7 @@
 #   here first: python eval/gpu/prepare_data.py images-train images-val
 #   device run, carry [.devdata/images, .whl]:  bash eval/gpu/kernels_and_codebook.sh
 #   SKIP_BENCH=1 / SKIP_TESTS=1 / SKIP_CODEBOOK=1 leave a part out; SWEEP_PARTS=wide,... runs those
-#   parts of kernels/sweep.py first; TESTS_K narrows the GPU tests (pytest -k); RD=1 adds the rate-distortion
+#   parts of eval/benchmarks/sweep.py first; TESTS_K narrows the GPU tests (pytest -k); RD=1 adds the rate-distortion
 #   table (next session: SKIP_BENCH=1 SKIP_TESTS=1 RD=1 gives issue 5's utilisation and RD in one call); the timeouts below sum to
 #   under the device tool's 600 s per call, and at most 8 files land in $OUT
 #   (3 logs, 3 bench, 2 codebook).
@@ -14,12 +14,12 @@ set -u
 source eval/gpu/setup.sh
 OUT=${OUT:-results_tmp}; mkdir -p "$OUT"
 if [ -n "${SWEEP_PARTS:-}" ]; then  # e.g. SWEEP_PARTS=wide: tuning rows first, alone on the GPU
-  timeout "${SWEEP_TIMEOUT:-150}" python3 -m tokenizers_vq.kernels.sweep --parts "$SWEEP_PARTS" --out "$OUT/sweep" \
+  timeout "${SWEEP_TIMEOUT:-150}" python3 -m tokenizers_vq.eval.benchmarks.sweep --parts "$SWEEP_PARTS" --out "$OUT/sweep" \
     > "$OUT/sweep.log" 2>&1
   echo "sweep exit $?" >> "$OUT/sweep.log"
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  timeout "${BENCH_TIMEOUT:-250}" python3 -m tokenizers_vq.kernels.bench --out "$OUT/kernels" --budget "${BENCH_BUDGET:-170}" \
+  timeout "${BENCH_TIMEOUT:-250}" python3 -m tokenizers_vq.eval.benchmarks.nearest --out "$OUT/kernels" --budget "${BENCH_BUDGET:-170}" \
     > "$OUT/bench.log" 2>&1
   echo "bench exit $?" >> "$OUT/bench.log"
 fi

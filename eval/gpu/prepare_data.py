@@ -117,7 +117,8 @@ def main() -> None:
                 sizes[what] = copy_files(src, DEST / "images" / split)
         elif what == "audio":
             from tokenizers_vq.train.config import load_config  # noqa: PLC0415
-            from tokenizers_vq.train.data import list_media, split_files  # noqa: PLC0415
+            from tokenizers_vq.media import list_media  # noqa: PLC0415
+            from tokenizers_vq.train.data import split_files  # noqa: PLC0415
 
             held_out = load_config(REPO / "train" / "configs" / "audio.yaml").data.val_fraction
             train, _ = split_files(list_media(SHARED / "audio" / "librispeech_train-clean-100", "audio"), None, held_out)
@@ -130,7 +131,7 @@ def main() -> None:
             src = SHARED / "video" / VIDEO_HELD_APART[0]
             sizes[what] = video_frames(src, DEST / "video_val" / src.stem, max_frames=args.max_frames, quality=args.jpeg_quality)
         else:
-            from tokenizers_vq.train.data import list_media  # noqa: PLC0415
+            from tokenizers_vq.media import list_media  # noqa: PLC0415
 
             root = SHARED / "video"
             clips = [f for f in list_media(root, "video") if f.is_file()]

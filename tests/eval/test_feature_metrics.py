@@ -18,7 +18,7 @@ from testdata import LPIPS_CONVS, lpips_files, lpips_heads, shared_path
 
 from tokenizers_vq.cli import main
 from tokenizers_vq.eval.inception import FIDInception, inception_features, load_inception
-from tokenizers_vq.eval.lpips import LPIPSNet, load_lpips, lpips_distance
+from tokenizers_vq.lpips import LPIPSNet, load_lpips, lpips_distance
 from tokenizers_vq.eval.metrics import feature_frechet_distance, frechet_distance
 
 # pytorch-fid's FID Inception (torchvision's Inception3 layout, aux_logits=False,

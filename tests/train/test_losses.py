@@ -10,7 +10,7 @@ import torch
 from testdata import lpips_files
 from torch import nn
 
-from tokenizers_vq.eval.lpips import load_lpips, lpips_distance
+from tokenizers_vq.lpips import load_lpips, lpips_distance
 
 from tokenizers_vq.train.discriminators import build_discriminator
 from tokenizers_vq.train.losses import (

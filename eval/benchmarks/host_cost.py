@@ -8,7 +8,7 @@ points are timed: ``nearest_codes_triton`` (through the ``torch.library`` custom
 users and ``torch.compile`` see it) and the implementation behind the op, so the op's own
 dispatch cost shows apart.
 
-    python -m tokenizers_vq.kernels.host_cost              # the bench cases, microseconds per call
+    python -m tokenizers_vq.eval.benchmarks.host_cost              # the bench cases, microseconds per call
 """
 
 from __future__ import annotations

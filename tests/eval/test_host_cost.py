@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from tokenizers_vq.kernels import host_cost, nearest, packed  # noqa: E402
+from tokenizers_vq.eval.benchmarks import host_cost  # noqa: E402
+from tokenizers_vq.kernels import nearest, packed  # noqa: E402
 
 
 def test_stubs_run_the_host_path_and_are_removed_afterwards():

@@ -25,7 +25,7 @@
 
 Writes ``sweep.json`` and ``sweep.md`` under ``--out``; every row is printed as it lands.
 
-    python -m tokenizers_vq.kernels.sweep --out DIR
+    python -m tokenizers_vq.eval.benchmarks.sweep --out DIR
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ autotuning is excluded), and for ours the percent of the floor
 measured or read on the device. Writes ``nearest.csv``, ``nearest.json`` and
 ``nearest.md`` under ``$OUT`` (or ``--out``) after every case; prints the table last.
 
-    python -m tokenizers_vq.kernels.bench            # or: python kernels/bench.py
+    python -m tokenizers_vq.eval.benchmarks.nearest
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import importlib.util
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -47,17 +45,9 @@ EPILOGUE_OPS = 4  # per distance: score (1), compare (1), two selects (2)
 
 
 def _kernels():
-    """``tokenizers_vq.kernels.nearest``, aliasing this folder when the package is not installed."""
-    try:
-        from tokenizers_vq.kernels import nearest  # noqa: PLC0415
-    except ImportError:
-        here = Path(__file__).resolve().parent
-        spec = importlib.util.spec_from_file_location("tokenizers_vq.kernels", here / "__init__.py",
-                                                      submodule_search_locations=[str(here)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["tokenizers_vq.kernels"] = mod
-        spec.loader.exec_module(mod)
-        from tokenizers_vq.kernels import nearest  # noqa: PLC0415
+    """``tokenizers_vq.kernels.nearest`` (imported here: it needs Triton)."""
+    from tokenizers_vq.kernels import nearest  # noqa: PLC0415
+
     return nearest
 
 

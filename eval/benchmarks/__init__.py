@@ -1,0 +1,1 @@
+"""Benchmarks: measurements of the library against its peers, run on a GPU (see eval/gpu/)."""
