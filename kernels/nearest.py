@@ -41,7 +41,7 @@ from tokenizers_vq.kernels._host import cdiv, next_pow2
 from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  (re-exported)
 
 PRECISIONS = ("tf32", "tf32x3", "ieee")
-ALGORITHMS = ("auto", "v1", "packed")  # top-1 search: "auto" = "packed" (tokenizers_vq.kernels.packed) where it applies, else v1
+ALGORITHMS = ("auto", "tiled", "packed")  # top-1 search: "auto" = "packed" (tokenizers_vq.kernels.packed) where it applies, else the tiled kernel
 SPLIT_QUANTUM = 256  # each split covers a multiple of every BLOCK_K, so tiles never straddle splits
 MAX_ONE_CHUNK_BYTES = 256  # x row bytes (padded) kept for the whole codebook walk; larger d goes in 64-wide chunks
 COS_EPS = tl.constexpr(1e-12)  # as F.normalize
@@ -71,7 +71,7 @@ def _configs() -> list[triton.Config]:
 
 
 ROW_REDUCE_CONFIGS = 9  # _configs()[9:] are the ROW_REDUCE set
-ROW_REDUCE_MIN_D = 512  # d from which v1 reduces each tile to its rows at once (read per call)
+ROW_REDUCE_MIN_D = 512  # d from which the tiled kernel reduces each tile to its rows at once (read per call)
 
 
 def prune_to_fit(configs, named_args, limit: int = 200 * 1024, x_staged: bool = False, **meta):
@@ -414,7 +414,7 @@ def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: s
     grouped = x.ndim == 3
     xg, cg = _common(x if grouped else x[None], codebook if grouped else codebook[None])
     split = split_k if split_k > 0 else None
-    if k == 0 and algorithm != "v1" and _packed().applies(xg.dtype, xg.shape[-1], metric, precision, *cg.shape[:2]):
+    if k == 0 and algorithm != "tiled" and _packed().applies(xg.dtype, xg.shape[-1], metric, precision, *cg.shape[:2]):
         dist, idx = _packed().nearest_packed(xg, cg, return_dist, split)
     elif k == 0:
         dist, idx = _nearest_top1(xg, cg, metric == "cosine", precision, return_dist, split)
@@ -475,8 +475,8 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
             (bf16 d 11-16 and 27-32 pad to a row twice as wide; a second dot, or at
             123-128 and 251-256 an initial accumulator, holds the norms for fp32 d 11-16
             and 27-32, and in bf16 for 59-64, 123-128 and 251-256;
-            the augmented codebook copy is capped at 64 MiB). Everything else runs v1,
-            which ``"v1"`` forces. The packed
+            the augmented codebook copy is capped at 64 MiB). Everything else runs the tiled kernel,
+            which ``"tiled"`` forces. The packed
             kernel's indices may also differ from the exact argmin on near-ties
             within a relative ``2^-13`` of the distance (then the lowest index wins).
 

@@ -1,6 +1,6 @@
 """Packed-key nearest-codeword search (Triton), the default top-1 l2 search where it applies.
 
-v1 (:mod:`tokenizers_vq.kernels.nearest`) turns each dot product into a score with one
+The tiled kernel (:mod:`tokenizers_vq.kernels.nearest`) turns each dot product into a score with one
 CUDA-core operation and keeps a running ``(min, tile)`` pair per tile element: about 4
 operations and 3 live fp32 values per distance. Here the tensor cores produce the
 whole distance and the epilogue is 2 integer operations on one live int32.
@@ -36,7 +36,7 @@ may use (:func:`tag_cols`; more splits when needed), so the tag always fits. ``c
 multiple of ``SPLIT_QUANTUM`` rows with ``h1 = +inf``: no tile needs a column mask and
 padding never beats a finite distance.
 
-Accuracy. The key drops ``TILE_BITS`` of the 23 mantissa bits, so on top of v1's
+Accuracy. The key drops ``TILE_BITS`` of the 23 mantissa bits, so on top of the tiled kernel's
 rounding bound an index may differ from the exact argmin where the two best distances
 differ by less than ``2^-(23 - TILE_BITS)`` times the distance (see
 ``tests/nearest_checks.py``). Returned distances are recomputed from the inputs
@@ -53,12 +53,12 @@ on the GPU, tf32 included) that accumulates into the same ``acc``; for rows of
 ``|x|^2 + |c|^2`` (``NORM_INIT``), faster there on the H100.
 
 Rows of up to ``MAX_ROW_BYTES`` (bf16 d <= 256) keep x in registers; ``c_aug`` beyond
-``MAX_AUG_BYTES`` (64 MiB) runs v1 instead.
+``MAX_AUG_BYTES`` (64 MiB) runs the tiled kernel instead.
 
 Scope: ``l2``, top-1, bf16 (``d <= 256``), or fp32 with ``precision="tf32"``
 (``d <= 58``: ``d <= 32`` where a second dot is needed, ``EXT_MAX_D``, from the H100
-sweep in ``eval/results/kernels/sweep_h100.md``). Everything else runs v1: cosine
-(a normalised codebook rounded to bf16 would break v1's error bound), fp16 (``|c|^2``
+sweep in ``eval/results/kernels/sweep_h100.md``). Everything else runs the tiled kernel: cosine
+(a normalised codebook rounded to bf16 would break the tiled kernel's error bound), fp16 (``|c|^2``
 overflows), ``ieee``/``tf32x3`` (exactness is their point), top-k, larger ``d``.
 """
 
@@ -100,8 +100,8 @@ AUGMENT_BLOCK_K = 64  # divides SPLIT_QUANTUM
 
 def _configs() -> list[triton.Config]:
     """Small-``d`` tiles, 64 elements per thread: two live 32-bit values each (accumulator
-    and key) instead of v1's three leave room for more warps per SM. ``c_aug`` rows are
-    ``BLOCK_D`` wide (32 B bf16, 64 B fp32 at d = 8; v1 reads 16 / 32 B), so tall tiles
+    and key) instead of the tiled kernel's three leave room for more warps per SM. ``c_aug`` rows are
+    ``BLOCK_D`` wide (32 B bf16, 64 B fp32 at d = 8; the tiled kernel reads 16 / 32 B), so tall tiles
     (``BLOCK_N = 256``) halve the L2 reads per distance, which at 2 operations per
     distance may bind first (about 4 TB/s for bf16 at ``BLOCK_N = 128``). ``HALF`` tiles
     (two half-tile dots, one 3-input min: 1.5 integer operations per distance) won the H100
@@ -339,7 +339,7 @@ def _packed_merge_kernel(X, C, PK, PI, DIST, IDX, N, S, D, sxg, sxn, sxd, scg, s
 
 
 # -- host side --------------------------------------------------------------------------
-EXT_MAX_D = {torch.bfloat16: 256, torch.float32: 32}  # widest d run with a second (norm) dot: where it beat v1 on the H100 (eval/results/kernels/sweep_h100.md)
+EXT_MAX_D = {torch.bfloat16: 256, torch.float32: 32}  # widest d run with a second (norm) dot: where it beat the tiled kernel on the H100 (eval/results/kernels/sweep_h100.md)
 MAX_ROW_BYTES = {torch.bfloat16: 512, torch.float32: 256}  # padded x row kept in registers for the whole walk
 # Rows without spare columns up to this d pad to twice the width (one dot, no second one; read per call). H100
 # sweep "padup": bf16 d = 16 11% faster at 32768 x 100000 and 4.5% at 262144 x 16384; d = 32
@@ -347,7 +347,7 @@ MAX_ROW_BYTES = {torch.bfloat16: 512, torch.float32: 256}  # padded x row kept i
 # "padup_half"), d = 32: 262144 x 16384 0.946 ms against 1.043, 32768 x 16384 0.126 against 0.141 (CUDA graph),
 # 32768 x 100000 0.719 against 0.698. fp32 not measured: off.
 PAD_UP_MAX_D = {torch.bfloat16: 32}
-MAX_AUG_BYTES = 64 << 20  # the c_aug copy of the codebook; a larger one runs v1 (the search's extra-memory bound)
+MAX_AUG_BYTES = 64 << 20  # the c_aug copy of the codebook; a larger one runs the tiled kernel (the search's extra-memory bound)
 
 
 @functools.lru_cache(maxsize=256)
@@ -369,7 +369,7 @@ def layout(dtype: torch.dtype, d: int) -> tuple[int, int] | None:
     ``EXT = 0`` when the six norm columns fit in the padded row past ``d`` (or, up to
     ``PAD_UP_MAX_D``, in a row padded to twice the width), else the width of the second
     dot that holds them; ``None`` when the padded row is wider than
-    ``MAX_ROW_BYTES`` or the second dot is not worth it (``d > EXT_MAX_D``): v1 then runs.
+    ``MAX_ROW_BYTES`` or the second dot is not worth it (``d > EXT_MAX_D``): the tiled kernel then runs.
     (Cached on the module settings, which the tests and the sweep change.)"""
     return _layout(dtype, d, PAD_UP_MAX_D.get(dtype, 0), EXT_MAX_D.get(dtype, 0), MAX_ROW_BYTES.get(dtype, 0))
 
@@ -381,7 +381,7 @@ def aug_bytes(dtype: torch.dtype, groups: int, k: int, d: int) -> int:
 
 
 def applies(dtype: torch.dtype, d: int, metric: str, precision: str, groups: int = 1, k: int = 1) -> bool:
-    """Whether the packed kernel runs (else v1) for these inputs (``dtype``: the common
+    """Whether the packed kernel runs (else the tiled kernel) for these inputs (``dtype``: the common
     dtype of x and the codebook; ``groups`` codebooks of ``k`` codes)."""
     if metric != "l2" or not (dtype == torch.bfloat16 or (dtype == torch.float32 and precision == "tf32")):
         return False

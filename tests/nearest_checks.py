@@ -74,7 +74,7 @@ def _tol(x, c, metric, u_in):
     return 4 * unit * (xn + cn) ** 2
 
 
-def _check_search(x, c, metric, dtype_name, k=None, split_k=None, dist_out=True, algorithm="v1"):
+def _check_search(x, c, metric, dtype_name, k=None, split_k=None, dist_out=True, algorithm="tiled"):
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 

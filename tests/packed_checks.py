@@ -10,7 +10,7 @@ import torch
 
 from nearest_checks import DTYPES, _check_search, _data
 
-PACKED = ("bf16", "fp32_tf32")  # what algorithm="packed" runs on; other dtypes fall back to v1
+PACKED = ("bf16", "fp32_tf32")  # what algorithm="packed" runs on; other dtypes fall back to the tiled kernel
 
 
 @contextlib.contextmanager
@@ -29,7 +29,7 @@ def tile_bits(bits):
 @contextlib.contextmanager
 def packed_calls():
     """Counts the searches the packed kernel really ran (``calls[0]``), so a case that
-    qualifies cannot pass by silently falling back to v1."""
+    qualifies cannot pass by silently falling back to the tiled kernel."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
 
     calls, real = [0], packed.nearest_packed
@@ -50,7 +50,7 @@ def check_packed_odd_shapes(device, full=False):
     {1, 3, 8, 10, 12, 16, 24, 32, 100, 200, 256} (12, 16, 32 and 256 have no spare padding
     columns: bf16 12 and 16 pad to a 32-wide row and 32 to a 64-wide one, otherwise the norms go in a second dot,
     or at 256 in the dot's initial accumulator;
-    rows wider than ``MAX_ROW_BYTES`` run v1:
+    rows wider than ``MAX_ROW_BYTES`` run the tiled kernel:
     fp32 at 100 and up), K in {1, 17, 700}; on CPU the 300 x 700 cases for two D only."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
 
@@ -78,7 +78,7 @@ def check_packed_ties_splits_groups(device, full=False):
     used, splits forced); G codebooks equal G searches; strided views and
     ``return_dist=False``; the norms both ways (second dot, initial accumulator) where the
     row has no spare columns; what it does not cover (cosine, fp16, ieee, top-k, a c_aug
-    over ``MAX_AUG_BYTES``) runs v1."""
+    over ``MAX_AUG_BYTES``) runs the tiled kernel."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import FIXED, nearest_codes_triton  # noqa: PLC0415
 
@@ -113,8 +113,8 @@ def check_packed_ties_splits_groups(device, full=False):
         args = dict(x=x, codebook=c) | kw
         with packed_calls() as calls:
             ours = nearest_codes_triton(algorithm="packed", **args)
-        v1 = nearest_codes_triton(algorithm="v1", **args)
-        assert calls[0] == 0 and torch.equal(ours[0], v1[0]) and torch.equal(ours[1], v1[1]), f"packed {kw} is not v1"
+        tiled = nearest_codes_triton(algorithm="tiled", **args)
+        assert calls[0] == 0 and torch.equal(ours[0], tiled[0]) and torch.equal(ours[1], tiled[1]), f"packed {kw} is not the tiled kernel"
     with packed_calls() as calls:
         nearest_codes_triton(x, c, algorithm="packed")
     assert calls[0] == 1, "a qualifying search did not run the packed kernel"
@@ -134,14 +134,14 @@ def check_packed_ties_splits_groups(device, full=False):
     finally:
         packed.NORM_INIT_MIN_BLOCK_D, packed.PAD_UP_MAX_D = old_init, old_pad
     old_cap = packed.MAX_AUG_BYTES
-    packed.MAX_AUG_BYTES = packed.aug_bytes(torch.float32, 1, 70, 8) - 1  # c_aug one byte over the cap: v1
+    packed.MAX_AUG_BYTES = packed.aug_bytes(torch.float32, 1, 70, 8) - 1  # c_aug one byte over the cap: the tiled kernel
     try:
         with packed_calls() as calls:
             ours = nearest_codes_triton(x, c, algorithm="packed")
     finally:
         packed.MAX_AUG_BYTES = old_cap
-    v1 = nearest_codes_triton(x, c, algorithm="v1")
-    assert calls[0] == 0 and torch.equal(ours[1], v1[1]), "a c_aug over MAX_AUG_BYTES did not fall back to v1"
+    tiled = nearest_codes_triton(x, c, algorithm="tiled")
+    assert calls[0] == 0 and torch.equal(ours[1], tiled[1]), "a c_aug over MAX_AUG_BYTES did not fall back to the tiled kernel"
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 One run checks and times everything: for each ``N x K x D`` case, our kernel as users
 call it (bf16, fp32 with tf32 dot products, and exact fp32 for small ``D``: the packed
-kernel where it applies, else v1), v1 forced (``algorithm="v1"``) beside it, against
+kernel where it applies, else the tiled kernel), the tiled kernel forced (``algorithm="tiled"``) beside it, against
 ``torch.cdist + argmin`` (fp32), ``addmm(|c|^2, x, C^T, alpha=-2) + argmin`` (fp32
 and bf16) and vector-quantize-pytorch's ``VectorQuantize`` (eval forward); then one
 VQ-EMA training step (forward + backward + EMA update) of ours against theirs.
@@ -34,9 +34,9 @@ import torch
 
 CASES = [(32768, 100000, 8), (262144, 262144, 8), (32768, 16384, 8), (32768, 16384, 32), (32768, 16384, 256),
          (32768, 16384, 1536), (32768, 1024, 256), (32768, 100000, 256), (262144, 16384, 32)]
-METHODS = ["ours_bf16", "ours_bf16_v1", "ours_fp32", "ours_fp32_v1", "ours_fp32_exact", "cdist_fp32",
+METHODS = ["ours_bf16", "ours_bf16_tiled", "ours_fp32", "ours_fp32_tiled", "ours_fp32_exact", "cdist_fp32",
            "mm_fp32", "mm_bf16", "vqp"]
-CHECKED = ["ours_bf16", "ours_fp32", "ours_bf16_v1", "ours_fp32_v1"]  # index checks, in this order
+CHECKED = ["ours_bf16", "ours_fp32", "ours_bf16_tiled", "ours_fp32_tiled"]  # index checks, in this order
 # Each method is timed in ROUNDS rounds over all methods and keeps its fastest median: a host-bound call
 # (about 0.1 ms of GPU work under 0.1-0.4 ms of Python) was up to 4x slower in the first round after a
 # peer's large run than in later ones (H100 bench), for ours and the peers alike.
@@ -140,9 +140,9 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
     csqb = csq32.bfloat16()
     fns = {
         "ours_bf16": lambda: nearest.nearest_codes_triton(xb, cb),
-        "ours_bf16_v1": lambda: nearest.nearest_codes_triton(xb, cb, algorithm="v1"),
+        "ours_bf16_tiled": lambda: nearest.nearest_codes_triton(xb, cb, algorithm="tiled"),
         "ours_fp32": lambda: nearest.nearest_codes_triton(x32, c32),
-        "ours_fp32_v1": lambda: nearest.nearest_codes_triton(x32, c32, algorithm="v1"),
+        "ours_fp32_tiled": lambda: nearest.nearest_codes_triton(x32, c32, algorithm="tiled"),
         "ours_fp32_exact": (lambda: nearest.nearest_codes_triton(x32, c32, precision="ieee")) if d <= 32 else None,
         "cdist_fp32": lambda: torch.cdist(x32, c32).argmin(1),
         "mm_fp32": lambda: torch.addmm(csq32, x32, c32.T, alpha=-2.0).argmin(1),
@@ -164,7 +164,7 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
         for name, (x, c, u_in) in zip(CHECKED, ((xb, cb, 0.0), (x32, c32, 2.0**-11)) * 2):
             if res[name]["status"] != "ok":
                 continue
-            algorithm = "v1" if name.endswith("_v1") else "auto"
+            algorithm = "tiled" if name.endswith("_tiled") else "auto"
             bits = packed.TILE_BITS if algorithm == "auto" and packed.applies(x.dtype, d, "l2", "tf32", 1, k) else 0
             try:
                 checks[name] = check(x, c, nearest.nearest_codes_triton(x, c, algorithm=algorithm)[1], u_in, bits)
@@ -186,7 +186,7 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
             del vq
         except torch.OutOfMemoryError:
             res["vqp"] = {"ms": math.nan, "extra_mib": math.nan, "status": "OOM"}
-    kernel = {dt: "packed" if packed.applies(t, d, "l2", "tf32", 1, k) else "v1" for dt, t in (("bf16", torch.bfloat16),
+    kernel = {dt: "packed" if packed.applies(t, d, "l2", "tf32", 1, k) else "tiled" for dt, t in (("bf16", torch.bfloat16),
                                                                                         ("fp32", torch.float32))}
     del x32, c32, xb, cb
     torch.cuda.empty_cache()
@@ -235,20 +235,20 @@ def markdown(meta: dict, rows: list[dict], train: dict | None) -> str:
              f"Median ms, the fastest of {ROUNDS} rounds over all methods (every round in the JSON, `round_ms`; "
              "vq-pytorch one round), "
              "and extra peak MiB beyond inputs and outputs. \"ours\" is the default call (the packed "
-             "kernel where it applies, named in the kernel column, else v1); \"v1\" forces `algorithm=\"v1\"`; "
+             "kernel where it applies, named in the kernel column, else the tiled kernel); \"tiled\" forces `algorithm=\"tiled\"`; "
              "ours fp32 uses tf32 dot products, exact = `precision=\"ieee\"`. % floor and speed-up: bf16, "
-             "ours / v1. Index checks against the fp32 torch argmin (mismatch, bad): ours bf16 / ours fp32 / "
-             "v1 bf16 / v1 fp32.", "",
-             "| N x K x D | ours bf16 | v1 bf16 | ours fp32 | v1 fp32 | ours fp32 exact | cdist fp32 | "
-             "x@C^T fp32 | x@C^T bf16 | vq-pytorch eval | floor ms | % floor (ours / v1) | "
-             "vs x@C^T bf16 (ours / v1) | kernel bf16, fp32 | idx check (mismatch, bad) |",
+             "ours / tiled. Index checks against the fp32 torch argmin (mismatch, bad): ours bf16 / ours fp32 / "
+             "tiled bf16 / tiled fp32.", "",
+             "| N x K x D | ours bf16 | tiled bf16 | ours fp32 | tiled fp32 | ours fp32 exact | cdist fp32 | "
+             "x@C^T fp32 | x@C^T bf16 | vq-pytorch eval | floor ms | % floor (ours / tiled) | "
+             "vs x@C^T bf16 (ours / tiled) | kernel bf16, fp32 | idx check (mismatch, bad) |",
              "|" + "---|" * 15]
     for row in rows:
         m = row["methods"]
         fl, _ = floor_ms(row["n"], row["k"], row["d"], r)
         mb = m["mm_bf16"].get("ms", math.nan)
         pcts, speeds = [], []
-        for name in ("ours_bf16", "ours_bf16_v1"):
+        for name in ("ours_bf16", "ours_bf16_tiled"):
             ours = m[name].get("ms", math.nan)
             pcts.append(f"{100 * fl / ours:.0f}%" if ours == ours else "-")
             speeds.append(f"{mb / ours:.1f}x" if mb == mb and ours == ours else "-")

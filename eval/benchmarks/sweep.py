@@ -1,20 +1,20 @@
 """Tuning sweep on the GPU, one call: what the benchmark's defaults are chosen from.
 
-1. The packed kernel with the norm columns in a second dot (``EXT > 0``) against v1, bf16
+1. The packed kernel with the norm columns in a second dot (``EXT > 0``) against the tiled kernel, bf16
    and fp32-tf32, over ``d`` where the padded row has no six spare columns: sets
    :data:`tokenizers_vq.kernels.packed.EXT_MAX_D`.
 2. Host overhead: the full call through the registered op, the direct eager call, and
    the same call replayed from a CUDA graph (GPU time only).
-3. v1 tile configurations for large ``d`` (64- or 128-wide chunks), launched directly
+3. the tiled kernel tile configurations for large ``d`` (64- or 128-wide chunks), launched directly
    without the autotuner: sets the large-``d`` entries of ``nearest._configs``.
 4. ``wide``: bf16 rows of 129-256 values in the packed kernel (x kept in registers) against
-   v1, and each wide-row tile: sets ``packed.MAX_ROW_BYTES`` and the wide configs.
+   the tiled kernel, and each wide-row tile: sets ``packed.MAX_ROW_BYTES`` and the wide configs.
 5. ``norminit``: rows without six spare columns, the norms in a second dot against the
    norms as the dot's initial accumulator: sets ``packed.NORM_INIT_MIN_BLOCK_D``. (A part ``flat``,
-   v1 with one loop over (tile, chunk) pairs for large d, was measured at commit
+   the tiled kernel with one loop over (tile, chunk) pairs for large d, was measured at commit
    ``6211b01`` and removed with its kernel option: it lost, ``results/sweep_h100.md``.)
 6. ``hostparts``: small calls, the split choice and the host time of each piece.
-7. ``rowreduce``: v1 with each tile reduced to its rows at once, against the per-element
+7. ``rowreduce``: the tiled kernel with each tile reduced to its rows at once, against the per-element
    walk: sets ``nearest.ROW_REDUCE_MIN_D``.
 8. ``splitone``: the packed kernel with the automatic split against one split.
 9. ``padup``: rows without spare columns, a second dot against one dot twice as wide.
@@ -66,7 +66,7 @@ def graph_ms(fn) -> float:
     return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
 
 
-def packed_vs_v1(rows: list, n: int = 32768) -> None:
+def packed_vs_tiled(rows: list, n: int = 32768) -> None:
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
@@ -77,10 +77,10 @@ def packed_vs_v1(rows: list, n: int = 32768) -> None:
                 x = torch.randn(n, d, device="cuda").to(dt)
                 c = torch.randn(k, d, device="cuda").to(dt)
                 lay = packed.layout(dt, d)
-                v1 = bench(lambda: nearest_codes_triton(x, c, algorithm="v1"))
+                tiled = bench(lambda: nearest_codes_triton(x, c, algorithm="tiled"))
                 pk = bench(lambda: nearest_codes_triton(x, c, algorithm="packed"))
                 row = {"part": "ext", "n": n, "k": k, "d": d, "dtype": str(dt).split(".")[1], "layout": lay,
-                       "v1_ms": v1, "packed_ms": pk}
+                       "tiled_ms": tiled, "packed_ms": pk}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
@@ -104,7 +104,7 @@ def host_overhead(rows: list) -> None:
     for n, k, d in ((32768, 16384, 8), (32768, 100000, 8), (32768, 16384, 32)):
         x = torch.randn(n, d, device="cuda").bfloat16()
         c = torch.randn(k, d, device="cuda").bfloat16()
-        for alg in ("v1", "packed"):
+        for alg in ("tiled", "packed"):
             row = {"part": "host", "n": n, "k": k, "d": d, "algorithm": alg,
                    "public_ms": bench(lambda: nearest_codes_triton(x, c, algorithm=alg)),
                    "op_ms": bench(lambda: _nearest_op(x, c, "l2", 0, "tf32", True, 0, alg)),
@@ -115,7 +115,7 @@ def host_overhead(rows: list) -> None:
             print(json.dumps(row), flush=True)
 
 
-def v1_configs(rows: list, n: int = 32768) -> None:
+def tiled_configs(rows: list, n: int = 32768) -> None:
     import triton  # noqa: PLC0415
 
     from tokenizers_vq.kernels import nearest as nr  # noqa: PLC0415
@@ -128,9 +128,9 @@ def v1_configs(rows: list, n: int = 32768) -> None:
         bias, scale = nr.codeword_terms(c, False)
         dist = torch.empty(1, n, device="cuda")
         idx = torch.empty(1, n, device="cuda", dtype=torch.int64)
-        auto = bench(lambda: nr.nearest_codes_triton(x[0], c[0], algorithm="v1"))
-        print(json.dumps({"part": "v1cfg", "k": k, "d": d, "autotuned_public_ms": auto}), flush=True)
-        rows.append({"part": "v1cfg", "n": n, "k": k, "d": d, "config": "autotuned (public call)", "ms": auto})
+        auto = bench(lambda: nr.nearest_codes_triton(x[0], c[0], algorithm="tiled"))
+        print(json.dumps({"part": "tiledcfg", "k": k, "d": d, "autotuned_public_ms": auto}), flush=True)
+        rows.append({"part": "tiledcfg", "n": n, "k": k, "d": d, "config": "autotuned (public call)", "ms": auto})
         for bd in (64, 128):
             for bn, bk, w, st in tiles:
                 if (bn + bk * st) * bd * 2 > 220 * 1024:
@@ -144,7 +144,7 @@ def v1_configs(rows: list, n: int = 32768) -> None:
                                                 num_warps=w, num_stages=st)
 
                 ms = bench(run)
-                row = {"part": "v1cfg", "n": n, "k": k, "d": d, "config": [bn, bk, w, st, bd], "ms": ms,
+                row = {"part": "tiledcfg", "n": n, "k": k, "d": d, "config": [bn, bk, w, st, bd], "ms": ms,
                        "tflops": 2 * n * k * d / ms / 1e9 if ms == ms else None}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -152,7 +152,7 @@ def v1_configs(rows: list, n: int = 32768) -> None:
 
 def wide_rows(rows: list, n: int = 32768) -> None:
     """bf16 d 129-256 (BLOCK_D 256): the packed kernel (x kept in registers, d = 256 with a
-    second dot) against v1, autotuned, and each wide-row tile launched directly."""
+    second dot) against the tiled kernel, autotuned, and each wide-row tile launched directly."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import _common, nearest_codes_triton  # noqa: PLC0415
 
@@ -160,7 +160,7 @@ def wide_rows(rows: list, n: int = 32768) -> None:
         x = torch.randn(n, d, device="cuda").bfloat16()
         c = torch.randn(k, d, device="cuda").bfloat16()
         row = {"part": "wide", "n": n, "k": k, "d": d, "layout": packed.layout(torch.bfloat16, d),
-               "v1_ms": bench(lambda: nearest_codes_triton(x, c, algorithm="v1")),
+               "tiled_ms": bench(lambda: nearest_codes_triton(x, c, algorithm="tiled")),
                "packed_ms": bench(lambda: nearest_codes_triton(x, c, algorithm="packed")),
                "ran_packed": packed.applies(torch.bfloat16, d, "l2", "tf32", 1, k)}
         if d == 256:
@@ -196,7 +196,7 @@ def norm_init(rows: list) -> None:
 
 
 def row_reduce(rows: list, n: int = 32768) -> None:
-    """Wide bf16 rows: v1 with the per-element walk against ``ROW_REDUCE`` (autotuned,
+    """Wide bf16 rows: the tiled kernel with the per-element walk against ``ROW_REDUCE`` (autotuned,
     public calls, automatic split and one split): sets ``nearest.ROW_REDUCE_MIN_D``. (A chunked-GEMM
     path, the vendor GEMM into a reused 56 MiB fp32 block folded by a Triton pass, lost to
     it at every d.)"""
@@ -211,8 +211,8 @@ def row_reduce(rows: list, n: int = 32768) -> None:
             for flag in (False, True):
                 nr.ROW_REDUCE_MIN_D = 0 if flag else 2**30
                 for split in (None, 1):
-                    row[f"v1_rr{int(flag)}_split{split or 'auto'}_ms"] = bench(
-                        lambda split=split: nr.nearest_codes_triton(x[0], c[0], algorithm="v1", split_k=split))
+                    row[f"tiled_rr{int(flag)}_split{split or 'auto'}_ms"] = bench(
+                        lambda split=split: nr.nearest_codes_triton(x[0], c[0], algorithm="tiled", split_k=split))
         finally:
             nr.ROW_REDUCE_MIN_D = old
         rows.append(row)
@@ -272,7 +272,7 @@ def half_tiles(rows: list, cases=None, pad_up: bool | None = None, part: str = "
     (``USE_ASM`` off) and with one inline-PTX ``lop3`` per distance; then each tile with
     one dot per tile against two half-tile dots whose keys fold in one 3-input min
     (``HALF``). Public calls, plus CUDA-graph time where the host may bind; every variant's
-    indices are compared with v1's."""
+    indices are compared with the tiled kernel's."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
@@ -285,7 +285,7 @@ def half_tiles(rows: list, cases=None, pad_up: bool | None = None, part: str = "
         packed.NORM_INIT_MIN_BLOCK_D = 0 if norm_init else old_init
         x = torch.randn(n, d, device="cuda").bfloat16()
         c = torch.randn(k, d, device="cuda").bfloat16()
-        ref = nearest_codes_triton(x, c, algorithm="v1")[1]
+        ref = nearest_codes_triton(x, c, algorithm="tiled")[1]
         row = {"part": part, "n": n, "k": k, "d": d, "layout": packed.layout(torch.bfloat16, d), "norm_init": norm_init}
         host_bound = n * k < 10**9
 
@@ -380,7 +380,7 @@ def profile(rows: list) -> None:
 
     x = torch.randn(32768, 8, device="cuda").bfloat16()
     c = torch.randn(16384, 8, device="cuda").bfloat16()
-    for alg in ("packed", "v1"):
+    for alg in ("packed", "tiled"):
         for _ in range(20):
             nearest_codes_triton(x, c, algorithm=alg)
         torch.cuda.synchronize()
@@ -405,13 +405,13 @@ def profile(rows: list) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results_tmp/sweep")
-    ap.add_argument("--parts", default="ext,host,v1cfg")
+    ap.add_argument("--parts", default="ext,host,tiledcfg")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list = []
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
-    parts = {"ext": packed_vs_v1, "host": host_overhead, "v1cfg": v1_configs, "profile": profile,
+    parts = {"ext": packed_vs_tiled, "host": host_overhead, "tiledcfg": tiled_configs, "profile": profile,
              "wide": wide_rows, "norminit": norm_init, "hostparts": host_parts,
              "rowreduce": row_reduce, "splitone": split_one, "padup": pad_up, "half": half_tiles,
              "padup_half": pad_up_half, "norminit_half": norm_init_half}

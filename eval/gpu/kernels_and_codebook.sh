@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for the two open GPU targets: the kernel benchmark alone on the GPU
-# (default kernel and v1 side by side with the peers, issue 3), then the kernel GPU tests
+# (default kernel and the tiled kernel side by side with the peers), then the kernel GPU tests
 # and the LPIPS-vs-lpips-package test side by side with the projected-codebook
 # utilisation run (issue 5) at K = ${CODEBOOK_K:-100000} over all 100 val photos.
 #   here first: python eval/gpu/prepare_data.py images-train images-val

@@ -45,7 +45,7 @@ def check_odd_shapes(device, full=False):
 
 def check_ties_and_splits(device, full=False):
     """Exact duplicate codewords across tiles and splits: the lowest index must win,
-    in top-1 (v1 and the default, packed, kernel) and top-k, whether or not the
+    in top-1 (the tiled kernel and the default, packed, kernel) and top-k, whether or not the
     codebook is split."""
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
@@ -55,12 +55,12 @@ def check_ties_and_splits(device, full=False):
         c0 = _data((base, 5), dt, device)
         c = torch.cat([c0, c0, c0])
         x = _data((37, 5), dt, device)
-        for alg in ("v1", "auto"):
+        for alg in ("tiled", "auto"):
             _, i1 = nearest_codes_triton(x, c, precision=prec, split_k=split, algorithm=alg)
             assert (i1 < base).all(), "tie not broken to the lowest index"
-        # top-k against v1's top-1 (the packed kernel, "auto", may pick another code on a near-tie of two
+        # top-k against the tiled kernel's top-1 (the packed kernel, "auto", may pick another code on a near-tie of two
         # distinct codes within its 2^-13 key resolution, which random data meets now and then)
-        _, i1 = nearest_codes_triton(x, c, precision=prec, split_k=split, algorithm="v1")
+        _, i1 = nearest_codes_triton(x, c, precision=prec, split_k=split, algorithm="tiled")
         _, ik = nearest_codes_triton(x, c, k=3, precision=prec, split_k=split)
         assert torch.equal(ik, i1[:, None] + torch.tensor([0, base, 2 * base], device=device)), "top-k tie order"
 
@@ -94,7 +94,7 @@ def check_grouped_and_layouts(device, full=False):
     _check_search(xt, ct, "l2", "fp32_ieee", dist_out=False)
 
 def check_row_reduce(device, full=False):
-    """v1 with ``ROW_REDUCE`` (each tile reduced to its rows at once; large ``d`` by
+    """The tiled kernel with ``ROW_REDUCE`` (each tile reduced to its rows at once; large ``d`` by
     default), forced on at every ``d``: odd shapes over dtypes and both metrics, split and
     not; exact duplicates across tiles and splits go to the lowest index; exact fp32 at
     d = 520 picks the same codes as the per-element walk."""
@@ -119,9 +119,9 @@ def check_row_reduce(device, full=False):
                                 "fp32_ieee", split_k=split)
             assert (idx % 3 == 0).all(), "tie within a tile not broken to the lowest index"
         x, c = _data((30, 520), torch.float32, device), _data((200, 520), torch.float32, device)
-        forced = nr.nearest_codes_triton(x, c, precision="ieee", algorithm="v1")
+        forced = nr.nearest_codes_triton(x, c, precision="ieee", algorithm="tiled")
         nr.ROW_REDUCE_MIN_D = 2**30
-        plain = nr.nearest_codes_triton(x, c, precision="ieee", algorithm="v1")
+        plain = nr.nearest_codes_triton(x, c, precision="ieee", algorithm="tiled")
         assert torch.equal(forced[1], plain[1]), "ROW_REDUCE picks other codes than the per-element walk"
     finally:
         nr.ROW_REDUCE_MIN_D = old
@@ -186,7 +186,7 @@ def test_gpu(group):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_large_codebook():
     """K > 2^20 (int32 offsets times d), auto split for small N."""
-    for name, algorithm in itertools.product(("bf16", "fp32_tf32"), ("v1", "packed")):  # packed: autotuned, split cap
+    for name, algorithm in itertools.product(("bf16", "fp32_tf32"), ("tiled", "packed")):  # packed: autotuned, split cap
         dt = DTYPES[name][0]
         _check_search(_data((64, 8), dt, "cuda"), _data((2**20 + 3, 8), dt, "cuda"), "l2", name, algorithm=algorithm)
 
