@@ -47,19 +47,6 @@ def test_readme_python_examples_run(block: str):
     exec(compile(block, "README.md", "exec"), {})
 
 
-def test_docstring_examples_run():
-    import doctest  # noqa: PLC0415
-
-    import torch  # noqa: PLC0415
-
-    from tokenizers_vq.quantizers import fsq, grouped, lfq, residual, vq  # noqa: PLC0415
-
-    globs = {"torch": torch, **{n: getattr(sys.modules["tokenizers_vq"], n) for n in ("FSQ", "LFQ", "VectorQuantizer")}}
-    for mod in (vq, fsq, lfq, residual, grouped):
-        result = doctest.testmod(mod, extraglobs=globs, verbose=False)
-        assert result.attempted > 0 and result.failed == 0, mod.__name__
-
-
 def test_demo_writes_pictures_and_metrics(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--steps", "30"]) == 0
     report = json.loads((tmp_path / "metrics.json").read_text())

@@ -4,7 +4,6 @@ receptive-field helper against perturbations; refusals and input checks."""
 
 from __future__ import annotations
 
-import doctest
 import random
 
 import pytest
@@ -177,10 +176,3 @@ def test_state_stays_bounded_on_a_long_stream():
         assert enc._buf.numel() < enc.context + HOP
         assert dec._codes.shape[0] <= dec.context + LOOKAHEAD_FRAMES
     assert enc.samples_in == 20 * 333 and dec.samples_out == (enc.frames_out - LOOKAHEAD_FRAMES) * HOP
-
-
-def test_module_docstring_examples():
-    import tokenizers_vq.streaming as mod  # noqa: PLC0415
-
-    result = doctest.testmod(mod, extraglobs={"torch": torch}, verbose=False)
-    assert result.attempted > 0 and result.failed == 0

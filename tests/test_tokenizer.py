@@ -234,13 +234,3 @@ def test_configs_without_the_dynamic_field_load_as_fixed_grids(tmp_path):
     (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unknown DynamicQuantizer options"):
         Tokenizer.from_pretrained(tmp_path / "old")
-
-
-def test_docstring_examples():
-    import doctest  # noqa: PLC0415
-
-    import tokenizers_vq.tokenizer as mod  # noqa: PLC0415
-
-    torch.manual_seed(0)
-    result = doctest.testmod(mod, extraglobs={"torch": torch}, verbose=False)
-    assert result.attempted >= 6 and result.failed == 0

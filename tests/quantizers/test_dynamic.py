@@ -170,14 +170,3 @@ def test_router_hits_target_fine_ratio_on_real_photos():
     assert abs(calibrated - target) <= 0.02  # and the eval routing on unseen photos
     assert packed.lengths.unique().tolist() == [64 + 20 * 3]
     assert exact
-
-
-def test_docstring_examples_run():
-    import doctest  # noqa: PLC0415
-
-    import tokenizers_vq.quantizers as tq  # noqa: PLC0415
-    from tokenizers_vq.quantizers import dynamic as mod  # noqa: PLC0415
-
-    globs = {"torch": torch, **{n: getattr(tq, n) for n in tq.__all__}}
-    result = doctest.testmod(mod, extraglobs=globs, verbose=False)
-    assert result.attempted > 0 and result.failed == 0

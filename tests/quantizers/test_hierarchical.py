@@ -121,14 +121,3 @@ def test_both_levels_used_on_real_speech_1d():
         return torch.cat(out)
 
     check_both_levels_used(train_and_measure(frames(files[:200]), frames(files[-60:])), "1D speech")
-
-
-def test_docstring_examples_run():
-    import doctest  # noqa: PLC0415
-
-    import tokenizers_vq.quantizers as tq  # noqa: PLC0415
-    from tokenizers_vq.quantizers import hierarchical as mod  # noqa: PLC0415
-
-    globs = {"torch": torch, **{n: getattr(tq, n) for n in tq.__all__}}
-    result = doctest.testmod(mod, extraglobs=globs, verbose=False)
-    assert result.attempted > 0 and result.failed == 0

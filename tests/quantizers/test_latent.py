@@ -52,14 +52,3 @@ def test_param_groups_put_codebooks_apart():
     assert groups[0]["params"] == [model[1].values]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     torch.optim.AdamW(groups, lr=1e-3)  # accepted as is
-
-
-def test_docstring_examples_run():
-    import doctest  # noqa: PLC0415
-
-    import tokenizers_vq.quantizers as tq  # noqa: PLC0415
-    from tokenizers_vq.quantizers import latent as mod  # noqa: PLC0415
-
-    globs = {"torch": torch, **{n: getattr(tq, n) for n in tq.__all__}}
-    result = doctest.testmod(mod, extraglobs=globs, verbose=False)
-    assert result.attempted > 0 and result.failed == 0

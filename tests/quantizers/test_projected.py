@@ -179,14 +179,3 @@ def test_balanced_kmeans_evens_out_cluster_sizes():
     assert (n_even >= 0.25 * n_even.mean()).all() and n_even.sum() == len(x)
     err_plain, err_even = nearest_codes(x, plain)[0].mean(), nearest_codes(x, even)[0].mean()
     assert err_even < 1.2 * err_plain, (err_even, err_plain)  # still a good quantizer of x
-
-
-def test_docstring_examples_run():
-    import doctest  # noqa: PLC0415
-
-    import tokenizers_vq.quantizers as tq  # noqa: PLC0415
-    from tokenizers_vq.quantizers import projected as mod  # noqa: PLC0415
-
-    globs = {"torch": torch, **{n: getattr(tq, n) for n in tq.__all__}}
-    result = doctest.testmod(mod, extraglobs=globs, verbose=False)
-    assert result.attempted > 0 and result.failed == 0

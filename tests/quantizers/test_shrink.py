@@ -134,14 +134,3 @@ def test_rate_distortion_of_a_shrunk_family_on_real_photos():
     # Not asserted: rANS below zlib. Per-image order-0 coding ignores spatial context,
     # which zlib's LZ77 matches exploit on photo tokens (runs in flat regions), so zlib
     # wins here; a context-modelling coder would be the next step.
-
-
-def test_docstring_examples_run():
-    import doctest  # noqa: PLC0415
-
-    import tokenizers_vq.quantizers as tq  # noqa: PLC0415
-    from tokenizers_vq.quantizers import shrink as mod  # noqa: PLC0415
-
-    globs = {"torch": torch, **{n: getattr(tq, n) for n in tq.__all__}}
-    result = doctest.testmod(mod, extraglobs=globs, verbose=False)
-    assert result.attempted > 0 and result.failed == 0
