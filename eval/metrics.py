@@ -28,9 +28,17 @@ def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> float:
     return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
 
 
+def _msssim():
+    try:
+        import pytorch_msssim  # noqa: PLC0415
+    except ImportError as e:
+        raise ImportError("SSIM and MS-SSIM need pytorch-msssim: pip install 'tokenizers_vq[eval]'") from e
+    return pytorch_msssim
+
+
 def ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> float:
     """SSIM of images ``(3, H, W)`` or ``(B, 3, H, W)`` (pytorch-msssim)."""
-    from pytorch_msssim import ssim as _ssim  # noqa: PLC0415
+    _ssim = _msssim().ssim
 
     x, y = (t.unsqueeze(0) if t.ndim == 3 else t for t in (x, y))
     return float(_ssim(x.float(), y.float(), data_range=data_range, size_average=True))
@@ -38,7 +46,7 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> float:
 
 def ms_ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> float | None:
     """MS-SSIM (5 scales) of images at least 161 pixels on the short side, else None."""
-    from pytorch_msssim import ms_ssim as _ms_ssim  # noqa: PLC0415
+    _ms_ssim = _msssim().ms_ssim
 
     x, y = (t.unsqueeze(0) if t.ndim == 3 else t for t in (x, y))
     if min(x.shape[-2:]) <= 160:

@@ -25,7 +25,6 @@ class DataConfig:
     val_fraction: float = 0.0  # without a val folder: hold apart the last files (e.g. unseen speakers)
     max_items: int = 0  # use at most this many files (0: all)
     max_frames: int = 120  # video: frames decoded per file
-    num_workers: int = 2
 
 
 @dataclass
@@ -152,10 +151,3 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
-
-def config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
-    model = d.pop("model", {})
-    cfg = _build(TrainConfig, d, "")
-    cfg.model = TokenizerConfig.from_dict(model)
-    return cfg
