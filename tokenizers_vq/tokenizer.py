@@ -11,13 +11,11 @@ pickled.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,27 +25,10 @@ from torch import Tensor, nn
 
 from tokenizers_vq.backbones import BACKBONES
 from tokenizers_vq.io import atomic_write
-from tokenizers_vq.quantizers import (
-    FSQ,
-    LFQ,
-    DynamicQuantizer,
-    GroupedQuantizer,
-    LatentQuantizer,
-    PackedCodes,
-    ProjectedCodebookVQ,
-    Quantizer,
-    ResidualQuantizer,
-    VectorQuantizer,
-)
+from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
 from tokenizers_vq.streaming import AudioDecodeStream, AudioEncodeStream
+from tokenizers_vq.tokenizer_config import QUANTIZER_KINDS, QuantizerConfig, TokenizerConfig  # noqa: F401 (re-exported)
 
-QUANTIZER_KINDS: dict[str, type[Quantizer]] = {
-    "vq": VectorQuantizer,
-    "fsq": FSQ,
-    "lfq": LFQ,
-    "projected_vq": ProjectedCodebookVQ,
-    "latent": LatentQuantizer,
-}
 _ASSETS = Path(__file__).parent / "assets"
 PRETRAINED: dict[str, Path] = {
     "image": _ASSETS / "image_f16",
@@ -58,98 +39,6 @@ PRETRAINED: dict[str, Path] = {
 DEFAULT_FOR_MODALITY = {"image": "image", "audio": "speech", "video": "video"}
 """The embedded model that ``tvq`` picks for each modality of input when no model is given."""
 DEFAULT_MODEL = PRETRAINED["image"]
-
-
-@dataclass
-class QuantizerConfig:
-    """Which quantizer sits in the bottleneck.
-
-    Attributes:
-        kind: a key of ``QUANTIZER_KINDS`` (``"vq"``, ``"fsq"``, ``"lfq"``).
-        options: keyword arguments of that class except ``dim``
-            (e.g. ``{"codebook_size": 1024}`` or ``{"levels": [8, 5, 5, 5]}``).
-        levels: residual levels (> 1 wraps in :class:`ResidualQuantizer`).
-        groups: channel groups (> 1 wraps in :class:`GroupedQuantizer`).
-        dropout: quantizer dropout of the residual wrapper.
-        dynamic: ``None`` (fixed grids), or keyword arguments of
-            :class:`DynamicQuantizer` except ``inner`` (e.g.
-            ``{"target_fine_ratio": 0.3}``; ``{}`` for its defaults): wraps the
-            quantizer above in DQ-VAE style coarse/fine routing, so that the tokenizer
-            codes images and audio into :class:`PackedCodes`.
-    """
-
-    kind: str = "vq"
-    options: dict[str, Any] = field(default_factory=lambda: {"codebook_size": 1024})
-    levels: int = 1
-    groups: int = 1
-    dropout: float = 0.0
-    dynamic: dict[str, Any] | None = None
-
-    def __post_init__(self):
-        if self.kind not in QUANTIZER_KINDS:
-            raise ValueError(f"unknown quantizer kind {self.kind!r}; choose from {sorted(QUANTIZER_KINDS)}")
-        params = inspect.signature(QUANTIZER_KINDS[self.kind]).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            allowed = set(params) - {"dim", "self"}
-            unknown = sorted(set(self.options) - allowed)
-            if unknown:
-                close = {u: difflib.get_close_matches(u, allowed, n=1) for u in unknown}
-                hint = "; ".join(f"{u!r}: did you mean {c[0]!r}?" for u, c in close.items() if c)
-                raise ValueError(f"unknown options {unknown} for quantizer kind {self.kind!r} "
-                                 f"(quantizer.options){'; ' + hint if hint else ''}; it takes {sorted(allowed)}")
-
-    def build(self, dim: int) -> Quantizer | DynamicQuantizer:
-        if self.kind not in QUANTIZER_KINDS:
-            raise ValueError(f"unknown quantizer kind {self.kind!r}; choose from {sorted(QUANTIZER_KINDS)}")
-        if dim % self.groups:
-            raise ValueError(f"latent dim {dim} is not divisible by groups={self.groups}")
-        cls, d = QUANTIZER_KINDS[self.kind], dim // self.groups
-
-        def one() -> Quantizer:
-            if self.levels == 1:
-                return cls(d, **self.options)
-            return ResidualQuantizer([cls(d, **self.options) for _ in range(self.levels)], dropout=self.dropout)
-
-        q = one() if self.groups == 1 else GroupedQuantizer([one() for _ in range(self.groups)])
-        if self.dynamic is None:
-            return q
-        unknown = set(self.dynamic) - (set(inspect.signature(DynamicQuantizer).parameters) - {"inner"})
-        if unknown:
-            raise ValueError(f"unknown DynamicQuantizer options {sorted(unknown)} in the quantizer's dynamic field")
-        return DynamicQuantizer(q, **self.dynamic)
-
-
-@dataclass
-class TokenizerConfig:
-    """Everything needed to rebuild a tokenizer; saved as ``config.json``.
-
-    Attributes:
-        modality: ``"image"``, ``"audio"`` or ``"video"``.
-        backbone: fields of that modality's backbone config (defaults where absent).
-        quantizer: the bottleneck.
-        name: model id written into token files.
-        chunk_frames: audio: latent frames encoded per chunk of long audio.
-        chunk_context: audio: extra latent frames of context on each side of a chunk.
-        clip_frames: video: frames per independently coded clip (``1 + 4k``).
-    """
-
-    modality: str = "image"
-    backbone: dict[str, Any] = field(default_factory=dict)
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-    name: str = "tokenizers_vq"
-    chunk_frames: int = 500
-    chunk_context: int = 25
-    clip_frames: int = 17
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown tokenizer config fields {sorted(unknown)}")
-        d = dict(d)
-        d["quantizer"] = QuantizerConfig(**d.get("quantizer", {}))
-        return cls(**d)
 
 
 @dataclass

@@ -150,4 +150,3 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
