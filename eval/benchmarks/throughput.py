@@ -1,0 +1,119 @@
+"""Throughput of the shipped tokenizers, encode and decode apart, on this machine.
+
+For each embedded model (``image``, ``speech``, ``video``) and batch size: images per
+second (256 x 256), seconds of audio per second (10 s clips, 16 kHz) or frames per second
+(17-frame clips, 256 x 256), for ``encode`` and for ``decode`` of its codes, in fp32 and
+under bf16 autocast (and ``torch.compile`` of both with ``--compile``). On a GPU the peak
+memory of each is recorded too. Inputs are random media of the model's shape: the cost
+of these convolutional models does not depend on the content.
+
+    python -m tokenizers_vq.eval.benchmarks.throughput --out eval/results/throughput
+    python -m tokenizers_vq.eval.benchmarks.throughput --device cuda --batches 1,16,64 --compile --out ...
+
+Writes ``throughput.json`` and ``throughput.md`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenizers_vq.tokenizer import Tokenizer
+
+INPUTS = {"image": (3, 256, 256), "speech": (1, 160000), "video": (3, 17, 256, 256)}
+UNIT = {"image": ("images", 1.0), "speech": ("audio s", 10.0), "video": ("frames", 17.0)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, min_seconds: float, max_reps: int) -> float:
+    """Seconds per call: one warm-up call, then calls until ``min_seconds`` have passed
+    (at least 2, at most ``max_reps``), the median."""
+    fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 2 or (time.perf_counter() - start < min_seconds and len(times) < max_reps):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def measure(name: str, batch: int, precision: str, device: torch.device, compile_: bool = False,
+            min_seconds: float = 2.0, max_reps: int = 20) -> dict[str, Any]:
+    """One row: encode and decode rates (units per second) and peak memory."""
+    tok = Tokenizer.from_pretrained(name).eval().to(device)
+    torch.manual_seed(0)
+    x = (torch.rand(batch, *INPUTS[name], device=device) * 2 - 1) * (0.1 if name == "speech" else 1.0)
+    enc, dec = tok.encode, tok.decode
+    if compile_:
+        enc, dec = torch.compile(tok.encode), torch.compile(tok.decode)
+    ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+    with torch.inference_mode(), ctx:
+        codes = enc(x)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t_enc = timed(lambda: enc(x), device, min_seconds, max_reps)
+        t_dec = timed(lambda: dec(codes, tuple(INPUTS[name][1:])), device, min_seconds, max_reps)
+    unit, per_item = UNIT[name]
+    row = {"model": name, "batch": batch, "precision": precision, "compile": compile_, "unit": unit,
+           "encode_per_s": batch * per_item / t_enc, "decode_per_s": batch * per_item / t_dec,
+           "both_per_s": batch * per_item / (t_enc + t_dec)}
+    if device.type == "cuda":
+        row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return row
+
+
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [f"# Tokenizer throughput ({meta['device_name']})", "",
+             f"torch {meta['torch']}, {meta['threads']} CPU threads. Units per second: images (256 x 256), "
+             "seconds of 16 kHz audio, frames (256 x 256); encode and decode apart, and the two in sequence.", "",
+             "| model | batch | precision | compile | encode | decode | encode + decode | peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {'yes' if r['compile'] else 'no'} | "
+                     f"{r['encode_per_s']:.1f} {r['unit']}/s | {r['decode_per_s']:.1f} | {r['both_per_s']:.1f} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default="image,speech,video")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd encode and decode")
+    p.add_argument("--min-seconds", type=float, default=2.0)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"}
+    rows = []
+    for name in args.models.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            for precision in args.precisions.split(","):
+                for compile_ in (False, True) if args.compile else (False,):
+                    rows.append(measure(name, batch, precision, device, compile_, args.min_seconds))
+                    print(json.dumps(rows[-1]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / "throughput.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+if __name__ == "__main__":
+    main()
