@@ -49,6 +49,21 @@ def test_exported_images_and_audio_decode_like_direct_encode(tmp_path):
             assert torch.equal(from_shards, decode_record(tok, direct))
 
 
+def test_shards_do_not_depend_on_the_number_of_loader_workers(tmp_path):
+    """Files read by 1 or 2 worker processes (real photos of two sizes, real speech of
+    different lengths) give byte-identical shards, index files and manifest to reading them
+    in this process."""
+    for modality, files in [("image", photos(7)), ("audio", sorted(shared_path("audio", "fsdd").glob("*.wav"))[:5])]:
+        tok = tiny(modality)
+        outs = {}
+        for workers in (0, 1, 2):
+            out = tmp_path / f"{modality}{workers}"
+            export_dataset(tok, files, out, shard_items=3, batch_size=2, workers=workers)
+            outs[workers] = {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.name != "export.json"}
+        assert len(outs[0]) == 2 * math.ceil(len(files) / 3) + 1  # (.bin, .json) per shard + manifest
+        assert outs[1] == outs[0] and outs[2] == outs[0]
+
+
 def test_an_export_killed_mid_run_resumes_to_the_same_shards(tmp_path):
     model = tiny("image").save_pretrained(tmp_path / "model")
     data = tmp_path / "photos"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -94,7 +95,7 @@ def _export(args: argparse.Namespace) -> int:
     tok = _load_model(args)
     start = time.perf_counter()
     manifest = export_dataset(tok, list_media(args.data, tok.modality), args.out, args.shard_items, args.batch_size,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, workers=args.workers)
     secs = time.perf_counter() - start
     print(f"wrote {len(manifest['shards'])} shards, {manifest['num_items']} items, {manifest['num_tokens']} tokens "
           f"to {args.out} in {secs:.1f} s ({manifest['num_items'] / secs:.1f} items/s, files read and decoded included)")
@@ -171,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--data", required=True, help="folder of media")
     ex.add_argument("--out", required=True, help="export directory")
     ex.add_argument("--shard-items", type=int, default=256, help="items per shard")
-    ex.add_argument("--batch-size", type=int, default=16, help="images of equal size encoded together")
+    ex.add_argument("--batch-size", type=int, default=16, help="inputs of equal shape encoded together")
+    ex.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) - 1,
+                    help="processes reading and decoding files while the model encodes (0: none; the shards do not "
+                         "depend on it)")
     ex.add_argument("--overwrite", action="store_true",
                     help="delete an earlier export in --out (its shards, index files, manifest and export.json; no "
                          "other file) and start over; without it, a rerun resumes only an export of the same model, "

@@ -1,5 +1,5 @@
-"""Export a media folder to sharded token files an AR trainer can memory-map, and read
-them back.
+"""Export a media folder to sharded token files an AR trainer can memory-map (read them
+with :class:`~tokenizers_vq.token_dataset.TokenDataset`, also importable from here).
 
 Layout of an export directory (``tvq-shards/1``):
 
@@ -57,27 +57,50 @@ from tokenizers_vq.export_record import START_OVER, claim, fingerprint
 from tokenizers_vq.io import atomic_write
 from tokenizers_vq.media import load_input
 from tokenizers_vq.quantizers import PackedCodes
+from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, _check_shard, token_dtype  # noqa: F401
 from tokenizers_vq.tokenizer import Tokenizer
-from tokenizers_vq.tokens import TokenRecord, encode_file
+from tokenizers_vq.tokens import TokenRecord, check_input_modality
 
-FORMAT = "tvq-shards/1"
+class _Inputs(Dataset):
+    """Files read as a tokenizer's inputs (:func:`~tokenizers_vq.media.load_input`), one
+    per index: what the export's loader workers run."""
+
+    def __init__(self, files: list[Path], modality: str, sample_rate: int | None):
+        self.files, self.modality, self.sample_rate = files, modality, sample_rate
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, list[int], dict[str, Any]]:
+        return load_input(self.files[i], self.modality, self.sample_rate)
 
 
-def token_dtype(codebook_size: int) -> np.dtype:
-    return np.dtype("<u2") if codebook_size <= 2**16 else np.dtype("<u4")
+def _read(tok: Tokenizer, files: list[Path], workers: int) -> dict[Path, tuple[Tensor, list[int], dict[str, Any]]]:
+    """Every file read and decoded, in ``workers`` processes (0: in this one); the
+    result does not depend on the number of workers (the loader keeps the order)."""
+    for f in files:
+        check_input_modality(tok, f)
+    data = _Inputs(files, tok.modality, tok.sample_rate)
+    if workers <= 0 or len(files) < 2:
+        return {f: data[i] for i, f in enumerate(files)}
+    from torch.utils.data import DataLoader  # noqa: PLC0415
+
+    loader = DataLoader(data, batch_size=None, num_workers=min(workers, len(files)),
+                        pin_memory=torch.cuda.is_available() and next(tok.parameters()).is_cuda)
+    return dict(zip(files, loader))
 
 
 def _encode_batches(
-    tok: Tokenizer, files: list[Path], batch_size: int
+    tok: Tokenizer, files: list[Path], batch_size: int, workers: int = 0
 ) -> Iterator[tuple[list[tuple[Path, list[int], dict[str, Any]]], Tensor | PackedCodes]]:
-    """Read every file (:func:`~tokenizers_vq.media.load_input`) and encode those whose
-    inputs share a shape together, at most ``batch_size`` at a time.
+    """Read every file (in ``workers`` processes) and encode those whose inputs share a
+    shape together, at most ``batch_size`` at a time.
 
     Yields:
         ``(chunk, encoded)``: ``(file, size, info)`` per file of the chunk and
         ``tok.encode`` of their stacked inputs.
     """
-    inputs = {f: load_input(f, tok.modality, tok.sample_rate) for f in files}
+    inputs = _read(tok, files, workers)
     groups: dict[tuple[int, ...], list[Path]] = defaultdict(list)
     for f, (x, _, _) in inputs.items():
         groups[tuple(x.shape)].append(f)
@@ -86,17 +109,19 @@ def _encode_batches(
     for group in groups.values():
         for i in range(0, len(group), step):
             chunk = group[i : i + step]
-            encoded = tok.encode(torch.stack([inputs[f][0] for f in chunk]).to(device))
+            x = torch.stack([inputs[f][0] for f in chunk]).to(device, non_blocking=True)
+            try:
+                encoded = tok.encode(x)
+            except ValueError as e:  # the tokenizer's refusal (e.g. too small), said of the file
+                raise ValueError(f"{chunk[0] if len(chunk) == 1 else [str(f) for f in chunk]}: {e}") from e
             yield [(f, *inputs[f][1:]) for f in chunk], encoded
 
 
-def _encode_shard(tok: Tokenizer, files: list[Path], batch_size: int) -> list[TokenRecord]:
-    """Encode files; images of equal size are batched through the model together
-    (audio and video are read and encoded one file at a time)."""
-    if tok.modality != "image" or batch_size <= 1:
-        return [encode_file(tok, f) for f in files]
+def _encode_shard(tok: Tokenizer, files: list[Path], batch_size: int, workers: int = 0) -> list[TokenRecord]:
+    """Encode files; inputs of equal shape (images of one size, audio of one length) are
+    batched through the model together, at most ``batch_size`` at a time."""
     records = {}
-    for chunk, codes in _encode_batches(tok, files, batch_size):
+    for chunk, codes in _encode_batches(tok, files, batch_size, workers):
         for (f, size, info), c in zip(chunk, codes.cpu()):
             records[f] = TokenRecord(c, f.name, size, info)
     return [records[f] for f in files]
@@ -104,12 +129,12 @@ def _encode_shard(tok: Tokenizer, files: list[Path], batch_size: int) -> list[To
 
 # -- dynamic-length codes --------------------------------------------------------------------
 def _encode_dynamic_shard(
-    tok: Tokenizer, files: list[Path], batch_size: int
+    tok: Tokenizer, files: list[Path], batch_size: int, workers: int = 0
 ) -> list[tuple[TokenRecord, Tensor, list[int]]]:
     """Per file: record of its packed codes ``(N, *code_shape)``, layout rows ``(N, 2)``
     (cell raster index, granularity) and latent grid; media of equal shape are batched."""
     out = {}
-    for chunk, packed in _encode_batches(tok, files, batch_size):
+    for chunk, packed in _encode_batches(tok, files, batch_size, workers):
         strides = torch.tensor([math.prod(packed.shape[a + 1 :]) for a in range(len(packed.shape))])
         for b, (f, size, info) in enumerate(chunk):
             codes, pos, fine = (t.cpu() for t in packed.sample(b))
@@ -118,44 +143,16 @@ def _encode_dynamic_shard(
     return [out[f] for f in files]
 
 
-def _check_shard(directory: Path, name: str, items: list[dict[str, Any]], dtype: np.dtype, per_cell: int,
-                 dynamic: bool) -> int:
-    """Tokens in shard ``name``, once its index and arrays agree: items back to back
-    from offset 0, each ``length`` the product of its ``shape``, the ``.bin`` exactly
-    that many tokens long (and a dynamic shard's ``.layout.bin`` one row per
-    ``per_cell`` tokens).
-
-    Raises:
-        ValueError: naming the shard and what disagrees.
-    """
-    where = f"{directory}: shard {name}"
-    offset = 0
-    for j, it in enumerate(items):
-        if it["offset"] != offset or it["length"] != math.prod(it["shape"]):
-            raise ValueError(f"{where}: item {j} ({it['source']}) has offset {it['offset']} and length {it['length']} "
-                             f"for shape {it['shape']}, expected offset {offset} and length {math.prod(it['shape'])}")
-        offset += it["length"]
-    arrays = {f"{name}.bin": (dtype.itemsize, offset, "tokens")}
-    if dynamic:
-        arrays[f"{name}.layout.bin"] = (8, offset // per_cell, "layout rows")
-    for file, (itemsize, want, what) in arrays.items():
-        path = directory / file
-        if not path.is_file():
-            raise ValueError(f"{where}: {file} is missing")
-        have = path.stat().st_size / itemsize
-        if have != want:
-            raise ValueError(f"{where}: {file} holds {have:g} {what}, but {name}.json lists {want}")
-    return offset
-
-
 def export_dataset(
     tok: Tokenizer, files: list[Path], out_dir: str | os.PathLike, shard_items: int = 256, batch_size: int = 16,
-    overwrite: bool = False,
+    overwrite: bool = False, workers: int = 0,
 ) -> dict[str, Any]:
     """Encode ``files`` into shards under ``out_dir``; resumes an interrupted export.
     A dynamic-length tokenizer (``tok.is_dynamic``) writes the ``"dynamic"`` layout.
 
     Args:
+        workers: processes that read and decode the files while the model encodes
+            (a ``DataLoader``; 0: read in this process). The shards do not depend on it.
         overwrite: delete an earlier export in ``out_dir`` first (its shards, index
             files, manifest and ``export.json``; no other file) and start over.
 
@@ -191,9 +188,9 @@ def export_dataset(
         finished = bin_path.is_file() and idx_path.is_file() and (not dynamic or layout_path.is_file())
         if not finished:  # finished shards are kept
             if dynamic:
-                encoded = _encode_dynamic_shard(tok, chunk, batch_size)
+                encoded = _encode_dynamic_shard(tok, chunk, batch_size, workers)
             else:
-                encoded = [(r, None, None) for r in _encode_shard(tok, chunk, batch_size)]
+                encoded = [(r, None, None) for r in _encode_shard(tok, chunk, batch_size, workers)]
             items, offset = [], 0
             for r, _, grid in encoded:
                 n = r.codes.numel()
@@ -223,177 +220,3 @@ def export_dataset(
     }
     atomic_write(out / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
     return manifest
-
-
-class TokenDataset(Dataset):
-    """Items of an export directory as token sequences, memory-mapped.
-
-    Args:
-        directory: an export directory (``manifest.json`` present).
-        order: for codes with a level/group axis: ``"interleave"`` (all levels of
-            one position, then the next position) or ``"flatten"`` (all positions
-            of level 0, then level 1, ...).
-
-    Each item is a dict: ``tokens`` (int64 ``(L,)``), ``positions`` (raster index of
-    each token's latent cell), ``levels`` (its level/group index, 0 without one),
-    ``shape`` (the stored code tensor's shape), ``source``, ``size``. Grids are in
-    raster order. Dynamic-length items (``layout == "dynamic"``) are in coarse-to-fine
-    order (all coarse tokens in region raster order, then the fine tokens region by
-    region, whatever order the quantizer packed them in) and add ``granularity`` (0
-    coarse: the token covers the 2/2x2/2x2x2 cells from ``positions``; 1 fine: that one
-    cell) and ``grid`` (the latent shape); :meth:`to_packed` turns such a sequence back
-    into :class:`PackedCodes` for ``Tokenizer.decode``.
-
-    Raises:
-        ValueError: not a finished export, or its manifest's counts (``num_items``,
-            ``num_tokens``, per shard items and tokens), index files and token arrays
-            disagree (the message names the shard).
-    """
-
-    def __init__(self, directory: str | os.PathLike, order: str = "interleave"):
-        if order not in ("interleave", "flatten"):
-            raise ValueError(f"order must be 'interleave' or 'flatten', got {order!r}")
-        self.dir, self.order = Path(directory), order
-        path = self.dir / "manifest.json"
-        if not path.is_file():
-            raise ValueError(f"{self.dir} is not a finished export (no manifest.json)")
-        self.manifest = json.loads(path.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a {FORMAT} manifest")
-        self.layout = self.manifest.get("layout", "grid")
-        if self.layout not in ("grid", "dynamic"):
-            raise ValueError(f"{path}: unknown layout {self.layout!r}")
-        self.code_shape = tuple(self.manifest["code_shape"])
-        self.per_cell = math.prod(self.code_shape)
-        dtype = np.dtype(self.manifest["dtype"])
-        shards = self.manifest["shards"]
-        index = [self._index(s) for s in shards]
-        self._check_counts(index, dtype)
-        self.arrays = [np.memmap(self.dir / f"{s}.bin", dtype=dtype, mode="r") for s in shards]
-        self.layouts = [np.memmap(self.dir / f"{s}.layout.bin", dtype="<u4", mode="r").reshape(-1, 2)
-                        for s in shards] if self.layout == "dynamic" else []
-        self.items = [(k, it) for k, items in enumerate(index) for it in items]
-
-    def _index(self, shard: str) -> list[dict[str, Any]]:
-        path = self.dir / f"{shard}.json"
-        if not path.is_file():
-            raise ValueError(f"{self.dir}: shard {shard}: {path.name} is missing")
-        return json.loads(path.read_text())["items"]
-
-    def _check_counts(self, index: list[list[dict[str, Any]]], dtype: np.dtype) -> None:
-        """The manifest's counts against the index files, and those against the arrays."""
-        m, fix = self.manifest, "; the export is inconsistent: export it again (tvq export --overwrite)"
-        shards, tokens = m["shards"], []
-        for key in ("items_per_shard", "tokens_per_shard"):  # absent from exports of older versions
-            if key in m and len(m[key]) != len(shards):
-                raise ValueError(f"{self.dir}: manifest lists {len(shards)} shards but {len(m[key])} {key}{fix}")
-        for k, (s, items) in enumerate(zip(shards, index)):
-            try:
-                tokens.append(_check_shard(self.dir, s, items, dtype, self.per_cell, self.layout == "dynamic"))
-            except ValueError as e:
-                raise ValueError(f"{e}{fix}") from None
-            counts = (("items_per_shard", len(items), "items"), ("tokens_per_shard", tokens[-1], "tokens"))
-            for key, have, what in counts:
-                if key in m and m[key][k] != have:
-                    raise ValueError(f"{self.dir}: shard {s}: the manifest says {m[key][k]} {what}, "
-                                     f"{s}.json and {s}.bin hold {have}{fix}")
-        for key, have in (("num_items", sum(map(len, index))), ("num_tokens", sum(tokens))):
-            if m[key] != have:
-                raise ValueError(f"{self.dir}: the manifest says {key} {m[key]}, the shards hold {have} "
-                                 f"(per shard: {[len(i) for i in index] if key == 'num_items' else tokens}){fix}")
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def codes(self, i: int) -> torch.Tensor:
-        """The item's codes as stored: ``(*grid, *code_shape)``, or for dynamic items the
-        packed tokens ``(N, *code_shape)`` in the quantizer's order."""
-        k, it = self.items[i]
-        flat = self.arrays[k][it["offset"] : it["offset"] + it["length"]]
-        return torch.from_numpy(flat.astype(np.int64)).reshape(it["shape"])
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        k, it = self.items[i]
-        codes = self.codes(i)
-        rows = codes.reshape(-1, self.per_cell)  # one row per cell (grid) or packed token (dynamic)
-        n = rows.shape[0]
-        extra = {}
-        if self.layout == "dynamic":
-            r0 = it["offset"] // self.per_cell
-            lay = torch.from_numpy(self.layouts[k][r0 : r0 + n].astype(np.int64))
-            first = lay[:, 1].argsort(stable=True)  # coarse first; stable keeps region raster order
-            rows, cell = rows[first], lay[first, 0]
-            extra = {"granularity": self._spread(lay[first, 1]), "grid": it["grid"]}
-        else:
-            cell = torch.arange(n)
-        lvl = torch.arange(self.per_cell).unsqueeze(0).expand(n, self.per_cell)
-        return {"tokens": self._spread(rows), "positions": self._spread(cell), "levels": self._spread(lvl),
-                "shape": list(codes.shape), "source": it["source"], "size": it["size"], **extra}
-
-    def _spread(self, rows: torch.Tensor) -> torch.Tensor:
-        """``(n,)`` or ``(n, P)`` per-row values -> the ``(n * P,)`` sequence in ``order``."""
-        if rows.ndim == 1:
-            rows = rows.unsqueeze(1).expand(-1, self.per_cell)
-        return (rows.t() if self.order == "flatten" else rows).reshape(-1)
-
-    def to_packed(self, item: dict[str, Any]) -> PackedCodes:
-        """:class:`PackedCodes` (one sample) of a dynamic item: ``tokens``,
-        ``positions``, ``granularity`` in this dataset's ``order`` (as ``__getitem__``
-        yields them, or generated in that layout) and ``grid``."""
-        if self.layout != "dynamic":
-            raise ValueError("to_packed takes items of a dynamic-length export (layout 'dynamic')")
-
-        def rows(t: torch.Tensor) -> torch.Tensor:
-            t = torch.as_tensor(t).long()
-            return t.reshape(self.per_cell, -1).t() if self.order == "flatten" else t.reshape(-1, self.per_cell)
-
-        codes = rows(item["tokens"])
-        grid = tuple(item["grid"])
-        cell, fine = rows(item["positions"])[:, 0], rows(item["granularity"])[:, 0].bool()
-        pos = torch.stack(torch.unravel_index(cell, grid), -1)
-        return PackedCodes(codes.reshape(-1, *self.code_shape), pos, fine, torch.tensor([0, codes.shape[0]]), grid)
-
-    def unigram_entropy(self) -> float:
-        """Entropy (nats/token) of the code distribution over the whole export."""
-        counts = np.zeros(self.manifest["codebook_size"], dtype=np.int64)
-        for a in self.arrays:
-            counts += np.bincount(np.asarray(a), minlength=len(counts))
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * np.log(p)).sum())
-
-
-class Vocabulary:
-    """One id space for several code streams and special tokens.
-
-    Ids ``[0, n_special)`` are the special tokens in the order given (default
-    ``<pad>``, ``<bos>``, ``<eos>``); stream ``s`` (a codebook, a level, or a modality)
-    takes ids ``[offset_s, offset_s + size_s)`` after them, in the order given.
-
-    Example:
-        >>> v = Vocabulary({"image": 1024, "audio": 4096})
-        >>> v.encode("audio", torch.tensor([0, 5])), v.size
-        (tensor([1027, 1032]), 5123)
-        >>> v.decode(torch.tensor([1027]))
-        ('audio', tensor([0]))
-    """
-
-    def __init__(self, streams: dict[str, int], special: tuple[str, ...] = ("<pad>", "<bos>", "<eos>")):
-        self.special = {name: i for i, name in enumerate(special)}
-        self.offsets, self.sizes = {}, dict(streams)
-        start = len(special)
-        for name, size in streams.items():
-            self.offsets[name] = start
-            start += size
-        self.size = start
-
-    def encode(self, stream: str, codes: torch.Tensor) -> torch.Tensor:
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.sizes[stream]):
-            raise ValueError(f"codes out of range for stream {stream!r} of size {self.sizes[stream]}")
-        return codes + self.offsets[stream]
-
-    def decode(self, ids: torch.Tensor) -> tuple[str, torch.Tensor]:
-        """Stream name and codes of ids that all belong to one stream."""
-        for name, off in self.offsets.items():
-            if int(ids.min()) >= off and int(ids.max()) < off + self.sizes[name]:
-                return name, ids - off
-        raise ValueError("ids are special tokens or span several streams")

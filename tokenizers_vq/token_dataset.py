@@ -1,0 +1,227 @@
+"""Reading an export directory (``tvq-shards/1``, written by
+:func:`tokenizers_vq.export.export_dataset`; the layout is described there): memory-mapped
+token sequences for an AR trainer, and a joint vocabulary over several token streams."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from tokenizers_vq.quantizers import PackedCodes
+
+FORMAT = "tvq-shards/1"
+
+
+def token_dtype(codebook_size: int) -> np.dtype:
+    return np.dtype("<u2") if codebook_size <= 2**16 else np.dtype("<u4")
+
+
+def _check_shard(directory: Path, name: str, items: list[dict[str, Any]], dtype: np.dtype, per_cell: int,
+                 dynamic: bool) -> int:
+    """Tokens in shard ``name``, once its index and arrays agree: items back to back
+    from offset 0, each ``length`` the product of its ``shape``, the ``.bin`` exactly
+    that many tokens long (and a dynamic shard's ``.layout.bin`` one row per
+    ``per_cell`` tokens).
+
+    Raises:
+        ValueError: naming the shard and what disagrees.
+    """
+    where = f"{directory}: shard {name}"
+    offset = 0
+    for j, it in enumerate(items):
+        if it["offset"] != offset or it["length"] != math.prod(it["shape"]):
+            raise ValueError(f"{where}: item {j} ({it['source']}) has offset {it['offset']} and length {it['length']} "
+                             f"for shape {it['shape']}, expected offset {offset} and length {math.prod(it['shape'])}")
+        offset += it["length"]
+    arrays = {f"{name}.bin": (dtype.itemsize, offset, "tokens")}
+    if dynamic:
+        arrays[f"{name}.layout.bin"] = (8, offset // per_cell, "layout rows")
+    for file, (itemsize, want, what) in arrays.items():
+        path = directory / file
+        if not path.is_file():
+            raise ValueError(f"{where}: {file} is missing")
+        have = path.stat().st_size / itemsize
+        if have != want:
+            raise ValueError(f"{where}: {file} holds {have:g} {what}, but {name}.json lists {want}")
+    return offset
+
+
+class TokenDataset(Dataset):
+    """Items of an export directory as token sequences, memory-mapped.
+
+    Args:
+        directory: an export directory (``manifest.json`` present).
+        order: for codes with a level/group axis: ``"interleave"`` (all levels of
+            one position, then the next position) or ``"flatten"`` (all positions
+            of level 0, then level 1, ...).
+
+    Each item is a dict: ``tokens`` (int64 ``(L,)``), ``positions`` (raster index of
+    each token's latent cell), ``levels`` (its level/group index, 0 without one),
+    ``shape`` (the stored code tensor's shape), ``source``, ``size``. Grids are in
+    raster order. Dynamic-length items (``layout == "dynamic"``) are in coarse-to-fine
+    order (all coarse tokens in region raster order, then the fine tokens region by
+    region, whatever order the quantizer packed them in) and add ``granularity`` (0
+    coarse: the token covers the 2/2x2/2x2x2 cells from ``positions``; 1 fine: that one
+    cell) and ``grid`` (the latent shape); :meth:`to_packed` turns such a sequence back
+    into :class:`PackedCodes` for ``Tokenizer.decode``.
+
+    Raises:
+        ValueError: not a finished export, or its manifest's counts (``num_items``,
+            ``num_tokens``, per shard items and tokens), index files and token arrays
+            disagree (the message names the shard).
+    """
+
+    def __init__(self, directory: str | os.PathLike, order: str = "interleave"):
+        if order not in ("interleave", "flatten"):
+            raise ValueError(f"order must be 'interleave' or 'flatten', got {order!r}")
+        self.dir, self.order = Path(directory), order
+        path = self.dir / "manifest.json"
+        if not path.is_file():
+            raise ValueError(f"{self.dir} is not a finished export (no manifest.json)")
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a {FORMAT} manifest")
+        self.layout = self.manifest.get("layout", "grid")
+        if self.layout not in ("grid", "dynamic"):
+            raise ValueError(f"{path}: unknown layout {self.layout!r}")
+        self.code_shape = tuple(self.manifest["code_shape"])
+        self.per_cell = math.prod(self.code_shape)
+        dtype = np.dtype(self.manifest["dtype"])
+        shards = self.manifest["shards"]
+        index = [self._index(s) for s in shards]
+        self._check_counts(index, dtype)
+        self.arrays = [np.memmap(self.dir / f"{s}.bin", dtype=dtype, mode="r") for s in shards]
+        self.layouts = [np.memmap(self.dir / f"{s}.layout.bin", dtype="<u4", mode="r").reshape(-1, 2)
+                        for s in shards] if self.layout == "dynamic" else []
+        self.items = [(k, it) for k, items in enumerate(index) for it in items]
+
+    def _index(self, shard: str) -> list[dict[str, Any]]:
+        path = self.dir / f"{shard}.json"
+        if not path.is_file():
+            raise ValueError(f"{self.dir}: shard {shard}: {path.name} is missing")
+        return json.loads(path.read_text())["items"]
+
+    def _check_counts(self, index: list[list[dict[str, Any]]], dtype: np.dtype) -> None:
+        """The manifest's counts against the index files, and those against the arrays."""
+        m, fix = self.manifest, "; the export is inconsistent: export it again (tvq export --overwrite)"
+        shards, tokens = m["shards"], []
+        for key in ("items_per_shard", "tokens_per_shard"):  # absent from exports of older versions
+            if key in m and len(m[key]) != len(shards):
+                raise ValueError(f"{self.dir}: manifest lists {len(shards)} shards but {len(m[key])} {key}{fix}")
+        for k, (s, items) in enumerate(zip(shards, index)):
+            try:
+                tokens.append(_check_shard(self.dir, s, items, dtype, self.per_cell, self.layout == "dynamic"))
+            except ValueError as e:
+                raise ValueError(f"{e}{fix}") from None
+            counts = (("items_per_shard", len(items), "items"), ("tokens_per_shard", tokens[-1], "tokens"))
+            for key, have, what in counts:
+                if key in m and m[key][k] != have:
+                    raise ValueError(f"{self.dir}: shard {s}: the manifest says {m[key][k]} {what}, "
+                                     f"{s}.json and {s}.bin hold {have}{fix}")
+        for key, have in (("num_items", sum(map(len, index))), ("num_tokens", sum(tokens))):
+            if m[key] != have:
+                raise ValueError(f"{self.dir}: the manifest says {key} {m[key]}, the shards hold {have} "
+                                 f"(per shard: {[len(i) for i in index] if key == 'num_items' else tokens}){fix}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def codes(self, i: int) -> torch.Tensor:
+        """The item's codes as stored: ``(*grid, *code_shape)``, or for dynamic items the
+        packed tokens ``(N, *code_shape)`` in the quantizer's order."""
+        k, it = self.items[i]
+        flat = self.arrays[k][it["offset"] : it["offset"] + it["length"]]
+        return torch.from_numpy(flat.astype(np.int64)).reshape(it["shape"])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        k, it = self.items[i]
+        codes = self.codes(i)
+        rows = codes.reshape(-1, self.per_cell)  # one row per cell (grid) or packed token (dynamic)
+        n = rows.shape[0]
+        extra = {}
+        if self.layout == "dynamic":
+            r0 = it["offset"] // self.per_cell
+            lay = torch.from_numpy(self.layouts[k][r0 : r0 + n].astype(np.int64))
+            first = lay[:, 1].argsort(stable=True)  # coarse first; stable keeps region raster order
+            rows, cell = rows[first], lay[first, 0]
+            extra = {"granularity": self._spread(lay[first, 1]), "grid": it["grid"]}
+        else:
+            cell = torch.arange(n)
+        lvl = torch.arange(self.per_cell).unsqueeze(0).expand(n, self.per_cell)
+        return {"tokens": self._spread(rows), "positions": self._spread(cell), "levels": self._spread(lvl),
+                "shape": list(codes.shape), "source": it["source"], "size": it["size"], **extra}
+
+    def _spread(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` or ``(n, P)`` per-row values -> the ``(n * P,)`` sequence in ``order``."""
+        if rows.ndim == 1:
+            rows = rows.unsqueeze(1).expand(-1, self.per_cell)
+        return (rows.t() if self.order == "flatten" else rows).reshape(-1)
+
+    def to_packed(self, item: dict[str, Any]) -> PackedCodes:
+        """:class:`PackedCodes` (one sample) of a dynamic item: ``tokens``,
+        ``positions``, ``granularity`` in this dataset's ``order`` (as ``__getitem__``
+        yields them, or generated in that layout) and ``grid``."""
+        if self.layout != "dynamic":
+            raise ValueError("to_packed takes items of a dynamic-length export (layout 'dynamic')")
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            t = torch.as_tensor(t).long()
+            return t.reshape(self.per_cell, -1).t() if self.order == "flatten" else t.reshape(-1, self.per_cell)
+
+        codes = rows(item["tokens"])
+        grid = tuple(item["grid"])
+        cell, fine = rows(item["positions"])[:, 0], rows(item["granularity"])[:, 0].bool()
+        pos = torch.stack(torch.unravel_index(cell, grid), -1)
+        return PackedCodes(codes.reshape(-1, *self.code_shape), pos, fine, torch.tensor([0, codes.shape[0]]), grid)
+
+    def unigram_entropy(self) -> float:
+        """Entropy (nats/token) of the code distribution over the whole export."""
+        counts = np.zeros(self.manifest["codebook_size"], dtype=np.int64)
+        for a in self.arrays:
+            counts += np.bincount(np.asarray(a), minlength=len(counts))
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
+
+class Vocabulary:
+    """One id space for several code streams and special tokens.
+
+    Ids ``[0, n_special)`` are the special tokens in the order given (default
+    ``<pad>``, ``<bos>``, ``<eos>``); stream ``s`` (a codebook, a level, or a modality)
+    takes ids ``[offset_s, offset_s + size_s)`` after them, in the order given.
+
+    Example:
+        >>> v = Vocabulary({"image": 1024, "audio": 4096})
+        >>> v.encode("audio", torch.tensor([0, 5])), v.size
+        (tensor([1027, 1032]), 5123)
+        >>> v.decode(torch.tensor([1027]))
+        ('audio', tensor([0]))
+    """
+
+    def __init__(self, streams: dict[str, int], special: tuple[str, ...] = ("<pad>", "<bos>", "<eos>")):
+        self.special = {name: i for i, name in enumerate(special)}
+        self.offsets, self.sizes = {}, dict(streams)
+        start = len(special)
+        for name, size in streams.items():
+            self.offsets[name] = start
+            start += size
+        self.size = start
+
+    def encode(self, stream: str, codes: torch.Tensor) -> torch.Tensor:
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.sizes[stream]):
+            raise ValueError(f"codes out of range for stream {stream!r} of size {self.sizes[stream]}")
+        return codes + self.offsets[stream]
+
+    def decode(self, ids: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """Stream name and codes of ids that all belong to one stream."""
+        for name, off in self.offsets.items():
+            if int(ids.min()) >= off and int(ids.max()) < off + self.sizes[name]:
+                return name, ids - off
+        raise ValueError("ids are special tokens or span several streams")
