@@ -15,7 +15,7 @@ from (compare + 2 selects): about 4 operations per distance, nothing ``N x K`` e
 reaches memory, and ties keep the earliest tile (the lowest index). One reduction
 over the tile columns at the end picks the row's minimum, lowest index first.
 
-From ``d >= ROW_REDUCE_MIN_D`` (512), where the dot dwarfs the epilogue, each tile is
+From ``d >= SearchPlan.row_reduce_min_d`` (512), where the dot dwarfs the epilogue, each tile is
 reduced to its rows' ``(min, lowest index)`` at once instead (``ROW_REDUCE``): one running
 pair per row leaves the registers to larger tiles and deeper pipelines (H100: 3.6 against
 4.6 ms at 32768 x 16384 x 1536, ``results/sweep_h100.md`` section 7).
@@ -38,6 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from tokenizers_vq.kernels._host import cdiv, next_pow2
+from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
 from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  (re-exported)
 
 PRECISIONS = ("tf32", "tf32x3", "ieee")
@@ -71,7 +72,6 @@ def _configs() -> list[triton.Config]:
 
 
 ROW_REDUCE_CONFIGS = 9  # _configs()[9:] are the ROW_REDUCE set
-ROW_REDUCE_MIN_D = 512  # d from which the tiled kernel reduces each tile to its rows at once (read per call)
 
 
 def prune_to_fit(configs, named_args, limit: int = 200 * 1024, x_staged: bool = False, **meta):
@@ -376,7 +376,7 @@ def new_outputs(x: Tensor, write_dist: bool, *tail: int) -> tuple[Tensor, Tensor
 
 
 def _nearest_top1(x: Tensor, codebook: Tensor, cosine: bool, precision: str, write_dist: bool,
-                  split_k: int | None) -> tuple[Tensor, Tensor]:
+                  split_k: int | None, plan: SearchPlan = DEFAULT_PLAN) -> tuple[Tensor, Tensor]:
     """Launch on grouped ``x (G, N, d)`` / ``codebook (G, K, d)``; returns ``(G, N)`` each."""
     g, n, d = x.shape
     k = codebook.shape[1]
@@ -388,7 +388,7 @@ def _nearest_top1(x: Tensor, codebook: Tensor, cosine: bool, precision: str, wri
     prec = precision if x.dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
     s, k_split = _split_plan(g, n, k, x.device, split_k)
     meta = dict(COSINE=cosine, PRECISION=prec, SPLIT=s > 1, WRITE_DIST=write_dist, ONE_CHUNK=one_chunk,
-                BLOCK_D=block_d, DOT_F32=_interpret() and x.dtype == torch.bfloat16, ROW_REDUCE=d >= ROW_REDUCE_MIN_D)
+                BLOCK_D=block_d, DOT_F32=_interpret() and x.dtype == torch.bfloat16, ROW_REDUCE=d >= plan.row_reduce_min_d)
 
     def grid(m):
         return (cdiv(n, m["BLOCK_N"]), s, g)
@@ -409,15 +409,17 @@ def _nearest_top1(x: Tensor, codebook: Tensor, cosine: bool, precision: str, wri
 
 
 def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: str, return_dist: bool,
-                  split_k: int, algorithm: str = "auto") -> tuple[Tensor, Tensor]:
+                  split_k: int, algorithm: str = "auto", plan: SearchPlan = DEFAULT_PLAN) -> tuple[Tensor, Tensor]:
     _check(x, codebook, metric, precision, algorithm)
     grouped = x.ndim == 3
     xg, cg = _common(x if grouped else x[None], codebook if grouped else codebook[None])
     split = split_k if split_k > 0 else None
-    if k == 0 and algorithm != "tiled" and _packed().applies(xg.dtype, xg.shape[-1], metric, precision, *cg.shape[:2]):
-        dist, idx = _packed().nearest_packed(xg, cg, return_dist, split)
+    packed = _packed()
+    if k == 0 and algorithm != "tiled" and packed.applies(xg.dtype, xg.shape[-1], metric, precision, *cg.shape[:2],
+                                                          plan=plan):
+        dist, idx = packed.nearest_packed(xg, cg, return_dist, split, plan=plan)
     elif k == 0:
-        dist, idx = _nearest_top1(xg, cg, metric == "cosine", precision, return_dist, split)
+        dist, idx = _nearest_top1(xg, cg, metric == "cosine", precision, return_dist, split, plan)
     else:
         from tokenizers_vq.kernels.topk import nearest_topk  # noqa: PLC0415
 
@@ -448,7 +450,8 @@ def _(x, codebook, metric, k, precision, return_dist, split_k, algorithm="auto")
 
 def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int | None = None,
                          return_dist: bool = True, precision: str = "tf32",
-                         split_k: int | None = None, algorithm: str = "auto") -> tuple[Tensor | None, Tensor]:
+                         split_k: int | None = None, algorithm: str = "auto",
+                         plan: SearchPlan | None = None) -> tuple[Tensor | None, Tensor]:
     """Nearest codeword(s) of each row, fused: never materialises ``N x K``.
 
     Accepts ``x (N, d)`` with ``codebook (K, d)``, or ``G`` codebooks in one launch as
@@ -469,6 +472,8 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
             Ignored for 16-bit inputs.
         split_k: programs per row block over the codebook; ``None`` picks it from the
             GPU size (more when ``N`` is small).
+        plan: the kernels' tuning choices (:class:`~tokenizers_vq.kernels.plan.SearchPlan`;
+            default :data:`~tokenizers_vq.kernels.plan.DEFAULT_PLAN`), eager calls only.
         algorithm: ``"auto"`` (default; ``"packed"`` is the same) runs the packed
             kernel of :mod:`tokenizers_vq.kernels.packed` where it applies: ``l2``,
             ``k=None``, bf16 with ``d <= 256``, or fp32 with ``"tf32"`` and ``d <= 58``
@@ -489,6 +494,12 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
     # the custom op is for torch.compile and fake tensors; an eager call on plain tensors
     # skips its dispatch (about 15 us of Python per call, measured by eval.benchmarks.host_cost)
     eager = type(x) is Tensor and type(codebook) is Tensor and not torch.compiler.is_compiling()
-    op = _nearest_impl if eager else _nearest_op
-    dist, idx = op(x, codebook, metric, k or 0, precision, return_dist, split_k or 0, algorithm)
+    if eager:
+        dist, idx = _nearest_impl(x, codebook, metric, k or 0, precision, return_dist, split_k or 0, algorithm,
+                                  plan or DEFAULT_PLAN)
+    elif plan is not None and plan != DEFAULT_PLAN:
+        raise ValueError("a search plan other than the default is for eager calls on plain tensors (tests, tuning); "
+                         "under torch.compile or with tensor subclasses the custom op runs the default")
+    else:
+        dist, idx = _nearest_op(x, codebook, metric, k or 0, precision, return_dist, split_k or 0, algorithm)
     return (dist if return_dist else None), idx

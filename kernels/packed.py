@@ -23,7 +23,7 @@ dots of ``BLOCK_K / 2`` columns per tile, tagged ``2t`` and ``2t + 1``, and fold
 into ``run`` with one 3-input min (two LOP3, one VIMNMX3 per two distances): the tag
 times ``BLOCK_K / 2`` is then the half tile's offset, and the order (tag, column) is
 still the order of the indices. On the GPU the LOP3 and the 3-input min are written in
-inline PTX (``USE_ASM``): ptxas otherwise split ``& | `` into two LOP3s wherever a second
+inline PTX (``SearchPlan.use_asm``): ptxas otherwise split ``& | `` into two LOP3s wherever a second
 dot or a wider row held more registers live, and fused only some of the min pairs. A distance within
 rounding of 0 may come out negative: its key has the sign bit set and beats every
 non-negative one (such codes are near-ties of distance 0), but negative keys order in
@@ -36,7 +36,7 @@ may use (:func:`tag_cols`; more splits when needed), so the tag always fits. ``c
 multiple of ``SPLIT_QUANTUM`` rows with ``h1 = +inf``: no tile needs a column mask and
 padding never beats a finite distance.
 
-Accuracy. The key drops ``TILE_BITS`` of the 23 mantissa bits, so on top of the tiled kernel's
+Accuracy. The key drops ``TILE_BITS`` (``SearchPlan.tile_bits``) of the 23 mantissa bits, so on top of the tiled kernel's
 rounding bound an index may differ from the exact argmin where the two best distances
 differ by less than ``2^-(23 - TILE_BITS)`` times the distance (see
 ``tests/nearest_checks.py``). Returned distances are recomputed from the inputs
@@ -46,17 +46,17 @@ Splits write per split the key without its tile bits and the index, ``(G, S, N)`
 merge takes the least key in split order (strict ``<``: the earlier split keeps ties).
 
 When the padded row has no six spare columns (d 11-16, 27-32, 59-64, 123-128, 251-256), bf16
-rows of d 11-16 and 27-32 pad to twice the width (``PAD_UP_MAX_D``: one dot, 9-11% faster than two on the H100);
+rows of d 11-16 and 27-32 pad to twice the width (``SearchPlan.pad_up_max_d``: one dot, 9-11% faster than two on the H100);
 otherwise the norm columns go in a second dot of 16 columns (``EXT``; the narrowest dot Triton emits
 on the GPU, tf32 included) that accumulates into the same ``acc``; for rows of
 ``BLOCK_D >= 128`` with a ``c_aug`` of at most 32 MiB, the dot instead accumulates onto
 ``|x|^2 + |c|^2`` (``NORM_INIT``), faster there on the H100.
 
-Rows of up to ``MAX_ROW_BYTES`` (bf16 d <= 256) keep x in registers; ``c_aug`` beyond
-``MAX_AUG_BYTES`` (64 MiB) runs the tiled kernel instead.
+Rows of up to ``SearchPlan.max_row_bytes`` (bf16 d <= 256) keep x in registers; ``c_aug`` beyond
+``SearchPlan.max_aug_bytes`` (64 MiB) runs the tiled kernel instead.
 
 Scope: ``l2``, top-1, bf16 (``d <= 256``), or fp32 with ``precision="tf32"``
-(``d <= 58``: ``d <= 32`` where a second dot is needed, ``EXT_MAX_D``, from the H100
+(``d <= 58``: ``d <= 32`` where a second dot is needed, ``SearchPlan.ext_max_d``, from the H100
 sweep in ``eval/results/kernels/sweep_h100.md``). Everything else runs the tiled kernel: cosine
 (a normalised codebook rounded to bf16 would break the tiled kernel's error bound), fp16 (``|c|^2``
 overflows), ``ieee``/``tf32x3`` (exactness is their point), top-k, larger ``d``.
@@ -84,15 +84,8 @@ from tokenizers_vq.kernels.nearest import (
     next_pow2,
     prune_to_fit,
 )
+from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
 
-TILE_BITS = 10  # tile-number bits of the key (read per call: tests lower it to exercise the cap)
-# Rows without 6 spare columns, BLOCK_D >= this: the norms are the dot's initial accumulator, not a second
-# dot (read per call). H100 sweep ("norminit" in results/sweep_h100.md): 9-12% faster at d = 128 and 256,
-# 4-6% slower at d = 32 (there the added per-distance add costs more than the 16-wide dot saves).
-# Only while c_aug stays small enough to live in L2 (NORM_INIT_MAX_AUG_BYTES): at 32768 x 100000 x 256
-# (51 MiB, streamed from memory) the second dot was faster, 4.10-4.22 ms against 4.44-4.47, in three runs.
-NORM_INIT_MIN_BLOCK_D = 128
-NORM_INIT_MAX_AUG_BYTES = 32 << 20
 EXTRA_COLUMNS = 6  # three 1-columns and three parts of a squared norm, on each side
 INTERPRET_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
 AUGMENT_BLOCK_K = 64  # divides SPLIT_QUANTUM
@@ -127,8 +120,6 @@ def tag_cols(tile: dict) -> int:
 
 
 MIN_TAG_COLS = min(tag_cols(t) for t in [c.kwargs for c in _configs()] + [FIXED, INTERPRET_TILE])
-FORCE_TILE: dict | None = None  # tests and the sweep: every launch takes this tile (kwargs as ``nearest_packed``'s ``tile``)
-USE_ASM = True  # the inline-PTX epilogue on the GPU (read per call; the sweep turns it off to compare)
 
 
 @triton.jit
@@ -339,17 +330,6 @@ def _packed_merge_kernel(X, C, PK, PI, DIST, IDX, N, S, D, sxg, sxn, sxd, scg, s
 
 
 # -- host side --------------------------------------------------------------------------
-EXT_MAX_D = {torch.bfloat16: 256, torch.float32: 32}  # widest d run with a second (norm) dot: where it beat the tiled kernel on the H100 (eval/results/kernels/sweep_h100.md)
-MAX_ROW_BYTES = {torch.bfloat16: 512, torch.float32: 256}  # padded x row kept in registers for the whole walk
-# Rows without spare columns up to this d pad to twice the width (one dot, no second one; read per call). H100
-# sweep "padup": bf16 d = 16 11% faster at 32768 x 100000 and 4.5% at 262144 x 16384; d = 32
-# then gained nothing, its 3-operation epilogue bound first. With the lop3 epilogue and HALF tiles (sweep
-# "padup_half"), d = 32: 262144 x 16384 0.946 ms against 1.043, 32768 x 16384 0.126 against 0.141 (CUDA graph),
-# 32768 x 100000 0.719 against 0.698. fp32 not measured: off.
-PAD_UP_MAX_D = {torch.bfloat16: 32}
-MAX_AUG_BYTES = 64 << 20  # the c_aug copy of the codebook; a larger one runs the tiled kernel (the search's extra-memory bound)
-
-
 @functools.lru_cache(maxsize=256)
 def _layout(dtype: torch.dtype, d: int, pad_up_max_d: int, ext_max_d: int, max_row_bytes: int) -> tuple[int, int] | None:
     block_d = max(16, next_pow2(d))
@@ -364,28 +344,29 @@ def _layout(dtype: torch.dtype, d: int, pad_up_max_d: int, ext_max_d: int, max_r
     return block_d, 16  # the narrowest dot Triton emits on GPU (K >= 16, tf32 too)
 
 
-def layout(dtype: torch.dtype, d: int) -> tuple[int, int] | None:
+def layout(dtype: torch.dtype, d: int, plan: SearchPlan = DEFAULT_PLAN) -> tuple[int, int] | None:
     """``(BLOCK_D, EXT)`` of the packed kernel for rows of ``d`` values of ``dtype``:
     ``EXT = 0`` when the six norm columns fit in the padded row past ``d`` (or, up to
-    ``PAD_UP_MAX_D``, in a row padded to twice the width), else the width of the second
-    dot that holds them; ``None`` when the padded row is wider than
-    ``MAX_ROW_BYTES`` or the second dot is not worth it (``d > EXT_MAX_D``): the tiled kernel then runs.
-    (Cached on the module settings, which the tests and the sweep change.)"""
-    return _layout(dtype, d, PAD_UP_MAX_D.get(dtype, 0), EXT_MAX_D.get(dtype, 0), MAX_ROW_BYTES.get(dtype, 0))
+    ``plan.pad_up_max_d``, in a row padded to twice the width), else the width of the second
+    dot that holds them; ``None`` when the padded row is wider than ``plan.max_row_bytes``
+    or the second dot is not worth it (``d > plan.ext_max_d``): the tiled kernel then runs."""
+    return _layout(dtype, d, plan.pad_up_max_d.get(dtype, 0), plan.ext_max_d.get(dtype, 0),
+                   plan.max_row_bytes.get(dtype, 0))
 
 
-def aug_bytes(dtype: torch.dtype, groups: int, k: int, d: int) -> int:
+def aug_bytes(dtype: torch.dtype, groups: int, k: int, d: int, plan: SearchPlan = DEFAULT_PLAN) -> int:
     """Bytes of ``c_aug`` for ``groups`` codebooks of ``k`` codes (``layout`` not None)."""
-    block_d, ext = layout(dtype, d)
+    block_d, ext = layout(dtype, d, plan)
     return groups * cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM * (block_d + ext) * torch.finfo(dtype).bits // 8
 
 
-def applies(dtype: torch.dtype, d: int, metric: str, precision: str, groups: int = 1, k: int = 1) -> bool:
+def applies(dtype: torch.dtype, d: int, metric: str, precision: str, groups: int = 1, k: int = 1,
+            plan: SearchPlan = DEFAULT_PLAN) -> bool:
     """Whether the packed kernel runs (else the tiled kernel) for these inputs (``dtype``: the common
     dtype of x and the codebook; ``groups`` codebooks of ``k`` codes)."""
     if metric != "l2" or not (dtype == torch.bfloat16 or (dtype == torch.float32 and precision == "tf32")):
         return False
-    return layout(dtype, d) is not None and aug_bytes(dtype, groups, k, d) <= MAX_AUG_BYTES
+    return layout(dtype, d, plan) is not None and aug_bytes(dtype, groups, k, d, plan) <= plan.max_aug_bytes
 
 
 def max_split(tile_bits: int, cols: int | None = None) -> int:
@@ -394,35 +375,36 @@ def max_split(tile_bits: int, cols: int | None = None) -> int:
     ``SPLIT_QUANTUM``."""
     cap = 2**tile_bits * (cols or MIN_TAG_COLS) // SPLIT_QUANTUM * SPLIT_QUANTUM
     if cap < SPLIT_QUANTUM or not 0 < tile_bits < 23:
-        raise ValueError(f"TILE_BITS={tile_bits} leaves no room for one split of {SPLIT_QUANTUM} codes")
+        raise ValueError(f"tile_bits={tile_bits} leaves no room for one split of {SPLIT_QUANTUM} codes")
     return cap
 
 
 def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int | None,
-                   tile: dict | None = None) -> tuple[Tensor, Tensor]:
+                   tile: dict | None = None, plan: SearchPlan = DEFAULT_PLAN) -> tuple[Tensor, Tensor]:
     """Launch on grouped ``x (G, N, d)`` / ``codebook (G, K, d)``, both bf16 or both fp32
     (tf32 dot products), any strides, with :func:`applies` true; returns ``(G, N)`` fp32
-    distances (empty unless ``write_dist``) and int64 indices. ``tile`` (the tuning sweep):
-    ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages`` launched without the autotuner."""
+    distances (empty unless ``write_dist``) and int64 indices. ``tile`` (the tuning sweep;
+    else ``plan.force_tile``): ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages``
+    launched without the autotuner."""
     g, n, d = x.shape
     k = codebook.shape[1]
-    tile = tile or FORCE_TILE
+    tile = tile or (dict(plan.force_tile) if plan.force_tile else None)
     dist, idx = new_outputs(x, write_dist)
     if n == 0:
         return dist, idx
-    tile_bits = TILE_BITS
-    block_d, ext = layout(x.dtype, d)
+    tile_bits = plan.tile_bits
+    block_d, ext = layout(x.dtype, d, plan)
     k_pad = cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM
     # One wave of row blocks is enough here: at 256 blocks on the H100's 132 SMs, a second split (another
     # launch, the merge) saved no GPU time and cost 0.06 ms of host time (H100 sweep "splitone").
     cap = max_split(tile_bits, tag_cols(tile) if tile is not None else None)
     s, k_split = _split_plan(g, n, k, x.device, split_k, cap, unsplit_waves=1)
-    norm_init = (ext > 0 and block_d >= NORM_INIT_MIN_BLOCK_D
-                 and g * k_pad * block_d * x.element_size() <= NORM_INIT_MAX_AUG_BYTES)
+    norm_init = (ext > 0 and block_d >= plan.norm_init_min_block_d
+                 and g * k_pad * block_d * x.element_size() <= plan.norm_init_max_aug_bytes)
     ext = 0 if norm_init else ext
     meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d, EXT=ext,
                 DOT_F32=_interpret() and x.dtype == torch.bfloat16, NORM_INIT=norm_init,
-                ASM=USE_ASM and not _interpret())
+                ASM=plan.use_asm and not _interpret())
     if s > 1:
         seg = aligned(g * s * n)
         both = torch.empty(2 * seg, device=x.device, dtype=torch.int32)  # one allocation

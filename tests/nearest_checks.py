@@ -74,14 +74,14 @@ def _tol(x, c, metric, u_in):
     return 4 * unit * (xn + cn) ** 2
 
 
-def _check_search(x, c, metric, dtype_name, k=None, split_k=None, dist_out=True, algorithm="tiled"):
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+def _check_search(x, c, metric, dtype_name, k=None, split_k=None, dist_out=True, algorithm="tiled", plan=None):
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+    from tokenizers_vq.kernels.plan import DEFAULT_PLAN  # noqa: PLC0415
 
     _, precision, u_in = DTYPES[dtype_name]
     with poisoned_outputs():
         dist, idx = nearest_codes_triton(x, c, metric=metric, k=k, precision=precision, split_k=split_k,
-                                         return_dist=dist_out, algorithm=algorithm)
+                                         return_dist=dist_out, algorithm=algorithm, plan=plan)
     kk = 1 if k is None else k
     lead = x.shape[:-1] + (() if k is None else (k,))
     assert idx.shape == lead and idx.dtype == torch.int64, (idx.shape, idx.dtype)
@@ -92,7 +92,7 @@ def _check_search(x, c, metric, dtype_name, k=None, split_k=None, dist_out=True,
     tol = _tol(x, c, metric, u_in)
     chosen = ref.gather(-1, idx)
     kth = ref.sort(dim=-1).values[..., :kk]
-    tol_idx = tol + 2 * 2.0 ** -(23 - packed.TILE_BITS) * (kth + tol) if algorithm == "packed" else tol
+    tol_idx = tol + 2 * 2.0 ** -(23 - (plan or DEFAULT_PLAN).tile_bits) * (kth + tol) if algorithm == "packed" else tol
     bad = chosen - kth > tol_idx  # each returned code is within tol of the true j-th best
     assert not bad.any(), f"{int(bad.sum())} picks worse than the reference by more than the rounding bound"
     if kk > 1:

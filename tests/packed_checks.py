@@ -4,7 +4,9 @@ device. Run by ``tests/kernels/test_nearest.py`` in the interpreter and on the G
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+from types import MappingProxyType
 
 import torch
 
@@ -13,17 +15,11 @@ from nearest_checks import DTYPES, _check_search, _data
 PACKED = ("bf16", "fp32_tf32")  # what algorithm="packed" runs on; other dtypes fall back to the tiled kernel
 
 
-@contextlib.contextmanager
-def tile_bits(bits):
-    """Packed keys with ``bits`` tile bits: small codebooks then use every tile number
-    and need the splits that keep it in range."""
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+def plan(**changes):
+    """The default search plan with ``changes`` (:class:`~tokenizers_vq.kernels.plan.SearchPlan`)."""
+    from tokenizers_vq.kernels.plan import DEFAULT_PLAN  # noqa: PLC0415
 
-    old, packed.TILE_BITS = packed.TILE_BITS, bits
-    try:
-        yield
-    finally:
-        packed.TILE_BITS = old
+    return dataclasses.replace(DEFAULT_PLAN, **changes)
 
 
 @contextlib.contextmanager
@@ -50,7 +46,7 @@ def check_packed_odd_shapes(device, full=False):
     {1, 3, 8, 10, 12, 16, 24, 32, 100, 200, 256} (12, 16, 32 and 256 have no spare padding
     columns: bf16 12 and 16 pad to a 32-wide row and 32 to a 64-wide one, otherwise the norms go in a second dot,
     or at 256 in the dot's initial accumulator;
-    rows wider than ``MAX_ROW_BYTES`` run the tiled kernel:
+    rows wider than ``SearchPlan.max_row_bytes`` run the tiled kernel:
     fp32 at 100 and up), K in {1, 17, 700}; on CPU the 300 x 700 cases for two D only."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
 
@@ -64,41 +60,39 @@ def check_packed_odd_shapes(device, full=False):
             _check_search(_data((n, d), dt, device), _data((k, d), dt, device), "l2", name, algorithm="packed")
         padded = max(16, 1 << (d - 1).bit_length())
         spare = d + 6 <= padded  # the padded row has 6 free columns: one dot, else a second for the norms
-        if not spare and d <= packed.PAD_UP_MAX_D.get(dt, 0):  # or one dot over a row twice as wide
+        if not spare and d <= plan().pad_up_max_d.get(dt, 0):  # or one dot over a row twice as wide
             assert packed.layout(dt, d) == (2 * padded, 0), (d, name)
-        elif not spare and one_chunk and d <= packed.EXT_MAX_D[dt]:
+        elif not spare and one_chunk and d <= plan().ext_max_d[dt]:
             assert packed.layout(dt, d) == (padded, 16), (d, name)
-        one_chunk = padded * dt.itemsize <= packed.MAX_ROW_BYTES[dt]
-        assert calls[0] == int(one_chunk and (spare or d <= packed.EXT_MAX_D[dt])), (n, d, k, name, calls[0])
+        one_chunk = padded * dt.itemsize <= plan().max_row_bytes[dt]
+        assert calls[0] == int(one_chunk and (spare or d <= plan().ext_max_d[dt])), (n, d, k, name, calls[0])
 
 
 def check_packed_ties_splits_groups(device, full=False):
     """Packed: exact duplicate codewords within a tile, across tiles and across splits go
-    to the lowest index, with the default ``TILE_BITS`` and with 2 (every tile number
+    to the lowest index, with the default tile bits and with 2 (every tile number
     used, splits forced); G codebooks equal G searches; strided views and
     ``return_dist=False``; the norms both ways (second dot, initial accumulator) where the
     row has no spare columns; what it does not cover (cosine, fp16, ieee, top-k, a c_aug
-    over ``MAX_AUG_BYTES``) runs the tiled kernel."""
+    over ``SearchPlan.max_aug_bytes``) runs the tiled kernel."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import FIXED, nearest_codes_triton  # noqa: PLC0415
 
-    for bits in (packed.TILE_BITS, 2):  # every tile a launch may pick keeps its tags in range
+    for bits in (plan().tile_bits, 2):  # every tile a launch may pick keeps its tags in range
         for tile in [c.kwargs for c in packed._configs()] + [FIXED, packed.INTERPRET_TILE]:
             assert packed.max_split(bits) // packed.tag_cols(tile) <= 2**bits, tile
-    for name, split, bits, base in itertools.product(PACKED, (None, 1, 3), (packed.TILE_BITS, 2), (20, 300)):
+    for name, split, bits, base in itertools.product(PACKED, (None, 1, 3), (plan().tile_bits, 2), (20, 300)):
         if base == 20 and split is not None:
             continue
         dt = DTYPES[name][0]
         c0 = _data((base, 5), dt, device)
-        with tile_bits(bits):
-            idx = _check_search(_data((37, 5), dt, device), torch.cat([c0, c0, c0]), "l2", name, split_k=split,
-                                algorithm="packed")
+        idx = _check_search(_data((37, 5), dt, device), torch.cat([c0, c0, c0]), "l2", name, split_k=split,
+                            algorithm="packed", plan=plan(tile_bits=bits))
         assert (idx < base).all(), "tie not broken to the lowest index"
     for name in PACKED:
         dt = DTYPES[name][0]
         x, c = _data((3, 50, 8), dt, device), _data((3, 200, 8), dt, device)
-        with tile_bits(2):
-            _check_search(x, c, "l2", name, algorithm="packed")
+        _check_search(x, c, "l2", name, algorithm="packed", plan=plan(tile_bits=2))
         dist, idx = nearest_codes_triton(x, c, algorithm="packed")
         for g in range(3):
             dg, ig = nearest_codes_triton(x[g], c[g], algorithm="packed")
@@ -118,42 +112,23 @@ def check_packed_ties_splits_groups(device, full=False):
     with packed_calls() as calls:
         nearest_codes_triton(x, c, algorithm="packed")
     assert calls[0] == 1, "a qualifying search did not run the packed kernel"
-    old_init, old_pad = packed.NORM_INIT_MIN_BLOCK_D, packed.PAD_UP_MAX_D
-    packed.PAD_UP_MAX_D = {}  # d = 12 and 32 in bf16 too take the second dot here, not a row twice as wide
-    try:  # rows without spare columns, the norms both ways: initial accumulator (0) and second dot (2^30)
-        for (n, d, k), name, at in itertools.product(((7, 12, 17), (300, 32, 700), (37, 256, 300)), PACKED, (0, 2**30)):
-            if name == "fp32_tf32" and d > packed.EXT_MAX_D[torch.float32]:
-                continue
-            packed.NORM_INIT_MIN_BLOCK_D = at
-            dt = DTYPES[name][0]
-            with packed_calls() as calls:
-                for split in (None, 3):
-                    _check_search(_data((n, d), dt, device), _data((k, d), dt, device), "l2", name, split_k=split,
-                                  algorithm="packed")
-            assert calls[0] == 2, (n, d, k, name)
-    finally:
-        packed.NORM_INIT_MIN_BLOCK_D, packed.PAD_UP_MAX_D = old_init, old_pad
-    old_cap = packed.MAX_AUG_BYTES
-    packed.MAX_AUG_BYTES = packed.aug_bytes(torch.float32, 1, 70, 8) - 1  # c_aug one byte over the cap: the tiled kernel
-    try:
+    # rows without spare columns, the norms both ways: initial accumulator (0) and second dot (2^30); d = 12 and
+    # 32 in bf16 too take the second dot here, not a row twice as wide
+    for (n, d, k), name, at in itertools.product(((7, 12, 17), (300, 32, 700), (37, 256, 300)), PACKED, (0, 2**30)):
+        if name == "fp32_tf32" and d > plan().ext_max_d[torch.float32]:
+            continue
+        both = plan(pad_up_max_d=MappingProxyType({}), norm_init_min_block_d=at)
+        dt = DTYPES[name][0]
         with packed_calls() as calls:
-            ours = nearest_codes_triton(x, c, algorithm="packed")
-    finally:
-        packed.MAX_AUG_BYTES = old_cap
+            for split in (None, 3):
+                _check_search(_data((n, d), dt, device), _data((k, d), dt, device), "l2", name, split_k=split,
+                              algorithm="packed", plan=both)
+        assert calls[0] == 2, (n, d, k, name)
+    capped = plan(max_aug_bytes=packed.aug_bytes(torch.float32, 1, 70, 8) - 1)  # c_aug one byte over: the tiled kernel
+    with packed_calls() as calls:
+        ours = nearest_codes_triton(x, c, algorithm="packed", plan=capped)
     tiled = nearest_codes_triton(x, c, algorithm="tiled")
-    assert calls[0] == 0 and torch.equal(ours[1], tiled[1]), "a c_aug over MAX_AUG_BYTES did not fall back to the tiled kernel"
-
-
-@contextlib.contextmanager
-def forced_tile(tile):
-    """Every packed launch takes ``tile`` (``packed.FORCE_TILE``)."""
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
-
-    old, packed.FORCE_TILE = packed.FORCE_TILE, tile
-    try:
-        yield
-    finally:
-        packed.FORCE_TILE = old
+    assert calls[0] == 0 and torch.equal(ours[1], tiled[1]), "a c_aug over max_aug_bytes did not fall back to the tiled kernel"
 
 
 def check_packed_half(device, full=False):
@@ -161,8 +136,8 @@ def check_packed_half(device, full=False):
     3-input min): odd shapes in bf16 and fp32_tf32, split and not (the norms in the row, in a
     row twice as wide, or in the initial accumulator); exact duplicates within a
     half tile, across the halves, tiles and splits go to the lowest index (the fewest
-    ``TILE_BITS`` that leave one 256-code split force the splits); the same indices and distances as whole tiles; on the GPU, the
-    inline-PTX epilogue (``USE_ASM``) equals the plain one."""
+    tile bits that leave one 256-code split force the splits); the same indices and distances as whole tiles; on the GPU, the
+    inline-PTX epilogue (``SearchPlan.use_asm``) equals the plain one."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
@@ -183,33 +158,25 @@ def check_packed_half(device, full=False):
             if not packed.applies(dt, d, "l2", "tf32", 1, k):
                 name, dt = "bf16", torch.bfloat16
             x, c = _data((n, d), dt, device), _data((k, d), dt, device)
-            with forced_tile(tile), packed_calls() as calls:
-                got = _check_search(x, c, "l2", name, split_k=split, algorithm="packed")
-                dist_h = nearest_codes_triton(x, c, split_k=split)[0]
+            with packed_calls() as calls:
+                got = _check_search(x, c, "l2", name, split_k=split, algorithm="packed", plan=plan(force_tile=tile))
+                dist_h = nearest_codes_triton(x, c, split_k=split, plan=plan(force_tile=tile))[0]
             assert calls[0] == 2, (n, d, k, name)
-            with forced_tile(whole):
-                dist_w, idx_w = nearest_codes_triton(x, c, split_k=split)
+            dist_w, idx_w = nearest_codes_triton(x, c, split_k=split, plan=plan(force_tile=whole))
             assert torch.equal(got[:, 0], idx_w.cpu()) and torch.equal(dist_h, dist_w), ("HALF != whole", n, d, k, name)
-        fewest = max(2, (256 // packed.tag_cols(half)).bit_length() - 1)  # least TILE_BITS with one 256-code split
-        for name, split, bits in itertools.product(PACKED, (None, 3), (packed.TILE_BITS, fewest)):
+        fewest = max(2, (256 // packed.tag_cols(half)).bit_length() - 1)  # fewest tile bits with one 256-code split
+        for name, split, bits in itertools.product(PACKED, (None, 3), (plan().tile_bits, fewest)):
             dt = DTYPES[name][0]
             c0 = _data((150, 5), dt, device)
-            with forced_tile(half), tile_bits(bits):
-                idx = _check_search(_data((37, 5), dt, device), torch.cat([c0, c0, c0]), "l2", name, split_k=split,
-                                    algorithm="packed")
-                assert (idx < 150).all(), "tie across halves, tiles or splits not broken to the lowest index"
-                idx = _check_search(_data((37, 5), dt, device), c0.repeat_interleave(3, 0), "l2", name, split_k=split,
-                                    algorithm="packed")
-                assert (idx % 3 == 0).all(), "tie within a half tile not broken to the lowest index"
+            forced = plan(force_tile=half, tile_bits=bits)
+            idx = _check_search(_data((37, 5), dt, device), torch.cat([c0, c0, c0]), "l2", name, split_k=split,
+                                algorithm="packed", plan=forced)
+            assert (idx < 150).all(), "tie across halves, tiles or splits not broken to the lowest index"
+            idx = _check_search(_data((37, 5), dt, device), c0.repeat_interleave(3, 0), "l2", name, split_k=split,
+                                algorithm="packed", plan=forced)
+            assert (idx % 3 == 0).all(), "tie within a half tile not broken to the lowest index"
     if device != "cpu":
-        old = packed.USE_ASM
-        try:
-            for d, k in ((8, 5000), (32, 3000), (100, 2000), (256, 1000)):
-                x, c = _data((3000, d), torch.bfloat16, device), _data((k, d), torch.bfloat16, device)
-                outs = []
-                for asm in (True, False):
-                    packed.USE_ASM = asm
-                    outs.append(nearest_codes_triton(x, c))
-                assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][0], outs[1][0]), ("USE_ASM", d)
-        finally:
-            packed.USE_ASM = old
+        for d, k in ((8, 5000), (32, 3000), (100, 2000), (256, 1000)):
+            x, c = _data((3000, d), torch.bfloat16, device), _data((k, d), torch.bfloat16, device)
+            outs = [nearest_codes_triton(x, c, plan=plan(use_asm=asm)) for asm in (True, False)]
+            assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][0], outs[1][0]), ("use_asm", d)

@@ -2,15 +2,15 @@
 
 1. The packed kernel with the norm columns in a second dot (``EXT > 0``) against the tiled kernel, bf16
    and fp32-tf32, over ``d`` where the padded row has no six spare columns: sets
-   :data:`tokenizers_vq.kernels.packed.EXT_MAX_D`.
+   ``SearchPlan.ext_max_d``.
 2. Host overhead: the full call through the registered op, the direct eager call, and
    the same call replayed from a CUDA graph (GPU time only).
 3. the tiled kernel tile configurations for large ``d`` (64- or 128-wide chunks), launched directly
    without the autotuner: sets the large-``d`` entries of ``nearest._configs``.
 4. ``wide``: bf16 rows of 129-256 values in the packed kernel (x kept in registers) against
-   the tiled kernel, and each wide-row tile: sets ``packed.MAX_ROW_BYTES`` and the wide configs.
+   the tiled kernel, and each wide-row tile: sets ``SearchPlan.max_row_bytes`` and the wide configs.
 5. ``norminit``: rows without six spare columns, the norms in a second dot against the
-   norms as the dot's initial accumulator: sets ``packed.NORM_INIT_MIN_BLOCK_D``. (A part ``flat``,
+   norms as the dot's initial accumulator: sets ``SearchPlan.norm_init_min_block_d``. (A part ``flat``,
    the tiled kernel with one loop over (tile, chunk) pairs for large d, was measured at commit
    ``6211b01`` and removed with its kernel option: it lost, ``results/sweep_h100.md``.)
 6. ``hostparts``: small calls, the split choice and the host time of each piece.
@@ -19,7 +19,7 @@
 8. ``splitone``: the packed kernel with the automatic split against one split.
 9. ``padup``: rows without spare columns, a second dot against one dot twice as wide.
 10. ``half``: the packed epilogue with one inline-PTX ``lop3`` per distance, and two half-tile
-    dots folded by a 3-input min, per tile: sets ``packed.USE_ASM`` and the ``HALF`` configs.
+    dots folded by a 3-input min, per tile: sets ``SearchPlan.use_asm`` and the ``HALF`` configs.
     ``padup_half``: the same with d 27-32 and 59-64 padded to one dot twice as wide;
     ``norminit_half``: with their norms as the dot's initial accumulator.
 
@@ -31,8 +31,10 @@ Writes ``sweep.json`` and ``sweep.md`` under ``--out``; every row is printed as 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
+from types import MappingProxyType
 from pathlib import Path
 
 import torch
@@ -66,19 +68,26 @@ def graph_ms(fn) -> float:
     return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
 
 
+def plan(**changes):
+    """The default search plan with ``changes``."""
+    from tokenizers_vq.kernels.plan import DEFAULT_PLAN  # noqa: PLC0415
+
+    return dataclasses.replace(DEFAULT_PLAN, **changes)
+
+
 def packed_vs_tiled(rows: list, n: int = 32768) -> None:
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
-    packed.EXT_MAX_D = {torch.bfloat16: 128, torch.float32: 64}  # every one-chunk d, for this sweep
+    every = plan(ext_max_d=MappingProxyType({torch.bfloat16: 128, torch.float32: 64}))  # every one-chunk d
     for k in (100000, 16384):
         for dt, ds in ((torch.bfloat16, (16, 32, 64, 128)), (torch.float32, (16, 32, 64))):
             for d in ds:
                 x = torch.randn(n, d, device="cuda").to(dt)
                 c = torch.randn(k, d, device="cuda").to(dt)
-                lay = packed.layout(dt, d)
+                lay = packed.layout(dt, d, every)
                 tiled = bench(lambda: nearest_codes_triton(x, c, algorithm="tiled"))
-                pk = bench(lambda: nearest_codes_triton(x, c, algorithm="packed"))
+                pk = bench(lambda: nearest_codes_triton(x, c, algorithm="packed", plan=every))
                 row = {"part": "ext", "n": n, "k": k, "d": d, "dtype": str(dt).split(".")[1], "layout": lay,
                        "tiled_ms": tiled, "packed_ms": pk}
                 rows.append(row)
@@ -175,8 +184,7 @@ def wide_rows(rows: list, n: int = 32768) -> None:
 
 def norm_init(rows: list) -> None:
     """Rows without six spare columns: the norms in a second 16-wide dot (default) against
-    the norms as the dot's initial accumulator (``packed.NORM_INIT_MIN_BLOCK_D``), public calls."""
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    the norms as the dot's initial accumulator (``SearchPlan.norm_init_min_block_d``), public calls."""
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
     for n, k, d, dt in ((32768, 16384, 256, torch.bfloat16), (32768, 100000, 256, torch.bfloat16),
@@ -186,35 +194,29 @@ def norm_init(rows: list) -> None:
         x = torch.randn(n, d, device="cuda").to(dt)
         c = torch.randn(k, d, device="cuda").to(dt)
         row = {"part": "norminit", "n": n, "k": k, "d": d, "dtype": str(dt).split(".")[1]}
-        old = packed.NORM_INIT_MIN_BLOCK_D
         for flag in (False, True, False, True):  # twice each, interleaved: run-to-run noise shows
-            packed.NORM_INIT_MIN_BLOCK_D = 0 if flag else 2**30
-            row.setdefault(f"norm_init{int(flag)}_ms", []).append(bench(lambda: nearest_codes_triton(x, c)))
-        packed.NORM_INIT_MIN_BLOCK_D = old
+            p = plan(norm_init_min_block_d=0 if flag else 2**30)
+            row.setdefault(f"norm_init{int(flag)}_ms", []).append(bench(lambda p=p: nearest_codes_triton(x, c, plan=p)))
         rows.append(row)
         print(json.dumps(row), flush=True)
 
 
 def row_reduce(rows: list, n: int = 32768) -> None:
     """Wide bf16 rows: the tiled kernel with the per-element walk against ``ROW_REDUCE`` (autotuned,
-    public calls, automatic split and one split): sets ``nearest.ROW_REDUCE_MIN_D``. (A chunked-GEMM
+    public calls, automatic split and one split): sets ``SearchPlan.row_reduce_min_d``. (A chunked-GEMM
     path, the vendor GEMM into a reused 56 MiB fp32 block folded by a Triton pass, lost to
     it at every d.)"""
     from tokenizers_vq.kernels import nearest as nr  # noqa: PLC0415
 
-    old = nr.ROW_REDUCE_MIN_D
     for k, d in ((16384, 1536), (16384, 1024), (16384, 768), (16384, 512)):
         x = torch.randn(1, n, d, device="cuda").bfloat16()
         c = torch.randn(1, k, d, device="cuda").bfloat16()
         row = {"part": "rowreduce", "n": n, "k": k, "d": d}
-        try:
-            for flag in (False, True):
-                nr.ROW_REDUCE_MIN_D = 0 if flag else 2**30
-                for split in (None, 1):
-                    row[f"tiled_rr{int(flag)}_split{split or 'auto'}_ms"] = bench(
-                        lambda split=split: nr.nearest_codes_triton(x[0], c[0], algorithm="tiled", split_k=split))
-        finally:
-            nr.ROW_REDUCE_MIN_D = old
+        for flag in (False, True):
+            p = plan(row_reduce_min_d=0 if flag else 2**30)
+            for split in (None, 1):
+                row[f"tiled_rr{int(flag)}_split{split or 'auto'}_ms"] = bench(
+                    lambda split=split, p=p: nr.nearest_codes_triton(x[0], c[0], algorithm="tiled", split_k=split, plan=p))
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -240,7 +242,7 @@ def split_one(rows: list) -> None:
 
 def pad_up(rows: list) -> None:
     """Rows without six spare columns (d 11-16, 27-32): the norms in a second 16-wide dot
-    (default) against one dot over a row padded to twice the width (``PAD_UP_MAX_D``)."""
+    (default) against one dot over a row padded to twice the width (``SearchPlan.pad_up_max_d``)."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
@@ -249,14 +251,10 @@ def pad_up(rows: list) -> None:
         x = torch.randn(n, d, device="cuda").bfloat16()
         c = torch.randn(k, d, device="cuda").bfloat16()
         row = {"part": "padup", "n": n, "k": k, "d": d}
-        old = packed.PAD_UP_MAX_D
-        try:
-            for flag in (False, True, False, True):  # twice each, interleaved
-                packed.PAD_UP_MAX_D = {torch.bfloat16: 2**30 if flag else 0}
-                row.setdefault(f"padup{int(flag)}_ms", []).append(bench(lambda: nearest_codes_triton(x, c)))
-                row[f"padup{int(flag)}_layout"] = packed.layout(torch.bfloat16, d)
-        finally:
-            packed.PAD_UP_MAX_D = old
+        for flag in (False, True, False, True):  # twice each, interleaved
+            p = plan(pad_up_max_d=MappingProxyType({torch.bfloat16: 2**30 if flag else 0}))
+            row.setdefault(f"padup{int(flag)}_ms", []).append(bench(lambda p=p: nearest_codes_triton(x, c, plan=p)))
+            row[f"padup{int(flag)}_layout"] = packed.layout(torch.bfloat16, d, p)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -269,7 +267,7 @@ HALF_WIDE_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64,
 
 def half_tiles(rows: list, cases=None, pad_up: bool | None = None, part: str = "half", norm_init: bool = False) -> None:
     """The packed kernel's epilogue: the autotuned default with the compiler's LOP3s
-    (``USE_ASM`` off) and with one inline-PTX ``lop3`` per distance; then each tile with
+    (``SearchPlan.use_asm`` off) and with one inline-PTX ``lop3`` per distance; then each tile with
     one dot per tile against two half-tile dots whose keys fold in one 3-input min
     (``HALF``). Public calls, plus CUDA-graph time where the host may bind; every variant's
     indices are compared with the tiled kernel's."""
@@ -279,38 +277,34 @@ def half_tiles(rows: list, cases=None, pad_up: bool | None = None, part: str = "
     cases = cases or ((262144, 16384, 32), (32768, 16384, 32), (32768, 100000, 8), (262144, 16384, 8),
                       (32768, 16384, 8), (32768, 100000, 32), (262144, 16384, 16), (32768, 16384, 64),
                       (32768, 16384, 128), (32768, 16384, 256))
-    old_pad, old_init = packed.PAD_UP_MAX_D, packed.NORM_INIT_MIN_BLOCK_D
+    base = plan()
+    if pad_up is not None:
+        base = plan(pad_up_max_d=MappingProxyType({torch.bfloat16: 2**30 if pad_up else 0}))
+    if norm_init:
+        base = dataclasses.replace(base, norm_init_min_block_d=0)
     for n, k, d in cases:
-        packed.PAD_UP_MAX_D = old_pad if pad_up is None else {torch.bfloat16: 2**30 if pad_up else 0}
-        packed.NORM_INIT_MIN_BLOCK_D = 0 if norm_init else old_init
         x = torch.randn(n, d, device="cuda").bfloat16()
         c = torch.randn(k, d, device="cuda").bfloat16()
         ref = nearest_codes_triton(x, c, algorithm="tiled")[1]
-        row = {"part": part, "n": n, "k": k, "d": d, "layout": packed.layout(torch.bfloat16, d), "norm_init": norm_init}
+        row = {"part": part, "n": n, "k": k, "d": d, "layout": packed.layout(torch.bfloat16, d, base),
+               "norm_init": norm_init}
         host_bound = n * k < 10**9
 
-        def measure(tag):
-            row[f"{tag}_ms"] = bench(lambda: nearest_codes_triton(x, c))
+        def measure(tag, p):
+            row[f"{tag}_ms"] = bench(lambda: nearest_codes_triton(x, c, plan=p))
             if host_bound:
-                row[f"{tag}_graph_ms"] = graph_ms(lambda: packed.nearest_packed(x[None], c[None], True, None))
+                row[f"{tag}_graph_ms"] = graph_ms(lambda: packed.nearest_packed(x[None], c[None], True, None, plan=p))
             try:
-                row[f"{tag}_differ"] = int((nearest_codes_triton(x, c)[1] != ref).sum())
+                row[f"{tag}_differ"] = int((nearest_codes_triton(x, c, plan=p)[1] != ref).sum())
             except Exception as e:  # noqa: BLE001
                 row[f"{tag}_differ"] = type(e).__name__
 
-        old_asm, old_tile = packed.USE_ASM, packed.FORCE_TILE
-        try:
-            for asm in (False, True):
-                packed.USE_ASM = asm
-                measure(f"auto_asm{int(asm)}")
-            packed.USE_ASM = True
-            for bn, bk, w, st in HALF_WIDE_TILES if d > 128 else HALF_TILES:
-                for half in (False, True):
-                    packed.FORCE_TILE = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st, "HALF": half}
-                    measure(f"{bn}x{bk}w{w}s{st}{'h' if half else ''}")
-        finally:
-            packed.USE_ASM, packed.FORCE_TILE, packed.PAD_UP_MAX_D = old_asm, old_tile, old_pad
-            packed.NORM_INIT_MIN_BLOCK_D = old_init
+        for asm in (False, True):
+            measure(f"auto_asm{int(asm)}", dataclasses.replace(base, use_asm=asm))
+        for bn, bk, w, st in HALF_WIDE_TILES if d > 128 else HALF_TILES:
+            for half in (False, True):
+                tile = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st, "HALF": half}
+                measure(f"{bn}x{bk}w{w}s{st}{'h' if half else ''}", dataclasses.replace(base, force_tile=tile))
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -357,7 +351,7 @@ def host_parts(rows: list) -> None:
         row["augment_host_us"] = host_us(lambda: packed._augment_kernel[(k_pad // 64, 1)](
             c, c_aug, None, k, d, block_d if ext else d, *c.stride(), BLOCK_K=64, BLOCK_D=block_d, EXT=ext,
             NORM_INIT=False))
-        meta = dict(SPLIT=False, WRITE_DIST=True, TILE_BITS=packed.TILE_BITS, BLOCK_D=block_d, EXT=ext, DOT_F32=False,
+        meta = dict(SPLIT=False, WRITE_DIST=True, TILE_BITS=plan().tile_bits, BLOCK_D=block_d, EXT=ext, DOT_F32=False,
                     NORM_INIT=False, CSQ=None)
         args = (x, c, c_aug, dist, idx, n, k, k_pad, d, k_pad, *x.stride(), *c.stride(), n, 0)
         row["packed_autotuned_launch_host_us"] = host_us(

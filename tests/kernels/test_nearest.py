@@ -10,6 +10,7 @@ on the GPU over a larger grid.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -99,32 +100,28 @@ def check_row_reduce(device, full=False):
     not; exact duplicates across tiles and splits go to the lowest index; exact fp32 at
     d = 520 picks the same codes as the per-element walk."""
     from tokenizers_vq.kernels import nearest as nr  # noqa: PLC0415
+    from tokenizers_vq.kernels.plan import DEFAULT_PLAN  # noqa: PLC0415
 
     names = list(DTYPES)
-    old = nr.ROW_REDUCE_MIN_D
-    try:
-        nr.ROW_REDUCE_MIN_D = 0
-        cases = ((1, 3, 1), (7, 5, 17), (7, 100, 1000), (300, 24, 700), (37, 600, 300))
-        for i, ((n, d, k), split) in enumerate(itertools.product(cases, (None, 3))):
-            metric = ("l2", "cosine")[i % 2]
-            name = names[i % 4]
-            dt = DTYPES[name][0]
-            _check_search(_data((n, d), dt, device), _data((k, d), dt, device), metric, name, split_k=split)
-        for split in (None, 1, 3):
-            c0 = _data((300, 40), torch.float32, device)
-            idx = _check_search(_data((50, 40), torch.float32, device), torch.cat([c0, c0, c0]), "l2", "fp32_ieee",
-                                split_k=split)
-            assert (idx < 300).all(), "tie across tiles or splits not broken to the lowest index"
-            idx = _check_search(_data((50, 40), torch.float32, device), c0.repeat_interleave(3, 0), "l2",
-                                "fp32_ieee", split_k=split)
-            assert (idx % 3 == 0).all(), "tie within a tile not broken to the lowest index"
-        x, c = _data((30, 520), torch.float32, device), _data((200, 520), torch.float32, device)
-        forced = nr.nearest_codes_triton(x, c, precision="ieee", algorithm="tiled")
-        nr.ROW_REDUCE_MIN_D = 2**30
-        plain = nr.nearest_codes_triton(x, c, precision="ieee", algorithm="tiled")
-        assert torch.equal(forced[1], plain[1]), "ROW_REDUCE picks other codes than the per-element walk"
-    finally:
-        nr.ROW_REDUCE_MIN_D = old
+    on, off = (dataclasses.replace(DEFAULT_PLAN, row_reduce_min_d=v) for v in (0, 2**30))
+    cases = ((1, 3, 1), (7, 5, 17), (7, 100, 1000), (300, 24, 700), (37, 600, 300))
+    for i, ((n, d, k), split) in enumerate(itertools.product(cases, (None, 3))):
+        metric = ("l2", "cosine")[i % 2]
+        name = names[i % 4]
+        dt = DTYPES[name][0]
+        _check_search(_data((n, d), dt, device), _data((k, d), dt, device), metric, name, split_k=split, plan=on)
+    for split in (None, 1, 3):
+        c0 = _data((300, 40), torch.float32, device)
+        idx = _check_search(_data((50, 40), torch.float32, device), torch.cat([c0, c0, c0]), "l2", "fp32_ieee",
+                            split_k=split, plan=on)
+        assert (idx < 300).all(), "tie across tiles or splits not broken to the lowest index"
+        idx = _check_search(_data((50, 40), torch.float32, device), c0.repeat_interleave(3, 0), "l2",
+                            "fp32_ieee", split_k=split, plan=on)
+        assert (idx % 3 == 0).all(), "tie within a tile not broken to the lowest index"
+    x, c = _data((30, 520), torch.float32, device), _data((200, 520), torch.float32, device)
+    forced = nr.nearest_codes_triton(x, c, precision="ieee", algorithm="tiled", plan=on)
+    plain = nr.nearest_codes_triton(x, c, precision="ieee", algorithm="tiled", plan=off)
+    assert torch.equal(forced[1], plain[1]), "row_reduce picks other codes than the per-element walk"
 
 
 def check_code_statistics(device, full=False):

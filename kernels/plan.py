@@ -1,0 +1,60 @@
+"""The tuning choices of the search kernels, as one frozen value.
+
+Every host function of the search reads its choices from a :class:`SearchPlan` passed to
+it (default :data:`DEFAULT_PLAN`, the values the H100 sweep chose; see
+``eval/results/kernels/sweep_h100.md``). Tests and the sweep pass a modified copy
+(``dataclasses.replace(DEFAULT_PLAN, tile_bits=2)``) instead of changing module state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+import torch
+
+
+def _per_dtype(**values: int) -> Mapping[torch.dtype, int]:
+    return MappingProxyType({getattr(torch, k): v for k, v in values.items()})
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """Choices of the packed and tiled search kernels.
+
+    Attributes:
+        tile_bits: tile-number bits of the packed kernel's key (the rest of the 23
+            mantissa bits are kept; tests lower it to exercise the split cap).
+        use_asm: the packed kernel's inline-PTX epilogue on the GPU.
+        force_tile: every packed launch takes this tile (``BLOCK_N``, ``BLOCK_K``,
+            ``num_warps``, ``num_stages``) without the autotuner (the sweep, tests).
+        norm_init_min_block_d: rows without 6 spare columns and ``BLOCK_D`` at least
+            this carry the norms as the dot's initial accumulator, not a second dot
+            (H100 sweep "norminit": 9-12% faster at d = 128 and 256, 4-6% slower at 32) ...
+        norm_init_max_aug_bytes: ... while the augmented codebook stays this small (in
+            L2; at 32768 x 100000 x 256, 51 MiB, the second dot was faster).
+        ext_max_d: per dtype, the widest ``d`` run with a second (norm) dot.
+        max_row_bytes: per dtype, the padded query row kept in registers for the walk.
+        pad_up_max_d: per dtype, rows without spare columns up to this ``d`` pad to twice
+            the width (one dot; H100 sweeps "padup", "padup_half").
+        max_aug_bytes: the augmented codebook copy's cap; a larger one runs the tiled
+            kernel (the search's extra-memory bound).
+        row_reduce_min_d: ``d`` from which the tiled kernel reduces each tile to its rows
+            at once.
+    """
+
+    tile_bits: int = 10
+    use_asm: bool = True
+    force_tile: Mapping[str, int] | None = None
+    norm_init_min_block_d: int = 128
+    norm_init_max_aug_bytes: int = 32 << 20
+    ext_max_d: Mapping[torch.dtype, int] = field(default_factory=lambda: _per_dtype(bfloat16=256, float32=32))
+    max_row_bytes: Mapping[torch.dtype, int] = field(default_factory=lambda: _per_dtype(bfloat16=512, float32=256))
+    pad_up_max_d: Mapping[torch.dtype, int] = field(default_factory=lambda: _per_dtype(bfloat16=32))
+    max_aug_bytes: int = 64 << 20
+    row_reduce_min_d: int = 512
+
+
+DEFAULT_PLAN = SearchPlan()
+"""The choices every call uses unless given another plan."""
