@@ -1,65 +1,28 @@
 """Packed-key nearest-codeword search (Triton), the default top-1 l2 search where it applies.
 
-The tiled kernel (:mod:`tokenizers_vq.kernels.nearest`) turns each dot product into a score with one
-CUDA-core operation and keeps a running ``(min, tile)`` pair per tile element: about 4
-operations and 3 live fp32 values per distance. Here the tensor cores produce the
-whole distance and the epilogue is 2 integer operations on one live int32.
+The tiled kernel (:mod:`tokenizers_vq.kernels.tiled`) turns each dot product into a score
+with one CUDA-core operation and keeps a running ``(min, tile)`` pair per tile element:
+about 4 operations and 3 live fp32 values per distance. Here the tensor cores produce the
+whole distance and the epilogue is 2 integer operations on one live int32:
 
-Distance in the dot. When the padded row has 6 spare columns (``d + 6 <= BLOCK_D``)::
+- the distance is in the dot: ``x_aug = [x, 1, 1, 1, s1, s2, s3]`` (built per program in
+  registers) against ``c_aug = [-2c, h1, h2, h3, 1, 1, 1]`` (one small kernel per call),
+  the norms split into parts exact in the operand format, so ``acc = |x - c|^2``;
+- the key ``min(run, (bits(acc) & ~(2^TILE_BITS - 1)) | t)`` orders like the distance and
+  keeps the tile number ``t``; ``HALF`` tiles fold two half-tile keys with one 3-input
+  min; the host caps a program's share of the codebook so the tag always fits;
+- rows without six spare columns pad to twice the width, or carry the norms in a second
+  16-wide dot (``EXT``) or as the dot's initial accumulator (``NORM_INIT``).
 
-    x_aug = [x,   1,  1,  1,  s1, s2, s3, 0...]   built once per program, kept in registers
-    c_aug = [-2c, h1, h2, h3, 1,  1,  1,  0...]   one small kernel per call, (G, K_pad, BLOCK_D + EXT)
+Accuracy: on top of the tiled kernel's rounding bound an index may differ from the exact
+argmin where the two best distances differ by less than ``2^-(23 - TILE_BITS)`` of the
+distance (``tests/nearest_checks.py``); returned distances are recomputed in fp32. Splits
+write keys and indices per split; the merge keeps the earlier split on ties.
 
-with ``h1 + h2 + h3 = |c|^2`` and ``s1 + s2 + s3 = |x|^2`` (fp32), each part exact in the
-operand format (bf16; or tf32, i.e. fp32 with its low 13 mantissa bits cleared), so
-with fp32 accumulation ``acc = x_aug . c_aug = |x|^2 - 2 x.c + |c|^2 = |x - c|^2``.
-
-Packed key. A non-negative fp32 orders like its int32 bits, so each element keeps
-``run = min(run, (bits(acc) & ~(2^TILE_BITS - 1)) | t)`` (one LOP3, one IMNMX), ``t`` the
-program's tile number. Equal truncated distances keep the lower tile; the row's
-minimum key, then its lowest column with that key, gives ``k_lo + t BLOCK_K + col``:
-the lowest index among the codes of least truncated distance. ``HALF`` tiles take two
-dots of ``BLOCK_K / 2`` columns per tile, tagged ``2t`` and ``2t + 1``, and fold both keys
-into ``run`` with one 3-input min (two LOP3, one VIMNMX3 per two distances): the tag
-times ``BLOCK_K / 2`` is then the half tile's offset, and the order (tag, column) is
-still the order of the indices. On the GPU the LOP3 and the 3-input min are written in
-inline PTX (``SearchPlan.use_asm``): ptxas otherwise split ``& | `` into two LOP3s wherever a second
-dot or a wider row held more registers live, and fused only some of the min pairs. A distance within
-rounding of 0 may come out negative: its key has the sign bit set and beats every
-non-negative one (such codes are near-ties of distance 0), but negative keys order in
-reverse, so among several such codes the pick is not the most negative. With tf32
-operands (x and -2c rounded to 11 significant bits, the norms exact) that band is
-about ``2^-10 |x| |c|`` wide, inside the error bound below; a clamp (one more
-operation per distance) would restore the order if measurements allow it. The host caps a program's
-share of the codebook at ``2^TILE_BITS`` tags of the fewest codes per tag any launch
-may use (:func:`tag_cols`; more splits when needed), so the tag always fits. ``c_aug`` is padded to a
-multiple of ``SPLIT_QUANTUM`` rows with ``h1 = +inf``: no tile needs a column mask and
-padding never beats a finite distance.
-
-Accuracy. The key drops ``TILE_BITS`` (``SearchPlan.tile_bits``) of the 23 mantissa bits, so on top of the tiled kernel's
-rounding bound an index may differ from the exact argmin where the two best distances
-differ by less than ``2^-(23 - TILE_BITS)`` times the distance (see
-``tests/nearest_checks.py``). Returned distances are recomputed from the inputs
-as ``|x - c_idx|^2`` in fp32 (in the search kernel, or in the merge after splits).
-
-Splits write per split the key without its tile bits and the index, ``(G, S, N)``; the
-merge takes the least key in split order (strict ``<``: the earlier split keeps ties).
-
-When the padded row has no six spare columns (d 11-16, 27-32, 59-64, 123-128, 251-256), bf16
-rows of d 11-16 and 27-32 pad to twice the width (``SearchPlan.pad_up_max_d``: one dot, 9-11% faster than two on the H100);
-otherwise the norm columns go in a second dot of 16 columns (``EXT``; the narrowest dot Triton emits
-on the GPU, tf32 included) that accumulates into the same ``acc``; for rows of
-``BLOCK_D >= 128`` with a ``c_aug`` of at most 32 MiB, the dot instead accumulates onto
-``|x|^2 + |c|^2`` (``NORM_INIT``), faster there on the H100.
-
-Rows of up to ``SearchPlan.max_row_bytes`` (bf16 d <= 256) keep x in registers; ``c_aug`` beyond
-``SearchPlan.max_aug_bytes`` (64 MiB) runs the tiled kernel instead.
-
-Scope: ``l2``, top-1, bf16 (``d <= 256``), or fp32 with ``precision="tf32"``
-(``d <= 58``: ``d <= 32`` where a second dot is needed, ``SearchPlan.ext_max_d``, from the H100
-sweep in ``eval/results/kernels/sweep_h100.md``). Everything else runs the tiled kernel: cosine
-(a normalised codebook rounded to bf16 would break the tiled kernel's error bound), fp16 (``|c|^2``
-overflows), ``ieee``/``tf32x3`` (exactness is their point), top-k, larger ``d``.
+Scope: ``l2``, top-1, bf16 (``d <= 256``), or fp32 with ``precision="tf32"`` (``d <= 58``).
+Everything else runs the tiled kernel. The tuning choices are a
+:class:`~tokenizers_vq.kernels.plan.SearchPlan`; the derivation, the tie and sign rules
+and the measurements behind each choice are in ``eval/results/kernels/DESIGN.md``.
 """
 
 from __future__ import annotations
@@ -71,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tokenizers_vq.kernels.nearest import (
+from tokenizers_vq.kernels.tiles import (
     FIXED,
     SPLIT_QUANTUM,
     _interpret,

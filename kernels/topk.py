@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tokenizers_vq.kernels.nearest import (
+from tokenizers_vq.kernels.tiles import (
     _block_d,
     _finish,
     _load_rows,

@@ -76,7 +76,8 @@ def check_packed_ties_splits_groups(device, full=False):
     row has no spare columns; what it does not cover (cosine, fp16, ieee, top-k, a c_aug
     over ``SearchPlan.max_aug_bytes``) runs the tiled kernel."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
-    from tokenizers_vq.kernels.nearest import FIXED, nearest_codes_triton  # noqa: PLC0415
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+    from tokenizers_vq.kernels.tiles import FIXED  # noqa: PLC0415
 
     for bits in (plan().tile_bits, 2):  # every tile a launch may pick keeps its tags in range
         for tile in [c.kwargs for c in packed._configs()] + [FIXED, packed.INTERPRET_TILE]:

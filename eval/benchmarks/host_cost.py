@@ -42,16 +42,17 @@ def stubbed_launches() -> Iterator[None]:
     interpreter switch off (so the host takes its GPU branches), for the ``with`` block."""
     import triton  # noqa: PLC0415
 
-    from tokenizers_vq.kernels import nearest, packed, topk  # noqa: PLC0415
+    from tokenizers_vq.kernels import nearest, packed, tiled, tiles, topk  # noqa: PLC0415
 
     saved = []
-    for mod in (nearest, packed, topk):
+    for mod in (nearest, tiles, tiled, packed, topk):
         for name, obj in vars(mod).items():
             if isinstance(obj, (triton.runtime.JITFunction, triton.runtime.Autotuner)):
                 saved.append((mod, name, obj))
                 setattr(mod, name, _NoLaunch(name))
-    saved.append((nearest, "_interpret", nearest._interpret))
-    nearest._interpret = lambda: False
+        if hasattr(mod, "_interpret"):
+            saved.append((mod, "_interpret", mod._interpret))
+            mod._interpret = lambda: False
     try:
         yield
     finally:

@@ -6,7 +6,7 @@
 2. Host overhead: the full call through the registered op, the direct eager call, and
    the same call replayed from a CUDA graph (GPU time only).
 3. the tiled kernel tile configurations for large ``d`` (64- or 128-wide chunks), launched directly
-   without the autotuner: sets the large-``d`` entries of ``nearest._configs``.
+   without the autotuner: sets the large-``d`` entries of ``tiled._configs``.
 4. ``wide``: bf16 rows of 129-256 values in the packed kernel (x kept in registers) against
    the tiled kernel, and each wide-row tile: sets ``SearchPlan.max_row_bytes`` and the wide configs.
 5. ``norminit``: rows without six spare columns, the norms in a second dot against the
@@ -128,13 +128,14 @@ def tiled_configs(rows: list, n: int = 32768) -> None:
     import triton  # noqa: PLC0415
 
     from tokenizers_vq.kernels import nearest as nr  # noqa: PLC0415
+    from tokenizers_vq.kernels import tiled, tiles as tl_host  # noqa: PLC0415
 
     tiles = [(128, 128, 8, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 64, 4, 4),
              (128, 128, 4, 4), (128, 128, 8, 5), (256, 128, 8, 4)]
     for k, d in ((16384, 256), (16384, 1536)):
         x = torch.randn(1, n, d, device="cuda").bfloat16()
         c = torch.randn(1, k, d, device="cuda").bfloat16()
-        bias, scale = nr.codeword_terms(c, False)
+        bias, scale = tl_host.codeword_terms(c, False)
         dist = torch.empty(1, n, device="cuda")
         idx = torch.empty(1, n, device="cuda", dtype=torch.int64)
         auto = bench(lambda: nr.nearest_codes_triton(x[0], c[0], algorithm="tiled"))
@@ -147,7 +148,7 @@ def tiled_configs(rows: list, n: int = 32768) -> None:
 
                 def run(bn=bn, bk=bk, w=w, st=st, bd=bd):
                     grid = (triton.cdiv(n, bn), 1, 1)
-                    nr._nearest_kernel.fn[grid](x, c, bias, scale, dist, idx, dist, n, k, d, k, *x.stride(), *c.stride(),
+                    tiled._nearest_kernel.fn[grid](x, c, bias, scale, dist, idx, dist, n, k, d, k, *x.stride(), *c.stride(),
                                                 n, 0, COSINE=False, PRECISION="tf32", SPLIT=False, WRITE_DIST=True,
                                                 ONE_CHUNK=False, BLOCK_D=bd, DOT_F32=False, BLOCK_N=bn, BLOCK_K=bk,
                                                 num_warps=w, num_stages=st)
