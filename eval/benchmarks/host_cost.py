@@ -9,6 +9,9 @@ users and ``torch.compile`` see it) and the implementation behind the op, so the
 dispatch cost shows apart.
 
     python -m tokenizers_vq.eval.benchmarks.host_cost              # the bench cases, microseconds per call
+
+On a GPU, :func:`profile_gpu_calls` (the sweep's ``profile`` part) times real small calls and
+profiles where their host time goes.
 """
 
 from __future__ import annotations
@@ -83,6 +86,38 @@ def measure(n: int, k: int, d: int, dtype: torch.dtype = torch.bfloat16) -> dict
             "public_us": host_us(lambda: nearest.nearest_codes_triton(x, c, return_dist=False)),
             "impl_us": host_us(lambda: nearest._nearest_impl(x, c, "l2", 0, "tf32", False, 0)),
         }
+
+
+def profile_gpu_calls(rows: list) -> None:
+    """cProfile of 500 default calls at 32768 x 16384 x 8 (bf16): where the host time goes."""
+    import cProfile  # noqa: PLC0415
+    import io  # noqa: PLC0415
+    import pstats  # noqa: PLC0415
+
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+
+    x = torch.randn(32768, 8, device="cuda").bfloat16()
+    c = torch.randn(16384, 8, device="cuda").bfloat16()
+    for alg in ("packed", "tiled"):
+        for _ in range(20):
+            nearest_codes_triton(x, c, algorithm=alg)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(500):
+            nearest_codes_triton(x, c, algorithm=alg)
+            torch.cuda.synchronize()
+        synced = (time.perf_counter() - t) / 500 * 1e6
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(500):
+            nearest_codes_triton(x, c, algorithm=alg)
+        pr.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+        print(f"== {alg}: {synced:.0f} us per synchronised call", flush=True)
+        print(buf.getvalue(), flush=True)
+        rows.append({"part": "profile", "algorithm": alg, "us_per_synced_call": synced, "top": buf.getvalue()[:6000]})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,12 +10,11 @@
 4. ``wide``: bf16 rows of 129-256 values in the packed kernel (x kept in registers) against
    the tiled kernel, and each wide-row tile: sets ``SearchPlan.max_row_bytes`` and the wide configs.
 5. ``norminit``: rows without six spare columns, the norms in a second dot against the
-   norms as the dot's initial accumulator: sets ``SearchPlan.norm_init_min_block_d``. (A part ``flat``,
-   the tiled kernel with one loop over (tile, chunk) pairs for large d, was measured at commit
-   ``6211b01`` and removed with its kernel option: it lost, ``results/sweep_h100.md``.)
-6. ``hostparts``: small calls, the split choice and the host time of each piece.
+   norms as the dot's initial accumulator: sets ``SearchPlan.norm_init_min_block_d``.
+6. ``hostparts``: small calls, the split choice and the host time of each piece;
+   ``profile``: cProfile of small calls (``host_cost.profile_gpu_calls``).
 7. ``rowreduce``: the tiled kernel with each tile reduced to its rows at once, against the per-element
-   walk: sets ``nearest.ROW_REDUCE_MIN_D``.
+   walk: sets ``SearchPlan.row_reduce_min_d``.
 8. ``splitone``: the packed kernel with the automatic split against one split.
 9. ``padup``: rows without spare columns, a second dot against one dot twice as wide.
 10. ``half``: the packed epilogue with one inline-PTX ``lop3`` per distance, and two half-tile
@@ -365,38 +364,6 @@ def host_parts(rows: list) -> None:
         print(json.dumps(row), flush=True)
 
 
-def profile(rows: list) -> None:
-    """cProfile of 500 default calls at 32768 x 16384 x 8 (bf16): where the host time goes."""
-    import cProfile  # noqa: PLC0415
-    import io  # noqa: PLC0415
-    import pstats  # noqa: PLC0415
-
-    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
-
-    x = torch.randn(32768, 8, device="cuda").bfloat16()
-    c = torch.randn(16384, 8, device="cuda").bfloat16()
-    for alg in ("packed", "tiled"):
-        for _ in range(20):
-            nearest_codes_triton(x, c, algorithm=alg)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(500):
-            nearest_codes_triton(x, c, algorithm=alg)
-            torch.cuda.synchronize()
-        synced = (time.perf_counter() - t) / 500 * 1e6
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(500):
-            nearest_codes_triton(x, c, algorithm=alg)
-        pr.disable()
-        torch.cuda.synchronize()
-        buf = io.StringIO()
-        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
-        print(f"== {alg}: {synced:.0f} us per synchronised call", flush=True)
-        print(buf.getvalue(), flush=True)
-        rows.append({"part": "profile", "algorithm": alg, "us_per_synced_call": synced, "top": buf.getvalue()[:6000]})
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results_tmp/sweep")
@@ -406,7 +373,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows: list = []
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
-    parts = {"ext": packed_vs_tiled, "host": host_overhead, "tiledcfg": tiled_configs, "profile": profile,
+    from tokenizers_vq.eval.benchmarks.host_cost import profile_gpu_calls  # noqa: PLC0415
+
+    parts = {"ext": packed_vs_tiled, "host": host_overhead, "tiledcfg": tiled_configs, "profile": profile_gpu_calls,
              "wide": wide_rows, "norminit": norm_init, "hostparts": host_parts,
              "rowreduce": row_reduce, "splitone": split_one, "padup": pad_up, "half": half_tiles,
              "padup_half": pad_up_half, "norminit_half": norm_init_half}
