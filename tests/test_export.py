@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,9 +24,12 @@ from tokenizers_vq.io import load_image, save_image
 from tokenizers_vq.media import load_audio
 from tokenizers_vq.prior import PriorConfig, TokenPrior
 from tokenizers_vq.quantizers import PackedCodes, ResidualQuantizer, VectorQuantizer
-from tokenizers_vq.tokenizer import Tokenizer
+from tokenizers_vq.tokenizer import QuantizerConfig, Tokenizer
 from tokenizers_vq.tokens import decode_record, encode_file
 from tokenizers_vq.train.prior import PriorTrainConfig, sample_images, train_prior
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def photos(n: int) -> list[Path]:
@@ -62,6 +66,27 @@ def test_shards_do_not_depend_on_the_number_of_loader_workers(tmp_path):
             outs[workers] = {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.name != "export.json"}
         assert len(outs[0]) == 2 * math.ceil(len(files) / 3) + 1  # (.bin, .json) per shard + manifest
         assert outs[1] == outs[0] and outs[2] == outs[0]
+
+
+def test_the_readmes_numpy_reader_reads_an_export_like_token_dataset(tmp_path):
+    """The shard format as the README documents it, read with its numpy.memmap reader: the
+    same items, in the same order, with the same codes as TokenDataset (images, and residual
+    codes with a level axis)."""
+    import re
+
+    block = next(b for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+                 if "def read_export" in b)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    for name, tok in (("grid", tiny("image")), ("residual", tiny("image", QuantizerConfig("vq", {"codebook_size": 64},
+                                                                                         levels=2)))):
+        export_dataset(tok, photos(5), tmp_path / name, shard_items=2)
+        got = list(scope["read_export"](tmp_path / name))
+        ds = TokenDataset(tmp_path / name)
+        assert [s for s, _ in got] == [p.name for p in photos(5)] and len(got) == len(ds)
+        for i, (_, codes) in enumerate(got):
+            assert torch.equal(torch.from_numpy(codes.astype("int64")), ds.codes(i).long())
+        assert got[0][1].dtype == np.dtype("<u2") and got[0][1].ndim == (3 if name == "residual" else 2)
 
 
 def test_an_export_killed_mid_run_resumes_to_the_same_shards(tmp_path):
