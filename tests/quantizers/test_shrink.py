@@ -12,7 +12,7 @@ from tokenizers_vq import VectorQuantizer
 from tokenizers_vq.demo import image_to_patches
 from tokenizers_vq.io import load_image
 from tokenizers_vq.quantizers import shrink_codebook, shrink_family
-from tokenizers_vq.quantizers.bitrate import (
+from tokenizers_vq.bitrate import (
     bits_per_pixel,
     decode_tokens,
     encode_tokens,

@@ -8,8 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
-from tokenizers_vq.quantizers.residual import check_same_codes, merge_outputs
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_same_codes, merge_outputs
 
 
 class GroupedQuantizer(Quantizer):

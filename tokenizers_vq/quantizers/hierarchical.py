@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
-from tokenizers_vq.quantizers.residual import check_same_codes, merge_outputs
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_same_codes, merge_outputs
 
 
 @dataclass

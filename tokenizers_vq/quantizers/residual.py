@@ -8,33 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
-
-
-def check_same_codes(quantizers: Sequence[Quantizer], what: str) -> None:
-    """Wrapped quantizers must agree on codebook size and code shape, so that their
-    codes stack into one integer tensor."""
-    if not quantizers:
-        raise ValueError(f"{what} needs at least one quantizer")
-    first = quantizers[0]
-    for q in quantizers[1:]:
-        if q.codebook_size != first.codebook_size or q.code_shape != first.code_shape:
-            raise ValueError(
-                f"{what}: all quantizers must share codebook_size and code_shape; got "
-                f"{first.codebook_size}/{first.code_shape} and {q.codebook_size}/{q.code_shape}"
-            )
-
-
-def merge_outputs(outs: Sequence[QuantizerOutput], prefix: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Losses summed by name over the parts; metrics kept per part as ``name/{prefix}{i}``."""
-    losses: dict[str, Tensor] = {}
-    metrics: dict[str, Tensor] = {}
-    for i, out in enumerate(outs):
-        for k, v in out.losses.items():
-            losses[k] = losses[k] + v if k in losses else v
-        for k, v in out.metrics.items():
-            metrics[f"{k}/{prefix}{i}"] = v
-    return losses, metrics
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_same_codes, merge_outputs
 
 
 class ResidualQuantizer(Quantizer):
