@@ -75,16 +75,24 @@ def search_agreement(x: Tensor, cb: Tensor, metric: str, precision: str) -> dict
     if precision == "bf16":
         xg, cg = xg.bfloat16(), cg.bfloat16()
     _, got = nearest_codes_triton(xg, cg, metric, precision="ieee" if precision == "ieee" else "tf32")
-    return {"precision": precision, **compare_ids(x, cb, metric, ref, got.cpu(), precision)}
+    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+
+    ran_packed = packed.applies(xg.dtype, x.shape[1], metric, "ieee" if precision == "ieee" else "tf32", 1, cb.shape[0])
+    return {"precision": precision, "packed": ran_packed,
+            **compare_ids(x, cb, metric, ref, got.cpu(), precision, ran_packed)}
 
 
-def compare_ids(x: Tensor, cb: Tensor, metric: str, ref: Tensor, got: Tensor, precision: str) -> dict[str, Any]:
+def compare_ids(x: Tensor, cb: Tensor, metric: str, ref: Tensor, got: Tensor, precision: str,
+                packed: bool = False) -> dict[str, Any]:
     """Agreement of ``got`` with the exact ids ``ref``, and how far each differing id's
-    exact distance is from the winner's, against the rounding bound of ``precision``."""
+    exact distance is from the winner's, against the rounding bound of ``precision``
+    (plus the packed kernel's key truncation when ``packed`` ran)."""
     diff = (got != ref).nonzero(as_tuple=True)[0]
     gap = exact_distance(x[diff], cb[got[diff]], metric) - exact_distance(x[diff], cb[ref[diff]], metric)
     scale = x[diff].double().pow(2).sum(-1) + cb[got[diff]].double().pow(2).sum(-1)
-    bound = 2 * UNIT_ROUNDOFF[precision] * scale + PACKED_KEY * exact_distance(x[diff], cb[ref[diff]], metric).abs()
+    bound = 2 * UNIT_ROUNDOFF[precision] * scale
+    if packed:
+        bound = bound + PACKED_KEY * exact_distance(x[diff], cb[ref[diff]], metric).abs()
     return {
         "n": int(ref.numel()), "equal": float((got == ref).float().mean()),
         "differing": int(diff.numel()), "within_bound": int((gap <= bound).sum()),

@@ -68,6 +68,18 @@ def test_shards_do_not_depend_on_the_number_of_loader_workers(tmp_path):
         assert outs[1] == outs[0] and outs[2] == outs[0]
 
 
+def test_a_file_a_loader_worker_cannot_read_is_named_as_the_reader_words_it(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in photos(3):
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "zz_broken.png").write_bytes(b"not a png" * 10)
+    files = sorted(folder.iterdir())
+    with pytest.raises(ValueError) as err:
+        export_dataset(tiny("image"), files, tmp_path / "out", workers=2)
+    assert "zz_broken.png" in str(err.value) and "DataLoader" not in str(err.value)
+
+
 def test_the_readmes_numpy_reader_reads_an_export_like_token_dataset(tmp_path):
     """The shard format as the README documents it, read with its numpy.memmap reader: the
     same items, in the same order, with the same codes as TokenDataset (images, and residual

@@ -63,7 +63,8 @@ from tokenizers_vq.tokens import TokenRecord, check_input_modality
 
 class _Inputs(Dataset):
     """Files read as a tokenizer's inputs (:func:`~tokenizers_vq.media.load_input`), one
-    per index: what the export's loader workers run."""
+    per index: what the export's loader workers run. A file the reader refuses comes back
+    as its ``ValueError``, raised again in the main process as the reader worded it."""
 
     def __init__(self, files: list[Path], modality: str, sample_rate: int | None):
         self.files, self.modality, self.sample_rate = files, modality, sample_rate
@@ -71,50 +72,66 @@ class _Inputs(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, list[int], dict[str, Any]]:
-        return load_input(self.files[i], self.modality, self.sample_rate)
+    def __getitem__(self, i: int) -> tuple[Tensor, list[int], dict[str, Any]] | ValueError:
+        try:
+            return load_input(self.files[i], self.modality, self.sample_rate)
+        except ValueError as e:
+            return e
 
 
-def _read(tok: Tokenizer, files: list[Path], workers: int) -> dict[Path, tuple[Tensor, list[int], dict[str, Any]]]:
-    """Every file read and decoded, in ``workers`` processes (0: in this one); the
-    result does not depend on the number of workers (the loader keeps the order)."""
+def _read(tok: Tokenizer, files: list[Path], workers: int) -> Iterator[tuple[Path, tuple[Tensor, list[int], dict]]]:
+    """``(file, (x, size, info))`` in file order, read and decoded in ``workers``
+    processes (0: in this one) ahead of the caller; the order and the values do not
+    depend on the number of workers."""
     for f in files:
         check_input_modality(tok, f)
     data = _Inputs(files, tok.modality, tok.sample_rate)
     if workers <= 0 or len(files) < 2:
-        return {f: data[i] for i, f in enumerate(files)}
-    from torch.utils.data import DataLoader  # noqa: PLC0415
+        items: Iterator = (data[i] for i in range(len(files)))
+    else:
+        from torch.utils.data import DataLoader  # noqa: PLC0415
 
-    loader = DataLoader(data, batch_size=None, num_workers=min(workers, len(files)),
-                        pin_memory=torch.cuda.is_available() and next(tok.parameters()).is_cuda)
-    return dict(zip(files, loader))
+        items = iter(DataLoader(data, batch_size=None, num_workers=min(workers, len(files)),
+                                pin_memory=torch.cuda.is_available() and next(tok.parameters()).is_cuda))
+    for f, item in zip(files, items):
+        if isinstance(item, ValueError):
+            raise item
+        yield f, item
 
 
 def _encode_batches(
     tok: Tokenizer, files: list[Path], batch_size: int, workers: int = 0
 ) -> Iterator[tuple[list[tuple[Path, list[int], dict[str, Any]]], Tensor | PackedCodes]]:
-    """Read every file (in ``workers`` processes) and encode those whose inputs share a
-    shape together, at most ``batch_size`` at a time.
+    """Read the files (in ``workers`` processes) and encode inputs of equal shape
+    together, ``batch_size`` at a time; at most ``2 * batch_size`` decoded inputs wait in
+    memory (when that many are pending in groups of other shapes, all groups are encoded).
 
     Yields:
         ``(chunk, encoded)``: ``(file, size, info)`` per file of the chunk and
         ``tok.encode`` of their stacked inputs.
     """
-    inputs = _read(tok, files, workers)
-    groups: dict[tuple[int, ...], list[Path]] = defaultdict(list)
-    for f, (x, _, _) in inputs.items():
-        groups[tuple(x.shape)].append(f)
     device = next(tok.parameters()).device
     step = max(1, batch_size)
-    for group in groups.values():
-        for i in range(0, len(group), step):
-            chunk = group[i : i + step]
-            x = torch.stack([inputs[f][0] for f in chunk]).to(device, non_blocking=True)
-            try:
-                encoded = tok.encode(x)
-            except ValueError as e:  # the tokenizer's refusal (e.g. too small), said of the file
-                raise ValueError(f"{chunk[0] if len(chunk) == 1 else [str(f) for f in chunk]}: {e}") from e
-            yield [(f, *inputs[f][1:]) for f in chunk], encoded
+    pending: dict[tuple[int, ...], list[tuple[Path, Tensor, list[int], dict[str, Any]]]] = defaultdict(list)
+
+    def encode(group: list[tuple[Path, Tensor, list[int], dict[str, Any]]]):
+        x = torch.stack([x for _, x, _, _ in group]).to(device, non_blocking=True)
+        try:
+            encoded = tok.encode(x)
+        except ValueError as e:  # the tokenizer's refusal (e.g. too small), said of the files
+            raise ValueError(f"{group[0][0] if len(group) == 1 else [str(f) for f, *_ in group]}: {e}") from e
+        return [(f, size, info) for f, _, size, info in group], encoded
+
+    for f, (x, size, info) in _read(tok, files, workers):
+        shape = tuple(x.shape)
+        pending[shape].append((f, x, size, info))
+        if len(pending[shape]) == step:
+            yield encode(pending.pop(shape))
+        elif sum(map(len, pending.values())) >= 2 * step:
+            for key in list(pending):
+                yield encode(pending.pop(key))
+    for key in list(pending):
+        yield encode(pending.pop(key))
 
 
 def _encode_shard(tok: Tokenizer, files: list[Path], batch_size: int, workers: int = 0) -> list[TokenRecord]:

@@ -25,6 +25,11 @@ def mel_to_hz(m: Tensor) -> Tensor:
 @functools.lru_cache(maxsize=32)
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None) -> Tensor:
     """Triangular HTK mel filters ``(n_mels, n_fft // 2 + 1)`` (unit peak)."""
+    with torch.inference_mode(False):  # cached: usable later with autograd too
+        return _mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max)
+
+
+def _mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float | None) -> Tensor:
     f_max = f_max or sample_rate / 2
     freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
     edges = mel_to_hz(torch.linspace(hz_to_mel(torch.tensor(f_min)), hz_to_mel(torch.tensor(f_max)), n_mels + 2, dtype=torch.float64))
@@ -38,7 +43,8 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0
 def _filterbank_on(sample_rate: int, n_fft: int, n_mels: int, device: torch.device) -> Tensor:
     """:func:`mel_filterbank` copied to ``device`` once (a copy per call would make every
     mel loss on the GPU wait for a host-to-device transfer)."""
-    return mel_filterbank(sample_rate, n_fft, n_mels).to(device)
+    with torch.inference_mode(False):  # cached: usable later with autograd too
+        return mel_filterbank(sample_rate, n_fft, n_mels).to(device)
 
 
 def stft_magnitude(wav: Tensor, n_fft: int, hop: int) -> Tensor:

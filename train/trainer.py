@@ -66,10 +66,6 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.ema_decay > 0 else None
         loss = cfg.loss
         self.disc = build_discriminator(cfg.model.modality) if loss.adversarial > 0 else None
-        if self.disc is not None and self.acc.device.type == "cuda" and cfg.model.modality != "video":
-            # 2D convolutions in bf16 run NHWC in cuDNN: weights in that layout spare a
-            # transpose of every activation before and after each convolution
-            self.disc.to(memory_format=torch.channels_last)
         self.lecam = LeCam(loss.lecam_decay) if self.disc is not None and loss.lecam > 0 else None
         self.lpips = None
         if loss.perceptual > 0 and cfg.model.modality != "audio":
@@ -190,8 +186,11 @@ class Trainer:
         # warm-up: early on the average follows the live weights (decay (1+t)/(10+t))
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         # one multi-tensor call each, not two kernels per parameter
-        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in live.parameters()], 1 - decay)
-        torch._foreach_copy_(list(self.ema.buffers()), list(live.buffers()))  # codebook statistics are EMAs already
+        params, buffers = list(self.ema.parameters()), list(self.ema.buffers())
+        if params:
+            torch._foreach_lerp_(params, [p.detach() for p in live.parameters()], 1 - decay)
+        if buffers:  # the foreach ops refuse empty lists (a latent quantizer has no buffers)
+            torch._foreach_copy_(buffers, list(live.buffers()))  # codebook statistics are EMAs already
 
     # -- the loop -------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:

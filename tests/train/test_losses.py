@@ -134,3 +134,16 @@ def test_lpips_without_its_files_names_the_path_and_the_config_fields(tmp_path, 
     assert "loss.lpips_heads" in str(e.value) and "pip install lpips" in str(e.value)
     with pytest.raises(ValueError, match="must be one of"):
         LPIPS("resnet", random_backbone=True)
+
+
+def test_mel_filterbanks_cached_under_inference_mode_still_train():
+    """The filterbank caches outlive the call that fills them: one first built under
+    torch.inference_mode (evaluation) must still work in a training loss afterwards."""
+    from tokenizers_vq.spectral import multiscale_mel_distance
+
+    x, y = torch.randn(1, 1, 4000), torch.randn(1, 1, 4000)
+    with torch.inference_mode():
+        multiscale_mel_distance(x, y, 12345)  # a rate no other test uses: the caches fill here
+    rec = torch.randn(1, 1, 4000, requires_grad=True)
+    multiscale_mel_distance(rec, y, 12345).backward()
+    assert rec.grad is not None and torch.isfinite(rec.grad).all()

@@ -209,3 +209,13 @@ def test_shipped_configs_build(name):
     cfg = load_config(f"train/configs/{name}.yaml")
     tok = Tokenizer(cfg.model)
     assert tok.modality == name
+
+
+def test_a_quantizer_without_buffers_trains_with_the_weight_average(tmp_path):
+    """The EMA of the weights copies buffers with one multi-tensor call, which refuses an
+    empty list: a latent quantizer has no buffers and must still train."""
+    over = {"model.quantizer.kind": "latent", "model.quantizer.options": '{"values_per_dim": 5}', "ema_decay": 0.9}
+    tr = Trainer(config("image", tmp_path / "run", 2, **over))
+    assert not [b for b in tr.ema.quantizer.buffers()]  # nothing of the quantizer to copy
+    summary = tr.train()
+    assert summary["steps"] == 2 and all(torch.isfinite(p).all() for p in tr.ema.parameters())
