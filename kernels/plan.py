@@ -3,11 +3,12 @@
 Every host function of the search reads its choices from a :class:`SearchPlan` passed to
 it (default :data:`DEFAULT_PLAN`, the values the H100 sweep chose; see
 ``eval/results/kernels/sweep_h100.md``). Tests and the sweep pass a modified copy
-(``dataclasses.replace(DEFAULT_PLAN, tile_bits=2)``) instead of changing module state.
+(``DEFAULT_PLAN.replace(tile_bits=2)``) instead of changing module state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -54,6 +55,10 @@ class SearchPlan:
     pad_up_max_d: Mapping[torch.dtype, int] = field(default_factory=lambda: _per_dtype(bfloat16=32))
     max_aug_bytes: int = 64 << 20
     row_reduce_min_d: int = 512
+
+    def replace(self, **changes) -> SearchPlan:
+        """A copy with ``changes`` (field names as above)."""
+        return dataclasses.replace(self, **changes)
 
 
 DEFAULT_PLAN = SearchPlan()

@@ -4,7 +4,6 @@ device. Run by ``tests/kernels/test_nearest.py`` in the interpreter and on the G
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 from types import MappingProxyType
 
@@ -12,14 +11,12 @@ import torch
 
 from nearest_checks import DTYPES, _check_search, _data
 
+from tokenizers_vq.kernels.plan import DEFAULT_PLAN
+
 PACKED = ("bf16", "fp32_tf32")  # what algorithm="packed" runs on; other dtypes fall back to the tiled kernel
 
 
-def plan(**changes):
-    """The default search plan with ``changes`` (:class:`~tokenizers_vq.kernels.plan.SearchPlan`)."""
-    from tokenizers_vq.kernels.plan import DEFAULT_PLAN  # noqa: PLC0415
-
-    return dataclasses.replace(DEFAULT_PLAN, **changes)
+plan = DEFAULT_PLAN.replace  # plan(**changes): the default search plan with changes
 
 
 @contextlib.contextmanager

@@ -57,7 +57,7 @@ from tokenizers_vq.export_record import START_OVER, claim, fingerprint
 from tokenizers_vq.io import atomic_write
 from tokenizers_vq.media import load_input
 from tokenizers_vq.quantizers import PackedCodes
-from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, _check_shard, token_dtype  # noqa: F401
+from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, check_shard, token_dtype  # noqa: F401
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import TokenRecord, check_input_modality
 
@@ -224,7 +224,7 @@ def export_dataset(
         if [it["source"] for it in index] != [f.name for f in chunk]:
             raise ValueError(f"{idx_path} indexes other files than shard {k} of this export; {START_OVER}")
         try:
-            tokens_per_shard.append(_check_shard(out, name, index, dtype, math.prod(q.code_shape), dynamic))
+            tokens_per_shard.append(check_shard(out, name, index, dtype, math.prod(q.code_shape), dynamic))
         except ValueError as e:
             raise ValueError(f"{e}; {START_OVER}") from None
         items_per_shard.append(len(index))

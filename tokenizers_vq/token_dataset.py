@@ -23,7 +23,7 @@ def token_dtype(codebook_size: int) -> np.dtype:
     return np.dtype("<u2") if codebook_size <= 2**16 else np.dtype("<u4")
 
 
-def _check_shard(directory: Path, name: str, items: list[dict[str, Any]], dtype: np.dtype, per_cell: int,
+def check_shard(directory: Path, name: str, items: list[dict[str, Any]], dtype: np.dtype, per_cell: int,
                  dynamic: bool) -> int:
     """Tokens in shard ``name``, once its index and arrays agree: items back to back
     from offset 0, each ``length`` the product of its ``shape``, the ``.bin`` exactly
@@ -117,7 +117,7 @@ class TokenDataset(Dataset):
                 raise ValueError(f"{self.dir}: manifest lists {len(shards)} shards but {len(m[key])} {key}{fix}")
         for k, (s, items) in enumerate(zip(shards, index)):
             try:
-                tokens.append(_check_shard(self.dir, s, items, dtype, self.per_cell, self.layout == "dynamic"))
+                tokens.append(check_shard(self.dir, s, items, dtype, self.per_cell, self.layout == "dynamic"))
             except ValueError as e:
                 raise ValueError(f"{e}{fix}") from None
             counts = (("items_per_shard", len(items), "items"), ("tokens_per_shard", tokens[-1], "tokens"))

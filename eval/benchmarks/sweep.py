@@ -30,13 +30,14 @@ Writes ``sweep.json`` and ``sweep.md`` under ``--out``; every row is printed as 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
-from types import MappingProxyType
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
+
+from tokenizers_vq.kernels.plan import DEFAULT_PLAN
 
 
 def bench(fn) -> float:
@@ -67,11 +68,7 @@ def graph_ms(fn) -> float:
     return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
 
 
-def plan(**changes):
-    """The default search plan with ``changes``."""
-    from tokenizers_vq.kernels.plan import DEFAULT_PLAN  # noqa: PLC0415
-
-    return dataclasses.replace(DEFAULT_PLAN, **changes)
+plan = DEFAULT_PLAN.replace  # plan(**changes): the default search plan with changes
 
 
 def packed_vs_tiled(rows: list, n: int = 32768) -> None:
@@ -281,7 +278,7 @@ def half_tiles(rows: list, cases=None, pad_up: bool | None = None, part: str = "
     if pad_up is not None:
         base = plan(pad_up_max_d=MappingProxyType({torch.bfloat16: 2**30 if pad_up else 0}))
     if norm_init:
-        base = dataclasses.replace(base, norm_init_min_block_d=0)
+        base = base.replace(norm_init_min_block_d=0)
     for n, k, d in cases:
         x = torch.randn(n, d, device="cuda").bfloat16()
         c = torch.randn(k, d, device="cuda").bfloat16()
@@ -300,11 +297,11 @@ def half_tiles(rows: list, cases=None, pad_up: bool | None = None, part: str = "
                 row[f"{tag}_differ"] = type(e).__name__
 
         for asm in (False, True):
-            measure(f"auto_asm{int(asm)}", dataclasses.replace(base, use_asm=asm))
+            measure(f"auto_asm{int(asm)}", base.replace(use_asm=asm))
         for bn, bk, w, st in HALF_WIDE_TILES if d > 128 else HALF_TILES:
             for half in (False, True):
                 tile = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st, "HALF": half}
-                measure(f"{bn}x{bk}w{w}s{st}{'h' if half else ''}", dataclasses.replace(base, force_tile=tile))
+                measure(f"{bn}x{bk}w{w}s{st}{'h' if half else ''}", base.replace(force_tile=tile))
         rows.append(row)
         print(json.dumps(row), flush=True)
 

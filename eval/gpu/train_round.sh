@@ -84,7 +84,6 @@ for r in $RUNS; do
     tar -cf "$OUT/$r.tar" -C runs/$r --exclude=checkpoint --exclude='checkpoint.old' .
   fi
 done
-wait  # the id agreement
 tar -cf "$OUT/logs.tar" -C "$OUT" work
 ls -la "$OUT"
 tail -n 2 "$W"/*.log

@@ -10,7 +10,6 @@ on the GPU over a larger grid.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -103,7 +102,7 @@ def check_row_reduce(device, full=False):
     from tokenizers_vq.kernels.plan import DEFAULT_PLAN  # noqa: PLC0415
 
     names = list(DTYPES)
-    on, off = (dataclasses.replace(DEFAULT_PLAN, row_reduce_min_d=v) for v in (0, 2**30))
+    on, off = (DEFAULT_PLAN.replace(row_reduce_min_d=v) for v in (0, 2**30))
     cases = ((1, 3, 1), (7, 5, 17), (7, 100, 1000), (300, 24, 700), (37, 600, 300))
     for i, ((n, d, k), split) in enumerate(itertools.product(cases, (None, 3))):
         metric = ("l2", "cosine")[i % 2]
