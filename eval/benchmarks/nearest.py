@@ -4,8 +4,12 @@ One run checks and times everything: for each ``N x K x D`` case, our kernel as 
 call it (bf16, fp32 with tf32 dot products, and exact fp32 for small ``D``: the packed
 kernel where it applies, else the tiled kernel), the tiled kernel forced (``algorithm="tiled"``) beside it, against
 ``torch.cdist + argmin`` (fp32), ``addmm(|c|^2, x, C^T, alpha=-2) + argmin`` (fp32
-and bf16) and vector-quantize-pytorch's ``VectorQuantize`` (eval forward); then one
-VQ-EMA training step (forward + backward + EMA update) of ours against theirs.
+and bf16), vector-quantize-pytorch's ``VectorQuantize`` (eval forward), flash-kmeans'
+fused assign (fp16, norms precomputed) and FAISS GPU brute force where they import; our
+bf16 call replayed from a CUDA graph shows what the kernels cost without the host. Then the
+VQ-EMA training step (forward + backward + EMA update) of ours, eager and compiled with
+``fullgraph=True``, against theirs and against the step's search alone
+(:mod:`tokenizers_vq.eval.benchmarks.peers`).
 
 Reported per method: median ms (``triton.testing.do_bench``; every method is timed in
 ``ROUNDS`` rounds over all methods and keeps its fastest round; vector-quantize-pytorch,
@@ -32,10 +36,11 @@ from pathlib import Path
 
 import torch
 
-CASES = [(32768, 100000, 8), (262144, 262144, 8), (32768, 16384, 8), (32768, 16384, 32), (32768, 16384, 256),
-         (32768, 16384, 1536), (32768, 1024, 256), (32768, 100000, 256), (262144, 16384, 32)]
-METHODS = ["ours_bf16", "ours_bf16_tiled", "ours_fp32", "ours_fp32_tiled", "ours_fp32_exact", "cdist_fp32",
-           "mm_fp32", "mm_bf16", "vqp"]
+CASES = [(32768, 1024, 8), (32768, 1024, 256), (32768, 4096, 8), (32768, 4096, 32), (32768, 100000, 8), (262144, 262144, 8), (32768, 16384, 8), (32768, 16384, 32), (32768, 16384, 256),
+         (32768, 16384, 1536), (32768, 100000, 256), (262144, 16384, 32)]
+TRAIN_CASES = [(32768, 1024, 256), (32768, 16384, 8), (32768, 16384, 256)]
+METHODS = ["ours_bf16", "ours_bf16_graph", "ours_bf16_tiled", "ours_fp32", "ours_fp32_tiled", "ours_fp32_exact",
+           "cdist_fp32", "mm_fp32", "mm_bf16", "vqp", "flash_kmeans_fp16", "faiss_fp32"]
 CHECKED = ["ours_bf16", "ours_fp32", "ours_bf16_tiled", "ours_fp32_tiled"]  # index checks, in this order
 # Each method is timed in ROUNDS rounds over all methods and keeps its fastest median: a host-bound call
 # (about 0.1 ms of GPU work under 0.1-0.4 ms of Python) was up to 4x slower in the first round after a
@@ -131,6 +136,7 @@ def check(x, c, idx, u_in: float, tile_bits: int = 0) -> dict:
 
 
 def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
+    from tokenizers_vq.eval.benchmarks import peers  # noqa: PLC0415
     from tokenizers_vq.kernels import packed, plan  # noqa: PLC0415  (after _kernels())
 
     x32 = torch.randn(n, d, device="cuda")
@@ -148,12 +154,16 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
         "mm_fp32": lambda: torch.addmm(csq32, x32, c32.T, alpha=-2.0).argmin(1),
         "mm_bf16": lambda: torch.addmm(csqb, xb, cb.T, alpha=-2.0).argmin(1),
     }
-    res = {}
+    fk, fk_inputs, fk_status = peers.flash_kmeans(x32, c32)
+    fa, fa_status = peers.faiss_flat(x32, c32)
+    fns.update(flash_kmeans_fp16=fk, faiss_fp32=fa)
+    res = {"ours_bf16_graph": measure(peers.graph(fns["ours_bf16"]))}
     for rnd in range(ROUNDS):  # every method once per round; each keeps its fastest round (see module doc)
         for name, fn in fns.items():
             over = time.time() > deadline and not name.startswith("ours")
             if rnd == 0:
-                res[name] = {"status": "skipped"} if fn is None or over else measure(fn)
+                absent = {"flash_kmeans_fp16": fk_status, "faiss_fp32": fa_status}.get(name, "skipped")
+                res[name] = {"status": absent} if fn is None else {"status": "skipped"} if over else measure(fn)
             elif res[name].get("status") == "ok" and not over:
                 again = measure(fn)
                 if again["status"] == "ok":
@@ -171,6 +181,11 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
             except Exception as e:  # noqa: BLE001  (OOM or a failing variant: recorded, the run goes on)
                 checks[name] = {"mismatch": -1, "bad": -1, "status": f"{type(e).__name__}: {str(e)[:200]}"}
             torch.cuda.empty_cache()
+        for name, run, (x, c) in (("flash_kmeans_fp16", fk, fk_inputs), ("faiss_fp32", fa, (x32, c32))):
+            if res[name].get("status") == "ok":
+                idx = run()
+                idx = (idx[1] if isinstance(idx, tuple) else idx).reshape(-1).long()
+                checks[name] = check(x, c, idx, 0.0 if name.startswith("flash") else 2.0**-11)
     if vqp_cls is None or time.time() > deadline:
         res["vqp"] = {"status": "skipped" if vqp_cls is not None else "not installed"}
     else:
@@ -193,30 +208,18 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
     return {"methods": res, "checks": checks, "kernel": kernel}
 
 
-def vq_train_step(vqp_cls, n: int = 32768, k: int = 16384, d: int = 256) -> dict:
-    """Forward + backward + EMA update, ours vs vector-quantize-pytorch, ``n`` tokens."""
-    from tokenizers_vq import VectorQuantizer  # noqa: PLC0415
+def vq_train_steps(vqp_cls, cases=TRAIN_CASES) -> list[dict]:
+    """Forward + backward + EMA update per ``N x K x D`` case: ours eager and compiled
+    (``fullgraph=True``), the step's search alone, vector-quantize-pytorch."""
+    from tokenizers_vq.eval.benchmarks import peers  # noqa: PLC0415
 
-    z = torch.randn(n // 1024, 1024, d, device="cuda", requires_grad=True)
-    ours = VectorQuantizer(dim=d, codebook_size=k, check_finite=False).cuda().train()
-
-    def step_ours():
-        z.grad = None
-        out = ours(z)
-        (out.quantized.square().mean() + sum(out.losses.values())).backward()
-
-    res = {"ours": measure(step_ours)}
-    del ours
-    if vqp_cls is not None:
-        theirs = vqp_cls(dim=d, codebook_size=k, decay=0.99, commitment_weight=0.25).cuda().train()
-
-        def step_theirs():
-            z.grad = None
-            q, _, loss = theirs(z)
-            (q.square().mean() + loss).backward()
-
-        res["vqp"] = measure(step_theirs)
-    return res
+    rows = []
+    for n, k, d in cases:
+        steps = peers.train_steps(n, k, d, vqp_cls)
+        rows.append({"n": n, "k": k, "d": d, **{name: measure(fn) for name, fn in steps.items()}})
+        del steps
+        torch.cuda.empty_cache()
+    return rows
 
 
 def _cell(r: dict) -> str:
@@ -225,49 +228,62 @@ def _cell(r: dict) -> str:
     return f"{r['ms']:.3f} ({r['extra_mib']:.0f})"
 
 
-def markdown(meta: dict, rows: list[dict], train: dict | None) -> str:
+def _ms(r: dict) -> float:
+    return r.get("ms", math.nan) if r.get("status") == "ok" else math.nan
+
+
+def markdown(meta: dict, rows: list[dict], train: list[dict] | None) -> str:
     r = meta["rates"]
+    names = {"ours_bf16": "ours bf16", "ours_bf16_graph": "ours bf16, CUDA graph", "ours_bf16_tiled": "tiled bf16",
+             "ours_fp32": "ours fp32", "ours_fp32_tiled": "tiled fp32", "ours_fp32_exact": "ours fp32 exact",
+             "cdist_fp32": "cdist fp32", "mm_fp32": "x@C^T fp32", "mm_bf16": "x@C^T bf16", "vqp": "vq-pytorch eval",
+             "flash_kmeans_fp16": "flash-kmeans fp16", "faiss_fp32": "FAISS GPU flat fp32"}
+    checked = CHECKED + ["flash_kmeans_fp16", "faiss_fp32"]
     lines = [f"# Nearest-code search: {r['device']}, {meta['date']}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, vector-quantize-pytorch {meta['vqp']}. "
+             f"torch {meta['torch']}, triton {meta['triton']}, vector-quantize-pytorch {meta['vqp']}, "
+             f"flash-kmeans {meta.get('flash_kmeans', '-')}, faiss {meta.get('faiss', '-')}. "
              f"Measured bf16 matmul {r['bf16_tflops']:.0f} TFLOP/s (8192^3). Epilogue bound: {EPILOGUE_OPS} CUDA-core "
              f"ops per distance at {r['sms']} SMs x 128 lanes x {r['sm_clock_mhz']:.0f} MHz = "
              f"{r['cuda_core_tops']:.1f} Tops/s. Floor = max(2NKD / bf16 rate, that bound).", "",
              f"Median ms, the fastest of {ROUNDS} rounds over all methods (every round in the JSON, `round_ms`; "
-             "vq-pytorch one round), "
-             "and extra peak MiB beyond inputs and outputs. \"ours\" is the default call (the packed "
-             "kernel where it applies, named in the kernel column, else the tiled kernel); \"tiled\" forces `algorithm=\"tiled\"`; "
-             "ours fp32 uses tf32 dot products, exact = `precision=\"ieee\"`. % floor and speed-up: bf16, "
-             "ours / tiled. Index checks against the fp32 torch argmin (mismatch, bad): ours bf16 / ours fp32 / "
-             "tiled bf16 / tiled fp32.", "",
-             "| N x K x D | ours bf16 | tiled bf16 | ours fp32 | tiled fp32 | ours fp32 exact | cdist fp32 | "
-             "x@C^T fp32 | x@C^T bf16 | vq-pytorch eval | floor ms | % floor (ours / tiled) | "
-             "vs x@C^T bf16 (ours / tiled) | kernel bf16, fp32 | idx check (mismatch, bad) |",
-             "|" + "---|" * 15]
+             "vq-pytorch and the CUDA graph one round), "
+             "and extra peak MiB beyond inputs and outputs. \"ours\" is the default eager call (the packed "
+             "kernel where it applies, named in the kernel column, else the tiled kernel); \"CUDA graph\" replays that "
+             "call with no host work; \"tiled\" forces `algorithm=\"tiled\"`; "
+             "ours fp32 uses tf32 dot products, exact = `precision=\"ieee\"`; flash-kmeans gets fp16 inputs and "
+             "both norms precomputed outside the timing. % floor and host us (eager - graph): ours bf16. "
+             "Index checks against the fp32 torch argmin (mismatch, bad = worse than the rounding bound): "
+             + " / ".join(names[n] for n in checked) + ".", "",
+             "| N x K x D | " + " | ".join(names[k] for k in METHODS) + " | floor ms | % floor | host us | "
+             "vs flash-kmeans | kernel bf16, fp32 | idx check (mismatch, bad) |",
+             "|" + "---|" * (len(METHODS) + 7)]
     for row in rows:
         m = row["methods"]
         fl, _ = floor_ms(row["n"], row["k"], row["d"], r)
-        mb = m["mm_bf16"].get("ms", math.nan)
-        pcts, speeds = [], []
-        for name in ("ours_bf16", "ours_bf16_tiled"):
-            ours = m[name].get("ms", math.nan)
-            pcts.append(f"{100 * fl / ours:.0f}%" if ours == ours else "-")
-            speeds.append(f"{mb / ours:.1f}x" if mb == mb and ours == ours else "-")
-        pct, speed = " / ".join(pcts), " / ".join(speeds)
-        chk = " / ".join(f"{c['mismatch']}, {c['bad']}" if (c := row["checks"].get(name)) else "-" for name in CHECKED)
-        lines.append(f"| {row['n']} x {row['k']} x {row['d']} | " + " | ".join(_cell(m[k]) for k in METHODS)
-                     + f" | {fl:.3f} | {pct} | {speed} | {', '.join(row.get('kernel', {}).values()) or '-'} | {chk} |")
+        ours, graph, fk = _ms(m["ours_bf16"]), _ms(m["ours_bf16_graph"]), _ms(m.get("flash_kmeans_fp16", {}))
+        pct = f"{100 * fl / ours:.0f}%" if ours == ours else "-"
+        host = f"{1000 * (ours - graph):.0f}" if ours == ours and graph == graph else "-"
+        vs_fk = f"{fk / ours:.2f}x" if ours == ours and fk == fk else "-"
+        chk = " / ".join(f"{c['mismatch']}, {c['bad']}" if (c := row["checks"].get(name)) else "-" for name in checked)
+        lines.append(f"| {row['n']} x {row['k']} x {row['d']} | " + " | ".join(_cell(m.get(k, {})) for k in METHODS)
+                     + f" | {fl:.3f} | {pct} | {host} | {vs_fk} | {', '.join(row.get('kernel', {}).values()) or '-'} | {chk} |")
     if train:
-        lines += ["", "VQ-EMA training step (forward + backward + EMA update), 32768 x 16384 x 256, fp32 latents:", "",
-                  "| | ms | extra peak MiB | status |", "|---|---|---|---|"]
-        for name, r2 in train.items():
-            lines.append(f"| {name} | {r2.get('ms', math.nan):.2f} | {r2.get('extra_mib', math.nan):.0f} | {r2['status']} |")
-        if "vqp" in train and train["ours"]["status"] == train["vqp"]["status"] == "ok":
-            lines.append(f"\nspeed-up {train['vqp']['ms'] / train['ours']['ms']:.1f}x, memory "
-                         f"{train['ours']['extra_mib'] / train['vqp']['extra_mib']:.3f} of theirs")
+        lines += ["", "VQ-EMA training step (forward + backward + EMA update, fp32 latents): ms (extra peak MiB). "
+                  "\"compiled\": the quantizer under `torch.compile(fullgraph=True)`; \"search\": the step's search alone.", "",
+                  "| N x K x D | ours | ours compiled | search alone | vq-pytorch | ours / search | vq-pytorch / ours | "
+                  "memory ours / theirs |", "|---|---|---|---|---|---|---|---|"]
+        for t in train:
+            o, s_, v = (_ms(t.get(k, {})) for k in ("ours", "search", "vqp"))
+            best = min((x for x in (o, _ms(t.get("ours_compiled", {}))) if x == x), default=math.nan)
+            mem = (f"{t['ours']['extra_mib'] / t['vqp']['extra_mib']:.3f}" if o == o and v == v
+                   and t["vqp"]["extra_mib"] > 0 else "-")
+            lines.append(f"| {t['n']} x {t['k']} x {t['d']} | " + " | ".join(_cell(t.get(k, {})) for k in
+                         ("ours", "ours_compiled", "search", "vqp"))
+                         + f" | {best / s_:.2f}x | {v / best:.1f}x | {mem} |")
     return "\n".join(lines) + "\n"
 
 
-def write(out: Path, meta: dict, rows: list[dict], train: dict | None) -> str:
+def write(out: Path, meta: dict, rows: list[dict], train: list[dict] | None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "nearest.json").write_text(json.dumps({"meta": meta, "cases": rows, "train_step": train}, indent=1))
     with open(out / "nearest.csv", "w", newline="") as f:
@@ -277,8 +293,11 @@ def write(out: Path, meta: dict, rows: list[dict], train: dict | None) -> str:
             fl, epi = floor_ms(row["n"], row["k"], row["d"], meta["rates"])
             for name, r in row["methods"].items():
                 w.writerow([row["n"], row["k"], row["d"], name, r.get("ms"), r.get("extra_mib"), r["status"], fl, epi])
-        for name, r in (train or {}).items():
-            w.writerow([32768, 16384, 256, f"train_step_{name}", r.get("ms"), r.get("extra_mib"), r["status"], "", ""])
+        for t in train or []:
+            for name in ("ours", "ours_compiled", "search", "vqp"):
+                if name in t:
+                    w.writerow([t["n"], t["k"], t["d"], f"train_step_{name}", t[name].get("ms"), t[name].get("extra_mib"),
+                                t[name]["status"], "", ""])
     md = markdown(meta, rows, train)
     (out / "nearest.md").write_text(md)
     return md
@@ -305,15 +324,18 @@ def main() -> None:
     except ImportError:
         vqp_cls, vqp_ver = None, "not installed"
     cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")] if args.cases else CASES
+    from tokenizers_vq.eval.benchmarks.peers import version  # noqa: PLC0415
+
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,
-            "vqp": vqp_ver, "rates": device_rates()}
+            "vqp": vqp_ver, "flash_kmeans": version("flash-kmeans"), "faiss": version("faiss-gpu-cu12"),
+            "rates": device_rates()}
     out, rows, train = Path(args.out), [], None
     for n, k, d in cases:
         t0 = time.time()
         rows.append({"n": n, "k": k, "d": d, **run_case(n, k, d, nearest, vqp_cls, start + args.budget)})
         print(f"{n}x{k}x{d}: {time.time() - t0:.1f}s " + json.dumps(rows[-1], default=str), flush=True)
         write(out, meta, rows, train)
-    train = vq_train_step(vqp_cls)
+    train = vq_train_steps(vqp_cls)
     print(markdown(meta, rows, train), flush=True)
     write(out, meta, rows, train)
 

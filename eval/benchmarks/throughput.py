@@ -3,12 +3,18 @@
 For each embedded model (``image``, ``speech``, ``video``) and batch size: images per
 second (256 x 256), seconds of audio per second (10 s clips, 16 kHz) or frames per second
 (17-frame clips, 256 x 256), for ``encode`` and for ``decode`` of its codes, in fp32 and
-under bf16 autocast (and ``torch.compile`` of both with ``--compile``). On a GPU the peak
+under bf16 autocast (and ``torch.compile`` of both with ``--compile``, or with
+``--compile image,speech`` for those models only). On a GPU the peak
 memory of each is recorded too. Inputs are random media of the model's shape: the cost
 of these convolutional models does not depend on the content.
 
+``--peers`` adds rows of outside models of the same class, with random weights, timed the
+same way where they import: EnCodec 24 kHz (PyPI ``encodec``, 1.5 kbps) for speech, and our
+image backbone with vector-quantize-pytorch's ``VectorQuantize`` (same codebook size, code
+dim and metric) in place of our quantizer.
+
     python -m tokenizers_vq.eval.benchmarks.throughput --out eval/results/throughput
-    python -m tokenizers_vq.eval.benchmarks.throughput --device cuda --batches 1,16,64 --compile --out ...
+    python -m tokenizers_vq.eval.benchmarks.throughput --device cuda --batches 1,16,64 --compile --peers --out ...
 
 Writes ``throughput.json`` and ``throughput.md`` in ``--out``.
 """
@@ -76,6 +82,60 @@ def measure(name: str, batch: int, precision: str, device: torch.device, compile
     return row
 
 
+def _peer(name: str, device: torch.device):
+    """``(label, encode, decode)`` of the outside model for ``name``'s rows, or ``None``
+    where it does not import."""
+    if name == "speech":
+        try:
+            from encodec import EncodecModel  # noqa: PLC0415
+        except (ImportError, OSError):  # OSError: a torchaudio built for another torch
+            return None
+        model = EncodecModel.encodec_model_24khz(pretrained=False).eval().to(device)
+        model.set_target_bandwidth(1.5)
+        return ("EnCodec 24 kHz, 1.5 kbps (random weights)", lambda x: model.encode(x),
+                lambda frames: model.decode(frames))
+    if name == "image":
+        try:
+            from vector_quantize_pytorch import VectorQuantize  # noqa: PLC0415
+        except ImportError:
+            return None
+        tok = Tokenizer.from_pretrained("image").eval().to(device)
+        opts = tok.config.quantizer.options
+        vq = VectorQuantize(dim=tok.backbone_config.latent_dim, codebook_size=opts["codebook_size"],
+                            codebook_dim=opts.get("codebook_dim"),
+                            use_cosine_sim=opts.get("metric") == "cosine").eval().to(device)
+        return ("our image backbone + vector-quantize-pytorch VQ (random codebook)",
+                lambda x: vq(tok.encoder(x).movedim(1, -1))[1],
+                lambda idx: tok.decoder(vq.get_output_from_indices(idx).movedim(-1, 1)))
+    return None
+
+
+def measure_peer(name: str, batch: int, precision: str, device: torch.device,
+                 min_seconds: float = 2.0, max_reps: int = 20) -> dict[str, Any] | None:
+    """A row like :func:`measure` for the outside model of ``name`` (None if absent)."""
+    peer = _peer(name, device)
+    if peer is None:
+        return None
+    label, enc, dec = peer
+    torch.manual_seed(0)
+    shape = (1, 240000) if name == "speech" else INPUTS[name]  # EnCodec takes 24 kHz: 10 s
+    x = (torch.rand(batch, *shape, device=device) * 2 - 1) * (0.1 if name == "speech" else 1.0)
+    ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+    with torch.inference_mode(), ctx:
+        codes = enc(x)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t_enc = timed(lambda: enc(x), device, min_seconds, max_reps)
+        t_dec = timed(lambda: dec(codes), device, min_seconds, max_reps)
+    unit, per_item = UNIT[name]
+    row = {"model": f"{name} peer: {label}", "batch": batch, "precision": precision, "compile": False, "unit": unit,
+           "encode_per_s": batch * per_item / t_enc, "decode_per_s": batch * per_item / t_dec,
+           "both_per_s": batch * per_item / (t_enc + t_dec)}
+    if device.type == "cuda":
+        row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return row
+
+
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"# Tokenizer throughput ({meta['device_name']})", "",
              f"torch {meta['torch']}, {meta['threads']} CPU threads. Units per second: images (256 x 256), "
@@ -96,7 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="image,speech,video")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd encode and decode")
+    p.add_argument("--compile", nargs="?", const="all", default="",
+                   help="also time torch.compile'd encode and decode (of all models, or of those named: image,speech)")
+    p.add_argument("--peers", action="store_true", help="also time the outside models of the same class")
     p.add_argument("--min-seconds", type=float, default=2.0)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -106,9 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             for precision in args.precisions.split(","):
-                for compile_ in (False, True) if args.compile else (False,):
+                compiled = args.compile == "all" or name in args.compile.split(",")
+                for compile_ in (False, True) if compiled else (False,):
                     rows.append(measure(name, batch, precision, device, compile_, args.min_seconds))
                     print(json.dumps(rows[-1]), flush=True)
+                if args.peers and (row := measure_peer(name, batch, precision, device, args.min_seconds)):
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / "throughput.md").write_text(markdown(meta, rows))

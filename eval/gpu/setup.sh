@@ -11,7 +11,8 @@ import importlib.util
 wanted = {"_cffi_backend": "cffi", "pycparser": "pycparser", "soundfile": "soundfile", "yaml": "pyyaml", "safetensors": "safetensors", "tqdm": "tqdm",
           "pytorch_msssim": "pytorch_msssim", "accelerate": "accelerate", "vector_quantize_pytorch": "vector_quantize_pytorch",
           "einx": "einx", "loguru": "loguru", "torch_einops_utils": "torch_einops_utils", "frozendict": "frozendict", "lpips": "lpips", "pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "pygments": "pygments",
-          "packaging": "packaging", "einops": "einops", "matplotlib": "matplotlib"}
+          "packaging": "packaging", "einops": "einops", "matplotlib": "matplotlib",
+          "flash_kmeans": "flash_kmeans", "encodec": "encodec"}
 print(" ".join(w for m, w in wanted.items() if importlib.util.find_spec(m) is None))
 PY
 )

@@ -1,0 +1,103 @@
+"""The nearest-code benchmark's other columns: outside searches, CUDA-graph replays and the
+VQ-EMA training step, each as a zero-argument callable that :func:`nearest.measure` times.
+
+- flash-kmeans (PyPI ``flash-kmeans``): its fused Triton assign ``euclid_assign_triton``
+  on fp16 inputs with both norms precomputed outside the timed call (its best case);
+- FAISS GPU brute force (``GpuIndexFlatL2``, k = 1) on fp32 inputs, when ``faiss`` with
+  GPU support imports;
+- ``graph``: a callable replayed from a CUDA graph, so no host work is timed (what an
+  eager call would cost with zero Python around the kernels);
+- :func:`train_step`: forward + backward + EMA update of one ``VectorQuantizer`` step, ours
+  eager and under ``torch.compile(fullgraph=True)``, against vector-quantize-pytorch's.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable
+
+import torch
+
+
+def version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def flash_kmeans(x: torch.Tensor, c: torch.Tensor) -> tuple[Callable | None, tuple, str]:
+    """``(fn, (x, c) as it sees them, status)``; ``fn()`` returns int32 indices ``(1, N)``."""
+    try:
+        from flash_kmeans.assign_euclid_triton import euclid_assign_triton  # noqa: PLC0415
+    except ImportError as e:
+        return None, (), f"not installed ({e.name})"
+    xh, ch = x.half()[None], c.half()[None]
+    x_sq, c_sq = xh.float().square().sum(-1), ch.float().square().sum(-1)
+    out = torch.empty(x_sq.shape, device=x.device, dtype=torch.int32)
+    return (lambda: euclid_assign_triton(xh, ch, x_sq, out=out, c_sq=c_sq)), (xh[0], ch[0]), "ok"
+
+
+def faiss_flat(x: torch.Tensor, c: torch.Tensor) -> tuple[Callable | None, str]:
+    """``(fn, status)``; ``fn()`` returns ``(distances, indices)`` ``(N, 1)`` on the GPU."""
+    try:
+        import faiss  # noqa: PLC0415
+        import faiss.contrib.torch_utils  # noqa: F401, PLC0415  (torch tensors in and out)
+    except ImportError as e:
+        return None, f"not installed ({e.name})"
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return None, "faiss has no GPU support here"
+    res = faiss.StandardGpuResources()
+    index = faiss.GpuIndexFlatL2(res, c.shape[1])
+    index.add(c.float().contiguous())
+    xf = x.float().contiguous()
+    return (lambda: index.search(xf, 1)), "ok"
+
+
+def graph(fn: Callable) -> Callable:
+    """``fn`` captured once in a CUDA graph (after a warm-up that compiles and autotunes);
+    the returned callable replays it."""
+    fn()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
+    """Named step callables for one ``n x k x d`` case: ``ours`` (eager), ``ours_compiled``
+    (the quantizer under ``torch.compile(fullgraph=True)``: it fails on any graph break or
+    host sync), ``search`` (the nearest-code search of the step alone) and ``vqp``."""
+    from tokenizers_vq import VectorQuantizer  # noqa: PLC0415
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+
+    z = torch.randn(n // 1024, 1024, d, device="cuda", requires_grad=True)
+    steps: dict[str, Callable] = {}
+    ours = VectorQuantizer(dim=d, codebook_size=k, check_finite=False).cuda().train()
+    compiled = torch.compile(ours, fullgraph=True)
+
+    def step(q):
+        def run():
+            z.grad = None
+            out = q(z)
+            (out.quantized.square().mean() + sum(out.losses.values())).backward()
+        return run
+
+    steps["ours"], steps["ours_compiled"] = step(ours), step(compiled)
+    flat = z.detach().reshape(-1, d)
+    steps["search"] = lambda: nearest_codes_triton(flat, ours.codebook.detach(), return_dist=False)
+    if vqp_cls is not None:
+        theirs = vqp_cls(dim=d, codebook_size=k, decay=0.99, commitment_weight=0.25).cuda().train()
+
+        def step_theirs():
+            z.grad = None
+            q, _, loss = theirs(z)
+            (q.square().mean() + loss).backward()
+
+        steps["vqp"] = step_theirs
+    return steps

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call for the speed measurements, one after another on a quiet GPU: the kernel
+# GPU tests, the nearest-code benchmark with its peers (flash-kmeans, FAISS where it imports,
+# vector-quantize-pytorch) and the VQ-EMA training steps, then the tokenizer throughput with
+# its peers (EnCodec, vector-quantize-pytorch inside our image backbone).
+#   device run, carry [.whl]:  bash eval/gpu/speed.sh
+#   SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_THROUGHPUT=1 leave a part out; CASES=... narrows the bench.
+# Each part's time is bounded by what is left of LIMIT seconds; results land in $OUT/{kernels,throughput}.
+set -u
+source eval/gpu/setup.sh
+OUT=${OUT:-results_tmp}; mkdir -p "$OUT"
+LIMIT=${LIMIT:-575}; T0=$(date +%s)
+left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout "${TESTS_TIMEOUT:-260}" python3 -m pytest tests/kernels -k gpu -q -p no:cacheprovider -rA --durations=15 \
+    > "$OUT/kernel_tests.log" 2>&1
+  echo "kernel tests exit $?" >> "$OUT/kernel_tests.log"
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  budget=$(( $(left) - ${THROUGHPUT_TIME:-150} - 90 ))
+  timeout $(( $(left) - ${THROUGHPUT_TIME:-150} )) python3 -m tokenizers_vq.eval.benchmarks.nearest --out "$OUT/kernels" \
+    --budget "$budget" ${CASES:+--cases "$CASES"} > "$OUT/bench.log" 2>&1
+  echo "bench exit $?" >> "$OUT/bench.log"
+fi
+if [ "${SKIP_THROUGHPUT:-0}" != 1 ]; then
+  timeout $(( $(left) - 15 )) python3 -m tokenizers_vq.eval.benchmarks.throughput --device cuda --batches 1,16,64 \
+    --peers --compile image --min-seconds 0.5 --out "$OUT/throughput" > "$OUT/throughput.log" 2>&1
+  echo "throughput exit $?" >> "$OUT/throughput.log"
+fi
+tail -n 15 "$OUT/kernel_tests.log" 2>/dev/null; tail -n 40 "$OUT/bench.log" 2>/dev/null; tail -n 30 "$OUT/throughput.log" 2>/dev/null
+# at most 8 files come back: everything in one archive
+tar -cf /tmp/speed.tar -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/speed.tar "$OUT/speed.tar"
