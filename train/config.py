@@ -81,6 +81,12 @@ class TrainConfig:
     # weights are taken; optimiser, discriminator and step start afresh. A checkpoint of this
     # run's own out_dir still takes precedence (resume).
     init_from: str = ""
+    # what init_from gives the quantizer: "all" (the same quantizer config, its state too),
+    # "first_level" (a single-level source quantizer becomes level 0 of this run's residual one
+    # with the same options; the other levels start fresh with a zero output projection, so
+    # the warm-started model decodes as the source at step 0) or "none" (encoder and decoder
+    # only; the quantizer starts fresh)
+    init_quantizer: str = "all"
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:

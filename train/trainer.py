@@ -303,18 +303,52 @@ class Trainer:
     def _warm_start(self, source: str) -> None:
         """Weights of ``source`` (an embedded model's name, a tokenizer folder, or a
         checkpoint folder's ``model``) into the fresh model, before the EMA copy and
-        ``prepare``."""
+        ``prepare``; ``init_quantizer`` says what its quantizer gives (see the config)."""
         directory = Path(source)
         if (directory / "model" / "config.json").is_file():
             directory = directory / "model"
         src = Tokenizer.from_pretrained(source if source in PRETRAINED else directory)
+        mode = self.cfg.init_quantizer
+        if mode not in ("all", "first_level", "none"):
+            raise ValueError(f"init_quantizer={mode!r}: expected 'all', 'first_level' or 'none'")
         mine, theirs = asdict(self.cfg.model), asdict(src.config)
-        mine.pop("name"), theirs.pop("name")
-        if mine != theirs:
-            diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+        for d in (mine, theirs):
+            d.pop("name")
+            if mode != "all":
+                d["quantizer_"] = d.pop("quantizer")
+        diff = sorted(k for k in mine if k != "quantizer_" and mine[k] != theirs.get(k))
+        if diff:
             raise ValueError(f"init_from={directory}: its model config differs from this run's in {diff}; "
-                             "train with the same model section, or start without init_from")
-        self.model.load_state_dict(src.state_dict())
+                             "train with the same model section, or start without init_from"
+                             + ("" if diff != ["quantizer"] else " (init_quantizer=none takes the encoder and "
+                                "decoder only; first_level puts a single-level quantizer under a residual one)"))
+        state = src.state_dict()
+        if mode == "all":
+            self.model.load_state_dict(state)
+            return
+        own = {k: v for k, v in state.items() if not k.startswith("quantizer.")}
+        if mode == "first_level":
+            theirs_q, mine_q = theirs["quantizer_"], mine["quantizer_"]
+            same = {k: v for k, v in theirs_q.items() if k != "levels"} == {k: v for k, v in mine_q.items()
+                                                                           if k != "levels"}
+            if theirs_q["levels"] != 1 or mine_q["levels"] < 2 or not same:
+                raise ValueError(f"init_quantizer=first_level needs a single-level source quantizer and a residual "
+                                 f"one here with the same kind and options; got {theirs_q} and {mine_q}")
+            own.update({k.replace("quantizer.", "quantizer.levels.0.", 1): v for k, v in state.items()
+                        if k.startswith("quantizer.")})
+            with torch.no_grad():
+                for level in list(self.model.quantizer.levels)[1:]:
+                    out = getattr(level, "project_out", None)
+                    if not isinstance(out, torch.nn.Linear):
+                        raise ValueError("init_quantizer=first_level needs levels with an output projection "
+                                         "(a codebook_dim below the latent dim), to start the new levels at zero")
+                    out.weight.zero_()
+                    if out.bias is not None:
+                        out.bias.zero_()
+        missing, unexpected = self.model.load_state_dict(own, strict=False)
+        if unexpected or any(not k.startswith("quantizer.") for k in missing):
+            raise ValueError(f"init_from={directory}: weights do not fit this model (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
 
     def _resume(self, directory: Path) -> None:
         parts, meta = load_checkpoint(directory)

@@ -10,7 +10,8 @@
 # (tvq train --init_from). EXTRA_<run>="--loss.mel=45 ..." adds overrides to that run.
 # A run whose data folder is absent is skipped (data carried by an earlier call stays on a
 # machine that is still warm). AGREE=1 also measures CPU vs CUDA ids of the shipped models
-# (eval/id_agreement.py); PROFILE=<run> profiles that run's recipe alongside (eval/gpu/profile_step.py).
+# (eval/id_agreement.py); PROFILE=<run> profiles that run's recipe alongside (eval/gpu/profile_step.py);
+# TESTS=1 runs the kernel GPU tests alongside (they are mostly Triton compilation on the CPU).
 set -u
 source eval/gpu/setup.sh
 OUT=${OUT:-results_tmp}; W=$OUT/work; mkdir -p "$W" runs
@@ -29,15 +30,20 @@ declare -A ARGS=(
   [s50]="$speech"
   [s67]="$speech --model.backbone.strides=[3,4,4,5] --model.name=tvq-speech16k-67tps-vq4096"
   [r4]="$speech --model.quantizer.levels=4 --model.quantizer.options.codebook_size=1024 --model.name=tvq-speech16k-50tps-rvq4x1024"
+  [sr4]="$speech --model.backbone.strides=[3,4,4,5] --model.quantizer.levels=4 --model.name=tvq-speech16k-67tps-rvq4x4096 --init_quantizer=first_level"
   [va]="$video"
   [vb]="$video --model.backbone.channels=64 --model.backbone.channel_mult=[1,1,2,2] --model.name=tvq-video-4x8x8-fsq-wide"
   [ig]="$image"
   [il]="$image --loss.adversarial=0"
 )
-declare -A DATA=([s50]=audio [s67]=audio [r4]=audio [va]=video [vb]=video [ig]=images [il]=images)
+declare -A DATA=([s50]=audio [s67]=audio [r4]=audio [sr4]=audio [va]=video [vb]=video [ig]=images [il]=images)
 if [ -n "${PROFILE:-}" ]; then
   pe="EXTRA_$PROFILE"
   timeout 240 python3 eval/gpu/profile_step.py ${ARGS[$PROFILE]} ${!pe:-} --out_dir=runs/profile_$PROFILE > "$W/profile_$PROFILE.txt" 2>&1 &
+fi
+if [ "${TESTS:-0}" = 1 ]; then
+  ( timeout $(( $(left) - 20 )) python3 -m pytest tests/kernels -k gpu -v -p no:cacheprovider -rA --durations=15 \
+      > "$W/kernel_tests.log" 2>&1; echo "kernel tests exit $?" >> "$W/kernel_tests.log" ) &
 fi
 if [ "${AGREE:-0}" = 1 ]; then
   timeout $(( $(left) - 60 )) python3 -m tokenizers_vq.eval.id_agreement --images $D/images/train --audio $D/audio/librispeech \

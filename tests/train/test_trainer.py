@@ -140,6 +140,36 @@ def test_init_from_continues_from_a_released_model(tmp_path):
     assert load_config(None, ["--init_from", str(release)]).init_from == str(release)
 
 
+def test_init_quantizer_puts_a_trained_codebook_under_a_residual_one(tmp_path):
+    """``init_quantizer=first_level``: the source's single quantizer becomes level 0 of a
+    4-level residual one and the new levels start at zero output, so the warm-started
+    model reconstructs exactly as the source; ``none`` takes the encoder and decoder only."""
+    q = '{"codebook_size": 64, "codebook_dim": 4, "kmeans_init": true}'
+    first = Trainer(config("audio", tmp_path / "a", 12, **{"data.max_items": 2, "model.quantizer.options": q}))
+    first.train()
+    release = tmp_path / "release"
+    first.release_model().save_pretrained(release)
+    src = Tokenizer.from_pretrained(release)
+    over = {"data.max_items": 2, "init_from": str(release), "model.quantizer.options": q, "model.quantizer.levels": 4}
+    warm = Trainer(config("audio", tmp_path / "b", 1, **over, init_quantizer="first_level"))
+    x = warm.train_data.batch(2, warm.crop, seed=7, step=0)
+    with torch.no_grad():
+        ref, out = src.eval()(x), warm.unwrapped.eval()(x)
+    torch.testing.assert_close(out.reconstruction, ref.reconstruction)
+    assert torch.equal(out.codes[..., 0], ref.codes)  # level 0 picks the source's codes
+    assert out.codes.shape[-1] == 4
+    fresh = Trainer(config("audio", tmp_path / "c", 1, **over, init_quantizer="none"))
+    for mine, theirs in zip(fresh.unwrapped.decoder.parameters(), src.decoder.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+    assert not torch.equal(fresh.unwrapped.quantizer.levels[0].embed, src.quantizer.embed)
+    with pytest.raises(ValueError, match="init_quantizer=first_level needs a single-level source"):
+        Trainer(config("audio", tmp_path / "d", 1, **{**over, "model.quantizer.levels": 1}, init_quantizer="first_level"))
+    with pytest.raises(ValueError, match="init_quantizer='both'"):
+        Trainer(config("audio", tmp_path / "e", 1, **over, init_quantizer="both"))
+    with pytest.raises(ValueError, match="init_quantizer=none takes the encoder"):
+        Trainer(config("audio", tmp_path / "f", 1, **over))
+
+
 @pytest.mark.parametrize("modality", ["image", "audio"])
 def test_generator_step_leaves_the_discriminator_untouched(modality, tmp_path):
     """The generator's adversarial and feature-matching terms must not put gradients on
