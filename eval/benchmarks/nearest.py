@@ -307,7 +307,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "results_tmp"))
     p.add_argument("--budget", type=float, default=420.0, help="seconds before peers are skipped")
-    p.add_argument("--cases", default="", help="subset, e.g. '32768x100000x8,262144x262144x8'")
+    p.add_argument("--cases", default="", help="subset, e.g. '32768x100000x8,262144x262144x8' ('none': the training steps only)")
     args = p.parse_args()
     start = time.time()
     nearest = _kernels()
@@ -323,7 +323,8 @@ def main() -> None:
             vqp_ver = version("vector-quantize-pytorch")
     except ImportError:
         vqp_cls, vqp_ver = None, "not installed"
-    cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")] if args.cases else CASES
+    cases = ([] if args.cases == "none" else [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
+             if args.cases else CASES)
     from tokenizers_vq.eval.benchmarks.peers import version  # noqa: PLC0415
 
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,

@@ -4,7 +4,8 @@
 # vector-quantize-pytorch) and the VQ-EMA training steps, then the tokenizer throughput with
 # its peers (EnCodec, vector-quantize-pytorch inside our image backbone).
 #   device run, carry [.whl]:  bash eval/gpu/speed.sh
-#   SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_THROUGHPUT=1 leave a part out; CASES=... narrows the bench.
+#   SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_THROUGHPUT=1 leave a part out; CASES=... narrows the bench
+#   (CASES=none: its training steps only); THROUGHPUT_TIME seconds are kept for the throughput part.
 # Each part's time is bounded by what is left of LIMIT seconds; results land in $OUT/{kernels,throughput}.
 set -u
 source eval/gpu/setup.sh
@@ -25,8 +26,12 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
 fi
 if [ "${SKIP_THROUGHPUT:-0}" != 1 ]; then
   timeout $(( $(left) - 15 )) python3 -m tokenizers_vq.eval.benchmarks.throughput --device cuda --batches 1,16,64 \
-    --peers --compile image --min-seconds 0.5 --out "$OUT/throughput" > "$OUT/throughput.log" 2>&1
+    --peers --min-seconds 0.3 --out "$OUT/throughput" > "$OUT/throughput.log" 2>&1
   echo "throughput exit $?" >> "$OUT/throughput.log"
+  # compiled rows apart (one batch size: every new shape recompiles)
+  timeout $(( $(left) - 15 )) python3 -m tokenizers_vq.eval.benchmarks.throughput --device cuda --models image --batches 64 \
+    --compile image --min-seconds 0.3 --out "$OUT/throughput_compile" > "$OUT/throughput_compile.log" 2>&1
+  echo "throughput exit $?" >> "$OUT/throughput_compile.log"
 fi
 tail -n 15 "$OUT/kernel_tests.log" 2>/dev/null; tail -n 40 "$OUT/bench.log" 2>/dev/null; tail -n 30 "$OUT/throughput.log" 2>/dev/null
 # at most 8 files come back: everything in one archive
