@@ -92,11 +92,20 @@ def _export(args: argparse.Namespace) -> int:
 
     import time  # noqa: PLC0415
 
+    from tokenizers_vq import distributed  # noqa: PLC0415
+
+    device = distributed.init_from_env()  # several ranks under accelerate launch / torchrun
+    if args.device is None and device.type == "cuda":
+        args.device = str(device)
     tok = _load_model(args)
     start = time.perf_counter()
     manifest = export_dataset(tok, list_media(args.data, tok.modality), args.out, args.shard_items, args.batch_size,
                               overwrite=args.overwrite, workers=args.workers)
     secs = time.perf_counter() - start
+    rank, world = distributed.rank_and_world()
+    if rank != 0:
+        return 0
+    print(f"{world} ranks: " if world > 1 else "", end="")
     print(f"wrote {len(manifest['shards'])} shards, {manifest['num_items']} items, {manifest['num_tokens']} tokens "
           f"to {args.out} in {secs:.1f} s ({manifest['num_items'] / secs:.1f} items/s, files read and decoded included)")
     return 0

@@ -47,3 +47,49 @@ def mean_over_ranks(t: Tensor) -> Tensor:
     from torch.distributed.nn.functional import all_reduce  # noqa: PLC0415 (only when distributed)
 
     return all_reduce(t) / dist.get_world_size()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` without a process group of several ranks."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def init_from_env() -> torch.device:
+    """Join the process group that ``accelerate launch`` or ``torchrun`` describes in the
+    environment (``WORLD_SIZE`` > 1; NCCL with one GPU per local rank where there are
+    GPUs, else gloo) unless one is initialised already; returns this rank's device."""
+    import os  # noqa: PLC0415
+
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def agree(error: BaseException | None) -> None:
+    """Collective: every rank calls it with its own outcome, and every rank raises when any
+    rank failed (its own error; else one naming the first rank that failed and why: a
+    ``ValueError`` when that rank's was one, bad input rather than a bug), so no rank waits
+    forever for one that is gone."""
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    outcomes: list[tuple[bool, str] | None] = [None] * dist.get_world_size()
+    mine = None if error is None else (isinstance(error, ValueError), f"{type(error).__name__}: {error}")
+    dist.all_gather_object(outcomes, mine)
+    if error is not None:
+        raise error
+    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+    if failed:
+        rank, (bad_input, message) = failed[0]
+        raise (ValueError if bad_input else RuntimeError)(f"rank {rank} failed, so this rank stops too: {message}")

@@ -35,6 +35,13 @@ resumes by skipping finished shards and never leaves a half-written one. A rerun
 resumes only when its fingerprint equals the recorded ``export.json``; otherwise it
 is refused, naming what differs, unless ``overwrite=True`` (``tvq export
 --overwrite``), which first deletes the files an export writes (and no others).
+
+Under a process group of several ranks (``accelerate launch -m tokenizers_vq.cli export
+...``, ``torchrun``, or the Python API with ``torch.distributed`` initialised) rank ``r``
+of ``W`` encodes shards ``r, r + W, ...``: the same shards as one process, so the export is
+byte-identical whatever the number of ranks. Rank 0 records ``export.json`` before any
+rank writes and the manifest after every rank has finished; a killed run resumes on each
+rank by skipping its finished shards; a rank that fails stops the others with its error.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from tokenizers_vq import distributed
 from tokenizers_vq.export_record import START_OVER, claim, fingerprint
 from tokenizers_vq.io import atomic_write
 from tokenizers_vq.media import load_input
@@ -193,33 +201,68 @@ def export_dataset(
     files = [Path(f) for f in files]
     dtype = token_dtype(q.codebook_size)
     layout = "dynamic" if dynamic else "grid"
-    claim(out, fingerprint(tok, files, {"format": FORMAT, "shard_items": shard_items, "dtype": dtype.str,
-                                        "layout": layout}), overwrite)
+    rank, world = distributed.rank_and_world()
+    fp = fingerprint(tok, files, {"format": FORMAT, "shard_items": shard_items, "dtype": dtype.str, "layout": layout})
+    for turn in (0, 1):  # rank 0 claims (or clears) the folder, then the others check its record
+        error = None
+        if (rank == 0) == (turn == 0):
+            try:
+                claim(out, fp, overwrite and rank == 0)
+            except (ValueError, OSError) as e:
+                error = e
+        distributed.agree(error)
     n_shards = (len(files) + shard_items - 1) // shard_items
+    error = None
+    try:
+        for k in tqdm(range(rank, n_shards, world), desc="export shards", disable=rank != 0):
+            _write_shard(tok, out, k, files[k * shard_items : (k + 1) * shard_items], dtype, batch_size, workers)
+    except Exception as e:  # noqa: BLE001  (every rank learns of it, then it is raised)
+        error = e
+    distributed.agree(error)
+    manifest = None
+    if rank == 0:  # checks every shard and writes the manifest
+        try:
+            manifest = _finish(tok, out, files, shard_items, n_shards, dtype, layout)
+        except Exception as e:  # noqa: BLE001  (as above)
+            error = e
+    distributed.agree(error)
+    return manifest if rank == 0 else json.loads((out / "manifest.json").read_text())
+
+
+def _write_shard(tok: Tokenizer, out: Path, k: int, chunk: list[Path], dtype: np.dtype, batch_size: int,
+                 workers: int) -> None:
+    """Encode shard ``k`` (files ``chunk``) unless it is finished; atomic writes."""
+    dynamic = tok.is_dynamic
+    name = f"shard_{k:05d}"
+    bin_path, idx_path, layout_path = out / f"{name}.bin", out / f"{name}.json", out / f"{name}.layout.bin"
+    if bin_path.is_file() and idx_path.is_file() and (not dynamic or layout_path.is_file()):
+        return  # finished shards are kept
+    if dynamic:
+        encoded = _encode_dynamic_shard(tok, chunk, batch_size, workers)
+    else:
+        encoded = [(r, None, None) for r in _encode_shard(tok, chunk, batch_size, workers)]
+    items, offset = [], 0
+    for r, _, grid in encoded:
+        n = r.codes.numel()
+        items.append({"source": r.source, "offset": offset, "length": n, "shape": list(r.codes.shape),
+                      "size": r.size, "info": r.info, **({"grid": grid} if dynamic else {})})
+        offset += n
+    if dynamic:
+        rows = np.concatenate([lay.numpy().astype("<u4") for _, lay, _ in encoded])
+        atomic_write(layout_path, lambda tmp, a=rows: a.tofile(tmp))
+    flat = np.concatenate([r.codes.reshape(-1).numpy().astype(dtype) for r, _, _ in encoded])
+    atomic_write(bin_path, lambda tmp, a=flat: a.tofile(tmp))
+    atomic_write(idx_path, lambda tmp, it=items: Path(tmp).write_text(json.dumps({"items": it})))
+
+
+def _finish(tok: Tokenizer, out: Path, files: list[Path], shard_items: int, n_shards: int, dtype: np.dtype,
+            layout: str) -> dict[str, Any]:
+    """Check every shard against its files and write the manifest (last)."""
+    q, dynamic = tok.quantizer, tok.is_dynamic
     shards, items_per_shard, tokens_per_shard = [], [], []
-    for k in tqdm(range(n_shards), desc="export shards"):
+    for k in range(n_shards):
         name = f"shard_{k:05d}"
-        bin_path, idx_path = out / f"{name}.bin", out / f"{name}.json"
-        layout_path = out / f"{name}.layout.bin"
-        chunk = files[k * shard_items : (k + 1) * shard_items]
-        finished = bin_path.is_file() and idx_path.is_file() and (not dynamic or layout_path.is_file())
-        if not finished:  # finished shards are kept
-            if dynamic:
-                encoded = _encode_dynamic_shard(tok, chunk, batch_size, workers)
-            else:
-                encoded = [(r, None, None) for r in _encode_shard(tok, chunk, batch_size, workers)]
-            items, offset = [], 0
-            for r, _, grid in encoded:
-                n = r.codes.numel()
-                items.append({"source": r.source, "offset": offset, "length": n, "shape": list(r.codes.shape),
-                              "size": r.size, "info": r.info, **({"grid": grid} if dynamic else {})})
-                offset += n
-            if dynamic:
-                rows = np.concatenate([lay.numpy().astype("<u4") for _, lay, _ in encoded])
-                atomic_write(layout_path, lambda tmp, a=rows: a.tofile(tmp))
-            flat = np.concatenate([r.codes.reshape(-1).numpy().astype(dtype) for r, _, _ in encoded])
-            atomic_write(bin_path, lambda tmp, a=flat: a.tofile(tmp))
-            atomic_write(idx_path, lambda tmp, it=items: Path(tmp).write_text(json.dumps({"items": it})))
+        idx_path, chunk = out / f"{name}.json", files[k * shard_items : (k + 1) * shard_items]
         index = json.loads(idx_path.read_text())["items"]
         if [it["source"] for it in index] != [f.name for f in chunk]:
             raise ValueError(f"{idx_path} indexes other files than shard {k} of this export; {START_OVER}")
