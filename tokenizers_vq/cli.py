@@ -99,7 +99,11 @@ def _export(args: argparse.Namespace) -> int:
         args.device = str(device)
     tok = _load_model(args)
     start = time.perf_counter()
-    manifest = export_dataset(tok, list_media(args.data, tok.modality), args.out, args.shard_items, args.batch_size,
+    from tokenizers_vq.webdataset import is_tar_source, list_tar_samples  # noqa: PLC0415
+
+    inputs = (list_tar_samples(args.data, tok.modality) if is_tar_source(args.data)
+              else list_media(args.data, tok.modality))
+    manifest = export_dataset(tok, inputs, args.out, args.shard_items, args.batch_size,
                               overwrite=args.overwrite, workers=args.workers)
     secs = time.perf_counter() - start
     rank, world = distributed.rank_and_world()
@@ -178,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     photo = sub.add_parser("example-photo", help="print the path of a real photo shipped with matplotlib")
     photo.set_defaults(func=_example_photo)
     ex = sub.add_parser("export", help="encode a folder to memory-mappable token shards for AR training (resumable)")
-    ex.add_argument("--data", required=True, help="folder of media")
+    ex.add_argument("--data", required=True,
+                    help="folder of media, or a WebDataset tar shard read without extracting it: a path (shard.tar) or "
+                         "a pipe: URL whose command writes the tar (pipe:curl -s https://.../shard.tar); each sample's "
+                         "key is kept in the index")
     ex.add_argument("--out", required=True, help="export directory")
     ex.add_argument("--shard-items", type=int, default=256, help="items per shard")
     ex.add_argument("--batch-size", type=int, default=16, help="inputs of equal shape encoded together")

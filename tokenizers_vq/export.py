@@ -68,21 +68,25 @@ from tokenizers_vq.quantizers import PackedCodes
 from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, check_shard, token_dtype  # noqa: F401
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import TokenRecord, check_input_modality
+from tokenizers_vq.webdataset import TarSample
 
 class _Inputs(Dataset):
     """Files read as a tokenizer's inputs (:func:`~tokenizers_vq.media.load_input`), one
     per index: what the export's loader workers run. A file the reader refuses comes back
     as its ``ValueError``, raised again in the main process as the reader worded it."""
 
-    def __init__(self, files: list[Path], modality: str, sample_rate: int | None):
+    def __init__(self, files: list[Path | TarSample], modality: str, sample_rate: int | None):
         self.files, self.modality, self.sample_rate = files, modality, sample_rate
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, list[int], dict[str, Any]] | ValueError:
+        f = self.files[i]
         try:
-            return load_input(self.files[i], self.modality, self.sample_rate)
+            if isinstance(f, TarSample):
+                return f.load(self.modality, self.sample_rate)
+            return load_input(f, self.modality, self.sample_rate)
         except ValueError as e:
             return e
 
@@ -92,7 +96,8 @@ def _read(tok: Tokenizer, files: list[Path], workers: int) -> Iterator[tuple[Pat
     processes (0: in this one) ahead of the caller; the order and the values do not
     depend on the number of workers."""
     for f in files:
-        check_input_modality(tok, f)
+        if not isinstance(f, TarSample):  # tar samples are listed by the model's modality
+            check_input_modality(tok, f)
     data = _Inputs(files, tok.modality, tok.sample_rate)
     if workers <= 0 or len(files) < 2:
         items: Iterator = (data[i] for i in range(len(files)))
@@ -198,7 +203,7 @@ def export_dataset(
     q, dynamic = tok.quantizer, tok.is_dynamic
     if dynamic:
         tok._check_dynamic()
-    files = [Path(f) for f in files]
+    files = [f if isinstance(f, TarSample) else Path(f) for f in files]
     dtype = token_dtype(q.codebook_size)
     layout = "dynamic" if dynamic else "grid"
     rank, world = distributed.rank_and_world()

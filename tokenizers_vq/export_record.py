@@ -19,6 +19,7 @@ from typing import Any
 
 from tokenizers_vq.io import atomic_write, tensor_sha256
 from tokenizers_vq.tokenizer import Tokenizer
+from tokenizers_vq.webdataset import TarSample
 
 RECORD = "export.json"
 START_OVER = ("pass overwrite=True (tvq export --overwrite) to delete its shards, index files and manifest and "
@@ -35,9 +36,13 @@ def written_by_export(name: str) -> bool:
     return re.fullmatch(r"shard_\d{5,}(\.json|\.bin|\.layout\.bin)|manifest\.json|export\.json", name) is not None
 
 
-def _input_entry(path: Path) -> list[Any]:
+def _input_entry(path: Path | TarSample) -> list[Any]:
     """``[path as given, bytes, mtime_ns]``; a folder of frames: its files' total bytes
-    and the latest mtime among them."""
+    and the latest mtime among them; a tar sample: ``source::member``, the member's bytes
+    and the archive's mtime (0 for a ``pipe:`` source)."""
+    if isinstance(path, TarSample):
+        local = Path(path.source)
+        return [str(path), path.size, local.stat().st_mtime_ns if local.is_file() else 0]
     if not path.exists():
         raise ValueError(f"input not found: {path}")
     files = sorted(c for c in path.iterdir() if c.is_file()) if path.is_dir() else [path]
@@ -67,7 +72,7 @@ def fingerprint(tok: Tokenizer, files: Sequence[Path], options: dict[str, Any]) 
         frames: its files' total bytes and latest mtime). In JSON types, as read back.
     """
     fp = {"model_id": tok.config.name, "model_config": asdict(tok.config), "weights_sha256": weights_sha256(tok),
-          **options, "inputs": [_input_entry(Path(f)) for f in files]}
+          **options, "inputs": [_input_entry(f if isinstance(f, TarSample) else Path(f)) for f in files]}
     return json.loads(json.dumps(fp))
 
 

@@ -33,9 +33,11 @@ _ASSETS = Path(__file__).parent / "assets"
 PRETRAINED: dict[str, Path] = {
     "image": _ASSETS / "image_f16",
     "speech": _ASSETS / "speech_16k",
+    "speech-rvq": _ASSETS / "speech_16k_rvq",
     "video": _ASSETS / "video_4x8x8",
 }
-"""The embedded models by name (model cards in ``model_cards/``)."""
+"""The embedded models by name (model cards in ``model_cards/``): the defaults of each
+modality and ``speech-rvq``, a 4-codebook residual speech model at 3.2 kbps."""
 DEFAULT_FOR_MODALITY = {"image": "image", "audio": "speech", "video": "video"}
 """The embedded model that ``tvq`` picks for each modality of input when no model is given."""
 DEFAULT_MODEL = PRETRAINED["image"]

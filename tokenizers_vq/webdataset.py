@@ -1,0 +1,155 @@
+"""WebDataset tar shards as inputs: samples read straight from the archive, never extracted.
+
+A WebDataset shard is a plain tar whose members are grouped into samples by *key*: the
+member's path up to the first dot of its file name (``shard/000123.jpg`` and
+``shard/000123.cls`` are the sample ``shard/000123``). :func:`list_tar_samples` lists the
+samples that hold a member of a modality (one per sample; the first such member in the
+archive); :meth:`TarSample.load` reads that member's bytes and decodes them like a file.
+
+Sources are local tar files (any compression ``tarfile`` reads) or ``pipe:COMMAND`` URLs,
+whose command writes a tar to its standard output (``pipe:curl -s https://.../shard-0001.tar``,
+``pipe:aws s3 cp s3://... -``), as WebDataset spells them. Archives are read as streams,
+forward only: listing reads one pass, and loading the samples in archive order reads one
+more (a member asked for out of order starts the stream again). A member's bytes pass
+through a temporary file only while they are decoded.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from torch import Tensor
+
+from tokenizers_vq.media import SUFFIXES, load_input
+
+
+def is_tar_source(source: str | os.PathLike) -> bool:
+    """A ``pipe:`` URL, or a path whose name ends in ``.tar`` (``.tar.gz``, ``.tgz``, ...)."""
+    s = str(source)
+    return s.startswith("pipe:") or any(s.endswith(e) for e in (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))
+
+
+def sample_key(member: str) -> str:
+    """WebDataset's key of a member: its path up to the first dot of its file name."""
+    p = PurePosixPath(member)
+    return str(p.parent / p.name.split(".", 1)[0]) if str(p.parent) != "." else p.name.split(".", 1)[0]
+
+
+@dataclass(frozen=True)
+class TarSample:
+    """One sample of a tar source: ``member`` (its media member's path in the archive) of
+    ``source`` (a tar path or ``pipe:`` URL), ``key`` (WebDataset's sample key) and the
+    member's ``size`` in bytes."""
+
+    source: str
+    member: str
+    key: str
+    size: int
+
+    @property
+    def name(self) -> str:
+        """The media member's file name (the ``source`` an export's index records)."""
+        return PurePosixPath(self.member).name
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.member).suffix
+
+    def __str__(self) -> str:
+        return f"{self.source}::{self.member}"
+
+    def load(self, modality: str, sample_rate: int | None = None, **kw: Any) -> tuple[Tensor, list[int], dict[str, Any]]:
+        """:func:`~tokenizers_vq.media.load_input` of the member's bytes; ``info`` adds
+        the sample's ``key``."""
+        data = _reader(self.source).read(self.member)
+        with tempfile.TemporaryDirectory(prefix="tvq-tar-") as d:
+            tmp = Path(d) / self.name
+            tmp.write_bytes(data)
+            try:
+                x, size, info = load_input(tmp, modality, sample_rate, **kw)
+            except ValueError as e:  # name the member, not the temporary file
+                raise ValueError(str(e).replace(str(tmp), str(self))) from None
+        return x, size, {**info, "key": self.key}
+
+
+def _open(source: str) -> tuple[IO[bytes], subprocess.Popen | None]:
+    if source.startswith("pipe:"):
+        proc = subprocess.Popen(shlex.split(source[5:]), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return proc.stdout, proc
+    if not Path(source).is_file():
+        raise ValueError(f"tar source not found: {source}")
+    return open(source, "rb"), None
+
+
+def _members(source: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
+    """The regular-file members of ``source`` in archive order, from one forward pass."""
+    stream, proc = _open(source)
+    try:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for info in tar:
+                    if info.isfile():
+                        yield info, tar
+        except tarfile.TarError as e:
+            raise ValueError(f"cannot read tar {source}: {e}") from e
+    finally:
+        stream.close()
+        if proc is not None:
+            proc.kill()
+            err = proc.communicate()[1].decode(errors="replace").strip()
+            if proc.returncode not in (0, -9) and err:
+                raise ValueError(f"{source}: the command failed: {err[:300]}")
+
+
+class _ForwardReader:
+    """Member bytes of one source, read forward through a single open stream."""
+
+    def __init__(self, source: str):
+        self.source, self._it = source, None
+
+    def read(self, member: str) -> bytes:
+        for attempt in range(2):  # on from the current position, then once from the start
+            if self._it is None:
+                self._it = _members(self.source)
+            for info, tar in self._it:
+                if info.name == member:
+                    return tar.extractfile(info).read()
+            self._it = None
+        raise ValueError(f"{self.source} has no member {member!r}")
+
+
+_READERS: dict[tuple[int, str], _ForwardReader] = {}
+
+
+def _reader(source: str) -> _ForwardReader:
+    """This process's reader of ``source`` (loader workers each open their own)."""
+    key = (os.getpid(), source)
+    if key not in _READERS:
+        _READERS[key] = _ForwardReader(source)
+    return _READERS[key]
+
+
+def list_tar_samples(source: str | os.PathLike, modality: str) -> list[TarSample]:
+    """The samples of a WebDataset tar (path or ``pipe:`` URL) that hold a member of
+    ``modality`` (by its suffix, :data:`~tokenizers_vq.media.SUFFIXES`), in archive order.
+
+    Raises:
+        ValueError: an unreadable archive, a failed ``pipe:`` command, or no such member.
+    """
+    source = str(source)
+    seen: dict[str, TarSample] = {}
+    for info, _ in _members(source):
+        key = sample_key(info.name)
+        if key not in seen and PurePosixPath(info.name).suffix.lower() in SUFFIXES[modality]:
+            seen[key] = TarSample(source, info.name, key, info.size)
+    if not seen:
+        raise ValueError(f"no {modality} members ({', '.join(sorted(SUFFIXES[modality]))}) in {source}")
+    return list(seen.values())
