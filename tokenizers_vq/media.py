@@ -307,19 +307,9 @@ def load_input(
         ValueError: an unknown modality, or a file the reader refuses (missing,
             unreadable, truncated, zero-length audio, ...), named in the message.
     """
-    if modality == "image":
-        w, h, channels = image_header(path) if Path(path).is_file() else (0, 0, 3)
-        check_pixels(Path(path), w, h, max_pixels)
-        img = load_image(path)
-        return img * 2 - 1, list(img.shape[1:]), {"channels": channels}
-    if modality == "audio":
-        wav, sr = load_audio(path, sample_rate)
-        return wav.mean(0, keepdim=True), [wav.shape[-1]], {"sample_rate": sr, "channels": wav.shape[0]}
-    if modality == "video":
-        frames, fps = load_video(path, max_frames, max_pixels)
-        x = frames.permute(1, 0, 2, 3) * 2 - 1
-        return x, list(x.shape[1:]), {"fps": fps, "channels": 3}
-    raise ValueError(f"unknown modality {modality!r} (image, audio or video)")
+    from tokenizers_vq.modality import get  # noqa: PLC0415  (it builds on this module)
+
+    return get(modality).load(path, sample_rate, max_frames, max_pixels)
 
 
 def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:

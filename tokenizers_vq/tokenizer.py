@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers_vq.backbones import BACKBONES
 from tokenizers_vq.io import atomic_write
+from tokenizers_vq.modality import Modality
+from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
 from tokenizers_vq.streaming import AudioDecodeStream, AudioEncodeStream
 from tokenizers_vq.tokenizer_config import QUANTIZER_KINDS, QuantizerConfig, TokenizerConfig  # noqa: F401 (re-exported)
@@ -38,7 +39,7 @@ PRETRAINED: dict[str, Path] = {
 }
 """The embedded models by name (model cards in ``model_cards/``): the defaults of each
 modality and ``speech-rvq``, a 4-codebook residual speech model at 3.2 kbps."""
-DEFAULT_FOR_MODALITY = {"image": "image", "audio": "speech", "video": "video"}
+DEFAULT_FOR_MODALITY = {name: get_modality(name).default_model for name in ("image", "audio", "video")}
 """The embedded model that ``tvq`` picks for each modality of input when no model is given."""
 DEFAULT_MODEL = PRETRAINED["image"]
 
@@ -101,6 +102,11 @@ class Tokenizer(nn.Module):
         return self.config.modality
 
     @property
+    def media(self) -> Modality:
+        """What this tokenizer's kind of media is (:mod:`tokenizers_vq.modality`)."""
+        return get_modality(self.config.modality)
+
+    @property
     def sample_rate(self) -> int | None:
         """Audio: samples per second the model codes (files are resampled to it); else ``None``."""
         return getattr(self.backbone_config, "sample_rate", None)
@@ -108,7 +114,7 @@ class Tokenizer(nn.Module):
     @property
     def frame_rate(self) -> float | None:
         """Audio: token frames per second (tokens per second per codebook); else ``None``."""
-        return self.backbone_config.tokens_per_second if self.modality == "audio" else None
+        return getattr(self.backbone_config, "tokens_per_second", None)
 
     @property
     def codebook_size(self) -> int:
@@ -230,7 +236,7 @@ class Tokenizer(nn.Module):
             self.train()
 
     def _check_dynamic(self) -> None:
-        if self.modality not in ("image", "audio"):
+        if self.media.region_cells is None:
             raise ValueError(f"dynamic-length codes are for images and audio, not {self.modality}")
 
     def _decode_aligned(self, codes: Tensor | PackedCodes) -> Tensor:
@@ -261,23 +267,19 @@ class Tokenizer(nn.Module):
         """Pad the trailing axes up to ``mult`` times the stride (replicate for pixels,
         zeros for audio; video time to ``1 + 4k`` frames by repeating the last frame)."""
         b = self.backbone_config
-        if self.modality == "audio":
-            return F.pad(x, (0, -x.shape[-1] % (mult * b.hop)))
-        f = mult * (b.downsample if self.modality == "image" else b.spatial_downsample)
-        pad = [0, -x.shape[-1] % f, 0, -x.shape[-2] % f]
-        if self.modality == "video":
-            pad += [0, -(x.shape[2] - 1) % b.temporal_factor]
-        return F.pad(x, pad, mode="replicate") if any(pad) else x
+        x = self.media.pad(x, tuple(mult * s for s in b.stride))
+        tf = getattr(b, "temporal_factor", None)
+        return x if tf is None else self.media.pad_time(x, tf)
 
     def _check_media(self, x: Tensor, aligned: bool) -> None:
-        want = {"image": 4, "audio": 3, "video": 5}[self.modality]
+        want = self.media.input_ndim
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise ValueError(f"{self.modality} input must be a floating-point tensor")
         if x.ndim != want:
             raise ValueError(f"{self.modality} input must have {want} axes (B, C, ...), got shape {tuple(x.shape)}")
         if x.numel() == 0:
             raise ValueError(f"empty {self.modality} input: shape {tuple(x.shape)}")
-        if self.modality in ("image", "video") and min(x.shape[-2:]) < 8:
+        if self.media.has_pixels and min(x.shape[-2:]) < 8:
             raise ValueError(f"{self.modality} frames are {x.shape[-1]}x{x.shape[-2]}; at least 8x8 pixels are needed")
         if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
             raise ValueError(f"{self.modality} input contains NaN or Inf")
@@ -357,14 +359,12 @@ class Tokenizer(nn.Module):
         dynamic-length model, the mean at its target fine ratio)."""
         b, q = self.backbone_config, self.quantizer
         if self.is_dynamic:  # a region of `cells` latent cells is 1 coarse or `cells` fine tokens
-            cells = 2 ** (1 if self.modality == "audio" else 2 if self.modality == "image" else 3)
+            cells = self.media.region_cells
             n = q.inner.num_codebooks * (1 + q.target_fine_ratio * (cells - 1)) / cells
         else:
             n = q.num_codebooks
-        if self.modality == "audio":
-            return n * b.tokens_per_second
-        f = b.downsample if self.modality == "image" else b.spatial_downsample
-        return n / f**2 / (b.temporal_factor if self.modality == "video" else 1)
+        per_unit = getattr(b, "sample_rate", 1) / math.prod(b.stride)  # audio: per second, not per sample
+        return n * per_unit / getattr(b, "temporal_factor", 1)
 
     def grid_shape(self, size: Sequence[int]) -> tuple[int, ...]:
         """The latent grid ``encode`` gives for media of ``size`` (``(H, W)``, ``(T,)``
@@ -377,15 +377,12 @@ class Tokenizer(nn.Module):
         latent frames for a temporal factor of 4.
         """
         b, m = self.backbone_config, 2 if self.is_dynamic else 1
-        if self.modality == "audio":
-            return (m * -(-size[0] // (m * b.hop)),)
-        f = b.downsample if self.modality == "image" else b.spatial_downsample
-        hw = tuple(m * -(-s // (m * f)) for s in size[-2:])
-        if self.modality == "image":
-            return hw
+        cells = tuple(m * c for c in self.media.grid(tuple(size), tuple(m * s for s in b.stride)))
+        if len(size) == len(b.stride):
+            return cells
         clip, tf = self.config.clip_frames, b.temporal_factor
         frames = sum(1 - (-(min(clip, size[0] - s) - 1) // tf) for s in range(0, size[0], clip))
-        return (frames, *hw)
+        return (frames, *cells)
 
     def bits_per_token(self) -> float:
         return math.log2(self.quantizer.codebook_size)

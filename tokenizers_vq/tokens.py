@@ -32,11 +32,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from tokenizers_vq.io import MAX_PIXELS, atomic_write, save_image, save_safetensors, tensor_sha256
-from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY, Tokenizer
+from tokenizers_vq.io import MAX_PIXELS, atomic_write, save_safetensors, tensor_sha256
+from tokenizers_vq.modality import get as get_modality
+from tokenizers_vq.tokenizer import Tokenizer
 
 FORMAT = "tvq-tokens/1"
-EXTENSIONS = {"image": ".png", "audio": ".wav", "video": ".mp4"}
 
 
 @dataclass
@@ -74,12 +74,11 @@ def check_input_modality(tok: Tokenizer, path: Path) -> None:
     folder of frames is a video), naming the model and the fix."""
     from tokenizers_vq.media import modality_of  # noqa: PLC0415
 
-    kind = modality_of(path, unknown=tok.modality)
-    if kind != tok.modality:
-        a = {"image": "an image", "audio": "an audio", "video": "a video"}
-        raise ValueError(f"{path} is {a[kind]} file, but model {tok.config.name!r} is {a[tok.modality]} tokenizer; "
-                         f"use {a[kind]} model (leave out --model to get the embedded "
-                         f"'{DEFAULT_FOR_MODALITY[kind]}' one, or Tokenizer.from_pretrained('{DEFAULT_FOR_MODALITY[kind]}'))")
+    kind = get_modality(modality_of(path, unknown=tok.modality))
+    if kind.name != tok.modality:
+        raise ValueError(f"{path} is {kind.article} file, but model {tok.config.name!r} is {tok.media.article} tokenizer; "
+                         f"use {kind.article} model (leave out --model to get the embedded "
+                         f"'{kind.default_model}' one, or Tokenizer.from_pretrained('{kind.default_model}'))")
 
 
 def default_model_name(paths: Sequence[str | os.PathLike]) -> str:
@@ -98,7 +97,7 @@ def default_model_name(paths: Sequence[str | os.PathLike]) -> str:
         example = ", ".join(f"{next(n for n, k in kinds.items() if k == m)} is {m}" for m in found)
         raise ValueError(f"the inputs mix {' and '.join(found)} files ({example}); a token file holds one "
                          "modality: encode each kind in its own call")
-    return DEFAULT_FOR_MODALITY[found[0]]
+    return get_modality(found[0]).default_model
 
 
 def check_grid(tok: Tokenizer, rec: TokenRecord, name: str | None = None) -> None:
@@ -122,20 +121,11 @@ def decode_record(tok: Tokenizer, rec: TokenRecord) -> Tensor:
     check_grid(tok, rec)
     device = next(tok.parameters()).device
     out = tok.decode(rec.codes.long().unsqueeze(0).to(device), size=tuple(rec.size))[0].float().cpu()
-    if tok.modality == "audio":
-        return out.clamp(-1, 1)
-    out = ((out + 1) / 2).clamp(0, 1)
-    return out.permute(1, 0, 2, 3) if tok.modality == "video" else out
+    return tok.media.to_media(out)
 
 
 def save_media(tok: Tokenizer, media: Tensor, rec: TokenRecord, path: str | os.PathLike) -> Path:
-    from tokenizers_vq.media import save_audio, save_video  # noqa: PLC0415
-
-    if tok.modality == "image":
-        return save_image(media, path)
-    if tok.modality == "audio":
-        return save_audio(media, path, tok.sample_rate)
-    return save_video(media, path, rec.info.get("fps", 25.0))
+    return tok.media.save(media, path, tok.sample_rate, rec.info)
 
 
 def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[TokenRecord]) -> Path:
@@ -217,7 +207,7 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
         check_grid(tok, rec, f"{tokens}: item {i} ({rec.source})")
     out = Path(out)
     single = len(records) == 1 and out.suffix != ""
-    targets = [out] if single else [out / (Path(r.source).stem + EXTENSIONS[tok.modality]) for r in records]
+    targets = [out] if single else [out / (Path(r.source).stem + tok.media.output_suffix) for r in records]
     written = []
     for rec, target in tqdm(list(zip(records, targets)), desc="decode", disable=len(records) < 2):
         written.append(save_media(tok, decode_record(tok, rec), rec, target))

@@ -58,6 +58,11 @@ class AudioBackboneConfig:
         return math.prod(self.strides)
 
     @property
+    def stride(self) -> tuple[int]:
+        """Input samples per latent cell along the trailing axis: ``(hop,)``."""
+        return (self.hop,)
+
+    @property
     def tokens_per_second(self) -> float:
         """Latent frames per second of audio (per codebook)."""
         return self.sample_rate / self.hop

@@ -51,6 +51,11 @@ class ImageBackboneConfig:
         """Spatial reduction factor ``f``: one latent position per ``f x f`` pixels."""
         return 2 ** (len(self.channel_mult) - 1)
 
+    @property
+    def stride(self) -> tuple[int, int]:
+        """Pixels per latent cell along ``(H, W)``."""
+        return (self.downsample, self.downsample)
+
 
 class ResBlock(nn.Module):
     """``(B, C_in, H, W) -> (B, C_out, H, W)``: two (GroupNorm, SiLU, 3x3 conv)

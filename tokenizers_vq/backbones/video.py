@@ -60,6 +60,11 @@ class VideoBackboneConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
     @property
+    def stride(self) -> tuple[int, int]:
+        """Pixels per latent cell along ``(H, W)`` (time goes by :attr:`temporal_factor`)."""
+        return (self.spatial_downsample, self.spatial_downsample)
+
+    @property
     def temporal_factor(self) -> int:
         """Frames per latent frame after the first: ``1 + factor * k -> 1 + k``."""
         return 2**self.temporal_downsample

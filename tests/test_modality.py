@@ -1,0 +1,56 @@
+"""The modality registry: every modality loads a real file into model space, turns model
+space back into media, writes it and reads it back, pads to a stride and counts cells."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from testdata import shared_path
+
+from tokenizers_vq import modality
+from tokenizers_vq.tokenizer import PRETRAINED
+
+FILES = {
+    "image": ("images", "bsds500", "val", "101085.jpg"),
+    "audio": ("audio", "ljspeech", "LJ001-0001.wav"),
+    "video": ("video", "imageio_realshort.mp4"),
+}
+
+
+@pytest.mark.parametrize("name", modality.names())
+def test_a_real_file_goes_to_model_space_and_back_to_a_file(name, tmp_path):
+    if name == "video":
+        pytest.importorskip("av")
+    kind = modality.get(name)
+    path = shared_path(*FILES[name])
+    assert path.suffix.lower() in kind.suffixes and kind.default_model in PRETRAINED
+    x, size, info = kind.load(path, sample_rate=16000, max_frames=5)
+    assert x.ndim + 1 == kind.input_ndim and list(x.shape[1:]) == size
+    assert float(x.min()) >= -1 and float(x.max()) <= 1
+    media = kind.to_media(x)
+    out = kind.save(media, tmp_path / f"back{kind.output_suffix}", 16000, info)
+    y, size_back, _ = kind.load(out, sample_rate=16000, max_frames=5)
+    assert size_back[-2:] == size[-2:] if kind.has_pixels else size_back == size
+    if name == "audio":  # lossless: 16-bit WAV
+        torch.testing.assert_close(y, x, atol=1 / 2**14, rtol=0)
+    elif name == "image":  # lossless: 8-bit PNG of an 8-bit JPEG's decode
+        torch.testing.assert_close(y, x, atol=1 / 127, rtol=0)
+    else:  # H.264: lossy, but the same pictures
+        assert (y - x).abs().mean() < 0.1
+
+
+def test_padding_counts_and_errors():
+    img, wav, vid = (modality.get(n) for n in ("image", "audio", "video"))
+    x = torch.rand(1, 3, 20, 33) * 2 - 1
+    p = img.pad(x, (16, 16))
+    assert p.shape == (1, 3, 32, 48) and torch.equal(p[..., :20, :33], x)
+    assert torch.equal(p[..., 31, 47], x[..., 19, 32])  # replicated edge
+    a = wav.pad(torch.ones(2, 1, 250), (240,))
+    assert a.shape == (2, 1, 480) and a[..., 250:].abs().sum() == 0  # zeros after the audio
+    v = vid.pad_time(vid.pad(torch.rand(1, 3, 6, 9, 9), (8, 8)), 4)
+    assert v.shape == (1, 3, 9, 16, 16) and torch.equal(v[:, :, 8], v[:, :, 5])  # last frame repeated
+    assert img.grid((600, 512), (16, 16)) == (38, 32) and wav.grid((16001,), (240,)) == (67,)
+    assert vid.grid((17, 144, 176), (8, 8)) == (18, 22)
+    assert img.region_cells == 4 and wav.region_cells == 2 and vid.region_cells is None
+    with pytest.raises(ValueError, match="unknown modality 'text'; choose from \\['audio', 'image', 'video'\\]"):
+        modality.get("text")

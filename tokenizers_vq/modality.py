@@ -1,0 +1,170 @@
+"""One class per kind of media, registered by name: what the rest of the library asks
+instead of comparing modality strings.
+
+A :class:`Modality` owns the facts of its media: the file suffixes read as it, the shape
+of a model input, how a file becomes a model input and a decoded tensor becomes media
+again (and a file), the padding to a backbone's stride and the token grid that follows,
+and the embedded model that ``tvq`` picks for it. :func:`get` looks one up by the name a
+:class:`~tokenizers_vq.tokenizer_config.TokenizerConfig` carries.
+
+    >>> get("audio").default_model, get("video").input_ndim, get("image").output_suffix
+    ('speech', 5, '.png')
+    >>> get("image").grid((600, 512), stride=(16, 16))
+    (38, 32)
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from tokenizers_vq.media import SUFFIXES
+
+
+class Modality(ABC):
+    """A kind of media. Model space: images ``(B, 3, H, W)`` and video ``(B, 3, T, H, W)``
+    in [-1, 1], audio ``(B, 1, T)``; media space (what :meth:`to_media` gives and
+    :meth:`save` writes): image ``(3, H, W)`` and video ``(T, 3, H, W)`` in [0, 1], audio
+    ``(1, T)`` in [-1, 1]."""
+
+    name: ClassVar[str]
+    article: ClassVar[str]  # "an image": for messages
+    input_ndim: ClassVar[int]  # axes of a batch of model inputs
+    has_pixels: ClassVar[bool]  # frames of at least 8x8 pixels
+    output_suffix: ClassVar[str]  # what decoded media is written as
+    default_model: ClassVar[str]  # the embedded model tvq picks for it
+    region_cells: ClassVar[int | None]  # latent cells of a dynamic-length region (None: not offered)
+
+    @property
+    def suffixes(self) -> frozenset[str]:
+        """File suffixes (lower case) read as this modality."""
+        return SUFFIXES[self.name]
+
+    @abstractmethod
+    def load(self, path: str | os.PathLike, sample_rate: int | None = None, max_frames: int | None = None,
+             max_pixels: int | None = None) -> tuple[Tensor, list[int], dict[str, Any]]:
+        """A file as a model input ``x`` (no batch axis), its ``size`` and ``info``
+        (see :func:`~tokenizers_vq.media.load_input`)."""
+
+    @abstractmethod
+    def to_media(self, out: Tensor) -> Tensor:
+        """One decoded item (model space, no batch axis) as media."""
+
+    @abstractmethod
+    def save(self, media: Tensor, path: str | os.PathLike, sample_rate: int | None, info: dict[str, Any]) -> Path:
+        """Write media (as :meth:`to_media` gives it), atomically."""
+
+    def pad(self, x: Tensor, stride: tuple[int, ...]) -> Tensor:
+        """Pad the trailing axes of a batch up to multiples of ``stride`` (one per axis
+        from the last; replicate for pixels, zeros for audio)."""
+        pad = []
+        for axis, s in zip(range(x.ndim - 1, x.ndim - 1 - len(stride), -1), reversed(stride)):
+            pad += [0, -x.shape[axis] % s]
+        if not any(pad):
+            return x
+        if not self.has_pixels:
+            return F.pad(x, pad)
+        return F.pad(x, pad + [0, 0] * (x.ndim - 2 - len(stride)), mode="replicate")  # replicate pads every axis
+
+    def grid(self, size: tuple[int, ...] | list[int], stride: tuple[int, ...]) -> tuple[int, ...]:
+        """Latent cells along the trailing axes of ``size`` (as many as ``stride`` has),
+        each rounded up; video time is the tokenizer's business (clips)."""
+        return tuple(-(-s // st) for s, st in zip(size[len(size) - len(stride):], stride, strict=True))
+
+
+_REGISTRY: dict[str, Modality] = {}
+
+
+def register(cls: type[Modality]) -> type[Modality]:
+    """Class decorator: make a modality known by its ``name``."""
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get(name: str) -> Modality:
+    """The registered modality called ``name`` (``"image"``, ``"audio"``, ``"video"``)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown modality {name!r}; choose from {sorted(_REGISTRY)}") from None
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@register
+class Image(Modality):
+    name, article, input_ndim, has_pixels = "image", "an image", 4, True
+    output_suffix, default_model, region_cells = ".png", "image", 4
+
+    def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
+        from tokenizers_vq.io import image_header, load_image  # noqa: PLC0415
+        from tokenizers_vq.media import check_pixels  # noqa: PLC0415
+
+        w, h, channels = image_header(path) if Path(path).is_file() else (0, 0, 3)
+        check_pixels(Path(path), w, h, max_pixels)
+        img = load_image(path)
+        return img * 2 - 1, list(img.shape[1:]), {"channels": channels}
+
+    def to_media(self, out: Tensor) -> Tensor:
+        return ((out + 1) / 2).clamp(0, 1)
+
+    def save(self, media, path, sample_rate, info):
+        from tokenizers_vq.io import save_image  # noqa: PLC0415
+
+        return save_image(media, path)
+
+
+@register
+class Audio(Modality):
+    name, article, input_ndim, has_pixels = "audio", "an audio", 3, False
+    output_suffix, default_model, region_cells = ".wav", "speech", 2
+
+    def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
+        from tokenizers_vq.media import load_audio  # noqa: PLC0415
+
+        wav, sr = load_audio(path, sample_rate)
+        return wav.mean(0, keepdim=True), [wav.shape[-1]], {"sample_rate": sr, "channels": wav.shape[0]}
+
+    def to_media(self, out: Tensor) -> Tensor:
+        return out.clamp(-1, 1)
+
+    def save(self, media, path, sample_rate, info):
+        from tokenizers_vq.media import save_audio  # noqa: PLC0415
+
+        return save_audio(media, path, sample_rate)
+
+
+@register
+class Video(Modality):
+    name, article, input_ndim, has_pixels = "video", "a video", 5, True
+    output_suffix, default_model, region_cells = ".mp4", "video", None
+
+    def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
+        from tokenizers_vq.media import load_video  # noqa: PLC0415
+
+        frames, fps = load_video(path, max_frames, max_pixels)
+        x = frames.permute(1, 0, 2, 3) * 2 - 1
+        return x, list(x.shape[1:]), {"fps": fps, "channels": 3}
+
+    def to_media(self, out: Tensor) -> Tensor:
+        return ((out + 1) / 2).clamp(0, 1).permute(1, 0, 2, 3)
+
+    def save(self, media, path, sample_rate, info):
+        from tokenizers_vq.media import save_video  # noqa: PLC0415
+
+        return save_video(media, path, info.get("fps", 25.0))
+
+    def pad_time(self, x: Tensor, temporal_factor: int) -> Tensor:
+        """Repeat the last frame up to ``1 + k * temporal_factor`` frames."""
+        extra = -(x.shape[2] - 1) % temporal_factor
+        return F.pad(x, [0, 0, 0, 0, 0, extra], mode="replicate") if extra else x
+
+
+__all__ = ["Modality", "Image", "Audio", "Video", "get", "names", "register"]
