@@ -11,6 +11,7 @@ from tokenizers_vq.quantizers import (
     Quantizer,
     QuantizerOutput,
     ResidualQuantizer,
+    SimVQ,
     VectorQuantizer,
     nearest_codes,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "QuantizerConfig",
     "QuantizerOutput",
     "ResidualQuantizer",
+    "SimVQ",
     "Tokenizer",
     "TokenizerConfig",
     "VectorQuantizer",

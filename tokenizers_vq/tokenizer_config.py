@@ -17,6 +17,7 @@ from tokenizers_vq.quantizers import (
     ProjectedCodebookVQ,
     Quantizer,
     ResidualQuantizer,
+    SimVQ,
     VectorQuantizer,
 )
 
@@ -26,6 +27,7 @@ QUANTIZER_KINDS: dict[str, type[Quantizer]] = {
     "lfq": LFQ,
     "projected_vq": ProjectedCodebookVQ,
     "latent": LatentQuantizer,
+    "simvq": SimVQ,
 }
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tokenizers_vq import FSQ, LFQ, GroupedQuantizer, ResidualQuantizer, VectorQuantizer
+from tokenizers_vq import FSQ, LFQ, GroupedQuantizer, ResidualQuantizer, SimVQ, VectorQuantizer
 from tokenizers_vq.quantizers import HierarchicalQuantizer, LatentQuantizer, ProjectedCodebookVQ, shrink_codebook
 from tokenizers_vq.quantizers.sharded import ShardedVectorQuantizer
 
@@ -18,6 +18,9 @@ QUANTIZERS = {
         D, 64, codebook_dim=4, metric="cosine", kmeans_init=True, kmeans_iters=3
     ),
     "vq-learned-rotation": lambda: VectorQuantizer(D, 64, learning="loss", estimator="rotation"),
+    "simvq": lambda: SimVQ(D, 64),
+    "simvq-factorised": lambda: SimVQ(D, 128, codebook_dim=8),
+    "residual-simvq": lambda: ResidualQuantizer([SimVQ(D, 32) for _ in range(3)]),
     "fsq": lambda: FSQ(D, [8, 5, 5, 5]),
     "fsq-no-projection": lambda: FSQ(4, [7, 6, 5, 4]),
     "lfq": lambda: LFQ(D, 10),

@@ -11,6 +11,7 @@ from tokenizers_vq.quantizers.lfq import LFQ
 from tokenizers_vq.quantizers.projected import ProjectedCodebookVQ
 from tokenizers_vq.quantizers.residual import ResidualQuantizer
 from tokenizers_vq.quantizers.shrink import shrink_codebook, shrink_family
+from tokenizers_vq.quantizers.simvq import SimVQ
 from tokenizers_vq.quantizers.vq import VectorQuantizer
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Quantizer",
     "QuantizerOutput",
     "ResidualQuantizer",
+    "SimVQ",
     "VectorQuantizer",
     "latent_quantization_param_groups",
     "nearest_codes",

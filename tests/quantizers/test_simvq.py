@@ -1,0 +1,39 @@
+"""SimVQ's point: one learned map moves every codeword, used or not."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenizers_vq import QuantizerConfig, SimVQ, Tokenizer, TokenizerConfig, VectorQuantizer
+
+
+def _step(q, z):
+    opt = torch.optim.SGD(q.parameters(), lr=0.5)
+    before = q.codebook.detach().clone()
+    out = q(z)
+    used = out.codes.unique()
+    opt.zero_grad()
+    (out.quantized.square().mean() + out.total_loss()).backward()
+    opt.step()
+    moved = (q.codebook.detach() - before).abs().sum(-1) > 0
+    return used, moved
+
+
+def test_one_step_moves_every_codeword_not_only_the_used_ones():
+    z = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1))  # 8 latents: at most 8 of 256 codes used
+    torch.manual_seed(0)
+    used, moved = _step(SimVQ(16, 256), z)
+    assert used.numel() <= 8 and bool(moved.all())
+    torch.manual_seed(0)
+    used, moved = _step(VectorQuantizer(16, 256, learning="loss", kmeans_init=False, restart_dead_codes=False), z)
+    assert int(moved.sum()) == used.numel()  # plain VQ: only the selected codewords learn
+
+
+def test_simvq_is_a_tokenizer_bottleneck_by_name():
+    cfg = TokenizerConfig("image", {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "latent_dim": 8},
+                          QuantizerConfig("simvq", {"codebook_size": 64}, levels=2))
+    tok = Tokenizer(cfg).eval()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    codes = tok.encode(x)
+    assert codes.shape == (1, 8, 8, 2) and tok.num_codebooks == 2
+    assert tok.decode(codes).shape == x.shape

@@ -1,0 +1,86 @@
+"""SimVQ: a frozen random codebook seen through one learned linear map.
+
+Zhu et al. 2024, "Addressing Representation Collapse in Vector Quantized Models with One
+Linear Layer" (arXiv 2411.02038). The codebook is ``C = E W^T`` with ``E`` ``(K, d)``
+drawn once and frozen and ``W`` ``(d, d)`` learned: a gradient step on ``W`` moves every
+codeword at once, not only the few a batch selects, which is why the paper reports full
+codebook usage at sizes where plain VQ collapses (up to 262,144 codes). Losses as in VQ-VAE:
+``|sg(z) - q|^2`` (it trains ``W``) plus ``beta |z - sg(q)|^2``; straight-through gradients
+to the encoder. Its residual form is :class:`~tokenizers_vq.quantizers.ResidualQuantizer`
+over SimVQ levels (``QuantizerConfig("simvq", ..., levels=4)``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokenizers_vq.quantizers._functional import code_histogram, nearest_codes, perplexity, straight_through
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, flatten_latent
+
+
+class SimVQ(Quantizer):
+    """Nearest-codeword quantizer over ``C = E W^T``, ``(B, *S, D) -> codes (B, *S)``.
+
+    Args:
+        dim: latent size ``D``; projected to ``codebook_dim`` (and back) when given.
+        codebook_size: ``K`` codes.
+        codebook_dim: ``d``, the size of the codewords (default ``D``).
+        beta: weight of the commitment loss ``|z - sg(q)|^2``.
+        backend: nearest-code search backend (see
+            :func:`~tokenizers_vq.quantizers.nearest_codes`).
+        check_finite: see :class:`Quantizer`.
+
+    Example:
+        >>> q = SimVQ(dim=16, codebook_size=512)
+        >>> out = q(torch.randn(2, 8, 16))
+        >>> out.codes.shape, sorted(out.losses)
+        (torch.Size([2, 8]), ['codebook', 'commitment'])
+        >>> q.frozen_codebook.requires_grad, q.map.weight.requires_grad
+        (False, True)
+    """
+
+    def __init__(self, dim: int, codebook_size: int, codebook_dim: int | None = None, beta: float = 0.25,
+                 backend: str = "auto", check_finite: bool = True):
+        super().__init__(dim, check_finite)
+        if codebook_size < 1:
+            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+        d = codebook_dim or dim
+        self._size, self.codebook_dim, self.beta, self.backend = codebook_size, d, beta, backend
+        self.project_in = nn.Linear(dim, d) if d != dim else nn.Identity()
+        self.project_out = nn.Linear(d, dim) if d != dim else nn.Identity()
+        # E ~ N(0, 1/d) so that codewords start at the scale of unit-variance latents' rows
+        self.register_buffer("frozen_codebook", torch.randn(codebook_size, d) / math.sqrt(d))
+        self.map = nn.Linear(d, d, bias=False)
+        nn.init.orthogonal_(self.map.weight)  # starts as a rotation: the codebook keeps its spread
+
+    @property
+    def codebook_size(self) -> int:
+        return self._size
+
+    @property
+    def codebook(self) -> Tensor:
+        """The effective ``(K, d)`` fp32 codebook ``E W^T`` (differentiable in ``W``)."""
+        with torch.autocast(device_type=self.frozen_codebook.device.type, enabled=False):
+            return F.linear(self.frozen_codebook.float(), self.map.weight.float())
+
+    def _forward(self, z: Tensor) -> QuantizerOutput:
+        x = self.project_in(z)
+        flat, lead = flatten_latent(x)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            xf = flat.float()
+            cb = self.codebook
+            _, idx = nearest_codes(xf.detach(), cb.detach(), "l2", self.backend)
+            q = F.embedding(idx, cb)
+            counts = code_histogram(idx, self._size)  # this rank's: diagnostics only, no collective
+            losses = {"commitment": self.beta * F.mse_loss(xf, q.detach()), "codebook": F.mse_loss(q, xf.detach())}
+            metrics = {"perplexity": perplexity(counts), "usage_batch": (counts > 0).float().mean()}
+            xq = straight_through(xf, q).to(flat.dtype).reshape(*lead, -1)
+        quantized = self.project_out(xq).to(z.dtype)
+        return QuantizerOutput(quantized, idx.reshape(lead), losses, metrics)
+
+    def _decode(self, codes: Tensor) -> Tensor:
+        return self.project_out(F.embedding(codes.long(), self.codebook))
