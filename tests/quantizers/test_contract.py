@@ -7,7 +7,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tokenizers_vq import FSQ, LFQ, GroupedQuantizer, ResidualQuantizer, SimVQ, VectorQuantizer
-from tokenizers_vq.quantizers import HierarchicalQuantizer, LatentQuantizer, ProjectedCodebookVQ, shrink_codebook
+from tokenizers_vq.quantizers import (
+    HierarchicalQuantizer,
+    LatentQuantizer,
+    ProjectedCodebookVQ,
+    RandomProjectionQuantizer,
+    shrink_codebook,
+)
 from tokenizers_vq.quantizers.sharded import ShardedVectorQuantizer
 
 D = 16
@@ -21,6 +27,7 @@ QUANTIZERS = {
     "simvq": lambda: SimVQ(D, 64),
     "simvq-factorised": lambda: SimVQ(D, 128, codebook_dim=8),
     "residual-simvq": lambda: ResidualQuantizer([SimVQ(D, 32) for _ in range(3)]),
+    "random-projection": lambda: RandomProjectionQuantizer(D, 256, codebook_dim=8),
     "fsq": lambda: FSQ(D, [8, 5, 5, 5]),
     "fsq-no-projection": lambda: FSQ(4, [7, 6, 5, 4]),
     "lfq": lambda: LFQ(D, 10),

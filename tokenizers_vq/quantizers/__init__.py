@@ -9,6 +9,7 @@ from tokenizers_vq.quantizers.hierarchical import HierarchicalOutput, Hierarchic
 from tokenizers_vq.quantizers.latent import LatentQuantizer, latent_quantization_param_groups
 from tokenizers_vq.quantizers.lfq import LFQ
 from tokenizers_vq.quantizers.projected import ProjectedCodebookVQ
+from tokenizers_vq.quantizers.random_projection import RandomProjectionQuantizer
 from tokenizers_vq.quantizers.residual import ResidualQuantizer
 from tokenizers_vq.quantizers.shrink import shrink_codebook, shrink_family
 from tokenizers_vq.quantizers.simvq import SimVQ
@@ -27,6 +28,7 @@ __all__ = [
     "ProjectedCodebookVQ",
     "Quantizer",
     "QuantizerOutput",
+    "RandomProjectionQuantizer",
     "ResidualQuantizer",
     "SimVQ",
     "VectorQuantizer",
