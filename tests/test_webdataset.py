@@ -75,3 +75,15 @@ def test_tvq_export_reads_a_tar_and_names_a_bad_member(tmp_path, capsys):
     assert main(["export", "--model", str(model), "--device", "cpu", "--data", "pipe:false",
                  "--out", str(tmp_path / "x")]) == 2
     assert "pipe:false" in capsys.readouterr().err  # an empty or failed stream, said of the source
+
+
+def test_a_pipe_that_fails_midway_or_talks_a_lot_is_handled(tmp_path):
+    photos = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:4]
+    tar_path = _pack(tmp_path, photos)
+    noisy = f"pipe:sh -c 'head -c 300000 /dev/zero >&2; cat {tar_path}'"  # more than a pipe holds on stderr
+    assert [s.key for s in list_tar_samples(noisy, "image")] == [f"samples/{i:06d}" for i in range(4)]
+    with tarfile.open(tar_path) as tar:
+        cut = tar.getmembers()[4].offset  # the first two samples (jpg + cls each), then the command fails
+    dropped = f"pipe:sh -c 'head -c {cut} {tar_path}; exit 3'"
+    with pytest.raises(ValueError, match="exited with status 3.*cut short"):
+        list_tar_samples(dropped, "image")

@@ -87,26 +87,27 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tokenizers_vq.export import export_dataset  # noqa: PLC0415
-    from tokenizers_vq.media import list_media  # noqa: PLC0415
-
     import time  # noqa: PLC0415
 
     from tokenizers_vq import distributed  # noqa: PLC0415
-
-    device = distributed.init_from_env()  # several ranks under accelerate launch / torchrun
-    if args.device is None and device.type == "cuda":
-        args.device = str(device)
-    tok = _load_model(args)
-    start = time.perf_counter()
+    from tokenizers_vq.export import export_dataset  # noqa: PLC0415
+    from tokenizers_vq.media import list_media  # noqa: PLC0415
     from tokenizers_vq.webdataset import is_tar_source, list_tar_samples  # noqa: PLC0415
 
-    inputs = (list_tar_samples(args.data, tok.modality) if is_tar_source(args.data)
-              else list_media(args.data, tok.modality))
-    manifest = export_dataset(tok, inputs, args.out, args.shard_items, args.batch_size,
-                              overwrite=args.overwrite, workers=args.workers)
-    secs = time.perf_counter() - start
-    rank, world = distributed.rank_and_world()
+    device = distributed.init_from_env(use_cuda=args.device != "cpu")  # several ranks: accelerate launch, torchrun
+    if args.device is None and device.type == "cuda":
+        args.device = str(device)
+    try:
+        tok = _load_model(args)
+        inputs = (list_tar_samples(args.data, tok.modality) if is_tar_source(args.data)
+                  else list_media(args.data, tok.modality))
+        start = time.perf_counter()
+        manifest = export_dataset(tok, inputs, args.out, args.shard_items, args.batch_size,
+                                  overwrite=args.overwrite, workers=args.workers)
+        secs = time.perf_counter() - start
+        rank, world = distributed.rank_and_world()
+    finally:
+        distributed.leave()
     if rank != 0:
         return 0
     print(f"{world} ranks: " if world > 1 else "", end="")

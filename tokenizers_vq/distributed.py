@@ -54,20 +54,29 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
-def init_from_env() -> torch.device:
+def init_from_env(use_cuda: bool = True) -> torch.device:
     """Join the process group that ``accelerate launch`` or ``torchrun`` describes in the
     environment (``WORLD_SIZE`` > 1; NCCL with one GPU per local rank where there are
-    GPUs, else gloo) unless one is initialised already; returns this rank's device."""
+    GPUs and ``use_cuda``, else gloo) unless one is initialised already; returns this
+    rank's device. Ranks that finish early wait for the others for up to a day (the
+    default collective timeout, minutes, is too short for uneven work)."""
+    import datetime  # noqa: PLC0415
     import os  # noqa: PLC0415
 
-    cuda = torch.cuda.is_available()
+    cuda = use_cuda and torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
     device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=24))
     return device
+
+
+def leave() -> None:
+    """Leave the process group (a no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

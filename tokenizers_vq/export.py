@@ -68,7 +68,7 @@ from tokenizers_vq.quantizers import PackedCodes
 from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, check_shard, token_dtype  # noqa: F401
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import TokenRecord, check_input_modality
-from tokenizers_vq.webdataset import TarSample
+from tokenizers_vq.webdataset import TarSample, close_readers
 
 class _Inputs(Dataset):
     """Files read as a tokenizer's inputs (:func:`~tokenizers_vq.media.load_input`), one
@@ -99,6 +99,8 @@ def _read(tok: Tokenizer, files: list[Path], workers: int) -> Iterator[tuple[Pat
         if not isinstance(f, TarSample):  # tar samples are listed by the model's modality
             check_input_modality(tok, f)
     data = _Inputs(files, tok.modality, tok.sample_rate)
+    if any(isinstance(f, TarSample) for f in files):
+        workers = 0  # one forward pass over each archive, here: a worker would read its own from the start
     if workers <= 0 or len(files) < 2:
         items: Iterator = (data[i] for i in range(len(files)))
     else:
@@ -223,6 +225,8 @@ def export_dataset(
             _write_shard(tok, out, k, files[k * shard_items : (k + 1) * shard_items], dtype, batch_size, workers)
     except Exception as e:  # noqa: BLE001  (every rank learns of it, then it is raised)
         error = e
+    finally:
+        close_readers()
     distributed.agree(error)
     manifest = None
     if rank == 0:  # checks every shard and writes the manifest

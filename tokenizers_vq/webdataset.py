@@ -10,8 +10,9 @@ Sources are local tar files (any compression ``tarfile`` reads) or ``pipe:COMMAN
 whose command writes a tar to its standard output (``pipe:curl -s https://.../shard-0001.tar``,
 ``pipe:aws s3 cp s3://... -``), as WebDataset spells them. Archives are read as streams,
 forward only: listing reads one pass, and loading the samples in archive order reads one
-more (a member asked for out of order starts the stream again). A member's bytes pass
-through a temporary file only while they are decoded.
+more (a member asked for out of order starts the stream again), in the process that asks
+(an export reads tar samples in its main process, whatever its loader workers). A member's
+bytes pass through a temporary file only while they are decoded.
 """
 
 from __future__ import annotations
@@ -80,18 +81,21 @@ class TarSample:
         return x, size, {**info, "key": self.key}
 
 
-def _open(source: str) -> tuple[IO[bytes], subprocess.Popen | None]:
-    if source.startswith("pipe:"):
-        proc = subprocess.Popen(shlex.split(source[5:]), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        return proc.stdout, proc
-    if not Path(source).is_file():
-        raise ValueError(f"tar source not found: {source}")
-    return open(source, "rb"), None
-
-
 def _members(source: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
-    """The regular-file members of ``source`` in archive order, from one forward pass."""
-    stream, proc = _open(source)
+    """The regular-file members of ``source`` in archive order, from one forward pass.
+    A ``pipe:`` command's standard error goes to a temporary file (a full pipe would
+    stall it), and a command that exits with an error fails the pass even where the
+    bytes it wrote looked like a whole archive (a dropped download ends at a member)."""
+    proc = err = None
+    if source.startswith("pipe:"):
+        err = tempfile.TemporaryFile()
+        proc = subprocess.Popen(shlex.split(source[5:]), stdout=subprocess.PIPE, stderr=err)
+        stream: IO[bytes] = proc.stdout
+    elif Path(source).is_file():
+        stream = open(source, "rb")  # noqa: SIM115  (closed below)
+    else:
+        raise ValueError(f"tar source not found: {source}")
+    finished = False
     try:
         try:
             with tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -100,13 +104,23 @@ def _members(source: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
                         yield info, tar
         except tarfile.TarError as e:
             raise ValueError(f"cannot read tar {source}: {e}") from e
+        finished = True
     finally:
+        if proc is not None and finished:
+            while stream.read(1 << 20):  # the rest (end blocks, padding), then the exit status
+                pass
+            proc.wait()
         stream.close()
         if proc is not None:
-            proc.kill()
-            err = proc.communicate()[1].decode(errors="replace").strip()
-            if proc.returncode not in (0, -9) and err:
-                raise ValueError(f"{source}: the command failed: {err[:300]}")
+            if not finished:  # closed early (or failed): stop the command
+                proc.kill()
+                proc.wait()
+            err.seek(0)
+            message = err.read().decode(errors="replace").strip()[-300:]
+            err.close()
+            if finished and proc.returncode != 0:
+                raise ValueError(f"{source}: the command exited with status {proc.returncode}"
+                                 + (f": {message}" if message else "") + "; its archive may be cut short")
 
 
 class _ForwardReader:
@@ -129,8 +143,13 @@ class _ForwardReader:
 _READERS: dict[tuple[int, str], _ForwardReader] = {}
 
 
+def close_readers() -> None:
+    """Forget this process's open readers (the next read starts each stream afresh)."""
+    _READERS.clear()
+
+
 def _reader(source: str) -> _ForwardReader:
-    """This process's reader of ``source`` (loader workers each open their own)."""
+    """This process's reader of ``source``."""
     key = (os.getpid(), source)
     if key not in _READERS:
         _READERS[key] = _ForwardReader(source)

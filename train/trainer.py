@@ -58,6 +58,11 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN time and pick its kernels
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = Tokenizer(cfg.model)
+        if cfg.init_quantizer not in ("all", "first_level", "none"):
+            raise ValueError(f"init_quantizer={cfg.init_quantizer!r}: expected 'all', 'first_level' or 'none'")
+        if cfg.init_quantizer != "all" and not cfg.init_from and not (Path(cfg.out_dir) / "checkpoint").is_dir():
+            raise ValueError(f"init_quantizer={cfg.init_quantizer!r} says what init_from gives the quantizer, "
+                             "but no init_from is set: set init_from, or leave init_quantizer out")
         if cfg.init_from:
             self._warm_start(cfg.init_from)
         if self.model.is_dynamic and cfg.sample_every > 0:
@@ -309,8 +314,6 @@ class Trainer:
             directory = directory / "model"
         src = Tokenizer.from_pretrained(source if source in PRETRAINED else directory)
         mode = self.cfg.init_quantizer
-        if mode not in ("all", "first_level", "none"):
-            raise ValueError(f"init_quantizer={mode!r}: expected 'all', 'first_level' or 'none'")
         mine, theirs = asdict(self.cfg.model), asdict(src.config)
         for d in (mine, theirs):
             d.pop("name")
@@ -329,9 +332,9 @@ class Trainer:
         own = {k: v for k, v in state.items() if not k.startswith("quantizer.")}
         if mode == "first_level":
             theirs_q, mine_q = theirs["quantizer_"], mine["quantizer_"]
-            same = {k: v for k, v in theirs_q.items() if k != "levels"} == {k: v for k, v in mine_q.items()
-                                                                           if k != "levels"}
-            if theirs_q["levels"] != 1 or mine_q["levels"] < 2 or not same:
+            same = ({k: v for k, v in theirs_q.items() if k not in ("levels", "dropout")}
+                    == {k: v for k, v in mine_q.items() if k not in ("levels", "dropout")})
+            if theirs_q["levels"] != 1 or mine_q["levels"] < 2 or not same or not hasattr(self.model.quantizer, "levels"):
                 raise ValueError(f"init_quantizer=first_level needs a single-level source quantizer and a residual "
                                  f"one here with the same kind and options; got {theirs_q} and {mine_q}")
             own.update({k.replace("quantizer.", "quantizer.levels.0.", 1): v for k, v in state.items()

@@ -104,9 +104,14 @@ def _peer(name: str, device: torch.device):
         vq = VectorQuantize(dim=tok.backbone_config.latent_dim, codebook_size=opts["codebook_size"],
                             codebook_dim=opts.get("codebook_dim"),
                             use_cosine_sim=opts.get("metric") == "cosine").eval().to(device)
-        return ("our image backbone + vector-quantize-pytorch VQ (random codebook)",
-                lambda x: vq(tok.encoder(x).movedim(1, -1))[1],
-                lambda idx: tok.decoder(vq.get_output_from_indices(idx).movedim(-1, 1)))
+        def encode(x):
+            h = tok.encoder(x).movedim(1, -1)  # (B, H, W, D); theirs takes (B, N, D)
+            return vq(h.flatten(1, 2))[1].view(h.shape[:3])
+
+        def decode(idx):
+            return tok.decoder(vq.get_output_from_indices(idx.flatten(1)).view(*idx.shape, -1).movedim(-1, 1))
+
+        return "our image backbone + vector-quantize-pytorch VQ (random codebook)", encode, decode
     return None
 
 
@@ -143,6 +148,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              "| model | batch | precision | compile | encode | decode | encode + decode | peak MiB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | - | failed: {r['error'][:80]} | | | |")
+            continue
         peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {'yes' if r['compile'] else 'no'} | "
                      f"{r['encode_per_s']:.1f} {r['unit']}/s | {r['decode_per_s']:.1f} | {r['both_per_s']:.1f} | {peak} |")
@@ -172,9 +180,16 @@ def main(argv: list[str] | None = None) -> None:
                 for compile_ in (False, True) if compiled else (False,):
                     rows.append(measure(name, batch, precision, device, compile_, args.min_seconds))
                     print(json.dumps(rows[-1]), flush=True)
-                if args.peers and (row := measure_peer(name, batch, precision, device, args.min_seconds)):
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                if args.peers:
+                    try:
+                        row = measure_peer(name, batch, precision, device, args.min_seconds)
+                    except Exception as e:  # noqa: BLE001  (recorded; the run goes on)
+                        row = {"model": f"{name} peer", "batch": batch, "precision": precision, "error": repr(e)[:300]}
+                    if row:
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                args.out.mkdir(parents=True, exist_ok=True)  # after every row: a cut run keeps what it measured
+                (args.out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / "throughput.md").write_text(markdown(meta, rows))

@@ -20,18 +20,24 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   budget=$(( $(left) - ${THROUGHPUT_TIME:-150} - 90 ))
-  timeout $(( $(left) - ${THROUGHPUT_TIME:-150} )) python3 -m tokenizers_vq.eval.benchmarks.nearest --out "$OUT/kernels" \
+  [ "$budget" -gt 0 ] || budget=1
+  timeout $(( $(left) - ${THROUGHPUT_TIME:-150} > 1 ? $(left) - ${THROUGHPUT_TIME:-150} : 1 )) python3 -m tokenizers_vq.eval.benchmarks.nearest --out "$OUT/kernels" \
     --budget "$budget" ${CASES:+--cases "$CASES"} > "$OUT/bench.log" 2>&1
   echo "bench exit $?" >> "$OUT/bench.log"
 fi
 if [ "${SKIP_THROUGHPUT:-0}" != 1 ]; then
-  timeout $(( $(left) - 15 )) python3 -m tokenizers_vq.eval.benchmarks.throughput --device cuda --batches 1,16,64 \
-    --peers --min-seconds 0.3 --out "$OUT/throughput" > "$OUT/throughput.log" 2>&1
-  echo "throughput exit $?" >> "$OUT/throughput.log"
-  # compiled rows apart (one batch size: every new shape recompiles)
-  timeout $(( $(left) - 15 )) python3 -m tokenizers_vq.eval.benchmarks.throughput --device cuda --models image --batches 64 \
-    --compile image --min-seconds 0.3 --out "$OUT/throughput_compile" > "$OUT/throughput_compile.log" 2>&1
-  echo "throughput exit $?" >> "$OUT/throughput_compile.log"
+  t=$(( $(left) - 15 - ${COMPILE_TIME:-90} ))
+  if [ "$t" -gt 0 ]; then
+    timeout "$t" python3 -m tokenizers_vq.eval.benchmarks.throughput --device cuda --batches 1,16,64 \
+      --peers --min-seconds 0.3 --out "$OUT/throughput" > "$OUT/throughput.log" 2>&1
+    echo "throughput exit $?" >> "$OUT/throughput.log"
+  fi
+  t=$(( $(left) - 15 ))  # compiled rows apart (one batch size: every new shape recompiles)
+  if [ "$t" -gt 0 ]; then
+    timeout "$t" python3 -m tokenizers_vq.eval.benchmarks.throughput --device cuda --models image --batches 64 \
+      --compile image --min-seconds 0.3 --out "$OUT/throughput_compile" > "$OUT/throughput_compile.log" 2>&1
+    echo "throughput exit $?" >> "$OUT/throughput_compile.log"
+  fi
 fi
 tail -n 15 "$OUT/kernel_tests.log" 2>/dev/null; tail -n 40 "$OUT/bench.log" 2>/dev/null; tail -n 30 "$OUT/throughput.log" 2>/dev/null
 # at most 8 files come back: everything in one archive

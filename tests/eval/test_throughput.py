@@ -25,7 +25,7 @@ def test_image_peer_row_times_our_backbone_with_the_outside_quantizer():
     pytest.importorskip("vector_quantize_pytorch")
     from tokenizers_vq.eval.benchmarks.throughput import measure_peer
 
-    row = measure_peer("image", 1, "fp32", torch.device("cpu"), min_seconds=0.0, max_reps=2)
+    row = measure_peer("image", 2, "fp32", torch.device("cpu"), min_seconds=0.0, max_reps=2)
     assert row["model"].startswith("image peer: ") and row["unit"] == "images"
     assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("encode_per_s", "decode_per_s", "both_per_s"))
-    assert f"| {row['model']} | 1 | fp32 | no |" in markdown({"device_name": "cpu", "torch": "-", "threads": 1}, [row])
+    assert f"| {row['model']} | 2 | fp32 | no |" in markdown({"device_name": "cpu", "torch": "-", "threads": 1}, [row])

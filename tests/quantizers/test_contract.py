@@ -30,6 +30,8 @@ QUANTIZERS = {
     "random-projection": lambda: RandomProjectionQuantizer(D, 256, codebook_dim=8),
     "fsq": lambda: FSQ(D, [8, 5, 5, 5]),
     "fsq-no-projection": lambda: FSQ(4, [7, 6, 5, 4]),
+    "fsq-symmetric-noise-dropout": lambda: FSQ(D, [8, 5, 5, 5], bound="symmetric", noise_dropout=0.5),
+    "fsq-paper-bound": lambda: FSQ(D, [8, 6, 5], bound="paper"),
     "lfq": lambda: LFQ(D, 10),
     "bsq": lambda: LFQ(D, 12, spherical=True),
     "residual-vq-dropout": lambda: ResidualQuantizer([VectorQuantizer(D, 32) for _ in range(3)], dropout=0.5),

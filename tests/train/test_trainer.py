@@ -168,6 +168,8 @@ def test_init_quantizer_puts_a_trained_codebook_under_a_residual_one(tmp_path):
         Trainer(config("audio", tmp_path / "e", 1, **over, init_quantizer="both"))
     with pytest.raises(ValueError, match="init_quantizer=none takes the encoder"):
         Trainer(config("audio", tmp_path / "f", 1, **over))
+    with pytest.raises(ValueError, match="but no init_from is set"):
+        Trainer(config("audio", tmp_path / "g", 1, **{**over, "init_from": ""}, init_quantizer="none"))
 
 
 @pytest.mark.parametrize("modality", ["image", "audio"])
