@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tokenizers_vq.eval.evaluate import _reference, item_metrics
+from tokenizers_vq.eval.evaluate import item_metrics
 from tokenizers_vq.lpips import LPIPSNet
 from tokenizers_vq.media import load_video, resample
 from tokenizers_vq.tokenizer import Tokenizer
@@ -301,7 +301,8 @@ def load_item(tok: Tokenizer, path: Path, max_frames: int | None = 33) -> tuple[
     rate (0 for images)."""
     if tok.modality == "video":
         return load_video(path, max_frames)
-    return _reference(tok, path, max_frames), float(tok.sample_rate or 0)
+    media = tok.media.load_media(path, tok.sample_rate, max_frames)
+    return (media[0] if tok.modality == "audio" else media), float(tok.sample_rate or 0)
 
 
 def _units(modality: str, ref: Tensor, rate: float) -> dict[str, float]:
@@ -363,7 +364,8 @@ def run_baselines(tok: Tokenizer, files: list[Path], items: list[dict[str, Any]]
                 skipped[b.name] = f"failed on {f.name}: {e}"
                 del rows[b.name]
                 continue
-            m = item_metrics(tok, ref, rec.unsqueeze(0) if tok.modality == "audio" else rec, lpips)
+            pair = (ref[None], rec[None]) if tok.modality == "audio" else (ref, rec)  # media space: (1, T) audio
+            m = item_metrics(tok, *pair, lpips)
             metric_keys = metric_keys or list(m)
             rows[b.name].append({"file": f.name, "bits": used, **_rates(used, units), "over_budget": used > budget,
                                  **settings, **m})

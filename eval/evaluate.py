@@ -22,30 +22,31 @@ from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import decode_record, encode_file
 
 
-def _reference(tok: Tokenizer, path: Path, max_frames: int | None) -> torch.Tensor:
-    from tokenizers_vq.io import load_image  # noqa: PLC0415
-    from tokenizers_vq.media import load_audio, load_video  # noqa: PLC0415
+def _image_metrics(rec: torch.Tensor, ref: torch.Tensor, sample_rate: int | None) -> dict[str, Any]:
+    return {"psnr_db": psnr(rec, ref), "ssim": ssim(rec, ref), "ms_ssim": ms_ssim(rec, ref)}
 
-    if tok.modality == "image":
-        return load_image(path)
-    if tok.modality == "audio":
-        return load_audio(path, tok.sample_rate)[0].mean(0)
-    return load_video(path, max_frames)[0]
+
+def _audio_metrics(rec: torch.Tensor, ref: torch.Tensor, sample_rate: int | None) -> dict[str, Any]:
+    return audio_metrics(rec[0], ref[0], sample_rate)
+
+
+def _video_metrics(rec: torch.Tensor, ref: torch.Tensor, sample_rate: int | None) -> dict[str, Any]:
+    per_frame = [psnr(r, f) for r, f in zip(rec, ref)]
+    ssims = [ssim(r, f) for r, f in zip(rec, ref)]
+    # flicker: how much the frame-to-frame changes differ between input and output
+    flicker = torch.mean(((rec[1:] - rec[:-1]) - (ref[1:] - ref[:-1])).abs()).item() if len(ref) > 1 else 0.0
+    return {"psnr_db": sum(per_frame) / len(per_frame), "ssim": sum(ssims) / len(ssims), "flicker": flicker}
+
+
+ITEM_METRICS = {"image": _image_metrics, "audio": _audio_metrics, "video": _video_metrics}
+"""Per-item metrics by modality name (:mod:`tokenizers_vq.modality`), on media-space tensors."""
 
 
 def item_metrics(tok: Tokenizer, ref: torch.Tensor, rec: torch.Tensor, lpips: LPIPSNet | None = None) -> dict[str, Any]:
-    """Metrics of one item; ``lpips`` adds LPIPS (per frame and averaged for video)."""
-    if tok.modality == "audio":
-        return audio_metrics(rec[0], ref, tok.sample_rate)
-    if tok.modality == "image":
-        out = {"psnr_db": psnr(rec, ref), "ssim": ssim(rec, ref), "ms_ssim": ms_ssim(rec, ref)}
-    else:
-        per_frame = [psnr(r, f) for r, f in zip(rec, ref)]
-        ssims = [ssim(r, f) for r, f in zip(rec, ref)]
-        # flicker: how much the frame-to-frame changes differ between input and output
-        flicker = torch.mean(((rec[1:] - rec[:-1]) - (ref[1:] - ref[:-1])).abs()).item() if len(ref) > 1 else 0.0
-        out = {"psnr_db": sum(per_frame) / len(per_frame), "ssim": sum(ssims) / len(ssims), "flicker": flicker}
-    if lpips is not None:
+    """Metrics of one item (media space, as :meth:`Modality.load_media` and ``to_media``
+    give them); ``lpips`` adds LPIPS to pictures (per frame and averaged for video)."""
+    out = ITEM_METRICS[tok.modality](rec, ref, tok.sample_rate)
+    if lpips is not None and tok.media.has_pixels:
         out["lpips"] = lpips_distance(lpips, rec, ref)
     return out
 
@@ -84,15 +85,14 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpi
         rec = encode_file(tok, f, max_frames=max_frames)
         out = decode_record(tok, rec)
         seconds += time.perf_counter() - t0
-        ref = _reference(tok, f, max_frames)
+        ref = tok.media.load_media(f, tok.sample_rate, max_frames)
         all_codes.append(rec.codes.reshape(-1, tok.quantizer.num_codebooks))
         m = item_metrics(tok, ref, out, lpips)
         if inception is not None and tok.modality == "image":
             ref_feats.append(inception_features(inception, ref))
             rec_feats.append(inception_features(inception, out))
-        units += ref.shape[-1] / tok.sample_rate if tok.modality == "audio" else (ref.shape[0] if tok.modality == "video" else 1)
-        if tok.modality != "audio":
-            pixels += ref.shape[-1] * ref.shape[-2] * (ref.shape[0] if tok.modality == "video" else 1)
+        units += tok.media.units(ref, tok.sample_rate)
+        pixels += tok.media.pixels(ref)
         items.append({"file": f.name, "tokens": rec.codes.numel(), **m})
     summary: dict[str, Any] = {}
     for key in items[0]:
@@ -105,14 +105,12 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpi
     summary.update(token_stats(torch.cat(all_codes), tok.quantizer.codebook_size))
     bits = math.log2(tok.quantizer.codebook_size) * sum(it["tokens"] for it in items)
     summary["bits_per_token"] = math.log2(tok.quantizer.codebook_size)
-    if tok.modality == "audio":
-        summary["kbps"] = bits / units / 1000
-        summary["tokens_per_second"] = sum(it["tokens"] for it in items) / units
-    else:
+    if pixels:
         summary["bits_per_pixel"] = bits / pixels
-        summary["tokens_per_" + ("image" if tok.modality == "image" else "frame")] = sum(it["tokens"] for it in items) / units
-    unit = {"image": "images", "audio": "audio_seconds", "video": "frames"}[tok.modality]
-    summary[f"{unit}_per_s"] = units / max(seconds, 1e-9)
+    else:  # audio
+        summary["kbps"] = bits / units / 1000
+    summary[tok.media.token_rate] = sum(it["tokens"] for it in items) / units
+    summary[f"{tok.media.unit}_per_s"] = units / max(seconds, 1e-9)
     summary["device"] = str(next(tok.parameters()).device)
     summary["peak_memory_mib"] = peak_memory_mib()
     summary["items"] = len(items)

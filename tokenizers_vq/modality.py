@@ -39,6 +39,8 @@ class Modality(ABC):
     output_suffix: ClassVar[str]  # what decoded media is written as
     default_model: ClassVar[str]  # the embedded model tvq picks for it
     region_cells: ClassVar[int | None]  # latent cells of a dynamic-length region (None: not offered)
+    unit: ClassVar[str]  # what rates count: "images", "audio_seconds", "frames"
+    token_rate: ClassVar[str]  # the summary's tokens-per-unit key
 
     @property
     def suffixes(self) -> frozenset[str]:
@@ -50,6 +52,19 @@ class Modality(ABC):
              max_pixels: int | None = None) -> tuple[Tensor, list[int], dict[str, Any]]:
         """A file as a model input ``x`` (no batch axis), its ``size`` and ``info``
         (see :func:`~tokenizers_vq.media.load_input`)."""
+
+    def load_media(self, path: str | os.PathLike, sample_rate: int | None = None,
+                   max_frames: int | None = None) -> Tensor:
+        """A file as media (the original beside which a reconstruction is measured)."""
+        return self.to_media(self.load(path, sample_rate, max_frames)[0])
+
+    def units(self, media: Tensor, sample_rate: int | None = None) -> float:
+        """How many :attr:`unit` one item of media holds."""
+        return 1.0
+
+    def pixels(self, media: Tensor) -> int:
+        """Pixels of one item of media (0 for audio)."""
+        return 0
 
     @abstractmethod
     def to_media(self, out: Tensor) -> Tensor:
@@ -102,6 +117,15 @@ def names() -> list[str]:
 class Image(Modality):
     name, article, input_ndim, has_pixels = "image", "an image", 4, True
     output_suffix, default_model, region_cells = ".png", "image", 4
+    unit, token_rate = "images", "tokens_per_image"
+
+    def load_media(self, path, sample_rate=None, max_frames=None):
+        from tokenizers_vq.io import load_image  # noqa: PLC0415
+
+        return load_image(path)
+
+    def pixels(self, media: Tensor) -> int:
+        return media.shape[-1] * media.shape[-2]
 
     def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
         from tokenizers_vq.io import image_header, load_image  # noqa: PLC0415
@@ -125,6 +149,15 @@ class Image(Modality):
 class Audio(Modality):
     name, article, input_ndim, has_pixels = "audio", "an audio", 3, False
     output_suffix, default_model, region_cells = ".wav", "speech", 2
+    unit, token_rate = "audio_seconds", "tokens_per_second"
+
+    def load_media(self, path, sample_rate=None, max_frames=None):
+        from tokenizers_vq.media import load_audio  # noqa: PLC0415
+
+        return load_audio(path, sample_rate)[0].mean(0, keepdim=True)
+
+    def units(self, media: Tensor, sample_rate: int | None = None) -> float:
+        return media.shape[-1] / sample_rate
 
     def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
         from tokenizers_vq.media import load_audio  # noqa: PLC0415
@@ -145,6 +178,18 @@ class Audio(Modality):
 class Video(Modality):
     name, article, input_ndim, has_pixels = "video", "a video", 5, True
     output_suffix, default_model, region_cells = ".mp4", "video", None
+    unit, token_rate = "frames", "tokens_per_frame"
+
+    def load_media(self, path, sample_rate=None, max_frames=None):
+        from tokenizers_vq.media import load_video  # noqa: PLC0415
+
+        return load_video(path, max_frames)[0]
+
+    def units(self, media: Tensor, sample_rate: int | None = None) -> float:
+        return float(media.shape[0])
+
+    def pixels(self, media: Tensor) -> int:
+        return media.shape[0] * media.shape[-1] * media.shape[-2]
 
     def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
         from tokenizers_vq.media import load_video  # noqa: PLC0415

@@ -10,6 +10,7 @@ import tempfile
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (torch makes its compile-cache folder in the temp dir on first import: not ours)
 from test_tokenizer import tiny
 from testdata import shared_path
 

@@ -1,0 +1,114 @@
+"""How fast ``tvq export`` tokenizes a photo collection, and what bounds it.
+
+Three rates on the same files, items per second:
+
+- decode-bound: the export's reader alone (files read and decoded in ``--workers``
+  loader processes, as the export runs them; no model);
+- encode-bound: the model alone on inputs already decoded and batched as the export
+  batches them (``--batch-size`` photos of one shape; fp32 as the export runs, and bf16
+  autocast for reference);
+- end to end: :func:`~tokenizers_vq.export.export_dataset` into a temporary folder.
+
+The export can be no faster than the slower of the first two. ``--repeat R`` lists every
+file ``R`` times (links in a temporary folder) to make a larger set.
+
+    python -m tokenizers_vq.eval.benchmarks.export_speed ../shared/data/images/bsds500/val \\
+        --max-items 48 --workers 1 --out eval/results/export_speed/cpu
+
+Writes ``export_speed.json`` and ``export_speed.md`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tokenizers_vq.export import _read, export_dataset
+from tokenizers_vq.media import list_media
+from tokenizers_vq.tokenizer import Tokenizer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_rate(tok: Tokenizer, files: list[Path], workers: int) -> float:
+    start = time.perf_counter()
+    n = sum(1 for _ in _read(tok, files, workers))
+    return n / (time.perf_counter() - start)
+
+
+def encode_rate(tok: Tokenizer, files: list[Path], batch_size: int, precision: str, device: torch.device) -> float:
+    """Items/s of ``tok.encode`` over batches of equal-shape inputs, decoded beforehand."""
+    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for _, (x, _, _) in _read(tok, files, 0):
+        groups.setdefault(tuple(x.shape), []).append(x)
+    batches = [torch.stack(g[i : i + batch_size]).to(device) for g in groups.values() for i in range(0, len(g), batch_size)]
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with torch.inference_mode(), ctx:
+        tok.encode(batches[0])  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for b in batches:
+            tok.encode(b)
+        _sync(device)
+    return sum(b.shape[0] for b in batches) / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("data", help="folder of photos")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default="image")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-items", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=1, help="list every file this many times")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    tok = Tokenizer.from_pretrained(args.model).eval().to(device)
+    files = list_media(args.data, tok.modality, args.max_items)
+    with tempfile.TemporaryDirectory(prefix="tvq-export-speed-") as tmp:
+        if args.repeat > 1:  # links: the same bytes under other names
+            links = []
+            for r in range(args.repeat):
+                for f in files:
+                    link = Path(tmp) / "in" / f"{r:04d}_{f.name}"
+                    link.parent.mkdir(exist_ok=True)
+                    link.symlink_to(f.resolve())
+                    links.append(link)
+            files = links
+        row = {"items": len(files), "workers": args.workers, "batch_size": args.batch_size,
+               "decode_bound_per_s": decode_rate(tok, files, args.workers),
+               "encode_bound_fp32_per_s": encode_rate(tok, files, args.batch_size, "fp32", device),
+               "encode_bound_bf16_per_s": encode_rate(tok, files, args.batch_size, "bf16", device)}
+        start = time.perf_counter()
+        export_dataset(tok, files, Path(tmp) / "out", batch_size=args.batch_size, workers=args.workers)
+        row["end_to_end_per_s"] = len(files) / (time.perf_counter() - start)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU",
+            "model": tok.config.name, "data": args.data}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "export_speed.json").write_text(json.dumps({"meta": meta, "row": row}, indent=1))
+    md = (f"# tvq export speed ({meta['device_name']}, {meta['threads']} threads)\n\n"
+          f"{row['items']} files of `{args.data}`, model `{meta['model']}`, {args.workers} loader worker(s), "
+          f"batches of {args.batch_size}; items per second.\n\n"
+          "| decode-bound (reader alone) | encode-bound fp32 (model alone) | encode-bound bf16 | end to end (tvq export) |\n"
+          "|---|---|---|---|\n"
+          f"| {row['decode_bound_per_s']:.1f} | {row['encode_bound_fp32_per_s']:.1f} | "
+          f"{row['encode_bound_bf16_per_s']:.1f} | {row['end_to_end_per_s']:.1f} |\n")
+    (args.out / "export_speed.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The export speed benchmark measures its three rates on real photos."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from testdata import shared_path
+
+from tokenizers_vq.eval.benchmarks import export_speed
+
+
+def test_three_rates_of_a_small_export(tmp_path):
+    data = shared_path("images", "bsds500", "val")
+    export_speed.main([str(data), "--out", str(tmp_path), "--max-items", "2", "--repeat", "2", "--workers", "0",
+                       "--batch-size", "2", "--device", "cpu"])
+    row = json.loads((tmp_path / "export_speed.json").read_text())["row"]
+    assert row["items"] == 4
+    rates = [row[k] for k in ("decode_bound_per_s", "encode_bound_fp32_per_s", "encode_bound_bf16_per_s",
+                              "end_to_end_per_s")]
+    assert all(math.isfinite(r) and r > 0 for r in rates)
+    assert row["end_to_end_per_s"] < row["decode_bound_per_s"]  # the export also encodes and writes
+    assert "| decode-bound" in (tmp_path / "export_speed.md").read_text()
