@@ -212,3 +212,39 @@ def test_half_inputs_without_autocast(name: str, dtype: torch.dtype):
     assert q.decode(codes).shape == z.shape
     same = (codes == q.encode(z.float())).float().mean()
     assert same > 0.8, f"only {same:.0%} of half-input codes equal the fp32 ones"
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_masked_positions_count_nowhere(name: str):
+    """With a mask, the real positions are quantized exactly as if they came alone (codes,
+    quantized values, losses, metrics and the codebook state after a training step), and
+    padded positions pass through with code -1."""
+    dim, q = make(name)
+    if not q.positionwise:
+        with pytest.raises(ValueError, match="cannot leave positions out"):
+            q(latent(dim, (2, 4, 4)), mask=torch.ones(2, 4, 4, dtype=torch.bool))
+        return
+    _, alone = make(name)  # same seed, same initial state
+    z = latent(dim, (2, 9), requires_grad=True)
+    mask = torch.tensor([[True] * 9, [True] * 4 + [False] * 5])
+    q.train(), alone.train()
+    torch.manual_seed(1)
+    out = q(z, mask=mask)
+    torch.manual_seed(1)
+    ref = alone(z.detach()[mask].unsqueeze(0))
+    assert torch.equal(out.codes[mask], ref.codes[0]) and bool((out.codes[~mask] == -1).all())
+    torch.testing.assert_close(out.quantized[mask], ref.quantized[0])
+    assert torch.equal(out.quantized[~mask], z[~mask])
+    assert out.losses.keys() == ref.losses.keys()
+    for key in (*out.losses, *out.metrics):
+        torch.testing.assert_close((out.losses | out.metrics)[key], (ref.losses | ref.metrics)[key])
+    for (k, a), (_, b) in zip(q.state_dict().items(), alone.state_dict().items(), strict=True):
+        assert torch.equal(a, b), f"{k} saw the padding"
+    if out.losses:
+        out.total_loss().backward()
+        assert z.grad[~mask].abs().sum() == 0  # padding gets no loss gradient
+    q.eval()
+    zz = z.detach()
+    assert torch.equal(q.encode(zz, mask=mask)[mask], q.encode(zz[mask].unsqueeze(0))[0])
+    with pytest.raises(ValueError, match="mask must be a bool tensor of shape \\(2, 9\\)"):
+        q(z, mask=mask.float())

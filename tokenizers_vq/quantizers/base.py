@@ -65,6 +65,10 @@ class Quantizer(nn.Module, ABC):
             (the check is skipped inside ``torch.compile`` regardless).
     """
 
+    positionwise: bool = True
+    """Each position is quantized on its own (so a mask can leave positions out); False
+    for quantizers that look at neighbouring positions."""
+
     def __init__(self, dim: int, check_finite: bool = True):
         super().__init__()
         if dim < 1:
@@ -92,13 +96,23 @@ class Quantizer(nn.Module, ABC):
         return n
 
     # -- the contract --------------------------------------------------------------------
-    def forward(self, z: Tensor) -> QuantizerOutput:
+    def forward(self, z: Tensor, mask: Tensor | None = None) -> QuantizerOutput:
         """Quantize ``z`` ``(B, *S, D)``; see :class:`QuantizerOutput`.
 
         Outside autocast, a latent of another float dtype than the quantizer's weights
         (e.g. bf16 activations and fp32 projections) is quantized in the weights' dtype
-        and ``quantized`` is cast back to the latent's dtype."""
+        and ``quantized`` is cast back to the latent's dtype.
+
+        ``mask`` ``(B, *S)`` bool, True where a position is real (e.g. the padding of a
+        variable-length audio batch is False): only those positions are quantized, so
+        padding counts neither in the codebook statistics nor in the losses or metrics
+        (exactly as if the real positions came alone); padded positions pass ``z``
+        through unchanged and get code -1. Position-wise quantizers only
+        (:attr:`positionwise`); not for ``torch.compile(fullgraph=True)`` (the number of
+        real positions is data)."""
         self._check_latent(z)
+        if mask is not None:
+            return self._forward_masked(z, mask)
         zc = self._in_weight_dtype(z)
         if zc is z:
             return self._forward(z)
@@ -106,10 +120,17 @@ class Quantizer(nn.Module, ABC):
         return QuantizerOutput(out.quantized.to(z.dtype), out.codes, out.losses, out.metrics)
 
     @torch.no_grad()
-    def encode(self, z: Tensor) -> Tensor:
-        """Codes ``(B, *S, *code_shape)`` for latents ``z`` ``(B, *S, D)``. Never
-        updates codebook statistics."""
+    def encode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Codes ``(B, *S, *code_shape)`` for latents ``z`` ``(B, *S, D)`` (-1 where
+        ``mask`` is False, see :meth:`forward`). Never updates codebook statistics."""
         self._check_latent(z)
+        if mask is not None:
+            was_training = self.training
+            self.eval()
+            try:
+                return self._forward_masked(z, mask).codes
+            finally:
+                self.train(was_training)
         was_training = self.training
         self.eval()
         try:
@@ -165,6 +186,25 @@ class Quantizer(nn.Module, ABC):
                     f"latent has values of magnitude {peak:.3g}, over the limit of {MAX_LATENT_MAGNITUDE:.0e} "
                     "(their squared distances overflow float32); the encoder has likely diverged"
                 )
+
+    def _forward_masked(self, z: Tensor, mask: Tensor) -> QuantizerOutput:
+        """The real positions quantized alone (as one ``(1, M, D)`` latent), scattered back."""
+        if not self.positionwise:
+            raise ValueError(f"{type(self).__name__} quantizes a position together with its neighbours, so a mask "
+                             "cannot leave positions out; mask the latent before it, or use a position-wise quantizer")
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(z.shape[:-1]):
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(z.shape[:-1])} (the latent's shape without "
+                             f"its last axis), got {getattr(mask, 'dtype', type(mask).__name__)} "
+                             f"{tuple(getattr(mask, 'shape', ()))}")
+        cs = self.code_shape
+        codes = torch.full((*mask.shape, *cs), -1, dtype=torch.int64, device=z.device)
+        valid = z[mask]
+        if valid.shape[0] == 0:
+            return QuantizerOutput(z, codes)
+        out = self.forward(valid.unsqueeze(0))
+        quantized = z.masked_scatter(mask.unsqueeze(-1).expand_as(z), out.quantized[0].to(z.dtype))
+        codes = codes.masked_scatter(mask.reshape(*mask.shape, *([1] * len(cs))).expand_as(codes), out.codes[0])
+        return QuantizerOutput(quantized, codes, out.losses, out.metrics)
 
     def _check_codes(self, codes: Tensor) -> None:
         if not isinstance(codes, Tensor):

@@ -84,6 +84,8 @@ class HierarchicalQuantizer(Quantizer):
         (torch.Size([2, 16, 16, 2]), torch.Size([2, 8, 8]))
     """
 
+    positionwise = False  # the top level codes regions of the bottom one
+
     def __init__(self, top: Quantizer, bottom: Quantizer):
         check_same_codes([top, bottom], "HierarchicalQuantizer")
         if top.dim != bottom.dim:
