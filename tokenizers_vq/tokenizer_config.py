@@ -13,6 +13,7 @@ from tokenizers_vq.quantizers import (
     LFQ,
     DynamicQuantizer,
     GroupedQuantizer,
+    IBQ,
     LatentQuantizer,
     ProjectedCodebookVQ,
     Quantizer,
@@ -28,6 +29,7 @@ QUANTIZER_KINDS: dict[str, type[Quantizer]] = {
     "projected_vq": ProjectedCodebookVQ,
     "latent": LatentQuantizer,
     "simvq": SimVQ,
+    "ibq": IBQ,
 }
 
 

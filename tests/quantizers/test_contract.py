@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers_vq import FSQ, LFQ, GroupedQuantizer, ResidualQuantizer, SimVQ, VectorQuantizer
 from tokenizers_vq.quantizers import (
     HierarchicalQuantizer,
+    IBQ,
     LatentQuantizer,
     ProjectedCodebookVQ,
     RandomProjectionQuantizer,
@@ -27,6 +28,8 @@ QUANTIZERS = {
     "simvq": lambda: SimVQ(D, 64),
     "simvq-factorised": lambda: SimVQ(D, 128, codebook_dim=8),
     "residual-simvq": lambda: ResidualQuantizer([SimVQ(D, 32) for _ in range(3)]),
+    "ibq": lambda: IBQ(D, 64),
+    "ibq-factorised": lambda: IBQ(D, 128, codebook_dim=8),
     "random-projection": lambda: RandomProjectionQuantizer(D, 256, codebook_dim=8),
     "fsq": lambda: FSQ(D, [8, 5, 5, 5]),
     "fsq-no-projection": lambda: FSQ(4, [7, 6, 5, 4]),

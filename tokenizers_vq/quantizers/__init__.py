@@ -6,6 +6,7 @@ from tokenizers_vq.quantizers.dynamic import DynamicOutput, DynamicQuantizer, Pa
 from tokenizers_vq.quantizers.fsq import FSQ
 from tokenizers_vq.quantizers.grouped import GroupedQuantizer
 from tokenizers_vq.quantizers.hierarchical import HierarchicalOutput, HierarchicalQuantizer
+from tokenizers_vq.quantizers.ibq import IBQ
 from tokenizers_vq.quantizers.latent import LatentQuantizer, latent_quantization_param_groups
 from tokenizers_vq.quantizers.lfq import LFQ
 from tokenizers_vq.quantizers.projected import ProjectedCodebookVQ
@@ -17,6 +18,7 @@ from tokenizers_vq.quantizers.vq import VectorQuantizer
 
 __all__ = [
     "FSQ",
+    "IBQ",
     "LFQ",
     "DynamicOutput",
     "DynamicQuantizer",
