@@ -224,6 +224,17 @@ class Quantizer(nn.Module, ABC):
                 )
 
 
+def codebook_projections(q: Quantizer, codebook_size: int, codebook_dim: int | None) -> int:
+    """Check ``codebook_size`` and give ``q`` its ``project_in``/``project_out`` between the
+    latent's ``D`` and ``codebook_dim`` (identities when they agree); returns the codeword size."""
+    if codebook_size < 1:
+        raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+    d = codebook_dim or q.dim
+    q.project_in = nn.Linear(q.dim, d) if d != q.dim else nn.Identity()
+    q.project_out = nn.Linear(d, q.dim) if d != q.dim else nn.Identity()
+    return d
+
+
 def check_choice(name: str, value: object, choices: tuple) -> None:
     """Raise a ValueError naming ``name`` when ``value`` is not one of ``choices``."""
     if value not in choices:

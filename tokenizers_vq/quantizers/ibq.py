@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers_vq.quantizers._functional import code_histogram, perplexity
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, flatten_latent
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, codebook_projections, flatten_latent
 
 
 def _entropy(p: Tensor) -> Tensor:
@@ -48,12 +48,8 @@ class IBQ(Quantizer):
     def __init__(self, dim: int, codebook_size: int, codebook_dim: int | None = None, beta: float = 0.25,
                  entropy_weight: float = 0.05, temperature: float = 1.0, check_finite: bool = True):
         super().__init__(dim, check_finite)
-        if codebook_size < 1:
-            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
-        d = codebook_dim or dim
+        d = codebook_projections(self, codebook_size, codebook_dim)
         self._size, self.beta, self.entropy_weight, self.temperature = codebook_size, beta, entropy_weight, temperature
-        self.project_in = nn.Linear(dim, d) if d != dim else nn.Identity()
-        self.project_out = nn.Linear(d, dim) if d != dim else nn.Identity()
         self.embed = nn.Parameter(torch.randn(codebook_size, d) / d**0.5)
 
     @property

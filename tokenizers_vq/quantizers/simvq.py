@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers_vq.quantizers._functional import code_histogram, nearest_codes, perplexity, straight_through
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, flatten_latent
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, codebook_projections, flatten_latent
 
 
 class SimVQ(Quantizer):
@@ -46,12 +46,8 @@ class SimVQ(Quantizer):
     def __init__(self, dim: int, codebook_size: int, codebook_dim: int | None = None, beta: float = 0.25,
                  backend: str = "auto", check_finite: bool = True):
         super().__init__(dim, check_finite)
-        if codebook_size < 1:
-            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
-        d = codebook_dim or dim
+        d = codebook_projections(self, codebook_size, codebook_dim)
         self._size, self.codebook_dim, self.beta, self.backend = codebook_size, d, beta, backend
-        self.project_in = nn.Linear(dim, d) if d != dim else nn.Identity()
-        self.project_out = nn.Linear(d, dim) if d != dim else nn.Identity()
         # E ~ N(0, 1/d) so that codewords start at the scale of unit-variance latents' rows
         self.register_buffer("frozen_codebook", torch.randn(codebook_size, d) / math.sqrt(d))
         self.map = nn.Linear(d, d, bias=False)
