@@ -15,6 +15,7 @@ from tokenizers_vq.quantizers import (
     GroupedQuantizer,
     IBQ,
     LatentQuantizer,
+    MultiScaleResidualQuantizer,
     ProjectedCodebookVQ,
     Quantizer,
     ResidualQuantizer,
@@ -30,6 +31,7 @@ QUANTIZER_KINDS: dict[str, type[Quantizer]] = {
     "latent": LatentQuantizer,
     "simvq": SimVQ,
     "ibq": IBQ,
+    "multiscale": MultiScaleResidualQuantizer,
 }
 
 

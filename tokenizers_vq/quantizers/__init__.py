@@ -9,6 +9,7 @@ from tokenizers_vq.quantizers.hierarchical import HierarchicalOutput, Hierarchic
 from tokenizers_vq.quantizers.ibq import IBQ
 from tokenizers_vq.quantizers.latent import LatentQuantizer, latent_quantization_param_groups
 from tokenizers_vq.quantizers.lfq import LFQ
+from tokenizers_vq.quantizers.multiscale import MultiScaleResidualQuantizer
 from tokenizers_vq.quantizers.projected import ProjectedCodebookVQ
 from tokenizers_vq.quantizers.random_projection import RandomProjectionQuantizer
 from tokenizers_vq.quantizers.residual import ResidualQuantizer
@@ -26,6 +27,7 @@ __all__ = [
     "HierarchicalOutput",
     "HierarchicalQuantizer",
     "LatentQuantizer",
+    "MultiScaleResidualQuantizer",
     "PackedCodes",
     "ProjectedCodebookVQ",
     "Quantizer",

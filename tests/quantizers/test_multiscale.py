@@ -1,0 +1,41 @@
+"""VAR's multi-scale residual quantizer: maps of the stated sizes, compact maps that
+spread back to the codes, finer scales that reduce the error, and an image bottleneck."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenizers_vq import QuantizerConfig, Tokenizer, TokenizerConfig
+from tokenizers_vq.quantizers import MultiScaleResidualQuantizer
+from tokenizers_vq.quantizers.multiscale import _gather
+
+
+def test_scale_maps_spread_back_to_the_codes_and_refine_the_latent():
+    torch.manual_seed(0)
+    q = MultiScaleResidualQuantizer(8, 128, scales=(1, 2, 3, 6, 10))
+    z = torch.randn(2, 10, 7, 8)
+    for _ in range(3):  # k-means init and a few EMA steps on this latent
+        q.train()(z)
+    q.eval()
+    codes = q.encode(z)
+    maps = q.scale_codes(codes)
+    assert [tuple(m.shape[1:]) for m in maps] == [(1, 1), (2, 1), (3, 2), (6, 4), (10, 7)]
+    for k, m in enumerate(maps):  # the nearest-cell spread of each compact map is the codes' entry k
+        n, g = (10, 7), m.shape[1:]
+        spread = _gather(m, [torch.arange(a) * b // a for a, b in zip(n, g)])
+        assert torch.equal(spread, codes[..., k])
+    errors = []
+    for k in range(1, len(q.scales) + 1):  # error of the sum of the first k scales
+        f = sum(q._up(q.vq.decode(c).movedim(-1, 1), (10, 7)) for c in maps[:k])
+        errors.append(float((f - z).square().mean()))
+    assert errors[-1] < 0.85 * errors[0]  # the finer scales take off what the coarse ones left
+
+
+def test_multiscale_is_an_image_bottleneck_by_name():
+    cfg = TokenizerConfig("image", {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "latent_dim": 8},
+                          QuantizerConfig("multiscale", {"codebook_size": 64, "scales": [1, 2, 4, 8]}))
+    tok = Tokenizer(cfg).eval()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    codes = tok.encode(x)
+    assert codes.shape == (1, 8, 8, 4) and tok.num_codebooks == 4
+    assert tok.decode(codes).shape == x.shape
