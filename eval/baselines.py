@@ -42,7 +42,8 @@ from torch import Tensor
 
 from tokenizers_vq.eval.evaluate import item_metrics
 from tokenizers_vq.lpips import LPIPSNet
-from tokenizers_vq.media import load_video, resample
+from tokenizers_vq.media import load_video
+from tokenizers_vq.resample import resample
 from tokenizers_vq.tokenizer import Tokenizer
 
 CODEC2_MODES = {"3200": (64, 0.02, 160), "2400": (48, 0.02, 160), "1600": (64, 0.04, 160), "1400": (56, 0.04, 160),

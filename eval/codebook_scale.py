@@ -55,7 +55,7 @@ def photo_patches(folder: str | Path, limit: int = 0, stride: int = 4) -> torch.
     ``limit`` in sorted order; 0: all), row by row; ``stride < 4`` gives overlapping
     windows."""
     from tokenizers_vq.demo import image_to_patches  # noqa: PLC0415
-    from tokenizers_vq.io import load_image  # noqa: PLC0415
+    from tokenizers_vq.media import load_image  # noqa: PLC0415
     from tokenizers_vq.media import list_media  # noqa: PLC0415
 
     return torch.cat([image_to_patches(load_image(f), 4, stride)[0] for f in list_media(folder, "image", limit)])

@@ -57,7 +57,7 @@ def ms_ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> float | None:
 def audio_metrics(estimate: Tensor, reference: Tensor, sample_rate: int) -> dict[str, float | None]:
     """Mel distance, STFT distance, SI-SDR, and PESQ-WB / STOI when available
     (``None`` when their package is missing). Inputs: mono ``(T,)`` at ``sample_rate``."""
-    from tokenizers_vq.media import resample  # noqa: PLC0415
+    from tokenizers_vq.resample import resample  # noqa: PLC0415
 
     n = min(estimate.shape[-1], reference.shape[-1])
     est, ref = estimate[..., :n].float().reshape(1, -1), reference[..., :n].float().reshape(1, -1)

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from tokenizers_vq.eval.metrics import psnr
-from tokenizers_vq.io import atomic_write, load_image
+from tokenizers_vq.io import atomic_write
+from tokenizers_vq.media import load_image
 from tokenizers_vq.bitrate import encode_tokens, entropy_bits, zlib_size
 from tokenizers_vq.quantizers.shrink import shrink_codebook
 from tokenizers_vq.tokenizer import Tokenizer

@@ -28,7 +28,7 @@ def search(path_in: str, path_out: str) -> None:
 def encode(threads: int, path_out: str) -> None:
     torch.set_num_threads(threads)
     from tokenizers_vq import Tokenizer  # noqa: PLC0415
-    from tokenizers_vq.io import bundled_photo  # noqa: PLC0415
+    from tokenizers_vq.media import bundled_photo  # noqa: PLC0415
     from tokenizers_vq.tokens import encode_files  # noqa: PLC0415
 
     encode_files(Tokenizer.from_pretrained("image").eval(), [bundled_photo()], path_out)

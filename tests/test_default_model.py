@@ -10,7 +10,7 @@ import torch
 
 from tokenizers_vq.cli import main
 from tokenizers_vq.eval.metrics import psnr
-from tokenizers_vq.io import bundled_photo, load_image
+from tokenizers_vq.media import bundled_photo, load_image
 from tokenizers_vq.tokenizer import DEFAULT_MODEL, Tokenizer
 from tokenizers_vq.tokens import load_tokens
 

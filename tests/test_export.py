@@ -20,7 +20,7 @@ from testdata import shared_path, small_photos
 
 from tokenizers_vq.cli import main
 from tokenizers_vq.export import TokenDataset, Vocabulary, export_dataset
-from tokenizers_vq.io import load_image, save_image
+from tokenizers_vq.media import load_image, save_image
 from tokenizers_vq.media import load_audio
 from tokenizers_vq.prior import PriorConfig, TokenPrior
 from tokenizers_vq.quantizers import PackedCodes, ResidualQuantizer, VectorQuantizer

@@ -66,7 +66,7 @@ def test_demo_writes_pictures_and_metrics(tmp_path, capsys):
 def test_demo_bad_image_fails_clearly_and_keeps_existing_outputs(tmp_path, capsys):
     (tmp_path / "metrics.json").write_text("earlier results")
     truncated = tmp_path / "broken.jpg"
-    from tokenizers_vq.io import bundled_photo  # noqa: PLC0415
+    from tokenizers_vq.media import bundled_photo  # noqa: PLC0415
 
     truncated.write_bytes(bundled_photo().read_bytes()[:2000])
     for bad in (truncated, tmp_path / "missing.png"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from testdata import shared_path
 
-from tokenizers_vq.io import load_image
+from tokenizers_vq.media import load_image
 from tokenizers_vq.media import load_audio
 from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
 from tokenizers_vq.tokenizer import DEFAULT_MODEL, QuantizerConfig, Tokenizer, TokenizerConfig

@@ -152,7 +152,7 @@ def test_only_folders_marked_as_clips_are_listed_as_videos(tmp_path):
 
 
 def test_load_input_gives_the_model_input_and_names_bad_files(tmp_path):
-    from tokenizers_vq.io import load_image  # noqa: PLC0415
+    from tokenizers_vq.media import load_image  # noqa: PLC0415
     from tokenizers_vq.media import load_input  # noqa: PLC0415
 
     photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]

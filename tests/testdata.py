@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizers_vq.lpips import BACKBONE_FILES
-from tokenizers_vq.io import load_image, save_image
+from tokenizers_vq.media import load_image, save_image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TVQ_TEST_DATA") or REPO.parent / "shared" / "data")

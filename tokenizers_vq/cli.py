@@ -136,7 +136,7 @@ def _prior(args: argparse.Namespace) -> int:
 
 
 def _example_photo(args: argparse.Namespace) -> int:
-    from tokenizers_vq.io import bundled_photo  # noqa: PLC0415
+    from tokenizers_vq.media import bundled_photo  # noqa: PLC0415
 
     print(bundled_photo())
     return 0

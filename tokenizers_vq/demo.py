@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tokenizers_vq.io import atomic_write, bundled_photo, load_image
+from tokenizers_vq.io import atomic_write
+
+from tokenizers_vq.media import bundled_photo, load_image
 from tokenizers_vq.quantizers import FSQ, Quantizer, ResidualQuantizer, VectorQuantizer
 from tokenizers_vq.quantizers._functional import code_histogram
 from tokenizers_vq.viz import image_row, usage_plot

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,84 +88,3 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metada
         f.write(raw)
         for blob in blobs:
             f.write(blob)
-
-
-MAX_PIXELS = 4096 * 4096
-"""Default largest image (in pixels, H x W) that :func:`~tokenizers_vq.media.load_input`
-reads for a tokenizer: the embedded f16 model asked for 25.6 GB at 10000 x 10000 pixels
-on a CPU, and memory grows linearly with the pixel count (about 4 GB at this limit). Raise it with ``max_pixels=`` or
-``tvq encode --max-pixels``."""
-
-
-def image_header(path: str | os.PathLike) -> tuple[int, int, int]:
-    """``(width, height, channels)`` of an image file, from its header only. Channels
-    are as stored: 1 (greyscale), 2 (greyscale + alpha), 3 (RGB or a palette), 4 (RGBA,
-    CMYK, or a palette with transparency)."""
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
-
-    try:
-        with warnings.catch_warnings():  # sizes are checked against MAX_PIXELS by the caller
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                channels = (4 if "transparency" in im.info else 3) if im.mode == "P" else len(im.getbands())
-                return (*im.size, channels)
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-
-
-def load_image(path: str | os.PathLike) -> Tensor:
-    """Read an image file as ``(3, H, W)`` float32 in ``[0, 1]``.
-
-    Greyscale is repeated to RGB; an alpha channel is composited on white (token
-    files record the source's own channel count, :func:`image_header`).
-
-    Raises:
-        ValueError: the file is missing, unreadable, truncated or not an image, or its
-            header claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (89 million
-            unless raised there; PIL itself only warns below twice that).
-    """
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 (keep import cheap)
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"image file not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            # a header of a few hundred bytes can claim 178 million pixels, which PIL
-            # merely warns about: about 3 GB of buffers here before the data runs out
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                    rgba = im.convert("RGBA")
-                    im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-                rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-    return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255.0
-
-
-def save_image(img: Tensor, path: str | os.PathLike) -> Path:
-    """Write ``(3, H, W)`` or ``(H, W)`` float in ``[0, 1]`` (clamped) atomically;
-    the format follows the suffix (PNG, JPEG, ...)."""
-    from PIL import Image  # noqa: PLC0415
-
-    if img.ndim == 2:
-        img = img.unsqueeze(0).expand(3, -1, -1)
-    if img.ndim != 3 or img.shape[0] not in (1, 3):
-        raise ValueError(f"save_image expects (3, H, W) or (H, W), got shape {tuple(img.shape)}")
-    arr = (img.detach().float().clamp(0, 1) * 255).round().byte().expand(3, -1, -1).permute(1, 2, 0).cpu().numpy()
-    return atomic_write(path, lambda tmp: Image.fromarray(arr, "RGB").save(tmp))
-
-
-def bundled_photo() -> Path:
-    """A real photograph shipped with an installed dependency (matplotlib's
-    ``grace_hopper.jpg``, 512x600), for demos and examples."""
-    import matplotlib  # noqa: PLC0415
-
-    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    if not path.is_file():
-        raise FileNotFoundError(f"matplotlib's sample photo is missing at {path}; pass your own image file")
-    return path

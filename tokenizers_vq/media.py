@@ -1,9 +1,9 @@
-"""Audio and video files in and out (images are in ``io``), and any media file as a
-tokenizer's input (:func:`load_input`).
+"""Media files in and out: images, audio and video, any of them as a tokenizer's input
+(:func:`load_input`), and listing the media of a folder.
 
-Audio goes through ``soundfile`` (WAV, FLAC, OGG, ...) and a windowed-sinc resampler
-written here (torchaudio >= 2.9 needs torchcodec for files and may not import on CPU
-builds). Video goes through PyAV, imported only when a video is read or written.
+Images go through Pillow, audio through ``soundfile`` (WAV, FLAC, OGG, ...) and the
+resampler of :mod:`tokenizers_vq.resample`, video through PyAV, imported only when a
+video is read or written.
 """
 
 from __future__ import annotations
@@ -11,74 +11,98 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from tokenizers_vq.io import MAX_PIXELS, atomic_write, image_header, load_image
+from tokenizers_vq.io import atomic_write
+from tokenizers_vq.resample import resample
 
 
-def resample(wav: Tensor, orig_sr: int, new_sr: int, taps: int = 16, rolloff: float = 0.95) -> Tensor:
-    """Band-limited resampling of ``(..., T)`` from ``orig_sr`` to ``new_sr`` Hz.
+MAX_PIXELS = 4096 * 4096
+"""Default largest image (in pixels, H x W) that :func:`~tokenizers_vq.media.load_input`
+reads for a tokenizer: the embedded f16 model asked for 25.6 GB at 10000 x 10000 pixels
+on a CPU, and memory grows linearly with the pixel count (about 4 GB at this limit). Raise it with ``max_pixels=`` or
+``tvq encode --max-pixels``."""
 
-    With ``o/n`` the reduced ratio, output sample ``m`` sits at input position
-    ``m*o/n``; it is ``sum_k x[k] h(m*o/n - k)`` with ``h`` a Hann-windowed sinc
-    of cut-off ``rolloff * min(1, n/o)`` (in input-sample units) and
-    ``taps / cutoff`` input samples on each side. Phases ``m mod n`` share a base
-    index, so this is one strided ``conv1d`` with ``n`` output channels, whose kernel
-    has ``n * (2 * taps / cutoff + o)`` entries; when that is large (coprime rates
-    such as 11127 -> 16000 Hz would need over 10^8), the same sum is taken per
-    output sample over its ``2 * taps / cutoff + 1`` neighbours instead.
 
-    Returns:
-        ``(..., ceil(T * new_sr / orig_sr))``.
+def image_header(path: str | os.PathLike) -> tuple[int, int, int]:
+    """``(width, height, channels)`` of an image file, from its header only. Channels
+    are as stored: 1 (greyscale), 2 (greyscale + alpha), 3 (RGB or a palette), 4 (RGBA,
+    CMYK, or a palette with transparency)."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    try:
+        with warnings.catch_warnings():  # sizes are checked against MAX_PIXELS by the caller
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                channels = (4 if "transparency" in im.info else 3) if im.mode == "P" else len(im.getbands())
+                return (*im.size, channels)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def load_image(path: str | os.PathLike) -> Tensor:
+    """Read an image file as ``(3, H, W)`` float32 in ``[0, 1]``.
+
+    Greyscale is repeated to RGB; an alpha channel is composited on white (token
+    files record the source's own channel count, :func:`image_header`).
+
+    Raises:
+        ValueError: the file is missing, unreadable, truncated or not an image, or its
+            header claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (89 million
+            unless raised there; PIL itself only warns below twice that).
     """
-    if orig_sr <= 0 or new_sr <= 0:
-        raise ValueError(f"sample rates must be positive, got {orig_sr} and {new_sr}")
-    if orig_sr == new_sr:
-        return wav
-    ratio = Fraction(new_sr, orig_sr)
-    n, o = ratio.numerator, ratio.denominator
-    cutoff = rolloff * min(1.0, n / o)
-    width = math.ceil(taps / cutoff)
-    lead, length = wav.shape[:-1], wav.shape[-1]
-    x = wav.reshape(-1, length)
-    out_len = math.ceil(length * n / o)
-    if n * (2 * width + o) > 2**20:
-        return _resample_by_neighbours(x, n, o, cutoff, width, out_len).reshape(*lead, -1)
-    k = torch.arange(-width, width + o, dtype=torch.float64)  # taps around each base index
-    kernel = _windowed_sinc(torch.arange(n, dtype=torch.float64).unsqueeze(1) * o / n - k, cutoff, width)
-    x = F.pad(x.unsqueeze(1), (width, width + o))
-    out = F.conv1d(x, kernel.to(wav.dtype).unsqueeze(1), stride=o)  # (B, n, frames)
-    out = out.transpose(1, 2).reshape(x.shape[0], -1)
-    return out[:, :out_len].reshape(*lead, -1)
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 (keep import cheap)
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            # a header of a few hundred bytes can claim 178 million pixels, which PIL
+            # merely warns about: about 3 GB of buffers here before the data runs out
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                    rgba = im.convert("RGBA")
+                    im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+                rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+    return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255.0
 
 
-def _windowed_sinc(t: Tensor, cutoff: float, width: int) -> Tensor:
-    """``h(t)``: the sinc of cut-off ``cutoff`` times a Hann window of half-width ``width``."""
-    window = torch.where(t.abs() <= width, torch.cos(t * math.pi / (2 * width)) ** 2, 0.0)
-    return cutoff * torch.sinc(cutoff * t) * window
+def save_image(img: Tensor, path: str | os.PathLike) -> Path:
+    """Write ``(3, H, W)`` or ``(H, W)`` float in ``[0, 1]`` (clamped) atomically;
+    the format follows the suffix (PNG, JPEG, ...)."""
+    from PIL import Image  # noqa: PLC0415
+
+    if img.ndim == 2:
+        img = img.unsqueeze(0).expand(3, -1, -1)
+    if img.ndim != 3 or img.shape[0] not in (1, 3):
+        raise ValueError(f"save_image expects (3, H, W) or (H, W), got shape {tuple(img.shape)}")
+    arr = (img.detach().float().clamp(0, 1) * 255).round().byte().expand(3, -1, -1).permute(1, 2, 0).cpu().numpy()
+    return atomic_write(path, lambda tmp: Image.fromarray(arr, "RGB").save(tmp))
 
 
-def _resample_by_neighbours(x: Tensor, n: int, o: int, cutoff: float, width: int, out_len: int) -> Tensor:
-    """:func:`resample` of ``(B, T)`` as a sum per output sample: output ``m`` sums the
-    inputs ``k = floor(m*o/n) + j``, ``|j| <= width``, weighted by ``h(m*o/n - k)``;
-    in blocks of outputs whose gathered inputs hold about 2^22 numbers."""
-    j = torch.arange(-width, width + 1)
-    padded = F.pad(x, (width, width + 1))
-    block = max(1, 2**22 // (x.shape[0] * j.numel()))
-    outs = []
-    for start in range(0, out_len, block):
-        m = torch.arange(start, min(out_len, start + block), dtype=torch.int64)
-        base, frac = m * o // n, (m * o % n).double() / n
-        h = _windowed_sinc(frac.unsqueeze(1) - j, cutoff, width).to(x.dtype)  # (M, taps)
-        outs.append((padded[:, base.unsqueeze(1) + j + width] * h).sum(-1))
-    return torch.cat(outs, -1) if outs else x.new_zeros(x.shape[0], 0)
+def bundled_photo() -> Path:
+    """A real photograph shipped with an installed dependency (matplotlib's
+    ``grace_hopper.jpg``, 512x600), for demos and examples."""
+    import matplotlib  # noqa: PLC0415
+
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if not path.is_file():
+        raise FileNotFoundError(f"matplotlib's sample photo is missing at {path}; pass your own image file")
+    return path
 
 
 MIN_SAMPLE_RATE = 1000

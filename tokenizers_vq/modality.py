@@ -23,7 +23,17 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenizers_vq.media import SUFFIXES
+from tokenizers_vq.media import (
+    SUFFIXES,
+    check_pixels,
+    image_header,
+    load_audio,
+    load_image,
+    load_video,
+    save_audio,
+    save_image,
+    save_video,
+)
 
 
 class Modality(ABC):
@@ -120,17 +130,12 @@ class Image(Modality):
     unit, token_rate = "images", "tokens_per_image"
 
     def load_media(self, path, sample_rate=None, max_frames=None):
-        from tokenizers_vq.io import load_image  # noqa: PLC0415
-
         return load_image(path)
 
     def pixels(self, media: Tensor) -> int:
         return media.shape[-1] * media.shape[-2]
 
     def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
-        from tokenizers_vq.io import image_header, load_image  # noqa: PLC0415
-        from tokenizers_vq.media import check_pixels  # noqa: PLC0415
-
         w, h, channels = image_header(path) if Path(path).is_file() else (0, 0, 3)
         check_pixels(Path(path), w, h, max_pixels)
         img = load_image(path)
@@ -140,8 +145,6 @@ class Image(Modality):
         return ((out + 1) / 2).clamp(0, 1)
 
     def save(self, media, path, sample_rate, info):
-        from tokenizers_vq.io import save_image  # noqa: PLC0415
-
         return save_image(media, path)
 
 
@@ -152,16 +155,12 @@ class Audio(Modality):
     unit, token_rate = "audio_seconds", "tokens_per_second"
 
     def load_media(self, path, sample_rate=None, max_frames=None):
-        from tokenizers_vq.media import load_audio  # noqa: PLC0415
-
         return load_audio(path, sample_rate)[0].mean(0, keepdim=True)
 
     def units(self, media: Tensor, sample_rate: int | None = None) -> float:
         return media.shape[-1] / sample_rate
 
     def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
-        from tokenizers_vq.media import load_audio  # noqa: PLC0415
-
         wav, sr = load_audio(path, sample_rate)
         return wav.mean(0, keepdim=True), [wav.shape[-1]], {"sample_rate": sr, "channels": wav.shape[0]}
 
@@ -169,8 +168,6 @@ class Audio(Modality):
         return out.clamp(-1, 1)
 
     def save(self, media, path, sample_rate, info):
-        from tokenizers_vq.media import save_audio  # noqa: PLC0415
-
         return save_audio(media, path, sample_rate)
 
 
@@ -181,8 +178,6 @@ class Video(Modality):
     unit, token_rate = "frames", "tokens_per_frame"
 
     def load_media(self, path, sample_rate=None, max_frames=None):
-        from tokenizers_vq.media import load_video  # noqa: PLC0415
-
         return load_video(path, max_frames)[0]
 
     def units(self, media: Tensor, sample_rate: int | None = None) -> float:
@@ -192,8 +187,6 @@ class Video(Modality):
         return media.shape[0] * media.shape[-1] * media.shape[-2]
 
     def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
-        from tokenizers_vq.media import load_video  # noqa: PLC0415
-
         frames, fps = load_video(path, max_frames, max_pixels)
         x = frames.permute(1, 0, 2, 3) * 2 - 1
         return x, list(x.shape[1:]), {"fps": fps, "channels": 3}
@@ -202,8 +195,6 @@ class Video(Modality):
         return ((out + 1) / 2).clamp(0, 1).permute(1, 0, 2, 3)
 
     def save(self, media, path, sample_rate, info):
-        from tokenizers_vq.media import save_video  # noqa: PLC0415
-
         return save_video(media, path, info.get("fps", 25.0))
 
     def pad_time(self, x: Tensor, temporal_factor: int) -> Tensor:

@@ -17,7 +17,7 @@ from tokenizers_vq.viz import image_grid, spectrogram_plot, usage_plot
 @torch.no_grad()
 def write(tok: Tokenizer, files: list[Path], out_dir: Path, n_items: int = 4, max_seconds: float = 5.0) -> None:
     """Encode/decode the first ``n_items`` files and write pictures (and sounds)."""
-    from tokenizers_vq.io import load_image  # noqa: PLC0415
+    from tokenizers_vq.media import load_image  # noqa: PLC0415
     from tokenizers_vq.media import load_audio, load_video, save_audio, save_video  # noqa: PLC0415
     from tokenizers_vq.spectral import spectrogram_db  # noqa: PLC0415
 

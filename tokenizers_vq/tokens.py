@@ -32,7 +32,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from tokenizers_vq.io import MAX_PIXELS, atomic_write, save_safetensors, tensor_sha256
+from tokenizers_vq.io import atomic_write, save_safetensors, tensor_sha256
+
+from tokenizers_vq.media import MAX_PIXELS
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
 

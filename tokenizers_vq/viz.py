@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tokenizers_vq.io import atomic_write, save_image
+from tokenizers_vq.io import atomic_write
+
+from tokenizers_vq.media import save_image
 
 
 def _row(images: Sequence[Tensor], pad: int) -> Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from tokenizers_vq.io import load_image
+from tokenizers_vq.media import load_image
 
 
 class MediaFolder:

@@ -8,7 +8,7 @@ import torch
 
 from testdata import shared_path
 from tokenizers_vq.backbones import ImageBackboneConfig, ImageDecoder, ImageEncoder
-from tokenizers_vq.io import load_image
+from tokenizers_vq.media import load_image
 
 
 def small(channel_mult=(1, 2, 2), **kw) -> ImageBackboneConfig:

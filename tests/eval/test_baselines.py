@@ -18,7 +18,7 @@ from tokenizers_vq.cli import main
 from tokenizers_vq.eval.baselines import baselines_for, codec2, image_codec, opus, run_baselines, video_codec
 from tokenizers_vq.eval.metrics import audio_metrics, psnr
 from tokenizers_vq.eval.report import baseline_lines
-from tokenizers_vq.io import load_image
+from tokenizers_vq.media import load_image
 from tokenizers_vq.media import load_audio, load_video
 from tokenizers_vq.tokenizer import QuantizerConfig, Tokenizer, TokenizerConfig
 from tokenizers_vq.tokens import encode_file

@@ -185,7 +185,7 @@ def _photos(tmp_path, n):
 
 
 def test_tvq_eval_computes_lpips_and_rfid_from_weight_files(weights, tmp_path):
-    from tokenizers_vq.io import load_image  # noqa: PLC0415
+    from tokenizers_vq.media import load_image  # noqa: PLC0415
     from tokenizers_vq.tokenizer import Tokenizer  # noqa: PLC0415
     from tokenizers_vq.tokens import decode_record, encode_file  # noqa: PLC0415
 

@@ -10,7 +10,7 @@ import torch
 from testdata import shared_path
 
 from tokenizers_vq.eval.metrics import audio_metrics, ms_ssim, psnr, ssim, token_stats
-from tokenizers_vq.io import load_image
+from tokenizers_vq.media import load_image
 from tokenizers_vq.media import load_audio
 from tokenizers_vq.spectral import multiscale_mel_distance, si_sdr
 

@@ -11,7 +11,7 @@ from testdata import shared_path
 
 from tokenizers_vq.cli import main
 from tokenizers_vq.eval.metrics import psnr
-from tokenizers_vq.io import load_image
+from tokenizers_vq.media import load_image
 from tokenizers_vq.tokens import decode_record, encode_file
 
 

@@ -58,7 +58,7 @@ def encode(argv: list[str]) -> dict:
 
 
 def serve() -> None:
-    from tokenizers_vq.io import load_image  # noqa: PLC0415
+    from tokenizers_vq.media import load_image  # noqa: PLC0415
     from tokenizers_vq.media import load_audio, load_input, load_video, modality_of  # noqa: PLC0415
 
     readers = {"load_image": load_image, "load_audio": load_audio, "load_video": load_video,

@@ -26,8 +26,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tokenizers_vq.cli import main
-from tokenizers_vq.io import save_image
-from tokenizers_vq.media import _resample_by_neighbours, resample
+from tokenizers_vq.media import save_image
+from tokenizers_vq.resample import _resample_by_neighbours, resample
 
 from fuzz_media_harness import (  # the fixtures too
     SOURCES,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from testdata import shared_path
 from tokenizers_vq import FSQ, VectorQuantizer
 from tokenizers_vq.demo import image_to_patches
-from tokenizers_vq.io import load_image
+from tokenizers_vq.media import load_image
 from tokenizers_vq.quantizers import HierarchicalQuantizer
 
 D = 16

@@ -10,7 +10,7 @@ import torch
 from testdata import shared_path
 from tokenizers_vq import VectorQuantizer
 from tokenizers_vq.demo import image_to_patches
-from tokenizers_vq.io import load_image
+from tokenizers_vq.media import load_image
 from tokenizers_vq.quantizers import shrink_codebook, shrink_family
 from tokenizers_vq.bitrate import (
     bits_per_pixel,

@@ -7,7 +7,7 @@ import torch
 from testdata import shared_path
 from tokenizers_vq import VectorQuantizer
 from tokenizers_vq.demo import image_to_patches
-from tokenizers_vq.io import load_image
+from tokenizers_vq.media import load_image
 
 
 def photo_patches(split: str, n_images: int) -> torch.Tensor:

@@ -92,7 +92,8 @@ class MultiScaleResidualQuantizer(Quantizer):
     def _forward(self, z: Tensor) -> QuantizerOutput:
         size = tuple(z.shape[1:-1])
         if not 1 <= len(size) <= 3:
-            raise ValueError(f"MultiScaleResidualQuantizer codes latents with 1-3 position axes; got {tuple(z.shape)}")
+            raise ValueError(f"MultiScaleResidualQuantizer needs at least one spatial axis and at most 3 (latents "
+                             f"(B, *S, D) with 1-3 position axes); got shape {tuple(z.shape)}")
         residual, f = z.detach(), torch.zeros_like(z)
         codes, losses, metrics = [], {}, {}
         for k, grid in enumerate(self.grids(size)):
