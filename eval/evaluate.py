@@ -93,7 +93,8 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpi
             rec_feats.append(inception_features(inception, out))
         units += tok.media.units(ref, tok.sample_rate)
         pixels += tok.media.pixels(ref)
-        items.append({"file": f.name, "tokens": rec.codes.numel(), **m})
+        grid = rec.codes.shape[: rec.codes.ndim - len(tok.quantizer.code_shape)]
+        items.append({"file": f.name, "tokens": tok.quantizer.num_tokens(grid), **m})
     summary: dict[str, Any] = {}
     for key in items[0]:
         vals = [it[key] for it in items if isinstance(it.get(key), (int, float)) and key != "file"]

@@ -95,6 +95,10 @@ class Tokenizer(nn.Module):
         self.encoder = enc_cls(self.backbone_config)
         self.decoder = dec_cls(self.backbone_config)
         self.quantizer = config.quantizer.build(self.backbone_config.latent_dim)
+        if config.modality == "audio" and not getattr(self.quantizer, "inner", self.quantizer).positionwise:
+            raise ValueError(f"{type(self.quantizer).__name__} quantizes latent frames with their neighbours, but long "
+                             "audio is coded in overlapping chunks and streams frame by frame: use a position-wise "
+                             "quantizer (vq, fsq, lfq, simvq, ibq, ... with levels/groups) for audio")
 
     # -- model space ----------------------------------------------------------------------
     @property
@@ -361,8 +365,9 @@ class Tokenizer(nn.Module):
         if self.is_dynamic:  # a region of `cells` latent cells is 1 coarse or `cells` fine tokens
             cells = self.media.region_cells
             n = q.inner.num_codebooks * (1 + q.target_fine_ratio * (cells - 1)) / cells
-        else:
-            n = q.num_codebooks
+        else:  # tokens per latent position; a multi-scale quantizer's maps are smaller than the grid
+            axes, side = len(b.stride) + (1 if hasattr(b, "temporal_factor") else 0), 256  # a large grid's mean
+            n = q.num_tokens((side,) * axes) / side**axes
         per_unit = getattr(b, "sample_rate", 1) / math.prod(b.stride)  # audio: per second, not per sample
         return n * per_unit / getattr(b, "temporal_factor", 1)
 

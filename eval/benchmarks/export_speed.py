@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.repeat > 1:  # links: the same bytes under other names
             links = []
             for r in range(args.repeat):
-                for f in files:
-                    link = Path(tmp) / "in" / f"{r:04d}_{f.name}"
+                for i, f in enumerate(files):  # names unique even for equal names in subfolders
+                    link = Path(tmp) / "in" / f"{r:04d}_{i:06d}_{f.name}"
                     link.parent.mkdir(exist_ok=True)
                     link.symlink_to(f.resolve())
                     links.append(link)

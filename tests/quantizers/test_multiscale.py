@@ -39,3 +39,26 @@ def test_multiscale_is_an_image_bottleneck_by_name():
     codes = tok.encode(x)
     assert codes.shape == (1, 8, 8, 4) and tok.num_codebooks == 4
     assert tok.decode(codes).shape == x.shape
+
+
+def test_rates_count_the_scale_maps_and_misuse_is_refused():
+    import pytest
+
+    from tokenizers_vq import FSQ, GroupedQuantizer, ResidualQuantizer, VectorQuantizer
+    from tokenizers_vq.quantizers import DynamicQuantizer
+
+    q = MultiScaleResidualQuantizer(8, 64, scales=(1, 2, 4, 8))
+    assert q.num_tokens((8, 8)) == 1 + 4 + 16 + 64 and VectorQuantizer(8, 64).num_tokens((8, 8)) == 64
+    cfg = TokenizerConfig("image", {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "latent_dim": 8},
+                          QuantizerConfig("multiscale", {"codebook_size": 64, "scales": [1, 2, 4, 8]}))
+    assert Tokenizer(cfg).tokens_per_unit() * 16 * 16 == pytest.approx(85)  # not 8 x 8 x 4 = 256
+    assert not GroupedQuantizer([q, MultiScaleResidualQuantizer(8, 64, scales=(1, 2, 4, 8))]).positionwise
+    assert ResidualQuantizer([FSQ(8, [5, 5]), FSQ(8, [5, 5])]).positionwise
+    with pytest.raises(ValueError, match="with their neighbours"):
+        Tokenizer(TokenizerConfig("audio", {"channels": 4, "strides": [2, 4], "latent_dim": 8, "decoder_dim": 16,
+                                            "decoder_layers": 1}, QuantizerConfig("multiscale", {"codebook_size": 16})))
+    with pytest.raises(ValueError, match="use a position-wise one"):
+        DynamicQuantizer(q)
+    big = FSQ(2, [1001, 4096]).eval()  # a tanh bound overshoots half a step from L = 1001: clamped
+    digits = big.codes_to_digits(big.encode(torch.randn(5000, 2) * 50))
+    assert digits.min() >= 0 and digits[:, 0].max() == 1000 and digits[:, 1].max() == 4095

@@ -95,6 +95,11 @@ class Quantizer(nn.Module, ABC):
             n *= s
         return n
 
+    def num_tokens(self, grid: Sequence[int]) -> int:
+        """Tokens that a latent of ``grid`` positions carries (what a bitrate counts):
+        ``prod(grid) * num_codebooks`` unless a quantizer repeats codes over positions."""
+        return math.prod(grid) * self.num_codebooks
+
     # -- the contract --------------------------------------------------------------------
     def forward(self, z: Tensor, mask: Tensor | None = None) -> QuantizerOutput:
         """Quantize ``z`` ``(B, *S, D)``; see :class:`QuantizerOutput`.
@@ -109,7 +114,8 @@ class Quantizer(nn.Module, ABC):
         (exactly as if the real positions came alone); padded positions pass ``z``
         through unchanged and get code -1. Position-wise quantizers only
         (:attr:`positionwise`); not for ``torch.compile(fullgraph=True)`` (the number of
-        real positions is data)."""
+        real positions is data); under a process group every rank needs at least one real
+        position (codebook statistics are exchanged across ranks)."""
         self._check_latent(z)
         if mask is not None:
             return self._forward_masked(z, mask)
@@ -190,12 +196,14 @@ class Quantizer(nn.Module, ABC):
     def _forward_masked(self, z: Tensor, mask: Tensor) -> QuantizerOutput:
         """The real positions quantized alone (as one ``(1, M, D)`` latent), scattered back."""
         if not self.positionwise:
-            raise ValueError(f"{type(self).__name__} quantizes a position together with its neighbours, so a mask "
-                             "cannot leave positions out; mask the latent before it, or use a position-wise quantizer")
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(z.shape[:-1]):
+            raise ValueError(f"{type(self).__name__} does not quantize each position on its own (neighbours, or "
+                             "batches shared across ranks), so a mask cannot leave positions out; use a position-wise "
+                             "quantizer")
+        if (not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(z.shape[:-1])
+                or mask.device != z.device):
             raise ValueError(f"mask must be a bool tensor of shape {tuple(z.shape[:-1])} (the latent's shape without "
-                             f"its last axis), got {getattr(mask, 'dtype', type(mask).__name__)} "
-                             f"{tuple(getattr(mask, 'shape', ()))}")
+                             f"its last axis) on {z.device}, got {getattr(mask, 'dtype', type(mask).__name__)} "
+                             f"{tuple(getattr(mask, 'shape', ()))} on {getattr(mask, 'device', '-')}")
         cs = self.code_shape
         codes = torch.full((*mask.shape, *cs), -1, dtype=torch.int64, device=z.device)
         valid = z[mask]

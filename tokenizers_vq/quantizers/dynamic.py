@@ -130,6 +130,9 @@ class DynamicQuantizer(nn.Module):
             raise ValueError(f"order must be 'coarse_to_fine' or 'raster', got {order!r}")
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
+        if not inner.positionwise:
+            raise ValueError(f"DynamicQuantizer feeds its inner quantizer a flat sequence of region tokens; "
+                             f"{type(inner).__name__} quantizes positions with their neighbours: use a position-wise one")
         self.inner, self.dim = inner, inner.dim
         self.target_fine_ratio, self.budget_weight, self.tau, self.order = target_fine_ratio, budget_weight, tau, order
         self.calibrate, self.threshold_decay = calibrate, threshold_decay

@@ -113,13 +113,14 @@ class FSQ(Quantizer):
         x = self.project_in(z)
         with torch.autocast(device_type=z.device.type, enabled=False):
             bounded = self.bound(x.float())
-            rounded = straight_through(bounded, torch.round(bounded))
+            width = (self._levels // 2).float()
+            steps = torch.minimum(torch.maximum(torch.round(bounded), -width), self._levels.float() - 1 - width)
+            rounded = straight_through(bounded, steps)  # clamped: the tanh bound overshoots half a step from L = 1001
             if self.training and self.noise_dropout > 0:
                 noisy = bounded + torch.rand_like(bounded) - 0.5
                 rounded = torch.where(torch.rand_like(bounded) < self.noise_dropout, noisy, rounded)
-            width = (self._levels // 2).float()
             xq = self._values(rounded).to(x.dtype)
-            digits = (torch.round(bounded.detach()).nan_to_num(0.0) + width).long()  # NaN (check_finite off): the centre
+            digits = (steps.detach().nan_to_num(0.0) + width).long()  # NaN (check_finite off): the centre
             codes = (digits * self._basis).sum(-1)
             metrics = {}
             if self.usage_metrics:

@@ -36,6 +36,10 @@ class GroupedQuantizer(Quantizer):
         return self.groups[0].codebook_size
 
     @property
+    def positionwise(self) -> bool:  # type: ignore[override]
+        return all(q.positionwise for q in self.groups)
+
+    @property
     def code_shape(self) -> tuple[int, ...]:
         return (len(self.groups), *self.groups[0].code_shape)
 

@@ -67,8 +67,7 @@ class IBQ(Quantizer):
             losses = {"commitment": self.beta * F.mse_loss(xf, hard.detach()), "codebook": F.mse_loss(hard, xf.detach())}
             if self.training:
                 soft = torch.softmax(logits / self.temperature, dim=-1)
-                through = soft @ cb  # the gradient path to every codeword; its value cancels below
-                q = hard + (through - through.detach())
+                q = hard + (soft - soft.detach()) @ cb  # (hard - sg(soft) + soft) C: gradients through the logits
                 if self.entropy_weight > 0:
                     losses["entropy"] = self.entropy_weight * (_entropy(soft).mean() - _entropy(soft.mean(0)))
                 xq = xf + (q - xf).detach() + (q - q.detach())  # value: the codeword; gradients: z and C

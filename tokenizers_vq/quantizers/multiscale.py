@@ -10,11 +10,14 @@ AR model predicts map ``k`` from maps ``< k``.
 
 Codes keep the contract's one-tensor shape: ``(B, *S, K)``, entry ``k`` at a position
 being the code of the scale-``k`` cell that covers it (repeated over the cell);
-:meth:`MultiScaleResidualQuantizer.scale_codes` gives the compact maps.
+:meth:`MultiScaleResidualQuantizer.scale_codes` gives the compact maps, the tokens a
+next-scale model predicts, and :meth:`~MultiScaleResidualQuantizer.num_tokens` counts
+them (rates count those, not the repeated codes; a token export stores the repeated ones).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -75,6 +78,10 @@ class MultiScaleResidualQuantizer(Quantizer):
     @property
     def code_shape(self) -> tuple[int, ...]:
         return (len(self.scales),)
+
+    def num_tokens(self, grid: Sequence[int]) -> int:
+        """The tokens of the scale maps (codes repeat each cell's code over its positions)."""
+        return sum(math.prod(g) for g in self.grids(grid))
 
     def grids(self, size: Sequence[int]) -> list[tuple[int, ...]]:
         """Each scale's map for a latent of ``size`` positions per axis."""

@@ -45,6 +45,10 @@ class ResidualQuantizer(Quantizer):
         return self.levels[0].codebook_size
 
     @property
+    def positionwise(self) -> bool:  # type: ignore[override]
+        return all(q.positionwise for q in self.levels)
+
+    @property
     def code_shape(self) -> tuple[int, ...]:
         return (len(self.levels), *self.levels[0].code_shape)
 

@@ -87,6 +87,8 @@ class ShardedVectorQuantizer(Quantizer):
         backend: search backend of each shard.
     """
 
+    positionwise = False  # its ranks exchange equal batches: a mask would make them differ
+
     def __init__(
         self, dim: int, codebook_size: int, decay: float = 0.99, eps: float = 1e-5, beta: float = 0.25,
         dead_code_threshold: float = 1.0, backend: Backend = "auto", check_finite: bool = True,
