@@ -26,6 +26,7 @@ QUANTIZERS = {
         D, 64, codebook_dim=4, metric="cosine", kmeans_init=True, kmeans_iters=3
     ),
     "vq-learned-rotation": lambda: VectorQuantizer(D, 64, learning="loss", estimator="rotation"),
+    "vq-learned-orthogonal": lambda: VectorQuantizer(D, 64, learning="loss", orthogonal_weight=10.0, orthogonal_sample=32),
     "simvq": lambda: SimVQ(D, 64),
     "simvq-factorised": lambda: SimVQ(D, 128, codebook_dim=8),
     "residual-simvq": lambda: ResidualQuantizer([SimVQ(D, 32) for _ in range(3)]),

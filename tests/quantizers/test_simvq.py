@@ -37,3 +37,24 @@ def test_simvq_is_a_tokenizer_bottleneck_by_name():
     codes = tok.encode(x)
     assert codes.shape == (1, 8, 8, 2) and tok.num_codebooks == 2
     assert tok.decode(codes).shape == x.shape
+
+
+def test_orthogonal_regulariser_spreads_a_learned_codebook():
+    import pytest
+
+    torch.manual_seed(0)
+    q = VectorQuantizer(8, 16, learning="loss", orthogonal_weight=1.0, kmeans_init=False, restart_dead_codes=False)
+    with torch.no_grad():
+        q.embed.copy_(torch.randn(1, 8).repeat(16, 1) + 0.01 * torch.randn(16, 8))  # 16 near-parallel codewords
+    opt = torch.optim.Adam(q.parameters(), lr=0.05)
+    z = torch.randn(1, 32, 8)
+    first = None
+    for _ in range(100):
+        out = q(z)
+        first = first if first is not None else float(out.losses["orthogonal"])
+        opt.zero_grad()
+        out.losses["orthogonal"].backward()
+        opt.step()
+    assert float(q(z).losses["orthogonal"]) < 0.5 * first  # the codewords turn apart
+    with pytest.raises(ValueError, match="learning='loss'"):
+        VectorQuantizer(8, 16, orthogonal_weight=1.0)

@@ -56,6 +56,11 @@ class VectorQuantizer(Quantizer):
             ``restart_dead_codes``, replaced by a current latent.
         restart_dead_codes: replace dead codes during training.
         estimator: ``"ste"`` (straight-through) or ``"rotation"`` (rotation trick).
+        orthogonal_weight: weight of the orthogonal regulariser of the codebook (Shin et
+            al. 2023): the mean squared off-identity of the cosine-similarity matrix of a
+            random sample of ``orthogonal_sample`` codewords; ``learning="loss"`` only
+            (an EMA codebook does not take gradients).
+        orthogonal_sample: codewords per step in that sample (a fixed count: no host sync).
         backend: nearest-code search backend, see :func:`nearest_codes`.
         check_finite: see :class:`Quantizer`.
 
@@ -82,6 +87,8 @@ class VectorQuantizer(Quantizer):
         dead_code_threshold: float = 1.0,
         restart_dead_codes: bool = True,
         estimator: Estimator = "ste",
+        orthogonal_weight: float = 0.0,
+        orthogonal_sample: int = 256,
         backend: Backend = "auto",
         check_finite: bool = True,
     ):
@@ -93,6 +100,10 @@ class VectorQuantizer(Quantizer):
         check_choice("estimator", estimator, ("ste", "rotation"))
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if orthogonal_weight and learning != "loss":
+            raise ValueError("orthogonal_weight regularises a learned codebook: set learning='loss' (an EMA codebook "
+                             "takes no gradients)")
+        self.orthogonal_weight, self.orthogonal_sample = orthogonal_weight, min(orthogonal_sample, codebook_size)
         d = codebook_dim or dim
         self._size, self.codebook_dim = codebook_size, d
         self.metric, self.learning, self.estimator, self.backend = metric, learning, estimator, backend
@@ -150,6 +161,10 @@ class VectorQuantizer(Quantizer):
             losses = {"commitment": self.beta * F.mse_loss(xf, q.detach())}
             if self.learning == "loss":
                 losses["codebook"] = F.mse_loss(q, xf.detach())
+            if self.training and self.orthogonal_weight:
+                sample = l2norm(cb[torch.randperm(self._size, device=cb.device)[: self.orthogonal_sample]])
+                eye = torch.eye(sample.shape[0], device=cb.device)
+                losses["orthogonal"] = self.orthogonal_weight * (sample @ sample.T - eye).square().mean()
             estimate = rotation_trick if self.estimator == "rotation" else straight_through
             xq = estimate(xf, q).to(flat.dtype).reshape(*lead, -1)
         quantized = self.project_out(xq).to(z.dtype)
