@@ -234,3 +234,16 @@ def test_configs_without_the_dynamic_field_load_as_fixed_grids(tmp_path):
     (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unknown DynamicQuantizer options"):
         Tokenizer.from_pretrained(tmp_path / "old")
+
+
+@pytest.mark.parametrize("kind,options,expected", [
+    ("vq", {"codebook_size": "1024"}, "codebook_size='1024' \\(str\\) for kind 'vq' should be int"),
+    ("vq", {"metric": "manhattan"}, "should be one of 'l2', 'cosine'"),
+    ("fsq", {"levels": [8, 5.5]}, "should be Sequence\\[int\\]"),
+    ("lfq", {"num_bits": 10, "spherical": 1}, "spherical=1 \\(int\\).*should be bool"),
+    ("vq", {"codebook_size": True}, "should be int"),
+])
+def test_quantizer_options_are_checked_against_their_types(kind, options, expected):
+    with pytest.raises(ValueError, match=expected):
+        QuantizerConfig(kind, options)
+    QuantizerConfig("vq", {"codebook_size": 64, "codebook_dim": None, "decay": 1})  # ints pass as floats, None as None

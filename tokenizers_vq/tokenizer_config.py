@@ -3,8 +3,11 @@ backbone fields and quantizer."""
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import inspect
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -33,6 +36,42 @@ QUANTIZER_KINDS: dict[str, type[Quantizer]] = {
     "ibq": IBQ,
     "multiscale": MultiScaleResidualQuantizer,
 }
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a config value (as JSON or YAML give it) has the type a constructor declares:
+    ints for ``int`` (not bools), numbers for ``float``, lists of them for sequences, one of
+    the literals, any member of a union; types it cannot check pass."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return isinstance(value, (list, tuple)) and (not args or all(_fits(v, args[0]) for v in value))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("collections.abc.", "")
 
 
 @dataclass
@@ -72,6 +111,14 @@ class QuantizerConfig:
                 hint = "; ".join(f"{u!r}: did you mean {c[0]!r}?" for u, c in close.items() if c)
                 raise ValueError(f"unknown options {unknown} for quantizer kind {self.kind!r} "
                                  f"(quantizer.options){'; ' + hint if hint else ''}; it takes {sorted(allowed)}")
+        try:
+            hints = typing.get_type_hints(QUANTIZER_KINDS[self.kind].__init__)
+        except (NameError, TypeError):  # annotations this module cannot resolve: names checked only
+            hints = {}
+        for name, value in self.options.items():
+            if name in hints and not _fits(value, hints[name]):
+                raise ValueError(f"quantizer option {name}={value!r} ({type(value).__name__}) for kind {self.kind!r} "
+                                 f"should be {_type_name(hints[name])}")
 
     def build(self, dim: int) -> Quantizer | DynamicQuantizer:
         if self.kind not in QUANTIZER_KINDS:
