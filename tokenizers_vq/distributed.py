@@ -8,6 +8,9 @@ initialised process group every helper is a no-op.
 
 from __future__ import annotations
 
+import datetime
+import os
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -60,9 +63,6 @@ def init_from_env(use_cuda: bool = True) -> torch.device:
     GPUs and ``use_cuda``, else gloo) unless one is initialised already; returns this
     rank's device. Ranks that finish early wait for the others for up to a day (the
     default collective timeout, minutes, is too short for uneven work)."""
-    import datetime  # noqa: PLC0415
-    import os  # noqa: PLC0415
-
     cuda = use_cuda and torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
     device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")

@@ -63,10 +63,10 @@ class Modality(ABC):
         """A file as a model input ``x`` (no batch axis), its ``size`` and ``info``
         (see :func:`~tokenizers_vq.media.load_input`)."""
 
+    @abstractmethod
     def load_media(self, path: str | os.PathLike, sample_rate: int | None = None,
                    max_frames: int | None = None) -> Tensor:
         """A file as media (the original beside which a reconstruction is measured)."""
-        return self.to_media(self.load(path, sample_rate, max_frames)[0])
 
     def units(self, media: Tensor, sample_rate: int | None = None) -> float:
         """How many :attr:`unit` one item of media holds."""

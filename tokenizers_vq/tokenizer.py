@@ -95,7 +95,7 @@ class Tokenizer(nn.Module):
         self.encoder = enc_cls(self.backbone_config)
         self.decoder = dec_cls(self.backbone_config)
         self.quantizer = config.quantizer.build(self.backbone_config.latent_dim)
-        if config.modality == "audio" and not getattr(self.quantizer, "inner", self.quantizer).positionwise:
+        if config.modality == "audio" and not getattr(self.quantizer, "positionwise", True):
             raise ValueError(f"{type(self.quantizer).__name__} quantizes latent frames with their neighbours, but long "
                              "audio is coded in overlapping chunks and streams frame by frame: use a position-wise "
                              "quantizer (vq, fsq, lfq, simvq, ibq, ... with levels/groups) for audio")

@@ -130,7 +130,7 @@ class _ForwardReader:
         self.source, self._it = source, None
 
     def read(self, member: str) -> bytes:
-        for attempt in range(2):  # on from the current position, then once from the start
+        for _ in range(2):  # on from the current position, then once from the start
             if self._it is None:
                 self._it = _members(self.source)
             for info, tar in self._it:

@@ -56,16 +56,9 @@ def graph_ms(fn) -> float:
     """Median ms of ``fn`` replayed from a CUDA graph (no host work in the timing)."""
     import triton  # noqa: PLC0415
 
-    fn()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
+    from tokenizers_vq.eval.benchmarks.peers import graph  # noqa: PLC0415
+
+    return triton.testing.do_bench(graph(fn), warmup=25, rep=100, return_mode="median")
 
 
 plan = DEFAULT_PLAN.replace  # plan(**changes): the default search plan with changes

@@ -57,29 +57,38 @@ def timed(fn, device: torch.device, min_seconds: float, max_reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure(name: str, batch: int, precision: str, device: torch.device, compile_: bool = False,
-            min_seconds: float = 2.0, max_reps: int = 20) -> dict[str, Any]:
-    """One row: encode and decode rates (units per second) and peak memory."""
-    tok = Tokenizer.from_pretrained(name).eval().to(device)
+def _row(label: str, name: str, shape: tuple[int, ...], enc, dec, batch: int, precision: str, device: torch.device,
+         compile_: bool, min_seconds: float, max_reps: int) -> dict[str, Any]:
+    """Time ``enc`` on a random batch of ``shape`` and ``dec`` on its codes: rates in
+    ``name``'s units per second, and the peak memory on a GPU."""
     torch.manual_seed(0)
-    x = (torch.rand(batch, *INPUTS[name], device=device) * 2 - 1) * (0.1 if name == "speech" else 1.0)
-    enc, dec = tok.encode, tok.decode
-    if compile_:
-        enc, dec = torch.compile(tok.encode), torch.compile(tok.decode)
+    x = (torch.rand(batch, *shape, device=device) * 2 - 1) * (0.1 if name == "speech" else 1.0)
     ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
     with torch.inference_mode(), ctx:
         codes = enc(x)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t_enc = timed(lambda: enc(x), device, min_seconds, max_reps)
-        t_dec = timed(lambda: dec(codes, tuple(INPUTS[name][1:])), device, min_seconds, max_reps)
+        t_dec = timed(lambda: dec(codes), device, min_seconds, max_reps)
     unit, per_item = UNIT[name]
-    row = {"model": name, "batch": batch, "precision": precision, "compile": compile_, "unit": unit,
+    row = {"model": label, "batch": batch, "precision": precision, "compile": compile_, "unit": unit,
            "encode_per_s": batch * per_item / t_enc, "decode_per_s": batch * per_item / t_dec,
            "both_per_s": batch * per_item / (t_enc + t_dec)}
     if device.type == "cuda":
         row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row
+
+
+def measure(name: str, batch: int, precision: str, device: torch.device, compile_: bool = False,
+            min_seconds: float = 2.0, max_reps: int = 20) -> dict[str, Any]:
+    """One row: encode and decode rates (units per second) and peak memory."""
+    tok = Tokenizer.from_pretrained(name).eval().to(device)
+    enc, dec = tok.encode, tok.decode
+    if compile_:
+        enc, dec = torch.compile(tok.encode), torch.compile(tok.decode)
+    size = tuple(INPUTS[name][1:])
+    return _row(name, name, INPUTS[name], enc, lambda codes: dec(codes, size), batch, precision, device, compile_,
+                min_seconds, max_reps)
 
 
 def _peer(name: str, device: torch.device):
@@ -122,23 +131,8 @@ def measure_peer(name: str, batch: int, precision: str, device: torch.device,
     if peer is None:
         return None
     label, enc, dec = peer
-    torch.manual_seed(0)
     shape = (1, 240000) if name == "speech" else INPUTS[name]  # EnCodec takes 24 kHz: 10 s
-    x = (torch.rand(batch, *shape, device=device) * 2 - 1) * (0.1 if name == "speech" else 1.0)
-    ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
-    with torch.inference_mode(), ctx:
-        codes = enc(x)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t_enc = timed(lambda: enc(x), device, min_seconds, max_reps)
-        t_dec = timed(lambda: dec(codes), device, min_seconds, max_reps)
-    unit, per_item = UNIT[name]
-    row = {"model": f"{name} peer: {label}", "batch": batch, "precision": precision, "compile": False, "unit": unit,
-           "encode_per_s": batch * per_item / t_enc, "decode_per_s": batch * per_item / t_dec,
-           "both_per_s": batch * per_item / (t_enc + t_dec)}
-    if device.type == "cuda":
-        row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return row
+    return _row(f"{name} peer: {label}", name, shape, enc, dec, batch, precision, device, False, min_seconds, max_reps)
 
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -172,7 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"}
-    rows = []
+    rows: list[dict[str, Any]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:  # after every row too: a cut run keeps what it measured
+        (args.out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             for precision in args.precisions.split(","):
@@ -188,10 +187,8 @@ def main(argv: list[str] | None = None) -> None:
                     if row:
                         rows.append(row)
                         print(json.dumps(row), flush=True)
-                args.out.mkdir(parents=True, exist_ok=True)  # after every row: a cut run keeps what it measured
-                (args.out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+                write()
+    write()
     (args.out / "throughput.md").write_text(markdown(meta, rows))
     print(markdown(meta, rows))
 
