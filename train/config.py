@@ -77,9 +77,10 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (and save) after this wall time (0: no limit)
     cudnn_benchmark: bool = False  # GPU: let cuDNN time its kernels (faster; sets a process-wide flag)
     # warm start: an embedded model's name (image, speech, video), a tokenizer folder or a
-    # training checkpoint folder; its model config must be this run's (the name aside). Only the
-    # weights are taken; optimiser, discriminator and step start afresh. A checkpoint of this
-    # run's own out_dir still takes precedence (resume).
+    # training checkpoint folder; its model config must be this run's (the name aside, and an
+    # audio backbone's causal flag, which changes the padding only: a causal model can start
+    # from an offline one). Only the weights are taken; optimiser, discriminator and step start
+    # afresh. A checkpoint of this run's own out_dir still takes precedence (resume).
     init_from: str = ""
     # what init_from gives the quantizer: "all" (the same quantizer config, its state too),
     # "first_level" (a single-level source quantizer becomes level 0 of this run's residual one

@@ -319,6 +319,8 @@ class Trainer:
             d.pop("name")
             if mode != "all":
                 d["quantizer_"] = d.pop("quantizer")
+            if d.get("modality") == "audio":  # causal padding changes no weight: either way warm-starts
+                d["backbone"] = {k: v for k, v in d["backbone"].items() if k != "causal"}
         diff = sorted(k for k in mine if k != "quantizer_" and mine[k] != theirs.get(k))
         if diff:
             raise ValueError(f"init_from={directory}: its model config differs from this run's in {diff}; "

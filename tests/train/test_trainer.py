@@ -138,6 +138,12 @@ def test_init_from_continues_from_a_released_model(tmp_path):
         Trainer(config("audio", tmp_path / "d", 1, **{"init_from": str(release),
                                                        "model.quantizer.options": '{"codebook_size": 32}'}))
     assert load_config(None, ["--init_from", str(release)]).init_from == str(release)
+    # a causal run starts from the offline weights (only the padding differs)
+    causal = Trainer(config("audio", tmp_path / "e", 1, **{"data.max_items": 2, "init_from": str(release),
+                                                            "model.backbone": json.dumps({**TINY["audio"], "causal": True})}))
+    assert causal.unwrapped.backbone_config.causal and not src.backbone_config.causal
+    for mine, theirs in zip(causal.unwrapped.parameters(), src.parameters(), strict=True):
+        assert torch.equal(mine, theirs.to(mine.dtype))
 
 
 def test_init_quantizer_puts_a_trained_codebook_under_a_residual_one(tmp_path):
