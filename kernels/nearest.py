@@ -6,6 +6,8 @@ choices in :mod:`.plan`."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -19,42 +21,59 @@ PRECISIONS = ("tf32", "tf32x3", "ieee")
 ALGORITHMS = ("auto", "tiled", "packed")  # top-1 search: "auto" = "packed" where it applies, else the tiled kernel
 
 
-def _check(x: Tensor, codebook: Tensor, metric: str, precision: str, algorithm: str) -> None:
-    if x.ndim not in (2, 3) or codebook.ndim != x.ndim or x.shape[-1] != codebook.shape[-1]:
+def _check_shapes(x_shape: torch.Size, c_shape: torch.Size, x_device: torch.device, c_device: torch.device,
+                  metric: str, precision: str, algorithm: str) -> None:
+    if len(x_shape) not in (2, 3) or len(c_shape) != len(x_shape) or x_shape[-1] != c_shape[-1]:
         raise ValueError(f"expected x (N, d) and codebook (K, d), or (G, N, d) and (G, K, d); "
-                         f"got {tuple(x.shape)} and {tuple(codebook.shape)}")
-    if x.ndim == 3 and x.shape[0] != codebook.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} groups but codebook has {codebook.shape[0]}")
-    if codebook.shape[-2] < 1 or codebook.shape[-2] >= 2**31 - 1:
-        raise ValueError(f"codebook size must be in [1, 2^31 - 1), got {codebook.shape[-2]}")
+                         f"got {tuple(x_shape)} and {tuple(c_shape)}")
+    if len(x_shape) == 3 and x_shape[0] != c_shape[0]:
+        raise ValueError(f"x has {x_shape[0]} groups but codebook has {c_shape[0]}")
+    if c_shape[-2] < 1 or c_shape[-2] >= 2**31 - 1:
+        raise ValueError(f"codebook size must be in [1, 2^31 - 1), got {c_shape[-2]}")
     if metric not in ("l2", "cosine"):
         raise ValueError(f"unknown metric {metric!r}; expected 'l2' or 'cosine'")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
-    if x.device != codebook.device:
-        raise ValueError(f"x on {x.device} but codebook on {codebook.device}")
+    if x_device != c_device:
+        raise ValueError(f"x on {x_device} but codebook on {c_device}")
 
 
-def _common(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
-    """Same float dtype for both (bf16, fp16 or fp32; anything else goes to fp32)."""
-    dt = torch.promote_types(x.dtype, codebook.dtype)
+@functools.lru_cache(maxsize=1024)
+def _route(x_shape: torch.Size, c_shape: torch.Size, x_dtype: torch.dtype, c_dtype: torch.dtype,
+           x_device: torch.device, c_device: torch.device, metric: str, k: int, precision: str,
+           algorithm: str, plan: SearchPlan) -> tuple[torch.dtype, str]:
+    """``(dtype, kernel)`` of a call: the common float dtype of x and the codebook (bf16, fp16
+    or fp32; anything else goes to fp32) and which kernel runs ("packed", "tiled", "topk").
+    Cached per shapes, dtypes and options, after :func:`_check` passed for them (a failing
+    check raises and is not cached)."""
+    _check_shapes(x_shape, c_shape, x_device, c_device, metric, precision, algorithm)
+    dt = torch.promote_types(x_dtype, c_dtype)
     if dt not in (torch.float32, torch.bfloat16, torch.float16):
         dt = torch.float32
-    return x.to(dt), codebook.to(dt)
+    if k:
+        return dt, "topk"
+    g, kk = (c_shape[0], c_shape[1]) if len(c_shape) == 3 else (1, c_shape[0])
+    if algorithm != "tiled" and packed.applies(dt, x_shape[-1], metric, precision, g, kk, plan=plan):
+        return dt, "packed"
+    return dt, "tiled"
 
 
 def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: str, return_dist: bool,
                   split_k: int, algorithm: str = "auto", plan: SearchPlan = DEFAULT_PLAN) -> tuple[Tensor, Tensor]:
-    _check(x, codebook, metric, precision, algorithm)
+    dt, kernel = _route(x.shape, codebook.shape, x.dtype, codebook.dtype, x.device, codebook.device, metric, k,
+                        precision, algorithm, plan)
     grouped = x.ndim == 3
-    xg, cg = _common(x if grouped else x[None], codebook if grouped else codebook[None])
+    xg, cg = (x, codebook) if grouped else (x[None], codebook[None])
+    if xg.dtype != dt:
+        xg = xg.to(dt)
+    if cg.dtype != dt:
+        cg = cg.to(dt)
     split = split_k if split_k > 0 else None
-    if k == 0 and algorithm != "tiled" and packed.applies(xg.dtype, xg.shape[-1], metric, precision, *cg.shape[:2],
-                                                          plan=plan):
+    if kernel == "packed":
         dist, idx = packed.nearest_packed(xg, cg, return_dist, split, plan=plan)
-    elif k == 0:
+    elif kernel == "tiled":
         dist, idx = nearest_tiled(xg, cg, metric == "cosine", precision, return_dist, split, plan)
     else:
         dist, idx = nearest_topk(xg, cg, k, metric == "cosine", precision, return_dist, split)

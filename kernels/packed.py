@@ -28,6 +28,8 @@ and the measurements behind each choice are in ``eval/results/kernels/DESIGN.md`
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
@@ -342,6 +344,53 @@ def max_split(tile_bits: int, cols: int | None = None) -> int:
     return cap
 
 
+class _Setup(NamedTuple):
+    """What one shape of call launches, computed once per shape (see :func:`_setup`)."""
+
+    k_pad: int
+    c_aug_shape: tuple[int, int, int]
+    norm_init: bool
+    s: int
+    aug_grid: tuple[int, int]
+    aug_meta: dict
+    nc: int
+    sizes: tuple[int, ...]  # the packed kernel's size arguments past the strides' place
+    grid: Callable
+    meta: dict
+    tile: dict | None
+    merge_grid: tuple[int, int]
+
+
+@functools.lru_cache(maxsize=1024)
+def _setup(dtype: torch.dtype, g: int, n: int, k: int, d: int, device: torch.device, write_dist: bool,
+           split_k: int | None, tile_items: tuple | None, plan: SearchPlan, interpret: bool) -> _Setup:
+    """The launch choices of :func:`nearest_packed` for one shape: split, layout, metadata
+    and grids depend on the shapes, dtype, device and plan only, so a repeated call (every
+    training step, every batch of an encode) reuses them instead of recomputing them in Python."""
+    tile = dict(tile_items) if tile_items is not None else None
+    tile_bits = plan.tile_bits
+    block_d, ext = layout(dtype, d, plan)
+    k_pad = cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM
+    # One wave of row blocks is enough here: at 256 blocks on the H100's 132 SMs, a second split (another
+    # launch, the merge) saved no GPU time and cost 0.06 ms of host time (H100 sweep "splitone").
+    cap = max_split(tile_bits, tag_cols(tile) if tile is not None else None)
+    s, k_split = _split_plan(g, n, k, device, split_k, cap, unsplit_waves=1)
+    esize = torch.finfo(dtype).bits // 8
+    norm_init = ext > 0 and block_d >= plan.norm_init_min_block_d and g * k_pad * block_d * esize <= plan.norm_init_max_aug_bytes
+    ext = 0 if norm_init else ext
+    meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d, EXT=ext,
+                DOT_F32=interpret and dtype == torch.bfloat16, NORM_INIT=norm_init, ASM=plan.use_asm and not interpret)
+
+    def grid(m):
+        return (cdiv(n, m["BLOCK_N"]), s, g)
+
+    return _Setup(k_pad=k_pad, c_aug_shape=(g, k_pad, block_d + ext), norm_init=norm_init, s=s,
+                  aug_grid=(k_pad // AUGMENT_BLOCK_K, g),
+                  aug_meta=dict(BLOCK_K=AUGMENT_BLOCK_K, BLOCK_D=block_d, EXT=ext, NORM_INIT=norm_init),
+                  nc=block_d if ext > 0 or norm_init else d, sizes=(n, k, k_pad, d, k_split), grid=grid, meta=meta,
+                  tile=tile, merge_grid=(cdiv(n, 128), g))
+
+
 def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int | None,
                    tile: dict | None = None, plan: SearchPlan = DEFAULT_PLAN) -> tuple[Tensor, Tensor]:
     """Launch on grouped ``x (G, N, d)`` / ``codebook (G, K, d)``, both bf16 or both fp32
@@ -351,47 +400,31 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     launched without the autotuner."""
     g, n, d = x.shape
     k = codebook.shape[1]
-    tile = tile or (dict(plan.force_tile) if plan.force_tile else None)
     dist, idx = new_outputs(x, write_dist)
     if n == 0:
         return dist, idx
-    tile_bits = plan.tile_bits
-    block_d, ext = layout(x.dtype, d, plan)
-    k_pad = cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM
-    # One wave of row blocks is enough here: at 256 blocks on the H100's 132 SMs, a second split (another
-    # launch, the merge) saved no GPU time and cost 0.06 ms of host time (H100 sweep "splitone").
-    cap = max_split(tile_bits, tag_cols(tile) if tile is not None else None)
-    s, k_split = _split_plan(g, n, k, x.device, split_k, cap, unsplit_waves=1)
-    norm_init = (ext > 0 and block_d >= plan.norm_init_min_block_d
-                 and g * k_pad * block_d * x.element_size() <= plan.norm_init_max_aug_bytes)
-    ext = 0 if norm_init else ext
-    meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d, EXT=ext,
-                DOT_F32=_interpret() and x.dtype == torch.bfloat16, NORM_INIT=norm_init,
-                ASM=plan.use_asm and not _interpret())
-    if s > 1:
-        seg = aligned(g * s * n)
-        both = torch.empty(2 * seg, device=x.device, dtype=torch.int32)  # one allocation
-        part_k, part_i = both[:g * s * n].view(g, s, n), both[seg:seg + g * s * n].view(g, s, n)
-    c_aug = torch.empty(g, k_pad, block_d + ext, device=x.device, dtype=x.dtype)
-    csq = torch.empty(g, k_pad, device=x.device, dtype=torch.float32) if norm_init else None
-    nc = block_d if ext > 0 or norm_init else d
-    _augment_kernel[(k_pad // AUGMENT_BLOCK_K, g)](codebook, c_aug, csq, k, d, nc, *codebook.stride(),
-                                                   BLOCK_K=AUGMENT_BLOCK_K, BLOCK_D=block_d, EXT=ext,
-                                                   NORM_INIT=norm_init)
-
-    def grid(m):
-        return (cdiv(n, m["BLOCK_N"]), s, g)
-
-    args = (x, codebook, c_aug)
-    sizes = (n, k, k_pad, d, k_split, *x.stride(), *codebook.stride())
-    meta["CSQ"] = csq
-    run = launch if tile is None else (lambda kernel, grid, work, *a, **kw: kernel.fn[grid](*a, **meta, **tile))
+    tile = tile or plan.force_tile
+    st = _setup(x.dtype, g, n, k, d, x.device, write_dist, split_k,
+                None if tile is None else tuple(sorted(tile.items())), plan, _interpret())
+    device = x.device
+    c_aug = torch.empty(st.c_aug_shape, device=device, dtype=x.dtype)
+    csq = torch.empty(g, st.k_pad, device=device, dtype=torch.float32) if st.norm_init else None
+    _augment_kernel[st.aug_grid](codebook, c_aug, csq, k, d, st.nc, *codebook.stride(), **st.aug_meta)
+    s = st.s
     if s == 1:
-        run(_packed_kernel, grid, g * n * k, *args, dist, idx, *sizes, n, 0, interpret_tile=INTERPRET_TILE, **meta)
-        return dist, idx
-    run(_packed_kernel, grid, g * n * k, *args, part_k, part_i, *sizes, s * n, n, interpret_tile=INTERPRET_TILE,
-        **meta)
-    _packed_merge_kernel[(cdiv(n, 128), g)](x, codebook, part_k, part_i, dist, idx, n, s, d, *x.stride(),
-                                                   *codebook.stride(), WRITE_DIST=write_dist, BLOCK=128,
-                                                   BLOCK_D=block_d)
+        out_k, out_i, row_stride, part_n = dist, idx, n, 0
+    else:
+        seg = aligned(g * s * n)
+        both = torch.empty(2 * seg, device=device, dtype=torch.int32)  # one allocation
+        out_k, out_i = both[:g * s * n].view(g, s, n), both[seg:seg + g * s * n].view(g, s, n)
+        row_stride, part_n = s * n, n
+    args = (x, codebook, c_aug, out_k, out_i, *st.sizes, *x.stride(), *codebook.stride(), row_stride, part_n)
+    if st.tile is not None:
+        _packed_kernel.fn[st.grid](*args, CSQ=csq, **st.meta, **st.tile)
+    else:
+        launch(_packed_kernel, st.grid, g * n * k, *args, interpret_tile=INTERPRET_TILE, CSQ=csq, **st.meta)
+    if s > 1:
+        _packed_merge_kernel[st.merge_grid](x, codebook, out_k, out_i, dist, idx, n, s, d, *x.stride(),
+                                            *codebook.stride(), WRITE_DIST=write_dist, BLOCK=128,
+                                            BLOCK_D=st.meta["BLOCK_D"])
     return dist, idx

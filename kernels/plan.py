@@ -56,6 +56,14 @@ class SearchPlan:
     max_aug_bytes: int = 64 << 20
     row_reduce_min_d: int = 512
 
+    def __post_init__(self) -> None:
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        key = tuple(tuple(sorted(v.items(), key=str)) if isinstance(v, Mapping) else v for v in values)
+        object.__setattr__(self, "_hash", hash(key))  # hashed once: the launch caches key on the plan
+
+    def __hash__(self) -> int:
+        return self._hash
+
     def replace(self, **changes) -> SearchPlan:
         """A copy with ``changes`` (field names as above)."""
         return dataclasses.replace(self, **changes)

@@ -153,7 +153,7 @@ def wide_rows(rows: list, n: int = 32768) -> None:
     """bf16 d 129-256 (BLOCK_D 256): the packed kernel (x kept in registers, d = 256 with a
     second dot) against the tiled kernel, autotuned, and each wide-row tile launched directly."""
     from tokenizers_vq.kernels import packed  # noqa: PLC0415
-    from tokenizers_vq.kernels.nearest import _common, nearest_codes_triton  # noqa: PLC0415
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
     for k, d in ((16384, 256), (100000, 256), (16384, 192), (16384, 160)):
         x = torch.randn(n, d, device="cuda").bfloat16()
@@ -163,7 +163,7 @@ def wide_rows(rows: list, n: int = 32768) -> None:
                "packed_ms": bench(lambda: nearest_codes_triton(x, c, algorithm="packed")),
                "ran_packed": packed.applies(torch.bfloat16, d, "l2", "tf32", 1, k)}
         if d == 256:
-            xg, cg = _common(x[None], c[None])
+            xg, cg = x[None], c[None]
             for cfg in packed._configs()[packed.WIDE_CONFIGS:]:
                 tile = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 key = f"{tile['BLOCK_N']}x{tile['BLOCK_K']}w{tile['num_warps']}s{tile['num_stages']}"
