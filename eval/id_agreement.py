@@ -75,9 +75,9 @@ def search_agreement(x: Tensor, cb: Tensor, metric: str, precision: str) -> dict
     if precision == "bf16":
         xg, cg = xg.bfloat16(), cg.bfloat16()
     _, got = nearest_codes_triton(xg, cg, metric, precision="ieee" if precision == "ieee" else "tf32")
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels import packed_launch  # noqa: PLC0415
 
-    ran_packed = packed.applies(xg.dtype, x.shape[1], metric, "ieee" if precision == "ieee" else "tf32", 1, cb.shape[0])
+    ran_packed = packed_launch.applies(xg.dtype, x.shape[1], metric, "ieee" if precision == "ieee" else "tf32", 1, cb.shape[0])
     return {"precision": precision, "packed": ran_packed,
             **compare_ids(x, cb, metric, ref, got.cpu(), precision, ran_packed)}
 

@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
-from tokenizers_vq.kernels import packed
+from tokenizers_vq.kernels import packed_launch
 from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
 from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  (re-exported)
 from tokenizers_vq.kernels.tiled import nearest_tiled
@@ -55,7 +55,7 @@ def _route(x_shape: torch.Size, c_shape: torch.Size, x_dtype: torch.dtype, c_dty
     if k:
         return dt, "topk"
     g, kk = (c_shape[0], c_shape[1]) if len(c_shape) == 3 else (1, c_shape[0])
-    if algorithm != "tiled" and packed.applies(dt, x_shape[-1], metric, precision, g, kk, plan=plan):
+    if algorithm != "tiled" and packed_launch.applies(dt, x_shape[-1], metric, precision, g, kk, plan=plan):
         return dt, "packed"
     return dt, "tiled"
 
@@ -72,7 +72,7 @@ def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: s
         cg = cg.to(dt)
     split = split_k if split_k > 0 else None
     if kernel == "packed":
-        dist, idx = packed.nearest_packed(xg, cg, return_dist, split, plan=plan)
+        dist, idx = packed_launch.nearest_packed(xg, cg, return_dist, split, plan=plan)
     elif kernel == "tiled":
         dist, idx = nearest_tiled(xg, cg, metric == "cosine", precision, return_dist, split, plan)
     else:

@@ -20,36 +20,17 @@ distance (``tests/nearest_checks.py``); returned distances are recomputed in fp3
 write keys and indices per split; the merge keeps the earlier split on ties.
 
 Scope: ``l2``, top-1, bf16 (``d <= 256``), or fp32 with ``precision="tf32"`` (``d <= 58``).
-Everything else runs the tiled kernel. The tuning choices are a
-:class:`~tokenizers_vq.kernels.plan.SearchPlan`; the derivation, the tie and sign rules
+Everything else runs the tiled kernel. The host side (layout, scope, launch) is
+:mod:`.packed_launch`; its tuning choices are a :class:`~tokenizers_vq.kernels.plan.SearchPlan`; the derivation, the tie and sign rules
 and the measurements behind each choice are in ``eval/results/kernels/DESIGN.md``.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import NamedTuple
-
-import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from tokenizers_vq.kernels.tiles import (
-    FIXED,
-    SPLIT_QUANTUM,
-    _interpret,
-    _split_plan,
-    aligned,
-    cdiv,
-    launch,
-    merge_rows,
-    new_outputs,
-    next_pow2,
-    prune_to_fit,
-)
-from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
+from tokenizers_vq.kernels.tiles import FIXED, merge_rows, prune_to_fit
 
 EXTRA_COLUMNS = 6  # three 1-columns and three parts of a squared norm, on each side
 INTERPRET_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
@@ -292,139 +273,3 @@ def _packed_merge_kernel(X, C, PK, PI, DIST, IDX, N, S, D, sxg, sxn, sxd, scg, s
                      mask=rmask[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
         tl.store(DIST + g * N + rows, _exact_l2(xf, C + g * scg, i, rmask, dd, D, sck, scd), mask=rmask)
     tl.store(IDX + g * N + rows, i.to(tl.int64), mask=rmask)
-
-
-# -- host side --------------------------------------------------------------------------
-@functools.lru_cache(maxsize=256)
-def _layout(dtype: torch.dtype, d: int, pad_up_max_d: int, ext_max_d: int, max_row_bytes: int) -> tuple[int, int] | None:
-    block_d = max(16, next_pow2(d))
-    if block_d * torch.finfo(dtype).bits // 8 > max_row_bytes:
-        return None
-    if d + EXTRA_COLUMNS <= block_d:
-        return block_d, 0
-    if d <= pad_up_max_d and 2 * block_d * torch.finfo(dtype).bits // 8 <= max_row_bytes:
-        return 2 * block_d, 0  # one dot twice as wide instead of a second dot
-    if d > ext_max_d:
-        return None
-    return block_d, 16  # the narrowest dot Triton emits on GPU (K >= 16, tf32 too)
-
-
-def layout(dtype: torch.dtype, d: int, plan: SearchPlan = DEFAULT_PLAN) -> tuple[int, int] | None:
-    """``(BLOCK_D, EXT)`` of the packed kernel for rows of ``d`` values of ``dtype``:
-    ``EXT = 0`` when the six norm columns fit in the padded row past ``d`` (or, up to
-    ``plan.pad_up_max_d``, in a row padded to twice the width), else the width of the second
-    dot that holds them; ``None`` when the padded row is wider than ``plan.max_row_bytes``
-    or the second dot is not worth it (``d > plan.ext_max_d``): the tiled kernel then runs."""
-    return _layout(dtype, d, plan.pad_up_max_d.get(dtype, 0), plan.ext_max_d.get(dtype, 0),
-                   plan.max_row_bytes.get(dtype, 0))
-
-
-def aug_bytes(dtype: torch.dtype, groups: int, k: int, d: int, plan: SearchPlan = DEFAULT_PLAN) -> int:
-    """Bytes of ``c_aug`` for ``groups`` codebooks of ``k`` codes (``layout`` not None)."""
-    block_d, ext = layout(dtype, d, plan)
-    return groups * cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM * (block_d + ext) * torch.finfo(dtype).bits // 8
-
-
-def applies(dtype: torch.dtype, d: int, metric: str, precision: str, groups: int = 1, k: int = 1,
-            plan: SearchPlan = DEFAULT_PLAN) -> bool:
-    """Whether the packed kernel runs (else the tiled kernel) for these inputs (``dtype``: the common
-    dtype of x and the codebook; ``groups`` codebooks of ``k`` codes)."""
-    if metric != "l2" or not (dtype == torch.bfloat16 or (dtype == torch.float32 and precision == "tf32")):
-        return False
-    return layout(dtype, d, plan) is not None and aug_bytes(dtype, groups, k, d, plan) <= plan.max_aug_bytes
-
-
-def max_split(tile_bits: int, cols: int | None = None) -> int:
-    """Most codes one program may walk: ``2^tile_bits`` tags of ``cols`` codes (default: the
-    fewest of any tile a launch may pick, :func:`tag_cols`), rounded down to a multiple of
-    ``SPLIT_QUANTUM``."""
-    cap = 2**tile_bits * (cols or MIN_TAG_COLS) // SPLIT_QUANTUM * SPLIT_QUANTUM
-    if cap < SPLIT_QUANTUM or not 0 < tile_bits < 23:
-        raise ValueError(f"tile_bits={tile_bits} leaves no room for one split of {SPLIT_QUANTUM} codes")
-    return cap
-
-
-class _Setup(NamedTuple):
-    """What one shape of call launches, computed once per shape (see :func:`_setup`)."""
-
-    k_pad: int
-    c_aug_shape: tuple[int, int, int]
-    norm_init: bool
-    s: int
-    aug_grid: tuple[int, int]
-    aug_meta: dict
-    nc: int
-    sizes: tuple[int, ...]  # the packed kernel's size arguments past the strides' place
-    grid: Callable
-    meta: dict
-    tile: dict | None
-    merge_grid: tuple[int, int]
-
-
-@functools.lru_cache(maxsize=1024)
-def _setup(dtype: torch.dtype, g: int, n: int, k: int, d: int, device: torch.device, write_dist: bool,
-           split_k: int | None, tile_items: tuple | None, plan: SearchPlan, interpret: bool) -> _Setup:
-    """The launch choices of :func:`nearest_packed` for one shape: split, layout, metadata
-    and grids depend on the shapes, dtype, device and plan only, so a repeated call (every
-    training step, every batch of an encode) reuses them instead of recomputing them in Python."""
-    tile = dict(tile_items) if tile_items is not None else None
-    tile_bits = plan.tile_bits
-    block_d, ext = layout(dtype, d, plan)
-    k_pad = cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM
-    # One wave of row blocks is enough here: at 256 blocks on the H100's 132 SMs, a second split (another
-    # launch, the merge) saved no GPU time and cost 0.06 ms of host time (H100 sweep "splitone").
-    cap = max_split(tile_bits, tag_cols(tile) if tile is not None else None)
-    s, k_split = _split_plan(g, n, k, device, split_k, cap, unsplit_waves=1)
-    esize = torch.finfo(dtype).bits // 8
-    norm_init = ext > 0 and block_d >= plan.norm_init_min_block_d and g * k_pad * block_d * esize <= plan.norm_init_max_aug_bytes
-    ext = 0 if norm_init else ext
-    meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d, EXT=ext,
-                DOT_F32=interpret and dtype == torch.bfloat16, NORM_INIT=norm_init, ASM=plan.use_asm and not interpret)
-
-    def grid(m):
-        return (cdiv(n, m["BLOCK_N"]), s, g)
-
-    return _Setup(k_pad=k_pad, c_aug_shape=(g, k_pad, block_d + ext), norm_init=norm_init, s=s,
-                  aug_grid=(k_pad // AUGMENT_BLOCK_K, g),
-                  aug_meta=dict(BLOCK_K=AUGMENT_BLOCK_K, BLOCK_D=block_d, EXT=ext, NORM_INIT=norm_init),
-                  nc=block_d if ext > 0 or norm_init else d, sizes=(n, k, k_pad, d, k_split), grid=grid, meta=meta,
-                  tile=tile, merge_grid=(cdiv(n, 128), g))
-
-
-def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int | None,
-                   tile: dict | None = None, plan: SearchPlan = DEFAULT_PLAN) -> tuple[Tensor, Tensor]:
-    """Launch on grouped ``x (G, N, d)`` / ``codebook (G, K, d)``, both bf16 or both fp32
-    (tf32 dot products), any strides, with :func:`applies` true; returns ``(G, N)`` fp32
-    distances (empty unless ``write_dist``) and int64 indices. ``tile`` (the tuning sweep;
-    else ``plan.force_tile``): ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages``
-    launched without the autotuner."""
-    g, n, d = x.shape
-    k = codebook.shape[1]
-    dist, idx = new_outputs(x, write_dist)
-    if n == 0:
-        return dist, idx
-    tile = tile or plan.force_tile
-    st = _setup(x.dtype, g, n, k, d, x.device, write_dist, split_k,
-                None if tile is None else tuple(sorted(tile.items())), plan, _interpret())
-    device = x.device
-    c_aug = torch.empty(st.c_aug_shape, device=device, dtype=x.dtype)
-    csq = torch.empty(g, st.k_pad, device=device, dtype=torch.float32) if st.norm_init else None
-    _augment_kernel[st.aug_grid](codebook, c_aug, csq, k, d, st.nc, *codebook.stride(), **st.aug_meta)
-    s = st.s
-    if s == 1:
-        out_k, out_i, row_stride, part_n = dist, idx, n, 0
-    else:
-        seg = aligned(g * s * n)
-        both = torch.empty(2 * seg, device=device, dtype=torch.int32)  # one allocation
-        out_k, out_i = both[:g * s * n].view(g, s, n), both[seg:seg + g * s * n].view(g, s, n)
-        row_stride, part_n = s * n, n
-    args = (x, codebook, c_aug, out_k, out_i, *st.sizes, *x.stride(), *codebook.stride(), row_stride, part_n)
-    if st.tile is not None:
-        _packed_kernel.fn[st.grid](*args, CSQ=csq, **st.meta, **st.tile)
-    else:
-        launch(_packed_kernel, st.grid, g * n * k, *args, interpret_tile=INTERPRET_TILE, CSQ=csq, **st.meta)
-    if s > 1:
-        _packed_merge_kernel[st.merge_grid](x, codebook, out_k, out_i, dist, idx, n, s, d, *x.stride(),
-                                            *codebook.stride(), WRITE_DIST=write_dist, BLOCK=128,
-                                            BLOCK_D=st.meta["BLOCK_D"])
-    return dist, idx

@@ -23,19 +23,19 @@ plan = DEFAULT_PLAN.replace  # plan(**changes): the default search plan with cha
 def packed_calls():
     """Counts the searches the packed kernel really ran (``calls[0]``), so a case that
     qualifies cannot pass by silently falling back to the tiled kernel."""
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels import packed_launch  # noqa: PLC0415
 
-    calls, real = [0], packed.nearest_packed
+    calls, real = [0], packed_launch.nearest_packed
 
     def spy(*a, **k):
         calls[0] += 1
         return real(*a, **k)
 
-    packed.nearest_packed = spy
+    packed_launch.nearest_packed = spy
     try:
         yield calls
     finally:
-        packed.nearest_packed = real
+        packed_launch.nearest_packed = real
 
 
 def check_packed_odd_shapes(device, full=False):
@@ -45,7 +45,7 @@ def check_packed_odd_shapes(device, full=False):
     or at 256 in the dot's initial accumulator;
     rows wider than ``SearchPlan.max_row_bytes`` run the tiled kernel:
     fp32 at 100 and up), K in {1, 17, 700}; on CPU the 300 x 700 cases for two D only."""
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels import packed_launch  # noqa: PLC0415
 
     big = 1000 if full else 300
     for i, (n, d, k) in enumerate(itertools.product((1, 7, big), (1, 3, 8, 10, 12, 16, 24, 32, 100, 200, 256), (1, 17, 700))):
@@ -57,11 +57,11 @@ def check_packed_odd_shapes(device, full=False):
             _check_search(_data((n, d), dt, device), _data((k, d), dt, device), "l2", name, algorithm="packed")
         padded = max(16, 1 << (d - 1).bit_length())
         spare = d + 6 <= padded  # the padded row has 6 free columns: one dot, else a second for the norms
-        if not spare and d <= plan().pad_up_max_d.get(dt, 0):  # or one dot over a row twice as wide
-            assert packed.layout(dt, d) == (2 * padded, 0), (d, name)
-        elif not spare and one_chunk and d <= plan().ext_max_d[dt]:
-            assert packed.layout(dt, d) == (padded, 16), (d, name)
         one_chunk = padded * dt.itemsize <= plan().max_row_bytes[dt]
+        if not spare and d <= plan().pad_up_max_d.get(dt, 0):  # or one dot over a row twice as wide
+            assert packed_launch.layout(dt, d) == (2 * padded, 0), (d, name)
+        elif not spare and one_chunk and d <= plan().ext_max_d[dt]:
+            assert packed_launch.layout(dt, d) == (padded, 16), (d, name)
         assert calls[0] == int(one_chunk and (spare or d <= plan().ext_max_d[dt])), (n, d, k, name, calls[0])
 
 
@@ -72,13 +72,13 @@ def check_packed_ties_splits_groups(device, full=False):
     ``return_dist=False``; the norms both ways (second dot, initial accumulator) where the
     row has no spare columns; what it does not cover (cosine, fp16, ieee, top-k, a c_aug
     over ``SearchPlan.max_aug_bytes``) runs the tiled kernel."""
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels import packed, packed_launch  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
     from tokenizers_vq.kernels.tiles import FIXED  # noqa: PLC0415
 
     for bits in (plan().tile_bits, 2):  # every tile a launch may pick keeps its tags in range
         for tile in [c.kwargs for c in packed._configs()] + [FIXED, packed.INTERPRET_TILE]:
-            assert packed.max_split(bits) // packed.tag_cols(tile) <= 2**bits, tile
+            assert packed_launch.max_split(bits) // packed.tag_cols(tile) <= 2**bits, tile
     for name, split, bits, base in itertools.product(PACKED, (None, 1, 3), (plan().tile_bits, 2), (20, 300)):
         if base == 20 and split is not None:
             continue
@@ -122,7 +122,7 @@ def check_packed_ties_splits_groups(device, full=False):
                 _check_search(_data((n, d), dt, device), _data((k, d), dt, device), "l2", name, split_k=split,
                               algorithm="packed", plan=both)
         assert calls[0] == 2, (n, d, k, name)
-    capped = plan(max_aug_bytes=packed.aug_bytes(torch.float32, 1, 70, 8) - 1)  # c_aug one byte over: the tiled kernel
+    capped = plan(max_aug_bytes=packed_launch.aug_bytes(torch.float32, 1, 70, 8) - 1)  # c_aug one byte over: the tiled kernel
     with packed_calls() as calls:
         ours = nearest_codes_triton(x, c, algorithm="packed", plan=capped)
     tiled = nearest_codes_triton(x, c, algorithm="tiled")
@@ -136,7 +136,7 @@ def check_packed_half(device, full=False):
     half tile, across the halves, tiles and splits go to the lowest index (the fewest
     tile bits that leave one 256-code split force the splits); the same indices and distances as whole tiles; on the GPU, the
     inline-PTX epilogue (``SearchPlan.use_asm``) equals the plain one."""
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels import packed, packed_launch  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
     if device == "cpu":
@@ -153,7 +153,7 @@ def check_packed_half(device, full=False):
             whole = dict(tile, HALF=False)
             name = PACKED[i % 2]
             dt = DTYPES[name][0]
-            if not packed.applies(dt, d, "l2", "tf32", 1, k):
+            if not packed_launch.applies(dt, d, "l2", "tf32", 1, k):
                 name, dt = "bf16", torch.bfloat16
             x, c = _data((n, d), dt, device), _data((k, d), dt, device)
             with packed_calls() as calls:

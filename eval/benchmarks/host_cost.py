@@ -45,10 +45,10 @@ def stubbed_launches() -> Iterator[None]:
     interpreter switch off (so the host takes its GPU branches), for the ``with`` block."""
     import triton  # noqa: PLC0415
 
-    from tokenizers_vq.kernels import nearest, packed, tiled, tiles, topk  # noqa: PLC0415
+    from tokenizers_vq.kernels import nearest, packed, packed_launch, tiled, tiles, topk  # noqa: PLC0415
 
     saved = []
-    for mod in (nearest, tiles, tiled, packed, topk):
+    for mod in (nearest, tiles, tiled, packed, packed_launch, topk):
         for name, obj in vars(mod).items():
             if isinstance(obj, (triton.runtime.JITFunction, triton.runtime.Autotuner)):
                 saved.append((mod, name, obj))

@@ -137,7 +137,7 @@ def check(x, c, idx, u_in: float, tile_bits: int = 0) -> dict:
 
 def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
     from tokenizers_vq.eval.benchmarks import peers  # noqa: PLC0415
-    from tokenizers_vq.kernels import packed, plan  # noqa: PLC0415  (after _kernels())
+    from tokenizers_vq.kernels import packed_launch, plan  # noqa: PLC0415  (after _kernels())
 
     x32 = torch.randn(n, d, device="cuda")
     c32 = torch.randn(k, d, device="cuda")
@@ -178,7 +178,7 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
             if res[name]["status"] != "ok":
                 continue
             algorithm = "tiled" if name.endswith("_tiled") else "auto"
-            bits = plan.DEFAULT_PLAN.tile_bits if algorithm == "auto" and packed.applies(x.dtype, d, "l2", "tf32", 1, k) else 0
+            bits = plan.DEFAULT_PLAN.tile_bits if algorithm == "auto" and packed_launch.applies(x.dtype, d, "l2", "tf32", 1, k) else 0
             try:
                 checks[name] = check(x, c, nearest.nearest_codes_triton(x, c, algorithm=algorithm)[1], u_in, bits)
             except Exception as e:  # noqa: BLE001  (OOM or a failing variant: recorded, the run goes on)
@@ -207,7 +207,7 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
             del vq
         except torch.OutOfMemoryError:
             res["vqp"] = {"ms": math.nan, "extra_mib": math.nan, "status": "OOM"}
-    kernel = {dt: "packed" if packed.applies(t, d, "l2", "tf32", 1, k) else "tiled" for dt, t in (("bf16", torch.bfloat16),
+    kernel = {dt: "packed" if packed_launch.applies(t, d, "l2", "tf32", 1, k) else "tiled" for dt, t in (("bf16", torch.bfloat16),
                                                                                         ("fp32", torch.float32))}
     del x32, c32, xb, cb
     torch.cuda.empty_cache()

@@ -65,7 +65,7 @@ plan = DEFAULT_PLAN.replace  # plan(**changes): the default search plan with cha
 
 
 def packed_vs_tiled(rows: list, n: int = 32768) -> None:
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels import packed_launch  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
     every = plan(ext_max_d=MappingProxyType({torch.bfloat16: 128, torch.float32: 64}))  # every one-chunk d
@@ -74,7 +74,7 @@ def packed_vs_tiled(rows: list, n: int = 32768) -> None:
             for d in ds:
                 x = torch.randn(n, d, device="cuda").to(dt)
                 c = torch.randn(k, d, device="cuda").to(dt)
-                lay = packed.layout(dt, d, every)
+                lay = packed_launch.layout(dt, d, every)
                 tiled = bench(lambda: nearest_codes_triton(x, c, algorithm="tiled"))
                 pk = bench(lambda: nearest_codes_triton(x, c, algorithm="packed", plan=every))
                 row = {"part": "ext", "n": n, "k": k, "d": d, "dtype": str(dt).split(".")[1], "layout": lay,
@@ -152,22 +152,22 @@ def tiled_configs(rows: list, n: int = 32768) -> None:
 def wide_rows(rows: list, n: int = 32768) -> None:
     """bf16 d 129-256 (BLOCK_D 256): the packed kernel (x kept in registers, d = 256 with a
     second dot) against the tiled kernel, autotuned, and each wide-row tile launched directly."""
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels import packed, packed_launch  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
     for k, d in ((16384, 256), (100000, 256), (16384, 192), (16384, 160)):
         x = torch.randn(n, d, device="cuda").bfloat16()
         c = torch.randn(k, d, device="cuda").bfloat16()
-        row = {"part": "wide", "n": n, "k": k, "d": d, "layout": packed.layout(torch.bfloat16, d),
+        row = {"part": "wide", "n": n, "k": k, "d": d, "layout": packed_launch.layout(torch.bfloat16, d),
                "tiled_ms": bench(lambda: nearest_codes_triton(x, c, algorithm="tiled")),
                "packed_ms": bench(lambda: nearest_codes_triton(x, c, algorithm="packed")),
-               "ran_packed": packed.applies(torch.bfloat16, d, "l2", "tf32", 1, k)}
+               "ran_packed": packed_launch.applies(torch.bfloat16, d, "l2", "tf32", 1, k)}
         if d == 256:
             xg, cg = x[None], c[None]
             for cfg in packed._configs()[packed.WIDE_CONFIGS:]:
                 tile = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 key = f"{tile['BLOCK_N']}x{tile['BLOCK_K']}w{tile['num_warps']}s{tile['num_stages']}"
-                row[key] = bench(lambda tile=tile: packed.nearest_packed(xg, cg, True, None, tile=tile))
+                row[key] = bench(lambda tile=tile: packed_launch.nearest_packed(xg, cg, True, None, tile=tile))
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -215,7 +215,7 @@ def split_one(rows: list) -> None:
     """The packed kernel at the benchmark's sizes, automatic split (more programs while
     the row blocks fill fewer than ``unsplit_waves`` waves: 2 when this part ran, 1 since)
     against one split: call and CUDA-graph ms."""
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels import packed_launch  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
     for n, k, d in ((32768, 16384, 8), (32768, 16384, 32), (32768, 100000, 8), (32768, 16384, 256),
@@ -225,7 +225,7 @@ def split_one(rows: list) -> None:
         row = {"part": "splitone", "n": n, "k": k, "d": d}
         for split in (None, 1):
             row[f"split{split or 'auto'}_ms"] = bench(lambda split=split: nearest_codes_triton(x[0], c[0], split_k=split))
-            row[f"split{split or 'auto'}_graph_ms"] = graph_ms(lambda split=split: packed.nearest_packed(x, c, True, split))
+            row[f"split{split or 'auto'}_graph_ms"] = graph_ms(lambda split=split: packed_launch.nearest_packed(x, c, True, split))
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -233,7 +233,7 @@ def split_one(rows: list) -> None:
 def pad_up(rows: list) -> None:
     """Rows without six spare columns (d 11-16, 27-32): the norms in a second 16-wide dot
     (default) against one dot over a row padded to twice the width (``SearchPlan.pad_up_max_d``)."""
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels import packed_launch  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
     for n, k, d in ((262144, 16384, 32), (32768, 16384, 32), (32768, 100000, 32), (262144, 16384, 16),
@@ -244,7 +244,7 @@ def pad_up(rows: list) -> None:
         for flag in (False, True, False, True):  # twice each, interleaved
             p = plan(pad_up_max_d=MappingProxyType({torch.bfloat16: 2**30 if flag else 0}))
             row.setdefault(f"padup{int(flag)}_ms", []).append(bench(lambda p=p: nearest_codes_triton(x, c, plan=p)))
-            row[f"padup{int(flag)}_layout"] = packed.layout(torch.bfloat16, d, p)
+            row[f"padup{int(flag)}_layout"] = packed_launch.layout(torch.bfloat16, d, p)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -261,7 +261,7 @@ def half_tiles(rows: list, cases=None, pad_up: bool | None = None, part: str = "
     one dot per tile against two half-tile dots whose keys fold in one 3-input min
     (``HALF``). Public calls, plus CUDA-graph time where the host may bind; every variant's
     indices are compared with the tiled kernel's."""
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels import packed_launch  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
     cases = cases or ((262144, 16384, 32), (32768, 16384, 32), (32768, 100000, 8), (262144, 16384, 8),
@@ -276,14 +276,14 @@ def half_tiles(rows: list, cases=None, pad_up: bool | None = None, part: str = "
         x = torch.randn(n, d, device="cuda").bfloat16()
         c = torch.randn(k, d, device="cuda").bfloat16()
         ref = nearest_codes_triton(x, c, algorithm="tiled")[1]
-        row = {"part": part, "n": n, "k": k, "d": d, "layout": packed.layout(torch.bfloat16, d, base),
+        row = {"part": part, "n": n, "k": k, "d": d, "layout": packed_launch.layout(torch.bfloat16, d, base),
                "norm_init": norm_init}
         host_bound = n * k < 10**9
 
         def measure(tag, p):
             row[f"{tag}_ms"] = bench(lambda: nearest_codes_triton(x, c, plan=p))
             if host_bound:
-                row[f"{tag}_graph_ms"] = graph_ms(lambda: packed.nearest_packed(x[None], c[None], True, None, plan=p))
+                row[f"{tag}_graph_ms"] = graph_ms(lambda: packed_launch.nearest_packed(x[None], c[None], True, None, plan=p))
             try:
                 row[f"{tag}_differ"] = int((nearest_codes_triton(x, c, plan=p)[1] != ref).sum())
             except Exception as e:  # noqa: BLE001
@@ -320,7 +320,7 @@ def host_parts(rows: list) -> None:
     import triton  # noqa: PLC0415
 
     from tokenizers_vq.kernels import nearest as nr  # noqa: PLC0415
-    from tokenizers_vq.kernels import packed  # noqa: PLC0415
+    from tokenizers_vq.kernels import packed, packed_launch  # noqa: PLC0415
 
     for n, k, d in ((32768, 16384, 8), (32768, 16384, 32)):
         x = torch.randn(1, n, d, device="cuda").bfloat16()
@@ -330,10 +330,10 @@ def host_parts(rows: list) -> None:
             tag = "auto" if split is None else str(split)
             row[f"split_{tag}"] = {
                 "public_ms": bench(lambda: nr.nearest_codes_triton(x[0], c[0], split_k=split)),
-                "graph_ms": graph_ms(lambda: packed.nearest_packed(x, c, True, split)),
+                "graph_ms": graph_ms(lambda: packed_launch.nearest_packed(x, c, True, split)),
                 "public_host_us": host_us(lambda: nr.nearest_codes_triton(x[0], c[0], split_k=split)),
-                "nearest_packed_host_us": host_us(lambda: packed.nearest_packed(x, c, True, split))}
-        block_d, ext = packed.layout(torch.bfloat16, d)
+                "nearest_packed_host_us": host_us(lambda: packed_launch.nearest_packed(x, c, True, split))}
+        block_d, ext = packed_launch.layout(torch.bfloat16, d)
         k_pad = triton.cdiv(k, 256) * 256
         c_aug = torch.empty(1, k_pad, block_d + ext, device="cuda", dtype=torch.bfloat16)
         dist = torch.empty(1, n, device="cuda")
