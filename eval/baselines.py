@@ -43,6 +43,7 @@ from torch import Tensor
 from tokenizers_vq.eval.evaluate import item_metrics
 from tokenizers_vq.lpips import LPIPSNet
 from tokenizers_vq.media import load_video
+from tokenizers_vq.modality import Modality
 from tokenizers_vq.resample import resample
 from tokenizers_vq.tokenizer import Tokenizer
 
@@ -269,31 +270,41 @@ class Baseline:
         return self.check()
 
 
+def _audio_baselines(kbps: float | None) -> list[Baseline]:
+    mode = nearest_codec2_mode(kbps or 0.0, codec2_modes())
+    return [Baseline(f"codec2_{mode}", lambda x, sr, _b: (*codec2(x, int(sr), mode), {}),
+                     {"c2enc": "codec2", "c2dec": "codec2"}),
+            Baseline("opus_6k", lambda x, sr, _b: (*opus(x, int(sr), 6.0), {}), {"ffmpeg": "ffmpeg", "ffprobe": "ffmpeg"},
+                     lambda: _ffmpeg_lacks("libopus"))]
+
+
+def _video_baselines(kbps: float | None) -> list[Baseline]:
+    def video(name: str) -> Baseline:
+        def code(x: Tensor, fps: float, bits: float) -> tuple[Tensor, float, dict[str, Any]]:
+            rec, used, crf = video_codec(x, fps, name, bits / (x.shape[0] / fps) / 1000)
+            return rec, used, {"crf": crf}
+        return Baseline(name, code, {"ffmpeg": "ffmpeg"}, lambda: _ffmpeg_lacks(VIDEO_ENCODERS[name][0]))
+    return [video("h264"), video("h265")]
+
+
+def _image_baselines(kbps: float | None) -> list[Baseline]:
+    def image(name: str, factor: int) -> Baseline:
+        def code(x: Tensor, _rate: float, bits: float) -> tuple[Tensor, float, dict[str, Any]]:
+            rec, used, quality = image_codec(x, name, bits, factor)
+            return rec, used, {"quality": quality}
+        return Baseline(name + (f"_down{factor}" if factor > 1 else ""), code,
+                        check=lambda: _pillow_lacks(IMAGE_FORMATS[name][0]))
+    return [image(n, f) for n in IMAGE_FORMATS for f in IMAGE_FACTORS]
+
+
+_BASELINES = {"audio": _audio_baselines, "video": _video_baselines, "image": _image_baselines}
+
+
 def baselines_for(modality: str, kbps: float | None = None) -> list[Baseline]:
     """The baselines of a modality; ``kbps`` (audio) is the tokenizer's rate, which picks the Codec2 mode."""
-    ff = {"ffmpeg": "ffmpeg", "ffprobe": "ffmpeg"}
-    if modality == "audio":
-        mode = nearest_codec2_mode(kbps or 0.0, codec2_modes())
-        return [Baseline(f"codec2_{mode}", lambda x, sr, _b: (*codec2(x, int(sr), mode), {}),
-                         {"c2enc": "codec2", "c2dec": "codec2"}),
-                Baseline("opus_6k", lambda x, sr, _b: (*opus(x, int(sr), 6.0), {}), ff,
-                         lambda: _ffmpeg_lacks("libopus"))]
-    if modality == "video":
-        def video(name: str) -> Baseline:
-            def code(x: Tensor, fps: float, bits: float) -> tuple[Tensor, float, dict[str, Any]]:
-                rec, used, crf = video_codec(x, fps, name, bits / (x.shape[0] / fps) / 1000)
-                return rec, used, {"crf": crf}
-            return Baseline(name, code, {"ffmpeg": "ffmpeg"}, lambda: _ffmpeg_lacks(VIDEO_ENCODERS[name][0]))
-        return [video("h264"), video("h265")]
-    if modality == "image":
-        def image(name: str, factor: int) -> Baseline:
-            def code(x: Tensor, _rate: float, bits: float) -> tuple[Tensor, float, dict[str, Any]]:
-                rec, used, quality = image_codec(x, name, bits, factor)
-                return rec, used, {"quality": quality}
-            return Baseline(name + (f"_down{factor}" if factor > 1 else ""), code,
-                            check=lambda: _pillow_lacks(IMAGE_FORMATS[name][0]))
-        return [image(n, f) for n in IMAGE_FORMATS for f in IMAGE_FACTORS]
-    raise ValueError(f"unknown modality {modality!r} (image, audio or video)")
+    if modality not in _BASELINES:
+        raise ValueError(f"unknown modality {modality!r} ({', '.join(_BASELINES)})")
+    return _BASELINES[modality](kbps)
 
 
 def load_item(tok: Tokenizer, path: Path, max_frames: int | None = 33) -> tuple[Tensor, float]:
@@ -306,13 +317,9 @@ def load_item(tok: Tokenizer, path: Path, max_frames: int | None = 33) -> tuple[
     return (media[0] if tok.modality == "audio" else media), float(tok.sample_rate or 0)
 
 
-def _units(modality: str, ref: Tensor, rate: float) -> dict[str, float]:
-    """Seconds and/or pixels of one item."""
-    if modality == "audio":
-        return {"seconds": ref.shape[-1] / rate}
-    if modality == "image":
-        return {"pixels": ref.shape[-1] * ref.shape[-2]}
-    return {"seconds": ref.shape[0] / rate, "pixels": ref.shape[0] * ref.shape[-1] * ref.shape[-2]}
+def _units(media: Modality, ref: Tensor, rate: float) -> dict[str, float]:
+    """Seconds and/or pixels of one item (as :func:`load_item` gives it)."""
+    return {k: v for k, v in (("seconds", media.seconds(ref, rate)), ("pixels", media.pixels(ref))) if v}
 
 
 def _rates(bits: float, units: dict[str, float]) -> dict[str, float]:
@@ -353,7 +360,7 @@ def run_baselines(tok: Tokenizer, files: list[Path], items: list[dict[str, Any]]
     metric_keys: list[str] = []
     for f, item in zip(files, items):
         ref, rate = load_item(tok, f, max_frames)
-        budget, units = item["tokens"] * bits_per_token, _units(tok.modality, ref, rate)
+        budget, units = item["tokens"] * bits_per_token, _units(tok.media, ref, rate)
         target += budget
         total = {k: total.get(k, 0.0) + v for k, v in units.items()}
         for b in codecs:
@@ -365,7 +372,7 @@ def run_baselines(tok: Tokenizer, files: list[Path], items: list[dict[str, Any]]
                 skipped[b.name] = f"failed on {f.name}: {e}"
                 del rows[b.name]
                 continue
-            pair = (ref[None], rec[None]) if tok.modality == "audio" else (ref, rec)  # media space: (1, T) audio
+            pair = (ref, rec) if tok.media.has_pixels else (ref[None], rec[None])  # media space: (1, T) audio
             m = item_metrics(tok, *pair, lpips)
             metric_keys = metric_keys or list(m)
             rows[b.name].append({"file": f.name, "bits": used, **_rates(used, units), "over_budget": used > budget,

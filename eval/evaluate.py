@@ -88,7 +88,7 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpi
         ref = tok.media.load_media(f, tok.sample_rate, max_frames)
         all_codes.append(rec.codes.reshape(-1, tok.quantizer.num_codebooks))
         m = item_metrics(tok, ref, out, lpips)
-        if inception is not None and tok.modality == "image":
+        if inception is not None and tok.media.fid:
             ref_feats.append(inception_features(inception, ref))
             rec_feats.append(inception_features(inception, out))
         units += tok.media.units(ref, tok.sample_rate)

@@ -14,6 +14,7 @@ from tokenizers_vq.eval.evaluate import evaluate
 from tokenizers_vq.eval.inception import FIDInception, load_inception
 from tokenizers_vq.lpips import LPIPSNet, load_lpips
 from tokenizers_vq.io import atomic_write
+from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.quantizers._functional import code_histogram
 from tokenizers_vq.tokenizer import Tokenizer
 
@@ -30,12 +31,13 @@ def _feature_nets(modality: str, device: torch.device, lpips_weights: str | Path
     ``device``, and a skip line naming the file looked for in place of each one absent."""
     lpips = inception = None
     skipped = dict(NOT_IMPLEMENTED.get(modality, {}))
-    if modality in ("image", "video"):
+    media = get_modality(modality)
+    if media.has_pixels:
         try:
             lpips = load_lpips(lpips_weights, lpips_heads).to(device)
         except FileNotFoundError as e:
             skipped["lpips"] = f"LPIPS skipped: {e}"
-    if modality == "image":
+    if media.fid:
         try:
             inception = load_inception(fid_weights).to(device)
         except FileNotFoundError as e:

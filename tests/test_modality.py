@@ -37,6 +37,13 @@ def test_a_real_file_goes_to_model_space_and_back_to_a_file(name, tmp_path):
         torch.testing.assert_close(y, x, atol=1 / 127, rtol=0)
     else:  # H.264: lossy, but the same pictures
         assert (y - x).abs().mean() < 0.1
+    # what rates and metrics count on this item: seconds at the file's rate, pixels
+    loaded = kind.load_media(path, 16000, 5)
+    rate = info.get("fps", info.get("sample_rate", 0))
+    expected_seconds = {"image": 0.0, "audio": size[0] / 16000, "video": size[0] / (rate or 1)}[name]
+    assert kind.seconds(loaded, rate) == pytest.approx(expected_seconds)
+    assert kind.pixels(loaded) == (0 if name == "audio" else (size[0] if name == "video" else 1) * size[-1] * size[-2])
+    assert (kind.streams, kind.fid) == (name == "audio", name == "image")
 
 
 def test_padding_counts_and_errors():

@@ -51,6 +51,8 @@ class Modality(ABC):
     region_cells: ClassVar[int | None]  # latent cells of a dynamic-length region (None: not offered)
     unit: ClassVar[str]  # what rates count: "images", "audio_seconds", "frames"
     token_rate: ClassVar[str]  # the summary's tokens-per-unit key
+    streams: ClassVar[bool]  # long items coded in overlapping chunks, and streamed (position-wise quantizers only)
+    fid: ClassVar[bool]  # rFID (Inception features of whole items) is measured
 
     @property
     def suffixes(self) -> frozenset[str]:
@@ -75,6 +77,10 @@ class Modality(ABC):
     def pixels(self, media: Tensor) -> int:
         """Pixels of one item of media (0 for audio)."""
         return 0
+
+    def seconds(self, media: Tensor, rate: float) -> float:
+        """Duration of one item of media at ``rate`` samples or frames per second (0 for images)."""
+        return 0.0
 
     @abstractmethod
     def to_media(self, out: Tensor) -> Tensor:
@@ -127,7 +133,7 @@ def names() -> list[str]:
 class Image(Modality):
     name, article, input_ndim, has_pixels = "image", "an image", 4, True
     output_suffix, default_model, region_cells = ".png", "image", 4
-    unit, token_rate = "images", "tokens_per_image"
+    unit, token_rate, streams, fid = "images", "tokens_per_image", False, True
 
     def load_media(self, path, sample_rate=None, max_frames=None):
         return load_image(path)
@@ -152,13 +158,16 @@ class Image(Modality):
 class Audio(Modality):
     name, article, input_ndim, has_pixels = "audio", "an audio", 3, False
     output_suffix, default_model, region_cells = ".wav", "speech", 2
-    unit, token_rate = "audio_seconds", "tokens_per_second"
+    unit, token_rate, streams, fid = "audio_seconds", "tokens_per_second", True, False
 
     def load_media(self, path, sample_rate=None, max_frames=None):
         return load_audio(path, sample_rate)[0].mean(0, keepdim=True)
 
     def units(self, media: Tensor, sample_rate: int | None = None) -> float:
         return media.shape[-1] / sample_rate
+
+    def seconds(self, media: Tensor, rate: float) -> float:
+        return media.shape[-1] / rate
 
     def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
         wav, sr = load_audio(path, sample_rate)
@@ -175,13 +184,16 @@ class Audio(Modality):
 class Video(Modality):
     name, article, input_ndim, has_pixels = "video", "a video", 5, True
     output_suffix, default_model, region_cells = ".mp4", "video", None
-    unit, token_rate = "frames", "tokens_per_frame"
+    unit, token_rate, streams, fid = "frames", "tokens_per_frame", False, False
 
     def load_media(self, path, sample_rate=None, max_frames=None):
         return load_video(path, max_frames)[0]
 
     def units(self, media: Tensor, sample_rate: int | None = None) -> float:
         return float(media.shape[0])
+
+    def seconds(self, media: Tensor, rate: float) -> float:
+        return media.shape[0] / rate
 
     def pixels(self, media: Tensor) -> int:
         return media.shape[0] * media.shape[-1] * media.shape[-2]

@@ -73,7 +73,7 @@ def receptive_field(module: nn.Module) -> int:
 
 
 def _check_streamable(tok: Tokenizer) -> None:
-    if tok.modality != "audio":
+    if not tok.media.streams:
         raise ValueError(f"streaming is for audio tokenizers, not {tok.modality}")
     if tok.is_dynamic:
         raise ValueError("streaming needs fixed-rate codes; a dynamic-length tokenizer codes each item whole")

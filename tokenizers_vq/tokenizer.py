@@ -26,6 +26,7 @@ from tokenizers_vq.backbones import BACKBONES
 from tokenizers_vq.io import atomic_write
 from tokenizers_vq.modality import Modality
 from tokenizers_vq.modality import get as get_modality
+from tokenizers_vq.modality import names as modality_names
 from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
 from tokenizers_vq.streaming import AudioDecodeStream, AudioEncodeStream
 from tokenizers_vq.tokenizer_config import QUANTIZER_KINDS, QuantizerConfig, TokenizerConfig  # noqa: F401 (re-exported)
@@ -39,7 +40,7 @@ PRETRAINED: dict[str, Path] = {
 }
 """The embedded models by name (model cards in ``model_cards/``): the defaults of each
 modality and ``speech-rvq``, a 4-codebook residual speech model at 3.2 kbps."""
-DEFAULT_FOR_MODALITY = {name: get_modality(name).default_model for name in ("image", "audio", "video")}
+DEFAULT_FOR_MODALITY = {name: get_modality(name).default_model for name in modality_names()}
 """The embedded model that ``tvq`` picks for each modality of input when no model is given."""
 DEFAULT_MODEL = PRETRAINED["image"]
 
@@ -95,7 +96,7 @@ class Tokenizer(nn.Module):
         self.encoder = enc_cls(self.backbone_config)
         self.decoder = dec_cls(self.backbone_config)
         self.quantizer = config.quantizer.build(self.backbone_config.latent_dim)
-        if config.modality == "audio" and not getattr(self.quantizer, "positionwise", True):
+        if get_modality(config.modality).streams and not getattr(self.quantizer, "positionwise", True):
             raise ValueError(f"{type(self.quantizer).__name__} quantizes latent frames with their neighbours, but long "
                              "audio is coded in overlapping chunks and streams frame by frame: use a position-wise "
                              "quantizer (vq, fsq, lfq, simvq, ibq, ... with levels/groups) for audio")

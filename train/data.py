@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from tokenizers_vq.media import load_image
+from tokenizers_vq.modality import get as get_modality
 
 
 class MediaFolder:
@@ -31,19 +31,16 @@ class MediaFolder:
     """
 
     def __init__(self, files: list[Path], modality: str, sample_rate: int | None = None, max_frames: int = 120):
-        from tokenizers_vq.media import load_audio, load_video  # noqa: PLC0415
-
         self.modality, self.files = modality, files
+        self.media = get_modality(modality)
         self.items: list[Tensor] = []
         for f in tqdm(files, desc=f"loading {len(files)} {modality} files", leave=False, disable=len(files) < 20):
-            if modality == "image":
-                self.items.append((load_image(f) * 255).round().to(torch.uint8))
-            elif modality == "audio":
-                wav, _ = load_audio(f, sample_rate)
-                self.items.append(wav.mean(0).to(torch.float16))
-            else:
-                frames, _ = load_video(f, max_frames)
-                self.items.append((frames * 255).round().to(torch.uint8).permute(1, 0, 2, 3))
+            media = self.media.load_media(f, sample_rate, max_frames)
+            if not self.media.has_pixels:  # mono (1, T) -> (T,), kept in fp16
+                self.items.append(media[0].to(torch.float16))
+            else:  # kept in uint8: images (3, H, W), video (T, 3, H, W) -> (3, T, H, W)
+                pixels = (media * 255).round().to(torch.uint8)
+                self.items.append(pixels.transpose(0, 1) if pixels.ndim == 4 else pixels)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -51,7 +48,7 @@ class MediaFolder:
     def crop(self, item: Tensor, size: int, gen: torch.Generator) -> Tensor:
         """Random ``size`` crop of the last axis (audio) or last two axes (pixels),
         padding (reflect for pixels, zeros for audio) where the item is smaller."""
-        if self.modality == "audio":
+        if not self.media.has_pixels:
             x = item.float()
             if x.shape[-1] < size:
                 x = F.pad(x, (0, size - x.shape[-1]))

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from tokenizers_vq import samples
 from tokenizers_vq.media import list_media
+from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import PRETRAINED, Tokenizer
 from tokenizers_vq.train.checkpoint import (
     find_checkpoint,
@@ -73,7 +74,7 @@ class Trainer:
         self.disc = build_discriminator(cfg.model.modality) if loss.adversarial > 0 else None
         self.lecam = LeCam(loss.lecam_decay) if self.disc is not None and loss.lecam > 0 else None
         self.lpips = None
-        if loss.perceptual > 0 and cfg.model.modality != "audio":
+        if loss.perceptual > 0 and get_modality(cfg.model.modality).has_pixels:
             self.lpips = lpips_module or LPIPS(loss.lpips_net, loss.lpips_weights or None, loss.lpips_heads or None)
             self.lpips.to(self.acc.device)
 
@@ -319,8 +320,8 @@ class Trainer:
             d.pop("name")
             if mode != "all":
                 d["quantizer_"] = d.pop("quantizer")
-            if d.get("modality") == "audio":  # causal padding changes no weight: either way warm-starts
-                d["backbone"] = {k: v for k, v in d["backbone"].items() if k != "causal"}
+            # an audio backbone's causal padding changes no weight: either way warm-starts
+            d["backbone"] = {k: v for k, v in d["backbone"].items() if k != "causal"}
         diff = sorted(k for k in mine if k != "quantizer_" and mine[k] != theirs.get(k))
         if diff:
             raise ValueError(f"init_from={directory}: its model config differs from this run's in {diff}; "
