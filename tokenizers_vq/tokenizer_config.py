@@ -85,6 +85,8 @@ class QuantizerConfig:
         levels: residual levels (> 1 wraps in :class:`ResidualQuantizer`).
         groups: channel groups (> 1 wraps in :class:`GroupedQuantizer`).
         dropout: quantizer dropout of the residual wrapper.
+        shared_codebook: the residual levels share one codebook (``levels`` > 1).
+        beam_size: the residual wrapper's encode-time beam (``levels`` > 1; 1 is greedy).
         dynamic: ``None`` (fixed grids), or keyword arguments of
             :class:`DynamicQuantizer` except ``inner`` (e.g.
             ``{"target_fine_ratio": 0.3}``; ``{}`` for its defaults): wraps the
@@ -97,11 +99,16 @@ class QuantizerConfig:
     levels: int = 1
     groups: int = 1
     dropout: float = 0.0
+    shared_codebook: bool = False
+    beam_size: int = 1
     dynamic: dict[str, Any] | None = None
 
     def __post_init__(self):
         if self.kind not in QUANTIZER_KINDS:
             raise ValueError(f"unknown quantizer kind {self.kind!r}; choose from {sorted(QUANTIZER_KINDS)}")
+        if (self.shared_codebook or self.beam_size != 1) and self.levels < 2:
+            raise ValueError(f"quantizer.shared_codebook={self.shared_codebook} and beam_size={self.beam_size} are "
+                             f"options of residual levels: set quantizer.levels >= 2 (got {self.levels})")
         params = inspect.signature(QUANTIZER_KINDS[self.kind]).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             allowed = set(params) - {"dim", "self"}
@@ -130,7 +137,11 @@ class QuantizerConfig:
         def one() -> Quantizer:
             if self.levels == 1:
                 return cls(d, **self.options)
-            return ResidualQuantizer([cls(d, **self.options) for _ in range(self.levels)], dropout=self.dropout)
+            if self.shared_codebook:
+                return ResidualQuantizer([cls(d, **self.options)], dropout=self.dropout, shared_levels=self.levels,
+                                         beam_size=self.beam_size)
+            return ResidualQuantizer([cls(d, **self.options) for _ in range(self.levels)], dropout=self.dropout,
+                                     beam_size=self.beam_size)
 
         q = one() if self.groups == 1 else GroupedQuantizer([one() for _ in range(self.groups)])
         if self.dynamic is None:

@@ -335,11 +335,12 @@ class Trainer:
         own = {k: v for k, v in state.items() if not k.startswith("quantizer.")}
         if mode == "first_level":
             theirs_q, mine_q = theirs["quantizer_"], mine["quantizer_"]
-            same = ({k: v for k, v in theirs_q.items() if k not in ("levels", "dropout")}
-                    == {k: v for k, v in mine_q.items() if k not in ("levels", "dropout")})
-            if theirs_q["levels"] != 1 or mine_q["levels"] < 2 or not same or not hasattr(self.model.quantizer, "levels"):
+            same = ({k: v for k, v in theirs_q.items() if k not in ("levels", "dropout", "beam_size")}
+                    == {k: v for k, v in mine_q.items() if k not in ("levels", "dropout", "beam_size")})
+            if (theirs_q["levels"] != 1 or mine_q["levels"] < 2 or not same or mine_q.get("shared_codebook")
+                    or not hasattr(self.model.quantizer, "levels")):
                 raise ValueError(f"init_quantizer=first_level needs a single-level source quantizer and a residual "
-                                 f"one here with the same kind and options; got {theirs_q} and {mine_q}")
+                                 f"one here (not a shared codebook) with the same kind and options; got {theirs_q} and {mine_q}")
             own.update({k.replace("quantizer.", "quantizer.levels.0.", 1): v for k, v in state.items()
                         if k.startswith("quantizer.")})
             with torch.no_grad():

@@ -27,6 +27,9 @@ QUANTIZERS = {
     ),
     "vq-learned-rotation": lambda: VectorQuantizer(D, 64, learning="loss", estimator="rotation"),
     "vq-learned-orthogonal": lambda: VectorQuantizer(D, 64, learning="loss", orthogonal_weight=10.0, orthogonal_sample=32),
+    "vq-diversity-stochastic": lambda: VectorQuantizer(D, 64, diversity_weight=0.5, diversity_sample=16,
+                                                       sample_temperature=0.5),
+    "vq-learned-affine-kmeans": lambda: VectorQuantizer(D, 64, learning="loss", affine=True, kmeans_init=True),
     "simvq": lambda: SimVQ(D, 64),
     "simvq-factorised": lambda: SimVQ(D, 128, codebook_dim=8),
     "residual-simvq": lambda: ResidualQuantizer([SimVQ(D, 32) for _ in range(3)]),
@@ -42,6 +45,8 @@ QUANTIZERS = {
     "bsq": lambda: LFQ(D, 12, spherical=True),
     "residual-vq-dropout": lambda: ResidualQuantizer([VectorQuantizer(D, 32) for _ in range(3)], dropout=0.5),
     "residual-fsq": lambda: ResidualQuantizer([FSQ(D, [5, 5, 5]) for _ in range(2)]),
+    "residual-vq-shared-codebook": lambda: ResidualQuantizer([VectorQuantizer(D, 32)], shared_levels=3),
+    "residual-vq-beam": lambda: ResidualQuantizer([VectorQuantizer(D, 32) for _ in range(3)], beam_size=3),
     "grouped-lfq": lambda: GroupedQuantizer([LFQ(D // 2, 6) for _ in range(2)]),
     "grouped-residual-vq": lambda: GroupedQuantizer(
         [ResidualQuantizer([VectorQuantizer(D // 2, 16) for _ in range(2)]) for _ in range(2)]

@@ -178,3 +178,88 @@ def test_constructor_rejects_bad_settings():
         args = {"dim": 4, "codebook_size": 8, **kwargs}
         with pytest.raises(ValueError, match=msg):
             VectorQuantizer(**args)
+
+
+def test_diversity_loss_is_high_for_one_code_and_low_for_all_codes():
+    """``1 - H(mean soft assignment) / log K``: latents all at one codeword score near 1,
+    latents spread over every codeword near 0; its gradient reaches the latents."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 16, learning="loss", diversity_weight=1.0, diversity_sample=512,
+                         diversity_temperature=0.05, dead_code_threshold=0).train()
+    cb = vq.codebook.detach()
+    one = cb[:1].expand(256, -1).clone()
+    spread = cb.repeat(16, 1)
+    high, low = vq(one[None]).losses["diversity"], vq(spread[None]).losses["diversity"]
+    assert float(high) > 0.9 and float(low) < 0.1
+    vq.diversity_temperature = 5.0  # soft enough for a gradient: it moves the latents apart
+    near = (one + 0.1 * torch.randn_like(one)).requires_grad_(True)
+    vq(near[None]).losses["diversity"].backward()
+    assert near.grad is not None and near.grad.abs().sum() > 0
+    assert "diversity" not in vq.eval()(spread[None]).losses  # training only
+
+
+def test_stochastic_sampling_follows_the_temperature_and_eval_stays_nearest():
+    torch.manual_seed(0)
+    z = torch.randn(1, 2000, 8)
+    cold, hot = (VectorQuantizer(8, 32, learning="loss", sample_temperature=t, dead_code_threshold=0) for t in (1e-6, 100.0))
+    hot.load_state_dict(cold.state_dict())
+    nearest = cold.encode(z)
+    assert torch.equal(cold.train()(z).codes, nearest)  # near-zero temperature: the argmin
+    hot_codes = hot.train()(z).codes
+    assert (hot_codes != nearest).float().mean() > 0.5  # hot: mostly other codes ...
+    assert hot_codes.unique().numel() == 32  # ... spread over the whole codebook
+    assert torch.equal(hot.eval()(z).codes, nearest)
+
+
+def test_affine_codebook_follows_the_latent_statistics():
+    """The effective codebook is the stored one standardised and mapped to the running
+    mean and deviation of the latents: after steps on latents of mean 5 and deviation 3
+    per channel, the codewords have about those statistics; k-means init keeps its centres."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 64, learning="loss", affine=True, affine_decay=0.5, dead_code_threshold=0).train()
+    for _ in range(20):
+        vq(5 + 3 * torch.randn(1, 512, 4))
+    cb = vq.codebook
+    torch.testing.assert_close(cb.mean(0), torch.full((4,), 5.0), atol=0.3, rtol=0)
+    torch.testing.assert_close(cb.std(0), torch.full((4,), 3.0), atol=0.3, rtol=0)
+    km = VectorQuantizer(4, 8, learning="loss", affine=True, kmeans_init=True, affine_decay=0.0).train()
+    centres = torch.randn(8, 4) * 10
+    x = (centres[:, None] + 0.01 * torch.randn(8, 64, 4)).reshape(1, -1, 4)
+    km.affine_decay = 1.0 - 1e-9  # keep the k-means statistics for this check
+    km(x)
+    torch.testing.assert_close(km.codebook, km.embed.detach(), atol=1e-3, rtol=1e-4)  # the k-means centres
+    assert torch.cdist(km.codebook, centres).min(1).values.median() < 0.1
+    with pytest.raises(ValueError, match="learned l2 codebook"):
+        VectorQuantizer(4, 8, affine=True)
+
+
+def test_shared_codebook_residual_levels_use_one_codebook():
+    from tokenizers_vq.quantizers import ResidualQuantizer
+
+    torch.manual_seed(0)
+    rvq = ResidualQuantizer([VectorQuantizer(8, 32)], shared_levels=4)
+    assert sum(k.endswith("embed") for k in rvq.state_dict()) == 1
+    z = torch.randn(2, 50, 8)
+    out = rvq.eval()(z)
+    assert out.codes.shape == (2, 50, 4) and rvq.code_shape == (4,)
+    cb = rvq.levels[0].codebook
+    torch.testing.assert_close(out.quantized, cb[out.codes].sum(-2))  # every level reads the same codebook
+    with pytest.raises(ValueError, match="shares one quantizer"):
+        ResidualQuantizer([VectorQuantizer(8, 32), VectorQuantizer(8, 32)], shared_levels=2)
+
+
+def test_beam_search_lowers_the_residual_error_and_width_one_is_greedy():
+    from tokenizers_vq.quantizers import FSQ, ResidualQuantizer
+
+    torch.manual_seed(0)
+    levels = [VectorQuantizer(16, 32) for _ in range(4)]
+    z = torch.randn(2, 300, 16)
+    greedy = ResidualQuantizer(levels).eval()(z)
+    err = {b: float((ResidualQuantizer(levels, beam_size=b).eval()(z).quantized - z).square().mean()) for b in (1, 4)}
+    assert err[1] == float((greedy.quantized - z).square().mean())
+    assert err[4] < 0.9 * err[1]
+    beam = ResidualQuantizer(levels, beam_size=4).eval()
+    assert torch.equal(beam.decode(beam.encode(z)), beam(z).quantized)
+    assert torch.equal(beam.train()(z).codes, greedy.codes)  # training stays greedy
+    with pytest.raises(ValueError, match="candidate codes"):
+        ResidualQuantizer([FSQ(16, [5, 5, 5]) for _ in range(2)], beam_size=2)

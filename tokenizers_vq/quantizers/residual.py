@@ -1,5 +1,8 @@
 """Residual quantization over any quantizer (Zeghidour et al. 2021, SoundStream;
-Lee et al. 2022, RQ-VAE): level ``i`` quantizes what levels ``< i`` left over."""
+Lee et al. 2022, RQ-VAE): level ``i`` quantizes what levels ``< i`` left over. Options:
+one codebook shared by every level (as RQ-VAE), and a beam search over the levels'
+candidate codes at encode time (as in the multi-path search of residual VQ encoders,
+e.g. Guo et al. 2016 / Babenko and Lempitsky 2014 for additive quantization)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from tokenizers_vq.quantizers._functional import code_histogram, perplexity
 from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_same_codes, merge_outputs
 
 
@@ -23,6 +27,13 @@ class ResidualQuantizer(Quantizer):
         dropout: probability that a training item keeps only its first ``n`` levels,
             ``n`` uniform in ``[1, L]`` (quantizer dropout, SoundStream), so that the
             model decodes well from any prefix of levels.
+        shared_levels: when > 0, ``levels`` holds one quantizer whose codebook every one of
+            ``shared_levels`` levels uses (its statistics are updated once per level).
+        beam_size: when > 1, evaluation and :meth:`encode` keep the ``beam_size`` best
+            partial sums at each level (each extended by its residual's ``beam_size``
+            nearest codes, ranked by the remaining squared error) instead of the greedy
+            choice: a smaller error for the same codes. Training stays greedy. Levels must
+            offer ``candidates`` (:class:`~tokenizers_vq.quantizers.VectorQuantizer`).
 
     Example:
         >>> rvq = ResidualQuantizer([VectorQuantizer(32, 256) for _ in range(4)])
@@ -30,7 +41,14 @@ class ResidualQuantizer(Quantizer):
         torch.Size([2, 50, 4])
     """
 
-    def __init__(self, levels: Sequence[Quantizer], dropout: float = 0.0):
+    def __init__(self, levels: Sequence[Quantizer], dropout: float = 0.0, shared_levels: int = 0,
+                 beam_size: int = 1):
+        if shared_levels and len(levels) != 1:
+            raise ValueError(f"shared_levels={shared_levels} shares one quantizer's codebook: pass levels=[that "
+                             f"quantizer], got {len(levels)}")
+        if beam_size < 1 or (beam_size > 1 and not all(hasattr(q, "candidates") for q in levels)):
+            raise ValueError(f"beam_size={beam_size}: needs beam_size >= 1, and for a beam levels that offer "
+                             f"candidate codes (VectorQuantizer), got {sorted({type(q).__name__ for q in levels})}")
         check_same_codes(levels, "ResidualQuantizer")
         super().__init__(levels[0].dim, check_finite=levels[0].check_finite)
         if any(q.dim != self.dim for q in levels):
@@ -38,7 +56,12 @@ class ResidualQuantizer(Quantizer):
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         self.levels = nn.ModuleList(levels)
-        self.dropout = dropout
+        self.dropout, self.shared_levels, self.beam_size = dropout, shared_levels, beam_size
+
+    @property
+    def stack(self) -> list[Quantizer]:
+        """The quantizer of each level, in order (the same one ``shared_levels`` times)."""
+        return [self.levels[0]] * self.shared_levels if self.shared_levels else list(self.levels)
 
     @property
     def codebook_size(self) -> int:
@@ -50,17 +73,19 @@ class ResidualQuantizer(Quantizer):
 
     @property
     def code_shape(self) -> tuple[int, ...]:
-        return (len(self.levels), *self.levels[0].code_shape)
+        return (len(self.stack), *self.levels[0].code_shape)
 
     def _forward(self, z: Tensor) -> QuantizerOutput:
+        if self.beam_size > 1 and not self.training:
+            return self._beam(z)
         keep = None
         if self.training and self.dropout > 0:
-            n_lv = len(self.levels)
+            n_lv = len(self.stack)
             drop = torch.rand(z.shape[0], device=z.device) < self.dropout
             n_keep = torch.where(drop, torch.randint(1, n_lv + 1, (z.shape[0],), device=z.device), n_lv)
             keep = n_keep.view(-1, *([1] * (z.ndim - 1)))
         residual, total, outs = z, torch.zeros_like(z, dtype=torch.float32), []
-        for i, level in enumerate(self.levels):
+        for i, level in enumerate(self.stack):
             out = level(residual)
             q = out.quantized if keep is None else out.quantized * (keep > i)
             total = total + q.float()
@@ -72,4 +97,25 @@ class ResidualQuantizer(Quantizer):
 
     def _decode(self, codes: Tensor) -> Tensor:
         axis = codes.ndim - len(self.code_shape)
-        return sum(lv._decode(c).float() for lv, c in zip(self.levels, codes.unbind(axis)))
+        return sum(lv._decode(c).float() for lv, c in zip(self.stack, codes.unbind(axis)))
+
+    def _beam(self, z: Tensor) -> QuantizerOutput:
+        """Beam search over the levels (see ``beam_size``); the best path's codes, decoded."""
+        lead, d = z.shape[:-1], z.shape[-1]
+        res = z.reshape(-1, 1, d).float()  # (n, beams, D): what each path leaves over
+        n = res.shape[0]
+        paths = torch.zeros(n, 1, 0, dtype=torch.long, device=z.device)
+        for level in self.stack:
+            b, k = res.shape[1], min(self.beam_size, level.codebook_size)
+            cand = level.candidates(res.reshape(n * b, d).to(z.dtype), k).reshape(n, b * k)
+            left = res.repeat_interleave(k, dim=1) - level._decode(cand).float()
+            err = left.square().sum(-1)
+            # stable ascending order: on equal errors the earlier path (lower codes) wins
+            keep = torch.sort(err, dim=1, stable=True).indices[:, : self.beam_size]
+            res = left.gather(1, keep[..., None].expand(-1, -1, d))
+            grown = torch.cat([paths.repeat_interleave(k, dim=1), cand[..., None]], dim=-1)
+            paths = grown.gather(1, keep[..., None].expand(-1, -1, grown.shape[-1]))
+        codes = paths[:, 0].reshape(*lead, len(self.stack))
+        counts = [code_histogram(c.reshape(-1), self.codebook_size) for c in codes.unbind(-1)]
+        metrics = {f"perplexity/level{i}": perplexity(c) for i, c in enumerate(counts)}
+        return QuantizerOutput(self._decode(codes).to(z.dtype), codes, {}, metrics)

@@ -3,11 +3,16 @@
 van den Oord et al. 2017 (VQ-VAE) with the EMA codebook of Razavi et al. 2019,
 k-means initialisation and dead-code restarts (Dhariwal et al. 2020, Jukebox),
 factorised low-dimensional lookup with optional l2-normalisation (Yu et al. 2021,
-ViT-VQGAN) and the rotation-trick estimator (Fifty et al. 2024).
+ViT-VQGAN), the rotation-trick estimator (Fifty et al. 2024), and as options: an
+orthogonal codebook regulariser (Shin et al. 2023), a codebook-diversity (entropy) loss,
+stochastic code sampling with a temperature (as in Takida et al. 2022, SQ-VAE) and the
+affine re-parameterisation of the codebook to the latents' running statistics (Huh et al.
+2023, "Straightening Out the Straight-Through Estimator").
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -61,6 +66,20 @@ class VectorQuantizer(Quantizer):
             random sample of ``orthogonal_sample`` codewords; ``learning="loss"`` only
             (an EMA codebook does not take gradients).
         orthogonal_sample: codewords per step in that sample (a fixed count: no host sync).
+        diversity_weight: weight of the codebook-diversity loss ``1 - H(p) / log K``, with
+            ``p`` the mean over ``diversity_sample`` random latents of their soft assignment
+            ``softmax(-dist / diversity_temperature)``: it pushes the encoder (and a learned
+            codebook) towards using every code. Training only.
+        diversity_sample: latents per step in that mean (a fixed count: no host sync).
+        diversity_temperature: temperature of those soft assignments (in distance units).
+        sample_temperature: when > 0, training picks each code at random with probability
+            ``softmax(-dist / sample_temperature)`` (Gumbel-max, in row chunks of bounded
+            memory) instead of the nearest; evaluation and ``encode`` stay nearest.
+        affine: re-parameterise the codebook as ``(e - mean(e)) / std(e) * s + m``, with
+            ``m``, ``s`` the running mean and standard deviation of the latents per channel
+            (decay ``affine_decay``), so the codewords follow the latents' scale as the encoder
+            drifts; ``learning="loss"`` and ``metric="l2"`` only.
+        affine_decay: decay of those running statistics.
         backend: nearest-code search backend, see :func:`nearest_codes`.
         check_finite: see :class:`Quantizer`.
 
@@ -89,6 +108,12 @@ class VectorQuantizer(Quantizer):
         estimator: Estimator = "ste",
         orthogonal_weight: float = 0.0,
         orthogonal_sample: int = 256,
+        diversity_weight: float = 0.0,
+        diversity_sample: int = 1024,
+        diversity_temperature: float = 1.0,
+        sample_temperature: float = 0.0,
+        affine: bool = False,
+        affine_decay: float = 0.99,
         backend: Backend = "auto",
         check_finite: bool = True,
     ):
@@ -103,7 +128,16 @@ class VectorQuantizer(Quantizer):
         if orthogonal_weight and learning != "loss":
             raise ValueError("orthogonal_weight regularises a learned codebook: set learning='loss' (an EMA codebook "
                              "takes no gradients)")
+        if affine and (learning != "loss" or metric != "l2" or codebook_size < 2):
+            raise ValueError("affine re-parameterises a learned l2 codebook of at least 2 codes: set learning='loss' "
+                             "and metric='l2'")
+        if diversity_temperature <= 0 or sample_temperature < 0 or not 0.0 <= affine_decay < 1.0:
+            raise ValueError(f"need diversity_temperature > 0, sample_temperature >= 0 and affine_decay in [0, 1); got "
+                             f"{diversity_temperature}, {sample_temperature}, {affine_decay}")
         self.orthogonal_weight, self.orthogonal_sample = orthogonal_weight, min(orthogonal_sample, codebook_size)
+        self.diversity_weight, self.diversity_sample = diversity_weight, diversity_sample
+        self.diversity_temperature, self.sample_temperature = diversity_temperature, sample_temperature
+        self.affine, self.affine_decay = affine, affine_decay
         d = codebook_dim or dim
         self._size, self.codebook_dim = codebook_size, d
         self.metric, self.learning, self.estimator, self.backend = metric, learning, estimator, backend
@@ -126,6 +160,9 @@ class VectorQuantizer(Quantizer):
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))
+        if affine:  # running per-channel mean and variance of the latents
+            self.register_buffer("latent_mean", torch.zeros(d))
+            self.register_buffer("latent_var", torch.ones(d))
         self._initted = not kmeans_init  # host copy of the buffer: no sync per step
 
     @property
@@ -136,7 +173,17 @@ class VectorQuantizer(Quantizer):
     def codebook(self) -> Tensor:
         """The effective ``(K, d)`` fp32 codebook (unit rows for ``cosine``)."""
         c = self.embed.float()
+        if self.affine:
+            c = (c - c.mean(0)) / (c.std(0) + 1e-5) * (self.latent_var + 1e-5).sqrt() + self.latent_mean
         return l2norm(c) if self.metric == "cosine" else c
+
+    def _raw(self, c: Tensor) -> Tensor:
+        """Stored rows whose effective codewords are ``c`` (inverse of the affine map, with
+        the current codebook statistics), for dead-code restarts."""
+        if not self.affine:
+            return c
+        e = self.embed.float()
+        return (c - self.latent_mean) / (self.latent_var + 1e-5).sqrt() * (e.std(0) + 1e-5) + e.mean(0)
 
     # ------------------------------------------------------------------------------------
     def _forward(self, z: Tensor) -> QuantizerOutput:
@@ -148,23 +195,34 @@ class VectorQuantizer(Quantizer):
                 xf = l2norm(xf)
             if self.training and not self._initted:
                 self._kmeans(xf.detach())
+            if self.training and self.affine:
+                with torch.no_grad():
+                    self.latent_mean.lerp_(xf.mean(0), 1 - self.affine_decay)
+                    self.latent_var.lerp_(xf.var(0, unbiased=False), 1 - self.affine_decay)
             cb = self.codebook
-            _, idx = nearest_codes(xf.detach(), cb.detach(), self.metric, self.backend)
+            if self.training and self.sample_temperature > 0:
+                idx = self._sample_codes(xf.detach(), cb.detach())
+            else:
+                _, idx = nearest_codes(xf.detach(), cb.detach(), self.metric, self.backend)
             q = F.embedding(idx, cb)
             if self.training and self.learning == "ema":
                 counts, sums = code_statistics(xf.detach(), idx, self._size)
             else:
                 counts, sums = code_histogram(idx, self._size), None
-            metrics = self._metrics(counts)
-            if self.training:
-                self._update(xf.detach(), counts, sums, metrics)
             losses = {"commitment": self.beta * F.mse_loss(xf, q.detach())}
             if self.learning == "loss":
                 losses["codebook"] = F.mse_loss(q, xf.detach())
-            if self.training and self.orthogonal_weight:
-                sample = l2norm(cb[torch.randperm(self._size, device=cb.device)[: self.orthogonal_sample]])
-                eye = torch.eye(sample.shape[0], device=cb.device)
-                losses["orthogonal"] = self.orthogonal_weight * (sample @ sample.T - eye).square().mean()
+            if self.training and (self.orthogonal_weight or self.diversity_weight):
+                reg = cb.clone()  # the update below writes the stored codebook in place
+                if self.orthogonal_weight:
+                    sample = l2norm(reg[torch.randperm(self._size, device=cb.device)[: self.orthogonal_sample]])
+                    eye = torch.eye(sample.shape[0], device=cb.device)
+                    losses["orthogonal"] = self.orthogonal_weight * (sample @ sample.T - eye).square().mean()
+                if self.diversity_weight:
+                    losses["diversity"] = self.diversity_weight * self._diversity(xf, reg)
+            metrics = self._metrics(counts)
+            if self.training:
+                self._update(xf.detach(), counts, sums, metrics)
             estimate = rotation_trick if self.estimator == "rotation" else straight_through
             xq = estimate(xf, q).to(flat.dtype).reshape(*lead, -1)
         quantized = self.project_out(xq).to(z.dtype)
@@ -172,6 +230,43 @@ class VectorQuantizer(Quantizer):
 
     def _decode(self, codes: Tensor) -> Tensor:
         return self.project_out(F.embedding(codes.long(), self.codebook))
+
+    @torch.no_grad()
+    def candidates(self, z: Tensor, k: int) -> Tensor:
+        """The ``k`` nearest codes of each latent row ``z (n, D)``, nearest first, ``(n, k)``
+        (ties to the lower index; rows in chunks of at most 2^24 distances)."""
+        x = self.project_in(z).float()
+        if self.metric == "cosine":
+            x = l2norm(x)
+        cb, out = self.codebook, []
+        for chunk in x.split(max(1, (1 << 24) // self._size)):
+            dist = self._distances(chunk, cb)
+            out.append(torch.sort(dist, dim=1, stable=True).indices[:, :k])
+        return torch.cat(out) if out else x.new_zeros(0, k, dtype=torch.long)
+
+    def _distances(self, x: Tensor, cb: Tensor) -> Tensor:
+        """``(n, K)`` fp32 distances of the metric (squared l2, or ``1 - cos`` on unit rows)."""
+        if self.metric == "cosine":
+            return 1 - x @ cb.T
+        return (x.square().sum(1, keepdim=True) - 2 * x @ cb.T + cb.square().sum(1)).clamp_min(0)
+
+    def _sample_codes(self, x: Tensor, cb: Tensor) -> Tensor:
+        """Codes drawn from ``softmax(-dist / sample_temperature)`` by Gumbel-max, in row
+        chunks of at most 2^24 distances."""
+        rows = max(1, (1 << 24) // self._size)
+        out = []
+        for chunk in x.split(rows):
+            logits = -self._distances(chunk, cb) / self.sample_temperature
+            u = torch.rand_like(logits).clamp_(1e-20, 1.0)
+            out.append((logits - torch.log(-torch.log(u))).argmax(1))
+        return torch.cat(out) if out else x.new_zeros(0, dtype=torch.long)
+
+    def _diversity(self, x: Tensor, cb: Tensor) -> Tensor:
+        """``1 - H(p) / log K`` of the mean soft assignment of a random sample of rows."""
+        pick = torch.randint(0, max(1, x.shape[0]), (self.diversity_sample,), device=x.device)
+        p = torch.softmax(-self._distances(x[pick], cb) / self.diversity_temperature, dim=1).mean(0)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum()
+        return 1 - entropy / math.log(max(self._size, 2))
 
     # -- codebook learning ----------------------------------------------------------------
     @torch.no_grad()
@@ -201,7 +296,7 @@ class VectorQuantizer(Quantizer):
         count of twice the threshold: about ln(2)/(1-decay) steps of grace."""
         dead = (self.cluster_size < self.dead_code_threshold).unsqueeze(1)
         fresh = tdist.sample_rows(x, self._size)
-        self.embed.data.copy_(torch.where(dead, fresh.to(self.embed.dtype), self.embed.data))
+        self.embed.data.copy_(torch.where(dead, self._raw(fresh).to(self.embed.dtype), self.embed.data))
         reset = 2.0 * self.dead_code_threshold
         if self.learning == "ema":
             self.embed_sum.copy_(torch.where(dead, fresh * reset, self.embed_sum))
@@ -247,6 +342,9 @@ class VectorQuantizer(Quantizer):
                 means = l2norm(means)
             centres = torch.where(counts.unsqueeze(1) > 0, means, centres)
         self.embed.data.copy_(centres)
+        if self.affine:  # statistics under which the effective codebook is the centres
+            self.latent_mean.copy_(centres.mean(0))
+            self.latent_var.copy_(centres.var(0))
         self.cluster_size.copy_(counts)
         if self.learning == "ema":
             self.embed_sum.copy_(centres * counts.unsqueeze(1))
