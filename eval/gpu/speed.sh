@@ -6,12 +6,15 @@
 #   device run, carry [.whl]:  bash eval/gpu/speed.sh
 #   SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_THROUGHPUT=1 leave a part out; CASES=... narrows the bench
 #   (CASES=none: its training steps only); THROUGHPUT_TIME seconds are kept for the throughput part.
+#   EXPORT_DATA=<folder of photos> adds the export benchmark (eval/benchmarks/export_speed.py, each
+#   file listed EXPORT_REPEAT times) in the last EXPORT_TIME seconds; carry the folder.
 # Each part's time is bounded by what is left of LIMIT seconds; results land in $OUT/{kernels,throughput}.
 set -u
 source eval/gpu/setup.sh
 OUT=${OUT:-results_tmp}; mkdir -p "$OUT"
 LIMIT=${LIMIT:-575}; T0=$(date +%s)
-left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
+RESERVE=$([ -n "${EXPORT_DATA:-}" ] && echo "${EXPORT_TIME:-120}" || echo 0)
+left() { echo $(( LIMIT - RESERVE - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "${TESTS_TIMEOUT:-260}" python3 -m pytest tests/kernels -k gpu -q -p no:cacheprovider -rA --durations=15 \
@@ -38,6 +41,12 @@ if [ "${SKIP_THROUGHPUT:-0}" != 1 ]; then
       --compile image --min-seconds 0.3 --out "$OUT/throughput_compile" > "$OUT/throughput_compile.log" 2>&1
     echo "throughput exit $?" >> "$OUT/throughput_compile.log"
   fi
+fi
+if [ -n "${EXPORT_DATA:-}" ]; then
+  RESERVE=0; t=$(( $(left) - 10 ))
+  timeout "$t" python3 -m tokenizers_vq.eval.benchmarks.export_speed "$EXPORT_DATA" --repeat "${EXPORT_REPEAT:-20}" \
+    --workers 14 --batch-size 64 --out "$OUT/export_speed" > "$OUT/export_speed.log" 2>&1
+  echo "export bench exit $?" >> "$OUT/export_speed.log"; tail -n 20 "$OUT/export_speed.log"
 fi
 tail -n 15 "$OUT/kernel_tests.log" 2>/dev/null; tail -n 40 "$OUT/bench.log" 2>/dev/null; tail -n 30 "$OUT/throughput.log" 2>/dev/null
 # at most 8 files come back: everything in one archive
