@@ -1,0 +1,193 @@
+"""Bottlenecks side by side at the same budget: the image tokenizer at f16 (the shipped
+default's backbone) trained with each quantizer in turn on the same photos, for the same
+steps, from the same seed, then measured on held-apart photos.
+
+Ours: VQ with an EMA codebook, FSQ, LFQ, BSQ, SimVQ and IBQ. vector-quantize-pytorch's
+``VectorQuantize``, ``FSQ``, ``LFQ`` and ``SimVQ`` run behind our quantizer contract
+through :class:`PeerQuantizer` (an adapter that lives here, not in the library). Every
+codebook has 1024 codes (FSQ ``[8, 5, 5, 5]``: 1000). The adversarial loss is off, so the
+bottleneck alone separates the runs.
+
+    python -m tokenizers_vq.eval.quantizer_shootout --data ../shared/data/images/bsds500/train \\
+        --val ../shared/data/images/bsds500/val --steps 3000 --out eval/results/quantizer_shootout/h200
+
+Writes ``shootout.json``, ``shootout.md`` (held-apart PSNR, SSIM, codebook usage and
+perplexity, training step time and peak GPU memory per method) and ``shootout.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
+from tokenizers_vq.tokenizer_config import QUANTIZER_KINDS
+
+CODEBOOK = 1024
+FSQ_LEVELS = [8, 5, 5, 5]
+# method -> (quantizer kind, options): ours, then the peer's layers behind the adapter
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ours-vq-ema": ("vq", {"codebook_size": CODEBOOK, "codebook_dim": 16, "metric": "cosine", "kmeans_init": True,
+                           "dead_code_threshold": 0.03, "check_finite": False}),
+    "ours-fsq": ("fsq", {"levels": FSQ_LEVELS}),
+    "ours-lfq": ("lfq", {"num_bits": int(math.log2(CODEBOOK))}),
+    "ours-bsq": ("lfq", {"num_bits": int(math.log2(CODEBOOK)), "spherical": True}),
+    "ours-simvq": ("simvq", {"codebook_size": CODEBOOK}),
+    "ours-ibq": ("ibq", {"codebook_size": CODEBOOK}),
+    "vqp-vq": ("peer", {"method": "vq", "codebook_size": CODEBOOK}),
+    "vqp-fsq": ("peer", {"method": "fsq", "codebook_size": math.prod(FSQ_LEVELS)}),
+    "vqp-lfq": ("peer", {"method": "lfq", "codebook_size": CODEBOOK}),
+    "vqp-simvq": ("peer", {"method": "simvq", "codebook_size": CODEBOOK}),
+}
+
+
+class PeerQuantizer(Quantizer):
+    """A vector-quantize-pytorch layer behind our contract, ``(B, *S, D) -> codes (B, *S)``.
+
+    ``method``: ``"vq"`` (``VectorQuantize`` with an EMA codebook, cosine similarity,
+    k-means init, a 16-dim factorised lookup and dead-code expiry, as our default), ``"fsq"``
+    (levels :data:`FSQ_LEVELS`), ``"lfq"`` or ``"simvq"``; its own losses come back as
+    ``losses["peer"]``."""
+
+    def __init__(self, dim: int, method: str = "vq", codebook_size: int = CODEBOOK):
+        super().__init__(dim, check_finite=False)
+        import vector_quantize_pytorch as vqp  # noqa: PLC0415  (a peer: benchmark only)
+
+        self.method, self._size = method, codebook_size
+        if method == "vq":
+            self.layer = vqp.VectorQuantize(dim=dim, codebook_size=codebook_size, codebook_dim=16, use_cosine_sim=True,
+                                            kmeans_init=True, threshold_ema_dead_code=2, decay=0.99,
+                                            commitment_weight=0.25)
+        elif method == "fsq":
+            self.layer = vqp.FSQ(levels=FSQ_LEVELS, dim=dim)
+        elif method == "lfq":
+            self.layer = vqp.LFQ(dim=dim, codebook_size=codebook_size)
+        elif method == "simvq":
+            self.layer = vqp.SimVQ(dim=dim, codebook_size=codebook_size)
+        else:
+            raise ValueError(f"unknown peer method {method!r}: vq, fsq, lfq or simvq")
+
+    @property
+    def codebook_size(self) -> int:
+        return self._size
+
+    def _forward(self, z: Tensor) -> QuantizerOutput:
+        lead = z.shape[:-1]
+        out = self.layer(z.reshape(lead[0], -1, z.shape[-1]))
+        losses = {"peer": out[2].sum()} if len(out) > 2 and isinstance(out[2], Tensor) else {}
+        return QuantizerOutput(out[0].reshape(z.shape).to(z.dtype), out[1].reshape(lead).long(), losses, {})
+
+    def _decode(self, codes: Tensor) -> Tensor:
+        flat = codes.reshape(codes.shape[0], -1)
+        out = self.layer.get_output_from_indices(flat) if self.method == "vq" else self.layer.indices_to_codes(flat)
+        return out.reshape(*codes.shape, out.shape[-1])
+
+
+def run(method: str, args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """Train one bottleneck and measure it on the held-apart photos."""
+    from tokenizers_vq.eval.evaluate import evaluate  # noqa: PLC0415
+    from tokenizers_vq.media import list_media  # noqa: PLC0415
+    from tokenizers_vq.train.config import load_config  # noqa: PLC0415
+    from tokenizers_vq.train.trainer import Trainer  # noqa: PLC0415
+
+    kind, options = METHODS[method]
+    overrides = [f"model.quantizer.kind={kind}", f"model.quantizer.options={json.dumps(options)}",
+                 f"model.name=shootout-{method}", "model.backbone.channels=64", f"data.train={args.data}", "data.val=",
+                 f"data.max_items={args.max_items}", f"data.crop={args.crop}", "loss.adversarial=0",
+                 f"steps={args.steps}", f"batch_size={args.batch_size}", f"seed={args.seed}", "sample_every=0",
+                 f"save_every={args.steps}", f"out_dir={args.out / 'runs' / method}", "log_every=50",
+                 f"mixed_precision={'bf16' if device == 'cuda' else 'no'}"]
+    cfg = load_config(Path(__file__).resolve().parents[1] / "train" / "configs" / "image.yaml", overrides)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(args.seed)
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+    tok = trainer.release_model().to(device)
+    res = evaluate(tok, list_media(args.val, "image", args.val_items))["summary"]
+    return {"method": method, "kind": kind, "options": options, "steps": summary["steps"],
+            "step_ms": 1000 / summary["steps_per_s"], "train_peak_mib": peak, "psnr_db": res["psnr_db"],
+            "ssim": res["ssim"], "usage": res["usage"], "perplexity": res["perplexity"],
+            "codebook_size": tok.quantizer.codebook_size}
+
+
+def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shootout.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"# Quantizer shootout ({meta['device_name']}, {meta['steps']} steps each)", "",
+             f"Image tokenizer at f16, batch {meta['batch_size']}, crop {meta['crop']}, seed {meta['seed']}, no GAN; "
+             f"held-apart: {meta['val_items']} photos of `{meta['val']}`. Command: `{meta['command']}`", "",
+             "| method | codes | PSNR dB | SSIM | usage | perplexity | step ms | train peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | - | {r['error']} | | | | | |")
+            continue
+        lines.append(f"| {r['method']} | {r['codebook_size']} | {r['psnr_db']:.2f} | {r['ssim']:.3f} | {r['usage']:.1%} | "
+                     f"{r['perplexity']:.0f} | {r['step_ms']:.1f} | {r['train_peak_mib']:.0f} |")
+    (out / "shootout.md").write_text("\n".join(lines) + "\n")
+    ok = [r for r in rows if "error" not in r]
+    if ok:
+        _chart(ok, meta, out / "shootout.png")
+
+
+def _chart(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
+    """Held-apart PSNR and codebook usage per method, ours and the peer's in two colours."""
+    from tokenizers_vq.io import atomic_write  # noqa: PLC0415
+    from tokenizers_vq.viz import _pyplot  # noqa: PLC0415
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    names = [r["method"] for r in rows]
+    colours = ["tab:blue" if n.startswith("ours") else "tab:orange" for n in names]
+    for ax, key, label in ((axes[0], "psnr_db", "held-apart PSNR (dB)"), (axes[1], "usage", "codebook usage")):
+        ax.bar(range(len(rows)), [r[key] for r in rows], color=colours)
+        ax.set_xticks(range(len(rows)), names, rotation=45, ha="right")
+        ax.set_ylabel(label)
+    fig.suptitle(f"f16 image tokenizer, {meta['steps']} steps per bottleneck ({meta['device_name']})")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="training photos")
+    p.add_argument("--val", required=True, help="held-apart photos")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--max-items", type=int, default=0)
+    p.add_argument("--val-items", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    QUANTIZER_KINDS.setdefault("peer", PeerQuantizer)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = {"device_name": torch.cuda.get_device_name() if device == "cuda" else "CPU", "torch": torch.__version__,
+            "steps": args.steps, "batch_size": args.batch_size, "crop": args.crop, "seed": args.seed,
+            "val": args.val, "val_items": args.val_items,
+            "command": "python -m tokenizers_vq.eval.quantizer_shootout " + " ".join(sys.argv[1:] if argv is None else argv)}
+    rows = []
+    for method in args.methods.split(","):
+        t0 = time.perf_counter()
+        try:
+            rows.append(run(method, args, device))
+        except ImportError as e:  # the peer is not installed here: its row says so
+            rows.append({"method": method, "error": f"skipped: {e}"})
+        rows[-1]["wall_s"] = time.perf_counter() - t0
+        write(rows, meta, args.out)  # after each method: a cut-off run keeps what it measured
+        print(json.dumps(rows[-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

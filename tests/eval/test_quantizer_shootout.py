@@ -1,0 +1,43 @@
+"""The quantizer shootout on CPU, a few steps on real photos: one row per bottleneck with
+held-apart metrics, a table and a picture; the peer adapter keeps our contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from testdata import shared_path
+
+from tokenizers_vq.eval import quantizer_shootout as shootout
+
+
+def test_each_bottleneck_trains_and_is_measured(tmp_path):
+    photos = shared_path("images", "bsds500")
+    shootout.main(["--data", str(photos / "train"), "--val", str(photos / "val"), "--steps", "2", "--batch-size", "2",
+                   "--crop", "32", "--max-items", "2", "--val-items", "2", "--methods", "ours-vq-ema,ours-bsq,vqp-fsq",
+                   "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in json.loads((tmp_path / "shootout.json").read_text())["rows"]}
+    assert list(rows) == ["ours-vq-ema", "ours-bsq", "vqp-fsq"]
+    for name in ("ours-vq-ema", "ours-bsq"):
+        r = rows[name]
+        assert r["steps"] == 2 and r["codebook_size"] == 1024 and 0 < r["usage"] <= 1 and r["psnr_db"] > 0
+    peer = rows["vqp-fsq"]
+    assert ("error" in peer and "skipped" in peer["error"]) or peer["codebook_size"] == 1000
+    table = (tmp_path / "shootout.md").read_text()
+    assert "| ours-vq-ema | 1024 |" in table and "--steps 2" in table
+    assert (tmp_path / "shootout.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("method", ["vq", "fsq", "lfq", "simvq"])
+def test_peer_adapter_keeps_the_contract(method):
+    pytest.importorskip("vector_quantize_pytorch", reason="the peer is not installed")
+    torch.manual_seed(0)
+    q = shootout.PeerQuantizer(32, method, 1000 if method == "fsq" else 1024)
+    z = torch.randn(2, 4, 5, 32)
+    out = q.train()(z)
+    assert out.quantized.shape == z.shape and out.codes.shape == (2, 4, 5)
+    q.eval()
+    codes = q.encode(z)
+    assert int(codes.max()) < q.codebook_size
+    torch.testing.assert_close(q.decode(codes), q(z).quantized, atol=1e-5, rtol=1e-5)
