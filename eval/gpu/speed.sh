@@ -4,7 +4,8 @@
 # vector-quantize-pytorch) and the VQ-EMA training steps, then the tokenizer throughput with
 # its peers (EnCodec, vector-quantize-pytorch inside our image backbone).
 #   device run, carry [.whl]:  bash eval/gpu/speed.sh
-#   SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_THROUGHPUT=1 leave a part out; CASES=... narrows the bench
+#   SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_THROUGHPUT=1 leave a part out; TESTS_K=... narrows the tests (pytest -k);
+#   CASES=... narrows the bench
 #   (CASES=none: its training steps only); THROUGHPUT_TIME seconds are kept for the throughput part.
 #   EXPORT_DATA=<folder of photos> adds the export benchmark (eval/benchmarks/export_speed.py, each
 #   file listed EXPORT_REPEAT times) in the last EXPORT_TIME seconds; carry the folder.
@@ -17,7 +18,7 @@ RESERVE=$([ -n "${EXPORT_DATA:-}" ] && echo "${EXPORT_TIME:-120}" || echo 0)
 left() { echo $(( LIMIT - RESERVE - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TESTS_TIMEOUT:-260}" python3 -m pytest tests/kernels -k gpu -q -p no:cacheprovider -rA --durations=15 \
+  timeout "${TESTS_TIMEOUT:-260}" python3 -m pytest tests/kernels -k "${TESTS_K:-gpu}" -q -p no:cacheprovider -rA --durations=15 \
     > "$OUT/kernel_tests.log" 2>&1
   echo "kernel tests exit $?" >> "$OUT/kernel_tests.log"
 fi
