@@ -103,7 +103,7 @@ def _export(args: argparse.Namespace) -> int:
                   else list_media(args.data, tok.modality))
         start = time.perf_counter()
         manifest = export_dataset(tok, inputs, args.out, args.shard_items, args.batch_size,
-                                  overwrite=args.overwrite, workers=args.workers)
+                                  overwrite=args.overwrite, workers=args.workers, precision=args.precision)
         secs = time.perf_counter() - start
         rank, world = distributed.rank_and_world()
     finally:
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) - 1,
                     help="processes reading and decoding files while the model encodes (0: none; the shards do not "
                          "depend on it)")
+    ex.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="fp32: the ids every machine gives (default); bf16: the encoder under bf16 autocast, faster on "
+                         "a GPU, near-ties may take other ids (recorded in export.json)")
     ex.add_argument("--overwrite", action="store_true",
                     help="delete an earlier export in --out (its shards, index files, manifest and export.json; no "
                          "other file) and start over; without it, a rerun resumes only an export of the same model, "

@@ -46,6 +46,7 @@ rank by skipping its finished shards; a rank that fails stops the others with it
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -91,10 +92,11 @@ class _Inputs(Dataset):
             return e
 
 
-def _read(tok: Tokenizer, files: list[Path], workers: int) -> Iterator[tuple[Path, tuple[Tensor, list[int], dict]]]:
+def _read(tok: Tokenizer, files: list[Path], workers: int,
+          batch_size: int = 1) -> Iterator[tuple[Path, tuple[Tensor, list[int], dict]]]:
     """``(file, (x, size, info))`` in file order, read and decoded in ``workers``
-    processes (0: in this one) ahead of the caller; the order and the values do not
-    depend on the number of workers."""
+    processes (0: in this one) ahead of the caller, at least two batches of
+    ``batch_size`` ahead; the order and the values do not depend on the number of workers."""
     for f in files:
         if not isinstance(f, TarSample):  # tar samples are listed by the model's modality
             check_input_modality(tok, f)
@@ -106,7 +108,8 @@ def _read(tok: Tokenizer, files: list[Path], workers: int) -> Iterator[tuple[Pat
     else:
         from torch.utils.data import DataLoader  # noqa: PLC0415
 
-        items = iter(DataLoader(data, batch_size=None, num_workers=min(workers, len(files)),
+        n = min(workers, len(files))
+        items = iter(DataLoader(data, batch_size=None, num_workers=n, prefetch_factor=max(2, -(-2 * batch_size // n)),
                                 pin_memory=torch.cuda.is_available() and next(tok.parameters()).is_cuda))
     for f, item in zip(files, items):
         if isinstance(item, ValueError):
@@ -115,11 +118,13 @@ def _read(tok: Tokenizer, files: list[Path], workers: int) -> Iterator[tuple[Pat
 
 
 def _encode_batches(
-    tok: Tokenizer, files: list[Path], batch_size: int, workers: int = 0
+    tok: Tokenizer, items: Iterator[tuple[Path, tuple[Tensor, list[int], dict]]], batch_size: int,
+    precision: str = "fp32",
 ) -> Iterator[tuple[list[tuple[Path, list[int], dict[str, Any]]], Tensor | PackedCodes]]:
-    """Read the files (in ``workers`` processes) and encode inputs of equal shape
-    together, ``batch_size`` at a time; at most ``2 * batch_size`` decoded inputs wait in
-    memory (when that many are pending in groups of other shapes, all groups are encoded).
+    """Encode read inputs (as :func:`_read` yields them) of equal shape together,
+    ``batch_size`` at a time, every group encoded once ``items`` ends; at most
+    ``2 * batch_size`` decoded inputs wait in memory (when that many are pending in groups
+    of other shapes, all groups are encoded). ``precision="bf16"``: under bf16 autocast.
 
     Yields:
         ``(chunk, encoded)``: ``(file, size, info)`` per file of the chunk and
@@ -132,12 +137,13 @@ def _encode_batches(
     def encode(group: list[tuple[Path, Tensor, list[int], dict[str, Any]]]):
         x = torch.stack([x for _, x, _, _ in group]).to(device, non_blocking=True)
         try:
-            encoded = tok.encode(x)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                encoded = tok.encode(x)
         except ValueError as e:  # the tokenizer's refusal (e.g. too small), said of the files
             raise ValueError(f"{group[0][0] if len(group) == 1 else [str(f) for f, *_ in group]}: {e}") from e
         return [(f, size, info) for f, _, size, info in group], encoded
 
-    for f, (x, size, info) in _read(tok, files, workers):
+    for f, (x, size, info) in items:
         shape = tuple(x.shape)
         pending[shape].append((f, x, size, info))
         if len(pending[shape]) == step:
@@ -149,11 +155,13 @@ def _encode_batches(
         yield encode(pending.pop(key))
 
 
-def _encode_shard(tok: Tokenizer, files: list[Path], batch_size: int, workers: int = 0) -> list[TokenRecord]:
-    """Encode files; inputs of equal shape (images of one size, audio of one length) are
-    batched through the model together, at most ``batch_size`` at a time."""
+def _encode_shard(tok: Tokenizer, files: list[Path], items: Iterator, batch_size: int,
+                  precision: str = "fp32") -> list[TokenRecord]:
+    """Encode a shard's files (``items``: their read inputs, in order); inputs of equal
+    shape (images of one size, audio of one length) are batched through the model
+    together, at most ``batch_size`` at a time."""
     records = {}
-    for chunk, codes in _encode_batches(tok, files, batch_size, workers):
+    for chunk, codes in _encode_batches(tok, items, batch_size, precision):
         for (f, size, info), c in zip(chunk, codes.cpu()):
             records[f] = TokenRecord(c, f.name, size, info)
     return [records[f] for f in files]
@@ -161,12 +169,12 @@ def _encode_shard(tok: Tokenizer, files: list[Path], batch_size: int, workers: i
 
 # -- dynamic-length codes --------------------------------------------------------------------
 def _encode_dynamic_shard(
-    tok: Tokenizer, files: list[Path], batch_size: int, workers: int = 0
+    tok: Tokenizer, files: list[Path], items: Iterator, batch_size: int, precision: str = "fp32"
 ) -> list[tuple[TokenRecord, Tensor, list[int]]]:
     """Per file: record of its packed codes ``(N, *code_shape)``, layout rows ``(N, 2)``
     (cell raster index, granularity) and latent grid; media of equal shape are batched."""
     out = {}
-    for chunk, packed in _encode_batches(tok, files, batch_size, workers):
+    for chunk, packed in _encode_batches(tok, items, batch_size, precision):
         strides = torch.tensor([math.prod(packed.shape[a + 1 :]) for a in range(len(packed.shape))])
         for b, (f, size, info) in enumerate(chunk):
             codes, pos, fine = (t.cpu() for t in packed.sample(b))
@@ -177,14 +185,18 @@ def _encode_dynamic_shard(
 
 def export_dataset(
     tok: Tokenizer, files: list[Path], out_dir: str | os.PathLike, shard_items: int = 256, batch_size: int = 16,
-    overwrite: bool = False, workers: int = 0,
+    overwrite: bool = False, workers: int = 0, precision: str = "fp32",
 ) -> dict[str, Any]:
     """Encode ``files`` into shards under ``out_dir``; resumes an interrupted export.
     A dynamic-length tokenizer (``tok.is_dynamic``) writes the ``"dynamic"`` layout.
 
     Args:
         workers: processes that read and decode the files while the model encodes
-            (a ``DataLoader``; 0: read in this process). The shards do not depend on it.
+            (one ``DataLoader`` over all the shards this rank writes; 0: read in this
+            process). The shards do not depend on it.
+        precision: ``"fp32"`` (default: the ids every machine gives) or ``"bf16"`` (the
+            encoder under bf16 autocast: faster on a GPU; near-ties may take other ids).
+            Recorded in ``export.json``, so a resume keeps it.
         overwrite: delete an earlier export in ``out_dir`` first (its shards, index
             files, manifest and ``export.json``; no other file) and start over.
 
@@ -200,6 +212,8 @@ def export_dataset(
     """
     if shard_items < 1:
         raise ValueError(f"shard_items must be at least 1, got {shard_items}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={precision!r}: expected 'fp32' or 'bf16'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     q, dynamic = tok.quantizer, tok.is_dynamic
@@ -209,7 +223,10 @@ def export_dataset(
     dtype = token_dtype(q.codebook_size)
     layout = "dynamic" if dynamic else "grid"
     rank, world = distributed.rank_and_world()
-    fp = fingerprint(tok, files, {"format": FORMAT, "shard_items": shard_items, "dtype": dtype.str, "layout": layout})
+    options = {"format": FORMAT, "shard_items": shard_items, "dtype": dtype.str, "layout": layout}
+    if precision != "fp32":  # recorded when not the default, so older exports still resume
+        options["precision"] = precision
+    fp = fingerprint(tok, files, options)
     for turn in (0, 1):  # rank 0 claims (or clears) the folder, then the others check its record
         error = None
         if (rank == 0) == (turn == 0):
@@ -221,8 +238,12 @@ def export_dataset(
     n_shards = (len(files) + shard_items - 1) // shard_items
     error = None
     try:
-        for k in tqdm(range(rank, n_shards, world), desc="export shards", disable=rank != 0):
-            _write_shard(tok, out, k, files[k * shard_items : (k + 1) * shard_items], dtype, batch_size, workers)
+        todo = [k for k in range(rank, n_shards, world) if not _finished(out, k, dynamic)]
+        chunks = {k: files[k * shard_items : (k + 1) * shard_items] for k in todo}
+        reader = _read(tok, [f for k in todo for f in chunks[k]], workers, batch_size)  # one reader for them all
+        for k in tqdm(todo, desc="export shards", disable=rank != 0):
+            items = itertools.islice(reader, len(chunks[k]))  # this shard's inputs: batches never cross shards
+            _write_shard(tok, out, k, chunks[k], items, dtype, batch_size, precision)
     except Exception as e:  # noqa: BLE001  (every rank learns of it, then it is raised)
         error = e
     finally:
@@ -238,18 +259,22 @@ def export_dataset(
     return manifest if rank == 0 else json.loads((out / "manifest.json").read_text())
 
 
-def _write_shard(tok: Tokenizer, out: Path, k: int, chunk: list[Path], dtype: np.dtype, batch_size: int,
-                 workers: int) -> None:
-    """Encode shard ``k`` (files ``chunk``) unless it is finished; atomic writes."""
+def _finished(out: Path, k: int, dynamic: bool) -> bool:
+    """Whether shard ``k`` was written (finished shards are kept)."""
+    name = out / f"shard_{k:05d}"
+    return all(Path(f"{name}{suffix}").is_file() for suffix in (".bin", ".json") + ((".layout.bin",) if dynamic else ()))
+
+
+def _write_shard(tok: Tokenizer, out: Path, k: int, chunk: list[Path], items: Iterator, dtype: np.dtype,
+                 batch_size: int, precision: str) -> None:
+    """Encode shard ``k`` (files ``chunk``, ``items`` their read inputs); atomic writes."""
     dynamic = tok.is_dynamic
     name = f"shard_{k:05d}"
     bin_path, idx_path, layout_path = out / f"{name}.bin", out / f"{name}.json", out / f"{name}.layout.bin"
-    if bin_path.is_file() and idx_path.is_file() and (not dynamic or layout_path.is_file()):
-        return  # finished shards are kept
     if dynamic:
-        encoded = _encode_dynamic_shard(tok, chunk, batch_size, workers)
+        encoded = _encode_dynamic_shard(tok, chunk, items, batch_size, precision)
     else:
-        encoded = [(r, None, None) for r in _encode_shard(tok, chunk, batch_size, workers)]
+        encoded = [(r, None, None) for r in _encode_shard(tok, chunk, items, batch_size, precision)]
     items, offset = [], 0
     for r, _, grid in encoded:
         n = r.codes.numel()
