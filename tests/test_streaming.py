@@ -176,3 +176,31 @@ def test_state_stays_bounded_on_a_long_stream():
         assert enc._buf.numel() < enc.context + HOP
         assert dec._codes.shape[0] <= dec.context + LOOKAHEAD_FRAMES
     assert enc.samples_in == 20 * 333 and dec.samples_out == (enc.frames_out - LOOKAHEAD_FRAMES) * HOP
+
+
+def test_the_shipped_speech_default_streams_as_it_codes_offline():
+    """The embedded ``speech`` model is causal: its offline chunk context covers both
+    receptive fields, so a long real recording (several offline chunks) streamed in
+    chunks of random length gives the offline codes and audio."""
+    tok = Tokenizer.from_pretrained("speech").eval()
+    hop, ctx = tok.backbone_config.hop, tok.config.chunk_context
+    assert tok.backbone_config.causal
+    assert receptive_field(tok.encoder) <= ctx * hop and receptive_field(tok.decoder) <= ctx
+    flacs = sorted(shared_path("audio", "librispeech_train-clean-100").glob("*.flac"))[:4]
+    x = torch.cat([load_audio(f, sample_rate=16000)[0][0] for f in flacs])  # four speakers in a row
+    n = min(x.shape[0], (tok.config.chunk_frames * 2 + 3 * ctx) * hop + 77)
+    assert n > (tok.config.chunk_frames + 2 * ctx) * hop  # offline coding runs in chunks
+    x = x[:n]
+    codes = tok.encode(x.view(1, 1, -1))[0]
+    audio = tok.decode(codes[None], size=(n,))[0]
+    enc, dec = tok.encode_stream(), tok.decode_stream()
+    rng, got_codes, got_audio = random.Random(5), [], []
+    for s in random_chunks(n, [160, 240, 1000, 4801, 16000], rng):
+        c = enc.push(x[s])
+        got_codes.append(c)
+        got_audio.append(dec.push(c))
+    c = enc.flush()
+    got_codes.append(c)
+    got_audio += [dec.push(c), dec.flush(size=enc.samples_in)]
+    assert torch.equal(torch.cat(got_codes), codes)
+    torch.testing.assert_close(torch.cat(got_audio, dim=1), audio, atol=1e-4, rtol=0)
