@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,9 +30,10 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
-from tokenizers_vq.tokenizer_config import QUANTIZER_KINDS
 
 CODEBOOK = 1024
+CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "image.yaml"
+PEER = "tokenizers_vq.eval.quantizer_shootout:PeerQuantizer"  # the adapter, as a quantizer kind by import path
 FSQ_LEVELS = [8, 5, 5, 5]
 # method -> (quantizer kind, options): ours, then the peer's layers behind the adapter
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -42,10 +44,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ours-bsq": ("lfq", {"num_bits": int(math.log2(CODEBOOK)), "spherical": True}),
     "ours-simvq": ("simvq", {"codebook_size": CODEBOOK}),
     "ours-ibq": ("ibq", {"codebook_size": CODEBOOK}),
-    "vqp-vq": ("peer", {"method": "vq", "codebook_size": CODEBOOK}),
-    "vqp-fsq": ("peer", {"method": "fsq", "codebook_size": math.prod(FSQ_LEVELS)}),
-    "vqp-lfq": ("peer", {"method": "lfq", "codebook_size": CODEBOOK}),
-    "vqp-simvq": ("peer", {"method": "simvq", "codebook_size": CODEBOOK}),
+    "vqp-vq": (PEER, {"method": "vq", "codebook_size": CODEBOOK}),
+    "vqp-fsq": (PEER, {"method": "fsq", "codebook_size": math.prod(FSQ_LEVELS)}),
+    "vqp-lfq": (PEER, {"method": "lfq", "codebook_size": CODEBOOK}),
+    "vqp-simvq": (PEER, {"method": "simvq", "codebook_size": CODEBOOK}),
 }
 
 
@@ -92,31 +94,31 @@ class PeerQuantizer(Quantizer):
 
 
 def run(method: str, args: argparse.Namespace, device: str) -> dict[str, Any]:
-    """Train one bottleneck and measure it on the held-apart photos."""
+    """Train one bottleneck (``tvq train`` in a child process) and measure it on the
+    held-apart photos."""
     from tokenizers_vq.eval.evaluate import evaluate  # noqa: PLC0415
     from tokenizers_vq.media import list_media  # noqa: PLC0415
-    from tokenizers_vq.train.config import load_config  # noqa: PLC0415
-    from tokenizers_vq.train.trainer import Trainer  # noqa: PLC0415
+    from tokenizers_vq.tokenizer import Tokenizer  # noqa: PLC0415
 
     kind, options = METHODS[method]
-    overrides = [f"model.quantizer.kind={kind}", f"model.quantizer.options={json.dumps(options)}",
-                 f"model.name=shootout-{method}", "model.backbone.channels=64", f"data.train={args.data}", "data.val=",
-                 f"data.max_items={args.max_items}", f"data.crop={args.crop}", "loss.adversarial=0",
-                 f"steps={args.steps}", f"batch_size={args.batch_size}", f"seed={args.seed}", "sample_every=0",
-                 f"save_every={args.steps}", f"out_dir={args.out / 'runs' / method}", "log_every=50",
-                 f"mixed_precision={'bf16' if device == 'cuda' else 'no'}"]
-    cfg = load_config(Path(__file__).resolve().parents[1] / "train" / "configs" / "image.yaml", overrides)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    torch.manual_seed(args.seed)
-    trainer = Trainer(cfg)
-    summary = trainer.train()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
-    tok = trainer.release_model().to(device)
+    out_dir = args.out / "runs" / method
+    overrides = {"model.quantizer.kind": kind, "model.quantizer.options": json.dumps(options),
+                 "model.name": f"shootout-{method}", "model.backbone.channels": 64, "data.train": args.data,
+                 "data.val": "", "data.max_items": args.max_items, "data.crop": args.crop, "loss.adversarial": 0,
+                 "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "sample_every": 0,
+                 "save_every": args.steps, "out_dir": out_dir, "log_every": 50,
+                 "mixed_precision": "bf16" if device == "cuda" else "no"}
+    cmd = [sys.executable, "-m", "tokenizers_vq.cli", "train", str(CONFIG), *(f"--{k}={v}" for k, v in overrides.items())]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training {method} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((out_dir / "train_summary.json").read_text())
+    tok = Tokenizer.from_pretrained(out_dir / "checkpoint" / "model").to(device)
     res = evaluate(tok, list_media(args.val, "image", args.val_items))["summary"]
+    peak = summary.get("peak_memory_mib")
     return {"method": method, "kind": kind, "options": options, "steps": summary["steps"],
-            "step_ms": 1000 / summary["steps_per_s"], "train_peak_mib": peak, "psnr_db": res["psnr_db"],
-            "ssim": res["ssim"], "usage": res["usage"], "perplexity": res["perplexity"],
+            "step_ms": 1000 / summary["steps_per_s"], "train_peak_mib": float("nan") if peak is None else peak,
+            "psnr_db": res["psnr_db"], "ssim": res["ssim"], "usage": res["usage"], "perplexity": res["perplexity"],
             "codebook_size": tok.quantizer.codebook_size}
 
 
@@ -171,7 +173,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-items", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    QUANTIZER_KINDS.setdefault("peer", PeerQuantizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = {"device_name": torch.cuda.get_device_name() if device == "cuda" else "CPU", "torch": torch.__version__,
             "steps": args.steps, "batch_size": args.batch_size, "crop": args.crop, "seed": args.seed,
@@ -182,8 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         try:
             rows.append(run(method, args, device))
-        except ImportError as e:  # the peer is not installed here: its row says so
-            rows.append({"method": method, "error": f"skipped: {e}"})
+        except (ImportError, RuntimeError) as e:  # e.g. the peer is not installed here: its row says so
+            reason = "vector-quantize-pytorch is not installed" if "vector_quantize_pytorch" in str(e) else str(e)[-300:]
+            rows.append({"method": method, "error": f"skipped: {reason}"})
         rows[-1]["wall_s"] = time.perf_counter() - t0
         write(rows, meta, args.out)  # after each method: a cut-off run keeps what it measured
         print(json.dumps(rows[-1]), flush=True)

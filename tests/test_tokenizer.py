@@ -247,3 +247,21 @@ def test_quantizer_options_are_checked_against_their_types(kind, options, expect
     with pytest.raises(ValueError, match=expected):
         QuantizerConfig(kind, options)
     QuantizerConfig("vq", {"codebook_size": 64, "codebook_dim": None, "decay": 1})  # ints pass as floats, None as None
+
+
+def test_a_quantizer_of_your_own_is_named_by_import_path(tmp_path):
+    """``kind="package.module:Class"`` builds (and rebuilds, from a saved model) any
+    Quantizer subclass; a path that does not import or a class that is not a quantizer
+    gets an error naming it."""
+    torch.manual_seed(0)
+    own = QuantizerConfig("tokenizers_vq.quantizers.fsq:FSQ", {"levels": [5, 5, 5]})
+    tok = Tokenizer(TokenizerConfig("image", {"channels": 8, "channel_mult": [1, 2], "latent_dim": 4}, own)).eval()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    back = Tokenizer.from_pretrained(tok.save_pretrained(tmp_path / "m"))
+    assert type(back.quantizer).__name__ == "FSQ" and torch.equal(back.encode(x), tok.encode(x))
+    with pytest.raises(ValueError, match="cannot import Nope from tokenizers_vq.quantizers.fsq"):
+        QuantizerConfig("tokenizers_vq.quantizers.fsq:Nope", {})
+    with pytest.raises(ValueError, match="is not a Quantizer subclass"):
+        QuantizerConfig("torch.nn:Linear", {})
+    with pytest.raises(ValueError, match="unknown options \\['level'\\]"):
+        QuantizerConfig("tokenizers_vq.quantizers.fsq:FSQ", {"level": [5]})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections.abc
 import difflib
+import importlib
 import inspect
 import types
 import typing
@@ -36,6 +37,25 @@ QUANTIZER_KINDS: dict[str, type[Quantizer]] = {
     "ibq": IBQ,
     "multiscale": MultiScaleResidualQuantizer,
 }
+
+
+def quantizer_class(kind: str) -> type[Quantizer]:
+    """The class of a quantizer ``kind``: a key of :data:`QUANTIZER_KINDS`, or
+    ``"package.module:Class"`` naming a :class:`~tokenizers_vq.quantizers.Quantizer`
+    subclass of your own (imported here, and again wherever a model that uses it loads)."""
+    if kind in QUANTIZER_KINDS:
+        return QUANTIZER_KINDS[kind]
+    if ":" not in kind:
+        raise ValueError(f"unknown quantizer kind {kind!r}; choose from {sorted(QUANTIZER_KINDS)} or name your own "
+                         "Quantizer subclass as 'package.module:Class'")
+    module, _, name = kind.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"quantizer kind {kind!r}: cannot import {name} from {module} ({e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Quantizer)):
+        raise ValueError(f"quantizer kind {kind!r} is not a Quantizer subclass")
+    return cls
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -79,7 +99,8 @@ class QuantizerConfig:
     """Which quantizer sits in the bottleneck.
 
     Attributes:
-        kind: a key of ``QUANTIZER_KINDS`` (``"vq"``, ``"fsq"``, ``"lfq"``).
+        kind: a key of ``QUANTIZER_KINDS`` (``"vq"``, ``"fsq"``, ``"lfq"``), or your own
+            quantizer class as ``"package.module:Class"`` (see :func:`quantizer_class`).
         options: keyword arguments of that class except ``dim``
             (e.g. ``{"codebook_size": 1024}`` or ``{"levels": [8, 5, 5, 5]}``).
         levels: residual levels (> 1 wraps in :class:`ResidualQuantizer`).
@@ -104,12 +125,11 @@ class QuantizerConfig:
     dynamic: dict[str, Any] | None = None
 
     def __post_init__(self):
-        if self.kind not in QUANTIZER_KINDS:
-            raise ValueError(f"unknown quantizer kind {self.kind!r}; choose from {sorted(QUANTIZER_KINDS)}")
+        cls = quantizer_class(self.kind)
         if (self.shared_codebook or self.beam_size != 1) and self.levels < 2:
             raise ValueError(f"quantizer.shared_codebook={self.shared_codebook} and beam_size={self.beam_size} are "
                              f"options of residual levels: set quantizer.levels >= 2 (got {self.levels})")
-        params = inspect.signature(QUANTIZER_KINDS[self.kind]).parameters
+        params = inspect.signature(cls).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             allowed = set(params) - {"dim", "self"}
             unknown = sorted(set(self.options) - allowed)
@@ -119,7 +139,7 @@ class QuantizerConfig:
                 raise ValueError(f"unknown options {unknown} for quantizer kind {self.kind!r} "
                                  f"(quantizer.options){'; ' + hint if hint else ''}; it takes {sorted(allowed)}")
         try:
-            hints = typing.get_type_hints(QUANTIZER_KINDS[self.kind].__init__)
+            hints = typing.get_type_hints(cls.__init__)
         except (NameError, TypeError):  # annotations this module cannot resolve: names checked only
             hints = {}
         for name, value in self.options.items():
@@ -128,11 +148,9 @@ class QuantizerConfig:
                                  f"should be {_type_name(hints[name])}")
 
     def build(self, dim: int) -> Quantizer | DynamicQuantizer:
-        if self.kind not in QUANTIZER_KINDS:
-            raise ValueError(f"unknown quantizer kind {self.kind!r}; choose from {sorted(QUANTIZER_KINDS)}")
         if dim % self.groups:
             raise ValueError(f"latent dim {dim} is not divisible by groups={self.groups}")
-        cls, d = QUANTIZER_KINDS[self.kind], dim // self.groups
+        cls, d = quantizer_class(self.kind), dim // self.groups
 
         def one() -> Quantizer:
             if self.levels == 1:

@@ -243,7 +243,9 @@ class Trainer:
         rate = (self.step - start_step) / max(elapsed, 1e-9)
         hashes = self.codebook_hashes()
         summary = {"steps": self.step, "seconds": elapsed, "steps_per_s": rate, "items_per_s": rate * items_per_step,
-                   "num_processes": self.acc.num_processes, "device": str(self.acc.device), "codebook_hashes": hashes}
+                   "num_processes": self.acc.num_processes, "device": str(self.acc.device), "codebook_hashes": hashes,
+                   "peak_memory_mib": (torch.cuda.max_memory_allocated(self.acc.device) / 2**20
+                                       if self.acc.device.type == "cuda" else None)}
         if self.acc.is_main_process:
             (self.out_dir / "codebook_hashes.json").write_text(json.dumps(hashes))
             (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
