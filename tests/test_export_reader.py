@@ -1,0 +1,64 @@
+"""The export's reader and precision: one loader for all the shards a rank writes, batches
+that never cross a shard, and ``precision`` recorded so that a resume keeps it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_tokenizer import tiny
+from testdata import shared_path
+
+from tokenizers_vq.export import export_dataset
+
+
+def photos(n: int) -> list[Path]:
+    return sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:n]
+
+
+def test_one_reader_feeds_every_shard_and_batches_stay_inside_a_shard(tmp_path, monkeypatch):
+    """The loader is started once per export (not once per shard), and a batch never
+    mixes two shards' files, so a resumed export (which starts at an unfinished shard)
+    batches every shard as the uninterrupted one did."""
+    from tokenizers_vq import export
+
+    reads, batches, real_read, real_batches = [], [], export._read, export._encode_batches
+
+    def read(tok, files, workers, batch_size=1):
+        reads.append(len(files))
+        return real_read(tok, files, workers, batch_size)
+
+    def encode_batches(tok, items, batch_size, precision="fp32"):
+        for chunk, codes in real_batches(tok, items, batch_size, precision):
+            batches.append([f.name for f, _, _ in chunk])
+            yield chunk, codes
+
+    monkeypatch.setattr(export, "_read", read)
+    monkeypatch.setattr(export, "_encode_batches", encode_batches)
+    files = photos(7)
+    tok = tiny("image")
+    export_dataset(tok, files, tmp_path / "a", shard_items=3, batch_size=4, workers=1)
+    assert reads == [7]
+    shard_of = {f.name: i // 3 for i, f in enumerate(files)}
+    assert all(len({shard_of[n] for n in b}) == 1 for b in batches) and sum(map(len, batches)) == 7
+    for name in ("shard_00001.bin", "shard_00001.json"):  # resume: only the unfinished shard is read
+        (tmp_path / "a" / name).unlink()
+    (tmp_path / "a" / "manifest.json").unlink()
+    reads.clear()
+    export_dataset(tok, files, tmp_path / "a", shard_items=3, batch_size=4, workers=1)
+    assert reads == [3]
+
+
+def test_bf16_precision_is_recorded_and_a_resume_must_keep_it(tmp_path):
+    files = photos(3)
+    tok = tiny("image")
+    export_dataset(tok, files, tmp_path / "x", shard_items=2, precision="bf16")
+    assert json.loads((tmp_path / "x" / "export.json").read_text())["precision"] == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        export_dataset(tok, files, tmp_path / "x", shard_items=2)
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        export_dataset(tok, files, tmp_path / "y", precision="fp16")
+    fp32 = export_dataset(tok, files, tmp_path / "z", shard_items=2)
+    assert "precision" not in json.loads((tmp_path / "z" / "export.json").read_text())
+    assert fp32["num_items"] == 3
