@@ -46,7 +46,7 @@ def _route(x_shape: torch.Size, c_shape: torch.Size, x_dtype: torch.dtype, c_dty
            algorithm: str, plan: SearchPlan) -> tuple[torch.dtype, str]:
     """``(dtype, kernel)`` of a call: the common float dtype of x and the codebook (bf16, fp16
     or fp32; anything else goes to fp32) and which kernel runs ("packed", "tiled", "topk").
-    Cached per shapes, dtypes and options, after :func:`_check` passed for them (a failing
+    Cached per shapes, dtypes and options, after :func:`_check_shapes` passed for them (a failing
     check raises and is not cached)."""
     _check_shapes(x_shape, c_shape, x_device, c_device, metric, precision, algorithm)
     dt = torch.promote_types(x_dtype, c_dtype)

@@ -142,7 +142,7 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     dist, idx = new_outputs(x, write_dist)
     if n == 0:
         return dist, idx
-    tile = tile or plan.force_tile
+    tile = tile or plan.force_tile or None
     st = _setup(x.dtype, g, n, k, d, x.device, write_dist, split_k,
                 None if tile is None else tuple(sorted(tile.items())), plan, _interpret())
     device = x.device

@@ -62,3 +62,22 @@ def test_bf16_precision_is_recorded_and_a_resume_must_keep_it(tmp_path):
     fp32 = export_dataset(tok, files, tmp_path / "z", shard_items=2)
     assert "precision" not in json.loads((tmp_path / "z" / "export.json").read_text())
     assert fp32["num_items"] == 3
+
+
+def test_an_export_recorded_before_new_config_fields_still_resumes(tmp_path):
+    """A record whose model config lacks fields added later (they read as their defaults)
+    resumes; a real difference is still refused."""
+    files = photos(3)
+    tok = tiny("image")
+    export_dataset(tok, files, tmp_path / "x", shard_items=2)
+    record = json.loads((tmp_path / "x" / "export.json").read_text())
+    for key in ("shared_codebook", "beam_size"):
+        del record["model_config"]["quantizer"][key]
+    (tmp_path / "x" / "export.json").write_text(json.dumps(record))
+    for name in ("shard_00001.bin", "shard_00001.json", "manifest.json"):
+        (tmp_path / "x" / name).unlink()
+    assert export_dataset(tok, files, tmp_path / "x", shard_items=2)["num_items"] == 3
+    record["model_config"]["quantizer"]["beam_size"] = 2
+    (tmp_path / "x" / "export.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="beam_size"):
+        export_dataset(tok, files, tmp_path / "x", shard_items=2)

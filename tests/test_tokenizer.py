@@ -263,5 +263,11 @@ def test_a_quantizer_of_your_own_is_named_by_import_path(tmp_path):
         QuantizerConfig("tokenizers_vq.quantizers.fsq:Nope", {})
     with pytest.raises(ValueError, match="is not a Quantizer subclass"):
         QuantizerConfig("torch.nn:Linear", {})
+    import sys
+
+    assert "this" not in sys.modules
+    with pytest.raises(ValueError, match="package 'this' is not imported; import it first"):
+        QuantizerConfig("this:Zen", {})  # a saved config does not import (and run) a new package
+    assert "this" not in sys.modules
     with pytest.raises(ValueError, match="unknown options \\['level'\\]"):
         QuantizerConfig("tokenizers_vq.quantizers.fsq:FSQ", {"level": [5]})

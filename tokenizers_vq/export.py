@@ -196,7 +196,8 @@ def export_dataset(
             process). The shards do not depend on it.
         precision: ``"fp32"`` (default: the ids every machine gives) or ``"bf16"`` (the
             encoder under bf16 autocast: faster on a GPU; near-ties may take other ids).
-            Recorded in ``export.json``, so a resume keeps it.
+            Recorded in ``export.json``: a resume must pass the same precision (it is refused
+            otherwise, naming it).
         overwrite: delete an earlier export in ``out_dir`` first (its shards, index
             files, manifest and ``export.json``; no other file) and start over.
 

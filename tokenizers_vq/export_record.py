@@ -19,6 +19,7 @@ from typing import Any
 
 from tokenizers_vq.io import atomic_write, tensor_sha256
 from tokenizers_vq.tokenizer import Tokenizer
+from tokenizers_vq.tokenizer_config import TokenizerConfig
 from tokenizers_vq.webdataset import TarSample
 
 RECORD = "export.json"
@@ -112,6 +113,16 @@ def remove_export(out: Path) -> None:
         p.unlink()
 
 
+def _with_defaults(record: dict[str, Any]) -> dict[str, Any]:
+    """A recorded fingerprint with its model config rebuilt, so that config fields added
+    since it was written read as their defaults (an older export still resumes)."""
+    try:
+        config = asdict(TokenizerConfig.from_dict(record["model_config"]))
+    except (KeyError, TypeError, ValueError):
+        return record  # compared as it is: the differences name what does not match
+    return {**record, "model_config": json.loads(json.dumps(config))}
+
+
 def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
     """Make ``out`` an export of ``fp``: record it in ``out/export.json`` (atomically),
     or resume when the one recorded there equals it. With ``overwrite``, an earlier
@@ -130,7 +141,7 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
             old = json.loads(record.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"corrupt {record}: {e}; {START_OVER}") from e
-        diffs = differences(old, fp)
+        diffs = differences(_with_defaults(old), fp)
         if diffs:
             more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""
             raise ValueError(f"{out} holds an export made differently (recorded vs this run): "

@@ -7,6 +7,7 @@ import collections.abc
 import difflib
 import importlib
 import inspect
+import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -42,13 +43,18 @@ QUANTIZER_KINDS: dict[str, type[Quantizer]] = {
 def quantizer_class(kind: str) -> type[Quantizer]:
     """The class of a quantizer ``kind``: a key of :data:`QUANTIZER_KINDS`, or
     ``"package.module:Class"`` naming a :class:`~tokenizers_vq.quantizers.Quantizer`
-    subclass of your own (imported here, and again wherever a model that uses it loads)."""
+    subclass of your own. Its top-level package must already be imported (``import
+    package`` before building or loading such a model), so that a saved ``config.json``
+    cannot make the library import, and run, a package nobody asked for."""
     if kind in QUANTIZER_KINDS:
         return QUANTIZER_KINDS[kind]
     if ":" not in kind:
         raise ValueError(f"unknown quantizer kind {kind!r}; choose from {sorted(QUANTIZER_KINDS)} or name your own "
                          "Quantizer subclass as 'package.module:Class'")
     module, _, name = kind.partition(":")
+    if module.partition(".")[0] not in sys.modules:
+        raise ValueError(f"quantizer kind {kind!r}: package {module.partition('.')[0]!r} is not imported; import it "
+                         "first (a model config names its quantizer's class, it does not import new packages)")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:

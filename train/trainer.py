@@ -361,7 +361,8 @@ class Trainer:
 
     def _resume(self, directory: Path) -> None:
         parts, meta = load_checkpoint(directory)
-        if asdict(self.cfg.model) != meta["config"]["model"]:
+        saved = meta["config"]["model"]  # rebuilt too: config fields added since it was saved read as defaults
+        if asdict(self.cfg.model) not in (saved, asdict(type(self.cfg.model).from_dict(saved))):
             raise ValueError(f"checkpoint {directory} was trained with another model config; use a new out_dir")
         self.unwrapped.load_state_dict(parts["model"])
         self.opt_g.load_state_dict(optimizer_state(parts["opt_g"]))

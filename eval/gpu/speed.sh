@@ -45,7 +45,7 @@ if [ "${SKIP_THROUGHPUT:-0}" != 1 ]; then
 fi
 if [ -n "${EXPORT_DATA:-}" ]; then
   RESERVE=0; t=$(( $(left) - 10 ))
-  timeout "$t" python3 -m tokenizers_vq.eval.benchmarks.export_speed "$EXPORT_DATA" --repeat "${EXPORT_REPEAT:-20}" \
+  [ "$t" -gt 0 ] && timeout "$t" python3 -m tokenizers_vq.eval.benchmarks.export_speed "$EXPORT_DATA" --repeat "${EXPORT_REPEAT:-20}" \
     --workers 14 --batch-size 64 --out "$OUT/export_speed" > "$OUT/export_speed.log" 2>&1
   echo "export bench exit $?" >> "$OUT/export_speed.log"; tail -n 20 "$OUT/export_speed.log"
 fi

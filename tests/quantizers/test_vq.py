@@ -231,6 +231,15 @@ def test_affine_codebook_follows_the_latent_statistics():
     assert torch.cdist(km.codebook, centres).min(1).values.median() < 0.1
     with pytest.raises(ValueError, match="learned l2 codebook"):
         VectorQuantizer(4, 8, affine=True)
+    # a dead-code restart puts the dead codes on latents and moves no other codeword
+    before = vq.codebook.detach().clone()
+    vq.cluster_size[:5] = 0.0
+    vq.dead_code_threshold = 0.5
+    x = 5 + 3 * torch.randn(300, 4)
+    assert int(vq._restart(x)) == 5
+    after = vq.codebook.detach()
+    torch.testing.assert_close(after[5:], before[5:])
+    assert (after[:5, None] - x[None]).norm(dim=-1).min(1).values.max() < 1e-3
 
 
 def test_shared_codebook_residual_levels_use_one_codebook():
@@ -260,6 +269,9 @@ def test_beam_search_lowers_the_residual_error_and_width_one_is_greedy():
     assert err[4] < 0.9 * err[1]
     beam = ResidualQuantizer(levels, beam_size=4).eval()
     assert torch.equal(beam.decode(beam.encode(z)), beam(z).quantized)
+    ref = beam.encode(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the search runs in fp32 under autocast too
+        assert torch.equal(beam.encode(z), ref)
     assert torch.equal(beam.train()(z).codes, greedy.codes)  # training stays greedy
     with pytest.raises(ValueError, match="candidate codes"):
         ResidualQuantizer([FSQ(16, [5, 5, 5]) for _ in range(2)], beam_size=2)

@@ -257,3 +257,18 @@ def test_a_quantizer_without_buffers_trains_with_the_weight_average(tmp_path):
     assert not [b for b in tr.ema.quantizer.buffers()]  # nothing of the quantizer to copy
     summary = tr.train()
     assert summary["steps"] == 2 and all(torch.isfinite(p).all() for p in tr.ema.parameters())
+
+
+def test_a_checkpoint_saved_before_new_config_fields_still_resumes(tmp_path):
+    over = {"save_every": 2}
+    Trainer(config("image", tmp_path, 2, **over)).train()
+    state = tmp_path / "checkpoint" / "state.json"
+    meta = json.loads(state.read_text())
+    for key in ("shared_codebook", "beam_size"):
+        del meta["config"]["model"]["quantizer"][key]
+    state.write_text(json.dumps(meta))
+    assert Trainer(config("image", tmp_path, 4, **over)).step == 2
+    meta["config"]["model"]["quantizer"]["levels"] = 3
+    state.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="another model config"):
+        Trainer(config("image", tmp_path, 4, **over))

@@ -43,7 +43,7 @@ class ResidualQuantizer(Quantizer):
 
     def __init__(self, levels: Sequence[Quantizer], dropout: float = 0.0, shared_levels: int = 0,
                  beam_size: int = 1):
-        if shared_levels and len(levels) != 1:
+        if shared_levels < 0 or (shared_levels and len(levels) != 1):
             raise ValueError(f"shared_levels={shared_levels} shares one quantizer's codebook: pass levels=[that "
                              f"quantizer], got {len(levels)}")
         if beam_size < 1 or (beam_size > 1 and not all(hasattr(q, "candidates") for q in levels)):
@@ -105,16 +105,17 @@ class ResidualQuantizer(Quantizer):
         res = z.reshape(-1, 1, d).float()  # (n, beams, D): what each path leaves over
         n = res.shape[0]
         paths = torch.zeros(n, 1, 0, dtype=torch.long, device=z.device)
-        for level in self.stack:
-            b, k = res.shape[1], min(self.beam_size, level.codebook_size)
-            cand = level.candidates(res.reshape(n * b, d).to(z.dtype), k).reshape(n, b * k)
-            left = res.repeat_interleave(k, dim=1) - level._decode(cand).float()
-            err = left.square().sum(-1)
-            # stable ascending order: on equal errors the earlier path (lower codes) wins
-            keep = torch.sort(err, dim=1, stable=True).indices[:, : self.beam_size]
-            res = left.gather(1, keep[..., None].expand(-1, -1, d))
-            grown = torch.cat([paths.repeat_interleave(k, dim=1), cand[..., None]], dim=-1)
-            paths = grown.gather(1, keep[..., None].expand(-1, -1, grown.shape[-1]))
+        with torch.autocast(device_type=z.device.type, enabled=False):  # the search in fp32 under any autocast
+            for level in self.stack:
+                b, k = res.shape[1], min(self.beam_size, level.codebook_size)
+                cand = level.candidates(res.reshape(n * b, d), k).reshape(n, b * k)
+                left = res.repeat_interleave(k, dim=1) - level._decode(cand).float()
+                err = left.square().sum(-1)
+                # stable ascending order: on equal errors the earlier path (lower codes) wins
+                keep = torch.sort(err, dim=1, stable=True).indices[:, : self.beam_size]
+                res = left.gather(1, keep[..., None].expand(-1, -1, d))
+                grown = torch.cat([paths.repeat_interleave(k, dim=1), cand[..., None]], dim=-1)
+                paths = grown.gather(1, keep[..., None].expand(-1, -1, grown.shape[-1]))
         codes = paths[:, 0].reshape(*lead, len(self.stack))
         counts = [code_histogram(c.reshape(-1), self.codebook_size) for c in codes.unbind(-1)]
         metrics = {f"perplexity/level{i}": perplexity(c) for i, c in enumerate(counts)}

@@ -77,7 +77,8 @@ class VectorQuantizer(Quantizer):
             memory) instead of the nearest; evaluation and ``encode`` stay nearest.
         affine: re-parameterise the codebook as ``(e - mean(e)) / std(e) * s + m``, with
             ``m``, ``s`` the running mean and standard deviation of the latents per channel
-            (decay ``affine_decay``), so the codewords follow the latents' scale as the encoder
+            and ``mean(e)``, ``std(e)`` those of the stored codebook (running too, decay
+            ``affine_decay``), so the codewords follow the latents' scale as the encoder
             drifts; ``learning="loss"`` and ``metric="l2"`` only.
         affine_decay: decay of those running statistics.
         backend: nearest-code search backend, see :func:`nearest_codes`.
@@ -131,9 +132,10 @@ class VectorQuantizer(Quantizer):
         if affine and (learning != "loss" or metric != "l2" or codebook_size < 2):
             raise ValueError("affine re-parameterises a learned l2 codebook of at least 2 codes: set learning='loss' "
                              "and metric='l2'")
-        if diversity_temperature <= 0 or sample_temperature < 0 or not 0.0 <= affine_decay < 1.0:
-            raise ValueError(f"need diversity_temperature > 0, sample_temperature >= 0 and affine_decay in [0, 1); got "
-                             f"{diversity_temperature}, {sample_temperature}, {affine_decay}")
+        if diversity_temperature <= 0 or diversity_sample < 1 or sample_temperature < 0 or not 0.0 <= affine_decay < 1.0:
+            raise ValueError(f"need diversity_temperature > 0, diversity_sample >= 1, sample_temperature >= 0 and "
+                             f"affine_decay in [0, 1); got {diversity_temperature}, {diversity_sample}, "
+                             f"{sample_temperature}, {affine_decay}")
         self.orthogonal_weight, self.orthogonal_sample = orthogonal_weight, min(orthogonal_sample, codebook_size)
         self.diversity_weight, self.diversity_sample = diversity_weight, diversity_sample
         self.diversity_temperature, self.sample_temperature = diversity_temperature, sample_temperature
@@ -160,9 +162,11 @@ class VectorQuantizer(Quantizer):
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))
-        if affine:  # running per-channel mean and variance of the latents
+        if affine:  # running per-channel statistics of the latents and of the stored codebook
             self.register_buffer("latent_mean", torch.zeros(d))
             self.register_buffer("latent_var", torch.ones(d))
+            self.register_buffer("embed_mean", embed.mean(0))
+            self.register_buffer("embed_std", embed.std(0))
         self._initted = not kmeans_init  # host copy of the buffer: no sync per step
 
     @property
@@ -174,16 +178,16 @@ class VectorQuantizer(Quantizer):
         """The effective ``(K, d)`` fp32 codebook (unit rows for ``cosine``)."""
         c = self.embed.float()
         if self.affine:
-            c = (c - c.mean(0)) / (c.std(0) + 1e-5) * (self.latent_var + 1e-5).sqrt() + self.latent_mean
+            c = (c - self.embed_mean) / (self.embed_std + 1e-5) * (self.latent_var + 1e-5).sqrt() + self.latent_mean
         return l2norm(c) if self.metric == "cosine" else c
 
     def _raw(self, c: Tensor) -> Tensor:
-        """Stored rows whose effective codewords are ``c`` (inverse of the affine map, with
-        the current codebook statistics), for dead-code restarts."""
+        """Stored rows whose effective codewords are ``c`` (the inverse of the affine map),
+        for dead-code restarts: the map's statistics are running buffers, so a restart
+        moves no other codeword."""
         if not self.affine:
             return c
-        e = self.embed.float()
-        return (c - self.latent_mean) / (self.latent_var + 1e-5).sqrt() * (e.std(0) + 1e-5) + e.mean(0)
+        return (c - self.latent_mean) / (self.latent_var + 1e-5).sqrt() * (self.embed_std + 1e-5) + self.embed_mean
 
     # ------------------------------------------------------------------------------------
     def _forward(self, z: Tensor) -> QuantizerOutput:
@@ -197,8 +201,11 @@ class VectorQuantizer(Quantizer):
                 self._kmeans(xf.detach())
             if self.training and self.affine:
                 with torch.no_grad():
-                    self.latent_mean.lerp_(xf.mean(0), 1 - self.affine_decay)
-                    self.latent_var.lerp_(xf.var(0, unbiased=False), 1 - self.affine_decay)
+                    e, w = self.embed.float(), 1 - self.affine_decay
+                    self.latent_mean.lerp_(xf.mean(0), w)
+                    self.latent_var.lerp_(xf.var(0, unbiased=False), w)
+                    self.embed_mean.lerp_(e.mean(0), w)
+                    self.embed_std.lerp_(e.std(0), w)
             cb = self.codebook
             if self.training and self.sample_temperature > 0:
                 idx = self._sample_codes(xf.detach(), cb.detach())
@@ -235,13 +242,14 @@ class VectorQuantizer(Quantizer):
     def candidates(self, z: Tensor, k: int) -> Tensor:
         """The ``k`` nearest codes of each latent row ``z (n, D)``, nearest first, ``(n, k)``
         (ties to the lower index; rows in chunks of at most 2^24 distances)."""
-        x = self.project_in(z).float()
-        if self.metric == "cosine":
-            x = l2norm(x)
-        cb, out = self.codebook, []
-        for chunk in x.split(max(1, (1 << 24) // self._size)):
-            dist = self._distances(chunk, cb)
-            out.append(torch.sort(dist, dim=1, stable=True).indices[:, :k])
+        with torch.autocast(device_type=z.device.type, enabled=False):  # fp32 distances under any autocast
+            x = self.project_in(z.float()).float()
+            if self.metric == "cosine":
+                x = l2norm(x)
+            cb, out = self.codebook, []
+            for chunk in x.split(max(1, (1 << 24) // self._size)):
+                dist = self._distances(chunk, cb)
+                out.append(torch.sort(dist, dim=1, stable=True).indices[:, :k])
         return torch.cat(out) if out else x.new_zeros(0, k, dtype=torch.long)
 
     def _distances(self, x: Tensor, cb: Tensor) -> Tensor:
@@ -345,6 +353,8 @@ class VectorQuantizer(Quantizer):
         if self.affine:  # statistics under which the effective codebook is the centres
             self.latent_mean.copy_(centres.mean(0))
             self.latent_var.copy_(centres.var(0))
+            self.embed_mean.copy_(centres.mean(0))
+            self.embed_std.copy_(centres.std(0))
         self.cluster_size.copy_(counts)
         if self.learning == "ema":
             self.embed_sum.copy_(centres * counts.unsqueeze(1))
