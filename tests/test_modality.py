@@ -61,3 +61,19 @@ def test_padding_counts_and_errors():
     assert img.region_cells == 4 and wav.region_cells == 2 and vid.region_cells is None
     with pytest.raises(ValueError, match="unknown modality 'text'; choose from \\['audio', 'image', 'video'\\]"):
         modality.get("text")
+
+
+def test_compact_inputs_expand_to_the_model_input_bit_for_bit():
+    """What the export's loader workers send (uint8 pixels for images) expands to exactly
+    what ``load`` gives, so the export's ids do not depend on the transport."""
+    for name in modality.names():
+        if name == "video":
+            pytest.importorskip("av")
+        kind = modality.get(name)
+        path = shared_path(*FILES[name])
+        x, size, info = kind.load(path, sample_rate=16000, max_frames=5)
+        c, size_c, info_c = kind.load_compact(path, sample_rate=16000, max_frames=5)
+        assert (size_c, info_c) == (size, info)
+        assert c.dtype == (torch.uint8 if name == "image" else x.dtype)
+        assert torch.equal(kind.expand(c[None])[0], x)
+

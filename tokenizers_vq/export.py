@@ -64,7 +64,8 @@ from tqdm import tqdm
 from tokenizers_vq import distributed
 from tokenizers_vq.export_record import START_OVER, claim, fingerprint
 from tokenizers_vq.io import atomic_write
-from tokenizers_vq.media import load_input
+from tokenizers_vq.media import MAX_PIXELS
+from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.quantizers import PackedCodes
 from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, check_shard, token_dtype  # noqa: F401
 from tokenizers_vq.tokenizer import Tokenizer
@@ -87,7 +88,7 @@ class _Inputs(Dataset):
         try:
             if isinstance(f, TarSample):
                 return f.load(self.modality, self.sample_rate)
-            return load_input(f, self.modality, self.sample_rate)
+            return get_modality(self.modality).load_compact(f, self.sample_rate, max_pixels=MAX_PIXELS)
         except ValueError as e:
             return e
 
@@ -96,7 +97,9 @@ def _read(tok: Tokenizer, files: list[Path], workers: int,
           batch_size: int = 1) -> Iterator[tuple[Path, tuple[Tensor, list[int], dict]]]:
     """``(file, (x, size, info))`` in file order, read and decoded in ``workers``
     processes (0: in this one) ahead of the caller, at least two batches of
-    ``batch_size`` ahead; the order and the values do not depend on the number of workers."""
+    ``batch_size`` ahead; ``x`` is compact (:meth:`~tokenizers_vq.modality.Modality.load_compact`:
+    uint8 pixels for images, a quarter of the bytes through the loader); the order and the
+    values do not depend on the number of workers."""
     for f in files:
         if not isinstance(f, TarSample):  # tar samples are listed by the model's modality
             check_input_modality(tok, f)
@@ -122,7 +125,8 @@ def _encode_batches(
     precision: str = "fp32",
 ) -> Iterator[tuple[list[tuple[Path, list[int], dict[str, Any]]], Tensor | PackedCodes]]:
     """Encode read inputs (as :func:`_read` yields them) of equal shape together,
-    ``batch_size`` at a time, every group encoded once ``items`` ends; at most
+    ``batch_size`` at a time (expanded to model input on the model's device), every group
+    encoded once ``items`` ends; at most
     ``2 * batch_size`` decoded inputs wait in memory (when that many are pending in groups
     of other shapes, all groups are encoded). ``precision="bf16"``: under bf16 autocast.
 
@@ -135,7 +139,7 @@ def _encode_batches(
     pending: dict[tuple[int, ...], list[tuple[Path, Tensor, list[int], dict[str, Any]]]] = defaultdict(list)
 
     def encode(group: list[tuple[Path, Tensor, list[int], dict[str, Any]]]):
-        x = torch.stack([x for _, x, _, _ in group]).to(device, non_blocking=True)
+        x = tok.media.expand(torch.stack([x for _, x, _, _ in group]).to(device, non_blocking=True))
         try:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 encoded = tok.encode(x)

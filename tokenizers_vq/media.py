@@ -48,7 +48,13 @@ def image_header(path: str | os.PathLike) -> tuple[int, int, int]:
 
 
 def load_image(path: str | os.PathLike) -> Tensor:
-    """Read an image file as ``(3, H, W)`` float32 in ``[0, 1]``.
+    """Read an image file as ``(3, H, W)`` float32 in ``[0, 1]`` (:func:`load_image_u8`
+    divided by 255)."""
+    return load_image_u8(path).float() / 255.0
+
+
+def load_image_u8(path: str | os.PathLike) -> Tensor:
+    """Read an image file as ``(3, H, W)`` uint8.
 
     Greyscale is repeated to RGB; an alpha channel is composited on white (token
     files record the source's own channel count, :func:`image_header`).
@@ -78,7 +84,7 @@ def load_image(path: str | os.PathLike) -> Tensor:
             Image.DecompressionBombWarning) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
     data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-    return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255.0
+    return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1)
 
 
 def save_image(img: Tensor, path: str | os.PathLike) -> Path:

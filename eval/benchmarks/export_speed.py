@@ -52,6 +52,7 @@ def encode_rate(tok: Tokenizer, files: list[Path], batch_size: int, precision: s
     for _, (x, _, _) in _read(tok, files, 0):
         groups.setdefault(tuple(x.shape), []).append(x)
     batches = [torch.stack(g[i : i + batch_size]).to(device) for g in groups.values() for i in range(0, len(g), batch_size)]
+    batches = [tok.media.expand(b) for b in batches]  # the export's compact inputs (images: uint8) as model input
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     with torch.inference_mode(), ctx:
         tok.encode(batches[0])  # warm-up
