@@ -76,6 +76,7 @@ def init_from_env(use_cuda: bool = True) -> torch.device:
 def leave() -> None:
     """Leave the process group (a no-op without one)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank tears down together: one that left early aborted the other at exit
         dist.destroy_process_group()
 
 
