@@ -43,7 +43,7 @@ def test_a_real_file_goes_to_model_space_and_back_to_a_file(name, tmp_path):
     expected_seconds = {"image": 0.0, "audio": size[0] / 16000, "video": size[0] / (rate or 1)}[name]
     assert kind.seconds(loaded, rate) == pytest.approx(expected_seconds)
     assert kind.pixels(loaded) == (0 if name == "audio" else (size[0] if name == "video" else 1) * size[-1] * size[-2])
-    assert (kind.streams, kind.fid) == (name == "audio", name == "image")
+    assert (kind.streams, kind.fid, kind.clips) == (name == "audio", name == "image", name == "video")
 
 
 def test_padding_counts_and_errors():

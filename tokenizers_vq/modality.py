@@ -54,6 +54,7 @@ class Modality(ABC):
     unit: ClassVar[str]  # what rates count: "images", "audio_seconds", "frames"
     token_rate: ClassVar[str]  # the summary's tokens-per-unit key
     streams: ClassVar[bool]  # long items coded in overlapping chunks, and streamed (position-wise quantizers only)
+    clips: ClassVar[bool]  # long items coded in clips of 1 + k * temporal_factor frames
     fid: ClassVar[bool]  # rFID (Inception features of whole items) is measured
 
     @property
@@ -146,7 +147,7 @@ def names() -> list[str]:
 class Image(Modality):
     name, article, input_ndim, has_pixels = "image", "an image", 4, True
     output_suffix, default_model, region_cells = ".png", "image", 4
-    unit, token_rate, streams, fid = "images", "tokens_per_image", False, True
+    unit, token_rate, streams, fid, clips = "images", "tokens_per_image", False, True, False
 
     def load_media(self, path, sample_rate=None, max_frames=None):
         return load_image(path)
@@ -178,7 +179,7 @@ class Image(Modality):
 class Audio(Modality):
     name, article, input_ndim, has_pixels = "audio", "an audio", 3, False
     output_suffix, default_model, region_cells = ".wav", "speech", 2
-    unit, token_rate, streams, fid = "audio_seconds", "tokens_per_second", True, False
+    unit, token_rate, streams, fid, clips = "audio_seconds", "tokens_per_second", True, False, False
 
     def load_media(self, path, sample_rate=None, max_frames=None):
         return load_audio(path, sample_rate)[0].mean(0, keepdim=True)
@@ -204,7 +205,7 @@ class Audio(Modality):
 class Video(Modality):
     name, article, input_ndim, has_pixels = "video", "a video", 5, True
     output_suffix, default_model, region_cells = ".mp4", "video", None
-    unit, token_rate, streams, fid = "frames", "tokens_per_frame", False, False
+    unit, token_rate, streams, fid, clips = "frames", "tokens_per_frame", False, False, True
 
     def load_media(self, path, sample_rate=None, max_frames=None):
         return load_video(path, max_frames)[0]

@@ -161,9 +161,9 @@ class Tokenizer(nn.Module):
         if self.is_dynamic:
             self._check_dynamic()
             return self._encode_aligned(self._pad(x, mult=2))
-        if self.modality == "audio":
+        if self.media.streams:
             return self._audio_chunks(x, self._encode_aligned, self.backbone_config.hop, 1)
-        if self.modality == "video":
+        if self.media.clips:
             clips = [self._encode_aligned(self._pad(c)) for c in x.split(self.config.clip_frames, dim=2)]
             return torch.cat(clips, dim=1)
         return self._encode_aligned(self._pad(x))
@@ -182,9 +182,9 @@ class Tokenizer(nn.Module):
         if self.is_dynamic:
             self._check_dynamic()
             out = self._decode_aligned(codes)
-        elif self.modality == "audio":
+        elif self.media.streams:
             out = self._audio_chunks(codes, self._decode_aligned, 1, self.backbone_config.hop)
-        elif self.modality == "video":
+        elif self.media.clips:
             per_clip = 1 + (self.config.clip_frames - 1) // self.backbone_config.temporal_factor
             out = torch.cat([self._decode_aligned(c) for c in codes.split(per_clip, dim=1)], dim=2)
         else:

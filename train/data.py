@@ -82,7 +82,7 @@ class MediaFolder:
         out = []
         for i in idx.tolist():
             item = self.items[i]
-            if self.modality == "video":
+            if self.media.clips:
                 item = self.clip(item, frames, gen)
             out.append(self.crop(item, size, gen))
         return torch.stack(out)
