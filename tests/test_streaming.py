@@ -204,3 +204,13 @@ def test_the_shipped_speech_default_streams_as_it_codes_offline():
     got_audio += [dec.push(c), dec.flush(size=enc.samples_in)]
     assert torch.equal(torch.cat(got_codes), codes)
     torch.testing.assert_close(torch.cat(got_audio, dim=1), audio, atol=1e-4, rtol=0)
+
+
+def test_a_causal_model_raises_its_chunk_context_to_its_receptive_fields():
+    """A causal config whose chunk context is too short for its receptive fields gets the
+    context that makes offline chunks exact; an offline model keeps what it was given."""
+    q = QuantizerConfig("vq", {"codebook_size": 8})
+    short = Tokenizer(TokenizerConfig("audio", dict(SMALL), q, chunk_context=2))
+    needed = max(-(-receptive_field(short.encoder) // HOP), receptive_field(short.decoder))
+    assert short.config.chunk_context == needed > 2
+    assert Tokenizer(TokenizerConfig("audio", {**SMALL, "causal": False}, q, chunk_context=2)).config.chunk_context == 2

@@ -11,6 +11,7 @@ pickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from tokenizers_vq.modality import Modality
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.modality import names as modality_names
 from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
-from tokenizers_vq.streaming import AudioDecodeStream, AudioEncodeStream
+from tokenizers_vq.streaming import AudioDecodeStream, AudioEncodeStream, receptive_field
 from tokenizers_vq.tokenizer_config import QUANTIZER_KINDS, QuantizerConfig, TokenizerConfig  # noqa: F401 (re-exported)
 
 _ASSETS = Path(__file__).parent / "assets"
@@ -100,6 +101,11 @@ class Tokenizer(nn.Module):
             raise ValueError(f"{type(self.quantizer).__name__} quantizes latent frames with their neighbours, but long "
                              "audio is coded in overlapping chunks and streams frame by frame: use a position-wise "
                              "quantizer (vq, fsq, lfq, simvq, ibq, ... with levels/groups) for audio")
+        if getattr(self.backbone_config, "causal", False):  # chunked offline coding then equals a stream's
+            hop = self.backbone_config.hop
+            needed = max(-(-receptive_field(self.encoder) // hop), receptive_field(self.decoder))
+            if config.chunk_context < needed:
+                self.config = dataclasses.replace(config, chunk_context=needed)
 
     # -- model space ----------------------------------------------------------------------
     @property

@@ -186,7 +186,9 @@ class TokenizerConfig:
         quantizer: the bottleneck.
         name: model id written into token files.
         chunk_frames: audio: latent frames encoded per chunk of long audio.
-        chunk_context: audio: extra latent frames of context on each side of a chunk.
+        chunk_context: audio: extra latent frames of context on each side of a chunk; a
+            causal model raises it to cover its receptive fields (so chunked offline coding
+            gives exactly what streaming gives).
         clip_frames: video: frames per independently coded clip (``1 + 4k``).
     """
 

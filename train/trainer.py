@@ -318,11 +318,11 @@ class Trainer:
         src = Tokenizer.from_pretrained(source if source in PRETRAINED else directory)
         mode = self.cfg.init_quantizer
         mine, theirs = asdict(self.cfg.model), asdict(src.config)
-        for d in (mine, theirs):
-            d.pop("name")
+        for d in (mine, theirs):  # none of these changes a weight: the name, how long audio is coded, and
+            for key in ("name", "chunk_frames", "chunk_context"):  # an audio backbone's causal padding
+                d.pop(key)
             if mode != "all":
                 d["quantizer_"] = d.pop("quantizer")
-            # an audio backbone's causal padding changes no weight: either way warm-starts
             d["backbone"] = {k: v for k, v in d["backbone"].items() if k != "causal"}
         diff = sorted(k for k in mine if k != "quantizer_" and mine[k] != theirs.get(k))
         if diff:
