@@ -73,8 +73,9 @@ from tokenizers_vq.tokens import TokenRecord, check_input_modality
 from tokenizers_vq.webdataset import TarSample, close_readers
 
 class _Inputs(Dataset):
-    """Files read as a tokenizer's inputs (:func:`~tokenizers_vq.media.load_input`), one
-    per index: what the export's loader workers run. A file the reader refuses comes back
+    """Files read as a tokenizer's compact inputs
+    (:meth:`~tokenizers_vq.modality.Modality.load_compact`), one per index: what the
+    export's loader workers run. A file the reader refuses comes back
     as its ``ValueError``, raised again in the main process as the reader worded it."""
 
     def __init__(self, files: list[Path | TarSample], modality: str, sample_rate: int | None):
