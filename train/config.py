@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +57,19 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max gradient norm (0: off)
     warmup_steps: int = 0
+    # the generator's learning rate falls to zero along a cosine over the last decay_steps
+    # of the run's steps (0: constant after warm-up); a run cut short by max_minutes stops
+    # part-way down, so set steps to what fits the minutes
+    decay_steps: int = 0
+
+    def lr_factor(self, step: int, steps: int) -> float:
+        """The generator's learning rate at ``step`` (0-based) of a ``steps``-step run, as a
+        fraction of ``lr``: a linear warm-up, then constant, then the cosine decay."""
+        warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
+        start = steps - self.decay_steps
+        if self.decay_steps <= 0 or step < start:
+            return warm
+        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start) / self.decay_steps)))
 
 
 @dataclass

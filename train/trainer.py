@@ -83,8 +83,7 @@ class Trainer:
         fused = self.acc.device.type == "cuda" or None
         self.model.to(self.acc.device)
         self.opt_g = torch.optim.AdamW(self.model.parameters(), o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused)
-        warm = max(1, o.warmup_steps)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda s: min(1.0, (s + 1) / warm))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda s: o.lr_factor(s, cfg.steps))
         self.model, self.opt_g = self.acc.prepare(self.model, self.opt_g)
         if self.disc is not None:
             self.disc.to(self.acc.device)

@@ -274,3 +274,25 @@ def test_a_checkpoint_saved_before_new_config_fields_still_resumes(tmp_path):
     state.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="another model config"):
         Trainer(config("image", tmp_path, 4, **over))
+
+
+def test_the_learning_rate_decays_to_zero_over_the_last_steps(tmp_path):
+    """Warm-up, constant, then a cosine to zero over ``optim.decay_steps``: the optimiser's
+    learning rate follows it step by step, and a run without decay keeps its rate."""
+    o = load_config(None, ["optim.lr=0.01", "optim.warmup_steps=2", "optim.decay_steps=4"]).optim
+    factors = [o.lr_factor(s, 10) for s in range(10)]
+    assert factors[:6] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert factors[6:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
+    assert o.lr_factor(10, 10) == pytest.approx(0.0, abs=1e-12)  # the rate after the last step
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
+    seen = []
+    tr = Trainer(config("image", tmp_path / "decay", 6, **{"optim.decay_steps": 3, "optim.warmup_steps": 0}))
+    opt = getattr(tr.opt_g, "optimizer", tr.opt_g)  # under accelerate's wrapper
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(o.param_groups[0]["lr"]))
+    tr.train()
+    assert seen == pytest.approx([3e-3 * tr.cfg.optim.lr_factor(s, 6) for s in range(6)])
+    assert seen[3] == pytest.approx(3e-3) and seen[4] < seen[3] and seen[-1] < 0.3 * 3e-3
+    assert tr.opt_g.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    flat = Trainer(config("image", tmp_path / "flat", 2))
+    flat.train()
+    assert flat.opt_g.param_groups[0]["lr"] == pytest.approx(3e-3)
