@@ -256,18 +256,21 @@ class Tokenizer(nn.Module):
 
     def _audio_chunks(self, x: Tensor, fn, unit_in: int, unit_out: int) -> Tensor:
         """Apply ``fn`` over time in chunks of ``chunk_frames`` latent frames with
-        ``chunk_context`` frames of context each side, keeping the chunk centres.
+        ``chunk_context`` frames of context each side, keeping the chunk centres (a causal
+        encoder's codes never depend on later samples, so encoding takes context on the left
+        only; the decoder's overlap-add looks ahead, so decoding keeps both sides).
         ``unit_in``/``unit_out``: samples per latent frame of ``fn``'s input/output."""
         axis = x.ndim - 1 if unit_in > 1 else 1  # waveform time axis, or the codes' frame axis
         if unit_in > 1:
             x = self._pad(x)
         frames = x.shape[axis] // unit_in
         chunk, ctx = self.config.chunk_frames, self.config.chunk_context
-        if frames <= chunk + 2 * ctx:
+        ahead = 0 if unit_in > 1 and getattr(self.backbone_config, "causal", False) else ctx
+        if frames <= chunk + ctx + ahead:
             return fn(x)
         parts = []
         for s in range(0, frames, chunk):
-            a, b = max(0, s - ctx), min(frames, s + chunk + ctx)
+            a, b = max(0, s - ctx), min(frames, s + chunk + ahead)
             out = fn(x.narrow(axis, a * unit_in, (b - a) * unit_in))
             out_axis = out.ndim - 1 if unit_out > 1 else 1
             n = min(chunk, frames - s)

@@ -71,17 +71,23 @@ class AudioBackboneConfig:
 class Conv1d(nn.Conv1d):
     """``nn.Conv1d`` whose padding keeps ``T_out = T_in / stride`` for ``T_in`` a
     multiple of ``stride``: all of it on the left when ``causal``, otherwise split
-    evenly (one more on the left when odd)."""
+    evenly (one more on the left when odd).
+
+    The left padding is the convolution's own (zeros on both sides, no padded copy of
+    the input); the outputs that the right-hand zeros add are cut off, which is the same
+    function as padding the input on the left only."""
 
     def __init__(
         self, c_in: int, c_out: int, kernel: int, *, stride: int = 1, dilation: int = 1, groups: int = 1, causal: bool
     ):
-        super().__init__(c_in, c_out, kernel, stride=stride, dilation=dilation, groups=groups)
         total = dilation * (kernel - 1) + 1 - stride
-        self.pads = (total, 0) if causal else (total - total // 2, total // 2)
+        left = total if causal else total - total // 2
+        super().__init__(c_in, c_out, kernel, stride=stride, dilation=dilation, groups=groups, padding=left)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(F.pad(x, self.pads))
+        y = super().forward(x)
+        n = x.shape[-1] // self.stride[0]
+        return y if y.shape[-1] == n else y[..., :n]
 
 
 class ResidualUnit(nn.Module):
@@ -95,7 +101,7 @@ class ResidualUnit(nn.Module):
         self.conv2 = Conv1d(hidden, c, 1, causal=causal)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+        return self.conv2(F.silu(self.conv1(F.silu(x)))).add_(x)  # in place on the fresh conv output
 
 
 class AudioEncoder(nn.Module):
