@@ -53,19 +53,26 @@ def test_exported_images_and_audio_decode_like_direct_encode(tmp_path):
             assert torch.equal(from_shards, decode_record(tok, direct))
 
 
-def test_shards_do_not_depend_on_the_number_of_loader_workers(tmp_path):
+def test_shards_do_not_depend_on_loader_workers_or_batch_size(tmp_path):
     """Files read by 1 or 2 worker processes (real photos of two sizes, real speech of
-    different lengths) give byte-identical shards, index files and manifest to reading them
-    in this process."""
+    different lengths), or encoded one at a time (the CPU default) or five at a time, give
+    byte-identical shards, index files and manifest to reading them in this process in
+    batches of two; so does the shipped image model at its default batch and at four."""
+    def export(tok, files, name, **kw):
+        out = tmp_path / name
+        export_dataset(tok, files, out, shard_items=3, **kw)
+        return {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.name != "export.json"}
+
     for modality, files in [("image", photos(7)), ("audio", sorted(shared_path("audio", "fsdd").glob("*.wav"))[:5])]:
         tok = tiny(modality)
-        outs = {}
-        for workers in (0, 1, 2):
-            out = tmp_path / f"{modality}{workers}"
-            export_dataset(tok, files, out, shard_items=3, batch_size=2, workers=workers)
-            outs[workers] = {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.name != "export.json"}
-        assert len(outs[0]) == 2 * math.ceil(len(files) / 3) + 1  # (.bin, .json) per shard + manifest
-        assert outs[1] == outs[0] and outs[2] == outs[0]
+        ref = export(tok, files, f"{modality}0", batch_size=2)
+        assert len(ref) == 2 * math.ceil(len(files) / 3) + 1  # (.bin, .json) per shard + manifest
+        for name, kw in [("w1", {"workers": 1, "batch_size": 2}), ("w2", {"workers": 2, "batch_size": 2}),
+                         ("b1", {}), ("b5", {"batch_size": 5})]:
+            assert export(tok, files, modality + name, **kw) == ref, name
+    shipped = Tokenizer.from_pretrained("image")
+    files = photos(4)
+    assert export(shipped, files, "shipped_b4", batch_size=4) == export(shipped, files, "shipped_default")
 
 
 def test_a_file_a_loader_worker_cannot_read_is_named_as_the_reader_words_it(tmp_path):

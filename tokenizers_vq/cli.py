@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "key is kept in the index")
     ex.add_argument("--out", required=True, help="export directory")
     ex.add_argument("--shard-items", type=int, default=256, help="items per shard")
-    ex.add_argument("--batch-size", type=int, default=16, help="inputs of equal shape encoded together")
+    ex.add_argument("--batch-size", type=int, default=None,
+                    help="inputs of equal shape encoded together (default: 16 on a GPU, 1 on the CPU)")
     ex.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) - 1,
                     help="processes reading and decoding files while the model encodes (0: none; the shards do not "
                          "depend on it)")

@@ -189,13 +189,16 @@ def _encode_dynamic_shard(
 
 
 def export_dataset(
-    tok: Tokenizer, files: list[Path], out_dir: str | os.PathLike, shard_items: int = 256, batch_size: int = 16,
+    tok: Tokenizer, files: list[Path], out_dir: str | os.PathLike, shard_items: int = 256, batch_size: int | None = None,
     overwrite: bool = False, workers: int = 0, precision: str = "fp32",
 ) -> dict[str, Any]:
     """Encode ``files`` into shards under ``out_dir``; resumes an interrupted export.
     A dynamic-length tokenizer (``tok.is_dynamic``) writes the ``"dynamic"`` layout.
 
     Args:
+        batch_size: inputs of one shape encoded together; ``None``: 16 on a GPU, 1 on the
+            CPU (where one photo's activations stay in cache: twice the rate of 16 on two
+            cores). The ids do not depend on it.
         workers: processes that read and decode the files while the model encodes
             (one ``DataLoader`` over all the shards this rank writes; 0: read in this
             process). The shards do not depend on it.
@@ -218,6 +221,8 @@ def export_dataset(
     """
     if shard_items < 1:
         raise ValueError(f"shard_items must be at least 1, got {shard_items}")
+    if batch_size is None:
+        batch_size = 16 if next(tok.parameters()).device.type == "cuda" else 1
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={precision!r}: expected 'fp32' or 'bf16'")
     out = Path(out_dir)

@@ -5,9 +5,9 @@ Three rates on the same files, items per second:
 - decode-bound: the export's reader alone (files read and decoded in ``--workers``
   loader processes, as the export runs them; no model);
 - encode-bound: the model alone on inputs already decoded and batched as the export
-  batches them (``--batch-size`` photos of one shape; fp32 as the export runs, and bf16
-  autocast for reference);
-- end to end: :func:`~tokenizers_vq.export.export_dataset` into a temporary folder.
+  batches them (``--batch-size`` photos of one shape; fp32 and bf16 autocast);
+- end to end: :func:`~tokenizers_vq.export.export_dataset` into a temporary folder, at
+  each precision (``--precision``).
 
 The export can be no faster than the slower of the first two. ``--repeat R`` lists every
 file ``R`` times (links in a temporary folder) to make a larger set.
@@ -73,10 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-items", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1, help="list every file this many times")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the export's (16 on a GPU, 1 on the CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     tok = Tokenizer.from_pretrained(args.model).eval().to(device)
+    if args.batch_size is None:
+        args.batch_size = 16 if device.type == "cuda" else 1
     files = list_media(args.data, tok.modality, args.max_items)
     with tempfile.TemporaryDirectory(prefix="tvq-export-speed-") as tmp:
         if args.repeat > 1:  # links: the same bytes under other names
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                "decode_bound_per_s": decode_rate(tok, files, args.workers, args.batch_size),
                "encode_bound_fp32_per_s": encode_rate(tok, files, args.batch_size, "fp32", device),
                "encode_bound_bf16_per_s": encode_rate(tok, files, args.batch_size, "bf16", device)}
-        for precision in ("fp32", "bf16") if device.type == "cuda" else ("fp32",):
+        for precision in ("fp32", "bf16"):
             start = time.perf_counter()
             export_dataset(tok, files, Path(tmp) / f"out_{precision}", batch_size=args.batch_size, workers=args.workers,
                            precision=precision)

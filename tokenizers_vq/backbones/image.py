@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch  # noqa: F401  (the docstring examples use it)
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -174,7 +174,9 @@ class ImageEncoder(nn.Module):
         f = self.cfg.downsample
         check_multiple(x.shape[2], f, what="image height", factor_name="the downsampling factor")
         check_multiple(x.shape[3], f, what="image width", factor_name="the downsampling factor")
-        h = self.blocks(self.conv_in(x))
+        # channels-last: the convolutions' fast layout (oneDNN on the CPU, tensor cores on
+        # the GPU); the latents come out in it, which is the quantizer's (B, h, w, D) order
+        h = self.blocks(self.conv_in(x.contiguous(memory_format=torch.channels_last)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
