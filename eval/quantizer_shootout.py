@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +95,8 @@ class PeerQuantizer(Quantizer):
         return out.reshape(*codes.shape, out.shape[-1])
 
 
-def run(method: str, args: argparse.Namespace, device: str) -> dict[str, Any]:
-    """Train one bottleneck (``tvq train`` in a child process) and measure it on the
-    held-apart photos."""
-    from tokenizers_vq.eval.evaluate import evaluate  # noqa: PLC0415
-    from tokenizers_vq.media import list_media  # noqa: PLC0415
-    from tokenizers_vq.tokenizer import Tokenizer  # noqa: PLC0415
-
+def train(method: str, args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """Train one bottleneck (``tvq train`` in a child process); its training summary."""
     kind, options = METHODS[method]
     out_dir = args.out / "runs" / method
     shutil.rmtree(out_dir, ignore_errors=True)  # this benchmark's own scratch: a run left here would be resumed
@@ -117,7 +113,17 @@ def run(method: str, args: argparse.Namespace, device: str) -> dict[str, Any]:
     summary = json.loads((out_dir / "train_summary.json").read_text())
     if summary["steps"] != args.steps or not summary["steps_per_s"] > 0:
         raise RuntimeError(f"training {method} ran {summary['steps']} of {args.steps} steps")
-    tok = Tokenizer.from_pretrained(out_dir / "checkpoint" / "model").to(device)
+    return summary
+
+
+def measure(method: str, summary: dict[str, Any], args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """The trained bottleneck on the held-apart photos, with its training figures."""
+    from tokenizers_vq.eval.evaluate import evaluate  # noqa: PLC0415
+    from tokenizers_vq.media import list_media  # noqa: PLC0415
+    from tokenizers_vq.tokenizer import Tokenizer  # noqa: PLC0415
+
+    kind, options = METHODS[method]
+    tok = Tokenizer.from_pretrained(args.out / "runs" / method / "checkpoint" / "model").to(device)
     res = evaluate(tok, list_media(args.val, "image", args.val_items))["summary"]
     peak = summary.get("peak_memory_mib")
     return {"method": method, "kind": kind, "options": options, "steps": summary["steps"],
@@ -131,6 +137,7 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     (out / "shootout.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Quantizer shootout ({meta['device_name']}, {meta['steps']} steps each)", "",
              f"Image tokenizer at f16, batch {meta['batch_size']}, crop {meta['crop']}, seed {meta['seed']}, no GAN; "
+             f"{meta.get('parallel', 1)} training(s) at a time on the device (step times include that sharing); "
              f"held-apart: {meta['val_items']} photos of `{meta['val']}`. Command: `{meta['command']}`", "",
              "| method | codes | PSNR dB | SSIM | usage | perplexity | step ms | train peak MiB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -176,24 +183,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-items", type=int, default=0)
     p.add_argument("--val-items", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parallel", type=int, default=1,
+                   help="trainings at once on the device (step times then include the sharing)")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = {"device_name": torch.cuda.get_device_name() if device == "cuda" else "CPU", "torch": torch.__version__,
             "steps": args.steps, "batch_size": args.batch_size, "crop": args.crop, "seed": args.seed,
+            "parallel": args.parallel,
             "val": args.val, "val_items": args.val_items,
             "command": "python -m tokenizers_vq.eval.quantizer_shootout " + " ".join(sys.argv[1:] if argv is None else argv)}
     rows = []
-    for method in args.methods.split(","):
-        t0 = time.perf_counter()
-        try:
-            rows.append(run(method, args, device))
-        except RuntimeError as e:
-            if "No module named 'vector_quantize_pytorch'" not in str(e):
-                raise
-            rows.append({"method": method, "error": "skipped: vector-quantize-pytorch is not installed"})
-        rows[-1]["wall_s"] = time.perf_counter() - t0
-        write(rows, meta, args.out)  # after each method: a cut-off run keeps what it measured
-        print(json.dumps(rows[-1]), flush=True)
+    methods = args.methods.split(",")
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:  # each training is a child process
+        trainings = [pool.submit(train, m, args, device) for m in methods]
+        for method, future in zip(methods, trainings):
+            try:
+                rows.append(measure(method, future.result(), args, device))
+            except RuntimeError as e:
+                if "No module named 'vector_quantize_pytorch'" not in str(e):
+                    raise
+                rows.append({"method": method, "error": "skipped: vector-quantize-pytorch is not installed"})
+            rows[-1]["wall_s"] = time.perf_counter() - t0
+            write(rows, meta, args.out)  # after each method: a cut-off run keeps what it measured
+            print(json.dumps(rows[-1]), flush=True)
 
 
 if __name__ == "__main__":

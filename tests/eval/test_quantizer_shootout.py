@@ -14,10 +14,11 @@ from tokenizers_vq.eval import quantizer_shootout as shootout
 
 
 def test_each_bottleneck_trains_and_is_measured(tmp_path):
+    """Two trainings at a time; the rows keep the order of ``--methods``."""
     photos = shared_path("images", "bsds500")
     shootout.main(["--data", str(photos / "train"), "--val", str(photos / "val"), "--steps", "2", "--batch-size", "2",
                    "--crop", "32", "--max-items", "2", "--val-items", "2", "--methods", "ours-vq-ema,ours-bsq,vqp-fsq",
-                   "--out", str(tmp_path)])
+                   "--parallel", "2", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in json.loads((tmp_path / "shootout.json").read_text())["rows"]}
     assert list(rows) == ["ours-vq-ema", "ours-bsq", "vqp-fsq"]
     for name in ("ours-vq-ema", "ours-bsq"):
@@ -29,7 +30,7 @@ def test_each_bottleneck_trains_and_is_measured(tmp_path):
     else:
         assert peer["codebook_size"] == 1000 and peer["steps"] == 2
     table = (tmp_path / "shootout.md").read_text()
-    assert "| ours-vq-ema | 1024 |" in table and "--steps 2" in table
+    assert "| ours-vq-ema | 1024 |" in table and "--steps 2" in table and "2 training(s) at a time" in table
     assert (tmp_path / "shootout.png").stat().st_size > 1000
 
 
