@@ -6,9 +6,13 @@
 #   device run, carry [.whl]:  bash eval/gpu/speed.sh
 #   SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_THROUGHPUT=1 leave a part out; TESTS_K=... narrows the tests (pytest -k);
 #   CASES=... narrows the bench
-#   (CASES=none: its training steps only); THROUGHPUT_TIME seconds are kept for the throughput part.
+#   (CASES=none: its training steps only); THROUGHPUT_TIME seconds are kept for the throughput part
+#   (THROUGHPUT_BATCHES=1,16,64 by default; COMPILE_TIME=0 leaves the compiled rows out).
 #   EXPORT_DATA=<folder of photos> adds the export benchmark (eval/benchmarks/export_speed.py, each
 #   file listed EXPORT_REPEAT times) in the last EXPORT_TIME seconds; carry the folder.
+#   SHOOTOUT_DATA=<train photos> SHOOTOUT_VAL=<held-apart photos> runs the quantizer shootout first
+#   (eval/quantizer_shootout.py, SHOOTOUT_STEPS steps, SHOOTOUT_PARALLEL trainings at once, at most
+#   SHOOTOUT_TIME seconds; needs the vector-quantize-pytorch wheels in .whl); carry both folders.
 # Each part's time is bounded by what is left of LIMIT seconds; results land in $OUT/{kernels,throughput}.
 set -u
 source eval/gpu/setup.sh
@@ -17,6 +21,11 @@ LIMIT=${LIMIT:-575}; T0=$(date +%s)
 RESERVE=$([ -n "${EXPORT_DATA:-}" ] && echo "${EXPORT_TIME:-120}" || echo 0)
 left() { echo $(( LIMIT - RESERVE - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+if [ -n "${SHOOTOUT_DATA:-}" ]; then
+  timeout "${SHOOTOUT_TIME:-300}" python3 -m tokenizers_vq.eval.quantizer_shootout --data "$SHOOTOUT_DATA" --val "$SHOOTOUT_VAL" \
+    --steps "${SHOOTOUT_STEPS:-1000}" --parallel "${SHOOTOUT_PARALLEL:-10}" --out "$OUT/shootout" > "$OUT/shootout.log" 2>&1
+  echo "shootout exit $?" >> "$OUT/shootout.log"; rm -rf "$OUT/shootout/runs"; tail -n 15 "$OUT/shootout.log"
+fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "${TESTS_TIMEOUT:-260}" python3 -m pytest tests/kernels -k "${TESTS_K:-gpu}" -q -p no:cacheprovider -rA --durations=15 \
     > "$OUT/kernel_tests.log" 2>&1
@@ -32,7 +41,7 @@ fi
 if [ "${SKIP_THROUGHPUT:-0}" != 1 ]; then
   t=$(( $(left) - 15 - ${COMPILE_TIME:-90} ))
   if [ "$t" -gt 0 ]; then
-    timeout "$t" python3 -m tokenizers_vq.eval.benchmarks.throughput --device cuda --batches 1,16,64 \
+    timeout "$t" python3 -m tokenizers_vq.eval.benchmarks.throughput --device cuda --batches "${THROUGHPUT_BATCHES:-1,16,64}" \
       --peers --min-seconds 0.3 --out "$OUT/throughput" > "$OUT/throughput.log" 2>&1
     echo "throughput exit $?" >> "$OUT/throughput.log"
   fi
