@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parallel", type=int, default=1,
                    help="trainings at once on the device (step times then include the sharing)")
     args = p.parse_args(argv)
+    names = args.methods.split(",")
+    if args.parallel < 1 or len(set(names)) != len(names) or not set(names) <= set(METHODS):
+        p.error(f"--parallel must be >= 1 and --methods distinct names of {', '.join(METHODS)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = {"device_name": torch.cuda.get_device_name() if device == "cuda" else "CPU", "torch": torch.__version__,
             "steps": args.steps, "batch_size": args.batch_size, "crop": args.crop, "seed": args.seed,
@@ -194,19 +197,29 @@ def main(argv: list[str] | None = None) -> None:
             "command": "python -m tokenizers_vq.eval.quantizer_shootout " + " ".join(sys.argv[1:] if argv is None else argv)}
     rows = []
     methods = args.methods.split(",")
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:  # each training is a child process
-        trainings = [pool.submit(train, m, args, device) for m in methods]
-        for method, future in zip(methods, trainings):
+    # waves of --parallel trainings (child processes); each wave is measured once it has
+    # finished, so no training shares the device with a measurement
+    for i in range(0, len(methods), args.parallel):
+        wave = methods[i : i + args.parallel]
+        with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+            trainings = [pool.submit(_timed, train, m, args, device) for m in wave]
+        for method, future in zip(wave, trainings):
             try:
-                rows.append(measure(method, future.result(), args, device))
+                summary, seconds = future.result()
+                t0 = time.perf_counter()
+                rows.append(measure(method, summary, args, device))
+                rows[-1]["wall_s"] = seconds + time.perf_counter() - t0
             except RuntimeError as e:
                 if "No module named 'vector_quantize_pytorch'" not in str(e):
                     raise
                 rows.append({"method": method, "error": "skipped: vector-quantize-pytorch is not installed"})
-            rows[-1]["wall_s"] = time.perf_counter() - t0
             write(rows, meta, args.out)  # after each method: a cut-off run keeps what it measured
             print(json.dumps(rows[-1]), flush=True)
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
 
 
 if __name__ == "__main__":

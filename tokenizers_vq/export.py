@@ -196,8 +196,8 @@ def export_dataset(
     A dynamic-length tokenizer (``tok.is_dynamic``) writes the ``"dynamic"`` layout.
 
     Args:
-        batch_size: inputs of one shape encoded together; ``None``: 16 on a GPU, 1 on the
-            CPU (where one photo's activations stay in cache: twice the rate of 16 on two
+        batch_size: inputs of one shape encoded together; ``None``: 1 on the CPU, 16 on an
+            accelerator (where one photo's activations stay in cache: twice the rate of 16 on two
             cores). The ids do not depend on it.
         workers: processes that read and decode the files while the model encodes
             (one ``DataLoader`` over all the shards this rank writes; 0: read in this
@@ -222,7 +222,7 @@ def export_dataset(
     if shard_items < 1:
         raise ValueError(f"shard_items must be at least 1, got {shard_items}")
     if batch_size is None:
-        batch_size = 16 if next(tok.parameters()).device.type == "cuda" else 1
+        batch_size = 1 if next(tok.parameters()).device.type == "cpu" else 16
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={precision!r}: expected 'fp32' or 'bf16'")
     out = Path(out_dir)

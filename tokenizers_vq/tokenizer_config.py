@@ -186,9 +186,10 @@ class TokenizerConfig:
         quantizer: the bottleneck.
         name: model id written into token files.
         chunk_frames: audio: latent frames encoded per chunk of long audio.
-        chunk_context: audio: extra latent frames of context on each side of a chunk; a
-            causal model raises it to cover its receptive fields (so chunked offline coding
-            gives exactly what streaming gives).
+        chunk_context: audio: extra latent frames of context on each side of a chunk (a
+            causal model encodes with the left side only: its codes never depend on later
+            samples); a causal model raises it to cover its receptive fields (so chunked
+            offline coding gives exactly what streaming gives).
         clip_frames: video: frames per independently coded clip (``1 + 4k``).
     """
 

@@ -166,6 +166,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     quant = model.pop("quantizer", {}) if isinstance(model, dict) else {}
     cfg = _build(TrainConfig, tree, "")
     cfg.model = TokenizerConfig.from_dict({**model, "quantizer": dataclasses.asdict(_build(QuantizerConfig, quant, "model.quantizer."))})
+    if not 0 <= cfg.optim.decay_steps <= cfg.steps:
+        raise ValueError(f"optim.decay_steps={cfg.optim.decay_steps} must lie in [0, steps={cfg.steps}]: the decay "
+                         "runs over the last decay_steps of the run")
     return cfg
 
 

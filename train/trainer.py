@@ -154,7 +154,8 @@ class Trainer:
         if self.acc.sync_gradients and cfg.optim.grad_clip > 0:
             self.acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.opt_g.step()
-        self.sched.step()
+        if self.acc.sync_gradients:  # the schedule counts optimiser steps, not micro-batches
+            self.sched.step()
         self.opt_g.zero_grad(set_to_none=True)
         # tensors, not floats: a float() per term would wait for the GPU every step;
         # the loop converts them only on the steps it logs

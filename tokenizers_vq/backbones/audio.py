@@ -81,6 +81,9 @@ class Conv1d(nn.Conv1d):
         self, c_in: int, c_out: int, kernel: int, *, stride: int = 1, dilation: int = 1, groups: int = 1, causal: bool
     ):
         total = dilation * (kernel - 1) + 1 - stride
+        if total < 0:
+            raise ValueError(f"a conv of kernel {kernel} (dilation {dilation}) cannot keep T / {stride} frames: "
+                             f"its span {dilation * (kernel - 1) + 1} must be at least the stride")
         left = total if causal else total - total // 2
         super().__init__(c_in, c_out, kernel, stride=stride, dilation=dilation, groups=groups, padding=left)
 

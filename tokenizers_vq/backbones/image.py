@@ -174,9 +174,9 @@ class ImageEncoder(nn.Module):
         f = self.cfg.downsample
         check_multiple(x.shape[2], f, what="image height", factor_name="the downsampling factor")
         check_multiple(x.shape[3], f, what="image width", factor_name="the downsampling factor")
-        # channels-last: the convolutions' fast layout (oneDNN on the CPU, tensor cores on
-        # the GPU); the latents come out in it, which is the quantizer's (B, h, w, D) order
-        h = self.blocks(self.conv_in(x.contiguous(memory_format=torch.channels_last)))
+        if x.device.type == "cpu":  # oneDNN's fast layout; the latents come out in the quantizer's (B, h, w, D) order
+            x = x.contiguous(memory_format=torch.channels_last)  # (CUDA's GroupNorm would copy back to NCHW)
+        h = self.blocks(self.conv_in(x))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
