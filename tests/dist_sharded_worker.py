@@ -3,12 +3,14 @@ sharded search's indices for its queries and the unsharded reference's."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from tokenizers_vq.distributed import leave
 from tokenizers_vq.quantizers._functional import nearest_codes_reference
 from tokenizers_vq.quantizers.sharded import ShardedVectorQuantizer, shard_bounds, sharded_nearest_codes
 
@@ -42,8 +44,12 @@ def main(out_dir: str) -> None:
     probe = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(7 + rank))
     out["probe_codes"], out["probe_decoded"] = vq.encode(probe), vq.decode(vq.encode(probe))
     save_file(out, f"{out_dir}/sharded_rank{rank}.safetensors")
-    dist.destroy_process_group()
+    leave()  # a barrier first: a rank that tore down alone sometimes aborted the other at exit
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # gloo's threads can still abort the interpreter's teardown ("terminate called without
+    # an active exception", rc -6) after a complete run; the results are on disk by now
+    sys.stdout.flush()
+    os._exit(0)

@@ -7,12 +7,14 @@ its state dicts to OUT_DIR/{name}_rank{r}.safetensors.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from tokenizers_vq.distributed import leave
 from tokenizers_vq import ResidualQuantizer, VectorQuantizer
 
 
@@ -32,8 +34,12 @@ def main(out_dir: str) -> None:
             m(x)
     for name, m in models.items():
         save_file({k: v.contiguous() for k, v in m.state_dict().items()}, f"{out_dir}/{name}_rank{rank}.safetensors")
-    dist.destroy_process_group()
+    leave()  # a barrier first: a rank that tore down alone sometimes aborted the other at exit
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # gloo's threads can still abort the interpreter's teardown ("terminate called without
+    # an active exception", rc -6) after a complete run; the results are on disk by now
+    sys.stdout.flush()
+    os._exit(0)

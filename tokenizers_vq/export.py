@@ -129,7 +129,8 @@ def _encode_batches(
     ``batch_size`` at a time (expanded to model input on the model's device), every group
     encoded once ``items`` ends; at most
     ``2 * batch_size`` decoded inputs wait in memory (when that many are pending in groups
-    of other shapes, all groups are encoded). ``precision="bf16"``: under bf16 autocast.
+    of other shapes, all groups are encoded), plus one encoded batch held back until the
+    next is queued. ``precision="bf16"``: under bf16 autocast.
 
     Yields:
         ``(chunk, encoded)``: ``(file, size, info)`` per file of the chunk and
@@ -148,16 +149,28 @@ def _encode_batches(
             raise ValueError(f"{group[0][0] if len(group) == 1 else [str(f) for f, *_ in group]}: {e}") from e
         return [(f, size, info) for f, _, size, info in group], encoded
 
-    for f, (x, size, info) in items:
-        shape = tuple(x.shape)
-        pending[shape].append((f, x, size, info))
-        if len(pending[shape]) == step:
-            yield encode(pending.pop(shape))
-        elif sum(map(len, pending.values())) >= 2 * step:
-            for key in list(pending):
-                yield encode(pending.pop(key))
-    for key in list(pending):
-        yield encode(pending.pop(key))
+    def groups():
+        for f, (x, size, info) in items:
+            shape = tuple(x.shape)
+            pending[shape].append((f, x, size, info))
+            if len(pending[shape]) == step:
+                yield pending.pop(shape)
+            elif sum(map(len, pending.values())) >= 2 * step:
+                for key in list(pending):
+                    yield pending.pop(key)
+        for key in list(pending):
+            yield pending.pop(key)
+
+    # one batch in flight: a batch is handed on (and copied back by the caller) only after
+    # the next one is queued, so an accelerator encodes while this process reads ahead
+    previous = None
+    for group in groups():
+        current = encode(group)
+        if previous is not None:
+            yield previous
+        previous = current
+    if previous is not None:
+        yield previous
 
 
 def _encode_shard(tok: Tokenizer, files: list[Path], items: Iterator, batch_size: int,
