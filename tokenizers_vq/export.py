@@ -94,6 +94,39 @@ class _Inputs(Dataset):
             return e
 
 
+class _Chunks(Dataset):
+    """Runs of ``k`` consecutive inputs of :class:`_Inputs`, one per index: a loader
+    worker hands the main process a run at a time, its tensors in one buffer (one shared
+    memory transfer instead of ``k``: the per-item transfer, not decoding, capped a
+    many-worker reader at about 1,000 photos/s)."""
+
+    def __init__(self, inputs: _Inputs, k: int):
+        self.inputs, self.k = inputs, k
+
+    def __len__(self) -> int:
+        return -(-len(self.inputs) // self.k)
+
+    def __getitem__(self, j: int):
+        items = [self.inputs[i] for i in range(j * self.k, min(len(self.inputs), (j + 1) * self.k))]
+        tensors = [it[0] for it in items if not isinstance(it, ValueError)]
+        if len(tensors) != len(items) or len({t.dtype for t in tensors}) != 1:
+            return items, None  # a refused file or mixed types: as they are
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        return flat, [(tuple(t.shape), size, info) for t, (_, size, info) in zip(tensors, items)]
+
+    @staticmethod
+    def unpack(chunk) -> Iterator:
+        flat, meta = chunk
+        if meta is None:
+            yield from flat
+            return
+        offset = 0
+        for shape, size, info in meta:
+            n = math.prod(shape)
+            yield flat[offset : offset + n].view(shape), size, info
+            offset += n
+
+
 def _read(tok: Tokenizer, files: list[Path], workers: int,
           batch_size: int = 1) -> Iterator[tuple[Path, tuple[Tensor, list[int], dict]]]:
     """``(file, (x, size, info))`` in file order, read and decoded in ``workers``
@@ -112,9 +145,12 @@ def _read(tok: Tokenizer, files: list[Path], workers: int,
     else:
         from torch.utils.data import DataLoader  # noqa: PLC0415
 
-        n = min(workers, len(files))
-        items = iter(DataLoader(data, batch_size=None, num_workers=n, prefetch_factor=max(2, -(-2 * batch_size // n)),
-                                pin_memory=torch.cuda.is_available() and next(tok.parameters()).is_cuda))
+        k = min(8, -(-len(files) // workers))  # inputs per transfer
+        chunks = _Chunks(data, k)
+        n = min(workers, len(chunks))
+        loader = DataLoader(chunks, batch_size=None, num_workers=n, prefetch_factor=max(2, -(-2 * batch_size // (n * k))),
+                            pin_memory=torch.cuda.is_available() and next(tok.parameters()).is_cuda)
+        items = (item for chunk in loader for item in _Chunks.unpack(chunk))
     for f, item in zip(files, items):
         if isinstance(item, ValueError):
             raise item
