@@ -1,5 +1,6 @@
 """The export's reader and precision: one loader for all the shards a rank writes, batches
-that never cross a shard, and ``precision`` recorded so that a resume keeps it."""
+that never cross a shard, inputs handed over in runs, and ``precision`` recorded so that a
+resume keeps it."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from test_tokenizer import tiny
 from testdata import shared_path
 
+from tokenizers_vq import export
 from tokenizers_vq.export import export_dataset
 
 
@@ -21,7 +24,6 @@ def test_one_reader_feeds_every_shard_and_batches_stay_inside_a_shard(tmp_path, 
     """The loader is started once per export (not once per shard), and a batch never
     mixes two shards' files, so a resumed export (which starts at an unfinished shard)
     batches every shard as the uninterrupted one did."""
-    from tokenizers_vq import export
 
     reads, batches, real_read, real_batches = [], [], export._read, export._encode_batches
 
@@ -81,3 +83,18 @@ def test_an_export_recorded_before_new_config_fields_still_resumes(tmp_path):
     (tmp_path / "x" / "export.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="beam_size"):
         export_dataset(tok, files, tmp_path / "x", shard_items=2)
+
+
+def test_inputs_handed_over_in_runs_come_out_in_their_own_memory():
+    """Loader workers send runs of inputs in one buffer; each input leaves the run in its own
+    memory (a photo waiting for a batch must not keep its run's other photos alive), equal
+    to reading it alone, in file order."""
+    files = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:5]
+    inputs = export._Inputs(files, "image", None)
+    out = list(export._Chunks.unpack(export._Chunks(inputs, 3)[1])) + list(export._Chunks.unpack(export._Chunks(inputs, 3)[0]))
+    assert len(out) == 5
+    alone = [inputs[i] for i in (3, 4, 0, 1, 2)]
+    for (x, size, info), (y, size_y, info_y) in zip(out, alone):
+        assert torch.equal(x, y) and size == size_y and info == info_y
+    assert len({x.untyped_storage().data_ptr() for x, _, _ in out}) == 5
+    assert all(x.untyped_storage().nbytes() == x.numel() * x.element_size() for x, _, _ in out)

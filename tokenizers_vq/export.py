@@ -50,6 +50,7 @@ import itertools
 import json
 import math
 import os
+import traceback
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,8 +108,15 @@ class _Chunks(Dataset):
         return -(-len(self.inputs) // self.k)
 
     def __getitem__(self, j: int):
-        items = [self.inputs[i] for i in range(j * self.k, min(len(self.inputs), (j + 1) * self.k))]
-        tensors = [it[0] for it in items if not isinstance(it, ValueError)]
+        items = []
+        for i in range(j * self.k, min(len(self.inputs), (j + 1) * self.k)):
+            try:
+                items.append(self.inputs[i])
+            except Exception as e:  # noqa: BLE001  (raised at its own file, after the files before it)
+                items.append(RuntimeError(f"reading {self.inputs.files[i]}: {type(e).__name__}: {e}\n"
+                                          f"{''.join(traceback.format_exception(e))}"))
+                break
+        tensors = [it[0] for it in items if not isinstance(it, Exception)]
         if len(tensors) != len(items) or len({t.dtype for t in tensors}) != 1:
             return items, None  # a refused file or mixed types: as they are
         flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -116,6 +124,8 @@ class _Chunks(Dataset):
 
     @staticmethod
     def unpack(chunk) -> Iterator:
+        """The run's inputs one by one, each in its own memory (an input waiting for a
+        batch does not keep the rest of its run alive)."""
         flat, meta = chunk
         if meta is None:
             yield from flat
@@ -123,7 +133,7 @@ class _Chunks(Dataset):
         offset = 0
         for shape, size, info in meta:
             n = math.prod(shape)
-            yield flat[offset : offset + n].view(shape), size, info
+            yield flat[offset : offset + n].view(shape).clone(), size, info
             offset += n
 
 
@@ -148,11 +158,10 @@ def _read(tok: Tokenizer, files: list[Path], workers: int,
         k = min(8, -(-len(files) // workers))  # inputs per transfer
         chunks = _Chunks(data, k)
         n = min(workers, len(chunks))
-        loader = DataLoader(chunks, batch_size=None, num_workers=n, prefetch_factor=max(2, -(-2 * batch_size // (n * k))),
-                            pin_memory=torch.cuda.is_available() and next(tok.parameters()).is_cuda)
+        loader = DataLoader(chunks, batch_size=None, num_workers=n, prefetch_factor=max(2, -(-2 * batch_size // (n * k))))
         items = (item for chunk in loader for item in _Chunks.unpack(chunk))
     for f, item in zip(files, items):
-        if isinstance(item, ValueError):
+        if isinstance(item, Exception):  # a refused file (the reader's words) or a failed read
             raise item
         yield f, item
 
@@ -198,7 +207,8 @@ def _encode_batches(
             yield pending.pop(key)
 
     # one batch in flight: a batch is handed on (and copied back by the caller) only after
-    # the next one is queued, so an accelerator encodes while this process reads ahead
+    # the next one is queued, so the copy back does not wait for the whole encode (the
+    # encoder's own finiteness checks still wait for its forward pass)
     previous = None
     for group in groups():
         current = encode(group)
