@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -98,8 +98,7 @@ class PeerQuantizer(Quantizer):
 def train(method: str, args: argparse.Namespace, device: str) -> dict[str, Any]:
     """Train one bottleneck (``tvq train`` in a child process); its training summary."""
     kind, options = METHODS[method]
-    out_dir = args.out / "runs" / method
-    shutil.rmtree(out_dir, ignore_errors=True)  # this benchmark's own scratch: a run left here would be resumed
+    out_dir = args.scratch / method  # a fresh folder: nothing to resume
     overrides = {"model.quantizer.kind": kind, "model.quantizer.options": json.dumps(options),
                  "model.name": f"shootout-{method}", "model.backbone.channels": 64, "data.train": args.data,
                  "data.val": "", "data.max_items": args.max_items, "data.crop": args.crop, "loss.adversarial": 0,
@@ -123,7 +122,7 @@ def measure(method: str, summary: dict[str, Any], args: argparse.Namespace, devi
     from tokenizers_vq.tokenizer import Tokenizer  # noqa: PLC0415
 
     kind, options = METHODS[method]
-    tok = Tokenizer.from_pretrained(args.out / "runs" / method / "checkpoint" / "model").to(device)
+    tok = Tokenizer.from_pretrained(args.scratch / method / "checkpoint" / "model").to(device)
     res = evaluate(tok, list_media(args.val, "image", args.val_items))["summary"]
     peak = summary.get("peak_memory_mib")
     return {"method": method, "kind": kind, "options": options, "steps": summary["steps"],
@@ -195,6 +194,13 @@ def main(argv: list[str] | None = None) -> None:
             "parallel": args.parallel,
             "val": args.val, "val_items": args.val_items,
             "command": "python -m tokenizers_vq.eval.quantizer_shootout " + " ".join(sys.argv[1:] if argv is None else argv)}
+    with tempfile.TemporaryDirectory(prefix="tvq-shootout-") as scratch:  # the runs' checkpoints, not results
+        args.scratch = Path(scratch)
+        _run_all(args, device, meta)
+
+
+def _run_all(args: argparse.Namespace, device: str, meta: dict[str, Any]) -> None:
+    """Train and measure every method of ``args.methods``, writing the table after each."""
     rows = []
     methods = args.methods.split(",")
     # waves of --parallel trainings (child processes); each wave is measured once it has

@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.
 if [ -n "${SHOOTOUT_DATA:-}" ]; then
   timeout "${SHOOTOUT_TIME:-300}" python3 -m tokenizers_vq.eval.quantizer_shootout --data "$SHOOTOUT_DATA" --val "$SHOOTOUT_VAL" \
     --steps "${SHOOTOUT_STEPS:-1000}" --parallel "${SHOOTOUT_PARALLEL:-10}" --out "$OUT/shootout" > "$OUT/shootout.log" 2>&1
-  echo "shootout exit $?" >> "$OUT/shootout.log"; rm -rf "$OUT/shootout/runs"; tail -n 15 "$OUT/shootout.log"
+  echo "shootout exit $?" >> "$OUT/shootout.log"; tail -n 15 "$OUT/shootout.log"
 fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "${TESTS_TIMEOUT:-260}" python3 -m pytest tests/kernels -k "${TESTS_K:-gpu}" -q -p no:cacheprovider -rA --durations=15 \
