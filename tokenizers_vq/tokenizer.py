@@ -102,8 +102,7 @@ class Tokenizer(nn.Module):
                              "audio is coded in overlapping chunks and streams frame by frame: use a position-wise "
                              "quantizer (vq, fsq, lfq, simvq, ibq, ... with levels/groups) for audio")
         if getattr(self.backbone_config, "causal", False):  # chunked offline coding then equals a stream's
-            hop = self.backbone_config.hop
-            needed = max(-(-receptive_field(self.encoder) // hop), receptive_field(self.decoder))
+            needed = max(-(-receptive_field(self.encoder) // self.backbone_config.hop), receptive_field(self.decoder))
             if config.chunk_context < needed:
                 self.config = dataclasses.replace(config, chunk_context=needed)
 
@@ -256,16 +255,14 @@ class Tokenizer(nn.Module):
 
     def _audio_chunks(self, x: Tensor, fn, unit_in: int, unit_out: int) -> Tensor:
         """Apply ``fn`` over time in chunks of ``chunk_frames`` latent frames with
-        ``chunk_context`` frames of context each side, keeping the chunk centres (a causal
-        encoder's codes never depend on later samples, so encoding takes context on the left
-        only; the decoder's overlap-add looks ahead, so decoding keeps both sides).
-        ``unit_in``/``unit_out``: samples per latent frame of ``fn``'s input/output."""
+        ``chunk_context`` frames of context each side (left only when a causal model encodes),
+        keeping the chunk centres. ``unit_in``/``unit_out``: samples per latent frame of ``fn``'s input/output."""
         axis = x.ndim - 1 if unit_in > 1 else 1  # waveform time axis, or the codes' frame axis
         if unit_in > 1:
             x = self._pad(x)
         frames = x.shape[axis] // unit_in
         chunk, ctx = self.config.chunk_frames, self.config.chunk_context
-        ahead = 0 if unit_in > 1 and getattr(self.backbone_config, "causal", False) else ctx
+        ahead = 0 if unit_in > 1 and getattr(self.backbone_config, "causal", False) else ctx  # decoding looks ahead
         if frames <= chunk + ctx + ahead:
             return fn(x)
         parts = []

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from tokenizers_vq.export import _read, export_dataset
+from tokenizers_vq.export import _read, default_batch_size, export_dataset
 from tokenizers_vq.media import list_media
 from tokenizers_vq.tokenizer import Tokenizer
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     tok = Tokenizer.from_pretrained(args.model).eval().to(device)
     if args.batch_size is None:
-        args.batch_size = 16 if device.type == "cuda" else 1
+        args.batch_size = default_batch_size(tok)
     files = list_media(args.data, tok.modality, args.max_items)
     with tempfile.TemporaryDirectory(prefix="tvq-export-speed-") as tmp:
         if args.repeat > 1:  # links: the same bytes under other names
