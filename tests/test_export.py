@@ -75,27 +75,6 @@ def test_shards_do_not_depend_on_loader_workers_or_batch_size(tmp_path):
     assert export(shipped, files, "shipped_b4", batch_size=4) == export(shipped, files, "shipped_default")
 
 
-def test_a_read_that_fails_in_a_worker_stops_the_export_at_its_own_file(tmp_path, monkeypatch):
-    """An unexpected error while a loader worker reads file 6 of 8 (workers hand over runs
-    of several files) is raised at that file, naming it: the shards before it are written."""
-    from tokenizers_vq.modality import get as get_modality  # noqa: PLC0415
-
-    files = photos(8)
-    cls = type(get_modality("image"))
-    real = cls.load_compact
-
-    def load_compact(self, path, *args, **kwargs):
-        if Path(path).name == files[6].name:
-            raise OSError("disk went away")
-        return real(self, path, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "load_compact", load_compact)
-    out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match=f"{files[6].name}: OSError: disk went away"):
-        export_dataset(tiny("image"), files, out, shard_items=1, workers=1)
-    assert sorted(f.name for f in out.glob("shard_*.bin")) == [f"shard_{i:05d}.bin" for i in range(6)]
-
-
 def test_a_file_a_loader_worker_cannot_read_is_named_as_the_reader_words_it(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -1,6 +1,6 @@
 """The export's reader and precision: one loader for all the shards a rank writes, batches
-that never cross a shard, inputs handed over in runs, and ``precision`` recorded so that a
-resume keeps it."""
+that never cross a shard, inputs handed over in runs (a failed read stops at its own file),
+and ``precision`` recorded so that a resume keeps it."""
 
 from __future__ import annotations
 
@@ -98,3 +98,24 @@ def test_inputs_handed_over_in_runs_come_out_in_their_own_memory():
         assert torch.equal(x, y) and size == size_y and info == info_y
     assert len({x.untyped_storage().data_ptr() for x, _, _ in out}) == 5
     assert all(x.untyped_storage().nbytes() == x.numel() * x.element_size() for x, _, _ in out)
+
+
+def test_a_read_that_fails_in_a_worker_stops_the_export_at_its_own_file(tmp_path, monkeypatch):
+    """An unexpected error while a loader worker reads file 6 of 8 (workers hand over runs
+    of several files) is raised at that file, naming it: the shards before it are written."""
+    from tokenizers_vq.modality import get as get_modality  # noqa: PLC0415
+
+    files = photos(8)
+    cls = type(get_modality("image"))
+    real = cls.load_compact
+
+    def load_compact(self, path, *args, **kwargs):
+        if Path(path).name == files[6].name:
+            raise OSError("disk went away")
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "load_compact", load_compact)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=f"{files[6].name}: OSError: disk went away"):
+        export_dataset(tiny("image"), files, out, shard_items=1, workers=1)
+    assert sorted(f.name for f in out.glob("shard_*.bin")) == [f"shard_{i:05d}.bin" for i in range(6)]
