@@ -42,7 +42,6 @@ from torch import Tensor
 
 from tokenizers_vq.eval.evaluate import item_metrics
 from tokenizers_vq.lpips import LPIPSNet
-from tokenizers_vq.media import load_video
 from tokenizers_vq.modality import Modality
 from tokenizers_vq.resample import resample
 from tokenizers_vq.tokenizer import Tokenizer
@@ -251,7 +250,7 @@ class Baseline:
     Attributes:
         name: its key in metrics.json and the report (``codec2_1200``, ``h265``, ``webp_down2``, ...).
         code: ``(ref, rate, bits) -> (reconstruction, bits used, settings)``: ``ref`` and the
-            reconstruction are the item as :func:`load_item` gives it, ``rate`` its sample
+            reconstruction are the item as :meth:`~tokenizers_vq.modality.Modality.load_reference` gives it, ``rate`` its sample
             rate or frame rate, ``bits`` the tokenizer's bits for it.
         needs: binaries that must be on ``PATH``, each with the Debian package holding it.
         check: a reason it cannot run beyond missing binaries (``None``: it can).
@@ -307,18 +306,8 @@ def baselines_for(modality: str, kbps: float | None = None) -> list[Baseline]:
     return _BASELINES[modality](kbps)
 
 
-def load_item(tok: Tokenizer, path: Path, max_frames: int | None = 33) -> tuple[Tensor, float]:
-    """A file as ``tvq eval`` compares it: image ``(3, H, W)`` / video ``(T, 3, H, W)`` in
-    [0, 1], or mono audio ``(T,)`` at the model's rate; with that sample rate or frame
-    rate (0 for images)."""
-    if tok.modality == "video":
-        return load_video(path, max_frames)
-    media = tok.media.load_media(path, tok.sample_rate, max_frames)
-    return (media[0] if tok.modality == "audio" else media), float(tok.sample_rate or 0)
-
-
 def _units(media: Modality, ref: Tensor, rate: float) -> dict[str, float]:
-    """Seconds and/or pixels of one item (as :func:`load_item` gives it)."""
+    """Seconds and/or pixels of one item (as :meth:`~tokenizers_vq.modality.Modality.load_reference` gives it)."""
     return {k: v for k, v in (("seconds", media.seconds(ref, rate)), ("pixels", media.pixels(ref))) if v}
 
 
@@ -359,7 +348,7 @@ def run_baselines(tok: Tokenizer, files: list[Path], items: list[dict[str, Any]]
     rows: dict[str, list[dict[str, Any]]] = {b.name: [] for b in codecs if b.name not in skipped}
     metric_keys: list[str] = []
     for f, item in zip(files, items):
-        ref, rate = load_item(tok, f, max_frames)
+        ref, rate = tok.media.load_reference(f, tok.sample_rate, max_frames)
         budget, units = item["tokens"] * bits_per_token, _units(tok.media, ref, rate)
         target += budget
         total = {k: total.get(k, 0.0) + v for k, v in units.items()}

@@ -174,8 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                                 ("video", args.video, "video")):
         if src is None:
             continue
-        files = [src] if modality == "video" and (src.is_file() or (src / "fps.txt").is_file()) \
-            else list_media(src, modality)[: args.n]
+        files = [src] if src.is_file() else list_media(src, modality)[: args.n]
         results.append(measure(name, files))
         print(json.dumps(results[-1], indent=1), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -125,8 +125,8 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     result = evaluate(tok, files, lpips=lpips, inception=inception)
     if inception is not None and "rfid" not in result["summary"]:
         skipped["rfid"] = f"rFID skipped: needs at least 2 images, got {len(files)}"
-    for key, name, package in (("pesq_wb", "PESQ", "pesq"), ("stoi", "STOI", "pystoi")):
-        if tok.modality == "audio" and result["summary"].get(key) is None:
+    for key, name, package in tok.media.optional_metrics:
+        if result["summary"].get(key) is None:
             skipped[key] = f"{name} skipped: the {package} package is not installed"
     result["skipped"] = skipped
     result["model"] = model_name

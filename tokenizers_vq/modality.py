@@ -56,6 +56,9 @@ class Modality(ABC):
     streams: ClassVar[bool]  # long items coded in overlapping chunks, and streamed (position-wise quantizers only)
     clips: ClassVar[bool]  # long items coded in clips of 1 + k * temporal_factor frames
     fid: ClassVar[bool]  # rFID (Inception features of whole items) is measured
+    window_axes: ClassVar[int]  # axes a token prior's square window spans (time; a picture's rows and columns)
+    optional_metrics: ClassVar[tuple[tuple[str, str, str], ...]] = ()  # (summary key, name, package) of
+    # the per-item metrics that need an optional package
 
     @property
     def suffixes(self) -> frozenset[str]:
@@ -72,6 +75,13 @@ class Modality(ABC):
     def load_media(self, path: str | os.PathLike, sample_rate: int | None = None,
                    max_frames: int | None = None) -> Tensor:
         """A file as media (the original beside which a reconstruction is measured)."""
+
+    def load_reference(self, path: str | os.PathLike, sample_rate: int | None = None,
+                       max_frames: int | None = None) -> tuple[Tensor, float]:
+        """A file as an evaluation compares it, with its rate: image ``(3, H, W)`` and
+        video ``(T, 3, H, W)`` in [0, 1], mono audio ``(T,)`` at ``sample_rate``; the rate
+        is that sample rate or the video's frame rate (0 for images)."""
+        return self.load_media(path, sample_rate, max_frames), float(sample_rate or 0)
 
     def units(self, media: Tensor, sample_rate: int | None = None) -> float:
         """How many :attr:`unit` one item of media holds."""
@@ -148,6 +158,7 @@ class Image(Modality):
     name, article, input_ndim, has_pixels = "image", "an image", 4, True
     output_suffix, default_model, region_cells = ".png", "image", 4
     unit, token_rate, streams, fid, clips = "images", "tokens_per_image", False, True, False
+    window_axes = 2
 
     def load_media(self, path, sample_rate=None, max_frames=None):
         return load_image(path)
@@ -180,9 +191,14 @@ class Audio(Modality):
     name, article, input_ndim, has_pixels = "audio", "an audio", 3, False
     output_suffix, default_model, region_cells = ".wav", "speech", 2
     unit, token_rate, streams, fid, clips = "audio_seconds", "tokens_per_second", True, False, False
+    window_axes = 1
+    optional_metrics = (("pesq_wb", "PESQ", "pesq"), ("stoi", "STOI", "pystoi"))
 
     def load_media(self, path, sample_rate=None, max_frames=None):
         return load_audio(path, sample_rate)[0].mean(0, keepdim=True)
+
+    def load_reference(self, path, sample_rate=None, max_frames=None):
+        return self.load_media(path, sample_rate)[0], float(sample_rate or 0)
 
     def units(self, media: Tensor, sample_rate: int | None = None) -> float:
         return media.shape[-1] / sample_rate
@@ -206,9 +222,13 @@ class Video(Modality):
     name, article, input_ndim, has_pixels = "video", "a video", 5, True
     output_suffix, default_model, region_cells = ".mp4", "video", None
     unit, token_rate, streams, fid, clips = "frames", "tokens_per_frame", False, False, True
+    window_axes = 2  # one frame's grid
 
     def load_media(self, path, sample_rate=None, max_frames=None):
         return load_video(path, max_frames)[0]
+
+    def load_reference(self, path, sample_rate=None, max_frames=None):
+        return load_video(path, max_frames)
 
     def units(self, media: Tensor, sample_rate: int | None = None) -> float:
         return float(media.shape[0])

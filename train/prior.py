@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from tokenizers_vq import modality
 from tokenizers_vq.export import TokenDataset
 from tokenizers_vq.prior import PriorConfig, TokenPrior
 
@@ -70,7 +71,7 @@ def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior,
     n_val = max(1, int(round(len(ds) * cfg.val_fraction)))
     train_items, val_items = list(range(len(ds) - n_val)), list(range(len(ds) - n_val, len(ds)))
     per_cell = math.prod(ds.manifest["code_shape"]) if ds.manifest["code_shape"] else 1
-    grid_axes = 1 if ds.manifest["modality"] == "audio" else 2
+    grid_axes = modality.get(ds.manifest["modality"]).window_axes
     length = cfg.window**grid_axes * per_cell
     pcfg = PriorConfig(**{**asdict(cfg.prior), "vocab_size": ds.manifest["codebook_size"], "block_size": length})
     prior = TokenPrior(pcfg).to(device)
