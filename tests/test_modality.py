@@ -44,6 +44,11 @@ def test_a_real_file_goes_to_model_space_and_back_to_a_file(name, tmp_path):
     assert kind.seconds(loaded, rate) == pytest.approx(expected_seconds)
     assert kind.pixels(loaded) == (0 if name == "audio" else (size[0] if name == "video" else 1) * size[-1] * size[-2])
     assert (kind.streams, kind.fid, kind.clips) == (name == "audio", name == "image", name == "video")
+    # the evaluation's reference: media as to_media gives it (audio without its channel axis), with its rate
+    ref, ref_rate = kind.load_reference(path, 16000, 5)
+    expected = kind.to_media(x)
+    torch.testing.assert_close(ref, expected[0] if name == "audio" else expected, atol=1 / 254, rtol=0)
+    assert ref_rate == pytest.approx({"image": 0.0, "audio": 16000.0, "video": rate}[name])
 
 
 def test_padding_counts_and_errors():

@@ -81,7 +81,7 @@ class Modality(ABC):
         """A file as an evaluation compares it, with its rate: image ``(3, H, W)`` and
         video ``(T, 3, H, W)`` in [0, 1], mono audio ``(T,)`` at ``sample_rate``; the rate
         is that sample rate or the video's frame rate (0 for images)."""
-        return self.load_media(path, sample_rate, max_frames), float(sample_rate or 0)
+        return self.load_media(path, sample_rate, max_frames), 0.0
 
     def units(self, media: Tensor, sample_rate: int | None = None) -> float:
         """How many :attr:`unit` one item of media holds."""
