@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from tokenizers_vq.runtime import keep_freed_memory
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -90,7 +91,7 @@ def _export(args: argparse.Namespace) -> int:
     import time  # noqa: PLC0415
 
     from tokenizers_vq import distributed  # noqa: PLC0415
-    from tokenizers_vq.export import export_dataset  # noqa: PLC0415
+    from tokenizers_vq.export import default_workers, export_dataset  # noqa: PLC0415
     from tokenizers_vq.media import list_media  # noqa: PLC0415
     from tokenizers_vq.webdataset import is_tar_source, list_tar_samples  # noqa: PLC0415
 
@@ -102,8 +103,9 @@ def _export(args: argparse.Namespace) -> int:
         inputs = (list_tar_samples(args.data, tok.modality) if is_tar_source(args.data)
                   else list_media(args.data, tok.modality))
         start = time.perf_counter()
+        workers = default_workers(tok) if args.workers is None else args.workers
         manifest = export_dataset(tok, inputs, args.out, args.shard_items, args.batch_size,
-                                  overwrite=args.overwrite, workers=args.workers, precision=args.precision)
+                                  overwrite=args.overwrite, workers=workers, precision=args.precision)
         secs = time.perf_counter() - start
         rank, world = distributed.rank_and_world()
     finally:
@@ -191,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--shard-items", type=int, default=256, help="items per shard")
     ex.add_argument("--batch-size", type=int, default=None,
                     help="inputs of equal shape encoded together (default: 16 on a GPU, 1 on the CPU)")
-    ex.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) - 1,
-                    help="processes reading and decoding files while the model encodes (0: none; the shards do not "
-                         "depend on it)")
+    ex.add_argument("--workers", type=int, default=None,
+                    help="processes reading and decoding files while the model encodes (0: none; default: none on "
+                         "the CPU, else one per core up to 7; the shards do not depend on it)")
     ex.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="fp32: the ids every machine gives (default); bf16: the encoder under bf16 autocast, faster on "
                          "a GPU, near-ties may take other ids (recorded in export.json)")
@@ -220,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # this process is tvq's: CPU encodes run 1.5x faster
     try:
         return args.func(args)
     except ValueError as e:

@@ -13,7 +13,7 @@ The export can be no faster than the slower of the first two. ``--repeat R`` lis
 file ``R`` times (links in a temporary folder) to make a larger set.
 
     python -m tokenizers_vq.eval.benchmarks.export_speed ../shared/data/images/bsds500/val \\
-        --max-items 48 --workers 1 --out eval/results/export_speed/cpu
+        --max-items 32 --repeat 4 --out eval/results/export_speed/cpu_2core
 
 Writes ``export_speed.json`` and ``export_speed.md`` in ``--out``.
 """
@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from tokenizers_vq.export import _read, default_batch_size, export_dataset
+from tokenizers_vq.export import _read, default_batch_size, default_workers, export_dataset
 from tokenizers_vq.media import list_media
+from tokenizers_vq.runtime import keep_freed_memory
 from tokenizers_vq.tokenizer import Tokenizer
 
 
@@ -72,13 +73,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-items", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1, help="list every file this many times")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=None, help="default: the export's (none on the CPU, else up to 7)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the export's (16 on a GPU, 1 on the CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    kept = device.type == "cpu" and keep_freed_memory()  # as tvq and the export itself do on the CPU
     tok = Tokenizer.from_pretrained(args.model).eval().to(device)
     if args.batch_size is None:
         args.batch_size = default_batch_size(tok)
+    if args.workers is None:
+        args.workers = default_workers(tok)
     files = list_media(args.data, tok.modality, args.max_items)
     with tempfile.TemporaryDirectory(prefix="tvq-export-speed-") as tmp:
         if args.repeat > 1:  # links: the same bytes under other names
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             row[f"end_to_end_{precision}_per_s"] = len(files) / (time.perf_counter() - start)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU",
-            "model": tok.config.name, "data": args.data}
+            "model": tok.config.name, "data": args.data, "keep_freed_memory": kept}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "export_speed.json").write_text(json.dumps({"meta": meta, "row": row}, indent=1))
     md = (f"# tvq export speed ({meta['device_name']}, {meta['threads']} threads)\n\n"

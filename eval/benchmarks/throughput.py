@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from tokenizers_vq.runtime import keep_freed_memory
 from tokenizers_vq.tokenizer import Tokenizer
 
 INPUTS = {"image": (3, 256, 256), "speech": (1, 160000), "video": (3, 17, 256, 256)}
@@ -138,7 +139,9 @@ def measure_peer(name: str, batch: int, precision: str, device: torch.device,
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"# Tokenizer throughput ({meta['device_name']})", "",
              f"torch {meta['torch']}, {meta['threads']} CPU threads. Units per second: images (256 x 256), "
-             "seconds of 16 kHz audio, frames (256 x 256); encode and decode apart, and the two in sequence.", "",
+             "seconds of 16 kHz audio, frames (256 x 256); encode and decode apart, and the two in sequence."
+             + (" Freed memory kept in the process (`tokenizers_vq.runtime.keep_freed_memory`, as `tvq` does)."
+                if meta.get("keep_freed_memory") else ""), "",
              "| model | batch | precision | compile | encode | decode | encode + decode | peak MiB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -162,9 +165,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="also time torch.compile'd encode and decode (of all models, or of those named: image,speech)")
     p.add_argument("--peers", action="store_true", help="also time the outside models of the same class")
     p.add_argument("--min-seconds", type=float, default=2.0)
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="on the CPU, leave glibc's malloc as it is (default: keep_freed_memory, as tvq does)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+    kept = device.type == "cpu" and not args.malloc_defaults and keep_freed_memory()
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device), "keep_freed_memory": kept,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"}
     rows: list[dict[str, Any]] = []
     args.out.mkdir(parents=True, exist_ok=True)
