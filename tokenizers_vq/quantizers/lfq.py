@@ -4,8 +4,11 @@ quantization (Zhao et al. 2024, BSQ-ViT).
 Each of ``num_bits`` channels is quantised to its sign: the implicit codebook is
 ``{-s, +s}^num_bits`` (``2^num_bits`` codes), never materialised. The entropy
 penalty (low per-sample entropy, high codebook entropy) is computed over groups of
-``group_bits`` channels, ``2^group_bits`` sub-codes each, as in BSQ's factorised
-approximation, so its cost does not grow with the codebook size.
+``group_bits`` channels, ``2^group_bits`` sub-codes each: exact (one group) up to
+``2^10`` codes, beyond that BSQ's factorised approximation, so its cost stays bounded.
+Groups that are too small let the bits of different groups move together: each group
+uses all its sub-codes while the joint codebook is barely used (10 bits in groups of 2
+trained an image tokenizer to 6.7% usage, one group of 10 to 55%; BSQ 11% -> 87%).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class LFQ(Quantizer):
         commitment_weight: weight of ``|x - sg(q)|^2``.
         temperature: softmax temperature of the soft assignments.
         group_bits: bits per entropy group (must divide ``num_bits``); defaults to
-            the largest divisor of ``num_bits`` that is at most 4.
+            the largest divisor of ``num_bits`` that is at most 10.
         check_finite: see :class:`Quantizer`.
 
     Example:
@@ -66,7 +69,7 @@ class LFQ(Quantizer):
         if not 1 <= num_bits <= 62:
             raise ValueError(f"num_bits must be in [1, 62], got {num_bits}")
         if group_bits is None:
-            group_bits = max(g for g in range(1, 5) if num_bits % g == 0)
+            group_bits = max(g for g in range(1, 11) if num_bits % g == 0)
         if num_bits % group_bits:
             raise ValueError(f"group_bits={group_bits} must divide num_bits={num_bits}")
         self.num_bits, self.spherical, self.group_bits = num_bits, spherical, group_bits
