@@ -40,7 +40,7 @@ FSQ_LEVELS = [8, 5, 5, 5]
 # method -> (quantizer kind, options): ours, then the peer's layers behind the adapter
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ours-vq-ema": ("vq", {"codebook_size": CODEBOOK, "codebook_dim": 16, "metric": "cosine", "kmeans_init": True,
-                           "dead_code_threshold": 0.03, "check_finite": False}),
+                           "dead_code_threshold": 2.0, "check_finite": False}),  # the peer's threshold
     "ours-fsq": ("fsq", {"levels": FSQ_LEVELS}),
     "ours-lfq": ("lfq", {"num_bits": int(math.log2(CODEBOOK))}),
     "ours-bsq": ("lfq", {"num_bits": int(math.log2(CODEBOOK)), "spherical": True}),
