@@ -92,7 +92,7 @@ def video_frames(src: Path, dest: Path, max_side: int = 256, max_frames: int = 9
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="+", choices=["images-train", "images-val", "audio", "video", "video-val"])
+    p.add_argument("what", nargs="+", choices=["images-train", "images-val", "audio", "video", "video-val", "shoot"])
     p.add_argument("--audio-mb", type=float, default=18.0)
     p.add_argument("--audio-part", type=int, default=0)
     p.add_argument("--audio-parts", type=int, default=1)
@@ -106,7 +106,11 @@ def main() -> None:
         raise SystemExit(f"shared data not found at {SHARED}")
     sizes = {}
     for what in args.what:
-        if what.startswith("images"):
+        if what == "shoot":  # the quantizer shootout's photos: 150 to train on (WebP q90), 25 held apart
+            bsds = SHARED / "images" / "bsds500"
+            sizes[what] = webp_files(sorted((bsds / "train").glob("*.jpg"))[:150], DEST / "shoot" / "train", 90)
+            sizes[what] += copy_files(sorted((bsds / "val").glob("*.jpg"))[:25], DEST / "shoot" / "val")
+        elif what.startswith("images"):
             split = what.split("-")[1]
             src = sorted((SHARED / "images" / "bsds500" / split).glob("*.jpg"))
             if args.image_quality and split == "train":
