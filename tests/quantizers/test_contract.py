@@ -32,6 +32,7 @@ QUANTIZERS = {
     "vq-learned-affine-kmeans": lambda: VectorQuantizer(D, 64, learning="loss", affine=True, kmeans_init=True),
     "simvq": lambda: SimVQ(D, 64),
     "simvq-factorised": lambda: SimVQ(D, 128, codebook_dim=8),
+    "simvq-rotation": lambda: SimVQ(D, 64, estimator="rotation"),
     "residual-simvq": lambda: ResidualQuantizer([SimVQ(D, 32) for _ in range(3)]),
     "multiscale-var": lambda: MultiScaleResidualQuantizer(D, 64, scales=(1, 2, 3, 5, 6)),
     "ibq": lambda: IBQ(D, 64),

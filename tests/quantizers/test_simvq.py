@@ -58,3 +58,23 @@ def test_orthogonal_regulariser_spreads_a_learned_codebook():
     assert float(q(z).losses["orthogonal"]) < 0.5 * first  # the codewords turn apart
     with pytest.raises(ValueError, match="learning='loss'"):
         VectorQuantizer(8, 16, orthogonal_weight=1.0)
+
+
+def test_the_rotation_estimator_rotates_the_encoder_gradient_and_keeps_the_codes():
+    z = torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(2))
+    grads, codes = {}, {}
+    for est in ("ste", "rotation"):
+        torch.manual_seed(0)
+        q = SimVQ(16, 32, estimator=est)
+        zz = z.clone().requires_grad_()
+        out = q(zz)
+        out.quantized.pow(2).sum().backward()
+        grads[est], codes[est] = zz.grad, out.codes
+    assert torch.equal(codes["ste"], codes["rotation"])
+    assert not torch.allclose(grads["ste"], grads["rotation"])
+    # the rotation trick keeps the gradient's length up to the scale |q| / |z| per row
+    torch.manual_seed(0)
+    q = SimVQ(16, 32)
+    cb_rows = q.codebook[codes["ste"][0]].detach()
+    scale = cb_rows.norm(dim=-1) / z[0].norm(dim=-1)
+    torch.testing.assert_close(grads["rotation"][0].norm(dim=-1), grads["ste"][0].norm(dim=-1) * scale)

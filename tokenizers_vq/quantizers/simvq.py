@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers._functional import code_histogram, nearest_codes, perplexity, straight_through
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, codebook_projections, flatten_latent
+from tokenizers_vq.quantizers._functional import code_histogram, nearest_codes, perplexity, rotation_trick, straight_through
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_choice, codebook_projections, flatten_latent
+from tokenizers_vq.quantizers.vq import Estimator
 
 
 class SimVQ(Quantizer):
@@ -30,6 +31,9 @@ class SimVQ(Quantizer):
         codebook_size: ``K`` codes.
         codebook_dim: ``d``, the size of the codewords (default ``D``).
         beta: weight of the commitment loss ``|z - sg(q)|^2``.
+        estimator: the gradient that reaches the encoder: ``"ste"`` (straight-through,
+            as the paper) or ``"rotation"`` (the rotation trick, as vector-quantize-pytorch's
+            SimVQ does by default).
         backend: nearest-code search backend (see
             :func:`~tokenizers_vq.quantizers.nearest_codes`).
         check_finite: see :class:`Quantizer`.
@@ -44,8 +48,10 @@ class SimVQ(Quantizer):
     """
 
     def __init__(self, dim: int, codebook_size: int, codebook_dim: int | None = None, beta: float = 0.25,
-                 backend: str = "auto", check_finite: bool = True):
+                 estimator: Estimator = "ste", backend: str = "auto", check_finite: bool = True):
         super().__init__(dim, check_finite)
+        check_choice("estimator", estimator, ("ste", "rotation"))
+        self.estimator = estimator
         d = codebook_projections(self, codebook_size, codebook_dim)
         self._size, self.codebook_dim, self.beta, self.backend = codebook_size, d, beta, backend
         # E ~ N(0, 1/d) so that codewords start at the scale of unit-variance latents' rows
@@ -74,7 +80,8 @@ class SimVQ(Quantizer):
             counts = code_histogram(idx, self._size)  # this rank's: diagnostics only, no collective
             losses = {"commitment": self.beta * F.mse_loss(xf, q.detach()), "codebook": F.mse_loss(q, xf.detach())}
             metrics = {"perplexity": perplexity(counts), "usage_batch": (counts > 0).float().mean()}
-            xq = straight_through(xf, q).to(flat.dtype).reshape(*lead, -1)
+            estimate = rotation_trick if self.estimator == "rotation" else straight_through
+            xq = estimate(xf, q).to(flat.dtype).reshape(*lead, -1)
         quantized = self.project_out(xq).to(z.dtype)
         return QuantizerOutput(quantized, idx.reshape(lead), losses, metrics)
 
