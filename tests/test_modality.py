@@ -49,6 +49,8 @@ def test_a_real_file_goes_to_model_space_and_back_to_a_file(name, tmp_path):
     expected = kind.to_media(x)
     torch.testing.assert_close(ref, expected[0] if name == "audio" else expected, atol=1 / 254, rtol=0)
     assert ref_rate == pytest.approx({"image": 0.0, "audio": 16000.0, "video": rate}[name])
+    if name == "audio":  # no rate asked: the file's own
+        assert kind.load_reference(path)[1] == 22050  # LJSpeech
 
 
 def test_padding_counts_and_errors():

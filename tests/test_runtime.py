@@ -36,25 +36,40 @@ print(applied, keep_freed_memory(), before >= 64 << 20, after)
 """
 
 
-def _glibc_with_mallinfo2() -> bool:
+def _glibc_version() -> tuple[int, ...]:
     name = ctypes.util.find_library("c")
-    if platform.system() != "Linux" or not name:
-        return False
-    return hasattr(ctypes.CDLL(name), "mallinfo2")
+    if platform.system() != "Linux" or not name or not hasattr(ctypes.CDLL(name), "mallopt"):
+        return ()
+    try:
+        return tuple(int(p) for p in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split("."))
+    except (ValueError, OSError, IndexError):
+        return ()
 
 
-@pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc 2.33+ (mallopt, mallinfo2)")
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("MALLOC_", "TVQ_KEEP")) and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+
+
+@pytest.mark.skipif(_glibc_version() < (2, 35), reason="needs glibc 2.35+ (heap blocks over 32 MiB, mallinfo2)")
 def test_large_blocks_come_from_the_heap_after_the_call():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "TVQ_KEEP"))}
+    env = _clean_env()
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True", "True", "0"]
 
 
-def test_your_own_malloc_settings_win():
-    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "131072"}
+@pytest.mark.skipif(not _glibc_version(), reason="needs glibc (mallopt)")
+@pytest.mark.parametrize("setting", [{}, {"MALLOC_TRIM_THRESHOLD_": "131072"}, {"TVQ_KEEP_FREED_MEMORY": "off"},
+                                     {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}])
+def test_your_own_malloc_settings_win(setting):
     code = "from tokenizers_vq.runtime import keep_freed_memory; print(keep_freed_memory())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
-    env = {**os.environ, "TVQ_KEEP_FREED_MEMORY": "0"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    out = subprocess.run([sys.executable, "-c", code], env={**_clean_env(), **setting}, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == str(not setting)
+
+
+def test_sizes_mallopt_cannot_take_are_refused():
+    from tokenizers_vq.runtime import keep_freed_memory  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="trim_bytes"):
+        keep_freed_memory(trim_bytes=4 << 30)

@@ -75,9 +75,8 @@ from tokenizers_vq.tokens import TokenRecord, check_input_modality
 from tokenizers_vq.webdataset import TarSample, close_readers
 
 class _Inputs(Dataset):
-    """Files read as a tokenizer's compact inputs
-    (:meth:`~tokenizers_vq.modality.Modality.load_compact`), one per index: what the
-    export's loader workers run. A file the reader refuses comes back
+    """Files read as a tokenizer's compact inputs (:meth:`~tokenizers_vq.modality.Modality.load_compact`),
+    one per index: what the export's loader workers run. A file the reader refuses comes back
     as its ``ValueError``, raised again in the main process as the reader worded it."""
 
     def __init__(self, files: list[Path | TarSample], modality: str, sample_rate: int | None):
@@ -255,9 +254,8 @@ def default_batch_size(tok: Tokenizer) -> int:
 
 
 def default_workers(tok: Tokenizer) -> int:
-    """Loader processes when none are asked for: none on the CPU (the model uses every
-    core and reading a photo costs about 3% of encoding it: 17.1 photos/s read in-process
-    vs 15.8 with one worker, bf16 on two cores), else one per core up to 7."""
+    """Loader processes when none are asked for: none on the CPU (the model uses every core;
+    reading in-process was faster on two), else the cores but one, up to 7."""
     return 0 if next(tok.parameters()).device.type == "cpu" else min(8, os.cpu_count() or 1) - 1
 
 
@@ -277,8 +275,8 @@ def export_dataset(
         precision: ``"fp32"`` (default: the ids every machine gives) or ``"bf16"`` (the
             encoder under bf16 autocast: faster on a GPU; near-ties may take other ids).
             Recorded in ``export.json``: a resume must pass the same precision (it is refused
-            otherwise, naming it). On the CPU the export also keeps freed memory in the
-            process (:func:`~tokenizers_vq.runtime.keep_freed_memory`, 1.5x faster there).
+            otherwise, naming it). On the CPU it keeps freed memory in the process
+            (:func:`~tokenizers_vq.runtime.keep_freed_memory`: 1.5x faster).
         overwrite: delete an earlier export in ``out_dir`` first (its shards, index
             files, manifest and ``export.json``; no other file) and start over.
 

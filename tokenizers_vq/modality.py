@@ -198,7 +198,8 @@ class Audio(Modality):
         return load_audio(path, sample_rate)[0].mean(0, keepdim=True)
 
     def load_reference(self, path, sample_rate=None, max_frames=None):
-        return self.load_media(path, sample_rate)[0], float(sample_rate or 0)
+        wav, sr = load_audio(path, sample_rate)
+        return wav.mean(0), float(sr)
 
     def units(self, media: Tensor, sample_rate: int | None = None) -> float:
         return media.shape[-1] / sample_rate

@@ -13,7 +13,7 @@ The export can be no faster than the slower of the first two. ``--repeat R`` lis
 file ``R`` times (links in a temporary folder) to make a larger set.
 
     python -m tokenizers_vq.eval.benchmarks.export_speed ../shared/data/images/bsds500/val \\
-        --max-items 32 --repeat 4 --out eval/results/export_speed/cpu_2core
+        --max-items 32 --repeat 8 --device cpu --out eval/results/export_speed/cpu_2core
 
 Writes ``export_speed.json`` and ``export_speed.md`` in ``--out``.
 """
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-items", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1, help="list every file this many times")
-    p.add_argument("--workers", type=int, default=None, help="default: the export's (none on the CPU, else up to 7)")
+    p.add_argument("--workers", type=int, default=None, help="default: the export's (none on the CPU, else the cores but one, up to 7)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the export's (16 on a GPU, 1 on the CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
