@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tokenizers_vq.runtime import keep_freed_memory
@@ -231,9 +232,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The ``tvq`` console command: a process of its own, so it keeps freed memory in the
-    heap first (CPU encodes 1.5x faster; :mod:`tokenizers_vq.runtime`)."""
+    heap first (CPU encodes 1.5x faster; :mod:`tokenizers_vq.runtime`). One rank of several
+    (``WORLD_SIZE`` > 1) ends with ``os._exit`` once its streams are flushed: its work is
+    written and the process group left by then, and gloo's threads sometimes aborted the
+    interpreter's own shutdown ("terminate called without an active exception")."""
     keep_freed_memory()
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
