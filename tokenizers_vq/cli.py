@@ -92,7 +92,7 @@ def _export(args: argparse.Namespace) -> int:
     import time  # noqa: PLC0415
 
     from tokenizers_vq import distributed  # noqa: PLC0415
-    from tokenizers_vq.export import default_workers, export_dataset  # noqa: PLC0415
+    from tokenizers_vq.export import export_dataset  # noqa: PLC0415
     from tokenizers_vq.media import list_media  # noqa: PLC0415
     from tokenizers_vq.webdataset import is_tar_source, list_tar_samples  # noqa: PLC0415
 
@@ -104,9 +104,8 @@ def _export(args: argparse.Namespace) -> int:
         inputs = (list_tar_samples(args.data, tok.modality) if is_tar_source(args.data)
                   else list_media(args.data, tok.modality))
         start = time.perf_counter()
-        workers = default_workers(tok) if args.workers is None else args.workers
         manifest = export_dataset(tok, inputs, args.out, args.shard_items, args.batch_size,
-                                  overwrite=args.overwrite, workers=workers, precision=args.precision)
+                                  overwrite=args.overwrite, workers=args.workers, precision=args.precision)
         secs = time.perf_counter() - start
         rank, world = distributed.rank_and_world()
     finally:
@@ -238,7 +237,9 @@ def entry() -> None:
     interpreter's own shutdown ("terminate called without an active exception")."""
     keep_freed_memory()
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    from tokenizers_vq.distributed import launched_as_ranks  # noqa: PLC0415  (torch.distributed: not at import)
+
+    if launched_as_ranks():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

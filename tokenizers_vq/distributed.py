@@ -57,6 +57,12 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
+def launched_as_ranks() -> bool:
+    """Whether ``accelerate launch`` or ``torchrun`` started this process as one of several
+    ranks (``WORLD_SIZE`` > 1 in the environment)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
 def init_from_env(use_cuda: bool = True) -> torch.device:
     """Join the process group that ``accelerate launch`` or ``torchrun`` describes in the
     environment (``WORLD_SIZE`` > 1; NCCL with one GPU per local rank where there are
@@ -68,7 +74,7 @@ def init_from_env(use_cuda: bool = True) -> torch.device:
     device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+    if launched_as_ranks() and dist.is_available() and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=24))
     return device
 

@@ -261,7 +261,7 @@ def default_workers(tok: Tokenizer) -> int:
 
 def export_dataset(
     tok: Tokenizer, files: list[Path], out_dir: str | os.PathLike, shard_items: int = 256, batch_size: int | None = None,
-    overwrite: bool = False, workers: int = 0, precision: str = "fp32",
+    overwrite: bool = False, workers: int | None = 0, precision: str = "fp32",
 ) -> dict[str, Any]:
     """Encode ``files`` into shards under ``out_dir``; resumes an interrupted export.
     A dynamic-length tokenizer (``tok.is_dynamic``) writes the ``"dynamic"`` layout.
@@ -271,7 +271,7 @@ def export_dataset(
             :func:`default_batch_size`. The ids do not depend on it.
         workers: processes that read and decode the files while the model encodes
             (one ``DataLoader`` over all the shards this rank writes; 0: read in this
-            process). The shards do not depend on it.
+            process; ``None``: :func:`default_workers`). The shards do not depend on it.
         precision: ``"fp32"`` (default: the ids every machine gives) or ``"bf16"`` (the
             encoder under bf16 autocast: faster on a GPU; near-ties may take other ids).
             Recorded in ``export.json``: a resume must pass the same precision (it is refused
@@ -292,8 +292,8 @@ def export_dataset(
     """
     if shard_items < 1:
         raise ValueError(f"shard_items must be at least 1, got {shard_items}")
-    if batch_size is None:
-        batch_size = default_batch_size(tok)
+    batch_size = default_batch_size(tok) if batch_size is None else batch_size
+    workers = default_workers(tok) if workers is None else workers
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={precision!r}: expected 'fp32' or 'bf16'")
     out = Path(out_dir)

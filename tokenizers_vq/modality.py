@@ -195,7 +195,7 @@ class Audio(Modality):
     optional_metrics = (("pesq_wb", "PESQ", "pesq"), ("stoi", "STOI", "pystoi"))
 
     def load_media(self, path, sample_rate=None, max_frames=None):
-        return load_audio(path, sample_rate)[0].mean(0, keepdim=True)
+        return self.load_reference(path, sample_rate)[0][None]
 
     def load_reference(self, path, sample_rate=None, max_frames=None):
         wav, sr = load_audio(path, sample_rate)
