@@ -21,6 +21,7 @@ from tokenizers_vq.kernels.packed import (
     _packed_merge_kernel,
     tag_cols,
 )
+from tokenizers_vq.kernels import relaunch
 from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
 from tokenizers_vq.kernels.tiles import (
     SPLIT_QUANTUM,
@@ -148,7 +149,7 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     device = x.device
     c_aug = torch.empty(st.c_aug_shape, device=device, dtype=x.dtype)
     csq = torch.empty(g, st.k_pad, device=device, dtype=torch.float32) if st.norm_init else None
-    _augment_kernel[st.aug_grid](codebook, c_aug, csq, k, d, st.nc, *codebook.stride(), **st.aug_meta)
+    relaunch.launch(_augment_kernel, st.aug_grid, codebook, c_aug, csq, k, d, st.nc, *codebook.stride(), **st.aug_meta)
     s = st.s
     if s == 1:
         out_k, out_i, row_stride, part_n = dist, idx, n, 0
@@ -159,11 +160,10 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
         row_stride, part_n = s * n, n
     args = (x, codebook, c_aug, out_k, out_i, *st.sizes, *x.stride(), *codebook.stride(), row_stride, part_n)
     if st.tile is not None:
-        _packed_kernel.fn[st.grid](*args, CSQ=csq, **st.meta, **st.tile)
+        relaunch.launch(_packed_kernel.fn, st.grid, *args, CSQ=csq, **st.meta, **st.tile)
     else:
         launch(_packed_kernel, st.grid, g * n * k, *args, interpret_tile=INTERPRET_TILE, CSQ=csq, **st.meta)
     if s > 1:
-        _packed_merge_kernel[st.merge_grid](x, codebook, out_k, out_i, dist, idx, n, s, d, *x.stride(),
-                                            *codebook.stride(), WRITE_DIST=write_dist, BLOCK=128,
-                                            BLOCK_D=st.meta["BLOCK_D"])
+        relaunch.launch(_packed_merge_kernel, st.merge_grid, x, codebook, out_k, out_i, dist, idx, n, s, d,
+                        *x.stride(), *codebook.stride(), WRITE_DIST=write_dist, BLOCK=128, BLOCK_D=st.meta["BLOCK_D"])
     return dist, idx

@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from tokenizers_vq.kernels import _compat  # noqa: F401  (interpreter fix, before any launch)
+from tokenizers_vq.kernels import relaunch
 from tokenizers_vq.kernels._host import cdiv, next_pow2
 
 
@@ -46,8 +47,8 @@ def _code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]
     counts = (start[1:] - start[:-1]).float()
     block_d = min(128, max(16, next_pow2(d)))
     block_r = max(1, min(16, 2048 // block_d))
-    _segment_sum_kernel[(size, cdiv(d, block_d))](x, order, start, sums, d, *x.stride(),
-                                                         BLOCK_R=block_r, BLOCK_D=block_d)
+    relaunch.launch(_segment_sum_kernel, (size, cdiv(d, block_d)), x, order, start, sums, d, *x.stride(),
+                    BLOCK_R=block_r, BLOCK_D=block_d)
     return counts, sums
 
 

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tokenizers_vq.kernels import relaunch
 from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
 from tokenizers_vq.kernels.tiles import (
     _block_d,
@@ -191,6 +192,6 @@ def nearest_tiled(x: Tensor, codebook: Tensor, cosine: bool, precision: str, wri
     off = part[2 * seg:]
     launch(_nearest_kernel, grid, g * n * k, x, codebook, bias, scale, part_s, part_i, off, n, k, d, k_split,
                           *x.stride(), *codebook.stride(), s * n, n, **meta)
-    _merge_kernel[(cdiv(n, 256), g)](part_s, part_i, off, dist, idx, n, s, COSINE=cosine,
-                                            WRITE_DIST=write_dist, BLOCK=256)
+    relaunch.launch(_merge_kernel, (cdiv(n, 256), g), part_s, part_i, off, dist, idx, n, s, COSINE=cosine,
+                    WRITE_DIST=write_dist, BLOCK=256)
     return dist, idx

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tokenizers_vq.kernels import relaunch
 from tokenizers_vq.kernels._host import cdiv, next_pow2
 
 SPLIT_QUANTUM = 256  # each split covers a multiple of every BLOCK_K, so tiles never straddle splits
@@ -45,9 +46,9 @@ def launch(kernel, grid, work: int, *args, interpret_tile: dict = INTERPRET_FIXE
     if _interpret():
         kernel.fn[grid](*args, **meta, **interpret_tile)
     elif work < TUNE_MIN_WORK:
-        kernel.fn[grid](*args, **meta, **FIXED)
+        relaunch.launch(kernel.fn, grid, *args, **meta, **FIXED)
     else:
-        kernel[grid](*args, **meta)
+        relaunch.launch(kernel, grid, *args, **meta)
 
 
 @triton.jit
@@ -198,8 +199,8 @@ def codeword_terms(codebook: Tensor, cosine: bool) -> tuple[Tensor, Tensor]:
     both = torch.empty(2 * seg, device=codebook.device, dtype=torch.float32)  # one allocation
     bias, scale = both[:g * k].view(g, k), both[seg:seg + g * k].view(g, k)
     bd = min(128, max(16, next_pow2(d)))
-    _row_terms_kernel[(cdiv(k, 64), g)](codebook, bias, scale, k, d, *codebook.stride(),
-                                               COSINE=cosine, BLOCK_K=64, BLOCK_D=bd)
+    relaunch.launch(_row_terms_kernel, (cdiv(k, 64), g), codebook, bias, scale, k, d, *codebook.stride(),
+                    COSINE=cosine, BLOCK_K=64, BLOCK_D=bd)
     return bias, scale
 
 

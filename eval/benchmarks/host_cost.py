@@ -28,15 +28,26 @@ CASES = [(32768, 1024, 8), (32768, 1024, 256), (32768, 4096, 8), (32768, 4096, 3
          (32768, 16384, 32), (32768, 16384, 256)]
 
 
+class _NoCompiled:
+    """Stands in for a compiled kernel: its launcher does nothing."""
+
+    function = packed_metadata = None
+
+    @staticmethod
+    def run(*args) -> None:
+        return None
+
+
 class _NoLaunch:
     """Stands in for a ``@triton.jit`` or ``@triton.autotune`` kernel: ``kernel[grid](...)``
-    and ``kernel.fn[grid](...)`` do nothing."""
+    and ``kernel.fn[grid](...)`` do nothing and return a compiled kernel that does nothing,
+    so :mod:`~tokenizers_vq.kernels.relaunch` keeps it and later calls take its direct path."""
 
-    def __init__(self, name: str):
-        self.name, self.fn = name, self
+    def __init__(self, original):
+        self.original, self.fn = original, self
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _NoCompiled()
 
 
 @contextlib.contextmanager
@@ -45,22 +56,28 @@ def stubbed_launches() -> Iterator[None]:
     interpreter switch off (so the host takes its GPU branches), for the ``with`` block."""
     import triton  # noqa: PLC0415
 
-    from tokenizers_vq.kernels import nearest, packed, packed_launch, tiled, tiles, topk  # noqa: PLC0415
+    from tokenizers_vq.kernels import nearest, packed, packed_launch, relaunch, tiled, tiles, topk  # noqa: PLC0415
 
     saved = []
     for mod in (nearest, tiles, tiled, packed, packed_launch, topk):
         for name, obj in vars(mod).items():
             if isinstance(obj, (triton.runtime.JITFunction, triton.runtime.Autotuner)):
                 saved.append((mod, name, obj))
-                setattr(mod, name, _NoLaunch(name))
+                setattr(mod, name, _NoLaunch(obj))
         if hasattr(mod, "_interpret"):
             saved.append((mod, "_interpret", mod._interpret))
             mod._interpret = lambda: False
+    real_params = relaunch._params
+    saved += [(relaunch, "_stream", relaunch._stream), (relaunch, "_params", relaunch._params)]
+    relaunch._stream = lambda: (0, 0)  # no CUDA device here
+    relaunch._params = lambda kernel: real_params(kernel.original)
+    relaunch.clear()
     try:
         yield
     finally:
         for mod, name, obj in saved:
             setattr(mod, name, obj)
+        relaunch.clear()
 
 
 def host_us(fn, calls: int = 300, repeats: int = 5) -> float:

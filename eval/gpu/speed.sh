@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for the speed measurements, one after another on a quiet GPU: the kernel
-# GPU tests, the nearest-code benchmark with its peers (flash-kmeans, FAISS where it imports,
+# GPU tests (each test in its own process, all at once), the nearest-code benchmark with its peers (flash-kmeans, FAISS where it imports,
 # vector-quantize-pytorch) and the VQ-EMA training steps, then the tokenizer throughput with
 # its peers (EnCodec, vector-quantize-pytorch inside our image backbone).
 #   device run, carry [.whl]:  bash eval/gpu/speed.sh
@@ -27,9 +27,17 @@ if [ -n "${SHOOTOUT_DATA:-}" ]; then
   echo "shootout exit $?" >> "$OUT/shootout.log"; tail -n 15 "$OUT/shootout.log"
 fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TESTS_TIMEOUT:-260}" python3 -m pytest tests/kernels -k "${TESTS_K:-gpu}" -q -p no:cacheprovider -rA --durations=15 \
-    > "$OUT/kernel_tests.log" 2>&1
-  echo "kernel tests exit $?" >> "$OUT/kernel_tests.log"
+  # one process per test, all at once: the GPU tests are mostly Triton compiling on the CPU
+  mkdir -p /tmp/ktests
+  for t in $(python3 -m pytest tests/kernels -k "${TESTS_K:-gpu}" --collect-only -q -p no:cacheprovider | grep '::'); do
+    f=/tmp/ktests/$(echo "$t" | tr -c 'A-Za-z0-9_\n' _).log
+    ( timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest "$t" -q -p no:cacheprovider -rA --durations=3 > "$f" 2>&1
+      echo "exit $? $t" >> "$f" ) &
+  done
+  wait
+  for f in /tmp/ktests/*.log; do grep -E "^(PASSED|FAILED|ERROR|exit)|s call" "$f"; done > "$OUT/kernel_tests.log"
+  grep -h -B40 -E "^FAILED|^ERROR" /tmp/ktests/*.log >> "$OUT/kernel_tests.log"
+  echo "kernel tests: $(grep -c '^exit 0' "$OUT/kernel_tests.log") of $(grep -c '^exit' "$OUT/kernel_tests.log") passed" >> "$OUT/kernel_tests.log"
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   budget=$(( $(left) - ${THROUGHPUT_TIME:-150} - 90 ))

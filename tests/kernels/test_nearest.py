@@ -123,6 +123,22 @@ def check_row_reduce(device, full=False):
     assert torch.equal(forced[1], plain[1]), "row_reduce picks other codes than the per-element walk"
 
 
+def check_repeated_calls(device, full=False):
+    """Calls that repeat a shape take the kept compiled kernel (:mod:`tokenizers_vq.kernels.relaunch`
+    on the GPU): each repeat, and each change that Triton specialises on or that only the grid
+    sees (group count, pointer alignment, strides, row count), still gives the reference's codes."""
+    for name, alg, d in (("bf16", "auto", 8), ("bf16", "auto", 40), ("fp32_tf32", "auto", 8), ("fp32_ieee", "tiled", 24)):
+        dt = DTYPES[name][0]
+        c = _data((300, d), dt, device)
+        for _ in range(2):
+            _check_search(_data((70, d), dt, device), c, "l2", name, algorithm=alg)
+        _check_search(_data((3, 70, d), dt, device), c.expand(3, -1, -1), "l2", name, algorithm=alg)  # G only in the grid
+        _check_search(_data((70 * d + 1,), dt, device)[1:].view(70, d), c, "l2", name, algorithm=alg)  # unaligned x
+        _check_search(_data((d, 70), dt, device).t(), c, "l2", name, algorithm=alg)  # strides
+        _check_search(_data((71, d), dt, device), c, "l2", name, algorithm=alg, split_k=2)
+        _check_search(_data((70, d), dt, device), c, "l2", name, algorithm=alg, dist_out=False)
+
+
 def check_code_statistics(device, full=False):
     from tokenizers_vq.kernels.nearest import code_statistics_triton  # noqa: PLC0415
 
@@ -150,7 +166,7 @@ def check_custom_op(device, full=False):
 
 GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_grouped_and_layouts,
                                   check_packed_odd_shapes, check_packed_ties_splits_groups, check_packed_half,
-                                  check_row_reduce,
+                                  check_row_reduce, check_repeated_calls,
                                   check_code_statistics,
                                   check_custom_op)}
 
