@@ -12,7 +12,7 @@ import torch
 from test_tokenizer import tiny
 from testdata import shared_path
 
-from tokenizers_vq import export
+from tokenizers_vq import export, export_pipeline
 from tokenizers_vq.export import export_dataset
 
 
@@ -25,7 +25,7 @@ def test_one_reader_feeds_every_shard_and_batches_stay_inside_a_shard(tmp_path, 
     mixes two shards' files, so a resumed export (which starts at an unfinished shard)
     batches every shard as the uninterrupted one did."""
 
-    reads, batches, real_read, real_batches = [], [], export._read, export._encode_batches
+    reads, batches, real_read, real_batches = [], [], export.read_inputs, export.encode_batches
 
     def read(tok, files, workers, batch_size=1):
         reads.append(len(files))
@@ -36,8 +36,8 @@ def test_one_reader_feeds_every_shard_and_batches_stay_inside_a_shard(tmp_path, 
             batches.append([f.name for f, _, _ in chunk])
             yield chunk, codes
 
-    monkeypatch.setattr(export, "_read", read)
-    monkeypatch.setattr(export, "_encode_batches", encode_batches)
+    monkeypatch.setattr(export, "read_inputs", read)
+    monkeypatch.setattr(export, "encode_batches", encode_batches)
     files = photos(7)
     tok = tiny("image")
     export_dataset(tok, files, tmp_path / "a", shard_items=3, batch_size=4, workers=1)
@@ -90,8 +90,9 @@ def test_inputs_handed_over_in_runs_come_out_in_their_own_memory():
     memory (a photo waiting for a batch must not keep its run's other photos alive), equal
     to reading it alone, in file order."""
     files = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:5]
-    inputs = export._Inputs(files, "image", None)
-    out = list(export._Chunks.unpack(export._Chunks(inputs, 3)[1])) + list(export._Chunks.unpack(export._Chunks(inputs, 3)[0]))
+    Chunks = export_pipeline._Chunks
+    inputs = export_pipeline._Inputs(files, "image", None)
+    out = [*Chunks.unpack(Chunks(inputs, 3)[1]), *Chunks.unpack(Chunks(inputs, 3)[0])]
     assert len(out) == 5
     alone = [inputs[i] for i in (3, 4, 0, 1, 2)]
     for (x, size, info), (y, size_y, info_y) in zip(out, alone):
@@ -119,3 +120,49 @@ def test_a_read_that_fails_in_a_worker_stops_the_export_at_its_own_file(tmp_path
     with pytest.raises(RuntimeError, match=f"{files[6].name}: OSError: disk went away"):
         export_dataset(tiny("image"), files, out, shard_items=1, workers=1)
     assert sorted(f.name for f in out.glob("shard_*.bin")) == [f"shard_{i:05d}.bin" for i in range(6)]
+
+
+def _items(xs):
+    return iter([(Path(f"item{i}.png"), (x, list(x.shape[-2:]), {})) for i, x in enumerate(xs)])
+
+
+def test_a_nan_input_found_after_the_next_batch_is_queued_names_its_own_file():
+    """Batches' NaN/Inf checks are deferred until the batch is handed on; the refusal still
+    names that batch's file, and the batches before it come out."""
+    tok = tiny("image")
+    xs = [torch.rand(3, 32, 32) for _ in range(3)]
+    xs[1][0, 5, 5] = float("nan")
+    got = []
+    with pytest.raises(ValueError, match=r"item1\.png: image input contains NaN or Inf"):
+        for chunk, _ in export_pipeline.encode_batches(tok, _items(xs), batch_size=1):
+            got.append(chunk[0][0].name)
+    assert got == ["item0.png"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_encode_batches_never_wait_for_the_device_between_batches(monkeypatch):
+    """With CUDA's sync debug mode set to raise, batches are stacked, copied and encoded
+    without a stream sync; the only waits are the deferred checks of a batch when it is handed
+    on (after the next one is queued)."""
+    from tokenizers_vq import deferred  # noqa: PLC0415
+
+    tok = tiny("image").cuda().eval()
+    real = deferred.DeferredChecks.raise_if_failed
+
+    def allowed_wait(self):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            real(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(deferred.DeferredChecks, "raise_if_failed", allowed_wait)
+    xs = [torch.randint(0, 256, (3, 64, 48), dtype=torch.uint8) for _ in range(6)]
+    export_pipeline.encode_batches(tok, _items(xs[:2]), batch_size=2).__next__()  # warm-up (kernel compiles)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = list(export_pipeline.encode_batches(tok, _items(xs), batch_size=2))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    codes = torch.cat([c for _, c in out]).cpu()
+    assert torch.equal(codes, tok.encode(tok.media.expand(torch.stack(xs)).cuda()).cpu())

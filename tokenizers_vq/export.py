@@ -50,8 +50,6 @@ import itertools
 import json
 import math
 import os
-import traceback
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,165 +57,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from tokenizers_vq import distributed
+from tokenizers_vq.export_pipeline import encode_batches, read_inputs
 from tokenizers_vq.export_record import START_OVER, claim, fingerprint
 from tokenizers_vq.io import atomic_write
-from tokenizers_vq.media import MAX_PIXELS
-from tokenizers_vq.modality import get as get_modality
-from tokenizers_vq.quantizers import PackedCodes
 from tokenizers_vq.runtime import keep_freed_memory
 from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, check_shard, token_dtype  # noqa: F401
 from tokenizers_vq.tokenizer import Tokenizer
-from tokenizers_vq.tokens import TokenRecord, check_input_modality
+from tokenizers_vq.tokens import TokenRecord
 from tokenizers_vq.webdataset import TarSample, close_readers
-
-class _Inputs(Dataset):
-    """Files read as a tokenizer's compact inputs (:meth:`~tokenizers_vq.modality.Modality.load_compact`),
-    one per index: what the export's loader workers run. A file the reader refuses comes back
-    as its ``ValueError``, raised again in the main process as the reader worded it."""
-
-    def __init__(self, files: list[Path | TarSample], modality: str, sample_rate: int | None):
-        self.files, self.modality, self.sample_rate = files, modality, sample_rate
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, list[int], dict[str, Any]] | ValueError:
-        f = self.files[i]
-        try:
-            if isinstance(f, TarSample):
-                return f.load(self.modality, self.sample_rate)
-            return get_modality(self.modality).load_compact(f, self.sample_rate, max_pixels=MAX_PIXELS)
-        except ValueError as e:
-            return e
-
-
-class _Chunks(Dataset):
-    """Runs of ``k`` consecutive inputs of :class:`_Inputs`, one per index: a loader
-    worker hands the main process a run at a time, its tensors in one buffer (one shared
-    memory transfer instead of ``k``: the per-item transfer, not decoding, capped a
-    many-worker reader at about 1,000 photos/s)."""
-
-    def __init__(self, inputs: _Inputs, k: int):
-        self.inputs, self.k = inputs, k
-
-    def __len__(self) -> int:
-        return -(-len(self.inputs) // self.k)
-
-    def __getitem__(self, j: int):
-        items = []
-        for i in range(j * self.k, min(len(self.inputs), (j + 1) * self.k)):
-            try:
-                items.append(self.inputs[i])
-            except Exception as e:  # noqa: BLE001  (raised at its own file, after the files before it)
-                items.append(RuntimeError(f"reading {self.inputs.files[i]}: {type(e).__name__}: {e}\n"
-                                          f"{''.join(traceback.format_exception(e))}"))
-                break
-        tensors = [it[0] for it in items if not isinstance(it, Exception)]
-        if len(tensors) != len(items) or len({t.dtype for t in tensors}) != 1:
-            return items, None  # a refused file or mixed types: as they are
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        return flat, [(tuple(t.shape), size, info) for t, (_, size, info) in zip(tensors, items)]
-
-    @staticmethod
-    def unpack(chunk) -> Iterator:
-        """The run's inputs one by one, each in its own memory (an input waiting for a
-        batch does not keep the rest of its run alive)."""
-        flat, meta = chunk
-        if meta is None:
-            yield from flat
-            return
-        offset = 0
-        for shape, size, info in meta:
-            n = math.prod(shape)
-            yield flat[offset : offset + n].view(shape).clone(), size, info
-            offset += n
-
-
-def _read(tok: Tokenizer, files: list[Path], workers: int,
-          batch_size: int = 1) -> Iterator[tuple[Path, tuple[Tensor, list[int], dict]]]:
-    """``(file, (x, size, info))`` in file order, read and decoded in ``workers``
-    processes (0: in this one) ahead of the caller, at least two batches of
-    ``batch_size`` ahead; ``x`` is compact (:meth:`~tokenizers_vq.modality.Modality.load_compact`:
-    uint8 pixels for images, a quarter of the bytes through the loader); the order and the
-    values do not depend on the number of workers."""
-    for f in files:
-        if not isinstance(f, TarSample):  # tar samples are listed by the model's modality
-            check_input_modality(tok, f)
-    data = _Inputs(files, tok.modality, tok.sample_rate)
-    if any(isinstance(f, TarSample) for f in files):
-        workers = 0  # one forward pass over each archive, here: a worker would read its own from the start
-    if workers <= 0 or len(files) < 2:
-        items: Iterator = (data[i] for i in range(len(files)))
-    else:
-        from torch.utils.data import DataLoader  # noqa: PLC0415
-
-        k = min(8, -(-len(files) // workers))  # inputs per transfer
-        chunks = _Chunks(data, k)
-        n = min(workers, len(chunks))
-        loader = DataLoader(chunks, batch_size=None, num_workers=n, prefetch_factor=max(2, -(-2 * batch_size // (n * k))))
-        items = (item for chunk in loader for item in _Chunks.unpack(chunk))
-    for f, item in zip(files, items):
-        if isinstance(item, Exception):  # a refused file (the reader's words) or a failed read
-            raise item
-        yield f, item
-
-
-def _encode_batches(
-    tok: Tokenizer, items: Iterator[tuple[Path, tuple[Tensor, list[int], dict]]], batch_size: int,
-    precision: str = "fp32",
-) -> Iterator[tuple[list[tuple[Path, list[int], dict[str, Any]]], Tensor | PackedCodes]]:
-    """Encode read inputs (as :func:`_read` yields them) of equal shape together,
-    ``batch_size`` at a time (expanded to model input on the model's device), every group
-    encoded once ``items`` ends; at most
-    ``2 * batch_size`` decoded inputs wait in memory (when that many are pending in groups
-    of other shapes, all groups are encoded), plus one encoded batch held back until the
-    next is queued. ``precision="bf16"``: under bf16 autocast.
-
-    Yields:
-        ``(chunk, encoded)``: ``(file, size, info)`` per file of the chunk and
-        ``tok.encode`` of their stacked inputs.
-    """
-    device = next(tok.parameters()).device
-    step = max(1, batch_size)
-    pending: dict[tuple[int, ...], list[tuple[Path, Tensor, list[int], dict[str, Any]]]] = defaultdict(list)
-
-    def encode(group: list[tuple[Path, Tensor, list[int], dict[str, Any]]]):
-        x = tok.media.expand(torch.stack([x for _, x, _, _ in group]).to(device, non_blocking=True))
-        try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                encoded = tok.encode(x)
-        except ValueError as e:  # the tokenizer's refusal (e.g. too small), said of the files
-            raise ValueError(f"{group[0][0] if len(group) == 1 else [str(f) for f, *_ in group]}: {e}") from e
-        return [(f, size, info) for f, _, size, info in group], encoded
-
-    def groups():
-        for f, (x, size, info) in items:
-            shape = tuple(x.shape)
-            pending[shape].append((f, x, size, info))
-            if len(pending[shape]) == step:
-                yield pending.pop(shape)
-            elif sum(map(len, pending.values())) >= 2 * step:
-                for key in list(pending):
-                    yield pending.pop(key)
-        for key in list(pending):
-            yield pending.pop(key)
-
-    # one batch in flight: a batch is handed on (and copied back by the caller) only after
-    # the next one is queued, so the copy back does not wait for the whole encode (the
-    # encoder's own finiteness checks still wait for its forward pass)
-    previous = None
-    for group in groups():
-        current = encode(group)
-        if previous is not None:
-            yield previous
-        previous = current
-    if previous is not None:
-        yield previous
-
 
 def _encode_shard(tok: Tokenizer, files: list[Path], items: Iterator, batch_size: int,
                   precision: str = "fp32") -> list[TokenRecord]:
@@ -225,7 +75,7 @@ def _encode_shard(tok: Tokenizer, files: list[Path], items: Iterator, batch_size
     shape (images of one size, audio of one length) are batched through the model
     together, at most ``batch_size`` at a time."""
     records = {}
-    for chunk, codes in _encode_batches(tok, items, batch_size, precision):
+    for chunk, codes in encode_batches(tok, items, batch_size, precision):
         for (f, size, info), c in zip(chunk, codes.cpu()):
             records[f] = TokenRecord(c, f.name, size, info)
     return [records[f] for f in files]
@@ -238,7 +88,7 @@ def _encode_dynamic_shard(
     """Per file: record of its packed codes ``(N, *code_shape)``, layout rows ``(N, 2)``
     (cell raster index, granularity) and latent grid; media of equal shape are batched."""
     out = {}
-    for chunk, packed in _encode_batches(tok, items, batch_size, precision):
+    for chunk, packed in encode_batches(tok, items, batch_size, precision):
         strides = torch.tensor([math.prod(packed.shape[a + 1 :]) for a in range(len(packed.shape))])
         for b, (f, size, info) in enumerate(chunk):
             codes, pos, fine = (t.cpu() for t in packed.sample(b))
@@ -324,7 +174,7 @@ def export_dataset(
     try:
         todo = [k for k in range(rank, n_shards, world) if not _finished(out, k, dynamic)]
         chunks = {k: files[k * shard_items : (k + 1) * shard_items] for k in todo}
-        reader = _read(tok, [f for k in todo for f in chunks[k]], workers, batch_size)  # one reader for them all
+        reader = read_inputs(tok, [f for k in todo for f in chunks[k]], workers, batch_size)  # one reader for them all
         for k in tqdm(todo, desc="export shards", disable=rank != 0):
             items = itertools.islice(reader, len(chunks[k]))  # this shard's inputs: batches never cross shards
             _write_shard(tok, out, k, chunks[k], items, dtype, batch_size, precision)

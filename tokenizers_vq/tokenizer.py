@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tokenizers_vq import deferred
 from tokenizers_vq.backbones import BACKBONES
 from tokenizers_vq.io import atomic_write
 from tokenizers_vq.modality import Modality
@@ -39,8 +40,7 @@ PRETRAINED: dict[str, Path] = {
     "speech-rvq": _ASSETS / "speech_16k_rvq",
     "video": _ASSETS / "video_4x8x8",
 }
-"""The embedded models by name (model cards in ``model_cards/``): the defaults of each
-modality and ``speech-rvq``, a 4-codebook residual speech model at 3.2 kbps."""
+"""The embedded models by name (cards in ``model_cards/``): each modality's default, and ``speech-rvq`` (3.2 kbps)."""
 DEFAULT_FOR_MODALITY = {name: get_modality(name).default_model for name in modality_names()}
 """The embedded model that ``tvq`` picks for each modality of input when no model is given."""
 DEFAULT_MODEL = PRETRAINED["image"]
@@ -292,8 +292,8 @@ class Tokenizer(nn.Module):
             raise ValueError(f"empty {self.modality} input: shape {tuple(x.shape)}")
         if self.media.has_pixels and min(x.shape[-2:]) < 8:
             raise ValueError(f"{self.modality} frames are {x.shape[-1]}x{x.shape[-2]}; at least 8x8 pixels are needed")
-        if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
-            raise ValueError(f"{self.modality} input contains NaN or Inf")
+        if not torch.compiler.is_compiling():
+            deferred.check(torch.isfinite(x).all(), deferred.require(f"{self.modality} input contains NaN or Inf"))
 
     # -- saving and loading ---------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from tokenizers_vq.export import _read, default_batch_size, default_workers, export_dataset
+from tokenizers_vq.export import default_batch_size, default_workers, export_dataset
+from tokenizers_vq.export_pipeline import read_inputs
 from tokenizers_vq.media import list_media
 from tokenizers_vq.runtime import keep_freed_memory
 from tokenizers_vq.tokenizer import Tokenizer
@@ -43,14 +44,14 @@ def _sync(device: torch.device) -> None:
 
 def decode_rate(tok: Tokenizer, files: list[Path], workers: int, batch_size: int) -> float:
     start = time.perf_counter()
-    n = sum(1 for _ in _read(tok, files, workers, batch_size))
+    n = sum(1 for _ in read_inputs(tok, files, workers, batch_size))
     return n / (time.perf_counter() - start)
 
 
 def encode_rate(tok: Tokenizer, files: list[Path], batch_size: int, precision: str, device: torch.device) -> float:
     """Items/s of ``tok.encode`` over batches of equal-shape inputs, decoded beforehand."""
     groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    for _, (x, _, _) in _read(tok, files, 0):
+    for _, (x, _, _) in read_inputs(tok, files, 0):
         groups.setdefault(tuple(x.shape), []).append(x)
     batches = [torch.stack(g[i : i + batch_size]).to(device) for g in groups.values() for i in range(0, len(g), batch_size)]
     batches = [tok.media.expand(b) for b in batches]  # the export's compact inputs (images: uint8) as model input

@@ -4,7 +4,8 @@
 # vector-quantize-pytorch) and the VQ-EMA training steps, then the tokenizer throughput with
 # its peers (EnCodec, vector-quantize-pytorch inside our image backbone).
 #   device run, carry [.whl]:  bash eval/gpu/speed.sh
-#   SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_THROUGHPUT=1 leave a part out; TESTS_K=... narrows the tests (pytest -k);
+#   SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_THROUGHPUT=1 leave a part out; TESTS_K=... narrows the tests (pytest -k)
+#   and TESTS_PATHS=... picks their files (the kernels' and the export pipeline's GPU tests by default);
 #   CASES=... narrows the bench
 #   (CASES=none: its training steps only); THROUGHPUT_TIME seconds are kept for the throughput part
 #   (THROUGHPUT_BATCHES=1,16,64 by default; COMPILE_TIME=0 leaves the compiled rows out).
@@ -29,7 +30,7 @@ fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # one process per test, all at once: the GPU tests are mostly Triton compiling on the CPU
   mkdir -p /tmp/ktests
-  for t in $(python3 -m pytest tests/kernels -k "${TESTS_K:-gpu}" --collect-only -q -p no:cacheprovider | grep '::'); do
+  for t in $(python3 -m pytest ${TESTS_PATHS:-tests/kernels tests/test_export_reader.py} -k "${TESTS_K:-gpu}" --collect-only -q -p no:cacheprovider | grep '::'); do
     f=/tmp/ktests/$(echo "$t" | tr -c 'A-Za-z0-9_\n' _).log
     ( timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest "$t" -q -p no:cacheprovider -rA --durations=3 > "$f" 2>&1
       echo "exit $? $t" >> "$f" ) &

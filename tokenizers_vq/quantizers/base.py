@@ -17,12 +17,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from tokenizers_vq import deferred
+
 
 MAX_LATENT_MAGNITUDE = 1e15
 """Largest ``|value|`` a latent may hold when ``check_finite`` is on. Squared distances
 and losses of values from about 1e19 overflow float32 (and bf16): Inf losses, and an
 Inf or NaN codebook after an EMA update. 1e15 leaves room for sums over many channels
 and positions."""
+
+
+def _check_peak(peak: Tensor) -> None:
+    """Refuse a latent whose largest magnitude ``peak`` is NaN, Inf or over the limit (one sync)."""
+    value = float(peak)
+    if not math.isfinite(value):
+        raise ValueError("latent contains NaN or Inf values")
+    if value > MAX_LATENT_MAGNITUDE:
+        raise ValueError(
+            f"latent has values of magnitude {value:.3g}, over the limit of {MAX_LATENT_MAGNITUDE:.0e} "
+            "(their squared distances overflow float32); the encoder has likely diverged"
+        )
 
 
 @dataclass
@@ -129,7 +143,7 @@ class Quantizer(nn.Module, ABC):
     def encode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
         """Codes ``(B, *S, *code_shape)`` for latents ``z`` ``(B, *S, D)`` (-1 where
         ``mask`` is False, see :meth:`forward`). Never updates codebook statistics."""
-        self._check_latent(z)
+        self._check_latent(z, defer=True)
         if mask is not None:
             was_training = self.training
             self.eval()
@@ -168,7 +182,7 @@ class Quantizer(nn.Module, ABC):
         return z
 
     # -- validation ----------------------------------------------------------------------
-    def _check_latent(self, z: Tensor) -> None:
+    def _check_latent(self, z: Tensor, defer: bool = False) -> None:
         if not isinstance(z, Tensor):
             raise ValueError(f"expected a torch.Tensor latent, got {type(z).__name__}")
         if not z.is_floating_point():
@@ -184,14 +198,11 @@ class Quantizer(nn.Module, ABC):
             raise ValueError(f"empty latent batch: shape {tuple(z.shape)}")
         if self.check_finite and not torch.compiler.is_compiling():
             lo, hi = torch.aminmax(z.detach())
-            peak = float(torch.maximum(-lo, hi))  # one sync; NaN propagates
-            if not math.isfinite(peak):
-                raise ValueError("latent contains NaN or Inf values")
-            if peak > MAX_LATENT_MAGNITUDE:
-                raise ValueError(
-                    f"latent has values of magnitude {peak:.3g}, over the limit of {MAX_LATENT_MAGNITUDE:.0e} "
-                    "(their squared distances overflow float32); the encoder has likely diverged"
-                )
+            peak = torch.maximum(-lo, hi)  # NaN propagates
+            if defer:  # nothing updates statistics from it: may wait for the caller's sync
+                deferred.check(peak, _check_peak)
+            else:
+                _check_peak(peak)
 
     def _forward_masked(self, z: Tensor, mask: Tensor) -> QuantizerOutput:
         """The real positions quantized alone (as one ``(1, M, D)`` latent), scattered back."""

@@ -152,7 +152,7 @@ class HierarchicalQuantizer(Quantizer):
     @torch.no_grad()
     def encode_levels(self, z: Tensor) -> dict[str, Tensor]:
         """``{"top": (B, *ceil(S/2), *cs), "bottom": (B, *S, *cs)}`` codes of ``z``."""
-        self._check_latent(z)
+        self._check_latent(z, defer=True)
         was_training = self.training
         self.eval()
         try:

@@ -1,0 +1,63 @@
+"""Input checks that wait for a sync the caller makes anyway.
+
+An encode refuses inputs and latents holding NaN or Inf. Deciding that needs a value from
+the GPU, so each check waits for the work queued before it: an export that queues the next
+batch's encode before copying the last batch's codes back would wait for that batch at the
+start of the next one, and the two never overlap. Inside :func:`deferred_checks` those
+checks queue their value instead; :meth:`DeferredChecks.raise_if_failed`, called once the
+caller has waited for the results anyway, raises the first failure with the message it
+would have raised at once. Outside the block every check runs at once, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+
+from torch import Tensor
+
+_PENDING: ContextVar[DeferredChecks | None] = ContextVar("tokenizers_vq_deferred_checks", default=None)
+
+
+class DeferredChecks:
+    """The checks queued inside one :func:`deferred_checks` block."""
+
+    def __init__(self) -> None:
+        self._checks: list[tuple[Tensor, Callable[[Tensor], None]]] = []
+
+    def raise_if_failed(self) -> None:
+        """Run the queued checks in order (each waits for its value): the first failure raises."""
+        checks, self._checks = self._checks, []
+        for value, verdict in checks:
+            verdict(value)
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[DeferredChecks]:
+    """Checks made inside the block (in this thread or task) are queued on the returned object."""
+    checks = DeferredChecks()
+    token = _PENDING.set(checks)
+    try:
+        yield checks
+    finally:
+        _PENDING.reset(token)
+
+
+def check(value: Tensor, verdict: Callable[[Tensor], None]) -> None:
+    """``verdict(value)`` (which raises on a failure) now, or queued inside :func:`deferred_checks`."""
+    pending = _PENDING.get()
+    if pending is None:
+        verdict(value)
+    else:
+        pending._checks.append((value, verdict))
+
+
+def require(message: str) -> Callable[[Tensor], None]:
+    """A verdict for :func:`check`: raise ``ValueError(message)`` unless the value is true."""
+
+    def verdict(ok: Tensor) -> None:
+        if not bool(ok):
+            raise ValueError(message)
+
+    return verdict

@@ -1,0 +1,188 @@
+"""The export's input pipeline: files read and decoded in loader workers, in file order,
+and encoded in batches of equal shape with the device kept busy
+(:func:`read_inputs`, :func:`encode_batches`; :mod:`tokenizers_vq.export` writes the shards)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import traceback
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from tokenizers_vq.deferred import deferred_checks
+from tokenizers_vq.media import MAX_PIXELS
+from tokenizers_vq.modality import get as get_modality
+from tokenizers_vq.quantizers import PackedCodes
+from tokenizers_vq.tokenizer import Tokenizer
+from tokenizers_vq.tokens import check_input_modality
+from tokenizers_vq.webdataset import TarSample
+
+
+class _Inputs(Dataset):
+    """Files read as a tokenizer's compact inputs (:meth:`~tokenizers_vq.modality.Modality.load_compact`),
+    one per index: what the export's loader workers run. A file the reader refuses comes back
+    as its ``ValueError``, raised again in the main process as the reader worded it."""
+
+    def __init__(self, files: list[Path | TarSample], modality: str, sample_rate: int | None):
+        self.files, self.modality, self.sample_rate = files, modality, sample_rate
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, list[int], dict[str, Any]] | ValueError:
+        f = self.files[i]
+        try:
+            if isinstance(f, TarSample):
+                return f.load(self.modality, self.sample_rate)
+            return get_modality(self.modality).load_compact(f, self.sample_rate, max_pixels=MAX_PIXELS)
+        except ValueError as e:
+            return e
+
+
+class _Chunks(Dataset):
+    """Runs of ``k`` consecutive inputs of :class:`_Inputs`, one per index: a loader
+    worker hands the main process a run at a time, its tensors in one buffer (one shared
+    memory transfer instead of ``k``: the per-item transfer, not decoding, capped a
+    many-worker reader at about 1,000 photos/s)."""
+
+    def __init__(self, inputs: _Inputs, k: int):
+        self.inputs, self.k = inputs, k
+
+    def __len__(self) -> int:
+        return -(-len(self.inputs) // self.k)
+
+    def __getitem__(self, j: int):
+        items = []
+        for i in range(j * self.k, min(len(self.inputs), (j + 1) * self.k)):
+            try:
+                items.append(self.inputs[i])
+            except Exception as e:  # noqa: BLE001  (raised at its own file, after the files before it)
+                items.append(RuntimeError(f"reading {self.inputs.files[i]}: {type(e).__name__}: {e}\n"
+                                          f"{''.join(traceback.format_exception(e))}"))
+                break
+        tensors = [it[0] for it in items if not isinstance(it, Exception)]
+        if len(tensors) != len(items) or len({t.dtype for t in tensors}) != 1:
+            return items, None  # a refused file or mixed types: as they are
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        return flat, [(tuple(t.shape), size, info) for t, (_, size, info) in zip(tensors, items)]
+
+    @staticmethod
+    def unpack(chunk) -> Iterator:
+        """The run's inputs one by one, each in its own memory (an input waiting for a
+        batch does not keep the rest of its run alive)."""
+        flat, meta = chunk
+        if meta is None:
+            yield from flat
+            return
+        offset = 0
+        for shape, size, info in meta:
+            n = math.prod(shape)
+            yield flat[offset : offset + n].view(shape).clone(), size, info
+            offset += n
+
+
+def read_inputs(tok: Tokenizer, files: list[Path], workers: int,
+                batch_size: int = 1) -> Iterator[tuple[Path, tuple[Tensor, list[int], dict]]]:
+    """``(file, (x, size, info))`` in file order, read and decoded in ``workers``
+    processes (0: in this one) ahead of the caller, at least two batches of
+    ``batch_size`` ahead; ``x`` is compact (:meth:`~tokenizers_vq.modality.Modality.load_compact`:
+    uint8 pixels for images, a quarter of the bytes through the loader); the order and the
+    values do not depend on the number of workers."""
+    for f in files:
+        if not isinstance(f, TarSample):  # tar samples are listed by the model's modality
+            check_input_modality(tok, f)
+    data = _Inputs(files, tok.modality, tok.sample_rate)
+    if any(isinstance(f, TarSample) for f in files):
+        workers = 0  # one forward pass over each archive, here: a worker would read its own from the start
+    if workers <= 0 or len(files) < 2:
+        items: Iterator = (data[i] for i in range(len(files)))
+    else:
+        from torch.utils.data import DataLoader  # noqa: PLC0415
+
+        k = min(8, -(-len(files) // workers))  # inputs per transfer
+        chunks = _Chunks(data, k)
+        n = min(workers, len(chunks))
+        loader = DataLoader(chunks, batch_size=None, num_workers=n, prefetch_factor=max(2, -(-2 * batch_size // (n * k))))
+        items = (item for chunk in loader for item in _Chunks.unpack(chunk))
+    for f, item in zip(files, items):
+        if isinstance(item, Exception):  # a refused file (the reader's words) or a failed read
+            raise item
+        yield f, item
+
+
+def encode_batches(
+    tok: Tokenizer, items: Iterator[tuple[Path, tuple[Tensor, list[int], dict]]], batch_size: int,
+    precision: str = "fp32",
+) -> Iterator[tuple[list[tuple[Path, list[int], dict[str, Any]]], Tensor | PackedCodes]]:
+    """Encode read inputs (as :func:`read_inputs` yields them) of equal shape together,
+    ``batch_size`` at a time (expanded to model input on the model's device), every group
+    encoded once ``items`` ends; at most
+    ``2 * batch_size`` decoded inputs wait in memory (when that many are pending in groups
+    of other shapes, all groups are encoded), plus one encoded batch held back until the
+    next is queued. ``precision="bf16"``: under bf16 autocast.
+
+    On a GPU nothing waits for the device between batches: a batch is stacked in pinned
+    memory and copied without a stream sync, its encode's NaN/Inf checks are deferred
+    (:mod:`tokenizers_vq.deferred`) and raised when the batch is handed on, and a batch is
+    handed on (its codes copied back by the caller) only after the next one is queued, so
+    reading and stacking the next batch overlaps the encode of this one.
+
+    Yields:
+        ``(chunk, encoded)``: ``(file, size, info)`` per file of the chunk and
+        ``tok.encode`` of their stacked inputs.
+    """
+    device = next(tok.parameters()).device
+    step = max(1, batch_size)
+    pending: dict[tuple[int, ...], list[tuple[Path, Tensor, list[int], dict[str, Any]]]] = defaultdict(list)
+
+    def encode(group: list[tuple[Path, Tensor, list[int], dict[str, Any]]]):
+        first = group[0][1]
+        staged = torch.empty((len(group), *first.shape), dtype=first.dtype, pin_memory=device.type == "cuda")
+        x = tok.media.expand(torch.stack([x for _, x, _, _ in group], out=staged).to(device, non_blocking=True))
+        chunk = [(f, size, info) for f, _, size, info in group]
+        with _said_of(chunk), deferred_checks() as checks:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                encoded = tok.encode(x)
+        return chunk, encoded, checks
+
+    def groups():
+        for f, (x, size, info) in items:
+            shape = tuple(x.shape)
+            pending[shape].append((f, x, size, info))
+            if len(pending[shape]) == step:
+                yield pending.pop(shape)
+            elif sum(map(len, pending.values())) >= 2 * step:
+                for key in list(pending):
+                    yield pending.pop(key)
+        for key in list(pending):
+            yield pending.pop(key)
+
+    def settled(chunk, encoded, checks):
+        with _said_of(chunk):
+            checks.raise_if_failed()  # waits for this batch only: the next one is queued behind it
+        return chunk, encoded
+
+    previous = None
+    for group in groups():
+        current = encode(group)
+        if previous is not None:
+            yield settled(*previous)
+        previous = current
+    if previous is not None:
+        yield settled(*previous)
+
+
+@contextlib.contextmanager
+def _said_of(chunk: list[tuple[Path, list[int], dict[str, Any]]]) -> Iterator[None]:
+    """A ``ValueError`` inside (the tokenizer's refusal: too small, NaN) names the chunk's files."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{chunk[0][0] if len(chunk) == 1 else [str(f) for f, *_ in chunk]}: {e}") from e
