@@ -2,7 +2,8 @@
 default's backbone) trained with each quantizer in turn on the same photos, for the same
 steps, from the same seed, then measured on held-apart photos.
 
-Ours: VQ with an EMA codebook, FSQ, LFQ, BSQ, SimVQ and IBQ. vector-quantize-pytorch's
+Ours: VQ with an EMA codebook and SimVQ (each with the straight-through and the rotation-trick
+estimator), FSQ, LFQ, BSQ and IBQ. vector-quantize-pytorch's
 ``VectorQuantize``, ``FSQ``, ``LFQ`` and ``SimVQ`` run behind our quantizer contract
 through :class:`PeerQuantizer` (an adapter that lives here, not in the library). Every
 codebook has 1024 codes (FSQ ``[8, 5, 5, 5]``: 1000). The adversarial loss is off, so the
@@ -44,7 +45,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ours-fsq": ("fsq", {"levels": FSQ_LEVELS}),
     "ours-lfq": ("lfq", {"num_bits": int(math.log2(CODEBOOK))}),
     "ours-bsq": ("lfq", {"num_bits": int(math.log2(CODEBOOK)), "spherical": True}),
+    "ours-vq-ema-rot": ("vq", {"codebook_size": CODEBOOK, "codebook_dim": 16, "metric": "cosine", "kmeans_init": True,
+                               "dead_code_threshold": 2.0, "check_finite": False, "estimator": "rotation"}),  # as the peer's
     "ours-simvq": ("simvq", {"codebook_size": CODEBOOK}),
+    "ours-simvq-rot": ("simvq", {"codebook_size": CODEBOOK, "estimator": "rotation"}),  # as the peer's default
     "ours-ibq": ("ibq", {"codebook_size": CODEBOOK}),
     "vqp-vq": (PEER, {"method": "vq", "codebook_size": CODEBOOK}),
     "vqp-fsq": (PEER, {"method": "fsq", "codebook_size": math.prod(FSQ_LEVELS)}),

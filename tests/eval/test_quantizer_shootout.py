@@ -46,3 +46,16 @@ def test_peer_adapter_keeps_the_contract(method):
     codes = q.encode(z)
     assert int(codes.max()) < q.codebook_size
     torch.testing.assert_close(q.decode(codes), q(z).quantized, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", [m for m in shootout.METHODS if m.startswith("ours-")])
+def test_each_of_our_bottlenecks_builds_from_its_row(method):
+    """Every row of ours is a valid quantizer config (a typo in an option would only show on
+    the device), and the rotation-trick rows really switch the estimator."""
+    from tokenizers_vq.tokenizer_config import QuantizerConfig  # noqa: PLC0415
+
+    kind, options = shootout.METHODS[method]
+    q = QuantizerConfig(kind=kind, options=options).build(8)
+    out = q(torch.randn(2, 4, 4, 8))
+    assert out.codes.shape == (2, 4, 4) and q.codebook_size in (1000, 1024)
+    assert getattr(q, "estimator", "ste") == ("rotation" if method.endswith("-rot") else "ste")
