@@ -141,22 +141,21 @@ def test_a_nan_input_found_after_the_next_batch_is_queued_names_its_own_file():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_encode_batches_never_wait_for_the_device_between_batches(monkeypatch):
-    """With CUDA's sync debug mode set to raise, batches are stacked, copied and encoded
-    without a stream sync; the only waits are the deferred checks of a batch when it is handed
-    on (after the next one is queued)."""
-    from tokenizers_vq import deferred  # noqa: PLC0415
-
+    """With CUDA's sync debug mode set to raise, batches are stacked, copied, encoded, copied
+    back and checked without a stream sync; the only wait is for the batch handed on (an
+    event recorded behind its own encode, after the next batch is queued)."""
     tok = tiny("image").cuda().eval()
-    real = deferred.DeferredChecks.raise_if_failed
+    real, waits = export_pipeline._wait, []
 
-    def allowed_wait(self):
+    def allowed_wait(event):
         torch.cuda.set_sync_debug_mode(0)
         try:
-            real(self)
+            real(event)
+            waits.append(event)
         finally:
             torch.cuda.set_sync_debug_mode("error")
 
-    monkeypatch.setattr(deferred.DeferredChecks, "raise_if_failed", allowed_wait)
+    monkeypatch.setattr(export_pipeline, "_wait", allowed_wait)
     xs = [torch.randint(0, 256, (3, 64, 48), dtype=torch.uint8) for _ in range(6)]
     export_pipeline.encode_batches(tok, _items(xs[:2]), batch_size=2).__next__()  # warm-up (kernel compiles)
     torch.cuda.set_sync_debug_mode("error")
@@ -164,5 +163,6 @@ def test_gpu_encode_batches_never_wait_for_the_device_between_batches(monkeypatc
         out = list(export_pipeline.encode_batches(tok, _items(xs), batch_size=2))
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    codes = torch.cat([c for _, c in out]).cpu()
+    assert len(waits) == 4 and all(c.device.type == "cpu" for _, c in out)  # 1 warm-up + 3 batches
+    codes = torch.cat([c for _, c in out])
     assert torch.equal(codes, tok.encode(tok.media.expand(torch.stack(xs)).cuda()).cpu())

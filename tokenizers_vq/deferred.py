@@ -26,6 +26,12 @@ class DeferredChecks:
     def __init__(self) -> None:
         self._checks: list[tuple[Tensor, Callable[[Tensor], None]]] = []
 
+    def to_host(self) -> None:
+        """Copy the queued values to the CPU without waiting (stream-ordered, into pinned memory);
+        the caller must wait for the stream (e.g. an event recorded after this) before
+        :meth:`raise_if_failed`."""
+        self._checks = [(value.to("cpu", non_blocking=True), verdict) for value, verdict in self._checks]
+
     def raise_if_failed(self) -> None:
         """Run the queued checks in order (each waits for its value): the first failure raises."""
         checks, self._checks = self._checks, []

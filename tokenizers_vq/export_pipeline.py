@@ -128,11 +128,11 @@ def encode_batches(
     of other shapes, all groups are encoded), plus one encoded batch held back until the
     next is queued. ``precision="bf16"``: under bf16 autocast.
 
-    On a GPU nothing waits for the device between batches: a batch is stacked in pinned
-    memory and copied without a stream sync, its encode's NaN/Inf checks are deferred
-    (:mod:`tokenizers_vq.deferred`) and raised when the batch is handed on, and a batch is
-    handed on (its codes copied back by the caller) only after the next one is queued, so
-    reading and stacking the next batch overlaps the encode of this one.
+    On a GPU the host never waits for more than the batch it hands on: a batch is stacked in
+    pinned memory and copied without a stream sync; its codes and its encode's NaN/Inf check
+    values (:mod:`tokenizers_vq.deferred`) are copied back asynchronously right behind its
+    encode; it is handed on (codes on the CPU, checks raised) only after the next batch is
+    queued, so reading and stacking the next batch overlaps the encode of this one.
 
     Yields:
         ``(chunk, encoded)``: ``(file, size, info)`` per file of the chunk and
@@ -150,7 +150,16 @@ def encode_batches(
         with _said_of(chunk), deferred_checks() as checks:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 encoded = tok.encode(x)
-        return chunk, encoded, checks
+        if device.type != "cuda":
+            return chunk, encoded, checks, None
+        # copied back in stream order right behind this batch's encode: handing the batch on then
+        # waits for it alone, not for the next batch queued behind it
+        checks.to_host()
+        if isinstance(encoded, Tensor):
+            encoded = encoded.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return chunk, encoded, checks, done
 
     def groups():
         for f, (x, size, info) in items:
@@ -164,9 +173,11 @@ def encode_batches(
         for key in list(pending):
             yield pending.pop(key)
 
-    def settled(chunk, encoded, checks):
+    def settled(chunk, encoded, checks, done):
+        if done is not None:
+            _wait(done)
         with _said_of(chunk):
-            checks.raise_if_failed()  # waits for this batch only: the next one is queued behind it
+            checks.raise_if_failed()
         return chunk, encoded
 
     previous = None
@@ -177,6 +188,11 @@ def encode_batches(
         previous = current
     if previous is not None:
         yield settled(*previous)
+
+
+def _wait(event: torch.cuda.Event) -> None:
+    """Wait for one batch's encode and copies (the host's only wait between batches)."""
+    event.synchronize()
 
 
 @contextlib.contextmanager
