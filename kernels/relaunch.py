@@ -50,10 +50,6 @@ def _hooks_active() -> bool:
     return any(getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
 
-def _spec(values) -> tuple:
-    return tuple((v.dtype, v.data_ptr() % 16 == 0) if type(v) is Tensor else v for v in values)
-
-
 def _params(kernel) -> list[inspect.Parameter]:
     """The Python parameters of a ``triton.jit`` function, or of the one an autotuner wraps."""
     while not isinstance(kernel, triton.runtime.JITFunction):
@@ -85,9 +81,12 @@ def launch(kernel, grid, *args, **meta) -> None:
         kernel[grid](*args, **meta)
         return
     device, stream = _stream()
-    key = (id(kernel), device, _spec(args), _spec(meta.values()), tuple(meta))
+    # the specialisation, flat: every non-tensor value, each tensor's dtype and 16-byte alignment
+    key = (id(kernel), device, len(args), *meta,
+           *[(a.dtype, a.data_ptr() & 15 == 0) if type(a) is Tensor else a for a in args],
+           *[(v.dtype, v.data_ptr() & 15 == 0) if type(v) is Tensor else v for v in meta.values()])
     entry = _ENTRIES.get(key)
-    if entry is None:
+    if entry is None:  # Triton's own launch (compiles, tunes)
         compiled = kernel[grid](*args, **meta)
         entry = _fill(kernel, len(args), compiled)
         if entry is not None:
@@ -96,9 +95,8 @@ def launch(kernel, grid, *args, **meta) -> None:
     if entry.config:
         meta = {**meta, **entry.config}
     g = grid(meta) if callable(grid) else grid
-    tail = tuple(meta.get(name, default) for name, default in entry.tail)
     entry.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, entry.function,
-              entry.packed_metadata, None, None, None, *args, *tail)
+              entry.packed_metadata, None, None, None, *args, *[meta.get(n, d) for n, d in entry.tail])
 
 
 def clear() -> None:

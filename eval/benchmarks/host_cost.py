@@ -9,9 +9,11 @@ goes straight to the implementation; ``torch.compile`` goes through the ``torch.
 custom op) and the implementation itself, so the public wrapper's own cost shows apart.
 
     python -m tokenizers_vq.eval.benchmarks.host_cost              # the bench cases, microseconds per call
+    python -m tokenizers_vq.eval.benchmarks.host_cost --gpu        # on a GPU: real calls, kept kernels vs Triton's launch
 
-On a GPU, :func:`profile_gpu_calls` (the sweep's ``profile`` part) times real small calls and
-profiles where their host time goes.
+On a GPU, :func:`gpu_host_us` times real calls with and without the kept compiled kernels of
+:mod:`~tokenizers_vq.kernels.relaunch`, and :func:`profile_gpu_calls` (also the sweep's
+``profile`` part) profiles where their host time goes.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class _NoLaunch:
 
     def __init__(self, original):
         self.original, self.fn = original, self
+        self.best_config = (getattr(original, "configs", None) or [None])[0]  # an autotuner's first config
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: _NoCompiled()
@@ -106,7 +109,7 @@ def measure(n: int, k: int, d: int, dtype: torch.dtype = torch.bfloat16) -> dict
 
 
 def profile_gpu_calls(rows: list) -> None:
-    """cProfile of 500 default calls at 32768 x 16384 x 8 (bf16): where the host time goes."""
+    """cProfile of 500 default calls at 32768 x 1024 x 8 (bf16): where the host time goes."""
     import cProfile  # noqa: PLC0415
     import io  # noqa: PLC0415
     import pstats  # noqa: PLC0415
@@ -114,7 +117,7 @@ def profile_gpu_calls(rows: list) -> None:
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
     x = torch.randn(32768, 8, device="cuda").bfloat16()
-    c = torch.randn(16384, 8, device="cuda").bfloat16()
+    c = torch.randn(1024, 8, device="cuda").bfloat16()
     for alg in ("packed", "tiled"):
         for _ in range(20):
             nearest_codes_triton(x, c, algorithm=alg)
@@ -137,10 +140,39 @@ def profile_gpu_calls(rows: list) -> None:
         rows.append({"part": "profile", "algorithm": alg, "us_per_synced_call": synced, "top": buf.getvalue()[:6000]})
 
 
+def gpu_host_us(n: int, k: int, d: int, calls: int = 2000) -> dict[str, float]:
+    """On a GPU: microseconds per eager bf16 call, timed on the host (no sync inside the loop, so
+    a host-bound call shows its host time), with the kept compiled kernels
+    (:mod:`~tokenizers_vq.kernels.relaunch`) and through Triton's own launch path."""
+    from tokenizers_vq.kernels import relaunch  # noqa: PLC0415
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+
+    x = torch.randn(n, d, device="cuda").bfloat16()
+    c = torch.randn(k, d, device="cuda").bfloat16()
+    out = {}
+    for name, enabled in (("relaunch_us", True), ("triton_launch_us", False)):
+        relaunch.ENABLED = enabled
+        try:
+            out[name] = host_us(lambda: nearest_codes_triton(x, c), calls=calls, repeats=3)
+            torch.cuda.synchronize()
+        finally:
+            relaunch.ENABLED = True
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default="", help="subset, e.g. '32768x1024x8,32768x16384x32'")
+    p.add_argument("--gpu", action="store_true", help="time real calls on the GPU and profile one case instead")
     args = p.parse_args(argv)
+    if args.gpu:
+        cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")] if args.cases else CASES
+        rows = [{"n": n, "k": k, "d": d, **gpu_host_us(n, k, d)} for n, k, d in cases]
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        profile_gpu_calls(rows)
+        print(json.dumps({"torch": torch.__version__, "rows": rows}))
+        return
     cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")] if args.cases else CASES
     rows = [{"n": n, "k": k, "d": d, **measure(n, k, d)} for n, k, d in cases]
     print("| N x K x d (bf16) | public call, us | implementation alone, us |\n|---|---|---|")

@@ -155,6 +155,8 @@ def check_code_statistics(device, full=False):
 
 def check_custom_op(device, full=False):
     """The registered op passes torch's opcheck (schema, fake tensor, dispatch)."""
+    import tokenizers_vq.kernels.nearest  # noqa: F401, PLC0415  (registers the ops, in a process of its own too)
+
     for args in ((_data((9, 6), torch.float32, device), _data((33, 6), torch.float32, device), "l2", 0, "ieee", True, 0),
                  (_data((2, 5, 3), torch.float32, device), _data((2, 8, 3), torch.float32, device), "cosine", 2, "ieee", False, 0),
                  (_data((9, 6), torch.bfloat16, device), _data((33, 6), torch.bfloat16, device), "l2", 0, "tf32", True, 0,
