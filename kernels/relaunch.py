@@ -16,6 +16,7 @@ plain launch runs) under the interpreter, when a launch hook is set (profilers),
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -36,6 +37,8 @@ class _Entry(NamedTuple):
 
 
 _ENTRIES: dict[tuple, _Entry] = {}
+MAX_ENTRIES = 4096  # specialisations kept (every distinct shape is one); past it the cache starts over
+_FIRST_CALLS = threading.Lock()  # a first call and the tuned config it leaves on the kernel stay together
 
 
 def _stream() -> tuple[int, int]:
@@ -81,16 +84,20 @@ def launch(kernel, grid, *args, **meta) -> None:
         kernel[grid](*args, **meta)
         return
     device, stream = _stream()
-    # the specialisation, flat: every non-tensor value, each tensor's dtype and 16-byte alignment
+    # the specialisation, flat: every non-tensor value, each tensor's (subclasses too) dtype and
+    # 16-byte alignment; no tensor itself is kept
     key = (id(kernel), device, len(args), *meta,
-           *[(a.dtype, a.data_ptr() & 15 == 0) if type(a) is Tensor else a for a in args],
-           *[(v.dtype, v.data_ptr() & 15 == 0) if type(v) is Tensor else v for v in meta.values()])
+           *[(a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, Tensor) else a for a in args],
+           *[(v.dtype, v.data_ptr() & 15 == 0) if isinstance(v, Tensor) else v for v in meta.values()])
     entry = _ENTRIES.get(key)
     if entry is None:  # Triton's own launch (compiles, tunes)
-        compiled = kernel[grid](*args, **meta)
-        entry = _fill(kernel, len(args), compiled)
-        if entry is not None:
-            _ENTRIES[key] = entry
+        with _FIRST_CALLS:
+            compiled = kernel[grid](*args, **meta)
+            entry = _fill(kernel, len(args), compiled)
+            if entry is not None:
+                if len(_ENTRIES) >= MAX_ENTRIES:
+                    _ENTRIES.clear()
+                _ENTRIES[key] = entry
         return
     if entry.config:
         meta = {**meta, **entry.config}

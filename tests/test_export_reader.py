@@ -166,3 +166,13 @@ def test_gpu_encode_batches_never_wait_for_the_device_between_batches(monkeypatc
     assert len(waits) == 4 and all(c.device.type == "cpu" for _, c in out)  # 1 warm-up + 3 batches
     codes = torch.cat([c for _, c in out])
     assert torch.equal(codes, tok.encode(tok.media.expand(torch.stack(xs)).cuda()).cpu())
+
+
+def test_an_earlier_batchs_deferred_failure_is_raised_before_a_later_batchs_own():
+    """Batch 0 holds a NaN (found when it is handed on); batch 1 is refused at once (too small):
+    the error is batch 0's, naming its file."""
+    tok = tiny("image")
+    xs = [torch.rand(3, 32, 32), torch.rand(3, 4, 4)]
+    xs[0][0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"item0\.png: image input contains NaN or Inf"):
+        list(export_pipeline.encode_batches(tok, _items(xs), batch_size=1))

@@ -158,7 +158,7 @@ def encode_batches(
         if isinstance(encoded, Tensor):
             encoded = encoded.to("cpu", non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(device))  # the model's device, where the copies ran
         return chunk, encoded, checks, done
 
     def groups():
@@ -182,7 +182,13 @@ def encode_batches(
 
     previous = None
     for group in groups():
-        current = encode(group)
+        try:
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                current = encode(group)  # kernels on the model's device, whichever is current
+        except Exception:
+            if previous is not None:  # its own deferred failure, if any, came first
+                settled(*previous)
+            raise
         if previous is not None:
             yield settled(*previous)
         previous = current

@@ -109,3 +109,17 @@ def test_hooks_and_the_switch_bypass_the_direct_path(recorded, monkeypatch):
     monkeypatch.setattr(relaunch, "ENABLED", False)
     relaunch.launch(_kernel, (1,), x, x, 64, 1, FLAG=True)
     assert [e[0] for e in recorded] == ["triton"] * 3
+
+
+def test_tensor_subclasses_are_keyed_by_dtype_and_alignment_and_the_cache_is_bounded(recorded, monkeypatch):
+    """A Parameter is a tensor like any other (keyed by dtype and alignment, never kept itself),
+    and the cache starts over past MAX_ENTRIES specialisations."""
+    p32, p64 = torch.nn.Parameter(torch.zeros(64)), torch.nn.Parameter(torch.zeros(64, dtype=torch.float64))
+    for p in (p32, p32, p64, p64):
+        relaunch.launch(_kernel, (1,), p, p, 64, 1, FLAG=True)
+    assert [e[0] for e in recorded] == ["triton", "direct", "triton", "direct"]
+    assert not any(isinstance(v, torch.Tensor) for key in relaunch._ENTRIES for v in key)
+    monkeypatch.setattr(relaunch, "MAX_ENTRIES", 2)
+    for n in (1, 2, 3):
+        relaunch.launch(_kernel, (1,), p32, p32, 64 * n, 1, FLAG=True)
+    assert len(relaunch._ENTRIES) <= 2
