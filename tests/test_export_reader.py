@@ -176,3 +176,29 @@ def test_an_earlier_batchs_deferred_failure_is_raised_before_a_later_batchs_own(
     xs[0][0, 1, 1] = float("nan")
     with pytest.raises(ValueError, match=r"item0\.png: image input contains NaN or Inf"):
         list(export_pipeline.encode_batches(tok, _items(xs), batch_size=1))
+
+
+def test_the_encode_runs_on_into_the_next_shard_before_a_shard_is_written(tmp_path, monkeypatch):
+    """Batches never cross shards, but the pipeline does not drain at a shard's end: shard k+1's
+    first batch is queued before shard k is written. A file listed twice in one shard is
+    encoded twice and indexed twice."""
+    files = photos(3)
+    files = [files[0], files[0], files[1], files[2]]
+    tok = tiny("image")
+    log, real_encode, real_write = [], type(tok).encode, export.atomic_write
+
+    def encode(self, x):
+        log.append("encode")
+        return real_encode(self, x)
+
+    def atomic_write(path, fn, *args, **kwargs):
+        if Path(path).suffix == ".bin":
+            log.append(Path(path).stem)
+        return real_write(path, fn, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "encode", encode)
+    monkeypatch.setattr(export, "atomic_write", atomic_write)
+    export_dataset(tok, files, tmp_path / "x", shard_items=2, batch_size=1)
+    assert log == ["encode", "encode", "encode", "shard_00000", "encode", "shard_00001"]
+    index = json.loads((tmp_path / "x" / "shard_00000.json").read_text())["items"]
+    assert [it["source"] for it in index] == [files[0].name] * 2

@@ -60,7 +60,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from tokenizers_vq import distributed
-from tokenizers_vq.export_pipeline import encode_batches, read_inputs
+from tokenizers_vq.export_pipeline import FLUSH, encode_batches, read_inputs
 from tokenizers_vq.export_record import START_OVER, claim, fingerprint
 from tokenizers_vq.io import atomic_write
 from tokenizers_vq.runtime import keep_freed_memory
@@ -69,26 +69,39 @@ from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import TokenRecord
 from tokenizers_vq.webdataset import TarSample, close_readers
 
-def _encode_shard(tok: Tokenizer, files: list[Path], items: Iterator, batch_size: int,
-                  precision: str = "fp32") -> list[TokenRecord]:
-    """Encode a shard's files (``items``: their read inputs, in order); inputs of equal
-    shape (images of one size, audio of one length) are batched through the model
-    together, at most ``batch_size`` at a time."""
+def _with_flushes(reader: Iterator, sizes: list[int]) -> Iterator:
+    """The reader's inputs shard by shard, each shard's followed by :data:`FLUSH`: batches never
+    cross shards (a resumed export batches every shard as an uninterrupted one), while the
+    encode runs on from one shard into the next."""
+    for n in sizes:
+        yield from itertools.islice(reader, n)
+        yield FLUSH
+
+
+def _shard_batches(files: list[Path], batches: Iterator) -> Iterator:
+    """The encoded batches (``(chunk, encoded)``) of one shard's ``files``, taken from ``batches``."""
+    left = len(files)
+    while left > 0:
+        chunk, encoded = next(batches)
+        left -= len(chunk)
+        yield chunk, encoded
+
+
+def _encode_shard(files: list[Path], batches: Iterator) -> list[TokenRecord]:
+    """A shard's records in file order (inputs of equal shape were batched together)."""
     records = {}
-    for chunk, codes in encode_batches(tok, items, batch_size, precision):
+    for chunk, codes in _shard_batches(files, batches):
         for (f, size, info), c in zip(chunk, codes.cpu()):
             records[f] = TokenRecord(c, f.name, size, info)
     return [records[f] for f in files]
 
 
 # -- dynamic-length codes --------------------------------------------------------------------
-def _encode_dynamic_shard(
-    tok: Tokenizer, files: list[Path], items: Iterator, batch_size: int, precision: str = "fp32"
-) -> list[tuple[TokenRecord, Tensor, list[int]]]:
+def _encode_dynamic_shard(files: list[Path], batches: Iterator) -> list[tuple[TokenRecord, Tensor, list[int]]]:
     """Per file: record of its packed codes ``(N, *code_shape)``, layout rows ``(N, 2)``
     (cell raster index, granularity) and latent grid; media of equal shape are batched."""
     out = {}
-    for chunk, packed in encode_batches(tok, items, batch_size, precision):
+    for chunk, packed in _shard_batches(files, batches):
         strides = torch.tensor([math.prod(packed.shape[a + 1 :]) for a in range(len(packed.shape))])
         for b, (f, size, info) in enumerate(chunk):
             codes, pos, fine = (t.cpu() for t in packed.sample(b))
@@ -175,9 +188,9 @@ def export_dataset(
         todo = [k for k in range(rank, n_shards, world) if not _finished(out, k, dynamic)]
         chunks = {k: files[k * shard_items : (k + 1) * shard_items] for k in todo}
         reader = read_inputs(tok, [f for k in todo for f in chunks[k]], workers, batch_size)  # one reader for them all
+        batches = encode_batches(tok, _with_flushes(reader, [len(chunks[k]) for k in todo]), batch_size, precision)
         for k in tqdm(todo, desc="export shards", disable=rank != 0):
-            items = itertools.islice(reader, len(chunks[k]))  # this shard's inputs: batches never cross shards
-            _write_shard(tok, out, k, chunks[k], items, dtype, batch_size, precision)
+            _write_shard(tok, out, k, chunks[k], batches, dtype)
     except Exception as e:  # noqa: BLE001  (every rank learns of it, then it is raised)
         error = e
     finally:
@@ -199,16 +212,15 @@ def _finished(out: Path, k: int, dynamic: bool) -> bool:
     return all(Path(f"{name}{suffix}").is_file() for suffix in (".bin", ".json") + ((".layout.bin",) if dynamic else ()))
 
 
-def _write_shard(tok: Tokenizer, out: Path, k: int, chunk: list[Path], items: Iterator, dtype: np.dtype,
-                 batch_size: int, precision: str) -> None:
-    """Encode shard ``k`` (files ``chunk``, ``items`` their read inputs); atomic writes."""
+def _write_shard(tok: Tokenizer, out: Path, k: int, chunk: list[Path], batches: Iterator, dtype: np.dtype) -> None:
+    """Write shard ``k`` (files ``chunk``; their encoded batches come next in ``batches``); atomic writes."""
     dynamic = tok.is_dynamic
     name = f"shard_{k:05d}"
     bin_path, idx_path, layout_path = out / f"{name}.bin", out / f"{name}.json", out / f"{name}.layout.bin"
     if dynamic:
-        encoded = _encode_dynamic_shard(tok, chunk, items, batch_size, precision)
+        encoded = _encode_dynamic_shard(chunk, batches)
     else:
-        encoded = [(r, None, None) for r in _encode_shard(tok, chunk, items, batch_size, precision)]
+        encoded = [(r, None, None) for r in _encode_shard(chunk, batches)]
     items, offset = [], 0
     for r, _, grid in encoded:
         n = r.codes.numel()

@@ -117,6 +117,11 @@ def read_inputs(tok: Tokenizer, files: list[Path], workers: int,
         yield f, item
 
 
+FLUSH = object()
+"""An item of :func:`encode_batches`' input: every pending group is encoded now, so no later
+input shares a batch with an earlier one (the export puts one after each shard)."""
+
+
 def encode_batches(
     tok: Tokenizer, items: Iterator[tuple[Path, tuple[Tensor, list[int], dict]]], batch_size: int,
     precision: str = "fp32",
@@ -162,7 +167,12 @@ def encode_batches(
         return chunk, encoded, checks, done
 
     def groups():
-        for f, (x, size, info) in items:
+        for item in items:
+            if item is FLUSH:
+                for key in list(pending):
+                    yield pending.pop(key)
+                continue
+            f, (x, size, info) = item
             shape = tuple(x.shape)
             pending[shape].append((f, x, size, info))
             if len(pending[shape]) == step:
@@ -180,14 +190,17 @@ def encode_batches(
             checks.raise_if_failed()
         return chunk, encoded
 
-    previous = None
-    for group in groups():
+    previous, grouped = None, groups()
+    while True:
         try:
+            group = next(grouped, None)
+            if group is None:
+                break
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 current = encode(group)  # kernels on the model's device, whichever is current
-        except Exception:
-            if previous is not None:  # its own deferred failure, if any, came first
-                settled(*previous)
+        except Exception:  # a failed read or encode: what came before it is handed on first
+            if previous is not None:
+                yield settled(*previous)  # (its own deferred failure, if any, is raised here instead)
             raise
         if previous is not None:
             yield settled(*previous)
