@@ -80,11 +80,13 @@ def _with_flushes(reader: Iterator, sizes: list[int]) -> Iterator:
 
 def _shard_batches(files: list[Path], batches: Iterator) -> Iterator:
     """The encoded batches (``(chunk, encoded)``) of one shard's ``files``, taken from ``batches``."""
-    left = len(files)
+    left, mine = len(files), set(files)
     while left > 0:
-        chunk, encoded = next(batches)
-        left -= len(chunk)
-        yield chunk, encoded
+        batch = next(batches, None)
+        if batch is None or not all(f in mine for f, _, _ in batch[0]):  # a bug, never a wrong shard
+            raise RuntimeError(f"export: the encoded batches and the shard of {files[0]} are out of step")
+        left -= len(batch[0])
+        yield batch
 
 
 def _encode_shard(files: list[Path], batches: Iterator) -> list[TokenRecord]:
@@ -183,7 +185,7 @@ def export_dataset(
                 error = e
         distributed.agree(error)
     n_shards = (len(files) + shard_items - 1) // shard_items
-    error = None
+    error = reader = batches = None
     try:
         todo = [k for k in range(rank, n_shards, world) if not _finished(out, k, dynamic)]
         chunks = {k: files[k * shard_items : (k + 1) * shard_items] for k in todo}
@@ -194,6 +196,9 @@ def export_dataset(
     except Exception as e:  # noqa: BLE001  (every rank learns of it, then it is raised)
         error = e
     finally:
+        for it in (batches, reader):  # loader workers and batches in flight end now, not with the traceback
+            if it is not None:
+                it.close()
         close_readers()
     distributed.agree(error)
     manifest = None
