@@ -26,6 +26,20 @@ def _setup(tmp_path: Path, n: int = 6) -> tuple[list[str], dict[str, str]]:
     return cmd, {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+# ``tvq export`` whose ranks pause after each shard, so that the kill below lands mid-export
+# (unpaused, a fast machine finished all six shards between two polls)
+_SLOW_SHARDS = """
+import runpy, time
+import tokenizers_vq.export as export
+write = export._write_shard
+def paused(*args, **kwargs):
+    write(*args, **kwargs)
+    time.sleep(1.0)
+export._write_shard = paused
+runpy.run_module("tokenizers_vq.cli", run_name="__main__")
+"""
+
+
 def _ranks(cmd: list[str], env: dict[str, str], world: int = 2) -> list[subprocess.Popen]:
     port = str(free_port())
     return [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
@@ -52,7 +66,7 @@ def test_two_ranks_write_one_process_export_and_resume_per_rank_after_a_kill(tmp
     assert _files(tmp_path / "two") == one  # byte for byte, export.json and manifest included
 
     killed = tmp_path / "killed"
-    procs = _ranks([*cmd, "--out", str(killed)], env)
+    procs = _ranks([sys.executable, "-c", _SLOW_SHARDS, *cmd[3:], "--out", str(killed)], env)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(killed.glob("shard_*.json"))) < 2:
         time.sleep(0.05)
