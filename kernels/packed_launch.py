@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from tokenizers_vq.kernels import relaunch
 from tokenizers_vq.kernels.packed import (
     AUGMENT_BLOCK_K,
     EXTRA_COLUMNS,
@@ -21,7 +22,6 @@ from tokenizers_vq.kernels.packed import (
     _packed_merge_kernel,
     tag_cols,
 )
-from tokenizers_vq.kernels import relaunch
 from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
 from tokenizers_vq.kernels.tiles import (
     SPLIT_QUANTUM,

@@ -69,6 +69,7 @@ from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import TokenRecord
 from tokenizers_vq.webdataset import TarSample, close_readers
 
+
 def _with_flushes(reader: Iterator, sizes: list[int]) -> Iterator:
     """The reader's inputs shard by shard, each shard's followed by :data:`FLUSH`: batches never
     cross shards (a resumed export batches every shard as an uninterrupted one), while the
