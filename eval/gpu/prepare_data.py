@@ -4,6 +4,7 @@ small enough to travel with the working tree (the device tool carries 64 MiB in 
     python eval/gpu/prepare_data.py images-train audio video      # training call
     python eval/gpu/prepare_data.py images-train images-val       # benchmark call
     python eval/gpu/prepare_data.py audio video --audio-part 0 --audio-parts 2 --max-frames 48
+    python eval/gpu/prepare_data.py video video-val --max-frames 120 --frame-start 120 --jpeg-quality 85
 
 ``--audio-part K --audio-parts N`` keeps every N-th training speaker from the K-th, so that
 successive calls train on different speakers when all of them do not fit in one call.
@@ -71,12 +72,16 @@ def webp_files(files: list[Path], dest: Path, quality: int, max_side: int = 0) -
     return sum(p.stat().st_size for p in dest.iterdir())
 
 
-def video_frames(src: Path, dest: Path, max_side: int = 256, max_frames: int = 96, quality: int = 95) -> int:
+def video_frames(src: Path, dest: Path, max_side: int = 256, max_frames: int = 96, quality: int = 95,
+                 start: int = 0) -> int:
+    """Frames ``start`` .. ``start + max_frames`` of a clip (fewer where it is shorter; its last
+    ``max_frames`` where it ends before ``start``) as JPEG files, longer side at most ``max_side``."""
     from PIL import Image  # noqa: PLC0415
 
     from tokenizers_vq.media import load_video  # noqa: PLC0415
 
-    frames, fps = load_video(src, max_frames)
+    frames, fps = load_video(src, start + max_frames)
+    frames = frames[max(0, min(start, len(frames) - max_frames)):]
     dest.mkdir(parents=True, exist_ok=True)
     h, w = frames.shape[-2:]
     scale = min(1.0, max_side / max(h, w))
@@ -101,6 +106,7 @@ def main() -> None:
     p.add_argument("--image-side", type=int, default=768, help="with --image-quality: longer side of the Wikimedia photos")
     p.add_argument("--max-frames", type=int, default=96)
     p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--frame-start", type=int, default=0, help="video: first frame kept (another window per call)")
     args = p.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"shared data not found at {SHARED}")
@@ -138,10 +144,10 @@ def main() -> None:
             from tokenizers_vq.media import list_media  # noqa: PLC0415
 
             root = SHARED / "video"
-            clips = [f for f in list_media(root, "video") if f.is_file()]
+            clips = list_media(root, "video")  # files and folders of numbered frames
             clips = [f for f in clips if not str(f.relative_to(root)).startswith(VIDEO_HELD_APART + VIDEO_NOT_FOR_TRAINING)]
-            sizes[what] = sum(video_frames(f, DEST / "video" / f.stem, max_frames=args.max_frames, quality=args.jpeg_quality)
-                              for f in clips)
+            sizes[what] = sum(video_frames(f, DEST / "video" / f.stem, max_frames=args.max_frames,
+                                           quality=args.jpeg_quality, start=args.frame_start) for f in clips)
     for k, v in sizes.items():
         print(f"{k}: {v / 2**20:.1f} MiB")
 
