@@ -3,7 +3,10 @@
 # for the same wall-clock minutes, warm-started from earlier weights where given.
 #   python eval/gpu/prepare_data.py audio images-train video video-val --audio-kbps 24 --image-quality 90 --max-frames 40 --jpeg-quality 85
 #   device run, carry [.devdata/..., .whl, (warm-start folders)]:  RUNS="s67 va ig il" bash eval/gpu/train_round.sh
-# (sc: the 66.7 Hz speech recipe with causal padding, for the streaming models)
+# (sc: the 66.7 Hz speech recipe with causal padding, for the streaming models; video: va the shipped
+# shape (5.2 M parameters), vb wide at high resolution, vc two residual blocks per level on
+# [1, 2, 3, 4] (7.4 M), vd two residual blocks per decoder level only (7.2 M); the 16 MiB fp16
+# limit of a shipped model allows about 8 M)
 # Each run comes back as $OUT/<run>.tar (fp16 release model, metrics.jsonl, summary, log);
 # video runs are scored on the held-apart clip here and only the best one comes back.
 # A run whose out_dir (runs/<run>) holds a checkpoint from an earlier call on the same
@@ -35,10 +38,13 @@ declare -A ARGS=(
   [sc]="$speech --model.backbone.strides=[3,4,4,5] --model.backbone.causal=true --model.name=tvq-speech16k-67tps-vq4096-causal"
   [va]="$video"
   [vb]="$video --model.backbone.channels=64 --model.backbone.channel_mult=[1,1,2,2] --model.name=tvq-video-4x8x8-fsq-wide"
+  [vc]="$video --model.backbone.channel_mult=[1,2,3,4] --model.backbone.num_res_blocks=2 --model.name=tvq-video-4x8x8-fsq-deep"
+  [vd]="$video --model.backbone.decoder_res_blocks=2 --model.name=tvq-video-4x8x8-fsq-deepdec"
   [ig]="$image"
   [il]="$image --loss.adversarial=0"
 )
-declare -A DATA=([s50]=audio [s67]=audio [sc]=audio [r4]=audio [sr4]=audio [va]=video [vb]=video [ig]=images [il]=images)
+declare -A DATA=([s50]=audio [s67]=audio [sc]=audio [r4]=audio [sr4]=audio [va]=video [vb]=video [vc]=video [vd]=video
+                 [ig]=images [il]=images)
 if [ -n "${PROFILE:-}" ]; then
   pe="EXTRA_$PROFILE"
   timeout 240 python3 eval/gpu/profile_step.py ${ARGS[$PROFILE]} ${!pe:-} --out_dir=runs/profile_$PROFILE > "$W/profile_$PROFILE.txt" 2>&1 &

@@ -32,6 +32,20 @@ def test_shapes(k, h, w):
     assert dec(z).shape == (2, 3, 1 + 4 * k, h, w)
 
 
+def test_decoder_res_blocks_deepen_the_decoder_only():
+    from tokenizers_vq.backbones.video import ResBlock3d
+
+    base, deep = small(), small(decoder_res_blocks=3)
+    blocks = lambda m: sum(isinstance(b, ResBlock3d) for b in m.blocks)  # noqa: E731
+    assert blocks(VideoDecoder(base)) == 4 and blocks(VideoDecoder(deep)) == 12
+    assert blocks(VideoEncoder(deep)) == blocks(VideoEncoder(base)) == 4
+    z = VideoEncoder(deep)(torch.randn(1, 3, 5, 16, 16))
+    assert VideoDecoder(deep)(z).shape == (1, 3, 5, 16, 16)
+    assert VideoBackboneConfig().decoder_blocks == 1
+    with pytest.raises(ValueError, match="decoder_res_blocks"):
+        small(decoder_res_blocks=-1)
+
+
 @pytest.mark.parametrize(("temporal_downsample", "frames", "latent_frames"), [(0, 3, 3), (1, 5, 3), (3, 9, 2)])
 def test_other_temporal_factors(temporal_downsample, frames, latent_frames):
     cfg = small(temporal_downsample=temporal_downsample)

@@ -34,6 +34,8 @@ class VideoBackboneConfig:
             deepest ones); time is reduced ``2 ** temporal_downsample`` times.
         num_res_blocks: residual blocks per level.
         latent_dim: channels of the latent the quantizer sees.
+        decoder_res_blocks: residual blocks per level of the decoder (0: ``num_res_blocks``);
+            a deeper decoder than encoder spends parameters where reconstruction needs them.
     """
 
     in_channels: int = 3
@@ -42,11 +44,14 @@ class VideoBackboneConfig:
     temporal_downsample: int = 2
     num_res_blocks: int = 1
     latent_dim: int = 256
+    decoder_res_blocks: int = 0
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
         for name in ("in_channels", "channels", "num_res_blocks", "latent_dim"):
             check_positive(name, getattr(self, name))
+        if self.decoder_res_blocks < 0:
+            raise ValueError(f"decoder_res_blocks must be >= 0 (0: num_res_blocks), got {self.decoder_res_blocks}")
         check_positive("channel_mult", self.channel_mult)
         if not 0 <= self.temporal_downsample <= len(self.channel_mult) - 1:
             raise ValueError(
@@ -63,6 +68,11 @@ class VideoBackboneConfig:
     def stride(self) -> tuple[int, int]:
         """Pixels per latent cell along ``(H, W)`` (time goes by :attr:`temporal_factor`)."""
         return (self.spatial_downsample, self.spatial_downsample)
+
+    @property
+    def decoder_blocks(self) -> int:
+        """Residual blocks per decoder level."""
+        return self.decoder_res_blocks or self.num_res_blocks
 
     @property
     def temporal_factor(self) -> int:
@@ -225,7 +235,7 @@ class VideoDecoder(nn.Module):
         self.conv_in = nn.Conv3d(cfg.latent_dim, c, 1)
         blocks: list[nn.Module] = []
         for level in reversed(range(len(widths))):
-            for _ in range(cfg.num_res_blocks):
+            for _ in range(cfg.decoder_blocks):
                 blocks.append(ResBlock3d(c, widths[level]))
                 c = widths[level]
             if level > 0:
