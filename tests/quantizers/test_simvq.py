@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tokenizers_vq import QuantizerConfig, SimVQ, Tokenizer, TokenizerConfig, VectorQuantizer
@@ -27,6 +28,19 @@ def test_one_step_moves_every_codeword_not_only_the_used_ones():
     torch.manual_seed(0)
     used, moved = _step(VectorQuantizer(16, 256, learning="loss", kmeans_init=False, restart_dead_codes=False), z)
     assert int(moved.sum()) == used.numel()  # plain VQ: only the selected codewords learn
+
+
+def test_map_init_linear_as_the_paper_or_orthogonal():
+    torch.manual_seed(0)
+    paper, rotation = SimVQ(16, 64), SimVQ(16, 64, map_init="orthogonal")
+    w = rotation.map.weight.detach()
+    assert torch.allclose(w @ w.T, torch.eye(16), atol=1e-5)  # a rotation keeps the codewords' norms
+    bound = 1 / 16**0.5  # nn.Linear's default: uniform in +-1/sqrt(d)
+    assert float(paper.map.weight.abs().max()) <= bound
+    ratio = paper.codebook.norm(dim=1) / paper.frozen_codebook.norm(dim=1)
+    assert 0.3 < float(ratio.mean()) < 0.9  # shrinks the codebook by about 1/sqrt(3)
+    with pytest.raises(ValueError, match="map_init"):
+        SimVQ(16, 64, map_init="xavier")
 
 
 def test_simvq_is_a_tokenizer_bottleneck_by_name():
