@@ -74,8 +74,9 @@ def webp_files(files: list[Path], dest: Path, quality: int, max_side: int = 0) -
 
 def video_frames(src: Path, dest: Path, max_side: int = 256, max_frames: int = 96, quality: int = 95,
                  start: int = 0) -> int:
-    """Frames ``start`` .. ``start + max_frames`` of a clip (fewer where it is shorter; its last
-    ``max_frames`` where it ends before ``start``) as JPEG files, longer side at most ``max_side``."""
+    """Frames ``start`` .. ``start + max_frames`` of a clip as JPEG files, longer side at most
+    ``max_side``: its last ``max_frames`` where it ends before ``start + max_frames``, all of it
+    where it is shorter than ``max_frames``."""
     from PIL import Image  # noqa: PLC0415
 
     from tokenizers_vq.media import load_video  # noqa: PLC0415
@@ -108,6 +109,8 @@ def main() -> None:
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--frame-start", type=int, default=0, help="video: first frame kept (another window per call)")
     args = p.parse_args()
+    if args.frame_start < 0:
+        p.error(f"--frame-start must be >= 0, got {args.frame_start}")
     if not SHARED.is_dir():
         raise SystemExit(f"shared data not found at {SHARED}")
     sizes = {}
@@ -145,7 +148,8 @@ def main() -> None:
 
             root = SHARED / "video"
             clips = list_media(root, "video")  # files and folders of numbered frames
-            clips = [f for f in clips if not str(f.relative_to(root)).startswith(VIDEO_HELD_APART + VIDEO_NOT_FOR_TRAINING)]
+            clips = [f for f in clips  # a group's own frame folder ("openpose") is left out as its files are
+                     if not (f.relative_to(root).as_posix() + "/").startswith(VIDEO_HELD_APART + VIDEO_NOT_FOR_TRAINING)]
             sizes[what] = sum(video_frames(f, DEST / "video" / f.stem, max_frames=args.max_frames,
                                            quality=args.jpeg_quality, start=args.frame_start) for f in clips)
     for k, v in sizes.items():

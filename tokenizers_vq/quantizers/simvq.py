@@ -36,10 +36,9 @@ class SimVQ(Quantizer):
             SimVQ does by default).
         map_init: how the map ``W`` starts: ``"linear"`` (PyTorch's ``nn.Linear`` default,
             uniform in ``+-1/sqrt(d)``, as the paper's code and vector-quantize-pytorch) or
-            ``"orthogonal"`` (a rotation: the codebook keeps the frozen one's spread). On the
-            image tokenizer's CPU shootout (400 steps) ``"linear"`` gave 16.87 dB and 4.9% of the
-            codes in use against 16.66 dB and 2.1% with the straight-through estimator, and
-            16.72 dB / 2.2% against 16.39 dB / 0.6% with the rotation trick.
+            ``"orthogonal"`` (a rotation: the codebook keeps the frozen one's spread). The image
+            tokenizer trained better from ``"linear"``, with either estimator
+            (``eval/results/quantizer_shootout/cpu_2core_simvq_init/``).
         backend: nearest-code search backend (see
             :func:`~tokenizers_vq.quantizers.nearest_codes`).
         check_finite: see :class:`Quantizer`.
@@ -54,15 +53,15 @@ class SimVQ(Quantizer):
     """
 
     def __init__(self, dim: int, codebook_size: int, codebook_dim: int | None = None, beta: float = 0.25,
-                 estimator: Estimator = "ste", map_init: str = "linear", backend: str = "auto",
-                 check_finite: bool = True):
+                 estimator: Estimator = "ste", backend: str = "auto", check_finite: bool = True,
+                 map_init: str = "linear"):
         super().__init__(dim, check_finite)
         check_choice("estimator", estimator, ("ste", "rotation"))
         check_choice("map_init", map_init, ("linear", "orthogonal"))
         self.estimator = estimator
         d = codebook_projections(self, codebook_size, codebook_dim)
         self._size, self.codebook_dim, self.beta, self.backend = codebook_size, d, beta, backend
-        # E ~ N(0, 1/d) so that codewords start at the scale of unit-variance latents' rows
+        # E ~ N(0, 1/d): rows of about unit norm (the "linear" map then shortens them by about 1/sqrt(3))
         self.register_buffer("frozen_codebook", torch.randn(codebook_size, d) / math.sqrt(d))
         self.map = nn.Linear(d, d, bias=False)
         if map_init == "orthogonal":
