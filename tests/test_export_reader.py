@@ -12,7 +12,7 @@ import torch
 from test_tokenizer import tiny
 from testdata import shared_path
 
-from tokenizers_vq import export, export_pipeline
+from tokenizers_vq import Tokenizer, export, export_pipeline
 from tokenizers_vq.export import export_dataset
 
 
@@ -64,6 +64,26 @@ def test_bf16_precision_is_recorded_and_a_resume_must_keep_it(tmp_path):
     fp32 = export_dataset(tok, files, tmp_path / "z", shard_items=2)
     assert "precision" not in json.loads((tmp_path / "z" / "export.json").read_text())
     assert fp32["num_items"] == 3
+
+
+@pytest.mark.parametrize(("name", "shape"), [("image", (2, 3, 32, 48)), ("speech", (2, 1, 9600)),
+                                           ("video", (1, 3, 5, 32, 32))])
+def test_bf16_export_casts_the_encoder_weights_once_with_the_same_codes(name, shape):
+    """The bf16 export encodes with conv and linear weights cast once (:func:`autocast_weights`),
+    not on every call: latents and codes equal those of the shipped model under bf16 autocast
+    bit for bit (casting its norms' weights too would not), and the tokenizer given keeps its
+    fp32 weights."""
+    torch.manual_seed(0)
+    tok = Tokenizer.from_pretrained(name).eval()
+    x = torch.rand(shape) * 2 - 1
+    cast = export_pipeline.autocast_weights(tok, torch.bfloat16)
+    convs = [m for m in cast.encoder.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))]
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    assert all(p.dtype == torch.float32 for p in tok.parameters())
+    assert cast.quantizer is tok.quantizer and cast.decoder is tok.decoder
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(cast.encoder(x), tok.encoder(x))
+        assert torch.equal(cast.encode(x), tok.encode(x))
 
 
 def test_an_export_recorded_before_new_config_fields_still_resumes(tmp_path):
