@@ -68,9 +68,10 @@ def encode_rate(tok: Tokenizer, files: list[Path], batch_size: int, precision: s
     return sum(b.shape[0] for b in batches) / (time.perf_counter() - start)
 
 
-def export_rates(tok: Tokenizer, files: list[Path], out: Path, **options) -> tuple[float, float]:
-    """``(items/s of the whole export, items/s once running)``: the second from the times at which
-    the shards were written (NaN with fewer than 4 shards)."""
+def export_rates(tok: Tokenizer, files: list[Path], out: Path, **options) -> tuple[float, float, float, float]:
+    """``(items/s of the whole export, items/s once running, seconds to the first shard, median
+    seconds between later shards)``: all but the first from the times at which the shards were
+    written (the rate once running NaN with fewer than 4 shards)."""
     from tokenizers_vq import export  # noqa: PLC0415
 
     marks, write = [], export._write_shard
@@ -88,7 +89,9 @@ def export_rates(tok: Tokenizer, files: list[Path], out: Path, **options) -> tup
         export._write_shard = write
     q = len(marks) // 4
     steady = sum(n for _, n in marks[q:]) / (marks[-1][0] - marks[q - 1][0]) if q > 0 else float("nan")
-    return len(files) / total, steady
+    gaps = sorted(b[0] - a[0] for a, b in zip(marks, marks[1:]))
+    later = gaps[len(gaps) // 2] if gaps else float("nan")
+    return len(files) / total, steady, marks[0][0] - start if marks else float("nan"), later
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
                "encode_bound_fp32_per_s": encode_rate(tok, files, args.batch_size, "fp32", device),
                "encode_bound_bf16_per_s": encode_rate(tok, files, args.batch_size, "bf16", device)}
         for precision in ("fp32", "bf16"):
-            row[f"end_to_end_{precision}_per_s"], row[f"running_{precision}_per_s"] = export_rates(
+            (row[f"end_to_end_{precision}_per_s"], row[f"running_{precision}_per_s"],
+             row[f"first_shard_{precision}_s"], row[f"later_shard_{precision}_s"]) = export_rates(
                 tok, files, Path(tmp) / f"out_{precision}", batch_size=args.batch_size, workers=args.workers,
                 precision=precision, shard_items=args.shard_items)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
@@ -143,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
           f"| {row['decode_bound_per_s']:.1f} | {row['encode_bound_fp32_per_s']:.1f} | "
           f"{row['encode_bound_bf16_per_s']:.1f} | {row['end_to_end_fp32_per_s']:.1f} | "
           f"{row['end_to_end_bf16_per_s']:.1f} | {row['running_fp32_per_s']:.1f} | {row['running_bf16_per_s']:.1f} |\n"
-          f"\n{args.shard_items} files per shard; \"once running\": the shards after the first quarter of them.\n")
+          f"\n{args.shard_items} files per shard; \"once running\": the shards after the first quarter of them. "
+          f"Start-up: the first shard was written {row['first_shard_fp32_s']:.2f} s (fp32) / "
+          f"{row['first_shard_bf16_s']:.2f} s (bf16) after the export began; a later shard took "
+          f"{row['later_shard_fp32_s']:.2f} / {row['later_shard_bf16_s']:.2f} s (median).\n")
     (args.out / "export_speed.md").write_text(md)
     print(md)
 
