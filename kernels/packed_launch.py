@@ -88,6 +88,7 @@ class _Setup(NamedTuple):
     """What one shape of call launches, computed once per shape (see :func:`_setup`)."""
 
     k_pad: int
+    fused: bool  # the augmented tiles built in the search kernel: no c_aug, no augmentation launch
     c_aug_shape: tuple[int, int, int]
     norm_init: bool
     s: int
@@ -118,13 +119,15 @@ def _setup(dtype: torch.dtype, g: int, n: int, k: int, d: int, device: torch.dev
     esize = torch.finfo(dtype).bits // 8
     norm_init = ext > 0 and block_d >= plan.norm_init_min_block_d and g * k_pad * block_d * esize <= plan.norm_init_max_aug_bytes
     ext = 0 if norm_init else ext
+    fused = s == 1 and ext == 0 and not norm_init and k <= plan.fuse_augment_max_k
     meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d, EXT=ext,
-                DOT_F32=interpret and dtype == torch.bfloat16, NORM_INIT=norm_init, ASM=plan.use_asm and not interpret)
+                DOT_F32=interpret and dtype == torch.bfloat16, NORM_INIT=norm_init, ASM=plan.use_asm and not interpret,
+                FUSED=fused)
 
     def grid(m):
         return (cdiv(n, m["BLOCK_N"]), s, g)
 
-    return _Setup(k_pad=k_pad, c_aug_shape=(g, k_pad, block_d + ext), norm_init=norm_init, s=s,
+    return _Setup(k_pad=k_pad, fused=fused, c_aug_shape=(g, k_pad, block_d + ext), norm_init=norm_init, s=s,
                   aug_grid=(k_pad // AUGMENT_BLOCK_K, g),
                   aug_meta=dict(BLOCK_K=AUGMENT_BLOCK_K, BLOCK_D=block_d, EXT=ext, NORM_INIT=norm_init),
                   nc=block_d if ext > 0 or norm_init else d, sizes=(n, k, k_pad, d, k_split), grid=grid, meta=meta,
@@ -147,9 +150,13 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     st = _setup(x.dtype, g, n, k, d, x.device, write_dist, split_k,
                 None if tile is None else tuple(sorted(tile.items())), plan, _interpret())
     device = x.device
-    c_aug = torch.empty(st.c_aug_shape, device=device, dtype=x.dtype)
-    csq = torch.empty(g, st.k_pad, device=device, dtype=torch.float32) if st.norm_init else None
-    relaunch.launch(_augment_kernel, st.aug_grid, codebook, c_aug, csq, k, d, st.nc, *codebook.stride(), **st.aug_meta)
+    if st.fused:  # the search kernel builds each codebook tile itself; CA is not read
+        c_aug, csq = codebook, None
+    else:
+        c_aug = torch.empty(st.c_aug_shape, device=device, dtype=x.dtype)
+        csq = torch.empty(g, st.k_pad, device=device, dtype=torch.float32) if st.norm_init else None
+        relaunch.launch(_augment_kernel, st.aug_grid, codebook, c_aug, csq, k, d, st.nc, *codebook.stride(),
+                        **st.aug_meta)
     s = st.s
     if s == 1:
         out_k, out_i, row_stride, part_n = dist, idx, n, 0
