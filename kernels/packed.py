@@ -272,9 +272,10 @@ def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
             run = _min3(run, _key(acc, 2 * t, TILE_BITS, ASM), _key(acc2, 2 * t + 1, TILE_BITS, ASM), ASM)
         else:
             run = tl.minimum(run, _key(acc, t, TILE_BITS, ASM))
-        ca += BLOCK_K * W
-        ce += BLOCK_K * W
-        csq_ptr += BLOCK_K
+        if not FUSED:
+            ca += BLOCK_K * W
+            ce += BLOCK_K * W
+            csq_ptr += BLOCK_K
 
     # Least key (tag bits included), then its lowest column; padding or NaN rows fall back to k_lo.
     m = tl.min(run, axis=1)

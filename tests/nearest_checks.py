@@ -92,7 +92,13 @@ def _check_search(x, c, metric, dtype_name, k=None, split_k=None, dist_out=True,
     tol = _tol(x, c, metric, u_in)
     chosen = ref.gather(-1, idx)
     kth = ref.sort(dim=-1).values[..., :kk]
-    tol_idx = tol + 2 * 2.0 ** -(23 - (plan or DEFAULT_PLAN).tile_bits) * (kth + tol) if algorithm == "packed" else tol
+    # the packed kernel (algorithm "packed", or "auto" where it applies) drops TILE_BITS of each key's mantissa
+    from tokenizers_vq.kernels import packed_launch  # noqa: PLC0415
+
+    groups = x.shape[0] if x.ndim == 3 else 1
+    packed = algorithm != "tiled" and k is None and packed_launch.applies(
+        torch.promote_types(x.dtype, c.dtype), x.shape[-1], metric, precision, groups, ncode, plan or DEFAULT_PLAN)
+    tol_idx = tol + 2 * 2.0 ** -(23 - (plan or DEFAULT_PLAN).tile_bits) * (kth + tol) if packed else tol
     bad = chosen - kth > tol_idx  # each returned code is within tol of the true j-th best
     assert not bad.any(), f"{int(bad.sum())} picks worse than the reference by more than the rounding bound"
     if kk > 1:

@@ -182,21 +182,21 @@ def check_packed_half(device, full=False):
 
 @contextlib.contextmanager
 def augment_launches():
-    """Counts the launches of the augmentation kernel (``calls[0]``)."""
-    from tokenizers_vq.kernels import packed_launch  # noqa: PLC0415
+    """Counts the launches of the augmentation kernel (``calls[0]``), through the kept-kernel
+    launcher every search kernel goes through (its cache is left as it is)."""
+    from tokenizers_vq.kernels import packed, relaunch  # noqa: PLC0415
 
-    calls, real = [0], packed_launch._augment_kernel
+    calls, real = [0], relaunch.launch
 
-    class Spy:
-        def __getitem__(self, grid):
-            calls[0] += 1
-            return real[grid]
+    def counting(kernel, *args, **meta):
+        calls[0] += kernel is packed._augment_kernel
+        return real(kernel, *args, **meta)
 
-    packed_launch._augment_kernel = Spy()
+    relaunch.launch = counting
     try:
         yield calls
     finally:
-        packed_launch._augment_kernel = real
+        relaunch.launch = real
 
 
 def check_packed_fused(device, full=False):
@@ -228,10 +228,11 @@ def check_packed_fused(device, full=False):
     for name, tile in itertools.product(PACKED, tiles):
         dt = DTYPES[name][0]
         c0 = _data((150, 5), dt, device)
-        forced = on.replace(force_tile=tile, tile_bits=2 if tile is None else 3)
-        idx = _check_search(_data((37, 5), dt, device), torch.cat([c0, c0, c0]), "l2", name, split_k=1,
-                            algorithm="packed", plan=forced)
-        assert (idx < 150).all(), "tie across tiles not broken to the lowest index"
+        forced = on.replace(force_tile=tile, tile_bits=4)  # the fewest that keep 450 codes in one split
+        with augment_launches() as aug:
+            idx = _check_search(_data((37, 5), dt, device), torch.cat([c0, c0, c0]), "l2", name, split_k=1,
+                                algorithm="packed", plan=forced)
+        assert aug[0] == 0 and (idx < 150).all(), "tie across tiles not broken to the lowest index, fused"
         x, c = _data((3, 50, 8), dt, device), _data((3, 200, 8), dt, device)
         dist, idx = nearest_codes_triton(x, c, split_k=1, plan=on)
         for g in range(3):
@@ -242,6 +243,12 @@ def check_packed_fused(device, full=False):
         _check_search(xt, ct, "l2", "fp32_tf32", split_k=1, algorithm="packed", plan=on)
         _check_search(xt, ct, "l2", "fp32_tf32", split_k=1, dist_out=False, algorithm="packed", plan=on)
     assert aug[0] == 0
+    if device != "cpu":  # enough work for the autotuner's tiles: against the unfused kernel, near-ties aside
+        x, c = _data((65536, 8), torch.bfloat16, device), _data((1024, 8), torch.bfloat16, device)
+        with augment_launches() as aug:
+            fused = nearest_codes_triton(x, c, split_k=1, plan=on)[1]
+        plain = nearest_codes_triton(x, c, split_k=1)[1]
+        assert aug[0] == 0 and float((fused == plain).float().mean()) > 0.999, "autotuned fused != unfused"
     x, c = _data((30, 8), torch.bfloat16, device), _data((1200, 8), torch.bfloat16, device)
     for kw in (dict(split_k=3), dict(x=x[:, :6], codebook=c[:900, :6], plan=plan(fuse_augment_max_k=899)),
                dict(x=_data((20, 256), torch.bfloat16, device), codebook=_data((300, 256), torch.bfloat16, device))):
