@@ -88,7 +88,6 @@ class _Setup(NamedTuple):
     """What one shape of call launches, computed once per shape (see :func:`_setup`)."""
 
     k_pad: int
-    fused: bool  # the augmented tiles built in the search kernel: no c_aug, no augmentation launch
     c_aug_shape: tuple[int, int, int]
     norm_init: bool
     s: int
@@ -127,7 +126,7 @@ def _setup(dtype: torch.dtype, g: int, n: int, k: int, d: int, device: torch.dev
     def grid(m):
         return (cdiv(n, m["BLOCK_N"]), s, g)
 
-    return _Setup(k_pad=k_pad, fused=fused, c_aug_shape=(g, k_pad, block_d + ext), norm_init=norm_init, s=s,
+    return _Setup(k_pad=k_pad, c_aug_shape=(g, k_pad, block_d + ext), norm_init=norm_init, s=s,
                   aug_grid=(k_pad // AUGMENT_BLOCK_K, g),
                   aug_meta=dict(BLOCK_K=AUGMENT_BLOCK_K, BLOCK_D=block_d, EXT=ext, NORM_INIT=norm_init),
                   nc=block_d if ext > 0 or norm_init else d, sizes=(n, k, k_pad, d, k_split), grid=grid, meta=meta,
@@ -150,7 +149,7 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     st = _setup(x.dtype, g, n, k, d, x.device, write_dist, split_k,
                 None if tile is None else tuple(sorted(tile.items())), plan, _interpret())
     device = x.device
-    if st.fused:  # the search kernel builds each codebook tile itself; CA is not read
+    if st.meta["FUSED"]:  # the search kernel builds each codebook tile itself; CA is not read
         c_aug, csq = codebook, None
     else:
         c_aug = torch.empty(st.c_aug_shape, device=device, dtype=x.dtype)

@@ -20,22 +20,28 @@ plan = DEFAULT_PLAN.replace  # plan(**changes): the default search plan with cha
 
 
 @contextlib.contextmanager
+def counted(module, name: str, counts=lambda *a, **k: True):
+    """``module.name`` wrapped for the ``with`` block: ``calls[0]`` counts the calls for which
+    ``counts(*args, **kwargs)`` holds."""
+    calls, real = [0], getattr(module, name)
+
+    def spy(*a, **k):
+        calls[0] += bool(counts(*a, **k))
+        return real(*a, **k)
+
+    setattr(module, name, spy)
+    try:
+        yield calls
+    finally:
+        setattr(module, name, real)
+
+
 def packed_calls():
     """Counts the searches the packed kernel really ran (``calls[0]``), so a case that
     qualifies cannot pass by silently falling back to the tiled kernel."""
     from tokenizers_vq.kernels import packed_launch  # noqa: PLC0415
 
-    calls, real = [0], packed_launch.nearest_packed
-
-    def spy(*a, **k):
-        calls[0] += 1
-        return real(*a, **k)
-
-    packed_launch.nearest_packed = spy
-    try:
-        yield calls
-    finally:
-        packed_launch.nearest_packed = real
+    return counted(packed_launch, "nearest_packed")
 
 
 def check_packed_odd_shapes(device, full=False):
@@ -180,23 +186,12 @@ def check_packed_half(device, full=False):
             assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][0], outs[1][0]), ("use_asm", d)
 
 
-@contextlib.contextmanager
 def augment_launches():
     """Counts the launches of the augmentation kernel (``calls[0]``), through the kept-kernel
     launcher every search kernel goes through (its cache is left as it is)."""
     from tokenizers_vq.kernels import packed, relaunch  # noqa: PLC0415
 
-    calls, real = [0], relaunch.launch
-
-    def counting(kernel, *args, **meta):
-        calls[0] += kernel is packed._augment_kernel
-        return real(kernel, *args, **meta)
-
-    relaunch.launch = counting
-    try:
-        yield calls
-    finally:
-        relaunch.launch = real
+    return counted(relaunch, "launch", lambda kernel, *a, **k: kernel is packed._augment_kernel)
 
 
 def check_packed_fused(device, full=False):
