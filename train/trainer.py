@@ -20,7 +20,7 @@ from tqdm import tqdm
 from tokenizers_vq import samples
 from tokenizers_vq.media import list_media
 from tokenizers_vq.modality import get as get_modality
-from tokenizers_vq.tokenizer import PRETRAINED, Tokenizer
+from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.train.checkpoint import (
     find_checkpoint,
     load_checkpoint,
@@ -32,6 +32,7 @@ from tokenizers_vq.train.checkpoint import (
 from tokenizers_vq.train.config import TrainConfig, config_to_dict
 from tokenizers_vq.train.data import MediaFolder, split_files
 from tokenizers_vq.train.discriminators import build_discriminator
+from tokenizers_vq.train.warm_start import warm_start
 from tokenizers_vq.train.losses import (
     LPIPS,
     LeCam,
@@ -65,7 +66,7 @@ class Trainer:
             raise ValueError(f"init_quantizer={cfg.init_quantizer!r} says what init_from gives the quantizer, "
                              "but no init_from is set: set init_from, or leave init_quantizer out")
         if cfg.init_from:
-            self._warm_start(cfg.init_from)
+            warm_start(self.model, cfg.model, cfg.init_from, cfg.init_quantizer)
         if self.model.is_dynamic and cfg.sample_every > 0:
             raise ValueError("training samples are written for fixed-grid tokenizers only; set sample_every=0 "
                              "for a dynamic-length one")
@@ -307,57 +308,6 @@ class Trainer:
             parts["lecam"] = self.lecam.state_dict()
         meta = {"step": self.step, "config": config_to_dict(self.cfg)}
         save_checkpoint(self.out_dir / "checkpoint", parts, meta, self.release_model().save_pretrained)
-
-    def _warm_start(self, source: str) -> None:
-        """Weights of ``source`` (an embedded model's name, a tokenizer folder, or a
-        checkpoint folder's ``model``) into the fresh model, before the EMA copy and
-        ``prepare``; ``init_quantizer`` says what its quantizer gives (see the config)."""
-        directory = Path(source)
-        if (directory / "model" / "config.json").is_file():
-            directory = directory / "model"
-        src = Tokenizer.from_pretrained(source if source in PRETRAINED else directory)
-        mode = self.cfg.init_quantizer
-        mine, theirs = asdict(self.cfg.model), asdict(src.config)
-        for d in (mine, theirs):  # none of these changes a weight: the name, how long audio is coded, and
-            for key in ("name", "chunk_frames", "chunk_context"):  # an audio backbone's causal padding
-                d.pop(key)
-            if mode != "all":
-                d["quantizer_"] = d.pop("quantizer")
-            d["backbone"] = {k: v for k, v in d["backbone"].items() if k != "causal"}
-        diff = sorted(k for k in mine if k != "quantizer_" and mine[k] != theirs.get(k))
-        if diff:
-            raise ValueError(f"init_from={directory}: its model config differs from this run's in {diff}; "
-                             "train with the same model section, or start without init_from"
-                             + ("" if diff != ["quantizer"] else " (init_quantizer=none takes the encoder and "
-                                "decoder only; first_level puts a single-level quantizer under a residual one)"))
-        state = src.state_dict()
-        if mode == "all":
-            self.model.load_state_dict(state)
-            return
-        own = {k: v for k, v in state.items() if not k.startswith("quantizer.")}
-        if mode == "first_level":
-            theirs_q, mine_q = theirs["quantizer_"], mine["quantizer_"]
-            same = ({k: v for k, v in theirs_q.items() if k not in ("levels", "dropout", "beam_size")}
-                    == {k: v for k, v in mine_q.items() if k not in ("levels", "dropout", "beam_size")})
-            if (theirs_q["levels"] != 1 or mine_q["levels"] < 2 or not same or mine_q.get("shared_codebook")
-                    or not hasattr(self.model.quantizer, "levels")):
-                raise ValueError(f"init_quantizer=first_level needs a single-level source quantizer and a residual "
-                                 f"one here (not a shared codebook) with the same kind and options; got {theirs_q} and {mine_q}")
-            own.update({k.replace("quantizer.", "quantizer.levels.0.", 1): v for k, v in state.items()
-                        if k.startswith("quantizer.")})
-            with torch.no_grad():
-                for level in list(self.model.quantizer.levels)[1:]:
-                    out = getattr(level, "project_out", None)
-                    if not isinstance(out, torch.nn.Linear):
-                        raise ValueError("init_quantizer=first_level needs levels with an output projection "
-                                         "(a codebook_dim below the latent dim), to start the new levels at zero")
-                    out.weight.zero_()
-                    if out.bias is not None:
-                        out.bias.zero_()
-        missing, unexpected = self.model.load_state_dict(own, strict=False)
-        if unexpected or any(not k.startswith("quantizer.") for k in missing):
-            raise ValueError(f"init_from={directory}: weights do not fit this model (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
 
     def _resume(self, directory: Path) -> None:
         parts, meta = load_checkpoint(directory)

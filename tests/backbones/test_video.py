@@ -46,6 +46,38 @@ def test_decoder_res_blocks_deepen_the_decoder_only():
         small(decoder_res_blocks=-1)
 
 
+@pytest.mark.parametrize(("blocks", "deeper"), [(1, 2), (1, 3), (2, 3)])
+def test_a_deeper_decoder_loads_a_shallower_one_and_decodes_the_same(blocks, deeper):
+    torch.manual_seed(0)
+    shallow = VideoDecoder(small(decoder_res_blocks=blocks))
+    for p in shallow.parameters():  # non-trivial weights everywhere, norms included
+        p.data.normal_(0, 0.3)
+    deep = VideoDecoder(small(decoder_res_blocks=deeper))
+    deep.load_shallower(shallow.state_dict(), blocks)
+    z = torch.randn(2, 8, 3, 2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(z), shallow(z), rtol=0, atol=0)
+    added = [n for n, p in deep.named_parameters() if n.endswith("conv2.weight") and not p.any()]
+    assert len(added) == 4 * (deeper - blocks)  # one per added block, on each of the 4 levels
+    out = deep(z).square().mean()
+    out.backward()  # the added blocks train: their zeroed conv gets a gradient
+    assert all(dict(deep.named_parameters())[n].grad.abs().sum() > 0 for n in added)
+
+
+def test_load_shallower_refuses_what_does_not_fit():
+    deep = VideoDecoder(small(decoder_res_blocks=2))
+    with pytest.raises(ValueError, match="1 to 1 residual blocks"):
+        deep.load_shallower(VideoDecoder(small(decoder_res_blocks=2)).state_dict(), 2)
+    state = VideoDecoder(small()).state_dict()
+    with pytest.raises(ValueError, match=r"weights do not fit.*unexpected \['extra.weight'\]"):
+        deep.load_shallower({**state, "extra.weight": torch.zeros(1)}, 1)
+    with pytest.raises(ValueError, match=r"weights do not fit.*missing \['conv_in.bias'\]"):
+        deep.load_shallower({k: v for k, v in state.items() if k != "conv_in.bias"}, 1)
+    wider = VideoDecoder(VideoBackboneConfig(channels=4, latent_dim=8, channel_mult=(1, 2, 2, 2)))
+    with pytest.raises(ValueError, match="(?s)weights do not fit.*size mismatch"):
+        deep.load_shallower(wider.state_dict(), 1)
+
+
 @pytest.mark.parametrize(("temporal_downsample", "frames", "latent_frames"), [(0, 3, 3), (1, 5, 3), (3, 9, 2)])
 def test_other_temporal_factors(temporal_downsample, frames, latent_frames):
     cfg = small(temporal_downsample=temporal_downsample)

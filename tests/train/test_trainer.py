@@ -148,6 +148,34 @@ def test_init_from_continues_from_a_released_model(tmp_path):
         assert torch.equal(mine, theirs.to(mine.dtype))
 
 
+def test_init_from_grows_a_video_decoder(tmp_path):
+    """A video run with more decoder blocks per level warm-starts from a shallower model:
+    its reconstructions equal the source's at step 0, and it trains from there; any other
+    change of shape (or a shallower decoder) is refused."""
+    pytest.importorskip("av", reason="PyAV is needed for video files")
+    first = Trainer(config("video", tmp_path / "a", 3, **{"data.max_items": 1}))
+    first.train()
+    release = tmp_path / "release"
+    first.release_model().save_pretrained(release)
+    src = Tokenizer.from_pretrained(release)
+    deep = json.dumps({**TINY["video"], "decoder_res_blocks": 2})
+    warm = Trainer(config("video", tmp_path / "b", 2, **{"data.max_items": 1, "init_from": str(release),
+                                                          "model.backbone": deep}))
+    assert sum(p.numel() for p in warm.unwrapped.decoder.parameters()) > sum(p.numel() for p in src.decoder.parameters())
+    x = warm.train_data.batch(2, warm.crop, seed=3, step=0, frames=5)
+    with torch.no_grad():
+        torch.testing.assert_close(warm.unwrapped.eval()(x).reconstruction, src.eval()(x).reconstruction)
+    warm.train()
+    assert len(read_log(tmp_path / "b")) == 2
+    with pytest.raises(ValueError, match="differs from this run's in \\['backbone'\\]"):
+        Trainer(config("video", tmp_path / "c", 1, **{"data.max_items": 1, "init_from": str(release),
+                                                       "model.backbone": json.dumps({**TINY["video"], "num_res_blocks": 2})}))
+    deeper = Tokenizer.from_pretrained(tmp_path / "b" / "checkpoint" / "model")
+    deeper.save_pretrained(tmp_path / "deep")
+    with pytest.raises(ValueError, match="differs from this run's in \\['backbone'\\]"):
+        Trainer(config("video", tmp_path / "d", 1, **{"data.max_items": 1, "init_from": str(tmp_path / "deep")}))
+
+
 def test_init_quantizer_puts_a_trained_codebook_under_a_residual_one(tmp_path):
     """``init_quantizer=first_level``: the source's single quantizer becomes level 0 of a
     4-level residual one and the new levels start at zero output, so the warm-started

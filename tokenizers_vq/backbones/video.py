@@ -245,6 +245,47 @@ class VideoDecoder(nn.Module):
         self.norm_out = FrameNorm(c)
         self.conv_out = CausalConv3d(c, cfg.in_channels)
 
+    def load_shallower(self, state: dict[str, Tensor], blocks: int) -> None:
+        """Load a decoder of the same widths with ``blocks`` (fewer) residual blocks per
+        level; each level's added blocks follow the loaded ones and start as the identity
+        (their last conv zero), so this decoder decodes exactly as that one did and training
+        goes on from there.
+
+        Args:
+            state: the shallower decoder's ``state_dict()`` (keys such as ``blocks.2.conv1.weight``).
+            blocks: its residual blocks per level.
+
+        Raises:
+            ValueError: ``blocks`` is not below this decoder's, or the weights do not fit.
+        """
+        mine = self.cfg.decoder_blocks
+        if not 0 < blocks < mine:
+            raise ValueError(f"a shallower decoder has 1 to {mine - 1} residual blocks per level, got {blocks}")
+        renamed, new = {}, []
+        old_i = new_i = 0
+        for level in reversed(range(len(self.cfg.channel_mult))):
+            for j in range(mine + (level > 0)):  # the residual blocks, then the upsampling
+                if j < blocks or j == mine:
+                    prefix = f"blocks.{old_i}."
+                    renamed.update({f"blocks.{new_i}." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+                    old_i += 1
+                else:
+                    new.append(self.blocks[new_i])
+                new_i += 1
+        renamed.update({k: v for k, v in state.items() if not k.startswith("blocks.")})
+        fit = f"weights do not fit a decoder with {blocks} blocks per level and these widths"
+        try:
+            missing, unexpected = self.load_state_dict(renamed, strict=False)
+        except RuntimeError as e:  # a tensor of another shape
+            raise ValueError(f"{fit}: {e}") from None
+        added = {f"blocks.{i}.{k}" for i, b in enumerate(self.blocks) if b in new for k in b.state_dict()}
+        if unexpected or set(missing) != added:
+            raise ValueError(f"{fit} (missing {sorted(set(missing) - added)[:5]}, unexpected {unexpected[:5]})")
+        with torch.no_grad():
+            for block in new:
+                block.conv2.weight.zero_()
+                block.conv2.bias.zero_()
+
     @property
     def last_layer(self) -> Tensor:
         """Weight of the final conv, where VQGAN's adaptive GAN weight compares
