@@ -5,8 +5,9 @@
 #   device run, carry [.devdata/..., .whl, (warm-start folders)]:  RUNS="s67 va ig il" bash eval/gpu/train_round.sh
 # (sc: the 66.7 Hz speech recipe with causal padding, for the streaming models; video: va the shipped
 # shape (5.2 M parameters), vb wide at high resolution, vc two residual blocks per level on
-# [1, 2, 3, 4] (7.4 M), vd two residual blocks per decoder level only (7.2 M); the 16 MiB fp16
-# limit of a shipped model allows about 8 M)
+# [1, 2, 3, 4] (7.4 M), vd two residual blocks per decoder level only (7.2 M; INIT_vd=video grows
+# the shipped decoder, the added blocks starting as the identity); the 16 MiB fp16 limit of a shipped
+# model allows about 8 M)
 # Each run comes back as $OUT/<run>.tar (fp16 release model, metrics.jsonl, summary, log);
 # video runs are scored on the held-apart clip here and only the best one comes back.
 # A run whose out_dir (runs/<run>) holds a checkpoint from an earlier call on the same
