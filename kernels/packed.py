@@ -6,8 +6,7 @@ about 4 operations and 3 live fp32 values per distance. Here the tensor cores pr
 whole distance and the epilogue is 2 integer operations on one live int32:
 
 - the distance is in the dot: ``x_aug = [x, 1, 1, 1, s1, s2, s3]`` (built per program in
-  registers) against ``c_aug = [-2c, h1, h2, h3, 1, 1, 1]`` (one small kernel per call, or
-  for small one-split searches each tile built in the search kernel: ``FUSED``),
+  registers) against ``c_aug = [-2c, h1, h2, h3, 1, 1, 1]`` (one small kernel per call),
   the norms split into parts exact in the operand format, so ``acc = |x - c|^2``;
 - the key ``min(run, (bits(acc) & ~(2^TILE_BITS - 1)) | t)`` orders like the distance and
   keeps the tile number ``t``; ``HALF`` tiles fold two half-tile keys with one 3-input
@@ -128,28 +127,6 @@ def _augment_kernel(C, CA, CSQ, K, D, NC, scg, sck, scd, BLOCK_K: tl.constexpr, 
 
 
 @triton.jit
-def _fused_tile(C_g, kk, K, D, NC, sck, scd, DT: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The ``(BLOCK_D, len(kk))`` tile of ``c_aug`` for codes ``kk``, built from the codebook
-    in registers as :func:`_augment_kernel` writes it (codes ``>= K``: zeros, ``h1 = +inf``)."""
-    dd = tl.arange(0, BLOCK_D)[None, :]
-    real = kk < K
-    c = tl.load(C_g + kk[:, None].to(tl.int64) * sck + dd * scd, mask=real[:, None] & (dd < D), other=0.0)
-    c = c.to(tl.float32)
-    h1, h2, h3 = _parts(tl.sum(c * c, axis=1), DT)
-    h1 = tl.where(real, h1, float("inf"))
-    return tl.trans(_aug_tile(-2.0 * c, dd, D, NC, h1, h2, h3, False).to(DT))
-
-
-@triton.jit
-def _fused_dist(xa, C_g, kk, K, D, NC, sck, scd, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
-    """``|x - c|^2`` for codes ``kk`` with the tile built here (rows with the norms in them)."""
-    c = _fused_tile(C_g, kk, K, D, NC, sck, scd, xa.dtype, BLOCK_D)
-    if DOT_F32:
-        return tl.dot(xa.to(tl.float32), c.to(tl.float32), input_precision="ieee")
-    return tl.dot(xa, c, input_precision="tf32")
-
-
-@triton.jit
 def _exact_l2(xf, C_g, i, rmask, dd, D, sck, scd):
     """``|x - c_i|^2`` in fp32 for fp32 rows ``xf`` (zeros past ``d``) and indices ``i``."""
     c = tl.load(C_g + i[:, None].to(tl.int64) * sck + dd[None, :] * scd,
@@ -214,7 +191,7 @@ def _prune(configs, named_args, **meta):
                         BLOCK_D=meta["BLOCK_D"] + meta["EXT"], limit=(224 if wide else 200) * 1024)
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_D", "EXT", "TILE_BITS", "NORM_INIT", "K_SPLIT", "ASM", "FUSED"],  # and the dtypes
+@triton.autotune(configs=_configs(), key=["BLOCK_D", "EXT", "TILE_BITS", "NORM_INIT", "K_SPLIT", "ASM"],  # and the dtypes
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
@@ -222,7 +199,7 @@ def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
                    SPLIT: tl.constexpr, WRITE_DIST: tl.constexpr, TILE_BITS: tl.constexpr,
                    BLOCK_D: tl.constexpr, EXT: tl.constexpr, DOT_F32: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_INIT: tl.constexpr = False, CSQ=None,
-                   HALF: tl.constexpr = False, ASM: tl.constexpr = False, FUSED: tl.constexpr = False):
+                   HALF: tl.constexpr = False, ASM: tl.constexpr = False):
     """Grid ``(row blocks, splits, G)``. Writes ``(dist, idx)`` ``(G, N)``, or with
     ``SPLIT`` the partial int32 ``(key without tile bits, index)`` ``(G, S, N)``.
     ``EXT``: 0 when the six norm columns fit past ``d`` in the padded row, else 16, the
@@ -230,9 +207,7 @@ def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
     ``NORM_INIT`` (with ``EXT = 0``; for rows without spare columns): no norm columns;
     the dot accumulates ``-2 x.c`` onto ``|x|^2 + |c|^2`` (fp32, ``CSQ``), one add per
     distance instead of the second dot.
-    ``DOT_F32`` (interpreter only, whose bf16 dot is wrong) upcasts the operands.
-    ``FUSED`` (one split, ``EXT = 0``, no ``NORM_INIT``): each codebook tile is built from ``C``
-    in registers instead of read from ``CA`` (not read), so the call is one launch."""
+    ``DOT_F32`` (interpreter only, whose bf16 dot is wrong) upcasts the operands."""
     pid_n, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -259,23 +234,15 @@ def _packed_kernel(X, C, CA, OUT_D, OUT_I, N, K, K_PAD, D, K_SPLIT,
         xe, ce = xa, ca  # unused
     run = tl.full([BLOCK_N, HK], 2**31 - 1, tl.int32)
     for t in range(0, tl.cdiv(tl.minimum(k_lo + K_SPLIT, K_PAD) - k_lo, BLOCK_K)):  # no masks: padded rows
-        if FUSED:
-            kk = k_lo + t * BLOCK_K + cols
-            acc = _fused_dist(xa, C + g * scg, kk, K, D, NC, sck, scd, BLOCK_D, DOT_F32)
-        else:
-            acc = _dist_tile(xa, xe, ca, ce, xsq, csq_ptr, EXT, NORM_INIT, DOT_F32)
+        acc = _dist_tile(xa, xe, ca, ce, xsq, csq_ptr, EXT, NORM_INIT, DOT_F32)
         if HALF:
-            if FUSED:
-                acc2 = _fused_dist(xa, C + g * scg, kk + HK, K, D, NC, sck, scd, BLOCK_D, DOT_F32)
-            else:
-                acc2 = _dist_tile(xa, xe, ca + HK * W, ce + HK * W, xsq, csq_ptr + HK, EXT, NORM_INIT, DOT_F32)
+            acc2 = _dist_tile(xa, xe, ca + HK * W, ce + HK * W, xsq, csq_ptr + HK, EXT, NORM_INIT, DOT_F32)
             run = _min3(run, _key(acc, 2 * t, TILE_BITS, ASM), _key(acc2, 2 * t + 1, TILE_BITS, ASM), ASM)
         else:
             run = tl.minimum(run, _key(acc, t, TILE_BITS, ASM))
-        if not FUSED:
-            ca += BLOCK_K * W
-            ce += BLOCK_K * W
-            csq_ptr += BLOCK_K
+        ca += BLOCK_K * W
+        ce += BLOCK_K * W
+        csq_ptr += BLOCK_K
 
     # Least key (tag bits included), then its lowest column; padding or NaN rows fall back to k_lo.
     m = tl.min(run, axis=1)

@@ -118,10 +118,8 @@ def _setup(dtype: torch.dtype, g: int, n: int, k: int, d: int, device: torch.dev
     esize = torch.finfo(dtype).bits // 8
     norm_init = ext > 0 and block_d >= plan.norm_init_min_block_d and g * k_pad * block_d * esize <= plan.norm_init_max_aug_bytes
     ext = 0 if norm_init else ext
-    fused = s == 1 and ext == 0 and not norm_init and k <= plan.fuse_augment_max_k
     meta = dict(SPLIT=s > 1, WRITE_DIST=write_dist, TILE_BITS=tile_bits, BLOCK_D=block_d, EXT=ext,
-                DOT_F32=interpret and dtype == torch.bfloat16, NORM_INIT=norm_init, ASM=plan.use_asm and not interpret,
-                FUSED=fused)
+                DOT_F32=interpret and dtype == torch.bfloat16, NORM_INIT=norm_init, ASM=plan.use_asm and not interpret)
 
     def grid(m):
         return (cdiv(n, m["BLOCK_N"]), s, g)
@@ -149,13 +147,9 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     st = _setup(x.dtype, g, n, k, d, x.device, write_dist, split_k,
                 None if tile is None else tuple(sorted(tile.items())), plan, _interpret())
     device = x.device
-    if st.meta["FUSED"]:  # the search kernel builds each codebook tile itself; CA is not read
-        c_aug, csq = codebook, None
-    else:
-        c_aug = torch.empty(st.c_aug_shape, device=device, dtype=x.dtype)
-        csq = torch.empty(g, st.k_pad, device=device, dtype=torch.float32) if st.norm_init else None
-        relaunch.launch(_augment_kernel, st.aug_grid, codebook, c_aug, csq, k, d, st.nc, *codebook.stride(),
-                        **st.aug_meta)
+    c_aug = torch.empty(st.c_aug_shape, device=device, dtype=x.dtype)
+    csq = torch.empty(g, st.k_pad, device=device, dtype=torch.float32) if st.norm_init else None
+    relaunch.launch(_augment_kernel, st.aug_grid, codebook, c_aug, csq, k, d, st.nc, *codebook.stride(), **st.aug_meta)
     s = st.s
     if s == 1:
         out_k, out_i, row_stride, part_n = dist, idx, n, 0

@@ -43,11 +43,6 @@ class SearchPlan:
             kernel (the search's extra-memory bound).
         row_reduce_min_d: ``d`` from which the tiled kernel reduces each tile to its rows
             at once.
-        fuse_augment_max_k: codebooks of at most this many codes searched in one split with
-            the norms inside the padded row have each tile of the augmented codebook built
-            in the search kernel itself: one launch and no ``c_aug`` copy per call, against
-            the tile's norms recomputed by every row block (0: the separate augmentation
-            kernel always).
     """
 
     tile_bits: int = 10
@@ -60,7 +55,6 @@ class SearchPlan:
     pad_up_max_d: Mapping[torch.dtype, int] = field(default_factory=lambda: _per_dtype(bfloat16=32))
     max_aug_bytes: int = 64 << 20
     row_reduce_min_d: int = 512
-    fuse_augment_max_k: int = 0
 
     def __post_init__(self) -> None:
         values = (getattr(self, f.name) for f in dataclasses.fields(self))

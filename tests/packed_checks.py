@@ -20,28 +20,22 @@ plan = DEFAULT_PLAN.replace  # plan(**changes): the default search plan with cha
 
 
 @contextlib.contextmanager
-def counted(module, name: str, counts=lambda *a, **k: True):
-    """``module.name`` wrapped for the ``with`` block: ``calls[0]`` counts the calls for which
-    ``counts(*args, **kwargs)`` holds."""
-    calls, real = [0], getattr(module, name)
-
-    def spy(*a, **k):
-        calls[0] += bool(counts(*a, **k))
-        return real(*a, **k)
-
-    setattr(module, name, spy)
-    try:
-        yield calls
-    finally:
-        setattr(module, name, real)
-
-
 def packed_calls():
     """Counts the searches the packed kernel really ran (``calls[0]``), so a case that
     qualifies cannot pass by silently falling back to the tiled kernel."""
     from tokenizers_vq.kernels import packed_launch  # noqa: PLC0415
 
-    return counted(packed_launch, "nearest_packed")
+    calls, real = [0], packed_launch.nearest_packed
+
+    def spy(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    packed_launch.nearest_packed = spy
+    try:
+        yield calls
+    finally:
+        packed_launch.nearest_packed = real
 
 
 def check_packed_odd_shapes(device, full=False):
@@ -184,70 +178,3 @@ def check_packed_half(device, full=False):
             x, c = _data((3000, d), torch.bfloat16, device), _data((k, d), torch.bfloat16, device)
             outs = [nearest_codes_triton(x, c, plan=plan(use_asm=asm)) for asm in (True, False)]
             assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][0], outs[1][0]), ("use_asm", d)
-
-
-def augment_launches():
-    """Counts the launches of the augmentation kernel (``calls[0]``), through the kept-kernel
-    launcher every search kernel goes through (its cache is left as it is)."""
-    from tokenizers_vq.kernels import packed, relaunch  # noqa: PLC0415
-
-    return counted(relaunch, "launch", lambda kernel, *a, **k: kernel is packed._augment_kernel)
-
-
-def check_packed_fused(device, full=False):
-    """``SearchPlan.fuse_augment_max_k``: one-split searches (``split_k=1`` here: small ``N`` gets more) with the norms in the padded row
-    build each codebook tile inside the search kernel (no augmentation launch) and give the
-    unfused kernel's indices and distances (exactly in the interpreter; within the rounding
-    bound on the GPU, where the norms may be summed in another order): odd shapes, bf16 and
-    fp32_tf32, whole and ``HALF`` tiles, duplicates to the lowest index, groups and strided
-    views; splits, larger codebooks and rows without spare columns keep the augmentation kernel."""
-    from tokenizers_vq.kernels import packed, packed_launch  # noqa: PLC0415
-    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
-
-    on = plan(fuse_augment_max_k=1000)
-    tiles = [None, dict(packed.INTERPRET_TILE, HALF=True) if device == "cpu" else
-             {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "HALF": True}]
-    cases = ((1, 3, 1), (7, 8, 17), (300 if full or device != "cpu" else 60, 8, 700), (37, 10, 150), (9, 12, 70))
-    for tile, (n, d, k), name in itertools.product(tiles, cases, PACKED):
-        dt = DTYPES[name][0]
-        x, c = _data((n, d), dt, device), _data((k, d), dt, device)
-        with augment_launches() as aug:
-            got = _check_search(x, c, "l2", name, split_k=1, algorithm="packed", plan=on.replace(force_tile=tile))
-            fused = nearest_codes_triton(x, c, split_k=1, plan=on.replace(force_tile=tile))
-        in_row = packed_launch.layout(dt, d)[1] == 0  # norms in the (padded) row: fused; else the second dot
-        assert aug[0] == (0 if in_row else 2), ("fused or not", n, d, k, name)
-        plain = nearest_codes_triton(x, c, split_k=1, plan=plan(force_tile=tile))
-        if device == "cpu":
-            assert torch.equal(fused[1], plain[1]) and torch.equal(fused[0], plain[0]), ("fused != unfused", n, d, k, name)
-        assert torch.equal(got[:, 0], fused[1].cpu())
-    for name, tile in itertools.product(PACKED, tiles):
-        dt = DTYPES[name][0]
-        c0 = _data((150, 5), dt, device)
-        forced = on.replace(force_tile=tile, tile_bits=4)  # the fewest that keep 450 codes in one split
-        with augment_launches() as aug:
-            idx = _check_search(_data((37, 5), dt, device), torch.cat([c0, c0, c0]), "l2", name, split_k=1,
-                                algorithm="packed", plan=forced)
-        assert aug[0] == 0 and (idx < 150).all(), "tie across tiles not broken to the lowest index, fused"
-        x, c = _data((3, 50, 8), dt, device), _data((3, 200, 8), dt, device)
-        dist, idx = nearest_codes_triton(x, c, split_k=1, plan=on)
-        for g in range(3):
-            assert torch.equal(nearest_codes_triton(x[g], c[g], split_k=1, plan=on)[1], idx[g]), "grouped != per group"
-    xt = _data((24, 40), torch.float32, device).t()  # (40, 24), stride (1, 40)
-    ct = _data((600, 48), torch.float32, device)[:, ::2]  # (600, 24), stride (48, 2)
-    with augment_launches() as aug:
-        _check_search(xt, ct, "l2", "fp32_tf32", split_k=1, algorithm="packed", plan=on)
-        _check_search(xt, ct, "l2", "fp32_tf32", split_k=1, dist_out=False, algorithm="packed", plan=on)
-    assert aug[0] == 0
-    if device != "cpu":  # enough work for the autotuner's tiles: against the unfused kernel, near-ties aside
-        x, c = _data((65536, 8), torch.bfloat16, device), _data((1024, 8), torch.bfloat16, device)
-        with augment_launches() as aug:
-            fused = nearest_codes_triton(x, c, split_k=1, plan=on)[1]
-        plain = nearest_codes_triton(x, c, split_k=1)[1]
-        assert aug[0] == 0 and float((fused == plain).float().mean()) > 0.999, "autotuned fused != unfused"
-    x, c = _data((30, 8), torch.bfloat16, device), _data((1200, 8), torch.bfloat16, device)
-    for kw in (dict(split_k=3), dict(x=x[:, :6], codebook=c[:900, :6], plan=plan(fuse_augment_max_k=899)),
-               dict(x=_data((20, 256), torch.bfloat16, device), codebook=_data((300, 256), torch.bfloat16, device))):
-        args = dict(x=x[:, :6], codebook=c[:900, :6], plan=on, split_k=1) | kw
-        with augment_launches() as aug:
-            nearest_codes_triton(algorithm="packed", **args)
-        assert aug[0] == 1, ("not fused: a split, a larger codebook, the norms outside the row", sorted(kw))

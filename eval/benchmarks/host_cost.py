@@ -99,15 +99,12 @@ def host_us(fn, calls: int = 300, repeats: int = 5) -> float:
 def measure(n: int, k: int, d: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
     """Host microseconds per call of ``(N, d)`` queries against a ``(K, d)`` codebook."""
     from tokenizers_vq.kernels import nearest  # noqa: PLC0415
-    from tokenizers_vq.kernels.plan import DEFAULT_PLAN  # noqa: PLC0415
 
     x, c = torch.empty(n, d, dtype=dtype), torch.empty(k, d, dtype=dtype)
-    fused = DEFAULT_PLAN.replace(fuse_augment_max_k=k)  # one launch where it applies
     with stubbed_launches():
         return {
             "public_us": host_us(lambda: nearest.nearest_codes_triton(x, c, return_dist=False)),
             "impl_us": host_us(lambda: nearest._nearest_impl(x, c, "l2", 0, "tf32", False, 0)),
-            "fused_us": host_us(lambda: nearest.nearest_codes_triton(x, c, return_dist=False, plan=fused)),
         }
 
 
@@ -178,10 +175,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")] if args.cases else CASES
     rows = [{"n": n, "k": k, "d": d, **measure(n, k, d)} for n, k, d in cases]
-    print("| N x K x d (bf16) | public call, us | implementation alone, us | one launch (fused plan), us |\n"
-          "|---|---|---|---|")
+    print("| N x K x d (bf16) | public call, us | implementation alone, us |\n|---|---|---|")
     for r in rows:
-        print(f"| {r['n']} x {r['k']} x {r['d']} | {r['public_us']:.1f} | {r['impl_us']:.1f} | {r['fused_us']:.1f} |")
+        print(f"| {r['n']} x {r['k']} x {r['d']} | {r['public_us']:.1f} | {r['impl_us']:.1f} |")
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}))
 
 

@@ -39,7 +39,7 @@ import torch
 CASES = [(32768, 1024, 8), (32768, 1024, 256), (32768, 4096, 8), (32768, 4096, 32), (32768, 100000, 8), (262144, 262144, 8), (32768, 16384, 8), (32768, 16384, 32), (32768, 16384, 256),
          (32768, 16384, 1536), (32768, 100000, 256), (262144, 16384, 32)]
 TRAIN_CASES = [(32768, 1024, 256), (32768, 16384, 8), (32768, 16384, 256)]
-METHODS = ["ours_bf16", "ours_bf16_graph", "ours_bf16_fused", "ours_bf16_tiled", "ours_fp32", "ours_fp32_tiled", "ours_fp32_exact",
+METHODS = ["ours_bf16", "ours_bf16_graph", "ours_bf16_tiled", "ours_fp32", "ours_fp32_tiled", "ours_fp32_exact",
            "cdist_fp32", "mm_fp32", "mm_bf16", "vqp", "flash_kmeans_fp16", "faiss_fp32"]
 CHECKED = ["ours_bf16", "ours_fp32", "ours_bf16_tiled", "ours_fp32_tiled"]  # index checks, in this order
 # Each method is timed in ROUNDS rounds over all methods and keeps its fastest median: a host-bound call
@@ -142,14 +142,10 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
     x32 = torch.randn(n, d, device="cuda")
     c32 = torch.randn(k, d, device="cuda")
     xb, cb = x32.bfloat16(), c32.bfloat16()
-    fused = plan.DEFAULT_PLAN.replace(fuse_augment_max_k=k)
     csq32 = c32.square().sum(1)
     csqb = csq32.bfloat16()
     fns = {
         "ours_bf16": lambda: nearest.nearest_codes_triton(xb, cb),
-        # the codebook tiles built inside the search kernel where it applies (one split, norms in the row;
-        # elsewhere the same call as ours_bf16)
-        "ours_bf16_fused": lambda: nearest.nearest_codes_triton(xb, cb, plan=fused),
         "ours_bf16_tiled": lambda: nearest.nearest_codes_triton(xb, cb, algorithm="tiled"),
         "ours_fp32": lambda: nearest.nearest_codes_triton(x32, c32),
         "ours_fp32_tiled": lambda: nearest.nearest_codes_triton(x32, c32, algorithm="tiled"),
@@ -249,7 +245,7 @@ def _ms(r: dict) -> float:
 
 def markdown(meta: dict, rows: list[dict], train: list[dict] | None) -> str:
     r = meta["rates"]
-    names = {"ours_bf16": "ours bf16", "ours_bf16_graph": "ours bf16, CUDA graph", "ours_bf16_fused": "ours bf16, one launch", "ours_bf16_tiled": "tiled bf16",
+    names = {"ours_bf16": "ours bf16", "ours_bf16_graph": "ours bf16, CUDA graph", "ours_bf16_tiled": "tiled bf16",
              "ours_fp32": "ours fp32", "ours_fp32_tiled": "tiled fp32", "ours_fp32_exact": "ours fp32 exact",
              "cdist_fp32": "cdist fp32", "mm_fp32": "x@C^T fp32", "mm_bf16": "x@C^T bf16", "vqp": "vq-pytorch eval",
              "flash_kmeans_fp16": "flash-kmeans fp16", "faiss_fp32": "FAISS GPU flat fp32"}

@@ -22,7 +22,6 @@ import torch
 
 from nearest_checks import DTYPES, _check_search, _data, poisoned_outputs
 from packed_checks import (
-    check_packed_fused,
     check_packed_half,
     check_packed_odd_shapes,
     check_packed_ties_splits_groups,
@@ -168,7 +167,7 @@ def check_custom_op(device, full=False):
 
 
 GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_grouped_and_layouts,
-                                  check_packed_odd_shapes, check_packed_ties_splits_groups, check_packed_half, check_packed_fused,
+                                  check_packed_odd_shapes, check_packed_ties_splits_groups, check_packed_half,
                                   check_row_reduce, check_repeated_calls,
                                   check_code_statistics,
                                   check_custom_op)}
