@@ -1,0 +1,97 @@
+"""Where the VQ-EMA training step's time goes (the search benchmark's step: forward, backward
+and EMA update of ``VectorQuantizer``), eager and under ``torch.compile(fullgraph=True)``:
+ms per step, operators and kernel launches per step, then the top operators by device and by
+host time under ``torch.profiler``.
+
+    python eval/gpu/profile_vq_step.py [--cases 32768x1024x256,32768x16384x8] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten operators dispatched (forward and backward) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_fn(n: int, k: int, d: int, device: str, compiled: bool):
+    """One training step of a fresh ``VectorQuantizer`` on ``(n // 1024, 1024, d)`` latents."""
+    from tokenizers_vq import VectorQuantizer  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    z = torch.randn(max(n // 1024, 1), min(n, 1024), d, device=device, requires_grad=True)
+    q = VectorQuantizer(dim=d, codebook_size=k, check_finite=False).to(device).train()
+    model = torch.compile(q, fullgraph=True) if compiled else q
+
+    def run():
+        z.grad = None
+        out = model(z)
+        (out.quantized.square().mean() + sum(out.losses.values())).backward()
+
+    return run
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_case(n: int, k: int, d: int, device: str, compiled: bool, steps: int = 20) -> str:
+    run = step_fn(n, k, d, device, compiled)
+    for _ in range(5):
+        run()
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        run()
+    _sync(device)
+    ms = (time.perf_counter() - t) / steps * 1e3
+    lines = [f"## {n} x {k} x {d}, {'compiled' if compiled else 'eager'}: {ms:.3f} ms per step"]
+    if not compiled:
+        with _CountOps() as counter:
+            run()
+        lines.append(f"aten operators per step: {sum(counter.ops.values())}; most frequent: "
+                     + ", ".join(f"{name} {c}" for name, c in counter.ops.most_common(12)))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            run()
+        _sync(device)
+    events = prof.key_averages()
+    if device == "cuda":
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+        lines.append(f"kernel launches per step: {launches / 5:.0f}")
+        lines.append(events.table(sort_by="cuda_time_total", row_limit=20))
+    lines.append(events.table(sort_by="self_cpu_time_total", row_limit=20))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="32768x1024x256,32768x16384x8")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--eager-only", action="store_true", help="leave the compiled step out")
+    args = ap.parse_args(argv)
+    for case in args.cases.split(","):
+        n, k, d = map(int, case.split("x"))
+        for compiled in (False,) if args.eager_only else (False, True):
+            print(profile_case(n, k, d, args.device, compiled), flush=True)
+
+
+if __name__ == "__main__":
+    main()
