@@ -7,7 +7,8 @@
 # shape (5.2 M parameters), vb wide at high resolution, vc two residual blocks per level on
 # [1, 2, 3, 4] (7.4 M), vd two residual blocks per decoder level only (7.2 M; INIT_vd=video grows
 # the shipped decoder, the added blocks starting as the identity); the 16 MiB fp16 limit of a shipped
-# model allows about 8 M)
+# model allows about 8 M); ve the shipped shape on 17-frame clips, the length it codes in (twice the
+# frames per step)
 # Each run comes back as $OUT/<run>.tar (fp16 release model, metrics.jsonl, summary, log);
 # video runs are scored on the held-apart clip here and only the best one comes back.
 # A run whose out_dir (runs/<run>) holds a checkpoint from an earlier call on the same
@@ -41,10 +42,11 @@ declare -A ARGS=(
   [vb]="$video --model.backbone.channels=64 --model.backbone.channel_mult=[1,1,2,2] --model.name=tvq-video-4x8x8-fsq-wide"
   [vc]="$video --model.backbone.channel_mult=[1,2,3,4] --model.backbone.num_res_blocks=2 --model.name=tvq-video-4x8x8-fsq-deep"
   [vd]="$video --model.backbone.decoder_res_blocks=2 --model.name=tvq-video-4x8x8-fsq-deepdec"
+  [ve]="$video --data.clip_frames=17"
   [ig]="$image"
   [il]="$image --loss.adversarial=0"
 )
-declare -A DATA=([s50]=audio [s67]=audio [sc]=audio [r4]=audio [sr4]=audio [va]=video [vb]=video [vc]=video [vd]=video
+declare -A DATA=([s50]=audio [s67]=audio [sc]=audio [r4]=audio [sr4]=audio [va]=video [vb]=video [vc]=video [vd]=video [ve]=video
                  [ig]=images [il]=images)
 if [ -n "${PROFILE:-}" ]; then
   pe="EXTRA_$PROFILE"
