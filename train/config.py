@@ -93,7 +93,8 @@ class TrainConfig:
     # warm start: an embedded model's name (image, speech, video), a tokenizer folder or a
     # training checkpoint folder; its model config must be this run's (the name aside, and an
     # audio backbone's causal flag, which changes the padding only: a causal model can start
-    # from an offline one). Only the weights are taken; optimiser, discriminator and step start
+    # from an offline one; and a video decoder may have more decoder_res_blocks, the added
+    # blocks starting as the identity). Only the weights are taken; optimiser, discriminator and step start
     # afresh. A checkpoint of this run's own out_dir still takes precedence (resume).
     init_from: str = ""
     # what init_from gives the quantizer: "all" (the same quantizer config, its state too),

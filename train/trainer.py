@@ -32,7 +32,6 @@ from tokenizers_vq.train.checkpoint import (
 from tokenizers_vq.train.config import TrainConfig, config_to_dict
 from tokenizers_vq.train.data import MediaFolder, split_files
 from tokenizers_vq.train.discriminators import build_discriminator
-from tokenizers_vq.train.warm_start import warm_start
 from tokenizers_vq.train.losses import (
     LPIPS,
     LeCam,
@@ -42,6 +41,7 @@ from tokenizers_vq.train.losses import (
     hinge_g_loss,
     reconstruction_terms,
 )
+from tokenizers_vq.train.warm_start import warm_start
 
 
 class Trainer:

@@ -33,9 +33,9 @@ def warm_start(model: Tokenizer, config: TokenizerConfig, source: str, init_quan
         d["backbone"] = {k: v for k, v in d["backbone"].items() if k != "causal"}
     mine_blocks, their_blocks = (getattr(m.backbone_config, "decoder_blocks", 0) for m in (model, src))
     grow = their_blocks if mine_blocks > their_blocks > 0 else 0
-    if grow:
-        for d in (mine, theirs):
-            d["backbone"].pop("decoder_res_blocks", None)
+    if their_blocks:  # a video backbone: compared by the decoder's depth as built, however it is spelled
+        for d, blocks in ((mine, mine_blocks), (theirs, their_blocks)):
+            d["backbone"]["decoder_res_blocks"] = their_blocks if grow else blocks
     diff = sorted(k for k in mine if k != "quantizer_" and mine[k] != theirs.get(k))
     if diff:
         raise ValueError(f"init_from={directory}: its model config differs from this run's in {diff}; "

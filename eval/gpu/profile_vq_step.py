@@ -30,11 +30,14 @@ class _CountOps(TorchDispatchMode):
 
 
 def step_fn(n: int, k: int, d: int, device: str, compiled: bool):
-    """One training step of a fresh ``VectorQuantizer`` on ``(n // 1024, 1024, d)`` latents."""
+    """One training step of a fresh ``VectorQuantizer`` on ``(n // 1024, 1024, d)`` latents
+    (``n``: a multiple of 1024)."""
     from tokenizers_vq import VectorQuantizer  # noqa: PLC0415
 
+    if n % 1024:
+        raise ValueError(f"n={n}: the step's latents are (n // 1024, 1024, d); give a multiple of 1024")
     torch.manual_seed(0)
-    z = torch.randn(max(n // 1024, 1), min(n, 1024), d, device=device, requires_grad=True)
+    z = torch.randn(n // 1024, 1024, d, device=device, requires_grad=True)
     q = VectorQuantizer(dim=d, codebook_size=k, check_finite=False).to(device).train()
     model = torch.compile(q, fullgraph=True) if compiled else q
 

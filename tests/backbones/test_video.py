@@ -71,6 +71,8 @@ def test_load_shallower_refuses_what_does_not_fit():
     state = VideoDecoder(small()).state_dict()
     with pytest.raises(ValueError, match=r"weights do not fit.*unexpected \['extra.weight'\]"):
         deep.load_shallower({**state, "extra.weight": torch.zeros(1)}, 1)
+    with pytest.raises(ValueError, match=r"weights do not fit.*unexpected \['blocks.99.weight'\]"):
+        deep.load_shallower({**state, "blocks.99.weight": torch.zeros(1)}, 1)
     with pytest.raises(ValueError, match=r"weights do not fit.*missing \['conv_in.bias'\]"):
         deep.load_shallower({k: v for k, v in state.items() if k != "conv_in.bias"}, 1)
     wider = VideoDecoder(VideoBackboneConfig(channels=4, latent_dim=8, channel_mult=(1, 2, 2, 2)))

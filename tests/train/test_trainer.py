@@ -167,6 +167,8 @@ def test_init_from_grows_a_video_decoder(tmp_path):
         torch.testing.assert_close(warm.unwrapped.eval()(x).reconstruction, src.eval()(x).reconstruction)
     warm.train()
     assert len(read_log(tmp_path / "b")) == 2
+    added = [b.conv2.weight for b in warm.unwrapped.decoder.blocks if hasattr(b, "conv2")][1::2]
+    assert all(w.any() for w in added)  # the blocks that started as the identity trained
     with pytest.raises(ValueError, match="differs from this run's in \\['backbone'\\]"):
         Trainer(config("video", tmp_path / "c", 1, **{"data.max_items": 1, "init_from": str(release),
                                                        "model.backbone": json.dumps({**TINY["video"], "num_res_blocks": 2})}))

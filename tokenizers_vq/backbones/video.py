@@ -273,12 +273,14 @@ class VideoDecoder(nn.Module):
                     new.append(self.blocks[new_i])
                 new_i += 1
         renamed.update({k: v for k, v in state.items() if not k.startswith("blocks.")})
+        beyond = sorted(k for k in state if k.startswith("blocks.") and int(k.split(".")[1]) >= old_i)
         fit = f"weights do not fit a decoder with {blocks} blocks per level and these widths"
         try:
             missing, unexpected = self.load_state_dict(renamed, strict=False)
         except RuntimeError as e:  # a tensor of another shape
             raise ValueError(f"{fit}: {e}") from None
         added = {f"blocks.{i}.{k}" for i, b in enumerate(self.blocks) if b in new for k in b.state_dict()}
+        unexpected = list(unexpected) + beyond
         if unexpected or set(missing) != added:
             raise ValueError(f"{fit} (missing {sorted(set(missing) - added)[:5]}, unexpected {unexpected[:5]})")
         with torch.no_grad():

@@ -1,0 +1,49 @@
+"""Warm starts without training: what each ``init_quantizer`` mode takes when the decoder grows,
+and depths spelled two ways."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_tokenizer import TINY
+
+from tokenizers_vq.tokenizer import Tokenizer
+from tokenizers_vq.tokenizer_config import QuantizerConfig, TokenizerConfig
+from tokenizers_vq.train.warm_start import warm_start
+
+
+def video(backbone_extra: dict | None = None, seed: int = 0) -> Tokenizer:
+    torch.manual_seed(seed)
+    cfg = TokenizerConfig("video", {**TINY["video"], **(backbone_extra or {})}, QuantizerConfig("fsq", {"levels": [5, 5, 5]}))
+    return Tokenizer(cfg).eval()
+
+
+@pytest.mark.parametrize("mode", ["all", "none"])
+def test_a_grown_decoder_reconstructs_as_the_source_in_every_quantizer_mode(tmp_path, mode):
+    src = video(seed=1)
+    src.save_pretrained(tmp_path / "src")
+    deep = video({"decoder_res_blocks": 3})
+    warm_start(deep, deep.config, str(tmp_path / "src"), mode)
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = src.encoder(x)
+        torch.testing.assert_close(deep.decoder(z), src.decoder(z), rtol=0, atol=0)
+        if mode == "all":  # the quantizer's projections too
+            torch.testing.assert_close(deep(x).reconstruction, src(x).reconstruction)
+    for mine, theirs in zip(deep.encoder.parameters(), src.encoder.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+
+
+def test_the_same_depth_spelled_two_ways_is_one_config(tmp_path):
+    src = video({"decoder_res_blocks": TINY["video"]["num_res_blocks"]}, seed=1)  # written out
+    src.save_pretrained(tmp_path / "src")
+    plain = video()  # decoder_res_blocks 0: num_res_blocks
+    warm_start(plain, plain.config, str(tmp_path / "src"))
+    for mine, theirs in zip(plain.parameters(), src.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+    shallow = video()
+    shallow.save_pretrained(tmp_path / "shallow")
+    deeper = video({"decoder_res_blocks": 2})
+    deeper.save_pretrained(tmp_path / "deeper")
+    with pytest.raises(ValueError, match="differs from this run's in \\['backbone'\\]"):  # never shallower
+        warm_start(shallow, shallow.config, str(tmp_path / "deeper"))
