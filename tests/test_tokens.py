@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,6 +224,31 @@ def test_bad_inputs_get_clear_errors_and_keep_existing_outputs(tmp_path, image_m
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "is a directory, but a file is written here" in err
     assert list(folder.iterdir()) == []
+
+
+def test_a_write_the_machine_refuses_is_one_error_line_and_loses_nothing(tmp_path, image_model, monkeypatch, capsys):
+    """A full disk while the token file is written, and a folder that cannot be made: exit
+    code 1 and one line naming the output (not the temporary file); the earlier file stays."""
+    import errno  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
+    out = tmp_path / "tokens.tvq"
+    out.write_bytes(b"earlier tokens")
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", full_disk)
+        assert main(["encode", str(photo), "-o", str(out), "--model", str(image_model), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"tvq: error: cannot write {out}: No space left on device"
+    assert out.read_bytes() == b"earlier tokens" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with monkeypatch.context() as m:  # a folder that cannot be made (as root, permissions would not stop it)
+        m.setattr(Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")))
+        assert main(["encode", str(photo), "-o", str(tmp_path / "new" / "t.tvq"), "--model", str(image_model)]) == 1
+    assert capsys.readouterr().err.strip() == f"tvq: error: cannot write {tmp_path / 'new' / 't.tvq'}: Permission denied"
 
 
 def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path, image_model, capsys):

@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, MissingDependency) as e:
         print(f"tvq: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's side: a folder that cannot be written, a full disk
+        print(f"tvq: error: {e.strerror if e.strerror and 'cannot write' in e.strerror else e}", file=sys.stderr)
+        return 1
 
 
 def entry() -> None:

@@ -21,6 +21,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
     Raises:
         ValueError: ``path`` is an existing directory, or its folder is an existing file.
+        OSError: the folder cannot be made or written to, or the write fails (a full disk):
+            the message names ``path`` (not the temporary file); ``path`` is left as it was.
     """
     path = Path(path)
     if path.is_dir():
@@ -28,8 +30,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
                          f"(e.g. {path / ('out' + (path.suffix or '.tvq'))})")
     if path.parent.exists() and not path.parent.is_dir():
         raise ValueError(f"cannot write {path}: {path.parent} is a file, not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    except OSError as e:
+        raise _naming(e, path) from None
     os.close(fd)
     try:
         write(tmp)
@@ -37,10 +42,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise _naming(e, path) from e
         raise
     return path
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """``e`` as the same kind of error (by its errno) with a message that names ``path``."""
+    return OSError(e.errno, f"cannot write {path}: {e.strerror or e}")
 
 
 def tensor_sha256(*parts: Tensor | str) -> str:
