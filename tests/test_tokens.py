@@ -251,6 +251,25 @@ def test_a_write_the_machine_refuses_is_one_error_line_and_loses_nothing(tmp_pat
     assert capsys.readouterr().err.strip() == f"tvq: error: cannot write {tmp_path / 'new' / 't.tvq'}: Permission denied"
 
 
+def test_decoding_to_another_modalitys_file_type_and_devices_this_machine_lacks_are_refused(tmp_path, image_model, capsys):
+    photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
+    tokens = tmp_path / "t.tvq"
+    assert main(["encode", str(photo), "-o", str(tokens), "--model", str(image_model)]) == 0
+    capsys.readouterr()
+    assert main(["decode", str(tokens), "-o", str(tmp_path / "out.wav"), "--model", str(image_model)]) == 2
+    assert "out.wav: .wav is a file type for audio, but" in capsys.readouterr().err
+    assert not (tmp_path / "out.wav").exists()
+    assert main(["decode", str(tokens), "-o", str(tmp_path / "out.jpg"), "--model", str(image_model)]) == 0
+    capsys.readouterr()
+    lacking = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    for device, words in [("gpu", "expected cpu, cuda or cuda:N"), ("mps", "expected cpu, cuda or cuda:N"),
+                          (lacking, "CUDA GPU")]:
+        assert main(["encode", str(photo), "-o", str(tmp_path / "d.tvq"), "--model", str(image_model), "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"tvq: error: --device {device}: ") and words in err, err
+    assert not (tmp_path / "d.tvq").exists()
+
+
 def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path, image_model, capsys):
     photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]  # 481 x 321 = 154,401 pixels
     out = tmp_path / "p.tvq"

@@ -221,9 +221,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_device(device: str | None) -> None:
+    """Refuse a ``--device`` this machine does not have, naming what it has."""
+    if device is None or device == "cpu":
+        return
+    import torch  # noqa: PLC0415
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: expected cpu, cuda or cuda:N") from None
+    if dev.type != "cuda":
+        raise ValueError(f"--device {device}: expected cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"--device {device}: this machine has no CUDA GPU that torch {torch.__version__} can use; "
+                         "leave out --device (or give --device cpu)")
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_device(getattr(args, "device", None))
         return args.func(args)
     except (ValueError, MissingDependency) as e:
         print(f"tvq: error: {e}", file=sys.stderr)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from tokenizers_vq.io import atomic_write, save_safetensors, tensor_sha256
 
-from tokenizers_vq.media import MAX_PIXELS
+from tokenizers_vq.media import MAX_PIXELS, SUFFIXES
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
 
@@ -209,6 +209,11 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
         check_grid(tok, rec, f"{tokens}: item {i} ({rec.source})")
     out = Path(out)
     single = len(records) == 1 and out.suffix != ""
+    other = next((m for m, suffixes in SUFFIXES.items() if out.suffix.lower() in suffixes), tok.modality)
+    if single and out.suffix.lower() not in SUFFIXES[tok.modality] and other != tok.modality:
+        raise ValueError(f"{out}: {out.suffix} is a file type for {other}, but {tokens} holds {tok.modality} tokens; "
+                         f"write {'an' if tok.modality[0] in 'aeiou' else 'a'} {tok.modality} file "
+                         f"(e.g. {out.with_suffix(tok.media.output_suffix).name})")
     targets = [out] if single else [out / (Path(r.source).stem + tok.media.output_suffix) for r in records]
     written = []
     for rec, target in tqdm(list(zip(records, targets)), desc="decode", disable=len(records) < 2):
