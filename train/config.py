@@ -125,8 +125,29 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         elif hint is str and isinstance(val, bool):  # YAML 1.1 reads a bare `no` as False
             kwargs[key] = "yes" if val else "no"
         else:
-            kwargs[key] = val
+            kwargs[key] = _scalar(hint, val, f"{where}{key}")
     return cls(**kwargs)
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _scalar(hint: Any, val: Any, name: str) -> Any:
+    """``val`` checked against a plain ``int``/``float``/``bool``/``str`` field (an int is a
+    float too); other fields take it as it is."""
+    if hint not in _KINDS:
+        return val
+    ok = isinstance(val, hint) and not (hint is int and isinstance(val, bool))
+    if hint is float and isinstance(val, int) and not isinstance(val, bool):
+        return float(val)
+    if hint is float and isinstance(val, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(val)
+        except ValueError:
+            pass
+    if not ok:
+        raise ValueError(f"{name} must be {_KINDS[hint]}, got {val!r}")
+    return val
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -272,6 +272,14 @@ def test_config_overrides_are_checked(tmp_path):
         load_config(tmp_path / "none.yaml")
     with pytest.raises(ValueError, match=r"unknown options \['codebok_size'\].*did you mean 'codebook_size'"):
         load_config("train/configs/image.yaml", ["model.quantizer.options.codebok_size=512"])
+    # values of the wrong kind are named at once, not as a TypeError deep in the run
+    for override, words in [("steps=abc", "steps must be an integer, got 'abc'"), ("steps=1.5", "steps must be an integer"),
+                            ("steps=true", "steps must be an integer"), ("optim.lr=fast", "optim.lr must be a number"),
+                            ("mixed_precision=3", "mixed_precision must be a string")]:
+        with pytest.raises(ValueError, match=words):
+            load_config(None, [override])
+    assert load_config(None, ["optim.lr=1e-4", "optim.grad_clip=2"]).optim.lr == 1e-4  # YAML reads 1e-4 as a string
+    assert isinstance(load_config(None, ["optim.grad_clip=2"]).optim.grad_clip, float)
 
 
 @pytest.mark.parametrize("name", ["image", "audio", "video"])
