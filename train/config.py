@@ -135,7 +135,7 @@ _KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a s
 def _scalar(hint: Any, val: Any, name: str) -> Any:
     """``val`` checked against a plain ``int``/``float``/``bool``/``str`` field (an int is a
     float too); other fields take it as it is."""
-    if hint not in _KINDS:
+    if hint not in _KINDS or val is None:  # None (an empty YAML value) as before: the field's reader decides
         return val
     ok = isinstance(val, hint) and not (hint is int and isinstance(val, bool))
     if hint is float and isinstance(val, int) and not isinstance(val, bool):

@@ -280,6 +280,7 @@ def test_config_overrides_are_checked(tmp_path):
             load_config(None, [override])
     assert load_config(None, ["optim.lr=1e-4", "optim.grad_clip=2"]).optim.lr == 1e-4  # YAML reads 1e-4 as a string
     assert isinstance(load_config(None, ["optim.grad_clip=2"]).optim.grad_clip, float)
+    assert load_config(None, ["data.val=", "init_from="]).init_from is None  # an empty value: the field's reader decides
 
 
 @pytest.mark.parametrize("name", ["image", "audio", "video"])
