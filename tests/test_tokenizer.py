@@ -11,6 +11,7 @@ from testdata import shared_path
 
 from tokenizers_vq.media import load_image
 from tokenizers_vq.media import load_audio
+from tokenizers_vq.modality import INPUT_LIMIT
 from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
 from tokenizers_vq.tokenizer import DEFAULT_MODEL, QuantizerConfig, Tokenizer, TokenizerConfig
 
@@ -132,10 +133,21 @@ def test_long_video_is_coded_in_clips():
     ("audio", torch.zeros(1, 1, 0), "empty"),
     ("image", torch.full((1, 3, 16, 16), float("nan")), "NaN"),
     ("video", torch.randint(0, 255, (1, 3, 5, 16, 16)), "floating-point"),
+    ("image", torch.randint(0, 255, (1, 3, 16, 16)).float(), r"values reach \[0, 254\].*x / 127.5 - 1"),
+    ("video", torch.full((1, 3, 5, 16, 16), -4.5), r"values reach \[-4.5, -4.5\]"),
+    ("audio", torch.randn(1, 1, 800) * 3000, r"audio input values reach .*x / 32768"),
 ])
 def test_bad_media_tensors_raise(modality, x, msg):
     with pytest.raises(ValueError, match=msg):
         tiny(modality).encode(x)
+
+
+def test_inputs_a_little_past_the_unit_range_are_coded():
+    """Resampling and filtering overshoot [-1, 1] a little: that is coded, not refused."""
+    torch.manual_seed(0)
+    x = (torch.rand(1, 3, 16, 16) * 2 - 1) * 1.3
+    x[0, 0, 0, 0] = -INPUT_LIMIT
+    assert tiny("image").encode(x).shape == (1, 4, 4)  # the tiny model codes 4x4 pixels per token
 
 
 # -- dynamic-length (DQ-VAE) models -------------------------------------------------------------

@@ -15,6 +15,7 @@ and the embedded model that ``tvq`` picks for it. :func:`get` looks one up by th
 
 from __future__ import annotations
 
+import math
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -38,6 +39,11 @@ from tokenizers_vq.media import (
 )
 
 
+INPUT_LIMIT = 4.0
+"""Model inputs are in [-1, 1]; one reaching past this magnitude is refused (8-bit pixels or
+16-bit samples passed as floats), not coded into tokens of nothing."""
+
+
 class Modality(ABC):
     """A kind of media. Model space: images ``(B, 3, H, W)`` and video ``(B, 3, T, H, W)``
     in [-1, 1], audio ``(B, 1, T)``; media space (what :meth:`to_media` gives and
@@ -59,6 +65,15 @@ class Modality(ABC):
     window_axes: ClassVar[int]  # axes a token prior's square window spans (time; a picture's rows and columns)
     optional_metrics: ClassVar[tuple[tuple[str, str, str], ...]] = ()  # (summary key, name, package) of
     # the per-item metrics that need an optional package
+    input_scale: ClassVar[str] = "pixels scaled to [-1, 1] (8-bit: x / 127.5 - 1)"  # for messages
+
+    def check_range(self, lo_hi: Tensor) -> None:
+        """Raise ``ValueError`` unless a model input's ``(min, max)`` is finite and within :data:`INPUT_LIMIT`."""
+        lo, hi = lo_hi.tolist()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{self.name} input contains NaN or Inf")
+        if max(-lo, hi) > INPUT_LIMIT:
+            raise ValueError(f"{self.name} input values reach [{lo:.4g}, {hi:.4g}]; the tokenizer takes {self.input_scale}")
 
     @property
     def suffixes(self) -> frozenset[str]:
@@ -190,6 +205,7 @@ class Image(Modality):
 class Audio(Modality):
     name, article, input_ndim, has_pixels = "audio", "an audio", 3, False
     output_suffix, default_model, region_cells = ".wav", "speech", 2
+    input_scale = "samples in [-1, 1] (16-bit PCM: x / 32768)"
     unit, token_rate, streams, fid, clips = "audio_seconds", "tokens_per_second", True, False, False
     window_axes = 1
     optional_metrics = (("pesq_wb", "PESQ", "pesq"), ("stoi", "STOI", "pystoi"))

@@ -212,7 +212,7 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
     other = next((m for m, suffixes in SUFFIXES.items() if out.suffix.lower() in suffixes), tok.modality)
     if single and out.suffix.lower() not in SUFFIXES[tok.modality] and other != tok.modality:
         raise ValueError(f"{out}: {out.suffix} is a file type for {other}, but {tokens} holds {tok.modality} tokens; "
-                         f"write {'an' if tok.modality[0] in 'aeiou' else 'a'} {tok.modality} file "
+                         f"write {tok.media.article} file "
                          f"(e.g. {out.with_suffix(tok.media.output_suffix).name})")
     targets = [out] if single else [out / (Path(r.source).stem + tok.media.output_suffix) for r in records]
     written = []
