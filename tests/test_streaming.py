@@ -151,8 +151,9 @@ def test_chunk_layouts_empty_streams_and_misuse():
             enc.push(x)
     assert all(torch.equal(r, results[0]) for r in results) and results[0].shape == (4,)
     enc = tok.encode_stream()
-    for bad in (torch.randn(2, 10), torch.arange(5), torch.tensor([0.0, float("nan")])):
-        with pytest.raises(ValueError):
+    for bad, words in ((torch.randn(2, 10), "mono samples"), (torch.arange(5), "floating-point"),
+                       (torch.tensor([0.0, float("nan")]), "NaN or Inf"), (torch.tensor([0.0, 2000.0]), "x / 32768")):
+        with pytest.raises(ValueError, match=words):
             enc.push(bad)
     assert enc.flush().shape == (0,)
     dec = tok.decode_stream()

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from tokenizers_vq.modality import get
+
 if TYPE_CHECKING:
     from tokenizers_vq.tokenizer import Tokenizer
 
@@ -123,7 +125,8 @@ class AudioEncodeStream:
             frames_out`` before the call updates them (possibly 0).
 
         Raises:
-            ValueError: bad shape or dtype, NaN/Inf, or the stream is flushed.
+            ValueError: bad shape or dtype, NaN/Inf or values past ``modality.INPUT_LIMIT``, or the stream
+                is flushed.
         """
         if self._closed:
             raise ValueError("push after flush: start a new stream with tok.encode_stream()")
@@ -131,8 +134,8 @@ class AudioEncodeStream:
             raise ValueError("audio chunks must be floating-point tensors")
         if chunk.ndim not in (1, 2, 3) or any(s != 1 for s in chunk.shape[:-1]):
             raise ValueError(f"audio chunks must be (n,), (1, n) or (1, 1, n) mono samples, got {tuple(chunk.shape)}")
-        if not torch.isfinite(chunk).all():
-            raise ValueError("audio chunk contains NaN or Inf")
+        if chunk.numel():
+            get("audio").check_range(torch.stack(torch.aminmax(chunk.detach())))
         self._buf = torch.cat([self._buf, chunk.reshape(-1).to(self._buf)])
         self.samples_in += chunk.shape[-1]
         return self._emit(self.samples_in // self.hop)
