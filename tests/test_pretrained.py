@@ -136,6 +136,11 @@ def test_a_folder_named_like_an_embedded_model_is_not_taken_for_it(tmp_path, mon
     assert torch.equal(Tokenizer.from_pretrained("speech").encoder.layers[0].weight,
                        Tokenizer.from_pretrained(str(PRETRAINED["speech"])).encoder.layers[0].weight)
 
+    with pytest.raises(ValueError, match=r"Speech is missing \(or name an embedded model: image, speech, speech-rvq, video\)"):
+        Tokenizer.from_pretrained("Speech")  # a misspelt name: the names it could have meant
+    with pytest.raises(ValueError, match=r"speech/config.json is missing$"):
+        Tokenizer.from_pretrained(tmp_path / "speech")  # a folder given as a path: no name list
+
 
 def test_readme_speech_and_video_commands_run_on_real_files(tmp_path, monkeypatch):
     """The README's second bash block, with its placeholder files replaced by real ones."""

@@ -340,7 +340,7 @@ class Tokenizer(nn.Module):
         cfg_path, weights = directory / "config.json", directory / "model.safetensors"
         for p in (directory, cfg_path, weights):
             if not p.exists():
-                raise ValueError(f"not a tokenizer directory: {p} is missing")
+                raise ValueError(f"not a tokenizer directory: {p} is missing" + (f" (or name an embedded model: {', '.join(PRETRAINED)})" if p == directory else ""))
         try:
             config = TokenizerConfig.from_dict(json.loads(cfg_path.read_text()))
         except (json.JSONDecodeError, TypeError) as e:
