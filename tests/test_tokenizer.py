@@ -142,6 +142,13 @@ def test_bad_media_tensors_raise(modality, x, msg):
         tiny(modality).encode(x)
 
 
+def test_a_bad_item_of_a_batch_is_named_by_its_index():
+    x = torch.zeros(3, 3, 16, 16)
+    x[1, 0, 0, 0] = 200.0
+    with pytest.raises(ValueError, match=r"image input values reach \[0, 200\].*\(item 1 of a batch of 3\)$"):
+        tiny("image").encode(x)
+
+
 def test_inputs_a_little_past_the_unit_range_are_coded():
     """Resampling and filtering overshoot [-1, 1] a little: that is coded, not refused."""
     torch.manual_seed(0)

@@ -270,6 +270,37 @@ def test_decoding_to_another_modalitys_file_type_and_devices_this_machine_lacks_
     assert not (tmp_path / "d.tvq").exists()
 
 
+def test_an_export_batch_names_only_the_file_past_the_input_range(tmp_path):
+    """Float WAVs of one length share a batch; the one holding a sample of 6.0 is named alone."""
+    from tokenizers_vq.export import export_dataset  # noqa: PLC0415
+
+    files = []
+    for i in range(3):
+        wav = np.zeros(1600, np.float32)
+        wav[100] = 6.0 if i == 1 else 0.5
+        files.append(tmp_path / f"a{i}.wav")
+        sf.write(files[-1], wav, 16000, subtype="FLOAT")
+    tok = tiny("audio")
+    with pytest.raises(ValueError, match=r"a1\.wav: audio input values reach \[0, 6\]; .*x / 32768\)$") as e:
+        export_dataset(tok, files, tmp_path / "out", batch_size=4)
+    assert "a0.wav" not in str(e.value) and "a2.wav" not in str(e.value)
+
+
+def test_cpu_devices_by_any_name_and_a_full_disk_under_an_audio_writer(tmp_path, image_model, monkeypatch, capsys):
+    photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
+    assert main(["encode", str(photo), "-o", str(tmp_path / "t.tvq"), "--model", str(image_model), "--device", "cpu:0"]) == 0
+    from tokenizers_vq.errors import WriteError  # noqa: PLC0415
+    from tokenizers_vq.media import save_audio  # noqa: PLC0415
+
+    def full(*a, **k):
+        raise sf.LibsndfileError(0, "Error writing: disk full") if hasattr(sf, "LibsndfileError") else RuntimeError("disk full")
+
+    monkeypatch.setattr(sf, "write", full)
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path / 'x.wav'}: .*full"):
+        save_audio(torch.zeros(1, 160), tmp_path / "x.wav", 16000)
+    assert not (tmp_path / "x.wav").exists()
+
+
 def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path, image_model, capsys):
     photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]  # 481 x 321 = 154,401 pixels
     out = tmp_path / "p.tvq"

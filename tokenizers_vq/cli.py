@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from tokenizers_vq.errors import MissingDependency
+from tokenizers_vq.errors import MissingDependency, WriteError
 from tokenizers_vq.runtime import keep_freed_memory
 
 
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_device(device: str | None) -> None:
     """Refuse a ``--device`` this machine does not have, naming what it has."""
-    if device is None or device == "cpu":
+    if device is None:
         return
     import torch  # noqa: PLC0415
 
@@ -231,6 +231,8 @@ def _check_device(device: str | None) -> None:
         dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
     if dev.type != "cuda":
         raise ValueError(f"--device {device}: expected cpu, cuda or cuda:N")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -249,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, MissingDependency) as e:
         print(f"tvq: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # the machine's side: a folder that cannot be written, a full disk
-        print(f"tvq: error: {e.strerror if e.strerror and 'cannot write' in e.strerror else e}", file=sys.stderr)
+    except WriteError as e:  # the machine's side: a folder that cannot be made, a full disk
+        print(f"tvq: error: {e.strerror}", file=sys.stderr)
         return 1
 
 

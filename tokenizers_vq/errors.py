@@ -6,3 +6,17 @@ from __future__ import annotations
 class MissingDependency(ImportError):
     """An optional package a feature needs is not installed; the message names the package
     and the ``pip install`` that adds it (``tvq`` prints it as one error line)."""
+
+
+class WriteError(OSError):
+    """A file could not be written (a folder that cannot be made, a full disk); the message
+    names the file the caller asked for. ``tvq`` prints it as one error line."""
+
+
+class ItemError(ValueError):
+    """A refusal of one item of a batch: ``item`` is its index, so a caller that knows the
+    items' names can name the one at fault; ``reason`` is the message without the index."""
+
+    def __init__(self, reason: str, item: int, of: int):
+        super().__init__(reason if of == 1 else f"{reason} (item {item} of a batch of {of})")
+        self.reason, self.item = reason, item

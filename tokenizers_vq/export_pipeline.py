@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
 from tokenizers_vq.deferred import deferred_checks
+from tokenizers_vq.errors import ItemError
 from tokenizers_vq.media import MAX_PIXELS
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.quantizers import PackedCodes
@@ -242,5 +243,7 @@ def _said_of(chunk: list[tuple[Path, list[int], dict[str, Any]]]) -> Iterator[No
     """A ``ValueError`` inside (the tokenizer's refusal: too small, NaN) names the chunk's files."""
     try:
         yield
+    except ItemError as e:  # one item at fault: named alone
+        raise ValueError(f"{chunk[e.item][0]}: {e.reason}") from e
     except ValueError as e:
         raise ValueError(f"{chunk[0][0] if len(chunk) == 1 else [str(f) for f, *_ in chunk]}: {e}") from e

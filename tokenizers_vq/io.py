@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from tokenizers_vq.errors import WriteError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
@@ -21,8 +23,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
     Raises:
         ValueError: ``path`` is an existing directory, or its folder is an existing file.
-        OSError: the folder cannot be made or written to, or the write fails (a full disk):
-            the message names ``path`` (not the temporary file); ``path`` is left as it was.
+        WriteError: (an ``OSError``) the folder cannot be made or written to, or the write
+            fails (a full disk): the message names ``path`` (not the temporary file); ``path``
+            is left as it was.
     """
     path = Path(path)
     if path.is_dir():
@@ -51,8 +54,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 def _naming(e: OSError, path: Path) -> OSError:
-    """``e`` as the same kind of error (by its errno) with a message that names ``path``."""
-    return OSError(e.errno, f"cannot write {path}: {e.strerror or e}")
+    """``e`` as a :class:`~tokenizers_vq.errors.WriteError` (same errno) whose message names ``path``."""
+    return WriteError(e.errno, f"cannot write {path}: {e.strerror or e}")
 
 
 def tensor_sha256(*parts: Tensor | str) -> str:

@@ -8,6 +8,7 @@ video is read or written.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -170,7 +171,14 @@ def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
         raise ValueError(f"save_audio expects (channels, T) with T > 0, got shape {tuple(wav.shape)}")
     data = wav.detach().float().clamp(-1, 1).t().cpu().numpy()
     subtype = "PCM_16" if Path(path).suffix.lower() in (".wav", ".flac") else None
-    return atomic_write(path, lambda tmp: sf.write(tmp, data, sample_rate, subtype=subtype))
+
+    def write(tmp: str) -> None:
+        try:
+            sf.write(tmp, data, sample_rate, subtype=subtype)
+        except RuntimeError as e:  # libsndfile's errors (a full disk among them)
+            raise OSError(errno.EIO, str(e)) from e
+
+    return atomic_write(path, write)
 
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

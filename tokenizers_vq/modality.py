@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokenizers_vq.errors import ItemError
 from tokenizers_vq.media import (
     SUFFIXES,
     check_pixels,
@@ -68,12 +69,15 @@ class Modality(ABC):
     input_scale: ClassVar[str] = "pixels scaled to [-1, 1] (8-bit: x / 127.5 - 1)"  # for messages
 
     def check_range(self, lo_hi: Tensor) -> None:
-        """Raise ``ValueError`` unless a model input's ``(min, max)`` is finite and within :data:`INPUT_LIMIT`."""
-        lo, hi = lo_hi.tolist()
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError(f"{self.name} input contains NaN or Inf")
-        if max(-lo, hi) > INPUT_LIMIT:
-            raise ValueError(f"{self.name} input values reach [{lo:.4g}, {hi:.4g}]; the tokenizer takes {self.input_scale}")
+        """Raise :class:`~tokenizers_vq.errors.ItemError` unless each row ``(min, max)`` of a batch
+        of model inputs (``(B, 2)``) is finite and within :data:`INPUT_LIMIT`."""
+        rows = lo_hi.tolist()
+        for i, (lo, hi) in enumerate(rows):
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ItemError(f"{self.name} input contains NaN or Inf", i, len(rows))
+            if max(-lo, hi) > INPUT_LIMIT:
+                raise ItemError(f"{self.name} input values reach [{lo:.4g}, {hi:.4g}]; the tokenizer takes {self.input_scale}",
+                                i, len(rows))
 
     @property
     def suffixes(self) -> frozenset[str]:

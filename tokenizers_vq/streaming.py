@@ -135,7 +135,7 @@ class AudioEncodeStream:
         if chunk.ndim not in (1, 2, 3) or any(s != 1 for s in chunk.shape[:-1]):
             raise ValueError(f"audio chunks must be (n,), (1, n) or (1, 1, n) mono samples, got {tuple(chunk.shape)}")
         if chunk.numel():
-            get("audio").check_range(torch.stack(torch.aminmax(chunk.detach())))
+            get("audio").check_range(torch.stack(torch.aminmax(chunk.detach()))[None])
         self._buf = torch.cat([self._buf, chunk.reshape(-1).to(self._buf)])
         self.samples_in += chunk.shape[-1]
         return self._emit(self.samples_in // self.hop)

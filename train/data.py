@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from tokenizers_vq.errors import ItemError
 from tokenizers_vq.modality import get as get_modality
 
 
@@ -36,6 +37,11 @@ class MediaFolder:
         self.items: list[Tensor] = []
         for f in tqdm(files, desc=f"loading {len(files)} {modality} files", leave=False, disable=len(files) < 20):
             media = self.media.load_media(f, sample_rate, max_frames)
+            if not self.media.has_pixels and media.numel():  # refused here, naming the file, not at some later step
+                try:
+                    self.media.check_range(torch.stack(torch.aminmax(media))[None])
+                except ItemError as e:
+                    raise ValueError(f"{f}: {e.reason}") from None
             if not self.media.has_pixels:  # mono (1, T) -> (T,), kept in fp16
                 self.items.append(media[0].to(torch.float16))
             else:  # kept in uint8: images (3, H, W), video (T, 3, H, W) -> (3, T, H, W)

@@ -283,6 +283,19 @@ def test_config_overrides_are_checked(tmp_path):
     assert load_config(None, ["data.val=", "init_from="]).init_from is None  # an empty value: the field's reader decides
 
 
+def test_a_training_file_past_the_input_range_is_named_at_load(tmp_path):
+    import numpy as np  # noqa: PLC0415
+    import soundfile as sf  # noqa: PLC0415
+
+    from tokenizers_vq.train.data import MediaFolder  # noqa: PLC0415
+
+    loud = np.zeros(1600, np.float32)
+    loud[5] = -9.0
+    sf.write(tmp_path / "loud.wav", loud, 16000, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"loud\.wav: audio input values reach \[-9, 0\]"):
+        MediaFolder([tmp_path / "loud.wav"], "audio", 16000)
+
+
 @pytest.mark.parametrize("name", ["image", "audio", "video"])
 def test_shipped_configs_build(name):
     cfg = load_config(f"train/configs/{name}.yaml")
