@@ -133,9 +133,9 @@ def test_long_video_is_coded_in_clips():
     ("audio", torch.zeros(1, 1, 0), "empty"),
     ("image", torch.full((1, 3, 16, 16), float("nan")), "NaN"),
     ("video", torch.randint(0, 255, (1, 3, 5, 16, 16)), "floating-point"),
-    ("image", torch.randint(0, 255, (1, 3, 16, 16)).float(), r"values reach \[0, 254\].*x / 127.5 - 1"),
+    ("image", (torch.arange(768) % 255).reshape(1, 3, 16, 16).float(), r"values reach \[0, 254\].*x / 127.5 - 1"),
     ("video", torch.full((1, 3, 5, 16, 16), -4.5), r"values reach \[-4.5, -4.5\]"),
-    ("audio", torch.randn(1, 1, 800) * 3000, r"audio input values reach .*x / 32768"),
+    ("audio", torch.linspace(-3000, 3000, 800).reshape(1, 1, 800), r"audio input values reach \[-3000, 3000\].*x / 32768"),
 ])
 def test_bad_media_tensors_raise(modality, x, msg):
     with pytest.raises(ValueError, match=msg):
