@@ -142,11 +142,14 @@ def _scalar(hint: Any, val: Any, name: str) -> Any:
         return float(val)
     if hint is float and isinstance(val, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
         try:
-            return float(val)
+            val, ok = float(val), True
         except ValueError:
             pass
+    if hint is float and ok and math.isnan(val):
+        raise ValueError(f"{name} must be a number, got nan")
     if not ok:
-        raise ValueError(f"{name} must be {_KINDS[hint]}, got {val!r}")
+        quote = f" (YAML read it as {type(val).__name__}: quote it, {name}='{val}')" if hint is str else ""
+        raise ValueError(f"{name} must be {_KINDS[hint]}, got {val!r}{quote}")
     return val
 
 

@@ -275,12 +275,14 @@ def test_config_overrides_are_checked(tmp_path):
     # values of the wrong kind are named at once, not as a TypeError deep in the run
     for override, words in [("steps=abc", "steps must be an integer, got 'abc'"), ("steps=1.5", "steps must be an integer"),
                             ("steps=true", "steps must be an integer"), ("optim.lr=fast", "optim.lr must be a number"),
-                            ("mixed_precision=3", "mixed_precision must be a string")]:
+                            ("mixed_precision=3", "mixed_precision must be a string"), ("optim.lr=nan", "optim.lr must be a number, got nan"),
+                            ("out_dir=2024", "out_dir must be a string, got 2024 \\(YAML read it as int: quote it, out_dir='2024'\\)")]:
         with pytest.raises(ValueError, match=words):
             load_config(None, [override])
     assert load_config(None, ["optim.lr=1e-4", "optim.grad_clip=2"]).optim.lr == 1e-4  # YAML reads 1e-4 as a string
     assert isinstance(load_config(None, ["optim.grad_clip=2"]).optim.grad_clip, float)
     assert load_config(None, ["data.val=", "init_from="]).init_from is None  # an empty value: the field's reader decides
+    assert load_config(None, ["out_dir='2024'"]).out_dir == "2024"  # quoted as the message says
 
 
 def test_a_training_file_past_the_input_range_is_named_at_load(tmp_path):
