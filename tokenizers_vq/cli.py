@@ -228,13 +228,14 @@ def _check_device(device: str | None) -> None:
     import torch  # noqa: PLC0415
 
     try:
-        dev = torch.device(device)
+        kind = torch.device(device).type
     except RuntimeError:
-        raise ValueError(f"--device {device}: expected cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
+        kind = None
+    if kind == "cpu":
         return
-    if dev.type != "cuda":
+    if kind != "cuda":
         raise ValueError(f"--device {device}: expected cpu, cuda or cuda:N")
+    dev = torch.device(device)
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise ValueError(f"--device {device}: this machine has no CUDA GPU that torch {torch.__version__} can use; "

@@ -57,13 +57,3 @@ def check(value: Tensor, verdict: Callable[[Tensor], None]) -> None:
         verdict(value)
     else:
         pending._checks.append((value, verdict))
-
-
-def require(message: str) -> Callable[[Tensor], None]:
-    """A verdict for :func:`check`: raise ``ValueError(message)`` unless the value is true."""
-
-    def verdict(ok: Tensor) -> None:
-        if not bool(ok):
-            raise ValueError(message)
-
-    return verdict

@@ -68,9 +68,15 @@ class Modality(ABC):
     # the per-item metrics that need an optional package
     input_scale: ClassVar[str] = "pixels scaled to [-1, 1] (8-bit: x / 127.5 - 1)"  # for messages
 
+    @staticmethod
+    def input_range(x: Tensor) -> Tensor:
+        """``(B, 2)``: each item's ``(min, max)`` of a batch ``(B, ...)``, in one pass (NaN carries
+        through both), for :meth:`check_range`."""
+        return torch.stack(x.detach().flatten(1).aminmax(dim=1), dim=1)
+
     def check_range(self, lo_hi: Tensor) -> None:
         """Raise :class:`~tokenizers_vq.errors.ItemError` unless each row ``(min, max)`` of a batch
-        of model inputs (``(B, 2)``) is finite and within :data:`INPUT_LIMIT`."""
+        of model inputs (``(B, 2)``, :meth:`input_range`) is finite and within :data:`INPUT_LIMIT`."""
         rows = lo_hi.tolist()
         for i, (lo, hi) in enumerate(rows):
             if not (math.isfinite(lo) and math.isfinite(hi)):

@@ -33,8 +33,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from tokenizers_vq.modality import get
-
 if TYPE_CHECKING:
     from tokenizers_vq.tokenizer import Tokenizer
 
@@ -135,7 +133,7 @@ class AudioEncodeStream:
         if chunk.ndim not in (1, 2, 3) or any(s != 1 for s in chunk.shape[:-1]):
             raise ValueError(f"audio chunks must be (n,), (1, n) or (1, 1, n) mono samples, got {tuple(chunk.shape)}")
         if chunk.numel():
-            get("audio").check_range(torch.stack(torch.aminmax(chunk.detach()))[None])
+            self.tok.media.check_range(self.tok.media.input_range(chunk.reshape(1, -1)))
         self._buf = torch.cat([self._buf, chunk.reshape(-1).to(self._buf)])
         self.samples_in += chunk.shape[-1]
         return self._emit(self.samples_in // self.hop)

@@ -292,8 +292,8 @@ class Tokenizer(nn.Module):
             raise ValueError(f"empty {self.modality} input: shape {tuple(x.shape)}")
         if self.media.has_pixels and min(x.shape[-2:]) < 8:
             raise ValueError(f"{self.modality} frames are {x.shape[-1]}x{x.shape[-2]}; at least 8x8 pixels are needed")
-        if not torch.compiler.is_compiling():  # one pass for both: NaN propagates through min and max
-            deferred.check(torch.stack(x.detach().flatten(1).aminmax(dim=1), dim=1), self.media.check_range)
+        if not torch.compiler.is_compiling():
+            deferred.check(self.media.input_range(x), self.media.check_range)
 
     # -- saving and loading ---------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

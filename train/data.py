@@ -39,7 +39,7 @@ class MediaFolder:
             media = self.media.load_media(f, sample_rate, max_frames)
             if not self.media.has_pixels and media.numel():  # refused here, naming the file, not at some later step
                 try:
-                    self.media.check_range(torch.stack(torch.aminmax(media))[None])
+                    self.media.check_range(self.media.input_range(media))
                 except ItemError as e:
                     raise ValueError(f"{f}: {e.reason}") from None
             if not self.media.has_pixels:  # mono (1, T) -> (T,), kept in fp16

@@ -66,7 +66,7 @@ class Trainer:
             raise ValueError(f"init_quantizer={cfg.init_quantizer!r} says what init_from gives the quantizer, "
                              "but no init_from is set: set init_from, or leave init_quantizer out")
         if cfg.init_from:
-            warm_start(self.model, cfg.model, cfg.init_from, cfg.init_quantizer)
+            warm_start(self.model, cfg.init_from, cfg.init_quantizer)
         if self.model.is_dynamic and cfg.sample_every > 0:
             raise ValueError("training samples are written for fixed-grid tokenizers only; set sample_every=0 "
                              "for a dynamic-length one")

@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 
 from tokenizers_vq.tokenizer import PRETRAINED, Tokenizer
-from tokenizers_vq.tokenizer_config import TokenizerConfig
 
 
-def warm_start(model: Tokenizer, config: TokenizerConfig, source: str, init_quantizer: str = "all") -> None:
+def warm_start(model: Tokenizer, source: str, init_quantizer: str = "all") -> None:
     """Weights of ``source`` (an embedded model's name, a tokenizer folder, or a
     checkpoint folder's ``model``) into the fresh model, before the EMA copy and
     ``prepare``; ``init_quantizer`` says what its quantizer gives (see the config).
@@ -24,7 +23,7 @@ def warm_start(model: Tokenizer, config: TokenizerConfig, source: str, init_quan
         directory = directory / "model"
     src = Tokenizer.from_pretrained(source if source in PRETRAINED else directory)
     mode = init_quantizer
-    mine, theirs = asdict(config), asdict(src.config)
+    mine, theirs = asdict(model.config), asdict(src.config)
     for d in (mine, theirs):  # none of these changes a weight: the name, how long audio is coded, and
         for key in ("name", "chunk_frames", "chunk_context"):  # an audio backbone's causal padding
             d.pop(key)
@@ -70,5 +69,3 @@ def warm_start(model: Tokenizer, config: TokenizerConfig, source: str, init_quan
     if unexpected or any(not k.startswith(allowed) for k in missing):
         raise ValueError(f"init_from={directory}: weights do not fit this model (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
-
-

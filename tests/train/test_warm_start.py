@@ -23,7 +23,7 @@ def test_a_grown_decoder_reconstructs_as_the_source_in_every_quantizer_mode(tmp_
     src = video(seed=1)
     src.save_pretrained(tmp_path / "src")
     deep = video({"decoder_res_blocks": 3})
-    warm_start(deep, deep.config, str(tmp_path / "src"), mode)
+    warm_start(deep, str(tmp_path / "src"), mode)
     x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
     with torch.no_grad():
         z = src.encoder(x)
@@ -38,7 +38,7 @@ def test_the_same_depth_spelled_two_ways_is_one_config(tmp_path):
     src = video({"decoder_res_blocks": TINY["video"]["num_res_blocks"]}, seed=1)  # written out
     src.save_pretrained(tmp_path / "src")
     plain = video()  # decoder_res_blocks 0: num_res_blocks
-    warm_start(plain, plain.config, str(tmp_path / "src"))
+    warm_start(plain, str(tmp_path / "src"))
     for mine, theirs in zip(plain.parameters(), src.parameters(), strict=True):
         assert torch.equal(mine, theirs)
     shallow = video()
@@ -46,4 +46,4 @@ def test_the_same_depth_spelled_two_ways_is_one_config(tmp_path):
     deeper = video({"decoder_res_blocks": 2})
     deeper.save_pretrained(tmp_path / "deeper")
     with pytest.raises(ValueError, match="differs from this run's in \\['backbone'\\]"):  # never shallower
-        warm_start(shallow, shallow.config, str(tmp_path / "deeper"))
+        warm_start(shallow, str(tmp_path / "deeper"))
