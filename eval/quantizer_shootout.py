@@ -101,7 +101,7 @@ class PeerQuantizer(Quantizer):
 
 def train(method: str, args: argparse.Namespace, device: str) -> dict[str, Any]:
     """Train one bottleneck (``tvq train`` in a child process); its training summary."""
-    kind, options = METHODS[method]
+    kind, options = args.table[method]
     out_dir = args.scratch / method  # a fresh folder: nothing to resume
     overrides = {"model.quantizer.kind": kind, "model.quantizer.options": json.dumps(options),
                  "model.name": f"shootout-{method}", "model.backbone.channels": 64, "data.train": args.data,
@@ -125,7 +125,7 @@ def measure(method: str, summary: dict[str, Any], args: argparse.Namespace, devi
     from tokenizers_vq.media import list_media  # noqa: PLC0415
     from tokenizers_vq.tokenizer import Tokenizer  # noqa: PLC0415
 
-    kind, options = METHODS[method]
+    kind, options = args.table[method]
     tok = Tokenizer.from_pretrained(args.scratch / method / "checkpoint" / "model").to(device)
     res = evaluate(tok, list_media(args.val, "image", args.val_items))["summary"]
     peak = summary.get("peak_memory_mib")
@@ -188,10 +188,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parallel", type=int, default=1,
                    help="trainings at once on the device (step times then include the sharing)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD:JSON",
+                   help="one more method: METHOD's quantizer with the options in JSON changed, e.g. "
+                        "'ours-vq-ema-decay0.9=ours-vq-ema:{\"decay\": 0.9}' (repeatable; put NAME in --methods)")
     args = p.parse_args(argv)
+    try:
+        args.table = with_variants(METHODS, args.variant)
+    except ValueError as e:
+        p.error(str(e))
     names = args.methods.split(",")
-    if args.parallel < 1 or len(set(names)) != len(names) or not set(names) <= set(METHODS):
-        p.error(f"--parallel must be >= 1 and --methods distinct names of {', '.join(METHODS)}")
+    if args.parallel < 1 or len(set(names)) != len(names) or not set(names) <= set(args.table):
+        p.error(f"--parallel must be >= 1 and --methods distinct names of {', '.join(args.table)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = {"device_name": torch.cuda.get_device_name() if device == "cuda" else "CPU", "torch": torch.__version__,
             "steps": args.steps, "batch_size": args.batch_size, "crop": args.crop, "seed": args.seed,
@@ -201,6 +208,27 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="tvq-shootout-") as scratch:  # the runs' checkpoints, not results
         args.scratch = Path(scratch)
         _run_all(args, device, meta)
+
+
+def with_variants(table: dict[str, tuple[str, dict[str, Any]]],
+                  variants: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``table`` and one more method per ``"NAME=METHOD:JSON"``: METHOD's kind and options,
+    updated with the JSON object's."""
+    out = dict(table)
+    for spec in variants:
+        name, sep, rest = spec.partition("=")
+        base, sep2, options = rest.partition(":")
+        if not (sep and sep2 and name) or name in out or base not in table:
+            raise ValueError(f"--variant {spec!r}: expected NEW_NAME=METHOD:JSON with METHOD one of {', '.join(table)}")
+        try:
+            extra = json.loads(options)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--variant {spec!r}: the options are not JSON ({e})") from None
+        if not isinstance(extra, dict):
+            raise ValueError(f"--variant {spec!r}: the options must be a JSON object")
+        kind, base_options = table[base]
+        out[name] = (kind, {**base_options, **extra})
+    return out
 
 
 def _run_all(args: argparse.Namespace, device: str, meta: dict[str, Any]) -> None:

@@ -41,9 +41,13 @@ def _segment_sum_kernel(X, ORDER, START, SUMS, D, sxn, sxd,
 def _code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
     n, d = x.shape
     sums = torch.empty(size, d, device=x.device, dtype=torch.float32)
-    sorted_idx, order = torch.sort(idx.reshape(-1).long(), stable=True)
+    # the narrowest key that holds every code: a radix sort makes one pass per key byte
+    key = torch.int16 if size < torch.iinfo(torch.int16).max else torch.int32 if size < 2**31 - 1 else torch.int64
+    flat = idx.reshape(-1)
+    flat = flat.clamp(-1, size).to(key) if key != torch.int64 else flat.long()  # out-of-range codes stay out of range
+    sorted_idx, order = torch.sort(flat, stable=True)
     # start[k] = first sorted position with code >= k; codes outside [0, size) are ignored.
-    start = torch.searchsorted(sorted_idx, torch.arange(size + 1, device=x.device, dtype=torch.int64))
+    start = torch.searchsorted(sorted_idx, torch.arange(size + 1, device=x.device, dtype=key))
     counts = (start[1:] - start[:-1]).float()
     block_d = min(128, max(16, next_pow2(d)))
     block_r = max(1, min(16, 2048 // block_d))

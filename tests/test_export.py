@@ -383,3 +383,19 @@ def test_token_dataset_refuses_counts_that_disagree_with_the_shards(tmp_path):
     export_dataset(tok, files, out, shard_items=2, overwrite=True)
     assert len(TokenDataset(out)) == 3
 
+
+
+def test_default_workers_follow_the_cpus_this_process_may_use(monkeypatch):
+    from tokenizers_vq import export  # noqa: PLC0415
+
+    class OnAccelerator:  # a tokenizer whose weights are not on the CPU
+        def parameters(self):
+            return iter([torch.empty(0, device="meta")])
+
+    monkeypatch.setattr(export.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(export.os, "cpu_count", lambda: 16)
+    assert export.usable_cores() == 4
+    assert export.default_workers(OnAccelerator()) == 3  # one core left to the process feeding the device
+    monkeypatch.setattr(export.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert export.default_workers(OnAccelerator()) == 7
+    assert export.default_workers(Tokenizer.from_pretrained("image")) == 0  # on the CPU: read in-process

@@ -121,8 +121,20 @@ def default_batch_size(tok: Tokenizer) -> int:
 
 def default_workers(tok: Tokenizer) -> int:
     """Loader processes when none are asked for: none on the CPU (the model uses every core;
-    reading in-process was faster on two), else the cores but one, up to 7."""
-    return 0 if next(tok.parameters()).device.type == "cpu" else min(8, os.cpu_count() or 1) - 1
+    reading in-process was faster on two), else the cores this process may run on but one,
+    up to 7 (a container's CPU limit, not the host's core count: more loaders than cores
+    starve the process that feeds the GPU)."""
+    if next(tok.parameters()).device.type == "cpu":
+        return 0
+    return min(8, usable_cores()) - 1
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def export_dataset(

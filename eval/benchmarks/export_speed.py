@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from tokenizers_vq.export import default_batch_size, default_workers, export_dataset
+from tokenizers_vq.export import default_batch_size, default_workers, export_dataset, usable_cores
 from tokenizers_vq.export_pipeline import read_inputs
 from tokenizers_vq.media import list_media
 from tokenizers_vq.runtime import keep_freed_memory
@@ -68,30 +68,44 @@ def encode_rate(tok: Tokenizer, files: list[Path], batch_size: int, precision: s
     return sum(b.shape[0] for b in batches) / (time.perf_counter() - start)
 
 
-def export_rates(tok: Tokenizer, files: list[Path], out: Path, **options) -> tuple[float, float, float, float]:
-    """``(items/s of the whole export, items/s once running, seconds to the first shard, median
-    seconds between later shards)``: all but the first from the times at which the shards were
-    written (the rate once running NaN with fewer than 4 shards)."""
+def export_rates(tok: Tokenizer, files: list[Path], out: Path, **options) -> dict[str, float]:
+    """One timed export: ``per_s`` (items/s of the whole export), ``running_per_s`` (items/s
+    once running: NaN with fewer than 4 shards), and the start-up in seconds from the
+    export's call: ``first_read_s`` (the reader's first decoded item; the claim of the
+    folder and the loader workers' start come before it), ``first_encoded_s`` (the first
+    encoded batch handed on), ``first_shard_s``, and ``later_shard_s`` (median seconds
+    between later shards)."""
     from tokenizers_vq import export  # noqa: PLC0415
 
-    marks, write = [], export._write_shard
+    marks, firsts = [], {}
+    write, read, encode = export._write_shard, export.read_inputs, export.encode_batches
 
     def timed_write(*args, **kwargs):  # (tok, out, k, chunk, ...): each shard's items and when it was written
         write(*args, **kwargs)
         marks.append((time.perf_counter(), len(args[3])))
 
+    def first_timed(name, fn):
+        def run(*args, **kwargs):
+            for item in fn(*args, **kwargs):
+                firsts.setdefault(name, time.perf_counter())
+                yield item
+        return run
+
     export._write_shard = timed_write
+    export.read_inputs, export.encode_batches = first_timed("read", read), first_timed("encoded", encode)
     try:
         start = time.perf_counter()
         export_dataset(tok, files, out, **options)
         total = time.perf_counter() - start
     finally:
-        export._write_shard = write
+        export._write_shard, export.read_inputs, export.encode_batches = write, read, encode
     q = len(marks) // 4
     steady = sum(n for _, n in marks[q:]) / (marks[-1][0] - marks[q - 1][0]) if q > 0 else float("nan")
     gaps = sorted(b[0] - a[0] for a, b in zip(marks, marks[1:]))
-    later = gaps[len(gaps) // 2] if gaps else float("nan")
-    return len(files) / total, steady, marks[0][0] - start if marks else float("nan"), later
+    nan = float("nan")
+    return {"per_s": len(files) / total, "running_per_s": steady,
+            "first_read_s": firsts.get("read", nan) - start, "first_encoded_s": firsts.get("encoded", nan) - start,
+            "first_shard_s": marks[0][0] - start if marks else nan, "later_shard_s": gaps[len(gaps) // 2] if gaps else nan}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,16 +143,17 @@ def main(argv: list[str] | None = None) -> None:
                "encode_bound_fp32_per_s": encode_rate(tok, files, args.batch_size, "fp32", device),
                "encode_bound_bf16_per_s": encode_rate(tok, files, args.batch_size, "bf16", device)}
         for precision in ("fp32", "bf16"):
-            (row[f"end_to_end_{precision}_per_s"], row[f"running_{precision}_per_s"],
-             row[f"first_shard_{precision}_s"], row[f"later_shard_{precision}_s"]) = export_rates(
-                tok, files, Path(tmp) / f"out_{precision}", batch_size=args.batch_size, workers=args.workers,
-                precision=precision, shard_items=args.shard_items)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+            rates = export_rates(tok, files, Path(tmp) / f"out_{precision}", batch_size=args.batch_size,
+                                 workers=args.workers, precision=precision, shard_items=args.shard_items)
+            row[f"end_to_end_{precision}_per_s"] = rates.pop("per_s")
+            row[f"running_{precision}_per_s"] = rates.pop("running_per_s")
+            row.update({f"{k[:-2]}_{precision}_s": v for k, v in rates.items()})
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cores": usable_cores(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU",
             "model": tok.config.name, "data": args.data, "keep_freed_memory": kept}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "export_speed.json").write_text(json.dumps({"meta": meta, "row": row}, indent=1))
-    md = (f"# tvq export speed ({meta['device_name']}, {meta['threads']} threads)\n\n"
+    md = (f"# tvq export speed ({meta['device_name']}, {meta['cores']} usable cores, {meta['threads']} threads)\n\n"
           f"{row['items']} files of `{args.data}`, model `{meta['model']}`, {args.workers} loader worker(s), "
           f"batches of {args.batch_size}; items per second.\n\n"
           "| decode-bound (reader alone) | encode-bound fp32 (model alone) | encode-bound bf16 | end to end fp32 "
@@ -150,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
           f"\n{args.shard_items} files per shard; \"once running\": the shards after the first quarter of them. "
           f"Start-up: the first shard was written {row['first_shard_fp32_s']:.2f} s (fp32) / "
           f"{row['first_shard_bf16_s']:.2f} s (bf16) after the export began; a later shard took "
-          f"{row['later_shard_fp32_s']:.2f} / {row['later_shard_bf16_s']:.2f} s (median).\n")
+          f"{row['later_shard_fp32_s']:.2f} / {row['later_shard_bf16_s']:.2f} s (median). Before the first shard: "
+          f"the reader's first item at {row['first_read_fp32_s']:.2f} / {row['first_read_bf16_s']:.2f} s, the first "
+          f"encoded batch at {row['first_encoded_fp32_s']:.2f} / {row['first_encoded_bf16_s']:.2f} s.\n")
     (args.out / "export_speed.md").write_text(md)
     print(md)
 

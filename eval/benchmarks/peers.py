@@ -7,8 +7,9 @@ VQ-EMA training step, each as a zero-argument callable that :func:`nearest.measu
   GPU support imports;
 - ``graph``: a callable replayed from a CUDA graph, so no host work is timed (what an
   eager call would cost with zero Python around the kernels);
-- :func:`train_step`: forward + backward + EMA update of one ``VectorQuantizer`` step, ours
-  eager and under ``torch.compile(fullgraph=True)``, against vector-quantize-pytorch's.
+- :func:`train_steps`: forward + backward + EMA update of one ``VectorQuantizer`` step, ours
+  eager, under ``torch.compile(fullgraph=True)`` and replayed from a CUDA graph, against
+  vector-quantize-pytorch's.
 """
 
 from __future__ import annotations
@@ -69,10 +70,26 @@ def graph(fn: Callable) -> Callable:
     return g.replay
 
 
+def lazy_graph(fn: Callable) -> Callable:
+    """:func:`graph` of ``fn``, captured at the first call (a capture that fails then fails
+    that call, where the benchmark records it)."""
+    replay = None
+
+    def run():
+        nonlocal replay
+        if replay is None:
+            replay = graph(fn)
+        return replay()
+
+    return run
+
+
 def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
     """Named step callables for one ``n x k x d`` case: ``ours`` (eager), ``ours_compiled``
     (the quantizer under ``torch.compile(fullgraph=True)``: it fails on any graph break or
-    host sync), ``search`` (the nearest-code search of the step alone) and ``vqp``."""
+    host sync), ``ours_graph`` (the eager step replayed from a CUDA graph: its kernels
+    without the host), ``search`` (the nearest-code search of the step alone),
+    ``search_graph`` (that search replayed from a CUDA graph) and ``vqp``."""
     from tokenizers_vq import VectorQuantizer  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
@@ -89,8 +106,10 @@ def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
         return run
 
     steps["ours"], steps["ours_compiled"] = step(ours), step(compiled)
+    steps["ours_graph"] = lazy_graph(step(VectorQuantizer(dim=d, codebook_size=k, check_finite=False).cuda().train()))
     flat = z.detach().reshape(-1, d)
     steps["search"] = lambda: nearest_codes_triton(flat, ours.codebook.detach(), return_dist=False)
+    steps["search_graph"] = lazy_graph(steps["search"])
     if vqp_cls is not None:
         theirs = vqp_cls(dim=d, codebook_size=k, decay=0.99, commitment_weight=0.25).cuda().train()
 

@@ -10,7 +10,8 @@
 #   (CASES=none: its training steps only); THROUGHPUT_TIME seconds are kept for the throughput part
 #   (THROUGHPUT_BATCHES=1,16,64 by default; COMPILE_TIME=0 leaves the compiled rows out).
 #   EXPORT_DATA=<folder of photos> adds the export benchmark (eval/benchmarks/export_speed.py, each
-#   file listed EXPORT_REPEAT times) in the last EXPORT_TIME seconds; carry the folder.
+#   file listed EXPORT_REPEAT times, EXPORT_WORKERS loader processes: the export's default if unset) in the last
+#   EXPORT_TIME seconds; carry the folder.
 #   SHOOTOUT_DATA=<train photos> SHOOTOUT_VAL=<held-apart photos> runs the quantizer shootout first
 #   (eval/quantizer_shootout.py, SHOOTOUT_STEPS steps, SHOOTOUT_PARALLEL trainings at once, at most
 #   SHOOTOUT_TIME seconds, SHOOTOUT_METHODS=a,b to run only those; needs the vector-quantize-pytorch
@@ -68,7 +69,7 @@ fi
 if [ -n "${EXPORT_DATA:-}" ]; then
   RESERVE=0; t=$(( $(left) - 10 ))
   [ "$t" -gt 0 ] && timeout "$t" python3 -m tokenizers_vq.eval.benchmarks.export_speed "$EXPORT_DATA" --repeat "${EXPORT_REPEAT:-20}" \
-    --workers 14 --batch-size 64 --out "$OUT/export_speed" > "$OUT/export_speed.log" 2>&1
+    ${EXPORT_WORKERS:+--workers "$EXPORT_WORKERS"} --batch-size 64 --out "$OUT/export_speed" > "$OUT/export_speed.log" 2>&1
   echo "export bench exit $?" >> "$OUT/export_speed.log"; tail -n 20 "$OUT/export_speed.log"
 fi
 tail -n 15 "$OUT/kernel_tests.log" 2>/dev/null; tail -n 40 "$OUT/bench.log" 2>/dev/null; tail -n 30 "$OUT/throughput.log" 2>/dev/null

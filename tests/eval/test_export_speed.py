@@ -23,4 +23,5 @@ def test_three_rates_of_a_small_export(tmp_path):
     assert row["running_fp32_per_s"] > row["end_to_end_fp32_per_s"]  # the first shards' start-up left out
     assert row["later_shard_fp32_s"] > 0 and 0 < row["first_shard_fp32_s"] < 8 / row["end_to_end_fp32_per_s"]
     assert "| decode-bound" in (tmp_path / "export_speed.md").read_text()
+    assert 0 < row["first_read_fp32_s"] <= row["first_encoded_fp32_s"] <= row["first_shard_fp32_s"]
     assert "first shard was written" in (tmp_path / "export_speed.md").read_text()

@@ -17,11 +17,13 @@ def test_each_bottleneck_trains_and_is_measured(tmp_path):
     """Two trainings at a time; the rows keep the order of ``--methods``."""
     photos = shared_path("images", "bsds500")
     shootout.main(["--data", str(photos / "train"), "--val", str(photos / "val"), "--steps", "2", "--batch-size", "2",
-                   "--crop", "32", "--max-items", "2", "--val-items", "2", "--methods", "ours-vq-ema,ours-bsq,vqp-fsq",
+                   "--crop", "32", "--max-items", "2", "--val-items", "2",
+                   "--methods", "ours-vq-ema,ours-bsq,vqp-fsq,vq-fast-ema", "--variant", 'vq-fast-ema=ours-vq-ema:{"decay": 0.8}',
                    "--parallel", "2", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in json.loads((tmp_path / "shootout.json").read_text())["rows"]}
-    assert list(rows) == ["ours-vq-ema", "ours-bsq", "vqp-fsq"]
-    for name in ("ours-vq-ema", "ours-bsq"):
+    assert list(rows) == ["ours-vq-ema", "ours-bsq", "vqp-fsq", "vq-fast-ema"]
+    assert rows["vq-fast-ema"]["options"] == {**shootout.METHODS["ours-vq-ema"][1], "decay": 0.8}
+    for name in ("ours-vq-ema", "ours-bsq", "vq-fast-ema"):
         r = rows[name]
         assert r["steps"] == 2 and r["codebook_size"] == 1024 and 0 < r["usage"] <= 1 and r["psnr_db"] > 0
     peer = rows["vqp-fsq"]
@@ -59,3 +61,12 @@ def test_each_of_our_bottlenecks_builds_from_its_row(method):
     out = q(torch.randn(2, 4, 4, 8))
     assert out.codes.shape == (2, 4, 4) and q.codebook_size in (1000, 1024)
     assert getattr(q, "estimator", "ste") == ("rotation" if method.endswith("-rot") else "ste")
+
+
+def test_a_variant_changes_the_options_of_an_existing_row_and_bad_ones_are_named():
+    table = shootout.with_variants(shootout.METHODS, ['small-dim=ours-vq-ema:{"codebook_dim": 8}'])
+    assert table["small-dim"] == ("vq", {**shootout.METHODS["ours-vq-ema"][1], "codebook_dim": 8})
+    assert "small-dim" not in shootout.METHODS  # the shipped table is left as it is
+    for bad in ("no-equals", "x=no-such-method:{}", "x=ours-vq-ema:[1]", "x=ours-vq-ema:{decay: 1}", "ours-fsq=ours-vq-ema:{}"):
+        with pytest.raises(ValueError, match="--variant"):
+            shootout.with_variants(shootout.METHODS, [bad])
