@@ -2,8 +2,9 @@
 
 ``counts[k] = #{n : idx_n = k}`` and ``sums[k] = sum_{n : idx_n = k} x_n`` in fp32.
 The rows are sorted by code once (a stable sort), so code ``k`` owns the contiguous
-segment ``order[start_k : start_{k+1}]``; one program per (code, column block) adds its
-segment's rows in a fixed order. No atomics: the result is bitwise reproducible.
+segment ``order[start_k : start_{k+1}]``; one program per (code, column block, part) adds
+the rows of its part of the segment in a fixed order (with few codes a segment is cut into up
+to 8 parts, summed after in a fixed order). No atomics: the result is bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -19,15 +20,20 @@ from tokenizers_vq.kernels._host import cdiv, next_pow2
 
 
 @triton.jit
-def _segment_sum_kernel(X, ORDER, START, SUMS, D, sxn, sxd,
+def _segment_sum_kernel(X, ORDER, START, SUMS, K, D, sxn, sxd, SPLITS,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid ``(K, column blocks)``: ``SUMS[k, cols] = sum_r X[ORDER[r], cols]`` over
-    ``START[k] <= r < START[k + 1]``, accumulated in fp32."""
+    """Grid ``(K, column blocks, SPLITS)``: ``SUMS[s, k, cols] = sum_r X[ORDER[r], cols]`` over
+    the ``s``-th of ``SPLITS`` equal parts of ``START[k] <= r < START[k + 1]``, accumulated
+    in fp32 (the parts let a popular code's long segment be summed by several programs)."""
     k = tl.program_id(0).to(tl.int64)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    split = tl.program_id(2).to(tl.int64)
     dmask = dd < D
-    lo = tl.load(START + k)
-    hi = tl.load(START + k + 1)
+    seg_lo = tl.load(START + k)
+    seg_hi = tl.load(START + k + 1)
+    part = (seg_hi - seg_lo + SPLITS - 1) // SPLITS
+    lo = seg_lo + split * part
+    hi = tl.minimum(seg_hi, lo + part)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     rr = tl.arange(0, BLOCK_R)
     for r0 in range(lo, hi, BLOCK_R):
@@ -35,7 +41,7 @@ def _segment_sum_kernel(X, ORDER, START, SUMS, D, sxn, sxd,
         rows = tl.load(ORDER + r0 + rr, mask=rmask, other=0)
         xv = tl.load(X + rows[:, None] * sxn + dd[None, :] * sxd, mask=rmask[:, None] & dmask[None, :], other=0.0)
         acc += xv.to(tl.float32)
-    tl.store(SUMS + k * D + dd, tl.sum(acc, axis=0), mask=dmask)
+    tl.store(SUMS + (split * K + k) * D + dd, tl.sum(acc, axis=0), mask=dmask)
 
 
 def _code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -51,8 +57,14 @@ def _code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]
     counts = (start[1:] - start[:-1]).float()
     block_d = min(128, max(16, next_pow2(d)))
     block_r = max(1, min(16, 2048 // block_d))
-    relaunch.launch(_segment_sum_kernel, (size, cdiv(d, block_d)), x, order, start, sums, d, *x.stride(),
-                    BLOCK_R=block_r, BLOCK_D=block_d)
+    # few codes: each segment in up to 8 parts (summed in a fixed order after), so that one
+    # popular code's rows do not leave a single program running long after the others
+    splits = max(1, min(8, 8192 // max(size, 1)))
+    parts = sums if splits == 1 else torch.empty(splits, size, d, device=x.device, dtype=torch.float32)
+    relaunch.launch(_segment_sum_kernel, (size, cdiv(d, block_d), splits), x, order, start, parts, size, d,
+                    *x.stride(), splits, BLOCK_R=block_r, BLOCK_D=block_d)
+    if splits > 1:
+        torch.sum(parts, dim=0, out=sums)
     return counts, sums
 
 
