@@ -129,6 +129,15 @@ class FSQ(Quantizer):
         quantized = self.project_out(xq).to(z.dtype)
         return QuantizerOutput(quantized, codes, {}, metrics)
 
+    def unrounded(self, z: Tensor) -> Tensor:
+        """``(B, *S, D) -> (B, *S, D)``: what ``forward(z).quantized`` would be without the
+        rounding (the bounded latent projected back): the decoder's input with unlimited
+        levels per channel, to measure what the rounding itself costs."""
+        x = self.project_in(z)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            xq = self._values(self.bound(x.float())).to(x.dtype)
+        return self.project_out(xq).to(z.dtype)
+
     def codes_to_digits(self, codes: Tensor) -> Tensor:
         """Indices ``(...)`` -> per-channel values ``(..., C)`` in ``[0, L_i)``."""
         return (codes.long().unsqueeze(-1) // self._basis) % self._levels
