@@ -397,5 +397,5 @@ def test_default_workers_follow_the_cpus_this_process_may_use(monkeypatch):
     assert export.usable_cores() == 4
     assert export.default_workers(OnAccelerator()) == 3  # one core left to the process feeding the device
     monkeypatch.setattr(export.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
-    assert export.default_workers(OnAccelerator()) == 7
+    assert export.default_workers(OnAccelerator()) == 15
     assert export.default_workers(Tokenizer.from_pretrained("image")) == 0  # on the CPU: read in-process

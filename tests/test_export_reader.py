@@ -222,3 +222,33 @@ def test_the_encode_runs_on_into_the_next_shard_before_a_shard_is_written(tmp_pa
     assert log == ["encode", "encode", "encode", "shard_00000", "encode", "shard_00001"]
     index = json.loads((tmp_path / "x" / "shard_00000.json").read_text())["items"]
     assert [it["source"] for it in index] == [files[0].name] * 2
+
+
+def test_padded_batch_sizes_come_in_quarters_of_the_batch():
+    assert [export_pipeline.padded_batch(n, 64) for n in (1, 16, 17, 33, 63, 64)] == [16, 16, 32, 48, 64, 64]
+    assert [export_pipeline.padded_batch(n, 16) for n in (1, 5, 13, 16)] == [4, 8, 16, 16]
+    assert [export_pipeline.padded_batch(n, 1) for n in (1,)] == [1]
+
+
+def test_short_groups_filled_up_give_the_codes_of_the_unpadded_encode(monkeypatch):
+    """Inputs of two shapes alternate, so groups go out short; filled up with copies of
+    their last input, the model sees the padded sizes alone and the codes handed on are the
+    inputs' own, in order."""
+    tok = tiny("image")
+    torch.manual_seed(0)
+    xs = [torch.randint(0, 256, (3, 32, 48) if i % 3 else (3, 48, 32), dtype=torch.uint8) for i in range(11)]
+    seen, real = [], tok.encode
+
+    def spy(x):
+        seen.append(x.shape[0])
+        return real(x)
+
+    monkeypatch.setattr(tok, "encode", spy)
+    padded = list(export_pipeline.encode_batches(tok, _items(xs), batch_size=8, pad=True))
+    assert set(seen) <= {2, 4, 6, 8} and sum(seen) > len(xs)
+    seen.clear()
+    plain = list(export_pipeline.encode_batches(tok, _items(xs), batch_size=8, pad=False))
+    assert sum(seen) == len(xs)
+    assert [[f.name for f, _, _ in c] for c, _ in padded] == [[f.name for f, _, _ in c] for c, _ in plain]
+    for (_, a), (_, b) in zip(padded, plain):
+        assert torch.equal(a, b)

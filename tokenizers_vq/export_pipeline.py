@@ -139,6 +139,16 @@ def autocast_weights(tok: Tokenizer, dtype: torch.dtype) -> Tokenizer:
     return out
 
 
+def padded_batch(n: int, batch_size: int) -> int:
+    """The batch ``n`` inputs of one shape are encoded in on a GPU: ``n`` rounded up to a
+    quarter of ``batch_size`` (at most ``batch_size``). Shorter groups (another shape's
+    inputs pending, a shard's last ones) then come in four sizes, not up to ``batch_size``:
+    each new input shape costs the GPU libraries a plan and kernels of their own, which at
+    64 per batch took seconds of an export's first shards."""
+    q = max(1, batch_size // 4)
+    return min(max(batch_size, n), -(-n // q) * q)
+
+
 FLUSH = object()
 """An item of :func:`encode_batches`' input: every pending group is encoded now, so no later
 input shares a batch with an earlier one (the export puts one after each shard)."""
@@ -146,15 +156,17 @@ input shares a batch with an earlier one (the export puts one after each shard).
 
 def encode_batches(
     tok: Tokenizer, items: Iterator[tuple[Path, tuple[Tensor, list[int], dict]]], batch_size: int,
-    precision: str = "fp32",
+    precision: str = "fp32", pad: bool | None = None,
 ) -> Iterator[tuple[list[tuple[Path, list[int], dict[str, Any]]], Tensor | PackedCodes]]:
     """Encode read inputs (as :func:`read_inputs` yields them) of equal shape together,
     ``batch_size`` at a time (expanded to model input on the model's device), every group
     encoded once ``items`` ends; at most
     ``2 * batch_size`` decoded inputs wait in memory (when that many are pending in groups
     of other shapes, all groups are encoded), plus one encoded batch held back until the
-    next is queued. ``precision="bf16"``: under bf16 autocast (the encoder's weights cast once,
-    :func:`autocast_weights`).
+    next is queued. With ``pad`` (default: on a GPU) a shorter group is filled up to
+    :func:`padded_batch` with copies of its last input, whose codes are dropped (not for a
+    dynamic-length tokenizer). ``precision="bf16"``: under bf16 autocast (the encoder's
+    weights cast once, :func:`autocast_weights`).
 
     On a GPU the host never waits for more than the batch it hands on: a batch is stacked in
     pinned memory and copied without a stream sync; its codes and its encode's NaN/Inf check
@@ -167,18 +179,24 @@ def encode_batches(
         ``tok.encode`` of their stacked inputs.
     """
     device = next(tok.parameters()).device
+    padding = (device.type == "cuda" if pad is None else pad) and not tok.is_dynamic
     model = autocast_weights(tok, torch.bfloat16) if precision == "bf16" else tok
     step = max(1, batch_size)
     pending: dict[tuple[int, ...], list[tuple[Path, Tensor, list[int], dict[str, Any]]]] = defaultdict(list)
 
     def encode(group: list[tuple[Path, Tensor, list[int], dict[str, Any]]]):
         first = group[0][1]
-        staged = torch.empty((len(group), *first.shape), dtype=first.dtype, pin_memory=device.type == "cuda")
-        x = tok.media.expand(torch.stack([x for _, x, _, _ in group], out=staged).to(device, non_blocking=True))
+        xs = [x for _, x, _, _ in group]
+        n = padded_batch(len(xs), step) if padding else len(xs)
+        xs += xs[-1:] * (n - len(xs))  # copies of the last input, their codes dropped below
+        staged = torch.empty((n, *first.shape), dtype=first.dtype, pin_memory=device.type == "cuda")
+        x = tok.media.expand(torch.stack(xs, out=staged).to(device, non_blocking=True))
         chunk = [(f, size, info) for f, _, size, info in group]
         with _said_of(chunk), deferred_checks() as checks:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 encoded = model.encode(x)
+        if n > len(group):
+            encoded = encoded[: len(group)]
         if device.type != "cuda":
             return chunk, encoded, checks, None
         # copied back in stream order right behind this batch's encode: handing the batch on then
