@@ -4,7 +4,8 @@ For each embedded model (``image``, ``speech``, ``video``) and batch size: image
 second (256 x 256), seconds of audio per second (10 s clips, 16 kHz) or frames per second
 (17-frame clips, 256 x 256), for ``encode`` and for ``decode`` of its codes, in fp32 and
 under bf16 autocast (and ``torch.compile`` of both with ``--compile``, or with
-``--compile image,speech`` for those models only). On a GPU the peak
+``--compile image,speech`` for those models only; the image and video models with weights
+and inputs channels-last too with ``--channels-last``). On a GPU the peak
 memory of each is recorded too. Inputs are random media of the model's shape: the cost
 of these convolutional models does not depend on the content.
 
@@ -59,11 +60,13 @@ def timed(fn, device: torch.device, min_seconds: float, max_reps: int) -> float:
 
 
 def _row(label: str, name: str, shape: tuple[int, ...], enc, dec, batch: int, precision: str, device: torch.device,
-         compile_: bool, min_seconds: float, max_reps: int) -> dict[str, Any]:
-    """Time ``enc`` on a random batch of ``shape`` and ``dec`` on its codes: rates in
-    ``name``'s units per second, and the peak memory on a GPU."""
+         compile_: bool, min_seconds: float, max_reps: int, channels_last: bool = False) -> dict[str, Any]:
+    """Time ``enc`` on a random batch of ``shape`` (channels-last with ``channels_last``) and
+    ``dec`` on its codes: rates in ``name``'s units per second, and the peak memory on a GPU."""
     torch.manual_seed(0)
     x = (torch.rand(batch, *shape, device=device) * 2 - 1) * (0.1 if name == "speech" else 1.0)
+    if channels_last:
+        x = x.contiguous(memory_format=_channels_last(x.ndim))
     ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
     with torch.inference_mode(), ctx:
         codes = enc(x)
@@ -72,7 +75,8 @@ def _row(label: str, name: str, shape: tuple[int, ...], enc, dec, batch: int, pr
         t_enc = timed(lambda: enc(x), device, min_seconds, max_reps)
         t_dec = timed(lambda: dec(codes), device, min_seconds, max_reps)
     unit, per_item = UNIT[name]
-    row = {"model": label, "batch": batch, "precision": precision, "compile": compile_, "unit": unit,
+    row = {"model": label, "batch": batch, "precision": precision, "compile": compile_,
+           "channels_last": channels_last, "unit": unit,
            "encode_per_s": batch * per_item / t_enc, "decode_per_s": batch * per_item / t_dec,
            "both_per_s": batch * per_item / (t_enc + t_dec)}
     if device.type == "cuda":
@@ -80,16 +84,24 @@ def _row(label: str, name: str, shape: tuple[int, ...], enc, dec, batch: int, pr
     return row
 
 
+def _channels_last(ndim: int) -> torch.memory_format:
+    return torch.channels_last if ndim == 4 else torch.channels_last_3d
+
+
 def measure(name: str, batch: int, precision: str, device: torch.device, compile_: bool = False,
-            min_seconds: float = 2.0, max_reps: int = 20) -> dict[str, Any]:
-    """One row: encode and decode rates (units per second) and peak memory."""
+            min_seconds: float = 2.0, max_reps: int = 20, channels_last: bool = False) -> dict[str, Any]:
+    """One row: encode and decode rates (units per second) and peak memory. ``channels_last``
+    (images and video): the weights and the input batch in that layout."""
     tok = Tokenizer.from_pretrained(name).eval().to(device)
+    channels_last = channels_last and len(INPUTS[name]) > 2
+    if channels_last:
+        tok = tok.to(memory_format=_channels_last(len(INPUTS[name]) + 1))
     enc, dec = tok.encode, tok.decode
     if compile_:
         enc, dec = torch.compile(tok.encode), torch.compile(tok.decode)
     size = tuple(INPUTS[name][1:])
     return _row(name, name, INPUTS[name], enc, lambda codes: dec(codes, size), batch, precision, device, compile_,
-                min_seconds, max_reps)
+                min_seconds, max_reps, channels_last)
 
 
 def _peer(name: str, device: torch.device):
@@ -142,14 +154,15 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              "seconds of 16 kHz audio, frames (256 x 256); encode and decode apart, and the two in sequence."
              + (" Freed memory kept in the process (`tokenizers_vq.runtime.keep_freed_memory`, as `tvq` does)."
                 if meta.get("keep_freed_memory") else ""), "",
-             "| model | batch | precision | compile | encode | decode | encode + decode | peak MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | batch | precision | compile | channels-last | encode | decode | encode + decode | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | - | failed: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | - | - | failed: {r['error'][:80]} | | | |")
             continue
         peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {'yes' if r['compile'] else 'no'} | "
+                     f"{'yes' if r.get('channels_last') else 'no'} | "
                      f"{r['encode_per_s']:.1f} {r['unit']}/s | {r['decode_per_s']:.1f} | {r['both_per_s']:.1f} | {peak} |")
     return "\n".join(lines) + "\n"
 
@@ -164,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", nargs="?", const="all", default="",
                    help="also time torch.compile'd encode and decode (of all models, or of those named: image,speech)")
     p.add_argument("--peers", action="store_true", help="also time the outside models of the same class")
+    p.add_argument("--channels-last", nargs="?", const="all", default="",
+                   help="also time the image and video models with weights and inputs channels-last (all, or those "
+                        "named), compiled too where --compile names them")
     p.add_argument("--min-seconds", type=float, default=2.0)
     p.add_argument("--malloc-defaults", action="store_true",
                    help="on the CPU, leave glibc's malloc as it is (default: keep_freed_memory, as tvq does)")
@@ -182,9 +198,13 @@ def main(argv: list[str] | None = None) -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             for precision in args.precisions.split(","):
                 compiled = args.compile == "all" or name in args.compile.split(",")
-                for compile_ in (False, True) if compiled else (False,):
-                    rows.append(measure(name, batch, precision, device, compile_, args.min_seconds))
-                    print(json.dumps(rows[-1]), flush=True)
+                layouts = (False, True) if name != "speech" and (args.channels_last == "all"
+                                                                   or name in args.channels_last.split(",")) else (False,)
+                for channels_last in layouts:
+                    for compile_ in (False, True) if compiled else (False,):
+                        rows.append(measure(name, batch, precision, device, compile_, args.min_seconds,
+                                            channels_last=channels_last))
+                        print(json.dumps(rows[-1]), flush=True)
                 if args.peers:
                     try:
                         row = measure_peer(name, batch, precision, device, args.min_seconds)

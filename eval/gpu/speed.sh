@@ -8,7 +8,8 @@
 #   and TESTS_PATHS=... picks their files (the kernels' and the export pipeline's GPU tests by default);
 #   CASES=... narrows the bench
 #   (CASES=none: its training steps only); THROUGHPUT_TIME seconds are kept for the throughput part
-#   (THROUGHPUT_BATCHES=1,16,64 by default; COMPILE_TIME=0 leaves the compiled rows out).
+#   (THROUGHPUT_BATCHES=1,16,64 by default; COMPILE_TIME=0 leaves the compiled rows out; those are timed
+#   in both layouts, channels-last too).
 #   EXPORT_DATA=<folder of photos> adds the export benchmark (eval/benchmarks/export_speed.py, each
 #   file listed EXPORT_REPEAT times, EXPORT_WORKERS loader processes: the export's default if unset) in the last
 #   EXPORT_TIME seconds; carry the folder.
@@ -62,7 +63,7 @@ if [ "${SKIP_THROUGHPUT:-0}" != 1 ]; then
   t=$(( $(left) - 15 ))  # compiled rows apart (one batch size: every new shape recompiles)
   if [ "$t" -gt 0 ]; then
     timeout "$t" python3 -m tokenizers_vq.eval.benchmarks.throughput --device cuda --models image --batches 64 \
-      --compile image --min-seconds 0.3 --out "$OUT/throughput_compile" > "$OUT/throughput_compile.log" 2>&1
+      --compile image --channels-last image --min-seconds 0.3 --out "$OUT/throughput_compile" > "$OUT/throughput_compile.log" 2>&1
     echo "throughput exit $?" >> "$OUT/throughput_compile.log"
   fi
 fi
