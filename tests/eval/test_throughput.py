@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tokenizers_vq.eval.benchmarks.throughput import markdown, measure
+from tokenizers_vq.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize("name", ["image", "speech"])
@@ -18,7 +19,30 @@ def test_rows_time_encode_and_decode_of_a_shipped_model(name):
     assert all(math.isfinite(v) and v > 0 for v in (enc, dec, both))
     assert both == pytest.approx(1 / (1 / enc + 1 / dec))  # the two in sequence
     md = markdown({"device_name": "cpu", "torch": torch.__version__, "threads": 1}, [row])
-    assert f"| {name} | 1 | fp32 | no |" in md
+    assert f"| {name} | 1 | fp32 | no | no |" in md
+
+
+def test_channels_last_rows_time_the_same_model_with_the_same_codes(monkeypatch):
+    """The image model in channels-last (weights and inputs) gives the codes of the default
+    layout; speech has no such layout and is left as it is."""
+    from tokenizers_vq.eval.benchmarks import throughput  # noqa: PLC0415
+
+    seen = []
+    real = throughput._row
+
+    def spy(label, name, shape, enc, dec, *args):
+        seen.append(enc)
+        return real(label, name, shape, enc, dec, *args)
+
+    monkeypatch.setattr(throughput, "_row", spy)
+    row = measure("image", 1, "fp32", torch.device("cpu"), min_seconds=0.0, max_reps=2, channels_last=True)
+    assert row["channels_last"] is True and row["encode_per_s"] > 0
+    assert "| image | 1 | fp32 | no | yes |" in markdown({"device_name": "cpu", "torch": "-", "threads": 1}, [row])
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    plain = Tokenizer.from_pretrained("image").eval()
+    assert torch.equal(seen[0](x.contiguous(memory_format=torch.channels_last)), plain.encode(x))
+    assert measure("speech", 1, "fp32", torch.device("cpu"), min_seconds=0.0, max_reps=1,
+                   channels_last=True)["channels_last"] is False
 
 
 def test_image_peer_row_times_our_backbone_with_the_outside_quantizer():
@@ -28,4 +52,4 @@ def test_image_peer_row_times_our_backbone_with_the_outside_quantizer():
     row = measure_peer("image", 2, "fp32", torch.device("cpu"), min_seconds=0.0, max_reps=2)
     assert row["model"].startswith("image peer: ") and row["unit"] == "images"
     assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("encode_per_s", "decode_per_s", "both_per_s"))
-    assert f"| {row['model']} | 2 | fp32 | no |" in markdown({"device_name": "cpu", "torch": "-", "threads": 1}, [row])
+    assert f"| {row['model']} | 2 | fp32 | no | no |" in markdown({"device_name": "cpu", "torch": "-", "threads": 1}, [row])
