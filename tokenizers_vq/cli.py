@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="inputs of equal shape encoded together (default: 16 on a GPU, 1 on the CPU)")
     ex.add_argument("--workers", type=int, default=None,
                     help="processes reading and decoding files while the model encodes (0: none; default: none on "
-                         "the CPU, else the cores but one, up to 7; the shards do not depend on it)")
+                         "the CPU, else the cores this process may use but one, up to 15; the shards do not depend on it)")
     ex.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="fp32: the ids every machine gives (default); bf16: the encoder under bf16 autocast, faster on "
                          "a GPU, near-ties may take other ids (recorded in export.json)")
