@@ -164,7 +164,7 @@ def _chart(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     names = [r["method"] for r in rows]
-    colours = ["tab:blue" if n.startswith("ours") else "tab:orange" for n in names]
+    colours = ["tab:orange" if r.get("kind") == PEER else "tab:blue" for r in rows]
     for ax, key, label in ((axes[0], "psnr_db", "held-apart PSNR (dB)"), (axes[1], "usage", "codebook usage")):
         ax.bar(range(len(rows)), [r[key] for r in rows], color=colours)
         ax.set_xticks(range(len(rows)), names, rotation=45, ha="right")

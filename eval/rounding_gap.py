@@ -12,9 +12,9 @@ Writes ``rounding_gap.json`` and ``rounding_gap.md``.
 from __future__ import annotations
 
 import argparse
-import sys
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 

@@ -49,8 +49,9 @@ def _code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]
     sums = torch.empty(size, d, device=x.device, dtype=torch.float32)
     # the narrowest key that holds every code: a radix sort makes one pass per key byte
     key = torch.int16 if size < torch.iinfo(torch.int16).max else torch.int32 if size < 2**31 - 1 else torch.int64
-    flat = idx.reshape(-1)
-    flat = flat.clamp(-1, size).to(key) if key != torch.int64 else flat.long()  # out-of-range codes stay out of range
+    flat = idx.reshape(-1).long()  # any integer dtype in (uint8 included), then narrowed
+    if key != torch.int64:
+        flat = flat.clamp(-1, size).to(key)  # out-of-range codes stay out of range
     sorted_idx, order = torch.sort(flat, stable=True)
     # start[k] = first sorted position with code >= k; codes outside [0, size) are ignored.
     start = torch.searchsorted(sorted_idx, torch.arange(size + 1, device=x.device, dtype=key))
@@ -86,7 +87,8 @@ def code_statistics_triton(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, T
 
     Accepts ``x (N, d)`` of any float dtype and strides and integer ``idx (N,)``;
     CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Extra memory is
-    ``O(N + K)`` (the sort), never ``N x K``.
+    ``O(N + K)`` (the sort) plus, below 4,096 codes, fp32 partial sums ``(parts, K, d)`` of at
+    most ``8192 d`` values (8 MiB at ``d = 256``); never ``N x K``.
 
     Args:
         x: ``(N, d)`` latents.

@@ -384,7 +384,6 @@ def test_token_dataset_refuses_counts_that_disagree_with_the_shards(tmp_path):
     assert len(TokenDataset(out)) == 3
 
 
-
 def test_default_workers_follow_the_cpus_this_process_may_use(monkeypatch):
     from tokenizers_vq import export  # noqa: PLC0415
 

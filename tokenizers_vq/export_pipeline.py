@@ -142,9 +142,9 @@ def autocast_weights(tok: Tokenizer, dtype: torch.dtype) -> Tokenizer:
 def padded_batch(n: int, batch_size: int) -> int:
     """The batch ``n`` inputs of one shape are encoded in on a GPU: ``n`` rounded up to a
     quarter of ``batch_size`` (at most ``batch_size``). Shorter groups (another shape's
-    inputs pending, a shard's last ones) then come in four sizes, not up to ``batch_size``:
-    each new input shape costs the GPU libraries a plan and kernels of their own, which at
-    64 per batch took seconds of an export's first shards."""
+    inputs pending, a shard's last ones) then come in a few sizes (four when ``batch_size``
+    is a multiple of 4), not up to ``batch_size``: each new input shape costs the GPU
+    libraries a plan and kernels of their own on first use."""
     q = max(1, batch_size // 4)
     return min(max(batch_size, n), -(-n // q) * q)
 

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-items", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1, help="list every file this many times")
-    p.add_argument("--workers", type=int, default=None, help="default: the export's (none on the CPU, else the cores but one, up to 7)")
+    p.add_argument("--workers", type=int, default=None, help="default: the export's (none on the CPU, else the usable cores but one, up to 15)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the export's (16 on a GPU, 1 on the CPU)")
     p.add_argument("--shard-items", type=int, default=256, help="files per shard (the export's default)")
     args = p.parse_args(argv)

@@ -215,9 +215,10 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
 
 
 def vq_train_steps(vqp_cls, cases=TRAIN_CASES, deadline: float = math.inf, done=None) -> list[dict]:
-    """Forward + backward + EMA update per ``N x K x D`` case: ours eager and compiled
-    (``fullgraph=True``), the step's search alone, vector-quantize-pytorch; cases after
-    ``deadline`` are left out, and ``done(rows)`` is called after each case."""
+    """Forward + backward + EMA update per ``N x K x D`` case: ours eager, compiled
+    (``fullgraph=True``) and replayed from a CUDA graph, the step's search alone (called and
+    replayed), vector-quantize-pytorch; cases after ``deadline`` are left out, and
+    ``done(rows)`` is called after each case."""
     from tokenizers_vq.eval.benchmarks import peers  # noqa: PLC0415
 
     rows = []
@@ -233,10 +234,10 @@ def vq_train_steps(vqp_cls, cases=TRAIN_CASES, deadline: float = math.inf, done=
     return rows
 
 
-def _cell(r: dict) -> str:
+def _cell(r: dict, memory: bool = True) -> str:
     if r.get("status") != "ok":
         return r.get("status", "-").split(":")[0]
-    return f"{r['ms']:.3f} ({r['extra_mib']:.0f})"
+    return f"{r['ms']:.3f} ({r['extra_mib']:.0f})" if memory else f"{r['ms']:.3f} (-)"
 
 
 def _ms(r: dict) -> float:
@@ -281,7 +282,8 @@ def markdown(meta: dict, rows: list[dict], train: list[dict] | None) -> str:
     if train:
         lines += ["", "VQ-EMA training step (forward + backward + EMA update, fp32 latents): ms (extra peak MiB). "
                   "\"compiled\": the quantizer under `torch.compile(fullgraph=True)`; \"graph\": the eager step "
-                  "replayed from a CUDA graph (its kernels alone, no host time); \"search\": the step's search alone, "
+                  "replayed from a CUDA graph (its kernels alone, no host time; its memory is the graph's pool, captured "
+                  "before the peak is reset: \"-\"); \"search\": the step's search alone, "
                   "called and replayed. \"ours / search\": the faster of eager and compiled over the search call; "
                   "\"graph / search graph\": the same without the host.", "",
                   "| N x K x D | ours | ours compiled | ours graph | search alone | search graph | vq-pytorch | "
@@ -293,7 +295,7 @@ def markdown(meta: dict, rows: list[dict], train: list[dict] | None) -> str:
             best = min((x for x in (o, _ms(t.get("ours_compiled", {}))) if x == x), default=math.nan)
             mem = (f"{t['ours']['extra_mib'] / t['vqp']['extra_mib']:.3f}" if o == o and v == v
                    and t["vqp"]["extra_mib"] > 0 else "-")
-            lines.append(f"| {t['n']} x {t['k']} x {t['d']} | " + " | ".join(_cell(t.get(k, {})) for k in
+            lines.append(f"| {t['n']} x {t['k']} x {t['d']} | " + " | ".join(_cell(t.get(k, {}), "graph" not in k) for k in
                          ("ours", "ours_compiled", "ours_graph", "search", "search_graph", "vqp"))
                          + f" | {best / s_:.2f}x | {g / sg:.2f}x | {v / best:.1f}x | {mem} |")
     return "\n".join(lines) + "\n"

@@ -151,8 +151,9 @@ def check_code_statistics(device, full=False):
         ref_counts = torch.zeros(k, dtype=torch.float64).index_add_(0, idx.cpu(), torch.ones(n, dtype=torch.float64))
         assert torch.equal(counts.cpu().double(), ref_counts)
         torch.testing.assert_close(sums.cpu().double(), ref_sums, rtol=1e-5, atol=1e-5 * n)
-    # codes sorted as int16 below 32767 codes and int32 above; codes outside [0, k) are left out
-    for n, k in ((200, 9), (200, 40_000)):
+    # codes sorted as int16 below 32767 codes and int32 above (40,000 programs: on the GPU
+    # only); codes outside [0, k) are left out; codes of any integer dtype
+    for n, k in ((200, 9), (200, 40_000)) if full else ((200, 9),):
         x = _data((n, 5), torch.float32, device)
         idx = torch.randint(0, k, (n,), device=device)
         idx[:6] = torch.tensor([-1, -40_000, k, k + 1, 2**20, -(2**20)])
@@ -161,6 +162,12 @@ def check_code_statistics(device, full=False):
         ref_sums = torch.zeros(k, 5, dtype=torch.float64).index_add_(0, kept, x[6:].double().cpu())
         assert torch.equal(counts.cpu(), torch.bincount(kept, minlength=k).float())
         torch.testing.assert_close(sums.cpu().double(), ref_sums, rtol=1e-5, atol=1e-5 * n)
+    x = _data((60, 3), torch.float32, device)
+    idx = torch.randint(0, 7, (60,), device=device)
+    want = code_statistics_triton(x, idx, 7)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        got = code_statistics_triton(x, idx.to(dtype), 7)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), dtype
 
 
 def check_custom_op(device, full=False):
