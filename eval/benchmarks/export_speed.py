@@ -9,10 +9,14 @@ Three rates on the same files, items per second:
 - end to end: :func:`~tokenizers_vq.export.export_dataset` into a temporary folder, at
   each precision (``--precision``); and the same export once running: the items of the
   shards after the first quarter of them over the time from the end of that quarter to the
-  last shard (starting loader workers and the first batches' kernel choices left out).
+  last shard (starting loader workers and the first batches' kernel choices left out);
+- ``tvq export`` in a process of its own, as a user runs it: the rate it prints (its clock
+  starts after the model is loaded; the loaders' start and the first encode's library
+  start-up are inside it, from a process that has done nothing else).
 
 The export can be no faster than the slower of the first two. ``--repeat R`` lists every
-file ``R`` times (links in a temporary folder) to make a larger set.
+file ``R`` times (links in one temporary folder, which ``tvq export`` reads) to make a
+larger set.
 
     python -m tokenizers_vq.eval.benchmarks.export_speed ../shared/data/images/bsds500/val \\
         --max-items 32 --repeat 8 --device cpu --out eval/results/export_speed/cpu_2core
@@ -26,6 +30,9 @@ import argparse
 import contextlib
 import json
 import platform
+import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -108,6 +115,20 @@ def export_rates(tok: Tokenizer, files: list[Path], out: Path, **options) -> dic
             "first_shard_s": marks[0][0] - start if marks else nan, "later_shard_s": gaps[len(gaps) // 2] if gaps else nan}
 
 
+def cli_rate(args: argparse.Namespace, folder: Path, out: Path, precision: str) -> float:
+    """Items/s that ``tvq export`` prints when run in a process of its own on ``folder``, as
+    a user runs it: the process starts and loads the model before its clock starts; the
+    loader workers' start and the GPU libraries' first-call costs are inside it."""
+    cmd = [sys.executable, "-m", "tokenizers_vq.cli", "export", "--data", str(folder), "--out", str(out),
+           "--model", args.model, "--device", args.device, "--batch-size", str(args.batch_size),
+           "--workers", str(args.workers), "--shard-items", str(args.shard_items), "--precision", precision]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = re.search(r"\(([0-9.]+) items/s", proc.stdout)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(f"tvq export failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return float(found.group(1))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("data", help="folder of photos")
@@ -129,15 +150,14 @@ def main(argv: list[str] | None = None) -> None:
         args.workers = default_workers(tok)
     files = list_media(args.data, tok.modality, args.max_items)
     with tempfile.TemporaryDirectory(prefix="tvq-export-speed-") as tmp:
-        if args.repeat > 1:  # links: the same bytes under other names
-            links = []
-            for r in range(args.repeat):
-                for i, f in enumerate(files):  # names unique even for equal names in subfolders
-                    link = Path(tmp) / "in" / f"{r:04d}_{i:06d}_{f.name}"
-                    link.parent.mkdir(exist_ok=True)
-                    link.symlink_to(f.resolve())
-                    links.append(link)
-            files = links
+        links = []  # one folder of links (the same bytes under other names with --repeat), for tvq export too
+        for r in range(args.repeat):
+            for i, f in enumerate(files):  # names unique even for equal names in subfolders
+                link = Path(tmp) / "in" / f"{r:04d}_{i:06d}_{f.name}"
+                link.parent.mkdir(exist_ok=True)
+                link.symlink_to(f.resolve())
+                links.append(link)
+        files = links
         row = {"items": len(files), "workers": args.workers, "batch_size": args.batch_size,
                "decode_bound_per_s": decode_rate(tok, files, args.workers, args.batch_size),
                "encode_bound_fp32_per_s": encode_rate(tok, files, args.batch_size, "fp32", device),
@@ -148,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             row[f"end_to_end_{precision}_per_s"] = rates.pop("per_s")
             row[f"running_{precision}_per_s"] = rates.pop("running_per_s")
             row.update({f"{k[:-2]}_{precision}_s": v for k, v in rates.items()})
+            row[f"tvq_export_{precision}_per_s"] = cli_rate(args, Path(tmp) / "in", Path(tmp) / f"cli_{precision}", precision)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cores": usable_cores(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU",
             "model": tok.config.name, "data": args.data, "keep_freed_memory": kept}
@@ -157,11 +178,13 @@ def main(argv: list[str] | None = None) -> None:
           f"{row['items']} files of `{args.data}`, model `{meta['model']}`, {args.workers} loader worker(s), "
           f"batches of {args.batch_size}; items per second.\n\n"
           "| decode-bound (reader alone) | encode-bound fp32 (model alone) | encode-bound bf16 | end to end fp32 "
-          "(tvq export) | end to end bf16 (`--precision bf16`) | once running fp32 | once running bf16 |\n"
-          "|---|---|---|---|---|---|---|\n"
+          "(in this process) | end to end bf16 (`--precision bf16`) | once running fp32 | once running bf16 | "
+          "`tvq export` in its own process fp32 / bf16 |\n"
+          "|---|---|---|---|---|---|---|---|\n"
           f"| {row['decode_bound_per_s']:.1f} | {row['encode_bound_fp32_per_s']:.1f} | "
           f"{row['encode_bound_bf16_per_s']:.1f} | {row['end_to_end_fp32_per_s']:.1f} | "
-          f"{row['end_to_end_bf16_per_s']:.1f} | {row['running_fp32_per_s']:.1f} | {row['running_bf16_per_s']:.1f} |\n"
+          f"{row['end_to_end_bf16_per_s']:.1f} | {row['running_fp32_per_s']:.1f} | {row['running_bf16_per_s']:.1f} | "
+          f"{row['tvq_export_fp32_per_s']:.1f} / {row['tvq_export_bf16_per_s']:.1f} |\n"
           f"\n{args.shard_items} files per shard; \"once running\": the shards after the first quarter of them. "
           f"Start-up: the first shard was written {row['first_shard_fp32_s']:.2f} s (fp32) / "
           f"{row['first_shard_bf16_s']:.2f} s (bf16) after the export began; a later shard took "

@@ -87,8 +87,10 @@ def lazy_graph(fn: Callable) -> Callable:
 def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
     """Named step callables for one ``n x k x d`` case: ``ours`` (eager), ``ours_compiled``
     (the quantizer under ``torch.compile(fullgraph=True)``: it fails on any graph break or
-    host sync), ``ours_graph`` (the eager step replayed from a CUDA graph: its kernels
-    without the host), ``search`` (the nearest-code search of the step alone),
+    host sync), ``ours_compiled_graphs`` (the same with ``mode="reduce-overhead"``: the
+    compiled step replayed from CUDA graphs, what a user's compiled training loop gets),
+    ``ours_graph`` (the eager step replayed from a CUDA graph: its kernels without the
+    host), ``search`` (the nearest-code search of the step alone),
     ``search_graph`` (that search replayed from a CUDA graph) and ``vqp``."""
     from tokenizers_vq import VectorQuantizer  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
@@ -106,6 +108,15 @@ def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
         return run
 
     steps["ours"], steps["ours_compiled"] = step(ours), step(compiled)
+    graphed = torch.compile(VectorQuantizer(dim=d, codebook_size=k, check_finite=False).cuda().train(),
+                            fullgraph=True, mode="reduce-overhead")
+    graphed_step = step(graphed)
+
+    def run_graphed():  # each call a new step of torch.compile's CUDA graphs (its outputs may be overwritten)
+        torch.compiler.cudagraph_mark_step_begin()
+        graphed_step()
+
+    steps["ours_compiled_graphs"] = run_graphed
     steps["ours_graph"] = lazy_graph(step(VectorQuantizer(dim=d, codebook_size=k, check_finite=False).cuda().train()))
     flat = z.detach().reshape(-1, d)
     steps["search"] = lambda: nearest_codes_triton(flat, ours.codebook.detach(), return_dist=False)

@@ -17,11 +17,13 @@ def test_three_rates_of_a_small_export(tmp_path):
     row = json.loads((tmp_path / "export_speed.json").read_text())["row"]
     assert row["items"] == 8
     rates = [row[k] for k in ("decode_bound_per_s", "encode_bound_fp32_per_s", "encode_bound_bf16_per_s",
-                              "end_to_end_fp32_per_s", "running_fp32_per_s", "running_bf16_per_s")]
+                              "end_to_end_fp32_per_s", "running_fp32_per_s", "running_bf16_per_s",
+                              "tvq_export_fp32_per_s", "tvq_export_bf16_per_s")]
     assert all(math.isfinite(r) and r > 0 for r in rates)
     assert row["end_to_end_fp32_per_s"] < row["decode_bound_per_s"]  # the export also encodes and writes
     # (which of the rates is higher depends on the machine's load: only the order of events is checked)
     assert row["later_shard_fp32_s"] > 0 and 0 < row["first_shard_fp32_s"] < 8 / row["end_to_end_fp32_per_s"]
     assert "| decode-bound" in (tmp_path / "export_speed.md").read_text()
+    assert row["tvq_export_fp32_per_s"] < row["decode_bound_per_s"]  # its own process reads, encodes and writes
     assert 0 < row["first_read_fp32_s"] <= row["first_encoded_fp32_s"] <= row["first_shard_fp32_s"]
     assert "first shard was written" in (tmp_path / "export_speed.md").read_text()

@@ -24,6 +24,7 @@ def test_markdown_derives_host_time_floor_and_peer_ratio(tmp_path):
     row = {"n": 32768, "k": 1024, "d": 8, "methods": methods, "checks": {"flash_kmeans_fp16": {"mismatch": 3, "bad": 0}},
            "kernel": {"bf16": "packed", "fp32": "packed"}}
     train = [{"n": 32768, "k": 1024, "d": 256, "ours": _ok(0.4, 10), "ours_compiled": _ok(0.3, 10),
+              "ours_compiled_graphs": {"status": "error: RuntimeError: capture failed"},
               "ours_graph": _ok(0.27, 10), "search": _ok(0.2, 1), "search_graph": _ok(0.09, 1), "vqp": _ok(6.0, 1000)}]
     meta = {"date": "2026-01-01", "torch": torch.__version__, "triton": "-", "vqp": "-", "rates": RATES}
     md = nearest.write(tmp_path, meta, [row], train)
@@ -39,10 +40,10 @@ def test_markdown_derives_host_time_floor_and_peer_ratio(tmp_path):
     assert "3, 0" in line
     step = next(ln for ln in md.splitlines() if ln.startswith("| 32768 x 1024 x 256 |"))
     assert "1.50x" in step and "20.0x" in step and "0.010" in step  # best of eager/compiled vs search, vs theirs
-    assert "3.00x" in step  # graph 0.27 / search graph 0.09
+    assert "3.00x" in step and "| error |" in step  # graph 0.27 / search graph 0.09; a failed mode says so
     step_header = next(ln for ln in md.splitlines() if ln.startswith("| N x K x D | ours |"))
     assert len(step.strip("|").split("|")) == len(step_header.strip("|").split("|"))
-    assert (tmp_path / "nearest.csv").read_text().count("train_step_") == 6
+    assert (tmp_path / "nearest.csv").read_text().count("train_step_") == 7
 
 
 def test_absent_peers_are_reported_not_raised():
