@@ -153,10 +153,10 @@ def export_dataset(
         workers: processes that read and decode the files while the model encodes
             (one ``DataLoader`` over all the shards this rank writes; 0: read in this
             process; ``None``: :func:`default_workers`). The shards do not depend on it.
-        precision: ``"fp32"`` (default: the reference ids; on the CPU a near-tie still
-            falls the other way for about 1 token in 30,000 between thread counts, as the
-            README says where it describes the search) or ``"bf16"`` (the encoder under
-            bf16 autocast: faster on a GPU; near-ties may take other ids). Recorded in ``export.json``: a resume must pass the same precision (it is refused
+        precision: ``"fp32"`` (default: the reference ids, the same for any CPU thread
+            count; another instruction set or a GPU can flip a near-tie) or ``"bf16"`` (the
+            encoder under bf16 autocast: faster on a GPU; near-ties may take other ids).
+            Recorded in ``export.json``: a resume must pass the same precision (it is refused
             otherwise, naming it). On the CPU it keeps freed memory in the process
             (:func:`~tokenizers_vq.runtime.keep_freed_memory`: 1.5x faster).
         overwrite: delete an earlier export in ``out_dir`` first (its shards, index
