@@ -1,13 +1,18 @@
 """The backbones' GroupNorm on the CPU: the same output for an item alone or in a batch and,
 in fp32 on channels-last activations (the image encoder's layout there), for any thread
-count, where PyTorch's own kernel splits its sums by thread."""
+count, where PyTorch's own kernel splits its sums by thread; and so the shipped image
+encoder's latents of a real photo, bit for bit."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from testdata import shared_path
+
 from tokenizers_vq.backbones._blocks import GroupNorm
+from tokenizers_vq.media import load_image
+from tokenizers_vq.tokenizer import Tokenizer
 
 
 def _channels_last(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -59,3 +64,27 @@ def test_gradients_flow_through_the_fixed_order_statistics():
     torch.nn.functional.group_norm(ref_x, 2, ref_w, ref_b, m.eps).square().sum().backward()
     torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(m.weight.grad.double(), ref_w.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.bias.grad.double(), ref_b.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("mean", "spread"), [(100.0, 0.1), (0.0, 1.0)])
+def test_without_affine_and_with_a_mean_far_above_the_spread(mean, spread):
+    m = GroupNorm(4, 16, eps=1e-6, affine=False)
+    x = (_channels_last(1, 16, 40, 30, seed=4) * spread + mean).contiguous(memory_format=torch.channels_last)
+    ref = torch.nn.functional.group_norm(x.double(), 4, eps=1e-6)
+    torch.testing.assert_close(m(x).double(), ref, rtol=0, atol=1e-3)  # PyTorch's own channels-last kernel: ~0.05
+
+
+def test_image_encoder_latents_of_a_photo_do_not_depend_on_the_thread_count():
+    photo = load_image(shared_path("images", "bsds500", "val", "14037.jpg"))  # a token of it flipped before
+    tok = Tokenizer.from_pretrained("image").eval()
+    x = tok._pad(photo[None] * 2 - 1)
+    before, latents = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                latents.append(tok.encoder(x))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(latents[0], latents[1])

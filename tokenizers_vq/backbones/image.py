@@ -87,7 +87,9 @@ class SelfAttention(nn.Module):
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # (B, HW, C) each
         out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        # (B, C, H, W) as a plain channels-last view: the transposed view's batch stride sent a
+        # single image down a CPU convolution path whose sums depend on the thread count
+        return x + self.proj(out.reshape(b, h, w, c).permute(0, 3, 1, 2))
 
 
 class Downsample(nn.Module):
