@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokenizers_vq.eval.metrics import psnr
 from tokenizers_vq.quantizers.fsq import FSQ
 from tokenizers_vq.tokenizer import Tokenizer
 
@@ -44,10 +44,9 @@ def aligned(tok: Tokenizer, x: Tensor, max_side: int | None) -> Tensor:
     return x
 
 
-def psnr(rec: Tensor, x: Tensor) -> float:
+def _psnr(rec: Tensor, x: Tensor) -> float:
     """PSNR in dB of model-space tensors in [-1, 1], measured as media in [0, 1]."""
-    mse = F.mse_loss(((rec + 1) / 2).clamp(0, 1), (x + 1) / 2).item()
-    return 10 * math.log10(1 / max(mse, 1e-12))
+    return psnr(((rec + 1) / 2).clamp(0, 1), (x + 1) / 2)
 
 
 @torch.no_grad()
@@ -56,7 +55,7 @@ def gap(tok: Tokenizer, x: Tensor) -> dict[str, float]:
     h = tok.encoder(x[None]).movedim(1, -1)
     rounded = tok.decoder(tok.quantizer(h).quantized.movedim(-1, 1))
     unrounded = tok.decoder(tok.quantizer.unrounded(h).movedim(-1, 1))
-    r, u = psnr(rounded, x[None]), psnr(unrounded, x[None])
+    r, u = _psnr(rounded, x[None]), _psnr(unrounded, x[None])
     return {"rounded_db": r, "unrounded_db": u, "gap_db": u - r}
 
 

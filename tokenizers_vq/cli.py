@@ -229,14 +229,13 @@ def _check_device(device: str | None) -> None:
     import torch  # noqa: PLC0415
 
     try:
-        kind = torch.device(device).type
+        dev = torch.device(device)
     except RuntimeError:
-        kind = None
-    if kind == "cpu":
+        dev = None
+    if dev is not None and dev.type == "cpu":
         return
-    if kind != "cuda":
+    if dev is None or dev.type != "cuda":
         raise ValueError(f"--device {device}: expected cpu, cuda or cuda:N")
-    dev = torch.device(device)
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise ValueError(f"--device {device}: this machine has no CUDA GPU that torch {torch.__version__} can use; "

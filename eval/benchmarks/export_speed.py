@@ -150,13 +150,13 @@ def main(argv: list[str] | None = None) -> None:
         args.workers = default_workers(tok)
     files = list_media(args.data, tok.modality, args.max_items)
     with tempfile.TemporaryDirectory(prefix="tvq-export-speed-") as tmp:
-        links = []  # one folder of links (the same bytes under other names with --repeat), for tvq export too
+        folder = Path(tmp) / "in"  # links (the same bytes under other names with --repeat), for tvq export too
+        folder.mkdir()
+        links = []
         for r in range(args.repeat):
             for i, f in enumerate(files):  # names unique even for equal names in subfolders
-                link = Path(tmp) / "in" / f"{r:04d}_{i:06d}_{f.name}"
-                link.parent.mkdir(exist_ok=True)
-                link.symlink_to(f.resolve())
-                links.append(link)
+                links.append(folder / f"{r:04d}_{i:06d}_{f.name}")
+                links[-1].symlink_to(f.resolve())
         files = links
         row = {"items": len(files), "workers": args.workers, "batch_size": args.batch_size,
                "decode_bound_per_s": decode_rate(tok, files, args.workers, args.batch_size),
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             row[f"end_to_end_{precision}_per_s"] = rates.pop("per_s")
             row[f"running_{precision}_per_s"] = rates.pop("running_per_s")
             row.update({f"{k[:-2]}_{precision}_s": v for k, v in rates.items()})
-            row[f"tvq_export_{precision}_per_s"] = cli_rate(args, Path(tmp) / "in", Path(tmp) / f"cli_{precision}", precision)
+            row[f"tvq_export_{precision}_per_s"] = cli_rate(args, folder, Path(tmp) / f"cli_{precision}", precision)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cores": usable_cores(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU",
             "model": tok.config.name, "data": args.data, "keep_freed_memory": kept}

@@ -97,7 +97,11 @@ def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
 
     z = torch.randn(n // 1024, 1024, d, device="cuda", requires_grad=True)
     steps: dict[str, Callable] = {}
-    ours = VectorQuantizer(dim=d, codebook_size=k, check_finite=False).cuda().train()
+
+    def fresh() -> VectorQuantizer:  # each timed variant its own layer (their EMA state apart)
+        return VectorQuantizer(dim=d, codebook_size=k, check_finite=False).cuda().train()
+
+    ours = fresh()
     compiled = torch.compile(ours, fullgraph=True)
 
     def step(q):
@@ -108,16 +112,14 @@ def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
         return run
 
     steps["ours"], steps["ours_compiled"] = step(ours), step(compiled)
-    graphed = torch.compile(VectorQuantizer(dim=d, codebook_size=k, check_finite=False).cuda().train(),
-                            fullgraph=True, mode="reduce-overhead")
-    graphed_step = step(graphed)
+    graphed_step = step(torch.compile(fresh(), fullgraph=True, mode="reduce-overhead"))
 
     def run_graphed():  # each call a new step of torch.compile's CUDA graphs (its outputs may be overwritten)
         torch.compiler.cudagraph_mark_step_begin()
         graphed_step()
 
     steps["ours_compiled_graphs"] = run_graphed
-    steps["ours_graph"] = lazy_graph(step(VectorQuantizer(dim=d, codebook_size=k, check_finite=False).cuda().train()))
+    steps["ours_graph"] = lazy_graph(step(fresh()))
     flat = z.detach().reshape(-1, d)
     steps["search"] = lambda: nearest_codes_triton(flat, ours.codebook.detach(), return_dist=False)
     steps["search_graph"] = lazy_graph(steps["search"])
