@@ -8,6 +8,7 @@ import torch
 
 from testdata import shared_path
 from tokenizers_vq.backbones import ImageBackboneConfig, ImageDecoder, ImageEncoder
+from tokenizers_vq.backbones.image import ResBlock, SelfAttention
 from tokenizers_vq.media import load_image
 
 
@@ -105,3 +106,36 @@ def test_few_adam_steps_reduce_mse_on_a_real_photo():
     print(f"image MSE {losses[0]:.4f} -> {losses[-1]:.4f} (pixel variance {x.var().item():.4f})")
     assert losses[-1] < 0.5 * losses[0]
     assert losses[-1] < x.var().item()  # better than predicting the mean colour
+
+
+@pytest.mark.parametrize(("c_in", "c_out"), [(16, 16), (16, 32)])
+def test_a_residual_block_at_inference_gives_the_training_graph_values(c_in, c_out):
+    torch.manual_seed(0)
+    block = ResBlock(c_in, c_out).eval()
+    x = torch.randn(1, c_in, 24, 40).contiguous(memory_format=torch.channels_last)
+    y = block(x)  # with gradients: the plain sum
+    assert y.requires_grad
+    with torch.no_grad():
+        assert torch.equal(block(x), y)  # fp32: the fused sum gives the same bits
+        h = block.conv1(torch.nn.functional.silu(block.norm1(x)))
+        a = torch.nn.functional.silu(block.norm2(h))
+        assert torch.equal(y, block.skip(x) + block.conv2(a))
+        # bf16 (as under autocast with bf16 weights): the fused sum rounds once, the plain one twice
+        b16, x16 = block.to(torch.bfloat16), x.bfloat16()
+        fused = b16(x16)
+        h16 = b16.conv1(torch.nn.functional.silu(b16.norm1(x16)))
+        plain = b16.skip(x16) + b16.conv2(torch.nn.functional.silu(b16.norm2(h16)))
+    assert fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_self_attention_equals_the_textbook_formula(grad):
+    torch.manual_seed(0)
+    att = SelfAttention(32).eval()
+    x = torch.randn(2, 32, 6, 10)
+    with torch.set_grad_enabled(grad):
+        y = att(x)
+        q, k, v = att.qkv(att.norm(x)).flatten(2).chunk(3, 1)  # (B, C, HW) each
+        w = torch.softmax(q.transpose(1, 2) @ k / 32**0.5, -1)  # (B, HW, HW)
+        ref = x + att.proj((v @ w.transpose(1, 2)).view_as(x))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

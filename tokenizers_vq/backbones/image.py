@@ -69,8 +69,23 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
+        return _conv_plus(self.conv2, F.silu(self.norm2(h)), self.skip(x))
+
+
+def _conv_plus(conv: nn.Conv2d, x: Tensor, other: Tensor) -> Tensor:
+    """``other + conv(x)``; at inference on the CPU in one oneDNN call that adds ``other`` to
+    the convolution's output before it is stored (the same values in fp32; bf16 rounds once
+    instead of twice), which saves a pass over the largest activations of the block."""
+    fused = (x.device.type == "cpu" and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
+             and x.dtype in (torch.float32, torch.bfloat16) and other.dtype == x.dtype
+             and not (x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"))  # autocast would run it in bf16
+             and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros")
+    if not fused:
+        return other + conv(x)
+    bias = None if conv.bias is None else conv.bias.to(x.dtype)
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, other, conv.weight.to(x.dtype), bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+        conv.groups, "add", None, None, [], None)
 
 
 class SelfAttention(nn.Module):
@@ -85,7 +100,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # (B, HW, C) each
+        # (B, 1, HW, C) each: one head, four axes, the layout the fused attention kernels take
+        # (with three axes, CPU and CUDA alike fall back to separate matmuls and softmax)
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, 1, c, h * w).transpose(-1, -2).unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)
         # (B, C, H, W) as a plain channels-last view: the transposed view's batch stride sent a
         # single image down a CPU convolution path whose sums depend on the thread count
