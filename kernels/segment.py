@@ -69,11 +69,15 @@ def _code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]
     return counts, sums
 
 
-@torch.library.custom_op("tokenizers_vq::code_statistics", mutates_args=())
-def _code_statistics_op(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
+def _checked_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
     if x.ndim != 2 or idx.shape != x.shape[:1]:
         raise ValueError(f"expected x (N, d) and idx (N,); got {tuple(x.shape)} and {tuple(idx.shape)}")
     return _code_statistics(x, idx, size)
+
+
+@torch.library.custom_op("tokenizers_vq::code_statistics", mutates_args=())
+def _code_statistics_op(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    return _checked_statistics(x, idx, size)
 
 
 @_code_statistics_op.register_fake
@@ -98,4 +102,6 @@ def code_statistics_triton(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, T
     Returns:
         ``(counts, sums)``: fp32 ``(K,)`` and ``(K, d)``.
     """
+    if type(x) is Tensor and type(idx) is Tensor and not torch.compiler.is_compiling():
+        return _checked_statistics(x, idx, size)  # eager: without the custom op's dispatch, as nearest_codes_triton
     return _code_statistics_op(x, idx, size)
