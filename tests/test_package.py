@@ -35,6 +35,19 @@ def test_import_is_cheap_and_namespaced(tmp_path):
     assert found == "[]"
 
 
+def test_encoding_on_the_cpu_does_not_load_the_compiler(tmp_path):
+    """An eager encode and a VQ training step on the CPU stay off torch.compile's machinery,
+    whose import (torch._dynamo) took 0.9 s of every CPU export's start-up."""
+    loaded = run_python(
+        "import sys, torch; from tokenizers_vq import Tokenizer; from tokenizers_vq.quantizers import VectorQuantizer;"
+        "Tokenizer.from_pretrained('image').encode(torch.rand(1, 3, 32, 32) * 2 - 1);"
+        "q = VectorQuantizer(dim=4, codebook_size=16); q(torch.randn(2, 8, 4, requires_grad=True));"
+        "print([m for m in ('torch._dynamo', 'sympy') if m in sys.modules])",
+        tmp_path,
+    )
+    assert loaded == "[]"
+
+
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
     readme = (REPO / "README.md").read_text()
     first_block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).strip().splitlines()
