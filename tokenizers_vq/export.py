@@ -153,9 +153,11 @@ def export_dataset(
         workers: processes that read and decode the files while the model encodes
             (one ``DataLoader`` over all the shards this rank writes; 0: read in this
             process; ``None``: :func:`default_workers`). The shards do not depend on it.
-        precision: ``"fp32"`` (default: the reference ids, the same for any CPU thread
-            count; another instruction set or a GPU can flip a near-tie) or ``"bf16"`` (the
-            encoder under bf16 autocast: faster on a GPU; near-ties may take other ids).
+        precision: ``"fp32"`` (default: the reference ids, for images the same for any
+            CPU thread count; another instruction set or a GPU can flip a near-tie, and so can
+            the thread count for speech, whose fp32 convolutions split sums by thread) or
+            ``"bf16"`` (the encoder under bf16 autocast: faster on a GPU, 3x on a CPU with
+            bf16 units; near-ties may take other ids).
             Recorded in ``export.json``: a resume must pass the same precision (it is refused
             otherwise, naming it). On the CPU it keeps freed memory in the process
             (:func:`~tokenizers_vq.runtime.keep_freed_memory`: 1.5x faster).

@@ -164,3 +164,23 @@ def test_few_adam_steps_reduce_mse_on_real_speech():
     # Learning silence alone takes MSE down to the signal power (a plateau the
     # first ~80 steps sit on); going well below it means the waveform is modelled.
     assert losses[-1] < 0.6 * power
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_cpu_time_major_layout_computes_the_same_encoder(causal, batch):
+    """On the CPU the encoder holds its activations as (B, C, 1, T) channels-last (oneDNN's
+    fast layout for few channels and many samples); the latents equal those of PyTorch's
+    (B, C, T) convolutions to fp32 rounding, in fp32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    enc = AudioEncoder(AudioBackboneConfig(channels=8, strides=(2, 4, 5), latent_dim=16, causal=causal)).eval()
+    x = torch.randn(batch, 1, 40 * 37)
+    with torch.no_grad():
+        z = enc(x)
+        ref = enc.layers(x)  # the (B, C, T) path, as on a GPU
+        assert z.shape == ref.shape == (batch, 16, 37)
+        torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z16, ref16 = enc(x), enc.layers(x)
+    assert z16.dtype == torch.bfloat16
+    torch.testing.assert_close(z16.float(), ref16.float(), rtol=0.05, atol=0.05)
