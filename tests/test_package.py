@@ -37,7 +37,7 @@ def test_import_is_cheap_and_namespaced(tmp_path):
 
 def test_encoding_on_the_cpu_does_not_load_the_compiler(tmp_path):
     """An eager encode and a VQ training step on the CPU stay off torch.compile's machinery,
-    whose import (torch._dynamo) took 0.9 s of every CPU export's start-up."""
+    whose import (torch._dynamo) costs about 0.9 s of start-up."""
     loaded = run_python(
         "import sys, torch; from tokenizers_vq import Tokenizer; from tokenizers_vq.quantizers import VectorQuantizer;"
         "Tokenizer.from_pretrained('image').encode(torch.rand(1, 3, 32, 32) * 2 - 1);"

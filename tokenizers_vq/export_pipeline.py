@@ -133,7 +133,8 @@ def autocast_weights(tok: Tokenizer, dtype: torch.dtype) -> Tokenizer:
                 for name in ("weight", "bias"):
                     p = getattr(m, name)
                     if p is not None and p.is_floating_point():
-                        p = p.to(dtype, memory_format=torch.channels_last) if p.ndim == 4 else p.to(dtype)
+                        cl = p.ndim == 4 and p.device.type == "cpu"  # the CPU encoder runs channels-last
+                        p = p.to(dtype, memory_format=torch.channels_last) if cl else p.to(dtype)
                         setattr(m, name, torch.nn.Parameter(p, requires_grad=False))
     out = copy.copy(tok)
     out._modules = {**tok._modules, "encoder": encoder}

@@ -171,7 +171,7 @@ def test_few_adam_steps_reduce_mse_on_real_speech():
 def test_the_cpu_time_major_layout_computes_the_same_encoder(causal, batch):
     """On the CPU the encoder holds its activations as (B, C, 1, T) channels-last (oneDNN's
     fast layout for few channels and many samples); the latents equal those of PyTorch's
-    (B, C, T) convolutions to fp32 rounding, in fp32 and under bf16 autocast."""
+    (B, C, T) convolutions to fp32 rounding in fp32, and to bf16 rounding under bf16 autocast."""
     torch.manual_seed(0)
     enc = AudioEncoder(AudioBackboneConfig(channels=8, strides=(2, 4, 5), latent_dim=16, causal=causal)).eval()
     x = torch.randn(batch, 1, 40 * 37)

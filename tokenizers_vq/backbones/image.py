@@ -72,11 +72,16 @@ class ResBlock(nn.Module):
         return _conv_plus(self.conv2, F.silu(self.norm2(h)), self.skip(x))
 
 
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
 def _conv_plus(conv: nn.Conv2d, x: Tensor, other: Tensor) -> Tensor:
-    """``other + conv(x)``; at inference on the CPU in one oneDNN call that adds ``other`` to
-    the convolution's output before it is stored (the same values in fp32; bf16 rounds once
-    instead of twice), which saves a pass over the largest activations of the block."""
-    fused = (x.device.type == "cpu" and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
+    """``other + conv(x)``; at eager inference on the CPU in one oneDNN call whose binary-add
+    post-op adds ``other`` to the convolution's output before it is stored (fp32: the same
+    values, bit for bit where measured; bf16 rounds once instead of twice), which saves a pass over the largest activations
+    of the block. Under ``torch.compile`` the plain sum (Inductor fuses it itself)."""
+    fused = (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+             and _ONEDNN and torch.backends.mkldnn.enabled and not (conv._forward_hooks or conv._forward_pre_hooks)
              and x.dtype in (torch.float32, torch.bfloat16) and other.dtype == x.dtype
              and not (x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"))  # autocast would run it in bf16
              and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros")
@@ -100,8 +105,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        # (B, 1, HW, C) each: one head, four axes, the layout the fused attention kernels take
-        # (with three axes, CPU and CUDA alike fall back to separate matmuls and softmax)
+        # (B, 1, HW, C) each: one head, four axes, which the fused attention kernels need (three
+        # axes always take the matmul + softmax path); channels-last activations (the CPU
+        # encoder's) also give C a stride of 1, which they need too
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, 1, c, h * w).transpose(-1, -2).unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)
         # (B, C, H, W) as a plain channels-last view: the transposed view's batch stride sent a

@@ -330,6 +330,6 @@ def nearest_codes(
             raise RuntimeError("backend='triton' requested but the Triton kernel is not available (pip install triton)")
     if type(x) is Tensor and type(codebook) is Tensor and not torch.compiler.is_compiling():
         # the custom op is for torch.compile; calling it eagerly imports torch._dynamo on first
-        # use (0.9 s of a CPU export's start-up) and costs a dispatch on every call
+        # use (about 0.9 s) and costs a dispatch on every call
         return nearest_codes_reference(x.detach(), codebook.detach(), metric)
     return _reference_op(x.detach(), codebook.detach(), metric)
