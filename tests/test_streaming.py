@@ -106,7 +106,8 @@ def test_receptive_field_matches_perturbations():
         y = x.clone()
         y[..., : (t + 1) * HOP - r] += torch.randn((t + 1) * HOP - r)
         y[..., (t + 1) * HOP :] += 1.0
-        assert torch.equal(enc(y)[..., t], z)
+        assert torch.equal(enc(y)[..., t], enc(x)[..., t])  # (inference: the CPU's time-major layout)
+    assert torch.equal(enc(y.requires_grad_())[..., t], z)  # (with gradients: the (B, C, T) layout)
     rd = receptive_field(dec)  # in frames: conv_in and two depthwise convs of kernel 7
     assert rd == 19
     zl = torch.randn(1, cfg.latent_dim, t + 3, requires_grad=True)
