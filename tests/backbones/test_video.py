@@ -191,3 +191,25 @@ def test_few_adam_steps_reduce_mse_on_a_real_clip():
     print(f"video MSE {losses[0]:.4f} -> {losses[-1]:.4f} (pixel variance {x.var().item():.4f})")
     assert losses[-1] < 0.5 * losses[0]
     assert losses[-1] < x.var().item()  # better than predicting the mean colour
+
+
+def test_bf16_cpu_inference_runs_channels_last_with_the_same_result():
+    """Under bf16 on the CPU, encoder and decoder hold their activations channels-last
+    (``channels_last_3d``: oneDNN's fast bf16 3-D convolutions), time padding and upsampling
+    included; the result equals the default layout's to bf16 rounding, and fp32 is untouched."""
+    torch.manual_seed(0)
+    cfg = small()
+    enc, dec = VideoEncoder(cfg).eval(), VideoDecoder(cfg).eval()
+    x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    seen = []
+    dec.blocks.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last_3d)))
+    with torch.no_grad():
+        z32 = enc(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z, y = enc(x), dec(enc(x))
+        with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # training: the default layout
+            z_ref, y_ref = enc(x), dec(enc(x))
+    assert seen == [True, False]  # the decoder's blocks: channels-last at bf16 inference, not in training
+    assert not z32.is_contiguous(memory_format=torch.channels_last_3d) and z32.is_contiguous()
+    torch.testing.assert_close(z.float(), z_ref.float(), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.05, atol=0.05)

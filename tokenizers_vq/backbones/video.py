@@ -84,6 +84,21 @@ class VideoBackboneConfig:
         return i >= len(self.channel_mult) - 1 - self.temporal_downsample
 
 
+def _time_major(x: Tensor) -> bool:
+    """Whether ``x (B, C, T, H, W)`` is held channels-last (``channels_last_3d``) and not
+    also in PyTorch's default layout (one channel)."""
+    return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+
+
+def _cpu_layout(x: Tensor) -> Tensor:
+    """``x`` channels-last at CPU inference under bf16 (autocast or bf16 tensors), where
+    oneDNN's bf16 3-D convolutions run fastest (the encoder about 1.5x); else as it is."""
+    bf16 = x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")
+    if x.device.type == "cpu" and bf16 and not torch.is_grad_enabled():
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
 class CausalConv3d(nn.Conv3d):
     """``(B, C_in, T, H, W) -> (B, C_out, T', H / s, W / s)`` with ``T' = T`` at time
     stride 1 and ``T' = 1 + (T - 1) / 2`` at time stride 2 (``T`` odd).
@@ -99,7 +114,14 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.time_pad:
-            x = torch.cat([x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1), x], dim=2)
+            first = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
+            if _time_major(x) and not torch.is_grad_enabled():  # keep the layout (cat would not)
+                b, c, t, h, w = x.shape
+                padded = torch.empty((b, c, t + self.time_pad, h, w), dtype=x.dtype, device=x.device,
+                                     memory_format=torch.channels_last_3d)
+                x = torch.cat([first, x], dim=2, out=padded)
+            else:
+                x = torch.cat([first, x], dim=2)
         return super().forward(x)
 
 
@@ -144,10 +166,11 @@ class Upsample3d(nn.Module):
         self.conv = CausalConv3d(c_in, c_out)
 
     def forward(self, x: Tensor) -> Tensor:
+        layout = torch.channels_last_3d if _time_major(x) else torch.contiguous_format
         if self.time:
             x = x.repeat_interleave(2, dim=2)[:, :, 1:]
         x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-        return self.conv(x)
+        return self.conv(x.contiguous(memory_format=layout))  # (the layout it came in)
 
 
 class VideoEncoder(nn.Module):
@@ -206,7 +229,7 @@ class VideoEncoder(nn.Module):
         f = self.cfg.spatial_downsample
         check_multiple(x.shape[3], f, what="video height", factor_name="the spatial downsampling factor")
         check_multiple(x.shape[4], f, what="video width", factor_name="the spatial downsampling factor")
-        h = self.blocks(self.conv_in(x))
+        h = self.blocks(self.conv_in(_cpu_layout(x)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -308,5 +331,5 @@ class VideoDecoder(nn.Module):
             ValueError: wrong rank or channel count.
         """
         check_input(z, what="latent", layout="BCTHW", channels=self.cfg.latent_dim)
-        h = self.blocks(self.conv_in(z))
+        h = self.blocks(self.conv_in(_cpu_layout(z)))
         return self.conv_out(F.silu(self.norm_out(h)))
