@@ -93,6 +93,12 @@ def _conv_plus(conv: nn.Conv2d, x: Tensor, other: Tensor) -> Tensor:
         conv.groups, "add", None, None, [], None)
 
 
+# PyTorch's fused CPU attention packs bf16 operands with AVX-512 code on a CPU with AMX, and
+# fails there when ATEN_CPU_CAPABILITY lowers the dispatch below AVX-512: elsewhere the CPU
+# keeps the three-axis layout (matmul + softmax)
+_FUSED_CPU_ATTENTION = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 class SelfAttention(nn.Module):
     """``(B, C, H, W) -> (B, C, H, W)``: pre-norm single-head attention over the
     ``H * W`` positions, added residually."""
@@ -108,7 +114,8 @@ class SelfAttention(nn.Module):
         # (B, 1, HW, C) each: one head, four axes, which the fused attention kernels need (three
         # axes always take the matmul + softmax path); channels-last activations (the CPU
         # encoder's) also give C a stride of 1, which they need too
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, 1, c, h * w).transpose(-1, -2).unbind(1)
+        heads = (1,) if x.device.type != "cpu" or _FUSED_CPU_ATTENTION else ()
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, *heads, c, h * w).transpose(-1, -2).unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)
         # (B, C, H, W) as a plain channels-last view: the transposed view's batch stride sent a
         # single image down a CPU convolution path whose sums depend on the thread count
