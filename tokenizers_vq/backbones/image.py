@@ -9,6 +9,7 @@ the number of positions is smallest.
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,8 @@ class ResBlock(nn.Module):
         return _conv_plus(self.conv2, F.silu(self.norm2(h)), self.skip(x))
 
 
-_ONEDNN = torch.backends.mkldnn.is_available()
+# oneDNN's fused convolution ops are what Inductor uses on x86; elsewhere (Arm) the plain sum
+_ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _conv_plus(conv: nn.Conv2d, x: Tensor, other: Tensor) -> Tensor:
