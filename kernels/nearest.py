@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.kernels import packed_launch
+from tokenizers_vq.kernels._host import plain_eager
 from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
 from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  (re-exported)
 from tokenizers_vq.kernels.tiled import nearest_tiled
@@ -138,10 +139,7 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
     """
     if k is not None and not 1 <= k <= min(8, codebook.shape[-2]):
         raise ValueError(f"k must be in [1, min(8, K)], got {k}")
-    # the custom op is for torch.compile and fake tensors; an eager call on plain tensors
-    # skips its dispatch (about 15 us of Python per call, measured by eval.benchmarks.host_cost)
-    eager = type(x) is Tensor and type(codebook) is Tensor and not torch.compiler.is_compiling()
-    if eager:
+    if plain_eager(x, codebook):  # (its dispatch measured by eval.benchmarks.host_cost)
         dist, idx = _nearest_impl(x, codebook, metric, k or 0, precision, return_dist, split_k or 0, algorithm,
                                   plan or DEFAULT_PLAN)
     elif plan is not None and plan != DEFAULT_PLAN:

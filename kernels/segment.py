@@ -16,7 +16,7 @@ from torch import Tensor
 
 from tokenizers_vq.kernels import _compat  # noqa: F401  (interpreter fix, before any launch)
 from tokenizers_vq.kernels import relaunch
-from tokenizers_vq.kernels._host import cdiv, next_pow2
+from tokenizers_vq.kernels._host import cdiv, next_pow2, plain_eager
 
 
 @triton.jit
@@ -102,6 +102,6 @@ def code_statistics_triton(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, T
     Returns:
         ``(counts, sums)``: fp32 ``(K,)`` and ``(K, d)``.
     """
-    if type(x) is Tensor and type(idx) is Tensor and not torch.compiler.is_compiling():
-        return _checked_statistics(x, idx, size)  # eager: without the custom op's dispatch, as nearest_codes_triton
+    if plain_eager(x, idx):
+        return _checked_statistics(x, idx, size)
     return _code_statistics_op(x, idx, size)

@@ -80,8 +80,9 @@ _ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in
 def _conv_plus(conv: nn.Conv2d, x: Tensor, other: Tensor) -> Tensor:
     """``other + conv(x)``; at eager inference on the CPU in one oneDNN call whose binary-add
     post-op adds ``other`` to the convolution's output before it is stored (fp32: the same
-    values, bit for bit where measured; bf16 rounds once instead of twice), which saves a pass over the largest activations
-    of the block. Under ``torch.compile`` the plain sum (Inductor fuses it itself)."""
+    values, bit for bit where measured; bf16 rounds once instead of twice), which saves a
+    pass over the largest activations of the block. Under ``torch.compile`` the plain sum
+    (Inductor fuses it itself)."""
     fused = (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
              and _ONEDNN and torch.backends.mkldnn.enabled and not (conv._forward_hooks or conv._forward_pre_hooks)
              and x.dtype in (torch.float32, torch.bfloat16) and other.dtype == x.dtype

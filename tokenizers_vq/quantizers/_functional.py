@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokenizers_vq.kernels._host import plain_eager
+
 Metric = Literal["l2", "cosine"]
 Backend = Literal["auto", "torch", "triton"]
 
@@ -328,8 +330,6 @@ def nearest_codes(
             return op(x, codebook, metric=metric)
         if backend == "triton":
             raise RuntimeError("backend='triton' requested but the Triton kernel is not available (pip install triton)")
-    if type(x) is Tensor and type(codebook) is Tensor and not torch.compiler.is_compiling():
-        # the custom op is for torch.compile; calling it eagerly imports torch._dynamo on first
-        # use (about 0.9 s) and costs a dispatch on every call
+    if plain_eager(x, codebook):
         return nearest_codes_reference(x.detach(), codebook.detach(), metric)
     return _reference_op(x.detach(), codebook.detach(), metric)
