@@ -140,7 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=None, help="default: the export's (none on the CPU, else the usable cores but one, up to 15)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the export's (16 on a GPU, 1 on the CPU)")
     p.add_argument("--shard-items", type=int, default=256, help="files per shard (the export's default)")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: the passes to time (fp32, bf16)")
     args = p.parse_args(argv)
+    precisions = [q for q in args.precisions.split(",") if q]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        p.error(f"--precisions takes fp32 and/or bf16, got {args.precisions!r}")
     device = torch.device(args.device)
     kept = device.type == "cpu" and keep_freed_memory()  # as tvq and the export itself do on the CPU
     tok = Tokenizer.from_pretrained(args.model).eval().to(device)
@@ -159,10 +163,10 @@ def main(argv: list[str] | None = None) -> None:
                 links[-1].symlink_to(f.resolve())
         files = links
         row = {"items": len(files), "workers": args.workers, "batch_size": args.batch_size,
-               "decode_bound_per_s": decode_rate(tok, files, args.workers, args.batch_size),
-               "encode_bound_fp32_per_s": encode_rate(tok, files, args.batch_size, "fp32", device),
-               "encode_bound_bf16_per_s": encode_rate(tok, files, args.batch_size, "bf16", device)}
-        for precision in ("fp32", "bf16"):
+               "decode_bound_per_s": decode_rate(tok, files, args.workers, args.batch_size)}
+        for precision in precisions:
+            row[f"encode_bound_{precision}_per_s"] = encode_rate(tok, files, args.batch_size, precision, device)
+        for precision in precisions:
             rates = export_rates(tok, files, Path(tmp) / f"out_{precision}", batch_size=args.batch_size,
                                  workers=args.workers, precision=precision, shard_items=args.shard_items)
             row[f"end_to_end_{precision}_per_s"] = rates.pop("per_s")
@@ -174,6 +178,11 @@ def main(argv: list[str] | None = None) -> None:
             "model": tok.config.name, "data": args.data, "keep_freed_memory": kept}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "export_speed.json").write_text(json.dumps({"meta": meta, "row": row}, indent=1))
+    nan = float("nan")
+    for q in ("fp32", "bf16"):  # a precision left out shows as nan
+        for k in ("encode_bound_{}_per_s", "end_to_end_{}_per_s", "running_{}_per_s", "tvq_export_{}_per_s",
+                  "first_shard_{}_s", "later_shard_{}_s", "first_read_{}_s", "first_encoded_{}_s"):
+            row.setdefault(k.format(q), nan)
     md = (f"# tvq export speed ({meta['device_name']}, {meta['cores']} usable cores, {meta['threads']} threads)\n\n"
           f"{row['items']} files of `{args.data}`, model `{meta['model']}`, {args.workers} loader worker(s), "
           f"batches of {args.batch_size}; items per second.\n\n"

@@ -11,7 +11,7 @@
 #   (THROUGHPUT_BATCHES=1,16,64 by default; COMPILE_TIME=0 leaves the compiled rows out; those are timed
 #   in both layouts, channels-last too).
 #   EXPORT_DATA=<folder of photos> adds the export benchmark (eval/benchmarks/export_speed.py, each
-#   file listed EXPORT_REPEAT times, EXPORT_WORKERS loader processes: the export's default if unset) in the last
+#   file listed EXPORT_REPEAT times, EXPORT_WORKERS loader processes: the export's default if unset; EXPORT_PRECISIONS=bf16 times that one only) in the last
 #   EXPORT_TIME seconds; carry the folder.
 #   SHOOTOUT_DATA=<train photos> SHOOTOUT_VAL=<held-apart photos> runs the quantizer shootout first
 #   (eval/quantizer_shootout.py, SHOOTOUT_STEPS steps, SHOOTOUT_PARALLEL trainings at once, at most
@@ -70,7 +70,7 @@ fi
 if [ -n "${EXPORT_DATA:-}" ]; then
   RESERVE=0; t=$(( $(left) - 10 ))
   [ "$t" -gt 0 ] && timeout "$t" python3 -m tokenizers_vq.eval.benchmarks.export_speed "$EXPORT_DATA" --repeat "${EXPORT_REPEAT:-20}" \
-    ${EXPORT_WORKERS:+--workers "$EXPORT_WORKERS"} --batch-size 64 --out "$OUT/export_speed" > "$OUT/export_speed.log" 2>&1
+    ${EXPORT_WORKERS:+--workers "$EXPORT_WORKERS"} ${EXPORT_PRECISIONS:+--precisions "$EXPORT_PRECISIONS"} --batch-size 64 --out "$OUT/export_speed" > "$OUT/export_speed.log" 2>&1
   echo "export bench exit $?" >> "$OUT/export_speed.log"; tail -n 20 "$OUT/export_speed.log"
 fi
 tail -n 15 "$OUT/kernel_tests.log" 2>/dev/null; tail -n 40 "$OUT/bench.log" 2>/dev/null; tail -n 30 "$OUT/throughput.log" 2>/dev/null
