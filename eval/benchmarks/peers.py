@@ -104,10 +104,10 @@ def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
     ours = fresh()
     compiled = torch.compile(ours, fullgraph=True)
 
-    def step(q):
+    def step(q, x=z):
         def run():
-            z.grad = None
-            out = q(z)
+            x.grad = None
+            out = q(x)
             (out.quantized.square().mean() + sum(out.losses.values())).backward()
         return run
 
@@ -119,7 +119,9 @@ def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
         graphed_step()
 
     steps["ours_compiled_graphs"] = run_graphed
-    steps["ours_graph"] = lazy_graph(step(fresh()))
+    # a leaf of its own: autograd made z's gradient accumulator on the default stream, which a
+    # capture on a side stream then waits on (the capture failed at the first case)
+    steps["ours_graph"] = lazy_graph(step(fresh(), z.detach().clone().requires_grad_()))
     flat = z.detach().reshape(-1, d)
     steps["search"] = lambda: nearest_codes_triton(flat, ours.codebook.detach(), return_dist=False)
     steps["search_graph"] = lazy_graph(steps["search"])
