@@ -6,7 +6,9 @@ batch's encode before copying the last batch's codes back would wait for that ba
 start of the next one, and the two never overlap. Inside :func:`deferred_checks` those
 checks queue their value instead; :meth:`DeferredChecks.raise_if_failed`, called once the
 caller has waited for the results anyway, raises the first failure with the message it
-would have raised at once. Outside the block every check runs at once, as before.
+would have raised at once. :meth:`Tokenizer.encode` and :meth:`Tokenizer.decode` run their
+checks at their end (:func:`checked_at_end`): one wait, once all their work is queued.
+Elsewhere, outside a block, a check runs at once.
 """
 
 from __future__ import annotations
@@ -48,6 +50,29 @@ def deferred_checks() -> Iterator[DeferredChecks]:
         yield checks
     finally:
         _PENDING.reset(token)
+
+
+def pending() -> bool:
+    """Whether checks are being queued (inside :func:`deferred_checks` in this thread or task)."""
+    return _PENDING.get() is not None
+
+
+@contextlib.contextmanager
+def checked_at_end() -> Iterator[None]:
+    """The checks made inside the block run once it ends (one wait, after all its work is
+    queued), not each where it is made; inside an outer :func:`deferred_checks` block they
+    stay queued there. When the block raises, its checks run first: a refused input is the
+    error to report, not what its values did to the work after the check."""
+    if pending():
+        yield
+        return
+    with deferred_checks() as checks:
+        try:
+            yield
+        except Exception:
+            checks.raise_if_failed()
+            raise
+    checks.raise_if_failed()
 
 
 def check(value: Tensor, verdict: Callable[[Tensor], None]) -> None:

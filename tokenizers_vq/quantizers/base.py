@@ -9,6 +9,7 @@ for audio, ``(H, W)`` for images, ``(T, H, W)`` for video). Codes have shape
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -37,6 +38,13 @@ def _check_peak(peak: Tensor) -> None:
             f"latent has values of magnitude {value:.3g}, over the limit of {MAX_LATENT_MAGNITUDE:.0e} "
             "(their squared distances overflow float32); the encoder has likely diverged"
         )
+
+
+def _check_code_range(lo_hi: Tensor, size: int) -> None:
+    """Refuse codes whose ``(min, max)`` leave ``[0, size)`` (one sync)."""
+    lo, hi = lo_hi.tolist()
+    if lo < 0 or hi >= size:
+        raise ValueError(f"codes out of range: found values in [{lo}, {hi}], valid range is [0, {size})")
 
 
 @dataclass
@@ -160,8 +168,7 @@ class Quantizer(nn.Module, ABC):
 
     def decode(self, codes: Tensor) -> Tensor:
         """Latents ``(B, *S, D)`` for codes ``(B, *S, *code_shape)``."""
-        self._check_codes(codes)
-        return self._decode(codes)
+        return self._decode(self._check_codes(codes))
 
     @abstractmethod
     def _forward(self, z: Tensor) -> QuantizerOutput: ...
@@ -225,7 +232,11 @@ class Quantizer(nn.Module, ABC):
         codes = codes.masked_scatter(mask.reshape(*mask.shape, *([1] * len(cs))).expand_as(codes), out.codes[0])
         return QuantizerOutput(quantized, codes, out.losses, out.metrics)
 
-    def _check_codes(self, codes: Tensor) -> None:
+    def _check_codes(self, codes: Tensor) -> Tensor:
+        """``codes`` checked for shape, dtype and range, as they may be looked up: inside a
+        :func:`~tokenizers_vq.deferred.deferred_checks` block the range check is queued and
+        the codes come back clamped into range (an out-of-range lookup on a GPU is a device
+        assert that ends the process's CUDA context)."""
         if not isinstance(codes, Tensor):
             raise ValueError(f"expected a torch.Tensor of codes, got {type(codes).__name__}")
         if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
@@ -235,12 +246,13 @@ class Quantizer(nn.Module, ABC):
             raise ValueError(f"codes must be (B, ..., *{cs}), got shape {tuple(codes.shape)}")
         if codes.numel() == 0:
             raise ValueError(f"empty code batch: shape {tuple(codes.shape)}")
-        if not torch.compiler.is_compiling():
-            lo, hi = int(codes.min()), int(codes.max())
-            if lo < 0 or hi >= self.codebook_size:
-                raise ValueError(
-                    f"codes out of range: found values in [{lo}, {hi}], valid range is [0, {self.codebook_size})"
-                )
+        if torch.compiler.is_compiling():
+            return codes
+        if deferred.pending():  # looked up clamped (no device-side assert); refused when the block ends
+            deferred.check(torch.stack([codes.min(), codes.max()]), functools.partial(_check_code_range, size=self.codebook_size))
+            return codes.clamp(0, self.codebook_size - 1)
+        _check_code_range(torch.stack([codes.min(), codes.max()]), self.codebook_size)
+        return codes
 
 
 def codebook_projections(q: Quantizer, codebook_size: int, codebook_dim: int | None) -> int:

@@ -354,7 +354,7 @@ class DynamicQuantizer(nn.Module):
         codes, pos, fine = packed.codes, packed.positions.long(), packed.fine.bool()
         if codes.numel() == 0:
             raise ValueError("empty packed codes")
-        self.inner._check_codes(codes)
+        codes = self.inner._check_codes(codes)
         if pos.shape != (codes.shape[0], n) or fine.shape != (codes.shape[0],):
             raise ValueError(f"positions must be (N, {n}) and fine (N,) for {codes.shape[0]} tokens")
         if packed.offsets.ndim != 1 or int(packed.offsets[0]) != 0 or int(packed.offsets[-1]) != codes.shape[0]:

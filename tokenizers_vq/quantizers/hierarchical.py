@@ -163,8 +163,7 @@ class HierarchicalQuantizer(Quantizer):
     def decode_levels(self, top: Tensor, bottom: Tensor) -> Tensor:
         """Latents ``(B, *S, D)`` from per-level codes (the inverse of :meth:`encode_levels`)."""
         n_inner = len(self.top.code_shape)
-        self.top._check_codes(top)
-        self.bottom._check_codes(bottom)
+        top, bottom = self.top._check_codes(top), self.bottom._check_codes(bottom)
         spatial = self._spatial(bottom, n_inner)
         expected = tuple(-(-s // 2) for s in spatial)
         if top.shape[0] != bottom.shape[0] or self._spatial(top, n_inner) != expected:
