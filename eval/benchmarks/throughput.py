@@ -45,10 +45,14 @@ def _sync(device: torch.device) -> None:
 
 
 def timed(fn, device: torch.device, min_seconds: float, max_reps: int) -> float:
-    """Seconds per call: one warm-up call, then calls until ``min_seconds`` have passed
-    (at least 2, at most ``max_reps``), the median."""
-    fn()
-    _sync(device)
+    """Seconds per call: warm-up calls for ``min_seconds`` on a GPU (one on the CPU), in which
+    its clocks and libraries settle, then calls until ``min_seconds`` have passed (at least 2, at most ``max_reps``), the median."""
+    start = time.perf_counter()
+    while True:
+        fn()
+        _sync(device)
+        if time.perf_counter() - start >= min_seconds or device.type != "cuda":
+            break
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < 2 or (time.perf_counter() - start < min_seconds and len(times) < max_reps):
