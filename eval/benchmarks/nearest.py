@@ -322,6 +322,10 @@ def write(out: Path, meta: dict, rows: list[dict], train: list[dict] | None) -> 
                                 t[name]["status"], "", ""])
     md = markdown(meta, rows, train)
     (out / "nearest.md").write_text(md)
+    if rows:
+        from tokenizers_vq.eval.benchmarks.plots import search_plot  # noqa: PLC0415
+
+        search_plot({"meta": meta, "cases": rows}, out / "nearest.png", floor_ms)
     return md
 
 

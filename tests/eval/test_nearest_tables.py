@@ -63,3 +63,27 @@ def test_cell_of_a_failed_method_shows_its_status():
 
 if __name__ == "__main__":
     pytest.main([__file__])
+
+
+def test_the_benchmark_draws_each_case_that_ran_beside_its_floor(tmp_path, monkeypatch):
+    import matplotlib.axes
+    from PIL import Image
+
+    from tokenizers_vq.eval.benchmarks import plots
+
+    def case(n, k, d, **ms):
+        methods = {name: {"status": "skipped"} for name in nearest.METHODS}
+        methods.update({m: _ok(v) for m, v in ms.items()}, faiss_fp32={"status": "not installed (faiss)"})
+        return {"n": n, "k": k, "d": d, "methods": methods, "checks": {}, "kernel": {}}
+
+    rows = [case(32768, 16384, 256, ours_bf16=0.65, flash_kmeans_fp16=0.88), case(32768, 1024, 8, ours_bf16=0.017)]
+    meta = {"date": "2026-01-01", "torch": torch.__version__, "triton": "-", "vqp": "-", "rates": RATES}
+    nearest.write(tmp_path, meta, rows, None)
+    with Image.open(tmp_path / "nearest.png") as im:
+        assert im.format == "PNG" and im.width >= 700
+    bars, floors = {}, []  # what the plot hands matplotlib: bars per method, a floor line per case
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, xs, ys, *a, **k: bars.setdefault(k["label"], list(ys)))
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, xs, ys, *a, **k: floors.append(ys[0]))
+    plots.search_plot({"meta": meta, "cases": rows}, tmp_path / "again.png", nearest.floor_ms)
+    assert bars == {"ours bf16 (eager call)": [0.017, 0.65], "flash-kmeans fp16": [0.88]}  # floor order; FAISS did not run
+    assert floors == [nearest.floor_ms(32768, 1024, 8, RATES)[0], nearest.floor_ms(32768, 16384, 256, RATES)[0]]
