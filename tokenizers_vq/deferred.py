@@ -6,9 +6,9 @@ batch's encode before copying the last batch's codes back would wait for that ba
 start of the next one, and the two never overlap. Inside :func:`deferred_checks` those
 checks queue their value instead; :meth:`DeferredChecks.raise_if_failed`, called once the
 caller has waited for the results anyway, raises the first failure with the message it
-would have raised at once. :meth:`Tokenizer.encode` and :meth:`Tokenizer.decode` run their
-checks at their end (:func:`checked_at_end`): one wait, once all their work is queued.
-Elsewhere, outside a block, a check runs at once.
+would have raised at once. :meth:`Tokenizer.encode` runs its checks at its end
+(:func:`checked_at_end`): one wait, once all its work is queued. Elsewhere, outside a block,
+a check runs at once.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
+import torch
 from torch import Tensor
 
 _PENDING: ContextVar[DeferredChecks | None] = ContextVar("tokenizers_vq_deferred_checks", default=None)
@@ -57,14 +58,27 @@ def pending() -> bool:
     return _PENDING.get() is not None
 
 
+def checked_at_end() -> contextlib.AbstractContextManager:
+    """A block whose checks run once it ends (one wait, after all its work is queued), not
+    each where it is made; inside an outer :func:`deferred_checks` block they stay queued
+    there. When the block raises, its own checks run first: a refused input is the error to
+    report, not what its values did to the work after the check. Nothing while
+    ``torch.compile`` traces (the checks are left out there)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _checked_at_end()
+
+
 @contextlib.contextmanager
-def checked_at_end() -> Iterator[None]:
-    """The checks made inside the block run once it ends (one wait, after all its work is
-    queued), not each where it is made; inside an outer :func:`deferred_checks` block they
-    stay queued there. When the block raises, its checks run first: a refused input is the
-    error to report, not what its values did to the work after the check."""
-    if pending():
-        yield
+def _checked_at_end() -> Iterator[None]:
+    outer = _PENDING.get()
+    if outer is not None:
+        start = len(outer._checks)
+        try:
+            yield
+        except Exception:
+            mine, outer._checks[start:] = outer._checks[start:], []
+            for value, verdict in mine:
+                verdict(value)
+            raise
         return
     with deferred_checks() as checks:
         try:

@@ -11,7 +11,6 @@ pickled.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -45,12 +44,6 @@ PRETRAINED: dict[str, Path] = {
 DEFAULT_FOR_MODALITY = {name: get_modality(name).default_model for name in modality_names()}
 """The embedded model that ``tvq`` picks for each modality of input when no model is given."""
 DEFAULT_MODEL = PRETRAINED["image"]
-
-
-def _checks_at_end() -> contextlib.AbstractContextManager:
-    """:func:`deferred.checked_at_end`, or nothing where ``torch.compile`` traces (the checks
-    are left out there)."""
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else deferred.checked_at_end()
 
 
 @dataclass
@@ -169,7 +162,7 @@ class Tokenizer(nn.Module):
         that its sizes are even, as the 2-cell regions need. Each item is coded whole, in
         one window: packed codes of audio chunks would not join, and video is refused.
         """
-        with _checks_at_end():  # the input's and the latent's checks wait for one sync, at the end
+        with deferred.checked_at_end():  # the input's and the latent's checks wait for one sync, at the end
             self._check_media(x, aligned=False)
             if self.is_dynamic:
                 self._check_dynamic()
@@ -177,8 +170,7 @@ class Tokenizer(nn.Module):
             if self.media.streams:
                 return self._audio_chunks(x, self._encode_aligned, self.backbone_config.hop, 1)
             if self.media.clips:
-                clips = [self._encode_aligned(self._pad(c)) for c in x.split(self.config.clip_frames, dim=2)]
-                return torch.cat(clips, dim=1)
+                return torch.cat([self._encode_aligned(self._pad(c)) for c in x.split(self.config.clip_frames, dim=2)], 1)
             return self._encode_aligned(self._pad(x))
 
     @torch.no_grad()
@@ -192,17 +184,16 @@ class Tokenizer(nn.Module):
                 if self.is_dynamic
                 else "PackedCodes need a tokenizer with a dynamic-length bottleneck (QuantizerConfig.dynamic)"
             )
-        with _checks_at_end():  # the codes' range check waits for one sync, at the end
-            if self.is_dynamic:
-                self._check_dynamic()
-                out = self._decode_aligned(codes)
-            elif self.media.streams:
-                out = self._audio_chunks(codes, self._decode_aligned, 1, self.backbone_config.hop)
-            elif self.media.clips:
-                per_clip = 1 + (self.config.clip_frames - 1) // self.backbone_config.temporal_factor
-                out = torch.cat([self._decode_aligned(c) for c in codes.split(per_clip, dim=1)], dim=2)
-            else:
-                out = self._decode_aligned(codes)
+        if self.is_dynamic:
+            self._check_dynamic()
+            out = self._decode_aligned(codes)
+        elif self.media.streams:
+            out = self._audio_chunks(codes, self._decode_aligned, 1, self.backbone_config.hop)
+        elif self.media.clips:
+            per_clip = 1 + (self.config.clip_frames - 1) // self.backbone_config.temporal_factor
+            out = torch.cat([self._decode_aligned(c) for c in codes.split(per_clip, dim=1)], dim=2)
+        else:
+            out = self._decode_aligned(codes)
         if size is not None:
             out = out[(..., *[slice(0, s) for s in size])]
         return out

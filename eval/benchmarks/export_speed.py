@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-items", type=int, default=256, help="files per shard (the export's default)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: the passes to time (fp32, bf16)")
     args = p.parse_args(argv)
-    precisions = [q for q in args.precisions.split(",") if q]
+    precisions = list(dict.fromkeys(q for q in args.precisions.split(",") if q))  # each once
     if not precisions or set(precisions) - {"fp32", "bf16"}:
         p.error(f"--precisions takes fp32 and/or bf16, got {args.precisions!r}")
     device = torch.device(args.device)

@@ -56,12 +56,14 @@ def faiss_flat(x: torch.Tensor, c: torch.Tensor) -> tuple[Callable | None, str]:
 
 
 def graph(fn: Callable) -> Callable:
-    """``fn`` captured once in a CUDA graph (after a warm-up that compiles and autotunes);
-    the returned callable replays it."""
-    fn()
+    """``fn`` captured once in a CUDA graph (after warm-up calls that compile and autotune,
+    on the capture's side stream: PyTorch's recipe for capturing backward passes, whose
+    gradient accumulators belong to the stream they were first used on); the returned
+    callable replays it."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
+        fn()
         fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
@@ -119,8 +121,7 @@ def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
         graphed_step()
 
     steps["ours_compiled_graphs"] = run_graphed
-    # a leaf of its own: autograd made z's gradient accumulator on the default stream, which a
-    # capture on a side stream then waits on (the capture failed at the first case)
+    # a leaf of its own: the eager runs before made z's gradient accumulator on the default stream
     steps["ours_graph"] = lazy_graph(step(fresh(), z.detach().clone().requires_grad_()))
     flat = z.detach().reshape(-1, d)
     steps["search"] = lambda: nearest_codes_triton(flat, ours.codebook.detach(), return_dist=False)

@@ -250,7 +250,7 @@ class Quantizer(nn.Module, ABC):
             return codes
         if deferred.pending():  # looked up clamped (no device-side assert); refused when the block ends
             deferred.check(torch.stack([codes.min(), codes.max()]), functools.partial(_check_code_range, size=self.codebook_size))
-            return codes.clamp(0, self.codebook_size - 1)
+            return codes.clamp(0, min(self.codebook_size - 1, torch.iinfo(codes.dtype).max))
         _check_code_range(torch.stack([codes.min(), codes.max()]), self.codebook_size)
         return codes
 
