@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> None:
                 write()
     write()
     (args.out / "throughput.md").write_text(markdown(meta, rows))
+    if rows:
+        from tokenizers_vq.eval.benchmarks.plots import throughput_plot  # noqa: PLC0415
+
+        throughput_plot({"meta": meta, "rows": rows}, args.out / "throughput.png")
     print(markdown(meta, rows))
 
 

@@ -56,3 +56,25 @@ def test_image_peer_row_times_our_backbone_with_the_outside_quantizer():
     assert row["model"].startswith("image peer: ") and row["unit"] == "images"
     assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("encode_per_s", "decode_per_s", "both_per_s"))
     assert f"| {row['model']} | 2 | fp32 | no | no |" in markdown({"device_name": "cpu", "torch": "-", "threads": 1}, [row])
+
+
+def test_the_picture_draws_a_line_per_setting_against_batch(tmp_path, monkeypatch):
+    import matplotlib.axes
+    from PIL import Image
+
+    from tokenizers_vq.eval.benchmarks.plots import throughput_plot
+
+    def row(model, batch, both, unit="images", **kw):
+        return {"model": model, "batch": batch, "precision": "bf16", "unit": unit, "both_per_s": both,
+                "encode_per_s": 2 * both, "decode_per_s": 2 * both, **kw}
+
+    rows = [row("image", 16, 1000.0), row("image", 1, 140.0), row("image", 64, 3000.0, compile=True),
+            row("speech", 1, 1200.0, unit="audio s"), {"model": "image peer", "batch": 1, "precision": "bf16", "error": "x"}]
+    result = {"meta": {"device_name": "test"}, "rows": rows}
+    with Image.open(throughput_plot(result, tmp_path / "t.png")) as im:
+        assert im.format == "PNG" and im.width > im.height  # two panels side by side
+    lines = {}
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, xs, ys, **k: lines.__setitem__(k["label"], (xs, ys)))
+    throughput_plot(result, tmp_path / "again.png")
+    assert lines == {"image, bf16": ([1, 16], [140.0, 1000.0]), "image, bf16, compiled": ([64], [3000.0]),
+                     "speech, bf16": ([1], [1200.0])}  # batches in order; the failed row left out
