@@ -283,8 +283,10 @@ class VectorQuantizer(Quantizer):
         that a restarted code is not overwritten by the same step's EMA update."""
         k = self._size
         if sums is not None:
-            stats = tdist.all_reduce_sum_(torch.cat([counts.unsqueeze(1), sums], dim=1))
-            g_counts, g_sums = stats[:, 0], stats[:, 1:]
+            g_counts, g_sums = counts, sums
+            if tdist.is_distributed():  # one all-reduce for both
+                stats = tdist.all_reduce_sum_(torch.cat([counts.unsqueeze(1), sums], dim=1))
+                g_counts, g_sums = stats[:, 0], stats[:, 1:]
             self.cluster_size.lerp_(g_counts, 1 - self.decay)
             self.embed_sum.lerp_(g_sums, 1 - self.decay)
             n = self.cluster_size.sum()
