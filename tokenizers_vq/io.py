@@ -15,6 +15,18 @@ from torch import Tensor
 from tokenizers_vq.errors import WriteError
 
 
+WRITES = {"audio": (".wav", ".flac", ".ogg"), "video": (".mp4", ".mov", ".mkv")}
+"""File suffixes each modality is written as (images: whatever Pillow writes)."""
+
+
+def check_writable(modality: str, path: str | os.PathLike) -> None:
+    """Refuse an output file name whose suffix ``modality`` is not written as."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in WRITES.get(modality, (suffix,)):
+        raise ValueError(f"cannot write {modality} as {suffix or 'a file without a suffix'} ({path}): "
+                         f"name it {', '.join(WRITES[modality])}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
 

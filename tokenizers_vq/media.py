@@ -1,14 +1,12 @@
 """Media files in and out: images, audio and video, any of them as a tokenizer's input
 (:func:`load_input`), and listing the media of a folder.
 
-Images go through Pillow, audio through ``soundfile`` (WAV, FLAC, OGG, ...) and the
-resampler of :mod:`tokenizers_vq.resample`, video through PyAV, imported only when a
-video is read or written.
+Images go through Pillow, audio through :mod:`tokenizers_vq.audio_io` (``soundfile``),
+video through PyAV, imported only when a video is read or written.
 """
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import re
@@ -21,9 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tokenizers_vq.audio_io import MIN_SAMPLE_RATE, load_audio, save_audio  # noqa: F401 (this module's API)
 from tokenizers_vq.errors import MissingDependency
-from tokenizers_vq.io import atomic_write
-from tokenizers_vq.resample import resample
+from tokenizers_vq.io import atomic_write, check_writable
 
 
 MAX_PIXELS = 4096 * 4096
@@ -78,6 +76,8 @@ def load_image_u8(path: str | os.PathLike) -> Tensor:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
+                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert() would clip 16-bit grey, not scale it
+                    im = _grey_to_8bit(im, path)
                 if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
                     rgba = im.convert("RGBA")
                     im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -87,6 +87,17 @@ def load_image_u8(path: str | os.PathLike) -> Tensor:
         raise ValueError(f"cannot read image {path}: {e}") from e
     data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
     return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1)
+
+
+def _grey_to_8bit(im, path: Path):
+    """A 16-bit greyscale image (or 32-bit integer pixels within 16 bits) scaled to 8 bits."""
+    from PIL import Image  # noqa: PLC0415
+
+    arr = np.asarray(im)
+    if im.mode == "F" or arr.min() < 0 or arr.max() > 65535:
+        raise ValueError(f"cannot read image {path}: {im.mode} pixels in [{arr.min()}, {arr.max()}] have no known "
+                         "range; save it with 8 or 16 bits per channel")
+    return Image.fromarray((arr.astype(np.float32) / 257).round().astype(np.uint8), "L")
 
 
 def save_image(img: Tensor, path: str | os.PathLike) -> Path:
@@ -111,74 +122,6 @@ def bundled_photo() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"matplotlib's sample photo is missing at {path}; pass your own image file")
     return path
-
-
-MIN_SAMPLE_RATE = 1000
-"""Lowest file sample rate :func:`load_audio` resamples from (telephone audio is 8 kHz)."""
-
-
-def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple[Tensor, int]:
-    """Read an audio file as float32 ``(channels, T)`` in [-1, 1].
-
-    Args:
-        sample_rate: resample to this rate (``None`` keeps the file's).
-
-    Returns:
-        ``(waveform, sample_rate)``.
-
-    Raises:
-        ValueError: missing, unreadable or truncated file, no samples, or (when
-            resampling) a sample rate under :data:`MIN_SAMPLE_RATE`.
-    """
-    import soundfile as sf  # noqa: PLC0415
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"audio file not found: {path}")
-    try:
-        with sf.SoundFile(str(path)) as f:
-            sr, block = f.samplerate, max(1, 2**22 // f.channels)
-            if sample_rate is not None and sr < MIN_SAMPLE_RATE:
-                # resampling would multiply the length by sample_rate / sr: a 1 Hz header on
-                # a 1 MB file asks for 10^10 samples
-                raise ValueError(f"{path} claims a sample rate of {sr} Hz, under the {MIN_SAMPLE_RATE} Hz that any "
-                                 "real recording has; its header is wrong: re-export it with its true rate")
-            # in blocks until the data ends: one read would allocate the header's frame count,
-            # which a truncated or forged file overstates (a FLAC may claim 2^36 samples)
-            blocks = []
-            while len(data := f.read(block, dtype="float32", always_2d=True)):
-                blocks.append(data)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise ValueError(f"cannot read audio {path}: {e}") from e
-    if not blocks:
-        raise ValueError(f"audio file {path} has no samples (zero length)")
-    wav = torch.from_numpy(np.concatenate(blocks).T.copy())
-    if not torch.isfinite(wav).all():
-        raise ValueError(f"audio file {path} contains NaN or Inf samples")
-    if sample_rate is not None and sample_rate != sr:
-        wav, sr = resample(wav, sr, sample_rate), sample_rate
-    return wav, sr
-
-
-def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
-    """Write ``(channels, T)`` or ``(T,)`` float audio atomically (format by suffix;
-    16-bit PCM for WAV/FLAC), clipping to [-1, 1]."""
-    import soundfile as sf  # noqa: PLC0415
-
-    if wav.ndim == 1:
-        wav = wav.unsqueeze(0)
-    if wav.ndim != 2 or wav.shape[-1] == 0:
-        raise ValueError(f"save_audio expects (channels, T) with T > 0, got shape {tuple(wav.shape)}")
-    data = wav.detach().float().clamp(-1, 1).t().cpu().numpy()
-    subtype = "PCM_16" if Path(path).suffix.lower() in (".wav", ".flac") else None
-
-    def write(tmp: str) -> None:
-        try:
-            sf.write(tmp, data, sample_rate, subtype=subtype)
-        except RuntimeError as e:  # libsndfile's errors (a full disk among them)
-            raise OSError(errno.EIO, str(e)) from e
-
-    return atomic_write(path, write)
 
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -359,9 +302,11 @@ def _pyav(what: str):
 
 
 def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:
-    """Write ``(T, 3, H, W)`` float frames in [0, 1] as H.264 MP4 (yuv420p, so H and
-    W are cropped to even sizes), atomically."""
+    """Write ``(T, 3, H, W)`` float frames in [0, 1] as H.264 (yuv420p, so H and W are
+    cropped to even sizes) in MP4, MOV or MKV by the suffix (:data:`WRITES`), atomically."""
+    check_writable("video", path)
     av = _pyav("writing video")
+    container_format = {".mkv": "matroska"}.get(Path(path).suffix.lower(), Path(path).suffix.lower()[1:])
 
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"save_video expects (T, 3, H, W), got shape {tuple(frames.shape)}")
@@ -369,7 +314,7 @@ def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:
     data = (frames[:, :, :h, :w].detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
     def write(tmp: str) -> None:
-        with av.open(tmp, mode="w", format="mp4") as container:
+        with av.open(tmp, mode="w", format=container_format) as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             stream.options = {"crf": "18"}

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from tokenizers_vq.io import atomic_write, save_safetensors, tensor_sha256
 
+from tokenizers_vq.io import check_writable
 from tokenizers_vq.media import MAX_PIXELS, SUFFIXES
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
@@ -182,14 +183,17 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
 
 def check_compatible(meta: dict[str, str], tok: Tokenizer, path: Path) -> None:
     """Token files decode only with a tokenizer of the same modality and codes."""
+    fix = (f"; decode with the model that wrote it ({meta['model_id']!r}: leave out --model for an embedded "
+           "default, or pass its directory)")
     if meta["modality"] != tok.modality or int(meta["codebook_size"]) != tok.quantizer.codebook_size:
         raise ValueError(
             f"{path} holds {meta['modality']} tokens of model {meta['model_id']!r} "
             f"(codebook {meta['codebook_size']}), but the tokenizer is {tok.modality} {tok.config.name!r} "
-            f"(codebook {tok.quantizer.codebook_size})"
+            f"(codebook {tok.quantizer.codebook_size})" + fix
         )
     if json.loads(meta["code_shape"]) != list(tok.quantizer.code_shape):
-        raise ValueError(f"{path}: code shape {meta['code_shape']} does not match the tokenizer's")
+        raise ValueError(f"{path}: code shape {meta['code_shape']} (codes per position) does not match the "
+                         f"{list(tok.quantizer.code_shape)} of {tok.config.name!r}" + fix)
 
 
 def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -214,6 +218,10 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
         raise ValueError(f"{out}: {out.suffix} is a file type for {other}, but {tokens} holds {tok.modality} tokens; "
                          f"write {tok.media.article} file "
                          f"(e.g. {out.with_suffix(tok.media.output_suffix).name})")
+    if single:
+        check_writable(tok.modality, out)  # before any decoding
+    elif len(records) > 1 and any(out.suffix.lower() in suffixes for suffixes in SUFFIXES.values()):
+        raise ValueError(f"{tokens} holds {len(records)} items: name a folder for them, not the file {out.name}")
     targets = [out] if single else [out / (Path(r.source).stem + tok.media.output_suffix) for r in records]
     written = []
     for rec, target in tqdm(list(zip(records, targets)), desc="decode", disable=len(records) < 2):

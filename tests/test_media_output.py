@@ -1,0 +1,96 @@
+"""Media files a user hands in or asks for that the codecs would get wrong: 16-bit
+greyscale photos are scaled to 8 bits (not clipped), pixels of unknown range are refused,
+and an output name whose suffix the modality is not written as is refused before any
+decoding, in one line from ``tvq``; video is written in the container its suffix names;
+tokens for another code shape are refused naming both shapes and the fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_tokenizer import tiny
+from testdata import shared_path
+
+from tokenizers_vq.cli import main
+from tokenizers_vq.media import load_image_u8, save_audio
+from tokenizers_vq.tokens import decode_file, encode_files
+
+
+def test_a_16_bit_greyscale_photo_is_scaled_to_8_bits_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 16).round().astype(np.uint16).reshape(16, 64)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # a 16-bit greyscale PNG
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")
+    got = load_image_u8(tmp_path / "deep.png")
+    want = torch.from_numpy((ramp / 257).round().astype(np.uint8))
+    assert got.shape == (3, 16, 64) and all(torch.equal(c, want) for c in got)
+    assert int(got.float().mean()) in range(126, 130)  # mid-grey on average, as the ramp is
+
+
+def test_pixels_without_a_known_range_are_refused(tmp_path):
+    Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32), "F").save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match=r"cannot read image .*float\.tif: F pixels .* have no known range"):
+        load_image_u8(tmp_path / "float.tif")
+
+
+def test_audio_and_video_refuse_suffixes_they_are_not_written_as(tmp_path):
+    with pytest.raises(ValueError, match=r"cannot write audio as \.txt .*name it \.wav, \.flac, \.ogg"):
+        save_audio(torch.zeros(1, 160), tmp_path / "a.txt", 16000)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
+    pytest.importorskip("av", reason="PyAV writes video")
+    from tokenizers_vq.media import load_video, save_video  # noqa: PLC0415
+
+    frames = torch.rand(5, 3, 16, 24)
+    with pytest.raises(ValueError, match=r"cannot write video as \.gif"):
+        save_video(frames, tmp_path / "v.gif", 25.0)
+    import av  # noqa: PLC0415
+
+    for suffix, container in ((".mkv", "matroska"), (".mov", "mov")):
+        path = save_video(frames, tmp_path / f"v{suffix}", 25.0)
+        with av.open(str(path)) as f:
+            assert container in f.format.name  # the container its suffix names, not MP4 under any name
+        again, fps = load_video(path)
+        assert again.shape == frames.shape and fps == 25.0
+
+
+def test_decoding_into_an_unwritable_suffix_fails_before_decoding(tmp_path, monkeypatch, capsys):
+    tok = tiny("audio")
+    wav = shared_path("audio", "ljspeech", "LJ001-0001.wav")
+    model = tok.save_pretrained(tmp_path / "model")
+    tokens = encode_files(tok, [wav], tmp_path / "talk.tvq")
+    import tokenizers_vq.tokens as tokens_module  # noqa: PLC0415
+
+    def no_decoding(*_):
+        raise AssertionError("decoded before the output name was checked")
+
+    monkeypatch.setattr(tokens_module, "decode_record", no_decoding)
+    with pytest.raises(ValueError, match=r"cannot write audio as \.txt"):
+        decode_file(tok, tokens, tmp_path / "talk.txt")
+    assert main(["decode", str(tokens), "-o", str(tmp_path / "talk.xyz"), "--model", str(model), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tvq: error: cannot write audio as .xyz") and "\n" not in err
+    assert not (tmp_path / "talk.xyz").exists() and not (tmp_path / "talk.txt").exists()
+
+
+def test_tokens_for_another_code_shape_name_both_shapes_and_the_fix(tmp_path):
+    from tokenizers_vq import QuantizerConfig  # noqa: PLC0415
+
+    tok = tiny("audio")
+    tokens = encode_files(tok, [shared_path("audio", "ljspeech", "LJ001-0001.wav")], tmp_path / "talk.tvq")
+    residual = tiny("audio", QuantizerConfig("vq", {"codebook_size": 32}, levels=2))
+    with pytest.raises(ValueError, match=r"code shape \[\] \(codes per position\) does not match the \[2\] of .*"
+                                         r"decode with the model that wrote it .*leave out --model"):
+        decode_file(residual, tokens, tmp_path / "talk.wav")
+
+
+def test_several_items_are_not_decoded_into_a_folder_named_like_a_file(tmp_path):
+    tok = tiny("audio")
+    wavs = [shared_path("audio", "ljspeech", f"LJ001-000{i}.wav") for i in (1, 2)]
+    tokens = encode_files(tok, wavs, tmp_path / "two.tvq")
+    with pytest.raises(ValueError, match=r"holds 2 items: name a folder for them, not the file one\.wav"):
+        decode_file(tok, tokens, tmp_path / "one.wav")
+    assert not (tmp_path / "one.wav").exists()
+    written = decode_file(tok, tokens, tmp_path / "out")
+    assert [p.name for p in written] == ["LJ001-0001.wav", "LJ001-0002.wav"]

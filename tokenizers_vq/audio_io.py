@@ -1,0 +1,83 @@
+"""Audio files in and out through ``soundfile`` (WAV, FLAC, OGG, ...), resampled by
+:mod:`tokenizers_vq.resample` on the way in."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tokenizers_vq.io import atomic_write, check_writable
+from tokenizers_vq.resample import resample
+
+MIN_SAMPLE_RATE = 1000
+"""Lowest file sample rate :func:`load_audio` resamples from (telephone audio is 8 kHz)."""
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple[Tensor, int]:
+    """Read an audio file as float32 ``(channels, T)`` in [-1, 1].
+
+    Args:
+        sample_rate: resample to this rate (``None`` keeps the file's).
+
+    Returns:
+        ``(waveform, sample_rate)``.
+
+    Raises:
+        ValueError: missing, unreadable or truncated file, no samples, or (when
+            resampling) a sample rate under :data:`MIN_SAMPLE_RATE`.
+    """
+    import soundfile as sf  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"audio file not found: {path}")
+    try:
+        with sf.SoundFile(str(path)) as f:
+            sr, block = f.samplerate, max(1, 2**22 // f.channels)
+            if sample_rate is not None and sr < MIN_SAMPLE_RATE:
+                # resampling would multiply the length by sample_rate / sr: a 1 Hz header on
+                # a 1 MB file asks for 10^10 samples
+                raise ValueError(f"{path} claims a sample rate of {sr} Hz, under the {MIN_SAMPLE_RATE} Hz that any "
+                                 "real recording has; its header is wrong: re-export it with its true rate")
+            # in blocks until the data ends: one read would allocate the header's frame count,
+            # which a truncated or forged file overstates (a FLAC may claim 2^36 samples)
+            blocks = []
+            while len(data := f.read(block, dtype="float32", always_2d=True)):
+                blocks.append(data)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ValueError(f"cannot read audio {path}: {e}") from e
+    if not blocks:
+        raise ValueError(f"audio file {path} has no samples (zero length)")
+    wav = torch.from_numpy(np.concatenate(blocks).T.copy())
+    if not torch.isfinite(wav).all():
+        raise ValueError(f"audio file {path} contains NaN or Inf samples")
+    if sample_rate is not None and sample_rate != sr:
+        wav, sr = resample(wav, sr, sample_rate), sample_rate
+    return wav, sr
+
+
+def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
+    """Write ``(channels, T)`` or ``(T,)`` float audio atomically (format by suffix;
+    16-bit PCM for WAV/FLAC), clipping to [-1, 1]."""
+    import soundfile as sf  # noqa: PLC0415
+
+    if wav.ndim == 1:
+        wav = wav.unsqueeze(0)
+    if wav.ndim != 2 or wav.shape[-1] == 0:
+        raise ValueError(f"save_audio expects (channels, T) with T > 0, got shape {tuple(wav.shape)}")
+    check_writable("audio", path)
+    data = wav.detach().float().clamp(-1, 1).t().cpu().numpy()
+    subtype = "PCM_16" if Path(path).suffix.lower() in (".wav", ".flac") else None
+
+    def write(tmp: str) -> None:
+        try:
+            sf.write(tmp, data, sample_rate, subtype=subtype)
+        except RuntimeError as e:  # libsndfile's errors (a full disk among them)
+            raise OSError(errno.EIO, str(e)) from e
+
+    return atomic_write(path, write)
