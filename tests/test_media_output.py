@@ -94,3 +94,25 @@ def test_several_items_are_not_decoded_into_a_folder_named_like_a_file(tmp_path)
     assert not (tmp_path / "one.wav").exists()
     written = decode_file(tok, tokens, tmp_path / "out")
     assert [p.name for p in written] == ["LJ001-0001.wav", "LJ001-0002.wav"]
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    import tokenizers_vq.tokens as tokens_module  # noqa: PLC0415
+
+    tok = tiny("audio")
+    wav = shared_path("audio", "ljspeech", "LJ001-0001.wav")
+    tokens = encode_files(tok, [wav], tmp_path / "talk.tvq")
+    (tmp_path / "a_file").write_text("not a folder")
+
+    def no_work(*_, **__):
+        raise AssertionError("worked before the output was checked")
+
+    monkeypatch.setattr(tokens_module, "decode_record", no_work)
+    monkeypatch.setattr(tokens_module, "encode_file", no_work)
+    with pytest.raises(ValueError, match=r"cannot write .*a_file.*talk\.wav: .*a_file is a file, not a directory"):
+        decode_file(tok, tokens, tmp_path / "a_file" / "talk.wav")
+    with pytest.raises(ValueError, match=r"a_file is a file, not a directory"):
+        encode_files(tok, [wav], tmp_path / "a_file" / "again.tvq")
+    with pytest.raises(ValueError, match=r"is a directory, but a file is written here"):
+        encode_files(tok, [wav], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "talk.tvq"]  # no temporary file left

@@ -40,17 +40,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             is left as it was.
     """
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory, but a file is written here; give a file name "
-                         f"(e.g. {path / ('out' + (path.suffix or '.tvq'))})")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise ValueError(f"cannot write {path}: {path.parent} is a file, not a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    except OSError as e:
-        raise _naming(e, path) from None
-    os.close(fd)
+    tmp = _temporary_beside(path)
     try:
         write(tmp)
         umask = os.umask(0)
@@ -63,6 +53,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             raise _naming(e, path) from e
         raise
     return path
+
+
+def check_can_write(path: str | os.PathLike) -> None:
+    """Raise now what :func:`atomic_write` of ``path`` would raise before writing (``path`` a
+    directory, its folder a file or not writable), for work that ends in that write: its
+    folder is made and a temporary file made and removed there."""
+    Path(_temporary_beside(Path(path))).unlink()
+
+
+def _temporary_beside(path: Path) -> str:
+    """An empty temporary file in ``path``'s folder (made if missing), named after ``path``."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, but a file is written here; give a file name "
+                         f"(e.g. {path / ('out' + (path.suffix or '.tvq'))})")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"cannot write {path}: {path.parent} is a file, not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    except OSError as e:
+        raise _naming(e, path) from None
+    os.close(fd)
+    return tmp
 
 
 def _naming(e: OSError, path: Path) -> OSError:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from tokenizers_vq.io import atomic_write, save_safetensors, tensor_sha256
 
-from tokenizers_vq.io import check_writable
+from tokenizers_vq.io import check_can_write, check_writable
 from tokenizers_vq.media import MAX_PIXELS, SUFFIXES
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
@@ -198,7 +198,9 @@ def check_compatible(meta: dict[str, str], tok: Tokenizer, path: Path) -> None:
 
 def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | os.PathLike,
                  max_pixels: int | None = MAX_PIXELS) -> Path:
-    """Encode media files into one token file (all inputs are read before anything is written)."""
+    """Encode media files into one token file (all inputs are read before anything is written;
+    an output that cannot be written is refused before any is read)."""
+    check_can_write(out)
     records = [encode_file(tok, p, max_pixels=max_pixels) for p in tqdm(paths, desc="encode", disable=len(paths) < 2)]
     return save_tokens(out, tok, records)
 
@@ -223,6 +225,7 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
     elif len(records) > 1 and any(out.suffix.lower() in suffixes for suffixes in SUFFIXES.values()):
         raise ValueError(f"{tokens} holds {len(records)} items: name a folder for them, not the file {out.name}")
     targets = [out] if single else [out / (Path(r.source).stem + tok.media.output_suffix) for r in records]
+    check_can_write(targets[0])  # a folder that cannot be written is found before any decoding
     written = []
     for rec, target in tqdm(list(zip(records, targets)), desc="decode", disable=len(records) < 2):
         written.append(save_media(tok, decode_record(tok, rec), rec, target))
