@@ -2,7 +2,8 @@
 greyscale photos are scaled to 8 bits (not clipped), pixels of unknown range are refused,
 and an output name whose suffix the modality is not written as is refused before any
 decoding, in one line from ``tvq``; video is written in the container its suffix names;
-tokens for another code shape are refused naming both shapes and the fix."""
+tokens for another code shape are refused naming both shapes and the fix; an output that cannot
+be written is refused before any work; a failing input's error gets a line of its own."""
 
 from __future__ import annotations
 
@@ -116,3 +117,16 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, m
     with pytest.raises(ValueError, match=r"is a directory, but a file is written here"):
         encode_files(tok, [wav], tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "talk.tvq"]  # no temporary file left
+
+
+def test_an_input_that_fails_is_reported_on_a_line_of_its_own(tmp_path, capsys):
+    tok = tiny("audio")
+    model = tok.save_pretrained(tmp_path / "model")
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio")
+    wav = shared_path("audio", "ljspeech", "LJ001-0001.wav")
+    assert main(["encode", str(wav), str(bad), "-o", str(tmp_path / "t.tvq"), "--model", str(model), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "encode" in err  # the progress bar of the two inputs was shown
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("tvq: error: cannot read audio") and "\r" not in last  # not after the bar on its line

@@ -210,8 +210,9 @@ def export_dataset(
         chunks = {k: files[k * shard_items : (k + 1) * shard_items] for k in todo}
         reader = read_inputs(tok, [f for k in todo for f in chunks[k]], workers, batch_size)  # one reader for them all
         batches = encode_batches(tok, _with_flushes(reader, [len(chunks[k]) for k in todo]), batch_size, precision)
-        for k in tqdm(todo, desc="export shards", disable=rank != 0):
-            _write_shard(tok, out, k, chunks[k], batches, dtype)
+        with tqdm(todo, desc="export shards", disable=rank != 0) as bar:  # its line ended if a shard fails
+            for k in bar:
+                _write_shard(tok, out, k, chunks[k], batches, dtype)
     except Exception as e:  # noqa: BLE001  (every rank learns of it, then it is raised)
         error = e
     finally:

@@ -201,7 +201,8 @@ def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | 
     """Encode media files into one token file (all inputs are read before anything is written;
     an output that cannot be written is refused before any is read)."""
     check_can_write(out)
-    records = [encode_file(tok, p, max_pixels=max_pixels) for p in tqdm(paths, desc="encode", disable=len(paths) < 2)]
+    with tqdm(paths, desc="encode", disable=len(paths) < 2) as bar:  # closed (its line ended) if an input fails
+        records = [encode_file(tok, p, max_pixels=max_pixels) for p in bar]
     return save_tokens(out, tok, records)
 
 
@@ -227,6 +228,7 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
     targets = [out] if single else [out / (Path(r.source).stem + tok.media.output_suffix) for r in records]
     check_can_write(targets[0])  # a folder that cannot be written is found before any decoding
     written = []
-    for rec, target in tqdm(list(zip(records, targets)), desc="decode", disable=len(records) < 2):
-        written.append(save_media(tok, decode_record(tok, rec), rec, target))
+    with tqdm(list(zip(records, targets)), desc="decode", disable=len(records) < 2) as bar:
+        for rec, target in bar:
+            written.append(save_media(tok, decode_record(tok, rec), rec, target))
     return written
