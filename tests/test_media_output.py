@@ -130,3 +130,28 @@ def test_an_input_that_fails_is_reported_on_a_line_of_its_own(tmp_path, capsys):
     assert "encode" in err  # the progress bar of the two inputs was shown
     last = err.rstrip("\n").split("\n")[-1]
     assert last.startswith("tvq: error: cannot read audio") and "\r" not in last  # not after the bar on its line
+
+
+def test_outputs_that_worked_keep_working(tmp_path):
+    """Audio in any format libsndfile writes, MP4 bytes under .m4v, an empty token file, and
+    no folder made by a run that fails."""
+    import soundfile as sf  # noqa: PLC0415
+
+    tok = tiny("audio")
+    wav = shared_path("audio", "ljspeech", "LJ001-0001.wav")
+    tokens = encode_files(tok, [wav], tmp_path / "talk.tvq")
+    [aiff] = decode_file(tok, tokens, tmp_path / "talk.aiff")
+    assert sf.info(str(aiff)).format == "AIFF"
+    assert decode_file(tok, encode_files(tok, [], tmp_path / "none.tvq"), tmp_path / "out") == []
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio")
+    with pytest.raises(ValueError, match="cannot read audio"):
+        encode_files(tok, [bad], tmp_path / "new" / "deeper" / "t.tvq")
+    assert not (tmp_path / "new").exists()
+    pytest.importorskip("av", reason="PyAV writes video")
+    import av  # noqa: PLC0415
+
+    from tokenizers_vq.media import save_video  # noqa: PLC0415
+
+    with av.open(str(save_video(torch.rand(3, 3, 16, 16), tmp_path / "v.m4v", 25.0))) as f:
+        assert "mp4" in f.format.name

@@ -15,16 +15,23 @@ from torch import Tensor
 from tokenizers_vq.errors import WriteError
 
 
-WRITES = {"audio": (".wav", ".flac", ".ogg"), "video": (".mp4", ".mov", ".mkv")}
-"""File suffixes each modality is written as (images: whatever Pillow writes)."""
+WRITES = {"audio": (".wav", ".flac", ".ogg"), "video": (".mp4", ".m4v", ".mov", ".mkv")}
+"""File suffixes each modality is written as (audio: also any other format the installed
+libsndfile writes, e.g. .mp3 or .aiff; images: whatever Pillow writes)."""
 
 
 def check_writable(modality: str, path: str | os.PathLike) -> None:
     """Refuse an output file name whose suffix ``modality`` is not written as."""
     suffix = Path(path).suffix.lower()
-    if suffix not in WRITES.get(modality, (suffix,)):
-        raise ValueError(f"cannot write {modality} as {suffix or 'a file without a suffix'} ({path}): "
-                         f"name it {', '.join(WRITES[modality])}")
+    if suffix in WRITES.get(modality, (suffix,)):
+        return
+    if modality == "audio" and suffix[1:]:
+        import soundfile as sf  # noqa: PLC0415
+
+        if suffix[1:].upper() in sf.available_formats():  # soundfile's own rule for a file name
+            return
+    raise ValueError(f"cannot write {modality} as {suffix or 'a file without a suffix'} ({path}): "
+                     f"name it {', '.join(WRITES[modality])}")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -57,18 +64,36 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 def check_can_write(path: str | os.PathLike) -> None:
     """Raise now what :func:`atomic_write` of ``path`` would raise before writing (``path`` a
-    directory, its folder a file or not writable), for work that ends in that write: its
-    folder is made and a temporary file made and removed there."""
-    Path(_temporary_beside(Path(path))).unlink()
+    directory, a file where a folder is needed, a folder that cannot be written), for work
+    that ends in that write; nothing is made (a temporary file in the nearest existing
+    folder is made and removed)."""
+    path = Path(path)
+    folder = _check_target(path)
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {path}: {folder} is a file, not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=folder)
+    except OSError as e:
+        raise _naming(e, path) from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
-def _temporary_beside(path: Path) -> str:
-    """An empty temporary file in ``path``'s folder (made if missing), named after ``path``."""
+def _check_target(path: Path) -> Path:
+    """``path``'s folder, once ``path`` is known not to be a directory nor inside a file."""
     if path.is_dir():
         raise ValueError(f"{path} is a directory, but a file is written here; give a file name "
                          f"(e.g. {path / ('out' + (path.suffix or '.tvq'))})")
     if path.parent.exists() and not path.parent.is_dir():
         raise ValueError(f"cannot write {path}: {path.parent} is a file, not a directory")
+    return path.parent
+
+
+def _temporary_beside(path: Path) -> str:
+    """An empty temporary file in ``path``'s folder (made if missing), named after ``path``."""
+    _check_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)

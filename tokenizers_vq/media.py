@@ -90,7 +90,8 @@ def load_image_u8(path: str | os.PathLike) -> Tensor:
 
 
 def _grey_to_8bit(im, path: Path):
-    """A 16-bit greyscale image (or 32-bit integer pixels within 16 bits) scaled to 8 bits."""
+    """A 16-bit greyscale image (or 32-bit integer pixels within 16 bits) scaled from the
+    16-bit range to 8 bits (a 12-bit scan comes out dark: its range is not recorded)."""
     from PIL import Image  # noqa: PLC0415
 
     arr = np.asarray(im)
@@ -303,10 +304,11 @@ def _pyav(what: str):
 
 def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:
     """Write ``(T, 3, H, W)`` float frames in [0, 1] as H.264 (yuv420p, so H and W are
-    cropped to even sizes) in MP4, MOV or MKV by the suffix (:data:`WRITES`), atomically."""
+    cropped to even sizes) in MP4, MOV or MKV by the suffix (:data:`~tokenizers_vq.io.WRITES`),
+    atomically."""
     check_writable("video", path)
     av = _pyav("writing video")
-    container_format = {".mkv": "matroska"}.get(Path(path).suffix.lower(), Path(path).suffix.lower()[1:])
+    container_format = {".mkv": "matroska", ".m4v": "mp4"}.get(Path(path).suffix.lower(), Path(path).suffix.lower()[1:])
 
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"save_video expects (T, 3, H, W), got shape {tuple(frames.shape)}")

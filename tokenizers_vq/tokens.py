@@ -32,9 +32,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from tokenizers_vq.io import atomic_write, save_safetensors, tensor_sha256
-
-from tokenizers_vq.io import check_can_write, check_writable
+from tokenizers_vq.io import atomic_write, check_can_write, check_writable, save_safetensors, tensor_sha256
 from tokenizers_vq.media import MAX_PIXELS, SUFFIXES
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
@@ -183,7 +181,7 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
 
 def check_compatible(meta: dict[str, str], tok: Tokenizer, path: Path) -> None:
     """Token files decode only with a tokenizer of the same modality and codes."""
-    fix = (f"; decode with the model that wrote it ({meta['model_id']!r}: leave out --model for an embedded "
+    fix = (f"; decode with the model that wrote it ({meta.get('model_id', '?')!r}: leave out --model for an embedded "
            "default, or pass its directory)")
     if meta["modality"] != tok.modality or int(meta["codebook_size"]) != tok.quantizer.codebook_size:
         raise ValueError(
@@ -226,7 +224,8 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
     elif len(records) > 1 and any(out.suffix.lower() in suffixes for suffixes in SUFFIXES.values()):
         raise ValueError(f"{tokens} holds {len(records)} items: name a folder for them, not the file {out.name}")
     targets = [out] if single else [out / (Path(r.source).stem + tok.media.output_suffix) for r in records]
-    check_can_write(targets[0])  # a folder that cannot be written is found before any decoding
+    if targets:  # a folder that cannot be written is found before any decoding
+        check_can_write(targets[0])
     written = []
     with tqdm(list(zip(records, targets)), desc="decode", disable=len(records) < 2) as bar:
         for rec, target in bar:
