@@ -54,10 +54,7 @@ def spectrogram_plot(specs: dict[str, Tensor], path: str | os.PathLike, sample_r
         ax.set_title(name)
         ax.set_ylabel("mel bin")
     axes[-1, 0].set_xlabel("seconds")
-    fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp))
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def _pyplot():
@@ -67,6 +64,14 @@ def _pyplot():
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay out ``fig``, write it atomically (format by the suffix) and close it."""
+    fig.tight_layout()
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp))
+    _pyplot().close(fig)
+    return out
 
 
 def usage_plot(counts: dict[str, Tensor], path: str | os.PathLike, title: str = "codebook usage") -> Path:
@@ -84,7 +89,4 @@ def usage_plot(counts: dict[str, Tensor], path: str | os.PathLike, title: str = 
     ax.set_ylabel("frequency")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp))
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)

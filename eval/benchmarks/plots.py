@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tokenizers_vq.io import atomic_write
+from tokenizers_vq.viz import _pyplot, save_figure
 
 SERIES = {  # method key in the JSON: legend label
     "ours_bf16": "ours bf16 (eager call)",
@@ -23,22 +23,6 @@ SERIES = {  # method key in the JSON: legend label
     "mm_bf16": "x @ C^T bf16 (no argmin)",
     "vqp": "vector-quantize-pytorch",
 }
-
-
-def _pyplot():
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
-
-
-def _save(fig, plt, path: str | Path) -> Path:
-    fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return out
 
 
 def search_plot(result: dict, path: str | Path, floor_ms) -> Path:
@@ -66,7 +50,7 @@ def search_plot(result: dict, path: str | Path, floor_ms) -> Path:
     ax.set_ylabel("ms (median)")
     ax.set_title(f"nearest-code search, N x K x D ({result['meta'].get('date', '')})")
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 def _setting(row: dict) -> str:
@@ -98,7 +82,7 @@ def throughput_plot(result: dict, path: str | Path) -> Path:
         ax.set_ylabel(f"{unit} per second, encode + decode")
         ax.legend(fontsize=6)
     fig.suptitle(f"tokenizer throughput ({result['meta'].get('device_name', '')})")
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
