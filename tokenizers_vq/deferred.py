@@ -70,23 +70,17 @@ def checked_at_end() -> contextlib.AbstractContextManager:
 @contextlib.contextmanager
 def _checked_at_end() -> Iterator[None]:
     outer = _PENDING.get()
-    if outer is not None:
-        start = len(outer._checks)
+    with contextlib.nullcontext(outer) if outer is not None else deferred_checks() as checks:
+        start = len(checks._checks)
         try:
             yield
         except Exception:
-            mine, outer._checks[start:] = outer._checks[start:], []
+            mine, checks._checks[start:] = checks._checks[start:], []
             for value, verdict in mine:
                 verdict(value)
             raise
-        return
-    with deferred_checks() as checks:
-        try:
-            yield
-        except Exception:
-            checks.raise_if_failed()
-            raise
-    checks.raise_if_failed()
+    if outer is None:
+        checks.raise_if_failed()
 
 
 def check(value: Tensor, verdict: Callable[[Tensor], None]) -> None:

@@ -73,12 +73,7 @@ def check_can_write(path: str | os.PathLike) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise ValueError(f"cannot write {path}: {folder} is a file, not a directory")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=folder)
-    except OSError as e:
-        raise _naming(e, path) from None
-    os.close(fd)
-    os.unlink(tmp)
+    os.unlink(_temporary_in(folder, path))
 
 
 def _check_target(path: Path) -> Path:
@@ -96,7 +91,15 @@ def _temporary_beside(path: Path) -> str:
     _check_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    except OSError as e:
+        raise _naming(e, path) from None
+    return _temporary_in(path.parent, path)
+
+
+def _temporary_in(folder: Path, path: Path) -> str:
+    """An empty temporary file in ``folder`` named after ``path``; an error names ``path``."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=folder)
     except OSError as e:
         raise _naming(e, path) from None
     os.close(fd)

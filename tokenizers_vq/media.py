@@ -308,7 +308,8 @@ def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:
     atomically."""
     check_writable("video", path)
     av = _pyav("writing video")
-    container_format = {".mkv": "matroska", ".m4v": "mp4"}.get(Path(path).suffix.lower(), Path(path).suffix.lower()[1:])
+    suffix = Path(path).suffix.lower()
+    container_format = {".mkv": "matroska", ".m4v": "mp4"}.get(suffix, suffix[1:])
 
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"save_video expects (T, 3, H, W), got shape {tuple(frames.shape)}")

@@ -248,10 +248,11 @@ class Quantizer(nn.Module, ABC):
             raise ValueError(f"empty code batch: shape {tuple(codes.shape)}")
         if torch.compiler.is_compiling():
             return codes
+        lo_hi = torch.stack([codes.min(), codes.max()])
         if deferred.pending():  # looked up clamped (no device-side assert); refused when the block ends
-            deferred.check(torch.stack([codes.min(), codes.max()]), functools.partial(_check_code_range, size=self.codebook_size))
+            deferred.check(lo_hi, functools.partial(_check_code_range, size=self.codebook_size))
             return codes.clamp(0, min(self.codebook_size - 1, torch.iinfo(codes.dtype).max))
-        _check_code_range(torch.stack([codes.min(), codes.max()]), self.codebook_size)
+        _check_code_range(lo_hi, self.codebook_size)
         return codes
 
 
