@@ -338,6 +338,7 @@ def test_a_rerun_that_differs_is_refused_and_overwrite_starts_over(tmp_path, cap
     assert snapshot(out) == before  # refused before anything was written
 
     assert main([*cmd, "--shard-items", "24", "--overwrite"]) == 0
+    assert "wrote 2 shards, 40 items" in capsys.readouterr().out
     ds = TokenDataset(out)
     m = ds.manifest
     assert len(ds) == m["num_items"] == 40 and m["items_per_shard"] == [24, 16]
@@ -348,6 +349,8 @@ def test_a_rerun_that_differs_is_refused_and_overwrite_starts_over(tmp_path, cap
 
     after = snapshot(out)
     assert main([*cmd, "--shard-items", "24"]) == 0  # identical: resumes, nothing re-encoded or rewritten
+    said = capsys.readouterr().out
+    assert "wrote" not in said and "2 shards, 40 items" in said and "kept, not encoded again" in said
     again = snapshot(out)
     assert {k: v[0] for k, v in again.items()} == {k: v[0] for k, v in after.items()}
     assert all(again[k][1] == after[k][1] for k in after if k != "manifest.json")  # only the manifest is rewritten

@@ -91,9 +91,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     import time  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
 
     from tokenizers_vq import distributed  # noqa: PLC0415
     from tokenizers_vq.export import export_dataset  # noqa: PLC0415
+    from tokenizers_vq.export_record import RECORD  # noqa: PLC0415
     from tokenizers_vq.media import list_media  # noqa: PLC0415
     from tokenizers_vq.webdataset import is_tar_source, list_tar_samples  # noqa: PLC0415
 
@@ -104,6 +106,7 @@ def _export(args: argparse.Namespace) -> int:
         tok = _load_model(args)
         inputs = (list_tar_samples(args.data, tok.modality) if is_tar_source(args.data)
                   else list_media(args.data, tok.modality))
+        resumed = not args.overwrite and (Path(args.out) / RECORD).is_file()  # an earlier run's shards are kept
         start = time.perf_counter()
         manifest = export_dataset(tok, inputs, args.out, args.shard_items, args.batch_size,
                                   overwrite=args.overwrite, workers=args.workers, precision=args.precision)
@@ -114,8 +117,13 @@ def _export(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     print(f"{world} ranks: " if world > 1 else "", end="")
-    print(f"wrote {len(manifest['shards'])} shards, {manifest['num_items']} items, {manifest['num_tokens']} tokens "
-          f"to {args.out} in {secs:.1f} s ({manifest['num_items'] / secs:.1f} items/s, files read and decoded included)")
+    total = f"{len(manifest['shards'])} shards, {manifest['num_items']} items, {manifest['num_tokens']} tokens"
+    if resumed:
+        print(f"finished the export to {args.out} in {secs:.1f} s: {total}; the shards an earlier run had written "
+              "were kept, not encoded again")
+    else:
+        print(f"wrote {total} to {args.out} in {secs:.1f} s ({manifest['num_items'] / secs:.1f} items/s, "
+              "files read and decoded included)")
     return 0
 
 
