@@ -50,14 +50,31 @@ def _configs() -> list[triton.Config]:
               (64, 128, 4, 4, True),
               # wide rows (BLOCK_D 256, bf16 d 129-256): the x tile alone is 64 KiB at BLOCK_N 128, so
               # shallower pipelines and narrower codebook tiles; 128 x 64, 8 warps, 3 stages was the best
-              # of five in the H100 sweep (eval/results/kernels/sweep_h100.md, "wide"); 64-row tiles were 40% slower;
-              # HALF lost there
-              (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3)]
+              # of five in the H100 sweep (eval/results/kernels/sweep_h100.md, "wide"); HALF lost there.
+              # The H200 tile grid (eval/results/kernels/tiles_h200.md) added 64 x 64 with 4 warps and 2
+              # stages (best at 1024 and 16384 codes) and 128 x 32, 4 warps, 3 stages (best at 100000 codes,
+              # 4 splits of 25000: each split's rows of the codebook copy fit in L2)
+              (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3)]
     return [triton.Config({"BLOCK_N": s[0], "BLOCK_K": s[1], "HALF": len(s) > 4}, num_warps=s[2], num_stages=s[3])
             for s in shapes]
 
 
 WIDE_CONFIGS = 10  # _configs()[10:] are the wide-row set (BLOCK_D > 128)
+# Small problems (tiles.TUNE_MIN_WORK) launch one tile without the autotuner; for wide rows this one
+# (H200 tile grid: 0.060 ms at 32768 x 1024 x 256 against 0.089 for the narrow rows' fixed 64 x 128)
+WIDE_FIXED = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+
+
+def fixed_tile(block_d: int) -> dict:
+    """The tile a small problem launches without the autotuner, for rows ``block_d`` wide."""
+    return WIDE_FIXED if block_d > 128 else FIXED
+
+
+def tile_set(wide: bool) -> list[dict]:
+    """Every tile a launch may pick for wide (``BLOCK_D > 128``) or narrow rows: the autotuner's
+    set, the fixed tile of small problems and the interpreter's."""
+    configs = _configs()[WIDE_CONFIGS:] if wide else _configs()[:WIDE_CONFIGS]
+    return [c.kwargs for c in configs] + [fixed_tile(256 if wide else 128), INTERPRET_TILE]
 
 
 def tag_cols(tile: dict) -> int:
@@ -65,7 +82,8 @@ def tag_cols(tile: dict) -> int:
     return tile["BLOCK_K"] // (2 if tile.get("HALF") else 1)
 
 
-MIN_TAG_COLS = min(tag_cols(t) for t in [c.kwargs for c in _configs()] + [FIXED, INTERPRET_TILE])
+MIN_TAG_COLS = {wide: min(tag_cols(t) for t in tile_set(wide)) for wide in (False, True)}
+"""Fewest codes per key tag of any tile a launch may pick, for narrow (False) and wide (True) rows."""
 
 
 @triton.jit

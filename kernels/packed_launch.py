@@ -20,6 +20,7 @@ from tokenizers_vq.kernels.packed import (
     _augment_kernel,
     _packed_kernel,
     _packed_merge_kernel,
+    fixed_tile,
     tag_cols,
 )
 from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
@@ -74,11 +75,11 @@ def applies(dtype: torch.dtype, d: int, metric: str, precision: str, groups: int
     return layout(dtype, d, plan) is not None and aug_bytes(dtype, groups, k, d, plan) <= plan.max_aug_bytes
 
 
-def max_split(tile_bits: int, cols: int | None = None) -> int:
-    """Most codes one program may walk: ``2^tile_bits`` tags of ``cols`` codes (default: the
-    fewest of any tile a launch may pick, :func:`tag_cols`), rounded down to a multiple of
-    ``SPLIT_QUANTUM``."""
-    cap = 2**tile_bits * (cols or MIN_TAG_COLS) // SPLIT_QUANTUM * SPLIT_QUANTUM
+def max_split(tile_bits: int, cols: int) -> int:
+    """Most codes one program may walk: ``2^tile_bits`` tags of ``cols`` codes (the tile's
+    :func:`tag_cols`, or the fewest of any tile the launch may pick, ``MIN_TAG_COLS``), rounded
+    down to a multiple of ``SPLIT_QUANTUM``."""
+    cap = 2**tile_bits * cols // SPLIT_QUANTUM * SPLIT_QUANTUM
     if cap < SPLIT_QUANTUM or not 0 < tile_bits < 23:
         raise ValueError(f"tile_bits={tile_bits} leaves no room for one split of {SPLIT_QUANTUM} codes")
     return cap
@@ -113,7 +114,7 @@ def _setup(dtype: torch.dtype, g: int, n: int, k: int, d: int, device: torch.dev
     k_pad = cdiv(k, SPLIT_QUANTUM) * SPLIT_QUANTUM
     # One wave of row blocks is enough here: at 256 blocks on the H100's 132 SMs, a second split (another
     # launch, the merge) saved no GPU time and cost 0.06 ms of host time (H100 sweep "splitone").
-    cap = max_split(tile_bits, tag_cols(tile) if tile is not None else None)
+    cap = max_split(tile_bits, tag_cols(tile) if tile is not None else MIN_TAG_COLS[block_d > 128])
     s, k_split = _split_plan(g, n, k, device, split_k, cap, unsplit_waves=1)
     esize = torch.finfo(dtype).bits // 8
     norm_init = ext > 0 and block_d >= plan.norm_init_min_block_d and g * k_pad * block_d * esize <= plan.norm_init_max_aug_bytes
@@ -162,7 +163,8 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     if st.tile is not None:
         relaunch.launch(_packed_kernel.fn, st.grid, *args, CSQ=csq, **st.meta, **st.tile)
     else:
-        launch(_packed_kernel, st.grid, g * n * k, *args, interpret_tile=INTERPRET_TILE, CSQ=csq, **st.meta)
+        launch(_packed_kernel, st.grid, g * n * k, *args, interpret_tile=INTERPRET_TILE,
+               fixed_tile=fixed_tile(st.meta["BLOCK_D"]), CSQ=csq, **st.meta)
     if s > 1:
         relaunch.launch(_packed_merge_kernel, st.merge_grid, x, codebook, out_k, out_i, dist, idx, n, s, d,
                         *x.stride(), *codebook.stride(), WRITE_DIST=write_dist, BLOCK=128, BLOCK_D=st.meta["BLOCK_D"])

@@ -33,8 +33,10 @@ class SearchPlan:
         norm_init_min_block_d: rows without 6 spare columns and ``BLOCK_D`` at least
             this carry the norms as the dot's initial accumulator, not a second dot
             (H100 sweep "norminit": 9-12% faster at d = 128 and 256, 4-6% slower at 32) ...
-        norm_init_max_aug_bytes: ... while the augmented codebook stays this small (in
-            L2; at 32768 x 100000 x 256, 51 MiB, the second dot was faster).
+        norm_init_max_aug_bytes: ... while the augmented codebook stays this small (the H100
+            sweep had the second dot faster at 32768 x 100000 x 256, 51 MiB, with the tiles of
+            then; the H200 tile grid, with 128 x 32 tiles walking 4 splits of the codebook, the
+            initial accumulator: 3.79 against 4.13 ms).
         ext_max_d: per dtype, the widest ``d`` run with a second (norm) dot.
         max_row_bytes: per dtype, the padded query row kept in registers for the walk.
         pad_up_max_d: per dtype, rows without spare columns up to this ``d`` pad to twice
@@ -49,7 +51,7 @@ class SearchPlan:
     use_asm: bool = True
     force_tile: Mapping[str, int] | None = None
     norm_init_min_block_d: int = 128
-    norm_init_max_aug_bytes: int = 32 << 20
+    norm_init_max_aug_bytes: int = 64 << 20
     ext_max_d: Mapping[torch.dtype, int] = field(default_factory=lambda: _per_dtype(bfloat16=256, float32=32))
     max_row_bytes: Mapping[torch.dtype, int] = field(default_factory=lambda: _per_dtype(bfloat16=512, float32=256))
     pad_up_max_d: Mapping[torch.dtype, int] = field(default_factory=lambda: _per_dtype(bfloat16=32))

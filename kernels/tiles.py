@@ -40,13 +40,14 @@ def prune_to_fit(configs, named_args, limit: int = 200 * 1024, x_staged: bool = 
     return keep or configs[-1:]
 
 
-def launch(kernel, grid, work: int, *args, interpret_tile: dict = INTERPRET_FIXED, **meta) -> None:
+def launch(kernel, grid, work: int, *args, interpret_tile: dict = INTERPRET_FIXED, fixed_tile: dict = FIXED,
+           **meta) -> None:
     """Run a ``triton.autotune``-wrapped kernel: autotuned (per key, cached) when the
     problem is large, else its plain ``jit`` function with one fixed tile."""
     if _interpret():
         kernel.fn[grid](*args, **meta, **interpret_tile)
     elif work < TUNE_MIN_WORK:
-        relaunch.launch(kernel.fn, grid, *args, **meta, **FIXED)
+        relaunch.launch(kernel.fn, grid, *args, **meta, **fixed_tile)
     else:
         relaunch.launch(kernel, grid, *args, **meta)
 

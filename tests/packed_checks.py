@@ -74,11 +74,19 @@ def check_packed_ties_splits_groups(device, full=False):
     over ``SearchPlan.max_aug_bytes``) runs the tiled kernel."""
     from tokenizers_vq.kernels import packed, packed_launch  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
-    from tokenizers_vq.kernels.tiles import FIXED  # noqa: PLC0415
+    from tokenizers_vq.kernels.tiles import FIXED, SPLIT_QUANTUM  # noqa: PLC0415
 
-    for bits in (plan().tile_bits, 2):  # every tile a launch may pick keeps its tags in range
-        for tile in [c.kwargs for c in packed._configs()] + [FIXED, packed.INTERPRET_TILE]:
-            assert packed_launch.max_split(bits) // packed.tag_cols(tile) <= 2**bits, tile
+    for bits, wide in itertools.product((plan().tile_bits, 2), (False, True)):  # tags of every tile in range
+        cols = packed.MIN_TAG_COLS[wide]
+        if 2**bits * cols < SPLIT_QUANTUM:  # too few tag bits for one split of these tiles: refused
+            try:
+                packed_launch.max_split(bits, cols)
+                raise AssertionError(f"tile_bits={bits} with {cols} codes per tag was not refused")
+            except ValueError:
+                continue
+        for tile in packed.tile_set(wide):
+            assert packed_launch.max_split(bits, cols) // packed.tag_cols(tile) <= 2**bits, tile
+    assert FIXED in packed.tile_set(False) and packed.WIDE_FIXED in packed.tile_set(True)
     for name, split, bits, base in itertools.product(PACKED, (None, 1, 3), (plan().tile_bits, 2), (20, 300)):
         if base == 20 and split is not None:
             continue
