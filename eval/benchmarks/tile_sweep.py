@@ -44,14 +44,20 @@ def layouts(d: int) -> dict:
     return out
 
 
+def _warps(elements: int) -> tuple[int, ...]:
+    """Warps tried for a narrow-row tile of ``elements``: 4 below 128 x 128, 8 above, both at it."""
+    return (4,) if elements < 128 * 128 else (8,) if elements > 128 * 128 else (4, 8)
+
+
 def tiles(width: int) -> list[dict]:
     """The grid for rows ``width`` columns wide (``BLOCK_D + EXT``), pruned to what fits in shared memory."""
     out = []
     if width > 128:
         grid = itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3, 4), (False,))
     else:
-        grid = ((bn, bk, 8 if bn * bk >= 128 * 128 else 4, st, half)
-                for bn, bk, st, half in itertools.product((64, 128, 256), (64, 128, 256), (2, 3, 4), (False, True)))
+        grid = ((bn, bk, w, st, half)
+                for bn, bk, st, half in itertools.product((64, 128, 256), (64, 128, 256), (2, 3, 4), (False, True))
+                for w in _warps(bn * bk))
     for bn, bk, w, st, half in grid:
         if (bn + bk * st) * width * 2 <= SMEM:
             out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st, "HALF": half})
