@@ -109,19 +109,30 @@ class FSQ(Quantizer):
             return (steps + width) * 2 / (self._levels.float() - 1) - 1
         return steps / width
 
+    def _steps(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(bounded, steps, codes)`` of a projected latent ``x``: the bounded fp32 values,
+        their levels centred on 0 (rounded and clamped: the tanh bound overshoots half a
+        step from L = 1001) and the code of each position."""
+        bounded = self.bound(x.float())
+        width = (self._levels // 2).float()
+        steps = torch.minimum(torch.maximum(torch.round(bounded), -width), self._levels.float() - 1 - width)
+        digits = (steps.detach().nan_to_num(0.0) + width).long()  # NaN (check_finite off): the centre
+        return bounded, steps, (digits * self._basis).sum(-1)
+
+    def _codes(self, z: Tensor) -> Tensor:
+        x = self.project_in(z)  # under the caller's autocast, as in _forward
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self._steps(x)[2]
+
     def _forward(self, z: Tensor) -> QuantizerOutput:
         x = self.project_in(z)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            bounded = self.bound(x.float())
-            width = (self._levels // 2).float()
-            steps = torch.minimum(torch.maximum(torch.round(bounded), -width), self._levels.float() - 1 - width)
-            rounded = straight_through(bounded, steps)  # clamped: the tanh bound overshoots half a step from L = 1001
+            bounded, steps, codes = self._steps(x)
+            rounded = straight_through(bounded, steps)
             if self.training and self.noise_dropout > 0:
                 noisy = bounded + torch.rand_like(bounded) - 0.5
                 rounded = torch.where(torch.rand_like(bounded) < self.noise_dropout, noisy, rounded)
             xq = self._values(rounded).to(x.dtype)
-            digits = (steps.detach().nan_to_num(0.0) + width).long()  # NaN (check_finite off): the centre
-            codes = (digits * self._basis).sum(-1)
             metrics = {}
             if self.usage_metrics:
                 counts = code_histogram(codes, self.codebook_size)

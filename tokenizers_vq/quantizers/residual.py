@@ -95,6 +95,16 @@ class ResidualQuantizer(Quantizer):
         codes = torch.stack([o.codes for o in outs], dim=z.ndim - 1)
         return QuantizerOutput(total.to(z.dtype), codes, losses, metrics)
 
+    def _codes(self, z: Tensor) -> Tensor:
+        if self.beam_size > 1:
+            return self._beam(z).codes
+        residual, codes = z, []
+        for level in self.stack:  # each level's search and lookup, without its losses and metrics
+            c = level._codes(level._in_weight_dtype(residual))
+            residual = residual - level._decode(c).to(residual.dtype)
+            codes.append(c)
+        return torch.stack(codes, dim=z.ndim - 1)
+
     def _decode(self, codes: Tensor) -> Tensor:
         axis = codes.ndim - len(self.code_shape)
         return sum(lv._decode(c).float() for lv, c in zip(self.stack, codes.unbind(axis)))

@@ -235,6 +235,15 @@ class VectorQuantizer(Quantizer):
         quantized = self.project_out(xq).to(z.dtype)
         return QuantizerOutput(quantized, idx.reshape(lead), losses, metrics)
 
+    def _codes(self, z: Tensor) -> Tensor:
+        flat, lead = flatten_latent(self.project_in(z))  # the search of _forward in eval, and nothing else
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            xf = flat.float()
+            if self.metric == "cosine":
+                xf = l2norm(xf)
+            _, idx = nearest_codes(xf, self.codebook, self.metric, self.backend)
+        return idx.reshape(lead)
+
     def _decode(self, codes: Tensor) -> Tensor:
         return self.project_out(F.embedding(codes.long(), self.codebook))
 
