@@ -51,9 +51,9 @@ def _configs() -> list[triton.Config]:
               # wide rows (BLOCK_D 256, bf16 d 129-256): the x tile alone is 64 KiB at BLOCK_N 128, so
               # shallower pipelines and narrower codebook tiles; 128 x 64, 8 warps, 3 stages was the best
               # of five in the H100 sweep (eval/results/kernels/sweep_h100.md, "wide"); HALF lost there.
-              # The H200 tile grid (eval/results/kernels/tiles_h200.md) added 64 x 64 with 4 warps and 2
-              # stages (best at 1024 and 16384 codes) and 128 x 32, 4 warps, 3 stages (best at 100000 codes,
-              # 4 splits of 25000: each split's rows of the codebook copy fit in L2)
+              # In the H200 tile grid (eval/results/kernels/tiles_h200.md) 64 x 64 with 4 warps and 2
+              # stages was the best at 1024 and 16384 codes, and 128 x 32, 4 warps, 3 stages at 100000
+              # codes (its 32 codes per tag cap a wide launch at 32768 codes per split: 4 splits there)
               (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3)]
     return [triton.Config({"BLOCK_N": s[0], "BLOCK_K": s[1], "HALF": len(s) > 4}, num_warps=s[2], num_stages=s[3])
             for s in shapes]

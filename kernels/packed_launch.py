@@ -72,7 +72,10 @@ def applies(dtype: torch.dtype, d: int, metric: str, precision: str, groups: int
     dtype of x and the codebook; ``groups`` codebooks of ``k`` codes)."""
     if metric != "l2" or not (dtype == torch.bfloat16 or (dtype == torch.float32 and precision == "tf32")):
         return False
-    return layout(dtype, d, plan) is not None and aug_bytes(dtype, groups, k, d, plan) <= plan.max_aug_bytes
+    lay = layout(dtype, d, plan)
+    if lay is None or 2**plan.tile_bits * MIN_TAG_COLS[lay[0] > 128] < SPLIT_QUANTUM:  # no room for one split
+        return False
+    return aug_bytes(dtype, groups, k, d, plan) <= plan.max_aug_bytes
 
 
 def max_split(tile_bits: int, cols: int) -> int:

@@ -1,8 +1,8 @@
 """The tuning choices of the search kernels, as one frozen value.
 
 Every host function of the search reads its choices from a :class:`SearchPlan` passed to
-it (default :data:`DEFAULT_PLAN`, the values the H100 sweep chose; see
-``eval/results/kernels/sweep_h100.md``). Tests and the sweep pass a modified copy
+it (default :data:`DEFAULT_PLAN`: the values the H100 sweep chose, ``eval/results/kernels/sweep_h100.md``,
+and the H200 tile grid, ``tiles_h200.md``, where it disagreed). Tests and the sweep pass a modified copy
 (``DEFAULT_PLAN.replace(tile_bits=2)``) instead of changing module state.
 """
 
@@ -33,10 +33,11 @@ class SearchPlan:
         norm_init_min_block_d: rows without 6 spare columns and ``BLOCK_D`` at least
             this carry the norms as the dot's initial accumulator, not a second dot
             (H100 sweep "norminit": 9-12% faster at d = 128 and 256, 4-6% slower at 32) ...
-        norm_init_max_aug_bytes: ... while the augmented codebook stays this small (the H100
-            sweep had the second dot faster at 32768 x 100000 x 256, 51 MiB, with the tiles of
-            then; the H200 tile grid, with 128 x 32 tiles walking 4 splits of the codebook, the
-            initial accumulator: 3.79 against 4.13 ms).
+        norm_init_max_aug_bytes: ... while the augmented codebook stays this small. At
+            32768 x 100000 x 256 (51 MiB) the H100 sweep had the second dot faster with the
+            wide tiles it tried (128 codes per tag: 2 splits); the H200 tile grid, whose 128 x
+            32 tiles cap a wide launch at 4 splits, had the initial accumulator faster: 3.72
+            against 4.13 ms. So the cap is ``max_aug_bytes``: an H100 run should check it.
         ext_max_d: per dtype, the widest ``d`` run with a second (norm) dot.
         max_row_bytes: per dtype, the padded query row kept in registers for the walk.
         pad_up_max_d: per dtype, rows without spare columns up to this ``d`` pad to twice

@@ -79,6 +79,7 @@ def check_packed_ties_splits_groups(device, full=False):
     for bits, wide in itertools.product((plan().tile_bits, 2), (False, True)):  # tags of every tile in range
         cols = packed.MIN_TAG_COLS[wide]
         if 2**bits * cols < SPLIT_QUANTUM:  # too few tag bits for one split of these tiles: refused
+            assert not packed_launch.applies(torch.bfloat16, 256 if wide else 8, "l2", "tf32", plan=plan(tile_bits=bits))
             try:
                 packed_launch.max_split(bits, cols)
                 raise AssertionError(f"tile_bits={bits} with {cols} codes per tag was not refused")

@@ -319,9 +319,8 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 
 def test_a_rerun_that_differs_is_refused_and_overwrite_starts_over(tmp_path, capsys):
-    """Rerunning a finished export with another shard size used to keep the old shards
-    and add new ones (60 items for 40 inputs); now it is refused, naming the field,
-    --overwrite gives a correct export, and an identical rerun resumes it untouched."""
+    """A rerun with another shard size is refused, naming the field (not 60 items for 40 inputs);
+    --overwrite starts over; an identical rerun resumes untouched, one killed before a shard encodes all."""
     model = tiny("image").save_pretrained(tmp_path / "model")
     data, out = tmp_path / "photos", tmp_path / "tokens"
     files = small_photos(data, 40)
@@ -333,14 +332,12 @@ def test_a_rerun_that_differs_is_refused_and_overwrite_starts_over(tmp_path, cap
     before = snapshot(out)
     capsys.readouterr()
     assert main([*cmd, "--shard-items", "24"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "shard_items: 16 vs 24" in err and "--overwrite" in err
+    assert len((err := capsys.readouterr().err.strip()).splitlines()) == 1 and "shard_items: 16 vs 24" in err
+    assert "--overwrite" in err
     assert snapshot(out) == before  # refused before anything was written
 
-    assert main([*cmd, "--shard-items", "24", "--overwrite"]) == 0
-    assert "wrote 2 shards, 40 items" in capsys.readouterr().out
-    ds = TokenDataset(out)
-    m = ds.manifest
+    assert main([*cmd, "--shard-items", "24", "--overwrite"]) == 0 and "wrote 2 shards, 40 items" in capsys.readouterr().out
+    m = (ds := TokenDataset(out)).manifest
     assert len(ds) == m["num_items"] == 40 and m["items_per_shard"] == [24, 16]
     assert m["num_tokens"] == sum(m["tokens_per_shard"]) == sum(len(ds[i]["tokens"]) for i in range(40)) == 40 * 16 * 16
     assert [ds[i]["source"] for i in range(40)] == [f.name for f in files]
@@ -349,15 +346,15 @@ def test_a_rerun_that_differs_is_refused_and_overwrite_starts_over(tmp_path, cap
 
     after = snapshot(out)
     assert main([*cmd, "--shard-items", "24"]) == 0  # identical: resumes, nothing re-encoded or rewritten
-    said = capsys.readouterr().out
-    assert "wrote" not in said and "2 shards, 40 items" in said and "kept, not encoded again" in said
+    assert "kept, not encoded again" in (said := capsys.readouterr().out) and "2 shards, 40 items" in said
     again = snapshot(out)
     assert {k: v[0] for k, v in again.items()} == {k: v[0] for k, v in after.items()}
     assert all(again[k][1] == after[k][1] for k in after if k != "manifest.json")  # only the manifest is rewritten
+    for f in [*out.glob("shard_*"), out / "manifest.json"]:  # as if killed after claiming the folder, before a shard
+        f.unlink()
+    assert main([*cmd, "--shard-items", "24"]) == 0 and "wrote 2 shards, 40 items" in capsys.readouterr().out
     save_image(torch.zeros(3, 64, 64), files[5])  # an input changed since
-    assert main([*cmd, "--shard-items", "24"]) == 2
-    err = capsys.readouterr().err
-    assert f"first difference at #5: {files[5]}" in err
+    assert main([*cmd, "--shard-items", "24"]) == 2 and f"first difference at #5: {files[5]}" in capsys.readouterr().err
 
 
 def test_token_dataset_refuses_counts_that_disagree_with_the_shards(tmp_path):

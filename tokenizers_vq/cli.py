@@ -106,7 +106,8 @@ def _export(args: argparse.Namespace) -> int:
         tok = _load_model(args)
         inputs = (list_tar_samples(args.data, tok.modality) if is_tar_source(args.data)
                   else list_media(args.data, tok.modality))
-        resumed = not args.overwrite and (Path(args.out) / RECORD).is_file()  # an earlier run's shards are kept
+        out = Path(args.out)  # an earlier run of this export finished shards there: they are kept
+        resumed = not args.overwrite and (out / RECORD).is_file() and any(out.glob("shard_*.json"))
         start = time.perf_counter()
         manifest = export_dataset(tok, inputs, args.out, args.shard_items, args.batch_size,
                                   overwrite=args.overwrite, workers=args.workers, precision=args.precision)

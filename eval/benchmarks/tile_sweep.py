@@ -126,7 +126,7 @@ def _table(rows: list, top: int) -> str:
     lines = ["| N x K x D | layout | split | tile (BN x BK, warps, stages, half) | graph ms | vs autotuned | idx differ |",
              "|---|---|---|---|---|---|---|"]
     for case in dict.fromkeys((r["n"], r["k"], r["d"]) for r in rows):
-        mine = [r for r in rows if (r["n"], r["k"], r["d"]) == case and r.get("ms") == r.get("ms")]
+        mine = [r for r in rows if (r["n"], r["k"], r["d"]) == case and "ms" in r and r["ms"] == r["ms"]]  # timed
         auto = [r for r in mine if r["tile"] is None]
         ref = min((r["ms"] for r in auto), default=float("nan"))
         for r in auto + sorted((r for r in mine if r["tile"] is not None), key=lambda r: r["ms"])[:top]:

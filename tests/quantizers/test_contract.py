@@ -260,3 +260,37 @@ def test_masked_positions_count_nowhere(name: str):
     assert torch.equal(q.encode(zz, mask=mask)[mask], q.encode(zz[mask].unsqueeze(0))[0])
     with pytest.raises(ValueError, match="mask must be a bool tensor of shape \\(2, 9\\)"):
         q(z, mask=mask.float())
+
+
+# forward of these does not take low-precision weights outside autocast yet (a dtype mismatch in a projection)
+FP32_WEIGHTS_ONLY = ("multiscale-var", "random-projection", "projected-vq-features", "projected-vq-self-init-mlp",
+                     "hierarchical-vq", "hierarchical-residual-fsq")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", [n for n in QUANTIZERS if n not in FP32_WEIGHTS_ONLY])
+def test_low_precision_weights_encode_and_decode_as_forward(name: str, dtype: torch.dtype):
+    """Weights cast to bf16 / fp16, no autocast: encode gives forward's codes, decode its latent."""
+    dim, q = make(name)
+    q = q.to(dtype).eval()
+    z = latent(dim, SHAPES["2d"]).to(dtype)
+    with torch.no_grad():
+        out, codes = q(z), q.encode(z)
+        rec = q.decode(codes)
+    assert torch.equal(codes, out.codes)
+    assert torch.equal(rec.to(dtype), out.quantized)
+
+
+def test_encode_runs_every_module_in_eval_and_gives_each_its_mode_back():
+    q = GroupedQuantizer([VectorQuantizer(D // 2, 16) for _ in range(2)])
+    child = q.groups[0]
+    q.eval()
+    child.train()  # left training inside an eval quantizer: encode must not train it
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    q.encode(torch.randn(3, 7, D))
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    assert child.training and not q.training
+    q.train()
+    child.eval()  # frozen child of a training quantizer: stays in eval after encode
+    q.encode(torch.randn(3, 7, D))
+    assert q.training and not child.training

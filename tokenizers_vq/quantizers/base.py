@@ -9,6 +9,8 @@ for audio, ``(H, W)`` for images, ``(T, H, W)`` for video). Codes have shape
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import math
 from abc import ABC, abstractmethod
@@ -152,26 +154,38 @@ class Quantizer(nn.Module, ABC):
         """Codes ``(B, *S, *code_shape)`` for latents ``z`` ``(B, *S, D)`` (-1 where
         ``mask`` is False, see :meth:`forward`). Never updates codebook statistics."""
         self._check_latent(z, defer=True)
-        if mask is not None:
-            was_training = self.training
-            self.eval()
-            try:
+        with self._evaluating():
+            if mask is not None:
                 return self._forward_masked(z, mask).codes
-            finally:
-                self.train(was_training)
-        if not self.training:
             return self._codes(self._in_weight_dtype(z))
-        self.eval()
+
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """Every module of this quantizer in eval mode inside the block, each one's own mode
+        after it (a child frozen in eval stays there; one left training is not trained)."""
+        modes = [(m, m.training) for m in self.modules()]
+        if any(training for _, training in modes):
+            self.eval()
         try:
-            return self._codes(self._in_weight_dtype(z))
+            yield
         finally:
-            self.train(True)
+            for m, training in modes:
+                m.training = training
 
     def _codes(self, z: Tensor) -> Tensor:
         """``_forward(z).codes`` in eval mode. A quantizer overrides it to skip what
         :meth:`encode` discards (the quantized latent, losses, metrics): at a small batch
         on a GPU each skipped operator is host time saved."""
         return self._forward(z).codes
+
+    def _project_out(self, x: Tensor) -> Tensor:
+        """``project_out(x)`` for looked-up values ``x`` (fp32 codebooks and levels): outside
+        autocast ``x`` is first cast to the projection's weight dtype, as ``_forward`` feeds it
+        (bf16 or fp16 weights); an identity projection passes ``x`` as it is."""
+        w = getattr(self.project_out, "weight", None)
+        if w is not None and x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(w.dtype)
+        return self.project_out(x)
 
     def decode(self, codes: Tensor) -> Tensor:
         """Latents ``(B, *S, D)`` for codes ``(B, *S, *code_shape)``."""

@@ -155,4 +155,4 @@ class FSQ(Quantizer):
 
     def _decode(self, codes: Tensor) -> Tensor:
         width = (self._levels // 2).float()
-        return self.project_out(self._values(self.codes_to_digits(codes).float() - width))
+        return self._project_out(self._values(self.codes_to_digits(codes).float() - width))

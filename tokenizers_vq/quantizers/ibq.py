@@ -79,4 +79,4 @@ class IBQ(Quantizer):
         return QuantizerOutput(quantized, idx.reshape(lead), losses, metrics)
 
     def _decode(self, codes: Tensor) -> Tensor:
-        return self.project_out(F.embedding(codes.long(), self.embed.float()))
+        return self._project_out(F.embedding(codes.long(), self.embed.float()))

@@ -133,4 +133,4 @@ class LFQ(Quantizer):
 
     def _decode(self, codes: Tensor) -> Tensor:
         bits = (codes.long().unsqueeze(-1) // self._powers) % 2
-        return self.project_out(self._values(bits.float()))
+        return self._project_out(self._values(bits.float()))

@@ -100,14 +100,16 @@ class ResidualQuantizer(Quantizer):
             return self._beam(z).codes
         residual, codes = z, []
         for level in self.stack:  # each level's search and lookup, without its losses and metrics
-            c = level._codes(level._in_weight_dtype(residual))
-            residual = residual - level._decode(c).to(residual.dtype)
+            zc = level._in_weight_dtype(residual)
+            c = level._codes(zc)
+            residual = residual - level._decode(c).to(zc.dtype).to(residual.dtype)  # the dtypes of forward's
             codes.append(c)
         return torch.stack(codes, dim=z.ndim - 1)
 
     def _decode(self, codes: Tensor) -> Tensor:
         axis = codes.ndim - len(self.code_shape)
-        return sum(lv._decode(c).float() for lv, c in zip(self.stack, codes.unbind(axis)))
+        # each level's latent rounded to its weights' dtype (outside autocast), as forward's levels give it
+        return sum(lv._in_weight_dtype(lv._decode(c)).float() for lv, c in zip(self.stack, codes.unbind(axis)))
 
     def _beam(self, z: Tensor) -> QuantizerOutput:
         """Beam search over the levels (see ``beam_size``); the best path's codes, decoded."""

@@ -94,4 +94,4 @@ class SimVQ(Quantizer):
         return QuantizerOutput(quantized, idx.reshape(lead), losses, metrics)
 
     def _decode(self, codes: Tensor) -> Tensor:
-        return self.project_out(F.embedding(codes.long(), self.codebook))
+        return self._project_out(F.embedding(codes.long(), self.codebook))

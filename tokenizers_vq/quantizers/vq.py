@@ -245,7 +245,7 @@ class VectorQuantizer(Quantizer):
         return idx.reshape(lead)
 
     def _decode(self, codes: Tensor) -> Tensor:
-        return self.project_out(F.embedding(codes.long(), self.codebook))
+        return self._project_out(F.embedding(codes.long(), self.codebook))
 
     @torch.no_grad()
     def candidates(self, z: Tensor, k: int) -> Tensor:
