@@ -262,13 +262,8 @@ def test_masked_positions_count_nowhere(name: str):
         q(z, mask=mask.float())
 
 
-# forward of these does not take low-precision weights outside autocast yet (a dtype mismatch in a projection)
-FP32_WEIGHTS_ONLY = ("multiscale-var", "random-projection", "projected-vq-features", "projected-vq-self-init-mlp",
-                     "hierarchical-vq", "hierarchical-residual-fsq")
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", [n for n in QUANTIZERS if n not in FP32_WEIGHTS_ONLY])
+@pytest.mark.parametrize("name", QUANTIZERS)
 def test_low_precision_weights_encode_and_decode_as_forward(name: str, dtype: torch.dtype):
     """Weights cast to bf16 / fp16, no autocast: encode gives forward's codes, decode its latent."""
     dim, q = make(name)

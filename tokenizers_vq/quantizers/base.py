@@ -49,6 +49,17 @@ def _check_code_range(lo_hi: Tensor, size: int) -> None:
         raise ValueError(f"codes out of range: found values in [{lo}, {hi}], valid range is [0, {size})")
 
 
+def as_weights(layer: nn.Module, x: Tensor) -> Tensor:
+    """``x`` in the dtype of ``layer``'s first floating parameter outside autocast (fp32 values
+    into a layer of bf16 or fp16 weights); as it is under autocast or for a layer without any."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x
+    for p in layer.parameters():
+        if p.is_floating_point():
+            return x if p.dtype == x.dtype else x.to(p.dtype)
+    return x
+
+
 @dataclass
 class QuantizerOutput:
     """What every quantizer's ``forward`` returns.
@@ -179,13 +190,9 @@ class Quantizer(nn.Module, ABC):
         return self._forward(z).codes
 
     def _project_out(self, x: Tensor) -> Tensor:
-        """``project_out(x)`` for looked-up values ``x`` (fp32 codebooks and levels): outside
-        autocast ``x`` is first cast to the projection's weight dtype, as ``_forward`` feeds it
-        (bf16 or fp16 weights); an identity projection passes ``x`` as it is."""
-        w = getattr(self.project_out, "weight", None)
-        if w is not None and x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(w.dtype)
-        return self.project_out(x)
+        """``project_out(x)`` for looked-up values ``x`` (fp32 codebooks and levels), fed as
+        ``_forward`` feeds it (:func:`as_weights`)."""
+        return self.project_out(as_weights(self.project_out, x))
 
     def decode(self, codes: Tensor) -> Tensor:
         """Latents ``(B, *S, D)`` for codes ``(B, *S, *code_shape)``."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_same_codes, merge_outputs
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, as_weights, check_same_codes, merge_outputs
 
 
 @dataclass
@@ -133,10 +133,10 @@ class HierarchicalQuantizer(Quantizer):
         return HierarchicalOutput(quantized, codes, losses, metrics, per_level)
 
     def _up(self, top_q: Tensor, spatial: tuple[int, ...]) -> Tensor:
-        return self.top_out(upsample2(top_q.float(), spatial))
+        return self.top_out(as_weights(self.top_out, upsample2(top_q.float(), spatial)))
 
     def _mix(self, bottom_q: Tensor, up: Tensor) -> Tensor:
-        return self.out(torch.cat([bottom_q.float(), up.float()], -1))
+        return self.out(as_weights(self.out, torch.cat([bottom_q.float(), up.float()], -1)))
 
     def _decode(self, codes: Tensor) -> Tensor:
         n_inner = len(self.top.code_shape)

@@ -38,7 +38,7 @@ from tokenizers_vq.quantizers._functional import (
     perplexity,
     straight_through,
 )
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_choice, flatten_latent
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, as_weights, check_choice, flatten_latent
 from tokenizers_vq.quantizers.kmeans import kmeans
 
 Projector = Literal["linear", "mlp"]
@@ -296,7 +296,7 @@ class ProjectedCodebookVQ(Quantizer):
     def codebook(self) -> Tensor:
         """The projected ``(K, D)`` fp32 codebook (differentiable w.r.t. the projector)."""
         with torch.autocast(device_type=self.features.device.type, enabled=False):
-            c = self.projector(self.features.float())
+            c = self.projector(as_weights(self.projector, self.features.float())).float()
         return l2norm(c) if self.metric == "cosine" else c
 
     # ------------------------------------------------------------------------------------

@@ -64,13 +64,13 @@ class RandomProjectionQuantizer(Quantizer):
         x = flat.float()
         if self.normalize_input:
             x = F.layer_norm(x, x.shape[-1:])
-        return l2norm(x @ self.projection)
+        return l2norm(x @ self.projection.float())
 
     def _forward(self, z: Tensor) -> QuantizerOutput:
         flat, lead = flatten_latent(z)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            _, idx = nearest_codes(self._project(flat.detach()), self.codebook, "cosine")
-            q = self.codebook[idx] @ self.back
+            _, idx = nearest_codes(self._project(flat.detach()), self.codebook.float(), "cosine")
+            q = self.codebook.float()[idx] @ self.back.float()
             counts = code_histogram(idx, self._size)
             quantized = straight_through(flat.float(), q).to(z.dtype).reshape(*lead, -1)
         metrics = {"perplexity": perplexity(counts), "usage_batch": (counts > 0).float().mean()}
@@ -78,4 +78,4 @@ class RandomProjectionQuantizer(Quantizer):
 
     def _decode(self, codes: Tensor) -> Tensor:
         with torch.autocast(device_type=codes.device.type, enabled=False):
-            return self.codebook[codes.long()] @ self.back
+            return self.codebook.float()[codes.long()] @ self.back.float()
