@@ -31,3 +31,13 @@ def test_tasks_cover_each_layout_and_split():
     wide = tile_sweep.layouts(256)
     assert wide["norminit"].norm_init_min_block_d == 0 and wide["ext"].norm_init_min_block_d > 256
     assert tile_sweep.layouts(32)["padup"].pad_up_max_d[torch.bfloat16] >= 32
+
+
+def test_table_ranks_timed_launches_and_skips_failed_ones():
+    tile = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "HALF": False}
+    base = {"n": 32768, "k": 1024, "d": 256, "layout": "norminit", "split": None, "differ": 0}
+    rows = [{**base, "tile": None, "ms": 0.09}, {**base, "tile": tile, "ms": 0.06},
+            {**base, "tile": {**tile, "num_stages": 4}, "error": "OutOfResources: shared memory"},
+            {**base, "tile": {**tile, "BLOCK_K": 32}, "ms": float("nan")}]
+    lines = tile_sweep._table(rows, top=8).splitlines()[2:]
+    assert len(lines) == 2 and "autotuned" in lines[0] and "| 0.0600 | 1.50x |" in lines[1]
