@@ -1,6 +1,6 @@
 """Media files a user hands in or asks for that the codecs would get wrong: 16-bit
 greyscale photos are scaled to 8 bits (not clipped), pixels of unknown range are refused,
-and an output name whose suffix the modality is not written as is refused before any
+and an output name whose suffix the modality is not written as (images: Pillow's formats) is refused before any
 decoding, in one line from ``tvq``; video is written in the container its suffix names;
 tokens for another code shape are refused naming both shapes and the fix; an output that cannot
 be written is refused before any work; a failing input's error gets a line of its own."""
@@ -54,6 +54,20 @@ def test_audio_and_video_refuse_suffixes_they_are_not_written_as(tmp_path):
             assert container in f.format.name  # the container its suffix names, not MP4 under any name
         again, fps = load_video(path)
         assert again.shape == frames.shape and fps == 25.0
+
+
+def test_images_refuse_a_suffix_pillow_does_not_write_and_take_any_it_does(tmp_path):
+    tok = tiny("image")
+    photo = tmp_path / "p.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8)).save(photo)
+    tokens = encode_files(tok, [photo], tmp_path / "p.tvq")
+    for bad in ("p.xyz", "p.tvq.out"):
+        with pytest.raises(ValueError, match=r"cannot write image as .*name it \.png, \.jpg, \.webp"):
+            decode_file(tok, tokens, tmp_path / bad)
+        assert not (tmp_path / bad).exists()
+    for suffix in (".tiff", ".bmp", ".JPEG"):
+        [out] = decode_file(tok, tokens, tmp_path / f"back{suffix}")
+        assert Image.open(out).size == (48, 32)
 
 
 def test_decoding_into_an_unwritable_suffix_fails_before_decoding(tmp_path, monkeypatch, capsys):

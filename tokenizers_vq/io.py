@@ -15,9 +15,9 @@ from torch import Tensor
 from tokenizers_vq.errors import WriteError
 
 
-WRITES = {"audio": (".wav", ".flac", ".ogg"), "video": (".mp4", ".m4v", ".mov", ".mkv")}
-"""File suffixes each modality is written as (audio: also any other format the installed
-libsndfile writes, e.g. .mp3 or .aiff; images: whatever Pillow writes)."""
+WRITES = {"image": (".png", ".jpg", ".webp"), "audio": (".wav", ".flac", ".ogg"), "video": (".mp4", ".m4v", ".mov", ".mkv")}
+"""File suffixes each modality is written as (images: also any other format Pillow writes, e.g.
+.tiff or .bmp; audio: any other format the installed libsndfile writes, e.g. .mp3 or .aiff)."""
 
 
 def check_writable(modality: str, path: str | os.PathLike) -> None:
@@ -29,6 +29,11 @@ def check_writable(modality: str, path: str | os.PathLike) -> None:
         import soundfile as sf  # noqa: PLC0415
 
         if suffix[1:].upper() in sf.available_formats():  # soundfile's own rule for a file name
+            return
+    if modality == "image":
+        from PIL import Image  # noqa: PLC0415
+
+        if Image.registered_extensions().get(suffix) in Image.SAVE:  # Pillow's own rule for a file name
             return
     raise ValueError(f"cannot write {modality} as {suffix or 'a file without a suffix'} ({path}): "
                      f"name it {', '.join(WRITES[modality])}")
