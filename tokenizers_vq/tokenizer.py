@@ -30,6 +30,7 @@ from tokenizers_vq.modality import Modality
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.modality import names as modality_names
 from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
+from tokenizers_vq.quantizers.base import evaluating
 from tokenizers_vq.streaming import AudioDecodeStream, AudioEncodeStream, receptive_field
 from tokenizers_vq.tokenizer_config import QUANTIZER_KINDS, QuantizerConfig, TokenizerConfig  # noqa: F401 (re-exported)
 
@@ -239,11 +240,8 @@ class Tokenizer(nn.Module):
     def _encode_aligned(self, x: Tensor) -> Tensor | PackedCodes:
         if not self.training:  # the usual case: no mode switch (it walks every module, ~0.4 ms)
             return self.quantizer.encode(self.encoder(x).movedim(1, -1))
-        self.eval()
-        try:
+        with evaluating(self):  # each module's own mode back after (a part frozen in eval stays there)
             return self.quantizer.encode(self.encoder(x).movedim(1, -1))
-        finally:
-            self.train()
 
     def _check_dynamic(self) -> None:
         if self.media.region_cells is None:

@@ -49,6 +49,20 @@ def _check_code_range(lo_hi: Tensor, size: int) -> None:
         raise ValueError(f"codes out of range: found values in [{lo}, {hi}], valid range is [0, {size})")
 
 
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """Every submodule of ``module`` in eval mode inside the block, and each one's own mode
+    back after it (unlike ``train()``, which would put a part frozen in eval back in training)."""
+    modes = [(m, m.training) for m in module.modules()]
+    if any(training for _, training in modes):
+        module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def as_weights(layer: nn.Module, x: Tensor) -> Tensor:
     """``x`` in the dtype of ``layer``'s first floating parameter outside autocast (fp32 values
     into a layer of bf16 or fp16 weights); as it is under autocast or for a layer without any."""
@@ -165,23 +179,10 @@ class Quantizer(nn.Module, ABC):
         """Codes ``(B, *S, *code_shape)`` for latents ``z`` ``(B, *S, D)`` (-1 where
         ``mask`` is False, see :meth:`forward`). Never updates codebook statistics."""
         self._check_latent(z, defer=True)
-        with self._evaluating():
+        with evaluating(self):  # a child left training is not trained
             if mask is not None:
                 return self._forward_masked(z, mask).codes
             return self._codes(self._in_weight_dtype(z))
-
-    @contextlib.contextmanager
-    def _evaluating(self):
-        """Every module of this quantizer in eval mode inside the block, each one's own mode
-        after it (a child frozen in eval stays there; one left training is not trained)."""
-        modes = [(m, m.training) for m in self.modules()]
-        if any(training for _, training in modes):
-            self.eval()
-        try:
-            yield
-        finally:
-            for m, training in modes:
-                m.training = training
 
     def _codes(self, z: Tensor) -> Tensor:
         """``_forward(z).codes`` in eval mode. A quantizer overrides it to skip what
