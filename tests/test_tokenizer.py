@@ -292,10 +292,15 @@ def test_a_quantizer_of_your_own_is_named_by_import_path(tmp_path):
         QuantizerConfig("tokenizers_vq.quantizers.fsq:FSQ", {"level": [5]})
 
 
-def test_encode_while_training_leaves_each_part_in_its_own_mode():
+def test_encode_and_training_samples_leave_each_part_in_its_own_mode(tmp_path):
+    from tokenizers_vq import samples  # noqa: PLC0415
+
     tok = tiny("image").train()
     tok.encoder.eval()  # a part frozen for fine-tuning the rest
     before = {k: v.clone() for k, v in tok.quantizer.state_dict().items()}
     tok.encode(torch.rand(1, 3, 32, 32) * 2 - 1)
     assert tok.training and tok.decoder.training and tok.quantizer.training and not tok.encoder.training
     assert all(torch.equal(before[k], v) for k, v in tok.quantizer.state_dict().items())  # encode trains nothing
+    samples.write(tok, [shared_path("images", "bsds500", "val", "3096.jpg")], tmp_path / "samples", n_items=1)
+    assert (tmp_path / "samples" / "reconstructions.png").is_file()
+    assert tok.training and tok.decoder.training and not tok.encoder.training

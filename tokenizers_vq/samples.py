@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.quantizers._functional import code_histogram
+from tokenizers_vq.quantizers.base import evaluating
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import decode_record, encode_file
 from tokenizers_vq.viz import image_grid, spectrogram_plot, usage_plot
@@ -58,17 +59,15 @@ def write(tok: Tokenizer, files: list[Path], out_dir: Path, n_items: int = 4, ma
     if tok.is_dynamic:
         raise ValueError("training samples are written for fixed-grid tokenizers only; this one has dynamic-length "
                          "codes: set sample_every=0 and check it with Tokenizer.encode/decode")
-    was_training = tok.training
-    tok.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, all_codes = [], []
-    for i, f in enumerate(files[:n_items]):
-        rec = encode_file(tok, f, max_frames=tok.config.clip_frames)
-        all_codes.append(rec.codes.reshape(-1, tok.quantizer.num_codebooks))
-        rows += _ITEM_SAMPLES[tok.modality](tok, f, decode_record(tok, rec), i, rec.info, out_dir, max_seconds)
+    with evaluating(tok):  # each part's own mode back after, also when a file fails
+        for i, f in enumerate(files[:n_items]):
+            rec = encode_file(tok, f, max_frames=tok.config.clip_frames)
+            all_codes.append(rec.codes.reshape(-1, tok.quantizer.num_codebooks))
+            rows += _ITEM_SAMPLES[tok.modality](tok, f, decode_record(tok, rec), i, rec.info, out_dir, max_seconds)
     if rows:
         image_grid(rows, out_dir / "reconstructions.png")
     codes = torch.cat(all_codes)
     counts = {f"codebook {j}": code_histogram(codes[:, j], tok.quantizer.codebook_size) for j in range(min(codes.shape[1], 4))}
     usage_plot(counts, out_dir / "codebook_usage.png", title=f"codebook usage on {len(all_codes)} items")
-    tok.train(was_training)
