@@ -73,7 +73,8 @@ def fixed_tile(block_d: int) -> dict:
 def tile_set(wide: bool) -> list[dict]:
     """Every tile a launch may pick for wide (``BLOCK_D > 128``) or narrow rows: the autotuner's
     set, the fixed tile of small problems and the interpreter's."""
-    configs = _configs()[WIDE_CONFIGS:] if wide else _configs()[:WIDE_CONFIGS]
+    configs = _configs()
+    configs = configs[WIDE_CONFIGS:] if wide else configs[:WIDE_CONFIGS]
     return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs] + \
         [fixed_tile(256 if wide else 128), INTERPRET_TILE]
 

@@ -73,17 +73,23 @@ def applies(dtype: torch.dtype, d: int, metric: str, precision: str, groups: int
     if metric != "l2" or not (dtype == torch.bfloat16 or (dtype == torch.float32 and precision == "tf32")):
         return False
     lay = layout(dtype, d, plan)
-    if lay is None or 2**plan.tile_bits * MIN_TAG_COLS[lay[0] > 128] < SPLIT_QUANTUM:  # no room for one split
+    if lay is None or _cap(plan.tile_bits, MIN_TAG_COLS[lay[0] > 128]) < SPLIT_QUANTUM:  # no room for one split
         return False
     return aug_bytes(dtype, groups, k, d, plan) <= plan.max_aug_bytes
+
+
+def _cap(tile_bits: int, cols: int) -> int:
+    """``2^tile_bits`` tags of ``cols`` codes rounded down to a multiple of ``SPLIT_QUANTUM``;
+    0 for tile bits outside the key's 1-22."""
+    return 2**tile_bits * cols // SPLIT_QUANTUM * SPLIT_QUANTUM if 0 < tile_bits < 23 else 0
 
 
 def max_split(tile_bits: int, cols: int) -> int:
     """Most codes one program may walk: ``2^tile_bits`` tags of ``cols`` codes (the tile's
     :func:`tag_cols`, or the fewest of any tile the launch may pick, ``MIN_TAG_COLS``), rounded
     down to a multiple of ``SPLIT_QUANTUM``."""
-    cap = 2**tile_bits * cols // SPLIT_QUANTUM * SPLIT_QUANTUM
-    if cap < SPLIT_QUANTUM or not 0 < tile_bits < 23:
+    cap = _cap(tile_bits, cols)
+    if cap < SPLIT_QUANTUM:
         raise ValueError(f"tile_bits={tile_bits} leaves no room for one split of {SPLIT_QUANTUM} codes")
     return cap
 

@@ -73,10 +73,9 @@ def tasks(cases: list[tuple[int, int, int]], splits: dict[tuple, tuple]) -> list
         d = case[2]
         for name, p in layouts(d).items():
             block_d, ext = packed_launch.layout(torch.bfloat16, d, p)
-            norm_init = name == "norminit" and ext > 0
-            width = block_d + (0 if norm_init else ext)
             if name == "norminit" and ext == 0:
                 continue  # spare columns: no norm-init variant
+            width = block_d + (0 if name == "norminit" else ext)
             for split in splits.get(case, (None,)):
                 out.append((case, name, split, None))
                 out.extend((case, name, split, t) for t in tiles(width))

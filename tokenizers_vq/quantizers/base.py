@@ -10,7 +10,6 @@ for audio, ``(H, W)`` for images, ``(T, H, W)`` for video). Codes have shape
 from __future__ import annotations
 
 import contextlib
-
 import functools
 import math
 from abc import ABC, abstractmethod

@@ -132,7 +132,7 @@ class MultiScaleResidualQuantizer(Quantizer):
         size = tuple(codes.shape[1:-1])
         f = None
         for c in self.scale_codes(codes):
-            up = self._up(self.vq._in_weight_dtype(self.vq.decode(c)).movedim(-1, 1), size)  # forward's dtype
+            up = self._up(self.vq._in_weight_dtype(self.vq._decode(c)).movedim(-1, 1), size)  # checked by decode; forward's dtype
             f = up if f is None else f + up
         return f
 

@@ -69,8 +69,9 @@ class RandomProjectionQuantizer(Quantizer):
     def _forward(self, z: Tensor) -> QuantizerOutput:
         flat, lead = flatten_latent(z)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            _, idx = nearest_codes(self._project(flat.detach()), self.codebook.float(), "cosine")
-            q = self.codebook.float()[idx] @ self.back.float()
+            cb = self.codebook.float()
+            _, idx = nearest_codes(self._project(flat.detach()), cb, "cosine")
+            q = cb[idx] @ self.back.float()
             counts = code_histogram(idx, self._size)
             quantized = straight_through(flat.float(), q).to(z.dtype).reshape(*lead, -1)
         metrics = {"perplexity": perplexity(counts), "usage_batch": (counts > 0).float().mean()}

@@ -15,6 +15,12 @@ from tokenizers_vq.quantizers._functional import code_histogram, perplexity
 from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_same_codes, merge_outputs
 
 
+
+def _level_latent(level: Quantizer, codes: Tensor) -> Tensor:
+    """A level's latent for its ``codes``, rounded to its weights' dtype outside autocast: the
+    values (and dtype) its forward gives the residual stack."""
+    return level._in_weight_dtype(level._decode(codes))
+
 class ResidualQuantizer(Quantizer):
     """``L`` quantizers applied to successive residuals; codes gain a level axis.
 
@@ -100,16 +106,13 @@ class ResidualQuantizer(Quantizer):
             return self._beam(z).codes
         residual, codes = z, []
         for level in self.stack:  # each level's search and lookup, without its losses and metrics
-            zc = level._in_weight_dtype(residual)
-            c = level._codes(zc)
-            residual = residual - level._decode(c).to(zc.dtype).to(residual.dtype)  # the dtypes of forward's
-            codes.append(c)
+            codes.append(c := level._codes(level._in_weight_dtype(residual)))
+            residual = residual - _level_latent(level, c).to(residual.dtype)
         return torch.stack(codes, dim=z.ndim - 1)
 
     def _decode(self, codes: Tensor) -> Tensor:
         axis = codes.ndim - len(self.code_shape)
-        # each level's latent rounded to its weights' dtype (outside autocast), as forward's levels give it
-        return sum(lv._in_weight_dtype(lv._decode(c)).float() for lv, c in zip(self.stack, codes.unbind(axis)))
+        return sum(_level_latent(lv, c).float() for lv, c in zip(self.stack, codes.unbind(axis)))
 
     def _beam(self, z: Tensor) -> QuantizerOutput:
         """Beam search over the levels (see ``beam_size``); the best path's codes, decoded."""

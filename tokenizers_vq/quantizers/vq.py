@@ -190,13 +190,17 @@ class VectorQuantizer(Quantizer):
         return (c - self.latent_mean) / (self.latent_var + 1e-5).sqrt() * (self.embed_std + 1e-5) + self.embed_mean
 
     # ------------------------------------------------------------------------------------
-    def _forward(self, z: Tensor) -> QuantizerOutput:
-        x = self.project_in(z)
-        flat, lead = flatten_latent(x)
+    def _rows(self, z: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+        """``(flat, xf, lead)``: the projected latent's rows (under the caller's autocast), the
+        same rows in fp32 as the search sees them (unit rows for ``cosine``), the leading shape."""
+        flat, lead = flatten_latent(self.project_in(z))
         with torch.autocast(device_type=z.device.type, enabled=False):
             xf = flat.float()
-            if self.metric == "cosine":
-                xf = l2norm(xf)
+            return flat, (l2norm(xf) if self.metric == "cosine" else xf), lead
+
+    def _forward(self, z: Tensor) -> QuantizerOutput:
+        flat, xf, lead = self._rows(z)
+        with torch.autocast(device_type=z.device.type, enabled=False):
             if self.training and not self._initted:
                 self._kmeans(xf.detach())
             if self.training and self.affine:
@@ -236,11 +240,8 @@ class VectorQuantizer(Quantizer):
         return QuantizerOutput(quantized, idx.reshape(lead), losses, metrics)
 
     def _codes(self, z: Tensor) -> Tensor:
-        flat, lead = flatten_latent(self.project_in(z))  # the search of _forward in eval, and nothing else
+        _, xf, lead = self._rows(z)  # the search of _forward in eval, and nothing else
         with torch.autocast(device_type=z.device.type, enabled=False):
-            xf = flat.float()
-            if self.metric == "cosine":
-                xf = l2norm(xf)
             _, idx = nearest_codes(xf, self.codebook, self.metric, self.backend)
         return idx.reshape(lead)
 
