@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call: the kernel test suite on the GPU (issue 3; in-process CUDA groups,
-# CUDA-graph capture, inductor) beside two short audio trainings (issue 4): without an
+# One device call: the kernel test suite on the GPU (in-process CUDA groups, CUDA-graph
+# capture, inductor) beside two short audio trainings: without an
 # adversary, and with the adversary balanced by VQGAN's adaptive weight.
 #   device run, carry [.devdata, .whl]:  bash eval/gpu/kernel_tests_and_audio.sh
 set -u

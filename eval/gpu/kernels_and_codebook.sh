@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# One device call for the two open GPU targets: the kernel benchmark alone on the GPU
+# One device call: the kernel benchmark alone on the GPU
 # (default kernel and the tiled kernel side by side with the peers), then the kernel GPU tests
 # and the LPIPS-vs-lpips-package test side by side with the projected-codebook
-# utilisation run (issue 5) at K = ${CODEBOOK_K:-100000} over all 100 val photos.
+# utilisation run at K = ${CODEBOOK_K:-100000} over all 100 val photos.
 #   here first: python eval/gpu/prepare_data.py images-train images-val
 #   device run, carry [.devdata/images, .whl]:  bash eval/gpu/kernels_and_codebook.sh
 #   SKIP_BENCH=1 / SKIP_TESTS=1 / SKIP_CODEBOOK=1 leave a part out; SWEEP_PARTS=wide,... runs those
 #   parts of eval/benchmarks/sweep.py first; TESTS_K narrows the GPU tests (pytest -k); RD=1 adds the rate-distortion
-#   table (next session: SKIP_BENCH=1 SKIP_TESTS=1 RD=1 gives issue 5's utilisation and RD in one call); the timeouts below sum to
+#   table (SKIP_BENCH=1 SKIP_TESTS=1 RD=1 gives the utilisation and the table in one call); the timeouts below sum to
 #   under the device tool's 600 s per call, and at most 8 files land in $OUT
 #   (3 logs, 3 bench, 2 codebook).
 set -u
@@ -34,7 +34,7 @@ if [ "${SKIP_CODEBOOK:-0}" != 1 ]; then
   echo "codebook exit $?" >> "$OUT/codebook.log"
 fi
 wait
-if [ "${RD:-0}" = 1 ]; then  # issue 5's rate-distortion table of the shrunk image tokenizer, in the same call
+if [ "${RD:-0}" = 1 ]; then  # the rate-distortion table of the shrunk image tokenizer, in the same call
   # as the utilisation run; use with SKIP_BENCH=1 SKIP_TESTS=1 (8 files at most in $OUT)
   timeout "${RD_TIMEOUT:-200}" python3 -m tokenizers_vq.eval.rate_distortion .devdata/images/val 100 "$OUT/rd" \
     --sizes 256,64,16 --device cuda > "$OUT/rd.log" 2>&1

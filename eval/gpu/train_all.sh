@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (issues 4, 5, 7): trains the image, audio and video tokenizers side by
+# One device call: trains the image, audio and video tokenizers side by
 # side on one GPU within a time budget, measures 100k-code utilisation, then exports
 # image tokens with the new image model and trains the small prior on them.
 #   python eval/gpu/prepare_data.py images-train images-val audio video   # here, first
