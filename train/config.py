@@ -26,6 +26,9 @@ class DataConfig:
     val_fraction: float = 0.0  # without a val folder: hold apart the last files (e.g. unseen speakers)
     max_items: int = 0  # use at most this many files (0: all)
     max_frames: int = 120  # video: frames decoded per file
+    stills: str = ""  # video: a folder of photos, each panned across into clips ("": none)
+    stills_fraction: float = 0.5  # video: the share of a batch's clips cut from the photos
+    max_pan: int = 4  # video: the fastest pan across a photo, pixels per frame on each axis
 
 
 @dataclass

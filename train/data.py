@@ -24,17 +24,38 @@ class MediaFolder:
     Items: images ``(3, H, W)`` uint8, audio ``(T,)`` float16 mono at
     ``sample_rate``, video ``(3, T, H, W)`` uint8 (at most ``max_frames`` frames).
 
+    Video can also learn from photos (``stills``): a still becomes a clip of a camera
+    panning across it at a constant whole-pixel speed (:meth:`pan`), so scenes no clip
+    shows still come with motion; ``stills_fraction`` of a batch's clips are drawn from them.
+
     Args:
         files: media files.
         modality: ``"image"``, ``"audio"`` or ``"video"``.
         sample_rate: audio: model rate (files are resampled).
         max_frames: video: frames kept per file.
+        stills: video: photos to pan across.
+        stills_fraction: video: the chance that a clip of a batch comes from ``stills``.
+        max_speed: video: the largest pan, in pixels per frame along each axis.
     """
 
-    def __init__(self, files: list[Path], modality: str, sample_rate: int | None = None, max_frames: int = 120):
+    def __init__(self, files: list[Path], modality: str, sample_rate: int | None = None, max_frames: int = 120,
+                 stills: list[Path] | None = None, stills_fraction: float = 0.5, max_speed: int = 4):
+        if stills and modality != "video":
+            raise ValueError(f"stills (photos panned into clips) train video models, not {modality} ones: "
+                             "leave data.stills empty")
+        if stills and not 0 < stills_fraction <= 1:
+            raise ValueError(f"stills_fraction={stills_fraction}: expected a share in (0, 1]")
+        if max_speed < 0:
+            raise ValueError(f"max_speed={max_speed}: expected pixels per frame >= 0")
         self.modality, self.files = modality, files
         self.media = get_modality(modality)
         self.items: list[Tensor] = []
+        self.stills: list[Tensor] = []
+        self.stills_fraction, self.max_speed = stills_fraction, max_speed
+        image = get_modality("image")
+        for f in tqdm(stills or [], desc=f"loading {len(stills or [])} stills", leave=False,
+                      disable=len(stills or []) < 20):
+            self.stills.append((image.load_media(f, None, 1) * 255).round().to(torch.uint8))
         for f in tqdm(files, desc=f"loading {len(files)} {modality} files", leave=False, disable=len(files) < 20):
             media = self.media.load_media(f, sample_rate, max_frames)
             if not self.media.has_pixels and media.numel():  # refused here, naming the file, not at some later step
@@ -80,6 +101,27 @@ class MediaFolder:
         start = int(torch.randint(0, t - frames + 1, (1,), generator=gen))
         return item[:, start : start + frames]
 
+    def pan(self, photo: Tensor, frames: int, size: int, gen: torch.Generator) -> Tensor:
+        """``(3, H, W)`` uint8 photo -> ``(3, frames, size, size)`` in [-1, 1]: a ``size``
+        window moving by ``(dy, dx)`` whole pixels per frame (each in ``[-max_speed,
+        max_speed]``, slowed where the photo is too small for the whole path), from a random
+        start that keeps the path inside the photo; flipped left-right at random."""
+        h, w = photo.shape[-2:]
+        steps = max(frames - 1, 1)
+        starts, speeds = [], []
+        for side in (h, w):
+            room = max(side - size, 0)
+            fastest = min(self.max_speed, room // steps)
+            v = int(torch.randint(-fastest, fastest + 1, (1,), generator=gen))
+            span = abs(v) * (frames - 1)
+            first = int(torch.randint(0, room - span + 1, (1,), generator=gen))
+            starts.append(first + span if v < 0 else first)
+            speeds.append(v)
+        (top, left), (dy, dx) = starts, speeds
+        clip = torch.stack([photo[:, top + t * dy : top + t * dy + size, left + t * dx : left + t * dx + size]
+                            for t in range(frames)], dim=1)
+        return self.crop(clip, size, gen)  # (pads a photo smaller than the window; flips)
+
     def batch(self, batch_size: int, size: int, seed: int, step: int, rank: int = 0, frames: int = 17) -> Tensor:
         """The batch of a step: ``(B, 3, size, size)``, ``(B, 1, size)`` or
         ``(B, 3, frames, size, size)``, a pure function of ``(seed, step, rank)``."""
@@ -87,6 +129,10 @@ class MediaFolder:
         idx = torch.randint(0, len(self.items), (batch_size,), generator=gen)
         out = []
         for i in idx.tolist():
+            if self.stills and bool(torch.rand((), generator=gen) < self.stills_fraction):
+                photo = self.stills[int(torch.randint(0, len(self.stills), (1,), generator=gen))]
+                out.append(self.pan(photo, frames, size, gen))
+                continue
             item = self.items[i]
             if self.media.clips:
                 item = self.clip(item, frames, gen)

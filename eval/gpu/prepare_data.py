@@ -5,6 +5,7 @@ small enough to travel with the working tree (the device tool carries 64 MiB in 
     python eval/gpu/prepare_data.py images-train images-val       # benchmark call
     python eval/gpu/prepare_data.py audio video --audio-part 0 --audio-parts 2 --max-frames 48
     python eval/gpu/prepare_data.py video video-val --max-frames 120 --frame-start 120 --jpeg-quality 85
+    python eval/gpu/prepare_data.py stills     # photos for a video run to pan across (data.stills)
 
 ``--audio-part K --audio-parts N`` keeps every N-th training speaker from the K-th, so that
 successive calls train on different speakers when all of them do not fit in one call.
@@ -98,7 +99,7 @@ def video_frames(src: Path, dest: Path, max_side: int = 256, max_frames: int = 9
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="+", choices=["images-train", "images-val", "audio", "video", "video-val", "shoot"])
+    p.add_argument("what", nargs="+", choices=["images-train", "images-val", "audio", "video", "video-val", "shoot", "stills"])
     p.add_argument("--audio-mb", type=float, default=18.0)
     p.add_argument("--audio-part", type=int, default=0)
     p.add_argument("--audio-parts", type=int, default=1)
@@ -119,6 +120,10 @@ def main() -> None:
             bsds = SHARED / "images" / "bsds500"
             sizes[what] = webp_files(sorted((bsds / "train").glob("*.jpg"))[:150], DEST / "shoot" / "train", 90)
             sizes[what] += copy_files(sorted((bsds / "val").glob("*.jpg"))[:25], DEST / "shoot" / "val")
+        elif what == "stills":  # photos a video run pans across (data.stills): the frames' scale, WebP q90
+            photos = sorted((SHARED / "images" / "bsds500" / "train").glob("*.jpg"))
+            photos += sorted((SHARED / "images" / "wikipedia_photos").glob("*.png"))
+            sizes[what] = webp_files(photos, DEST / "stills", 90, max_side=256)
         elif what.startswith("images"):
             split = what.split("-")[1]
             src = sorted((SHARED / "images" / "bsds500" / split).glob("*.jpg"))

@@ -8,7 +8,8 @@
 # [1, 2, 3, 4] (7.4 M), vd two residual blocks per decoder level only (7.2 M; INIT_vd=video grows
 # the shipped decoder, the added blocks starting as the identity); the 16 MiB fp16 limit of a shipped
 # model allows about 8 M); ve the shipped shape on 17-frame clips, the length it codes in (twice the
-# frames per step)
+# frames per step); vs the shipped shape with half of each batch's clips panned across photos
+# (prepare_data.py stills: .devdata/stills, 210 photos at the frames' scale)
 # Each run comes back as $OUT/<run>.tar (fp16 release model, metrics.jsonl, summary, log);
 # video runs are scored on the held-apart clip here and only the best one comes back.
 # A run whose out_dir (runs/<run>) holds a checkpoint from an earlier call on the same
@@ -43,10 +44,11 @@ declare -A ARGS=(
   [vc]="$video --model.backbone.channel_mult=[1,2,3,4] --model.backbone.num_res_blocks=2 --model.name=tvq-video-4x8x8-fsq-deep"
   [vd]="$video --model.backbone.decoder_res_blocks=2 --model.name=tvq-video-4x8x8-fsq-deepdec"
   [ve]="$video --data.clip_frames=17"
+  [vs]="$video --data.stills=$D/stills --data.stills_fraction=0.5"
   [ig]="$image"
   [il]="$image --loss.adversarial=0"
 )
-declare -A DATA=([s50]=audio [s67]=audio [sc]=audio [r4]=audio [sr4]=audio [va]=video [vb]=video [vc]=video [vd]=video [ve]=video
+declare -A DATA=([s50]=audio [s67]=audio [sc]=audio [r4]=audio [sr4]=audio [va]=video [vb]=video [vc]=video [vd]=video [ve]=video [vs]=video
                  [ig]=images [il]=images)
 if [ -n "${PROFILE:-}" ]; then
   pe="EXTRA_$PROFILE"

@@ -354,3 +354,14 @@ def test_the_learning_rate_decays_to_zero_over_the_last_steps(tmp_path):
     flat = Trainer(config("image", tmp_path / "flat", 2))
     flat.train()
     assert flat.opt_g.param_groups[0]["lr"] == pytest.approx(3e-3)
+
+
+def test_the_video_trainer_pans_the_configured_stills(tmp_path):
+    pytest.importorskip("av", reason="PyAV is needed for video files")
+    stills = shared_path("images", "bsds500", "val")
+    tr = Trainer(config("video", tmp_path, 2, **{"data.stills": str(stills), "data.stills_fraction": 1.0}))
+    assert len(tr.train_data.stills) == 4  # data.max_items caps the photos too
+    x = tr.train_data.batch(2, tr.crop, seed=0, step=0, frames=tr.cfg.data.clip_frames)
+    assert x.shape == (2, 3, 5, 32, 32)
+    tr.train()
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]

