@@ -43,14 +43,15 @@ def _decode(args: argparse.Namespace) -> int:
     from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY  # noqa: PLC0415
     from tokenizers_vq.tokens import decode_file, load_tokens  # noqa: PLC0415
 
-    default = None
-    if not args.model:
-        meta, _ = load_tokens(args.tokens)
-        default = DEFAULT_FOR_MODALITY.get(meta["modality"], "image")
+    meta, _ = load_tokens(args.tokens)
+    default = None if args.model else DEFAULT_FOR_MODALITY.get(meta["modality"], "image")
     tok = _load_model(args, default)
     if not args.model and meta["model_id"] != tok.config.name:
         raise ValueError(f"{args.tokens} was written by model {meta['model_id']!r}, not by the embedded "
                          f"{default} model {tok.config.name!r}; pass --model DIR of the model that wrote it")
+    if meta["model_id"] != tok.config.name:  # same kind of codes (checked next), another model's decoder
+        print(f"tvq: warning: {args.tokens} was written by model {meta['model_id']!r}; decoding with "
+              f"{tok.config.name!r}, whose decoder may read its codes differently", file=sys.stderr)
     for path in decode_file(tok, args.tokens, args.output):
         print(f"wrote {path}")
     return 0

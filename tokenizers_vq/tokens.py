@@ -14,6 +14,9 @@ The safetensors metadata (string to string) holds:
   ``sample_rate`` (audio), ``fps`` (video), ``channels`` of the source, and
   ``sha256``: the hex sha256 of the item's tensor data as stored (little-endian, C
   order), checked by :func:`load_tokens` (files written without it load unchecked).
+- ``header_sha256``: the hex sha256 of ``model_id``, ``modality``, ``codebook_size``,
+  ``code_shape`` and ``items`` as stored, each followed by a newline: with the items'
+  own digests it covers the whole file (files written without it load unchecked).
 
 Decoding checks each item's grid against the one the model gives for its recorded
 ``size`` (:meth:`~tokenizers_vq.tokenizer.Tokenizer.grid_shape`).
@@ -144,7 +147,44 @@ def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[Token
         "code_shape": json.dumps(list(q.code_shape)),
         "items": json.dumps(items),
     }
+    meta["header_sha256"] = header_sha256(meta)
     return atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata=meta))
+
+
+_HEADER = ("model_id", "modality", "codebook_size", "code_shape", "items")
+
+
+def header_sha256(meta: dict[str, str]) -> str:
+    """The ``header_sha256`` of a token file's metadata (see the module docstring)."""
+    return tensor_sha256(*(meta[k] + "\n" for k in _HEADER))
+
+
+class _Damaged(ValueError):
+    """What is wrong in a token file's header or tensors (:func:`load_tokens` names the file)."""
+
+
+def _check_header(meta: dict[str, str], items: Any) -> None:
+    """Raise :class:`_Damaged` naming the first field of a token file's header that is missing,
+    altered (``header_sha256``) or not of its type."""
+    missing = [k for k in _HEADER if not isinstance(meta.get(k), str)]
+    if missing:
+        raise _Damaged(f"its header lacks {', '.join(missing)}")
+    digest = meta.get("header_sha256")
+    if digest is not None and digest != header_sha256(meta):
+        raise _Damaged("its header does not match its recorded header_sha256: it was altered or damaged "
+                         "after it was written")
+    if not meta["codebook_size"].isdigit():
+        raise _Damaged(f"codebook_size {meta['codebook_size']!r} is not a whole number")
+    shape = json.loads(meta["code_shape"])
+    if not isinstance(shape, list) or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise _Damaged(f"code_shape {meta['code_shape']!r} is not a list of positive whole numbers")
+    if not isinstance(items, list):
+        raise _Damaged("its items are not a list")
+    for i, it in enumerate(items):
+        size = it.get("size") if isinstance(it, dict) else None
+        if not (isinstance(size, list) and size and all(isinstance(n, int) and n > 0 for n in size)
+                and isinstance(it.get("source"), str)):
+            raise _Damaged(f"item {i} lacks a source name or a size of positive whole numbers")
 
 
 def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenRecord]]:
@@ -165,10 +205,13 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a {FORMAT} token file (format={meta.get('format')!r})")
-            items = json.loads(meta["items"])
+            items = json.loads(meta["items"]) if isinstance(meta.get("items"), str) else None
+            _check_header(meta, items)
             records = []
             for i, it in enumerate(items):
                 codes, digest = f.get_tensor(f"codes.{i}"), it.pop("sha256", None)
+                if codes.dtype not in (torch.int32, torch.int64):
+                    raise _Damaged(f"item {i} ({it['source']}) holds {codes.dtype} codes, not int32 or int64")
                 if digest is not None and tensor_sha256(codes) != digest:
                     raise ValueError(f"{path}: item {i} ({it['source']}): its codes do not match their recorded "
                                      "sha256; the file was altered or damaged after it was written: encode the "
@@ -176,6 +219,8 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
                 records.append(TokenRecord(codes, it.pop("source"), it.pop("size"), it))
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"corrupt token file {path}: {e}") from e
+    except _Damaged as e:
+        raise ValueError(f"corrupt token file {path}: {e}; encode the sources again") from None
     return meta, records
 
 
@@ -198,6 +243,12 @@ def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | 
                  max_pixels: int | None = MAX_PIXELS) -> Path:
     """Encode media files into one token file (all inputs are read before anything is written;
     an output that cannot be written is refused before any is read)."""
+    target = Path(out)
+    kind = next((m for m, suffixes in SUFFIXES.items() if target.suffix.lower() in suffixes), None)
+    if kind is not None or any(target.resolve() == Path(p).resolve() for p in paths):
+        why = "is one of the inputs" if kind is None else f"has the suffix of {get_modality(kind).article} file"
+        raise ValueError(f"{out} {why}: the token file would be written over media; "
+                         f"name the token file {target.with_suffix('.tvq').name} (or any name without a media suffix)")
     check_can_write(out)
     with tqdm(paths, desc="encode", disable=len(paths) < 2) as bar:  # closed (its line ended) if an input fails
         records = [encode_file(tok, p, max_pixels=max_pixels) for p in bar]
@@ -223,7 +274,12 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
         check_writable(tok.modality, out)  # before any decoding
     elif len(records) > 1 and any(out.suffix.lower() in suffixes for suffixes in SUFFIXES.values()):
         raise ValueError(f"{tokens} holds {len(records)} items: name a folder for them, not the file {out.name}")
-    targets = [out] if single else [out / (Path(r.source).stem + tok.media.output_suffix) for r in records]
+    targets = [out] if single else _folder_targets(out, records, tok.media.output_suffix)
+    for rec, target in zip(records, targets):
+        if target.name == Path(rec.source).name and target.exists():
+            raise ValueError(f"{target} has the name of the file {rec.source} was encoded from, and exists: it may be "
+                             "that original, which the decoded copy would replace; decode into another folder "
+                             "or file name")
     if targets:  # a folder that cannot be written is found before any decoding
         check_can_write(targets[0])
     written = []
@@ -231,3 +287,17 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
         for rec, target in bar:
             written.append(save_media(tok, decode_record(tok, rec), rec, target))
     return written
+
+
+def _folder_targets(folder: Path, records: Sequence[TokenRecord], suffix: str) -> list[Path]:
+    """``<source stem><suffix>`` per record in ``folder``; where two records would get one
+    name (``a/x.jpg`` and ``b/x.jpg``, or ``x.jpg`` and ``x.png``), each of them is named
+    ``<stem>-<item index><suffix>`` instead, so no decoded item replaces another."""
+    names = [Path(r.source).stem + suffix for r in records]
+    taken = {n for n in names if names.count(n) > 1}
+    names = [f"{Path(r.source).stem}-{i}{suffix}" if n in taken else n for i, (r, n) in enumerate(zip(records, names))]
+    clash = next((n for n in names if names.count(n) > 1), None)
+    if clash is not None:
+        raise ValueError(f"two items would both be decoded to {folder / clash}; decode them with "
+                         "decode_record and name the files yourself")
+    return [folder / n for n in names]

@@ -1,0 +1,132 @@
+"""Token files guard what is already on disk: no token file over media, no decoded item over
+another or over its original, no altered header decoded as if it were whole."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from test_tokenizer import tiny
+from testdata import small_photos
+
+from tokenizers_vq.cli import main
+from tokenizers_vq.tokens import load_tokens
+
+
+@pytest.fixture()
+def image_model(tmp_path):
+    return tiny("image").save_pretrained(tmp_path / "image_model")
+
+
+def read_raw(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_a_token_file_named_as_media_or_as_an_input_is_refused_and_the_input_kept(tmp_path, image_model, capsys):
+    photo = small_photos(tmp_path / "photos", 1)[0]
+    before = photo.read_bytes()
+    for out in (photo, tmp_path / "tokens.jpg", tmp_path / "tokens.wav", tmp_path / "tokens.mp4"):
+        capsys.readouterr()
+        assert main(["encode", str(photo), "--model", str(image_model), "-o", str(out)]) == 2
+        err = one_error_line(capsys)
+        assert "would be written over media" in err and ".tvq" in err
+        assert out == photo or not out.exists()
+    assert photo.read_bytes() == before
+    assert main(["encode", str(photo), "--model", str(image_model), "-o", str(tmp_path / "tokens.bin")]) == 0
+
+
+def test_items_of_one_name_decode_to_files_of_their_own(tmp_path, image_model):
+    a, b = small_photos(tmp_path / "a", 2)
+    (tmp_path / "b").mkdir()
+    same = shutil.copy(b, tmp_path / "b" / a.name)  # another photo under a's name
+    tokens = tmp_path / "t.tvq"
+    assert main(["encode", str(a), str(same), str(b), "--model", str(image_model), "-o", str(tokens)]) == 0
+    out = tmp_path / "decoded"
+    assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{a.stem}-0.png", f"{a.stem}-1.png", f"{b.stem}.png"])
+    # the two photos named alike decode as the two different photos they were
+    assert (out / f"{a.stem}-1.png").read_bytes() == (out / f"{b.stem}.png").read_bytes()
+    assert (out / f"{a.stem}-0.png").read_bytes() != (out / f"{b.stem}.png").read_bytes()
+
+
+def test_decoding_over_the_original_is_refused_before_anything_is_written(tmp_path, image_model, capsys):
+    photos = small_photos(tmp_path / "photos", 2)
+    before = [p.read_bytes() for p in photos]
+    tokens = tmp_path / "t.tvq"
+    assert main(["encode", *map(str, photos), "--model", str(image_model), "-o", str(tokens)]) == 0
+    capsys.readouterr()
+    assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(tmp_path / "photos")]) == 2
+    assert "may be that original" in one_error_line(capsys)
+    assert [p.read_bytes() for p in photos] == before
+    single = tmp_path / "t1.tvq"
+    assert main(["encode", str(photos[0]), "--model", str(image_model), "-o", str(single)]) == 0
+    assert main(["decode", str(single), "--model", str(image_model), "-o", str(photos[0])]) == 2
+    assert photos[0].read_bytes() == before[0]
+    copy = tmp_path / "copy.png"
+    assert main(["decode", str(single), "--model", str(image_model), "-o", str(copy)]) == 0
+    assert main(["decode", str(single), "--model", str(image_model), "-o", str(copy)]) == 0  # its own output: rewritten
+
+
+@pytest.mark.parametrize("damage", ["dtype", "no codebook_size", "items not a list", "size not numbers"])
+def test_a_damaged_header_is_one_error_naming_the_file(tmp_path, image_model, capsys, damage):
+    tokens = tmp_path / "t.tvq"
+    assert main(["encode", *map(str, small_photos(tmp_path / "p", 1)), "--model", str(image_model),
+                 "-o", str(tokens)]) == 0
+    meta, tensors = read_raw(tokens)
+    items = json.loads(meta["items"])
+    if damage == "dtype":  # the same bytes, read as float
+        tensors["codes.0"] = tensors["codes.0"].view(torch.float32)
+    elif damage == "no codebook_size":
+        del meta["codebook_size"]
+    elif damage == "items not a list":
+        meta["items"] = json.dumps({"0": items[0]})
+    else:
+        items[0]["size"] = ["abc", 64]
+        meta["items"] = json.dumps(items)
+    if damage != "dtype":
+        meta.pop("header_sha256")  # also without the header's digest, the fields are checked
+    save_file(tensors, str(tokens), metadata=meta)
+    with pytest.raises(ValueError, match=f"corrupt token file {tokens}"):
+        load_tokens(tokens)
+    capsys.readouterr()
+    assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(tmp_path / "out.png")]) == 2
+    assert str(tokens) in one_error_line(capsys)
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_an_altered_header_fails_its_digest(tmp_path, image_model):
+    tokens = tmp_path / "t.tvq"
+    assert main(["encode", *map(str, small_photos(tmp_path / "p", 1)), "--model", str(image_model),
+                 "-o", str(tokens)]) == 0
+    meta, tensors = read_raw(tokens)
+    items = json.loads(meta["items"])
+    items[0]["size"][0] -= 1  # still a size the codes fit: only the digest can tell
+    save_file(tensors, str(tokens), metadata={**meta, "items": json.dumps(items)})
+    with pytest.raises(ValueError, match="does not match its recorded header_sha256"):
+        load_tokens(tokens)
+
+
+def test_decoding_with_another_model_of_the_same_codes_warns(tmp_path, image_model, capsys):
+    tokens = tmp_path / "t.tvq"
+    assert main(["encode", *map(str, small_photos(tmp_path / "p", 1)), "--model", str(image_model),
+                 "-o", str(tokens)]) == 0
+    other = tiny("image")
+    other.config.name = "someone-elses-model"
+    other_dir = other.save_pretrained(tmp_path / "other")
+    capsys.readouterr()
+    assert main(["decode", str(tokens), "--model", str(other_dir), "-o", str(tmp_path / "out.png")]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "someone-elses-model" in err and load_tokens(tokens)[0]["model_id"] in err
+    assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(tmp_path / "out2.png")]) == 0
+    assert "warning" not in capsys.readouterr().err
