@@ -40,21 +40,66 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY  # noqa: PLC0415
+    from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY, PRETRAINED  # noqa: PLC0415
     from tokenizers_vq.tokens import decode_file, load_tokens  # noqa: PLC0415
 
     meta, _ = load_tokens(args.tokens)
-    default = None if args.model else DEFAULT_FOR_MODALITY.get(meta["modality"], "image")
+    default = None
+    if not args.model:  # the embedded model that wrote it, else the modality's default (checked below)
+        default = _embedded_named(meta["model_id"]) or DEFAULT_FOR_MODALITY.get(meta["modality"], "image")
     tok = _load_model(args, default)
     if not args.model and meta["model_id"] != tok.config.name:
-        raise ValueError(f"{args.tokens} was written by model {meta['model_id']!r}, not by the embedded "
-                         f"{default} model {tok.config.name!r}; pass --model DIR of the model that wrote it")
+        raise ValueError(f"{args.tokens} was written by model {meta['model_id']!r}, which is not one of the embedded "
+                         f"models ({', '.join(PRETRAINED)}); pass --model DIR of the model that wrote it")
     if meta["model_id"] != tok.config.name:  # same kind of codes (checked next), another model's decoder
         print(f"tvq: warning: {args.tokens} was written by model {meta['model_id']!r}; decoding with "
               f"{tok.config.name!r}, whose decoder may read its codes differently", file=sys.stderr)
     for path in decode_file(tok, args.tokens, args.output):
         print(f"wrote {path}")
     return 0
+
+
+def _embedded_named(model_id: str) -> str | None:
+    """The name (``"speech-rvq"``, ...) of the embedded model whose config is named ``model_id``."""
+    import json  # noqa: PLC0415
+
+    from tokenizers_vq.tokenizer import PRETRAINED  # noqa: PLC0415
+
+    for name, folder in PRETRAINED.items():
+        config = folder / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("name") == model_id:
+            return name
+    return None
+
+
+def _default_for_folder(folder: str) -> str:
+    """The embedded model for a data folder with no ``--model``: ``image`` when it holds photos
+    (not only the frames of clips), else the one modality its files and clips are of.
+
+    Raises:
+        ValueError: it holds no photos but both audio and video.
+    """
+    from pathlib import Path  # noqa: PLC0415
+
+    from tokenizers_vq.media import SUFFIXES, is_frame_folder  # noqa: PLC0415
+    from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY  # noqa: PLC0415
+
+    root = Path(folder)
+    if not root.is_dir():
+        return "image"  # a tar source, or a missing folder (the listing names it)
+    found: dict[str, set[Path]] = {m: set() for m in SUFFIXES}
+    for p in root.rglob("*"):
+        kind = next((m for m, suffixes in SUFFIXES.items() if p.suffix.lower() in suffixes), None)
+        if kind is not None and p.is_file():
+            found[kind].add(p.parent if kind == "image" else p)
+    clips = {d for d in found["image"] if is_frame_folder(d)}
+    if found["image"] - clips:
+        return "image"
+    kinds = [m for m in ("audio", "video") if found[m] or (m == "video" and clips)]
+    if len(kinds) > 1:
+        raise ValueError(f"{folder} holds audio and video files; a model codes one modality: pass --model speech "
+                         "or --model video (or a model directory)")
+    return DEFAULT_FOR_MODALITY[kinds[0]] if kinds else "image"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -76,8 +121,13 @@ def _eval(args: argparse.Namespace) -> int:
     from tokenizers_vq.eval.report import write_report  # noqa: PLC0415
     from tokenizers_vq.media import list_media  # noqa: PLC0415
 
-    tok = _load_model(args)
-    files = list_media(args.data, tok.modality, args.max_items)
+    if args.max_items < 0:
+        raise ValueError(f"--max-items {args.max_items}: expected a count >= 1, or 0 for every file")
+    tok = _load_model(args, None if args.model else _default_for_folder(args.data))
+    out = Path(args.out).resolve()
+    files = [f for f in list_media(args.data, tok.modality)  # not the pictures of a report written inside it
+             if out not in f.resolve().parents]
+    files = files[: args.max_items] if args.max_items else files
     result = write_report(tok, files, args.out, args.model or "embedded default", lpips_weights=args.lpips_weights,
                           lpips_heads=args.lpips_heads, fid_weights=args.fid_weights, baselines=args.baselines)
     for k, v in result["summary"].items():
@@ -100,11 +150,15 @@ def _export(args: argparse.Namespace) -> int:
     from tokenizers_vq.media import list_media  # noqa: PLC0415
     from tokenizers_vq.webdataset import is_tar_source, list_tar_samples  # noqa: PLC0415
 
+    for name, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                               ("--shard-items", args.shard_items, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{name} {value}: expected a whole number >= {least}")
     device = distributed.init_from_env(use_cuda=args.device != "cpu")  # several ranks: accelerate launch, torchrun
     if args.device is None and device.type == "cuda":
         args.device = str(device)
     try:
-        tok = _load_model(args)
+        tok = _load_model(args, None if args.model else _default_for_folder(args.data))
         inputs = (list_tar_samples(args.data, tok.modality) if is_tar_source(args.data)
                   else list_media(args.data, tok.modality))
         out = Path(args.out)  # an earlier run of this export finished shards there: they are kept
@@ -135,7 +189,27 @@ def _prior(args: argparse.Namespace) -> int:
     from tokenizers_vq.prior import PriorConfig  # noqa: PLC0415
     from tokenizers_vq.train.prior import PriorTrainConfig, sample_images, train_prior  # noqa: PLC0415
 
-    tok = _load_model(args)
+    for name, value in (("--steps", args.steps), ("--window", args.window), ("--batch-size", args.batch_size),
+                        ("--layers", args.layers), ("--width", args.width)):
+        if value < 1:
+            raise ValueError(f"{name} {value}: expected a whole number >= 1")
+    from tokenizers_vq.token_dataset import read_json  # noqa: PLC0415
+    from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY  # noqa: PLC0415
+
+    manifest_path = Path(args.tokens) / "manifest.json"
+    if not manifest_path.is_file():
+        raise ValueError(f"{args.tokens} is not a finished export (no manifest.json): run tvq export first")
+    manifest = read_json(manifest_path, "shards")
+    default = None
+    if not args.model:  # the embedded model that wrote the tokens, else their modality's default
+        default = (_embedded_named(str(manifest.get("model_id"))) or
+                   DEFAULT_FOR_MODALITY.get(str(manifest.get("modality")), "image"))
+    tok = _load_model(args, default)
+    if (manifest.get("modality"), manifest.get("codebook_size")) != (tok.modality, tok.quantizer.codebook_size):
+        raise ValueError(f"{args.tokens} holds {manifest.get('modality')} tokens of model {manifest.get('model_id')!r} "
+                         f"(codebook {manifest.get('codebook_size')}), but the model is {tok.modality} "
+                         f"{tok.config.name!r} (codebook {tok.quantizer.codebook_size}): pass --model of the model "
+                         "that wrote them")
     device = str(next(tok.parameters()).device)
     cfg = PriorTrainConfig(export_dir=args.tokens, out_dir=args.out, window=args.window, steps=args.steps,
                            batch_size=args.batch_size, max_minutes=args.max_minutes,
@@ -171,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     model_help = ("tokenizer directory (config.json + model.safetensors) or an embedded model: image, speech, "
-                  "video; default: by the inputs' type (encode), the token file's modality (decode), else image")
+                  "speech-rvq, video; default: by the inputs' type (encode, export, eval), the model that wrote the "
+                  "token file (decode), else image")
     enc = sub.add_parser("encode", help="encode media files to one token file")
     enc.add_argument("files", nargs="+", help="media files of the model's modality")
     enc.add_argument("-o", "--output", required=True, help="token file to write (tvq-tokens/1, safetensors)")
@@ -266,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     except WriteError as e:  # the machine's side: a folder that cannot be made, a full disk
         print(f"tvq: error: {e.strerror}", file=sys.stderr)
         return 1
+    except OSError as e:  # a path that is not what it must be (a file where a folder is needed, ...)
+        print(f"tvq: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tvq: interrupted (files already written are complete; an export resumes when run again)",
+              file=sys.stderr)
+        return 130
 
 
 def entry() -> None:

@@ -61,10 +61,10 @@ from tqdm import tqdm
 
 from tokenizers_vq import distributed
 from tokenizers_vq.export_pipeline import FLUSH, encode_batches, read_inputs
-from tokenizers_vq.export_record import START_OVER, claim, fingerprint
-from tokenizers_vq.io import atomic_write
+from tokenizers_vq.export_record import START_OVER, bring_back, claim, drop_replaced, fingerprint
+from tokenizers_vq.io import atomic_write, write_bytes
 from tokenizers_vq.runtime import keep_freed_memory
-from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, check_shard, token_dtype  # noqa: F401
+from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, check_shard, read_json, token_dtype  # noqa: F401
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import TokenRecord
 from tokenizers_vq.webdataset import TarSample, close_readers
@@ -203,6 +203,22 @@ def export_dataset(
             except (ValueError, OSError) as e:
                 error = e
         distributed.agree(error)
+    try:
+        manifest = _export_claimed(tok, files, out, shard_items, batch_size, workers, precision, dtype, layout)
+    except BaseException:
+        if overwrite and rank == 0:  # the export this one was to replace is put back
+            bring_back(out)
+        raise
+    if rank == 0:
+        drop_replaced(out)
+    return manifest
+
+
+def _export_claimed(tok: Tokenizer, files: list, out: Path, shard_items: int, batch_size: int, workers: int,
+                    precision: str, dtype: np.dtype, layout: str) -> dict[str, Any]:
+    """:func:`export_dataset` once ``out`` is claimed: this rank's shards, then the manifest."""
+    dynamic = tok.is_dynamic
+    rank, world = distributed.rank_and_world()
     n_shards = (len(files) + shard_items - 1) // shard_items
     error = reader = batches = None
     try:
@@ -254,9 +270,9 @@ def _write_shard(tok: Tokenizer, out: Path, k: int, chunk: list[Path], batches: 
         offset += n
     if dynamic:
         rows = np.concatenate([lay.numpy().astype("<u4") for _, lay, _ in encoded])
-        atomic_write(layout_path, lambda tmp, a=rows: a.tofile(tmp))
+        atomic_write(layout_path, lambda tmp, a=rows: write_bytes(a, tmp))
     flat = np.concatenate([r.codes.reshape(-1).numpy().astype(dtype) for r, _, _ in encoded])
-    atomic_write(bin_path, lambda tmp, a=flat: a.tofile(tmp))
+    atomic_write(bin_path, lambda tmp, a=flat: write_bytes(a, tmp))
     atomic_write(idx_path, lambda tmp, it=items: Path(tmp).write_text(json.dumps({"items": it})))
 
 
@@ -268,13 +284,15 @@ def _finish(tok: Tokenizer, out: Path, files: list[Path], shard_items: int, n_sh
     for k in range(n_shards):
         name = f"shard_{k:05d}"
         idx_path, chunk = out / f"{name}.json", files[k * shard_items : (k + 1) * shard_items]
-        index = json.loads(idx_path.read_text())["items"]
-        if [it["source"] for it in index] != [f.name for f in chunk]:
-            raise ValueError(f"{idx_path} indexes other files than shard {k} of this export; {START_OVER}")
+        again = (f"delete {out / name}.* to have that shard encoded again by the next run (the others are kept), "
+                 f"or {START_OVER}")
         try:
+            index = read_json(idx_path, "items")["items"]
+            if [it.get("source") if isinstance(it, dict) else None for it in index] != [f.name for f in chunk]:
+                raise ValueError(f"{idx_path} indexes other files than shard {k} of this export")
             tokens_per_shard.append(check_shard(out, name, index, dtype, math.prod(q.code_shape), dynamic))
         except ValueError as e:
-            raise ValueError(f"{e}; {START_OVER}") from None
+            raise ValueError(f"{e}; {again}") from None
         items_per_shard.append(len(index))
         shards.append(name)
     manifest = {

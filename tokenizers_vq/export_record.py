@@ -5,7 +5,8 @@ an export it would write identically.
 the inputs (path as given, bytes, mtime) and the export's own options. :func:`claim`
 records it in a fresh folder before the first shard is written, lets a rerun with an
 equal fingerprint resume, and refuses one that differs, naming each differing field,
-unless asked to start over: then it deletes the files an export writes, and only those.
+unless asked to start over: then it sets the files an export writes (and only those)
+aside, deleted once the new export is finished and put back if it fails.
 """
 
 from __future__ import annotations
@@ -113,6 +114,52 @@ def remove_export(out: Path) -> None:
         p.unlink()
 
 
+REPLACED = ".replaced"
+"""The folder, inside an export's, where ``overwrite`` keeps the export it replaces until the
+new one is finished (:func:`set_aside`, :func:`bring_back`, :func:`drop_replaced`)."""
+
+
+def set_aside(out: Path) -> None:
+    """Move the files of an export in ``out`` into ``out/.replaced`` (``manifest.json``
+    first). Where ``.replaced`` already exists, an earlier replacement was cut short: it
+    holds the finished export, and the files in ``out`` are the unfinished one's, deleted."""
+    keep = out / REPLACED
+    if keep.is_dir():
+        remove_export(out)
+        return
+    own = [p for p in out.iterdir() if p.is_file() and written_by_export(p.name)]
+    if not own:
+        return
+    keep.mkdir()
+    for p in sorted(own, key=lambda p: p.name != "manifest.json"):
+        p.replace(keep / p.name)
+
+
+def bring_back(out: Path) -> None:
+    """Undo :func:`set_aside` after a replacement failed: the new run's files are deleted and
+    the earlier export's moved back (``manifest.json`` last)."""
+    keep = out / REPLACED
+    if not keep.is_dir():
+        return
+    remove_export(out)
+    for p in sorted(keep.iterdir(), key=lambda p: p.name == "manifest.json"):
+        p.replace(out / p.name)
+    keep.rmdir()
+
+
+def drop_replaced(out: Path) -> None:
+    """After an export finished: delete the export a replacement kept aside
+    (:func:`set_aside`), if any, and the temporary files of writes cut short by a kill."""
+    for p in out.iterdir():
+        if p.name.startswith(".") and p.is_file() and written_by_export(p.name):
+            p.unlink()
+    keep = out / REPLACED
+    if keep.is_dir():
+        for p in keep.iterdir():
+            p.unlink()
+        keep.rmdir()
+
+
 def _with_defaults(record: dict[str, Any]) -> dict[str, Any]:
     """A recorded fingerprint with its model config rebuilt, so that config fields added
     since it was written read as their defaults (an older export still resumes)."""
@@ -126,7 +173,7 @@ def _with_defaults(record: dict[str, Any]) -> dict[str, Any]:
 def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
     """Make ``out`` an export of ``fp``: record it in ``out/export.json`` (atomically),
     or resume when the one recorded there equals it. With ``overwrite``, an earlier
-    export there is deleted first (:func:`remove_export`).
+    export there is set aside (:func:`set_aside`), to be deleted once this one is finished.
 
     Raises:
         ValueError: without ``overwrite``, the recorded fingerprint differs (each
@@ -135,12 +182,14 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
     """
     record = out / RECORD
     if overwrite:
-        remove_export(out)
+        set_aside(out)
     elif record.is_file():
         try:
             old = json.loads(record.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"corrupt {record}: {e}; {START_OVER}") from e
+        if not isinstance(old, dict):
+            raise ValueError(f"corrupt {record}: not a JSON object; {START_OVER}")
         diffs = differences(_with_defaults(old), fp)
         if diffs:
             more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""

@@ -3,6 +3,7 @@ renamed into place), so a failed write never leaves a half-written or clobbered 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -65,6 +66,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             raise _naming(e, path) from e
         raise
     return path
+
+
+def write_bytes(data, path: str | os.PathLike) -> None:
+    """Write a buffer (bytes, a C-contiguous numpy array) to ``path``, raising ``OSError``
+    when fewer bytes land than were given (``ndarray.tofile`` can end short on a full disk
+    without an error)."""
+    view = memoryview(data).cast("B")
+    with open(path, "wb") as f:
+        f.write(view)
+    if os.path.getsize(path) != view.nbytes:
+        raise OSError(errno.ENOSPC, f"{os.path.getsize(path)} of {view.nbytes} bytes written", str(path))
 
 
 def check_can_write(path: str | os.PathLike) -> None:

@@ -53,6 +53,21 @@ def check_shard(directory: Path, name: str, items: list[dict[str, Any]], dtype: 
     return offset
 
 
+def read_json(path: Path, key: str) -> dict[str, Any]:
+    """An export's JSON object (manifest, shard index) holding ``key``.
+
+    Raises:
+        ValueError: unreadable JSON, or not an object with ``key`` (the message names the file).
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt {path}: {e}") from None
+    if not isinstance(data, dict) or key not in data:
+        raise ValueError(f"corrupt {path}: not a JSON object with {key!r}")
+    return data
+
+
 class TokenDataset(Dataset):
     """Items of an export directory as token sequences, memory-mapped.
 
@@ -85,7 +100,7 @@ class TokenDataset(Dataset):
         path = self.dir / "manifest.json"
         if not path.is_file():
             raise ValueError(f"{self.dir} is not a finished export (no manifest.json)")
-        self.manifest = json.loads(path.read_text())
+        self.manifest = read_json(path, "shards")
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{path} is not a {FORMAT} manifest")
         self.layout = self.manifest.get("layout", "grid")
@@ -106,7 +121,7 @@ class TokenDataset(Dataset):
         path = self.dir / f"{shard}.json"
         if not path.is_file():
             raise ValueError(f"{self.dir}: shard {shard}: {path.name} is missing")
-        return json.loads(path.read_text())["items"]
+        return read_json(path, "items")["items"]
 
     def _check_counts(self, index: list[list[dict[str, Any]]], dtype: np.dtype) -> None:
         """The manifest's counts against the index files, and those against the arrays."""

@@ -1,0 +1,175 @@
+"""What is already written survives a failed run, and bad requests are one clear line: an
+export that was to replace another and failed puts it back; eval never scores its own
+report; a damaged shard names its files; defaults follow the data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+from test_tokenizer import tiny
+from testdata import shared_path, small_photos
+
+from tokenizers_vq.cli import main
+from tokenizers_vq.export import TokenDataset
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(capsys) -> str:
+    """The line ``tvq`` ended with on stderr (after any progress bar), checked to be its only
+    message and no traceback."""
+    err = capsys.readouterr().err.strip()
+    said = [line for line in err.splitlines() if line.startswith("tvq: ")]
+    assert "Traceback" not in err and len(said) == 1 and err.splitlines()[-1] == said[0], err
+    return said[0]
+
+
+@pytest.fixture()
+def image_model(tmp_path):
+    return tiny("image").save_pretrained(tmp_path / "model")
+
+
+def test_a_failed_overwrite_puts_the_earlier_export_back(tmp_path, image_model, capsys):
+    data, out = tmp_path / "photos", tmp_path / "tokens"
+    small_photos(data, 6)
+    cmd = ["export", "--model", str(image_model), "--data", str(data), "--out", str(out), "--device", "cpu"]
+    assert main([*cmd, "--shard-items", "2"]) == 0
+    before = snapshot(out)
+    bad = data / "zz_cut.png"  # read last: the new run has written shards when it fails
+    bad.write_bytes((data / sorted(p.name for p in data.iterdir())[0]).read_bytes()[:300])
+    capsys.readouterr()
+    assert main([*cmd, "--shard-items", "2", "--overwrite"]) == 2
+    assert "zz_cut.png" in one_error_line(capsys)
+    assert snapshot(out) == before  # the finished export, whole, and nothing of the failed run
+    bad.unlink()
+    assert main([*cmd, "--shard-items", "3", "--overwrite"]) == 0
+    assert not (out / ".replaced").exists()
+    assert TokenDataset(out).manifest["items_per_shard"] == [3, 3]
+
+
+def test_a_replacement_cut_short_keeps_the_finished_export_until_the_next_one_finishes(tmp_path, image_model):
+    from tokenizers_vq.export_record import set_aside  # noqa: PLC0415
+
+    data, out = tmp_path / "photos", tmp_path / "tokens"
+    small_photos(data, 4)
+    cmd = ["export", "--model", str(image_model), "--data", str(data), "--out", str(out), "--device", "cpu"]
+    assert main([*cmd, "--shard-items", "2"]) == 0
+    finished = snapshot(out)
+    set_aside(out)  # as a killed overwrite leaves it: the old export aside, a new one begun
+    (out / "export.json").write_text("{}")
+    (out / ".shard_00000.ab12cd34.bin").write_bytes(b"cut")  # a write the kill cut short
+    assert snapshot(out / ".replaced") == finished
+    set_aside(out)  # a second overwrite run: the unfinished files go, the finished export stays aside
+    assert snapshot(out / ".replaced") == finished and [p.name for p in out.iterdir()] == [".replaced"]
+    assert main([*cmd, "--shard-items", "4", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "manifest.json", "shard_00000.bin",
+                                                     "shard_00000.json"]
+
+
+def test_a_damaged_shard_index_names_its_files_and_the_way_to_encode_it_again(tmp_path, image_model, capsys):
+    data, out = tmp_path / "photos", tmp_path / "tokens"
+    small_photos(data, 4)
+    cmd = ["export", "--model", str(image_model), "--data", str(data), "--out", str(out), "--device", "cpu",
+           "--shard-items", "2"]
+    assert main(cmd) == 0
+    whole = snapshot(out)
+    (out / "shard_00001.json").write_text('{"items": [')
+    capsys.readouterr()
+    assert main(cmd) == 2
+    err = one_error_line(capsys)
+    assert f"corrupt {out / 'shard_00001.json'}" in err and f"delete {out / 'shard_00001'}.*" in err
+    for p in out.glob("shard_00001.*"):
+        p.unlink()
+    assert main(cmd) == 0
+    assert snapshot(out) == whole  # that shard encoded again, the same bytes
+
+
+def test_eval_never_scores_its_own_report_and_refuses_a_negative_count(tmp_path, image_model, capsys):
+    data = tmp_path / "photos"
+    small_photos(data, 2)
+    cmd = ["eval", "--model", str(image_model), "--data", str(data), "--out", str(data / "report"), "--device", "cpu"]
+    for _ in range(2):  # the second run finds the first one's pictures under --data
+        assert main(cmd) == 0
+        metrics = json.loads((data / "report" / "metrics.json").read_text())
+        assert metrics["summary"]["items"] == 2
+    capsys.readouterr()
+    assert main([*cmd, "--max-items", "-1"]) == 2
+    assert "--max-items -1" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("args,named", [
+    (["export", "--batch-size", "0"], "--batch-size 0"), (["export", "--workers", "-2"], "--workers -2"),
+    (["prior", "--steps", "-1"], "--steps -1"), (["prior", "--window", "0"], "--window 0"),
+])
+def test_bad_counts_are_one_line_naming_the_option(tmp_path, capsys, args, named):
+    place = ["--data", str(tmp_path), "--out", str(tmp_path / "o")] if args[0] == "export" else ["--tokens", str(tmp_path)]
+    assert main([*args, *place]) == 2
+    assert named in one_error_line(capsys)
+
+
+def test_the_prior_refuses_a_model_that_did_not_write_the_tokens(tmp_path, image_model, capsys):
+    data, out = tmp_path / "photos", tmp_path / "tokens"
+    small_photos(data, 2)
+    assert main(["export", "--model", str(image_model), "--data", str(data), "--out", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["prior", "--tokens", str(out), "--model", "speech", "--steps", "1", "--device", "cpu"]) == 2
+    assert "holds image tokens" in one_error_line(capsys)
+
+
+def test_export_and_eval_pick_the_model_by_the_folders_media(tmp_path):
+    from tokenizers_vq.cli import _default_for_folder  # noqa: PLC0415
+
+    speech = tmp_path / "talks"
+    speech.mkdir()
+    wav, sr = sf.read(str(sorted(shared_path("audio", "fsdd").glob("*.wav"))[0]))
+    sf.write(speech / "a.wav", wav, sr)
+    frames = tmp_path / "clips" / "c1"  # a clip as numbered frames
+    small_photos(frames, 8)
+    for i, p in enumerate(sorted(frames.iterdir())):
+        p.rename(frames / f"{i:04d}.png")
+    photos = tmp_path / "photos"
+    small_photos(photos, 1)
+    assert _default_for_folder(str(speech)) == "speech"
+    assert _default_for_folder(str(tmp_path / "clips")) == "video"
+    assert _default_for_folder(str(photos)) == "image"
+    sf.write(tmp_path / "clips" / "b.wav", wav, sr)
+    with pytest.raises(ValueError, match="holds audio and video files"):
+        _default_for_folder(str(tmp_path / "clips"))
+
+
+def test_an_interrupted_command_is_one_line(tmp_path, monkeypatch, capsys):
+    from tokenizers_vq import cli  # noqa: PLC0415
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_example_photo", interrupted)
+    assert main(["example-photo"]) == 130
+    assert "interrupted" in one_error_line(capsys)
+
+
+def test_a_short_write_is_an_error_not_a_short_file(tmp_path):
+    script = """
+import resource, signal, sys
+import numpy as np
+from pathlib import Path
+from tokenizers_vq.io import atomic_write, write_bytes
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+target = Path(sys.argv[1])
+try:
+    atomic_write(target, lambda tmp: write_bytes(np.arange(10000, dtype="<u2"), tmp))
+except OSError as e:
+    print("refused", e.errno)
+print(sorted(p.name for p in target.parent.iterdir()))
+"""
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "shard.bin")], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("refused") and out[1] == "[]"  # no file at all, not a short one
