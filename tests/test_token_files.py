@@ -7,11 +7,12 @@ import json
 import shutil
 
 import pytest
+import soundfile as sf
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_tokenizer import tiny
-from testdata import small_photos
+from testdata import shared_path, small_photos
 
 from tokenizers_vq.cli import main
 from tokenizers_vq.tokens import load_tokens
@@ -130,3 +131,27 @@ def test_decoding_with_another_model_of_the_same_codes_warns(tmp_path, image_mod
     assert "warning" in err and "someone-elses-model" in err and load_tokens(tokens)[0]["model_id"] in err
     assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(tmp_path / "out2.png")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_tokens_of_an_embedded_model_decode_with_it_without_naming_it(tmp_path, capsys):
+    wav, sr = sf.read(str(sorted(shared_path("audio", "fsdd").glob("*.wav"))[0]))
+    sf.write(tmp_path / "digit.wav", wav[:4000], sr)
+    tokens = tmp_path / "t.tvq"
+    assert main(["encode", str(tmp_path / "digit.wav"), "--model", "speech-rvq", "-o", str(tokens), "--device", "cpu"]) == 0
+    assert main(["decode", str(tokens), "-o", str(tmp_path / "back.wav"), "--device", "cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    back, rate = sf.read(str(tmp_path / "back.wav"))
+    assert rate == 16000 and abs(len(back) - 4000 * 16000 / sr) <= 1
+
+
+def test_decoding_with_other_weights_under_the_same_name_warns(tmp_path, image_model, capsys):
+    tokens = tmp_path / "t.tvq"
+    assert main(["encode", *map(str, small_photos(tmp_path / "p", 1)), "--model", str(image_model),
+                 "-o", str(tokens)]) == 0
+    retrained = tiny("image")
+    with torch.no_grad():
+        retrained.decoder.conv_out.bias += 0.1  # a decoder trained further, the name kept
+    other = retrained.save_pretrained(tmp_path / "retrained")
+    capsys.readouterr()
+    assert main(["decode", str(tokens), "--model", str(other), "-o", str(tmp_path / "out.png")]) == 0
+    assert "with other weights" in capsys.readouterr().err

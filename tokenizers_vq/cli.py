@@ -40,6 +40,7 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
+    from tokenizers_vq.export_record import weights_sha256  # noqa: PLC0415
     from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY, PRETRAINED  # noqa: PLC0415
     from tokenizers_vq.tokens import decode_file, load_tokens  # noqa: PLC0415
 
@@ -54,6 +55,10 @@ def _decode(args: argparse.Namespace) -> int:
     if meta["model_id"] != tok.config.name:  # same kind of codes (checked next), another model's decoder
         print(f"tvq: warning: {args.tokens} was written by model {meta['model_id']!r}; decoding with "
               f"{tok.config.name!r}, whose decoder may read its codes differently", file=sys.stderr)
+    elif "model_sha256" in meta and meta["model_sha256"] != weights_sha256(tok):
+        print(f"tvq: warning: {args.tokens} was written by a model named {meta['model_id']!r} with other weights "
+              "than this one's (retrained, or another version); its decoder may read the codes differently: "
+              "decode with the model that wrote them", file=sys.stderr)
     for path in decode_file(tok, args.tokens, args.output):
         print(f"wrote {path}")
     return 0

@@ -14,9 +14,12 @@ The safetensors metadata (string to string) holds:
   ``sample_rate`` (audio), ``fps`` (video), ``channels`` of the source, and
   ``sha256``: the hex sha256 of the item's tensor data as stored (little-endian, C
   order), checked by :func:`load_tokens` (files written without it load unchecked).
+- ``model_sha256``: the writing model's weights
+  (:func:`~tokenizers_vq.export_record.weights_sha256`), so a decode can tell another
+  model of the same name.
 - ``header_sha256``: the hex sha256 of ``model_id``, ``modality``, ``codebook_size``,
-  ``code_shape`` and ``items`` as stored, each followed by a newline: with the items'
-  own digests it covers the whole file (files written without it load unchecked).
+  ``code_shape``, ``items`` and ``model_sha256`` as stored, each followed by a newline: with
+  the items' own digests it covers the whole file (files written without it load unchecked).
 
 Decoding checks each item's grid against the one the model gives for its recorded
 ``size`` (:meth:`~tokenizers_vq.tokenizer.Tokenizer.grid_shape`).
@@ -35,6 +38,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from tokenizers_vq.export_record import weights_sha256
 from tokenizers_vq.io import atomic_write, check_can_write, check_writable, save_safetensors, tensor_sha256
 from tokenizers_vq.media import MAX_PIXELS, SUFFIXES
 from tokenizers_vq.modality import get as get_modality
@@ -147,6 +151,7 @@ def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[Token
         "code_shape": json.dumps(list(q.code_shape)),
         "items": json.dumps(items),
     }
+    meta["model_sha256"] = weights_sha256(tok)
     meta["header_sha256"] = header_sha256(meta)
     return atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata=meta))
 
@@ -156,7 +161,8 @@ _HEADER = ("model_id", "modality", "codebook_size", "code_shape", "items")
 
 def header_sha256(meta: dict[str, str]) -> str:
     """The ``header_sha256`` of a token file's metadata (see the module docstring)."""
-    return tensor_sha256(*(meta[k] + "\n" for k in _HEADER))
+    extra = ("model_sha256",) if "model_sha256" in meta else ()
+    return tensor_sha256(*(meta[k] + "\n" for k in _HEADER + extra))
 
 
 class _Damaged(ValueError):

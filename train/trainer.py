@@ -44,6 +44,15 @@ from tokenizers_vq.train.losses import (
 from tokenizers_vq.train.warm_start import warm_start
 
 
+def _listed(key: str, folder: str, modality: str, max_items: int) -> list:
+    """The media files of a config's data folder; an error names the config key to set."""
+    try:
+        return list_media(folder, modality, max_items)
+    except ValueError as e:
+        none = " (or --data.val= to hold none apart)" if key == "data.val" else ""
+        raise ValueError(f"{key}: {e}; set --{key}=DIR{none}") from None
+
+
 class Trainer:
     """Trains a :class:`Tokenizer` from a :class:`TrainConfig`; resumes from
     ``<out_dir>/checkpoint`` when one is there."""
@@ -96,8 +105,8 @@ class Trainer:
             self.lecam.to(self.acc.device)
 
         d = cfg.data
-        files = list_media(d.train, cfg.model.modality, d.max_items)
-        val_files = list_media(d.val, cfg.model.modality, d.max_items) if d.val else None
+        files = _listed("data.train", d.train, cfg.model.modality, d.max_items)
+        val_files = _listed("data.val", d.val, cfg.model.modality, d.max_items) if d.val else None
         train_files, val_files = split_files(files, val_files, d.val_fraction)
         sr = self.unwrapped.sample_rate
         stills = list_media(d.stills, "image", d.max_items) if d.stills else None
