@@ -169,3 +169,15 @@ def test_outputs_that_worked_keep_working(tmp_path):
 
     with av.open(str(save_video(torch.rand(3, 3, 16, 16), tmp_path / "v.m4v", 25.0))) as f:
         assert "mp4" in f.format.name
+
+
+def test_a_photo_turned_by_its_exif_orientation_is_read_upright(tmp_path):
+    src = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
+    with Image.open(src) as im:
+        im.save(tmp_path / "as_stored.jpg", quality=90)
+        exif = im.getexif()
+        exif[0x0112] = 6  # "turn 90 degrees clockwise to view", as a phone held upright records it
+        im.save(tmp_path / "turned.jpg", quality=90, exif=exif)
+    stored, turned = load_image_u8(tmp_path / "as_stored.jpg"), load_image_u8(tmp_path / "turned.jpg")
+    assert turned.shape == (3, stored.shape[2], stored.shape[1])
+    assert torch.equal(turned, torch.rot90(stored, -1, (1, 2)))  # the same pixels, upright

@@ -57,14 +57,16 @@ def load_image_u8(path: str | os.PathLike) -> Tensor:
     """Read an image file as ``(3, H, W)`` uint8.
 
     Greyscale is repeated to RGB; an alpha channel is composited on white (token
-    files record the source's own channel count, :func:`image_header`).
+    files record the source's own channel count, :func:`image_header`). A photo's EXIF
+    orientation (as cameras and phones record a turned shot) is applied, as viewers do:
+    the pixels come upright, and the recorded size is the upright one.
 
     Raises:
         ValueError: the file is missing, unreadable, truncated or not an image, or its
             header claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (89 million
             unless raised there; PIL itself only warns below twice that).
     """
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 (keep import cheap)
+    from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415 (keep import cheap)
 
     path = Path(path)
     if not path.is_file():
@@ -76,6 +78,8 @@ def load_image_u8(path: str | os.PathLike) -> Tensor:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
+                if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation: not as stored
+                    im = ImageOps.exif_transpose(im)
                 if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert() would clip 16-bit grey, not scale it
                     im = _grey_to_8bit(im, path)
                 if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
