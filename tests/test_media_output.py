@@ -181,3 +181,17 @@ def test_a_photo_turned_by_its_exif_orientation_is_read_upright(tmp_path):
     stored, turned = load_image_u8(tmp_path / "as_stored.jpg"), load_image_u8(tmp_path / "turned.jpg")
     assert turned.shape == (3, stored.shape[2], stored.shape[1])
     assert torch.equal(turned, torch.rot90(stored, -1, (1, 2)))  # the same pixels, upright
+
+
+def test_a_wav_cut_short_is_refused_and_a_whole_one_read(tmp_path):
+    import soundfile as sf  # noqa: PLC0415
+
+    from tokenizers_vq.audio_io import load_audio  # noqa: PLC0415
+
+    src = sorted(shared_path("audio", "fsdd").glob("*.wav"))[0]
+    whole = src.read_bytes()
+    (tmp_path / "cut.wav").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="cut.wav: the file is cut short"):
+        load_audio(tmp_path / "cut.wav")
+    (tmp_path / "whole.wav").write_bytes(whole)
+    assert load_audio(tmp_path / "whole.wav")[0].shape[1] == sf.info(str(src)).frames

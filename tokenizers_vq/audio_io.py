@@ -53,12 +53,34 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
         raise ValueError(f"cannot read audio {path}: {e}") from e
     if not blocks:
         raise ValueError(f"audio file {path} has no samples (zero length)")
+    cut = _wav_cut_short(path)
+    if cut is not None:
+        raise ValueError(f"cannot read audio {path}: the file is cut short (its header promises {cut[0]} bytes of "
+                         f"samples, {cut[1]} are there); copy or export it again")
     wav = torch.from_numpy(np.concatenate(blocks).T.copy())
     if not torch.isfinite(wav).all():
         raise ValueError(f"audio file {path} contains NaN or Inf samples")
     if sample_rate is not None and sample_rate != sr:
         wav, sr = resample(wav, sr, sample_rate), sample_rate
     return wav, sr
+
+
+def _wav_cut_short(path: Path) -> tuple[int, int] | None:
+    """``(promised, present)`` bytes of a RIFF/WAVE file's ``data`` chunk when fewer are
+    present than its header gives (libsndfile reads what is there without a word); ``None``
+    for a whole file, another format, or a length left open (0 or 0xFFFFFFFF, as streams write)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        size = path.stat().st_size
+        while len(chunk := f.read(8)) == 8:
+            length = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                present = size - f.tell()
+                return (length, present) if 0 < length < 0xFFFFFFFF and present < length else None
+            f.seek(length + (length & 1), 1)  # chunks are padded to an even length
+    return None
 
 
 def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
