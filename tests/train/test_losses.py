@@ -100,7 +100,7 @@ def test_lpips_loss_from_weight_files_is_the_eval_lpips(net, tmp_path):
 
 
 def test_lpips_loss_matches_the_lpips_package(tmp_path):
-    pytest.importorskip("torchvision", reason="torchvision (vision extra) does not import with this torch build")
+    pytest.importorskip("torchvision", reason="torchvision (the vision extra) is not installed, or does not import with this torch build")
     lpips = pytest.importorskip("lpips", reason="the lpips package (vision extra) is not installed")
     torch.manual_seed(0)
     backbone, heads = lpips_files(tmp_path, "alex")
