@@ -173,3 +173,27 @@ print(sorted(p.name for p in target.parent.iterdir()))
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "shard.bin")], capture_output=True,
                          text=True, check=True).stdout.splitlines()
     assert out[0].startswith("refused") and out[1] == "[]"  # no file at all, not a short one
+
+
+@pytest.mark.parametrize("config,over,named", [
+    ("a: [1,\n", [], "is not valid YAML"), ("5\n", [], "not a mapping of sections"),
+    (None, ["--steps=-5"], "steps=-5"), (None, ["--batch_size=0"], "batch_size=0"),
+])
+def test_a_bad_training_config_is_one_line(tmp_path, capsys, config, over, named):
+    path = tmp_path / "c.yaml"
+    if config is None:
+        path = Path(__file__).resolve().parents[1] / "train" / "configs" / "image.yaml"
+    else:
+        path.write_text(config)
+    assert main(["train", str(path), *over]) == 2
+    assert named in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("config", ['{"modality": "image", "backbone": null}', "[1, 2]", b"\xff\xfe{"])
+def test_a_damaged_model_config_names_the_file(tmp_path, config):
+    from tokenizers_vq.tokenizer import Tokenizer  # noqa: PLC0415
+
+    folder = tiny("image").save_pretrained(tmp_path / "model")
+    (folder / "config.json").write_bytes(config if isinstance(config, bytes) else config.encode())
+    with pytest.raises(ValueError, match=f"corrupt {folder / 'config.json'}"):
+        Tokenizer.from_pretrained(folder)

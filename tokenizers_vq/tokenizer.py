@@ -339,11 +339,10 @@ class Tokenizer(nn.Module):
         for p in (directory, cfg_path, weights):
             if not p.exists():
                 raise ValueError(f"not a tokenizer directory: {p} is missing" + (f" (or name an embedded model: {', '.join(PRETRAINED)})" if p == directory else ""))
-        try:
-            config = TokenizerConfig.from_dict(json.loads(cfg_path.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
+        try:  # not JSON, not UTF-8, fields of other types or values no model is built from
+            model = cls(TokenizerConfig.from_dict(json.loads(cfg_path.read_text())))
+        except (ValueError, TypeError, AttributeError, OSError) as e:
             raise ValueError(f"corrupt {cfg_path}: {e}") from e
-        model = cls(config)
         try:
             state = load_file(weights, device=map_location)
         except (SafetensorError, OSError) as e:

@@ -179,7 +179,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"config file not found: {p}")
-        tree = yaml.safe_load(p.read_text()) or {}
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(tree, dict):
+            raise ValueError(f"{p} holds {type(tree).__name__} {tree!r}, not a mapping of sections "
+                             "(model:, data:, ...); see train/configs/ for examples")
     items = list(overrides or [])
     while items:
         item = items.pop(0).removeprefix("--")
@@ -189,11 +195,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         # model.quantizer.options is free-form: values are kept as parsed
-        _set(tree, key, yaml.safe_load(raw))
+        try:
+            _set(tree, key, yaml.safe_load(raw))
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: its value is not valid YAML: {' '.join(str(e).split())}") from None
     model = tree.pop("model", {})
     quant = model.pop("quantizer", {}) if isinstance(model, dict) else {}
     cfg = _build(TrainConfig, tree, "")
     cfg.model = TokenizerConfig.from_dict({**model, "quantizer": dataclasses.asdict(_build(QuantizerConfig, quant, "model.quantizer."))})
+    for key, value, least in (("steps", cfg.steps, 0), ("batch_size", cfg.batch_size, 1)):
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"{key}={value!r}: expected a whole number >= {least}")
     if not 0 <= cfg.optim.decay_steps <= cfg.steps:
         raise ValueError(f"optim.decay_steps={cfg.optim.decay_steps} must lie in [0, steps={cfg.steps}]: the decay "
                          "runs over the last decay_steps of the run")
