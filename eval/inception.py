@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokenizers_vq.io import load_weights
+
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
 
@@ -210,7 +212,7 @@ def load_inception(weights: str | os.PathLike | None = None) -> FIDInception:
     model = FIDInception()
     try:
         # files without BatchNorm's num_batches_tracked load too (torch fills it in)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        model.load_state_dict(load_weights(path, "pytorch-fid's Inception weights"), strict=True)
     except RuntimeError as e:
         raise ValueError(f"{path} is not the FID Inception ({FID_WEIGHTS_FILE}): {e}") from e
     return model

@@ -197,3 +197,18 @@ def test_a_damaged_model_config_names_the_file(tmp_path, config):
     (folder / "config.json").write_bytes(config if isinstance(config, bytes) else config.encode())
     with pytest.raises(ValueError, match=f"corrupt {folder / 'config.json'}"):
         Tokenizer.from_pretrained(folder)
+
+
+def test_a_file_that_is_not_weights_is_named_as_such(tmp_path):
+    from tokenizers_vq.io import load_weights  # noqa: PLC0415
+
+    photo = small_photos(tmp_path / "p", 1)[0]
+    with pytest.raises(ValueError, match=f"{photo} is not a PyTorch weights file of tensors \\(LPIPS"):
+        load_weights(photo, "LPIPS v0.1 linear heads")
+    import torch  # noqa: PLC0415
+
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="holds list, not the state dict"):
+        load_weights(tmp_path / "list.pth", "LPIPS v0.1 linear heads")
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pth")
+    assert torch.equal(load_weights(tmp_path / "ok.pth", "x")["w"], torch.ones(2))

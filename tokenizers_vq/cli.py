@@ -33,6 +33,8 @@ def _load_model(args: argparse.Namespace, default: str | None = None):
 def _encode(args: argparse.Namespace) -> int:
     from tokenizers_vq.tokens import default_model_name, encode_files  # noqa: PLC0415
 
+    if args.max_pixels < 0:
+        raise ValueError(f"--max-pixels {args.max_pixels}: expected a pixel count >= 1, or 0 for no limit")
     default = None if args.model else default_model_name(args.files)
     out = encode_files(_load_model(args, default), args.files, args.output, max_pixels=args.max_pixels or None)
     print(f"wrote {out}")

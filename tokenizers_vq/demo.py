@@ -73,6 +73,8 @@ def run_demo(
         ``{quantizer name: {"psnr_db", "bits_per_pixel", "usage", ...}}``, also
         written to ``out_dir/metrics.json``.
     """
+    if patch < 1 or steps < 1:
+        raise ValueError(f"patch={patch}, steps={steps}: both must be whole numbers >= 1")
     torch.manual_seed(0)
     path = Path(image) if image is not None else bundled_photo()
     img = load_image(path)

@@ -79,6 +79,22 @@ def write_bytes(data, path: str | os.PathLike) -> None:
         raise OSError(errno.ENOSPC, f"{os.path.getsize(path)} of {view.nbytes} bytes written", str(path))
 
 
+def load_weights(path: str | os.PathLike, what: str) -> dict:
+    """``torch.load`` of a published weights file (tensors only, never code), refusing a
+    file that is not one with an error naming ``what`` was expected there."""
+    import pickle  # noqa: PLC0415
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:  # (torch's own advice, to load it
+        # with weights_only=False, would run whatever code the file holds: not given here)
+        raise ValueError(f"{path} is not a PyTorch weights file of tensors ({what} expected; "
+                         f"{type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds {type(state).__name__}, not the state dict of {what}")
+    return state
+
+
 def check_can_write(path: str | os.PathLike) -> None:
     """Raise now what :func:`atomic_write` of ``path`` would raise before writing (``path`` a
     directory, a file where a folder is needed, a folder that cannot be written), for work

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from tokenizers_vq.io import load_weights
+
 BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 
 # torchvision ``features`` layers: a conv as (in, out, kernel, stride, padding), "M" a
@@ -142,7 +144,7 @@ def load_lpips(weights: str | os.PathLike | None = None, heads: str | os.PathLik
         weights = found[0]
     if not Path(weights).is_file():
         raise FileNotFoundError(f"LPIPS backbone weights not found at {weights}")
-    backbone = torch.load(weights, map_location="cpu", weights_only=True)
+    backbone = load_weights(weights, "torchvision VGG16 or AlexNet weights")
     first = backbone.get("features.0.weight")
     if first is None or first.shape[-1] not in (3, 11):
         raise ValueError(f"{weights} is not a torchvision VGG16 or AlexNet state dict")
@@ -157,7 +159,7 @@ def load_lpips(weights: str | os.PathLike | None = None, heads: str | os.PathLik
     if not Path(heads).is_file():
         raise FileNotFoundError(f"LPIPS-{net} linear heads not found at {heads}")
     model = LPIPSNet(net)
-    model.load_files(backbone, torch.load(heads, map_location="cpu", weights_only=True))
+    model.load_files(backbone, load_weights(heads, "LPIPS v0.1 linear heads"))
     return model
 
 

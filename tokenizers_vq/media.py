@@ -151,8 +151,9 @@ def modality_of(path: str | os.PathLike, unknown: str | None = None) -> str:
     if p.is_dir():
         if is_frame_folder(p):
             return "video"
-        raise ValueError(f"{p} is a directory, not a media file (nor a folder of numbered video frames); "
-                         "pass the files in it")
+        raise ValueError(f"{p} is a directory, not a media file (nor a folder of video frames: those hold an fps.txt, "
+                         f"or at least {MIN_NUMBERED_FRAMES} frames numbered in name order); pass the files in it, or add "
+                         "an fps.txt (the frame rate) to read it as one video")
     if not p.exists():
         raise ValueError(f"file not found: {p}")
     for modality, suffixes in SUFFIXES.items():
