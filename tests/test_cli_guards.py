@@ -212,3 +212,9 @@ def test_a_file_that_is_not_weights_is_named_as_such(tmp_path):
         load_weights(tmp_path / "list.pth", "LPIPS v0.1 linear heads")
     torch.save({"w": torch.ones(2)}, tmp_path / "ok.pth")
     assert torch.equal(load_weights(tmp_path / "ok.pth", "x")["w"], torch.ones(2))
+
+
+def test_a_file_given_as_the_data_folder_is_named_as_a_file(tmp_path, capsys):
+    photo = small_photos(tmp_path / "p", 1)[0]
+    assert main(["eval", "--data", str(photo), "--out", str(tmp_path / "r"), "--device", "cpu"]) == 2
+    assert f"{photo} is a file, not a folder" in one_error_line(capsys)

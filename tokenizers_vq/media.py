@@ -340,6 +340,9 @@ def list_media(folder: str | Path, modality: str, max_items: int = 0) -> list[Pa
     :data:`MIN_NUMBERED_FRAMES` consecutively numbered frames (see
     :func:`~tokenizers_vq.media.is_frame_folder`), so a folder of photos is not a video."""
     root = Path(folder)
+    if root.is_file():
+        raise ValueError(f"{root} is a file, not a folder: give the folder that holds the media files "
+                         "(tvq encode takes single files)")
     if not root.is_dir():
         raise ValueError(f"data folder not found: {root}")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES[modality] and p.is_file())
