@@ -218,3 +218,20 @@ def test_a_file_given_as_the_data_folder_is_named_as_a_file(tmp_path, capsys):
     photo = small_photos(tmp_path / "p", 1)[0]
     assert main(["eval", "--data", str(photo), "--out", str(tmp_path / "r"), "--device", "cpu"]) == 2
     assert f"{photo} is a file, not a folder" in one_error_line(capsys)
+
+
+def test_a_shard_with_a_token_past_the_codebook_is_named_before_the_prior_trains(tmp_path, image_model, capsys):
+    import numpy as np  # noqa: PLC0415
+
+    data, out = tmp_path / "photos", tmp_path / "tokens"
+    small_photos(data, 2)
+    assert main(["export", "--model", str(image_model), "--data", str(data), "--out", str(out), "--device", "cpu",
+                 "--shard-items", "1"]) == 0
+    dtype = np.dtype(json.loads((out / "manifest.json").read_text())["dtype"])
+    codes = np.fromfile(out / "shard_00001.bin", dtype=dtype)
+    codes[3] = np.iinfo(dtype).max  # a flipped word: the manifest's counts still agree
+    codes.tofile(out / "shard_00001.bin")
+    capsys.readouterr()
+    assert main(["prior", "--tokens", str(out), "--model", str(image_model), "--steps", "1", "--device", "cpu",
+                 "--window", "2", "--out", str(tmp_path / "prior")]) == 2
+    assert f"{out / 'shard_00001'}.bin holds token {np.iinfo(dtype).max}" in one_error_line(capsys)

@@ -66,8 +66,16 @@ def val_loss(prior: TokenPrior, val: torch.Tensor, batch: int = 64) -> float:
 
 def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior, dict[str, Any]]:
     """Train; returns the prior and a summary (val nats/token, unigram entropy, speed)."""
+    if cfg.steps < 1 or cfg.window < 1 or cfg.batch_size < 1:
+        raise ValueError(f"steps={cfg.steps}, window={cfg.window}, batch_size={cfg.batch_size}: each must be >= 1")
     torch.manual_seed(cfg.seed)
     ds = TokenDataset(cfg.export_dir)
+    size = ds.manifest["codebook_size"]
+    for name, a in zip(ds.manifest["shards"], ds.arrays):  # a damaged shard, not an index error mid-training
+        top = int(a.max()) if a.size and ds.layout == "grid" else 0
+        if top >= size:
+            raise ValueError(f"{Path(cfg.export_dir) / name}.bin holds token {top}, past the codebook's {size} codes: "
+                             f"the shard is damaged; delete {name}.* there and run the export again to encode it again")
     n_val = max(1, int(round(len(ds) * cfg.val_fraction)))
     train_items, val_items = list(range(len(ds) - n_val)), list(range(len(ds) - n_val, len(ds)))
     per_cell = math.prod(ds.manifest["code_shape"]) if ds.manifest["code_shape"] else 1
