@@ -139,6 +139,10 @@ def test_export_and_eval_pick_the_model_by_the_folders_media(tmp_path):
     assert _default_for_folder(str(speech)) == "speech"
     assert _default_for_folder(str(tmp_path / "clips")) == "video"
     assert _default_for_folder(str(photos)) == "image"
+    report = speech / "report"  # an eval's pictures written inside the folder it evaluates
+    small_photos(report, 1)
+    assert _default_for_folder(str(speech)) == "image"
+    assert _default_for_folder(str(speech), skip=str(report)) == "speech"
     sf.write(tmp_path / "clips" / "b.wav", wav, sr)
     with pytest.raises(ValueError, match="holds audio and video files"):
         _default_for_folder(str(tmp_path / "clips"))
@@ -153,6 +157,31 @@ def test_an_interrupted_command_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_example_photo", interrupted)
     assert main(["example-photo"]) == 130
     assert "interrupted" in one_error_line(capsys)
+
+
+def test_a_write_that_lands_short_raises(tmp_path, monkeypatch):
+    import builtins  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    from tokenizers_vq import io  # noqa: PLC0415
+
+    class Short:  # a file whose writes store half of what they are given, without an error
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            return self.f.write(memoryview(data)[: len(data) // 2])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(io, "open", lambda path, mode: Short(builtins.open(path, mode)), raising=False)
+    with pytest.raises(OSError, match="of 20000 bytes written"):
+        io.write_bytes(np.arange(10000, dtype="<u2"), tmp_path / "x.bin")
 
 
 def test_a_short_write_is_an_error_not_a_short_file(tmp_path):
@@ -235,3 +264,40 @@ def test_a_shard_with_a_token_past_the_codebook_is_named_before_the_prior_trains
     assert main(["prior", "--tokens", str(out), "--model", str(image_model), "--steps", "1", "--device", "cpu",
                  "--window", "2", "--out", str(tmp_path / "prior")]) == 2
     assert f"{out / 'shard_00001'}.bin holds token {np.iinfo(dtype).max}" in one_error_line(capsys)
+
+
+def test_an_interrupted_overwrite_resumes_and_keeps_the_replaced_export_until_it_finishes(tmp_path, image_model,
+                                                                                       monkeypatch):
+    from tokenizers_vq import export  # noqa: PLC0415
+
+    data, out = tmp_path / "photos", tmp_path / "tokens"
+    small_photos(data, 4)
+    cmd = ["export", "--model", str(image_model), "--data", str(data), "--out", str(out), "--device", "cpu"]
+    assert main([*cmd, "--shard-items", "2"]) == 0
+    finished = snapshot(out)
+    write, calls = export._write_shard, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return write(*args)
+
+    monkeypatch.setattr(export, "_write_shard", interrupted)
+    assert main([*cmd, "--shard-items", "1", "--overwrite"]) == 130
+    assert snapshot(out / ".replaced") == finished and (out / "shard_00000.bin").is_file()
+    monkeypatch.setattr(export, "_write_shard", write)
+    assert main([*cmd, "--shard-items", "1"]) == 0  # resumes the new export
+    assert not (out / ".replaced").exists() and TokenDataset(out).manifest["items_per_shard"] == [1, 1, 1, 1]
+
+
+def test_the_prior_without_a_model_refuses_tokens_no_embedded_model_wrote(tmp_path, capsys):
+    mine = tiny("image")
+    mine.config.name = "my-own-model"
+    model = mine.save_pretrained(tmp_path / "model")
+    data, out = tmp_path / "photos", tmp_path / "tokens"
+    small_photos(data, 2)
+    assert main(["export", "--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["prior", "--tokens", str(out), "--steps", "1", "--device", "cpu"]) == 2
+    assert "'my-own-model', which is not one of the embedded models" in one_error_line(capsys)

@@ -68,7 +68,7 @@ def test_decoding_over_the_original_is_refused_before_anything_is_written(tmp_pa
     assert main(["encode", *map(str, photos), "--model", str(image_model), "-o", str(tokens)]) == 0
     capsys.readouterr()
     assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(tmp_path / "photos")]) == 2
-    assert "may be that original" in one_error_line(capsys)
+    assert "the decoded copy would replace the original" in one_error_line(capsys)
     assert [p.read_bytes() for p in photos] == before
     single = tmp_path / "t1.tvq"
     assert main(["encode", str(photos[0]), "--model", str(image_model), "-o", str(single)]) == 0
@@ -77,6 +77,10 @@ def test_decoding_over_the_original_is_refused_before_anything_is_written(tmp_pa
     copy = tmp_path / "copy.png"
     assert main(["decode", str(single), "--model", str(image_model), "-o", str(copy)]) == 0
     assert main(["decode", str(single), "--model", str(image_model), "-o", str(copy)]) == 0  # its own output: rewritten
+    out = tmp_path / "decoded"  # a folder decode run twice: the files named as the sources are its own
+    for _ in range(2):
+        assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in photos)
 
 
 @pytest.mark.parametrize("damage", ["dtype", "no codebook_size", "items not a list", "size not numbers"])

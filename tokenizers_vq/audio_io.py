@@ -68,7 +68,8 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
 def _wav_cut_short(path: Path) -> tuple[int, int] | None:
     """``(promised, present)`` bytes of a RIFF/WAVE file's ``data`` chunk when fewer are
     present than its header gives (libsndfile reads what is there without a word); ``None``
-    for a whole file, another format, or a length left open (0 or 0xFFFFFFFF, as streams write)."""
+    for a whole file, another format, or a length left open (0, or 2 GiB and up: what writers
+    to a pipe put there)."""
     with open(path, "rb") as f:
         head = f.read(12)
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
@@ -78,7 +79,8 @@ def _wav_cut_short(path: Path) -> tuple[int, int] | None:
             length = int.from_bytes(chunk[4:], "little")
             if chunk[:4] == b"data":
                 present = size - f.tell()
-                return (length, present) if 0 < length < 0xFFFFFFFF and present < length else None
+                open_length = length == 0 or length >= 0x7FFF0000  # a stream's placeholder (0xFFFFFFFF, SoX's 0x7ffff000)
+                return (length, present) if not open_length and present < length else None
             f.seek(length + (length & 1), 1)  # chunks are padded to an even length
     return None
 

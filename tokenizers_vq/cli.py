@@ -79,9 +79,11 @@ def _embedded_named(model_id: str) -> str | None:
     return None
 
 
-def _default_for_folder(folder: str) -> str:
+def _default_for_folder(folder: str, skip: str | None = None) -> str:
     """The embedded model for a data folder with no ``--model``: ``image`` when it holds photos
     (not only the frames of clips), else the one modality its files and clips are of.
+
+    Files under ``skip`` (an output folder inside it) are not looked at.
 
     Raises:
         ValueError: it holds no photos but both audio and video.
@@ -95,7 +97,10 @@ def _default_for_folder(folder: str) -> str:
     if not root.is_dir():
         return "image"  # a tar source, or a missing folder (the listing names it)
     found: dict[str, set[Path]] = {m: set() for m in SUFFIXES}
+    skipped = Path(skip).resolve() if skip else None
     for p in root.rglob("*"):
+        if skipped is not None and (p == skipped or skipped in p.parents or skipped in p.resolve().parents):
+            continue
         kind = next((m for m, suffixes in SUFFIXES.items() if p.suffix.lower() in suffixes), None)
         if kind is not None and p.is_file():
             found[kind].add(p.parent if kind == "image" else p)
@@ -131,7 +136,7 @@ def _eval(args: argparse.Namespace) -> int:
     for name, value in (("--max-items", args.max_items), ("--max-frames", args.max_frames)):
         if value < 0:
             raise ValueError(f"{name} {value}: expected a count >= 1, or 0 for all")
-    tok = _load_model(args, None if args.model else _default_for_folder(args.data))
+    tok = _load_model(args, None if args.model else _default_for_folder(args.data, skip=args.out))
     out = Path(args.out).resolve()
     files = [f for f in list_media(args.data, tok.modality)  # not the pictures of a report written inside it
              if out not in f.resolve().parents]
@@ -203,7 +208,7 @@ def _prior(args: argparse.Namespace) -> int:
         if value < 1:
             raise ValueError(f"{name} {value}: expected a whole number >= 1")
     from tokenizers_vq.token_dataset import read_json  # noqa: PLC0415
-    from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY  # noqa: PLC0415
+    from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY, PRETRAINED  # noqa: PLC0415
 
     manifest_path = Path(args.tokens) / "manifest.json"
     if not manifest_path.is_file():
@@ -214,6 +219,9 @@ def _prior(args: argparse.Namespace) -> int:
         default = (_embedded_named(str(manifest.get("model_id"))) or
                    DEFAULT_FOR_MODALITY.get(str(manifest.get("modality")), "image"))
     tok = _load_model(args, default)
+    if not args.model and manifest.get("model_id") != tok.config.name:
+        raise ValueError(f"{args.tokens} was written by model {manifest.get('model_id')!r}, which is not one of the "
+                         f"embedded models ({', '.join(PRETRAINED)}); pass --model DIR of the model that wrote it")
     if (manifest.get("modality"), manifest.get("codebook_size")) != (tok.modality, tok.quantizer.codebook_size):
         raise ValueError(f"{args.tokens} holds {manifest.get('modality')} tokens of model {manifest.get('model_id')!r} "
                          f"(codebook {manifest.get('codebook_size')}), but the model is {tok.modality} "

@@ -205,8 +205,9 @@ def export_dataset(
         distributed.agree(error)
     try:
         manifest = _export_claimed(tok, files, out, shard_items, batch_size, workers, precision, dtype, layout)
-    except BaseException:
-        if overwrite and rank == 0:  # the export this one was to replace is put back
+    except Exception:  # raised on every rank, once all stopped (distributed.agree): the replaced export is put
+        # back. An interrupt keeps both: the new run resumes when run again, the old one stays in .replaced
+        if overwrite and rank == 0:
             bring_back(out)
         raise
     if rank == 0:

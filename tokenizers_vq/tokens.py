@@ -13,7 +13,8 @@ The safetensors metadata (string to string) holds:
   (original ``[H, W]``, ``[samples]`` at the model rate, or ``[T, H, W]``),
   ``sample_rate`` (audio), ``fps`` (video), ``channels`` of the source, and
   ``sha256``: the hex sha256 of the item's tensor data as stored (little-endian, C
-  order), checked by :func:`load_tokens` (files written without it load unchecked).
+  order), checked by :func:`load_tokens` (files written without it load unchecked), and
+  ``source_sha256``, that of the source file's bytes (a decode never writes over it).
 - ``model_sha256``: the writing model's weights
   (:func:`~tokenizers_vq.export_record.weights_sha256`), so a decode can tell another
   model of the same name.
@@ -27,6 +28,7 @@ Decoding checks each item's grid against the one the model gives for its recorde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -55,6 +57,7 @@ class TokenRecord:
     source: str
     size: list[int]
     info: dict[str, Any] = field(default_factory=dict)
+    source_sha256: str | None = None  # the source file's bytes, so a decode can tell the original
 
 
 def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None = None,
@@ -74,7 +77,16 @@ def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None 
         codes = tok.encode(x.unsqueeze(0).to(next(tok.parameters()).device))[0].cpu()
     except ValueError as e:  # the tokenizer's refusal (e.g. too small), said of this file
         raise ValueError(f"{path}: {e}") from e
-    return TokenRecord(codes, path.name, size, info)
+    return TokenRecord(codes, path.name, size, info, file_sha256(path) if path.is_file() else None)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_input_modality(tok: Tokenizer, path: Path) -> None:
@@ -141,8 +153,8 @@ def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[Token
     q = tok.quantizer
     dtype = torch.int32 if q.codebook_size <= 2**31 else torch.int64
     tensors = {f"codes.{i}": r.codes.to(dtype).contiguous() for i, r in enumerate(records)}
-    items = [{"source": r.source, "size": r.size, **r.info, "sha256": tensor_sha256(tensors[f"codes.{i}"])}
-             for i, r in enumerate(records)]
+    items = [{"source": r.source, "size": r.size, **r.info, "sha256": tensor_sha256(tensors[f"codes.{i}"]),
+              **({"source_sha256": r.source_sha256} if r.source_sha256 else {})} for i, r in enumerate(records)]
     meta = {
         "format": FORMAT,
         "model_id": tok.config.name,
@@ -222,7 +234,8 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
                     raise ValueError(f"{path}: item {i} ({it['source']}): its codes do not match their recorded "
                                      "sha256; the file was altered or damaged after it was written: encode the "
                                      "source again")
-                records.append(TokenRecord(codes, it.pop("source"), it.pop("size"), it))
+                source_digest = it.pop("source_sha256", None)
+                records.append(TokenRecord(codes, it.pop("source"), it.pop("size"), it, source_digest))
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"corrupt token file {path}: {e}") from e
     except _Damaged as e:
@@ -282,10 +295,10 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
         raise ValueError(f"{tokens} holds {len(records)} items: name a folder for them, not the file {out.name}")
     targets = [out] if single else _folder_targets(out, records, tok.media.output_suffix)
     for rec, target in zip(records, targets):
-        if target.name == Path(rec.source).name and target.exists():
-            raise ValueError(f"{target} has the name of the file {rec.source} was encoded from, and exists: it may be "
-                             "that original, which the decoded copy would replace; decode into another folder "
-                             "or file name")
+        if rec.source_sha256 and target.is_file() and file_sha256(target) == rec.source_sha256:
+            raise ValueError(f"{target} is the file {rec.source} was encoded from (its bytes match the digest the "
+                             "token file records): the decoded copy would replace the original; decode into another "
+                             "folder or file name")
     if targets:  # a folder that cannot be written is found before any decoding
         check_can_write(targets[0])
     written = []

@@ -46,7 +46,7 @@ class MediaFolder:
         if stills and not 0 < stills_fraction <= 1:
             raise ValueError(f"stills_fraction={stills_fraction}: expected a share in (0, 1]")
         if max_speed < 0:
-            raise ValueError(f"max_speed={max_speed}: expected pixels per frame >= 0")
+            raise ValueError(f"max_speed (data.max_pan) = {max_speed}: expected pixels per frame >= 0")
         self.modality, self.files = modality, files
         self.media = get_modality(modality)
         self.items: list[Tensor] = []

@@ -109,7 +109,7 @@ class Trainer:
         val_files = _listed("data.val", d.val, cfg.model.modality, d.max_items) if d.val else None
         train_files, val_files = split_files(files, val_files, d.val_fraction)
         sr = self.unwrapped.sample_rate
-        stills = list_media(d.stills, "image", d.max_items) if d.stills else None
+        stills = _listed("data.stills", d.stills, "image", d.max_items) if d.stills else None
         self.train_data = MediaFolder(train_files, cfg.model.modality, sr, d.max_frames,
                                       stills, d.stills_fraction, d.max_pan)
         self.val_files = val_files
