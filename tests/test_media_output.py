@@ -198,3 +198,17 @@ def test_a_wav_cut_short_is_refused_and_a_whole_one_read(tmp_path):
     data = whole.index(b"data") + 4  # a stream's placeholder length (as SoX writes to a pipe) is not a promise
     (tmp_path / "stream.wav").write_bytes(whole[:data] + (0x7FFFF000).to_bytes(4, "little") + whole[data + 4 :])
     assert torch.equal(load_audio(tmp_path / "stream.wav")[0], load_audio(tmp_path / "whole.wav")[0])
+
+
+def test_an_image_past_pillows_pixel_guard_names_the_setting_that_lifts_it(tmp_path):
+    import struct  # noqa: PLC0415
+    import zlib  # noqa: PLC0415
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 10_000, 10_000, 8, 2, 0, 0, 0)  # claims 10^8 RGB pixels
+    path = tmp_path / "huge.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    with pytest.raises(ValueError, match="huge.png.*raise PIL.Image.MAX_IMAGE_PIXELS"):
+        load_image_u8(path)
