@@ -104,9 +104,9 @@ def _default_for_folder(folder: str, skip: str | None = None) -> str:
         kind = next((m for m, suffixes in SUFFIXES.items() if p.suffix.lower() in suffixes), None)
         if kind is not None and p.is_file():
             found[kind].add(p.parent if kind == "image" else p)
-    clips = {d for d in found["image"] if is_frame_folder(d)}
-    if found["image"] - clips:
+    if any(not is_frame_folder(d) for d in found["image"]):  # photos, not only the frames of clips
         return "image"
+    clips = found["image"]
     kinds = [m for m in ("audio", "video") if found[m] or (m == "video" and clips)]
     if len(kinds) > 1:
         raise ValueError(f"{folder} holds audio and video files; a model codes one modality: pass --model speech "
