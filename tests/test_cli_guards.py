@@ -301,3 +301,35 @@ def test_the_prior_without_a_model_refuses_tokens_no_embedded_model_wrote(tmp_pa
     capsys.readouterr()
     assert main(["prior", "--tokens", str(out), "--steps", "1", "--device", "cpu"]) == 2
     assert "'my-own-model', which is not one of the embedded models" in one_error_line(capsys)
+
+
+def test_an_export_begun_before_photos_were_read_upright_resumes_unless_one_is_turned(tmp_path, image_model, capsys):
+    from PIL import Image  # noqa: PLC0415
+
+    data, out = tmp_path / "photos", tmp_path / "tokens"
+    photos = small_photos(data, 3)
+    cmd = ["export", "--model", str(image_model), "--data", str(data), "--out", str(out), "--device", "cpu",
+           "--shard-items", "2"]
+    assert main(cmd) == 0
+    record = out / "export.json"
+
+    def as_recorded_before():
+        fp = json.loads(record.read_text())
+        assert fp.pop("image_reader") == "upright"
+        record.write_text(json.dumps(fp))
+
+    as_recorded_before()
+    assert main(cmd) == 0  # no photo is turned: nothing differs for it
+    assert json.loads(record.read_text())["image_reader"] == "upright"
+    as_recorded_before()
+    with Image.open(photos[1]) as im:
+        exif = im.getexif()
+        exif[0x0112] = 6
+        im.save(photos[1], exif=exif)
+    stat = photos[1].stat()
+    fp = json.loads(record.read_text())
+    fp["inputs"][1][1:] = [stat.st_size, stat.st_mtime_ns]  # as if it had been turned all along
+    record.write_text(json.dumps(fp))
+    capsys.readouterr()
+    assert main(cmd) == 2
+    assert f"{photos[1]} is turned by its orientation" in one_error_line(capsys)

@@ -170,6 +170,38 @@ def _with_defaults(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "model_config": json.loads(json.dumps(config))}
 
 
+IMAGE_READER = "upright"
+"""How an image export reads photos (``image_reader`` in ``export.json``): EXIF orientation
+applied. Exports recorded without it read photos as stored."""
+
+
+def _read_upright(old: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:
+    """An image export recorded before photos were read upright resumes as one that reads them
+    so (``old`` with ``image_reader`` set) when none of its inputs is turned by an EXIF
+    orientation, which is all that changed for it; otherwise ``old`` as it is.
+
+    Raises:
+        ValueError: an input is turned (or is a tar member, which is not looked into): its
+            finished shards hold it as stored, new ones would hold it upright.
+    """
+    if "image_reader" in old or "image_reader" not in fp:
+        return old
+    from PIL import Image  # noqa: PLC0415
+
+    for entry in fp["inputs"]:
+        path = Path(entry[0])
+        try:
+            with Image.open(path) as im:
+                turned = im.getexif().get(0x0112, 1) != 1
+        except OSError:
+            turned = not path.is_file()  # a tar member; an unreadable file is named by the reader
+        if turned:
+            raise ValueError(f"this export was begun reading photos as stored, and this version reads them upright "
+                             f"(their EXIF orientation applied); {entry[0]} is turned by its orientation or could "
+                             f"not be checked, so resuming would mix the two: {START_OVER}")
+    return {**old, "image_reader": fp["image_reader"]}
+
+
 def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
     """Make ``out`` an export of ``fp``: record it in ``out/export.json`` (atomically),
     or resume when the one recorded there equals it. With ``overwrite``, an earlier
@@ -190,11 +222,14 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
             raise ValueError(f"corrupt {record}: {e}; {START_OVER}") from e
         if not isinstance(old, dict):
             raise ValueError(f"corrupt {record}: not a JSON object; {START_OVER}")
-        diffs = differences(_with_defaults(old), fp)
+        upgraded = _read_upright(old, fp)
+        diffs = differences(_with_defaults(upgraded), fp)
         if diffs:
             more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""
             raise ValueError(f"{out} holds an export made differently (recorded vs this run): "
                              f"{'; '.join(diffs[:6])}{more}. Resuming would mix the two: {START_OVER}")
+        if upgraded is not old:  # checked once: the record says so from now on
+            atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(upgraded)))
         return
     else:
         found = sorted(p.name for p in out.iterdir() if written_by_export(p.name))
