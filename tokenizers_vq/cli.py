@@ -306,9 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "bf16: the encoder under bf16 autocast, faster on a GPU and 3x on a CPU with bf16 units, "
                          "near-ties may take other ids (recorded in export.json)")
     ex.add_argument("--overwrite", action="store_true",
-                    help="delete an earlier export in --out (its shards, index files, manifest and export.json; no "
-                         "other file) and start over; without it, a rerun resumes only an export of the same model, "
-                         "inputs and options, and refuses any other, naming what differs")
+                    help="start over in --out: an earlier export there (its shards, index files, manifest and "
+                         "export.json; no other file) is kept in --out/.replaced until the new one finishes, and put "
+                         "back if it fails; without it, a rerun resumes only an export of the same model, inputs and "
+                         "options, and refuses any other, naming what differs")
     pr = sub.add_parser("prior", help="train the small GPT prior on an export and sample media")
     pr.add_argument("--tokens", required=True, help="export directory written by tvq export")
     pr.add_argument("--out", default="runs/prior", help="output folder")

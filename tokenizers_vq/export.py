@@ -34,7 +34,8 @@ shard is written atomically (``.bin`` then ``.json``), so an interrupted export
 resumes by skipping finished shards and never leaves a half-written one. A rerun
 resumes only when its fingerprint equals the recorded ``export.json``; otherwise it
 is refused, naming what differs, unless ``overwrite=True`` (``tvq export
---overwrite``), which first deletes the files an export writes (and no others).
+--overwrite``), which sets the files an export writes (and no others) aside until the new
+export finishes.
 
 Under a process group of several ranks (``accelerate launch -m tokenizers_vq.cli export
 ...``, ``torchrun``, or the Python API with ``torch.distributed`` initialised) rank ``r``
@@ -161,8 +162,10 @@ def export_dataset(
             Recorded in ``export.json``: a resume must pass the same precision (it is refused
             otherwise, naming it). On the CPU it keeps freed memory in the process
             (:func:`~tokenizers_vq.runtime.keep_freed_memory`: 1.5x faster).
-        overwrite: delete an earlier export in ``out_dir`` first (its shards, index
-            files, manifest and ``export.json``; no other file) and start over.
+        overwrite: start over: an earlier export in ``out_dir`` (its shards, index files,
+            manifest and ``export.json``; no other file) is set aside in ``out_dir/.replaced``,
+            deleted once this one finishes and put back if it fails (an interrupt keeps both:
+            this one resumes when run again).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).

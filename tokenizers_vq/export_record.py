@@ -24,8 +24,8 @@ from tokenizers_vq.tokenizer_config import TokenizerConfig
 from tokenizers_vq.webdataset import TarSample
 
 RECORD = "export.json"
-START_OVER = ("pass overwrite=True (tvq export --overwrite) to delete its shards, index files and manifest and "
-              "start over, or export to another folder (--out)")
+START_OVER = ("pass overwrite=True (tvq export --overwrite) to start over (its shards, index files and manifest are "
+              "replaced once the new export finishes), or export to another folder (--out)")
 
 
 def written_by_export(name: str) -> bool:
