@@ -18,6 +18,11 @@ from tokenizers_vq.errors import ItemError
 from tokenizers_vq.modality import get as get_modality
 
 
+STILL_MAX_SIDE = 1024
+"""Photos panned into video clips are scaled down to this longer side when larger (the video
+models train on frames of about 256 pixels)."""
+
+
 class MediaFolder:
     """In-memory media of one folder.
 
@@ -55,7 +60,12 @@ class MediaFolder:
         image = get_modality("image")
         for f in tqdm(stills or [], desc=f"loading {len(stills or [])} stills", leave=False,
                       disable=len(stills or []) < 20):
-            self.stills.append((image.load_media(f, None, 1) * 255).round().to(torch.uint8))
+            photo = image.load_media(f, None, 1)
+            if max(photo.shape[1:]) > STILL_MAX_SIDE:  # a camera's 12 MP would hold 36 MB each in memory
+                scale = STILL_MAX_SIDE / max(photo.shape[1:])
+                size = [max(1, round(n * scale)) for n in photo.shape[1:]]
+                photo = F.interpolate(photo[None], size=size, mode="area")[0]
+            self.stills.append((photo * 255).round().to(torch.uint8))
         for f in tqdm(files, desc=f"loading {len(files)} {modality} files", leave=False, disable=len(files) < 20):
             media = self.media.load_media(f, sample_rate, max_frames)
             if not self.media.has_pixels and media.numel():  # refused here, naming the file, not at some later step

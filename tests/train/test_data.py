@@ -89,3 +89,14 @@ def test_stills_are_refused_outside_video_and_bad_settings_named():
     with pytest.raises(ValueError, match="max_speed"):
         MediaFolder(video_files(), "video", max_frames=5, max_speed=-1)
 
+
+
+def test_a_large_photo_is_scaled_down_to_pan_across(tmp_path):
+    from tokenizers_vq.media import load_image, save_image  # noqa: PLC0415
+    from tokenizers_vq.train.data import STILL_MAX_SIDE  # noqa: PLC0415
+
+    big = F.interpolate(load_image(photos(1)[0])[None], scale_factor=4, mode="bilinear")[0]  # 1924 x 1284
+    save_image(big, tmp_path / "big.png")
+    data = MediaFolder(video_files(), "video", max_frames=5, stills=[tmp_path / "big.png", photos(1)[0]])
+    assert max(data.stills[0].shape[1:]) == STILL_MAX_SIDE
+    assert data.stills[1].shape[1:] == load_image(photos(1)[0]).shape[1:]  # a small one is kept as it is
