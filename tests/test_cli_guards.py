@@ -5,6 +5,7 @@ report; a damaged shard names its files; defaults follow the data."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -333,3 +334,20 @@ def test_an_export_begun_before_photos_were_read_upright_resumes_unless_one_is_t
     capsys.readouterr()
     assert main(cmd) == 2
     assert f"{photos[1]} is turned by its orientation" in one_error_line(capsys)
+
+
+def test_encoding_a_video_with_sound_says_the_sound_is_not_coded(tmp_path, capsys):
+    pytest.importorskip("av", reason="PyAV is needed for video files")
+    from tokenizers_vq.media import load_video, save_video  # noqa: PLC0415
+
+    frames, fps = load_video(shared_path("video", "imageio_realshort.mp4"), max_frames=5)
+    silent = tmp_path / "silent.mp4"
+    save_video(frames[:, :, :64, :64], silent, fps)  # our writer keeps no sound
+    sounding = tmp_path / "sounding.mp4"
+    shutil.copy(shared_path("video", "imageio_realshort.mp4"), sounding)
+    model = tiny("video").save_pretrained(tmp_path / "model")
+    for clip, said in ((silent, False), (sounding, True)):
+        capsys.readouterr()
+        assert main(["encode", str(clip), "--model", str(model), "-o", str(tmp_path / "v.tvq"), "--device", "cpu",
+                     "--max-pixels", "0"]) == 0
+        assert ("also has sound" in capsys.readouterr().err) is said

@@ -36,8 +36,15 @@ def _encode(args: argparse.Namespace) -> int:
     if args.max_pixels < 0:
         raise ValueError(f"--max-pixels {args.max_pixels}: expected a pixel count >= 1, or 0 for no limit")
     default = None if args.model else default_model_name(args.files)
-    out = encode_files(_load_model(args, default), args.files, args.output, max_pixels=args.max_pixels or None)
+    tok = _load_model(args, default)
+    out = encode_files(tok, args.files, args.output, max_pixels=args.max_pixels or None)
     print(f"wrote {out}")
+    if tok.modality == "video":
+        from tokenizers_vq.media import has_audio_track  # noqa: PLC0415
+
+        for f in filter(has_audio_track, args.files):
+            print(f"tvq: note: {f} also has sound, which a video model does not code: the decoded video is silent",
+                  file=sys.stderr)
     return 0
 
 

@@ -309,6 +309,19 @@ def _pyav(what: str):
     return av
 
 
+def has_audio_track(path: str | os.PathLike) -> bool:
+    """Whether a video file also carries sound (a video tokenizer codes its frames only);
+    False for a folder of frames or a file PyAV cannot open."""
+    if not Path(path).is_file():
+        return False
+    av = _pyav("reading video")
+    try:
+        with av.open(str(path)) as container:
+            return bool(container.streams.audio)
+    except av.error.FFmpegError:
+        return False
+
+
 def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:
     """Write ``(T, 3, H, W)`` float frames in [0, 1] as H.264 (yuv420p, so H and W are
     cropped to even sizes) in MP4, MOV or MKV by the suffix (:data:`~tokenizers_vq.io.WRITES`),
