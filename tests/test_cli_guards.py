@@ -351,3 +351,14 @@ def test_encoding_a_video_with_sound_says_the_sound_is_not_coded(tmp_path, capsy
         assert main(["encode", str(clip), "--model", str(model), "-o", str(tmp_path / "v.tvq"), "--device", "cpu",
                      "--max-pixels", "0"]) == 0
         assert ("also has sound" in capsys.readouterr().err) is said
+
+
+def test_a_manifest_missing_a_field_is_named(tmp_path, image_model):
+    data, out = tmp_path / "photos", tmp_path / "tokens"
+    small_photos(data, 2)
+    assert main(["export", "--model", str(image_model), "--data", str(data), "--out", str(out), "--device", "cpu"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["dtype"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="manifest.json: it lacks dtype"):
+        TokenDataset(out)

@@ -29,7 +29,8 @@ token's region's first cell) and 0 for a coarse token (a region of 2, 2x2 or 2x2
 cells), 1 for a fine one (one cell). Row ``r`` describes codes ``[r*P, (r+1)*P)``,
 ``P = prod(code_shape)``.
 
-Shard ``k`` always holds files ``[k*S, (k+1)*S)`` of the sorted file list, and each
+Shard ``k`` always holds files ``[k*S, (k+1)*S)`` of the file list, in the order given
+(``tvq export`` sorts a folder's files by path), and each
 shard is written atomically (``.bin`` then ``.json``), so an interrupted export
 resumes by skipping finished shards and never leaves a half-written one. A rerun
 resumes only when its fingerprint equals the recorded ``export.json``; otherwise it

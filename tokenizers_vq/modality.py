@@ -16,8 +16,10 @@ and the embedded model that ``tvq`` picks for it. :func:`get` looks one up by th
 from __future__ import annotations
 
 import math
+import operator
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -152,6 +154,35 @@ class Modality(ABC):
         if not self.has_pixels:
             return F.pad(x, pad)
         return F.pad(x, pad + [0, 0] * (x.ndim - 2 - len(stride)), mode="replicate")  # replicate pads every axis
+
+    def check_size(self, size: Sequence[int]) -> tuple[int, ...]:
+        """``size`` as whole numbers: the media's own axes (``(H, W)``, ``(T,)`` or
+        ``(T, H, W)``: as many as a model input has after ``(B, C)``), each at least 1.
+
+        Raises:
+            ValueError: another count of axes, or a value that is not a positive whole number.
+        """
+        axes = self.input_ndim - 2
+        try:
+            vals = tuple(operator.index(s) for s in size)
+        except TypeError:
+            vals = ()
+        if len(vals) != axes or min(vals, default=0) < 1:
+            names = {1: "(T,): samples", 2: "(H, W)", 3: "(T, H, W)"}[axes]
+            raise ValueError(f"size {tuple(size)!r}: {self.article} is sized {names}, each a whole number >= 1")
+        return vals
+
+    def check_codes(self, codes: Tensor, code_shape: tuple[int, ...], size: Sequence[int] | None,
+                    grid: tuple[int, ...] | None, model: str) -> None:
+        """Refuse fixed-grid codes without their batch axis ``(B, *grid, *code_shape)``, or
+        whose grid is not the ``grid`` that ``model`` gives media of ``size``."""
+        axes, shape = self.input_ndim - 2, tuple(codes.shape)
+        if codes.ndim != 1 + axes + len(code_shape):
+            raise ValueError(f"codes of shape {list(shape)}: expected (B, *grid, *code_shape), "
+                             f"{1 + axes + len(code_shape)} axes (one item's codes: codes[None])")
+        if grid is not None and shape[1 : 1 + axes] != grid:
+            raise ValueError(f"codes of grid {list(shape[1 : 1 + axes])} do not fit size {list(size)}, which "
+                             f"{model!r} codes as {list(grid)}: pass the size the media had")
 
     def grid(self, size: tuple[int, ...] | list[int], stride: tuple[int, ...]) -> tuple[int, ...]:
         """Latent cells along the trailing axes of ``size`` (as many as ``stride`` has),

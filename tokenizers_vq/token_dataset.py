@@ -103,6 +103,9 @@ class TokenDataset(Dataset):
         self.manifest = read_json(path, "shards")
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{path} is not a {FORMAT} manifest")
+        missing = [k for k in ("modality", "codebook_size", "code_shape", "dtype", "num_items") if k not in self.manifest]
+        if missing:
+            raise ValueError(f"corrupt {path}: it lacks {', '.join(missing)}; export it again (tvq export --overwrite)")
         self.layout = self.manifest.get("layout", "grid")
         if self.layout not in ("grid", "dynamic"):
             raise ValueError(f"{path}: unknown layout {self.layout!r}")

@@ -147,8 +147,7 @@ class Tokenizer(nn.Module):
         """Training pass on stride-aligned input (crops): reconstruction, codes, losses.
         A dynamic-length model needs crops aligned to twice the stride (even latents);
         its ``codes`` are the dense map (a coarse region's code on each of its cells)."""
-        self._check_media(x, aligned=True)
-        h = self.encoder(x).movedim(1, -1)
+        h = self.encoder(self._check_media(x, aligned=True)).movedim(1, -1)
         q = self.quantizer(h)
         rec = self.decoder(q.quantized.movedim(-1, 1))
         return TokenizerOutput(rec, q.codes, q.losses, q.metrics)
@@ -164,7 +163,7 @@ class Tokenizer(nn.Module):
         one window: packed codes of audio chunks would not join, and video is refused.
         """
         with deferred.checked_at_end():  # the input's and the latent's checks wait for one sync, at the end
-            self._check_media(x, aligned=False)
+            x = self._check_media(x, aligned=False)
             if self.is_dynamic:
                 self._check_dynamic()
                 return self._encode_aligned(self._pad(x, mult=2))
@@ -180,11 +179,12 @@ class Tokenizer(nn.Module):
         model); ``size`` (``(H, W)``, ``(T,)`` or ``(T, H, W)``) crops the stride padding
         back off."""
         if isinstance(codes, PackedCodes) != self.is_dynamic:
-            raise ValueError(
-                f"decode takes the PackedCodes of a dynamic-length tokenizer, got {type(codes).__name__}"
-                if self.is_dynamic
-                else "PackedCodes need a tokenizer with a dynamic-length bottleneck (QuantizerConfig.dynamic)"
-            )
+            raise ValueError(f"decode takes the PackedCodes of a dynamic-length tokenizer, got {type(codes).__name__}"
+                             if self.is_dynamic else
+                             "PackedCodes need a tokenizer with a dynamic-length bottleneck (QuantizerConfig.dynamic)")
+        grid = None if size is None else self.grid_shape(size)
+        if not self.is_dynamic:
+            self.media.check_codes(codes, self.quantizer.code_shape, size, grid, self.config.name)
         if self.is_dynamic:
             self._check_dynamic()
             out = self._decode_aligned(codes)
@@ -280,10 +280,11 @@ class Tokenizer(nn.Module):
         tf = getattr(b, "temporal_factor", None)
         return x if tf is None else self.media.pad_time(x, tf)
 
-    def _check_media(self, x: Tensor, aligned: bool) -> None:
-        want = self.media.input_ndim
+    def _check_media(self, x: Tensor, aligned: bool) -> Tensor:
+        """``x`` checked, in the weights' dtype (outside autocast, which casts by itself)."""
+        want, weights = self.media.input_ndim, next(self.parameters()).dtype
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise ValueError(f"{self.modality} input must be a floating-point tensor")
+            raise ValueError(f"{self.modality} input must be a floating-point tensor: {self.media.input_scale}")
         if x.ndim != want:
             raise ValueError(f"{self.modality} input must have {want} axes (B, C, ...), got shape {tuple(x.shape)}")
         if x.numel() == 0:
@@ -292,6 +293,7 @@ class Tokenizer(nn.Module):
             raise ValueError(f"{self.modality} frames are {x.shape[-1]}x{x.shape[-2]}; at least 8x8 pixels are needed")
         if not torch.compiler.is_compiling():
             deferred.check(self.media.input_range(x), self.media.check_range)
+        return x if x.dtype == weights or torch.is_autocast_enabled(x.device.type) else x.to(weights)
 
     # -- saving and loading ---------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
@@ -385,8 +387,8 @@ class Tokenizer(nn.Module):
         the last clip shorter): a clip of ``t`` frames gives ``1 + ceil((t - 1) / 4)``
         latent frames for a temporal factor of 4.
         """
-        b, m = self.backbone_config, 2 if self.is_dynamic else 1
-        cells = tuple(m * c for c in self.media.grid(tuple(size), tuple(m * s for s in b.stride)))
+        b, m, size = self.backbone_config, 2 if self.is_dynamic else 1, self.media.check_size(size)
+        cells = tuple(m * c for c in self.media.grid(size, tuple(m * s for s in b.stride)))
         if len(size) == len(b.stride):
             return cells
         clip, tf = self.config.clip_frames, b.temporal_factor

@@ -1,0 +1,45 @@
+"""The Python API refuses what it cannot code faithfully, with the fix in the message: sizes
+that do not fit the codes, codes without their batch axis; it takes any float dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_tokenizer import tiny
+
+
+@pytest.mark.parametrize("modality,size", [("image", (30, 41)), ("audio", (1001,)), ("video", (7, 16, 24))])
+def test_decode_crops_to_a_size_that_fits_and_refuses_one_that_does_not(modality, size):
+    tok = tiny(modality)
+    x = torch.rand(1, 1 if modality == "audio" else 3, *size) * 2 - 1
+    codes = tok.encode(x)
+    assert tok.decode(codes, size=size).shape == x.shape
+    wrong_axes = size[:-1] if len(size) > 1 else (*size, 5)
+    bigger = tuple(4 * s for s in size)
+    for bad, said in ((wrong_axes, "is sized"), ((0, *size[1:]), "whole number >= 1"),
+                      ((-1, *size[1:]), "whole number >= 1"), (bigger, "do not fit size")):
+        with pytest.raises(ValueError, match=said):
+            tok.decode(codes, size=bad)
+    with pytest.raises(ValueError, match="is sized"):
+        tok.grid_shape(wrong_axes)
+
+
+def test_codes_without_their_batch_axis_are_named_with_the_fix():
+    tok = tiny("audio")
+    codes = tok.encode(torch.rand(1, 1, 2000) * 0.2 - 0.1)
+    with pytest.raises(ValueError, match=r"expected \(B, \*grid, \*code_shape\).*codes\[None\]"):
+        tok.decode(codes[0])
+    assert torch.equal(tok.decode(codes[0][None]), tok.decode(codes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_any_float_input_is_coded_in_the_weights_dtype(dtype):
+    tok = tiny("image")
+    x = (torch.rand(2, 3, 24, 32) * 2 - 1).to(dtype)  # compared with the same values in float32
+    assert torch.equal(tok.encode(x), tok.encode(x.float()))
+
+
+def test_integer_pixels_are_refused_with_the_scaling_to_use():
+    tok = tiny("image")
+    with pytest.raises(ValueError, match=r"x / 127.5 - 1"):
+        tok.encode(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
