@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_tokenizer import tiny
+from test_tokenizer import TINY, tiny
 
 
 @pytest.mark.parametrize("modality,size", [("image", (30, 41)), ("audio", (1001,)), ("video", (7, 16, 24))])
@@ -43,3 +43,20 @@ def test_integer_pixels_are_refused_with_the_scaling_to_use():
     tok = tiny("image")
     with pytest.raises(ValueError, match=r"x / 127.5 - 1"):
         tok.encode(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+
+
+def test_a_config_edited_under_weights_that_still_fit_is_refused(tmp_path):
+    import json  # noqa: PLC0415
+
+    from tokenizers_vq import QuantizerConfig, Tokenizer, TokenizerConfig  # noqa: PLC0415
+
+    tok = Tokenizer(TokenizerConfig("image", TINY["image"], QuantizerConfig("fsq", {"levels": [8, 5, 5, 5]})))
+    folder = tok.save_pretrained(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["name"], config["chunk_frames"] = "renamed", 100  # settings that do not change what the weights compute
+    (folder / "config.json").write_text(json.dumps(config, indent=4))
+    assert Tokenizer.from_pretrained(folder).config.name == "renamed"
+    config["quantizer"]["options"]["levels"] = [5, 5, 5, 8]  # the same shapes, other codes
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json was edited since .*model.safetensors was saved with it"):
+        Tokenizer.from_pretrained(folder)

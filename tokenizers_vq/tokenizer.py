@@ -32,7 +32,8 @@ from tokenizers_vq.modality import names as modality_names
 from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
 from tokenizers_vq.quantizers.base import evaluating
 from tokenizers_vq.streaming import AudioDecodeStream, AudioEncodeStream, receptive_field
-from tokenizers_vq.tokenizer_config import QUANTIZER_KINDS, QuantizerConfig, TokenizerConfig  # noqa: F401 (re-exported)
+from tokenizers_vq.tokenizer_config import (QUANTIZER_KINDS, QuantizerConfig, TokenizerConfig,  # noqa: F401 (re-exported)
+                                            architecture_sha256, check_architecture)
 
 _ASSETS = Path(__file__).parent / "assets"
 PRETRAINED: dict[str, Path] = {
@@ -312,11 +313,10 @@ class Tokenizer(nn.Module):
             if not dtype.is_floating_point:
                 raise ValueError(f"save_pretrained dtype must be a floating-point type, got {dtype}")
             big = torch.finfo(dtype).max / 2
-            state = {
-                k: v.to(dtype) if v.is_floating_point() and (v.numel() == 0 or float(v.abs().max()) < big) else v
-                for k, v in state.items()
-            }
-        atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+            state = {k: v.to(dtype) if v.is_floating_point() and (v.numel() == 0 or float(v.abs().max()) < big) else v
+                     for k, v in state.items()}
+        meta = {"format": "pt", "architecture_sha256": architecture_sha256(self.config)}
+        atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, tmp, metadata=meta))
         text = json.dumps(asdict(self.config), indent=2)
         atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
         return directory
@@ -356,6 +356,7 @@ class Tokenizer(nn.Module):
         if mismatched:
             raise ValueError(f"{weights} does not fit {cfg_path} (edited config, or weights of another model?): "
                              f"{'; '.join(mismatched[:3])}; restore the config.json saved with these weights")
+        check_architecture(model.config, cfg_path, weights)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{weights} does not fit {cfg_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -210,3 +210,39 @@ class TokenizerConfig:
         d = dict(d)
         d["quantizer"] = QuantizerConfig(**d.get("quantizer", {}))
         return cls(**d)
+
+
+
+def architecture_sha256(config: TokenizerConfig) -> str:
+    """Hex sha256 of what shapes a model's computation: its modality, backbone fields and
+    quantizer settings (those that differ from :class:`QuantizerConfig`'s defaults, so a
+    field added later with a default, or one left out, does not change it). Saved in
+    ``model.safetensors``' metadata, it tells a ``config.json`` edited since from the one
+    saved with the weights, even where the weight shapes still fit (FSQ levels reordered,
+    LFQ made spherical)."""
+    import dataclasses  # noqa: PLC0415
+    import hashlib  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    defaults = dataclasses.asdict(QuantizerConfig())
+    quantizer = {k: v for k, v in dataclasses.asdict(config.quantizer).items() if v != defaults.get(k)}
+    text = json.dumps([config.modality, config.backbone, quantizer], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_architecture(config: TokenizerConfig, config_path: Any, weights_path: Any) -> None:
+    """Refuse a config (read from ``config_path``) that computes otherwise than the one
+    ``weights_path`` was saved with (:func:`architecture_sha256`; files saved without it are
+    not checked).
+
+    Raises:
+        ValueError: naming both files and the fix.
+    """
+    from safetensors import safe_open  # noqa: PLC0415
+
+    with safe_open(str(weights_path), framework="pt") as f:
+        saved = (f.metadata() or {}).get("architecture_sha256")
+    if saved is not None and saved != architecture_sha256(config):
+        raise ValueError(f"{config_path} was edited since {weights_path} was saved with it: its modality, backbone or "
+                         "quantizer settings differ, and these weights compute something else under them; restore "
+                         "the config.json saved with these weights (name, chunk and clip settings may change)")
