@@ -3,6 +3,7 @@ spread back to the codes, finer scales that reduce the error, and an image bottl
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tokenizers_vq import QuantizerConfig, Tokenizer, TokenizerConfig
@@ -42,8 +43,6 @@ def test_multiscale_is_an_image_bottleneck_by_name():
 
 
 def test_rates_count_the_scale_maps_and_misuse_is_refused():
-    import pytest
-
     from tokenizers_vq import FSQ, GroupedQuantizer, ResidualQuantizer, VectorQuantizer
     from tokenizers_vq.quantizers import DynamicQuantizer
 
@@ -62,3 +61,10 @@ def test_rates_count_the_scale_maps_and_misuse_is_refused():
     big = FSQ(2, [1001, 4096]).eval()  # a tanh bound overshoots half a step from L = 1001: clamped
     digits = big.codes_to_digits(big.encode(torch.randn(5000, 2) * 50))
     assert digits.min() >= 0 and digits[:, 0].max() == 1000 and digits[:, 1].max() == 4095
+
+
+def test_codes_with_no_or_too_many_position_axes_are_refused():
+    q = MultiScaleResidualQuantizer(8, 64, scales=(1, 2, 4))
+    for shape in ((1, 3), (1, 2, 2, 2, 2, 3)):
+        with pytest.raises(ValueError, match="1-3 position axes"):
+            q.decode(torch.zeros(*shape, dtype=torch.long))
