@@ -176,16 +176,17 @@ applied. Exports recorded without it read photos as stored."""
 
 
 def _read_upright(old: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:
-    """An image export recorded before photos were read upright resumes as one that reads them
-    so (``old`` with ``image_reader`` set) when none of its inputs is turned by an EXIF
-    orientation, which is all that changed for it; otherwise ``old`` as it is.
-
-    Raises:
-        ValueError: an input is turned (or is a tar member, which is not looked into): its
-            finished shards hold it as stored, new ones would hold it upright.
-    """
+    """``old`` as recorded, or, for an image export recorded before photos were read upright,
+    with ``image_reader`` set as this run reads them (checked by :func:`_none_turned`)."""
     if "image_reader" in old or "image_reader" not in fp:
         return old
+    return {**old, "image_reader": fp["image_reader"]}
+
+
+def _none_turned(fp: dict[str, Any]) -> None:
+    """Raise ``ValueError`` when an input is turned by an EXIF orientation (or is a tar
+    member, which is not looked into): an export begun reading photos as stored holds it so
+    in its finished shards, and would hold it upright in new ones."""
     from PIL import Image  # noqa: PLC0415
 
     for entry in fp["inputs"]:
@@ -199,7 +200,6 @@ def _read_upright(old: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"this export was begun reading photos as stored, and this version reads them upright "
                              f"(their EXIF orientation applied); {entry[0]} is turned by its orientation or could "
                              f"not be checked, so resuming would mix the two: {START_OVER}")
-    return {**old, "image_reader": fp["image_reader"]}
 
 
 def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
@@ -229,6 +229,7 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
             raise ValueError(f"{out} holds an export made differently (recorded vs this run): "
                              f"{'; '.join(diffs[:6])}{more}. Resuming would mix the two: {START_OVER}")
         if upgraded is not old:  # checked once: the record says so from now on
+            _none_turned(fp)
             atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(upgraded)))
         return
     else:
