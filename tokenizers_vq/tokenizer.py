@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from tokenizers_vq import deferred
 from tokenizers_vq.backbones import BACKBONES
-from tokenizers_vq.io import atomic_write
+from tokenizers_vq.io import atomic_write, save_safetensors
 from tokenizers_vq.modality import Modality
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.modality import names as modality_names
@@ -305,8 +305,6 @@ class Tokenizer(nn.Module):
                 halve the file); tensors whose values would not fit stay as they are.
                 ``from_pretrained`` loads either back into float32.
         """
-        from safetensors.torch import save_file  # noqa: PLC0415
-
         directory = Path(directory)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if dtype is not None:
@@ -316,7 +314,7 @@ class Tokenizer(nn.Module):
             state = {k: v.to(dtype) if v.is_floating_point() and (v.numel() == 0 or float(v.abs().max()) < big) else v
                      for k, v in state.items()}
         meta = {"format": "pt", "architecture_sha256": architecture_sha256(self.config)}
-        atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, tmp, metadata=meta))
+        atomic_write(directory / "model.safetensors", lambda tmp: save_safetensors(state, tmp, metadata=meta))
         text = json.dumps(asdict(self.config), indent=2)
         atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
         return directory

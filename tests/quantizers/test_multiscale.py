@@ -66,5 +66,5 @@ def test_rates_count_the_scale_maps_and_misuse_is_refused():
 def test_codes_with_no_or_too_many_position_axes_are_refused():
     q = MultiScaleResidualQuantizer(8, 64, scales=(1, 2, 4))
     for shape in ((1, 3), (1, 2, 2, 2, 2, 3)):
-        with pytest.raises(ValueError, match="1-3 position axes"):
+        with pytest.raises(ValueError, match="at least one spatial axis and at most 3"):
             q.decode(torch.zeros(*shape, dtype=torch.long))

@@ -131,8 +131,8 @@ class MultiScaleResidualQuantizer(Quantizer):
     def _decode(self, codes: Tensor) -> Tensor:
         size = tuple(codes.shape[1:-1])
         if not 1 <= len(size) <= 3:
-            raise ValueError(f"MultiScaleResidualQuantizer codes are (B, *S, scales) with 1-3 position axes, as "
-                             f"forward gives them; got shape {tuple(codes.shape)}")
+            raise ValueError(f"MultiScaleResidualQuantizer needs at least one spatial axis and at most 3: codes "
+                             f"(B, *S, scales) with 1-3 position axes, as forward gives them; got shape {tuple(codes.shape)}")
         f = None
         for c in self.scale_codes(codes):
             up = self._up(self.vq._in_weight_dtype(self.vq._decode(c)).movedim(-1, 1), size)  # checked by decode; forward's dtype
