@@ -60,3 +60,11 @@ def test_a_config_edited_under_weights_that_still_fit_is_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="config.json was edited since .*model.safetensors was saved with it"):
         Tokenizer.from_pretrained(folder)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a GPU loads onto it")
+def test_loading_onto_a_gpu_the_machine_lacks_is_named():
+    from tokenizers_vq import Tokenizer  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="map_location='cuda': torch sees no CUDA GPU"):
+        Tokenizer.from_pretrained("image", map_location="cuda")

@@ -343,6 +343,8 @@ class Tokenizer(nn.Module):
             model = cls(TokenizerConfig.from_dict(json.loads(cfg_path.read_text())))
         except (ValueError, TypeError, AttributeError, OSError) as e:
             raise ValueError(f"corrupt {cfg_path}: {e}") from e
+        if str(map_location).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"map_location={map_location!r}: torch sees no CUDA GPU on this machine; load with 'cpu'")
         try:
             state = load_file(weights, device=map_location)
         except (SafetensorError, OSError) as e:
