@@ -50,17 +50,10 @@ def _encode(args: argparse.Namespace) -> int:
 
 def _decode(args: argparse.Namespace) -> int:
     from tokenizers_vq.export_record import weights_sha256  # noqa: PLC0415
-    from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY, PRETRAINED  # noqa: PLC0415
     from tokenizers_vq.tokens import decode_file, load_tokens  # noqa: PLC0415
 
     meta, _ = load_tokens(args.tokens)
-    default = None
-    if not args.model:  # the embedded model that wrote it, else the modality's default (checked below)
-        default = _embedded_named(meta["model_id"]) or DEFAULT_FOR_MODALITY.get(meta["modality"], "image")
-    tok = _load_model(args, default)
-    if not args.model and meta["model_id"] != tok.config.name:
-        raise ValueError(f"{args.tokens} was written by model {meta['model_id']!r}, which is not one of the embedded "
-                         f"models ({', '.join(PRETRAINED)}); pass --model DIR of the model that wrote it")
+    tok = _model_for_tokens(args, meta["model_id"], meta["modality"])
     if meta["model_id"] != tok.config.name:  # same kind of codes (checked next), another model's decoder
         print(f"tvq: warning: {args.tokens} was written by model {meta['model_id']!r}; decoding with "
               f"{tok.config.name!r}, whose decoder may read its codes differently", file=sys.stderr)
@@ -73,17 +66,26 @@ def _decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embedded_named(model_id: str) -> str | None:
-    """The name (``"speech-rvq"``, ...) of the embedded model whose config is named ``model_id``."""
+def _model_for_tokens(args: argparse.Namespace, model_id: object, modality: object):
+    """``--model``, or without it the embedded model that wrote tokens of ``model_id`` (a token
+    file's or an export's), refusing tokens that no embedded model wrote."""
     import json  # noqa: PLC0415
 
-    from tokenizers_vq.tokenizer import PRETRAINED  # noqa: PLC0415
+    from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY, PRETRAINED  # noqa: PLC0415
 
+    if args.model:
+        return _load_model(args)
+    default = DEFAULT_FOR_MODALITY.get(str(modality), "image")
     for name, folder in PRETRAINED.items():
         config = folder / "config.json"
         if config.is_file() and json.loads(config.read_text()).get("name") == model_id:
-            return name
-    return None
+            default = name
+            break
+    tok = _load_model(args, default)
+    if model_id != tok.config.name:
+        raise ValueError(f"{args.tokens} was written by model {model_id!r}, which is not one of the embedded models "
+                         f"({', '.join(PRETRAINED)}); pass --model DIR of the model that wrote it")
+    return tok
 
 
 def _default_for_folder(folder: str, skip: str | None = None) -> str:
@@ -100,13 +102,13 @@ def _default_for_folder(folder: str, skip: str | None = None) -> str:
     from tokenizers_vq.media import SUFFIXES, is_frame_folder  # noqa: PLC0415
     from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY  # noqa: PLC0415
 
-    root = Path(folder)
+    root = Path(folder).resolve()
     if not root.is_dir():
         return "image"  # a tar source, or a missing folder (the listing names it)
     found: dict[str, set[Path]] = {m: set() for m in SUFFIXES}
     skipped = Path(skip).resolve() if skip else None
-    for p in root.rglob("*"):
-        if skipped is not None and (p == skipped or skipped in p.parents or skipped in p.resolve().parents):
+    for p in root.rglob("*"):  # paths under the resolved root: compared with the resolved output folder
+        if skipped is not None and (p == skipped or skipped in p.parents):
             continue
         kind = next((m for m, suffixes in SUFFIXES.items() if p.suffix.lower() in suffixes), None)
         if kind is not None and p.is_file():
@@ -215,20 +217,12 @@ def _prior(args: argparse.Namespace) -> int:
         if value < 1:
             raise ValueError(f"{name} {value}: expected a whole number >= 1")
     from tokenizers_vq.token_dataset import read_json  # noqa: PLC0415
-    from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY, PRETRAINED  # noqa: PLC0415
 
     manifest_path = Path(args.tokens) / "manifest.json"
     if not manifest_path.is_file():
         raise ValueError(f"{args.tokens} is not a finished export (no manifest.json): run tvq export first")
     manifest = read_json(manifest_path, "shards")
-    default = None
-    if not args.model:  # the embedded model that wrote the tokens, else their modality's default
-        default = (_embedded_named(str(manifest.get("model_id"))) or
-                   DEFAULT_FOR_MODALITY.get(str(manifest.get("modality")), "image"))
-    tok = _load_model(args, default)
-    if not args.model and manifest.get("model_id") != tok.config.name:
-        raise ValueError(f"{args.tokens} was written by model {manifest.get('model_id')!r}, which is not one of the "
-                         f"embedded models ({', '.join(PRETRAINED)}); pass --model DIR of the model that wrote it")
+    tok = _model_for_tokens(args, manifest.get("model_id"), manifest.get("modality"))
     if (manifest.get("modality"), manifest.get("codebook_size")) != (tok.modality, tok.quantizer.codebook_size):
         raise ValueError(f"{args.tokens} holds {manifest.get('modality')} tokens of model {manifest.get('model_id')!r} "
                          f"(codebook {manifest.get('codebook_size')}), but the model is {tok.modality} "

@@ -189,11 +189,13 @@ def _none_turned(fp: dict[str, Any]) -> None:
     in its finished shards, and would hold it upright in new ones."""
     from PIL import Image  # noqa: PLC0415
 
+    from tokenizers_vq.media import exif_turned  # noqa: PLC0415
+
     for entry in fp["inputs"]:
         path = Path(entry[0])
         try:
             with Image.open(path) as im:
-                turned = im.getexif().get(0x0112, 1) != 1
+                turned = exif_turned(im)
         except OSError:
             turned = not path.is_file()  # a tar member; an unreadable file is named by the reader
         if turned:

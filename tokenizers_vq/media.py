@@ -53,6 +53,11 @@ def load_image(path: str | os.PathLike) -> Tensor:
     return load_image_u8(path).float() / 255.0
 
 
+def exif_turned(im) -> bool:
+    """Whether an open Pillow image's EXIF orientation says it is not stored upright."""
+    return im.getexif().get(0x0112, 1) != 1
+
+
 def load_image_u8(path: str | os.PathLike) -> Tensor:
     """Read an image file as ``(3, H, W)`` uint8.
 
@@ -78,7 +83,7 @@ def load_image_u8(path: str | os.PathLike) -> Tensor:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
-                if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation: not as stored
+                if exif_turned(im):
                     im = ImageOps.exif_transpose(im)
                 if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert() would clip 16-bit grey, not scale it
                     im = _grey_to_8bit(im, path)

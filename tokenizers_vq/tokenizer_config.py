@@ -212,7 +212,6 @@ class TokenizerConfig:
         return cls(**d)
 
 
-
 def architecture_sha256(config: TokenizerConfig) -> str:
     """Hex sha256 of what shapes a model's computation: its modality, backbone fields and
     quantizer settings (those that differ from :class:`QuantizerConfig`'s defaults, so a

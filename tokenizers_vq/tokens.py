@@ -28,7 +28,6 @@ Decoding checks each item's grid against the one the model gives for its recorde
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -41,7 +40,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from tokenizers_vq.export_record import weights_sha256
-from tokenizers_vq.io import atomic_write, check_can_write, check_writable, save_safetensors, tensor_sha256
+from tokenizers_vq.io import (atomic_write, check_can_write, check_writable, file_sha256, save_safetensors,
+                              tensor_sha256)
 from tokenizers_vq.media import MAX_PIXELS, SUFFIXES
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
@@ -78,15 +78,6 @@ def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None 
     except ValueError as e:  # the tokenizer's refusal (e.g. too small), said of this file
         raise ValueError(f"{path}: {e}") from e
     return TokenRecord(codes, path.name, size, info, file_sha256(path) if path.is_file() else None)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_input_modality(tok: Tokenizer, path: Path) -> None:
@@ -190,7 +181,7 @@ def _check_header(meta: dict[str, str], items: Any) -> None:
     digest = meta.get("header_sha256")
     if digest is not None and digest != header_sha256(meta):
         raise _Damaged("its header does not match its recorded header_sha256: it was altered or damaged "
-                         "after it was written")
+                       "after it was written")
     if not meta["codebook_size"].isdigit():
         raise _Damaged(f"codebook_size {meta['codebook_size']!r} is not a whole number")
     shape = json.loads(meta["code_shape"])
