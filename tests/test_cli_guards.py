@@ -333,7 +333,45 @@ def test_an_export_begun_before_photos_were_read_upright_resumes_unless_one_is_t
     record.write_text(json.dumps(fp))
     capsys.readouterr()
     assert main(cmd) == 2
-    assert f"{photos[1]} is turned by its orientation" in one_error_line(capsys)
+    assert f"{photos[1]} is turned or could not be checked" in one_error_line(capsys)
+
+
+def test_a_video_export_begun_before_clips_were_read_upright_resumes_unless_one_is_turned(tmp_path, capsys):
+    pytest.importorskip("av", reason="PyAV is needed for video files")
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg (which writes the display matrix) is not installed")
+    from tokenizers_vq.media import load_video, save_video  # noqa: PLC0415
+
+    model = tiny("video").save_pretrained(tmp_path / "model")
+    data, out = tmp_path / "clips", tmp_path / "tokens"
+    data.mkdir()
+    frames, fps = load_video(shared_path("video", "imageio_realshort.mp4"), max_frames=5)
+    for i in range(2):
+        save_video(frames[:, :, 16 * i : 16 * i + 32, :32], data / f"clip{i}.mp4", fps)
+    cmd = ["export", "--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu"]
+    assert main(cmd) == 0
+    record = out / "export.json"
+
+    def as_recorded_before():
+        fp = json.loads(record.read_text())
+        assert fp.pop("video_reader") == "upright"
+        record.write_text(json.dumps(fp))
+
+    as_recorded_before()
+    assert main(cmd) == 0  # no clip is turned: nothing differs for it
+    assert json.loads(record.read_text())["video_reader"] == "upright"
+    as_recorded_before()
+    turned = data / "clip1.mp4"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(turned), "-c", "copy", "-metadata:s:v:0",
+                    "rotate=90", str(tmp_path / "turned.mp4")], check=True)
+    shutil.copyfile(tmp_path / "turned.mp4", turned)
+    stat = turned.stat()
+    fp = json.loads(record.read_text())
+    fp["inputs"][1][1:] = [stat.st_size, stat.st_mtime_ns]  # as if it had been turned all along
+    record.write_text(json.dumps(fp))
+    capsys.readouterr()
+    assert main(cmd) == 2
+    assert f"{turned} is turned or could not be checked" in one_error_line(capsys)
 
 
 def test_encoding_a_video_with_sound_says_the_sound_is_not_coded(tmp_path, capsys):

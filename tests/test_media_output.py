@@ -212,3 +212,54 @@ def test_an_image_past_pillows_pixel_guard_names_the_setting_that_lifts_it(tmp_p
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
     with pytest.raises(ValueError, match="huge.png.*raise PIL.Image.MAX_IMAGE_PIXELS"):
         load_image_u8(path)
+
+
+@pytest.mark.parametrize("rotate", [90, 180, 270])
+def test_a_video_turned_by_its_display_matrix_is_read_upright_as_ffmpeg_shows_it(tmp_path, rotate):
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    pytest.importorskip("av", reason="PyAV reads video")
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg (which writes the display matrix and shows the clip upright) is not installed")
+    from tokenizers_vq.media import load_video, video_turned  # noqa: PLC0415
+
+    src = shared_path("video", "imageio_cockatoo.mp4")
+    ffmpeg = ["ffmpeg", "-loglevel", "error", "-y"]
+    subprocess.run([*ffmpeg, "-i", str(src), "-t", "0.2", "-c", "copy", "-metadata:s:v:0", f"rotate={rotate}",
+                    str(tmp_path / "turned.mp4")], check=True)
+    subprocess.run([*ffmpeg, "-i", str(tmp_path / "turned.mp4"), "-frames:v", "1", str(tmp_path / "shown.png")],
+                   check=True)  # ffmpeg applies the display matrix, as players do
+    shown = load_image_u8(tmp_path / "shown.png")
+    frames, _ = load_video(tmp_path / "turned.mp4", max_frames=1)
+    stored, _ = load_video(src, max_frames=1)
+    assert video_turned(tmp_path / "turned.mp4") and not video_turned(src)
+    assert frames.shape[2:] == shown.shape[1:] and (frames.shape[2:] != stored.shape[2:]) == (rotate != 180)
+    got = (frames[0] * 255).round()
+    # the same picture as ffmpeg's (colour conversion within a level or two), and far from the other turns
+    assert (got - shown.float()).abs().mean() < 1.0
+    for other in (torch.rot90(stored[0] * 255, k, (1, 2)).round() for k in (1, 2, 3)):
+        if other.shape == got.shape and not torch.equal(other, got):
+            assert (other - shown.float()).abs().mean() > 10
+
+
+def test_a_stream_that_changes_frame_size_is_refused_naming_the_frame(tmp_path):
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    pytest.importorskip("av", reason="PyAV reads video")
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg (which writes the test's stream) is not installed")
+    from tokenizers_vq.media import load_video  # noqa: PLC0415
+
+    src = shared_path("video", "imageio_cockatoo.mp4")
+    parts = []
+    for size in ("64:48", "48:32"):  # two runs of the same clip at two sizes, one MPEG-TS stream
+        part = tmp_path / f"{size.replace(':', 'x')}.ts"
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(src), "-frames:v", "4", "-vf", f"scale={size}",
+                        "-c:v", "libx264", "-pix_fmt", "yuv420p", str(part)], check=True)
+        parts.append(part.read_bytes())
+    (tmp_path / "both.ts").write_bytes(b"".join(parts))
+    with pytest.raises(ValueError, match=r"both.ts: frame 4 is 48x32 pixels, the first 64x48; .*re-encode it at one size"):
+        load_video(tmp_path / "both.ts")
+    assert load_video(tmp_path / "both.ts", max_frames=4)[0].shape == (4, 3, 48, 64)

@@ -63,7 +63,7 @@ from tqdm import tqdm
 
 from tokenizers_vq import distributed
 from tokenizers_vq.export_pipeline import FLUSH, encode_batches, read_inputs
-from tokenizers_vq.export_record import IMAGE_READER, START_OVER, bring_back, claim, drop_replaced, fingerprint
+from tokenizers_vq.export_record import START_OVER, UPRIGHT, bring_back, claim, drop_replaced, fingerprint
 from tokenizers_vq.io import atomic_write, write_bytes
 from tokenizers_vq.runtime import keep_freed_memory
 from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, check_shard, read_json, token_dtype  # noqa: F401
@@ -198,8 +198,8 @@ def export_dataset(
     options = {"format": FORMAT, "shard_items": shard_items, "dtype": dtype.str, "layout": layout}
     if precision != "fp32":  # recorded when not the default, so older exports still resume
         options["precision"] = precision
-    if tok.modality == "image":
-        options["image_reader"] = IMAGE_READER
+    if tok.modality in ("image", "video"):
+        options[f"{tok.modality}_reader"] = UPRIGHT
     fp = fingerprint(tok, files, options)
     for turn in (0, 1):  # rank 0 claims (or clears) the folder, then the others check its record
         error = None

@@ -170,38 +170,52 @@ def _with_defaults(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "model_config": json.loads(json.dumps(config))}
 
 
-IMAGE_READER = "upright"
-"""How an image export reads photos (``image_reader`` in ``export.json``): EXIF orientation
-applied. Exports recorded without it read photos as stored."""
+UPRIGHT = "upright"
+"""How an image or video export reads its inputs (``image_reader`` / ``video_reader`` in
+``export.json``): an EXIF orientation or a display matrix applied. Exports recorded without
+it read them as stored."""
+
+_READERS = ("image_reader", "video_reader")
 
 
 def _read_upright(old: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:
-    """``old`` as recorded, or, for an image export recorded before photos were read upright,
-    with ``image_reader`` set as this run reads them (checked by :func:`_none_turned`)."""
-    if "image_reader" in old or "image_reader" not in fp:
+    """``old`` as recorded, or, for an image or video export recorded before its inputs were
+    read upright, with the reader set as this run reads them (checked by :func:`_none_turned`)."""
+    key = next((k for k in _READERS if k in fp), None)
+    if key is None or key in old:
         return old
-    return {**old, "image_reader": fp["image_reader"]}
+    return {**old, key: fp[key]}
+
+
+def _turned(path: Path, video: bool) -> bool:
+    """Whether an input is turned by its EXIF orientation or display matrix; True for an
+    input that is not a file (a tar member is not looked into)."""
+    from PIL import Image  # noqa: PLC0415
+
+    from tokenizers_vq.media import exif_turned, video_turned  # noqa: PLC0415
+
+    if not path.is_file():
+        return not path.is_dir()  # a folder of frames holds no orientation
+    if video:
+        return video_turned(path)
+    try:
+        with Image.open(path) as im:
+            return exif_turned(im)
+    except OSError:
+        return False  # an unreadable file is named by the reader
 
 
 def _none_turned(fp: dict[str, Any]) -> None:
-    """Raise ``ValueError`` when an input is turned by an EXIF orientation (or is a tar
-    member, which is not looked into): an export begun reading photos as stored holds it so
-    in its finished shards, and would hold it upright in new ones."""
-    from PIL import Image  # noqa: PLC0415
-
-    from tokenizers_vq.media import exif_turned  # noqa: PLC0415
-
+    """Raise ``ValueError`` when an input is turned by an EXIF orientation or a display
+    matrix (or is a tar member, which is not looked into): an export begun reading its inputs
+    as stored holds them so in its finished shards, and would hold them upright in new ones."""
+    video = "video_reader" in fp
     for entry in fp["inputs"]:
-        path = Path(entry[0])
-        try:
-            with Image.open(path) as im:
-                turned = exif_turned(im)
-        except OSError:
-            turned = not path.is_file()  # a tar member; an unreadable file is named by the reader
-        if turned:
-            raise ValueError(f"this export was begun reading photos as stored, and this version reads them upright "
-                             f"(their EXIF orientation applied); {entry[0]} is turned by its orientation or could "
-                             f"not be checked, so resuming would mix the two: {START_OVER}")
+        if _turned(Path(entry[0]), video):
+            what = "videos" if video else "photos"
+            raise ValueError(f"this export was begun reading {what} as stored, and this version reads them upright "
+                             f"(their {'display matrix' if video else 'EXIF orientation'} applied); {entry[0]} is "
+                             f"turned or could not be checked, so resuming would mix the two: {START_OVER}")
 
 
 def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:

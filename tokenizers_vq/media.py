@@ -234,6 +234,32 @@ def _load_frame_folder(path: Path, max_frames: int | None, max_pixels: int | Non
     return torch.stack(frames), fps
 
 
+def quarter_turns(frame) -> int:
+    """Counterclockwise quarter turns (as ``numpy.rot90`` counts them) that put a decoded PyAV
+    frame upright, from its display matrix (a phone's portrait recording is stored on its side
+    with one); 0 without one, or for an angle that is not a multiple of 90 degrees."""
+    angle = float(getattr(frame, "rotation", 0) or 0)
+    turns = round(angle / 90)
+    return turns % 4 if abs(angle - 90 * turns) < 1 else 0
+
+
+def video_turned(path: str | os.PathLike) -> bool:
+    """Whether a video file's first frame carries a display matrix that turns it (False for a
+    folder of frames, or a file PyAV cannot open or decode)."""
+    if not Path(path).is_file():
+        return False
+    av = _pyav("reading video")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return False
+            for frame in container.decode(container.streams.video[0]):
+                return quarter_turns(frame) != 0
+    except av.error.FFmpegError:
+        return False
+    return False
+
+
 def load_video(path: str | os.PathLike, max_frames: int | None = None,
                max_pixels: int | None = None) -> tuple[Tensor, float]:
     """Decode a video to ``(T, 3, H, W)`` float32 in [0, 1] and its frame rate.
@@ -244,12 +270,13 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None,
     takes for clips.
 
     ``max_pixels`` refuses frames larger than that (``None``: no limit), from the
-    container's header or the first frame's, before anything is decoded.
+    container's header or the first frame's, before anything is decoded. A display matrix
+    (a phone's portrait recording) is applied, as players do: the frames come upright, and
+    the recorded size is the upright one.
 
     Raises:
-        ValueError: missing or unreadable file, no video stream or frames, a folder
-            without frame images or with frames of different sizes, frames over
-            ``max_pixels``.
+        ValueError: missing or unreadable file, no video stream or frames, frames of
+            different sizes (in a folder or a stream), frames over ``max_pixels``.
     """
     if Path(path).is_dir():
         return _load_frame_folder(Path(path), max_frames, max_pixels)
@@ -266,7 +293,15 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None,
             check_pixels(path, stream.codec_context.width, stream.codec_context.height, max_pixels, "'s frames")
             fps = float(stream.average_rate or stream.guessed_rate or 25)
             for frame in container.decode(stream):
-                frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+                pixels = frame.to_ndarray(format="rgb24")
+                turns = quarter_turns(frame)
+                if turns:
+                    pixels = np.ascontiguousarray(np.rot90(pixels, turns))
+                if frames and pixels.shape != frames[0].shape:
+                    raise ValueError(f"{path}: frame {len(frames)} is {pixels.shape[1]}x{pixels.shape[0]} pixels, the "
+                                     f"first {frames[0].shape[1]}x{frames[0].shape[0]}; a stream that changes size is "
+                                     "not read: re-encode it at one size (ffmpeg -i IN -vf scale=W:H OUT)")
+                frames.append(torch.from_numpy(pixels))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
     except av.error.FFmpegError as e:
