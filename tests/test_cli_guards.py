@@ -304,6 +304,13 @@ def test_the_prior_without_a_model_refuses_tokens_no_embedded_model_wrote(tmp_pa
     assert "'my-own-model', which is not one of the embedded models" in one_error_line(capsys)
 
 
+def as_recorded_before_upright_reading(record: Path, key: str) -> None:
+    """An export record as written before inputs were read upright: without ``key``."""
+    fp = json.loads(record.read_text())
+    assert fp.pop(key) == "upright"
+    record.write_text(json.dumps(fp))
+
+
 def test_an_export_begun_before_photos_were_read_upright_resumes_unless_one_is_turned(tmp_path, image_model, capsys):
     from PIL import Image  # noqa: PLC0415
 
@@ -313,16 +320,10 @@ def test_an_export_begun_before_photos_were_read_upright_resumes_unless_one_is_t
            "--shard-items", "2"]
     assert main(cmd) == 0
     record = out / "export.json"
-
-    def as_recorded_before():
-        fp = json.loads(record.read_text())
-        assert fp.pop("image_reader") == "upright"
-        record.write_text(json.dumps(fp))
-
-    as_recorded_before()
+    as_recorded_before_upright_reading(record, "image_reader")
     assert main(cmd) == 0  # no photo is turned: nothing differs for it
     assert json.loads(record.read_text())["image_reader"] == "upright"
-    as_recorded_before()
+    as_recorded_before_upright_reading(record, "image_reader")
     with Image.open(photos[1]) as im:
         exif = im.getexif()
         exif[0x0112] = 6
@@ -351,16 +352,10 @@ def test_a_video_export_begun_before_clips_were_read_upright_resumes_unless_one_
     cmd = ["export", "--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu"]
     assert main(cmd) == 0
     record = out / "export.json"
-
-    def as_recorded_before():
-        fp = json.loads(record.read_text())
-        assert fp.pop("video_reader") == "upright"
-        record.write_text(json.dumps(fp))
-
-    as_recorded_before()
+    as_recorded_before_upright_reading(record, "video_reader")
     assert main(cmd) == 0  # no clip is turned: nothing differs for it
     assert json.loads(record.read_text())["video_reader"] == "upright"
-    as_recorded_before()
+    as_recorded_before_upright_reading(record, "video_reader")
     turned = data / "clip1.mp4"
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(turned), "-c", "copy", "-metadata:s:v:0",
                     "rotate=90", str(tmp_path / "turned.mp4")], check=True)

@@ -246,18 +246,13 @@ def quarter_turns(frame) -> int:
 def video_turned(path: str | os.PathLike) -> bool:
     """Whether a video file's first frame carries a display matrix that turns it (False for a
     folder of frames, or a file PyAV cannot open or decode)."""
-    if not Path(path).is_file():
-        return False
     av = _pyav("reading video")
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                return False
-            for frame in container.decode(container.streams.video[0]):
-                return quarter_turns(frame) != 0
-    except av.error.FFmpegError:
+            frames = container.decode(container.streams.video[0]) if container.streams.video else iter(())
+            return any(quarter_turns(frame) != 0 for frame, _ in zip(frames, range(1)))
+    except (av.error.FFmpegError, OSError):
         return False
-    return False
 
 
 def load_video(path: str | os.PathLike, max_frames: int | None = None,
@@ -293,14 +288,11 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None,
             check_pixels(path, stream.codec_context.width, stream.codec_context.height, max_pixels, "'s frames")
             fps = float(stream.average_rate or stream.guessed_rate or 25)
             for frame in container.decode(stream):
-                pixels = frame.to_ndarray(format="rgb24")
-                turns = quarter_turns(frame)
-                if turns:
-                    pixels = np.ascontiguousarray(np.rot90(pixels, turns))
+                pixels = np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), quarter_turns(frame)))
                 if frames and pixels.shape != frames[0].shape:
-                    raise ValueError(f"{path}: frame {len(frames)} is {pixels.shape[1]}x{pixels.shape[0]} pixels, the "
-                                     f"first {frames[0].shape[1]}x{frames[0].shape[0]}; a stream that changes size is "
-                                     "not read: re-encode it at one size (ffmpeg -i IN -vf scale=W:H OUT)")
+                    (h, w), (h0, w0) = pixels.shape[:2], frames[0].shape[:2]
+                    raise ValueError(f"{path}: frame {len(frames)} is {w}x{h} pixels, the first {w0}x{h0}; a stream "
+                                     "that changes size is not read: re-encode it at one size (ffmpeg -vf scale=W:H)")
                 frames.append(torch.from_numpy(pixels))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
