@@ -398,3 +398,67 @@ def test_default_workers_follow_the_cpus_this_process_may_use(monkeypatch):
     monkeypatch.setattr(export.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
     assert export.default_workers(OnAccelerator()) == 15
     assert export.default_workers(Tokenizer.from_pretrained("image")) == 0  # on the CPU: read in-process
+
+
+def test_the_prior_and_the_vocabulary_refuse_bad_input_in_words():
+    prior = TokenPrior(PriorConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16, num_classes=3))
+    with pytest.raises(ValueError, match=r"labels must be \(B,\) class ids in \[0, 3\).*got \[3\]"):
+        prior.generate(torch.tensor([3]), 2)
+    with pytest.raises(ValueError, match=r"tokens must be \(B, L\) with L >= 1, got shape \(1, 0\)"):
+        prior(torch.zeros(1, 0, dtype=torch.long))
+    assert prior.generate(torch.tensor([2]), 2).shape == (1, 2)
+    unconditional = TokenPrior(PriorConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    assert unconditional.generate(torch.tensor([0]), 2).shape == (1, 2)
+    with pytest.raises(ValueError, match=r"class ids in \[0, 1\)"):
+        unconditional(torch.zeros(1, 2, dtype=torch.long), torch.tensor([1]))
+    with pytest.raises(ValueError, match="no ids to decode"):
+        Vocabulary({"image": 4}).decode(torch.tensor([], dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "tokens"
+    export_dataset(tiny("image"), small_photos(out.parent / "photos", 3, side=32), out, shard_items=2)
+    return out
+
+
+@pytest.mark.parametrize("file,edit,named", [
+    ("shard_00000.json", lambda d: {"items": {"a": 1}}, "item 0 lacks offset, length, shape, source"),
+    ("shard_00000.json", lambda d: {"items": [{k: v for k, v in it.items() if k != "shape"} for it in d["items"]]},
+     "item 0 lacks shape"),
+    ("manifest.json", lambda d: {**d, "dtype": "foo"}, "dtype 'foo' unreadable"),
+    ("manifest.json", lambda d: {**d, "shards": "shard_00000"}, "shards must be a list of names"),
+])
+def test_a_damaged_export_index_is_a_value_error_naming_the_file(tmp_path, small_export, file, edit, named):
+    import shutil  # noqa: PLC0415
+
+    out = tmp_path / "tokens"
+    shutil.copytree(small_export, out)
+    (out / file).write_text(json.dumps(edit(json.loads((out / file).read_text()))))
+    with pytest.raises(ValueError, match=f"corrupt {out / file}: .*{named}"):
+        TokenDataset(out)
+
+
+def test_a_token_past_the_codebook_is_refused_when_its_item_is_read(tmp_path, small_export):
+    import shutil  # noqa: PLC0415
+
+    out = tmp_path / "tokens"
+    shutil.copytree(small_export, out)
+    data = bytearray((out / "shard_00001.bin").read_bytes())
+    data[:2] = b"\xff\xff"  # token 65535 in the first item of the second shard, for a 32-code model
+    (out / "shard_00001.bin").write_bytes(bytes(data))
+    ds = TokenDataset(out)
+    assert ds.codes(0).max() < 32 and ds.codes(1).max() < 32  # the first shard is whole
+    with pytest.raises(ValueError, match=r"shard_00001.bin: item .* holds token 65535, past the codebook's 32 codes"):
+        ds[2]
+
+
+def test_a_pickled_token_dataset_maps_its_files_again(small_export):
+    import pickle  # noqa: PLC0415
+
+    ds = TokenDataset(small_export, order="flatten")
+    blob = pickle.dumps(ds)
+    assert len(blob) < 1000  # the path and the order, not the tokens
+    again = pickle.loads(blob)
+    assert again.order == "flatten" and isinstance(again.arrays[0], np.memmap) and again.arrays[0].filename
+    assert all(torch.equal(again[i]["tokens"], ds[i]["tokens"]) for i in range(len(ds)))

@@ -263,3 +263,24 @@ def test_a_stream_that_changes_frame_size_is_refused_naming_the_frame(tmp_path):
     with pytest.raises(ValueError, match=r"both.ts: frame 4 is 48x32 pixels, the first 64x48; .*re-encode it at one size"):
         load_video(tmp_path / "both.ts")
     assert load_video(tmp_path / "both.ts", max_frames=4)[0].shape == (4, 3, 48, 64)
+
+
+@pytest.mark.parametrize("suffix", [".mp3", ".ogg"])
+def test_compressed_audio_cut_short_is_refused_and_a_whole_file_read(tmp_path, suffix):
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    import soundfile as sf  # noqa: PLC0415
+
+    from tokenizers_vq.audio_io import load_audio  # noqa: PLC0415
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg (which writes the compressed file) is not installed")
+    src = sorted(shared_path("audio", "librispeech_train-clean-100").glob("*.flac"))[0]  # seconds of speech
+    whole = tmp_path / f"whole{suffix}"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(src), "-ar", "44100", str(whole)], check=True)
+    assert load_audio(whole)[0].shape[1] == sf.info(str(whole)).frames
+    data = whole.read_bytes()
+    (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"cut{suffix}: .*(cut short|malformed)"):
+        load_audio(tmp_path / f"cut{suffix}")

@@ -38,7 +38,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
         raise ValueError(f"audio file not found: {path}")
     try:
         with sf.SoundFile(str(path)) as f:
-            sr, block = f.samplerate, max(1, 2**22 // f.channels)
+            sr, block, promised, riff = f.samplerate, max(1, 2**22 // f.channels), f.frames, f.format in _RIFF
             if sample_rate is not None and sr < MIN_SAMPLE_RATE:
                 # resampling would multiply the length by sample_rate / sr: a 1 Hz header on
                 # a 1 MB file asks for 10^10 samples
@@ -51,18 +51,27 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
                 blocks.append(data)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise ValueError(f"cannot read audio {path}: {e}") from e
-    if not blocks:
-        raise ValueError(f"audio file {path} has no samples (zero length)")
-    cut = _wav_cut_short(path)
+    got = sum(map(len, blocks))
+    if not riff and got < promised:  # a compressed file's header counts its samples (RIFF: checked below)
+        raise ValueError(f"cannot read audio {path}: the file is cut short (its header promises {promised} samples, "
+                         f"{got} could be decoded); copy or export it again")
+    cut = _wav_cut_short(path) or _ogg_cut_short(path)
     if cut is not None:
         raise ValueError(f"cannot read audio {path}: the file is cut short (its header promises {cut[0]} bytes of "
                          f"samples, {cut[1]} are there); copy or export it again")
+    if not blocks:
+        raise ValueError(f"audio file {path} has no samples: none could be decoded from its {path.stat().st_size} "
+                         "bytes (an empty recording, or a file cut short: copy or export it again)")
     wav = torch.from_numpy(np.concatenate(blocks).T.copy())
     if not torch.isfinite(wav).all():
         raise ValueError(f"audio file {path} contains NaN or Inf samples")
     if sample_rate is not None and sample_rate != sr:
         wav, sr = resample(wav, sr, sample_rate), sample_rate
     return wav, sr
+
+
+# RIFF-family containers, whose data length a writer to a pipe leaves open (see _wav_cut_short)
+_RIFF = ("WAV", "WAVEX", "RF64", "W64")
 
 
 def _wav_cut_short(path: Path) -> tuple[int, int] | None:
@@ -82,6 +91,26 @@ def _wav_cut_short(path: Path) -> tuple[int, int] | None:
                 open_length = length == 0 or length >= 0x7FFF0000  # a stream's placeholder (0xFFFFFFFF, SoX's 0x7ffff000)
                 return (length, present) if not open_length and present < length else None
             f.seek(length + (length & 1), 1)  # chunks are padded to an even length
+    return None
+
+
+def _ogg_cut_short(path: Path) -> tuple[int, int] | None:
+    """``(promised, present)`` bytes of an Ogg file (Vorbis, Opus, FLAC in Ogg) whose last page
+    runs past the end of the file (libsndfile then reads the pages before it without a word:
+    an Ogg stream states no total length); ``None`` for a whole file or another format."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        at = 0
+        while at < size:
+            f.seek(at)
+            head = f.read(27)
+            if len(head) < 27 or head[:4] != b"OggS":
+                return None  # not Ogg (or bytes after its pages: the decoder's to judge)
+            table = f.read(head[26])
+            end = at + 27 + head[26] + sum(table)
+            if len(table) < head[26] or end > size:
+                return end, size
+            at = end
     return None
 
 

@@ -76,16 +76,25 @@ class TokenPrior(nn.Module):
     def forward(self, tokens: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Logits ``(B, L, vocab)`` of each next code and the mean cross-entropy
         (nats/token) of ``tokens`` ``(B, L)`` given ``labels`` ``(B,)`` (or class 0)."""
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be (B, L) with L >= 1, got shape {tuple(tokens.shape)}")
         b, length = tokens.shape
         if length > self.cfg.block_size:
             raise ValueError(f"sequence of {length} tokens exceeds block_size={self.cfg.block_size}")
         if int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
-        labels = torch.zeros(b, dtype=torch.long, device=tokens.device) if labels is None else labels
+        labels = torch.zeros(b, dtype=torch.long, device=tokens.device) if labels is None else self._check_labels(labels)
         bos = (self.cfg.vocab_size + labels).unsqueeze(1)
         inp = torch.cat([bos, tokens[:, :-1]], dim=1)
         logits = self._logits(inp)
         return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+
+    def _check_labels(self, labels: Tensor) -> Tensor:
+        n = max(1, self.cfg.num_classes)  # an unconditional prior has the one class 0
+        if labels.ndim != 1 or (labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n)):
+            raise ValueError(f"labels must be (B,) class ids in [0, {n}) (the prior's num_classes is "
+                             f"{self.cfg.num_classes}), got {labels.tolist() if labels.numel() <= 8 else tuple(labels.shape)}")
+        return labels
 
     def _logits(self, inp: Tensor) -> Tensor:
         x = self.tok(inp) + self.pos(torch.arange(inp.shape[1], device=inp.device))
@@ -101,7 +110,7 @@ class TokenPrior(nn.Module):
         """Sample ``(B, length)`` code ids for class ``labels`` ``(B,)``."""
         if length > self.cfg.block_size:
             raise ValueError(f"length {length} exceeds block_size={self.cfg.block_size}")
-        seq = (self.cfg.vocab_size + labels).unsqueeze(1)
+        seq = (self.cfg.vocab_size + self._check_labels(labels)).unsqueeze(1)
         for _ in range(length):
             logits = self._logits(seq)[:, -1].float() / max(temperature, 1e-5)
             if top_k > 0:

@@ -109,10 +109,16 @@ class TokenDataset(Dataset):
         self.layout = self.manifest.get("layout", "grid")
         if self.layout not in ("grid", "dynamic"):
             raise ValueError(f"{path}: unknown layout {self.layout!r}")
-        self.code_shape = tuple(self.manifest["code_shape"])
+        shards, fix = self.manifest["shards"], "export it again (tvq export --overwrite)"
+        try:
+            self.code_shape = tuple(int(n) for n in self.manifest["code_shape"])
+            dtype = np.dtype(self.manifest["dtype"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"corrupt {path}: code_shape {self.manifest['code_shape']!r} or dtype "
+                             f"{self.manifest['dtype']!r} unreadable ({e}); {fix}") from None
+        if not (isinstance(shards, list) and all(isinstance(n, str) for n in shards)) or dtype.kind != "u":
+            raise ValueError(f"corrupt {path}: shards must be a list of names and dtype an unsigned integer type; {fix}")
         self.per_cell = math.prod(self.code_shape)
-        dtype = np.dtype(self.manifest["dtype"])
-        shards = self.manifest["shards"]
         index = [self._index(s) for s in shards]
         self._check_counts(index, dtype)
         self.arrays = [np.memmap(self.dir / f"{s}.bin", dtype=dtype, mode="r") for s in shards]
@@ -120,11 +126,23 @@ class TokenDataset(Dataset):
                         for s in shards] if self.layout == "dynamic" else []
         self.items = [(k, it) for k, items in enumerate(index) for it in items]
 
+    def __reduce__(self):
+        # a DataLoader worker started by spawn or forkserver maps the files again (pickling the
+        # memory maps would copy every token into each worker)
+        return type(self), (self.dir, self.order)
+
     def _index(self, shard: str) -> list[dict[str, Any]]:
         path = self.dir / f"{shard}.json"
         if not path.is_file():
             raise ValueError(f"{self.dir}: shard {shard}: {path.name} is missing")
-        return read_json(path, "items")["items"]
+        items = read_json(path, "items")["items"]
+        fields = {"offset": int, "length": int, "shape": list, "source": str}
+        for j, it in enumerate(items if isinstance(items, list) else [None]):
+            bad = [k for k, kind in fields.items() if not isinstance(it, dict) or not isinstance(it.get(k), kind)]
+            if bad:
+                raise ValueError(f"corrupt {path}: item {j} lacks {', '.join(bad)} (or is not an object); "
+                                 f"delete {shard}.* there and run the export again to encode it again")
+        return items
 
     def _check_counts(self, index: list[list[dict[str, Any]]], dtype: np.dtype) -> None:
         """The manifest's counts against the index files, and those against the arrays."""
@@ -156,6 +174,11 @@ class TokenDataset(Dataset):
         packed tokens ``(N, *code_shape)`` in the quantizer's order."""
         k, it = self.items[i]
         flat = self.arrays[k][it["offset"] : it["offset"] + it["length"]]
+        if flat.size and int(flat.max()) >= self.manifest["codebook_size"]:
+            shard = self.manifest["shards"][k]
+            raise ValueError(f"{self.dir / shard}.bin: item {it['source']} holds token {int(flat.max())}, past the "
+                             f"codebook's {self.manifest['codebook_size']} codes: the shard is damaged; delete "
+                             f"{shard}.* there and run the export again to encode it again")
         return torch.from_numpy(flat.astype(np.int64)).reshape(it["shape"])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -239,6 +262,8 @@ class Vocabulary:
 
     def decode(self, ids: torch.Tensor) -> tuple[str, torch.Tensor]:
         """Stream name and codes of ids that all belong to one stream."""
+        if ids.numel() == 0:
+            raise ValueError("no ids to decode: an empty tensor belongs to no stream")
         for name, off in self.offsets.items():
             if int(ids.min()) >= off and int(ids.max()) < off + self.sizes[name]:
                 return name, ids - off

@@ -1,7 +1,7 @@
 """Train the token prior on an export directory and sample media from it.
 
 Sequences are random windows of each item's code grid (``window`` x ``window``
-cells for images, ``window`` frames for audio) in raster order with all codes of a
+cells for images and inside one latent frame of a video, ``window`` frames for audio) in raster order with all codes of a
 cell together, so images of any size train one fixed-length model. The validation
 loss (nats/token) is measured on fixed windows of held-apart items and compared with
 the unigram entropy of the training codes: a prior that learned anything beats it.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,20 +41,42 @@ class PriorTrainConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
 
 
-def _windows(ds: TokenDataset, items: list[int], window: int, n: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` random windows (items drawn with replacement) as ``(n, L)`` token ids."""
+def _grid(ds: TokenDataset, i: int) -> tuple[int, ...]:
+    """Item ``i``'s code grid (its stored shape without the per-cell code axes)."""
+    shape = ds.items[i][1]["shape"]
+    return tuple(shape[: len(shape) - len(ds.manifest["code_shape"])])
+
+
+def _windows(ds: TokenDataset, items: list[int], window: int, axes: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` random windows (items drawn with replacement) as ``(n, L)`` token ids: ``window``
+    cells along each of the grid's last ``axes`` axes, at one random place along the others
+    (a video's window lies inside one latent frame)."""
     out = []
-    n_code_axes = len(ds.manifest["code_shape"])
     for i in torch.randint(0, len(items), (n,), generator=gen).tolist():
         codes = ds.codes(items[i])
-        grid = codes.shape[: codes.ndim - n_code_axes]
-        if min(grid) < window:
-            raise ValueError(f"item {ds.items[items[i]][1]['source']} has a {tuple(grid)} grid, smaller than window {window}")
+        grid = _grid(ds, items[i])
         for axis, g in enumerate(grid):
-            start = int(torch.randint(0, g - window + 1, (1,), generator=gen))
-            codes = codes.narrow(axis, start, window)
+            span = window if axis >= len(grid) - axes else 1
+            codes = codes.narrow(axis, int(torch.randint(0, g - span + 1, (1,), generator=gen)), span)
         out.append(codes.reshape(-1))
     return torch.stack(out)
+
+
+def _split(ds: TokenDataset, window: int, axes: int, val_fraction: float) -> tuple[list[int], list[int]]:
+    """Training and held-apart items among those whose grid holds a window (the others are
+    skipped, with a note); the last ``val_fraction`` of them (at least one) held apart."""
+    fits = [i for i in range(len(ds)) if min(_grid(ds, i)[-axes:], default=0) >= window]
+    if len(fits) < 2:
+        largest = max((_grid(ds, i) for i in range(len(ds))), key=lambda g: min(g[-axes:], default=0), default=None)
+        raise ValueError(f"the prior needs at least 2 items whose code grid holds a window of {window} cells per axis "
+                         f"(one is held apart to score it); {ds.dir} has {len(ds)} item(s), {len(fits)} large enough "
+                         f"(largest grid {largest}): export more items, or give a smaller --window")
+    if len(fits) < len(ds):
+        tqdm.write(f"prior: skipping {len(ds) - len(fits)} of {len(ds)} items, whose code grid is smaller than "
+                   f"the window of {window} cells per axis", file=sys.stderr)
+    n_val = max(1, int(round(len(fits) * val_fraction)))
+    n_val = min(n_val, len(fits) - 1)
+    return fits[:-n_val], fits[-n_val:]
 
 
 @torch.no_grad()
@@ -76,22 +99,24 @@ def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior,
         if top >= size:
             raise ValueError(f"{Path(cfg.export_dir) / name}.bin holds token {top}, past the codebook's {size} codes: "
                              f"the shard is damaged; delete {name}.* there and run the export again to encode it again")
-    n_val = max(1, int(round(len(ds) * cfg.val_fraction)))
-    train_items, val_items = list(range(len(ds) - n_val)), list(range(len(ds) - n_val, len(ds)))
-    per_cell = math.prod(ds.manifest["code_shape"]) if ds.manifest["code_shape"] else 1
+    if ds.layout != "grid":
+        raise ValueError(f"{cfg.export_dir} holds dynamic-length tokens (a variable number per item), and the prior "
+                         "trains on windows of fixed code grids: export with a fixed-rate model")
     grid_axes = modality.get(ds.manifest["modality"]).window_axes
+    train_items, val_items = _split(ds, cfg.window, grid_axes, cfg.val_fraction)
+    per_cell = math.prod(ds.manifest["code_shape"]) if ds.manifest["code_shape"] else 1
     length = cfg.window**grid_axes * per_cell
     pcfg = PriorConfig(**{**asdict(cfg.prior), "vocab_size": ds.manifest["codebook_size"], "block_size": length})
     prior = TokenPrior(pcfg).to(device)
     opt = torch.optim.AdamW(prior.parameters(), cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    val = _windows(ds, val_items, cfg.window, cfg.val_windows, torch.Generator().manual_seed(1234)).to(device)
+    val = _windows(ds, val_items, cfg.window, grid_axes, cfg.val_windows, torch.Generator().manual_seed(1234)).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start, history = time.time(), []
     for step in tqdm(range(cfg.steps), desc="prior"):
-        x = _windows(ds, train_items, cfg.window, cfg.batch_size, gen).to(device)
+        x = _windows(ds, train_items, cfg.window, grid_axes, cfg.batch_size, gen).to(device)
         _, loss = prior(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()

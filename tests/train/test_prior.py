@@ -1,0 +1,67 @@
+"""The token prior's training windows: inside one latent frame for video, skipping items too
+small for a window, and clear refusals of exports it cannot train on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_tokenizer import tiny, tiny_dynamic
+from testdata import shared_path, small_photos
+
+from tokenizers_vq.export import TokenDataset, export_dataset
+from tokenizers_vq.prior import PriorConfig
+from tokenizers_vq.train.prior import PriorTrainConfig, _windows, train_prior
+
+
+def config(tokens: Path, out: Path, window: int, steps: int = 2) -> PriorTrainConfig:
+    return PriorTrainConfig(export_dir=str(tokens), out_dir=str(out), window=window, steps=steps, batch_size=4,
+                            val_windows=4, prior=PriorConfig(n_layer=1, n_head=1, n_embd=16))
+
+
+def test_a_video_export_trains_on_windows_inside_one_latent_frame(tmp_path):
+    pytest.importorskip("av", reason="PyAV reads video")
+    from tokenizers_vq.media import load_video, save_video  # noqa: PLC0415
+
+    frames, fps = load_video(shared_path("video", "imageio_realshort.mp4"), max_frames=9)
+    clips = []
+    for i in range(3):
+        clips.append(save_video(frames[:, :, 8 * i : 8 * i + 32, :32], tmp_path / f"clip{i}.mp4", fps))
+    export_dataset(tiny("video"), clips, tmp_path / "tokens")
+    ds = TokenDataset(tmp_path / "tokens")
+    grid = tuple(ds.codes(0).shape)
+    assert len(grid) == 3 and grid[0] > 1  # several latent frames, each a grid of cells
+
+    windows = _windows(ds, [0], 2, 2, 16, torch.Generator().manual_seed(0))
+    assert windows.shape == (16, 4)
+    codes = ds.codes(0)
+    every = {tuple(codes[t, r : r + 2, c : c + 2].reshape(-1).tolist())
+             for t in range(grid[0]) for r in range(grid[1] - 1) for c in range(grid[2] - 1)}
+    assert all(tuple(w.tolist()) in every for w in windows)  # 2 x 2 cells of one frame each
+
+    _, summary = train_prior(config(tmp_path / "tokens", tmp_path / "prior", window=2))
+    assert summary["tokens_per_sequence"] == 4 and summary["val_nats_per_token"] > 0
+
+
+def test_items_too_small_for_the_window_are_skipped_and_too_few_items_refused(tmp_path, capsys):
+    tok = tiny("image")  # f4: a 24 x 24 photo is a 6 x 6 grid, a 12 x 12 one 3 x 3
+    small_photos(tmp_path / "big", 3, side=24)
+    small_photos(tmp_path / "small", 2, side=12)
+    files = sorted((tmp_path / "big").iterdir()) + sorted((tmp_path / "small").iterdir())
+    export_dataset(tok, files, tmp_path / "tokens")
+    _, summary = train_prior(config(tmp_path / "tokens", tmp_path / "prior", window=5))
+    assert "skipping 2 of 5 items" in capsys.readouterr().err and summary["tokens_per_sequence"] == 25
+
+    with pytest.raises(ValueError, match=r"at least 2 items .* 5 item\(s\), 0 large enough .*smaller --window"):
+        train_prior(config(tmp_path / "tokens", tmp_path / "prior", window=7))
+    export_dataset(tok, files[:1], tmp_path / "one")
+    with pytest.raises(ValueError, match=r"at least 2 items .* 1 item\(s\), 1 large enough"):
+        train_prior(config(tmp_path / "one", tmp_path / "prior", window=2))
+
+
+def test_a_dynamic_length_export_is_refused_by_the_prior(tmp_path):
+    files = small_photos(tmp_path / "photos", 2, side=16)
+    export_dataset(tiny_dynamic("image"), files, tmp_path / "tokens")
+    with pytest.raises(ValueError, match="dynamic-length tokens .* export with a fixed-rate model"):
+        train_prior(config(tmp_path / "tokens", tmp_path / "prior", window=2))
