@@ -11,7 +11,6 @@ import math
 import os
 import re
 import warnings
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,14 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.audio_io import MIN_SAMPLE_RATE, load_audio, save_audio  # noqa: F401 (this module's API)
-from tokenizers_vq.errors import MissingDependency
-from tokenizers_vq.io import atomic_write, check_writable
+from tokenizers_vq.io import atomic_write, check_pixels
+from tokenizers_vq.video_io import (  # noqa: F401 (this module's API)
+    has_audio_track,
+    quarter_turns,
+    read_video_file,
+    save_video,
+    video_turned,
+)
 
 
 MAX_PIXELS = 4096 * 4096
@@ -204,14 +209,6 @@ def is_frame_folder(path: str | os.PathLike) -> bool:
     return numbers == list(range(numbers[0], numbers[0] + len(numbers)))
 
 
-def check_pixels(path: Path, w: int, h: int, max_pixels: int | None, what: str = "") -> None:
-    """Refuse an image or video frame of more than ``max_pixels`` pixels (``None``: no limit)."""
-    if max_pixels is not None and w * h > max_pixels:
-        raise ValueError(f"{path}{what} is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
-                         f"{max_pixels / 1e6:.1f} (memory grows with the pixel count); downscale it, or raise the "
-                         f"limit with --max-pixels {w * h} (max_pixels= in Python)")
-
-
 def _load_frame_folder(path: Path, max_frames: int | None, max_pixels: int | None) -> tuple[Tensor, float]:
     files = _frame_files(path)[:max_frames]
     if not files:
@@ -234,27 +231,6 @@ def _load_frame_folder(path: Path, max_frames: int | None, max_pixels: int | Non
     return torch.stack(frames), fps
 
 
-def quarter_turns(frame) -> int:
-    """Counterclockwise quarter turns (as ``numpy.rot90`` counts them) that put a decoded PyAV
-    frame upright, from its display matrix (a phone's portrait recording is stored on its side
-    with one); 0 without one, or for an angle that is not a multiple of 90 degrees."""
-    angle = float(getattr(frame, "rotation", 0) or 0)
-    turns = round(angle / 90)
-    return turns % 4 if abs(angle - 90 * turns) < 1 else 0
-
-
-def video_turned(path: str | os.PathLike) -> bool:
-    """Whether a video file's first frame carries a display matrix that turns it (False for a
-    folder of frames, or a file PyAV cannot open or decode)."""
-    av = _pyav("reading video")
-    try:
-        with av.open(str(path)) as container:
-            frames = container.decode(container.streams.video[0]) if container.streams.video else iter(())
-            return any(quarter_turns(frame) != 0 for frame, _ in zip(frames, range(1)))
-    except (av.error.FFmpegError, OSError):
-        return False
-
-
 def load_video(path: str | os.PathLike, max_frames: int | None = None,
                max_pixels: int | None = None) -> tuple[Tensor, float]:
     """Decode a video to ``(T, 3, H, W)`` float32 in [0, 1] and its frame rate.
@@ -267,40 +243,18 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None,
     ``max_pixels`` refuses frames larger than that (``None``: no limit), from the
     container's header or the first frame's, before anything is decoded. A display matrix
     (a phone's portrait recording) is applied, as players do: the frames come upright, and
-    the recorded size is the upright one.
+    the recorded size is the upright one; an alpha channel is composited on white, as a
+    photo's is (:mod:`tokenizers_vq.video_io`).
 
     Raises:
-        ValueError: missing or unreadable file, no video stream or frames, frames of
-            different sizes (in a folder or a stream), frames over ``max_pixels``.
+        ValueError: missing, unreadable or cut-short file, no video stream (cover art is
+            not one) or frames, frames of different sizes (in a folder or a stream), frames
+            over ``max_pixels``.
     """
     if Path(path).is_dir():
         return _load_frame_folder(Path(path), max_frames, max_pixels)
-    av = _pyav("reading video")
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"video file not found: {path}")
-    frames = []
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError(f"{path} has no video stream")
-            stream = container.streams.video[0]
-            check_pixels(path, stream.codec_context.width, stream.codec_context.height, max_pixels, "'s frames")
-            fps = float(stream.average_rate or stream.guessed_rate or 25)
-            for frame in container.decode(stream):
-                pixels = np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), quarter_turns(frame)))
-                if frames and pixels.shape != frames[0].shape:
-                    (h, w), (h0, w0) = pixels.shape[:2], frames[0].shape[:2]
-                    raise ValueError(f"{path}: frame {len(frames)} is {w}x{h} pixels, the first {w0}x{h0}; a stream "
-                                     "that changes size is not read: re-encode it at one size (ffmpeg -vf scale=W:H)")
-                frames.append(torch.from_numpy(pixels))
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
-    except av.error.FFmpegError as e:
-        raise ValueError(f"cannot read video {path}: {e}") from e
-    if not frames:
-        raise ValueError(f"video {path} has no decodable frames")
-    return torch.stack(frames).permute(0, 3, 1, 2).float() / 255.0, fps
+    frames, fps, _ = read_video_file(Path(path), max_frames, max_pixels)
+    return frames.permute(0, 3, 1, 2).float() / 255.0, fps
 
 
 def load_input(
@@ -329,55 +283,6 @@ def load_input(
     from tokenizers_vq.modality import get  # noqa: PLC0415  (it builds on this module)
 
     return get(modality).load(path, sample_rate, max_frames, max_pixels)
-
-
-def _pyav(what: str):
-    """The ``av`` module (PyAV), or :class:`~tokenizers_vq.errors.MissingDependency` naming ``what`` needs it."""
-    try:
-        import av  # noqa: PLC0415
-    except ImportError as e:
-        raise MissingDependency(f"{what} needs PyAV: pip install av (or the package's video extra: "
-                                "pip install 'tokenizers_vq[video]')") from e
-    return av
-
-
-def has_audio_track(path: str | os.PathLike) -> bool:
-    """Whether a video file also carries sound (a video tokenizer codes its frames only);
-    False for a folder of frames or a file PyAV cannot open."""
-    if not Path(path).is_file():
-        return False
-    av = _pyav("reading video")
-    try:
-        with av.open(str(path)) as container:
-            return bool(container.streams.audio)
-    except av.error.FFmpegError:
-        return False
-
-
-def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:
-    """Write ``(T, 3, H, W)`` float frames in [0, 1] as H.264 (yuv420p, so H and W are
-    cropped to even sizes) in MP4, MOV or MKV by the suffix (:data:`~tokenizers_vq.io.WRITES`),
-    atomically."""
-    check_writable("video", path)
-    av = _pyav("writing video")
-    suffix = Path(path).suffix.lower()
-    container_format = {".mkv": "matroska", ".m4v": "mp4"}.get(suffix, suffix[1:])
-
-    if frames.ndim != 4 or frames.shape[1] != 3:
-        raise ValueError(f"save_video expects (T, 3, H, W), got shape {tuple(frames.shape)}")
-    h, w = frames.shape[2] // 2 * 2, frames.shape[3] // 2 * 2
-    data = (frames[:, :, :h, :w].detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-    def write(tmp: str) -> None:
-        with av.open(tmp, mode="w", format=container_format) as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            stream.options = {"crf": "18"}
-            for arr in data:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
-            container.mux(stream.encode())
-
-    return atomic_write(path, write)
 
 
 def list_media(folder: str | Path, modality: str, max_items: int = 0) -> list[Path]:

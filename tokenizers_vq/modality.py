@@ -36,6 +36,7 @@ from tokenizers_vq.media import (
     load_image,
     load_image_u8,
     load_video,
+    read_video_file,
     save_audio,
     save_image,
     save_video,
@@ -300,9 +301,13 @@ class Video(Modality):
         return media.shape[0] * media.shape[-1] * media.shape[-2]
 
     def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
-        frames, fps = load_video(path, max_frames, max_pixels)
+        if Path(path).is_dir():  # frame images, composited to RGB as photos are
+            (frames, fps), channels = load_video(path, max_frames, max_pixels), 3
+        else:  # the channels the stream stores (1 grey, 4 with alpha), as a photo's are recorded
+            raw, fps, channels = read_video_file(Path(path), max_frames, max_pixels)
+            frames = raw.permute(0, 3, 1, 2).float() / 255.0
         x = frames.permute(1, 0, 2, 3) * 2 - 1
-        return x, list(x.shape[1:]), {"fps": fps, "channels": 3}
+        return x, list(x.shape[1:]), {"fps": fps, "channels": channels}
 
     def to_media(self, out: Tensor) -> Tensor:
         return ((out + 1) / 2).clamp(0, 1).permute(1, 0, 2, 3)

@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
 from tokenizers_vq.quantizers.base import evaluating
 from tokenizers_vq.streaming import AudioDecodeStream, AudioEncodeStream, receptive_field
 from tokenizers_vq.tokenizer_config import (QUANTIZER_KINDS, QuantizerConfig, TokenizerConfig,  # noqa: F401 (re-exported)
-                                            architecture_sha256, check_architecture)
+                                            architecture_sha256, backbone_config, check_architecture)
 
 _ASSETS = Path(__file__).parent / "assets"
 PRETRAINED: dict[str, Path] = {
@@ -57,14 +57,6 @@ class TokenizerOutput:
     codes: Tensor
     losses: dict[str, Tensor]
     metrics: dict[str, Tensor]
-
-
-def _as_backbone_config(cls: type, d: dict[str, Any]):
-    names = {f.name: f for f in fields(cls)}
-    unknown = set(d) - set(names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 class Tokenizer(nn.Module):
@@ -95,7 +87,7 @@ class Tokenizer(nn.Module):
             raise ValueError(f"unknown modality {config.modality!r}; choose from {sorted(BACKBONES)}")
         self.config = config
         cfg_cls, enc_cls, dec_cls = BACKBONES[config.modality]
-        self.backbone_config = _as_backbone_config(cfg_cls, config.backbone)
+        self.backbone_config = backbone_config(cfg_cls, config.backbone)
         self.encoder = enc_cls(self.backbone_config)
         self.decoder = dec_cls(self.backbone_config)
         self.quantizer = config.quantizer.build(self.backbone_config.latent_dim)

@@ -212,6 +212,27 @@ class TokenizerConfig:
         return cls(**d)
 
 
+def backbone_config(cls: type, d: dict[str, Any]):
+    """Backbone config dataclass ``cls`` from a ``config.backbone`` dict: lists become tuples;
+    a field whose default is a tuple, an int, a float or a bool takes only that kind."""
+    if not isinstance(d, dict):
+        raise ValueError(f"the backbone config must be a mapping of {cls.__name__} fields, got {d!r}")
+    names = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+    kinds = {tuple: ("a list", (list, tuple)), bool: ("true or false", bool), int: ("an integer", int),
+             float: ("a number", (int, float))}
+    for key, value in d.items():
+        default = names[key].default
+        want = next((kinds[t] for t in kinds if isinstance(default, t)), None)
+        if want is not None and value is not None and (not isinstance(value, want[1]) or (
+                isinstance(value, bool) and not isinstance(default, bool))):
+            example = f", such as {list(default)}" if isinstance(default, tuple) else ""
+            raise ValueError(f"backbone.{key} must be {want[0]}{example}, got {value!r}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 def architecture_sha256(config: TokenizerConfig) -> str:
     """Hex sha256 of what shapes a model's computation: its modality, backbone fields and
     quantizer settings (those that differ from :class:`QuantizerConfig`'s defaults, so a

@@ -62,12 +62,19 @@ def save_checkpoint(directory: Path, parts: dict[str, Any], meta: dict[str, Any]
     """
     from safetensors.torch import save_file  # noqa: PLC0415
 
+    from safetensors import SafetensorError  # noqa: PLC0415
+
     directory.parent.mkdir(parents=True, exist_ok=True)
+    for stale in directory.parent.glob(".checkpoint.*"):  # a save killed part-way left it
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=directory.parent))
     try:
         tensors: dict[str, Tensor] = {}
         structure = {name: flatten(value, name, tensors) for name, value in parts.items()}
-        save_file(tensors, tmp / "state.safetensors")
+        try:
+            save_file(tensors, tmp / "state.safetensors")
+        except SafetensorError as e:  # a full disk, say: an OSError, as the other writes give
+            raise OSError(f"cannot write the checkpoint in {directory.parent} ({e}); the last one is kept") from None
         (tmp / "state.json").write_text(json.dumps({**meta, "structure": structure}, indent=1))
         model_dir_writer(tmp / "model")
         old = directory.with_name(directory.name + ".old")
@@ -83,10 +90,22 @@ def save_checkpoint(directory: Path, parts: dict[str, Any], meta: dict[str, Any]
 
 
 def find_checkpoint(directory: Path) -> Path | None:
-    """The checkpoint to resume from (``.old`` if a crash hit between the renames)."""
+    """The checkpoint to resume from (``.old`` if a crash hit between the renames); ``None``
+    where there is none.
+
+    Raises:
+        ValueError: a checkpoint folder lacking one of its state files (a run would start
+            over from step 0 and write over its model).
+    """
     for cand in (directory, directory.with_name(directory.name + ".old")):
         if (cand / "state.json").is_file() and (cand / "state.safetensors").is_file():
             return cand
+    for cand in (directory, directory.with_name(directory.name + ".old")):
+        if cand.exists():
+            missing = [f for f in ("state.json", "state.safetensors") if not (cand / f).is_file()]
+            raise ValueError(f"incomplete checkpoint {cand}: {' and '.join(missing)} missing, so it cannot be resumed; "
+                             "put the file back, or move the folder away to train from step 0 (its model/ folder "
+                             "can warm-start the new run: --init_from)")
     return None
 
 

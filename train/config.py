@@ -44,7 +44,7 @@ class LossConfig:
     mel: float = 0.0  # multi-scale mel distance (audio)
     stft: float = 0.0  # multi-resolution STFT loss (audio)
     quantizer: float = 1.0  # the quantizer's own (already beta-weighted) losses
-    adversarial: float = 0.0  # 0: no adversary (no discriminator is built)
+    adversarial: float = 0.0  # 0: no adversary (no discriminator is built; feature_matching and lecam idle)
     disc_start: int = 0  # step at which the discriminator and the GAN term start
     adaptive_weight: bool = True  # VQGAN's gradient-norm balance at the decoder's last layer
     feature_matching: float = 0.0
@@ -201,15 +201,78 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ValueError(f"override {item!r}: its value is not valid YAML: {' '.join(str(e).split())}") from None
     model = tree.pop("model", {})
     quant = model.pop("quantizer", {}) if isinstance(model, dict) else {}
+    for name, section in (("model", model), ("model.quantizer", quant)):
+        if not isinstance(section, dict):
+            raise ValueError(f"{name} must be a section of keys (model.backbone.channels=..., model.quantizer.kind=...), "
+                             f"got {section!r}; see train/configs/ for examples")
     cfg = _build(TrainConfig, tree, "")
     cfg.model = TokenizerConfig.from_dict({**model, "quantizer": dataclasses.asdict(_build(QuantizerConfig, quant, "model.quantizer."))})
-    for key, value, least in (("steps", cfg.steps, 0), ("batch_size", cfg.batch_size, 1)):
-        if not isinstance(value, int) or value < least:
-            raise ValueError(f"{key}={value!r}: expected a whole number >= {least}")
-    if not 0 <= cfg.optim.decay_steps <= cfg.steps:
-        raise ValueError(f"optim.decay_steps={cfg.optim.decay_steps} must lie in [0, steps={cfg.steps}]: the decay "
-                         "runs over the last decay_steps of the run")
+    check_config(cfg)
     return cfg
+
+
+def _at_least(name: str, value: Any, least: float, *, below: float | None = None, kind: type = int) -> None:
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok or value < least or (below is not None and value >= below):
+        span = f"in [{least}, {below})" if below is not None else f">= {least}"
+        raise ValueError(f"{name}={value!r}: expected {'a number' if kind is float else 'a whole number'} {span}")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings a run cannot train with, or would silently ignore, naming the key.
+
+    Raises:
+        ValueError: the first such setting, with what it accepts.
+    """
+    for key in ("steps", "batch_size", "grad_accum", "log_every", "save_every"):
+        _at_least(key, getattr(cfg, key), 1)
+    _at_least("sample_every", cfg.sample_every, 0)
+    _at_least("ema_decay", cfg.ema_decay, 0, below=1, kind=float)
+    _at_least("max_minutes", cfg.max_minutes, 0, kind=float)
+    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision={cfg.mixed_precision!r}: expected 'no', 'bf16' or 'fp16'")
+    if cfg.mixed_precision == "fp16" and not _cuda():
+        raise ValueError("mixed_precision='fp16' needs a CUDA GPU (on the CPU it would run in fp32 without a word): "
+                         "use 'bf16' or 'no' here")
+    d, loss, o = cfg.data, cfg.loss, cfg.optim
+    for key in ("crop", "clip_frames", "max_frames"):
+        _at_least(f"data.{key}", getattr(d, key), 1)
+    for key in ("max_items", "max_pan"):
+        _at_least(f"data.{key}", getattr(d, key), 0)
+    _at_least("data.segment_seconds", d.segment_seconds, 1e-3, kind=float)
+    _at_least("data.val_fraction", d.val_fraction, 0, below=1, kind=float)
+    if not (isinstance(d.stills_fraction, (int, float)) and 0 <= d.stills_fraction <= 1):
+        raise ValueError(f"data.stills_fraction={d.stills_fraction!r}: expected a share of the batch in [0, 1]")
+    weights = ("l1", "l2", "perceptual", "mel", "stft", "quantizer", "adversarial", "feature_matching", "lecam")
+    for key in weights:
+        _at_least(f"loss.{key}", getattr(loss, key), 0, kind=float)
+    _at_least("loss.disc_start", loss.disc_start, 0)
+    _at_least("loss.lecam_decay", loss.lecam_decay, 0, below=1, kind=float)
+    audio = cfg.model.modality == "audio"
+    misplaced = [k for k in (("mel", "stft") if not audio else ("perceptual",)) if getattr(loss, k) > 0]
+    if misplaced:
+        article = "an" if cfg.model.modality[:1] in "aeiou" else "a"
+        raise ValueError(f"loss.{misplaced[0]} does not apply to {article} {cfg.model.modality} model (mel and stft are audio terms, perceptual a pixel one): set it to 0")
+    if not any(getattr(loss, k) > 0 for k in ("l1", "l2", "perceptual", "mel", "stft")):
+        raise ValueError("every reconstruction weight (loss.l1, l2, perceptual, mel, stft) is 0: nothing would train "
+                         "the decoder; set at least one above 0")
+    for key in ("lr", "disc_lr"):
+        _at_least(f"optim.{key}", getattr(o, key), 1e-12, kind=float)
+    for key in ("weight_decay", "grad_clip"):
+        _at_least(f"optim.{key}", getattr(o, key), 0, kind=float)
+    _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    betas = o.betas if isinstance(o.betas, (tuple, list)) else ()
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"optim.betas={o.betas!r}: expected two numbers in [0, 1), such as [0.5, 0.9]")
+    if not 0 <= o.decay_steps <= cfg.steps:
+        raise ValueError(f"optim.decay_steps={o.decay_steps} must lie in [0, steps={cfg.steps}]: the decay "
+                         "runs over the last decay_steps of the run")
+
+
+def _cuda() -> bool:
+    import torch  # noqa: PLC0415
+
+    return torch.cuda.is_available()
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +30,7 @@ from tokenizers_vq.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tokenizers_vq.train.config import TrainConfig, config_to_dict
+from tokenizers_vq.train.config import TrainConfig, check_config, config_to_dict
 from tokenizers_vq.train.data import MediaFolder, split_files
 from tokenizers_vq.train.discriminators import build_discriminator
 from tokenizers_vq.train.losses import (
@@ -53,6 +54,14 @@ def _listed(key: str, folder: str, modality: str, max_items: int) -> list:
         raise ValueError(f"{key}: {e}; set --{key}=DIR{none}") from None
 
 
+def _check_writable(out_dir: Path) -> None:
+    """Create ``out_dir`` and write a file there, before any work (not after the run)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} is a file: name a folder for the run")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=out_dir).close()  # OSError (permissions, read-only) names the folder
+
+
 class Trainer:
     """Trains a :class:`Tokenizer` from a :class:`TrainConfig`; resumes from
     ``<out_dir>/checkpoint`` when one is there."""
@@ -60,7 +69,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, lpips_module: nn.Module | None = None):
         from accelerate import Accelerator  # noqa: PLC0415
 
+        check_config(cfg)
         self.cfg = cfg
+        _check_writable(Path(cfg.out_dir))
         # cpu=True on a machine without GPUs lets several launched processes form a gloo group
         self.acc = Accelerator(
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available()
@@ -105,6 +116,8 @@ class Trainer:
             self.lecam.to(self.acc.device)
 
         d = cfg.data
+        if not d.train:  # an empty path would list the working directory
+            raise ValueError("data.train is not set: set --data.train=DIR, the folder of media to train on")
         files = _listed("data.train", d.train, cfg.model.modality, d.max_items)
         val_files = _listed("data.val", d.val, cfg.model.modality, d.max_items) if d.val else None
         train_files, val_files = split_files(files, val_files, d.val_fraction)
@@ -216,6 +229,10 @@ class Trainer:
         log_path = self.out_dir / "metrics.jsonl"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         start, start_step = time.time(), self.step
+        if start_step >= cfg.steps:  # a finished run run again: keep its summary
+            done = self.out_dir / "train_summary.json"
+            summary = json.loads(done.read_text()) if done.is_file() else {"steps": self.step}
+            return {**summary, "already_trained": True}
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.acc.is_main_process)
         items_per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
         while self.step < cfg.steps:
@@ -325,6 +342,12 @@ class Trainer:
         saved = meta["config"]["model"]  # rebuilt too: config fields added since it was saved read as defaults
         if asdict(self.cfg.model) not in (saved, asdict(type(self.cfg.model).from_dict(saved))):
             raise ValueError(f"checkpoint {directory} was trained with another model config; use a new out_dir")
+        for name, on, setting in (("ema", self.ema, "ema_decay=0"), ("disc", self.disc, "loss.adversarial=0"),
+                                  ("lecam", self.lecam, "loss.lecam=0")):
+            if on is not None and name not in parts:
+                raise ValueError(f"checkpoint {directory} was saved with {setting}, so it holds no {name} state to "
+                                 f"resume: resume with {setting} as it was, or train in a new out_dir with "
+                                 f"--init_from {directory}")
         self.unwrapped.load_state_dict(parts["model"])
         self.opt_g.load_state_dict(optimizer_state(parts["opt_g"]))
         self.sched.load_state_dict(parts["sched"])
@@ -337,6 +360,18 @@ class Trainer:
             self.lecam.load_state_dict(parts["lecam"])
         set_rng_state(parts["rng"])
         self.step = int(meta["step"])
+        self._apply_optim_settings()
+
+    def _apply_optim_settings(self) -> None:
+        """This run's learning rates, betas and weight decay over those a resumed optimiser
+        state brought back (the same values when the config is unchanged)."""
+        o = self.cfg.optim
+        self.sched.base_lrs = [o.lr for _ in self.sched.base_lrs]
+        for group in self.opt_g.param_groups:
+            group.update(initial_lr=o.lr, lr=o.lr * o.lr_factor(self.sched.last_epoch, self.cfg.steps),
+                         betas=tuple(o.betas), weight_decay=o.weight_decay)
+        for group in self.opt_d.param_groups if self.disc is not None else []:
+            group.update(lr=o.disc_lr, betas=tuple(o.betas))
         self._truncate_log()
 
     def _truncate_log(self) -> None:

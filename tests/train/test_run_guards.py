@@ -1,0 +1,110 @@
+"""What a training run refuses before it works, and what it never loses: settings it cannot
+train with or would ignore are named at load; an incomplete checkpoint is not taken for none;
+a finished run run again keeps its record; a resumed run takes this run's optimiser settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_cli_guards import one_error_line
+from trainrun import config
+
+from tokenizers_vq.cli import main
+from tokenizers_vq.train import checkpoint
+from tokenizers_vq.train.config import load_config
+from tokenizers_vq.train.trainer import Trainer
+
+
+@pytest.mark.parametrize("override,named", [
+    ("save_every=0", "save_every=0: expected a whole number >= 1"),
+    ("log_every=0", "log_every=0"),
+    ("grad_accum=0", "grad_accum=0"),
+    ("steps=0", "steps=0"),
+    ("data.val_fraction=1.0", r"data.val_fraction=1.0: expected a number in \[0, 1\)"),
+    ("data.val_fraction=-0.5", "data.val_fraction=-0.5"),
+    ("data.max_items=-1", "data.max_items=-1"),
+    ("data.crop=0", "data.crop=0"),
+    ("data.segment_seconds=0", "data.segment_seconds=0"),
+    ("loss.l1=0 loss.l2=0 loss.perceptual=0", "every reconstruction weight .* is 0"),
+    ("loss.mel=5", "loss.mel does not apply to an image model"),
+    ("optim.betas=0.5", r"optim.betas=0.5: expected two numbers in \[0, 1\)"),
+    ("optim.betas=[a,b]", "optim.betas="),
+    ("optim.betas=[0.5,0.9,0.1]", "optim.betas="),
+    ("mixed_precision=fp16", "mixed_precision='fp16' needs a CUDA GPU"),
+    ("model=foo", "model must be a section of keys"),
+    ("model.quantizer=vq", "model.quantizer must be a section of keys"),
+])
+def test_a_setting_a_run_cannot_train_with_is_named_at_load(override, named):
+    if override.startswith("mixed_precision") and torch.cuda.is_available():
+        pytest.skip("fp16 runs on a CUDA GPU")
+    with pytest.raises(ValueError, match=named):
+        load_config("train/configs/image.yaml", [*override.split(), "data.train=photos"])
+
+
+def test_settings_of_the_wrong_kind_or_modality_are_refused_in_one_line(tmp_path, capsys):
+    cmd = ["train", "train/configs/audio.yaml", f"--out_dir={tmp_path / 'a'}", "--steps=1", "--mixed_precision=no"]
+    for extra, named in ((["--loss.perceptual=1"], "loss.perceptual does not apply to an audio model"),
+                         (["--model.backbone.strides=4"], "backbone.strides must be a list"),
+                         (["--data.train="], "data.train is not set")):
+        assert main([*cmd, *extra]) == 2
+        assert named in one_error_line(capsys)
+    (tmp_path / "file").write_text("x")
+    assert main(["train", "train/configs/image.yaml", f"--out_dir={tmp_path / 'file'}", "--data.train=photos"]) == 2
+    assert "out_dir" in one_error_line(capsys) and (tmp_path / "file").read_text() == "x"
+
+
+def test_an_incomplete_checkpoint_is_refused_and_a_finished_run_keeps_its_record(tmp_path, capsys):
+    out = tmp_path / "run"
+    Trainer(config("image", out, 2, save_every=2)).train()
+    ckpt = out / "checkpoint"
+    model_bytes = (ckpt / "model" / "model.safetensors").read_bytes()
+    summary = (out / "train_summary.json").read_text()
+    log = (out / "metrics.jsonl").read_text()
+
+    again = Trainer(config("image", out, 2, save_every=2)).train()  # run again: nothing to train
+    assert again["already_trained"] and (out / "train_summary.json").read_text() == summary
+
+    (ckpt / "state.safetensors").rename(tmp_path / "state.safetensors")
+    with pytest.raises(ValueError, match=r"incomplete checkpoint .*state.safetensors missing.*move the folder away"):
+        Trainer(config("image", out, 4, save_every=2))
+    assert (ckpt / "model" / "model.safetensors").read_bytes() == model_bytes
+    assert (out / "metrics.jsonl").read_text() == log  # nothing was started over
+    (tmp_path / "state.safetensors").rename(ckpt / "state.safetensors")
+
+    (out / ".checkpoint.killed").mkdir()  # a save killed part-way leaves its folder
+    (out / ".checkpoint.killed" / "state.safetensors").write_bytes(b"x" * 1000)
+    Trainer(config("image", out, 4, save_every=2)).train()
+    assert not list(out.glob(".checkpoint.*"))
+
+
+def test_a_resumed_run_takes_this_runs_learning_rate_and_refuses_state_it_lacks(tmp_path):
+    out = tmp_path / "run"
+    Trainer(config("image", out, 2, save_every=2, ema_decay=0)).train()
+    with pytest.raises(ValueError, match=r"saved with ema_decay=0, so it holds no ema state .*--init_from"):
+        Trainer(config("image", out, 4, save_every=2, ema_decay=0.9))
+    same = Trainer(config("image", out, 4, save_every=2, ema_decay=0))
+    slower = Trainer(config("image", out, 4, save_every=2, ema_decay=0, **{"optim.lr": 1e-5, "optim.betas": "[0.8,0.95]"}))
+    assert same.opt_g.param_groups[0]["lr"] == pytest.approx(3e-3)
+    group = slower.opt_g.param_groups[0]
+    assert group["lr"] == pytest.approx(1e-5) and group["betas"] == (0.8, 0.95) and slower.sched.base_lrs == [1e-5]
+    slower.train()
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_a_checkpoint_that_cannot_be_written_is_an_os_error_and_the_last_one_stays(tmp_path, monkeypatch):
+    from safetensors import SafetensorError  # noqa: PLC0415
+
+    out = tmp_path / "run"
+    trainer = Trainer(config("image", out, 2, save_every=1))
+    trainer.train()
+    before = (out / "checkpoint" / "state.json").read_text()
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    with pytest.raises(OSError, match="cannot write the checkpoint .*No space left.* the last one is kept"):
+        checkpoint.save_checkpoint(out / "checkpoint", {"x": {"t": torch.zeros(2)}}, {"step": 3}, lambda p: None)
+    assert (out / "checkpoint" / "state.json").read_text() == before and not list(out.glob(".checkpoint.*"))

@@ -1,0 +1,158 @@
+"""Video files in and out through PyAV (imported only when a video is read or written).
+
+Frames come upright (a display matrix applied, as players do), with an alpha channel
+composited on white as photos are; cover art (an ``attached_pic`` stream) is not video.
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tokenizers_vq.errors import MissingDependency
+from tokenizers_vq.io import atomic_write, check_pixels, check_writable
+
+
+def pyav(what: str):
+    """The ``av`` module (PyAV), or :class:`~tokenizers_vq.errors.MissingDependency` naming ``what`` needs it."""
+    try:
+        import av  # noqa: PLC0415
+    except ImportError as e:
+        raise MissingDependency(f"{what} needs PyAV: pip install av (or the package's video extra: "
+                                "pip install 'tokenizers_vq[video]')") from e
+    return av
+
+
+def quarter_turns(frame) -> int:
+    """Quarter turns (``numpy.rot90``'s count) that put a decoded PyAV frame upright, from its display
+    matrix (a phone's portrait clip is stored on its side); 0 without one or off multiples of 90 degrees."""
+    angle = float(getattr(frame, "rotation", 0) or 0)
+    turns = round(angle / 90)
+    return turns % 4 if abs(angle - 90 * turns) < 1 else 0
+
+
+def _video_stream(container):
+    """The first video stream that is not cover art, or ``None``."""
+    av = pyav("reading video")
+    return next((s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic), None)
+
+
+def video_turned(path: str | os.PathLike) -> bool:
+    """Whether a video file's first frame has a display matrix that turns it (False if unreadable)."""
+    av = pyav("reading video")
+    try:
+        with av.open(str(path)) as container:
+            stream = _video_stream(container)
+            frames = container.decode(stream) if stream is not None else iter(())
+            return any(quarter_turns(frame) != 0 for frame, _ in zip(frames, range(1)))
+    except (av.error.FFmpegError, OSError):
+        return False
+
+
+def has_audio_track(path: str | os.PathLike) -> bool:
+    """Whether a video file also carries sound (a video tokenizer codes its frames only);
+    False for a folder of frames or a file PyAV cannot open."""
+    av = pyav("reading video")
+    try:
+        with av.open(str(path)) as container:
+            return bool(container.streams.audio)
+    except (av.error.FFmpegError, OSError):
+        return False
+
+
+def _channels(stream) -> int:
+    """Channels the stream stores: 1 grey, 2 grey + alpha, 3 colour, 4 colour + alpha."""
+    fmt = stream.codec_context.pix_fmt or ""
+    alpha = "a" in fmt.replace("gray", "").replace("bayer", "").replace("pal8", "")
+    grey = fmt.startswith(("gray", "ya", "monow", "monob"))
+    return (1 if grey else 3) + (1 if alpha else 0)
+
+
+def _rgb(frame, alpha: bool) -> np.ndarray:
+    """``(H, W, 3)`` uint8, upright; alpha composited on white."""
+    if not alpha:
+        pixels = frame.to_ndarray(format="rgb24")
+    else:
+        rgba = frame.to_ndarray(format="rgba").astype(np.uint16)
+        a = rgba[..., 3:]
+        pixels = ((rgba[..., :3] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    return np.ascontiguousarray(np.rot90(pixels, quarter_turns(frame)))
+
+
+def read_video_file(path: Path, max_frames: int | None, max_pixels: int | None) -> tuple[Tensor, float, int]:
+    """``(frames (T, H, W, 3) uint8, fps, channels)`` of a video file; see
+    :func:`tokenizers_vq.media.load_video`. The rate is the stream's average, or, where the
+    frames' timestamps span another duration (variable rate in a container that states one),
+    frames over that span."""
+    av = pyav("reading video")
+    if not path.is_file():
+        raise ValueError(f"video file not found: {path}")
+    frames, times = [], []
+    try:
+        with av.open(str(path)) as container:
+            stream = _video_stream(container)
+            if stream is None:
+                cover = " (only cover art)" if container.streams.video else ""
+                raise ValueError(f"{path} has no video stream{cover}")
+            check_pixels(path, stream.codec_context.width, stream.codec_context.height, max_pixels, "'s frames")
+            fps = float(stream.average_rate or stream.guessed_rate or 25)
+            if container.duration is None and stream.codec_context.framerate:  # a bare stream: its own rate
+                fps = float(stream.codec_context.framerate)
+            channels = _channels(stream)
+            for frame in container.decode(stream):
+                pixels = _rgb(frame, channels in (2, 4))
+                if frames and pixels.shape != frames[0].shape:
+                    (h, w), (h0, w0) = pixels.shape[:2], frames[0].shape[:2]
+                    raise ValueError(f"{path}: frame {len(frames)} is {w}x{h} pixels, the first {w0}x{h0}; a stream "
+                                     "that changes size is not read: re-encode it at one size (ffmpeg -vf scale=W:H)")
+                frames.append(torch.from_numpy(pixels))
+                times.append(frame.time)
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+            seconds = container.duration / 1e6 if container.duration else 0.0
+            listed = stream.frames or round(seconds * fps)  # the container's count, or its duration's
+            listed = min(listed, max_frames or listed)
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot read video {path}: {e}") from e
+    if len(frames) < 0.9 * listed - 2:  # whole files decode all but a frame or two of what they list
+        raise ValueError(f"cannot read video {path}: the file is cut short (it lists {listed} frames, "
+                         f"{len(frames)} could be decoded); copy or export it again")
+    if not frames:
+        raise ValueError(f"video {path} has no decodable frames")
+    if len(times) > 2 and None not in times and times[-1] > times[0]:
+        spaced = (len(times) - 1) / (times[-1] - times[0])
+        fps = fps if abs(spaced / fps - 1) < 0.05 else spaced
+    return torch.stack(frames), fps, channels
+
+
+def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:
+    """Write ``(T, 3, H, W)`` float frames in [0, 1] as H.264 (yuv420p, so H and W are
+    cropped to even sizes; BT.601 colours, tagged so) in MP4, MOV or MKV by the suffix
+    (:data:`~tokenizers_vq.io.WRITES`), atomically."""
+    check_writable("video", path)
+    av = pyav("writing video")
+    suffix = Path(path).suffix.lower()
+    container_format = {".mkv": "matroska", ".m4v": "mp4"}.get(suffix, suffix[1:])
+
+    if frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"save_video expects (T, 3, H, W), got shape {tuple(frames.shape)}")
+    h, w = frames.shape[2] // 2 * 2, frames.shape[3] // 2 * 2
+    data = (frames[:, :, :h, :w].detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    def write(tmp: str) -> None:
+        with av.open(tmp, mode="w", format=container_format) as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            # the conversion below is BT.601 (limited range): say so, or HD players assume BT.709
+            stream.options = {"crf": "18", "color_primaries": "smpte170m", "color_trc": "smpte170m",
+                              "colorspace": "smpte170m", "color_range": "tv"}
+            for arr in data:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
+            container.mux(stream.encode())
+
+    return atomic_write(path, write)
