@@ -284,3 +284,20 @@ def test_compressed_audio_cut_short_is_refused_and_a_whole_file_read(tmp_path, s
     (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=rf"cut{suffix}: .*(cut short|malformed)"):
         load_audio(tmp_path / f"cut{suffix}")
+
+
+def test_an_animated_image_is_coded_by_its_first_frame_with_a_note(tmp_path, capsys):
+    from tokenizers_vq.cli import main as tvq  # noqa: PLC0415
+
+    model = tiny("image").save_pretrained(tmp_path / "model")
+    src = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
+    with Image.open(src) as im:
+        frames = [im.crop((8 * i, 0, 8 * i + 64, 48)) for i in range(3)]
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
+    frames[0].save(tmp_path / "still.png")
+    assert tvq(["encode", str(tmp_path / "anim.webp"), str(tmp_path / "still.png"), "-o", str(tmp_path / "t.tvq"),
+                "--model", str(model), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "anim.webp is an animation of 3 frames, and an image model codes the first only" in err
+    assert "still.png" not in err
+    assert torch.equal(load_image_u8(tmp_path / "anim.webp"), load_image_u8(tmp_path / "still.png"))

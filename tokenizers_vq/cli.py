@@ -39,12 +39,10 @@ def _encode(args: argparse.Namespace) -> int:
     tok = _load_model(args, default)
     out = encode_files(tok, args.files, args.output, max_pixels=args.max_pixels or None)
     print(f"wrote {out}")
-    if tok.modality == "video":
-        from tokenizers_vq.media import has_audio_track  # noqa: PLC0415
+    from tokenizers_vq.media import uncoded_parts  # noqa: PLC0415
 
-        for f in filter(has_audio_track, args.files):
-            print(f"tvq: note: {f} also has sound, which a video model does not code: the decoded video is silent",
-                  file=sys.stderr)
+    for note in uncoded_parts(tok.modality, args.files):
+        print(f"tvq: note: {note}", file=sys.stderr)
     return 0
 
 

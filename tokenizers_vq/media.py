@@ -254,7 +254,7 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None,
     if Path(path).is_dir():
         return _load_frame_folder(Path(path), max_frames, max_pixels)
     frames, fps, _ = read_video_file(Path(path), max_frames, max_pixels)
-    return frames.permute(0, 3, 1, 2).float() / 255.0, fps
+    return frames.permute(0, 3, 1, 2).float().div_(255), fps
 
 
 def load_input(
@@ -283,6 +283,29 @@ def load_input(
     from tokenizers_vq.modality import get  # noqa: PLC0415  (it builds on this module)
 
     return get(modality).load(path, sample_rate, max_frames, max_pixels)
+
+
+def uncoded_parts(modality: str, files) -> list[str]:
+    """What a tokenizer of ``modality`` leaves out of ``files``, a sentence each: a video's
+    sound, the frames after the first of an animated image (GIF, WebP, PNG)."""
+    from PIL import Image  # noqa: PLC0415
+
+    notes = []
+    for f in map(Path, files):
+        if modality == "video" and has_audio_track(f):
+            notes.append(f"{f} also has sound, which a video model does not code: the decoded video is silent")
+        elif modality == "image" and f.is_file():
+            with warnings.catch_warnings():  # a size warning: the reader has had its say
+                warnings.simplefilter("ignore")
+                try:
+                    with Image.open(f) as im:
+                        frames = getattr(im, "n_frames", 1)
+                except OSError:
+                    frames = 1
+            if frames > 1:
+                notes.append(f"{f} is an animation of {frames} frames, and an image model codes the first only: "
+                             f"to code them all, convert it to a video (ffmpeg -i {f.name} clip.mp4) for --model video")
+    return notes
 
 
 def list_media(folder: str | Path, modality: str, max_items: int = 0) -> list[Path]:
