@@ -284,6 +284,10 @@ def test_compressed_audio_cut_short_is_refused_and_a_whole_file_read(tmp_path, s
     (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=rf"cut{suffix}: .*(cut short|malformed)"):
         load_audio(tmp_path / f"cut{suffix}")
+    if suffix == ".mp3":  # a constant-rate MP3 without a Xing header: its length is an estimate, a whole file reads
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(src), "-ar", "44100", "-b:a", "64k",
+                        "-write_xing", "0", str(tmp_path / "cbr.mp3")], check=True)
+        assert load_audio(tmp_path / "cbr.mp3")[0].shape[1] > 0.95 * sf.info(str(tmp_path / "cbr.mp3")).frames
 
 
 def test_an_animated_image_is_coded_by_its_first_frame_with_a_note(tmp_path, capsys):
@@ -295,9 +299,12 @@ def test_an_animated_image_is_coded_by_its_first_frame_with_a_note(tmp_path, cap
         frames = [im.crop((8 * i, 0, 8 * i + 64, 48)) for i in range(3)]
     frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
     frames[0].save(tmp_path / "still.png")
-    assert tvq(["encode", str(tmp_path / "anim.webp"), str(tmp_path / "still.png"), "-o", str(tmp_path / "t.tvq"),
+    # a phone's JPEG with a second picture (MPO): not an animation
+    frames[0].save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=frames[1:2])
+    files = [str(tmp_path / name) for name in ("anim.webp", "still.png", "phone.jpg")]
+    assert tvq(["encode", *files, "-o", str(tmp_path / "t.tvq"),
                 "--model", str(model), "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert "anim.webp is an animation of 3 frames, and an image model codes the first only" in err
-    assert "still.png" not in err
+    assert "still.png" not in err and "phone.jpg" not in err
     assert torch.equal(load_image_u8(tmp_path / "anim.webp"), load_image_u8(tmp_path / "still.png"))

@@ -45,7 +45,8 @@ def test_a_container_cut_short_is_refused_and_the_whole_one_read(tmp_path, suffi
     assert load_video(whole)[0].shape[0] == 40
     data = whole.read_bytes()
     (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=rf"cut{suffix}: the file is cut short \(it lists 40 frames, \d+ could"):
+    cut_short = rf"cut{suffix}: the file is cut short \(its video track lasts 1.60 s, \d+ frames"
+    with pytest.raises(ValueError, match=cut_short):
         load_video(tmp_path / f"cut{suffix}")
     assert load_video(tmp_path / f"cut{suffix}", max_frames=4)[0].shape[0] == 4  # what was asked for is there
 
@@ -99,3 +100,13 @@ def test_written_video_is_tagged_with_the_colours_it_holds(tmp_path):
     assert probe(out, "color_space,color_primaries,color_transfer,color_range") == "tv,smpte170m,smpte170m,smpte170m"
     back = load_video(out)[0]
     assert back.shape == (3, 3, 16, 16) and np.isfinite(back.numpy()).all()
+
+
+def test_a_trimmed_clip_and_sound_longer_than_the_picture_are_whole_files(tmp_path):
+    ffmpeg("-ss", "5", "-i", str(CLIP), "-t", "1", "-c", "copy", str(tmp_path / "trim.mp4"))  # an edit list hides frames
+    frames, fps = load_video(tmp_path / "trim.mp4")
+    assert abs(frames.shape[0] / fps - float(probe(tmp_path / "trim.mp4", "duration"))) < 0.1
+    speech = sorted(shared_path("audio", "librispeech_train-clean-100").glob("*.flac"))[0]
+    ffmpeg("-i", str(CLIP), "-i", str(speech), "-t", "6", "-map", "0:v", "-map", "1:a", "-vf", "scale=64:48",
+           "-frames:v", "50", "-c:v", "libvpx-vp9", "-c:a", "libopus", str(tmp_path / "talk.webm"))
+    assert load_video(tmp_path / "talk.webm")[0].shape[0] == 50  # 2 s of picture in a 6 s file

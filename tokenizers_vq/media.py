@@ -298,8 +298,9 @@ def uncoded_parts(modality: str, files) -> list[str]:
             with warnings.catch_warnings():  # a size warning: the reader has had its say
                 warnings.simplefilter("ignore")
                 try:
-                    with Image.open(f) as im:
-                        frames = getattr(im, "n_frames", 1)
+                    with Image.open(f) as im:  # animations only: a phone's JPEG (MPO) holds 2 pictures
+                        animated = im.format in ("GIF", "PNG", "WEBP") and getattr(im, "is_animated", False)
+                        frames = im.n_frames if animated else 1
                 except OSError:
                     frames = 1
             if frames > 1:

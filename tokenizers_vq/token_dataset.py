@@ -136,7 +136,9 @@ class TokenDataset(Dataset):
         if not path.is_file():
             raise ValueError(f"{self.dir}: shard {shard}: {path.name} is missing")
         items = read_json(path, "items")["items"]
-        fields = {"offset": int, "length": int, "shape": list, "source": str}
+        fields = {"offset": int, "length": int, "shape": list, "source": str, "size": list}
+        if self.layout == "dynamic":
+            fields["grid"] = list
         for j, it in enumerate(items if isinstance(items, list) else [None]):
             bad = [k for k, kind in fields.items() if not isinstance(it, dict) or not isinstance(it.get(k), kind)]
             if bad:

@@ -84,6 +84,22 @@ def _rgb(frame, alpha: bool) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(pixels, quarter_turns(frame)))
 
 
+def _stream_seconds(stream) -> tuple[float | None, float | None]:
+    """``(duration, start)`` of a video track in seconds, as its container states them (an MP4
+    track's duration counts its edit list; Matroska keeps a ``DURATION`` tag per track);
+    ``None`` where not stated: the container's own duration may be another track's."""
+    base = stream.time_base
+    start = float(stream.start_time * base) if stream.start_time is not None and base else None
+    if stream.duration and base:
+        return float(stream.duration * base), start
+    tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
+    try:
+        h, m, sec = tag.split(":")
+        return int(h) * 3600 + int(m) * 60 + float(sec), start
+    except (AttributeError, ValueError):
+        return None, start
+
+
 def read_video_file(path: Path, max_frames: int | None, max_pixels: int | None) -> tuple[Tensor, float, int]:
     """``(frames (T, H, W, 3) uint8, fps, channels)`` of a video file; see
     :func:`tokenizers_vq.media.load_video`. The rate is the stream's average, or, where the
@@ -114,19 +130,20 @@ def read_video_file(path: Path, max_frames: int | None, max_pixels: int | None) 
                 times.append(frame.time)
                 if max_frames is not None and len(frames) >= max_frames:
                     break
-            seconds = container.duration / 1e6 if container.duration else 0.0
-            listed = stream.frames or round(seconds * fps)  # the container's count, or its duration's
-            listed = min(listed, max_frames or listed)
+            seconds, start = _stream_seconds(stream)
     except av.error.FFmpegError as e:
         raise ValueError(f"cannot read video {path}: {e}") from e
-    if len(frames) < 0.9 * listed - 2:  # whole files decode all but a frame or two of what they list
-        raise ValueError(f"cannot read video {path}: the file is cut short (it lists {listed} frames, "
-                         f"{len(frames)} could be decoded); copy or export it again")
     if not frames:
         raise ValueError(f"video {path} has no decodable frames")
-    if len(times) > 2 and None not in times and times[-1] > times[0]:
+    timed = len(times) > 2 and None not in times and times[-1] > times[0]
+    if timed:
         spaced = (len(times) - 1) / (times[-1] - times[0])
         fps = fps if abs(spaced / fps - 1) < 0.05 else spaced
+    shown = None if None in times[:1] + times[-1:] else times[-1] - (times[0] if start is None else start) + 1 / fps
+    whole = max_frames is None or len(frames) < max_frames
+    if whole and seconds and shown is not None and shown < 0.9 * seconds - 2 / fps:
+        raise ValueError(f"cannot read video {path}: the file is cut short (its video track lasts {seconds:.2f} s, "
+                         f"{len(frames)} frames covering {shown:.2f} s could be decoded); copy or export it again")
     return torch.stack(frames), fps, channels
 
 

@@ -232,7 +232,7 @@ class Trainer:
         if start_step >= cfg.steps:  # a finished run run again: keep its summary
             done = self.out_dir / "train_summary.json"
             summary = json.loads(done.read_text()) if done.is_file() else {"steps": self.step}
-            return {**summary, "already_trained": True}
+            return {**summary, "steps": self.step, "already_trained": True}
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.acc.is_main_process)
         items_per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
         while self.step < cfg.steps:
@@ -361,18 +361,18 @@ class Trainer:
         set_rng_state(parts["rng"])
         self.step = int(meta["step"])
         self._apply_optim_settings()
+        self._truncate_log()
 
     def _apply_optim_settings(self) -> None:
         """This run's learning rates, betas and weight decay over those a resumed optimiser
         state brought back (the same values when the config is unchanged)."""
         o = self.cfg.optim
         self.sched.base_lrs = [o.lr for _ in self.sched.base_lrs]
-        for group in self.opt_g.param_groups:
+        for group in self.opt_g.param_groups:  # one group: the optimiser is built with every parameter at once
             group.update(initial_lr=o.lr, lr=o.lr * o.lr_factor(self.sched.last_epoch, self.cfg.steps),
                          betas=tuple(o.betas), weight_decay=o.weight_decay)
         for group in self.opt_d.param_groups if self.disc is not None else []:
             group.update(lr=o.disc_lr, betas=tuple(o.betas))
-        self._truncate_log()
 
     def _truncate_log(self) -> None:
         """Drop the ``metrics.jsonl`` lines of steps after the checkpoint (or all, when
