@@ -304,3 +304,9 @@ def test_encode_and_training_samples_leave_each_part_in_its_own_mode(tmp_path):
     samples.write(tok, [shared_path("images", "bsds500", "val", "3096.jpg")], tmp_path / "samples", n_items=1)
     assert (tmp_path / "samples" / "reconstructions.png").is_file()
     assert tok.training and tok.decoder.training and not tok.encoder.training
+
+
+def test_input_with_the_wrong_channel_count_is_named_with_the_shape_given():
+    tok = tiny("video")
+    with pytest.raises(ValueError, match=r"video input has 9 channels but this model expects 3 .*shape \(1, 9, 3, 16, 16\)"):
+        tok.encode(torch.rand(1, 9, 3, 16, 16) * 2 - 1)  # frames first: (B, T, C, H, W) by mistake
