@@ -63,7 +63,9 @@ def peak_memory_mib() -> float:
 
 def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpips: LPIPSNet | None = None,
              inception: FIDInception | None = None) -> dict[str, Any]:
-    """Encode and decode every file; returns ``{"items": [...], "summary": {...}}``.
+    """Encode and decode every file; returns ``{"items": [...], "summary": {...}, "failed": [...]}``
+    (``failed``: the files a reader refused, each with its error; all of them refused raises
+    ``ValueError``).
 
     Fixed-grid tokenizers only (a dynamic-length one raises ``ValueError``).
 
@@ -80,12 +82,17 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpi
     seconds = units = pixels = 0.0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    failed = []
     for f in tqdm(files, desc="evaluate"):
         t0 = time.perf_counter()
-        rec = encode_file(tok, f, max_frames=max_frames)
-        out = decode_record(tok, rec)
+        try:  # a file the readers refuse is named in the report; the others are still measured
+            rec = encode_file(tok, f, max_frames=max_frames)
+            out = decode_record(tok, rec)
+            ref = tok.media.load_media(f, tok.sample_rate, max_frames)
+        except ValueError as e:
+            failed.append({"file": str(f), "error": str(e)})
+            continue
         seconds += time.perf_counter() - t0
-        ref = tok.media.load_media(f, tok.sample_rate, max_frames)
         all_codes.append(rec.codes.reshape(-1, tok.quantizer.num_codebooks))
         m = item_metrics(tok, ref, out, lpips)
         if inception is not None and tok.media.fid:
@@ -95,6 +102,8 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpi
         pixels += tok.media.pixels(ref)
         grid = rec.codes.shape[: rec.codes.ndim - len(tok.quantizer.code_shape)]
         items.append({"file": f.name, "tokens": tok.quantizer.num_tokens(grid), **m})
+    if not items:
+        raise ValueError(f"no file could be evaluated; the first: {failed[0]['error']}" if failed else "no files")
     summary: dict[str, Any] = {}
     for key in items[0]:
         vals = [it[key] for it in items if isinstance(it.get(key), (int, float)) and key != "file"]
@@ -115,4 +124,4 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpi
     summary["device"] = str(next(tok.parameters()).device)
     summary["peak_memory_mib"] = peak_memory_mib()
     summary["items"] = len(items)
-    return {"items": items, "summary": summary}
+    return {"items": items, "summary": summary, "failed": failed}

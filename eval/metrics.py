@@ -70,12 +70,15 @@ def audio_metrics(estimate: Tensor, reference: Tensor, sample_rate: int) -> dict
         "stoi": None,
     }
     try:
+        from pesq import PesqError  # noqa: PLC0415
         from pesq import pesq as _pesq  # noqa: PLC0415
 
         e16, r16 = (resample(t, sample_rate, 16000)[0].numpy() for t in (est, ref))
         out["pesq_wb"] = float(_pesq(16000, r16, e16, "wb"))
     except ImportError:
         pass
+    except PesqError as e:  # no speech in the reference (silence, music), or too short: no score, said why
+        out["pesq_note"] = f"PESQ not computed: {type(e).__name__}"
     try:
         from pystoi import stoi as _stoi  # noqa: PLC0415
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,16 @@ def _distribution_plot(items: list[dict[str, Any]], keys: list[str], path: Path)
     plt.close(fig)
 
 
+def report_folders(root: str | Path) -> set[Path]:
+    """Resolved folders under ``root`` that hold a report :func:`write_report` wrote (its
+    ``report.md``, ``metrics.json`` and ``codebook_usage.png``): its pictures are not data."""
+    root = Path(root)
+    if not root.is_dir():
+        return set()
+    return {p.parent.resolve() for p in root.rglob("metrics.json")
+            if (p.parent / "report.md").is_file() and (p.parent / "codebook_usage.png").is_file()}
+
+
 def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_name: str,
                  lpips_weights: str | Path | None = None, lpips_heads: str | Path | None = None,
                  fid_weights: str | Path | None = None, baselines: bool = False,
@@ -122,14 +134,19 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=out_dir).close()  # an unwritable folder is named before the work, not after
     device = next(tok.parameters()).device
     lpips, inception, skipped = _feature_nets(tok.modality, device, lpips_weights, lpips_heads, fid_weights)
     result = evaluate(tok, files, max_frames=max_frames, lpips=lpips, inception=inception)
+    refused = {entry["file"] for entry in result["failed"]}
+    files = [f for f in files if str(f) not in refused]
     if inception is not None and "rfid" not in result["summary"]:
         skipped["rfid"] = f"rFID skipped: needs at least 2 images, got {len(files)}"
     for key, name, package in tok.media.optional_metrics:
         if result["summary"].get(key) is None:
-            skipped[key] = f"{name} skipped: the {package} package is not installed"
+            installed = importlib.util.find_spec(package) is not None
+            skipped[key] = (f"{name} skipped: no item could be scored (no speech in the references?)" if installed
+                            else f"{name} skipped: the {package} package is not installed")
     result["skipped"] = skipped
     result["model"] = model_name
     result["config"] = json.loads(json.dumps(tok.config, default=lambda o: o.__dict__))
@@ -161,6 +178,8 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
         lines += [""] + baseline_lines(tok.modality, result["summary"], result["baselines"])
     if skipped:
         lines += ["", "## Not computed", ""] + [f"- {v}" for v in skipped.values()]
+    if result["failed"]:
+        lines += ["", f"## Files not read ({len(result['failed'])})", ""] + [f"- {e['error']}" for e in result["failed"]]
     lines += ["", "Pictures: `samples/` (reconstructions), `codebook_usage.png`, `metric_distributions.png`."]
     atomic_write(out_dir / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return result

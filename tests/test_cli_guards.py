@@ -143,7 +143,7 @@ def test_export_and_eval_pick_the_model_by_the_folders_media(tmp_path):
     report = speech / "report"  # an eval's pictures written inside the folder it evaluates
     small_photos(report, 1)
     assert _default_for_folder(str(speech)) == "image"
-    assert _default_for_folder(str(speech), skip=str(report)) == "speech"
+    assert _default_for_folder(str(speech), skip={report.resolve()}) == "speech"
     sf.write(tmp_path / "clips" / "b.wav", wav, sr)
     with pytest.raises(ValueError, match="holds audio and video files"):
         _default_for_folder(str(tmp_path / "clips"))
@@ -395,3 +395,29 @@ def test_a_manifest_missing_a_field_is_named(tmp_path, image_model):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="manifest.json: it lacks dtype"):
         TokenDataset(out)
+
+
+def test_eval_names_a_file_it_cannot_read_and_measures_the_others_and_no_earlier_report(tmp_path, image_model,
+                                                                                        capsys):
+    data = tmp_path / "photos"
+    photos = small_photos(data, 2)
+    (data / "cut.png").write_bytes(photos[0].read_bytes()[:300])
+    for report in ("first", "second"):  # the second run finds the first report's pictures under --data
+        assert main(["eval", "--model", str(image_model), "--data", str(data), "--out", str(data / report),
+                     "--device", "cpu"]) == 0
+        metrics = json.loads((data / report / "metrics.json").read_text())
+        assert metrics["summary"]["items"] == 2 and [Path(e["file"]).name for e in metrics["failed"]] == ["cut.png"]
+    out = capsys.readouterr().out
+    assert "not read: cannot read image" in out and "cut.png" in out
+    assert "## Files not read (1)" in (data / "second" / "report.md").read_text()
+
+
+def test_pesq_of_a_reference_without_speech_is_left_out_with_its_reason():
+    pytest.importorskip("pesq", reason="the pesq package scores PESQ")
+    import torch  # noqa: PLC0415
+
+    from tokenizers_vq.eval.metrics import audio_metrics  # noqa: PLC0415
+
+    silence = torch.zeros(16000)
+    m = audio_metrics(silence, silence, 16000)
+    assert m["pesq_wb"] is None and m["pesq_note"] == "PESQ not computed: NoUtterancesError"

@@ -86,11 +86,11 @@ def _model_for_tokens(args: argparse.Namespace, model_id: object, modality: obje
     return tok
 
 
-def _default_for_folder(folder: str, skip: str | None = None) -> str:
+def _default_for_folder(folder: str, skip: set | None = None) -> str:
     """The embedded model for a data folder with no ``--model``: ``image`` when it holds photos
     (not only the frames of clips), else the one modality its files and clips are of.
 
-    Files under ``skip`` (an output folder inside it) are not looked at.
+    Files under a resolved folder of ``skip`` (output folders inside it) are not looked at.
 
     Raises:
         ValueError: it holds no photos but both audio and video.
@@ -104,9 +104,8 @@ def _default_for_folder(folder: str, skip: str | None = None) -> str:
     if not root.is_dir():
         return "image"  # a tar source, or a missing folder (the listing names it)
     found: dict[str, set[Path]] = {m: set() for m in SUFFIXES}
-    skipped = Path(skip).resolve() if skip else None
-    for p in root.rglob("*"):  # paths under the resolved root: compared with the resolved output folder
-        if skipped is not None and (p == skipped or skipped in p.parents):
+    for p in root.rglob("*"):  # paths under the resolved root: compared with the resolved output folders
+        if skip and not skip.isdisjoint((p, *p.parents)):
             continue
         kind = next((m for m, suffixes in SUFFIXES.items() if p.suffix.lower() in suffixes), None)
         if kind is not None and p.is_file():
@@ -141,16 +140,15 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path  # noqa: PLC0415
 
-    from tokenizers_vq.eval.report import write_report  # noqa: PLC0415
+    from tokenizers_vq.eval.report import report_folders, write_report  # noqa: PLC0415
     from tokenizers_vq.media import list_media  # noqa: PLC0415
 
     for name, value in (("--max-items", args.max_items), ("--max-frames", args.max_frames)):
         if value < 0:
             raise ValueError(f"{name} {value}: expected a count >= 1, or 0 for all")
-    tok = _load_model(args, None if args.model else _default_for_folder(args.data, skip=args.out))
-    out = Path(args.out).resolve()
-    files = [f for f in list_media(args.data, tok.modality)  # not the pictures of a report written inside it
-             if out not in f.resolve().parents]
+    skip = {Path(args.out).resolve(), *report_folders(args.data)}  # not the pictures of reports written inside it
+    tok = _load_model(args, None if args.model else _default_for_folder(args.data, skip=skip))
+    files = [f for f in list_media(args.data, tok.modality) if skip.isdisjoint(f.resolve().parents)]
     files = files[: args.max_items] if args.max_items else files
     result = write_report(tok, files, args.out, args.model or "embedded default", lpips_weights=args.lpips_weights,
                           lpips_heads=args.lpips_heads, fid_weights=args.fid_weights, baselines=args.baselines,
@@ -159,6 +157,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{k:>22}: {v:.4f}" if isinstance(v, float) else f"{k:>22}: {v}")
     for k, v in result["skipped"].items():
         print(f"{k:>22}: {v}")
+    for entry in result["failed"]:
+        print(f"{'not read':>22}: {entry['error']}")
     for k, v in result.get("baselines", {}).get("skipped", {}).items():
         print(f"{k:>22}: {v}")
     print(f"wrote {Path(args.out) / 'report.md'}, metrics.json and pictures")
