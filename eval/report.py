@@ -151,7 +151,7 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     result["model"] = model_name
     result["config"] = json.loads(json.dumps(tok.config, default=lambda o: o.__dict__))
     if baselines:
-        result["baselines"] = run_baselines(tok, files, result["items"], lpips=lpips)
+        result["baselines"] = run_baselines(tok, files, result["items"], max_frames=max_frames, lpips=lpips)
     atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
 
     keys = [k for k in ("psnr_db", "ssim", "lpips", "mel_distance", "stoi", "si_sdr_db") if k in result["summary"]]

@@ -150,3 +150,20 @@ def test_missing_binaries_give_named_skips(tmp_path, monkeypatch):
                      "h265": "skipped: ffmpeg not found; apt-get install ffmpeg"}
     lines = baseline_lines("audio", {"kbps": 1.0}, base)
     assert "- opus_6k: skipped: ffmpeg not found; apt-get install ffmpeg" in lines
+
+
+@needs("ffmpeg", "ffprobe")
+def test_tvq_eval_baselines_code_the_frames_the_tokenizer_is_measured_on(tmp_path):
+    model = tiny("video").save_pretrained(tmp_path / "model")
+    data = tmp_path / "clips"
+    data.mkdir()
+    frames, fps = load_video(shared_path(*CLIP), 9)
+    from tokenizers_vq.media import save_video  # noqa: PLC0415
+
+    save_video(frames[:, :, :48, :64], data / "clip.mp4", fps)
+    out = tmp_path / "report"
+    assert main(["eval", "--model", str(model), "--data", str(data), "--out", str(out), "--baselines",
+                 "--max-frames", "5"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    target = result["baselines"]["target"]  # over the same 5 frames, not the clip's 9
+    assert target["bits_per_pixel"] == pytest.approx(result["summary"]["bits_per_pixel"], rel=1e-9)
