@@ -421,3 +421,17 @@ def test_pesq_of_a_reference_without_speech_is_left_out_with_its_reason():
     silence = torch.zeros(16000)
     m = audio_metrics(silence, silence, 16000)
     assert m["pesq_wb"] is None and m["pesq_note"] == "PESQ not computed: NoUtterancesError"
+
+
+def test_eval_rerun_with_fewer_items_leaves_no_samples_of_the_earlier_run(tmp_path, capsys):
+    model = tiny("audio").save_pretrained(tmp_path / "model")
+    data, out = tmp_path / "speech", tmp_path / "report"
+    data.mkdir()
+    for f in sorted(shared_path("audio", "fsdd").glob("*.wav"))[:2]:
+        shutil.copyfile(f, data / f.name)
+    cmd = ["eval", "--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu"]
+    assert main(cmd) == 0
+    assert (out / "samples" / "1_reconstruction.wav").is_file()
+    assert main([*cmd, "--max-items", "1"]) == 0
+    assert sorted(p.name for p in (out / "samples").iterdir() if p.name[0].isdigit()) == [
+        "0_original.wav", "0_reconstruction.wav", "0_spectrogram.png"]

@@ -4,6 +4,8 @@ MP4 for video) and a codebook-usage plot, from a few fixed files."""
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import torch
@@ -60,6 +62,10 @@ def write(tok: Tokenizer, files: list[Path], out_dir: Path, n_items: int = 4, ma
         raise ValueError("training samples are written for fixed-grid tokenizers only; this one has dynamic-length "
                          "codes: set sample_every=0 and check it with Tokenizer.encode/decode")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.iterdir():  # an earlier run's items past this run's count would pass for this run's
+        named = re.fullmatch(r"(\d+)_(original|reconstruction|spectrogram)\.(wav|mp4|png)", old.name)
+        if named and int(named[1]) >= min(n_items, len(files)):
+            old.unlink()
     rows, all_codes = [], []
     with evaluating(tok):  # each part's own mode back after, also when a file fails
         for i, f in enumerate(files[:n_items]):
