@@ -323,7 +323,7 @@ def test_video_frames_over_the_pixel_limit_are_refused_before_decoding(tmp_path,
     out = tmp_path / "v.tvq"
     assert main(["encode", str(clip), "--model", "video", "-o", str(out), "--max-pixels", "25000"]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "frames is 176x144" in err and "--max-pixels 25344" in err
+    assert len(err.strip().splitlines()) == 1 and "frames are 176x144" in err and "--max-pixels 25344" in err
     assert not out.exists()
     frames, _ = load_video(clip, max_frames=3, max_pixels=25344)
     assert frames.shape == (3, 3, 144, 176)
@@ -457,3 +457,15 @@ def test_safetensors_writer_round_trips_every_dtype_in_a_fixed_byte_order(tmp_pa
             assert got.dtype == v.dtype and torch.equal(got, v)
     with pytest.raises(ValueError, match="complex"):
         save_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.st")
+
+
+def test_the_default_pixel_limit_stands_for_a_video_sized_one_with_frames():
+    pytest.importorskip("av")
+    from tokenizers_vq.media import MAX_PIXELS, MAX_VIDEO_PIXELS, load_input  # noqa: PLC0415
+
+    clip = shared_path("video", "mmaction2", "demo_skeleton.mp4")  # 1920 x 1080: about 27 GB to encode on a CPU
+    with pytest.raises(ValueError, match=r"frames are 1920x1080 = 2.1 megapixels, over the limit of 1.0 .*--max-pixels"):
+        load_input(clip, "video", max_frames=1, max_pixels=MAX_PIXELS)
+    assert MAX_VIDEO_PIXELS < 1920 * 1080 < MAX_PIXELS
+    x, size, _ = load_input(clip, "video", max_frames=1, max_pixels=1920 * 1080)  # a limit the caller sets applies
+    assert size == [1, 1080, 1920]

@@ -203,6 +203,7 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metada
 def check_pixels(path: Path, w: int, h: int, max_pixels: int | None, what: str = "") -> None:
     """Refuse an image or video frame of more than ``max_pixels`` pixels (``None``: no limit)."""
     if max_pixels is not None and w * h > max_pixels:
-        raise ValueError(f"{path}{what} is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
+        raise ValueError(f"{path}{what} {'are' if what.endswith('s') else 'is'} {w}x{h} = {w * h / 1e6:.1f} "
+                         f"megapixels, over the limit of "
                          f"{max_pixels / 1e6:.1f} (memory grows with the pixel count); downscale it, or raise the "
                          f"limit with --max-pixels {w * h} (max_pixels= in Python)")

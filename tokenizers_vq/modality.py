@@ -29,6 +29,8 @@ from torch import Tensor
 
 from tokenizers_vq.errors import ItemError
 from tokenizers_vq.media import (
+    MAX_PIXELS,
+    MAX_VIDEO_PIXELS,
     SUFFIXES,
     check_pixels,
     image_header,
@@ -301,6 +303,7 @@ class Video(Modality):
         return media.shape[0] * media.shape[-1] * media.shape[-2]
 
     def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
+        max_pixels = MAX_VIDEO_PIXELS if max_pixels == MAX_PIXELS else max_pixels  # the default: sized for frames
         if Path(path).is_dir():  # frame images, composited to RGB as photos are
             (frames, fps), channels = load_video(path, max_frames, max_pixels), 3
             x = frames.permute(1, 0, 2, 3).mul_(2).sub_(1)
