@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from tokenizers_vq.eval.baselines import run_baselines
 from tokenizers_vq.eval.evaluate import evaluate
 from tokenizers_vq.eval.inception import FIDInception, load_inception
 from tokenizers_vq.lpips import LPIPSNet, load_lpips
-from tokenizers_vq.io import atomic_write
+from tokenizers_vq.io import atomic_write, check_can_write
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.quantizers._functional import code_histogram
 from tokenizers_vq.tokenizer import Tokenizer
@@ -134,7 +133,7 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tempfile.TemporaryFile(dir=out_dir).close()  # an unwritable folder is named before the work, not after
+    check_can_write(out_dir / "metrics.json")  # an unwritable folder is named before the work, not after
     device = next(tok.parameters()).device
     lpips, inception, skipped = _feature_nets(tok.modality, device, lpips_weights, lpips_heads, fid_weights)
     result = evaluate(tok, files, max_frames=max_frames, lpips=lpips, inception=inception)

@@ -311,6 +311,17 @@ def as_recorded_before_upright_reading(record: Path, key: str) -> None:
     record.write_text(json.dumps(fp))
 
 
+def refused_as_turned(cmd: list[str], record: Path, turned: Path, capsys) -> None:
+    """The second input, ``turned`` now, recorded as if it had been so all along: the resume is refused."""
+    stat = turned.stat()
+    fp = json.loads(record.read_text())
+    fp["inputs"][1][1:] = [stat.st_size, stat.st_mtime_ns]
+    record.write_text(json.dumps(fp))
+    capsys.readouterr()
+    assert main(cmd) == 2
+    assert f"{turned} is turned or could not be checked" in one_error_line(capsys)
+
+
 def test_an_export_begun_before_photos_were_read_upright_resumes_unless_one_is_turned(tmp_path, image_model, capsys):
     from PIL import Image  # noqa: PLC0415
 
@@ -328,13 +339,7 @@ def test_an_export_begun_before_photos_were_read_upright_resumes_unless_one_is_t
         exif = im.getexif()
         exif[0x0112] = 6
         im.save(photos[1], exif=exif)
-    stat = photos[1].stat()
-    fp = json.loads(record.read_text())
-    fp["inputs"][1][1:] = [stat.st_size, stat.st_mtime_ns]  # as if it had been turned all along
-    record.write_text(json.dumps(fp))
-    capsys.readouterr()
-    assert main(cmd) == 2
-    assert f"{photos[1]} is turned or could not be checked" in one_error_line(capsys)
+    refused_as_turned(cmd, record, photos[1], capsys)
 
 
 def test_a_video_export_begun_before_clips_were_read_upright_resumes_unless_one_is_turned(tmp_path, capsys):
@@ -360,13 +365,7 @@ def test_a_video_export_begun_before_clips_were_read_upright_resumes_unless_one_
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(turned), "-c", "copy", "-metadata:s:v:0",
                     "rotate=90", str(tmp_path / "turned.mp4")], check=True)
     shutil.copyfile(tmp_path / "turned.mp4", turned)
-    stat = turned.stat()
-    fp = json.loads(record.read_text())
-    fp["inputs"][1][1:] = [stat.st_size, stat.st_mtime_ns]  # as if it had been turned all along
-    record.write_text(json.dumps(fp))
-    capsys.readouterr()
-    assert main(cmd) == 2
-    assert f"{turned} is turned or could not be checked" in one_error_line(capsys)
+    refused_as_turned(cmd, record, turned, capsys)
 
 
 def test_encoding_a_video_with_sound_says_the_sound_is_not_coded(tmp_path, capsys):

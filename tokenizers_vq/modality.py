@@ -306,11 +306,10 @@ class Video(Modality):
         max_pixels = MAX_VIDEO_PIXELS if max_pixels == MAX_PIXELS else max_pixels  # the default: sized for frames
         if Path(path).is_dir():  # frame images, composited to RGB as photos are
             (frames, fps), channels = load_video(path, max_frames, max_pixels), 3
-            x = frames.permute(1, 0, 2, 3).mul_(2).sub_(1)
         else:  # the channels the stream stores (1 grey, 4 with alpha), as a photo's are recorded
             raw, fps, channels = read_video_file(Path(path), max_frames, max_pixels)
-            x = raw.permute(3, 0, 1, 2).float().div_(255).mul_(2).sub_(1)  # one float copy of a long clip, not three
-            del raw
+            frames = raw.permute(0, 3, 1, 2).float().div_(255)
+        x = frames.permute(1, 0, 2, 3).mul_(2).sub_(1)  # in place: one float copy of a long clip, not three
         return x, list(x.shape[1:]), {"fps": fps, "channels": channels}
 
     def to_media(self, out: Tensor) -> Tensor:

@@ -67,10 +67,12 @@ def has_audio_track(path: str | os.PathLike) -> bool:
 
 def _channels(stream) -> int:
     """Channels the stream stores: 1 grey, 2 grey + alpha, 3 colour, 4 colour + alpha."""
-    fmt = stream.codec_context.pix_fmt or ""
-    alpha = "a" in fmt.replace("gray", "").replace("bayer", "").replace("pal8", "")
-    grey = fmt.startswith(("gray", "ya", "monow", "monob"))
-    return (1 if grey else 3) + (1 if alpha else 0)
+    if not stream.codec_context.pix_fmt:
+        return 3
+    fmt = pyav("reading video").VideoFormat(stream.codec_context.pix_fmt)
+    alpha = any(c.is_alpha for c in fmt.components)
+    grey = len(fmt.components) - alpha == 1 and not fmt.has_palette  # a palette's one index is colour
+    return (1 if grey else 3) + alpha
 
 
 def _rgb(frame, alpha: bool) -> np.ndarray:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from tokenizers_vq import samples
+from tokenizers_vq.io import check_can_write
 from tokenizers_vq.media import list_media
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
@@ -55,11 +55,10 @@ def _listed(key: str, folder: str, modality: str, max_items: int) -> list:
 
 
 def _check_writable(out_dir: Path) -> None:
-    """Create ``out_dir`` and write a file there, before any work (not after the run)."""
+    """Refuse an ``out_dir`` the run could not write, before any work (not after the run)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file: name a folder for the run")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tempfile.TemporaryFile(dir=out_dir).close()  # OSError (permissions, read-only) names the folder
+    check_can_write(out_dir / "metrics.jsonl")  # OSError (permissions, read-only) names the folder
 
 
 class Trainer:
