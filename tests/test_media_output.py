@@ -183,6 +183,17 @@ def test_a_photo_turned_by_its_exif_orientation_is_read_upright(tmp_path):
     assert torch.equal(turned, torch.rot90(stored, -1, (1, 2)))  # the same pixels, upright
 
 
+@pytest.mark.parametrize(("name", "kind"), [("a.wav", "audio"), ("a.flac", "audio"), ("a.jpg", "image"),
+                                            ("a.png", "image"), ("a.mp4", "video")])
+def test_an_empty_file_is_named_as_empty_not_as_an_unknown_format(tmp_path, capsys, name, kind):
+    (tmp_path / name).write_bytes(b"")
+    out = tmp_path / "x.tvq"
+    assert main(["encode", str(tmp_path / name), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{kind} file {tmp_path / name} is empty (0 bytes)" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_a_wav_cut_short_is_refused_and_a_whole_one_read(tmp_path):
     import soundfile as sf  # noqa: PLC0415
 

@@ -218,6 +218,8 @@ def test_bad_inputs_get_clear_errors_and_keep_existing_outputs(tmp_path, image_m
     assert out.read_bytes() == b"earlier tokens"  # nothing written over
     assert main(["decode", str(out), "--model", str(image_model), "-o", str(tmp_path / "x.png")]) == 2
     assert "corrupt token file" in capsys.readouterr().err
+    assert main(["decode", str(photo), "--model", str(image_model), "-o", str(tmp_path / "x.png")]) == 2
+    assert "is an image file, not a token file" in capsys.readouterr().err  # a photo passed to decode
     assert main(["encode", str(photo), "--model", str(tmp_path / "nope"), "-o", str(out)]) == 2
     assert "not a tokenizer directory" in capsys.readouterr().err
     assert main(["encode", str(photo), "--model", str(image_model), "-o", str(folder)]) == 2  # -o a directory

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tokenizers_vq.io import atomic_write, check_writable
+from tokenizers_vq.io import atomic_write, check_media_file, check_writable
 from tokenizers_vq.resample import resample
 
 MIN_SAMPLE_RATE = 1000
@@ -34,8 +34,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
     import soundfile as sf  # noqa: PLC0415
 
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"audio file not found: {path}")
+    check_media_file(path, "audio")
     try:
         with sf.SoundFile(str(path)) as f:
             sr, block, promised, riff = f.samplerate, max(1, 2**22 // f.channels), f.frames, f.format in _RIFF

@@ -200,6 +200,15 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metada
             f.write(blob)
 
 
+def check_media_file(path: Path, what: str) -> None:
+    """Refuse a missing or empty (0-byte) media file, naming it; ``what``: "audio", "image", "video"."""
+    if not path.is_file():
+        raise ValueError(f"{what} file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} file {path} is empty (0 bytes): a copy or download that did not finish; "
+                         "copy it again")
+
+
 def check_pixels(path: Path, w: int, h: int, max_pixels: int | None, what: str = "") -> None:
     """Refuse an image or video frame of more than ``max_pixels`` pixels (``None``: no limit)."""
     if max_pixels is not None and w * h > max_pixels:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.audio_io import MIN_SAMPLE_RATE, load_audio, save_audio  # noqa: F401 (this module's API)
-from tokenizers_vq.io import atomic_write, check_pixels
+from tokenizers_vq.io import atomic_write, check_media_file, check_pixels
 from tokenizers_vq.video_io import (  # noqa: F401 (this module's API)
     has_audio_track,
     quarter_turns,
@@ -47,6 +47,7 @@ def image_header(path: str | os.PathLike) -> tuple[int, int, int]:
     CMYK, or a palette with transparency)."""
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
+    check_media_file(Path(path), "image")
     try:
         with warnings.catch_warnings():  # sizes are checked against MAX_PIXELS by the caller
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -84,8 +85,7 @@ def load_image_u8(path: str | os.PathLike) -> Tensor:
     from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415 (keep import cheap)
 
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"image file not found: {path}")
+    check_media_file(path, "image")
     try:
         with warnings.catch_warnings():
             # a header of a few hundred bytes can claim 178 million pixels, which PIL

@@ -228,10 +228,19 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
                 source_digest = it.pop("source_sha256", None)
                 records.append(TokenRecord(codes, it.pop("source"), it.pop("size"), it, source_digest))
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        kind = _media_kind(path)
+        if kind is not None:
+            raise ValueError(f"{path} is {get_modality(kind).article} file, not a token file: decode reads what "
+                             f"`tvq encode` wrote (e.g. `tvq encode {path.name} -o tokens.tvq`)") from None
         raise ValueError(f"corrupt token file {path}: {e}") from e
     except _Damaged as e:
         raise ValueError(f"corrupt token file {path}: {e}; encode the sources again") from None
     return meta, records
+
+
+def _media_kind(path: Path) -> str | None:
+    """The modality a media file name's suffix stands for (None: not a media suffix)."""
+    return next((m for m, suffixes in SUFFIXES.items() if path.suffix.lower() in suffixes), None)
 
 
 def check_compatible(meta: dict[str, str], tok: Tokenizer, path: Path) -> None:
@@ -254,7 +263,7 @@ def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | 
     """Encode media files into one token file (all inputs are read before anything is written;
     an output that cannot be written is refused before any is read)."""
     target = Path(out)
-    kind = next((m for m, suffixes in SUFFIXES.items() if target.suffix.lower() in suffixes), None)
+    kind = _media_kind(target)
     if kind is not None or any(target.resolve() == Path(p).resolve() for p in paths):
         why = "is one of the inputs" if kind is None else f"has the suffix of {get_modality(kind).article} file"
         raise ValueError(f"{out} {why}: the token file would be written over media; "

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.errors import MissingDependency
-from tokenizers_vq.io import atomic_write, check_pixels, check_writable
+from tokenizers_vq.io import atomic_write, check_media_file, check_pixels, check_writable
 
 
 def pyav(what: str):
@@ -108,8 +108,7 @@ def read_video_file(path: Path, max_frames: int | None, max_pixels: int | None) 
     frames' timestamps span another duration (variable rate in a container that states one),
     frames over that span."""
     av = pyav("reading video")
-    if not path.is_file():
-        raise ValueError(f"video file not found: {path}")
+    check_media_file(path, "video")
     frames, times = [], []
     try:
         with av.open(str(path)) as container:
