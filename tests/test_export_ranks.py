@@ -91,3 +91,22 @@ def test_a_rank_that_fails_stops_the_other_with_its_error(tmp_path):
     assert "rank 1 failed" in results[0][1] and bad.name in results[0][1]
     assert "Traceback" not in results[0][1] + results[1][1]  # a clear error, not a raw trace
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_rank_that_fails_before_the_export_begins_stops_the_other(tmp_path):
+    """One rank cannot list the inputs (its copy of the source fails): both stop with its
+    error instead of the other waiting for it."""
+    import tarfile  # noqa: PLC0415
+
+    cmd, env = _setup(tmp_path, n=2)
+    tar_path = tmp_path / "photos.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for p in sorted((tmp_path / "photos").iterdir()):
+            tar.add(p, arcname=p.name)
+    source = f"pipe:sh -c 'if [ $RANK = 1 ]; then echo no route to host >&2; exit 7; fi; cat {tar_path}'"
+    data = cmd.index("--data") + 1
+    results = _wait(_ranks([*cmd[:data], source, *cmd[data + 1 :], "--out", str(tmp_path / "out")], env))
+    assert all(rc != 0 for rc, _ in results), results
+    assert "exited with status 7: no route to host" in results[1][1]
+    assert "rank 1 failed" in results[0][1] and "no route to host" in results[0][1]
+    assert "Traceback" not in results[0][1] + results[1][1]

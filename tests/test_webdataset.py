@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from test_tokenizer import tiny
 from testdata import shared_path
 
@@ -87,3 +88,56 @@ def test_a_pipe_that_fails_midway_or_talks_a_lot_is_handled(tmp_path):
     dropped = f"pipe:sh -c 'head -c {cut} {tar_path}; exit 3'"
     with pytest.raises(ValueError, match="exited with status 3.*cut short"):
         list_tar_samples(dropped, "image")
+
+
+def test_a_tar_cut_short_at_a_member_is_refused_not_read_as_fewer_samples(tmp_path):
+    photos = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:4]
+    tar_path = _pack(tmp_path, photos)
+    whole = tar_path.read_bytes()
+    with tarfile.open(tar_path) as tar:
+        last = tar.getmembers()[-2]  # the last sample's photo
+    for name, end in (("at_header.tar", last.offset), ("in_header.tar", last.offset + 100),
+                      ("in_data.tar", last.offset_data + 1000)):
+        (tmp_path / name).write_bytes(whole[:end])
+        with pytest.raises(ValueError, match=f"cannot read tar {tmp_path / name}: .*(cut short|end of data)"):
+            list_tar_samples(tmp_path / name, "image")
+    (tmp_path / "piped.tar").write_bytes(whole[: last.offset])  # a command that exits 0 on a cut archive
+    with pytest.raises(ValueError, match="cut short"):
+        list_tar_samples(f"pipe:cat {tmp_path / 'piped.tar'}", "image")
+    samples = list_tar_samples(tar_path, "image")
+    tar_path.write_bytes(whole[: last.offset_data + 1000])  # cut after it was listed: named when loaded
+    with pytest.raises(ValueError, match=f"cannot read '{last.name}' of {tar_path}: .*cut short"):
+        samples[-1].load("image")
+
+
+def test_members_of_one_name_are_each_read_as_their_own_sample(tmp_path):
+    from tokenizers_vq.media import load_input  # noqa: PLC0415
+    from tokenizers_vq.webdataset import close_readers  # noqa: PLC0415
+
+    photos = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:3]
+    tar_path = tmp_path / "repeated.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, f in zip(("000000.jpg", "000001.jpg", "000000.jpg"), photos):
+            tar.add(f, arcname=name)
+    samples = list_tar_samples(tar_path, "image")
+    assert [(s.key, s.position) for s in samples] == [("000000", 0), ("000001", 1), ("000000", 2)]
+    close_readers()
+    for i in (2, 0, 1):  # out of archive order: each by its place, not the next member of its name
+        assert torch.equal(samples[i].load("image")[0], load_input(photos[i], "image")[0])
+
+
+def test_a_failed_pipe_command_is_named_with_its_status_and_message(tmp_path):
+    cases = {f"pipe:cat {tmp_path / 'missing.tar'}": "exited with status 1: cat: .*missing.tar",
+             "pipe:false": "exited with status 1", "pipe:": "names no command",
+             "pipe:no-such-command-here": "cannot run 'no-such-command-here'"}
+    for source, said in cases.items():
+        with pytest.raises(ValueError, match=said):
+            list_tar_samples(source, "image")
+
+
+def test_a_tar_of_another_modality_names_the_model_to_pass(tmp_path, capsys):
+    speech = sorted(shared_path("audio", "fsdd").glob("*.wav"))[:2]
+    tar_path = _pack(tmp_path, speech)
+    assert main(["export", "--device", "cpu", "--data", str(tar_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no image members" in err and "2 audio members" in err and "--model speech" in err

@@ -185,6 +185,8 @@ def export_dataset(
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={precision!r}: expected 'fp32' or 'bf16'")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: an export is written into a folder; name a folder (--out)")
     out.mkdir(parents=True, exist_ok=True)
     if next(tok.parameters()).device.type == "cpu":
         keep_freed_memory()
@@ -200,7 +202,12 @@ def export_dataset(
         options["precision"] = precision
     if tok.modality in ("image", "video"):
         options[f"{tok.modality}_reader"] = UPRIGHT
-    fp = fingerprint(tok, files, options)
+    fp = error = None
+    try:  # an input one rank cannot stat stops every rank
+        fp = fingerprint(tok, files, options)
+    except (ValueError, OSError) as e:
+        error = e
+    distributed.agree(error)
     for turn in (0, 1):  # rank 0 claims (or clears) the folder, then the others check its record
         error = None
         if (rank == 0) == (turn == 0):
@@ -208,7 +215,12 @@ def export_dataset(
                 claim(out, fp, overwrite and rank == 0)
             except (ValueError, OSError) as e:
                 error = e
-        distributed.agree(error)
+        try:
+            distributed.agree(error)
+        except Exception:  # another rank refused the record rank 0 wrote: the replaced export is put back
+            if turn == 1 and overwrite and rank == 0:
+                bring_back(out)
+            raise
     try:
         manifest = _export_claimed(tok, files, out, shard_items, batch_size, workers, precision, dtype, layout)
     except Exception:  # raised on every rank, once all stopped (distributed.agree): the replaced export is put

@@ -119,6 +119,18 @@ REPLACED = ".replaced"
 new one is finished (:func:`set_aside`, :func:`bring_back`, :func:`drop_replaced`)."""
 
 
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is absent or a JSON object in an export's format (a manifest or
+    ``export.json`` an export wrote, whole: both are written atomically)."""
+    if not path.is_file():
+        return True
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("format"), str) and data["format"].startswith("tvq-shards/")
+
+
 def set_aside(out: Path) -> None:
     """Move the files of an export in ``out`` into ``out/.replaced`` (``manifest.json``
     first). Where ``.replaced`` already exists, an earlier replacement was cut short: it
@@ -225,19 +237,25 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
 
     Raises:
         ValueError: without ``overwrite``, the recorded fingerprint differs (each
-            differing field named, recorded vs this run) or is unreadable, or ``out``
-            holds export files but no ``export.json``.
+            differing field named, recorded vs this run), or ``out`` holds export files
+            but no ``export.json``; with or without it, ``out`` holds a ``manifest.json`` or
+            ``export.json`` that is not an export's (another tool's files are never replaced).
     """
     record = out / RECORD
+    foreign = [name for name in ("manifest.json", RECORD) if not _ours(out / name)]
+    if foreign:
+        raise ValueError(f"{out} holds {' and '.join(foreign)} that no export wrote (not JSON with \"format\": "
+                         f"\"{fp['format']}\"): another tool's files, kept; export to another folder (--out)")
     if overwrite:
         set_aside(out)
-    elif record.is_file():
         try:
-            old = json.loads(record.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"corrupt {record}: {e}; {START_OVER}") from e
-        if not isinstance(old, dict):
-            raise ValueError(f"corrupt {record}: not a JSON object; {START_OVER}")
+            atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(fp)))
+        except OSError:
+            bring_back(out)  # the earlier export stays as it was
+            raise
+        return
+    if record.is_file():
+        old = json.loads(record.read_text())
         upgraded = _read_upright(old, fp)
         diffs = differences(_with_defaults(upgraded), fp)
         if diffs:
@@ -248,9 +266,8 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
             _none_turned(fp)
             atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(upgraded)))
         return
-    else:
-        found = sorted(p.name for p in out.iterdir() if written_by_export(p.name))
-        if found:
-            raise ValueError(f"{out} holds export files ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}) "
-                             f"but no {RECORD}, so what they were made from is unknown: {START_OVER}")
+    found = sorted(p.name for p in out.iterdir() if written_by_export(p.name))
+    if found:
+        raise ValueError(f"{out} holds export files ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}) "
+                         f"but no {RECORD}, so what they were made from is unknown: {START_OVER}")
     atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(fp)))

@@ -19,6 +19,10 @@ from tokenizers_vq.quantizers import PackedCodes
 FORMAT = "tvq-shards/1"
 
 
+def _whole(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
 def token_dtype(codebook_size: int) -> np.dtype:
     return np.dtype("<u2") if codebook_size <= 2**16 else np.dtype("<u4")
 
@@ -103,9 +107,17 @@ class TokenDataset(Dataset):
         self.manifest = read_json(path, "shards")
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{path} is not a {FORMAT} manifest")
-        missing = [k for k in ("modality", "codebook_size", "code_shape", "dtype", "num_items") if k not in self.manifest]
+        m = self.manifest
+        missing = [k for k in ("modality", "codebook_size", "code_shape", "dtype", "num_items", "num_tokens", "shards")
+                   if k not in m]
         if missing:
             raise ValueError(f"corrupt {path}: it lacks {', '.join(missing)}; export it again (tvq export --overwrite)")
+        counts = [k for k in ("codebook_size", "num_items", "num_tokens") if not _whole(m[k])]
+        counts += [k for k in ("items_per_shard", "tokens_per_shard")
+                   if k in m and not (isinstance(m[k], list) and all(map(_whole, m[k])))]
+        if counts:
+            raise ValueError(f"corrupt {path}: {', '.join(counts)} must be whole numbers >= 0 (lists of them per "
+                             "shard); export it again (tvq export --overwrite)")
         self.layout = self.manifest.get("layout", "grid")
         if self.layout not in ("grid", "dynamic"):
             raise ValueError(f"{path}: unknown layout {self.layout!r}")

@@ -207,6 +207,9 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
     from safetensors import SafetensorError, safe_open  # noqa: PLC0415
 
     path = Path(path)
+    if path.is_dir():
+        export = " (an export's shards: read them with tokenizers_vq.export.TokenDataset)" if (path / "manifest.json").is_file() else ""
+        raise ValueError(f"{path} is a folder{export}, not a token file: decode reads the file `tvq encode -o` wrote")
     if not path.is_file():
         raise ValueError(f"token file not found: {path}")
     try:

@@ -30,6 +30,7 @@ from typing import IO, Any
 from torch import Tensor
 
 from tokenizers_vq.media import SUFFIXES, load_input
+from tokenizers_vq.modality import get as get_modality
 
 
 def is_tar_source(source: str | os.PathLike) -> bool:
@@ -47,13 +48,15 @@ def sample_key(member: str) -> str:
 @dataclass(frozen=True)
 class TarSample:
     """One sample of a tar source: ``member`` (its media member's path in the archive) of
-    ``source`` (a tar path or ``pipe:`` URL), ``key`` (WebDataset's sample key) and the
-    member's ``size`` in bytes."""
+    ``source`` (a tar path or ``pipe:`` URL), ``key`` (WebDataset's sample key), the
+    member's ``size`` in bytes and its ``position`` among the archive's files (an archive
+    may hold two members of one name: the position says which)."""
 
     source: str
     member: str
     key: str
     size: int
+    position: int = -1  # the member's place among the archive's files (-1: the first of that name)
 
     @property
     def name(self) -> str:
@@ -70,7 +73,7 @@ class TarSample:
     def load(self, modality: str, sample_rate: int | None = None, **kw: Any) -> tuple[Tensor, list[int], dict[str, Any]]:
         """:func:`~tokenizers_vq.media.load_input` of the member's bytes; ``info`` adds
         the sample's ``key``."""
-        data = _reader(self.source).read(self.member)
+        data = _reader(self.source).read(self.member, self.position)
         with tempfile.TemporaryDirectory(prefix="tvq-tar-") as d:
             tmp = Path(d) / self.name
             tmp.write_bytes(data)
@@ -88,9 +91,8 @@ def _members(source: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
     bytes it wrote looked like a whole archive (a dropped download ends at a member)."""
     proc = err = None
     if source.startswith("pipe:"):
-        err = tempfile.TemporaryFile()
-        proc = subprocess.Popen(shlex.split(source[5:]), stdout=subprocess.PIPE, stderr=err)
-        stream: IO[bytes] = proc.stdout
+        err, stream = _start(source)
+        proc, stream = stream, stream.stdout
     elif Path(source).is_file():
         stream = open(source, "rb")  # noqa: SIM115  (closed below)
     else:
@@ -102,7 +104,13 @@ def _members(source: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
                 for info in tar:
                     if info.isfile():
                         yield info, tar
+                # tarfile takes an archive that stops at a member (no end-of-archive block) as
+                # ended: a copy or download cut there lists fewer samples without a word
+                if tar.fileobj.pos < tar.offset + tarfile.BLOCKSIZE:
+                    raise tarfile.ReadError(f"the archive is cut short after {tar.offset} bytes (no end-of-archive "
+                                            "block): copy or download it again")
         except tarfile.TarError as e:
+            _failed_command(proc, err, source, e)
             raise ValueError(f"cannot read tar {source}: {e}") from e
         finished = True
     finally:
@@ -123,19 +131,56 @@ def _members(source: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
                                  + (f": {message}" if message else "") + "; its archive may be cut short")
 
 
+def _start(source: str) -> tuple[IO[bytes], subprocess.Popen]:
+    """Start a ``pipe:`` URL's command, its standard error into a temporary file (a full
+    pipe would stall it)."""
+    args = shlex.split(source[5:])
+    if not args:
+        raise ValueError(f"{source!r} names no command: pipe:COMMAND writes a tar to its standard output")
+    err = tempfile.TemporaryFile()
+    try:
+        return err, subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err)
+    except OSError as e:
+        err.close()
+        raise ValueError(f"{source}: cannot run {args[0]!r}: {e.strerror}") from None
+
+
+def _failed_command(proc: subprocess.Popen | None, err: IO[bytes] | None, source: str, why: Exception) -> None:
+    """Raise the command's own failure, where a ``pipe:`` source's archive could not be
+    read because its command failed (its status and the end of its standard error)."""
+    if proc is None:
+        return
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        return
+    if proc.returncode != 0:
+        err.seek(0)
+        message = err.read().decode(errors="replace").strip()[-300:]
+        raise ValueError(f"{source}: the command exited with status {proc.returncode}"
+                         + (f": {message}" if message else "") + f" (its archive: {why})")
+
+
 class _ForwardReader:
     """Member bytes of one source, read forward through a single open stream."""
 
     def __init__(self, source: str):
         self.source, self._it = source, None
 
-    def read(self, member: str) -> bytes:
+    def read(self, member: str, position: int = -1) -> bytes:
+        """The bytes of ``member``, the one at ``position`` among the files (-1: the
+        first of that name)."""
         for _ in range(2):  # on from the current position, then once from the start
             if self._it is None:
-                self._it = _members(self.source)
-            for info, tar in self._it:
-                if info.name == member:
-                    return tar.extractfile(info).read()
+                self._it = enumerate(_members(self.source))
+            for i, (info, tar) in self._it:
+                if info.name == member and position in (-1, i):
+                    try:
+                        return tar.extractfile(info).read()
+                    except (tarfile.TarError, OSError) as e:
+                        self._it = None
+                        raise ValueError(f"cannot read {member!r} of {self.source}: {e} (the archive is cut short: "
+                                         "copy or download it again)") from None
             self._it = None
         raise ValueError(f"{self.source} has no member {member!r}")
 
@@ -164,11 +209,23 @@ def list_tar_samples(source: str | os.PathLike, modality: str) -> list[TarSample
         ValueError: an unreadable archive, a failed ``pipe:`` command, or no such member.
     """
     source = str(source)
-    seen: dict[str, TarSample] = {}
-    for info, _ in _members(source):
-        key = sample_key(info.name)
-        if key not in seen and PurePosixPath(info.name).suffix.lower() in SUFFIXES[modality]:
-            seen[key] = TarSample(source, info.name, key, info.size)
-    if not seen:
-        raise ValueError(f"no {modality} members ({', '.join(sorted(SUFFIXES[modality]))}) in {source}")
-    return list(seen.values())
+    samples: list[TarSample] = []
+    others: dict[str, int] = {}
+    last_key = None
+    for i, (info, _) in enumerate(_members(source)):
+        key, suffix = sample_key(info.name), PurePosixPath(info.name).suffix.lower()
+        if suffix in SUFFIXES[modality]:
+            # a sample is a run of members sharing a key, as WebDataset groups them: the first
+            # media member of each run; a key met again later is another sample
+            if not (samples and samples[-1].key == key == last_key):
+                samples.append(TarSample(source, info.name, key, info.size, i))
+        else:
+            kind = next((m for m, found in SUFFIXES.items() if suffix in found), None)
+            if kind is not None:
+                others[kind] = others.get(kind, 0) + 1
+        last_key = key
+    if not samples:
+        held = "".join(f"; it holds {n} {m} members: pass a model for them (--model {get_modality(m).default_model})"
+                       for m, n in others.items())
+        raise ValueError(f"no {modality} members ({', '.join(sorted(SUFFIXES[modality]))}) in {source}{held}")
+    return samples

@@ -1,0 +1,84 @@
+"""What an export does to the folder it writes into: another tool's files are never
+replaced, an ``--overwrite`` that fails leaves the earlier export as it was, and a folder
+that is a file, or an index with fields of the wrong kind, is named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_tokenizer import tiny
+from testdata import small_photos
+
+from tokenizers_vq import export_record
+from tokenizers_vq.cli import main
+from tokenizers_vq.export import TokenDataset, export_dataset
+
+
+def _cmd(tmp_path: Path, out: Path) -> list[str]:
+    model = tmp_path / "model"
+    if not model.is_dir():
+        tiny("image").save_pretrained(model)
+        small_photos(tmp_path / "photos", 3, side=32)
+    return ["export", "--model", str(model), "--data", str(tmp_path / "photos"), "--out", str(out), "--device", "cpu"]
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "export.json"])
+def test_another_tools_manifest_is_kept_and_the_export_refused_even_with_overwrite(tmp_path, capsys, name):
+    out = tmp_path / "nemo"
+    out.mkdir()
+    theirs = '{"audio_filepath": "a.wav", "text": "hello"}\n'
+    (out / name).write_text(theirs)
+    for extra in ([], ["--overwrite"]):
+        assert main([*_cmd(tmp_path, out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"holds {name} that no export wrote" in err and "another folder (--out)" in err
+        assert (out / name).read_text() == theirs and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_an_overwrite_whose_record_cannot_be_written_leaves_the_earlier_export(tmp_path, monkeypatch):
+    out = tmp_path / "tokens"
+    assert main([*_cmd(tmp_path, out), "--shard-items", "2"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = export_record.atomic_write
+
+    def full_disk(path, write):
+        if Path(path).name == export_record.RECORD:
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, write)
+
+    monkeypatch.setattr(export_record, "atomic_write", full_disk)
+    assert main([*_cmd(tmp_path, out), "--shard-items", "1", "--overwrite"]) != 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing set aside, nothing lost
+    assert len(TokenDataset(out)) == 3
+
+
+def test_an_out_that_is_a_file_is_named(tmp_path, capsys):
+    out = tmp_path / "tokens"
+    out.write_text("mine")
+    assert main(_cmd(tmp_path, out)) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is a file: an export is written into a folder" in err and out.read_text() == "mine"
+
+
+@pytest.mark.parametrize(("edit", "said"), [
+    (lambda m: m.pop("num_tokens"), "it lacks num_tokens"),
+    (lambda m: m.update(codebook_size="32"), "codebook_size must be whole numbers"),
+    (lambda m: m.update(items_per_shard=3), "items_per_shard must be whole numbers"),
+])
+def test_a_manifest_with_a_missing_or_mistyped_count_is_named(tmp_path, edit, said):
+    out = tmp_path / "tokens"
+    export_dataset(tiny("image"), small_photos(tmp_path / "photos", 3, side=32), out, shard_items=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"corrupt {out / 'manifest.json'}: {said}"):
+        TokenDataset(out)
+
+
+def test_decoding_an_export_folder_points_to_its_reader(tmp_path, capsys):
+    out = tmp_path / "tokens"
+    assert main(_cmd(tmp_path, out)) == 0
+    assert main(["decode", str(out), "-o", str(tmp_path / "x.png")]) == 2
+    assert "an export's shards: read them with tokenizers_vq.export.TokenDataset" in capsys.readouterr().err
