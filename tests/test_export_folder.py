@@ -82,3 +82,12 @@ def test_decoding_an_export_folder_points_to_its_reader(tmp_path, capsys):
     assert main(_cmd(tmp_path, out)) == 0
     assert main(["decode", str(out), "-o", str(tmp_path / "x.png")]) == 2
     assert "an export's shards: read them with tokenizers_vq.export.TokenDataset" in capsys.readouterr().err
+
+
+def test_an_export_record_damaged_by_a_cut_write_is_corrupt_and_overwrite_repairs_it(tmp_path, capsys):
+    out = tmp_path / "tokens"
+    assert main(_cmd(tmp_path, out)) == 0
+    (out / "export.json").write_bytes(b"")  # a rename that reached the disk before the data did
+    assert main(_cmd(tmp_path, out)) == 2
+    assert f"corrupt {out / 'export.json'}" in (err := capsys.readouterr().err) and "--overwrite" in err
+    assert main([*_cmd(tmp_path, out), "--overwrite"]) == 0 and len(TokenDataset(out)) == 3

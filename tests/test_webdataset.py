@@ -141,3 +141,11 @@ def test_a_tar_of_another_modality_names_the_model_to_pass(tmp_path, capsys):
     assert main(["export", "--device", "cpu", "--data", str(tar_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "no image members" in err and "2 audio members" in err and "--model speech" in err
+
+
+def test_a_pipe_that_writes_no_tar_is_named_as_unreadable_not_by_its_broken_pipe(tmp_path):
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(bytes(range(256)) * 4096)  # 1 MiB: more than a pipe holds, so cat is still writing
+    with pytest.raises(ValueError, match="cannot read tar pipe:cat .*noise.bin") as e:
+        list_tar_samples(f"pipe:cat {noise}", "image")
+    assert "status" not in str(e.value)

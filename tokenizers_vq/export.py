@@ -205,7 +205,7 @@ def export_dataset(
     fp = error = None
     try:  # an input one rank cannot stat stops every rank
         fp = fingerprint(tok, files, options)
-    except (ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001  (raised below on every rank)
         error = e
     distributed.agree(error)
     for turn in (0, 1):  # rank 0 claims (or clears) the folder, then the others check its record
@@ -213,7 +213,7 @@ def export_dataset(
         if (rank == 0) == (turn == 0):
             try:
                 claim(out, fp, overwrite and rank == 0)
-            except (ValueError, OSError) as e:
+            except Exception as e:  # noqa: BLE001  (raised below on every rank)
                 error = e
         try:
             distributed.agree(error)

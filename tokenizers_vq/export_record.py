@@ -120,14 +120,14 @@ new one is finished (:func:`set_aside`, :func:`bring_back`, :func:`drop_replaced
 
 
 def _ours(path: Path) -> bool:
-    """Whether ``path`` is absent or a JSON object in an export's format (a manifest or
-    ``export.json`` an export wrote, whole: both are written atomically)."""
+    """Whether ``path`` is absent, unreadable as JSON, or a JSON object in an export's
+    format: not another tool's manifest (JSON without ``"format": "tvq-shards/..."``)."""
     if not path.is_file():
         return True
     try:
         data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+        return True  # damaged (a write cut short by a power loss): an export's, to be rewritten
     return isinstance(data, dict) and isinstance(data.get("format"), str) and data["format"].startswith("tvq-shards/")
 
 
@@ -237,8 +237,8 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
 
     Raises:
         ValueError: without ``overwrite``, the recorded fingerprint differs (each
-            differing field named, recorded vs this run), or ``out`` holds export files
-            but no ``export.json``; with or without it, ``out`` holds a ``manifest.json`` or
+            differing field named, recorded vs this run) or is unreadable, or ``out``
+            holds export files but no ``export.json``; with or without it, ``out`` holds a ``manifest.json`` or
             ``export.json`` that is not an export's (another tool's files are never replaced).
     """
     record = out / RECORD
@@ -255,7 +255,12 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
             raise
         return
     if record.is_file():
-        old = json.loads(record.read_text())
+        try:
+            old = json.loads(record.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"corrupt {record}: {e}; {START_OVER}") from e
+        if not isinstance(old, dict):
+            raise ValueError(f"corrupt {record}: not a JSON object; {START_OVER}")
         upgraded = _read_upright(old, fp)
         diffs = differences(_with_defaults(upgraded), fp)
         if diffs:

@@ -107,8 +107,8 @@ def read_video_file(path: Path, max_frames: int | None, max_pixels: int | None) 
     :func:`tokenizers_vq.media.load_video`. The rate is the stream's average, or, where the
     frames' timestamps span another duration (variable rate in a container that states one),
     frames over that span."""
-    av = pyav("reading video")
     check_media_file(path, "video")
+    av = pyav("reading video")
     frames, times = [], []
     try:
         with av.open(str(path)) as container:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -109,9 +110,11 @@ def _members(source: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
                 # tarfile takes an archive that stops at a member (no end-of-archive block) as
                 # ended: a copy or download cut there lists fewer samples without a word
                 if tar.fileobj.pos < tar.offset + tarfile.BLOCKSIZE:
-                    raise tarfile.ReadError(f"the archive is cut short after {tar.offset} bytes (no end-of-archive "
-                                            "block): copy or download it again")
-        except tarfile.TarError as e:
+                    raise tarfile.ReadError(f"the archive ends after {tar.offset} bytes (uncompressed) without its "
+                                            "end-of-archive block: cut short (copy or download it again), or "
+                                            "compressed as several concatenated streams, which a stream read does "
+                                            "not follow (decompress it first)")
+        except (tarfile.TarError, EOFError) as e:
             _failed_command(proc, err, source, e)
             raise ValueError(f"cannot read tar {source}: {e}") from e
         finished = True
@@ -152,11 +155,12 @@ def _failed_command(proc: subprocess.Popen | None, err: IO[bytes] | None, source
     read because its command failed (its status and the end of its standard error)."""
     if proc is None:
         return
+    proc.stdout.close()  # a command still writing gets SIGPIPE, not a wait
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=2)
     except subprocess.TimeoutExpired:
         return
-    if proc.returncode != 0:
+    if proc.returncode not in (0, -signal.SIGPIPE):
         err.seek(0)
         message = err.read().decode(errors="replace").strip()[-300:]
         raise ValueError(f"{source}: the command exited with status {proc.returncode}"
@@ -179,10 +183,10 @@ class _ForwardReader:
                 if info.name == member and position in (-1, i):
                     try:
                         return tar.extractfile(info).read()
-                    except (tarfile.TarError, OSError) as e:
+                    except (tarfile.TarError, EOFError, OSError) as e:
                         self._it = None
-                        raise ValueError(f"cannot read {member!r} of {self.source}: {e} (the archive is cut short: "
-                                         "copy or download it again)") from None
+                        raise ValueError(f"cannot read {member!r} of {self.source}: {e} (the archive is damaged or "
+                                         "cut short: copy or download it again)") from None
             self._it = None
         raise ValueError(f"{self.source} has no member {member!r}")
 
