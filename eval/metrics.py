@@ -38,11 +38,15 @@ def _msssim():
 
 
 def ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> float:
-    """SSIM of images ``(3, H, W)`` or ``(B, 3, H, W)`` (pytorch-msssim)."""
+    """SSIM of images ``(3, H, W)`` or ``(B, 3, H, W)`` (pytorch-msssim), with its 11-pixel
+    Gaussian window; an image under 11 pixels on a side gets the largest odd window that
+    fits (pytorch-msssim would leave out the smoothing along that side)."""
     _ssim = _msssim().ssim
 
     x, y = (t.unsqueeze(0) if t.ndim == 3 else t for t in (x, y))
-    return float(_ssim(x.float(), y.float(), data_range=data_range, size_average=True))
+    side = min(x.shape[-2:])
+    win = 11 if side >= 11 else max(1, side - (1 - side % 2))
+    return float(_ssim(x.float(), y.float(), data_range=data_range, size_average=True, win_size=win))
 
 
 def ms_ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> float | None:

@@ -34,6 +34,19 @@ def test_ssim_is_one_on_identical_images_and_falls_with_noise():
     assert ms_ssim(img[:, :100, :100], img[:, :100, :100]) is None  # too small for 5 scales
 
 
+def test_ssim_of_an_image_under_the_window_smooths_with_a_window_that_fits():
+    import warnings  # noqa: PLC0415
+
+    img = load_image(shared_path("images", "bsds500", "val", "3096.jpg"))[:, 100:109, 200:240]  # 9 x 40
+    noisy = (img + 0.05 * torch.randn(img.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pytorch-msssim warns where it skips the smoothing along a side
+        value = ssim(noisy, img)
+    pm = pytest.importorskip("pytorch_msssim")
+    assert value == pytest.approx(float(pm.ssim(noisy[None], img[None], data_range=1.0, win_size=9)), abs=1e-6)
+    assert 0 < value < 1
+
+
 def test_si_sdr_matches_the_construction():
     torch.manual_seed(0)
     ref = torch.randn(16000)
