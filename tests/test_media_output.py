@@ -7,6 +7,8 @@ be written is refused before any work; a failing input's error gets a line of it
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -252,6 +254,39 @@ def test_a_video_turned_by_its_display_matrix_is_read_upright_as_ffmpeg_shows_it
     for other in (torch.rot90(stored[0] * 255, k, (1, 2)).round() for k in (1, 2, 3)):
         if other.shape == got.shape and not torch.equal(other, got):
             assert (other - shown.float()).abs().mean() > 10
+
+
+@pytest.mark.parametrize("rotate", [0, 90])
+def test_non_square_pixels_are_decoded_as_the_source_states_them(tmp_path, rotate):
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    av = pytest.importorskip("av", reason="PyAV reads video")
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg (which writes the clip with non-square pixels) is not installed")
+    src = shared_path("video", "imageio_cockatoo.mp4")
+    ffmpeg = ["ffmpeg", "-loglevel", "error", "-y"]
+    subprocess.run([*ffmpeg, "-i", str(src), "-frames:v", "5", "-vf", "scale=128:96,setsar=12/11", "-c:v", "libx264",
+                    "-pix_fmt", "yuv420p", str(tmp_path / "dvd.mp4")], check=True)  # a 4:3 picture at 12:11 pixels
+    clip = tmp_path / "dvd.mp4"
+    if rotate:
+        subprocess.run([*ffmpeg, "-i", str(clip), "-c", "copy", "-metadata:s:v:0", f"rotate={rotate}",
+                        str(tmp_path / "turned.mp4")], check=True)
+        clip = tmp_path / "turned.mp4"
+    tok = tiny("video")
+    encode_files(tok, [clip], tmp_path / "c.tvq")
+    out = decode_file(tok, tmp_path / "c.tvq", tmp_path / "out.mp4")
+    with av.open(str(out[0])) as f:
+        stream = f.streams.video[0]
+        shown = (stream.width, stream.height)
+        sar = stream.codec_context.sample_aspect_ratio
+    assert shown == ((96, 128) if rotate else (128, 96))
+    assert sar == (Fraction(11, 12) if rotate else Fraction(12, 11))  # a pixel upright: turned with the picture
+    subprocess.run([*ffmpeg, "-i", str(src), "-frames:v", "5", "-vf", "scale=128:96", "-c:v", "libx264",
+                    "-pix_fmt", "yuv420p", str(tmp_path / "square.mp4")], check=True)
+    encode_files(tok, [tmp_path / "square.mp4"], tmp_path / "square.tvq")
+    with av.open(str(decode_file(tok, tmp_path / "square.tvq", tmp_path / "square_out.mp4")[0])) as f:
+        assert f.streams.video[0].codec_context.sample_aspect_ratio in (None, Fraction(0, 1), Fraction(1, 1))
 
 
 def test_a_stream_that_changes_frame_size_is_refused_naming_the_frame(tmp_path):

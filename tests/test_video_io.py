@@ -82,7 +82,7 @@ def test_alpha_is_composited_on_white_as_a_photo_s_is(tmp_path):
 
         Image.fromarray(rgba, "RGBA").save(tmp_path / f"f{i}.png")
     ffmpeg("-framerate", "25", "-i", str(tmp_path / "f%d.png"), "-c:v", "png", str(tmp_path / "alpha.mov"))
-    frames, _, channels = read_video_file(tmp_path / "alpha.mov", None, None)
+    frames, _, channels, _ = read_video_file(tmp_path / "alpha.mov", None, None)
     a = alpha.int()[..., None]
     want = (photo.permute(1, 2, 0).int() * a + 255 * (255 - a) + 127) // 255
     assert channels == 4 and torch.equal(frames[0].int(), want)

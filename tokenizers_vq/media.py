@@ -258,7 +258,7 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None,
     """
     if Path(path).is_dir():
         return _load_frame_folder(Path(path), max_frames, max_pixels)
-    frames, fps, _ = read_video_file(Path(path), max_frames, max_pixels)
+    frames, fps, _, _ = read_video_file(Path(path), max_frames, max_pixels)
     return frames.permute(0, 3, 1, 2).float().div_(255), fps
 
 

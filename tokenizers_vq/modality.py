@@ -305,18 +305,21 @@ class Video(Modality):
     def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
         max_pixels = MAX_VIDEO_PIXELS if max_pixels == MAX_PIXELS else max_pixels  # the default: sized for frames
         if Path(path).is_dir():  # frame images, composited to RGB as photos are
-            (frames, fps), channels = load_video(path, max_frames, max_pixels), 3
+            (frames, fps), channels, aspect = load_video(path, max_frames, max_pixels), 3, None
         else:  # the channels the stream stores (1 grey, 4 with alpha), as a photo's are recorded
-            raw, fps, channels = read_video_file(Path(path), max_frames, max_pixels)
+            raw, fps, channels, aspect = read_video_file(Path(path), max_frames, max_pixels)
             frames = raw.permute(0, 3, 1, 2).float().div_(255)
         x = frames.permute(1, 0, 2, 3).mul_(2).sub_(1)  # in place: one float copy of a long clip, not three
-        return x, list(x.shape[1:]), {"fps": fps, "channels": channels}
+        info = {"fps": fps, "channels": channels}
+        if aspect is not None:  # non-square pixels: the decoded video states them as the source did
+            info["pixel_aspect"] = list(aspect)
+        return x, list(x.shape[1:]), info
 
     def to_media(self, out: Tensor) -> Tensor:
         return ((out + 1) / 2).clamp(0, 1).permute(1, 0, 2, 3)
 
     def save(self, media, path, sample_rate, info):
-        return save_video(media, path, info.get("fps", 25.0))
+        return save_video(media, path, info.get("fps", 25.0), info.get("pixel_aspect"))
 
     def pad_time(self, x: Tensor, temporal_factor: int) -> Tensor:
         """Repeat the last frame up to ``1 + k * temporal_factor`` frames."""

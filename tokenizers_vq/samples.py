@@ -48,7 +48,7 @@ def _video_rows(tok: Tokenizer, f: Path, media: Tensor, i: int, info: dict, out_
     frames = tok.media.load_media(f, max_frames=media.shape[0])
     picks = sorted({0, media.shape[0] // 2, media.shape[0] - 1})
     if i == 0:
-        save_video(media, out_dir / f"{i}_reconstruction.mp4", info.get("fps", 25.0))
+        save_video(media, out_dir / f"{i}_reconstruction.mp4", info.get("fps", 25.0), info.get("pixel_aspect"))
     return [[frames[t] for t in picks], [media[t] for t in picks]]
 
 

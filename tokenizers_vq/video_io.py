@@ -7,6 +7,7 @@ composited on white as photos are; cover art (an ``attached_pic`` stream) is not
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -102,11 +103,14 @@ def _stream_seconds(stream) -> tuple[float | None, float | None]:
         return None, start
 
 
-def read_video_file(path: Path, max_frames: int | None, max_pixels: int | None) -> tuple[Tensor, float, int]:
-    """``(frames (T, H, W, 3) uint8, fps, channels)`` of a video file; see
+def read_video_file(path: Path, max_frames: int | None,
+                    max_pixels: int | None) -> tuple[Tensor, float, int, tuple[int, int] | None]:
+    """``(frames (T, H, W, 3) uint8, fps, channels, pixel_aspect)`` of a video file; see
     :func:`tokenizers_vq.media.load_video`. The rate is the stream's average, or, where the
     frames' timestamps span another duration (variable rate in a container that states one),
-    frames over that span."""
+    frames over that span. ``pixel_aspect``: the frames' sample aspect ratio ``(width,
+    height)`` of a pixel as shown upright (an anamorphic DVD's 8:9, say), ``None`` for square
+    pixels or none stated."""
     check_media_file(path, "video")
     av = pyav("reading video")
     frames, times = [], []
@@ -120,8 +124,10 @@ def read_video_file(path: Path, max_frames: int | None, max_pixels: int | None) 
             fps = float(stream.average_rate or stream.guessed_rate or 25)
             if container.duration is None and stream.codec_context.framerate:  # a bare stream: its own rate
                 fps = float(stream.codec_context.framerate)
-            channels = _channels(stream)
+            channels, sar = _channels(stream), stream.codec_context.sample_aspect_ratio
             for frame in container.decode(stream):
+                if not frames and sar and quarter_turns(frame) % 2:  # a pixel turned on its side
+                    sar = 1 / sar
                 pixels = _rgb(frame, channels in (2, 4))
                 if frames and pixels.shape != frames[0].shape:
                     (h, w), (h0, w0) = pixels.shape[:2], frames[0].shape[:2]
@@ -145,13 +151,16 @@ def read_video_file(path: Path, max_frames: int | None, max_pixels: int | None) 
     if whole and seconds and shown is not None and shown < 0.9 * seconds - 2 / fps:
         raise ValueError(f"cannot read video {path}: the file is cut short (its video track lasts {seconds:.2f} s, "
                          f"{len(frames)} frames covering {shown:.2f} s could be decoded); copy or export it again")
-    return torch.stack(frames), fps, channels
+    aspect = (sar.numerator, sar.denominator) if sar and sar > 0 and sar != 1 else None
+    return torch.stack(frames), fps, channels, aspect
 
 
-def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:
+def save_video(frames: Tensor, path: str | os.PathLike, fps: float,
+               pixel_aspect: Sequence[int] | None = None) -> Path:
     """Write ``(T, 3, H, W)`` float frames in [0, 1] as H.264 (yuv420p, so H and W are
     cropped to even sizes; BT.601 colours, tagged so) in MP4, MOV or MKV by the suffix
-    (:data:`~tokenizers_vq.io.WRITES`), atomically."""
+    (:data:`~tokenizers_vq.io.WRITES`), atomically; ``pixel_aspect`` ``(width, height)`` of
+    a pixel is stated in the stream (non-square pixels, as the source's were)."""
     check_writable("video", path)
     av = pyav("writing video")
     suffix = Path(path).suffix.lower()
@@ -166,6 +175,8 @@ def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:
         with av.open(tmp, mode="w", format=container_format) as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            if pixel_aspect:
+                stream.codec_context.sample_aspect_ratio = Fraction(*pixel_aspect)
             # the conversion below is BT.601 (limited range): say so, or HD players assume BT.709
             stream.options = {"crf": "18", "color_primaries": "smpte170m", "color_trc": "smpte170m",
                               "colorspace": "smpte170m", "color_range": "tv"}
