@@ -434,3 +434,21 @@ def test_eval_rerun_with_fewer_items_leaves_no_samples_of_the_earlier_run(tmp_pa
     assert main([*cmd, "--max-items", "1"]) == 0
     assert sorted(p.name for p in (out / "samples").iterdir() if p.name[0].isdigit()) == [
         "0_original.wav", "0_reconstruction.wav", "0_spectrogram.png"]
+
+
+def test_a_mixed_folder_names_what_a_run_leaves_out(tmp_path, capsys, image_model):
+    data = tmp_path / "mixed"
+    small_photos(data, 2)
+    wav, sr = sf.read(str(sorted(shared_path("audio", "fsdd").glob("*.wav"))[0]))
+    for name in ("a.wav", "b.wav", "c.wav"):
+        sf.write(data / name, wav, sr)
+    assert main(["export", "--model", str(image_model), "--data", str(data), "--out", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert f"{data} also holds 3 audio files, left out: this run takes its image files" in err
+    assert "--model speech for those" in err
+    photos = tmp_path / "photos_only"
+    small_photos(photos, 2)
+    assert main(["export", "--model", str(image_model), "--data", str(photos), "--out", str(tmp_path / "out2"),
+                 "--device", "cpu"]) == 0
+    assert "left out" not in capsys.readouterr().err

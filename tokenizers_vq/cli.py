@@ -89,31 +89,18 @@ def _model_for_tokens(args: argparse.Namespace, model_id: object, modality: obje
 def _default_for_folder(folder: str, skip: set | None = None) -> str:
     """The embedded model for a data folder with no ``--model``: ``image`` when it holds photos
     (not only the frames of clips), else the one modality its files and clips are of.
-
     Files under a resolved folder of ``skip`` (output folders inside it) are not looked at.
 
     Raises:
         ValueError: it holds no photos but both audio and video.
     """
-    from pathlib import Path  # noqa: PLC0415
-
-    from tokenizers_vq.media import SUFFIXES, is_frame_folder  # noqa: PLC0415
+    from tokenizers_vq.media import media_in_folder  # noqa: PLC0415
     from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY  # noqa: PLC0415
 
-    root = Path(folder).resolve()
-    if not root.is_dir():
-        return "image"  # a tar source, or a missing folder (the listing names it)
-    found: dict[str, set[Path]] = {m: set() for m in SUFFIXES}
-    for p in root.rglob("*"):  # paths under the resolved root: compared with the resolved output folders
-        if skip and not skip.isdisjoint((p, *p.parents)):
-            continue
-        kind = next((m for m, suffixes in SUFFIXES.items() if p.suffix.lower() in suffixes), None)
-        if kind is not None and p.is_file():
-            found[kind].add(p.parent if kind == "image" else p)
-    if any(not is_frame_folder(d) for d in found["image"]):  # photos, not only the frames of clips
-        return "image"
-    clips = found["image"]
-    kinds = [m for m in ("audio", "video") if found[m] or (m == "video" and clips)]
+    held = media_in_folder(folder, skip)
+    if held is None or held["image"]:
+        return "image"  # photos; or a tar source, or a missing folder (the listing names it)
+    kinds = [m for m in ("audio", "video") if held[m]]
     if len(kinds) > 1:
         raise ValueError(f"{folder} holds audio and video files; a model codes one modality: pass --model speech "
                          "or --model video (or a model directory)")
@@ -141,7 +128,7 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path  # noqa: PLC0415
 
     from tokenizers_vq.eval.report import report_folders, write_report  # noqa: PLC0415
-    from tokenizers_vq.media import list_media  # noqa: PLC0415
+    from tokenizers_vq.media import left_out, list_media  # noqa: PLC0415
 
     for name, value in (("--max-items", args.max_items), ("--max-frames", args.max_frames)):
         if value < 0:
@@ -150,6 +137,7 @@ def _eval(args: argparse.Namespace) -> int:
     tok = _load_model(args, None if args.model else _default_for_folder(args.data, skip=skip))
     files = [f for f in list_media(args.data, tok.modality) if skip.isdisjoint(f.resolve().parents)]
     files = files[: args.max_items] if args.max_items else files
+    print(*left_out(args.data, tok.modality, skip), sep="\n", end="", file=sys.stderr)
     result = write_report(tok, files, args.out, args.model or "embedded default", lpips_weights=args.lpips_weights,
                           lpips_heads=args.lpips_heads, fid_weights=args.fid_weights, baselines=args.baselines,
                           max_frames=args.max_frames or None)
@@ -172,7 +160,7 @@ def _export(args: argparse.Namespace) -> int:
     from tokenizers_vq import distributed  # noqa: PLC0415
     from tokenizers_vq.export import export_dataset  # noqa: PLC0415
     from tokenizers_vq.export_record import RECORD  # noqa: PLC0415
-    from tokenizers_vq.media import list_media  # noqa: PLC0415
+    from tokenizers_vq.media import left_out, list_media  # noqa: PLC0415
     from tokenizers_vq.webdataset import is_tar_source, list_tar_samples  # noqa: PLC0415
 
     for name, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
@@ -191,6 +179,8 @@ def _export(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001  (raised below on every rank)
             error = e
         distributed.agree(error)
+        if distributed.rank_and_world()[0] == 0:
+            print(*left_out(args.data, tok.modality), sep="\n", end="", file=sys.stderr)
         out = Path(args.out)  # an earlier run of this export finished shards there: they are kept
         resumed = not args.overwrite and (out / RECORD).is_file() and any(out.glob("shard_*.json"))
         start = time.perf_counter()

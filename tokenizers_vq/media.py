@@ -332,3 +332,37 @@ def list_media(folder: str | Path, modality: str, max_items: int = 0) -> list[Pa
     if not files:
         raise ValueError(f"no {modality} files ({', '.join(sorted(SUFFIXES[modality]))}) under {root}")
     return files[:max_items] if max_items else files
+
+
+def media_in_folder(folder: str | Path, skip: set[Path] | None = None) -> dict[str, int] | None:
+    """What a data folder holds, by modality: ``image`` photos (images outside the frame
+    folders of clips), ``audio`` files, ``video`` files and frame folders; ``None`` when
+    ``folder`` is not a folder. Paths under a resolved folder of ``skip`` are not counted."""
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        return None
+    found: dict[str, list[Path]] = {m: [] for m in SUFFIXES}
+    for p in root.rglob("*"):  # paths under the resolved root: compared with the resolved folders of skip
+        if skip and not skip.isdisjoint((p, *p.parents)):
+            continue
+        kind = next((m for m, suffixes in SUFFIXES.items() if p.suffix.lower() in suffixes), None)
+        if kind is not None and p.is_file():
+            found[kind].append(p)
+    clips = {d for d in {p.parent for p in found["image"]} if is_frame_folder(d)}
+    photos = sum(p.parent not in clips for p in found["image"])
+    return {"image": photos, "audio": len(found["audio"]), "video": len(found["video"]) + len(clips)}
+
+
+def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None) -> list[str]:
+    """Notes (lines ending in a newline) naming the media of other modalities in a data
+    folder, which a run with a ``modality`` model leaves out: a mixed folder is not coded whole."""
+    from tokenizers_vq.modality import get  # noqa: PLC0415
+
+    notes = []
+    for kind, n in (media_in_folder(folder, skip) or {}).items():
+        if n and kind != modality:
+            what = {"image": "photo", "audio": "audio file", "video": "video clip"}[kind] + ("s" if n > 1 else "")
+            notes.append(f"tvq: note: {folder} also holds {n} {what}, left out: this run takes its {modality} files; "
+                         f"run again with --model {get(kind).default_model} for those\n")
+    return notes
+
