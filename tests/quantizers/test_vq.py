@@ -275,3 +275,33 @@ def test_beam_search_lowers_the_residual_error_and_width_one_is_greedy():
     assert torch.equal(beam.train()(z).codes, greedy.codes)  # training stays greedy
     with pytest.raises(ValueError, match="candidate codes"):
         ResidualQuantizer([FSQ(16, [5, 5, 5]) for _ in range(2)], beam_size=2)
+
+
+def test_residual_dropout_leaves_the_deeper_levels_codes_and_statistics_as_without_it():
+    """A dropped level still takes its share off the residual: the levels after it code and
+    learn from the residuals they see at inference, whatever the dropout."""
+    from tokenizers_vq.quantizers import ResidualQuantizer  # noqa: PLC0415
+
+    def stack(dropout: float) -> ResidualQuantizer:
+        torch.manual_seed(0)
+        levels = [VectorQuantizer(8, 16, kmeans_init=False, dead_code_threshold=0.0) for _ in range(3)]
+        return ResidualQuantizer(levels, dropout=dropout).train()
+
+    plain, dropped = stack(0.0), stack(1.0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        z = torch.randn(16, 10, 8, generator=gen)
+        a, b = plain(z), dropped(z)
+        assert torch.equal(a.codes, b.codes)
+    for p, d in zip(plain.levels, dropped.levels):
+        assert torch.equal(p.codebook, d.codebook)
+    from tokenizers_vq.quantizers import FSQ  # noqa: PLC0415
+
+    fsq = ResidualQuantizer([FSQ(3, [5, 5, 5]) for _ in range(3)], dropout=1.0).train()
+    out = fsq(z[..., :3] * 0.5)  # each item's quantized: the sum of its first n levels, 1 <= n <= 3
+    assert torch.equal(out.codes, fsq.eval().encode(z[..., :3] * 0.5))
+    parts = [lv.decode(out.codes[..., i]) for i, lv in enumerate(fsq.levels)]
+    prefixes = [sum(parts[: n + 1]) for n in range(3)]
+    kept = [next(n for n, p in enumerate(prefixes) if torch.allclose(out.quantized[i], p[i], atol=1e-5))
+            for i in range(z.shape[0])]
+    assert len(set(kept)) > 1  # the items kept prefixes of several lengths

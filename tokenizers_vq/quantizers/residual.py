@@ -32,7 +32,9 @@ class ResidualQuantizer(Quantizer):
             e.g. ``[VectorQuantizer(64, 1024) for _ in range(8)]`` or FSQs.
         dropout: probability that a training item keeps only its first ``n`` levels,
             ``n`` uniform in ``[1, L]`` (quantizer dropout, SoundStream), so that the
-            model decodes well from any prefix of levels.
+            model decodes well from any prefix of levels. The dropped levels still code the
+            item (their codes and statistics are those of an undropped pass); only
+            ``quantized`` leaves them out.
         shared_levels: when > 0, ``levels`` holds one quantizer whose codebook every one of
             ``shared_levels`` levels uses (its statistics are updated once per level).
         beam_size: when > 1, evaluation and :meth:`encode` keep the ``beam_size`` best
@@ -95,7 +97,9 @@ class ResidualQuantizer(Quantizer):
             out = level(residual)
             q = out.quantized if keep is None else out.quantized * (keep > i)
             total = total + q.float()
-            residual = residual - q.detach()
+            # a dropped level still takes its share off the residual: the next levels see (and
+            # keep statistics of) the residuals they code at inference, not the larger one
+            residual = residual - out.quantized.detach()
             outs.append(out)
         losses, metrics = merge_outputs(outs, "level")
         codes = torch.stack([o.codes for o in outs], dim=z.ndim - 1)
