@@ -336,6 +336,43 @@ def test_compressed_audio_cut_short_is_refused_and_a_whole_file_read(tmp_path, s
         assert load_audio(tmp_path / "cbr.mp3")[0].shape[1] > 0.95 * sf.info(str(tmp_path / "cbr.mp3")).frames
 
 
+def test_an_mp3_without_a_frame_count_is_read_whole_or_refused_never_cut(tmp_path):
+    """An encoder writing to a pipe leaves out the Xing header: libsndfile then stops at a
+    length it guesses from the first frame's bitrate (a third of a variable-rate file)."""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from tokenizers_vq.audio_io import load_audio  # noqa: PLC0415
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg (which writes the MP3s) is not installed")
+    src = sorted(shared_path("audio", "librispeech_train-clean-100").glob("*.flac"))[0]
+    seconds = 6
+    ffmpeg = ["ffmpeg", "-loglevel", "error", "-y", "-i", str(src), "-t", str(seconds), "-ar", "48000"]
+    subprocess.run([*ffmpeg, "-q:a", "5", "-write_xing", "0", str(tmp_path / "vbr.mp3")], check=True)
+    with pytest.raises(ValueError, match=r"vbr.mp3: its MPEG frames hold \d+ samples, the decoder gave \d+.*ffmpeg -i"):
+        load_audio(tmp_path / "vbr.mp3")
+    subprocess.run([*ffmpeg, "-b:a", "64k", "-write_xing", "0", str(tmp_path / "cbr.mp3")], check=True)
+    subprocess.run([*ffmpeg, "-q:a", "5", str(tmp_path / "tagged.mp3")], check=True)  # with its Xing header
+    for name in ("cbr.mp3", "tagged.mp3"):
+        assert abs(load_audio(tmp_path / name)[0].shape[1] - seconds * 48000) <= 2 * 1152
+
+
+def test_audio_records_its_source_rate_and_channels_and_mixes_to_mono_as_it_reads(tmp_path):
+    import soundfile as sf  # noqa: PLC0415
+
+    from tokenizers_vq.audio_io import load_audio  # noqa: PLC0415
+    from tokenizers_vq.media import load_input  # noqa: PLC0415
+
+    wav, sr = sf.read(str(sorted(shared_path("audio", "fsdd").glob("*.wav"))[0]), dtype="float32")
+    gains = np.array([1.0, 0.5, -0.3, 0.8, 0.1, 0.6], dtype=np.float32)
+    sf.write(tmp_path / "surround.wav", wav[:, None] * gains * 0.9, 44100, subtype="FLOAT")
+    x, size, info = load_input(tmp_path / "surround.wav", "audio", 16000)
+    assert info == {"sample_rate": 16000, "source_sample_rate": 44100, "channels": 6} and x.shape == (1, size[0])
+    whole = load_audio(tmp_path / "surround.wav", 16000)[0]
+    assert torch.allclose(x, whole.mean(0, keepdim=True), atol=1e-6)  # mixing first, then resampling
+
+
 def test_an_animated_image_is_coded_by_its_first_frame_with_a_note(tmp_path, capsys):
     from tokenizers_vq.cli import main as tvq  # noqa: PLC0415
 
@@ -354,3 +391,14 @@ def test_an_animated_image_is_coded_by_its_first_frame_with_a_note(tmp_path, cap
     assert "anim.webp is an animation of 3 frames, and an image model codes the first only" in err
     assert "still.png" not in err and "phone.jpg" not in err
     assert torch.equal(load_image_u8(tmp_path / "anim.webp"), load_image_u8(tmp_path / "still.png"))
+
+
+def test_opus_and_aiff_are_audio_and_aac_names_the_conversion(tmp_path):
+    from tokenizers_vq.media import modality_of  # noqa: PLC0415
+
+    for name in ("talk.opus", "talk.oga", "talk.aiff", "talk.AIF"):
+        (tmp_path / name).write_bytes(b"x")
+        assert modality_of(tmp_path / name) == "audio"
+    (tmp_path / "talk.m4a").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"AAC and WMA are not read: convert it first, e.g. ffmpeg -i talk.m4a talk.flac"):
+        modality_of(tmp_path / "talk.m4a")

@@ -75,7 +75,7 @@ def test_audio_is_resampled_and_mixed_to_mono(tmp_path):
     stereo = tmp_path / "stereo.wav"
     sf.write(stereo, np.stack([data, -0.5 * data], 1), sr)
     rec = encode_file(tok, stereo)
-    assert sr == 22050 and rec.info == {"sample_rate": 16000, "channels": 2}
+    assert sr == 22050 and rec.info == {"sample_rate": 16000, "source_sample_rate": 22050, "channels": 2}
     assert rec.size == [int(np.ceil(len(data) * 16000 / 22050))]
 
 
@@ -188,7 +188,7 @@ def test_load_input_gives_the_model_input_and_names_bad_files(tmp_path):
     assert torch.equal(load_input(grey, "image")[0][0], load_input(grey, "image")[0][2])
     wav = sorted(shared_path("audio", "ljspeech").glob("*.wav"))[0]
     x, size, info = load_input(wav, "audio", 16000)
-    assert x.shape == (1, size[0]) and info == {"sample_rate": 16000, "channels": 1}
+    assert x.shape == (1, size[0]) and info == {"sample_rate": 16000, "source_sample_rate": 22050, "channels": 1}
     text = tmp_path / "notes.txt"
     text.write_text("not media")
     for modality, msg in [("image", "cannot read image"), ("audio", "cannot read audio")]:

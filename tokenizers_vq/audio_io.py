@@ -18,11 +18,13 @@ MIN_SAMPLE_RATE = 1000
 """Lowest file sample rate :func:`load_audio` resamples from (telephone audio is 8 kHz)."""
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple[Tensor, int]:
+def load_audio(path: str | os.PathLike, sample_rate: int | None = None, mono: bool = False) -> tuple[Tensor, int]:
     """Read an audio file as float32 ``(channels, T)`` in [-1, 1].
 
     Args:
         sample_rate: resample to this rate (``None`` keeps the file's).
+        mono: average the channels as they are read (``(1, T)``; a long multichannel file
+            is never held whole, nor resampled channel by channel).
 
     Returns:
         ``(waveform, sample_rate)``.
@@ -37,7 +39,8 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
     check_media_file(path, "audio")
     try:
         with sf.SoundFile(str(path)) as f:
-            sr, block, promised, riff = f.samplerate, max(1, 2**22 // f.channels), f.frames, f.format in _RIFF
+            sr, block, promised, fmt = f.samplerate, max(1, 2**22 // f.channels), f.frames, f.format
+            riff = fmt in _RIFF
             if sample_rate is not None and sr < MIN_SAMPLE_RATE:
                 # resampling would multiply the length by sample_rate / sr: a 1 Hz header on
                 # a 1 MB file asks for 10^10 samples
@@ -47,12 +50,20 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
             # which a truncated or forged file overstates (a FLAC may claim 2^36 samples)
             blocks = []
             while len(data := f.read(block, dtype="float32", always_2d=True)):
-                blocks.append(data)
+                blocks.append(torch.from_numpy(data).mean(1, keepdim=True).numpy() if mono else data)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise ValueError(f"cannot read audio {path}: {e}") from e
     got = sum(map(len, blocks))
-    # a compressed file's header counts its samples (RIFF: checked below); a constant-rate MP3
-    # without one gets an estimate from its size, off by up to a frame or two (1,152 samples each)
+    held = _mpeg_samples(path) if fmt == "MP3" else None
+    if held is not None and got < held[0] - 3 * held[1]:  # a frame or two of encoder delay and padding
+        # an MP3 without a frame-count header (as an encoder writes to a pipe): libsndfile stops
+        # at a length it guessed from the first frame's bitrate
+        raise ValueError(f"cannot read audio {path}: its MPEG frames hold {held[0]} samples, the decoder gave "
+                         f"{got} (an MP3 without a frame-count header, as written to a pipe); convert it to "
+                         "FLAC or WAV first (ffmpeg -i in.mp3 out.flac)")
+    # a compressed file's header counts its samples (RIFF: checked below); an MP3 without a
+    # frame-count header gets an estimate instead, which the count of its frames replaces
+    promised = min(promised, held[0]) if held is not None else promised
     if not riff and got < 0.95 * promised - 2304:
         raise ValueError(f"cannot read audio {path}: the file is cut short (its header gives {promised} samples, "
                          f"{got} could be decoded); copy or export it again")
@@ -73,6 +84,17 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
     if sample_rate is not None and sample_rate != sr:
         wav, sr = resample(wav, sr, sample_rate), sample_rate
     return wav, sr
+
+
+def audio_header(path: str | os.PathLike) -> tuple[int, int]:
+    """``(sample rate, channels)`` of an audio file, from its header."""
+    import soundfile as sf  # noqa: PLC0415
+
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise ValueError(f"cannot read audio {path}: {e}") from e
+    return info.samplerate, info.channels
 
 
 # RIFF-family containers, whose data length a writer to a pipe leaves open (see _wav_cut_short)
@@ -97,6 +119,48 @@ def _wav_cut_short(path: Path) -> tuple[int, int] | None:
                 return (length, present) if not open_length and present < length else None
             f.seek(length + (length & 1), 1)  # chunks are padded to an even length
     return None
+
+
+_MPEG_KBPS = {  # bitrate index 1-14 by (MPEG-1?, layer)
+    (True, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MPEG_KBPS[False, 3] = _MPEG_KBPS[False, 2]
+
+
+def _mpeg_samples(path: Path) -> tuple[int, int] | None:
+    """``(samples, samples per frame)`` that an MP3's frames hold, from walking their
+    headers (after an ID3v2 tag), or ``None`` where no frame header is found or the first
+    frame is a frame-count header (Xing, Info, VBRI: the decoder then knows the length, and
+    the header's delay and padding trim it). Stops at the first bytes that are not a frame
+    (a trailing ID3v1 tag, or a file cut inside a frame)."""
+    data = path.read_bytes()
+    at = 0
+    if data[:3] == b"ID3" and len(data) >= 10:  # ID3v2: a syncsafe size after the 10-byte header
+        at = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(data[6:10]))
+    frames, per_frame = 0, None
+    while at + 4 <= len(data):
+        h = int.from_bytes(data[at : at + 4], "big")
+        version, layer, rate_i, freq_i = (h >> 19) & 3, 4 - ((h >> 17) & 3), (h >> 12) & 15, (h >> 10) & 3
+        if (h >> 21) != 0x7FF or version == 1 or layer == 4 or rate_i in (0, 15) or freq_i == 3:
+            break
+        mpeg1 = version == 3
+        hz = (44100, 48000, 32000)[freq_i] >> (0 if mpeg1 else 1 if version == 2 else 2)
+        kbps, pad = _MPEG_KBPS[mpeg1, layer][rate_i - 1], (h >> 9) & 1
+        if layer == 1:
+            size, per_frame = (12000 * kbps // hz + pad) * 4, 384
+        else:
+            per_frame = 576 if layer == 3 and not mpeg1 else 1152
+            size = (per_frame // 8) * 1000 * kbps // hz + pad
+        if at + size > len(data):
+            break  # the last frame is cut
+        if frames == 0 and any(tag in data[at : at + min(size, 64)] for tag in (b"Xing", b"Info", b"VBRI")):
+            return None
+        frames, at = frames + 1, at + size
+    return (frames * per_frame, per_frame) if frames else None
 
 
 def _ogg_cut_short(path: Path) -> tuple[int, int] | None:

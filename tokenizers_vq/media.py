@@ -149,7 +149,7 @@ def bundled_photo() -> Path:
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SUFFIXES: dict[str, frozenset[str]] = {
     "image": frozenset(FRAME_EXTENSIONS),
-    "audio": frozenset({".wav", ".flac", ".ogg", ".mp3"}),
+    "audio": frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff"}),
     "video": frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"}),
 }
 """File suffixes (lower case) read as each modality."""
@@ -179,7 +179,9 @@ def modality_of(path: str | os.PathLike, unknown: str | None = None) -> str:
     if unknown is not None:
         return unknown
     known = ", ".join(sorted(set().union(*SUFFIXES.values())))
-    raise ValueError(f"{p}: unknown media suffix {p.suffix!r}; known: {known}")
+    convert = (f" (AAC and WMA are not read: convert it first, e.g. ffmpeg -i {p.name} {p.stem}.flac)"
+               if p.suffix.lower() in (".m4a", ".aac", ".wma") else "")
+    raise ValueError(f"{p}: unknown media suffix {p.suffix!r}{convert}; known: {known}")
 MIN_NUMBERED_FRAMES = 8
 """Numbered images a folder needs, without an ``fps.txt``, to be found as a clip."""
 
@@ -278,8 +280,9 @@ def load_input(
     Returns:
         ``(x, size, info)``: ``x`` is image ``(3, H, W)`` or video ``(3, T, H, W)`` in
         [-1, 1], or audio ``(1, T)`` mixed to mono at ``sample_rate``; ``size`` is
-        ``[H, W]``, ``[T]`` or ``[T, H, W]``; ``info`` holds the source's ``channels``
-        and ``sample_rate`` (audio) or ``fps`` (video).
+        ``[H, W]``, ``[T]`` or ``[T, H, W]``; ``info`` holds the source's ``channels``,
+        for audio ``sample_rate`` (the rate of ``x``) and ``source_sample_rate`` (the
+        file's), for video ``fps`` (and ``pixel_aspect`` for non-square pixels).
 
     Raises:
         ValueError: an unknown modality, or a file the reader refuses (missing,

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokenizers_vq.audio_io import audio_header
 from tokenizers_vq.errors import ItemError
 from tokenizers_vq.media import (
     MAX_PIXELS,
@@ -260,8 +261,8 @@ class Audio(Modality):
         return self.load_reference(path, sample_rate)[0][None]
 
     def load_reference(self, path, sample_rate=None, max_frames=None):
-        wav, sr = load_audio(path, sample_rate)
-        return wav.mean(0), float(sr)
+        wav, sr = load_audio(path, sample_rate, mono=True)
+        return wav[0], float(sr)
 
     def units(self, media: Tensor, sample_rate: int | None = None) -> float:
         return media.shape[-1] / sample_rate
@@ -270,8 +271,9 @@ class Audio(Modality):
         return media.shape[-1] / rate
 
     def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
-        wav, sr = load_audio(path, sample_rate)
-        return wav.mean(0, keepdim=True), [wav.shape[-1]], {"sample_rate": sr, "channels": wav.shape[0]}
+        wav, sr = load_audio(path, sample_rate, mono=True)
+        source_rate, channels = audio_header(path)
+        return wav, [wav.shape[-1]], {"sample_rate": sr, "source_sample_rate": source_rate, "channels": channels}
 
     def to_media(self, out: Tensor) -> Tensor:
         return out.clamp(-1, 1)

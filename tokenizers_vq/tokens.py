@@ -11,7 +11,8 @@ The safetensors metadata (string to string) holds:
 - ``model_id``, ``modality``, ``codebook_size``, ``code_shape`` (JSON list)
 - ``items``: a JSON list, one object per item: ``source`` (file name), ``size``
   (original ``[H, W]``, ``[samples]`` at the model rate, or ``[T, H, W]``),
-  ``sample_rate`` (audio), ``fps`` (video), ``pixel_aspect`` (video with non-square
+  ``sample_rate`` (audio: the model's, which ``size`` counts in) and ``source_sample_rate``
+  (the file's), ``fps`` (video), ``pixel_aspect`` (video with non-square
   pixels: ``[width, height]`` of a pixel), ``channels`` of the source, and
   ``sha256``: the hex sha256 of the item's tensor data as stored (little-endian, C
   order), checked by :func:`load_tokens` (files written without it load unchecked), and
