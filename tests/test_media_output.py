@@ -402,3 +402,13 @@ def test_opus_and_aiff_are_audio_and_aac_names_the_conversion(tmp_path):
     (tmp_path / "talk.m4a").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"AAC and WMA are not read: convert it first, e.g. ffmpeg -i talk.m4a talk.flac"):
         modality_of(tmp_path / "talk.m4a")
+
+
+def test_a_float_file_far_out_of_range_names_the_gain_that_fixes_it(tmp_path, capsys):
+    import soundfile as sf  # noqa: PLC0415
+
+    wav, sr = sf.read(str(sorted(shared_path("audio", "fsdd").glob("*.wav"))[0]), dtype="float32")
+    sf.write(tmp_path / "hot.wav", wav / np.abs(wav).max() * 5.6, sr, subtype="FLOAT")
+    assert main(["encode", str(tmp_path / "hot.wav"), "-o", str(tmp_path / "x.tvq")]) == 2
+    err = capsys.readouterr().err
+    assert __import__("re").search(r"its samples reach 5\.[56]\d*, far outside \[-1, 1\].*volume=-1[45]\.\d+dB", err)

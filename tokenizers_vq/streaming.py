@@ -129,9 +129,10 @@ class AudioEncodeStream:
         if self._closed:
             raise ValueError("push after flush: start a new stream with tok.encode_stream()")
         if not isinstance(chunk, Tensor) or not chunk.is_floating_point():
-            raise ValueError("audio chunks must be floating-point tensors")
+            raise ValueError(f"audio chunks must be floating-point tensors: {self.tok.media.input_scale}")
         if chunk.ndim not in (1, 2, 3) or any(s != 1 for s in chunk.shape[:-1]):
-            raise ValueError(f"audio chunks must be (n,), (1, n) or (1, 1, n) mono samples, got {tuple(chunk.shape)}")
+            raise ValueError(f"audio chunks must be (n,), (1, n) or (1, 1, n) mono samples, got {tuple(chunk.shape)} "
+                             "(mix channels (C, n) to mono first: chunk.mean(0))")
         if chunk.numel():
             self.tok.media.check_range(self.tok.media.input_range(chunk.reshape(1, -1)))
         self._buf = torch.cat([self._buf, chunk.reshape(-1).to(self._buf)])
