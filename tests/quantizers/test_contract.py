@@ -289,3 +289,30 @@ def test_encode_runs_every_module_in_eval_and_gives_each_its_mode_back():
     child.eval()  # frozen child of a training quantizer: stays in eval after encode
     q.encode(torch.randn(3, 7, D))
     assert q.training and not child.training
+
+
+@pytest.mark.parametrize(("make", "named"), [
+    (lambda: LFQ(D, 8, temperature=0), "temperature"),
+    (lambda: LFQ(D, 8, group_bits=0), "group_bits"),
+    (lambda: IBQ(D, 16, temperature=-1.0), "temperature"),
+    (lambda: VectorQuantizer(D, 16, eps=-1e-5), "eps"),
+    (lambda: VectorQuantizer(D, 16.0), "codebook_size"),
+    (lambda: VectorQuantizer(D, 16, codebook_dim=0), "codebook_dim"),
+    (lambda: VectorQuantizer(D, 16, kmeans_max_samples=0), "kmeans_max_samples"),
+    (lambda: FSQ(D, [2.5, 5]), "levels"),
+])
+def test_arguments_out_of_range_are_refused_by_name_at_construction(make, named):
+    """Not a NaN loss, a rounded-down level or a raw error at the first forward."""
+    with pytest.raises(ValueError, match=named):
+        make()
+
+
+def test_decoding_a_masks_padding_code_says_what_it_is():
+    q = VectorQuantizer(D, 16).eval()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    codes = q.encode(torch.randn(2, 5, D), mask=mask)
+    assert int(codes.min()) == -1
+    with pytest.raises(ValueError, match=r"-1 is the code forward and encode give positions a mask left out"):
+        q.decode(codes)
+    assert q.decode(codes.clamp(min=0))[mask].shape == (8, D)

@@ -45,7 +45,10 @@ def _check_code_range(lo_hi: Tensor, size: int) -> None:
     """Refuse codes whose ``(min, max)`` leave ``[0, size)`` (one sync)."""
     lo, hi = lo_hi.tolist()
     if lo < 0 or hi >= size:
-        raise ValueError(f"codes out of range: found values in [{lo}, {hi}], valid range is [0, {size})")
+        masked = (" (-1 is the code forward and encode give positions a mask left out: decode the real positions"
+                  " only, or replace the -1s, e.g. codes.clamp(min=0), and drop those positions after decoding)"
+                  if lo == -1 else "")
+        raise ValueError(f"codes out of range: found values in [{lo}, {hi}], valid range is [0, {size}){masked}")
 
 
 @contextlib.contextmanager
@@ -284,11 +287,23 @@ class Quantizer(nn.Module, ABC):
         return codes
 
 
+def check_number(name: str, value: object, low: float, high: float = math.inf, *, integer: bool = False,
+                 open_low: bool = False, open_high: bool = False) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a number (a whole one with
+    ``integer``; never a bool) in ``[low, high]`` (ends left out with ``open_low`` / ``open_high``)."""
+    kinds = (int,) if integer else (int, float)
+    number = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    if not (number and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)):
+        span = f"{'(' if open_low else '['}{low}, {high}{')' if open_high or high == math.inf else ']'}"
+        raise ValueError(f"{name} must be {'a whole number' if integer else 'a number'} in {span}, got {value!r}")
+
+
 def codebook_projections(q: Quantizer, codebook_size: int, codebook_dim: int | None) -> int:
     """Check ``codebook_size`` and give ``q`` its ``project_in``/``project_out`` between the
     latent's ``D`` and ``codebook_dim`` (identities when they agree); returns the codeword size."""
-    if codebook_size < 1:
-        raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+    check_number("codebook_size", codebook_size, 1, integer=True)
+    if codebook_dim is not None:
+        check_number("codebook_dim", codebook_dim, 1, integer=True)
     d = codebook_dim or q.dim
     q.project_in = nn.Linear(q.dim, d) if d != q.dim else nn.Identity()
     q.project_out = nn.Linear(d, q.dim) if d != q.dim else nn.Identity()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers_vq.quantizers._functional import code_histogram, perplexity
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, codebook_projections, flatten_latent
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_number, codebook_projections, flatten_latent
 
 
 def _entropy(p: Tensor) -> Tensor:
@@ -48,6 +48,7 @@ class IBQ(Quantizer):
     def __init__(self, dim: int, codebook_size: int, codebook_dim: int | None = None, beta: float = 0.25,
                  entropy_weight: float = 0.05, temperature: float = 1.0, check_finite: bool = True):
         super().__init__(dim, check_finite)
+        check_number("temperature", temperature, 0, open_low=True)
         d = codebook_projections(self, codebook_size, codebook_dim)
         self._size, self.beta, self.entropy_weight, self.temperature = codebook_size, beta, entropy_weight, temperature
         self.embed = nn.Parameter(torch.randn(codebook_size, d) / d**0.5)

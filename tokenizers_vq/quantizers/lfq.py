@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from tokenizers_vq.distributed import mean_over_ranks
 from tokenizers_vq.quantizers._functional import code_histogram, l2norm, perplexity, straight_through
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_number
 
 
 def _entropy(p: Tensor, eps: float = 1e-8) -> Tensor:
@@ -72,8 +72,10 @@ class LFQ(Quantizer):
         super().__init__(dim, check_finite)
         if not 1 <= num_bits <= 62:
             raise ValueError(f"num_bits must be in [1, 62], got {num_bits}")
+        check_number("temperature", temperature, 0, open_low=True)
         if group_bits is None:
             group_bits = max(g for g in range(1, 11) if num_bits % g == 0)
+        check_number("group_bits", group_bits, 1, integer=True)
         if num_bits % group_bits:
             raise ValueError(f"group_bits={group_bits} must divide num_bits={num_bits}")
         self.num_bits, self.spherical, self.group_bits = num_bits, spherical, group_bits

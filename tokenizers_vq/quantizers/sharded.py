@@ -15,7 +15,7 @@ from torch import Tensor
 
 from tokenizers_vq.distributed import is_distributed
 from tokenizers_vq.quantizers._functional import Backend, Metric, nearest_codes
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_number
 
 
 def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -94,6 +94,9 @@ class ShardedVectorQuantizer(Quantizer):
         dead_code_threshold: float = 1.0, backend: Backend = "auto", check_finite: bool = True,
     ):
         super().__init__(dim, check_finite)
+        check_number("codebook_size", codebook_size, 1, integer=True)
+        check_number("decay", decay, 0, 1, open_high=True)
+        check_number("eps", eps, 0, open_low=True)
         rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
         if codebook_size < world:
             raise ValueError(f"codebook_size={codebook_size} is smaller than the {world} ranks")

@@ -31,7 +31,7 @@ from tokenizers_vq.quantizers._functional import (
     rotation_trick,
     straight_through,
 )
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_choice, flatten_latent
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_choice, check_number, flatten_latent
 
 Estimator = Literal["ste", "rotation"]
 Learning = Literal["ema", "loss"]
@@ -119,8 +119,9 @@ class VectorQuantizer(Quantizer):
         check_finite: bool = True,
     ):
         super().__init__(dim, check_finite)
-        if codebook_size < 1:
-            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+        check_number("codebook_size", codebook_size, 1, integer=True)
+        check_number("eps", eps, 0, open_low=True)
+        check_number("kmeans_max_samples", kmeans_max_samples, 1, integer=True)
         check_choice("metric", metric, ("l2", "cosine"))
         check_choice("learning", learning, ("ema", "loss"))
         check_choice("estimator", estimator, ("ste", "rotation"))
@@ -140,6 +141,8 @@ class VectorQuantizer(Quantizer):
         self.diversity_weight, self.diversity_sample = diversity_weight, diversity_sample
         self.diversity_temperature, self.sample_temperature = diversity_temperature, sample_temperature
         self.affine, self.affine_decay = affine, affine_decay
+        if codebook_dim is not None:
+            check_number("codebook_dim", codebook_dim, 1, integer=True)
         d = codebook_dim or dim
         self._size, self.codebook_dim = codebook_size, d
         self.metric, self.learning, self.estimator, self.backend = metric, learning, estimator, backend
