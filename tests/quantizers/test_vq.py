@@ -236,7 +236,7 @@ def test_affine_codebook_follows_the_latent_statistics():
     vq.cluster_size[:5] = 0.0
     vq.dead_code_threshold = 0.5
     x = 5 + 3 * torch.randn(300, 4)
-    assert int(vq._restart(x)) == 5
+    assert int(vq._restart(x, torch.tensor(True))) == 5
     after = vq.codebook.detach()
     torch.testing.assert_close(after[5:], before[5:])
     assert (after[:5, None] - x[None]).norm(dim=-1).min(1).values.max() < 1e-3
@@ -305,3 +305,34 @@ def test_residual_dropout_leaves_the_deeper_levels_codes_and_statistics_as_witho
     kept = [next(n for n, p in enumerate(prefixes) if torch.allclose(out.quantized[i], p[i], atol=1e-5))
             for i in range(z.shape[0])]
     assert len(set(kept)) > 1  # the items kept prefixes of several lengths
+
+
+@pytest.mark.parametrize("options", [{}, {"learning": "loss", "affine": True, "metric": "l2"}, {"metric": "cosine"}])
+def test_a_batch_with_inf_or_nan_rows_leaves_the_codebook_statistics_as_they_were(options):
+    """What the finiteness check does not see (it is off, or skipped under torch.compile)
+    must not poison the codebook for good: the step's statistics are skipped."""
+    torch.manual_seed(0)
+    q = VectorQuantizer(8, 16, kmeans_init=False, check_finite=False, **options).train()
+    q(torch.randn(4, 10, 8))
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    for bad_value in (float("inf"), float("nan")):
+        bad = torch.randn(4, 10, 8)
+        bad[0, 3, 2] = bad_value
+        out = q(bad)
+        assert float(out.metrics["skipped"]) == 1.0
+        for k, v in q.state_dict().items():
+            if k != "steps":
+                assert torch.equal(v, state[k]), k
+    out = q(torch.randn(4, 10, 8))
+    assert float(out.metrics["skipped"]) == 0.0 and torch.isfinite(q.codebook).all()
+    assert not torch.equal(q.state_dict()["cluster_size"], state["cluster_size"])  # it learns again
+
+
+def test_a_projection_that_overflows_half_precision_does_not_poison_the_ema_codebook():
+    torch.manual_seed(0)
+    q = VectorQuantizer(64, 256, codebook_dim=8).train()
+    with torch.autocast("cpu", dtype=torch.float16):
+        q(torch.randn(4, 64, 64) * 3e4)  # finite input; its projection overflows fp16
+    assert torch.isfinite(q.codebook).all() and torch.isfinite(q.embed_sum).all()
+    q(torch.randn(4, 64, 64))
+    assert torch.isfinite(q.codebook).all()

@@ -209,10 +209,11 @@ class VectorQuantizer(Quantizer):
             if self.training and self.affine:
                 with torch.no_grad():
                     e, w = self.embed.float(), 1 - self.affine_decay
-                    self.latent_mean.lerp_(xf.mean(0), w)
-                    self.latent_var.lerp_(xf.var(0, unbiased=False), w)
-                    self.embed_mean.lerp_(e.mean(0), w)
-                    self.embed_std.lerp_(e.std(0), w)
+                    ok = torch.isfinite(xf).all()  # a batch with Inf/NaN rows leaves the statistics as they are
+                    self.latent_mean.lerp_(torch.where(ok, xf.mean(0), self.latent_mean), w)
+                    self.latent_var.lerp_(torch.where(ok, xf.var(0, unbiased=False), self.latent_var), w)
+                    self.embed_mean.lerp_(torch.where(ok, e.mean(0), self.embed_mean), w)
+                    self.embed_std.lerp_(torch.where(ok, e.std(0), self.embed_std), w)
             cb = self.codebook
             if self.training and self.sample_temperature > 0:
                 idx = self._sample_codes(xf.detach(), cb.detach())
@@ -293,31 +294,38 @@ class VectorQuantizer(Quantizer):
     @torch.no_grad()
     def _update(self, x: Tensor, counts: Tensor, sums: Tensor | None, metrics: dict[str, Tensor]) -> None:
         """EMA statistics (summed over ranks) then dead-code restarts, in that order so
-        that a restarted code is not overwritten by the same step's EMA update."""
+        that a restarted code is not overwritten by the same step's EMA update. A step whose
+        rows (on any rank) hold Inf or NaN (a latent that overflowed a half-precision
+        projection, or one the finiteness check did not see under ``torch.compile``) leaves
+        the statistics and the codebook as they were (``metrics["skipped"]``), without a sync."""
         k = self._size
         if sums is not None:
             g_counts, g_sums = counts, sums
             if tdist.is_distributed():  # one all-reduce for both
                 stats = tdist.all_reduce_sum_(torch.cat([counts.unsqueeze(1), sums], dim=1))
                 g_counts, g_sums = stats[:, 0], stats[:, 1:]
-            self.cluster_size.lerp_(g_counts, 1 - self.decay)
-            self.embed_sum.lerp_(g_sums, 1 - self.decay)
+            ok = torch.isfinite(g_sums).all()  # the same on every rank
+            self.cluster_size.lerp_(torch.where(ok, g_counts, self.cluster_size), 1 - self.decay)
+            self.embed_sum.lerp_(torch.where(ok, g_sums, self.embed_sum), 1 - self.decay)
             n = self.cluster_size.sum()
             smoothed = (self.cluster_size + self.eps) / (n + k * self.eps) * n
             embed = self.embed_sum / smoothed.unsqueeze(1)
-            self.embed.copy_(l2norm(embed) if self.metric == "cosine" else embed)
+            self.embed.copy_(torch.where(ok, l2norm(embed) if self.metric == "cosine" else embed, self.embed))
         else:
-            g_counts = tdist.all_reduce_sum_(counts.clone())
-            self.cluster_size.lerp_(g_counts, 1 - self.decay)
+            bad = (~torch.isfinite(x).all()).float().unsqueeze(0)
+            g_counts = tdist.all_reduce_sum_(torch.cat([counts, bad]))
+            ok = g_counts[-1] == 0
+            self.cluster_size.lerp_(torch.where(ok, g_counts[:-1], self.cluster_size), 1 - self.decay)
+        metrics["skipped"] = (~ok).float()
         if self.restart_dead_codes and self.dead_code_threshold > 0:
-            metrics["restarted"] = self._restart(x)
+            metrics["restarted"] = self._restart(x, ok)
 
     @torch.no_grad()
-    def _restart(self, x: Tensor) -> Tensor:
+    def _restart(self, x: Tensor, ok: Tensor) -> Tensor:
         """Replace codes whose EMA count is under the threshold by latents of the
-        batch (drawn on rank 0, identical everywhere). Restarted codes get an EMA
-        count of twice the threshold: about ln(2)/(1-decay) steps of grace."""
-        dead = (self.cluster_size < self.dead_code_threshold).unsqueeze(1)
+        batch (drawn on rank 0, identical everywhere; none where ``ok`` is false). Restarted
+        codes get an EMA count of twice the threshold: about ln(2)/(1-decay) steps of grace."""
+        dead = ((self.cluster_size < self.dead_code_threshold) & ok).unsqueeze(1)
         fresh = tdist.sample_rows(x, self._size)
         self.embed.data.copy_(torch.where(dead, self._raw(fresh).to(self.embed.dtype), self.embed.data))
         reset = 2.0 * self.dead_code_threshold
