@@ -316,3 +316,21 @@ def test_decoding_a_masks_padding_code_says_what_it_is():
     with pytest.raises(ValueError, match=r"-1 is the code forward and encode give positions a mask left out"):
         q.decode(codes)
     assert q.decode(codes.clamp(min=0))[mask].shape == (8, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_quantizer_cast_to_half_precision_codes_in_eval_and_names_the_fix_in_training(dtype):
+    from tokenizers_vq.quantizers import DynamicQuantizer  # noqa: PLC0415
+
+    z = torch.randn(2, 8, 8, D)
+    for make in (lambda: VectorQuantizer(D, 16), lambda: VectorQuantizer(D, 16, learning="loss"),
+                 lambda: ShardedVectorQuantizer(D, 16), lambda: LFQ(D, 8), lambda: DynamicQuantizer(FSQ(D, [8, 5, 5, 5]), target_fine_ratio=0.4)):
+        q = make().to(dtype).eval()
+        codes = q.encode(z.to(dtype))  # a dynamic quantizer's are packed
+        assert isinstance(q, DynamicQuantizer) or codes.shape[:3] == (2, 8, 8)
+        q.train()
+        if isinstance(q, (VectorQuantizer, ShardedVectorQuantizer)):
+            with pytest.raises(ValueError, match=r"keeps its codebook statistics in float32.*quantizer.float\(\)"):
+                q(z.to(dtype))
+        else:
+            q(z.to(dtype))

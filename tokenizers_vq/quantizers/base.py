@@ -298,6 +298,15 @@ def check_number(name: str, value: object, low: float, high: float = math.inf, *
         raise ValueError(f"{name} must be {'a whole number' if integer else 'a number'} in {span}, got {value!r}")
 
 
+def check_float32_statistics(q: nn.Module, state: Tensor) -> None:
+    """Refuse to train a quantizer whose codebook statistics (``state``, a buffer) were cast
+    out of float32 (``model.half()``): EMA updates in half precision lose the small steps."""
+    if q.training and state.dtype != torch.float32:
+        raise ValueError(f"{type(q).__name__} keeps its codebook statistics in float32, but they are {state.dtype} "
+                         "(the model was cast with .half() or .to(dtype)); train it in float32 (quantizer.float(); "
+                         "the rest may stay in half precision), or train under torch.autocast instead")
+
+
 def codebook_projections(q: Quantizer, codebook_size: int, codebook_dim: int | None) -> int:
     """Check ``codebook_size`` and give ``q`` its ``project_in``/``project_out`` between the
     latent's ``D`` and ``codebook_dim`` (identities when they agree); returns the codeword size."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, as_weights
 
 Order = Literal["coarse_to_fine", "raster"]
 
@@ -196,7 +196,7 @@ class DynamicQuantizer(nn.Module):
         n = len(self._check(z))
         blocks = self.to_blocks(z, n).float()
         feats = torch.cat([blocks.mean(n + 1), blocks.std(n + 1, unbiased=False)], -1)
-        return self.router(feats).squeeze(-1)
+        return self.router(as_weights(self.router, feats)).squeeze(-1)
 
     @torch.no_grad()
     def calibrate_threshold(self, z: Tensor, batch_size: int = 256) -> float:
@@ -228,7 +228,7 @@ class DynamicQuantizer(nn.Module):
             if self.calibrate:
                 with torch.no_grad():
                     q = torch.quantile(s.detach().float().reshape(-1), 1 - self.target_fine_ratio)
-                    self.threshold.lerp_(q, 1 - self.threshold_decay)
+                    self.threshold.lerp_(q.to(self.threshold.dtype), 1 - self.threshold_decay)
         else:
             fine = s > (self.threshold if self.calibrate else 0.0)
         if self.training and fine_regions is not None:

@@ -127,7 +127,7 @@ class LFQ(Quantizer):
         """
         g = self.group_bits
         xg = x.reshape(-1, self.num_bits // g, g)
-        logits = 2.0 * (xg @ self._sub_codes.t()) / self.temperature
+        logits = 2.0 * (xg @ self._sub_codes.t().to(xg.dtype)) / self.temperature
         p = logits.softmax(-1)  # (N, groups, 2^g)
         sample_h = _entropy(p).sum(-1).mean()
         avg_p = mean_over_ranks(p.mean(0))

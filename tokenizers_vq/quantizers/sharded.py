@@ -15,7 +15,7 @@ from torch import Tensor
 
 from tokenizers_vq.distributed import is_distributed
 from tokenizers_vq.quantizers._functional import Backend, Metric, nearest_codes
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_number
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_float32_statistics, check_number
 
 
 def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -137,6 +137,7 @@ class ShardedVectorQuantizer(Quantizer):
         return rows
 
     def _forward(self, z: Tensor) -> QuantizerOutput:
+        check_float32_statistics(self, self.cluster_size)
         lead = tuple(z.shape[:-1])
         with torch.autocast(device_type=z.device.type, enabled=False):
             x = z.reshape(-1, z.shape[-1]).float()

@@ -31,7 +31,8 @@ from tokenizers_vq.quantizers._functional import (
     rotation_trick,
     straight_through,
 )
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_choice, check_number, flatten_latent
+from tokenizers_vq.quantizers.base import (Quantizer, QuantizerOutput, check_choice, check_float32_statistics,
+                                           check_number, flatten_latent)
 
 Estimator = Literal["ste", "rotation"]
 Learning = Literal["ema", "loss"]
@@ -202,6 +203,7 @@ class VectorQuantizer(Quantizer):
             return flat, (l2norm(xf) if self.metric == "cosine" else xf), lead
 
     def _forward(self, z: Tensor) -> QuantizerOutput:
+        check_float32_statistics(self, self.cluster_size)
         flat, xf, lead = self._rows(z)
         with torch.autocast(device_type=z.device.type, enabled=False):
             if self.training and not self._initted:
