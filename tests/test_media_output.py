@@ -344,14 +344,28 @@ def test_an_mp3_without_a_frame_count_is_read_whole_or_refused_never_cut(tmp_pat
 
     from tokenizers_vq.audio_io import load_audio  # noqa: PLC0415
 
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg (which writes the MP3s) is not installed")
+    if shutil.which("ffmpeg") is None or "libmp3lame" not in subprocess.run(
+            ["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True).stdout:
+        pytest.skip("ffmpeg with libmp3lame (which writes the MP3s) is not installed")
     src = sorted(shared_path("audio", "librispeech_train-clean-100").glob("*.flac"))[0]
     seconds = 6
     ffmpeg = ["ffmpeg", "-loglevel", "error", "-y", "-i", str(src), "-t", str(seconds), "-ar", "48000"]
     subprocess.run([*ffmpeg, "-q:a", "5", "-write_xing", "0", str(tmp_path / "vbr.mp3")], check=True)
-    with pytest.raises(ValueError, match=r"vbr.mp3: its MPEG frames hold \d+ samples, the decoder gave \d+.*ffmpeg -i"):
-        load_audio(tmp_path / "vbr.mp3")
+    try:  # a decoder that reads on to the last frame is as good as a refusal
+        assert abs(load_audio(tmp_path / "vbr.mp3")[0].shape[1] - seconds * 48000) <= 2 * 1152
+    except ValueError as e:
+        assert __import__("re").search(r"vbr.mp3: its MPEG frames hold \d+ samples, the decoder gave \d+.*ffmpeg -i",
+                                       str(e))
+    from tokenizers_vq.audio_io import _mpeg_samples  # noqa: PLC0415
+
+    plain = (tmp_path / "vbr.mp3").read_bytes()
+    tag = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(plain[6:10])) if plain[:3] == b"ID3" else 0
+    body = plain[tag:]  # without its ID3v2 tag
+    footer_tag = b"ID3\x04\x00\x10\x00\x00\x00\x04abcd" + b"3DI\x04\x00\x10\x00\x00\x00\x04"
+    for name, data in (("footer.mp3", footer_tag + body), ("padded.mp3", plain[:tag] + bytes(300) + body),
+                       ("tagged_end.mp3", plain + b"TAG" + bytes(125))):
+        (tmp_path / name).write_bytes(data)  # a decoder resyncs past these: the walk does too
+        assert _mpeg_samples(tmp_path / name) == _mpeg_samples(tmp_path / "vbr.mp3"), name
     subprocess.run([*ffmpeg, "-b:a", "64k", "-write_xing", "0", str(tmp_path / "cbr.mp3")], check=True)
     subprocess.run([*ffmpeg, "-q:a", "5", str(tmp_path / "tagged.mp3")], check=True)  # with its Xing header
     for name in ("cbr.mp3", "tagged.mp3"):

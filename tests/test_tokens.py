@@ -283,7 +283,7 @@ def test_an_export_batch_names_only_the_file_past_the_input_range(tmp_path):
         files.append(tmp_path / f"a{i}.wav")
         sf.write(files[-1], wav, 16000, subtype="FLOAT")
     tok = tiny("audio")
-    with pytest.raises(ValueError, match=r"a1\.wav: audio input values reach \[0, 6\]; .*x / 32768\)$") as e:
+    with pytest.raises(ValueError, match=r"a1\.wav: its samples reach 6, far outside \[-1, 1\]") as e:
         export_dataset(tok, files, tmp_path / "out", batch_size=4)
     assert "a0.wav" not in str(e.value) and "a2.wav" not in str(e.value)
 

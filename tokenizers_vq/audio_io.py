@@ -131,36 +131,58 @@ _MPEG_KBPS = {  # bitrate index 1-14 by (MPEG-1?, layer)
 _MPEG_KBPS[False, 3] = _MPEG_KBPS[False, 2]
 
 
+def _mpeg_frame(data: bytes, at: int) -> tuple[int, int] | None:
+    """``(bytes, samples)`` of the MPEG audio frame whose header starts at ``at``, or ``None``
+    where no valid header is there (free-format frames included: their size is not stated)."""
+    if at + 4 > len(data):
+        return None
+    h = int.from_bytes(data[at : at + 4], "big")
+    version, layer, rate_i, freq_i = (h >> 19) & 3, 4 - ((h >> 17) & 3), (h >> 12) & 15, (h >> 10) & 3
+    if (h >> 21) != 0x7FF or version == 1 or layer == 4 or rate_i in (0, 15) or freq_i == 3:
+        return None
+    mpeg1 = version == 3
+    hz = (44100, 48000, 32000)[freq_i] >> (0 if mpeg1 else 1 if version == 2 else 2)
+    kbps, pad = _MPEG_KBPS[mpeg1, layer][rate_i - 1], (h >> 9) & 1
+    if layer == 1:
+        return (12000 * kbps // hz + pad) * 4, 384
+    per_frame = 576 if layer == 3 and not mpeg1 else 1152
+    return (per_frame // 8) * 1000 * kbps // hz + pad, per_frame
+
+
 def _mpeg_samples(path: Path) -> tuple[int, int] | None:
     """``(samples, samples per frame)`` that an MP3's frames hold, from walking their
-    headers (after an ID3v2 tag), or ``None`` where no frame header is found or the first
-    frame is a frame-count header (Xing, Info, VBRI: the decoder then knows the length, and
-    the header's delay and padding trim it). Stops at the first bytes that are not a frame
-    (a trailing ID3v1 tag, or a file cut inside a frame)."""
+    headers, or ``None`` where no frame header is found or the first frame is a frame-count
+    header (Xing, Info, VBRI: the decoder then knows the length, and the header's delay and
+    padding trim it). ID3v2 tags (with a footer, or several) are skipped, and bytes that are
+    not a frame (padding, junk, trailing ID3v1 or APE tags) are passed over to the next
+    header that another frame follows, as decoders resync; a frame cut by the end of the
+    file is not counted."""
     data = path.read_bytes()
     at = 0
-    if data[:3] == b"ID3" and len(data) >= 10:  # ID3v2: a syncsafe size after the 10-byte header
-        at = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(data[6:10]))
-    frames, per_frame = 0, None
+    while data[at : at + 3] == b"ID3" and at + 10 <= len(data):  # a syncsafe size after the 10-byte header
+        size = sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(data[at + 6 : at + 10]))
+        at += 10 + size + (10 if data[at + 5] & 0x10 else 0)
+    samples, first = 0, None
     while at + 4 <= len(data):
-        h = int.from_bytes(data[at : at + 4], "big")
-        version, layer, rate_i, freq_i = (h >> 19) & 3, 4 - ((h >> 17) & 3), (h >> 12) & 15, (h >> 10) & 3
-        if (h >> 21) != 0x7FF or version == 1 or layer == 4 or rate_i in (0, 15) or freq_i == 3:
-            break
-        mpeg1 = version == 3
-        hz = (44100, 48000, 32000)[freq_i] >> (0 if mpeg1 else 1 if version == 2 else 2)
-        kbps, pad = _MPEG_KBPS[mpeg1, layer][rate_i - 1], (h >> 9) & 1
-        if layer == 1:
-            size, per_frame = (12000 * kbps // hz + pad) * 4, 384
-        else:
-            per_frame = 576 if layer == 3 and not mpeg1 else 1152
-            size = (per_frame // 8) * 1000 * kbps // hz + pad
-        if at + size > len(data):
+        frame = _mpeg_frame(data, at)
+        if frame is None:  # resync: the next header that another frame (or the end) follows
+            at = data.find(b"\xff", at + 1)
+            while at != -1:
+                nxt = _mpeg_frame(data, at)
+                if nxt is not None and (at + nxt[0] == len(data) or _mpeg_frame(data, at + nxt[0]) is not None):
+                    break
+                at = data.find(b"\xff", at + 1)
+            if at == -1:
+                break
+            continue
+        if at + frame[0] > len(data):
             break  # the last frame is cut
-        if frames == 0 and any(tag in data[at : at + min(size, 64)] for tag in (b"Xing", b"Info", b"VBRI")):
-            return None
-        frames, at = frames + 1, at + size
-    return (frames * per_frame, per_frame) if frames else None
+        if first is None:
+            if any(tag in data[at : at + min(frame[0], 64)] for tag in (b"Xing", b"Info", b"VBRI")):
+                return None
+            first = frame[1]
+        samples, at = samples + frame[1], at + frame[0]
+    return (samples, first) if first is not None else None
 
 
 def _ogg_cut_short(path: Path) -> tuple[int, int] | None:

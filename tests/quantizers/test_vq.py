@@ -328,11 +328,13 @@ def test_a_batch_with_inf_or_nan_rows_leaves_the_codebook_statistics_as_they_wer
     assert not torch.equal(q.state_dict()["cluster_size"], state["cluster_size"])  # it learns again
 
 
-def test_a_projection_that_overflows_half_precision_does_not_poison_the_ema_codebook():
+@pytest.mark.parametrize("kmeans_init", [False, True])
+def test_a_projection_that_overflows_half_precision_does_not_poison_the_ema_codebook(kmeans_init):
     torch.manual_seed(0)
-    q = VectorQuantizer(64, 256, codebook_dim=8).train()
+    q = VectorQuantizer(64, 256, codebook_dim=8, kmeans_init=kmeans_init).train()
     with torch.autocast("cpu", dtype=torch.float16):
         q(torch.randn(4, 64, 64) * 3e4)  # finite input; its projection overflows fp16
     assert torch.isfinite(q.codebook).all() and torch.isfinite(q.embed_sum).all()
+    assert not bool(q.initted) if kmeans_init else True  # the k-means init was skipped, not poisoned
     q(torch.randn(4, 64, 64))
     assert torch.isfinite(q.codebook).all()

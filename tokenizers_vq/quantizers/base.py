@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -291,8 +292,8 @@ def check_number(name: str, value: object, low: float, high: float = math.inf, *
                  open_low: bool = False, open_high: bool = False) -> None:
     """Raise a ValueError naming ``name`` unless ``value`` is a number (a whole one with
     ``integer``; never a bool) in ``[low, high]`` (ends left out with ``open_low`` / ``open_high``)."""
-    kinds = (int,) if integer else (int, float)
-    number = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    kind = numbers.Integral if integer else numbers.Real  # numpy scalars too
+    number = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
     if not (number and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)):
         span = f"{'(' if open_low else '['}{low}, {high}{')' if open_high or high == math.inf else ']'}"
         raise ValueError(f"{name} must be {'a whole number' if integer else 'a number'} in {span}, got {value!r}")

@@ -361,8 +361,12 @@ class VectorQuantizer(Quantizer):
         forward, so it has no data-dependent branch or host sync (``torch.compile``
         with ``fullgraph=True`` traces it) and accepts fewer latents than codes (seeds
         drawn with replacement). An empty centre keeps its seed; dead-code restarts
-        deal with it afterwards."""
+        deal with it afterwards. A batch with Inf or NaN rows on any rank changes nothing
+        (the codebook keeps its random init)."""
         x = x[: self.kmeans_max_samples]
+        finite = torch.isfinite(x).all(1, keepdim=True)  # a batch with Inf/NaN rows (on any rank) inits nothing
+        ok = tdist.all_reduce_sum_((~finite).any().float().reshape(1))[0] == 0
+        x = torch.where(finite, x, torch.zeros_like(x))
         centres = tdist.sample_rows(x, self._size)
         counts = torch.zeros(self._size, device=x.device)
         for _ in range(self.kmeans_iters):
@@ -374,14 +378,13 @@ class VectorQuantizer(Quantizer):
             if self.metric == "cosine":
                 means = l2norm(means)
             centres = torch.where(counts.unsqueeze(1) > 0, means, centres)
-        self.embed.data.copy_(centres)
+        self.embed.data.copy_(torch.where(ok, centres, self.embed.data))
         if self.affine:  # statistics under which the effective codebook is the centres
-            self.latent_mean.copy_(centres.mean(0))
-            self.latent_var.copy_(centres.var(0))
-            self.embed_mean.copy_(centres.mean(0))
-            self.embed_std.copy_(centres.std(0))
-        self.cluster_size.copy_(counts)
+            for buf, value in ((self.latent_mean, centres.mean(0)), (self.latent_var, centres.var(0)),
+                               (self.embed_mean, centres.mean(0)), (self.embed_std, centres.std(0))):
+                buf.copy_(torch.where(ok, value, buf))
+        self.cluster_size.copy_(torch.where(ok, counts, self.cluster_size))
         if self.learning == "ema":
-            self.embed_sum.copy_(centres * counts.unsqueeze(1))
-        self.initted.fill_(True)
+            self.embed_sum.copy_(torch.where(ok, centres * counts.unsqueeze(1), self.embed_sum))
+        self.initted.copy_(ok)  # a skipped init leaves the random codebook (restarts then fill it)
         self._initted = True
