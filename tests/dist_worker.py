@@ -26,6 +26,7 @@ def main(out_dir: str) -> None:
         "vq": VectorQuantizer(8, 64, kmeans_init=True, kmeans_iters=5, dead_code_threshold=1.5),
         "rvq": ResidualQuantizer([VectorQuantizer(8, 32, kmeans_init=True) for _ in range(2)]),
         "vq-cosine-learned": VectorQuantizer(8, 64, metric="cosine", learning="loss", dead_code_threshold=1.5),
+        "vq-affine": VectorQuantizer(8, 64, learning="loss", affine=True, kmeans_init=True, dead_code_threshold=1.5),
     }
     torch.manual_seed(100 + rank)  # different data (and random streams) per rank
     for _ in range(20):

@@ -39,7 +39,7 @@ def test_codebooks_are_bitwise_identical_on_two_ranks(tmp_path):
     launch(2, tmp_path)
     (tmp_path / "alone").mkdir()
     launch(1, tmp_path / "alone")  # rank 0's data without its peer
-    for name in ("vq", "rvq", "vq-cosine-learned"):
+    for name in ("vq", "rvq", "vq-cosine-learned", "vq-affine"):
         r0 = load_file(tmp_path / f"{name}_rank0.safetensors")
         r1 = load_file(tmp_path / f"{name}_rank1.safetensors")
         alone = load_file(tmp_path / "alone" / f"{name}_rank0.safetensors")

@@ -150,13 +150,10 @@ class VectorQuantizer(Quantizer):
         self.decay, self.eps, self.beta = decay, eps, beta
         self.kmeans_init, self.kmeans_iters, self.kmeans_max_samples = kmeans_init, kmeans_iters, kmeans_max_samples
         self.dead_code_threshold, self.restart_dead_codes = dead_code_threshold, restart_dead_codes
-
         self.project_in = nn.Linear(dim, d) if d != dim else nn.Identity()
         self.project_out = nn.Linear(d, dim) if d != dim else nn.Identity()
-
         embed = torch.randn(codebook_size, d)
-        if metric == "cosine":
-            embed = l2norm(embed)
+        embed = l2norm(embed) if metric == "cosine" else embed
         if learning == "loss":
             self.embed = nn.Parameter(embed)
         else:
@@ -211,9 +208,9 @@ class VectorQuantizer(Quantizer):
             if self.training and self.affine:
                 with torch.no_grad():
                     e, w = self.embed.float(), 1 - self.affine_decay
-                    ok = torch.isfinite(xf).all()  # a batch with Inf/NaN rows leaves the statistics as they are
-                    self.latent_mean.lerp_(torch.where(ok, xf.mean(0), self.latent_mean), w)
-                    self.latent_var.lerp_(torch.where(ok, xf.var(0, unbiased=False), self.latent_var), w)
+                    mean, var, ok = self._latent_moments(xf)
+                    self.latent_mean.lerp_(torch.where(ok, mean, self.latent_mean), w)
+                    self.latent_var.lerp_(torch.where(ok, var, self.latent_var), w)
                     self.embed_mean.lerp_(torch.where(ok, e.mean(0), self.embed_mean), w)
                     self.embed_std.lerp_(torch.where(ok, e.std(0), self.embed_std), w)
             cb = self.codebook
@@ -244,6 +241,17 @@ class VectorQuantizer(Quantizer):
             xq = estimate(xf, q).to(flat.dtype).reshape(*lead, -1)
         quantized = self.project_out(xq).to(z.dtype)
         return QuantizerOutput(quantized, idx.reshape(lead), losses, metrics)
+
+    @staticmethod
+    def _latent_moments(xf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-channel mean and biased variance of the rows over every rank (one all-reduce), and
+        whether all ranks' rows were finite (else the affine statistics stay as they are)."""
+        if not tdist.is_distributed():
+            return xf.mean(0), xf.var(0, unbiased=False), torch.isfinite(xf).all()
+        d, bad = xf.shape[1], (~torch.isfinite(xf).all()).float().reshape(1)
+        stats = tdist.all_reduce_sum_(torch.cat([xf.sum(0), xf.square().sum(0), xf.new_tensor([xf.shape[0]]), bad]))
+        mean = stats[:d] / stats[2 * d]
+        return mean, (stats[d : 2 * d] / stats[2 * d] - mean.square()).clamp_min(0), stats[2 * d + 1] == 0
 
     def _codes(self, z: Tensor) -> Tensor:
         _, xf, lead = self._rows(z)  # the search of _forward in eval, and nothing else
