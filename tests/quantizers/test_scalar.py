@@ -100,3 +100,24 @@ def test_lfq_entropy_penalty_spreads_codes():
         opt.step()
     used = lfq(enc(x)).codes.unique().numel()
     assert used > 4 * used0 and used >= 24  # 3 -> 31 of 64 codes when written
+
+
+def test_fsq_weights_keep_their_grid_and_refuse_another():
+    """Levels and bound travel with the weights: an FSQ of another grid refuses them (the codes
+    would mean other values), and weights saved before the grid was kept still load."""
+    saved = FSQ(4, [8, 5, 5, 5]).state_dict()
+    assert saved["_levels"].tolist() == [8, 5, 5, 5]
+    FSQ(4, [8, 5, 5, 5]).load_state_dict(saved)
+    for other, said in ((FSQ(4, [5, 5, 5, 8]), r"levels \[8, 5, 5, 5\].*levels \[5, 5, 5, 8\]"),
+                        (FSQ(4, [8, 5, 5, 5], bound="paper"), "bound 'tanh'.*bound 'paper'")):
+        with pytest.raises(ValueError, match=said):
+            other.load_state_dict(saved)
+    older = {k: v for k, v in saved.items() if k not in ("_levels", "_bound")}
+    FSQ(4, [8, 5, 5, 5]).load_state_dict(older)  # strict, and nothing missing
+
+
+def test_the_embedded_video_model_loads_its_fsq_grid():
+    from tokenizers_vq import Tokenizer  # noqa: PLC0415
+
+    tok = Tokenizer.from_pretrained("video")
+    assert tok.quantizer.state_dict()["_levels"].tolist() == tok.quantizer.levels == [8, 8, 8, 5, 5, 5]

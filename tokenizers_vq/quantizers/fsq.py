@@ -30,6 +30,9 @@ from tokenizers_vq.quantizers._functional import code_histogram, perplexity, str
 from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
 
 
+_BOUNDS = ("tanh", "paper", "symmetric")
+
+
 class FSQ(Quantizer):
     """``(B, *S, D) -> codes (B, *S)`` with codes in ``[0, prod(levels))``.
 
@@ -56,7 +59,7 @@ class FSQ(Quantizer):
         noise_dropout: float = 0.0, check_finite: bool = True,
     ):
         super().__init__(dim, check_finite)
-        if bound not in ("tanh", "paper", "symmetric"):
+        if bound not in _BOUNDS:
             raise ValueError(f"bound must be 'tanh', 'paper' or 'symmetric', got {bound!r}")
         if not 0.0 <= noise_dropout <= 1.0:
             raise ValueError(f"noise_dropout must be in [0, 1], got {noise_dropout}")
@@ -75,8 +78,23 @@ class FSQ(Quantizer):
         self.project_out = nn.Linear(c, dim) if dim != c else nn.Identity()
         lv = torch.tensor(levels, dtype=torch.int64)
         basis = torch.cumprod(torch.tensor([1] + levels[:-1], dtype=torch.int64), 0)
-        self.register_buffer("_levels", lv, persistent=False)
+        # the levels and the bound in the state dict: weights saved with another grid refuse to load
+        self.register_buffer("_levels", lv)
+        self.register_buffer("_bound", torch.tensor(_BOUNDS.index(bound)))
         self.register_buffer("_basis", basis, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("_levels", "_bound"):
+            key, own = prefix + name, getattr(self, name)
+            if key not in state_dict:  # saved before the grid was kept with the weights: taken as this one
+                state_dict[key] = own.clone()
+            elif state_dict[key].shape != own.shape or not torch.equal(state_dict[key].to(own.device), own):
+                saved = state_dict[key].tolist()
+                what = ("levels", saved, self.levels) if name == "_levels" else (
+                    "bound", _BOUNDS[saved] if saved in range(len(_BOUNDS)) else saved, self.bound_form)
+                raise ValueError(f"FSQ weights saved with {what[0]} {what[1]!r} cannot load into an FSQ with "
+                                 f"{what[0]} {what[2]!r}: build it as the weights were saved")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def codebook_size(self) -> int:
