@@ -121,3 +121,15 @@ def test_the_embedded_video_model_loads_its_fsq_grid():
 
     tok = Tokenizer.from_pretrained("video")
     assert tok.quantizer.state_dict()["_levels"].tolist() == tok.quantizer.levels == [8, 8, 8, 5, 5, 5]
+
+
+def test_lfq_and_multiscale_weights_keep_their_settings():
+    from tokenizers_vq.quantizers import MultiScaleResidualQuantizer  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="spherical False.*spherical True"):
+        LFQ(8, 8, spherical=True).load_state_dict(LFQ(8, 8).state_dict())
+    with pytest.raises(ValueError, match=r"scales \[1, 2, 4\].*scales \[1, 2, 3\]"):
+        MultiScaleResidualQuantizer(8, 16, scales=(1, 2, 3)).load_state_dict(
+            MultiScaleResidualQuantizer(8, 16, scales=(1, 2, 4)).state_dict())
+    older = {k: v for k, v in LFQ(8, 8).state_dict().items() if k not in ("_num_bits", "_spherical")}
+    LFQ(8, 8).load_state_dict(older)

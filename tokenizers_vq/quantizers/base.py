@@ -14,7 +14,8 @@ import functools
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
@@ -297,6 +298,20 @@ def check_number(name: str, value: object, low: float, high: float = math.inf, *
     if not (number and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)):
         span = f"{'(' if open_low else '['}{low}, {high}{')' if open_high or high == math.inf else ']'}"
         raise ValueError(f"{name} must be {'a whole number' if integer else 'a number'} in {span}, got {value!r}")
+
+
+def load_settings(q: nn.Module, state_dict: dict, prefix: str, shown: dict[str, Callable[[Any], object]]) -> None:
+    """For ``_load_from_state_dict``: the settings ``q`` keeps as buffers (names of ``shown``,
+    each with how to show a saved value) must equal the saved ones, or the codes would mean
+    other values; weights saved before a setting was kept load as this ``q``'s."""
+    for name, show in shown.items():
+        key, own = prefix + name, getattr(q, name)
+        if key not in state_dict:
+            state_dict[key] = own.clone()
+        elif state_dict[key].shape != own.shape or not torch.equal(state_dict[key].to(own.device), own):
+            setting, cls = name.lstrip("_"), type(q).__name__
+            raise ValueError(f"{cls} weights saved with {setting} {show(state_dict[key].tolist())!r} cannot load into "
+                             f"a {cls} with {setting} {show(own.tolist())!r}: build it as the weights were saved")
 
 
 def check_float32_statistics(q: nn.Module, state: Tensor) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenizers_vq.quantizers._functional import code_histogram, perplexity, straight_through
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, load_settings
 
 
 _BOUNDS = ("tanh", "paper", "symmetric")
@@ -84,16 +84,7 @@ class FSQ(Quantizer):
         self.register_buffer("_basis", basis, persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("_levels", "_bound"):
-            key, own = prefix + name, getattr(self, name)
-            if key not in state_dict:  # saved before the grid was kept with the weights: taken as this one
-                state_dict[key] = own.clone()
-            elif state_dict[key].shape != own.shape or not torch.equal(state_dict[key].to(own.device), own):
-                saved = state_dict[key].tolist()
-                what = ("levels", saved, self.levels) if name == "_levels" else (
-                    "bound", _BOUNDS[saved] if saved in range(len(_BOUNDS)) else saved, self.bound_form)
-                raise ValueError(f"FSQ weights saved with {what[0]} {what[1]!r} cannot load into an FSQ with "
-                                 f"{what[0]} {what[2]!r}: build it as the weights were saved")
+        load_settings(self, state_dict, prefix, {"_levels": list, "_bound": lambda i: _BOUNDS[i] if 0 <= i < 3 else i})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from tokenizers_vq.distributed import mean_over_ranks
 from tokenizers_vq.quantizers._functional import code_histogram, l2norm, perplexity, straight_through
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_number
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_number, load_settings
 
 
 def _entropy(p: Tensor, eps: float = 1e-8) -> Tensor:
@@ -85,9 +85,15 @@ class LFQ(Quantizer):
         self.project_in = nn.Linear(dim, num_bits) if dim != num_bits else nn.Identity()
         self.project_out = nn.Linear(num_bits, dim) if dim != num_bits else nn.Identity()
         self.register_buffer("_powers", 2 ** torch.arange(num_bits, dtype=torch.int64), persistent=False)
+        self.register_buffer("_num_bits", torch.tensor(num_bits))  # in the state dict: see load_settings
+        self.register_buffer("_spherical", torch.tensor(spherical))
         # All 2^g sign patterns of one entropy group, (2^g, g).
         sub = ((torch.arange(2**group_bits).unsqueeze(1) >> torch.arange(group_bits)) & 1).float()
         self.register_buffer("_sub_codes", self._values(sub), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        load_settings(self, state_dict, prefix, {"_num_bits": int, "_spherical": bool})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def codebook_size(self) -> int:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers_vq.quantizers._functional import straight_through
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, load_settings
 from tokenizers_vq.quantizers.vq import VectorQuantizer
 
 
@@ -65,11 +65,16 @@ class MultiScaleResidualQuantizer(Quantizer):
         if not scales or min(scales) < 1 or scales != sorted(scales):
             raise ValueError(f"scales must be increasing positive sizes, got {scales}")
         self.scales, self.beta = scales, beta
+        self.register_buffer("_scales", torch.tensor(scales))  # in the state dict: see load_settings
         self.vq = VectorQuantizer(dim, codebook_size, check_finite=False, **(vq_options or {}))
         self.phi = nn.Linear(dim, dim)
         with torch.no_grad():  # starts as the identity: 0.5 h + 0.5 phi(h) = h
             self.phi.weight.copy_(torch.eye(dim))
             self.phi.bias.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        load_settings(self, state_dict, prefix, {"_scales": list})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def codebook_size(self) -> int:
