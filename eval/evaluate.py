@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from tokenizers_vq.eval.inception import FIDInception, inception_features
 from tokenizers_vq.lpips import LPIPSNet, lpips_distance
+from tokenizers_vq.quantizers._functional import code_histogram
 from tokenizers_vq.eval.metrics import audio_metrics, feature_frechet_distance, ms_ssim, psnr, ssim, token_stats
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import decode_record, encode_file
@@ -63,9 +64,10 @@ def peak_memory_mib() -> float:
 
 def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpips: LPIPSNet | None = None,
              inception: FIDInception | None = None) -> dict[str, Any]:
-    """Encode and decode every file; returns ``{"items": [...], "summary": {...}, "failed": [...]}``
-    (``failed``: the files a reader refused, each with its error; all of them refused raises
-    ``ValueError``).
+    """Encode and decode every file; returns ``{"items": [...], "summary": {...}, "failed": [...],
+    "code_histogram": counts}`` (``failed``: the files a reader refused, each with its error; all
+    of them refused raises ``ValueError``; ``counts``: ``(K,)`` uses of each code of the first
+    codebook over every item's tokens).
 
     Fixed-grid tokenizers only (a dynamic-length one raises ``ValueError``).
 
@@ -124,4 +126,6 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpi
     summary["device"] = str(next(tok.parameters()).device)
     summary["peak_memory_mib"] = peak_memory_mib()
     summary["items"] = len(items)
-    return {"items": items, "summary": summary, "failed": failed}
+    first = torch.cat(all_codes)[:, 0].long()  # the first codebook's (a residual stack's first level)
+    return {"items": items, "summary": summary, "failed": failed,
+            "code_histogram": code_histogram(first, tok.quantizer.codebook_size)}

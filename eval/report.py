@@ -16,7 +16,6 @@ from tokenizers_vq.eval.inception import FIDInception, load_inception
 from tokenizers_vq.lpips import LPIPSNet, load_lpips
 from tokenizers_vq.io import atomic_write, check_can_write
 from tokenizers_vq.modality import get as get_modality
-from tokenizers_vq.quantizers._functional import code_histogram
 from tokenizers_vq.tokenizer import Tokenizer
 
 # feature-network metrics this report does not compute at all
@@ -137,6 +136,7 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     device = next(tok.parameters()).device
     lpips, inception, skipped = _feature_nets(tok.modality, device, lpips_weights, lpips_heads, fid_weights)
     result = evaluate(tok, files, max_frames=max_frames, lpips=lpips, inception=inception)
+    histogram = result.pop("code_histogram")
     refused = {entry["file"] for entry in result["failed"]}
     files = [f for f in files if str(f) not in refused]
     if inception is not None and "rfid" not in result["summary"]:
@@ -156,10 +156,7 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     keys = [k for k in ("psnr_db", "ssim", "lpips", "mel_distance", "stoi", "si_sdr_db") if k in result["summary"]]
     _distribution_plot(result["items"], keys, out_dir / "metric_distributions.png")
     samples.write(tok, files, out_dir / "samples")
-    from tokenizers_vq.tokens import encode_file  # noqa: PLC0415
-
-    codes = torch.cat([encode_file(tok, f, max_frames=17).codes.reshape(-1, tok.quantizer.num_codebooks)[:, 0] for f in files])
-    usage_plot({model_name: code_histogram(codes.long(), tok.quantizer.codebook_size)}, out_dir / "codebook_usage.png",
+    usage_plot({model_name: histogram}, out_dir / "codebook_usage.png",  # the tokens the metrics are over
                title=f"codebook usage over {len(files)} files")
 
     clips = (f" Each video over its first {max_frames} frames (`--max-frames`; 0: all)."

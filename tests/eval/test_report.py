@@ -63,6 +63,11 @@ def test_tvq_eval_on_audio_and_video(modality, tmp_path):
         assert "over its first 9 frames" in (tmp_path / "report.md").read_text()
         assert result["items"][0]["tokens"] == 3 * 144 // 8 * 176 // 8  # 9 frames: 3 latent frames
     assert s["peak_memory_mib"] > 0
+    from tokenizers_vq.eval.evaluate import evaluate  # noqa: PLC0415
+
+    counts = evaluate(tok, files, max_frames=9)["code_histogram"]  # what the usage picture shows
+    assert counts.shape == (tok.quantizer.codebook_size,) and int(counts.sum()) == sum(it["tokens"] for it in result["items"])
+    assert "code_histogram" not in json.loads((tmp_path / "metrics.json").read_text())
 
 
 def test_flicker_is_zero_for_a_perfect_copy_and_grows_for_a_frozen_frame():
