@@ -33,13 +33,21 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None, mono: bo
         ValueError: missing, unreadable or truncated file, no samples, or (when
             resampling) a sample rate under :data:`MIN_SAMPLE_RATE`.
     """
+    return read_audio(path, sample_rate, mono)[:2]
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int | None = None,
+               mono: bool = False) -> tuple[Tensor, int, int, int]:
+    """:func:`load_audio`'s ``(waveform, sample_rate)`` followed by the file's own sample
+    rate and channel count."""
     import soundfile as sf  # noqa: PLC0415
 
     path = Path(path)
     check_media_file(path, "audio")
     try:
         with sf.SoundFile(str(path)) as f:
-            sr, block, promised, fmt = f.samplerate, max(1, 2**22 // f.channels), f.frames, f.format
+            sr, channels, promised, fmt = f.samplerate, f.channels, f.frames, f.format
+            block = max(1, 2**22 // channels)
             riff = fmt in _RIFF
             if sample_rate is not None and sr < MIN_SAMPLE_RATE:
                 # resampling would multiply the length by sample_rate / sr: a 1 Hz header on
@@ -81,20 +89,10 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None, mono: bo
     wav = torch.from_numpy(np.concatenate(blocks).T.copy())
     if not torch.isfinite(wav).all():
         raise ValueError(f"audio file {path} contains NaN or Inf samples")
+    source_rate = sr
     if sample_rate is not None and sample_rate != sr:
         wav, sr = resample(wav, sr, sample_rate), sample_rate
-    return wav, sr
-
-
-def audio_header(path: str | os.PathLike) -> tuple[int, int]:
-    """``(sample rate, channels)`` of an audio file, from its header."""
-    import soundfile as sf  # noqa: PLC0415
-
-    try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError) as e:
-        raise ValueError(f"cannot read audio {path}: {e}") from e
-    return info.samplerate, info.channels
+    return wav, sr, source_rate, channels
 
 
 # RIFF-family containers, whose data length a writer to a pipe leaves open (see _wav_cut_short)

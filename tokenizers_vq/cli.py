@@ -137,7 +137,8 @@ def _eval(args: argparse.Namespace) -> int:
     tok = _load_model(args, None if args.model else _default_for_folder(args.data, skip=skip))
     files = [f for f in list_media(args.data, tok.modality) if skip.isdisjoint(f.resolve().parents)]
     files = files[: args.max_items] if args.max_items else files
-    print(*left_out(args.data, tok.modality, skip), sep="\n", end="", file=sys.stderr)
+    for note in left_out(args.data, tok.modality, skip):
+        print(note, file=sys.stderr)
     result = write_report(tok, files, args.out, args.model or "embedded default", lpips_weights=args.lpips_weights,
                           lpips_heads=args.lpips_heads, fid_weights=args.fid_weights, baselines=args.baselines,
                           max_frames=args.max_frames or None)
@@ -179,8 +180,8 @@ def _export(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001  (raised below on every rank)
             error = e
         distributed.agree(error)
-        if distributed.rank_and_world()[0] == 0:
-            print(*left_out(args.data, tok.modality), sep="\n", end="", file=sys.stderr)
+        for note in left_out(args.data, tok.modality) if distributed.rank_and_world()[0] == 0 else ():
+            print(note, file=sys.stderr)
         out = Path(args.out)  # an earlier run of this export finished shards there: they are kept
         resumed = not args.overwrite and (out / RECORD).is_file() and any(out.glob("shard_*.json"))
         start = time.perf_counter()

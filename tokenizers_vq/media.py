@@ -155,6 +155,12 @@ SUFFIXES: dict[str, frozenset[str]] = {
 """File suffixes (lower case) read as each modality."""
 
 
+def suffix_modality(path: str | os.PathLike) -> str | None:
+    """The modality a file name's suffix stands for (:data:`SUFFIXES`), ``None`` for another suffix."""
+    suffix = Path(path).suffix.lower()
+    return next((m for m, suffixes in SUFFIXES.items() if suffix in suffixes), None)
+
+
 def modality_of(path: str | os.PathLike, unknown: str | None = None) -> str:
     """``"image"``, ``"audio"`` or ``"video"`` for a media file by its suffix; a folder
     of frame images (see :func:`is_frame_folder`) is a video; a suffix not in
@@ -173,11 +179,9 @@ def modality_of(path: str | os.PathLike, unknown: str | None = None) -> str:
                          "an fps.txt (the frame rate) to read it as one video")
     if not p.exists():
         raise ValueError(f"file not found: {p}")
-    for modality, suffixes in SUFFIXES.items():
-        if p.suffix.lower() in suffixes:
-            return modality
-    if unknown is not None:
-        return unknown
+    kind = suffix_modality(p) or unknown
+    if kind is not None:
+        return kind
     known = ", ".join(sorted(set().union(*SUFFIXES.values())))
     convert = (f" (AAC and WMA are not read: convert it first, e.g. ffmpeg -i {p.name} {p.stem}.flac)"
                if p.suffix.lower() in (".m4a", ".aac", ".wma") else "")
@@ -348,7 +352,7 @@ def media_in_folder(folder: str | Path, skip: set[Path] | None = None) -> dict[s
     for p in root.rglob("*"):  # paths under the resolved root: compared with the resolved folders of skip
         if skip and not skip.isdisjoint((p, *p.parents)):
             continue
-        kind = next((m for m, suffixes in SUFFIXES.items() if p.suffix.lower() in suffixes), None)
+        kind = suffix_modality(p)
         if kind is not None and p.is_file():
             found[kind].append(p)
     clips = {d for d in {p.parent for p in found["image"]} if is_frame_folder(d)}
@@ -357,8 +361,8 @@ def media_in_folder(folder: str | Path, skip: set[Path] | None = None) -> dict[s
 
 
 def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None) -> list[str]:
-    """Notes (lines ending in a newline) naming the media of other modalities in a data
-    folder, which a run with a ``modality`` model leaves out: a mixed folder is not coded whole."""
+    """Notes (one line each) naming the media of other modalities in a data folder, which a
+    run with a ``modality`` model leaves out: a mixed folder is not coded whole."""
     from tokenizers_vq.modality import get  # noqa: PLC0415
 
     notes = []
@@ -366,6 +370,5 @@ def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None) -
         if n and kind != modality:
             what = {"image": "photo", "audio": "audio file", "video": "video clip"}[kind] + ("s" if n > 1 else "")
             notes.append(f"tvq: note: {folder} also holds {n} {what}, left out: this run takes its {modality} files; "
-                         f"run again with --model {get(kind).default_model} for those\n")
+                         f"run again with --model {get(kind).default_model} for those")
     return notes
-

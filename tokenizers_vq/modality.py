@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenizers_vq.audio_io import audio_header
+from tokenizers_vq.audio_io import read_audio
 from tokenizers_vq.errors import ItemError
 from tokenizers_vq.media import (
     MAX_PIXELS,
@@ -271,13 +271,12 @@ class Audio(Modality):
         return media.shape[-1] / rate
 
     def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
-        wav, sr = load_audio(path, sample_rate, mono=True)
-        peak = float(wav.abs().max()) if wav.numel() else 0.0
+        wav, sr, source_rate, channels = read_audio(path, sample_rate, mono=True)
+        peak = float(wav.abs().max())  # load_audio refuses a file without samples
         if peak > INPUT_LIMIT:  # a float file's samples may go anywhere; named here, not as a tensor's
             raise ValueError(f"audio file {path}: its samples reach {peak:.3g}, far outside [-1, 1] (a floating-point "
                              f"file out of range); scale it down first, e.g. ffmpeg -i {Path(path).name} -af "
                              f"volume={-20 * math.log10(peak):.1f}dB out.wav")
-        source_rate, channels = audio_header(path)
         return wav, [wav.shape[-1]], {"sample_rate": sr, "source_sample_rate": source_rate, "channels": channels}
 
     def to_media(self, out: Tensor) -> Tensor:

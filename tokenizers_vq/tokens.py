@@ -44,7 +44,7 @@ from tqdm import tqdm
 from tokenizers_vq.export_record import weights_sha256
 from tokenizers_vq.io import (atomic_write, check_can_write, check_writable, file_sha256, save_safetensors,
                               tensor_sha256)
-from tokenizers_vq.media import MAX_PIXELS, SUFFIXES
+from tokenizers_vq.media import MAX_PIXELS, SUFFIXES, suffix_modality
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
 
@@ -210,7 +210,8 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
 
     path = Path(path)
     if path.is_dir():
-        export = " (an export's shards: read them with tokenizers_vq.export.TokenDataset)" if (path / "manifest.json").is_file() else ""
+        export = (" (an export's shards: read them with tokenizers_vq.export.TokenDataset)"
+                  if (path / "manifest.json").is_file() else "")
         raise ValueError(f"{path} is a folder{export}, not a token file: decode reads the file `tvq encode -o` wrote")
     if not path.is_file():
         raise ValueError(f"token file not found: {path}")
@@ -233,7 +234,7 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
                 source_digest = it.pop("source_sha256", None)
                 records.append(TokenRecord(codes, it.pop("source"), it.pop("size"), it, source_digest))
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
-        kind = _media_kind(path)
+        kind = suffix_modality(path)
         if kind is not None:
             raise ValueError(f"{path} is {get_modality(kind).article} file, not a token file: decode reads what "
                              f"`tvq encode` wrote (e.g. `tvq encode {path.name} -o tokens.tvq`)") from None
@@ -241,11 +242,6 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
     except _Damaged as e:
         raise ValueError(f"corrupt token file {path}: {e}; encode the sources again") from None
     return meta, records
-
-
-def _media_kind(path: Path) -> str | None:
-    """The modality a media file name's suffix stands for (None: not a media suffix)."""
-    return next((m for m, suffixes in SUFFIXES.items() if path.suffix.lower() in suffixes), None)
 
 
 def check_compatible(meta: dict[str, str], tok: Tokenizer, path: Path) -> None:
@@ -268,7 +264,7 @@ def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | 
     """Encode media files into one token file (all inputs are read before anything is written;
     an output that cannot be written is refused before any is read)."""
     target = Path(out)
-    kind = _media_kind(target)
+    kind = suffix_modality(target)
     if kind is not None or any(target.resolve() == Path(p).resolve() for p in paths):
         why = "is one of the inputs" if kind is None else f"has the suffix of {get_modality(kind).article} file"
         raise ValueError(f"{out} {why}: the token file would be written over media; "
@@ -289,14 +285,14 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
         check_grid(tok, rec, f"{tokens}: item {i} ({rec.source})")
     out = Path(out)
     single = len(records) == 1 and out.suffix != ""
-    other = next((m for m, suffixes in SUFFIXES.items() if out.suffix.lower() in suffixes), tok.modality)
+    other = suffix_modality(out) or tok.modality
     if single and out.suffix.lower() not in SUFFIXES[tok.modality] and other != tok.modality:
         raise ValueError(f"{out}: {out.suffix} is a file type for {other}, but {tokens} holds {tok.modality} tokens; "
                          f"write {tok.media.article} file "
                          f"(e.g. {out.with_suffix(tok.media.output_suffix).name})")
     if single:
         check_writable(tok.modality, out)  # before any decoding
-    elif len(records) > 1 and any(out.suffix.lower() in suffixes for suffixes in SUFFIXES.values()):
+    elif len(records) > 1 and suffix_modality(out) is not None:
         raise ValueError(f"{tokens} holds {len(records)} items: name a folder for them, not the file {out.name}")
     targets = [out] if single else _folder_targets(out, records, tok.media.output_suffix)
     for rec, target in zip(records, targets):

@@ -32,7 +32,7 @@ from typing import IO, Any
 
 from torch import Tensor
 
-from tokenizers_vq.media import SUFFIXES, load_input
+from tokenizers_vq.media import SUFFIXES, load_input, suffix_modality
 from tokenizers_vq.modality import get as get_modality
 
 
@@ -94,8 +94,8 @@ def _members(source: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
     bytes it wrote looked like a whole archive (a dropped download ends at a member)."""
     proc = err = None
     if source.startswith("pipe:"):
-        err, stream = _start(source)
-        proc, stream = stream, stream.stdout
+        err, proc = _start(source)
+        stream: IO[bytes] = proc.stdout
     elif Path(source).is_file():
         stream = open(source, "rb")  # noqa: SIM115  (closed below)
     else:
@@ -128,12 +128,10 @@ def _members(source: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
             if not finished:  # closed early (or failed): stop the command
                 proc.kill()
                 proc.wait()
-            err.seek(0)
-            message = err.read().decode(errors="replace").strip()[-300:]
+            failure = _command_failure(proc, err, source)
             err.close()
             if finished and proc.returncode != 0:
-                raise ValueError(f"{source}: the command exited with status {proc.returncode}"
-                                 + (f": {message}" if message else "") + "; its archive may be cut short")
+                raise ValueError(f"{failure}; its archive may be cut short")
 
 
 def _start(source: str) -> tuple[IO[bytes], subprocess.Popen]:
@@ -161,10 +159,14 @@ def _failed_command(proc: subprocess.Popen | None, err: IO[bytes] | None, source
     except subprocess.TimeoutExpired:
         return
     if proc.returncode not in (0, -signal.SIGPIPE):
-        err.seek(0)
-        message = err.read().decode(errors="replace").strip()[-300:]
-        raise ValueError(f"{source}: the command exited with status {proc.returncode}"
-                         + (f": {message}" if message else "") + f" (its archive: {why})")
+        raise ValueError(f"{_command_failure(proc, err, source)} (its archive: {why})")
+
+
+def _command_failure(proc: subprocess.Popen, err: IO[bytes], source: str) -> str:
+    """The exit status of a ``pipe:`` source's command and the end of its standard error."""
+    err.seek(0)
+    message = err.read().decode(errors="replace").strip()[-300:]
+    return f"{source}: the command exited with status {proc.returncode}" + (f": {message}" if message else "")
 
 
 class _ForwardReader:
@@ -219,16 +221,14 @@ def list_tar_samples(source: str | os.PathLike, modality: str) -> list[TarSample
     others: dict[str, int] = {}
     last_key = None
     for i, (info, _) in enumerate(_members(source)):
-        key, suffix = sample_key(info.name), PurePosixPath(info.name).suffix.lower()
-        if suffix in SUFFIXES[modality]:
+        key, kind = sample_key(info.name), suffix_modality(info.name)
+        if kind == modality:
             # a sample is a run of members sharing a key, as WebDataset groups them: the first
             # media member of each run; a key met again later is another sample
             if not (samples and samples[-1].key == key == last_key):
                 samples.append(TarSample(source, info.name, key, info.size, i))
-        else:
-            kind = next((m for m, found in SUFFIXES.items() if suffix in found), None)
-            if kind is not None:
-                others[kind] = others.get(kind, 0) + 1
+        elif kind is not None:
+            others[kind] = others.get(kind, 0) + 1
         last_key = key
     if not samples:
         held = "".join(f"; it holds {n} {m} members: pass a model for them (--model {get_modality(m).default_model})"
