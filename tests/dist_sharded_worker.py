@@ -16,9 +16,10 @@ from tokenizers_vq.quantizers.sharded import ShardedVectorQuantizer, shard_bound
 
 
 def batches(rank: int, steps: int = 12) -> list[torch.Tensor]:
-    """Rank ``rank``'s training batches (different data per rank)."""
+    """Rank ``rank``'s training batches (different data per rank; rank 1's batches hold
+    fewer items than rank 0's in every other step, as an epoch's last batch does)."""
     gen = torch.Generator().manual_seed(100 + rank)
-    return [torch.randn(3, 40, 8, generator=gen) * (1 + rank) for _ in range(steps)]
+    return [torch.randn(3 - (rank * step % 2), 40, 8, generator=gen) * (1 + rank) for step in range(steps)]
 
 
 def main(out_dir: str) -> None:
@@ -28,7 +29,7 @@ def main(out_dir: str) -> None:
     codebook = torch.randn(1001, 8)  # odd size: uneven shards
     codebook[700] = codebook[3]  # an exact tie across shards: the lower id must win
     torch.manual_seed(10 + rank)
-    x = torch.randn(257, 8)
+    x = torch.randn(257 - 60 * rank, 8)  # unequal query counts
     x[0] = codebook[3]
     offset, count = shard_bounds(len(codebook), rank, world)
     out = {}
@@ -41,7 +42,7 @@ def main(out_dir: str) -> None:
         out["train_codes"] = vq(x).codes
     out["shard"], out["cluster_size"], out["restarts"] = vq.embed, vq.cluster_size, vq.restarts
     vq.eval()
-    probe = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(7 + rank))
+    probe = torch.randn(2 + rank, 16, 8, generator=torch.Generator().manual_seed(7 + rank))
     out["probe_codes"], out["probe_decoded"] = vq.encode(probe), vq.decode(vq.encode(probe))
     save_file(out, f"{out_dir}/sharded_rank{rank}.safetensors")
     leave()  # a barrier first: a rank that tore down alone sometimes aborted the other at exit

@@ -334,3 +334,18 @@ def test_a_quantizer_cast_to_half_precision_codes_in_eval_and_names_the_fix_in_t
                 q(z.to(dtype))
         else:
             q(z.to(dtype))
+
+
+def test_a_rank_whose_mask_leaves_nothing_is_refused_in_training_under_a_process_group(monkeypatch):
+    """Its peers exchange codebook statistics in the step: skipping the exchange on one rank
+    would leave them waiting (or pair their exchange with another collective)."""
+    from tokenizers_vq.quantizers import base  # noqa: PLC0415
+
+    q, z = VectorQuantizer(D, 16), torch.randn(2, 5, D)
+    nothing = torch.zeros(2, 5, dtype=torch.bool)
+    assert torch.equal(q(z, mask=nothing).codes, torch.full((2, 5), -1))  # alone: nothing to exchange
+    monkeypatch.setattr(base, "is_distributed", lambda: True)
+    with pytest.raises(ValueError, match="this rank's mask has no real position.*leave batches that are all padding out"):
+        q(z, mask=nothing)
+    q.eval()  # encoding exchanges nothing
+    assert torch.equal(q.encode(z, mask=nothing), torch.full((2, 5), -1))

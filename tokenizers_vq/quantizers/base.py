@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenizers_vq import deferred
+from tokenizers_vq.distributed import is_distributed
 
 
 MAX_LATENT_MAGNITUDE = 1e15
@@ -168,7 +169,8 @@ class Quantizer(nn.Module, ABC):
         through unchanged and get code -1. Position-wise quantizers only
         (:attr:`positionwise`); not for ``torch.compile(fullgraph=True)`` (the number of
         real positions is data); under a process group every rank needs at least one real
-        position (codebook statistics are exchanged across ranks)."""
+        position in a training step (codebook statistics are exchanged across ranks), and a
+        rank without one is refused."""
         self._check_latent(z)
         if mask is not None:
             return self._forward_masked(z, mask)
@@ -259,6 +261,10 @@ class Quantizer(nn.Module, ABC):
         codes = torch.full((*mask.shape, *cs), -1, dtype=torch.int64, device=z.device)
         valid = z[mask]
         if valid.shape[0] == 0:
+            if self.training and is_distributed():  # its peers' statistics exchange would wait for it, or mismatch
+                raise ValueError("this rank's mask has no real position, but under a process group every rank "
+                                 "exchanges codebook statistics in each training step: leave batches that are all "
+                                 "padding out of the data (or give this rank at least one real position)")
             return QuantizerOutput(z, codes)
         out = self.forward(valid.unsqueeze(0))
         quantized = z.masked_scatter(mask.unsqueeze(-1).expand_as(z), out.quantized[0].to(z.dtype))

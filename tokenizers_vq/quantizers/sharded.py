@@ -33,7 +33,7 @@ def sharded_nearest_codes(
     """Global nearest code of this rank's queries.
 
     Args:
-        x: ``(N, d)`` this rank's queries (``N`` equal on every rank).
+        x: ``(N, d)`` this rank's queries (``N`` may differ between ranks).
         shard: ``(K_r, d)`` this rank's codes, global ids ``offset + i``.
 
     Returns:
@@ -42,38 +42,44 @@ def sharded_nearest_codes(
     if not is_distributed():
         dist_, idx = nearest_codes(x, shard, metric, backend)
         return dist_, idx + offset
-    world, rank = dist.get_world_size(), dist.get_rank()
-    gathered = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(gathered, x.contiguous())
-    queries = torch.cat(gathered)
+    queries, start, stop = gather_rows(x)
     d_loc, i_loc = nearest_codes(queries, shard, metric, backend)
     best = d_loc.clone()
     dist.all_reduce(best, op=dist.ReduceOp.MIN)
     sentinel = torch.iinfo(torch.int64).max
     cand = torch.where(d_loc == best, i_loc + offset, torch.full_like(i_loc, sentinel))
     dist.all_reduce(cand, op=dist.ReduceOp.MIN)
-    n = x.shape[0]
-    return best[rank * n : (rank + 1) * n], cand[rank * n : (rank + 1) * n]
+    return best[start:stop], cand[start:stop]
 
 
-def _gather_rows(x: Tensor) -> Tensor:
-    """All ranks' ``x`` ``(N, ...)`` concatenated in rank order (``x`` alone when not
-    distributed); ``N`` must be equal on every rank."""
+def gather_rows(x: Tensor) -> tuple[Tensor, int, int]:
+    """All ranks' ``x`` ``(N_r, ...)`` concatenated in rank order, and the ``(start, stop)``
+    of this rank's rows in it (``x``, 0, ``N`` when not distributed). Ranks may hold
+    different ``N_r`` (the last batch of an epoch): the sizes are exchanged first, one
+    host sync, and each rank's rows padded to the largest for the gather."""
     if not is_distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+        return x, 0, x.shape[0]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = torch.cat(sizes).tolist()  # a host sync: the slices below need the numbers
+    top = max(counts)
+    padded = x.contiguous() if x.shape[0] == top else torch.cat([x, x.new_zeros(top - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    start = sum(counts[:rank])
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]), start, start + counts[rank]
 
 
 class ShardedVectorQuantizer(Quantizer):
     """VQ-EMA whose ``K`` codes are split across ranks: rank ``r`` stores only
     ``shard_bounds(K, r, world)`` codes, so vocabularies of millions of codes fit.
 
-    Every call is collective (all ranks call it together with the same batch size).
-    The ranks' latents are gathered; each rank searches its shard and the global
-    nearest code comes from all-reduced (distance, index) minima, lowest index on ties.
-    Chosen codewords travel back by an all-reduced sum of the owners' rows. The EMA
+    Every call is collective: all ranks call it together (their batch sizes may differ,
+    at the cost of one host sync per call to exchange them). The ranks' latents are
+    gathered; each rank searches its shard and the global nearest code comes from
+    all-reduced (distance, index) minima, lowest index on ties. Chosen codewords travel back by an all-reduced sum of the owners' rows. The EMA
     statistics of a code are computed only by its owner, from the gathered latents:
     the same sums a reduce-scatter of per-rank statistics gives, without any rank
     holding a ``(K, d)`` temporary. Dead codes are replaced by gathered latents drawn
@@ -87,7 +93,7 @@ class ShardedVectorQuantizer(Quantizer):
         backend: search backend of each shard.
     """
 
-    positionwise = False  # its ranks exchange equal batches: a mask would make them differ
+    positionwise = False  # every call is collective: a mask leaving a rank no position would skip it there
 
     def __init__(
         self, dim: int, codebook_size: int, decay: float = 0.99, eps: float = 1e-5, beta: float = 0.25,
@@ -141,11 +147,10 @@ class ShardedVectorQuantizer(Quantizer):
         lead = tuple(z.shape[:-1])
         with torch.autocast(device_type=z.device.type, enabled=False):
             x = z.reshape(-1, z.shape[-1]).float()
-            n, rank = x.shape[0], dist.get_rank() if is_distributed() else 0
-            queries = _gather_rows(x.detach())
+            queries, start, stop = gather_rows(x.detach())
             idx_all = self._search(queries)
             q_all = self._rows(idx_all)
-            idx, q = idx_all[rank * n : (rank + 1) * n], q_all[rank * n : (rank + 1) * n]
+            idx, q = idx_all[start:stop], q_all[start:stop]
             if self.training:
                 self._update(queries, idx_all)
             losses = {"commitment": self.beta * torch.nn.functional.mse_loss(x, q)}
@@ -179,7 +184,6 @@ class ShardedVectorQuantizer(Quantizer):
         self.steps.add_(1)
 
     def _decode(self, codes: Tensor) -> Tensor:
-        flat = codes.reshape(-1).long()
-        n, rank = flat.shape[0], dist.get_rank() if is_distributed() else 0
-        rows = self._rows(_gather_rows(flat))[rank * n : (rank + 1) * n]
+        flat, start, stop = gather_rows(codes.reshape(-1).long())
+        rows = self._rows(flat)[start:stop]
         return rows.reshape(*codes.shape, self.dim)
