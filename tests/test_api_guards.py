@@ -68,3 +68,56 @@ def test_loading_onto_a_gpu_the_machine_lacks_is_named():
 
     with pytest.raises(ValueError, match="map_location='cuda': torch sees no CUDA GPU"):
         Tokenizer.from_pretrained("image", map_location="cuda")
+
+
+def test_a_save_that_fails_halfway_leaves_the_model_saved_there_before(tmp_path, monkeypatch):
+    """A full disk while the config is written: the weights saved there before stay, with
+    their own config, and no temporary file is left behind."""
+    import errno  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from tokenizers_vq import QuantizerConfig, Tokenizer  # noqa: PLC0415
+
+    first = tiny("image")
+    folder = first.save_pretrained(tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    other = tiny("image", QuantizerConfig("vq", {"codebook_size": 64}))
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match=r"config\.json"):
+        other.save_pretrained(folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(Tokenizer.from_pretrained(folder).encode(x), first.encode(x))
+
+
+@pytest.mark.parametrize("given", ["tensor", "file"])
+def test_a_projected_codebook_saves_its_features_in_the_weights_alone(given, tmp_path):
+    """Features given as a tensor (JSON cannot hold it) or as a file (gone where the model is
+    loaded) are kept in model.safetensors; config.json records their shape."""
+    import json  # noqa: PLC0415
+
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    from tokenizers_vq import QuantizerConfig, Tokenizer  # noqa: PLC0415
+
+    feats = torch.randn(48, 6, generator=torch.Generator().manual_seed(3))
+    source = feats
+    if given == "file":
+        source = str(tmp_path / "features.safetensors")
+        save_file({"f": feats}, source)
+    tok = tiny("image", QuantizerConfig("projected_vq", {"codebook_size": 32, "features": source, "kmeans_iters": 2}))
+    folder = tok.save_pretrained(tmp_path / "m")
+    if given == "file":
+        (tmp_path / "features.safetensors").unlink()
+    assert json.loads((folder / "config.json").read_text())["quantizer"]["options"]["features"] == {"in_weights": [32, 6]}
+    loaded = Tokenizer.from_pretrained(folder)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(loaded.encode(x), tok.encode(x))
+    assert torch.equal(loaded.quantizer.features, tok.quantizer.features)
+    loaded.save_pretrained(tmp_path / "again")  # saved again from the marker
+    assert torch.equal(Tokenizer.from_pretrained(tmp_path / "again").encode(x), tok.encode(x))

@@ -52,20 +52,36 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             fails (a full disk): the message names ``path`` (not the temporary file); ``path``
             is left as it was.
     """
-    path = Path(path)
-    tmp = _temporary_beside(path)
+    return atomic_write_all({path: write})[0]
+
+
+def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], None]]) -> list[Path]:
+    """:func:`atomic_write` of several files that belong together (a model's weights and
+    its config): every temporary file is written before the first rename, so a failed
+    write (a full disk) leaves every file as it was, never a new one beside an old one.
+    Raises as :func:`atomic_write`; returns the paths in the given order."""
+    done: dict[Path, str] = {}
+    current = Path(next(iter(writes)))
     try:
-        write(tmp)
+        for path, write in writes.items():
+            current = Path(path)
+            done[current] = _temporary_beside(current)
+            write(done[current])
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
-        os.replace(tmp, path)
+        for tmp in done.values():
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
+        for path, tmp in list(done.items()):
+            current = path
+            os.replace(tmp, path)
+            del done[path]
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in done.values():
+            Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno is not None:
-            raise _naming(e, path) from e
+            raise _naming(e, current) from e
         raise
-    return path
+    return [Path(p) for p in writes]
 
 
 def write_bytes(data, path: str | os.PathLike) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from tokenizers_vq import deferred
 from tokenizers_vq.backbones import BACKBONES
-from tokenizers_vq.io import atomic_write, save_safetensors
+from tokenizers_vq.io import atomic_write_all, save_safetensors
 from tokenizers_vq.modality import Modality
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.modality import names as modality_names
@@ -33,7 +33,7 @@ from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
 from tokenizers_vq.quantizers.base import evaluating
 from tokenizers_vq.streaming import AudioDecodeStream, AudioEncodeStream, receptive_field
 from tokenizers_vq.tokenizer_config import (QUANTIZER_KINDS, QuantizerConfig, TokenizerConfig,  # noqa: F401 (re-exported)
-                                            architecture_sha256, backbone_config, check_architecture)
+                                            architecture_sha256, backbone_config, check_architecture, saved_config)
 
 _ASSETS = Path(__file__).parent / "assets"
 PRETRAINED: dict[str, Path] = {
@@ -294,7 +294,8 @@ class Tokenizer(nn.Module):
 
     # -- saving and loading ---------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (each atomically).
+        """Write ``config.json`` and ``model.safetensors`` (together: a failed write leaves
+        a model saved there before as it was).
 
         Args:
             dtype: store floating-point tensors in this type (e.g. ``torch.float16`` to
@@ -309,10 +310,11 @@ class Tokenizer(nn.Module):
             big = torch.finfo(dtype).max / 2
             state = {k: v.to(dtype) if v.is_floating_point() and (v.numel() == 0 or float(v.abs().max()) < big) else v
                      for k, v in state.items()}
-        meta = {"format": "pt", "architecture_sha256": architecture_sha256(self.config)}
-        atomic_write(directory / "model.safetensors", lambda tmp: save_safetensors(state, tmp, metadata=meta))
-        text = json.dumps(asdict(self.config), indent=2)
-        atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
+        config = saved_config(self.config, self.quantizer)
+        meta = {"format": "pt", "architecture_sha256": architecture_sha256(config)}
+        text = json.dumps(asdict(config), indent=2)
+        atomic_write_all({directory / "model.safetensors": lambda tmp: save_safetensors(state, tmp, metadata=meta),
+                          directory / "config.json": lambda tmp: Path(tmp).write_text(text)})
         return directory
 
     @classmethod

@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
+
 from tokenizers_vq.quantizers import (
     FSQ,
     LFQ,
@@ -149,6 +151,8 @@ class QuantizerConfig:
         except (NameError, TypeError):  # annotations this module cannot resolve: names checked only
             hints = {}
         for name, value in self.options.items():
+            if name == "features" and _features_in_weights(value) is not None:
+                continue
             if name in hints and not _fits(value, hints[name]):
                 raise ValueError(f"quantizer option {name}={value!r} ({type(value).__name__}) for kind {self.kind!r} "
                                  f"should be {_type_name(hints[name])}")
@@ -157,14 +161,18 @@ class QuantizerConfig:
         if dim % self.groups:
             raise ValueError(f"latent dim {dim} is not divisible by groups={self.groups}")
         cls, d = quantizer_class(self.kind), dim // self.groups
+        options = dict(self.options)
+        shape = _features_in_weights(options.get("features"))
+        if shape is not None:  # placeholders of the saved shape, filled by the weights as they load
+            options["features"] = torch.zeros(shape)
 
         def one() -> Quantizer:
             if self.levels == 1:
-                return cls(d, **self.options)
+                return cls(d, **options)
             if self.shared_codebook:
-                return ResidualQuantizer([cls(d, **self.options)], dropout=self.dropout, shared_levels=self.levels,
+                return ResidualQuantizer([cls(d, **options)], dropout=self.dropout, shared_levels=self.levels,
                                          beam_size=self.beam_size)
-            return ResidualQuantizer([cls(d, **self.options) for _ in range(self.levels)], dropout=self.dropout,
+            return ResidualQuantizer([cls(d, **options) for _ in range(self.levels)], dropout=self.dropout,
                                      beam_size=self.beam_size)
 
         q = one() if self.groups == 1 else GroupedQuantizer([one() for _ in range(self.groups)])
@@ -174,6 +182,42 @@ class QuantizerConfig:
         if unknown:
             raise ValueError(f"unknown DynamicQuantizer options {sorted(unknown)} in the quantizer's dynamic field")
         return DynamicQuantizer(q, **self.dynamic)
+
+
+FEATURES_IN_WEIGHTS = "in_weights"
+"""Key of the ``features`` option a saved config holds in place of a projected codebook's
+features (a tensor or a file path): ``{"in_weights": [K, F]}``, the shape of the buffer
+that ``model.safetensors`` holds, so a saved model needs neither the tensor in JSON nor
+the original file."""
+
+
+def _features_in_weights(value: Any) -> tuple[int, int] | None:
+    """The ``(K, F)`` of a :data:`FEATURES_IN_WEIGHTS` marker, else None."""
+    if isinstance(value, dict) and set(value) == {FEATURES_IN_WEIGHTS}:
+        shape = value[FEATURES_IN_WEIGHTS]
+        if (isinstance(shape, (list, tuple)) and len(shape) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+            return int(shape[0]), int(shape[1])
+        raise ValueError(f"quantizer option features={value!r}: {FEATURES_IN_WEIGHTS!r} takes the [rows, columns] "
+                         "of the features buffer in model.safetensors")
+    return None
+
+
+def saved_config(config: TokenizerConfig, quantizer: torch.nn.Module) -> TokenizerConfig:
+    """``config`` as ``config.json`` stores it: a projected codebook's ``features`` option (a
+    tensor, which JSON cannot hold, or a file path, which may be gone where the model is
+    loaded) becomes a :data:`FEATURES_IN_WEIGHTS` marker of the buffer's shape, since the
+    weights hold the features themselves."""
+    import dataclasses  # noqa: PLC0415
+
+    from tokenizers_vq.quantizers import ProjectedCodebookVQ  # noqa: PLC0415
+
+    options = config.quantizer.options
+    if "features" not in options or options["features"] is None or _features_in_weights(options["features"]):
+        return config
+    buffer = next(m.features for m in quantizer.modules() if isinstance(m, ProjectedCodebookVQ))
+    marked = {**options, "features": {FEATURES_IN_WEIGHTS: list(buffer.shape)}}
+    return dataclasses.replace(config, quantizer=dataclasses.replace(config.quantizer, options=marked))
 
 
 @dataclass
