@@ -124,16 +124,20 @@ def _aug_tile(main, col, D, NC, s1, s2, s3, X_SIDE: tl.constexpr):
 def _augment_kernel(C, CA, CSQ, K, D, NC, scg, sck, scd, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                     EXT: tl.constexpr, NORM_INIT: tl.constexpr):
     """``c_aug`` (module docstring), ``(G, K_pad, BLOCK_D + EXT)`` contiguous, every
-    element written; rows ``>= K`` are zeros with ``h1 = +inf`` (distance ``+inf``).
+    element written; rows ``>= K`` and codes holding Inf or NaN (or whose ``|c|^2``
+    overflows) are zeros with ``h1 = +inf`` (distance ``+inf``: never chosen, as in the
+    tiled kernel, where such a code's distance is NaN or ``+inf``).
     ``NORM_INIT``: ``c_aug = [-2c, 0...]`` and fp32 ``|c|^2`` in ``CSQ (G, K_pad)``
-    (``+inf`` for rows ``>= K``) instead of the norm columns."""
+    (``+inf`` for those rows) instead of the norm columns."""
     g = tl.program_id(1).to(tl.int64)
     kk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     dd = tl.arange(0, BLOCK_D)[None, :]
-    real = kk < K
-    c = tl.load(C + g * scg + kk[:, None].to(tl.int64) * sck + dd * scd, mask=real[:, None] & (dd < D), other=0.0)
+    c = tl.load(C + g * scg + kk[:, None].to(tl.int64) * sck + dd * scd, mask=(kk < K)[:, None] & (dd < D), other=0.0)
     c = c.to(tl.float32)
     csq = tl.sum(c * c, axis=1)
+    real = (kk < K) & (csq < float("inf"))  # False for NaN too
+    c = tl.where(real[:, None], c, 0.0)
+    csq = tl.where(real, csq, 0.0)
     h1, h2, h3 = _parts(csq, CA.dtype.element_ty)
     h1 = tl.where(real, h1, float("inf"))
     k_pad = tl.num_programs(0) * BLOCK_K

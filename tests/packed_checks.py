@@ -131,6 +131,18 @@ def check_packed_ties_splits_groups(device, full=False):
                 _check_search(_data((n, d), dt, device), _data((k, d), dt, device), "l2", name, split_k=split,
                               algorithm="packed", plan=both)
         assert calls[0] == 2, (n, d, k, name)
+    # codes holding Inf or NaN are never chosen (as in the tiled kernel): the same ids as with
+    # those codes moved far away, in every layout of the norms
+    for name, split, d, at in itertools.product(PACKED, (None, 3), (8, 32), (0, 2**30)):
+        dt = DTYPES[name][0]
+        q, far = _data((40, d), dt, device), _data((300, d), dt, device)
+        bad = far.clone()
+        bad[5, 0], bad[77, d - 1], bad[150] = float("inf"), float("nan"), -float("inf")
+        far[[5, 77, 150]] = 1e4
+        layout = plan(pad_up_max_d=MappingProxyType({}), norm_init_min_block_d=at)
+        with packed_calls() as calls:
+            ids = [nearest_codes_triton(q, cb, split_k=split, algorithm="packed", plan=layout)[1] for cb in (bad, far)]
+        assert calls[0] == 2 and torch.equal(ids[0], ids[1]), (name, split, d, at)
     capped = plan(max_aug_bytes=packed_launch.aug_bytes(torch.float32, 1, 70, 8) - 1)  # c_aug one byte over: the tiled kernel
     with packed_calls() as calls:
         ours = nearest_codes_triton(x, c, algorithm="packed", plan=capped)
