@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import soundfile as sf
@@ -15,6 +16,7 @@ from test_tokenizer import tiny
 from testdata import shared_path, small_photos
 
 from tokenizers_vq.cli import main
+from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import load_tokens
 
 
@@ -158,4 +160,12 @@ def test_decoding_with_other_weights_under_the_same_name_warns(tmp_path, image_m
     other = retrained.save_pretrained(tmp_path / "retrained")
     capsys.readouterr()
     assert main(["decode", str(tokens), "--model", str(other), "-o", str(tmp_path / "out.png")]) == 0
-    assert "with other weights" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "with other weights" in err and err.count("warning") == 1  # said once, by tvq
+    from tokenizers_vq.tokens import OtherModelWarning, decode_file  # noqa: PLC0415
+
+    with pytest.warns(OtherModelWarning, match="with other weights"):  # the Python API says it too
+        decode_file(Tokenizer.from_pretrained(other), tokens, tmp_path / "api.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OtherModelWarning)
+        decode_file(Tokenizer.from_pretrained(image_model), tokens, tmp_path / "own.png")

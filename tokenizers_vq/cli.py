@@ -47,19 +47,19 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from tokenizers_vq.export_record import weights_sha256  # noqa: PLC0415
-    from tokenizers_vq.tokens import decode_file, load_tokens  # noqa: PLC0415
+    import warnings  # noqa: PLC0415
+
+    from tokenizers_vq.tokens import OtherModelWarning, decode_file, load_tokens, other_model  # noqa: PLC0415
 
     meta, _ = load_tokens(args.tokens)
     tok = _model_for_tokens(args, meta["model_id"], meta["modality"])
-    if meta["model_id"] != tok.config.name:  # same kind of codes (checked next), another model's decoder
-        print(f"tvq: warning: {args.tokens} was written by model {meta['model_id']!r}; decoding with "
-              f"{tok.config.name!r}, whose decoder may read its codes differently", file=sys.stderr)
-    elif "model_sha256" in meta and meta["model_sha256"] != weights_sha256(tok):
-        print(f"tvq: warning: {args.tokens} was written by a model named {meta['model_id']!r} with other weights "
-              "than this one's (retrained, or another version); its decoder may read the codes differently: "
-              "decode with the model that wrote them", file=sys.stderr)
-    for path in decode_file(tok, args.tokens, args.output):
+    other = other_model(meta, tok, args.tokens)  # said before a long decode begins
+    if other is not None:
+        print(f"tvq: warning: {other}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OtherModelWarning)
+        written = decode_file(tok, args.tokens, args.output)
+    for path in written:
         print(f"wrote {path}")
     return 0
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +260,24 @@ def check_compatible(meta: dict[str, str], tok: Tokenizer, path: Path) -> None:
                          f"{list(tok.quantizer.code_shape)} of {tok.config.name!r}" + fix)
 
 
+class OtherModelWarning(UserWarning):
+    """Tokens decoded by another model than the one that wrote them: the codes fit its
+    quantizer, but its decoder may read them differently."""
+
+
+def other_model(meta: dict[str, str], tok: Tokenizer, path: str | os.PathLike) -> str | None:
+    """Why ``tok`` is not the model that wrote the token file ``path`` (another name, or the
+    same name with other weights: retrained, another version), or None when it is."""
+    if meta["model_id"] != tok.config.name:
+        return (f"{path} was written by model {meta['model_id']!r}; decoding with {tok.config.name!r}, whose "
+                "decoder may read its codes differently")
+    if "model_sha256" in meta and meta["model_sha256"] != weights_sha256(tok):
+        return (f"{path} was written by a model named {meta['model_id']!r} with other weights than this one's "
+                "(retrained, or another version); its decoder may read the codes differently: decode with the "
+                "model that wrote them")
+    return None
+
+
 def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | os.PathLike,
                  max_pixels: int | None = MAX_PIXELS) -> Path:
     """Encode media files into one token file (all inputs are read before anything is written;
@@ -278,9 +297,13 @@ def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | 
 def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLike) -> list[Path]:
     """Decode a token file. ``out`` is the output file for a single item (its suffix
     picks the format) or a directory that receives ``<source stem><ext>`` per item.
-    Every item's checksum and grid are checked before anything is written."""
+    Every item's checksum and grid are checked before anything is written; tokens of
+    another model (:func:`other_model`) decode with an :class:`OtherModelWarning`."""
     meta, records = load_tokens(tokens)
     check_compatible(meta, tok, Path(tokens))
+    other = other_model(meta, tok, tokens)
+    if other is not None:
+        warnings.warn(other, OtherModelWarning, stacklevel=2)
     for i, rec in enumerate(records):
         check_grid(tok, rec, f"{tokens}: item {i} ({rec.source})")
     out = Path(out)
