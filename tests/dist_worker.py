@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from tokenizers_vq.distributed import leave
 from tokenizers_vq import ResidualQuantizer, VectorQuantizer
+from tokenizers_vq.train.losses import LeCam
 
 
 def main(out_dir: str) -> None:
@@ -28,11 +29,14 @@ def main(out_dir: str) -> None:
         "vq-cosine-learned": VectorQuantizer(8, 64, metric="cosine", learning="loss", dead_code_threshold=1.5),
         "vq-affine": VectorQuantizer(8, 64, learning="loss", affine=True, kmeans_init=True, dead_code_threshold=1.5),
     }
+    lecam = LeCam(decay=0.9)
     torch.manual_seed(100 + rank)  # different data (and random streams) per rank
     for _ in range(20):
         x = torch.randn(4, 32, 8) * (1 + rank) + rank
         for m in models.values():
             m(x)
+        lecam([x[..., :1]], [x[..., 1:2] - 1])  # a discriminator's outputs on real and fake, per rank
+    models["lecam"] = lecam
     for name, m in models.items():
         save_file({k: v.contiguous() for k, v in m.state_dict().items()}, f"{out_dir}/{name}_rank{rank}.safetensors")
     leave()  # a barrier first: a rank that tore down alone sometimes aborted the other at exit

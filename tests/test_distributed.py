@@ -52,6 +52,11 @@ def test_codebooks_are_bitwise_identical_on_two_ranks(tmp_path):
         # the statistics really were shared: alone, rank 0 ends with other EMA counts
         sizes = [k for k in r0 if k.endswith("cluster_size")]
         assert all(not alone[k].equal(r0[k]) for k in sizes), f"{name}: same statistics without the peer"
+    # the LeCam regulariser's averages of the discriminator's outputs: over both ranks' batches
+    r0, r1 = (load_file(tmp_path / f"lecam_rank{r}.safetensors") for r in (0, 1))
+    alone = load_file(tmp_path / "alone" / "lecam_rank0.safetensors")
+    assert all(r0[k].numpy().tobytes() == r1[k].numpy().tobytes() for k in ("real_ema", "fake_ema"))
+    assert not torch.equal(r0["real_ema"], alone["real_ema"])
 
 
 

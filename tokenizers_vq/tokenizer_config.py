@@ -138,6 +138,12 @@ class QuantizerConfig:
             raise ValueError(f"quantizer.shared_codebook={self.shared_codebook} and beam_size={self.beam_size} are "
                              f"options of residual levels: set quantizer.levels >= 2 (got {self.levels})")
         params = inspect.signature(cls).parameters
+        needed = [n for n, p in params.items() if n not in ("dim", "self") and p.default is inspect.Parameter.empty
+                  and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        missing = [n for n in needed if n not in self.options]
+        if missing:
+            raise ValueError(f"quantizer kind {self.kind!r} needs the options {missing} (quantizer.options), "
+                             f"e.g. {_example_options(self.kind, missing)}")
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             allowed = set(params) - {"dim", "self"}
             unknown = sorted(set(self.options) - allowed)
@@ -189,6 +195,12 @@ FEATURES_IN_WEIGHTS = "in_weights"
 features (a tensor or a file path): ``{"in_weights": [K, F]}``, the shape of the buffer
 that ``model.safetensors`` holds, so a saved model needs neither the tensor in JSON nor
 the original file."""
+
+
+def _example_options(kind: str, names: list[str]) -> dict[str, Any]:
+    """Example values for a quantizer's required options, for an error message."""
+    known = {"codebook_size": 1024, "levels": [8, 5, 5, 5], "num_bits": 10, "scales": [1, 2, 4, 8, 16]}
+    return {n: known.get(n, "...") for n in names}
 
 
 def _features_in_weights(value: Any) -> tuple[int, int] | None:
@@ -244,6 +256,10 @@ class TokenizerConfig:
     chunk_frames: int = 500
     chunk_context: int = 25
     clip_frames: int = 17
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"the model's name must be a non-empty string (token files record it), got {self.name!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:

@@ -10,6 +10,7 @@ Layout of ``<out_dir>/checkpoint/``:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -74,9 +75,14 @@ def save_checkpoint(directory: Path, parts: dict[str, Any], meta: dict[str, Any]
         try:
             save_file(tensors, tmp / "state.safetensors")
         except SafetensorError as e:  # a full disk, say: an OSError, as the other writes give
-            raise OSError(f"cannot write the checkpoint in {directory.parent} ({e}); the last one is kept") from None
+            kept = "the last one is kept" if find_checkpoint(directory) else "no earlier one exists"
+            raise OSError(f"cannot write the checkpoint in {directory.parent} ({e}); {kept}") from None
         (tmp / "state.json").write_text(json.dumps({**meta, "structure": structure}, indent=1))
         model_dir_writer(tmp / "model")
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (tmp, *tmp.rglob("*")):  # mkdtemp and the tensor writer make them private
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -134,3 +140,43 @@ def set_rng_state(state: dict[str, Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def state_hashes(module: torch.nn.Module, rank: int, world: int) -> list[str]:
+    """SHA-256 of ``module``'s state on every rank (equal when it is bitwise identical),
+    gathered to all ranks; each rank prints its own."""
+    import hashlib  # noqa: PLC0415
+
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()
+    print(f"rank {rank}: codebook sha256 {digest}")
+    if world == 1:
+        return [digest]
+    import torch.distributed as dist  # noqa: PLC0415
+
+    out: list[str] = [""] * world
+    dist.all_gather_object(out, digest)
+    return out
+
+
+def truncate_log(log: Path, step: int) -> None:
+    """Drop the lines of ``log`` (``metrics.jsonl``) of steps after ``step`` (all, at 0),
+    written before a kill and written again by the resumed run, so each step has one line."""
+    if not log.is_file():
+        return
+    lines = log.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) > step:
+                break
+        except json.JSONDecodeError:  # a line cut by the kill
+            break
+        keep.append(line)
+    if len(keep) < len(lines):
+        tmp = log.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(log)

@@ -117,19 +117,43 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     if unknown:
         raise ValueError(f"unknown config keys in {where or 'config'}: {sorted(unknown)}; known: {sorted(names)}")
     kwargs = {}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for key, val in values.items():
         hint = hints[key]
+        if val is None and hint in _KINDS:  # an empty value (`--out_dir=`, `seed: null`)
+            if hint is not str or defaults[key] != "":
+                raise ValueError(f"{where}{key} is empty: it takes {_KINDS[hint]}"
+                                 + (f" (default {defaults[key]!r})" if defaults[key] is not dataclasses.MISSING else ""))
+            val = ""  # a text field whose empty value means none (data.val, init_from)
         if dataclasses.is_dataclass(hint):
             if not isinstance(val, dict):
                 raise ValueError(f"{where}{key} must be a mapping")
             kwargs[key] = _build(hint, val, f"{where}{key}.")
         elif typing.get_origin(hint) is tuple and isinstance(val, list):
             kwargs[key] = tuple(val)
-        elif hint is str and isinstance(val, bool):  # YAML 1.1 reads a bare `no` as False
-            kwargs[key] = "yes" if val else "no"
+        elif hint is str and isinstance(val, bool):  # a bare true / false: the text as written
+            kwargs[key] = "true" if val else "false"
         else:
             kwargs[key] = _scalar(hint, val, f"{where}{key}")
     return cls(**kwargs)
+
+
+def _yaml_loader() -> type:
+    """YAML's safe loader with YAML 1.2's booleans: only true / false (any case) are, so
+    ``--out_dir=off`` or ``name: no`` stay the text written (YAML 1.1 read on, off, yes and
+    no as booleans)."""
+    import re  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+                                      for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    return Loader
 
 
 _KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -180,7 +204,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not p.is_file():
             raise ValueError(f"config file not found: {p}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.load(p.read_text(), Loader=_yaml_loader()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(tree, dict):
@@ -196,7 +220,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         key, raw = item.split("=", 1)
         # model.quantizer.options is free-form: values are kept as parsed
         try:
-            _set(tree, key, yaml.safe_load(raw))
+            _set(tree, key, yaml.load(raw, Loader=_yaml_loader()))
         except yaml.YAMLError as e:
             raise ValueError(f"override {item!r}: its value is not valid YAML: {' '.join(str(e).split())}") from None
     model = tree.pop("model", {})

@@ -156,4 +156,8 @@ def split_files(files: list[Path], val_files: list[Path] | None, val_fraction: f
     if val_files:
         return files, val_files
     n_val = int(round(len(files) * val_fraction))
+    if n_val and n_val >= len(files):
+        raise ValueError(f"data.val_fraction={val_fraction} holds all {len(files)} files of data.train apart, leaving "
+                         "none to train on: lower data.val_fraction, raise data.max_items, or name a validation "
+                         "folder (data.val)")
     return (files[:-n_val], files[-n_val:]) if n_val else (files, [])

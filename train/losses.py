@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokenizers_vq.distributed import all_reduce_sum_, rank_and_world
 from tokenizers_vq.lpips import BACKBONE_FILES, LPIPSNet, load_lpips
 from tokenizers_vq.spectral import multires_stft_distance, multiscale_mel_distance
 
@@ -91,9 +92,10 @@ class LeCam(nn.Module):
     def forward(self, real: list[Tensor], fake: list[Tensor]) -> Tensor:
         r = torch.stack([t.float().mean() for t in real]).mean()
         f = torch.stack([t.float().mean() for t in fake]).mean()
-        with torch.no_grad():
-            self.real_ema.lerp_(r.detach(), 1 - self.decay)
-            self.fake_ema.lerp_(f.detach(), 1 - self.decay)
+        with torch.no_grad():  # the mean over ranks: every rank's averages, and the checkpoint's, agree
+            means = all_reduce_sum_(torch.stack([r, f]).detach()) / rank_and_world()[1]
+            self.real_ema.lerp_(means[0], 1 - self.decay)
+            self.fake_ema.lerp_(means[1], 1 - self.decay)
         reg = [F.relu(t - self.fake_ema).pow(2).mean() for t in real]
         reg += [F.relu(self.real_ema - t).pow(2).mean() for t in fake]
         return sum(reg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,9 +19,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from tokenizers_vq import samples
+from tokenizers_vq.distributed import all_reduce_sum_
 from tokenizers_vq.io import check_can_write
 from tokenizers_vq.media import list_media
 from tokenizers_vq.modality import get as get_modality
+from tokenizers_vq.spectral import DEFAULT_MEL_WINDOWS
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.train.checkpoint import (
     find_checkpoint,
@@ -29,6 +32,8 @@ from tokenizers_vq.train.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    state_hashes,
+    truncate_log,
 )
 from tokenizers_vq.train.config import TrainConfig, check_config, config_to_dict
 from tokenizers_vq.train.data import MediaFolder, split_files
@@ -43,6 +48,9 @@ from tokenizers_vq.train.losses import (
     reconstruction_terms,
 )
 from tokenizers_vq.train.warm_start import warm_start
+
+TIME_CHECK_STEPS = 10
+"""Steps between the ranks' comparisons of the time spent (``max_minutes``)."""
 
 
 def _listed(key: str, folder: str, modality: str, max_items: int) -> list:
@@ -84,7 +92,8 @@ class Trainer:
         if cfg.init_quantizer != "all" and not cfg.init_from and not (Path(cfg.out_dir) / "checkpoint").is_dir():
             raise ValueError(f"init_quantizer={cfg.init_quantizer!r} says what init_from gives the quantizer, "
                              "but no init_from is set: set init_from, or leave init_quantizer out")
-        if cfg.init_from:
+        resuming = find_checkpoint(Path(cfg.out_dir) / "checkpoint") is not None
+        if cfg.init_from and not resuming:  # a run that resumes has its own weights (init_from may be gone)
             warm_start(self.model, cfg.init_from, cfg.init_quantizer)
         if self.model.is_dynamic and cfg.sample_every > 0:
             raise ValueError("training samples are written for fixed-grid tokenizers only; set sample_every=0 "
@@ -128,6 +137,11 @@ class Trainer:
         if sr:  # audio segments: a whole number of latent frames
             hop = self.unwrapped.backbone_config.hop
             self.crop = max(1, int(d.segment_seconds * sr) // hop) * hop
+            need = max(DEFAULT_MEL_WINDOWS) // 2 + 1  # the longest spectral window, reflect-padded by half
+            if self.crop < need:
+                raise ValueError(f"data.segment_seconds={d.segment_seconds}: segments of {self.crop} samples are shorter "
+                                 f"than the {need} that the 2048-point spectral losses and discriminator take; "
+                                 f"at {sr} Hz set at least --data.segment_seconds={math.ceil(need / sr * 1000) / 1000}")
         else:
             self.crop = d.crop
         self.out_dir = Path(cfg.out_dir)
@@ -259,7 +273,7 @@ class Trainer:
                 if self.acc.is_main_process:
                     with log_path.open("a") as f:
                         f.write(json.dumps(logs) + "\n")
-            out_of_time = cfg.max_minutes > 0 and elapsed > cfg.max_minutes * 60
+            out_of_time = cfg.max_minutes > 0 and self._agreed(elapsed > cfg.max_minutes * 60)
             if cfg.sample_every > 0 and (self.step % cfg.sample_every == 0 or self.step == cfg.steps or out_of_time):
                 self.write_samples()
             if self.step % cfg.save_every == 0 or self.step == cfg.steps or out_of_time:
@@ -279,6 +293,17 @@ class Trainer:
             (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
+    def _agreed(self, mine: bool) -> bool:
+        """Whether every rank stops for ``max_minutes`` at this step: ranks that started apart
+        would each stop one step apart, the first waiting in ``save`` while the others ran the
+        next step's collectives. Ranks compare every ``TIME_CHECK_STEPS`` steps (one small
+        all-reduce and a host sync there); one process decides alone at every step."""
+        if self.acc.num_processes == 1:
+            return mine
+        if self.step % TIME_CHECK_STEPS:
+            return False
+        return bool(all_reduce_sum_(torch.tensor([float(mine)], device=self.acc.device)) > 0)
+
     def close(self) -> None:
         """After a finished :meth:`train`: wait for every rank, then tear the process
         group down. Without this, a gloo process can abort at interpreter exit
@@ -292,21 +317,7 @@ class Trainer:
     def codebook_hashes(self) -> list[str]:
         """SHA-256 of the quantizer's state on every rank (equal when the codebooks are
         bitwise identical), gathered to all ranks."""
-        import hashlib  # noqa: PLC0415
-
-        h = hashlib.sha256()
-        for k, v in sorted(self.unwrapped.quantizer.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        digest = h.hexdigest()
-        print(f"rank {self.acc.process_index}: codebook sha256 {digest}")
-        if self.acc.num_processes == 1:
-            return [digest]
-        import torch.distributed as dist  # noqa: PLC0415
-
-        out: list[str] = [""] * self.acc.num_processes
-        dist.all_gather_object(out, digest)
-        return out
+        return state_hashes(self.unwrapped.quantizer, self.acc.process_index, self.acc.num_processes)
 
     def release_model(self) -> Tokenizer:
         return self.ema if self.ema is not None else self.unwrapped
@@ -374,22 +385,5 @@ class Trainer:
             group.update(lr=o.disc_lr, betas=tuple(o.betas))
 
     def _truncate_log(self) -> None:
-        """Drop the ``metrics.jsonl`` lines of steps after the checkpoint (or all, when
-        there is none), written before a kill and written again by this run, so each step
-        has one line."""
-        log = self.out_dir / "metrics.jsonl"
-        if not self.acc.is_main_process or not log.is_file():
-            return
-        lines = log.read_text().splitlines(keepends=True)
-        keep = []
-        for line in lines:
-            try:
-                if json.loads(line).get("step", 0) > self.step:
-                    break
-            except json.JSONDecodeError:  # a line cut by the kill
-                break
-            keep.append(line)
-        if len(keep) < len(lines):
-            tmp = log.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(keep))
-            tmp.replace(log)
+        if self.acc.is_main_process:
+            truncate_log(self.out_dir / "metrics.jsonl", self.step)

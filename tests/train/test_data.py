@@ -100,3 +100,15 @@ def test_a_large_photo_is_scaled_down_to_pan_across(tmp_path):
     data = MediaFolder(video_files(), "video", max_frames=5, stills=[tmp_path / "big.png", photos(1)[0]])
     assert max(data.stills[0].shape[1:]) == STILL_MAX_SIDE
     assert data.stills[1].shape[1:] == load_image(photos(1)[0]).shape[1:]  # a small one is kept as it is
+
+
+def test_a_validation_fraction_that_leaves_nothing_to_train_on_is_named():
+    from pathlib import Path  # noqa: PLC0415
+
+    from tokenizers_vq.train.data import split_files  # noqa: PLC0415
+
+    files = [Path(f"{i}.png") for i in range(4)]
+    assert split_files(files, None, 0.25) == (files[:3], files[3:])
+    assert split_files(files[:1], None, 0.25) == (files[:1], [])  # rounds to none held apart
+    with pytest.raises(ValueError, match=r"data.val_fraction=0.9 holds all 2 files .*lower data.val_fraction"):
+        split_files(files[:2], None, 0.9)

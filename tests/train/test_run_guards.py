@@ -35,6 +35,10 @@ from tokenizers_vq.train.trainer import Trainer
     ("mixed_precision=fp16", "mixed_precision='fp16' needs a CUDA GPU"),
     ("model=foo", "model must be a section of keys"),
     ("model.quantizer=vq", "model.quantizer must be a section of keys"),
+    ("seed=null", "seed is empty: it takes an integer"),
+    ("out_dir=", "out_dir is empty: it takes a string"),
+    ("model.quantizer.kind=fsq model.quantizer.options={}", r"quantizer kind 'fsq' needs the options \['levels'\]"),
+    ("model.name=true", "the model's name must be a non-empty string"),
 ])
 def test_a_setting_a_run_cannot_train_with_is_named_at_load(override, named):
     if override.startswith("mixed_precision") and torch.cuda.is_available():
@@ -108,3 +112,36 @@ def test_a_checkpoint_that_cannot_be_written_is_an_os_error_and_the_last_one_sta
     with pytest.raises(OSError, match="cannot write the checkpoint .*No space left.* the last one is kept"):
         checkpoint.save_checkpoint(out / "checkpoint", {"x": {"t": torch.zeros(2)}}, {"step": 3}, lambda p: None)
     assert (out / "checkpoint" / "state.json").read_text() == before and not list(out.glob(".checkpoint.*"))
+    with pytest.raises(OSError, match="no earlier one exists"):
+        checkpoint.save_checkpoint(tmp_path / "new" / "checkpoint", {"x": {"t": torch.zeros(2)}}, {"step": 1}, lambda p: None)
+
+
+def test_a_checkpoint_is_readable_as_the_umask_says(tmp_path):
+    """Not private to its writer: another user of a shared machine can resume or warm-start from it."""
+    import os  # noqa: PLC0415
+    import stat  # noqa: PLC0415
+
+    umask = os.umask(0o022)
+    try:
+        folder = checkpoint.save_checkpoint(tmp_path / "checkpoint", {"x": {"t": torch.zeros(2)}}, {"step": 1},
+                                            lambda p: p.mkdir())
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert stat.S_IMODE((folder / "model").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir() if p.is_file()} == {0o644}
+
+
+def test_audio_segments_shorter_than_the_spectral_windows_are_named(tmp_path):
+    """The 2048-point spectral losses reflect-pad by 1024 samples: a shorter segment failed at
+    the first step with a raw padding error."""
+    with pytest.raises(ValueError, match=r"data.segment_seconds=0.05: segments of \d+ samples .* at least "
+                                         r"--data.segment_seconds="):
+        Trainer(config("audio", tmp_path / "a", 1, **{"data.segment_seconds": 0.05, "data.max_items": 1}))
+
+
+def test_text_settings_keep_words_that_yaml_1_1_read_as_booleans():
+    cfg = load_config("train/configs/image.yaml", ["--out_dir=off", "--init_from=no", "--model.name=on",
+                                                   "--data.train=photos", "--data.val="])
+    assert (cfg.out_dir, cfg.init_from, cfg.model.name, cfg.data.val) == ("off", "no", "on", "")
+    assert load_config("train/configs/image.yaml", ["--data.train=photos", "--cudnn_benchmark=true"]).cudnn_benchmark is True

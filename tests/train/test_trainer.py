@@ -255,7 +255,7 @@ def test_config_overrides_are_checked(tmp_path):
             load_config(None, [override])
     assert load_config(None, ["optim.lr=1e-4", "optim.grad_clip=2"]).optim.lr == 1e-4  # YAML reads 1e-4 as a string
     assert isinstance(load_config(None, ["optim.grad_clip=2"]).optim.grad_clip, float)
-    assert load_config(None, ["data.val=", "init_from="]).init_from is None  # an empty value: the field's reader decides
+    assert load_config(None, ["data.val=", "init_from="]).init_from == ""  # an empty value: none, as the default
     assert load_config(None, ["out_dir='2024'"]).out_dir == "2024"  # quoted as the message says
 
 
@@ -335,3 +335,39 @@ def test_the_video_trainer_pans_the_configured_stills(tmp_path):
     assert x.shape == (2, 3, 5, 32, 32)
     tr.train()
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+
+
+def test_a_warm_started_run_resumes_from_its_checkpoint_once_its_source_is_gone(tmp_path):
+    """A checkpoint in out_dir takes precedence over init_from, which resuming never reads."""
+    import shutil  # noqa: PLC0415
+
+    first = Trainer(config("image", tmp_path / "a", 2, **{"data.max_items": 2}))
+    first.train()
+    source = first.release_model().save_pretrained(tmp_path / "source")
+    run = config("image", tmp_path / "b", 2, **{"data.max_items": 2, "init_from": str(source), "save_every": 2})
+    Trainer(run).train()
+    shutil.rmtree(source)
+    longer = config("image", tmp_path / "b", 4, **{"data.max_items": 2, "init_from": str(source), "save_every": 2})
+    resumed = Trainer(longer)
+    assert resumed.step == 2
+    resumed.train()
+    assert [line["step"] for line in read_log(tmp_path / "b")] == [1, 2, 3, 4]
+
+
+def test_ranks_stop_for_max_minutes_at_the_same_step(monkeypatch):
+    """Under several processes the stop is agreed every TIME_CHECK_STEPS steps: a rank whose
+    own clock has not run out stops with the others, and none stops between the checks."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from tokenizers_vq.train import trainer  # noqa: PLC0415
+
+    peer_out = [False]
+    monkeypatch.setattr(trainer, "all_reduce_sum_", lambda t: t + float(peer_out[0]))  # the peer's flag added
+    agreed = lambda step, mine, world=2: Trainer._agreed(  # noqa: E731
+        SimpleNamespace(step=step, acc=SimpleNamespace(num_processes=world, device=torch.device("cpu"))), mine)
+    n = trainer.TIME_CHECK_STEPS
+    assert agreed(3, True, world=1) and not agreed(3, False, world=1)  # alone: every step, its own clock
+    assert not agreed(n + 1, True)  # between checks nobody stops, out of time or not
+    assert agreed(2 * n, True) and not agreed(2 * n, False)
+    peer_out[0] = True
+    assert agreed(2 * n, False)  # the peer's clock ran out: this rank stops at the same step
