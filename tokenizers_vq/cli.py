@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("files", nargs="+", help="media files of the model's modality")
     enc.add_argument("-o", "--output", required=True, help="token file to write (tvq-tokens/1, safetensors)")
     enc.add_argument("--max-pixels", type=int, default=4096 * 4096,
-                     help="refuse larger images and video frames (default 4096*4096, for video frames 1280*800; "
+                     help="refuse larger images and video frames (default 4096*4096, for video frames 1920*1088; "
                           "memory grows with pixels; 0: no limit)")
     dec = sub.add_parser("decode", help="decode a token file back to media")
     dec.add_argument("tokens", help="token file written by tvq encode")

@@ -78,7 +78,7 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], None]]) -> 
     except BaseException as e:
         for tmp in done.values():
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno is not None:
+        if isinstance(e, OSError) and e.errno is not None and not isinstance(e, WriteError):  # named once
             raise _naming(e, current) from e
         raise
     return [Path(p) for p in writes]

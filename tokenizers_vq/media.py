@@ -35,10 +35,12 @@ reads for a tokenizer: the embedded f16 model asked for 25.6 GB at 10000 x 10000
 on a CPU, and memory grows linearly with the pixel count (about 4 GB at this limit). Raise it with ``max_pixels=`` or
 ``tvq encode --max-pixels``."""
 
-MAX_VIDEO_PIXELS = 1280 * 800
-"""What the default :data:`MAX_PIXELS` stands for with video frames: the embedded video model
-took about 13 GB per megapixel of frame to encode a clip on a CPU (720p: about 12 GB; 1080p
-about 27 GB). A ``max_pixels`` the caller sets applies as given."""
+MAX_VIDEO_PIXELS = 1920 * 1088
+"""What the default :data:`MAX_PIXELS` stands for with video frames (1080p, either way up):
+the embedded video model's encoder took 8.2 GB and its decoder 12.0 GB for a 17-frame
+1080p clip on a CPU (720p: 4.2 and 5.5 GB), with its full-resolution layers run a few
+frames at a time (:data:`tokenizers_vq.backbones.video.CHUNK_PIXELS`). A ``max_pixels`` the
+caller sets applies as given."""
 
 
 def image_header(path: str | os.PathLike) -> tuple[int, int, int]:

@@ -309,17 +309,29 @@ class Video(Modality):
         return media.shape[0] * media.shape[-1] * media.shape[-2]
 
     def load(self, path, sample_rate=None, max_frames=None, max_pixels=None):
+        x, size, info = self.load_compact(path, sample_rate, max_frames, max_pixels)
+        return self.expand(x), size, info
+
+    def load_compact(self, path, sample_rate=None, max_frames=None, max_pixels=None):
+        """Video files as uint8 ``(3, T, H, W)`` (a quarter of the float bytes: a long clip is
+        expanded a clip at a time, :func:`~tokenizers_vq.tokens.encode_file`); frame folders
+        as the model input."""
         max_pixels = MAX_VIDEO_PIXELS if max_pixels == MAX_PIXELS else max_pixels  # the default: sized for frames
         if Path(path).is_dir():  # frame images, composited to RGB as photos are
             (frames, fps), channels, aspect = load_video(path, max_frames, max_pixels), 3, None
+            x = frames.permute(1, 0, 2, 3).mul_(2).sub_(1)
         else:  # the channels the stream stores (1 grey, 4 with alpha), as a photo's are recorded
             raw, fps, channels, aspect = read_video_file(Path(path), max_frames, max_pixels)
-            frames = raw.permute(0, 3, 1, 2).float().div_(255)
-        x = frames.permute(1, 0, 2, 3).mul_(2).sub_(1)  # in place: one float copy of a long clip, not three
+            x = raw.permute(3, 0, 1, 2)
         info = {"fps": fps, "channels": channels}
         if aspect is not None:  # non-square pixels: the decoded video states them as the source did
             info["pixel_aspect"] = list(aspect)
         return x, list(x.shape[1:]), info
+
+    def expand(self, x: Tensor) -> Tensor:
+        """uint8 frames as model input, with the float operations of a float read (in place:
+        one float copy of a long clip, not three)."""
+        return x.float().div_(255).mul_(2).sub_(1) if x.dtype == torch.uint8 else x
 
     def to_media(self, out: Tensor) -> Tensor:
         return ((out + 1) / 2).clamp(0, 1).permute(1, 0, 2, 3)

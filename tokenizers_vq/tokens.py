@@ -75,9 +75,15 @@ def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None 
                          "write them with tvq export (tokenizers_vq.export.export_dataset)")
     path = Path(path)
     check_input_modality(tok, path)
-    x, size, info = load_input(path, tok.modality, tok.sample_rate, max_frames, max_pixels)
+    device = next(tok.parameters()).device
+    if tok.modality == "video":  # compact frames, expanded a clip at a time (clips are coded apart)
+        x, size, info = tok.media.load_compact(path, tok.sample_rate, max_frames, max_pixels)
+        parts = x.split(tok.config.clip_frames, dim=1)
+    else:
+        x, size, info = load_input(path, tok.modality, tok.sample_rate, max_frames, max_pixels)
+        parts = [x]
     try:
-        codes = tok.encode(x.unsqueeze(0).to(next(tok.parameters()).device))[0].cpu()
+        codes = torch.cat([tok.encode(tok.media.expand(p).unsqueeze(0).to(device))[0].cpu() for p in parts])
     except ValueError as e:  # the tokenizer's refusal (e.g. too small), said of this file
         raise ValueError(f"{path}: {e}") from e
     return TokenRecord(codes, path.name, size, info, file_sha256(path) if path.is_file() else None)
@@ -136,6 +142,25 @@ def decode_record(tok: Tokenizer, rec: TokenRecord) -> Tensor:
     device = next(tok.parameters()).device
     out = tok.decode(rec.codes.long().unsqueeze(0).to(device), size=tuple(rec.size))[0].float().cpu()
     return tok.media.to_media(out)
+
+
+def decoded_media(tok: Tokenizer, rec: TokenRecord) -> Tensor:
+    """:func:`decode_record`'s media as it is saved: video as uint8 frames ``(T, 3, H, W)``,
+    decoded a clip at a time (clips are decoded apart; a long clip's float frames took
+    four times the memory, and their conversion as much again)."""
+    if tok.modality != "video":
+        return decode_record(tok, rec)
+    from tokenizers_vq.video_io import to_bytes  # noqa: PLC0415
+
+    check_grid(tok, rec)
+    device = next(tok.parameters()).device
+    per_clip = 1 + (tok.config.clip_frames - 1) // tok.backbone_config.temporal_factor
+    (frames, h, w), done, out = rec.size, 0, []
+    for c in rec.codes.long().unsqueeze(0).split(per_clip, dim=1):
+        clip = tok.decode(c.to(device))[0, :, : frames - done, :h, :w].float().cpu()
+        out.append(to_bytes(tok.media.to_media(clip)))
+        done += out[-1].shape[0]
+    return torch.cat(out)
 
 
 def save_media(tok: Tokenizer, media: Tensor, rec: TokenRecord, path: str | os.PathLike) -> Path:
@@ -328,7 +353,7 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
     written = []
     with tqdm(list(zip(records, targets)), desc="decode", disable=len(records) < 2) as bar:
         for rec, target in bar:
-            written.append(save_media(tok, decode_record(tok, rec), rec, target))
+            written.append(save_media(tok, decoded_media(tok, rec), rec, target))
     return written
 
 

@@ -155,9 +155,14 @@ def read_video_file(path: Path, max_frames: int | None,
     return torch.stack(frames), fps, channels, aspect
 
 
+def to_bytes(frames: Tensor) -> Tensor:
+    """Float frames in [0, 1] as uint8 (clamped, rounded), as :func:`save_video` writes them."""
+    return (frames.float().clamp(0, 1) * 255).round().byte()
+
+
 def save_video(frames: Tensor, path: str | os.PathLike, fps: float,
                pixel_aspect: Sequence[int] | None = None) -> Path:
-    """Write ``(T, 3, H, W)`` float frames in [0, 1] as H.264 (yuv420p, so H and W are
+    """Write ``(T, 3, H, W)`` float frames in [0, 1] (or uint8) as H.264 (yuv420p, so H and W are
     cropped to even sizes; BT.601 colours, tagged so) in MP4, MOV or MKV by the suffix
     (:data:`~tokenizers_vq.io.WRITES`), atomically; ``pixel_aspect`` ``(width, height)`` of
     a pixel is stated in the stream (non-square pixels, as the source's were)."""
@@ -169,7 +174,8 @@ def save_video(frames: Tensor, path: str | os.PathLike, fps: float,
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"save_video expects (T, 3, H, W), got shape {tuple(frames.shape)}")
     h, w = frames.shape[2] // 2 * 2, frames.shape[3] // 2 * 2
-    data = (frames[:, :, :h, :w].detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    data = frames[:, :, :h, :w].detach()
+    data = (data if data.dtype == torch.uint8 else to_bytes(data)).permute(0, 2, 3, 1).cpu().numpy()
 
     def write(tmp: str) -> None:
         with av.open(tmp, mode="w", format=container_format) as container:

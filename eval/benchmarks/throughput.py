@@ -155,7 +155,9 @@ def measure_peer(name: str, batch: int, precision: str, device: torch.device,
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"# Tokenizer throughput ({meta['device_name']})", "",
              f"torch {meta['torch']}, {meta['threads']} CPU threads. Units per second: images (256 x 256), "
-             "seconds of 16 kHz audio, frames (256 x 256); encode and decode apart, and the two in sequence."
+             "seconds of 16 kHz audio, frames ({} x {}{}); encode and decode apart, and the two in sequence.".format(
+                 *meta.get("video_size", (256, 256)), {None: "", 0: ", whole clips"}.get(
+                     meta.get("chunk_pixels"), f", CHUNK_PIXELS {meta.get('chunk_pixels')}"))
              + (" Freed memory kept in the process (`tokenizers_vq.runtime.keep_freed_memory`, as `tvq` does)."
                 if meta.get("keep_freed_memory") else ""), "",
              "| model | batch | precision | compile | channels-last | encode | decode | encode + decode | peak MiB |",
@@ -184,13 +186,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--channels-last", nargs="?", const="all", default="",
                    help="also time the image and video models with weights and inputs channels-last (all, or those "
                         "named), compiled too where --compile names them")
+    p.add_argument("--video-size", default="256x256", help="HxW of the video frames (default 256x256)")
+    p.add_argument("--chunk-pixels", type=int, default=None,
+                   help="frames x pixels the video model's full-resolution layers take at once, on any device "
+                        "(tokenizers_vq.backbones.video.CHUNK_PIXELS; 0: whole clips, whatever their size)")
     p.add_argument("--min-seconds", type=float, default=2.0)
     p.add_argument("--malloc-defaults", action="store_true",
                    help="on the CPU, leave glibc's malloc as it is (default: keep_freed_memory, as tvq does)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    h, w = (int(v) for v in args.video_size.lower().split("x"))
+    INPUTS["video"] = (3, 17, h, w)
+    if args.chunk_pixels is not None:
+        from tokenizers_vq.backbones import video  # noqa: PLC0415
+
+        video.CHUNK_PIXELS = dict.fromkeys(video.CHUNK_PIXELS, args.chunk_pixels or 1 << 62)
     kept = device.type == "cpu" and not args.malloc_defaults and keep_freed_memory()
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device), "keep_freed_memory": kept,
+            "video_size": [h, w], "chunk_pixels": args.chunk_pixels,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"}
     rows: list[dict[str, Any]] = []
     args.out.mkdir(parents=True, exist_ok=True)

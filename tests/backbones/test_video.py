@@ -202,7 +202,7 @@ def test_bf16_cpu_inference_runs_channels_last_with_the_same_result():
     enc, dec = VideoEncoder(cfg).eval(), VideoDecoder(cfg).eval()
     x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
     seen = []
-    dec.blocks.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last_3d)))
+    dec.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last_3d)))
     with torch.no_grad():
         z32 = enc(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -213,3 +213,39 @@ def test_bf16_cpu_inference_runs_channels_last_with_the_same_result():
     assert not z32.is_contiguous(memory_format=torch.channels_last_3d) and z32.is_contiguous()
     torch.testing.assert_close(z.float(), z_ref.float(), rtol=0.05, atol=0.05)
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("chunk_frames", [1, 2, 3])
+@pytest.mark.parametrize("temporal_downsample", [2, 1, 0])
+def test_large_frames_run_over_time_in_chunks_and_give_the_same_clip(monkeypatch, chunk_frames, temporal_downsample):
+    """At inference, frames over CHUNK_PIXELS run the full-resolution layers a few frames at
+    a time (each causal conv carrying its last inputs, the time upsampling included): the
+    latents and frames are those of one pass over the clip, to float rounding."""
+    from tokenizers_vq.backbones import video  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    cfg = small(temporal_downsample=temporal_downsample)
+    enc, dec = VideoEncoder(cfg).eval(), VideoDecoder(cfg).eval()
+    for p in [*enc.parameters(), *dec.parameters()]:
+        p.data.normal_(0, 0.3)
+    x = torch.randn(2, 3, 9, 16, 24)
+    with torch.no_grad():
+        z, y = enc(x), dec(enc(x))
+        streamed = []
+        monkeypatch.setattr(video.CausalConv3d, "forward", _spy(video.CausalConv3d.forward, streamed))
+        monkeypatch.setattr(video, "CHUNK_PIXELS", {"cpu": 2 * 16 * 24 * chunk_frames})
+        zc, yc = enc(x), dec(z)
+    assert any(streamed), "no layer ran over time in chunks"
+    torch.testing.assert_close(zc, z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
+    assert all(not c.streaming and c.carry is None for c in enc.modules() if isinstance(c, video.CausalConv3d))
+    streamed.clear()
+    enc(x)  # training runs over the whole clip
+    assert streamed and not any(streamed)
+
+
+def _spy(forward, seen: list):
+    def wrapped(self, x):
+        seen.append(self.streaming)
+        return forward(self, x)
+    return wrapped

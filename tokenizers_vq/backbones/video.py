@@ -111,10 +111,12 @@ class CausalConv3d(nn.Conv3d):
         st, ss = stride
         super().__init__(c_in, c_out, kernel, stride=(st, ss, ss), padding=(0, kernel // 2, kernel // 2))
         self.time_pad = kernel - 1
+        self.carry: Tensor | None = None  # while run over time in chunks: the last input frames seen
+        self.streaming = False
 
     def forward(self, x: Tensor) -> Tensor:
         if self.time_pad:
-            first = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
+            first = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1) if self.carry is None else self.carry
             if _time_major(x) and not torch.is_grad_enabled():  # keep the layout (cat would not)
                 b, c, t, h, w = x.shape
                 padded = torch.empty((b, c, t + self.time_pad, h, w), dtype=x.dtype, device=x.device,
@@ -122,7 +124,65 @@ class CausalConv3d(nn.Conv3d):
                 x = torch.cat([first, x], dim=2, out=padded)
             else:
                 x = torch.cat([first, x], dim=2)
+            if self.streaming:  # a copy: a view would keep this whole chunk alive until the next
+                self.carry = x[:, :, -self.time_pad:].clone()
         return super().forward(x)
+
+
+CHUNK_PIXELS = {"cpu": 1 << 21, "cuda": 1 << 22}
+"""Frames times pixels per frame that the full-resolution layers of an inference pass hold
+at once, by device type (others as the CPU): larger clips run those layers over time in
+chunks of frames (:func:`run_over_time`), which gives the same frames with a fraction of the
+memory. Measured with the embedded model on 17-frame clips: 720p on a 2-core CPU, the
+encoder 12.7 -> 4.9 GB and the decoder 16.9 -> 6.6 GB at the same speed; 1080p on an H100,
+32.2 -> 13.1 GB for 23% fewer frames per second encoded (two frames per chunk there: one
+took as much memory and was slower). Chosen by shape and device type alone, so every machine
+of a kind computes the same way."""
+
+
+def frames_per_chunk(batch: int, frames: int, pixels: int, device: torch.device) -> int | None:
+    """Frames per chunk for the time-stride-1 layers of an inference pass over ``batch``
+    clips of ``frames`` frames of ``pixels`` pixels at full resolution, or None to run them
+    over the whole clip (training, compiling, or clips that fit :data:`CHUNK_PIXELS`)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    budget = CHUNK_PIXELS.get(device.type, CHUNK_PIXELS["cpu"])
+    chunk = max(1, budget // max(1, batch * pixels))
+    return chunk if chunk < frames else None
+
+
+def run_over_time(stages: list, x: Tensor, chunk: int | None) -> Tensor:
+    """``stages`` (modules whose causal convs all have time stride 1; the first may be an
+    :class:`Upsample3d` that doubles time) applied to ``x`` ``(B, C, T, H, W)``, over the whole
+    clip or in chunks of ``chunk`` input frames: each :class:`CausalConv3d` carries its last
+    input frames from one chunk to the next, and norms are per frame, so every output frame
+    sees what it sees in one piece."""
+    if chunk is None:
+        for stage in stages:
+            x = stage(x)
+        return x
+    convs = [m for s in stages if isinstance(s, nn.Module) for m in s.modules() if isinstance(m, CausalConv3d)]
+    out = None
+    try:
+        for conv in convs:
+            conv.carry, conv.streaming = None, True
+        done = 0
+        for t0 in range(0, x.shape[2], chunk):
+            h = x[:, :, t0 : t0 + chunk]
+            for stage in stages:
+                h = stage(h)
+            if out is None:
+                doubles = any(isinstance(s, Upsample3d) and s.time for s in stages)
+                frames = 2 * x.shape[2] - 1 if doubles else x.shape[2]
+                layout = torch.channels_last_3d if _time_major(h) else torch.contiguous_format
+                out = torch.empty((*h.shape[:2], frames, *h.shape[3:]), dtype=h.dtype, device=h.device,
+                                  memory_format=layout)
+            out[:, :, done : done + h.shape[2]] = h
+            done += h.shape[2]
+    finally:
+        for conv in convs:
+            conv.carry, conv.streaming = None, False
+    return out
 
 
 class FrameNorm(nn.Module):
@@ -167,8 +227,8 @@ class Upsample3d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         layout = torch.channels_last_3d if _time_major(x) else torch.contiguous_format
-        if self.time:
-            x = x.repeat_interleave(2, dim=2)[:, :, 1:]
+        if self.time:  # a later chunk of a clip run over time (``run_over_time``) has no first frame
+            x = x.repeat_interleave(2, dim=2)[:, :, (1 if self.conv.carry is None else 0):]
         x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
         return self.conv(x.contiguous(memory_format=layout))  # (the layout it came in)
 
@@ -229,7 +289,13 @@ class VideoEncoder(nn.Module):
         f = self.cfg.spatial_downsample
         check_multiple(x.shape[3], f, what="video height", factor_name="the spatial downsampling factor")
         check_multiple(x.shape[4], f, what="video width", factor_name="the spatial downsampling factor")
-        h = self.blocks(self.conv_in(_cpu_layout(x)))
+        stages = [self.conv_in, *self.blocks]
+        cut = next(i for i, m in enumerate([*stages, None]) if m is None or (
+            isinstance(m, CausalConv3d) and m.stride[0] == 2))  # the first stage that halves time
+        chunk = frames_per_chunk(x.shape[0], n, x.shape[3] * x.shape[4], x.device)
+        h = run_over_time(stages[:cut], _cpu_layout(x), chunk)
+        for stage in stages[cut:]:
+            h = stage(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -331,5 +397,11 @@ class VideoDecoder(nn.Module):
             ValueError: wrong rank or channel count.
         """
         check_input(z, what="latent", layout="BCTHW", channels=self.cfg.latent_dim)
-        h = self.blocks(self.conv_in(_cpu_layout(z)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        stages = [self.conv_in, *self.blocks]
+        start = max((i for i, m in enumerate(stages) if isinstance(m, Upsample3d) and m.time), default=0)
+        h = _cpu_layout(z)
+        for stage in stages[:start]:
+            h = stage(h)
+        rest = [*stages[start:], nn.Sequential(self.norm_out, nn.SiLU(), self.conv_out)]  # doubles time once at most
+        per_frame = h.shape[3] * h.shape[4] * 4 ** sum(isinstance(m, Upsample3d) for m in rest) * 2
+        return run_over_time(rest, h, frames_per_chunk(h.shape[0], h.shape[2], per_frame, h.device))
