@@ -134,8 +134,8 @@ CHUNK_PIXELS = {"cpu": 1 << 21, "cuda": 1 << 22}
 at once, by device type (others as the CPU): larger clips run those layers over time in
 chunks of frames (:func:`run_over_time`), which gives the same frames with a fraction of the
 memory. Measured with the embedded model on 17-frame clips: 720p on a 2-core CPU, the
-encoder 12.7 -> 4.9 GB and the decoder 16.9 -> 6.6 GB at the same speed; 1080p on an H100,
-32.2 -> 13.1 GB for 23% fewer frames per second encoded (two frames per chunk there: one
+encoder 12.7 -> 4.2 GB and the decoder 16.9 -> 5.5 GB at about the same speed; 1080p on an
+H100, 32.2 -> 10.1 GB for 28% fewer frames per second encoded (two frames per chunk there: one
 took as much memory and was slower). Chosen by shape and device type alone, so every machine
 of a kind computes the same way."""
 
