@@ -47,6 +47,20 @@ def test_ties_go_to_the_lowest_index_across_blocks(metric):
         assert torch.equal(idx, answers[0][1]) and torch.equal(dist, answers[0][0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_whose_squares_overflow_fp32_are_compared_exactly(dtype):
+    """|x| ~ 1e20: the fp32 screening scores overflow; such rows go to the fp64 exact pass
+    whole (they came back as index 0, distance inf)."""
+    x = torch.tensor([[1e20, 0.0], [0.5, 0.0]]).to(dtype)
+    c = torch.tensor([[1e19, 0.0], [1e20, 0.0], [0.4, 0.0]]).to(dtype)
+    for block in (1, 2**24):
+        dist, idx = nearest_codes_reference(x, c, "l2", block_elems=block)
+        assert idx.tolist() == [1, 2] and float(dist[0]) == 0.0
+    big = torch.tensor([[1e40]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64 values beyond float32's range"):
+        nearest_codes_reference(big, torch.zeros(2, 1, dtype=torch.float64))
+
+
 def test_nearest_codes_rejects_bad_shapes_and_backends():
     with pytest.raises(ValueError, match="expects x"):
         nearest_codes(torch.randn(3, 4), torch.randn(5, 3))

@@ -199,7 +199,8 @@ def nearest_codes_reference(
     among the codewords of least exact distance. Ties (equal codewords, wherever they sit) so
     go to the lowest index on every CPU, for every ``block_elems``, thread count and BLAS code
     path. NaN distances never win; a row with no comparable codeword (NaN in ``x``) gets index
-    0, and an empty codebook gives ``inf`` and index 0.
+    0, and an empty codebook gives ``inf`` and index 0. A row whose fp32 scores overflow (values
+    beyond about 1e19) screens nothing out, so its exact pass (fp64) compares every codeword.
 
     Args:
         x: ``(N, d)`` queries.
@@ -211,6 +212,10 @@ def nearest_codes_reference(
         ``(dist, idx)``: ``(N,)`` fp32 distances (squared Euclidean for ``l2``, ``1 - cos``
         for ``cosine``: the exact-pass value, rounded once) and ``(N,)`` int64 indices.
     """
+    for t, name in ((x, "x"), (codebook, "codebook")):
+        if t.dtype == torch.float64 and t.numel() and float(t.abs().nan_to_num(0.0).amax()) > torch.finfo(torch.float32).max:
+            raise ValueError(f"{name} holds float64 values beyond float32's range ({torch.finfo(torch.float32).max:.3g}), "
+                             "which the search computes in: scale them down")
     raw_x, raw_c = x.float(), codebook.float()
     x, codebook = _prepare(x, codebook, metric)
     n, k, d = x.shape[0], codebook.shape[0], x.shape[1]
@@ -252,7 +257,9 @@ def nearest_codes_reference(
                 s.masked_fill_(s.isnan(), math.inf)
                 low, arg = s.min(dim=1)
             screen = torch.minimum(screen, low)
-            thr = screen + tol
+            # a row whose scores or tolerance overflow fp32 (|x| or |c| beyond ~1e19) screens
+            # nothing out: every code goes to the exact pass, which holds such values in fp64
+            thr = (screen + tol).nan_to_num(nan=math.inf)
             s.scatter_(1, arg.unsqueeze(1), math.inf)
             arg += k0
             crowded = s.amin(dim=1) <= thr  # another codeword of this block within tol
