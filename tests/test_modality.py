@@ -71,7 +71,7 @@ def test_padding_counts_and_errors():
 
 
 def test_compact_inputs_expand_to_the_model_input_bit_for_bit():
-    """What the export's loader workers send (uint8 pixels for images) expands to exactly
+    """What the export's loader workers send (uint8 pixels for images and video files) expands to exactly
     what ``load`` gives, so the export's ids do not depend on the transport."""
     for name in modality.names():
         if name == "video":
@@ -81,6 +81,6 @@ def test_compact_inputs_expand_to_the_model_input_bit_for_bit():
         x, size, info = kind.load(path, sample_rate=16000, max_frames=5)
         c, size_c, info_c = kind.load_compact(path, sample_rate=16000, max_frames=5)
         assert (size_c, info_c) == (size, info)
-        assert c.dtype == (torch.uint8 if name == "image" else x.dtype)
+        assert c.dtype == (torch.uint8 if name in ("image", "video") else x.dtype)
         assert torch.equal(kind.expand(c[None])[0], x)
 

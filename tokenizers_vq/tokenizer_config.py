@@ -138,12 +138,6 @@ class QuantizerConfig:
             raise ValueError(f"quantizer.shared_codebook={self.shared_codebook} and beam_size={self.beam_size} are "
                              f"options of residual levels: set quantizer.levels >= 2 (got {self.levels})")
         params = inspect.signature(cls).parameters
-        needed = [n for n, p in params.items() if n not in ("dim", "self") and p.default is inspect.Parameter.empty
-                  and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
-        missing = [n for n in needed if n not in self.options]
-        if missing:
-            raise ValueError(f"quantizer kind {self.kind!r} needs the options {missing} (quantizer.options), "
-                             f"e.g. {_example_options(self.kind, missing)}")
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             allowed = set(params) - {"dim", "self"}
             unknown = sorted(set(self.options) - allowed)
@@ -162,6 +156,12 @@ class QuantizerConfig:
             if name in hints and not _fits(value, hints[name]):
                 raise ValueError(f"quantizer option {name}={value!r} ({type(value).__name__}) for kind {self.kind!r} "
                                  f"should be {_type_name(hints[name])}")
+        needed = [n for n, p in params.items() if n not in ("dim", "self") and p.default is inspect.Parameter.empty
+                  and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        missing = [n for n in needed if n not in self.options]
+        if missing:
+            raise ValueError(f"quantizer kind {self.kind!r} needs the options {missing} (quantizer.options), "
+                             f"e.g. {_example_options(self.kind, missing)}")
 
     def build(self, dim: int) -> Quantizer | DynamicQuantizer:
         if dim % self.groups:
