@@ -159,6 +159,18 @@ def test_a_nan_input_found_after_the_next_batch_is_queued_names_its_own_file():
     assert got == ["item0.png"]
 
 
+def test_video_bytes_and_floats_of_one_shape_are_batched_apart():
+    """A video file is read as bytes, a folder of frames as floats: both in one export batch
+    could not be stacked; each is encoded as its own read would be."""
+    tok = tiny("video", clip_frames=5)
+    frames = torch.randint(0, 256, (3, 5, 16, 16), dtype=torch.uint8)
+    floats = tok.media.expand(frames.clone())
+    got = [enc for _, enc in export_pipeline.encode_batches(tok, _items([frames, floats, frames]), batch_size=2)]
+    assert sum(e.shape[0] for e in got) == 3
+    codes = torch.cat(got)
+    assert torch.equal(codes[0], codes[1]) and torch.equal(codes[0], tok.encode(floats[None])[0])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_encode_batches_never_wait_for_the_device_between_batches(monkeypatch):
     """With CUDA's sync debug mode set to raise, batches are stacked, copied, encoded, copied

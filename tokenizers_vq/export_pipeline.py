@@ -184,7 +184,7 @@ def encode_batches(
     padding = (device.type == "cuda" if pad is None else pad) and not tok.is_dynamic
     model = autocast_weights(tok, torch.bfloat16) if precision == "bf16" else tok
     step = max(1, batch_size)
-    pending: dict[tuple[int, ...], list[tuple[Path, Tensor, list[int], dict[str, Any]]]] = defaultdict(list)
+    pending: dict[tuple, list[tuple[Path, Tensor, list[int], dict[str, Any]]]] = defaultdict(list)
 
     def encode(group: list[tuple[Path, Tensor, list[int], dict[str, Any]]]):
         first = group[0][1]
@@ -217,7 +217,7 @@ def encode_batches(
                     yield pending.pop(key)
                 continue
             f, (x, size, info) = item
-            shape = tuple(x.shape)
+            shape = (x.dtype, *x.shape)  # a video file's bytes and a frame folder's floats batch apart
             pending[shape].append((f, x, size, info))
             if len(pending[shape]) == step:
                 yield pending.pop(shape)
