@@ -66,7 +66,9 @@ def _topk_kernel(X, C, BIAS, SCALE, OUT_S, OUT_I, OFF, N, K, D, K_SPLIT,
     k_lo = pid_s * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     # Unused slots (>= TOPK) hold -inf so they are never the worst; empty ones +inf
-    # with distinct negative indices.
+    # with distinct negative indices. A slot's key orders equal scores for replacement: an
+    # empty slot above every held index, so a code of score +inf (a NaN row, an overflow)
+    # still fills it and no negative index is emitted while the range holds k codes.
     r_val = tl.where(slots[None, :] < TOPK, float("inf"), -float("inf")) + tl.zeros([BLOCK_N, KP], tl.float32)
     r_idx = (-1 - slots)[None, :] + tl.zeros([BLOCK_N, KP], tl.int32)
     for t in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
@@ -75,13 +77,19 @@ def _topk_kernel(X, C, BIAS, SCALE, OUT_S, OUT_I, OFF, N, K, D, K_SPLIT,
         C_tile = C + g * scg + kk[None, :].to(tl.int64) * sck
         s = _score_tile(x, X_row, rmask, C_tile, kk, kmask, dd, D, sxd, scd, BIAS + g * K, SCALE + g * K,
                         COSINE, ONE_CHUNK, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, DOT_F32)
+        # NaN scores rank as +inf; a taken column (or one past the range) gets column BLOCK_K
+        s = tl.where(s == s, s, float("inf"))
+        col_of = tl.where(kmask[None, :], cols[None, :], BLOCK_K) + tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
         for _ in tl.static_range(TOPK):
             m = tl.min(s, axis=1)
-            col = tl.min(tl.where(s == m[:, None], cols[None, :], BLOCK_K), axis=1)
-            s = tl.where(cols[None, :] == col[:, None], float("inf"), s)
+            col = tl.min(tl.where(s == m[:, None], col_of, BLOCK_K), axis=1)
+            s = tl.where(col_of == col[:, None], float("inf"), s)
+            col_of = tl.where(col_of == col[:, None], BLOCK_K, col_of)
             w = tl.max(r_val, axis=1)
-            w_idx = tl.max(tl.where(r_val == w[:, None], r_idx, -_BIG), axis=1)
-            put = (r_val == w[:, None]) & (r_idx == w_idx[:, None]) & (m < w)[:, None]
+            key = tl.where(r_idx < 0, _BIG + r_idx, r_idx)
+            w_key = tl.max(tl.where(r_val == w[:, None], key, -_BIG), axis=1)
+            better = ((m < w) | ((m == w) & (w_key >= _BIG - KP))) & (col < BLOCK_K)
+            put = (r_val == w[:, None]) & (key == w_key[:, None]) & better[:, None]
             r_val = tl.where(put, m[:, None], r_val)
             r_idx = tl.where(put, (k_lo + t * BLOCK_K + col)[:, None], r_idx)
 
@@ -138,9 +146,10 @@ def nearest_topk(x: Tensor, codebook: Tensor, k: int, cosine: bool, precision: s
     off = torch.empty(g, n, device=x.device, dtype=torch.float32)
     launch(_topk_kernel, grid, g * n * kc, x, codebook, bias, scale, part_s, part_i, off, n, kc, d, k_split,
                        *x.stride(), *codebook.stride(), s * n * k, n * k, **meta)
-    # (G, N, S*k) in split order, each split ascending: a stable sort keeps lower indices first on ties.
-    cat_s = part_s.permute(0, 2, 1, 3).reshape(g, n, s * k)
+    # (G, N, S*k) in split order, each split ascending: a stable sort keeps lower indices first on ties;
+    # a split of fewer than k codes leaves empty slots (negative indices), put last as NaN scores
     cat_i = part_i.permute(0, 2, 1, 3).reshape(g, n, s * k)
+    cat_s = part_s.permute(0, 2, 1, 3).reshape(g, n, s * k).masked_fill(cat_i < 0, float("nan"))
     top_s, pos = torch.sort(cat_s, dim=-1, stable=True)
     top_s, pos = top_s[..., :k], pos[..., :k]
     idx.copy_(cat_i.gather(-1, pos))

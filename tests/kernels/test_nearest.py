@@ -66,12 +66,22 @@ def check_ties_and_splits(device, full=False):
 
 
 def check_topk(device, full=False):
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+
     shapes = ((7, 5, 17), (300, 24, 700), (2000, 64, 3000)) if full else ((7, 5, 17), (40, 24, 300))
     for (n, d, kc), k, metric in itertools.product(shapes, (2, 8), ("l2", "cosine")):
         name = "fp32_ieee" if k == 8 else "bf16"
         dt = DTYPES[name][0]
         for split in (None, 2):
             _check_search(_data((n, d), dt, device), _data((kc, d), dt, device), metric, name, k=k, split_k=split)
+    # a row with fewer than k finite scores (NaN) still gets k distinct codes, the lowest indices;
+    # a NaN code is never among a finite row's best (negative indices came out before)
+    for split in (None, 3):
+        x, c = _data((5, 8), torch.float32, device), _data((40, 8), torch.float32, device)
+        x[2], c[7] = float("nan"), float("nan")
+        _, idx = nearest_codes_triton(x, c, k=4, split_k=split, precision="ieee")
+        assert idx[2].tolist() == [0, 1, 2, 3], idx[2]
+        assert not (idx[[0, 1, 3, 4]] == 7).any() and all(len(set(r.tolist())) == 4 for r in idx)
 
 
 def check_grouped_and_layouts(device, full=False):
