@@ -91,6 +91,21 @@ def test_a_save_that_fails_halfway_leaves_the_model_saved_there_before(tmp_path,
         other.save_pretrained(folder)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    import os  # noqa: PLC0415
+
+    renames, real = [], os.replace
+
+    def second_rename_refused(src, dst):  # e.g. config.json held open elsewhere
+        renames.append(dst)
+        if len(renames) == 2:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_rename_refused)
+    with pytest.raises(OSError, match="Permission denied"):
+        other.save_pretrained(folder)
+    monkeypatch.undo()
+    assert len(renames) >= 2 and {p.name: p.read_bytes() for p in folder.iterdir()} == before
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     assert torch.equal(Tokenizer.from_pretrained(folder).encode(x), first.encode(x))
 
@@ -112,11 +127,16 @@ def test_a_projected_codebook_saves_its_features_in_the_weights_alone(given, tmp
         save_file({"f": feats}, source)
     tok = tiny("image", QuantizerConfig("projected_vq", {"codebook_size": 32, "features": source, "kmeans_iters": 2}))
     folder = tok.save_pretrained(tmp_path / "m")
+    from tokenizers_vq.train.warm_start import warm_start  # noqa: PLC0415
+
+    fresh = tiny("image", QuantizerConfig("projected_vq", {"codebook_size": 32, "features": source, "kmeans_iters": 2}))
+    warm_start(fresh, str(folder))  # a run of the same model section starts from the saved one
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(fresh.encode(x), tok.encode(x))
     if given == "file":
         (tmp_path / "features.safetensors").unlink()
     assert json.loads((folder / "config.json").read_text())["quantizer"]["options"]["features"] == {"in_weights": [32, 6]}
     loaded = Tokenizer.from_pretrained(folder)
-    x = torch.rand(1, 3, 16, 16) * 2 - 1
     assert torch.equal(loaded.encode(x), tok.encode(x))
     assert torch.equal(loaded.quantizer.features, tok.quantizer.features)
     loaded.save_pretrained(tmp_path / "again")  # saved again from the marker

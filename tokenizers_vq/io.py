@@ -6,7 +6,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,10 +59,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], None]]) -> list[Path]:
     """:func:`atomic_write` of several files that belong together (a model's weights and
-    its config): every temporary file is written before the first rename, so a failed
-    write (a full disk) leaves every file as it was, never a new one beside an old one.
-    Raises as :func:`atomic_write`; returns the paths in the given order."""
-    done: dict[Path, str] = {}
+    its config): every temporary file is written before the first rename, and a rename that
+    fails (or an interrupt between them) puts back the files already replaced, so a failed
+    save leaves every file as it was, never a new one beside an old one (short of a crash of
+    the machine between two renames). Raises as :func:`atomic_write`; returns the paths in
+    the given order."""
+    done: dict[Path, str] = {}  # each path's temporary, until it is renamed
+    kept: dict[Path, str | None] = {}  # each renamed path's earlier file (None: there was none)
     current = Path(next(iter(writes)))
     try:
         for path, write in writes.items():
@@ -69,19 +74,42 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], None]]) -> 
             write(done[current])
         umask = os.umask(0)
         os.umask(umask)
-        for tmp in done.values():
+        for path, tmp in done.items():
+            current = path
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
         for path, tmp in list(done.items()):
             current = path
+            kept[path] = _kept_copy(path) if len(writes) > 1 else None
             os.replace(tmp, path)
             del done[path]
+        for old in kept.values():
+            if old is not None:
+                os.unlink(old)
     except BaseException as e:
+        for path, old in kept.items():
+            if path not in done:  # renamed: the earlier file back (or none)
+                os.replace(old, path) if old is not None else path.unlink(missing_ok=True)
+            elif old is not None:
+                os.unlink(old)
         for tmp in done.values():
             Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno is not None and not isinstance(e, WriteError):  # named once
             raise _naming(e, current) from e
         raise
     return [Path(p) for p in writes]
+
+
+def _kept_copy(path: Path) -> str | None:
+    """A second name (a hard link, else a copy) for ``path``'s current file beside it, or None
+    when there is none: what a failed multi-file write puts back."""
+    if not path.is_file():
+        return None
+    keep = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.kept")
+    try:
+        os.link(path, keep)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(path, keep)
+    return keep
 
 
 def write_bytes(data, path: str | os.PathLike) -> None:

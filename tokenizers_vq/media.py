@@ -39,7 +39,7 @@ MAX_VIDEO_PIXELS = 1920 * 1088
 """What the default :data:`MAX_PIXELS` stands for with video frames (1080p, either way up):
 the embedded video model's encoder took 8.2 GB and its decoder 12.0 GB for a 17-frame
 1080p clip on a CPU (720p: 4.2 and 5.5 GB), with its full-resolution layers run a few
-frames at a time (:data:`tokenizers_vq.backbones.video.CHUNK_PIXELS`). A ``max_pixels`` the
+frames at a time (:data:`tokenizers_vq.backbones.time_chunks.CHUNK_PIXELS`). A ``max_pixels`` the
 caller sets applies as given."""
 
 

@@ -156,7 +156,8 @@ class QuantizerConfig:
             if name in hints and not _fits(value, hints[name]):
                 raise ValueError(f"quantizer option {name}={value!r} ({type(value).__name__}) for kind {self.kind!r} "
                                  f"should be {_type_name(hints[name])}")
-        needed = [n for n, p in params.items() if n not in ("dim", "self") and p.default is inspect.Parameter.empty
+        needed = [n for n, p in list(params.items())[1:]  # the first takes the latent size, as build passes it
+                  if p.default is inspect.Parameter.empty
                   and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
         missing = [n for n in needed if n not in self.options]
         if missing:
@@ -227,7 +228,9 @@ def saved_config(config: TokenizerConfig, quantizer: torch.nn.Module) -> Tokeniz
     options = config.quantizer.options
     if "features" not in options or options["features"] is None or _features_in_weights(options["features"]):
         return config
-    buffer = next(m.features for m in quantizer.modules() if isinstance(m, ProjectedCodebookVQ))
+    buffer = next((m.features for m in quantizer.modules() if isinstance(m, ProjectedCodebookVQ)), None)
+    if buffer is None:  # another quantizer's option of that name: saved as given
+        return config
     marked = {**options, "features": {FEATURES_IN_WEIGHTS: list(buffer.shape)}}
     return dataclasses.replace(config, quantizer=dataclasses.replace(config.quantizer, options=marked))
 

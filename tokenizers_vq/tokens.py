@@ -146,8 +146,8 @@ def decode_record(tok: Tokenizer, rec: TokenRecord) -> Tensor:
 
 def decoded_media(tok: Tokenizer, rec: TokenRecord) -> Tensor:
     """:func:`decode_record`'s media as it is saved: video as uint8 frames ``(T, 3, H, W)``,
-    decoded a clip at a time (clips are decoded apart; a long clip's float frames took
-    four times the memory, and their conversion as much again)."""
+    decoded and converted a clip at a time (clips are decoded apart), so a long clip is held
+    as bytes, a quarter of its float frames."""
     if tok.modality != "video":
         return decode_record(tok, rec)
     from tokenizers_vq.video_io import to_bytes  # noqa: PLC0415

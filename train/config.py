@@ -91,7 +91,7 @@ class TrainConfig:
     sample_every: int = 500  # pictures / audio samples beside the checkpoint (0: none)
     save_every: int = 500
     ema_decay: float = 0.999  # EMA of the generator's weights (0: off)
-    max_minutes: float = 0.0  # stop (and save) after this wall time (0: no limit)
+    max_minutes: float = 0.0  # stop (and save) after this wall time (0: no limit; several processes stop together, checked every 10 steps, before it)
     cudnn_benchmark: bool = False  # GPU: let cuDNN time its kernels (faster; sets a process-wide flag)
     # warm start: an embedded model's name (image, speech, video), a tokenizer folder or a
     # training checkpoint folder; its model config must be this run's (the name aside, and an

@@ -139,9 +139,11 @@ class Trainer:
             self.crop = max(1, int(d.segment_seconds * sr) // hop) * hop
             need = max(DEFAULT_MEL_WINDOWS) // 2 + 1  # the longest spectral window, reflect-padded by half
             if self.crop < need:
+                least = math.ceil(-(-need // hop) * hop / sr * 1000) / 1000  # whole frames, in milliseconds
+                least += 0.001 * (int(least * sr) // hop * hop < need)  # float rounding of that
                 raise ValueError(f"data.segment_seconds={d.segment_seconds}: segments of {self.crop} samples are shorter "
                                  f"than the {need} that the 2048-point spectral losses and discriminator take; "
-                                 f"at {sr} Hz set at least --data.segment_seconds={math.ceil(need / sr * 1000) / 1000}")
+                                 f"at {sr} Hz and {hop} samples a frame set at least --data.segment_seconds={least:g}")
         else:
             self.crop = d.crop
         self.out_dir = Path(cfg.out_dir)
@@ -273,7 +275,7 @@ class Trainer:
                 if self.acc.is_main_process:
                     with log_path.open("a") as f:
                         f.write(json.dumps(logs) + "\n")
-            out_of_time = cfg.max_minutes > 0 and self._agreed(elapsed > cfg.max_minutes * 60)
+            out_of_time = cfg.max_minutes > 0 and self._out_of_time(elapsed, cfg.max_minutes * 60, start_step)
             if cfg.sample_every > 0 and (self.step % cfg.sample_every == 0 or self.step == cfg.steps or out_of_time):
                 self.write_samples()
             if self.step % cfg.save_every == 0 or self.step == cfg.steps or out_of_time:
@@ -293,15 +295,18 @@ class Trainer:
             (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
-    def _agreed(self, mine: bool) -> bool:
-        """Whether every rank stops for ``max_minutes`` at this step: ranks that started apart
-        would each stop one step apart, the first waiting in ``save`` while the others ran the
-        next step's collectives. Ranks compare every ``TIME_CHECK_STEPS`` steps (one small
-        all-reduce and a host sync there); one process decides alone at every step."""
+    def _out_of_time(self, elapsed: float, limit: float, start_step: int) -> bool:
+        """Whether to stop for ``max_minutes`` after this step. One process stops at the
+        first step past the limit. Ranks decide together, every ``TIME_CHECK_STEPS`` steps
+        (one small all-reduce and a host sync there), and stop where the next check would
+        fall past the limit: ranks that decided alone stopped a step apart, the first
+        waiting in ``save`` while the others ran the next step's collectives."""
         if self.acc.num_processes == 1:
-            return mine
+            return elapsed > limit
         if self.step % TIME_CHECK_STEPS:
             return False
+        per_step = elapsed / max(1, self.step - start_step)
+        mine = elapsed + TIME_CHECK_STEPS * per_step > limit
         return bool(all_reduce_sum_(torch.tensor([float(mine)], device=self.acc.device)) > 0)
 
     def close(self) -> None:

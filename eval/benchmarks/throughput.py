@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--video-size", default="256x256", help="HxW of the video frames (default 256x256)")
     p.add_argument("--chunk-pixels", type=int, default=None,
                    help="frames x pixels the video model's full-resolution layers take at once, on any device "
-                        "(tokenizers_vq.backbones.video.CHUNK_PIXELS; 0: whole clips, whatever their size)")
+                        "(tokenizers_vq.backbones.time_chunks.CHUNK_PIXELS; 0: whole clips, whatever their size)")
     p.add_argument("--min-seconds", type=float, default=2.0)
     p.add_argument("--malloc-defaults", action="store_true",
                    help="on the CPU, leave glibc's malloc as it is (default: keep_freed_memory, as tvq does)")
@@ -198,9 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     h, w = (int(v) for v in args.video_size.lower().split("x"))
     INPUTS["video"] = (3, 17, h, w)
     if args.chunk_pixels is not None:
-        from tokenizers_vq.backbones import video  # noqa: PLC0415
+        from tokenizers_vq.backbones import time_chunks  # noqa: PLC0415
 
-        video.CHUNK_PIXELS = dict.fromkeys(video.CHUNK_PIXELS, args.chunk_pixels or 1 << 62)
+        time_chunks.CHUNK_PIXELS = dict.fromkeys(time_chunks.CHUNK_PIXELS, args.chunk_pixels or 1 << 62)
     kept = device.type == "cpu" and not args.malloc_defaults and keep_freed_memory()
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device), "keep_freed_memory": kept,
             "video_size": [h, w], "chunk_pixels": args.chunk_pixels,

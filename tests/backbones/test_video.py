@@ -221,7 +221,7 @@ def test_large_frames_run_over_time_in_chunks_and_give_the_same_clip(monkeypatch
     """At inference, frames over CHUNK_PIXELS run the full-resolution layers a few frames at
     a time (each causal conv carrying its last inputs, the time upsampling included): the
     latents and frames are those of one pass over the clip, to float rounding."""
-    from tokenizers_vq.backbones import video  # noqa: PLC0415
+    from tokenizers_vq.backbones import time_chunks, video  # noqa: PLC0415
 
     torch.manual_seed(0)
     cfg = small(temporal_downsample=temporal_downsample)
@@ -233,7 +233,7 @@ def test_large_frames_run_over_time_in_chunks_and_give_the_same_clip(monkeypatch
         z, y = enc(x), dec(enc(x))
         streamed = []
         monkeypatch.setattr(video.CausalConv3d, "forward", _spy(video.CausalConv3d.forward, streamed))
-        monkeypatch.setattr(video, "CHUNK_PIXELS", {"cpu": 2 * 16 * 24 * chunk_frames})
+        monkeypatch.setattr(time_chunks, "CHUNK_PIXELS", {"cpu": 2 * 16 * 24 * chunk_frames})
         zc, yc = enc(x), dec(z)
     assert any(streamed), "no layer ran over time in chunks"
     torch.testing.assert_close(zc, z, rtol=1e-5, atol=1e-5)

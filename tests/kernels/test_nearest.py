@@ -75,7 +75,7 @@ def check_topk(device, full=False):
         for split in (None, 2):
             _check_search(_data((n, d), dt, device), _data((kc, d), dt, device), metric, name, k=k, split_k=split)
     # a row with fewer than k finite scores (NaN) still gets k distinct codes, the lowest indices;
-    # a NaN code is never among a finite row's best (negative indices came out before)
+    # a NaN code is never among a finite row's best
     for split in (None, 3):
         x, c = _data((5, 8), torch.float32, device), _data((40, 8), torch.float32, device)
         x[2], c[7] = float("nan"), float("nan")

@@ -349,3 +349,5 @@ def test_a_rank_whose_mask_leaves_nothing_is_refused_in_training_under_a_process
         q(z, mask=nothing)
     q.eval()  # encoding exchanges nothing
     assert torch.equal(q.encode(z, mask=nothing), torch.full((2, 5), -1))
+    fsq = FSQ(D, [5, 5, 5, 5]).train()  # nor does a quantizer without statistics
+    assert torch.equal(fsq(z, mask=nothing).codes, torch.full((2, 5), -1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,16 +51,21 @@ def test_ties_go_to_the_lowest_index_across_blocks(metric):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_values_whose_squares_overflow_fp32_are_compared_exactly(dtype):
-    """|x| ~ 1e20: the fp32 screening scores overflow; such rows go to the fp64 exact pass
-    whole (they came back as index 0, distance inf)."""
-    x = torch.tensor([[1e20, 0.0], [0.5, 0.0]]).to(dtype)
-    c = torch.tensor([[1e19, 0.0], [1e20, 0.0], [0.4, 0.0]]).to(dtype)
+    """|x| ~ 1e20 and beyond: the fp32 screening scores overflow; such rows go to the fp64
+    exact pass whole, which finds the exact match. Infinite values are not refused."""
+    x = torch.tensor([[1e20, 0.0], [0.5, 0.0], [3e19, 0.0]]).to(dtype)
+    c = torch.tensor([[1e19, 0.0], [1e20, 0.0], [0.4, 0.0], [2.9e19, 0.0], [3e19, 0.0]]).to(dtype)
     for block in (1, 2**24):
         dist, idx = nearest_codes_reference(x, c, "l2", block_elems=block)
-        assert idx.tolist() == [1, 2] and float(dist[0]) == 0.0
+        assert idx.tolist() == [1, 2, 4] and float(dist[0]) == float(dist[2]) == 0.0
+        far = nearest_codes_reference(torch.tensor([[2e38, 0.0]]).to(dtype), torch.tensor([[-1e30, 0.0], [-1.0, 0.0]]).to(dtype),
+                                      "l2", block_elems=block)
+        assert far[1].tolist() == [1]
     big = torch.tensor([[1e40]], dtype=torch.float64)
     with pytest.raises(ValueError, match="float64 values beyond float32's range"):
         nearest_codes_reference(big, torch.zeros(2, 1, dtype=torch.float64))
+    inf_row = torch.tensor([[math.inf], [1.0]], dtype=torch.float64)
+    assert nearest_codes_reference(inf_row, torch.tensor([[0.0], [1.0]], dtype=torch.float64))[1][1] == 1
 
 
 def test_nearest_codes_rejects_bad_shapes_and_backends():

@@ -132,12 +132,16 @@ def test_a_checkpoint_is_readable_as_the_umask_says(tmp_path):
     assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir() if p.is_file()} == {0o644}
 
 
-def test_audio_segments_shorter_than_the_spectral_windows_are_named(tmp_path):
-    """The 2048-point spectral losses reflect-pad by 1024 samples: a shorter segment failed at
-    the first step with a raw padding error."""
+def test_audio_segments_shorter_than_the_spectral_windows_are_named_with_a_length_that_works(tmp_path):
+    """The 2048-point spectral losses reflect-pad by 1024 samples: a shorter segment is refused
+    before training, and the length the message advises trains."""
+    import re  # noqa: PLC0415
+
     with pytest.raises(ValueError, match=r"data.segment_seconds=0.05: segments of \d+ samples .* at least "
-                                         r"--data.segment_seconds="):
+                                         r"--data.segment_seconds=") as refused:
         Trainer(config("audio", tmp_path / "a", 1, **{"data.segment_seconds": 0.05, "data.max_items": 1}))
+    least = float(re.search(r"segment_seconds=([0-9.]+)$", str(refused.value)).group(1))
+    Trainer(config("audio", tmp_path / "b", 1, **{"data.segment_seconds": least, "data.max_items": 1}))
 
 
 def test_text_settings_keep_words_that_yaml_1_1_read_as_booleans():

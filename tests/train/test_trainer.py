@@ -354,20 +354,24 @@ def test_a_warm_started_run_resumes_from_its_checkpoint_once_its_source_is_gone(
     assert [line["step"] for line in read_log(tmp_path / "b")] == [1, 2, 3, 4]
 
 
-def test_ranks_stop_for_max_minutes_at_the_same_step(monkeypatch):
-    """Under several processes the stop is agreed every TIME_CHECK_STEPS steps: a rank whose
-    own clock has not run out stops with the others, and none stops between the checks."""
+def test_ranks_stop_for_max_minutes_at_the_same_step_before_the_limit(monkeypatch):
+    """Under several processes the stop is agreed every TIME_CHECK_STEPS steps, where the next
+    check would fall past the limit: a rank whose own clock has not run out stops with the
+    others, and none stops between the checks."""
     from types import SimpleNamespace  # noqa: PLC0415
 
     from tokenizers_vq.train import trainer  # noqa: PLC0415
 
     peer_out = [False]
     monkeypatch.setattr(trainer, "all_reduce_sum_", lambda t: t + float(peer_out[0]))  # the peer's flag added
-    agreed = lambda step, mine, world=2: Trainer._agreed(  # noqa: E731
-        SimpleNamespace(step=step, acc=SimpleNamespace(num_processes=world, device=torch.device("cpu"))), mine)
     n = trainer.TIME_CHECK_STEPS
-    assert agreed(3, True, world=1) and not agreed(3, False, world=1)  # alone: every step, its own clock
-    assert not agreed(n + 1, True)  # between checks nobody stops, out of time or not
-    assert agreed(2 * n, True) and not agreed(2 * n, False)
+
+    def out(step, elapsed, world=2):  # one second a step, a limit of 100 s
+        me = SimpleNamespace(step=step, acc=SimpleNamespace(num_processes=world, device=torch.device("cpu")))
+        return Trainer._out_of_time(me, elapsed, 100.0, 0)
+
+    assert out(3, 101, world=1) and not out(3, 99, world=1)  # alone: every step, its own clock
+    assert not out(n + 1, 200)  # between checks nobody stops, out of time or not
+    assert not out(8 * n, 8 * n) and out(9 * n, 9 * n + 1)  # 91 s + 10 more steps would pass 100 s
     peer_out[0] = True
-    assert agreed(2 * n, False)  # the peer's clock ran out: this rank stops at the same step
+    assert out(2 * n, 2 * n)  # the peer's clock ran out: this rank stops at the same step

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers_vq.backbones._blocks import check_input, check_multiple, check_positive, group_norm
+from tokenizers_vq.backbones.time_chunks import frames_per_chunk, run_over_time, time_major
 
 
 @dataclass
@@ -84,12 +85,6 @@ class VideoBackboneConfig:
         return i >= len(self.channel_mult) - 1 - self.temporal_downsample
 
 
-def _time_major(x: Tensor) -> bool:
-    """Whether ``x (B, C, T, H, W)`` is held channels-last (``channels_last_3d``) and not
-    also in PyTorch's default layout (one channel)."""
-    return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-
-
 def _cpu_layout(x: Tensor) -> Tensor:
     """``x`` channels-last at CPU inference under bf16 (autocast or bf16 tensors), where
     oneDNN's bf16 3-D convolutions run fastest (the encoder about 1.5x); else as it is."""
@@ -117,7 +112,7 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x: Tensor) -> Tensor:
         if self.time_pad:
             first = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1) if self.carry is None else self.carry
-            if _time_major(x) and not torch.is_grad_enabled():  # keep the layout (cat would not)
+            if time_major(x) and not torch.is_grad_enabled():  # keep the layout (cat would not)
                 b, c, t, h, w = x.shape
                 padded = torch.empty((b, c, t + self.time_pad, h, w), dtype=x.dtype, device=x.device,
                                      memory_format=torch.channels_last_3d)
@@ -127,62 +122,6 @@ class CausalConv3d(nn.Conv3d):
             if self.streaming:  # a copy: a view would keep this whole chunk alive until the next
                 self.carry = x[:, :, -self.time_pad:].clone()
         return super().forward(x)
-
-
-CHUNK_PIXELS = {"cpu": 1 << 21, "cuda": 1 << 22}
-"""Frames times pixels per frame that the full-resolution layers of an inference pass hold
-at once, by device type (others as the CPU): larger clips run those layers over time in
-chunks of frames (:func:`run_over_time`), which gives the same frames with a fraction of the
-memory. Measured with the embedded model on 17-frame clips: 720p on a 2-core CPU, the
-encoder 12.7 -> 4.2 GB and the decoder 16.9 -> 5.5 GB at about the same speed; 1080p on an
-H100, 32.2 -> 10.1 GB for 28% fewer frames per second encoded (two frames per chunk there: one
-took as much memory and was slower). Chosen by shape and device type alone, so every machine
-of a kind computes the same way."""
-
-
-def frames_per_chunk(batch: int, frames: int, pixels: int, device: torch.device) -> int | None:
-    """Frames per chunk for the time-stride-1 layers of an inference pass over ``batch``
-    clips of ``frames`` frames of ``pixels`` pixels at full resolution, or None to run them
-    over the whole clip (training, compiling, or clips that fit :data:`CHUNK_PIXELS`)."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return None
-    budget = CHUNK_PIXELS.get(device.type, CHUNK_PIXELS["cpu"])
-    chunk = max(1, budget // max(1, batch * pixels))
-    return chunk if chunk < frames else None
-
-
-def run_over_time(stages: list, x: Tensor, chunk: int | None) -> Tensor:
-    """``stages`` (modules whose causal convs all have time stride 1; the first may be an
-    :class:`Upsample3d` that doubles time) applied to ``x`` ``(B, C, T, H, W)``, over the whole
-    clip or in chunks of ``chunk`` input frames: each :class:`CausalConv3d` carries its last
-    input frames from one chunk to the next, and norms are per frame, so every output frame
-    sees what it sees in one piece."""
-    if chunk is None:
-        for stage in stages:
-            x = stage(x)
-        return x
-    convs = [m for s in stages if isinstance(s, nn.Module) for m in s.modules() if isinstance(m, CausalConv3d)]
-    out = None
-    try:
-        for conv in convs:
-            conv.carry, conv.streaming = None, True
-        done = 0
-        for t0 in range(0, x.shape[2], chunk):
-            h = x[:, :, t0 : t0 + chunk]
-            for stage in stages:
-                h = stage(h)
-            if out is None:
-                doubles = any(isinstance(s, Upsample3d) and s.time for s in stages)
-                frames = 2 * x.shape[2] - 1 if doubles else x.shape[2]
-                layout = torch.channels_last_3d if _time_major(h) else torch.contiguous_format
-                out = torch.empty((*h.shape[:2], frames, *h.shape[3:]), dtype=h.dtype, device=h.device,
-                                  memory_format=layout)
-            out[:, :, done : done + h.shape[2]] = h
-            done += h.shape[2]
-    finally:
-        for conv in convs:
-            conv.carry, conv.streaming = None, False
-    return out
 
 
 class FrameNorm(nn.Module):
@@ -225,8 +164,12 @@ class Upsample3d(nn.Module):
         self.time = time
         self.conv = CausalConv3d(c_in, c_out)
 
+    @property
+    def doubles_time(self) -> bool:
+        return self.time
+
     def forward(self, x: Tensor) -> Tensor:
-        layout = torch.channels_last_3d if _time_major(x) else torch.contiguous_format
+        layout = torch.channels_last_3d if time_major(x) else torch.contiguous_format
         if self.time:  # a later chunk of a clip run over time (``run_over_time``) has no first frame
             x = x.repeat_interleave(2, dim=2)[:, :, (1 if self.conv.carry is None else 0):]
         x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")

@@ -213,7 +213,7 @@ def nearest_codes_reference(
         for ``cosine``: the exact-pass value, rounded once) and ``(N,)`` int64 indices.
     """
     for t, name in ((x, "x"), (codebook, "codebook")):
-        if t.dtype == torch.float64 and t.numel() and float(t.abs().nan_to_num(0.0).amax()) > torch.finfo(torch.float32).max:
+        if t.dtype == torch.float64 and t.numel() and bool((t.isfinite() & (t.abs() > torch.finfo(torch.float32).max)).any()):
             raise ValueError(f"{name} holds float64 values beyond float32's range ({torch.finfo(torch.float32).max:.3g}), "
                              "which the search computes in: scale them down")
     raw_x, raw_c = x.float(), codebook.float()
@@ -259,7 +259,7 @@ def nearest_codes_reference(
             screen = torch.minimum(screen, low)
             # a row whose scores or tolerance overflow fp32 (|x| or |c| beyond ~1e19) screens
             # nothing out: every code goes to the exact pass, which holds such values in fp64
-            thr = (screen + tol).nan_to_num(nan=math.inf)
+            thr = (screen + tol).nan_to_num(nan=math.inf, posinf=math.inf)
             s.scatter_(1, arg.unsqueeze(1), math.inf)
             arg += k0
             crowded = s.amin(dim=1) <= thr  # another codeword of this block within tol

@@ -123,6 +123,10 @@ class Quantizer(nn.Module, ABC):
     """Each position is quantized on its own (so a mask can leave positions out); False
     for quantizers that look at neighbouring positions."""
 
+    exchanges: bool = False
+    """A training step exchanges statistics with the other ranks of a process group
+    (codebook statistics, an entropy over every rank's batch): every rank must take part."""
+
     def __init__(self, dim: int, check_finite: bool = True):
         super().__init__()
         if dim < 1:
@@ -168,8 +172,8 @@ class Quantizer(nn.Module, ABC):
         (exactly as if the real positions came alone); padded positions pass ``z``
         through unchanged and get code -1. Position-wise quantizers only
         (:attr:`positionwise`); not for ``torch.compile(fullgraph=True)`` (the number of
-        real positions is data); under a process group every rank needs at least one real
-        position in a training step (codebook statistics are exchanged across ranks), and a
+        real positions is data); under a process group a quantizer that :attr:`exchanges`
+        statistics needs at least one real position on every rank in a training step, and a
         rank without one is refused."""
         self._check_latent(z)
         if mask is not None:
@@ -261,7 +265,8 @@ class Quantizer(nn.Module, ABC):
         codes = torch.full((*mask.shape, *cs), -1, dtype=torch.int64, device=z.device)
         valid = z[mask]
         if valid.shape[0] == 0:
-            if self.training and is_distributed():  # its peers' statistics exchange would wait for it, or mismatch
+            if self.training and is_distributed() and any(getattr(m, "exchanges", False) for m in self.modules()):
+                # its peers' statistics exchange would wait for it, or pair with another collective
                 raise ValueError("this rank's mask has no real position, but under a process group every rank "
                                  "exchanges codebook statistics in each training step: leave batches that are all "
                                  "padding out of the data (or give this rank at least one real position)")

@@ -57,6 +57,8 @@ class LFQ(Quantizer):
         torch.Size([2, 16])
     """
 
+    exchanges = True  # the entropy's code probabilities are averaged over ranks in a training step
+
     def __init__(
         self,
         dim: int,

@@ -230,6 +230,8 @@ class ProjectedCodebookVQ(Quantizer):
         torch.Size([2, 8, 8])
     """
 
+    exchanges = True  # statistics summed over ranks in a training step
+
     def __init__(
         self,
         dim: int,

@@ -93,6 +93,8 @@ class ShardedVectorQuantizer(Quantizer):
         backend: search backend of each shard.
     """
 
+    exchanges = True  # statistics summed over ranks in a training step
+
     positionwise = False  # every call is collective: a mask leaving a rank no position would skip it there
 
     def __init__(

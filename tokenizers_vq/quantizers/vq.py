@@ -92,6 +92,8 @@ class VectorQuantizer(Quantizer):
         (torch.Size([2, 8, 8]), torch.Size([2, 8, 8, 64]))
     """
 
+    exchanges = True  # statistics summed over ranks in a training step
+
     def __init__(
         self,
         dim: int,
