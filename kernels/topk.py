@@ -43,6 +43,50 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
 
 
+@triton.jit
+def _scan(x, X_row, rmask, C, BIAS, SCALE, g, K, D, sxd, scg, sck, scd, k_lo, k_hi, dd, cols, slots,
+          COSINE: tl.constexpr, ONE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+          ROBUST: tl.constexpr):
+    """Each row's ``TOPK`` best ``(score, index)`` pairs over codes ``[k_lo, k_hi)``, unordered
+    in ``KP`` slots. Unused slots (>= TOPK) hold -inf so they are never the worst; empty ones
+    +inf with distinct negative indices. NaN scores rank as +inf. ``ROBUST`` (run only where
+    empty slots are left): a taken column is never taken again, and an empty slot is the
+    worst among equal scores, so a code of score +inf (a NaN row, an overflow) still fills it."""
+    r_val = tl.where(slots[None, :] < TOPK, float("inf"), -float("inf")) + tl.zeros([BLOCK_N, KP], tl.float32)
+    r_idx = (-1 - slots)[None, :] + tl.zeros([BLOCK_N, KP], tl.int32)
+    for t in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
+        kk = k_lo + t * BLOCK_K + cols
+        kmask = kk < k_hi
+        C_tile = C + g * scg + kk[None, :].to(tl.int64) * sck
+        s = _score_tile(x, X_row, rmask, C_tile, kk, kmask, dd, D, sxd, scd, BIAS + g * K, SCALE + g * K,
+                        COSINE, ONE_CHUNK, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, DOT_F32)
+        s = tl.where(s == s, s, float("inf"))  # a NaN (a NaN row or code) would make a tile's minimum NaN
+        if ROBUST:
+            col_of = tl.where(kmask[None, :], cols[None, :], BLOCK_K) + tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
+        for _ in tl.static_range(TOPK):
+            m = tl.min(s, axis=1)
+            if ROBUST:
+                col = tl.min(tl.where(s == m[:, None], col_of, BLOCK_K), axis=1)
+                hit = col_of == col[:, None]
+                s = tl.where(hit, float("inf"), s)
+                col_of = tl.where(hit, BLOCK_K, col_of)
+                w = tl.max(r_val, axis=1)
+                key = tl.where(r_idx < 0, _BIG + r_idx, r_idx)
+                w_key = tl.max(tl.where(r_val == w[:, None], key, -_BIG), axis=1)
+                better = ((m < w) | ((m == w) & (w_key >= _BIG - KP))) & (col < BLOCK_K)
+                put = (r_val == w[:, None]) & (key == w_key[:, None]) & better[:, None]
+            else:
+                col = tl.min(tl.where(s == m[:, None], cols[None, :], BLOCK_K), axis=1)
+                s = tl.where(cols[None, :] == col[:, None], float("inf"), s)
+                w = tl.max(r_val, axis=1)
+                w_idx = tl.max(tl.where(r_val == w[:, None], r_idx, -_BIG), axis=1)
+                put = (r_val == w[:, None]) & (r_idx == w_idx[:, None]) & (m < w)[:, None]
+            r_val = tl.where(put, m[:, None], r_val)
+            r_idx = tl.where(put, (k_lo + t * BLOCK_K + col)[:, None], r_idx)
+    return r_val, r_idx
+
+
 @triton.autotune(configs=_configs(), key=["BLOCK_D", "PRECISION", "TOPK"],  # and the dtypes
                  prune_configs_by={"early_config_prune": prune_to_fit}, cache_results=True)
 @triton.jit
@@ -65,33 +109,11 @@ def _topk_kernel(X, C, BIAS, SCALE, OUT_S, OUT_I, OFF, N, K, D, K_SPLIT,
 
     k_lo = pid_s * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
-    # Unused slots (>= TOPK) hold -inf so they are never the worst; empty ones +inf
-    # with distinct negative indices. A slot's key orders equal scores for replacement: an
-    # empty slot above every held index, so a code of score +inf (a NaN row, an overflow)
-    # still fills it and no negative index is emitted while the range holds k codes.
-    r_val = tl.where(slots[None, :] < TOPK, float("inf"), -float("inf")) + tl.zeros([BLOCK_N, KP], tl.float32)
-    r_idx = (-1 - slots)[None, :] + tl.zeros([BLOCK_N, KP], tl.int32)
-    for t in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
-        kk = k_lo + t * BLOCK_K + cols
-        kmask = kk < k_hi
-        C_tile = C + g * scg + kk[None, :].to(tl.int64) * sck
-        s = _score_tile(x, X_row, rmask, C_tile, kk, kmask, dd, D, sxd, scd, BIAS + g * K, SCALE + g * K,
-                        COSINE, ONE_CHUNK, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, DOT_F32)
-        # NaN scores rank as +inf; a taken column (or one past the range) gets column BLOCK_K
-        s = tl.where(s == s, s, float("inf"))
-        col_of = tl.where(kmask[None, :], cols[None, :], BLOCK_K) + tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
-        for _ in tl.static_range(TOPK):
-            m = tl.min(s, axis=1)
-            col = tl.min(tl.where(s == m[:, None], col_of, BLOCK_K), axis=1)
-            s = tl.where(col_of == col[:, None], float("inf"), s)
-            col_of = tl.where(col_of == col[:, None], BLOCK_K, col_of)
-            w = tl.max(r_val, axis=1)
-            key = tl.where(r_idx < 0, _BIG + r_idx, r_idx)
-            w_key = tl.max(tl.where(r_val == w[:, None], key, -_BIG), axis=1)
-            better = ((m < w) | ((m == w) & (w_key >= _BIG - KP))) & (col < BLOCK_K)
-            put = (r_val == w[:, None]) & (key == w_key[:, None]) & better[:, None]
-            r_val = tl.where(put, m[:, None], r_val)
-            r_idx = tl.where(put, (k_lo + t * BLOCK_K + col)[:, None], r_idx)
+    r_val, r_idx = _scan(x, X_row, rmask, C, BIAS, SCALE, g, K, D, sxd, scg, sck, scd, k_lo, k_hi, dd, cols, slots,
+                         COSINE, ONE_CHUNK, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, DOT_F32, TOPK, KP, False)
+    if tl.min(tl.where(slots[None, :] < TOPK, r_idx, 0)) < 0:  # a row with fewer than TOPK finite scores here
+        r_val, r_idx = _scan(x, X_row, rmask, C, BIAS, SCALE, g, K, D, sxd, scg, sck, scd, k_lo, k_hi, dd, cols, slots,
+                             COSINE, ONE_CHUNK, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, DOT_F32, TOPK, KP, True)
 
     off = _row_offset(x_sq, COSINE)
     r_val = tl.where(slots[None, :] < TOPK, r_val, float("inf"))

@@ -76,12 +76,15 @@ def check_topk(device, full=False):
             _check_search(_data((n, d), dt, device), _data((kc, d), dt, device), metric, name, k=k, split_k=split)
     # a row with fewer than k finite scores (NaN) still gets k distinct codes, the lowest indices;
     # a NaN code is never among a finite row's best
-    for split in (None, 3):
-        x, c = _data((5, 8), torch.float32, device), _data((40, 8), torch.float32, device)
-        x[2], c[7] = float("nan"), float("nan")
+    for split, kc in itertools.product((None, 3), (40, 300)):
+        x, c = _data((5, 8), torch.float32, device), _data((kc, 8), torch.float32, device)
+        x[2], c[7], c[kc - 3] = float("nan"), float("nan"), float("nan")
         _, idx = nearest_codes_triton(x, c, k=4, split_k=split, precision="ieee")
         assert idx[2].tolist() == [0, 1, 2, 3], idx[2]
-        assert not (idx[[0, 1, 3, 4]] == 7).any() and all(len(set(r.tolist())) == 4 for r in idx)
+        finite = idx[[0, 1, 3, 4]]
+        assert not ((finite == 7) | (finite == kc - 3)).any() and all(len(set(r.tolist())) == 4 for r in idx)
+        _, ref = nearest_codes_triton(x[[0, 1, 3, 4]], c.nan_to_num(1e4), k=4, split_k=split, precision="ieee")
+        assert torch.equal(finite, ref)  # a NaN code in any tile leaves the others as they rank
 
 
 def check_grouped_and_layouts(device, full=False):
