@@ -131,8 +131,8 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     from tokenizers_vq.viz import usage_plot  # noqa: PLC0415
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     check_can_write(out_dir / "metrics.json")  # an unwritable folder is named before the work, not after
+    out_dir.mkdir(parents=True, exist_ok=True)
     device = next(tok.parameters()).device
     lpips, inception, skipped = _feature_nets(tok.modality, device, lpips_weights, lpips_heads, fid_weights)
     result = evaluate(tok, files, max_frames=max_frames, lpips=lpips, inception=inception)

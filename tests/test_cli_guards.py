@@ -452,3 +452,13 @@ def test_a_mixed_folder_names_what_a_run_leaves_out(tmp_path, capsys, image_mode
     assert main(["export", "--model", str(image_model), "--data", str(photos), "--out", str(tmp_path / "out2"),
                  "--device", "cpu"]) == 0
     assert "left out" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["export", "eval"])
+def test_an_output_folder_that_cannot_be_made_is_named_in_one_line(command, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    photos = small_photos(tmp_path / "p", 1)[0].parent
+    assert main([command, "--data", str(photos), "--out", str(tmp_path / "afile" / "out")]) == 2
+    line = one_error_line(capsys)
+    assert f"cannot write {tmp_path / 'afile' / 'out'}" in line and "is a file, not a directory" in line
+    assert (tmp_path / "afile").read_text() == "x"

@@ -169,3 +169,13 @@ def test_decoding_with_other_weights_under_the_same_name_warns(tmp_path, image_m
     with warnings.catch_warnings():
         warnings.simplefilter("error", OtherModelWarning)
         decode_file(Tokenizer.from_pretrained(image_model), tokens, tmp_path / "own.png")
+
+
+def test_a_refused_decode_says_so_once_without_a_warning_first(tmp_path, image_model, capsys):
+    tokens = tmp_path / "t.tvq"
+    assert main(["encode", *map(str, small_photos(tmp_path / "p", 1)), "--model", str(image_model),
+                 "-o", str(tokens)]) == 0
+    capsys.readouterr()
+    assert main(["decode", str(tokens), "--model", "speech", "-o", str(tmp_path / "out.wav")]) == 2
+    err = capsys.readouterr().err
+    assert "warning" not in err and err.count("tvq: error:") == 1

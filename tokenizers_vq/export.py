@@ -64,7 +64,7 @@ from tqdm import tqdm
 from tokenizers_vq import distributed
 from tokenizers_vq.export_pipeline import FLUSH, encode_batches, read_inputs
 from tokenizers_vq.export_record import START_OVER, UPRIGHT, bring_back, claim, drop_replaced, fingerprint
-from tokenizers_vq.io import atomic_write, write_bytes
+from tokenizers_vq.io import atomic_write, check_can_write, write_bytes
 from tokenizers_vq.runtime import keep_freed_memory
 from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, check_shard, read_json, token_dtype  # noqa: F401
 from tokenizers_vq.tokenizer import Tokenizer
@@ -187,6 +187,7 @@ def export_dataset(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file: an export is written into a folder; name a folder (--out)")
+    check_can_write(out / "manifest.json")  # a folder that cannot be made or written is named, as writes are
     out.mkdir(parents=True, exist_ok=True)
     if next(tok.parameters()).device.type == "cpu":
         keep_freed_memory()
