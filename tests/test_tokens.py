@@ -495,3 +495,10 @@ def test_the_default_pixel_limit_stands_for_a_video_sized_one_with_frames(tmp_pa
     assert 1920 * 1080 <= MAX_VIDEO_PIXELS < 2048 * 1152 < MAX_PIXELS
     x, size, _ = load_input(wide, "video", max_frames=1, max_pixels=2048 * 1152)  # a limit the caller sets applies
     assert size == [1, 1152, 2048]
+
+
+def test_a_small_pixel_limit_is_stated_in_pixels_not_as_zero_megapixels():
+    from tokenizers_vq.io import check_pixels  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match=r"512x600 = 0.3 megapixels, over the limit of 1000 pixels .*--max-pixels 307200"):
+        check_pixels(Path("a.png"), 512, 600, 1000)

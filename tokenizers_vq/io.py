@@ -256,7 +256,8 @@ def check_media_file(path: Path, what: str) -> None:
 def check_pixels(path: Path, w: int, h: int, max_pixels: int | None, what: str = "") -> None:
     """Refuse an image or video frame of more than ``max_pixels`` pixels (``None``: no limit)."""
     if max_pixels is not None and w * h > max_pixels:
-        raise ValueError(f"{path}{what} {'are' if what.endswith('s') else 'is'} {w}x{h} = {w * h / 1e6:.1f} "
-                         f"megapixels, over the limit of "
-                         f"{max_pixels / 1e6:.1f} (memory grows with the pixel count); downscale it, or raise the "
+        size = f"{w * h / 1e6:.1f} megapixels" if w * h >= 100_000 else f"{w * h} pixels"
+        limit = f"{max_pixels / 1e6:.1f}" if max_pixels >= 100_000 else f"{max_pixels} pixels"
+        raise ValueError(f"{path}{what} {'are' if what.endswith('s') else 'is'} {w}x{h} = {size}, over the limit of "
+                         f"{limit} (memory grows with the pixel count); downscale it, or raise the "
                          f"limit with --max-pixels {w * h} (max_pixels= in Python)")

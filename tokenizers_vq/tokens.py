@@ -83,7 +83,8 @@ def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None 
         x, size, info = load_input(path, tok.modality, tok.sample_rate, max_frames, max_pixels)
         parts = [x]
     try:
-        codes = torch.cat([tok.encode(tok.media.expand(p).unsqueeze(0).to(device))[0].cpu() for p in parts])
+        with tqdm(parts, desc=f"{path.name}: clips", unit="clip", disable=len(parts) < 2, leave=False) as bar:
+            codes = torch.cat([tok.encode(tok.media.expand(p).unsqueeze(0).to(device))[0].cpu() for p in bar])
     except ValueError as e:  # the tokenizer's refusal (e.g. too small), said of this file
         raise ValueError(f"{path}: {e}") from e
     return TokenRecord(codes, path.name, size, info, file_sha256(path) if path.is_file() else None)
@@ -156,7 +157,8 @@ def decoded_media(tok: Tokenizer, rec: TokenRecord) -> Tensor:
     device = next(tok.parameters()).device
     per_clip = 1 + (tok.config.clip_frames - 1) // tok.backbone_config.temporal_factor
     (frames, h, w), done, out = rec.size, 0, []
-    for c in rec.codes.long().unsqueeze(0).split(per_clip, dim=1):
+    clips = rec.codes.long().unsqueeze(0).split(per_clip, dim=1)
+    for c in tqdm(clips, desc=f"{rec.source}: clips", unit="clip", disable=len(clips) < 2, leave=False):
         clip = tok.decode(c.to(device))[0, :, : frames - done, :h, :w].float().cpu()
         out.append(to_bytes(tok.media.to_media(clip)))
         done += out[-1].shape[0]

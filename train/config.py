@@ -189,6 +189,10 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     tree[keys[-1]] = value
 
 
+CONFIGS = Path(__file__).parent / "configs"
+"""The shipped training configs (installed with the package)."""
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML file into :class:`TrainConfig` and apply ``section.key=value``
     overrides (values parsed as YAML scalars/lists; a leading ``--`` is allowed).
@@ -201,8 +205,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        shipped = CONFIGS / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
+        if not p.is_file() and p.parent in (Path("."), Path("train/configs")) and shipped.is_file():
+            p = shipped  # a shipped config by its name (image, audio, video) or its path in the repository
         if not p.is_file():
-            raise ValueError(f"config file not found: {p}")
+            names = ", ".join(sorted(c.stem for c in CONFIGS.glob("*.yaml") if not c.stem.startswith("accelerate")))
+            raise ValueError(f"config file not found: {p} (the shipped ones, by name: {names}; in {CONFIGS})")
         try:
             tree = yaml.load(p.read_text(), Loader=_yaml_loader()) or {}
         except yaml.YAMLError as e:

@@ -149,3 +149,11 @@ def test_text_settings_keep_words_that_yaml_1_1_read_as_booleans():
                                                    "--data.train=photos", "--data.val="])
     assert (cfg.out_dir, cfg.init_from, cfg.model.name, cfg.data.val) == ("off", "no", "on", "")
     assert load_config("train/configs/image.yaml", ["--data.train=photos", "--cudnn_benchmark=true"]).cudnn_benchmark is True
+
+
+def test_a_shipped_config_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repository: its train/configs/ is not here
+    for name in ("image", "train/configs/audio.yaml", "video.yaml"):
+        assert load_config(name, ["--data.train=photos"]).model.modality in ("image", "audio", "video")
+    with pytest.raises(ValueError, match=r"config file not found: nope.yaml \(the shipped ones, by name: audio, image, video"):
+        load_config("nope.yaml")
