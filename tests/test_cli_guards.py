@@ -434,6 +434,14 @@ def test_eval_rerun_with_fewer_items_leaves_no_samples_of_the_earlier_run(tmp_pa
     assert main([*cmd, "--max-items", "1"]) == 0
     assert sorted(p.name for p in (out / "samples").iterdir() if p.name[0].isdigit()) == [
         "0_original.wav", "0_reconstruction.wav", "0_spectrogram.png"]
+    # an image run into the same folder keeps none of the speech run's samples, and the reverse
+    image = tiny("image").save_pretrained(tmp_path / "image_model")
+    photos = small_photos(tmp_path / "photos", 2)[0].parent
+    image_cmd = ["eval", "--model", str(image), "--data", str(photos), "--device", "cpu"]
+    assert main([*image_cmd, "--out", str(tmp_path / "fresh")]) == 0 and main([*image_cmd, "--out", str(out)]) == 0
+    assert {p.name for p in (out / "samples").iterdir()} == {p.name for p in (tmp_path / "fresh" / "samples").iterdir()}
+    assert main(cmd) == 0 and main([*cmd, "--out", str(tmp_path / "fresh_audio")]) == 0
+    assert {p.name for p in (out / "samples").iterdir()} == {p.name for p in (tmp_path / "fresh_audio" / "samples").iterdir()}
 
 
 def test_a_mixed_folder_names_what_a_run_leaves_out(tmp_path, capsys, image_model):

@@ -62,9 +62,8 @@ def write(tok: Tokenizer, files: list[Path], out_dir: Path, n_items: int = 4, ma
         raise ValueError("training samples are written for fixed-grid tokenizers only; this one has dynamic-length "
                          "codes: set sample_every=0 and check it with Tokenizer.encode/decode")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.iterdir():  # an earlier run's items past this run's count would pass for this run's
-        named = re.fullmatch(r"(\d+)_(original|reconstruction|spectrogram)\.(wav|mp4|png)", old.name)
-        if named and int(named[1]) >= min(n_items, len(files)):
+    for old in out_dir.iterdir():  # an earlier run's samples (more items, another modality) would pass for this run's
+        if re.fullmatch(r"(\d+_(original|reconstruction|spectrogram)\.(wav|mp4|png)|reconstructions\.png)", old.name):
             old.unlink()
     rows, all_codes = [], []
     with evaluating(tok):  # each part's own mode back after, also when a file fails
