@@ -115,7 +115,12 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ValueError(f"unknown config keys in {where or 'config'}: {sorted(unknown)}; known: {sorted(names)}")
+        import difflib  # noqa: PLC0415
+
+        close = {u: difflib.get_close_matches(u, names, n=1) for u in sorted(unknown)}
+        hint = "".join(f"; {where}{u}: did you mean {where}{c[0]}?" for u, c in close.items() if c)
+        raise ValueError(f"unknown config keys in {where.rstrip('.') or 'config'}: {sorted(unknown)}{hint}; "
+                         f"known: {sorted(names)}")
     kwargs = {}
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for key, val in values.items():

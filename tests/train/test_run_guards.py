@@ -39,6 +39,8 @@ from tokenizers_vq.train.trainer import Trainer
     ("out_dir=", "out_dir is empty: it takes a string"),
     ("model.quantizer.kind=fsq model.quantizer.options={}", r"quantizer kind 'fsq' needs the options \['levels'\]"),
     ("model.name=true", "the model's name must be a non-empty string"),
+    ("step=2", "unknown config keys in config: \\['step'\\]; step: did you mean steps\\?"),
+    ("data.trian=x", "data.trian: did you mean data.train\\?"),
 ])
 def test_a_setting_a_run_cannot_train_with_is_named_at_load(override, named):
     if override.startswith("mixed_precision") and torch.cuda.is_available():
