@@ -162,7 +162,8 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     clips = (f" Each video over its first {max_frames} frames (`--max-frames`; 0: all)."
              if tok.modality == "video" and max_frames else "")
     lines = [f"# Evaluation of `{model_name}`", "",
-             f"{len(files)} {tok.modality} files, device {result['summary']['device']}.{clips}", "",
+             f"{len(files)} {tok.modality} file{'s' if len(files) != 1 else ''}, device "
+             f"{result['summary']['device']}.{clips}", "",
              "| metric | mean |", "|---|---|"]
     for k, v in result["summary"].items():
         if isinstance(v, float):

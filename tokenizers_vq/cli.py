@@ -141,7 +141,8 @@ def _eval(args: argparse.Namespace) -> int:
     files = files[: args.max_items] if args.max_items else files
     for note in left_out(args.data, tok.modality, skip):
         print(note, file=sys.stderr)
-    result = write_report(tok, files, args.out, args.model or "embedded default", lpips_weights=args.lpips_weights,
+    name = args.model or f"{tok.config.name} (embedded default)"
+    result = write_report(tok, files, args.out, name, lpips_weights=args.lpips_weights,
                           lpips_heads=args.lpips_heads, fid_weights=args.fid_weights, baselines=args.baselines,
                           max_frames=args.max_frames or None)
     for k, v in result["summary"].items():
