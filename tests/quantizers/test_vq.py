@@ -68,6 +68,28 @@ def test_values_whose_squares_overflow_fp32_are_compared_exactly(dtype):
     assert nearest_codes_reference(inf_row, torch.tensor([[0.0], [1.0]], dtype=torch.float64))[1][1] == 1
 
 
+@pytest.mark.parametrize("scale", [20.0, 1e3, 1e6])
+def test_a_few_far_codewords_are_searched_apart_with_the_same_answer(monkeypatch, scale):
+    """Codewords far longer than the rest (searched apart, else their length widens every
+    row's screening to the whole codebook) give the answer of the plain search: the least
+    exact distance, the lowest index on ties, index 0 for a NaN row."""
+    from tokenizers_vq.quantizers import _functional  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn(300, 6, generator=gen)
+    c[[3, 150]] *= scale
+    c[200] = c[150]  # a tie between two far codes: the lower index
+    x = torch.cat([torch.randn(40, 6, generator=gen), c[[150, 3]] + 1e-3, torch.full((1, 6), math.nan)])
+    assert _functional._far_codes(c).tolist() == [3, 150, 200]
+    for block in (7, 2**24):
+        got = nearest_codes_reference(x, c, "l2", block_elems=block)
+        monkeypatch.setattr(_functional, "FAR_FACTOR", math.inf)
+        plain = nearest_codes_reference(x, c, "l2", block_elems=block)
+        monkeypatch.undo()
+        assert torch.equal(got[1], plain[1]) and torch.equal(got[0].nan_to_num(-1), plain[0].nan_to_num(-1))
+        assert got[1][40:].tolist() == [150, 3, 0]
+
+
 def test_nearest_codes_rejects_bad_shapes_and_backends():
     with pytest.raises(ValueError, match="expects x"):
         nearest_codes(torch.randn(3, 4), torch.randn(5, 3))

@@ -201,6 +201,9 @@ def nearest_codes_reference(
     path. NaN distances never win; a row with no comparable codeword (NaN in ``x``) gets index
     0, and an empty codebook gives ``inf`` and index 0. A row whose fp32 scores overflow (values
     beyond about 1e19) screens nothing out, so its exact pass (fp64) compares every codeword.
+    A few codewords far longer than the rest (``l2``, :data:`FAR_FACTOR`) are compared with
+    every row exactly and the rest searched as above, with the same answer: their length in
+    ``max|c|`` would otherwise send most pairs to the exact pass.
 
     Args:
         x: ``(N, d)`` queries.
@@ -216,6 +219,9 @@ def nearest_codes_reference(
         if t.dtype == torch.float64 and t.numel() and bool((t.isfinite() & (t.abs() > torch.finfo(torch.float32).max)).any()):
             raise ValueError(f"{name} holds float64 values beyond float32's range ({torch.finfo(torch.float32).max:.3g}), "
                              "which the search computes in: scale them down")
+    far = _far_codes(codebook) if metric == "l2" else None
+    if far is not None:
+        return _with_far_codes(x, codebook, far, block_elems)
     raw_x, raw_c = x.float(), codebook.float()
     x, codebook = _prepare(x, codebook, metric)
     n, k, d = x.shape[0], codebook.shape[0], x.shape[1]
@@ -283,6 +289,44 @@ def nearest_codes_reference(
         rows = torch.arange(p0, min(n, p0 + pair_blk), device=x.device)
         best_d[p0 : p0 + pair_blk] = _exact_distances(raw_x, raw_c, rows, best_i[p0 : p0 + pair_blk], metric)
     return best_d, best_i
+
+
+FAR_FACTOR = 16.0
+"""A codeword longer than this many times the median length is searched apart (``l2``)."""
+
+
+def _far_codes(codebook: Tensor) -> Tensor | None:
+    """Indices of a few codewords far longer than the rest (a diverged or stray code), which
+    would widen every row's screening tolerance to most of the codebook; None when there
+    are none, or too many to search apart."""
+    if codebook.shape[0] < 2:
+        return None
+    norms = codebook.float().norm(dim=-1)
+    finite = norms.isfinite()
+    far = finite & (norms > FAR_FACTOR * norms[finite].median().clamp_min(1e-30)) if finite.any() else finite
+    count = int(far.sum())
+    return far.nonzero().squeeze(1) if 0 < count <= max(8, codebook.shape[0] // 64) else None
+
+
+def _with_far_codes(x: Tensor, codebook: Tensor, far: Tensor, block_elems: int) -> tuple[Tensor, Tensor]:
+    """:func:`nearest_codes_reference` (``l2``) with the codewords ``far`` compared to every row
+    exactly, the rest searched as usual: the same answer (least exact distance, lowest index
+    on ties) without the tolerance that their length would give every row."""
+    near = torch.ones(codebook.shape[0], dtype=torch.bool, device=codebook.device)
+    near[far] = False
+    near_idx = near.nonzero().squeeze(1)
+    best = near_idx[nearest_codes_reference(x, codebook[near_idx], "l2", block_elems)[1]]
+    raw_x, raw_c = x.float(), codebook.float()
+    rows = torch.arange(x.shape[0], device=x.device)
+    best_e = _exact_distances(raw_x, raw_c, rows, best, "l2")
+    for j in far.tolist():
+        e = _exact_distances(raw_x, raw_c, rows, torch.full_like(rows, j), "l2")
+        better = (e < best_e) | ((e == best_e) & (best > j))
+        best, best_e = torch.where(better, j, best), torch.where(better, e, best_e)
+    lost = best_e.isnan()  # a row with no comparable codeword (NaN in x): index 0, as everywhere
+    best = best.masked_fill(lost, 0)
+    best_e = torch.where(lost, _exact_distances(raw_x, raw_c, rows, best, "l2"), best_e)
+    return best_e.float(), best
 
 
 # One opaque op to torch.compile (as the Triton search is): its candidate lists have data-dependent sizes.
