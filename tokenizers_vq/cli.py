@@ -49,17 +49,21 @@ def _encode(args: argparse.Namespace) -> int:
 def _decode(args: argparse.Namespace) -> int:
     import warnings  # noqa: PLC0415
 
-    from tokenizers_vq.tokens import (OtherModelWarning, check_compatible, decode_file, load_tokens,  # noqa: PLC0415
-                                      other_model)
+    from tokenizers_vq.tokens import OtherModelWarning, decode_file, load_tokens  # noqa: PLC0415
 
     meta, _ = load_tokens(args.tokens)
     tok = _model_for_tokens(args, meta["model_id"], meta["modality"])
-    check_compatible(meta, tok, args.tokens)  # a refusal first: no warning before it
-    other = other_model(meta, tok, args.tokens)  # said before a long decode begins
-    if other is not None:
-        print(f"tvq: warning: {other}", file=sys.stderr)
+    shown = warnings.showwarning
+
+    def show(message, category, *rest, **kw):  # decode_file warns after its refusals, before decoding
+        if issubclass(category, OtherModelWarning):
+            print(f"tvq: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *rest, **kw)
+
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", OtherModelWarning)
+        warnings.simplefilter("always", OtherModelWarning)
+        warnings.showwarning = show
         written = decode_file(tok, args.tokens, args.output)
     for path in written:
         print(f"wrote {path}")

@@ -72,11 +72,9 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], None]]) -> 
             current = Path(path)
             done[current] = _temporary_beside(current)
             write(done[current])
-        umask = os.umask(0)
-        os.umask(umask)
         for path, tmp in done.items():
             current = path
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
+            os.chmod(tmp, usual_mode(tmp))  # mkstemp makes 0600 files
         for path, tmp in list(done.items()):
             current = path
             kept[path] = _kept_copy(path) if len(writes) > 1 else None
@@ -97,6 +95,13 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], None]]) -> 
             raise _naming(e, current) from e
         raise
     return [Path(p) for p in writes]
+
+
+def usual_mode(path: str | os.PathLike) -> int:
+    """The mode a new file (0o666) or folder (0o777) at ``path`` gets under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if os.path.isdir(path) else 0o666) & ~umask
 
 
 def _kept_copy(path: Path) -> str | None:

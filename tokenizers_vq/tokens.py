@@ -155,8 +155,8 @@ def decoded_media(tok: Tokenizer, rec: TokenRecord) -> Tensor:
 
     check_grid(tok, rec)
     device = next(tok.parameters()).device
-    per_clip = 1 + (tok.config.clip_frames - 1) // tok.backbone_config.temporal_factor
     (frames, h, w), done, out = rec.size, 0, []
+    per_clip = tok.grid_shape((tok.config.clip_frames, h, w))[0]  # latent frames of one whole clip
     clips = rec.codes.long().unsqueeze(0).split(per_clip, dim=1)
     for c in tqdm(clips, desc=f"{rec.source}: clips", unit="clip", disable=len(clips) < 2, leave=False):
         clip = tok.decode(c.to(device))[0, :, : frames - done, :h, :w].float().cpu()

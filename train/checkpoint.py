@@ -10,7 +10,6 @@ Layout of ``<out_dir>/checkpoint/``:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from tokenizers_vq.io import usual_mode
 
 TENSOR = "__tensor__:"
 
@@ -79,10 +80,8 @@ def save_checkpoint(directory: Path, parts: dict[str, Any], meta: dict[str, Any]
             raise OSError(f"cannot write the checkpoint in {directory.parent} ({e}); {kept}") from None
         (tmp / "state.json").write_text(json.dumps({**meta, "structure": structure}, indent=1))
         model_dir_writer(tmp / "model")
-        umask = os.umask(0)
-        os.umask(umask)
         for path in (tmp, *tmp.rglob("*")):  # mkdtemp and the tensor writer make them private
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+            path.chmod(usual_mode(path))
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import typing
@@ -143,6 +144,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+@functools.cache
 def _yaml_loader() -> type:
     """YAML's safe loader with YAML 1.2's booleans: only true / false (any case) are, so
     ``--out_dir=off`` or ``name: no`` stay the text written (YAML 1.1 read on, off, yes and

@@ -233,8 +233,8 @@ class VideoEncoder(nn.Module):
         check_multiple(x.shape[3], f, what="video height", factor_name="the spatial downsampling factor")
         check_multiple(x.shape[4], f, what="video width", factor_name="the spatial downsampling factor")
         stages = [self.conv_in, *self.blocks]
-        cut = next(i for i, m in enumerate([*stages, None]) if m is None or (
-            isinstance(m, CausalConv3d) and m.stride[0] == 2))  # the first stage that halves time
+        cut = next((i for i, m in enumerate(stages) if isinstance(m, CausalConv3d) and m.stride[0] == 2),
+                   len(stages))  # the first stage that halves time
         chunk = frames_per_chunk(x.shape[0], n, x.shape[3] * x.shape[4], x.device)
         h = run_over_time(stages[:cut], _cpu_layout(x), chunk)
         for stage in stages[cut:]:
