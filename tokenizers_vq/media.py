@@ -222,6 +222,10 @@ def is_frame_folder(path: str | os.PathLike) -> bool:
     return numbers == list(range(numbers[0], numbers[0] + len(numbers)))
 
 
+class AssumedFrameRateWarning(UserWarning):
+    """A folder of frames without an ``fps.txt`` was read at 25 frames per second."""
+
+
 def _load_frame_folder(path: Path, max_frames: int | None, max_pixels: int | None) -> tuple[Tensor, float]:
     files = _frame_files(path)[:max_frames]
     if not files:
@@ -241,6 +245,9 @@ def _load_frame_folder(path: Path, max_frames: int | None, max_pixels: int | Non
             fps = math.nan
         if not (math.isfinite(fps) and fps > 0):
             raise ValueError(f"{fps_file} must hold the frame rate, a positive number such as 25, got {text[:40]!r}")
+    else:
+        warnings.warn(f"{path} has no fps.txt: its frames are taken as 25 per second; write the rate "
+                      f"into {fps_file} (e.g. 30) if it is another", AssumedFrameRateWarning, stacklevel=3)
     return torch.stack(frames), fps
 
 
@@ -249,7 +256,7 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None,
     """Decode a video to ``(T, 3, H, W)`` float32 in [0, 1] and its frame rate.
 
     ``path`` is a video file (through PyAV) or a folder of frame images sorted by name
-    (an optional ``fps.txt`` there gives the rate; 25 otherwise), any such folder: the
+    (an optional ``fps.txt`` there gives the rate; 25 otherwise, with a warning), any such folder: the
     stricter :func:`is_frame_folder` only decides which folders a data tree's listing
     takes for clips.
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from tokenizers_vq.errors import ItemError
 from tokenizers_vq.media import (
     MAX_PIXELS,
     MAX_VIDEO_PIXELS,
+    AssumedFrameRateWarning,
     SUFFIXES,
     check_pixels,
     image_header,
@@ -294,7 +296,9 @@ class Video(Modality):
     window_axes = 2  # one frame's grid
 
     def load_media(self, path, sample_rate=None, max_frames=None):
-        return load_video(path, max_frames)[0]
+        with warnings.catch_warnings():  # the frames alone: a folder's assumed rate is not used
+            warnings.simplefilter("ignore", AssumedFrameRateWarning)
+            return load_video(path, max_frames)[0]
 
     def load_reference(self, path, sample_rate=None, max_frames=None):
         return load_video(path, max_frames)

@@ -55,12 +55,17 @@ class LPIPS(nn.Module):
         return self.model(x, y).mean()
 
 
-def reconstruction_terms(rec: Tensor, target: Tensor, modality: str, sample_rate: int | None) -> dict[str, Tensor]:
-    """Weight-free reconstruction terms: ``l1``, ``l2``, and for audio ``mel``, ``stft``."""
+def reconstruction_terms(rec: Tensor, target: Tensor, modality: str, sample_rate: int | None,
+                         skip: frozenset[str] = frozenset()) -> dict[str, Tensor]:
+    """Weight-free reconstruction terms: ``l1``, ``l2``, and for audio ``mel``, ``stft``; the
+    spectral ones named in ``skip`` (weighted 0) are not computed, as they cost a step's
+    worth of STFTs."""
     terms = {"l1": (rec - target).abs().mean(), "l2": F.mse_loss(rec, target)}
     if modality == "audio":
-        terms["mel"] = multiscale_mel_distance(rec, target, sample_rate)
-        terms["stft"] = multires_stft_distance(rec, target)
+        if "mel" not in skip:
+            terms["mel"] = multiscale_mel_distance(rec, target, sample_rate)
+        if "stft" not in skip:
+            terms["stft"] = multires_stft_distance(rec, target)
     return terms
 
 

@@ -165,8 +165,9 @@ class Trainer:
         cfg, w = self.cfg, self.cfg.loss
         out = self.model(x)
         rec = out.reconstruction
-        terms = reconstruction_terms(rec.float(), x.float(), cfg.model.modality, self.unwrapped.sample_rate)
         weights = {"l1": w.l1, "l2": w.l2, "mel": w.mel, "stft": w.stft}
+        unweighted = frozenset(k for k, v in weights.items() if v == 0)
+        terms = reconstruction_terms(rec.float(), x.float(), cfg.model.modality, self.unwrapped.sample_rate, unweighted)
         if self.lpips is not None:
             frames = rec if rec.ndim == 4 else rec.transpose(1, 2).flatten(0, 1)
             target = x if x.ndim == 4 else x.transpose(1, 2).flatten(0, 1)

@@ -55,6 +55,8 @@ def test_audio_reconstruction_terms_include_spectral_losses():
     terms = reconstruction_terms(x + 0.01 * torch.randn_like(x), x, "audio", 16000)
     assert set(terms) == {"l1", "l2", "mel", "stft"} and all(v > 0 for v in terms.values())
     assert float(reconstruction_terms(x, x, "audio", 16000)["mel"]) == 0.0
+    skipped = reconstruction_terms(x + 0.01, x, "audio", 16000, skip=frozenset({"stft"}))
+    assert set(skipped) == {"l1", "l2", "mel"}  # a term weighted 0 is not computed
 
 
 @pytest.mark.parametrize("modality,shape", [("image", (2, 3, 64, 64)), ("video", (1, 3, 5, 32, 32)), ("audio", (2, 1, 8000))])
