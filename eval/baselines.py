@@ -346,7 +346,7 @@ def run_baselines(tok: Tokenizer, files: list[Path], items: list[dict[str, Any]]
     codecs = baselines_for(tok.modality, kbps)
     skipped = {b.name: reason for b in codecs if (reason := b.unavailable()) is not None}
     rows: dict[str, list[dict[str, Any]]] = {b.name: [] for b in codecs if b.name not in skipped}
-    metric_keys: list[str] = []
+    metric_keys: dict[str, None] = {}  # every item's, in order (an item's notes are its own)
     for f, item in zip(files, items):
         ref, rate = tok.media.load_reference(f, tok.sample_rate, max_frames)
         budget, units = item["tokens"] * bits_per_token, _units(tok.media, ref, rate)
@@ -363,15 +363,16 @@ def run_baselines(tok: Tokenizer, files: list[Path], items: list[dict[str, Any]]
                 continue
             pair = (ref, rec) if tok.media.has_pixels else (ref[None], rec[None])  # media space: (1, T) audio
             m = item_metrics(tok, *pair, lpips)
-            metric_keys = metric_keys or list(m)
+            metric_keys.update(dict.fromkeys(m))
             rows[b.name].append({"file": f.name, "bits": used, **_rates(used, units), "over_budget": used > budget,
                                  **settings, **m})
     out: dict[str, Any] = {"target": _rates(target, total), "codecs": {}, "skipped": skipped}
     for name, its in rows.items():
         summary: dict[str, Any] = {}
         for k in metric_keys:
-            vals = [it[k] for it in its if isinstance(it[k], float)]
-            summary[k] = sum(vals) / len(vals) if vals else None
+            if not k.endswith("_note"):
+                vals = [it[k] for it in its if isinstance(it.get(k), float)]
+                summary[k] = sum(vals) / len(vals) if vals else None
         summary.update(_rates(sum(it["bits"] for it in its), total))
         summary["over_budget"] = sum(it["over_budget"] for it in its)
         summary["items"] = len(its)

@@ -96,7 +96,11 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpi
             continue
         seconds += time.perf_counter() - t0
         all_codes.append(rec.codes.reshape(-1, tok.quantizer.num_codebooks))
-        m = item_metrics(tok, ref, out, lpips)
+        try:  # one item's metrics failing is that item's error, not the run's
+            m = item_metrics(tok, ref, out, lpips)
+        except (ValueError, RuntimeError) as e:
+            failed.append({"file": str(f), "error": f"metrics failed: {e}"})
+            continue
         if inception is not None and tok.media.fid:
             ref_feats.append(inception_features(inception, ref))
             rec_feats.append(inception_features(inception, out))
@@ -107,10 +111,13 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpi
     if not items:
         raise ValueError(f"no file could be evaluated; the first: {failed[0]['error']}" if failed else "no files")
     summary: dict[str, Any] = {}
-    for key in items[0]:
-        vals = [it[key] for it in items if isinstance(it.get(key), (int, float)) and key != "file"]
-        if vals and key != "file":
+    unscored: dict[str, int] = {}
+    for key in dict.fromkeys(k for it in items for k in it if k != "file"):
+        vals = [it[key] for it in items if isinstance(it.get(key), (int, float))]
+        if vals:
             summary[key] = sum(vals) / len(vals)
+            if len(vals) < len(items):  # some items have no value for it (their notes say why)
+                unscored[key] = len(items) - len(vals)
     if len(ref_feats) >= 2:
         summary["rfid"] = feature_frechet_distance(torch.cat(ref_feats), torch.cat(rec_feats))
         summary["rfid_images"] = len(ref_feats)
@@ -126,6 +133,8 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpi
     summary["device"] = str(next(tok.parameters()).device)
     summary["peak_memory_mib"] = peak_memory_mib()
     summary["items"] = len(items)
+    if unscored:
+        summary["unscored"] = unscored
     first = torch.cat(all_codes)[:, 0].long()  # the first codebook's (a residual stack's first level)
     return {"items": items, "summary": summary, "failed": failed,
             "code_histogram": code_histogram(first, tok.quantizer.codebook_size)}

@@ -12,21 +12,33 @@ Fréchet distance of their Gaussian fits (FID's formula; the features come from
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
 from tokenizers_vq.errors import MissingDependency
 from tokenizers_vq.quantizers._functional import code_histogram
-from tokenizers_vq.spectral import multires_stft_distance, multiscale_mel_distance, si_sdr
+from tokenizers_vq.spectral import (
+    DEFAULT_MEL_WINDOWS,
+    STFT_RESOLUTIONS,
+    multires_stft_distance,
+    multiscale_mel_distance,
+    si_sdr,
+)
+
+
+PSNR_CAP_DB = 100.0
+"""The PSNR of equal (or closer) inputs: a finite value, so that means over items and the
+JSON of a report stay numbers when one item is coded exactly (a flat colour, a black frame)."""
 
 
 def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> float:
-    """PSNR in dB between two tensors of the same shape (``inf`` when equal)."""
+    """PSNR in dB between two tensors of the same shape, at most :data:`PSNR_CAP_DB`."""
     if x.shape != y.shape:
         raise ValueError(f"psnr needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
     mse = torch.mean((x.double() - y.double()) ** 2).item()
-    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(data_range**2 / mse))
 
 
 def _msssim():
@@ -59,26 +71,56 @@ def ms_ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> float | None:
     return float(_ms_ssim(x.float(), y.float(), data_range=data_range, size_average=True))
 
 
+PESQ_WB_MIN = 0.999 + 4.0 / (1.0 + math.exp(1.3669 * 0.5 + 3.8224))
+"""The lowest wide-band PESQ, 1.043: P.862.2's MOS-LQO mapping of the raw score's floor (-0.5),
+given to a silent reconstruction of speech, which the ``pesq`` package cannot score."""
+
+SPECTRAL_MIN_SAMPLES = max(max(DEFAULT_MEL_WINDOWS), max(STFT_RESOLUTIONS)) // 2 + 1
+"""The fewest samples the mel and STFT distances take: their widest window, centred, needs
+half its width of signal on either side."""
+
+
 def audio_metrics(estimate: Tensor, reference: Tensor, sample_rate: int) -> dict[str, float | None]:
-    """Mel distance, STFT distance, SI-SDR, and PESQ-WB / STOI when available
-    (``None`` when their package is missing). Inputs: mono ``(T,)`` at ``sample_rate``."""
+    """Mel distance, STFT distance, SI-SDR, and PESQ-WB / STOI when available. Inputs: mono
+    ``(T,)`` at ``sample_rate``.
+
+    A metric that is undefined for the pair is ``None`` with a ``<metric>_note`` saying why,
+    never a placeholder that would enter a mean: the mel and STFT distances on audio under
+    :data:`SPECTRAL_MIN_SAMPLES`, STOI on audio too short for its 30-frame segments or on a
+    silent reference, SI-SDR and the STFT distance against a silent reference, SI-SDR of a
+    silent (or constant) reconstruction, PESQ of a reference without speech; a missing
+    package also gives ``None`` (without a note: the report names the package).
+    A silent reconstruction of speech gets STOI 0 and the lowest PESQ its scale gives
+    (:data:`PESQ_WB_MIN`): the worst score, not a missing one."""
     from tokenizers_vq.resample import resample  # noqa: PLC0415
 
     n = min(estimate.shape[-1], reference.shape[-1])
     est, ref = estimate[..., :n].float().reshape(1, -1), reference[..., :n].float().reshape(1, -1)
-    out: dict[str, float | None] = {
-        "mel_distance": float(multiscale_mel_distance(est, ref, sample_rate)),
-        "stft_distance": float(multires_stft_distance(est, ref)),
-        "si_sdr_db": float(si_sdr(est, ref)),
-        "pesq_wb": None,
-        "stoi": None,
-    }
+    out: dict[str, float | None] = dict.fromkeys(("mel_distance", "stft_distance", "si_sdr_db", "pesq_wb", "stoi"))
+    silent_ref = not bool(ref.abs().max() > 0) if n else True
+    if n < SPECTRAL_MIN_SAMPLES:
+        for key in ("mel_distance", "stft_distance"):
+            out[f"{key}_note"] = f"not computed: {n} samples, the spectral windows need {SPECTRAL_MIN_SAMPLES}"
+    else:
+        out["mel_distance"] = float(multiscale_mel_distance(est, ref, sample_rate))
+        if silent_ref:
+            out["stft_distance_note"] = "not computed: the reference is silent (its spectral convergence is undefined)"
+        else:
+            out["stft_distance"] = float(multires_stft_distance(est, ref))
+    sdr = float(si_sdr(est, ref)) if n else math.nan
+    if math.isnan(sdr):
+        out["si_sdr_db_note"] = "not computed: the reference or the reconstruction is silent (or constant)"
+    else:
+        out["si_sdr_db"] = sdr
     try:
         from pesq import PesqError  # noqa: PLC0415
         from pesq import pesq as _pesq  # noqa: PLC0415
 
         e16, r16 = (resample(t, sample_rate, 16000)[0].numpy() for t in (est, ref))
-        out["pesq_wb"] = float(_pesq(16000, r16, e16, "wb"))
+        if not silent_ref and not e16.any():  # pesq fails on an all-zero signal: it scores the worst
+            out["pesq_wb"] = PESQ_WB_MIN
+        else:
+            out["pesq_wb"] = float(_pesq(16000, r16, e16, "wb"))
     except ImportError:
         pass
     except PesqError as e:  # no speech in the reference (silence, music), or too short: no score, said why
@@ -86,7 +128,16 @@ def audio_metrics(estimate: Tensor, reference: Tensor, sample_rate: int) -> dict
     try:
         from pystoi import stoi as _stoi  # noqa: PLC0415
 
-        out["stoi"] = float(_stoi(ref[0].numpy(), est[0].numpy(), sample_rate, extended=False))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            score = float(_stoi(ref[0].numpy(), est[0].numpy(), sample_rate, extended=False))
+        short = [w for w in caught if "Not enough STFT frames" in str(w.message)]
+        if short or silent_ref:  # pystoi's placeholder (1e-5 or 0), not a score
+            out["stoi_note"] = ("STOI not computed: the reference is silent" if silent_ref else
+                                "STOI not computed: too short once its silent frames are removed "
+                                "(it needs 30 frames of 25.6 ms of speech)")
+        else:
+            out["stoi"] = score
     except ImportError:
         pass
     return out

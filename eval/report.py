@@ -25,6 +25,17 @@ NOT_IMPLEMENTED = {
 }
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (JSON ``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _feature_nets(modality: str, device: torch.device, lpips_weights: str | Path | None, lpips_heads: str | Path | None,
                   fid_weights: str | Path | None) -> tuple[LPIPSNet | None, FIDInception | None, dict[str, str]]:
     """LPIPS (images, video) and the FID Inception (images) from their weight files, on
@@ -151,7 +162,8 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     result["config"] = json.loads(json.dumps(tok.config, default=lambda o: o.__dict__))
     if baselines:
         result["baselines"] = run_baselines(tok, files, result["items"], max_frames=max_frames, lpips=lpips)
-    atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    text = json.dumps(_finite(result), indent=1, allow_nan=False)  # standard JSON: no NaN or Infinity
+    atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
 
     keys = [k for k in ("psnr_db", "ssim", "lpips", "mel_distance", "stoi", "si_sdr_db") if k in result["summary"]]
     _distribution_plot(result["items"], keys, out_dir / "metric_distributions.png")
@@ -168,6 +180,10 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     for k, v in result["summary"].items():
         if isinstance(v, float):
             lines.append(f"| {k} | {v:.4f} |")
+    for k, n in result["summary"].get("unscored", {}).items():
+        scored = result["summary"]["items"] - n
+        lines += ["", f"{k} is the mean over the {scored} of {scored + n} files it is defined for; "
+                  f"the items' notes in metrics.json say why the others have none."]
     if "rfid" in result["summary"]:
         lines += ["", f"rFID is over {result['summary']['rfid_images']} images. FID is biased upwards for few images "
                   "(the usual count is 50,000): compare only values over the same images."]

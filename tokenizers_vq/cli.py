@@ -139,7 +139,9 @@ def _eval(args: argparse.Namespace) -> int:
     for name, value in (("--max-items", args.max_items), ("--max-frames", args.max_frames)):
         if value < 0:
             raise ValueError(f"{name} {value}: expected a count >= 1, or 0 for all")
-    skip = {Path(args.out).resolve(), *report_folders(args.data)}  # not the pictures of reports written inside it
+    if (out := Path(args.out).resolve()) in (data := Path(args.data).resolve(), *data.parents):  # all skipped as its own
+        raise ValueError(f"--out {args.out} holds --data {args.data}: write the report elsewhere, e.g. --out {data.name}_eval")
+    skip = {out, *report_folders(args.data)}  # not the pictures of reports written inside it
     tok = _load_model(args, None if args.model else _default_for_folder(args.data, skip=skip))
     files = [f for f in list_media(args.data, tok.modality) if skip.isdisjoint(f.resolve().parents)]
     files = files[: args.max_items] if args.max_items else files

@@ -80,8 +80,12 @@ def multiscale_mel_distance(
     return total / len(windows)
 
 
+STFT_RESOLUTIONS = (512, 1024, 2048)
+"""The FFT sizes of :func:`multires_stft_distance`."""
+
+
 def multires_stft_distance(
-    x: Tensor, y: Tensor, resolutions: Sequence[int] = (512, 1024, 2048), eps: float = 1e-5
+    x: Tensor, y: Tensor, resolutions: Sequence[int] = STFT_RESOLUTIONS, eps: float = 1e-5
 ) -> Tensor:
     """Multi-resolution STFT loss (Yamamoto et al. 2020): spectral convergence
     ``|Y - X|_F / |Y|_F`` plus mean ``|log Y - log X|``, averaged over FFT sizes
@@ -101,16 +105,23 @@ def spectrogram_db(wav: Tensor, sample_rate: int, n_fft: int = 1024) -> Tensor:
 
 
 def si_sdr(estimate: Tensor, reference: Tensor, eps: float = 1e-8) -> Tensor:
-    """Scale-invariant SDR in dB of ``(..., T)`` signals (Le Roux et al. 2019)."""
+    """Scale-invariant SDR in dB of ``(..., T)`` signals (Le Roux et al. 2019), within
+    ``[10 log10(eps), -10 log10(eps)]`` (+-80 dB): the floor is relative to the estimate's
+    energy, so a quiet estimate scores as the same estimate louder. NaN where the zero-mean
+    reference or estimate is silent, for which the ratio is undefined."""
     reference = reference - reference.mean(-1, keepdim=True)
     estimate = estimate - estimate.mean(-1, keepdim=True)
-    alpha = (estimate * reference).sum(-1, keepdim=True) / reference.pow(2).sum(-1, keepdim=True).clamp_min(eps)
+    ref_energy = reference.pow(2).sum(-1, keepdim=True)
+    alpha = (estimate * reference).sum(-1, keepdim=True) / ref_energy
     target = alpha * reference
     noise = estimate - target
-    return 10 * torch.log10(target.pow(2).sum(-1).clamp_min(eps) / noise.pow(2).sum(-1).clamp_min(eps))
+    floor = eps * estimate.pow(2).sum(-1)
+    ratio = 10 * torch.log10(target.pow(2).sum(-1).clamp_min(floor) / noise.pow(2).sum(-1).clamp_min(floor))
+    return ratio.where((ref_energy.squeeze(-1) > 0) & (floor > 0), torch.nan)
 
 
 __all__ = [
+    "STFT_RESOLUTIONS",
     "mel_filterbank",
     "mel_spectrogram",
     "multires_stft_distance",

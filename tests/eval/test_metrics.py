@@ -9,7 +9,16 @@ import pytest
 import torch
 from testdata import shared_path
 
-from tokenizers_vq.eval.metrics import audio_metrics, ms_ssim, psnr, ssim, token_stats
+from tokenizers_vq.eval.metrics import (
+    PESQ_WB_MIN,
+    PSNR_CAP_DB,
+    SPECTRAL_MIN_SAMPLES,
+    audio_metrics,
+    ms_ssim,
+    psnr,
+    ssim,
+    token_stats,
+)
 from tokenizers_vq.media import load_image
 from tokenizers_vq.media import load_audio
 from tokenizers_vq.spectral import multiscale_mel_distance, si_sdr
@@ -19,7 +28,7 @@ def test_psnr_of_a_constructed_pair():
     x = torch.rand(3, 20, 30)
     y = x + 0.1 * torch.where(torch.rand_like(x) < 0.5, 1.0, -1.0)  # MSE exactly 0.01
     assert psnr(y, x) == pytest.approx(20.0, abs=1e-4)  # fp32 rounding of x + 0.1
-    assert psnr(x, x) == math.inf
+    assert psnr(x, x) == PSNR_CAP_DB and psnr(x, x + 1e-9) == PSNR_CAP_DB  # finite: means and JSON stay numbers
     with pytest.raises(ValueError, match="equal shapes"):
         psnr(x, x[:, :-1])
 
@@ -56,11 +65,48 @@ def test_si_sdr_matches_the_construction():
     assert float(si_sdr(3.0 * ref + 3.0 * noise, ref)) == pytest.approx(15.0, abs=1e-3)
 
 
+def test_si_sdr_is_scale_invariant_down_to_quiet_estimates_and_undefined_for_silence():
+    g = torch.Generator().manual_seed(0)
+    ref, est = torch.randn(16000, generator=g), torch.randn(16000, generator=g)
+    loud = float(si_sdr(est, ref))
+    assert loud < -20  # unrelated noise
+    for scale in (1e-3, 1e-6, 1e-9):  # a near-silent reconstruction scores as the same one louder
+        assert float(si_sdr(scale * est, ref)) == pytest.approx(loud, abs=0.01)
+    assert math.isnan(float(si_sdr(torch.zeros(16000), ref)))
+    assert math.isnan(float(si_sdr(torch.full((16000,), 0.01), ref)))  # constant: silent once centred
+    assert math.isnan(float(si_sdr(est, torch.zeros(16000))))
+
+
+def _speech(seconds: float) -> torch.Tensor:
+    flac = sorted(shared_path("audio", "librispeech_train-clean-100").glob("*.flac"))[3]
+    return load_audio(flac, 16000)[0][0, : int(16000 * seconds)]
+
+
+def test_undefined_audio_metrics_are_none_with_a_note_not_placeholders():
+    pytest.importorskip("pesq", reason="the pesq package is needed for PESQ")
+    pytest.importorskip("pystoi", reason="the pystoi package is needed for STOI")
+    ref = _speech(3)
+    silent_rec = audio_metrics(torch.zeros_like(ref), ref, 16000)  # a collapsed model: the worst scores
+    assert silent_rec["pesq_wb"] == PESQ_WB_MIN and silent_rec["stoi"] == 0.0
+    assert silent_rec["si_sdr_db"] is None and "silent" in silent_rec["si_sdr_db_note"]
+    silence = audio_metrics(ref, torch.zeros_like(ref), 16000)  # nothing to compare with
+    assert silence["stoi"] is None and "silent" in silence["stoi_note"]
+    assert silence["stft_distance"] is None and silence["si_sdr_db"] is None
+    assert math.isfinite(silence["mel_distance"])
+    short = audio_metrics(ref[:4000] * 0.9, ref[:4000], 16000)  # 0.25 s: too short for STOI's segments
+    assert short["stoi"] is None and "too short" in short["stoi_note"]
+    assert short["mel_distance"] is not None
+    tiny = audio_metrics(ref[:500] * 0.9, ref[:500], 16000)  # under the widest spectral window
+    assert tiny["mel_distance"] is None and tiny["stft_distance"] is None
+    assert str(SPECTRAL_MIN_SAMPLES) in tiny["mel_distance_note"]
+    assert tiny["si_sdr_db"] == pytest.approx(80.0, abs=0.01)  # needs no window: a scaled copy, at the +80 dB cap
+    assert audio_metrics(ref[:SPECTRAL_MIN_SAMPLES], ref[:SPECTRAL_MIN_SAMPLES], 16000)["mel_distance"] == 0.0
+
+
 def test_speech_metrics_fall_monotonically_with_added_noise():
     pytest.importorskip("pesq", reason="the pesq package is needed for PESQ")
     pytest.importorskip("pystoi", reason="the pystoi package is needed for STOI")
-    flac = sorted(shared_path("audio", "librispeech_train-clean-100").glob("*.flac"))[3]
-    ref = load_audio(flac, 16000)[0][0, : 16000 * 4]
+    ref = _speech(4)
     torch.manual_seed(0)
     noise = torch.randn_like(ref) * ref.std()
     rows = [audio_metrics(ref + a * noise, ref, 16000) for a in (0.01, 0.1, 0.5)]

@@ -110,3 +110,41 @@ def test_rate_distortion_command_on_the_embedded_default(tmp_path):
     assert "1 photos of val, CPU" in (tmp_path / "rate_distortion.md").read_text()
     with pytest.raises(SystemExit, match="no .jpg or .png photos"):
         main([str(tmp_path), "1", str(tmp_path / "o")])
+
+
+def test_an_item_without_a_metric_is_left_out_of_its_mean_and_said_so(tmp_path):
+    """A silent recording has no STOI (nor SI-SDR, nor STFT distance): the means are over the
+    items that have one, the report says how many, and metrics.json is strict JSON."""
+    import soundfile as sf  # noqa: PLC0415
+
+    from tokenizers_vq.eval.report import write_report  # noqa: PLC0415
+
+    tok = tiny("audio")
+    speech = sorted(shared_path("audio", "ljspeech").glob("*.wav"))[0]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a_speech.wav").write_bytes(speech.read_bytes())
+    sf.write(data / "b_silence.wav", torch.zeros(16000).numpy(), 16000)
+    result = write_report(tok, sorted(data.iterdir()), tmp_path / "out", "tiny")
+    silent = result["items"][1]
+    assert silent["si_sdr_db"] is None and "silent" in silent["si_sdr_db_note"]
+    s = result["summary"]
+    assert s["si_sdr_db"] == result["items"][0]["si_sdr_db"] and s["unscored"]["si_sdr_db"] == 1
+    text = (tmp_path / "out" / "metrics.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+    assert "si_sdr_db is the mean over the 1 of 2 files it is defined for" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_finite_json_replaces_non_finite_numbers():
+    from tokenizers_vq.eval.report import _finite  # noqa: PLC0415
+
+    assert _finite({"a": [1.0, float("inf"), {"b": float("nan")}], "c": "x", "d": 2}) == {"a": [1.0, None, {"b": None}], "c": "x", "d": 2}
+
+
+def test_tvq_eval_refuses_an_out_folder_that_holds_the_data(tmp_path, capsys):
+    data = tmp_path / "photos"
+    data.mkdir()
+    for out in (data, tmp_path):
+        assert main(["eval", "--data", str(data), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} holds --data {data}" in err and "photos_eval" in err

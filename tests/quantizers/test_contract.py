@@ -276,18 +276,30 @@ def test_low_precision_weights_encode_and_decode_as_forward(name: str, dtype: to
     assert torch.equal(rec.to(dtype), out.quantized)
 
 
-def test_encode_runs_every_module_in_eval_and_gives_each_its_mode_back():
+def _grouped():
     q = GroupedQuantizer([VectorQuantizer(D // 2, 16) for _ in range(2)])
-    child = q.groups[0]
+    return q, q.groups[0], (3, 7, D)
+
+
+def _dynamic():
+    from tokenizers_vq.quantizers import DynamicQuantizer  # noqa: PLC0415
+
+    q = DynamicQuantizer(VectorQuantizer(D, 16))
+    return q, q.inner, (2, 4, 4, D)
+
+
+@pytest.mark.parametrize("make", [_grouped, _dynamic], ids=["grouped", "dynamic"])
+def test_encode_runs_every_module_in_eval_and_gives_each_its_mode_back(make):
+    q, child, shape = make()
     q.eval()
     child.train()  # left training inside an eval quantizer: encode must not train it
     before = {k: v.clone() for k, v in q.state_dict().items()}
-    q.encode(torch.randn(3, 7, D))
+    q.encode(torch.randn(shape))
     assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
     assert child.training and not q.training
     q.train()
     child.eval()  # frozen child of a training quantizer: stays in eval after encode
-    q.encode(torch.randn(3, 7, D))
+    q.encode(torch.randn(shape))
     assert q.training and not child.training
 
 

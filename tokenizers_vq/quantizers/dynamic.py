@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, as_weights
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, as_weights, evaluating
 
 Order = Literal["coarse_to_fine", "raster"]
 
@@ -303,12 +303,8 @@ class DynamicQuantizer(nn.Module):
             if fine_regions is not None:
                 raise ValueError("pass fine_regions or num_tokens, not both")
             fine_regions = self.fine_regions_for(spatial, num_tokens)
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):  # each part's own mode after (a part frozen in eval stays so)
             out = self.forward(z, fine_regions)
-        finally:
-            self.train(was_training)
         return self.pack(out.codes, out.fine_map)
 
     def pack(self, codes: Tensor, fine_map: Tensor) -> PackedCodes:
