@@ -350,6 +350,8 @@ class Trainer:
             parts["opt_d"] = self.opt_d.state_dict()
         if self.lecam is not None:
             parts["lecam"] = self.lecam.state_dict()
+        if self.acc.scaler is not None:  # fp16: the loss scale it has found, not 65536 again on resume
+            parts["scaler"] = self.acc.scaler.state_dict()
         meta = {"step": self.step, "config": config_to_dict(self.cfg)}
         save_checkpoint(self.out_dir / "checkpoint", parts, meta, self.release_model().save_pretrained)
 
@@ -374,6 +376,8 @@ class Trainer:
             self.opt_d.load_state_dict(optimizer_state(parts["opt_d"]))
         if self.lecam is not None:
             self.lecam.load_state_dict(parts["lecam"])
+        if self.acc.scaler is not None and "scaler" in parts:
+            self.acc.scaler.load_state_dict(parts["scaler"])
         set_rng_state(parts["rng"])
         self.step = int(meta["step"])
         self._apply_optim_settings()
