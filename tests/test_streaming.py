@@ -216,3 +216,35 @@ def test_a_causal_model_raises_its_chunk_context_to_its_receptive_fields():
     needed = max(-(-receptive_field(short.encoder) // HOP), receptive_field(short.decoder))
     assert short.config.chunk_context == needed > 2
     assert Tokenizer(TokenizerConfig("audio", {**SMALL, "causal": False}, q, chunk_context=2)).config.chunk_context == 2
+
+
+def test_one_long_push_runs_in_bounded_windows_and_equals_offline():
+    """A whole recording pushed at once is coded ``chunk_frames`` frames at a time (each
+    window the chunk plus its receptive field), not in one window the length of the input."""
+    n = 12_000  # 300 frames of 40 samples
+    x = speech(n)
+    tok = small_tokenizer(x, chunk_frames=40, chunk_context=30)
+    codes = tok.encode(x.view(1, 1, -1))[0]
+    audio = tok.decode(codes[None], size=(n,))[0]
+    seen = {"enc": [], "dec": []}
+    encode, decode = tok._encode_aligned, tok._decode_aligned
+    tok._encode_aligned = lambda w: (seen["enc"].append(w.shape[-1]), encode(w))[1]
+    tok._decode_aligned = lambda c: (seen["dec"].append(c.shape[1]), decode(c))[1]
+    enc, dec = tok.encode_stream(), tok.decode_stream()
+    got = torch.cat([enc.push(x), enc.flush()])
+    wav = torch.cat([dec.push(got), dec.flush(size=n)], dim=1)
+    assert torch.equal(got, codes)
+    torch.testing.assert_close(wav, audio, atol=1e-5, rtol=0)
+    assert len(seen["enc"]) == 300 // 40 + 1 and max(seen["enc"]) <= 40 * HOP + enc.context
+    assert len(seen["dec"]) >= 300 // 40 and max(seen["dec"]) <= 40 + dec.context + LOOKAHEAD_FRAMES + 1
+
+
+def test_a_bad_flush_size_is_refused_and_the_stream_keeps_its_audio():
+    torch.manual_seed(0)
+    tok = Tokenizer(TokenizerConfig("audio", SMALL, QuantizerConfig("vq", {"codebook_size": 8}))).eval()
+    dec = tok.decode_stream()
+    assert dec.push(torch.arange(3)).shape == (1, HOP)  # frame 0 is final; 1 and 2 wait for the lookahead
+    for bad in (600.5, "600", True):
+        with pytest.raises(ValueError, match="whole number"):
+            dec.flush(size=bad)
+    assert dec.flush(size=100).shape == (1, 100 - HOP)  # still open: the held-back samples come out

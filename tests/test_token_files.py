@@ -85,7 +85,8 @@ def test_decoding_over_the_original_is_refused_before_anything_is_written(tmp_pa
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in photos)
 
 
-@pytest.mark.parametrize("damage", ["dtype", "no codebook_size", "items not a list", "size not numbers"])
+@pytest.mark.parametrize("damage", ["dtype", "no codebook_size", "items not a list", "size not numbers",
+                                    "fps None", "fps 0", "pixel_aspect text", "pixel_aspect 0"])
 def test_a_damaged_header_is_one_error_naming_the_file(tmp_path, image_model, capsys, damage):
     tokens = tmp_path / "t.tvq"
     assert main(["encode", *map(str, small_photos(tmp_path / "p", 1)), "--model", str(image_model),
@@ -98,8 +99,10 @@ def test_a_damaged_header_is_one_error_naming_the_file(tmp_path, image_model, ca
         del meta["codebook_size"]
     elif damage == "items not a list":
         meta["items"] = json.dumps({"0": items[0]})
-    else:
-        items[0]["size"] = ["abc", 64]
+    else:  # a field of the item (another program may have written the file)
+        field, value = {"size not numbers": ("size", ["abc", 64]), "fps None": ("fps", None), "fps 0": ("fps", 0),
+                        "pixel_aspect text": ("pixel_aspect", ["a", 1]), "pixel_aspect 0": ("pixel_aspect", [0, 1])}[damage]
+        items[0][field] = value
         meta["items"] = json.dumps(items)
     if damage != "dtype":
         meta.pop("header_sha256")  # also without the header's digest, the fields are checked
@@ -179,3 +182,40 @@ def test_a_refused_decode_says_so_once_without_a_warning_first(tmp_path, image_m
     assert main(["decode", str(tokens), "--model", "speech", "-o", str(tmp_path / "out.wav")]) == 2
     err = capsys.readouterr().err
     assert "warning" not in err and err.count("tvq: error:") == 1
+
+
+def test_decoding_one_item_into_a_folder_with_a_dot_in_its_name(tmp_path, image_model):
+    """An existing folder, or a name ending in a slash, is a folder even when its name has a
+    suffix: the item is written inside it under its source's name."""
+    photo = small_photos(tmp_path / "p", 1)[0]
+    tokens = tmp_path / "t.tvq"
+    assert main(["encode", str(photo), "--model", str(image_model), "-o", str(tokens)]) == 0
+    existing = tmp_path / "run.v1"
+    existing.mkdir()
+    assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(existing)]) == 0
+    assert [p.name for p in existing.iterdir()] == [f"{photo.stem}.png"]
+    assert main(["decode", str(tokens), "--model", str(image_model), "-o", f"{tmp_path / 'new.v2'}/"]) == 0
+    assert [p.name for p in (tmp_path / "new.v2").iterdir()] == [f"{photo.stem}.png"]
+
+
+def test_a_dash_for_standard_input_or_output_is_refused(tmp_path, image_model, capsys):
+    photo = small_photos(tmp_path / "p", 1)[0]
+    for argv in (["encode", str(photo), "-o", "-"], ["encode", "-", "-o", str(tmp_path / "t.tvq")],
+                 ["decode", "-", "-o", str(tmp_path / "x.png")]):
+        capsys.readouterr()
+        assert main([*argv, "--model", str(image_model)]) == 2
+        assert "'-' (standard input or output) is not supported" in one_error_line(capsys)
+    assert not (tmp_path / "-").exists() and not list(tmp_path.glob("*.tvq"))
+
+
+def test_audio_named_in_bytes_that_are_not_utf8_encodes_and_decodes(tmp_path):
+    """Linux file names are bytes; a name that is not UTF-8 reads and writes like any other."""
+    import os  # noqa: PLC0415
+
+    model = tiny("audio").save_pretrained(tmp_path / "model")
+    src = os.fsdecode(os.fsencode(tmp_path) + b"/take\xff1.wav")
+    shutil.copy(sorted(shared_path("audio", "ljspeech").glob("*.wav"))[0], src)
+    assert main(["encode", src, "--model", str(model), "-o", str(tmp_path / "t.tvq")]) == 0
+    out = os.fsdecode(os.fsencode(tmp_path) + b"/back\xff.wav")
+    assert main(["decode", str(tmp_path / "t.tvq"), "--model", str(model), "-o", out]) == 0
+    assert sf.info(os.fsencode(out)).samplerate == 16000

@@ -45,7 +45,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None,
     path = Path(path)
     check_media_file(path, "audio")
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(os.fsencode(path)) as f:  # bytes: names that are not UTF-8, as Linux allows
             sr, channels, promised, fmt = f.samplerate, f.channels, f.frames, f.format
             block = max(1, 2**22 // channels)
             riff = fmt in _RIFF
@@ -218,7 +218,7 @@ def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
 
     def write(tmp: str) -> None:
         try:
-            sf.write(tmp, data, sample_rate, subtype=subtype)
+            sf.write(os.fsencode(tmp), data, sample_rate, subtype=subtype)
         except RuntimeError as e:  # libsndfile's errors (a full disk among them)
             raise OSError(errno.EIO, str(e)) from e
 

@@ -363,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_device(getattr(args, "device", None))
+        named = [getattr(args, k, None) for k in ("files", "output", "tokens", "data", "out")]
+        if "-" in [p for v in named for p in (v if isinstance(v, list) else [v])]:
+            raise ValueError("'-' (standard input or output) is not supported: name a file or folder")
         return args.func(args)
     except (ValueError, MissingDependency) as e:
         print(f"tvq: error: {e}", file=sys.stderr)
@@ -380,18 +383,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``tvq`` console command: a process of its own, so it keeps freed memory in the
-    heap first (CPU encodes 1.5x faster; :mod:`tokenizers_vq.runtime`). One rank of several
-    (``WORLD_SIZE`` > 1) ends with ``os._exit`` once its streams are flushed: its work is
-    written and the process group left by then, and gloo's threads sometimes aborted the
-    interpreter's own shutdown ("terminate called without an active exception")."""
+    """The ``tvq`` console command: a process of its own, so it keeps freed memory in the heap
+    (CPU encodes 1.5x faster; :mod:`tokenizers_vq.runtime`). One rank of several ends with ``os._exit``
+    once its streams are flushed (gloo's threads sometimes aborted the interpreter's own shutdown)."""
     keep_freed_memory()
     code = main()
     from tokenizers_vq.distributed import launched_as_ranks  # noqa: PLC0415  (torch.distributed: not at import)
 
     if launched_as_ranks():
-        sys.stdout.flush()
-        sys.stderr.flush()
+        sys.stdout.flush(), sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
 

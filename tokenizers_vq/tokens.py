@@ -31,6 +31,7 @@ Decoding checks each item's grid against the one the model gives for its recorde
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -224,6 +225,11 @@ def _check_header(meta: dict[str, str], items: Any) -> None:
         if not (isinstance(size, list) and size and all(isinstance(n, int) and n > 0 for n in size)
                 and isinstance(it.get("source"), str)):
             raise _Damaged(f"item {i} lacks a source name or a size of positive whole numbers")
+        fps, aspect = it.get("fps", 25.0), it.get("pixel_aspect", [1, 1])
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
+            raise _Damaged(f"item {i}'s fps {fps!r} is not a positive frame rate")
+        if not (isinstance(aspect, list) and len(aspect) == 2 and all(type(n) is int and n > 0 for n in aspect)):
+            raise _Damaged(f"item {i}'s pixel_aspect {aspect!r} is not two positive whole numbers")
 
 
 def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenRecord]]:
@@ -333,8 +339,9 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
         warnings.warn(other, OtherModelWarning, stacklevel=2)
     for i, rec in enumerate(records):
         check_grid(tok, rec, f"{tokens}: item {i} ({rec.source})")
+    as_folder = str(out).endswith(("/", os.sep))  # Path() drops the slash that says "a folder"
     out = Path(out)
-    single = len(records) == 1 and out.suffix != ""
+    single = len(records) == 1 and out.suffix != "" and not as_folder and not out.is_dir()
     other = suffix_modality(out) or tok.modality
     if single and out.suffix.lower() not in SUFFIXES[tok.modality] and other != tok.modality:
         raise ValueError(f"{out}: {out.suffix} is a file type for {other}, but {tokens} holds {tok.modality} tokens; "

@@ -6,6 +6,8 @@ composited on white as photos are; cover art (an ``attached_pic`` stream) is not
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Sequence
 from fractions import Fraction
@@ -173,6 +175,8 @@ def save_video(frames: Tensor, path: str | os.PathLike, fps: float,
 
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"save_video expects (T, 3, H, W), got shape {tuple(frames.shape)}")
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 0 < fps < math.inf:
+        raise ValueError(f"save_video needs a frame rate above 0, got fps={fps!r}")
     h, w = frames.shape[2] // 2 * 2, frames.shape[3] // 2 * 2
     data = frames[:, :, :h, :w].detach()
     data = (data if data.dtype == torch.uint8 else to_bytes(data)).permute(0, 2, 3, 1).cpu().numpy()
