@@ -35,6 +35,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from tokenizers_vq.backbones.time_chunks import frames_progress
 from tokenizers_vq.export_record import weights_sha256
 from tokenizers_vq.io import (atomic_write, check_can_write, check_writable, file_sha256, save_safetensors,
                               tensor_sha256)
@@ -84,7 +86,8 @@ def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None 
         x, size, info = load_input(path, tok.modality, tok.sample_rate, max_frames, max_pixels)
         parts = [x]
     try:
-        with tqdm(parts, desc=f"{path.name}: clips", unit="clip", disable=len(parts) < 2, leave=False) as bar:
+        with (tqdm(parts, desc=f"{path.name}: clips", unit="clip", disable=len(parts) < 2, leave=False) as bar,
+              frames_progress(f"{path.name}: frames") if len(parts) == 1 else nullcontext()):
             codes = torch.cat([tok.encode(tok.media.expand(p).unsqueeze(0).to(device))[0].cpu() for p in bar])
     except ValueError as e:  # the tokenizer's refusal (e.g. too small), said of this file
         raise ValueError(f"{path}: {e}") from e
@@ -160,7 +163,8 @@ def decoded_media(tok: Tokenizer, rec: TokenRecord) -> Tensor:
     per_clip = tok.grid_shape((tok.config.clip_frames, h, w))[0]  # latent frames of one whole clip
     clips = rec.codes.long().unsqueeze(0).split(per_clip, dim=1)
     for c in tqdm(clips, desc=f"{rec.source}: clips", unit="clip", disable=len(clips) < 2, leave=False):
-        clip = tok.decode(c.to(device))[0, :, : frames - done, :h, :w].float().cpu()
+        with frames_progress(f"{rec.source}: frames") if len(clips) == 1 else nullcontext():
+            clip = tok.decode(c.to(device))[0, :, : frames - done, :h, :w].float().cpu()
         out.append(to_bytes(tok.media.to_media(clip)))
         done += out[-1].shape[0]
     return torch.cat(out)

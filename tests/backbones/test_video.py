@@ -249,3 +249,24 @@ def _spy(forward, seen: list):
         seen.append(self.streaming)
         return forward(self, x)
     return wrapped
+
+
+def test_a_clip_run_over_time_shows_its_frames_progress(monkeypatch, capsys):
+    """A clip whose full-resolution layers run in chunks shows a bar of its frames inside
+    ``frames_progress`` (and only there); one that fits one pass shows none."""
+    from tokenizers_vq.backbones import time_chunks  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    enc = VideoEncoder(small()).eval()
+    x = torch.randn(1, 3, 9, 16, 24)
+    with torch.no_grad():
+        with time_chunks.frames_progress("clip.mp4: frames"):
+            enc(x)  # fits: no bar
+        assert "clip.mp4: frames" not in capsys.readouterr().err
+        monkeypatch.setattr(time_chunks, "CHUNK_PIXELS", {"cpu": 2 * 16 * 24})
+        with time_chunks.frames_progress("clip.mp4: frames"):
+            enc(x)
+        err = capsys.readouterr().err
+        assert "clip.mp4: frames" in err and "/9 [" in err  # over the 9 frames (tqdm redraws at most 10 times a second)
+        enc(x)  # outside the block: no bar
+        assert capsys.readouterr().err == ""

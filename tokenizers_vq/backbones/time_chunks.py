@@ -5,8 +5,37 @@ in one pass with a fraction of the memory."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import Tensor
+
+_progress: ContextVar[Callable[[int, int], None] | None] = ContextVar("time_chunk_progress", default=None)
+
+
+@contextmanager
+def frames_progress(desc: str) -> Iterator[None]:
+    """Inside the block, a clip whose full-resolution layers :func:`run_over_time` runs in
+    chunks shows a progress bar of its frames (``desc``): such a clip takes a minute or two on
+    a 2-core CPU at 720p. Clips run in one pass show none."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    bar = None
+
+    def report(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or tqdm(total=total, desc=desc, unit="frame", leave=False)
+        bar.update(done - bar.n)
+
+    token = _progress.set(report)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+        if bar is not None:
+            bar.close()
 
 
 def time_major(x: Tensor) -> bool:
@@ -65,6 +94,8 @@ def run_over_time(stages: list, x: Tensor, chunk: int | None) -> Tensor:
                                   memory_format=layout)
             out[:, :, done : done + h.shape[2]] = h
             done += h.shape[2]
+            if (report := _progress.get()) is not None:
+                report(min(t0 + chunk, x.shape[2]), x.shape[2])
     finally:
         for conv in convs:
             conv.carry, conv.streaming = None, False
