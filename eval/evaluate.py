@@ -65,8 +65,8 @@ def peak_memory_mib() -> float:
 def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpips: LPIPSNet | None = None,
              inception: FIDInception | None = None) -> dict[str, Any]:
     """Encode and decode every file; returns ``{"items": [...], "summary": {...}, "failed": [...],
-    "code_histogram": counts}`` (``failed``: the files a reader refused, each with its error; all
-    of them refused raises ``ValueError``; ``counts``: ``(K,)`` uses of each code of the first
+    "code_histogram": counts}`` (``failed``: the files a reader refused or whose metrics failed,
+    each with its error, counted in no summary; all of them failing raises ``ValueError``; ``counts``: ``(K,)`` uses of each code of the first
     codebook over every item's tokens).
 
     Fixed-grid tokenizers only (a dynamic-length one raises ``ValueError``).
@@ -94,13 +94,14 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpi
         except ValueError as e:
             failed.append({"file": str(f), "error": str(e)})
             continue
-        seconds += time.perf_counter() - t0
-        all_codes.append(rec.codes.reshape(-1, tok.quantizer.num_codebooks))
-        try:  # one item's metrics failing is that item's error, not the run's
+        took = time.perf_counter() - t0
+        try:  # one item's metrics failing is that item's error, not the run's: it counts nowhere
             m = item_metrics(tok, ref, out, lpips)
         except (ValueError, RuntimeError) as e:
-            failed.append({"file": str(f), "error": f"metrics failed: {e}"})
+            failed.append({"file": str(f), "error": f"{f}: its metrics failed: {e}"})
             continue
+        seconds += took
+        all_codes.append(rec.codes.reshape(-1, tok.quantizer.num_codebooks))
         if inception is not None and tok.media.fid:
             ref_feats.append(inception_features(inception, ref))
             rec_feats.append(inception_features(inception, out))

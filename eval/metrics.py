@@ -71,9 +71,10 @@ def ms_ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> float | None:
     return float(_ms_ssim(x.float(), y.float(), data_range=data_range, size_average=True))
 
 
-PESQ_WB_MIN = 0.999 + 4.0 / (1.0 + math.exp(1.3669 * 0.5 + 3.8224))
-"""The lowest wide-band PESQ, 1.043: P.862.2's MOS-LQO mapping of the raw score's floor (-0.5),
-given to a silent reconstruction of speech, which the ``pesq`` package cannot score."""
+PESQ_WB_MIN = 0.999
+"""The floor of wide-band PESQ: P.862.2's MOS-LQO mapping never goes below it (the ``pesq``
+package scores noise 1.02-1.04), so a silent reconstruction of speech, which that package
+cannot score, gets a score under every real one."""
 
 SPECTRAL_MIN_SAMPLES = max(max(DEFAULT_MEL_WINDOWS), max(STFT_RESOLUTIONS)) // 2 + 1
 """The fewest samples the mel and STFT distances take: their widest window, centred, needs
@@ -87,11 +88,10 @@ def audio_metrics(estimate: Tensor, reference: Tensor, sample_rate: int) -> dict
     A metric that is undefined for the pair is ``None`` with a ``<metric>_note`` saying why,
     never a placeholder that would enter a mean: the mel and STFT distances on audio under
     :data:`SPECTRAL_MIN_SAMPLES`, STOI on audio too short for its 30-frame segments or on a
-    silent reference, SI-SDR and the STFT distance against a silent reference, SI-SDR of a
-    silent (or constant) reconstruction, PESQ of a reference without speech; a missing
-    package also gives ``None`` (without a note: the report names the package).
-    A silent reconstruction of speech gets STOI 0 and the lowest PESQ its scale gives
-    (:data:`PESQ_WB_MIN`): the worst score, not a missing one."""
+    silent reference, SI-SDR and the STFT distance against a silent reference, PESQ of a
+    reference without speech or too short for it; a missing package also gives ``None``
+    (without a note: the report names the package). A silent reconstruction of a signal gets
+    the worst scores, not missing ones: STOI 0, PESQ :data:`PESQ_WB_MIN`, SI-SDR -80 dB."""
     from tokenizers_vq.resample import resample  # noqa: PLC0415
 
     n = min(estimate.shape[-1], reference.shape[-1])
@@ -109,7 +109,7 @@ def audio_metrics(estimate: Tensor, reference: Tensor, sample_rate: int) -> dict
             out["stft_distance"] = float(multires_stft_distance(est, ref))
     sdr = float(si_sdr(est, ref)) if n else math.nan
     if math.isnan(sdr):
-        out["si_sdr_db_note"] = "not computed: the reference or the reconstruction is silent (or constant)"
+        out["si_sdr_db_note"] = "not computed: the reference is silent (or constant)"
     else:
         out["si_sdr_db"] = sdr
     try:
@@ -117,14 +117,15 @@ def audio_metrics(estimate: Tensor, reference: Tensor, sample_rate: int) -> dict
         from pesq import pesq as _pesq  # noqa: PLC0415
 
         e16, r16 = (resample(t, sample_rate, 16000)[0].numpy() for t in (est, ref))
-        if not silent_ref and not e16.any():  # pesq fails on an all-zero signal: it scores the worst
+        if not e16.any():  # pesq fails on an all-zero signal: the worst score, where the reference can be scored
+            _pesq(16000, r16, r16, "wb")  # (raises PesqError for one without speech, or too short)
             out["pesq_wb"] = PESQ_WB_MIN
         else:
             out["pesq_wb"] = float(_pesq(16000, r16, e16, "wb"))
     except ImportError:
         pass
     except PesqError as e:  # no speech in the reference (silence, music), or too short: no score, said why
-        out["pesq_note"] = f"PESQ not computed: {type(e).__name__}"
+        out["pesq_wb_note"] = f"PESQ not computed: {type(e).__name__}"
     try:
         from pystoi import stoi as _stoi  # noqa: PLC0415
 

@@ -192,7 +192,7 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     if skipped:
         lines += ["", "## Not computed", ""] + [f"- {v}" for v in skipped.values()]
     if result["failed"]:
-        lines += ["", f"## Files not read ({len(result['failed'])})", ""] + [f"- {e['error']}" for e in result["failed"]]
+        lines += ["", f"## Files left out ({len(result['failed'])}: not read, or not scored)", ""] + [f"- {e['error']}" for e in result["failed"]]
     lines += ["", "Pictures: `samples/` (reconstructions), `codebook_usage.png`, `metric_distributions.png`."]
     atomic_write(out_dir / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return result

@@ -407,8 +407,8 @@ def test_eval_names_a_file_it_cannot_read_and_measures_the_others_and_no_earlier
         metrics = json.loads((data / report / "metrics.json").read_text())
         assert metrics["summary"]["items"] == 2 and [Path(e["file"]).name for e in metrics["failed"]] == ["cut.png"]
     out = capsys.readouterr().out
-    assert "not read: cannot read image" in out and "cut.png" in out
-    assert "## Files not read (1)" in (data / "second" / "report.md").read_text()
+    assert "left out: cannot read image" in out and "cut.png" in out
+    assert "## Files left out (1: not read, or not scored)" in (data / "second" / "report.md").read_text()
 
 
 def test_pesq_of_a_reference_without_speech_is_left_out_with_its_reason():
@@ -419,7 +419,7 @@ def test_pesq_of_a_reference_without_speech_is_left_out_with_its_reason():
 
     silence = torch.zeros(16000)
     m = audio_metrics(silence, silence, 16000)
-    assert m["pesq_wb"] is None and m["pesq_note"] == "PESQ not computed: NoUtterancesError"
+    assert m["pesq_wb"] is None and m["pesq_wb_note"] == "PESQ not computed: NoUtterancesError"
 
 
 def test_eval_rerun_with_fewer_items_leaves_no_samples_of_the_earlier_run(tmp_path, capsys):

@@ -156,7 +156,7 @@ def _eval(args: argparse.Namespace) -> int:
     for k, v in result["skipped"].items():
         print(f"{k:>22}: {v}")
     for entry in result["failed"]:
-        print(f"{'not read':>22}: {entry['error']}")
+        print(f"{'left out':>22}: {entry['error']}")
     for k, v in result.get("baselines", {}).get("skipped", {}).items():
         print(f"{k:>22}: {v}")
     print(f"wrote {Path(args.out) / 'report.md'}, metrics.json and pictures")

@@ -6,6 +6,8 @@ the same thing.
 
 from __future__ import annotations
 
+import math
+
 import functools
 from collections.abc import Sequence
 
@@ -107,8 +109,9 @@ def spectrogram_db(wav: Tensor, sample_rate: int, n_fft: int = 1024) -> Tensor:
 def si_sdr(estimate: Tensor, reference: Tensor, eps: float = 1e-8) -> Tensor:
     """Scale-invariant SDR in dB of ``(..., T)`` signals (Le Roux et al. 2019), within
     ``[10 log10(eps), -10 log10(eps)]`` (+-80 dB): the floor is relative to the estimate's
-    energy, so a quiet estimate scores as the same estimate louder. NaN where the zero-mean
-    reference or estimate is silent, for which the ratio is undefined."""
+    energy, so a quiet estimate scores as the same estimate louder. A silent (or constant)
+    estimate of a signal gets the floor, the worst score; NaN where the zero-mean reference
+    is silent, for which the ratio is undefined."""
     reference = reference - reference.mean(-1, keepdim=True)
     estimate = estimate - estimate.mean(-1, keepdim=True)
     ref_energy = reference.pow(2).sum(-1, keepdim=True)
@@ -117,7 +120,8 @@ def si_sdr(estimate: Tensor, reference: Tensor, eps: float = 1e-8) -> Tensor:
     noise = estimate - target
     floor = eps * estimate.pow(2).sum(-1)
     ratio = 10 * torch.log10(target.pow(2).sum(-1).clamp_min(floor) / noise.pow(2).sum(-1).clamp_min(floor))
-    return ratio.where((ref_energy.squeeze(-1) > 0) & (floor > 0), torch.nan)
+    ratio = ratio.where(floor > 0, 10 * math.log10(eps))
+    return ratio.where(ref_energy.squeeze(-1) > 0, torch.nan)
 
 
 __all__ = [

@@ -2,14 +2,14 @@
 
 :class:`AudioEncodeStream` takes waveform chunks of any length and returns each
 token frame as soon as it is final; :class:`AudioDecodeStream` takes code frames
-and returns each audio sample as soon as it is final. Both keep a bounded tail
-of their input between calls and give the same result as the offline
-``Tokenizer.encode`` / ``Tokenizer.decode`` (tokens equal, audio equal up to
-float rounding), because every output is computed from a window that holds its
-whole receptive field, aligned to the offline frame grid (windowed recomputation).
-The window's latents differ from the offline ones by float rounding only (~1e-8),
-so a token can differ only where two codewords are equally near to that
-precision, e.g. duplicate codewords, which decode to the same latent.
+and returns each audio sample as soon as it is final. Both give the same result as
+the offline ``Tokenizer.encode`` / ``Tokenizer.decode`` (tokens equal, audio equal up
+to float rounding) while computing each frame once: every causal convolution keeps
+the last inputs its next frames need (``backbones.audio.Conv1d.carry``, per stream),
+and the decoder's iSTFT keeps its overlap-add tail. The latents differ from the
+offline ones by float rounding only (~1e-8), so a token can differ only where two
+codewords are equally near to that precision, e.g. duplicate codewords, which decode
+to the same latent.
 
 Algorithmic delay (see ``tokenizers_vq.backbones.audio``; ``hop`` samples per frame):
 
@@ -19,22 +19,24 @@ Algorithmic delay (see ``tokenizers_vq.backbones.audio``; ``hop`` samples per fr
   arrived (the iSTFT window of a frame spans ``n_fft = 4 * hop`` samples), a
   delay of ``2 * hop`` samples.
 
-Compute per emitted batch of frames is that of the encoder over
-``ceil(R / hop)`` extra frames (``R`` from :func:`receptive_field`) and of the
-decoder over ``receptive_field(decoder) + 1`` extra frames; pushing many frames
-at once amortizes it (the embedded speech model on 2 CPU cores, encode + decode: real-time
-factor 1.57 in 15 ms chunks, 0.75 in 30 ms, 0.26 in 100 ms). A long push is coded
-``chunk_frames`` frames at a time, so memory stays bounded.
+A push costs its new frames plus a fixed overhead of one call per layer (the embedded
+speech model on 2 CPU cores, encode + decode: real-time factor 0.61 in 15 ms chunks, 0.11
+in 100 ms); a long push is coded ``chunk_frames`` frames at a time, so memory stays bounded.
+A stream keeps each conv's weight as laid out at its first push: the model must not change
+while a stream is open.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+from tokenizers_vq.backbones.audio import Conv1d
 
 if TYPE_CHECKING:
     from tokenizers_vq.tokenizer import Tokenizer
@@ -87,6 +89,30 @@ def _check_streamable(tok: Tokenizer) -> None:
         )
 
 
+def _causal_convs(module: nn.Module) -> list[Conv1d]:
+    return [m for m in module.modules() if isinstance(m, Conv1d)]
+
+
+_STATE = ("streaming", "carry", "layout_weight")
+
+
+def _run_streaming(convs: list[Conv1d], state: list[tuple], fn: Callable[[], Tensor]) -> tuple[Tensor, list[tuple]]:
+    """``fn()`` with ``convs`` streaming from ``state`` (a stream's: each conv's carried inputs
+    and laid-out weight; ``[]`` at the start); returns its result and the state after it. The
+    modules hold nothing outside the call, so streams of one tokenizer (and its offline calls)
+    do not mix. (Plain attributes, set through ``__dict__``: ``nn.Module.__setattr__`` costs
+    more than a small push's convolutions.)"""
+    for conv, kept in zip(convs, state or [(None, None)] * len(convs)):
+        conv.__dict__.update(zip(_STATE, (True, *kept)))
+    try:
+        with torch.no_grad():
+            out = fn()
+        return out, [(conv.carry, conv.layout_weight) for conv in convs]
+    finally:
+        for conv in convs:
+            conv.__dict__.update(zip(_STATE, (False, None, None)))
+
+
 class AudioEncodeStream:
     """Waveform chunks in, token frames out, equal to ``tok.encode`` of the whole.
 
@@ -106,10 +132,10 @@ class AudioEncodeStream:
         _check_streamable(tok)
         self.tok = tok
         self.hop = tok.backbone_config.hop
-        self.context = math.ceil(receptive_field(tok.encoder) / self.hop) * self.hop
+        self._convs = _causal_convs(tok.encoder)
+        self._carry: list[tuple] = []
         p = next(tok.encoder.parameters())
-        self._buf = torch.zeros(0, dtype=p.dtype, device=p.device)  # samples from _buf_start on
-        self._buf_start = 0
+        self._buf = torch.zeros(0, dtype=p.dtype, device=p.device)  # samples of the frame not yet complete
         self.samples_in = 0
         self.frames_out = 0
         self._closed = False
@@ -140,40 +166,31 @@ class AudioEncodeStream:
             self.tok.media.check_range(self.tok.media.input_range(chunk.reshape(1, -1)))
         self._buf = torch.cat([self._buf, chunk.reshape(-1).to(self._buf)])
         self.samples_in += chunk.shape[-1]
-        return self._emit(self.samples_in // self.hop)
+        return self._emit(self._buf.shape[0] // self.hop)
 
     def flush(self) -> Tensor:
         """End the stream: zero-pad the last partial frame (as ``tok.encode`` does)
         and return the remaining token frames, ``(frames, *code_shape)`` int64."""
         if self._closed:
             raise ValueError("the stream is already flushed")
-        frames = -(-self.samples_in // self.hop)
-        self._buf = torch.cat([self._buf, self._buf.new_zeros(frames * self.hop - self.samples_in)])
+        frames = -(-self._buf.shape[0] // self.hop)
+        self._buf = torch.cat([self._buf, self._buf.new_zeros(frames * self.hop - self._buf.shape[0])])
         codes = self._emit(frames)
         self._closed = True
         return codes
 
-    def _emit(self, end: int) -> Tensor:
-        """Codes of frames ``[frames_out, end)``, at most ``chunk_frames`` (the offline
-        chunk) at a time: memory stays bounded however long a pushed chunk."""
-        parts = [self._emit_part(min(end, self.frames_out + self.tok.config.chunk_frames))
-                 for _ in range(0, end - self.frames_out, self.tok.config.chunk_frames)]
+    def _emit(self, frames: int) -> Tensor:
+        """Codes of the next ``frames`` frames of the buffer, ``chunk_frames`` at a time."""
+        step, hop, parts = self.tok.config.chunk_frames, self.hop, []
+        for f0 in range(0, frames, step):
+            x = self._buf[f0 * hop : min(frames, f0 + step) * hop].view(1, 1, -1)
+            codes, self._carry = _run_streaming(self._convs, self._carry, lambda x=x: self.tok._encode_aligned(x)[0])
+            parts.append(codes)
+        self._buf = self._buf[frames * hop :]
+        self.frames_out += frames
         if not parts:
             return torch.zeros((0, *self.tok.quantizer.code_shape), dtype=torch.long, device=self._buf.device)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _emit_part(self, end: int) -> Tensor:
-        """Codes of frames ``[frames_out, end)`` from the window that holds their
-        receptive fields (from sample 0 when they reach before it, as offline)."""
-        start = self.frames_out
-        w = max(0, start * self.hop - self.context)
-        window = self._buf[w - self._buf_start : end * self.hop - self._buf_start]
-        with torch.no_grad():
-            codes = self.tok._encode_aligned(window.view(1, 1, -1))[0, start - w // self.hop :]
-        self.frames_out = end
-        keep = max(0, end * self.hop - self.context)
-        self._buf, self._buf_start = self._buf[keep - self._buf_start :], keep
-        return codes
 
 
 class AudioDecodeStream:
@@ -194,14 +211,21 @@ class AudioDecodeStream:
     def __init__(self, tok: Tokenizer):
         _check_streamable(tok)
         self.tok = tok
-        self.hop = tok.backbone_config.hop
+        self.hop = hop = tok.backbone_config.hop
         self.code_shape = tuple(tok.quantizer.code_shape)
-        # frames before the first sample to emit: the decoder's conv history plus
-        # the iSTFT frames whose windows reach back over it
-        self.context = receptive_field(tok.decoder) - 1 + LOOKAHEAD_FRAMES
-        self._device = next(tok.decoder.parameters()).device
-        self._codes = torch.zeros((0, *self.code_shape), dtype=torch.long, device=self._device)
-        self._codes_start = 0  # frame index of _codes[0]
+        dec = tok.decoder
+        self._convs = _causal_convs(dec)
+        self._carry: list[tuple] = []
+        self._device = next(dec.parameters()).device
+        self._window = dec.window.float()
+        n_fft = dec.n_fft
+        # the iSTFT's overlap-add in padded time (output sample s = p - n_fft / 2): the sums of
+        # the frames so far at p in [frames_in * hop, + n_fft - hop), and the window envelope
+        # (the sum of squared windows) of the first frames, whose start has fewer frames over it
+        self._tail = torch.zeros(n_fft - hop, device=self._device)
+        squares, self._envelope = self._window.square(), torch.zeros(n_fft, device=self._device)
+        for t in range(n_fft // hop):  # [0, n_fft - hop): the first frames' start; then one hop of the steady sum
+            self._envelope[t * hop :] += squares[: n_fft - t * hop]
         self.frames_in = 0
         self.samples_out = 0
         self._closed = False
@@ -232,9 +256,10 @@ class AudioDecodeStream:
             raise ValueError(f"codes must be (n, *{cs}) or (1, n, *{cs}), got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.tok.codebook_size):
             raise ValueError(f"codes out of range [0, {self.tok.codebook_size})")
-        self._codes = torch.cat([self._codes, codes.to(self._codes)])
-        self.frames_in += codes.shape[0]
-        return self._emit(max(0, self.frames_in - LOOKAHEAD_FRAMES) * self.hop)
+        step, parts = self.tok.config.chunk_frames, []
+        for c in codes.to(self._device).long().split(step):
+            parts.append(self._add_frames(c))
+        return torch.cat(parts, dim=1) if parts else torch.zeros(1, 0, device=self._device)
 
     def flush(self, size: int | None = None) -> Tensor:
         """End the stream and return the remaining samples, ``(1, m)`` float32.
@@ -256,30 +281,49 @@ class AudioDecodeStream:
         end = self.frames_in * self.hop if size is None else min(int(size), self.frames_in * self.hop)
         if end < self.samples_out:
             raise ValueError(f"size={size} is below the {self.samples_out} samples already returned")
-        wav = self._emit(end)
         self._closed = True
-        return wav
-
-    def _emit(self, end: int) -> Tensor:
-        """Samples ``[samples_out, end)``, at most ``chunk_frames`` frames of them (the
-        offline chunk) at a time: memory stays bounded however long a pushed chunk."""
-        step = self.tok.config.chunk_frames * self.hop
-        parts = [self._emit_part(min(end, self.samples_out + step)) for _ in range(self.samples_out, end, step)]
-        if not parts:
+        if end == self.samples_out:
             return torch.zeros(1, 0, device=self._device)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        # the tail's samples up to the last frame's end, over the envelope of the frames that
+        # reach them (no later frame will): offline istft's division at the end of a signal
+        hop, f, squares = self.hop, self.frames_in, self._window.square()
+        envelope = torch.zeros_like(self._tail)
+        for j in range(1, self._window.shape[0] // hop):  # the frame j hops before frames_in
+            if f - j >= 0:
+                envelope[: envelope.shape[0] - (j - 1) * hop] += squares[j * hop :]
+        start = f * hop - 2 * hop  # the tail's first output sample
+        wav = self._tail / envelope
+        return wav[max(0, self.samples_out - start) : end - start].unsqueeze(0)
 
-    def _emit_part(self, end: int) -> Tensor:
-        """Samples ``[samples_out, end)`` from the decoder run on the code frames that
-        reach them (from frame 0 when they reach before it, as offline), up to the
-        ``LOOKAHEAD_FRAMES`` after the last of them that the iSTFT needs."""
-        s = self.samples_out
-        a = max(0, s // self.hop - self.context)
-        b = min(self.frames_in, -(-end // self.hop) + LOOKAHEAD_FRAMES)
-        window = self._codes[a - self._codes_start : b - self._codes_start]
-        with torch.no_grad():
-            wav = self.tok._decode_aligned(window.unsqueeze(0))[0]  # (1, (b - a) * hop)
-        self.samples_out = end
-        keep = max(0, end // self.hop - self.context)
-        self._codes, self._codes_start = self._codes[keep - self._codes_start :], keep
-        return wav[:, s - a * self.hop : end - a * self.hop]
+    def _add_frames(self, codes: Tensor) -> Tensor:
+        """Decode ``codes`` (k frames) with the stream's conv state, overlap-add their
+        iSTFT frames, and return the samples no later frame reaches."""
+        k, hop, n_fft = codes.shape[0], self.hop, self._window.shape[0]
+        if k == 0:
+            return torch.zeros(1, 0, device=self._device)
+        dec = self.tok.decoder
+
+        def features() -> Tensor:
+            z = self.tok.quantizer.decode(codes.unsqueeze(0))
+            return dec.frame_features(z.movedim(-1, 1).to(next(dec.parameters()).dtype))[0].float()
+
+        feats, self._carry = _run_streaming(self._convs, self._carry, features)
+        log_mag, phase = feats.chunk(2, dim=0)
+        spec = torch.polar(torch.exp(log_mag.clamp(max=math.log(100.0))), phase)  # (n_fft / 2 + 1, k)
+        frames = torch.fft.irfft(spec, n=n_fft, dim=0).T * self._window  # (k, n_fft)
+        p0 = self.frames_in * hop  # padded time of the tail's first sample
+        sums = torch.cat([self._tail, self._tail.new_zeros(k * hop)])
+        for i in range(k):
+            sums[i * hop : i * hop + n_fft] += frames[i]
+        done = sums[: k * hop]  # no frame after these reaches them
+        self._tail = sums[k * hop :].clone()
+        self.frames_in += k
+        envelope = self._envelope[p0 : p0 + k * hop]
+        if envelope.shape[0] < k * hop:  # past the start: every sample has n_fft / hop frames over it
+            steady = self._envelope[n_fft - hop : n_fft].repeat(k + 1)
+            envelope = torch.cat([envelope, steady[(p0 + envelope.shape[0]) % hop :]])[: k * hop]
+        wav = done / envelope
+        first = p0 - n_fft // 2  # output sample of done[0]; the first n_fft / 2 are the padding
+        out = wav[max(0, -first) :]
+        self.samples_out += out.shape[0]
+        return out.unsqueeze(0)

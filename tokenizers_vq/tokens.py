@@ -353,7 +353,7 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
                          f"(e.g. {out.with_suffix(tok.media.output_suffix).name})")
     if single:
         check_writable(tok.modality, out)  # before any decoding
-    elif len(records) > 1 and suffix_modality(out) is not None:
+    elif len(records) > 1 and suffix_modality(out) is not None and not as_folder and not out.is_dir():
         raise ValueError(f"{tokens} holds {len(records)} items: name a folder for them, not the file {out.name}")
     targets = [out] if single else _folder_targets(out, records, tok.media.output_suffix)
     for rec, target in zip(records, targets):

@@ -72,9 +72,9 @@ def test_si_sdr_is_scale_invariant_down_to_quiet_estimates_and_undefined_for_sil
     assert loud < -20  # unrelated noise
     for scale in (1e-3, 1e-6, 1e-9):  # a near-silent reconstruction scores as the same one louder
         assert float(si_sdr(scale * est, ref)) == pytest.approx(loud, abs=0.01)
-    assert math.isnan(float(si_sdr(torch.zeros(16000), ref)))
-    assert math.isnan(float(si_sdr(torch.full((16000,), 0.01), ref)))  # constant: silent once centred
-    assert math.isnan(float(si_sdr(est, torch.zeros(16000))))
+    assert float(si_sdr(torch.zeros(16000), ref)) == pytest.approx(-80.0)  # silence: the worst score
+    assert float(si_sdr(torch.full((16000,), 0.01), ref)) == pytest.approx(-80.0)  # constant: silent once centred
+    assert math.isnan(float(si_sdr(est, torch.zeros(16000))))  # nothing to measure against
 
 
 def _speech(seconds: float) -> torch.Tensor:
@@ -87,8 +87,10 @@ def test_undefined_audio_metrics_are_none_with_a_note_not_placeholders():
     pytest.importorskip("pystoi", reason="the pystoi package is needed for STOI")
     ref = _speech(3)
     silent_rec = audio_metrics(torch.zeros_like(ref), ref, 16000)  # a collapsed model: the worst scores
-    assert silent_rec["pesq_wb"] == PESQ_WB_MIN and silent_rec["stoi"] == 0.0
-    assert silent_rec["si_sdr_db"] is None and "silent" in silent_rec["si_sdr_db_note"]
+    noise_rec = audio_metrics(torch.randn_like(ref) * ref.std(), ref, 16000)
+    assert silent_rec["pesq_wb"] == PESQ_WB_MIN < noise_rec["pesq_wb"] and silent_rec["stoi"] == 0.0
+    assert silent_rec["si_sdr_db"] == pytest.approx(-80.0) and noise_rec["si_sdr_db"] > -79
+    assert audio_metrics(torch.zeros(1600), ref[:1600], 16000)["pesq_wb"] is None  # 0.1 s: PESQ cannot score it
     silence = audio_metrics(ref, torch.zeros_like(ref), 16000)  # nothing to compare with
     assert silence["stoi"] is None and "silent" in silence["stoi_note"]
     assert silence["stft_distance"] is None and silence["si_sdr_db"] is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -113,3 +114,19 @@ def check_positive(name: str, values: tuple[int, ...] | int) -> None:
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters of ``module``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 ``nn.Conv2d`` (the same weights and state dict) whose channels-last CPU inputs go
+    through a matrix product over the channels instead: oneDNN's 1x1 convolutions split the
+    channel sums between threads on some CPUs (AVX-512 on an AMD EPYC: 256 channels at 21 x 31
+    positions), so the latents, and a photo's codes, depended on the thread count; MKL's
+    product gave the same sums for 1 and 2 threads at every size tried."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(c_in, c_out, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        return super().forward(x)

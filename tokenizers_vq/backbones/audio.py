@@ -75,7 +75,17 @@ class Conv1d(nn.Conv1d):
 
     The left padding is the convolution's own (zeros on both sides, no padded copy of
     the input); the outputs that the right-hand zeros add are cut off, which is the same
-    function as padding the input on the left only."""
+    function as padding the input on the left only.
+
+    ``streaming`` (a causal conv, set by :mod:`tokenizers_vq.streaming` while a stream runs
+    it): the left padding is the inputs of the earlier chunks (``carry``, their last
+    ``padding`` samples; zeros before the first), so chunks give the outputs of one pass;
+    ``layout_weight`` keeps the channels-last weight from one chunk to the next (a stream's
+    frames are small: re-laying the weight out was a fifth of a 15 ms push)."""
+
+    streaming: bool = False
+    carry: Tensor | None = None
+    layout_weight: Tensor | None = None
 
     def __init__(
         self, c_in: int, c_out: int, kernel: int, *, stride: int = 1, dilation: int = 1, groups: int = 1, causal: bool
@@ -89,13 +99,19 @@ class Conv1d(nn.Conv1d):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, T)``, or ``(B, C, 1, T)`` channels-last (:func:`_run_channels_last`)."""
+        pad, n = self.padding[0], x.shape[-1] // self.stride[0]
+        if self.streaming and pad:  # (plain attributes: __dict__, not nn.Module's slower __setattr__)
+            x = torch.cat([x.new_zeros(*x.shape[:-1], pad) if self.carry is None else self.carry, x], dim=-1)
+            self.__dict__["carry"], pad = x[..., x.shape[-1] - pad :].clone(), 0
         if x.ndim == 4:
-            w = self.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (a 1-channel input
-            # alone would not tell oneDNN which layout to write)
-            y = F.conv2d(x, w, self.bias, (1, self.stride[0]), (0, self.padding[0]), (1, self.dilation[0]), self.groups)
+            w = self.layout_weight if self.streaming else None
+            if w is None:  # (a 1-channel input alone would not tell oneDNN which layout to write)
+                w = self.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+                if self.streaming:
+                    self.__dict__["layout_weight"] = w
+            y = F.conv2d(x, w, self.bias, (1, self.stride[0]), (0, pad), (1, self.dilation[0]), self.groups)
         else:
-            y = super().forward(x)
-        n = x.shape[-1] // self.stride[0]
+            y = F.conv1d(x, self.weight, self.bias, self.stride, pad, self.dilation, self.groups)
         return y if y.shape[-1] == n else y[..., :n]
 
 

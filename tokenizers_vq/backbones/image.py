@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizers_vq.backbones._blocks import check_input, check_multiple, check_positive, group_norm
+from tokenizers_vq.backbones._blocks import PointwiseConv, check_input, check_multiple, check_positive, group_norm
 
 
 @dataclass
@@ -109,8 +109,8 @@ class SelfAttention(nn.Module):
     def __init__(self, c: int):
         super().__init__()
         self.norm = group_norm(c)
-        self.qkv = nn.Conv2d(c, 3 * c, 1)
-        self.proj = nn.Conv2d(c, c, 1)
+        self.qkv = PointwiseConv(c, 3 * c)
+        self.proj = PointwiseConv(c, c)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -190,7 +190,7 @@ class ImageEncoder(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.norm_out = group_norm(c)
         # 1x1: a 3x3 here would hold ~9% of the default model's weights for little gain.
-        self.conv_out = nn.Conv2d(c, cfg.latent_dim, 1)
+        self.conv_out = PointwiseConv(c, cfg.latent_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """Encode images.
