@@ -108,6 +108,7 @@ def test_eval_never_scores_its_own_report_and_refuses_a_negative_count(tmp_path,
 @pytest.mark.parametrize("args,named", [
     (["export", "--batch-size", "0"], "--batch-size 0"), (["export", "--workers", "-2"], "--workers -2"),
     (["prior", "--steps", "-1"], "--steps -1"), (["prior", "--window", "0"], "--window 0"),
+    (["prior", "--top-k", "-3"], "--top-k -3"),
 ])
 def test_bad_counts_are_one_line_naming_the_option(tmp_path, capsys, args, named):
     place = ["--data", str(tmp_path), "--out", str(tmp_path / "o")] if args[0] == "export" else ["--tokens", str(tmp_path)]

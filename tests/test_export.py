@@ -312,6 +312,16 @@ def test_prior_doctest_and_sampling_filters():
     out = prior.generate(torch.tensor([0, 2]), 8, top_k=1, generator=gen)
     again = prior.generate(torch.tensor([0, 2]), 8, top_k=1, generator=torch.Generator().manual_seed(5))
     assert torch.equal(out, again)  # top-1 is greedy: no randomness left
+    assert torch.equal(prior.generate(torch.tensor([0, 2]), 8, temperature=0.0), out)  # temperature 0 too
+    logits = torch.full((16,), -50.0)
+    logits[[3, 5]] = torch.tensor([8.0, 8.0 - 8e-6])  # two ids 8e-6 apart: temperature 0 takes the larger every time
+    prior._logits = lambda inp: logits.expand(*inp.shape, 16)
+    assert (prior.generate(torch.zeros(64, dtype=torch.long), 4, temperature=0.0) == 3).all()
+    for bad in ({"temperature": -1.0}, {"top_k": -3}, {"top_p": -0.5}, {"top_p": 1.5}):
+        with pytest.raises(ValueError, match="generate needs"):
+            prior.generate(torch.tensor([0]), 4, **bad)
+    with pytest.raises(ValueError, match="generate needs"):
+        prior.generate(torch.tensor([0]), -5)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:

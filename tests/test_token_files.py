@@ -219,3 +219,11 @@ def test_audio_named_in_bytes_that_are_not_utf8_encodes_and_decodes(tmp_path):
     out = os.fsdecode(os.fsencode(tmp_path) + b"/back\xff.wav")
     assert main(["decode", str(tmp_path / "t.tvq"), "--model", str(model), "-o", out]) == 0
     assert sf.info(os.fsencode(out)).samplerate == 16000
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    folder = tmp_path / "decoded"  # the command prints the name it wrote, under a strict UTF-8 locale too
+    run = subprocess.run([sys.executable, "-m", "tokenizers_vq.cli", "decode", str(tmp_path / "t.tvq"), "--model",
+                          str(model), "-o", f"{folder}/"], capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert run.returncode == 0, run.stderr.decode(errors="replace")
+    assert b"take\xff1.wav" in run.stdout and os.listdir(os.fsencode(folder)) == [b"take\xff1.wav"]

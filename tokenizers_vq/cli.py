@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from tokenizers_vq.errors import MissingDependency, WriteError
 from tokenizers_vq.runtime import keep_freed_memory
@@ -131,8 +132,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pathlib import Path  # noqa: PLC0415
-
     from tokenizers_vq.eval.report import report_folders, write_report  # noqa: PLC0415
     from tokenizers_vq.media import left_out, list_media  # noqa: PLC0415
 
@@ -165,8 +164,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     import time  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
     from tokenizers_vq import distributed  # noqa: PLC0415
     from tokenizers_vq.export import export_dataset  # noqa: PLC0415
     from tokenizers_vq.export_record import RECORD  # noqa: PLC0415
@@ -214,8 +211,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _prior(args: argparse.Namespace) -> int:
-    from pathlib import Path  # noqa: PLC0415
-
     from tokenizers_vq.prior import PriorConfig  # noqa: PLC0415
     from tokenizers_vq.train.prior import PriorTrainConfig, sample_images, train_prior  # noqa: PLC0415
 
@@ -223,6 +218,8 @@ def _prior(args: argparse.Namespace) -> int:
                         ("--layers", args.layers), ("--width", args.width)):
         if value < 1:
             raise ValueError(f"{name} {value}: expected a whole number >= 1")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k {args.top_k}: expected a count >= 1, or 0 for every token")
     from tokenizers_vq.token_dataset import read_json  # noqa: PLC0415
 
     manifest_path = Path(args.tokens) / "manifest.json"
@@ -387,6 +384,9 @@ def entry() -> None:
     (CPU encodes 1.5x faster; :mod:`tokenizers_vq.runtime`). One rank of several ends with ``os._exit``
     once its streams are flushed (gloo's threads sometimes aborted the interpreter's own shutdown)."""
     keep_freed_memory()
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as their bytes, as ls does
+        if hasattr(stream, "reconfigure"):  # (a strict UTF-8 locale failed on them after the work was done)
+            stream.reconfigure(errors="surrogateescape")
     code = main()
     from tokenizers_vq.distributed import launched_as_ranks  # noqa: PLC0415  (torch.distributed: not at import)
 

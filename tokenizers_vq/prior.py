@@ -107,11 +107,18 @@ class TokenPrior(nn.Module):
         self, labels: Tensor, length: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Sample ``(B, length)`` code ids for class ``labels`` ``(B,)``."""
+        """Sample ``(B, length)`` code ids for class ``labels`` ``(B,)``: ``temperature`` 0 takes
+        the most likely id (the lowest of equals), ``top_k`` 0 and ``top_p`` 1 keep every id."""
         if length > self.cfg.block_size:
             raise ValueError(f"length {length} exceeds block_size={self.cfg.block_size}")
+        if not (length >= 0 and temperature >= 0 and top_k >= 0 and 0 <= top_p <= 1):
+            raise ValueError(f"generate needs length >= 0, temperature >= 0, top_k >= 0 and top_p in [0, 1]; got "
+                             f"length={length}, temperature={temperature}, top_k={top_k}, top_p={top_p}")
         seq = (self.cfg.vocab_size + self._check_labels(labels)).unsqueeze(1)
         for _ in range(length):
+            if temperature == 0:  # greedy: the argmax, not a draw from a sharpened distribution
+                seq = torch.cat([seq, self._logits(seq)[:, -1].float().argmax(-1, keepdim=True)], dim=1)
+                continue
             logits = self._logits(seq)[:, -1].float() / max(temperature, 1e-5)
             if top_k > 0:
                 kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]

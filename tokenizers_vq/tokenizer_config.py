@@ -220,19 +220,23 @@ def saved_config(config: TokenizerConfig, quantizer: torch.nn.Module) -> Tokeniz
     """``config`` as ``config.json`` stores it: a projected codebook's ``features`` option (a
     tensor, which JSON cannot hold, or a file path, which may be gone where the model is
     loaded) becomes a :data:`FEATURES_IN_WEIGHTS` marker of the buffer's shape, since the
-    weights hold the features themselves."""
+    weights hold the features themselves; a vector quantizer swapped for one of another size
+    (``quantizers.shrink_codebook``) has its ``codebook_size`` recorded, as its weights hold."""
     import dataclasses  # noqa: PLC0415
 
-    from tokenizers_vq.quantizers import ProjectedCodebookVQ  # noqa: PLC0415
+    from tokenizers_vq.quantizers import ProjectedCodebookVQ, VectorQuantizer  # noqa: PLC0415
 
     options = config.quantizer.options
-    if "features" not in options or options["features"] is None or _features_in_weights(options["features"]):
+    size = quantizer.codebook_size if isinstance(quantizer, VectorQuantizer) else None
+    if size is not None and options.get("codebook_size", size) != size:
+        options = {**options, "codebook_size": size}
+    if "features" in options and options["features"] is not None and not _features_in_weights(options["features"]):
+        buffer = next((m.features for m in quantizer.modules() if isinstance(m, ProjectedCodebookVQ)), None)
+        if buffer is not None:  # (another quantizer's option of that name: saved as given)
+            options = {**options, "features": {FEATURES_IN_WEIGHTS: list(buffer.shape)}}
+    if options is config.quantizer.options:
         return config
-    buffer = next((m.features for m in quantizer.modules() if isinstance(m, ProjectedCodebookVQ)), None)
-    if buffer is None:  # another quantizer's option of that name: saved as given
-        return config
-    marked = {**options, "features": {FEATURES_IN_WEIGHTS: list(buffer.shape)}}
-    return dataclasses.replace(config, quantizer=dataclasses.replace(config.quantizer, options=marked))
+    return dataclasses.replace(config, quantizer=dataclasses.replace(config.quantizer, options=options))
 
 
 @dataclass

@@ -67,12 +67,24 @@ def shrink_codebook(
         dead_code_threshold=vq.dead_code_threshold,
         restart_dead_codes=vq.restart_dead_codes,
         estimator=vq.estimator,
+        orthogonal_weight=vq.orthogonal_weight,
+        orthogonal_sample=vq.orthogonal_sample,
+        diversity_weight=vq.diversity_weight,
+        diversity_sample=vq.diversity_sample,
+        diversity_temperature=vq.diversity_temperature,
+        sample_temperature=vq.sample_temperature,
+        affine=vq.affine,
+        affine_decay=vq.affine_decay,
         backend=vq.backend,
         check_finite=vq.check_finite,
     ).to(device=old.device)
     small.project_in.load_state_dict(vq.project_in.state_dict())
     small.project_out.load_state_dict(vq.project_out.state_dict())
     counts = torch.zeros(codebook_size, device=old.device).index_add_(0, remap, vq.cluster_size.float())
+    if vq.affine:  # the same running statistics, and stored rows that they map onto the centres
+        for name in ("latent_mean", "latent_var", "embed_mean", "embed_std"):
+            getattr(small, name).copy_(getattr(vq, name))
+        centres = small._raw(centres)
     small.embed.data.copy_(centres.to(small.embed.dtype))
     small.cluster_size.copy_(counts)
     if vq.learning == "ema":
