@@ -36,6 +36,12 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None, mono: bo
     return read_audio(path, sample_rate, mono)[:2]
 
 
+
+def _libsndfile_words(e: Exception) -> str:
+    """libsndfile's own words for an error, without soundfile's "Error opening b'<name>': "
+    (the name is given as bytes, so that names that are not UTF-8 open)."""
+    return e.error_string if getattr(e, "code", 0) else str(e)
+
 def read_audio(path: str | os.PathLike, sample_rate: int | None = None,
                mono: bool = False) -> tuple[Tensor, int, int, int]:
     """:func:`load_audio`'s ``(waveform, sample_rate)`` followed by the file's own sample
@@ -59,8 +65,8 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None,
             blocks = []
             while len(data := f.read(block, dtype="float32", always_2d=True)):
                 blocks.append(torch.from_numpy(data).mean(1, keepdim=True).numpy() if mono else data)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:  # (libsndfile's words, without its "Error opening b'...'")
-        raise ValueError(f"cannot read audio {path}: {getattr(e, 'error_string', None) or e}") from e
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ValueError(f"cannot read audio {path}: {_libsndfile_words(e)}") from e
     got = sum(map(len, blocks))
     held = _mpeg_samples(path) if fmt == "MP3" else None
     if held is not None and got < held[0] - 3 * held[1]:  # a frame or two of encoder delay and padding
@@ -220,6 +226,6 @@ def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
         try:
             sf.write(os.fsencode(tmp), data, sample_rate, subtype=subtype)
         except RuntimeError as e:  # libsndfile's errors (a full disk among them)
-            raise OSError(errno.EIO, f"cannot write {path}: {getattr(e, 'error_string', None) or e}") from e
+            raise OSError(errno.EIO, _libsndfile_words(e)) from e
 
     return atomic_write(path, write)
