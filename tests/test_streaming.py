@@ -248,3 +248,23 @@ def test_a_bad_flush_size_is_refused_and_the_stream_keeps_its_audio():
         with pytest.raises(ValueError, match="whole number"):
             dec.flush(size=bad)
     assert dec.flush(size=100).shape == (1, 100 - HOP)  # still open: the held-back samples come out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_stream_equals_offline():
+    """On a GPU (the conv carries in the (B, C, T) layout, the iSTFT tail on the device): streamed
+    codes equal offline, streamed audio equals offline to float rounding."""
+    n = 6_001
+    x = speech(n)
+    tok = small_tokenizer(x).cuda()
+    codes = tok.encode(x.view(1, 1, -1).cuda())[0]
+    audio = tok.decode(codes[None], size=(n,))[0]
+    enc, dec = tok.encode_stream(), tok.decode_stream()
+    got_codes, got_audio = [], []
+    for s in random_chunks(n, [1, 39, 40, 97, 700], random.Random(3)):
+        got_codes.append(enc.push(x[s].cuda()))
+        got_audio.append(dec.push(got_codes[-1]))
+    got_codes.append(enc.flush())
+    got_audio += [dec.push(got_codes[-1]), dec.flush(size=n)]
+    assert torch.equal(torch.cat(got_codes), codes)
+    torch.testing.assert_close(torch.cat(got_audio, dim=1), audio, atol=1e-4, rtol=0)
