@@ -3,6 +3,8 @@ that do not fit the codes, codes without their batch axis; it takes any float dt
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from test_tokenizer import TINY, tiny
@@ -68,6 +70,60 @@ def test_loading_onto_a_gpu_the_machine_lacks_is_named():
 
     with pytest.raises(ValueError, match="map_location='cuda': torch sees no CUDA GPU"):
         Tokenizer.from_pretrained("image", map_location="cuda")
+
+
+def test_map_location_takes_a_device_and_names_one_it_cannot_load_on():
+    from tokenizers_vq import Tokenizer  # noqa: PLC0415
+
+    tok = Tokenizer.from_pretrained("image", map_location=torch.device("cpu"))
+    assert next(tok.parameters()).device == torch.device("cpu")
+    for bad, said in (("gpu", "not a device name torch knows"), ("meta", "load with 'cpu' or 'cuda'"),
+                      (3.5, "not a device name torch knows")):
+        with pytest.raises(ValueError, match=f"map_location={bad!r}: {said}"):
+            Tokenizer.from_pretrained("image", map_location=bad)
+
+
+def test_unsigned_codes_as_shards_hold_them_decode_as_any_integer_codes():
+    tok = tiny("image").eval()
+    codes = tok.encode(torch.rand(1, 3, 16, 16) * 2 - 1)
+    want = tok.decode(codes)
+    for dtype in (torch.uint16, torch.uint32):
+        assert torch.equal(tok.decode(codes.to(dtype)), want)
+
+
+def test_coding_settings_are_checked_where_the_config_is_made(tmp_path):
+    import json  # noqa: PLC0415
+
+    from tokenizers_vq import Tokenizer, TokenizerConfig  # noqa: PLC0415
+    from tokenizers_vq.tokenizer import PRETRAINED  # noqa: PLC0415
+
+    for field, value in (("chunk_frames", 0), ("chunk_frames", "500"), ("chunk_context", -10), ("clip_frames", 1.5)):
+        with pytest.raises(ValueError, match=f"{field} must be a whole number"):
+            TokenizerConfig("audio", **{field: value})
+    folder = tmp_path / "video16"  # a video model's clips are 1 + 4k frames: 16 would be padded, then cut short
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((PRETRAINED["video"] / "model.safetensors").read_bytes())
+    config = json.loads((PRETRAINED["video"] / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "clip_frames": 16}))
+    with pytest.raises(ValueError, match=r"clip_frames=16: a video model with 4x temporal compression .* use e\.g\. 13"):
+        Tokenizer.from_pretrained(folder)
+
+
+def test_a_size_given_as_a_bare_number_and_a_dtype_given_as_text_are_named(tmp_path):
+    tok = tiny("audio").eval()
+    codes = tok.encode(torch.zeros(1, 1, 800))
+    with pytest.raises(ValueError, match=r"size 800: an audio is sized \(T,\)"):
+        tok.decode(codes, size=800)
+    with pytest.raises(ValueError, match="floating-point torch dtype .*'float16'"):
+        tok.save_pretrained(tmp_path / "m", dtype="float16")
+
+
+def test_the_video_token_rate_counts_each_clips_first_frame():
+    from tokenizers_vq import Tokenizer  # noqa: PLC0415
+
+    video = Tokenizer.from_pretrained("video")
+    grid = video.grid_shape((17, 64, 64))  # one clip: 5 latent frames of 8 x 8
+    assert video.tokens_per_unit() == pytest.approx(math.prod(grid) / (17 * 64 * 64))
 
 
 def test_a_save_that_fails_halfway_leaves_the_model_saved_there_before(tmp_path, monkeypatch):

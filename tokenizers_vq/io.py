@@ -128,6 +128,19 @@ def write_bytes(data, path: str | os.PathLike) -> None:
         raise OSError(errno.ENOSPC, f"{os.path.getsize(path)} of {view.nbytes} bytes written", str(path))
 
 
+def device_named(map_location: str | torch.device) -> torch.device:
+    """``map_location`` as a device this machine has, or a ValueError naming it."""
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"map_location={map_location!r}: not a device name torch knows (e.g. 'cpu', 'cuda:0')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"map_location={map_location!r}: torch sees no CUDA GPU on this machine; load with 'cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"map_location={map_location!r}: load with 'cpu' or 'cuda' (then move the model: .to(...))")
+    return device
+
+
 def load_weights(path: str | os.PathLike, what: str) -> dict:
     """``torch.load`` of a published weights file (tensors only, never code), refusing a
     file that is not one with an error naming ``what`` was expected there."""

@@ -175,7 +175,8 @@ class Modality(ABC):
             vals = ()
         if len(vals) != axes or min(vals, default=0) < 1:
             names = {1: "(T,): samples", 2: "(H, W)", 3: "(T, H, W)"}[axes]
-            raise ValueError(f"size {tuple(size)!r}: {self.article} is sized {names}, each a whole number >= 1")
+            shown = tuple(size) if isinstance(size, (list, tuple)) else size  # (a bare number: not iterable)
+            raise ValueError(f"size {shown!r}: {self.article} is sized {names}, each a whole number >= 1")
         return vals
 
     def check_codes(self, codes: Tensor, code_shape: tuple[int, ...], size: Sequence[int] | None,

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from tokenizers_vq import deferred
 from tokenizers_vq.backbones import BACKBONES
-from tokenizers_vq.io import atomic_write_all, save_safetensors
+from tokenizers_vq.io import atomic_write_all, device_named, save_safetensors
 from tokenizers_vq.modality import Modality
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.modality import names as modality_names
@@ -91,6 +91,7 @@ class Tokenizer(nn.Module):
         self.encoder = enc_cls(self.backbone_config)
         self.decoder = dec_cls(self.backbone_config)
         self.quantizer = config.quantizer.build(self.backbone_config.latent_dim)
+        config.check_clips(getattr(self.backbone_config, "temporal_factor", None))
         if get_modality(config.modality).streams and not getattr(self.quantizer, "positionwise", True):
             raise ValueError(f"{type(self.quantizer).__name__} quantizes latent frames with their neighbours, but long "
                              "audio is coded in overlapping chunks and streams frame by frame: use a position-wise "
@@ -305,8 +306,8 @@ class Tokenizer(nn.Module):
         directory = Path(directory)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if dtype is not None:
-            if not dtype.is_floating_point:
-                raise ValueError(f"save_pretrained dtype must be a floating-point type, got {dtype}")
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"save_pretrained dtype must be a floating-point torch dtype (e.g. torch.float16), got {dtype!r}")
             big = torch.finfo(dtype).max / 2
             state = {k: v.to(dtype) if v.is_floating_point() and (v.numel() == 0 or float(v.abs().max()) < big) else v
                      for k, v in state.items()}
@@ -321,7 +322,7 @@ class Tokenizer(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike | None = None, map_location: str = "cpu") -> Tokenizer:
         """Rebuild from ``directory``, or an embedded model by name: ``"image"`` (the
         default), ``"speech"`` or ``"video"`` (see :data:`PRETRAINED`; a folder of that
-        name in the working directory is not taken for it).
+        name in the working directory is not taken for it), on ``map_location`` (a name or a device).
 
         Raises:
             ValueError: the directory, ``config.json`` or ``model.safetensors`` is
@@ -341,10 +342,9 @@ class Tokenizer(nn.Module):
             model = cls(TokenizerConfig.from_dict(json.loads(cfg_path.read_text())))
         except (ValueError, TypeError, AttributeError, OSError) as e:
             raise ValueError(f"corrupt {cfg_path}: {e}") from e
-        if str(map_location).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"map_location={map_location!r}: torch sees no CUDA GPU on this machine; load with 'cpu'")
+        device = device_named(map_location)
         try:
-            state = load_file(weights, device=map_location)
+            state = load_file(weights)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"corrupt weights file {weights}: {e}") from e
         own = model.state_dict()  # weights stored at a lower precision load back at the model's
@@ -358,7 +358,7 @@ class Tokenizer(nn.Module):
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{weights} does not fit {cfg_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        return model.eval()
+        return model.to(device).eval()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -374,7 +374,8 @@ class Tokenizer(nn.Module):
             axes, side = len(b.stride) + (1 if hasattr(b, "temporal_factor") else 0), 256  # a large grid's mean
             n = q.num_tokens((side,) * axes) / side**axes
         per_unit = getattr(b, "sample_rate", 1) / math.prod(b.stride)  # audio: per second, not per sample
-        return n * per_unit / getattr(b, "temporal_factor", 1)
+        clip = self.config.clip_frames  # video: 1 + (clip - 1) / factor latent frames per clip, its first frame apart
+        return n * per_unit * ((1 + (clip - 1) // b.temporal_factor) / clip if hasattr(b, "temporal_factor") else 1)
 
     def grid_shape(self, size: Sequence[int]) -> tuple[int, ...]:
         """The latent grid ``encode`` gives for media of ``size`` (``(H, W)``, ``(T,)``

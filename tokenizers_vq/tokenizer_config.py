@@ -267,6 +267,19 @@ class TokenizerConfig:
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"the model's name must be a non-empty string (token files record it), got {self.name!r}")
+        for field_name, least in (("chunk_frames", 1), ("chunk_context", 0), ("clip_frames", 1)):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{field_name} must be a whole number >= {least}, got {value!r}")
+
+    def check_clips(self, temporal_factor: int | None) -> None:
+        """A video model codes clips of ``1 + temporal_factor * k`` frames (each clip's first
+        frame on its own): another ``clip_frames`` would be padded when encoded and cut short
+        when decoded."""
+        if temporal_factor and (self.clip_frames - 1) % temporal_factor:
+            fit = 1 + temporal_factor * max(1, (self.clip_frames - 1) // temporal_factor)
+            raise ValueError(f"clip_frames={self.clip_frames}: a video model with {temporal_factor}x temporal "
+                             f"compression codes clips of 1 + {temporal_factor}k frames; use e.g. {fit}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:

@@ -285,6 +285,8 @@ class Quantizer(nn.Module, ABC):
             raise ValueError(f"expected a torch.Tensor of codes, got {type(codes).__name__}")
         if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
             raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype}")
+        if codes.dtype in (torch.uint16, torch.uint32, torch.uint64):  # (a shard's '<u2' ids); torch cannot take
+            codes = codes.long()  # their min and max, and uint64 past 2^63 turns negative: refused below
         cs = self.code_shape
         if codes.ndim < 1 + len(cs) or tuple(codes.shape[codes.ndim - len(cs) :]) != cs:
             raise ValueError(f"codes must be (B, ..., *{cs}), got shape {tuple(codes.shape)}")
