@@ -36,11 +36,11 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None, mono: bo
     return read_audio(path, sample_rate, mono)[:2]
 
 
-
 def _libsndfile_words(e: Exception) -> str:
     """libsndfile's own words for an error, without soundfile's "Error opening b'<name>': "
     (the name is given as bytes, so that names that are not UTF-8 open)."""
     return e.error_string if getattr(e, "code", 0) else str(e)
+
 
 def read_audio(path: str | os.PathLike, sample_rate: int | None = None,
                mono: bool = False) -> tuple[Tensor, int, int, int]:

@@ -6,9 +6,8 @@ the same thing.
 
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 from collections.abc import Sequence
 
 import torch

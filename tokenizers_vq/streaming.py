@@ -28,7 +28,6 @@ while a stream is open.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -291,7 +290,7 @@ class AudioDecodeStream:
         for j in range(1, self._window.shape[0] // hop):  # the frame j hops before frames_in
             if f - j >= 0:
                 envelope[: envelope.shape[0] - (j - 1) * hop] += squares[j * hop :]
-        start = f * hop - 2 * hop  # the tail's first output sample
+        start = f * hop - self._window.shape[0] // 2  # the tail's first output sample (n_fft / 2 of padding)
         wav = self._tail / envelope
         return wav[max(0, self.samples_out - start) : end - start].unsqueeze(0)
 
@@ -303,13 +302,11 @@ class AudioDecodeStream:
             return torch.zeros(1, 0, device=self._device)
         dec = self.tok.decoder
 
-        def features() -> Tensor:
+        def spectrum() -> Tensor:  # (n_fft / 2 + 1, k), as the offline decoder's iSTFT takes it
             z = self.tok.quantizer.decode(codes.unsqueeze(0))
-            return dec.frame_features(z.movedim(-1, 1).to(next(dec.parameters()).dtype))[0].float()
+            return dec.spectrum(z.movedim(-1, 1).to(next(dec.parameters()).dtype))[0]
 
-        feats, self._carry = _run_streaming(self._convs, self._carry, features)
-        log_mag, phase = feats.chunk(2, dim=0)
-        spec = torch.polar(torch.exp(log_mag.clamp(max=math.log(100.0))), phase)  # (n_fft / 2 + 1, k)
+        spec, self._carry = _run_streaming(self._convs, self._carry, spectrum)
         frames = torch.fft.irfft(spec, n=n_fft, dim=0).T * self._window  # (k, n_fft)
         p0 = self.frames_in * hop  # padded time of the tail's first sample
         sums = torch.cat([self._tail, self._tail.new_zeros(k * hop)])

@@ -343,9 +343,9 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
         warnings.warn(other, OtherModelWarning, stacklevel=2)
     for i, rec in enumerate(records):
         check_grid(tok, rec, f"{tokens}: item {i} ({rec.source})")
-    as_folder = str(out).endswith(("/", os.sep))  # Path() drops the slash that says "a folder"
+    folder = str(out).endswith(("/", os.sep)) or Path(out).is_dir()  # (Path() drops the slash that says so)
     out = Path(out)
-    single = len(records) == 1 and out.suffix != "" and not as_folder and not out.is_dir()
+    single = len(records) == 1 and out.suffix != "" and not folder
     other = suffix_modality(out) or tok.modality
     if single and out.suffix.lower() not in SUFFIXES[tok.modality] and other != tok.modality:
         raise ValueError(f"{out}: {out.suffix} is a file type for {other}, but {tokens} holds {tok.modality} tokens; "
@@ -353,7 +353,7 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
                          f"(e.g. {out.with_suffix(tok.media.output_suffix).name})")
     if single:
         check_writable(tok.modality, out)  # before any decoding
-    elif len(records) > 1 and suffix_modality(out) is not None and not as_folder and not out.is_dir():
+    elif len(records) > 1 and suffix_modality(out) is not None and not folder:
         raise ValueError(f"{tokens} holds {len(records)} items: name a folder for them, not the file {out.name}")
     targets = [out] if single else _folder_targets(out, records, tok.media.output_suffix)
     for rec, target in zip(records, targets):

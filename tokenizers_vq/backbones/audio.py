@@ -260,6 +260,12 @@ class AudioDecoder(nn.Module):
         h = self.norm_out(self.blocks(h).transpose(1, 2))  # (B, F, D)
         return self.head(h).transpose(1, 2)
 
+    def spectrum(self, z: Tensor) -> Tensor:
+        """The complex STFT ``(B, n_fft / 2 + 1, F)`` the iSTFT inverts (float32): magnitudes
+        ``exp`` of the log-magnitudes clipped at 100, and the phases."""
+        log_mag, phase = self.frame_features(z).float().chunk(2, dim=1)
+        return torch.polar(torch.exp(log_mag.clamp(max=math.log(100.0))), phase)
+
     def forward(self, z: Tensor) -> Tensor:
         """Decode latents to waveforms.
 
@@ -273,9 +279,7 @@ class AudioDecoder(nn.Module):
         Raises:
             ValueError: wrong rank or channel count.
         """
-        log_mag, phase = self.frame_features(z).float().chunk(2, dim=1)
-        mag = torch.exp(log_mag.clamp(max=math.log(100.0)))
-        spec = torch.polar(mag, phase)  # (B, n_fft / 2 + 1, F) complex
+        spec = self.spectrum(z)  # (its input checks first)
         frames = z.shape[2]
         wav = torch.istft(
             spec,
