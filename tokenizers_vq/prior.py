@@ -116,18 +116,24 @@ class TokenPrior(nn.Module):
                              f"length={length}, temperature={temperature}, top_k={top_k}, top_p={top_p}")
         seq = (self.cfg.vocab_size + self._check_labels(labels)).unsqueeze(1)
         for _ in range(length):
+            logits = self._logits(seq)[:, -1].float()
             if temperature == 0:  # greedy: the argmax, not a draw from a sharpened distribution
-                seq = torch.cat([seq, self._logits(seq)[:, -1].float().argmax(-1, keepdim=True)], dim=1)
-                continue
-            logits = self._logits(seq)[:, -1].float() / max(temperature, 1e-5)
-            if top_k > 0:
-                kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -math.inf)
-            if top_p < 1.0:
-                srt, idx = logits.sort(descending=True)
-                cum = srt.softmax(-1).cumsum(-1)
-                drop = cum - srt.softmax(-1) > top_p  # keep the smallest set reaching top_p
-                logits = logits.scatter(1, idx, srt.masked_fill(drop, -math.inf))
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                nxt = _draw(logits / max(temperature, 1e-5), top_k, top_p, generator)
             seq = torch.cat([seq, nxt], dim=1)
         return seq[:, 1:]
+
+
+def _draw(logits: Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """One id per row of ``logits (B, V)``, drawn from the ``top_k`` likeliest (0: all) within
+    the smallest set reaching probability ``top_p``; ``(B, 1)``."""
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        srt, idx = logits.sort(descending=True)
+        cum = srt.softmax(-1).cumsum(-1)
+        drop = cum - srt.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(1, idx, srt.masked_fill(drop, -math.inf))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
