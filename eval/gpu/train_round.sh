@@ -18,7 +18,8 @@
 # A run whose data folder is absent is skipped (data carried by an earlier call stays on a
 # machine that is still warm). AGREE=1 also measures CPU vs CUDA ids of the shipped models
 # (eval/id_agreement.py); PROFILE=<run> profiles that run's recipe alongside (eval/gpu/profile_step.py);
-# TESTS=1 runs the kernel GPU tests alongside (they are mostly Triton compilation on the CPU).
+# TESTS=1 runs the kernel GPU tests alongside (they are mostly Triton compilation on the CPU);
+# GPU_TESTS="tests/..." runs those files' GPU tests alongside, reading TVQ_TEST_DATA (default .devdata/mini).
 set -u
 source eval/gpu/setup.sh
 OUT=${OUT:-results_tmp}; W=$OUT/work; mkdir -p "$W" runs
@@ -57,6 +58,10 @@ fi
 if [ "${TESTS:-0}" = 1 ]; then
   ( timeout $(( $(left) - 20 )) python3 -m pytest tests/kernels -k gpu -v -p no:cacheprovider -rA --durations=15 \
       > "$W/kernel_tests.log" 2>&1; echo "kernel tests exit $?" >> "$W/kernel_tests.log" ) &
+fi
+if [ -n "${GPU_TESTS:-}" ]; then
+  ( TVQ_TEST_DATA=${TVQ_TEST_DATA:-$PWD/$D/mini} timeout $(( $(left) - 20 )) python3 -m pytest $GPU_TESTS -k gpu -v \
+      -p no:cacheprovider -rA > "$W/gpu_tests.log" 2>&1; echo "GPU tests exit $?" >> "$W/gpu_tests.log" ) &
 fi
 if [ "${AGREE:-0}" = 1 ]; then
   timeout $(( $(left) - 60 )) python3 -m tokenizers_vq.eval.id_agreement --images $D/images/train --audio $D/audio/librispeech \
