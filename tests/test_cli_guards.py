@@ -461,6 +461,18 @@ def test_a_mixed_folder_names_what_a_run_leaves_out(tmp_path, capsys, image_mode
     assert main(["export", "--model", str(image_model), "--data", str(photos), "--out", str(tmp_path / "out2"),
                  "--device", "cpu"]) == 0
     assert "left out" not in capsys.readouterr().err
+    # a folder of numbered frames beside the photos: its frames are images, coded as photos, and said so
+    clip = photos / "clip"
+    clip.mkdir()
+    frame = next(photos.glob("*.png")).read_bytes()
+    for i in range(9):
+        (clip / f"{i:03d}.png").write_bytes(frame)
+    (clip / "fps.txt").write_text("25")
+    assert main(["export", "--model", str(image_model), "--data", str(photos), "--out", str(tmp_path / "out3"),
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert f"{photos} holds 1 folder of numbered frames (video clips?), whose frames are coded as photos" in err
+    assert "left out" not in err
 
 
 @pytest.mark.parametrize("command", ["export", "eval"])

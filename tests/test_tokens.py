@@ -179,18 +179,23 @@ def test_only_folders_marked_as_clips_are_listed_as_videos(tmp_path):
     numbered = frame_folder("set1/numbered", [f"frame_{i:03d}.png" for i in range(7, 7 + n)])
     marked = frame_folder("set1/deeper/marked", ["a.png", "b.png", "c.png"], fps="12")
     few = frame_folder("set2/few", [f"{i:04d}.png" for i in range(n - 1)])  # numbered, but too few
-    frame_folder("set2/unpadded", [f"f{i}.png" for i in range(1, n + 3)])  # f10 sorts before f2
+    unpadded = frame_folder("set2/unpadded", [f"f{i}.png" for i in range(1, n + 3)])  # read f2 before f10
     frame_folder("set2/gap", [f"{i:04d}.png" for i in [*range(n - 1), n]])
     photos = root / "holiday"
     photos.mkdir()
     for p in sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[: n + 2]:
         (photos / p.name).write_bytes(p.read_bytes())  # numeric names, not consecutive
     (root / "set1" / clip.name).write_bytes(clip.read_bytes())
-    assert list_media(root, "video") == sorted([numbered, marked, root / "set1" / clip.name])
+    assert list_media(root, "video") == sorted([numbered, marked, root / "set1" / clip.name, unpadded])
     assert list_media(marked, "video") == [marked]
     again, fps = load_video(few)  # an explicit folder needs no marking
     assert fps == 25.0 and torch.equal(again, frames[: n - 1])
     assert torch.equal(load_video(numbered)[0], frames[:n])
+    assert torch.equal(load_video(unpadded)[0], frames[: n + 2])
+    (unpadded / "cover.png").write_bytes((unpadded / "f1.png").read_bytes())  # not a frame: refused, named
+    (unpadded / "fps.txt").write_text("25")
+    with pytest.raises(ValueError, match=r"unpadded: cover.png is not numbered as its other frames are \(e.g. f1.png\)"):
+        load_video(unpadded)
     with pytest.raises(ValueError, match="no video"):
         list_media(photos, "video")
 

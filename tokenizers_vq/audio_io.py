@@ -225,7 +225,12 @@ def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
     def write(tmp: str) -> None:
         try:
             sf.write(os.fsencode(tmp), data, sample_rate, subtype=subtype)
+            info = sf.info(os.fsencode(tmp))
         except RuntimeError as e:  # libsndfile's errors (a full disk among them)
             raise OSError(errno.EIO, _libsndfile_words(e)) from e
+        if info.samplerate != sample_rate or info.frames != data.shape[0]:  # a format of fixed rates (.wve, .xi)
+            raise ValueError(f"cannot write {path}: its format ({info.format}) does not keep {sample_rate} Hz audio "
+                             f"(it stores {info.samplerate} Hz, {info.frames} samples of {data.shape[0]}); "
+                             "name it .wav, .flac or .ogg")
 
     return atomic_write(path, write)

@@ -31,7 +31,8 @@ def check_writable(modality: str, path: str | os.PathLike) -> None:
     if modality == "audio" and suffix[1:]:
         import soundfile as sf  # noqa: PLC0415
 
-        if suffix[1:].upper() in sf.available_formats():  # soundfile's own rule for a file name
+        fmt = suffix[1:].upper()  # soundfile's own rule for a file name; a format needs a sample coding it writes
+        if fmt in sf.available_formats() and sf.default_subtype(fmt) is not None:
             return
     if modality == "image":
         from PIL import Image  # noqa: PLC0415

@@ -14,12 +14,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from tokenizers_vq.audio_io import MIN_SAMPLE_RATE, load_audio, save_audio  # noqa: F401 (this module's API)
-from tokenizers_vq.io import atomic_write, check_media_file, check_pixels
+from tokenizers_vq.image_io import (  # noqa: F401 (this module's API)
+    exif_turned,
+    image_header,
+    load_image,
+    load_image_u8,
+    save_image,
+)
+from tokenizers_vq.io import check_pixels
 from tokenizers_vq.video_io import (  # noqa: F401 (this module's API)
     has_audio_track,
     quarter_turns,
@@ -41,100 +47,6 @@ the embedded video model's encoder took 8.2 GB and its decoder 12.0 GB for a 17-
 1080p clip on a CPU (720p: 4.2 and 5.5 GB), with its full-resolution layers run a few
 frames at a time (:data:`tokenizers_vq.backbones.time_chunks.CHUNK_PIXELS`). A ``max_pixels`` the
 caller sets applies as given."""
-
-
-def image_header(path: str | os.PathLike) -> tuple[int, int, int]:
-    """``(width, height, channels)`` of an image file, from its header only. Channels
-    are as stored: 1 (greyscale), 2 (greyscale + alpha), 3 (RGB or a palette), 4 (RGBA,
-    CMYK, or a palette with transparency)."""
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
-
-    check_media_file(Path(path), "image")
-    try:
-        with warnings.catch_warnings():  # sizes are checked against MAX_PIXELS by the caller
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                channels = (4 if "transparency" in im.info else 3) if im.mode == "P" else len(im.getbands())
-                return (*im.size, channels)
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-
-
-def load_image(path: str | os.PathLike) -> Tensor:
-    """Read an image file as ``(3, H, W)`` float32 in ``[0, 1]`` (:func:`load_image_u8`
-    divided by 255)."""
-    return load_image_u8(path).float() / 255.0
-
-
-def exif_turned(im) -> bool:
-    """Whether an open Pillow image's EXIF orientation says it is not stored upright."""
-    return im.getexif().get(0x0112, 1) != 1
-
-
-def load_image_u8(path: str | os.PathLike) -> Tensor:
-    """Read an image file as ``(3, H, W)`` uint8.
-
-    Greyscale is repeated to RGB; an alpha channel is composited on white (token
-    files record the source's own channel count, :func:`image_header`). A photo's EXIF
-    orientation (as cameras and phones record a turned shot) is applied, as viewers do:
-    the pixels come upright, and the recorded size is the upright one.
-
-    Raises:
-        ValueError: the file is missing, unreadable, truncated or not an image, or its
-            header claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (89 million
-            unless raised there; PIL itself only warns below twice that).
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415 (keep import cheap)
-
-    path = Path(path)
-    check_media_file(path, "image")
-    try:
-        with warnings.catch_warnings():
-            # a header of a few hundred bytes can claim 178 million pixels, which PIL
-            # merely warns about: about 3 GB of buffers here before the data runs out
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                if exif_turned(im):
-                    im = ImageOps.exif_transpose(im)
-                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert() would clip 16-bit grey, not scale it
-                    im = _grey_to_8bit(im, path)
-                if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                    rgba = im.convert("RGBA")
-                    im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-                rgb = im.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"cannot read image {path}: {e} (Pillow's guard; to read such an image, raise "
-                         "PIL.Image.MAX_IMAGE_PIXELS in Python first)") from e
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-    return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1)
-
-
-def _grey_to_8bit(im, path: Path):
-    """A 16-bit greyscale image (or 32-bit integer pixels within 16 bits) scaled from the
-    16-bit range to 8 bits (a 12-bit scan comes out dark: its range is not recorded)."""
-    from PIL import Image  # noqa: PLC0415
-
-    arr = np.asarray(im)
-    if im.mode == "F" or arr.min() < 0 or arr.max() > 65535:
-        raise ValueError(f"cannot read image {path}: {im.mode} pixels in [{arr.min()}, {arr.max()}] have no known "
-                         "range; save it with 8 or 16 bits per channel")
-    return Image.fromarray((arr.astype(np.float32) / 257).round().astype(np.uint8), "L")
-
-
-def save_image(img: Tensor, path: str | os.PathLike) -> Path:
-    """Write ``(3, H, W)`` or ``(H, W)`` float in ``[0, 1]`` (clamped) atomically;
-    the format follows the suffix (PNG, JPEG, ...)."""
-    from PIL import Image  # noqa: PLC0415
-
-    if img.ndim == 2:
-        img = img.unsqueeze(0).expand(3, -1, -1)
-    if img.ndim != 3 or img.shape[0] not in (1, 3):
-        raise ValueError(f"save_image expects (3, H, W) or (H, W), got shape {tuple(img.shape)}")
-    arr = (img.detach().float().clamp(0, 1) * 255).round().byte().expand(3, -1, -1).permute(1, 2, 0).cpu().numpy()
-    return atomic_write(path, lambda tmp: Image.fromarray(arr, "RGB").save(tmp))
 
 
 def bundled_photo() -> Path:
@@ -193,7 +105,24 @@ MIN_NUMBERED_FRAMES = 8
 
 
 def _frame_files(path: Path) -> list[Path]:
-    return sorted(c for c in path.iterdir() if c.suffix.lower() in FRAME_EXTENSIONS and c.is_file())
+    """A folder's frame images in frame order: by number where every name is one prefix and a
+    number (``frame_9`` before ``frame_10``), else in name order."""
+    files = sorted(c for c in path.iterdir() if c.suffix.lower() in FRAME_EXTENSIONS and c.is_file())
+    names = [re.fullmatch(r"(.*?)(\d+)", f.stem) for f in files]
+    if files and all(names) and len({m[1] for m in names}) == 1:
+        return [f for _, f in sorted(zip((int(m[2]) for m in names), files), key=lambda nf: nf[0])]
+    return files
+
+
+def _strays(files: list[Path]) -> list[Path]:
+    """Images among a clip's frames not numbered as most of them are (one prefix and a
+    number): a cover picture or a note would otherwise be read as a frame."""
+    names = [re.fullmatch(r"(.*?)(\d+)", f.stem) for f in files]
+    prefixes = [m[1] for m in names if m]
+    if not prefixes:
+        return []  # none numbered: name order is frame order
+    usual = max(set(prefixes), key=prefixes.count)
+    return [f for f, m in zip(files, names) if not m or m[1] != usual]
 
 
 def is_frame_folder(path: str | os.PathLike) -> bool:
@@ -202,8 +131,7 @@ def is_frame_folder(path: str | os.PathLike) -> bool:
     It does when it holds at least one frame image and an ``fps.txt``, or at least
     :data:`MIN_NUMBERED_FRAMES` frame images whose names, in name order, are one prefix
     followed by consecutive numbers (``0000.png``, ``0001.png``, ... or
-    ``frame_007.jpg``, ``frame_008.jpg``, ...; unpadded ``frame_9``, ``frame_10`` fail,
-    as name order, the order frames are read in, is not frame order). A folder of photos
+    ``frame_9.jpg``, ``frame_10.jpg``, ...: frames are read in number order). A folder of photos
     (``IMG_0012.jpg``, ``IMG_0040.jpg``, ``beach.jpg``) is not a clip. :func:`load_video`
     reads any folder of frames it is given, whether or not it passes this test.
     """
@@ -218,7 +146,7 @@ def is_frame_folder(path: str | os.PathLike) -> bool:
     names = [re.fullmatch(r"(.*?)(\d+)", f.stem) for f in files]
     if not all(names) or len({m[1] for m in names}) != 1:
         return False
-    numbers = [int(m[2]) for m in names]
+    numbers = sorted(int(m[2]) for m in names)
     return numbers == list(range(numbers[0], numbers[0] + len(numbers)))
 
 
@@ -227,9 +155,16 @@ class AssumedFrameRateWarning(UserWarning):
 
 
 def _load_frame_folder(path: Path, max_frames: int | None, max_pixels: int | None) -> tuple[Tensor, float]:
-    files = _frame_files(path)[:max_frames]
+    files = _frame_files(path)
     if not files:
         raise ValueError(f"video folder {path} holds no frame images ({', '.join(FRAME_EXTENSIONS)})")
+    strays = _strays(files)
+    if strays:
+        raise ValueError(f"video folder {path}: {', '.join(f.name for f in strays[:3])} "
+                         f"{'is' if len(strays) == 1 else 'are'} not numbered as its other frames are "
+                         f"(e.g. {next(f for f in files if f not in strays).name}); move "
+                         f"{'it' if len(strays) == 1 else 'them'} out of the clip's folder")
+    files = files[:max_frames]
     w, h, _ = image_header(files[0])
     check_pixels(path, w, h, max_pixels, "'s frames")
     frames = [load_image(f) for f in files]
@@ -354,6 +289,16 @@ def media_in_folder(folder: str | Path, skip: set[Path] | None = None) -> dict[s
     """What a data folder holds, by modality: ``image`` photos (images outside the frame
     folders of clips), ``audio`` files, ``video`` files and frame folders; ``None`` when
     ``folder`` is not a folder. Paths under a resolved folder of ``skip`` are not counted."""
+    held = _held(folder, skip)
+    if held is None:
+        return None
+    found, clips = held
+    photos = sum(p.parent not in clips for p in found["image"])
+    return {"image": photos, "audio": len(found["audio"]), "video": len(found["video"]) + len(clips)}
+
+
+def _held(folder: str | Path, skip: set[Path] | None) -> tuple[dict[str, list[Path]], set[Path]] | None:
+    """A folder's media files by modality, and its frame folders (clips)."""
     root = Path(folder).resolve()
     if not root.is_dir():
         return None
@@ -364,9 +309,7 @@ def media_in_folder(folder: str | Path, skip: set[Path] | None = None) -> dict[s
         kind = suffix_modality(p)
         if kind is not None and p.is_file():
             found[kind].append(p)
-    clips = {d for d in {p.parent for p in found["image"]} if is_frame_folder(d)}
-    photos = sum(p.parent not in clips for p in found["image"])
-    return {"image": photos, "audio": len(found["audio"]), "video": len(found["video"]) + len(clips)}
+    return found, {d for d in {p.parent for p in found["image"]} if is_frame_folder(d)}
 
 
 def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None) -> list[str]:
@@ -375,7 +318,15 @@ def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None) -
     from tokenizers_vq.modality import get  # noqa: PLC0415
 
     notes = []
-    for kind, n in (media_in_folder(folder, skip) or {}).items():
+    held = media_in_folder(folder, skip) or {}
+    if modality == "image" and held.get("video"):  # the frames of a frame folder are images: coded as photos
+        found, clips = _held(folder, skip)
+        if clips:
+            held["video"] = len(found["video"])
+            notes.append(f"tvq: note: {folder} holds {len(clips)} folder{'s' * (len(clips) > 1)} of numbered frames "
+                         f"(video clips?), whose frames are coded as photos; run again with --model "
+                         f"{get('video').default_model} to code them as clips")
+    for kind, n in held.items():
         if n and kind != modality:
             what = {"image": "photo", "audio": "audio file", "video": "video clip"}[kind] + ("s" if n > 1 else "")
             notes.append(f"tvq: note: {folder} also holds {n} {what}, left out: this run takes its {modality} files; "

@@ -100,8 +100,11 @@ def multires_stft_distance(
 
 
 def spectrogram_db(wav: Tensor, sample_rate: int, n_fft: int = 1024) -> Tensor:
-    """``(n_mels=80, frames)`` log-mel in dB of a mono ``(T,)`` signal, for pictures."""
-    mel = mel_spectrogram(wav.reshape(1, -1), sample_rate, n_fft, n_fft // 4, 80)[0]
+    """``(n_mels=80, frames)`` log-mel in dB of a mono ``(T,)`` signal, for pictures (a signal
+    shorter than ``n_fft`` is shown followed by silence)."""
+    wav = wav.reshape(1, -1)
+    wav = torch.nn.functional.pad(wav, (0, max(0, n_fft - wav.shape[-1])))
+    mel = mel_spectrogram(wav, sample_rate, n_fft, n_fft // 4, 80)[0]
     return 20 * torch.log10(mel.clamp_min(1e-5))
 
 

@@ -91,7 +91,8 @@ def encode_file(tok: Tokenizer, path: str | os.PathLike, max_frames: int | None 
             codes = torch.cat([tok.encode(tok.media.expand(p).unsqueeze(0).to(device))[0].cpu() for p in bar])
     except ValueError as e:  # the tokenizer's refusal (e.g. too small), said of this file
         raise ValueError(f"{path}: {e}") from e
-    return TokenRecord(codes, path.name, size, info, file_sha256(path) if path.is_file() else None)
+    name = Path(os.path.abspath(path)).name  # a frame folder given as "." has a name too
+    return TokenRecord(codes, name, size, info, file_sha256(path) if path.is_file() else None)
 
 
 def check_input_modality(tok: Tokenizer, path: Path) -> None:
@@ -319,6 +320,8 @@ def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | 
                  max_pixels: int | None = MAX_PIXELS) -> Path:
     """Encode media files into one token file (all inputs are read before anything is written;
     an output that cannot be written is refused before any is read)."""
+    if str(out).endswith(("/", os.sep)) or Path(out).is_dir():
+        raise ValueError(f"{out} names a folder: give the token file's name (e.g. {Path(out) / 'tokens.tvq'})")
     target = Path(out)
     kind = suffix_modality(target)
     if kind is not None or any(target.resolve() == Path(p).resolve() for p in paths):
@@ -361,8 +364,12 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
             raise ValueError(f"{target} is the file {rec.source} was encoded from (its bytes match the digest the "
                              "token file records): the decoded copy would replace the original; decode into another "
                              "folder or file name")
-    if targets:  # a folder that cannot be written is found before any decoding
-        check_can_write(targets[0])
+        if not single and target.exists() and target.name == Path(rec.source).name:
+            raise ValueError(f"{target} has the name of the file item {rec.source} was encoded from and may be that "
+                             "original, changed since: a folder decode replaces no such file; decode into another "
+                             "folder, or move it away first")
+    for target in targets:  # every target that cannot be written is found before any decoding
+        check_can_write(target)
     written = []
     with tqdm(list(zip(records, targets)), desc="decode", disable=len(records) < 2) as bar:
         for rec, target in bar:

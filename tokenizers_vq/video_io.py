@@ -115,18 +115,22 @@ def read_video_file(path: Path, max_frames: int | None,
     pixels or none stated."""
     check_media_file(path, "video")
     av = pyav("reading video")
-    frames, times = [], []
+    frames, times, durations = [], [], []
     try:
         with av.open(str(path)) as container:
             stream = _video_stream(container)
             if stream is None:
                 cover = " (only cover art)" if container.streams.video else ""
                 raise ValueError(f"{path} has no video stream{cover}")
+            if stream.codec_context is None:
+                raise ValueError(f"cannot read video {path}: this FFmpeg build has no decoder for its video "
+                                 "codec; re-encode it: ffmpeg -i IN -c:v libx264 OUT.mp4")
             check_pixels(path, stream.codec_context.width, stream.codec_context.height, max_pixels, "'s frames")
             fps = float(stream.average_rate or stream.guessed_rate or 25)
             if container.duration is None and stream.codec_context.framerate:  # a bare stream: its own rate
                 fps = float(stream.codec_context.framerate)
-            channels, sar = _channels(stream), stream.codec_context.sample_aspect_ratio
+            # the container's aspect first (Matroska, an MP4 pasp box), as ffmpeg shows it
+            channels, sar = _channels(stream), stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
             for frame in container.decode(stream):
                 if not frames and sar and quarter_turns(frame) % 2:  # a pixel turned on its side
                     sar = 1 / sar
@@ -137,20 +141,33 @@ def read_video_file(path: Path, max_frames: int | None,
                                      "that changes size is not read: re-encode it at one size (ffmpeg -vf scale=W:H)")
                 frames.append(torch.from_numpy(pixels))
                 times.append(frame.time)
+                step = getattr(frame, "duration", None)  # in time_base units, where the container keeps it
+                durations.append(float(step * frame.time_base) if step and frame.time_base else None)
                 if max_frames is not None and len(frames) >= max_frames:
                     break
             seconds, start = _stream_seconds(stream)
+            # an AVI states its frame count in its header; cut short, FFmpeg guesses the duration from its size
+            indexed = stream.frames if container.format.name == "avi" else 0
     except av.error.FFmpegError as e:
         raise ValueError(f"cannot read video {path}: {e}") from e
     if not frames:
         raise ValueError(f"video {path} has no decodable frames")
     timed = len(times) > 2 and None not in times and times[-1] > times[0]
-    if timed:
-        spaced = (len(times) - 1) / (times[-1] - times[0])
-        fps = fps if abs(spaced / fps - 1) < 0.05 else spaced
-    shown = None if None in times[:1] + times[-1:] else times[-1] - (times[0] if start is None else start) + 1 / fps
+    if timed:  # most intervals alike (a cut or a held frame leaves a few odd): their rate, else the mean
+        steps = np.diff(times)
+        typical = float(np.median(steps))
+        if typical > 0 and np.mean(np.abs(steps / typical - 1) < 0.05) >= 0.8:
+            fps = fps if abs(1 / typical / fps - 1) < 0.05 else 1 / typical
+        else:  # a varying rate: the mean over the frames' span keeps the clip's length
+            fps = (len(times) - 1) / (times[-1] - times[0])
+    # where the frames shown end: the latest frame's end (a last frame held for seconds counts whole)
+    ends = [t + d for t, d in zip(times, durations) if t is not None and d]
+    shown = (max(ends) if ends else times[-1] + 1 / fps) - (times[0] if start is None else start)
     whole = max_frames is None or len(frames) < max_frames
-    if whole and seconds and shown is not None and shown < 0.9 * seconds - 2 / fps:
+    if whole and indexed and len(frames) < 0.9 * indexed - 2:
+        raise ValueError(f"cannot read video {path}: the file is cut short (its header counts {indexed} frames, "
+                         f"{len(frames)} could be decoded); copy or export it again")
+    if whole and seconds and times[-1] is not None and times[0] is not None and shown < 0.9 * seconds - 2 / fps:
         raise ValueError(f"cannot read video {path}: the file is cut short (its video track lasts {seconds:.2f} s, "
                          f"{len(frames)} frames covering {shown:.2f} s could be decoded); copy or export it again")
     aspect = (sar.numerator, sar.denominator) if sar and sar > 0 and sar != 1 else None

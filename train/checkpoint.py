@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tokenizers_vq.distributed import all_reduce_sum_
 from tokenizers_vq.io import usual_mode
 
 TENSOR = "__tensor__:"
@@ -179,3 +180,39 @@ def truncate_log(log: Path, step: int) -> None:
         tmp = log.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(keep))
         tmp.replace(log)
+
+
+RUN_LENGTH_KEYS = ("steps", "max_minutes", "log_every", "save_every", "sample_every", "out_dir", "init_from",
+                   "init_quantizer")
+"""Settings a resumed run may change without changing what it trains (how long, how often it
+writes); the others are named when they differ from the checkpoint's."""
+
+
+def changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each setting (outside the model section and
+    :data:`RUN_LENGTH_KEYS`) whose value differs between two config dicts."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        if not prefix and key in ("model", *RUN_LENGTH_KEYS):
+            continue
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += changed_settings(old, new, f"{prefix}{key}.")
+        elif old != new and not (isinstance(old, list) and isinstance(new, tuple) and old == list(new)):
+            out.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return out
+
+
+def stop_if_nonfinite(nonfinite: Tensor, num_processes: int, step: int, checkpoint: Path) -> None:
+    """Stop a run whose loss was NaN or Inf at some step (``nonfinite``, a flag kept on the
+    device), before it saves over its last good checkpoint; the ranks of a multi-process run
+    decide together (one all-reduce)."""
+    bad = nonfinite.float().reshape(1)
+    if num_processes > 1:
+        bad = all_reduce_sum_(bad)
+    if bool(bad > 0):
+        kept = find_checkpoint(checkpoint)
+        raise FloatingPointError(
+            f"the training loss became NaN or Inf by step {step}; nothing after it was saved "
+            + (f"(the checkpoint in {kept} is kept)" if kept else "(no checkpoint had been written)")
+            + ": lower optim.lr, set optim.grad_clip, or look for broken items in the data")

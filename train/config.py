@@ -146,9 +146,10 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 @functools.cache
 def _yaml_loader() -> type:
-    """YAML's safe loader with YAML 1.2's booleans: only true / false (any case) are, so
-    ``--out_dir=off`` or ``name: no`` stay the text written (YAML 1.1 read on, off, yes and
-    no as booleans)."""
+    """YAML's safe loader with YAML 1.2's booleans and numbers: only true / false (any case)
+    are booleans, so ``--out_dir=off`` or ``name: no`` stay the text written; ``010`` is ten
+    and ``7:30`` is text (YAML 1.1 read on, off, yes and no as booleans, a leading 0 as octal
+    and colons as base 60); ``1e-4`` is a number (1.1 wanted a dot)."""
     import re  # noqa: PLC0415
 
     import yaml  # noqa: PLC0415
@@ -156,10 +157,23 @@ def _yaml_loader() -> type:
     class Loader(yaml.SafeLoader):
         pass
 
-    bool_tag = "tag:yaml.org,2002:bool"
-    Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+    tags = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float")}
+    Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in tags]
                                       for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                 list("-+0123456789"))
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+.0123456789"))
+
+    def integer(loader, node):
+        text = loader.construct_scalar(node)
+        return int(text[2:], 8 if text[1] == "o" else 16) if text[:2] in ("0o", "0x") else int(text, 10)
+
+    Loader.add_constructor("tag:yaml.org,2002:int", integer)
     return Loader
 
 
@@ -252,9 +266,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def _at_least(name: str, value: Any, least: float, *, below: float | None = None, kind: type = int) -> None:
     ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-    if not ok or value < least or (below is not None and value >= below):
+    if not ok or not math.isfinite(value) or value < least or (below is not None and value >= below):
         span = f"in [{least}, {below})" if below is not None else f">= {least}"
-        raise ValueError(f"{name}={value!r}: expected {'a number' if kind is float else 'a whole number'} {span}")
+        raise ValueError(f"{name}={value!r}: expected {'a finite number' if kind is float else 'a whole number'} {span}")
 
 
 def check_config(cfg: TrainConfig) -> None:

@@ -7,6 +7,8 @@ of a multi-GPU run sees different data.
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +17,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from tokenizers_vq.errors import ItemError
+from tokenizers_vq.media import list_media
 from tokenizers_vq.modality import get as get_modality
+from tokenizers_vq.spectral import DEFAULT_MEL_WINDOWS
 
 
 STILL_MAX_SIDE = 1024
@@ -161,3 +165,62 @@ def split_files(files: list[Path], val_files: list[Path] | None, val_fraction: f
                          "none to train on: lower data.val_fraction, raise data.max_items, or name a validation "
                          "folder (data.val)")
     return (files[:-n_val], files[-n_val:]) if n_val else (files, [])
+
+
+def list_files(key: str, folder: str, modality: str, max_items: int, out_dir: Path) -> list[Path]:
+    """The media files of a config's data folder, leaving out those under ``out_dir`` (a run
+    inside its data folder would otherwise train on its own samples when resumed); an
+    error names the config key to set."""
+    try:
+        files = list_media(folder, modality)
+    except ValueError as e:
+        none = " (or --data.val= to hold none apart)" if key == "data.val" else ""
+        raise ValueError(f"{key}: {e}; set --{key}=DIR{none}") from None
+    out = Path(out_dir).resolve()
+    kept = [f for f in files if not f.resolve().is_relative_to(out)]
+    if not kept:
+        raise ValueError(f"{key}: the only {modality} files under {folder} are the run's own, in out_dir {out_dir}: "
+                         f"set --{key}=DIR, a folder of media to train on")
+    return kept[:max_items] if max_items else kept
+
+
+def segment_samples(seconds: float, sample_rate: int, hop: int) -> int:
+    """Samples in an audio training segment of about ``seconds``: a whole number of
+    ``hop``-sample frames, refused (naming the least setting) below the longest spectral window."""
+    crop = max(1, int(seconds * sample_rate) // hop) * hop
+    need = max(DEFAULT_MEL_WINDOWS) // 2 + 1  # the longest spectral window, reflect-padded by half
+    if crop < need:
+        least = math.ceil(-(-need // hop) * hop / sample_rate * 1000) / 1000  # whole frames, in milliseconds
+        least += 0.001 * (int(least * sample_rate) // hop * hop < need)  # float rounding of that
+        raise ValueError(f"data.segment_seconds={seconds}: segments of {crop} samples are shorter "
+                         f"than the {need} that the 2048-point spectral losses and discriminator take; "
+                         f"at {sample_rate} Hz and {hop} samples a frame set at least --data.segment_seconds={least:g}")
+    return crop
+
+
+def check_grid(backbone, crop: int, clip_frames: int) -> None:
+    """Refuse a pixel crop or video clip length the model cannot code, naming the key,
+    before any data is read (``backbone``: an image or video backbone config)."""
+    f = getattr(backbone, "downsample", None) or getattr(backbone, "spatial_downsample", None)
+    if f and crop % f:
+        raise ValueError(f"data.crop={crop}: the model downsamples by {f}, so crops must be a multiple of {f}; "
+                         f"use e.g. --data.crop={max(f, crop // f * f)}")
+    tf = getattr(backbone, "temporal_factor", None)
+    if tf and (clip_frames - 1) % tf:
+        fit = 1 + tf * max(1, (clip_frames - 1) // tf)
+        raise ValueError(f"data.clip_frames={clip_frames}: a model with {tf}x temporal compression trains on clips "
+                         f"of 1 + {tf}k frames; use e.g. --data.clip_frames={fit}")
+
+
+def warn_undersized(data: MediaFolder, size: int, frames: int, key: str) -> None:
+    """Warn when most training items are smaller than a crop (``size``: samples, or pixels
+    a side) or, for video, shorter than a clip: their batches would be mostly padding."""
+    items = data.items
+    if not items:
+        return
+    small = sum(min(x.shape[-2:]) < size if data.media.has_pixels else x.shape[-1] < size for x in items)
+    short = sum(x.shape[1] < frames for x in items) if data.media.clips else 0
+    for n, what, setting in ((small, "smaller than the crop", key), (short, "shorter than a clip", "data.clip_frames")):
+        if 2 * n > len(items):
+            warnings.warn(f"{n} of {len(items)} training items are {what} ({setting}), so batches are mostly "
+                          f"padding (zeros, edge pixels or a repeated last frame): lower {setting}", stacklevel=2)

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,11 @@ from tqdm import tqdm
 from tokenizers_vq import samples
 from tokenizers_vq.distributed import all_reduce_sum_
 from tokenizers_vq.io import check_can_write
-from tokenizers_vq.media import list_media
 from tokenizers_vq.modality import get as get_modality
-from tokenizers_vq.spectral import DEFAULT_MEL_WINDOWS
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.train.checkpoint import (
+    changed_settings,
+    stop_if_nonfinite,
     find_checkpoint,
     load_checkpoint,
     optimizer_state,
@@ -36,7 +37,7 @@ from tokenizers_vq.train.checkpoint import (
     truncate_log,
 )
 from tokenizers_vq.train.config import TrainConfig, check_config, config_to_dict
-from tokenizers_vq.train.data import MediaFolder, split_files
+from tokenizers_vq.train.data import MediaFolder, check_grid, list_files, segment_samples, split_files, warn_undersized
 from tokenizers_vq.train.discriminators import build_discriminator
 from tokenizers_vq.train.losses import (
     LPIPS,
@@ -51,15 +52,6 @@ from tokenizers_vq.train.warm_start import warm_start
 
 TIME_CHECK_STEPS = 10
 """Steps between the ranks' comparisons of the time spent (``max_minutes``)."""
-
-
-def _listed(key: str, folder: str, modality: str, max_items: int) -> list:
-    """The media files of a config's data folder; an error names the config key to set."""
-    try:
-        return list_media(folder, modality, max_items)
-    except ValueError as e:
-        none = " (or --data.val= to hold none apart)" if key == "data.val" else ""
-        raise ValueError(f"{key}: {e}; set --{key}=DIR{none}") from None
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -126,28 +118,22 @@ class Trainer:
         d = cfg.data
         if not d.train:  # an empty path would list the working directory
             raise ValueError("data.train is not set: set --data.train=DIR, the folder of media to train on")
-        files = _listed("data.train", d.train, cfg.model.modality, d.max_items)
-        val_files = _listed("data.val", d.val, cfg.model.modality, d.max_items) if d.val else None
-        train_files, val_files = split_files(files, val_files, d.val_fraction)
         sr = self.unwrapped.sample_rate
-        stills = _listed("data.stills", d.stills, "image", d.max_items) if d.stills else None
+        if not sr:
+            check_grid(self.unwrapped.backbone_config, d.crop, d.clip_frames)
+        files = list_files("data.train", d.train, cfg.model.modality, d.max_items, cfg.out_dir)
+        val_files = list_files("data.val", d.val, cfg.model.modality, d.max_items, cfg.out_dir) if d.val else None
+        train_files, val_files = split_files(files, val_files, d.val_fraction)
+        stills = list_files("data.stills", d.stills, "image", d.max_items, cfg.out_dir) if d.stills else None
         self.train_data = MediaFolder(train_files, cfg.model.modality, sr, d.max_frames,
                                       stills, d.stills_fraction, d.max_pan)
         self.val_files = val_files
-        if sr:  # audio segments: a whole number of latent frames
-            hop = self.unwrapped.backbone_config.hop
-            self.crop = max(1, int(d.segment_seconds * sr) // hop) * hop
-            need = max(DEFAULT_MEL_WINDOWS) // 2 + 1  # the longest spectral window, reflect-padded by half
-            if self.crop < need:
-                least = math.ceil(-(-need // hop) * hop / sr * 1000) / 1000  # whole frames, in milliseconds
-                least += 0.001 * (int(least * sr) // hop * hop < need)  # float rounding of that
-                raise ValueError(f"data.segment_seconds={d.segment_seconds}: segments of {self.crop} samples are shorter "
-                                 f"than the {need} that the 2048-point spectral losses and discriminator take; "
-                                 f"at {sr} Hz and {hop} samples a frame set at least --data.segment_seconds={least:g}")
-        else:
-            self.crop = d.crop
+        # audio segments: a whole number of latent frames
+        self.crop = segment_samples(d.segment_seconds, sr, self.unwrapped.backbone_config.hop) if sr else d.crop
+        warn_undersized(self.train_data, self.crop, d.clip_frames, "data.segment_seconds" if sr else "data.crop")
         self.out_dir = Path(cfg.out_dir)
         self.step = 0
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.acc.device)
         ckpt = find_checkpoint(self.out_dir / "checkpoint")
         if ckpt is not None:
             self._resume(ckpt)
@@ -265,6 +251,7 @@ class Trainer:
                     if self._gan_active():
                         logs.update(self.discriminator_step(x, rec))
             self._update_ema()
+            self._nonfinite |= ~torch.isfinite(logs["loss/total"])  # on the device: no wait for the GPU here
             self.step += 1
             bar.update(1)
             elapsed = time.time() - start
@@ -273,14 +260,15 @@ class Trainer:
                 logs = {k: float(v) for k, v in logs.items()}
                 logs.update(step=self.step, steps_per_s=rate, items_per_s=rate * items_per_step)
                 bar.set_postfix(loss=f"{logs['loss/total']:.4f}")
-                if self.acc.is_main_process:
+                if self.acc.is_main_process:  # strict JSON: a NaN or Inf term is logged as null
                     with log_path.open("a") as f:
-                        f.write(json.dumps(logs) + "\n")
+                        f.write(json.dumps({k: v if math.isfinite(v) else None for k, v in logs.items()}) + "\n")
+                stop_if_nonfinite(self._nonfinite, self.acc.num_processes, self.step, self.out_dir / "checkpoint")
             out_of_time = cfg.max_minutes > 0 and self._out_of_time(elapsed, cfg.max_minutes * 60, start_step)
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps or out_of_time:
+                self.save()  # before the samples: a failure there must not cost the steps since the last save
             if cfg.sample_every > 0 and (self.step % cfg.sample_every == 0 or self.step == cfg.steps or out_of_time):
                 self.write_samples()
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps or out_of_time:
-                self.save()
             if out_of_time:
                 break
         bar.close()
@@ -329,11 +317,20 @@ class Trainer:
         return self.ema if self.ema is not None else self.unwrapped
 
     def write_samples(self) -> None:
-        if self.acc.is_main_process:
-            samples.write(self.release_model(), self.val_files or self.train_data.files, self.out_dir / "samples" / f"step_{self.step:07d}")
+        """Pictures and sounds of a few files; a failure there is a warning, not the run's end."""
+        if not self.acc.is_main_process:
+            return
+        try:
+            samples.write(self.release_model(), self.val_files or self.train_data.files,
+                          self.out_dir / "samples" / f"step_{self.step:07d}")
+        except Exception as e:  # noqa: BLE001 (samples are for people to look at; training goes on)
+            warnings.warn(f"samples of step {self.step} not written ({type(e).__name__}: {e}); training goes on",
+                          stacklevel=2)
 
     # -- checkpoints ----------------------------------------------------------------------
     def save(self) -> None:
+        self._nonfinite |= ~torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
+        stop_if_nonfinite(self._nonfinite, self.acc.num_processes, self.step, self.out_dir / "checkpoint")
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return
@@ -380,6 +377,10 @@ class Trainer:
             self.acc.scaler.load_state_dict(parts["scaler"])
         set_rng_state(parts["rng"])
         self.step = int(meta["step"])
+        changed = changed_settings(meta["config"], config_to_dict(self.cfg))
+        unused = f"; init_from={self.cfg.init_from} is not used (a new out_dir starts from it)" if self.cfg.init_from else ""
+        self.acc.print(f"resuming {directory} at step {self.step} of {self.cfg.steps}{unused}"
+                       + (f"; settings changed since that checkpoint: {', '.join(changed)}" if changed else ""))
         self._apply_optim_settings()
         self._truncate_log()
 

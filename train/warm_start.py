@@ -20,8 +20,9 @@ def warm_start(model: Tokenizer, source: str, init_quantizer: str = "all") -> No
     (``decoder_res_blocks``, all else equal) takes the source's decoder with the added
     blocks starting as the identity: it reconstructs exactly as the source at step 0."""
     directory = Path(source)
-    if (directory / "model" / "config.json").is_file():
-        directory = directory / "model"
+    for inner in ("model", "checkpoint/model"):  # a checkpoint folder, or a run's out_dir
+        if not (directory / "config.json").is_file() and (directory / inner / "config.json").is_file():
+            directory = directory / inner
     src = Tokenizer.from_pretrained(source if source in PRETRAINED else directory)
     mode = init_quantizer
     # as saved: a projected codebook's features compare by shape (the weights hold them)
@@ -39,7 +40,8 @@ def warm_start(model: Tokenizer, source: str, init_quantizer: str = "all") -> No
             d["backbone"]["decoder_res_blocks"] = their_blocks if grow else blocks
     diff = sorted(k for k in mine if k != "quantizer_" and mine[k] != theirs.get(k))
     if diff:
-        raise ValueError(f"init_from={directory}: its model config differs from this run's in {diff}; "
+        detail = "; ".join(_differences(mine[k], theirs.get(k), k) for k in diff)
+        raise ValueError(f"init_from={directory}: its model config differs from this run's ({detail}); "
                          "train with the same model section, or start without init_from"
                          + ("" if diff != ["quantizer"] else " (init_quantizer=none takes the encoder and "
                             "decoder only; first_level puts a single-level quantizer under a residual one)"))
@@ -71,3 +73,11 @@ def warm_start(model: Tokenizer, source: str, init_quantizer: str = "all") -> No
     if unexpected or any(not k.startswith(allowed) for k in missing):
         raise ValueError(f"init_from={directory}: weights do not fit this model (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
+
+
+def _differences(mine, theirs, key: str) -> str:
+    """``key.sub: <this run's> here, <the source's> there`` for the values that differ."""
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        return "; ".join(_differences(mine.get(k), theirs.get(k), f"{key}.{k}")
+                         for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
+    return f"model.{key} {mine!r} here, {theirs!r} in init_from"

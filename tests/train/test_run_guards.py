@@ -22,7 +22,7 @@ from tokenizers_vq.train.trainer import Trainer
     ("log_every=0", "log_every=0"),
     ("grad_accum=0", "grad_accum=0"),
     ("steps=0", "steps=0"),
-    ("data.val_fraction=1.0", r"data.val_fraction=1.0: expected a number in \[0, 1\)"),
+    ("data.val_fraction=1.0", r"data.val_fraction=1.0: expected a finite number in \[0, 1\)"),
     ("data.val_fraction=-0.5", "data.val_fraction=-0.5"),
     ("data.max_items=-1", "data.max_items=-1"),
     ("data.crop=0", "data.crop=0"),

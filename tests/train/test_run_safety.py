@@ -1,0 +1,126 @@
+"""A run keeps its last good checkpoint whatever fails after it, says what a resume changes,
+and refuses or warns about settings that would train on the wrong thing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import soundfile as sf
+import torch
+from testdata import shared_path
+from trainrun import config
+
+from tokenizers_vq import samples
+from tokenizers_vq.tokenizer import Tokenizer
+from tokenizers_vq.train.config import load_config
+from tokenizers_vq.train.trainer import Trainer
+
+NO_GUARD = {"model.quantizer.options": '{"codebook_size": 64, "kmeans_init": true, "check_finite": false}'}
+
+
+def test_a_failure_writing_samples_is_a_warning_after_the_checkpoint(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no room for pictures")
+
+    monkeypatch.setattr(samples, "write", broken)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"samples of step 2 not written \(RuntimeError: no room for pictures\)"):
+        Trainer(config("image", out, 2, sample_every=2, save_every=2)).train()
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+
+
+def test_samples_of_audio_shorter_than_a_spectrogram_window_are_written(tmp_path):
+    """A 100-sample clip: its sound and its spectrogram picture (the window reflect-pads by half)."""
+    clip = tmp_path / "short.wav"
+    sf.write(clip, torch.linspace(-0.5, 0.5, 100).numpy(), 16000)
+    tok = Trainer(config("audio", tmp_path / "run", 1, **{"data.max_items": 1})).release_model()
+    samples.write(tok, [clip], tmp_path / "samples")
+    assert (tmp_path / "samples" / "0_spectrogram.png").stat().st_size > 0
+    assert sf.info(tmp_path / "samples" / "0_reconstruction.wav").frames >= 100
+
+
+def test_a_diverged_run_stops_before_saving_over_its_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    Trainer(config("image", out, 2, save_every=2, **NO_GUARD)).train()
+    good = (out / "checkpoint" / "model" / "model.safetensors").read_bytes()
+    diverging = Trainer(config("image", out, 6, save_every=1, **NO_GUARD))
+    step = diverging.generator_step
+
+    def poisoned(x):  # a weight turns NaN before step 3: its loss and update are NaN
+        if diverging.step == 2:
+            with torch.no_grad():
+                diverging.unwrapped.decoder.last_layer.view(-1)[0] = float("nan")
+        return step(x)
+
+    diverging.generator_step = poisoned
+    with pytest.raises(FloatingPointError, match=r"loss became NaN or Inf by step 3; nothing after it was saved "
+                                                 r"\(the checkpoint in .* is kept\): lower optim.lr"):
+        diverging.train()
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert (out / "checkpoint" / "model" / "model.safetensors").read_bytes() == good
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # strict JSON
+    assert lines[-1]["loss/total"] is None
+
+
+def test_a_resume_says_where_it_continues_and_what_changed(tmp_path, capsys):
+    out = tmp_path / "run"
+    Trainer(config("image", out, 2, save_every=2)).train()
+    capsys.readouterr()
+    Trainer(config("image", out, 4, save_every=2, seed=7, init_from="image", **{"optim.lr": 1e-3}))
+    said = capsys.readouterr().out
+    assert f"resuming {out / 'checkpoint'} at step 2 of 4; init_from=image is not used" in said
+    assert "settings changed since that checkpoint: optim.lr: 0.003 -> 0.001, seed: 0 -> 7" in said
+    capsys.readouterr()
+    Trainer(config("image", out, 4, save_every=2))  # only the length: nothing to name
+    assert "settings changed" not in capsys.readouterr().out
+
+
+def test_an_out_dir_inside_the_data_folder_is_not_trained_on(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for f in sorted(shared_path("images", "bsds500", "train").glob("*.jpg"))[:2]:
+        shutil.copy(f, photos)
+    out = photos / "run"
+    Trainer(config("image", out, 1, sample_every=1, save_every=1, **{"data.train": str(photos)})).train()
+    assert list(out.rglob("*.png"))  # the samples are media of the data's kind
+    again = Trainer(config("image", out, 2, **{"data.train": str(photos)}))
+    assert [f.name for f in again.train_data.files] == sorted(f.name for f in photos.glob("*.jpg"))
+
+
+def test_an_init_from_may_name_a_runs_out_dir(tmp_path):
+    Trainer(config("image", tmp_path / "a", 1, save_every=1)).train()
+    warm = Trainer(config("image", tmp_path / "b", 1, init_from=str(tmp_path / "a")))
+    src = Tokenizer.from_pretrained(tmp_path / "a" / "checkpoint" / "model")
+    assert all(torch.equal(m, s) for m, s in zip(warm.unwrapped.parameters(), src.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("modality,over,named", [
+    ("image", {"data.crop": 30}, r"data.crop=30: the model downsamples by 4, .* use e.g. --data.crop=28"),
+    ("video", {"data.clip_frames": 8}, r"data.clip_frames=8: .* 1 \+ 4k frames; use e.g. --data.clip_frames=5"),
+])
+def test_a_crop_or_clip_the_model_cannot_code_is_named_before_the_data_is_read(tmp_path, modality, over, named):
+    with pytest.raises(ValueError, match=named):  # a missing data folder would be the error after that
+        Trainer(config(modality, tmp_path, 1, **{**over, "data.train": str(tmp_path / "absent")}))
+
+
+@pytest.mark.parametrize("modality,over,named", [
+    ("image", {"data.crop": 1024}, r"4 of 4 training items are smaller than the crop \(data.crop\)"),
+    ("audio", {"data.segment_seconds": 60.0}, r"training items are smaller than the crop \(data.segment_seconds\)"),
+])
+def test_crops_larger_than_most_items_are_warned_about(tmp_path, modality, over, named):
+    with pytest.warns(UserWarning, match=named):
+        Trainer(config(modality, tmp_path, 1, **over))
+
+
+def test_numbers_in_settings_read_as_written():
+    """YAML 1.2's numbers: no octal from a leading zero, no base 60 from a colon, exponents without a dot."""
+    cfg = load_config("train/configs/image.yaml", ["--data.train=photos", "--steps=010", "--save_every=0500",
+                                                   "--optim.lr=1e-4"])
+    assert (cfg.steps, cfg.save_every, cfg.optim.lr) == (10, 500, 1e-4)
+    with pytest.raises(ValueError, match="max_minutes"):
+        load_config("train/configs/image.yaml", ["--data.train=photos", "--max_minutes=7:30"])
+    for bad in ("--data.segment_seconds=.inf", "--optim.lr=.inf", "--loss.l1=-.inf"):
+        with pytest.raises(ValueError, match=f"{bad[2:].split('=')[0]}=-?inf: expected a finite number"):
+            load_config("train/configs/image.yaml", ["--data.train=photos", bad])

@@ -1,0 +1,133 @@
+"""Image files in and out through Pillow: ``(3, H, W)`` RGB, upright, in sRGB."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tokenizers_vq.io import atomic_write, check_media_file
+
+
+def image_header(path: str | os.PathLike) -> tuple[int, int, int]:
+    """``(width, height, channels)`` of an image file, from its header only. Channels
+    are as stored: 1 (greyscale), 2 (greyscale + alpha), 3 (RGB or a palette), 4 (RGBA,
+    CMYK, or a palette with transparency)."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    check_media_file(Path(path), "image")
+    try:
+        with warnings.catch_warnings():  # sizes are checked against MAX_PIXELS by the caller
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                keyed = "transparency" in im.info  # a palette's or a colour key's transparent pixels
+                channels = (3 + keyed) if im.mode == "P" else len(im.getbands()) + (keyed and im.mode in ("L", "RGB"))
+                return (*im.size, channels)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def load_image(path: str | os.PathLike) -> Tensor:
+    """Read an image file as ``(3, H, W)`` float32 in ``[0, 1]`` (:func:`load_image_u8`
+    divided by 255)."""
+    return load_image_u8(path).float() / 255.0
+
+
+def exif_turned(im) -> bool:
+    """Whether an open Pillow image's EXIF orientation says it is not stored upright."""
+    return im.getexif().get(0x0112, 1) != 1
+
+
+def load_image_u8(path: str | os.PathLike) -> Tensor:
+    """Read an image file as ``(3, H, W)`` uint8.
+
+    Greyscale is repeated to RGB; an alpha channel (or a palette's or colour key's
+    transparency) is composited on white; colours are converted to sRGB from an embedded
+    colour profile of another space (a phone's Display P3), as viewers do (token
+    files record the source's own channel count, :func:`image_header`). A photo's EXIF
+    orientation (as cameras and phones record a turned shot) is applied, as viewers do:
+    the pixels come upright, and the recorded size is the upright one.
+
+    Raises:
+        ValueError: the file is missing, unreadable, truncated or not an image, or its
+            header claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (89 million
+            unless raised there; PIL itself only warns below twice that).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415 (keep import cheap)
+
+    path = Path(path)
+    check_media_file(path, "image")
+    try:
+        with warnings.catch_warnings():
+            # a header of a few hundred bytes can claim 178 million pixels, which PIL
+            # merely warns about: about 3 GB of buffers here before the data runs out
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                if exif_turned(im):
+                    im = ImageOps.exif_transpose(im)
+                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert() would clip 16-bit grey, not scale it
+                    im = _grey_to_8bit(im, path)
+                im = _to_srgb(im, path)
+                if im.mode in ("RGBA", "LA") or "transparency" in im.info:  # (a palette's or a colour key)
+                    rgba = im.convert("RGBA")
+                    im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+                rgb = im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"cannot read image {path}: {e} (Pillow's guard; to read such an image, raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS in Python first)") from e
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+    return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1)
+
+
+def _to_srgb(im, path: Path):
+    """``im`` with its colours in sRGB: converted from an embedded ICC profile of another
+    space (RGB, RGBA or CMYK images), else as it is. A profile that cannot be applied is
+    named in a warning and the stored values are kept."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
+        return im
+    from PIL import ImageCms  # noqa: PLC0415
+
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in ImageCms.getProfileDescription(profile).lower().replace(" ", ""):
+            return im
+        mode = "RGBA" if im.mode == "RGBA" else "RGB"
+        return ImageCms.profileToProfile(im, profile, ImageCms.createProfile("sRGB"), outputMode=mode)
+    except (ImageCms.PyCMSError, OSError, ValueError) as e:
+        warnings.warn(f"{path}: its colour profile could not be applied ({e}); its colours are read as sRGB",
+                      stacklevel=3)
+        return im
+
+
+def _grey_to_8bit(im, path: Path):
+    """A 16-bit greyscale image (or 32-bit integer pixels within 16 bits) scaled from the
+    16-bit range to 8 bits (a 12-bit scan comes out dark: its range is not recorded)."""
+    from PIL import Image  # noqa: PLC0415
+
+    arr = np.asarray(im)
+    if im.mode == "F" or arr.min() < 0 or arr.max() > 65535:
+        raise ValueError(f"cannot read image {path}: {im.mode} pixels in [{arr.min()}, {arr.max()}] have no known "
+                         "range; save it with 8 or 16 bits per channel")
+    return Image.fromarray((arr.astype(np.float32) / 257).round().astype(np.uint8), "L")
+
+
+def save_image(img: Tensor, path: str | os.PathLike) -> Path:
+    """Write ``(3, H, W)`` or ``(H, W)`` float in ``[0, 1]`` (clamped) atomically;
+    the format follows the suffix (PNG, JPEG, ...)."""
+    from PIL import Image  # noqa: PLC0415
+
+    if img.ndim == 2:
+        img = img.unsqueeze(0).expand(3, -1, -1)
+    if img.ndim != 3 or img.shape[0] not in (1, 3):
+        raise ValueError(f"save_image expects (3, H, W) or (H, W), got shape {tuple(img.shape)}")
+    arr = (img.detach().float().clamp(0, 1) * 255).round().byte().expand(3, -1, -1).permute(1, 2, 0).cpu().numpy()
+    return atomic_write(path, lambda tmp: Image.fromarray(arr, "RGB").save(tmp))
