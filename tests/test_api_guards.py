@@ -109,11 +109,14 @@ def test_coding_settings_are_checked_where_the_config_is_made(tmp_path):
         Tokenizer.from_pretrained(folder)
 
 
-def test_a_size_given_as_a_bare_number_and_a_dtype_given_as_text_are_named(tmp_path):
+def test_an_audio_size_may_be_a_bare_number_and_a_dtype_given_as_text_is_named(tmp_path):
     tok = tiny("audio").eval()
     codes = tok.encode(torch.zeros(1, 1, 800))
-    with pytest.raises(ValueError, match=r"size 800: an audio is sized \(T,\)"):
-        tok.decode(codes, size=800)
+    assert torch.equal(tok.decode(codes, size=800), tok.decode(codes, size=(800,)))  # as a stream's flush takes it
+    with pytest.raises(ValueError, match=r"size 80.5: an audio is sized \(T,\)"):
+        tok.decode(codes, size=80.5)
+    with pytest.raises(ValueError, match=r"size 64: an image is sized \(H, W\)"):
+        tiny("image").decode(tiny("image").encode(torch.zeros(1, 3, 64, 64)), size=64)
     with pytest.raises(ValueError, match="floating-point torch dtype .*'float16'"):
         tok.save_pretrained(tmp_path / "m", dtype="float16")
 

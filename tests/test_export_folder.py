@@ -54,6 +54,31 @@ def test_an_overwrite_whose_record_cannot_be_written_leaves_the_earlier_export(t
     assert len(TokenDataset(out)) == 3
 
 
+def test_an_interrupted_overwrite_run_again_resumes_its_shards(tmp_path, monkeypatch):
+    import tokenizers_vq.export as export_module  # noqa: PLC0415
+
+    tok, photos, out = tiny("image"), small_photos(tmp_path / "photos", 3, side=32), tmp_path / "tokens"
+    export_dataset(tok, photos, out, shard_items=2)
+    real, calls = export_module._encode_shard, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(export_module, "_encode_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_dataset(tok, photos, out, shard_items=1, overwrite=True)
+    first = (out / "shard_00000.bin").read_bytes()
+    assert (out / export_record.REPLACED).is_dir()  # the earlier export, kept until this one is finished
+    calls.clear()
+    monkeypatch.setattr(export_module, "_encode_shard", lambda *a: calls.append(1) or real(*a))
+    export_dataset(tok, photos, out, shard_items=1, overwrite=True)
+    assert len(calls) == 2 and (out / "shard_00000.bin").read_bytes() == first  # the finished shard was kept
+    assert not (out / export_record.REPLACED).exists() and len(TokenDataset(out)) == 3
+
+
 def test_an_out_that_is_a_file_is_named(tmp_path, capsys):
     out = tmp_path / "tokens"
     out.write_text("mine")

@@ -57,13 +57,15 @@ def test_bf16_precision_is_recorded_and_a_resume_must_keep_it(tmp_path):
     tok = tiny("image")
     export_dataset(tok, files, tmp_path / "x", shard_items=2, precision="bf16")
     assert json.loads((tmp_path / "x" / "export.json").read_text())["precision"] == "bf16"
-    with pytest.raises(ValueError, match="precision"):
+    with pytest.raises(ValueError, match='precision: "bf16" vs "fp32" \\(the default\\)'):
         export_dataset(tok, files, tmp_path / "x", shard_items=2)
     with pytest.raises(ValueError, match="precision='fp16'"):
         export_dataset(tok, files, tmp_path / "y", precision="fp16")
     fp32 = export_dataset(tok, files, tmp_path / "z", shard_items=2)
     assert "precision" not in json.loads((tmp_path / "z" / "export.json").read_text())
     assert fp32["num_items"] == 3
+    with pytest.raises(ValueError, match='precision: "fp32" \\(the default\\) vs "bf16"'):
+        export_dataset(tok, files, tmp_path / "z", shard_items=2, precision="bf16")
 
 
 @pytest.mark.parametrize(("name", "shape"), [("image", (2, 3, 32, 48)), ("speech", (2, 1, 9600)),

@@ -143,3 +143,36 @@ def test_a_codec_without_a_decoder_is_named_with_the_re_encoding(tmp_path):
     (tmp_path / "odd.mp4").write_bytes((tmp_path / "clip.mp4").read_bytes().replace(b"avc1", b"zzzz"))
     with pytest.raises(ValueError, match=r"no decoder for its video codec; re-encode it: ffmpeg -i IN -c:v libx264"):
         load_video(tmp_path / "odd.mp4")
+
+
+def test_a_data_folder_is_listed_through_links_once_and_an_unreadable_folder_is_named(tmp_path, monkeypatch):
+    from pathlib import Path  # noqa: PLC0415
+
+    from tokenizers_vq.media import left_out, list_media  # noqa: PLC0415
+
+    photos = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:3]
+    (tmp_path / "real").mkdir()
+    for p in photos:
+        shutil.copy(p, tmp_path / "real")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "linked").symlink_to(tmp_path / "real", target_is_directory=True)
+    (data / "again").symlink_to(tmp_path / "real", target_is_directory=True)  # the same folder: listed once
+    (tmp_path / "real" / "up").symlink_to(data, target_is_directory=True)  # a loop
+    (data / "talk.m4a").write_bytes(b"\0" * 16)
+    (data / "clip.m4v").write_bytes(b"\0" * 16)
+    assert sorted(p.name for p in list_media(data, "image")) == sorted(p.name for p in photos)
+    assert [p.name for p in list_media(data, "video")] == ["clip.m4v"]
+    notes = left_out(data, "image")
+    assert any("holds 1 file of a type this library does not read (.m4a), left out" in n for n in notes)
+    real_iterdir = Path.iterdir
+
+    def unreadable(self):
+        if self.name in ("linked", "again"):
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", unreadable)
+    with pytest.raises(ValueError, match=r"cannot read the folder .*(linked|again) \(Permission denied\): its files would "
+                                         r"be left out"):
+        list_media(data, "image")

@@ -33,6 +33,12 @@ def test_import_is_cheap_and_namespaced(tmp_path):
         tmp_path,  # outside the repo: only what is installed is importable
     )
     assert found == "[]"
+    lazy = run_python(
+        "import sys, tokenizers_vq as t; before = 'tokenizers_vq.export' in sys.modules;"
+        "print(before, [n for n in t.__all__ if getattr(t, n, None) is None])",
+        tmp_path,  # every name the package lists resolves; the export module loads on first use only
+    )
+    assert lazy == "False []"
 
 
 def test_encoding_on_the_cpu_does_not_load_the_compiler(tmp_path):

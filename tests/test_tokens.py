@@ -254,7 +254,7 @@ def test_bad_inputs_get_clear_errors_and_keep_existing_outputs(tmp_path, image_m
     assert "not a tokenizer directory" in capsys.readouterr().err
     assert main(["encode", str(photo), "--model", str(image_model), "-o", str(folder)]) == 2  # -o a directory
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "is a directory, but a file is written here" in err
+    assert len(err.strip().splitlines()) == 1 and "names a folder: give the token file's name" in err
     assert list(folder.iterdir()) == []
 
 

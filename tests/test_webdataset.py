@@ -34,6 +34,15 @@ def test_keys_and_sources():
     assert sample_key("a/b/000123.seg.png") == "a/b/000123" and sample_key("x.jpg") == "x"
     assert is_tar_source("data/shard-0001.tar") and is_tar_source("pipe:curl -s http://h/s.tar")
     assert not is_tar_source("photos/")
+    assert is_tar_source("W.TAR") and is_tar_source("s.Tar.Gz")  # any case
+
+
+def test_an_archive_of_another_kind_names_the_shard_names_read(tmp_path):
+    from tokenizers_vq.media import list_media  # noqa: PLC0415
+
+    (tmp_path / "w.tar.zst").write_bytes(b"\0" * 10)
+    with pytest.raises(ValueError, match=r"is a file, not a folder.*tar shards are read when named .tar, .tar.gz"):
+        list_media(tmp_path / "w.tar.zst", "image")
 
 
 @pytest.mark.parametrize("modality", ["image", "audio"])

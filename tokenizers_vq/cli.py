@@ -123,11 +123,11 @@ def _train(args: argparse.Namespace) -> int:
     summary = trainer.train()  # on an exception the process exits and the launcher stops its peers
     trainer.close()
     if summary.get("already_trained"):
-        print(f"{cfg.out_dir} is trained to step {summary['steps']} already (steps={cfg.steps}): nothing to do; "
-              "raise --steps to train further")
+        trainer.acc.print(f"{cfg.out_dir} is trained to step {summary['steps']} already (steps={cfg.steps}): "
+                          "nothing to do; raise --steps to train further")
         return 0
-    print(f"trained to step {summary['steps']} in {summary['seconds']:.0f} s "
-          f"({summary['steps_per_s']:.2f} steps/s); checkpoint: {cfg.out_dir}/checkpoint/model")
+    trainer.acc.print(f"trained to step {summary['steps']} in {summary['seconds']:.0f} s ({summary['steps_per_s']:.2f} "
+                      f"steps/s); checkpoint: {cfg.out_dir}/checkpoint/model")  # (once, not per process)
     return 0
 
 

@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
 from tokenizers_vq.deferred import deferred_checks
-from tokenizers_vq.errors import ItemError
+from tokenizers_vq.errors import ItemError, MissingDependency
 from tokenizers_vq.media import MAX_PIXELS
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.quantizers import PackedCodes
@@ -45,7 +45,7 @@ class _Inputs(Dataset):
             if isinstance(f, TarSample):
                 return f.load(self.modality, self.sample_rate)
             return get_modality(self.modality).load_compact(f, self.sample_rate, max_pixels=MAX_PIXELS)
-        except ValueError as e:
+        except (ValueError, MissingDependency) as e:  # the reader's words, raised as they are in the main process
             return e
 
 

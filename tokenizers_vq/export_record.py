@@ -92,7 +92,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     a, b = (_flat({k: v for k, v in d.items() if k != "inputs"}) for d in (old, new))
 
     def show(d: dict[str, Any], k: str) -> str:
-        return json.dumps(d[k]) if k in d else "(absent)"
+        return json.dumps(d[k]) if k in d else '"fp32" (the default)' if k == "precision" else "(absent)"
 
     diffs = [f"{k}: {show(a, k)} vs {show(b, k)}" for k in dict.fromkeys([*a, *b])
              if k not in a or k not in b or a[k] != b[k]]
@@ -230,10 +230,20 @@ def _none_turned(fp: dict[str, Any]) -> None:
                              f"turned or could not be checked, so resuming would mix the two: {START_OVER}")
 
 
+def _records(record: Path, fp: dict[str, Any]) -> bool:
+    """Whether ``record`` (an ``export.json``) is readable and records ``fp``."""
+    try:
+        old = json.loads(record.read_bytes())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(old, dict) and not differences(_with_defaults(old), fp)
+
+
 def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
     """Make ``out`` an export of ``fp``: record it in ``out/export.json`` (atomically),
     or resume when the one recorded there equals it. With ``overwrite``, an earlier
-    export there is set aside (:func:`set_aside`), to be deleted once this one is finished.
+    export there is set aside (:func:`set_aside`), to be deleted once this one is finished;
+    the same replacement run again after an interrupt resumes.
 
     Raises:
         ValueError: without ``overwrite``, the recorded fingerprint differs (each
@@ -246,6 +256,8 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
     if foreign:
         raise ValueError(f"{out} holds {' and '.join(foreign)} that no export wrote (not JSON with \"format\": "
                          f"\"{fp['format']}\"): another tool's files, kept; export to another folder (--out)")
+    if overwrite and (out / REPLACED).is_dir() and _records(record, fp):
+        return  # this very replacement, interrupted: it resumes; the export it replaces stays in .replaced
     if overwrite:
         set_aside(out)
         try:

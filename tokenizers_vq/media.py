@@ -60,11 +60,11 @@ def bundled_photo() -> Path:
     return path
 
 
-FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 SUFFIXES: dict[str, frozenset[str]] = {
     "image": frozenset(FRAME_EXTENSIONS),
-    "audio": frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff"}),
-    "video": frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"}),
+    "audio": frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".caf"}),
+    "video": frozenset({".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm"}),
 }
 """File suffixes (lower case) read as each modality."""
 
@@ -265,6 +265,28 @@ def uncoded_parts(modality: str, files) -> list[str]:
     return notes
 
 
+def walk(root: Path) -> list[Path]:
+    """Every path under the folder ``root``, following links to folders (each real folder once:
+    a link back up is not followed round).
+
+    Raises:
+        ValueError: a folder under ``root`` that cannot be read (its files would be left out)."""
+    out, seen, todo = [], {os.path.realpath(root)}, [root]
+    while todo:
+        folder = todo.pop()
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as e:
+            raise ValueError(f"cannot read the folder {folder} ({e.strerror}): its files would be left out; "
+                             "make it readable, or move it out of the data folder") from None
+        for p in entries:
+            out.append(p)
+            if p.is_dir() and (real := os.path.realpath(p)) not in seen:
+                seen.add(real)
+                todo.append(p)
+    return out
+
+
 def list_media(folder: str | Path, modality: str, max_items: int = 0) -> list[Path]:
     """Sorted media files of a modality under ``folder`` (recursively); for video,
     ``folder`` or any folder below it that holds one clip as frame images counts as a
@@ -273,13 +295,16 @@ def list_media(folder: str | Path, modality: str, max_items: int = 0) -> list[Pa
     :func:`~tokenizers_vq.media.is_frame_folder`), so a folder of photos is not a video."""
     root = Path(folder)
     if root.is_file():
+        archive = any(a in root.name.lower() for a in (".tar", ".zip", ".zst", ".7z"))
+        shards = " (tar shards are read when named .tar, .tar.gz, .tgz, .tar.bz2 or .tar.xz)" if archive else ""
         raise ValueError(f"{root} is a file, not a folder: give the folder that holds the media files "
-                         "(tvq encode takes single files)")
+                         f"(tvq encode takes single files){shards}")
     if not root.is_dir():
         raise ValueError(f"data folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES[modality] and p.is_file())
+    tree = walk(root)
+    files = sorted(p for p in tree if p.suffix.lower() in SUFFIXES[modality] and p.is_file())
     if modality == "video":
-        files = sorted(files + [p for p in [root, *root.rglob("*")] if is_frame_folder(p)])
+        files = sorted(files + [p for p in [root, *tree] if is_frame_folder(p)])
     if not files:
         raise ValueError(f"no {modality} files ({', '.join(sorted(SUFFIXES[modality]))}) under {root}")
     return files[:max_items] if max_items else files
@@ -303,13 +328,17 @@ def _held(folder: str | Path, skip: set[Path] | None) -> tuple[dict[str, list[Pa
     if not root.is_dir():
         return None
     found: dict[str, list[Path]] = {m: [] for m in SUFFIXES}
-    for p in root.rglob("*"):  # paths under the resolved root: compared with the resolved folders of skip
+    for p in walk(root):  # paths under the resolved root: compared with the resolved folders of skip
         if skip and not skip.isdisjoint((p, *p.parents)):
             continue
-        kind = suffix_modality(p)
+        kind = suffix_modality(p) or ("other" if p.suffix.lower() in UNREAD_SUFFIXES else None)
         if kind is not None and p.is_file():
-            found[kind].append(p)
+            found.setdefault(kind, []).append(p)
     return found, {d for d in {p.parent for p in found["image"]} if is_frame_folder(d)}
+
+
+UNREAD_SUFFIXES = frozenset({".m4a", ".aac", ".wma", ".heic", ".avif", ".wmv", ".flv", ".mpg", ".mpeg", ".3gp", ".ts"})
+"""Suffixes of media this library does not read (a data folder's files of these are named)."""
 
 
 def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None) -> list[str]:
@@ -318,6 +347,12 @@ def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None) -
     from tokenizers_vq.modality import get  # noqa: PLC0415
 
     notes = []
+    other = (_held(folder, skip) or ({}, set()))[0].get("other", [])
+    if other:
+        kinds = sorted({p.suffix.lower() for p in other})
+        notes.append(f"tvq: note: {folder} holds {len(other)} file{'s' * (len(other) > 1)} of a type this library does "
+                     f"not read ({', '.join(kinds)}), left out: convert them first (e.g. ffmpeg -i {other[0].name} "
+                     f"{other[0].stem}.flac for sound, .mp4 for video, .png for pictures)")
     held = media_in_folder(folder, skip) or {}
     if modality == "image" and held.get("video"):  # the frames of a frame folder are images: coded as photos
         found, clips = _held(folder, skip)

@@ -163,12 +163,18 @@ class Modality(ABC):
 
     def check_size(self, size: Sequence[int]) -> tuple[int, ...]:
         """``size`` as whole numbers: the media's own axes (``(H, W)``, ``(T,)`` or
-        ``(T, H, W)``: as many as a model input has after ``(B, C)``), each at least 1.
+        ``(T, H, W)``: as many as a model input has after ``(B, C)``), each at least 1;
+        audio takes a bare sample count too.
 
         Raises:
             ValueError: another count of axes, or a value that is not a positive whole number.
         """
         axes = self.input_ndim - 2
+        if axes == 1 and not isinstance(size, bool):  # audio: a bare sample count as well as (T,)
+            try:
+                size = (operator.index(size),)
+            except TypeError:
+                pass
         try:
             vals = tuple(operator.index(s) for s in size)
         except TypeError:

@@ -176,6 +176,7 @@ class Tokenizer(nn.Module):
             raise ValueError(f"decode takes the PackedCodes of a dynamic-length tokenizer, got {type(codes).__name__}"
                              if self.is_dynamic else
                              "PackedCodes need a tokenizer with a dynamic-length bottleneck (QuantizerConfig.dynamic)")
+        size = None if size is None else self.media.check_size(size)  # (audio: a bare sample count too)
         grid = None if size is None else self.grid_shape(size)
         if not self.is_dynamic:
             self.media.check_codes(codes, self.quantizer.code_shape, size, grid, self.config.name)

@@ -162,12 +162,13 @@ def read_video_file(path: Path, max_frames: int | None,
             fps = (len(times) - 1) / (times[-1] - times[0])
     # where the frames shown end: the latest frame's end (a last frame held for seconds counts whole)
     ends = [t + d for t, d in zip(times, durations) if t is not None and d]
-    shown = (max(ends) if ends else times[-1] + 1 / fps) - (times[0] if start is None else start)
+    stamped = None not in times[:1] + times[-1:]  # (a bare stream's frames have no times)
+    shown = (max(ends) if ends else times[-1] + 1 / fps) - (times[0] if start is None else start) if stamped else None
     whole = max_frames is None or len(frames) < max_frames
     if whole and indexed and len(frames) < 0.9 * indexed - 2:
         raise ValueError(f"cannot read video {path}: the file is cut short (its header counts {indexed} frames, "
                          f"{len(frames)} could be decoded); copy or export it again")
-    if whole and seconds and times[-1] is not None and times[0] is not None and shown < 0.9 * seconds - 2 / fps:
+    if whole and seconds and shown is not None and shown < 0.9 * seconds - 2 / fps:
         raise ValueError(f"cannot read video {path}: the file is cut short (its video track lasts {seconds:.2f} s, "
                          f"{len(frames)} frames covering {shown:.2f} s could be decoded); copy or export it again")
     aspect = (sar.numerator, sar.denominator) if sar and sar > 0 and sar != 1 else None

@@ -39,7 +39,11 @@ from tokenizers_vq.modality import get as get_modality
 def is_tar_source(source: str | os.PathLike) -> bool:
     """A ``pipe:`` URL, or a path whose name ends in ``.tar`` (``.tar.gz``, ``.tgz``, ...)."""
     s = str(source)
-    return s.startswith("pipe:") or any(s.endswith(e) for e in (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))
+    return s.startswith("pipe:") or s.lower().endswith(TAR_SUFFIXES)
+
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+"""Archive names read as WebDataset shards (any case); Python's tarfile reads these compressions."""
 
 
 def sample_key(member: str) -> str:
