@@ -126,9 +126,11 @@ def report_folders(root: str | Path) -> set[Path]:
 def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_name: str,
                  lpips_weights: str | Path | None = None, lpips_heads: str | Path | None = None,
                  fid_weights: str | Path | None = None, baselines: bool = False,
-                 max_frames: int | None = 33) -> dict[str, Any]:
+                 max_frames: int | None = 33, notes: list[str] | None = None) -> dict[str, Any]:
     """Evaluate and write ``metrics.json``, ``report.md``, ``metric_distributions.png``,
     ``codebook_usage.png`` and reconstruction pictures (via the trainer's sample writer).
+    ``notes``: lines on the data folder's other media, left out (:func:`~tokenizers_vq.media.left_out`),
+    repeated in the report.
 
     ``baselines`` adds a ``baselines`` section (:func:`run_baselines`: classical codecs
     at the tokenizer's bitrate on the same files) to metrics.json and its table to the report.
@@ -193,6 +195,8 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
         lines += ["", "## Not computed", ""] + [f"- {v}" for v in skipped.values()]
     if result["failed"]:
         lines += ["", f"## Files left out ({len(result['failed'])}: not read, or not scored)", ""] + [f"- {e['error']}" for e in result["failed"]]
+    if notes:
+        lines += ["", "## Other media in the folder, not evaluated", ""] + [f"- {n.removeprefix('tvq: note: ')}" for n in notes]
     lines += ["", "Pictures: `samples/` (reconstructions), `codebook_usage.png`, `metric_distributions.png`."]
     atomic_write(out_dir / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return result

@@ -456,6 +456,11 @@ def test_a_mixed_folder_names_what_a_run_leaves_out(tmp_path, capsys, image_mode
     err = capsys.readouterr().err
     assert f"{data} also holds 3 audio files, left out: this run takes its image files" in err
     assert "--model speech for those" in err
+    assert main(["eval", "--model", str(image_model), "--data", str(data), "--out", str(tmp_path / "report"),
+                 "--device", "cpu"]) == 0  # the report says it too
+    capsys.readouterr()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Other media in the folder, not evaluated" in report and "also holds 3 audio files, left out" in report
     photos = tmp_path / "photos_only"
     small_photos(photos, 2)
     assert main(["export", "--model", str(image_model), "--data", str(photos), "--out", str(tmp_path / "out2"),

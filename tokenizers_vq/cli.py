@@ -144,12 +144,12 @@ def _eval(args: argparse.Namespace) -> int:
     tok = _load_model(args, None if args.model else _default_for_folder(args.data, skip=skip))
     files = [f for f in list_media(args.data, tok.modality) if skip.isdisjoint(f.resolve().parents)]
     files = files[: args.max_items] if args.max_items else files
-    for note in left_out(args.data, tok.modality, skip):
+    for note in (notes := left_out(args.data, tok.modality, skip)):
         print(note, file=sys.stderr)
     name = args.model or f"{tok.config.name} (embedded default)"
     result = write_report(tok, files, args.out, name, lpips_weights=args.lpips_weights,
                           lpips_heads=args.lpips_heads, fid_weights=args.fid_weights, baselines=args.baselines,
-                          max_frames=args.max_frames or None)
+                          max_frames=args.max_frames or None, notes=notes)
     for k, v in result["summary"].items():
         print(f"{k:>22}: {v:.4f}" if isinstance(v, float) else f"{k:>22}: {v}")
     for k, v in result["skipped"].items():
