@@ -494,3 +494,21 @@ def test_a_pickled_token_dataset_maps_its_files_again(small_export):
     again = pickle.loads(blob)
     assert again.order == "flatten" and isinstance(again.arrays[0], np.memmap) and again.arrays[0].filename
     assert all(torch.equal(again[i]["tokens"], ds[i]["tokens"]) for i in range(len(ds)))
+
+
+def test_each_item_keeps_its_path_below_the_data_folder(tmp_path, capsys):
+    """Two class folders holding files of one name: the index and TokenDataset tell them apart."""
+    data = tmp_path / "data"
+    for label, photo in zip(("cats", "dogs"), photos(2)):
+        (data / label).mkdir(parents=True)
+        (data / label / "0001.jpg").write_bytes(photo.read_bytes())
+    model = tiny("image").save_pretrained(tmp_path / "model")
+    assert main(["export", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 0
+    index = json.loads((tmp_path / "out" / "shard_00000.json").read_text())["items"]
+    assert [(it["source"], it["path"]) for it in index] == [("0001.jpg", "cats/0001.jpg"), ("0001.jpg", "dogs/0001.jpg")]
+    assert [item["path"] for item in TokenDataset(tmp_path / "out")] == ["cats/0001.jpg", "dogs/0001.jpg"]
+    api = export_dataset(tiny("image"), sorted(data.rglob("*.jpg")), tmp_path / "api")  # no root: the common folder
+    assert api["num_items"] == 2
+    assert [it["path"] for it in json.loads((tmp_path / "api" / "shard_00000.json").read_text())["items"]] == [
+        "cats/0001.jpg", "dogs/0001.jpg"]

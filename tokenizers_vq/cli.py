@@ -192,7 +192,7 @@ def _export(args: argparse.Namespace) -> int:
         resumed = not args.overwrite and (out / RECORD).is_file() and any(out.glob("shard_*.json"))
         start = time.perf_counter()
         manifest = export_dataset(tok, inputs, args.out, args.shard_items, args.batch_size,
-                                  overwrite=args.overwrite, workers=args.workers, precision=args.precision)
+                                  overwrite=args.overwrite, workers=args.workers, precision=args.precision, root=args.data)
         secs = time.perf_counter() - start
         rank, world = distributed.rank_and_world()
     finally:

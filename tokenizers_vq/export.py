@@ -144,7 +144,7 @@ def usable_cores() -> int:
 
 def export_dataset(
     tok: Tokenizer, files: list[Path], out_dir: str | os.PathLike, shard_items: int = 256, batch_size: int | None = None,
-    overwrite: bool = False, workers: int | None = 0, precision: str = "fp32",
+    overwrite: bool = False, workers: int | None = 0, precision: str = "fp32", root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Encode ``files`` into shards under ``out_dir``; resumes an interrupted export.
     A dynamic-length tokenizer (``tok.is_dynamic``) writes the ``"dynamic"`` layout.
@@ -167,6 +167,9 @@ def export_dataset(
             manifest and ``export.json``; no other file) is set aside in ``out_dir/.replaced``,
             deleted once this one finishes and put back if it fails (an interrupt keeps both:
             this one resumes when run again).
+        root: the folder each item's ``path`` in the index is relative to (``tvq export``:
+            ``--data``); ``None``: the folder that holds every file. A tar sample's ``path``
+            is its member's path in the archive.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -223,7 +226,9 @@ def export_dataset(
                 bring_back(out)
             raise
     try:
-        manifest = _export_claimed(tok, files, out, shard_items, batch_size, workers, precision, dtype, layout)
+        folders = [os.path.abspath(f.parent) for f in files if isinstance(f, Path)]
+        base = os.path.abspath(root) if root is not None else os.path.commonpath(folders) if folders else None
+        manifest = _export_claimed(tok, files, out, shard_items, batch_size, workers, precision, dtype, layout, base)
     except Exception:  # raised on every rank, once all stopped (distributed.agree): the replaced export is put
         # back. An interrupt keeps both: the new run resumes when run again, the old one stays in .replaced
         if overwrite and rank == 0:
@@ -235,7 +240,7 @@ def export_dataset(
 
 
 def _export_claimed(tok: Tokenizer, files: list, out: Path, shard_items: int, batch_size: int, workers: int,
-                    precision: str, dtype: np.dtype, layout: str) -> dict[str, Any]:
+                    precision: str, dtype: np.dtype, layout: str, root: str | None) -> dict[str, Any]:
     """:func:`export_dataset` once ``out`` is claimed: this rank's shards, then the manifest."""
     dynamic = tok.is_dynamic
     rank, world = distributed.rank_and_world()
@@ -248,7 +253,7 @@ def _export_claimed(tok: Tokenizer, files: list, out: Path, shard_items: int, ba
         batches = encode_batches(tok, _with_flushes(reader, [len(chunks[k]) for k in todo]), batch_size, precision)
         with tqdm(todo, desc="export shards", disable=rank != 0) as bar:  # its line ended if a shard fails
             for k in bar:
-                _write_shard(tok, out, k, chunks[k], batches, dtype)
+                _write_shard(tok, out, k, chunks[k], batches, dtype, root)
     except Exception as e:  # noqa: BLE001  (every rank learns of it, then it is raised)
         error = e
     finally:
@@ -273,8 +278,10 @@ def _finished(out: Path, k: int, dynamic: bool) -> bool:
     return all(Path(f"{name}{suffix}").is_file() for suffix in (".bin", ".json") + ((".layout.bin",) if dynamic else ()))
 
 
-def _write_shard(tok: Tokenizer, out: Path, k: int, chunk: list[Path], batches: Iterator, dtype: np.dtype) -> None:
-    """Write shard ``k`` (files ``chunk``; their encoded batches come next in ``batches``); atomic writes."""
+def _write_shard(tok: Tokenizer, out: Path, k: int, chunk: list[Path], batches: Iterator, dtype: np.dtype,
+                 root: str | None) -> None:
+    """Write shard ``k`` (files ``chunk``; their encoded batches come next in ``batches``); atomic writes.
+    Each item's ``path``: relative to ``root`` (``/``-separated), a tar sample's member path."""
     dynamic = tok.is_dynamic
     name = f"shard_{k:05d}"
     bin_path, idx_path, layout_path = out / f"{name}.bin", out / f"{name}.json", out / f"{name}.layout.bin"
@@ -283,9 +290,10 @@ def _write_shard(tok: Tokenizer, out: Path, k: int, chunk: list[Path], batches: 
     else:
         encoded = [(r, None, None) for r in _encode_shard(chunk, batches)]
     items, offset = [], 0
-    for r, _, grid in encoded:
+    for f, (r, _, grid) in zip(chunk, encoded):
         n = r.codes.numel()
-        items.append({"source": r.source, "offset": offset, "length": n, "shape": list(r.codes.shape),
+        path = Path(os.path.relpath(os.path.abspath(f), root)).as_posix() if isinstance(f, Path) else f.member
+        items.append({"source": r.source, "path": path, "offset": offset, "length": n, "shape": list(r.codes.shape),
                       "size": r.size, "info": r.info, **({"grid": grid} if dynamic else {})})
         offset += n
     if dynamic:

@@ -211,7 +211,8 @@ class TokenDataset(Dataset):
             cell = torch.arange(n)
         lvl = torch.arange(self.per_cell).unsqueeze(0).expand(n, self.per_cell)
         return {"tokens": self._spread(rows), "positions": self._spread(cell), "levels": self._spread(lvl),
-                "shape": list(codes.shape), "source": it["source"], "size": it["size"], **extra}
+                "shape": list(codes.shape), "source": it["source"], "size": it["size"],
+                **({"path": it["path"]} if "path" in it else {}), **extra}
 
     def _spread(self, rows: torch.Tensor) -> torch.Tensor:
         """``(n,)`` or ``(n, P)`` per-row values -> the ``(n * P,)`` sequence in ``order``."""
