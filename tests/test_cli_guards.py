@@ -308,7 +308,7 @@ def test_the_prior_without_a_model_refuses_tokens_no_embedded_model_wrote(tmp_pa
 def as_recorded_before_upright_reading(record: Path, key: str) -> None:
     """An export record as written before inputs were read upright: without ``key``."""
     fp = json.loads(record.read_text())
-    assert fp.pop(key) == "upright"
+    assert fp.pop(key) in ("upright", "upright, srgb")
     record.write_text(json.dumps(fp))
 
 
@@ -323,24 +323,49 @@ def refused_as_turned(cmd: list[str], record: Path, turned: Path, capsys) -> Non
     assert f"{turned} is turned or could not be checked" in one_error_line(capsys)
 
 
-def test_an_export_begun_before_photos_were_read_upright_resumes_unless_one_is_turned(tmp_path, image_model, capsys):
-    from PIL import Image  # noqa: PLC0415
-
+def _three_photo_export(tmp_path: Path, image_model) -> tuple[list[Path], list[str], Path]:
+    """Three small photos exported in shards of 2: the photos, the command, its export.json."""
     data, out = tmp_path / "photos", tmp_path / "tokens"
     photos = small_photos(data, 3)
     cmd = ["export", "--model", str(image_model), "--data", str(data), "--out", str(out), "--device", "cpu",
            "--shard-items", "2"]
     assert main(cmd) == 0
-    record = out / "export.json"
+    return photos, cmd, out / "export.json"
+
+
+def test_an_export_begun_before_photos_were_read_upright_resumes_unless_one_is_turned(tmp_path, image_model, capsys):
+    from PIL import Image  # noqa: PLC0415
+
+    photos, cmd, record = _three_photo_export(tmp_path, image_model)
     as_recorded_before_upright_reading(record, "image_reader")
     assert main(cmd) == 0  # no photo is turned: nothing differs for it
-    assert json.loads(record.read_text())["image_reader"] == "upright"
+    assert json.loads(record.read_text())["image_reader"] == "upright, srgb"
     as_recorded_before_upright_reading(record, "image_reader")
     with Image.open(photos[1]) as im:
         exif = im.getexif()
         exif[0x0112] = 6
         im.save(photos[1], exif=exif)
     refused_as_turned(cmd, record, photos[1], capsys)
+
+
+def test_an_export_begun_before_colours_were_read_in_srgb_resumes_unless_a_photo_reads_otherwise(tmp_path, image_model,
+                                                                                                    capsys):
+    from PIL import Image  # noqa: PLC0415
+
+    photos, cmd, record = _three_photo_export(tmp_path, image_model)
+    recorded = json.loads(record.read_text())
+    record.write_text(json.dumps({**recorded, "image_reader": "upright"}))  # as colours were read before
+    assert main(cmd) == 0  # no photo has a colour profile or key: nothing differs for it
+    assert json.loads(record.read_text())["image_reader"] == "upright, srgb"
+    record.write_text(json.dumps({**recorded, "image_reader": "upright"}))
+    with Image.open(photos[1]) as im:
+        im.convert("RGB").save(photos[1], transparency=(0, 0, 0))  # a colour key: it reads otherwise now
+    stat = photos[1].stat()
+    recorded["inputs"][1][1:] = [stat.st_size, stat.st_mtime_ns]
+    record.write_text(json.dumps({**recorded, "image_reader": "upright"}))
+    capsys.readouterr()
+    assert main(cmd) == 2
+    assert f"{photos[1]} reads otherwise now or could not be checked" in one_error_line(capsys)
 
 
 def test_a_video_export_begun_before_clips_were_read_upright_resumes_unless_one_is_turned(tmp_path, capsys):

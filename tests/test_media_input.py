@@ -94,12 +94,12 @@ def test_a_pixel_aspect_stated_by_the_container_is_kept(tmp_path):
     assert read_video_file(tmp_path / "wide.mkv", None, None)[3] == (4, 3)  # 64x48 shown as 16:9
 
 
-def _timed_clip(path, pts: list[int], last_duration: int = 1) -> None:
-    """H.264 frames at the given timestamps (in 1/30 s; no B-frames), the last shown for
+def _timed_clip(path, pts: list[int], last_duration: int = 1, codec: str = "libx264") -> None:
+    """Frames at the given timestamps (in 1/30 s; no B-frames), the last shown for
     ``last_duration`` of those ticks."""
     av = pytest.importorskip("av", reason="PyAV writes video")
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=30)
+        stream = out.add_stream(codec, rate=30)
         stream.width, stream.height, stream.pix_fmt, stream.options = 64, 48, "yuv420p", {"bf": "0"}
         packets = []
         for i, t in enumerate(pts):
@@ -135,6 +135,9 @@ def test_an_avi_cut_short_is_refused(tmp_path):
     (tmp_path / "cut.avi").write_bytes(whole.read_bytes()[:200_000])
     with pytest.raises(ValueError, match=r"cut short \(its header counts 164 frames, \d+ could be decoded\)"):
         load_video(tmp_path / "cut.avi")
+    held = [t for t in range(80) if t % 4 != 3]  # every third frame held twice as long: the header counts 80
+    _timed_clip(tmp_path / "varying.avi", held, codec="mpeg4")
+    assert load_video(tmp_path / "varying.avi")[0].shape[0] == 60
 
 
 def test_a_codec_without_a_decoder_is_named_with_the_re_encoding(tmp_path):
@@ -173,6 +176,9 @@ def test_a_data_folder_is_listed_through_links_once_and_an_unreadable_folder_is_
         return real_iterdir(self)
 
     monkeypatch.setattr(Path, "iterdir", unreadable)
-    with pytest.raises(ValueError, match=r"cannot read the folder .*(linked|again) \(Permission denied\): its files would "
-                                         r"be left out"):
-        list_media(data, "image")
+    (data / "top.jpg").write_bytes(photos[0].read_bytes())
+    with pytest.warns(UserWarning, match=r"cannot read the folder .*(linked|again) \(Permission denied\): its files are "
+                                         r"left out"):
+        assert [p.name for p in list_media(data, "image")] == ["top.jpg"]
+    with pytest.raises(ValueError, match=r"cannot read the folder .*linked \(Permission denied\)"):
+        list_media(data / "linked", "image")

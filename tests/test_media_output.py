@@ -436,18 +436,6 @@ def test_a_token_file_named_as_a_folder_is_refused(tmp_path):
     assert not (tmp_path / "tokdir").exists()
 
 
-def test_a_folder_decode_replaces_no_file_named_as_a_source_even_once_edited(tmp_path):
-    tok = tiny("audio")
-    talk = tmp_path / "talk.wav"
-    talk.write_bytes(shared_path("audio", "ljspeech", "LJ001-0001.wav").read_bytes())
-    tokens = encode_files(tok, [talk, shared_path("audio", "ljspeech", "LJ001-0002.wav")], tmp_path / "t.tvq")
-    save_audio(torch.zeros(1600), talk, 22050)  # the original, edited since
-    edited = talk.read_bytes()
-    with pytest.raises(ValueError, match=r"talk.wav has the name of the file item talk.wav was encoded from"):
-        decode_file(tok, tokens, tmp_path)
-    assert talk.read_bytes() == edited and not (tmp_path / "LJ001-0002.wav").exists()
-
-
 def test_every_target_of_a_folder_decode_is_checked_before_any_is_written(tmp_path):
     tok = tiny("image")
     photos = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:2]

@@ -63,7 +63,15 @@ from tqdm import tqdm
 
 from tokenizers_vq import distributed
 from tokenizers_vq.export_pipeline import FLUSH, encode_batches, read_inputs
-from tokenizers_vq.export_record import START_OVER, UPRIGHT, bring_back, claim, drop_replaced, fingerprint
+from tokenizers_vq.export_record import (
+    IMAGE_READER,
+    START_OVER,
+    UPRIGHT,
+    bring_back,
+    claim,
+    drop_replaced,
+    fingerprint,
+)
 from tokenizers_vq.io import atomic_write, check_can_write, write_bytes
 from tokenizers_vq.runtime import keep_freed_memory
 from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, check_shard, read_json, token_dtype  # noqa: F401
@@ -205,7 +213,7 @@ def export_dataset(
     if precision != "fp32":  # recorded when not the default, so older exports still resume
         options["precision"] = precision
     if tok.modality in ("image", "video"):
-        options[f"{tok.modality}_reader"] = UPRIGHT
+        options[f"{tok.modality}_reader"] = IMAGE_READER if tok.modality == "image" else UPRIGHT
     fp = error = None
     try:  # an input one rank cannot stat stops every rank
         fp = fingerprint(tok, files, options)

@@ -187,16 +187,45 @@ UPRIGHT = "upright"
 ``export.json``): an EXIF orientation or a display matrix applied. Exports recorded without
 it read them as stored."""
 
+IMAGE_READER = "upright, srgb"
+"""How an image export reads photos: upright, colours in sRGB from an embedded profile and
+transparency (a colour key too) composited on white. Exports recorded as ``UPRIGHT`` read
+colours as stored."""
+
 _READERS = ("image_reader", "video_reader")
 
 
 def _read_upright(old: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:
     """``old`` as recorded, or, for an image or video export recorded before its inputs were
-    read upright, with the reader set as this run reads them (checked by :func:`_none_turned`)."""
+    read as this run reads them (upright; photos in sRGB), with the reader set as this run's
+    (checked by :func:`_none_turned` and :func:`_none_recoloured`)."""
     key = next((k for k in _READERS if k in fp), None)
-    if key is None or key in old:
+    if key is None or old.get(key) == fp[key]:
         return old
+    if key in old and not (old[key] == UPRIGHT and fp[key] == IMAGE_READER):
+        return old  # another reader: named among the differences
     return {**old, key: fp[key]}
+
+
+def _none_recoloured(fp: dict[str, Any]) -> None:
+    """Raise ``ValueError`` when a photo would read in other colours than an export begun
+    before photos were read in sRGB read it (an embedded profile of another space, or a
+    colour key), or is a tar member (not looked into)."""
+    from PIL import Image  # noqa: PLC0415
+
+    from tokenizers_vq.image_io import recoloured  # noqa: PLC0415
+
+    for entry in fp["inputs"]:
+        path = Path(entry[0])
+        try:
+            with Image.open(path) as im:
+                changed = recoloured(im)
+        except OSError:
+            changed = not path.is_file()  # an unreadable file is named by the reader
+        if changed:
+            raise ValueError(f"this export was begun reading photos' colours as stored, and this version converts "
+                             f"them to sRGB (or composites a transparent colour key); {entry[0]} reads otherwise now "
+                             f"or could not be checked, so resuming would mix the two: {START_OVER}")
 
 
 def _turned(path: Path, video: bool) -> bool:
@@ -280,7 +309,10 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
             raise ValueError(f"{out} holds an export made differently (recorded vs this run): "
                              f"{'; '.join(diffs[:6])}{more}. Resuming would mix the two: {START_OVER}")
         if upgraded is not old:  # checked once: the record says so from now on
-            _none_turned(fp)
+            if not any(k in old for k in _READERS):
+                _none_turned(fp)
+            if fp.get("image_reader") == IMAGE_READER:
+                _none_recoloured(fp)
             atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(upgraded)))
         return
     found = sorted(p.name for p in out.iterdir() if written_by_export(p.name))

@@ -16,8 +16,8 @@ from tokenizers_vq.io import atomic_write, check_media_file
 
 def image_header(path: str | os.PathLike) -> tuple[int, int, int]:
     """``(width, height, channels)`` of an image file, from its header only. Channels
-    are as stored: 1 (greyscale), 2 (greyscale + alpha), 3 (RGB or a palette), 4 (RGBA,
-    CMYK, or a palette with transparency)."""
+    are as stored: 1 (greyscale), 2 (greyscale + alpha, or with a transparent colour key), 3
+    (RGB or a palette), 4 (RGBA, CMYK, RGB with a colour key, or a palette with transparency)."""
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
     check_media_file(Path(path), "image")
@@ -85,6 +85,22 @@ def load_image_u8(path: str | os.PathLike) -> Tensor:
         raise ValueError(f"cannot read image {path}: {e}") from e
     data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
     return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1)
+
+
+def recoloured(im) -> bool:
+    """Whether an open Pillow image reads in other colours than its stored values: an
+    embedded colour profile of another space than sRGB, or a transparent colour key."""
+    if "transparency" in im.info and im.mode in ("L", "RGB"):
+        return True
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
+        return False
+    from PIL import ImageCms  # noqa: PLC0415
+
+    try:
+        return "srgb" not in ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc))).lower().replace(" ", "")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return False  # read as stored (with a warning)
 
 
 def _to_srgb(im, path: Path):

@@ -121,7 +121,7 @@ def _strays(files: list[Path]) -> list[Path]:
     prefixes = [m[1] for m in names if m]
     if not prefixes:
         return []  # none numbered: name order is frame order
-    usual = max(set(prefixes), key=prefixes.count)
+    usual = max(sorted(set(prefixes)), key=prefixes.count)  # (ties: the first in name order)
     return [f for f, m in zip(files, names) if not m or m[1] != usual]
 
 
@@ -265,23 +265,31 @@ def uncoded_parts(modality: str, files) -> list[str]:
     return notes
 
 
-def walk(root: Path) -> list[Path]:
+def walk(root: Path, skip: set[Path] | None = None) -> list[Path]:
     """Every path under the folder ``root``, following links to folders (each real folder once:
-    a link back up is not followed round).
+    a link back up is not followed round); folders whose real path is in ``skip`` (resolved
+    paths) are left out with all they hold. A subfolder that cannot be read is named in a
+    warning (its files are left out).
 
     Raises:
-        ValueError: a folder under ``root`` that cannot be read (its files would be left out)."""
+        ValueError: ``root`` itself cannot be read."""
     out, seen, todo = [], {os.path.realpath(root)}, [root]
     while todo:
         folder = todo.pop()
         try:
             entries = sorted(folder.iterdir())
         except OSError as e:
-            raise ValueError(f"cannot read the folder {folder} ({e.strerror}): its files would be left out; "
-                             "make it readable, or move it out of the data folder") from None
+            if folder == root:
+                raise ValueError(f"cannot read the folder {folder} ({e.strerror})") from None
+            warnings.warn(f"cannot read the folder {folder} ({e.strerror}): its files are left out; make it "
+                          "readable, or move it out of the data folder", stacklevel=3)
+            continue
         for p in entries:
+            real = os.path.realpath(p)
+            if skip and Path(real) in skip:
+                continue
             out.append(p)
-            if p.is_dir() and (real := os.path.realpath(p)) not in seen:
+            if p.is_dir() and real not in seen:
                 seen.add(real)
                 todo.append(p)
     return out
@@ -315,9 +323,10 @@ def media_in_folder(folder: str | Path, skip: set[Path] | None = None) -> dict[s
     folders of clips), ``audio`` files, ``video`` files and frame folders; ``None`` when
     ``folder`` is not a folder. Paths under a resolved folder of ``skip`` are not counted."""
     held = _held(folder, skip)
-    if held is None:
-        return None
-    found, clips = held
+    return None if held is None else _counts(*held)
+
+
+def _counts(found: dict[str, list[Path]], clips: set[Path]) -> dict[str, int]:
     photos = sum(p.parent not in clips for p in found["image"])
     return {"image": photos, "audio": len(found["audio"]), "video": len(found["video"]) + len(clips)}
 
@@ -328,16 +337,14 @@ def _held(folder: str | Path, skip: set[Path] | None) -> tuple[dict[str, list[Pa
     if not root.is_dir():
         return None
     found: dict[str, list[Path]] = {m: [] for m in SUFFIXES}
-    for p in walk(root):  # paths under the resolved root: compared with the resolved folders of skip
-        if skip and not skip.isdisjoint((p, *p.parents)):
-            continue
+    for p in walk(root, {Path(os.path.realpath(d)) for d in skip or ()}):
         kind = suffix_modality(p) or ("other" if p.suffix.lower() in UNREAD_SUFFIXES else None)
         if kind is not None and p.is_file():
             found.setdefault(kind, []).append(p)
     return found, {d for d in {p.parent for p in found["image"]} if is_frame_folder(d)}
 
 
-UNREAD_SUFFIXES = frozenset({".m4a", ".aac", ".wma", ".heic", ".avif", ".wmv", ".flv", ".mpg", ".mpeg", ".3gp", ".ts"})
+UNREAD_SUFFIXES = frozenset({".m4a", ".aac", ".wma", ".heic", ".avif", ".wmv", ".flv", ".mpg", ".mpeg", ".3gp"})
 """Suffixes of media this library does not read (a data folder's files of these are named)."""
 
 
@@ -347,15 +354,15 @@ def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None) -
     from tokenizers_vq.modality import get  # noqa: PLC0415
 
     notes = []
-    other = (_held(folder, skip) or ({}, set()))[0].get("other", [])
+    found, clips = _held(folder, skip) or ({}, set())
+    other = found.get("other", [])
     if other:
         kinds = sorted({p.suffix.lower() for p in other})
         notes.append(f"tvq: note: {folder} holds {len(other)} file{'s' * (len(other) > 1)} of a type this library does "
                      f"not read ({', '.join(kinds)}), left out: convert them first (e.g. ffmpeg -i {other[0].name} "
                      f"{other[0].stem}.flac for sound, .mp4 for video, .png for pictures)")
-    held = media_in_folder(folder, skip) or {}
+    held = _counts(found, clips) if found else {}
     if modality == "image" and held.get("video"):  # the frames of a frame folder are images: coded as photos
-        found, clips = _held(folder, skip)
         if clips:
             held["video"] = len(found["video"])
             notes.append(f"tvq: note: {folder} holds {len(clips)} folder{'s' * (len(clips) > 1)} of numbered frames "

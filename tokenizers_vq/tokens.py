@@ -364,10 +364,6 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
             raise ValueError(f"{target} is the file {rec.source} was encoded from (its bytes match the digest the "
                              "token file records): the decoded copy would replace the original; decode into another "
                              "folder or file name")
-        if not single and target.exists() and target.name == Path(rec.source).name:
-            raise ValueError(f"{target} has the name of the file item {rec.source} was encoded from and may be that "
-                             "original, changed since: a folder decode replaces no such file; decode into another "
-                             "folder, or move it away first")
     for target in targets:  # every target that cannot be written is found before any decoding
         check_can_write(target)
     written = []

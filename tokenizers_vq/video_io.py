@@ -108,9 +108,9 @@ def _stream_seconds(stream) -> tuple[float | None, float | None]:
 def read_video_file(path: Path, max_frames: int | None,
                     max_pixels: int | None) -> tuple[Tensor, float, int, tuple[int, int] | None]:
     """``(frames (T, H, W, 3) uint8, fps, channels, pixel_aspect)`` of a video file; see
-    :func:`tokenizers_vq.media.load_video`. The rate is the stream's average, or, where the
-    frames' timestamps span another duration (variable rate in a container that states one),
-    frames over that span. ``pixel_aspect``: the frames' sample aspect ratio ``(width,
+    :func:`tokenizers_vq.media.load_video`. The rate is the stream's stated one while most
+    frame intervals keep it (a cut or a held frame leaves a few odd); frames at another steady
+    rate give that rate, and frames at a varying rate their mean rate over their span. ``pixel_aspect``: the frames' sample aspect ratio ``(width,
     height)`` of a pixel as shown upright (an anamorphic DVD's 8:9, say), ``None`` for square
     pixels or none stated."""
     check_media_file(path, "video")
@@ -148,6 +148,7 @@ def read_video_file(path: Path, max_frames: int | None,
             seconds, start = _stream_seconds(stream)
             # an AVI states its frame count in its header; cut short, FFmpeg guesses the duration from its size
             indexed = stream.frames if container.format.name == "avi" else 0
+            stated = float(stream.average_rate or 0)
     except av.error.FFmpegError as e:
         raise ValueError(f"cannot read video {path}: {e}") from e
     if not frames:
@@ -155,8 +156,8 @@ def read_video_file(path: Path, max_frames: int | None,
     timed = len(times) > 2 and None not in times and times[-1] > times[0]
     if timed:  # most intervals alike (a cut or a held frame leaves a few odd): their rate, else the mean
         steps = np.diff(times)
-        typical = float(np.median(steps))
-        if typical > 0 and np.mean(np.abs(steps / typical - 1) < 0.05) >= 0.8:
+        typical, mean = float(np.median(steps)), (times[-1] - times[0]) / (len(times) - 1)
+        if typical > 0 and np.mean(np.abs(steps / typical - 1) < 0.05) >= 0.8 and abs(mean / typical - 1) < 0.15:
             fps = fps if abs(1 / typical / fps - 1) < 0.05 else 1 / typical
         else:  # a varying rate: the mean over the frames' span keeps the clip's length
             fps = (len(times) - 1) / (times[-1] - times[0])
@@ -165,7 +166,9 @@ def read_video_file(path: Path, max_frames: int | None,
     stamped = None not in times[:1] + times[-1:]  # (a bare stream's frames have no times)
     shown = (max(ends) if ends else times[-1] + 1 / fps) - (times[0] if start is None else start) if stamped else None
     whole = max_frames is None or len(frames) < max_frames
-    if whole and indexed and len(frames) < 0.9 * indexed - 2:
+    # the last frame's place in the header's count (a variable-rate AVI counts its skipped frames too)
+    reached = round((times[-1] - (times[0] if start is None else start)) * stated) + 1 if stamped and stated else len(frames)
+    if whole and indexed and reached < 0.9 * indexed - 2:
         raise ValueError(f"cannot read video {path}: the file is cut short (its header counts {indexed} frames, "
                          f"{len(frames)} could be decoded); copy or export it again")
     if whole and seconds and shown is not None and shown < 0.9 * seconds - 2 / fps:

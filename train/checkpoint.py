@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.distributed import all_reduce_sum_
-from tokenizers_vq.io import usual_mode
+from tokenizers_vq.io import check_can_write, usual_mode
 
 TENSOR = "__tensor__:"
 
@@ -184,8 +184,9 @@ def truncate_log(log: Path, step: int) -> None:
 
 RUN_LENGTH_KEYS = ("steps", "max_minutes", "log_every", "save_every", "sample_every", "out_dir", "init_from",
                    "init_quantizer")
-"""Settings a resumed run may change without changing what it trains (how long, how often it
-writes); the others are named when they differ from the checkpoint's."""
+"""Settings a resumed run may change without a notice: how long it runs and how often it
+writes (``steps`` also places a learning-rate decay over the last ``optim.decay_steps``);
+the others are named when they differ from the checkpoint's."""
 
 
 def changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
@@ -216,3 +217,10 @@ def stop_if_nonfinite(nonfinite: Tensor, num_processes: int, step: int, checkpoi
             f"the training loss became NaN or Inf by step {step}; nothing after it was saved "
             + (f"(the checkpoint in {kept} is kept)" if kept else "(no checkpoint had been written)")
             + ": lower optim.lr, set optim.grad_clip, or look for broken items in the data")
+
+
+def check_run_folder(out_dir: Path) -> None:
+    """Refuse an ``out_dir`` the run could not write, before any work (not after the run)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} is a file: name a folder for the run")
+    check_can_write(out_dir / "metrics.jsonl")  # OSError (permissions, read-only) names the folder

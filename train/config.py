@@ -149,7 +149,7 @@ def _yaml_loader() -> type:
     """YAML's safe loader with YAML 1.2's booleans and numbers: only true / false (any case)
     are booleans, so ``--out_dir=off`` or ``name: no`` stay the text written; ``010`` is ten
     and ``7:30`` is text (YAML 1.1 read on, off, yes and no as booleans, a leading 0 as octal
-    and colons as base 60); ``1e-4`` is a number (1.1 wanted a dot)."""
+    and colons as base 60); ``1e-4`` is a number (1.1 wanted a dot); ``100_000`` is one too."""
     import re  # noqa: PLC0415
 
     import yaml  # noqa: PLC0415
@@ -162,15 +162,16 @@ def _yaml_loader() -> type:
                                       for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                  list("tTfF"))
-    Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"),
                                  list("-+0123456789"))
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
-        re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+                   r"|\.(?:nan|NaN|NAN))$"),
         list("-+.0123456789"))
 
-    def integer(loader, node):
-        text = loader.construct_scalar(node)
+    def integer(loader, node):  # digits may be grouped with underscores (100_000)
+        text = loader.construct_scalar(node).replace("_", "")
         return int(text[2:], 8 if text[1] == "o" else 16) if text[:2] in ("0o", "0x") else int(text, 10)
 
     Loader.add_constructor("tag:yaml.org,2002:int", integer)

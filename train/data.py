@@ -168,18 +168,18 @@ def split_files(files: list[Path], val_files: list[Path] | None, val_fraction: f
 
 
 def list_files(key: str, folder: str, modality: str, max_items: int, out_dir: Path) -> list[Path]:
-    """The media files of a config's data folder, leaving out those under ``out_dir`` (a run
-    inside its data folder would otherwise train on its own samples when resumed); an
-    error names the config key to set."""
+    """The media files of a config's data folder, leaving out the run's own samples
+    (``out_dir/samples``: a run inside its data folder would otherwise train on them when
+    resumed); an error names the config key to set."""
     try:
         files = list_media(folder, modality)
     except ValueError as e:
         none = " (or --data.val= to hold none apart)" if key == "data.val" else ""
         raise ValueError(f"{key}: {e}; set --{key}=DIR{none}") from None
-    out = Path(out_dir).resolve()
-    kept = [f for f in files if not f.resolve().is_relative_to(out)]
+    own = (Path(out_dir) / "samples").resolve()
+    kept = [f for f in files if not f.resolve().is_relative_to(own)]
     if not kept:
-        raise ValueError(f"{key}: the only {modality} files under {folder} are the run's own, in out_dir {out_dir}: "
+        raise ValueError(f"{key}: the only {modality} files under {folder} are the run's own samples, in {own}: "
                          f"set --{key}=DIR, a folder of media to train on")
     return kept[:max_items] if max_items else kept
 

@@ -21,11 +21,11 @@ from tqdm import tqdm
 
 from tokenizers_vq import samples
 from tokenizers_vq.distributed import all_reduce_sum_
-from tokenizers_vq.io import check_can_write
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.train.checkpoint import (
     changed_settings,
+    check_run_folder,
     stop_if_nonfinite,
     find_checkpoint,
     load_checkpoint,
@@ -54,13 +54,6 @@ TIME_CHECK_STEPS = 10
 """Steps between the ranks' comparisons of the time spent (``max_minutes``)."""
 
 
-def _check_writable(out_dir: Path) -> None:
-    """Refuse an ``out_dir`` the run could not write, before any work (not after the run)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out_dir {out_dir} is a file: name a folder for the run")
-    check_can_write(out_dir / "metrics.jsonl")  # OSError (permissions, read-only) names the folder
-
-
 class Trainer:
     """Trains a :class:`Tokenizer` from a :class:`TrainConfig`; resumes from
     ``<out_dir>/checkpoint`` when one is there."""
@@ -70,7 +63,7 @@ class Trainer:
 
         check_config(cfg)
         self.cfg = cfg
-        _check_writable(Path(cfg.out_dir))
+        check_run_folder(Path(cfg.out_dir))
         # cpu=True on a machine without GPUs lets several launched processes form a gloo group
         self.acc = Accelerator(
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available()
@@ -251,7 +244,8 @@ class Trainer:
                     if self._gan_active():
                         logs.update(self.discriminator_step(x, rec))
             self._update_ema()
-            self._nonfinite |= ~torch.isfinite(logs["loss/total"])  # on the device: no wait for the GPU here
+            if self.acc.scaler is None:  # (fp16: the loss scaler skips a step whose gradients overflow)
+                self._nonfinite |= ~torch.isfinite(logs["loss/total"])  # on the device: no wait for the GPU
             self.step += 1
             bar.update(1)
             elapsed = time.time() - start
@@ -329,7 +323,8 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def save(self) -> None:
-        self._nonfinite |= ~torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
+        state = [t for t in self.unwrapped.state_dict().values() if t.is_floating_point()]  # weights and codebooks
+        self._nonfinite |= ~torch.stack([t.isfinite().all() for t in state]).all()
         stop_if_nonfinite(self._nonfinite, self.acc.num_processes, self.step, self.out_dir / "checkpoint")
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:

@@ -87,6 +87,9 @@ def test_an_out_dir_inside_the_data_folder_is_not_trained_on(tmp_path):
     assert list(out.rglob("*.png"))  # the samples are media of the data's kind
     again = Trainer(config("image", out, 2, **{"data.train": str(photos)}))
     assert [f.name for f in again.train_data.files] == sorted(f.name for f in photos.glob("*.jpg"))
+    shutil.rmtree(out)
+    around = Trainer(config("image", tmp_path, 1, **{"data.train": str(photos)}))  # an out_dir holding the data
+    assert [f.name for f in around.train_data.files] == sorted(f.name for f in photos.glob("*.jpg"))
 
 
 def test_an_init_from_may_name_a_runs_out_dir(tmp_path):
@@ -117,8 +120,8 @@ def test_crops_larger_than_most_items_are_warned_about(tmp_path, modality, over,
 def test_numbers_in_settings_read_as_written():
     """YAML 1.2's numbers: no octal from a leading zero, no base 60 from a colon, exponents without a dot."""
     cfg = load_config("train/configs/image.yaml", ["--data.train=photos", "--steps=010", "--save_every=0500",
-                                                   "--optim.lr=1e-4"])
-    assert (cfg.steps, cfg.save_every, cfg.optim.lr) == (10, 500, 1e-4)
+                                                   "--optim.lr=1e-4", "--log_every=1_000"])
+    assert (cfg.steps, cfg.save_every, cfg.optim.lr, cfg.log_every) == (10, 500, 1e-4, 1000)
     with pytest.raises(ValueError, match="max_minutes"):
         load_config("train/configs/image.yaml", ["--data.train=photos", "--max_minutes=7:30"])
     for bad in ("--data.segment_seconds=.inf", "--optim.lr=.inf", "--loss.l1=-.inf"):
