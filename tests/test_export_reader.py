@@ -173,6 +173,23 @@ def test_video_bytes_and_floats_of_one_shape_are_batched_apart():
     assert torch.equal(codes[0], codes[1]) and torch.equal(codes[0], tok.encode(floats[None])[0])
 
 
+def test_a_long_video_is_expanded_a_clip_at_a_time_with_the_ids_of_one_encode(monkeypatch):
+    """Three clips of a video in one export batch: each clip's frames are made floats on their
+    own (a long video's float copy would be many times its bytes), and the ids equal one encode."""
+    tok = tiny("video", clip_frames=5)
+    frames = torch.randint(0, 256, (2, 3, 15, 16, 16), dtype=torch.uint8)
+    expanded, real = [], tok.media.expand
+
+    def counted(x):
+        expanded.append(x.shape[2])
+        return real(x)
+
+    monkeypatch.setattr(tok.media, "expand", counted)
+    got = torch.cat([enc for _, enc in export_pipeline.encode_batches(tok, _items(list(frames)), batch_size=2)])
+    assert expanded == [5, 5, 5]
+    assert torch.equal(got, tok.encode(real(frames)))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_encode_batches_never_wait_for_the_device_between_batches(monkeypatch):
     """With CUDA's sync debug mode set to raise, batches are stacked, copied, encoded, copied

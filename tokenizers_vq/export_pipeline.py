@@ -192,11 +192,14 @@ def encode_batches(
         n = padded_batch(len(xs), step) if padding else len(xs)
         xs += xs[-1:] * (n - len(xs))  # copies of the last input, their codes dropped below
         staged = torch.empty((n, *first.shape), dtype=first.dtype, pin_memory=device.type == "cuda")
-        x = tok.media.expand(torch.stack(xs, out=staged).to(device, non_blocking=True))
+        x = torch.stack(xs, out=staged).to(device, non_blocking=True)
+        # video: expanded to floats a clip at a time (clips are coded apart), not a whole long clip at once
+        parts = x.split(tok.config.clip_frames, dim=2) if tok.media.clips and not tok.is_dynamic else [x]
         chunk = [(f, size, info) for f, _, size, info in group]
         with _said_of(chunk), deferred_checks() as checks:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                encoded = model.encode(x)
+                encoded = [model.encode(tok.media.expand(p)) for p in parts]
+                encoded = torch.cat(encoded, 1) if len(encoded) > 1 else encoded[0]
         if n > len(group):
             encoded = encoded[: len(group)]
         if device.type != "cuda":
