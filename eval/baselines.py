@@ -103,7 +103,9 @@ def codec2(wav: Tensor, sample_rate: int, mode: str) -> tuple[Tensor, float]:
     bits_per_frame, _, delay = CODEC2_MODES[mode]
     with tempfile.TemporaryDirectory(prefix="tvq_codec2_") as tmp:
         raw, bit, out = (str(Path(tmp) / n) for n in ("in.raw", "out.bit", "out.raw"))
-        Path(raw).write_bytes(_pcm16(resample(wav.float(), sample_rate, 8000)))
+        low = resample(wav.float(), sample_rate, 8000)  # a clip shorter than the decoder's lag and two
+        low = torch.nn.functional.pad(low, (0, max(0, 2 * delay + 640 - low.shape[-1])))  # frames: padded
+        Path(raw).write_bytes(_pcm16(low))
         _run(["c2enc", mode, raw, bit])
         _run(["c2dec", mode, bit, out])
         frames = Path(bit).stat().st_size // math.ceil(bits_per_frame / 8)
@@ -151,7 +153,8 @@ def video_codec(frames: Tensor, fps: float, name: str, kbps: float, steps: int =
     encoder, muxer, extra, sei = VIDEO_ENCODERS[name]
     t, _, h, w = frames.shape
     arr = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    arr = np.pad(arr, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    side = 16 if name == "h265" else 2  # x265 takes frames of 16 pixels a side or more; yuv420p even sides
+    arr = np.pad(arr, ((0, 0), (0, max(side - h, h % 2)), (0, max(side - w, w % 2)), (0, 0)), mode="edge")
     budget = kbps * 1000 * t / fps
 
     def encode(crf: float) -> bytes:
@@ -209,7 +212,10 @@ def image_codec(img: Tensor, name: str, max_bits: float, factor: int = 1) -> tup
 
     def encode(q: int) -> bytes:
         buf = io.BytesIO()
-        small.save(buf, fmt, quality=q, **options)
+        try:
+            small.save(buf, fmt, quality=q, **options)
+        except (ValueError, OSError) as e:  # e.g. WebP's 16383-pixel side limit
+            raise RuntimeError(f"{fmt} cannot encode a {small.width}x{small.height} image: {e}") from e
         return buf.getvalue()
 
     data, quality = encode(lo), lo
@@ -357,7 +363,7 @@ def run_baselines(tok: Tokenizer, files: list[Path], items: list[dict[str, Any]]
                 continue
             try:
                 rec, used, settings = b.code(ref, rate, budget)
-            except RuntimeError as e:
+            except (RuntimeError, ValueError, OSError) as e:  # the codec's refusal of this file, said of it
                 skipped[b.name] = f"failed on {f.name}: {e}"
                 del rows[b.name]
                 continue

@@ -66,18 +66,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="an embedded model's name or a model folder")
     p.add_argument("--data", nargs="+", required=True, help="files or folders")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--max-frames", type=int, default=17)
+    p.add_argument("--max-frames", type=int, default=17, help="video frames read per file (0: all)")
     p.add_argument("--max-side", type=int, default=0, help="area-downscale larger media to this longer side (0: as is)")
     args = p.parse_args(argv)
+    if args.max_frames < 0:
+        p.error(f"--max-frames {args.max_frames}: expected a frame count, or 0 for all")
     tok = Tokenizer.from_pretrained(args.model).eval()
     if not isinstance(tok.quantizer, FSQ):
         p.error(f"{args.model}: its quantizer is {type(tok.quantizer).__name__}; this measure needs FSQ")
+    if not tok.media.has_pixels:
+        p.error(f"{args.model}: an {tok.modality} model; this measure takes image and video models")
     files: list[Path] = []
     for d in map(Path, args.data):  # a file or a clip's frame folder is one item; other folders are listed
         files += [d] if d.is_file() or is_frame_folder(d) else list_media(d, tok.modality)
     rows: list[dict[str, Any]] = []
     for f in files:
-        x, _, _ = tok.media.load(f, tok.sample_rate, max_frames=args.max_frames)
+        x, _, _ = tok.media.load(f, tok.sample_rate, max_frames=args.max_frames or None)
         x = aligned(tok, x, args.max_side or None)
         rows.append({"file": str(f), "shape": list(x.shape), **gap(tok, x)})
         print(json.dumps(rows[-1]), flush=True)

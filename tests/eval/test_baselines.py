@@ -167,3 +167,18 @@ def test_tvq_eval_baselines_code_the_frames_the_tokenizer_is_measured_on(tmp_pat
     result = json.loads((out / "metrics.json").read_text())
     target = result["baselines"]["target"]  # over the same 5 frames, not the clip's 9
     assert target["bits_per_pixel"] == pytest.approx(result["summary"]["bits_per_pixel"], rel=1e-9)
+
+
+@needs("c2enc", "c2dec", "ffmpeg")
+def test_clips_at_the_edge_of_what_a_codec_takes_are_coded_or_named():
+    """A 30 ms clip through Codec2 (shorter than its decoder's lag); a 12 x 12 video through
+    x265 (which takes 16 pixels a side); a 16400-pixel-wide strip through WebP (16383 at most:
+    a named refusal, not Pillow's raw error)."""
+    wav = torch.sin(torch.arange(480) / 5.0) * 0.3
+    rec, bits = codec2(wav, 16000, "700C")
+    assert rec.shape == wav.shape and bits > 0
+    frames = torch.rand(5, 3, 12, 12)
+    rec, bits, _ = video_codec(frames, 25.0, "h265", 200.0)
+    assert rec.shape == frames.shape and bits > 0
+    with pytest.raises(RuntimeError, match=r"WEBP cannot encode a 16400x32 image"):
+        image_codec(torch.rand(3, 32, 16400), "webp", 1e6)

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, as_weights, check_same_codes, merge_outputs
+from tokenizers_vq.quantizers.base import (
+    Quantizer,
+    QuantizerOutput,
+    as_weights,
+    check_same_codes,
+    evaluating,
+    merge_outputs,
+)
 
 
 @dataclass
@@ -153,12 +160,8 @@ class HierarchicalQuantizer(Quantizer):
     def encode_levels(self, z: Tensor) -> dict[str, Tensor]:
         """``{"top": (B, *ceil(S/2), *cs), "bottom": (B, *S, *cs)}`` codes of ``z``."""
         self._check_latent(z, defer=True)
-        was_training = self.training
-        self.eval()
-        try:
-            return self._forward(z).codes_per_level
-        finally:
-            self.train(was_training)
+        with evaluating(self):  # each part back in its own mode (a frozen level stays frozen)
+            return self._forward(self._in_weight_dtype(z)).codes_per_level
 
     def decode_levels(self, top: Tensor, bottom: Tensor) -> Tensor:
         """Latents ``(B, *S, D)`` from per-level codes (the inverse of :meth:`encode_levels`)."""

@@ -89,6 +89,7 @@ def shrink_codebook(
     small.cluster_size.copy_(counts)
     if vq.learning == "ema":
         small.embed_sum.copy_(centres * counts.unsqueeze(1))
+    small.to(dtype=vq.embed.dtype)  # a bf16 quantizer shrinks to a bf16 one
     small.train(vq.training)
     return small, remap
 

@@ -396,5 +396,5 @@ class VectorQuantizer(Quantizer):
         self.cluster_size.copy_(torch.where(ok, counts, self.cluster_size))
         if self.learning == "ema":
             self.embed_sum.copy_(torch.where(ok, centres * counts.unsqueeze(1), self.embed_sum))
-        self.initted.copy_(ok)  # a skipped init leaves the random codebook (restarts then fill it)
-        self._initted = True
+        self.initted.fill_(True)  # (a skipped init leaves the random codebook, restarts then fill it: not retried,
+        self._initted = True      # a resumed run included)

@@ -1,0 +1,51 @@
+"""Quantizer state that must not move: a k-means initialisation given up on is not run again
+after a resume, a frozen level stays frozen through ``encode_levels``, and a shrunk codebook
+keeps its quantizer's dtype."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from tokenizers_vq.quantizers import VectorQuantizer
+from tokenizers_vq.quantizers.hierarchical import HierarchicalQuantizer
+from tokenizers_vq.quantizers.shrink import shrink_codebook
+
+
+def test_a_skipped_kmeans_init_is_not_run_again_after_a_resume():
+    """A first batch of non-finite rows (fp16 overflow with the check off) skips the init;
+    a quantizer loaded from that state trains on exactly as the one it was saved from."""
+    torch.manual_seed(0)
+    q = VectorQuantizer(16, 64, kmeans_init=True, check_finite=False)
+    q(torch.full((2, 8, 16), float("inf")))  # init given up on: the random codebook stays
+    for _ in range(3):
+        q(torch.randn(4, 32, 16))
+    resumed = VectorQuantizer(16, 64, kmeans_init=True, check_finite=False)
+    resumed.load_state_dict(q.state_dict())
+    straight = copy.deepcopy(q)
+    x = torch.randn(4, 32, 16)
+    for model in (straight, resumed):  # (dead-code restarts draw from the global generator)
+        torch.manual_seed(1)
+        model(x)
+    assert torch.equal(resumed.embed, straight.embed)
+
+
+def test_encode_levels_keeps_each_levels_mode_and_takes_half_precision():
+    torch.manual_seed(0)
+    hq = HierarchicalQuantizer(VectorQuantizer(8, 32), VectorQuantizer(8, 32)).train()
+    hq.top.eval()  # a frozen top codebook
+    z = torch.randn(2, 4, 4, 8)
+    levels = hq.encode_levels(z.bfloat16())
+    assert levels["top"].shape == hq.encode_levels(z)["top"].shape == (2, 2, 2)  # bf16 taken, as encode takes it
+    assert hq.training and not hq.top.training
+    before = hq.top.embed.clone()
+    hq(z)
+    assert torch.equal(hq.top.embed, before)  # still frozen: its EMA did not move
+
+
+def test_a_shrunk_codebook_keeps_its_quantizers_dtype():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 64).to(torch.bfloat16)
+    small, remap = shrink_codebook(vq, 16, iters=3)
+    assert small.embed.dtype == torch.bfloat16 and remap.shape == (64,)
