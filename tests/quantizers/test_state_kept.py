@@ -1,11 +1,13 @@
 """Quantizer state that must not move: a k-means initialisation given up on is not run again
-after a resume, a frozen level stays frozen through ``encode_levels``, and a shrunk codebook
-keeps its quantizer's dtype."""
+after a resume, a frozen level stays frozen through ``encode_levels``, a shrunk codebook
+keeps its quantizer's dtype, and random-projection targets load only into the input
+normalisation they were made with."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from tokenizers_vq.quantizers import VectorQuantizer
@@ -49,3 +51,16 @@ def test_a_shrunk_codebook_keeps_its_quantizers_dtype():
     vq = VectorQuantizer(8, 64).to(torch.bfloat16)
     small, remap = shrink_codebook(vq, 16, iters=3)
     assert small.embed.dtype == torch.bfloat16 and remap.shape == (64,)
+
+
+def test_random_projection_targets_refuse_to_load_into_the_other_input_normalisation():
+    from tokenizers_vq.quantizers.random_projection import RandomProjectionQuantizer  # noqa: PLC0415
+
+    saved = RandomProjectionQuantizer(16, 64, normalize_input=False).state_dict()
+    with pytest.raises(ValueError, match="saved with normalize_input False cannot load into a "
+                                         "RandomProjectionQuantizer with normalize_input True"):
+        RandomProjectionQuantizer(16, 64).load_state_dict(saved)
+    again = RandomProjectionQuantizer(16, 64, normalize_input=False)
+    again.load_state_dict(saved)
+    old = {k: v for k, v in saved.items() if k != "_normalize_input"}  # weights saved before the setting was kept
+    RandomProjectionQuantizer(16, 64, normalize_input=False).load_state_dict(old)

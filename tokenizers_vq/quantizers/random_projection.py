@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenizers_vq.quantizers._functional import code_histogram, l2norm, nearest_codes, perplexity, straight_through
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, flatten_latent
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, flatten_latent, load_settings
 
 
 class RandomProjectionQuantizer(Quantizer):
@@ -55,6 +55,11 @@ class RandomProjectionQuantizer(Quantizer):
         self.register_buffer("projection", proj)
         self.register_buffer("codebook", l2norm(torch.randn(codebook_size, codebook_dim, generator=gen)))
         self.register_buffer("back", torch.linalg.pinv(proj))  # (d, D): codeword -> feature space
+        self.register_buffer("_normalize_input", torch.tensor(bool(normalize_input)))  # checked at load
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        load_settings(self, state_dict, prefix, {"_normalize_input": bool})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def codebook_size(self) -> int:
