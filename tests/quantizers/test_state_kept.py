@@ -1,7 +1,7 @@
 """Quantizer state that must not move: a k-means initialisation given up on is not run again
 after a resume, a frozen level stays frozen through ``encode_levels``, a shrunk codebook
-keeps its quantizer's dtype, and random-projection targets load only into the input
-normalisation they were made with."""
+keeps its quantizer's dtype, random-projection targets load only into the input
+normalisation they were made with, and a setting out of its range is named."""
 
 from __future__ import annotations
 
@@ -64,3 +64,13 @@ def test_random_projection_targets_refuse_to_load_into_the_other_input_normalisa
     again.load_state_dict(saved)
     old = {k: v for k, v in saved.items() if k != "_normalize_input"}  # weights saved before the setting was kept
     RandomProjectionQuantizer(16, 64, normalize_input=False).load_state_dict(old)
+
+
+@pytest.mark.parametrize("setting", [{"orthogonal_sample": 0}, {"diversity_sample": 2.5}, {"kmeans_iters": -3},
+                                     {"dead_code_threshold": -1}, {"beta": float("nan")}, {"decay": 1.0}])
+def test_a_vector_quantizer_setting_out_of_range_is_named(setting):
+    from tokenizers_vq.quantizers import VectorQuantizer  # noqa: PLC0415
+
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"{name} must be a (whole )?number in"):
+        VectorQuantizer(8, 16, **setting)

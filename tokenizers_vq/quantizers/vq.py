@@ -44,9 +44,8 @@ class VectorQuantizer(Quantizer):
     Args:
         dim: latent size ``D``.
         codebook_size: number of codewords ``K``.
-        codebook_dim: lookup size ``d``; when it differs from ``D`` the latent is
-            projected ``D -> d`` before the search and back ``d -> D`` after
-            (factorised codes).
+        codebook_dim: lookup size ``d``; when it differs from ``D`` the latent is projected
+            ``D -> d`` before the search and back ``d -> D`` after (factorised codes).
         metric: ``"l2"`` or ``"cosine"`` (latent and codewords l2-normalised).
         learning: ``"ema"`` (codebook follows EMA cluster means; only the
             commitment loss is returned) or ``"loss"`` (codebook is a parameter
@@ -124,22 +123,23 @@ class VectorQuantizer(Quantizer):
         super().__init__(dim, check_finite)
         check_number("codebook_size", codebook_size, 1, integer=True)
         check_number("eps", eps, 0, open_low=True)
-        check_number("kmeans_max_samples", kmeans_max_samples, 1, integer=True)
         check_choice("metric", metric, ("l2", "cosine"))
         check_choice("learning", learning, ("ema", "loss"))
         check_choice("estimator", estimator, ("ste", "rotation"))
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
         if orthogonal_weight and learning != "loss":
             raise ValueError("orthogonal_weight regularises a learned codebook: set learning='loss' (an EMA codebook "
                              "takes no gradients)")
         if affine and (learning != "loss" or metric != "l2" or codebook_size < 2):
             raise ValueError("affine re-parameterises a learned l2 codebook of at least 2 codes: set learning='loss' "
                              "and metric='l2'")
-        if diversity_temperature <= 0 or diversity_sample < 1 or sample_temperature < 0 or not 0.0 <= affine_decay < 1.0:
-            raise ValueError(f"need diversity_temperature > 0, diversity_sample >= 1, sample_temperature >= 0 and "
-                             f"affine_decay in [0, 1); got {diversity_temperature}, {diversity_sample}, "
-                             f"{sample_temperature}, {affine_decay}")
+        for name, value, low, high, whole in (  # each named when out of its range
+                ("diversity_sample", diversity_sample, 1, math.inf, True), ("kmeans_iters", kmeans_iters, 0, math.inf, True),
+                ("orthogonal_sample", orthogonal_sample, 1, math.inf, True), ("beta", beta, 0, math.inf, False),
+                ("kmeans_max_samples", kmeans_max_samples, 1, math.inf, True), ("decay", decay, 0, 1, False),
+                ("dead_code_threshold", dead_code_threshold, 0, math.inf, False), ("affine_decay", affine_decay, 0, 1, False),
+                ("sample_temperature", sample_temperature, 0, math.inf, False)):
+            check_number(name, value, low, high, integer=whole, open_high=high == 1)
+        check_number("diversity_temperature", diversity_temperature, 0, open_low=True)
         self.orthogonal_weight, self.orthogonal_sample = orthogonal_weight, min(orthogonal_sample, codebook_size)
         self.diversity_weight, self.diversity_sample = diversity_weight, diversity_sample
         self.diversity_temperature, self.sample_temperature = diversity_temperature, sample_temperature
