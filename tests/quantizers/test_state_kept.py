@@ -74,3 +74,14 @@ def test_a_vector_quantizer_setting_out_of_range_is_named(setting):
     name = next(iter(setting))
     with pytest.raises(ValueError, match=f"{name} must be a (whole )?number in"):
         VectorQuantizer(8, 16, **setting)
+
+
+def test_counts_given_as_floats_are_named():
+    from tokenizers_vq.quantizers import LFQ, ResidualQuantizer, VectorQuantizer  # noqa: PLC0415
+    from tokenizers_vq.quantizers.random_projection import RandomProjectionQuantizer  # noqa: PLC0415
+
+    for build, name in ((lambda: LFQ(8, num_bits=4.0), "num_bits"),
+                        (lambda: RandomProjectionQuantizer(8, codebook_size=2.0), "codebook_size"),
+                        (lambda: ResidualQuantizer([VectorQuantizer(8, 16)] * 2, beam_size=2.5), "beam_size")):
+        with pytest.raises(ValueError, match=f"{name} must be a whole number"):
+            build()

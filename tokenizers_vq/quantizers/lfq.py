@@ -72,8 +72,7 @@ class LFQ(Quantizer):
         check_finite: bool = True,
     ):
         super().__init__(dim, check_finite)
-        if not 1 <= num_bits <= 62:
-            raise ValueError(f"num_bits must be in [1, 62], got {num_bits}")
+        check_number("num_bits", num_bits, 1, 62, integer=True)
         check_number("temperature", temperature, 0, open_low=True)
         if group_bits is None:
             group_bits = max(g for g in range(1, 11) if num_bits % g == 0)

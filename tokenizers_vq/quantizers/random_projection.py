@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenizers_vq.quantizers._functional import code_histogram, l2norm, nearest_codes, perplexity, straight_through
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, flatten_latent, load_settings
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_number, flatten_latent, load_settings
 
 
 class RandomProjectionQuantizer(Quantizer):
@@ -46,8 +46,8 @@ class RandomProjectionQuantizer(Quantizer):
     def __init__(self, dim: int, codebook_size: int = 8192, codebook_dim: int = 16, normalize_input: bool = True,
                  seed: int = 0, check_finite: bool = True):
         super().__init__(dim, check_finite)
-        if codebook_size < 1 or codebook_dim < 1:
-            raise ValueError(f"codebook_size and codebook_dim must be >= 1, got {codebook_size}, {codebook_dim}")
+        check_number("codebook_size", codebook_size, 1, integer=True)
+        check_number("codebook_dim", codebook_dim, 1, integer=True)
         self._size, self.codebook_dim, self.normalize_input = codebook_size, codebook_dim, normalize_input
         gen = torch.Generator().manual_seed(seed)
         bound = (6.0 / (dim + codebook_dim)) ** 0.5  # Xavier uniform

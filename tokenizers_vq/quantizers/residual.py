@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenizers_vq.quantizers._functional import code_histogram, perplexity
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_same_codes, merge_outputs
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_number, check_same_codes, merge_outputs
 
 
 
@@ -54,7 +54,8 @@ class ResidualQuantizer(Quantizer):
         if shared_levels < 0 or (shared_levels and len(levels) != 1):
             raise ValueError(f"shared_levels={shared_levels} shares one quantizer's codebook: pass levels=[that "
                              f"quantizer], got {len(levels)}")
-        if beam_size < 1 or (beam_size > 1 and not all(hasattr(q, "candidates") for q in levels)):
+        check_number("beam_size", beam_size, 1, integer=True)
+        if beam_size > 1 and not all(hasattr(q, "candidates") for q in levels):
             raise ValueError(f"beam_size={beam_size}: needs beam_size >= 1, and for a beam levels that offer "
                              f"candidate codes (VectorQuantizer), got {sorted({type(q).__name__ for q in levels})}")
         check_same_codes(levels, "ResidualQuantizer")
