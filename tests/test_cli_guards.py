@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 from test_tokenizer import tiny
-from testdata import shared_path, small_photos
+from testdata import interrupt_at_call, shared_path, small_photos
 
 from tokenizers_vq.cli import main
 from tokenizers_vq.export import TokenDataset
@@ -277,15 +277,8 @@ def test_an_interrupted_overwrite_resumes_and_keeps_the_replaced_export_until_it
     cmd = ["export", "--model", str(image_model), "--data", str(data), "--out", str(out), "--device", "cpu"]
     assert main([*cmd, "--shard-items", "2"]) == 0
     finished = snapshot(out)
-    write, calls = export._write_shard, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return write(*args)
-
-    monkeypatch.setattr(export, "_write_shard", interrupted)
+    write = export._write_shard
+    interrupt_at_call(monkeypatch, export, "_write_shard", 2)
     assert main([*cmd, "--shard-items", "1", "--overwrite"]) == 130
     assert snapshot(out / ".replaced") == finished and (out / "shard_00000.bin").is_file()
     monkeypatch.setattr(export, "_write_shard", write)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from test_tokenizer import tiny
-from testdata import small_photos
+from testdata import interrupt_at_call, small_photos
 
 from tokenizers_vq import export_record
 from tokenizers_vq.cli import main
@@ -59,15 +59,8 @@ def test_an_interrupted_overwrite_run_again_resumes_its_shards(tmp_path, monkeyp
 
     tok, photos, out = tiny("image"), small_photos(tmp_path / "photos", 3, side=32), tmp_path / "tokens"
     export_dataset(tok, photos, out, shard_items=2)
-    real, calls = export_module._encode_shard, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(export_module, "_encode_shard", interrupted)
+    real = export_module._encode_shard
+    calls = interrupt_at_call(monkeypatch, export_module, "_encode_shard", 2)
     with pytest.raises(KeyboardInterrupt):
         export_dataset(tok, photos, out, shard_items=1, overwrite=True)
     first = (out / "shard_00000.bin").read_bytes()

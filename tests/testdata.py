@@ -39,6 +39,22 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
+def interrupt_at_call(monkeypatch, module, name: str, n: int) -> list:
+    """``module.name`` replaced by one that raises KeyboardInterrupt at its ``n``-th call (a
+    Ctrl-C part-way through a run) and calls the original before; returns the list its calls
+    are counted in."""
+    real, calls = getattr(module, name), []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(module, name, interrupted)
+    return calls
+
+
 def small_photos(folder: Path, n: int, side: int = 64) -> list[Path]:
     """The first ``n`` real BSDS validation photos scaled to ``side`` x ``side`` pixels,
     written as PNGs into ``folder`` (created); sorted paths. Small inputs keep tests fast."""

@@ -87,34 +87,43 @@ def load_image_u8(path: str | os.PathLike) -> Tensor:
     return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1)
 
 
+def _foreign_profile(im):
+    """An open Pillow image's embedded colour profile when it is of another space than sRGB
+    (RGB, RGBA or CMYK images), else None. Raises ``ImageCms.PyCMSError`` (or ``OSError`` /
+    ``ValueError``) for a profile that cannot be read."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
+        return None
+    from PIL import ImageCms  # noqa: PLC0415
+
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    return None if "srgb" in ImageCms.getProfileDescription(profile).lower().replace(" ", "") else profile
+
+
 def recoloured(im) -> bool:
     """Whether an open Pillow image reads in other colours than its stored values: an
     embedded colour profile of another space than sRGB, or a transparent colour key."""
     if "transparency" in im.info and im.mode in ("L", "RGB"):
         return True
-    icc = im.info.get("icc_profile")
-    if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
-        return False
     from PIL import ImageCms  # noqa: PLC0415
 
     try:
-        return "srgb" not in ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc))).lower().replace(" ", "")
+        return _foreign_profile(im) is not None
     except (ImageCms.PyCMSError, OSError, ValueError):
         return False  # read as stored (with a warning)
 
 
 def _to_srgb(im, path: Path):
     """``im`` with its colours in sRGB: converted from an embedded ICC profile of another
-    space (RGB, RGBA or CMYK images), else as it is. A profile that cannot be applied is
+    space (:func:`_foreign_profile`), else as it is. A profile that cannot be applied is
     named in a warning and the stored values are kept."""
-    icc = im.info.get("icc_profile")
-    if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
+    if not im.info.get("icc_profile"):
         return im
     from PIL import ImageCms  # noqa: PLC0415
 
     try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        if "srgb" in ImageCms.getProfileDescription(profile).lower().replace(" ", ""):
+        profile = _foreign_profile(im)
+        if profile is None:
             return im
         mode = "RGBA" if im.mode == "RGBA" else "RGB"
         return ImageCms.profileToProfile(im, profile, ImageCms.createProfile("sRGB"), outputMode=mode)

@@ -104,11 +104,16 @@ MIN_NUMBERED_FRAMES = 8
 """Numbered images a folder needs, without an ``fps.txt``, to be found as a clip."""
 
 
+def _numbered(files: list[Path]) -> list[re.Match | None]:
+    """Per file, its name split into a prefix and a number (``frame_007``: ``frame_``, ``007``), or None."""
+    return [re.fullmatch(r"(.*?)(\d+)", f.stem) for f in files]
+
+
 def _frame_files(path: Path) -> list[Path]:
     """A folder's frame images in frame order: by number where every name is one prefix and a
     number (``frame_9`` before ``frame_10``), else in name order."""
     files = sorted(c for c in path.iterdir() if c.suffix.lower() in FRAME_EXTENSIONS and c.is_file())
-    names = [re.fullmatch(r"(.*?)(\d+)", f.stem) for f in files]
+    names = _numbered(files)
     if files and all(names) and len({m[1] for m in names}) == 1:
         return [f for _, f in sorted(zip((int(m[2]) for m in names), files), key=lambda nf: nf[0])]
     return files
@@ -117,7 +122,7 @@ def _frame_files(path: Path) -> list[Path]:
 def _strays(files: list[Path]) -> list[Path]:
     """Images among a clip's frames not numbered as most of them are (one prefix and a
     number): a cover picture or a note would otherwise be read as a frame."""
-    names = [re.fullmatch(r"(.*?)(\d+)", f.stem) for f in files]
+    names = _numbered(files)
     prefixes = [m[1] for m in names if m]
     if not prefixes:
         return []  # none numbered: name order is frame order
@@ -143,7 +148,7 @@ def is_frame_folder(path: str | os.PathLike) -> bool:
         return True
     if len(files) < MIN_NUMBERED_FRAMES:
         return False
-    names = [re.fullmatch(r"(.*?)(\d+)", f.stem) for f in files]
+    names = _numbered(files)
     if not all(names) or len({m[1] for m in names}) != 1:
         return False
     numbers = sorted(int(m[2]) for m in names)
@@ -362,12 +367,11 @@ def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None) -
                      f"not read ({', '.join(kinds)}), left out: convert them first (e.g. ffmpeg -i {other[0].name} "
                      f"{other[0].stem}.flac for sound, .mp4 for video, .png for pictures)")
     held = _counts(found, clips) if found else {}
-    if modality == "image" and held.get("video"):  # the frames of a frame folder are images: coded as photos
-        if clips:
-            held["video"] = len(found["video"])
-            notes.append(f"tvq: note: {folder} holds {len(clips)} folder{'s' * (len(clips) > 1)} of numbered frames "
-                         f"(video clips?), whose frames are coded as photos; run again with --model "
-                         f"{get('video').default_model} to code them as clips")
+    if modality == "image" and clips:  # the frames of a frame folder are images: coded as photos
+        held["video"] = len(found["video"])
+        notes.append(f"tvq: note: {folder} holds {len(clips)} folder{'s' * (len(clips) > 1)} of numbered frames "
+                     f"(video clips?), whose frames are coded as photos; run again with --model "
+                     f"{get('video').default_model} to code them as clips")
     for kind, n in held.items():
         if n and kind != modality:
             what = {"image": "photo", "audio": "audio file", "video": "video clip"}[kind] + ("s" if n > 1 else "")

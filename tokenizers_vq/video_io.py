@@ -110,7 +110,8 @@ def read_video_file(path: Path, max_frames: int | None,
     """``(frames (T, H, W, 3) uint8, fps, channels, pixel_aspect)`` of a video file; see
     :func:`tokenizers_vq.media.load_video`. The rate is the stream's stated one while most
     frame intervals keep it (a cut or a held frame leaves a few odd); frames at another steady
-    rate give that rate, and frames at a varying rate their mean rate over their span. ``pixel_aspect``: the frames' sample aspect ratio ``(width,
+    rate give that rate, and frames at a varying rate their mean rate over their span.
+    ``pixel_aspect``: the frames' sample aspect ratio ``(width,
     height)`` of a pixel as shown upright (an anamorphic DVD's 8:9, say), ``None`` for square
     pixels or none stated."""
     check_media_file(path, "video")
@@ -160,14 +161,15 @@ def read_video_file(path: Path, max_frames: int | None,
         if typical > 0 and np.mean(np.abs(steps / typical - 1) < 0.05) >= 0.8 and abs(mean / typical - 1) < 0.15:
             fps = fps if abs(1 / typical / fps - 1) < 0.05 else 1 / typical
         else:  # a varying rate: the mean over the frames' span keeps the clip's length
-            fps = (len(times) - 1) / (times[-1] - times[0])
+            fps = 1 / mean
     # where the frames shown end: the latest frame's end (a last frame held for seconds counts whole)
     ends = [t + d for t, d in zip(times, durations) if t is not None and d]
     stamped = None not in times[:1] + times[-1:]  # (a bare stream's frames have no times)
-    shown = (max(ends) if ends else times[-1] + 1 / fps) - (times[0] if start is None else start) if stamped else None
+    first = times[0] if start is None else start
+    shown = (max(ends) if ends else times[-1] + 1 / fps) - first if stamped else None
     whole = max_frames is None or len(frames) < max_frames
     # the last frame's place in the header's count (a variable-rate AVI counts its skipped frames too)
-    reached = round((times[-1] - (times[0] if start is None else start)) * stated) + 1 if stamped and stated else len(frames)
+    reached = round((times[-1] - first) * stated) + 1 if stamped and stated else len(frames)
     if whole and indexed and reached < 0.9 * indexed - 2:
         raise ValueError(f"cannot read video {path}: the file is cut short (its header counts {indexed} frames, "
                          f"{len(frames)} could be decoded); copy or export it again")
