@@ -68,3 +68,18 @@ def test_codes_with_no_or_too_many_position_axes_are_refused():
     for shape in ((1, 3), (1, 2, 2, 2, 2, 3)):
         with pytest.raises(ValueError, match="at least one spatial axis and at most 3"):
             q.decode(torch.zeros(*shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kmeans_init", [False, True])
+def test_first_step_keeps_the_shared_codebook_distinct(kmeans_init):
+    # the codebook learns from every scale's rows at once: the 1x1 map has one row per item,
+    # and restarts (or a k-means) drawn from it alone made most codewords copies of 8 rows
+    torch.manual_seed(0)
+    q = MultiScaleResidualQuantizer(16, 512, scales=(1, 2, 4, 8, 16), vq_options={"kmeans_init": kmeans_init}).train()
+    out = q(torch.randn(8, 16, 16, 16))
+    distinct = torch.unique(q.vq.codebook.round(decimals=5), dim=0).shape[0]
+    assert distinct >= 480, distinct
+    assert {"restarted", "skipped"} <= out.metrics.keys()  # one update for the step, not one per scale
+    assert not any(k.startswith("restarted_scale") for k in out.metrics)
+    q.eval()
+    assert q.encode(torch.randn(8, 16, 16, 16)).unique().numel() >= 400

@@ -107,18 +107,22 @@ class MultiScaleResidualQuantizer(Quantizer):
             raise ValueError(f"MultiScaleResidualQuantizer needs at least one spatial axis and at most 3 (latents "
                              f"(B, *S, D) with 1-3 position axes); got shape {tuple(z.shape)}")
         residual, f = z.detach(), torch.zeros_like(z)
-        codes, losses, metrics = [], {}, {}
-        for k, grid in enumerate(self.grids(size)):
-            part = residual
-            if grid != size:
-                part = F.interpolate(residual.movedim(-1, 1), size=grid, mode="area").movedim(1, -1)
-            out = self.vq(part)
-            up = self._up(out.quantized.detach().movedim(-1, 1), size)
+        codes, losses, metrics, pool = [], {}, {}, []
+        grids = self.grids(size)
+        if self.training and not self.vq._initted:  # k-means over the latent at every scale, not the 1x1 map alone
+            self.vq._kmeans(torch.cat([self.vq._rows(_area(z.detach(), g, size))[1] for g in grids]))
+        for k, grid in enumerate(grids):
+            part = _area(residual, grid, size)
+            out = self.vq._forward(self.vq._in_weight_dtype(part), pool)
+            up = self._up(out.quantized.detach().to(part.dtype).movedim(-1, 1), size)
             f = f + up
             residual = residual - up.detach()
             codes.append(_gather(out.codes, [torch.arange(n, device=z.device) * g // n for n, g in zip(size, grid)]))
             losses.update({f"{name}_scale{k}": v for name, v in out.losses.items()})
             metrics.update({f"{name}_scale{k}": v for name, v in out.metrics.items()})
+        if pool:  # one codebook update per step from every scale's rows: statistics and dead-code restarts
+            rows, counts, sums = zip(*pool)  # see all of them (restarts from the 1x1 map alone collapsed the codebook)
+            self.vq._update(torch.cat(rows), sum(counts), None if sums[0] is None else sum(sums), metrics)
         losses["commitment"] = self.beta * F.mse_loss(z, f.detach())
         losses["refine"] = F.mse_loss(f, z.detach())
         return QuantizerOutput(straight_through(z, f), torch.stack(codes, dim=-1), losses, metrics)
@@ -143,6 +147,11 @@ class MultiScaleResidualQuantizer(Quantizer):
             up = self._up(self.vq._in_weight_dtype(self.vq._decode(c)).movedim(-1, 1), size)  # checked by decode; forward's dtype
             f = up if f is None else f + up
         return f
+
+
+def _area(x: Tensor, grid: tuple[int, ...], size: tuple[int, ...]) -> Tensor:
+    """Channels-last ``x`` ``(B, *size, D)`` area-averaged to ``(B, *grid, D)``."""
+    return x if grid == size else F.interpolate(x.movedim(-1, 1), size=grid, mode="area").movedim(1, -1)
 
 
 def _gather(c: Tensor, picks: list[Tensor]) -> Tensor:

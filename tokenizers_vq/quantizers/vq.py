@@ -185,9 +185,8 @@ class VectorQuantizer(Quantizer):
         return l2norm(c) if self.metric == "cosine" else c
 
     def _raw(self, c: Tensor) -> Tensor:
-        """Stored rows whose effective codewords are ``c`` (the inverse of the affine map),
-        for dead-code restarts: the map's statistics are running buffers, so a restart
-        moves no other codeword."""
+        """Stored rows whose effective codewords are ``c`` (the inverse of the affine map), for
+        dead-code restarts: the map's statistics are running buffers (a restart moves no other code)."""
         if not self.affine:
             return c
         return (c - self.latent_mean) / (self.latent_var + 1e-5).sqrt() * (self.embed_std + 1e-5) + self.embed_mean
@@ -201,7 +200,9 @@ class VectorQuantizer(Quantizer):
             xf = flat.float()
             return flat, (l2norm(xf) if self.metric == "cosine" else xf), lead
 
-    def _forward(self, z: Tensor) -> QuantizerOutput:
+    def _forward(self, z: Tensor, pool: list | None = None) -> QuantizerOutput:
+        # pool: a caller that quantizes several maps per step with this codebook (the
+        # multi-scale quantizer) gets each call's (rows, counts, sums) there and updates once
         check_float32_statistics(self, self.cluster_size)
         flat, xf, lead = self._rows(z)
         with torch.autocast(device_type=z.device.type, enabled=False):
@@ -237,7 +238,9 @@ class VectorQuantizer(Quantizer):
                 if self.diversity_weight:
                     losses["diversity"] = self.diversity_weight * self._diversity(xf, reg)
             metrics = self._metrics(counts)
-            if self.training:
+            if self.training and pool is not None:
+                pool.append((xf.detach(), counts, sums))
+            elif self.training:
                 self._update(xf.detach(), counts, sums, metrics)
             estimate = rotation_trick if self.estimator == "rotation" else straight_through
             xq = estimate(xf, q).to(flat.dtype).reshape(*lead, -1)
@@ -270,8 +273,7 @@ class VectorQuantizer(Quantizer):
         (ties to the lower index; rows in chunks of at most 2^24 distances)."""
         with torch.autocast(device_type=z.device.type, enabled=False):  # fp32 distances under any autocast
             x = self.project_in(z.float()).float()
-            if self.metric == "cosine":
-                x = l2norm(x)
+            x = l2norm(x) if self.metric == "cosine" else x
             cb, out = self.codebook, []
             for chunk in x.split(max(1, (1 << 24) // self._size)):
                 dist = self._distances(chunk, cb)
@@ -287,8 +289,7 @@ class VectorQuantizer(Quantizer):
     def _sample_codes(self, x: Tensor, cb: Tensor) -> Tensor:
         """Codes drawn from ``softmax(-dist / sample_temperature)`` by Gumbel-max, in row
         chunks of at most 2^24 distances."""
-        rows = max(1, (1 << 24) // self._size)
-        out = []
+        rows, out = max(1, (1 << 24) // self._size), []
         for chunk in x.split(rows):
             logits = -self._distances(chunk, cb) / self.sample_temperature
             u = torch.rand_like(logits).clamp_(1e-20, 1.0)
@@ -357,7 +358,6 @@ class VectorQuantizer(Quantizer):
             "dead_codes": dead.sum().float(),
         }
 
-    # -- k-means initialisation ---------------------------------------------------------
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._initted = bool(self.initted)  # one sync, at load time
