@@ -381,3 +381,44 @@ def test_a_projection_that_overflows_half_precision_does_not_poison_the_ema_code
     assert bool(q.initted)  # an init skipped, not poisoned, is given up on: not retried (a resume included)
     q(torch.randn(4, 64, 64))
     assert torch.isfinite(q.codebook).all()
+
+
+def _prefixes_matching(rq, out) -> torch.Tensor:
+    """``(B, *S, L)`` bool: whether a position's quantized is the sum of its first n levels, n = 1..L
+    (several n where a level's output is zero)."""
+    parts = [lv.decode(out.codes[..., i].clamp_min(0)) for i, lv in enumerate(rq.levels)]
+    return torch.stack([(out.quantized - sum(parts[:n])).abs().amax(-1) < 1e-5 for n in range(1, len(parts) + 1)], -1)
+
+
+def _one_prefix(match: torch.Tensor) -> int | None:
+    """The one n that every row of ``match`` ``(M, L)`` allows, if exactly one (else None)."""
+    common = match.all(0).nonzero().flatten().tolist()
+    return common[0] + 1 if len(common) == 1 else None
+
+
+def test_residual_dropout_draws_per_item_under_a_mask_and_inside_a_dynamic_quantizer():
+    """A masked batch, and a dynamic-length quantizer's region tokens, reach the residual stack
+    as one flat row of every item's positions: dropout still keeps one prefix per item (even FSQ
+    levels have no zero value, so each prefix sum differs)."""
+    from tokenizers_vq.quantizers import DynamicQuantizer, FSQ, ResidualQuantizer  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    rq = ResidualQuantizer([FSQ(3, [4, 4, 4]) for _ in range(3)], dropout=1.0).train()
+    z = torch.randn(16, 10, 3) * 0.5
+    mask = torch.arange(10) < torch.randint(3, 11, (16, 1))
+    out = rq(z, mask=mask)
+    match = _prefixes_matching(rq, out)
+    per_item = [match[i][mask[i]] for i in range(16)]
+    assert all(m.all(0).any() for m in per_item)  # one prefix fits each item's every position
+    assert len({_one_prefix(m) for m in per_item} - {None}) > 1  # and several across the items
+
+    dq = DynamicQuantizer(ResidualQuantizer([FSQ(3, [4, 4, 4]) for _ in range(3)], dropout=1.0)).train()
+    seen = []
+    real = dq.inner.forward
+    dq.inner.forward = lambda t: seen.append(out := real(t)) or out  # the inner call's own output
+    dq(torch.randn(16, 8, 8, 3) * 0.5)
+    match = _prefixes_matching(dq.inner, seen[0])[0]  # (M, L): the 16 items' fine rows, then their coarse rows
+    fine, coarse = match[: 16 * 64].reshape(16, 64, 3), match[16 * 64 :].reshape(16, 16, 3)
+    items = [torch.cat([fine[i], coarse[i]]) for i in range(16)]
+    assert all(m.all(0).any() for m in items)
+    assert len({_one_prefix(m) for m in items} - {None}) > 1

@@ -68,6 +68,20 @@ def evaluating(module: nn.Module):
             m.training = training
 
 
+@contextlib.contextmanager
+def rows_of_items(module: nn.Module, items: Tensor, n_items: int):
+    """Per-item randomness of ``module``'s quantizers (residual dropout) drawn per item of a flat
+    ``(1, M, D)`` latent inside the block: ``items`` ``(M,)`` each row's item in ``[0, n_items)``."""
+    takers = [m for m in module.modules() if hasattr(m, "_row_items")]
+    try:
+        for m in takers:
+            m._row_items = (items, n_items)
+        yield
+    finally:
+        for m in takers:
+            m._row_items = None
+
+
 def as_weights(layer: nn.Module, x: Tensor) -> Tensor:
     """``x`` in the dtype of ``layer``'s first floating parameter outside autocast (fp32 values
     into a layer of bf16 or fp16 weights); as it is under autocast or for a layer without any."""
@@ -148,10 +162,7 @@ class Quantizer(nn.Module, ABC):
     @property
     def num_codebooks(self) -> int:
         """Number of codes emitted per latent position."""
-        n = 1
-        for s in self.code_shape:
-            n *= s
-        return n
+        return math.prod(self.code_shape)
 
     def num_tokens(self, grid: Sequence[int]) -> int:
         """Tokens that a latent of ``grid`` positions carries (what a bitrate counts):
@@ -169,7 +180,8 @@ class Quantizer(nn.Module, ABC):
         ``mask`` ``(B, *S)`` bool, True where a position is real (e.g. the padding of a
         variable-length audio batch is False): only those positions are quantized, so
         padding counts neither in the codebook statistics nor in the losses or metrics
-        (exactly as if the real positions came alone); padded positions pass ``z``
+        (exactly as if the real positions came alone, with per-item randomness such as
+        residual dropout still drawn per item); padded positions pass ``z``
         through unchanged and get code -1. Position-wise quantizers only
         (:attr:`positionwise`); not for ``torch.compile(fullgraph=True)`` (the number of
         real positions is data); under a process group a quantizer that :attr:`exchanges`
@@ -271,7 +283,9 @@ class Quantizer(nn.Module, ABC):
                                  "exchanges codebook statistics in each training step: leave batches that are all "
                                  "padding out of the data (or give this rank at least one real position)")
             return QuantizerOutput(z, codes)
-        out = self.forward(valid.unsqueeze(0))
+        items = torch.arange(z.shape[0], device=z.device).view(-1, *([1] * (mask.ndim - 1))).expand(mask.shape)
+        with rows_of_items(self, items[mask], z.shape[0]):  # per-item randomness stays per item
+            out = self.forward(valid.unsqueeze(0))
         quantized = z.masked_scatter(mask.unsqueeze(-1).expand_as(z), out.quantized[0].to(z.dtype))
         codes = codes.masked_scatter(mask.reshape(*mask.shape, *([1] * len(cs))).expand_as(codes), out.codes[0])
         return QuantizerOutput(quantized, codes, out.losses, out.metrics)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, as_weights, evaluating
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, as_weights, evaluating, rows_of_items
 
 Order = Literal["coarse_to_fine", "raster"]
 
@@ -235,7 +235,13 @@ class DynamicQuantizer(nn.Module):
             gate = fine.float()
         coarse = self.to_blocks(z, n).mean(n + 1)  # (B, *R, D)
         tokens = torch.cat([z.reshape(1, -1, d), coarse.reshape(1, -1, d)], 1)
-        out = self.inner(tokens)
+        if self.training and any(getattr(m, "_row_items", 1) is None and m.dropout > 0 for m in self.inner.modules()):
+            counts = (math.prod(spatial), math.prod(coarse.shape[1:-1]))  # a residual dropout's draw per item
+            with rows_of_items(self.inner, torch.cat([torch.arange(b, device=z.device).repeat_interleave(c)
+                                                      for c in counts]), b):
+                out = self.inner(tokens)
+        else:
+            out = self.inner(tokens)
         n_fine_tok = b * math.prod(spatial)
         cs = self.inner.code_shape
         fine_codes = out.codes[0, :n_fine_tok].reshape(*z.shape[:-1], *cs)

@@ -66,6 +66,7 @@ class ResidualQuantizer(Quantizer):
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         self.levels = nn.ModuleList(levels)
         self.dropout, self.shared_levels, self.beam_size = dropout, shared_levels, beam_size
+        self._row_items: tuple[Tensor, int] | None = None  # see base.rows_of_items
 
     @property
     def stack(self) -> list[Quantizer]:
@@ -87,12 +88,7 @@ class ResidualQuantizer(Quantizer):
     def _forward(self, z: Tensor) -> QuantizerOutput:
         if self.beam_size > 1 and not self.training:
             return self._beam(z)
-        keep = None
-        if self.training and self.dropout > 0:
-            n_lv = len(self.stack)
-            drop = torch.rand(z.shape[0], device=z.device) < self.dropout
-            n_keep = torch.where(drop, torch.randint(1, n_lv + 1, (z.shape[0],), device=z.device), n_lv)
-            keep = n_keep.view(-1, *([1] * (z.ndim - 1)))
+        keep = self._levels_kept(z) if self.training and self.dropout > 0 else None
         residual, total, outs = z, torch.zeros_like(z, dtype=torch.float32), []
         for i, level in enumerate(self.stack):
             out = level(residual)
@@ -105,6 +101,20 @@ class ResidualQuantizer(Quantizer):
         losses, metrics = merge_outputs(outs, "level")
         codes = torch.stack([o.codes for o in outs], dim=z.ndim - 1)
         return QuantizerOutput(total.to(z.dtype), codes, losses, metrics)
+
+    def _levels_kept(self, z: Tensor) -> Tensor:
+        """The levels each item keeps under dropout, broadcastable to ``z``: ``(B, 1, ..., 1)``, or
+        for the flattened ``(1, M, D)`` rows of several items (:func:`~.base.rows_of_items`) ``(1, M, 1)``,
+        one draw per item all the same."""
+        items, n_items = self._row_items or (None, z.shape[0])
+        if items is not None and tuple(z.shape[:-1]) != (1, items.numel()):
+            items, n_items = None, z.shape[0]  # rows reshaped on the way here: one draw per batch entry
+        n_lv = len(self.stack)
+        drop = torch.rand(n_items, device=z.device) < self.dropout
+        n_keep = torch.where(drop, torch.randint(1, n_lv + 1, (n_items,), device=z.device), n_lv)
+        if items is not None:
+            return n_keep[items].view(1, -1, 1)
+        return n_keep.view(-1, *([1] * (z.ndim - 1)))
 
     def _codes(self, z: Tensor) -> Tensor:
         if self.beam_size > 1:
