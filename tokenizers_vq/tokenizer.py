@@ -11,6 +11,7 @@ pickled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,7 +19,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +50,7 @@ DEFAULT_MODEL = PRETRAINED["image"]
 
 @dataclass
 class TokenizerOutput:
-    """``forward``'s result: reconstruction (input's shape), codes, named losses
-    (already weighted by the quantizer) and metrics."""
+    """``forward``'s result: reconstruction (input's shape), codes, named losses (weighted) and metrics."""
 
     reconstruction: Tensor
     codes: Tensor
@@ -133,8 +132,7 @@ class Tokenizer(nn.Module):
 
     @property
     def is_dynamic(self) -> bool:
-        """Whether the bottleneck is a :class:`DynamicQuantizer`: ``encode`` then gives
-        :class:`PackedCodes` and ``decode`` takes them (images and audio)."""
+        """Whether the bottleneck is a :class:`DynamicQuantizer` (``encode`` gives :class:`PackedCodes`)."""
         return isinstance(self.quantizer, DynamicQuantizer)
 
     def forward(self, x: Tensor) -> TokenizerOutput:
@@ -190,9 +188,7 @@ class Tokenizer(nn.Module):
             out = torch.cat([self._decode_aligned(c) for c in codes.split(per_clip, dim=1)], dim=2)
         else:
             out = self._decode_aligned(codes)
-        if size is not None:
-            out = out[(..., *[slice(0, s) for s in size])]
-        return out
+        return out if size is None else out[(..., *[slice(0, s) for s in size])]
 
     def encode_stream(self) -> AudioEncodeStream:
         """A stream that codes audio pushed in chunks of any length: ``push(chunk)``
@@ -233,9 +229,8 @@ class Tokenizer(nn.Module):
         return AudioDecodeStream(self)
 
     def _encode_aligned(self, x: Tensor) -> Tensor | PackedCodes:
-        if not self.training:  # the usual case: no mode switch (it walks every module, ~0.4 ms)
-            return self.quantizer.encode(self.encoder(x).movedim(1, -1))
-        with evaluating(self):  # each module's own mode back after (a part frozen in eval stays there)
+        # eval: no mode switch (it walks every module, ~0.4 ms); training: each module's own mode back after
+        with contextlib.nullcontext() if not self.training else evaluating(self):
             return self.quantizer.encode(self.encoder(x).movedim(1, -1))
 
     def _check_dynamic(self) -> None:
@@ -270,9 +265,8 @@ class Tokenizer(nn.Module):
     def _pad(self, x: Tensor, mult: int = 1) -> Tensor:
         """Pad the trailing axes up to ``mult`` times the stride (replicate for pixels,
         zeros for audio; video time to ``1 + 4k`` frames by repeating the last frame)."""
-        b = self.backbone_config
+        b, tf = self.backbone_config, getattr(self.backbone_config, "temporal_factor", None)
         x = self.media.pad(x, tuple(mult * s for s in b.stride))
-        tf = getattr(b, "temporal_factor", None)
         return x if tf is None else self.media.pad_time(x, tf)
 
     def _check_media(self, x: Tensor, aligned: bool) -> Tensor:
@@ -295,7 +289,8 @@ class Tokenizer(nn.Module):
         return x if x.dtype == weights or torch.is_autocast_enabled(x.device.type) else x.to(weights)
 
     # -- saving and loading ---------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                        training_state: bool = True) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (together: a failed write leaves
         a model saved there before as it was).
 
@@ -303,9 +298,13 @@ class Tokenizer(nn.Module):
             dtype: store floating-point tensors in this type (e.g. ``torch.float16`` to
                 halve the file); tensors whose values would not fit stay as they are.
                 ``from_pretrained`` loads either back into float32.
+            training_state: False leaves out state only training reads (a VQ's EMA sums, which
+                loading rebuilds from the codebook and its counts): a smaller file to ship.
         """
         directory = Path(directory)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        left_out = set() if training_state else {f"{name}.{key}" for name, m in self.named_modules()
+                                                 for key in getattr(m, "training_only_state", ())}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k not in left_out}
         if dtype is not None:
             if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
                 raise ValueError(f"save_pretrained dtype must be a floating-point torch dtype (e.g. torch.float16), got {dtype!r}")

@@ -92,6 +92,7 @@ class VectorQuantizer(Quantizer):
     """
 
     exchanges = True  # statistics summed over ranks in a training step
+    training_only_state = ("embed_sum",)  # see Tokenizer.save_pretrained(training_state=False)
 
     def __init__(
         self,
@@ -345,21 +346,20 @@ class VectorQuantizer(Quantizer):
         if self.learning == "ema":
             self.embed_sum.copy_(torch.where(dead, fresh * reset, self.embed_sum))
         self.cluster_size.copy_(torch.where(dead.squeeze(1), torch.full_like(self.cluster_size, reset), self.cluster_size))
-        n_dead = dead.sum()
-        self.restarts.add_(n_dead)
+        self.restarts.add_(n_dead := dead.sum())
         return n_dead.float()
 
     def _metrics(self, counts: Tensor) -> dict[str, Tensor]:
         dead = self.cluster_size < self.dead_code_threshold
-        return {
-            "perplexity": perplexity(counts),
-            "usage_batch": (counts > 0).float().mean(),
-            "usage_window": 1.0 - dead.float().mean(),
-            "dead_codes": dead.sum().float(),
-        }
+        return {"perplexity": perplexity(counts), "usage_batch": (counts > 0).float().mean(),
+                "usage_window": 1.0 - dead.float().mean(), "dead_codes": dead.sum().float()}
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        sums, embed, size = (prefix + k for k in ("embed_sum", "embed", "cluster_size"))
+        if self.learning == "ema" and sums not in state_dict and embed in state_dict and size in state_dict:
+            n = state_dict[size].float().sum()  # a file saved without training state: the sums its codebook came from
+            state_dict[sums] = state_dict[embed] * ((state_dict[size] + self.eps) / (n + self._size * self.eps) * n)[:, None]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initted = bool(self.initted)  # one sync, at load time
 
     @torch.no_grad()
