@@ -38,7 +38,7 @@ def test_embedded_models_ship_inside_the_package_small_and_named(name):
 def test_speech_model_exposes_the_compression_model_attributes():
     tok = Tokenizer.from_pretrained("speech")
     assert tok.sample_rate == 16000 and tok.frame_rate == pytest.approx(16000 / 240)
-    assert (tok.codebook_size, tok.num_codebooks) == (4096, 1)
+    assert (tok.codebook_size, tok.num_codebooks) == (65536, 1)
     assert Tokenizer.from_pretrained("image").frame_rate is None
 
 
@@ -73,7 +73,7 @@ def test_tvq_encode_of_speech_needs_no_model_and_decodes_at_the_model_rate(sourc
 
 
 def test_speech_model_keeps_a_held_apart_speaker_intelligible(tmp_path):
-    """A floor well under the model card's mean (STOI 0.80 on 25 held-apart speakers),
+    """A floor well under the model card's mean (STOI 0.85 on 25 held-apart speakers),
     so a broken checkpoint or decode path fails while a retrained one passes."""
     pytest.importorskip("pystoi")
     tok = Tokenizer.from_pretrained("speech")
