@@ -268,3 +268,44 @@ def test_gpu_stream_equals_offline():
     got_audio += [dec.push(got_codes[-1]), dec.flush(size=n)]
     assert torch.equal(torch.cat(got_codes), codes)
     torch.testing.assert_close(torch.cat(got_audio, dim=1), audio, atol=1e-4, rtol=0)
+
+
+def test_streams_in_threads_and_an_offline_encode_beside_them_keep_apart():
+    """A stream's carried inputs are its own thread's: two streams of one tokenizer in two
+    threads, and offline encodes in a third, give the offline ids (the state once sat on the
+    shared layers, and a thread switch mid-push handed one stream the other's samples)."""
+    import sys  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    x = speech(16_000)
+    tok = small_tokenizer(x)
+    waves = [x[:8_000], x[8_000:]]
+    offline = [tok.encode(w.view(1, 1, -1))[0] for w in waves]
+    got, errors, stop = {}, [], threading.Event()
+
+    def stream(k):
+        enc = tok.encode_stream()
+        got[k] = torch.cat([enc.push(waves[k][i : i + 80]) for i in range(0, 8_000, 80)] + [enc.flush()])
+
+    def offline_loop():
+        while not stop.is_set():
+            if not torch.equal(tok.encode(waves[0].view(1, 1, -1))[0], offline[0]):
+                errors.append("an offline encode beside the streams differed")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        side = threading.Thread(target=offline_loop)
+        side.start()
+        streams = [threading.Thread(target=stream, args=(k,)) for k in (0, 1)]
+        for t in streams:
+            t.start()
+        for t in streams:
+            t.join()
+        stop.set()
+        side.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:1]
+    for k in (0, 1):
+        assert torch.equal(got[k], offline[k]), f"stream {k}: {(got[k] != offline[k]).sum()} ids differ"

@@ -5,7 +5,7 @@ token frame as soon as it is final; :class:`AudioDecodeStream` takes code frames
 and returns each audio sample as soon as it is final. Both give the same result as
 the offline ``Tokenizer.encode`` / ``Tokenizer.decode`` (tokens equal, audio equal up
 to float rounding) while computing each frame once: every causal convolution keeps
-the last inputs its next frames need (``backbones.audio.Conv1d.carry``, per stream),
+the last inputs its next frames need (:mod:`~tokenizers_vq.backbones.carry`, per stream and thread),
 and the decoder's iSTFT keeps its overlap-add tail. The latents differ from the
 offline ones by float rounding only (~1e-8), so a token can differ only where two
 codewords are equally near to that precision, e.g. duplicate codewords, which decode
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from tokenizers_vq.backbones import carry
 from tokenizers_vq.backbones.audio import Conv1d
 
 if TYPE_CHECKING:
@@ -92,24 +93,13 @@ def _causal_convs(module: nn.Module) -> list[Conv1d]:
     return [m for m in module.modules() if isinstance(m, Conv1d)]
 
 
-_STATE = ("streaming", "carry", "layout_weight")
-
-
-def _run_streaming(convs: list[Conv1d], state: list[tuple], fn: Callable[[], Tensor]) -> tuple[Tensor, list[tuple]]:
-    """``fn()`` with ``convs`` streaming from ``state`` (a stream's: each conv's carried inputs
-    and laid-out weight; ``[]`` at the start); returns its result and the state after it. The
-    modules hold nothing outside the call, so streams of one tokenizer (and its offline calls)
-    do not mix. (Plain attributes, set through ``__dict__``: ``nn.Module.__setattr__`` costs
-    more than a small push's convolutions.)"""
-    for conv, kept in zip(convs, state or [(None, None)] * len(convs)):
-        conv.__dict__.update(zip(_STATE, (True, *kept)))
-    try:
-        with torch.no_grad():
-            out = fn()
-        return out, [(conv.carry, conv.layout_weight) for conv in convs]
-    finally:
-        for conv in convs:
-            conv.__dict__.update(zip(_STATE, (False, None, None)))
+def _run_streaming(convs: list[Conv1d], state: dict | None, fn: Callable[[], Tensor]) -> tuple[Tensor, dict]:
+    """``fn()`` with ``convs`` streaming from ``state`` (a stream's table of their carried inputs
+    and laid-out weights; None at the start); returns its result and the table after it. The
+    state is the stream's and this thread's (:mod:`~tokenizers_vq.backbones.carry`): streams of
+    one tokenizer, its offline calls and other threads do not mix."""
+    with carry.running(convs, state) as table, torch.no_grad():
+        return fn(), table
 
 
 class AudioEncodeStream:
@@ -132,7 +122,7 @@ class AudioEncodeStream:
         self.tok = tok
         self.hop = tok.backbone_config.hop
         self._convs = _causal_convs(tok.encoder)
-        self._carry: list[tuple] = []
+        self._carry: dict | None = None  # the convs' carried state (backbones.carry)
         p = next(tok.encoder.parameters())
         self._buf = torch.zeros(0, dtype=p.dtype, device=p.device)  # samples of the frame not yet complete
         self.samples_in = 0
@@ -214,7 +204,7 @@ class AudioDecodeStream:
         self.code_shape = tuple(tok.quantizer.code_shape)
         dec = tok.decoder
         self._convs = _causal_convs(dec)
-        self._carry: list[tuple] = []
+        self._carry: dict | None = None  # the convs' carried state (backbones.carry)
         self._device = next(dec.parameters()).device
         self._window = dec.window.float()
         n_fft = dec.n_fft

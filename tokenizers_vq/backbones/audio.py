@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokenizers_vq.backbones import carry
 from tokenizers_vq.backbones._blocks import check_input, check_multiple, check_positive
 
 
@@ -77,15 +78,11 @@ class Conv1d(nn.Conv1d):
     the input); the outputs that the right-hand zeros add are cut off, which is the same
     function as padding the input on the left only.
 
-    ``streaming`` (a causal conv, set by :mod:`tokenizers_vq.streaming` while a stream runs
-    it): the left padding is the inputs of the earlier chunks (``carry``, their last
-    ``padding`` samples; zeros before the first), so chunks give the outputs of one pass;
-    ``layout_weight`` keeps the channels-last weight from one chunk to the next (a stream's
-    frames are small: re-laying the weight out was a fifth of a 15 ms push)."""
-
-    streaming: bool = False
-    carry: Tensor | None = None
-    layout_weight: Tensor | None = None
+    While a stream runs it (a causal conv; :mod:`tokenizers_vq.streaming`, state per thread in
+    :mod:`~tokenizers_vq.backbones.carry`), the left padding is the inputs of the earlier chunks
+    (their last ``padding`` samples; zeros before the first), so chunks give the outputs of one
+    pass, and the channels-last weight is laid out once for the stream (a stream's frames are
+    small: re-laying the weight out was a fifth of a 15 ms push)."""
 
     def __init__(
         self, c_in: int, c_out: int, kernel: int, *, stride: int = 1, dilation: int = 1, groups: int = 1, causal: bool
@@ -99,16 +96,16 @@ class Conv1d(nn.Conv1d):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, T)``, or ``(B, C, 1, T)`` channels-last (:func:`_run_channels_last`)."""
-        pad, n = self.padding[0], x.shape[-1] // self.stride[0]
-        if self.streaming and pad:  # (plain attributes: __dict__, not nn.Module's slower __setattr__)
-            x = torch.cat([x.new_zeros(*x.shape[:-1], pad) if self.carry is None else self.carry, x], dim=-1)
-            self.__dict__["carry"], pad = x[..., x.shape[-1] - pad :].clone(), 0
+        pad, n, run = self.padding[0], x.shape[-1] // self.stride[0], carry.of(self)
+        if run is not None and pad:
+            x = torch.cat([x.new_zeros(*x.shape[:-1], pad) if run.inputs is None else run.inputs, x], dim=-1)
+            run.inputs, pad = x[..., x.shape[-1] - pad :].clone(), 0
         if x.ndim == 4:
-            w = self.layout_weight if self.streaming else None
+            w = None if run is None else run.weight
             if w is None:  # (a 1-channel input alone would not tell oneDNN which layout to write)
                 w = self.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
-                if self.streaming:
-                    self.__dict__["layout_weight"] = w
+                if run is not None:
+                    run.weight = w
             y = F.conv2d(x, w, self.bias, (1, self.stride[0]), (0, pad), (1, self.dilation[0]), self.groups)
         else:
             y = F.conv1d(x, self.weight, self.bias, self.stride, pad, self.dilation, self.groups)

@@ -1,6 +1,6 @@
 """Inference over time in chunks of frames, for the causal video backbone: layers that keep
 the frame rate run a few frames at a time, each causal conv carrying its last input frames
-from one chunk to the next (``carry``, ``streaming``), so a large clip's frames come out as
+from one chunk to the next (:mod:`~tokenizers_vq.backbones.carry`), so a large clip's frames come out as
 in one pass with a fraction of the memory."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from contextvars import ContextVar
 
 import torch
 from torch import Tensor
+
+from tokenizers_vq.backbones import carry
 
 _progress: ContextVar[Callable[[int, int], None] | None] = ContextVar("time_chunk_progress", default=None)
 
@@ -69,18 +71,16 @@ def frames_per_chunk(batch: int, frames: int, pixels: int, device: torch.device)
 def run_over_time(stages: list, x: Tensor, chunk: int | None) -> Tensor:
     """``stages`` (modules whose causal convs all have time stride 1; the first may double
     time, ``doubles_time``) applied to ``x`` ``(B, C, T, H, W)``, over the whole clip or in
-    chunks of ``chunk`` input frames: each causal conv (a module with ``carry``) carries its
+    chunks of ``chunk`` input frames: each causal conv (``carries_time``) carries its
     last input frames from one chunk to the next, and norms are per frame, so every output
     frame sees what it sees in one piece."""
     if chunk is None:
         for stage in stages:
             x = stage(x)
         return x
-    convs = [m for s in stages for m in s.modules() if hasattr(m, "carry")]
+    convs = [m for s in stages for m in s.modules() if getattr(m, "carries_time", False)]
     out = None
-    try:
-        for conv in convs:
-            conv.carry, conv.streaming = None, True
+    with carry.running(convs):  # this thread's: another thread's encode of the same model is apart
         done = 0
         for t0 in range(0, x.shape[2], chunk):
             h = x[:, :, t0 : t0 + chunk]
@@ -96,7 +96,4 @@ def run_over_time(stages: list, x: Tensor, chunk: int | None) -> Tensor:
             done += h.shape[2]
             if (report := _progress.get()) is not None:
                 report(min(t0 + chunk, x.shape[2]), x.shape[2])
-    finally:
-        for conv in convs:
-            conv.carry, conv.streaming = None, False
     return out

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokenizers_vq.backbones import carry
 from tokenizers_vq.backbones._blocks import check_input, check_multiple, check_positive, group_norm
 from tokenizers_vq.backbones.time_chunks import frames_per_chunk, run_over_time, time_major
 
@@ -106,12 +107,13 @@ class CausalConv3d(nn.Conv3d):
         st, ss = stride
         super().__init__(c_in, c_out, kernel, stride=(st, ss, ss), padding=(0, kernel // 2, kernel // 2))
         self.time_pad = kernel - 1
-        self.carry: Tensor | None = None  # while run over time in chunks: the last input frames seen
-        self.streaming = False
+
+    carries_time = True  # run over time in chunks, it pads with the earlier chunk's frames
 
     def forward(self, x: Tensor) -> Tensor:
         if self.time_pad:
-            first = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1) if self.carry is None else self.carry
+            run = carry.of(self)  # while run over time in chunks (time_chunks): the last input frames seen
+            first = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1) if run is None or run.inputs is None else run.inputs
             if time_major(x) and not torch.is_grad_enabled():  # keep the layout (cat would not)
                 b, c, t, h, w = x.shape
                 padded = torch.empty((b, c, t + self.time_pad, h, w), dtype=x.dtype, device=x.device,
@@ -119,8 +121,8 @@ class CausalConv3d(nn.Conv3d):
                 x = torch.cat([first, x], dim=2, out=padded)
             else:
                 x = torch.cat([first, x], dim=2)
-            if self.streaming:  # a copy: a view would keep this whole chunk alive until the next
-                self.carry = x[:, :, -self.time_pad:].clone()
+            if run is not None:  # a copy: a view would keep this whole chunk alive until the next
+                run.inputs = x[:, :, -self.time_pad:].clone()
         return super().forward(x)
 
 
@@ -171,7 +173,8 @@ class Upsample3d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         layout = torch.channels_last_3d if time_major(x) else torch.contiguous_format
         if self.time:  # a later chunk of a clip run over time (``run_over_time``) has no first frame
-            x = x.repeat_interleave(2, dim=2)[:, :, (1 if self.conv.carry is None else 0):]
+            first = (run := carry.of(self.conv)) is None or run.inputs is None
+            x = x.repeat_interleave(2, dim=2)[:, :, (1 if first else 0):]
         x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
         return self.conv(x.contiguous(memory_format=layout))  # (the layout it came in)
 
