@@ -305,6 +305,12 @@ def test_vocabulary_offsets_and_special_tokens():
     assert ids.tolist() == [1027, 5122] and v.decode(ids)[0] == "audio"
     with pytest.raises(ValueError, match="out of range"):
         v.encode("image", torch.tensor([1024]))
+    wide = Vocabulary({"text": 65000, "audio": 4096})
+    shard = torch.from_numpy(np.array([0, 4095], dtype="<u2"))  # a shard's documented dtype (raw error before)
+    for codes in (shard, shard.to(torch.int16)):  # int16 ids wrapped past 32767 before
+        assert wide.encode("audio", codes).tolist() == [65003, 69098]
+    with pytest.raises(ValueError, match="must be integers"):
+        v.encode("audio", torch.tensor([1.0]))
 
 
 def test_prior_learns_exported_tokens_and_samples_decode(tmp_path):
@@ -483,6 +489,8 @@ def test_a_token_past_the_codebook_is_refused_when_its_item_is_read(tmp_path, sm
     assert ds.codes(0).max() < 32 and ds.codes(1).max() < 32  # the first shard is whole
     with pytest.raises(ValueError, match=r"shard_00001.bin: item .* holds token 65535, past the codebook's 32 codes"):
         ds[2]
+    with pytest.raises(ValueError, match=r"shard_00001.bin holds token 65535, past the codebook's 32 codes"):
+        ds.unigram_entropy()
 
 
 def test_a_pickled_token_dataset_maps_its_files_again(small_export):

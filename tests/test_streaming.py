@@ -247,7 +247,21 @@ def test_a_bad_flush_size_is_refused_and_the_stream_keeps_its_audio():
     for bad in (600.5, "600", True):
         with pytest.raises(ValueError, match="whole number"):
             dec.flush(size=bad)
+    for lost in (2 * HOP, 3 * HOP + 1):  # ends before the last frame received (frames lost), or past it
+        with pytest.raises(ValueError, match="last of the 3 frames"):
+            dec.flush(size=lost)
     assert dec.flush(size=100).shape == (1, 100 - HOP)  # still open: the held-back samples come out
+
+
+def test_frames_first_blocks_are_named_with_the_mix_that_keeps_their_samples():
+    torch.manual_seed(0)
+    tok = Tokenizer(TokenizerConfig("audio", SMALL, QuantizerConfig("vq", {"codebook_size": 8}))).eval()
+    enc = tok.encode_stream()
+    with pytest.raises(ValueError, match=r"chunk.mean\(-1\): it is \(frames, channels\)"):
+        enc.push(torch.randn(480, 2) * 0.1)  # as sounddevice and PyAudio deliver a block
+    with pytest.raises(ValueError, match=r"chunk.mean\(0\) for \(channels, n\)"):
+        enc.push(torch.randn(2, 480) * 0.1)
+    assert enc.samples_in == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -227,3 +227,20 @@ def test_audio_named_in_bytes_that_are_not_utf8_encodes_and_decodes(tmp_path):
                           str(model), "-o", f"{folder}/"], capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert run.returncode == 0, run.stderr.decode(errors="replace")
     assert b"take\xff1.wav" in run.stdout and os.listdir(os.fsencode(folder)) == [b"take\xff1.wav"]
+
+
+def test_a_record_the_file_could_not_give_back_is_refused_before_writing(tmp_path, image_model):
+    """An empty item (a stream flushed before any audio) or codes that do not fit their size
+    made a file that no reader would open, losing its good items too."""
+    from tokenizers_vq.tokens import TokenRecord, save_tokens  # noqa: PLC0415
+
+    tok = Tokenizer.from_pretrained(image_model)
+    good = TokenRecord(tok.encode(torch.rand(1, 3, 16, 16) * 2 - 1)[0], "a.png", [16, 16])
+    path = tmp_path / "t.tvq"
+    for bad, words in ((TokenRecord(good.codes[:0], "b.png", []), "not positive whole numbers"),
+                       (TokenRecord(good.codes, "c.png", [64, 64]), "codes of shape")):
+        with pytest.raises(ValueError, match=words):
+            save_tokens(path, tok, [good, bad])
+        assert not path.exists()
+    save_tokens(path, tok, [good])
+    assert torch.equal(load_tokens(path)[1][0].codes, good.codes)

@@ -149,8 +149,10 @@ class AudioEncodeStream:
         if not isinstance(chunk, Tensor) or not chunk.is_floating_point():
             raise ValueError(f"audio chunks must be floating-point tensors: {self.tok.media.input_scale}")
         if chunk.ndim not in (1, 2, 3) or any(s != 1 for s in chunk.shape[:-1]):
+            frames_first = chunk.ndim == 2 and chunk.shape[1] <= 8 < chunk.shape[0]  # (frames, channels), as audio I/O gives
+            mix = "chunk.mean(-1): it is (frames, channels)" if frames_first else "chunk.mean(0) for (channels, n)"
             raise ValueError(f"audio chunks must be (n,), (1, n) or (1, 1, n) mono samples, got {tuple(chunk.shape)} "
-                             "(mix channels (C, n) to mono first: chunk.mean(0))")
+                             f"(mix channels to mono first: {mix})")
         if chunk.numel():
             self.tok.media.check_range(self.tok.media.input_range(chunk.reshape(1, -1)))
         self._buf = torch.cat([self._buf, chunk.reshape(-1).to(self._buf)])
@@ -260,16 +262,21 @@ class AudioDecodeStream:
                 ``frames_in * hop``.
 
         Raises:
-            ValueError: ``size`` is not a whole number or is below the samples already
-                returned (the stream stays open).
+            ValueError: ``size`` is not a whole number, is below the samples already returned, or
+                does not end in the last frame received (frames lost on the way, as ``decode``
+                refuses codes that do not fit a size; the stream stays open).
         """
         if self._closed:
             raise ValueError("the stream is already flushed")
         if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral)):
             raise ValueError(f"size must be a whole number of samples, got {size!r}")
-        end = self.frames_in * self.hop if size is None else min(int(size), self.frames_in * self.hop)
+        end = self.frames_in * self.hop if size is None else int(size)
         if end < self.samples_out:
             raise ValueError(f"size={size} is below the {self.samples_out} samples already returned")
+        if not (self.frames_in - 1) * self.hop < end <= self.frames_in * self.hop and (end or self.frames_in):
+            raise ValueError(f"size={size} does not end in the last of the {self.frames_in} frames received "
+                             f"(samples {max(0, self.frames_in - 1) * self.hop + 1}-{self.frames_in * self.hop}): "
+                             "were frames lost on the way? (a stream's size is its encoder's samples_in)")
         self._closed = True
         if end == self.samples_out:
             return torch.zeros(1, 0, device=self._device)

@@ -240,8 +240,14 @@ class TokenDataset(Dataset):
     def unigram_entropy(self) -> float:
         """Entropy (nats/token) of the code distribution over the whole export."""
         counts = np.zeros(self.manifest["codebook_size"], dtype=np.int64)
-        for a in self.arrays:
-            counts += np.bincount(np.asarray(a), minlength=len(counts))
+        for k, a in enumerate(self.arrays):
+            found = np.bincount(np.asarray(a), minlength=len(counts))
+            if len(found) > len(counts):
+                shard = self.manifest["shards"][k]
+                raise ValueError(f"{self.dir / shard}.bin holds token {len(found) - 1}, past the codebook's "
+                                 f"{len(counts)} codes: the shard is damaged; delete {shard}.* there and run the "
+                                 "export again to encode it again")
+            counts += found
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
 
@@ -271,6 +277,10 @@ class Vocabulary:
         self.size = start
 
     def encode(self, stream: str, codes: torch.Tensor) -> torch.Tensor:
+        """Ids (int64) of ``codes`` of ``stream``, any integer dtype (a shard's uint16 included)."""
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"codes of stream {stream!r} must be integers, got {codes.dtype}")
+        codes = codes.long()  # (a uint64 past int64 wraps below 0: refused below)
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.sizes[stream]):
             raise ValueError(f"codes out of range for stream {stream!r} of size {self.sizes[stream]}")
         return codes + self.offsets[stream]

@@ -176,7 +176,18 @@ def save_media(tok: Tokenizer, media: Tensor, rec: TokenRecord, path: str | os.P
 
 
 def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[TokenRecord]) -> Path:
-    """Write records to a token file atomically."""
+    """Write records to a token file atomically.
+
+    Raises:
+        ValueError: a record that the file could not give back: a size that is not positive whole
+            numbers (an empty stream's), or codes that do not fit it (:func:`check_grid`); named
+            before anything is written.
+    """
+    for i, r in enumerate(records):
+        if not (isinstance(r.size, (list, tuple)) and r.size and all(type(n) is int and n > 0 for n in r.size)):
+            raise ValueError(f"record {i} ({r.source}): size {r.size!r} is not positive whole numbers; leave out an "
+                             "item with no samples or pixels (e.g. a stream flushed before any audio)")
+        check_grid(tok, r, f"record {i} ({r.source})")
     q = tok.quantizer
     dtype = torch.int32 if q.codebook_size <= 2**31 else torch.int64
     tensors = {f"codes.{i}": r.codes.to(dtype).contiguous() for i, r in enumerate(records)}

@@ -17,7 +17,7 @@ def test_captured_inputs_give_the_tokenizers_own_ids():
     x, _, _ = load_input(shared_path("audio", "librispeech_train-clean-100", "103-1240-0000.flac"), "audio", 16000)
     x = x[:, :32000].unsqueeze(0)
     queries, cb, metric = quantizer_inputs(tok, x)
-    assert metric == "cosine" and cb.shape == (4096, 16)
+    assert metric == "cosine" and cb.shape == (tok.codebook_size, 16) and tok.codebook_size > 1
     _, ids = nearest_codes_reference(queries, cb, metric)
     assert torch.equal(ids, tok.encode(x).flatten())
 
