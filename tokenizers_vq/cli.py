@@ -373,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path that is not what it must be (a file where a folder is needed, ...)
         print(f"tvq: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("tvq: interrupted (files already written are complete; an export resumes when run again)",
+    except KeyboardInterrupt as e:  # (training's says where it saved)
+        print(f"tvq: interrupted ({e or 'files already written are complete; an export resumes when run again'})",
               file=sys.stderr)
         return 130
 

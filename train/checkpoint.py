@@ -9,9 +9,13 @@ Layout of ``<out_dir>/checkpoint/``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +228,31 @@ def check_run_folder(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file: name a folder for the run")
     check_can_write(out_dir / "metrics.jsonl")  # OSError (permissions, read-only) names the folder
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C at the end of a step, after saving it (the message says where)."""
+
+
+@contextlib.contextmanager
+def interrupt_at_step_end(enabled: bool) -> Iterator[Callable[[], bool]]:
+    """Inside the block, Ctrl-C (SIGINT) is noted instead of raised, for the loop to read at the
+    end of its step (the function yielded) and save a whole step; a second Ctrl-C raises at
+    once. Only where ``enabled`` (one process: ranks would note it at different steps) and in
+    the main thread (where Python runs signal handlers); elsewhere nothing changes."""
+    pressed: list[bool] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def note(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+        print("\ninterrupted: saving at the end of this step (Ctrl-C again to stop at once)", flush=True)
+
+    before = signal.signal(signal.SIGINT, note)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, before)

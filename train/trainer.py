@@ -23,19 +23,10 @@ from tokenizers_vq import samples
 from tokenizers_vq.distributed import all_reduce_sum_
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
-from tokenizers_vq.train.checkpoint import (
-    changed_settings,
-    check_run_folder,
-    stop_if_nonfinite,
-    find_checkpoint,
-    load_checkpoint,
-    optimizer_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    state_hashes,
-    truncate_log,
-)
+from tokenizers_vq.train.checkpoint import (Interrupted, changed_settings, check_run_folder, find_checkpoint,
+                                            interrupt_at_step_end, load_checkpoint, optimizer_state, rng_state,
+                                            save_checkpoint, set_rng_state, state_hashes, stop_if_nonfinite,
+                                            truncate_log)
 from tokenizers_vq.train.config import TrainConfig, check_config, config_to_dict
 from tokenizers_vq.train.data import MediaFolder, check_grid, list_files, segment_samples, split_files, warn_undersized
 from tokenizers_vq.train.discriminators import build_discriminator
@@ -230,41 +221,46 @@ class Trainer:
             return {**summary, "steps": self.step, "already_trained": True}
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.acc.is_main_process)
         items_per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
-        while self.step < cfg.steps:
-            self.model.train()
-            logs: dict[str, Any] = {}
-            for micro in range(cfg.grad_accum):
-                x = self.train_data.batch(
-                    cfg.batch_size, self.crop, cfg.seed, self.step * cfg.grad_accum + micro,
-                    self.acc.process_index, cfg.data.clip_frames,
-                ).to(self.acc.device)
-                models = [self.model] + ([self.disc] if self.disc is not None else [])
-                with self.acc.accumulate(*models):
-                    rec, logs = self.generator_step(x)
-                    if self._gan_active():
-                        logs.update(self.discriminator_step(x, rec))
-            self._update_ema()
-            if self.acc.scaler is None:  # (fp16: the loss scaler skips a step whose gradients overflow)
-                self._nonfinite |= ~torch.isfinite(logs["loss/total"])  # on the device: no wait for the GPU
-            self.step += 1
-            bar.update(1)
-            elapsed = time.time() - start
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                rate = (self.step - start_step) / max(elapsed, 1e-9)
-                logs = {k: float(v) for k, v in logs.items()}
-                logs.update(step=self.step, steps_per_s=rate, items_per_s=rate * items_per_step)
-                bar.set_postfix(loss=f"{logs['loss/total']:.4f}")
-                if self.acc.is_main_process:  # strict JSON: a NaN or Inf term is logged as null
-                    with log_path.open("a") as f:
-                        f.write(json.dumps({k: v if math.isfinite(v) else None for k, v in logs.items()}) + "\n")
-                stop_if_nonfinite(self._nonfinite, self.acc.num_processes, self.step, self.out_dir / "checkpoint")
-            out_of_time = cfg.max_minutes > 0 and self._out_of_time(elapsed, cfg.max_minutes * 60, start_step)
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps or out_of_time:
-                self.save()  # before the samples: a failure there must not cost the steps since the last save
-            if cfg.sample_every > 0 and (self.step % cfg.sample_every == 0 or self.step == cfg.steps or out_of_time):
-                self.write_samples()
-            if out_of_time:
-                break
+        with interrupt_at_step_end(self.acc.num_processes == 1) as interrupted:
+            while self.step < cfg.steps:
+                self.model.train()
+                logs: dict[str, Any] = {}
+                for micro in range(cfg.grad_accum):
+                    x = self.train_data.batch(
+                        cfg.batch_size, self.crop, cfg.seed, self.step * cfg.grad_accum + micro,
+                        self.acc.process_index, cfg.data.clip_frames,
+                    ).to(self.acc.device)
+                    models = [self.model] + ([self.disc] if self.disc is not None else [])
+                    with self.acc.accumulate(*models):
+                        rec, logs = self.generator_step(x)
+                        if self._gan_active():
+                            logs.update(self.discriminator_step(x, rec))
+                self._update_ema()
+                if self.acc.scaler is None:  # (fp16: the loss scaler skips a step whose gradients overflow)
+                    self._nonfinite |= ~torch.isfinite(logs["loss/total"])  # on the device: no wait for the GPU
+                self.step += 1
+                bar.update(1)
+                elapsed = time.time() - start
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    rate = (self.step - start_step) / max(elapsed, 1e-9)
+                    logs = {k: float(v) for k, v in logs.items()}
+                    logs.update(step=self.step, steps_per_s=rate, items_per_s=rate * items_per_step)
+                    bar.set_postfix(loss=f"{logs['loss/total']:.4f}")
+                    if self.acc.is_main_process:  # strict JSON: a NaN or Inf term is logged as null
+                        with log_path.open("a") as f:
+                            f.write(json.dumps({k: v if math.isfinite(v) else None for k, v in logs.items()}) + "\n")
+                    stop_if_nonfinite(self._nonfinite, self.acc.num_processes, self.step, self.out_dir / "checkpoint")
+                out_of_time = cfg.max_minutes > 0 and self._out_of_time(elapsed, cfg.max_minutes * 60, start_step)
+                stop = interrupted()  # Ctrl-C during the step: save it whole, then stop
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps or out_of_time or stop:
+                    self.save()  # before the samples: a failure there must not cost the steps since the last save
+                if cfg.sample_every > 0 and (self.step % cfg.sample_every == 0 or self.step == cfg.steps or out_of_time):
+                    self.write_samples()
+                if stop:
+                    raise Interrupted(f"training saved at step {self.step} in {self.out_dir / 'checkpoint'}; "
+                                      "the same command resumes it")
+                if out_of_time:
+                    break
         bar.close()
         elapsed = time.time() - start
         rate = (self.step - start_step) / max(elapsed, 1e-9)
