@@ -38,10 +38,9 @@ def _encode(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-pixels {args.max_pixels}: expected a pixel count >= 1, or 0 for no limit")
     default = None if args.model else default_model_name(args.files)
     tok = _load_model(args, default)
-    out = encode_files(tok, args.files, args.output, max_pixels=args.max_pixels or None)
-    print(f"wrote {out}")
     from tokenizers_vq.media import uncoded_parts  # noqa: PLC0415
 
+    print(f"wrote {encode_files(tok, args.files, args.output, max_pixels=args.max_pixels or None)}")
     for note in uncoded_parts(tok.modality, args.files):
         print(f"tvq: note: {note}", file=sys.stderr)
     return 0
@@ -232,12 +231,13 @@ def _prior(args: argparse.Namespace) -> int:
                          f"(codebook {manifest.get('codebook_size')}), but the model is {tok.modality} "
                          f"{tok.config.name!r} (codebook {tok.quantizer.codebook_size}): pass --model of the model "
                          "that wrote them")
-    device = str(next(tok.parameters()).device)
+    heads = max(h for h in range(1, max(1, args.width // 64) + 1) if args.width % h == 0)  # about 64 wide, dividing it
     cfg = PriorTrainConfig(export_dir=args.tokens, out_dir=args.out, window=args.window, steps=args.steps,
                            batch_size=args.batch_size, max_minutes=args.max_minutes,
-                           prior=PriorConfig(n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64)))
-    prior, summary = train_prior(cfg, device)
-    print(f"validation {summary['val_nats_per_token']:.3f} nats/token vs unigram entropy {summary['unigram_entropy_nats']:.3f}")
+                           prior=PriorConfig(n_layer=args.layers, n_embd=args.width, n_head=heads))
+    prior, summary = train_prior(cfg, str(next(tok.parameters()).device))
+    print(f"validation {summary['val_nats_per_token']:.3f} nats/token vs unigram entropy "
+          f"{summary['unigram_entropy_nats']:.3f}; the prior is in {args.out} (TokenPrior.load)")
     if tok.modality == "image":
         sample_images(prior, tok, 8, args.window, Path(args.out) / "samples.png", top_k=args.top_k)
         print(f"wrote {Path(args.out) / 'samples.png'}")

@@ -7,8 +7,11 @@ embeddings and an optional class token; sampling with temperature, top-k and top
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +68,30 @@ class TokenPrior(nn.Module):
         self.ln = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.apply(self._init)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``prior_config.json`` and ``prior.safetensors`` into ``directory`` (together)."""
+        from tokenizers_vq.io import atomic_write_all, save_safetensors  # noqa: PLC0415
+
+        directory = Path(directory)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        text = json.dumps(asdict(self.cfg), indent=1)
+        atomic_write_all({directory / "prior.safetensors": lambda tmp: save_safetensors(state, tmp),
+                          directory / "prior_config.json": lambda tmp: Path(tmp).write_text(text)})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, map_location: str = "cpu") -> TokenPrior:
+        """The prior :meth:`save` wrote into ``directory`` (``tvq prior --out``)."""
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        directory = Path(directory)
+        for name in ("prior_config.json", "prior.safetensors"):
+            if not (directory / name).is_file():
+                raise ValueError(f"not a saved prior: {directory / name} is missing (tvq prior --out writes both)")
+        prior = cls(PriorConfig(**json.loads((directory / "prior_config.json").read_text())))
+        prior.load_state_dict(load_file(directory / "prior.safetensors"))
+        return prior.to(map_location).eval()
 
     @staticmethod
     def _init(m: nn.Module) -> None:

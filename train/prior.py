@@ -109,7 +109,8 @@ def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior,
     pcfg = PriorConfig(**{**asdict(cfg.prior), "vocab_size": ds.manifest["codebook_size"], "block_size": length})
     prior = TokenPrior(pcfg).to(device)
     opt = torch.optim.AdamW(prior.parameters(), cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    warm = min(100, max(1, cfg.steps // 10))  # a short run is not spent warming up
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     val = _windows(ds, val_items, cfg.window, grid_axes, cfg.val_windows, torch.Generator().manual_seed(1234)).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
@@ -136,6 +137,7 @@ def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior,
         "history": history,
         "config": asdict(cfg),
     }
+    prior.save(out)  # prior.safetensors + prior_config.json: TokenPrior.load(out)
     (out / "prior_summary.json").write_text(json.dumps(summary, indent=1))
     return prior, summary
 
