@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from tokenizers_vq import samples
 from tokenizers_vq.distributed import all_reduce_sum_
+from tokenizers_vq.media import left_out
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.train.checkpoint import (Interrupted, changed_settings, check_run_folder, find_checkpoint,
@@ -112,6 +114,11 @@ class Trainer:
         self.train_data = MediaFolder(train_files, cfg.model.modality, sr, d.max_frames,
                                       stills, d.stills_fraction, d.max_pan)
         self.val_files = val_files
+        if self.acc.is_main_process:  # what the run leaves out of its folders, and what it reads
+            for folder in dict.fromkeys(f for f in (d.train, d.val) if f):
+                for note in left_out(folder, cfg.model.modality, {Path(cfg.out_dir) / "samples"}):
+                    tqdm.write(note, file=sys.stderr)
+            tqdm.write(f"data: {len(train_files)} training files, {len(val_files)} held apart", file=sys.stderr)
         # audio segments: a whole number of latent frames
         self.crop = segment_samples(d.segment_seconds, sr, self.unwrapped.backbone_config.hop) if sr else d.crop
         warn_undersized(self.train_data, self.crop, d.clip_frames, "data.segment_seconds" if sr else "data.crop")

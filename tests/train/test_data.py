@@ -109,6 +109,11 @@ def test_a_validation_fraction_that_leaves_nothing_to_train_on_is_named():
 
     files = [Path(f"{i}.png") for i in range(4)]
     assert split_files(files, None, 0.25) == (files[:3], files[3:])
-    assert split_files(files[:1], None, 0.25) == (files[:1], [])  # rounds to none held apart
+    assert split_files(files[:1], None, 0.25) == (files[:1], [])  # one file: nothing to hold apart
+    assert split_files(files, None, 0.1) == (files[:3], files[3:])  # rounds to none: one held apart all the same
+    val = [files[3], Path("val/9.png")]  # a validation folder inside the training one: its files not trained on
+    assert split_files(files, val, 0.0) == (files[:3], val)
+    with pytest.raises(ValueError, match="every file of data.train is in data.val"):
+        split_files(files[:1], files[:1], 0.0)
     with pytest.raises(ValueError, match=r"data.val_fraction=0.9 holds all 2 files .*lower data.val_fraction"):
         split_files(files[:2], None, 0.9)

@@ -158,3 +158,19 @@ def test_ctrl_c_saves_the_step_it_interrupts_and_the_run_resumes_from_it(tmp_pat
     resumed.train()
     a, b = (Tokenizer.from_pretrained(tmp_path / d / "checkpoint" / "model").state_dict() for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_names_what_it_leaves_out_and_counts_what_it_reads(tmp_path, capsys):
+    """Files of a type the library does not read were skipped without a word (export and eval
+    name them), and a validation folder inside the training folder was trained on."""
+    from testdata import small_photos  # noqa: PLC0415
+
+    photos = small_photos(tmp_path / "data", 3, side=48)
+    (tmp_path / "data" / "phone.heic").write_bytes(b"\0" * 64)
+    val = small_photos(tmp_path / "data" / "val", 1, side=48)
+    run = Trainer(config("image", tmp_path / "run", 1, **{"data.train": str(tmp_path / "data"),
+                                                          "data.val": str(tmp_path / "data" / "val")}))
+    err = capsys.readouterr().err
+    assert "phone.heic" in err and "(.heic), left out" in err
+    assert "data: 3 training files, 1 held apart" in err
+    assert sorted(run.train_data.files) == sorted(photos) and run.val_files == val
