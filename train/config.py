@@ -293,6 +293,9 @@ def check_config(cfg: TrainConfig) -> None:
         _at_least(f"data.{key}", getattr(d, key), 1)
     for key in ("max_items", "max_pan"):
         _at_least(f"data.{key}", getattr(d, key), 0)
+    if cfg.model.modality == "video" and d.max_frames < d.clip_frames:
+        raise ValueError(f"data.max_frames={d.max_frames} reads fewer frames per file than a training clip takes "
+                         f"(data.clip_frames={d.clip_frames}): raise data.max_frames or lower data.clip_frames")
     _at_least("data.segment_seconds", d.segment_seconds, 1e-3, kind=float)
     _at_least("data.val_fraction", d.val_fraction, 0, below=1, kind=float)
     if not (isinstance(d.stills_fraction, (int, float)) and 0 <= d.stills_fraction <= 1):

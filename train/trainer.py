@@ -239,9 +239,10 @@ class Trainer:
                     ).to(self.acc.device)
                     models = [self.model] + ([self.disc] if self.disc is not None else [])
                     with self.acc.accumulate(*models):
-                        rec, logs = self.generator_step(x)
+                        rec, part = self.generator_step(x)
                         if self._gan_active():
-                            logs.update(self.discriminator_step(x, rec))
+                            part.update(self.discriminator_step(x, rec))
+                    logs = {k: logs.get(k, 0) + v / cfg.grad_accum for k, v in part.items()}  # the step's mean
                 self._update_ema()
                 if self.acc.scaler is None:  # (fp16: the loss scaler skips a step whose gradients overflow)
                     self._nonfinite |= ~torch.isfinite(logs["loss/total"])  # on the device: no wait for the GPU

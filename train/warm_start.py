@@ -20,7 +20,8 @@ def warm_start(model: Tokenizer, source: str, init_quantizer: str = "all") -> No
     (``decoder_res_blocks``, all else equal) takes the source's decoder with the added
     blocks starting as the identity: it reconstructs exactly as the source at step 0."""
     directory = Path(source)
-    for inner in ("model", "checkpoint/model"):  # a checkpoint folder, or a run's out_dir
+    # a checkpoint folder, or a run's out_dir (whose save cut short left the last one as checkpoint.old)
+    for inner in ("model", "checkpoint/model", "checkpoint.old/model"):
         if not (directory / "config.json").is_file() and (directory / inner / "config.json").is_file():
             directory = directory / inner
     src = Tokenizer.from_pretrained(source if source in PRETRAINED else directory)

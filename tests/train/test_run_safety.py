@@ -97,6 +97,9 @@ def test_an_init_from_may_name_a_runs_out_dir(tmp_path):
     warm = Trainer(config("image", tmp_path / "b", 1, init_from=str(tmp_path / "a")))
     src = Tokenizer.from_pretrained(tmp_path / "a" / "checkpoint" / "model")
     assert all(torch.equal(m, s) for m, s in zip(warm.unwrapped.parameters(), src.parameters(), strict=True))
+    (tmp_path / "a" / "checkpoint").rename(tmp_path / "a" / "checkpoint.old")  # a save cut short keeps the last as .old
+    warm = Trainer(config("image", tmp_path / "c", 1, init_from=str(tmp_path / "a")))
+    assert all(torch.equal(m, s) for m, s in zip(warm.unwrapped.parameters(), src.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("modality,over,named", [
@@ -174,3 +177,20 @@ def test_a_run_names_what_it_leaves_out_and_counts_what_it_reads(tmp_path, capsy
     assert "phone.heic" in err and "(.heic), left out" in err
     assert "data: 3 training files, 1 held apart" in err
     assert sorted(run.train_data.files) == sorted(photos) and run.val_files == val
+
+
+def test_with_gradient_accumulation_the_log_is_the_mean_of_the_micro_batches(tmp_path, monkeypatch):
+    run = Trainer(config("image", tmp_path / "run", 2, grad_accum=2))
+    real, seen = run.generator_step, []
+
+    def recorded(x):
+        rec, logs = real(x)
+        seen.append(float(logs["loss/total"]))
+        return rec, logs
+
+    monkeypatch.setattr(run, "generator_step", recorded)
+    run.train()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(seen) == 4 and seen[0] != seen[1]  # two micro-batches a step, of other items
+    for line, pair in zip(lines, (seen[:2], seen[2:])):
+        assert line["loss/total"] == pytest.approx(sum(pair) / 2, rel=1e-6)  # the last micro-batch's alone before

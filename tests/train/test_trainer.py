@@ -257,6 +257,8 @@ def test_config_overrides_are_checked(tmp_path):
     assert isinstance(load_config(None, ["optim.grad_clip=2"]).optim.grad_clip, float)
     assert load_config(None, ["data.val=", "init_from="]).init_from == ""  # an empty value: none, as the default
     assert load_config(None, ["out_dir='2024'"]).out_dir == "2024"  # quoted as the message says
+    with pytest.raises(ValueError, match=r"data.max_frames=4 reads fewer frames .*data.clip_frames=9"):
+        load_config("train/configs/video.yaml", ["data.max_frames=4", "data.clip_frames=9"])  # 5 frozen frames a clip
 
 
 def test_a_training_file_past_the_input_range_is_named_at_load(tmp_path):
