@@ -59,6 +59,22 @@ def test_audio_reconstruction_terms_include_spectral_losses():
     assert set(skipped) == {"l1", "l2", "mel"}  # a term weighted 0 is not computed
 
 
+def test_the_stft_loss_of_a_silent_target_stays_in_scale_and_speech_keeps_its_value():
+    from tokenizers_vq.spectral import STFT_RESOLUTIONS, stft_magnitude  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    noise = torch.randn(2, 1, 16000) * 1e-3
+    silent = reconstruction_terms(noise, torch.zeros(2, 1, 16000), "audio", 16000)["stft"]
+    assert 0 < float(silent) < 20  # 5e5 when the spectral convergence divided by a silent target's norm
+    x = torch.randn(2, 1, 16000) * 0.1
+    y = x + 0.01 * torch.randn_like(x)
+    whole = 0.0  # the batch-wide spectral convergence of a target that is not silent, as before
+    for n in STFT_RESOLUTIONS:
+        mx, my = stft_magnitude(x, n, n // 4), stft_magnitude(y, n, n // 4)
+        whole += float((my - mx).norm() / my.norm() + (torch.log(my + 1e-5) - torch.log(mx + 1e-5)).abs().mean())
+    assert float(reconstruction_terms(x, y, "audio", 16000)["stft"]) == pytest.approx(whole / 3, rel=1e-5)
+
+
 @pytest.mark.parametrize("modality,shape", [("image", (2, 3, 64, 64)), ("video", (1, 3, 5, 32, 32)), ("audio", (2, 1, 8000))])
 def test_discriminators_give_logits_and_features_with_gradients(modality, shape):
     d = build_discriminator(modality)
