@@ -292,8 +292,7 @@ class Trainer:
             return elapsed > limit
         if self.step % TIME_CHECK_STEPS:
             return False
-        per_step = elapsed / max(1, self.step - start_step)
-        mine = elapsed + TIME_CHECK_STEPS * per_step > limit
+        mine = elapsed + TIME_CHECK_STEPS * elapsed / max(1, self.step - start_step) > limit  # the next check's time
         return bool(all_reduce_sum_(torch.tensor([float(mine)], device=self.acc.device)) > 0)
 
     def close(self) -> None:
@@ -355,7 +354,9 @@ class Trainer:
         parts, meta = load_checkpoint(directory)
         saved = meta["config"]["model"]  # rebuilt too: config fields added since it was saved read as defaults
         if asdict(self.cfg.model) not in (saved, asdict(type(self.cfg.model).from_dict(saved))):
-            raise ValueError(f"checkpoint {directory} was trained with another model config; use a new out_dir")
+            changed = changed_settings(asdict(type(self.cfg.model).from_dict(saved)), asdict(self.cfg.model), "model.")
+            raise ValueError(f"checkpoint {directory} was trained with another model config ({'; '.join(changed[:4])}): "
+                             f"resume with it as it was, or train in a new out_dir with --init_from {directory}")
         for name, on, setting in (("ema", self.ema, "ema_decay=0"), ("disc", self.disc, "loss.adversarial=0"),
                                   ("lecam", self.lecam, "loss.lecam=0")):
             if on is not None and name not in parts:

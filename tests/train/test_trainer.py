@@ -302,7 +302,7 @@ def test_a_checkpoint_saved_before_new_config_fields_still_resumes(tmp_path):
     assert Trainer(config("image", tmp_path, 4, **over)).step == 2
     meta["config"]["model"]["quantizer"]["levels"] = 3
     state.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="another model config"):
+    with pytest.raises(ValueError, match=r"another model config \(model.quantizer.levels: 3 -> 1\): .*--init_from"):
         Trainer(config("image", tmp_path, 4, **over))
 
 
