@@ -323,3 +323,43 @@ def test_streams_in_threads_and_an_offline_encode_beside_them_keep_apart():
     assert not errors, errors[:1]
     for k in (0, 1):
         assert torch.equal(got[k], offline[k]), f"stream {k}: {(got[k] != offline[k]).sum()} ids differ"
+
+
+def test_a_compiled_model_is_refused_by_streams():
+    """A compiled graph does not carry a stream's samples from push to push (87 of 100 ids
+    differed): the stream refuses it, when it starts and when the model is compiled later."""
+    torch.manual_seed(0)
+    tok = Tokenizer(TokenizerConfig("audio", SMALL, QuantizerConfig("vq", {"codebook_size": 8}))).eval()
+    enc = tok.encode_stream()
+    tok.encoder.compile()  # (compiles lazily: the refusals come before any call)
+    with pytest.raises(ValueError, match="compiled"):
+        enc.push(torch.zeros(400))
+    with pytest.raises(ValueError, match="compiled"):
+        tok.encode_stream()
+    tok.encoder = tok.encoder._orig_mod if hasattr(tok.encoder, "_orig_mod") else tok.encoder
+    tok.decoder = torch.compile(tok.decoder)
+    with pytest.raises(ValueError, match="compiled"):
+        tok.decode_stream()
+
+
+def test_a_push_that_fails_part_way_leaves_the_stream_as_it_was(monkeypatch):
+    x = speech(4_000)
+    tok = small_tokenizer(x, chunk_frames=10, chunk_context=30)
+    offline = tok.encode(x.view(1, 1, -1))[0]
+    enc = tok.encode_stream()
+    first = enc.push(x[:1_000])
+    real, calls = tok.quantizer.encode, []
+
+    def second_chunk_fails(z, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("latent out of range")
+        return real(z, *a, **k)
+
+    monkeypatch.setattr(tok.quantizer, "encode", second_chunk_fails)
+    with pytest.raises(ValueError, match="out of range"):
+        enc.push(x[1_000:3_000])  # 50 frames: 5 chunks of 10
+    assert enc.samples_in == 1_000 and enc.frames_out == first.shape[0]
+    monkeypatch.setattr(tok.quantizer, "encode", real)
+    rest = [enc.push(x[1_000:3_000]), enc.push(x[3_000:]), enc.flush()]
+    assert torch.equal(torch.cat([first, *rest]), offline)

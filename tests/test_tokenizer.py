@@ -90,6 +90,10 @@ def test_a_file_without_training_state_codes_the_same_and_rebuilds_the_ema_sums(
     again = Tokenizer.from_pretrained(tmp_path / "slim")
     x = torch.rand(1, 3, 20, 24) * 2 - 1
     assert torch.equal(again.encode(x), tok.encode(x))
+    from tokenizers_vq.export_record import weights_sha256  # noqa: PLC0415
+
+    full_copy = Tokenizer.from_pretrained(tmp_path / "full")  # both copies are one model to token files
+    assert weights_sha256(again) == weights_sha256(full_copy) != weights_sha256(full_copy, full=True)
     # the rebuilt sums give back the stored codebook (cosine: its directions, the sums' lengths are
     # not kept), so a run warm-started from the file goes on nearly as the saved one would
     a, b = again.quantizer.embed_sum, tok.quantizer.embed_sum

@@ -71,6 +71,7 @@ from tokenizers_vq.export_record import (
     claim,
     drop_replaced,
     fingerprint,
+    weights_sha256,
 )
 from tokenizers_vq.io import atomic_write, check_can_write, write_bytes
 from tokenizers_vq.runtime import keep_freed_memory
@@ -224,7 +225,7 @@ def export_dataset(
         error = None
         if (rank == 0) == (turn == 0):
             try:
-                claim(out, fp, overwrite and rank == 0)
+                claim(out, fp, overwrite and rank == 0, weights_sha256(tok, full=True))
             except Exception as e:  # noqa: BLE001  (raised below on every rank)
                 error = e
         try:

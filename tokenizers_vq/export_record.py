@@ -52,11 +52,21 @@ def _input_entry(path: Path | TarSample) -> list[Any]:
     return [str(path), sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
 
 
-def weights_sha256(tok: Tokenizer) -> str:
-    """Hex sha256 over the state dict by name: each tensor's name, dtype, shape and bytes."""
+def weights_sha256(tok: Tokenizer, full: bool = False) -> str:
+    """Hex sha256 over the state dict by name: each tensor's name, dtype, shape and bytes, less
+    the state only training reads (``training_only_state``: a VQ's EMA sums, which a file saved
+    without them rebuilds at load, so both copies of a model hash alike); ``full`` includes it
+    (how files written before recorded their model)."""
     state = tok.state_dict()
+    if not full:
+        state = {k: v for k, v in state.items() if k not in training_only_keys(tok)}
     parts = ((f"{k} {state[k].dtype} {list(state[k].shape)}", state[k]) for k in sorted(state))
     return tensor_sha256(*(x for pair in parts for x in pair))
+
+
+def training_only_keys(tok: Tokenizer) -> set[str]:
+    """State-dict keys that only training reads (see ``Tokenizer.save_pretrained``)."""
+    return {f"{name}.{key}" for name, m in tok.named_modules() for key in getattr(m, "training_only_state", ())}
 
 
 def fingerprint(tok: Tokenizer, files: Sequence[Path], options: dict[str, Any]) -> dict[str, Any]:
@@ -259,16 +269,24 @@ def _none_turned(fp: dict[str, Any]) -> None:
                              f"turned or could not be checked, so resuming would mix the two: {START_OVER}")
 
 
-def _records(record: Path, fp: dict[str, Any]) -> bool:
+def _same_weights(old: dict[str, Any], fp: dict[str, Any], legacy: str | None) -> dict[str, Any]:
+    """``old`` with a weights hash recorded the earlier way (``legacy``: over the full state) read
+    as this run's, when it names the same weights."""
+    if legacy is not None and old.get("weights_sha256") == legacy:
+        return {**old, "weights_sha256": fp.get("weights_sha256")}
+    return old
+
+
+def _records(record: Path, fp: dict[str, Any], legacy: str | None = None) -> bool:
     """Whether ``record`` (an ``export.json``) is readable and records ``fp``."""
     try:
         old = json.loads(record.read_bytes())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return isinstance(old, dict) and not differences(_with_defaults(old), fp)
+    return isinstance(old, dict) and not differences(_with_defaults(_same_weights(old, fp, legacy)), fp)
 
 
-def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
+def claim(out: Path, fp: dict[str, Any], overwrite: bool, legacy_weights: str | None = None) -> None:
     """Make ``out`` an export of ``fp``: record it in ``out/export.json`` (atomically),
     or resume when the one recorded there equals it. With ``overwrite``, an earlier
     export there is set aside (:func:`set_aside`), to be deleted once this one is finished;
@@ -285,7 +303,7 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
     if foreign:
         raise ValueError(f"{out} holds {' and '.join(foreign)} that no export wrote (not JSON with \"format\": "
                          f"\"{fp['format']}\"): another tool's files, kept; export to another folder (--out)")
-    if overwrite and (out / REPLACED).is_dir() and _records(record, fp):
+    if overwrite and (out / REPLACED).is_dir() and _records(record, fp, legacy_weights):
         return  # this very replacement, interrupted: it resumes; the export it replaces stays in .replaced
     if overwrite:
         set_aside(out)
@@ -302,7 +320,7 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool) -> None:
             raise ValueError(f"corrupt {record}: {e}; {START_OVER}") from e
         if not isinstance(old, dict):
             raise ValueError(f"corrupt {record}: not a JSON object; {START_OVER}")
-        upgraded = _read_upright(old, fp)
+        upgraded = _read_upright(_same_weights(old, fp, legacy_weights), fp)
         diffs = differences(_with_defaults(upgraded), fp)
         if diffs:
             more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""

@@ -96,9 +96,8 @@ def multires_stft_distance(
     total = x.new_zeros((), dtype=torch.float32)
     for n in resolutions:
         mx, my = stft_magnitude(x, n, n // 4), stft_magnitude(y, n, n // 4)
-        diff, ref = ((m.reshape(m.shape[0], -1).square().sum(1)) for m in (my - mx, my))
-        heard = ref > eps**2 * my[0].numel()  # per item: mean squared magnitude above eps^2
-        sc = (diff * heard).sum().sqrt() / (ref * heard).sum().sqrt().clamp_min(eps)
+        heard = (my.reshape(my.shape[0], -1).square().mean(1) > eps**2).reshape(-1, 1, 1)  # per item
+        sc = torch.linalg.vector_norm((my - mx) * heard) / torch.linalg.vector_norm(my * heard).clamp_min(eps)
         total = total + sc + (torch.log(my + eps) - torch.log(mx + eps)).abs().mean()
     return total / len(resolutions)
 

@@ -28,8 +28,9 @@ while a stream is open.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -87,10 +88,30 @@ def _check_streamable(tok: Tokenizer) -> None:
             "streaming needs a causal audio model (each frame must not see future samples); "
             "train one with model.backbone.causal=true"
         )
+    _check_not_compiled(tok)
 
 
 def _causal_convs(module: nn.Module) -> list[Conv1d]:
     return [m for m in module.modules() if isinstance(m, Conv1d)]
+
+
+@contextlib.contextmanager
+def _all_or_nothing(stream: object) -> Iterator[None]:
+    """A push that fails part-way (a later chunk's check) leaves ``stream`` as it was before it:
+    its attributes are put back (the stream replaces its tensors and tables, never writes into them)."""
+    saved = dict(vars(stream))
+    try:
+        yield
+    except BaseException:
+        vars(stream).update(saved)
+        raise
+
+
+def _check_not_compiled(tok: Tokenizer) -> None:
+    if any(carry.compiled(m) for part in (tok.encoder, tok.decoder) for m in part.modules()):
+        raise ValueError("the model's encoder or decoder is compiled (torch.compile): a compiled graph does not "
+                         "carry a stream's samples from one push to the next; stream with the model uncompiled "
+                         "(compile a copy for offline coding)")
 
 
 def _run_streaming(convs: list[Conv1d], state: dict | None, fn: Callable[[], Tensor]) -> tuple[Tensor, dict]:
@@ -155,9 +176,12 @@ class AudioEncodeStream:
                              f"(mix channels to mono first: {mix})")
         if chunk.numel():
             self.tok.media.check_range(self.tok.media.input_range(chunk.reshape(1, -1)))
-        self._buf = torch.cat([self._buf, chunk.reshape(-1).to(self._buf)])
-        self.samples_in += chunk.shape[-1]
-        return self._emit(self._buf.shape[0] // self.hop)
+        if carry.compiled(self.tok.encoder):  # compiled since the stream began
+            _check_not_compiled(self.tok)
+        with _all_or_nothing(self):
+            self._buf = torch.cat([self._buf, chunk.reshape(-1).to(self._buf)])
+            self.samples_in += chunk.shape[-1]
+            return self._emit(self._buf.shape[0] // self.hop)
 
     def flush(self) -> Tensor:
         """End the stream: zero-pad the last partial frame (as ``tok.encode`` does)
@@ -247,9 +271,12 @@ class AudioDecodeStream:
             raise ValueError(f"codes must be (n, *{cs}) or (1, n, *{cs}), got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.tok.codebook_size):
             raise ValueError(f"codes out of range [0, {self.tok.codebook_size})")
+        if carry.compiled(self.tok.decoder):  # compiled since the stream began
+            _check_not_compiled(self.tok)
         step, parts = self.tok.config.chunk_frames, []
-        for c in codes.to(self._device).long().split(step):
-            parts.append(self._add_frames(c))
+        with _all_or_nothing(self):
+            for c in codes.to(self._device).long().split(step):
+                parts.append(self._add_frames(c))
         return torch.cat(parts, dim=1) if parts else torch.zeros(1, 0, device=self._device)
 
     def flush(self, size: int | None = None) -> Tensor:

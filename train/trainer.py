@@ -259,7 +259,7 @@ class Trainer:
                             f.write(json.dumps({k: v if math.isfinite(v) else None for k, v in logs.items()}) + "\n")
                     stop_if_nonfinite(self._nonfinite, self.acc.num_processes, self.step, self.out_dir / "checkpoint")
                 out_of_time = cfg.max_minutes > 0 and self._out_of_time(elapsed, cfg.max_minutes * 60, start_step)
-                stop = interrupted()  # Ctrl-C during the step: save it whole, then stop
+                stop = interrupted() and self.step < cfg.steps  # Ctrl-C in a step: save it whole, then stop
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps or out_of_time or stop:
                     self.save()  # before the samples: a failure there must not cost the steps since the last save
                 if cfg.sample_every > 0 and (self.step % cfg.sample_every == 0 or self.step == cfg.steps or out_of_time):

@@ -83,3 +83,16 @@ def test_first_step_keeps_the_shared_codebook_distinct(kmeans_init):
     assert not any(k.startswith("restarted_scale") for k in out.metrics)
     q.eval()
     assert q.encode(torch.randn(8, 16, 16, 16)).unique().numel() >= 400
+
+
+def test_the_shared_codebook_k_means_runs_in_fp32_under_autocast():
+    z = torch.randn(4, 8, 8, 16)
+    centres = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        q = MultiScaleResidualQuantizer(16, 64, scales=(1, 2, 4, 8), vq_options={"kmeans_init": True}).train()
+        real = q.vq._kmeans
+        q.vq._kmeans = lambda rows: (real(rows), centres.append(q.vq.codebook.clone()))  # its centres, before any step
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+            q(z)
+    torch.testing.assert_close(centres[0], centres[1], rtol=1e-5, atol=1e-6)  # (up to 0.95 apart in bf16)

@@ -63,9 +63,11 @@ def test_the_stft_loss_of_a_silent_target_stays_in_scale_and_speech_keeps_its_va
     from tokenizers_vq.spectral import STFT_RESOLUTIONS, stft_magnitude  # noqa: PLC0415
 
     torch.manual_seed(0)
-    noise = torch.randn(2, 1, 16000) * 1e-3
+    noise = (torch.randn(2, 1, 16000) * 1e-3).requires_grad_()
     silent = reconstruction_terms(noise, torch.zeros(2, 1, 16000), "audio", 16000)["stft"]
     assert 0 < float(silent) < 20  # 5e5 when the spectral convergence divided by a silent target's norm
+    silent.backward()
+    assert torch.isfinite(noise.grad).all() and noise.grad.abs().sum() > 0  # no 0 * inf from a norm of zero
     x = torch.randn(2, 1, 16000) * 0.1
     y = x + 0.01 * torch.randn_like(x)
     whole = 0.0  # the batch-wide spectral convergence of a target that is not silent, as before

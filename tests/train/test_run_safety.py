@@ -161,6 +161,11 @@ def test_ctrl_c_saves_the_step_it_interrupts_and_the_run_resumes_from_it(tmp_pat
     resumed.train()
     a, b = (Tokenizer.from_pretrained(tmp_path / d / "checkpoint" / "model").state_dict() for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    last = Trainer(config("image", tmp_path / "c", 2))  # in the last step: the run ends as it would
+    real, calls = last.generator_step, []
+    monkeypatch.setattr(last, "generator_step", lambda x: (calls.append(1), len(calls) == 2 and os.kill(
+        os.getpid(), signal.SIGINT), real(x))[-1])
+    assert last.train()["steps"] == 2 and (tmp_path / "c" / "train_summary.json").is_file()
 
 
 def test_a_run_names_what_it_leaves_out_and_counts_what_it_reads(tmp_path, capsys):

@@ -5,7 +5,8 @@ A conv run in pieces pads each piece with the last inputs of the one before inst
 zeros. That state belongs to the run, not to the module: it lives in the running thread's
 table (:func:`running`), so two streams of one tokenizer in two threads, or a stream in one
 thread and an offline encode in another, never see each other's inputs. Under
-``torch.compile`` no run is active (the compiled graph never looks).
+``torch.compile`` no run is active (the compiled graph never looks): a stream refuses a
+compiled model, and a video clip runs compiled stages over the whole clip.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ class Carry:
 
 
 _LOCAL = threading.local()
+
+
+def compiled(module: nn.Module) -> bool:
+    """Whether ``module`` runs compiled (``torch.compile(module)`` or ``module.compile()``): its
+    graph does not look up a run's state, so it cannot run in pieces."""
+    return getattr(module, "_compiled_call_impl", None) is not None or type(module).__name__ == "OptimizedModule"
 
 
 def of(module: nn.Module) -> Carry | None:

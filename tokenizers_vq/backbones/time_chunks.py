@@ -74,7 +74,7 @@ def run_over_time(stages: list, x: Tensor, chunk: int | None) -> Tensor:
     chunks of ``chunk`` input frames: each causal conv (``carries_time``) carries its
     last input frames from one chunk to the next, and norms are per frame, so every output
     frame sees what it sees in one piece."""
-    if chunk is None:
+    if chunk is None or any(carry.compiled(m) for s in stages for m in s.modules()):  # (compiled: no carry)
         for stage in stages:
             x = stage(x)
         return x

@@ -183,8 +183,8 @@ def nearest_codes_reference(
     Blocks of at most ``block_elems`` query-codeword pairs (64 MiB of fp32 by default, 4 MiB on
     a CPU) keep temporaries bounded whatever N and K are (``N x K`` is never built), in two passes:
 
-    1. Screening: fp32 matmul scores ``|c|^2 - 2 x.c`` (``l2``) or ``1 - x.c`` on unit vectors
-       (``cosine``). The BLAS rounds them differently for different block shapes, offsets,
+    1. Screening: fp32 matmul scores ``|c|^2 - 2 x.c`` (``l2``) or ``-x.c`` on unit vectors
+       (``cosine``: its distance ``1 - x.c`` less a constant). The BLAS rounds them differently for different block shapes, offsets,
        thread counts and CPUs, so they only pick candidates: per row, the codewords scoring
        within ``tol = 4 eps`` of the lowest score so far. ``eps = (2 u_in + (d + 4) 2^-24) m``
        bounds the rounding error of one score, with ``m = (|x| + max|c|)^2`` (``l2``) or 4
@@ -261,8 +261,8 @@ def nearest_codes_reference(
             cb = codebook[k0 : k0 + k_blk]
             if metric == "l2":
                 s = torch.addmm(c_sq[k0 : k0 + k_blk].unsqueeze(0), xb, cb.t(), alpha=-2.0)
-            else:  # 1 - x.c in the product's own pass
-                s = torch.addmm(xb.new_ones(()), xb, cb.t(), alpha=-1.0)
+            else:  # 1 - x.c less its constant 1 (beta=0: no pass to broadcast an input first)
+                s = torch.addmm(xb.new_zeros(()), xb, cb.t(), beta=0.0, alpha=-1.0)
             low, arg = s.min(dim=1)
             if low.isnan().any():
                 s.masked_fill_(s.isnan(), math.inf)

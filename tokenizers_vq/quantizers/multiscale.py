@@ -110,7 +110,9 @@ class MultiScaleResidualQuantizer(Quantizer):
         codes, losses, metrics, pool = [], {}, {}, []
         grids = self.grids(size)
         if self.training and not self.vq._initted:  # k-means over the latent at every scale, not the 1x1 map alone
-            self.vq._kmeans(torch.cat([self.vq._rows(_area(z.detach(), g, size))[1] for g in grids]))
+            rows = torch.cat([self.vq._rows(_area(z.detach(), g, size))[1] for g in grids])
+            with torch.autocast(z.device.type, enabled=False):  # fp32, as the VQ's own k-means
+                self.vq._kmeans(rows)
         for k, grid in enumerate(grids):
             part = _area(residual, grid, size)
             out = self.vq._forward(self.vq._in_weight_dtype(part), pool)
