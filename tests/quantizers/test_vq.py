@@ -422,3 +422,17 @@ def test_residual_dropout_draws_per_item_under_a_mask_and_inside_a_dynamic_quant
     items = [torch.cat([fine[i], coarse[i]]) for i in range(16)]
     assert all(m.all(0).any() for m in items)
     assert len({_one_prefix(m) for m in items} - {None}) > 1
+
+
+def test_the_cpu_row_minimum_takes_the_first_index_of_the_least_as_min_does():
+    from tokenizers_vq.quantizers._functional import _row_min  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    s = torch.randint(0, 4, (64, 512 * 3)).float()  # ties everywhere, within and across runs of 128
+    s[3, 700], s[5, :] = -1.0, 2.0
+    s[9, 100] = float("nan")
+    low, arg = _row_min(s)
+    ref_low, ref_arg = s.min(dim=1)
+    rows = torch.arange(64) != 9
+    assert torch.equal(low[rows], ref_low[rows]) and torch.equal(arg[rows], ref_arg[rows])
+    assert low[9].isnan()  # as min: the search then sets NaN aside and looks again
