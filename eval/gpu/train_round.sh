@@ -4,7 +4,8 @@
 #   python eval/gpu/prepare_data.py audio images-train video video-val --audio-kbps 24 --image-quality 90 --max-frames 40 --jpeg-quality 85
 #   device run, carry [.devdata/..., .whl, (warm-start folders)]:  RUNS="s67 va ig il" bash eval/gpu/train_round.sh
 # (sc: the 66.7 Hz speech recipe with causal padding, for the streaming models; sk16 / sk64: the same
-# with 16,384 / 65,536 codes, a fresh quantizer on the encoder and decoder of INIT_<run>; video: va the shipped
+# with 16,384 / 65,536 codes, a fresh quantizer on the encoder and decoder of INIT_<run>; sk64d32: 65,536 codes
+# looked up in 32 dimensions instead of 16; video: va the shipped
 # shape (5.2 M parameters), vb wide at high resolution, vc two residual blocks per level on
 # [1, 2, 3, 4] (7.4 M), vd two residual blocks per decoder level only (7.2 M; INIT_vd=video grows
 # the shipped decoder, the added blocks starting as the identity); the 16 MiB fp16 limit of a shipped
@@ -43,6 +44,7 @@ declare -A ARGS=(
   [sc]="$speech --model.backbone.strides=[3,4,4,5] --model.backbone.causal=true --model.name=tvq-speech16k-67tps-vq4096-causal"
   [sk16]="$speech --model.backbone.strides=[3,4,4,5] --model.backbone.causal=true --model.quantizer.options.codebook_size=16384 --model.name=tvq-speech16k-67tps-vq16384-causal --init_quantizer=none"
   [sk64]="$speech --model.backbone.strides=[3,4,4,5] --model.backbone.causal=true --model.quantizer.options.codebook_size=65536 --model.name=tvq-speech16k-67tps-vq65536-causal --init_quantizer=none"
+  [sk64d32]="$speech --model.backbone.strides=[3,4,4,5] --model.backbone.causal=true --model.quantizer.options.codebook_size=65536 --model.quantizer.options.codebook_dim=32 --model.name=tvq-speech16k-67tps-vq65536d32-causal --init_quantizer=none"
   [va]="$video"
   [vb]="$video --model.backbone.channels=64 --model.backbone.channel_mult=[1,1,2,2] --model.name=tvq-video-4x8x8-fsq-wide"
   [vc]="$video --model.backbone.channel_mult=[1,2,3,4] --model.backbone.num_res_blocks=2 --model.name=tvq-video-4x8x8-fsq-deep"
@@ -52,7 +54,7 @@ declare -A ARGS=(
   [ig]="$image"
   [il]="$image --loss.adversarial=0"
 )
-declare -A DATA=([s50]=audio [s67]=audio [sc]=audio [sk16]=audio [sk64]=audio [r4]=audio [sr4]=audio [va]=video [vb]=video [vc]=video [vd]=video [ve]=video [vs]=video
+declare -A DATA=([s50]=audio [s67]=audio [sc]=audio [sk16]=audio [sk64]=audio [sk64d32]=audio [r4]=audio [sr4]=audio [va]=video [vb]=video [vc]=video [vd]=video [ve]=video [vs]=video
                  [ig]=images [il]=images)
 if [ -n "${PROFILE:-}" ]; then
   pe="EXTRA_$PROFILE"
