@@ -306,8 +306,8 @@ def test_vocabulary_offsets_and_special_tokens():
     with pytest.raises(ValueError, match="out of range"):
         v.encode("image", torch.tensor([1024]))
     wide = Vocabulary({"text": 65000, "audio": 4096})
-    shard = torch.from_numpy(np.array([0, 4095], dtype="<u2"))  # a shard's documented dtype (raw error before)
-    for codes in (shard, shard.to(torch.int16)):  # int16 ids wrapped past 32767 before
+    shard = torch.from_numpy(np.array([0, 4095], dtype="<u2"))  # a shard's documented dtype
+    for codes in (shard, shard.to(torch.int16)):  # int16 ids must not wrap past 32767
         assert wide.encode("audio", codes).tolist() == [65003, 69098]
     with pytest.raises(ValueError, match="must be integers"):
         v.encode("audio", torch.tensor([1.0]))

@@ -286,8 +286,8 @@ def test_gpu_stream_equals_offline():
 
 def test_streams_in_threads_and_an_offline_encode_beside_them_keep_apart():
     """A stream's carried inputs are its own thread's: two streams of one tokenizer in two
-    threads, and offline encodes in a third, give the offline ids (the state once sat on the
-    shared layers, and a thread switch mid-push handed one stream the other's samples)."""
+    threads, and offline encodes in a third, give the offline ids (state kept on the shared
+    layers would let a thread switch mid-push hand one stream the other's samples)."""
     import sys  # noqa: PLC0415
     import threading  # noqa: PLC0415
 
@@ -327,7 +327,7 @@ def test_streams_in_threads_and_an_offline_encode_beside_them_keep_apart():
 
 def test_a_compiled_model_is_refused_by_streams():
     """A compiled graph does not carry a stream's samples from push to push (87 of 100 ids
-    differed): the stream refuses it, when it starts and when the model is compiled later."""
+    differ when a stream runs one): the stream refuses it, when it starts and when the model is compiled later."""
     torch.manual_seed(0)
     tok = Tokenizer(TokenizerConfig("audio", SMALL, QuantizerConfig("vq", {"codebook_size": 8}))).eval()
     enc = tok.encode_stream()

@@ -231,7 +231,7 @@ def test_audio_named_in_bytes_that_are_not_utf8_encodes_and_decodes(tmp_path):
 
 def test_a_record_the_file_could_not_give_back_is_refused_before_writing(tmp_path, image_model):
     """An empty item (a stream flushed before any audio) or codes that do not fit their size
-    made a file that no reader would open, losing its good items too."""
+    would make a file that no reader opens, its good items lost with it."""
     from tokenizers_vq.tokens import TokenRecord, save_tokens  # noqa: PLC0415
 
     tok = Tokenizer.from_pretrained(image_model)

@@ -420,8 +420,8 @@ def test_altered_codes_fail_their_checksum_on_load_and_in_tvq_decode(tmp_path, i
 
 
 def test_a_cut_grid_is_refused_at_decode(tmp_path, monkeypatch):
-    """Codes cut to 10 rows (frames) with a valid checksum decoded to media of another
-    size; now decoding names the item, the shape found and the one its size needs (and
+    """Codes cut to 10 rows (frames) with a valid checksum would decode to media of another
+    size; decoding names the item, the shape found and the one its size needs (and
     save_tokens refuses to write them: the file below is written past that check, as another
     writer's would be)."""
     import tokenizers_vq.tokens as tokens_module  # noqa: PLC0415

@@ -56,7 +56,7 @@ def weights_sha256(tok: Tokenizer, full: bool = False) -> str:
     """Hex sha256 over the state dict by name: each tensor's name, dtype, shape and bytes, less
     the state only training reads (``training_only_state``: a VQ's EMA sums, which a file saved
     without them rebuilds at load, so both copies of a model hash alike); ``full`` includes it
-    (how files written before recorded their model)."""
+    (the hash older token files and exports hold)."""
     state = tok.state_dict()
     if not full:
         state = {k: v for k, v in state.items() if k not in training_only_keys(tok)}

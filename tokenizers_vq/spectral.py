@@ -92,7 +92,7 @@ def multires_stft_distance(
     ``|Y - X|_F / |Y|_F`` plus mean ``|log Y - log X|``, averaged over FFT sizes
     (hop = size/4). The convergence term leaves out items whose target ``y`` is silent (a
     root-mean-square magnitude under ``eps``): divided by their near-zero norm, a silent batch
-    gave 5e5 where speech gives about 1; the log term still compares them."""
+    would give 5e5 where speech gives about 1; the log term still compares them."""
     total = x.new_zeros((), dtype=torch.float32)
     for n in resolutions:
         mx, my = stft_magnitude(x, n, n // 4), stft_magnitude(y, n, n // 4)

@@ -73,7 +73,7 @@ def test_codes_with_no_or_too_many_position_axes_are_refused():
 @pytest.mark.parametrize("kmeans_init", [False, True])
 def test_first_step_keeps_the_shared_codebook_distinct(kmeans_init):
     # the codebook learns from every scale's rows at once: the 1x1 map has one row per item,
-    # and restarts (or a k-means) drawn from it alone made most codewords copies of 8 rows
+    # and restarts (or a k-means) drawn from it alone would make most codewords copies of 8 rows
     torch.manual_seed(0)
     q = MultiScaleResidualQuantizer(16, 512, scales=(1, 2, 4, 8, 16), vq_options={"kmeans_init": kmeans_init}).train()
     out = q(torch.randn(8, 16, 16, 16))

@@ -65,12 +65,12 @@ def test_the_stft_loss_of_a_silent_target_stays_in_scale_and_speech_keeps_its_va
     torch.manual_seed(0)
     noise = (torch.randn(2, 1, 16000) * 1e-3).requires_grad_()
     silent = reconstruction_terms(noise, torch.zeros(2, 1, 16000), "audio", 16000)["stft"]
-    assert 0 < float(silent) < 20  # 5e5 when the spectral convergence divided by a silent target's norm
+    assert 0 < float(silent) < 20  # 5e5 if the spectral convergence divided by a silent target's norm
     silent.backward()
     assert torch.isfinite(noise.grad).all() and noise.grad.abs().sum() > 0  # no 0 * inf from a norm of zero
     x = torch.randn(2, 1, 16000) * 0.1
     y = x + 0.01 * torch.randn_like(x)
-    whole = 0.0  # the batch-wide spectral convergence of a target that is not silent, as before
+    whole = 0.0  # the batch-wide spectral convergence of targets that are heard
     for n in STFT_RESOLUTIONS:
         mx, my = stft_magnitude(x, n, n // 4), stft_magnitude(y, n, n // 4)
         whole += float((my - mx).norm() / my.norm() + (torch.log(my + 1e-5) - torch.log(mx + 1e-5)).abs().mean())

@@ -82,8 +82,8 @@ def test_a_trained_prior_is_saved_and_loads_back_to_the_same_predictions(tmp_pat
 
 
 def test_a_short_run_reaches_the_full_learning_rate(tmp_path, monkeypatch):
-    """The warm-up takes a tenth of a short run (it was 100 steps whatever the run: 60 steps
-    peaked at 14% of the rate)."""
+    """The warm-up takes a tenth of a short run (a fixed 100 steps would keep a 60-step run
+    under 14% of the rate)."""
     lrs = []
     real = torch.optim.lr_scheduler.LambdaLR.step
 

@@ -133,7 +133,7 @@ def test_numbers_in_settings_read_as_written():
 
 
 def test_ctrl_c_saves_the_step_it_interrupts_and_the_run_resumes_from_it(tmp_path, monkeypatch):
-    """A Ctrl-C part-way through a step lets the step finish, saves it and stops (it lost every
+    """A Ctrl-C part-way through a step lets the step finish, saves it and stops (not every
     step since the last save, 2000 in the shipped configs); the same run resumes from it and
     ends where an uninterrupted run does."""
     import os  # noqa: PLC0415
@@ -169,8 +169,8 @@ def test_ctrl_c_saves_the_step_it_interrupts_and_the_run_resumes_from_it(tmp_pat
 
 
 def test_a_run_names_what_it_leaves_out_and_counts_what_it_reads(tmp_path, capsys):
-    """Files of a type the library does not read were skipped without a word (export and eval
-    name them), and a validation folder inside the training folder was trained on."""
+    """Files of a type the library does not read are named (as export and eval name them), and a
+    validation folder inside the training folder is not trained on."""
     from testdata import small_photos  # noqa: PLC0415
 
     photos = small_photos(tmp_path / "data", 3, side=48)
@@ -198,4 +198,4 @@ def test_with_gradient_accumulation_the_log_is_the_mean_of_the_micro_batches(tmp
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(seen) == 4 and seen[0] != seen[1]  # two micro-batches a step, of other items
     for line, pair in zip(lines, (seen[:2], seen[2:])):
-        assert line["loss/total"] == pytest.approx(sum(pair) / 2, rel=1e-6)  # the last micro-batch's alone before
+        assert line["loss/total"] == pytest.approx(sum(pair) / 2, rel=1e-6)  # not the last micro-batch's alone

@@ -82,7 +82,7 @@ class Conv1d(nn.Conv1d):
     :mod:`~tokenizers_vq.backbones.carry`), the left padding is the inputs of the earlier chunks
     (their last ``padding`` samples; zeros before the first), so chunks give the outputs of one
     pass, and the channels-last weight is laid out once for the stream (a stream's frames are
-    small: re-laying the weight out was a fifth of a 15 ms push)."""
+    small: re-laying the weight out costs a fifth of a 15 ms push)."""
 
     def __init__(
         self, c_in: int, c_out: int, kernel: int, *, stride: int = 1, dilation: int = 1, groups: int = 1, causal: bool

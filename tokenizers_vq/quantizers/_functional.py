@@ -162,7 +162,7 @@ def _operand_rounding() -> float:
 
 def _row_min(s: Tensor, width: int = 128) -> tuple[Tensor, Tensor]:
     """``s.min(dim=1)`` (first index of the least; NaN rows NaN) on a CPU via each run of ``width``
-    columns' least (vectorised; the index-returning reduction was 17x slower), then the first run."""
+    columns' least (vectorised; the index-returning reduction is 17x slower), then the first run."""
     n, k = s.shape
     if s.device.type != "cpu" or k % width or k < 4 * width:
         return s.min(dim=1)

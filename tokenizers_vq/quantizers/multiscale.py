@@ -123,7 +123,7 @@ class MultiScaleResidualQuantizer(Quantizer):
             losses.update({f"{name}_scale{k}": v for name, v in out.losses.items()})
             metrics.update({f"{name}_scale{k}": v for name, v in out.metrics.items()})
         if pool:  # one codebook update per step from every scale's rows: statistics and dead-code restarts
-            rows, counts, sums = zip(*pool)  # see all of them (restarts from the 1x1 map alone collapsed the codebook)
+            rows, counts, sums = zip(*pool)  # see all of them (restarts from the 1x1 map alone would collapse the codebook)
             self.vq._update(torch.cat(rows), sum(counts), None if sums[0] is None else sum(sums), metrics)
         losses["commitment"] = self.beta * F.mse_loss(z, f.detach())
         losses["refine"] = F.mse_loss(f, z.detach())
