@@ -244,3 +244,20 @@ def test_a_record_the_file_could_not_give_back_is_refused_before_writing(tmp_pat
         assert not path.exists()
     save_tokens(path, tok, [good])
     assert torch.equal(load_tokens(path)[1][0].codes, good.codes)
+
+
+def test_tokens_of_a_model_named_as_an_embedded_one_but_coded_otherwise_ask_for_their_model(tmp_path, capsys):
+    """A model trained from a shipped config keeps the embedded model's name: its tokens, of
+    another codebook, reach the embedded model when --model is left out, and the refusal
+    asks for the model that wrote them (not to leave out the --model already left out)."""
+    from tokenizers_vq.tokenizer import QuantizerConfig  # noqa: PLC0415
+
+    mine = tiny("image", QuantizerConfig("vq", {"codebook_size": 16}))
+    mine.config.name = Tokenizer.from_pretrained("image").config.name
+    folder = mine.save_pretrained(tmp_path / "mine")
+    tokens = tmp_path / "t.tvq"
+    assert main(["encode", *map(str, small_photos(tmp_path / "p", 1)), "--model", str(folder), "-o", str(tokens)]) == 0
+    capsys.readouterr()
+    assert main(["decode", str(tokens), "-o", str(tmp_path / "out.png")]) == 2
+    err = one_error_line(capsys)
+    assert "another model of that name" in err and "pass --model DIR" in err and "leave out --model" not in err

@@ -296,7 +296,9 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
 
 def check_compatible(meta: dict[str, str], tok: Tokenizer, path: Path) -> None:
     """Token files decode only with a tokenizer of the same modality and codes."""
-    fix = (f"; decode with the model that wrote it ({meta.get('model_id', '?')!r}: leave out --model for an embedded "
+    fix = ("; it was written by another model of that name (trained from the same config, or another version of it): "
+           "pass --model DIR of the model that wrote it" if meta.get("model_id") == tok.config.name else
+           f"; decode with the model that wrote it ({meta.get('model_id', '?')!r}: leave out --model for an embedded "
            "default, or pass its directory)")
     if meta["modality"] != tok.modality or int(meta["codebook_size"]) != tok.quantizer.codebook_size:
         raise ValueError(
