@@ -98,7 +98,11 @@ def test_tokens_for_another_code_shape_name_both_shapes_and_the_fix(tmp_path):
     tokens = encode_files(tok, [shared_path("audio", "ljspeech", "LJ001-0001.wav")], tmp_path / "talk.tvq")
     residual = tiny("audio", QuantizerConfig("vq", {"codebook_size": 32}, levels=2))
     with pytest.raises(ValueError, match=r"code shape \[\] \(codes per position\) does not match the \[2\] of .*"
-                                         r"decode with the model that wrote it .*leave out --model"):
+                                         r"another model of that name .*pass --model DIR"):  # both are named alike
+        decode_file(residual, tokens, tmp_path / "talk.wav")
+    residual.config.name = "a-residual-model"
+    with pytest.raises(ValueError, match=r"does not match the \[2\] of .*decode with the model that wrote it .*"
+                                         r"leave out --model"):
         decode_file(residual, tokens, tmp_path / "talk.wav")
 
 
