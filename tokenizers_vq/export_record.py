@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tokenizers_vq.io import atomic_write, tensor_sha256
+from tokenizers_vq.io import atomic_write, tensor_sha256, training_only_keys
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokenizer_config import TokenizerConfig
 from tokenizers_vq.webdataset import TarSample
@@ -57,16 +57,10 @@ def weights_sha256(tok: Tokenizer, full: bool = False) -> str:
     the state only training reads (``training_only_state``: a VQ's EMA sums, which a file saved
     without them rebuilds at load, so both copies of a model hash alike); ``full`` includes it
     (the hash older token files and exports hold)."""
-    state = tok.state_dict()
-    if not full:
-        state = {k: v for k, v in state.items() if k not in training_only_keys(tok)}
+    state, left_out = tok.state_dict(), set() if full else training_only_keys(tok)
+    state = {k: v for k, v in state.items() if k not in left_out}
     parts = ((f"{k} {state[k].dtype} {list(state[k].shape)}", state[k]) for k in sorted(state))
     return tensor_sha256(*(x for pair in parts for x in pair))
-
-
-def training_only_keys(tok: Tokenizer) -> set[str]:
-    """State-dict keys that only training reads (see ``Tokenizer.save_pretrained``)."""
-    return {f"{name}.{key}" for name, m in tok.named_modules() for key in getattr(m, "training_only_state", ())}
 
 
 def fingerprint(tok: Tokenizer, files: Sequence[Path], options: dict[str, Any]) -> dict[str, Any]:

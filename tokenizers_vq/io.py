@@ -232,6 +232,13 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def training_only_keys(module: torch.nn.Module) -> set[str]:
+    """State-dict keys that only training reads: each submodule's ``training_only_state`` (a VQ's
+    EMA sums), which ``Tokenizer.save_pretrained(training_state=False)`` leaves out of a file."""
+    return {f"{name}.{key}" if name else key for name, m in module.named_modules()
+            for key in getattr(m, "training_only_state", ())}
+
+
 def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file whose bytes depend only on its contents: the header's keys
     sorted (the ``safetensors`` package writes the metadata in a per-process hash order,

@@ -189,11 +189,21 @@ class TokenDataset(Dataset):
         k, it = self.items[i]
         flat = self.arrays[k][it["offset"] : it["offset"] + it["length"]]
         if flat.size and int(flat.max()) >= self.manifest["codebook_size"]:
-            shard = self.manifest["shards"][k]
-            raise ValueError(f"{self.dir / shard}.bin: item {it['source']} holds token {int(flat.max())}, past the "
-                             f"codebook's {self.manifest['codebook_size']} codes: the shard is damaged; delete "
-                             f"{shard}.* there and run the export again to encode it again")
+            raise self._damaged(k, int(flat.max()), f": item {it['source']}")
         return torch.from_numpy(flat.astype(np.int64)).reshape(it["shape"])
+
+    def check_tokens(self) -> None:
+        """Refuse a shard holding a token past the codebook (damaged), naming it: one pass over
+        every shard, for a reader that would otherwise index past a table mid-run."""
+        for k, a in enumerate(self.arrays):
+            if a.size and int(a.max()) >= self.manifest["codebook_size"]:
+                raise self._damaged(k, int(a.max()))
+
+    def _damaged(self, k: int, token: int, where: str = "") -> ValueError:
+        shard = self.manifest["shards"][k]
+        return ValueError(f"{self.dir / shard}.bin{where} holds token {token}, past the codebook's "
+                          f"{self.manifest['codebook_size']} codes: the shard is damaged; delete {shard}.* there "
+                          "and run the export again to encode it again")
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         k, it = self.items[i]
@@ -243,10 +253,7 @@ class TokenDataset(Dataset):
         for k, a in enumerate(self.arrays):
             found = np.bincount(np.asarray(a), minlength=len(counts))
             if len(found) > len(counts):
-                shard = self.manifest["shards"][k]
-                raise ValueError(f"{self.dir / shard}.bin holds token {len(found) - 1}, past the codebook's "
-                                 f"{len(counts)} codes: the shard is damaged; delete {shard}.* there and run the "
-                                 "export again to encode it again")
+                raise self._damaged(k, len(found) - 1)
             counts += found
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from tokenizers_vq import deferred
 from tokenizers_vq.backbones import BACKBONES
-from tokenizers_vq.io import atomic_write_all, device_named, save_safetensors
+from tokenizers_vq.io import atomic_write_all, device_named, save_safetensors, training_only_keys
 from tokenizers_vq.modality import Modality
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.modality import names as modality_names
@@ -302,8 +302,7 @@ class Tokenizer(nn.Module):
                 loading rebuilds from the codebook and its counts): a smaller file to ship.
         """
         directory = Path(directory)
-        left_out = set() if training_state else {f"{name}.{key}" for name, m in self.named_modules()
-                                                 for key in getattr(m, "training_only_state", ())}
+        left_out = set() if training_state else training_only_keys(self)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k not in left_out}
         if dtype is not None:
             if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

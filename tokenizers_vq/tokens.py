@@ -322,7 +322,7 @@ def other_model(meta: dict[str, str], tok: Tokenizer, path: str | os.PathLike) -
     if meta["model_id"] != tok.config.name:
         return (f"{path} was written by model {meta['model_id']!r}; decoding with {tok.config.name!r}, whose "
                 "decoder may read its codes differently")
-    if "model_sha256" in meta and meta["model_sha256"] not in (weights_sha256(tok), weights_sha256(tok, full=True)):
+    if (h := meta.get("model_sha256")) is not None and h != weights_sha256(tok) and h != weights_sha256(tok, full=True):
         return (f"{path} was written by a model named {meta['model_id']!r} with other weights than this one's "
                 "(retrained, or another version); its decoder may read the codes differently: decode with the "
                 "model that wrote them")

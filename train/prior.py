@@ -93,12 +93,8 @@ def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior,
         raise ValueError(f"steps={cfg.steps}, window={cfg.window}, batch_size={cfg.batch_size}: each must be >= 1")
     torch.manual_seed(cfg.seed)
     ds = TokenDataset(cfg.export_dir)
-    size = ds.manifest["codebook_size"]
-    for name, a in zip(ds.manifest["shards"], ds.arrays):  # a damaged shard, not an index error mid-training
-        top = int(a.max()) if a.size and ds.layout == "grid" else 0
-        if top >= size:
-            raise ValueError(f"{Path(cfg.export_dir) / name}.bin holds token {top}, past the codebook's {size} codes: "
-                             f"the shard is damaged; delete {name}.* there and run the export again to encode it again")
+    if ds.layout == "grid":
+        ds.check_tokens()  # a damaged shard, not an index error mid-training
     if ds.layout != "grid":
         raise ValueError(f"{cfg.export_dir} holds dynamic-length tokens (a variable number per item), and the prior "
                          "trains on windows of fixed code grids: export with a fixed-rate model")
