@@ -73,17 +73,17 @@ def test_a_few_far_codewords_are_searched_apart_with_the_same_answer(monkeypatch
     """Codewords far longer than the rest (searched apart, else their length widens every
     row's screening to the whole codebook) give the answer of the plain search: the least
     exact distance, the lowest index on ties, index 0 for a NaN row."""
-    from tokenizers_vq.quantizers import _functional  # noqa: PLC0415
+    from tokenizers_vq.quantizers import _reference  # noqa: PLC0415
 
     gen = torch.Generator().manual_seed(0)
     c = torch.randn(300, 6, generator=gen)
     c[[3, 150]] *= scale
     c[200] = c[150]  # a tie between two far codes: the lower index
     x = torch.cat([torch.randn(40, 6, generator=gen), c[[150, 3]] + 1e-3, torch.full((1, 6), math.nan)])
-    assert _functional._far_codes(c).tolist() == [3, 150, 200]
+    assert _reference._far_codes(c).tolist() == [3, 150, 200]
     for block in (7, 2**24):
         got = nearest_codes_reference(x, c, "l2", block_elems=block)
-        monkeypatch.setattr(_functional, "FAR_FACTOR", math.inf)
+        monkeypatch.setattr(_reference, "FAR_FACTOR", math.inf)
         plain = nearest_codes_reference(x, c, "l2", block_elems=block)
         monkeypatch.undo()
         assert torch.equal(got[1], plain[1]) and torch.equal(got[0].nan_to_num(-1), plain[0].nan_to_num(-1))
@@ -425,7 +425,7 @@ def test_residual_dropout_draws_per_item_under_a_mask_and_inside_a_dynamic_quant
 
 
 def test_the_cpu_row_minimum_takes_the_first_index_of_the_least_as_min_does():
-    from tokenizers_vq.quantizers._functional import _row_min  # noqa: PLC0415
+    from tokenizers_vq.quantizers._reference import _row_min  # noqa: PLC0415
 
     torch.manual_seed(0)
     s = torch.randint(0, 4, (64, 512 * 3)).float()  # ties everywhere, within and across runs of 128
