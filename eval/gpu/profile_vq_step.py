@@ -1,16 +1,24 @@
 """Where the VQ-EMA training step's time goes (the search benchmark's step: forward, backward
 and EMA update of ``VectorQuantizer``), eager and under ``torch.compile(fullgraph=True)``:
 ms per step, operators and kernel launches per step, then the top operators by device and by
-host time under ``torch.profiler``.
+host time under ``torch.profiler``; with ``--host``, also the host's own time per step (the
+step enqueued behind a long GPU sleep, so no GPU work is waited for unless the step syncs), the
+host syncs of one step (``torch.cuda.set_sync_debug_mode``, with where they come from) and the
+Python functions that take the host's time (``cProfile``).
 
-    python eval/gpu/profile_vq_step.py [--cases 32768x1024x256,32768x16384x8] [--device cuda]
+    python eval/gpu/profile_vq_step.py [--cases 32768x1024x256,32768x16384x8] [--device cuda] [--host]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
+import io
+import pstats
 import time
+import traceback
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -84,16 +92,71 @@ def profile_case(n: int, k: int, d: int, device: str, compiled: bool, steps: int
     return "\n".join(lines)
 
 
+def host_report(n: int, k: int, d: int, compiled: bool, steps: int = 20) -> str:
+    """Host ms per step with the GPU kept busy (a step that syncs waits out the sleep and
+    shows it), the syncs of one step and where they are, and the top Python functions."""
+    run = step_fn(n, k, d, "cuda", compiled)
+    for _ in range(5):
+        run()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued ahead of the steps
+    each = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        run()
+        each.append((time.perf_counter() - t) * 1e3)
+    host_ms = sum(each) / steps
+    torch.cuda.synchronize()
+    lines = [f"## {n} x {k} x {d}, {'compiled' if compiled else 'eager'}: host {host_ms:.3f} ms per step "
+             "(enqueued behind a GPU sleep); each step: " + " ".join(f"{t:.2f}" for t in each)]
+    # the operator that waits for the GPU, if one does: it takes the sleep's second on the host
+    torch.cuda._sleep(2_000_000_000)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        run()
+    torch.cuda.synchronize()
+    lines.append("one step behind a GPU sleep, top operators by host time:\n"
+                 + prof.key_averages(group_by_stack_n=6).table(sort_by="self_cpu_time_total", row_limit=6,
+                                                               max_name_column_width=60))
+    sites: collections.Counter = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            sites[f"{w.filename}:{w.lineno}"] += 1
+    lines.append(f"host syncs in one step: {sum(sites.values())}"
+                 + "".join(f"\n  {c} x {site}" for site, c in sites.most_common()))
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        run()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    lines.append(f"cProfile over {steps} steps, by own time:\n" + buf.getvalue()[-6000:])
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="32768x1024x256,32768x16384x8")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--eager-only", action="store_true", help="leave the compiled step out")
+    ap.add_argument("--host", action="store_true", help="the host's time, syncs and Python per step (CUDA) instead")
     args = ap.parse_args(argv)
     for case in args.cases.split(","):
         n, k, d = map(int, case.split("x"))
         for compiled in (False,) if args.eager_only else (False, True):
-            print(profile_case(n, k, d, args.device, compiled), flush=True)
+            try:
+                report = host_report(n, k, d, compiled) if args.host else profile_case(n, k, d, args.device, compiled)
+            except Exception:  # noqa: BLE001  (one failing variant leaves the others measured)
+                report = f"## {n} x {k} x {d}, compiled={compiled}: failed\n{traceback.format_exc()}"
+            print(report, flush=True)
 
 
 if __name__ == "__main__":
