@@ -146,7 +146,9 @@ def audio_metrics(estimate: Tensor, reference: Tensor, sample_rate: int) -> dict
 
 def token_stats(codes: Tensor, codebook_size: int) -> dict[str, float]:
     """Usage (fraction of codes seen), perplexity and entropy (bits/token) of codes
-    ``(N, G)`` per codebook column, averaged over columns."""
+    ``(N, G)`` per codebook column, averaged over columns, and ``usage_ceiling``: the most
+    usage ``N`` tokens can show, ``min(1, N / codebook_size)`` (below 1, usage says
+    how many codes these tokens reached, not whether the codebook collapsed)."""
     codes = codes.reshape(codes.shape[0], -1)
     usage, ppl, ent = [], [], []
     for col in codes.t():
@@ -157,7 +159,8 @@ def token_stats(codes: Tensor, codebook_size: int) -> dict[str, float]:
         ent.append(h)
         ppl.append(2**h)
     g = len(usage)
-    return {"usage": sum(usage) / g, "perplexity": sum(ppl) / g, "entropy_bits": sum(ent) / g}
+    return {"usage": sum(usage) / g, "usage_ceiling": min(1.0, codes.shape[0] / codebook_size),
+            "perplexity": sum(ppl) / g, "entropy_bits": sum(ent) / g}
 
 
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:

@@ -130,6 +130,10 @@ def test_token_stats():
     k = 16
     uniform = torch.arange(k).repeat(10).unsqueeze(1)
     s = token_stats(uniform, k)
-    assert s == {"usage": 1.0, "perplexity": pytest.approx(16.0), "entropy_bits": pytest.approx(4.0)}
+    assert s == {"usage": 1.0, "usage_ceiling": 1.0, "perplexity": pytest.approx(16.0),
+                 "entropy_bits": pytest.approx(4.0)}
     one = torch.zeros(50, 1, dtype=torch.long)
-    assert token_stats(one, k) == {"usage": 1 / 16, "perplexity": 1.0, "entropy_bits": 0.0}
+    assert token_stats(one, k) == {"usage": 1 / 16, "usage_ceiling": 1.0, "perplexity": 1.0, "entropy_bits": 0.0}
+    # fewer tokens than codes: usage can reach 12 / 64 at most, and these reach it
+    few = token_stats(torch.arange(12).unsqueeze(1), 64)
+    assert few["usage"] == few["usage_ceiling"] == 12 / 64

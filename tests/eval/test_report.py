@@ -70,6 +70,22 @@ def test_tvq_eval_on_audio_and_video(modality, tmp_path):
     assert "code_histogram" not in json.loads((tmp_path / "metrics.json").read_text())
 
 
+def test_a_codebook_larger_than_the_tokens_says_how_much_usage_they_can_show(tmp_path):
+    """Fewer tokens than codes: the report gives the ceiling on usage (tokens / codes) and
+    says usage does not measure collapse; with more tokens than codes it says nothing."""
+    from tokenizers_vq.tokenizer import QuantizerConfig  # noqa: PLC0415
+    from tokenizers_vq.eval.report import write_report  # noqa: PLC0415
+
+    files = sorted(shared_path("audio", "ljspeech").glob("*.wav"))[:1]
+    big = write_report(tiny("audio", QuantizerConfig("vq", {"codebook_size": 65536})), files, tmp_path / "big", "tiny")
+    tokens = big["items"][0]["tokens"]
+    assert tokens < 65536 and big["summary"]["usage_ceiling"] == pytest.approx(tokens / 65536)
+    assert big["summary"]["usage"] <= big["summary"]["usage_ceiling"]
+    assert f"at most {100 * tokens / 65536:.1f}% of the 65,536 codes can appear" in (tmp_path / "big" / "report.md").read_text()
+    small = write_report(tiny("audio"), files, tmp_path / "small", "tiny")
+    assert small["summary"]["usage_ceiling"] == 1.0 and "can appear" not in (tmp_path / "small" / "report.md").read_text()
+
+
 def test_flicker_is_zero_for_a_perfect_copy_and_grows_for_a_frozen_frame():
     from tokenizers_vq.eval.evaluate import item_metrics  # noqa: PLC0415
 
