@@ -343,7 +343,10 @@ def run_baselines(tok: Tokenizer, files: list[Path], items: list[dict[str, Any]]
         (image, video) over all items (total bits / total seconds or pixels); ``target``
         holds the tokenizer's. Each codec's summary has the mean of every metric, its
         achieved rates and ``over_budget``, the number of items where it used more bits
-        than the tokenizer; each item its file, bits, rates, settings and metrics.
+        than the tokenizer; each item its file, bits, rates, settings and metrics. A codec
+        that refused some files (not all) keeps the others: its entry also holds ``failed``
+        (``"file: reason"`` each) and ``tokenizer``, the tokenizer's means and rates over the
+        files it did code, which its comparison uses; one that refused every file is skipped.
     """
     bits_per_token = math.log2(tok.quantizer.codebook_size)
     target = 0.0
@@ -353,9 +356,12 @@ def run_baselines(tok: Tokenizer, files: list[Path], items: list[dict[str, Any]]
     skipped = {b.name: reason for b in codecs if (reason := b.unavailable()) is not None}
     rows: dict[str, list[dict[str, Any]]] = {b.name: [] for b in codecs if b.name not in skipped}
     metric_keys: dict[str, None] = {}  # every item's, in order (an item's notes are its own)
+    failed: dict[str, list[str]] = {}
+    per_file: dict[str, tuple[dict[str, Any], float, dict[str, float]]] = {}  # the tokenizer's item, bits, units
     for f, item in zip(files, items):
         ref, rate = tok.media.load_reference(f, tok.sample_rate, max_frames)
         budget, units = item["tokens"] * bits_per_token, _units(tok.media, ref, rate)
+        per_file[f.name] = (item, budget, units)
         target += budget
         total = {k: total.get(k, 0.0) + v for k, v in units.items()}
         for b in codecs:
@@ -364,8 +370,7 @@ def run_baselines(tok: Tokenizer, files: list[Path], items: list[dict[str, Any]]
             try:
                 rec, used, settings = b.code(ref, rate, budget)
             except (RuntimeError, ValueError, OSError) as e:  # the codec's refusal of this file, said of it
-                skipped[b.name] = f"failed on {f.name}: {e}"
-                del rows[b.name]
+                failed.setdefault(b.name, []).append(f"{f.name}: {e}")
                 continue
             pair = (ref, rec) if tok.media.has_pixels else (ref[None], rec[None])  # media space: (1, T) audio
             m = item_metrics(tok, *pair, lpips)
@@ -374,13 +379,21 @@ def run_baselines(tok: Tokenizer, files: list[Path], items: list[dict[str, Any]]
                                  **settings, **m})
     out: dict[str, Any] = {"target": _rates(target, total), "codecs": {}, "skipped": skipped}
     for name, its in rows.items():
-        summary: dict[str, Any] = {}
-        for k in metric_keys:
-            if not k.endswith("_note"):
-                vals = [it[k] for it in its if isinstance(it.get(k), float)]
-                summary[k] = sum(vals) / len(vals) if vals else None
-        summary.update(_rates(sum(it["bits"] for it in its), total))
-        summary["over_budget"] = sum(it["over_budget"] for it in its)
-        summary["items"] = len(its)
-        out["codecs"][name] = {"summary": summary, "items": its}
+        if not its:
+            skipped[name] = f"failed on every file, e.g. {failed[name][0]}"
+            continue
+        units = {k: sum(per_file[it["file"]][2][k] for it in its) for k in total}
+        out["codecs"][name] = {"summary": {**_means(its, metric_keys), **_rates(sum(it["bits"] for it in its), units),
+                                           "over_budget": sum(it["over_budget"] for it in its), "items": len(its)},
+                               "items": its}
+        if name in failed:
+            mine = [per_file[it["file"]][0] for it in its]
+            out["codecs"][name].update(failed=failed[name], tokenizer={
+                **_means(mine, metric_keys), **_rates(sum(per_file[it["file"]][1] for it in its), units)})
     return out
+
+
+def _means(items: list[dict[str, Any]], keys: dict[str, None]) -> dict[str, float | None]:
+    """The mean of each metric in ``keys`` over the items that have a number for it."""
+    vals = {k: [it[k] for it in items if isinstance(it.get(k), float)] for k in keys if not k.endswith("_note")}
+    return {k: sum(v) / len(v) if v else None for k, v in vals.items()}

@@ -82,14 +82,20 @@ def baseline_lines(modality: str, summary: dict[str, Any], baselines: dict[str, 
              + note[modality], "",
              "| codec | " + " | ".join(rates + keys) + " | over budget |", "|---" * (2 + len(rates) + len(keys)) + "|",
              f"| tokenizer | {cells(mine)} | - |"]
-    losses = []
+    losses, partial = [], []
     for name, c in baselines["codecs"].items():
-        s = c["summary"]
+        s, ref = c["summary"], c.get("tokenizer", mine)  # a codec that refused files: the tokenizer on its files
+        if "tokenizer" in c:
+            partial += [f"- `{name}` coded {s['items']} of {s['items'] + len(c['failed'])} files; its row and its "
+                        f"comparison are over those (the tokenizer there: {cells(ref)}). Refused:"]
+            partial += [f"  - {why}" for why in c["failed"]]
         lines.append(f"| {name} | {cells(s)} | {s['over_budget']}/{s['items']} |")
-        beaten = [f"{k} {s[k]:.4f} vs {mine[k]:.4f}" for k in keys
-                  if s.get(k) is not None and (s[k] - mine[k]) * BETTER[k] > 0]
+        beaten = [f"{k} {s[k]:.4f} vs {ref[k]:.4f}" for k in keys
+                  if s.get(k) is not None and ref.get(k) is not None and (s[k] - ref[k]) * BETTER[k] > 0]
         if beaten:
-            losses.append(f"- `{name}`, spending {s[rates[0]] / mine[rates[0]] - 1:+.0%} bits: " + ", ".join(beaten))
+            losses.append(f"- `{name}`, spending {s[rates[0]] / ref[rates[0]] - 1:+.0%} bits: " + ", ".join(beaten))
+    if partial:
+        lines += ["", "Codecs that refused some files:", "", *partial]
     if losses:
         lines += ["", "Where the tokenizer loses (codec vs tokenizer):", "", *losses]
     elif baselines["codecs"]:

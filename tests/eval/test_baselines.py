@@ -133,6 +133,33 @@ def test_image_baselines_against_the_embedded_tokenizer():
     assert any(ln.startswith("- `webp`") for ln in lines)  # the full-size WebP beats a 20 dB tokenizer
 
 
+def test_a_codec_that_refuses_a_file_keeps_the_others_compared_on_those(tmp_path):
+    """WebP refuses a 16400-pixel-wide strip: its row covers the photo it coded, beside the
+    tokenizer on that photo alone, and names the refusal; a codec that refuses every file is
+    skipped with the reason."""
+    from PIL import Image  # noqa: PLC0415
+
+    from tokenizers_vq.eval.evaluate import evaluate  # noqa: PLC0415
+
+    strip = tmp_path / "strip.png"
+    Image.fromarray((torch.rand(32, 16400, 3) * 255).byte().numpy()).save(strip)
+    files, tok = [shared_path(*PHOTO), strip], tiny("image")
+    items = evaluate(tok, files)["items"]
+    base = run_baselines(tok, files, items)
+    webp, jpeg = base["codecs"]["webp"], base["codecs"]["jpeg"]
+    assert [it["file"] for it in webp["items"]] == [files[0].name] and webp["summary"]["items"] == 1
+    assert len(webp["failed"]) == 1 and webp["failed"][0].startswith("strip.png: WEBP cannot encode a 16400x32 image")
+    assert webp["tokenizer"]["psnr_db"] == pytest.approx(items[0]["psnr_db"])  # the photo alone
+    assert webp["tokenizer"]["bits_per_pixel"] == pytest.approx(items[0]["tokens"] * 5 / (481 * 321))  # 32 codes
+    assert "failed" not in jpeg and jpeg["summary"]["items"] == 2
+    lines = baseline_lines("image", {"psnr_db": 99.0, "bits_per_pixel": 1.0}, base)
+    assert any(ln.startswith("- `webp` coded 1 of 2 files") for ln in lines)
+    assert any(ln.startswith("  - strip.png: WEBP cannot encode") for ln in lines)
+    alone = run_baselines(tok, [strip], items[1:])
+    assert "webp" not in alone["codecs"] and "jpeg" in alone["codecs"]
+    assert alone["skipped"]["webp"].startswith("failed on every file, e.g. strip.png: WEBP cannot encode")
+
+
 def test_missing_binaries_give_named_skips(tmp_path, monkeypatch):
     real_which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "c2enc" else real_which(name, *a, **k))
