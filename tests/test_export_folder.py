@@ -72,6 +72,36 @@ def test_an_interrupted_overwrite_run_again_resumes_its_shards(tmp_path, monkeyp
     assert not (out / export_record.REPLACED).exists() and len(TokenDataset(out)) == 3
 
 
+def test_the_earlier_command_after_an_interrupted_overwrite_puts_its_export_back(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in an --overwrite export says where the export it replaces is; the command that
+    made that export, run again without --overwrite, puts it back finished (nothing encoded)
+    instead of refusing the folder."""
+    import tokenizers_vq.export as export_module  # noqa: PLC0415
+
+    out = tmp_path / "tokens"
+    first = _cmd(tmp_path, out) + ["--shard-items", "2"]
+    assert main(first) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    interrupt_at_call(monkeypatch, export_module, "_encode_shard", 2)
+    assert main(_cmd(tmp_path, out) + ["--shard-items", "1", "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    assert f"tvq: interrupted (the export this one replaces is kept in {out / export_record.REPLACED}" in err
+    assert not (out / "manifest.json").exists()  # the replacement is unfinished
+    monkeypatch.setattr(export_module, "_encode_shard", lambda *a: pytest.fail("the earlier export is whole"))
+    assert main(first) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not (out / export_record.REPLACED).exists() and len(TokenDataset(out)) == 3
+
+
+def test_an_interrupt_without_a_message_says_what_it_leaves(tmp_path, monkeypatch, capsys):
+    import tokenizers_vq.export as export_module  # noqa: PLC0415
+
+    interrupt_at_call(monkeypatch, export_module, "_encode_shard", 1)
+    assert main(_cmd(tmp_path, tmp_path / "tokens")) == 130
+    assert "tvq: interrupted (files already written are complete; an export resumes when run again)" in \
+        capsys.readouterr().err
+
+
 def test_an_out_that_is_a_file_is_named(tmp_path, capsys):
     out = tmp_path / "tokens"
     out.write_text("mine")

@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true",
                     help="start over in --out: an earlier export there (its shards, index files, manifest and "
                          "export.json; no other file) is kept in --out/.replaced until the new one finishes, and put "
-                         "back if it fails; without it, a rerun resumes only an export of the same model, inputs and "
+                         "back if it fails (or, after a Ctrl-C, by the earlier command); without it, a rerun resumes only an export of the same model, inputs and "
                          "options, and refuses any other, naming what differs")
     pr = sub.add_parser("prior", help="train the small GPT prior on an export and sample media")
     pr.add_argument("--tokens", required=True, help="export directory written by tvq export")
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tvq: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # (training's says where it saved)
-        print(f"tvq: interrupted ({e or 'files already written are complete; an export resumes when run again'})",
+        print(f"tvq: interrupted ({str(e) or 'files already written are complete; an export resumes when run again'})",
               file=sys.stderr)
         return 130
 

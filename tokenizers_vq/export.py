@@ -65,6 +65,7 @@ from tokenizers_vq import distributed
 from tokenizers_vq.export_pipeline import FLUSH, encode_batches, read_inputs
 from tokenizers_vq.export_record import (
     IMAGE_READER,
+    REPLACED,
     START_OVER,
     UPRIGHT,
     bring_back,
@@ -242,6 +243,12 @@ def export_dataset(
         # back. An interrupt keeps both: the new run resumes when run again, the old one stays in .replaced
         if overwrite and rank == 0:
             bring_back(out)
+        raise
+    except KeyboardInterrupt as e:
+        if overwrite and (out / REPLACED).is_dir():
+            raise KeyboardInterrupt(f"the export this one replaces is kept in {out / REPLACED} until it finishes: run "
+                                    "the same command again to finish it, or the earlier one (without --overwrite) "
+                                    "to put that export back") from e
         raise
     if rank == 0:
         drop_replaced(out)

@@ -284,7 +284,8 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool, legacy_weights: str | 
     """Make ``out`` an export of ``fp``: record it in ``out/export.json`` (atomically),
     or resume when the one recorded there equals it. With ``overwrite``, an earlier
     export there is set aside (:func:`set_aside`), to be deleted once this one is finished;
-    the same replacement run again after an interrupt resumes.
+    the same replacement run again after an interrupt resumes, and the set-aside export's own
+    run (without ``overwrite``) puts it back instead, finished, dropping the unfinished one.
 
     Raises:
         ValueError: without ``overwrite``, the recorded fingerprint differs (each
@@ -299,6 +300,10 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool, legacy_weights: str | 
                          f"\"{fp['format']}\"): another tool's files, kept; export to another folder (--out)")
     if overwrite and (out / REPLACED).is_dir() and _records(record, fp, legacy_weights):
         return  # this very replacement, interrupted: it resumes; the export it replaces stays in .replaced
+    if (not overwrite and (out / REPLACED).is_dir() and _records(out / REPLACED / RECORD, fp, legacy_weights)
+            and (out / REPLACED / "manifest.json").is_file() and not _records(record, fp, legacy_weights)):
+        bring_back(out)  # the export this run made, set aside by an --overwrite run that was cut short: asked for
+        return           # again, it comes back finished (the unfinished replacement is dropped)
     if overwrite:
         set_aside(out)
         try:
