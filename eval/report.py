@@ -163,8 +163,9 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     for key, name, package in tok.media.optional_metrics:
         if result["summary"].get(key) is None:
             installed = importlib.util.find_spec(package) is not None
-            skipped[key] = (f"{name} skipped: no item could be scored (no speech in the references?)" if installed
-                            else f"{name} skipped: the {package} package is not installed")
+            why = "; ".join(sorted({n for it in result["items"] if (n := it.get(f"{key}_note"))}))
+            skipped[key] = (f"{name} skipped: no item could be scored ({why or 'no speech in the references?'})"
+                            if installed else f"{name} skipped: the {package} package is not installed")
     result["skipped"] = skipped
     result["model"] = model_name
     result["config"] = json.loads(json.dumps(tok.config, default=lambda o: o.__dict__))

@@ -86,6 +86,23 @@ def test_a_codebook_larger_than_the_tokens_says_how_much_usage_they_can_show(tmp
     assert small["summary"]["usage_ceiling"] == 1.0 and "can appear" not in (tmp_path / "small" / "report.md").read_text()
 
 
+def test_clips_too_short_for_stoi_are_kept_and_the_report_says_why_it_is_missing(tmp_path):
+    pytest.importorskip("pystoi", reason="the pystoi package is needed for STOI")
+    import soundfile as sf  # noqa: PLC0415
+
+    from tokenizers_vq.eval.report import write_report  # noqa: PLC0415
+
+    speech, rate = sf.read(sorted(shared_path("audio", "ljspeech").glob("*.wav"))[0], dtype="float32")
+    files = []
+    for n in (80, 3200):  # 5 ms (under one STOI frame) and 0.2 s
+        files.append(tmp_path / f"short{n}.wav")
+        sf.write(files[-1], speech[rate : rate + n], rate)
+    result = write_report(tiny("audio"), files, tmp_path / "report", "tiny")
+    assert not result["failed"] and [it["file"] for it in result["items"]] == [f.name for f in files]
+    assert all(it.get("stoi") is None and "too short" in it["stoi_note"] for it in result["items"])
+    assert "no item could be scored (STOI not computed: too short" in result["skipped"]["stoi"]
+
+
 def test_flicker_is_zero_for_a_perfect_copy_and_grows_for_a_frozen_frame():
     from tokenizers_vq.eval.evaluate import item_metrics  # noqa: PLC0415
 
