@@ -167,6 +167,13 @@ def test_chunk_layouts_empty_streams_and_misuse():
     assert dec.push(results[0]).shape == (1, 2 * HOP)
     with pytest.raises(ValueError, match="already returned"):
         dec.flush(size=HOP)
+    # codes of any integer dtype, as an export's shards hold them (uint16), give the same audio
+    wide, narrow = tok.decode_stream(), tok.decode_stream()
+    assert torch.equal(wide.push(results[0]), narrow.push(results[0].to(torch.uint16)))
+    with pytest.raises(ValueError, match=r"got a NumPy array of float32 \(torch.from_numpy\(x\).float\(\)"):
+        tok.encode_stream().push(x.numpy())
+    with pytest.raises(ValueError, match=r"got a NumPy array of float32 \(torch.from_numpy"):
+        tok.encode(x.numpy()[None, None])
 
 
 def test_state_stays_bounded_on_a_long_stream():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 class MissingDependency(ImportError):
     """An optional package a feature needs is not installed; the message names the package
@@ -20,3 +22,12 @@ class ItemError(ValueError):
     def __init__(self, reason: str, item: int, of: int):
         super().__init__(reason if of == 1 else f"{reason} (item {item} of a batch of {of})")
         self.reason, self.item = reason, item
+
+
+def not_a_float_tensor(x: object) -> str:
+    """What a value given where a floating-point torch tensor is needed is, and the fix: a NumPy
+    array (``torch.from_numpy``), another type, or a tensor of another dtype."""
+    if type(x).__module__ == "numpy" and hasattr(x, "dtype"):
+        return f"got a NumPy array of {x.dtype} (torch.from_numpy(x).float() makes one)"
+    dtype = getattr(x, "dtype", None)
+    return f"got a tensor of {dtype}" if isinstance(dtype, torch.dtype) else f"got {type(x).__name__}"

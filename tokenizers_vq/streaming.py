@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from tokenizers_vq.backbones import carry
 from tokenizers_vq.backbones.audio import Conv1d
+from tokenizers_vq.errors import not_a_float_tensor
 
 if TYPE_CHECKING:
     from tokenizers_vq.tokenizer import Tokenizer
@@ -168,7 +169,8 @@ class AudioEncodeStream:
         if self._closed:
             raise ValueError("push after flush: start a new stream with tok.encode_stream()")
         if not isinstance(chunk, Tensor) or not chunk.is_floating_point():
-            raise ValueError(f"audio chunks must be floating-point tensors: {self.tok.media.input_scale}")
+            raise ValueError(f"audio chunks must be floating-point torch tensors, {not_a_float_tensor(chunk)}: "
+                             f"{self.tok.media.input_scale}")
         if chunk.ndim not in (1, 2, 3) or any(s != 1 for s in chunk.shape[:-1]):
             frames_first = chunk.ndim == 2 and chunk.shape[1] <= 8 < chunk.shape[0]  # (frames, channels), as audio I/O gives
             mix = "chunk.mean(-1): it is (frames, channels)" if frames_first else "chunk.mean(0) for (channels, n)"
@@ -264,6 +266,7 @@ class AudioDecodeStream:
         integer = isinstance(codes, Tensor) and not (codes.is_floating_point() or codes.is_complex())
         if not integer or codes.dtype is torch.bool:
             raise ValueError("codes must be an integer tensor")
+        codes = codes.long()  # any integer dtype (an export's shards are uint16/uint32)
         cs = self.code_shape
         if codes.ndim == len(cs) + 2 and codes.shape[0] == 1:
             codes = codes[0]

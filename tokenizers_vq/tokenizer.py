@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from tokenizers_vq import deferred
 from tokenizers_vq.backbones import BACKBONES
+from tokenizers_vq.errors import not_a_float_tensor
 from tokenizers_vq.io import atomic_write_all, device_named, save_safetensors, training_only_keys
 from tokenizers_vq.modality import Modality
 from tokenizers_vq.modality import get as get_modality
@@ -273,7 +274,8 @@ class Tokenizer(nn.Module):
         """``x`` checked, in the weights' dtype (outside autocast, which casts by itself)."""
         want, weights = self.media.input_ndim, next(self.parameters()).dtype
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise ValueError(f"{self.modality} input must be a floating-point tensor: {self.media.input_scale}")
+            raise ValueError(f"{self.modality} input must be a floating-point torch tensor, {not_a_float_tensor(x)}: "
+                             f"{self.media.input_scale}")
         if x.ndim != want:
             raise ValueError(f"{self.modality} input must have {want} axes (B, C, ...), got shape {tuple(x.shape)}")
         if x.numel() == 0:
