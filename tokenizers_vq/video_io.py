@@ -122,7 +122,9 @@ def read_video_file(path: Path, max_frames: int | None,
             stream = _video_stream(container)
             if stream is None:
                 cover = " (only cover art)" if container.streams.video else ""
-                raise ValueError(f"{path} has no video stream{cover}")
+                audio = (f"; it holds audio only: encode it with an audio model after ffmpeg -i {path} "
+                         f"{path.with_suffix('.flac').name}" if container.streams.audio else "")
+                raise ValueError(f"{path} has no video stream{cover}{audio}")
             if stream.codec_context is None:
                 raise ValueError(f"cannot read video {path}: this FFmpeg build has no decoder for its video "
                                  "codec; re-encode it: ffmpeg -i IN -c:v libx264 OUT.mp4")
@@ -151,7 +153,8 @@ def read_video_file(path: Path, max_frames: int | None,
             indexed = stream.frames if container.format.name == "avi" else 0
             stated = float(stream.average_rate or 0)
     except av.error.FFmpegError as e:
-        raise ValueError(f"cannot read video {path}: {e}") from e
+        raise ValueError(f"cannot read video {path}: {e} (a damaged or cut-short file, or not the type its "
+                         "suffix says: copy or export it again)") from e
     if not frames:
         raise ValueError(f"video {path} has no decodable frames")
     timed = len(times) > 2 and None not in times and times[-1] > times[0]
