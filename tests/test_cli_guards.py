@@ -506,3 +506,11 @@ def test_an_output_folder_that_cannot_be_made_is_named_in_one_line(command, tmp_
     line = one_error_line(capsys)
     assert f"cannot write {tmp_path / 'afile' / 'out'}" in line and "is a file, not a directory" in line
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_an_empty_file_name_is_named_as_such(tmp_path, capsys):
+    """A command substitution that printed nothing gives ``tvq encode ""``: named, not read as the folder "."."""
+    assert main(["encode", "", "-o", str(tmp_path / "x.tvq")]) == 2
+    assert capsys.readouterr().err.strip() == ("tvq: error: an empty file name: name a media file (a command that was "
+                                               "to give one printed nothing?)")
+    assert not (tmp_path / "x.tvq").exists()

@@ -84,6 +84,8 @@ def modality_of(path: str | os.PathLike, unknown: str | None = None) -> str:
         ValueError: a missing path, a folder that is not a clip, or an unknown suffix
             when ``unknown`` is ``None``.
     """
+    if not os.fspath(path):
+        raise ValueError("an empty file name: name a media file (a command that was to give one printed nothing?)")
     p = Path(path)
     if p.is_dir():
         if is_frame_folder(p):
