@@ -57,6 +57,12 @@ def test_an_embedded_colour_profile_is_converted_to_srgb(tmp_path):
     assert np.abs(got[:, 8, [8, 24]].T.numpy().astype(int) - [[255, 0, 0], [40, 160, 90]]).max() <= 3
     stored.save(tmp_path / "plain.png", icc_profile=None)  # no profile: the numbers as stored
     assert (load_image_u8(tmp_path / "plain.png")[:, 8, [8, 24]].T.numpy() == stored_values).all()
+    # a palette image's colours are in its profile's space too
+    stored.quantize(4).save(tmp_path / "palette.png", icc_profile=icc)
+    with Image.open(tmp_path / "palette.png") as im:
+        assert im.mode == "P" and im.info.get("icc_profile") == icc
+    got = load_image_u8(tmp_path / "palette.png")
+    assert np.abs(got[:, 8, [8, 24]].T.numpy().astype(int) - [[255, 0, 0], [40, 160, 90]]).max() <= 3
 
 
 @pytest.mark.parametrize("mode,key", [("RGB", (10, 20, 30)), ("L", 0)])

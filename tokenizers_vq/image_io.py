@@ -89,10 +89,10 @@ def load_image_u8(path: str | os.PathLike) -> Tensor:
 
 def _foreign_profile(im):
     """An open Pillow image's embedded colour profile when it is of another space than sRGB
-    (RGB, RGBA or CMYK images), else None. Raises ``ImageCms.PyCMSError`` (or ``OSError`` /
-    ``ValueError``) for a profile that cannot be read."""
+    (RGB, RGBA, CMYK and palette images: a palette holds RGB colours), else None. Raises
+    ``ImageCms.PyCMSError`` (or ``OSError`` / ``ValueError``) for a profile that cannot be read."""
     icc = im.info.get("icc_profile")
-    if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK", "P"):
         return None
     from PIL import ImageCms  # noqa: PLC0415
 
@@ -125,6 +125,8 @@ def _to_srgb(im, path: Path):
         profile = _foreign_profile(im)
         if profile is None:
             return im
+        if im.mode == "P":  # its palette's colours, then converted as an RGB image's (a key becomes alpha)
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         mode = "RGBA" if im.mode == "RGBA" else "RGB"
         return ImageCms.profileToProfile(im, profile, ImageCms.createProfile("sRGB"), outputMode=mode)
     except (ImageCms.PyCMSError, OSError, ValueError) as e:
