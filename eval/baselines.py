@@ -17,9 +17,8 @@ the tokenizer:
 Bits counted: the Codec2 bitstream at its nominal bits per frame (``c2enc`` pads
 each frame to whole bytes), the Opus packets (the Ogg container not counted), the
 whole H.264/H.265 Annex B stream (parameter sets included, the encoder's version SEI
-removed), the whole JPEG/WebP file. A codec whose binary is absent is skipped with
-the reason. Codec2 and Opus work on files in a temporary directory that is removed
-afterwards; video goes through pipes and images through memory.
+removed), the whole JPEG/WebP file. A codec whose binary is absent is skipped with the reason.
+Codec2 and Opus work on files in a temporary directory, video goes through pipes, images memory.
 """
 
 from __future__ import annotations
@@ -357,11 +356,12 @@ def run_baselines(tok: Tokenizer, files: list[Path], items: list[dict[str, Any]]
     rows: dict[str, list[dict[str, Any]]] = {b.name: [] for b in codecs if b.name not in skipped}
     metric_keys: dict[str, None] = {}  # every item's, in order (an item's notes are its own)
     failed: dict[str, list[str]] = {}
-    per_file: dict[str, tuple[dict[str, Any], float, dict[str, float]]] = {}  # the tokenizer's item, bits, units
-    for f, item in zip(files, items):
+    coded: dict[str, list[int]] = {name: [] for name in rows}  # each codec's files, by position
+    per_file: list[tuple[dict[str, Any], float, dict[str, float]]] = []  # the tokenizer's item, bits, units
+    for i, (f, item) in enumerate(zip(files, items)):
         ref, rate = tok.media.load_reference(f, tok.sample_rate, max_frames)
         budget, units = item["tokens"] * bits_per_token, _units(tok.media, ref, rate)
-        per_file[f.name] = (item, budget, units)
+        per_file.append((item, budget, units))
         target += budget
         total = {k: total.get(k, 0.0) + v for k, v in units.items()}
         for b in codecs:
@@ -377,19 +377,20 @@ def run_baselines(tok: Tokenizer, files: list[Path], items: list[dict[str, Any]]
             metric_keys.update(dict.fromkeys(m))
             rows[b.name].append({"file": f.name, "bits": used, **_rates(used, units), "over_budget": used > budget,
                                  **settings, **m})
+            coded[b.name].append(i)
     out: dict[str, Any] = {"target": _rates(target, total), "codecs": {}, "skipped": skipped}
     for name, its in rows.items():
-        if not its:
-            skipped[name] = f"failed on every file, e.g. {failed[name][0]}"
+        if not its:  # (no files at all: nothing to say)
+            skipped.update({name: f"failed on every file, e.g. {failed[name][0]}"} if name in failed else {})
             continue
-        units = {k: sum(per_file[it["file"]][2][k] for it in its) for k in total}
+        mine = [per_file[i] for i in coded[name]]
+        units = {k: sum(u[k] for _, _, u in mine) for k in total} if name in failed else total
         out["codecs"][name] = {"summary": {**_means(its, metric_keys), **_rates(sum(it["bits"] for it in its), units),
                                            "over_budget": sum(it["over_budget"] for it in its), "items": len(its)},
                                "items": its}
         if name in failed:
-            mine = [per_file[it["file"]][0] for it in its]
             out["codecs"][name].update(failed=failed[name], tokenizer={
-                **_means(mine, metric_keys), **_rates(sum(per_file[it["file"]][1] for it in its), units)})
+                **_means([it for it, _, _ in mine], metric_keys), **_rates(sum(b for _, b, _ in mine), units)})
     return out
 
 

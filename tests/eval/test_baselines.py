@@ -158,6 +158,27 @@ def test_a_codec_that_refuses_a_file_keeps_the_others_compared_on_those(tmp_path
     alone = run_baselines(tok, [strip], items[1:])
     assert "webp" not in alone["codecs"] and "jpeg" in alone["codecs"]
     assert alone["skipped"]["webp"].startswith("failed on every file, e.g. strip.png: WEBP cannot encode")
+    assert run_baselines(tok, [], [])["codecs"] == {}
+
+
+def test_codec_rates_count_each_file_when_two_share_a_name(tmp_path):
+    """Two files named x.png in two folders of different sizes: each codec's bits per pixel is
+    its bits over both files' pixels, as the tokenizer's."""
+    from PIL import Image  # noqa: PLC0415
+
+    from tokenizers_vq.eval.evaluate import evaluate  # noqa: PLC0415
+
+    photo = Image.open(shared_path(*PHOTO)).convert("RGB")
+    files = []
+    for folder, side in (("a", 64), ("b", 256)):
+        (tmp_path / folder).mkdir()
+        files.append(tmp_path / folder / "x.png")
+        photo.resize((side, side)).save(files[-1])
+    tok = tiny("image")
+    base = run_baselines(tok, files, evaluate(tok, files)["items"])
+    for name, c in base["codecs"].items():
+        bits = sum(it["bits"] for it in c["items"])
+        assert c["summary"]["bits_per_pixel"] == pytest.approx(bits / (64 * 64 + 256 * 256)), name
 
 
 def test_missing_binaries_give_named_skips(tmp_path, monkeypatch):
