@@ -93,6 +93,34 @@ def test_the_earlier_command_after_an_interrupted_overwrite_puts_its_export_back
     assert not (out / export_record.REPLACED).exists() and len(TokenDataset(out)) == 3
 
 
+def test_an_earlier_export_recorded_by_an_older_reader_is_put_back_and_its_record_upgraded(tmp_path, monkeypatch):
+    import tokenizers_vq.export as export_module  # noqa: PLC0415
+
+    out = tmp_path / "tokens"
+    first = _cmd(tmp_path, out) + ["--shard-items", "2"]
+    assert main(first) == 0
+    record = out / "export.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "image_reader": "upright"}))  # colours as stored
+    interrupt_at_call(monkeypatch, export_module, "_encode_shard", 2)
+    assert main(_cmd(tmp_path, out) + ["--shard-items", "1", "--overwrite"]) == 130
+    monkeypatch.setattr(export_module, "_encode_shard", lambda *a: pytest.fail("the earlier export is whole"))
+    assert main(first) == 0  # no photo reads otherwise in sRGB: the earlier export resumes as finished
+    assert json.loads(record.read_text())["image_reader"] == "upright, srgb" and len(TokenDataset(out)) == 3
+
+
+def test_an_interrupted_overwrite_of_an_unfinished_export_says_only_to_run_it_again(tmp_path, monkeypatch, capsys):
+    import tokenizers_vq.export as export_module  # noqa: PLC0415
+
+    out = tmp_path / "tokens"
+    first = _cmd(tmp_path, out) + ["--shard-items", "1"]
+    interrupt_at_call(monkeypatch, export_module, "_encode_shard", 2)
+    assert main(first) == 130  # unfinished: no manifest
+    interrupt_at_call(monkeypatch, export_module, "_encode_shard", 2)
+    assert main(_cmd(tmp_path, out) + ["--shard-items", "2", "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    assert "the unfinished export this one replaces is kept in" in err and "the earlier one" not in err
+
+
 def test_an_interrupt_without_a_message_says_what_it_leaves(tmp_path, monkeypatch, capsys):
     import tokenizers_vq.export as export_module  # noqa: PLC0415
 

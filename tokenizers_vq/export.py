@@ -176,7 +176,8 @@ def export_dataset(
         overwrite: start over: an earlier export in ``out_dir`` (its shards, index files,
             manifest and ``export.json``; no other file) is set aside in ``out_dir/.replaced``,
             deleted once this one finishes and put back if it fails (an interrupt keeps both:
-            this one resumes when run again).
+            this one resumes when run again, and a finished earlier export's own run, without
+            ``overwrite``, puts it back).
         root: the folder each item's ``path`` in the index is relative to (``tvq export``:
             ``--data``); ``None``: the folder that holds every file. A tar sample's ``path``
             is its member's path in the archive.
@@ -245,10 +246,14 @@ def export_dataset(
             bring_back(out)
         raise
     except KeyboardInterrupt as e:
-        if overwrite and (out / REPLACED).is_dir():
-            raise KeyboardInterrupt(f"the export this one replaces is kept in {out / REPLACED} until it finishes: run "
-                                    "the same command again to finish it, or the earlier one (without --overwrite) "
-                                    "to put that export back") from e
+        kept = out / REPLACED
+        if overwrite and (kept / "manifest.json").is_file():
+            raise KeyboardInterrupt(f"the export this one replaces is kept in {kept} until it finishes: run the same "
+                                    "command again to finish it, or the earlier one (without --overwrite) to put "
+                                    "that export back") from e
+        if overwrite and kept.is_dir():
+            raise KeyboardInterrupt(f"the unfinished export this one replaces is kept in {kept} until it finishes: "
+                                    "run the same command again to finish it") from e
         raise
     if rank == 0:
         drop_replaced(out)

@@ -271,13 +271,17 @@ def _same_weights(old: dict[str, Any], fp: dict[str, Any], legacy: str | None) -
     return old
 
 
-def _records(record: Path, fp: dict[str, Any], legacy: str | None = None) -> bool:
-    """Whether ``record`` (an ``export.json``) is readable and records ``fp``."""
+def _records(record: Path, fp: dict[str, Any], legacy: str | None = None, upright: bool = False) -> bool:
+    """Whether ``record`` (an ``export.json``) is readable and records ``fp`` (with ``upright``,
+    also where it was recorded before its inputs were read as this run reads them)."""
     try:
         old = json.loads(record.read_bytes())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return isinstance(old, dict) and not differences(_with_defaults(_same_weights(old, fp, legacy)), fp)
+    if not isinstance(old, dict):
+        return False
+    old = _same_weights(old, fp, legacy)
+    return not differences(_with_defaults(_read_upright(old, fp) if upright else old), fp)
 
 
 def claim(out: Path, fp: dict[str, Any], overwrite: bool, legacy_weights: str | None = None) -> None:
@@ -300,10 +304,11 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool, legacy_weights: str | 
                          f"\"{fp['format']}\"): another tool's files, kept; export to another folder (--out)")
     if overwrite and (out / REPLACED).is_dir() and _records(record, fp, legacy_weights):
         return  # this very replacement, interrupted: it resumes; the export it replaces stays in .replaced
-    if (not overwrite and (out / REPLACED).is_dir() and _records(out / REPLACED / RECORD, fp, legacy_weights)
-            and (out / REPLACED / "manifest.json").is_file() and not _records(record, fp, legacy_weights)):
-        bring_back(out)  # the export this run made, set aside by an --overwrite run that was cut short: asked for
-        return           # again, it comes back finished (the unfinished replacement is dropped)
+    if (not overwrite and (out / REPLACED / "manifest.json").is_file() and not _records(record, fp, legacy_weights)
+            and _records(out / REPLACED / RECORD, fp, legacy_weights, upright=True)):
+        # the finished export this run made, set aside by an --overwrite run that was cut short: asked for again,
+        # it comes back (the unfinished replacement is dropped) and its record is checked below as a resume's
+        bring_back(out)
     if overwrite:
         set_aside(out)
         try:
