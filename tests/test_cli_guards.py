@@ -301,7 +301,7 @@ def test_the_prior_without_a_model_refuses_tokens_no_embedded_model_wrote(tmp_pa
 def as_recorded_before_upright_reading(record: Path, key: str) -> None:
     """An export record as written before inputs were read upright: without ``key``."""
     fp = json.loads(record.read_text())
-    assert fp.pop(key) in ("upright", "upright, srgb")
+    assert fp.pop(key) in ("upright", "upright, srgb", "upright, srgb, palettes")
     record.write_text(json.dumps(fp))
 
 
@@ -332,7 +332,7 @@ def test_an_export_begun_before_photos_were_read_upright_resumes_unless_one_is_t
     photos, cmd, record = _three_photo_export(tmp_path, image_model)
     as_recorded_before_upright_reading(record, "image_reader")
     assert main(cmd) == 0  # no photo is turned: nothing differs for it
-    assert json.loads(record.read_text())["image_reader"] == "upright, srgb"
+    assert json.loads(record.read_text())["image_reader"] == "upright, srgb, palettes"
     as_recorded_before_upright_reading(record, "image_reader")
     with Image.open(photos[1]) as im:
         exif = im.getexif()
@@ -349,7 +349,7 @@ def test_an_export_begun_before_colours_were_read_in_srgb_resumes_unless_a_photo
     recorded = json.loads(record.read_text())
     record.write_text(json.dumps({**recorded, "image_reader": "upright"}))  # as colours were read before
     assert main(cmd) == 0  # no photo has a colour profile or key: nothing differs for it
-    assert json.loads(record.read_text())["image_reader"] == "upright, srgb"
+    assert json.loads(record.read_text())["image_reader"] == "upright, srgb, palettes"
     record.write_text(json.dumps({**recorded, "image_reader": "upright"}))
     with Image.open(photos[1]) as im:
         im.convert("RGB").save(photos[1], transparency=(0, 0, 0))  # a colour key: it reads otherwise now
@@ -514,3 +514,23 @@ def test_an_empty_file_name_is_named_as_such(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == ("tvq: error: an empty file name: name a media file (a command that was "
                                                "to give one printed nothing?)")
     assert not (tmp_path / "x.tvq").exists()
+
+
+def test_an_export_begun_before_palette_profiles_were_applied_resumes_unless_a_palette_photo_has_one(tmp_path,
+                                                                                                     image_model, capsys):
+    from PIL import Image  # noqa: PLC0415
+    from test_media_input import _wide_gamut_profile  # noqa: PLC0415
+
+    photos, cmd, record = _three_photo_export(tmp_path, image_model)
+    recorded = json.loads(record.read_text())
+    record.write_text(json.dumps({**recorded, "image_reader": "upright, srgb"}))
+    assert main(cmd) == 0  # no palette photo with a profile: nothing differs
+    assert json.loads(record.read_text())["image_reader"] == "upright, srgb, palettes"
+    with Image.open(photos[1]) as im:
+        palette = im.convert("RGB").quantize(16)
+    palette.save(photos[1], icc_profile=_wide_gamut_profile())  # a palette PNG whose colours read otherwise now
+    assert main(cmd + ["--overwrite"]) == 0
+    record.write_text(json.dumps({**json.loads(record.read_text()), "image_reader": "upright, srgb"}))
+    capsys.readouterr()
+    assert main(cmd) == 2
+    assert "reading palette photos' colours as stored, and this version converts them to sRGB" in capsys.readouterr().err

@@ -105,7 +105,7 @@ def test_an_earlier_export_recorded_by_an_older_reader_is_put_back_and_its_recor
     assert main(_cmd(tmp_path, out) + ["--shard-items", "1", "--overwrite"]) == 130
     monkeypatch.setattr(export_module, "_encode_shard", lambda *a: pytest.fail("the earlier export is whole"))
     assert main(first) == 0  # no photo reads otherwise in sRGB: the earlier export resumes as finished
-    assert json.loads(record.read_text())["image_reader"] == "upright, srgb" and len(TokenDataset(out)) == 3
+    assert json.loads(record.read_text())["image_reader"] == "upright, srgb, palettes" and len(TokenDataset(out)) == 3
 
 
 def test_an_interrupted_overwrite_of_an_unfinished_export_says_only_to_run_it_again(tmp_path, monkeypatch, capsys):

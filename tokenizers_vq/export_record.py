@@ -191,10 +191,13 @@ UPRIGHT = "upright"
 ``export.json``): an EXIF orientation or a display matrix applied. Exports recorded without
 it read them as stored."""
 
-IMAGE_READER = "upright, srgb"
-"""How an image export reads photos: upright, colours in sRGB from an embedded profile and
-transparency (a colour key too) composited on white. Exports recorded as ``UPRIGHT`` read
-colours as stored."""
+IMAGE_READER = "upright, srgb, palettes"
+"""How an image export reads photos: upright, colours in sRGB from an embedded profile (of
+a palette image's too) and transparency (a colour key too) composited on white. Exports
+recorded as ``UPRIGHT`` read colours as stored; as ``SRGB_READER``, palette images' colours."""
+
+SRGB_READER = "upright, srgb"
+"""The image reader before palette images' profiles were applied."""
 
 _READERS = ("image_reader", "video_reader")
 
@@ -206,15 +209,16 @@ def _read_upright(old: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:
     key = next((k for k in _READERS if k in fp), None)
     if key is None or old.get(key) == fp[key]:
         return old
-    if key in old and not (old[key] == UPRIGHT and fp[key] == IMAGE_READER):
+    if key in old and not (old[key] in (UPRIGHT, SRGB_READER) and fp[key] == IMAGE_READER):
         return old  # another reader: named among the differences
     return {**old, key: fp[key]}
 
 
-def _none_recoloured(fp: dict[str, Any]) -> None:
+def _none_recoloured(fp: dict[str, Any], palettes_only: bool = False) -> None:
     """Raise ``ValueError`` when a photo would read in other colours than an export begun
     before photos were read in sRGB read it (an embedded profile of another space, or a
-    colour key), or is a tar member (not looked into)."""
+    colour key; with ``palettes_only``, begun before palette images' profiles were applied:
+    a palette image's profile of another space), or is a tar member (not looked into)."""
     from PIL import Image  # noqa: PLC0415
 
     from tokenizers_vq.image_io import recoloured  # noqa: PLC0415
@@ -223,11 +227,12 @@ def _none_recoloured(fp: dict[str, Any]) -> None:
         path = Path(entry[0])
         try:
             with Image.open(path) as im:
-                changed = recoloured(im)
+                changed = recoloured(im) and (im.mode == "P" or not palettes_only)
         except OSError:
             changed = not path.is_file()  # an unreadable file is named by the reader
         if changed:
-            raise ValueError(f"this export was begun reading photos' colours as stored, and this version converts "
+            raise ValueError(f"this export was begun reading {'palette ' * palettes_only}photos' colours as stored, "
+                             f"and this version converts "
                              f"them to sRGB (or composites a transparent colour key); {entry[0]} reads otherwise now "
                              f"or could not be checked, so resuming would mix the two: {START_OVER}")
 
@@ -334,7 +339,7 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool, legacy_weights: str | 
             if not any(k in old for k in _READERS):
                 _none_turned(fp)
             if fp.get("image_reader") == IMAGE_READER:
-                _none_recoloured(fp)
+                _none_recoloured(fp, palettes_only=old.get("image_reader") == SRGB_READER)
             atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(upgraded)))
         return
     found = sorted(p.name for p in out.iterdir() if written_by_export(p.name))
