@@ -359,10 +359,10 @@ class Trainer:
                              f"resume with it as it was, or train in a new out_dir with --init_from {directory}")
         for name, on, setting in (("ema", self.ema, "ema_decay=0"), ("disc", self.disc, "loss.adversarial=0"),
                                   ("lecam", self.lecam, "loss.lecam=0")):
-            if on is not None and name not in parts:
-                raise ValueError(f"checkpoint {directory} was saved with {setting}, so it holds no {name} state to "
-                                 f"resume: resume with {setting} as it was, or train in a new out_dir with "
-                                 f"--init_from {directory}")
+            if (on is not None) != (name in parts):  # state to resume that is missing, or that would be dropped
+                what = (f"holds {name} state, which this run ({setting}) would drop at its next save: resume without "
+                        f"{setting}" if on is None else f"was saved with {setting}, so it holds no {name} state: resume with {setting} as it was")
+                raise ValueError(f"checkpoint {directory} {what}, or train in a new out_dir with --init_from {directory}")
         self.unwrapped.load_state_dict(parts["model"])
         self.opt_g.load_state_dict(optimizer_state(parts["opt_g"]))
         self.sched.load_state_dict(parts["sched"])

@@ -88,8 +88,12 @@ def test_an_incomplete_checkpoint_is_refused_and_a_finished_run_keeps_its_record
 def test_a_resumed_run_takes_this_runs_learning_rate_and_refuses_state_it_lacks(tmp_path):
     out = tmp_path / "run"
     Trainer(config("image", out, 2, save_every=2, ema_decay=0)).train()
-    with pytest.raises(ValueError, match=r"saved with ema_decay=0, so it holds no ema state .*--init_from"):
+    with pytest.raises(ValueError, match=r"saved with ema_decay=0, so it holds no ema state.*--init_from"):
         Trainer(config("image", out, 4, save_every=2, ema_decay=0.9))
+    with_ema = tmp_path / "with_ema"  # and the other way: state the resumed run would drop from its checkpoint
+    Trainer(config("image", with_ema, 2, save_every=2, ema_decay=0.9)).train()
+    with pytest.raises(ValueError, match=r"holds ema state, which this run \(ema_decay=0\) would drop at its next save"):
+        Trainer(config("image", with_ema, 4, save_every=2, ema_decay=0))
     same = Trainer(config("image", out, 4, save_every=2, ema_decay=0))
     slower = Trainer(config("image", out, 4, save_every=2, ema_decay=0, **{"optim.lr": 1e-5, "optim.betas": "[0.8,0.95]"}))
     assert same.opt_g.param_groups[0]["lr"] == pytest.approx(3e-3)
