@@ -211,7 +211,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _prior(args: argparse.Namespace) -> int:
     from tokenizers_vq.prior import PriorConfig  # noqa: PLC0415
-    from tokenizers_vq.train.prior import PriorTrainConfig, sample_images, train_prior  # noqa: PLC0415
+    from tokenizers_vq.train.prior import PriorTrainConfig, check_model, sample_images, train_prior  # noqa: PLC0415
 
     for name, value in (("--steps", args.steps), ("--window", args.window), ("--batch-size", args.batch_size),
                         ("--layers", args.layers), ("--width", args.width)):
@@ -226,11 +226,8 @@ def _prior(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.tokens} is not a finished export (no manifest.json): run tvq export first")
     manifest = read_json(manifest_path, "shards")
     tok = _model_for_tokens(args, manifest.get("model_id"), manifest.get("modality"))
-    if (manifest.get("modality"), manifest.get("codebook_size")) != (tok.modality, tok.quantizer.codebook_size):
-        raise ValueError(f"{args.tokens} holds {manifest.get('modality')} tokens of model {manifest.get('model_id')!r} "
-                         f"(codebook {manifest.get('codebook_size')}), but the model is {tok.modality} "
-                         f"{tok.config.name!r} (codebook {tok.quantizer.codebook_size}): pass --model of the model "
-                         "that wrote them")
+    if (note := check_model(args.tokens, manifest, tok)) is not None:
+        print(f"tvq: warning: {note}", file=sys.stderr)
     heads = max(h for h in range(1, max(1, args.width // 64) + 1) if args.width % h == 0)  # about 64 wide, dividing it
     cfg = PriorTrainConfig(export_dir=args.tokens, out_dir=args.out, window=args.window, steps=args.steps,
                            batch_size=args.batch_size, max_minutes=args.max_minutes,

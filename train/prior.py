@@ -22,6 +22,8 @@ from tqdm import tqdm
 
 from tokenizers_vq import modality
 from tokenizers_vq.export import TokenDataset
+from tokenizers_vq.export_record import weights_sha256
+from tokenizers_vq.io import check_can_write
 from tokenizers_vq.prior import PriorConfig, TokenPrior
 
 
@@ -110,22 +112,27 @@ def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior,
     val = _windows(ds, val_items, cfg.window, grid_axes, cfg.val_windows, torch.Generator().manual_seed(1234)).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
+    check_can_write(out / "prior.safetensors")  # refused now, not after the training
     out.mkdir(parents=True, exist_ok=True)
-    start, history = time.time(), []
-    for step in tqdm(range(cfg.steps), desc="prior"):
-        x = _windows(ds, train_items, cfg.window, grid_axes, cfg.batch_size, gen).to(device)
-        _, loss = prior(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % max(1, cfg.steps // 10) == 0:
-            history.append({"step": step + 1, "train_loss": float(loss.detach()), "val_loss": val_loss(prior, val)})
-        if cfg.max_minutes and time.time() - start > cfg.max_minutes * 60:
-            break
+    start, history, done, interrupted = time.time(), [], 0, False
+    try:
+        for step in tqdm(range(cfg.steps), desc="prior"):
+            x = _windows(ds, train_items, cfg.window, grid_axes, cfg.batch_size, gen).to(device)
+            _, loss = prior(x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            done = step + 1
+            if done % max(1, cfg.steps // 10) == 0:
+                history.append({"step": done, "train_loss": float(loss.detach()), "val_loss": val_loss(prior, val)})
+            if cfg.max_minutes and time.time() - start > cfg.max_minutes * 60:
+                break
+    except KeyboardInterrupt:  # the steps done are kept: saved below, then the interrupt goes on
+        interrupted = True
     summary = {
-        "steps": step + 1,
+        "steps": done,
         "seconds": time.time() - start,
         "val_nats_per_token": val_loss(prior, val),
         "unigram_entropy_nats": ds.unigram_entropy(),
@@ -135,7 +142,29 @@ def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior,
     }
     prior.save(out)  # prior.safetensors + prior_config.json: TokenPrior.load(out)
     (out / "prior_summary.json").write_text(json.dumps(summary, indent=1))
+    if interrupted:
+        raise KeyboardInterrupt(f"the prior trained for {done} of {cfg.steps} steps is saved in {out} (TokenPrior.load)")
     return prior, summary
+
+
+def check_model(export_dir: str | Path, manifest: dict[str, Any], tok) -> str | None:
+    """Refuse a tokenizer that cannot decode an export's tokens (``ValueError`` naming both:
+    another modality, codebook size or code shape); return a warning where its weights differ
+    from those the export recorded (pictures sampled from the prior then decode otherwise)."""
+    theirs = (manifest.get("modality"), manifest.get("codebook_size"), tuple(manifest.get("code_shape") or ()))
+    if theirs != (tok.modality, tok.quantizer.codebook_size, tuple(tok.quantizer.code_shape)):
+        raise ValueError(f"{export_dir} holds {theirs[0]} tokens of model {manifest.get('model_id')!r} (codebook "
+                         f"{theirs[1]}, code shape {theirs[2]}), but the model is {tok.modality} {tok.config.name!r} "
+                         f"(codebook {tok.quantizer.codebook_size}, code shape {tuple(tok.quantizer.code_shape)}): "
+                         "pass --model of the model that wrote them")
+    try:
+        recorded = json.loads((Path(export_dir) / "export.json").read_text()).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if recorded is None or recorded == weights_sha256(tok) or recorded == weights_sha256(tok, full=True):
+        return None
+    return (f"{export_dir} was written by a model named {manifest.get('model_id')!r} with other weights than "
+            f"{tok.config.name!r} here: its sampled pictures decode with these (pass --model of the model that wrote them)")
 
 
 @torch.no_grad()

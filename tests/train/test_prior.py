@@ -96,3 +96,45 @@ def test_a_short_run_reaches_the_full_learning_rate(tmp_path, monkeypatch):
     cfg = config(tmp_path / "tokens", tmp_path / "prior", window=3, steps=40)
     train_prior(cfg)
     assert max(lrs) > 0.9 * cfg.lr
+
+
+def test_an_interrupted_prior_keeps_the_steps_done_and_an_unwritable_out_is_refused_first(tmp_path, monkeypatch):
+    from tokenizers_vq.prior import TokenPrior  # noqa: PLC0415
+
+    export_dataset(tiny("image"), small_photos(tmp_path / "photos", 3, side=24), tmp_path / "tokens")
+    (tmp_path / "file").write_text("mine")
+    trained = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: trained.append(1))
+    with pytest.raises(ValueError, match="cannot write"):  # a file where the folder goes: before any step
+        train_prior(config(tmp_path / "tokens", tmp_path / "file" / "prior", window=3, steps=5))
+    assert not trained and (tmp_path / "file").read_text() == "mine"
+    calls = []
+
+    def clip(*a, **k):  # a Ctrl-C in the fourth step, after three were done
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    with pytest.raises(KeyboardInterrupt, match=r"trained for 3 of 50 steps is saved in .*prior \(TokenPrior.load\)"):
+        train_prior(config(tmp_path / "tokens", tmp_path / "prior", window=3, steps=50))
+    assert TokenPrior.load(tmp_path / "prior").cfg.block_size == 9
+
+
+def test_a_model_that_cannot_decode_the_export_is_refused_and_other_weights_warned_of(tmp_path):
+    import json  # noqa: PLC0415
+
+    from tokenizers_vq.token_dataset import read_json  # noqa: PLC0415
+    from tokenizers_vq.train.prior import check_model  # noqa: PLC0415
+
+    tok = tiny("image")
+    export_dataset(tok, small_photos(tmp_path / "photos", 3, side=24), tmp_path / "tokens")
+    manifest = read_json(tmp_path / "tokens" / "manifest.json", "shards")
+    assert check_model(tmp_path / "tokens", manifest, tok) is None
+    with pytest.raises(ValueError, match=r"code shape \(2,\)\), but the model .*code shape \(\)\): pass --model"):
+        check_model(tmp_path / "tokens", {**manifest, "code_shape": [2]}, tok)  # a residual model's tokens
+    other = tiny("image")
+    with torch.no_grad():
+        next(other.decoder.parameters()).add_(1.0)  # same name and codebook, other weights
+    assert "with other weights than" in check_model(tmp_path / "tokens", manifest, other)
+    record = json.loads((tmp_path / "tokens" / "export.json").read_text())
+    assert record["weights_sha256"]  # what the check compares with
