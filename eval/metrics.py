@@ -129,14 +129,13 @@ def audio_metrics(estimate: Tensor, reference: Tensor, sample_rate: int) -> dict
     try:
         from pystoi import stoi as _stoi  # noqa: PLC0415
 
-        short, score = [], math.nan
         if ref.shape[-1] * STOI_RATE < STOI_FRAME * sample_rate:  # less than one frame: pystoi cannot frame it
-            short = ["shorter than one STOI frame"]
-        else:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                score = float(_stoi(ref[0].numpy(), est[0].numpy(), sample_rate, extended=False))
-            short = [w for w in caught if "Not enough STFT frames" in str(w.message)]
+            out["stoi_note"] = "STOI not computed: shorter than one of its 25.6 ms frames"
+            return out
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            score = float(_stoi(ref[0].numpy(), est[0].numpy(), sample_rate, extended=False))
+        short = [w for w in caught if "Not enough STFT frames" in str(w.message)]
         if short or silent_ref:  # pystoi's placeholder (1e-5 or 0), not a score
             out["stoi_note"] = ("STOI not computed: the reference is silent" if silent_ref else
                                 "STOI not computed: too short once its silent frames are removed "

@@ -195,9 +195,9 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
                   f"the items' notes in metrics.json say why the others have none."]
     if result["summary"].get("usage_ceiling", 1.0) < 1.0:
         ceiling = result["summary"]["usage_ceiling"]
-        lines += ["", f"usage counts the codes these tokens reached: with fewer tokens than codes, at most "
-                  f"{100 * ceiling:.1f}% of the {tok.quantizer.codebook_size:,} codes can appear, so it does not "
-                  "measure collapse here (perplexity and entropy_bits do not depend on it)."]
+        lines += ["", f"usage counts the codes these tokens reached: with fewer tokens (per codebook) than codes, at "
+                  f"most {100 * ceiling:.1f}% of the {tok.quantizer.codebook_size:,} codes can appear, so it does not "
+                  "measure collapse here; perplexity is likewise at most the token count (entropy_bits its log2)."]
     if "rfid" in result["summary"]:
         lines += ["", f"rFID is over {result['summary']['rfid_images']} images. FID is biased upwards for few images "
                   "(the usual count is 50,000): compare only values over the same images."]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import shlex
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -122,8 +123,8 @@ def read_video_file(path: Path, max_frames: int | None,
             stream = _video_stream(container)
             if stream is None:
                 cover = " (only cover art)" if container.streams.video else ""
-                audio = (f"; it holds audio only: encode it with an audio model after ffmpeg -i {path} "
-                         f"{path.with_suffix('.flac').name}" if container.streams.audio else "")
+                audio = (f"; it holds audio only: encode it with an audio model after ffmpeg -i {shlex.quote(str(path))} "
+                         f"{shlex.quote(path.with_suffix('.flac').name)}" if container.streams.audio else "")
                 raise ValueError(f"{path} has no video stream{cover}{audio}")
             if stream.codec_context is None:
                 raise ValueError(f"cannot read video {path}: this FFmpeg build has no decoder for its video "
