@@ -511,9 +511,13 @@ def test_an_output_folder_that_cannot_be_made_is_named_in_one_line(command, tmp_
 def test_an_empty_file_name_is_named_as_such(tmp_path, capsys):
     """A command substitution that printed nothing gives ``tvq encode ""``: named, not read as the folder "."."""
     assert main(["encode", "", "-o", str(tmp_path / "x.tvq")]) == 2
-    assert capsys.readouterr().err.strip() == ("tvq: error: an empty file name: name a media file (a command that was "
-                                               "to give one printed nothing?)")
+    assert "tvq: error: an empty file name: name a " in capsys.readouterr().err
     assert not (tmp_path / "x.tvq").exists()
+    for cmd in (["decode", "", "-o", str(tmp_path / "y.png")], ["export", "--data", "", "--out", str(tmp_path / "t")],
+                ["eval", "--data", "", "--out", str(tmp_path / "r")], ["encode", str(tmp_path / "a.png"), "-o", ""]):
+        assert main(cmd) == 2  # not the current folder's files
+        assert "an empty file name" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists() and not (tmp_path / "r").exists()
 
 
 def test_an_export_begun_before_palette_profiles_were_applied_resumes_unless_a_palette_photo_has_one(tmp_path,

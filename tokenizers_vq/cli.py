@@ -311,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true",
                     help="start over in --out: an earlier export there (its shards, index files, manifest and "
                          "export.json; no other file) is kept in --out/.replaced until the new one finishes, and put "
-                         "back if it fails (or, after a Ctrl-C, by the earlier command); without it, a rerun resumes only an export of the same model, inputs and "
-                         "options, and refuses any other, naming what differs")
+                         "back if it fails (after a Ctrl-C, by the earlier command); without it, a rerun resumes "
+                         "only an export of the same model, inputs and options, and refuses any other, naming it")
     pr = sub.add_parser("prior", help="train the small GPT prior on an export and sample media")
     pr.add_argument("--tokens", required=True, help="export directory written by tvq export")
     pr.add_argument("--out", default="runs/prior", help="output folder")
@@ -357,9 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_device(getattr(args, "device", None))
-        named = [getattr(args, k, None) for k in ("files", "output", "tokens", "data", "out")]
-        if "-" in [p for v in named for p in (v if isinstance(v, list) else [v])]:
+        given = [getattr(args, k, None) for k in ("files", "output", "tokens", "data", "out", "model", "init_from")]
+        named = [p for v in given for p in (v if isinstance(v, list) else [v])]
+        if "-" in named:
             raise ValueError("'-' (standard input or output) is not supported: name a file or folder")
+        if "" in named:  # (a command substitution that printed nothing) not read as the folder "."
+            raise ValueError("an empty file name: name a file or folder (a command that was to give one printed nothing?)")
         return args.func(args)
     except (ValueError, MissingDependency) as e:
         print(f"tvq: error: {e}", file=sys.stderr)
