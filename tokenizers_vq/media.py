@@ -355,9 +355,11 @@ UNREAD_SUFFIXES = frozenset({".m4a", ".aac", ".wma", ".heic", ".avif", ".wmv", "
 """Suffixes of media this library does not read (a data folder's files of these are named)."""
 
 
-def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None) -> list[str]:
+def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None,
+             rerun: str = "run again with --model {model}") -> list[str]:
     """Notes (one line each) naming the media of other modalities in a data folder, which a
-    run with a ``modality`` model leaves out: a mixed folder is not coded whole."""
+    run with a ``modality`` model leaves out: a mixed folder is not coded whole. ``rerun``
+    says how to take them (``{model}``: the embedded model of their kind, ``{kind}`` it)."""
     from tokenizers_vq.modality import get  # noqa: PLC0415
 
     notes = []
@@ -372,11 +374,11 @@ def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None) -
     if modality == "image" and clips:  # the frames of a frame folder are images: coded as photos
         held["video"] = len(found["video"])
         notes.append(f"tvq: note: {folder} holds {len(clips)} folder{'s' * (len(clips) > 1)} of numbered frames "
-                     f"(video clips?), whose frames are coded as photos; run again with --model "
-                     f"{get('video').default_model} to code them as clips")
+                     f"(video clips?), whose frames are coded as photos; "
+                     f"{rerun.format(model=get('video').default_model, kind='video')} to code them as clips")
     for kind, n in held.items():
         if n and kind != modality:
             what = {"image": "photo", "audio": "audio file", "video": "video clip"}[kind] + ("s" if n > 1 else "")
             notes.append(f"tvq: note: {folder} also holds {n} {what}, left out: this run takes its {modality} files; "
-                         f"run again with --model {get(kind).default_model} for those")
+                         f"{rerun.format(model=get(kind).default_model, kind=kind)} for those")
     return notes

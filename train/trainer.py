@@ -116,7 +116,7 @@ class Trainer:
         self.val_files = val_files
         if self.acc.is_main_process:  # what the run leaves out of its folders, and what it reads
             for folder in dict.fromkeys(f for f in (d.train, d.val) if f):
-                for note in left_out(folder, cfg.model.modality, {Path(cfg.out_dir) / "samples"}):
+                for note in left_out(folder, cfg.model.modality, {Path(cfg.out_dir) / "samples"}, "train with tvq train {kind}"):
                     tqdm.write(note, file=sys.stderr)
             tqdm.write(f"data: {len(train_files)} training files, {len(val_files)} held apart", file=sys.stderr)
         # audio segments: a whole number of latent frames

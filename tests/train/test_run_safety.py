@@ -175,11 +175,13 @@ def test_a_run_names_what_it_leaves_out_and_counts_what_it_reads(tmp_path, capsy
 
     photos = small_photos(tmp_path / "data", 3, side=48)
     (tmp_path / "data" / "phone.heic").write_bytes(b"\0" * 64)
+    (tmp_path / "data" / "talk.wav").write_bytes((tmp_path / "data" / "phone.heic").read_bytes())  # another kind
     val = small_photos(tmp_path / "data" / "val", 1, side=48)
     run = Trainer(config("image", tmp_path / "run", 1, **{"data.train": str(tmp_path / "data"),
                                                           "data.val": str(tmp_path / "data" / "val")}))
     err = capsys.readouterr().err
     assert "phone.heic" in err and "(.heic), left out" in err
+    assert "also holds 1 audio file, left out: this run takes its image files; train with tvq train audio for those" in err
     assert "data: 3 training files, 1 held apart" in err
     assert sorted(run.train_data.files) == sorted(photos) and run.val_files == val
 
