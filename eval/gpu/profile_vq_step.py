@@ -121,7 +121,8 @@ def host_report(n: int, k: int, d: int, compiled: bool, steps: int = 20) -> str:
 
     def where(message, *_):  # the innermost caller outside torch, not the warning's own line
         if "synchroniz" in str(message).lower():
-            outside = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+            outside = [f for f in traceback.extract_stack()[:-1]
+                       if "/torch/" not in f.filename and not f.filename.endswith("warnings.py")]
             sites[f"{outside[-1].filename}:{outside[-1].lineno}" if outside else "?"] += 1
 
     with warnings.catch_warnings():
