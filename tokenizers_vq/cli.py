@@ -233,8 +233,8 @@ def _prior(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, max_minutes=args.max_minutes,
                            prior=PriorConfig(n_layer=args.layers, n_embd=args.width, n_head=heads))
     prior, summary = train_prior(cfg, str(next(tok.parameters()).device))
-    print(f"validation {summary['val_nats_per_token']:.3f} nats/token vs unigram entropy "
-          f"{summary['unigram_entropy_nats']:.3f}; the prior is in {args.out} (TokenPrior.load)")
+    print(f"validation {summary['val_nats_per_token']:.3f} nats/token vs {summary['unigram_val_nats_per_token']:.3f} "
+          f"for the training codes' unigram; the prior is in {args.out} (TokenPrior.load)")
     if tok.modality == "image":
         sample_images(prior, tok, 8, args.window, Path(args.out) / "samples.png", top_k=args.top_k)
         print(f"wrote {Path(args.out) / 'samples.png'}")

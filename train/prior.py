@@ -3,8 +3,9 @@
 Sequences are random windows of each item's code grid (``window`` x ``window``
 cells for images and inside one latent frame of a video, ``window`` frames for audio) in raster order with all codes of a
 cell together, so images of any size train one fixed-length model. The validation
-loss (nats/token) is measured on fixed windows of held-apart items and compared with
-the unigram entropy of the training codes: a prior that learned anything beats it.
+loss (nats/token) is measured on fixed windows of held-apart items and compared with a
+unigram model of the training items' codes scored on the same windows: a prior that learned
+anything beats it.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior,
         "steps": done,
         "seconds": time.time() - start,
         "val_nats_per_token": val_loss(prior, val),
-        "unigram_entropy_nats": ds.unigram_entropy(),
+        "unigram_entropy_nats": ds.unigram_entropy(),  # over the whole export
+        "unigram_val_nats_per_token": unigram_nats(ds, train_items, val),
         "tokens_per_sequence": length,
         "history": history,
         "config": asdict(cfg),
@@ -145,6 +147,15 @@ def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior,
     if interrupted:
         raise KeyboardInterrupt(f"the prior trained for {done} of {cfg.steps} steps is saved in {out} (TokenPrior.load)")
     return prior, summary
+
+
+def unigram_nats(ds: TokenDataset, items: list[int], val: torch.Tensor) -> float:
+    """Nats/token on ``val`` of the unigram distribution of ``items``' codes (add-one smoothed,
+    so a code they lack costs a finite amount): the baseline a prior must beat."""
+    counts = torch.ones(ds.manifest["codebook_size"], dtype=torch.float64)
+    for i in items:
+        counts += torch.bincount(ds.codes(i).reshape(-1).long(), minlength=len(counts)).double()
+    return float(-(counts / counts.sum()).log()[val.reshape(-1).cpu()].mean())
 
 
 def check_model(export_dir: str | Path, manifest: dict[str, Any], tok) -> str | None:
