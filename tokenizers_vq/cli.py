@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "export.json; no other file) is kept in --out/.replaced until the new one finishes, and put "
                          "back if it fails (after a Ctrl-C, by the earlier command); without it, a rerun resumes "
                          "only an export of the same model, inputs and options, and refuses any other, naming it")
-    pr = sub.add_parser("prior", help="train the small GPT prior on an export and sample media")
+    pr = sub.add_parser("prior", help="train the small GPT prior on an export (and sample pictures from an image export)")
     pr.add_argument("--tokens", required=True, help="export directory written by tvq export")
     pr.add_argument("--out", default="runs/prior", help="output folder")
     pr.add_argument("--window", type=int, default=8, help="grid cells per side (frames for audio) per sequence")
