@@ -237,8 +237,15 @@ def test_a_record_the_file_could_not_give_back_is_refused_before_writing(tmp_pat
     tok = Tokenizer.from_pretrained(image_model)
     good = TokenRecord(tok.encode(torch.rand(1, 3, 16, 16) * 2 - 1)[0], "a.png", [16, 16])
     path = tmp_path / "t.tvq"
+    size = tok.quantizer.codebook_size
+    wrapped, past, off, floats = (good.codes.clone().long() for _ in range(4))
+    wrapped[0, 0], past[0, 0], off[0, 0] = 2**32 + 7, size, -1  # 2^32 + 7 would be stored as the id 7
     for bad, words in ((TokenRecord(good.codes[:0], "b.png", []), "not positive whole numbers"),
-                       (TokenRecord(good.codes, "c.png", [64, 64]), "codes of shape")):
+                       (TokenRecord(good.codes, "c.png", [64, 64]), "codes of shape"),
+                       (TokenRecord(wrapped, "d.png", [16, 16]), rf"integers in \[0, {size}\) .*ids in \[\d+, {2**32 + 7}\]"),
+                       (TokenRecord(past, "e.png", [16, 16]), rf"ids in \[\d+, {size}\] \(a vocabulary's offset"),
+                       (TokenRecord(off, "f.png", [16, 16]), r"ids in \[-1, "),
+                       (TokenRecord(floats.float() + 0.5, "g.png", [16, 16]), "got torch.float32")):
         with pytest.raises(ValueError, match=words):
             save_tokens(path, tok, [good, bad])
         assert not path.exists()

@@ -24,14 +24,13 @@ The safetensors metadata (string to string) holds:
   ``code_shape``, ``items`` and ``model_sha256`` as stored, each followed by a newline: with
   the items' own digests it covers the whole file (files written without it load unchecked).
 
-Decoding checks each item's grid against the one the model gives for its recorded
-``size`` (:meth:`~tokenizers_vq.tokenizer.Tokenizer.grid_shape`).
+Writing checks each item's codes, and decoding each item's grid against the one the model
+gives for its recorded ``size`` (:meth:`~tokenizers_vq.tokenizer.Tokenizer.grid_shape`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -50,6 +49,7 @@ from tokenizers_vq.io import (atomic_write, check_can_write, check_writable, fil
                               tensor_sha256)
 from tokenizers_vq.media import MAX_PIXELS, SUFFIXES, suffix_modality
 from tokenizers_vq.modality import get as get_modality
+from tokenizers_vq.token_header import Damaged, check_header, header_sha256
 from tokenizers_vq.tokenizer import Tokenizer
 
 FORMAT = "tvq-tokens/1"
@@ -126,10 +126,18 @@ def default_model_name(paths: Sequence[str | os.PathLike]) -> str:
     return get_modality(found[0]).default_model
 
 
-def check_grid(tok: Tokenizer, rec: TokenRecord, name: str | None = None) -> None:
+def check_grid(tok: Tokenizer, rec: TokenRecord, name: str | None = None, values: bool = False) -> None:
     """Refuse codes whose shape is not the ``(*grid, *code_shape)`` that ``tok`` gives
     for the record's original ``size`` (a cut or padded grid would decode to media of
-    another size). ``name`` names the item in the message (default: its source)."""
+    another size); with ``values``, also codes that are not integers in ``[0, codebook_size)``
+    (a token file keeps int32: an id past it would be stored as another). ``name`` names the
+    item in the message (default: its source)."""
+    c, size = rec.codes, tok.quantizer.codebook_size
+    bad = c.is_floating_point() or c.is_complex() or c.dtype is torch.bool
+    if values and (bad or (c.numel() and not 0 <= int(c.long().min()) <= int(c.long().max()) < size)):
+        found = c.dtype if bad else f"ids in [{int(c.long().min())}, {int(c.long().max())}]"
+        raise ValueError(f"{name or rec.source}: codes must be integers in [0, {size}) for model {tok.config.name!r}, "
+                         f"got {found} (a vocabulary's offset left on, or another model's codes?)")
     expected = (*tok.grid_shape(rec.size), *tok.quantizer.code_shape)
     if tuple(rec.codes.shape) != expected:
         raise ValueError(f"{name or rec.source}: codes of shape {list(rec.codes.shape)}, but model {tok.config.name!r} "
@@ -187,7 +195,7 @@ def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[Token
         if not (isinstance(r.size, (list, tuple)) and r.size and all(type(n) is int and n > 0 for n in r.size)):
             raise ValueError(f"record {i} ({r.source}): size {r.size!r} is not positive whole numbers; leave out an "
                              "item with no samples or pixels (e.g. a stream flushed before any audio)")
-        check_grid(tok, r, f"record {i} ({r.source})")
+        check_grid(tok, r, f"record {i} ({r.source})", values=True)
     q = tok.quantizer
     dtype = torch.int32 if q.codebook_size <= 2**31 else torch.int64
     tensors = {f"codes.{i}": r.codes.to(dtype).contiguous() for i, r in enumerate(records)}
@@ -204,48 +212,6 @@ def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[Token
     meta["model_sha256"] = weights_sha256(tok)
     meta["header_sha256"] = header_sha256(meta)
     return atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata=meta))
-
-
-_HEADER = ("model_id", "modality", "codebook_size", "code_shape", "items")
-
-
-def header_sha256(meta: dict[str, str]) -> str:
-    """The ``header_sha256`` of a token file's metadata (see the module docstring)."""
-    extra = ("model_sha256",) if "model_sha256" in meta else ()
-    return tensor_sha256(*(meta[k] + "\n" for k in _HEADER + extra))
-
-
-class _Damaged(ValueError):
-    """What is wrong in a token file's header or tensors (:func:`load_tokens` names the file)."""
-
-
-def _check_header(meta: dict[str, str], items: Any) -> None:
-    """Raise :class:`_Damaged` naming the first field of a token file's header that is missing,
-    altered (``header_sha256``) or not of its type."""
-    missing = [k for k in _HEADER if not isinstance(meta.get(k), str)]
-    if missing:
-        raise _Damaged(f"its header lacks {', '.join(missing)}")
-    digest = meta.get("header_sha256")
-    if digest is not None and digest != header_sha256(meta):
-        raise _Damaged("its header does not match its recorded header_sha256: it was altered or damaged "
-                       "after it was written")
-    if not meta["codebook_size"].isdigit():
-        raise _Damaged(f"codebook_size {meta['codebook_size']!r} is not a whole number")
-    shape = json.loads(meta["code_shape"])
-    if not isinstance(shape, list) or not all(isinstance(n, int) and n > 0 for n in shape):
-        raise _Damaged(f"code_shape {meta['code_shape']!r} is not a list of positive whole numbers")
-    if not isinstance(items, list):
-        raise _Damaged("its items are not a list")
-    for i, it in enumerate(items):
-        size = it.get("size") if isinstance(it, dict) else None
-        if not (isinstance(size, list) and size and all(isinstance(n, int) and n > 0 for n in size)
-                and isinstance(it.get("source"), str)):
-            raise _Damaged(f"item {i} lacks a source name or a size of positive whole numbers")
-        fps, aspect = it.get("fps", 25.0), it.get("pixel_aspect", [1, 1])
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
-            raise _Damaged(f"item {i}'s fps {fps!r} is not a positive frame rate")
-        if not (isinstance(aspect, list) and len(aspect) == 2 and all(type(n) is int and n > 0 for n in aspect)):
-            raise _Damaged(f"item {i}'s pixel_aspect {aspect!r} is not two positive whole numbers")
 
 
 def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenRecord]]:
@@ -271,12 +237,12 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a {FORMAT} token file (format={meta.get('format')!r})")
             items = json.loads(meta["items"]) if isinstance(meta.get("items"), str) else None
-            _check_header(meta, items)
+            check_header(meta, items)
             records = []
             for i, it in enumerate(items):
                 codes, digest = f.get_tensor(f"codes.{i}"), it.pop("sha256", None)
                 if codes.dtype not in (torch.int32, torch.int64):
-                    raise _Damaged(f"item {i} ({it['source']}) holds {codes.dtype} codes, not int32 or int64")
+                    raise Damaged(f"item {i} ({it['source']}) holds {codes.dtype} codes, not int32 or int64")
                 if digest is not None and tensor_sha256(codes) != digest:
                     raise ValueError(f"{path}: item {i} ({it['source']}): its codes do not match their recorded "
                                      "sha256; the file was altered or damaged after it was written: encode the "
@@ -289,7 +255,7 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
             raise ValueError(f"{path} is {get_modality(kind).article} file, not a token file: decode reads what "
                              f"`tvq encode` wrote (e.g. `tvq encode {path.name} -o tokens.tvq`)") from None
         raise ValueError(f"corrupt token file {path}: {e}") from e
-    except _Damaged as e:
+    except Damaged as e:
         raise ValueError(f"corrupt token file {path}: {e}; encode the sources again") from None
     return meta, records
 
