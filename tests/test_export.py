@@ -458,6 +458,21 @@ def test_the_prior_and_the_vocabulary_refuse_bad_input_in_words():
         unconditional(torch.zeros(1, 2, dtype=torch.long), torch.tensor([1]))
     with pytest.raises(ValueError, match="no ids to decode"):
         Vocabulary({"image": 4}).decode(torch.tensor([], dtype=torch.long))
+    for streams, special, words in (({"a": -1, "b": 5}, ("<pad>",), r"positive whole numbers, got \{'a': -1\}"),
+                                    ({"image": 4}, ("<pad>", "<pad>"), "each be given once"),
+                                    ({"image": 4}, ("image",), "each be given once")):
+        with pytest.raises(ValueError, match=words):  # ids that would overlap, or a special token moved
+            Vocabulary(streams, special)
+    v = Vocabulary({"image": 4})
+    with pytest.raises(ValueError, match=r"unknown stream 'video'; this vocabulary's streams are \['image'\]"):
+        v.encode("video", torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"got list \(torch.as_tensor"):
+        v.decode([5])
+
+
+def test_a_slice_of_a_token_dataset_is_named(small_export):
+    with pytest.raises(TypeError, match=r"one item's index, not a slice: \[ds\[j\] for j in range\(len\(ds\)\)\[0:2:None\]\]"):
+        TokenDataset(small_export)[0:2]
 
 
 @pytest.fixture(scope="module")

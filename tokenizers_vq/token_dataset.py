@@ -206,6 +206,9 @@ class TokenDataset(Dataset):
                           "and run the export again to encode it again")
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if isinstance(i, slice):
+            raise TypeError(f"TokenDataset takes one item's index, not a slice: [ds[j] for j in range(len(ds))[{i.start}:"
+                            f"{i.stop}:{i.step}]]")
         k, it = self.items[i]
         codes = self.codes(i)
         rows = codes.reshape(-1, self.per_cell)  # one row per cell (grid) or packed token (dynamic)
@@ -275,6 +278,12 @@ class Vocabulary:
     """
 
     def __init__(self, streams: dict[str, int], special: tuple[str, ...] = ("<pad>", "<bos>", "<eos>")):
+        bad = {k: n for k, n in dict(streams).items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
+        if bad:
+            raise ValueError(f"stream sizes must be positive whole numbers, got {bad}")
+        if len(set(special)) != len(special) or set(special) & set(streams):
+            raise ValueError(f"special tokens and stream names must each be given once, got special tokens "
+                             f"{list(special)} and streams {list(streams)}")
         self.special = {name: i for i, name in enumerate(special)}
         self.offsets, self.sizes = {}, dict(streams)
         start = len(special)
@@ -285,6 +294,10 @@ class Vocabulary:
 
     def encode(self, stream: str, codes: torch.Tensor) -> torch.Tensor:
         """Ids (int64) of ``codes`` of ``stream``, any integer dtype (a shard's uint16 included)."""
+        if stream not in self.sizes:
+            raise ValueError(f"unknown stream {stream!r}; this vocabulary's streams are {list(self.sizes)}")
+        if not isinstance(codes, torch.Tensor):
+            raise ValueError(f"codes must be a torch tensor, got {type(codes).__name__} (torch.as_tensor(codes))")
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise ValueError(f"codes of stream {stream!r} must be integers, got {codes.dtype}")
         codes = codes.long()  # (a uint64 past int64 wraps below 0: refused below)
@@ -294,6 +307,8 @@ class Vocabulary:
 
     def decode(self, ids: torch.Tensor) -> tuple[str, torch.Tensor]:
         """Stream name and codes of ids that all belong to one stream."""
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"ids must be a torch tensor, got {type(ids).__name__} (torch.as_tensor(ids))")
         if ids.numel() == 0:
             raise ValueError("no ids to decode: an empty tensor belongs to no stream")
         for name, off in self.offsets.items():
