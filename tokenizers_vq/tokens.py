@@ -290,8 +290,8 @@ def other_model(meta: dict[str, str], tok: Tokenizer, path: str | os.PathLike) -
                 "decoder may read its codes differently")
     if (h := meta.get("model_sha256")) is not None and h != weights_sha256(tok) and h != weights_sha256(tok, full=True):
         return (f"{path} was written by a model named {meta['model_id']!r} with other weights than this one's "
-                "(retrained, or another version); its decoder may read the codes differently: decode with the "
-                "model that wrote them")
+                "(retrained, another version, or the same cast to another precision); its decoder may read the "
+                "codes differently: decode with the model that wrote them")
     return None
 
 
