@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tokenizers_vq.errors import UNREADABLE
 from tokenizers_vq.io import atomic_write, check_media_file, check_writable
 from tokenizers_vq.resample import resample
 
@@ -66,8 +67,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None,
             while len(data := f.read(block, dtype="float32", always_2d=True)):
                 blocks.append(torch.from_numpy(data).mean(1, keepdim=True).numpy() if mono else data)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise ValueError(f"cannot read audio {path}: {_libsndfile_words(e)} (a damaged or cut-short file, or "
-                         "not the type its suffix says: copy or export it again)") from e
+        raise ValueError(f"cannot read audio {path}: {_libsndfile_words(e)} {UNREADABLE}") from e
     got = sum(map(len, blocks))
     held = _mpeg_samples(path) if fmt == "MP3" else None
     if held is not None and got < held[0] - 3 * held[1]:  # a frame or two of encoder delay and padding

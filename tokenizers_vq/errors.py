@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 
+UNREADABLE = "(a damaged or cut-short file, or not the type its suffix says: copy or export it again)"
+"""What a reader's own error on a media file most likely means, and the fix."""
+
+
 class MissingDependency(ImportError):
     """An optional package a feature needs is not installed; the message names the package
     and the ``pip install`` that adds it (``tvq`` prints it as one error line)."""

@@ -72,7 +72,6 @@ from tokenizers_vq.export_record import (
     claim,
     drop_replaced,
     fingerprint,
-    weights_sha256,
 )
 from tokenizers_vq.io import atomic_write, check_can_write, write_bytes
 from tokenizers_vq.runtime import keep_freed_memory
@@ -227,7 +226,7 @@ def export_dataset(
         error = None
         if (rank == 0) == (turn == 0):
             try:
-                claim(out, fp, overwrite and rank == 0, weights_sha256(tok, full=True))
+                claim(out, fp, overwrite and rank == 0, tok)
             except Exception as e:  # noqa: BLE001  (raised below on every rank)
                 error = e
         try:
@@ -247,13 +246,11 @@ def export_dataset(
         raise
     except KeyboardInterrupt as e:
         kept = out / REPLACED
-        if overwrite and (kept / "manifest.json").is_file():
-            raise KeyboardInterrupt(f"the export this one replaces is kept in {kept} until it finishes: run the same "
-                                    "command again to finish it, or the earlier one (without --overwrite) to put "
-                                    "that export back") from e
-        if overwrite and kept.is_dir():
-            raise KeyboardInterrupt(f"the unfinished export this one replaces is kept in {kept} until it finishes: "
-                                    "run the same command again to finish it") from e
+        if overwrite and kept.is_dir():  # the earlier command puts back a finished export only
+            finished = (kept / "manifest.json").is_file()
+            back = ", or the earlier one (without --overwrite) to put that export back" if finished else ""
+            raise KeyboardInterrupt(f"the {'' if finished else 'unfinished '}export this one replaces is kept in {kept} "
+                                    f"until it finishes: run the same command again to finish it{back}") from e
         raise
     if rank == 0:
         drop_replaced(out)

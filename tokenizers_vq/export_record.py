@@ -63,6 +63,12 @@ def weights_sha256(tok: Tokenizer, full: bool = False) -> str:
     return tensor_sha256(*(x for pair in parts for x in pair))
 
 
+def same_weights(recorded: str, tok: Tokenizer) -> bool:
+    """Whether a recorded :func:`weights_sha256` names ``tok``'s weights, hashed either way
+    (the full state's hash computed only when the first does not match)."""
+    return recorded == weights_sha256(tok) or recorded == weights_sha256(tok, full=True)
+
+
 def fingerprint(tok: Tokenizer, files: Sequence[Path], options: dict[str, Any]) -> dict[str, Any]:
     """What an export's files follow from, as ``export.json`` records it.
 
@@ -232,8 +238,8 @@ def _none_recoloured(fp: dict[str, Any], palettes_only: bool = False) -> None:
             changed = not path.is_file()  # an unreadable file is named by the reader
         if changed:
             raise ValueError(f"this export was begun reading {'palette ' * palettes_only}photos' colours as stored, "
-                             f"and this version converts "
-                             f"them to sRGB (or composites a transparent colour key); {entry[0]} reads otherwise now "
+                             f"and this version converts them to sRGB (or composites a transparent colour key); "
+                             f"{entry[0]} reads otherwise now "
                              f"or could not be checked, so resuming would mix the two: {START_OVER}")
 
 
@@ -268,15 +274,16 @@ def _none_turned(fp: dict[str, Any]) -> None:
                              f"turned or could not be checked, so resuming would mix the two: {START_OVER}")
 
 
-def _same_weights(old: dict[str, Any], fp: dict[str, Any], legacy: str | None) -> dict[str, Any]:
-    """``old`` with a weights hash recorded the earlier way (``legacy``: over the full state) read
-    as this run's, when it names the same weights."""
-    if legacy is not None and old.get("weights_sha256") == legacy:
+def _same_weights(old: dict[str, Any], fp: dict[str, Any], tok: Tokenizer | None) -> dict[str, Any]:
+    """``old`` with a weights hash recorded the earlier way (over ``tok``'s full state) read as
+    this run's, when it names the same weights."""
+    h = old.get("weights_sha256")
+    if tok is not None and h not in (None, fp.get("weights_sha256")) and h == weights_sha256(tok, full=True):
         return {**old, "weights_sha256": fp.get("weights_sha256")}
     return old
 
 
-def _records(record: Path, fp: dict[str, Any], legacy: str | None = None, upright: bool = False) -> bool:
+def _records(record: Path, fp: dict[str, Any], tok: Tokenizer | None = None, upright: bool = False) -> bool:
     """Whether ``record`` (an ``export.json``) is readable and records ``fp`` (with ``upright``,
     also where it was recorded before its inputs were read as this run reads them)."""
     try:
@@ -285,16 +292,17 @@ def _records(record: Path, fp: dict[str, Any], legacy: str | None = None, uprigh
         return False
     if not isinstance(old, dict):
         return False
-    old = _same_weights(old, fp, legacy)
+    old = _same_weights(old, fp, tok)
     return not differences(_with_defaults(_read_upright(old, fp) if upright else old), fp)
 
 
-def claim(out: Path, fp: dict[str, Any], overwrite: bool, legacy_weights: str | None = None) -> None:
+def claim(out: Path, fp: dict[str, Any], overwrite: bool, tok: Tokenizer | None = None) -> None:
     """Make ``out`` an export of ``fp``: record it in ``out/export.json`` (atomically),
     or resume when the one recorded there equals it. With ``overwrite``, an earlier
     export there is set aside (:func:`set_aside`), to be deleted once this one is finished;
     the same replacement run again after an interrupt resumes, and the set-aside export's own
     run (without ``overwrite``) puts it back instead, finished, dropping the unfinished one.
+    ``tok``: the run's model, whose weights a record may hold hashed over its full state.
 
     Raises:
         ValueError: without ``overwrite``, the recorded fingerprint differs (each
@@ -307,10 +315,10 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool, legacy_weights: str | 
     if foreign:
         raise ValueError(f"{out} holds {' and '.join(foreign)} that no export wrote (not JSON with \"format\": "
                          f"\"{fp['format']}\"): another tool's files, kept; export to another folder (--out)")
-    if overwrite and (out / REPLACED).is_dir() and _records(record, fp, legacy_weights):
+    if overwrite and (out / REPLACED).is_dir() and _records(record, fp, tok):
         return  # this very replacement, interrupted: it resumes; the export it replaces stays in .replaced
-    if (not overwrite and (out / REPLACED / "manifest.json").is_file() and not _records(record, fp, legacy_weights)
-            and _records(out / REPLACED / RECORD, fp, legacy_weights, upright=True)):
+    if (not overwrite and (out / REPLACED / "manifest.json").is_file() and not _records(record, fp, tok)
+            and _records(out / REPLACED / RECORD, fp, tok, upright=True)):
         # the finished export this run made, set aside by an --overwrite run that was cut short: asked for again,
         # it comes back (the unfinished replacement is dropped) and its record is checked below as a resume's
         bring_back(out)
@@ -329,7 +337,7 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool, legacy_weights: str | 
             raise ValueError(f"corrupt {record}: {e}; {START_OVER}") from e
         if not isinstance(old, dict):
             raise ValueError(f"corrupt {record}: not a JSON object; {START_OVER}")
-        upgraded = _read_upright(_same_weights(old, fp, legacy_weights), fp)
+        upgraded = _read_upright(_same_weights(old, fp, tok), fp)
         diffs = differences(_with_defaults(upgraded), fp)
         if diffs:
             more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""

@@ -44,7 +44,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from tokenizers_vq.backbones.time_chunks import frames_progress
-from tokenizers_vq.export_record import weights_sha256
+from tokenizers_vq.export_record import same_weights, weights_sha256
 from tokenizers_vq.io import (atomic_write, check_can_write, check_writable, file_sha256, save_safetensors,
                               tensor_sha256)
 from tokenizers_vq.media import MAX_PIXELS, SUFFIXES, suffix_modality
@@ -288,7 +288,7 @@ def other_model(meta: dict[str, str], tok: Tokenizer, path: str | os.PathLike) -
     if meta["model_id"] != tok.config.name:
         return (f"{path} was written by model {meta['model_id']!r}; decoding with {tok.config.name!r}, whose "
                 "decoder may read its codes differently")
-    if (h := meta.get("model_sha256")) is not None and h != weights_sha256(tok) and h != weights_sha256(tok, full=True):
+    if (h := meta.get("model_sha256")) is not None and not same_weights(h, tok):
         return (f"{path} was written by a model named {meta['model_id']!r} with other weights than this one's "
                 "(retrained, another version, or the same cast to another precision); its decoder may read the "
                 "codes differently: decode with the model that wrote them")

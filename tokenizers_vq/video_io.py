@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tokenizers_vq.errors import MissingDependency
+from tokenizers_vq.errors import UNREADABLE, MissingDependency
 from tokenizers_vq.io import atomic_write, check_media_file, check_pixels, check_writable
 
 
@@ -154,8 +154,7 @@ def read_video_file(path: Path, max_frames: int | None,
             indexed = stream.frames if container.format.name == "avi" else 0
             stated = float(stream.average_rate or 0)
     except av.error.FFmpegError as e:
-        raise ValueError(f"cannot read video {path}: {e} (a damaged or cut-short file, or not the type its "
-                         "suffix says: copy or export it again)") from e
+        raise ValueError(f"cannot read video {path}: {e} {UNREADABLE}") from e
     if not frames:
         raise ValueError(f"video {path} has no decodable frames")
     timed = len(times) > 2 and None not in times and times[-1] > times[0]

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from tokenizers_vq import modality
 from tokenizers_vq.export import TokenDataset
-from tokenizers_vq.export_record import weights_sha256
+from tokenizers_vq.export_record import same_weights
 from tokenizers_vq.io import check_can_write
 from tokenizers_vq.prior import PriorConfig, TokenPrior
 
@@ -96,11 +96,10 @@ def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior,
         raise ValueError(f"steps={cfg.steps}, window={cfg.window}, batch_size={cfg.batch_size}: each must be >= 1")
     torch.manual_seed(cfg.seed)
     ds = TokenDataset(cfg.export_dir)
-    if ds.layout == "grid":
-        ds.check_tokens()  # a damaged shard, not an index error mid-training
     if ds.layout != "grid":
         raise ValueError(f"{cfg.export_dir} holds dynamic-length tokens (a variable number per item), and the prior "
                          "trains on windows of fixed code grids: export with a fixed-rate model")
+    ds.check_tokens()  # a damaged shard, not an index error mid-training
     grid_axes = modality.get(ds.manifest["modality"]).window_axes
     train_items, val_items = _split(ds, cfg.window, grid_axes, cfg.val_fraction)
     per_cell = math.prod(ds.manifest["code_shape"]) if ds.manifest["code_shape"] else 1
@@ -172,7 +171,7 @@ def check_model(export_dir: str | Path, manifest: dict[str, Any], tok) -> str | 
         recorded = json.loads((Path(export_dir) / "export.json").read_text()).get("weights_sha256")
     except (OSError, ValueError, AttributeError):
         return None
-    if recorded is None or recorded == weights_sha256(tok) or recorded == weights_sha256(tok, full=True):
+    if recorded is None or same_weights(recorded, tok):
         return None
     return (f"{export_dir} was written by a model named {manifest.get('model_id')!r} with other weights than "
             f"{tok.config.name!r} here: its sampled pictures decode with these (pass --model of the model that wrote them)")
