@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from test_tokenizer import tiny
 from testdata import interrupt_at_call, small_photos
 
@@ -167,3 +168,26 @@ def test_an_export_record_damaged_by_a_cut_write_is_corrupt_and_overwrite_repair
     assert main(_cmd(tmp_path, out)) == 2
     assert f"corrupt {out / 'export.json'}" in (err := capsys.readouterr().err) and "--overwrite" in err
     assert main([*_cmd(tmp_path, out), "--overwrite"]) == 0 and len(TokenDataset(out)) == 3
+
+
+def test_an_export_recorded_with_the_full_state_weights_hash_resumes_as_the_same_model(tmp_path, monkeypatch):
+    """Exports written when the weights hash covered a VQ's EMA sums too name the same weights:
+    the rerun resumes (nothing encoded) and the record takes this version's hash."""
+    import tokenizers_vq.export as export_module  # noqa: PLC0415
+
+    from tokenizers_vq.export_record import weights_sha256  # noqa: PLC0415
+
+    tok, photos, out = tiny("image"), small_photos(tmp_path / "photos", 3, side=32), tmp_path / "tokens"
+    export_dataset(tok, photos, out, shard_items=2)
+    record = out / "export.json"
+    now = json.loads(record.read_text())
+    assert now["weights_sha256"] == weights_sha256(tok) != weights_sha256(tok, full=True)
+    record.write_text(json.dumps({**now, "weights_sha256": weights_sha256(tok, full=True)}))
+    monkeypatch.setattr(export_module, "_encode_shard", lambda *a: pytest.fail("the export is whole"))
+    export_dataset(tok, photos, out, shard_items=2)
+    assert json.loads(record.read_text())["weights_sha256"] == weights_sha256(tok)
+    other = tiny("image")
+    with torch.no_grad():
+        next(other.decoder.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match="weights_sha256"):  # other weights: named among the differences
+        export_dataset(other, photos, out, shard_items=2)
