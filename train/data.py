@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,32 @@ from tokenizers_vq.spectral import DEFAULT_MEL_WINDOWS
 STILL_MAX_SIDE = 1024
 """Photos panned into video clips are scaled down to this longer side when larger (the video
 models train on frames of about 256 pixels)."""
+
+
+@dataclass(frozen=True)
+class CropRange:
+    """Pixel crops whose height and width each step draws from ``low, low + stride, ...,
+    high``, capped by the smallest item of its batch (to a side of that list, not below
+    ``low``); the batch shrinks to about ``batch_size * low**2`` pixels. The few shapes
+    this makes leave cuDNN few to time (``cudnn_benchmark`` times each new shape: over
+    a second a shape for a video model). A model trained on one crop size can come to
+    depend on it, decoding frames of other sizes with a colour cast."""
+
+    low: int
+    high: int
+    stride: int = 64
+
+    def draw(self, gen: torch.Generator) -> tuple[int, int]:
+        steps = (self.high - self.low) // self.stride + 1
+        return tuple(self.low + self.stride * int(torch.randint(0, steps, (1,), generator=gen)) for _ in range(2))
+
+    def items(self, batch_size: int, shape: tuple[int, int]) -> int:
+        return max(1, round(batch_size * self.low**2 / (shape[0] * shape[1])))
+
+    def cap(self, shape: tuple[int, int], sides: list[tuple[int, int]]) -> tuple[int, int]:
+        fits = [min(side[a] for side in sides) for a in range(2)]
+        return tuple(min(want, max(self.low, self.low + (fit - self.low) // self.stride * self.stride))
+                     for want, fit in zip(shape, fits))
 
 
 class MediaFolder:
@@ -86,21 +113,21 @@ class MediaFolder:
     def __len__(self) -> int:
         return len(self.items)
 
-    def crop(self, item: Tensor, size: int, gen: torch.Generator) -> Tensor:
-        """Random ``size`` crop of the last axis (audio) or last two axes (pixels),
-        padding (reflect for pixels, zeros for audio) where the item is smaller."""
+    def crop(self, item: Tensor, size: int | tuple[int, int], gen: torch.Generator) -> Tensor:
+        """Random ``size`` crop of the last axis (audio) or last two axes (pixels; a side,
+        or ``(height, width)``), padding (edge pixels, zeros for audio) where the item is smaller."""
         if not self.media.has_pixels:
             x = item.float()
             if x.shape[-1] < size:
                 x = F.pad(x, (0, size - x.shape[-1]))
             start = int(torch.randint(0, x.shape[-1] - size + 1, (1,), generator=gen))
             return x[start : start + size].unsqueeze(0)
-        h, w = item.shape[-2:]
-        top = int(torch.randint(0, max(h - size, 0) + 1, (1,), generator=gen))
-        left = int(torch.randint(0, max(w - size, 0) + 1, (1,), generator=gen))
-        x = item[..., top : top + size, left : left + size].float() / 127.5 - 1  # crop first: cheap
-        if x.shape[-2] < size or x.shape[-1] < size:
-            ph, pw = size - x.shape[-2], size - x.shape[-1]
+        (h, w), (sh, sw) = item.shape[-2:], (size, size) if isinstance(size, int) else size
+        top = int(torch.randint(0, max(h - sh, 0) + 1, (1,), generator=gen))
+        left = int(torch.randint(0, max(w - sw, 0) + 1, (1,), generator=gen))
+        x = item[..., top : top + sh, left : left + sw].float() / 127.5 - 1  # crop first: cheap
+        if x.shape[-2] < sh or x.shape[-1] < sw:
+            ph, pw = sh - x.shape[-2], sw - x.shape[-1]
             x = F.pad(x.unsqueeze(0) if x.ndim == 3 else x, (0, pw, 0, ph), mode="replicate").squeeze(0)
         if bool(torch.rand((), generator=gen) < 0.5):
             x = x.flip(-1)
@@ -115,16 +142,16 @@ class MediaFolder:
         start = int(torch.randint(0, t - frames + 1, (1,), generator=gen))
         return item[:, start : start + frames]
 
-    def pan(self, photo: Tensor, frames: int, size: int, gen: torch.Generator) -> Tensor:
-        """``(3, H, W)`` uint8 photo -> ``(3, frames, size, size)`` in [-1, 1]: a ``size``
+    def pan(self, photo: Tensor, frames: int, size: int | tuple[int, int], gen: torch.Generator) -> Tensor:
+        """``(3, H, W)`` uint8 photo -> ``(3, frames, *size)`` in [-1, 1] (a side: square): a ``size``
         window moving by ``(dy, dx)`` whole pixels per frame (each in ``[-max_speed,
         max_speed]``, slowed where the photo is too small for the whole path), from a random
         start that keeps the path inside the photo; flipped left-right at random."""
-        h, w = photo.shape[-2:]
+        sh, sw = (size, size) if isinstance(size, int) else size
         steps = max(frames - 1, 1)
         starts, speeds = [], []
-        for side in (h, w):
-            room = max(side - size, 0)
+        for side, window in zip(photo.shape[-2:], (sh, sw)):
+            room = max(side - window, 0)
             fastest = min(self.max_speed, room // steps)
             v = int(torch.randint(-fastest, fastest + 1, (1,), generator=gen))
             span = abs(v) * (frames - 1)
@@ -132,25 +159,36 @@ class MediaFolder:
             starts.append(first + span if v < 0 else first)
             speeds.append(v)
         (top, left), (dy, dx) = starts, speeds
-        clip = torch.stack([photo[:, top + t * dy : top + t * dy + size, left + t * dx : left + t * dx + size]
+        clip = torch.stack([photo[:, top + t * dy : top + t * dy + sh, left + t * dx : left + t * dx + sw]
                             for t in range(frames)], dim=1)
-        return self.crop(clip, size, gen)  # (pads a photo smaller than the window; flips)
+        return self.crop(clip, (sh, sw), gen)  # (pads a photo smaller than the window; flips)
 
-    def batch(self, batch_size: int, size: int, seed: int, step: int, rank: int = 0, frames: int = 17) -> Tensor:
+    def batch(self, batch_size: int, size: int | CropRange, seed: int, step: int, rank: int = 0,
+              frames: int = 17) -> Tensor:
         """The batch of a step: ``(B, 3, size, size)``, ``(B, 1, size)`` or
-        ``(B, 3, frames, size, size)``, a pure function of ``(seed, step, rank)``."""
+        ``(B, 3, frames, size, size)``, a pure function of ``(seed, step, rank)``; with a
+        :class:`CropRange`, ``(B', 3, [frames,] h, w)`` of the step's drawn crop."""
         gen = torch.Generator().manual_seed(hash((seed, step, rank)) % 2**62)
-        idx = torch.randint(0, len(self.items), (batch_size,), generator=gen)
-        out = []
+        shape = size.draw(gen) if isinstance(size, CropRange) else size
+        count = size.items(batch_size, shape) if isinstance(size, CropRange) else batch_size
+        idx = torch.randint(0, len(self.items), (count,), generator=gen)
+        picks = []  # (a still, its index) per slot
         for i in idx.tolist():
             if self.stills and bool(torch.rand((), generator=gen) < self.stills_fraction):
-                photo = self.stills[int(torch.randint(0, len(self.stills), (1,), generator=gen))]
-                out.append(self.pan(photo, frames, size, gen))
+                picks.append((True, int(torch.randint(0, len(self.stills), (1,), generator=gen))))
+            else:
+                picks.append((False, i))
+        if isinstance(size, CropRange):
+            shape = size.cap(shape, [tuple((self.stills if still else self.items)[i].shape[-2:]) for still, i in picks])
+        out = []
+        for still, i in picks:
+            if still:
+                out.append(self.pan(self.stills[i], frames, shape, gen))
                 continue
             item = self.items[i]
             if self.media.clips:
                 item = self.clip(item, frames, gen)
-            out.append(self.crop(item, size, gen))
+            out.append(self.crop(item, shape, gen))
         return torch.stack(out)
 
 
@@ -206,18 +244,22 @@ def segment_samples(seconds: float, sample_rate: int, hop: int) -> int:
     return crop
 
 
-def check_grid(backbone, crop: int, clip_frames: int) -> None:
+def check_grid(backbone, crop: int, clip_frames: int, crop_max: int = 0) -> int | CropRange:
     """Refuse a pixel crop or video clip length the model cannot code, naming the key,
-    before any data is read (``backbone``: an image or video backbone config)."""
+    before any data is read (``backbone``: an image or video backbone config); the crop
+    the batches take (a :class:`CropRange` from ``crop`` to ``crop_max`` when that is set)."""
     f = getattr(backbone, "downsample", None) or getattr(backbone, "spatial_downsample", None)
-    if f and crop % f:
-        raise ValueError(f"data.crop={crop}: the model downsamples by {f}, so crops must be a multiple of {f}; "
-                         f"use e.g. --data.crop={max(f, crop // f * f)}")
+    for key, side in (("crop", crop), ("crop_max", crop_max)):
+        if f and side % f:
+            raise ValueError(f"data.{key}={side}: the model downsamples by {f}, so crops must be a multiple of {f}; "
+                             f"use e.g. --data.{key}={max(f, side // f * f)}")
     tf = getattr(backbone, "temporal_factor", None)
     if tf and (clip_frames - 1) % tf:
         fit = 1 + tf * max(1, (clip_frames - 1) // tf)
         raise ValueError(f"data.clip_frames={clip_frames}: a model with {tf}x temporal compression trains on clips "
                          f"of 1 + {tf}k frames; use e.g. --data.clip_frames={fit}")
+    f = f or 1
+    return CropRange(crop, crop_max, max(f, (crop_max - crop) // 4 // f * f)) if crop_max > crop else crop  # 5 sides
 
 
 def warn_undersized(data: MediaFolder, size: int, frames: int, key: str) -> None:

@@ -62,7 +62,7 @@ class Trainer:
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available()
         )
         if cfg.cudnn_benchmark and torch.cuda.is_available():
-            torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN time and pick its kernels
+            torch.backends.cudnn.benchmark = True  # few crop shapes: cuDNN times each once
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = Tokenizer(cfg.model)
         if cfg.init_quantizer not in ("all", "first_level", "none"):
@@ -105,8 +105,7 @@ class Trainer:
         if not d.train:  # an empty path would list the working directory
             raise ValueError("data.train is not set: set --data.train=DIR, the folder of media to train on")
         sr = self.unwrapped.sample_rate
-        if not sr:
-            check_grid(self.unwrapped.backbone_config, d.crop, d.clip_frames)
+        crop = d.crop if sr else check_grid(self.unwrapped.backbone_config, d.crop, d.clip_frames, d.crop_max)
         files = list_files("data.train", d.train, cfg.model.modality, d.max_items, cfg.out_dir)
         val_files = list_files("data.val", d.val, cfg.model.modality, d.max_items, cfg.out_dir) if d.val else None
         train_files, val_files = split_files(files, val_files, d.val_fraction)
@@ -120,8 +119,9 @@ class Trainer:
                     tqdm.write(note, file=sys.stderr)
             tqdm.write(f"data: {len(train_files)} training files, {len(val_files)} held apart", file=sys.stderr)
         # audio segments: a whole number of latent frames
-        self.crop = segment_samples(d.segment_seconds, sr, self.unwrapped.backbone_config.hop) if sr else d.crop
-        warn_undersized(self.train_data, self.crop, d.clip_frames, "data.segment_seconds" if sr else "data.crop")
+        self.crop = segment_samples(d.segment_seconds, sr, self.unwrapped.backbone_config.hop) if sr else crop
+        warn_undersized(self.train_data, self.crop if sr else d.crop, d.clip_frames,
+                        "data.segment_seconds" if sr else "data.crop")
         self.out_dir = Path(cfg.out_dir)
         self.step = 0
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.acc.device)

@@ -14,8 +14,8 @@ than FLAC, so all 226 training speakers fit; at 24 kbps Opus measures STOI 0.97 
 against the FLAC, far above what the tokenizer reaches). ``--image-quality Q`` re-encodes the
 photos as WebP at quality Q and adds the Wikimedia photos downscaled to ``--image-side``.
 
-Videos become folders of JPEG frames (longer side at most 256 pixels, at most
-``--max-frames`` frames), which the trainer reads without PyAV. The clips of
+Videos become folders of JPEG frames (longer side at most ``--video-side`` pixels, 256
+by default, at most ``--max-frames`` frames), which the trainer reads without PyAV. The clips of
 :data:`VIDEO_HELD_APART` (evaluation) and of :data:`VIDEO_NOT_FOR_TRAINING` (licences that
 forbid shipping a model trained on them) are left out. LibriSpeech keeps the speakers the
 audio config trains on (the sorted first 90%), up to ``--audio-mb``.
@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--image-side", type=int, default=768, help="with --image-quality: longer side of the Wikimedia photos")
     p.add_argument("--max-frames", type=int, default=96)
     p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--video-side", type=int, default=256, help="video: longer side of the training frames at most")
     p.add_argument("--frame-start", type=int, default=0, help="video: first frame kept (another window per call)")
     args = p.parse_args()
     if args.frame_start < 0:
@@ -155,7 +156,7 @@ def main() -> None:
             clips = list_media(root, "video")  # files and folders of numbered frames
             clips = [f for f in clips  # a group's own frame folder ("openpose") is left out as its files are
                      if not (f.relative_to(root).as_posix() + "/").startswith(VIDEO_HELD_APART + VIDEO_NOT_FOR_TRAINING)]
-            sizes[what] = sum(video_frames(f, DEST / "video" / f.stem, max_frames=args.max_frames,
+            sizes[what] = sum(video_frames(f, DEST / "video" / f.stem, args.video_side, max_frames=args.max_frames,
                                            quality=args.jpeg_quality, start=args.frame_start) for f in clips)
     for k, v in sizes.items():
         print(f"{k}: {v / 2**20:.1f} MiB")

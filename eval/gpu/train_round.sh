@@ -11,9 +11,11 @@
 # the shipped decoder, the added blocks starting as the identity); the 16 MiB fp16 limit of a shipped
 # model allows about 8 M); ve the shipped shape on 17-frame clips, the length it codes in (twice the
 # frames per step); vs the shipped shape with half of each batch's clips panned across photos
-# (prepare_data.py stills: .devdata/stills, 210 photos at the frames' scale)
+# (prepare_data.py stills: .devdata/stills, 210 photos at the frames' scale); vm the shipped shape
+# on crops of 128 to 384 pixels a side, drawn per step (frames staged with --video-side 384)
 # Each run comes back as $OUT/<run>.tar (fp16 release model, metrics.jsonl, summary, log);
-# video runs are scored on the held-apart clip here and only the best one comes back.
+# video runs are scored on the held-apart clip here and only the best one comes back
+# (KEEP_VIDEO=all: every one).
 # A run whose out_dir (runs/<run>) holds a checkpoint from an earlier call on the same
 # machine resumes it; otherwise INIT_<run>=DIR (or a shipped model's name) warm-starts it
 # (tvq train --init_from). EXTRA_<run>="--loss.mel=45 ..." adds overrides to that run.
@@ -51,10 +53,11 @@ declare -A ARGS=(
   [vd]="$video --model.backbone.decoder_res_blocks=2 --model.name=tvq-video-4x8x8-fsq-deepdec"
   [ve]="$video --data.clip_frames=17"
   [vs]="$video --data.stills=$D/stills --data.stills_fraction=0.5"
+  [vm]="$video --data.crop_max=384"
   [ig]="$image"
   [il]="$image --loss.adversarial=0"
 )
-declare -A DATA=([s50]=audio [s67]=audio [sc]=audio [sk16]=audio [sk64]=audio [sk64d32]=audio [r4]=audio [sr4]=audio [va]=video [vb]=video [vc]=video [vd]=video [ve]=video [vs]=video
+declare -A DATA=([s50]=audio [s67]=audio [sc]=audio [sk16]=audio [sk64]=audio [sk64d32]=audio [r4]=audio [sr4]=audio [va]=video [vb]=video [vc]=video [vd]=video [ve]=video [vs]=video [vm]=video
                  [ig]=images [il]=images)
 if [ -n "${PROFILE:-}" ]; then
   pe="EXTRA_$PROFILE"
@@ -107,7 +110,7 @@ best_video=$(cat runs/best_video.txt 2>/dev/null)
 for r in $RUNS; do
   [ -d runs/$r ] || continue
   cp "$W/$r.log" runs/$r/ 2>/dev/null
-  if [[ $r == v* && $r != "$best_video" ]]; then
+  if [[ $r == v* && $r != "$best_video" && ${KEEP_VIDEO:-best} != all ]]; then
     tar -cf "$OUT/$r.tar" -C runs/$r --exclude=checkpoint --exclude='checkpoint.old' --exclude=release_fp16 .
   else
     tar -cf "$OUT/$r.tar" -C runs/$r --exclude=checkpoint --exclude='checkpoint.old' .

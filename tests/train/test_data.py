@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from testdata import shared_path
 
 from tokenizers_vq.media import list_media
-from tokenizers_vq.train.data import MediaFolder
+from tokenizers_vq.train.data import CropRange, MediaFolder
 
 
 def photos(n: int = 3):
@@ -100,6 +100,36 @@ def test_a_large_photo_is_scaled_down_to_pan_across(tmp_path):
     data = MediaFolder(video_files(), "video", max_frames=5, stills=[tmp_path / "big.png", photos(1)[0]])
     assert max(data.stills[0].shape[1:]) == STILL_MAX_SIDE
     assert data.stills[1].shape[1:] == load_image(photos(1)[0]).shape[1:]  # a small one is kept as it is
+
+
+def test_a_crop_range_draws_sizes_per_step_at_about_the_same_pixels():
+    data = MediaFolder(photos(4), "image")  # BSDS photos, 481 x 321 either way up
+    size = CropRange(32, 128, 32)
+    shapes = {}
+    for step in range(40):
+        x = data.batch(8, size, seed=1, step=step)
+        assert torch.equal(x, data.batch(8, size, seed=1, step=step))  # still a function of (seed, step, rank)
+        h, w = x.shape[-2:]
+        assert 32 <= min(h, w) and max(h, w) <= 128 and h % 32 == 0 and w % 32 == 0
+        assert x.shape[0] == max(1, round(8 * 32 * 32 / (h * w)))  # the pixels of 8 crops of 32 x 32
+        shapes[(h, w)] = x.shape[0]
+    assert len(shapes) >= 8 and (32, 32) in shapes and shapes[(32, 32)] == 8
+    assert any(h != w for h, w in shapes)  # height and width drawn apart
+
+
+def test_a_crop_range_is_capped_by_the_batchs_smallest_item():
+    clips = MediaFolder(video_files(), "video", max_frames=5)  # 176 x 144 frames
+    stills = MediaFolder(video_files(), "video", max_frames=5, stills=photos(1), stills_fraction=1.0)
+    size = CropRange(64, 352, 32)
+    seen, panned = set(), set()
+    for step in range(30):
+        h, w = clips.batch(4, size, seed=2, step=step, frames=5).shape[-2:]
+        assert h <= 144 and w <= 176 and h % 32 == 0 and w % 32 == 0 and min(h, w) >= 64
+        seen.add((h, w))
+        panned.add(tuple(stills.batch(4, size, seed=2, step=step, frames=5).shape[-2:]))
+    assert (128, 160) in seen  # a draw above the frame takes the largest side of the list within it: no padding
+    photo = stills.stills[0].shape[-2:]
+    assert all(h <= photo[0] and w <= photo[1] for h, w in panned) and any(min(s) > 176 for s in panned)
 
 
 def test_a_validation_fraction_that_leaves_nothing_to_train_on_is_named():

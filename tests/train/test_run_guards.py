@@ -26,6 +26,7 @@ from tokenizers_vq.train.trainer import Trainer
     ("data.val_fraction=-0.5", "data.val_fraction=-0.5"),
     ("data.max_items=-1", "data.max_items=-1"),
     ("data.crop=0", "data.crop=0"),
+    ("data.crop_max=64", r"data.crop_max=64: it is below data.crop=128; set --data.crop_max=0"),
     ("data.segment_seconds=0", "data.segment_seconds=0"),
     ("loss.l1=0 loss.l2=0 loss.perceptual=0", "every reconstruction weight .* is 0"),
     ("loss.mel=5", "loss.mel does not apply to an image model"),
@@ -53,6 +54,7 @@ def test_settings_of_the_wrong_kind_or_modality_are_refused_in_one_line(tmp_path
     cmd = ["train", "train/configs/audio.yaml", f"--out_dir={tmp_path / 'a'}", "--steps=1", "--mixed_precision=no"]
     for extra, named in ((["--loss.perceptual=1"], "loss.perceptual does not apply to an audio model"),
                          (["--model.backbone.strides=4"], "backbone.strides must be a list"),
+                         (["--data.crop_max=256"], "data.crop_max=256: audio trains on segments"),
                          (["--data.train="], "data.train is not set")):
         assert main([*cmd, *extra]) == 2
         assert named in one_error_line(capsys)

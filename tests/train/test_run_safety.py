@@ -105,10 +105,22 @@ def test_an_init_from_may_name_a_runs_out_dir(tmp_path):
 @pytest.mark.parametrize("modality,over,named", [
     ("image", {"data.crop": 30}, r"data.crop=30: the model downsamples by 4, .* use e.g. --data.crop=28"),
     ("video", {"data.clip_frames": 8}, r"data.clip_frames=8: .* 1 \+ 4k frames; use e.g. --data.clip_frames=5"),
+    ("image", {"data.crop_max": 70}, r"data.crop_max=70: the model downsamples by 4, .* use e.g. --data.crop_max=68"),
 ])
 def test_a_crop_or_clip_the_model_cannot_code_is_named_before_the_data_is_read(tmp_path, modality, over, named):
     with pytest.raises(ValueError, match=named):  # a missing data folder would be the error after that
         Trainer(config(modality, tmp_path, 1, **{**over, "data.train": str(tmp_path / "absent")}))
+
+
+def test_a_run_with_a_crop_range_trains_on_several_sizes(tmp_path, monkeypatch):
+    tr = Trainer(config("video", tmp_path, 3, **{"data.crop_max": 64, "batch_size": 4}))
+    shapes = []
+    batch = tr.train_data.batch
+    monkeypatch.setattr(tr.train_data, "batch", lambda *a, **k: shapes.append((x := batch(*a, **k)).shape) or x)
+    tr.train()
+    assert all(32 <= s[-1] <= 64 and 32 <= s[-2] <= 64 and s[0] == max(1, round(4 * 32 * 32 / (s[-1] * s[-2])))
+               for s in shapes)
+    assert len({s[-2:] for s in shapes}) > 1 and tr.step == 3
 
 
 @pytest.mark.parametrize("modality,over,named", [
