@@ -18,13 +18,15 @@ from tqdm import tqdm
 from tokenizers_vq.eval.inception import FIDInception, inception_features
 from tokenizers_vq.lpips import LPIPSNet, lpips_distance
 from tokenizers_vq.quantizers._functional import code_histogram
-from tokenizers_vq.eval.metrics import audio_metrics, feature_frechet_distance, ms_ssim, psnr, ssim, token_stats
+from tokenizers_vq.eval.metrics import (audio_metrics, colour_shift, feature_frechet_distance, ms_ssim, psnr, ssim,
+                                        token_stats)
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import decode_record, encode_file
 
 
 def _image_metrics(rec: torch.Tensor, ref: torch.Tensor, sample_rate: int | None) -> dict[str, Any]:
-    return {"psnr_db": psnr(rec, ref), "ssim": ssim(rec, ref), "ms_ssim": ms_ssim(rec, ref)}
+    return {"psnr_db": psnr(rec, ref), "ssim": ssim(rec, ref), "ms_ssim": ms_ssim(rec, ref),
+            "colour_shift": colour_shift(rec, ref)}
 
 
 def _audio_metrics(rec: torch.Tensor, ref: torch.Tensor, sample_rate: int | None) -> dict[str, Any]:
@@ -36,7 +38,8 @@ def _video_metrics(rec: torch.Tensor, ref: torch.Tensor, sample_rate: int | None
     ssims = [ssim(r, f) for r, f in zip(rec, ref)]
     # flicker: how much the frame-to-frame changes differ between input and output
     flicker = torch.mean(((rec[1:] - rec[:-1]) - (ref[1:] - ref[:-1])).abs()).item() if len(ref) > 1 else 0.0
-    return {"psnr_db": sum(per_frame) / len(per_frame), "ssim": sum(ssims) / len(ssims), "flicker": flicker}
+    return {"psnr_db": sum(per_frame) / len(per_frame), "ssim": sum(ssims) / len(ssims), "flicker": flicker,
+            "colour_shift": colour_shift(rec, ref)}
 
 
 ITEM_METRICS = {"image": _image_metrics, "audio": _audio_metrics, "video": _video_metrics}

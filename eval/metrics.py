@@ -41,6 +41,17 @@ def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> float:
     return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(data_range**2 / mse))
 
 
+def colour_shift(x: Tensor, y: Tensor) -> float:
+    """The largest per-channel mean of ``x - y`` in absolute value, in 8-bit levels (0-255),
+    for pictures in [0, 1] with channels on axis -3 (``(3, H, W)``, or ``(T, 3, H, W)``
+    frames): a colour cast of the reconstruction ``x``, which PSNR counts but cannot tell
+    from lost detail (a model can learn a colour for the one frame size it trained on)."""
+    if x.shape != y.shape or x.ndim < 3:
+        raise ValueError(f"colour_shift needs pictures of equal shapes (..., C, H, W), got {tuple(x.shape)} and {tuple(y.shape)}")
+    axes = [a for a in range(x.ndim) if a != x.ndim - 3]
+    return float((x.double() - y.double()).mean(dim=axes).abs().max()) * 255
+
+
 def _msssim():
     try:
         import pytorch_msssim  # noqa: PLC0415

@@ -56,8 +56,8 @@ def _feature_nets(modality: str, device: torch.device, lpips_weights: str | Path
     return lpips, inception, skipped
 
 
-BETTER = {"psnr_db": 1, "ssim": 1, "ms_ssim": 1, "lpips": -1, "flicker": -1, "stoi": 1, "pesq_wb": 1,
-          "mel_distance": -1, "stft_distance": -1, "si_sdr_db": 1}
+BETTER = {"psnr_db": 1, "ssim": 1, "ms_ssim": 1, "lpips": -1, "flicker": -1, "colour_shift": -1, "stoi": 1,
+          "pesq_wb": 1, "mel_distance": -1, "stft_distance": -1, "si_sdr_db": 1}
 """Metrics of the side-by-side table: +1 where higher is better, -1 where lower is."""
 RATES = {"image": ["bits_per_pixel"], "audio": ["kbps"], "video": ["kbps", "bits_per_pixel"]}
 

@@ -14,6 +14,7 @@ from tokenizers_vq.eval.metrics import (
     PSNR_CAP_DB,
     SPECTRAL_MIN_SAMPLES,
     audio_metrics,
+    colour_shift,
     ms_ssim,
     psnr,
     ssim,
@@ -31,6 +32,38 @@ def test_psnr_of_a_constructed_pair():
     assert psnr(x, x) == PSNR_CAP_DB and psnr(x, x + 1e-9) == PSNR_CAP_DB  # finite: means and JSON stay numbers
     with pytest.raises(ValueError, match="equal shapes"):
         psnr(x, x[:, :-1])
+
+
+def test_colour_shift_is_the_largest_channel_mean_error_in_8_bit_levels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 40, 50, generator=g) * 0.8 + 0.1
+    y = x.clone()
+    y[1] += 10 / 255  # green 10 levels up
+    y[2] -= 4 / 255
+    assert colour_shift(y, x) == pytest.approx(10.0, abs=1e-3) and colour_shift(x, x) == 0
+    flip = torch.where(torch.rand(x.shape, generator=g) < 0.5, 1.0, -1.0)
+    noisy = x + 0.05 * (flip - flip.mean(dim=(1, 2), keepdim=True))  # noise with no mean per channel: no cast
+    assert colour_shift(noisy, x) < 1e-3 and psnr(noisy, x) < 30
+    frames = torch.rand(5, 3, 8, 8, generator=g)
+    later = frames.clone()
+    later[:, 0] -= 6 / 255  # every frame's red
+    assert colour_shift(later, frames) == pytest.approx(6.0, abs=1e-3)
+    with pytest.raises(ValueError, match="equal shapes"):
+        colour_shift(x, x[:, :-1])
+
+
+def test_the_embedded_video_model_keeps_the_colour_of_frames_larger_than_its_crops():
+    pytest.importorskip("av", reason="PyAV is needed for video files")
+    from tokenizers_vq import Tokenizer  # noqa: PLC0415
+    from tokenizers_vq.media import load_video  # noqa: PLC0415
+
+    tok = Tokenizer.from_pretrained("video").eval()
+    frames, _ = load_video(shared_path("video", "cotracker", "cat.mp4"), 9)  # (9, 3, 480, 368), never trained on
+    with torch.no_grad():
+        x = frames.transpose(0, 1)[None] * 2 - 1
+        rec = ((tok.decode(tok.encode(x), size=x.shape[2:])[0].transpose(0, 1) + 1) / 2).clamp(0, 1)
+    assert colour_shift(rec, frames) < 12  # 8.7 levels; 17.9 for weights trained on 128-pixel crops only
+    assert psnr(rec, frames) > 26
 
 
 def test_ssim_is_one_on_identical_images_and_falls_with_noise():

@@ -59,7 +59,7 @@ def test_tvq_eval_on_audio_and_video(modality, tmp_path):
         assert "mel_distance" in s and "si_sdr_db" in s
     else:
         assert "reconstructions.png" in names and "0_reconstruction.mp4" in names
-        assert {"psnr_db", "ssim", "flicker", "bits_per_pixel"} <= set(s)
+        assert {"psnr_db", "ssim", "flicker", "colour_shift", "bits_per_pixel"} <= set(s)
         assert "over its first 9 frames" in (tmp_path / "report.md").read_text()
         assert result["items"][0]["tokens"] == 3 * 144 // 8 * 176 // 8  # 9 frames: 3 latent frames
     assert s["peak_memory_mib"] > 0
