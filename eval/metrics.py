@@ -42,14 +42,17 @@ def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> float:
 
 
 def colour_shift(x: Tensor, y: Tensor) -> float:
-    """The largest per-channel mean of ``x - y`` in absolute value, in 8-bit levels (0-255),
-    for pictures in [0, 1] with channels on axis -3 (``(3, H, W)``, or ``(T, 3, H, W)``
-    frames): a colour cast of the reconstruction ``x``, which PSNR counts but cannot tell
+    """A colour cast of the reconstruction ``x`` against ``y``, in 8-bit levels (0-255):
+    the largest per-channel mean of ``x - y`` in absolute value, for pictures in [0, 1]
+    with channels on axis -3, averaged over pictures (``(T, C, H, W)`` frames: each frame's
+    own, so opposite casts in two frames do not cancel). PSNR counts a cast but cannot tell it
     from lost detail (a model can learn a colour for the one frame size it trained on)."""
-    if x.shape != y.shape or x.ndim < 3:
-        raise ValueError(f"colour_shift needs pictures of equal shapes (..., C, H, W), got {tuple(x.shape)} and {tuple(y.shape)}")
-    axes = [a for a in range(x.ndim) if a != x.ndim - 3]
-    return float((x.double() - y.double()).mean(dim=axes).abs().max()) * 255
+    if x.ndim < 3:
+        raise ValueError(f"colour_shift needs pictures (..., C, H, W), got a tensor of shape {tuple(x.shape)}")
+    if x.shape != y.shape:
+        raise ValueError(f"colour_shift needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+    per_channel = (x.double() - y.double()).reshape(-1, *x.shape[-3:]).mean(dim=(-2, -1))  # (pictures, C)
+    return float(per_channel.abs().amax(dim=1).mean()) * 255
 
 
 def _msssim():

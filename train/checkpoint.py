@@ -193,16 +193,18 @@ writes (``steps`` also places a learning-rate decay over the last ``optim.decay_
 the others are named when they differ from the checkpoint's."""
 
 
-def changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+def changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "",
+                     defaults: dict[str, Any] | None = None) -> list[str]:
     """``key: old -> new`` for each setting (outside the model section and
-    :data:`RUN_LENGTH_KEYS`) whose value differs between two config dicts."""
-    out = []
+    :data:`RUN_LENGTH_KEYS`) whose value differs between two config dicts; a key the saved
+    config lacks (a setting added since it was written) counts as its value in ``defaults``."""
+    out, defaults = [], defaults or {}
     for key in sorted(set(saved) | set(now)):
         if not prefix and key in ("model", *RUN_LENGTH_KEYS):
             continue
-        old, new = saved.get(key), now.get(key)
+        old, new = saved.get(key, defaults.get(key)), now.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            out += changed_settings(old, new, f"{prefix}{key}.")
+            out += changed_settings(old, new, f"{prefix}{key}.", defaults.get(key))
         elif old != new and not (isinstance(old, list) and isinstance(new, tuple) and old == list(new)):
             out.append(f"{prefix}{key}: {old!r} -> {new!r}")
     return out

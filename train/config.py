@@ -23,7 +23,7 @@ class DataConfig:
     val: str = ""
     crop: int = 128  # image / video crop side in pixels
     # image / video: above crop, each step draws its crop's height and width from [crop, crop_max]
-    # (fewer items, about the same pixels): a model trained on one size colours other sizes (0: off)
+    # (fewer items, about the same pixels): a model trained on one size can colour other sizes (0: off)
     crop_max: int = 0
     segment_seconds: float = 1.0  # audio segment length
     clip_frames: int = 17  # video frames per clip (1 + 4k)
@@ -296,10 +296,12 @@ def check_config(cfg: TrainConfig) -> None:
         _at_least(f"data.{key}", getattr(d, key), 1)
     for key in ("max_items", "max_pan", "crop_max"):
         _at_least(f"data.{key}", getattr(d, key), 0)
-    if d.crop_max and (d.crop_max < d.crop or cfg.model.modality == "audio"):
-        why = ("audio trains on segments (data.segment_seconds)" if cfg.model.modality == "audio"
-               else f"it is below data.crop={d.crop}")
-        raise ValueError(f"data.crop_max={d.crop_max}: {why}; set --data.crop_max=0 (one crop size) or a side above data.crop")
+    if d.crop_max and cfg.model.modality == "audio":
+        raise ValueError(f"data.crop_max={d.crop_max}: audio trains on segments (data.segment_seconds), not crops; "
+                         "set --data.crop_max=0")
+    if d.crop_max and d.crop_max < d.crop:
+        raise ValueError(f"data.crop_max={d.crop_max}: it is below data.crop={d.crop}; set --data.crop_max=0 (one crop "
+                         "size) or a side above data.crop")
     if cfg.model.modality == "video" and d.max_frames < d.clip_frames:
         raise ValueError(f"data.max_frames={d.max_frames} reads fewer frames per file than a training clip takes "
                          f"(data.clip_frames={d.clip_frames}): raise data.max_frames or lower data.clip_frames")

@@ -30,28 +30,33 @@ models train on frames of about 256 pixels)."""
 
 @dataclass(frozen=True)
 class CropRange:
-    """Pixel crops whose height and width each step draws from ``low, low + stride, ...,
-    high``, capped by the smallest item of its batch (to a side of that list, not below
-    ``low``); the batch shrinks to about ``batch_size * low**2`` pixels. The few shapes
-    this makes leave cuDNN few to time (``cudnn_benchmark`` times each new shape: over
-    a second a shape for a video model). A model trained on one crop size can come to
-    depend on it, decoding frames of other sizes with a colour cast."""
+    """Pixel crops whose height and width each step draws from :attr:`sides` (``low``,
+    ``low + stride``, ... and ``high``), capped by the smallest item of the batch (to the
+    largest side that fits, not below ``low``); the batch keeps as many items as come to
+    ``batch_size * low**2`` pixels, at least one (so a crop above that, ``high**2 >
+    batch_size * low**2``, holds more). The few shapes this makes leave cuDNN few to time
+    (``cudnn_benchmark`` times each new shape: over a second a shape for a video model).
+    A model trained on one crop size can come to depend on it, decoding frames of other
+    sizes with a colour cast."""
 
     low: int
     high: int
     stride: int = 64
 
+    @property
+    def sides(self) -> list[int]:
+        return [*range(self.low, self.high, self.stride), self.high]
+
     def draw(self, gen: torch.Generator) -> tuple[int, int]:
-        steps = (self.high - self.low) // self.stride + 1
-        return tuple(self.low + self.stride * int(torch.randint(0, steps, (1,), generator=gen)) for _ in range(2))
+        sides = self.sides
+        return tuple(sides[int(torch.randint(0, len(sides), (1,), generator=gen))] for _ in range(2))
 
     def items(self, batch_size: int, shape: tuple[int, int]) -> int:
         return max(1, round(batch_size * self.low**2 / (shape[0] * shape[1])))
 
-    def cap(self, shape: tuple[int, int], sides: list[tuple[int, int]]) -> tuple[int, int]:
-        fits = [min(side[a] for side in sides) for a in range(2)]
-        return tuple(min(want, max(self.low, self.low + (fit - self.low) // self.stride * self.stride))
-                     for want, fit in zip(shape, fits))
+    def cap(self, shape: tuple[int, int], sizes: list[tuple[int, int]]) -> tuple[int, int]:
+        fits = [min(size[a] for size in sizes) for a in range(2)]
+        return tuple(min(want, max([self.low] + [s for s in self.sides if s <= fit])) for want, fit in zip(shape, fits))
 
 
 class MediaFolder:
@@ -167,29 +172,29 @@ class MediaFolder:
               frames: int = 17) -> Tensor:
         """The batch of a step: ``(B, 3, size, size)``, ``(B, 1, size)`` or
         ``(B, 3, frames, size, size)``, a pure function of ``(seed, step, rank)``; with a
-        :class:`CropRange`, ``(B', 3, [frames,] h, w)`` of the step's drawn crop."""
+        :class:`CropRange`, ``(B', 3, [frames,] h, w)`` of the step's crop (``B' <= B``:
+        ``batch_size`` items drawn, the crop capped by all of them, the first ``B'`` kept)."""
         gen = torch.Generator().manual_seed(hash((seed, step, rank)) % 2**62)
-        shape = size.draw(gen) if isinstance(size, CropRange) else size
-        count = size.items(batch_size, shape) if isinstance(size, CropRange) else batch_size
-        idx = torch.randint(0, len(self.items), (count,), generator=gen)
-        picks = []  # (a still, its index) per slot
-        for i in idx.tolist():
-            if self.stills and bool(torch.rand((), generator=gen) < self.stills_fraction):
-                picks.append((True, int(torch.randint(0, len(self.stills), (1,), generator=gen))))
-            else:
-                picks.append((False, i))
-        if isinstance(size, CropRange):
-            shape = size.cap(shape, [tuple((self.stills if still else self.items)[i].shape[-2:]) for still, i in picks])
-        out = []
-        for still, i in picks:
-            if still:
-                out.append(self.pan(self.stills[i], frames, shape, gen))
-                continue
-            item = self.items[i]
-            if self.media.clips:
-                item = self.clip(item, frames, gen)
-            out.append(self.crop(item, shape, gen))
-        return torch.stack(out)
+        drawn = size.draw(gen) if isinstance(size, CropRange) else None
+        idx = torch.randint(0, len(self.items), (batch_size,), generator=gen).tolist()
+        if drawn is None:  # each item cut as it is drawn
+            return torch.stack([self._cut(self._pick(i, gen), size, frames, gen) for i in idx])
+        picks = [self._pick(i, gen) for i in idx]
+        shape = size.cap(drawn, [tuple((self.stills if still else self.items)[i].shape[-2:]) for still, i in picks])
+        return torch.stack([self._cut(p, shape, frames, gen) for p in picks[: size.items(batch_size, shape)]])
+
+    def _pick(self, i: int, gen: torch.Generator) -> tuple[bool, int]:
+        """``(a still, its index)`` for a batch slot that drew item ``i``."""
+        if self.stills and bool(torch.rand((), generator=gen) < self.stills_fraction):
+            return True, int(torch.randint(0, len(self.stills), (1,), generator=gen))
+        return False, i
+
+    def _cut(self, pick: tuple[bool, int], shape: int | tuple[int, int], frames: int, gen: torch.Generator) -> Tensor:
+        still, i = pick
+        if still:
+            return self.pan(self.stills[i], frames, shape, gen)
+        item = self.items[i]
+        return self.crop(self.clip(item, frames, gen) if self.media.clips else item, shape, gen)
 
 
 def split_files(files: list[Path], val_files: list[Path] | None, val_fraction: float) -> tuple[list[Path], list[Path]]:
@@ -244,22 +249,29 @@ def segment_samples(seconds: float, sample_rate: int, hop: int) -> int:
     return crop
 
 
-def check_grid(backbone, crop: int, clip_frames: int, crop_max: int = 0) -> int | CropRange:
+def check_grid(backbone, crop: int, clip_frames: int, crop_max: int = 0, batch_size: int = 1) -> int | CropRange:
     """Refuse a pixel crop or video clip length the model cannot code, naming the key,
     before any data is read (``backbone``: an image or video backbone config); the crop
-    the batches take (a :class:`CropRange` from ``crop`` to ``crop_max`` when that is set)."""
-    f = getattr(backbone, "downsample", None) or getattr(backbone, "spatial_downsample", None)
-    for key, side in (("crop", crop), ("crop_max", crop_max)):
-        if f and side % f:
+    the batches take (a :class:`CropRange` from ``crop`` to ``crop_max`` when that is set;
+    a warning when its largest crop holds more pixels than ``batch_size`` crops of ``crop``)."""
+    f = getattr(backbone, "downsample", None) or getattr(backbone, "spatial_downsample", None) or 1
+    # the nearest multiple that keeps the setting's sense: crop rounds down, crop_max up (to stay above crop)
+    for key, side, fit in (("crop", crop, max(f, crop // f * f)), ("crop_max", crop_max, -(-crop_max // f) * f)):
+        if side % f:
             raise ValueError(f"data.{key}={side}: the model downsamples by {f}, so crops must be a multiple of {f}; "
-                             f"use e.g. --data.{key}={max(f, side // f * f)}")
+                             f"use e.g. --data.{key}={fit}")
     tf = getattr(backbone, "temporal_factor", None)
     if tf and (clip_frames - 1) % tf:
         fit = 1 + tf * max(1, (clip_frames - 1) // tf)
         raise ValueError(f"data.clip_frames={clip_frames}: a model with {tf}x temporal compression trains on clips "
                          f"of 1 + {tf}k frames; use e.g. --data.clip_frames={fit}")
-    f = f or 1
-    return CropRange(crop, crop_max, max(f, (crop_max - crop) // 4 // f * f)) if crop_max > crop else crop  # 5 sides
+    if crop_max <= crop:
+        return crop
+    if crop_max**2 > batch_size * crop**2:
+        warnings.warn(f"data.crop_max={crop_max}: a {crop_max}x{crop_max} crop holds {crop_max**2 / (batch_size * crop**2):.2g}x "
+                      f"the pixels of a step of {batch_size} crops of {crop}x{crop} (it is trained one at a time), so memory "
+                      f"peaks there: raise batch_size or lower data.crop_max if it runs out", stacklevel=2)
+    return CropRange(crop, crop_max, max(f, -(-(crop_max - crop) // (4 * f)) * f))  # at most 5 sides
 
 
 def warn_undersized(data: MediaFolder, size: int, frames: int, key: str) -> None:

@@ -105,7 +105,7 @@ class Trainer:
         if not d.train:  # an empty path would list the working directory
             raise ValueError("data.train is not set: set --data.train=DIR, the folder of media to train on")
         sr = self.unwrapped.sample_rate
-        crop = d.crop if sr else check_grid(self.unwrapped.backbone_config, d.crop, d.clip_frames, d.crop_max)
+        crop = d.crop if sr else check_grid(self.unwrapped.backbone_config, d.crop, d.clip_frames, d.crop_max, cfg.batch_size)
         files = list_files("data.train", d.train, cfg.model.modality, d.max_items, cfg.out_dir)
         val_files = list_files("data.val", d.val, cfg.model.modality, d.max_items, cfg.out_dir) if d.val else None
         train_files, val_files = split_files(files, val_files, d.val_fraction)
@@ -227,16 +227,15 @@ class Trainer:
             summary = json.loads(done.read_text()) if done.is_file() else {"steps": self.step}
             return {**summary, "steps": self.step, "already_trained": True}
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.acc.is_main_process)
-        items_per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
+        items = 0  # trained since start: a crop range (data.crop_max) varies the items a step
         with interrupt_at_step_end(self.acc.num_processes == 1) as interrupted:
             while self.step < cfg.steps:
                 self.model.train()
                 logs: dict[str, Any] = {}
                 for micro in range(cfg.grad_accum):
-                    x = self.train_data.batch(
-                        cfg.batch_size, self.crop, cfg.seed, self.step * cfg.grad_accum + micro,
-                        self.acc.process_index, cfg.data.clip_frames,
-                    ).to(self.acc.device)
+                    x = self.train_data.batch(cfg.batch_size, self.crop, cfg.seed, self.step * cfg.grad_accum + micro,
+                                              self.acc.process_index, cfg.data.clip_frames).to(self.acc.device)
+                    items += x.shape[0] * self.acc.num_processes  # (this rank's count for each rank)
                     models = [self.model] + ([self.disc] if self.disc is not None else [])
                     with self.acc.accumulate(*models):
                         rec, part = self.generator_step(x)
@@ -252,7 +251,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     rate = (self.step - start_step) / max(elapsed, 1e-9)
                     logs = {k: float(v) for k, v in logs.items()}
-                    logs.update(step=self.step, steps_per_s=rate, items_per_s=rate * items_per_step)
+                    logs.update(step=self.step, steps_per_s=rate, items_per_s=items / max(elapsed, 1e-9))
                     bar.set_postfix(loss=f"{logs['loss/total']:.4f}")
                     if self.acc.is_main_process:  # strict JSON: a NaN or Inf term is logged as null
                         with log_path.open("a") as f:
@@ -273,7 +272,7 @@ class Trainer:
         elapsed = time.time() - start
         rate = (self.step - start_step) / max(elapsed, 1e-9)
         hashes = self.codebook_hashes()
-        summary = {"steps": self.step, "seconds": elapsed, "steps_per_s": rate, "items_per_s": rate * items_per_step,
+        summary = {"steps": self.step, "seconds": elapsed, "steps_per_s": rate, "items_per_s": items / max(elapsed, 1e-9),
                    "num_processes": self.acc.num_processes, "device": str(self.acc.device), "codebook_hashes": hashes,
                    "peak_memory_mib": (torch.cuda.max_memory_allocated(self.acc.device) / 2**20
                                        if self.acc.device.type == "cuda" else None)}
@@ -377,7 +376,7 @@ class Trainer:
             self.acc.scaler.load_state_dict(parts["scaler"])
         set_rng_state(parts["rng"])
         self.step = int(meta["step"])
-        changed = changed_settings(meta["config"], config_to_dict(self.cfg))
+        changed = changed_settings(meta["config"], config_to_dict(self.cfg), defaults=config_to_dict(TrainConfig()))
         unused = f"; init_from={self.cfg.init_from} is not used (a new out_dir starts from it)" if self.cfg.init_from else ""
         self.acc.print(f"resuming {directory} at step {self.step} of {self.cfg.steps}{unused}"
                        + (f"; settings changed since that checkpoint: {', '.join(changed)}" if changed else ""))

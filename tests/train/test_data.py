@@ -128,6 +128,10 @@ def test_a_crop_range_is_capped_by_the_batchs_smallest_item():
         seen.add((h, w))
         panned.add(tuple(stills.batch(4, size, seed=2, step=step, frames=5).shape[-2:]))
     assert (128, 160) in seen  # a draw above the frame takes the largest side of the list within it: no padding
+    for step in range(30):  # capped or not, the items come to about 4 crops of 64 x 64
+        x = clips.batch(4, size, seed=2, step=step, frames=5)
+        assert x.shape[0] == size.items(4, tuple(x.shape[-2:]))
+    assert CropRange(128, 480, 88).sides == [128, 216, 304, 392, 480] and CropRange(128, 200, 24).sides[-1] == 200
     photo = stills.stills[0].shape[-2:]
     assert all(h <= photo[0] and w <= photo[1] for h, w in panned) and any(min(s) > 176 for s in panned)
 

@@ -75,6 +75,14 @@ def test_a_resume_says_where_it_continues_and_what_changed(tmp_path, capsys):
     capsys.readouterr()
     Trainer(config("image", out, 4, save_every=2))  # only the length: nothing to name
     assert "settings changed" not in capsys.readouterr().out
+    state = out / "checkpoint" / "state.json"
+    meta = json.loads(state.read_text())
+    del meta["config"]["data"]["crop_max"]  # a checkpoint written before the setting existed
+    state.write_text(json.dumps(meta))
+    Trainer(config("image", out, 4, save_every=2))  # its default is what that run did
+    assert "settings changed" not in capsys.readouterr().out
+    Trainer(config("image", out, 4, save_every=2, **{"data.crop_max": 64}))
+    assert "settings changed since that checkpoint: data.crop_max: 0 -> 64" in capsys.readouterr().out
 
 
 def test_an_out_dir_inside_the_data_folder_is_not_trained_on(tmp_path):
@@ -105,11 +113,16 @@ def test_an_init_from_may_name_a_runs_out_dir(tmp_path):
 @pytest.mark.parametrize("modality,over,named", [
     ("image", {"data.crop": 30}, r"data.crop=30: the model downsamples by 4, .* use e.g. --data.crop=28"),
     ("video", {"data.clip_frames": 8}, r"data.clip_frames=8: .* 1 \+ 4k frames; use e.g. --data.clip_frames=5"),
-    ("image", {"data.crop_max": 70}, r"data.crop_max=70: the model downsamples by 4, .* use e.g. --data.crop_max=68"),
+    ("image", {"data.crop_max": 70}, r"data.crop_max=70: the model downsamples by 4, .* use e.g. --data.crop_max=72"),
 ])
 def test_a_crop_or_clip_the_model_cannot_code_is_named_before_the_data_is_read(tmp_path, modality, over, named):
     with pytest.raises(ValueError, match=named):  # a missing data folder would be the error after that
         Trainer(config(modality, tmp_path, 1, **{**over, "data.train": str(tmp_path / "absent")}))
+
+
+def test_a_crop_range_whose_largest_crop_outgrows_a_step_is_warned_about(tmp_path):
+    with pytest.warns(UserWarning, match=r"data.crop_max=64: a 64x64 crop holds 2x the pixels of a step of 2 crops of 32x32"):
+        Trainer(config("image", tmp_path, 1, **{"data.crop_max": 64}))
 
 
 def test_a_run_with_a_crop_range_trains_on_several_sizes(tmp_path, monkeypatch):
@@ -117,7 +130,8 @@ def test_a_run_with_a_crop_range_trains_on_several_sizes(tmp_path, monkeypatch):
     shapes = []
     batch = tr.train_data.batch
     monkeypatch.setattr(tr.train_data, "batch", lambda *a, **k: shapes.append((x := batch(*a, **k)).shape) or x)
-    tr.train()
+    summary = tr.train()
+    assert summary["items_per_s"] / summary["steps_per_s"] == pytest.approx(sum(s[0] for s in shapes) / 3)  # trained
     assert all(32 <= s[-1] <= 64 and 32 <= s[-2] <= 64 and s[0] == max(1, round(4 * 32 * 32 / (s[-1] * s[-2])))
                for s in shapes)
     assert len({s[-2:] for s in shapes}) > 1 and tr.step == 3
