@@ -117,16 +117,16 @@ def _train(args: argparse.Namespace) -> int:
     from tokenizers_vq.train.config import load_config  # noqa: PLC0415
     from tokenizers_vq.train.trainer import Trainer  # noqa: PLC0415
 
-    cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg := load_config(args.config, args.overrides))
     summary = trainer.train()  # on an exception the process exits and the launcher stops its peers
     trainer.close()
     if summary.get("already_trained"):
         trainer.acc.print(f"{cfg.out_dir} is trained to step {summary['steps']} already (steps={cfg.steps}): "
                           "nothing to do; raise --steps to train further")
         return 0
+    aside = f"; {summary['sample_seconds']:.0f} s of it writing samples" if summary["sample_seconds"] >= 1 else ""
     trainer.acc.print(f"trained to step {summary['steps']} in {summary['seconds']:.0f} s ({summary['steps_per_s']:.2f} "
-                      f"steps/s); checkpoint: {cfg.out_dir}/checkpoint/model")  # (once, not per process)
+                      f"steps/s{aside}); checkpoint: {cfg.out_dir}/checkpoint/model")  # (once, not per process)
     return 0
 
 

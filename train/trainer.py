@@ -32,15 +32,8 @@ from tokenizers_vq.train.checkpoint import (Interrupted, changed_settings, check
 from tokenizers_vq.train.config import TrainConfig, check_config, config_to_dict
 from tokenizers_vq.train.data import MediaFolder, check_grid, list_files, segment_samples, split_files, warn_undersized
 from tokenizers_vq.train.discriminators import build_discriminator
-from tokenizers_vq.train.losses import (
-    LPIPS,
-    LeCam,
-    adaptive_weight,
-    feature_matching,
-    hinge_d_loss,
-    hinge_g_loss,
-    reconstruction_terms,
-)
+from tokenizers_vq.train.losses import (LPIPS, LeCam, adaptive_weight, feature_matching, hinge_d_loss, hinge_g_loss,
+                                        reconstruction_terms)
 from tokenizers_vq.train.warm_start import warm_start
 
 TIME_CHECK_STEPS = 10
@@ -123,7 +116,7 @@ class Trainer:
         warn_undersized(self.train_data, self.crop if sr else d.crop, d.clip_frames,
                         "data.segment_seconds" if sr else "data.crop")
         self.out_dir = Path(cfg.out_dir)
-        self.step = 0
+        self.step, self.sample_seconds = 0, 0.0  # (the time write_samples took: left out of the rates)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.acc.device)
         ckpt = find_checkpoint(self.out_dir / "checkpoint")
         if ckpt is not None:
@@ -249,9 +242,9 @@ class Trainer:
                 bar.update(1)
                 elapsed = time.time() - start
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    rate = (self.step - start_step) / max(elapsed, 1e-9)
+                    training = max(elapsed - self.sample_seconds, 1e-9)
                     logs = {k: float(v) for k, v in logs.items()}
-                    logs.update(step=self.step, steps_per_s=rate, items_per_s=items / max(elapsed, 1e-9))
+                    logs.update(step=self.step, steps_per_s=(self.step - start_step) / training, items_per_s=items / training)
                     bar.set_postfix(loss=f"{logs['loss/total']:.4f}")
                     if self.acc.is_main_process:  # strict JSON: a NaN or Inf term is logged as null
                         with log_path.open("a") as f:
@@ -270,14 +263,15 @@ class Trainer:
                     break
         bar.close()
         elapsed = time.time() - start
-        rate = (self.step - start_step) / max(elapsed, 1e-9)
-        hashes = self.codebook_hashes()
-        summary = {"steps": self.step, "seconds": elapsed, "steps_per_s": rate, "items_per_s": items / max(elapsed, 1e-9),
-                   "num_processes": self.acc.num_processes, "device": str(self.acc.device), "codebook_hashes": hashes,
+        training = max(elapsed - self.sample_seconds, 1e-9)
+        summary = {"steps": self.step, "seconds": elapsed, "sample_seconds": self.sample_seconds,
+                   "codebook_hashes": self.codebook_hashes(),
+                   "steps_per_s": (self.step - start_step) / training, "items_per_s": items / training,
+                   "num_processes": self.acc.num_processes, "device": str(self.acc.device),
                    "peak_memory_mib": (torch.cuda.max_memory_allocated(self.acc.device) / 2**20
                                        if self.acc.device.type == "cuda" else None)}
         if self.acc.is_main_process:
-            (self.out_dir / "codebook_hashes.json").write_text(json.dumps(hashes))
+            (self.out_dir / "codebook_hashes.json").write_text(json.dumps(summary["codebook_hashes"]))
             (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
@@ -316,12 +310,14 @@ class Trainer:
         """Pictures and sounds of a few files; a failure there is a warning, not the run's end."""
         if not self.acc.is_main_process:
             return
+        t0, folder = time.time(), self.out_dir / "samples" / f"step_{self.step:07d}"
+        tqdm.write(f"step {self.step}: writing samples of whole files to {folder}", file=sys.stderr)
         try:
-            samples.write(self.release_model(), self.val_files or self.train_data.files,
-                          self.out_dir / "samples" / f"step_{self.step:07d}")
+            samples.write(self.release_model(), self.val_files or self.train_data.files, folder)
         except Exception as e:  # noqa: BLE001 (samples are for people to look at; training goes on)
             warnings.warn(f"samples of step {self.step} not written ({type(e).__name__}: {e}); training goes on",
                           stacklevel=2)
+        self.sample_seconds += time.time() - t0
 
     # -- checkpoints ----------------------------------------------------------------------
     def save(self) -> None:

@@ -120,6 +120,27 @@ def test_a_crop_or_clip_the_model_cannot_code_is_named_before_the_data_is_read(t
         Trainer(config(modality, tmp_path, 1, **{**over, "data.train": str(tmp_path / "absent")}))
 
 
+def test_the_time_spent_writing_samples_is_said_and_left_out_of_the_rates(tmp_path, monkeypatch, capsys):
+    import time  # noqa: PLC0415
+
+    from tokenizers_vq.cli import main  # noqa: PLC0415
+
+    write = samples.write
+    monkeypatch.setattr(samples, "write", lambda *a, **k: (time.sleep(1.5), write(*a, **k)))  # a slow sample pass
+    out = tmp_path / "run"
+    cfg = config("image", out, 2, sample_every=1)
+    args = [f"--{k}={v}" for k, v in {"model.modality": "image", "steps": 2, "sample_every": 1, "log_every": 1,
+                                      "out_dir": out, "data.train": cfg.data.train, "data.crop": 32, "data.max_items": 4,
+                                      "batch_size": 2, "mixed_precision": "no", "model.backbone.channels": 8}.items()]
+    assert main(["train", "train/configs/image.yaml", *args, "--data.val="]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["sample_seconds"] >= 3.0  # two passes
+    assert summary["steps_per_s"] * (summary["seconds"] - summary["sample_seconds"]) == pytest.approx(2, rel=1e-6)
+    said = capsys.readouterr()
+    assert "step 1: writing samples of whole files to" in said.err
+    assert f"s of it writing samples); checkpoint: {out}/checkpoint/model" in said.out
+
+
 def test_a_crop_range_whose_largest_crop_outgrows_a_step_is_warned_about(tmp_path):
     with pytest.warns(UserWarning, match=r"data.crop_max=64: a 64x64 crop holds 2x the pixels of a step of 2 crops of 32x32"):
         Trainer(config("image", tmp_path, 1, **{"data.crop_max": 64}))
