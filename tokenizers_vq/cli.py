@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from tokenizers_vq.errors import MissingDependency, WriteError
+from tokenizers_vq.errors import EMPTY_NAME, MissingDependency, WriteError
 from tokenizers_vq.runtime import keep_freed_memory
 
 
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         if "-" in named:
             raise ValueError("'-' (standard input or output) is not supported: name a file or folder")
         if "" in named:  # (a command substitution that printed nothing) not read as the folder "."
-            raise ValueError("an empty file name: name a file or folder (a command that was to give one printed nothing?)")
+            raise ValueError(EMPTY_NAME)
         return args.func(args)
     except (ValueError, MissingDependency) as e:
         print(f"tvq: error: {e}", file=sys.stderr)

@@ -8,6 +8,9 @@ import torch
 UNREADABLE = "(a damaged or cut-short file, or not the type its suffix says: copy or export it again)"
 """What a reader's own error on a media file most likely means, and the fix."""
 
+EMPTY_NAME = "an empty file name: name a file or folder (a command that was to give one printed nothing?)"
+"""The refusal of ``""`` as a path (read as the folder ``.`` otherwise)."""
+
 
 class MissingDependency(ImportError):
     """An optional package a feature needs is not installed; the message names the package

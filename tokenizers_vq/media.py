@@ -25,6 +25,7 @@ from tokenizers_vq.image_io import (  # noqa: F401 (this module's API)
     load_image_u8,
     save_image,
 )
+from tokenizers_vq.errors import EMPTY_NAME
 from tokenizers_vq.io import check_pixels
 from tokenizers_vq.video_io import (  # noqa: F401 (this module's API)
     has_audio_track,
@@ -85,7 +86,7 @@ def modality_of(path: str | os.PathLike, unknown: str | None = None) -> str:
             when ``unknown`` is ``None``.
     """
     if not os.fspath(path):
-        raise ValueError("an empty file name: name a media file (a command that was to give one printed nothing?)")
+        raise ValueError(EMPTY_NAME)
     p = Path(path)
     if p.is_dir():
         if is_frame_folder(p):

@@ -116,7 +116,7 @@ class Trainer:
         warn_undersized(self.train_data, self.crop if sr else d.crop, d.clip_frames,
                         "data.segment_seconds" if sr else "data.crop")
         self.out_dir = Path(cfg.out_dir)
-        self.step, self.sample_seconds = 0, 0.0  # (the time write_samples took: left out of the rates)
+        self.step, self.sample_seconds = 0, 0.0  # (the time write_samples took in this train(): see _rates)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.acc.device)
         ckpt = find_checkpoint(self.out_dir / "checkpoint")
         if ckpt is not None:
@@ -214,7 +214,7 @@ class Trainer:
         cfg = self.cfg
         log_path = self.out_dir / "metrics.jsonl"
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        start, start_step = time.time(), self.step
+        start, start_step, self.sample_seconds = time.time(), self.step, 0.0
         if start_step >= cfg.steps:  # a finished run run again: keep its summary
             done = self.out_dir / "train_summary.json"
             summary = json.loads(done.read_text()) if done.is_file() else {"steps": self.step}
@@ -242,9 +242,8 @@ class Trainer:
                 bar.update(1)
                 elapsed = time.time() - start
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    training = max(elapsed - self.sample_seconds, 1e-9)
                     logs = {k: float(v) for k, v in logs.items()}
-                    logs.update(step=self.step, steps_per_s=(self.step - start_step) / training, items_per_s=items / training)
+                    logs.update(step=self.step, **self._rates(elapsed, self.step - start_step, items))
                     bar.set_postfix(loss=f"{logs['loss/total']:.4f}")
                     if self.acc.is_main_process:  # strict JSON: a NaN or Inf term is logged as null
                         with log_path.open("a") as f:
@@ -263,10 +262,8 @@ class Trainer:
                     break
         bar.close()
         elapsed = time.time() - start
-        training = max(elapsed - self.sample_seconds, 1e-9)
         summary = {"steps": self.step, "seconds": elapsed, "sample_seconds": self.sample_seconds,
-                   "codebook_hashes": self.codebook_hashes(),
-                   "steps_per_s": (self.step - start_step) / training, "items_per_s": items / training,
+                   "codebook_hashes": self.codebook_hashes(), **self._rates(elapsed, self.step - start_step, items),
                    "num_processes": self.acc.num_processes, "device": str(self.acc.device),
                    "peak_memory_mib": (torch.cuda.max_memory_allocated(self.acc.device) / 2**20
                                        if self.acc.device.type == "cuda" else None)}
@@ -274,6 +271,11 @@ class Trainer:
             (self.out_dir / "codebook_hashes.json").write_text(json.dumps(summary["codebook_hashes"]))
             (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _rates(self, elapsed: float, steps: int, items: int) -> dict[str, float]:
+        """Steps and items per second of training: the time :meth:`write_samples` took left out."""
+        training = max(elapsed - self.sample_seconds, 1e-9)
+        return {"steps_per_s": steps / training, "items_per_s": items / training}
 
     def _out_of_time(self, elapsed: float, limit: float, start_step: int) -> bool:
         """Whether to stop for ``max_minutes`` after this step. One process stops at the
