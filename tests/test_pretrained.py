@@ -97,6 +97,15 @@ def test_tvq_encode_of_a_video_needs_no_model_and_keeps_size_and_fps(tmp_path):
     assert psnr(out, ref) > 18  # the model card's held-apart mean is higher; this catches a broken path
 
 
+def test_the_embedded_video_model_keeps_mid_grey_on_small_frames():
+    tok = Tokenizer.from_pretrained("video").eval()
+    for side in (16, 32, 64):
+        grey = torch.zeros(1, 3, 9, side, side)  # 127.5 of 255
+        with torch.no_grad():
+            level = float((tok.decode(tok.encode(grey), size=grey.shape[2:]) + 1).mean() * 127.5)
+        assert abs(level - 127.5) < 10, (side, level)  # 131, 126, 121 (the card lists each size)
+
+
 @pytest.mark.parametrize("files, model, expected", [
     (["speech"], "image", r"is an audio file, but model 'tvq-image-f16.*' is an image tokenizer.*leave out --model"),
     (["video"], "speech", r"is a video file, but model 'tvq-speech16k.*' is an audio tokenizer.*'video'"),
