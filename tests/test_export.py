@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -542,3 +543,60 @@ def test_each_item_keeps_its_path_below_the_data_folder(tmp_path, capsys):
     assert api["num_items"] == 2
     assert [it["path"] for it in json.loads((tmp_path / "api" / "shard_00000.json").read_text())["items"]] == [
         "cats/0001.jpg", "dogs/0001.jpg"]
+
+
+def test_resized_and_cropped_photos_are_coded_as_fit_image_makes_them(tmp_path, capsys):
+    """--resize 64 --center-crop: every real photo (481 x 321 and 321 x 481) is coded as the central
+    64 x 64 of the photo with its shorter side at 64, whatever the loader workers or a tar source;
+    the index records the size coded, export.json the fit; a resume with another fit is refused."""
+    from tokenizers_vq.image_io import fit_image, load_image_u8  # noqa: PLC0415
+    from tokenizers_vq.modality import get  # noqa: PLC0415
+    from tokenizers_vq.webdataset import list_tar_samples  # noqa: PLC0415
+
+    files = photos(5)
+    assert {tuple(load_image_u8(f).shape[1:]) for f in files} == {(321, 481), (481, 321)}
+    tok = tiny("image")
+    export_dataset(tok, files, tmp_path / "w0", shard_items=2, resize=64, center_crop=True)
+    ds = TokenDataset(tmp_path / "w0")
+    for i, f in enumerate(files):
+        pixels = fit_image(load_image_u8(f), 64, crop=True)
+        assert pixels.shape == (3, 64, 64) and ds[i]["size"] == [64, 64]
+        assert torch.equal(ds.codes(i), tok.encode(get("image").expand(pixels)[None])[0])
+    shards = {p.name: p.read_bytes() for p in (tmp_path / "w0").glob("shard_*")}
+    export_dataset(tok, files, tmp_path / "w2", shard_items=2, workers=2, batch_size=3, resize=64, center_crop=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "w2").glob("shard_*")} == shards
+    tar_path = tmp_path / "photos.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for f in files:
+            tar.add(f, arcname=f.name)
+    export_dataset(tok, list_tar_samples(tar_path, "image"), tmp_path / "tar", shard_items=2, resize=64, center_crop=True)
+    from_tar = TokenDataset(tmp_path / "tar")
+    assert all(torch.equal(from_tar.codes(i), ds.codes(i)) for i in range(len(files)))
+    assert json.loads((tmp_path / "w0" / "export.json").read_text())["image_fit"] == {"resize": 64, "center_crop": True}
+
+    model = tok.save_pretrained(tmp_path / "model")  # the command line, resumed with another fit
+    cmd = ["export", "--model", str(model), "--data", str(files[0].parent), "--out", str(tmp_path / "w0"), "--device", "cpu"]
+    capsys.readouterr()
+    assert main([*cmd, "--resize", "48", "--center-crop"]) == 2
+    assert "image_fit.resize: 64 vs 48" in capsys.readouterr().err
+    uncropped = export_dataset(tok, files[2:4], tmp_path / "uncropped", resize=64)  # one upright, one wide
+    f = tok.backbone_config.downsample
+    assert [TokenDataset(tmp_path / "uncropped")[i]["size"] for i in range(2)] == [[96, 64], [64, 96]]
+    assert uncropped["num_tokens"] == 2 * math.ceil(64 / f) * math.ceil(96 / f)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"center_crop": True}, r"center_crop cuts a square of the resize side: give resize too"),
+    ({"resize": 4}, r"resize=4: expected a whole number of pixels >= 8"),
+    ({"resize": 64.0}, r"resize=64.0: expected a whole number"),
+])
+def test_a_fit_that_cannot_apply_is_refused_in_words(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        export_dataset(tiny("image"), photos(1), tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_resize_is_refused_for_speech_naming_the_model(tmp_path, capsys):
+    speech = sorted(shared_path("audio", "fsdd").glob("*.wav"))[:1]
+    with pytest.raises(ValueError, match=r"resize applies to photos, but model .* is an audio tokenizer: leave out --resize"):
+        export_dataset(tiny("audio"), speech, tmp_path / "out", resize=64)

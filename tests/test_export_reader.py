@@ -27,9 +27,9 @@ def test_one_reader_feeds_every_shard_and_batches_stay_inside_a_shard(tmp_path, 
 
     reads, batches, real_read, real_batches = [], [], export.read_inputs, export.encode_batches
 
-    def read(tok, files, workers, batch_size=1):
+    def read(tok, files, workers, batch_size=1, fit=None):
         reads.append(len(files))
-        return real_read(tok, files, workers, batch_size)
+        return real_read(tok, files, workers, batch_size, fit)
 
     def encode_batches(tok, items, batch_size, precision="fp32"):
         for chunk, codes in real_batches(tok, items, batch_size, precision):

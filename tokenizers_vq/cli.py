@@ -151,12 +151,10 @@ def _eval(args: argparse.Namespace) -> int:
                           max_frames=args.max_frames or None, notes=notes)
     for k, v in result["summary"].items():
         print(f"{k:>22}: {v:.4f}" if isinstance(v, float) else f"{k:>22}: {v}")
-    for k, v in result["skipped"].items():
+    for k, v in [*result["skipped"].items(), *result.get("baselines", {}).get("skipped", {}).items()]:
         print(f"{k:>22}: {v}")
     for entry in result["failed"]:
         print(f"{'left out':>22}: {entry['error']}")
-    for k, v in result.get("baselines", {}).get("skipped", {}).items():
-        print(f"{k:>22}: {v}")
     print(f"wrote {Path(args.out) / 'report.md'}, metrics.json and pictures")
     return 0
 
@@ -190,8 +188,8 @@ def _export(args: argparse.Namespace) -> int:
         out = Path(args.out)  # an earlier run of this export finished shards there: they are kept
         resumed = not args.overwrite and (out / RECORD).is_file() and any(out.glob("shard_*.json"))
         start = time.perf_counter()
-        manifest = export_dataset(tok, inputs, args.out, args.shard_items, args.batch_size,
-                                  overwrite=args.overwrite, workers=args.workers, precision=args.precision, root=args.data)
+        manifest = export_dataset(tok, inputs, args.out, args.shard_items, args.batch_size, args.overwrite, args.workers,
+                                  args.precision, args.data, args.resize, args.center_crop)
         secs = time.perf_counter() - start
         rank, world = distributed.rank_and_world()
     finally:
@@ -283,8 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lpips-weights", default=None,
                     help="torchvision vgg16-397923af.pth or alexnet-owt-7be5be79.pth for LPIPS (default: torch hub cache)")
     ev.add_argument("--lpips-heads", default=None, help="LPIPS v0.1 linear heads (default: from the installed lpips package)")
-    ev.add_argument("--fid-weights", default=None,
-                    help="pytorch-fid pt_inception-2015-12-05-6726825d.pth for rFID (default: torch hub cache)")
+    ev.add_argument("--fid-weights", help="pytorch-fid pt_inception-2015-12-05-6726825d.pth for rFID (default: torch hub cache)")
     ev.add_argument("--baselines", action="store_true",
                     help="also encode every file with classical codecs at the tokenizer's bitrate (Codec2 and Opus for "
                          "audio, H.264/H.265 for video, JPEG/WebP and their downscaled variants for images) and compare "
@@ -308,11 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "instruction set or a GPU can flip a near-tie; speech's convolutions split sums by thread); "
                          "bf16: the encoder under bf16 autocast, faster on a GPU and 3x on a CPU with bf16 units, "
                          "near-ties may take other ids (recorded in export.json)")
+    ex.add_argument("--resize", type=int, metavar="SIDE", help="photos: resized to a shorter side of SIDE pixels first")
+    ex.add_argument("--center-crop", action="store_true", help="with --resize: then cut to the central SIDE x SIDE")
     ex.add_argument("--overwrite", action="store_true",
-                    help="start over in --out: an earlier export there (its shards, index files, manifest and "
-                         "export.json; no other file) is kept in --out/.replaced until the new one finishes, and put "
-                         "back if it fails (after a Ctrl-C, by the earlier command); without it, a rerun resumes "
-                         "only an export of the same model, inputs and options, and refuses any other, naming it")
+                    help="start over in --out: an earlier export there (its shards, index files, manifest and export.json; "
+                         "no other file) is kept in --out/.replaced until the new one finishes, and put back if it fails "
+                         "(after a Ctrl-C, by the earlier command); without it, a rerun resumes only an export of the "
+                         "same model, inputs and options, and refuses any other, naming it")
     pr = sub.add_parser("prior", help="train the small GPT prior on an export (and sample pictures from an image export)")
     pr.add_argument("--tokens", required=True, help="export directory written by tvq export")
     pr.add_argument("--out", default="runs/prior", help="output folder")

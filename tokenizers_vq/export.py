@@ -74,6 +74,7 @@ from tokenizers_vq.export_record import (
     fingerprint,
 )
 from tokenizers_vq.io import atomic_write, check_can_write, write_bytes
+from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.runtime import keep_freed_memory
 from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, check_shard, read_json, token_dtype  # noqa: F401
 from tokenizers_vq.tokenizer import Tokenizer
@@ -154,6 +155,7 @@ def usable_cores() -> int:
 def export_dataset(
     tok: Tokenizer, files: list[Path], out_dir: str | os.PathLike, shard_items: int = 256, batch_size: int | None = None,
     overwrite: bool = False, workers: int | None = 0, precision: str = "fp32", root: str | os.PathLike | None = None,
+    resize: int | None = None, center_crop: bool = False,
 ) -> dict[str, Any]:
     """Encode ``files`` into shards under ``out_dir``; resumes an interrupted export.
     A dynamic-length tokenizer (``tok.is_dynamic``) writes the ``"dynamic"`` layout.
@@ -180,6 +182,11 @@ def export_dataset(
         root: the folder each item's ``path`` in the index is relative to (``tvq export``:
             ``--data``); ``None``: the folder that holds every file. A tar sample's ``path``
             is its member's path in the archive.
+        resize: images: each photo resized so that its shorter side is this many pixels
+            (:func:`~tokenizers_vq.image_io.fit_image`; ``None``: coded at its own size);
+            with ``center_crop``, then cut to the central ``resize x resize``, so that
+            every item has the same shape. Recorded in ``export.json`` (``image_fit``), and
+            each item's ``size`` in the index is the size it was coded at.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -197,6 +204,7 @@ def export_dataset(
     workers = default_workers(tok) if workers is None else workers
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={precision!r}: expected 'fp32' or 'bf16'")
+    fit = _check_fit(tok, resize, center_crop)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file: an export is written into a folder; name a folder (--out)")
@@ -216,6 +224,8 @@ def export_dataset(
         options["precision"] = precision
     if tok.modality in ("image", "video"):
         options[f"{tok.modality}_reader"] = IMAGE_READER if tok.modality == "image" else UPRIGHT
+    if fit:  # recorded when set, so older exports still resume
+        options["image_fit"] = {"resize": resize, "center_crop": center_crop}
     fp = error = None
     try:  # an input one rank cannot stat stops every rank
         fp = fingerprint(tok, files, options)
@@ -238,7 +248,7 @@ def export_dataset(
     try:
         folders = [os.path.abspath(f.parent) for f in files if isinstance(f, Path)]
         base = os.path.abspath(root) if root is not None else os.path.commonpath(folders) if folders else None
-        manifest = _export_claimed(tok, files, out, shard_items, batch_size, workers, precision, dtype, layout, base)
+        manifest = _export_claimed(tok, files, out, shard_items, batch_size, workers, precision, dtype, layout, base, fit)
     except Exception:  # raised on every rank, once all stopped (distributed.agree): the replaced export is put
         # back. An interrupt keeps both: the new run resumes when run again, the old one stays in .replaced
         if overwrite and rank == 0:
@@ -257,8 +267,25 @@ def export_dataset(
     return manifest
 
 
+def _check_fit(tok: Tokenizer, resize: int | None, center_crop: bool) -> tuple[int, bool] | None:
+    """``(resize, center_crop)`` for :func:`~tokenizers_vq.image_io.fit_image`, or ``None``; refused in words
+    where it cannot apply."""
+    if resize is None:
+        if center_crop:
+            raise ValueError("center_crop cuts a square of the resize side: give resize too (tvq export --resize 256 "
+                             "--center-crop)")
+        return None
+    if tok.modality != "image":
+        raise ValueError(f"resize applies to photos, but model {tok.config.name!r} is {get_modality(tok.modality).article} "
+                         "tokenizer: leave out --resize and --center-crop")
+    if isinstance(resize, bool) or not isinstance(resize, int) or resize < 8:
+        raise ValueError(f"resize={resize!r}: expected a whole number of pixels >= 8 (the shorter side after resizing)")
+    return resize, bool(center_crop)
+
+
 def _export_claimed(tok: Tokenizer, files: list, out: Path, shard_items: int, batch_size: int, workers: int,
-                    precision: str, dtype: np.dtype, layout: str, root: str | None) -> dict[str, Any]:
+                    precision: str, dtype: np.dtype, layout: str, root: str | None,
+                    fit: tuple[int, bool] | None = None) -> dict[str, Any]:
     """:func:`export_dataset` once ``out`` is claimed: this rank's shards, then the manifest."""
     dynamic = tok.is_dynamic
     rank, world = distributed.rank_and_world()
@@ -267,7 +294,7 @@ def _export_claimed(tok: Tokenizer, files: list, out: Path, shard_items: int, ba
     try:
         todo = [k for k in range(rank, n_shards, world) if not _finished(out, k, dynamic)]
         chunks = {k: files[k * shard_items : (k + 1) * shard_items] for k in todo}
-        reader = read_inputs(tok, [f for k in todo for f in chunks[k]], workers, batch_size)  # one reader for them all
+        reader = read_inputs(tok, [f for k in todo for f in chunks[k]], workers, batch_size, fit)  # one reader for all
         batches = encode_batches(tok, _with_flushes(reader, [len(chunks[k]) for k in todo]), batch_size, precision)
         with tqdm(todo, desc="export shards", disable=rank != 0) as bar:  # its line ended if a shard fails
             for k in bar:

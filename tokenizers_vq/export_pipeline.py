@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from tokenizers_vq.deferred import deferred_checks
 from tokenizers_vq.errors import ItemError, MissingDependency
+from tokenizers_vq.image_io import fit_image
 from tokenizers_vq.media import MAX_PIXELS
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.quantizers import PackedCodes
@@ -31,10 +32,12 @@ from tokenizers_vq.webdataset import TarSample
 class _Inputs(Dataset):
     """Files read as a tokenizer's compact inputs (:meth:`~tokenizers_vq.modality.Modality.load_compact`),
     one per index: what the export's loader workers run. A file the reader refuses comes back
-    as its ``ValueError``, raised again in the main process as the reader worded it."""
+    as its ``ValueError``, raised again in the main process as the reader worded it. ``fit``:
+    images as :func:`~tokenizers_vq.image_io.fit_image` makes them, ``(side, crop)``."""
 
-    def __init__(self, files: list[Path | TarSample], modality: str, sample_rate: int | None):
-        self.files, self.modality, self.sample_rate = files, modality, sample_rate
+    def __init__(self, files: list[Path | TarSample], modality: str, sample_rate: int | None,
+                 fit: tuple[int, bool] | None = None):
+        self.files, self.modality, self.sample_rate, self.fit = files, modality, sample_rate, fit
 
     def __len__(self) -> int:
         return len(self.files)
@@ -43,8 +46,14 @@ class _Inputs(Dataset):
         f = self.files[i]
         try:
             if isinstance(f, TarSample):
-                return f.load(self.modality, self.sample_rate)
-            return get_modality(self.modality).load_compact(f, self.sample_rate, max_pixels=MAX_PIXELS)
+                x, size, info = f.load(self.modality, self.sample_rate)
+            else:
+                x, size, info = get_modality(self.modality).load_compact(f, self.sample_rate, max_pixels=MAX_PIXELS)
+            if self.fit is None:
+                return x, size, info
+            pixels = x if x.dtype == torch.uint8 else ((x + 1) * 127.5).round().to(torch.uint8)  # a tar's float read
+            x = fit_image(pixels, *self.fit)
+            return x, list(x.shape[1:]), info
         except (ValueError, MissingDependency) as e:  # the reader's words, raised as they are in the main process
             return e
 
@@ -91,17 +100,18 @@ class _Chunks(Dataset):
             offset += n
 
 
-def read_inputs(tok: Tokenizer, files: list[Path], workers: int,
-                batch_size: int = 1) -> Iterator[tuple[Path, tuple[Tensor, list[int], dict]]]:
+def read_inputs(tok: Tokenizer, files: list[Path], workers: int, batch_size: int = 1,
+                fit: tuple[int, bool] | None = None) -> Iterator[tuple[Path, tuple[Tensor, list[int], dict]]]:
     """``(file, (x, size, info))`` in file order, read and decoded in ``workers``
     processes (0: in this one) ahead of the caller, at least two batches of
     ``batch_size`` ahead; ``x`` is compact (:meth:`~tokenizers_vq.modality.Modality.load_compact`:
-    uint8 pixels for images, a quarter of the bytes through the loader); the order and the
-    values do not depend on the number of workers."""
+    uint8 pixels for images, a quarter of the bytes through the loader; ``fit``: images
+    resized, and cropped, as :func:`~tokenizers_vq.image_io.fit_image` does); the order and
+    the values do not depend on the number of workers."""
     for f in files:
         if not isinstance(f, TarSample):  # tar samples are listed by the model's modality
             check_input_modality(tok, f)
-    data = _Inputs(files, tok.modality, tok.sample_rate)
+    data = _Inputs(files, tok.modality, tok.sample_rate, fit)
     if any(isinstance(f, TarSample) for f in files):
         workers = 0  # one forward pass over each archive, here: a worker would read its own from the start
     if workers <= 0 or len(files) < 2:

@@ -147,6 +147,27 @@ def _grey_to_8bit(im, path: Path):
     return Image.fromarray((arr.astype(np.float32) / 257).round().astype(np.uint8), "L")
 
 
+def fit_image(img: Tensor, side: int, crop: bool = False) -> Tensor:
+    """``(3, H, W)`` uint8 pixels resized so that the shorter side is ``side`` (the aspect kept,
+    the longer side rounded to whole pixels; Pillow's bicubic filter, antialiased when it
+    shrinks, in integer arithmetic: the same pixels on every machine), then with ``crop``
+    cut to the central ``side x side``: how AR training sets are usually prepared
+    (``tvq export --resize``)."""
+    from PIL import Image  # noqa: PLC0415
+
+    if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != 3:
+        raise ValueError(f"fit_image expects (3, H, W) uint8 pixels, got {img.dtype} of shape {tuple(img.shape)}")
+    h, w = img.shape[1:]
+    nh, nw = (side, max(side, round(w * side / h))) if h <= w else (max(side, round(h * side / w)), side)
+    if (nh, nw) != (h, w):
+        im = Image.fromarray(img.permute(1, 2, 0).contiguous().numpy(), "RGB").resize((nw, nh), Image.Resampling.BICUBIC)
+        img = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(nh, nw, 3).permute(2, 0, 1)
+    if crop:
+        top, left = (nh - side) // 2, (nw - side) // 2
+        img = img[:, top : top + side, left : left + side]
+    return img.contiguous()
+
+
 def save_image(img: Tensor, path: str | os.PathLike) -> Path:
     """Write ``(3, H, W)`` or ``(H, W)`` float in ``[0, 1]`` (clamped) atomically;
     the format follows the suffix (PNG, JPEG, ...)."""
