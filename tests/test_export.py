@@ -600,3 +600,21 @@ def test_resize_is_refused_for_speech_naming_the_model(tmp_path, capsys):
     speech = sorted(shared_path("audio", "fsdd").glob("*.wav"))[:1]
     with pytest.raises(ValueError, match=r"resize applies to photos, but model .* is an audio tokenizer: leave out --resize"):
         export_dataset(tiny("audio"), speech, tmp_path / "out", resize=64)
+
+
+def test_fit_image_resizes_the_shorter_side_and_crops_the_centre_of_that(tmp_path):
+    from tokenizers_vq.image_io import fit_image, load_image_u8  # noqa: PLC0415
+
+    wide = load_image_u8(photos(4)[3])  # 321 x 481
+    full = fit_image(wide, 128)
+    assert full.shape == (3, 128, 192) and full.dtype == torch.uint8
+    assert torch.equal(fit_image(wide, 128, crop=True), full[:, :, 32:160])
+    assert torch.equal(fit_image(wide, 321, crop=True), wide[:, :, 80:401])  # no resampling at its own size
+    blur = F.interpolate(wide[None].float(), size=(128, 192), mode="bicubic", antialias=True)[0]
+    assert (full.float() - blur).abs().mean() < 2  # the same picture, within the filters' rounding
+    strip = torch.zeros(3, 2, 1000, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"a 2 x 1000 image resized to a shorter side of 256 would be 256 x 128000"):
+        fit_image(strip, 256, crop=True)
+    save_image(strip.float() / 255, tmp_path / "strip" / "strip.png")
+    with pytest.raises(ValueError, match=r"strip.png: a 2 x 1000 image resized"):
+        export_dataset(tiny("image"), [tmp_path / "strip" / "strip.png"], tmp_path / "out", resize=256, center_crop=True)

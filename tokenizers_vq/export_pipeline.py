@@ -52,7 +52,10 @@ class _Inputs(Dataset):
             if self.fit is None:
                 return x, size, info
             pixels = x if x.dtype == torch.uint8 else ((x + 1) * 127.5).round().to(torch.uint8)  # a tar's float read
-            x = fit_image(pixels, *self.fit)
+            try:
+                x = fit_image(pixels, *self.fit)
+            except ValueError as e:
+                return ValueError(f"{f}: {e}")
             return x, list(x.shape[1:]), info
         except (ValueError, MissingDependency) as e:  # the reader's words, raised as they are in the main process
             return e
