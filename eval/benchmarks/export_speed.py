@@ -51,16 +51,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode_rate(tok: Tokenizer, files: list[Path], workers: int, batch_size: int) -> float:
+def decode_rate(tok: Tokenizer, files: list[Path], workers: int, batch_size: int, fit: tuple[int, bool] | None = None) -> float:
     start = time.perf_counter()
-    n = sum(1 for _ in read_inputs(tok, files, workers, batch_size))
+    n = sum(1 for _ in read_inputs(tok, files, workers, batch_size, fit))
     return n / (time.perf_counter() - start)
 
 
-def encode_rate(tok: Tokenizer, files: list[Path], batch_size: int, precision: str, device: torch.device) -> float:
+def encode_rate(tok: Tokenizer, files: list[Path], batch_size: int, precision: str, device: torch.device,
+                fit: tuple[int, bool] | None = None) -> float:
     """Items/s of ``tok.encode`` over batches of equal-shape inputs, decoded beforehand."""
     groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    for _, (x, _, _) in read_inputs(tok, files, 0):
+    for _, (x, _, _) in read_inputs(tok, files, 0, fit=fit):
         groups.setdefault(tuple(x.shape), []).append(x)
     batches = [torch.stack(g[i : i + batch_size]).to(device) for g in groups.values() for i in range(0, len(g), batch_size)]
     batches = [tok.media.expand(b) for b in batches]  # the export's compact inputs (images: uint8) as model input
@@ -122,6 +123,8 @@ def cli_rate(args: argparse.Namespace, folder: Path, out: Path, precision: str) 
     cmd = [sys.executable, "-m", "tokenizers_vq.cli", "export", "--data", str(folder), "--out", str(out),
            "--model", args.model, "--device", args.device, "--batch-size", str(args.batch_size),
            "--workers", str(args.workers), "--shard-items", str(args.shard_items), "--precision", precision]
+    if args.resize:
+        cmd += ["--resize", str(args.resize)] + (["--center-crop"] if args.center_crop else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = re.search(r"\(([0-9.]+) items/s", proc.stdout)
     if proc.returncode != 0 or found is None:
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: the export's (16 on a GPU, 1 on the CPU)")
     p.add_argument("--shard-items", type=int, default=256, help="files per shard (the export's default)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: the passes to time (fp32, bf16)")
+    p.add_argument("--resize", type=int, default=None, help="photos resized to this shorter side first (tvq export --resize)")
+    p.add_argument("--center-crop", action="store_true", help="with --resize: cut to the central square")
     args = p.parse_args(argv)
     precisions = list(dict.fromkeys(q for q in args.precisions.split(",") if q))  # each once
     if not precisions or set(precisions) - {"fp32", "bf16"}:
@@ -153,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers is None:
         args.workers = default_workers(tok)
     files = list_media(args.data, tok.modality, args.max_items)
+    fit = (args.resize, args.center_crop) if args.resize else None
     with tempfile.TemporaryDirectory(prefix="tvq-export-speed-") as tmp:
         folder = Path(tmp) / "in"  # links (the same bytes under other names with --repeat), for tvq export too
         folder.mkdir()
@@ -163,19 +169,21 @@ def main(argv: list[str] | None = None) -> None:
                 links[-1].symlink_to(f.resolve())
         files = links
         row = {"items": len(files), "workers": args.workers, "batch_size": args.batch_size,
-               "decode_bound_per_s": decode_rate(tok, files, args.workers, args.batch_size)}
+               "decode_bound_per_s": decode_rate(tok, files, args.workers, args.batch_size, fit)}
         for precision in precisions:
-            row[f"encode_bound_{precision}_per_s"] = encode_rate(tok, files, args.batch_size, precision, device)
+            row[f"encode_bound_{precision}_per_s"] = encode_rate(tok, files, args.batch_size, precision, device, fit)
         for precision in precisions:
             rates = export_rates(tok, files, Path(tmp) / f"out_{precision}", batch_size=args.batch_size,
-                                 workers=args.workers, precision=precision, shard_items=args.shard_items)
+                                 workers=args.workers, precision=precision, shard_items=args.shard_items,
+                                 resize=args.resize, center_crop=args.center_crop)
             row[f"end_to_end_{precision}_per_s"] = rates.pop("per_s")
             row[f"running_{precision}_per_s"] = rates.pop("running_per_s")
             row.update({f"{k[:-2]}_{precision}_s": v for k, v in rates.items()})
             row[f"tvq_export_{precision}_per_s"] = cli_rate(args, folder, Path(tmp) / f"cli_{precision}", precision)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cores": usable_cores(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU",
-            "model": tok.config.name, "data": args.data, "keep_freed_memory": kept}
+            "model": tok.config.name, "data": args.data, "keep_freed_memory": kept,
+            "resize": args.resize, "center_crop": args.center_crop}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "export_speed.json").write_text(json.dumps({"meta": meta, "row": row}, indent=1))
     nan = float("nan")
@@ -185,7 +193,9 @@ def main(argv: list[str] | None = None) -> None:
             row.setdefault(k.format(q), nan)
     md = (f"# tvq export speed ({meta['device_name']}, {meta['cores']} usable cores, {meta['threads']} threads)\n\n"
           f"{row['items']} files of `{args.data}`, model `{meta['model']}`, {args.workers} loader worker(s), "
-          f"batches of {args.batch_size}; items per second.\n\n"
+          f"batches of {args.batch_size}"
+          + (f", resized to a shorter side of {args.resize}" + (" and cut to the central square" if args.center_crop else "")
+             if args.resize else "") + "; items per second.\n\n"
           "| decode-bound (reader alone) | encode-bound fp32 (model alone) | encode-bound bf16 | end to end fp32 "
           "(in this process) | end to end bf16 (`--precision bf16`) | once running fp32 | once running bf16 | "
           "`tvq export` in its own process fp32 / bf16 |\n"

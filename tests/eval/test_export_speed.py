@@ -27,3 +27,13 @@ def test_three_rates_of_a_small_export(tmp_path):
     assert row["tvq_export_fp32_per_s"] < row["decode_bound_per_s"]  # its own process reads, encodes and writes
     assert 0 < row["first_read_fp32_s"] <= row["first_encoded_fp32_s"] <= row["first_shard_fp32_s"]
     assert "first shard was written" in (tmp_path / "export_speed.md").read_text()
+
+
+def test_the_rates_of_an_export_of_resized_photos(tmp_path):
+    data = shared_path("images", "bsds500", "val")
+    export_speed.main([str(data), "--out", str(tmp_path), "--max-items", "2", "--repeat", "2", "--workers", "0",
+                       "--shard-items", "2", "--device", "cpu", "--precisions", "fp32", "--resize", "64", "--center-crop"])
+    result = json.loads((tmp_path / "export_speed.json").read_text())
+    assert result["meta"]["resize"] == 64 and result["meta"]["center_crop"] is True
+    assert all(math.isfinite(result["row"][k]) for k in ("encode_bound_fp32_per_s", "tvq_export_fp32_per_s"))
+    assert "resized to a shorter side of 64 and cut to the central square" in (tmp_path / "export_speed.md").read_text()
