@@ -572,7 +572,11 @@ def test_resized_and_cropped_photos_are_coded_as_fit_image_makes_them(tmp_path, 
     export_dataset(tok, list_tar_samples(tar_path, "image"), tmp_path / "tar", shard_items=2, resize=64, center_crop=True)
     from_tar = TokenDataset(tmp_path / "tar")
     assert all(torch.equal(from_tar.codes(i), ds.codes(i)) for i in range(len(files)))
-    assert json.loads((tmp_path / "w0" / "export.json").read_text())["image_fit"] == {"resize": 64, "center_crop": True}
+    import PIL  # noqa: PLC0415
+
+    recorded = json.loads((tmp_path / "w0" / "export.json").read_text())["image_fit"]
+    assert recorded == {"resize": 64, "center_crop": True, "pillow": PIL.__version__}
+    assert ds.manifest["image_fit"] == {"resize": 64, "center_crop": True}
 
     model = tok.save_pretrained(tmp_path / "model")  # the command line, resumed with another fit
     cmd = ["export", "--model", str(model), "--data", str(files[0].parent), "--out", str(tmp_path / "w0"), "--device", "cpu"]
@@ -587,7 +591,8 @@ def test_resized_and_cropped_photos_are_coded_as_fit_image_makes_them(tmp_path, 
 
 @pytest.mark.parametrize("kw, message", [
     ({"center_crop": True}, r"center_crop cuts a square of the resize side: give resize too"),
-    ({"resize": 4}, r"resize=4: expected a whole number of pixels >= 8"),
+    ({"resize": 4}, r"resize=4: expected a whole number of pixels from 8 to 4096"),
+    ({"resize": 5000, "center_crop": True}, r"resize=5000: expected a whole number of pixels from 8 to 4096"),
     ({"resize": 64.0}, r"resize=64.0: expected a whole number"),
 ])
 def test_a_fit_that_cannot_apply_is_refused_in_words(tmp_path, kw, message):
@@ -596,10 +601,23 @@ def test_a_fit_that_cannot_apply_is_refused_in_words(tmp_path, kw, message):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_resize_is_refused_for_speech_naming_the_model(tmp_path, capsys):
+@pytest.mark.parametrize("kw", [{"resize": 64}, {"center_crop": True}])
+def test_resize_is_refused_for_speech_naming_the_model(tmp_path, kw):
     speech = sorted(shared_path("audio", "fsdd").glob("*.wav"))[:1]
     with pytest.raises(ValueError, match=r"resize applies to photos, but model .* is an audio tokenizer: leave out --resize"):
-        export_dataset(tiny("audio"), speech, tmp_path / "out", resize=64)
+        export_dataset(tiny("audio"), speech, tmp_path / "out", **kw)
+
+
+def test_a_photo_over_the_pixel_limit_is_coded_when_resized(tmp_path):
+    from PIL import Image  # noqa: PLC0415
+
+    (tmp_path / "big").mkdir()
+    Image.new("RGB", (4200, 4100), (120, 30, 200)).save(tmp_path / "big" / "big.png")  # 17.2 million pixels
+    with pytest.raises(ValueError, match=r"big.png is 4200x4100 = 17.2 megapixels, over the limit"):
+        export_dataset(tiny("image"), [tmp_path / "big" / "big.png"], tmp_path / "own_size")
+    manifest = export_dataset(tiny("image"), [tmp_path / "big" / "big.png"], tmp_path / "fit", resize=np.int64(64),
+                              center_crop=True)  # a NumPy integer as well
+    assert TokenDataset(tmp_path / "fit")[0]["size"] == [64, 64] and manifest["num_items"] == 1
 
 
 def test_fit_image_resizes_the_shorter_side_and_crops_the_centre_of_that(tmp_path):
@@ -614,7 +632,7 @@ def test_fit_image_resizes_the_shorter_side_and_crops_the_centre_of_that(tmp_pat
     assert (full.float() - blur).abs().mean() < 2  # the same picture, within the filters' rounding
     strip = torch.zeros(3, 2, 1000, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"a 2 x 1000 image resized to a shorter side of 256 would be 256 x 128000"):
-        fit_image(strip, 256, crop=True)
+        fit_image(strip, 256, crop=True, max_pixels=4096 * 4096)
     save_image(strip.float() / 255, tmp_path / "strip" / "strip.png")
     with pytest.raises(ValueError, match=r"strip.png: a 2 x 1000 image resized"):
         export_dataset(tiny("image"), [tmp_path / "strip" / "strip.png"], tmp_path / "out", resize=256, center_crop=True)

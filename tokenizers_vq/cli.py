@@ -168,7 +168,7 @@ def _export(args: argparse.Namespace) -> int:
     from tokenizers_vq.webdataset import is_tar_source, list_tar_samples  # noqa: PLC0415
 
     for name, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
-                               ("--shard-items", args.shard_items, 1)):
+                               ("--shard-items", args.shard_items, 1), ("--resize", args.resize, 8)):
         if value is not None and value < least:
             raise ValueError(f"{name} {value}: expected a whole number >= {least}")
     device = distributed.init_from_env(use_cuda=args.device != "cpu")  # several ranks: accelerate launch, torchrun

@@ -51,6 +51,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +75,7 @@ from tokenizers_vq.export_record import (
     fingerprint,
 )
 from tokenizers_vq.io import atomic_write, check_can_write, write_bytes
+from tokenizers_vq.media import MAX_PIXELS
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.runtime import keep_freed_memory
 from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, check_shard, read_json, token_dtype  # noqa: F401
@@ -184,9 +186,10 @@ def export_dataset(
             is its member's path in the archive.
         resize: images: each photo resized so that its shorter side is this many pixels
             (:func:`~tokenizers_vq.image_io.fit_image`; ``None``: coded at its own size);
-            with ``center_crop``, then cut to the central ``resize x resize``, so that
-            every item has the same shape. Recorded in ``export.json`` (``image_fit``), and
-            each item's ``size`` in the index is the size it was coded at.
+            every item's ``size`` in the index is the size it was coded at. Recorded as
+            ``image_fit`` in ``export.json`` (with Pillow's version) and ``manifest.json``.
+        center_crop: with ``resize``, each resized photo cut to its central
+            ``resize x resize``, so that every item has the same shape.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -224,8 +227,8 @@ def export_dataset(
         options["precision"] = precision
     if tok.modality in ("image", "video"):
         options[f"{tok.modality}_reader"] = IMAGE_READER if tok.modality == "image" else UPRIGHT
-    if fit:  # recorded when set, so older exports still resume
-        options["image_fit"] = {"resize": resize, "center_crop": center_crop}
+    if fit:  # recorded when set, so older exports still resume; another Pillow may resample otherwise
+        options["image_fit"] = {"resize": fit[0], "center_crop": fit[1], "pillow": _pillow_version()}
     fp = error = None
     try:  # an input one rank cannot stat stops every rank
         fp = fingerprint(tok, files, options)
@@ -270,17 +273,24 @@ def export_dataset(
 def _check_fit(tok: Tokenizer, resize: int | None, center_crop: bool) -> tuple[int, bool] | None:
     """``(resize, center_crop)`` for :func:`~tokenizers_vq.image_io.fit_image`, or ``None``; refused in words
     where it cannot apply."""
+    if (resize is not None or center_crop) and tok.modality != "image":
+        raise ValueError(f"resize applies to photos, but model {tok.config.name!r} is {get_modality(tok.modality).article} "
+                         "tokenizer: leave out --resize and --center-crop")
     if resize is None:
         if center_crop:
             raise ValueError("center_crop cuts a square of the resize side: give resize too (tvq export --resize 256 "
                              "--center-crop)")
         return None
-    if tok.modality != "image":
-        raise ValueError(f"resize applies to photos, but model {tok.config.name!r} is {get_modality(tok.modality).article} "
-                         "tokenizer: leave out --resize and --center-crop")
-    if isinstance(resize, bool) or not isinstance(resize, int) or resize < 8:
-        raise ValueError(f"resize={resize!r}: expected a whole number of pixels >= 8 (the shorter side after resizing)")
-    return resize, bool(center_crop)
+    if isinstance(resize, bool) or not isinstance(resize, numbers.Integral) or not 8 <= resize <= math.isqrt(MAX_PIXELS):
+        raise ValueError(f"resize={resize!r}: expected a whole number of pixels from 8 to {math.isqrt(MAX_PIXELS)} (the "
+                         "shorter side after resizing)")
+    return int(resize), bool(center_crop)
+
+
+def _pillow_version() -> str:
+    import PIL  # noqa: PLC0415 (keep import cheap)
+
+    return PIL.__version__
 
 
 def _export_claimed(tok: Tokenizer, files: list, out: Path, shard_items: int, batch_size: int, workers: int,
@@ -310,7 +320,7 @@ def _export_claimed(tok: Tokenizer, files: list, out: Path, shard_items: int, ba
     manifest = None
     if rank == 0:  # checks every shard and writes the manifest
         try:
-            manifest = _finish(tok, out, files, shard_items, n_shards, dtype, layout)
+            manifest = _finish(tok, out, files, shard_items, n_shards, dtype, layout, fit)
         except Exception as e:  # noqa: BLE001  (as above)
             error = e
     distributed.agree(error)
@@ -350,7 +360,7 @@ def _write_shard(tok: Tokenizer, out: Path, k: int, chunk: list[Path], batches: 
 
 
 def _finish(tok: Tokenizer, out: Path, files: list[Path], shard_items: int, n_shards: int, dtype: np.dtype,
-            layout: str) -> dict[str, Any]:
+            layout: str, fit: tuple[int, bool] | None = None) -> dict[str, Any]:
     """Check every shard against its files and write the manifest (last)."""
     q, dynamic = tok.quantizer, tok.is_dynamic
     shards, items_per_shard, tokens_per_shard = [], [], []
@@ -373,6 +383,7 @@ def _finish(tok: Tokenizer, out: Path, files: list[Path], shard_items: int, n_sh
         "codebook_size": q.codebook_size, "code_shape": list(q.code_shape), "dtype": dtype.str,
         "layout": layout, "shards": shards, "num_items": sum(items_per_shard),
         "num_tokens": sum(tokens_per_shard), "items_per_shard": items_per_shard, "tokens_per_shard": tokens_per_shard,
+        **({"image_fit": {"resize": fit[0], "center_crop": fit[1]}} if fit else {}),
     }
     atomic_write(out / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
     return manifest

@@ -44,16 +44,17 @@ class _Inputs(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, list[int], dict[str, Any]] | ValueError:
         f = self.files[i]
+        limit = None if self.fit else MAX_PIXELS  # resized first: the encoder never sees the photo's own size
         try:
             if isinstance(f, TarSample):
-                x, size, info = f.load(self.modality, self.sample_rate)
+                x, size, info = f.load(self.modality, self.sample_rate, max_pixels=limit)
             else:
-                x, size, info = get_modality(self.modality).load_compact(f, self.sample_rate, max_pixels=MAX_PIXELS)
+                x, size, info = get_modality(self.modality).load_compact(f, self.sample_rate, max_pixels=limit)
             if self.fit is None:
                 return x, size, info
             pixels = x if x.dtype == torch.uint8 else ((x + 1) * 127.5).round().to(torch.uint8)  # a tar's float read
             try:
-                x = fit_image(pixels, *self.fit)
+                x = fit_image(pixels, *self.fit, max_pixels=MAX_PIXELS)
             except ValueError as e:
                 return ValueError(f"{f}: {e}")
             return x, list(x.shape[1:]), info

@@ -147,16 +147,17 @@ def _grey_to_8bit(im, path: Path):
     return Image.fromarray((arr.astype(np.float32) / 257).round().astype(np.uint8), "L")
 
 
-def fit_image(img: Tensor, side: int, crop: bool = False, max_pixels: int = 4096 * 4096) -> Tensor:
+def fit_image(img: Tensor, side: int, crop: bool = False, max_pixels: int | None = None) -> Tensor:
     """``(3, H, W)`` uint8 pixels resized so that the shorter side is ``side`` (the aspect kept,
     the longer side rounded to whole pixels; Pillow's bicubic filter, antialiased when it
-    shrinks, in integer arithmetic: the same pixels on every machine), then with ``crop``
-    cut to the central ``side x side``: how AR training sets are usually prepared
-    (``tvq export --resize``).
+    shrinks, in integer arithmetic: the same pixels wherever the same Pillow runs), then with
+    ``crop`` cut to the central ``side x side`` (``tvq export --resize``; as torchvision's
+    ``Resize`` and ``CenterCrop`` prepare AR training sets, but the longer side rounded, not
+    truncated: a pixel row or column may differ).
 
     Raises:
         ValueError: ``img`` is not ``(3, H, W)`` uint8, or the resized image would hold more
-            than ``max_pixels`` (a thin strip scaled up).
+            than ``max_pixels`` (a thin strip scaled up; ``None``: no limit).
     """
     from PIL import Image  # noqa: PLC0415
 
@@ -164,7 +165,7 @@ def fit_image(img: Tensor, side: int, crop: bool = False, max_pixels: int = 4096
         raise ValueError(f"fit_image expects (3, H, W) uint8 pixels, got {img.dtype} of shape {tuple(img.shape)}")
     h, w = img.shape[1:]
     nh, nw = (side, max(side, round(w * side / h))) if h <= w else (max(side, round(h * side / w)), side)
-    if nh * nw > max_pixels:
+    if max_pixels is not None and nh * nw > max_pixels:
         raise ValueError(f"a {h} x {w} image resized to a shorter side of {side} would be {nh} x {nw} pixels, over "
                          f"the limit of {max_pixels}: leave it out, or resize to a smaller side")
     if (nh, nw) != (h, w):
