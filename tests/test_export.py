@@ -430,6 +430,23 @@ def test_token_dataset_refuses_counts_that_disagree_with_the_shards(tmp_path):
     assert len(TokenDataset(out)) == 3
 
 
+def test_the_default_batch_on_the_cpu_grows_for_small_square_crops(tmp_path, monkeypatch):
+    from tokenizers_vq import export  # noqa: PLC0415
+
+    tok = tiny("image")
+    assert [export.default_batch_size(tok, p) for p in (None, 256 * 256, 128 * 128, 1024 * 1024)] == [1, 4, 16, 1]
+    sizes, real = [], export.encode_batches
+
+    def encode_batches(tok, items, batch_size, precision="fp32"):
+        sizes.append(batch_size)
+        return real(tok, items, batch_size, precision)
+
+    monkeypatch.setattr(export, "encode_batches", encode_batches)
+    export_dataset(tok, photos(2), tmp_path / "crop", resize=256, center_crop=True)
+    export_dataset(tok, photos(2), tmp_path / "resized", resize=256)  # shapes differ: one at a time
+    assert sizes == [4, 1]
+
+
 def test_default_workers_follow_the_cpus_this_process_may_use(monkeypatch):
     from tokenizers_vq import export  # noqa: PLC0415
 

@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="export directory")
     ex.add_argument("--shard-items", type=int, default=256, help="items per shard")
     ex.add_argument("--batch-size", type=int, default=None,
-                    help="inputs of equal shape encoded together (default: 16 on a GPU, 1 on the CPU)")
+                    help="inputs of equal shape encoded together (default: 16 on a GPU, 1 on the CPU; 4 at --center-crop 256)")
     ex.add_argument("--workers", type=int, default=None,
                     help="processes reading and decoding files while the model encodes (0: none; default: none on "
                          "the CPU, else the cores this process may use but one, up to 15; the shards do not depend on it)")

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     kept = device.type == "cpu" and keep_freed_memory()  # as tvq and the export itself do on the CPU
     tok = Tokenizer.from_pretrained(args.model).eval().to(device)
     if args.batch_size is None:
-        args.batch_size = default_batch_size(tok)
+        args.batch_size = default_batch_size(tok, args.resize ** 2 if args.resize and args.center_crop else None)
     if args.workers is None:
         args.workers = default_workers(tok)
     files = list_media(args.data, tok.modality, args.max_items)
