@@ -434,7 +434,8 @@ def test_the_default_batch_on_the_cpu_grows_for_small_square_crops(tmp_path, mon
     from tokenizers_vq import export  # noqa: PLC0415
 
     tok = tiny("image")
-    assert [export.default_batch_size(tok, p) for p in (None, 256 * 256, 128 * 128, 1024 * 1024)] == [1, 4, 16, 1]
+    fits = (None, (256, True), (128, True), (1024, True))
+    assert [export.default_batch_size(tok, fit) for fit in fits] == [1, 4, 16, 1]
     sizes, real = [], export.encode_batches
 
     def encode_batches(tok, items, batch_size, precision="fp32"):

@@ -153,12 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     kept = device.type == "cpu" and keep_freed_memory()  # as tvq and the export itself do on the CPU
     tok = Tokenizer.from_pretrained(args.model).eval().to(device)
+    fit = (args.resize, args.center_crop) if args.resize else None
     if args.batch_size is None:
-        args.batch_size = default_batch_size(tok, args.resize ** 2 if args.resize and args.center_crop else None)
+        args.batch_size = default_batch_size(tok, fit)
     if args.workers is None:
         args.workers = default_workers(tok)
     files = list_media(args.data, tok.modality, args.max_items)
-    fit = (args.resize, args.center_crop) if args.resize else None
     with tempfile.TemporaryDirectory(prefix="tvq-export-speed-") as tmp:
         folder = Path(tmp) / "in"  # links (the same bytes under other names with --repeat), for tvq export too
         folder.mkdir()
