@@ -174,6 +174,28 @@ def test_decoding_with_other_weights_under_the_same_name_warns(tmp_path, image_m
         decode_file(Tokenizer.from_pretrained(image_model), tokens, tmp_path / "own.png")
 
 
+def test_tokens_of_a_model_trained_from_an_embedded_one_need_it_named(tmp_path, capsys):
+    """A model trained from an embedded model's config keeps its name: without ``--model`` its
+    tokens are refused, not decoded by the embedded weights; ``--model image`` decodes them anyway."""
+    retrained = Tokenizer.from_pretrained("image")
+    with torch.no_grad():
+        retrained.decoder.conv_out.bias += 0.1  # trained further, the name kept
+    model = retrained.save_pretrained(tmp_path / "retrained")
+    photo = small_photos(tmp_path / "p", 1)[0]
+    tokens = tmp_path / "t.tvq"
+    assert main(["encode", str(photo), "--model", str(model), "-o", str(tokens), "--device", "cpu"]) == 0
+    assert load_tokens(tokens)[0]["model_id"] == Tokenizer.from_pretrained("image").config.name
+    capsys.readouterr()
+    out = tmp_path / "out.png"
+    assert main(["decode", str(tokens), "-o", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "with other weights" in err and "--model image" in err and not out.exists()
+    assert main(["decode", str(tokens), "--model", "image", "-o", str(out), "--device", "cpu"]) == 0
+    assert "with other weights" in capsys.readouterr().err and out.is_file()  # warned, then decoded
+    assert main(["decode", str(tokens), "--model", str(model), "-o", str(tmp_path / "own.png"), "--device", "cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_refused_decode_says_so_once_without_a_warning_first(tmp_path, image_model, capsys):
     tokens = tmp_path / "t.tvq"
     assert main(["encode", *map(str, small_photos(tmp_path / "p", 1)), "--model", str(image_model),

@@ -52,7 +52,7 @@ def _decode(args: argparse.Namespace) -> int:
     from tokenizers_vq.tokens import OtherModelWarning, decode_file, load_tokens  # noqa: PLC0415
 
     meta, _ = load_tokens(args.tokens)
-    tok = _model_for_tokens(args, meta["model_id"], meta["modality"])
+    tok = _model_for_tokens(args, meta["model_id"], meta["modality"], meta)
     shown = warnings.showwarning
 
     def show(message, category, *rest, **kw):  # decode_file warns after its refusals, before decoding
@@ -70,36 +70,36 @@ def _decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_for_tokens(args: argparse.Namespace, model_id: object, modality: object):
-    """``--model``, or without it the embedded model that wrote tokens of ``model_id`` (a token
-    file's or an export's), refusing tokens that no embedded model wrote."""
+def _model_for_tokens(args: argparse.Namespace, model_id: object, modality: object, meta: dict | None = None):
+    """``--model``, or without it the embedded model that wrote tokens of ``model_id``; refused where none
+    did, or (a token file's ``meta``) where its codes or its weights hash are another model's."""
     import json  # noqa: PLC0415
 
+    from tokenizers_vq.export_record import same_weights  # noqa: PLC0415
     from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY, PRETRAINED  # noqa: PLC0415
+    from tokenizers_vq.tokens import check_compatible  # noqa: PLC0415
 
     if args.model:
         return _load_model(args)
-    default = DEFAULT_FOR_MODALITY.get(str(modality), "image")
-    for name, folder in PRETRAINED.items():
-        config = folder / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("name") == model_id:
-            default = name
-            break
+    default = next((name for name, folder in PRETRAINED.items() if (folder / "config.json").is_file()
+                    and json.loads((folder / "config.json").read_text()).get("name") == model_id),
+                   DEFAULT_FOR_MODALITY.get(str(modality), "image"))
     tok = _load_model(args, default)
     if model_id != tok.config.name:
         raise ValueError(f"{args.tokens} was written by model {model_id!r}, which is not one of the embedded models "
                          f"({', '.join(PRETRAINED)}); pass --model DIR of the model that wrote it")
+    if (weights := (meta or {}).get("model_sha256")) is not None:
+        check_compatible(meta, tok, Path(args.tokens))  # tokens of other codes: that refusal first
+        if not same_weights(weights, tok):
+            raise ValueError(f"{args.tokens} was written by a model named {model_id!r} with other weights than the "
+                             f"embedded {default!r} model (one trained from its config, or an earlier release): pass "
+                             f"--model DIR of the model that wrote it, or --model {default} to decode anyway")
     return tok
 
 
 def _default_for_folder(folder: str, skip: set | None = None) -> str:
-    """The embedded model for a data folder with no ``--model``: ``image`` when it holds photos
-    (not only the frames of clips), else the one modality its files and clips are of.
-    Files under a resolved folder of ``skip`` (output folders inside it) are not looked at.
-
-    Raises:
-        ValueError: it holds no photos but both audio and video.
-    """
+    """The embedded model for a data folder with no ``--model``: ``image`` for photos (not only clips' frames),
+    else the one modality of its files (ValueError: audio and video); files under a folder of ``skip`` are skipped."""
     from tokenizers_vq.media import media_in_folder  # noqa: PLC0415
     from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY  # noqa: PLC0415
 
