@@ -138,7 +138,7 @@ def test_members_of_one_name_are_each_read_as_their_own_sample(tmp_path):
 def test_a_failed_pipe_command_is_named_with_its_status_and_message(tmp_path):
     cases = {f"pipe:cat {tmp_path / 'missing.tar'}": "exited with status 1: cat: .*missing.tar",
              "pipe:false": "exited with status 1", "pipe:": "names no command",
-             "pipe:no-such-command-here": "cannot run 'no-such-command-here'"}
+             "pipe:no-such-command-here": "status 127: .*no-such-command-here: not found"}
     for source, said in cases.items():
         with pytest.raises(ValueError, match=said):
             list_tar_samples(source, "image")
@@ -158,3 +158,46 @@ def test_a_pipe_that_writes_no_tar_is_named_as_unreadable_not_by_its_broken_pipe
     with pytest.raises(ValueError, match="cannot read tar pipe:cat .*noise.bin") as e:
         list_tar_samples(f"pipe:cat {noise}", "image")
     assert "status" not in str(e.value)
+
+
+def test_a_sample_codes_its_plain_member_not_a_mask_beside_it(tmp_path):
+    """WebDataset writes a sample's members in name order, so ``k.mask.png`` comes before
+    ``k.png``: the plain field is the one coded, whatever the order."""
+    photos = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:2]
+    tar_path = tmp_path / "masks.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i, f in enumerate(photos):
+            for field in ("cls", "mask.jpg", "jpg", "output.jpg"):
+                tar.add(f, arcname=f"s/{i:06d}.{field}")
+    samples = list_tar_samples(tar_path, "image")
+    assert [(s.member, s.key) for s in samples] == [("s/000000.jpg", "s/000000"), ("s/000001.jpg", "s/000001")]
+
+
+def test_a_tar_of_dotted_file_names_is_refused_not_coded_as_one_sample(tmp_path):
+    photos = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:3]
+    tar_path = tmp_path / "trip.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i, f in enumerate(photos):
+            tar.add(f, arcname=f"2023.06.0{i + 1}_trip.jpg")  # one WebDataset key: "2023"
+    with pytest.raises(ValueError, match=r"sample '2023' holds 3 image members \(2023.06.01_trip.jpg.*extract the"):
+        list_tar_samples(tar_path, "image")
+
+
+def test_members_of_another_modality_in_a_tar_are_named_as_left_out(tmp_path, capsys):
+    photos = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:2]
+    speech = sorted(shared_path("audio", "fsdd").glob("*.wav"))[:3]
+    tar_path = _pack(tmp_path, [*photos, *speech])
+    model = tiny("image").save_pretrained(tmp_path / "model")
+    cmd = ["export", "--device", "cpu", "--model", str(model), "--data", str(tar_path), "--out", str(tmp_path / "out")]
+    assert main(cmd) == 0
+    err = capsys.readouterr().err
+    assert "also holds 3 audio members, left out" in err and "--model speech" in err
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_items"] == 2
+
+
+def test_a_pipe_command_runs_in_a_shell_as_webdataset_runs_it(tmp_path):
+    """WebDataset's own spellings: a pipeline, and ``|| true`` after a download."""
+    tar_path = _pack(tmp_path, sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:2])
+    want = [s.member for s in list_tar_samples(tar_path, "image")]
+    for source in (f"pipe:cat {tar_path} | cat", f"pipe:cat {tar_path} || true"):
+        assert [s.member for s in list_tar_samples(source, "image")] == want

@@ -175,15 +175,15 @@ def _export(args: argparse.Namespace) -> int:
     if args.device is None and device.type == "cuda":
         args.device = str(device)
     try:
-        error = None
+        error, notes = None, []
         try:  # a rank that fails here stops the others (they would wait for it in the export)
             tok = _load_model(args, None if args.model else _default_for_folder(args.data))
-            inputs = (list_tar_samples(args.data, tok.modality) if is_tar_source(args.data)
+            inputs = (list_tar_samples(args.data, tok.modality, notes) if is_tar_source(args.data)
                       else list_media(args.data, tok.modality))
         except Exception as e:  # noqa: BLE001  (raised below on every rank)
             error = e
         distributed.agree(error)
-        for note in left_out(args.data, tok.modality) if distributed.rank_and_world()[0] == 0 else ():
+        for note in [*notes, *left_out(args.data, tok.modality)] if distributed.rank_and_world()[0] == 0 else ():
             print(note, file=sys.stderr)
         out = Path(args.out)  # an earlier run of this export finished shards there: they are kept
         resumed = not args.overwrite and (out / RECORD).is_file() and any(out.glob("shard_*.json"))

@@ -4,8 +4,8 @@ A WebDataset shard is a plain tar whose members are grouped into samples by *key
 member's path up to the first dot of its file name (``shard/000123.jpg`` and
 ``shard/000123.cls`` are the sample ``shard/000123``; as WebDataset groups them, a sample is
 a run of consecutive members). :func:`list_tar_samples` lists the samples that hold a member
-of a modality (one per sample: its first such member); :meth:`TarSample.load` reads that
-member's bytes and decodes them like a file. An archive that ends without its end-of-archive
+of a modality (one per sample: the one of a plain field, ``000123.png`` rather than
+``000123.mask.png``); :meth:`TarSample.load` reads that member's bytes and decodes them like a file. An archive that ends without its end-of-archive
 block (cut short at a member boundary) is refused, not read as fewer samples.
 
 Sources are local tar files (any compression ``tarfile`` reads) or ``pipe:COMMAND`` URLs,
@@ -19,8 +19,8 @@ bytes pass through a temporary file only while they are decoded.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shlex
 import signal
 import subprocess
 import tarfile
@@ -130,7 +130,8 @@ def _members(source: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
         stream.close()
         if proc is not None:
             if not finished:  # closed early (or failed): stop the command
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             failure = _command_failure(proc, err, source)
             err.close()
@@ -139,17 +140,19 @@ def _members(source: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
 
 
 def _start(source: str) -> tuple[IO[bytes], subprocess.Popen]:
-    """Start a ``pipe:`` URL's command, its standard error into a temporary file (a full
-    pipe would stall it)."""
-    args = shlex.split(source[5:])
-    if not args:
+    """Start a ``pipe:`` URL's command in a shell, as WebDataset does (``pipe:curl -s URL || true``,
+    pipelines), its standard error into a temporary file (a full pipe would stall it)."""
+    command = source[5:].strip()
+    if not command:
         raise ValueError(f"{source!r} names no command: pipe:COMMAND writes a tar to its standard output")
     err = tempfile.TemporaryFile()
     try:
-        return err, subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err)
+        # its own process group: stopping it stops every command of a pipeline
+        return err, subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=err,
+                                     start_new_session=True)
     except OSError as e:
         err.close()
-        raise ValueError(f"{source}: cannot run {args[0]!r}: {e.strerror}") from None
+        raise ValueError(f"{source}: cannot run the shell /bin/sh: {e.strerror}") from None
 
 
 def _failed_command(proc: subprocess.Popen | None, err: IO[bytes] | None, source: str, why: Exception) -> None:
@@ -162,7 +165,7 @@ def _failed_command(proc: subprocess.Popen | None, err: IO[bytes] | None, source
         proc.wait(timeout=2)
     except subprocess.TimeoutExpired:
         return
-    if proc.returncode not in (0, -signal.SIGPIPE):
+    if proc.returncode not in (0, -signal.SIGPIPE, 128 + signal.SIGPIPE):  # (the shell's word for SIGPIPE)
         raise ValueError(f"{_command_failure(proc, err, source)} (its archive: {why})")
 
 
@@ -213,29 +216,54 @@ def _reader(source: str) -> _ForwardReader:
     return _READERS[key]
 
 
-def list_tar_samples(source: str | os.PathLike, modality: str) -> list[TarSample]:
+def list_tar_samples(source: str | os.PathLike, modality: str, notes: list[str] | None = None) -> list[TarSample]:
     """The samples of a WebDataset tar (path or ``pipe:`` URL) that hold a member of
     ``modality`` (by its suffix, :data:`~tokenizers_vq.media.SUFFIXES`), in archive order.
 
+    A sample is a run of consecutive members of one key, as WebDataset groups them. Of its
+    ``modality`` members, the one whose field is a plain suffix (``000123.jpg``, not
+    ``000123.mask.png``) is coded; a sample with several such candidates is refused, naming
+    them. ``notes`` (when given) receives a line on the members of other modalities left out.
+
     Raises:
-        ValueError: an unreadable archive, a failed ``pipe:`` command, or no such member.
+        ValueError: an unreadable archive, a failed ``pipe:`` command, no such member, or
+            a sample of several candidates (e.g. a plain tar of files with dots in their names).
     """
     source = str(source)
     samples: list[TarSample] = []
     others: dict[str, int] = {}
+    run: list[tuple[int, tarfile.TarInfo]] = []  # the current sample's members of the modality
     last_key = None
+
+    def close_run() -> None:
+        plain = [(i, m) for i, m in run if "." not in PurePosixPath(m.name).name.split(".", 1)[1]]
+        picks = plain or run
+        if len(picks) > 1:
+            names = ", ".join(m.name for _, m in picks[:4]) + (", ..." if len(picks) > 4 else "")
+            raise ValueError(f"{source}: the sample {last_key!r} holds {len(picks)} {modality} members ({names}), "
+                             "grouped by WebDataset's key (the path up to the first dot of the file name); one is "
+                             "coded per sample: repack with one per key, or extract the archive and export the folder")
+        if picks:
+            i, m = picks[0]
+            samples.append(TarSample(source, m.name, sample_key(m.name), m.size, i))
+        run.clear()
+
     for i, (info, _) in enumerate(_members(source)):
         key, kind = sample_key(info.name), suffix_modality(info.name)
+        if key != last_key:
+            close_run()
         if kind == modality:
-            # a sample is a run of members sharing a key, as WebDataset groups them: the first
-            # media member of each run; a key met again later is another sample
-            if not (samples and samples[-1].key == key == last_key):
-                samples.append(TarSample(source, info.name, key, info.size, i))
+            run.append((i, info))
         elif kind is not None:
             others[kind] = others.get(kind, 0) + 1
         last_key = key
+    close_run()
     if not samples:
         held = "".join(f"; it holds {n} {m} members: pass a model for them (--model {get_modality(m).default_model})"
                        for m, n in others.items())
         raise ValueError(f"no {modality} members ({', '.join(sorted(SUFFIXES[modality]))}) in {source}{held}")
+    if notes is not None:
+        notes.extend(f"tvq: note: {source} also holds {n} {m} member{'s' * (n > 1)}, left out: this run takes its "
+                     f"{modality} members; run again with --model {get_modality(m).default_model} for those"
+                     for m, n in others.items())
     return samples
