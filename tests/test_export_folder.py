@@ -25,17 +25,30 @@ def _cmd(tmp_path: Path, out: Path) -> list[str]:
     return ["export", "--model", str(model), "--data", str(tmp_path / "photos"), "--out", str(out), "--device", "cpu"]
 
 
+@pytest.mark.parametrize("theirs", ['{"audio_filepath": "a.wav", "text": "hello"}\n',  # NeMo's, one line
+                                    '{"a": 1}\n{"b": 2}\n', '// made by another tool\n{"files": []}\n'])  # not JSON
 @pytest.mark.parametrize("name", ["manifest.json", "export.json"])
-def test_another_tools_manifest_is_kept_and_the_export_refused_even_with_overwrite(tmp_path, capsys, name):
+def test_another_tools_manifest_is_kept_and_the_export_refused_even_with_overwrite(tmp_path, capsys, name, theirs):
     out = tmp_path / "nemo"
     out.mkdir()
-    theirs = '{"audio_filepath": "a.wav", "text": "hello"}\n'
     (out / name).write_text(theirs)
     for extra in ([], ["--overwrite"]):
         assert main([*_cmd(tmp_path, out), *extra]) == 2
         err = capsys.readouterr().err
         assert f"holds {name} that no export wrote" in err and "another folder (--out)" in err
         assert (out / name).read_text() == theirs and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_hidden_files_named_like_an_exports_temporaries_are_kept(tmp_path):
+    out = tmp_path / "tokens"
+    assert main([*_cmd(tmp_path, out), "--shard-items", "2"]) == 0
+    mine = {".export.20240601.json": "{}", ".manifest.original.json": "[1]", ".shard_00000.backup01.bin": "x"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    assert main(_cmd(tmp_path, out)) == 2  # another shard size: refused
+    assert main([*_cmd(tmp_path, out), "--shard-items", "2"]) == 0  # the same: a finished export, resumed
+    assert main([*_cmd(tmp_path, out), "--overwrite"]) == 0
+    assert {name: (out / name).read_text() for name in mine} == mine and len(TokenDataset(out)) == 3
 
 
 def test_an_overwrite_whose_record_cannot_be_written_leaves_the_earlier_export(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tokenizers_vq.io import atomic_write, tensor_sha256, training_only_keys
+from tokenizers_vq.io import TEMPORARY_TAG, atomic_write, tensor_sha256, training_only_keys
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokenizer_config import TokenizerConfig
 from tokenizers_vq.webdataset import TarSample
@@ -31,8 +31,8 @@ START_OVER = ("pass overwrite=True (tvq export --overwrite) to start over (its s
 def written_by_export(name: str) -> bool:
     """Whether a file name is one an export writes: a shard's ``.bin``, ``.json`` or
     ``.layout.bin``, ``manifest.json``, ``export.json``, or the temporary file of an
-    interrupted atomic write of one of them (``.<stem>.<8 characters><suffix>``)."""
-    tmp = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}(\.[a-z]+)", name)
+    interrupted atomic write of one of them (``.<stem>.tvq-tmp-<8 characters><suffix>``)."""
+    tmp = re.fullmatch(rf"\.(.+)\.{TEMPORARY_TAG}[a-z0-9_]{{8}}(\.[a-z]+)", name)
     if tmp:
         name = tmp[1] + tmp[2]
     return re.fullmatch(r"shard_\d{5,}(\.json|\.bin|\.layout\.bin)|manifest\.json|export\.json", name) is not None
@@ -130,14 +130,15 @@ new one is finished (:func:`set_aside`, :func:`bring_back`, :func:`drop_replaced
 
 
 def _ours(path: Path) -> bool:
-    """Whether ``path`` is absent, unreadable as JSON, or a JSON object in an export's
-    format: not another tool's manifest (JSON without ``"format": "tvq-shards/..."``)."""
+    """Whether ``path`` is absent, a JSON object in an export's format, or unreadable as JSON
+    beside an export's shards: not another tool's file (without ``"format": "tvq-shards/..."``)."""
     if not path.is_file():
         return True
     try:
         data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return True  # damaged (a write cut short by a power loss): an export's, to be rewritten
+    except (json.JSONDecodeError, UnicodeDecodeError):  # damaged by a power loss beside an export's shards, to
+        # be rewritten; with none, another tool's file that is not strict JSON (comments, JSON lines...)
+        return any(p.name.startswith("shard_") and written_by_export(p.name) for p in path.parent.iterdir())
     return isinstance(data, dict) and isinstance(data.get("format"), str) and data["format"].startswith("tvq-shards/")
 
 

@@ -192,10 +192,15 @@ def _temporary_beside(path: Path) -> str:
     return _temporary_in(path.parent, path)
 
 
+TEMPORARY_TAG = "tvq-tmp-"
+"""In the name of a temporary file beside its target, ``.<stem>.tvq-tmp-<8 characters><suffix>``
+(distinct from a user's hidden files, which a finished export's clean-up must not take for its own)."""
+
+
 def _temporary_in(folder: Path, path: Path) -> str:
     """An empty temporary file in ``folder`` named after ``path``; an error names ``path``."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.{TEMPORARY_TAG}", suffix=path.suffix, dir=folder)
     except OSError as e:
         raise _naming(e, path) from None
     os.close(fd)
