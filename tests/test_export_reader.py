@@ -144,6 +144,19 @@ def test_a_read_that_fails_in_a_worker_stops_the_export_at_its_own_file(tmp_path
     assert sorted(f.name for f in out.glob("shard_*.bin")) == [f"shard_{i:05d}.bin" for i in range(6)]
 
 
+def test_a_refused_file_ends_the_loader_workers_while_its_error_is_held(tmp_path):
+    """The error of a corrupt photo, caught and kept by the caller, keeps no worker alive."""
+    import multiprocessing  # noqa: PLC0415
+
+    files = [*photos(3), tmp_path / "broken.png"]
+    files[-1].write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    try:
+        export_dataset(tiny("image"), files, tmp_path / "out", shard_items=2, workers=2)
+    except ValueError as e:
+        held = e
+    assert "broken.png" in str(held) and multiprocessing.active_children() == []
+
+
 def _items(xs):
     return iter([(Path(f"item{i}.png"), (x, list(x.shape[-2:]), {})) for i, x in enumerate(xs)])
 

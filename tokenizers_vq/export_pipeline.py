@@ -128,10 +128,13 @@ def read_inputs(tok: Tokenizer, files: list[Path], workers: int, batch_size: int
         n = min(workers, len(chunks))
         loader = DataLoader(chunks, batch_size=None, num_workers=n, prefetch_factor=max(2, -(-2 * batch_size // (n * k))))
         items = (item for chunk in loader for item in _Chunks.unpack(chunk))
-    for f, item in zip(files, items):
-        if isinstance(item, Exception):  # a refused file (the reader's words) or a failed read
-            raise item
-        yield f, item
+    try:
+        for f, item in zip(files, items):
+            if isinstance(item, Exception):  # a refused file (the reader's words) or a failed read
+                raise item
+            yield f, item
+    finally:  # the loader's workers end now, not when the caller lets go of a raised error's traceback
+        items.close()
 
 
 def autocast_weights(tok: Tokenizer, dtype: torch.dtype) -> Tokenizer:
