@@ -167,6 +167,24 @@ def test_a_manifest_with_a_missing_or_mistyped_count_is_named(tmp_path, edit, sa
         TokenDataset(out)
 
 
+@pytest.mark.parametrize(("edit", "said"), [
+    (lambda it: it.pop("offset"), "item 1 lacks offset"),
+    (lambda it: it.update(shape=[str(n) for n in it["shape"]]), "item 1 lacks shape"),
+    (lambda it: it.update(length=None), "item 1 lacks length"),
+])
+def test_an_index_with_a_missing_or_mistyped_field_is_named_on_resume(tmp_path, capsys, edit, said):
+    out = tmp_path / "tokens"
+    assert main([*_cmd(tmp_path, out), "--shard-items", "2"]) == 0
+    index = json.loads((out / "shard_00000.json").read_text())
+    edit(index["items"][1])
+    (out / "shard_00000.json").write_text(json.dumps(index))
+    (out / "manifest.json").unlink()  # an export killed before its manifest: the rerun checks every shard
+    assert main([*_cmd(tmp_path, out), "--shard-items", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"corrupt {out / 'shard_00000.json'}: {said}" in err and "shard_00000.* to have that shard encoded" in err
+    assert "Traceback" not in err
+
+
 def test_decoding_an_export_folder_points_to_its_reader(tmp_path, capsys):
     out = tmp_path / "tokens"
     assert main(_cmd(tmp_path, out)) == 0

@@ -78,7 +78,7 @@ from tokenizers_vq.io import atomic_write, check_can_write, write_bytes
 from tokenizers_vq.media import MAX_PIXELS
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.runtime import keep_freed_memory
-from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, check_shard, read_json, token_dtype  # noqa: F401
+from tokenizers_vq.token_dataset import FORMAT, TokenDataset, Vocabulary, check_shard, read_index, token_dtype  # noqa: F401
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokens import TokenRecord
 from tokenizers_vq.webdataset import TarSample, close_readers
@@ -375,8 +375,8 @@ def _finish(tok: Tokenizer, out: Path, files: list[Path], shard_items: int, n_sh
         again = (f"delete {out / name}.* to have that shard encoded again by the next run (the others are kept), "
                  f"or {START_OVER}")
         try:
-            index = read_json(idx_path, "items")["items"]
-            if [it.get("source") if isinstance(it, dict) else None for it in index] != [f.name for f in chunk]:
+            index = read_index(idx_path, dynamic)
+            if [it["source"] for it in index] != [f.name for f in chunk]:
                 raise ValueError(f"{idx_path} indexes other files than shard {k} of this export")
             tokens_per_shard.append(check_shard(out, name, index, dtype, math.prod(q.code_shape), dynamic))
         except ValueError as e:

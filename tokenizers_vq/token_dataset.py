@@ -57,6 +57,24 @@ def check_shard(directory: Path, name: str, items: list[dict[str, Any]], dtype: 
     return offset
 
 
+def read_index(path: Path, dynamic: bool) -> list[dict[str, Any]]:
+    """A shard's index items, each checked to hold its fields, of their kinds.
+
+    Raises:
+        ValueError: unreadable, or an item that lacks a field (the message names the file and item).
+    """
+    items = read_json(path, "items")["items"]
+    fields = {"offset": int, "length": int, "shape": list, "source": str, "size": list}
+    fields.update({"grid": list} if dynamic else {})
+    for j, it in enumerate(items if isinstance(items, list) else [None]):
+        bad = [k for k, kind in fields.items() if not isinstance(it, dict) or not isinstance(it.get(k), kind)
+               or (kind is list and not all(_whole(n) for n in it[k]))]
+        if bad:
+            raise ValueError(f"corrupt {path}: item {j} lacks {', '.join(bad)} (or is not an object, or not a list "
+                             "of whole numbers)")
+    return items
+
+
 def read_json(path: Path, key: str) -> dict[str, Any]:
     """An export's JSON object (manifest, shard index) holding ``key``.
 
@@ -147,16 +165,10 @@ class TokenDataset(Dataset):
         path = self.dir / f"{shard}.json"
         if not path.is_file():
             raise ValueError(f"{self.dir}: shard {shard}: {path.name} is missing")
-        items = read_json(path, "items")["items"]
-        fields = {"offset": int, "length": int, "shape": list, "source": str, "size": list}
-        if self.layout == "dynamic":
-            fields["grid"] = list
-        for j, it in enumerate(items if isinstance(items, list) else [None]):
-            bad = [k for k, kind in fields.items() if not isinstance(it, dict) or not isinstance(it.get(k), kind)]
-            if bad:
-                raise ValueError(f"corrupt {path}: item {j} lacks {', '.join(bad)} (or is not an object); "
-                                 f"delete {shard}.* there and run the export again to encode it again")
-        return items
+        try:
+            return read_index(path, self.layout == "dynamic")
+        except ValueError as e:
+            raise ValueError(f"{e}; delete {shard}.* there and run the export again to encode it again") from None
 
     def _check_counts(self, index: list[list[dict[str, Any]]], dtype: np.dtype) -> None:
         """The manifest's counts against the index files, and those against the arrays."""

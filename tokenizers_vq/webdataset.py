@@ -5,8 +5,9 @@ member's path up to the first dot of its file name (``shard/000123.jpg`` and
 ``shard/000123.cls`` are the sample ``shard/000123``; as WebDataset groups them, a sample is
 a run of consecutive members). :func:`list_tar_samples` lists the samples that hold a member
 of a modality (one per sample: the one of a plain field, ``000123.png`` rather than
-``000123.mask.png``); :meth:`TarSample.load` reads that member's bytes and decodes them like a file. An archive that ends without its end-of-archive
-block (cut short at a member boundary) is refused, not read as fewer samples.
+``000123.mask.png``); :meth:`TarSample.load` reads that member's bytes and decodes them like
+a file. An archive that ends without its end-of-archive block (cut short at a member boundary)
+is refused, not read as fewer samples.
 
 Sources are local tar files (any compression ``tarfile`` reads) or ``pipe:COMMAND`` URLs,
 whose command writes a tar to its standard output (``pipe:curl -s https://.../shard-0001.tar``,
