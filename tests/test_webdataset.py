@@ -201,3 +201,15 @@ def test_a_pipe_command_runs_in_a_shell_as_webdataset_runs_it(tmp_path):
     want = [s.member for s in list_tar_samples(tar_path, "image")]
     for source in (f"pipe:cat {tar_path} | cat", f"pipe:cat {tar_path} || true"):
         assert [s.member for s in list_tar_samples(source, "image")] == want
+
+
+def test_a_member_named_longer_than_a_file_name_may_be_is_read(tmp_path):
+    photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
+    tar_path = tmp_path / "long.tar"
+    name = "k" * 300 + ".jpg"  # a tar keeps long names (PAX headers); a file system does not
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(photo, arcname=name)
+    from tokenizers_vq.media import load_input  # noqa: PLC0415
+
+    (sample,) = list_tar_samples(tar_path, "image")
+    assert sample.member == name and torch.equal(sample.load("image")[0], load_input(photo, "image")[0])

@@ -83,7 +83,7 @@ class TarSample:
         the sample's ``key``."""
         data = _reader(self.source).read(self.member, self.position)
         with tempfile.TemporaryDirectory(prefix="tvq-tar-") as d:
-            tmp = Path(d) / self.name
+            tmp = Path(d) / f"member{self.suffix}"  # (a member's own name may be longer than a file name may be)
             tmp.write_bytes(data)
             try:
                 x, size, info = load_input(tmp, modality, sample_rate, **kw)
