@@ -502,9 +502,9 @@ def small_export(tmp_path_factory):
 
 
 @pytest.mark.parametrize("file,edit,named", [
-    ("shard_00000.json", lambda d: {"items": {"a": 1}}, "item 0 lacks offset, length, shape, source"),
+    ("shard_00000.json", lambda d: {"items": {"a": 1}}, "item 0 has no valid offset, length, shape, source"),
     ("shard_00000.json", lambda d: {"items": [{k: v for k, v in it.items() if k != "shape"} for it in d["items"]]},
-     "item 0 lacks shape"),
+     "item 0 has no valid shape"),
     ("manifest.json", lambda d: {**d, "dtype": "foo"}, "dtype 'foo' unreadable"),
     ("manifest.json", lambda d: {**d, "shards": "shard_00000"}, "shards must be a list of names"),
 ])

@@ -39,6 +39,17 @@ def test_another_tools_manifest_is_kept_and_the_export_refused_even_with_overwri
         assert (out / name).read_text() == theirs and sorted(p.name for p in out.iterdir()) == [name]
 
 
+def test_a_record_cut_short_beside_only_a_temporary_is_the_exports_own(tmp_path, capsys):
+    out = tmp_path / "tokens"
+    out.mkdir()
+    (out / "export.json").write_text('{"format": "tvq-sh')  # a crash before the first shard was renamed
+    assert main([*_cmd(tmp_path, out), "--overwrite"]) == 2  # alone: not known to be an export's
+    assert "delete them if they are what remains of an export cut short" in capsys.readouterr().err
+    (out / ".shard_00000.tvq-tmp-a1b2c3d4.bin").write_bytes(b"\0" * 6)
+    assert main([*_cmd(tmp_path, out), "--overwrite"]) == 0
+    assert len(TokenDataset(out)) == 3
+
+
 def test_hidden_files_named_like_an_exports_temporaries_are_kept(tmp_path):
     out = tmp_path / "tokens"
     assert main([*_cmd(tmp_path, out), "--shard-items", "2"]) == 0
@@ -168,9 +179,9 @@ def test_a_manifest_with_a_missing_or_mistyped_count_is_named(tmp_path, edit, sa
 
 
 @pytest.mark.parametrize(("edit", "said"), [
-    (lambda it: it.pop("offset"), "item 1 lacks offset"),
-    (lambda it: it.update(shape=[str(n) for n in it["shape"]]), "item 1 lacks shape"),
-    (lambda it: it.update(length=None), "item 1 lacks length"),
+    (lambda it: it.pop("offset"), "item 1 has no valid offset"),
+    (lambda it: it.update(shape=[str(n) for n in it["shape"]]), "item 1 has no valid shape"),
+    (lambda it: it.update(length=None), "item 1 has no valid length"),
 ])
 def test_an_index_with_a_missing_or_mistyped_field_is_named_on_resume(tmp_path, capsys, edit, said):
     out = tmp_path / "tokens"

@@ -133,7 +133,7 @@ def read_inputs(tok: Tokenizer, files: list[Path], workers: int, batch_size: int
             if isinstance(item, Exception):  # a refused file (the reader's words) or a failed read
                 raise item
             yield f, item
-    finally:  # the loader's workers end now, not when the caller lets go of a raised error's traceback
+    finally:  # the loader's workers end here, before a caller holding a raised error's traceback lets go of it
         items.close()
 
 

@@ -131,14 +131,14 @@ new one is finished (:func:`set_aside`, :func:`bring_back`, :func:`drop_replaced
 
 def _ours(path: Path) -> bool:
     """Whether ``path`` is absent, a JSON object in an export's format, or unreadable as JSON
-    beside an export's shards: not another tool's file (without ``"format": "tvq-shards/..."``)."""
+    beside an export's shards or temporaries: not another tool's file (without ``"format": "tvq-shards/..."``)."""
     if not path.is_file():
         return True
     try:
         data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError):  # damaged by a power loss beside an export's shards, to
         # be rewritten; with none, another tool's file that is not strict JSON (comments, JSON lines...)
-        return any(p.name.startswith("shard_") and written_by_export(p.name) for p in path.parent.iterdir())
+        return any(written_by_export(p.name) and p.name not in ("manifest.json", RECORD) for p in path.parent.iterdir())
     return isinstance(data, dict) and isinstance(data.get("format"), str) and data["format"].startswith("tvq-shards/")
 
 
@@ -315,7 +315,8 @@ def claim(out: Path, fp: dict[str, Any], overwrite: bool, tok: Tokenizer | None 
     foreign = [name for name in ("manifest.json", RECORD) if not _ours(out / name)]
     if foreign:
         raise ValueError(f"{out} holds {' and '.join(foreign)} that no export wrote (not JSON with \"format\": "
-                         f"\"{fp['format']}\"): another tool's files, kept; export to another folder (--out)")
+                         f"\"{fp['format']}\"): another tool's files, kept; export to another folder (--out), or "
+                         "delete them if they are what remains of an export cut short there")
     if overwrite and (out / REPLACED).is_dir() and _records(record, fp, tok):
         return  # this very replacement, interrupted: it resumes; the export it replaces stays in .replaced
     if (not overwrite and (out / REPLACED / "manifest.json").is_file() and not _records(record, fp, tok)

@@ -70,8 +70,8 @@ def read_index(path: Path, dynamic: bool) -> list[dict[str, Any]]:
         bad = [k for k, kind in fields.items() if not isinstance(it, dict) or not isinstance(it.get(k), kind)
                or (kind is list and not all(_whole(n) for n in it[k]))]
         if bad:
-            raise ValueError(f"corrupt {path}: item {j} lacks {', '.join(bad)} (or is not an object, or not a list "
-                             "of whole numbers)")
+            raise ValueError(f"corrupt {path}: item {j} has no valid {', '.join(bad)} (an object with offset and "
+                             "length whole numbers, source a string, shape and size lists of whole numbers)")
     return items
 
 

@@ -96,7 +96,9 @@ def _members(source: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
     """The regular-file members of ``source`` in archive order, from one forward pass.
     A ``pipe:`` command's standard error goes to a temporary file (a full pipe would
     stall it), and a command that exits with an error fails the pass even where the
-    bytes it wrote looked like a whole archive (a dropped download ends at a member)."""
+    bytes it wrote looked like a whole archive (a dropped download ends at a member); of a
+    pipeline, the shell's status is the last command's, so an unreadable archive also names
+    what the command wrote to its standard error."""
     proc = err = None
     if source.startswith("pipe:"):
         err, proc = _start(source)
@@ -168,6 +170,9 @@ def _failed_command(proc: subprocess.Popen | None, err: IO[bytes] | None, source
         return
     if proc.returncode not in (0, -signal.SIGPIPE, 128 + signal.SIGPIPE):  # (the shell's word for SIGPIPE)
         raise ValueError(f"{_command_failure(proc, err, source)} (its archive: {why})")
+    err.seek(0)
+    if said := err.read().decode(errors="replace").strip()[-300:]:  # a pipeline's or `|| true`'s failure, status 0
+        raise ValueError(f"cannot read tar {source}: {why}; its command said: {said}")
 
 
 def _command_failure(proc: subprocess.Popen, err: IO[bytes], source: str) -> str:
@@ -223,8 +228,8 @@ def list_tar_samples(source: str | os.PathLike, modality: str, notes: list[str] 
 
     A sample is a run of consecutive members of one key, as WebDataset groups them. Of its
     ``modality`` members, the one whose field is a plain suffix (``000123.jpg``, not
-    ``000123.mask.png``) is coded; a sample with several such candidates is refused, naming
-    them. ``notes`` (when given) receives a line on the members of other modalities left out.
+    ``000123.mask.png``) is coded (a sample with no plain one codes its only candidate, named in
+    the index); a sample with several such candidates is refused, naming them. ``notes`` (when given) receives a line on the members of other modalities left out.
 
     Raises:
         ValueError: an unreadable archive, a failed ``pipe:`` command, no such member, or

