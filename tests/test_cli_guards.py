@@ -65,7 +65,7 @@ def test_a_replacement_cut_short_keeps_the_finished_export_until_the_next_one_fi
     finished = snapshot(out)
     set_aside(out)  # as a killed overwrite leaves it: the old export aside, a new one begun
     (out / "export.json").write_text("{}")
-    (out / ".shard_00000.ab12cd34.bin").write_bytes(b"cut")  # a write the kill cut short
+    (out / ".shard_00000.tvq-tmp-ab12cd34.bin").write_bytes(b"cut")  # a write the kill cut short
     assert snapshot(out / ".replaced") == finished
     set_aside(out)  # a second overwrite run: the unfinished files go, the finished export stays aside
     assert snapshot(out / ".replaced") == finished and [p.name for p in out.iterdir()] == [".replaced"]
@@ -538,3 +538,19 @@ def test_an_export_begun_before_palette_profiles_were_applied_resumes_unless_a_p
     capsys.readouterr()
     assert main(cmd) == 2
     assert "reading palette photos' colours as stored, and this version converts them to sRGB" in capsys.readouterr().err
+
+
+def test_a_run_that_diverged_ends_in_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from tokenizers_vq.train.trainer import Trainer  # noqa: PLC0415
+
+    def diverge(self):
+        raise FloatingPointError("loss became NaN or Inf by step 3; nothing after it was saved: lower optim.lr")
+
+    monkeypatch.setattr(Trainer, "train", diverge)
+    data = tmp_path / "photos"
+    small_photos(data, 2, side=32)
+    args = ["train", "image", f"--data.train={data}", f"--out_dir={tmp_path / 'run'}", "--steps=1", "--data.crop=32",
+            "--model.backbone.channels=8", "--sample_every=0", "--data.val_fraction=0"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("tvq: error: loss became NaN") and "Traceback" not in err

@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     except WriteError as e:  # the machine's side: a folder that cannot be made, a full disk
         print(f"tvq: error: {e.strerror}", file=sys.stderr)
         return 1
-    except OSError as e:  # a path that is not what it must be (a file where a folder is needed, ...)
+    except (OSError, FloatingPointError) as e:  # a path that is not what it must be; a run that diverged
         print(f"tvq: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # (training's says where it saved)

@@ -258,11 +258,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ValueError(f"override {item!r}: its value is not valid YAML: {' '.join(str(e).split())}") from None
     model = tree.pop("model", {})
     quant = model.pop("quantizer", {}) if isinstance(model, dict) else {}
-    for name, section in (("model", model), ("model.quantizer", quant)):
+    sections = [("model", model), ("model.quantizer", quant)]
+    if isinstance(quant, dict):
+        if "options" in quant and quant["options"] is None:
+            quant["options"] = {}  # (--model.quantizer.options= clears them)
+        sections += [(f"model.quantizer.{k}", quant[k]) for k in ("options", "dynamic") if quant.get(k) is not None]
+    for name, section in sections:
         if not isinstance(section, dict):
-            raise ValueError(f"{name} must be a section of keys (model.backbone.channels=..., model.quantizer.kind=...), "
-                             f"got {section!r}; see train/configs/ for examples")
+            raise ValueError(f"{name} must be a section of keys (model.backbone.channels=..., model.quantizer.kind=..., "
+                             f"model.quantizer.options.codebook_size=...), got {section!r}; see train/configs/ for examples")
     cfg = _build(TrainConfig, tree, "")
+    for part, key in ((cfg, "out_dir"), (cfg, "init_from"), (cfg.data, "train"), (cfg.data, "val"), (cfg.data, "stills")):
+        setattr(part, key, os.path.expanduser(getattr(part, key)))  # the shell leaves ~ after "=" as it is
     cfg.model = TokenizerConfig.from_dict({**model, "quantizer": dataclasses.asdict(_build(QuantizerConfig, quant, "model.quantizer."))})
     check_config(cfg)
     return cfg

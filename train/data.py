@@ -8,6 +8,8 @@ of a multi-GPU run sees different data.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from tokenizers_vq.distributed import rank_and_world
 from tokenizers_vq.errors import ItemError
 from tokenizers_vq.media import list_media
 from tokenizers_vq.modality import get as get_modality
@@ -218,20 +221,37 @@ def split_files(files: list[Path], val_files: list[Path] | None, val_fraction: f
     return (files[:-n_val], files[-n_val:]) if n_val else (files, [])
 
 
+def outputs_under(folder: str | Path) -> set[Path]:
+    """Resolved folders below ``folder`` that hold a training run (its ``metrics.jsonl`` or
+    ``checkpoint/``) or a ``tvq eval`` report: their samples and pictures are not data."""
+    from tokenizers_vq.eval.report import report_folders  # noqa: PLC0415
+
+    root, found = Path(folder).resolve(), set()
+    for d, dirs, names in os.walk(root) if root.is_dir() else ():
+        if Path(d) != root and ("metrics.jsonl" in names or "checkpoint" in dirs):
+            found.add(Path(d))
+            dirs.clear()
+    return found | (report_folders(root) - {root})
+
+
 def list_files(key: str, folder: str, modality: str, max_items: int, out_dir: Path) -> list[Path]:
     """The media files of a config's data folder, leaving out the run's own samples
     (``out_dir/samples``: a run inside its data folder would otherwise train on them when
-    resumed); an error names the config key to set."""
+    resumed) and other runs' and reports' folders inside it (:func:`outputs_under`: their
+    reconstructions, and the originals of files they held apart); an error names the config key to set."""
     try:
         files = list_media(folder, modality)
     except ValueError as e:
         none = " (or --data.val= to hold none apart)" if key == "data.val" else ""
         raise ValueError(f"{key}: {e}; set --{key}=DIR{none}") from None
-    own = (Path(out_dir) / "samples").resolve()
-    kept = [f for f in files if not f.resolve().is_relative_to(own)]
+    skip = [(Path(out_dir) / "samples").resolve(), *outputs_under(folder)]
+    kept = [f for f in files if not any(f.resolve().is_relative_to(s) for s in skip)]
     if not kept:
-        raise ValueError(f"{key}: the only {modality} files under {folder} are the run's own samples, in {own}: "
-                         f"set --{key}=DIR, a folder of media to train on")
+        raise ValueError(f"{key}: the only {modality} files under {folder} are training runs' samples or reports' "
+                         f"pictures (in {', '.join(map(str, skip[:3]))}): set --{key}=DIR, a folder of media to train on")
+    if len(kept) < len(files) and rank_and_world()[0] == 0:
+        tqdm.write(f"{key}: left out {len(files) - len(kept)} files of training runs and reports under {folder}",
+                   file=sys.stderr)
     return kept[:max_items] if max_items else kept
 
 

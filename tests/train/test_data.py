@@ -151,3 +151,23 @@ def test_a_validation_fraction_that_leaves_nothing_to_train_on_is_named():
         split_files(files[:1], files[:1], 0.0)
     with pytest.raises(ValueError, match=r"data.val_fraction=0.9 holds all 2 files .*lower data.val_fraction"):
         split_files(files[:2], None, 0.9)
+
+
+def test_training_runs_and_reports_inside_a_data_folder_are_not_data(tmp_path, capsys):
+    """Their samples hold reconstructions and the originals of files they held apart."""
+    from testdata import small_photos  # noqa: PLC0415
+
+    from tokenizers_vq.train.data import list_files  # noqa: PLC0415
+
+    data = tmp_path / "photos"
+    photos = small_photos(data, 4, side=32)
+    run = data / "run1"
+    small_photos(run / "samples", 2, side=32)
+    (run / "metrics.jsonl").write_text("{}\n")
+    report = data / "nested" / "report"
+    small_photos(report / "samples", 1, side=32)
+    for name in ("report.md", "metrics.json", "codebook_usage.png"):
+        (report / name).write_bytes(b"")
+    assert len(list_media(data, "image")) == 8  # (codebook_usage.png too)
+    assert list_files("data.train", str(data), "image", 0, data / "run2") == photos
+    assert "left out 4 files of training runs and reports" in capsys.readouterr().err

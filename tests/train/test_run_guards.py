@@ -36,6 +36,9 @@ from tokenizers_vq.train.trainer import Trainer
     ("mixed_precision=fp16", "mixed_precision='fp16' needs a CUDA GPU"),
     ("model=foo", "model must be a section of keys"),
     ("model.quantizer=vq", "model.quantizer must be a section of keys"),
+    ("model.quantizer.options=3", "model.quantizer.options must be a section of keys"),
+    ("model.quantizer.dynamic=3", "model.quantizer.dynamic must be a section of keys"),
+    ("model.quantizer.options=", r"quantizer kind 'vq' needs the options \['codebook_size'\]"),
     ("seed=null", "seed is empty: it takes an integer"),
     ("out_dir=", "out_dir is empty: it takes a string"),
     ("model.quantizer.kind=fsq model.quantizer.options={}", r"quantizer kind 'fsq' needs the options \['levels'\]"),
@@ -165,3 +168,9 @@ def test_a_shipped_config_is_found_by_name_from_any_folder(tmp_path, monkeypatch
         assert load_config(name, ["--data.train=photos"]).model.modality in ("image", "audio", "video")
     with pytest.raises(ValueError, match=r"config file not found: nope.yaml \(the shipped ones, by name: audio, image, video"):
         load_config("nope.yaml")
+
+
+def test_paths_starting_with_a_tilde_are_the_home_folders(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config("train/configs/image.yaml", ["--out_dir=~/run", "--data.train=~/photos", "--init_from=~/model"])
+    assert (cfg.out_dir, cfg.data.train, cfg.init_from) == tuple(str(tmp_path / p) for p in ("run", "photos", "model"))
