@@ -119,16 +119,6 @@ def _distribution_plot(items: list[dict[str, Any]], keys: list[str], path: Path)
     plt.close(fig)
 
 
-def report_folders(root: str | Path) -> set[Path]:
-    """Resolved folders under ``root`` that hold a report :func:`write_report` wrote (its
-    ``report.md``, ``metrics.json`` and ``codebook_usage.png``): its pictures are not data."""
-    root = Path(root)
-    if not root.is_dir():
-        return set()
-    return {p.parent.resolve() for p in root.rglob("metrics.json")
-            if (p.parent / "report.md").is_file() and (p.parent / "codebook_usage.png").is_file()}
-
-
 def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_name: str,
                  lpips_weights: str | Path | None = None, lpips_heads: str | Path | None = None,
                  fid_weights: str | Path | None = None, baselines: bool = False,

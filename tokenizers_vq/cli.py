@@ -131,8 +131,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tokenizers_vq.eval.report import report_folders, write_report  # noqa: PLC0415
-    from tokenizers_vq.media import left_out, list_media  # noqa: PLC0415
+    from tokenizers_vq.eval.report import write_report  # noqa: PLC0415
+    from tokenizers_vq.media import left_out, list_media, report_folders  # noqa: PLC0415
 
     for name, value in (("--max-items", args.max_items), ("--max-frames", args.max_frames)):
         if value < 0:

@@ -383,3 +383,13 @@ def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None,
             notes.append(f"tvq: note: {folder} also holds {n} {what}, left out: this run takes its {modality} files; "
                          f"{rerun.format(model=get(kind).default_model, kind=kind)} for those")
     return notes
+
+
+def report_folders(root: str | Path) -> set[Path]:
+    """Resolved folders under ``root`` that hold a ``tvq eval`` report (its ``report.md``,
+    ``metrics.json`` and ``codebook_usage.png``): its pictures are not data."""
+    root = Path(root)
+    if not root.is_dir():
+        return set()
+    return {p.parent.resolve() for p in root.rglob("metrics.json")
+            if (p.parent / "report.md").is_file() and (p.parent / "codebook_usage.png").is_file()}

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from tokenizers_vq.distributed import rank_and_world
 from tokenizers_vq.errors import ItemError
-from tokenizers_vq.media import list_media
+from tokenizers_vq.media import list_media, report_folders
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.spectral import DEFAULT_MEL_WINDOWS
 
@@ -224,8 +224,6 @@ def split_files(files: list[Path], val_files: list[Path] | None, val_fraction: f
 def outputs_under(folder: str | Path) -> set[Path]:
     """Resolved folders below ``folder`` that hold a training run (its ``metrics.jsonl`` or
     ``checkpoint/``) or a ``tvq eval`` report: their samples and pictures are not data."""
-    from tokenizers_vq.eval.report import report_folders  # noqa: PLC0415
-
     root, found = Path(folder).resolve(), set()
     for d, dirs, names in os.walk(root) if root.is_dir() else ():
         if Path(d) != root and ("metrics.jsonl" in names or "checkpoint" in dirs):
