@@ -110,7 +110,8 @@ class Trainer:
             for folder in dict.fromkeys(f for f in (d.train, d.val) if f):
                 for note in left_out(folder, cfg.model.modality, {Path(cfg.out_dir) / "samples"}, "train with tvq train {kind}"):
                     tqdm.write(note, file=sys.stderr)
-            tqdm.write(f"data: {len(train_files)} training files, {len(val_files)} held apart", file=sys.stderr)
+            unused = f" (data.val names them; data.val_fraction={d.val_fraction} is not used)" if d.val and d.val_fraction else ""
+            tqdm.write(f"data: {len(train_files)} training files, {len(val_files)} held apart{unused}", file=sys.stderr)
         # audio segments: a whole number of latent frames
         self.crop = segment_samples(d.segment_seconds, sr, self.unwrapped.backbone_config.hop) if sr else crop
         warn_undersized(self.train_data, self.crop if sr else d.crop, d.clip_frames,

@@ -229,8 +229,11 @@ def test_a_run_names_what_it_leaves_out_and_counts_what_it_reads(tmp_path, capsy
     err = capsys.readouterr().err
     assert "phone.heic" in err and "(.heic), left out" in err
     assert "also holds 1 audio file, left out: this run takes its image files; train with tvq train audio for those" in err
-    assert "data: 3 training files, 1 held apart" in err
+    assert "data: 3 training files, 1 held apart\n" in err
     assert sorted(run.train_data.files) == sorted(photos) and run.val_files == val
+    Trainer(config("image", tmp_path / "run2", 1, **{"data.train": str(tmp_path / "data"), "data.val_fraction": 0.5,
+                                                     "data.val": str(tmp_path / "data" / "val")}))
+    assert "1 held apart (data.val names them; data.val_fraction=0.5 is not used)" in capsys.readouterr().err
 
 
 def test_with_gradient_accumulation_the_log_is_the_mean_of_the_micro_batches(tmp_path, monkeypatch):
