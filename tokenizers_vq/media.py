@@ -385,11 +385,15 @@ def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None,
     return notes
 
 
+REPORT_FILES = frozenset({"report.md", "metrics.json", "codebook_usage.png"})
+"""The files that mark a folder as a ``tvq eval`` report's."""
+
+
 def report_folders(root: str | Path) -> set[Path]:
-    """Resolved folders under ``root`` that hold a ``tvq eval`` report (its ``report.md``,
-    ``metrics.json`` and ``codebook_usage.png``): its pictures are not data."""
+    """Resolved folders under ``root`` that hold a ``tvq eval`` report (:data:`REPORT_FILES`):
+    its pictures are not data."""
     root = Path(root)
     if not root.is_dir():
         return set()
     return {p.parent.resolve() for p in root.rglob("metrics.json")
-            if (p.parent / "report.md").is_file() and (p.parent / "codebook_usage.png").is_file()}
+            if all((p.parent / name).is_file() for name in REPORT_FILES)}

@@ -251,7 +251,7 @@ def list_tar_samples(source: str | os.PathLike, modality: str, notes: list[str] 
                              "coded per sample: repack with one per key, or extract the archive and export the folder")
         if picks:
             i, m = picks[0]
-            samples.append(TarSample(source, m.name, sample_key(m.name), m.size, i))
+            samples.append(TarSample(source, m.name, last_key, m.size, i))
         run.clear()
 
     for i, (info, _) in enumerate(_members(source)):

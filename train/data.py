@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from tokenizers_vq.distributed import rank_and_world
 from tokenizers_vq.errors import ItemError
-from tokenizers_vq.media import list_media, report_folders
+from tokenizers_vq.media import REPORT_FILES, list_media
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.spectral import DEFAULT_MEL_WINDOWS
 
@@ -226,10 +226,10 @@ def outputs_under(folder: str | Path) -> set[Path]:
     ``checkpoint/``) or a ``tvq eval`` report: their samples and pictures are not data."""
     root, found = Path(folder).resolve(), set()
     for d, dirs, names in os.walk(root) if root.is_dir() else ():
-        if Path(d) != root and ("metrics.jsonl" in names or "checkpoint" in dirs):
+        if Path(d) != root and ("metrics.jsonl" in names or "checkpoint" in dirs or REPORT_FILES <= set(names)):
             found.add(Path(d))
             dirs.clear()
-    return found | (report_folders(root) - {root})
+    return found
 
 
 def list_files(key: str, folder: str, modality: str, max_items: int, out_dir: Path) -> list[Path]:
@@ -243,7 +243,7 @@ def list_files(key: str, folder: str, modality: str, max_items: int, out_dir: Pa
         none = " (or --data.val= to hold none apart)" if key == "data.val" else ""
         raise ValueError(f"{key}: {e}; set --{key}=DIR{none}") from None
     skip = [(Path(out_dir) / "samples").resolve(), *outputs_under(folder)]
-    kept = [f for f in files if not any(f.resolve().is_relative_to(s) for s in skip)]
+    kept = [f for f, real in zip(files, map(Path.resolve, files)) if not any(real.is_relative_to(s) for s in skip)]
     if not kept:
         raise ValueError(f"{key}: the only {modality} files under {folder} are training runs' samples or reports' "
                          f"pictures (in {', '.join(map(str, skip[:3]))}): set --{key}=DIR, a folder of media to train on")
