@@ -12,7 +12,8 @@
 # model allows about 8 M); ve the shipped shape on 17-frame clips, the length it codes in (twice the
 # frames per step); vs the shipped shape with half of each batch's clips panned across photos
 # (prepare_data.py stills: .devdata/stills, 210 photos at the frames' scale); vm the shipped shape
-# on crops of 128 to 384 pixels a side, drawn per step (frames staged with --video-side 384)
+# on crops of 128 to 384 pixels a side, drawn per step (frames staged with --video-side 384); vw width 40
+# (8.0 M parameters, 15.3 MiB in fp16) on crops of 128 to 480, from scratch
 # Each run comes back as $OUT/<run>.tar (fp16 release model, metrics.jsonl, summary, log);
 # video runs are scored on the held-apart clip here and only the best one comes back
 # (KEEP_VIDEO=all: every one).
@@ -54,10 +55,11 @@ declare -A ARGS=(
   [ve]="$video --data.clip_frames=17"
   [vs]="$video --data.stills=$D/stills --data.stills_fraction=0.5"
   [vm]="$video --data.crop_max=384"
+  [vw]="$video --data.crop_max=480 --model.backbone.channels=40 --model.name=tvq-video-4x8x8-fsq-w40"
   [ig]="$image"
   [il]="$image --loss.adversarial=0"
 )
-declare -A DATA=([s50]=audio [s67]=audio [sc]=audio [sk16]=audio [sk64]=audio [sk64d32]=audio [r4]=audio [sr4]=audio [va]=video [vb]=video [vc]=video [vd]=video [ve]=video [vs]=video [vm]=video
+declare -A DATA=([s50]=audio [s67]=audio [sc]=audio [sk16]=audio [sk64]=audio [sk64d32]=audio [r4]=audio [sr4]=audio [va]=video [vb]=video [vc]=video [vd]=video [ve]=video [vs]=video [vm]=video [vw]=video
                  [ig]=images [il]=images)
 if [ -n "${PROFILE:-}" ]; then
   pe="EXTRA_$PROFILE"
