@@ -1,6 +1,7 @@
 """Video files as players show them: cut-short containers refused, a variable frame rate kept
 in time, cover art not taken for video, alpha composited on white, a bare stream's own rate,
-and written files tagged with the colours they hold."""
+written files tagged with the colours they hold, a display matrix that mirrors, B-frames in an AVI, names
+with a colon or a leading dash, and frames a file cannot hold refused."""
 
 from __future__ import annotations
 
@@ -125,3 +126,87 @@ def test_a_trimmed_clip_and_sound_longer_than_the_picture_are_whole_files(tmp_pa
     ffmpeg("-i", str(CLIP), "-i", str(speech), "-t", "6", "-map", "0:v", "-map", "1:a", "-vf", "scale=64:48",
            "-frames:v", "50", "-c:v", "libvpx-vp9", "-c:a", "libopus", str(tmp_path / "talk.webm"))
     assert load_video(tmp_path / "talk.webm")[0].shape[0] == 50  # 2 s of picture in a 6 s file
+
+
+def test_b_frames_in_an_avi_keep_its_frame_rate(tmp_path):
+    """An AVI stamps no presentation times: frames with B-frames between them decode in order with
+    their times out of order, and the rate is read from them in time order."""
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=30", "-frames:v", "33", "-c:v", "libx264", "-bf", "3",
+           "-pix_fmt", "yuv420p", str(tmp_path / "b.avi"))
+    frames, fps = load_video(tmp_path / "b.avi")
+    assert frames.shape[0] == 33 and fps == pytest.approx(30, rel=1e-3)  # 33.10 when read in decode order
+
+
+def _matrix_clip(tmp_path: Path, name: str, a: int, b: int, c: int, d: int) -> Path:
+    """A clip whose track header's matrix is ``[[a, b], [c, d]]`` (what a camera app writes)."""
+    import struct  # noqa: PLC0415
+
+    frames = torch.full((2, 3, 48, 64), 0.25)
+    frames[:, :, :16, :32] = 1.0  # a white block top left: any turn or mirror moves it
+    base = save_video(frames, tmp_path / "base.mp4", 10).read_bytes()  # the same bytes every time
+    identity = struct.pack(">9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+    at = base.find(identity, base.find(b"tkhd"))
+    fixed = [(v * 0x10000) & 0xFFFFFFFF for v in (a, b, c, d)]
+    path = tmp_path / name
+    path.write_bytes(base[:at] + struct.pack(">9I", fixed[0], fixed[1], 0, fixed[2], fixed[3], 0, 0, 0, 0x40000000)
+                     + base[at + 36:])
+    return path
+
+
+@pytest.mark.parametrize(("matrix", "shown"), [
+    ((-1, 0, 0, 1), lambda p: p.flip(-1)),  # mirrored left-right (a front camera's)
+    ((1, 0, 0, -1), lambda p: p.flip(-2)),  # upside down as a mirror
+    ((0, 1, 1, 0), lambda p: p.transpose(-1, -2)),  # turned and mirrored
+    ((0, -1, -1, 0), lambda p: p.flip(-1, -2).transpose(-1, -2)),
+    ((-1, 0, 0, -1), lambda p: p.flip(-1, -2)),  # half a turn
+])
+def test_a_display_matrix_that_mirrors_is_shown_mirrored_not_turned(tmp_path, matrix, shown):
+    from tokenizers_vq.media import video_turned  # noqa: PLC0415
+
+    stored = load_video(_matrix_clip(tmp_path, "plain.mp4", 1, 0, 0, 1), max_frames=1)[0][0]
+    got = load_video(_matrix_clip(tmp_path, "odd.mp4", *matrix), max_frames=1)[0][0]
+    assert got.shape == shown(stored).shape and torch.equal(got, shown(stored))
+    assert video_turned(tmp_path / "odd.mp4") and not video_turned(tmp_path / "plain.mp4")
+
+
+def test_a_name_with_a_colon_is_that_file_not_an_ffmpeg_protocol(tmp_path, monkeypatch):
+    from tokenizers_vq.media import has_audio_track  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+    save_video(torch.zeros(3, 3, 32, 32), tmp_path / "a.mp4", 25)
+    save_video(torch.ones(5, 3, 48, 64), tmp_path / "file:a.mp4", 10)  # "file:" would read a.mp4
+    (tmp_path / "12:30 clip.mp4").write_bytes((tmp_path / "file:a.mp4").read_bytes())  # protocol "12"
+    for name in ("file:a.mp4", "12:30 clip.mp4"):
+        frames, fps = load_video(name)
+        assert frames.shape == (5, 3, 48, 64) and fps == 10 and frames.min() > 0.9
+    speech = sorted(shared_path("audio", "librispeech_train-clean-100").glob("*.flac"))[0]
+    ffmpeg("-i", str(speech), "-i", str(tmp_path / "a.mp4"), "-t", "0.1", "-c:v", "copy", "-c:a", "aac",
+           str(tmp_path / "with sound.mp4"))
+    (tmp_path / "file:with sound.mp4").write_bytes((tmp_path / "with sound.mp4").read_bytes())
+    assert has_audio_track("file:with sound.mp4") and not has_audio_track("file:a.mp4")
+
+
+def test_an_audio_only_file_named_like_an_option_gets_a_command_that_runs(tmp_path, monkeypatch):
+    speech = sorted(shared_path("audio", "librispeech_train-clean-100").glob("*.flac"))[0]
+    monkeypatch.chdir(tmp_path)
+    ffmpeg("-i", str(speech), "-t", "1", "-c:a", "aac", "./-talk.mp4")
+    with pytest.raises(ValueError, match=r"after ffmpeg -i \./-talk\.mp4 \./-talk\.flac"):
+        load_video("-talk.mp4")
+
+
+@pytest.mark.parametrize(("frames", "fps", "aspect", "message"), [
+    (torch.full((2, 3, 16, 16), 100, dtype=torch.int64), 25, None, r"float frames in \[0, 1\] or uint8 frames, got torch.int64"),
+    (torch.rand(0, 3, 16, 16), 25, None, r"at least one frame of at least 2x2 pixels"),
+    (torch.rand(2, 3, 1, 16), 25, None, r"at least one frame of at least 2x2 pixels"),
+    (torch.rand(2, 3, 16, 16), 0.0004, None, r"frame rate of at least 1/1001 frames per second"),
+    (torch.rand(2, 3, 16, 16), 25, (1, 0), r"pixel_aspect is \(width, height\) of a pixel as two positive integers"),
+])
+def test_frames_a_video_file_cannot_hold_are_refused_before_anything_is_written(tmp_path, frames, fps, aspect, message):
+    with pytest.raises(ValueError, match=message):
+        save_video(frames, tmp_path / "out.mp4", fps, aspect)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_numpy_frame_rate_is_taken(tmp_path):
+    path = save_video(torch.rand(2, 3, 16, 16), tmp_path / "out.mp4", np.float32(12.5), (8, 9))
+    assert load_video(path)[1] == pytest.approx(12.5)

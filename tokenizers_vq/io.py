@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shlex
 import shutil
 import tempfile
 import uuid
@@ -273,6 +274,13 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metada
         f.write(raw)
         for blob in blobs:
             f.write(blob)
+
+
+def shell_arg(path: str | os.PathLike) -> str:
+    """``path`` quoted for a shell command that a message suggests; a relative name starting with
+    ``-`` gets ``./`` in front, so the command does not take it for an option."""
+    name = os.fspath(path)
+    return shlex.quote("./" + name if name.startswith("-") else name)
 
 
 def check_media_file(path: Path, what: str) -> None:

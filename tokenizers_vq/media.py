@@ -26,7 +26,7 @@ from tokenizers_vq.image_io import (  # noqa: F401 (this module's API)
     save_image,
 )
 from tokenizers_vq.errors import EMPTY_NAME
-from tokenizers_vq.io import check_pixels
+from tokenizers_vq.io import check_pixels, shell_arg
 from tokenizers_vq.video_io import (  # noqa: F401 (this module's API)
     has_audio_track,
     quarter_turns,
@@ -269,7 +269,7 @@ def uncoded_parts(modality: str, files) -> list[str]:
                     frames = 1
             if frames > 1:
                 notes.append(f"{f} is an animation of {frames} frames, and an image model codes the first only: "
-                             f"to code them all, convert it to a video (ffmpeg -i {f.name} clip.mp4) for --model video")
+                             f"to code them all, convert it to a video (ffmpeg -i {shell_arg(f.name)} clip.mp4) for --model video")
     return notes
 
 
@@ -369,8 +369,8 @@ def left_out(folder: str | Path, modality: str, skip: set[Path] | None = None,
     if other:
         kinds = sorted({p.suffix.lower() for p in other})
         notes.append(f"tvq: note: {folder} holds {len(other)} file{'s' * (len(other) > 1)} of a type this library does "
-                     f"not read ({', '.join(kinds)}), left out: convert them first (e.g. ffmpeg -i {other[0].name} "
-                     f"{other[0].stem}.flac for sound, .mp4 for video, .png for pictures)")
+                     f"not read ({', '.join(kinds)}), left out: convert them first (e.g. ffmpeg -i {shell_arg(other[0].name)} "
+                     f"{shell_arg(other[0].stem)}.flac for sound, .mp4 for video, .png for pictures)")
     held = _counts(found, clips) if found else {}
     if modality == "image" and clips:  # the frames of a frame folder are images: coded as photos
         held["video"] = len(found["video"])

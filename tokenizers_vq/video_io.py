@@ -1,7 +1,9 @@
 """Video files in and out through PyAV (imported only when a video is read or written).
 
-Frames come upright (a display matrix applied, as players do), with an alpha channel
-composited on white as photos are; cover art (an ``attached_pic`` stream) is not video.
+Frames come upright (a display matrix applied, turns and mirrors, as ffmpeg shows them), with
+an alpha channel composited on white as photos are; cover art (an ``attached_pic`` stream) is
+not video. Files are opened by their absolute path, so a name such as ``file:a.mp4`` or
+``12:30.mp4`` is that file, never an FFmpeg protocol.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import shlex
+import struct
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.errors import UNREADABLE, MissingDependency
-from tokenizers_vq.io import atomic_write, check_media_file, check_pixels, check_writable
+from tokenizers_vq.io import atomic_write, check_media_file, check_pixels, check_writable, shell_arg
 
 
 def pyav(what: str):
@@ -32,12 +34,56 @@ def pyav(what: str):
     return av
 
 
+def _display_matrix(frame) -> tuple[int, ...] | None:
+    """The frame's 3x3 display matrix (16.16 fixed point, row-major, as FFmpeg stores it), or None."""
+    for side in getattr(frame, "side_data", None) or ():
+        if str(getattr(side, "type", "")).upper().endswith("DISPLAYMATRIX") and len(bytes(side)) >= 36:
+            return struct.unpack("=9i", bytes(side)[:36])
+    return None
+
+
+def orientation(frame) -> tuple[int, bool]:
+    """``(turns, mirror)`` that put a decoded PyAV frame upright as ffmpeg shows it: ``turns``
+    quarter turns counter-clockwise (``numpy.rot90``'s count), then a left-right mirror if
+    ``mirror``. From the frame's display matrix (a phone's portrait clip is stored on its side, a
+    front camera's may be mirrored), read as ffmpeg's autorotation reads it; ``(0, False)`` without
+    one or off multiples of 90 degrees."""
+    m = _display_matrix(frame)
+    if m is None:  # a PyAV without side data: the rotation alone
+        angle = float(getattr(frame, "rotation", 0) or 0)
+        turns = round(angle / 90)
+        return (turns % 4 if abs(angle - 90 * turns) < 1 else 0), False
+    scale0, scale1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if scale0 == 0 or scale1 == 0:
+        return 0, False
+    theta = round(math.degrees(math.atan2(m[1] / scale1, m[0] / scale0)))
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:  # clockwise, or the transpose where the matrix mirrors too
+        return 3, m[3] > 0
+    if abs(theta - 180) < 1:  # a mirror left-right and/or top-bottom
+        return {(True, True): (2, False), (True, False): (0, True), (False, True): (2, True)}.get(
+            (m[0] < 0, m[4] < 0), (0, False))
+    if abs(theta - 270) < 1:
+        return 1, m[3] < 0
+    return (2, True) if abs(theta) < 1 and m[4] < 0 else (0, False)  # upside down as a mirror
+
+
 def quarter_turns(frame) -> int:
-    """Quarter turns (``numpy.rot90``'s count) that put a decoded PyAV frame upright, from its display
-    matrix (a phone's portrait clip is stored on its side); 0 without one or off multiples of 90 degrees."""
-    angle = float(getattr(frame, "rotation", 0) or 0)
-    turns = round(angle / 90)
-    return turns % 4 if abs(angle - 90 * turns) < 1 else 0
+    """Quarter turns counter-clockwise of :func:`orientation` (odd: the frame is shown on its side)."""
+    return orientation(frame)[0]
+
+
+def upright(pixels: np.ndarray, frame) -> np.ndarray:
+    """``(H, W, C)`` pixels of ``frame`` as ffmpeg shows them (:func:`orientation`)."""
+    turns, mirror = orientation(frame)
+    pixels = np.rot90(pixels, turns)
+    return np.ascontiguousarray(pixels[:, ::-1] if mirror else pixels)
+
+
+def _url(path: str | os.PathLike) -> str:
+    """What FFmpeg opens for a local file: its absolute path (a relative name with a colon in it
+    would be read as a protocol: ``file:a.mp4`` as ``a.mp4``, ``12:30.mp4`` as protocol ``12``)."""
+    return os.path.abspath(os.fspath(path))
 
 
 def _video_stream(container):
@@ -47,13 +93,13 @@ def _video_stream(container):
 
 
 def video_turned(path: str | os.PathLike) -> bool:
-    """Whether a video file's first frame has a display matrix that turns it (False if unreadable)."""
+    """Whether a video file's first frame has a display matrix that turns or mirrors it (False if unreadable)."""
     av = pyav("reading video")
     try:
-        with av.open(str(path)) as container:
+        with av.open(_url(path)) as container:
             stream = _video_stream(container)
             frames = container.decode(stream) if stream is not None else iter(())
-            return any(quarter_turns(frame) != 0 for frame, _ in zip(frames, range(1)))
+            return any(orientation(frame) != (0, False) for frame, _ in zip(frames, range(1)))
     except (av.error.FFmpegError, OSError):
         return False
 
@@ -63,7 +109,7 @@ def has_audio_track(path: str | os.PathLike) -> bool:
     False for a folder of frames or a file PyAV cannot open."""
     av = pyav("reading video")
     try:
-        with av.open(str(path)) as container:
+        with av.open(_url(path)) as container:
             return bool(container.streams.audio)
     except (av.error.FFmpegError, OSError):
         return False
@@ -87,7 +133,7 @@ def _rgb(frame, alpha: bool) -> np.ndarray:
         rgba = frame.to_ndarray(format="rgba").astype(np.uint16)
         a = rgba[..., 3:]
         pixels = ((rgba[..., :3] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
-    return np.ascontiguousarray(np.rot90(pixels, quarter_turns(frame)))
+    return upright(pixels, frame)
 
 
 def _stream_seconds(stream) -> tuple[float | None, float | None]:
@@ -119,12 +165,12 @@ def read_video_file(path: Path, max_frames: int | None,
     av = pyav("reading video")
     frames, times, durations = [], [], []
     try:
-        with av.open(str(path)) as container:
+        with av.open(_url(path)) as container:
             stream = _video_stream(container)
             if stream is None:
                 cover = " (only cover art)" if container.streams.video else ""
-                audio = (f"; it holds audio only: encode it with an audio model after ffmpeg -i {shlex.quote(str(path))} "
-                         f"{shlex.quote(path.with_suffix('.flac').name)}" if container.streams.audio else "")
+                audio = (f"; it holds audio only: encode it with an audio model after ffmpeg -i {shell_arg(path)} "
+                         f"{shell_arg(path.with_suffix('.flac').name)}" if container.streams.audio else "")
                 raise ValueError(f"{path} has no video stream{cover}{audio}")
             if stream.codec_context is None:
                 raise ValueError(f"cannot read video {path}: this FFmpeg build has no decoder for its video "
@@ -157,6 +203,8 @@ def read_video_file(path: Path, max_frames: int | None,
         raise ValueError(f"cannot read video {path}: {e} {UNREADABLE}") from e
     if not frames:
         raise ValueError(f"video {path} has no decodable frames")
+    if None not in times:  # in presentation order (an AVI's B-frames come stamped out of order)
+        times, durations = (list(v) for v in zip(*sorted(zip(times, durations), key=lambda td: td[0])))
     timed = len(times) > 2 and None not in times and times[-1] > times[0]
     if timed:  # most intervals alike (a cut or a held frame leaves a few odd): their rate, else the mean
         steps = np.diff(times)
@@ -201,18 +249,27 @@ def save_video(frames: Tensor, path: str | os.PathLike, fps: float,
 
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"save_video expects (T, 3, H, W), got shape {tuple(frames.shape)}")
-    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 0 < fps < math.inf:
-        raise ValueError(f"save_video needs a frame rate above 0, got fps={fps!r}")
+    if not (frames.is_floating_point() or frames.dtype == torch.uint8):
+        raise ValueError(f"save_video takes float frames in [0, 1] or uint8 frames, got {frames.dtype}: convert them "
+                         "first (frames.to(torch.uint8) for 0-255 values, frames / 255.0 for floats)")
+    if frames.shape[0] == 0 or min(frames.shape[2:]) < 2:
+        raise ValueError(f"save_video needs at least one frame of at least 2x2 pixels (H.264 codes even sizes), "
+                         f"got shape {tuple(frames.shape)}")
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 1 / 1001 <= float(fps) < math.inf:
+        raise ValueError(f"save_video needs a frame rate of at least 1/1001 frames per second, got fps={fps!r}")
+    if pixel_aspect and not (len(pixel_aspect) == 2 and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in pixel_aspect)):
+        raise ValueError(f"pixel_aspect is (width, height) of a pixel as two positive integers, got {pixel_aspect!r}")
     h, w = frames.shape[2] // 2 * 2, frames.shape[3] // 2 * 2
     data = frames[:, :, :h, :w].detach()
     data = (data if data.dtype == torch.uint8 else to_bytes(data)).permute(0, 2, 3, 1).cpu().numpy()
 
     def write(tmp: str) -> None:
         with av.open(tmp, mode="w", format=container_format) as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream = container.add_stream("libx264", rate=Fraction(float(fps)).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             if pixel_aspect:
-                stream.codec_context.sample_aspect_ratio = Fraction(*pixel_aspect)
+                stream.codec_context.sample_aspect_ratio = Fraction(*map(int, pixel_aspect))
             # the conversion below is BT.601 (limited range): say so, or HD players assume BT.709
             stream.options = {"crf": "18", "color_primaries": "smpte170m", "color_trc": "smpte170m",
                               "colorspace": "smpte170m", "color_range": "tv"}
