@@ -25,10 +25,9 @@ from tokenizers_vq.distributed import all_reduce_sum_
 from tokenizers_vq.media import left_out
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
-from tokenizers_vq.train.checkpoint import (Interrupted, changed_settings, check_run_folder, find_checkpoint,
-                                            interrupt_at_step_end, load_checkpoint, optimizer_state, rng_state,
-                                            save_checkpoint, set_rng_state, state_hashes, stop_if_nonfinite,
-                                            truncate_log)
+from tokenizers_vq.train.checkpoint import (Interrupted, changed_settings, check_run_folder, data_changes, data_files,
+                                            find_checkpoint, interrupt_at_step_end, load_checkpoint, optimizer_state,
+                                            rng_state, save_checkpoint, set_rng_state, state_hashes, stop_if_nonfinite, truncate_log)
 from tokenizers_vq.train.config import TrainConfig, check_config, config_to_dict
 from tokenizers_vq.train.data import MediaFolder, check_grid, list_files, segment_samples, split_files, warn_undersized
 from tokenizers_vq.train.discriminators import build_discriminator
@@ -106,6 +105,7 @@ class Trainer:
         self.train_data = MediaFolder(train_files, cfg.model.modality, sr, d.max_frames,
                                       stills, d.stills_fraction, d.max_pan)
         self.val_files = val_files
+        self.data_files = data_files(train_files, val_files, d.train, d.val or None)
         if self.acc.is_main_process:  # what the run leaves out of its folders, and what it reads
             for folder in dict.fromkeys(f for f in (d.train, d.val) if f):
                 for note in left_out(folder, cfg.model.modality, {Path(cfg.out_dir) / "samples"}, "train with tvq train {kind}"):
@@ -345,7 +345,7 @@ class Trainer:
             parts["lecam"] = self.lecam.state_dict()
         if self.acc.scaler is not None:  # fp16: the loss scale it has found, not 65536 again on resume
             parts["scaler"] = self.acc.scaler.state_dict()
-        meta = {"step": self.step, "config": config_to_dict(self.cfg)}
+        meta = {"step": self.step, "config": config_to_dict(self.cfg), "files": self.data_files}
         save_checkpoint(self.out_dir / "checkpoint", parts, meta, self.release_model().save_pretrained)
 
     def _resume(self, directory: Path) -> None:
@@ -361,6 +361,7 @@ class Trainer:
                 what = (f"holds {name} state, which this run ({setting}) would drop at its next save: resume without "
                         f"{setting}" if on is None else f"was saved with {setting}, so it holds no {name} state: resume with {setting} as it was")
                 raise ValueError(f"checkpoint {directory} {what}, or train in a new out_dir with --init_from {directory}")
+        data_changed = data_changes(directory, meta.get("files"), self.data_files)
         self.unwrapped.load_state_dict(parts["model"])
         self.opt_g.load_state_dict(optimizer_state(parts["opt_g"]))
         self.sched.load_state_dict(parts["sched"])
@@ -378,7 +379,8 @@ class Trainer:
         changed = changed_settings(meta["config"], config_to_dict(self.cfg), defaults=config_to_dict(TrainConfig()))
         unused = f"; init_from={self.cfg.init_from} is not used (a new out_dir starts from it)" if self.cfg.init_from else ""
         self.acc.print(f"resuming {directory} at step {self.step} of {self.cfg.steps}{unused}"
-                       + (f"; settings changed since that checkpoint: {', '.join(changed)}" if changed else ""))
+                       + (f"; settings changed since that checkpoint: {', '.join(changed)}" if changed else "")
+                       + (f"; data changed since that checkpoint: {data_changed}" if data_changed else ""))
         self._apply_optim_settings()
         self._truncate_log()
 

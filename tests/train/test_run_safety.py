@@ -85,6 +85,27 @@ def test_a_resume_says_where_it_continues_and_what_changed(tmp_path, capsys):
     assert "settings changed since that checkpoint: data.crop_max: 0 -> 64" in capsys.readouterr().out
 
 
+def test_a_resume_names_changed_data_and_refuses_to_hold_apart_files_it_trained_on(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    src = sorted(shared_path("images", "bsds500", "train").glob("*.jpg"))[:6]
+    for f in src[:5]:
+        shutil.copy(f, photos)
+    out, over = tmp_path / "run", {"data.train": str(photos), "data.val": "", "data.val_fraction": 0.4, "data.max_items": 0}
+    Trainer(config("image", out, 1, save_every=1, **over)).train()  # trains on 3, holds the last 2 apart
+    capsys.readouterr()
+    Trainer(config("image", out, 2, **over))
+    assert "data changed" not in capsys.readouterr().out
+    shutil.copy(src[5], photos)  # 6 files: the last 2 held apart, the 4th now trained on
+    Trainer(config("image", out, 2, **over))
+    assert "data changed since that checkpoint: 1 training file added, the files held apart changed" in capsys.readouterr().out
+    for f in src[4:]:
+        (photos / f.name).unlink()  # 4 files: the 3rd, trained on, would be held apart
+    with pytest.raises(ValueError, match=rf"trained on 1 of the files this run would hold apart \({src[2].name}\): "
+                                         r"data.train or data.val_fraction changed since.*--data.val=DIR"):
+        Trainer(config("image", out, 2, **over))
+
+
 def test_an_out_dir_inside_the_data_folder_is_not_trained_on(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
