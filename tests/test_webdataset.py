@@ -43,6 +43,10 @@ def test_an_archive_of_another_kind_names_the_shard_names_read(tmp_path):
     (tmp_path / "w.tar.zst").write_bytes(b"\0" * 10)
     with pytest.raises(ValueError, match=r"is a file, not a folder.*tar shards are read when named .tar, .tar.gz"):
         list_media(tmp_path / "w.tar.zst", "image")
+    (tmp_path / "-w.tar").write_bytes(b"\0" * 10)  # a shard where a folder is read (training, eval): extract it
+    with pytest.raises(ValueError, match=r"-w.tar is a file, not a folder: .*\(tvq encode and export read tar shards; "
+                                         r"here extract it: mkdir DIR && tar -xf \S*/-w.tar -C DIR\)"):
+        list_media(tmp_path / "-w.tar", "image")
 
 
 @pytest.mark.parametrize("modality", ["image", "audio"])

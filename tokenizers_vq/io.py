@@ -24,6 +24,10 @@ WRITES = {"image": (".png", ".jpg", ".webp"), "audio": (".wav", ".flac", ".ogg")
 .tiff or .bmp; audio: any other format the installed libsndfile writes, e.g. .mp3 or .aiff)."""
 
 
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+"""Archive names read as WebDataset shards (any case); Python's tarfile reads these compressions."""
+
+
 def check_writable(modality: str, path: str | os.PathLike) -> None:
     """Refuse an output file name whose suffix ``modality`` is not written as."""
     suffix = Path(path).suffix.lower()

@@ -26,7 +26,7 @@ from tokenizers_vq.image_io import (  # noqa: F401 (this module's API)
     save_image,
 )
 from tokenizers_vq.errors import EMPTY_NAME
-from tokenizers_vq.io import check_pixels, shell_arg
+from tokenizers_vq.io import TAR_SUFFIXES, check_pixels, shell_arg
 from tokenizers_vq.video_io import (  # noqa: F401 (this module's API)
     has_audio_track,
     quarter_turns,
@@ -311,10 +311,10 @@ def list_media(folder: str | Path, modality: str, max_items: int = 0) -> list[Pa
     :func:`~tokenizers_vq.media.is_frame_folder`), so a folder of photos is not a video."""
     root = Path(folder)
     if root.is_file():
-        archive = any(a in root.name.lower() for a in (".tar", ".zip", ".zst", ".7z"))
-        shards = " (tar shards are read when named .tar, .tar.gz, .tgz, .tar.bz2 or .tar.xz)" if archive else ""
-        raise ValueError(f"{root} is a file, not a folder: give the folder that holds the media files "
-                         f"(tvq encode takes single files){shards}")
+        name, tar = root.name.lower(), f"tvq encode and export read tar shards; here extract it: mkdir DIR && tar -xf {shell_arg(root)} -C DIR"
+        why = tar if name.endswith(TAR_SUFFIXES) else "tar shards are read when named .tar, .tar.gz, .tgz, .tar.bz2 or .tar.xz" \
+            if any(a in name for a in (".tar", ".zip", ".zst", ".7z")) else "tvq encode takes single files"
+        raise ValueError(f"{root} is a file, not a folder: give the folder that holds the media files ({why})")
     if not root.is_dir():
         raise ValueError(f"data folder not found: {root}")
     tree = walk(root)

@@ -33,6 +33,7 @@ from typing import IO, Any
 
 from torch import Tensor
 
+from tokenizers_vq.io import TAR_SUFFIXES
 from tokenizers_vq.media import SUFFIXES, load_input, suffix_modality
 from tokenizers_vq.modality import get as get_modality
 
@@ -41,10 +42,6 @@ def is_tar_source(source: str | os.PathLike) -> bool:
     """A ``pipe:`` URL, or a path whose name ends in ``.tar`` (``.tar.gz``, ``.tgz``, ...)."""
     s = str(source)
     return s.startswith("pipe:") or s.lower().endswith(TAR_SUFFIXES)
-
-
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-"""Archive names read as WebDataset shards (any case); Python's tarfile reads these compressions."""
 
 
 def sample_key(member: str) -> str:
