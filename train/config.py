@@ -112,9 +112,10 @@ class TrainConfig:
     init_quantizer: str = "all"
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def _build(cls: type, values: dict[str, Any], where: str, written: dict[str, str] | None = None) -> Any:
     """Dataclass ``cls`` from a dict, recursing into dataclass fields; unknown keys
-    are errors."""
+    are errors. ``written``: overrides' text by dotted key, what a text field takes where YAML
+    read a number (``--data.train=2024`` is the folder ``2024``, ``--out_dir=0123`` keeps its 0)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
@@ -137,11 +138,13 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         if dataclasses.is_dataclass(hint):
             if not isinstance(val, dict):
                 raise ValueError(f"{where}{key} must be a mapping")
-            kwargs[key] = _build(hint, val, f"{where}{key}.")
+            kwargs[key] = _build(hint, val, f"{where}{key}.", written)
         elif typing.get_origin(hint) is tuple and isinstance(val, list):
             kwargs[key] = tuple(val)
         elif hint is str and isinstance(val, bool):  # a bare true / false: the text as written
             kwargs[key] = "true" if val else "false"
+        elif hint is str and isinstance(val, (int, float)) and f"{where}{key}" in (written or {}):
+            kwargs[key] = written[f"{where}{key}"]
         else:
             kwargs[key] = _scalar(hint, val, f"{where}{key}")
     return cls(**kwargs)
@@ -200,7 +203,7 @@ def _scalar(hint: Any, val: Any, name: str) -> Any:
     if hint is float and ok and math.isnan(val):
         raise ValueError(f"{name} must be a number, got nan")
     if not ok:
-        quote = f" (YAML read it as {type(val).__name__}: quote it, {name}='{val}')" if hint is str else ""
+        quote = f" (YAML read it as {type(val).__name__}: quote it in the file, '{val}')" if hint is str else ""
         raise ValueError(f"{name} must be {_KINDS[hint]}, got {val!r}{quote}")
     return val
 
@@ -243,7 +246,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(tree, dict):
             raise ValueError(f"{p} holds {type(tree).__name__} {tree!r}, not a mapping of sections "
                              "(model:, data:, ...); see train/configs/ for examples")
-    items = list(overrides or [])
+    items, written = list(overrides or []), {}
     while items:
         item = items.pop(0).removeprefix("--")
         if "=" not in item and items and not items[0].startswith("--"):
@@ -251,6 +254,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
+        written[key] = raw.strip()
         # model.quantizer.options is free-form: values are kept as parsed
         try:
             _set(tree, key, yaml.load(raw, Loader=_yaml_loader()))
@@ -267,10 +271,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(section, dict):
             raise ValueError(f"{name} must be a section of keys (model.backbone.channels=..., model.quantizer.kind=..., "
                              f"model.quantizer.options.codebook_size=...), got {section!r}; see train/configs/ for examples")
-    cfg = _build(TrainConfig, tree, "")
+    cfg = _build(TrainConfig, tree, "", written)
     for part, key in ((cfg, "out_dir"), (cfg, "init_from"), (cfg.data, "train"), (cfg.data, "val"), (cfg.data, "stills")):
         setattr(part, key, os.path.expanduser(getattr(part, key)))  # the shell leaves ~ after "=" as it is
-    cfg.model = TokenizerConfig.from_dict({**model, "quantizer": dataclasses.asdict(_build(QuantizerConfig, quant, "model.quantizer."))})
+    cfg.model = TokenizerConfig.from_dict({**model, "quantizer": dataclasses.asdict(_build(QuantizerConfig, quant, "model.quantizer.", written))})
     check_config(cfg)
     return cfg
 
