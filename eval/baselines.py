@@ -99,16 +99,16 @@ def nearest_codec2_mode(kbps: float, modes: list[str] | None = None) -> str:
 def codec2(wav: Tensor, sample_rate: int, mode: str) -> tuple[Tensor, float]:
     """Codec2 round trip of mono ``(T,)`` at ``sample_rate`` (resampled to 8 kHz for the
     codec and back, the decoder's delay removed). Returns ``(reconstruction (T,), bits)``."""
-    bits_per_frame, _, delay = CODEC2_MODES[mode]
+    bits_per_frame, seconds, delay = CODEC2_MODES[mode]
     with tempfile.TemporaryDirectory(prefix="tvq_codec2_") as tmp:
         raw, bit, out = (str(Path(tmp) / n) for n in ("in.raw", "out.bit", "out.raw"))
-        low = resample(wav.float(), sample_rate, 8000)  # a clip shorter than the decoder's lag and two
-        low = torch.nn.functional.pad(low, (0, max(0, 2 * delay + 640 - low.shape[-1])))  # frames: padded
+        low = resample(wav.float(), sample_rate, 8000)  # padded by the lag and a frame (c2enc drops a last partial
+        n = low.shape[-1]  # frame): the whole clip is coded and its bits counted; at least two frames
+        low = torch.nn.functional.pad(low, (0, max(2 * delay + 640, n + delay + math.ceil(seconds * 8000)) - n))
         Path(raw).write_bytes(_pcm16(low))
         _run(["c2enc", mode, raw, bit])
         _run(["c2dec", mode, bit, out])
-        frames = Path(bit).stat().st_size // math.ceil(bits_per_frame / 8)
-        data = Path(out).read_bytes()
+        frames, data = Path(bit).stat().st_size // math.ceil(bits_per_frame / 8), Path(out).read_bytes()
     rec = resample(_from_pcm16(data[2 * delay:]), 8000, sample_rate)
     return _fit(rec, wav.shape[-1]), frames * bits_per_frame
 
@@ -370,12 +370,12 @@ def run_baselines(tok: Tokenizer, files: list[Path], items: list[dict[str, Any]]
             try:
                 rec, used, settings = b.code(ref, rate, budget)
             except (RuntimeError, ValueError, OSError) as e:  # the codec's refusal of this file, said of it
-                failed.setdefault(b.name, []).append(f"{f.name}: {e}")
+                failed.setdefault(b.name, []).append(f"{item['file']}: {e}")
                 continue
             pair = (ref, rec) if tok.media.has_pixels else (ref[None], rec[None])  # media space: (1, T) audio
             m = item_metrics(tok, *pair, lpips)
             metric_keys.update(dict.fromkeys(m))
-            rows[b.name].append({"file": f.name, "bits": used, **_rates(used, units), "over_budget": used > budget,
+            rows[b.name].append({"file": item["file"], "bits": used, **_rates(used, units), "over_budget": used > budget,
                                  **settings, **m})
             coded[b.name].append(i)
     out: dict[str, Any] = {"target": _rates(target, total), "codecs": {}, "skipped": skipped}

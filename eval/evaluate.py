@@ -8,6 +8,7 @@ the model's own encode/decode (the same path as ``tvq encode`` / ``tvq decode``)
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,11 @@ def _audio_metrics(rec: torch.Tensor, ref: torch.Tensor, sample_rate: int | None
 def _video_metrics(rec: torch.Tensor, ref: torch.Tensor, sample_rate: int | None) -> dict[str, Any]:
     per_frame = [psnr(r, f) for r, f in zip(rec, ref)]
     ssims = [ssim(r, f) for r, f in zip(rec, ref)]
-    # flicker: how much the frame-to-frame changes differ between input and output
-    flicker = torch.mean(((rec[1:] - rec[:-1]) - (ref[1:] - ref[:-1])).abs()).item() if len(ref) > 1 else 0.0
-    return {"psnr_db": sum(per_frame) / len(per_frame), "ssim": sum(ssims) / len(ssims), "flicker": flicker,
-            "colour_shift": colour_shift(rec, ref)}
+    # flicker: how much the frame-to-frame changes differ between input and output (none in one frame)
+    flicker = torch.mean(((rec[1:] - rec[:-1]) - (ref[1:] - ref[:-1])).abs()).item() if len(ref) > 1 else None
+    out = {"psnr_db": sum(per_frame) / len(per_frame), "ssim": sum(ssims) / len(ssims), "flicker": flicker,
+           "colour_shift": colour_shift(rec, ref)}
+    return out if flicker is not None else {**out, "flicker_note": "not computed: one frame has no frame-to-frame change"}
 
 
 ITEM_METRICS = {"image": _image_metrics, "audio": _audio_metrics, "video": _video_metrics}
@@ -51,8 +53,22 @@ def item_metrics(tok: Tokenizer, ref: torch.Tensor, rec: torch.Tensor, lpips: LP
     give them); ``lpips`` adds LPIPS to pictures (per frame and averaged for video)."""
     out = ITEM_METRICS[tok.modality](rec, ref, tok.sample_rate)
     if lpips is not None and tok.media.has_pixels:
-        out["lpips"] = lpips_distance(lpips, rec, ref)
+        if min(ref.shape[-2:]) >= lpips.min_side():
+            out["lpips"] = lpips_distance(lpips, rec, ref)
+        else:  # too small for the trunk's pooling: the other metrics still count
+            out.update(lpips=None, lpips_note=f"LPIPS not computed: {ref.shape[-1]}x{ref.shape[-2]} pixels, its "
+                                              f"{lpips.net} network takes at least {lpips.min_side()} a side")
     return out
+
+
+def item_names(files: list[Path]) -> list[str]:
+    """How a report names its items: file names, or where two are alike, paths below the folder
+    that holds them all."""
+    if len({f.name for f in files}) == len(files):
+        return [f.name for f in files]
+    full = [Path(os.path.abspath(f)) for f in files]  # (links kept as named)
+    root = Path(os.path.commonpath([f.parent for f in full]))
+    return [f.relative_to(root).as_posix() for f in full]
 
 
 def peak_memory_mib() -> float:
@@ -111,9 +127,11 @@ def evaluate(tok: Tokenizer, files: list[Path], max_frames: int | None = 33, lpi
         units += tok.media.units(ref, tok.sample_rate)
         pixels += tok.media.pixels(ref)
         grid = rec.codes.shape[: rec.codes.ndim - len(tok.quantizer.code_shape)]
-        items.append({"file": f.name, "tokens": tok.quantizer.num_tokens(grid), **m})
+        items.append({"file": f, "tokens": tok.quantizer.num_tokens(grid), **m})
     if not items:
         raise ValueError(f"no file could be evaluated; the first: {failed[0]['error']}" if failed else "no files")
+    for it, name in zip(items, item_names([it["file"] for it in items])):
+        it["file"] = name
     summary: dict[str, Any] = {}
     unscored: dict[str, int] = {}
     for key in dict.fromkeys(k for it in items for k in it if k != "file"):

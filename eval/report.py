@@ -76,7 +76,7 @@ def baseline_lines(modality: str, summary: dict[str, Any], baselines: dict[str, 
     note = {"audio": " Codec2 runs at its mode nearest the tokenizer's kbps; Opus at 6 kbps, its lowest usable rate.",
             "image": " JPEG/WebP at their lowest quality can exceed the tokenizer's bits on detailed photos.",
             "video": " H.264/H.265 run at the best constant quality (CRF) that fits the tokenizer's bits per clip."}
-    lines = ["## Classical codecs at the same bitrate", "",
+    lines = ["## Classical codecs near the same bitrate", "",
              "Each file also encoded by real codecs at the tokenizer's bits for it; rates are those each codec "
              "achieved, and `over budget` counts the items where it spent more bits than the tokenizer."
              + note[modality], "",
@@ -161,14 +161,16 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     result["config"] = json.loads(json.dumps(tok.config, default=lambda o: o.__dict__))
     if baselines:
         result["baselines"] = run_baselines(tok, files, result["items"], max_frames=max_frames, lpips=lpips)
-    text = json.dumps(_finite(result), indent=1, allow_nan=False)  # standard JSON: no NaN or Infinity
-    atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
-
     keys = [k for k in ("psnr_db", "ssim", "lpips", "mel_distance", "stoi", "si_sdr_db") if k in result["summary"]]
     _distribution_plot(result["items"], keys, out_dir / "metric_distributions.png")
-    samples.write(tok, files, out_dir / "samples")
+    try:  # pictures of the first files, over the frames measured (at most a clip): their failure is a note
+        samples.write(tok, files, out_dir / "samples", max_frames=max_frames)
+    except (ValueError, OSError, RuntimeError) as e:
+        skipped["samples"] = f"reconstruction pictures not written: {e}"
     usage_plot({model_name: histogram}, out_dir / "codebook_usage.png",  # the tokens the metrics are over
                title=f"codebook usage over {len(files)} files")
+    text = json.dumps(_finite(result), indent=1, allow_nan=False)  # standard JSON: no NaN or Infinity
+    atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))  # with report.md: last
 
     clips = (f" Each video over its first {max_frames} frames (`--max-frames`; 0: all)."
              if tok.modality == "video" and max_frames else "")

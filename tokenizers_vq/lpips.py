@@ -71,6 +71,20 @@ class LPIPSNet(nn.Module):
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         self.eval().requires_grad_(False)
 
+    def min_side(self) -> int:
+        """The smallest image side (pixels) the trunk's strides and pools leave a feature at every tap."""
+        if not hasattr(self, "_min_side"):
+            with torch.inference_mode():
+                for side in range(1, 257):
+                    try:
+                        x = torch.zeros(1, 3, side, side, device=self.shift.device)
+                        self(x, x)
+                        break
+                    except RuntimeError:  # a pooling left nothing
+                        continue
+            self._min_side = side
+        return self._min_side
+
     def load_files(self, backbone: dict[str, Tensor], heads: dict[str, Tensor]) -> None:
         """Load a torchvision state dict (only ``features.*`` is used) and an lpips
         v0.1 heads state dict (``lin{k}.model.1.weight``).

@@ -56,8 +56,10 @@ _ITEM_SAMPLES = {"image": _image_rows, "audio": _audio_rows, "video": _video_row
 
 
 @torch.no_grad()
-def write(tok: Tokenizer, files: list[Path], out_dir: Path, n_items: int = 4, max_seconds: float = 5.0) -> None:
-    """Encode/decode the first ``n_items`` files and write pictures (and sounds)."""
+def write(tok: Tokenizer, files: list[Path], out_dir: Path, n_items: int = 4, max_seconds: float = 5.0,
+          max_frames: int | None = None) -> None:
+    """Encode/decode the first ``n_items`` files and write pictures (and sounds); videos over their
+    first ``max_frames`` frames, at most one clip of the model (``None``: one clip)."""
     if tok.is_dynamic:
         raise ValueError("training samples are written for fixed-grid tokenizers only; this one has dynamic-length "
                          "codes: set sample_every=0 and check it with Tokenizer.encode/decode")
@@ -68,7 +70,7 @@ def write(tok: Tokenizer, files: list[Path], out_dir: Path, n_items: int = 4, ma
     rows, all_codes = [], []
     with evaluating(tok):  # each part's own mode back after, also when a file fails
         for i, f in enumerate(files[:n_items]):
-            rec = encode_file(tok, f, max_frames=tok.config.clip_frames)
+            rec = encode_file(tok, f, max_frames=min(max_frames or tok.config.clip_frames, tok.config.clip_frames))
             all_codes.append(rec.codes.reshape(-1, tok.quantizer.num_codebooks))
             rows += _ITEM_SAMPLES[tok.modality](tok, f, decode_record(tok, rec), i, rec.info, out_dir, max_seconds)
     if rows:

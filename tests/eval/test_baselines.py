@@ -217,6 +217,20 @@ def test_tvq_eval_baselines_code_the_frames_the_tokenizer_is_measured_on(tmp_pat
     assert target["bits_per_pixel"] == pytest.approx(result["summary"]["bits_per_pixel"], rel=1e-9)
 
 
+@needs("c2enc", "c2dec")
+@pytest.mark.parametrize("mode", ["1200", "700C", "3200"])
+def test_codec2_codes_the_end_of_a_clip_and_counts_its_bits(mode):
+    """c2enc drops a last partial frame and c2dec lags: the input is padded, so the clip's end is
+    coded (not zeros) and its bits counted."""
+    from tokenizers_vq.eval.baselines import CODEC2_MODES  # noqa: PLC0415
+
+    wav = torch.sin(torch.arange(11920) / 5.0) * 0.3  # 0.745 s at 16 kHz: not a whole number of frames
+    rec, bits = codec2(wav, 16000, mode)
+    assert rec[-800:].abs().mean() > 0.3 * rec.abs().mean()  # the last 50 ms decoded, not silence
+    per_frame, seconds, _ = CODEC2_MODES[mode]
+    assert bits >= math.ceil(0.745 / seconds) * per_frame  # every frame the clip touches
+
+
 @needs("c2enc", "c2dec", "ffmpeg")
 def test_clips_at_the_edge_of_what_a_codec_takes_are_coded_or_named():
     """A 30 ms clip through Codec2 (shorter than its decoder's lag); a 12 x 12 video through

