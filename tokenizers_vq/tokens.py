@@ -211,6 +211,10 @@ def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[Token
     }
     meta["model_sha256"] = weights_sha256(tok)
     meta["header_sha256"] = header_sha256(meta)
+    try:  # what load_tokens would refuse (a frame rate no video file holds, say) is not written
+        check_header(meta, items)
+    except Damaged as e:
+        raise ValueError(f"cannot write {path}: the file would not load back: {e}") from None
     return atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata=meta))
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.errors import UNREADABLE, MissingDependency
-from tokenizers_vq.io import atomic_write, check_media_file, check_pixels, check_writable, shell_arg
+from tokenizers_vq.io import MAX_FPS, atomic_write, check_media_file, check_pixels, check_writable, shell_arg
 
 
 def pyav(what: str):
@@ -255,8 +255,8 @@ def save_video(frames: Tensor, path: str | os.PathLike, fps: float,
     if frames.shape[0] == 0 or min(frames.shape[2:]) < 2:
         raise ValueError(f"save_video needs at least one frame of at least 2x2 pixels (H.264 codes even sizes), "
                          f"got shape {tuple(frames.shape)}")
-    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 1 / 1001 <= float(fps) < math.inf:
-        raise ValueError(f"save_video needs a frame rate of at least 1/1001 frames per second, got fps={fps!r}")
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 1 / 1001 <= float(fps) <= MAX_FPS:
+        raise ValueError(f"save_video needs a frame rate from 1/1001 to {MAX_FPS:,} frames per second, got fps={fps!r}")
     if pixel_aspect and not (len(pixel_aspect) == 2 and all(
             isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in pixel_aspect)):
         raise ValueError(f"pixel_aspect is (width, height) of a pixel as two positive integers, got {pixel_aspect!r}")

@@ -79,6 +79,20 @@ def test_a_trained_prior_is_saved_and_loads_back_to_the_same_predictions(tmp_pat
     torch.testing.assert_close(again(x)[0], prior.eval()(x)[0])
     with pytest.raises(ValueError, match="not a saved prior"):
         TokenPrior.load(tmp_path / "tokens")
+    import json  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    shutil.copytree(tmp_path / "prior", tmp_path / "edited")
+    cfg = json.loads((tmp_path / "edited" / "prior_config.json").read_text())
+    (tmp_path / "edited" / "prior_config.json").write_text(json.dumps({**cfg, "n_layer": cfg["n_layer"] + 1}))
+    with pytest.raises(ValueError, match=r"corrupt weights file .*prior.safetensors \(or not its config's\): .*Missing key"):
+        TokenPrior.load(tmp_path / "edited")
+    (tmp_path / "edited" / "prior_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"corrupt .*prior_config.json"):
+        TokenPrior.load(tmp_path / "edited")
+    (tmp_path / "prior" / "prior.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"corrupt weights file .*prior.safetensors"):
+        TokenPrior.load(tmp_path / "prior")
 
 
 def test_a_short_run_reaches_the_full_learning_rate(tmp_path, monkeypatch):
