@@ -198,7 +198,7 @@ def test_an_audio_only_file_named_like_an_option_gets_a_command_that_runs(tmp_pa
     (torch.full((2, 3, 16, 16), 100, dtype=torch.int64), 25, None, r"float frames in \[0, 1\] or uint8 frames, got torch.int64"),
     (torch.rand(0, 3, 16, 16), 25, None, r"at least one frame of at least 2x2 pixels"),
     (torch.rand(2, 3, 1, 16), 25, None, r"at least one frame of at least 2x2 pixels"),
-    (torch.rand(2, 3, 16, 16), 0.0004, None, r"frame rate of at least 1/1001 frames per second"),
+    (torch.rand(2, 3, 16, 16), 0.0004, None, r"frame rate from 1/1001 to 1,000,000 frames per second"),
     (torch.rand(2, 3, 16, 16), 25, (1, 0), r"pixel_aspect is \(width, height\) of a pixel as two positive integers"),
 ])
 def test_frames_a_video_file_cannot_hold_are_refused_before_anything_is_written(tmp_path, frames, fps, aspect, message):

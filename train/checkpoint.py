@@ -271,10 +271,12 @@ class Interrupted(KeyboardInterrupt):
 def interrupt_at_step_end(enabled: bool) -> Iterator[Callable[[], bool]]:
     """Inside the block, Ctrl-C (SIGINT) is noted instead of raised, for the loop to read at the
     end of its step (the function yielded) and save a whole step; a second Ctrl-C raises at
-    once. Only where ``enabled`` (one process: ranks would note it at different steps) and in
-    the main thread (where Python runs signal handlers); elsewhere nothing changes."""
+    once. Only where ``enabled`` (one process: ranks would note it at different steps), in
+    the main thread (where Python runs signal handlers) and where SIGINT is not ignored (``nohup``,
+    a job started in the background); elsewhere nothing changes."""
     pressed: list[bool] = []
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    if (not enabled or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
         yield lambda: False
         return
 

@@ -221,9 +221,19 @@ def test_ctrl_c_saves_the_step_it_interrupts_and_the_run_resumes_from_it(tmp_pat
         return real(x)
 
     monkeypatch.setattr(run, "generator_step", ctrl_c_in_step_3)
-    with pytest.raises(Interrupted, match=r"saved at step 3 in .*checkpoint"):
-        run.train()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's (a background job ignores it)
+    try:
+        with pytest.raises(Interrupted, match=r"saved at step 3 in .*checkpoint"):
+            run.train()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # where it is ignored, it stays ignored: the run goes on
+        ignoring = Trainer(config("image", tmp_path / "ignored", 2))
+        own = ignoring.generator_step
+        monkeypatch.setattr(ignoring, "generator_step", lambda x: (os.kill(os.getpid(), signal.SIGINT), own(x))[1])
+        ignoring.train()
+        assert ignoring.step == 2 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     resumed = Trainer(config("image", tmp_path / "b", 5))
     assert resumed.step == 3
     resumed.train()
