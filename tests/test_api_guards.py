@@ -39,6 +39,20 @@ def test_any_float_input_is_coded_in_the_weights_dtype(dtype):
     tok = tiny("image")
     x = (torch.rand(2, 3, 24, 32) * 2 - 1).to(dtype)  # compared with the same values in float32
     assert torch.equal(tok.encode(x), tok.encode(x.float()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts only fp32 and its own dtype: the rest go as fp32
+        assert torch.equal(tok.encode(x), tok.encode(x.float()))
+
+
+def test_packed_codes_refuse_a_size_they_do_not_fit():
+    from test_tokenizer import tiny_dynamic  # noqa: PLC0415
+
+    tok = tiny_dynamic("image")
+    x = torch.rand(1, 3, 30, 41) * 2 - 1
+    packed = tok.encode(x)
+    assert tok.decode(packed, size=(30, 41)).shape == x.shape
+    for size in ((500, 500), (8, 8)):
+        with pytest.raises(ValueError, match=r"codes of grid \[\d+, \d+\] do not fit size .*pass the size the media had"):
+            tok.decode(packed, size=size)
 
 
 def test_integer_pixels_are_refused_with_the_scaling_to_use():

@@ -81,8 +81,8 @@ class Modality(ABC):
         """``(B, 2)``: each item's ``(min, max)`` of a batch ``(B, ...)`` (NaN carries through
         both), for :meth:`check_range`. Two reductions: ``aminmax(dim=1)`` is 17x slower on the
         CPU (0.82 vs 0.05 ms for one photo)."""
-        flat = x.detach().flatten(1)
-        return torch.stack([flat.amin(1), flat.amax(1)], dim=1)
+        flat = x.detach().flatten(1)  # (in fp32: a CPU bf16 autocast region refuses to stack fp16)
+        return torch.stack([flat.amin(1).float(), flat.amax(1).float()], dim=1)
 
     def check_range(self, lo_hi: Tensor) -> None:
         """Raise :class:`~tokenizers_vq.errors.ItemError` unless each row ``(min, max)`` of a batch
@@ -186,15 +186,16 @@ class Modality(ABC):
         return vals
 
     def check_codes(self, codes: Tensor, code_shape: tuple[int, ...], size: Sequence[int] | None,
-                    grid: tuple[int, ...] | None, model: str) -> None:
+                    grid: tuple[int, ...] | None, model: str, packed: bool = False) -> None:
         """Refuse fixed-grid codes without their batch axis ``(B, *grid, *code_shape)``, or
-        whose grid is not the ``grid`` that ``model`` gives media of ``size``."""
+        whose grid is not the ``grid`` that ``model`` gives media of ``size`` (``packed``: a
+        dynamic-length model's :class:`PackedCodes`, whose shape is the grid)."""
         axes, shape = self.input_ndim - 2, tuple(codes.shape)
-        if codes.ndim != 1 + axes + len(code_shape):
+        if not packed and codes.ndim != 1 + axes + len(code_shape):
             raise ValueError(f"codes of shape {list(shape)}: expected (B, *grid, *code_shape), "
                              f"{1 + axes + len(code_shape)} axes (one item's codes: codes[None])")
-        if grid is not None and shape[1 : 1 + axes] != grid:
-            raise ValueError(f"codes of grid {list(shape[1 : 1 + axes])} do not fit size {list(size)}, which "
+        if grid is not None and (got := shape if packed else shape[1 : 1 + axes]) != tuple(grid):
+            raise ValueError(f"codes of grid {list(got)} do not fit size {list(size)}, which "
                              f"{model!r} codes as {list(grid)}: pass the size the media had")
 
     def grid(self, size: tuple[int, ...] | list[int], stride: tuple[int, ...]) -> tuple[int, ...]:

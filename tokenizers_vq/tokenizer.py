@@ -27,9 +27,8 @@ from tokenizers_vq import deferred
 from tokenizers_vq.backbones import BACKBONES
 from tokenizers_vq.errors import not_a_float_tensor
 from tokenizers_vq.io import atomic_write_all, device_named, save_safetensors, training_only_keys
-from tokenizers_vq.modality import Modality
+from tokenizers_vq.modality import Modality, names as modality_names
 from tokenizers_vq.modality import get as get_modality
-from tokenizers_vq.modality import names as modality_names
 from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
 from tokenizers_vq.quantizers.base import evaluating
 from tokenizers_vq.streaming import AudioDecodeStream, AudioEncodeStream, receptive_field
@@ -177,8 +176,7 @@ class Tokenizer(nn.Module):
                              "PackedCodes need a tokenizer with a dynamic-length bottleneck (QuantizerConfig.dynamic)")
         size = None if size is None else self.media.check_size(size)  # (audio: a bare sample count too)
         grid = None if size is None else self.grid_shape(size)
-        if not self.is_dynamic:
-            self.media.check_codes(codes, self.quantizer.code_shape, size, grid, self.config.name)
+        self.media.check_codes(codes, self.quantizer.code_shape, size, grid, self.config.name, packed=self.is_dynamic)
         if self.is_dynamic:
             self._check_dynamic()
             out = self._decode_aligned(codes)
@@ -271,7 +269,7 @@ class Tokenizer(nn.Module):
         return x if tf is None else self.media.pad_time(x, tf)
 
     def _check_media(self, x: Tensor, aligned: bool) -> Tensor:
-        """``x`` checked, in the weights' dtype (outside autocast, which casts by itself)."""
+        """``x`` checked, in the weights' dtype (under autocast: fp32 or its dtype, which it casts; others in fp32)."""
         want, weights = self.media.input_ndim, next(self.parameters()).dtype
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise ValueError(f"{self.modality} input must be a floating-point torch tensor, {not_a_float_tensor(x)}: "
@@ -288,7 +286,9 @@ class Tokenizer(nn.Module):
             raise ValueError(f"{self.modality} frames are {x.shape[-1]}x{x.shape[-2]}; at least 8x8 pixels are needed")
         if not torch.compiler.is_compiling():
             deferred.check(self.media.input_range(x), self.media.check_range)
-        return x if x.dtype == weights or torch.is_autocast_enabled(x.device.type) else x.to(weights)
+        auto = torch.is_autocast_enabled(x.device.type)  # (fp64, or fp16 in a CPU bf16 region, would not run)
+        keep = (torch.float32, torch.get_autocast_dtype(x.device.type)) if auto else (weights,)
+        return x if x.dtype in keep else x.to(keep[0])
 
     # -- saving and loading ---------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None,
