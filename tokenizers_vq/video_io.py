@@ -37,7 +37,8 @@ def pyav(what: str):
 def _display_matrix(frame) -> tuple[int, ...] | None:
     """The frame's 3x3 display matrix (16.16 fixed point, row-major, as FFmpeg stores it), or None."""
     for side in getattr(frame, "side_data", None) or ():
-        if str(getattr(side, "type", "")).upper().endswith("DISPLAYMATRIX") and len(bytes(side)) >= 36:
+        kind = getattr(side, "type", None)
+        if str(getattr(kind, "name", kind)).upper().endswith("DISPLAYMATRIX") and len(bytes(side)) >= 36:
             return struct.unpack("=9i", bytes(side)[:36])
     return None
 
