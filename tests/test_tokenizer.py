@@ -339,5 +339,8 @@ def test_encode_and_training_samples_leave_each_part_in_its_own_mode(tmp_path):
 
 def test_input_with_the_wrong_channel_count_is_named_with_the_shape_given():
     tok = tiny("video")
-    with pytest.raises(ValueError, match=r"video input has 9 channels but this model expects 3 .*shape \(1, 9, 3, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"video input has 9 channels but this model expects 3 on axis 1 \(B, C, T, H, W\): "
+                                         r"shape \(1, 9, 3, 16, 16\)"):
         tok.encode(torch.rand(1, 9, 3, 16, 16) * 2 - 1)  # frames first: (B, T, C, H, W) by mistake
+    with pytest.raises(ValueError, match=r"audio input must have 3 axes \(B, 1, T\), got shape \(16000,\)"):
+        tiny("audio").encode(torch.zeros(16000))

@@ -62,6 +62,7 @@ class Modality(ABC):
     name: ClassVar[str]
     article: ClassVar[str]  # "an image": for messages
     input_ndim: ClassVar[int]  # axes of a batch of model inputs
+    layout: ClassVar[str]  # their order, as error messages name it
     has_pixels: ClassVar[bool]  # frames of at least 8x8 pixels
     output_suffix: ClassVar[str]  # what decoded media is written as
     default_model: ClassVar[str]  # the embedded model tvq picks for it
@@ -227,7 +228,7 @@ def names() -> list[str]:
 
 @register
 class Image(Modality):
-    name, article, input_ndim, has_pixels = "image", "an image", 4, True
+    name, article, input_ndim, has_pixels, layout = "image", "an image", 4, True, "(B, C, H, W)"
     output_suffix, default_model, region_cells = ".png", "image", 4
     unit, token_rate, streams, fid, clips = "images", "tokens_per_image", False, True, False
     window_axes = 2
@@ -260,7 +261,7 @@ class Image(Modality):
 
 @register
 class Audio(Modality):
-    name, article, input_ndim, has_pixels = "audio", "an audio", 3, False
+    name, article, input_ndim, has_pixels, layout = "audio", "an audio", 3, False, "(B, 1, T)"
     output_suffix, default_model, region_cells = ".wav", "speech", 2
     input_scale = "samples in [-1, 1] (16-bit PCM: x / 32768)"
     unit, token_rate, streams, fid, clips = "audio_seconds", "tokens_per_second", True, False, False
@@ -298,7 +299,7 @@ class Audio(Modality):
 
 @register
 class Video(Modality):
-    name, article, input_ndim, has_pixels = "video", "a video", 5, True
+    name, article, input_ndim, has_pixels, layout = "video", "a video", 5, True, "(B, C, T, H, W)"
     output_suffix, default_model, region_cells = ".mp4", "video", None
     unit, token_rate, streams, fid, clips = "frames", "tokens_per_frame", False, False, True
     window_axes = 2  # one frame's grid

@@ -275,13 +275,13 @@ class Tokenizer(nn.Module):
             raise ValueError(f"{self.modality} input must be a floating-point torch tensor, {not_a_float_tensor(x)}: "
                              f"{self.media.input_scale}")
         if x.ndim != want:
-            raise ValueError(f"{self.modality} input must have {want} axes (B, C, ...), got shape {tuple(x.shape)}")
+            raise ValueError(f"{self.modality} input must have {want} axes {self.media.layout}, got shape {tuple(x.shape)}")
         if x.numel() == 0:
             raise ValueError(f"empty {self.modality} input: shape {tuple(x.shape)}")
         channels = getattr(self.backbone_config, "in_channels", 1)  # checked here: the backbone sees it padded
         if x.shape[1] != channels:
             raise ValueError(f"{self.modality} input has {x.shape[1]} channels but this model expects {channels} "
-                             f"on axis 1 (B, C, ...): shape {tuple(x.shape)}")
+                             f"on axis 1 {self.media.layout}: shape {tuple(x.shape)}")
         if self.media.has_pixels and min(x.shape[-2:]) < 8:
             raise ValueError(f"{self.modality} frames are {x.shape[-1]}x{x.shape[-2]}; at least 8x8 pixels are needed")
         if not torch.compiler.is_compiling():
