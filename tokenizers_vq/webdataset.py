@@ -167,15 +167,19 @@ def _failed_command(proc: subprocess.Popen | None, err: IO[bytes] | None, source
         return
     if proc.returncode not in (0, -signal.SIGPIPE, 128 + signal.SIGPIPE):  # (the shell's word for SIGPIPE)
         raise ValueError(f"{_command_failure(proc, err, source)} (its archive: {why})")
-    err.seek(0)
-    if said := err.read().decode(errors="replace").strip()[-300:]:  # a pipeline's or `|| true`'s failure, status 0
+    if said := _stderr_tail(err):  # a pipeline's or `|| true`'s failure, status 0
         raise ValueError(f"cannot read tar {source}: {why}; its command said: {said}")
+
+
+def _stderr_tail(err: IO[bytes]) -> str:
+    """The end of what a ``pipe:`` source's command wrote to its standard error."""
+    err.seek(0)
+    return err.read().decode(errors="replace").strip()[-300:]
 
 
 def _command_failure(proc: subprocess.Popen, err: IO[bytes], source: str) -> str:
     """The exit status of a ``pipe:`` source's command and the end of its standard error."""
-    err.seek(0)
-    message = err.read().decode(errors="replace").strip()[-300:]
+    message = _stderr_tail(err)
     return f"{source}: the command exited with status {proc.returncode}" + (f": {message}" if message else "")
 
 
