@@ -214,3 +214,36 @@ def test_a_projected_codebook_saves_its_features_in_the_weights_alone(given, tmp
     assert torch.equal(loaded.quantizer.features, tok.quantizer.features)
     loaded.save_pretrained(tmp_path / "again")  # saved again from the marker
     assert torch.equal(Tokenizer.from_pretrained(tmp_path / "again").encode(x), tok.encode(x))
+
+
+def test_quantizer_wrapper_settings_are_checked_where_the_config_is_made():
+    from tokenizers_vq import QuantizerConfig  # noqa: PLC0415
+
+    for field, value in (("groups", 0), ("levels", 0), ("levels", 2.0), ("beam_size", True)):
+        with pytest.raises(ValueError, match=f"quantizer.{field} must be a whole number >= 1"):
+            QuantizerConfig("vq", {"codebook_size": 32}, **{field: value})
+    for value in (-0.1, 7.0, "0.5"):
+        with pytest.raises(ValueError, match="quantizer.dropout must be a number in"):
+            QuantizerConfig("vq", {"codebook_size": 32}, levels=2, dropout=value)
+    with pytest.raises(ValueError, match="dropout=0.5 are options of residual levels"):  # one level has none to drop
+        QuantizerConfig("vq", {"codebook_size": 32}, groups=2, dropout=0.5)
+    assert QuantizerConfig("vq", {"codebook_size": 32}, levels=2, dropout=0.5).build(8).dropout == 0.5
+
+
+def test_an_empty_folder_name_is_refused_not_read_as_the_working_directory(tmp_path, monkeypatch):
+    from tokenizers_vq import Tokenizer  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text("mine")
+    for call in (lambda: tiny("image").save_pretrained(""), lambda: Tokenizer.from_pretrained("")):
+        with pytest.raises(ValueError, match="an empty file name"):
+            call()
+    assert (tmp_path / "config.json").read_text() == "mine"
+
+
+def test_codes_that_are_not_a_tensor_are_named_with_the_fix():
+    tok = tiny("image").eval()
+    codes = tok.encode(torch.rand(1, 3, 16, 16) * 2 - 1)
+    for given in (codes.tolist(), codes.numpy()):
+        with pytest.raises(ValueError, match=r"a torch.Tensor of codes \(torch.as_tensor"):
+            tok.decode(given)

@@ -158,7 +158,11 @@ def test_an_interrupted_command_is_one_line(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "_example_photo", interrupted)
     assert main(["example-photo"]) == 130
-    assert "interrupted" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert "interrupted (files already written are complete)" in line and "export" not in line
+    monkeypatch.setattr(cli, "_train", interrupted)  # (before its loop, which names its checkpoint itself)
+    assert main(["train", "image", f"--out_dir={tmp_path}"]) == 130
+    assert "training resumes from its last checkpoint when run again" in one_error_line(capsys)
 
 
 def test_a_write_that_lands_short_raises(tmp_path, monkeypatch):

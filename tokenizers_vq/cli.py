@@ -373,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tvq: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # (training's says where it saved)
-        print(f"tvq: interrupted ({str(e) or 'files already written are complete; an export resumes when run again'})",
-              file=sys.stderr)
+        again = {"export": "an export resumes", "train": "training resumes from its last checkpoint"}.get(args.command)
+        print(f"tvq: interrupted (files already written are complete{f'; {again} when run again' if again else ''})"
+              if not str(e) else f"tvq: interrupted ({e})", file=sys.stderr)
         return 130
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 
@@ -10,6 +13,13 @@ UNREADABLE = "(a damaged or cut-short file, or not the type its suffix says: cop
 
 EMPTY_NAME = "an empty file name: name a file or folder (a command that was to give one printed nothing?)"
 """The refusal of ``""`` as a path (read as the folder ``.`` otherwise)."""
+
+
+def named_path(path: str | os.PathLike) -> Path:
+    """``path`` as a :class:`~pathlib.Path`; ``""`` refused with :data:`EMPTY_NAME`."""
+    if os.fspath(path) == "":
+        raise ValueError(EMPTY_NAME)
+    return Path(path)
 
 
 class MissingDependency(ImportError):

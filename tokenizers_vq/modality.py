@@ -191,6 +191,8 @@ class Modality(ABC):
         """Refuse fixed-grid codes without their batch axis ``(B, *grid, *code_shape)``, or
         whose grid is not the ``grid`` that ``model`` gives media of ``size`` (``packed``: a
         dynamic-length model's :class:`PackedCodes`, whose shape is the grid)."""
+        if not isinstance(codes, Tensor) and not packed:
+            raise ValueError(f"decode takes a torch.Tensor of codes (torch.as_tensor(...)), got {type(codes).__name__}")
         axes, shape = self.input_ndim - 2, tuple(codes.shape)
         if not packed and codes.ndim != 1 + axes + len(code_shape):
             raise ValueError(f"codes of shape {list(shape)}: expected (B, *grid, *code_shape), "

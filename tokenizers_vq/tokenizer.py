@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from tokenizers_vq import deferred
 from tokenizers_vq.backbones import BACKBONES
-from tokenizers_vq.errors import not_a_float_tensor
+from tokenizers_vq.errors import named_path, not_a_float_tensor
 from tokenizers_vq.io import atomic_write_all, device_named, save_safetensors, training_only_keys
 from tokenizers_vq.modality import Modality, names as modality_names
 from tokenizers_vq.modality import get as get_modality
@@ -303,7 +303,7 @@ class Tokenizer(nn.Module):
             training_state: False leaves out state only training reads (a VQ's EMA sums, which
                 loading rebuilds from the codebook and its counts): a smaller file to ship.
         """
-        directory = Path(directory)
+        directory = named_path(directory)
         left_out = set() if training_state else training_only_keys(self)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k not in left_out}
         if dtype is not None:
@@ -334,7 +334,7 @@ class Tokenizer(nn.Module):
 
         if directory is None or (isinstance(directory, str) and directory in PRETRAINED):
             directory = PRETRAINED[directory or "image"]
-        directory = Path(directory)
+        directory = named_path(directory)
         cfg_path, weights = directory / "config.json", directory / "model.safetensors"
         for p in (directory, cfg_path, weights):
             if not p.exists():

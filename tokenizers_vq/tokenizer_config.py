@@ -134,9 +134,16 @@ class QuantizerConfig:
 
     def __post_init__(self):
         cls = quantizer_class(self.kind)
-        if (self.shared_codebook or self.beam_size != 1) and self.levels < 2:
-            raise ValueError(f"quantizer.shared_codebook={self.shared_codebook} and beam_size={self.beam_size} are "
-                             f"options of residual levels: set quantizer.levels >= 2 (got {self.levels})")
+        for name in ("levels", "groups", "beam_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"quantizer.{name} must be a whole number >= 1, got {value!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout <= 1:
+            raise ValueError(f"quantizer.dropout must be a number in [0, 1], got {self.dropout!r}")
+        if (self.shared_codebook or self.beam_size != 1 or self.dropout) and self.levels < 2:
+            raise ValueError(f"quantizer.shared_codebook={self.shared_codebook}, beam_size={self.beam_size} and "
+                             f"dropout={self.dropout} are options of residual levels: set quantizer.levels >= 2 "
+                             f"(got {self.levels})")
         params = inspect.signature(cls).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             allowed = set(params) - {"dim", "self"}
@@ -220,14 +227,21 @@ def saved_config(config: TokenizerConfig, quantizer: torch.nn.Module) -> Tokeniz
     """``config`` as ``config.json`` stores it: a projected codebook's ``features`` option (a
     tensor, which JSON cannot hold, or a file path, which may be gone where the model is
     loaded) becomes a :data:`FEATURES_IN_WEIGHTS` marker of the buffer's shape, since the
-    weights hold the features themselves; a vector quantizer swapped for one of another size
-    (``quantizers.shrink_codebook``) has its ``codebook_size`` recorded, as its weights hold."""
+    weights hold the features themselves; vector quantizers swapped for ones of another size
+    (``quantizers.shrink_codebook``, every residual level or group alike) have their
+    ``codebook_size`` recorded, as their weights hold. Levels of different sizes, which one
+    ``codebook_size`` cannot describe, raise ``ValueError`` before anything is written."""
     import dataclasses  # noqa: PLC0415
 
     from tokenizers_vq.quantizers import ProjectedCodebookVQ, VectorQuantizer  # noqa: PLC0415
 
     options = config.quantizer.options
-    size = quantizer.codebook_size if isinstance(quantizer, VectorQuantizer) else None
+    sizes = sorted({m.codebook_size for m in quantizer.modules() if isinstance(m, VectorQuantizer)})
+    if len(sizes) > 1 and issubclass(quantizer_class(config.quantizer.kind), VectorQuantizer):
+        raise ValueError(f"the quantizer's levels hold codebooks of {sizes} codes, but config.json records one "
+                         "codebook_size for all of them: shrink every level to the same size "
+                         "(quantizers.shrink_codebook) before saving")
+    size = sizes[0] if len(sizes) == 1 and issubclass(quantizer_class(config.quantizer.kind), VectorQuantizer) else None
     if size is not None and options.get("codebook_size", size) != size:
         options = {**options, "codebook_size": size}
     if "features" in options and options["features"] is not None and not _features_in_weights(options["features"]):
@@ -311,6 +325,22 @@ def backbone_config(cls: type, d: dict[str, Any]):
             example = f", such as {list(default)}" if isinstance(default, tuple) else ""
             raise ValueError(f"backbone.{key} must be {want[0]}{example}, got {value!r}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def filled_config(config: TokenizerConfig) -> dict[str, Any]:
+    """``config`` as a dict with every default written out (the backbone's fields, the quantizer
+    class's options): two configs that build the same model give equal dicts, whichever
+    defaults either wrote out."""
+    import dataclasses  # noqa: PLC0415
+
+    from tokenizers_vq.backbones import BACKBONES  # noqa: PLC0415
+
+    out = dataclasses.asdict(config)
+    out["backbone"] = dataclasses.asdict(backbone_config(BACKBONES[config.modality][0], config.backbone))
+    params = inspect.signature(quantizer_class(config.quantizer.kind)).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    out["quantizer"]["options"] = {**defaults, **config.quantizer.options}
+    return out
 
 
 def architecture_sha256(config: TokenizerConfig) -> str:

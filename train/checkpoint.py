@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.distributed import all_reduce_sum_
-from tokenizers_vq.io import check_can_write, usual_mode
+from tokenizers_vq.io import atomic_write, check_can_write, usual_mode
 
 TENSOR = "__tensor__:"
 
@@ -241,6 +241,25 @@ def data_changes(directory: Path, saved: dict[str, Any] | None, now: dict[str, A
     return ", ".join(changes)
 
 
+SUMMARY, HASHES = "train_summary.json", "codebook_hashes.json"
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    """A finished run's ``train_summary.json`` and ``codebook_hashes.json``, each written whole."""
+    for name, value in ((HASHES, summary["codebook_hashes"]), (SUMMARY, summary)):
+        atomic_write(out_dir / name, lambda tmp, v=value: Path(tmp).write_text(json.dumps(v, indent=1)))
+
+
+def read_summary(out_dir: Path, steps: int) -> dict[str, Any]:
+    """What :func:`write_summary` left in ``out_dir``; ``{"steps": steps}`` where that file is
+    missing or damaged (its numbers are a record of the run, not state the run needs)."""
+    try:
+        summary = json.loads((out_dir / SUMMARY).read_text())
+        return summary if isinstance(summary, dict) else {"steps": steps}
+    except (OSError, ValueError):
+        return {"steps": steps}
+
+
 def stop_if_nonfinite(nonfinite: Tensor, num_processes: int, step: int, checkpoint: Path) -> None:
     """Stop a run whose loss was NaN or Inf at some step (``nonfinite``, a flag kept on the
     device), before it saves over its last good checkpoint; the ranks of a multi-process run
@@ -251,7 +270,7 @@ def stop_if_nonfinite(nonfinite: Tensor, num_processes: int, step: int, checkpoi
     if bool(bad > 0):
         kept = find_checkpoint(checkpoint)
         raise FloatingPointError(
-            f"the training loss became NaN or Inf by step {step}; nothing after it was saved "
+            f"the training loss or weights became NaN or Inf by step {step}; nothing after it was saved "
             + (f"(the checkpoint in {kept} is kept)" if kept else "(no checkpoint had been written)")
             + ": lower optim.lr, set optim.grad_clip, or look for broken items in the data")
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import math
 import os
@@ -61,7 +62,7 @@ class OptimConfig:
     lr: float = 2e-4
     disc_lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.9)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's, of the generator and the discriminator
     grad_clip: float = 1.0  # max gradient norm (0: off)
     warmup_steps: int = 0
     # the generator's learning rate falls to zero along a cosine over the last decay_steps
@@ -115,7 +116,8 @@ class TrainConfig:
 def _build(cls: type, values: dict[str, Any], where: str, written: dict[str, str] | None = None) -> Any:
     """Dataclass ``cls`` from a dict, recursing into dataclass fields; unknown keys
     are errors. ``written``: overrides' text by dotted key, what a text field takes where YAML
-    read a number (``--data.train=2024`` is the folder ``2024``, ``--out_dir=0123`` keeps its 0)."""
+    read a number or a date (``--data.train=2024`` is the folder ``2024``, ``--out_dir=0123`` keeps
+    its 0, ``--out_dir=2024-06-01`` is that text)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
@@ -143,7 +145,7 @@ def _build(cls: type, values: dict[str, Any], where: str, written: dict[str, str
             kwargs[key] = tuple(val)
         elif hint is str and isinstance(val, bool):  # a bare true / false: the text as written
             kwargs[key] = "true" if val else "false"
-        elif hint is str and isinstance(val, (int, float)) and f"{where}{key}" in (written or {}):
+        elif hint is str and isinstance(val, (int, float, datetime.date)) and f"{where}{key}" in (written or {}):
             kwargs[key] = written[f"{where}{key}"]
         else:
             kwargs[key] = _scalar(hint, val, f"{where}{key}")

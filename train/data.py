@@ -267,8 +267,10 @@ def segment_samples(seconds: float, sample_rate: int, hop: int) -> int:
     return crop
 
 
-def check_grid(backbone, crop: int, clip_frames: int, crop_max: int = 0, batch_size: int = 1) -> int | CropRange:
-    """Refuse a pixel crop or video clip length the model cannot code, naming the key,
+def check_grid(backbone, crop: int, clip_frames: int, crop_max: int = 0, batch_size: int = 1,
+               needs: dict[str, int] | None = None) -> int | CropRange:
+    """Refuse a pixel crop or video clip length the model cannot code, or a crop under the side
+    a loss's network takes (``needs``: its name and that side), naming the key,
     before any data is read (``backbone``: an image or video backbone config); the crop
     the batches take (a :class:`CropRange` from ``crop`` to ``crop_max`` when that is set;
     a warning when its largest crop holds more pixels than ``batch_size`` crops of ``crop``)."""
@@ -278,6 +280,10 @@ def check_grid(backbone, crop: int, clip_frames: int, crop_max: int = 0, batch_s
         if side % f:
             raise ValueError(f"data.{key}={side}: the model downsamples by {f}, so crops must be a multiple of {f}; "
                              f"use e.g. --data.{key}={fit}")
+    for what, side in (needs or {}).items():
+        if crop < side:
+            raise ValueError(f"data.crop={crop}: {what} takes crops of at least {side} pixels a side; "
+                             f"use e.g. --data.crop={-(-side // f) * f}")
     tf = getattr(backbone, "temporal_factor", None)
     if tf and (clip_frames - 1) % tf:
         fit = 1 + tf * max(1, (clip_frames - 1) // tf)

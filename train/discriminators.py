@@ -37,6 +37,18 @@ class PatchGAN(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.head = conv(ch, 1, k, 1, pad)
 
+    def min_side(self) -> int:
+        """The smallest crop side (pixels) that leaves this discriminator at least one logit."""
+        convs = [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+        side = 1
+        while True:
+            n = side
+            for c in convs:
+                n = (n + 2 * c.padding[-1] - c.kernel_size[-1]) // c.stride[-1] + 1
+            if n >= 1:
+                return side
+            side += 1
+
     def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         feats = []
         for b in self.blocks:

@@ -50,6 +50,10 @@ class LPIPS(nn.Module):
             ) from e
         self.eval().requires_grad_(False)
 
+    def min_side(self) -> int:
+        """The smallest image side (pixels) the network takes (:meth:`LPIPSNet.min_side`)."""
+        return self.model.min_side()
+
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """Mean LPIPS of images ``(B, 3, H, W)`` in [-1, 1]; differentiable in both."""
         return self.model(x, y).mean()

@@ -12,7 +12,6 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,11 @@ from tokenizers_vq.distributed import all_reduce_sum_
 from tokenizers_vq.media import left_out
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
+from tokenizers_vq.tokenizer_config import filled_config
 from tokenizers_vq.train.checkpoint import (Interrupted, changed_settings, check_run_folder, data_changes, data_files,
                                             find_checkpoint, interrupt_at_step_end, load_checkpoint, optimizer_state,
-                                            rng_state, save_checkpoint, set_rng_state, state_hashes, stop_if_nonfinite, truncate_log)
+                                            read_summary, rng_state, save_checkpoint, set_rng_state, state_hashes, stop_if_nonfinite,
+                                            truncate_log, write_summary)
 from tokenizers_vq.train.config import TrainConfig, check_config, config_to_dict
 from tokenizers_vq.train.data import MediaFolder, check_grid, list_files, segment_samples, split_files, warn_undersized
 from tokenizers_vq.train.discriminators import build_discriminator
@@ -76,6 +77,8 @@ class Trainer:
         if loss.perceptual > 0 and get_modality(cfg.model.modality).has_pixels:
             self.lpips = lpips_module or LPIPS(loss.lpips_net, loss.lpips_weights or None, loss.lpips_heads or None)
             self.lpips.to(self.acc.device)
+        needs = {what: m.min_side() for what, m in (("the discriminator (loss.adversarial)", self.disc),
+                                                    ("LPIPS (loss.perceptual)", self.lpips)) if hasattr(m, "min_side")}
 
         o = cfg.optim
         # the fused CUDA AdamW: one kernel for all parameters (it needs them on the GPU first)
@@ -86,7 +89,7 @@ class Trainer:
         self.model, self.opt_g = self.acc.prepare(self.model, self.opt_g)
         if self.disc is not None:
             self.disc.to(self.acc.device)
-            self.opt_d = torch.optim.AdamW(self.disc.parameters(), o.disc_lr, betas=o.betas, fused=fused)
+            self.opt_d = torch.optim.AdamW(self.disc.parameters(), o.disc_lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused)
             self.disc, self.opt_d = self.acc.prepare(self.disc, self.opt_d)
         if self.ema is not None:
             self.ema.to(self.acc.device)
@@ -97,13 +100,12 @@ class Trainer:
         if not d.train:  # an empty path would list the working directory
             raise ValueError("data.train is not set: set --data.train=DIR, the folder of media to train on")
         sr = self.unwrapped.sample_rate
-        crop = d.crop if sr else check_grid(self.unwrapped.backbone_config, d.crop, d.clip_frames, d.crop_max, cfg.batch_size)
+        crop = d.crop if sr else check_grid(self.unwrapped.backbone_config, d.crop, d.clip_frames, d.crop_max, cfg.batch_size, needs)
         files = list_files("data.train", d.train, cfg.model.modality, d.max_items, cfg.out_dir)
         val_files = list_files("data.val", d.val, cfg.model.modality, d.max_items, cfg.out_dir) if d.val else None
         train_files, val_files = split_files(files, val_files, d.val_fraction)
         stills = list_files("data.stills", d.stills, "image", d.max_items, cfg.out_dir) if d.stills else None
-        self.train_data = MediaFolder(train_files, cfg.model.modality, sr, d.max_frames,
-                                      stills, d.stills_fraction, d.max_pan)
+        self.train_data = MediaFolder(train_files, cfg.model.modality, sr, d.max_frames, stills, d.stills_fraction, d.max_pan)
         self.val_files = val_files
         self.data_files = data_files(train_files, val_files, d.train, d.val or None)
         if self.acc.is_main_process:  # what the run leaves out of its folders, and what it reads
@@ -203,8 +205,7 @@ class Trainer:
         live = self.unwrapped
         # warm-up: early on the average follows the live weights (decay (1+t)/(10+t))
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
-        # one multi-tensor call each, not two kernels per parameter
-        params, buffers = list(self.ema.parameters()), list(self.ema.buffers())
+        params, buffers = list(self.ema.parameters()), list(self.ema.buffers())  # one multi-tensor call each
         if params:
             torch._foreach_lerp_(params, [p.detach() for p in live.parameters()], 1 - decay)
         if buffers:  # the foreach ops refuse empty lists (a latent quantizer has no buffers)
@@ -217,8 +218,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         start, start_step, self.sample_seconds = time.time(), self.step, 0.0
         if start_step >= cfg.steps:  # a finished run run again: keep its summary
-            done = self.out_dir / "train_summary.json"
-            summary = json.loads(done.read_text()) if done.is_file() else {"steps": self.step}
+            summary = read_summary(self.out_dir, self.step)
             return {**summary, "steps": self.step, "already_trained": True}
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.acc.is_main_process)
         items = 0  # trained since start: a crop range (data.crop_max) varies the items a step
@@ -269,8 +269,7 @@ class Trainer:
                    "peak_memory_mib": (torch.cuda.max_memory_allocated(self.acc.device) / 2**20
                                        if self.acc.device.type == "cuda" else None)}
         if self.acc.is_main_process:
-            (self.out_dir / "codebook_hashes.json").write_text(json.dumps(summary["codebook_hashes"]))
-            (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+            write_summary(self.out_dir, summary)
         return summary
 
     def _rates(self, elapsed: float, steps: int, items: int) -> dict[str, float]:
@@ -324,7 +323,8 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def save(self) -> None:
-        state = [t for t in self.unwrapped.state_dict().values() if t.is_floating_point()]  # weights and codebooks
+        nets = [self.unwrapped] + ([self.acc.unwrap_model(self.disc)] if self.disc is not None else [])
+        state = [t for m in nets for t in m.state_dict().values() if t.is_floating_point()]  # weights and codebooks
         self._nonfinite |= ~torch.stack([t.isfinite().all() for t in state]).all()
         stop_if_nonfinite(self._nonfinite, self.acc.num_processes, self.step, self.out_dir / "checkpoint")
         self.acc.wait_for_everyone()
@@ -350,9 +350,9 @@ class Trainer:
 
     def _resume(self, directory: Path) -> None:
         parts, meta = load_checkpoint(directory)
-        saved = meta["config"]["model"]  # rebuilt too: config fields added since it was saved read as defaults
-        if asdict(self.cfg.model) not in (saved, asdict(type(self.cfg.model).from_dict(saved))):
-            changed = changed_settings(asdict(type(self.cfg.model).from_dict(saved)), asdict(self.cfg.model), "model.")
+        saved = filled_config(type(self.cfg.model).from_dict(meta["config"]["model"]))  # defaults written out
+        if saved != filled_config(self.cfg.model):  # (on both sides: fields added since read as defaults)
+            changed = changed_settings(saved, filled_config(self.cfg.model), "model.")
             raise ValueError(f"checkpoint {directory} was trained with another model config ({'; '.join(changed[:4])}): "
                              f"resume with it as it was, or train in a new out_dir with --init_from {directory}")
         for name, on, setting in (("ema", self.ema, "ema_decay=0"), ("disc", self.disc, "loss.adversarial=0"),
@@ -393,7 +393,7 @@ class Trainer:
             group.update(initial_lr=o.lr, lr=o.lr * o.lr_factor(self.sched.last_epoch, self.cfg.steps),
                          betas=tuple(o.betas), weight_decay=o.weight_decay)
         for group in self.opt_d.param_groups if self.disc is not None else []:
-            group.update(lr=o.disc_lr, betas=tuple(o.betas))
+            group.update(lr=o.disc_lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
     def _truncate_log(self) -> None:
         if self.acc.is_main_process:

@@ -49,6 +49,8 @@ QUANTIZERS = {
     "residual-fsq": lambda: ResidualQuantizer([FSQ(D, [5, 5, 5]) for _ in range(2)]),
     "residual-vq-shared-codebook": lambda: ResidualQuantizer([VectorQuantizer(D, 32)], shared_levels=3),
     "residual-vq-beam": lambda: ResidualQuantizer([VectorQuantizer(D, 32) for _ in range(3)], beam_size=3),
+    "residual-vq-beam-factorised": lambda: ResidualQuantizer([VectorQuantizer(D, 32, codebook_dim=4) for _ in range(2)],
+                                                             beam_size=2),
     "grouped-lfq": lambda: GroupedQuantizer([LFQ(D // 2, 6) for _ in range(2)]),
     "grouped-residual-vq": lambda: GroupedQuantizer(
         [ResidualQuantizer([VectorQuantizer(D // 2, 16) for _ in range(2)]) for _ in range(2)]

@@ -224,3 +224,33 @@ def test_a_tokenizer_with_a_shrunk_codebook_saves_as_what_it_is(tmp_path):
     assert again.quantizer.codebook_size == 8 == again.config.quantizer.options["codebook_size"]
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert torch.equal(again.encode(x), tok.encode(x))
+
+
+@pytest.mark.parametrize("levels,groups", [(2, 1), (1, 2), (2, 2)])
+def test_a_tokenizer_whose_levels_were_all_shrunk_saves_as_what_it_is(tmp_path, levels, groups):
+    from test_tokenizer import tiny  # noqa: PLC0415
+
+    from tokenizers_vq import QuantizerConfig, Tokenizer  # noqa: PLC0415
+
+    tok = tiny("image", QuantizerConfig("vq", {"codebook_size": 32}, levels=levels, groups=groups))
+    parents = [m for m in tok.quantizer.modules() if any(isinstance(c, VectorQuantizer) for c in m.children())]
+    for parent in parents:
+        for name, child in parent.named_children():
+            if isinstance(child, VectorQuantizer):
+                setattr(parent, name, shrink_codebook(child, 8)[0].eval())
+    again = Tokenizer.from_pretrained(tok.save_pretrained(tmp_path / "small"))
+    assert again.config.quantizer.options["codebook_size"] == 8
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(again.encode(x), tok.encode(x))
+
+
+def test_levels_shrunk_to_different_sizes_are_refused_before_anything_is_written(tmp_path):
+    from test_tokenizer import tiny  # noqa: PLC0415
+
+    from tokenizers_vq import QuantizerConfig  # noqa: PLC0415
+
+    tok = tiny("image", QuantizerConfig("vq", {"codebook_size": 32}, levels=2))
+    tok.quantizer.levels[0] = shrink_codebook(tok.quantizer.levels[0], 8)[0].eval()
+    with pytest.raises(ValueError, match=r"codebooks of \[8, 32\] codes.*same size"):
+        tok.save_pretrained(tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()

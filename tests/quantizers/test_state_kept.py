@@ -85,3 +85,54 @@ def test_counts_given_as_floats_are_named():
                         (lambda: ResidualQuantizer([VectorQuantizer(8, 16)] * 2, beam_size=2.5), "beam_size")):
         with pytest.raises(ValueError, match=f"{name} must be a whole number"):
             build()
+
+
+def _running_state(q: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in q.state_dict().items() if k != "steps"}
+
+
+def test_a_finite_row_whose_square_overflows_leaves_the_affine_statistics_as_they_were():
+    torch.manual_seed(0)
+    q = VectorQuantizer(8, 16, learning="loss", affine=True, check_finite=False).train()
+    q(torch.randn(64, 8))
+    names = ("latent_mean", "latent_var", "embed_mean", "embed_std")
+    before = {k: getattr(q, k).clone() for k in names}
+    bad = torch.randn(64, 8)
+    bad[0] = 1e30  # finite, but its square is not in fp32
+    q(bad)
+    for k in names:
+        assert torch.equal(getattr(q, k), before[k]), k
+    assert torch.isfinite(q.codebook).all()
+
+
+def test_a_non_finite_batch_leaves_a_sharded_codebook_as_it_was():
+    from tokenizers_vq.quantizers.sharded import ShardedVectorQuantizer  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    q = ShardedVectorQuantizer(8, 16, dead_code_threshold=0.5, check_finite=False).train()
+    q(torch.randn(64, 8))
+    before = _running_state(q)
+    for value in (float("nan"), float("inf")):
+        bad = torch.randn(64, 8)
+        bad[3, 2] = value
+        q(bad)
+        for k, v in _running_state(q).items():
+            assert torch.equal(v, before[k]), k
+    q(torch.randn(64, 8))
+    assert not torch.equal(q.cluster_size, before["cluster_size"]) and torch.isfinite(q.embed).all()
+
+
+def test_a_non_finite_batch_leaves_the_dynamic_routers_threshold_as_it_was():
+    from tokenizers_vq.quantizers import DynamicQuantizer  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    dq = DynamicQuantizer(VectorQuantizer(16, 64, check_finite=False), target_fine_ratio=0.5).train()
+    for _ in range(5):
+        dq(torch.randn(8, 8, 8, 16))
+    before = dq.threshold.clone()
+    bad = torch.randn(8, 8, 8, 16)
+    bad[0, 0, 0, 0] = float("nan")
+    dq(bad)
+    assert torch.equal(dq.threshold, before)
+    dq(torch.randn(8, 8, 8, 16))
+    assert torch.isfinite(dq.threshold) and not torch.equal(dq.threshold, before)

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import soundfile as sf
 import torch
+from test_tokenizer import TINY
 from testdata import shared_path
 from trainrun import config
 
@@ -55,7 +56,7 @@ def test_a_diverged_run_stops_before_saving_over_its_last_good_checkpoint(tmp_pa
         return step(x)
 
     diverging.generator_step = poisoned
-    with pytest.raises(FloatingPointError, match=r"loss became NaN or Inf by step 3; nothing after it was saved "
+    with pytest.raises(FloatingPointError, match=r"loss or weights became NaN or Inf by step 3; nothing after it was saved "
                                                  r"\(the checkpoint in .* is kept\): lower optim.lr"):
         diverging.train()
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
@@ -135,6 +136,9 @@ def test_an_init_from_may_name_a_runs_out_dir(tmp_path):
     ("image", {"data.crop": 30}, r"data.crop=30: the model downsamples by 4, .* use e.g. --data.crop=28"),
     ("video", {"data.clip_frames": 8}, r"data.clip_frames=8: .* 1 \+ 4k frames; use e.g. --data.clip_frames=5"),
     ("image", {"data.crop_max": 70}, r"data.crop_max=70: the model downsamples by 4, .* use e.g. --data.crop_max=72"),
+    ("image", {"data.crop": 16, "loss.adversarial": 0.1},
+     r"data.crop=16: the discriminator \(loss.adversarial\) takes crops of at least 24 pixels a side; use e.g. --data.crop=24"),
+    ("video", {"data.crop": 16, "loss.adversarial": 0.1}, r"data.crop=16: the discriminator .* use e.g. --data.crop=24"),
 ])
 def test_a_crop_or_clip_the_model_cannot_code_is_named_before_the_data_is_read(tmp_path, modality, over, named):
     with pytest.raises(ValueError, match=named):  # a missing data folder would be the error after that
@@ -282,3 +286,54 @@ def test_with_gradient_accumulation_the_log_is_the_mean_of_the_micro_batches(tmp
     assert len(seen) == 4 and seen[0] != seen[1]  # two micro-batches a step, of other items
     for line, pair in zip(lines, (seen[:2], seen[2:])):
         assert line["loss/total"] == pytest.approx(sum(pair) / 2, rel=1e-6)  # not the last micro-batch's alone
+
+
+def test_a_crop_under_what_lpips_takes_is_named_before_the_data_is_read(tmp_path):
+    from tokenizers_vq.train.losses import LPIPS  # noqa: PLC0415
+
+    net = LPIPS("alex", random_backbone=True)
+    side = net.min_side()
+    assert side > 16
+    with pytest.raises(ValueError, match=rf"data.crop=16: LPIPS \(loss.perceptual\) takes crops of at least {side} pixels"):
+        Trainer(config("image", tmp_path, 1, **{"data.crop": 16, "loss.perceptual": 1.0,
+                                               "data.train": str(tmp_path / "absent")}), lpips_module=net)
+
+
+def test_a_discriminator_gone_non_finite_stops_the_run_before_it_saves(tmp_path):
+    out = tmp_path / "run"
+    Trainer(config("image", out, 2, save_every=2, **{"loss.adversarial": 0.1, "loss.disc_start": 0})).train()
+    good = (out / "checkpoint" / "state.json").read_text()
+    run = Trainer(config("image", out, 4, save_every=1, **{"loss.adversarial": 0.1, "loss.disc_start": 0}))
+    with torch.no_grad():
+        next(run.acc.unwrap_model(run.disc).parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="loss or weights became NaN or Inf by step 3"):
+        run.train()
+    assert (out / "checkpoint" / "state.json").read_text() == good
+
+
+def test_weight_decay_applies_to_the_discriminator_too(tmp_path):
+    over = {"loss.adversarial": 0.1, "optim.weight_decay": 0.3}
+    run = Trainer(config("image", tmp_path / "run", 1, save_every=1, **over))
+    assert [g["weight_decay"] for g in run.opt_d.param_groups] == [0.3]
+    run.train()
+    resumed = Trainer(config("image", tmp_path / "run", 2, **{**over, "optim.weight_decay": 0.0}))
+    assert [g["weight_decay"] for g in resumed.opt_d.param_groups] == [0.0]
+
+
+def test_a_resume_that_writes_out_a_default_setting_is_the_same_model(tmp_path):
+    out = tmp_path / "run"
+    Trainer(config("image", out, 1, save_every=1)).train()
+    backbone = json.dumps({**TINY["image"], "in_channels": 3})
+    options = '{"codebook_size": 64, "kmeans_init": true, "kmeans_iters": 10}'
+    resumed = Trainer(config("image", out, 2, **{"model.backbone": backbone, "model.quantizer.options": options}))
+    assert resumed.step == 1
+    with pytest.raises(ValueError, match=r"another model config \(model.backbone.in_channels: 3 -> 1\)"):
+        Trainer(config("image", out, 2, **{"model.backbone": backbone.replace('"in_channels": 3', '"in_channels": 1')}))
+
+
+def test_a_damaged_summary_of_a_finished_run_is_not_an_error(tmp_path):
+    out = tmp_path / "run"
+    Trainer(config("image", out, 1, save_every=1)).train()
+    (out / "train_summary.json").write_text('{"steps": 1, "sec')
+    again = Trainer(config("image", out, 1)).train()
+    assert again["already_trained"] and again["steps"] == 1

@@ -256,6 +256,8 @@ def test_config_overrides_are_checked(tmp_path):
     # a text setting that YAML reads as a number is the text typed; in a file, the message says to quote it
     assert load_config(None, ["out_dir=2024", "--data.train", "0123", "data.val=1.50"]).data.train == "0123"
     assert load_config(None, ["out_dir=2024"]).out_dir == "2024" and load_config(None, ["data.val=1.50"]).data.val == "1.50"
+    assert load_config(None, ["out_dir=2024-06-01", "data.train=2024-06-02 10:00"]).out_dir == "2024-06-01"  # not dates
+    assert load_config(None, ["data.train=2024-06-02 10:00"]).data.train == "2024-06-02 10:00"
     (tmp_path / "numbers.yaml").write_text("out_dir: 2024\n")
     with pytest.raises(ValueError, match=r"out_dir must be a string, got 2024 \(YAML read it as int: quote it in the file, '2024'\)"):
         load_config(tmp_path / "numbers.yaml")

@@ -228,6 +228,7 @@ class DynamicQuantizer(nn.Module):
             if self.calibrate:
                 with torch.no_grad():
                     q = torch.quantile(s.detach().float().reshape(-1), 1 - self.target_fine_ratio)
+                    q = torch.where(torch.isfinite(q), q, self.threshold.float())  # a non-finite batch moves nothing
                     self.threshold.lerp_(q.to(self.threshold.dtype), 1 - self.threshold_decay)
         else:
             fine = s > (self.threshold if self.calibrate else 0.0)

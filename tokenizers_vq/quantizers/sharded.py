@@ -166,15 +166,16 @@ class ShardedVectorQuantizer(Quantizer):
         local = (idx[mine] - self.offset)
         counts = torch.zeros(count, device=queries.device).index_add_(0, local, torch.ones_like(local, dtype=torch.float32))
         sums = torch.zeros_like(self.embed).index_add_(0, local, queries[mine])
-        self.cluster_size.lerp_(counts, 1 - self.decay)
-        self.embed_sum.lerp_(sums, 1 - self.decay)
+        ok = torch.isfinite(queries).all()  # every rank's rows, gathered: the same on every rank
+        self.cluster_size.lerp_(torch.where(ok, counts, self.cluster_size), 1 - self.decay)
+        self.embed_sum.lerp_(torch.where(ok, sums, self.embed_sum), 1 - self.decay)
         total = self.cluster_size.sum()
         if is_distributed():
             dist.all_reduce(total)
         smoothed = (self.cluster_size + self.eps) / (total + self._size * self.eps) * total
-        self.embed.copy_(self.embed_sum / smoothed.unsqueeze(1))
+        self.embed.copy_(torch.where(ok, self.embed_sum / smoothed.unsqueeze(1), self.embed))
         if self.dead_code_threshold > 0:
-            dead = (self.cluster_size < self.dead_code_threshold).unsqueeze(1)
+            dead = ((self.cluster_size < self.dead_code_threshold) & ok).unsqueeze(1)
             gen = torch.Generator(device="cpu").manual_seed(int(self.steps))
             pick = torch.randint(0, len(queries), (self._size,), generator=gen)[self.offset : self.offset + count]
             fresh = queries[pick.to(queries.device)]

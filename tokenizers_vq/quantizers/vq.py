@@ -31,8 +31,8 @@ from tokenizers_vq.quantizers._functional import (
     rotation_trick,
     straight_through,
 )
-from tokenizers_vq.quantizers.base import (Quantizer, QuantizerOutput, check_choice, check_float32_statistics,
-                                           check_number, flatten_latent)
+from tokenizers_vq.quantizers.base import (Quantizer, QuantizerOutput, as_weights, check_choice,
+                                           check_float32_statistics, check_number, flatten_latent)
 
 Estimator = Literal["ste", "rotation"]
 Learning = Literal["ema", "loss"]
@@ -192,7 +192,6 @@ class VectorQuantizer(Quantizer):
             return c
         return (c - self.latent_mean) / (self.latent_var + 1e-5).sqrt() * (self.embed_std + 1e-5) + self.embed_mean
 
-    # ------------------------------------------------------------------------------------
     def _rows(self, z: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
         """``(flat, xf, lead)``: the projected latent's rows (under the caller's autocast), the
         same rows in fp32 as the search sees them (unit rows for ``cosine``), the leading shape."""
@@ -250,14 +249,15 @@ class VectorQuantizer(Quantizer):
 
     @staticmethod
     def _latent_moments(xf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-channel mean and biased variance of the rows over every rank (one all-reduce), and
-        whether all ranks' rows were finite (else the affine statistics stay as they are)."""
-        if not tdist.is_distributed():
-            return xf.mean(0), xf.var(0, unbiased=False), torch.isfinite(xf).all()
-        d, bad = xf.shape[1], (~torch.isfinite(xf).all()).float().reshape(1)
-        stats = tdist.all_reduce_sum_(torch.cat([xf.sum(0), xf.square().sum(0), xf.new_tensor([xf.shape[0]]), bad]))
-        mean = stats[:d] / stats[2 * d]
-        return mean, (stats[d : 2 * d] / stats[2 * d] - mean.square()).clamp_min(0), stats[2 * d + 1] == 0
+        """Per-channel mean and biased variance of the rows over every rank (one all-reduce), and whether
+        all ranks' rows and those moments were finite (else the affine statistics stay as they are)."""
+        mean, var, ok = xf.mean(0), xf.var(0, unbiased=False), torch.isfinite(xf).all()
+        if tdist.is_distributed():
+            d, bad = xf.shape[1], (~ok).float().reshape(1)
+            stats = tdist.all_reduce_sum_(torch.cat([xf.sum(0), xf.square().sum(0), xf.new_tensor([xf.shape[0]]), bad]))
+            mean, ok = stats[:d] / stats[2 * d], stats[2 * d + 1] == 0
+            var = (stats[d : 2 * d] / stats[2 * d] - mean.square()).clamp_min(0)
+        return mean, var, ok & torch.isfinite(mean).all() & torch.isfinite(var).all()
 
     def _codes(self, z: Tensor) -> Tensor:
         _, xf, lead = self._rows(z)  # the search of _forward in eval, and nothing else
@@ -273,7 +273,7 @@ class VectorQuantizer(Quantizer):
         """The ``k`` nearest codes of each latent row ``z (n, D)``, nearest first, ``(n, k)``
         (ties to the lower index; rows in chunks of at most 2^24 distances)."""
         with torch.autocast(device_type=z.device.type, enabled=False):  # fp32 distances under any autocast
-            x = self.project_in(z.float()).float()
+            x = self.project_in(as_weights(self.project_in, z.float())).float()  # (half-precision projections too)
             x = l2norm(x) if self.metric == "cosine" else x
             cb, out = self.codebook, []
             for chunk in x.split(max(1, (1 << 24) // self._size)):
@@ -397,4 +397,4 @@ class VectorQuantizer(Quantizer):
         if self.learning == "ema":
             self.embed_sum.copy_(torch.where(ok, centres * counts.unsqueeze(1), self.embed_sum))
         self.initted.fill_(True)  # (a skipped init leaves the random codebook, restarts then fill it: not retried,
-        self._initted = True      # a resumed run included)
+        self._initted = True  # a resumed run included)
