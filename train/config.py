@@ -340,6 +340,7 @@ def check_config(cfg: TrainConfig) -> None:
     for key in ("weight_decay", "grad_clip"):
         _at_least(f"optim.{key}", getattr(o, key), 0, kind=float)
     _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    _at_least("seed", cfg.seed, 0, below=2**62)  # (hash(-1) == hash(-2): negative seeds drew the same batches)
     betas = o.betas if isinstance(o.betas, (tuple, list)) else ()
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
         raise ValueError(f"optim.betas={o.betas!r}: expected two numbers in [0, 1), such as [0.5, 0.9]")

@@ -250,7 +250,8 @@ def test_config_overrides_are_checked(tmp_path):
     for override, words in [("steps=abc", "steps must be an integer, got 'abc'"), ("steps=1.5", "steps must be an integer"),
                             ("steps=true", "steps must be an integer"), ("optim.lr=fast", "optim.lr must be a number"),
                             ("mixed_precision=3", "mixed_precision='3': expected 'no', 'bf16' or 'fp16'"),
-                            ("optim.lr=nan", "optim.lr must be a number, got nan")]:
+                            ("optim.lr=nan", "optim.lr must be a number, got nan"),
+                            ("seed=-1", r"seed=-1: expected a whole number in \[0, "), ("seed=18446744073709551616", "seed=")]:
         with pytest.raises(ValueError, match=words):
             load_config(None, [override])
     # a text setting that YAML reads as a number is the text typed; in a file, the message says to quote it
