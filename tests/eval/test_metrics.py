@@ -66,8 +66,8 @@ def test_the_embedded_video_model_keeps_the_colour_of_frames_larger_than_its_cro
     with torch.no_grad():
         x = frames.transpose(0, 1)[None] * 2 - 1
         rec = ((tok.decode(tok.encode(x), size=x.shape[2:])[0].transpose(0, 1) + 1) / 2).clamp(0, 1)
-    assert colour_shift(rec, frames) < 6.5  # 4.3 levels; 17.9 for weights trained on 128-pixel crops only
-    assert psnr(rec, frames) > 29  # 29.8 dB; 23.9 for those weights
+    assert colour_shift(rec, frames) < 6.5  # 3.5 levels; 17.9 for weights trained on 128-pixel crops only
+    assert psnr(rec, frames) > 29  # 30.3 dB; 23.9 for those weights
 
 
 def test_ssim_is_one_on_identical_images_and_falls_with_noise():
