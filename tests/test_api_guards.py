@@ -225,9 +225,20 @@ def test_quantizer_wrapper_settings_are_checked_where_the_config_is_made():
     for value in (-0.1, 7.0, "0.5"):
         with pytest.raises(ValueError, match="quantizer.dropout must be a number in"):
             QuantizerConfig("vq", {"codebook_size": 32}, levels=2, dropout=value)
-    with pytest.raises(ValueError, match="dropout=0.5 are options of residual levels"):  # one level has none to drop
+    with pytest.warns(UserWarning, match=r"dropout=0.5 drops residual levels, and there is one .* no effect"):
         QuantizerConfig("vq", {"codebook_size": 32}, groups=2, dropout=0.5)
     assert QuantizerConfig("vq", {"codebook_size": 32}, levels=2, dropout=0.5).build(8).dropout == 0.5
+
+
+def test_a_model_saved_with_dropout_on_one_level_still_loads(tmp_path):
+    from tokenizers_vq import QuantizerConfig, Tokenizer  # noqa: PLC0415
+
+    with pytest.warns(UserWarning, match="no effect"):
+        tok = tiny("image", QuantizerConfig("vq", {"codebook_size": 32}, dropout=0.1))
+    with pytest.warns(UserWarning, match="no effect"):
+        again = Tokenizer.from_pretrained(tok.save_pretrained(tmp_path / "m"))
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(again.encode(x), tok.encode(x))
 
 
 def test_an_empty_folder_name_is_refused_not_read_as_the_working_directory(tmp_path, monkeypatch):
@@ -235,7 +246,12 @@ def test_an_empty_folder_name_is_refused_not_read_as_the_working_directory(tmp_p
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "config.json").write_text("mine")
-    for call in (lambda: tiny("image").save_pretrained(""), lambda: Tokenizer.from_pretrained("")):
+    from tokenizers_vq.prior import PriorConfig, TokenPrior  # noqa: PLC0415
+    from tokenizers_vq.export import export_dataset  # noqa: PLC0415
+
+    prior = TokenPrior(PriorConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=8))
+    for call in (lambda: tiny("image").save_pretrained(""), lambda: Tokenizer.from_pretrained(""),
+                 lambda: prior.save(""), lambda: TokenPrior.load(""), lambda: export_dataset(tiny("image"), [], "")):
         with pytest.raises(ValueError, match="an empty file name"):
             call()
     assert (tmp_path / "config.json").read_text() == "mine"

@@ -74,6 +74,7 @@ from tokenizers_vq.export_record import (
     drop_replaced,
     fingerprint,
 )
+from tokenizers_vq.errors import named_path
 from tokenizers_vq.io import atomic_write, check_can_write, write_bytes
 from tokenizers_vq.media import MAX_PIXELS
 from tokenizers_vq.modality import get as get_modality
@@ -213,7 +214,7 @@ def export_dataset(
     fit = _check_fit(tok, resize, center_crop)
     if batch_size is None:
         batch_size = default_batch_size(tok, fit)
-    out = Path(out_dir)
+    out = named_path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file: an export is written into a folder; name a folder (--out)")
     check_can_write(out / "manifest.json")  # a folder that cannot be made or written is named, as writes are

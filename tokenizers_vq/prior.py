@@ -71,9 +71,10 @@ class TokenPrior(nn.Module):
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``prior_config.json`` and ``prior.safetensors`` into ``directory`` (together)."""
+        from tokenizers_vq.errors import named_path  # noqa: PLC0415
         from tokenizers_vq.io import atomic_write_all, save_safetensors  # noqa: PLC0415
 
-        directory = Path(directory)
+        directory = named_path(directory)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         text = json.dumps(asdict(self.cfg), indent=1)
         atomic_write_all({directory / "prior.safetensors": lambda tmp: save_safetensors(state, tmp),
@@ -85,7 +86,9 @@ class TokenPrior(nn.Module):
         """The prior :meth:`save` wrote into ``directory`` (``tvq prior --out``)."""
         from safetensors.torch import load_file  # noqa: PLC0415
 
-        directory = Path(directory)
+        from tokenizers_vq.errors import named_path  # noqa: PLC0415
+
+        directory = named_path(directory)
         for name in ("prior_config.json", "prior.safetensors"):
             if not (directory / name).is_file():
                 raise ValueError(f"not a saved prior: {directory / name} is missing (tvq prior --out writes both)")

@@ -7,9 +7,11 @@ import collections.abc
 import difflib
 import importlib
 import inspect
+import json
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -140,10 +142,12 @@ class QuantizerConfig:
                 raise ValueError(f"quantizer.{name} must be a whole number >= 1, got {value!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout <= 1:
             raise ValueError(f"quantizer.dropout must be a number in [0, 1], got {self.dropout!r}")
-        if (self.shared_codebook or self.beam_size != 1 or self.dropout) and self.levels < 2:
-            raise ValueError(f"quantizer.shared_codebook={self.shared_codebook}, beam_size={self.beam_size} and "
-                             f"dropout={self.dropout} are options of residual levels: set quantizer.levels >= 2 "
-                             f"(got {self.levels})")
+        if (self.shared_codebook or self.beam_size != 1) and self.levels < 2:
+            raise ValueError(f"quantizer.shared_codebook={self.shared_codebook} and beam_size={self.beam_size} are "
+                             f"options of residual levels: set quantizer.levels >= 2 (got {self.levels})")
+        if self.dropout and self.levels < 2:  # (a warning: models saved with it must keep loading)
+            warnings.warn(f"quantizer.dropout={self.dropout} drops residual levels, and there is one "
+                          f"(quantizer.levels={self.levels}): it has no effect", stacklevel=3)
         params = inspect.signature(cls).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             allowed = set(params) - {"dim", "self"}
@@ -340,7 +344,11 @@ def filled_config(config: TokenizerConfig) -> dict[str, Any]:
     params = inspect.signature(quantizer_class(config.quantizer.kind)).parameters.values()
     defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
     out["quantizer"]["options"] = {**defaults, **config.quantizer.options}
-    return out
+    if config.quantizer.dynamic is not None:
+        params = inspect.signature(DynamicQuantizer).parameters.values()
+        out["quantizer"]["dynamic"] = {**{p.name: p.default for p in params if p.default is not inspect.Parameter.empty},
+                                       **config.quantizer.dynamic}
+    return json.loads(json.dumps(out, default=repr))  # (tuples as lists, as a saved config has them)
 
 
 def architecture_sha256(config: TokenizerConfig) -> str:
@@ -352,7 +360,6 @@ def architecture_sha256(config: TokenizerConfig) -> str:
     LFQ made spherical)."""
     import dataclasses  # noqa: PLC0415
     import hashlib  # noqa: PLC0415
-    import json  # noqa: PLC0415
 
     defaults = dataclasses.asdict(QuantizerConfig())
     quantizer = {k: v for k, v in dataclasses.asdict(config.quantizer).items() if v != defaults.get(k)}

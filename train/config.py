@@ -8,6 +8,7 @@ import datetime
 import functools
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,6 +275,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ValueError(f"{name} must be a section of keys (model.backbone.channels=..., model.quantizer.kind=..., "
                              f"model.quantizer.options.codebook_size=...), got {section!r}; see train/configs/ for examples")
     cfg = _build(TrainConfig, tree, "", written)
+    for key in ("modality", "name"):  # text fields of the model section: the text typed (2024, 2024-06-01)
+        if isinstance(model.get(key), (int, float, datetime.date)) and f"model.{key}" in written:
+            model[key] = written[f"model.{key}"]
     for part, key in ((cfg, "out_dir"), (cfg, "init_from"), (cfg.data, "train"), (cfg.data, "val"), (cfg.data, "stills")):
         setattr(part, key, os.path.expanduser(getattr(part, key)))  # the shell leaves ~ after "=" as it is
     cfg.model = TokenizerConfig.from_dict({**model, "quantizer": dataclasses.asdict(_build(QuantizerConfig, quant, "model.quantizer.", written))})
@@ -340,7 +344,8 @@ def check_config(cfg: TrainConfig) -> None:
     for key in ("weight_decay", "grad_clip"):
         _at_least(f"optim.{key}", getattr(o, key), 0, kind=float)
     _at_least("optim.warmup_steps", o.warmup_steps, 0)
-    _at_least("seed", cfg.seed, 0, below=2**62)  # (hash(-1) == hash(-2): negative seeds drew the same batches)
+    # batches are drawn from hash((seed, step, rank)): ints hash modulo 2^61 - 1, and hash(-1) == hash(-2)
+    _at_least("seed", cfg.seed, 0, below=sys.hash_info.modulus)
     betas = o.betas if isinstance(o.betas, (tuple, list)) else ()
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
         raise ValueError(f"optim.betas={o.betas!r}: expected two numbers in [0, 1), such as [0.5, 0.9]")

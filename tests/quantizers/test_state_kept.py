@@ -112,9 +112,9 @@ def test_a_non_finite_batch_leaves_a_sharded_codebook_as_it_was():
     q = ShardedVectorQuantizer(8, 16, dead_code_threshold=0.5, check_finite=False).train()
     q(torch.randn(64, 8))
     before = _running_state(q)
-    for value in (float("nan"), float("inf")):
+    for value in (float("nan"), float("inf"), 3e38):
         bad = torch.randn(64, 8)
-        bad[3, 2] = value
+        bad[3:11, 2] = value  # (3e38: finite rows whose sum overflows)
         q(bad)
         for k, v in _running_state(q).items():
             assert torch.equal(v, before[k]), k

@@ -304,8 +304,15 @@ def test_a_discriminator_gone_non_finite_stops_the_run_before_it_saves(tmp_path)
     Trainer(config("image", out, 2, save_every=2, **{"loss.adversarial": 0.1, "loss.disc_start": 0})).train()
     good = (out / "checkpoint" / "state.json").read_text()
     run = Trainer(config("image", out, 4, save_every=1, **{"loss.adversarial": 0.1, "loss.disc_start": 0}))
-    with torch.no_grad():
-        next(run.acc.unwrap_model(run.disc).parameters()).view(-1)[0] = float("nan")
+    step = run.discriminator_step
+
+    def poisoned(x, rec):  # the discriminator's update goes bad after the generator's loss of the step was finite
+        part = step(x, rec)
+        with torch.no_grad():
+            next(run.acc.unwrap_model(run.disc).parameters()).view(-1)[0] = float("nan")
+        return part
+
+    run.discriminator_step = poisoned
     with pytest.raises(FloatingPointError, match="loss or weights became NaN or Inf by step 3"):
         run.train()
     assert (out / "checkpoint" / "state.json").read_text() == good
@@ -327,6 +334,10 @@ def test_a_resume_that_writes_out_a_default_setting_is_the_same_model(tmp_path):
     options = '{"codebook_size": 64, "kmeans_init": true, "kmeans_iters": 10}'
     resumed = Trainer(config("image", out, 2, **{"model.backbone": backbone, "model.quantizer.options": options}))
     assert resumed.step == 1
+    scales = {"model.quantizer.kind": "multiscale", "model.quantizer.options": '{"codebook_size": 64}'}
+    Trainer(config("image", tmp_path / "ms", 1, save_every=1, **scales)).train()
+    written = '{"codebook_size": 64, "scales": [1, 2, 3, 4, 6, 8, 10, 13, 16]}'  # the default (a tuple) as a list
+    assert Trainer(config("image", tmp_path / "ms", 2, **{**scales, "model.quantizer.options": written})).step == 1
     with pytest.raises(ValueError, match=r"another model config \(model.backbone.in_channels: 3 -> 1\)"):
         Trainer(config("image", out, 2, **{"model.backbone": backbone.replace('"in_channels": 3', '"in_channels": 1')}))
 

@@ -251,7 +251,8 @@ def test_config_overrides_are_checked(tmp_path):
                             ("steps=true", "steps must be an integer"), ("optim.lr=fast", "optim.lr must be a number"),
                             ("mixed_precision=3", "mixed_precision='3': expected 'no', 'bf16' or 'fp16'"),
                             ("optim.lr=nan", "optim.lr must be a number, got nan"),
-                            ("seed=-1", r"seed=-1: expected a whole number in \[0, "), ("seed=18446744073709551616", "seed=")]:
+                            ("seed=-1", r"seed=-1: expected a whole number in \[0, "), ("seed=18446744073709551616", "seed="),
+                            ("seed=2305843009213693958", "seed=")]:  # 7 + 2^61 - 1: seed 7's batches
         with pytest.raises(ValueError, match=words):
             load_config(None, [override])
     # a text setting that YAML reads as a number is the text typed; in a file, the message says to quote it
@@ -259,6 +260,7 @@ def test_config_overrides_are_checked(tmp_path):
     assert load_config(None, ["out_dir=2024"]).out_dir == "2024" and load_config(None, ["data.val=1.50"]).data.val == "1.50"
     assert load_config(None, ["out_dir=2024-06-01", "data.train=2024-06-02 10:00"]).out_dir == "2024-06-01"  # not dates
     assert load_config(None, ["data.train=2024-06-02 10:00"]).data.train == "2024-06-02 10:00"
+    assert load_config(None, ["model.name=2024-06-01"]).model.name == "2024-06-01"
     (tmp_path / "numbers.yaml").write_text("out_dir: 2024\n")
     with pytest.raises(ValueError, match=r"out_dir must be a string, got 2024 \(YAML read it as int: quote it in the file, '2024'\)"):
         load_config(tmp_path / "numbers.yaml")

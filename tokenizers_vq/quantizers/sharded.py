@@ -166,7 +166,11 @@ class ShardedVectorQuantizer(Quantizer):
         local = (idx[mine] - self.offset)
         counts = torch.zeros(count, device=queries.device).index_add_(0, local, torch.ones_like(local, dtype=torch.float32))
         sums = torch.zeros_like(self.embed).index_add_(0, local, queries[mine])
-        ok = torch.isfinite(queries).all()  # every rank's rows, gathered: the same on every rank
+        ok = torch.isfinite(sums).all() & torch.isfinite(queries).all()  # (rows whose sum overflows, too)
+        if is_distributed():  # each rank summed its own shard: the same answer on every rank
+            ok = ok.float().reshape(1)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            ok = ok[0] > 0
         self.cluster_size.lerp_(torch.where(ok, counts, self.cluster_size), 1 - self.decay)
         self.embed_sum.lerp_(torch.where(ok, sums, self.embed_sum), 1 - self.decay)
         total = self.cluster_size.sum()
