@@ -252,6 +252,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     items, written = list(overrides or []), {}
     while items:
         item = items.pop(0).removeprefix("--")
+        if item in ("-h", "help"):
+            raise ValueError("the help of tvq train comes before the config: tvq train -h; its settings are the keys "
+                             "of train/configs/*.yaml, given as --section.key=value (e.g. --optim.lr=1e-4)")
         if "=" not in item and items and not items[0].startswith("--"):
             item = f"{item}={items.pop(0)}"  # "--key value" as well as "--key=value"
         if "=" not in item:

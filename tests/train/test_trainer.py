@@ -242,6 +242,9 @@ def test_config_overrides_are_checked(tmp_path):
         load_config(None, ["optim.learning_rate=1"])
     with pytest.raises(ValueError, match="section.key=value"):
         load_config(None, ["steps"])
+    for asked in ("-h", "--help"):  # (after the config: tvq train image -h)
+        with pytest.raises(ValueError, match=r"the help of tvq train comes before the config: tvq train -h"):
+            load_config(None, [asked])
     with pytest.raises(ValueError, match="not found"):
         load_config(tmp_path / "none.yaml")
     with pytest.raises(ValueError, match=r"unknown options \['codebok_size'\].*did you mean 'codebook_size'"):
