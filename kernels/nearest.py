@@ -29,6 +29,8 @@ def _check_shapes(x_shape: torch.Size, c_shape: torch.Size, x_device: torch.devi
                          f"got {tuple(x_shape)} and {tuple(c_shape)}")
     if len(x_shape) == 3 and x_shape[0] != c_shape[0]:
         raise ValueError(f"x has {x_shape[0]} groups but codebook has {c_shape[0]}")
+    if len(x_shape) == 3 and x_shape[0] < 1:
+        raise ValueError(f"grouped inputs need at least one group; got x {tuple(x_shape)}")
     if c_shape[-2] < 1 or c_shape[-2] >= 2**31 - 1:
         raise ValueError(f"codebook size must be in [1, 2^31 - 1), got {c_shape[-2]}")
     if metric not in ("l2", "cosine"):
@@ -65,6 +67,10 @@ def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: s
                   split_k: int, algorithm: str = "auto", plan: SearchPlan = DEFAULT_PLAN) -> tuple[Tensor, Tensor]:
     dt, kernel = _route(x.shape, codebook.shape, x.dtype, codebook.dtype, x.device, codebook.device, metric, k,
                         precision, algorithm, plan)
+    if torch.float64 in (x.dtype, codebook.dtype):  # cast to fp32 below: values past its range would turn to inf
+        from tokenizers_vq.quantizers._reference import check_fp32_range  # noqa: PLC0415
+
+        check_fp32_range(x, codebook)
     grouped = x.ndim == 3
     xg, cg = (x, codebook) if grouped else (x[None], codebook[None])
     if xg.dtype != dt:
@@ -137,8 +143,10 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
         ``(dist, idx)``: fp32 and int64, shaped ``(N,)`` / ``(G, N)`` (``(..., k)`` with
         ``k``). Ties go to the lowest index.
     """
-    if k is not None and not 1 <= k <= min(8, codebook.shape[-2]):
-        raise ValueError(f"k must be in [1, min(8, K)], got {k}")
+    if k is not None:
+        _check_shapes(x.shape, codebook.shape, x.device, codebook.device, metric, precision, algorithm)
+        if not 1 <= k <= min(8, codebook.shape[-2]):
+            raise ValueError(f"k must be in [1, min(8, K)], got {k}")
     if plain_eager(x, codebook):  # (its dispatch measured by eval.benchmarks.host_cost)
         dist, idx = _nearest_impl(x, codebook, metric, k or 0, precision, return_dist, split_k or 0, algorithm,
                                   plan or DEFAULT_PLAN)

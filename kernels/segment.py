@@ -102,6 +102,7 @@ def code_statistics_triton(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, T
     Returns:
         ``(counts, sums)``: fp32 ``(K,)`` and ``(K, d)``.
     """
+    size = int(size)  # (a NumPy integer too)
     if plain_eager(x, idx):
         return _checked_statistics(x, idx, size)
     return _code_statistics_op(x, idx, size)

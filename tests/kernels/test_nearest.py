@@ -181,6 +181,28 @@ def check_code_statistics(device, full=False):
     for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
         got = code_statistics_triton(x, idx.to(dtype), 7)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), dtype
+    import numpy as np  # noqa: PLC0415
+
+    got = code_statistics_triton(x, idx, np.int64(7))  # a size read from an array
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def check_bad_inputs(device, full=False):
+    """What the search cannot take is named before any launch: top-k over a 1-D codebook, grouped
+    inputs of no groups, float64 values past fp32's range (the cast to fp32 would make them inf)."""
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+
+    x = _data((6, 3), torch.float32, device)
+    far = torch.tensor([[-1e39, 0.0]], dtype=torch.float64, device=device)
+    for call, words in ((lambda: nearest_codes_triton(x, x[0], k=2), "expected x (N, d) and codebook (K, d)"),
+                        (lambda: nearest_codes_triton(x[None][:0], x[None][:0]), "at least one group"),
+                        (lambda: nearest_codes_triton(far, x[:3, :2].double()), "beyond float32's range")):
+        try:
+            call()
+        except ValueError as e:
+            assert words in str(e), e
+        else:
+            raise AssertionError(f"no error naming {words!r}")
 
 
 def check_custom_op(device, full=False):
@@ -199,7 +221,7 @@ def check_custom_op(device, full=False):
 GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_grouped_and_layouts,
                                   check_packed_odd_shapes, check_packed_ties_splits_groups, check_packed_half,
                                   check_row_reduce, check_repeated_calls,
-                                  check_code_statistics,
+                                  check_code_statistics, check_bad_inputs,
                                   check_custom_op)}
 
 

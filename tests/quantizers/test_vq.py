@@ -436,3 +436,45 @@ def test_the_cpu_row_minimum_takes_the_first_index_of_the_least_as_min_does():
     rows = torch.arange(64) != 9
     assert torch.equal(low[rows], ref_low[rows]) and torch.equal(arg[rows], ref_arg[rows])
     assert low[9].isnan()  # as min: the search then sets NaN aside and looks again
+
+
+def test_code_statistics_take_any_integer_codes_and_leave_out_codes_out_of_range():
+    from tokenizers_vq.quantizers._functional import code_histogram, code_statistics  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    x, idx = torch.randn(6, 3), torch.tensor([0, 1, 1, 4, 4, 5])  # 5: out of range for size 5
+    counts, sums = code_statistics(x, idx, 5)
+    assert counts.tolist() == [1.0, 2.0, 0.0, 0.0, 2.0]
+    torch.testing.assert_close(sums[4], x[3] + x[4])
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        got = code_statistics(x, idx.to(dtype), 5)
+        assert torch.equal(got[0], counts) and torch.equal(got[1], sums)
+        assert torch.equal(code_histogram(idx.to(dtype), 5), counts)
+    for bad_x, bad_idx in ((x, idx[:5]), (x, idx.reshape(2, 3)), (x[:, 0], idx)):
+        with pytest.raises(ValueError, match=r"expected x \(N, d\) and idx \(N,\)"):
+            code_statistics(bad_x, bad_idx, 5)
+
+
+def test_the_triton_backend_on_cpu_tensors_is_named_with_the_fix():
+    pytest.importorskip("triton")
+    from tokenizers_vq.quantizers.kmeans import kmeans  # noqa: PLC0415
+
+    x = torch.randn(20, 4)
+    for call in (lambda: nearest_codes(x, x[:5], backend="triton"), lambda: kmeans(x, 3, backend="triton")):
+        with pytest.raises(ValueError, match=r"backend='triton' runs on CUDA tensors .* use backend='auto' or 'torch'"):
+            call()
+
+
+def test_kmeans_weights_must_be_one_per_point():
+    from tokenizers_vq.quantizers.kmeans import kmeans  # noqa: PLC0415
+
+    x = torch.randn(50, 4)
+    for w in (torch.ones(49), torch.ones(1), torch.ones(5, 10)):
+        with pytest.raises(ValueError, match=r"kmeans weights must be \(N,\) = \(50,\)"):
+            kmeans(x, 3, weights=w)
+
+
+def test_the_exact_search_finds_the_nearest_code_among_subnormal_distances():
+    x = torch.tensor([[-8.795324e-22]])
+    c = torch.tensor([[-8.586441e-22], [-8.816514e-22]])  # squared distances 4.4e-46 and 4.5e-48: fp32 subnormals
+    assert nearest_codes_reference(x, c, "l2")[1].item() == 1

@@ -61,11 +61,13 @@ def rotation_trick(x: Tensor, q: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def code_histogram(codes: Tensor, size: int) -> Tensor:
-    """Counts of each code in ``codes`` as fp32 ``(size,)``, without a one-hot and
-    without a host sync (``bincount``'s output length depends on the data)."""
-    flat = codes.reshape(-1)
+    """Counts of each code in ``codes`` (any integer dtype) as fp32 ``(size,)``, without a one-hot
+    and without a host sync (``bincount``'s output length depends on the data); codes outside
+    ``[0, size)`` are not counted, as in the CUDA version of :func:`code_statistics`."""
+    flat = codes.reshape(-1).long()
+    ok = ((flat >= 0) & (flat < size)).float()
     counts = torch.zeros(size, device=codes.device, dtype=torch.float32)
-    return counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+    return counts.index_add_(0, flat.clamp(0, max(size - 1, 0)), ok) if size else counts
 
 
 def code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -73,18 +75,25 @@ def code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
 
     Args:
         x: ``(N, d)`` latents.
-        idx: ``(N,)`` int64 code of each row.
+        idx: ``(N,)`` code of each row, of any integer dtype; codes outside ``[0, size)``
+            are left out of both.
 
     Segment sums by ``index_add_`` (no one-hot, no host sync); on CUDA the Triton
     version in ``tokenizers_vq.kernels`` is used when available.
     """
+    if x.ndim != 2 or idx.shape != x.shape[:1]:
+        raise ValueError(f"expected x (N, d) and idx (N,); got {tuple(x.shape)} and {tuple(idx.shape)}")
+    size = int(size)
     if x.is_cuda:
         op = _triton_op("code_statistics_triton")
         if op is not None:
             return op(x, idx, size)
+    flat = idx.long()
+    ok = ((flat >= 0) & (flat < size)).unsqueeze(1)
     sums = torch.zeros(size, x.shape[1], device=x.device, dtype=torch.float32)
-    sums.index_add_(0, idx, x.float())
-    return code_histogram(idx, size), sums
+    if size:
+        sums.index_add_(0, flat.clamp(0, size - 1), torch.where(ok, x.float(), 0.0))
+    return code_histogram(flat, size), sums
 
 
 def perplexity(counts: Tensor, eps: float = 1e-10) -> Tensor:
@@ -102,6 +111,13 @@ def _triton_op(name: str = "nearest_codes_triton"):
     except ImportError:
         return None
     return getattr(_nearest, name, None)
+
+
+def _interpreted() -> bool:
+    """Whether Triton kernels run on the CPU here (``TRITON_INTERPRET=1``)."""
+    import triton  # noqa: PLC0415
+
+    return bool(triton.knobs.runtime.interpret)
 
 
 def nearest_codes(
@@ -129,6 +145,9 @@ def nearest_codes(
         )
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch' or 'triton'")
+    if backend == "triton" and not x.is_cuda and _triton_op() is not None and not _interpreted():
+        raise ValueError(f"backend='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); x is on "
+                         f"{x.device}: use backend='auto' or 'torch'")
     if backend != "torch" and (backend == "triton" or x.is_cuda):
         op = _triton_op()
         if op is not None:

@@ -105,6 +105,15 @@ def _merge_pairs(run_e: Tensor, run_i: Tensor, rows: Tensor, cols: Tensor, e: Te
 
 
 @torch.no_grad()
+def check_fp32_range(x: Tensor, codebook: Tensor) -> None:
+    """Refuse float64 values that fp32, which every search computes in, cannot hold (one host
+    sync per float64 tensor; other dtypes are not looked at)."""
+    for t, name in ((x, "x"), (codebook, "codebook")):
+        if t.dtype == torch.float64 and t.numel() and bool((t.isfinite() & (t.abs() > torch.finfo(torch.float32).max)).any()):
+            raise ValueError(f"{name} holds float64 values beyond float32's range ({torch.finfo(torch.float32).max:.3g}), "
+                             "which the search computes in: scale them down")
+
+
 def nearest_codes_reference(
     x: Tensor, codebook: Tensor, metric: Metric = "l2", block_elems: int | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -148,10 +157,7 @@ def nearest_codes_reference(
         ``(dist, idx)``: ``(N,)`` fp32 distances (squared Euclidean for ``l2``, ``1 - cos``
         for ``cosine``: the exact-pass value, rounded once) and ``(N,)`` int64 indices.
     """
-    for t, name in ((x, "x"), (codebook, "codebook")):
-        if t.dtype == torch.float64 and t.numel() and bool((t.isfinite() & (t.abs() > torch.finfo(torch.float32).max)).any()):
-            raise ValueError(f"{name} holds float64 values beyond float32's range ({torch.finfo(torch.float32).max:.3g}), "
-                             "which the search computes in: scale them down")
+    check_fp32_range(x, codebook)
     if block_elems is None:
         block_elems = CPU_BLOCK_ELEMS if x.device.type == "cpu" else DEFAULT_BLOCK_ELEMS
     far = _far_codes(codebook) if metric == "l2" else None
@@ -184,6 +190,7 @@ def nearest_codes_reference(
         xb = x[n0 : n0 + n_blk]
         nb = xb.shape[0]
         tol = 4 * unit * ((xb.norm(dim=-1) + c_max) ** 2 if metric == "l2" else xb.new_full((nb,), 4.0))
+        tol = tol + 4 * (x.shape[1] + 4) * 2.0**-149  # fp32 subnormals: an absolute rounding, not a relative one
         screen = torch.full((nb,), math.inf, device=x.device)
         run_e = torch.full((nb,), math.inf, device=x.device, dtype=torch.float64)
         run_i = torch.full((nb,), k, device=x.device, dtype=torch.int64)  # k: none yet

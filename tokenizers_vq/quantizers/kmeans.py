@@ -55,6 +55,8 @@ def kmeans(
         raise ValueError(f"kmeans expects x of shape (N, d), got {tuple(x.shape)}")
     if not 1 <= k <= x.shape[0]:
         raise ValueError(f"kmeans needs 1 <= k <= N; got k={k} for {x.shape[0]} points")
+    if weights is not None and (weights.ndim != 1 or weights.shape[0] != x.shape[0]):
+        raise ValueError(f"kmeans weights must be (N,) = ({x.shape[0]},), one per point; got {tuple(weights.shape)}")
     x = x.float()
     if metric == "cosine":
         x = l2norm(x)
