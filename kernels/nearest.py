@@ -141,7 +141,8 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
 
     Returns:
         ``(dist, idx)``: fp32 and int64, shaped ``(N,)`` / ``(G, N)`` (``(..., k)`` with
-        ``k``). Ties go to the lowest index.
+        ``k``). Ties go to the lowest index. A row holding NaN or Inf gets the first code(s),
+        at distance NaN (a NaN row) or inf, as the torch path gives it.
     """
     if k is not None:
         _check_shapes(x.shape, codebook.shape, x.device, codebook.device, metric, precision, algorithm)

@@ -136,6 +136,9 @@ def _nearest_kernel(X, C, BIAS, SCALE, OUT_S, OUT_I, OFF, N, K, D, K_SPLIT,
         cand = tl.where((best == m[:, None]) & (k_idx < k_hi), k_idx, K)
         i = tl.min(cand, axis=1)
     i = tl.where(i < k_hi, i, k_lo)
+    finite = x_sq < float("inf")  # a row of Inf or NaN: no code is nearer than another, as on the torch path
+    m = tl.where(finite, m, float("inf"))
+    i = tl.where(finite, i, k_lo)
     off = _row_offset(x_sq, COSINE)
     if SPLIT:
         o = g * sog + pid_s * sos + rows

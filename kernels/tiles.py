@@ -107,18 +107,20 @@ def _score_tile(x, X_row, rmask, C_tile, kk, kmask, dd, D, sxd, scd, BIAS_g, SCA
 
 @triton.jit
 def _row_offset(x_sq, COSINE: tl.constexpr):
-    """What turns a score back into a distance: ``|x|^2`` (l2) or ``1 / |x|`` (cosine)."""
+    """What turns a score back into a distance: ``|x|^2`` (l2) or ``1 / |x|`` (cosine); NaN for a
+    row holding NaN (the clamp keeps it)."""
     if COSINE:
-        return 1.0 / tl.maximum(tl.sqrt(x_sq), COS_EPS)
+        return 1.0 / tl.maximum(tl.sqrt(x_sq), COS_EPS, propagate_nan=tl.PropagateNan.ALL)
     return x_sq
 
 
 @triton.jit
 def _finish(score, off, COSINE: tl.constexpr):
-    """Distance from score: ``max(|x|^2 + 2 s, 0)`` (l2) or ``1 + s / |x|`` (cosine)."""
+    """Distance from score: ``max(|x|^2 + 2 s, 0)`` (l2) or ``1 + s / |x|`` (cosine); a NaN row's
+    stays NaN (the clamp keeps it), as on the torch path."""
     if COSINE:
         return 1.0 + score * off
-    return tl.maximum(off + 2.0 * score, 0.0)
+    return tl.maximum(off + 2.0 * score, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit

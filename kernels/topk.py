@@ -116,6 +116,10 @@ def _topk_kernel(X, C, BIAS, SCALE, OUT_S, OUT_I, OFF, N, K, D, K_SPLIT,
                              COSINE, ONE_CHUNK, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, DOT_F32, TOPK, KP, True)
 
     off = _row_offset(x_sq, COSINE)
+    finite = (x_sq < float("inf"))[:, None]  # a row of Inf or NaN: its split's first codes, as on the torch path
+    first = k_lo + slots[None, :]
+    r_val = tl.where(finite, r_val, float("inf"))
+    r_idx = tl.where(finite, r_idx, tl.where(first < k_hi, first, _BIG))
     r_val = tl.where(slots[None, :] < TOPK, r_val, float("inf"))
     r_idx = tl.where(slots[None, :] < TOPK, r_idx, _BIG)
     for j in tl.static_range(TOPK):  # emit in ascending (score, index) order

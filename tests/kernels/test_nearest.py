@@ -187,6 +187,27 @@ def check_code_statistics(device, full=False):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def check_nonfinite_rows(device, full=False):
+    """A query row holding NaN, +Inf or -Inf: no code is nearer than another, so its nearest are
+    the first codes (0, 1, ...), at distance NaN (a NaN row) or inf, as on the torch path; the
+    other rows are as without it. Top-1 (both kernels) and top-k, whole and split codebooks."""
+    from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
+
+    for name in ("fp32_ieee", "bf16"):
+        dt, prec, _ = DTYPES[name]
+        x, c = _data((5, 6), dt, device), _data((40, 6), dt, device)
+        x[1, 2], x[2, 0], x[3, 5] = float("nan"), float("inf"), float("-inf")
+        for alg, split, k in itertools.product(("tiled", "auto"), (None, 3), (None, 3)):
+            dist, idx = nearest_codes_triton(x, c, k=k, precision=prec, split_k=split, algorithm=alg)
+            want_d, want_i = nearest_codes_triton(x[[0, 4]], c, k=k, precision=prec, split_k=split, algorithm=alg)
+            first = torch.arange(k or 1, device=device).reshape(-1 if k else ())
+            assert torch.equal(idx[[0, 4]], want_i) and torch.equal(dist[[0, 4]], want_d), (name, alg, split, k)
+            assert all(torch.equal(idx[r], first) for r in (1, 2, 3)), (name, alg, split, k, idx)
+            assert dist[1].isnan().all() and (dist[[2, 3]] == float("inf")).all(), (name, alg, split, k, dist)
+        d_cos, i_cos = nearest_codes_triton(x, c, metric="cosine", precision=prec)
+        assert d_cos[[1, 2, 3]].isnan().all() and (i_cos[[1, 2, 3]] == 0).all(), (name, d_cos, i_cos)
+
+
 def check_bad_inputs(device, full=False):
     """What the search cannot take is named before any launch: top-k over a 1-D codebook, grouped
     inputs of no groups, float64 values past fp32's range (the cast to fp32 would make them inf)."""
@@ -221,7 +242,7 @@ def check_custom_op(device, full=False):
 GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_grouped_and_layouts,
                                   check_packed_odd_shapes, check_packed_ties_splits_groups, check_packed_half,
                                   check_row_reduce, check_repeated_calls,
-                                  check_code_statistics, check_bad_inputs,
+                                  check_code_statistics, check_nonfinite_rows, check_bad_inputs,
                                   check_custom_op)}
 
 
