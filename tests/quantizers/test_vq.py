@@ -453,6 +453,10 @@ def test_code_statistics_take_any_integer_codes_and_leave_out_codes_out_of_range
     for bad_x, bad_idx in ((x, idx[:5]), (x, idx.reshape(2, 3)), (x[:, 0], idx)):
         with pytest.raises(ValueError, match=r"expected x \(N, d\) and idx \(N,\)"):
             code_statistics(bad_x, bad_idx, 5)
+    with pytest.raises(ValueError, match="x on cpu but idx on meta: move both to one device"):
+        code_statistics(x, idx.to("meta"), 5)
+    with pytest.raises(ValueError, match="x on cpu but codebook on meta: move both to one device"):
+        nearest_codes(x, x.to("meta"))
 
 
 def test_the_triton_backend_on_cpu_tensors_is_named_with_the_fix():

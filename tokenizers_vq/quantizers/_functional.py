@@ -83,6 +83,8 @@ def code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """
     if x.ndim != 2 or idx.shape != x.shape[:1]:
         raise ValueError(f"expected x (N, d) and idx (N,); got {tuple(x.shape)} and {tuple(idx.shape)}")
+    if x.device != idx.device:
+        raise ValueError(f"x on {x.device} but idx on {idx.device}: move both to one device")
     size = int(size)
     if x.is_cuda:
         op = _triton_op("code_statistics_triton")
@@ -145,6 +147,8 @@ def nearest_codes(
         )
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch' or 'triton'")
+    if x.device != codebook.device:
+        raise ValueError(f"x on {x.device} but codebook on {codebook.device}: move both to one device")
     if backend == "triton" and not x.is_cuda and _triton_op() is not None and not _interpreted():
         raise ValueError(f"backend='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); x is on "
                          f"{x.device}: use backend='auto' or 'torch'")
