@@ -25,3 +25,12 @@ def plain_eager(*tensors: Tensor) -> bool:
     their dispatch (about 15 us of Python per call) and, on first use, the import of
     ``torch._dynamo`` (about 0.9 s)."""
     return all(type(t) is Tensor for t in tensors) and not torch.compiler.is_compiling()
+
+
+def check_fp32_range(x: Tensor, codebook: Tensor) -> None:
+    """Refuse float64 values that fp32, which every search computes in, cannot hold (one host
+    sync per float64 tensor; other dtypes are not looked at)."""
+    for t, name in ((x, "x"), (codebook, "codebook")):
+        if t.dtype == torch.float64 and t.numel() and bool((t.isfinite() & (t.abs() > torch.finfo(torch.float32).max)).any()):
+            raise ValueError(f"{name} holds float64 values beyond float32's range ({torch.finfo(torch.float32).max:.3g}), "
+                             "which the search computes in: scale them down")

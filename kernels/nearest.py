@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.kernels import packed_launch
-from tokenizers_vq.kernels._host import plain_eager
+from tokenizers_vq.kernels._host import check_fp32_range, plain_eager
 from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
 from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  (re-exported)
 from tokenizers_vq.kernels.tiled import nearest_tiled
@@ -68,8 +68,6 @@ def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: s
     dt, kernel = _route(x.shape, codebook.shape, x.dtype, codebook.dtype, x.device, codebook.device, metric, k,
                         precision, algorithm, plan)
     if torch.float64 in (x.dtype, codebook.dtype):  # cast to fp32 below: values past its range would turn to inf
-        from tokenizers_vq.quantizers._reference import check_fp32_range  # noqa: PLC0415
-
         check_fp32_range(x, codebook)
     grouped = x.ndim == 3
     xg, cg = (x, codebook) if grouped else (x[None], codebook[None])

@@ -279,7 +279,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                              f"model.quantizer.options.codebook_size=...), got {section!r}; see train/configs/ for examples")
     cfg = _build(TrainConfig, tree, "", written)
     for key in ("modality", "name"):  # text fields of the model section: the text typed (2024, 2024-06-01)
-        if isinstance(model.get(key), (int, float, datetime.date)) and f"model.{key}" in written:
+        value = model.get(key)
+        if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool) and f"model.{key}" in written:
             model[key] = written[f"model.{key}"]
     for part, key in ((cfg, "out_dir"), (cfg, "init_from"), (cfg.data, "train"), (cfg.data, "val"), (cfg.data, "stills")):
         setattr(part, key, os.path.expanduser(getattr(part, key)))  # the shell leaves ~ after "=" as it is

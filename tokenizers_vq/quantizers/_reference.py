@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokenizers_vq.kernels._host import check_fp32_range
+
 Metric = Literal["l2", "cosine"]
 
 # Largest distance block the reference materialises: 2**24 fp32 elements = 64 MiB; on a CPU 2**21 (8 MiB),
@@ -105,15 +107,6 @@ def _merge_pairs(run_e: Tensor, run_i: Tensor, rows: Tensor, cols: Tensor, e: Te
 
 
 @torch.no_grad()
-def check_fp32_range(x: Tensor, codebook: Tensor) -> None:
-    """Refuse float64 values that fp32, which every search computes in, cannot hold (one host
-    sync per float64 tensor; other dtypes are not looked at)."""
-    for t, name in ((x, "x"), (codebook, "codebook")):
-        if t.dtype == torch.float64 and t.numel() and bool((t.isfinite() & (t.abs() > torch.finfo(torch.float32).max)).any()):
-            raise ValueError(f"{name} holds float64 values beyond float32's range ({torch.finfo(torch.float32).max:.3g}), "
-                             "which the search computes in: scale them down")
-
-
 def nearest_codes_reference(
     x: Tensor, codebook: Tensor, metric: Metric = "l2", block_elems: int | None = None
 ) -> tuple[Tensor, Tensor]:
