@@ -25,7 +25,7 @@ from tokenizers_vq.image_io import (  # noqa: F401 (this module's API)
     load_image_u8,
     save_image,
 )
-from tokenizers_vq.errors import EMPTY_NAME
+from tokenizers_vq.errors import named_path
 from tokenizers_vq.io import TAR_SUFFIXES, check_pixels, shell_arg
 from tokenizers_vq.video_io import (  # noqa: F401 (this module's API)
     has_audio_track,
@@ -85,9 +85,7 @@ def modality_of(path: str | os.PathLike, unknown: str | None = None) -> str:
         ValueError: a missing path, a folder that is not a clip, or an unknown suffix
             when ``unknown`` is ``None``.
     """
-    if not os.fspath(path):
-        raise ValueError(EMPTY_NAME)
-    p = Path(path)
+    p = named_path(path)
     if p.is_dir():
         if is_frame_folder(p):
             return "video"

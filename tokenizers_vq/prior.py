@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokenizers_vq.errors import named_path
+
 
 @dataclass
 class PriorConfig:
@@ -71,7 +73,6 @@ class TokenPrior(nn.Module):
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``prior_config.json`` and ``prior.safetensors`` into ``directory`` (together)."""
-        from tokenizers_vq.errors import named_path  # noqa: PLC0415
         from tokenizers_vq.io import atomic_write_all, save_safetensors  # noqa: PLC0415
 
         directory = named_path(directory)
@@ -84,16 +85,13 @@ class TokenPrior(nn.Module):
     @classmethod
     def load(cls, directory: str | os.PathLike, map_location: str = "cpu") -> TokenPrior:
         """The prior :meth:`save` wrote into ``directory`` (``tvq prior --out``)."""
+        from safetensors import SafetensorError  # noqa: PLC0415
         from safetensors.torch import load_file  # noqa: PLC0415
-
-        from tokenizers_vq.errors import named_path  # noqa: PLC0415
 
         directory = named_path(directory)
         for name in ("prior_config.json", "prior.safetensors"):
             if not (directory / name).is_file():
                 raise ValueError(f"not a saved prior: {directory / name} is missing (tvq prior --out writes both)")
-        from safetensors import SafetensorError  # noqa: PLC0415
-
         try:
             prior = cls(PriorConfig(**json.loads((directory / "prior_config.json").read_text())))
         except (ValueError, TypeError, AttributeError, OSError) as e:  # (json's errors are ValueErrors)

@@ -240,12 +240,13 @@ def saved_config(config: TokenizerConfig, quantizer: torch.nn.Module) -> Tokeniz
     from tokenizers_vq.quantizers import ProjectedCodebookVQ, VectorQuantizer  # noqa: PLC0415
 
     options = config.quantizer.options
-    sizes = sorted({m.codebook_size for m in quantizer.modules() if isinstance(m, VectorQuantizer)})
-    if len(sizes) > 1 and issubclass(quantizer_class(config.quantizer.kind), VectorQuantizer):
+    sizes = (sorted({m.codebook_size for m in quantizer.modules() if isinstance(m, VectorQuantizer)})
+             if issubclass(quantizer_class(config.quantizer.kind), VectorQuantizer) else [])
+    if len(sizes) > 1:
         raise ValueError(f"the quantizer's levels hold codebooks of {sizes} codes, but config.json records one "
                          "codebook_size for all of them: shrink every level to the same size "
                          "(quantizers.shrink_codebook) before saving")
-    size = sizes[0] if len(sizes) == 1 and issubclass(quantizer_class(config.quantizer.kind), VectorQuantizer) else None
+    size = sizes[0] if sizes else None
     if size is not None and options.get("codebook_size", size) != size:
         options = {**options, "codebook_size": size}
     if "features" in options and options["features"] is not None and not _features_in_weights(options["features"]):
@@ -341,13 +342,13 @@ def filled_config(config: TokenizerConfig) -> dict[str, Any]:
 
     out = dataclasses.asdict(config)
     out["backbone"] = dataclasses.asdict(backbone_config(BACKBONES[config.modality][0], config.backbone))
-    params = inspect.signature(quantizer_class(config.quantizer.kind)).parameters.values()
-    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    out["quantizer"]["options"] = {**defaults, **config.quantizer.options}
+
+    def defaults(cls: type) -> dict[str, Any]:
+        return {p.name: p.default for p in inspect.signature(cls).parameters.values() if p.default is not p.empty}
+
+    out["quantizer"]["options"] = {**defaults(quantizer_class(config.quantizer.kind)), **config.quantizer.options}
     if config.quantizer.dynamic is not None:
-        params = inspect.signature(DynamicQuantizer).parameters.values()
-        out["quantizer"]["dynamic"] = {**{p.name: p.default for p in params if p.default is not inspect.Parameter.empty},
-                                       **config.quantizer.dynamic}
+        out["quantizer"]["dynamic"] = {**defaults(DynamicQuantizer), **config.quantizer.dynamic}
     return json.loads(json.dumps(out, default=repr))  # (tuples as lists, as a saved config has them)
 
 

@@ -114,6 +114,14 @@ class TrainConfig:
     init_quantizer: str = "all"
 
 
+def _typed(val: Any, key: str, written: dict[str, str] | None) -> Any:
+    """The override's text for ``key`` where YAML read it as a number or a date (not a bare
+    true / false), else ``val``: what a text setting takes."""
+    if isinstance(val, (int, float, datetime.date)) and not isinstance(val, bool) and key in (written or {}):
+        return written[key]
+    return val
+
+
 def _build(cls: type, values: dict[str, Any], where: str, written: dict[str, str] | None = None) -> Any:
     """Dataclass ``cls`` from a dict, recursing into dataclass fields; unknown keys
     are errors. ``written``: overrides' text by dotted key, what a text field takes where YAML
@@ -146,10 +154,8 @@ def _build(cls: type, values: dict[str, Any], where: str, written: dict[str, str
             kwargs[key] = tuple(val)
         elif hint is str and isinstance(val, bool):  # a bare true / false: the text as written
             kwargs[key] = "true" if val else "false"
-        elif hint is str and isinstance(val, (int, float, datetime.date)) and f"{where}{key}" in (written or {}):
-            kwargs[key] = written[f"{where}{key}"]
         else:
-            kwargs[key] = _scalar(hint, val, f"{where}{key}")
+            kwargs[key] = _scalar(hint, _typed(val, f"{where}{key}", written) if hint is str else val, f"{where}{key}")
     return cls(**kwargs)
 
 
@@ -279,9 +285,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                              f"model.quantizer.options.codebook_size=...), got {section!r}; see train/configs/ for examples")
     cfg = _build(TrainConfig, tree, "", written)
     for key in ("modality", "name"):  # text fields of the model section: the text typed (2024, 2024-06-01)
-        value = model.get(key)
-        if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool) and f"model.{key}" in written:
-            model[key] = written[f"model.{key}"]
+        if key in model:
+            model[key] = _typed(model[key], f"model.{key}", written)
     for part, key in ((cfg, "out_dir"), (cfg, "init_from"), (cfg.data, "train"), (cfg.data, "val"), (cfg.data, "stills")):
         setattr(part, key, os.path.expanduser(getattr(part, key)))  # the shell leaves ~ after "=" as it is
     cfg.model = TokenizerConfig.from_dict({**model, "quantizer": dataclasses.asdict(_build(QuantizerConfig, quant, "model.quantizer.", written))})

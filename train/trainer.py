@@ -350,9 +350,9 @@ class Trainer:
 
     def _resume(self, directory: Path) -> None:
         parts, meta = load_checkpoint(directory)
-        saved = filled_config(type(self.cfg.model).from_dict(meta["config"]["model"]))  # defaults written out
-        if saved != filled_config(self.cfg.model):  # (on both sides: fields added since read as defaults)
-            changed = changed_settings(saved, filled_config(self.cfg.model), "model.")
+        saved, now = filled_config(type(self.cfg.model).from_dict(meta["config"]["model"])), filled_config(self.cfg.model)
+        if saved != now:
+            changed = changed_settings(saved, now, "model.")
             raise ValueError(f"checkpoint {directory} was trained with another model config ({'; '.join(changed[:4])}): "
                              f"resume with it as it was, or train in a new out_dir with --init_from {directory}")
         for name, on, setting in (("ema", self.ema, "ema_decay=0"), ("disc", self.disc, "loss.adversarial=0"),

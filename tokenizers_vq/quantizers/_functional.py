@@ -149,12 +149,12 @@ def nearest_codes(
         raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch' or 'triton'")
     if x.device != codebook.device:
         raise ValueError(f"x on {x.device} but codebook on {codebook.device}: move both to one device")
-    if backend == "triton" and not x.is_cuda and _triton_op() is not None and not _interpreted():
-        raise ValueError(f"backend='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); x is on "
-                         f"{x.device}: use backend='auto' or 'torch'")
     if backend != "torch" and (backend == "triton" or x.is_cuda):
         op = _triton_op()
         if op is not None:
+            if not x.is_cuda and not _interpreted():
+                raise ValueError(f"backend='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); "
+                                 f"x is on {x.device}: use backend='auto' or 'torch'")
             return op(x, codebook, metric=metric)
         if backend == "triton":
             raise RuntimeError("backend='triton' requested but the Triton kernel is not available (pip install triton)")
