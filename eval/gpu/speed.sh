@@ -31,20 +31,7 @@ if [ -n "${SHOOTOUT_DATA:-}" ]; then
   echo "shootout exit $?" >> "$OUT/shootout.log"; tail -n 15 "$OUT/shootout.log"
 fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  # one process per test, all at once: the GPU tests are mostly Triton compiling on the CPU
-  rm -rf /tmp/ktests; mkdir -p /tmp/ktests
-  # their own Triton cache: tunings made while every test runs at once are not saved for the bench
-  export_cache=${TRITON_CACHE_DIR:-}; export TRITON_CACHE_DIR=/tmp/ktests/triton_cache
-  for t in $(python3 -m pytest ${TESTS_PATHS:-tests/kernels tests/test_export_reader.py} -k "${TESTS_K:-gpu}" --collect-only -q -p no:cacheprovider | grep '::'); do
-    f=/tmp/ktests/$(echo "$t" | tr -c 'A-Za-z0-9_\n' _).log
-    ( timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest "$t" -q -p no:cacheprovider -rA --durations=3 > "$f" 2>&1
-      echo "exit $? $t" >> "$f" ) &
-  done
-  wait
-  if [ -n "$export_cache" ]; then export TRITON_CACHE_DIR=$export_cache; else unset TRITON_CACHE_DIR; fi
-  for f in /tmp/ktests/*.log; do grep -E "^(PASSED|FAILED|ERROR|exit)|s call" "$f"; done > "$OUT/kernel_tests.log"
-  grep -h -B40 -E "^FAILED|^ERROR" /tmp/ktests/*.log >> "$OUT/kernel_tests.log"
-  echo "kernel tests: $(grep -c '^exit 0' "$OUT/kernel_tests.log") of $(grep -c '^exit' "$OUT/kernel_tests.log") passed" >> "$OUT/kernel_tests.log"
+  bash eval/gpu/gpu_tests.sh "$OUT/kernel_tests.log" 16 "${TESTS_TIMEOUT:-300}"
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   budget=$(( $(left) - ${THROUGHPUT_TIME:-150} - 90 ))

@@ -23,7 +23,8 @@
 # A run whose data folder is absent is skipped (data carried by an earlier call stays on a
 # machine that is still warm). AGREE=1 also measures CPU vs CUDA ids of the shipped models
 # (eval/id_agreement.py), after the training, the video model with the weights this call trained; PROFILE=<run> profiles that run's recipe alongside (eval/gpu/profile_step.py);
-# TESTS=1 runs the kernel GPU tests alongside (they are mostly Triton compilation on the CPU);
+# TESTS=1 runs the GPU test groups alongside, TESTS_JOBS (4) processes at a time (eval/gpu/gpu_tests.sh;
+# they are mostly Triton compilation on the CPU);
 # GPU_TESTS="tests/..." runs those files' GPU tests alongside, reading TVQ_TEST_DATA (default .devdata/mini).
 set -u
 source eval/gpu/setup.sh
@@ -66,8 +67,7 @@ if [ -n "${PROFILE:-}" ]; then
   timeout 240 python3 eval/gpu/profile_step.py ${ARGS[$PROFILE]} ${!pe:-} --out_dir=runs/profile_$PROFILE > "$W/profile_$PROFILE.txt" 2>&1 &
 fi
 if [ "${TESTS:-0}" = 1 ]; then
-  ( timeout $(( $(left) - 20 )) python3 -m pytest tests/kernels -k gpu -v -p no:cacheprovider -rA --durations=15 \
-      > "$W/kernel_tests.log" 2>&1; echo "kernel tests exit $?" >> "$W/kernel_tests.log" ) &
+  bash eval/gpu/gpu_tests.sh "$W/kernel_tests.log" "${TESTS_JOBS:-4}" $(( $(left) - 20 )) &
 fi
 if [ -n "${GPU_TESTS:-}" ]; then
   ( TVQ_TEST_DATA=${TVQ_TEST_DATA:-$PWD/$D/mini} timeout $(( $(left) - 20 )) python3 -m pytest $GPU_TESTS -k gpu -v \
