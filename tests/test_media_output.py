@@ -17,6 +17,7 @@ from test_tokenizer import tiny
 from testdata import shared_path
 
 from tokenizers_vq.cli import main
+from tokenizers_vq.io import check_can_write
 from tokenizers_vq.media import load_image_u8, save_audio
 from tokenizers_vq.tokens import decode_file, encode_files
 
@@ -137,6 +138,24 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, m
     with pytest.raises(ValueError, match=r"names a folder: give the token file's name"):
         encode_files(tok, [wav], tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "talk.tvq"]  # no temporary file left
+
+
+def test_an_output_through_a_link_replaces_the_linked_file_and_a_pipe_is_refused(tmp_path, capsys):
+    import os  # noqa: PLC0415
+
+    photo = str(shared_path("images", "bsds500", "val", "3096.jpg"))
+    (tmp_path / "kept.tvq").write_text("earlier")
+    os.symlink("kept.tvq", tmp_path / "link.tvq")
+    assert main(["encode", photo, "--model", "image", "-o", str(tmp_path / "link.tvq")]) == 0
+    assert (tmp_path / "link.tvq").is_symlink() and (tmp_path / "kept.tvq").read_bytes()[:4] != b"earl"
+    os.mkfifo(tmp_path / "pipe.tvq")
+    capsys.readouterr()
+    assert main(["encode", photo, "--model", "image", "-o", str(tmp_path / "pipe.tvq")]) != 0
+    assert "pipe.tvq is a named pipe, not a file" in capsys.readouterr().err
+    assert (tmp_path / "pipe.tvq").is_fifo()
+    with pytest.raises(ValueError, match=r"/dev/null is a character device, not a file"):
+        check_can_write("/dev/null")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.tvq", "link.tvq", "pipe.tvq"]
 
 
 def test_an_input_that_fails_is_reported_on_a_line_of_its_own(tmp_path, capsys):

@@ -9,6 +9,7 @@ import hashlib
 import os
 import shlex
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -82,8 +83,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     The temporary file sits beside ``path`` (same filesystem, so the rename is
     atomic) and keeps ``path``'s suffix so writers that pick a format by suffix work.
 
+    A symbolic link keeps pointing where it did: the file it names is the one replaced.
+
     Raises:
-        ValueError: ``path`` is an existing directory, or its folder is an existing file.
+        ValueError: ``path`` is an existing directory, device, named pipe or socket, or its
+            folder is an existing file.
         WriteError: (an ``OSError``) the folder cannot be made or written to, or the write
             fails (a full disk): the message names ``path`` (not the temporary file); ``path``
             is left as it was.
@@ -103,7 +107,7 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], None]]) -> 
     current = Path(next(iter(writes)))
     try:
         for path, write in writes.items():
-            current = Path(path)
+            current = _final_target(Path(path))
             done[current] = _temporary_beside(current)
             write(done[current])
         for path, tmp in done.items():
@@ -205,11 +209,32 @@ def check_can_write(path: str | os.PathLike) -> None:
     os.unlink(_temporary_in(folder, path))
 
 
+def _final_target(path: Path) -> Path:
+    """The file a write to ``path`` replaces: the one a symbolic link names (the link stays a
+    link, its target gets the new file), else ``path``."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+_SPECIAL = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+            (stat.S_ISSOCK, "a socket"))
+
+
 def _check_target(path: Path) -> Path:
-    """``path``'s folder, once ``path`` is known not to be a directory nor inside a file."""
+    """``path``'s folder, once ``path`` is known not to be a directory, a device, pipe or socket
+    (a finished file is renamed onto the target, which would replace the device or pipe itself)
+    nor inside a file."""
+    path = _final_target(path)
     if path.is_dir():
         raise ValueError(f"{path} is a directory, but a file is written here; give a file name "
                          f"(e.g. {path / ('out' + (path.suffix or '.tvq'))})")
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        mode = 0  # absent (or unreadable: the write says why)
+    for test, what in _SPECIAL:
+        if test(mode):
+            raise ValueError(f"{path} is {what}, not a file: outputs are written to a temporary file renamed onto "
+                             f"their path, which would replace {what}; give a file path")
     if path.parent.exists() and not path.parent.is_dir():
         raise ValueError(f"cannot write {path}: {path.parent} is a file, not a directory")
     return path.parent
