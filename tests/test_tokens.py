@@ -507,11 +507,20 @@ def test_the_default_pixel_limit_stands_for_a_video_sized_one_with_frames(tmp_pa
     full_hd = shared_path("video", "mmaction2", "demo_skeleton.mp4")  # 1920 x 1080: read by default
     assert load_input(full_hd, "video", max_frames=1, max_pixels=MAX_PIXELS)[1] == [1, 1080, 1920]
     wide = save_video(torch.zeros(1, 3, 1152, 2048), tmp_path / "wide.mp4", 25)
-    with pytest.raises(ValueError, match=r"frames are 2048x1152 = 2.4 megapixels, over the limit of 2.1 .*--max-pixels"):
+    with pytest.raises(ValueError, match=r"frames are 2048x1152 = 2.4 megapixels, over the limit of 2.1 megapixels .*"
+                                         r"--max-pixels"):
         load_input(wide, "video", max_frames=1, max_pixels=MAX_PIXELS)
     assert 1920 * 1080 <= MAX_VIDEO_PIXELS < 2048 * 1152 < MAX_PIXELS
     x, size, _ = load_input(wide, "video", max_frames=1, max_pixels=2048 * 1152)  # a limit the caller sets applies
     assert size == [1, 1152, 2048]
+    # the image default's number, given by the caller, is a limit of its own too
+    assert load_input(wide, "video", max_frames=1, max_pixels=int(str(MAX_PIXELS)))[1] == [1, 1152, 2048]
+    from tokenizers_vq.cli import main  # noqa: PLC0415
+
+    assert main(["encode", str(wide), "--model", "video", "-o", str(tmp_path / "w.tvq"), "--max-pixels",
+                 str(4096 * 4096)]) == 0
+    assert main(["encode", str(wide), "--model", "video", "-o", str(tmp_path / "d.tvq")]) == 2
+    assert not (tmp_path / "d.tvq").exists()
 
 
 def test_a_small_pixel_limit_is_stated_in_pixels_not_as_zero_megapixels():

@@ -34,13 +34,14 @@ def _load_model(args: argparse.Namespace, default: str | None = None):
 def _encode(args: argparse.Namespace) -> int:
     from tokenizers_vq.tokens import default_model_name, encode_files  # noqa: PLC0415
 
-    if args.max_pixels < 0:
+    if args.max_pixels is not None and args.max_pixels < 0:
         raise ValueError(f"--max-pixels {args.max_pixels}: expected a pixel count >= 1, or 0 for no limit")
     default = None if args.model else default_model_name(args.files)
     tok = _load_model(args, default)
-    from tokenizers_vq.media import uncoded_parts  # noqa: PLC0415
+    from tokenizers_vq.media import MAX_PIXELS, uncoded_parts  # noqa: PLC0415
 
-    print(f"wrote {encode_files(tok, args.files, args.output, max_pixels=args.max_pixels or None)}")
+    limit = MAX_PIXELS if args.max_pixels is None else args.max_pixels or None
+    print(f"wrote {encode_files(tok, args.files, args.output, max_pixels=limit)}")
     for note in uncoded_parts(tok.modality, args.files):
         print(f"tvq: note: {note}", file=sys.stderr)
     return 0
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc = sub.add_parser("encode", help="encode media files to one token file")
     enc.add_argument("files", nargs="+", help="media files of the model's modality")
     enc.add_argument("-o", "--output", required=True, help="token file to write (tvq-tokens/1, safetensors)")
-    enc.add_argument("--max-pixels", type=int, default=4096 * 4096,
+    enc.add_argument("--max-pixels", type=int, default=None,
                      help="refuse larger images and video frames (default 4096*4096, for video frames 1920*1088; "
                           "memory grows with pixels; 0: no limit)")
     dec = sub.add_parser("decode", help="decode a token file back to media")

@@ -353,7 +353,7 @@ def check_pixels(path: Path, w: int, h: int, max_pixels: int | None, what: str =
     """Refuse an image or video frame of more than ``max_pixels`` pixels (``None``: no limit)."""
     if max_pixels is not None and w * h > max_pixels:
         size = f"{w * h / 1e6:.1f} megapixels" if w * h >= 100_000 else f"{w * h} pixels"
-        limit = f"{max_pixels / 1e6:.1f}" if max_pixels >= 100_000 else f"{max_pixels} pixels"
+        limit = f"{max_pixels / 1e6:.1f} megapixels" if max_pixels >= 100_000 else f"{max_pixels} pixels"
         raise ValueError(f"{path}{what} {'are' if what.endswith('s') else 'is'} {w}x{h} = {size}, over the limit of "
                          f"{limit} (memory grows with the pixel count); downscale it, or raise the "
                          f"limit with --max-pixels {w * h} (max_pixels= in Python)")

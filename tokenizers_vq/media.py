@@ -36,7 +36,12 @@ from tokenizers_vq.video_io import (  # noqa: F401 (this module's API)
 )
 
 
-MAX_PIXELS = 4096 * 4096
+class DefaultLimit(int):
+    """A pixel limit that was not chosen by the caller (the modality may size its own); the
+    same number given explicitly is a plain ``int`` and applies as given."""
+
+
+MAX_PIXELS = DefaultLimit(4096 * 4096)
 """Default largest image (in pixels, H x W) that :func:`~tokenizers_vq.media.load_input`
 reads for a tokenizer: the embedded f16 model asked for 25.6 GB at 10000 x 10000 pixels
 on a CPU, and memory grows linearly with the pixel count (about 4 GB at this limit). Raise it with ``max_pixels=`` or
@@ -47,7 +52,7 @@ MAX_VIDEO_PIXELS = 1920 * 1088
 the embedded video model's encoder took 8.2 GB and its decoder 12.0 GB for a 17-frame
 1080p clip on a CPU (720p: 4.2 and 5.5 GB), with its full-resolution layers run a few
 frames at a time (:data:`tokenizers_vq.backbones.time_chunks.CHUNK_PIXELS`). A ``max_pixels`` the
-caller sets applies as given."""
+caller sets applies as given, the same number as :data:`MAX_PIXELS` included."""
 
 
 def bundled_photo() -> Path:

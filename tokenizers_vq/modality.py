@@ -31,9 +31,9 @@ from torch import Tensor
 from tokenizers_vq.audio_io import read_audio
 from tokenizers_vq.errors import ItemError
 from tokenizers_vq.media import (
-    MAX_PIXELS,
     MAX_VIDEO_PIXELS,
     AssumedFrameRateWarning,
+    DefaultLimit,
     SUFFIXES,
     check_pixels,
     image_header,
@@ -331,7 +331,7 @@ class Video(Modality):
         """Video files as uint8 ``(3, T, H, W)`` (a quarter of the float bytes: a long clip is
         expanded a clip at a time, :func:`~tokenizers_vq.tokens.encode_file`); frame folders
         as the model input."""
-        max_pixels = MAX_VIDEO_PIXELS if max_pixels == MAX_PIXELS else max_pixels  # the default: sized for frames
+        max_pixels = MAX_VIDEO_PIXELS if isinstance(max_pixels, DefaultLimit) else max_pixels  # sized for frames
         if Path(path).is_dir():  # frame images, composited to RGB as photos are
             (frames, fps), channels, aspect = load_video(path, max_frames, max_pixels), 3, None
             x = frames.permute(1, 0, 2, 3).mul_(2).sub_(1)
