@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from tokenizers_vq.distributed import leave
 from tokenizers_vq import ResidualQuantizer, VectorQuantizer
+from tokenizers_vq.quantizers import ProjectedCodebookVQ, shrink_codebook
 from tokenizers_vq.train.losses import LeCam
 
 
@@ -37,6 +38,17 @@ def main(out_dir: str) -> None:
             m(x)
         lecam([x[..., :1]], [x[..., 1:2] - 1])  # a discriminator's outputs on real and fake, per rank
     models["lecam"] = lecam
+    # a projected codebook initialised from latents whose row count differs per rank (crops
+    # of per-rank sizes): every rank waits for the others before the collective k-means
+    torch.manual_seed(0)
+    projected = ProjectedCodebookVQ(8, 16, init_samples=64, init_batches=4).train()
+    torch.manual_seed(200 + rank)
+    for _ in range(12):
+        projected(torch.randn(1, 20 if rank == 0 else 3, 8) + rank)
+    models["projected-uneven"] = projected
+    if rank == 0:  # a codebook shrunk by one process of the group needs no other rank
+        shrunk, _ = shrink_codebook(VectorQuantizer(8, 64), 16)
+        models["shrunk"] = shrunk
     for name, m in models.items():
         save_file({k: v.contiguous() for k, v in m.state_dict().items()}, f"{out_dir}/{name}_rank{rank}.safetensors")
     leave()  # a barrier first: a rank that tore down alone sometimes aborted the other at exit

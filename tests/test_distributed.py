@@ -52,6 +52,12 @@ def test_codebooks_are_bitwise_identical_on_two_ranks(tmp_path):
         # the statistics really were shared: alone, rank 0 ends with other EMA counts
         sizes = [k for k in r0 if k.endswith("cluster_size")]
         assert all(not alone[k].equal(r0[k]) for k in sizes), f"{name}: same statistics without the peer"
+    # a projected codebook self-initialised while the ranks held different numbers of rows:
+    # both ranks reached the shared k-means (none waited alone) and hold the same codebook
+    r0, r1 = (load_file(tmp_path / f"projected-uneven_rank{r}.safetensors") for r in (0, 1))
+    assert bool(r0["initted"]) and bool(r1["initted"])
+    assert all(r0[k].numpy().tobytes() == r1[k].numpy().tobytes() for k in r0 if k != "last_used")  # (usage: per rank)
+    assert (tmp_path / "shrunk_rank0.safetensors").is_file()  # rank 0 alone shrank a codebook
     # the LeCam regulariser's averages of the discriminator's outputs: over both ranks' batches
     r0, r1 = (load_file(tmp_path / f"lecam_rank{r}.safetensors") for r in (0, 1))
     alone = load_file(tmp_path / "alone" / "lecam_rank0.safetensors")

@@ -35,6 +35,14 @@ def broadcast_(t: Tensor, src: int = 0) -> Tensor:
     return t
 
 
+def on_every_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` holds on every rank (one all-reduce on ``device``; ``flag`` itself
+    without a process group): a choice that leads into collective calls, made the same everywhere."""
+    if not is_distributed():
+        return flag
+    return bool(all_reduce_sum_(torch.tensor([0.0 if flag else 1.0], device=device))[0] == 0)
+
+
 def sample_rows(x: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
     """``n`` rows drawn (with replacement) from ``x`` ``(N, d)`` on rank 0 and sent
     to every rank, so all ranks hold the same ``(n, d)`` sample."""

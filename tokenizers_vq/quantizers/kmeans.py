@@ -25,7 +25,8 @@ def kmeans(
 ) -> tuple[Tensor, Tensor]:
     """Cluster the rows of ``x`` into ``k`` centres.
 
-    Centres start at ``k`` distinct rows (drawn on rank 0 and broadcast); a centre
+    Centres start at ``k`` distinct rows (with ``reduce_over_ranks``, drawn on rank 0 and
+    broadcast; else each process clusters its own rows and needs no other rank); a centre
     left empty by an iteration moves to the row farthest from its centre, so all
     ``k`` centres stay in use whenever ``x`` has ``k`` distinct rows.
 
@@ -61,8 +62,9 @@ def kmeans(
     if metric == "cosine":
         x = l2norm(x)
     w = None if weights is None else weights.float().reshape(-1, 1)
+    share = tdist.broadcast_ if reduce_over_ranks else torch.Tensor.contiguous  # rank 0's rows, or this process's
     perm = torch.randperm(x.shape[0], generator=generator, device="cpu")[:k].to(x.device)
-    centres = tdist.broadcast_(x[perm].contiguous())
+    centres = share(x[perm].contiguous())
     counts = torch.zeros(k, device=x.device)
     for _ in range(iters):
         centres, counts, idx = _lloyd_step(x, w, centres, metric, backend, reduce_over_ranks)
@@ -76,7 +78,7 @@ def kmeans(
             rows = torch.randperm(x.shape[0], generator=generator, device="cpu")[: 2**24].to(x.device)
         gen = generator if generator is None or generator.device == x.device else None
         pick = rows[torch.multinomial(size[rows], min(small.numel(), rows.numel()), replacement=False, generator=gen)]
-        centres[small[: pick.numel()]] = tdist.broadcast_(x[pick].contiguous())
+        centres[small[: pick.numel()]] = share(x[pick].contiguous())
         for _ in range(2):
             centres, counts, idx = _lloyd_step(x, w, centres, metric, backend, reduce_over_ranks)
     return centres, counts
@@ -103,5 +105,6 @@ def _lloyd_step(x: Tensor, w: Tensor | None, centres: Tensor, metric: Metric, ba
     empty = (counts <= 0).nonzero().squeeze(1)
     if empty.numel():  # one host sync per iteration; k-means runs outside the training step
         far = dist.topk(min(empty.numel(), x.shape[0])).indices
-        centres[empty[: far.numel()]] = tdist.broadcast_(x[far].contiguous())
+        far_rows = x[far].contiguous()
+        centres[empty[: far.numel()]] = tdist.broadcast_(far_rows) if reduce_over_ranks else far_rows
     return centres, counts, idx

@@ -351,7 +351,8 @@ class ProjectedCodebookVQ(Quantizer):
         self._pool.append(x[torch.randperm(x.shape[0], device=x.device)[:take]].clone())
         self._pool_batches += 1
         held += take
-        if held < self.init_samples and self._pool_batches < self.init_batches:
+        # every rank goes on together (each rank's crops, hence its rows, may differ): the k-means or fit is collective
+        if not tdist.on_every_rank(held >= self.init_samples or self._pool_batches >= self.init_batches, x.device):
             return
         pool = torch.cat(self._pool)
         self._pool, self._pool_batches = [], 0
@@ -364,7 +365,7 @@ class ProjectedCodebookVQ(Quantizer):
             self.initted.fill_(True)
             self._initted = True
             return
-        if pool.shape[0] < self._size:  # too few latents so far: keep collecting
+        if not tdist.on_every_rank(pool.shape[0] >= self._size, x.device):  # too few latents (on a rank): keep collecting
             self._pool, self._pool_batches = [pool], 0
             return
         centres, _ = kmeans(pool, self._size, self.kmeans_iters, self.metric, reduce_over_ranks=True, backend=self.backend,
