@@ -50,7 +50,8 @@ def test_exported_images_and_audio_decode_like_direct_encode(tmp_path):
             assert torch.equal(ds.codes(i), direct.codes)
             item = ds[i]
             assert item["source"] == f.name and torch.equal(item["tokens"], direct.codes.reshape(-1))
-            from_shards = decode_record(tok, type(direct)(ds.codes(i), f.name, item["size"], direct.info))
+            assert item["info"] == direct.info  # what the export recorded of the input (audio: its rates)
+            from_shards = decode_record(tok, type(direct)(ds.codes(i), f.name, item["size"], item["info"]))
             assert torch.equal(from_shards, decode_record(tok, direct))
 
 
@@ -654,3 +655,9 @@ def test_fit_image_resizes_the_shorter_side_and_crops_the_centre_of_that(tmp_pat
     save_image(strip.float() / 255, tmp_path / "strip" / "strip.png")
     with pytest.raises(ValueError, match=r"strip.png: a 2 x 1000 image resized"):
         export_dataset(tiny("image"), [tmp_path / "strip" / "strip.png"], tmp_path / "out", resize=256, center_crop=True)
+
+
+def test_an_export_of_no_files_is_refused_naming_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"no files to export into .*empty: give at least one image file"):
+        export_dataset(tiny("image"), [], tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()  # nothing made, so nothing opens as an empty dataset

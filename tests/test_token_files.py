@@ -85,8 +85,9 @@ def test_decoding_over_the_original_is_refused_before_anything_is_written(tmp_pa
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in photos)
 
 
-@pytest.mark.parametrize("damage", ["dtype", "no codebook_size", "items not a list", "size not numbers",
-                                    "fps None", "fps 0", "pixel_aspect text", "pixel_aspect 0"])
+@pytest.mark.parametrize("damage", ["dtype", "no codebook_size", "codebook_size superscript", "code_shape not json",
+                                    "items not a list", "size not numbers", "fps None", "fps 0", "pixel_aspect text",
+                                    "pixel_aspect 0"])
 def test_a_damaged_header_is_one_error_naming_the_file(tmp_path, image_model, capsys, damage):
     tokens = tmp_path / "t.tvq"
     assert main(["encode", *map(str, small_photos(tmp_path / "p", 1)), "--model", str(image_model),
@@ -97,6 +98,10 @@ def test_a_damaged_header_is_one_error_naming_the_file(tmp_path, image_model, ca
         tensors["codes.0"] = tensors["codes.0"].view(torch.float32)
     elif damage == "no codebook_size":
         del meta["codebook_size"]
+    elif damage == "codebook_size superscript":  # a digit to str.isdigit, not to int()
+        meta["codebook_size"] = "\u00b2"
+    elif damage == "code_shape not json":
+        meta["code_shape"] = "[1,"
     elif damage == "items not a list":
         meta["items"] = json.dumps({"0": items[0]})
     else:  # a field of the item (another program may have written the file)

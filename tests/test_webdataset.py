@@ -14,6 +14,7 @@ from testdata import shared_path
 
 from tokenizers_vq.cli import main
 from tokenizers_vq.export import export_dataset
+from tokenizers_vq.token_dataset import TokenDataset
 from tokenizers_vq.webdataset import is_tar_source, list_tar_samples, sample_key
 
 
@@ -69,6 +70,7 @@ def test_tar_export_equals_the_folder_export_and_keeps_keys(modality, tmp_path):
         keys = [it["info"]["key"] for shard in manifest["shards"]
                 for it in json.loads((out / f"{shard}.json").read_text())["items"]]
         assert keys == [s.key for s in samples]
+        assert [it["info"]["key"] for it in TokenDataset(out)] == keys  # a reader joins items to labels by key
     assert not any(p.suffix in (".jpg", ".flac") for p in tmp_path.rglob("*") if p.parent != tmp_path)  # nothing extracted
 
 

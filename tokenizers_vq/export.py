@@ -200,7 +200,7 @@ def export_dataset(
         The manifest (also written to ``out_dir/manifest.json``).
 
     Raises:
-        ValueError: without ``overwrite``, ``out_dir`` holds an export whose
+        ValueError: ``files`` is empty; without ``overwrite``, ``out_dir`` holds an export whose
             ``export.json`` differs from this run's fingerprint
             (:func:`~tokenizers_vq.export_record.fingerprint`; the message names each
             differing field, recorded vs this run), or export files without an
@@ -217,13 +217,17 @@ def export_dataset(
     out = named_path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file: an export is written into a folder; name a folder (--out)")
+    q, dynamic = tok.quantizer, tok.is_dynamic
+    if dynamic:
+        tok._check_dynamic()
+    files = list(files)
+    if not files:  # a finished export of nothing would open as an empty dataset
+        raise ValueError(f"no files to export into {out}: give at least one {tok.modality} file "
+                         f"(tokenizers_vq.media.list_media(folder, {tok.modality!r}) lists a folder's)")
     check_can_write(out / "manifest.json")  # a folder that cannot be made or written is named, as writes are
     out.mkdir(parents=True, exist_ok=True)
     if next(tok.parameters()).device.type == "cpu":
         keep_freed_memory()
-    q, dynamic = tok.quantizer, tok.is_dynamic
-    if dynamic:
-        tok._check_dynamic()
     files = [f if isinstance(f, TarSample) else Path(f) for f in files]
     dtype = token_dtype(q.codebook_size)
     layout = "dynamic" if dynamic else "grid"

@@ -101,7 +101,9 @@ class TokenDataset(Dataset):
 
     Each item is a dict: ``tokens`` (int64 ``(L,)``), ``positions`` (raster index of
     each token's latent cell), ``levels`` (its level/group index, 0 without one),
-    ``shape`` (the stored code tensor's shape), ``source``, ``size``. Grids are in
+    ``shape`` (the stored code tensor's shape), ``source``, ``size`` and ``info`` (what the
+    export recorded of the input: a tar sample's ``key``, a video's ``fps`` and
+    ``pixel_aspect``, audio's ``sample_rate`` and ``source_sample_rate``; ``{}`` when none). Grids are in
     raster order. Dynamic-length items (``layout == "dynamic"``) are in coarse-to-fine
     order (all coarse tokens in region raster order, then the fine tokens region by
     region, whatever order the quantizer packed them in) and add ``granularity`` (0
@@ -236,7 +238,7 @@ class TokenDataset(Dataset):
             cell = torch.arange(n)
         lvl = torch.arange(self.per_cell).unsqueeze(0).expand(n, self.per_cell)
         return {"tokens": self._spread(rows), "positions": self._spread(cell), "levels": self._spread(lvl),
-                "shape": list(codes.shape), "source": it["source"], "size": it["size"],
+                "shape": list(codes.shape), "source": it["source"], "size": it["size"], "info": dict(it.get("info", {})),
                 **({"path": it["path"]} if "path" in it else {}), **extra}
 
     def _spread(self, rows: torch.Tensor) -> torch.Tensor:

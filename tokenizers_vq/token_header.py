@@ -4,6 +4,7 @@ described in :mod:`tokenizers_vq.tokens`)."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from tokenizers_vq.io import MAX_FPS, tensor_sha256
@@ -31,9 +32,12 @@ def check_header(meta: dict[str, str], items: Any) -> None:
     if digest is not None and digest != header_sha256(meta):
         raise Damaged("its header does not match its recorded header_sha256: it was altered or damaged "
                        "after it was written")
-    if not meta["codebook_size"].isdigit():
-        raise Damaged(f"codebook_size {meta['codebook_size']!r} is not a whole number")
-    shape = json.loads(meta["code_shape"])
+    if not re.fullmatch(r"[1-9][0-9]*", meta["codebook_size"]):  # (str.isdigit takes "²" too)
+        raise Damaged(f"codebook_size {meta['codebook_size']!r} is not a positive whole number")
+    try:
+        shape = json.loads(meta["code_shape"])
+    except ValueError:
+        shape = None
     if not isinstance(shape, list) or not all(isinstance(n, int) and n > 0 for n in shape):
         raise Damaged(f"code_shape {meta['code_shape']!r} is not a list of positive whole numbers")
     if not isinstance(items, list):
