@@ -171,6 +171,24 @@ def test_an_input_that_fails_is_reported_on_a_line_of_its_own(tmp_path, capsys):
     assert last.startswith("tvq: error: cannot read audio") and "\r" not in last  # not after the bar on its line
 
 
+def test_inputs_missing_or_of_another_type_are_refused_before_any_is_encoded(tmp_path, monkeypatch):
+    import tokenizers_vq.tokens as tokens_module  # noqa: PLC0415
+
+    tok = tiny("audio")
+    wav = shared_path("audio", "ljspeech", "LJ001-0001.wav")
+    photo = shared_path("images", "bsds500", "val", "3096.jpg")
+
+    def no_work(*_, **__):
+        raise AssertionError("an input was encoded before every input was checked")
+
+    monkeypatch.setattr(tokens_module, "encode_file", no_work)
+    with pytest.raises(ValueError, match=r"3096\.jpg is an image file, but model .* is an audio tokenizer"):
+        encode_files(tok, [wav, wav, photo], tmp_path / "t.tvq")
+    with pytest.raises(ValueError, match=r"file not found: .*gone\.wav"):
+        encode_files(tok, [wav, tmp_path / "gone.wav"], tmp_path / "t.tvq")
+    assert not (tmp_path / "t.tvq").exists()
+
+
 def test_outputs_that_worked_keep_working(tmp_path):
     """Audio in any format libsndfile writes, MP4 bytes under .m4v, an empty token file, and
     no folder made by a run that fails."""
@@ -421,12 +439,16 @@ def test_an_animated_image_is_coded_by_its_first_frame_with_a_note(tmp_path, cap
     frames[0].save(tmp_path / "still.png")
     # a phone's JPEG with a second picture (MPO): not an animation
     frames[0].save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=frames[1:2])
-    files = [str(tmp_path / name) for name in ("anim.webp", "still.png", "phone.jpg")]
+    pages = [Image.fromarray(np.asarray(f)) for f in frames]  # (without the JPEG's settings, which TIFF refuses)
+    pages[0].save(tmp_path / "scan.tif", save_all=True, append_images=pages[1:])  # a document of 3 pages
+    pages[0].save(tmp_path / "page.tif")
+    files = [str(tmp_path / name) for name in ("anim.webp", "still.png", "phone.jpg", "scan.tif", "page.tif")]
     assert tvq(["encode", *files, "-o", str(tmp_path / "t.tvq"),
                 "--model", str(model), "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert "anim.webp is an animation of 3 frames, and an image model codes the first only" in err
-    assert "still.png" not in err and "phone.jpg" not in err
+    assert "scan.tif holds 3 pages, and an image model codes the first only" in err
+    assert "still.png" not in err and "phone.jpg" not in err and "page.tif" not in err
     assert torch.equal(load_image_u8(tmp_path / "anim.webp"), load_image_u8(tmp_path / "still.png"))
 
 

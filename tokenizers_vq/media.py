@@ -254,7 +254,8 @@ def load_input(
 
 def uncoded_parts(modality: str, files) -> list[str]:
     """What a tokenizer of ``modality`` leaves out of ``files``, a sentence each: a video's
-    sound, the frames after the first of an animated image (GIF, WebP, PNG)."""
+    sound, the frames after the first of an animated image (GIF, WebP, PNG), the pages after the
+    first of a TIFF."""
     from PIL import Image  # noqa: PLC0415
 
     notes = []
@@ -265,12 +266,16 @@ def uncoded_parts(modality: str, files) -> list[str]:
             with warnings.catch_warnings():  # a size warning: the reader has had its say
                 warnings.simplefilter("ignore")
                 try:
-                    with Image.open(f) as im:  # animations only: a phone's JPEG (MPO) holds 2 pictures
-                        animated = im.format in ("GIF", "PNG", "WEBP") and getattr(im, "is_animated", False)
-                        frames = im.n_frames if animated else 1
+                    with Image.open(f) as im:  # animations and pages: a phone's JPEG (MPO) holds 2 pictures
+                        fmt = im.format
+                        many = fmt in ("GIF", "PNG", "WEBP", "TIFF") and getattr(im, "n_frames", 1) > 1
+                        frames = im.n_frames if many else 1
                 except OSError:
                     frames = 1
-            if frames > 1:
+            if frames > 1 and fmt == "TIFF":
+                notes.append(f"{f} holds {frames} pages, and an image model codes the first only: to code them all, "
+                             f"save each page as a file of its own")
+            elif frames > 1:
                 notes.append(f"{f} is an animation of {frames} frames, and an image model codes the first only: "
                              f"to code them all, convert it to a video (ffmpeg -i {shell_arg(f.name)} clip.mp4) for --model video")
     return notes

@@ -302,7 +302,8 @@ def other_model(meta: dict[str, str], tok: Tokenizer, path: str | os.PathLike) -
 def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | os.PathLike,
                  max_pixels: int | None = MAX_PIXELS) -> Path:
     """Encode media files into one token file (all inputs are read before anything is written;
-    an output that cannot be written is refused before any is read)."""
+    an output that cannot be written, a missing input or one of another modality than the
+    model's is refused before any is read)."""
     if str(out).endswith(("/", os.sep)) or Path(out).is_dir():
         raise ValueError(f"{out} names a folder: give the token file's name (e.g. {Path(out) / 'tokens.tvq'})")
     target = Path(out)
@@ -312,6 +313,8 @@ def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | 
         raise ValueError(f"{out} {why}: the token file would be written over media; "
                          f"name the token file {target.with_suffix('.tvq').name} (or any name without a media suffix)")
     check_can_write(out)
+    for p in paths:  # every input present and of the model's type before the first is encoded
+        check_input_modality(tok, Path(p))
     with tqdm(paths, desc="encode", disable=len(paths) < 2) as bar:  # closed (its line ended) if an input fails
         records = [encode_file(tok, p, max_pixels=max_pixels) for p in bar]
     return save_tokens(out, tok, records)
