@@ -550,3 +550,25 @@ def test_a_frame_rate_no_video_file_holds_is_refused_before_anything_is_written(
     with pytest.raises(ValueError, match=r"would not load back: item 0's fps 3000000000.0 is not a frame rate above 0"):
         save_tokens(tmp_path / "v.tvq", tok, [rec])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB file system (tmpfs), where a mount is permitted (as root)."""
+    import subprocess  # noqa: PLC0415
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small file system needs root (mount -t tmpfs)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac"])
+def test_audio_written_to_a_full_disk_is_named_as_such_and_leaves_nothing(small_disk, suffix):
+    with pytest.raises(OSError, match=rf"cannot write .*out{suffix}: No space left on device"):
+        save_audio(torch.rand(1, 160000) - 0.5, small_disk / f"out{suffix}", 16000)  # 320 kB of 16-bit samples
+    assert list(small_disk.iterdir()) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -227,7 +228,9 @@ def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
         try:
             sf.write(os.fsencode(tmp), data, sample_rate, subtype=subtype)
             info = sf.info(os.fsencode(tmp))
-        except RuntimeError as e:  # libsndfile's errors (a full disk among them)
+        except RuntimeError as e:  # libsndfile's errors: a full disk is its "System error."
+            if shutil.disk_usage(os.path.dirname(tmp) or ".").free < 4 * data.size:  # less room than fp32 samples
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from e
             raise OSError(errno.EIO, _libsndfile_words(e)) from e
         if info.samplerate != sample_rate or info.frames != data.shape[0]:  # a format of fixed rates (.wve, .xi)
             raise ValueError(f"cannot write {path}: its format ({info.format}) does not keep {sample_rate} Hz audio "
