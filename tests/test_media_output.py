@@ -7,6 +7,7 @@ be written is refused before any work; a failing input's error gets a line of it
 
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -572,3 +573,31 @@ def test_audio_written_to_a_full_disk_is_named_as_such_and_leaves_nothing(small_
     with pytest.raises(OSError, match=rf"cannot write .*out{suffix}: No space left on device"):
         save_audio(torch.rand(1, 160000) - 0.5, small_disk / f"out{suffix}", 16000)  # 320 kB of 16-bit samples
     assert list(small_disk.iterdir()) == []
+
+
+def test_a_mono_mix_that_cancels_or_a_level_over_full_scale_is_named_in_one_warning_line(tmp_path, capsys):
+    import warnings  # noqa: PLC0415
+
+    import soundfile as sf  # noqa: PLC0415
+
+    from tokenizers_vq.audio_io import read_audio  # noqa: PLC0415
+
+    voice, sr = sf.read(str(shared_path("audio", "ljspeech", "LJ001-0001.wav")), dtype="float32")
+    quiet = np.zeros_like(voice)
+    cases = {"centre.wav": (np.stack([quiet, quiet, voice, quiet, quiet, quiet], 1), "are 16 dB quieter"),  # 5.1 dialogue
+             "inverted.wav": (np.stack([voice, -voice], 1), "cancel out to silence"),
+             "both.wav": (np.stack([voice, voice], 1), None), "left.wav": (np.stack([voice, quiet], 1), None)}
+    for name, (data, said) in cases.items():
+        sf.write(tmp_path / name, data, sr)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            read_audio(tmp_path / name, 16000, mono=True)
+        assert [said in str(w.message) for w in seen] == ([] if said is None else [True]), name
+    sf.write(tmp_path / "loud.wav", voice / np.abs(voice).max() * 3.0, sr, subtype="FLOAT")
+    model = tiny("audio").save_pretrained(tmp_path / "model")
+    assert main(["encode", str(tmp_path / "loud.wav"), str(tmp_path / "inverted.wav"), "--model", str(model),
+                 "-o", str(tmp_path / "t.tvq")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
+    assert len(err) == 2 and all(line.startswith("tvq: warning: ") for line in err)  # one line each, no source
+    assert re.search(r"loud\.wav: its samples reach 2\.9\d*, above full scale .* volume=-9\.\d+dB", err[0])  # (resampled)
+    assert "inverted.wav: its 2 channels, mixed to mono by their mean, cancel out to silence" in err[1]

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.errors import UNREADABLE
-from tokenizers_vq.io import atomic_write, check_media_file, check_writable
+from tokenizers_vq.io import atomic_write, check_media_file, check_writable, shell_arg
 from tokenizers_vq.resample import resample
 
 MIN_SAMPLE_RATE = 1000
@@ -64,9 +66,14 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None,
                                  "real recording has; its header is wrong: re-export it with its true rate")
             # in blocks until the data ends: one read would allocate the header's frame count,
             # which a truncated or forged file overstates (a FLAC may claim 2^36 samples)
-            blocks = []
+            blocks, mix_energy, channel_energy = [], 0.0, np.zeros(channels)
             while len(data := f.read(block, dtype="float32", always_2d=True)):
-                blocks.append(torch.from_numpy(data).mean(1, keepdim=True).numpy() if mono else data)
+                if mono and channels > 1:
+                    mixed = data.mean(1, keepdims=True)
+                    mix_energy += float(np.square(mixed, dtype=np.float64).sum())
+                    channel_energy += np.square(data, dtype=np.float64).sum(0)
+                    data = mixed
+                blocks.append(data)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise ValueError(f"cannot read audio {path}: {_libsndfile_words(e)} {UNREADABLE}") from e
     got = sum(map(len, blocks))
@@ -96,11 +103,30 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None,
                          "bytes (an empty recording, or a file cut short: copy or export it again)")
     wav = torch.from_numpy(np.concatenate(blocks).T.copy())
     if not torch.isfinite(wav).all():
-        raise ValueError(f"audio file {path} contains NaN or Inf samples")
+        raise ValueError(f"audio file {path} contains NaN or Inf samples (a damaged or wrongly converted file): "
+                         f"export it again from its source, or replace them (e.g. numpy.nan_to_num) and save it anew")
+    loudest = float(channel_energy.max()) if mono and channels > 1 else 0.0
+    if loudest > 0 and mix_energy < loudest * MIX_QUIET ** 2:
+        _warn_quiet_mix(path, channels, mix_energy, loudest)
     source_rate = sr
     if sample_rate is not None and sample_rate != sr:
         wav, sr = resample(wav, sr, sample_rate), sample_rate
     return wav, sr, source_rate, channels
+
+
+MIX_QUIET = 0.25
+"""A mono mix (the channels' mean) whose level is under this fraction of its loudest channel's
+(-12 dB) is named in a warning: channels out of phase cancel, and sound in one channel of six
+comes out at a sixth. Two channels of one voice mix at full level, a hard-panned one at half."""
+
+
+def _warn_quiet_mix(path: Path, channels: int, mix_energy: float, loudest: float) -> None:
+    db = -10 * math.log10(max(mix_energy, 1e-30) / loudest)
+    how = "cancel out to silence" if db > 60 else f"are {db:.0f} dB quieter than its loudest channel"
+    warnings.warn(f"{path}: its {channels} channels, mixed to mono by their mean, {how} (channels out of phase, "
+                  f"or the sound in one channel of several); to code "
+                  f"one channel, extract it first (ffmpeg -i {shell_arg(path.name)} -af pan=mono|c0=c0 "
+                  f"{shell_arg(path.stem + '_mono.wav')}: c0 is the first channel)", stacklevel=3)
 
 
 # RIFF-family containers, whose data length a writer to a pipe leaves open (see _wav_cut_short)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from tokenizers_vq.errors import EMPTY_NAME, MissingDependency, WriteError
@@ -48,23 +49,12 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    import warnings  # noqa: PLC0415
-
     from tokenizers_vq.tokens import OtherModelWarning, decode_file, load_tokens  # noqa: PLC0415
 
     meta, _ = load_tokens(args.tokens)
     tok = _model_for_tokens(args, meta["model_id"], meta["modality"], meta)
-    shown = warnings.showwarning
-
-    def show(message, category, *rest, **kw):  # decode_file warns after its refusals, before decoding
-        if issubclass(category, OtherModelWarning):
-            print(f"tvq: warning: {message}", file=sys.stderr)
-        else:
-            shown(message, category, *rest, **kw)
-
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # decode_file warns after its refusals, before decoding
         warnings.simplefilter("always", OtherModelWarning)
-        warnings.showwarning = show
         written = decode_file(tok, args.tokens, args.output)
     for path in written:
         print(f"wrote {path}")
@@ -353,6 +343,14 @@ def _check_device(device: str | None) -> None:
         raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, ``tvq: warning: ...`` (not Python's file, line and source), on a
+    line of its own while a progress bar is drawn."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    tqdm.write(f"tvq: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -363,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("'-' (standard input or output) is not supported: name a file or folder")
         if "" in named:  # (a command substitution that printed nothing) not read as the folder "."
             raise ValueError(EMPTY_NAME)
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except (ValueError, MissingDependency) as e:
         print(f"tvq: error: {e}", file=sys.stderr)
         return 2

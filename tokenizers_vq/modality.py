@@ -48,6 +48,10 @@ from tokenizers_vq.media import (
 )
 
 
+LOUD_INPUT = 1.5
+"""Audio samples above this (3.5 dB over full scale: more than a lossy decoder's overshoot) are
+named in a warning; the decoded audio is clipped to [-1, 1]."""
+
 INPUT_LIMIT = 4.0
 """Model inputs are in [-1, 1]; one reaching past this magnitude is refused (8-bit pixels or
 16-bit samples passed as floats), not coded into tokens of nothing."""
@@ -290,6 +294,10 @@ class Audio(Modality):
             raise ValueError(f"audio file {path}: its samples reach {peak:.3g}, far outside [-1, 1] (a floating-point "
                              f"file out of range); scale it down first, e.g. ffmpeg -i {Path(path).name} -af "
                              f"volume={-20 * math.log10(peak):.1f}dB out.wav")
+        if peak > LOUD_INPUT:
+            warnings.warn(f"audio file {path}: its samples reach {peak:.3g}, above full scale (a floating-point file); "
+                          f"the decoded audio is clipped to [-1, 1]: scale it down first for a faithful copy, e.g. "
+                          f"ffmpeg -i {Path(path).name} -af volume={-20 * math.log10(peak):.1f}dB out.wav", stacklevel=2)
         return wav, [wav.shape[-1]], {"sample_rate": sr, "source_sample_rate": source_rate, "channels": channels}
 
     def to_media(self, out: Tensor) -> Tensor:
