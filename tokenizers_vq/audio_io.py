@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.errors import UNREADABLE
-from tokenizers_vq.io import atomic_write, check_media_file, check_writable, shell_arg
+from tokenizers_vq.io import AUDIO_FORMATS, atomic_write, check_media_file, check_writable, shell_arg
 from tokenizers_vq.resample import resample
 
 MIN_SAMPLE_RATE = 1000
@@ -248,11 +248,12 @@ def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
         raise ValueError(f"save_audio expects (channels, T) with T > 0, got shape {tuple(wav.shape)}")
     check_writable("audio", path)
     data = wav.detach().float().clamp(-1, 1).t().cpu().numpy()
-    subtype = "PCM_16" if Path(path).suffix.lower() in (".wav", ".flac") else None
+    suffix = Path(path).suffix.lower()
+    fmt, subtype = AUDIO_FORMATS.get(suffix, (None, "PCM_16" if suffix in (".wav", ".flac") else None))
 
     def write(tmp: str) -> None:
         try:
-            sf.write(os.fsencode(tmp), data, sample_rate, subtype=subtype)
+            sf.write(os.fsencode(tmp), data, sample_rate, subtype=subtype, format=fmt)
             info = sf.info(os.fsencode(tmp))
         except RuntimeError as e:  # libsndfile's errors: a full disk is its "System error."
             if shutil.disk_usage(os.path.dirname(tmp) or ".").free < 4 * data.size:  # less room than fp32 samples

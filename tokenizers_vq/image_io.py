@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tokenizers_vq.errors import UNREADABLE
 from tokenizers_vq.io import atomic_write, check_media_file
 
 
@@ -28,8 +29,10 @@ def image_header(path: str | os.PathLike) -> tuple[int, int, int]:
                 keyed = "transparency" in im.info  # a palette's or a colour key's transparent pixels
                 channels = (3 + keyed) if im.mode == "P" else len(im.getbands()) + (keyed and im.mode in ("L", "RGB"))
                 return (*im.size, channels)
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path}: {e} {UNREADABLE}") from e
 
 
 def load_image(path: str | os.PathLike) -> Tensor:
@@ -82,7 +85,7 @@ def load_image_u8(path: str | os.PathLike) -> Tensor:
         raise ValueError(f"cannot read image {path}: {e} (Pillow's guard; to read such an image, raise "
                          "PIL.Image.MAX_IMAGE_PIXELS in Python first)") from e
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        raise ValueError(f"cannot read image {path}: {e} {UNREADABLE}") from e
     data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
     return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1)
 

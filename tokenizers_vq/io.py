@@ -21,6 +21,10 @@ from torch import Tensor
 from tokenizers_vq.errors import WriteError
 
 
+AUDIO_FORMATS = {".oga": ("OGG", None), ".opus": ("OGG", "OPUS"), ".aif": ("AIFF", None)}
+"""Audio suffixes libsndfile does not name its formats by: ``(format, sample coding)`` to write them as
+(any other suffix is the format's own name, ``.wav``, ``.flac``, ``.aiff``...)."""
+
 WRITES = {"image": (".png", ".jpg", ".webp"), "audio": (".wav", ".flac", ".ogg"), "video": (".mp4", ".m4v", ".mov", ".mkv")}
 """File suffixes each modality is written as (images: also any other format Pillow writes, e.g.
 .tiff or .bmp; audio: any other format the installed libsndfile writes, e.g. .mp3 or .aiff)."""
@@ -41,8 +45,8 @@ def check_writable(modality: str, path: str | os.PathLike) -> None:
     if modality == "audio" and suffix[1:]:
         import soundfile as sf  # noqa: PLC0415
 
-        fmt = suffix[1:].upper()  # soundfile's own rule for a file name; a format needs a sample coding it writes
-        if fmt in sf.available_formats() and sf.default_subtype(fmt) is not None:
+        fmt = AUDIO_FORMATS.get(suffix, (suffix[1:].upper(),))[0]  # else soundfile's own rule for a file name
+        if fmt in sf.available_formats() and sf.default_subtype(fmt) is not None:  # (one with a coding it writes)
             return
     why = ""
     if modality == "image":
