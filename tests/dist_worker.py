@@ -46,6 +46,8 @@ def main(out_dir: str) -> None:
     for _ in range(12):
         projected(torch.randn(1, 20 if rank == 0 else 3, 8) + rank)
     models["projected-uneven"] = projected
+    # features with more rows than codes are clustered as the layer is built, from each rank's own random state
+    models["projected-features"] = ProjectedCodebookVQ(8, 16, features=torch.randn(40, 8, generator=torch.Generator().manual_seed(1)))
     if rank == 0:  # a codebook shrunk by one process of the group needs no other rank
         shrunk, _ = shrink_codebook(VectorQuantizer(8, 64), 16)
         models["shrunk"] = shrunk

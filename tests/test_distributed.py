@@ -58,6 +58,8 @@ def test_codebooks_are_bitwise_identical_on_two_ranks(tmp_path):
     assert bool(r0["initted"]) and bool(r1["initted"])
     assert all(r0[k].numpy().tobytes() == r1[k].numpy().tobytes() for k in r0 if k != "last_used")  # (usage: per rank)
     assert (tmp_path / "shrunk_rank0.safetensors").is_file()  # rank 0 alone shrank a codebook
+    r0, r1 = (load_file(tmp_path / f"projected-features_rank{r}.safetensors") for r in (0, 1))
+    assert r0["features"].numpy().tobytes() == r1["features"].numpy().tobytes()
     # the LeCam regulariser's averages of the discriminator's outputs: over both ranks' batches
     r0, r1 = (load_file(tmp_path / f"lecam_rank{r}.safetensors") for r in (0, 1))
     alone = load_file(tmp_path / "alone" / "lecam_rank0.safetensors")

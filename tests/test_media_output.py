@@ -157,6 +157,10 @@ def test_an_output_through_a_link_replaces_the_linked_file_and_a_pipe_is_refused
     with pytest.raises(ValueError, match=r"/dev/null is a character device, not a file"):
         check_can_write("/dev/null")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.tvq", "link.tvq", "pipe.tvq"]
+    os.symlink("blob", tmp_path / "out.png")  # a link to a name without a suffix: written as the name given says
+    assert main(["decode", str(tmp_path / "link.tvq"), "--model", "image", "-o", str(tmp_path / "out.png")]) == 0
+    with Image.open(tmp_path / "blob") as im:
+        assert im.format == "PNG" and (tmp_path / "out.png").is_symlink()
 
 
 def test_an_input_that_fails_is_reported_on_a_line_of_its_own(tmp_path, capsys):
@@ -605,3 +609,23 @@ def test_a_mono_mix_that_cancels_or_a_level_over_full_scale_is_named_in_one_warn
     assert len(err) == 2 and all(line.startswith("tvq: warning: ") for line in err)  # one line each, no source
     assert re.search(r"loud\.wav: its samples reach 2\.9\d*, above full scale .* volume=-9\.\d+dB", err[0])  # (resampled)
     assert "inverted.wav: its 2 channels, mixed to mono by their mean, cancel out to silence" in err[1]
+    assert "-af 'pan=mono|c0=c0' inverted_mono.wav" in err[1]  # (quoted for a shell: | is a pipe there)
+
+
+def test_a_warning_is_one_line_and_another_librarys_says_where_it_comes_from(capsys):
+    import tokenizers_vq.tokens as ours  # noqa: PLC0415
+    from tokenizers_vq.errors import show_warning_line  # noqa: PLC0415
+
+    show_warning_line(UserWarning("ours"), UserWarning, ours.__file__, 12)
+    show_warning_line(UserWarning("theirs"), DeprecationWarning, "/usr/lib/python3/dist-packages/other.py", 34)
+    assert capsys.readouterr().err.splitlines() == [
+        "tvq: warning: ours", "tvq: warning: theirs (DeprecationWarning, /usr/lib/python3/dist-packages/other.py:34)"]
+
+
+def test_opus_at_a_rate_it_does_not_code_is_written_at_48_khz(tmp_path):
+    import soundfile as sf  # noqa: PLC0415
+
+    t = torch.arange(44100) / 44100
+    out = save_audio((0.5 * torch.sin(2 * torch.pi * 440 * t)).unsqueeze(0), tmp_path / "tone.opus", 44100)
+    info = sf.info(str(out))
+    assert (info.format, info.subtype, info.samplerate, info.frames) == ("OGG", "OPUS", 48000, 48000)

@@ -125,7 +125,7 @@ def _warn_quiet_mix(path: Path, channels: int, mix_energy: float, loudest: float
     how = "cancel out to silence" if db > 60 else f"are {db:.0f} dB quieter than its loudest channel"
     warnings.warn(f"{path}: its {channels} channels, mixed to mono by their mean, {how} (channels out of phase, "
                   f"or the sound in one channel of several); to code "
-                  f"one channel, extract it first (ffmpeg -i {shell_arg(path.name)} -af pan=mono|c0=c0 "
+                  f"one channel, extract it first (ffmpeg -i {shell_arg(path.name)} -af 'pan=mono|c0=c0' "
                   f"{shell_arg(path.stem + '_mono.wav')}: c0 is the first channel)", stacklevel=3)
 
 
@@ -237,9 +237,22 @@ def _ogg_cut_short(path: Path) -> tuple[int, int] | None:
     return None
 
 
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+"""The sample rates an Opus stream codes; audio at another rate is written to ``.opus`` at 48 kHz."""
+
+
+def _room(path: str) -> float:
+    """Free bytes on the file system of ``path`` (infinite where that cannot be told)."""
+    try:
+        return shutil.disk_usage(os.path.dirname(path) or ".").free
+    except OSError:
+        return math.inf
+
+
 def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
     """Write ``(channels, T)`` or ``(T,)`` float audio atomically (format by suffix;
-    16-bit PCM for WAV/FLAC), clipping to [-1, 1]."""
+    16-bit PCM for WAV/FLAC; Opus at 48 kHz where it does not code ``sample_rate``), clipping
+    to [-1, 1]."""
     import soundfile as sf  # noqa: PLC0415
 
     if wav.ndim == 1:
@@ -250,13 +263,16 @@ def save_audio(wav: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
     data = wav.detach().float().clamp(-1, 1).t().cpu().numpy()
     suffix = Path(path).suffix.lower()
     fmt, subtype = AUDIO_FORMATS.get(suffix, (None, "PCM_16" if suffix in (".wav", ".flac") else None))
+    if subtype == "OPUS" and sample_rate not in OPUS_RATES:  # Opus codes these rates only: its own, 48 kHz
+        data = resample(torch.from_numpy(data).t(), sample_rate, 48000).clamp(-1, 1).t().numpy()
+        sample_rate = 48000
 
     def write(tmp: str) -> None:
         try:
             sf.write(os.fsencode(tmp), data, sample_rate, subtype=subtype, format=fmt)
             info = sf.info(os.fsencode(tmp))
         except RuntimeError as e:  # libsndfile's errors: a full disk is its "System error."
-            if shutil.disk_usage(os.path.dirname(tmp) or ".").free < 4 * data.size:  # less room than fp32 samples
+            if "System error" in str(e) and _room(tmp) < 4 * data.size:  # less room than the fp32 samples take
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from e
             raise OSError(errno.EIO, _libsndfile_words(e)) from e
         if info.samplerate != sample_rate or info.frames != data.shape[0]:  # a format of fixed rates (.wve, .xi)

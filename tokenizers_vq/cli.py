@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from tokenizers_vq.errors import EMPTY_NAME, MissingDependency, WriteError
+from tokenizers_vq.errors import EMPTY_NAME, MissingDependency, WriteError, show_warning_line
 from tokenizers_vq.runtime import keep_freed_memory
 
 
@@ -343,14 +343,6 @@ def _check_device(device: str | None) -> None:
         raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning as one line, ``tvq: warning: ...`` (not Python's file, line and source), on a
-    line of its own while a progress bar is drawn."""
-    from tqdm import tqdm  # noqa: PLC0415
-
-    tqdm.write(f"tvq: warning: {message}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -362,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         if "" in named:  # (a command substitution that printed nothing) not read as the folder "."
             raise ValueError(EMPTY_NAME)
         with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
+            warnings.showwarning = show_warning_line
             return args.func(args)
     except (ValueError, MissingDependency) as e:
         print(f"tvq: error: {e}", file=sys.stderr)

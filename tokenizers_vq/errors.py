@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -48,3 +49,16 @@ def not_a_float_tensor(x: object) -> str:
         return f"got a NumPy array of {x.dtype} (torch.from_numpy(x).float() makes one)"
     dtype = getattr(x, "dtype", None)
     return f"got a tensor of {dtype}" if isinstance(dtype, torch.dtype) else f"got {type(x).__name__}"
+
+
+_PACKAGES = ("tokenizers_vq", "tokenizers_vq.train", "tokenizers_vq.kernels", "tokenizers_vq.eval")
+
+
+def show_warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for a command: ``tvq: warning: ...`` as one line above any
+    progress bar (not Python's file, line and source); another library's says where it comes from."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    roots = [Path(sys.modules[n].__file__).resolve().parent for n in _PACKAGES if n in sys.modules]
+    ours = any(Path(filename).resolve().is_relative_to(r) for r in roots)
+    tqdm.write(f"tvq: warning: {message}{'' if ours else f' ({category.__name__}, {filename}:{lineno})'}", file=sys.stderr)

@@ -106,14 +106,17 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], None]]) -> 
     save leaves every file as it was, never a new one beside an old one (short of a crash of
     the machine between two renames). Raises as :func:`atomic_write`; returns the paths in
     the given order."""
-    done: dict[Path, str] = {}  # each path's temporary, until it is renamed
-    kept: dict[Path, str | None] = {}  # each renamed path's earlier file (None: there was none)
-    current = Path(next(iter(writes)))
+    done: dict[Path, str] = {}  # each file's temporary, until it is renamed
+    kept: dict[Path, str | None] = {}  # each renamed file's earlier one (None: there was none)
+    given = {_final_target(Path(p)): Path(p) for p in writes}  # the file replaced (a link's target): the name given
+    if len(given) < len(writes):
+        raise ValueError(f"{', '.join(map(str, writes))} name the same file (through links): each needs its own")
+    current = next(iter(given))
     try:
-        for path, write in writes.items():
-            current = _final_target(Path(path))
-            done[current] = _temporary_beside(current)
-            write(done[current])
+        for (path, named), write in zip(given.items(), writes.values()):
+            current = path
+            done[path] = _temporary_beside(path, named)
+            write(done[path])
         for path, tmp in done.items():
             current = path
             os.chmod(tmp, usual_mode(tmp))  # mkstemp makes 0600 files
@@ -134,7 +137,7 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], None]]) -> 
         for tmp in done.values():
             Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno is not None and not isinstance(e, WriteError):  # named once
-            raise _naming(e, current) from e
+            raise _naming(e, given.get(current, current)) from e
         raise
     return [Path(p) for p in writes]
 
@@ -244,14 +247,15 @@ def _check_target(path: Path) -> Path:
     return path.parent
 
 
-def _temporary_beside(path: Path) -> str:
-    """An empty temporary file in ``path``'s folder (made if missing), named after ``path``."""
+def _temporary_beside(path: Path, named: Path) -> str:
+    """An empty temporary file in ``path``'s folder (made if missing), named after ``named``
+    (the name given: a writer picks the format by its suffix, which a link's target may lack)."""
     _check_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _naming(e, path) from None
-    return _temporary_in(path.parent, path)
+        raise _naming(e, named) from None
+    return _temporary_in(path.parent, named)
 
 
 TEMPORARY_TAG = "tvq-tmp-"

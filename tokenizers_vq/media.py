@@ -18,13 +18,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.audio_io import MIN_SAMPLE_RATE, load_audio, save_audio  # noqa: F401 (this module's API)
-from tokenizers_vq.image_io import (  # noqa: F401 (this module's API)
-    exif_turned,
-    image_header,
-    load_image,
-    load_image_u8,
-    save_image,
-)
+from tokenizers_vq.image_io import exif_turned, image_header, load_image, load_image_u8, save_image  # noqa: F401 (API)
 from tokenizers_vq.errors import named_path
 from tokenizers_vq.io import TAR_SUFFIXES, check_pixels, shell_arg
 from tokenizers_vq.video_io import (  # noqa: F401 (this module's API)
@@ -265,19 +259,16 @@ def uncoded_parts(modality: str, files) -> list[str]:
         elif modality == "image" and f.is_file():
             with warnings.catch_warnings():  # a size warning: the reader has had its say
                 warnings.simplefilter("ignore")
-                try:
-                    with Image.open(f) as im:  # animations and pages: a phone's JPEG (MPO) holds 2 pictures
-                        fmt = im.format
-                        many = fmt in ("GIF", "PNG", "WEBP", "TIFF") and getattr(im, "n_frames", 1) > 1
-                        frames = im.n_frames if many else 1
+                try:  # animations and pages (a phone's JPEG, MPO, holds 2 pictures: not one of them)
+                    with Image.open(f) as im:
+                        fmt, frames = im.format, getattr(im, "n_frames", 1) if im.format in ("GIF", "PNG", "WEBP", "TIFF") else 1
                 except OSError:
-                    frames = 1
-            if frames > 1 and fmt == "TIFF":
-                notes.append(f"{f} holds {frames} pages, and an image model codes the first only: to code them all, "
-                             f"save each page as a file of its own")
-            elif frames > 1:
-                notes.append(f"{f} is an animation of {frames} frames, and an image model codes the first only: "
-                             f"to code them all, convert it to a video (ffmpeg -i {shell_arg(f.name)} clip.mp4) for --model video")
+                    fmt, frames = None, 1
+            if frames > 1:
+                what, fix = ((f"holds {frames} pages", "save each page as a file of its own") if fmt == "TIFF" else
+                             (f"is an animation of {frames} frames", f"convert it to a video (ffmpeg -i {shell_arg(f.name)} "
+                                                                     "clip.mp4) for --model video"))
+                notes.append(f"{f} {what}, and an image model codes the first only: to code them all, {fix}")
     return notes
 
 

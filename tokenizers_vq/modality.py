@@ -46,6 +46,7 @@ from tokenizers_vq.media import (
     save_image,
     save_video,
 )
+from tokenizers_vq.io import shell_arg
 
 
 LOUD_INPUT = 1.5
@@ -292,12 +293,12 @@ class Audio(Modality):
         peak = float(wav.abs().max())  # load_audio refuses a file without samples
         if peak > INPUT_LIMIT:  # a float file's samples may go anywhere; named here, not as a tensor's
             raise ValueError(f"audio file {path}: its samples reach {peak:.3g}, far outside [-1, 1] (a floating-point "
-                             f"file out of range); scale it down first, e.g. ffmpeg -i {Path(path).name} -af "
+                             f"file out of range); scale it down first, e.g. ffmpeg -i {shell_arg(Path(path).name)} -af "
                              f"volume={-20 * math.log10(peak):.1f}dB out.wav")
         if peak > LOUD_INPUT:
             warnings.warn(f"audio file {path}: its samples reach {peak:.3g}, above full scale (a floating-point file); "
                           f"the decoded audio is clipped to [-1, 1]: scale it down first for a faithful copy, e.g. "
-                          f"ffmpeg -i {Path(path).name} -af volume={-20 * math.log10(peak):.1f}dB out.wav", stacklevel=2)
+                          f"ffmpeg -i {shell_arg(Path(path).name)} -af volume={-20 * math.log10(peak):.1f}dB out.wav", stacklevel=2)
         return wav, [wav.shape[-1]], {"sample_rate": sr, "source_sample_rate": source_rate, "channels": channels}
 
     def to_media(self, out: Tensor) -> Tensor:

@@ -103,7 +103,9 @@ class TokenDataset(Dataset):
     each token's latent cell), ``levels`` (its level/group index, 0 without one),
     ``shape`` (the stored code tensor's shape), ``source``, ``size`` and ``info`` (what the
     export recorded of the input: a tar sample's ``key``, a video's ``fps`` and
-    ``pixel_aspect``, audio's ``sample_rate`` and ``source_sample_rate``; ``{}`` when none). Grids are in
+    ``pixel_aspect`` where pixels are not square, audio's ``sample_rate`` and ``source_sample_rate``;
+    ``{}`` when none: its keys vary by item, so a ``DataLoader`` batches items with a ``collate_fn``
+    of its own, as their lengths vary too). Grids are in
     raster order. Dynamic-length items (``layout == "dynamic"``) are in coarse-to-fine
     order (all coarse tokens in region raster order, then the fine tokens region by
     region, whatever order the quantizer packed them in) and add ``granularity`` (0

@@ -271,7 +271,8 @@ class ProjectedCodebookVQ(Quantizer):
             if feats.shape[0] < codebook_size:
                 raise ValueError(f"{feats.shape[0]} feature rows cannot initialise {codebook_size} codes")
             if feats.shape[0] > codebook_size:
-                feats, _ = kmeans(feats, codebook_size, kmeans_iters, metric, backend=backend, balance=kmeans_balance)
+                feats, _ = kmeans(feats, codebook_size, kmeans_iters, metric, backend=backend, balance=kmeans_balance,
+                                  generator=torch.Generator().manual_seed(0))  # the same codebook on every rank
         fdim = feats.shape[1]
         self.feature_dim = fdim
         self.register_buffer("features", feats.contiguous())  # frozen: never a parameter
