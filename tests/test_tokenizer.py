@@ -344,3 +344,26 @@ def test_input_with_the_wrong_channel_count_is_named_with_the_shape_given():
         tok.encode(torch.rand(1, 9, 3, 16, 16) * 2 - 1)  # frames first: (B, T, C, H, W) by mistake
     with pytest.raises(ValueError, match=r"audio input must have 3 axes \(B, 1, T\), got shape \(16000,\)"):
         tiny("audio").encode(torch.zeros(16000))
+
+
+def test_a_dynamic_model_is_checked_as_it_is_built_and_its_codes_as_they_are_decoded():
+    import dataclasses  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match=r"not video: leave out the quantizer's dynamic field"):
+        tiny_dynamic("video")  # refused before any training, not at its first encode
+    for dynamic, named in [({"target_fine_ratio": "0.3"}, r"target_fine_ratio='0.3' \(str\) should be float"),
+                           ({"hidden": 2.5}, r"hidden=2.5 \(float\) should be int"),
+                           ({"calibrate": "no"}, r"calibrate='no' \(str\) should be bool"),
+                           ({"fine_ratio": 0.3}, r"unknown DynamicQuantizer options \['fine_ratio'\]")]:
+        with pytest.raises(ValueError, match=named):
+            QuantizerConfig("vq", {"codebook_size": 32}, dynamic=dynamic)
+    tok = tiny_dynamic("image").eval()
+    assert tok.num_codebooks == 1 and tiny_dynamic("image", levels=2).num_codebooks == 2
+    packed = tok.encode(torch.rand(1, 3, 32, 48) * 2 - 1)
+    for field, value, named in [("codes", packed.codes[:, None], r"codes are \(\d+, 1\)"),
+                                ("offsets", packed.offsets.tolist(), "not integer tensors: offsets"),
+                                ("offsets", packed.offsets.float(), "not integer tensors: offsets"),
+                                ("positions", packed.positions.float(), "not integer tensors: positions")]:
+        with pytest.raises(ValueError, match=named):
+            tok.decode(dataclasses.replace(packed, **{field: value}))
+    assert tok.decode(packed).shape == (1, 3, 32, 48)

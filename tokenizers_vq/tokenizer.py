@@ -91,6 +91,8 @@ class Tokenizer(nn.Module):
         self.decoder = dec_cls(self.backbone_config)
         self.quantizer = config.quantizer.build(self.backbone_config.latent_dim)
         config.check_clips(getattr(self.backbone_config, "temporal_factor", None))
+        if self.is_dynamic:  # (before any training: a built model must be able to code)
+            self._check_dynamic()
         if get_modality(config.modality).streams and not getattr(self.quantizer, "positionwise", True):
             raise ValueError(f"{type(self.quantizer).__name__} quantizes latent frames with their neighbours, but long "
                              "audio is coded in overlapping chunks and streams frame by frame: use a position-wise "
@@ -157,7 +159,6 @@ class Tokenizer(nn.Module):
         with deferred.checked_at_end():  # the input's and the latent's checks wait for one sync, at the end
             x = self._check_media(x, aligned=False)
             if self.is_dynamic:
-                self._check_dynamic()
                 return self._encode_aligned(self._pad(x, mult=2))
             if self.media.streams:
                 return self._audio_chunks(x, self._encode_aligned, self.backbone_config.hop, 1)
@@ -178,7 +179,6 @@ class Tokenizer(nn.Module):
         grid = None if size is None else self.grid_shape(size)
         self.media.check_codes(codes, self.quantizer.code_shape, size, grid, self.config.name, packed=self.is_dynamic)
         if self.is_dynamic:
-            self._check_dynamic()
             out = self._decode_aligned(codes)
         elif self.media.streams:
             out = self._audio_chunks(codes, self._decode_aligned, 1, self.backbone_config.hop)
@@ -234,7 +234,8 @@ class Tokenizer(nn.Module):
 
     def _check_dynamic(self) -> None:
         if self.media.region_cells is None:
-            raise ValueError(f"dynamic-length codes are for images and audio, not {self.modality}")
+            raise ValueError(f"dynamic-length codes are for images and audio, not {self.modality}: leave out "
+                             f"the quantizer's dynamic field (QuantizerConfig.dynamic) for a {self.modality} model")
 
     def _decode_aligned(self, codes: Tensor | PackedCodes) -> Tensor:
         z = self.quantizer.decode(codes)
@@ -245,8 +246,7 @@ class Tokenizer(nn.Module):
         ``chunk_context`` frames of context each side (left only when a causal model encodes),
         keeping the chunk centres. ``unit_in``/``unit_out``: samples per latent frame of ``fn``'s input/output."""
         axis = x.ndim - 1 if unit_in > 1 else 1  # waveform time axis, or the codes' frame axis
-        if unit_in > 1:
-            x = self._pad(x)
+        x = self._pad(x) if unit_in > 1 else x
         frames = x.shape[axis] // unit_in
         chunk, ctx = self.config.chunk_frames, self.config.chunk_context
         ahead = 0 if unit_in > 1 and getattr(self.backbone_config, "causal", False) else ctx  # decoding looks ahead

@@ -167,6 +167,8 @@ class QuantizerConfig:
             if name in hints and not _fits(value, hints[name]):
                 raise ValueError(f"quantizer option {name}={value!r} ({type(value).__name__}) for kind {self.kind!r} "
                                  f"should be {_type_name(hints[name])}")
+        if self.dynamic is not None:
+            self._check_dynamic()
         needed = [n for n, p in list(params.items())[1:]  # the first takes the latent size, as build passes it
                   if p.default is inspect.Parameter.empty
                   and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
@@ -174,6 +176,19 @@ class QuantizerConfig:
         if missing:
             raise ValueError(f"quantizer kind {self.kind!r} needs the options {missing} (quantizer.options), "
                              f"e.g. {_example_options(self.kind, missing)}")
+
+    def _check_dynamic(self) -> None:
+        if not isinstance(self.dynamic, dict):
+            raise ValueError(f"quantizer.dynamic must map DynamicQuantizer options to values (or be null), got {self.dynamic!r}")
+        allowed = set(inspect.signature(DynamicQuantizer).parameters) - {"inner"}
+        if unknown := sorted(set(self.dynamic) - allowed):
+            raise ValueError(f"unknown DynamicQuantizer options {unknown} in the quantizer's dynamic field; it takes "
+                             f"{sorted(allowed)}")
+        hints = typing.get_type_hints(DynamicQuantizer.__init__)
+        for name, value in self.dynamic.items():
+            if not _fits(value, hints.get(name, Any)):
+                raise ValueError(f"quantizer.dynamic option {name}={value!r} ({type(value).__name__}) should be "
+                                 f"{_type_name(hints[name])}")
 
     def build(self, dim: int) -> Quantizer | DynamicQuantizer:
         if dim % self.groups:
@@ -196,9 +211,6 @@ class QuantizerConfig:
         q = one() if self.groups == 1 else GroupedQuantizer([one() for _ in range(self.groups)])
         if self.dynamic is None:
             return q
-        unknown = set(self.dynamic) - (set(inspect.signature(DynamicQuantizer).parameters) - {"inner"})
-        if unknown:
-            raise ValueError(f"unknown DynamicQuantizer options {sorted(unknown)} in the quantizer's dynamic field")
         return DynamicQuantizer(q, **self.dynamic)
 
 

@@ -150,6 +150,10 @@ class DynamicQuantizer(nn.Module):
     def code_shape(self) -> tuple[int, ...]:
         return self.inner.code_shape
 
+    @property
+    def num_codebooks(self) -> int:
+        return self.inner.num_codebooks
+
     # -- region geometry ---------------------------------------------------------------------
     def _check(self, z: Tensor) -> tuple[int, ...]:
         self.inner._check_latent(z)
@@ -354,6 +358,11 @@ class DynamicQuantizer(nn.Module):
         spatial, n = tuple(packed.shape), len(packed.shape)
         if not 1 <= n <= 3 or any(s % 2 or s < 1 for s in spatial):
             raise ValueError(f"packed shape must be 1 to 3 positive even sizes, got {spatial}")
+        bad = [k for k in ("codes", "positions", "fine", "offsets") if not isinstance(t := getattr(packed, k), Tensor)
+               or t.is_floating_point() or t.is_complex()]
+        if bad or tuple(packed.codes.shape[1:]) != tuple(self.inner.code_shape):
+            raise ValueError(f"PackedCodes holds integer tensors: codes {('N', *self.inner.code_shape)}, positions (N, {n}), fine "
+                             f"(N,), offsets (B + 1,); {'not integer tensors: ' + ', '.join(bad) if bad else f'codes are {tuple(packed.codes.shape)}'}")
         codes, pos, fine = packed.codes, packed.positions.long(), packed.fine.bool()
         if codes.numel() == 0:
             raise ValueError("empty packed codes")
@@ -362,8 +371,7 @@ class DynamicQuantizer(nn.Module):
             raise ValueError(f"positions must be (N, {n}) and fine (N,) for {codes.shape[0]} tokens")
         if packed.offsets.ndim != 1 or int(packed.offsets[0]) != 0 or int(packed.offsets[-1]) != codes.shape[0]:
             raise ValueError("offsets must start at 0 and end at the number of tokens")
-        lengths = packed.lengths
-        if (lengths < 0).any():
+        if ((lengths := packed.lengths) < 0).any():
             raise ValueError("offsets must be non-decreasing")
         size = torch.tensor(spatial, device=pos.device)
         if (pos < 0).any() or (pos >= size).any() or (pos[~fine] % 2 != 0).any():
