@@ -41,7 +41,9 @@ class ResidualQuantizer(Quantizer):
             partial sums at each level (each extended by its residual's ``beam_size``
             nearest codes, ranked by the remaining squared error) instead of the greedy
             choice: a smaller error for the same codes. Training stays greedy. Levels must
-            offer ``candidates`` (:class:`~tokenizers_vq.quantizers.VectorQuantizer`).
+            offer ``candidates`` (:class:`~tokenizers_vq.quantizers.VectorQuantizer`). With
+            ``shared_levels`` a cell's beam codes come in ascending order: the same codes in
+            any order decode alike, so one order is given.
 
     Example:
         >>> rvq = ResidualQuantizer([VectorQuantizer(32, 256) for _ in range(4)])
@@ -146,7 +148,10 @@ class ResidualQuantizer(Quantizer):
                 res = left.gather(1, keep[..., None].expand(-1, -1, d))
                 grown = torch.cat([paths.repeat_interleave(k, dim=1), cand[..., None]], dim=-1)
                 paths = grown.gather(1, keep[..., None].expand(-1, -1, grown.shape[-1]))
-        codes = paths[:, 0].reshape(*lead, len(self.stack))
+        codes = paths[:, 0]
+        if self.shared_levels:  # one codebook: a cell's codes in any order decode alike (rounding chose among them)
+            codes = codes.sort(dim=-1).values
+        codes = codes.reshape(*lead, len(self.stack))
         counts = [code_histogram(c.reshape(-1), self.codebook_size) for c in codes.unbind(-1)]
         metrics = {f"perplexity/level{i}": perplexity(c) for i, c in enumerate(counts)}
         return QuantizerOutput(self._decode(codes).to(z.dtype), codes, {}, metrics)
