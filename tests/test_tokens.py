@@ -520,9 +520,10 @@ def test_the_default_pixel_limit_stands_for_a_video_sized_one_with_frames(tmp_pa
     assert load_input(wide, "video", max_frames=1, max_pixels=int(str(MAX_PIXELS)))[1] == [1, 1152, 2048]
     from tokenizers_vq.cli import main  # noqa: PLC0415
 
-    assert main(["encode", str(wide), "--model", "video", "-o", str(tmp_path / "w.tvq"), "--max-pixels",
+    model = str(tiny("video").save_pretrained(tmp_path / "model"))
+    assert main(["encode", str(wide), "--model", model, "-o", str(tmp_path / "w.tvq"), "--max-pixels",
                  str(4096 * 4096)]) == 0
-    assert main(["encode", str(wide), "--model", "video", "-o", str(tmp_path / "d.tvq")]) == 2
+    assert main(["encode", str(wide), "--model", model, "-o", str(tmp_path / "d.tvq")]) == 2
     assert not (tmp_path / "d.tvq").exists()
 
 
