@@ -323,7 +323,7 @@ def test_beam_search_lowers_the_residual_error_and_width_one_is_greedy():
 def test_beam_codes_of_a_shared_codebook_do_not_hang_on_rounding():
     """With one codebook for every level, the same codes in another order leave exactly the
     same error: the beam's choice among them came down to rounding, so a latent moved by one
-    part in 10^7 (another batch, thread count) took other ids. They come in one order now."""
+    part in 10^7 (another batch, thread count) would take other ids: one order is given."""
     from tokenizers_vq.quantizers import ResidualQuantizer  # noqa: PLC0415
 
     torch.manual_seed(0)
