@@ -322,8 +322,8 @@ def test_beam_search_lowers_the_residual_error_and_width_one_is_greedy():
 
 def test_beam_codes_of_a_shared_codebook_do_not_hang_on_rounding():
     """With one codebook for every level, the same codes in another order leave exactly the
-    same error: the beam's choice among them came down to rounding, so a latent moved by one
-    part in 10^7 (another batch, thread count) would take other ids: one order is given."""
+    same error: left to rounding, the beam's choice among them would move with a latent moved by one
+    part in 10^7 (another batch, thread count), so one order is given."""
     from tokenizers_vq.quantizers import ResidualQuantizer  # noqa: PLC0415
 
     torch.manual_seed(0)
