@@ -23,7 +23,8 @@ MIN_SAMPLE_RATE = 1000
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int | None = None, mono: bool = False) -> tuple[Tensor, int]:
-    """Read an audio file as float32 ``(channels, T)`` in [-1, 1].
+    """Read an audio file as float32 ``(channels, T)``: integer samples scaled to [-1, 1], float
+    samples as stored (they may pass 1); resampling may overshoot a full-scale edge a little.
 
     Args:
         sample_rate: resample to this rate (``None`` keeps the file's).

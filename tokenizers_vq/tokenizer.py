@@ -322,7 +322,7 @@ class Tokenizer(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike | None = None, map_location: str = "cpu") -> Tokenizer:
         """Rebuild from ``directory``, or an embedded model by name: ``"image"`` (the
-        default), ``"speech"`` or ``"video"`` (see :data:`PRETRAINED`; a folder of that
+        default), ``"speech"``, ``"speech-rvq"`` or ``"video"`` (see :data:`PRETRAINED`; a folder of that
         name in the working directory is not taken for it), on ``map_location`` (a name or a device).
 
         Raises:

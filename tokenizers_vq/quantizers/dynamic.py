@@ -216,8 +216,8 @@ class DynamicQuantizer(nn.Module):
         """Route and quantize ``z`` ``(B, *S, D)``.
 
         Training samples the routing (hard Gumbel-softmax); eval takes regions whose
-        score is positive, or, with ``fine_regions``, exactly the top ``fine_regions``
-        regions of each sample by score.
+        score is above the ``threshold`` buffer (with ``calibrate``; else above 0), or, with
+        ``fine_regions``, exactly the top ``fine_regions`` regions of each sample by score.
         """
         spatial = self._check(z)
         n, b, d = len(spatial), z.shape[0], z.shape[-1]
