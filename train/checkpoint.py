@@ -193,6 +193,14 @@ writes (``steps`` also places a learning-rate decay over the last ``optim.decay_
 the others are named when they differ from the checkpoint's."""
 
 
+def process_change(meta: dict[str, Any], processes: int, batch_size: int) -> list[str]:
+    """``processes: old -> new`` when a checkpoint saved by another number of processes
+    resumes (``batch_size`` counts per process, so a step's batch changes with it)."""
+    was = meta.get("processes", processes)  # (a checkpoint that did not record it: taken as the same)
+    return [] if was == processes else [f"processes: {was} -> {processes} (a step's batch: {was * batch_size} -> "
+                                        f"{processes * batch_size})"]
+
+
 def changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "",
                      defaults: dict[str, Any] | None = None) -> list[str]:
     """``key: old -> new`` for each setting (outside the model section and

@@ -26,7 +26,7 @@ from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokenizer_config import filled_config
 from tokenizers_vq.train.checkpoint import (Interrupted, changed_settings, check_run_folder, data_changes, data_files,
-                                            find_checkpoint, interrupt_at_step_end, load_checkpoint, optimizer_state,
+                                            find_checkpoint, interrupt_at_step_end, load_checkpoint, optimizer_state, process_change,
                                             read_summary, rng_state, save_checkpoint, set_rng_state, state_hashes, stop_if_nonfinite,
                                             truncate_log, write_summary)
 from tokenizers_vq.train.config import TrainConfig, check_config, config_to_dict
@@ -345,7 +345,7 @@ class Trainer:
             parts["lecam"] = self.lecam.state_dict()
         if self.acc.scaler is not None:  # fp16: the loss scale it has found, not 65536 again on resume
             parts["scaler"] = self.acc.scaler.state_dict()
-        meta = {"step": self.step, "config": config_to_dict(self.cfg), "files": self.data_files}
+        meta = {"step": self.step, "config": config_to_dict(self.cfg), "files": self.data_files, "processes": self.acc.num_processes}
         save_checkpoint(self.out_dir / "checkpoint", parts, meta, self.release_model().save_pretrained)
 
     def _resume(self, directory: Path) -> None:
@@ -365,18 +365,18 @@ class Trainer:
         self.unwrapped.load_state_dict(parts["model"])
         self.opt_g.load_state_dict(optimizer_state(parts["opt_g"]))
         self.sched.load_state_dict(parts["sched"])
-        if self.ema is not None:
-            self.ema.load_state_dict(parts["ema"])
+        for name, part in (("ema", self.ema), ("lecam", self.lecam)):
+            if part is not None:
+                part.load_state_dict(parts[name])
         if self.disc is not None:
             self.acc.unwrap_model(self.disc).load_state_dict(parts["disc"])
             self.opt_d.load_state_dict(optimizer_state(parts["opt_d"]))
-        if self.lecam is not None:
-            self.lecam.load_state_dict(parts["lecam"])
         if self.acc.scaler is not None and "scaler" in parts:
             self.acc.scaler.load_state_dict(parts["scaler"])
         set_rng_state(parts["rng"])
         self.step = int(meta["step"])
         changed = changed_settings(meta["config"], config_to_dict(self.cfg), defaults=config_to_dict(TrainConfig()))
+        changed += process_change(meta, self.acc.num_processes, self.cfg.batch_size)
         unused = f"; init_from={self.cfg.init_from} is not used (a new out_dir starts from it)" if self.cfg.init_from else ""
         self.acc.print(f"resuming {directory} at step {self.step} of {self.cfg.steps}{unused}"
                        + (f"; settings changed since that checkpoint: {', '.join(changed)}" if changed else "")

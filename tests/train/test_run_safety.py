@@ -84,6 +84,13 @@ def test_a_resume_says_where_it_continues_and_what_changed(tmp_path, capsys):
     assert "settings changed" not in capsys.readouterr().out
     Trainer(config("image", out, 4, save_every=2, **{"data.crop_max": 64}))
     assert "settings changed since that checkpoint: data.crop_max: 0 -> 64" in capsys.readouterr().out
+    assert json.loads(state.read_text())["processes"] == 1  # as a checkpoint records it
+    meta["processes"] = 2  # saved by two ranks, resumed by one: a step's batch is halved
+    state.write_text(json.dumps(meta))
+    batch = config("image", out, 4).batch_size
+    Trainer(config("image", out, 4, save_every=2))
+    assert f"settings changed since that checkpoint: processes: 2 -> 1 (a step's batch: {2 * batch} -> {batch})" in \
+        capsys.readouterr().out
 
 
 def test_a_resume_names_changed_data_and_refuses_to_hold_apart_files_it_trained_on(tmp_path, capsys):
