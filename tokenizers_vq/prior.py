@@ -29,6 +29,8 @@ class PriorConfig:
     n_embd: int = 256
     dropout: float = 0.0
     num_classes: int = 0  # 0: unconditional
+    tokens_of: str = ""  # the model whose tokens it learned (its name), and that model's weights_sha256
+    tokens_weights_sha256: str = ""  # (tokenizers_vq.export_record.weights_sha256): TokenPrior.check_tokenizer
 
 
 class Block(nn.Module):
@@ -102,6 +104,17 @@ class TokenPrior(nn.Module):
             raise ValueError(f"corrupt weights file {directory / 'prior.safetensors'} (or not its config's): "
                              f"{' '.join(str(e).split())[:300]}") from e
         return prior.to(map_location).eval()
+
+    def check_tokenizer(self, tok) -> None:
+        """Refuse a tokenizer other than the one whose tokens this prior learned (its weights
+        differ from those recorded): its decoder would read the sampled codes as other content.
+        A prior that recorded none (built by hand) passes."""
+        from tokenizers_vq.export_record import same_weights  # noqa: PLC0415
+
+        if self.cfg.tokens_weights_sha256 and not same_weights(self.cfg.tokens_weights_sha256, tok):
+            raise ValueError(f"this prior learned the tokens of model {self.cfg.tokens_of!r} (weights "
+                             f"{self.cfg.tokens_weights_sha256[:12]}), and {tok.config.name!r} here has other weights, "
+                             "which decode its samples as other content: decode with the model that wrote its tokens")
 
     @staticmethod
     def _init(m: nn.Module) -> None:

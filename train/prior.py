@@ -104,7 +104,8 @@ def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior,
     train_items, val_items = _split(ds, cfg.window, grid_axes, cfg.val_fraction)
     per_cell = math.prod(ds.manifest["code_shape"]) if ds.manifest["code_shape"] else 1
     length = cfg.window**grid_axes * per_cell
-    pcfg = PriorConfig(**{**asdict(cfg.prior), "vocab_size": ds.manifest["codebook_size"], "block_size": length})
+    pcfg = PriorConfig(**{**asdict(cfg.prior), "vocab_size": ds.manifest["codebook_size"], "block_size": length,
+                          "tokens_of": str(ds.manifest.get("model_id", "")), "tokens_weights_sha256": _recorded_weights(cfg.export_dir)})
     prior = TokenPrior(pcfg).to(device)
     opt = torch.optim.AdamW(prior.parameters(), cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     warm = min(100, max(1, cfg.steps // 10))  # a short run is not spent warming up
@@ -157,6 +158,14 @@ def unigram_nats(ds: TokenDataset, items: list[int], val: torch.Tensor) -> float
     return float(-(counts / counts.sum()).log()[val.reshape(-1).cpu()].mean())
 
 
+def _recorded_weights(export_dir: str | Path) -> str:
+    """The ``weights_sha256`` an export recorded of the model that wrote it (``""``: none)."""
+    try:
+        return str(json.loads((Path(export_dir) / "export.json").read_text()).get("weights_sha256") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def check_model(export_dir: str | Path, manifest: dict[str, Any], tok) -> str | None:
     """Refuse a tokenizer that cannot decode an export's tokens (``ValueError`` naming both:
     another modality, codebook size or code shape); return a warning where its weights differ
@@ -167,11 +176,8 @@ def check_model(export_dir: str | Path, manifest: dict[str, Any], tok) -> str | 
                          f"{theirs[1]}, code shape {theirs[2]}), but the model is {tok.modality} {tok.config.name!r} "
                          f"(codebook {tok.quantizer.codebook_size}, code shape {tuple(tok.quantizer.code_shape)}): "
                          "pass --model of the model that wrote them")
-    try:
-        recorded = json.loads((Path(export_dir) / "export.json").read_text()).get("weights_sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if recorded is None or same_weights(recorded, tok):
+    recorded = _recorded_weights(export_dir)
+    if not recorded or same_weights(recorded, tok):
         return None
     return (f"{export_dir} was written by a model named {manifest.get('model_id')!r} with other weights than "
             f"{tok.config.name!r} here: its sampled pictures decode with these (pass --model of the model that wrote them)")

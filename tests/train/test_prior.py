@@ -152,3 +152,12 @@ def test_a_model_that_cannot_decode_the_export_is_refused_and_other_weights_warn
     assert "with other weights than" in check_model(tmp_path / "tokens", manifest, other)
     record = json.loads((tmp_path / "tokens" / "export.json").read_text())
     assert record["weights_sha256"]  # what the check compares with
+    from tokenizers_vq.prior import TokenPrior  # noqa: PLC0415
+
+    train_prior(config(tmp_path / "tokens", tmp_path / "prior", window=3, steps=1))
+    prior = TokenPrior.load(tmp_path / "prior")  # a saved prior knows whose tokens it learned
+    assert (prior.cfg.tokens_of, prior.cfg.tokens_weights_sha256) == (tok.config.name, record["weights_sha256"])
+    prior.check_tokenizer(tok)
+    with pytest.raises(ValueError, match=r"this prior learned the tokens of model .* other weights, which decode its "
+                                         r"samples as other content"):
+        prior.check_tokenizer(other)
