@@ -62,9 +62,8 @@ def kmeans(
     if metric == "cosine":
         x = l2norm(x)
     w = None if weights is None else weights.float().reshape(-1, 1)
-    share = tdist.broadcast_ if reduce_over_ranks else torch.Tensor.contiguous  # rank 0's rows, or this process's
     perm = torch.randperm(x.shape[0], generator=generator, device="cpu")[:k].to(x.device)
-    centres = share(x[perm].contiguous())
+    centres = _rows(x, perm, reduce_over_ranks)
     counts = torch.zeros(k, device=x.device)
     for _ in range(iters):
         centres, counts, idx = _lloyd_step(x, w, centres, metric, backend, reduce_over_ranks)
@@ -78,10 +77,16 @@ def kmeans(
             rows = torch.randperm(x.shape[0], generator=generator, device="cpu")[: 2**24].to(x.device)
         gen = generator if generator is None or generator.device == x.device else None
         pick = rows[torch.multinomial(size[rows], min(small.numel(), rows.numel()), replacement=False, generator=gen)]
-        centres[small[: pick.numel()]] = share(x[pick].contiguous())
+        centres[small[: pick.numel()]] = _rows(x, pick, reduce_over_ranks)
         for _ in range(2):
             centres, counts, idx = _lloyd_step(x, w, centres, metric, backend, reduce_over_ranks)
     return centres, counts
+
+
+def _rows(x: Tensor, idx: Tensor, reduce_over_ranks: bool) -> Tensor:
+    """Rows ``idx`` of ``x``: rank 0's on every rank when the ranks cluster together, else this process's own."""
+    rows = x[idx].contiguous()
+    return tdist.broadcast_(rows) if reduce_over_ranks else rows
 
 
 def _lloyd_step(x: Tensor, w: Tensor | None, centres: Tensor, metric: Metric, backend: Backend,
@@ -105,6 +110,5 @@ def _lloyd_step(x: Tensor, w: Tensor | None, centres: Tensor, metric: Metric, ba
     empty = (counts <= 0).nonzero().squeeze(1)
     if empty.numel():  # one host sync per iteration; k-means runs outside the training step
         far = dist.topk(min(empty.numel(), x.shape[0])).indices
-        far_rows = x[far].contiguous()
-        centres[empty[: far.numel()]] = tdist.broadcast_(far_rows) if reduce_over_ranks else far_rows
+        centres[empty[: far.numel()]] = _rows(x, far, reduce_over_ranks)
     return centres, counts, idx
