@@ -434,6 +434,18 @@ def test_eval_names_a_file_it_cannot_read_and_measures_the_others_and_no_earlier
     assert "## Files left out (1: not read, or not scored)" in (data / "second" / "report.md").read_text()
 
 
+def test_eval_leaves_out_a_training_runs_samples_under_its_data(tmp_path, image_model, capsys):
+    data = tmp_path / "photos"
+    small_photos(data, 2)
+    run = data / "runs" / "first"
+    small_photos(run / "samples", 3)  # a run's reconstructions: not held-apart photos
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert main(["eval", "--model", str(image_model), "--data", str(data), "--out", str(tmp_path / "report"),
+                 "--device", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["summary"]["items"] == 2 and not metrics["failed"]
+
+
 def test_pesq_of_a_reference_without_speech_is_left_out_with_its_reason():
     pytest.importorskip("pesq", reason="the pesq package scores PESQ")
     import torch  # noqa: PLC0415

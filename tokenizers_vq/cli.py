@@ -123,14 +123,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from tokenizers_vq.eval.report import write_report  # noqa: PLC0415
-    from tokenizers_vq.media import left_out, list_media, report_folders  # noqa: PLC0415
+    from tokenizers_vq.media import left_out, list_media, outputs_under  # noqa: PLC0415
 
     for name, value in (("--max-items", args.max_items), ("--max-frames", args.max_frames)):
         if value < 0:
             raise ValueError(f"{name} {value}: expected a count >= 1, or 0 for all")
     if (out := Path(args.out).resolve()) in (data := Path(args.data).resolve(), *data.parents):  # all skipped as its own
         raise ValueError(f"--out {args.out} holds --data {args.data}: write the report elsewhere, e.g. --out {data.name}_eval")
-    skip = {out, *report_folders(args.data)}  # not the pictures of reports written inside it
+    skip = {out, *outputs_under(args.data)}  # not the samples of runs or pictures of reports inside it
     tok = _load_model(args, None if args.model else _default_for_folder(args.data, skip=skip))
     files = [f for f in list_media(args.data, tok.modality) if skip.isdisjoint(f.resolve().parents)]
     files = files[: args.max_items] if args.max_items else files

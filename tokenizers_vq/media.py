@@ -388,11 +388,12 @@ REPORT_FILES = frozenset({"report.md", "metrics.json", "codebook_usage.png"})
 """The files that mark a folder as a ``tvq eval`` report's."""
 
 
-def report_folders(root: str | Path) -> set[Path]:
-    """Resolved folders under ``root`` that hold a ``tvq eval`` report (:data:`REPORT_FILES`):
-    its pictures are not data."""
-    root = Path(root)
-    if not root.is_dir():
-        return set()
-    return {p.parent.resolve() for p in root.rglob("metrics.json")
-            if all((p.parent / name).is_file() for name in REPORT_FILES)}
+def outputs_under(folder: str | Path) -> set[Path]:
+    """Resolved folders below ``folder`` that hold a training run (its ``metrics.jsonl`` or
+    ``checkpoint/``) or a ``tvq eval`` report (:data:`REPORT_FILES`): their samples and pictures are not data."""
+    root, found = Path(folder).resolve(), set()
+    for d, dirs, names in os.walk(root) if root.is_dir() else ():
+        if Path(d) != root and ("metrics.jsonl" in names or "checkpoint" in dirs or REPORT_FILES <= set(names)):
+            found.add(Path(d))
+            dirs.clear()
+    return found

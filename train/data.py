@@ -8,7 +8,6 @@ of a multi-GPU run sees different data.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from tokenizers_vq.distributed import rank_and_world
 from tokenizers_vq.errors import ItemError
-from tokenizers_vq.media import REPORT_FILES, list_media
+from tokenizers_vq.media import list_media, outputs_under
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.spectral import DEFAULT_MEL_WINDOWS
 
@@ -219,17 +218,6 @@ def split_files(files: list[Path], val_files: list[Path] | None, val_fraction: f
                          "none to train on: lower data.val_fraction, raise data.max_items, or name a validation "
                          "folder (data.val)")
     return (files[:-n_val], files[-n_val:]) if n_val else (files, [])
-
-
-def outputs_under(folder: str | Path) -> set[Path]:
-    """Resolved folders below ``folder`` that hold a training run (its ``metrics.jsonl`` or
-    ``checkpoint/``) or a ``tvq eval`` report: their samples and pictures are not data."""
-    root, found = Path(folder).resolve(), set()
-    for d, dirs, names in os.walk(root) if root.is_dir() else ():
-        if Path(d) != root and ("metrics.jsonl" in names or "checkpoint" in dirs or REPORT_FILES <= set(names)):
-            found.add(Path(d))
-            dirs.clear()
-    return found
 
 
 def list_files(key: str, folder: str, modality: str, max_items: int, out_dir: Path) -> list[Path]:
