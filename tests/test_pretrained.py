@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_tokenizer import tiny
 from testdata import shared_path
 
 from tokenizers_vq.cli import main
@@ -146,6 +147,11 @@ def test_a_folder_named_like_an_embedded_model_is_not_taken_for_it(tmp_path, mon
     assert Tokenizer.from_pretrained("speech").modality == "audio"
     assert torch.equal(Tokenizer.from_pretrained("speech").encoder.layers[0].weight,
                        Tokenizer.from_pretrained(str(PRETRAINED["speech"])).encoder.layers[0].weight)
+
+    tiny("image").save_pretrained(tmp_path / "image")  # a user's model saved as ./image: still the embedded one, said
+    with pytest.warns(UserWarning, match=r"'image' names the embedded model, not the tokenizer in ./image: pass './image'"):
+        assert Tokenizer.from_pretrained("image").config.name == Tokenizer.from_pretrained(str(PRETRAINED["image"])).config.name
+    assert Tokenizer.from_pretrained("./image").config.name == tiny("image").config.name != "tvq-image-f16-vq1024"
 
     with pytest.raises(ValueError, match=r"Speech is missing \(or name an embedded model: image, speech, speech-rvq, video\)"):
         Tokenizer.from_pretrained("Speech")  # a misspelt name: the names it could have meant

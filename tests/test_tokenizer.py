@@ -7,10 +7,12 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from testdata import shared_path
 
 from tokenizers_vq.media import load_image
 from tokenizers_vq.media import load_audio
+from tokenizers_vq.io import save_safetensors
 from tokenizers_vq.modality import INPUT_LIMIT
 from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
 from tokenizers_vq.tokenizer import DEFAULT_MODEL, QuantizerConfig, Tokenizer, TokenizerConfig
@@ -123,6 +125,13 @@ def test_bad_checkpoint_directories_get_clear_errors(tmp_path):
     other["backbone"]["channels"] = 16
     fewer_codes = json.loads(good_cfg)
     fewer_codes["quantizer"]["options"]["codebook_size"] //= 2
+    past_memory = json.loads(good_cfg)
+    past_memory["quantizer"]["options"]["codebook_size"] = 10**15
+    flipped = bytearray(good_w)
+    flipped[-5] ^= 0x10  # one bit of the last tensor's bytes: still a readable file
+    nan = {k: v.clone() for k, v in load_file(tmp_path / "good" / "model.safetensors").items()}
+    next(v for v in nan.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    save_safetensors(nan, tmp_path / "nan.safetensors", metadata={"format": "pt"})  # saved without a digest
     for d, msg in [
         (tmp_path / "nowhere", "missing"),
         (case("no_config", cfg=None), "config.json is missing"),
@@ -132,6 +141,9 @@ def test_bad_checkpoint_directories_get_clear_errors(tmp_path):
         (case("unknown_field", cfg=json.dumps({**json.loads(good_cfg), "colour": 1})), "unknown"),
         (case("mismatch", cfg=json.dumps(other)), "does not fit .*config.json.*restore"),
         (case("codebook_size", cfg=json.dumps(fewer_codes)), r"does not fit .*quantizer\..*in the file"),
+        (case("past_memory", cfg=json.dumps(past_memory)), r"corrupt .*past_memory/config.json"),
+        (case("flipped", weights=bytes(flipped)), r"corrupt weights file .*flipped.*differ from those it was saved"),
+        (case("nan", weights=(tmp_path / "nan.safetensors").read_bytes()), r"nan/model.safetensors holds NaN"),
     ]:
         with pytest.raises(ValueError, match=msg):
             Tokenizer.from_pretrained(d)

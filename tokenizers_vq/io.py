@@ -6,10 +6,12 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import json
 import os
 import shlex
 import shutil
 import stat
+import struct
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -310,18 +312,15 @@ def training_only_keys(module: torch.nn.Module) -> set[str]:
             for key in getattr(m, "training_only_state", ())}
 
 
-def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                     digest: bool = False) -> None:
     """Write a safetensors file whose bytes depend only on its contents: the header's keys
     sorted (the ``safetensors`` package writes the metadata in a per-process hash order,
     so the same tokens gave different files from two processes), tensors in name order,
     little-endian, the header padded with spaces to 8 bytes. Any safetensors reader
-    reads it."""
-    import json  # noqa: PLC0415
-    import struct  # noqa: PLC0415
-
+    reads it. ``digest``: the metadata also records ``data_sha256``, the sha256 of the
+    tensor bytes, which :func:`load_weights_file` checks."""
     header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
     offset, blobs = 0, []
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -332,6 +331,9 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metada
                         "data_offsets": [offset, offset + len(blob)]}
         offset += len(blob)
         blobs.append(blob)
+    if metadata or digest:
+        metadata = {**(metadata or {}), **({"data_sha256": hashlib.sha256(b"".join(blobs)).hexdigest()} if digest else {})}
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
     raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
@@ -339,6 +341,34 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metada
         f.write(raw)
         for blob in blobs:
             f.write(blob)
+
+
+def load_weights_file(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors weights file, refused when unreadable, when its tensor bytes
+    differ from the ``data_sha256`` it was saved with (:func:`save_safetensors`), or when a
+    floating-point tensor holds NaN or inf (every id of such a model is 0).
+
+    Raises:
+        ValueError: naming the file, what is wrong and the fix.
+    """
+    from safetensors import SafetensorError  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    try:
+        state, h = load_file(path), hashlib.sha256()
+        with open(path, "rb") as f:
+            meta = json.loads(f.read(struct.unpack("<Q", f.read(8))[0])).get("__metadata__") or {}
+            while block := f.read(1 << 20):
+                h.update(block)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"corrupt weights file {path}: {e}") from e
+    if meta.get("data_sha256", h.hexdigest()) != h.hexdigest():
+        raise ValueError(f"corrupt weights file {path}: its tensor bytes differ from those it was saved with "
+                         "(data_sha256 in its header): a damaged copy; copy or download it again")
+    if bad := [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+        raise ValueError(f"weights file {path} holds NaN or infinite values ({', '.join(bad[:3])}): a damaged file, "
+                         "or the weights of a training that diverged; load an earlier checkpoint")
+    return state
 
 
 def shell_arg(path: str | os.PathLike) -> str:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from tokenizers_vq import deferred
 from tokenizers_vq.backbones import BACKBONES
 from tokenizers_vq.errors import named_path, not_a_float_tensor
-from tokenizers_vq.io import atomic_write_all, device_named, save_safetensors, training_only_keys
+from tokenizers_vq.io import atomic_write_all, device_named, load_weights_file, save_safetensors, training_only_keys
 from tokenizers_vq.modality import Modality, names as modality_names
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
@@ -315,7 +316,7 @@ class Tokenizer(nn.Module):
         config = saved_config(self.config, self.quantizer)
         meta = {"format": "pt", "architecture_sha256": architecture_sha256(config)}
         text = json.dumps(asdict(config), indent=2)
-        atomic_write_all({directory / "model.safetensors": lambda tmp: save_safetensors(state, tmp, metadata=meta),
+        atomic_write_all({directory / "model.safetensors": lambda tmp: save_safetensors(state, tmp, metadata=meta, digest=True),
                           directory / "config.json": lambda tmp: Path(tmp).write_text(text)})
         return directory
 
@@ -329,9 +330,9 @@ class Tokenizer(nn.Module):
             ValueError: the directory, ``config.json`` or ``model.safetensors`` is
                 missing or corrupt, or the weights do not fit the config.
         """
-        from safetensors import SafetensorError  # noqa: PLC0415
-        from safetensors.torch import load_file  # noqa: PLC0415
-
+        if isinstance(directory, str) and directory in PRETRAINED and Path(directory, "config.json").is_file():
+            warnings.warn(f"{directory!r} names the embedded model, not the tokenizer in ./{directory}: pass "
+                          f"'./{directory}' (a path) to load that one", stacklevel=2)
         if directory is None or (isinstance(directory, str) and directory in PRETRAINED):
             directory = PRETRAINED[directory or "image"]
         directory = named_path(directory)
@@ -341,13 +342,9 @@ class Tokenizer(nn.Module):
                 raise ValueError(f"not a tokenizer directory: {p} is missing" + (f" (or name an embedded model: {', '.join(PRETRAINED)})" if p == directory else ""))
         try:  # not JSON, not UTF-8, fields of other types or values no model is built from
             model = cls(TokenizerConfig.from_dict(json.loads(cfg_path.read_text())))
-        except (ValueError, TypeError, AttributeError, OSError) as e:
+        except (ValueError, TypeError, AttributeError, OSError, RuntimeError, MemoryError) as e:  # (sizes past memory)
             raise ValueError(f"corrupt {cfg_path}: {e}") from e
-        device = device_named(map_location)
-        try:
-            state = load_file(weights)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"corrupt weights file {weights}: {e}") from e
+        device, state = device_named(map_location), load_weights_file(weights)
         own = model.state_dict()  # weights stored at a lower precision load back at the model's
         state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
         mismatched = [f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} for the config"

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from tokenizers_vq.tokenizer import PRETRAINED, Tokenizer
-from tokenizers_vq.tokenizer_config import saved_config
+from tokenizers_vq.tokenizer_config import filled_config, saved_config
 
 
 def warm_start(model: Tokenizer, source: str, init_quantizer: str = "all") -> None:
@@ -26,8 +25,8 @@ def warm_start(model: Tokenizer, source: str, init_quantizer: str = "all") -> No
             directory = directory / inner
     src = Tokenizer.from_pretrained(source if source in PRETRAINED else directory)
     mode = init_quantizer
-    # as saved: a projected codebook's features compare by shape (the weights hold them)
-    mine, theirs = (asdict(saved_config(m.config, m.quantizer)) for m in (model, src))
+    # as saved (a projected codebook's features compare by shape: the weights hold them), defaults written out
+    mine, theirs = (filled_config(saved_config(m.config, m.quantizer)) for m in (model, src))
     for d in (mine, theirs):  # none of these changes a weight: the name, how long audio is coded, and
         for key in ("name", "chunk_frames", "chunk_context"):  # an audio backbone's causal padding
             d.pop(key)

@@ -8,7 +8,7 @@ import torch
 from test_tokenizer import TINY
 
 from tokenizers_vq.tokenizer import Tokenizer
-from tokenizers_vq.tokenizer_config import QuantizerConfig, TokenizerConfig
+from tokenizers_vq.tokenizer_config import QuantizerConfig, TokenizerConfig, filled_config
 from tokenizers_vq.train.warm_start import warm_start
 
 
@@ -47,3 +47,16 @@ def test_the_same_depth_spelled_two_ways_is_one_config(tmp_path):
     deeper.save_pretrained(tmp_path / "deeper")
     with pytest.raises(ValueError, match="differs from this run's \\(model.backbone.decoder_res_blocks"):  # never shallower
         warm_start(shallow, str(tmp_path / "deeper"))
+
+
+def test_a_source_that_leaves_defaults_out_fits_a_run_that_writes_them_out(tmp_path):
+    torch.manual_seed(1)
+    bare = {"channels": 8, "channel_mult": [1, 2, 2], "latent_dim": 8}  # the backbone's and the VQ's other defaults
+    src = Tokenizer(TokenizerConfig("image", bare, QuantizerConfig("vq", {"codebook_size": 32}))).eval()
+    src.save_pretrained(tmp_path / "src")
+    full = filled_config(src.config)  # every default written out, as a config file may spell them
+    assert set(full["backbone"]) > set(bare) and "metric" in full["quantizer"]["options"]
+    spelled = Tokenizer(TokenizerConfig("image", full["backbone"], QuantizerConfig("vq", full["quantizer"]["options"])))
+    warm_start(spelled, str(tmp_path / "src"))
+    for mine, theirs in zip(spelled.parameters(), src.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
