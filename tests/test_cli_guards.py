@@ -245,8 +245,17 @@ def test_a_file_that_is_not_weights_is_named_as_such(tmp_path):
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="holds list, not the state dict"):
         load_weights(tmp_path / "list.pth", "LPIPS v0.1 linear heads")
+    torch.save({"w": 5}, tmp_path / "int.pth")
+    with pytest.raises(ValueError, match="holds a dict of values other than tensors, not the state dict"):
+        load_weights(tmp_path / "int.pth", "LPIPS v0.1 linear heads")
     torch.save({"w": torch.ones(2)}, tmp_path / "ok.pth")
     assert torch.equal(load_weights(tmp_path / "ok.pth", "x")["w"], torch.ones(2))
+    torch.save({f"w{i}": torch.randn(1000) for i in range(20)}, tmp_path / "whole.pth")
+    whole = (tmp_path / "whole.pth").read_bytes()
+    for cut in range(1, 20):  # a download that stopped anywhere
+        (tmp_path / "cut.pth").write_bytes(whole[: len(whole) * cut // 20])
+        with pytest.raises(ValueError, match="cut.pth is not a PyTorch weights file.*download it again"):
+            load_weights(tmp_path / "cut.pth", "torchvision VGG16 weights")
 
 
 def test_a_file_given_as_the_data_folder_is_named_as_a_file(tmp_path, capsys):

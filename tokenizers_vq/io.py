@@ -195,12 +195,13 @@ def load_weights(path: str | os.PathLike, what: str) -> dict:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:  # (torch's own advice, to load it
-        # with weights_only=False, would run whatever code the file holds: not given here)
-        raise ValueError(f"{path} is not a PyTorch weights file of tensors ({what} expected; "
-                         f"{type(e).__name__})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds {type(state).__name__}, not the state dict of {what}")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:  # (torch's own advice, to
+        # load it with weights_only=False, would run whatever code the file holds: not given here)
+        raise ValueError(f"{path} is not a PyTorch weights file of tensors ({what} expected; {type(e).__name__}: "
+                         "a damaged or unfinished download? download it again)") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        kind = type(state).__name__ if not isinstance(state, dict) else "a dict of values other than tensors"
+        raise ValueError(f"{path} holds {kind}, not the state dict of {what}")
     return state
 
 

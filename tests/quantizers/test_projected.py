@@ -31,6 +31,13 @@ def test_features_from_tensor_file_and_kmeans(tmp_path):
         ProjectedCodebookVQ(8, 64, features=tmp_path / "two.safetensors")
     with pytest.raises(ValueError, match="no tensor 'c'"):
         ProjectedCodebookVQ(8, 64, features=tmp_path / "two.safetensors", feature_key="c")
+    import numpy as np  # noqa: PLC0415
+
+    np.save(tmp_path / "f.npy", feats.numpy())  # another format, a cut copy, none at all: named, with the format
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "f.safetensors").read_bytes()[:100])
+    for name in ("f.npy", "cut.safetensors", "absent.safetensors"):
+        with pytest.raises(ValueError, match=f"codebook features .*{name}: not a readable safetensors file"):
+            ProjectedCodebookVQ(8, 64, features=tmp_path / name)
 
 
 def test_self_initialisation_from_own_latents_is_bounded_and_kmeans():

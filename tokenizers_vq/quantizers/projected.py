@@ -54,9 +54,14 @@ def load_features(features: Tensor | str | os.PathLike, key: str | None = None) 
     if isinstance(features, Tensor):
         t = features
     else:
+        from safetensors import SafetensorError  # noqa: PLC0415
         from safetensors.torch import load_file  # noqa: PLC0415
 
-        tensors = load_file(os.fspath(features))
+        try:
+            tensors = load_file(os.fspath(features))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"codebook features {features}: not a readable safetensors file ({e}); save the (N, F) "
+                             "feature matrix with safetensors.torch.save_file") from e
         if key is None:
             if len(tensors) != 1:
                 raise ValueError(f"{features} holds tensors {sorted(tensors)}; pass feature_key= to pick one")
