@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import tempfile
@@ -184,6 +185,21 @@ def truncate_log(log: Path, step: int) -> None:
         tmp = log.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(keep))
         tmp.replace(log)
+
+
+def set_aside_earlier_run(out_dir: Path) -> str:
+    """Before a run starts at step 0 in ``out_dir`` (no checkpoint there): an earlier run's
+    ``metrics.jsonl``, summary and codebook hashes (its checkpoint moved away, or a run killed
+    before its first one) are renamed ``NAME.<n>`` (the first free ``n``), so nothing written is
+    lost; the note naming them, or ``""`` when there were none."""
+    names = [n for n in ("metrics.jsonl", SUMMARY, HASHES) if (out_dir / n).is_file() and (out_dir / n).stat().st_size]
+    n = 1
+    while any((out_dir / f"{name}.{n}").exists() for name in names):
+        n += 1
+    for name in names:
+        os.replace(out_dir / name, out_dir / f"{name}.{n}")
+    return (f"{out_dir} held an earlier run's {', '.join(names)} and no checkpoint: this run starts at step 0, "
+            f"those kept as {', '.join(f'{name}.{n}' for name in names)}") if names else ""
 
 
 RUN_LENGTH_KEYS = ("steps", "max_minutes", "log_every", "save_every", "sample_every", "out_dir", "init_from",

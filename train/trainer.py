@@ -28,7 +28,7 @@ from tokenizers_vq.tokenizer_config import filled_config
 from tokenizers_vq.train.checkpoint import (Interrupted, changed_settings, check_run_folder, data_changes, data_files,
                                             find_checkpoint, interrupt_at_step_end, load_checkpoint, optimizer_state, process_change,
                                             read_summary, rng_state, save_checkpoint, set_rng_state, state_hashes, stop_if_nonfinite,
-                                            truncate_log, write_summary)
+                                            set_aside_earlier_run, truncate_log, write_summary)
 from tokenizers_vq.train.config import TrainConfig, check_config, config_to_dict
 from tokenizers_vq.train.data import MediaFolder, check_grid, list_files, segment_samples, split_files, warn_undersized
 from tokenizers_vq.train.discriminators import build_discriminator
@@ -124,8 +124,8 @@ class Trainer:
         ckpt = find_checkpoint(self.out_dir / "checkpoint")
         if ckpt is not None:
             self._resume(ckpt)
-        else:  # a run killed before its first checkpoint starts over: drop the lines it logged
-            self._truncate_log()
+        elif self.acc.is_main_process and (note := set_aside_earlier_run(self.out_dir)):  # nothing written is lost
+            tqdm.write(note, file=sys.stderr)
 
     @property
     def unwrapped(self) -> Tokenizer:

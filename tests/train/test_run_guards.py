@@ -89,6 +89,14 @@ def test_an_incomplete_checkpoint_is_refused_and_a_finished_run_keeps_its_record
     Trainer(config("image", out, 4, save_every=2)).train()
     assert not list(out.glob(".checkpoint.*"))
 
+    log, summary = (out / "metrics.jsonl").read_text(), (out / "train_summary.json").read_text()
+    ckpt.rename(tmp_path / "moved")  # as the refusal above advises: the next run starts over, the record stays
+    capsys.readouterr()
+    Trainer(config("image", out, 1, save_every=1)).train()
+    assert "kept as metrics.jsonl.1, train_summary.json.1" in capsys.readouterr().err
+    assert (out / "metrics.jsonl.1").read_text() == log and (out / "train_summary.json.1").read_text() == summary
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
 
 def test_a_resumed_run_takes_this_runs_learning_rate_and_refuses_state_it_lacks(tmp_path):
     out = tmp_path / "run"
