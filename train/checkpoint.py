@@ -52,10 +52,21 @@ def unflatten(obj: Any, tensors: dict[str, Tensor]) -> Any:
     return obj
 
 
-def optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
-    """Optimizer ``state_dict`` after JSON: integer parameter ids come back as ints."""
+def optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Optimizer ``state_dict`` after JSON (integer parameter ids come back as ints), its
+    moments checked against ``optimizer``'s parameters (a moment of another shape failed only
+    at the first step)."""
     state = dict(state)
     state["state"] = {int(k): v for k, v in state["state"].items()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in state["param_groups"] for i in group["params"]]
+    if len(ids) != len(params):
+        raise ValueError(f"the optimizer state holds {len(ids)} parameters, the model {len(params)}")
+    for i, p in zip(ids, params):
+        bad = [k for k, v in state["state"].get(i, {}).items() if isinstance(v, Tensor) and v.ndim and v.shape != p.shape]
+        if bad:
+            raise ValueError(f"the optimizer's {bad[0]} of parameter {i} has shape {tuple(state['state'][i][bad[0]].shape)}, "
+                             f"the parameter {tuple(p.shape)}")
     return state
 
 
@@ -121,17 +132,32 @@ def find_checkpoint(directory: Path) -> Path | None:
 
 
 def load_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(parts, meta)`` as given to :func:`save_checkpoint`."""
+    """``(parts, meta)`` as given to :func:`save_checkpoint`.
+
+    Raises:
+        ValueError: a file that is not what a save writes (:func:`damaged`)."""
     from safetensors import SafetensorError  # noqa: PLC0415
     from safetensors.torch import load_file  # noqa: PLC0415
 
-    try:
+    with damaged(directory, SafetensorError, OSError):
         meta = json.loads((directory / "state.json").read_text())
         tensors = load_file(directory / "state.safetensors")
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise ValueError(f"corrupt checkpoint {directory}: {e}") from e
-    structure = meta.pop("structure")
-    return {k: unflatten(v, tensors) for k, v in structure.items()}, meta
+        structure = meta.pop("structure")
+        int(meta["step"]), dict(meta["config"]["model"])  # (read before anything is restored)
+        return {k: unflatten(v, tensors) for k, v in structure.items()}, meta
+
+
+@contextlib.contextmanager
+def damaged(directory: Path, *errors: type[BaseException]):
+    """Reading or restoring checkpoint ``directory``: ``errors`` and the errors of a state of
+    other keys, types or shapes (``KeyError``, ``TypeError``, ``AttributeError``, ``ValueError``,
+    torch's ``RuntimeError``) become one ``ValueError`` naming it and the ways on."""
+    try:
+        yield
+    except (*errors, KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"corrupt checkpoint {directory} ({type(e).__name__}: {' '.join(str(e).split())[:300]}): move it away to resume "
+                         f"from {directory.name}.old if there is one, or train in a new out_dir with --init_from "
+                         f"{directory / 'model'}") from e
 
 
 def rng_state() -> dict[str, Tensor]:

@@ -25,7 +25,7 @@ from tokenizers_vq.media import left_out
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokenizer_config import filled_config
-from tokenizers_vq.train.checkpoint import (Interrupted, changed_settings, check_run_folder, data_changes, data_files,
+from tokenizers_vq.train.checkpoint import (Interrupted, changed_settings, check_run_folder, damaged, data_changes, data_files,
                                             find_checkpoint, interrupt_at_step_end, load_checkpoint, optimizer_state, process_change,
                                             read_summary, rng_state, save_checkpoint, set_rng_state, state_hashes, stop_if_nonfinite,
                                             set_aside_earlier_run, truncate_log, write_summary)
@@ -283,10 +283,8 @@ class Trainer:
         (one small all-reduce and a host sync there), and stop where the next check would
         fall past the limit: ranks that decided alone stopped a step apart, the first
         waiting in ``save`` while the others ran the next step's collectives."""
-        if self.acc.num_processes == 1:
-            return elapsed > limit
-        if self.step % TIME_CHECK_STEPS:
-            return False
+        if self.acc.num_processes == 1 or self.step % TIME_CHECK_STEPS:
+            return elapsed > limit if self.acc.num_processes == 1 else False
         mine = elapsed + TIME_CHECK_STEPS * elapsed / max(1, self.step - start_step) > limit  # the next check's time
         return bool(all_reduce_sum_(torch.tensor([float(mine)], device=self.acc.device)) > 0)
 
@@ -362,18 +360,19 @@ class Trainer:
                         f"{setting}" if on is None else f"was saved with {setting}, so it holds no {name} state: resume with {setting} as it was")
                 raise ValueError(f"checkpoint {directory} {what}, or train in a new out_dir with --init_from {directory}")
         data_changed = data_changes(directory, meta.get("files"), self.data_files)
-        self.unwrapped.load_state_dict(parts["model"])
-        self.opt_g.load_state_dict(optimizer_state(parts["opt_g"]))
-        self.sched.load_state_dict(parts["sched"])
-        for name, part in (("ema", self.ema), ("lecam", self.lecam)):
-            if part is not None:
-                part.load_state_dict(parts[name])
-        if self.disc is not None:
-            self.acc.unwrap_model(self.disc).load_state_dict(parts["disc"])
-            self.opt_d.load_state_dict(optimizer_state(parts["opt_d"]))
-        if self.acc.scaler is not None and "scaler" in parts:
-            self.acc.scaler.load_state_dict(parts["scaler"])
-        set_rng_state(parts["rng"])
+        with damaged(directory):  # state of other shapes or keys than this model's
+            self.unwrapped.load_state_dict(parts["model"])
+            self.opt_g.load_state_dict(optimizer_state(parts["opt_g"], self.opt_g))
+            self.sched.load_state_dict(parts["sched"])
+            for name, part in (("ema", self.ema), ("lecam", self.lecam)):
+                if part is not None:
+                    part.load_state_dict(parts[name])
+            if self.disc is not None:
+                self.acc.unwrap_model(self.disc).load_state_dict(parts["disc"])
+                self.opt_d.load_state_dict(optimizer_state(parts["opt_d"], self.opt_d))
+            if self.acc.scaler is not None and "scaler" in parts:
+                self.acc.scaler.load_state_dict(parts["scaler"])
+            set_rng_state(parts["rng"])
         self.step = int(meta["step"])
         changed = changed_settings(meta["config"], config_to_dict(self.cfg), defaults=config_to_dict(TrainConfig()))
         changed += process_change(meta, self.acc.num_processes, self.cfg.batch_size)

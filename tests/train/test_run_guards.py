@@ -182,3 +182,37 @@ def test_paths_starting_with_a_tilde_are_the_home_folders(monkeypatch, tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = load_config("train/configs/image.yaml", ["--out_dir=~/run", "--data.train=~/photos", "--init_from=~/model"])
     assert (cfg.out_dir, cfg.data.train, cfg.init_from) == tuple(str(tmp_path / p) for p in ("run", "photos", "model"))
+
+
+def test_a_damaged_checkpoint_is_one_error_naming_it_and_the_ways_on(tmp_path):
+    import shutil  # noqa: PLC0415
+
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    done = tmp_path / "done"
+    Trainer(config("image", done, 2, save_every=2)).train()
+    state = json.loads((done / "checkpoint" / "state.json").read_text())
+    tensors = load_file(done / "checkpoint" / "state.safetensors")
+    weight = next(k for k in tensors if k.startswith("model.") and k.endswith("weight") and tensors[k].ndim == 4)
+    moment = next(k for k in tensors if k.startswith("opt_g.") and tensors[k].ndim == 4)
+
+    def edit_json(f): return lambda d: (d / "state.json").write_text(json.dumps(f(dict(state))))
+
+    def edit_tensors(f): return lambda d: save_file(f(dict(tensors)), d / "state.safetensors")
+
+    def reshaped(key): return edit_tensors(lambda t: {**t, key: t[key][..., :1].contiguous()})
+
+    for name, damage in {
+        "no_structure": edit_json(lambda s: {k: v for k, v in s.items() if k != "structure"}),
+        "a_list": lambda d: (d / "state.json").write_text("[]"),
+        "no_step": edit_json(lambda s: {k: v for k, v in s.items() if k != "step"}),
+        "not_utf8": lambda d: (d / "state.json").write_bytes(b"\xff\xfe{}"),
+        "a_tensor_missing": edit_tensors(lambda t: {k: v for k, v in t.items() if k != weight}),
+        "a_weight_reshaped": reshaped(weight),
+        "a_moment_reshaped": reshaped(moment),  # failed only inside the first optimiser step
+    }.items():
+        run = tmp_path / name
+        shutil.copytree(done, run)
+        damage(run / "checkpoint")
+        with pytest.raises(ValueError, match=rf"corrupt checkpoint .*{name}/checkpoint .*checkpoint.old.*--init_from"):
+            Trainer(config("image", run, 3, save_every=2)).train()
