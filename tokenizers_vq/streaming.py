@@ -7,8 +7,8 @@ the offline ``Tokenizer.encode`` / ``Tokenizer.decode`` (tokens equal, audio equ
 to float rounding) while computing each frame once: every causal convolution keeps
 the last inputs its next frames need (:mod:`~tokenizers_vq.backbones.carry`, per stream and thread),
 and the decoder's iSTFT keeps its overlap-add tail. The latents differ from the
-offline ones by float rounding only (~1e-8 in fp32 and fp16 weights), so a token can differ
-only where two codewords are equally near to that precision, e.g. duplicate codewords, which
+offline ones by float rounding only (about 1e-6 of their size in fp32 and fp16 weights), so a token can
+differ only where two codewords are equally near to that precision, e.g. duplicate codewords, which
 decode to the same latent. With bf16 weights or under bf16 autocast the rounding depends on the
 chunk sizes and is far coarser: a few tokens in a hundred-odd may differ from the offline ones.
 

@@ -179,14 +179,12 @@ class Tokenizer(nn.Module):
         size = None if size is None else self.media.check_size(size)  # (audio: a bare sample count too)
         grid = None if size is None else self.grid_shape(size)
         self.media.check_codes(codes, self.quantizer.code_shape, size, grid, self.config.name, packed=self.is_dynamic)
-        if self.is_dynamic:
-            out = self._decode_aligned(codes)
-        elif self.media.streams:
+        if self.media.streams and not self.is_dynamic:
             out = self._audio_chunks(codes, self._decode_aligned, 1, self.backbone_config.hop)
         elif self.media.clips:
             per_clip = 1 + (self.config.clip_frames - 1) // self.backbone_config.temporal_factor
             out = torch.cat([self._decode_aligned(c) for c in codes.split(per_clip, dim=1)], dim=2)
-        else:
+        else:  # (a dynamic-length model's packed codes whole)
             out = self._decode_aligned(codes)
         return out if size is None else out[(..., *[slice(0, s) for s in size])]
 
@@ -231,7 +229,13 @@ class Tokenizer(nn.Module):
     def _encode_aligned(self, x: Tensor) -> Tensor | PackedCodes:
         # eval: no mode switch (it walks every module, ~0.4 ms); training: each module's own mode back after
         with contextlib.nullcontext() if not self.training else evaluating(self):
-            return self.quantizer.encode(self.encoder(x).movedim(1, -1))
+            return self._per_item(lambda i: self.quantizer.encode(self.encoder(i).movedim(1, -1)), x)
+
+    def _per_item(self, fn, x: Tensor):
+        """``fn(x)``, item by item for audio and video on the CPU (whose convolutions sum a batch otherwise than one item)."""
+        if self.is_dynamic or self.modality == "image" or x.device.type != "cpu" or len(x) == 1:
+            return fn(x)
+        return torch.cat([fn(i) for i in x.split(1)])
 
     def _check_dynamic(self) -> None:
         if self.media.region_cells is None:
@@ -239,8 +243,8 @@ class Tokenizer(nn.Module):
                              f"the quantizer's dynamic field (QuantizerConfig.dynamic) for a {self.modality} model")
 
     def _decode_aligned(self, codes: Tensor | PackedCodes) -> Tensor:
-        z = self.quantizer.decode(codes)
-        return self.decoder(z.movedim(-1, 1).to(next(self.decoder.parameters()).dtype))
+        dtype = next(self.decoder.parameters()).dtype
+        return self._per_item(lambda c: self.decoder(self.quantizer.decode(c).movedim(-1, 1).to(dtype)), codes)
 
     def _audio_chunks(self, x: Tensor, fn, unit_in: int, unit_out: int) -> Tensor:
         """Apply ``fn`` over time in chunks of ``chunk_frames`` latent frames with
@@ -327,8 +331,7 @@ class Tokenizer(nn.Module):
         name in the working directory is not taken for it), on ``map_location`` (a name or a device).
 
         Raises:
-            ValueError: the directory, ``config.json`` or ``model.safetensors`` is
-                missing or corrupt, or the weights do not fit the config.
+            ValueError: the directory, ``config.json`` or ``model.safetensors`` is missing or corrupt, or the weights do not fit.
         """
         if isinstance(directory, str) and directory in PRETRAINED and Path(directory, "config.json").is_file():
             warnings.warn(f"{directory!r} names the embedded model, not the tokenizer in ./{directory}: pass "
