@@ -254,6 +254,15 @@ def test_stochastic_sampling_follows_the_temperature_and_eval_stays_nearest():
     assert torch.equal(hot.eval()(z).codes, nearest)
 
 
+def test_affine_statistics_keep_the_latents_spread_when_a_step_has_one_row():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 64, learning="loss", affine=True, affine_decay=0.99, dead_code_threshold=0).train()
+    for _ in range(1500):  # one row a step (a masked batch with one real position), latents of deviation 2
+        vq(2 * torch.randn(1, 4))
+    torch.testing.assert_close(vq.latent_var, torch.full((4,), 4.0), atol=1.6, rtol=0)  # its own variance: 0
+    torch.testing.assert_close(vq.codebook.std(0), torch.full((4,), 2.0), atol=0.6, rtol=0)
+
+
 def test_affine_codebook_follows_the_latent_statistics():
     """The effective codebook is the stored one standardised and mapped to the running
     mean and deviation of the latents: after steps on latents of mean 5 and deviation 3

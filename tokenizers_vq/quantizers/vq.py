@@ -247,16 +247,16 @@ class VectorQuantizer(Quantizer):
         quantized = self.project_out(xq).to(z.dtype)
         return QuantizerOutput(quantized, idx.reshape(lead), losses, metrics)
 
-    @staticmethod
-    def _latent_moments(xf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-channel mean and biased variance of the rows over every rank (one all-reduce), and whether
-        all ranks' rows and those moments were finite (else the affine statistics stay as they are)."""
-        mean, var, ok = xf.mean(0), xf.var(0, unbiased=False), torch.isfinite(xf).all()
-        if tdist.is_distributed():
-            d, bad = xf.shape[1], (~ok).float().reshape(1)
-            stats = tdist.all_reduce_sum_(torch.cat([xf.sum(0), xf.square().sum(0), xf.new_tensor([xf.shape[0]]), bad]))
-            mean, ok = stats[:d] / stats[2 * d], stats[2 * d + 1] == 0
-            var = (stats[d : 2 * d] / stats[2 * d] - mean.square()).clamp_min(0)
+    def _latent_moments(self, xf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-channel mean of the rows and their mean square about the running mean, over every
+        rank (one all-reduce), and whether all ranks' rows and those moments were finite (else the
+        affine statistics stay as they are). About the running mean, not their own: a step's own
+        variance leaves out how its mean moves, and is 0 for one row (the codebook shrank to a point)."""
+        dev, d = xf - self.latent_mean, xf.shape[1]
+        stats = torch.cat([dev.sum(0), dev.square().sum(0), xf.new_tensor([xf.shape[0]]),
+                           (~torch.isfinite(xf).all()).float().reshape(1)])
+        stats = tdist.all_reduce_sum_(stats) if tdist.is_distributed() else stats
+        mean, var, ok = self.latent_mean + stats[:d] / stats[2 * d], stats[d : 2 * d] / stats[2 * d], stats[2 * d + 1] == 0
         return mean, var, ok & torch.isfinite(mean).all() & torch.isfinite(var).all()
 
     def _codes(self, z: Tensor) -> Tensor:
