@@ -264,6 +264,14 @@ def test_masked_positions_count_nowhere(name: str):
     assert torch.equal(q.encode(zz, mask=mask)[mask], q.encode(zz[mask].unsqueeze(0))[0])
     with pytest.raises(ValueError, match="mask must be a bool tensor of shape \\(2, 9\\)"):
         q(z, mask=mask.float())
+    padded = zz.clone()
+    padded[~mask] = float("nan")  # padding of any value, never looked at
+    assert torch.equal(q.encode(padded, mask=mask), q.encode(zz, mask=mask))
+    assert torch.equal(q(padded, mask=mask).quantized[mask], q(zz, mask=mask).quantized[mask])
+    if getattr(q, "check_finite", True):
+        padded[0, 0] = float("nan")  # a real position is still checked
+        with pytest.raises(ValueError, match="NaN"):
+            q.encode(padded, mask=mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

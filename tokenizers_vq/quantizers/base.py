@@ -182,12 +182,12 @@ class Quantizer(nn.Module, ABC):
         padding counts neither in the codebook statistics nor in the losses or metrics
         (exactly as if the real positions came alone, with per-item randomness such as
         residual dropout still drawn per item); padded positions pass ``z``
-        through unchanged and get code -1. Position-wise quantizers only
+        through unchanged (NaN too: only real positions are checked) and get code -1. Position-wise quantizers only
         (:attr:`positionwise`); not for ``torch.compile(fullgraph=True)`` (the number of
         real positions is data); under a process group a quantizer that :attr:`exchanges`
         statistics needs at least one real position on every rank in a training step, and a
         rank without one is refused."""
-        self._check_latent(z)
+        self._check_latent(z, finite=mask is None)  # (masked: the real positions, in the forward of them alone)
         if mask is not None:
             return self._forward_masked(z, mask)
         zc = self._in_weight_dtype(z)
@@ -200,7 +200,7 @@ class Quantizer(nn.Module, ABC):
     def encode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
         """Codes ``(B, *S, *code_shape)`` for latents ``z`` ``(B, *S, D)`` (-1 where
         ``mask`` is False, see :meth:`forward`). Never updates codebook statistics."""
-        self._check_latent(z, defer=True)
+        self._check_latent(z, defer=True, finite=mask is None)
         with evaluating(self):  # a child left training is not trained
             if mask is not None:
                 return self._forward_masked(z, mask).codes
@@ -240,7 +240,7 @@ class Quantizer(nn.Module, ABC):
         return z
 
     # -- validation ----------------------------------------------------------------------
-    def _check_latent(self, z: Tensor, defer: bool = False) -> None:
+    def _check_latent(self, z: Tensor, defer: bool = False, finite: bool = True) -> None:
         if not isinstance(z, Tensor):
             raise ValueError(f"expected a torch.Tensor latent, got {type(z).__name__}")
         if not z.is_floating_point():
@@ -254,7 +254,7 @@ class Quantizer(nn.Module, ABC):
             )
         if z.numel() == 0:
             raise ValueError(f"empty latent batch: shape {tuple(z.shape)}")
-        if self.check_finite and not torch.compiler.is_compiling():
+        if finite and self.check_finite and not torch.compiler.is_compiling():
             lo, hi = torch.aminmax(z.detach())
             peak = torch.maximum(-lo, hi)  # NaN propagates
             if defer:  # nothing updates statistics from it: may wait for the caller's sync
