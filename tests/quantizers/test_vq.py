@@ -307,6 +307,14 @@ def test_shared_codebook_residual_levels_use_one_codebook():
     torch.testing.assert_close(out.quantized, cb[out.codes].sum(-2))  # every level reads the same codebook
     with pytest.raises(ValueError, match="shares one quantizer"):
         ResidualQuantizer([VectorQuantizer(8, 32), VectorQuantizer(8, 32)], shared_levels=2)
+    for bad in (True, 2.5, -1):  # True was one level, 2.5 failed at the first forward
+        with pytest.raises(ValueError, match="shared_levels must be a whole number"):
+            ResidualQuantizer([VectorQuantizer(8, 32)], shared_levels=bad)
+    # the count is kept with the weights: two levels of these codes would decode as other latents
+    with pytest.raises(ValueError, match="saved with shared_levels 4 cannot load into a ResidualQuantizer with shared_levels 2"):
+        ResidualQuantizer([VectorQuantizer(8, 32)], shared_levels=2).load_state_dict(rvq.state_dict())
+    with pytest.raises(ValueError, match="saved with shared_levels 4 cannot load into one of 1 separate levels"):
+        ResidualQuantizer([VectorQuantizer(8, 32)]).load_state_dict(rvq.state_dict())
 
 
 def test_beam_search_lowers_the_residual_error_and_width_one_is_greedy():

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from tokenizers_vq.quantizers._functional import code_histogram, perplexity
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_number, check_same_codes, merge_outputs
+from tokenizers_vq.quantizers.base import (Quantizer, QuantizerOutput, check_number, check_same_codes, load_settings,
+                                           merge_outputs)
 
 
 
@@ -53,7 +54,8 @@ class ResidualQuantizer(Quantizer):
 
     def __init__(self, levels: Sequence[Quantizer], dropout: float = 0.0, shared_levels: int = 0,
                  beam_size: int = 1):
-        if shared_levels < 0 or (shared_levels and len(levels) != 1):
+        check_number("shared_levels", shared_levels, 0, integer=True)
+        if shared_levels and len(levels) != 1:
             raise ValueError(f"shared_levels={shared_levels} shares one quantizer's codebook: pass levels=[that "
                              f"quantizer], got {len(levels)}")
         check_number("beam_size", beam_size, 1, integer=True)
@@ -69,6 +71,16 @@ class ResidualQuantizer(Quantizer):
         self.levels = nn.ModuleList(levels)
         self.dropout, self.shared_levels, self.beam_size = dropout, shared_levels, beam_size
         self._row_items: tuple[Tensor, int] | None = None  # see base.rows_of_items
+        if shared_levels:  # kept with the weights: weights of another count refuse to load
+            self.register_buffer("_shared_levels", torch.tensor(shared_levels))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.shared_levels:
+            load_settings(self, state_dict, prefix, {"_shared_levels": int})
+        elif prefix + "_shared_levels" in state_dict:
+            raise ValueError(f"ResidualQuantizer weights saved with shared_levels {int(state_dict[prefix + '_shared_levels'])}"
+                             f" cannot load into one of {len(self.levels)} separate levels: build it as the weights were saved")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def stack(self) -> list[Quantizer]:
