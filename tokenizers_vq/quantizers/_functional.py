@@ -19,6 +19,7 @@ from tokenizers_vq.kernels._host import plain_eager
 from tokenizers_vq.quantizers._reference import Metric, _reference_op, nearest_codes_reference
 
 Backend = Literal["auto", "torch", "triton"]
+BACKENDS = ("auto", "torch", "triton")
 
 
 def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -145,7 +146,7 @@ def nearest_codes(
         raise ValueError(
             f"nearest_codes expects x (N, d) and codebook (K, d); got {tuple(x.shape)} and {tuple(codebook.shape)}"
         )
-    if backend not in ("auto", "torch", "triton"):
+    if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch' or 'triton'")
     if x.device != codebook.device:
         raise ValueError(f"x on {x.device} but codebook on {codebook.device}: move both to one device")

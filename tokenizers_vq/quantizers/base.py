@@ -143,8 +143,7 @@ class Quantizer(nn.Module, ABC):
 
     def __init__(self, dim: int, check_finite: bool = True):
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
+        check_number("dim", dim, 1, integer=True)
         self.dim = dim
         self.check_finite = check_finite
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, as_weights, evaluating, rows_of_items
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, as_weights, check_choice, check_number, evaluating, rows_of_items
 
 Order = Literal["coarse_to_fine", "raster"]
 
@@ -124,12 +124,12 @@ class DynamicQuantizer(nn.Module):
         threshold_decay: float = 0.95,
     ):
         super().__init__()
-        if not 0.0 < target_fine_ratio < 1.0:
-            raise ValueError(f"target_fine_ratio must be in (0, 1), got {target_fine_ratio}")
-        if order not in ("coarse_to_fine", "raster"):
-            raise ValueError(f"order must be 'coarse_to_fine' or 'raster', got {order!r}")
-        if tau <= 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
+        check_number("target_fine_ratio", target_fine_ratio, 0, 1, open_low=True, open_high=True)
+        check_choice("order", order, ("coarse_to_fine", "raster"))
+        check_number("tau", tau, 0, open_low=True)
+        check_number("budget_weight", budget_weight, 0)
+        check_number("threshold_decay", threshold_decay, 0, 1, open_high=True)
+        check_number("hidden", 1 if hidden is None else hidden, 1, integer=True)
         if not inner.positionwise:
             raise ValueError(f"DynamicQuantizer feeds its inner quantizer a flat sequence of region tokens; "
                              f"{type(inner).__name__} quantizes positions with their neighbours: use a position-wise one")

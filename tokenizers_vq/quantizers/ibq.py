@@ -49,6 +49,8 @@ class IBQ(Quantizer):
                  entropy_weight: float = 0.05, temperature: float = 1.0, check_finite: bool = True):
         super().__init__(dim, check_finite)
         check_number("temperature", temperature, 0, open_low=True)
+        for name, value in (("beta", beta), ("entropy_weight", entropy_weight)):
+            check_number(name, value, 0)
         d = codebook_projections(self, codebook_size, codebook_dim)
         self._size, self.beta, self.entropy_weight, self.temperature = codebook_size, beta, entropy_weight, temperature
         self.embed = nn.Parameter(torch.randn(codebook_size, d) / d**0.5)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers._functional import Backend, code_histogram, nearest_codes, perplexity, straight_through
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, flatten_latent
+from tokenizers_vq.quantizers._functional import BACKENDS, Backend, code_histogram, nearest_codes, perplexity, straight_through
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_choice, flatten_latent
 
 
 class LatentQuantizer(Quantizer):
@@ -54,6 +54,7 @@ class LatentQuantizer(Quantizer):
             raise ValueError(f"values_per_dim must be >= 2, got {values_per_dim}")
         if init_range <= 0:
             raise ValueError(f"init_range must be > 0, got {init_range}")
+        check_choice("backend", backend, BACKENDS)
         self.values_per_dim, self.backend = values_per_dim, backend
         self.quantize_weight, self.commit_weight = quantize_weight, commit_weight
         grid = torch.linspace(-init_range, init_range, values_per_dim)

@@ -74,6 +74,9 @@ class LFQ(Quantizer):
         super().__init__(dim, check_finite)
         check_number("num_bits", num_bits, 1, 62, integer=True)
         check_number("temperature", temperature, 0, open_low=True)
+        for name, value in (("entropy_weight", entropy_weight), ("diversity_weight", diversity_weight),
+                            ("commitment_weight", commitment_weight)):
+            check_number(name, value, 0)
         if group_bits is None:
             group_bits = max(g for g in range(1, 11) if num_bits % g == 0)
         check_number("group_bits", group_bits, 1, integer=True)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers_vq.quantizers._functional import straight_through
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, load_settings
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_number, load_settings
 from tokenizers_vq.quantizers.vq import VectorQuantizer
 
 
@@ -61,9 +61,11 @@ class MultiScaleResidualQuantizer(Quantizer):
     def __init__(self, dim: int, codebook_size: int, scales: Sequence[int] = (1, 2, 3, 4, 6, 8, 10, 13, 16),
                  beta: float = 0.25, vq_options: dict | None = None, check_finite: bool = True):
         super().__init__(dim, check_finite)
+        if (isinstance(scales, (str, bytes)) or not hasattr(scales, "__len__") or len(scales) == 0 or any(isinstance(s, bool) or not float(s).is_integer() for s in scales)
+                or min(scales) < 1 or list(scales) != sorted(set(scales))):  # (1.5 was taken for 1, a repeat kept)
+            raise ValueError(f"scales must be strictly increasing whole sizes >= 1, got {scales!r}")
         scales = [int(s) for s in scales]
-        if not scales or min(scales) < 1 or scales != sorted(scales):
-            raise ValueError(f"scales must be increasing positive sizes, got {scales}")
+        check_number("beta", beta, 0)
         self.scales, self.beta = scales, beta
         self.register_buffer("_scales", torch.tensor(scales))  # in the state dict: see load_settings
         self.vq = VectorQuantizer(dim, codebook_size, check_finite=False, **(vq_options or {}))

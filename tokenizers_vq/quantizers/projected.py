@@ -29,16 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers_vq import distributed as tdist
-from tokenizers_vq.quantizers._functional import (
-    Backend,
-    Metric,
-    code_histogram,
-    l2norm,
-    nearest_codes,
-    perplexity,
-    straight_through,
-)
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, as_weights, check_choice, flatten_latent
+from tokenizers_vq.quantizers._functional import (BACKENDS, Backend, Metric, code_histogram, l2norm, nearest_codes,
+                                                  perplexity, straight_through)
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, as_weights, check_choice, check_number, flatten_latent
 from tokenizers_vq.quantizers.kmeans import kmeans
 
 Projector = Literal["linear", "mlp"]
@@ -261,6 +254,11 @@ class ProjectedCodebookVQ(Quantizer):
             raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
         check_choice("metric", metric, ("l2", "cosine"))
         check_choice("projector", projector, ("linear", "mlp"))
+        check_choice("backend", backend, BACKENDS)
+        for name, value, low, whole in (("beta", beta, 0, False), ("init_samples", init_samples, 1, True),
+                                        ("init_batches", init_batches, 1, True), ("kmeans_iters", kmeans_iters, 0, True),
+                                        ("kmeans_balance", kmeans_balance, 0, False), ("usage_window", usage_window, 1, True)):
+            check_number(name, value, low, integer=whole)
         if features is None and init_samples < codebook_size:
             raise ValueError(f"init_samples={init_samples} must be >= codebook_size={codebook_size}")
         self._size, self.metric, self.beta, self.backend = codebook_size, metric, beta, backend

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from tokenizers_vq.distributed import is_distributed
-from tokenizers_vq.quantizers._functional import Backend, Metric, nearest_codes
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_float32_statistics, check_number
+from tokenizers_vq.quantizers._functional import BACKENDS, Backend, Metric, nearest_codes
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_choice, check_float32_statistics, check_number
 
 
 def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -105,6 +105,7 @@ class ShardedVectorQuantizer(Quantizer):
         check_number("codebook_size", codebook_size, 1, integer=True)
         check_number("decay", decay, 0, 1, open_high=True)
         check_number("eps", eps, 0, open_low=True)
+        check_choice("backend", backend, BACKENDS)
         rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
         if codebook_size < world:
             raise ValueError(f"codebook_size={codebook_size} is smaller than the {world} ranks")

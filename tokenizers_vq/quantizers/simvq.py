@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers._functional import code_histogram, nearest_codes, perplexity, rotation_trick, straight_through
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_choice, codebook_projections, flatten_latent
+from tokenizers_vq.quantizers._functional import BACKENDS, code_histogram, nearest_codes, perplexity, rotation_trick, straight_through
+from tokenizers_vq.quantizers.base import (Quantizer, QuantizerOutput, check_choice, check_number, codebook_projections,
+                                           flatten_latent)
 from tokenizers_vq.quantizers.vq import Estimator
 
 
@@ -58,6 +59,8 @@ class SimVQ(Quantizer):
         super().__init__(dim, check_finite)
         check_choice("estimator", estimator, ("ste", "rotation"))
         check_choice("map_init", map_init, ("linear", "orthogonal"))
+        check_choice("backend", backend, BACKENDS)
+        check_number("beta", beta, 0)
         self.estimator = estimator
         d = codebook_projections(self, codebook_size, codebook_dim)
         self._size, self.codebook_dim, self.beta, self.backend = codebook_size, d, beta, backend

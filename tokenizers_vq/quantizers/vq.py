@@ -20,17 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers_vq import distributed as tdist
-from tokenizers_vq.quantizers._functional import (
-    Backend,
-    Metric,
-    code_histogram,
-    code_statistics,
-    l2norm,
-    nearest_codes,
-    perplexity,
-    rotation_trick,
-    straight_through,
-)
+from tokenizers_vq.quantizers._functional import (BACKENDS, Backend, Metric, code_histogram, code_statistics, l2norm,
+                                                  nearest_codes, perplexity, rotation_trick, straight_through)
 from tokenizers_vq.quantizers.base import (Quantizer, QuantizerOutput, as_weights, check_choice,
                                            check_float32_statistics, check_number, flatten_latent)
 
@@ -124,9 +115,9 @@ class VectorQuantizer(Quantizer):
         super().__init__(dim, check_finite)
         check_number("codebook_size", codebook_size, 1, integer=True)
         check_number("eps", eps, 0, open_low=True)
-        check_choice("metric", metric, ("l2", "cosine"))
-        check_choice("learning", learning, ("ema", "loss"))
-        check_choice("estimator", estimator, ("ste", "rotation"))
+        for name, value, choices in (("metric", metric, ("l2", "cosine")), ("learning", learning, ("ema", "loss")),
+                                     ("estimator", estimator, ("ste", "rotation")), ("backend", backend, BACKENDS)):
+            check_choice(name, value, choices)
         if orthogonal_weight and learning != "loss":
             raise ValueError("orthogonal_weight regularises a learned codebook: set learning='loss' (an EMA codebook "
                              "takes no gradients)")
@@ -138,15 +129,15 @@ class VectorQuantizer(Quantizer):
                 ("orthogonal_sample", orthogonal_sample, 1, math.inf, True), ("beta", beta, 0, math.inf, False),
                 ("kmeans_max_samples", kmeans_max_samples, 1, math.inf, True), ("decay", decay, 0, 1, False),
                 ("dead_code_threshold", dead_code_threshold, 0, math.inf, False), ("affine_decay", affine_decay, 0, 1, False),
-                ("sample_temperature", sample_temperature, 0, math.inf, False)):
+                ("sample_temperature", sample_temperature, 0, math.inf, False),
+                ("orthogonal_weight", orthogonal_weight, 0, math.inf, False), ("diversity_weight", diversity_weight, 0, math.inf, False)):
             check_number(name, value, low, high, integer=whole, open_high=high == 1)
         check_number("diversity_temperature", diversity_temperature, 0, open_low=True)
         self.orthogonal_weight, self.orthogonal_sample = orthogonal_weight, min(orthogonal_sample, codebook_size)
         self.diversity_weight, self.diversity_sample = diversity_weight, diversity_sample
         self.diversity_temperature, self.sample_temperature = diversity_temperature, sample_temperature
         self.affine, self.affine_decay = affine, affine_decay
-        if codebook_dim is not None:
-            check_number("codebook_dim", codebook_dim, 1, integer=True)
+        check_number("codebook_dim", 1 if codebook_dim is None else codebook_dim, 1, integer=True)
         d = codebook_dim or dim
         self._size, self.codebook_dim = codebook_size, d
         self.metric, self.learning, self.estimator, self.backend = metric, learning, estimator, backend
