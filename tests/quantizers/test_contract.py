@@ -286,6 +286,11 @@ def test_low_precision_weights_encode_and_decode_as_forward(name: str, dtype: to
         rec = q.decode(codes)
     assert torch.equal(codes, out.codes)
     assert torch.equal(rec.to(dtype), out.quantized)
+    z32 = z.float()  # a float32 latent: quantized in the weights' dtype, as decode gives it
+    with torch.no_grad():
+        out, codes = q(z32), q.encode(z32)
+        assert torch.equal(codes, out.codes)
+        torch.testing.assert_close(q.decode(codes).float(), out.quantized.float(), rtol=0, atol=0)
 
 
 def _grouped():

@@ -218,7 +218,8 @@ class Quantizer(nn.Module, ABC):
 
     def decode(self, codes: Tensor) -> Tensor:
         """Latents ``(B, *S, D)`` for codes ``(B, *S, *code_shape)``."""
-        return self._decode(self._check_codes(codes))
+        out = self._decode(self._check_codes(codes))  # rounded as forward rounds, in half-precision weights
+        return self._in_weight_dtype(out).to(out.dtype)
 
     @abstractmethod
     def _forward(self, z: Tensor) -> QuantizerOutput: ...
