@@ -92,11 +92,11 @@ def save_checkpoint(directory: Path, parts: dict[str, Any], meta: dict[str, Any]
         structure = {name: flatten(value, name, tensors) for name, value in parts.items()}
         try:
             save_file(tensors, tmp / "state.safetensors")
-        except SafetensorError as e:  # a full disk, say: an OSError, as the other writes give
+            (tmp / "state.json").write_text(json.dumps({**meta, "structure": structure}, indent=1))
+            model_dir_writer(tmp / "model")
+        except (SafetensorError, OSError) as e:  # a full disk, say: one OSError naming the folder, whichever write
             kept = "the last one is kept" if find_checkpoint(directory) else "no earlier one exists"
             raise OSError(f"cannot write the checkpoint in {directory.parent} ({e}); {kept}") from None
-        (tmp / "state.json").write_text(json.dumps({**meta, "structure": structure}, indent=1))
-        model_dir_writer(tmp / "model")
         for path in (tmp, *tmp.rglob("*")):  # mkdtemp and the tensor writer make them private
             path.chmod(usual_mode(path))
         old = directory.with_name(directory.name + ".old")

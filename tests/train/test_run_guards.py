@@ -133,6 +133,14 @@ def test_a_checkpoint_that_cannot_be_written_is_an_os_error_and_the_last_one_sta
     assert (out / "checkpoint" / "state.json").read_text() == before and not list(out.glob(".checkpoint.*"))
     with pytest.raises(OSError, match="no earlier one exists"):
         checkpoint.save_checkpoint(tmp_path / "new" / "checkpoint", {"x": {"t": torch.zeros(2)}}, {"step": 1}, lambda p: None)
+    monkeypatch.undo()
+
+    def full_model_disk(path):  # the state written, the release model not: named the same way
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=f"cannot write the checkpoint in {out} .*No space left.* the last one is kept"):
+        checkpoint.save_checkpoint(out / "checkpoint", {"x": {"t": torch.zeros(2)}}, {"step": 3}, full_model_disk)
+    assert (out / "checkpoint" / "state.json").read_text() == before and not list(out.glob(".checkpoint.*"))
 
 
 def test_a_checkpoint_is_readable_as_the_umask_says(tmp_path):
