@@ -176,8 +176,9 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
              if tok.modality == "video" and max_frames else "")
     lines = [f"# Evaluation of `{model_name}`", "",
              f"{len(files)} {tok.modality} file{'s' if len(files) != 1 else ''}, device "
-             f"{result['summary']['device']}.{clips}", "",
-             "| metric | mean |", "|---|---|"]
+             f"{result['summary']['device']}.{clips} Each metric is the mean of its per-file values (PSNR too: not "
+             "from the pooled squared error" + ("; a video's PSNR is the mean of its frames'" if tok.modality == "video" else "")
+             + ").", "", "| metric | mean |", "|---|---|"]
     for k, v in result["summary"].items():
         if isinstance(v, float):
             lines.append(f"| {k} | {v:.4f} |")

@@ -121,3 +121,11 @@ def test_both_levels_used_on_real_speech_1d():
         return torch.cat(out)
 
     check_both_levels_used(train_and_measure(frames(files[:200]), frames(files[-60:])), "1D speech")
+
+
+@pytest.mark.parametrize("grid", [(16, 16), (5, 7), (9,)])
+def test_tokens_counted_are_the_compact_codes_of_both_levels(grid):
+    """A bitrate counts the coarse grid's top codes once, not as repeated over each 2-block in ``codes``."""
+    hq = HierarchicalQuantizer(VectorQuantizer(8, 16), VectorQuantizer(8, 16)).eval()
+    levels = hq.encode_levels(torch.randn(1, *grid, 8))
+    assert hq.num_tokens(grid) == sum(codes.numel() for codes in levels.values()) < 2 * torch.Size(grid).numel()

@@ -10,6 +10,8 @@ serves 1D (audio), 2D (image) and 3D (video) latents.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -118,6 +120,10 @@ class HierarchicalQuantizer(Quantizer):
     @property
     def code_shape(self) -> tuple[int, ...]:
         return (2, *self.top.code_shape)
+
+    def num_tokens(self, grid: Sequence[int]) -> int:
+        """The coarse grid's top codes (repeated over each 2-block in ``codes``) and the bottom codes."""
+        return (math.prod(-(-n // 2) for n in grid) + math.prod(grid)) * self.top.num_codebooks
 
     # ------------------------------------------------------------------------------------
     def _spatial(self, x: Tensor, n_inner: int) -> tuple[int, ...]:
