@@ -29,7 +29,7 @@ def test_embedded_models_ship_inside_the_package_small_and_named(name):
     weights = PRETRAINED[name] / "model.safetensors"
     assert weights.is_file() and weights.stat().st_size <= 16 * 2**20
     with safe_open(str(weights), framework="pt") as f:  # an edited config.json and damaged bytes are refused
-        assert {"architecture_sha256", "data_sha256"} <= set(f.metadata())
+        assert {"architecture_sha256", "tensors_sha256"} <= set(f.metadata())
     tok = Tokenizer.from_pretrained(name)
     if name == "speech-rvq":  # the one that is not a modality's default
         assert tok.modality == "audio" and tok.num_codebooks == 4 and tok.frame_rate == pytest.approx(16000 / 240)

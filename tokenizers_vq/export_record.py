@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tokenizers_vq.io import TEMPORARY_TAG, atomic_write, tensor_sha256, training_only_keys
+from tokenizers_vq.io import TEMPORARY_TAG, atomic_write, state_sha256, training_only_keys
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokenizer_config import TokenizerConfig
 from tokenizers_vq.webdataset import TarSample
@@ -59,8 +59,7 @@ def weights_sha256(tok: Tokenizer, full: bool = False) -> str:
     (the hash older token files and exports hold)."""
     state, left_out = tok.state_dict(), set() if full else training_only_keys(tok)
     state = {k: v for k, v in state.items() if k not in left_out}
-    parts = ((f"{k} {state[k].dtype} {list(state[k].shape)}", state[k]) for k in sorted(state))
-    return tensor_sha256(*(x for pair in parts for x in pair))
+    return state_sha256(state)
 
 
 def same_weights(recorded: str, tok: Tokenizer) -> bool:

@@ -195,6 +195,8 @@ def load_weights(path: str | os.PathLike, what: str) -> dict:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:  # (torch's own advice, to
         # load it with weights_only=False, would run whatever code the file holds: not given here)
         raise ValueError(f"{path} is not a PyTorch weights file of tensors ({what} expected; {type(e).__name__}: "
@@ -281,6 +283,12 @@ def _naming(e: OSError, path: Path) -> OSError:
     return WriteError(e.errno, f"cannot write {path}: {e.strerror or e}")
 
 
+def state_sha256(state: dict[str, Tensor]) -> str:
+    """Hex sha256 over tensors by name: each one's name, dtype, shape and bytes (the same for
+    the same tensors, whatever file layout or tool wrote them)."""
+    return tensor_sha256(*(x for k in sorted(state) for x in (f"{k} {state[k].dtype} {list(state[k].shape)}", state[k])))
+
+
 def tensor_sha256(*parts: Tensor | str) -> str:
     """Hex sha256 over ``parts`` in order: a string as its UTF-8 bytes, a tensor as its
     raw bytes in C order (native byte order: little-endian on every supported machine;
@@ -319,8 +327,8 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metada
     sorted (the ``safetensors`` package writes the metadata in a per-process hash order,
     so the same tokens gave different files from two processes), tensors in name order,
     little-endian, the header padded with spaces to 8 bytes. Any safetensors reader
-    reads it. ``digest``: the metadata also records ``data_sha256``, the sha256 of the
-    tensor bytes, which :func:`load_weights_file` checks."""
+    reads it. ``digest``: the metadata also records ``tensors_sha256`` (:func:`state_sha256`),
+    which :func:`load_weights_file` checks."""
     header: dict[str, object] = {}
     offset, blobs = 0, []
     for name in sorted(tensors):
@@ -333,7 +341,7 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metada
         offset += len(blob)
         blobs.append(blob)
     if metadata or digest:
-        metadata = {**(metadata or {}), **({"data_sha256": hashlib.sha256(b"".join(blobs)).hexdigest()} if digest else {})}
+        metadata = {**(metadata or {}), **({"tensors_sha256": state_sha256(tensors)} if digest else {})}
         header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
     raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     raw += b" " * (-len(raw) % 8)
@@ -345,27 +353,25 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metada
 
 
 def load_weights_file(path: Path) -> dict[str, Tensor]:
-    """The tensors of a safetensors weights file, refused when unreadable, when its tensor bytes
-    differ from the ``data_sha256`` it was saved with (:func:`save_safetensors`), or when a
+    """The tensors of a safetensors weights file, refused when unreadable, when they differ from
+    the ``tensors_sha256`` they were saved with (:func:`save_safetensors`), or when a
     floating-point tensor holds NaN or inf (every id of such a model is 0).
 
     Raises:
         ValueError: naming the file, what is wrong and the fix.
     """
-    from safetensors import SafetensorError  # noqa: PLC0415
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
     from safetensors.torch import load_file  # noqa: PLC0415
 
     try:
-        state, h = load_file(path), hashlib.sha256()
-        with open(path, "rb") as f:
-            meta = json.loads(f.read(struct.unpack("<Q", f.read(8))[0])).get("__metadata__") or {}
-            while block := f.read(1 << 20):
-                h.update(block)
+        state = load_file(path)
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("tensors_sha256")
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"corrupt weights file {path}: {e}") from e
-    if meta.get("data_sha256", h.hexdigest()) != h.hexdigest():
-        raise ValueError(f"corrupt weights file {path}: its tensor bytes differ from those it was saved with "
-                         "(data_sha256 in its header): a damaged copy; copy or download it again")
+    if recorded is not None and recorded != state_sha256(state):
+        raise ValueError(f"corrupt weights file {path}: its tensors differ from those it was saved with "
+                         "(tensors_sha256 in its header): a damaged copy; copy or download it again")
     if bad := [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
         raise ValueError(f"weights file {path} holds NaN or infinite values ({', '.join(bad[:3])}): a damaged file, "
                          "or the weights of a training that diverged; load an earlier checkpoint")

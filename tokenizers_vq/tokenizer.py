@@ -232,8 +232,8 @@ class Tokenizer(nn.Module):
             return self._per_item(lambda i: self.quantizer.encode(self.encoder(i).movedim(1, -1)), x)
 
     def _per_item(self, fn, x: Tensor):
-        """``fn(x)``, item by item for audio and video on the CPU (whose convolutions sum a batch otherwise than one item)."""
-        if self.is_dynamic or self.modality == "image" or x.device.type != "cpu" or len(x) == 1:
+        """``fn(x)``, item by item on the CPU (whose convolutions sum a batch otherwise than one item; packed codes whole)."""
+        if self.is_dynamic or x.device.type != "cpu" or len(x) == 1:
             return fn(x)
         return torch.cat([fn(i) for i in x.split(1)])
 
@@ -346,7 +346,7 @@ class Tokenizer(nn.Module):
         try:  # not JSON, not UTF-8, fields of other types or values no model is built from
             model = cls(TokenizerConfig.from_dict(json.loads(cfg_path.read_text())))
         except (ValueError, TypeError, AttributeError, OSError, RuntimeError, MemoryError) as e:  # (sizes past memory)
-            raise ValueError(f"corrupt {cfg_path}: {e}") from e
+            raise ValueError(f"corrupt {cfg_path}, or a model this machine cannot build from it: {e}") from e
         device, state = device_named(map_location), load_weights_file(weights)
         own = model.state_dict()  # weights stored at a lower precision load back at the model's
         state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}

@@ -54,8 +54,8 @@ def unflatten(obj: Any, tensors: dict[str, Tensor]) -> Any:
 
 def optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Optimizer ``state_dict`` after JSON (integer parameter ids come back as ints), its
-    moments checked against ``optimizer``'s parameters (a moment of another shape failed only
-    at the first step)."""
+    moments checked against ``optimizer``'s parameters (``load_state_dict`` takes a moment of
+    another shape, which the first step then fails on)."""
     state = dict(state)
     state["state"] = {int(k): v for k, v in state["state"].items()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -155,6 +155,8 @@ def damaged(directory: Path, *errors: type[BaseException]):
     try:
         yield
     except (*errors, KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
+        if isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e):  # the device's trouble, not the files'
+            raise
         raise ValueError(f"corrupt checkpoint {directory} ({type(e).__name__}: {' '.join(str(e).split())[:300]}): move it away to resume "
                          f"from {directory.name}.old if there is one, or train in a new out_dir with --init_from "
                          f"{directory / 'model'}") from e

@@ -307,7 +307,7 @@ def test_shared_codebook_residual_levels_use_one_codebook():
     torch.testing.assert_close(out.quantized, cb[out.codes].sum(-2))  # every level reads the same codebook
     with pytest.raises(ValueError, match="shares one quantizer"):
         ResidualQuantizer([VectorQuantizer(8, 32), VectorQuantizer(8, 32)], shared_levels=2)
-    for bad in (True, 2.5, -1):  # True was one level, 2.5 failed at the first forward
+    for bad in (True, 2.5, -1):  # not one level, not a count that fails at the first forward
         with pytest.raises(ValueError, match="shared_levels must be a whole number"):
             ResidualQuantizer([VectorQuantizer(8, 32)], shared_levels=bad)
     # the count is kept with the weights: two levels of these codes would decode as other latents

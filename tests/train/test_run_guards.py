@@ -217,10 +217,13 @@ def test_a_damaged_checkpoint_is_one_error_naming_it_and_the_ways_on(tmp_path):
         "not_utf8": lambda d: (d / "state.json").write_bytes(b"\xff\xfe{}"),
         "a_tensor_missing": edit_tensors(lambda t: {k: v for k, v in t.items() if k != weight}),
         "a_weight_reshaped": reshaped(weight),
-        "a_moment_reshaped": reshaped(moment),  # failed only inside the first optimiser step
+        "a_moment_reshaped": reshaped(moment),  # loaded by the optimiser, refused at its first step
     }.items():
         run = tmp_path / name
         shutil.copytree(done, run)
         damage(run / "checkpoint")
         with pytest.raises(ValueError, match=rf"corrupt checkpoint .*{name}/checkpoint .*checkpoint.old.*--init_from"):
             Trainer(config("image", run, 3, save_every=2)).train()
+    with pytest.raises(torch.OutOfMemoryError):  # the device's trouble while restoring: not called a corrupt file
+        with checkpoint.damaged(done / "checkpoint"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

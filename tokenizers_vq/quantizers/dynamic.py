@@ -128,8 +128,8 @@ class DynamicQuantizer(nn.Module):
         check_choice("order", order, ("coarse_to_fine", "raster"))
         check_number("tau", tau, 0, open_low=True)
         check_number("budget_weight", budget_weight, 0)
-        check_number("threshold_decay", threshold_decay, 0, 1, open_high=True)
-        check_number("hidden", 1 if hidden is None else hidden, 1, integer=True)
+        check_number("threshold_decay", threshold_decay, 0, 1)
+        check_number("hidden", hidden or 0, 0, integer=True)  # (0 or None: 2 D)
         if not inner.positionwise:
             raise ValueError(f"DynamicQuantizer feeds its inner quantizer a flat sequence of region tokens; "
                              f"{type(inner).__name__} quantizes positions with their neighbours: use a position-wise one")

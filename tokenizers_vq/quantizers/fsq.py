@@ -65,7 +65,7 @@ class FSQ(Quantizer):
         if not 0.0 <= noise_dropout <= 1.0:
             raise ValueError(f"noise_dropout must be in [0, 1], got {noise_dropout}")
         self.bound_form, self.noise_dropout = bound, noise_dropout
-        if isinstance(levels, (str, bytes)) or not hasattr(levels, "__len__"):  # ('855' was [8, 5, 5])
+        if isinstance(levels, (str, bytes)) or not hasattr(levels, "__len__"):  # (not '855' for [8, 5, 5])
             raise ValueError(f"levels must be a non-empty list of integers >= 2, got {levels!r}")
         if any(isinstance(v, bool) or not float(v).is_integer() for v in levels):
             raise ValueError(f"levels must be a non-empty list of integers >= 2, got {list(levels)}")

@@ -61,8 +61,9 @@ class MultiScaleResidualQuantizer(Quantizer):
     def __init__(self, dim: int, codebook_size: int, scales: Sequence[int] = (1, 2, 3, 4, 6, 8, 10, 13, 16),
                  beta: float = 0.25, vq_options: dict | None = None, check_finite: bool = True):
         super().__init__(dim, check_finite)
-        if (isinstance(scales, (str, bytes)) or not hasattr(scales, "__len__") or len(scales) == 0 or any(isinstance(s, bool) or not float(s).is_integer() for s in scales)
-                or min(scales) < 1 or list(scales) != sorted(set(scales))):  # (1.5 was taken for 1, a repeat kept)
+        if (isinstance(scales, (str, bytes)) or not hasattr(scales, "__len__") or len(scales) == 0
+                or any(isinstance(s, bool) or not float(s).is_integer() for s in scales)
+                or min(scales) < 1 or list(scales) != sorted(set(scales))):  # no fractions, no repeats
             raise ValueError(f"scales must be strictly increasing whole sizes >= 1, got {scales!r}")
         scales = [int(s) for s in scales]
         check_number("beta", beta, 0)

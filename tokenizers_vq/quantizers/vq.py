@@ -242,7 +242,7 @@ class VectorQuantizer(Quantizer):
         """Per-channel mean of the rows and their mean square about the running mean, over every
         rank (one all-reduce), and whether all ranks' rows and those moments were finite (else the
         affine statistics stay as they are). About the running mean, not their own: a step's own
-        variance leaves out how its mean moves, and is 0 for one row (the codebook shrank to a point)."""
+        variance leaves out how its mean moves, and is 0 for one row (a codebook mapped to it shrinks to a point)."""
         dev, d = xf - self.latent_mean, xf.shape[1]
         stats = torch.cat([dev.sum(0), dev.square().sum(0), xf.new_tensor([xf.shape[0]]),
                            (~torch.isfinite(xf).all()).float().reshape(1)])
