@@ -169,7 +169,7 @@ def export_dataset(
 
     Args:
         batch_size: inputs of one shape encoded together; ``None``:
-            :func:`default_batch_size`. On the CPU the ids do not depend on it (the
+            :func:`default_batch_size`. In fp32 on the CPU the ids do not depend on it (the
             tokenizer codes each item alone; a dynamic-length one codes a batch whole).
         workers: processes that read and decode the files while the model encodes
             (one ``DataLoader`` over all the shards this rank writes; 0: read in this

@@ -232,8 +232,8 @@ class Tokenizer(nn.Module):
             return self._per_item(lambda i: self.quantizer.encode(self.encoder(i).movedim(1, -1)), x)
 
     def _per_item(self, fn, x: Tensor):
-        """``fn(x)``, item by item on the CPU (whose convolutions sum a batch otherwise than one item; packed codes whole)."""
-        if self.is_dynamic or x.device.type != "cpu" or len(x) == 1:
+        """``fn(x)``, item by item on the CPU outside autocast (its convolutions sum a batch otherwise than one item)."""
+        if self.is_dynamic or x.device.type != "cpu" or len(x) == 1 or torch.is_autocast_enabled("cpu"):
             return fn(x)
         return torch.cat([fn(i) for i in x.split(1)])
 
