@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers_vq.errors import named_path
+from tokenizers_vq.quantizers.base import evaluating
 
 
 @dataclass
@@ -126,8 +127,8 @@ class TokenPrior(nn.Module):
     def forward(self, tokens: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Logits ``(B, L, vocab)`` of each next code and the mean cross-entropy
         (nats/token) of ``tokens`` ``(B, L)`` given ``labels`` ``(B,)`` (or class 0)."""
-        if tokens.ndim != 2 or tokens.shape[1] == 0:
-            raise ValueError(f"tokens must be (B, L) with L >= 1, got shape {tuple(tokens.shape)}")
+        if tokens.ndim != 2 or tokens.shape[1] == 0 or tokens.is_floating_point() or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be (B, L) integer ids with L >= 1, got {tokens.dtype} {tuple(tokens.shape)}")
         b, length = tokens.shape
         if length > self.cfg.block_size:
             raise ValueError(f"sequence of {length} tokens exceeds block_size={self.cfg.block_size}")
@@ -141,7 +142,8 @@ class TokenPrior(nn.Module):
 
     def _check_labels(self, labels: Tensor) -> Tensor:
         n = max(1, self.cfg.num_classes)  # an unconditional prior has the one class 0
-        if labels.ndim != 1 or (labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n)):
+        if (labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool
+                or (labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n))):
             raise ValueError(f"labels must be (B,) class ids in [0, {n}) (the prior's num_classes is "
                              f"{self.cfg.num_classes}), got {labels.tolist() if labels.numel() <= 8 else tuple(labels.shape)}")
         return labels
@@ -158,20 +160,22 @@ class TokenPrior(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Sample ``(B, length)`` code ids for class ``labels`` ``(B,)``: ``temperature`` 0 takes
-        the most likely id (the lowest of equals), ``top_k`` 0 and ``top_p`` 1 keep every id."""
+        the most likely id (the lowest of equals), ``top_k`` 0 and ``top_p`` 1 keep every id. In
+        eval mode (no dropout: the same ``generator`` gives the same ids), the mode restored after."""
         if length > self.cfg.block_size:
             raise ValueError(f"length {length} exceeds block_size={self.cfg.block_size}")
         if not (length >= 0 and temperature >= 0 and top_k >= 0 and 0 <= top_p <= 1):
             raise ValueError(f"generate needs length >= 0, temperature >= 0, top_k >= 0 and top_p in [0, 1]; got "
                              f"length={length}, temperature={temperature}, top_k={top_k}, top_p={top_p}")
         seq = (self.cfg.vocab_size + self._check_labels(labels)).unsqueeze(1)
-        for _ in range(length):
-            logits = self._logits(seq)[:, -1].float()
-            if temperature == 0:  # greedy: the argmax, not a draw from a sharpened distribution
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                nxt = _draw(logits / max(temperature, 1e-5), top_k, top_p, generator)
-            seq = torch.cat([seq, nxt], dim=1)
+        with evaluating(self):
+            for _ in range(length):
+                logits = self._logits(seq)[:, -1].float()
+                if temperature == 0:  # greedy: the argmax, not a draw from a sharpened distribution
+                    nxt = logits.argmax(-1, keepdim=True)
+                else:
+                    nxt = _draw(logits / max(temperature, 1e-5), top_k, top_p, generator)
+                seq = torch.cat([seq, nxt], dim=1)
         return seq[:, 1:]
 
 

@@ -26,6 +26,7 @@ from tokenizers_vq.export import TokenDataset
 from tokenizers_vq.export_record import same_weights
 from tokenizers_vq.io import check_can_write
 from tokenizers_vq.prior import PriorConfig, TokenPrior
+from tokenizers_vq.quantizers.base import evaluating
 
 
 @dataclass
@@ -84,16 +85,16 @@ def _split(ds: TokenDataset, window: int, axes: int, val_fraction: float) -> tup
 
 @torch.no_grad()
 def val_loss(prior: TokenPrior, val: torch.Tensor, batch: int = 64) -> float:
-    prior.eval()
-    total = sum(float(prior(val[i : i + batch])[1]) * len(val[i : i + batch]) for i in range(0, len(val), batch))
-    prior.train()
+    with evaluating(prior):  # (its mode back after: a prior loaded for eval stays in eval)
+        total = sum(float(prior(val[i : i + batch])[1]) * len(val[i : i + batch]) for i in range(0, len(val), batch))
     return total / len(val)
 
 
 def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior, dict[str, Any]]:
-    """Train; returns the prior and a summary (val nats/token, unigram entropy, speed)."""
-    if cfg.steps < 1 or cfg.window < 1 or cfg.batch_size < 1:
-        raise ValueError(f"steps={cfg.steps}, window={cfg.window}, batch_size={cfg.batch_size}: each must be >= 1")
+    """Train; returns the prior (in eval mode) and a summary (val nats/token, unigram entropy, speed)."""
+    if cfg.steps < 1 or cfg.window < 1 or cfg.batch_size < 1 or cfg.val_windows < 1:
+        raise ValueError(f"steps={cfg.steps}, window={cfg.window}, batch_size={cfg.batch_size}, "
+                         f"val_windows={cfg.val_windows}: each must be >= 1")
     torch.manual_seed(cfg.seed)
     ds = TokenDataset(cfg.export_dir)
     if ds.layout != "grid":
@@ -146,7 +147,7 @@ def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior,
     (out / "prior_summary.json").write_text(json.dumps(summary, indent=1))
     if interrupted:
         raise KeyboardInterrupt(f"the prior trained for {done} of {cfg.steps} steps is saved in {out} (TokenPrior.load)")
-    return prior, summary
+    return prior.eval(), summary
 
 
 def unigram_nats(ds: TokenDataset, items: list[int], val: torch.Tensor) -> float:

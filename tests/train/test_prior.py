@@ -161,3 +161,25 @@ def test_a_model_that_cannot_decode_the_export_is_refused_and_other_weights_warn
     with pytest.raises(ValueError, match=r"this prior learned the tokens of model .* other weights, which decode its "
                                          r"samples as other content"):
         prior.check_tokenizer(other)
+
+
+def test_a_trained_prior_samples_the_same_ids_from_the_same_generator_and_names_bad_inputs(tmp_path):
+    import dataclasses  # noqa: PLC0415
+
+    export_dataset(tiny("image"), small_photos(tmp_path / "photos", 3, side=24), tmp_path / "tokens")
+    cfg = config(tmp_path / "tokens", tmp_path / "prior", window=3, steps=2)
+    cfg = dataclasses.replace(cfg, prior=dataclasses.replace(cfg.prior, dropout=0.5))
+    prior, _ = train_prior(cfg)
+    assert not prior.training
+    prior.train()  # left training by a caller: sampling is still without dropout, its mode kept
+    draws = []
+    for seed in (1, 2):  # torch's global seed is not the sampler's
+        torch.manual_seed(seed)
+        draws.append(prior.generate(torch.zeros(2, dtype=torch.long), 9, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(draws[0], draws[1]) and prior.training
+    with pytest.raises(ValueError, match="labels must be \\(B,\\) class ids"):
+        prior.generate(torch.zeros(2), 4)
+    with pytest.raises(ValueError, match="tokens must be \\(B, L\\) integer ids"):
+        prior(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="val_windows=0: each must be >= 1"):
+        train_prior(dataclasses.replace(cfg, val_windows=0))
