@@ -39,7 +39,9 @@ def _finite(obj: Any) -> Any:
 def _feature_nets(modality: str, device: torch.device, lpips_weights: str | Path | None, lpips_heads: str | Path | None,
                   fid_weights: str | Path | None) -> tuple[LPIPSNet | None, FIDInception | None, dict[str, str]]:
     """LPIPS (images, video) and the FID Inception (images) from their weight files, on
-    ``device``, and a skip line naming the file looked for in place of each one absent."""
+    ``device``, and a skip line naming the file looked for in place of each one absent from the
+    torch hub cache (a file named and absent is refused: ``FileNotFoundError``), or given for
+    media the metric does not score."""
     lpips = inception = None
     skipped = dict(NOT_IMPLEMENTED.get(modality, {}))
     media = get_modality(modality)
@@ -47,12 +49,20 @@ def _feature_nets(modality: str, device: torch.device, lpips_weights: str | Path
         try:
             lpips = load_lpips(lpips_weights, lpips_heads).to(device)
         except FileNotFoundError as e:
+            if lpips_weights or lpips_heads:  # a file named and absent: refused, not skipped
+                raise
             skipped["lpips"] = f"LPIPS skipped: {e}"
+    elif lpips_weights or lpips_heads:
+        skipped["lpips"] = f"the LPIPS weights given are not used: LPIPS scores pictures, not {modality}"
     if media.fid:
         try:
             inception = load_inception(fid_weights).to(device)
         except FileNotFoundError as e:
+            if fid_weights:
+                raise
             skipped["rfid"] = f"rFID skipped: {e}"
+    elif fid_weights:
+        skipped["rfid"] = f"the Inception weights given are not used: rFID scores images, not {modality}"
     return lpips, inception, skipped
 
 
@@ -133,7 +143,7 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
 
     LPIPS and rFID are computed when their weight files are found (paths here, else the
     defaults of :func:`load_lpips` / :func:`load_inception`) and listed under
-    ``skipped`` with the path looked for when not. Videos are measured over their first
+    ``skipped`` with the path looked for when not (a file named and absent raises ``FileNotFoundError``). Videos are measured over their first
     ``max_frames`` frames (``None``: all), which the report states.
     """
     from tokenizers_vq import samples  # noqa: PLC0415
@@ -141,9 +151,9 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
 
     out_dir = Path(out_dir)
     check_can_write(out_dir / "metrics.json")  # an unwritable folder is named before the work, not after
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = next(tok.parameters()).device
     lpips, inception, skipped = _feature_nets(tok.modality, device, lpips_weights, lpips_heads, fid_weights)
+    out_dir.mkdir(parents=True, exist_ok=True)
     result = evaluate(tok, files, max_frames=max_frames, lpips=lpips, inception=inception)
     histogram = result.pop("code_histogram")
     refused = {entry["file"] for entry in result["failed"]}

@@ -108,7 +108,8 @@ def test_eval_never_scores_its_own_report_and_refuses_a_negative_count(tmp_path,
 @pytest.mark.parametrize("args,named", [
     (["export", "--batch-size", "0"], "--batch-size 0"), (["export", "--workers", "-2"], "--workers -2"),
     (["prior", "--steps", "-1"], "--steps -1"), (["prior", "--window", "0"], "--window 0"),
-    (["prior", "--top-k", "-3"], "--top-k -3"),
+    (["prior", "--top-k", "-3"], "--top-k -3"), (["prior", "--max-minutes", "-1"], "--max-minutes -1"),
+    (["prior", "--max-minutes", "nan"], "--max-minutes nan"),
 ])
 def test_bad_counts_are_one_line_naming_the_option(tmp_path, capsys, args, named):
     place = ["--data", str(tmp_path), "--out", str(tmp_path / "o")] if args[0] == "export" else ["--tokens", str(tmp_path)]
@@ -123,6 +124,43 @@ def test_the_prior_refuses_a_model_that_did_not_write_the_tokens(tmp_path, image
     capsys.readouterr()
     assert main(["prior", "--tokens", str(out), "--model", "speech", "--steps", "1", "--device", "cpu"]) == 2
     assert "holds image tokens" in one_error_line(capsys)
+
+
+def test_the_prior_refuses_the_embedded_model_taken_for_one_of_its_name_with_other_weights(tmp_path, capsys):
+    from test_tokenizer import TINY  # noqa: PLC0415
+
+    from tokenizers_vq.tokenizer import QuantizerConfig, Tokenizer, TokenizerConfig  # noqa: PLC0415
+
+    name = Tokenizer.from_pretrained("image").config.name  # retrained under the embedded model's name
+    mine = Tokenizer(TokenizerConfig("image", TINY["image"], QuantizerConfig("vq", {"codebook_size": 1024}), name=name))
+    data, out = tmp_path / "photos", tmp_path / "tokens"
+    small_photos(data, 2)
+    assert main(["export", "--model", str(mine.save_pretrained(tmp_path / "mine")), "--data", str(data), "--out",
+                 str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()  # its pictures would be sampled through the embedded decoder: refused, as decode does
+    assert main(["prior", "--tokens", str(out), "--steps", "1", "--window", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "prior")]) == 2
+    assert "with other weights than" in one_error_line(capsys) and not (tmp_path / "prior").exists()
+    assert main(["prior", "--tokens", str(out), "--model", str(tmp_path / "mine"), "--steps", "2", "--window", "2",
+                 "--device", "cpu", "--out", str(tmp_path / "prior"), "--max-minutes", "1e-9"]) == 0
+    assert "--max-minutes stopped it at step 1 of 2" in capsys.readouterr().out
+
+
+def test_options_that_do_nothing_or_name_absent_files_are_said(tmp_path, image_model, capsys):
+    import numpy as np  # noqa: PLC0415
+
+    clip = tmp_path / "a.wav"
+    sf.write(clip, 0.1 * np.sin(np.arange(8000) / 5.0), 16000)
+    assert main(["encode", str(clip), "--max-pixels", "10", "-o", str(tmp_path / "a.tvq"), "--device", "cpu"]) == 0
+    assert "tvq: warning: --max-pixels is not used here (audio has no pixels)" in capsys.readouterr().err
+    photos = tmp_path / "photos"
+    small_photos(photos, 1)
+    assert main(["eval", "--model", str(image_model), "--data", str(photos), "--out", str(tmp_path / "r"),
+                 "--device", "cpu", "--fid-weights", str(tmp_path / "absent.pth")]) == 1
+    assert "absent.pth" in one_error_line(capsys) and not (tmp_path / "r").exists()
+    (tmp_path / "photo.png").write_bytes(next(photos.iterdir()).read_bytes())
+    assert main(["demo", str(tmp_path / "photo.png"), "--steps", "100000", "--out", str(tmp_path / "photo.png")]) == 2
+    assert "is a file" in one_error_line(capsys)  # at once, not after the training
 
 
 def test_export_and_eval_pick_the_model_by_the_folders_media(tmp_path):

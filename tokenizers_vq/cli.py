@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from tokenizers_vq.errors import EMPTY_NAME, MissingDependency, WriteError, show_warning_line
+from tokenizers_vq.errors import EMPTY_NAME, MissingDependency, WriteError, show_warning_line, unused_option
 from tokenizers_vq.runtime import keep_freed_memory
 
 
@@ -42,6 +42,7 @@ def _encode(args: argparse.Namespace) -> int:
     from tokenizers_vq.media import MAX_PIXELS, uncoded_parts  # noqa: PLC0415
 
     limit = MAX_PIXELS if args.max_pixels is None else args.max_pixels or None
+    unused_option("--max-pixels", args.max_pixels is not None and not tok.media.has_pixels, "audio has no pixels")
     print(f"wrote {encode_files(tok, args.files, args.output, max_pixels=limit)}")
     for note in uncoded_parts(tok.modality, args.files):
         print(f"tvq: note: {note}", file=sys.stderr)
@@ -208,6 +209,8 @@ def _prior(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} {value}: expected a whole number >= 1")
     if args.top_k < 0:
         raise ValueError(f"--top-k {args.top_k}: expected a count >= 1, or 0 for every token")
+    if not 0 <= args.max_minutes < float("inf"):
+        raise ValueError(f"--max-minutes {args.max_minutes}: expected minutes > 0, or 0 for no limit")
     from tokenizers_vq.token_dataset import read_json  # noqa: PLC0415
 
     manifest_path = Path(args.tokens) / "manifest.json"
@@ -216,14 +219,18 @@ def _prior(args: argparse.Namespace) -> int:
     manifest = read_json(manifest_path, "shards")
     tok = _model_for_tokens(args, manifest.get("model_id"), manifest.get("modality"))
     if (note := check_model(args.tokens, manifest, tok)) is not None:
+        if not args.model:  # the embedded model taken for the one that wrote them: refused, as decode refuses it
+            raise ValueError(note)
         print(f"tvq: warning: {note}", file=sys.stderr)
+    unused_option("--top-k", args.top_k and tok.modality != "image", "it samples the pictures of an image export only")
     heads = max(h for h in range(1, max(1, args.width // 64) + 1) if args.width % h == 0)  # about 64 wide, dividing it
     cfg = PriorTrainConfig(export_dir=args.tokens, out_dir=args.out, window=args.window, steps=args.steps,
                            batch_size=args.batch_size, max_minutes=args.max_minutes,
                            prior=PriorConfig(n_layer=args.layers, n_embd=args.width, n_head=heads))
     prior, summary = train_prior(cfg, str(next(tok.parameters()).device))
+    stopped = f" (--max-minutes stopped it at step {summary['steps']} of {args.steps})" if summary["steps"] < args.steps else ""
     print(f"validation {summary['val_nats_per_token']:.3f} nats/token vs {summary['unigram_val_nats_per_token']:.3f} "
-          f"for the training codes' unigram; the prior is in {args.out} (TokenPrior.load)")
+          f"for the training codes' unigram; the prior is in {args.out} (TokenPrior.load){stopped}")
     if tok.modality == "image":
         sample_images(prior, tok, 8, args.window, Path(args.out) / "samples.png", top_k=args.top_k)
         print(f"wrote {Path(args.out) / 'samples.png'}")

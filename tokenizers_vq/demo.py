@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tokenizers_vq.io import atomic_write
+from tokenizers_vq.io import atomic_write, check_can_write
 
 from tokenizers_vq.media import bundled_photo, load_image
 from tokenizers_vq.quantizers import FSQ, Quantizer, ResidualQuantizer, VectorQuantizer
@@ -75,6 +75,7 @@ def run_demo(
     """
     if patch < 1 or steps < 1:
         raise ValueError(f"patch={patch}, steps={steps}: both must be whole numbers >= 1")
+    check_can_write(Path(out_dir) / "metrics.json")  # refused now, not after the training
     torch.manual_seed(0)
     path = Path(image) if image is not None else bundled_photo()
     img = load_image(path)

@@ -62,3 +62,9 @@ def show_warning_line(message, category, filename, lineno, file=None, line=None)
     roots = [Path(sys.modules[n].__file__).resolve().parent for n in _PACKAGES if n in sys.modules]
     ours = any(Path(filename).resolve().is_relative_to(r) for r in roots)
     tqdm.write(f"tvq: warning: {message}{'' if ours else f' ({category.__name__}, {filename}:{lineno})'}", file=sys.stderr)
+
+
+def unused_option(flag: str, given: object, why: str) -> None:
+    """Say (one ``tvq: warning:`` line) that ``flag``, given (truthy ``given``), does nothing here, and ``why``."""
+    if given:
+        print(f"tvq: warning: {flag} is not used here ({why})", file=sys.stderr)

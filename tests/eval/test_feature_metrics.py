@@ -212,14 +212,19 @@ def test_tvq_eval_computes_lpips_and_rfid_from_weight_files(weights, tmp_path):
     assert "rFID is over 3 images" in report
 
 
-def test_tvq_eval_without_weights_says_what_it_skipped_and_writes_the_rest(tmp_path, capsys):
+def test_tvq_eval_without_weights_says_what_it_skipped_and_writes_the_rest(tmp_path, capsys, monkeypatch):
+    from tokenizers_vq.eval.inception import FID_WEIGHTS_FILE  # noqa: PLC0415
+
     model = tiny("image").save_pretrained(tmp_path / "model")
     data, out = _photos(tmp_path, 2), tmp_path / "report"
-    missing_lpips, missing_fid = tmp_path / "no" / "vgg16-397923af.pth", tmp_path / "no" / "pt_inception.pth"
-    assert main(["eval", "--model", str(model), "--data", str(data), "--out", str(out),
-                 "--lpips-weights", str(missing_lpips), "--fid-weights", str(missing_fid)]) == 0
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no"))  # an empty torch hub cache
+    missing_fid = tmp_path / "no" / "hub" / "checkpoints" / FID_WEIGHTS_FILE
+    for flag in ("--lpips-weights", "--fid-weights"):  # a file named and absent: refused, not skipped
+        assert main(["eval", "--model", str(model), "--data", str(data), "--out", str(out), flag, str(missing_fid)]) == 1
+        assert "not found at" in capsys.readouterr().err and not out.exists()
+    assert main(["eval", "--model", str(model), "--data", str(data), "--out", str(out)]) == 0
     result = json.loads((out / "metrics.json").read_text())
-    assert result["skipped"]["lpips"] == f"LPIPS skipped: LPIPS backbone weights not found at {missing_lpips}"
+    assert result["skipped"]["lpips"].startswith("LPIPS skipped: LPIPS backbone weights (")
     assert result["skipped"]["rfid"] == f"rFID skipped: Inception weights not found at {missing_fid}"
     assert "lpips" not in result["summary"] and "rfid" not in result["summary"]
     assert result["summary"]["items"] == 2 and math.isfinite(result["summary"]["psnr_db"])
