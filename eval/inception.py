@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizers_vq.io import load_weights
+from tokenizers_vq.weights import load_weights
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 

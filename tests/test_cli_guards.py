@@ -273,7 +273,7 @@ def test_a_damaged_model_config_names_the_file(tmp_path, config):
 
 
 def test_a_file_that_is_not_weights_is_named_as_such(tmp_path):
-    from tokenizers_vq.io import load_weights  # noqa: PLC0415
+    from tokenizers_vq.weights import load_weights  # noqa: PLC0415
 
     photo = small_photos(tmp_path / "p", 1)[0]
     with pytest.raises(ValueError, match=f"{photo} is not a PyTorch weights file of tensors \\(LPIPS"):

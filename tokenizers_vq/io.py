@@ -188,25 +188,6 @@ def device_named(map_location: str | torch.device) -> torch.device:
     return device
 
 
-def load_weights(path: str | os.PathLike, what: str) -> dict:
-    """``torch.load`` of a published weights file (tensors only, never code), refusing a
-    file that is not one with an error naming ``what`` was expected there."""
-    import pickle  # noqa: PLC0415
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError:
-        raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:  # (torch's own advice, to
-        # load it with weights_only=False, would run whatever code the file holds: not given here)
-        raise ValueError(f"{path} is not a PyTorch weights file of tensors ({what} expected; {type(e).__name__}: "
-                         "a damaged or unfinished download? download it again)") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        kind = type(state).__name__ if not isinstance(state, dict) else "a dict of values other than tensors"
-        raise ValueError(f"{path} holds {kind}, not the state dict of {what}")
-    return state
-
-
 def check_can_write(path: str | os.PathLike) -> None:
     """Raise now what :func:`atomic_write` of ``path`` would raise before writing (``path`` a
     directory, a file where a folder is needed, a folder that cannot be written), for work
@@ -328,7 +309,7 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metada
     so the same tokens gave different files from two processes), tensors in name order,
     little-endian, the header padded with spaces to 8 bytes. Any safetensors reader
     reads it. ``digest``: the metadata also records ``tensors_sha256`` (:func:`state_sha256`),
-    which :func:`load_weights_file` checks."""
+    which :func:`~tokenizers_vq.weights.load_weights_file` checks."""
     header: dict[str, object] = {}
     offset, blobs = 0, []
     for name in sorted(tensors):
@@ -350,32 +331,6 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metada
         f.write(raw)
         for blob in blobs:
             f.write(blob)
-
-
-def load_weights_file(path: Path) -> dict[str, Tensor]:
-    """The tensors of a safetensors weights file, refused when unreadable, when they differ from
-    the ``tensors_sha256`` they were saved with (:func:`save_safetensors`), or when a
-    floating-point tensor holds NaN or inf (every id of such a model is 0).
-
-    Raises:
-        ValueError: naming the file, what is wrong and the fix.
-    """
-    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
-
-    try:
-        state = load_file(path)
-        with safe_open(str(path), framework="pt") as f:
-            recorded = (f.metadata() or {}).get("tensors_sha256")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"corrupt weights file {path}: {e}") from e
-    if recorded is not None and recorded != state_sha256(state):
-        raise ValueError(f"corrupt weights file {path}: its tensors differ from those it was saved with "
-                         "(tensors_sha256 in its header): a damaged copy; copy or download it again")
-    if bad := [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
-        raise ValueError(f"weights file {path} holds NaN or infinite values ({', '.join(bad[:3])}): a damaged file, "
-                         "or the weights of a training that diverged; load an earlier checkpoint")
-    return state
 
 
 def shell_arg(path: str | os.PathLike) -> str:

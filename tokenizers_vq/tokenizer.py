@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from tokenizers_vq import deferred
 from tokenizers_vq.backbones import BACKBONES
 from tokenizers_vq.errors import named_path, not_a_float_tensor
-from tokenizers_vq.io import atomic_write_all, device_named, load_weights_file, save_safetensors, training_only_keys
+from tokenizers_vq.io import atomic_write_all, device_named, save_safetensors, training_only_keys
+from tokenizers_vq.weights import load_weights_file
 from tokenizers_vq.modality import Modality, names as modality_names
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
@@ -92,8 +93,7 @@ class Tokenizer(nn.Module):
         self.decoder = dec_cls(self.backbone_config)
         self.quantizer = config.quantizer.build(self.backbone_config.latent_dim)
         config.check_clips(getattr(self.backbone_config, "temporal_factor", None))
-        if self.is_dynamic:  # (before any training: a built model must be able to code)
-            self._check_dynamic()
+        self._check_dynamic()  # (before any training: a built model must be able to code)
         if get_modality(config.modality).streams and not getattr(self.quantizer, "positionwise", True):
             raise ValueError(f"{type(self.quantizer).__name__} quantizes latent frames with their neighbours, but long "
                              "audio is coded in overlapping chunks and streams frame by frame: use a position-wise "
@@ -238,7 +238,7 @@ class Tokenizer(nn.Module):
         return torch.cat([fn(i) for i in x.split(1)])
 
     def _check_dynamic(self) -> None:
-        if self.media.region_cells is None:
+        if self.is_dynamic and self.media.region_cells is None:
             raise ValueError(f"dynamic-length codes are for images and audio, not {self.modality}: leave out "
                              f"the quantizer's dynamic field (QuantizerConfig.dynamic) for a {self.modality} model")
 
