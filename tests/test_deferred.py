@@ -84,7 +84,8 @@ def test_encode_reads_values_once_after_all_its_work(modality, host_reads, monke
     last = len(host_reads) - host_reads[::-1].index("searched")
     before = [e for e in host_reads[: host_reads.index("search")] if e != "encoder"]
     assert before == []  # no wait before the model ran: not for the input check, nor the latent check,
-    assert host_reads[last:] == ["read", "read"]  # which read their values together at the end
+    # which read their values together at the end: the input's, and each item's latent (the CPU codes items alone)
+    assert host_reads[last:] == ["read"] * (1 + len(x))
 
 
 def test_decode_reads_the_codes_range_once_and_never_after_the_decoder(host_reads):

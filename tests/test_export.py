@@ -469,7 +469,7 @@ def test_the_prior_and_the_vocabulary_refuse_bad_input_in_words():
     prior = TokenPrior(PriorConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16, num_classes=3))
     with pytest.raises(ValueError, match=r"labels must be \(B,\) class ids in \[0, 3\).*got \[3\]"):
         prior.generate(torch.tensor([3]), 2)
-    with pytest.raises(ValueError, match=r"tokens must be \(B, L\) with L >= 1, got shape \(1, 0\)"):
+    with pytest.raises(ValueError, match=r"tokens must be \(B, L\) integer ids with L >= 1, got torch.int64 \(1, 0\)"):
         prior(torch.zeros(1, 0, dtype=torch.long))
     assert prior.generate(torch.tensor([2]), 2).shape == (1, 2)
     unconditional = TokenPrior(PriorConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16))
