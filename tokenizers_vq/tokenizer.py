@@ -28,7 +28,6 @@ from tokenizers_vq import deferred
 from tokenizers_vq.backbones import BACKBONES
 from tokenizers_vq.errors import named_path, not_a_float_tensor
 from tokenizers_vq.io import atomic_write_all, device_named, save_safetensors, training_only_keys
-from tokenizers_vq.weights import load_weights_file
 from tokenizers_vq.modality import Modality, names as modality_names
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
@@ -36,6 +35,7 @@ from tokenizers_vq.quantizers.base import evaluating
 from tokenizers_vq.streaming import AudioDecodeStream, AudioEncodeStream, receptive_field
 from tokenizers_vq.tokenizer_config import (QUANTIZER_KINDS, QuantizerConfig, TokenizerConfig,  # noqa: F401 (re-exported)
                                             architecture_sha256, backbone_config, check_architecture, saved_config)
+from tokenizers_vq.weights import load_weights_file
 
 _ASSETS = Path(__file__).parent / "assets"
 PRETRAINED: dict[str, Path] = {
@@ -347,7 +347,7 @@ class Tokenizer(nn.Module):
             model = cls(TokenizerConfig.from_dict(json.loads(cfg_path.read_text())))
         except (ValueError, TypeError, AttributeError, OSError, RuntimeError, MemoryError) as e:  # (sizes past memory)
             raise ValueError(f"corrupt {cfg_path}, or a model this machine cannot build from it: {e}") from e
-        device, state = device_named(map_location), load_weights_file(weights)
+        device, (state, metadata) = device_named(map_location), load_weights_file(weights)
         own = model.state_dict()  # weights stored at a lower precision load back at the model's
         state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
         mismatched = [f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} for the config"
@@ -355,7 +355,7 @@ class Tokenizer(nn.Module):
         if mismatched:
             raise ValueError(f"{weights} does not fit {cfg_path} (edited config, or weights of another model?): "
                              f"{'; '.join(mismatched[:3])}; restore the config.json saved with these weights")
-        check_architecture(model.config, cfg_path, weights)
+        check_architecture(model.config, cfg_path, weights, metadata)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{weights} does not fit {cfg_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")

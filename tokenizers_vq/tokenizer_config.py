@@ -380,18 +380,15 @@ def architecture_sha256(config: TokenizerConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def check_architecture(config: TokenizerConfig, config_path: Any, weights_path: Any) -> None:
+def check_architecture(config: TokenizerConfig, config_path: Any, weights_path: Any, metadata: dict[str, str]) -> None:
     """Refuse a config (read from ``config_path``) that computes otherwise than the one
-    ``weights_path`` was saved with (:func:`architecture_sha256`; files saved without it are
-    not checked).
+    ``weights_path`` was saved with (:func:`architecture_sha256` in its ``metadata``; files saved
+    without it are not checked).
 
     Raises:
         ValueError: naming both files and the fix.
     """
-    from safetensors import safe_open  # noqa: PLC0415
-
-    with safe_open(str(weights_path), framework="pt") as f:
-        saved = (f.metadata() or {}).get("architecture_sha256")
+    saved = metadata.get("architecture_sha256")
     if saved is not None and saved != architecture_sha256(config):
         raise ValueError(f"{config_path} was edited since {weights_path} was saved with it: its modality, backbone or "
                          "quantizer settings differ, and these weights compute something else under them; restore "

@@ -31,8 +31,8 @@ def load_weights(path: str | os.PathLike, what: str) -> dict:
     return state
 
 
-def load_weights_file(path: Path) -> dict[str, Tensor]:
-    """The tensors of a safetensors weights file, refused when unreadable, when they differ from
+def load_weights_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors weights file (one read), refused when unreadable, when they differ from
     the ``tensors_sha256`` they were saved with (:func:`~tokenizers_vq.io.save_safetensors`), or when a
     floating-point tensor holds NaN or inf (every id of such a model is 0).
 
@@ -40,18 +40,16 @@ def load_weights_file(path: Path) -> dict[str, Tensor]:
         ValueError: naming the file, what is wrong and the fix.
     """
     from safetensors import SafetensorError, safe_open  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
 
     try:
-        state = load_file(path)
         with safe_open(str(path), framework="pt") as f:
-            recorded = (f.metadata() or {}).get("tensors_sha256")
+            state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"corrupt weights file {path}: {e}") from e
-    if recorded is not None and recorded != state_sha256(state):
+    if (recorded := meta.get("tensors_sha256")) is not None and recorded != state_sha256(state):
         raise ValueError(f"corrupt weights file {path}: its tensors differ from those it was saved with "
                          "(tensors_sha256 in its header): a damaged copy; copy or download it again")
     if bad := [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
         raise ValueError(f"weights file {path} holds NaN or infinite values ({', '.join(bad[:3])}): a damaged file, "
                          "or the weights of a training that diverged; load an earlier checkpoint")
-    return state
+    return state, meta

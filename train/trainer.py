@@ -283,8 +283,8 @@ class Trainer:
         (one small all-reduce and a host sync there), and stop where the next check would
         fall past the limit: ranks that decided alone stopped a step apart, the first
         waiting in ``save`` while the others ran the next step's collectives."""
-        if self.acc.num_processes == 1 or self.step % TIME_CHECK_STEPS:
-            return elapsed > limit if self.acc.num_processes == 1 else False
+        if self.acc.num_processes == 1 or self.step % TIME_CHECK_STEPS:  # alone: every step; ranks: at a check
+            return self.acc.num_processes == 1 and elapsed > limit
         mine = elapsed + TIME_CHECK_STEPS * elapsed / max(1, self.step - start_step) > limit  # the next check's time
         return bool(all_reduce_sum_(torch.tensor([float(mine)], device=self.acc.device)) > 0)
 

@@ -9,7 +9,7 @@ On CPU (and wherever Triton is not available) it runs the chunked torch referenc
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from tokenizers_vq.kernels._host import plain_eager
 from tokenizers_vq.quantizers._reference import Metric, _reference_op, nearest_codes_reference
 
 Backend = Literal["auto", "torch", "triton"]
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
