@@ -12,10 +12,11 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.kernels import packed_launch
-from tokenizers_vq.kernels._host import check_fp32_range, plain_eager
+from tokenizers_vq.kernels._host import cdiv, check_fp32_range, int32_columns, plain_eager
 from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
 from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  (re-exported)
 from tokenizers_vq.kernels.tiled import nearest_tiled
+from tokenizers_vq.kernels.tiles import SPLIT_QUANTUM, _interpret
 from tokenizers_vq.kernels.topk import nearest_topk
 
 PRECISIONS = ("tf32", "tf32x3", "ieee")
@@ -31,8 +32,8 @@ def _check_shapes(x_shape: torch.Size, c_shape: torch.Size, x_device: torch.devi
         raise ValueError(f"x has {x_shape[0]} groups but codebook has {c_shape[0]}")
     if len(x_shape) == 3 and x_shape[0] < 1:
         raise ValueError(f"grouped inputs need at least one group; got x {tuple(x_shape)}")
-    if c_shape[-2] < 1 or c_shape[-2] >= 2**31 - 1:
-        raise ValueError(f"codebook size must be in [1, 2^31 - 1), got {c_shape[-2]}")
+    if c_shape[-2] < 1 or c_shape[-2] > 2**30:
+        raise ValueError(f"codebook size must be in [1, 2^30], got {c_shape[-2]}")
     if metric not in ("l2", "cosine"):
         raise ValueError(f"unknown metric {metric!r}; expected 'l2' or 'cosine'")
     if precision not in PRECISIONS:
@@ -43,30 +44,43 @@ def _check_shapes(x_shape: torch.Size, c_shape: torch.Size, x_device: torch.devi
         raise ValueError(f"x on {x_device} but codebook on {c_device}")
 
 
+MAX_GROUPS = 65535
+"""Most codebooks one launch searches: groups sit on a launch grid's y or z axis."""
+_INT32_MAX = 2**31 - 1
+
+
+def _rows_per_launch(k: int, topk: int) -> int:
+    """Most rows one launch takes: the kernels index rows, the partial results of codebook
+    splits (``S N`` per group, ``S <= K / SPLIT_QUANTUM``) and top-k outputs (``N k``) in int32."""
+    return (_INT32_MAX - 1024) // max(cdiv(k, SPLIT_QUANTUM), topk, 1)
+
+
 @functools.lru_cache(maxsize=1024)
 def _route(x_shape: torch.Size, c_shape: torch.Size, x_dtype: torch.dtype, c_dtype: torch.dtype,
            x_device: torch.device, c_device: torch.device, metric: str, k: int, precision: str,
-           algorithm: str, plan: SearchPlan) -> tuple[torch.dtype, str]:
-    """``(dtype, kernel)`` of a call: the common float dtype of x and the codebook (bf16, fp16
-    or fp32; anything else goes to fp32) and which kernel runs ("packed", "tiled", "topk").
+           algorithm: str, plan: SearchPlan) -> tuple[torch.dtype, str, int]:
+    """``(dtype, kernel, rows)`` of a call: the common float dtype of x and the codebook (bf16, fp16
+    or fp32; anything else goes to fp32), which kernel runs ("packed", "tiled", "topk") and the
+    most rows one launch takes (:func:`_rows_per_launch`).
     Cached per shapes, dtypes and options, after :func:`_check_shapes` passed for them (a failing
     check raises and is not cached)."""
     _check_shapes(x_shape, c_shape, x_device, c_device, metric, precision, algorithm)
     dt = torch.promote_types(x_dtype, c_dtype)
     if dt not in (torch.float32, torch.bfloat16, torch.float16):
         dt = torch.float32
-    if k:
-        return dt, "topk"
     g, kk = (c_shape[0], c_shape[1]) if len(c_shape) == 3 else (1, c_shape[0])
+    rows = _rows_per_launch(kk, k)
+    if k:
+        return dt, "topk", rows
     if algorithm != "tiled" and packed_launch.applies(dt, x_shape[-1], metric, precision, g, kk, plan=plan):
-        return dt, "packed"
-    return dt, "tiled"
+        return dt, "packed", rows
+    return dt, "tiled", rows
 
 
 def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: str, return_dist: bool,
                   split_k: int, algorithm: str = "auto", plan: SearchPlan = DEFAULT_PLAN) -> tuple[Tensor, Tensor]:
-    dt, kernel = _route(x.shape, codebook.shape, x.dtype, codebook.dtype, x.device, codebook.device, metric, k,
-                        precision, algorithm, plan)
+    dt, kernel, rows = _route(x.shape, codebook.shape, x.dtype, codebook.dtype, x.device, codebook.device, metric, k,
+                              precision, algorithm, plan)
     if torch.float64 in (x.dtype, codebook.dtype):  # cast to fp32 below: values past its range would turn to inf
         check_fp32_range(x, codebook)
     grouped = x.ndim == 3
@@ -76,12 +90,22 @@ def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: s
     if cg.dtype != dt:
         cg = cg.to(dt)
     split = split_k if split_k > 0 else None
-    if kernel == "packed":
-        dist, idx = packed_launch.nearest_packed(xg, cg, return_dist, split, plan=plan)
-    elif kernel == "tiled":
-        dist, idx = nearest_tiled(xg, cg, metric == "cosine", precision, return_dist, split, plan)
-    else:
-        dist, idx = nearest_topk(xg, cg, k, metric == "cosine", precision, return_dist, split)
+
+    def search(xp: Tensor, cp: Tensor) -> tuple[Tensor, Tensor]:
+        if kernel == "packed":
+            return packed_launch.nearest_packed(xp, cp, return_dist, split, plan=plan)
+        if kernel == "tiled":
+            return nearest_tiled(xp, cp, metric == "cosine", precision, return_dist, split, plan)
+        return nearest_topk(xp, cp, k, metric == "cosine", precision, return_dist, split)
+
+    xg, cg = int32_columns(xg), int32_columns(cg)
+    if xg.shape[0] <= MAX_GROUPS and xg.shape[1] <= rows:
+        dist, idx = search(xg, cg)
+    else:  # inputs past what one launch indexes: pieces of groups and rows, each one launch
+        parts = [[search(xr, cp) for xr in xp.split(rows, dim=1)]
+                 for xp, cp in zip(xg.split(MAX_GROUPS), cg.split(MAX_GROUPS))]
+        dist = torch.cat([torch.cat([d for d, _ in p], dim=1) for p in parts]) if return_dist else xg.new_empty(0, dtype=torch.float32)
+        idx = torch.cat([torch.cat([i for _, i in p], dim=1) for p in parts])
     if not grouped:
         dist, idx = (dist[0] if return_dist else dist), idx[0]
     return dist, idx
@@ -135,13 +159,21 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
             the augmented codebook copy is capped at 64 MiB). Everything else runs the tiled kernel,
             which ``"tiled"`` forces. The packed
             kernel's indices may also differ from the exact argmin on near-ties
-            within a relative ``2^-13`` of the distance (then the lowest index wins).
+            within a relative ``2^-13`` of the distance (then the lowest index wins), and
+            it does not resolve distances below fp32's normal range (about ``1e-38``:
+            values near ``1e-19``; scale such data up or force ``"tiled"``).
 
     Returns:
         ``(dist, idx)``: fp32 and int64, shaped ``(N,)`` / ``(G, N)`` (``(..., k)`` with
         ``k``). Ties go to the lowest index. A row holding NaN or Inf gets the first code(s),
-        at distance NaN (a NaN row) or inf, as the torch path gives it.
+        at distance NaN (a NaN row) or inf, as the torch path gives it; so does a row whose
+        squared norm overflows fp32 (entries past about ``1.8e19``), and a code's squared
+        norm must stay within fp32 too. Inputs past what one launch indexes in int32 (more
+        than 65,535 groups, or ``N max(K / 256, k)`` past ``2^31``) run in pieces.
     """
+    if not x.is_cuda and not _interpret():
+        raise ValueError(f"the Triton search runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); x is on "
+                         f"{x.device}: use tokenizers_vq.quantizers.nearest_codes, which runs the torch search there")
     if k is not None:
         _check_shapes(x.shape, codebook.shape, x.device, codebook.device, metric, precision, algorithm)
         if not 1 <= k <= min(8, codebook.shape[-2]):

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from tokenizers_vq.kernels import _compat  # noqa: F401  (interpreter fix, before any launch)
 from tokenizers_vq.kernels import relaunch
-from tokenizers_vq.kernels._host import cdiv, next_pow2, plain_eager
+from tokenizers_vq.kernels._host import cdiv, int32_columns, next_pow2, plain_eager
 
 
 @triton.jit
@@ -72,7 +72,9 @@ def _code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]
 def _checked_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
     if x.ndim != 2 or idx.shape != x.shape[:1]:
         raise ValueError(f"expected x (N, d) and idx (N,); got {tuple(x.shape)} and {tuple(idx.shape)}")
-    return _code_statistics(x, idx, size)
+    if size < 0:
+        raise ValueError(f"the number of codes must be >= 0, got {size}")
+    return _code_statistics(int32_columns(x), idx, size)
 
 
 @torch.library.custom_op("tokenizers_vq::code_statistics", mutates_args=())
@@ -86,8 +88,8 @@ def _(x, idx, size):
 
 
 def code_statistics_triton(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """Per-code counts and sums of assigned rows, as ``code_statistics`` in
-    ``tokenizers_vq.quantizers._functional`` (which calls this on CUDA).
+    """Per-code counts and sums of assigned rows, as :func:`tokenizers_vq.quantizers.code_statistics`
+    (which calls this on CUDA).
 
     Accepts ``x (N, d)`` of any float dtype and strides and integer ``idx (N,)``;
     CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Extra memory is
@@ -103,6 +105,9 @@ def code_statistics_triton(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, T
         ``(counts, sums)``: fp32 ``(K,)`` and ``(K, d)``.
     """
     size = int(size)  # (a NumPy integer too)
+    if not x.is_cuda and not triton.knobs.runtime.interpret:
+        raise ValueError(f"the Triton statistics run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); x is on "
+                         f"{x.device}: use tokenizers_vq.quantizers.code_statistics, which runs the torch version there")
     if plain_eager(x, idx):
         return _checked_statistics(x, idx, size)
     return _code_statistics_op(x, idx, size)

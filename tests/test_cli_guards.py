@@ -455,6 +455,28 @@ def test_encoding_a_video_with_sound_says_the_sound_is_not_coded(tmp_path, capsy
         assert ("also has sound" in capsys.readouterr().err) is said
 
 
+def test_decoding_a_video_of_odd_size_says_what_h264_cut(tmp_path, capsys):
+    pytest.importorskip("av", reason="PyAV is needed for video files")
+    from PIL import Image  # noqa: PLC0415
+
+    from tokenizers_vq.media import load_video  # noqa: PLC0415
+
+    frames, _ = load_video(shared_path("video", "imageio_realshort.mp4"), max_frames=5)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(frames[:, :, :25, :33]):  # 33 x 25 pixels
+        Image.fromarray((f.permute(1, 2, 0) * 255).round().byte().numpy()).save(folder / f"{i:03d}.png")
+    (folder / "fps.txt").write_text("25")
+    model = tiny("video").save_pretrained(tmp_path / "model")
+    tokens, out = tmp_path / "v.tvq", tmp_path / "v.mp4"
+    assert main(["encode", str(folder), "--model", str(model), "-o", str(tokens), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["decode", str(tokens), "--model", str(model), "-o", str(out), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert f"{out} is 32x24 pixels, not the 33x25 its tokens record" in err and "H.264 codes even sizes" in err
+    assert tuple(load_video(out)[0].shape[2:]) == (24, 32)
+
+
 def test_a_manifest_missing_a_field_is_named(tmp_path, image_model):
     data, out = tmp_path / "photos", tmp_path / "tokens"
     small_photos(data, 2)

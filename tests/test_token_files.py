@@ -120,6 +120,27 @@ def test_a_damaged_header_is_one_error_naming_the_file(tmp_path, image_model, ca
     assert not (tmp_path / "out.png").exists()
 
 
+def test_an_id_past_the_codebook_in_a_later_item_is_refused_before_any_item_is_written(tmp_path, image_model, capsys):
+    tokens, out = tmp_path / "t.tvq", tmp_path / "out"
+    photos = small_photos(tmp_path / "p", 2)
+    assert main(["encode", *map(str, photos), "--model", str(image_model), "-o", str(tokens)]) == 0
+    meta, tensors = read_raw(tokens)
+    items = json.loads(meta["items"])
+    for item in items:  # a file written without digests (another program's), ids past the codebook in item 1
+        item.pop("sha256", None)
+    tensors["codes.1"][0, 0] = 5000
+    meta.pop("header_sha256")
+    save_file(tensors, str(tokens), metadata={**meta, "items": json.dumps(items)})
+    out.mkdir()
+    kept = out / (photos[0].stem + ".png")
+    kept.write_bytes(b"precious")
+    capsys.readouterr()
+    assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(out)]) == 2
+    err = one_error_line(capsys)
+    assert f"{tokens}: item 1" in err and "5000" in err and "codes must be integers in [0," in err
+    assert kept.read_bytes() == b"precious" and [p.name for p in out.iterdir()] == [kept.name]
+
+
 def test_an_altered_header_fails_its_digest(tmp_path, image_model):
     tokens = tmp_path / "t.tvq"
     assert main(["encode", *map(str, small_photos(tmp_path / "p", 1)), "--model", str(image_model),

@@ -148,20 +148,29 @@ def encode_tokens(tokens: Tensor, alphabet: int) -> bytes:
 
 
 def decode_tokens(data: bytes) -> Tensor:
-    """Inverse of :func:`encode_tokens`: the flattened int64 tokens."""
+    """Inverse of :func:`encode_tokens`: the flattened int64 tokens.
+
+    A damaged payload, an appended or cut stream, and a header whose symbols repeat, leave the
+    alphabet or do not add up to the count are refused. The stream carries no checksum (it
+    measures coded sizes; token files carry digests): a damaged symbol gap that keeps the
+    symbols increasing and inside the alphabet decodes to other symbols."""
     n, pos = _get(data, 0)
     alphabet, pos = _get(data, pos)
     n_sym, pos = _get(data, pos)
     symbols, counts, prev = [], [], 0
-    for _ in range(n_sym):
+    for i in range(n_sym):
         d, pos = _get(data, pos)
         c, pos = _get(data, pos)
+        if (i and d == 0) or c == 0:  # the encoder writes each present symbol once, in increasing order
+            raise ValueError("corrupt token stream header: a symbol repeated or of no count")
         prev += d
         symbols.append(prev)
         counts.append(c)
-    if sum(counts) != n or (symbols and symbols[-1] >= alphabet):
+    if alphabet < 1 or sum(counts) != n or (symbols and symbols[-1] >= alphabet):
         raise ValueError("corrupt token stream header")
     if n == 0:
+        if pos != len(data):
+            raise ValueError("corrupt token stream: bytes after an empty stream's header")
         return torch.zeros(0, dtype=torch.int64)
     bits, freqs = _quantize(counts)
     cum = [0]

@@ -330,8 +330,8 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
     other = other_model(meta, tok, tokens)
     if other is not None:
         warnings.warn(other, OtherModelWarning, stacklevel=2)
-    for i, rec in enumerate(records):
-        check_grid(tok, rec, f"{tokens}: item {i} ({rec.source})")
+    for i, rec in enumerate(records):  # ids too: a file another program wrote may hold ids past the codebook
+        check_grid(tok, rec, f"{tokens}: item {i} ({rec.source})", values=True)
     folder = str(out).endswith(("/", os.sep)) or Path(out).is_dir()  # (Path() drops the slash that says so)
     out = Path(out)
     single = len(records) == 1 and out.suffix != "" and not folder
@@ -356,6 +356,10 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
     with tqdm(list(zip(records, targets)), desc="decode", disable=len(records) < 2) as bar:
         for rec, target in bar:
             written.append(save_media(tok, decoded_media(tok, rec), rec, target))
+            if tok.modality == "video" and (rec.size[1] % 2 or rec.size[2] % 2):
+                (h, w), (h2, w2) = rec.size[1:], (n // 2 * 2 for n in rec.size[1:])
+                warnings.warn(f"{written[-1]} is {w2}x{h2} pixels, not the {w}x{h} its tokens record: H.264 codes even "
+                              "sizes, so the last row or column was cut", stacklevel=2)
     return written
 
 

@@ -226,6 +226,60 @@ def check_bad_inputs(device, full=False):
             raise AssertionError(f"no error naming {words!r}")
 
 
+def check_launch_pieces(device, full=False):
+    """Inputs past what one launch indexes in int32 (rows, splits' partial results, top-k outputs)
+    or past the grid's group axis run in pieces of rows and groups: the same codes and distances
+    as one launch, for the packed, tiled and top-k kernels (the limits lowered to reach them
+    with small inputs). A column stride whose offsets would pass int32 makes a contiguous copy;
+    a codebook past 2^30 codes is named; gradients never reach the search's inputs (a
+    parameter as codebook), on either backend; a negative code count is named."""
+    from tokenizers_vq.kernels import _host  # noqa: PLC0415
+    from tokenizers_vq.kernels import nearest as nr  # noqa: PLC0415
+    from tokenizers_vq.quantizers import code_statistics, nearest_codes  # noqa: PLC0415
+
+    cases = [((41, 8), (300, 8), "bf16", None, "auto"), ((41, 24), (300, 24), "fp32_ieee", None, "tiled"),
+             ((41, 8), (300, 8), "fp32_ieee", 3, "auto"), ((5, 33, 6), (5, 70, 6), "bf16", None, "auto"),
+             ((5, 33, 6), (5, 70, 6), "fp16", 2, "tiled")]
+    whole = []
+    for xs, cs, name, k, alg in cases:
+        dt, prec, _ = DTYPES[name]
+        x, c = _data(xs, dt, device), _data(cs, dt, device)
+        whole.append((x, c, prec, k, alg, nr.nearest_codes_triton(x, c, k=k, precision=prec, algorithm=alg, split_k=2)))
+    rows, groups = nr._rows_per_launch, nr.MAX_GROUPS
+    try:
+        nr._rows_per_launch, nr.MAX_GROUPS = (lambda kk, topk: 10), 2
+        nr._route.cache_clear()
+        for x, c, prec, k, alg, (dist, idx) in whole:
+            for write in (True, False):
+                d2, i2 = nr.nearest_codes_triton(x, c, k=k, precision=prec, algorithm=alg, split_k=2, return_dist=write)
+                assert torch.equal(i2, idx) and (not write or torch.equal(d2, dist)), (tuple(x.shape), alg, k)
+    finally:
+        nr._rows_per_launch, nr.MAX_GROUPS = rows, groups
+        nr._route.cache_clear()
+    assert nr._rows_per_launch(16384, 0) * 64 <= 2**31 - 1 < (nr._rows_per_launch(16384, 0) + 1) * 64 + 1024
+    assert nr._rows_per_launch(10, 8) == (2**31 - 1025) // 8
+    far = torch.empty_strided((4, 3), (1, 2**30), device="meta")  # columns 2^30 elements apart
+    assert _host.int32_columns(far).stride() == (3, 1)
+    near = torch.empty_strided((4, 3), (1, 2**29), device="meta")
+    assert _host.int32_columns(near) is near
+    try:
+        nr._check_shapes(torch.Size([4, 3]), torch.Size([2**30 + 1, 3]), x.device, x.device, "l2", "tf32", "auto")
+    except ValueError as e:
+        assert "[1, 2^30]" in str(e), e
+    else:
+        raise AssertionError("a codebook past 2^30 codes was taken")
+    x, c = _data((9, 4), torch.float32, device), torch.nn.Parameter(_data((20, 4), torch.float32, device))
+    for backend in ("torch", "triton"):
+        dist, idx = nearest_codes(x.requires_grad_(), c, backend=backend)
+        assert not dist.requires_grad, backend
+    try:
+        code_statistics(x.detach(), idx, -1)
+    except ValueError as e:
+        assert "number of codes" in str(e), e
+    else:
+        raise AssertionError("a negative number of codes was taken")
+
+
 def check_custom_op(device, full=False):
     """The registered op passes torch's opcheck (schema, fake tensor, dispatch)."""
     import tokenizers_vq.kernels.nearest  # noqa: F401, PLC0415  (registers the ops, in a process of its own too)
@@ -243,7 +297,7 @@ GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check
                                   check_packed_odd_shapes, check_packed_ties_splits_groups, check_packed_half,
                                   check_row_reduce, check_repeated_calls,
                                   check_code_statistics, check_nonfinite_rows, check_bad_inputs,
-                                  check_custom_op)}
+                                  check_launch_pieces, check_custom_op)}
 
 
 # -- CPU: all groups in one interpreter subprocess --------------------------------------
@@ -317,6 +371,27 @@ def test_gpu_cuda_graph_replay_and_inductor_training_step():
         assert torch.equal(out.codes, ref.codes)
         torch.testing.assert_close(out.quantized, ref.quantized)
     torch.testing.assert_close(q.embed, q_eager.embed)
+
+
+def test_triton_calls_on_cpu_tensors_are_named():
+    """Outside the interpreter the Triton functions take CUDA tensors; CPU ones are refused naming
+    the torch functions that take them (a bare AssertionError from the CUDA runtime otherwise)."""
+    pytest.importorskip("triton")
+    code = ("import torch\n"
+            "from tokenizers_vq.kernels.nearest import code_statistics_triton, nearest_codes_triton\n"
+            "x = torch.randn(5, 3)\n"
+            "for call, name in ((lambda: nearest_codes_triton(x, x), 'nearest_codes'),\n"
+            "                   (lambda: code_statistics_triton(x, torch.zeros(5, dtype=torch.long), 2), 'code_statistics')):\n"
+            "    try:\n"
+            "        call()\n"
+            "    except ValueError as e:\n"
+            "        assert 'TRITON_INTERPRET=1' in str(e) and 'tokenizers_vq.quantizers.' + name in str(e), e\n"
+            "    else:\n"
+            "        raise AssertionError(name)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if torch.cuda.is_available():
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
 
 
 def test_import_does_not_load_triton():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -110,6 +111,29 @@ def test_a_damaged_or_extended_stream_is_refused_not_decoded_wrong():
     for extra in (b"junk", data):
         with pytest.raises(ValueError, match="corrupt token stream payload"):
             decode_tokens(data + extra)
+
+
+def test_a_damaged_header_is_refused_where_it_can_be_told():
+    """Every single-bit flip in the header of a stream using its whole alphabet is refused or
+    undone (a symbol gap of 0 repeated a symbol, and the tokens came back as another); an empty
+    stream with bytes after its header is refused."""
+    tokens = torch.randint(0, 16, (400,), generator=torch.Generator().manual_seed(1))
+    data = encode_tokens(tokens, 16)
+    header = 3 + 2 * 16 * 2  # at most: three counts, then a gap and a count per symbol, each under 2^14
+    for pos, bit in itertools.product(range(header), range(8)):
+        damaged = bytearray(data)
+        damaged[pos] ^= 1 << bit
+        try:
+            got = decode_tokens(bytes(damaged))
+        except ValueError:
+            continue
+        assert torch.equal(got, tokens), (pos, bit)
+    two = bytearray(encode_tokens(torch.tensor([0, 1, 1, 0, 1, 0, 0, 1]), 2))
+    two[5] = 0  # the second symbol's gap: 1 -> 0
+    with pytest.raises(ValueError, match="a symbol repeated"):
+        decode_tokens(bytes(two))
+    with pytest.raises(ValueError, match="bytes after an empty stream"):
+        decode_tokens(encode_tokens(torch.zeros(0, dtype=torch.long), 2) + b"\x07\x07")
 
 
 def test_coder_refuses_bad_alphabets_and_non_integer_tokens():

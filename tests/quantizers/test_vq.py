@@ -488,6 +488,19 @@ def test_code_statistics_take_any_integer_codes_and_leave_out_codes_out_of_range
         code_statistics(x, idx.to("meta"), 5)
     with pytest.raises(ValueError, match="x on cpu but codebook on meta: move both to one device"):
         nearest_codes(x, x.to("meta"))
+    for call in (lambda: code_histogram(idx, -1), lambda: code_statistics(x, idx, -2)):
+        with pytest.raises(ValueError, match="the number of codes must be >= 0"):
+            call()
+
+
+def test_code_counts_stay_exact_past_float32_integers():
+    """A code taken by more than 2^24 rows of one batch is counted in integers, then given as the
+    nearest fp32 (an fp32 running sum stops at 2^24: 16,777,216 + 1 rounds back)."""
+    from tokenizers_vq.quantizers._functional import code_histogram  # noqa: PLC0415
+
+    codes = torch.zeros(2**24 + 1000, dtype=torch.int32)
+    codes[-3:] = 1
+    assert torch.equal(code_histogram(codes, 2), torch.tensor([2**24 + 997, 3]).float())
 
 
 def test_the_triton_backend_on_cpu_tensors_is_named_with_the_fix():

@@ -1,6 +1,6 @@
 """Quantizer bottlenecks; all follow :class:`~tokenizers_vq.quantizers.base.Quantizer`."""
 
-from tokenizers_vq.quantizers._functional import nearest_codes
+from tokenizers_vq.quantizers._functional import code_statistics, nearest_codes
 from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
 from tokenizers_vq.quantizers.dynamic import DynamicOutput, DynamicQuantizer, PackedCodes
 from tokenizers_vq.quantizers.fsq import FSQ
@@ -36,6 +36,7 @@ __all__ = [
     "ResidualQuantizer",
     "SimVQ",
     "VectorQuantizer",
+    "code_statistics",
     "latent_quantization_param_groups",
     "nearest_codes",
     "shrink_codebook",

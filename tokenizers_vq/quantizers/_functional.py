@@ -65,10 +65,12 @@ def code_histogram(codes: Tensor, size: int) -> Tensor:
     """Counts of each code in ``codes`` (any integer dtype) as fp32 ``(size,)``, without a one-hot
     and without a host sync (``bincount``'s output length depends on the data); codes outside
     ``[0, size)`` are not counted, as in the CUDA version of :func:`code_statistics`."""
+    if size < 0:
+        raise ValueError(f"the number of codes must be >= 0, got {size}")
     flat = codes.reshape(-1).long()
-    ok = ((flat >= 0) & (flat < size)).float()
-    counts = torch.zeros(size, device=codes.device, dtype=torch.float32)
-    return counts.index_add_(0, flat.clamp(0, max(size - 1, 0)), ok) if size else counts
+    ok = ((flat >= 0) & (flat < size)).long()
+    counts = torch.zeros(size, device=codes.device, dtype=torch.long)  # integer sums: exact past 2^24 rows a code
+    return (counts.index_add_(0, flat.clamp(0, max(size - 1, 0)), ok) if size else counts).float()
 
 
 def code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -87,6 +89,8 @@ def code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
     if x.device != idx.device:
         raise ValueError(f"x on {x.device} but idx on {idx.device}: move both to one device")
     size = int(size)
+    if size < 0:
+        raise ValueError(f"the number of codes must be >= 0, got {size}")
     if x.is_cuda:
         op = _triton_op("code_statistics_triton")
         if op is not None:
@@ -156,7 +160,7 @@ def nearest_codes(
             if not x.is_cuda and not _interpreted():
                 raise ValueError(f"backend='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); "
                                  f"x is on {x.device}: use backend='auto' or 'torch'")
-            return op(x, codebook, metric=metric)
+            return op(x.detach(), codebook.detach(), metric=metric)  # no gradient, as on the torch path
         if backend == "triton":
             raise RuntimeError("backend='triton' requested but the Triton kernel is not available (pip install triton)")
     if plain_eager(x, codebook):
