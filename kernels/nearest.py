@@ -11,12 +11,12 @@ import functools
 import torch
 from torch import Tensor
 
-from tokenizers_vq.kernels import packed_launch
+from tokenizers_vq.kernels import packed_launch, relaunch
 from tokenizers_vq.kernels._host import cdiv, check_fp32_range, int32_columns, plain_eager
 from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
 from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  (re-exported)
 from tokenizers_vq.kernels.tiled import nearest_tiled
-from tokenizers_vq.kernels.tiles import SPLIT_QUANTUM, _interpret
+from tokenizers_vq.kernels.tiles import SPLIT_QUANTUM
 from tokenizers_vq.kernels.topk import nearest_topk
 
 PRECISIONS = ("tf32", "tf32x3", "ieee")
@@ -171,9 +171,8 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
         norm must stay within fp32 too. Inputs past what one launch indexes in int32 (more
         than 65,535 groups, or ``N max(K / 256, k)`` past ``2^31``) run in pieces.
     """
-    if not x.is_cuda and not _interpret():
-        raise ValueError(f"the Triton search runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); x is on "
-                         f"{x.device}: use tokenizers_vq.quantizers.nearest_codes, which runs the torch search there")
+    relaunch.check_device(x, "the Triton search", "use tokenizers_vq.quantizers.nearest_codes, which runs the torch "
+                          "search there")
     if k is not None:
         _check_shapes(x.shape, codebook.shape, x.device, codebook.device, metric, precision, algorithm)
         if not 1 <= k <= min(8, codebook.shape[-2]):

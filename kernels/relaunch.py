@@ -41,6 +41,14 @@ MAX_ENTRIES = 4096  # specialisations kept (every distinct shape is one); past i
 _FIRST_CALLS = threading.Lock()  # a first call and the tuned config it leaves on the kernel stay together
 
 
+def check_device(t: Tensor, what: str, fix: str) -> None:
+    """Refuse a CPU tensor outside the interpreter, naming ``fix`` (Triton would fail on it with
+    the CUDA runtime's bare AssertionError)."""
+    if not t.is_cuda and not triton.knobs.runtime.interpret:
+        raise ValueError(f"{what} runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); the input is on "
+                         f"{t.device}: {fix}")
+
+
 def _stream() -> tuple[int, int]:
     """``(device index, raw stream)`` Triton would launch on: the current device's current stream."""
     device = torch.cuda.current_device()

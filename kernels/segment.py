@@ -105,9 +105,8 @@ def code_statistics_triton(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, T
         ``(counts, sums)``: fp32 ``(K,)`` and ``(K, d)``.
     """
     size = int(size)  # (a NumPy integer too)
-    if not x.is_cuda and not triton.knobs.runtime.interpret:
-        raise ValueError(f"the Triton statistics run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); x is on "
-                         f"{x.device}: use tokenizers_vq.quantizers.code_statistics, which runs the torch version there")
+    relaunch.check_device(x, "code_statistics_triton", "use tokenizers_vq.quantizers.code_statistics, which runs "
+                          "the torch version there")
     if plain_eager(x, idx):
         return _checked_statistics(x, idx, size)
     return _code_statistics_op(x, idx, size)

@@ -188,3 +188,20 @@ def test_a_data_folder_is_listed_through_links_once_and_an_unreadable_folder_is_
         assert [p.name for p in list_media(data, "image")] == ["top.jpg"]
     with pytest.raises(ValueError, match=r"cannot read the folder .*linked \(Permission denied\)"):
         list_media(data / "linked", "image")
+
+
+def test_resampling_takes_float_audio_of_any_length_on_its_own_device():
+    """Integer PCM is refused naming the conversion (the filter's taps, all under 1, rounded to
+    0: silence); no samples give no samples; the filter is built on the audio's device (a
+    meta tensor here: the per-sample path built it on the CPU)."""
+    from tokenizers_vq.resample import resample  # noqa: PLC0415
+
+    pcm = torch.tensor([[0, 10000, 20000, 10000, 0, -10000, -20000, -10000] * 20], dtype=torch.int16)
+    with pytest.raises(ValueError, match=r"resample takes float audio, got torch.int16: .*wav.float\(\) / 32768"):
+        resample(pcm, 16000, 24000)
+    for rates in ((16000, 24000), (11127, 16000)):  # the strided-filter and the per-sample paths
+        assert resample(torch.zeros(1, 0), *rates).shape == (1, 0)
+        assert resample(torch.zeros(0, 100), *rates).shape == (0, -(-100 * rates[1] // rates[0]))
+        assert resample(torch.empty(2, 100, device="meta"), *rates).shape == (2, -(-100 * rates[1] // rates[0]))
+        wave = torch.sin(torch.arange(800) / 5.0)[None]
+        assert resample(wave, *rates).abs().max() > 0.9  # a float signal is carried

@@ -28,6 +28,9 @@ def resample(wav: Tensor, orig_sr: int, new_sr: int, taps: int = 16, rolloff: fl
     """
     if orig_sr <= 0 or new_sr <= 0:
         raise ValueError(f"sample rates must be positive, got {orig_sr} and {new_sr}")
+    if not wav.is_floating_point():  # the filter's taps, all under 1, would round to 0
+        raise ValueError(f"resample takes float audio, got {wav.dtype}: convert it first "
+                         "(e.g. wav.float() / 32768 for 16-bit PCM)")
     if orig_sr == new_sr:
         return wav
     ratio = Fraction(new_sr, orig_sr)
@@ -35,12 +38,14 @@ def resample(wav: Tensor, orig_sr: int, new_sr: int, taps: int = 16, rolloff: fl
     cutoff = rolloff * min(1.0, n / o)
     width = math.ceil(taps / cutoff)
     lead, length = wav.shape[:-1], wav.shape[-1]
-    x = wav.reshape(-1, length)
     out_len = math.ceil(length * n / o)
+    if wav.numel() == 0:
+        return wav.new_zeros(*lead, out_len)
+    x = wav.reshape(-1, length)
     if n * (2 * width + o) > 2**20:
         return _resample_by_neighbours(x, n, o, cutoff, width, out_len).reshape(*lead, -1)
-    k = torch.arange(-width, width + o, dtype=torch.float64)  # taps around each base index
-    kernel = _windowed_sinc(torch.arange(n, dtype=torch.float64).unsqueeze(1) * o / n - k, cutoff, width)
+    k = torch.arange(-width, width + o, dtype=torch.float64, device=wav.device)  # taps around each base index
+    kernel = _windowed_sinc(torch.arange(n, dtype=torch.float64, device=wav.device).unsqueeze(1) * o / n - k, cutoff, width)
     x = F.pad(x.unsqueeze(1), (width, width + o))
     out = F.conv1d(x, kernel.to(wav.dtype).unsqueeze(1), stride=o)  # (B, n, frames)
     out = out.transpose(1, 2).reshape(x.shape[0], -1)
@@ -57,12 +62,12 @@ def _resample_by_neighbours(x: Tensor, n: int, o: int, cutoff: float, width: int
     """:func:`resample` of ``(B, T)`` as a sum per output sample: output ``m`` sums the
     inputs ``k = floor(m*o/n) + j``, ``|j| <= width``, weighted by ``h(m*o/n - k)``;
     in blocks of outputs whose gathered inputs hold about 2^22 numbers."""
-    j = torch.arange(-width, width + 1)
+    j = torch.arange(-width, width + 1, device=x.device)
     padded = F.pad(x, (width, width + 1))
     block = max(1, 2**22 // (x.shape[0] * j.numel()))
     outs = []
     for start in range(0, out_len, block):
-        m = torch.arange(start, min(out_len, start + block), dtype=torch.int64)
+        m = torch.arange(start, min(out_len, start + block), dtype=torch.int64, device=x.device)
         base, frac = m * o // n, (m * o % n).double() / n
         h = _windowed_sinc(frac.unsqueeze(1) - j, cutoff, width).to(x.dtype)  # (M, taps)
         outs.append((padded[:, base.unsqueeze(1) + j + width] * h).sum(-1))

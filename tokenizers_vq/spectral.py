@@ -50,6 +50,9 @@ def _filterbank_on(sample_rate: int, n_fft: int, n_mels: int, device: torch.devi
 
 def stft_magnitude(wav: Tensor, n_fft: int, hop: int) -> Tensor:
     """``(B, T)`` or ``(B, 1, T)`` -> ``(B, n_fft // 2 + 1, frames)`` magnitudes (Hann window)."""
+    if wav.shape[-1] <= n_fft // 2:  # the centred frames' reflected padding needs more
+        raise ValueError(f"{wav.shape[-1]} samples are too few for an FFT of {n_fft} (more than {n_fft // 2} needed): "
+                         "compare longer audio, or pad it")
     wav = wav.reshape(-1, wav.shape[-1]).float()
     window = torch.hann_window(n_fft, device=wav.device)
     spec = torch.stft(wav, n_fft, hop, window=window, return_complex=True, center=True, pad_mode="reflect")

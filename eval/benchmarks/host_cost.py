@@ -71,8 +71,9 @@ def stubbed_launches() -> Iterator[None]:
             saved.append((mod, "_interpret", mod._interpret))
             mod._interpret = lambda: False
     real_params = relaunch._params
-    saved += [(relaunch, "_stream", relaunch._stream), (relaunch, "_params", relaunch._params)]
+    saved += [(relaunch, n, getattr(relaunch, n)) for n in ("_stream", "_params", "check_device")]
     relaunch._stream = lambda: (0, 0)  # no CUDA device here
+    relaunch.check_device = lambda *args: None
     relaunch._params = lambda kernel: real_params(kernel.original)
     relaunch.clear()
     try:

@@ -88,3 +88,21 @@ def test_image_encoder_latents_of_a_photo_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(latents[0], latents[1])
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 1, 1), (1, 16, 1, 1, 1), (3, 16, 1, 1)])
+def test_one_value_a_group_gives_the_bias_for_one_item_as_for_a_batch(shape):
+    """A narrow model's 1 x 1 latent leaves one value in each group: normalised to 0, then the
+    bias, for one item too (torch refuses one item of it, "more than 1 value per channel when
+    training", in eval mode as well) and with its gradient, 0, as torch gives a batch."""
+    m = _norm(16, 16).eval()
+    x = torch.randn(*shape, requires_grad=True)
+    out = m(x)
+    bias = m.bias.view(1, -1, *[1] * (len(shape) - 2)).expand(shape)
+    assert torch.equal(out.detach(), bias.detach())
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros(shape))
+    pair = torch.randn(2, *shape[1:])
+    batched = torch.nn.functional.group_norm(pair, 16, m.weight, m.bias, 1e-6)[:1]  # (its variance rounds off 0)
+    torch.testing.assert_close(m(pair[:1]), batched, atol=1e-3, rtol=0)
+    assert m(torch.full(shape, float("nan"))).isnan().all()

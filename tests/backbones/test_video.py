@@ -153,7 +153,9 @@ def test_gradients_reach_input_and_last_layer():
     torch.manual_seed(0)
     cfg = small()
     enc, dec = VideoEncoder(cfg), VideoDecoder(cfg)
-    x = torch.randn(1, 3, 5, 8, 8, requires_grad=True)
+    # 16 x 16: at 8 x 8 this narrow model's lowest level holds one value per norm group, which
+    # normalises to 0 whatever the input (only rounding noise would carry a gradient through)
+    x = torch.randn(1, 3, 5, 16, 16, requires_grad=True)
     dec(enc(x)).square().mean().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert any(dec.last_layer is p for p in dec.parameters())
@@ -270,3 +272,10 @@ def test_a_clip_run_over_time_shows_its_frames_progress(monkeypatch, capsys):
         assert "clip.mp4: frames" in err and "/9 [" in err  # over the 9 frames (tqdm redraws at most 10 times a second)
         enc(x)  # outside the block: no bar
         assert capsys.readouterr().err == ""
+        seen = []  # (frames done, frames) as the bar is told them
+        token = time_chunks._progress.set(lambda done, total: seen.append((done, total)))
+        try:
+            assert VideoDecoder(small()).eval()(enc(x)).shape[2] == 9
+        finally:
+            time_chunks._progress.reset(token)
+        assert seen[-1] == (9, 9), seen  # the frames decoded, not those into the stage that doubles them

@@ -178,3 +178,14 @@ def test_token_stats():
     # fewer tokens than codes: usage can reach 12 / 64 at most, and these reach it
     few = token_stats(torch.arange(12).unsqueeze(1), 64)
     assert few["usage"] == few["usage_ceiling"] == 12 / 64
+
+
+def test_spectral_distances_name_audio_too_short_for_their_fft():
+    from tokenizers_vq.spectral import multires_stft_distance, stft_magnitude  # noqa: PLC0415
+
+    short = torch.randn(1, 1000)
+    for call in (lambda: multiscale_mel_distance(short, short, 16000), lambda: multires_stft_distance(short, short),
+                 lambda: stft_magnitude(short, 2048, 512)):
+        with pytest.raises(ValueError, match="1000 samples are too few for an FFT of 2048 \\(more than 1024 needed\\)"):
+            call()
+    assert stft_magnitude(torch.randn(1, 1025), 2048, 512).shape == (1, 1025, 3)
