@@ -268,8 +268,15 @@ def data_files(train: list[Path], val: list[Path], train_root: str, val_root: st
     def names(files: list[Path], root: str) -> list[str]:
         return [(p.relative_to(root) if p.is_relative_to(root) else p).as_posix() for p in map(Path, files)]
 
+    def inside(p: Path) -> str | None:  # a data.val file's name within data.train, as the paths or as resolved
+        for path, root in ((p, Path(train_root)), (p.resolve(), Path(train_root).resolve())):
+            if path.is_relative_to(root):
+                return path.relative_to(root).as_posix()
+        return None
+
     return {"train": names(train, train_root), "val": names(val, val_root or train_root),
-            "val_from": "data.val" if val_root else "data.train"}
+            "val_from": "data.val" if val_root else "data.train",
+            "val_in_train": [n for n in map(inside, map(Path, val)) if n is not None]}
 
 
 def data_changes(directory: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> str:
@@ -279,13 +286,15 @@ def data_changes(directory: Path, saved: dict[str, Any] | None, now: dict[str, A
     if not saved:
         return ""
     trained, training = set(saved["train"]), set(now["train"])
-    trained_held = sorted(trained & set(now["val"])) if now["val_from"] == "data.train" else []
+    trained_held = sorted(trained & set(now.get("val_in_train", now["val"] if now["val_from"] == "data.train" else [])))
     if trained_held:
+        why = ("data.train or data.val_fraction changed since, so the last files of the list are others; resume with "
+               "the data as it was, name the files to hold apart with --data.val=DIR" if now["val_from"] == "data.train"
+               else "data.val names files inside data.train that it trained on; resume with the data as it was, "
+               "hold apart a folder it did not train on")
         raise ValueError(f"checkpoint {directory} trained on {len(trained_held)} of the files this run would hold apart "
-                         f"({', '.join(trained_held[:3])}{', ...' * (len(trained_held) > 3)}): data.train or "
-                         "data.val_fraction changed since, so the last files of the list are others; resume with the data "
-                         "as it was, name the files to hold apart with --data.val=DIR, or train in a new out_dir with "
-                         f"--init_from {directory}")
+                         f"({', '.join(trained_held[:3])}{', ...' * (len(trained_held) > 3)}): {why}, or train in a new "
+                         f"out_dir with --init_from {directory}")
     changes = [f"{n} training file{'s' * (n != 1)} {what}" for n, what in
                ((len(training - trained), "added"), (len(trained - training), "left out")) if n]
     if set(saved["val"]) != set(now["val"]) or saved.get("val_from") != now["val_from"]:

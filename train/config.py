@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import math
 import os
@@ -115,25 +114,29 @@ class TrainConfig:
 
 
 def _typed(val: Any, key: str, written: dict[str, str] | None) -> Any:
-    """The override's text for ``key`` where YAML read it as a number or a date (not a bare
-    true / false), else ``val``: what a text setting takes."""
-    if isinstance(val, (int, float, datetime.date)) and not isinstance(val, bool) and key in (written or {}):
-        return written[key]
-    return val
+    """The override's text for ``key`` as typed (YAML would read ``2024`` as a number, a date,
+    ``True`` as a boolean, `` #2`` as a comment), unless it is empty or a quoted YAML string
+    (``'2024'``: its contents); else ``val``: what a text setting takes."""
+    if val is None or key not in (written or {}) or (isinstance(val, str) and written[key][:1] in ("'", '"')):
+        return val
+    return written[key]
 
 
 def _build(cls: type, values: dict[str, Any], where: str, written: dict[str, str] | None = None) -> Any:
     """Dataclass ``cls`` from a dict, recursing into dataclass fields; unknown keys
-    are errors. ``written``: overrides' text by dotted key, what a text field takes where YAML
-    read a number or a date (``--data.train=2024`` is the folder ``2024``, ``--out_dir=0123`` keeps
-    its 0, ``--out_dir=2024-06-01`` is that text)."""
+    are errors. ``written``: overrides' text by dotted key, what a text field takes as typed
+    (``--data.train=2024`` is the folder ``2024``, ``--out_dir=0123`` keeps its 0,
+    ``--out_dir=2024-06-01`` and ``--out_dir="runs/exp #2"`` are that text)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
         import difflib  # noqa: PLC0415
 
-        close = {u: difflib.get_close_matches(u, names, n=1) for u in sorted(unknown)}
+        nested = [f"{name}.{u}" for name, h in hints.items() if dataclasses.is_dataclass(h)  # a section's key given bare
+                  for u in sorted(unknown) if u in {f.name for f in dataclasses.fields(h)}]
+        close = {u: difflib.get_close_matches(u, names, n=1) or [n for n in nested if n.endswith(f".{u}")]
+                 for u in sorted(unknown)}
         hint = "".join(f"; {where}{u}: did you mean {where}{c[0]}?" for u, c in close.items() if c)
         raise ValueError(f"unknown config keys in {where.rstrip('.') or 'config'}: {sorted(unknown)}{hint}; "
                          f"known: {sorted(names)}")
@@ -152,10 +155,11 @@ def _build(cls: type, values: dict[str, Any], where: str, written: dict[str, str
             kwargs[key] = _build(hint, val, f"{where}{key}.", written)
         elif typing.get_origin(hint) is tuple and isinstance(val, list):
             kwargs[key] = tuple(val)
-        elif hint is str and isinstance(val, bool):  # a bare true / false: the text as written
-            kwargs[key] = "true" if val else "false"
+        elif hint is str:  # an override's text as typed; a bare true / false in a file as the text written
+            val = _typed(val, f"{where}{key}", written)
+            kwargs[key] = ("true" if val else "false") if isinstance(val, bool) else _scalar(hint, val, f"{where}{key}")
         else:
-            kwargs[key] = _scalar(hint, _typed(val, f"{where}{key}", written) if hint is str else val, f"{where}{key}")
+            kwargs[key] = _scalar(hint, val, f"{where}{key}")
     return cls(**kwargs)
 
 
@@ -284,8 +288,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ValueError(f"{name} must be a section of keys (model.backbone.channels=..., model.quantizer.kind=..., "
                              f"model.quantizer.options.codebook_size=...), got {section!r}; see train/configs/ for examples")
     cfg = _build(TrainConfig, tree, "", written)
-    for key in ("modality", "name"):  # text fields of the model section: the text typed (2024, 2024-06-01)
-        if key in model:
+    for key in ("modality", "name"):  # text fields of the model section: the text typed (2024, 2024-06-01; a bare
+        if key in model and not isinstance(model[key], bool):  # true / false is no name: the model's check says so)
             model[key] = _typed(model[key], f"model.{key}", written)
     for part, key in ((cfg, "out_dir"), (cfg, "init_from"), (cfg.data, "train"), (cfg.data, "val"), (cfg.data, "stills")):
         setattr(part, key, os.path.expanduser(getattr(part, key)))  # the shell leaves ~ after "=" as it is

@@ -199,18 +199,21 @@ class MediaFolder:
         return self.crop(self.clip(item, frames, gen) if self.media.clips else item, shape, gen)
 
 
-def split_files(files: list[Path], val_files: list[Path] | None, val_fraction: float) -> tuple[list[Path], list[Path]]:
+def split_files(files: list[Path], val_files: list[Path] | None, val_fraction: float,
+                max_items: int = 0) -> tuple[list[Path], list[Path]]:
     """Train and validation files: an explicit validation folder (its files left out of
     training, should it lie inside the training folder), or the last ``val_fraction`` of the
     sorted files held apart (e.g. unseen speakers; at least one of several files when the fraction
-    is above 0)."""
+    is above 0). ``max_items`` (0: all) caps the training files left after all of a validation
+    folder's and that folder's files apart, or the files split by the fraction."""
     if val_files:
         held = {f.resolve() for f in val_files}
         train = [f for f in files if f.resolve() not in held]
         if not train:
             raise ValueError("every file of data.train is in data.val, leaving none to train on: name a validation "
                              "folder apart from the training files (or set --data.val= to hold none apart)")
-        return train, val_files
+        return (train[:max_items], val_files[:max_items]) if max_items else (train, val_files)
+    files = files[:max_items] if max_items else files
     n_val = int(round(len(files) * val_fraction))
     n_val = max(1, n_val) if val_fraction > 0 and len(files) > 1 else n_val  # 0.1 of 4 files held none apart
     if n_val and n_val >= len(files):

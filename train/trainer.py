@@ -101,9 +101,9 @@ class Trainer:
             raise ValueError("data.train is not set: set --data.train=DIR, the folder of media to train on")
         sr = self.unwrapped.sample_rate
         crop = d.crop if sr else check_grid(self.unwrapped.backbone_config, d.crop, d.clip_frames, d.crop_max, cfg.batch_size, needs)
-        files = list_files("data.train", d.train, cfg.model.modality, d.max_items, cfg.out_dir)
-        val_files = list_files("data.val", d.val, cfg.model.modality, d.max_items, cfg.out_dir) if d.val else None
-        train_files, val_files = split_files(files, val_files, d.val_fraction)
+        files = list_files("data.train", d.train, cfg.model.modality, 0, cfg.out_dir)  # both capped once data.val is out
+        val_files = list_files("data.val", d.val, cfg.model.modality, 0, cfg.out_dir) if d.val else None
+        train_files, val_files = split_files(files, val_files, d.val_fraction, d.max_items)
         stills = list_files("data.stills", d.stills, "image", d.max_items, cfg.out_dir) if d.stills else None
         self.train_data = MediaFolder(train_files, cfg.model.modality, sr, d.max_frames, stills, d.stills_fraction, d.max_pan)
         self.val_files = val_files

@@ -45,6 +45,7 @@ from tokenizers_vq.train.trainer import Trainer
     ("model.name=true", "the model's name must be a non-empty string"),
     ("step=2", "unknown config keys in config: \\['step'\\]; step: did you mean steps\\?"),
     ("data.trian=x", "data.trian: did you mean data.train\\?"),
+    ("disc_start=1", "unknown config keys in config: \\['disc_start'\\]; disc_start: did you mean loss.disc_start\\?"),
 ])
 def test_a_setting_a_run_cannot_train_with_is_named_at_load(override, named):
     if override.startswith("mixed_precision") and torch.cuda.is_available():

@@ -4,7 +4,9 @@ and refuses or warns about settings that would train on the wrong thing."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import soundfile as sf
@@ -112,6 +114,37 @@ def test_a_resume_names_changed_data_and_refuses_to_hold_apart_files_it_trained_
     with pytest.raises(ValueError, match=rf"trained on 1 of the files this run would hold apart \({src[2].name}\): "
                                          r"data.train or data.val_fraction changed since.*--data.val=DIR"):
         Trainer(config("image", out, 2, **over))
+
+
+def test_a_resume_refuses_a_validation_folder_of_files_it_trained_on(tmp_path):
+    from testdata import small_photos  # noqa: PLC0415
+
+    data = tmp_path / "photos"
+    small_photos(data / "a", 2)
+    small_photos(data / "b", 2)
+    out = tmp_path / "run"
+    Trainer(config("image", out, 1, save_every=1, **{"data.train": str(data), "data.val": ""})).train()  # all 4
+    with pytest.raises(ValueError, match=r"trained on 2 of the files this run would hold apart \(b/.*data.val names "
+                                         r"files inside data.train that it trained on.*--init_from"):
+        Trainer(config("image", out, 2, **{"data.train": str(data), "data.val": str(data / "b")}))
+    # named by another path to the same folder (absolute against relative), it is the same files
+    with pytest.raises(ValueError, match="trained on 2 of the files this run would hold apart"):
+        Trainer(config("image", out, 2, **{"data.train": str(data), "data.val": os.path.relpath(data / "b")}))
+
+
+def test_max_items_counts_training_files_after_a_validation_folder_inside_the_data(tmp_path):
+    """``data.val`` inside ``data.train`` and first in name order: the cap is on what is left to
+    train on (it took the held-apart files first, leaving fewer, or none, to train on), and a
+    file of data.val past the cap is not trained on either."""
+    from testdata import small_photos  # noqa: PLC0415
+
+    data = tmp_path / "photos"
+    small_photos(data / "a_val", 3)
+    small_photos(data / "b_train", 3)
+    run = Trainer(config("image", tmp_path / "run", 1, **{"data.train": str(data), "data.val": str(data / "a_val"),
+                                                             "data.max_items": 2}))
+    assert [Path(f).parent.name for f in run.train_data.files] == ["b_train", "b_train"]
+    assert [Path(f).parent.name for f in run.val_files] == ["a_val", "a_val"]  # (capped as its own folder)
 
 
 def test_an_out_dir_inside_the_data_folder_is_not_trained_on(tmp_path):

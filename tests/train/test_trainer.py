@@ -264,6 +264,10 @@ def test_config_overrides_are_checked(tmp_path):
     assert load_config(None, ["out_dir=2024-06-01", "data.train=2024-06-02 10:00"]).out_dir == "2024-06-01"  # not dates
     assert load_config(None, ["data.train=2024-06-02 10:00"]).data.train == "2024-06-02 10:00"
     assert load_config(None, ["model.name=2024-06-01"]).model.name == "2024-06-01"
+    # text as typed where YAML would read a comment or a boolean
+    assert load_config(None, ["out_dir=runs/exp #2"]).out_dir == "runs/exp #2"
+    assert load_config(None, ["data.train=/data/My Photos #1"]).data.train == "/data/My Photos #1"
+    assert load_config(None, ["out_dir=True", "data.val=False"]).out_dir == "True"
     (tmp_path / "numbers.yaml").write_text("out_dir: 2024\n")
     with pytest.raises(ValueError, match=r"out_dir must be a string, got 2024 \(YAML read it as int: quote it in the file, '2024'\)"):
         load_config(tmp_path / "numbers.yaml")
