@@ -93,7 +93,8 @@ def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
     compiled step replayed from CUDA graphs, what a user's compiled training loop gets),
     ``ours_graph`` (the eager step replayed from a CUDA graph: its kernels without the
     host), ``search`` (the nearest-code search of the step alone),
-    ``search_graph`` (that search replayed from a CUDA graph) and ``vqp``."""
+    ``search_graph`` (that search replayed from a CUDA graph), ``vqp`` and ``vqp_compiled`` (theirs
+    under ``torch.compile``, graph breaks allowed)."""
     from tokenizers_vq import VectorQuantizer  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
@@ -127,12 +128,16 @@ def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
     steps["search"] = lambda: nearest_codes_triton(flat, ours.codebook.detach(), return_dist=False)
     steps["search_graph"] = lazy_graph(steps["search"])
     if vqp_cls is not None:
-        theirs = vqp_cls(dim=d, codebook_size=k, decay=0.99, commitment_weight=0.25).cuda().train()
+        def step_theirs(layer):
+            def run():
+                z.grad = None
+                q, _, loss = layer(z)
+                (q.square().mean() + loss).backward()
+            return run
 
-        def step_theirs():
-            z.grad = None
-            q, _, loss = theirs(z)
-            (q.square().mean() + loss).backward()
+        def theirs():
+            return vqp_cls(dim=d, codebook_size=k, decay=0.99, commitment_weight=0.25).cuda().train()
 
-        steps["vqp"] = step_theirs
+        steps["vqp"] = step_theirs(theirs())
+        steps["vqp_compiled"] = step_theirs(torch.compile(theirs()))  # (graph breaks allowed: theirs has host syncs)
     return steps
