@@ -183,6 +183,58 @@ def test_a_save_that_fails_halfway_leaves_the_model_saved_there_before(tmp_path,
     assert torch.equal(Tokenizer.from_pretrained(folder).encode(x), first.encode(x))
 
 
+def test_an_interrupt_just_after_a_rename_and_a_backup_left_behind_keep_the_model_whole(tmp_path, monkeypatch):
+    """Ctrl-C landing after the first rename but before its book-keeping puts the earlier file
+    back (it deleted the backup: new weights beside the old config); a backup that cannot be
+    removed once both files are in place does not fail the save."""
+    import os  # noqa: PLC0415
+
+    from tokenizers_vq import QuantizerConfig, Tokenizer  # noqa: PLC0415
+
+    first = tiny("image")
+    folder = first.save_pretrained(tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    other = tiny("image", QuantizerConfig("vq", {"codebook_size": 64}))
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def interrupted_after(src, dst):
+        real_replace(src, dst)
+        if not str(src).endswith(".kept"):  # (the restore renames back: let it)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted_after)
+    with pytest.raises(KeyboardInterrupt):
+        other.save_pretrained(folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(Tokenizer.from_pretrained(folder).encode(x), first.encode(x))
+
+    def backups_stay(path, *args, **kwargs):
+        if str(path).endswith(".kept"):
+            raise PermissionError("held open elsewhere")
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", backups_stay)
+    other.save_pretrained(folder)
+    monkeypatch.undo()
+    assert torch.equal(Tokenizer.from_pretrained(folder).encode(x), other.encode(x))
+
+
+def test_a_model_with_a_compiled_part_saves_under_its_own_names_and_tilde_is_home(tmp_path, monkeypatch):
+    from tokenizers_vq import Tokenizer  # noqa: PLC0415
+
+    model = tiny("image")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    want = model.encode(x)
+    model.encoder = torch.compile(model.encoder)  # as streaming and carry expect a user may do
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # (where a folder named "~" would be made)
+    folder = model.save_pretrained("~/compiled")
+    assert folder == tmp_path / "home" / "compiled" and (folder / "config.json").is_file()
+    assert torch.equal(Tokenizer.from_pretrained("~/compiled").encode(x), want)
+
+
 @pytest.mark.parametrize("given", ["tensor", "file"])
 def test_a_projected_codebook_saves_its_features_in_the_weights_alone(given, tmp_path):
     """Features given as a tensor (JSON cannot hold it) or as a file (gone where the model is

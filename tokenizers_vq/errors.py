@@ -17,10 +17,11 @@ EMPTY_NAME = "an empty file name: name a file or folder (a command that was to g
 
 
 def named_path(path: str | os.PathLike) -> Path:
-    """``path`` as a :class:`~pathlib.Path`; ``""`` refused with :data:`EMPTY_NAME`."""
+    """``path`` as a :class:`~pathlib.Path`, a leading ``~`` expanded to the home folder (as a
+    shell would); ``""`` refused with :data:`EMPTY_NAME`."""
     if os.fspath(path) == "":
         raise ValueError(EMPTY_NAME)
-    return Path(path)
+    return Path(path).expanduser()
 
 
 class MissingDependency(ImportError):

@@ -3,6 +3,8 @@ renamed into place), so a failed write never leaves a half-written or clobbered 
 
 from __future__ import annotations
 
+import contextlib
+
 import errno
 import functools
 import hashlib
@@ -127,12 +129,9 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], None]]) -> 
             kept[path] = _kept_copy(path) if len(writes) > 1 else None
             os.replace(tmp, path)
             del done[path]
-        for old in kept.values():
-            if old is not None:
-                os.unlink(old)
     except BaseException as e:
         for path, old in kept.items():
-            if path not in done:  # renamed: the earlier file back (or none)
+            if path not in done or not os.path.lexists(done[path]):  # renamed (an interrupt may beat the book-keeping)
                 os.replace(old, path) if old is not None else path.unlink(missing_ok=True)
             elif old is not None:
                 os.unlink(old)
@@ -141,6 +140,10 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], None]]) -> 
         if isinstance(e, OSError) and e.errno is not None and not isinstance(e, WriteError):  # named once
             raise _naming(e, given.get(current, current)) from e
         raise
+    for old in kept.values():  # every file is in place: a copy that cannot be removed is no failed save
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(old)
     return [Path(p) for p in writes]
 
 

@@ -308,9 +308,9 @@ class Tokenizer(nn.Module):
             training_state: False leaves out state only training reads (a VQ's EMA sums, which
                 loading rebuilds from the codebook and its counts): a smaller file to ship.
         """
-        directory = named_path(directory)
-        left_out = set() if training_state else training_only_keys(self)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k not in left_out}
+        directory, left_out = named_path(directory), set() if training_state else training_only_keys(self)
+        state = {k.replace("_orig_mod.", ""): v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if k not in left_out}  # (a torch.compile'd part's tensors by their own names)
         if dtype is not None:
             if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
                 raise ValueError(f"save_pretrained dtype must be a floating-point torch dtype (e.g. torch.float16), got {dtype!r}")

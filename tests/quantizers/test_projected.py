@@ -57,6 +57,24 @@ def test_self_initialisation_from_own_latents_is_bounded_and_kmeans():
     assert torch.equal(q.codebook.detach(), q.features)
 
 
+def test_self_initialisation_leaves_out_non_finite_latents_and_waits_for_distinct_ones():
+    """A non-finite latent in the init window made a non-finite feature (every later projector
+    gradient NaN); latents all alike made every feature the same (no restart parts them)."""
+    torch.manual_seed(3)
+    q = ProjectedCodebookVQ(4, 8, init_samples=32, init_batches=1, check_finite=False).train()
+    x = torch.randn(1, 32, 4)
+    x[0, 3, 0] = float("inf")
+    q(x)
+    assert q._initted and torch.isfinite(q.features).all()
+    q(torch.randn(1, 256, 4)).losses["codebook"].backward()
+    assert torch.isfinite(q.projector.weight.grad).all()
+    alike = ProjectedCodebookVQ(4, 8, init_samples=16, init_batches=1).train()
+    alike(torch.zeros(1, 32, 4))  # an encoder whose last layer starts at zero
+    assert not alike._initted and alike._pool == []  # collects afresh
+    alike(torch.randn(1, 32, 4))
+    assert alike._initted and torch.unique(alike.features, dim=0).shape[0] == 8
+
+
 def test_codebook_loss_trains_the_projector_not_the_features():
     torch.manual_seed(0)
     q = ProjectedCodebookVQ(8, 128, features=torch.randn(128, 16))

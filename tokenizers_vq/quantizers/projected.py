@@ -359,6 +359,7 @@ class ProjectedCodebookVQ(Quantizer):
         if not tdist.on_every_rank(held >= self.init_samples or self._pool_batches >= self.init_batches, x.device):
             return
         pool = torch.cat(self._pool)
+        pool = pool[torch.isfinite(pool).all(1)]  # a non-finite latent would make a non-finite centre or fit
         self._pool, self._pool_batches = [], 0
         if not self._self_init:
             fit = fit_linear_projector(self.features, pool, reduce_over_ranks=True, backend=self.backend)
@@ -369,8 +370,11 @@ class ProjectedCodebookVQ(Quantizer):
             self.initted.fill_(True)
             self._initted = True
             return
-        if not tdist.on_every_rank(pool.shape[0] >= self._size, x.device):  # too few latents (on a rank): keep collecting
-            self._pool, self._pool_batches = [pool], 0
+        enough = pool.shape[0] >= self._size
+        if not tdist.on_every_rank(enough and torch.unique(pool, dim=0).shape[0] >= self._size, x.device):
+            # too few latents (on a rank): keep them and collect more; fewer distinct ones than codes (latents all
+            # alike, e.g. an encoder starting at zero): collect afresh (no restart would part codes made equal)
+            self._pool, self._pool_batches = ([] if enough else [pool]), 0
             return
         centres, _ = kmeans(pool, self._size, self.kmeans_iters, self.metric, reduce_over_ranks=True, backend=self.backend,
                             balance=self.kmeans_balance)
