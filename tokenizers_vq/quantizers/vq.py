@@ -44,7 +44,8 @@ class VectorQuantizer(Quantizer):
         decay: EMA decay of the cluster sizes, sums and usage statistics.
         eps: Laplace smoothing of the EMA cluster sizes.
         beta: weight of the commitment loss ``|z - sg(q)|^2``.
-        kmeans_init: initialise the codebook by k-means on the first training batch.
+        kmeans_init: initialise the codebook by k-means on the first training batch (until then,
+            an eval-mode call codes with the random initial codebook).
         kmeans_iters: Lloyd iterations of that k-means.
         kmeans_max_samples: latents per rank used by the k-means (bounds memory).
         dead_code_threshold: a code whose EMA count (assignments per step) falls
