@@ -51,8 +51,8 @@ _INT32_MAX = 2**31 - 1
 
 def _rows_per_launch(k: int, topk: int) -> int:
     """Most rows one launch takes: the kernels index rows, the partial results of codebook
-    splits (``S N`` per group, ``S <= K / SPLIT_QUANTUM``) and top-k outputs (``N k``) in int32."""
-    return (_INT32_MAX - 1024) // max(cdiv(k, SPLIT_QUANTUM), topk, 1)
+    splits (``S N k`` per group, ``S <= K / SPLIT_QUANTUM``) and top-k outputs (``N k``) in int32."""
+    return (_INT32_MAX - 1024) // (max(cdiv(k, SPLIT_QUANTUM), 1) * max(topk, 1))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -169,7 +169,7 @@ def nearest_codes_triton(x: Tensor, codebook: Tensor, metric: str = "l2", k: int
         at distance NaN (a NaN row) or inf, as the torch path gives it; so does a row whose
         squared norm overflows fp32 (entries past about ``1.8e19``), and a code's squared
         norm must stay within fp32 too. Inputs past what one launch indexes in int32 (more
-        than 65,535 groups, or ``N max(K / 256, k)`` past ``2^31``) run in pieces.
+        than 65,535 groups, or ``N k K / 256`` past ``2^31``) run in pieces.
     """
     relaunch.check_device(x, "the Triton search", "use tokenizers_vq.quantizers.nearest_codes, which runs the torch "
                           "search there")

@@ -185,8 +185,9 @@ def test_a_save_that_fails_halfway_leaves_the_model_saved_there_before(tmp_path,
 
 def test_an_interrupt_just_after_a_rename_and_a_backup_left_behind_keep_the_model_whole(tmp_path, monkeypatch):
     """Ctrl-C landing after the first rename but before its book-keeping puts the earlier file
-    back (it deleted the backup: new weights beside the old config); a backup that cannot be
-    removed once both files are in place does not fail the save."""
+    back (deleting the backup instead would leave new weights beside the old config); a backup
+    that cannot be removed once both files are in place does not fail the save; a file written
+    alone and interrupted just after its rename is the new file (nothing to put back)."""
     import os  # noqa: PLC0415
 
     from tokenizers_vq import QuantizerConfig, Tokenizer  # noqa: PLC0415
@@ -219,6 +220,15 @@ def test_an_interrupt_just_after_a_rename_and_a_backup_left_behind_keep_the_mode
     other.save_pretrained(folder)
     monkeypatch.undo()
     assert torch.equal(Tokenizer.from_pretrained(folder).encode(x), other.encode(x))
+    from tokenizers_vq.io import atomic_write  # noqa: PLC0415
+
+    alone = tmp_path / "alone.txt"
+    alone.write_text("old")
+    monkeypatch.setattr(os, "replace", interrupted_after)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(alone, lambda tmp: open(tmp, "w").write("new"))
+    monkeypatch.undo()
+    assert alone.read_text() == "new"
 
 
 def test_a_model_with_a_compiled_part_saves_under_its_own_names_and_tilde_is_home(tmp_path, monkeypatch):

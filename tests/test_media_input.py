@@ -191,9 +191,9 @@ def test_a_data_folder_is_listed_through_links_once_and_an_unreadable_folder_is_
 
 
 def test_resampling_takes_float_audio_of_any_length_on_its_own_device():
-    """Integer PCM is refused naming the conversion (the filter's taps, all under 1, rounded to
-    0: silence); no samples give no samples; the filter is built on the audio's device (a
-    meta tensor here: the per-sample path built it on the CPU)."""
+    """Integer PCM is refused naming the conversion (the filter's taps, all under 1, would round
+    to 0: silence); no samples give no samples; the filter is built on the audio's device (a
+    meta tensor here, for both paths)."""
     from tokenizers_vq.resample import resample  # noqa: PLC0415
 
     pcm = torch.tensor([[0, 10000, 20000, 10000, 0, -10000, -20000, -10000] * 20], dtype=torch.int16)

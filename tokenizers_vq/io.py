@@ -111,7 +111,7 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], None]]) -> 
     the machine between two renames). Raises as :func:`atomic_write`; returns the paths in
     the given order."""
     done: dict[Path, str] = {}  # each file's temporary, until it is renamed
-    kept: dict[Path, str | None] = {}  # each renamed file's earlier one (None: there was none)
+    kept: dict[Path, str | None] = {}  # each renamed file's earlier one (None: there was none), several files only
     given = {_final_target(Path(p)): Path(p) for p in writes}  # the file replaced (a link's target): the name given
     if len(given) < len(writes):
         raise ValueError(f"{', '.join(map(str, writes))} name the same file (through links): each needs its own")
@@ -126,7 +126,8 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], None]]) -> 
             os.chmod(tmp, usual_mode(tmp))  # mkstemp makes 0600 files
         for path, tmp in list(done.items()):
             current = path
-            kept[path] = _kept_copy(path) if len(writes) > 1 else None
+            if len(writes) > 1:  # (one file alone: its rename is the whole save, nothing to put back)
+                kept[path] = _kept_copy(path)
             os.replace(tmp, path)
             del done[path]
     except BaseException as e:

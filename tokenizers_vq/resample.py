@@ -28,11 +28,11 @@ def resample(wav: Tensor, orig_sr: int, new_sr: int, taps: int = 16, rolloff: fl
     """
     if orig_sr <= 0 or new_sr <= 0:
         raise ValueError(f"sample rates must be positive, got {orig_sr} and {new_sr}")
+    if orig_sr == new_sr:
+        return wav
     if not wav.is_floating_point():  # the filter's taps, all under 1, would round to 0
         raise ValueError(f"resample takes float audio, got {wav.dtype}: convert it first "
                          "(e.g. wav.float() / 32768 for 16-bit PCM)")
-    if orig_sr == new_sr:
-        return wav
     ratio = Fraction(new_sr, orig_sr)
     n, o = ratio.numerator, ratio.denominator
     cutoff = rolloff * min(1.0, n / o)

@@ -268,8 +268,10 @@ def data_files(train: list[Path], val: list[Path], train_root: str, val_root: st
     def names(files: list[Path], root: str) -> list[str]:
         return [(p.relative_to(root) if p.is_relative_to(root) else p).as_posix() for p in map(Path, files)]
 
+    resolved_root = Path(train_root).resolve()
+
     def inside(p: Path) -> str | None:  # a data.val file's name within data.train, as the paths or as resolved
-        for path, root in ((p, Path(train_root)), (p.resolve(), Path(train_root).resolve())):
+        for path, root in ((p, Path(train_root)), (p.resolve(), resolved_root)):
             if path.is_relative_to(root):
                 return path.relative_to(root).as_posix()
         return None

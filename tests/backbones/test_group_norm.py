@@ -106,3 +106,10 @@ def test_one_value_a_group_gives_the_bias_for_one_item_as_for_a_batch(shape):
     batched = torch.nn.functional.group_norm(pair, 16, m.weight, m.bias, 1e-6)[:1]  # (its variance rounds off 0)
     torch.testing.assert_close(m(pair[:1]), batched, atol=1e-3, rtol=0)
     assert m(torch.full(shape, float("nan"))).isnan().all()
+
+
+def test_an_empty_batch_and_a_wrong_channel_count_are_torch_s_answers():
+    m = _norm(16, 16).eval()
+    assert m(torch.zeros(0, 16, 1, 1)).shape == (0, 16, 1, 1)
+    with pytest.raises(RuntimeError):
+        m(torch.zeros(1, 32, 1, 1))  # torch's own message, not a broadcast inside the one-value path

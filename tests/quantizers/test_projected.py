@@ -58,8 +58,9 @@ def test_self_initialisation_from_own_latents_is_bounded_and_kmeans():
 
 
 def test_self_initialisation_leaves_out_non_finite_latents_and_waits_for_distinct_ones():
-    """A non-finite latent in the init window made a non-finite feature (every later projector
-    gradient NaN); latents all alike made every feature the same (no restart parts them)."""
+    """A non-finite latent in the init window would make a non-finite feature (every later
+    projector gradient NaN); latents all alike would make every feature the same (no restart
+    parts them): the pool leaves the one out and waits for distinct ones."""
     torch.manual_seed(3)
     q = ProjectedCodebookVQ(4, 8, init_samples=32, init_batches=1, check_finite=False).train()
     x = torch.randn(1, 32, 4)

@@ -115,8 +115,8 @@ def test_a_damaged_or_extended_stream_is_refused_not_decoded_wrong():
 
 def test_a_damaged_header_is_refused_where_it_can_be_told():
     """Every single-bit flip in the header of a stream using its whole alphabet is refused or
-    undone (a symbol gap of 0 repeated a symbol, and the tokens came back as another); an empty
-    stream with bytes after its header is refused."""
+    undone (a symbol gap of 0, a repeated symbol, would give other tokens); an empty stream with
+    bytes after its header is refused."""
     tokens = torch.randint(0, 16, (400,), generator=torch.Generator().manual_seed(1))
     data = encode_tokens(tokens, 16)
     header = 3 + 2 * 16 * 2  # at most: three counts, then a gap and a count per symbol, each under 2^14

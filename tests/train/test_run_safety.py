@@ -134,8 +134,8 @@ def test_a_resume_refuses_a_validation_folder_of_files_it_trained_on(tmp_path):
 
 def test_max_items_counts_training_files_after_a_validation_folder_inside_the_data(tmp_path):
     """``data.val`` inside ``data.train`` and first in name order: the cap is on what is left to
-    train on (it took the held-apart files first, leaving fewer, or none, to train on), and a
-    file of data.val past the cap is not trained on either."""
+    train on (not on the listing, whose first files are the held-apart ones), and a file of
+    data.val past the cap is not trained on either."""
     from testdata import small_photos  # noqa: PLC0415
 
     data = tmp_path / "photos"

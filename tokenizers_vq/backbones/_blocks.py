@@ -68,7 +68,8 @@ class GroupNorm(nn.GroupNorm):
     round the sums differently: AVX2 and AVX-512 agreed, x86 without AVX2 did not.)"""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim > 2 and x[0].numel() == self.num_groups:  # one value a group (a narrow model's 1 x 1 latent)
+        if x.ndim > 2 and x.shape[1] == self.num_groups and math.prod(x.shape[2:]) == 1:  # one value a group (a narrow
+            # model's 1 x 1 latent)
             return self._one_value_groups(x)
         if not (x.device.type == "cpu" and x.ndim == 4 and not x.is_contiguous()
                 and x.is_contiguous(memory_format=torch.channels_last)):
@@ -83,7 +84,7 @@ class GroupNorm(nn.GroupNorm):
     def _one_value_groups(self, x: Tensor) -> Tensor:
         """Each value normalised to 0 and then the bias, as a batch of several items gets it
         (torch refuses one item of it: "more than 1 value per channel when training")."""
-        zero = x - x  # NaN and inf stay so
+        zero = x - x  # (a non-finite value gives NaN, as torch's formula does)
         if not self.affine:
             return zero
         shape = (1, -1) + (1,) * (x.ndim - 2)

@@ -371,10 +371,11 @@ class ProjectedCodebookVQ(Quantizer):
             self._initted = True
             return
         enough = pool.shape[0] >= self._size
-        if not tdist.on_every_rank(enough and torch.unique(pool, dim=0).shape[0] >= self._size, x.device):
-            # too few latents (on a rank): keep them and collect more; fewer distinct ones than codes (latents all
+        distinct = enough and torch.unique(pool, dim=0).shape[0] >= self._size
+        if not tdist.on_every_rank(distinct, x.device):
+            # too few latents (on a rank): keep them and collect more; fewer distinct ones than codes here (latents all
             # alike, e.g. an encoder starting at zero): collect afresh (no restart would part codes made equal)
-            self._pool, self._pool_batches = ([] if enough else [pool]), 0
+            self._pool, self._pool_batches = ([] if enough and not distinct else [pool]), 0
             return
         centres, _ = kmeans(pool, self._size, self.kmeans_iters, self.metric, reduce_over_ranks=True, backend=self.backend,
                             balance=self.kmeans_balance)
