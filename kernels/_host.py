@@ -18,11 +18,15 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+INT32_MAX = 2**31 - 1
+"""The largest offset the kernels compute in int32."""
+
+
 def int32_columns(t: Tensor) -> Tensor:
     """``t``, or a contiguous copy where its column offsets (``(d - 1) * stride`` of the last
     axis), which the kernels compute in int32, would pass 2^31 (a transposed tensor of that
     many elements)."""
-    return t.contiguous() if (t.shape[-1] - 1) * abs(t.stride(-1)) > 2**31 - 1 else t
+    return t.contiguous() if (t.shape[-1] - 1) * abs(t.stride(-1)) > INT32_MAX else t
 
 
 def plain_eager(*tensors: Tensor) -> bool:

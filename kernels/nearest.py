@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.kernels import packed_launch, relaunch
-from tokenizers_vq.kernels._host import cdiv, check_fp32_range, int32_columns, plain_eager
+from tokenizers_vq.kernels._host import INT32_MAX, cdiv, check_fp32_range, int32_columns, plain_eager
 from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
 from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  (re-exported)
 from tokenizers_vq.kernels.tiled import nearest_tiled
@@ -46,13 +46,12 @@ def _check_shapes(x_shape: torch.Size, c_shape: torch.Size, x_device: torch.devi
 
 MAX_GROUPS = 65535
 """Most codebooks one launch searches: groups sit on a launch grid's y or z axis."""
-_INT32_MAX = 2**31 - 1
 
 
 def _rows_per_launch(k: int, topk: int) -> int:
     """Most rows one launch takes: the kernels index rows, the partial results of codebook
     splits (``S N k`` per group, ``S <= K / SPLIT_QUANTUM``) and top-k outputs (``N k``) in int32."""
-    return (_INT32_MAX - 1024) // (max(cdiv(k, SPLIT_QUANTUM), 1) * max(topk, 1))
+    return (INT32_MAX - 1024) // (max(cdiv(k, SPLIT_QUANTUM), 1) * max(topk, 1))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -104,8 +103,11 @@ def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: s
     else:  # inputs past what one launch indexes: pieces of groups and rows, each one launch
         parts = [[search(xr, cp) for xr in xp.split(rows, dim=1)]
                  for xp, cp in zip(xg.split(MAX_GROUPS), cg.split(MAX_GROUPS))]
-        dist = torch.cat([torch.cat([d for d, _ in p], dim=1) for p in parts]) if return_dist else xg.new_empty(0, dtype=torch.float32)
-        idx = torch.cat([torch.cat([i for _, i in p], dim=1) for p in parts])
+
+        def joined(j: int) -> Tensor:  # rows back together, then groups
+            return torch.cat([torch.cat([piece[j] for piece in p], dim=1) for p in parts])
+
+        dist, idx = (joined(0) if return_dist else xg.new_empty(0, dtype=torch.float32)), joined(1)
     if not grouped:
         dist, idx = (dist[0] if return_dist else dist), idx[0]
     return dist, idx

@@ -4,7 +4,6 @@ renamed into place), so a failed write never leaves a half-written or clobbered 
 from __future__ import annotations
 
 import contextlib
-
 import errno
 import functools
 import hashlib

@@ -288,7 +288,7 @@ def data_changes(directory: Path, saved: dict[str, Any] | None, now: dict[str, A
     if not saved:
         return ""
     trained, training = set(saved["train"]), set(now["train"])
-    trained_held = sorted(trained & set(now.get("val_in_train", now["val"] if now["val_from"] == "data.train" else [])))
+    trained_held = sorted(trained & set(now["val_in_train"]))
     if trained_held:
         why = ("data.train or data.val_fraction changed since, so the last files of the list are others; resume with "
                "the data as it was, name the files to hold apart with --data.val=DIR" if now["val_from"] == "data.train"

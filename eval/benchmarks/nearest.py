@@ -56,14 +56,6 @@ def _kernels():
     return nearest
 
 
-def _tensors(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
-    return []
-
-
 def measure(fn, skip_time: bool = False) -> dict:
     """Warm up (compiles, autotunes), then extra peak MiB of one call (beyond what it leaves
     allocated, its outputs), then median ms."""
@@ -263,7 +255,8 @@ def markdown(meta: dict, rows: list[dict], train: list[dict] | None) -> str:
              "vq-pytorch and the CUDA graph one round), "
              "and extra peak MiB beyond inputs and outputs. \"ours\" is the default eager call (the packed "
              "kernel where it applies, named in the kernel column, else the tiled kernel); \"CUDA graph\" replays that "
-             "call with no host work (its memory is the graph's pool, allocated at capture: \"-\"); \"tiled\" forces `algorithm=\"tiled\"`; "
+             "call with no host work (its memory is the graph's pool, allocated at capture: \"-\"); "
+             "\"tiled\" forces `algorithm=\"tiled\"`; "
              "ours fp32 uses tf32 dot products, exact = `precision=\"ieee\"`; flash-kmeans gets fp16 inputs and "
              "both norms precomputed outside the timing. % floor and host us (eager - graph): ours bf16. "
              "Index checks against the fp32 torch argmin (mismatch, bad = worse than the rounding bound): "
@@ -279,7 +272,8 @@ def markdown(meta: dict, rows: list[dict], train: list[dict] | None) -> str:
         host = f"{1000 * (ours - graph):.0f}" if ours == ours and graph == graph else "-"
         vs_fk = f"{fk / ours:.2f}x" if ours == ours and fk == fk else "-"
         chk = " / ".join(f"{c['mismatch']}, {c['bad']}" if (c := row["checks"].get(name)) else "-" for name in checked)
-        lines.append(f"| {row['n']} x {row['k']} x {row['d']} | " + " | ".join(_cell(m.get(k, {}), k != "ours_bf16_graph") for k in METHODS)
+        cells = " | ".join(_cell(m.get(k, {}), k != "ours_bf16_graph") for k in METHODS)
+        lines.append(f"| {row['n']} x {row['k']} x {row['d']} | " + cells
                      + f" | {fl:.3f} | {pct} | {host} | {vs_fk} | {', '.join(row.get('kernel', {}).values()) or '-'} | {chk} |")
     if train:
         lines += ["", "VQ-EMA training step (forward + backward + EMA update, fp32 latents): ms (extra peak MiB). "

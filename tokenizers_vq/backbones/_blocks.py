@@ -68,8 +68,7 @@ class GroupNorm(nn.GroupNorm):
     round the sums differently: AVX2 and AVX-512 agreed, x86 without AVX2 did not.)"""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim > 2 and x.shape[1] == self.num_groups and math.prod(x.shape[2:]) == 1:  # one value a group (a narrow
-            # model's 1 x 1 latent)
+        if x.ndim > 2 and x.shape[1] == self.num_groups and math.prod(x.shape[2:]) == 1:  # a narrow model's 1 x 1 latent
             return self._one_value_groups(x)
         if not (x.device.type == "cpu" and x.ndim == 4 and not x.is_contiguous()
                 and x.is_contiguous(memory_format=torch.channels_last)):
