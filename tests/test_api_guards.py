@@ -78,6 +78,30 @@ def test_a_config_edited_under_weights_that_still_fit_is_refused(tmp_path):
         Tokenizer.from_pretrained(folder)
 
 
+def test_a_config_with_defaults_written_out_or_left_out_still_loads(tmp_path):
+    import json  # noqa: PLC0415
+
+    from tokenizers_vq import QuantizerConfig, Tokenizer, TokenizerConfig  # noqa: PLC0415
+    from tokenizers_vq.backbones import ImageBackboneConfig  # noqa: PLC0415
+
+    backbone = {**TINY["image"], "attention": ImageBackboneConfig.attention}
+    tok = Tokenizer(TokenizerConfig("image", backbone, QuantizerConfig("vq", {"codebook_size": 64, "metric": "l2"})))
+    folder = tok.save_pretrained(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    del config["backbone"]["attention"], config["quantizer"]["options"]["metric"]  # both their defaults
+    config["backbone"]["in_channels"] = ImageBackboneConfig.in_channels
+    config["quantizer"]["options"]["decay"] = 0.99
+    config["quantizer"]["beam_size"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    again = Tokenizer.from_pretrained(folder)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(again.encode(x), tok.eval().encode(x))
+    config["quantizer"]["options"]["decay"] = 0.9  # a default changed is an edit
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json was edited since"):
+        Tokenizer.from_pretrained(folder)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a GPU loads onto it")
 def test_loading_onto_a_gpu_the_machine_lacks_is_named():
     from tokenizers_vq import Tokenizer  # noqa: PLC0415

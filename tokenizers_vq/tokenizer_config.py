@@ -17,20 +17,9 @@ from typing import Any
 
 import torch
 
-from tokenizers_vq.quantizers import (
-    FSQ,
-    LFQ,
-    DynamicQuantizer,
-    GroupedQuantizer,
-    IBQ,
-    LatentQuantizer,
-    MultiScaleResidualQuantizer,
-    ProjectedCodebookVQ,
-    Quantizer,
-    ResidualQuantizer,
-    SimVQ,
-    VectorQuantizer,
-)
+from tokenizers_vq.quantizers import (FSQ, IBQ, LFQ, DynamicQuantizer, GroupedQuantizer, LatentQuantizer,
+                                      MultiScaleResidualQuantizer, ProjectedCodebookVQ, Quantizer, ResidualQuantizer,
+                                      SimVQ, VectorQuantizer)
 
 QUANTIZER_KINDS: dict[str, type[Quantizer]] = {
     "vq": VectorQuantizer,
@@ -344,40 +333,56 @@ def backbone_config(cls: type, d: dict[str, Any]):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def filled_config(config: TokenizerConfig) -> dict[str, Any]:
+def _signature_defaults(cls: type) -> dict[str, Any]:
+    return {p.name: p.default for p in inspect.signature(cls).parameters.values() if p.default is not p.empty}
+
+
+def filled_config(config: TokenizerConfig, defaults_only: bool = False) -> dict[str, Any]:
     """``config`` as a dict with every default written out (the backbone's fields, the quantizer
     class's options): two configs that build the same model give equal dicts, whichever
-    defaults either wrote out."""
+    defaults either wrote out. ``defaults_only``: the same with none of ``config``'s backbone
+    fields, quantizer options or settings (its modality, quantizer kind and whether it is dynamic kept)."""
     import dataclasses  # noqa: PLC0415
 
     from tokenizers_vq.backbones import BACKBONES  # noqa: PLC0415
 
-    out = dataclasses.asdict(config)
-    out["backbone"] = dataclasses.asdict(backbone_config(BACKBONES[config.modality][0], config.backbone))
-
-    def defaults(cls: type) -> dict[str, Any]:
-        return {p.name: p.default for p in inspect.signature(cls).parameters.values() if p.default is not p.empty}
-
-    out["quantizer"]["options"] = {**defaults(quantizer_class(config.quantizer.kind)), **config.quantizer.options}
-    if config.quantizer.dynamic is not None:
-        out["quantizer"]["dynamic"] = {**defaults(DynamicQuantizer), **config.quantizer.dynamic}
+    q = config.quantizer
+    quantizer = {**dataclasses.asdict(QuantizerConfig()), "kind": q.kind, "options": {}, "dynamic": None if q.dynamic
+                 is None else {}} if defaults_only else dataclasses.asdict(q)
+    quantizer["options"] = {**_signature_defaults(quantizer_class(q.kind)), **quantizer["options"]}
+    if quantizer["dynamic"] is not None:
+        quantizer["dynamic"] = {**_signature_defaults(DynamicQuantizer), **quantizer["dynamic"]}
+    out = {**dataclasses.asdict(config), "quantizer": quantizer, "backbone": dataclasses.asdict(
+        backbone_config(BACKBONES[config.modality][0], {} if defaults_only else config.backbone))}
     return json.loads(json.dumps(out, default=repr))  # (tuples as lists, as a saved config has them)
 
 
-def architecture_sha256(config: TokenizerConfig) -> str:
+def _changed(d: dict[str, Any], base: dict[str, Any], nested: tuple[str, ...]) -> dict[str, Any]:
+    """The entries of ``d`` that ``base`` lacks or holds otherwise (the ``nested`` mappings entry by entry)."""
+    return {k: _changed(v, base[k], nested) if k in nested and isinstance(v, dict) and isinstance(base.get(k), dict)
+            else v for k, v in d.items() if k not in base or v != base[k]}
+
+
+def architecture_sha256(config: TokenizerConfig, written: bool = False) -> str:
     """Hex sha256 of what shapes a model's computation: its modality, backbone fields and
-    quantizer settings (those that differ from :class:`QuantizerConfig`'s defaults, so a
-    field added later with a default, or one left out, does not change it). Saved in
+    quantizer settings, each only where it differs from its default (a field added later with
+    a default, or a default written out or left out, does not change it). Saved in
     ``model.safetensors``' metadata, it tells a ``config.json`` edited since from the one
     saved with the weights, even where the weight shapes still fit (FSQ levels reordered,
-    LFQ made spherical)."""
+    LFQ made spherical). ``written``: the form over the backbone and options as the config
+    writes them, which older files hold (they are checked against it)."""
     import dataclasses  # noqa: PLC0415
     import hashlib  # noqa: PLC0415
 
-    defaults = dataclasses.asdict(QuantizerConfig())
-    quantizer = {k: v for k, v in dataclasses.asdict(config.quantizer).items() if v != defaults.get(k)}
-    text = json.dumps([config.modality, config.backbone, quantizer], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    if written:
+        defaults = dataclasses.asdict(QuantizerConfig())
+        quantizer = {k: v for k, v in dataclasses.asdict(config.quantizer).items() if v != defaults.get(k)}
+        parts = [config.modality, config.backbone, quantizer]
+    else:
+        filled, base = filled_config(config), filled_config(config, defaults_only=True)
+        parts = [config.modality, *(_changed(filled[k], base[k], ("options", "dynamic"))
+                                    for k in ("backbone", "quantizer"))]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def check_architecture(config: TokenizerConfig, config_path: Any, weights_path: Any, metadata: dict[str, str]) -> None:
@@ -389,7 +394,7 @@ def check_architecture(config: TokenizerConfig, config_path: Any, weights_path: 
         ValueError: naming both files and the fix.
     """
     saved = metadata.get("architecture_sha256")
-    if saved is not None and saved != architecture_sha256(config):
+    if saved is not None and saved not in (architecture_sha256(config), architecture_sha256(config, written=True)):
         raise ValueError(f"{config_path} was edited since {weights_path} was saved with it: its modality, backbone or "
                          "quantizer settings differ, and these weights compute something else under them; restore "
                          "the config.json saved with these weights (name, chunk and clip settings may change)")
