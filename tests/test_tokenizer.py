@@ -180,9 +180,12 @@ def test_long_audio_is_chunked_with_overlap_and_matches_one_pass():
     assert chunked.shape == (1, 131)
     tok.config.chunk_frames = 10_000
     whole = tok.encode(x)
-    assert (chunked == whole).float().mean() > 0.95
+    assert (chunked != whole).sum() <= 1  # (a near-tie may flip one)
+    one_pass = tok.decode(whole, size=(x.shape[-1],))
     tok.config.chunk_frames = 20
-    assert tok.decode(chunked, size=(x.shape[-1],)).shape == x.shape
+    in_chunks = tok.decode(whole, size=(x.shape[-1],))
+    assert in_chunks.shape == x.shape
+    torch.testing.assert_close(in_chunks, one_pass, rtol=0, atol=1e-2)  # (chunks without context: 0.3 apart)
 
 
 def test_long_video_is_coded_in_clips():

@@ -19,6 +19,7 @@ from test_tokenizer import tiny
 from testdata import shared_path, small_photos
 
 from tokenizers_vq.cli import main
+from tokenizers_vq.resample import resample
 from tokenizers_vq.tokens import (
     TokenRecord,
     check_grid,
@@ -75,9 +76,15 @@ def test_audio_is_resampled_and_mixed_to_mono(tmp_path):
     data, sr = sf.read(str(src))
     stereo = tmp_path / "stereo.wav"
     sf.write(stereo, np.stack([data, -0.5 * data], 1), sr)
-    rec = encode_file(tok, stereo)
+    seen, real_encode = [], tok.encode
+    tok.encode = lambda x: seen.append(x) or real_encode(x)
+    with pytest.warns(UserWarning, match="mixed to mono by their mean, are 12 dB quieter"):  # out of phase
+        rec = encode_file(tok, stereo)
     assert sr == 22050 and rec.info == {"sample_rate": 16000, "source_sample_rate": 22050, "channels": 2}
     assert rec.size == [int(np.ceil(len(data) * 16000 / 22050))]
+    stored = torch.from_numpy(sf.read(str(stereo), dtype="float32")[0]).T  # the two channels as written
+    mixed = resample(stored.mean(0, keepdim=True), 22050, 16000)  # 0.25 of the recording
+    torch.testing.assert_close(seen[0][0, :, : mixed.shape[-1]], mixed, rtol=0, atol=1e-5)
 
 
 def test_video_round_trip(tmp_path):

@@ -183,4 +183,4 @@ def test_the_cpu_time_major_layout_computes_the_same_encoder(causal, batch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             z16, ref16 = enc(x), enc.layers(x)
     assert z16.dtype == torch.bfloat16
-    torch.testing.assert_close(z16.float(), ref16.float(), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(z16.float(), ref16.float(), rtol=0.02, atol=0.02 * float(ref16.abs().max()))

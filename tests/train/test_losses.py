@@ -119,6 +119,44 @@ def test_lpips_loss_from_weight_files_is_the_eval_lpips(net, tmp_path):
         LPIPS("vgg" if net == "alex" else "alex", backbone, heads)
 
 
+def lpips_alex_by_hand(backbone: dict, heads: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """LPIPS v0.1 over AlexNet written out from the paper's definition and the lpips package's
+    constants, in plain torch ops: the inputs shifted and scaled per channel, the ReLU outputs
+    of the five convolutions, each unit-normalised over its channels, squared differences
+    weighted by the layer's head, averaged over space and summed over layers."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    shift, scale = torch.tensor([-0.030, -0.088, -0.188]), torch.tensor([0.458, 0.448, 0.450])
+
+    def taps(v):
+        v = (v - shift.view(1, 3, 1, 1)) / scale.view(1, 3, 1, 1)
+        out = []
+        for i, (stride, pad, pool) in zip((0, 3, 6, 8, 10), ((4, 2, False), (1, 2, True), (1, 1, True), (1, 1, False),
+                                                             (1, 1, False))):
+            v = F.max_pool2d(v, 3, 2) if pool else v
+            v = F.relu(F.conv2d(v, backbone[f"features.{i}.weight"], backbone[f"features.{i}.bias"], stride, pad))
+            out.append(v)
+        return out
+
+    total = 0
+    for k, (a, b) in enumerate(zip(taps(x), taps(y))):
+        a, b = (t / (t.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for t in (a, b))
+        total = total + F.conv2d((a - b) ** 2, heads[f"lin{k}.model.1.weight"]).mean((2, 3))
+    return total.flatten()
+
+
+def test_lpips_equals_its_definition_written_out(tmp_path):
+    torch.manual_seed(0)
+    backbone, heads = lpips_files(tmp_path, "alex")
+    x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    ref = lpips_alex_by_hand(torch.load(backbone, weights_only=True), torch.load(heads, weights_only=True), x, y)
+    assert ref.shape == (2,) and (ref > 0).all()
+    with torch.no_grad():
+        assert float(LPIPS("alex", backbone, heads)(x, y)) == pytest.approx(float(ref.mean()), rel=1e-5)
+        per_image = lpips_distance(load_lpips(backbone, heads), (x + 1) / 2, (y + 1) / 2)
+    assert per_image == pytest.approx(float(ref.mean()), rel=1e-5)
+
+
 def test_lpips_loss_matches_the_lpips_package(tmp_path):
     pytest.importorskip("torchvision", reason="torchvision (the vision extra) is not installed, or does not import with this torch build")
     lpips = pytest.importorskip("lpips", reason="the lpips package (vision extra) is not installed")

@@ -3,6 +3,7 @@ small for a window, and clear refusals of exports it cannot train on."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,6 @@ def test_a_trained_prior_is_saved_and_loads_back_to_the_same_predictions(tmp_pat
     torch.testing.assert_close(again(x)[0], prior.eval()(x)[0])
     with pytest.raises(ValueError, match="not a saved prior"):
         TokenPrior.load(tmp_path / "tokens")
-    import json  # noqa: PLC0415
     import shutil  # noqa: PLC0415
 
     shutil.copytree(tmp_path / "prior", tmp_path / "edited")
@@ -117,25 +117,33 @@ def test_an_interrupted_prior_keeps_the_steps_done_and_an_unwritable_out_is_refu
 
     export_dataset(tiny("image"), small_photos(tmp_path / "photos", 3, side=24), tmp_path / "tokens")
     (tmp_path / "file").write_text("mine")
-    trained = []
+    trained, real_step, real_clip = [], torch.optim.AdamW.step, torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: trained.append(1))
     with pytest.raises(ValueError, match="cannot write"):  # a file where the folder goes: before any step
         train_prior(config(tmp_path / "tokens", tmp_path / "file" / "prior", window=3, steps=5))
     assert not trained and (tmp_path / "file").read_text() == "mine"
-    calls = []
+
+    def step(self, *a, **k):  # the real step, and the weights after it
+        out = real_step(self, *a, **k)
+        trained.append([p.detach().clone() for group in self.param_groups for p in group["params"]])
+        return out
 
     def clip(*a, **k):  # a Ctrl-C in the fourth step, after three were done
-        calls.append(1)
-        if len(calls) == 4:
+        if len(trained) == 3:
             raise KeyboardInterrupt
+        return real_clip(*a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
     with pytest.raises(KeyboardInterrupt, match=r"trained for 3 of 50 steps is saved in .*prior \(TokenPrior.load\)"):
         train_prior(config(tmp_path / "tokens", tmp_path / "prior", window=3, steps=50))
-    assert TokenPrior.load(tmp_path / "prior").cfg.block_size == 9
+    kept = TokenPrior.load(tmp_path / "prior")
+    assert kept.cfg.block_size == 9 and len(trained) == 3
+    assert all(torch.equal(a, b) for a, b in zip(kept.parameters(), trained[2], strict=True))  # the third step's
+    assert not all(torch.equal(a, b) for a, b in zip(trained[1], trained[2]))
+    assert json.loads((tmp_path / "prior" / "prior_summary.json").read_text())["steps"] == 3
 
 
 def test_a_model_that_cannot_decode_the_export_is_refused_and_other_weights_warned_of(tmp_path):
-    import json  # noqa: PLC0415
 
     from tokenizers_vq.token_dataset import read_json  # noqa: PLC0415
     from tokenizers_vq.train.prior import check_model  # noqa: PLC0415

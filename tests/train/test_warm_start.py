@@ -19,7 +19,7 @@ def video(backbone_extra: dict | None = None, seed: int = 0) -> Tokenizer:
 
 
 @pytest.mark.parametrize("mode", ["all", "none"])
-def test_a_grown_decoder_reconstructs_as_the_source_in_every_quantizer_mode(tmp_path, mode):
+def test_a_grown_decoder_reconstructs_as_the_source_with_or_without_its_quantizer(tmp_path, mode):
     src = video(seed=1)
     src.save_pretrained(tmp_path / "src")
     deep = video({"decoder_res_blocks": 3})
