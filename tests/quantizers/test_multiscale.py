@@ -96,3 +96,17 @@ def test_the_shared_codebook_k_means_runs_in_fp32_under_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
             q(z)
     torch.testing.assert_close(centres[0], centres[1], rtol=1e-5, atol=1e-6)  # (up to 0.95 apart in bf16)
+
+
+@pytest.mark.parametrize("wrap", [{"groups": 2}, {"levels": 2}])
+def test_groups_and_levels_of_scale_maps_count_each_part_s_tokens(wrap):
+    """Two multi-scale parts of 1 + 4 + 16 + 64 tokens each over an 8 x 8 latent: 170, not 2 x 64 x 4."""
+    q = QuantizerConfig("multiscale", {"codebook_size": 64, "scales": [1, 2, 4, 8]}, **wrap).build(16)
+    assert q.num_tokens((8, 8)) == 2 * 85
+
+
+def test_a_hierarchy_over_scale_maps_counts_each_level_s_tokens():
+    from tokenizers_vq.quantizers import HierarchicalQuantizer  # noqa: PLC0415
+
+    hq = HierarchicalQuantizer(*(MultiScaleResidualQuantizer(8, 64, scales=(1, 2, 4, 8)) for _ in range(2)))
+    assert hq.num_tokens((8, 8)) == (1 + 1 + 4 + 16) + (1 + 4 + 16 + 64)  # the top's maps over the 4 x 4 coarse grid

@@ -526,3 +526,46 @@ def test_the_exact_search_finds_the_nearest_code_among_subnormal_distances():
     x = torch.tensor([[-8.795324e-22]])
     c = torch.tensor([[-8.586441e-22], [-8.816514e-22]])  # squared distances 4.4e-46 and 4.5e-48: fp32 subnormals
     assert nearest_codes_reference(x, c, "l2")[1].item() == 1
+
+
+def _far_from_origin(offset: float = 100.0) -> tuple[VectorQuantizer, torch.Tensor, torch.Tensor]:
+    """A codebook and latents around ``offset`` with a spread of 0.1 (their squared norms hold
+    few digits of the differences), and the nearest codes by fp64 brute force."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 256, learning="loss", restart_dead_codes=False)
+    with torch.no_grad():
+        vq.embed.copy_(offset + 0.1 * torch.randn(256, 16))
+    z = offset + 0.1 * torch.randn(500, 16)
+    return vq, z, torch.cdist(z.double(), vq.embed.double()).argmin(1)
+
+
+def test_candidates_and_sampling_rank_latents_far_from_the_origin_by_their_distance():
+    vq, z, nearest = _far_from_origin()
+    assert torch.equal(vq.candidates(z, 1)[:, 0], nearest)
+    three = vq.candidates(z, 3)
+    dist = (z[:, None].double() - vq.embed.double()[three]).square().sum(-1)
+    assert (dist.diff(dim=1) >= 0).all()  # nearest first
+    vq.sample_temperature = 1e-6  # (almost) no noise: the nearest code
+    assert torch.equal(vq.train()(z).codes, nearest)
+
+
+def test_a_tiny_temperature_samples_the_nearest_code_and_keeps_the_diversity_loss_finite():
+    vq, z, nearest = _far_from_origin(0.0)
+    vq.sample_temperature, vq.diversity_weight, vq.diversity_temperature = 1e-40, 0.1, 1e-40
+    out = vq.train()(z)
+    assert torch.equal(out.codes, nearest) and all(torch.isfinite(v) for v in out.losses.values())
+
+
+def test_candidates_break_exact_ties_to_the_lower_index_in_any_batch():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 64, learning="loss")
+    with torch.no_grad():
+        vq.embed[40] = vq.embed[7]  # two equal codewords
+    z = torch.randn(64, 8)
+    z[0] = vq.embed[7] + 1e-3
+    assert vq.candidates(z, 2)[0].tolist() == vq.candidates(z[:1], 2)[0].tolist() == [7, 40]
+    for bad in (0, 65, 1.5, True):
+        with pytest.raises(ValueError, match="k from 1 to the codebook size 64"):
+            vq.candidates(z, bad)
+    with pytest.raises(ValueError, match=r"latent rows \(n, 8\)"):
+        vq.candidates(z[:, :4], 1)

@@ -43,6 +43,10 @@ class GroupedQuantizer(Quantizer):
     def code_shape(self) -> tuple[int, ...]:
         return (len(self.groups), *self.groups[0].code_shape)
 
+    def num_tokens(self, grid: Sequence[int]) -> int:
+        """The tokens of each group's quantizer, summed."""
+        return sum(g.num_tokens(grid) for g in self.groups)
+
     def _forward(self, z: Tensor) -> QuantizerOutput:
         outs = [g(part) for g, part in zip(self.groups, z.split(self.splits, dim=-1))]
         losses, metrics = merge_outputs(outs, "group")

@@ -10,7 +10,6 @@ serves 1D (audio), 2D (image) and 3D (video) latents.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -123,7 +122,7 @@ class HierarchicalQuantizer(Quantizer):
 
     def num_tokens(self, grid: Sequence[int]) -> int:
         """The coarse grid's top codes (repeated over each 2-block in ``codes``) and the bottom codes."""
-        return (math.prod(-(-n // 2) for n in grid) + math.prod(grid)) * self.top.num_codebooks
+        return self.top.num_tokens([-(-n // 2) for n in grid]) + self.bottom.num_tokens(grid)
 
     # ------------------------------------------------------------------------------------
     def _spatial(self, x: Tensor, n_inner: int) -> tuple[int, ...]:

@@ -99,6 +99,10 @@ class ResidualQuantizer(Quantizer):
     def code_shape(self) -> tuple[int, ...]:
         return (len(self.stack), *self.levels[0].code_shape)
 
+    def num_tokens(self, grid: Sequence[int]) -> int:
+        """The tokens of each level's quantizer, summed."""
+        return sum(q.num_tokens(grid) for q in self.stack)
+
     def _forward(self, z: Tensor) -> QuantizerOutput:
         if self.beam_size > 1 and not self.training:
             return self._beam(z)

@@ -262,37 +262,45 @@ class VectorQuantizer(Quantizer):
 
     @torch.no_grad()
     def candidates(self, z: Tensor, k: int) -> Tensor:
-        """The ``k`` nearest codes of each latent row ``z (n, D)``, nearest first, ``(n, k)``
-        (ties to the lower index; rows in chunks of at most 2^24 distances)."""
+        """The ``k`` nearest codes of latent rows ``z (n, D)``, nearest first, ``(n, k)``: a shortlist
+        by the expanded distance, ranked by elementwise sums (ties to the lower index in any batch)."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self._size or z.shape[1:] != (self.dim,):
+            raise ValueError(f"candidates takes latent rows (n, {self.dim}) and k from 1 to the codebook size "
+                             f"{self._size}, got shape {tuple(z.shape)} and k={k!r}")
         with torch.autocast(device_type=z.device.type, enabled=False):  # fp32 distances under any autocast
             x = self.project_in(as_weights(self.project_in, z.float())).float()  # (half-precision projections too)
             x = l2norm(x) if self.metric == "cosine" else x
-            cb, out = self.codebook, []
-            for chunk in x.split(max(1, (1 << 24) // self._size)):
-                dist = self._distances(chunk, cb)
-                out.append(torch.sort(dist, dim=1, stable=True).indices[:, :k])
+            cb, out, m = self.codebook, [], min(self._size, k + 8)
+            for chunk in x.split(max(1, min((1 << 24) // self._size, (1 << 24) // (m * cb.shape[1])))):
+                short = torch.sort(self._distances(chunk, cb), dim=1, stable=True).indices[:, :m].sort(dim=1).values
+                rows, codes = chunk[:, None, :], cb[short]
+                exact = (rows - codes).square().sum(-1) if self.metric == "l2" else 1 - (rows * codes).sum(-1)
+                out.append(short.gather(1, torch.sort(exact, dim=1, stable=True).indices[:, :k]))
         return torch.cat(out) if out else x.new_zeros(0, k, dtype=torch.long)
 
     def _distances(self, x: Tensor, cb: Tensor) -> Tensor:
-        """``(n, K)`` fp32 distances of the metric (squared l2, or ``1 - cos`` on unit rows)."""
+        """``(n, K)`` fp32 distances of the metric (squared l2, or ``1 - cos`` on unit rows); l2
+        about the codebook's mean, so that latents far from the origin keep their digits."""
         if self.metric == "cosine":
             return 1 - x @ cb.T
+        x, cb = x - cb.mean(0), cb - cb.mean(0)
         return (x.square().sum(1, keepdim=True) - 2 * x @ cb.T + cb.square().sum(1)).clamp_min(0)
 
     def _sample_codes(self, x: Tensor, cb: Tensor) -> Tensor:
-        """Codes drawn from ``softmax(-dist / sample_temperature)`` by Gumbel-max, in row
-        chunks of at most 2^24 distances."""
+        """Codes drawn from ``softmax(-dist / sample_temperature)`` by Gumbel-max (``argmax(-dist
+        + T g)``: no overflow at any temperature), in row chunks of at most 2^24 distances."""
         rows, out = max(1, (1 << 24) // self._size), []
         for chunk in x.split(rows):
-            logits = -self._distances(chunk, cb) / self.sample_temperature
-            u = torch.rand_like(logits).clamp_(1e-20, 1.0)
-            out.append((logits - torch.log(-torch.log(u))).argmax(1))
+            dist = self._distances(chunk, cb)
+            u = torch.rand_like(dist).clamp_(1e-20, 1.0)
+            out.append((-dist - self.sample_temperature * torch.log(-torch.log(u))).argmax(1))
         return torch.cat(out) if out else x.new_zeros(0, dtype=torch.long)
 
     def _diversity(self, x: Tensor, cb: Tensor) -> Tensor:
         """``1 - H(p) / log K`` of the mean soft assignment of a random sample of rows."""
         pick = torch.randint(0, max(1, x.shape[0]), (self.diversity_sample,), device=x.device)
-        p = torch.softmax(-self._distances(x[pick], cb) / self.diversity_temperature, dim=1).mean(0)
+        dist = self._distances(x[pick], cb)
+        p = torch.softmax(-(dist - dist.min(1, keepdim=True).values) / self.diversity_temperature, dim=1).mean(0)
         entropy = -(p * p.clamp_min(1e-12).log()).sum()
         return 1 - entropy / math.log(max(self._size, 2))
 
