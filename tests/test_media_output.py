@@ -386,6 +386,62 @@ def test_compressed_audio_cut_short_is_refused_and_a_whole_file_read(tmp_path, s
         assert load_audio(tmp_path / "cbr.mp3")[0].shape[1] > 0.95 * sf.info(str(tmp_path / "cbr.mp3")).frames
 
 
+@pytest.mark.parametrize(("suffix", "muxer", "options"), [(".aiff", "aiff", []), (".wav", "wav", ["-rf64", "always"]),
+                                                        (".w64", "w64", [])])
+def test_an_aiff_rf64_or_w64_cut_short_is_refused_and_a_whole_one_read(tmp_path, suffix, muxer, options):
+    """libsndfile gives these formats' frame count as what the file holds: only the byte
+    length their header states tells a file cut short."""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    import soundfile as sf  # noqa: PLC0415
+
+    from tokenizers_vq.audio_io import load_audio  # noqa: PLC0415
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg (which writes the file) is not installed")
+    src = sorted(shared_path("audio", "fsdd").glob("*.wav"))[0]
+    ffmpeg = ["ffmpeg", "-loglevel", "error", "-y", "-i", str(src), *options, "-f", muxer]
+    subprocess.run([*ffmpeg, str(tmp_path / f"whole{suffix}")], check=True)
+    whole = (tmp_path / f"whole{suffix}").read_bytes()
+    extra = load_audio(tmp_path / f"whole{suffix}")[0].shape[1] - sf.info(str(src)).frames
+    assert 0 <= extra < 4  # ffmpeg's Wave64 length counts the padding to 8 bytes
+    (tmp_path / f"cut{suffix}").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=rf"cut{suffix}: the file is cut short \(its header promises \d+ bytes"):
+        load_audio(tmp_path / f"cut{suffix}")
+    if muxer != "wav":  # written to a pipe: the lengths are placeholders (an RF64 one libsndfile reads as empty)
+        with open(tmp_path / f"piped{suffix}", "wb") as out:
+            subprocess.run([*ffmpeg, "-"], stdout=out, check=True)
+        assert (tmp_path / f"piped{suffix}").read_bytes() != whole
+        assert torch.equal(load_audio(tmp_path / f"piped{suffix}")[0], load_audio(src)[0])
+
+
+@pytest.mark.parametrize(("suffix", "encoder"), [(".ogg", "libvorbis"), (".opus", "libopus")])
+def test_chained_ogg_streams_are_refused_with_a_command_that_joins_them(tmp_path, suffix, encoder):
+    """Two Ogg streams end to end (``cat a.ogg b.ogg``, a radio recording): libsndfile reads
+    the first alone."""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from tokenizers_vq.audio_io import load_audio  # noqa: PLC0415
+
+    if shutil.which("ffmpeg") is None or encoder not in subprocess.run(
+            ["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True).stdout:
+        pytest.skip(f"ffmpeg with {encoder} (which writes the streams) is not installed")
+    src = sorted(shared_path("audio", "fsdd").glob("*.wav"))[0]
+    one = tmp_path / f"one{suffix}"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(src), "-c:a", encoder, str(one)], check=True)
+    single, rate = load_audio(one)[:2]
+    (tmp_path / f"twice{suffix}").write_bytes(one.read_bytes() * 2)
+    with pytest.raises(ValueError, match=rf"twice{suffix}: a second stream is chained after the first at byte "
+                                         rf"{one.stat().st_size} .*\(ffmpeg -i twice{suffix} twice_joined.wav\)"):
+        load_audio(tmp_path / f"twice{suffix}")
+    subprocess.run(["ffmpeg", "-loglevel", "quiet", "-y", "-i", f"twice{suffix}", "twice_joined.wav"], cwd=tmp_path,
+                   check=True)  # the command the message gives keeps both streams
+    joined = load_audio(tmp_path / "twice_joined.wav", sample_rate=rate)[0].shape[1]
+    assert 2 * single.shape[1] <= joined <= 2 * single.shape[1] + rate // 10  # (ffmpeg keeps a block's padding)
+
+
 def test_an_mp3_without_a_frame_count_is_read_whole_or_refused_never_cut(tmp_path):
     """An encoder writing to a pipe leaves out the Xing header: libsndfile then stops at a
     length it guesses from the first frame's bitrate (a third of a variable-rate file)."""

@@ -91,14 +91,13 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None,
     if not riff and got < 0.95 * promised - 2304:
         raise ValueError(f"cannot read audio {path}: the file is cut short (its header gives {promised} samples, "
                          f"{got} could be decoded); copy or export it again")
-    cut = _wav_cut_short(path)
+    cut = _pcm_cut_short(path)
     if cut is not None:
         raise ValueError(f"cannot read audio {path}: the file is cut short (its header promises {cut[0]} bytes of "
                          f"samples, {cut[1]} are there); copy or export it again")
-    cut = _ogg_cut_short(path)
-    if cut is not None:
-        raise ValueError(f"cannot read audio {path}: the file is cut short (its last page would end at byte {cut[0]}, "
-                         f"the file has {cut[1]}); copy or export it again")
+    trouble = _ogg_trouble(path)
+    if trouble is not None:
+        raise ValueError(f"cannot read audio {path}: {trouble}")
     if not blocks:
         raise ValueError(f"audio file {path} has no samples: none could be decoded from its {path.stat().st_size} "
                          "bytes (an empty recording, or a file cut short: copy or export it again)")
@@ -130,27 +129,46 @@ def _warn_quiet_mix(path: Path, channels: int, mix_energy: float, loudest: float
                   f"{shell_arg(path.stem + '_mono.wav')}: c0 is the first channel)", stacklevel=3)
 
 
-# RIFF-family containers, whose data length a writer to a pipe leaves open (see _wav_cut_short)
+# RIFF-family containers, whose data length a writer to a pipe leaves open (see _pcm_cut_short)
 _RIFF = ("WAV", "WAVEX", "RF64", "W64")
+_W64_RIFF = b"riff\x2e\x91\xcf\x11\xa5\xd6\x28\xdb\x04\xc1\x00\x00"
+_W64_WAVE, _W64_DATA = (name + b"\xf3\xac\xd3\x11\x8c\xd1\x00\xc0\x4f\x8e\xdb\x8a" for name in (b"wave", b"data"))
 
 
-def _wav_cut_short(path: Path) -> tuple[int, int] | None:
-    """``(promised, present)`` bytes of a RIFF/WAVE file's ``data`` chunk when fewer are
-    present than its header gives (libsndfile reads what is there without a word); ``None``
-    for a whole file, another format, or a length left open (0, or 2 GiB and up: what writers
-    to a pipe put there)."""
+def _pcm_cut_short(path: Path) -> tuple[int, int] | None:
+    """``(promised, present)`` bytes of samples in a RIFF/WAVE, RF64/BW64, Sony Wave64 or
+    AIFF/AIFC file when fewer are present than its header gives (libsndfile reads what is there
+    without a word); ``None`` for a whole file, another format, or a length left open (0, or 2 GiB
+    and up in a 32-bit field, 2^62 and up in a 64-bit one: what writers to a pipe put there)."""
     with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        head = f.read(40)
+        kind = head[:4] + head[8:12]
+        # the chunk that holds the samples, its id and size fields, the header bytes its size counts,
+        # the bytes before the samples in it (AIFF: offset and block size), chunk padding, first chunk
+        if kind in (b"RIFFWAVE", b"RF64WAVE", b"BW64WAVE"):
+            name, id_len, size_len, order, counted, skip, pad, at = b"data", 4, 4, "little", 0, 0, 2, 12
+        elif kind in (b"FORMAIFF", b"FORMAIFC"):
+            name, id_len, size_len, order, counted, skip, pad, at = b"SSND", 4, 4, "big", 0, 8, 2, 12
+        elif head[:16] == _W64_RIFF and head[24:40] == _W64_WAVE:
+            name, id_len, size_len, order, counted, skip, pad, at = _W64_DATA, 16, 8, "little", 24, 0, 8, 40
+        else:
             return None
-        size = path.stat().st_size
-        while len(chunk := f.read(8)) == 8:
-            length = int.from_bytes(chunk[4:], "little")
-            if chunk[:4] == b"data":
-                present = size - f.tell()
-                open_length = length == 0 or length >= 0x7FFF0000  # a stream's placeholder (0xFFFFFFFF, SoX's 0x7ffff000)
+        size, ds64 = path.stat().st_size, None
+        f.seek(at)
+        while len(chunk := f.read(id_len + size_len)) == id_len + size_len:
+            length, at = int.from_bytes(chunk[id_len:], order) - counted, f.tell()
+            if length < 0:
+                return None  # a malformed chunk: the decoder's to judge
+            if chunk[:id_len] == name:
+                if length == 0xFFFFFFFF and ds64 is not None:  # RF64: the 64-bit length is in the ds64 chunk
+                    length, size_len = ds64, 8
+                # a stream's placeholder: 0xFFFFFFFF, SoX's 0x7ffff000, ffmpeg's 0 (AIFF) and 2^63 - 1 (Wave64)
+                open_length = length == 0 or length >= (0x7FFF0000 if size_len == 4 else 1 << 62)
+                length, present = length - skip, max(0, size - at - skip)
                 return (length, present) if not open_length and present < length else None
-            f.seek(length + (length & 1), 1)  # chunks are padded to an even length
+            if chunk[:id_len] == b"ds64":  # after the 64-bit RIFF size: the data size
+                ds64 = int.from_bytes(f.read(16)[8:], "little")
+            f.seek(at + length + -length % pad)
     return None
 
 
@@ -218,22 +236,30 @@ def _mpeg_samples(path: Path) -> tuple[int, int] | None:
     return (samples, first) if first is not None else None
 
 
-def _ogg_cut_short(path: Path) -> tuple[int, int] | None:
-    """``(promised, present)`` bytes of an Ogg file (Vorbis, Opus, FLAC in Ogg) whose last page
-    runs past the end of the file (libsndfile then reads the pages before it without a word:
-    an Ogg stream states no total length); ``None`` for a whole file or another format."""
+def _ogg_trouble(path: Path) -> str | None:
+    """What libsndfile passes over without a word in an Ogg file (Vorbis, Opus, FLAC in Ogg): a
+    last page that runs past the end of the file (it reads the pages before: an Ogg stream
+    states no total length), or a second stream chained after the first (``cat a.ogg b.ogg``, a
+    radio recording: it reads the first only); ``None`` for a whole single-stream file or
+    another format."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        at = 0
+        at, data_seen = 0, False
         while at < size:
             f.seek(at)
             head = f.read(27)
             if len(head) < 27 or head[:4] != b"OggS":
                 return None  # not Ogg (or bytes after its pages: the decoder's to judge)
+            if head[5] & 2 and data_seen:  # streams side by side all begin on the first pages
+                return (f"a second stream is chained after the first at byte {at} (files joined end to end, or a "
+                        "radio recording), and only the first could be read; decode them into one file first "
+                        f"(ffmpeg -i {shell_arg(path.name)} {shell_arg(path.stem + '_joined.wav')})")
+            data_seen |= not head[5] & 2
             table = f.read(head[26])
             end = at + 27 + head[26] + sum(table)
             if len(table) < head[26] or end > size:
-                return end, size
+                return (f"the file is cut short (its last page would end at byte {end}, the file has {size}); "
+                        "copy or export it again")
             at = end
     return None
 
