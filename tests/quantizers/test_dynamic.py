@@ -170,3 +170,22 @@ def test_router_hits_target_fine_ratio_on_real_photos():
     assert abs(calibrated - target) <= 0.02  # and the eval routing on unseen photos
     assert packed.lengths.unique().tolist() == [64 + 20 * 3]
     assert exact
+
+
+def test_budgets_batch_sizes_and_offsets_of_the_wrong_kind_are_refused_by_name():
+    """Not topk's or range()'s TypeError, nor an IndexError on empty offsets."""
+    dq = make("vq").eval()
+    z = torch.randn(2, 4, 4, D)
+    for kwargs, said in (({"fine_regions": 2.0}, "fine_regions must be a whole number"),
+                         ({"fine_regions": -1}, "fine_regions must be a whole number"),
+                         ({"num_tokens": 10.0}, "num_tokens must be a whole number")):
+        with pytest.raises(ValueError, match=said):
+            dq.encode(z, **kwargs)
+    for size in (0, 2.5):
+        with pytest.raises(ValueError, match=r"batch_size must be a whole number in \[1, inf\)"):
+            dq.calibrate_threshold(z, batch_size=size)
+    packed = dq.encode(z, fine_regions=2)
+    for offsets in (torch.tensor([], dtype=torch.long), torch.tensor([0])):
+        with pytest.raises(ValueError, match=r"offsets must be \(B \+ 1,\) for B >= 1 samples"):
+            dq.decode(PackedCodes(packed.codes, packed.positions, packed.fine, offsets, packed.shape))
+    assert torch.equal(dq.decode(packed), dq(z, fine_regions=2).quantized)

@@ -44,3 +44,9 @@ def test_noise_dropout_replaces_rounding_in_training_only():
     assert torch.equal(q.eval()(z).quantized, grid) and torch.equal(q(z).codes, FSQ(4, LEVELS)(z).codes)
     with pytest.raises(ValueError, match="bound must be"):
         FSQ(4, LEVELS, bound="round")
+
+
+def test_noise_dropout_must_be_a_probability():
+    for bad in (None, -0.1, 1.5, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match=r"noise_dropout must be a number in \[0, 1\]"):
+            FSQ(4, LEVELS, noise_dropout=bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tokenizers_vq.quantizers import IBQ
@@ -21,3 +22,17 @@ def test_every_codeword_gets_a_gradient_and_eval_gives_the_codeword():
         e = q(z)
     assert torch.equal(e.quantized, q.embed[e.codes])  # exactly the codewords (no projection here)
     assert torch.equal(e.codes, (z @ q.embed.T).argmax(-1))
+
+
+def test_a_vanishing_temperature_is_refused_and_the_smallest_keeps_the_entropy_finite():
+    """A temperature of 1e-40 turns the scaled logits into Inf (a NaN entropy loss); 1e-4, the
+    smallest accepted, keeps the loss and its gradients finite up to the largest latent accepted."""
+    for temperature in (1e-40, 0.0, 9e-5):
+        with pytest.raises(ValueError, match=r"temperature must be a number in \[0.0001, inf\)"):
+            IBQ(8, 16, temperature=temperature)
+    q = IBQ(8, 16, temperature=1e-4).train()
+    for scale in (1.0, 1e15):
+        z = (torch.randn(4, 64, 8, generator=torch.Generator().manual_seed(0)) * scale).clamp(-1e15, 1e15)
+        out = q(z)
+        out.losses["entropy"].backward()
+        assert torch.isfinite(out.losses["entropy"]) and torch.isfinite(q.embed.grad).all()

@@ -3,6 +3,7 @@ weight-decay parameter groups."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tokenizers_vq.quantizers import LatentQuantizer, latent_quantization_param_groups
@@ -52,3 +53,19 @@ def test_param_groups_put_codebooks_apart():
     assert groups[0]["params"] == [model[1].values]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     torch.optim.AdamW(groups, lr=1e-3)  # accepted as is
+
+
+@pytest.mark.parametrize(("kwargs", "said"), [
+    ({"init_range": float("nan")}, r"init_range must be a number in \(0, "),
+    ({"init_range": float("inf")}, r"init_range must be a number in \(0, "),
+    ({"init_range": 1e30}, r"init_range must be a number in \(0, "),  # squared distances past float32
+    ({"init_range": 0.0}, r"init_range must be a number in \(0, "),
+    ({"quantize_weight": -1.0}, r"quantize_weight must be a number in \[0, inf\)"),
+    ({"commit_weight": float("nan")}, r"commit_weight must be a number in \[0, inf\)"),
+    ({"values_per_dim": 4.5}, r"values_per_dim must be a whole number in \[2, inf\), got 4.5"),
+    ({"values_per_dim": 1}, r"values_per_dim must be a whole number in \[2, inf\), got 1"),
+])
+def test_arguments_out_of_range_are_refused_by_name(kwargs, said):
+    """Not NaN values or losses, a negative loss or a raw TypeError from linspace."""
+    with pytest.raises(ValueError, match=said):
+        LatentQuantizer(8, **kwargs)

@@ -205,3 +205,19 @@ def test_balanced_kmeans_evens_out_cluster_sizes():
     assert (n_even >= 0.25 * n_even.mean()).all() and n_even.sum() == len(x)
     err_plain, err_even = nearest_codes(x, plain)[0].mean(), nearest_codes(x, even)[0].mean()
     assert err_even < 1.2 * err_plain, (err_even, err_plain)  # still a good quantizer of x
+
+
+def test_features_without_spread_or_past_the_magnitude_limit_are_refused_and_no_fit_is_non_finite():
+    """The projector fit divides by the features' spread (constant ones would give a NaN codebook
+    after the first batches) and sums their squares (features of magnitude 1e30 overflow them)."""
+    for feats in (torch.ones(64, 6), torch.zeros(64, 6), torch.full((64, 6), 3.0) + 1e-7 * torch.randn(64, 6)):
+        with pytest.raises(ValueError, match=r"codebook features have no spread .* features=None"):
+            ProjectedCodebookVQ(8, 16, features=feats, init_samples=32, init_batches=2)
+    with pytest.raises(ValueError, match=r"magnitude [0-9.]+e\+30, over the limit of 1e\+15: scale them down"):
+        ProjectedCodebookVQ(8, 16, features=torch.randn(64, 6, generator=torch.Generator().manual_seed(0)) * 1e30)
+    assert fit_linear_projector(torch.ones(64, 6), torch.randn(200, 8)) is None  # not a NaN map
+    q = ProjectedCodebookVQ(8, 16, features=torch.randn(64, 6), init_samples=32, init_batches=1, kmeans_iters=2)
+    q.train()(torch.randn(40, 8))
+    assert q._initted and torch.isfinite(q.codebook).all()
+    with pytest.raises(ValueError, match=r"codebook_size must be a whole number in \[1, inf\), got 2.5"):
+        ProjectedCodebookVQ(8, 2.5, features=torch.randn(4, 8))

@@ -3,6 +3,11 @@ blind to a feature vector's offset and scale, and untouched by training."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -23,3 +28,18 @@ def test_targets_are_the_cosine_argmax_fixed_by_the_seed_and_scale_free():
     out = q(z)
     assert out.losses == {} and torch.equal(q.encode(z), codes)  # nothing learns
     assert out.metrics["usage_batch"] > 0.05
+
+
+def test_a_seed_gives_the_same_codebook_bits_on_every_cpu_kernel():
+    """torch.randn draws other values under the scalar CPU kernel than under AVX2/AVX512 (an ulp
+    in most rows): the codebook, built from torch.rand, must not. A process forced onto the
+    scalar kernel builds the bits this one builds on its own (vector) kernel."""
+    script = ("import hashlib; from tokenizers_vq.quantizers import RandomProjectionQuantizer as R; "
+              "q = R(80, 1024, 16, seed=3); print(hashlib.sha256(q.codebook.numpy().tobytes()).hexdigest())")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    scalar = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    q = RandomProjectionQuantizer(80, 1024, 16, seed=3)
+    assert scalar.stdout.strip() == hashlib.sha256(q.codebook.numpy().tobytes()).hexdigest()
+    assert torch.isfinite(q.codebook).all()
+    torch.testing.assert_close(q.codebook.norm(dim=1), torch.ones(1024))
+    assert abs(float(q.codebook.mean())) < 0.01  # directions spread evenly over the sphere

@@ -133,3 +133,42 @@ def test_lfq_and_multiscale_weights_keep_their_settings():
             MultiScaleResidualQuantizer(8, 16, scales=(1, 2, 4)).state_dict())
     older = {k: v for k, v in LFQ(8, 8).state_dict().items() if k not in ("_num_bits", "_spherical")}
     LFQ(8, 8).load_state_dict(older)
+
+
+def test_fsq_refuses_levels_past_float32_steps_and_keeps_codes_in_range_up_to_them():
+    """The bounded values are float32: a channel of more than 2^24 levels would round two levels
+    to one value and give codes past prod(levels); 2^24 itself still codes exactly."""
+    with pytest.raises(ValueError, match=r"levels must each be at most 2\^24 = 16777216 .* got 33554432: split"):
+        FSQ(2, [2**25, 2])
+    fsq = FSQ(2, [2**24, 2]).eval()
+    z = torch.tensor([[50.0, -50.0], [-50.0, 50.0], [0.3, 0.2]])
+    codes = fsq.encode(z)
+    assert int(codes.min()) >= 0 and int(codes.max()) < fsq.codebook_size
+    assert fsq.codes_to_digits(codes)[:2].tolist() == [[2**24 - 1, 0], [0, 1]]
+    assert torch.equal(fsq.decode(codes), fsq(z).quantized)
+
+
+def test_fsq_codes_to_digits_refuses_codes_out_of_range_as_decode_does():
+    fsq = FSQ(3, [4, 5, 6])  # 120 codes
+    for bad in ([-1, 5], [0, 120]):
+        with pytest.raises(ValueError, match=r"codes out of range: found values in \[.*\], valid range is \[0, 120\)"):
+            fsq.codes_to_digits(torch.tensor(bad))
+    assert fsq.codes_to_digits(torch.tensor(119)).tolist() == [3, 4, 5]  # a single code too
+    assert fsq.codes_to_digits(torch.tensor([[0, 1]], dtype=torch.uint8)).tolist() == [[[0, 0, 0], [1, 0, 0]]]
+
+
+def test_lfq_refuses_a_vanishing_temperature_and_groups_too_large_to_build():
+    """A temperature of 1e-40 turns the scaled logits into Inf (a NaN entropy loss); 1e-4, the
+    smallest accepted, keeps the loss and its gradients finite up to the largest latent accepted."""
+    for make in (lambda: LFQ(8, 8, temperature=1e-40), lambda: LFQ(8, 8, temperature=0.0)):
+        with pytest.raises(ValueError, match=r"temperature must be a number in \[0.0001, inf\)"):
+            make()
+    z = (torch.randn(4, 64, 8, generator=torch.Generator().manual_seed(0)) * 1e15).clamp(-1e15, 1e15)
+    for lfq in (LFQ(8, 8, temperature=1e-4), LFQ(8, 8, temperature=1e-4, spherical=True)):
+        z1 = z.clone().requires_grad_()
+        out = lfq.train()(z1)
+        out.losses["entropy"].backward()
+        assert torch.isfinite(out.losses["entropy"]) and torch.isfinite(z1.grad).all()
+    with pytest.raises(ValueError, match="group_bits=40 is over 16: .* pass a smaller divisor of num_bits"):
+        LFQ(40, 40, group_bits=40)  # (2^40, 40) sub-codes: terabytes
+    assert LFQ(16, 16, group_bits=16)._sub_codes.shape == (2**16, 16)

@@ -278,3 +278,10 @@ def test_levels_shrunk_to_different_sizes_are_refused_before_anything_is_written
     with pytest.raises(ValueError, match=r"codebooks of \[8, 32\] codes.*same size"):
         tok.save_pretrained(tmp_path / "mixed")
     assert not (tmp_path / "mixed").exists()
+
+
+def test_a_size_that_is_not_a_whole_number_is_refused_by_name():
+    vq = VectorQuantizer(8, 32)
+    for size in (2.5, 4.0, 0, 32):
+        with pytest.raises(ValueError, match=r"codebook_size must be a whole number in \[1, 32\)"):
+            shrink_codebook(vq, size)

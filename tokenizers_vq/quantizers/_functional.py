@@ -9,6 +9,7 @@ On CPU (and wherever Triton is not available) it runs the chunked torch referenc
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal, get_args
 
 import torch
@@ -80,6 +81,7 @@ def code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
         x: ``(N, d)`` latents.
         idx: ``(N,)`` code of each row, of any integer dtype; codes outside ``[0, size)``
             are left out of both.
+        size: ``K``, a whole number >= 0.
 
     Segment sums by ``index_add_`` (no one-hot, no host sync); on CUDA the Triton
     version in ``tokenizers_vq.kernels`` is used when available.
@@ -88,6 +90,11 @@ def code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"expected x (N, d) and idx (N,); got {tuple(x.shape)} and {tuple(idx.shape)}")
     if x.device != idx.device:
         raise ValueError(f"x on {x.device} but idx on {idx.device}: move both to one device")
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise ValueError(f"idx must hold integer code ids, got dtype {idx.dtype}: pass the codes as an integer tensor "
+                         "(e.g. idx.round().long() for ids stored as floats)")
+    if not isinstance(size, (numbers.Integral, torch.SymInt)) or isinstance(size, bool):
+        raise ValueError(f"the number of codes must be a whole number, got {size!r}: pass size as an int")
     size = int(size)
     if size < 0:
         raise ValueError(f"the number of codes must be >= 0, got {size}")
@@ -133,8 +140,8 @@ def nearest_codes(
     """Nearest codeword of each row of ``x``; the single entry point for search.
 
     Args:
-        x: ``(N, d)`` queries (any float dtype; computed in fp32).
-        codebook: ``(K, d)`` codewords.
+        x: ``(N, d)`` queries (any real float dtype; computed in fp32).
+        codebook: ``(K, d)`` codewords (real).
         metric: ``"l2"`` (squared Euclidean) or ``"cosine"`` (``1 - cos``).
         backend: ``"auto"`` uses the Triton kernel for CUDA tensors when it is
             available and the torch reference otherwise; ``"torch"`` or
@@ -152,6 +159,9 @@ def nearest_codes(
         )
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch' or 'triton'")
+    if x.is_complex() or codebook.is_complex():
+        raise ValueError(f"nearest_codes searches real vectors, got {x.dtype} queries and a {codebook.dtype} codebook: "
+                         "pass torch.view_as_real(t).flatten(-2) of both (real and imaginary parts as channels)")
     if x.device != codebook.device:
         raise ValueError(f"x on {x.device} but codebook on {codebook.device}: move both to one device")
     if backend != "torch" and (backend == "triton" or x.is_cuda):

@@ -207,6 +207,7 @@ class DynamicQuantizer(nn.Module):
         """Set ``threshold`` to the ``1 - target`` quantile of the router scores of
         ``z`` ``(B, *S, D)`` (in batches), so that exactly the target fraction of
         their regions is fine in eval; returns the threshold."""
+        check_number("batch_size", batch_size, 1, integer=True)
         s = torch.cat([self.scores(z[i : i + batch_size]).reshape(-1) for i in range(0, z.shape[0], batch_size)])
         self.threshold.fill_(torch.quantile(s.float(), 1 - self.target_fine_ratio))
         return float(self.threshold)
@@ -271,8 +272,9 @@ class DynamicQuantizer(nn.Module):
 
     def _top_regions(self, s: Tensor, k: int) -> Tensor:
         n_regions = math.prod(s.shape[1:])
-        if not 0 <= k <= n_regions:
-            raise ValueError(f"fine_regions={k} is larger than the number of regions ({n_regions}) or negative")
+        check_number("fine_regions", k, 0, integer=True)
+        if k > n_regions:
+            raise ValueError(f"fine_regions={k} is larger than the number of regions ({n_regions})")
         flat = s.detach().reshape(s.shape[0], -1)
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep.scatter_(1, flat.topk(k, dim=1).indices, True)
@@ -295,6 +297,7 @@ class DynamicQuantizer(nn.Module):
     def fine_regions_for(self, spatial: tuple[int, ...], num_tokens: int) -> int:
         """Fine regions giving exactly ``num_tokens`` tokens per sample; raises when no
         routing gives that count."""
+        check_number("num_tokens", num_tokens, 0, integer=True)
         n_regions, per = math.prod(s // 2 for s in spatial), 2 ** len(spatial) - 1
         k, rem = divmod(num_tokens - n_regions, per)
         if rem or not 0 <= k <= n_regions:
@@ -321,8 +324,7 @@ class DynamicQuantizer(nn.Module):
     def pack(self, codes: Tensor, fine_map: Tensor) -> PackedCodes:
         """Dense code map ``(B, *S, *cs)`` + routing ``(B, *S/2)`` -> :class:`PackedCodes`."""
         n = fine_map.ndim - 1
-        b, spatial, nb = codes.shape[0], tuple(codes.shape[1 : 1 + n]), 2**n
-        cs = tuple(codes.shape[1 + n :])
+        b, spatial, nb, cs = codes.shape[0], tuple(codes.shape[1 : 1 + n]), 2**n, tuple(codes.shape[1 + n :])
         blocks = self.to_blocks(codes, n).reshape(b, -1, nb, *cs)  # (B, R, 2^n, *cs)
         cell_pos = self.to_blocks(self._grid(spatial, codes.device).unsqueeze(0), n).reshape(-1, nb, n)
         fine = fine_map.reshape(b, -1)
@@ -369,8 +371,8 @@ class DynamicQuantizer(nn.Module):
         codes = self.inner._check_codes(codes)
         if pos.shape != (codes.shape[0], n) or fine.shape != (codes.shape[0],):
             raise ValueError(f"positions must be (N, {n}) and fine (N,) for {codes.shape[0]} tokens")
-        if packed.offsets.ndim != 1 or int(packed.offsets[0]) != 0 or int(packed.offsets[-1]) != codes.shape[0]:
-            raise ValueError("offsets must start at 0 and end at the number of tokens")
+        if (off := packed.offsets).ndim != 1 or off.numel() < 2 or int(off[0]) != 0 or int(off[-1]) != codes.shape[0]:
+            raise ValueError("offsets must be (B + 1,) for B >= 1 samples, start at 0 and end at the number of tokens")
         if ((lengths := packed.lengths) < 0).any():
             raise ValueError("offsets must be non-decreasing")
         size = torch.tensor(spatial, device=pos.device)
@@ -389,12 +391,10 @@ class DynamicQuantizer(nn.Module):
         cover = cover.reshape(b, *spatial) + self._expand(by_coarse.reshape(b, *r_spatial), n)
         if not torch.equal(cover, torch.ones_like(cover)):
             raise ValueError("packed tokens must cover every cell exactly once (a coarse token or all fine cells)")
-        fine_codes = codes.new_zeros(n_cells, *cs)
-        coarse_codes = codes.new_zeros(n_regions, *cs)
+        fine_codes, coarse_codes = codes.new_zeros(n_cells, *cs), codes.new_zeros(n_regions, *cs)
         fine_map = torch.zeros(n_regions, dtype=torch.bool, device=dev)
         fine_codes[cell[fine]] = codes[fine]
         coarse_codes[region[~fine]] = codes[~fine]
         fine_map[region[fine]] = True
-        return self._assemble(
-            fine_codes.reshape(b, *spatial, *cs), coarse_codes.reshape(b, *r_spatial, *cs), fine_map.reshape(b, *r_spatial)
-        )
+        return self._assemble(fine_codes.reshape(b, *spatial, *cs), coarse_codes.reshape(b, *r_spatial, *cs),
+                              fine_map.reshape(b, *r_spatial))

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenizers_vq.quantizers._functional import code_histogram, perplexity, straight_through
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, load_settings
+from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_number, load_settings
 
 
 _BOUNDS = ("tanh", "paper", "symmetric")
@@ -40,7 +40,8 @@ class FSQ(Quantizer):
     Args:
         dim: latent size ``D``; projected to ``len(levels)`` channels (and back)
             when it differs.
-        levels: number of values per channel, e.g. ``[8, 5, 5, 5]`` (1000 codes).
+        levels: number of values per channel, e.g. ``[8, 5, 5, 5]`` (1000 codes), each in
+            ``[2, 2^24]`` (the bounded values are float32, exact for whole numbers up to 2^24).
         usage_metrics: also return perplexity and the fraction of codes used in
             the batch (a ``prod(levels)`` histogram, so only for grids up to 2^24).
         bound: ``"tanh"`` (default), ``"paper"`` or ``"symmetric"`` (module docstring).
@@ -62,8 +63,7 @@ class FSQ(Quantizer):
         super().__init__(dim, check_finite)
         if bound not in _BOUNDS:
             raise ValueError(f"bound must be 'tanh', 'paper' or 'symmetric', got {bound!r}")
-        if not 0.0 <= noise_dropout <= 1.0:
-            raise ValueError(f"noise_dropout must be in [0, 1], got {noise_dropout}")
+        check_number("noise_dropout", noise_dropout, 0, 1)
         self.bound_form, self.noise_dropout = bound, noise_dropout
         if isinstance(levels, (str, bytes)) or not hasattr(levels, "__len__"):  # (not '855' for [8, 5, 5])
             raise ValueError(f"levels must be a non-empty list of integers >= 2, got {levels!r}")
@@ -72,6 +72,9 @@ class FSQ(Quantizer):
         levels = [int(v) for v in levels]
         if not levels or min(levels) < 2:
             raise ValueError(f"levels must be a non-empty list of integers >= 2, got {levels}")
+        if max(levels) > 2**24:
+            raise ValueError(f"levels must each be at most 2^24 = {2**24} (the bounded values are float32, which "
+                             f"cannot tell apart steps beyond), got {max(levels)}: split that channel into two")
         if sum(math.log2(v) for v in levels) > 62:
             raise ValueError(f"prod(levels) = 2^{sum(math.log2(v) for v in levels):.1f} does not fit int64 codes")
         self.levels = levels
@@ -164,9 +167,13 @@ class FSQ(Quantizer):
         return self.project_out(xq).to(z.dtype)
 
     def codes_to_digits(self, codes: Tensor) -> Tensor:
-        """Indices ``(...)`` -> per-channel values ``(..., C)`` in ``[0, L_i)``."""
+        """Indices ``(...)`` -> per-channel values ``(..., C)`` in ``[0, L_i)``; codes outside
+        ``[0, codebook_size)`` are refused, as :meth:`decode` refuses them."""
+        return self._digits(self._check_codes(codes.reshape(-1)).reshape(codes.shape))
+
+    def _digits(self, codes: Tensor) -> Tensor:
         return (codes.long().unsqueeze(-1) // self._basis) % self._levels
 
     def _decode(self, codes: Tensor) -> Tensor:
         width = (self._levels // 2).float()
-        return self._project_out(self._values(self.codes_to_digits(codes).float() - width))
+        return self._project_out(self._values(self._digits(codes).float() - width))

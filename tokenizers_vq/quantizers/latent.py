@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers_vq.quantizers._functional import BACKENDS, Backend, code_histogram, nearest_codes, perplexity, straight_through
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_choice, flatten_latent
+from tokenizers_vq.quantizers.base import (MAX_LATENT_MAGNITUDE, Quantizer, QuantizerOutput, check_choice, check_number,
+                                           flatten_latent)
 
 
 class LatentQuantizer(Quantizer):
@@ -23,7 +24,8 @@ class LatentQuantizer(Quantizer):
     Args:
         dim: latent size ``D`` (one scalar codebook per dimension).
         values_per_dim: ``n``, values in each dimension's codebook.
-        init_range: values start evenly spaced over ``[-init_range, init_range]``.
+        init_range: values start evenly spaced over ``[-init_range, init_range]``; in
+            ``(0, MAX_LATENT_MAGNITUDE]``.
         quantize_weight: weight of ``|sg(z) - z_q|^2``, which moves the values.
         commit_weight: weight of ``|z - sg(z_q)|^2``, which moves the encoder.
         backend: nearest-code search backend, see :func:`nearest_codes`.
@@ -50,10 +52,10 @@ class LatentQuantizer(Quantizer):
         check_finite: bool = True,
     ):
         super().__init__(dim, check_finite)
-        if values_per_dim < 2:
-            raise ValueError(f"values_per_dim must be >= 2, got {values_per_dim}")
-        if init_range <= 0:
-            raise ValueError(f"init_range must be > 0, got {init_range}")
+        check_number("values_per_dim", values_per_dim, 2, integer=True)
+        check_number("init_range", init_range, 0, MAX_LATENT_MAGNITUDE, open_low=True)
+        for name, value in (("quantize_weight", quantize_weight), ("commit_weight", commit_weight)):
+            check_number(name, value, 0)
         check_choice("backend", backend, BACKENDS)
         self.values_per_dim, self.backend = values_per_dim, backend
         self.quantize_weight, self.commit_weight = quantize_weight, commit_weight

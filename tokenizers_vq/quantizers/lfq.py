@@ -40,8 +40,9 @@ class LFQ(Quantizer):
         entropy_weight: weight of ``H(q|x) - diversity_weight * H(q)``.
         diversity_weight: weight of the codebook-entropy term inside that.
         commitment_weight: weight of ``|x - sg(q)|^2``.
-        temperature: softmax temperature of the soft assignments.
-        group_bits: bits per entropy group (must divide ``num_bits``); defaults to
+        temperature: softmax temperature of the soft assignments, at least 1e-4,
+            which keeps the scaled logits of latents up to ``MAX_LATENT_MAGNITUDE`` finite in float32.
+        group_bits: bits per entropy group (must divide ``num_bits``, at most 16); defaults to
             the largest divisor of ``num_bits`` that is at most 10. Training keeps about
             ``5 * (num_bits / group_bits) * 2^group_bits`` floats per latent for it
             (10 bits: 5,120; 18 bits in groups of 9: 5,120; in groups of 3: 240): pass a
@@ -73,13 +74,17 @@ class LFQ(Quantizer):
     ):
         super().__init__(dim, check_finite)
         check_number("num_bits", num_bits, 1, 62, integer=True)
-        check_number("temperature", temperature, 0, open_low=True)
+        check_number("temperature", temperature, 1e-4)
         for name, value in (("entropy_weight", entropy_weight), ("diversity_weight", diversity_weight),
                             ("commitment_weight", commitment_weight)):
             check_number(name, value, 0)
         if group_bits is None:
             group_bits = max(g for g in range(1, 11) if num_bits % g == 0)
         check_number("group_bits", group_bits, 1, integer=True)
+        if group_bits > 16:  # (2^g, g) sub-codes are built, and (N, num_bits / g, 2^g) soft assignments
+            raise ValueError(f"group_bits={group_bits} is over 16: each entropy group's 2^group_bits sub-codes are "
+                             "built and training keeps about 5 * 2^group_bits floats per latent for each group; pass "
+                             "a smaller divisor of num_bits (by default the largest one up to 10)")
         if num_bits % group_bits:
             raise ValueError(f"group_bits={group_bits} must divide num_bits={num_bits}")
         self.num_bits, self.spherical, self.group_bits = num_bits, spherical, group_bits

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from tokenizers_vq import distributed as tdist
 from tokenizers_vq.quantizers._functional import (BACKENDS, Backend, Metric, code_histogram, l2norm, nearest_codes,
                                                   perplexity, straight_through)
-from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, as_weights, check_choice, check_number, flatten_latent
+from tokenizers_vq.quantizers.base import (MAX_LATENT_MAGNITUDE, Quantizer, QuantizerOutput, as_weights, check_choice,
+                                           check_number, flatten_latent)
 from tokenizers_vq.quantizers.kmeans import kmeans
 
 Projector = Literal["linear", "mlp"]
@@ -66,7 +67,15 @@ def load_features(features: Tensor | str | os.PathLike, key: str | None = None) 
         raise ValueError(f"codebook features must be a non-empty float (N, F) tensor, got {t.dtype} {tuple(t.shape)}")
     if not torch.isfinite(t).all():
         raise ValueError("codebook features contain NaN or Inf values")
-    return t.detach().float()
+    t, peak = t.detach().float(), float(t.abs().max())
+    if peak > MAX_LATENT_MAGNITUDE:  # their squared sums (the projector fit's covariance) overflow float32
+        raise ValueError(f"codebook features have values of magnitude {peak:.3g}, over the limit of "
+                         f"{MAX_LATENT_MAGNITUDE:.0e}: scale them down (the projector is fitted to the latents' scale)")
+    lo, hi = t.aminmax(dim=0)
+    if float((hi - lo).max()) <= 1e-6 * peak:  # (the projector fit divides by their spread)
+        raise ValueError("codebook features have no spread (every row is the same vector, up to float32 rounding): "
+                         "pass features with distinct rows, or features=None to learn the codebook from the latents")
+    return t
 
 
 def _principal_axes(x: Tensor, reduce_over_ranks: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -143,7 +152,7 @@ def fit_linear_projector(
 
     Returns:
         ``(W, b)`` as ``(D, F)`` and ``(D,)`` fp32, or ``None`` when the latents
-        have no spread to fit to.
+        have no spread to fit to or no start gives a finite map.
     """
     gen = torch.Generator().manual_seed(0)  # same subset and signs on every rank
     dev = latents.device
@@ -178,9 +187,10 @@ def fit_linear_projector(
         if reduce_over_ranks:
             err = tdist.all_reduce_sum_(err)
         err = float(err[0] / err[1])
-        if best is None or err < best[0]:
+        finite = math.isfinite(err) and bool(torch.isfinite(torch.cat([w.flatten(), b])).all())
+        if finite and (best is None or err < best[0]):
             best = (err, w.contiguous(), b.contiguous())
-    return best[1], best[2]
+    return None if best is None else best[1:]
 
 
 class ProjectedCodebookVQ(Quantizer):
@@ -250,8 +260,7 @@ class ProjectedCodebookVQ(Quantizer):
         check_finite: bool = True,
     ):
         super().__init__(dim, check_finite)
-        if codebook_size < 1:
-            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+        check_number("codebook_size", codebook_size, 1, integer=True)
         check_choice("metric", metric, ("l2", "cosine"))
         check_choice("projector", projector, ("linear", "mlp"))
         check_choice("backend", backend, BACKENDS)

@@ -14,12 +14,25 @@ pseudo-inverse of ``P``, and ``forward`` passes gradients straight through. Use
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from tokenizers_vq.quantizers._functional import code_histogram, l2norm, nearest_codes, perplexity, straight_through
 from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_number, flatten_latent, load_settings
+
+
+def _unit_normal_rows(n: int, d: int, gen: torch.Generator) -> Tensor:
+    """``(n, d)`` fp32 rows of standard-normal draws scaled to unit length, the same bits on
+    every CPU kernel: ``torch.randn`` takes another path per vector kernel (AVX2, AVX512,
+    none) and ``torch.rand`` does not; Box-Muller makes its uniforms normal in float64, whose
+    last-bit differences between kernels the rounding to fp32 removes (but for about one
+    value in 1e9, one lying within that bit of a float32 rounding boundary)."""
+    u = torch.rand(2, n * d, generator=gen, dtype=torch.float64)
+    g = torch.sqrt(-2 * torch.log1p(-u[0])) * torch.cos(2 * math.pi * u[1])  # log1p(-u): u < 1, finite
+    return l2norm(g.view(n, d)).float()
 
 
 class RandomProjectionQuantizer(Quantizer):
@@ -31,8 +44,10 @@ class RandomProjectionQuantizer(Quantizer):
         codebook_dim: ``d``, the projected size (BEST-RQ: 16).
         normalize_input: standardise each feature vector over its last axis first (the
             paper normalises input features so the projection sees unit scale).
-        seed: the generator seed of ``P`` and the codebook (the same seed gives the same
-            targets on every machine).
+        seed: the generator seed of ``P`` and the codebook, which it fixes bit for bit on
+            every CPU (see :func:`_unit_normal_rows`): the same seed gives the same targets on
+            every machine, but for features whose two nearest codes lie within the float
+            rounding of the projection.
         check_finite: see :class:`Quantizer`.
 
     Example:
@@ -53,7 +68,7 @@ class RandomProjectionQuantizer(Quantizer):
         bound = (6.0 / (dim + codebook_dim)) ** 0.5  # Xavier uniform
         proj = (torch.rand(dim, codebook_dim, generator=gen) * 2 - 1) * bound
         self.register_buffer("projection", proj)
-        self.register_buffer("codebook", l2norm(torch.randn(codebook_size, codebook_dim, generator=gen)))
+        self.register_buffer("codebook", _unit_normal_rows(codebook_size, codebook_dim, gen))
         self.register_buffer("back", torch.linalg.pinv(proj))  # (d, D): codeword -> feature space
         self.register_buffer("_normalize_input", torch.tensor(bool(normalize_input)))  # checked at load
 

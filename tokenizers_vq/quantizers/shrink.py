@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.quantizers._functional import nearest_codes
+from tokenizers_vq.quantizers.base import check_number
 from tokenizers_vq.quantizers.kmeans import kmeans
 from tokenizers_vq.quantizers.vq import VectorQuantizer
 
@@ -44,8 +45,7 @@ def shrink_codebook(
     """
     if not isinstance(vq, VectorQuantizer):
         raise ValueError(f"shrink_codebook takes a VectorQuantizer, got {type(vq).__name__}")
-    if not 1 <= codebook_size < vq.codebook_size:
-        raise ValueError(f"codebook_size must be in [1, {vq.codebook_size}), got {codebook_size}")
+    check_number("codebook_size", codebook_size, 1, vq.codebook_size, integer=True, open_high=True)
     old = vq.codebook
     weights = vq.cluster_size.float().clamp_min(1e-6) if usage_weighted else None
     gen = torch.Generator().manual_seed(seed)
