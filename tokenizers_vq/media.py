@@ -20,7 +20,7 @@ from torch import Tensor
 from tokenizers_vq.audio_io import MIN_SAMPLE_RATE, load_audio, save_audio  # noqa: F401 (this module's API)
 from tokenizers_vq.image_io import exif_turned, image_header, load_image, load_image_u8, save_image  # noqa: F401 (API)
 from tokenizers_vq.errors import named_path
-from tokenizers_vq.io import TAR_SUFFIXES, check_pixels, shell_arg
+from tokenizers_vq.io import MAX_FPS, MIN_FPS, TAR_SUFFIXES, check_pixels, shell_arg
 from tokenizers_vq.video_io import (  # noqa: F401 (this module's API)
     has_audio_track,
     quarter_turns,
@@ -183,8 +183,8 @@ def _load_frame_folder(path: Path, max_frames: int | None, max_pixels: int | Non
             fps = float(text)
         except ValueError:
             fps = math.nan
-        if not (math.isfinite(fps) and fps > 0):
-            raise ValueError(f"{fps_file} must hold the frame rate, a positive number such as 25, got {text[:40]!r}")
+        if not (math.isfinite(fps) and MIN_FPS <= fps <= MAX_FPS):
+            raise ValueError(f"{fps_file} must hold the frame rate, a number from 1/1001 to {MAX_FPS:,} such as 25, got {text[:40]!r}")
     else:
         warnings.warn(f"{path} has no fps.txt: its frames are taken as 25 per second; write the rate "
                       f"into {fps_file} (e.g. 30) if it is another", AssumedFrameRateWarning, stacklevel=3)

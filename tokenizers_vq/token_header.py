@@ -7,7 +7,7 @@ import json
 import re
 from typing import Any
 
-from tokenizers_vq.io import MAX_FPS, tensor_sha256
+from tokenizers_vq.io import MAX_FPS, MIN_FPS, tensor_sha256
 
 _HEADER = ("model_id", "modality", "codebook_size", "code_shape", "items")
 
@@ -48,7 +48,7 @@ def check_header(meta: dict[str, str], items: Any) -> None:
                 and isinstance(it.get("source"), str)):
             raise Damaged(f"item {i} lacks a source name or a size of positive whole numbers")
         fps, aspect = it.get("fps", 25.0), it.get("pixel_aspect", [1, 1])
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_FPS:
-            raise Damaged(f"item {i}'s fps {fps!r} is not a frame rate above 0 and at most {MAX_FPS:,}")
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not MIN_FPS <= fps <= MAX_FPS:
+            raise Damaged(f"item {i}'s fps {fps!r} is not a frame rate from 1/1001 to {MAX_FPS:,}")
         if not (isinstance(aspect, list) and len(aspect) == 2 and all(type(n) is int and n > 0 for n in aspect)):
             raise Damaged(f"item {i}'s pixel_aspect {aspect!r} is not two positive whole numbers")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from tokenizers_vq.errors import UNREADABLE, MissingDependency
-from tokenizers_vq.io import MAX_FPS, atomic_write, check_media_file, check_pixels, check_writable, shell_arg
+from tokenizers_vq.io import MAX_FPS, MIN_FPS, atomic_write, check_media_file, check_pixels, check_writable, shell_arg
 
 
 def pyav(what: str):
@@ -228,6 +228,10 @@ def read_video_file(path: Path, max_frames: int | None,
     if whole and seconds and shown is not None and shown < 0.9 * seconds - 2 / fps:
         raise ValueError(f"cannot read video {path}: the file is cut short (its video track lasts {seconds:.2f} s, "
                          f"{len(frames)} frames covering {shown:.2f} s could be decoded); copy or export it again")
+    if not MIN_FPS <= fps <= MAX_FPS:  # (no video file is written at such a rate: its tokens could not be decoded)
+        raise ValueError(f"video {path} runs at {fps:.6g} frames per second, outside the 1/1001 to {MAX_FPS:,} that "
+                         f"video files are written at; re-time its frames first (one a second: ffmpeg -i "
+                         f"{shell_arg(path.name)} -vf setpts=N/TB -r 1 {shell_arg(path.stem + '_1fps.mp4')})")
     aspect = (sar.numerator, sar.denominator) if sar and sar > 0 and sar != 1 else None
     return torch.stack(frames), fps, channels, aspect
 
@@ -256,7 +260,7 @@ def save_video(frames: Tensor, path: str | os.PathLike, fps: float,
     if frames.shape[0] == 0 or min(frames.shape[2:]) < 2:
         raise ValueError(f"save_video needs at least one frame of at least 2x2 pixels (H.264 codes even sizes), "
                          f"got shape {tuple(frames.shape)}")
-    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 1 / 1001 <= float(fps) <= MAX_FPS:
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not MIN_FPS <= float(fps) <= MAX_FPS:
         raise ValueError(f"save_video needs a frame rate from 1/1001 to {MAX_FPS:,} frames per second, got fps={fps!r}")
     if pixel_aspect and not (len(pixel_aspect) == 2 and all(
             isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in pixel_aspect)):
