@@ -250,6 +250,7 @@ print(sorted(p.name for p in target.parent.iterdir()))
 
 @pytest.mark.parametrize("config,over,named", [
     ("a: [1,\n", [], "is not valid YAML"), ("5\n", [], "not a mapping of sections"),
+    (b"\xff\xd8\xff\xe0 a photo", [], "is not a text file: tvq train's first argument is a YAML config"),
     (None, ["--steps=-5"], "steps=-5"), (None, ["--batch_size=0"], "batch_size=0"),
 ])
 def test_a_bad_training_config_is_one_line(tmp_path, capsys, config, over, named):
@@ -257,7 +258,7 @@ def test_a_bad_training_config_is_one_line(tmp_path, capsys, config, over, named
     if config is None:
         path = Path(__file__).resolve().parents[1] / "train" / "configs" / "image.yaml"
     else:
-        path.write_text(config)
+        path.write_bytes(config if isinstance(config, bytes) else config.encode())
     assert main(["train", str(path), *over]) == 2
     assert named in one_error_line(capsys)
 

@@ -256,6 +256,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             tree = yaml.load(p.read_text(), Loader=_yaml_loader()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from None
+        except UnicodeDecodeError:  # (a photo or a recording where the config goes)
+            raise ValueError(f"{p} is not a text file: tvq train's first argument is a YAML config (such as "
+                             "train/configs/image.yaml), and the data are named in it or as --data.train=FOLDER") from None
         if not isinstance(tree, dict):
             raise ValueError(f"{p} holds {type(tree).__name__} {tree!r}, not a mapping of sections "
                              "(model:, data:, ...); see train/configs/ for examples")
