@@ -221,3 +221,16 @@ def test_features_without_spread_or_past_the_magnitude_limit_are_refused_and_no_
     assert q._initted and torch.isfinite(q.codebook).all()
     with pytest.raises(ValueError, match=r"codebook_size must be a whole number in \[1, inf\), got 2.5"):
         ProjectedCodebookVQ(8, 2.5, features=torch.randn(4, 8))
+
+
+def test_principal_axes_of_features_far_from_the_origin_keep_their_variances():
+    """Features at 1e4 with spreads of 0.01 to 1: the fp64 covariance's eigenvalues, to 0.1%
+    (second moments about the origin would leave only rounding there)."""
+    from tokenizers_vq.quantizers.projected import _principal_axes  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    x = 1e4 + torch.randn(4000, 8) * torch.linspace(0.01, 1, 8)
+    mean, var, axes, _ = _principal_axes(x, False)
+    ref = torch.linalg.eigvalsh(torch.cov(x.double().T, correction=0)).flip(0)
+    torch.testing.assert_close(var.double(), ref, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(mean.double(), x.double().mean(0), rtol=1e-6, atol=0)

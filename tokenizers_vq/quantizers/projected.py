@@ -81,13 +81,14 @@ def load_features(features: Tensor | str | os.PathLike, key: str | None = None) 
 def _principal_axes(x: Tensor, reduce_over_ranks: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Mean ``(d,)``, variances ``(d,)`` (descending) and axes ``(d, d)`` (columns) of
     the rows of ``x``, and the sign of the third moment along each axis."""
-    d = x.shape[1]
-    stats = torch.cat([x.new_full((1,), x.shape[0]), x.sum(0), (x.T @ x).reshape(-1)])
+    stats = torch.cat([x.new_full((1,), x.shape[0]), x.sum(0)])
     if reduce_over_ranks:
         stats = tdist.all_reduce_sum_(stats)
-    n = stats[0]
-    mean = stats[1 : d + 1] / n
-    cov = stats[d + 1 :].reshape(d, d) / n - torch.outer(mean, mean)
+    n, mean = stats[0], stats[1:] / stats[0]
+    cov = (x - mean).T @ (x - mean)  # about the mean: features far from the origin keep their spread's digits
+    if reduce_over_ranks:
+        cov = tdist.all_reduce_sum_(cov)
+    cov = cov / n
     var, axes = torch.linalg.eigh((cov + cov.T) / 2)
     var, axes = var.flip(0).clamp_min(0), axes.flip(1)
     third = ((x - mean) @ axes).pow(3).sum(0)
