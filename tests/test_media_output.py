@@ -40,6 +40,51 @@ def test_pixels_without_a_known_range_are_refused(tmp_path):
         load_image_u8(tmp_path / "float.tif")
 
 
+def test_8_bit_values_in_32_bit_grey_pixels_are_named_in_a_warning(tmp_path):
+    Image.fromarray(np.arange(256, dtype=np.int32).reshape(16, 16), "I").save(tmp_path / "wide.tif")
+    with pytest.warns(UserWarning, match=r"wide\.tif: its 32-bit grey pixels hold values of at most 255, .* comes "
+                                         r"out black; if they are 8-bit values, save it with 8 bits per channel"):
+        got = load_image_u8(tmp_path / "wide.tif")
+    assert got.max() == 1  # the 16-bit scale, as a 16-bit file's
+
+
+def test_a_palette_with_alpha_reads_as_the_same_picture_in_rgba(tmp_path):
+    from tokenizers_vq.media import image_header  # noqa: PLC0415
+
+    pixels = np.zeros((8, 16, 4), np.uint8)
+    pixels[:, :8], pixels[:, 8:] = (255, 0, 0, 0), (0, 0, 255, 255)  # a hidden red under alpha 0, opaque blue
+    rgba = Image.fromarray(pixels, "RGBA")
+    rgba.save(tmp_path / "rgba.tif")
+    rgba.convert("PA").save(tmp_path / "pa.tif")
+    with Image.open(tmp_path / "pa.tif") as im:
+        assert im.mode == "PA"
+    got = load_image_u8(tmp_path / "pa.tif")
+    assert torch.equal(got, load_image_u8(tmp_path / "rgba.tif"))
+    assert (got[:, :, :8] == 255).all() and got[:, 0, 12].tolist() == [0, 0, 255]  # white where transparent
+    assert image_header(tmp_path / "pa.tif")[2] == 4  # a palette's RGB and alpha
+
+
+def test_16_bit_grey_with_alpha_is_recorded_as_two_channels(tmp_path):
+    import struct  # noqa: PLC0415
+    import zlib  # noqa: PLC0415
+
+    from tokenizers_vq.media import image_header  # noqa: PLC0415
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    grey_alpha = np.zeros((4, 6, 2), ">u2")
+    grey_alpha[..., 0], grey_alpha[:, 3:, 1] = 0x8080, 0xFFFF  # mid-grey, the left half transparent
+    rows = b"".join(b"\0" + row.tobytes() for row in grey_alpha)
+    header = struct.pack(">IIBBBBB", 6, 4, 16, 4, 0, 0, 0)  # 16-bit grey + alpha (PNG colour type 4)
+    path = tmp_path / "ya16.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    assert image_header(path) == (6, 4, 2)
+    got = load_image_u8(path)
+    assert (got[:, :, :3] == 255).all() and (got[:, :, 3:] == 128).all()
+
+
 def test_audio_and_video_refuse_suffixes_they_are_not_written_as(tmp_path):
     with pytest.raises(ValueError, match=r"cannot write audio as \.txt .*name it \.wav, \.flac, \.ogg"):
         save_audio(torch.zeros(1, 160), tmp_path / "a.txt", 16000)
@@ -275,6 +320,44 @@ def test_an_image_past_pillows_pixel_guard_names_the_setting_that_lifts_it(tmp_p
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
     with pytest.raises(ValueError, match="huge.png.*raise PIL.Image.MAX_IMAGE_PIXELS"):
         load_image_u8(path)
+
+
+def test_max_pixels_stands_in_for_pillows_guard_for_that_read_only(tmp_path, monkeypatch, capsys):
+    import threading  # noqa: PLC0415
+
+    from tokenizers_vq.image_io import _pillow_guard_lifted  # noqa: PLC0415
+    from tokenizers_vq.media import image_header  # noqa: PLC0415
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (64, 48), (90, 120, 150)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 3,072 pixels: past the guard, which Pillow warns about
+    with pytest.raises(ValueError, match="big.png.*Pillow's guard; .*pass max_pixels="):
+        load_image_u8(path)
+    assert load_image_u8(path, None).shape == (3, 48, 64) and load_image_u8(path, 5000).shape == (3, 48, 64)
+    with pytest.raises(ValueError, match=r"big\.png is 64x48 = 3072 pixels, over the limit of 3000 pixels.*"
+                                         r"--max-pixels 3072"):
+        load_image_u8(path, 3000)
+    encoded = main(["encode", str(path), "-o", str(tmp_path / "big.tvq"), "--max-pixels", "0"])
+    assert encoded == 0, capsys.readouterr().err
+    from tokenizers_vq.media import load_input  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="Pillow's guard"):  # no limit of ours named: Pillow's stays
+        load_input(path, "image", max_pixels=None)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # past twice the guard, where Pillow refuses
+    assert load_image_u8(path, None).shape == (3, 48, 64)
+    assert image_header(path) == (64, 48, 3)  # a header alone: its size is the caller's to check
+    lifted, beside = threading.Event(), []
+
+    def read_beside():
+        lifted.wait()
+        beside.append(pytest.raises(Image.DecompressionBombError, Image.open, path))
+
+    thread = threading.Thread(target=read_beside)
+    thread.start()
+    with _pillow_guard_lifted():  # lifted in this thread only: another thread's read keeps the guard
+        lifted.set()
+        thread.join()
+    assert len(beside) == 1
 
 
 @pytest.mark.parametrize("rotate", [90, 180, 270])
@@ -574,7 +657,8 @@ def test_a_frame_folder_given_as_dot_is_recorded_by_its_name(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("suffix,named", [(".raw", r"cannot write audio as \.raw"),
-                                          (".wve", r"does not keep 16000 Hz audio \(it stores 8000 Hz")])
+                                          (".wve", r"does not keep 16000 Hz audio \(it stores 8000 Hz"),
+                                          (".sd2", r"cannot write audio as \.sd2 .*resource fork .*name it \.wav")])
 def test_audio_formats_that_would_not_keep_the_audio_are_refused(tmp_path, suffix, named):
     import soundfile as sf  # noqa: PLC0415
 
@@ -599,6 +683,27 @@ def test_an_image_format_that_would_change_the_picture_is_refused_before_decodin
     assert main(["encode", str(photo), "-o", str(tmp_path / "one.tvq")]) == 0
     assert main(["decode", str(tmp_path / "one.tvq"), "-o", str(tmp_path / "one.ico")]) == 2
     assert "ICO writer stores" in capsys.readouterr().err and not (tmp_path / "one.ico").exists()
+
+
+def test_a_picture_larger_than_its_format_holds_is_refused_naming_the_limit(tmp_path, monkeypatch):
+    import tokenizers_vq.io as io_module  # noqa: PLC0415
+    from tokenizers_vq.io import check_writable  # noqa: PLC0415
+    from tokenizers_vq.media import save_image  # noqa: PLC0415
+
+    for suffix, fmt, most in ((".gif", "GIF", 65535), (".tga", "TGA", 65535), (".jpg", "JPEG", 65500),
+                              (".avif", "AVIF", 32768), (".webp", "WEBP", 16383)):
+        with pytest.raises(ValueError, match=rf"cannot write .*wide\{suffix}: a 66000x16 picture is larger than {fmt} "
+                                             rf"holds \(at most {most} pixels wide and {most} high\); name it \.png"):
+            check_writable("image", tmp_path / f"wide{suffix}", [16, 66000])  # a token record's [H, W]
+    check_writable("image", tmp_path / "wide.png", [16, 66000])
+    wide = torch.rand(3, 2, 66000)
+    with pytest.raises(ValueError, match=r"wide\.gif: a 66000x2 picture is larger than GIF holds"):
+        save_image(wide, tmp_path / "wide.gif")
+    monkeypatch.delitem(io_module.IMAGE_SIDES, "GIF")  # a limit not in the table: the writer's own failure
+    with pytest.raises(ValueError, match=r"cannot write .*wide\.gif: Pillow's writer for \.gif failed on a 66000x2 "
+                                         r"picture \(.*\); name it \.png"):
+        save_image(wide, tmp_path / "wide.gif")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_frame_rate_no_video_file_holds_is_refused_before_anything_is_written(tmp_path):

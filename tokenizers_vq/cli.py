@@ -41,7 +41,7 @@ def _encode(args: argparse.Namespace) -> int:
     tok = _load_model(args, default)
     from tokenizers_vq.media import MAX_PIXELS, uncoded_parts  # noqa: PLC0415
 
-    limit = MAX_PIXELS if args.max_pixels is None else args.max_pixels or None
+    limit = MAX_PIXELS if args.max_pixels is None else args.max_pixels or sys.maxsize  # (0: none, Pillow's guard too)
     unused_option("--max-pixels", args.max_pixels is not None and not tok.media.has_pixels, "audio has no pixels")
     print(f"wrote {encode_files(tok, args.files, args.output, max_pixels=limit)}")
     for note in uncoded_parts(tok.modality, args.files):

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
 import os
+import threading
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from tokenizers_vq.errors import UNREADABLE
-from tokenizers_vq.io import atomic_write, check_media_file
+from tokenizers_vq.io import atomic_write, check_image_size, check_media_file, check_pixels
+
+
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+"""Pillow's modes with an alpha band (``a``: premultiplied; LAB's ``A`` is a colour, not alpha)."""
 
 
 def image_header(path: str | os.PathLike) -> tuple[int, int, int]:
@@ -23,14 +31,10 @@ def image_header(path: str | os.PathLike) -> tuple[int, int, int]:
 
     check_media_file(Path(path), "image")
     try:
-        with warnings.catch_warnings():  # sizes are checked against MAX_PIXELS by the caller
+        with warnings.catch_warnings(), _pillow_guard_lifted():  # sizes are checked by the caller
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                keyed = "transparency" in im.info  # a palette's or a colour key's transparent pixels
-                channels = (3 + keyed) if im.mode == "P" else len(im.getbands()) + (keyed and im.mode in ("L", "RGB"))
-                return (*im.size, channels)
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+                return (*im.size, _stored_channels(im))
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e} {UNREADABLE}") from e
 
@@ -46,7 +50,7 @@ def exif_turned(im) -> bool:
     return im.getexif().get(0x0112, 1) != 1
 
 
-def load_image_u8(path: str | os.PathLike) -> Tensor:
+def load_image_u8(path: str | os.PathLike, max_pixels: int | None | Literal["pillow"] = "pillow") -> Tensor:
     """Read an image file as ``(3, H, W)`` uint8.
 
     Greyscale is repeated to RGB; an alpha channel (or a palette's or colour key's
@@ -56,38 +60,83 @@ def load_image_u8(path: str | os.PathLike) -> Tensor:
     orientation (as cameras and phones record a turned shot) is applied, as viewers do:
     the pixels come upright, and the recorded size is the upright one.
 
+    Args:
+        max_pixels: refuse an image whose header claims more pixels (``tvq encode --max-pixels``);
+            ``None``: no limit; ``"pillow"``: Pillow's own guard, ``PIL.Image.MAX_IMAGE_PIXELS``
+            (89 million unless raised there; PIL itself only warns below twice that). A number
+            or ``None`` stands in for Pillow's guard for this read only (other threads keep it).
+
     Raises:
         ValueError: the file is missing, unreadable, truncated or not an image, or its
-            header claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (89 million
-            unless raised there; PIL itself only warns below twice that).
+            header claims more pixels than the limit.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415 (keep import cheap)
 
     path = Path(path)
     check_media_file(path, "image")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_guard_lifted(max_pixels != "pillow"):
             # a header of a few hundred bytes can claim 178 million pixels, which PIL
             # merely warns about: about 3 GB of buffers here before the data runs out
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                if max_pixels != "pillow":
+                    check_pixels(path, *im.size, max_pixels)
                 im.load()
                 if exif_turned(im):
                     im = ImageOps.exif_transpose(im)
                 if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert() would clip 16-bit grey, not scale it
                     im = _grey_to_8bit(im, path)
                 im = _to_srgb(im, path)
-                if im.mode in ("RGBA", "LA") or "transparency" in im.info:  # (a palette's or a colour key)
+                if im.mode in ALPHA_MODES or "transparency" in im.info:  # (a palette's or a colour key)
                     rgba = im.convert("RGBA")
                     im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
                 rgb = im.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"cannot read image {path}: {e} (Pillow's guard; to read such an image, raise "
-                         "PIL.Image.MAX_IMAGE_PIXELS in Python first)") from e
+        raise ValueError(f"cannot read image {path}: {e} (Pillow's guard; to read such an image, pass max_pixels= "
+                         "a larger number or None, or raise PIL.Image.MAX_IMAGE_PIXELS in Python first)") from e
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e} {UNREADABLE}") from e
     data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
     return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1)
+
+
+_GUARD_LIFTED = contextvars.ContextVar("tvq_pillow_guard_lifted", default=False)
+_GUARD_HOOK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pillow_guard_lifted(lifted: bool = True):
+    """Pillow's decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``) off in this block for this
+    thread only (a context variable read by a wrapper of Pillow's check, installed once; other threads,
+    and the same thread outside the block, keep the guard), where the caller checks the size itself."""
+    from PIL import Image  # noqa: PLC0415
+
+    with _GUARD_HOOK:
+        check = getattr(Image, "_decompression_bomb_check", None)  # the one function every Pillow reader calls
+        if check is not None and not getattr(check, "tvq_hook", False):  # (a Pillow without it keeps its guard)
+            def hooked(*args, **kwargs):
+                if not _GUARD_LIFTED.get():
+                    check(*args, **kwargs)
+
+            hooked.tvq_hook = True
+            Image._decompression_bomb_check = hooked  # noqa: SLF001
+    token = _GUARD_LIFTED.set(lifted)
+    try:
+        yield
+    finally:
+        _GUARD_LIFTED.reset(token)
+
+
+def _stored_channels(im) -> int:
+    """The channel count an open Pillow image's file stores (:func:`image_header`)."""
+    raw = im.tile[0][3] if im.tile else None  # (codec, extents, offset, rawmode or a tuple starting with it)
+    if (raw[0] if isinstance(raw, tuple) else raw) in ("LA;16B", "LA;16", "LA;16L"):
+        return 2  # 16-bit grey + alpha, which Pillow reads as RGBA
+    keyed = "transparency" in im.info  # a palette's or a colour key's transparent pixels
+    if im.mode in ("P", "PA"):
+        return 3 + (keyed or im.mode == "PA")
+    return len(im.getbands()) + (keyed and im.mode in ("L", "RGB"))
 
 
 def _foreign_profile(im):
@@ -140,13 +189,18 @@ def _to_srgb(im, path: Path):
 
 def _grey_to_8bit(im, path: Path):
     """A 16-bit greyscale image (or 32-bit integer pixels within 16 bits) scaled from the
-    16-bit range to 8 bits (a 12-bit scan comes out dark: its range is not recorded)."""
+    16-bit range to 8 bits (a 12-bit scan comes out dark: its range is not recorded). Values
+    that all fit 8 bits (an 8-bit picture stored in wider pixels) come out black, with a warning."""
     from PIL import Image  # noqa: PLC0415
 
     arr = np.asarray(im)
     if im.mode == "F" or arr.min() < 0 or arr.max() > 65535:
         raise ValueError(f"cannot read image {path}: {im.mode} pixels in [{arr.min()}, {arr.max()}] have no known "
                          "range; save it with 8 or 16 bits per channel")
+    if 0 < arr.max() <= 255:
+        warnings.warn(f"{path}: its {16 if im.mode.startswith('I;16') else 32}-bit grey pixels hold values of at most "
+                      f"{arr.max()}, read on the 16-bit scale: the picture comes out black; if they are 8-bit values, "
+                      "save it with 8 bits per channel", stacklevel=3)
     return Image.fromarray((arr.astype(np.float32) / 257).round().astype(np.uint8), "L")
 
 
@@ -182,12 +236,28 @@ def fit_image(img: Tensor, side: int, crop: bool = False, max_pixels: int | None
 
 def save_image(img: Tensor, path: str | os.PathLike) -> Path:
     """Write ``(3, H, W)`` or ``(H, W)`` float in ``[0, 1]`` (clamped) atomically;
-    the format follows the suffix (PNG, JPEG, ...)."""
+    the format follows the suffix (PNG, JPEG, ...).
+
+    Raises:
+        ValueError: the picture is larger than the format holds (:data:`~tokenizers_vq.io.IMAGE_SIDES`,
+            checked before any work), or Pillow's writer fails on it: the message names ``path``.
+    """
     from PIL import Image  # noqa: PLC0415
 
     if img.ndim == 2:
         img = img.unsqueeze(0).expand(3, -1, -1)
     if img.ndim != 3 or img.shape[0] not in (1, 3):
         raise ValueError(f"save_image expects (3, H, W) or (H, W), got shape {tuple(img.shape)}")
+    check_image_size(path, img.shape[2], img.shape[1])
     arr = (img.detach().float().clamp(0, 1) * 255).round().byte().expand(3, -1, -1).permute(1, 2, 0).cpu().numpy()
-    return atomic_write(path, lambda tmp: Image.fromarray(arr, "RGB").save(tmp))
+
+    def write(tmp: str) -> None:
+        try:
+            Image.fromarray(arr, "RGB").save(tmp)
+        except (OverflowError, RuntimeError, ValueError, OSError) as e:
+            if isinstance(e, OSError) and e.errno is not None:  # the disk's failure, named by atomic_write
+                raise
+            raise ValueError(f"cannot write {path}: Pillow's writer for {Path(path).suffix} failed on a "
+                             f"{arr.shape[1]}x{arr.shape[0]} picture ({e}); name it .png, which holds any size") from e
+
+    return atomic_write(path, write)

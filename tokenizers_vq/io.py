@@ -81,21 +81,16 @@ def check_writable(modality: str, path: str | os.PathLike, size: Sequence[int] |
                      f"name it {', '.join(WRITES[modality])}")
 
 
-def image_format(path: str | os.PathLike) -> str | None:
-    """The Pillow format a file name's suffix writes (``"JPEG"`` for ``x.jpg``), or None."""
+def check_image_size(path: str | os.PathLike, width: int, height: int) -> None:
+    """Refuse a ``width`` x ``height`` picture for a file whose format (by its suffix, as Pillow
+    picks it) holds no picture that large (:data:`IMAGE_SIDES`), naming the limit and a fix."""
     from PIL import Image  # noqa: PLC0415
 
-    return Image.registered_extensions().get(Path(path).suffix.lower())
-
-
-def check_image_size(path: str | os.PathLike, width: int, height: int) -> None:
-    """Refuse a ``width`` x ``height`` picture for a file whose format holds no picture that large
-    (:data:`IMAGE_SIDES`), naming the format's limit and a format without one."""
-    fmt = image_format(path)
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
     most = IMAGE_SIDES.get(fmt, (width, height))
     if width > most[0] or height > most[1]:
         raise ValueError(f"cannot write {path}: a {width}x{height} picture is larger than {fmt} holds (at most "
-                         f"{most[0]} pixels wide and {most[1]} high); name it .png (or .tiff), which hold any size")
+                         f"{most[0]} pixels wide and {most[1]} high); name it .png")
 
 
 @functools.cache

@@ -262,7 +262,7 @@ def uncoded_parts(modality: str, files) -> list[str]:
                 try:  # animations and pages (a phone's JPEG, MPO, holds 2 pictures: not one of them)
                     with Image.open(f) as im:
                         fmt, frames = im.format, getattr(im, "n_frames", 1) if im.format in ("GIF", "PNG", "WEBP", "TIFF") else 1
-                except OSError:
+                except (OSError, Image.DecompressionBombError):
                     fmt, frames = None, 1
             if frames > 1:
                 what, fix = ((f"holds {frames} pages", "save each page as a file of its own") if fmt == "TIFF" else

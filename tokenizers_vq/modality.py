@@ -253,7 +253,7 @@ class Image(Modality):
     def load_compact(self, path, sample_rate=None, max_frames=None, max_pixels=None):
         w, h, channels = image_header(path) if Path(path).is_file() else (0, 0, 3)
         check_pixels(Path(path), w, h, max_pixels)
-        img = load_image_u8(path)
+        img = load_image_u8(path, "pillow" if max_pixels is None else max_pixels)  # (None: Pillow's guard stays)
         return img, list(img.shape[1:]), {"channels": channels}
 
     def expand(self, x: Tensor) -> Tensor:

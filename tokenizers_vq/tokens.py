@@ -341,7 +341,7 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
                          f"write {tok.media.article} file "
                          f"(e.g. {out.with_suffix(tok.media.output_suffix).name})")
     if single:
-        check_writable(tok.modality, out)  # before any decoding
+        check_writable(tok.modality, out, records[0].size)  # before any decoding (a picture too large for it too)
     elif len(records) > 1 and suffix_modality(out) is not None and not folder:
         raise ValueError(f"{tokens} holds {len(records)} items: name a folder for them, not the file {out.name}")
     targets = [out] if single else _folder_targets(out, records, tok.media.output_suffix)
