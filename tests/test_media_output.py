@@ -189,11 +189,12 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, m
 def test_an_output_through_a_link_replaces_the_linked_file_and_a_pipe_is_refused(tmp_path, capsys):
     import os  # noqa: PLC0415
 
-    photo = str(shared_path("images", "bsds500", "val", "3096.jpg"))
-    (tmp_path / "kept.tvq").write_text("earlier")
+    photo, other = (str(p) for p in sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:2])
+    assert main(["encode", other, "--model", "image", "-o", str(tmp_path / "kept.tvq")]) == 0
+    earlier = (tmp_path / "kept.tvq").read_bytes()
     os.symlink("kept.tvq", tmp_path / "link.tvq")
     assert main(["encode", photo, "--model", "image", "-o", str(tmp_path / "link.tvq")]) == 0
-    assert (tmp_path / "link.tvq").is_symlink() and (tmp_path / "kept.tvq").read_bytes()[:4] != b"earl"
+    assert (tmp_path / "link.tvq").is_symlink() and (tmp_path / "kept.tvq").read_bytes() != earlier
     os.mkfifo(tmp_path / "pipe.tvq")
     capsys.readouterr()
     assert main(["encode", photo, "--model", "image", "-o", str(tmp_path / "pipe.tvq")]) != 0
@@ -206,6 +207,24 @@ def test_an_output_through_a_link_replaces_the_linked_file_and_a_pipe_is_refused
     assert main(["decode", str(tmp_path / "link.tvq"), "--model", "image", "-o", str(tmp_path / "out.png")]) == 0
     with Image.open(tmp_path / "blob") as im:
         assert im.format == "PNG" and (tmp_path / "out.png").is_symlink()
+
+
+def test_a_file_that_is_not_a_token_file_or_is_read_only_is_not_replaced(tmp_path, capsys):
+    photo = str(shared_path("images", "bsds500", "val", "3096.jpg"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert main(["encode", photo, "--model", "image", "-o", str(notes)]) == 2
+    assert "notes.txt exists and is not a token file" in capsys.readouterr().err and notes.read_text() == "mine"
+    (tmp_path / "empty.tvq").touch()  # nothing to lose: written
+    assert main(["encode", photo, "--model", "image", "-o", str(tmp_path / "empty.tvq")]) == 0
+    assert main(["encode", photo, "--model", "image", "-o", str(tmp_path / "empty.tvq")]) == 0  # a token file again
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(b"a picture of mine")
+    kept.chmod(0o444)
+    capsys.readouterr()
+    assert main(["decode", str(tmp_path / "empty.tvq"), "--model", "image", "-o", str(kept)]) == 2
+    assert "kept.png is read-only, and the output would replace it" in capsys.readouterr().err
+    assert kept.read_bytes() == b"a picture of mine"
 
 
 def test_an_input_that_fails_is_reported_on_a_line_of_its_own(tmp_path, capsys):

@@ -237,8 +237,9 @@ def test_load_input_gives_the_model_input_and_names_bad_files(tmp_path):
 
 def test_bad_inputs_get_clear_errors_and_keep_existing_outputs(tmp_path, image_model, capsys):
     out = tmp_path / "tokens.tvq"
-    out.write_bytes(b"earlier tokens")
     photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
+    assert main(["encode", str(photo), "--model", str(image_model), "-o", str(out)]) == 0
+    earlier = out.read_bytes()
     truncated = tmp_path / "half.jpg"
     truncated.write_bytes(photo.read_bytes()[:3000])
     text = tmp_path / "notes.txt"
@@ -255,8 +256,9 @@ def test_bad_inputs_get_clear_errors_and_keep_existing_outputs(tmp_path, image_m
     for bad, msg in cases.items():
         assert main(["encode", str(photo), str(bad), "--model", str(image_model), "-o", str(out)]) == 2
         assert re.search(msg, capsys.readouterr().err), msg  # (the messages as patterns)
-    assert out.read_bytes() == b"earlier tokens"  # nothing written over
-    assert main(["decode", str(out), "--model", str(image_model), "-o", str(tmp_path / "x.png")]) == 2
+    assert out.read_bytes() == earlier  # nothing written over
+    (tmp_path / "junk.tvq").write_bytes(b"earlier tokens")
+    assert main(["decode", str(tmp_path / "junk.tvq"), "--model", str(image_model), "-o", str(tmp_path / "x.png")]) == 2
     assert "corrupt token file" in capsys.readouterr().err
     assert main(["decode", str(photo), "--model", str(image_model), "-o", str(tmp_path / "x.png")]) == 2
     assert "is an image file, not a token file" in capsys.readouterr().err  # a photo passed to decode
@@ -276,7 +278,9 @@ def test_a_write_the_machine_refuses_is_one_error_line_and_loses_nothing(tmp_pat
 
     photo = sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[0]
     out = tmp_path / "tokens.tvq"
-    out.write_bytes(b"earlier tokens")
+    assert main(["encode", str(photo), "-o", str(out), "--model", str(image_model)]) == 0
+    earlier = out.read_bytes()
+    capsys.readouterr()
 
     def full_disk(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -286,7 +290,7 @@ def test_a_write_the_machine_refuses_is_one_error_line_and_loses_nothing(tmp_pat
         assert main(["encode", str(photo), "-o", str(out), "--model", str(image_model), "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"tvq: error: cannot write {out}: No space left on device"
-    assert out.read_bytes() == b"earlier tokens" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert out.read_bytes() == earlier and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     with monkeypatch.context() as m:  # a folder that cannot be made (as root, permissions would not stop it)
         m.setattr(Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")))
         assert main(["encode", str(photo), "-o", str(tmp_path / "new" / "t.tvq"), "--model", str(image_model)]) == 1

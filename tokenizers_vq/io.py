@@ -262,6 +262,9 @@ def _check_target(path: Path) -> Path:
         if test(mode):
             raise ValueError(f"{path} is {what}, not a file: outputs are written to a temporary file renamed onto "
                              f"their path, which would replace {what}; give a file path")
+    if stat.S_ISREG(mode) and not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):  # (root could: not asked to)
+        raise ValueError(f"{path} is read-only, and the output would replace it: name another file, or make it "
+                         f"writable first (chmod u+w {shell_arg(str(path))})")
     if path.parent.exists() and not path.parent.is_dir():
         raise ValueError(f"cannot write {path}: {path.parent} is a file, not a directory")
     return path.parent

@@ -312,12 +312,25 @@ def encode_files(tok: Tokenizer, paths: Sequence[str | os.PathLike], out: str | 
         why = "is one of the inputs" if kind is None else f"has the suffix of {get_modality(kind).article} file"
         raise ValueError(f"{out} {why}: the token file would be written over media; "
                          f"name the token file {target.with_suffix('.tvq').name} (or any name without a media suffix)")
+    if target.is_file() and target.stat().st_size and not _is_token_file(target):
+        raise ValueError(f"{out} exists and is not a token file: tvq encode would replace it; name another output "
+                         "(e.g. tokens.tvq), or delete it first")
     check_can_write(out)
     for p in paths:  # every input present and of the model's type before the first is encoded
         check_input_modality(tok, Path(p))
     with tqdm(paths, desc="encode", disable=len(paths) < 2) as bar:  # closed (its line ended) if an input fails
         records = [encode_file(tok, p, max_pixels=max_pixels) for p in bar]
     return save_tokens(out, tok, records)
+
+
+def _is_token_file(path: Path) -> bool:
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 (anything unreadable as one is not one)
+        return False
 
 
 def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLike) -> list[Path]:
