@@ -135,8 +135,9 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
                  max_frames: int | None = 33, notes: list[str] | None = None) -> dict[str, Any]:
     """Evaluate and write ``metrics.json``, ``report.md``, ``metric_distributions.png``,
     ``codebook_usage.png`` and reconstruction pictures (via the trainer's sample writer).
-    ``notes``: lines on the data folder's other media, left out (:func:`~tokenizers_vq.media.left_out`),
-    repeated in the report.
+    ``notes``: lines on what is not evaluated (the folder's other media,
+    :func:`~tokenizers_vq.media.left_out`; parts of files the model does not code,
+    :func:`~tokenizers_vq.media.uncoded_parts`), repeated in the report.
 
     ``baselines`` adds a ``baselines`` section (:func:`run_baselines`: classical codecs
     at the tokenizer's bitrate on the same files) to metrics.json and its table to the report.
@@ -211,7 +212,7 @@ def write_report(tok: Tokenizer, files: list[Path], out_dir: str | Path, model_n
     if result["failed"]:
         lines += ["", f"## Files left out ({len(result['failed'])}: not read, or not scored)", ""] + [f"- {e['error']}" for e in result["failed"]]
     if notes:
-        lines += ["", "## Other media in the folder, not evaluated", ""] + [f"- {n.removeprefix('tvq: note: ')}" for n in notes]
+        lines += ["", "## Not evaluated (other media in the folder, parts of files the model does not code)", ""] + [f"- {n.removeprefix('tvq: note: ')}" for n in notes]
     lines += ["", "Pictures: `samples/` (reconstructions), `codebook_usage.png`, `metric_distributions.png`."]
     atomic_write(out_dir / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return result

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
+from PIL import Image
 from test_tokenizer import tiny
 from testdata import interrupt_at_call, shared_path, small_photos
 
@@ -564,7 +565,14 @@ def test_a_mixed_folder_names_what_a_run_leaves_out(tmp_path, capsys, image_mode
                  "--device", "cpu"]) == 0  # the report says it too
     capsys.readouterr()
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "## Other media in the folder, not evaluated" in report and "also holds 3 audio files, left out" in report
+    assert "## Not evaluated (other media in the folder, parts of files" in report
+    assert "also holds 3 audio files, left out" in report
+    frames = [Image.open(p).convert("RGB") for p in sorted(data.glob("*.png"))]
+    frames[0].save(data / "anim.gif", save_all=True, append_images=frames[1:])  # an animation: its first frame coded
+    assert main(["eval", "--model", str(image_model), "--data", str(data), "--out", str(tmp_path / "report2"),
+                 "--device", "cpu"]) == 0
+    assert "anim.gif is an animation of 2 frames, and an image model codes the first only" in capsys.readouterr().err
+    assert "anim.gif is an animation of 2 frames" in (tmp_path / "report2" / "report.md").read_text()
     photos = tmp_path / "photos_only"
     small_photos(photos, 2)
     assert main(["export", "--model", str(image_model), "--data", str(photos), "--out", str(tmp_path / "out2"),

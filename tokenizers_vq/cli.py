@@ -124,7 +124,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from tokenizers_vq.eval.report import write_report  # noqa: PLC0415
-    from tokenizers_vq.media import left_out, list_media, outputs_under  # noqa: PLC0415
+    from tokenizers_vq.media import left_out, list_media, outputs_under, uncoded_parts  # noqa: PLC0415
 
     for name, value in (("--max-items", args.max_items), ("--max-frames", args.max_frames)):
         if value < 0:
@@ -135,7 +135,7 @@ def _eval(args: argparse.Namespace) -> int:
     tok = _load_model(args, None if args.model else _default_for_folder(args.data, skip=skip))
     files = [f for f in list_media(args.data, tok.modality) if skip.isdisjoint(f.resolve().parents)]
     files = files[: args.max_items] if args.max_items else files
-    for note in (notes := left_out(args.data, tok.modality, skip)):
+    for note in (notes := left_out(args.data, tok.modality, skip) + uncoded_parts(tok.modality, files)):
         print(note, file=sys.stderr)
     name = args.model or f"{tok.config.name} (embedded default)"
     result = write_report(tok, files, args.out, name, lpips_weights=args.lpips_weights,
