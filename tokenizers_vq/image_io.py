@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import io
+import math
 import os
 import threading
 import warnings
@@ -23,18 +24,25 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 """Pillow's modes with an alpha band (``a``: premultiplied; LAB's ``A`` is a colour, not alpha)."""
 
 
-def image_header(path: str | os.PathLike) -> tuple[int, int, int]:
-    """``(width, height, channels)`` of an image file, from its header only. Channels
-    are as stored: 1 (greyscale), 2 (greyscale + alpha, or with a transparent colour key), 3
-    (RGB or a palette), 4 (RGBA, CMYK, RGB with a colour key, or a palette with transparency)."""
+def image_header(path: str | os.PathLike,
+                 max_pixels: int | None | Literal["pillow"] = "pillow") -> tuple[int, int, int]:
+    """``(width, height, channels)`` of an image file, from its header (and, for formats that
+    decode on opening such as ICO, a picture within ``max_pixels``, as :func:`load_image_u8`
+    takes it; the header's size is the caller's to check). Channels are as stored: 1 (greyscale),
+    2 (greyscale + alpha, or with a transparent colour key), 3 (RGB or a palette), 4 (RGBA, CMYK,
+    RGB with a colour key, or a palette with transparency)."""
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
     check_media_file(Path(path), "image")
     try:
-        with warnings.catch_warnings(), _pillow_guard_lifted():  # sizes are checked by the caller
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings(), _pixel_limit(_limit(max_pixels)):
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # (the header's size: the caller's)
             with Image.open(path) as im:
                 return (*im.size, _stored_channels(im))
+    except _OverLimit as e:
+        check_pixels(Path(path), *e.size, max_pixels)  # (its words: the limit, the size, --max-pixels)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e} {UNREADABLE}") from e
 
@@ -75,7 +83,7 @@ def load_image_u8(path: str | os.PathLike, max_pixels: int | None | Literal["pil
     path = Path(path)
     check_media_file(path, "image")
     try:
-        with warnings.catch_warnings(), _pillow_guard_lifted(max_pixels != "pillow"):
+        with warnings.catch_warnings(), _pixel_limit(_limit(max_pixels)):
             # a header of a few hundred bytes can claim 178 million pixels, which PIL
             # merely warns about: about 3 GB of buffers here before the data runs out
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -92,40 +100,64 @@ def load_image_u8(path: str | os.PathLike, max_pixels: int | None | Literal["pil
                     rgba = im.convert("RGBA")
                     im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
                 rgb = im.convert("RGB")
+    except _OverLimit as e:
+        check_pixels(path, *e.size, max_pixels)  # (its words: the limit, the size, --max-pixels)
+        raise  # (not reached: the size is over the limit)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"cannot read image {path}: {e} (Pillow's guard; to read such an image, pass max_pixels= "
-                         "a larger number or None, or raise PIL.Image.MAX_IMAGE_PIXELS in Python first)") from e
+        fix = "" if max_pixels != "pillow" else (" (Pillow's guard: load_image_u8 takes max_pixels= a number, or "
+                                                 "None for no limit; tvq encode --max-pixels; or raise "
+                                                 "PIL.Image.MAX_IMAGE_PIXELS)")
+        raise ValueError(f"cannot read image {path}: {e}{fix}") from e
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e} {UNREADABLE}") from e
     data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
     return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1)
 
 
-_GUARD_LIFTED = contextvars.ContextVar("tvq_pillow_guard_lifted", default=False)
+class _OverLimit(Exception):
+    """A picture of ``size`` pixels met in a file, over the :func:`_pixel_limit` in force."""
+
+    def __init__(self, width: int, height: int):
+        super().__init__(f"{width}x{height}")
+        self.size = (width, height)
+
+
+_PIXEL_LIMIT = contextvars.ContextVar("tvq_pillow_pixel_limit", default=None)
 _GUARD_HOOK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _pillow_guard_lifted(lifted: bool = True):
-    """Pillow's decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``) off in this block for this
-    thread only (a context variable read by a wrapper of Pillow's check, installed once; other threads,
-    and the same thread outside the block, keep the guard), where the caller checks the size itself."""
+def _pixel_limit(limit: float | None):
+    """Pillow's decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``) replaced, in this block and
+    for this thread only, by ``limit`` pixels (``None``: Pillow's own guard; ``math.inf``: none): a
+    context variable read by a wrapper of Pillow's check, installed once, which every Pillow reader
+    calls for each picture it decodes (the embedded pictures of an ICO too); other threads, and this
+    one outside the block, keep Pillow's guard."""
     from PIL import Image  # noqa: PLC0415
 
     with _GUARD_HOOK:
-        check = getattr(Image, "_decompression_bomb_check", None)  # the one function every Pillow reader calls
+        check = getattr(Image, "_decompression_bomb_check", None)
         if check is not None and not getattr(check, "tvq_hook", False):  # (a Pillow without it keeps its guard)
-            def hooked(*args, **kwargs):
-                if not _GUARD_LIFTED.get():
-                    check(*args, **kwargs)
+            def hooked(size, *args, **kwargs):
+                most = _PIXEL_LIMIT.get()
+                if most is None:
+                    return check(size, *args, **kwargs)
+                if size[0] * size[1] > most:
+                    raise _OverLimit(*size)
+                return None
 
             hooked.tvq_hook = True
             Image._decompression_bomb_check = hooked  # noqa: SLF001
-    token = _GUARD_LIFTED.set(lifted)
+    token = _PIXEL_LIMIT.set(limit)
     try:
         yield
     finally:
-        _GUARD_LIFTED.reset(token)
+        _PIXEL_LIMIT.reset(token)
+
+
+def _limit(max_pixels: int | None | Literal["pillow"]) -> float | None:
+    """The pixel limit :func:`_pixel_limit` takes for a ``max_pixels`` argument."""
+    return None if max_pixels == "pillow" else math.inf if max_pixels is None else max_pixels
 
 
 def _stored_channels(im) -> int:

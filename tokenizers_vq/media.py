@@ -228,7 +228,7 @@ def load_input(
         sample_rate: audio: the model's rate (the file is resampled to it).
         max_frames: video: read at most this many frames (``None``: all).
         max_pixels: images and video frames: refuse more than this many pixels
-            (``None``: no limit); checked from the file's header, before it is decoded.
+            (``None``: none of ours, Pillow's guard for images); from the header, before decoding.
 
     Returns:
         ``(x, size, info)``: ``x`` is image ``(3, H, W)`` or video ``(3, T, H, W)`` in

@@ -251,9 +251,10 @@ class Image(Modality):
         return self.expand(x), size, info
 
     def load_compact(self, path, sample_rate=None, max_frames=None, max_pixels=None):
-        w, h, channels = image_header(path) if Path(path).is_file() else (0, 0, 3)
+        limit = "pillow" if max_pixels is None else max_pixels  # (no limit named: Pillow's guard stays)
+        w, h, channels = image_header(path, limit) if Path(path).is_file() else (0, 0, 3)
         check_pixels(Path(path), w, h, max_pixels)
-        img = load_image_u8(path, "pillow" if max_pixels is None else max_pixels)  # (None: Pillow's guard stays)
+        img = load_image_u8(path, limit)
         return img, list(img.shape[1:]), {"channels": channels}
 
     def expand(self, x: Tensor) -> Tensor:

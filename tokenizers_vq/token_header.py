@@ -22,9 +22,10 @@ class Damaged(ValueError):
     """What is wrong in a token file's header or tensors (:func:`load_tokens` names the file)."""
 
 
-def check_header(meta: dict[str, str], items: Any) -> None:
+def check_header(meta: dict[str, str], items: Any, writing: bool = False) -> None:
     """Raise :class:`Damaged` naming the first field of a token file's header that is missing,
-    altered (``header_sha256``) or not of its type."""
+    altered (``header_sha256``) or not of its type; ``writing``: also a frame rate under the
+    1/1001 a video file is written at (read, such a file's items are refused as they decode)."""
     missing = [k for k in _HEADER if not isinstance(meta.get(k), str)]
     if missing:
         raise Damaged(f"its header lacks {', '.join(missing)}")
@@ -48,7 +49,9 @@ def check_header(meta: dict[str, str], items: Any) -> None:
                 and isinstance(it.get("source"), str)):
             raise Damaged(f"item {i} lacks a source name or a size of positive whole numbers")
         fps, aspect = it.get("fps", 25.0), it.get("pixel_aspect", [1, 1])
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not MIN_FPS <= fps <= MAX_FPS:
-            raise Damaged(f"item {i}'s fps {fps!r} is not a frame rate from 1/1001 to {MAX_FPS:,}")
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (
+                fps >= MIN_FPS if writing else fps > 0) or fps > MAX_FPS:
+            raise Damaged(f"item {i}'s fps {fps!r} is not a frame rate from {'1/1001' if writing else 'above 0'} to "
+                          f"{MAX_FPS:,}")
         if not (isinstance(aspect, list) and len(aspect) == 2 and all(type(n) is int and n > 0 for n in aspect)):
             raise Damaged(f"item {i}'s pixel_aspect {aspect!r} is not two positive whole numbers")

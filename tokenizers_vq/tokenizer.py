@@ -34,7 +34,7 @@ from tokenizers_vq.quantizers import DynamicQuantizer, PackedCodes
 from tokenizers_vq.quantizers.base import evaluating
 from tokenizers_vq.streaming import AudioDecodeStream, AudioEncodeStream, receptive_field
 from tokenizers_vq.tokenizer_config import (QUANTIZER_KINDS, QuantizerConfig, TokenizerConfig,  # noqa: F401 (re-exported)
-                                            architecture_sha256, backbone_config, check_architecture, saved_config)
+                                            architecture_metadata, backbone_config, check_architecture, saved_config)
 from tokenizers_vq.weights import load_weights_file
 
 _ASSETS = Path(__file__).parent / "assets"
@@ -318,7 +318,7 @@ class Tokenizer(nn.Module):
             state = {k: v.to(dtype) if v.is_floating_point() and (v.numel() == 0 or float(v.abs().max()) < big) else v
                      for k, v in state.items()}
         config = saved_config(self.config, self.quantizer)
-        meta = {"format": "pt", "architecture_sha256": architecture_sha256(config)}
+        meta = {"format": "pt", **architecture_metadata(config)}
         text = json.dumps(asdict(config), indent=2)
         atomic_write_all({directory / "model.safetensors": lambda tmp: save_safetensors(state, tmp, metadata=meta, digest=True),
                           directory / "config.json": lambda tmp: Path(tmp).write_text(text)})

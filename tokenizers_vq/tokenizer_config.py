@@ -4,7 +4,9 @@ backbone fields and quantizer."""
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import difflib
+import hashlib
 import importlib
 import inspect
 import json
@@ -236,8 +238,6 @@ def saved_config(config: TokenizerConfig, quantizer: torch.nn.Module) -> Tokeniz
     (``quantizers.shrink_codebook``, every residual level or group alike) have their
     ``codebook_size`` recorded, as their weights hold. Levels of different sizes, which one
     ``codebook_size`` cannot describe, raise ``ValueError`` before anything is written."""
-    import dataclasses  # noqa: PLC0415
-
     from tokenizers_vq.quantizers import ProjectedCodebookVQ, VectorQuantizer  # noqa: PLC0415
 
     options = config.quantizer.options
@@ -342,8 +342,6 @@ def filled_config(config: TokenizerConfig, defaults_only: bool = False) -> dict[
     class's options): two configs that build the same model give equal dicts, whichever
     defaults either wrote out. ``defaults_only``: the same with none of ``config``'s backbone
     fields, quantizer options or settings (its modality, quantizer kind and whether it is dynamic kept)."""
-    import dataclasses  # noqa: PLC0415
-
     from tokenizers_vq.backbones import BACKBONES  # noqa: PLC0415
 
     q = config.quantizer
@@ -364,37 +362,36 @@ def _changed(d: dict[str, Any], base: dict[str, Any], nested: tuple[str, ...]) -
 
 
 def architecture_sha256(config: TokenizerConfig, written: bool = False) -> str:
-    """Hex sha256 of what shapes a model's computation: its modality, backbone fields and
-    quantizer settings, each only where it differs from its default (a field added later with
-    a default, or a default written out or left out, does not change it). Saved in
-    ``model.safetensors``' metadata, it tells a ``config.json`` edited since from the one
-    saved with the weights, even where the weight shapes still fit (FSQ levels reordered,
-    LFQ made spherical). ``written``: the form over the backbone and options as the config
-    writes them, which older files hold (they are checked against it)."""
-    import dataclasses  # noqa: PLC0415
-    import hashlib  # noqa: PLC0415
-
+    """Hex sha256 of what shapes a model's computation: its modality, quantizer kind, and backbone
+    and quantizer settings where they differ from their defaults (a field added later with a
+    default, or a default written out or left out, changes nothing); ``written``: over the
+    backbone and options as the config writes them. Saved with the weights
+    (:func:`architecture_metadata`), it tells a ``config.json`` edited since from the one saved
+    with them where the weight shapes still fit (FSQ levels reordered, LFQ made spherical)."""
     if written:
         defaults = dataclasses.asdict(QuantizerConfig())
         quantizer = {k: v for k, v in dataclasses.asdict(config.quantizer).items() if v != defaults.get(k)}
         parts = [config.modality, config.backbone, quantizer]
     else:
         filled, base = filled_config(config), filled_config(config, defaults_only=True)
-        parts = [config.modality, *(_changed(filled[k], base[k], ("options", "dynamic"))
-                                    for k in ("backbone", "quantizer"))]
+        parts = [config.modality, config.quantizer.kind, config.quantizer.dynamic is not None,
+                 *(_changed(filled[k], base[k], ("options", "dynamic")) for k in ("backbone", "quantizer"))]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def check_architecture(config: TokenizerConfig, config_path: Any, weights_path: Any, metadata: dict[str, str]) -> None:
-    """Refuse a config (read from ``config_path``) that computes otherwise than the one
-    ``weights_path`` was saved with (:func:`architecture_sha256` in its ``metadata``; files saved
-    without it are not checked).
+def architecture_metadata(config: TokenizerConfig) -> dict[str, str]:
+    """Both forms of :func:`architecture_sha256`, as ``model.safetensors``' metadata holds them."""
+    return {"architecture_sha256": architecture_sha256(config, written=True),
+            "architecture_sha256_nondefault": architecture_sha256(config)}
 
-    Raises:
-        ValueError: naming both files and the fix.
-    """
-    saved = metadata.get("architecture_sha256")
-    if saved is not None and saved not in (architecture_sha256(config), architecture_sha256(config, written=True)):
+
+def check_architecture(config: TokenizerConfig, config_path: Any, weights_path: Any, metadata: dict[str, str]) -> None:
+    """Refuse a config (from ``config_path``) that computes otherwise than the one ``weights_path``
+    was saved with (:func:`architecture_metadata`: the defaults-free form where the file holds it,
+    else the written form; a file with neither is not checked), naming both files and the fix."""
+    nondefault, written = metadata.get("architecture_sha256_nondefault"), metadata.get("architecture_sha256")
+    if (nondefault is not None and nondefault != architecture_sha256(config)) or (
+            nondefault is None and written not in (None, architecture_sha256(config, written=True))):
         raise ValueError(f"{config_path} was edited since {weights_path} was saved with it: its modality, backbone or "
                          "quantizer settings differ, and these weights compute something else under them; restore "
                          "the config.json saved with these weights (name, chunk and clip settings may change)")

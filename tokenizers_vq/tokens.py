@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from tokenizers_vq.backbones.time_chunks import frames_progress
 from tokenizers_vq.export_record import same_weights, weights_sha256
-from tokenizers_vq.io import (atomic_write, check_can_write, check_writable, file_sha256, save_safetensors,
+from tokenizers_vq.io import (MIN_FPS, atomic_write, check_can_write, check_writable, file_sha256, save_safetensors,
                               tensor_sha256)
 from tokenizers_vq.media import MAX_PIXELS, SUFFIXES, suffix_modality
 from tokenizers_vq.modality import get as get_modality
@@ -211,8 +211,8 @@ def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[Token
     }
     meta["model_sha256"] = weights_sha256(tok)
     meta["header_sha256"] = header_sha256(meta)
-    try:  # what load_tokens would refuse (a frame rate no video file holds, say) is not written
-        check_header(meta, items)
+    try:  # what load_tokens would refuse, or could not decode (a frame rate no video file holds), is not written
+        check_header(meta, items, writing=True)
     except Damaged as e:
         raise ValueError(f"cannot write {path}: the file would not load back: {e}") from None
     return atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata=meta))
@@ -345,6 +345,9 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
         warnings.warn(other, OtherModelWarning, stacklevel=2)
     for i, rec in enumerate(records):  # ids too: a file another program wrote may hold ids past the codebook
         check_grid(tok, rec, f"{tokens}: item {i} ({rec.source})", values=True)
+        if tok.modality == "video" and (fps := rec.info.get("fps", 25.0)) < MIN_FPS:
+            raise ValueError(f"{tokens}: item {i} ({rec.source}) runs at {fps:.6g} frames per second, under the 1/1001 "
+                             "a video file is written at: decode its frames in Python (Tokenizer.decode) instead")
     folder = str(out).endswith(("/", os.sep)) or Path(out).is_dir()  # (Path() drops the slash that says so)
     out = Path(out)
     single = len(records) == 1 and out.suffix != "" and not folder

@@ -209,10 +209,12 @@ def test_balanced_kmeans_evens_out_cluster_sizes():
 
 def test_features_without_spread_or_past_the_magnitude_limit_are_refused_and_no_fit_is_non_finite():
     """The projector fit divides by the features' spread (constant ones would give a NaN codebook
-    after the first batches) and sums their squares (features of magnitude 1e30 overflow them)."""
+    after the first batches): refused when it fits (a model being loaded builds with placeholders
+    its weights fill); and sums their squares (features of magnitude 1e30 overflow them)."""
     for feats in (torch.ones(64, 6), torch.zeros(64, 6), torch.full((64, 6), 3.0) + 1e-7 * torch.randn(64, 6)):
+        q = ProjectedCodebookVQ(8, 16, features=feats, init_samples=32, init_batches=1)
         with pytest.raises(ValueError, match=r"codebook features have no spread .* features=None"):
-            ProjectedCodebookVQ(8, 16, features=feats, init_samples=32, init_batches=2)
+            q.train()(torch.randn(40, 8))
     with pytest.raises(ValueError, match=r"magnitude [0-9.]+e\+30, over the limit of 1e\+15: scale them down"):
         ProjectedCodebookVQ(8, 16, features=torch.randn(64, 6, generator=torch.Generator().manual_seed(0)) * 1e30)
     assert fit_linear_projector(torch.ones(64, 6), torch.randn(200, 8)) is None  # not a NaN map

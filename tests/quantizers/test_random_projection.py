@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +31,8 @@ def test_targets_are_the_cosine_argmax_fixed_by_the_seed_and_scale_free():
     assert out.metrics["usage_batch"] > 0.05
 
 
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT",
+                    reason="this CPU runs the scalar kernel already: no other kernel to compare with")
 def test_a_seed_gives_the_same_codebook_bits_on_every_cpu_kernel():
     """torch.randn draws other values under the scalar CPU kernel than under AVX2/AVX512 (an ulp
     in most rows): the codebook, built from torch.rand, must not. A process forced onto the

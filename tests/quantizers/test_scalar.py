@@ -155,16 +155,17 @@ def test_fsq_codes_to_digits_refuses_codes_out_of_range_as_decode_does():
             fsq.codes_to_digits(torch.tensor(bad))
     assert fsq.codes_to_digits(torch.tensor(119)).tolist() == [3, 4, 5]  # a single code too
     assert fsq.codes_to_digits(torch.tensor([[0, 1]], dtype=torch.uint8)).tolist() == [[[0, 0, 0], [1, 0, 0]]]
+    assert fsq.codes_to_digits(torch.zeros(0, 7, dtype=torch.long)).shape == (0, 7, 3)  # no codes, no digits
 
 
 def test_lfq_refuses_a_vanishing_temperature_and_groups_too_large_to_build():
-    """A temperature of 1e-40 turns the scaled logits into Inf (a NaN entropy loss); 1e-4, the
+    """A temperature of 1e-40 turns the scaled logits into Inf (a NaN entropy loss); 1e-20, the
     smallest accepted, keeps the loss and its gradients finite up to the largest latent accepted."""
     for make in (lambda: LFQ(8, 8, temperature=1e-40), lambda: LFQ(8, 8, temperature=0.0)):
-        with pytest.raises(ValueError, match=r"temperature must be a number in \[0.0001, inf\)"):
+        with pytest.raises(ValueError, match=r"temperature must be a number in \[1e-20, inf\)"):
             make()
     z = (torch.randn(4, 64, 8, generator=torch.Generator().manual_seed(0)) * 1e15).clamp(-1e15, 1e15)
-    for lfq in (LFQ(8, 8, temperature=1e-4), LFQ(8, 8, temperature=1e-4, spherical=True)):
+    for lfq in (LFQ(8, 8, temperature=1e-20), LFQ(8, 8, temperature=1e-20, spherical=True)):
         z1 = z.clone().requires_grad_()
         out = lfq.train()(z1)
         out.losses["entropy"].backward()

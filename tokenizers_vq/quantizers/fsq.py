@@ -169,7 +169,7 @@ class FSQ(Quantizer):
     def codes_to_digits(self, codes: Tensor) -> Tensor:
         """Indices ``(...)`` -> per-channel values ``(..., C)`` in ``[0, L_i)``; codes outside
         ``[0, codebook_size)`` are refused, as :meth:`decode` refuses them."""
-        return self._digits(self._check_codes(codes.reshape(-1)).reshape(codes.shape))
+        return self._digits(self._check_codes(codes.reshape(-1)).reshape(codes.shape) if codes.numel() else codes)
 
     def _digits(self, codes: Tensor) -> Tensor:
         return (codes.long().unsqueeze(-1) // self._basis) % self._levels

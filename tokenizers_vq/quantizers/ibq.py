@@ -35,7 +35,7 @@ class IBQ(Quantizer):
         codebook_dim: the size of the codewords (default ``D``).
         beta: weight of the commitment loss ``|z - sg(q)|^2``.
         entropy_weight: weight of ``H(per position) - H(codebook)`` of the soft assignments.
-        temperature: of the softmax over the logits, at least 1e-4, which keeps
+        temperature: of the softmax over the logits, at least 1e-20, which keeps
             the scaled logits of latents up to ``MAX_LATENT_MAGNITUDE`` finite in float32.
         check_finite: see :class:`Quantizer`.
 
@@ -49,7 +49,7 @@ class IBQ(Quantizer):
     def __init__(self, dim: int, codebook_size: int, codebook_dim: int | None = None, beta: float = 0.25,
                  entropy_weight: float = 0.05, temperature: float = 1.0, check_finite: bool = True):
         super().__init__(dim, check_finite)
-        check_number("temperature", temperature, 1e-4)
+        check_number("temperature", temperature, 1e-20)
         for name, value in (("beta", beta), ("entropy_weight", entropy_weight)):
             check_number(name, value, 0)
         d = codebook_projections(self, codebook_size, codebook_dim)

@@ -40,7 +40,7 @@ class LFQ(Quantizer):
         entropy_weight: weight of ``H(q|x) - diversity_weight * H(q)``.
         diversity_weight: weight of the codebook-entropy term inside that.
         commitment_weight: weight of ``|x - sg(q)|^2``.
-        temperature: softmax temperature of the soft assignments, at least 1e-4,
+        temperature: softmax temperature of the soft assignments, at least 1e-20,
             which keeps the scaled logits of latents up to ``MAX_LATENT_MAGNITUDE`` finite in float32.
         group_bits: bits per entropy group (must divide ``num_bits``, at most 16); defaults to
             the largest divisor of ``num_bits`` that is at most 10. Training keeps about
@@ -74,7 +74,7 @@ class LFQ(Quantizer):
     ):
         super().__init__(dim, check_finite)
         check_number("num_bits", num_bits, 1, 62, integer=True)
-        check_number("temperature", temperature, 1e-4)
+        check_number("temperature", temperature, 1e-20)
         for name, value in (("entropy_weight", entropy_weight), ("diversity_weight", diversity_weight),
                             ("commitment_weight", commitment_weight)):
             check_number(name, value, 0)

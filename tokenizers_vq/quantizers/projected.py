@@ -71,11 +71,15 @@ def load_features(features: Tensor | str | os.PathLike, key: str | None = None) 
     if peak > MAX_LATENT_MAGNITUDE:  # their squared sums (the projector fit's covariance) overflow float32
         raise ValueError(f"codebook features have values of magnitude {peak:.3g}, over the limit of "
                          f"{MAX_LATENT_MAGNITUDE:.0e}: scale them down (the projector is fitted to the latents' scale)")
+    return t
+
+
+def _check_spread(t: Tensor) -> None:
+    """Refuse features all alike (the projector fit divides by their spread)."""
     lo, hi = t.aminmax(dim=0)
-    if float((hi - lo).max()) <= 1e-6 * peak:  # (the projector fit divides by their spread)
+    if float((hi - lo).max()) <= 1e-6 * float(t.abs().max()):
         raise ValueError("codebook features have no spread (every row is the same vector, up to float32 rounding): "
                          "pass features with distinct rows, or features=None to learn the codebook from the latents")
-    return t
 
 
 def _principal_axes(x: Tensor, reduce_over_ranks: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -372,6 +376,7 @@ class ProjectedCodebookVQ(Quantizer):
         pool = pool[torch.isfinite(pool).all(1)]  # a non-finite latent would make a non-finite centre or fit
         self._pool, self._pool_batches = [], 0
         if not self._self_init:
+            _check_spread(self.features)
             fit = fit_linear_projector(self.features, pool, reduce_over_ranks=True, backend=self.backend)
             if fit is None:  # latents without spread (yet): collect afresh
                 return
