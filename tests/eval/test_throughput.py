@@ -22,8 +22,8 @@ def test_rows_time_encode_and_decode_of_a_shipped_model(name):
 
 
 def test_rates_are_units_of_the_batch_over_the_timed_seconds(monkeypatch):
-    """Encode timed at 0.5 s and decode at 0.25 s per batch of 2: 10 s of audio per item
-    make 40 and 80 audio seconds per second, 80 / 3 for the two in sequence."""
+    """Encode timed at 0.5 s and decode at 0.25 s per batch of 2 images: 4 and 8 images per
+    second, 8 / 3 for the two in sequence."""
     from tokenizers_vq.eval.benchmarks import throughput  # noqa: PLC0415
 
     seconds, ran = iter([0.5, 0.25]), []
@@ -33,9 +33,9 @@ def test_rates_are_units_of_the_batch_over_the_timed_seconds(monkeypatch):
         return next(seconds)
 
     monkeypatch.setattr(throughput, "timed", fake_timed)
-    row = measure("speech", 2, "fp32", torch.device("cpu"))
-    assert ran[0][0] == 2 and ran[1] == (2, 1, 160000)  # the codes of the batch, then its audio
-    assert (row["encode_per_s"], row["decode_per_s"]) == (40.0, 80.0) and row["both_per_s"] == pytest.approx(80 / 3)
+    row = measure("image", 2, "fp32", torch.device("cpu"))
+    assert ran == [(2, 16, 16), (2, 3, 256, 256)]  # the codes of the batch, then its pictures
+    assert (row["encode_per_s"], row["decode_per_s"]) == (4.0, 8.0) and row["both_per_s"] == pytest.approx(8 / 3)
 
 
 def test_channels_last_rows_time_the_same_model_with_the_same_codes(monkeypatch):
