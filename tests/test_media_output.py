@@ -192,6 +192,8 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, m
 def test_an_output_through_a_link_replaces_the_linked_file_and_a_pipe_is_refused(tmp_path, capsys):
     import os  # noqa: PLC0415
 
+    from tokenizers_vq.audio_io import load_audio  # noqa: PLC0415
+
     photo, other = (str(p) for p in sorted(shared_path("images", "bsds500", "val").glob("*.jpg"))[:2])
     assert main(["encode", other, "--model", "image", "-o", str(tmp_path / "kept.tvq")]) == 0
     earlier = (tmp_path / "kept.tvq").read_bytes()
@@ -205,6 +207,10 @@ def test_an_output_through_a_link_replaces_the_linked_file_and_a_pipe_is_refused
     assert (tmp_path / "pipe.tvq").is_fifo()
     with pytest.raises(ValueError, match=r"/dev/null is a character device, not a file"):
         check_can_write("/dev/null")
+    os.mkfifo(tmp_path / "talk.wav")  # as an input: named, not "not found"
+    with pytest.raises(ValueError, match=r"talk.wav is a named pipe, not a file: copy the audio into a file first"):
+        load_audio(tmp_path / "talk.wav")
+    (tmp_path / "talk.wav").unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.tvq", "link.tvq", "pipe.tvq"]
     os.symlink("blob", tmp_path / "out.png")  # a link to a name without a suffix: written as the name given says
     assert main(["decode", str(tmp_path / "link.tvq"), "--model", "image", "-o", str(tmp_path / "out.png")]) == 0
