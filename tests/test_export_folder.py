@@ -233,3 +233,21 @@ def test_an_export_recorded_with_the_full_state_weights_hash_resumes_as_the_same
         next(other.decoder.parameters()).add_(1.0)
     with pytest.raises(ValueError, match="weights_sha256"):  # other weights: named among the differences
         export_dataset(other, photos, out, shard_items=2)
+
+
+def test_the_pictures_of_reports_runs_and_priors_inside_the_data_are_not_exported(tmp_path):
+    from tokenizers_vq.media import REPORT_FILES, save_image  # noqa: PLC0415
+
+    model = tiny("image").save_pretrained(tmp_path / "model")
+    photos = small_photos(tmp_path / "data", 2, side=32)
+    marks = {"report": REPORT_FILES, "run": {"metrics.jsonl"}, "prior": {"prior_config.json", "prior.safetensors"}}
+    for folder, names in marks.items():
+        (tmp_path / "data" / folder).mkdir()
+        for name in names - {"codebook_usage.png"}:
+            (tmp_path / "data" / folder / name).write_text("{}")
+        save_image(torch.rand(3, 32, 32), tmp_path / "data" / folder / "codebook_usage.png")  # a picture a tool wrote
+    assert main(["export", "--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "tokens"),
+                 "--device", "cpu"]) == 0
+    tokens = TokenDataset(tmp_path / "tokens")
+    sources = sorted(Path(tokens[i]["source"]).name for i in range(len(tokens)))
+    assert sources == sorted(p.name for p in photos)

@@ -222,3 +222,20 @@ def test_a_member_named_longer_than_a_file_name_may_be_is_read(tmp_path):
 
     (sample,) = list_tar_samples(tar_path, "image")
     assert sample.member == name and torch.equal(sample.load("image")[0], load_input(photo, "image")[0])
+
+
+def test_a_pipe_command_does_not_read_tvq_s_own_input():
+    """``pipe:cat`` with tvq's standard input held open (a terminal, a pipe from another
+    command): the command reads nothing, and the empty stream is named, not waited on."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    script = "from tokenizers_vq.webdataset import list_tar_samples; list_tar_samples('pipe:cat', 'image')"
+    read, write = os.pipe()  # the write end stays open: a command reading it would wait for ever
+    try:
+        done = subprocess.run([sys.executable, "-c", script], stdin=read, capture_output=True, text=True, timeout=120)
+    finally:
+        os.close(read)
+        os.close(write)
+    assert done.returncode != 0 and "pipe:cat" in done.stderr and "empty" in done.stderr

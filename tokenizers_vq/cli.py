@@ -63,8 +63,7 @@ def _decode(args: argparse.Namespace) -> int:
 
 
 def _model_for_tokens(args: argparse.Namespace, model_id: object, modality: object, meta: dict | None = None):
-    """``--model``, or without it the embedded model that wrote tokens of ``model_id``; refused where none
-    did, or (a token file's ``meta``) where its codes or its weights hash are another model's."""
+    """``--model``, else the embedded model that wrote ``model_id``'s tokens (refused: none, or ``meta`` another's)."""
     import json  # noqa: PLC0415
 
     from tokenizers_vq.export_record import same_weights  # noqa: PLC0415
@@ -156,7 +155,7 @@ def _export(args: argparse.Namespace) -> int:
     from tokenizers_vq import distributed  # noqa: PLC0415
     from tokenizers_vq.export import export_dataset  # noqa: PLC0415
     from tokenizers_vq.export_record import RECORD  # noqa: PLC0415
-    from tokenizers_vq.media import left_out, list_media  # noqa: PLC0415
+    from tokenizers_vq.media import left_out, list_media, outputs_under  # noqa: PLC0415
     from tokenizers_vq.webdataset import is_tar_source, list_tar_samples  # noqa: PLC0415
 
     for name, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
@@ -169,13 +168,14 @@ def _export(args: argparse.Namespace) -> int:
     try:
         error, notes = None, []
         try:  # a rank that fails here stops the others (they would wait for it in the export)
-            tok = _load_model(args, None if args.model else _default_for_folder(args.data))
+            skip = set() if is_tar_source(args.data) else outputs_under(args.data)  # runs' and reports' pictures
+            tok = _load_model(args, None if args.model else _default_for_folder(args.data, skip=skip))
             inputs = (list_tar_samples(args.data, tok.modality, notes) if is_tar_source(args.data)
-                      else list_media(args.data, tok.modality))
+                      else [f for f in list_media(args.data, tok.modality) if skip.isdisjoint(f.resolve().parents)])
         except Exception as e:  # noqa: BLE001  (raised below on every rank)
             error = e
         distributed.agree(error)
-        for note in [*notes, *left_out(args.data, tok.modality)] if distributed.rank_and_world()[0] == 0 else ():
+        for note in [*notes, *left_out(args.data, tok.modality, skip)] if distributed.rank_and_world()[0] == 0 else ():
             print(note, file=sys.stderr)
         out = Path(args.out)  # an earlier run of this export finished shards there: they are kept
         resumed = not args.overwrite and (out / RECORD).is_file() and any(out.glob("shard_*.json"))

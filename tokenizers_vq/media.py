@@ -389,11 +389,12 @@ REPORT_FILES = frozenset({"report.md", "metrics.json", "codebook_usage.png"})
 
 
 def outputs_under(folder: str | Path) -> set[Path]:
-    """Resolved folders below ``folder`` that hold a training run (its ``metrics.jsonl`` or
-    ``checkpoint/``) or a ``tvq eval`` report (:data:`REPORT_FILES`): their samples and pictures are not data."""
+    """Resolved folders below ``folder`` that hold a training run (its ``metrics.jsonl`` or ``checkpoint/``),
+    a token prior (``prior_config.json``) or a ``tvq eval`` report (:data:`REPORT_FILES`): their pictures are not data."""
     root, found = Path(folder).resolve(), set()
     for d, dirs, names in os.walk(root) if root.is_dir() else ():
-        if Path(d) != root and ("metrics.jsonl" in names or "checkpoint" in dirs or REPORT_FILES <= set(names)):
+        if Path(d) != root and ({"metrics.jsonl", "prior_config.json"} & set(names) or "checkpoint" in dirs
+                                or REPORT_FILES <= set(names)):
             found.add(Path(d))
             dirs.clear()
     return found

@@ -148,8 +148,8 @@ def _start(source: str) -> tuple[IO[bytes], subprocess.Popen]:
     err = tempfile.TemporaryFile()
     try:
         # its own process group: stopping it stops every command of a pipeline
-        return err, subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=err,
-                                     start_new_session=True)
+        return err, subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=err, start_new_session=True)  # (tvq's own input is not the command's)
     except OSError as e:
         err.close()
         raise ValueError(f"{source}: cannot run the shell /bin/sh: {e.strerror}") from None
