@@ -114,6 +114,9 @@ def train_prior(cfg: PriorTrainConfig, device: str = "cpu") -> tuple[TokenPrior,
     val = _windows(ds, val_items, cfg.window, grid_axes, cfg.val_windows, torch.Generator().manual_seed(1234)).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
+    if (out / "prior.safetensors").exists():  # (another export's, or other settings': not lost)
+        raise ValueError(f"{out} holds a trained prior already: name another output folder (--out), or delete "
+                         f"{out / 'prior.safetensors'} first")
     check_can_write(out / "prior.safetensors")  # refused now, not after the training
     out.mkdir(parents=True, exist_ok=True)
     start, history, done, interrupted = time.time(), [], 0, False

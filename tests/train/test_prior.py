@@ -191,3 +191,12 @@ def test_a_trained_prior_samples_the_same_ids_from_the_same_generator_and_names_
         prior(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="val_windows=0: each must be >= 1"):
         train_prior(dataclasses.replace(cfg, val_windows=0))
+
+
+def test_a_second_prior_into_the_folder_of_a_first_is_refused_before_training(tmp_path):
+    export_dataset(tiny("image"), small_photos(tmp_path / "photos", 3, side=24), tmp_path / "tokens")
+    train_prior(config(tmp_path / "tokens", tmp_path / "prior", window=3))
+    first = (tmp_path / "prior" / "prior.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"prior holds a trained prior already: name another output folder \(--out\)"):
+        train_prior(config(tmp_path / "tokens", tmp_path / "prior", window=2))
+    assert (tmp_path / "prior" / "prior.safetensors").read_bytes() == first
