@@ -244,6 +244,16 @@ def list_files(key: str, folder: str, modality: str, max_items: int, out_dir: Pa
     return kept[:max_items] if max_items else kept
 
 
+def check_stills_apart(stills: list[Path] | None, val_files: list[Path]) -> None:
+    """Refuse ``data.stills`` photos that are files held apart for validation (or frames of a
+    held-apart clip's folder): panned into clips, they would be trained on."""
+    held = {Path(f).resolve() for f in val_files}
+    over = [s for s in stills or [] if held & {s.resolve(), *s.resolve().parents}]
+    if over:
+        raise ValueError(f"data.stills holds {len(over)} file(s) held apart for validation "
+                         f"({', '.join(p.name for p in over[:3])}): they would be trained on; name stills outside data.val")
+
+
 def segment_samples(seconds: float, sample_rate: int, hop: int) -> int:
     """Samples in an audio training segment of about ``seconds``: a whole number of
     ``hop``-sample frames, refused (naming the least setting) below the longest spectral window."""

@@ -30,7 +30,8 @@ from tokenizers_vq.train.checkpoint import (Interrupted, changed_settings, check
                                             read_summary, rng_state, save_checkpoint, set_rng_state, state_hashes, stop_if_nonfinite,
                                             set_aside_earlier_run, truncate_log, write_summary)
 from tokenizers_vq.train.config import TrainConfig, check_config, config_to_dict
-from tokenizers_vq.train.data import MediaFolder, check_grid, list_files, segment_samples, split_files, warn_undersized
+from tokenizers_vq.train.data import (MediaFolder, check_grid, check_stills_apart, list_files, segment_samples,
+                                      split_files, warn_undersized)
 from tokenizers_vq.train.discriminators import build_discriminator
 from tokenizers_vq.train.losses import (LPIPS, LeCam, adaptive_weight, feature_matching, hinge_d_loss, hinge_g_loss,
                                         reconstruction_terms)
@@ -105,6 +106,7 @@ class Trainer:
         val_files = list_files("data.val", d.val, cfg.model.modality, 0, cfg.out_dir) if d.val else None
         train_files, val_files = split_files(files, val_files, d.val_fraction, d.max_items)
         stills = list_files("data.stills", d.stills, "image", d.max_items, cfg.out_dir) if d.stills else None
+        check_stills_apart(stills, val_files)
         self.train_data = MediaFolder(train_files, cfg.model.modality, sr, d.max_frames, stills, d.stills_fraction, d.max_pan)
         self.val_files = val_files
         self.data_files = data_files(train_files, val_files, d.train, d.val or None)
@@ -114,7 +116,6 @@ class Trainer:
                     tqdm.write(note, file=sys.stderr)
             unused = f" (data.val names them; data.val_fraction={d.val_fraction} is not used)" if d.val and d.val_fraction else ""
             tqdm.write(f"data: {len(train_files)} training files, {len(val_files)} held apart{unused}", file=sys.stderr)
-        # audio segments: a whole number of latent frames
         self.crop = segment_samples(d.segment_seconds, sr, self.unwrapped.backbone_config.hop) if sr else crop
         warn_undersized(self.train_data, self.crop if sr else d.crop, d.clip_frames,
                         "data.segment_seconds" if sr else "data.crop")

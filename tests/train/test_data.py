@@ -171,3 +171,18 @@ def test_training_runs_and_reports_inside_a_data_folder_are_not_data(tmp_path, c
     assert len(list_media(data, "image")) == 8  # (codebook_usage.png too)
     assert list_files("data.train", str(data), "image", 0, data / "run2") == photos
     assert "left out 4 files of training runs and reports" in capsys.readouterr().err
+
+
+def test_stills_that_are_files_held_apart_are_refused(tmp_path):
+    from tokenizers_vq.train.data import check_stills_apart  # noqa: PLC0415
+
+    clip = tmp_path / "val" / "clip"  # a held-apart clip as a folder of frames
+    clip.mkdir(parents=True)
+    frames = [clip / f"{i:04d}.png" for i in range(3)]
+    photo = tmp_path / "val" / "photo.png"
+    others = [tmp_path / "stills" / "a.png"]
+    check_stills_apart(others, [clip, photo])  # stills of their own: taken
+    check_stills_apart(None, [clip])
+    for stills in ([*others, frames[1]], [photo]):
+        with pytest.raises(ValueError, match=r"data.stills holds 1 file\(s\) held apart for validation \((0001|photo)"):
+            check_stills_apart(stills, [clip, photo])
