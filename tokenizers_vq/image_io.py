@@ -41,6 +41,7 @@ def image_header(path: str | os.PathLike,
                 return (*im.size, _stored_channels(im))
     except _OverLimit as e:
         check_pixels(Path(path), *e.size, max_pixels)  # (its words: the limit, the size, --max-pixels)
+        raise  # (not reached: the size is over the limit)
     except Image.DecompressionBombError as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
