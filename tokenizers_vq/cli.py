@@ -168,9 +168,9 @@ def _export(args: argparse.Namespace) -> int:
     try:
         error, notes = None, []
         try:  # a rank that fails here stops the others (they would wait for it in the export)
-            skip = set() if is_tar_source(args.data) else outputs_under(args.data)  # runs' and reports' pictures
+            skip = set() if (tar := is_tar_source(args.data)) else outputs_under(args.data)  # runs', reports' pictures
             tok = _load_model(args, None if args.model else _default_for_folder(args.data, skip=skip))
-            inputs = (list_tar_samples(args.data, tok.modality, notes) if is_tar_source(args.data)
+            inputs = (list_tar_samples(args.data, tok.modality, notes) if tar
                       else [f for f in list_media(args.data, tok.modality) if skip.isdisjoint(f.resolve().parents)])
         except Exception as e:  # noqa: BLE001  (raised below on every rank)
             error = e

@@ -88,9 +88,7 @@ def load_image_u8(path: str | os.PathLike, max_pixels: int | None | Literal["pil
             # a header of a few hundred bytes can claim 178 million pixels, which PIL
             # merely warns about: about 3 GB of buffers here before the data runs out
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if max_pixels != "pillow":
-                    check_pixels(path, *im.size, max_pixels)
+            with Image.open(path) as im:  # (a size over a limit of ours: _OverLimit, from Pillow's check)
                 im.load()
                 if exif_turned(im):
                     im = ImageOps.exif_transpose(im)

@@ -380,7 +380,8 @@ def shell_arg(path: str | os.PathLike) -> str:
 def check_media_file(path: Path, what: str) -> None:
     """Refuse a missing or empty (0-byte) media file, naming it; ``what``: "audio", "image", "video"."""
     if not path.is_file():
-        kind = next((w for test, w in _SPECIAL if path.exists() and test(path.stat().st_mode)), None)
+        mode = path.stat().st_mode if path.exists() else 0
+        kind = next((w for test, w in _SPECIAL if test(mode)), None)
         raise ValueError(f"{path} is {kind}, not a file: copy the {what} into a file first" if kind else
                          f"{what} file not found: {path}")
     if path.stat().st_size == 0:

@@ -283,7 +283,7 @@ class VectorQuantizer(Quantizer):
         about the codebook's mean, so that latents far from the origin keep their digits."""
         if self.metric == "cosine":
             return 1 - x @ cb.T
-        x, cb = x - cb.mean(0), cb - cb.mean(0)
+        x, cb = x - (centre := cb.mean(0)), cb - centre
         return (x.square().sum(1, keepdim=True) - 2 * x @ cb.T + cb.square().sum(1)).clamp_min(0)
 
     def _sample_codes(self, x: Tensor, cb: Tensor) -> Tensor:
