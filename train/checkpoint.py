@@ -262,48 +262,6 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "
     return out
 
 
-def data_files(train: list[Path], val: list[Path], train_root: str, val_root: str | None) -> dict[str, Any]:
-    """The files a run trains on and holds apart, named relative to their folders (``val_root``:
-    data.val, or None when they are the last of data.train), as its checkpoint records them."""
-    def names(files: list[Path], root: str) -> list[str]:
-        return [(p.relative_to(root) if p.is_relative_to(root) else p).as_posix() for p in map(Path, files)]
-
-    resolved_root = Path(train_root).resolve()
-
-    def inside(p: Path) -> str | None:  # a data.val file's name within data.train, as the paths or as resolved
-        for path, root in ((p, Path(train_root)), (p.resolve(), resolved_root)):
-            if path.is_relative_to(root):
-                return path.relative_to(root).as_posix()
-        return None
-
-    return {"train": names(train, train_root), "val": names(val, val_root or train_root),
-            "val_from": "data.val" if val_root else "data.train",
-            "val_in_train": [n for n in map(inside, map(Path, val)) if n is not None]}
-
-
-def data_changes(directory: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> str:
-    """What changed in words between the :func:`data_files` of the checkpoint in ``directory``
-    (None: written before it kept them) and of this run; refused when this run would hold apart
-    files the checkpoint trained on (its validation would score them)."""
-    if not saved:
-        return ""
-    trained, training = set(saved["train"]), set(now["train"])
-    trained_held = sorted(trained & set(now["val_in_train"]))
-    if trained_held:
-        why = ("data.train or data.val_fraction changed since, so the last files of the list are others; resume with "
-               "the data as it was, name the files to hold apart with --data.val=DIR" if now["val_from"] == "data.train"
-               else "data.val names files inside data.train that it trained on; resume with the data as it was, "
-               "hold apart a folder it did not train on")
-        raise ValueError(f"checkpoint {directory} trained on {len(trained_held)} of the files this run would hold apart "
-                         f"({', '.join(trained_held[:3])}{', ...' * (len(trained_held) > 3)}): {why}, or train in a new "
-                         f"out_dir with --init_from {directory}")
-    changes = [f"{n} training file{'s' * (n != 1)} {what}" for n, what in
-               ((len(training - trained), "added"), (len(trained - training), "left out")) if n]
-    if set(saved["val"]) != set(now["val"]) or saved.get("val_from") != now["val_from"]:
-        changes.append("the files held apart changed")
-    return ", ".join(changes)
-
-
 SUMMARY, HASHES = "train_summary.json", "codebook_hashes.json"
 
 

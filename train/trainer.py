@@ -25,16 +25,17 @@ from tokenizers_vq.media import left_out
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
 from tokenizers_vq.tokenizer_config import filled_config
-from tokenizers_vq.train.checkpoint import (Interrupted, changed_settings, check_run_folder, damaged, data_changes, data_files,
-                                            find_checkpoint, interrupt_at_step_end, load_checkpoint, optimizer_state, process_change,
-                                            read_summary, rng_state, save_checkpoint, set_rng_state, state_hashes, stop_if_nonfinite,
-                                            set_aside_earlier_run, truncate_log, write_summary)
+from tokenizers_vq.train.checkpoint import (Interrupted, changed_settings, check_run_folder, damaged, find_checkpoint,
+                                            interrupt_at_step_end, load_checkpoint, optimizer_state, process_change, read_summary,
+                                            rng_state, save_checkpoint, set_aside_earlier_run, set_rng_state, state_hashes,
+                                            stop_if_nonfinite, truncate_log, write_summary)
 from tokenizers_vq.train.config import TrainConfig, check_config, config_to_dict
 from tokenizers_vq.train.data import (MediaFolder, check_grid, check_stills_apart, list_files, segment_samples,
                                       split_files, warn_undersized)
 from tokenizers_vq.train.discriminators import build_discriminator
 from tokenizers_vq.train.losses import (LPIPS, LeCam, adaptive_weight, feature_matching, hinge_d_loss, hinge_g_loss,
                                         reconstruction_terms)
+from tokenizers_vq.train.run_files import RunFiles
 from tokenizers_vq.train.warm_start import warm_start
 
 TIME_CHECK_STEPS = 10
@@ -108,8 +109,7 @@ class Trainer:
         stills = list_files("data.stills", d.stills, "image", d.max_items, cfg.out_dir) if d.stills else None
         check_stills_apart(stills, val_files)
         self.train_data = MediaFolder(train_files, cfg.model.modality, sr, d.max_frames, stills, d.stills_fraction, d.max_pan)
-        self.val_files = val_files
-        self.data_files = data_files(train_files, val_files, d.train, d.val or None)
+        self.val_files, self.data_files = val_files, RunFiles(train_files, val_files, d.train, d.val or None)
         if self.acc.is_main_process:  # what the run leaves out of its folders, and what it reads
             for folder in dict.fromkeys(f for f in (d.train, d.val) if f):
                 for note in left_out(folder, cfg.model.modality, {Path(cfg.out_dir) / "samples"}, "train with tvq train {kind}"):
@@ -344,7 +344,7 @@ class Trainer:
             parts["lecam"] = self.lecam.state_dict()
         if self.acc.scaler is not None:  # fp16: the loss scale it has found, not 65536 again on resume
             parts["scaler"] = self.acc.scaler.state_dict()
-        meta = {"step": self.step, "config": config_to_dict(self.cfg), "files": self.data_files, "processes": self.acc.num_processes}
+        meta = {"step": self.step, "config": config_to_dict(self.cfg), "files": self.data_files.record(), "processes": self.acc.num_processes}
         save_checkpoint(self.out_dir / "checkpoint", parts, meta, self.release_model().save_pretrained)
 
     def _resume(self, directory: Path) -> None:
@@ -360,7 +360,7 @@ class Trainer:
                 what = (f"holds {name} state, which this run ({setting}) would drop at its next save: resume without "
                         f"{setting}" if on is None else f"was saved with {setting}, so it holds no {name} state: resume with {setting} as it was")
                 raise ValueError(f"checkpoint {directory} {what}, or train in a new out_dir with --init_from {directory}")
-        data_changed = data_changes(directory, meta.get("files"), self.data_files)
+        data_changed = self.data_files.resume_check(directory, meta.get("files"))
         with damaged(directory):  # state of other shapes or keys than this model's
             self.unwrapped.load_state_dict(parts["model"])
             self.opt_g.load_state_dict(optimizer_state(parts["opt_g"], self.opt_g))

@@ -132,6 +132,44 @@ def test_a_resume_refuses_a_validation_folder_of_files_it_trained_on(tmp_path):
         Trainer(config("image", out, 2, **{"data.train": str(data), "data.val": os.path.relpath(data / "b")}))
 
 
+def test_a_resume_refuses_to_hold_apart_what_an_earlier_segment_trained_on_or_a_copy_of_it(tmp_path, capsys):
+    """A checkpoint remembers every segment's training files, by name and by content: a later
+    segment may not hold apart a file the first segment trained on (the second did not), nor a
+    copy of one in a renamed folder. A copy this segment trains on as well is no change since."""
+    from testdata import small_photos  # noqa: PLC0415
+
+    def photos(name: str, n: int, side: int) -> list[Path]:  # other sides, other bytes; other names
+        folder = tmp_path / name
+        small_photos(tmp_path / "tmp", n, side)
+        (tmp_path / "tmp").rename(folder)
+        return [f.rename(folder / f"{name}_{f.name}") for f in sorted(folder.iterdir())]
+
+    first, second, val = photos("first", 3, 64), photos("second", 2, 48), tmp_path / "val"
+    photos("val", 1, 40)
+    out, base = tmp_path / "run", {"data.val": str(val), "data.max_items": 0, "save_every": 1}
+    Trainer(config("image", out, 1, **{"data.train": str(first[0].parent), **base})).train()
+    Trainer(config("image", out, 2, **{"data.train": str(second[0].parent), **base})).train()
+    assert "data changed since that checkpoint: 2 training files added, 3 training files left out" in capsys.readouterr().out
+    # the first segment's last file held apart: the checkpoint (the second segment's) never trained on it
+    with pytest.raises(ValueError, match=rf"trained on 1 of the files this run would hold apart \({first[2].name}\): "
+                                         r"data.train or data.val_fraction changed since"):
+        Trainer(config("image", out, 3, **{**base, "data.train": str(first[0].parent), "data.val": "", "data.val_fraction": 0.34}))
+    renamed = tmp_path / "renamed"
+    shutil.copytree(first[0].parent, renamed)
+    with pytest.raises(ValueError, match=rf"trained on 3 of the files this run would hold apart \({first[0].name}, "
+                                         r".*copies of files it trained on \(the same size and bytes\)"):
+        Trainer(config("image", out, 3, **{**base, "data.train": str(second[0].parent), "data.val": str(renamed)}))
+    Trainer(config("image", out, 3, **{**base, "data.train": str(second[0].parent)}))  # its own validation folder: fine
+    assert "held apart changed" not in capsys.readouterr().out
+    both = tmp_path / "both"
+    shutil.copytree(second[0].parent, both)
+    shutil.copy(first[0], both / "copy.png")  # trained on now too, as a new run would
+    (renamed / first[1].name).unlink()
+    (renamed / first[2].name).unlink()
+    Trainer(config("image", out, 3, **{**base, "data.train": str(both), "data.val": str(renamed)}))
+    assert "1 training file added, the files held apart changed" in capsys.readouterr().out
+
+
 def test_max_items_counts_training_files_after_a_validation_folder_inside_the_data(tmp_path):
     """``data.val`` inside ``data.train`` and first in name order: the cap is on what is left to
     train on (not on the listing, whose first files are the held-apart ones), and a file of
