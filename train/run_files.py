@@ -22,7 +22,13 @@ def fingerprint(path: Path) -> str:
     """``size:hash`` of a file: its size in bytes and a BLAKE2b hash of its first and last
     :data:`EDGE_BYTES` bytes (the whole file when it is smaller). Equal for copies of a file;
     different files of one size differ in these bytes in practice (a header, the first
-    samples or pixels, the last ones)."""
+    samples or pixels, the last ones). A folder (a video as numbered frames): its files' sizes
+    summed, and a hash of their names and fingerprints."""
+    path = Path(path)
+    if path.is_dir():
+        parts = [(f.name, fingerprint(f)) for f in sorted(path.iterdir()) if f.is_file()]
+        h = hashlib.blake2b("\n".join(f"{n}/{fp}" for n, fp in parts).encode(), digest_size=10)
+        return f"{sum(int(fp.split(':')[0]) for _, fp in parts)}:{h.hexdigest()}"
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         h = hashlib.blake2b(f.read(EDGE_BYTES), digest_size=10)

@@ -170,6 +170,42 @@ def test_a_resume_refuses_to_hold_apart_what_an_earlier_segment_trained_on_or_a_
     assert "1 training file added, the files held apart changed" in capsys.readouterr().out
 
 
+def test_fingerprints_match_copies_and_tell_files_of_one_size_apart(tmp_path):
+    from tokenizers_vq.train.run_files import EDGE_BYTES, fingerprint  # noqa: PLC0415
+
+    frames = sorted(shared_path("video", "siammask_tennis").glob("*.jpg"))[:3]
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for f in frames:
+        shutil.copy(f, clip)
+    copy = tmp_path / "copy"
+    shutil.copytree(clip, copy)
+    assert fingerprint(copy) == fingerprint(clip) != fingerprint(clip / frames[0].name)  # a video as numbered frames
+    assert fingerprint(clip).split(":")[0] == str(sum(f.stat().st_size for f in frames))
+    (copy / frames[2].name).write_bytes(frames[1].read_bytes())
+    assert fingerprint(copy) != fingerprint(clip)
+    data = bytearray(frames[0].read_bytes())
+    assert len(data) > 2 * EDGE_BYTES
+    for at in (0, len(data) - 1):  # one byte changed in either end: another file of the same size
+        other = bytearray(data)
+        other[at] ^= 1
+        (tmp_path / "other.jpg").write_bytes(other)
+        assert fingerprint(tmp_path / "other.jpg") != fingerprint(frames[0])
+    (tmp_path / "small.bin").write_bytes(b"abc")
+    assert fingerprint(tmp_path / "small.bin").startswith("3:")
+
+
+def test_a_video_run_holding_apart_a_clip_of_numbered_frames_saves_and_resumes(tmp_path):
+    val = tmp_path / "val" / "tennis"
+    val.mkdir(parents=True)
+    for f in sorted(shared_path("video", "siammask_tennis").glob("*.jpg"))[:9]:
+        shutil.copy(f, val)
+    out, over = tmp_path / "run", {"data.val": str(val.parent), "save_every": 1}
+    Trainer(config("video", out, 1, **over)).train()
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["files"]["val"] == ["tennis"]
+    Trainer(config("video", out, 2, **over))  # resumed, the held-apart clip is not one it trained on
+
+
 def test_max_items_counts_training_files_after_a_validation_folder_inside_the_data(tmp_path):
     """``data.val`` inside ``data.train`` and first in name order: the cap is on what is left to
     train on (not on the listing, whose first files are the held-apart ones), and a file of
