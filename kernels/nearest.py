@@ -83,12 +83,16 @@ def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: s
     if torch.float64 in (x.dtype, codebook.dtype):  # cast to fp32 below: values past its range would turn to inf
         check_fp32_range(x, codebook)
     grouped = x.ndim == 3
+    split = split_k if split_k > 0 else None
+    if kernel == "packed" and not grouped and x.shape[0] <= rows:  # one codebook, one launch: no group axis added
+        return packed_launch.nearest_packed(int32_columns(x if x.dtype == dt else x.to(dt)),
+                                            int32_columns(codebook if codebook.dtype == dt else codebook.to(dt)),
+                                            return_dist, split, plan=plan)
     xg, cg = (x, codebook) if grouped else (x[None], codebook[None])
     if xg.dtype != dt:
         xg = xg.to(dt)
     if cg.dtype != dt:
         cg = cg.to(dt)
-    split = split_k if split_k > 0 else None
 
     def search(xp: Tensor, cp: Tensor) -> tuple[Tensor, Tensor]:
         if kernel == "packed":

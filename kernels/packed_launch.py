@@ -26,12 +26,11 @@ from tokenizers_vq.kernels.packed import (
 from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
 from tokenizers_vq.kernels.tiles import (
     SPLIT_QUANTUM,
+    TUNE_MIN_WORK,
     _interpret,
     _split_plan,
     aligned,
     cdiv,
-    launch,
-    new_outputs,
     next_pow2,
 )
 
@@ -102,13 +101,14 @@ class _Setup(NamedTuple):
     norm_init: bool
     s: int
     aug_grid: tuple[int, int]
-    aug_meta: dict
+    augment: relaunch.Launcher
     nc: int
     sizes: tuple[int, ...]  # the packed kernel's size arguments past the strides' place
     grid: Callable
     meta: dict
-    tile: dict | None
+    search: relaunch.Launcher  # the packed kernel with meta and its tile (fixed, forced, or the autotuner's)
     merge_grid: tuple[int, int]
+    merge: relaunch.Launcher
 
 
 @functools.lru_cache(maxsize=1024)
@@ -134,32 +134,47 @@ def _setup(dtype: torch.dtype, g: int, n: int, k: int, d: int, device: torch.dev
     def grid(m):
         return (cdiv(n, m["BLOCK_N"]), s, g)
 
+    if tile is not None:
+        search = relaunch.Launcher(_packed_kernel.fn, **meta, **tile)
+    elif interpret:
+        search = relaunch.Launcher(_packed_kernel.fn, **meta, **INTERPRET_TILE)
+    elif g * n * k < TUNE_MIN_WORK:  # one fixed tile, no autotuning (compile once, launch fast)
+        search = relaunch.Launcher(_packed_kernel.fn, **meta, **fixed_tile(block_d))
+    else:
+        search = relaunch.Launcher(_packed_kernel, **meta)
     return _Setup(k_pad=k_pad, c_aug_shape=(g, k_pad, block_d + ext), norm_init=norm_init, s=s,
                   aug_grid=(k_pad // AUGMENT_BLOCK_K, g),
-                  aug_meta=dict(BLOCK_K=AUGMENT_BLOCK_K, BLOCK_D=block_d, EXT=ext, NORM_INIT=norm_init),
+                  augment=relaunch.Launcher(_augment_kernel, BLOCK_K=AUGMENT_BLOCK_K, BLOCK_D=block_d, EXT=ext,
+                                            NORM_INIT=norm_init),
                   nc=block_d if ext > 0 or norm_init else d, sizes=(n, k, k_pad, d, k_split), grid=grid, meta=meta,
-                  tile=tile, merge_grid=(cdiv(n, 128), g))
+                  search=search, merge_grid=(cdiv(n, 128), g),
+                  merge=relaunch.Launcher(_packed_merge_kernel, WRITE_DIST=write_dist, BLOCK=128, BLOCK_D=block_d))
 
 
 def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int | None,
                    tile: dict | None = None, plan: SearchPlan = DEFAULT_PLAN) -> tuple[Tensor, Tensor]:
-    """Launch on grouped ``x (G, N, d)`` / ``codebook (G, K, d)``, both bf16 or both fp32
-    (tf32 dot products), any strides, with :func:`applies` true; returns ``(G, N)`` fp32
-    distances (empty unless ``write_dist``) and int64 indices. ``tile`` (the tuning sweep;
-    else ``plan.force_tile``): ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages``
-    launched without the autotuner."""
-    g, n, d = x.shape
-    k = codebook.shape[1]
-    dist, idx = new_outputs(x, write_dist)
+    """Launch on grouped ``x (G, N, d)`` / ``codebook (G, K, d)``, or on one codebook ``x (N, d)`` /
+    ``codebook (K, d)``, both bf16 or both fp32 (tf32 dot products), any strides, with
+    :func:`applies` true; returns ``(G, N)`` (or ``(N,)``) fp32 distances (empty unless
+    ``write_dist``) and int64 indices. ``tile`` (the tuning sweep; else ``plan.force_tile``):
+    ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages`` launched without the autotuner."""
+    if x.ndim == 2:  # one codebook: the kernels see a group stride of 0, no group axis is added or removed
+        (n, d), g, k = x.shape, 1, codebook.shape[0]
+        xs, cs, shape = (0, *x.stride()), (0, *codebook.stride()), (n,)
+    else:
+        (g, n, d), k = x.shape, codebook.shape[1]
+        xs, cs, shape = x.stride(), codebook.stride(), (g, n)
+    device = x.device
+    dist = torch.empty(shape, device=device, dtype=torch.float32) if write_dist else x.new_empty(0, dtype=torch.float32)
+    idx = torch.empty(shape, device=device, dtype=torch.int64)
     if n == 0:
         return dist, idx
     tile = tile or plan.force_tile or None
-    st = _setup(x.dtype, g, n, k, d, x.device, write_dist, split_k,
+    st = _setup(x.dtype, g, n, k, d, device, write_dist, split_k,
                 None if tile is None else tuple(sorted(tile.items())), plan, _interpret())
-    device = x.device
     c_aug = torch.empty(st.c_aug_shape, device=device, dtype=x.dtype)
     csq = torch.empty(g, st.k_pad, device=device, dtype=torch.float32) if st.norm_init else None
-    relaunch.launch(_augment_kernel, st.aug_grid, codebook, c_aug, csq, k, d, st.nc, *codebook.stride(), **st.aug_meta)
+    st.augment(st.aug_grid, codebook, c_aug, csq, k, d, st.nc, *cs)
     s = st.s
     if s == 1:
         out_k, out_i, row_stride, part_n = dist, idx, n, 0
@@ -168,13 +183,7 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
         both = torch.empty(2 * seg, device=device, dtype=torch.int32)  # one allocation
         out_k, out_i = both[:g * s * n].view(g, s, n), both[seg:seg + g * s * n].view(g, s, n)
         row_stride, part_n = s * n, n
-    args = (x, codebook, c_aug, out_k, out_i, *st.sizes, *x.stride(), *codebook.stride(), row_stride, part_n)
-    if st.tile is not None:
-        relaunch.launch(_packed_kernel.fn, st.grid, *args, CSQ=csq, **st.meta, **st.tile)
-    else:
-        launch(_packed_kernel, st.grid, g * n * k, *args, interpret_tile=INTERPRET_TILE,
-               fixed_tile=fixed_tile(st.meta["BLOCK_D"]), CSQ=csq, **st.meta)
+    st.search(st.grid, x, codebook, c_aug, out_k, out_i, *st.sizes, *xs, *cs, row_stride, part_n, CSQ=csq)
     if s > 1:
-        relaunch.launch(_packed_merge_kernel, st.merge_grid, x, codebook, out_k, out_i, dist, idx, n, s, d,
-                        *x.stride(), *codebook.stride(), WRITE_DIST=write_dist, BLOCK=128, BLOCK_D=st.meta["BLOCK_D"])
+        st.merge(st.merge_grid, x, codebook, out_k, out_i, dist, idx, n, s, d, *xs, *cs)
     return dist, idx

@@ -3,7 +3,9 @@
 ``kernel[grid](*args, **meta)`` binds every argument, computes its specialisation and a
 cache key, and looks the compiled kernel up, in Python, on every call: about 10 us per launch,
 as long as a small search's kernels themselves. :func:`launch` does that once per
-specialisation and afterwards hands the arguments straight to the compiled kernel's launcher.
+specialisation and afterwards hands the arguments straight to the compiled kernel's launcher;
+a :class:`Launcher` does the same for one call site whose meta-parameters stay fixed, with the
+part of the work they decide done once (the search's launch setup keeps one per kernel and shape).
 
 The specialisation it keys on is at least as fine as Triton's own: every non-tensor argument's
 value (ints, bools, ``None``, constexprs, ``num_warps``...) and every tensor's dtype and 16-byte
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -36,8 +39,8 @@ class _Entry(NamedTuple):
     config: dict  # the tuned config's meta-parameters (autotuned kernels), else empty
 
 
-_ENTRIES: dict[tuple, _Entry] = {}
-MAX_ENTRIES = 4096  # specialisations kept (every distinct shape is one); past it the cache starts over
+_SITES: dict[tuple, Launcher] = {}
+MAX_SITES = 1024  # launch()'s call sites kept (a kernel and its non-tensor meta-parameters); past it they start over
 _FIRST_CALLS = threading.Lock()  # a first call and the tuned config it leaves on the kernel stay together
 
 
@@ -58,7 +61,9 @@ def _stream() -> tuple[int, int]:
 def _hooks_active() -> bool:
     """Whether a launch hook is set (a hook, or a non-empty chain of them)."""
     rt = triton.knobs.runtime
-    return any(getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+    enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+    return (enter is not None and bool(getattr(enter, "calls", enter))) or \
+        (leave is not None and bool(getattr(leave, "calls", leave)))
 
 
 def _params(kernel) -> list[inspect.Parameter]:
@@ -88,32 +93,72 @@ def launch(kernel, grid, *args, **meta) -> None:
         meta: the rest by name (tensors among them too), with launch options
             (``num_warps``, ``num_stages``).
     """
-    if not ENABLED or triton.knobs.runtime.interpret or _hooks_active():
-        kernel[grid](*args, **meta)
-        return
-    device, stream = _stream()
-    # the specialisation, flat: every non-tensor value, each tensor's (subclasses too) dtype and
-    # 16-byte alignment; no tensor itself is kept
-    key = (id(kernel), device, len(args), *meta,
-           *[(a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, Tensor) else a for a in args],
-           *[(v.dtype, v.data_ptr() & 15 == 0) if isinstance(v, Tensor) else v for v in meta.values()])
-    entry = _ENTRIES.get(key)
-    if entry is None:  # Triton's own launch (compiles, tunes)
-        with _FIRST_CALLS:
-            compiled = kernel[grid](*args, **meta)
-            entry = _fill(kernel, len(args), compiled)
+    more = {name: v for name, v in meta.items() if isinstance(v, Tensor)}
+    fixed = {name: v for name, v in meta.items() if name not in more} if more else meta
+    key = (id(kernel), *fixed.items())
+    site = _SITES.get(key)
+    if site is None:
+        if len(_SITES) >= MAX_SITES:
+            _SITES.clear()
+        site = _SITES[key] = Launcher(kernel, **fixed)  # (it holds the kernel, so the id stays its own)
+        site.keep_grid = False  # a grid function here may read other values each call
+    site(grid, *args, **more)
+
+
+class Launcher:
+    """One call site's launches of ``kernel`` with fixed meta-parameters: ``launcher(grid, *args,
+    **more)`` is ``kernel[grid](*args, **fixed, **more)``, through the kept compiled kernel after
+    the first call of each specialisation (see the module's note), with the part of the key and
+    of the launcher's arguments that ``fixed`` gives worked out once. ``fixed`` holds no tensors
+    (they go in ``more``). A callable grid is evaluated once per specialisation while the same
+    grid object is passed (with :attr:`keep_grid`; else on every call)."""
+
+    MAX_KEPT = 64  # specialisations kept per call site (strides, alignments); past it they start over
+    keep_grid = True  # a grid function's value kept while the same function is passed
+
+    def __init__(self, kernel, **fixed):
+        if any(isinstance(v, Tensor) for v in fixed.values()):
+            raise TypeError("a Launcher's fixed meta-parameters hold no tensors: pass them in the call")
+        self.kernel, self.fixed = kernel, fixed
+        self._kept: dict[tuple, list] = {}  # key -> [entry, tail, (grid function, its value) or None]
+        _LAUNCHERS.add(self)
+
+    def __call__(self, grid, *args, **more) -> None:
+        if not ENABLED or triton.knobs.runtime.interpret or _hooks_active():
+            self.kernel[grid](*args, **self.fixed, **more)
+            return
+        device, stream = _stream()
+        key = (device, len(args), *more, *[(a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, Tensor) else a
+                                           for a in (*args, *more.values())])
+        kept = self._kept.get(key)
+        if kept is None:
+            with _FIRST_CALLS:  # Triton's own launch (compiles, tunes), kept for the next calls
+                compiled = self.kernel[grid](*args, **self.fixed, **more)
+                entry = _fill(self.kernel, len(args), compiled)
             if entry is not None:
-                if len(_ENTRIES) >= MAX_ENTRIES:
-                    _ENTRIES.clear()
-                _ENTRIES[key] = entry
-        return
-    if entry.config:
-        meta = {**meta, **entry.config}
-    g = grid(meta) if callable(grid) else grid
-    entry.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, entry.function,
-              entry.packed_metadata, None, None, None, *args, *[meta.get(n, d) for n, d in entry.tail])
+                if len(self._kept) >= self.MAX_KEPT:
+                    self._kept.clear()
+                meta = {**self.fixed, **entry.config}  # (a name in more is always in more under this key)
+                self._kept[key] = [entry, [(n, meta.get(n, d)) for n, d in entry.tail], None]
+            return
+        entry, tail, known = kept
+        if not callable(grid):
+            g = (*grid, 1, 1)
+        elif known is not None and known[0] is grid:
+            g = known[1]
+        else:
+            g = (*grid({**self.fixed, **more, **entry.config}), 1, 1)
+            if self.keep_grid:
+                kept[2] = (grid, g)
+        entry.run(g[0], g[1], g[2], stream, entry.function, entry.packed_metadata, None, None, None, *args,
+                  *([more.get(n, v) for n, v in tail] if more else [v for _, v in tail]))
+
+
+_LAUNCHERS: weakref.WeakSet[Launcher] = weakref.WeakSet()  # for clear()
 
 
 def clear() -> None:
     """Forget every kept kernel (the next launch of each goes through Triton again)."""
-    _ENTRIES.clear()
+    _SITES.clear()
+    for launcher in list(_LAUNCHERS):
+        launcher._kept.clear()

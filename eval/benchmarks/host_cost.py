@@ -76,12 +76,14 @@ def stubbed_launches() -> Iterator[None]:
     relaunch.check_device = lambda *args: None
     relaunch._params = lambda kernel: real_params(kernel.original)
     relaunch.clear()
+    packed_launch._setup.cache_clear()  # (its launch setups hold the kernels they launch)
     try:
         yield
     finally:
         for mod, name, obj in saved:
             setattr(mod, name, obj)
         relaunch.clear()
+        packed_launch._setup.cache_clear()
 
 
 def host_us(fn, calls: int = 300, repeats: int = 5) -> float:

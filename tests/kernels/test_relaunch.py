@@ -113,13 +113,118 @@ def test_hooks_and_the_switch_bypass_the_direct_path(recorded, monkeypatch):
 
 def test_tensor_subclasses_are_keyed_by_dtype_and_alignment_and_the_cache_is_bounded(recorded, monkeypatch):
     """A Parameter is a tensor like any other (keyed by dtype and alignment, never kept itself),
-    and the cache starts over past MAX_ENTRIES specialisations."""
+    and the kept specialisations and call sites start over past their bounds."""
     p32, p64 = torch.nn.Parameter(torch.zeros(64)), torch.nn.Parameter(torch.zeros(64, dtype=torch.float64))
     for p in (p32, p32, p64, p64):
-        relaunch.launch(_kernel, (1,), p, p, 64, 1, FLAG=True)
+        relaunch.launch(_kernel, (1,), p, p, 64, 1, FLAG=True, OPT=p)
     assert [e[0] for e in recorded] == ["triton", "direct", "triton", "direct"]
-    assert not any(isinstance(v, torch.Tensor) for key in relaunch._ENTRIES for v in key)
-    monkeypatch.setattr(relaunch, "MAX_ENTRIES", 2)
+    sites = list(relaunch._SITES.values())
+    assert not any(isinstance(v, torch.Tensor) for key in relaunch._SITES for v in key)
+    assert not any(isinstance(v, torch.Tensor) for site in sites for key in site._kept for v in key)
+    assert not any(isinstance(v, torch.Tensor) for site in sites for kept in site._kept.values() for _, v in kept[1])
+    monkeypatch.setattr(relaunch.Launcher, "MAX_KEPT", 2)
     for n in (1, 2, 3):
         relaunch.launch(_kernel, (1,), p32, p32, 64 * n, 1, FLAG=True)
-    assert len(relaunch._ENTRIES) <= 2
+    assert all(len(site._kept) <= 2 for site in relaunch._SITES.values())
+    monkeypatch.setattr(relaunch, "MAX_SITES", 2)
+    for flag in (True, False, None):
+        relaunch.launch(_kernel, (1,), p32, p32, 64, 1, FLAG=flag)
+    assert len(relaunch._SITES) <= 2
+
+
+def test_launch_evaluates_a_grid_function_on_every_call(recorded):
+    """launch() cannot know what a grid function reads: it is called again on each launch."""
+    x, size = torch.zeros(64), [3]
+
+    def grid(meta):
+        return (size[0],)
+
+    for n in (3, 5):
+        size[0] = n
+        relaunch.launch(_kernel, grid, x, x, 64, 1, FLAG=True)
+        relaunch.launch(_kernel, grid, x, x, 64, 1, FLAG=True)
+    assert [e[0] for e in recorded] == ["triton", "direct", "direct", "direct"]
+    assert recorded[1][1][0] == 3 and recorded[2][1][0] == 5 and recorded[3][1][0] == 5
+
+
+def test_a_launcher_passes_fixed_and_per_call_parameters_in_order_and_keeps_no_tensor(recorded):
+    x, y, opt = torch.zeros(64), torch.zeros(64), torch.zeros(8)
+    site = relaunch.Launcher(_kernel, FLAG=True, num_warps=4)
+    for _ in range(2):
+        site((5, 2), x, y, 64, 1, OPT=opt)
+    site((7,), x, y, 64, 1, OPT=opt)  # a tuple grid is taken as given on every call
+    assert [e[0] for e in recorded] == ["triton", "direct", "direct"]
+    assert recorded[0][3]["FLAG"] is True and recorded[0][3]["OPT"] is opt and recorded[0][3]["num_warps"] == 4
+    args = recorded[1][1]
+    assert args[:4] == (5, 2, 1, 1234) and args[4:9] == ("fn", "meta", None, None, None)
+    assert args[9:13] == (x, y, 64, 1)
+    assert args[13:15] == (True, 16) and args[15] is opt and args[16] == 3  # FLAG, BLOCK, OPT (this call's), LAST
+    assert recorded[2][1][:3] == (7, 1, 1)
+    other = torch.zeros(8)
+    site((5, 2), x, y, 64, 1, OPT=other)  # another tensor of the same dtype and alignment: the same specialisation
+    assert recorded[-1][0] == "direct" and recorded[-1][1][15] is other
+    kept = [v for entry in site._kept.values() for v in entry[1]]
+    assert not any(isinstance(v, torch.Tensor) for _, v in kept)
+    with pytest.raises(TypeError, match="hold no tensors"):
+        relaunch.Launcher(_kernel, OPT=opt)
+
+
+def test_a_launcher_specialises_as_triton_does(recorded):
+    buf = torch.zeros(65)
+    site = relaunch.Launcher(_kernel, FLAG=True)
+    calls = [((buf[:64], buf[:64], 64, 1), {}),
+             ((buf[1:], buf[:64], 64, 1), {}),  # unaligned pointer
+             ((buf[:64].double(), buf[:64], 64, 1), {}),  # dtype
+             ((buf[:64], buf[:64], 32, 1), {}),  # an int
+             ((buf[:64], buf[:64], 64, 1), {"OPT": buf[:8]}),  # None -> tensor
+             ((buf[:64], buf[:64], 64, 1), {"OPT": buf[:8].double()})]  # its dtype
+    for _ in range(2):
+        for args, more in calls:
+            site((1,), *args, **more)
+    assert [e[0] for e in recorded] == ["triton"] * len(calls) + ["direct"] * len(calls)
+    relaunch.clear()  # forgets what launchers kept too
+    site((1,), *calls[0][0])
+    assert recorded[-1][0] == "triton"
+    site.MAX_KEPT = 2
+    for n in (1, 2, 3):
+        site((1,), buf[:64], buf[:64], 64 * n, 1)
+    assert len(site._kept) <= 2
+
+
+def test_a_launcher_evaluates_a_callable_grid_once_per_grid_with_the_tuned_config(recorded):
+    class Tuned:  # an autotuner's surface: .fn, .best_config, [grid]
+        fn = _kernel
+        best_config = triton.Config({"BLOCK": 32}, num_warps=8)
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: _kernel[grid](*a, **k, **self.best_config.kwargs)
+
+    seen = []
+
+    def grid(meta):
+        seen.append(meta["BLOCK"])
+        return (-(-100 // meta["BLOCK"]),)
+
+    site, x = relaunch.Launcher(Tuned(), FLAG=True), torch.zeros(64)
+    for _ in range(3):
+        site(grid, x, x, 64, 1)
+    assert [e[0] for e in recorded] == ["triton", "direct", "direct"]
+    assert recorded[2][1][0] == 4 and recorded[2][1][13:] == (True, 32, None, 3)  # cdiv(100, 32), BLOCK from the config
+    assert seen == [32]  # once for the kept launches (the recorder stands in for Triton's own call)
+    site(lambda meta: (9,), x, x, 64, 1)  # another grid: evaluated again
+    assert recorded[-1][1][0] == 9
+
+
+def test_hooks_and_the_switch_bypass_a_launcher(recorded, monkeypatch):
+    x = torch.zeros(64)
+    site = relaunch.Launcher(_kernel, FLAG=True)
+    site((1,), x, x, 64, 1)
+    hooked = [True]
+    monkeypatch.setattr(relaunch, "_hooks_active", lambda: hooked[0])  # a profiler's hook
+    site((1,), x, x, 64, 1)
+    hooked[0] = False
+    monkeypatch.setattr(relaunch, "ENABLED", False)
+    site((1,), x, x, 64, 1)
+    monkeypatch.setattr(relaunch, "ENABLED", True)
+    site((1,), x, x, 64, 1)
+    assert [e[0] for e in recorded] == ["triton"] * 3 + ["direct"]
