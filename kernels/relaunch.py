@@ -120,7 +120,7 @@ class Launcher:
         if any(isinstance(v, Tensor) for v in fixed.values()):
             raise TypeError("a Launcher's fixed meta-parameters hold no tensors: pass them in the call")
         self.kernel, self.fixed = kernel, fixed
-        self._kept: dict[tuple, list] = {}  # key -> [entry, tail, (grid function, its value) or None]
+        self._kept: dict[tuple, list] = {}  # key -> [entry, tail values, more's slots in it, (grid function, its value) or None]
         _LAUNCHERS.add(self)
 
     def __call__(self, grid, *args, **more) -> None:
@@ -138,10 +138,12 @@ class Launcher:
             if entry is not None:
                 if len(self._kept) >= self.MAX_KEPT:
                     self._kept.clear()
-                meta = {**self.fixed, **entry.config}  # (a name in more is always in more under this key)
-                self._kept[key] = [entry, [(n, meta.get(n, d)) for n, d in entry.tail], None]
+                meta = {**self.fixed, **entry.config}
+                tail = [meta.get(n, d) for n, d in entry.tail]  # the values past args; more's names filled per call
+                slots = [(i, n) for i, (n, _) in enumerate(entry.tail) if n in more]  # (in more under this key)
+                self._kept[key] = [entry, tail, slots, None]
             return
-        entry, tail, known = kept
+        entry, tail, slots, known = kept
         if not callable(grid):
             g = (*grid, 1, 1)
         elif known is not None and known[0] is grid:
@@ -149,9 +151,12 @@ class Launcher:
         else:
             g = (*grid({**self.fixed, **more, **entry.config}), 1, 1)
             if self.keep_grid:
-                kept[2] = (grid, g)
-        entry.run(g[0], g[1], g[2], stream, entry.function, entry.packed_metadata, None, None, None, *args,
-                  *([more.get(n, v) for n, v in tail] if more else [v for _, v in tail]))
+                kept[3] = (grid, g)
+        if slots:
+            tail = tail.copy()
+            for i, name in slots:
+                tail[i] = more[name]
+        entry.run(g[0], g[1], g[2], stream, entry.function, entry.packed_metadata, None, None, None, *args, *tail)
 
 
 _LAUNCHERS: weakref.WeakSet[Launcher] = weakref.WeakSet()  # for clear()

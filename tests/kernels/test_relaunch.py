@@ -121,7 +121,7 @@ def test_tensor_subclasses_are_keyed_by_dtype_and_alignment_and_the_cache_is_bou
     sites = list(relaunch._SITES.values())
     assert not any(isinstance(v, torch.Tensor) for key in relaunch._SITES for v in key)
     assert not any(isinstance(v, torch.Tensor) for site in sites for key in site._kept for v in key)
-    assert not any(isinstance(v, torch.Tensor) for site in sites for kept in site._kept.values() for _, v in kept[1])
+    assert not any(isinstance(v, torch.Tensor) for site in sites for kept in site._kept.values() for v in kept[1])
     monkeypatch.setattr(relaunch.Launcher, "MAX_KEPT", 2)
     for n in (1, 2, 3):
         relaunch.launch(_kernel, (1,), p32, p32, 64 * n, 1, FLAG=True)
@@ -164,7 +164,7 @@ def test_a_launcher_passes_fixed_and_per_call_parameters_in_order_and_keeps_no_t
     site((5, 2), x, y, 64, 1, OPT=other)  # another tensor of the same dtype and alignment: the same specialisation
     assert recorded[-1][0] == "direct" and recorded[-1][1][15] is other
     kept = [v for entry in site._kept.values() for v in entry[1]]
-    assert not any(isinstance(v, torch.Tensor) for _, v in kept)
+    assert not any(isinstance(v, torch.Tensor) for v in kept)
     with pytest.raises(TypeError, match="hold no tensors"):
         relaunch.Launcher(_kernel, OPT=opt)
 
