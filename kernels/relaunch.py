@@ -120,7 +120,8 @@ class Launcher:
         if any(isinstance(v, Tensor) for v in fixed.values()):
             raise TypeError("a Launcher's fixed meta-parameters hold no tensors: pass them in the call")
         self.kernel, self.fixed = kernel, fixed
-        self._kept: dict[tuple, list] = {}  # key -> [entry, tail values, more's slots in it, (grid function, its value) or None]
+        # key -> [entry, the values past args, more's slots among them, (grid function, its value) or None]
+        self._kept: dict[tuple, list] = {}
         _LAUNCHERS.add(self)
 
     def __call__(self, grid, *args, **more) -> None:
