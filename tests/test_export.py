@@ -488,6 +488,8 @@ def test_the_prior_and_the_vocabulary_refuse_bad_input_in_words():
         v.encode("video", torch.tensor([1]))
     with pytest.raises(ValueError, match=r"got list \(torch.as_tensor"):
         v.decode([5])
+    with pytest.raises(ValueError, match="ids must be integers, got torch.float32"):
+        Vocabulary({"image": 1024, "audio": 4096}).decode(torch.tensor([1027.5]))
 
 
 def test_a_slice_of_a_token_dataset_is_named(small_export):
@@ -508,6 +510,12 @@ def small_export(tmp_path_factory):
      "item 0 has no valid shape"),
     ("manifest.json", lambda d: {**d, "dtype": "foo"}, "dtype 'foo' unreadable"),
     ("manifest.json", lambda d: {**d, "shards": "shard_00000"}, "shards must be a list of names"),
+    ("manifest.json", lambda d: {**d, "dtype": ">u2"}, r"dtype <u2 or <u4 \(little-endian"),  # one flipped bit
+    ("manifest.json", lambda d: {**d, "code_shape": [0]}, "code_shape a list of whole numbers >= 1"),
+    ("manifest.json", lambda d: {**d, "code_shape": [-1]}, "code_shape a list of whole numbers >= 1"),
+    ("manifest.json", lambda d: {**d, "code_shape": {}}, "code_shape a list of whole numbers >= 1"),
+    ("shard_00000.json", lambda d: {"items": [{**it, "info": None} for it in d["items"]]}, "item 0 has no valid info"),
+    ("shard_00000.json", lambda d: {"items": [{**it, "info": "x"} for it in d["items"]]}, "item 0 has no valid info"),
 ])
 def test_a_damaged_export_index_is_a_value_error_naming_the_file(tmp_path, small_export, file, edit, named):
     import shutil  # noqa: PLC0415
@@ -516,6 +524,19 @@ def test_a_damaged_export_index_is_a_value_error_naming_the_file(tmp_path, small
     shutil.copytree(small_export, out)
     (out / file).write_text(json.dumps(edit(json.loads((out / file).read_text()))))
     with pytest.raises(ValueError, match=f"corrupt {out / file}: .*{named}"):
+        TokenDataset(out)
+
+
+def test_a_code_shape_that_does_not_end_the_items_shapes_is_refused(tmp_path, small_export):
+    import shutil  # noqa: PLC0415
+
+    out = tmp_path / "tokens"
+    shutil.copytree(small_export, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["code_shape"] == [] and TokenDataset(out)[0]["shape"] == [8, 8]  # one code per cell of a grid
+    (out / "manifest.json").write_text(json.dumps({**manifest, "code_shape": [1]}))
+    with pytest.raises(ValueError, match=r"item 0 .* has shape \[8, 8\], which does not end in the manifest's "
+                                         r"code_shape \[1\]"):
         TokenDataset(out)
 
 

@@ -275,6 +275,13 @@ def test_audio_named_in_bytes_that_are_not_utf8_encodes_and_decodes(tmp_path):
                           str(model), "-o", f"{folder}/"], capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert run.returncode == 0, run.stderr.decode(errors="replace")
     assert b"take\xff1.wav" in run.stdout and os.listdir(os.fsencode(folder)) == [b"take\xff1.wav"]
+    tokens = os.fsdecode(os.fsencode(tmp_path) + b"/t\xff.tvq")  # the token file's own name, and the model folder's
+    odd_model = os.fsdecode(os.fsencode(tmp_path) + b"/model\xff")
+    shutil.copytree(model, odd_model)
+    for _ in range(2):  # the second run replaces the token file the first wrote
+        assert main(["encode", src, "--model", odd_model, "-o", tokens]) == 0
+    assert torch.equal(load_tokens(tokens)[1][0].codes, load_tokens(tmp_path / "t.tvq")[1][0].codes)
+    assert main(["decode", tokens, "--model", odd_model, "-o", out]) == 0
 
 
 def test_a_record_the_file_could_not_give_back_is_refused_before_writing(tmp_path, image_model):
@@ -297,8 +304,35 @@ def test_a_record_the_file_could_not_give_back_is_refused_before_writing(tmp_pat
         with pytest.raises(ValueError, match=words):
             save_tokens(path, tok, [good, bad])
         assert not path.exists()
+    with pytest.raises(ValueError, match="no records"):
+        save_tokens(path, tok, [])
+    assert not path.exists()
     save_tokens(path, tok, [good])
     assert torch.equal(load_tokens(path)[1][0].codes, good.codes)
+
+
+def test_a_token_file_of_no_items_or_a_pipe_is_refused_in_words(tmp_path, image_model, capsys):
+    """A file of no items (another program's) decodes to nothing: said so, not exit 0 in silence;
+    a pipe or a device named as the token file exists, so it is not "not found"."""
+    import os  # noqa: PLC0415
+
+    from tokenizers_vq.io import save_safetensors  # noqa: PLC0415
+    from tokenizers_vq.token_header import header_sha256  # noqa: PLC0415
+
+    photo = small_photos(tmp_path / "photos", 1)[0]
+    assert main(["encode", str(photo), "--model", str(image_model), "-o", str(tmp_path / "t.tvq")]) == 0
+    meta, _ = read_raw(tmp_path / "t.tvq")
+    meta = {k: v for k, v in meta.items() if k != "header_sha256"}
+    meta["items"] = "[]"
+    meta["header_sha256"] = header_sha256(meta)
+    save_safetensors({}, tmp_path / "empty.tvq", metadata=meta)
+    assert load_tokens(tmp_path / "empty.tvq")[1] == []
+    assert main(["decode", str(tmp_path / "empty.tvq"), "--model", str(image_model), "-o", str(tmp_path / "e.png")]) == 2
+    assert "holds no items: nothing to decode" in one_error_line(capsys)
+    os.mkfifo(tmp_path / "f.tvq")
+    for path in (tmp_path / "f.tvq", "/dev/zero"):
+        assert main(["decode", str(path), "--model", str(image_model), "-o", str(tmp_path / "x.png")]) == 2
+        assert f"{path} is not a regular file (a pipe or a device?)" in one_error_line(capsys)
 
 
 def test_tokens_of_a_model_named_as_an_embedded_one_but_coded_otherwise_ask_for_their_model(tmp_path, capsys):

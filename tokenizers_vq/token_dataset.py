@@ -69,9 +69,12 @@ def read_index(path: Path, dynamic: bool) -> list[dict[str, Any]]:
     for j, it in enumerate(items if isinstance(items, list) else [None]):
         bad = [k for k, kind in fields.items() if not isinstance(it, dict) or not isinstance(it.get(k), kind)
                or (kind is list and not all(_whole(n) for n in it[k]))]
+        if not bad and not isinstance(it.get("info", {}), dict):
+            bad = ["info"]
         if bad:
             raise ValueError(f"corrupt {path}: item {j} has no valid {', '.join(bad)} (an object with offset and "
-                             "length whole numbers, source a string, shape and size lists of whole numbers)")
+                             "length whole numbers, source a string, shape and size lists of whole numbers, info "
+                             "an object if present)")
     return items
 
 
@@ -150,8 +153,11 @@ class TokenDataset(Dataset):
         except (TypeError, ValueError) as e:
             raise ValueError(f"corrupt {path}: code_shape {self.manifest['code_shape']!r} or dtype "
                              f"{self.manifest['dtype']!r} unreadable ({e}); {fix}") from None
-        if not (isinstance(shards, list) and all(isinstance(n, str) for n in shards)) or dtype.kind != "u":
-            raise ValueError(f"corrupt {path}: shards must be a list of names and dtype an unsigned integer type; {fix}")
+        if not (isinstance(shards, list) and all(isinstance(n, str) for n in shards)) or \
+                dtype not in (np.dtype("<u2"), np.dtype("<u4")) or not isinstance(self.manifest["code_shape"], list) \
+                or not all(n >= 1 for n in self.code_shape):
+            raise ValueError(f"corrupt {path}: shards must be a list of names, dtype <u2 or <u4 (little-endian, as "
+                             f"tvq export writes) and code_shape a list of whole numbers >= 1; {fix}")
         self.per_cell = math.prod(self.code_shape)
         index = [self._index(s) for s in shards]
         self._check_counts(index, dtype)
@@ -181,7 +187,12 @@ class TokenDataset(Dataset):
         for key in ("items_per_shard", "tokens_per_shard"):  # absent from exports of older versions
             if key in m and len(m[key]) != len(shards):
                 raise ValueError(f"{self.dir}: manifest lists {len(shards)} shards but {len(m[key])} {key}{fix}")
+        cs = list(self.code_shape)
         for k, (s, items) in enumerate(zip(shards, index)):
+            for j, it in enumerate(items):  # (*grid, *code_shape), or (N, *code_shape) packed
+                if len(it["shape"]) <= len(cs) or it["shape"][len(it["shape"]) - len(cs):] != cs:
+                    raise ValueError(f"{self.dir}: shard {s}: item {j} ({it['source']}) has shape {it['shape']}, which "
+                                     f"does not end in the manifest's code_shape {cs} after a grid{fix}")
             try:
                 tokens.append(check_shard(self.dir, s, items, dtype, self.per_cell, self.layout == "dynamic"))
             except ValueError as e:
@@ -327,6 +338,8 @@ class Vocabulary:
             raise ValueError(f"ids must be a torch tensor, got {type(ids).__name__} (torch.as_tensor(ids))")
         if ids.numel() == 0:
             raise ValueError("no ids to decode: an empty tensor belongs to no stream")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"ids must be integers, got {ids.dtype}")
         for name, off in self.offsets.items():
             if int(ids.min()) >= off and int(ids.max()) < off + self.sizes[name]:
                 return name, ids - off

@@ -51,6 +51,7 @@ from tokenizers_vq.media import MAX_PIXELS, SUFFIXES, suffix_modality
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.token_header import Damaged, check_header, header_sha256
 from tokenizers_vq.tokenizer import Tokenizer
+from tokenizers_vq.weights import safetensors_name
 
 FORMAT = "tvq-tokens/1"
 
@@ -189,8 +190,10 @@ def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[Token
     Raises:
         ValueError: a record that the file could not give back: a size that is not positive whole
             numbers (an empty stream's), or codes that do not fit it (:func:`check_grid`); named
-            before anything is written.
+            before anything is written; or no records at all.
     """
+    if not records:
+        raise ValueError(f"cannot write {path}: no records (a token file holds at least one item)")
     for i, r in enumerate(records):
         if not (isinstance(r.size, (list, tuple)) and r.size and all(type(n) is int and n > 0 for n in r.size)):
             raise ValueError(f"record {i} ({r.source}): size {r.size!r} is not positive whole numbers; leave out an "
@@ -234,9 +237,10 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], list[TokenReco
                   if (path / "manifest.json").is_file() else "")
         raise ValueError(f"{path} is a folder{export}, not a token file: decode reads the file `tvq encode -o` wrote")
     if not path.is_file():
-        raise ValueError(f"token file not found: {path}")
+        raise ValueError(f"token file not found: {path}" if not path.exists() else f"{path} is not a regular file (a "
+                         "pipe or a device?): decode reads the token file `tvq encode -o` wrote; copy a piped one to a file")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safetensors_name(path) as name, safe_open(name, framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a {FORMAT} token file (format={meta.get('format')!r})")
@@ -327,7 +331,7 @@ def _is_token_file(path: Path) -> bool:
     from safetensors import safe_open  # noqa: PLC0415
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safetensors_name(path) as name, safe_open(name, framework="pt") as f:
             return (f.metadata() or {}).get("format") == FORMAT
     except Exception:  # noqa: BLE001 (anything unreadable as one is not one)
         return False
@@ -340,6 +344,8 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
     another model (:func:`other_model`) decode with an :class:`OtherModelWarning`."""
     meta, records = load_tokens(tokens)
     check_compatible(meta, tok, Path(tokens))
+    if not records:
+        raise ValueError(f"{tokens} holds no items: nothing to decode (encode the media into it again)")
     other = other_model(meta, tok, tokens)
     if other is not None:
         warnings.warn(other, OtherModelWarning, stacklevel=2)

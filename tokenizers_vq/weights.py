@@ -3,7 +3,10 @@ and published PyTorch ``.pth`` files (tensors only, never code)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,6 +34,32 @@ def load_weights(path: str | os.PathLike, what: str) -> dict:
     return state
 
 
+@contextlib.contextmanager
+def safetensors_name(path: str | os.PathLike) -> Iterator[str]:
+    """A name of ``path`` that ``safetensors.safe_open`` accepts. It takes UTF-8 names only; a
+    Linux file name may hold other bytes, and is then opened and named by its descriptor
+    (``/proc/self/fd/N``) for the ``with`` block. Elsewhere (no such names there) it is refused,
+    naming the fix.
+
+    Raises:
+        OSError: the file cannot be opened.
+        ValueError: a name that is not UTF-8 where no descriptor path exists.
+    """
+    name = os.fspath(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        if not sys.platform.startswith("linux"):
+            raise ValueError(f"{path!r}: its name is not valid UTF-8, which safetensors cannot open: rename it") from None
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    yield name
+
+
 def load_weights_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors and metadata of a safetensors weights file (one read), refused when unreadable, when they differ from
     the ``tensors_sha256`` they were saved with (:func:`~tokenizers_vq.io.save_safetensors`), or when a
@@ -42,7 +71,7 @@ def load_weights_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open  # noqa: PLC0415
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safetensors_name(path) as name, safe_open(name, framework="pt") as f:
             state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"corrupt weights file {path}: {e}") from e
