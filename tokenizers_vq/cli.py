@@ -33,14 +33,13 @@ def _load_model(args: argparse.Namespace, default: str | None = None):
 
 
 def _encode(args: argparse.Namespace) -> int:
+    from tokenizers_vq.media import MAX_PIXELS, uncoded_parts  # noqa: PLC0415
     from tokenizers_vq.tokens import default_model_name, encode_files  # noqa: PLC0415
 
     if args.max_pixels is not None and args.max_pixels < 0:
         raise ValueError(f"--max-pixels {args.max_pixels}: expected a pixel count >= 1, or 0 for no limit")
     default = None if args.model else default_model_name(args.files)
     tok = _load_model(args, default)
-    from tokenizers_vq.media import MAX_PIXELS, uncoded_parts  # noqa: PLC0415
-
     limit = MAX_PIXELS if args.max_pixels is None else args.max_pixels or sys.maxsize  # (0: none, Pillow's guard too)
     unused_option("--max-pixels", args.max_pixels is not None and not tok.media.has_pixels, "audio has no pixels")
     print(f"wrote {encode_files(tok, args.files, args.output, max_pixels=limit)}")
@@ -57,8 +56,7 @@ def _decode(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # decode_file warns after its refusals, before decoding
         warnings.simplefilter("always", OtherModelWarning)
         written = decode_file(tok, args.tokens, args.output)
-    for path in written:
-        print(f"wrote {path}")
+    print("\n".join(f"wrote {path}" for path in written) or f"wrote nothing: {args.tokens} holds no items")
     return 0
 
 
@@ -89,8 +87,8 @@ def _model_for_tokens(args: argparse.Namespace, model_id: object, modality: obje
 
 
 def _default_for_folder(folder: str, skip: set | None = None) -> str:
-    """The embedded model for a data folder with no ``--model``: ``image`` for photos (not only clips' frames),
-    else the one modality of its files (ValueError: audio and video); files under a folder of ``skip`` are skipped."""
+    """The embedded model for ``folder`` with no ``--model``: ``image`` for photos, else its files' one modality
+    (ValueError: audio and video; clips' frames are video); files under a folder of ``skip`` skipped."""
     from tokenizers_vq.media import media_in_folder  # noqa: PLC0415
     from tokenizers_vq.tokenizer import DEFAULT_FOR_MODALITY  # noqa: PLC0415
 
@@ -142,10 +140,9 @@ def _eval(args: argparse.Namespace) -> int:
                           max_frames=args.max_frames or None, notes=notes)
     for k, v in result["summary"].items():
         print(f"{k:>22}: {v:.4f}" if isinstance(v, float) else f"{k:>22}: {v}")
-    for k, v in [*result["skipped"].items(), *result.get("baselines", {}).get("skipped", {}).items()]:
+    for k, v in [*result["skipped"].items(), *result.get("baselines", {}).get("skipped", {}).items(),
+                 *(("left out", entry["error"]) for entry in result["failed"])]:
         print(f"{k:>22}: {v}")
-    for entry in result["failed"]:
-        print(f"{'left out':>22}: {entry['error']}")
     print(f"wrote {Path(args.out) / 'report.md'}, metrics.json and pictures")
     return 0
 

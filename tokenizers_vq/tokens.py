@@ -190,10 +190,8 @@ def save_tokens(path: str | os.PathLike, tok: Tokenizer, records: Sequence[Token
     Raises:
         ValueError: a record that the file could not give back: a size that is not positive whole
             numbers (an empty stream's), or codes that do not fit it (:func:`check_grid`); named
-            before anything is written; or no records at all.
+            before anything is written.
     """
-    if not records:
-        raise ValueError(f"cannot write {path}: no records (a token file holds at least one item)")
     for i, r in enumerate(records):
         if not (isinstance(r.size, (list, tuple)) and r.size and all(type(n) is int and n > 0 for n in r.size)):
             raise ValueError(f"record {i} ({r.source}): size {r.size!r} is not positive whole numbers; leave out an "
@@ -338,14 +336,13 @@ def _is_token_file(path: Path) -> bool:
 
 
 def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLike) -> list[Path]:
-    """Decode a token file. ``out`` is the output file for a single item (its suffix
-    picks the format) or a directory that receives ``<source stem><ext>`` per item.
-    Every item's checksum and grid are checked before anything is written; tokens of
-    another model (:func:`other_model`) decode with an :class:`OtherModelWarning`."""
+    """Decode a token file. ``out`` is the output file for a single item (its suffix picks the
+    format) or a directory that receives ``<source stem><ext>`` per item. Every item's checksum
+    and grid are checked before anything is written; tokens of another model (:func:`other_model`)
+    decode with an :class:`OtherModelWarning`. A target of an item's name is replaced, but never
+    the file the item was encoded from."""
     meta, records = load_tokens(tokens)
     check_compatible(meta, tok, Path(tokens))
-    if not records:
-        raise ValueError(f"{tokens} holds no items: nothing to decode (encode the media into it again)")
     other = other_model(meta, tok, tokens)
     if other is not None:
         warnings.warn(other, OtherModelWarning, stacklevel=2)
