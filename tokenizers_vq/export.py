@@ -177,8 +177,8 @@ def export_dataset(
         precision: ``"fp32"`` (default: the reference ids, for images the same for any
             CPU thread count; another instruction set or a GPU can flip a near-tie, and so can
             the thread count for speech, whose fp32 convolutions split sums by thread) or
-            ``"bf16"`` (the encoder under bf16 autocast: faster on a GPU, 3x on a CPU with
-            bf16 units; near-ties may take other ids).
+            ``"bf16"`` (the encoder under bf16 autocast: faster on a GPU, 3x on a CPU with bf16 units;
+            near-ties may take other ids, varying with threads and, for speech and video, batch size).
             Recorded in ``export.json``: a resume must pass the same precision (it is refused
             otherwise, naming it). On the CPU it keeps freed memory in the process
             (:func:`~tokenizers_vq.runtime.keep_freed_memory`: 1.5x faster).
