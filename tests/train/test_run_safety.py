@@ -200,6 +200,7 @@ def test_a_video_run_holding_apart_a_clip_of_numbered_frames_saves_and_resumes(t
     val.mkdir(parents=True)
     for f in sorted(shared_path("video", "siammask_tennis").glob("*.jpg"))[:9]:
         shutil.copy(f, val)
+    (val / "fps.txt").write_text("25")
     out, over = tmp_path / "run", {"data.val": str(val.parent), "save_every": 1}
     Trainer(config("video", out, 1, **over)).train()
     assert json.loads((out / "checkpoint" / "state.json").read_text())["files"]["val"] == ["tennis"]
