@@ -82,17 +82,13 @@ def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: s
                               precision, algorithm, plan)
     if torch.float64 in (x.dtype, codebook.dtype):  # cast to fp32 below: values past its range would turn to inf
         check_fp32_range(x, codebook)
+    x = int32_columns(x if x.dtype == dt else x.to(dt))
+    codebook = int32_columns(codebook if codebook.dtype == dt else codebook.to(dt))
     grouped = x.ndim == 3
     split = split_k if split_k > 0 else None
     if kernel == "packed" and not grouped and x.shape[0] <= rows:  # one codebook, one launch: no group axis added
-        return packed_launch.nearest_packed(int32_columns(x if x.dtype == dt else x.to(dt)),
-                                            int32_columns(codebook if codebook.dtype == dt else codebook.to(dt)),
-                                            return_dist, split, plan=plan)
+        return packed_launch.nearest_packed(x, codebook, return_dist, split, plan=plan)
     xg, cg = (x, codebook) if grouped else (x[None], codebook[None])
-    if xg.dtype != dt:
-        xg = xg.to(dt)
-    if cg.dtype != dt:
-        cg = cg.to(dt)
 
     def search(xp: Tensor, cp: Tensor) -> tuple[Tensor, Tensor]:
         if kernel == "packed":
@@ -101,7 +97,6 @@ def _nearest_impl(x: Tensor, codebook: Tensor, metric: str, k: int, precision: s
             return nearest_tiled(xp, cp, metric == "cosine", precision, return_dist, split, plan)
         return nearest_topk(xp, cp, k, metric == "cosine", precision, return_dist, split)
 
-    xg, cg = int32_columns(xg), int32_columns(cg)
     if xg.shape[0] <= MAX_GROUPS and xg.shape[1] <= rows:
         dist, idx = search(xg, cg)
     else:  # inputs past what one launch indexes: pieces of groups and rows, each one launch

@@ -60,17 +60,20 @@ class RunFiles:
             return None
 
         self.val_in_train = [n for n in map(inside, map(Path, val)) if n is not None]
-        self.val_prints = {fingerprint(Path(p)): name for p, name in zip(val, self.val)}
+        self.val_paths = [Path(p) for p in val]
         self.earlier: set[str] = set()  # names trained on by earlier segments
         self.earlier_prints: set[str] = set()
         self._prints: set[str] | None = None
+        self._record: dict[str, Any] | None = None
 
     def record(self) -> dict[str, Any]:
         """The checkpoint's record (JSON): this segment's names, and every segment's training
-        names and fingerprints (this segment's computed on the first call)."""
-        return {"train": self.train, "val": self.val, "val_from": self.val_from, "val_in_train": self.val_in_train,
-                "trained": sorted(self.earlier | set(self.train)),
-                "trained_prints": sorted(self.earlier_prints | self._train_prints())}
+        names and fingerprints (worked out on the first call, this segment's files read then)."""
+        if self._record is None:
+            self._record = {"train": self.train, "val": self.val, "val_from": self.val_from,
+                            "val_in_train": self.val_in_train, "trained": sorted(self.earlier | set(self.train)),
+                            "trained_prints": sorted(self.earlier_prints | self._train_prints())}
+        return self._record
 
     def _train_prints(self) -> set[str]:
         if self._prints is None:
@@ -87,6 +90,7 @@ class RunFiles:
         trained, training = set(saved["train"]), set(self.train)
         self.earlier = trained | set(saved.get("trained", ()))
         self.earlier_prints = set(saved.get("trained_prints", ()))
+        self._record = None
         held = sorted(self.earlier & set(self.val_in_train))
         if held:
             why = ("data.train or data.val_fraction changed since, so the last files of the list are others; resume with "
@@ -94,10 +98,11 @@ class RunFiles:
                    else "data.val names files inside data.train that it trained on; resume with the data as it was, "
                    "hold apart a folder it did not train on")
         else:
-            copies = self.earlier_prints.intersection(self.val_prints)
+            val_prints = {fingerprint(p): name for p, name in zip(self.val_paths, self.val)} if self.earlier_prints else {}
+            copies = self.earlier_prints.intersection(val_prints)
             if copies:  # (a copy among this run's own training files too is no change since: a new run takes it as well)
                 copies -= self._train_prints()
-            held = sorted(self.val_prints[fp] for fp in copies)
+            held = sorted(val_prints[fp] for fp in copies)
             why = ("they are copies of files it trained on (the same size and bytes) under another folder or name, which "
                    "this run does not train on: hold apart files it did not train on")
         if held:
