@@ -65,15 +65,23 @@ def check_ties_and_splits(device, full=False):
         assert torch.equal(ik, i1[:, None] + torch.tensor([0, base, 2 * base], device=device)), "top-k tie order"
 
 
+def _check_topk_shapes(device, full, k, name):
+    shapes = ((7, 5, 17), (300, 24, 700), (2000, 64, 3000)) if full else ((7, 5, 17), (40, 24, 300))
+    dt = DTYPES[name][0]
+    for (n, d, kc), metric, split in itertools.product(shapes, ("l2", "cosine"), (None, 2)):
+        _check_search(_data((n, d), dt, device), _data((kc, d), dt, device), metric, name, k=k, split_k=split)
+
+
 def check_topk(device, full=False):
+    """Top-2 in bf16 over odd shapes, both metrics, split and not."""
+    _check_topk_shapes(device, full, 2, "bf16")
+
+
+def check_topk_exact(device, full=False):
+    """Top-8 in exact fp32 over the same shapes; rows and codes holding NaN."""
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
-    shapes = ((7, 5, 17), (300, 24, 700), (2000, 64, 3000)) if full else ((7, 5, 17), (40, 24, 300))
-    for (n, d, kc), k, metric in itertools.product(shapes, (2, 8), ("l2", "cosine")):
-        name = "fp32_ieee" if k == 8 else "bf16"
-        dt = DTYPES[name][0]
-        for split in (None, 2):
-            _check_search(_data((n, d), dt, device), _data((kc, d), dt, device), metric, name, k=k, split_k=split)
+    _check_topk_shapes(device, full, 8, "fp32_ieee")
     # a row with fewer than k finite scores (NaN) still gets k distinct codes, the lowest indices;
     # a NaN code is never among a finite row's best
     for split, kc in itertools.product((None, 3), (40, 300)):
@@ -293,7 +301,7 @@ def check_custom_op(device, full=False):
     torch.library.opcheck(torch.ops.tokenizers_vq.code_statistics.default, (x, torch.randint(0, 6, (20,), device=device), 6))
 
 
-GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_grouped_and_layouts,
+GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_topk_exact, check_grouped_and_layouts,
                                   check_packed_odd_shapes, check_packed_ties_splits_groups, check_packed_half,
                                   check_row_reduce, check_repeated_calls,
                                   check_code_statistics, check_nonfinite_rows, check_bad_inputs,
