@@ -4,9 +4,11 @@ ms per step, operators and kernel launches per step, then the top operators by d
 host time under ``torch.profiler``; with ``--host``, also the host's own time per step (the
 step enqueued behind a long GPU sleep, so no GPU work is waited for unless the step syncs), the
 host syncs of one step (``torch.cuda.set_sync_debug_mode``, with where they come from) and the
-Python functions that take the host's time (``cProfile``).
+Python functions that take the host's time (``cProfile``). With ``--graphs``, the compiled step
+runs with ``mode="reduce-overhead"`` (replayed from CUDA graphs); run it under
+``TORCH_LOGS=perf_hints`` to see why a graph is skipped, if one is.
 
-    python eval/gpu/profile_vq_step.py [--cases 32768x1024x256,32768x16384x8] [--device cuda] [--host]
+    python eval/gpu/profile_vq_step.py [--cases 32768x1024x256,32768x16384x8] [--device cuda] [--host] [--graphs]
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def step_fn(n: int, k: int, d: int, device: str, compiled: bool):
+def step_fn(n: int, k: int, d: int, device: str, compiled: bool, graphs: bool = False):
     """One training step of a fresh ``VectorQuantizer`` on ``(n // 1024, 1024, d)`` latents
-    (``n``: a multiple of 1024)."""
+    (``n``: a multiple of 1024); ``graphs``: compiled with ``mode="reduce-overhead"``."""
     from tokenizers_vq import VectorQuantizer  # noqa: PLC0415
 
     if n % 1024:
@@ -47,9 +49,11 @@ def step_fn(n: int, k: int, d: int, device: str, compiled: bool):
     torch.manual_seed(0)
     z = torch.randn(n // 1024, 1024, d, device=device, requires_grad=True)
     q = VectorQuantizer(dim=d, codebook_size=k, check_finite=False).to(device).train()
-    model = torch.compile(q, fullgraph=True) if compiled else q
+    model = torch.compile(q, fullgraph=True, mode="reduce-overhead" if graphs else None) if compiled else q
 
     def run():
+        if compiled and graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         z.grad = None
         out = model(z)
         (out.quantized.square().mean() + sum(out.losses.values())).backward()
@@ -62,8 +66,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def profile_case(n: int, k: int, d: int, device: str, compiled: bool, steps: int = 20) -> str:
-    run = step_fn(n, k, d, device, compiled)
+def profile_case(n: int, k: int, d: int, device: str, compiled: bool, steps: int = 20, graphs: bool = False) -> str:
+    run = step_fn(n, k, d, device, compiled, graphs)
     for _ in range(5):
         run()
     _sync(device)
@@ -72,7 +76,8 @@ def profile_case(n: int, k: int, d: int, device: str, compiled: bool, steps: int
         run()
     _sync(device)
     ms = (time.perf_counter() - t) / steps * 1e3
-    lines = [f"## {n} x {k} x {d}, {'compiled' if compiled else 'eager'}: {ms:.3f} ms per step"]
+    kind = ("compiled, CUDA graphs" if graphs else "compiled") if compiled else "eager"
+    lines = [f"## {n} x {k} x {d}, {kind}: {ms:.3f} ms per step"]
     if not compiled:
         with _CountOps() as counter:
             run()
@@ -86,7 +91,8 @@ def profile_case(n: int, k: int, d: int, device: str, compiled: bool, steps: int
     events = prof.key_averages()
     if device == "cuda":
         launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
-        lines.append(f"kernel launches per step: {launches / 5:.0f}")
+        replays = sum(e.count for e in events if e.key == "cudaGraphLaunch")
+        lines.append(f"kernel launches per step: {launches / 5:.0f}; CUDA graph replays per step: {replays / 5:.0f}")
         lines.append(events.table(sort_by="cuda_time_total", row_limit=20))
     lines.append(events.table(sort_by="self_cpu_time_total", row_limit=20))
     return "\n".join(lines)
@@ -153,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--eager-only", action="store_true", help="leave the compiled step out")
     ap.add_argument("--host", action="store_true", help="the host's time, syncs and Python per step (CUDA) instead")
+    ap.add_argument("--graphs", action="store_true", help="the compiled step with mode='reduce-overhead' (CUDA graphs)")
     args = ap.parse_args(argv)
     if args.host and args.device != "cuda":
         ap.error("--host measures a CUDA device's host side: run it where CUDA is")
@@ -160,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         n, k, d = map(int, case.split("x"))
         for compiled in (False,) if args.eager_only else (False, True):
             try:
-                report = host_report(n, k, d, compiled) if args.host else profile_case(n, k, d, args.device, compiled)
+                report = (host_report(n, k, d, compiled) if args.host
+                          else profile_case(n, k, d, args.device, compiled, graphs=args.graphs and compiled))
             except Exception:  # noqa: BLE001  (one failing variant leaves the others measured)
                 report = f"## {n} x {k} x {d}, compiled={compiled}: failed\n{traceback.format_exc()}"
             print(report, flush=True)
