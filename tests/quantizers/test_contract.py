@@ -27,6 +27,9 @@ QUANTIZERS = {
         D, 64, codebook_dim=4, metric="cosine", kmeans_init=True, kmeans_iters=3
     ),
     "vq-learned-rotation": lambda: VectorQuantizer(D, 64, learning="loss", estimator="rotation"),
+    "vq-ema-nsvq": lambda: VectorQuantizer(D, 64, estimator="nsvq"),
+    "vq-learned-diveq": lambda: VectorQuantizer(D, 64, learning="loss", estimator="diveq"),
+    "simvq-diveq": lambda: SimVQ(D, 64, estimator="diveq"),
     "vq-learned-orthogonal": lambda: VectorQuantizer(D, 64, learning="loss", orthogonal_weight=10.0, orthogonal_sample=32),
     "vq-diversity-stochastic": lambda: VectorQuantizer(D, 64, diversity_weight=0.5, diversity_sample=16,
                                                        sample_temperature=0.5),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizers_vq import VectorQuantizer, nearest_codes
-from tokenizers_vq.quantizers._functional import nearest_codes_reference, rotation_trick
+from tokenizers_vq.quantizers._functional import nearest_codes_reference, noise_substitution, rotation_trick
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
@@ -181,6 +181,48 @@ def test_straight_through_and_rotation_give_different_gradients():
         vq(zz).quantized.pow(2).sum().backward()
         grads[est] = zz.grad
     assert not torch.allclose(grads["ste"], grads["rotation"])
+
+
+@pytest.mark.parametrize("variance", [None, 5e-3])
+def test_noise_substitution_moves_each_row_by_its_quantization_error(variance):
+    torch.manual_seed(0)
+    x = torch.randn(200, 6, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(200, 6, dtype=torch.float64, requires_grad=True)
+    out = noise_substitution(x, q, variance)
+    step = (out - x).detach()
+    torch.testing.assert_close(step.norm(dim=1), (x - q).detach().norm(dim=1))
+    cos = F.cosine_similarity(step, (q - x).detach(), dim=1)
+    if variance is None:  # NSVQ: random directions, not towards q
+        assert cos.mean().abs() < 0.15 and cos.min() < 0
+    else:  # DiVeQ: towards q, a little off
+        assert cos.min() > 0.95 and cos.max() < 1 and not torch.allclose(out, q)
+    g = torch.randn(200, 6, dtype=torch.float64)
+    (out * g).sum().backward()
+    u = F.normalize(step, dim=1)  # the codeword gets the gradient of |q - x| along that direction
+    expected_q = (g * u).sum(1, keepdim=True) * F.normalize((q - x).detach(), dim=1)
+    torch.testing.assert_close(q.grad, expected_q)
+    torch.testing.assert_close(x.grad, g - expected_q)  # and x the rest, with g itself
+    # a row already on its codeword passes the gradient on whole and stays finite
+    x0, q0 = torch.zeros(1, 6, requires_grad=True), torch.zeros(1, 6, requires_grad=True)
+    noise_substitution(x0, q0, variance).sum().backward()
+    assert torch.equal(x0.grad, torch.ones(1, 6)) and torch.isfinite(q0.grad).all()
+
+
+@pytest.mark.parametrize("estimator", ["nsvq", "diveq"])
+@pytest.mark.parametrize("learning", ["ema", "loss"])
+def test_noise_estimators_train_on_moved_rows_and_code_exactly_outside_training(learning, estimator):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 32, estimator=estimator, learning=learning)
+    z = torch.randn(2, 50, 8)
+    out = vq(z)
+    assert not torch.allclose(out.quantized, vq.decode(out.codes))  # training: moved rows, not the codewords
+    if learning == "loss":  # the codebook learns through the output's |q - x| alone, no codebook loss needed
+        vq.zero_grad()
+        vq(z).quantized.square().sum().backward()
+        assert vq.embed.grad is not None and vq.embed.grad.abs().sum() > 0
+    vq.eval()
+    out = vq(z)
+    assert torch.equal(out.quantized, vq.decode(out.codes)) and torch.equal(out.codes, vq.encode(z))
 
 
 def test_factorised_lookup_uses_a_low_dimensional_codebook():

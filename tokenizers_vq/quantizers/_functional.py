@@ -9,6 +9,7 @@ On CPU (and wherever Triton is not available) it runs the chunked torch referenc
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Literal, get_args
 
@@ -21,6 +22,8 @@ from tokenizers_vq.quantizers._reference import Metric, _reference_op, nearest_c
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
+Estimator = Literal["ste", "rotation", "nsvq", "diveq"]
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 
 
 def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -60,6 +63,43 @@ def rotation_trick(x: Tensor, q: Tensor, eps: float = 1e-6) -> Tensor:
     rotated = x - 2 * (x * r).sum(-1, keepdim=True) * r + 2 * (x * u).sum(-1, keepdim=True) * v
     rotated = rotated * (q_norm / x_norm)
     return straight_through(rotated, q)
+
+
+def noise_substitution(x: Tensor, q: Tensor, variance: float | None = None, eps: float = 1e-12) -> Tensor:
+    """``x`` moved by its quantization error's length ``|q - x|`` along a random unit direction,
+    held constant: the gradient reaches ``x`` whole and ``q`` through ``|q - x|`` (a codebook
+    learned by gradient learns from it). The value is not ``q``: a training-time output.
+
+    With ``variance=None`` the direction is ``v / |v|``, ``v ~ N(0, I)`` (NSVQ: Vali and
+    Baeckstroem 2022, "NSVQ: Noise Substitution in Vector Quantization for Machine Learning");
+    with a variance, the error's own direction with that much Gaussian noise added, so the value
+    stays near ``q`` (DiVeQ: Vali and Baeckstroem 2025, "DiVeQ: Differentiable Vector
+    Quantization Using the Reparameterization Trick").
+
+    Args:
+        x: encoder outputs, ``(..., d)``.
+        q: chosen codewords, ``(..., d)``.
+    """
+    err = q - x
+    noise = torch.randn_like(x)
+    direction = l2norm(noise if variance is None else err.detach() + math.sqrt(variance) * noise, eps)
+    return x + err.norm(dim=-1, keepdim=True) * direction.detach()
+
+
+DIVEQ_VARIANCE = 5e-3
+"""Variance of the noise added to the error's direction by the ``"diveq"`` estimator (the
+default of vector-quantize-pytorch's ``directional_reparam``)."""
+
+
+def estimate(estimator: Estimator, x: Tensor, q: Tensor, training: bool) -> Tensor:
+    """The quantizer's output for the chosen codewords ``q`` of ``x``: ``q`` in value with the
+    straight-through (``"ste"``) or rotation-trick (``"rotation"``) gradient; in training,
+    :func:`noise_substitution` for ``"nsvq"`` (a random direction) and ``"diveq"`` (the error's
+    direction with noise of variance :data:`DIVEQ_VARIANCE`), and ``q`` with the straight-through
+    gradient outside training."""
+    if estimator in ("nsvq", "diveq") and training:
+        return noise_substitution(x, q, DIVEQ_VARIANCE if estimator == "diveq" else None)
+    return rotation_trick(x, q) if estimator == "rotation" else straight_through(x, q)
 
 
 def code_histogram(codes: Tensor, size: int) -> Tensor:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers._functional import BACKENDS, code_histogram, nearest_codes, perplexity, rotation_trick, straight_through
+from tokenizers_vq.quantizers._functional import (BACKENDS, ESTIMATORS, Estimator, code_histogram, estimate, nearest_codes,
+                                                  perplexity)
 from tokenizers_vq.quantizers.base import (Quantizer, QuantizerOutput, check_choice, check_number, codebook_projections,
                                            flatten_latent)
-from tokenizers_vq.quantizers.vq import Estimator
 
 
 class SimVQ(Quantizer):
@@ -34,7 +34,7 @@ class SimVQ(Quantizer):
         beta: weight of the commitment loss ``|z - sg(q)|^2``.
         estimator: the gradient that reaches the encoder: ``"ste"`` (straight-through,
             as the paper) or ``"rotation"`` (the rotation trick, as vector-quantize-pytorch's
-            SimVQ does by default).
+            SimVQ does by default) or ``"nsvq"`` / ``"diveq"`` (noise substitution in training).
         map_init: how the map ``W`` starts: ``"linear"`` (PyTorch's ``nn.Linear`` default,
             uniform in ``+-1/sqrt(d)``, as the paper's code and vector-quantize-pytorch) or
             ``"orthogonal"`` (a rotation: the codebook keeps the frozen one's spread). The image
@@ -57,7 +57,7 @@ class SimVQ(Quantizer):
                  estimator: Estimator = "ste", backend: str = "auto", check_finite: bool = True,
                  map_init: str = "linear"):
         super().__init__(dim, check_finite)
-        check_choice("estimator", estimator, ("ste", "rotation"))
+        check_choice("estimator", estimator, ESTIMATORS)
         check_choice("map_init", map_init, ("linear", "orthogonal"))
         check_choice("backend", backend, BACKENDS)
         check_number("beta", beta, 0)
@@ -91,8 +91,7 @@ class SimVQ(Quantizer):
             counts = code_histogram(idx, self._size)  # this rank's: diagnostics only, no collective
             losses = {"commitment": self.beta * F.mse_loss(xf, q.detach()), "codebook": F.mse_loss(q, xf.detach())}
             metrics = {"perplexity": perplexity(counts), "usage_batch": (counts > 0).float().mean()}
-            estimate = rotation_trick if self.estimator == "rotation" else straight_through
-            xq = estimate(xf, q).to(flat.dtype).reshape(*lead, -1)
+            xq = estimate(self.estimator, xf, q, self.training).to(flat.dtype).reshape(*lead, -1)
         quantized = self.project_out(xq).to(z.dtype)
         return QuantizerOutput(quantized, idx.reshape(lead), losses, metrics)
 

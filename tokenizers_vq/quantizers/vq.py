@@ -20,12 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers_vq import distributed as tdist
-from tokenizers_vq.quantizers._functional import (BACKENDS, Backend, Metric, code_histogram, code_statistics, l2norm,
-                                                  nearest_codes, perplexity, rotation_trick, straight_through)
+from tokenizers_vq.quantizers._functional import (BACKENDS, ESTIMATORS, Backend, Estimator, Metric, code_histogram,
+                                                  code_statistics, estimate, l2norm, nearest_codes, perplexity)
 from tokenizers_vq.quantizers.base import (Quantizer, QuantizerOutput, as_weights, check_choice,
                                            check_float32_statistics, check_number, flatten_latent)
 
-Estimator = Literal["ste", "rotation"]
 Learning = Literal["ema", "loss"]
 
 
@@ -52,7 +51,8 @@ class VectorQuantizer(Quantizer):
             below this is dead; counted in ``metrics`` and, with
             ``restart_dead_codes``, replaced by a current latent.
         restart_dead_codes: replace dead codes during training.
-        estimator: ``"ste"`` (straight-through) or ``"rotation"`` (rotation trick).
+        estimator: ``"ste"`` (straight-through), ``"rotation"`` (rotation trick), or in training
+            ``"nsvq"`` / ``"diveq"`` (noise substitution; :func:`~tokenizers_vq.quantizers._functional.estimate`).
         orthogonal_weight: weight of the orthogonal regulariser of the codebook (Shin et
             al. 2023): the mean squared off-identity of the cosine-similarity matrix of a
             random sample of ``orthogonal_sample`` codewords; ``learning="loss"`` only
@@ -117,7 +117,7 @@ class VectorQuantizer(Quantizer):
         check_number("codebook_size", codebook_size, 1, integer=True)
         check_number("eps", eps, 0, open_low=True)
         for name, value, choices in (("metric", metric, ("l2", "cosine")), ("learning", learning, ("ema", "loss")),
-                                     ("estimator", estimator, ("ste", "rotation")), ("backend", backend, BACKENDS)):
+                                     ("estimator", estimator, ESTIMATORS), ("backend", backend, BACKENDS)):
             check_choice(name, value, choices)
         if orthogonal_weight and learning != "loss":
             raise ValueError("orthogonal_weight regularises a learned codebook: set learning='loss' (an EMA codebook "
@@ -234,8 +234,7 @@ class VectorQuantizer(Quantizer):
                 pool.append((xf.detach(), counts, sums))
             elif self.training:
                 self._update(xf.detach(), counts, sums, metrics)
-            estimate = rotation_trick if self.estimator == "rotation" else straight_through
-            xq = estimate(xf, q).to(flat.dtype).reshape(*lead, -1)
+            xq = estimate(self.estimator, xf, q, self.training).to(flat.dtype).reshape(*lead, -1)
         quantized = self.project_out(xq).to(z.dtype)
         return QuantizerOutput(quantized, idx.reshape(lead), losses, metrics)
 
