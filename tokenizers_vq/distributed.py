@@ -44,9 +44,11 @@ def on_every_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
 
 
 def sample_rows(x: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
-    """``n`` rows drawn (with replacement) from ``x`` ``(N, d)`` on rank 0 and sent
-    to every rank, so all ranks hold the same ``(n, d)`` sample."""
-    idx = torch.randint(0, x.shape[0], (n,), device=x.device, generator=generator)
+    """``n`` rows of ``x`` ``(N, d)`` in a random order, drawn on rank 0 and sent to every rank,
+    so all ranks hold the same ``(n, d)`` sample: distinct rows while ``n <= N``; past it the
+    order repeats (each row taken ``ceil(n / N)`` times at most)."""
+    order = torch.randperm(x.shape[0], device=x.device, generator=generator)
+    idx = order[torch.arange(n, device=x.device) % x.shape[0]] if n != x.shape[0] else order
     rows = x[idx].contiguous()
     return broadcast_(rows)
 

@@ -225,6 +225,19 @@ def test_noise_estimators_train_on_moved_rows_and_code_exactly_outside_training(
     assert torch.equal(out.quantized, vq.decode(out.codes)) and torch.equal(out.codes, vq.encode(z))
 
 
+def test_dead_codes_restart_to_distinct_rows_of_the_batch():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 64, dead_code_threshold=1e9)  # every code is dead after the step
+    x = torch.randn(100, 8)
+    assert vq(x[None]).metrics["restarted"] == 64
+    rows = {tuple(r) for r in vq.embed.tolist()}
+    assert len(rows) == 64 and rows <= {tuple(r) for r in x.tolist()}  # 64 of the 100, none twice
+    vq = VectorQuantizer(8, 64, dead_code_threshold=1e9)
+    vq(x[None, :40])  # fewer rows than dead codes: every row is used, none more than twice
+    used = torch.tensor([sum(tuple(e) == tuple(r) for e in vq.embed.tolist()) for r in x[:40].tolist()])
+    assert used.min() >= 1 and used.max() <= 2
+
+
 def test_factorised_lookup_uses_a_low_dimensional_codebook():
     vq = VectorQuantizer(64, 128, codebook_dim=8, metric="cosine")
     assert vq.embed.shape == (128, 8)

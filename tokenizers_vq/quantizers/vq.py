@@ -335,11 +335,11 @@ class VectorQuantizer(Quantizer):
 
     @torch.no_grad()
     def _restart(self, x: Tensor, ok: Tensor) -> Tensor:
-        """Replace codes whose EMA count is under the threshold by latents of the
-        batch (drawn on rank 0, identical everywhere; none where ``ok`` is false). Restarted
+        """Replace codes whose EMA count is under the threshold by latents of the batch, distinct
+        ones while there are enough (drawn on rank 0, identical everywhere; none where ``ok`` is false). Restarted
         codes get an EMA count of twice the threshold: about ln(2)/(1-decay) steps of grace."""
         dead = ((self.cluster_size < self.dead_code_threshold) & ok).unsqueeze(1)
-        fresh = tdist.sample_rows(x, self._size)
+        fresh = tdist.sample_rows(x, self._size)[(dead.cumsum(0).squeeze(1) - 1).clamp_min(0)]  # distinct rows, dead codes
         self.embed.data.copy_(torch.where(dead, self._raw(fresh).to(self.embed.dtype), self.embed.data))
         reset = 2.0 * self.dead_code_threshold
         if self.learning == "ema":
@@ -368,8 +368,8 @@ class VectorQuantizer(Quantizer):
 
         Not ``quantizers.kmeans.kmeans``: this one runs inside the first training
         forward, so it has no data-dependent branch or host sync (``torch.compile``
-        with ``fullgraph=True`` traces it) and accepts fewer latents than codes (seeds
-        drawn with replacement). An empty centre keeps its seed; dead-code restarts
+        with ``fullgraph=True`` traces it) and accepts fewer latents than codes (distinct
+        seeds while there are enough, then some twice). An empty centre keeps its seed; dead-code restarts
         deal with it afterwards. A batch with Inf or NaN rows on any rank changes nothing
         (the codebook keeps its random init)."""
         x = x[: self.kmeans_max_samples]
