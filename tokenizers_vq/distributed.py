@@ -43,12 +43,14 @@ def on_every_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(all_reduce_sum_(torch.tensor([0.0 if flag else 1.0], device=device))[0] == 0)
 
 
-def sample_rows(x: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+def sample_rows(x: Tensor, n: int, generator: torch.Generator | None = None, slots: Tensor | None = None) -> Tensor:
     """``n`` rows of ``x`` ``(N, d)`` in a random order, drawn on rank 0 and sent to every rank,
     so all ranks hold the same ``(n, d)`` sample: distinct rows while ``n <= N``; past it the
-    order repeats (each row taken ``ceil(n / N)`` times at most)."""
+    order repeats (each row taken ``ceil(n / N)`` times at most). ``slots`` ``(n,)``: row ``i``
+    is the order's row ``slots[i]`` instead of its ``i``-th (equal slots, equal rows)."""
     order = torch.randperm(x.shape[0], device=x.device, generator=generator)
-    idx = order[torch.arange(n, device=x.device) % x.shape[0]] if n != x.shape[0] else order
+    at = torch.arange(n, device=x.device) if slots is None else slots
+    idx = order if slots is None and n == x.shape[0] else order[at % x.shape[0]]
     rows = x[idx].contiguous()
     return broadcast_(rows)
 

@@ -339,7 +339,7 @@ class VectorQuantizer(Quantizer):
         ones while there are enough (drawn on rank 0, identical everywhere; none where ``ok`` is false). Restarted
         codes get an EMA count of twice the threshold: about ln(2)/(1-decay) steps of grace."""
         dead = ((self.cluster_size < self.dead_code_threshold) & ok).unsqueeze(1)
-        fresh = tdist.sample_rows(x, self._size)[(dead.cumsum(0).squeeze(1) - 1).clamp_min(0)]  # distinct rows, dead codes
+        fresh = tdist.sample_rows(x, self._size, slots=dead.cumsum(0).squeeze(1) - 1)  # dead codes: distinct rows
         self.embed.data.copy_(torch.where(dead, self._raw(fresh).to(self.embed.dtype), self.embed.data))
         reset = 2.0 * self.dead_code_threshold
         if self.learning == "ema":
