@@ -33,6 +33,7 @@ fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   bash eval/gpu/gpu_tests.sh "$OUT/kernel_tests.log" 16 "${TESTS_TIMEOUT:-300}"
 fi
+[ "${SKIP_THROUGHPUT:-0}" = 1 ] && THROUGHPUT_TIME=0  # no throughput part: nothing kept back for it
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   budget=$(( $(left) - ${THROUGHPUT_TIME:-150} - 90 ))
   [ "$budget" -gt 0 ] || budget=1
