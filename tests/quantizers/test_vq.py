@@ -214,8 +214,18 @@ def test_noise_estimators_train_on_moved_rows_and_code_exactly_outside_training(
     torch.manual_seed(0)
     vq = VectorQuantizer(8, 32, estimator=estimator, learning=learning)
     z = torch.randn(2, 50, 8)
+    vq(z)  # (a first step: the restarts of codes its init left dead)
+    before = vq.codebook.clone()  # the codewords the step searches (its update moves them after)
     out = vq(z)
-    assert not torch.allclose(out.quantized, vq.decode(out.codes))  # training: moved rows, not the codewords
+    chosen = F.embedding(out.codes, before)
+    moved = (out.quantized - z).norm(dim=-1)
+    torch.testing.assert_close(moved, (chosen - z).norm(dim=-1))  # each row moved by its error's length
+    assert (out.quantized - chosen).norm(dim=-1).mean() > 0.05 * moved.mean()  # but not onto the codeword
+    ste = VectorQuantizer(8, 32, learning=learning)
+    ste.load_state_dict(vq.state_dict())
+    before = ste.codebook.clone()
+    out = ste(z)
+    assert torch.equal(out.quantized, F.embedding(out.codes, before))  # (the check above tells them apart)
     if learning == "loss":  # the codebook learns through the output's |q - x| alone, no codebook loss needed
         vq.zero_grad()
         vq(z).quantized.square().sum().backward()
@@ -225,6 +235,24 @@ def test_noise_estimators_train_on_moved_rows_and_code_exactly_outside_training(
     assert torch.equal(out.quantized, vq.decode(out.codes)) and torch.equal(out.codes, vq.encode(z))
 
 
+@pytest.mark.parametrize("estimator", ["nsvq", "diveq"])
+def test_stacks_that_build_on_a_levels_codewords_refuse_noise_estimators(estimator):
+    from tokenizers_vq.quantizers import (GroupedQuantizer, HierarchicalQuantizer, MultiScaleResidualQuantizer,  # noqa: PLC0415
+                                          ResidualQuantizer, SimVQ)
+
+    noisy = lambda: VectorQuantizer(8, 16, estimator=estimator)  # noqa: E731
+    for build in (lambda: ResidualQuantizer([noisy(), VectorQuantizer(8, 16)]),
+                  lambda: ResidualQuantizer([SimVQ(8, 16, estimator=estimator)], shared_levels=2),
+                  lambda: ResidualQuantizer([GroupedQuantizer([noisy(), noisy()])]),  # (found inside a wrapper too)
+                  lambda: MultiScaleResidualQuantizer(8, 16, scales=(1, 2), vq_options={"estimator": estimator}),
+                  lambda: HierarchicalQuantizer(noisy(), VectorQuantizer(8, 16))):
+        with pytest.raises(ValueError, match=f"estimator='{estimator}'.*give its levels estimator='ste' or 'rotation'"):
+            build()
+    # the bottom level's output is the stack's output, as a lone quantizer's is: allowed
+    out = HierarchicalQuantizer(VectorQuantizer(8, 16), noisy())(torch.randn(2, 4, 4, 8))
+    assert out.quantized.shape == (2, 4, 4, 8)
+
+
 def test_dead_codes_restart_to_distinct_rows_of_the_batch():
     torch.manual_seed(0)
     vq = VectorQuantizer(8, 64, dead_code_threshold=1e9)  # every code is dead after the step
@@ -232,6 +260,13 @@ def test_dead_codes_restart_to_distinct_rows_of_the_batch():
     assert vq(x[None]).metrics["restarted"] == 64
     rows = {tuple(r) for r in vq.embed.tolist()}
     assert len(rows) == 64 and rows <= {tuple(r) for r in x.tolist()}  # 64 of the 100, none twice
+    vq = VectorQuantizer(8, 64, dead_code_threshold=0.5, decay=0.0)  # dead: the codes this step leaves unused
+    vq.embed[::2] = x[30:62]  # every other code sits on a row of the batch (used: alive) ...
+    vq.embed[1::2] = 1e3 + torch.arange(32.0)[:, None]  # ... and the others far from every row (dead)
+    assert vq(torch.cat([x[30:62], x[62:92]])[None]).metrics["restarted"] == 32
+    restarted = {tuple(r) for r in vq.embed[1::2].tolist()}  # the 32 dead ones: 32 rows of the batch, none twice
+    assert len(restarted) == 32 and restarted <= {tuple(r) for r in x[30:92].tolist()}
+    assert (vq.embed[::2] - x[30:62]).abs().max() < 3  # the live ones: their rows' means, not restarted
     vq = VectorQuantizer(8, 64, dead_code_threshold=1e9)
     vq(x[None, :40])  # fewer rows than dead codes: every row is used, none more than twice
     used = torch.tensor([sum(tuple(e) == tuple(r) for e in vq.embed.tolist()) for r in x[:40].tolist()])

@@ -66,15 +66,17 @@ def rotation_trick(x: Tensor, q: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def noise_substitution(x: Tensor, q: Tensor, variance: float | None = None, eps: float = 1e-12) -> Tensor:
-    """``x`` moved by its quantization error's length ``|q - x|`` along a random unit direction,
-    held constant: the gradient reaches ``x`` whole and ``q`` through ``|q - x|`` (a codebook
-    learned by gradient learns from it). The value is not ``q``: a training-time output.
+    """``x`` moved by its quantization error's length ``|q - x|`` along a unit direction ``u`` held
+    constant: a training-time output (its value is not ``q``). With the upstream gradient ``g``,
+    ``q`` gets ``(g . u) e`` and ``x`` gets ``g - (g . u) e``, ``e`` the error's unit direction
+    ``(q - x) / |q - x|`` (a codebook learned by gradient learns from the first).
 
-    With ``variance=None`` the direction is ``v / |v|``, ``v ~ N(0, I)`` (NSVQ: Vali and
-    Baeckstroem 2022, "NSVQ: Noise Substitution in Vector Quantization for Machine Learning");
-    with a variance, the error's own direction with that much Gaussian noise added, so the value
-    stays near ``q`` (DiVeQ: Vali and Baeckstroem 2025, "DiVeQ: Differentiable Vector
-    Quantization Using the Reparameterization Trick").
+    With ``variance=None``, ``u = v / |v|``, ``v ~ N(0, I)`` (NSVQ: Vali and Baeckstroem 2022,
+    "NSVQ: Noise Substitution in Vector Quantization for Machine Learning"); with a variance,
+    ``u`` is the error's own direction with Gaussian noise of that variance added before
+    normalising (DiVeQ: Vali and Baeckstroem 2025, "DiVeQ: Differentiable Vector Quantization
+    Using the Reparameterization Trick"), so the value stays near ``q`` where the error is long
+    next to the noise (``sqrt(variance * d)``).
 
     Args:
         x: encoder outputs, ``(..., d)``.
@@ -87,19 +89,34 @@ def noise_substitution(x: Tensor, q: Tensor, variance: float | None = None, eps:
 
 
 DIVEQ_VARIANCE = 5e-3
-"""Variance of the noise added to the error's direction by the ``"diveq"`` estimator (the
-default of vector-quantize-pytorch's ``directional_reparam``)."""
+"""Variance of the noise added to the error's direction by the ``"diveq"`` estimator: the default
+of vector-quantize-pytorch's ``directional_reparam``. It is absolute: on unit-norm latents
+(``metric="cosine"``), whose errors are often shorter than its ``sqrt(variance * d)``, the direction
+is mostly noise and DiVeQ comes close to NSVQ."""
+NOISE_ESTIMATORS = ("nsvq", "diveq")
 
 
 def estimate(estimator: Estimator, x: Tensor, q: Tensor, training: bool) -> Tensor:
     """The quantizer's output for the chosen codewords ``q`` of ``x``: ``q`` in value with the
-    straight-through (``"ste"``) or rotation-trick (``"rotation"``) gradient; in training,
-    :func:`noise_substitution` for ``"nsvq"`` (a random direction) and ``"diveq"`` (the error's
-    direction with noise of variance :data:`DIVEQ_VARIANCE`), and ``q`` with the straight-through
-    gradient outside training."""
-    if estimator in ("nsvq", "diveq") and training:
+    straight-through (``"ste"``) or rotation-trick (``"rotation"``) gradient; in training (the
+    module's ``training`` flag, under ``torch.no_grad()`` too), :func:`noise_substitution` for
+    ``"nsvq"`` (a random direction) and ``"diveq"`` (the error's direction with noise of variance
+    :data:`DIVEQ_VARIANCE`), and ``q`` with the straight-through gradient outside training."""
+    if estimator in NOISE_ESTIMATORS and training:
         return noise_substitution(x, q, DIVEQ_VARIANCE if estimator == "diveq" else None)
     return rotation_trick(x, q) if estimator == "rotation" else straight_through(x, q)
+
+
+def check_codeword_outputs(quantizers, where: str) -> None:
+    """Refuse quantizers (or quantizers inside them) with a noise-substitution estimator where
+    ``where`` builds on their training output as if it were their codewords (the next level's
+    residual, the next scale, the bottom level's input): in training it is not."""
+    for quantizer in quantizers:
+        for m in quantizer.modules():
+            if getattr(m, "estimator", None) in NOISE_ESTIMATORS:
+                raise ValueError(f"{where} builds on each level's codewords, but a level has estimator="
+                                 f"{m.estimator!r}, whose training output is x moved by a noisy error, not its "
+                                 "codewords: give its levels estimator='ste' or 'rotation'")
 
 
 def code_histogram(codes: Tensor, size: int) -> Tensor:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from tokenizers_vq.quantizers._functional import check_codeword_outputs
 from tokenizers_vq.quantizers.base import (
     Quantizer,
     QuantizerOutput,
@@ -96,6 +97,7 @@ class HierarchicalQuantizer(Quantizer):
 
     def __init__(self, top: Quantizer, bottom: Quantizer):
         check_same_codes([top, bottom], "HierarchicalQuantizer")
+        check_codeword_outputs([top], "HierarchicalQuantizer (its top level)")
         if top.dim != bottom.dim:
             raise ValueError(f"HierarchicalQuantizer: top and bottom dims differ ({top.dim} vs {bottom.dim})")
         super().__init__(top.dim, check_finite=top.check_finite)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers._functional import straight_through
+from tokenizers_vq.quantizers._functional import check_codeword_outputs, straight_through
 from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_number, load_settings
 from tokenizers_vq.quantizers.vq import VectorQuantizer
 
@@ -70,6 +70,7 @@ class MultiScaleResidualQuantizer(Quantizer):
         self.scales, self.beta = scales, beta
         self.register_buffer("_scales", torch.tensor(scales))  # in the state dict: see load_settings
         self.vq = VectorQuantizer(dim, codebook_size, check_finite=False, **(vq_options or {}))
+        check_codeword_outputs([self.vq], "MultiScaleResidualQuantizer")
         self.phi = nn.Linear(dim, dim)
         with torch.no_grad():  # starts as the identity: 0.5 h + 0.5 phi(h) = h
             self.phi.weight.copy_(torch.eye(dim))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from tokenizers_vq.quantizers._functional import code_histogram, perplexity
+from tokenizers_vq.quantizers._functional import check_codeword_outputs, code_histogram, perplexity
 from tokenizers_vq.quantizers.base import (Quantizer, QuantizerOutput, check_number, check_same_codes, load_settings,
                                            merge_outputs)
 
@@ -63,6 +63,7 @@ class ResidualQuantizer(Quantizer):
             raise ValueError(f"beam_size={beam_size}: needs beam_size >= 1, and for a beam levels that offer "
                              f"candidate codes (VectorQuantizer), got {sorted({type(q).__name__ for q in levels})}")
         check_same_codes(levels, "ResidualQuantizer")
+        check_codeword_outputs(levels, "ResidualQuantizer")
         super().__init__(levels[0].dim, check_finite=levels[0].check_finite)
         if any(q.dim != self.dim for q in levels):
             raise ValueError("ResidualQuantizer: all levels must have the same dim")

@@ -6,7 +6,7 @@ drawn once and frozen and ``W`` ``(d, d)`` learned: a gradient step on ``W`` mov
 codeword at once, not only the few a batch selects, which is why the paper reports full
 codebook usage at sizes where plain VQ collapses (up to 262,144 codes). Losses as in VQ-VAE:
 ``|sg(z) - q|^2`` (it trains ``W``) plus ``beta |z - sg(q)|^2``; straight-through gradients
-to the encoder. Its residual form is :class:`~tokenizers_vq.quantizers.ResidualQuantizer`
+to the encoder (or, by ``estimator``, the rotation trick or noise substitution in training). Its residual form is :class:`~tokenizers_vq.quantizers.ResidualQuantizer`
 over SimVQ levels (``QuantizerConfig("simvq", ..., levels=4)``).
 """
 

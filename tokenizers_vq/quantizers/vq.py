@@ -3,7 +3,8 @@
 van den Oord et al. 2017 (VQ-VAE) with the EMA codebook of Razavi et al. 2019,
 k-means initialisation and dead-code restarts (Dhariwal et al. 2020, Jukebox),
 factorised low-dimensional lookup with optional l2-normalisation (Yu et al. 2021,
-ViT-VQGAN), the rotation-trick estimator (Fifty et al. 2024), and as options: an
+ViT-VQGAN), the rotation-trick estimator (Fifty et al. 2024), noise substitution in training
+(NSVQ, Vali and Baeckstroem 2022; DiVeQ, 2025), and as options: an
 orthogonal codebook regulariser (Shin et al. 2023), a codebook-diversity (entropy) loss,
 stochastic code sampling with a temperature (as in Takida et al. 2022, SQ-VAE) and the
 affine re-parameterisation of the codebook to the latents' running statistics (Huh et al.
@@ -369,7 +370,7 @@ class VectorQuantizer(Quantizer):
         Not ``quantizers.kmeans.kmeans``: this one runs inside the first training
         forward, so it has no data-dependent branch or host sync (``torch.compile``
         with ``fullgraph=True`` traces it) and accepts fewer latents than codes (distinct
-        seeds while there are enough, then some twice). An empty centre keeps its seed; dead-code restarts
+        seeds while there are enough, then each row at most ``ceil(K / N)`` times). An empty centre keeps its seed; dead-code restarts
         deal with it afterwards. A batch with Inf or NaN rows on any rank changes nothing
         (the codebook keeps its random init)."""
         x = x[: self.kmeans_max_samples]
