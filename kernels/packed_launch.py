@@ -26,12 +26,13 @@ from tokenizers_vq.kernels.packed import (
 from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
 from tokenizers_vq.kernels.tiles import (
     SPLIT_QUANTUM,
-    TUNE_MIN_WORK,
     _interpret,
     _split_plan,
     aligned,
     cdiv,
+    new_outputs,
     next_pow2,
+    tile_choice,
 )
 
 
@@ -134,14 +135,9 @@ def _setup(dtype: torch.dtype, g: int, n: int, k: int, d: int, device: torch.dev
     def grid(m):
         return (cdiv(n, m["BLOCK_N"]), s, g)
 
-    if tile is not None:
-        search = relaunch.Launcher(_packed_kernel.fn, **meta, **tile)
-    elif interpret:
-        search = relaunch.Launcher(_packed_kernel.fn, **meta, **INTERPRET_TILE)
-    elif g * n * k < TUNE_MIN_WORK:  # one fixed tile, no autotuning (compile once, launch fast)
-        search = relaunch.Launcher(_packed_kernel.fn, **meta, **fixed_tile(block_d))
-    else:
-        search = relaunch.Launcher(_packed_kernel, **meta)
+    chosen, tile = ((_packed_kernel.fn, tile) if tile is not None
+                    else tile_choice(_packed_kernel, g * n * k, interpret, INTERPRET_TILE, fixed_tile(block_d)))
+    search = relaunch.Launcher(chosen, **meta, **tile)
     return _Setup(k_pad=k_pad, c_aug_shape=(g, k_pad, block_d + ext), norm_init=norm_init, s=s,
                   aug_grid=(k_pad // AUGMENT_BLOCK_K, g),
                   augment=relaunch.Launcher(_augment_kernel, BLOCK_K=AUGMENT_BLOCK_K, BLOCK_D=block_d, EXT=ext,
@@ -160,13 +156,12 @@ def nearest_packed(x: Tensor, codebook: Tensor, write_dist: bool, split_k: int |
     ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages`` launched without the autotuner."""
     if x.ndim == 2:  # one codebook: the kernels see a group stride of 0, no group axis is added or removed
         (n, d), g, k = x.shape, 1, codebook.shape[0]
-        xs, cs, shape = (0, *x.stride()), (0, *codebook.stride()), (n,)
+        xs, cs = (0, *x.stride()), (0, *codebook.stride())
     else:
         (g, n, d), k = x.shape, codebook.shape[1]
-        xs, cs, shape = x.stride(), codebook.stride(), (g, n)
+        xs, cs = x.stride(), codebook.stride()
     device = x.device
-    dist = torch.empty(shape, device=device, dtype=torch.float32) if write_dist else x.new_empty(0, dtype=torch.float32)
-    idx = torch.empty(shape, device=device, dtype=torch.int64)
+    dist, idx = new_outputs(x, write_dist)
     if n == 0:
         return dist, idx
     tile = tile or plan.force_tile or None

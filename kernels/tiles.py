@@ -6,6 +6,7 @@ with or without the autotuner, and output allocation. Used by :mod:`.tiled`,
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import triton
@@ -40,16 +41,21 @@ def prune_to_fit(configs, named_args, limit: int = 200 * 1024, x_staged: bool = 
     return keep or configs[-1:]
 
 
+def tile_choice(kernel, work: int, interpret: bool, interpret_tile: dict = INTERPRET_FIXED,
+                fixed_tile: dict = FIXED) -> tuple[Any, dict]:
+    """``(kernel to launch, its tile)`` for a ``triton.autotune``-wrapped kernel: the wrapper
+    itself (autotuned per key, cached) when the problem is large, else its plain ``jit``
+    function with one fixed tile (``interpret_tile`` under the interpreter)."""
+    if interpret:
+        return kernel.fn, interpret_tile
+    return (kernel.fn, fixed_tile) if work < TUNE_MIN_WORK else (kernel, {})
+
+
 def launch(kernel, grid, work: int, *args, interpret_tile: dict = INTERPRET_FIXED, fixed_tile: dict = FIXED,
            **meta) -> None:
-    """Run a ``triton.autotune``-wrapped kernel: autotuned (per key, cached) when the
-    problem is large, else its plain ``jit`` function with one fixed tile."""
-    if _interpret():
-        kernel.fn[grid](*args, **meta, **interpret_tile)
-    elif work < TUNE_MIN_WORK:
-        relaunch.launch(kernel.fn, grid, *args, **meta, **fixed_tile)
-    else:
-        relaunch.launch(kernel, grid, *args, **meta)
+    """Run a ``triton.autotune``-wrapped kernel with the tile :func:`tile_choice` picks."""
+    chosen, tile = tile_choice(kernel, work, _interpret(), interpret_tile, fixed_tile)
+    relaunch.launch(chosen, grid, *args, **meta, **tile)
 
 
 @triton.jit
@@ -209,7 +215,7 @@ def codeword_terms(codebook: Tensor, cosine: bool) -> tuple[Tensor, Tensor]:
 
 def new_outputs(x: Tensor, write_dist: bool, *tail: int) -> tuple[Tensor, Tensor]:
     """Unwritten fp32 distances (empty unless ``write_dist``) and int64 indices, each
-    ``(G, N, *tail)`` for ``x (G, N, d)``."""
-    shape = (*x.shape[:2], *tail)
+    ``(G, N, *tail)`` for ``x (G, N, d)`` (``(N, *tail)`` for ``x (N, d)``)."""
+    shape = (*x.shape[:-1], *tail)
     dist = torch.empty(shape, device=x.device, dtype=torch.float32) if write_dist else x.new_empty(0, dtype=torch.float32)
     return dist, torch.empty(shape, device=x.device, dtype=torch.int64)

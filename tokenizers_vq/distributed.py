@@ -49,8 +49,10 @@ def sample_rows(x: Tensor, n: int, generator: torch.Generator | None = None, slo
     order repeats (each row taken ``ceil(n / N)`` times at most). ``slots`` ``(n,)``: row ``i``
     is the order's row ``slots[i]`` instead of its ``i``-th (equal slots, equal rows)."""
     order = torch.randperm(x.shape[0], device=x.device, generator=generator)
-    at = torch.arange(n, device=x.device) if slots is None else slots
-    idx = order if slots is None and n == x.shape[0] else order[at % x.shape[0]]
+    if slots is None:
+        idx = order if n == x.shape[0] else order[torch.arange(n, device=x.device) % x.shape[0]]
+    else:
+        idx = order[slots % x.shape[0]]
     rows = x[idx].contiguous()
     return broadcast_(rows)
 
