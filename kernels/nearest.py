@@ -13,6 +13,8 @@ from torch import Tensor
 
 from tokenizers_vq.kernels import packed_launch, relaunch
 from tokenizers_vq.kernels._host import INT32_MAX, cdiv, check_fp32_range, int32_columns, plain_eager
+from tokenizers_vq.kernels.commit import commit_ste_triton  # noqa: F401  (re-exported)
+from tokenizers_vq.kernels.ema import ema_update_triton  # noqa: F401  (re-exported)
 from tokenizers_vq.kernels.plan import DEFAULT_PLAN, SearchPlan
 from tokenizers_vq.kernels.segment import code_statistics_triton  # noqa: F401  (re-exported)
 from tokenizers_vq.kernels.tiled import nearest_tiled

@@ -1,4 +1,5 @@
-"""Triton nearest-code search and code statistics against an fp64 reference.
+"""Triton nearest-code search and code statistics against an fp64 reference, the fused EMA update
+against the torch one.
 
 The checks are plain functions of a device (the packed kernel's in
 ``tests/packed_checks.py``; the reference and the rounding bound in
@@ -16,6 +17,7 @@ import os
 import subprocess
 import sys
 import traceback
+from unittest import mock
 
 import pytest
 import torch
@@ -301,10 +303,114 @@ def check_custom_op(device, full=False):
     torch.library.opcheck(torch.ops.tokenizers_vq.code_statistics.default, (x, torch.randint(0, 6, (20,), device=device), 6))
 
 
+def check_ema_update(device, full=False):
+    """The fused EMA update gives the torch update's statistics, codebook, restarted rows
+    (the same randperm draw), restart count and metrics: l2 and cosine, with and without
+    restarts, codes in several blocks (and more blocks than one pass of the partial sums takes),
+    rows wider than a column block; a step whose sums hold NaN or Inf changes nothing."""
+    import copy  # noqa: PLC0415
+
+    from tokenizers_vq.kernels.ema import METRICS, ema_update_triton  # noqa: PLC0415
+    from tokenizers_vq.quantizers import VectorQuantizer  # noqa: PLC0415
+
+    shapes = [(40, 7, 300), (100, 130, 50), (5, 3, 2), (2100, 3, 900)] + ([(20000, 8, 4096)] if full else [])
+    for (k, d, n), metric, restart, poison in itertools.product(shapes, ("l2", "cosine"), (True, False), (False, True)):
+        if poison and (k, restart) != (40, True):
+            continue
+        vq = VectorQuantizer(d, k, metric=metric, dead_code_threshold=0.7, restart_dead_codes=restart).to(device).train()
+        vq.cluster_size.uniform_(0, 2)
+        x = _data((n, d), torch.float32, device)
+        x = torch.nn.functional.normalize(x, dim=-1) if metric == "cosine" else x
+        idx = torch.randint(0, k, (n,), device=device)
+        counts = torch.zeros(k, device=device).index_add_(0, idx, torch.ones(n, device=device))
+        sums = torch.zeros(k, d, device=device).index_add_(0, idx, x)
+        if poison:
+            sums[3, 1] = float("nan") if metric == "l2" else float("inf")
+        ref = copy.deepcopy(vq)
+        torch.manual_seed(k)
+        want = ref._metrics(counts)
+        ref._update(x, counts, sums, want)
+        torch.manual_seed(k)
+        got = ema_update_triton(counts, sums, vq.cluster_size, vq.embed_sum, vq.embed, vq.restarts, x, decay=vq.decay,
+                                eps=vq.eps, threshold=0.7, restart=restart, cosine=metric == "cosine")
+        case = (k, d, n, metric, restart, poison)
+        assert list(want) == list(METRICS[: len(want)]), (case, list(want))
+        for name, value in zip(METRICS, got):
+            if name in want:
+                torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-5, msg=lambda m, c=case, v=name: f"{c} {v}: {m}")
+        assert torch.equal(vq.restarts, ref.restarts) and (not poison or float(got[4]) == 1.0), case
+        assert float(ref.restarts) > 0 or not restart or poison, ("no restart exercised", case)
+        for name in ("cluster_size", "embed_sum", "embed"):
+            torch.testing.assert_close(getattr(vq, name), getattr(ref, name), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, c=case, b=name: f"{c} {b}: {m}")
+
+
+def check_fused_training_step(device, full=False):
+    """The fused straight-through output and commitment loss equal the torch ones in value and
+    in the gradient they give the rows (both used, either alone, strided rows, a NaN row); a
+    VectorQuantizer training on the fused kernels (l2 and cosine, restarts on) gives the codes,
+    output, losses, gradients, metrics and updated codebook of the torch version at every step."""
+    import copy  # noqa: PLC0415
+
+    from tokenizers_vq.kernels.commit import commit_ste_triton  # noqa: PLC0415
+    from tokenizers_vq.quantizers import VectorQuantizer  # noqa: PLC0415
+
+    for n, d, k in ((70, 5, 9), (3, 200, 4)) + (((40000, 256, 1024),) if full else ()):
+        c = _data((k, d), torch.float32, device)
+        idx = torch.randint(0, k, (n,), device=device)
+        g = _data((n, d), torch.float32, device)
+        for use, strided in itertools.product(("both", "q", "loss"), (False, True)):
+            base = _data((d, n), torch.float32, device).t() if strided else _data((n, d), torch.float32, device)
+            x1, x2 = base.clone().requires_grad_(), base.clone().requires_grad_()
+            q, loss = commit_ste_triton(x1, c, idx, 0.3)
+            q_ref = c[idx].detach() + (x2 - x2.detach())
+            loss_ref = 0.3 * torch.nn.functional.mse_loss(x2, c[idx])
+            assert torch.equal(q, q_ref), (n, d, use)
+            torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-7)
+            total = {"both": (q * g).sum() + 5 * loss, "q": (q * g).sum(), "loss": 5 * loss}[use]
+            total_ref = {"both": (q_ref * g).sum() + 5 * loss_ref, "q": (q_ref * g).sum(), "loss": 5 * loss_ref}[use]
+            total.backward()
+            total_ref.backward()
+            torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-7, msg=lambda m, c=(n, d, use): f"{c}: {m}")
+    x, c = _data((4, 3), torch.float32, device), _data((2, 3), torch.float32, device)
+    x[2, 1], x[0, 0] = float("nan"), float("inf")
+    q, _ = commit_ste_triton(x, c, torch.zeros(4, dtype=torch.long, device=device), 0.25)
+    torch.testing.assert_close(q, c[0] + (x - x), equal_nan=True)  # as the torch sum: NaN where x is not finite
+    assert q.isnan().sum() == 2, q
+    for metric in ("l2", "cosine"):
+        torch.manual_seed(0)
+        fused = VectorQuantizer(8, 300, metric=metric, backend="triton", kmeans_init=True, dead_code_threshold=0.5)
+        fused = fused.to(device).train()
+        plain = copy.deepcopy(fused)
+        for step in range(4):
+            z = _data((6, 40, 8), torch.float32, device)
+            z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+            fused.load_state_dict(plain.state_dict())  # each step from one state (a tf32 search may round the two apart)
+            torch.manual_seed(step)
+            a = fused(z1)
+            torch.manual_seed(step)
+            with mock.patch("tokenizers_vq.quantizers.vq.fused_update", return_value=None), \
+                    mock.patch("tokenizers_vq.quantizers.vq.fused_commit", return_value=None):  # the torch version
+                b = plain(z2)
+            assert torch.equal(a.codes, b.codes) and list(a.metrics) == list(b.metrics), (metric, step)
+            assert torch.equal(a.quantized, b.quantized), (metric, step)
+            (a.quantized.square().mean() + sum(a.losses.values())).backward()
+            (b.quantized.square().mean() + sum(b.losses.values())).backward()
+            torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-5, atol=1e-8)
+            for name in b.metrics:
+                torch.testing.assert_close(a.metrics[name], b.metrics[name], rtol=1e-5, atol=1e-5)
+            for name in b.losses:
+                torch.testing.assert_close(a.losses[name], b.losses[name], rtol=1e-5, atol=1e-7)
+            for name in ("cluster_size", "embed_sum", "embed", "restarts"):
+                torch.testing.assert_close(getattr(fused, name), getattr(plain, name), rtol=1e-5, atol=1e-5)
+        assert float(plain.restarts) > 0, ("no restart in the module steps", metric)
+
+
 GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_topk_exact, check_grouped_and_layouts,
                                   check_packed_odd_shapes, check_packed_ties_splits_groups, check_packed_half,
                                   check_row_reduce, check_repeated_calls,
-                                  check_code_statistics, check_nonfinite_rows, check_bad_inputs,
+                                  check_code_statistics, check_ema_update, check_fused_training_step,
+                                  check_nonfinite_rows, check_bad_inputs,
                                   check_launch_pieces, check_custom_op)}
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers_vq import distributed as tdist
+from tokenizers_vq.quantizers._fused import fused_commit, fused_update
 from tokenizers_vq.quantizers._functional import (BACKENDS, ESTIMATORS, Backend, Estimator, Metric, code_histogram,
                                                   code_statistics, estimate, l2norm, nearest_codes, perplexity)
 from tokenizers_vq.quantizers.base import (Quantizer, QuantizerOutput, as_weights, check_choice,
@@ -138,12 +139,10 @@ class VectorQuantizer(Quantizer):
         self.orthogonal_weight, self.orthogonal_sample = orthogonal_weight, min(orthogonal_sample, codebook_size)
         self.diversity_weight, self.diversity_sample = diversity_weight, diversity_sample
         self.diversity_temperature, self.sample_temperature = diversity_temperature, sample_temperature
-        self.affine, self.affine_decay = affine, affine_decay
+        self.affine, self.affine_decay, self.decay, self.eps, self.beta = affine, affine_decay, decay, eps, beta
         check_number("codebook_dim", 1 if codebook_dim is None else codebook_dim, 1, integer=True)
-        d = codebook_dim or dim
-        self._size, self.codebook_dim = codebook_size, d
+        self._size, self.codebook_dim = codebook_size, (d := codebook_dim or dim)
         self.metric, self.learning, self.estimator, self.backend = metric, learning, estimator, backend
-        self.decay, self.eps, self.beta = decay, eps, beta
         self.kmeans_init, self.kmeans_iters, self.kmeans_max_samples = kmeans_init, kmeans_iters, kmeans_max_samples
         self.dead_code_threshold, self.restart_dead_codes = dead_code_threshold, restart_dead_codes
         self.project_in = nn.Linear(dim, d) if d != dim else nn.Identity()
@@ -214,12 +213,13 @@ class VectorQuantizer(Quantizer):
                 idx = self._sample_codes(xf.detach(), cb.detach())
             else:
                 _, idx = nearest_codes(xf.detach(), cb.detach(), self.metric, self.backend)
-            q = F.embedding(idx, cb)
+            fast = fused_commit(self, xf, cb, idx)  # (q with the straight-through gradient, commitment) or None
+            q = fast[0] if fast else F.embedding(idx, cb)
             if self.training and self.learning == "ema":
                 counts, sums = code_statistics(xf.detach(), idx, self._size)
             else:
                 counts, sums = code_histogram(idx, self._size), None
-            losses = {"commitment": self.beta * F.mse_loss(xf, q.detach())}
+            losses = {"commitment": fast[1] if fast else self.beta * F.mse_loss(xf, q.detach())}
             if self.learning == "loss":
                 losses["codebook"] = F.mse_loss(q, xf.detach())
             if self.training and (self.orthogonal_weight or self.diversity_weight):
@@ -230,12 +230,13 @@ class VectorQuantizer(Quantizer):
                     losses["orthogonal"] = self.orthogonal_weight * (sample @ sample.T - eye).square().mean()
                 if self.diversity_weight:
                     losses["diversity"] = self.diversity_weight * self._diversity(xf, reg)
-            metrics = self._metrics(counts)
+            fused = self.training and pool is None and fused_update(self, xf.detach(), counts, sums)
+            metrics = fused or self._metrics(counts)
             if self.training and pool is not None:
                 pool.append((xf.detach(), counts, sums))
-            elif self.training:
+            elif self.training and not fused:  # (the fused kernels updated it)
                 self._update(xf.detach(), counts, sums, metrics)
-            xq = estimate(self.estimator, xf, q, self.training).to(flat.dtype).reshape(*lead, -1)
+            xq = (q if fast else estimate(self.estimator, xf, q, self.training)).to(flat.dtype).reshape(*lead, -1)
         quantized = self.project_out(xq).to(z.dtype)
         return QuantizerOutput(quantized, idx.reshape(lead), losses, metrics)
 
@@ -307,11 +308,10 @@ class VectorQuantizer(Quantizer):
     # -- codebook learning ----------------------------------------------------------------
     @torch.no_grad()
     def _update(self, x: Tensor, counts: Tensor, sums: Tensor | None, metrics: dict[str, Tensor]) -> None:
-        """EMA statistics (summed over ranks) then dead-code restarts, in that order so
-        that a restarted code is not overwritten by the same step's EMA update. A step whose
-        rows (on any rank) hold Inf or NaN (a latent that overflowed a half-precision
-        projection, or one the finiteness check did not see under ``torch.compile``) leaves
-        the statistics and the codebook as they were (``metrics["skipped"]``), without a sync."""
+        """EMA statistics (summed over ranks) then dead-code restarts, in that order so that a restarted code is
+        not overwritten by the same step's EMA update (on CUDA in two launches: ``_fused.fused_update``). A step whose
+        rows (any rank's) hold Inf or NaN (a half-precision projection's overflow, or one the finiteness check did not
+        see under ``torch.compile``) leaves the statistics and codebook as they were (``metrics["skipped"]``)."""
         k = self._size
         if sums is not None:
             g_counts, g_sums = counts, sums

@@ -1,0 +1,118 @@
+"""The straight-through output and commitment loss of a VQ training step, fused (Triton).
+
+For rows ``x (N, d)`` and their codes, the quantizer returns ``q = C[idx]`` with the gradient
+passed to ``x`` unchanged and the commitment loss ``beta * mean((x - q)^2)`` (whose gradient
+reaches ``x`` only). In torch that is a gather, a loss, the straight-through sum and, backwards,
+the loss's gradient and two more elementwise passes over ``N x d``. Here one launch gathers ``q``
+and writes per-block partial sums of the squared error; one launch backwards writes
+``g + coef * (x - q)`` (``q`` kept, as the torch loss keeps it: the EMA update rewrites the codebook
+before the backward pass).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tokenizers_vq.kernels import _compat  # noqa: F401  (interpreter fix, before any launch)
+from tokenizers_vq.kernels import relaunch
+from tokenizers_vq.kernels._host import cdiv, next_pow2
+
+
+@triton.jit
+def _commit_fwd_kernel(X, C, IDX, Q, PART, N, D, sxn, sxd, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid ``(cdiv(N, BLOCK_N),)``: ``Q[rows] = C[IDX[rows]] + (x - x)`` (NaN where ``x`` is NaN or
+    Inf, as the torch straight-through sum gives) and ``PART[p] = sum (x - q)^2`` over the block."""
+    pid = tl.program_id(0)
+    rr = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = rr < N
+    code = tl.load(IDX + rr, mask=rm, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m = rm[:, None] & (dd < D)[None, :]
+        x = tl.load(X + rr.to(tl.int64)[:, None] * sxn + dd[None, :] * sxd, mask=m, other=0.0)
+        q = tl.load(C + code[:, None] * D + dd[None, :], mask=m, other=0.0)
+        err = x - q
+        acc += err * err
+        tl.store(Q + rr.to(tl.int64)[:, None] * D + dd[None, :], q + (x - x), mask=m)
+    tl.store(PART + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+@triton.jit
+def _commit_bwd_kernel(G, X, Q, COEF, GX, N, D, sxn, sxd, sgn, sgd,
+                       HAS_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid ``(cdiv(N, BLOCK_N),)``: ``GX = G + COEF * (X - Q)`` (``G`` taken as zero without ``HAS_G``)."""
+    pid = tl.program_id(0)
+    rr = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = rr < N
+    coef = tl.load(COEF)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m = rm[:, None] & (dd < D)[None, :]
+        rows = rr.to(tl.int64)[:, None]
+        x = tl.load(X + rows * sxn + dd[None, :] * sxd, mask=m, other=0.0)
+        q = tl.load(Q + rows * D + dd[None, :], mask=m, other=0.0)
+        gx = coef * (x - q)
+        if HAS_G:
+            gx += tl.load(G + rows * sgn + dd[None, :] * sgd, mask=m, other=0.0)
+        tl.store(GX + rows * D + dd[None, :], gx, mask=m)
+
+
+def _blocks(d: int) -> tuple[int, int]:
+    block_d = min(128, next_pow2(d))
+    return max(1, min(64, 4096 // block_d)), block_d
+
+
+class _CommitSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, codebook: Tensor, idx: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+        n, d = x.shape
+        block_n, block_d = _blocks(d)
+        q = torch.empty(n, d, device=x.device, dtype=torch.float32)
+        part = torch.empty(cdiv(n, block_n), device=x.device, dtype=torch.float32)
+        relaunch.launch(_commit_fwd_kernel, (part.shape[0],), x, codebook, idx, q, part, n, d, *x.stride(),
+                        BLOCK_N=block_n, BLOCK_D=block_d)
+        ctx.save_for_backward(x, q)
+        ctx.scale = beta / max(n * d, 1)
+        return q, part.sum() * ctx.scale
+
+    @staticmethod
+    def backward(ctx, grad_q: Tensor | None, grad_loss: Tensor | None):
+        x, q = ctx.saved_tensors
+        if grad_loss is None:  # the loss unused: the straight-through gradient alone
+            return grad_q, None, None, None
+        n, d = x.shape
+        block_n, block_d = _blocks(d)
+        gx = torch.empty(n, d, device=x.device, dtype=torch.float32)
+        coef = grad_loss.float() * (2.0 * ctx.scale)
+        g = grad_q if grad_q is not None else gx
+        relaunch.launch(_commit_bwd_kernel, (cdiv(n, block_n),), g, x, q, coef, gx, n, d, *x.stride(),
+                        *g.stride(), HAS_G=grad_q is not None, BLOCK_N=block_n, BLOCK_D=block_d)
+        return gx, None, None, None
+
+
+def commit_ste_triton(x: Tensor, codebook: Tensor, idx: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """The codewords of ``x`` with the straight-through gradient, and the commitment loss.
+
+    Args:
+        x: ``(N, d)`` fp32 rows (any strides); the gradient flows to it.
+        codebook: ``(K, d)`` contiguous fp32 codewords (no gradient reaches them).
+        idx: ``(N,)`` integer codes in ``[0, K)``.
+        beta: the commitment weight.
+
+    Returns:
+        ``(q, loss)``: ``q (N, d)`` equal to ``codebook[idx]`` (NaN where ``x`` is NaN or Inf, as
+        ``q + (x - x)`` gives), whose gradient reaches ``x`` unchanged; ``loss`` the
+        scalar ``beta * mean((x - q)^2)``, whose gradient reaches ``x`` as ``2 beta (x - q) / (N d)``.
+    """
+    relaunch.check_device(x, "commit_ste_triton", "use the quantizer's torch straight-through estimator there")
+    if x.ndim != 2 or codebook.ndim != 2 or x.shape[1] != codebook.shape[1] or idx.shape != x.shape[:1]:
+        raise ValueError(f"commit_ste_triton expects x (N, d), codebook (K, d) and idx (N,); got {tuple(x.shape)}, "
+                         f"{tuple(codebook.shape)} and {tuple(idx.shape)}")
+    if x.dtype != torch.float32 or codebook.dtype != torch.float32 or not codebook.is_contiguous():
+        raise ValueError(f"commit_ste_triton takes fp32 rows and a contiguous fp32 codebook, got {x.dtype} and "
+                         f"{codebook.dtype}")
+    return _CommitSTE.apply(x, codebook.detach(), idx, float(beta))
