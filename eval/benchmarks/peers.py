@@ -92,10 +92,12 @@ def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
     host sync), ``ours_compiled_graphs`` (the same with ``mode="reduce-overhead"``: the
     compiled step replayed from CUDA graphs, what a user's compiled training loop gets),
     ``ours_graph`` (the eager step replayed from a CUDA graph: its kernels without the
-    host), ``search`` (the nearest-code search of the step alone),
+    host), ``ours_unfused`` and ``ours_unfused_graph`` (the same two with the torch version of the
+    straight-through output and the EMA update instead of the fused kernels), ``search`` (the nearest-code search of the step alone),
     ``search_graph`` (that search replayed from a CUDA graph), ``vqp`` and ``vqp_compiled`` (theirs
     under ``torch.compile``, graph breaks allowed)."""
     from tokenizers_vq import VectorQuantizer  # noqa: PLC0415
+    from tokenizers_vq.quantizers import _fused  # noqa: PLC0415
     from tokenizers_vq.kernels.nearest import nearest_codes_triton  # noqa: PLC0415
 
     z = torch.randn(n // 1024, 1024, d, device="cuda", requires_grad=True)
@@ -124,6 +126,18 @@ def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
     steps["ours_compiled_graphs"] = run_graphed
     # a leaf of its own: the eager runs before made z's gradient accumulator on the default stream
     steps["ours_graph"] = lazy_graph(step(fresh(), z.detach().clone().requires_grad_()))
+
+    def unfused(run):  # the same step on the torch version of the straight-through output and the EMA update
+        def call():
+            _fused.ENABLED = False
+            try:
+                run()
+            finally:
+                _fused.ENABLED = True
+        return call
+
+    steps["ours_unfused"] = unfused(step(fresh()))
+    steps["ours_unfused_graph"] = lazy_graph(unfused(step(fresh(), z.detach().clone().requires_grad_())))
     flat = z.detach().reshape(-1, d)
     steps["search"] = lambda: nearest_codes_triton(flat, ours.codebook.detach(), return_dist=False)
     steps["search_graph"] = lazy_graph(steps["search"])

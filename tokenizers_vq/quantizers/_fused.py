@@ -18,11 +18,14 @@ from tokenizers_vq.quantizers._functional import _triton_op
 if TYPE_CHECKING:
     from tokenizers_vq.quantizers.vq import VectorQuantizer
 
+ENABLED = True
+"""Set False to run the torch version everywhere (comparisons, debugging)."""
+
 
 def _triton_search(vq: VectorQuantizer, *tensors: Tensor) -> bool:
     """Whether ``vq``'s search runs in Triton on these eager tensors (``backend="triton"``, or
     ``"auto"`` on CUDA), with fp32 contiguous ones after the first."""
-    if not tensors[0].shape[0] or not plain_eager(*tensors) or vq.backend == "torch":
+    if not ENABLED or not tensors[0].shape[0] or not plain_eager(*tensors) or vq.backend == "torch":
         return False
     return (vq.backend == "triton" or tensors[0].is_cuda) and \
         all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors[1:])
