@@ -28,6 +28,10 @@ from tokenizers_vq.kernels._host import cdiv, next_pow2
 METRICS = ("perplexity", "usage_batch", "usage_window", "dead_codes", "skipped", "restarted")
 """The names of :func:`ema_update_triton`'s metrics, in its output's order."""
 
+MAX_CODES = 1 << 17
+"""The largest codebook this update takes: every program reduces all blocks' partial sums, which
+grows with the square of the blocks (past it the torch version is as fast)."""
+
 _PARTS = 8  # partial sums per block of codes (see _ema_partials_kernel)
 
 
@@ -154,7 +158,7 @@ def ema_update_triton(counts: Tensor, sums: Tensor, cluster_size: Tensor, embed_
     as its sum, and ``reset = 2 * threshold`` as its count, and ``restarts`` counts them.
 
     Args:
-        counts: ``(K,)`` fp32 assignments of this step.
+        counts: ``(K,)`` fp32 assignments of this step, ``K <= MAX_CODES``.
         sums: ``(K, d)`` fp32 sums of the rows assigned to each code.
         cluster_size, embed_sum, embed: the EMA counts ``(K,)``, sums and codebook ``(K, d)``,
             fp32 and contiguous; updated in place.
@@ -179,6 +183,8 @@ def ema_update_triton(counts: Tensor, sums: Tensor, cluster_size: Tensor, embed_
                              f"{shape}, got {t.dtype} {tuple(t.shape)}")
     if not (embed.dtype == torch.float32 and embed.is_contiguous() and restarts.dtype == torch.int64 and n >= 1):
         raise ValueError("ema_update_triton: embed must be contiguous fp32, restarts an int64 scalar, and x hold rows")
+    if k > MAX_CODES:
+        raise ValueError(f"ema_update_triton takes at most {MAX_CODES} codes, got {k}: use the torch update")
     perm = torch.randperm(n, device=x.device) if restart else restarts  # (a placeholder pointer without restarts)
     block_k = 32 if k <= 8192 else 64 if k <= 65536 else 128
     block_d = min(64, next_pow2(d))

@@ -343,6 +343,19 @@ def check_ema_update(device, full=False):
         for name in ("cluster_size", "embed_sum", "embed"):
             torch.testing.assert_close(getattr(vq, name), getattr(ref, name), rtol=1e-5, atol=1e-6,
                                        msg=lambda m, c=case, b=name: f"{c} {b}: {m}")
+    from tokenizers_vq.kernels import ema  # noqa: PLC0415
+    from tokenizers_vq.quantizers._fused import fused_update  # noqa: PLC0415
+
+    with mock.patch.object(ema, "MAX_CODES", 39):  # past it: refused, and the quantizer keeps the torch update
+        try:
+            ema_update_triton(counts, sums, vq.cluster_size, vq.embed_sum, vq.embed, vq.restarts, x, decay=0.9, eps=1e-5,
+                              threshold=0.7, restart=True, cosine=False)
+        except ValueError as e:
+            assert "at most 39 codes" in str(e), e
+        else:
+            raise AssertionError("a codebook past MAX_CODES was taken")
+        vq = VectorQuantizer(d, 40, backend="triton").to(device).train()
+        assert fused_update(vq, x, counts[:40], sums[:40]) is None
 
 
 def check_fused_training_step(device, full=False):

@@ -47,14 +47,17 @@ def fused_update(vq: VectorQuantizer, x: Tensor, counts: Tensor, sums: Tensor | 
     its metrics; or None, changing nothing, where the fused kernels do not apply: a learned
     codebook (no ``sums``), the affine re-parameterisation, several ranks (restarts take rank 0's
     rows), ``torch.compile`` (which fuses the torch version itself), an empty batch, buffers that
-    are not contiguous fp32, or a search that runs in torch (``backend="torch"``, or ``"auto"`` off CUDA)."""
+    are not contiguous fp32, more codes than the kernels take (``kernels.ema.MAX_CODES``), or a search
+    that runs in torch (``backend="torch"``, or ``"auto"`` off CUDA)."""
     if sums is None or vq.affine or tdist.is_distributed():
         return None
     op = _triton_op("ema_update_triton") if _triton_search(vq, x, vq.embed, vq.embed_sum, vq.cluster_size, sums) else None
     if op is None:
         return None
-    from tokenizers_vq.kernels.ema import METRICS  # noqa: PLC0415  (Triton is imported by now)
+    from tokenizers_vq.kernels.ema import MAX_CODES, METRICS  # noqa: PLC0415  (Triton is imported by now)
 
+    if vq.codebook_size > MAX_CODES:
+        return None
     restart = vq.restart_dead_codes and vq.dead_code_threshold > 0
     out = op(counts, sums, vq.cluster_size, vq.embed_sum, vq.embed, vq.restarts, x, decay=vq.decay, eps=vq.eps,
              threshold=vq.dead_code_threshold, restart=restart, cosine=vq.metric == "cosine")
