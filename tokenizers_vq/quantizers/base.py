@@ -234,10 +234,8 @@ class Quantizer(nn.Module, ABC):
         or they already agree."""
         if torch.is_autocast_enabled(z.device.type):
             return z if z.dtype in (torch.float32, torch.get_autocast_dtype(z.device.type)) else z.float()
-        for t in (*self.parameters(), *self.buffers()):
-            if t.is_floating_point():
-                return z if t.dtype == z.dtype else z.to(t.dtype)
-        return z
+        t = next((t for ts in (self.parameters(), self.buffers()) for t in ts if t.is_floating_point()), None)
+        return z if t is None or t.dtype == z.dtype else z.to(t.dtype)  # (stops at the first: host time)
 
     # -- validation ----------------------------------------------------------------------
     def _check_latent(self, z: Tensor, defer: bool = False, finite: bool = True) -> None:
