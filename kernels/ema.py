@@ -119,8 +119,8 @@ def _ema_apply_kernel(COUNTS, SUMS, CS, ES, EMBED, X, PERM, PART, METRICS, RESTA
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         m = km[:, None] & (dd < D)[None, :]
-        old = tl.load(ES + rows + dd[None, :], mask=m, other=0.0)
-        es = tl.where(ok, _lerp(old, tl.load(SUMS + rows + dd[None, :], mask=m, other=0.0), w), old)
+        es_old = tl.load(ES + rows + dd[None, :], mask=m, other=0.0)
+        es = tl.where(ok, _lerp(es_old, tl.load(SUMS + rows + dd[None, :], mask=m, other=0.0), w), es_old)
         e = tl.where(ok, es / smoothed[:, None] / scale[:, None], tl.load(EMBED + rows + dd[None, :], mask=m, other=0.0))
         if RESTART:
             fresh = tl.load(X + src[:, None] * sxn + dd[None, :] * sxd, mask=dead[:, None] & (dd < D)[None, :], other=0.0)
