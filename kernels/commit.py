@@ -5,8 +5,9 @@ passed to ``x`` unchanged and the commitment loss ``beta * mean((x - q)^2)`` (wh
 reaches ``x`` only). In torch that is a gather, a loss, the straight-through sum and, backwards,
 the loss's gradient and two more elementwise passes over ``N x d``. Here one launch gathers ``q``
 and writes per-block partial sums of the squared error; one launch backwards writes
-``g + coef * (x - q)`` (``q`` kept, as the torch loss keeps it: the EMA update rewrites the codebook
-before the backward pass).
+``g + coef * (x - C[idx])`` from a copy of the codebook taken in the forward pass (the EMA update
+rewrites the codebook before the backward pass; ``K x d`` kept rather than ``q``'s ``N x d``, and the
+output stays the caller's to change in place).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from tokenizers_vq.kernels import _compat  # noqa: F401  (interpreter fix, before any launch)
 from tokenizers_vq.kernels import relaunch
-from tokenizers_vq.kernels._host import cdiv, next_pow2
+from tokenizers_vq.kernels._host import cdiv, int32_columns, next_pow2
 
 
 @triton.jit
@@ -42,19 +43,20 @@ def _commit_fwd_kernel(X, C, IDX, Q, PART, N, D, sxn, sxd, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _commit_bwd_kernel(G, X, Q, COEF, GX, N, D, sxn, sxd, sgn, sgd,
+def _commit_bwd_kernel(G, X, C, IDX, COEF, GX, N, D, sxn, sxd, sgn, sgd,
                        HAS_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid ``(cdiv(N, BLOCK_N),)``: ``GX = G + COEF * (X - Q)`` (``G`` taken as zero without ``HAS_G``)."""
+    """Grid ``(cdiv(N, BLOCK_N),)``: ``GX = G + COEF * (X - C[IDX])`` (``G`` taken as zero without ``HAS_G``)."""
     pid = tl.program_id(0)
     rr = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = rr < N
+    code = tl.load(IDX + rr, mask=rm, other=0).to(tl.int64)
     coef = tl.load(COEF)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         m = rm[:, None] & (dd < D)[None, :]
         rows = rr.to(tl.int64)[:, None]
         x = tl.load(X + rows * sxn + dd[None, :] * sxd, mask=m, other=0.0)
-        q = tl.load(Q + rows * D + dd[None, :], mask=m, other=0.0)
+        q = tl.load(C + code[:, None] * D + dd[None, :], mask=m, other=0.0)
         gx = coef * (x - q)
         if HAS_G:
             gx += tl.load(G + rows * sgn + dd[None, :] * sgd, mask=m, other=0.0)
@@ -69,27 +71,31 @@ def _blocks(d: int) -> tuple[int, int]:
 class _CommitSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, codebook: Tensor, idx: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no pass over N x d for it)
         n, d = x.shape
         block_n, block_d = _blocks(d)
         q = torch.empty(n, d, device=x.device, dtype=torch.float32)
         part = torch.empty(cdiv(n, block_n), device=x.device, dtype=torch.float32)
         relaunch.launch(_commit_fwd_kernel, (part.shape[0],), x, codebook, idx, q, part, n, d, *x.stride(),
                         BLOCK_N=block_n, BLOCK_D=block_d)
-        ctx.save_for_backward(x, q)
+        ctx.save_for_backward(x, codebook.clone(), idx)
         ctx.scale = beta / max(n * d, 1)
         return q, part.sum() * ctx.scale
 
     @staticmethod
     def backward(ctx, grad_q: Tensor | None, grad_loss: Tensor | None):
-        x, q = ctx.saved_tensors
+        x, codebook, idx = ctx.saved_tensors
         if grad_loss is None:  # the loss unused: the straight-through gradient alone
             return grad_q, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: the same in torch operations, differentiable again
+            gx = grad_loss * (2.0 * ctx.scale) * (x - codebook[idx])
+            return gx if grad_q is None else grad_q + gx, None, None, None
         n, d = x.shape
         block_n, block_d = _blocks(d)
         gx = torch.empty(n, d, device=x.device, dtype=torch.float32)
         coef = grad_loss.float() * (2.0 * ctx.scale)
-        g = grad_q if grad_q is not None else gx
-        relaunch.launch(_commit_bwd_kernel, (cdiv(n, block_n),), g, x, q, coef, gx, n, d, *x.stride(),
+        g = int32_columns(grad_q) if grad_q is not None else gx
+        relaunch.launch(_commit_bwd_kernel, (cdiv(n, block_n),), g, x, codebook, idx, coef, gx, n, d, *x.stride(),
                         *g.stride(), HAS_G=grad_q is not None, BLOCK_N=block_n, BLOCK_D=block_d)
         return gx, None, None, None
 
@@ -100,13 +106,14 @@ def commit_ste_triton(x: Tensor, codebook: Tensor, idx: Tensor, beta: float) -> 
     Args:
         x: ``(N, d)`` fp32 rows (any strides); the gradient flows to it.
         codebook: ``(K, d)`` contiguous fp32 codewords (no gradient reaches them).
-        idx: ``(N,)`` integer codes in ``[0, K)``.
+        idx: ``(N,)`` integer codes in ``[0, K)`` (not checked: a code outside reads outside the codebook).
         beta: the commitment weight.
 
     Returns:
         ``(q, loss)``: ``q (N, d)`` equal to ``codebook[idx]`` (NaN where ``x`` is NaN or Inf, as
         ``q + (x - x)`` gives), whose gradient reaches ``x`` unchanged; ``loss`` the
-        scalar ``beta * mean((x - q)^2)``, whose gradient reaches ``x`` as ``2 beta (x - q) / (N d)``.
+        scalar ``beta * mean((x - q)^2)``, whose gradient reaches ``x`` as ``2 beta (x - q) / (N d)``
+        (with ``create_graph=True`` built from torch operations, so it differentiates again).
     """
     relaunch.check_device(x, "commit_ste_triton", "use the quantizer's torch straight-through estimator there")
     if x.ndim != 2 or codebook.ndim != 2 or x.shape[1] != codebook.shape[1] or idx.shape != x.shape[:1]:
@@ -115,4 +122,4 @@ def commit_ste_triton(x: Tensor, codebook: Tensor, idx: Tensor, beta: float) -> 
     if x.dtype != torch.float32 or codebook.dtype != torch.float32 or not codebook.is_contiguous():
         raise ValueError(f"commit_ste_triton takes fp32 rows and a contiguous fp32 codebook, got {x.dtype} and "
                          f"{codebook.dtype}")
-    return _CommitSTE.apply(x, codebook.detach(), idx, float(beta))
+    return _CommitSTE.apply(int32_columns(x), codebook.detach(), idx.contiguous(), float(beta))

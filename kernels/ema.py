@@ -23,7 +23,7 @@ from torch import Tensor
 
 from tokenizers_vq.kernels import _compat  # noqa: F401  (interpreter fix, before any launch)
 from tokenizers_vq.kernels import relaunch
-from tokenizers_vq.kernels._host import cdiv, next_pow2
+from tokenizers_vq.kernels._host import cdiv, int32_columns, next_pow2
 
 METRICS = ("perplexity", "usage_batch", "usage_window", "dead_codes", "skipped", "restarted")
 """The names of :func:`ema_update_triton`'s metrics, in its output's order."""
@@ -132,7 +132,7 @@ def _ema_apply_kernel(COUNTS, SUMS, CS, ES, EMBED, X, PERM, PART, METRICS, RESTA
     if pid == 0:
         seen = _pick(tot, cols, 0)
         floor = tl.maximum(seen, 1e-10)  # perplexity(counts): exp(-sum p log p), p = c / max(sum c, 1e-10)
-        entropy = seen / floor * tl.log(floor) - _pick(tot, cols, 1) / floor
+        entropy = tl.maximum(seen / floor * tl.log(floor) - _pick(tot, cols, 1) / floor, 0.0)  # (>= 0 as a sum)
         restarted = tl.where(ok & RESTART, _pick(tot, cols, 7), 0.0)
         out = tl.where(cols == 0, tl.exp(entropy), 0.0)
         out = tl.where(cols == 1, _pick(tot, cols, 2) / K, out)
@@ -186,6 +186,7 @@ def ema_update_triton(counts: Tensor, sums: Tensor, cluster_size: Tensor, embed_
     if k > MAX_CODES:
         raise ValueError(f"ema_update_triton takes at most {MAX_CODES} codes, got {k}: use the torch update")
     perm = torch.randperm(n, device=x.device) if restart else restarts  # (a placeholder pointer without restarts)
+    x = int32_columns(x)
     block_k = 32 if k <= 8192 else 64 if k <= 65536 else 128
     block_d = min(64, next_pow2(d))
     parts = cdiv(k, block_k)

@@ -129,11 +129,11 @@ def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
 
     def unfused(run):  # the same step on the torch version of the straight-through output and the EMA update
         def call():
-            _fused.ENABLED = False
+            enabled, _fused.ENABLED = _fused.ENABLED, False
             try:
                 run()
             finally:
-                _fused.ENABLED = True
+                _fused.ENABLED = enabled
         return call
 
     steps["ours_unfused"] = unfused(step(fresh()))

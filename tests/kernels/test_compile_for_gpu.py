@@ -61,6 +61,6 @@ def test_commit_kernels_compile_for_sm90():
               "BLOCK_N": C, "BLOCK_D": C}, {"BLOCK_N": 32, "BLOCK_D": 128})
     for has_g in (True, False):
         _compile(commit._commit_bwd_kernel,
-                 {"G": F32, "X": F32, "Q": F32, "COEF": F32, "GX": F32, "N": I32, "D": I32, "sxn": I32, "sxd": I32,
+                 {"G": F32, "X": F32, "C": F32, "IDX": I64, "COEF": F32, "GX": F32, "N": I32, "D": I32, "sxn": I32, "sxd": I32,
                   "sgn": I32, "sgd": I32, "HAS_G": C, "BLOCK_N": C, "BLOCK_D": C},
                  {"HAS_G": has_g, "BLOCK_N": 32, "BLOCK_D": 128})

@@ -360,13 +360,16 @@ def check_ema_update(device, full=False):
 
 def check_fused_training_step(device, full=False):
     """The fused straight-through output and commitment loss equal the torch ones in value and
-    in the gradient they give the rows (both used, either alone, strided rows, a NaN row); a
-    VectorQuantizer training on the fused kernels (l2 and cosine, restarts on) gives the codes,
-    output, losses, gradients, metrics and updated codebook of the torch version at every step."""
+    in the gradient they give the rows (both used, either alone, strided rows, NaN and Inf in the
+    rows); the output may be changed in place, a second derivative is the torch one; a VectorQuantizer
+    training on the fused kernels (l2 and cosine, restarts on) runs them and gives the codes,
+    output, losses, gradients, metrics and updated codebook of the torch version at every step,
+    and autograd refuses a graph that saved the codebook the update rewrote, as on the torch path."""
+    import collections  # noqa: PLC0415
     import copy  # noqa: PLC0415
 
     from tokenizers_vq.kernels.commit import commit_ste_triton  # noqa: PLC0415
-    from tokenizers_vq.quantizers import VectorQuantizer  # noqa: PLC0415
+    from tokenizers_vq.quantizers import VectorQuantizer, _fused  # noqa: PLC0415
 
     for n, d, k in ((70, 5, 9), (3, 200, 4)) + (((40000, 256, 1024),) if full else ()):
         c = _data((k, d), torch.float32, device)
@@ -387,9 +390,35 @@ def check_fused_training_step(device, full=False):
             torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-7, msg=lambda m, c=(n, d, use): f"{c}: {m}")
     x, c = _data((4, 3), torch.float32, device), _data((2, 3), torch.float32, device)
     x[2, 1], x[0, 0] = float("nan"), float("inf")
-    q, _ = commit_ste_triton(x, c, torch.zeros(4, dtype=torch.long, device=device), 0.25)
+    x.requires_grad_()
+    q, loss = commit_ste_triton(x, c, torch.zeros(4, dtype=torch.long, device=device), 0.25)
     torch.testing.assert_close(q, c[0] + (x - x), equal_nan=True)  # as the torch sum: NaN where x is not finite
     assert q.isnan().sum() == 2, q
+    q.sum().backward()  # the loss unused: the straight-through gradient alone, finite everywhere
+    assert torch.equal(x.grad, torch.ones_like(x)), x.grad
+    x = _data((5, 3), torch.float32, device).requires_grad_()
+    q, loss = commit_ste_triton(x, c, torch.ones(5, dtype=torch.long, device=device), 0.25)
+    q += 1.0  # the output is the caller's to change
+    (q.sum() + loss).backward()
+    torch.testing.assert_close(x.grad, 1 + 0.5 * (x - c[1]).detach() / x.numel())
+    w, second = _data((5, 3), torch.float32, device), []
+    for fn in (lambda t: commit_ste_triton(t, c, torch.ones(5, dtype=torch.long, device=device), 0.25),
+               lambda t: (c[1] + (t - t.detach()), 0.25 * torch.nn.functional.mse_loss(t, c[1].expand(5, 3)))):
+        x.grad = None
+        q, loss = fn(x)
+        (gx,) = torch.autograd.grad((q * w).sum() + loss, x, create_graph=True)  # a second derivative, through both
+        (gx * w).sum().backward()
+        second.append(x.grad)
+    torch.testing.assert_close(second[0], second[1])
+    torch.testing.assert_close(second[0], 0.5 * w / x.numel())
+    ran = collections.Counter()
+
+    def spy(op, name):
+        def call(*args, **kwargs):
+            ran[name] += 1
+            return op(*args, **kwargs)
+        return call
+
     for metric in ("l2", "cosine"):
         torch.manual_seed(0)
         fused = VectorQuantizer(8, 300, metric=metric, backend="triton", kmeans_init=True, dead_code_threshold=0.5)
@@ -400,7 +429,10 @@ def check_fused_training_step(device, full=False):
             z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
             fused.load_state_dict(plain.state_dict())  # each step from one state (a tf32 search may round the two apart)
             torch.manual_seed(step)
-            a = fused(z1)
+            with mock.patch.object(_fused, "_triton_op", side_effect=lambda name, real=_fused._triton_op: spy(real(name), name)):
+                a = fused(z1)
+            assert ran == {"commit_ste_triton": 1, "ema_update_triton": 1}, ran
+            ran.clear()
             torch.manual_seed(step)
             with mock.patch("tokenizers_vq.quantizers.vq.fused_update", return_value=None), \
                     mock.patch("tokenizers_vq.quantizers.vq.fused_commit", return_value=None):  # the torch version
@@ -417,6 +449,18 @@ def check_fused_training_step(device, full=False):
             for name in ("cluster_size", "embed_sum", "embed", "restarts"):
                 torch.testing.assert_close(getattr(fused, name), getattr(plain, name), rtol=1e-5, atol=1e-5)
         assert float(plain.restarts) > 0, ("no restart in the module steps", metric)
+    for enabled in (True, False):  # a graph that saved the codebook, which the step's update rewrites in place
+        vq = VectorQuantizer(8, 50, backend="triton").to(device).train()
+        z = _data((4, 30, 8), torch.float32, device).requires_grad_()
+        aux = (z @ vq.codebook.T).logsumexp(-1).mean()
+        with mock.patch.object(_fused, "ENABLED", enabled):
+            out = vq(z)
+        try:
+            (aux + out.quantized.mean()).backward()
+        except RuntimeError as e:
+            assert "modified by an inplace operation" in str(e), e
+        else:
+            raise AssertionError(f"a stale saved codebook went unnoticed (fused: {enabled})")
 
 
 GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_topk_exact, check_grouped_and_layouts,

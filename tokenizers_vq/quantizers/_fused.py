@@ -59,6 +59,8 @@ def fused_update(vq: VectorQuantizer, x: Tensor, counts: Tensor, sums: Tensor | 
     if vq.codebook_size > MAX_CODES:
         return None
     restart = vq.restart_dead_codes and vq.dead_code_threshold > 0
-    out = op(counts, sums, vq.cluster_size, vq.embed_sum, vq.embed, vq.restarts, x, decay=vq.decay, eps=vq.eps,
-             threshold=vq.dead_code_threshold, restart=restart, cosine=vq.metric == "cosine")
+    state = (vq.cluster_size, vq.embed_sum, vq.embed, vq.restarts)
+    out = op(counts, sums, *state, x, decay=vq.decay, eps=vq.eps, threshold=vq.dead_code_threshold, restart=restart,
+             cosine=vq.metric == "cosine")
+    torch.autograd.graph.increment_version(state)  # written in place: autograd refuses a graph that saved them
     return dict(zip(METRICS if restart else METRICS[:-1], out.unbind()))
