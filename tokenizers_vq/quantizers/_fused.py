@@ -44,12 +44,12 @@ def fused_commit(vq: VectorQuantizer, x: Tensor, codebook: Tensor, idx: Tensor) 
 def fused_update(vq: VectorQuantizer, x: Tensor, counts: Tensor, sums: Tensor | None) -> dict[str, Tensor] | None:
     """Update ``vq``'s EMA statistics and codebook from this step's ``counts`` ``(K,)`` and ``sums``
     ``(K, d)`` of its rows ``x`` ``(N, d)`` (fp32, as searched), restart its dead codes, and return
-    its metrics; or None, changing nothing, where the fused kernels do not apply: a learned
+    its metrics; or None, changing nothing, where the fused kernels do not apply: evaluation, a learned
     codebook (no ``sums``), the affine re-parameterisation, several ranks (restarts take rank 0's
     rows), ``torch.compile`` (which fuses the torch version itself), an empty batch, buffers that
     are not contiguous fp32, more codes than the kernels take (``kernels.ema.MAX_CODES``), or a search
     that runs in torch (``backend="torch"``, or ``"auto"`` off CUDA)."""
-    if sums is None or vq.affine or tdist.is_distributed():
+    if sums is None or not vq.training or vq.affine or tdist.is_distributed():
         return None
     op = _triton_op("ema_update_triton") if _triton_search(vq, x, vq.embed, vq.embed_sum, vq.cluster_size, sums) else None
     if op is None:
