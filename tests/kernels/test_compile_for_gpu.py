@@ -2,8 +2,8 @@
 
 The interpreter (``TRITON_INTERPRET=1``, the CPU checks of ``test_nearest.py``) runs Python on
 NumPy arrays, so it accepts code the compiler refuses (a loop-carried variable whose shape
-changes in the loop ran there and failed to compile on the GPU). Here each kernel goes through
-Triton's compiler down to a cubin for sm_90, for every variant of its compile-time switches.
+changes in the loop runs there). Here each kernel goes through Triton's compiler down to a
+cubin for sm_90, for every variant of its compile-time switches.
 """
 
 from __future__ import annotations
