@@ -79,10 +79,35 @@ def test_decoding_over_the_original_is_refused_before_anything_is_written(tmp_pa
     copy = tmp_path / "copy.png"
     assert main(["decode", str(single), "--model", str(image_model), "-o", str(copy)]) == 0
     assert main(["decode", str(single), "--model", str(image_model), "-o", str(copy)]) == 0  # its own output: rewritten
-    out = tmp_path / "decoded"  # a folder decode run twice: the files named as the sources are its own
-    for _ in range(2):
-        assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(out)]) == 0
+    out = tmp_path / "decoded"
+    assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in photos)
+    assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(out), "--overwrite"]) == 0
+
+
+def test_a_folder_decode_replaces_no_file_unless_told_to(tmp_path, image_model, capsys):
+    photos = small_photos(tmp_path / "photos", 3)
+    tokens = tmp_path / "t.tvq"
+    assert main(["encode", *map(str, photos), "--model", str(image_model), "-o", str(tokens)]) == 0
+    out = tmp_path / "decoded"
+    out.mkdir()
+    mine = out / f"{photos[1].stem}.png"  # a file of the user's under an item's name
+    mine.write_bytes(b"not a decode")
+    capsys.readouterr()
+    assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(out)]) == 2
+    line = one_error_line(capsys)
+    assert f"{mine} exists" in line and "--overwrite" in line
+    assert [p.name for p in out.iterdir()] == [mine.name] and mine.read_bytes() == b"not a decode"
+    assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in photos)
+    assert mine.read_bytes() != b"not a decode"
+    (out / f"{photos[2].stem}.png").unlink()  # two left of three: the count says so
+    capsys.readouterr()
+    assert main(["decode", str(tokens), "--model", str(image_model), "-o", str(out)]) == 2
+    assert "(and 1 more of the 3 files to write)" in one_error_line(capsys)
+    single = tmp_path / "one.tvq"  # a file named by the caller is the caller's to replace
+    assert main(["encode", str(photos[0]), "--model", str(image_model), "-o", str(single)]) == 0
+    assert main(["decode", str(single), "--model", str(image_model), "-o", str(mine)]) == 0
 
 
 @pytest.mark.parametrize("damage", ["dtype", "no codebook_size", "codebook_size superscript", "code_shape not json",

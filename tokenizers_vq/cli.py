@@ -55,7 +55,7 @@ def _decode(args: argparse.Namespace) -> int:
     tok = _model_for_tokens(args, meta["model_id"], meta["modality"], meta)
     with warnings.catch_warnings():  # decode_file warns after its refusals, before decoding
         warnings.simplefilter("always", OtherModelWarning)
-        written = decode_file(tok, args.tokens, args.output)
+        written = decode_file(tok, args.tokens, args.output, args.overwrite)
     print("\n".join(f"wrote {path}" for path in written) or f"wrote nothing: {args.tokens} holds no items")
     return 0
 
@@ -268,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec = sub.add_parser("decode", help="decode a token file back to media")
     dec.add_argument("tokens", help="token file written by tvq encode")
     dec.add_argument("-o", "--output", required=True, help="output file (one item) or directory")
+    dec.add_argument("--overwrite", action="store_true", help="replace files of the items' names in the output directory")
     ev = sub.add_parser("eval", help="evaluate a tokenizer on a folder: report.md, metrics.json, pictures")
     ev.add_argument("--data", required=True, help="folder of media of the model's modality")
     ev.add_argument("--out", default="tvq_eval", help="output folder (default: tvq_eval)")

@@ -335,12 +335,12 @@ def _is_token_file(path: Path) -> bool:
         return False
 
 
-def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLike) -> list[Path]:
+def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> list[Path]:
     """Decode a token file. ``out`` is the output file for a single item (its suffix picks the
     format) or a directory that receives ``<source stem><ext>`` per item. Every item's checksum
     and grid are checked before anything is written; tokens of another model (:func:`other_model`)
-    decode with an :class:`OtherModelWarning`. A target of an item's name is replaced, but never
-    the file the item was encoded from."""
+    decode with an :class:`OtherModelWarning`. A single item's ``out`` file is replaced; files in
+    the folder are replaced only with ``overwrite``; never the file an item was encoded from."""
     meta, records = load_tokens(tokens)
     check_compatible(meta, tok, Path(tokens))
     other = other_model(meta, tok, tokens)
@@ -369,6 +369,10 @@ def decode_file(tok: Tokenizer, tokens: str | os.PathLike, out: str | os.PathLik
             raise ValueError(f"{target} is the file {rec.source} was encoded from (its bytes match the digest the "
                              "token file records): the decoded copy would replace the original; decode into another "
                              "folder or file name")
+    if not (single or overwrite) and (kept := [t for t in targets if os.path.lexists(t)]):
+        more = f" (and {len(kept) - 1} more of the {len(targets)} files to write)" if len(kept) > 1 else ""
+        raise ValueError(f"{kept[0]} exists{more}: decoding into a folder replaces none of its files; decode into "
+                         "another folder, or pass --overwrite (overwrite=True) to replace them")
     for target in targets:  # every target that cannot be written is found before any decoding
         check_can_write(target)
     written = []
