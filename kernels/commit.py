@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tokenizers_vq.kernels import _compat  # noqa: F401  (interpreter fix, before any launch)
 from tokenizers_vq.kernels import relaunch
-from tokenizers_vq.kernels._host import cdiv, int32_columns, next_pow2
+from tokenizers_vq.kernels._host import cdiv, int32_columns, next_pow2, plain_eager
 
 
 @triton.jit
@@ -68,19 +68,35 @@ def _blocks(d: int) -> tuple[int, int]:
     return max(1, min(64, 4096 // block_d)), block_d
 
 
+def _forward(x: Tensor, codebook: Tensor, idx: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``(q, loss)``: the gathered codewords (one launch) and ``scale`` times the squared error's sum."""
+    n, d = x.shape
+    block_n, block_d = _blocks(d)
+    q = torch.empty(n, d, device=x.device, dtype=torch.float32)
+    part = torch.empty(cdiv(n, block_n), device=x.device, dtype=torch.float32)
+    relaunch.launch(_commit_fwd_kernel, (part.shape[0],), x, codebook, idx, q, part, n, d, *x.stride(),
+                    BLOCK_N=block_n, BLOCK_D=block_d)
+    return q, part.sum() * scale
+
+
+def _backward(grad_q: Tensor | None, coef: Tensor, x: Tensor, codebook: Tensor, idx: Tensor) -> Tensor:
+    """``grad_q + coef * (x - codebook[idx])`` in one launch (``grad_q`` None: taken as zero)."""
+    n, d = x.shape
+    block_n, block_d = _blocks(d)
+    gx = torch.empty(n, d, device=x.device, dtype=torch.float32)
+    g = int32_columns(grad_q) if grad_q is not None else gx
+    relaunch.launch(_commit_bwd_kernel, (cdiv(n, block_n),), g, x, codebook, idx, coef, gx, n, d, *x.stride(),
+                    *g.stride(), HAS_G=grad_q is not None, BLOCK_N=block_n, BLOCK_D=block_d)
+    return gx
+
+
 class _CommitSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, codebook: Tensor, idx: Tensor, beta: float) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no pass over N x d for it)
-        n, d = x.shape
-        block_n, block_d = _blocks(d)
-        q = torch.empty(n, d, device=x.device, dtype=torch.float32)
-        part = torch.empty(cdiv(n, block_n), device=x.device, dtype=torch.float32)
-        relaunch.launch(_commit_fwd_kernel, (part.shape[0],), x, codebook, idx, q, part, n, d, *x.stride(),
-                        BLOCK_N=block_n, BLOCK_D=block_d)
+        ctx.scale = beta / max(x.numel(), 1)
         ctx.save_for_backward(x, codebook.clone(), idx)
-        ctx.scale = beta / max(n * d, 1)
-        return q, part.sum() * ctx.scale
+        return _forward(x, codebook, idx, ctx.scale)
 
     @staticmethod
     def backward(ctx, grad_q: Tensor | None, grad_loss: Tensor | None):
@@ -90,14 +106,45 @@ class _CommitSTE(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the same in torch operations, differentiable again
             gx = grad_loss * (2.0 * ctx.scale) * (x - codebook[idx])
             return gx if grad_q is None else grad_q + gx, None, None, None
-        n, d = x.shape
-        block_n, block_d = _blocks(d)
-        gx = torch.empty(n, d, device=x.device, dtype=torch.float32)
-        coef = grad_loss.float() * (2.0 * ctx.scale)
-        g = int32_columns(grad_q) if grad_q is not None else gx
-        relaunch.launch(_commit_bwd_kernel, (cdiv(n, block_n),), g, x, codebook, idx, coef, gx, n, d, *x.stride(),
-                        *g.stride(), HAS_G=grad_q is not None, BLOCK_N=block_n, BLOCK_D=block_d)
-        return gx, None, None, None
+        return _backward(grad_q, grad_loss.float() * (2.0 * ctx.scale), x, codebook, idx), None, None, None
+
+
+# For torch.compile: the same two launches as custom ops, the forward also returning the codebook's copy.
+@torch.library.custom_op("tokenizers_vq::commit_ste", mutates_args=())
+def _commit_op(x: Tensor, codebook: Tensor, idx: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return *_forward(x, codebook, idx, scale), codebook.clone()
+
+
+@_commit_op.register_fake
+def _(x, codebook, idx, scale):
+    return x.new_empty(x.shape, dtype=torch.float32), x.new_empty((), dtype=torch.float32), torch.empty_like(codebook)
+
+
+@torch.library.custom_op("tokenizers_vq::commit_ste_backward", mutates_args=())
+def _commit_backward_op(grad_q: Tensor | None, coef: Tensor, x: Tensor, codebook: Tensor, idx: Tensor) -> Tensor:
+    return _backward(grad_q, coef, x, codebook, idx)
+
+
+@_commit_backward_op.register_fake
+def _(grad_q, coef, x, codebook, idx):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, _, idx, ctx.scale = inputs
+    ctx.save_for_backward(x, output[2], idx)
+
+
+def _commit_op_backward(ctx, grad_q: Tensor | None, grad_loss: Tensor | None, _grad_copy: Tensor | None):
+    x, codebook, idx = ctx.saved_tensors
+    if grad_loss is None:
+        return grad_q, None, None, None
+    coef = grad_loss.float().reshape(1) * (2.0 * ctx.scale)
+    grad_q = None if grad_q is None else grad_q.float()
+    return _commit_backward_op(grad_q, coef, x, codebook, idx), None, None, None
+
+
+_commit_op.register_autograd(_commit_op_backward, setup_context=_setup)
 
 
 def commit_ste_triton(x: Tensor, codebook: Tensor, idx: Tensor, beta: float) -> tuple[Tensor, Tensor]:
@@ -122,4 +169,7 @@ def commit_ste_triton(x: Tensor, codebook: Tensor, idx: Tensor, beta: float) -> 
     if x.dtype != torch.float32 or codebook.dtype != torch.float32 or not codebook.is_contiguous():
         raise ValueError(f"commit_ste_triton takes fp32 rows and a contiguous fp32 codebook, got {x.dtype} and "
                          f"{codebook.dtype}")
-    return _CommitSTE.apply(int32_columns(x), codebook.detach(), idx.contiguous(), float(beta))
+    x, codebook, idx = int32_columns(x), codebook.detach(), idx.contiguous()
+    if plain_eager(x, codebook, idx):
+        return _CommitSTE.apply(x, codebook, idx, float(beta))
+    return _commit_op(x, codebook, idx, float(beta) / max(x.numel(), 1))[:2]

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from tokenizers_vq.kernels import _compat  # noqa: F401  (interpreter fix, before any launch)
 from tokenizers_vq.kernels import relaunch
-from tokenizers_vq.kernels._host import cdiv, int32_columns, next_pow2
+from tokenizers_vq.kernels._host import cdiv, int32_columns, next_pow2, plain_eager
 
 METRICS = ("perplexity", "usage_batch", "usage_window", "dead_codes", "skipped", "restarted")
 """The names of :func:`ema_update_triton`'s metrics, in its output's order."""
@@ -185,6 +185,15 @@ def ema_update_triton(counts: Tensor, sums: Tensor, cluster_size: Tensor, embed_
         raise ValueError("ema_update_triton: embed must be contiguous fp32, restarts an int64 scalar, and x hold rows")
     if k > MAX_CODES:
         raise ValueError(f"ema_update_triton takes at most {MAX_CODES} codes, got {k}: use the torch update")
+    if plain_eager(counts, sums, cluster_size, embed_sum, embed, restarts, x):
+        return _update(counts, sums, cluster_size, embed_sum, embed, restarts, x, decay, eps, threshold, restart, cosine)
+    return _ema_op(counts, sums, cluster_size, embed_sum, embed, restarts, x, decay, eps, threshold, restart, cosine)
+
+
+def _update(counts: Tensor, sums: Tensor, cluster_size: Tensor, embed_sum: Tensor, embed: Tensor, restarts: Tensor,
+            x: Tensor, decay: float, eps: float, threshold: float, restart: bool, cosine: bool) -> Tensor:
+    k, d = embed.shape
+    n = x.shape[0]
     perm = torch.randperm(n, device=x.device) if restart else restarts  # (a placeholder pointer without restarts)
     x = int32_columns(x)
     block_k = 32 if k <= 8192 else 64 if k <= 65536 else 128
@@ -200,3 +209,15 @@ def ema_update_triton(counts: Tensor, sums: Tensor, cluster_size: Tensor, embed_
                     RESTART=restart, COSINE=cosine, BLOCK_K=block_k, BLOCK_D=block_d,
                     BLOCK_P=min(64, next_pow2(parts)))
     return metrics
+
+
+@torch.library.custom_op("tokenizers_vq::ema_update", mutates_args=("cluster_size", "embed_sum", "embed", "restarts"))
+def _ema_op(counts: Tensor, sums: Tensor, cluster_size: Tensor, embed_sum: Tensor, embed: Tensor, restarts: Tensor,
+            x: Tensor, decay: float, eps: float, threshold: float, restart: bool, cosine: bool) -> Tensor:
+    """:func:`ema_update_triton` for ``torch.compile``, which sees which buffers it writes."""
+    return _update(counts, sums, cluster_size, embed_sum, embed, restarts, x, decay, eps, threshold, restart, cosine)
+
+
+@_ema_op.register_fake
+def _(counts, sums, cluster_size, embed_sum, embed, restarts, x, decay, eps, threshold, restart, cosine):
+    return counts.new_empty(len(METRICS), dtype=torch.float32)

@@ -18,6 +18,7 @@ plain launch runs) under the interpreter, when a launch hook is set (profilers),
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -44,10 +45,18 @@ MAX_SITES = 1024  # launch()'s call sites kept (a kernel and its non-tensor meta
 _FIRST_CALLS = threading.Lock()  # a first call and the tuned config it leaves on the kernel stay together
 
 
+def interpreting() -> bool:
+    """Whether kernels run in Triton's interpreter (``TRITON_INTERPRET=1``; under ``torch.compile``,
+    which cannot trace Triton's reading of it, the variable as Triton reads it)."""
+    if torch.compiler.is_compiling():
+        return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+    return bool(triton.knobs.runtime.interpret)
+
+
 def check_device(t: Tensor, what: str, fix: str) -> None:
     """Refuse a CPU tensor outside the interpreter, naming ``fix`` (Triton would fail on it with
     the CUDA runtime's bare AssertionError)."""
-    if not t.is_cuda and not triton.knobs.runtime.interpret:
+    if not t.is_cuda and not interpreting():
         raise ValueError(f"{what} runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); the input is on "
                          f"{t.device}: {fix}")
 

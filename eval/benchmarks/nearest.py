@@ -284,16 +284,16 @@ def markdown(meta: dict, rows: list[dict], train: list[dict] | None) -> str:
                   "called and replayed. \"ours / search\": the fastest of eager, compiled and compiled with CUDA graphs over "
                   "the search call; "
                   "\"graph / search graph\": the same without the host. vq-pytorch eager and under `torch.compile` "
-                  "(graph breaks allowed): \"torch update\" is our eager step (and its graph) on the torch version "
+                  "(graph breaks allowed): \"torch update\" is our step (eager, compiled, graph) on the torch version "
                   "of the straight-through output, commitment loss and EMA update instead of the fused kernels; "
                   "\"vq-pytorch / ours eager\" is eager against eager, \"fastest\" the faster "
                   "of theirs against the fastest of ours. Our search runs in tf32 (the library's default for fp32 "
                   "latents), vq-pytorch's distances in exact fp32 (torch's default).", "",
                   "| N x K x D | ours | ours compiled | compiled, CUDA graphs | ours graph | torch update | torch update, "
-                  "graph | search alone | search graph | "
+                  "compiled | torch update, graph | search alone | search graph | "
                   "vq-pytorch | vq-pytorch compiled | ours / search | graph / search graph | vq-pytorch / ours eager | "
                   "vq-pytorch / ours, fastest | memory ours / theirs |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for t in train:
             o, s_, v = (_ms(t.get(k, {})) for k in ("ours", "search", "vqp"))
             g, sg = _ms(t.get("ours_graph", {})), _ms(t.get("search_graph", {}))
@@ -303,7 +303,8 @@ def markdown(meta: dict, rows: list[dict], train: list[dict] | None) -> str:
             mem = (f"{t['ours']['extra_mib'] / t['vqp']['extra_mib']:.3f}" if o == o and v == v
                    and t["vqp"]["extra_mib"] > 0 else "-")
             lines.append(f"| {t['n']} x {t['k']} x {t['d']} | " + " | ".join(_cell(t.get(k, {}), "graph" not in k) for k in
-                         ("ours", "ours_compiled", "ours_compiled_graphs", "ours_graph", "ours_unfused", "ours_unfused_graph",
+                         ("ours", "ours_compiled", "ours_compiled_graphs", "ours_graph", "ours_unfused", "ours_unfused_compiled",
+                          "ours_unfused_graph",
                           "search", "search_graph", "vqp", "vqp_compiled"))
                          + f" | {best / s_:.2f}x | {g / sg:.2f}x | {v / o:.1f}x | {v_best / best:.1f}x | {mem} |")
     return "\n".join(lines) + "\n"
@@ -320,7 +321,8 @@ def write(out: Path, meta: dict, rows: list[dict], train: list[dict] | None) -> 
             for name, r in row["methods"].items():
                 w.writerow([row["n"], row["k"], row["d"], name, r.get("ms"), r.get("extra_mib"), r["status"], fl, epi])
         for t in train or []:
-            for name in ("ours", "ours_compiled", "ours_compiled_graphs", "ours_graph", "ours_unfused", "ours_unfused_graph",
+            for name in ("ours", "ours_compiled", "ours_compiled_graphs", "ours_graph", "ours_unfused", "ours_unfused_compiled",
+                          "ours_unfused_graph",
                          "search", "search_graph", "vqp", "vqp_compiled"):
                 if name in t:
                     w.writerow([t["n"], t["k"], t["d"], f"train_step_{name}", t[name].get("ms"), t[name].get("extra_mib"),

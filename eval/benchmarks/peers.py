@@ -92,7 +92,8 @@ def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
     host sync), ``ours_compiled_graphs`` (the same with ``mode="reduce-overhead"``: the
     compiled step replayed from CUDA graphs, what a user's compiled training loop gets),
     ``ours_graph`` (the eager step replayed from a CUDA graph: its kernels without the
-    host), ``ours_unfused`` and ``ours_unfused_graph`` (the same two with the torch version of the
+    host), ``ours_unfused``, ``ours_unfused_compiled`` and ``ours_unfused_graph`` (eager, compiled and
+    graph with the torch version of the
     straight-through output and the EMA update instead of the fused kernels), ``search`` (the nearest-code search of the step alone),
     ``search_graph`` (that search replayed from a CUDA graph), ``vqp`` and ``vqp_compiled`` (theirs
     under ``torch.compile``, graph breaks allowed)."""
@@ -137,6 +138,7 @@ def train_steps(n: int, k: int, d: int, vqp_cls) -> dict[str, Callable]:
         return call
 
     steps["ours_unfused"] = unfused(step(fresh()))
+    steps["ours_unfused_compiled"] = unfused(step(torch.compile(fresh(), fullgraph=True)))  # (traced with it off)
     steps["ours_unfused_graph"] = lazy_graph(unfused(step(fresh(), z.detach().clone().requires_grad_())))
     flat = z.detach().reshape(-1, d)
     steps["search"] = lambda: nearest_codes_triton(flat, ours.codebook.detach(), return_dist=False)

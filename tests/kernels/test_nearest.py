@@ -461,6 +461,57 @@ def check_fused_training_step(device, full=False):
             assert "modified by an inplace operation" in str(e), e
         else:
             raise AssertionError(f"a stale saved codebook went unnoticed (fused: {enabled})")
+    _check_compiled_fused_step(device)
+
+
+def _check_compiled_fused_step(device):
+    """Under ``torch.compile(fullgraph=True)`` the training step keeps the fused kernels (custom ops;
+    inductor on the GPU, AOTAutograd's eager graphs in the interpreter) and gives the eager step's codes,
+    output, gradients, metrics and codebook, restarts included."""
+    import copy  # noqa: PLC0415
+
+    from tokenizers_vq.kernels import commit, ema  # noqa: PLC0415
+    from tokenizers_vq.quantizers import VectorQuantizer  # noqa: PLC0415
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = VectorQuantizer(8, 300, backend="triton", kmeans_init=True, dead_code_threshold=0.5).to(device).train()
+    eager(_data((6, 40, 8), torch.float32, device))  # the k-means start, eager
+    traced = copy.deepcopy(eager)
+
+    def step(vq, z):
+        out = vq(z)
+        return out, out.quantized.square().mean() + sum(out.losses.values())
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    ran = {name: 0 for name in ("_forward", "_backward", "_update")}
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def call(*args):
+            ran[name] += 1
+            return real(*args)
+        return mock.patch.object(module, name, call)
+
+    for i in range(3):
+        z = _data((6, 40, 8), torch.float32, device)
+        z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+        torch.manual_seed(i)
+        a, loss_a = step(eager, z1)
+        loss_a.backward()
+        torch.manual_seed(i)
+        with spy(commit, "_forward"), spy(commit, "_backward"), spy(ema, "_update"):
+            b, loss_b = compiled(traced, z2)
+            loss_b.backward()
+        assert ran == {"_forward": i + 1, "_backward": i + 1, "_update": i + 1}, ("compiled step left the kernels", ran)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.quantized, b.quantized), i
+        torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-6, atol=1e-9)
+        for name in a.metrics:
+            torch.testing.assert_close(a.metrics[name], b.metrics[name], rtol=1e-6, atol=1e-6)
+        for name in ("cluster_size", "embed_sum", "embed", "restarts"):
+            torch.testing.assert_close(getattr(eager, name), getattr(traced, name), rtol=1e-6, atol=1e-6)
+    assert float(traced.restarts) > 0, "no restart in the compiled steps"
 
 
 GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_topk_exact, check_grouped_and_layouts,

@@ -2,9 +2,10 @@
 
 The kernels themselves are checked against the torch version in ``tests/kernels``; here the
 decision alone, on the CPU with the kernels replaced by recorders: the fused path is taken on
-the Triton backend in an eager training step with the EMA codebook, and nowhere else (a torch
-search, ``torch.compile``, another estimator or learning, affine, evaluation; the update alone
-not with several ranks, buffers that are not fp32 or too many codes for its kernels).
+the Triton backend in a training step with the EMA codebook, eager or under ``torch.compile``,
+and nowhere else (a torch search, another estimator or learning, affine, evaluation, a tensor
+subclass in eager mode; the update alone not with several ranks, buffers that are not fp32 or
+too many codes for its kernels).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def test_an_eager_ema_step_on_the_triton_backend_takes_both_fused_parts():
     for metric in ("l2", "cosine"):
         vq = VectorQuantizer(8, 40, metric=metric, backend="triton").train()
         assert _decisions(vq) == ["commit", "update"], metric
+        assert _decisions(vq, compiling=True) == ["commit", "update"], metric  # as custom ops in the graph
     vq = VectorQuantizer(8, 40, backend="triton", restart_dead_codes=False).train()
     with mock.patch.object(_fused, "_triton_op", side_effect=_recorders([]).get):
         metrics = _fused.fused_update(vq, torch.randn(5, 8), torch.zeros(40), torch.zeros(40, 8))
@@ -62,7 +64,7 @@ def test_an_eager_ema_step_on_the_triton_backend_takes_both_fused_parts():
 
 
 @pytest.mark.parametrize("case, want", [
-    ("torch backend", []), ("auto backend on the CPU", []), ("compiling", []), ("several ranks", ["commit"]),
+    ("torch backend", []), ("auto backend on the CPU", []), ("several ranks", ["commit"]),
     ("rotation estimator", ["update"]), ("nsvq estimator", ["update"]), ("learned codebook", []),
     ("affine", []), ("evaluation", []), ("switched off", []), ("half-precision buffers", ["commit"]),
     ("more codes than the update takes", ["commit"]),
@@ -78,3 +80,15 @@ def test_the_torch_version_runs_wherever_the_fused_kernels_do_not_apply(case, wa
     with mock.patch.object(_fused, "ENABLED", case != "switched off"), \
             mock.patch("tokenizers_vq.kernels.ema.MAX_CODES", 40):
         assert _decisions(vq, compiling=case == "compiling", distributed=case == "several ranks") == want
+
+
+def test_a_tensor_subclass_in_eager_mode_takes_the_torch_version():
+    vq = VectorQuantizer(8, 40, backend="triton").train()
+    x = torch.nn.Parameter(torch.randn(20, 8))  # (a subclass of Tensor)
+    idx = torch.randint(0, 40, (20,))
+    with mock.patch.object(_fused, "_triton_op", side_effect=_recorders(calls := []).get):
+        assert _fused.fused_commit(vq, x, vq.codebook, idx) is None
+        assert _fused.fused_update(vq, x, torch.zeros(40), torch.zeros(40, 8)) is None
+        with mock.patch("torch.compiler.is_compiling", return_value=True):  # traced: the compiler sees through it
+            assert _fused.fused_commit(vq, x, vq.codebook, idx) is not None
+    assert calls == ["commit"]

@@ -186,9 +186,9 @@ def _triton_op(name: str = "nearest_codes_triton"):
 
 def _interpreted() -> bool:
     """Whether Triton kernels run on the CPU here (``TRITON_INTERPRET=1``)."""
-    import triton  # noqa: PLC0415
+    from tokenizers_vq.kernels.relaunch import interpreting  # noqa: PLC0415
 
-    return bool(triton.knobs.runtime.interpret)
+    return interpreting()
 
 
 def nearest_codes(

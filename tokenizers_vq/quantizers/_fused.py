@@ -1,8 +1,9 @@
 """The fused Triton paths of a :class:`~tokenizers_vq.VectorQuantizer` training step on CUDA: the
 straight-through output with the commitment loss (:func:`tokenizers_vq.kernels.commit.commit_ste_triton`)
 and the EMA codebook's update (:func:`tokenizers_vq.kernels.ema.ema_update_triton`): four launches for
-what the torch version does in about 65 operations, with the same result within fp32 rounding. Each
-returns None, changing nothing, where it does not apply; the quantizer then runs the torch version."""
+what the torch version does in about 65 operations, with the same result within fp32 rounding; under
+``torch.compile`` as custom ops (the graph keeps them). Each returns None, changing nothing, where it does
+not apply; the quantizer then runs the torch version."""
 
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ ENABLED = True
 
 
 def _triton_search(vq: VectorQuantizer, *tensors: Tensor) -> bool:
-    """Whether ``vq``'s search runs in Triton on these eager tensors (``backend="triton"``, or
-    ``"auto"`` on CUDA), with fp32 contiguous ones after the first."""
-    if not ENABLED or not tensors[0].shape[0] or not plain_eager(*tensors) or vq.backend == "torch":
+    """Whether ``vq``'s search runs in Triton on these tensors (``backend="triton"``, or ``"auto"``
+    on CUDA; eager on plain tensors or under ``torch.compile``), with fp32 contiguous ones after the first."""
+    if not ENABLED or not tensors[0].shape[0] or vq.backend == "torch":
+        return False
+    if not (torch.compiler.is_compiling() or plain_eager(*tensors)):  # a tensor subclass: the torch version
         return False
     return (vq.backend == "triton" or tensors[0].is_cuda) and \
         all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors[1:])
@@ -46,7 +49,7 @@ def fused_update(vq: VectorQuantizer, x: Tensor, counts: Tensor, sums: Tensor | 
     ``(K, d)`` of its rows ``x`` ``(N, d)`` (fp32, as searched), restart its dead codes, and return
     its metrics; or None, changing nothing, where the fused kernels do not apply: evaluation, a learned
     codebook (no ``sums``), the affine re-parameterisation, several ranks (restarts take rank 0's
-    rows), ``torch.compile`` (which fuses the torch version itself), an empty batch, buffers that
+    rows), an empty batch, buffers that
     are not contiguous fp32, more codes than the kernels take (``kernels.ema.MAX_CODES``), or a search
     that runs in torch (``backend="torch"``, or ``"auto"`` off CUDA)."""
     if sums is None or not vq.training or vq.affine or tdist.is_distributed():
@@ -62,5 +65,6 @@ def fused_update(vq: VectorQuantizer, x: Tensor, counts: Tensor, sums: Tensor | 
     state = (vq.cluster_size, vq.embed_sum, vq.embed, vq.restarts)
     out = op(counts, sums, *state, x, decay=vq.decay, eps=vq.eps, threshold=vq.dead_code_threshold, restart=restart,
              cosine=vq.metric == "cosine")
-    torch.autograd.graph.increment_version(state)  # written in place: autograd refuses a graph that saved them
+    if not torch.compiler.is_compiling():  # (compiled, the custom op declares what it writes)
+        torch.autograd.graph.increment_version(state)  # written in place: autograd refuses a graph that saved them
     return dict(zip(METRICS if restart else METRICS[:-1], out.unbind()))
