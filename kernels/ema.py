@@ -10,7 +10,7 @@ way: no atomics, bitwise reproducible) and writes the new statistics and codeboo
 from its first program the metrics.
 
 The result is :meth:`tokenizers_vq.VectorQuantizer._update` (with ``_restart`` and
-``_metrics``) on one process: the same restarted rows from the same ``torch.randperm`` draw,
+``_metrics``) on one process: the same restarted rows from the same draw (``spread_rows``),
 the same codes found dead (``torch.lerp``'s formula), sums of the counts within fp32 rounding.
 """
 
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from tokenizers_vq.kernels import _compat  # noqa: F401  (interpreter fix, before any launch)
 from tokenizers_vq.kernels import relaunch
+from tokenizers_vq.distributed import golden_stride
 from tokenizers_vq.kernels._host import cdiv, int32_columns, next_pow2, plain_eager
 
 METRICS = ("perplexity", "usage_batch", "usage_window", "dead_codes", "skipped", "restarted")
@@ -75,8 +76,8 @@ def _ema_partials_kernel(COUNTS, SUMS, CS, PART, K, D, w, threshold,
 
 
 @triton.jit
-def _ema_apply_kernel(COUNTS, SUMS, CS, ES, EMBED, X, PERM, PART, METRICS, RESTARTS,
-                      K, D, N, P, sxn, sxd, w, eps, keps, threshold, reset,
+def _ema_apply_kernel(COUNTS, SUMS, CS, ES, EMBED, X, OFFSET, PART, METRICS, RESTARTS,
+                      K, D, N, STRIDE, P, sxn, sxd, w, eps, keps, threshold, reset,
                       RESTART: tl.constexpr, COSINE: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
     """Grid ``(cdiv(K, BLOCK_K),)``: the update of block ``pid`` of codes from every block's
@@ -103,7 +104,7 @@ def _ema_apply_kernel(COUNTS, SUMS, CS, ES, EMBED, X, PERM, PART, METRICS, RESTA
     if not RESTART:
         dead = kk < 0
     slot = tl.sum(dead_before, axis=0).to(tl.int64) + tl.cumsum(dead.to(tl.int64), axis=0) - 1
-    src = tl.load(PERM + slot % N, mask=dead, other=0)
+    src = (tl.load(OFFSET) + (slot % N) * STRIDE) % N  # the rows of tokenizers_vq.distributed.spread_rows
     rows = kk.to(tl.int64)[:, None] * D
     scale = tl.full([BLOCK_K], 1.0, dtype=tl.float32)
     if COSINE:  # the rows' norms first: the new codewords are l2-normalised (F.normalize, eps 1e-12)
@@ -154,7 +155,7 @@ def ema_update_triton(counts: Tensor, sums: Tensor, cluster_size: Tensor, embed_
     nothing changes and the step counts as skipped); the codebook becomes ``embed_sum`` over
     the Laplace-smoothed counts (l2-normalised with ``cosine``); with ``restart``, each code
     whose new count is under ``threshold`` takes a row of ``x`` (distinct rows while there
-    are enough, in the order of one ``torch.randperm(N)``), as its codeword, ``reset`` times it
+    are enough, in the order :func:`tokenizers_vq.distributed.spread_rows` gives), as its codeword, ``reset`` times it
     as its sum, and ``reset = 2 * threshold`` as its count, and ``restarts`` counts them.
 
     Args:
@@ -194,7 +195,7 @@ def _update(counts: Tensor, sums: Tensor, cluster_size: Tensor, embed_sum: Tenso
             x: Tensor, decay: float, eps: float, threshold: float, restart: bool, cosine: bool) -> Tensor:
     k, d = embed.shape
     n = x.shape[0]
-    perm = torch.randperm(n, device=x.device) if restart else restarts  # (a placeholder pointer without restarts)
+    offset = torch.randint(n, (1,), device=x.device) if restart else restarts  # (a placeholder without restarts)
     x = int32_columns(x)
     block_k = 32 if k <= 8192 else 64 if k <= 65536 else 128
     block_d = min(64, next_pow2(d))
@@ -204,8 +205,9 @@ def _update(counts: Tensor, sums: Tensor, cluster_size: Tensor, embed_sum: Tenso
     w = 1.0 - decay
     relaunch.launch(_ema_partials_kernel, (parts,), counts, sums, cluster_size, part, k, d, w, threshold,
                     BLOCK_K=block_k, BLOCK_D=block_d)
-    relaunch.launch(_ema_apply_kernel, (parts,), counts, sums, cluster_size, embed_sum, embed, x, perm, part,
-                    metrics, restarts, k, d, n, parts, *x.stride(), w, eps, k * eps, threshold, 2.0 * threshold,
+    relaunch.launch(_ema_apply_kernel, (parts,), counts, sums, cluster_size, embed_sum, embed, x, offset, part,
+                    metrics, restarts, k, d, n, golden_stride(n), parts, *x.stride(), w, eps, k * eps, threshold,
+                    2.0 * threshold,
                     RESTART=restart, COSINE=cosine, BLOCK_K=block_k, BLOCK_D=block_d,
                     BLOCK_P=min(64, next_pow2(parts)))
     return metrics

@@ -26,7 +26,7 @@ def main(out_dir: str) -> None:
     torch.manual_seed(0)  # same initial codebooks everywhere
     models = {
         "vq": VectorQuantizer(8, 64, kmeans_init=True, kmeans_iters=5, dead_code_threshold=1.5),
-        "rvq": ResidualQuantizer([VectorQuantizer(8, 32, kmeans_init=True) for _ in range(2)]),
+        "rvq": ResidualQuantizer([VectorQuantizer(8, 32, kmeans_init=True, dead_code_threshold=1.5) for _ in range(2)]),
         "vq-cosine-learned": VectorQuantizer(8, 64, metric="cosine", learning="loss", dead_code_threshold=1.5),
         "vq-affine": VectorQuantizer(8, 64, learning="loss", affine=True, kmeans_init=True, dead_code_threshold=1.5),
     }

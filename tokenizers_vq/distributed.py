@@ -9,6 +9,8 @@ initialised process group every helper is a no-op.
 from __future__ import annotations
 
 import datetime
+import functools
+import math
 import os
 
 import torch
@@ -43,16 +45,36 @@ def on_every_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(all_reduce_sum_(torch.tensor([0.0 if flag else 1.0], device=device))[0] == 0)
 
 
+@functools.lru_cache(maxsize=256)
+def golden_stride(n: int) -> int:
+    """The first integer from ``n / phi`` (the golden ratio) up that is coprime with ``n``: its
+    multiples mod ``n`` visit each of ``n`` rows once, each next one far from those before."""
+    a = max(1, round(n / 1.618033988749895))
+    while math.gcd(a, n) != 1:
+        a += 1
+    return a
+
+
+def spread_rows(n: int, slots: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Row indices in ``[0, n)`` for ``slots`` (integers >= 0): ``(b + (slot mod n) * a) mod n``
+    with one random offset ``b`` drawn on ``slots``' device and ``a`` = :func:`golden_stride`:
+    distinct for any ``n`` consecutive slots and spread over the rows (a Weyl sequence), for one
+    random number where a random permutation of the rows sorts ``n`` keys."""
+    offset = torch.randint(n, (1,), device=slots.device, generator=generator)
+    return (offset + (slots % n) * golden_stride(int(n))) % n
+
+
 def sample_rows(x: Tensor, n: int, generator: torch.Generator | None = None, slots: Tensor | None = None) -> Tensor:
-    """``n`` rows of ``x`` ``(N, d)`` in a random order, drawn on rank 0 and sent to every rank,
-    so all ranks hold the same ``(n, d)`` sample: distinct rows while ``n <= N``; past it the
-    order repeats (each row taken ``ceil(n / N)`` times at most). ``slots`` ``(n,)``: row ``i``
-    is the order's row ``slots[i]`` instead of its ``i``-th (equal slots, equal rows)."""
-    order = torch.randperm(x.shape[0], device=x.device, generator=generator)
+    """``n`` rows of ``x`` ``(N, d)``, drawn on rank 0 and sent to every rank, so all ranks hold the
+    same ``(n, d)`` sample: distinct rows while ``n <= N``; past it the order repeats (each row taken
+    ``ceil(n / N)`` times at most). Without ``slots`` in a random order (a random permutation);
+    with ``slots`` ``(n,)``, row ``i`` is the row :func:`spread_rows` gives ``slots[i]`` (equal
+    slots, equal rows)."""
     if slots is None:
+        order = torch.randperm(x.shape[0], device=x.device, generator=generator)
         idx = order if n == x.shape[0] else order[torch.arange(n, device=x.device) % x.shape[0]]
     else:
-        idx = order[slots % x.shape[0]]
+        idx = spread_rows(x.shape[0], slots, generator)
     rows = x[idx].contiguous()
     return broadcast_(rows)
 

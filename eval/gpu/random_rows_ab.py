@@ -1,7 +1,8 @@
 """Ways to draw the distinct random rows that dead-code restarts and k-means seeds take, timed on
-the GPU: ``torch.randperm(n)`` (what ``distributed.sample_rows`` and the fused EMA update use)
-against the order of ``n`` random fp32 keys (``torch.rand(n).argsort()``) and the ``k`` largest of
-them (``torch.topk``, for ``k`` codes), at a few batch sizes. Per call: the GPU time of one call
+the GPU: ``torch.randperm(n)`` (k-means seeds) against the order of ``n`` random fp32 keys
+(``torch.rand(n).argsort()``), the ``k`` largest of them (``torch.topk``, for ``k`` codes), and
+``distributed.spread_rows`` (the restarts' rows: one random offset and a fixed stride coprime with
+``n``; the indices of ``k`` slots), at a few batch sizes. Per call: the GPU time of one call
 replayed from a CUDA graph, and the host time of an eager call with the GPU kept busy.
 
     python eval/gpu/random_rows_ab.py [--rows 8192,32768,262144] [--codes 1024]
@@ -14,6 +15,8 @@ import json
 import time
 
 import torch
+
+from tokenizers_vq.distributed import spread_rows
 
 
 def gpu_us(fn, reps: int = 200) -> float:
@@ -60,7 +63,8 @@ def main() -> None:
         k = min(args.codes, n)
         ways = {"randperm": lambda n=n: torch.randperm(n, device="cuda"),
                 "rand_argsort": lambda n=n: torch.rand(n, device="cuda").argsort(),
-                "rand_topk": lambda n=n, k=k: torch.rand(n, device="cuda").topk(k, sorted=False).indices}
+                "rand_topk": lambda n=n, k=k: torch.rand(n, device="cuda").topk(k, sorted=False).indices,
+                "spread_rows": lambda n=n, slots=torch.arange(k, device="cuda"): spread_rows(n, slots)}
         for name, fn in ways.items():
             rows.append({"rows": n, "way": name, "gpu_us": round(gpu_us(fn), 1), "host_us": round(host_us(fn), 1)})
             print(json.dumps(rows[-1]), flush=True)

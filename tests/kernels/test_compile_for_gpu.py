@@ -46,8 +46,8 @@ def test_ema_update_kernels_compile_for_sm90():
     scalars = {name: "fp32" for name in ("w", "eps", "keps", "threshold", "reset")}
     for restart, cosine in itertools.product((True, False), (True, False)):
         _compile(ema._ema_apply_kernel,
-                 {"COUNTS": F32, "SUMS": F32, "CS": F32, "ES": F32, "EMBED": F32, "X": F32, "PERM": I64, "PART": F32,
-                  "METRICS": F32, "RESTARTS": I64, "K": I32, "D": I32, "N": I32, "P": I32, "sxn": I32, "sxd": I32,
+                 {"COUNTS": F32, "SUMS": F32, "CS": F32, "ES": F32, "EMBED": F32, "X": F32, "OFFSET": I64, "PART": F32,
+                  "METRICS": F32, "RESTARTS": I64, "K": I32, "D": I32, "N": I32, "STRIDE": I32, "P": I32, "sxn": I32, "sxd": I32,
                   **scalars, "RESTART": C, "COSINE": C, "BLOCK_K": C, "BLOCK_D": C, "BLOCK_P": C},
                  {"RESTART": restart, "COSINE": cosine, "BLOCK_K": 32, "BLOCK_D": 64, "BLOCK_P": 64})
 

@@ -273,6 +273,19 @@ def test_dead_codes_restart_to_distinct_rows_of_the_batch():
     assert used.min() >= 1 and used.max() <= 2
 
 
+def test_restart_rows_are_distinct_spread_over_the_batch_and_drawn_anew():
+    from tokenizers_vq.distributed import golden_stride, spread_rows  # noqa: PLC0415
+
+    for n in (1, 2, 3, 7, 64, 100, 1000, 32768, 3 * 5 * 7 * 11 * 13, 2**20):
+        assert math.gcd(golden_stride(n), n) == 1 and abs(golden_stride(n) - n / 1.618) < max(30, n / 100), n
+        rows = spread_rows(n, torch.arange(2 * n))
+        assert sorted(rows[:n].tolist()) == list(range(n)), n  # each row once ...
+        assert torch.equal(rows[n:], rows[:n]), n  # ... then the same order again
+    rows = spread_rows(1000, torch.arange(12))
+    assert (rows.diff().abs() >= 200).all(), rows  # the next restart far from the last (not the neighbouring latent)
+    assert len({int(spread_rows(1000, torch.zeros(1, dtype=torch.long))) for _ in range(60)}) > 40  # a new offset each draw
+
+
 def test_factorised_lookup_uses_a_low_dimensional_codebook():
     vq = VectorQuantizer(64, 128, codebook_dim=8, metric="cosine")
     assert vq.embed.shape == (128, 8)
