@@ -219,6 +219,7 @@ def vq_train_steps(vqp_cls, cases=TRAIN_CASES, deadline: float = math.inf, done=
     for n, k, d in cases:
         if time.time() > deadline:
             break
+        torch._dynamo.reset()  # each case's compiled steps their own (past 8 recompiles a frame runs eager)
         steps = peers.train_steps(n, k, d, vqp_cls)
         rows.append({"n": n, "k": k, "d": d, **{name: measure(fn) for name, fn in steps.items()}})
         del steps
