@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 from torch import Tensor
 
@@ -45,3 +48,13 @@ def check_fp32_range(x: Tensor, codebook: Tensor) -> None:
         if t.dtype == torch.float64 and t.numel() and bool((t.isfinite() & (t.abs() > torch.finfo(torch.float32).max)).any()):
             raise ValueError(f"{name} holds float64 values beyond float32's range ({torch.finfo(torch.float32).max:.3g}), "
                              "which the search computes in: scale them down")
+
+
+@functools.lru_cache(maxsize=256)
+def golden_stride(n: int) -> int:
+    """The first integer from ``n / phi`` (the golden ratio) up that is coprime with ``n``: its
+    multiples mod ``n`` visit each of ``n`` rows once, each next one far from those before."""
+    a = max(1, round(n / 1.618033988749895))
+    while math.gcd(a, n) != 1:
+        a += 1
+    return a

@@ -23,8 +23,7 @@ from torch import Tensor
 
 from tokenizers_vq.kernels import _compat  # noqa: F401  (interpreter fix, before any launch)
 from tokenizers_vq.kernels import relaunch
-from tokenizers_vq.distributed import golden_stride
-from tokenizers_vq.kernels._host import cdiv, int32_columns, next_pow2, plain_eager
+from tokenizers_vq.kernels._host import cdiv, golden_stride, int32_columns, next_pow2, plain_eager
 
 METRICS = ("perplexity", "usage_batch", "usage_window", "dead_codes", "skipped", "restarted")
 """The names of :func:`ema_update_triton`'s metrics, in its output's order."""

@@ -9,13 +9,13 @@ initialised process group every helper is a no-op.
 from __future__ import annotations
 
 import datetime
-import functools
-import math
 import os
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from tokenizers_vq.kernels._host import golden_stride
 
 
 def is_distributed() -> bool:
@@ -45,19 +45,10 @@ def on_every_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(all_reduce_sum_(torch.tensor([0.0 if flag else 1.0], device=device))[0] == 0)
 
 
-@functools.lru_cache(maxsize=256)
-def golden_stride(n: int) -> int:
-    """The first integer from ``n / phi`` (the golden ratio) up that is coprime with ``n``: its
-    multiples mod ``n`` visit each of ``n`` rows once, each next one far from those before."""
-    a = max(1, round(n / 1.618033988749895))
-    while math.gcd(a, n) != 1:
-        a += 1
-    return a
-
-
 def spread_rows(n: int, slots: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Row indices in ``[0, n)`` for ``slots`` (integers >= 0): ``(b + (slot mod n) * a) mod n``
-    with one random offset ``b`` drawn on ``slots``' device and ``a`` = :func:`golden_stride`:
+    with one random offset ``b`` drawn on ``slots``' device and ``a`` =
+    :func:`tokenizers_vq.kernels._host.golden_stride`:
     distinct for any ``n`` consecutive slots and spread over the rows (a Weyl sequence), for one
     random number where a random permutation of the rows sorts ``n`` keys."""
     offset = torch.randint(n, (1,), device=slots.device, generator=generator)

@@ -274,7 +274,8 @@ def test_dead_codes_restart_to_distinct_rows_of_the_batch():
 
 
 def test_restart_rows_are_distinct_spread_over_the_batch_and_drawn_anew():
-    from tokenizers_vq.distributed import golden_stride, spread_rows  # noqa: PLC0415
+    from tokenizers_vq.distributed import spread_rows  # noqa: PLC0415
+    from tokenizers_vq.kernels._host import golden_stride  # noqa: PLC0415
 
     for n in (1, 2, 3, 7, 64, 100, 1000, 32768, 3 * 5 * 7 * 11 * 13, 2**20):
         assert math.gcd(golden_stride(n), n) == 1 and abs(golden_stride(n) - n / 1.618) < max(30, n / 100), n
