@@ -50,9 +50,13 @@ def spread_rows(n: int, slots: Tensor, generator: torch.Generator | None = None)
     with one random offset ``b`` drawn on ``slots``' device and ``a`` =
     :func:`tokenizers_vq.kernels._host.golden_stride`:
     distinct for any ``n`` consecutive slots and spread over the rows (a Weyl sequence), for one
-    random number where a random permutation of the rows sorts ``n`` keys."""
+    random number where a random permutation of the rows sorts ``n`` keys. Traced by
+    ``torch.compile``, where ``n`` may be symbolic (dynamic shapes) and its stride cannot be worked
+    out: the order of a random permutation (distinct rows too)."""
+    if torch.compiler.is_compiling():  # (the count may be symbolic there: no stride to work out)
+        return torch.randperm(n, device=slots.device, generator=generator)[slots % n]
     offset = torch.randint(n, (1,), device=slots.device, generator=generator)
-    return (offset + (slots % n) * golden_stride(int(n))) % n
+    return (offset + (slots % n) * golden_stride(n)) % n
 
 
 def sample_rows(x: Tensor, n: int, generator: torch.Generator | None = None, slots: Tensor | None = None) -> Tensor:

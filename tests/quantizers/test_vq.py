@@ -287,6 +287,17 @@ def test_restart_rows_are_distinct_spread_over_the_batch_and_drawn_anew():
     assert len({int(spread_rows(1000, torch.zeros(1, dtype=torch.long))) for _ in range(60)}) > 40  # a new offset each draw
 
 
+def test_restarts_compile_with_batches_of_several_sizes():
+    torch._dynamo.reset()  # (the frame's earlier compilations in this process count towards its limit)
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 64, dead_code_threshold=1.5, check_finite=False).train()
+    vq(torch.randn(50, 8))  # the k-means start, eager
+    compiled = torch.compile(vq, fullgraph=True, backend="eager")  # a second size traces the count symbolically
+    for n in (37, 41, 53):
+        assert compiled(torch.randn(n, 8)).codes.shape == (n,)
+    assert int(vq.restarts) > 0
+
+
 def test_factorised_lookup_uses_a_low_dimensional_codebook():
     vq = VectorQuantizer(64, 128, codebook_dim=8, metric="cosine")
     assert vq.embed.shape == (128, 8)
