@@ -109,14 +109,15 @@ class _CommitSTE(torch.autograd.Function):
         return _backward(grad_q, grad_loss.float() * (2.0 * ctx.scale), x, codebook, idx), None, None, None
 
 
-# For torch.compile: the same two launches as custom ops, the forward also returning the codebook's copy.
+# For torch.compile: the same two launches as custom ops, the forward also returning the codebook's copy
+# (beta, not beta / numel, is the op's argument: a float worked out from the batch's size would be a guard on it).
 @torch.library.custom_op("tokenizers_vq::commit_ste", mutates_args=())
-def _commit_op(x: Tensor, codebook: Tensor, idx: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return *_forward(x, codebook, idx, scale), codebook.clone()
+def _commit_op(x: Tensor, codebook: Tensor, idx: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    return *_forward(x, codebook, idx, beta / max(x.numel(), 1)), codebook.clone()
 
 
 @_commit_op.register_fake
-def _(x, codebook, idx, scale):
+def _(x, codebook, idx, beta):
     return x.new_empty(x.shape, dtype=torch.float32), x.new_empty((), dtype=torch.float32), torch.empty_like(codebook)
 
 
@@ -131,7 +132,7 @@ def _(grad_q, coef, x, codebook, idx):
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, _, idx, ctx.scale = inputs
+    x, _, idx, ctx.beta = inputs
     ctx.save_for_backward(x, output[2], idx)
 
 
@@ -139,7 +140,11 @@ def _commit_op_backward(ctx, grad_q: Tensor | None, grad_loss: Tensor | None, _g
     x, codebook, idx = ctx.saved_tensors
     if grad_loss is None:
         return grad_q, None, None, None
-    coef = grad_loss.float().reshape(1) * (2.0 * ctx.scale)
+    scale = 2.0 * ctx.beta / max(x.numel(), 1)
+    if torch.is_grad_enabled():  # create_graph=True (eager on a tensor subclass): torch operations, differentiable again
+        gx = grad_loss * scale * (x - codebook[idx])
+        return gx if grad_q is None else grad_q + gx, None, None, None
+    coef = grad_loss.float().reshape(1) * scale
     grad_q = None if grad_q is None else grad_q.float()
     return _commit_backward_op(grad_q, coef, x, codebook, idx), None, None, None
 
@@ -172,4 +177,4 @@ def commit_ste_triton(x: Tensor, codebook: Tensor, idx: Tensor, beta: float) -> 
     x, codebook, idx = int32_columns(x), codebook.detach(), idx.contiguous()
     if plain_eager(x, codebook, idx):
         return _CommitSTE.apply(x, codebook, idx, float(beta))
-    return _commit_op(x, codebook, idx, float(beta) / max(x.numel(), 1))[:2]
+    return _commit_op(x, codebook, idx, float(beta))[:2]

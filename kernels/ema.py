@@ -74,7 +74,7 @@ def _ema_partials_kernel(COUNTS, SUMS, CS, PART, K, D, w, threshold,
     tl.store(row + 7, tl.sum((km & (new < threshold)).to(tl.float32), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["STRIDE"])
 def _ema_apply_kernel(COUNTS, SUMS, CS, ES, EMBED, X, OFFSET, PART, METRICS, RESTARTS,
                       K, D, N, STRIDE, P, sxn, sxd, w, eps, keps, threshold, reset,
                       RESTART: tl.constexpr, COSINE: tl.constexpr,

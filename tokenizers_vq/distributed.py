@@ -52,9 +52,11 @@ def spread_rows(n: int, slots: Tensor, generator: torch.Generator | None = None)
     distinct for any ``n`` consecutive slots and spread over the rows (a Weyl sequence), for one
     random number where a random permutation of the rows sorts ``n`` keys. Traced by
     ``torch.compile``, where ``n`` may be symbolic (dynamic shapes) and its stride cannot be worked
-    out: the order of a random permutation (distinct rows too)."""
-    if torch.compiler.is_compiling():  # (the count may be symbolic there: no stride to work out)
-        return torch.randperm(n, device=slots.device, generator=generator)[slots % n]
+    out: the order of ``n`` random keys (distinct rows too; the count stays symbolic)."""
+    if torch.compiler.is_compiling():  # (the count may be symbolic there: no stride to work out, and
+        # randperm would fix it: the order of random keys keeps it symbolic)
+        keys = torch.rand(n, device=slots.device, **({"generator": generator} if generator is not None else {}))
+        return keys.argsort()[slots % n]
     offset = torch.randint(n, (1,), device=slots.device, generator=generator)
     return (offset + (slots % n) * golden_stride(n)) % n
 

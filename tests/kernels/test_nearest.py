@@ -305,7 +305,7 @@ def check_custom_op(device, full=False):
 
 def check_ema_update(device, full=False):
     """The fused EMA update gives the torch update's statistics, codebook, restarted rows
-    (the same randperm draw), restart count and metrics: l2 and cosine, with and without
+    (the same spread_rows draw), restart count and metrics: l2 and cosine, with and without
     restarts, codes in several blocks (and more blocks than one pass of the partial sums takes),
     rows wider than a column block; a step whose sums hold NaN or Inf changes nothing."""
     import copy  # noqa: PLC0415
@@ -411,6 +411,12 @@ def check_fused_training_step(device, full=False):
         second.append(x.grad)
     torch.testing.assert_close(second[0], second[1])
     torch.testing.assert_close(second[0], 0.5 * w / x.numel())
+    p = torch.nn.Parameter(x.detach().clone())  # a tensor subclass: the custom ops' path, eager
+    q, loss = commit_ste_triton(p, c, torch.ones(5, dtype=torch.long, device=device), 0.25)
+    (gp,) = torch.autograd.grad((q * w).sum() + loss, p, create_graph=True)
+    torch.testing.assert_close(gp, w + 0.5 * (p - c[1]).detach() / p.numel())
+    (gp * w).sum().backward()
+    torch.testing.assert_close(p.grad, second[0])
     ran = collections.Counter()
 
     def spy(op, name):
@@ -512,6 +518,12 @@ def _check_compiled_fused_step(device):
         for name in ("cluster_size", "embed_sum", "embed", "restarts"):
             torch.testing.assert_close(getattr(eager, name), getattr(traced, name), rtol=1e-6, atol=1e-6)
     assert float(traced.restarts) > 0, "no restart in the compiled steps"
+    from torch._dynamo.utils import counters  # noqa: PLC0415
+
+    counters.clear()
+    for n in (37, 41, 53, 60):  # other batch sizes: one more graph with a symbolic size, not one per size
+        compiled(traced, _data((n, 8), torch.float32, device).requires_grad_())[1].backward()
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
 
 
 GROUPS = {f.__name__: f for f in (check_odd_shapes, check_ties_and_splits, check_topk, check_topk_exact, check_grouped_and_layouts,
