@@ -90,6 +90,19 @@ def _backward(grad_q: Tensor | None, coef: Tensor, x: Tensor, codebook: Tensor, 
     return gx
 
 
+def _input_grad(grad_q: Tensor | None, grad_loss: Tensor | None, scale: float, x: Tensor, codebook: Tensor,
+                idx: Tensor, backward=_backward) -> Tensor | None:
+    """The rows' gradient from ``q``'s (passed straight through) and the loss's (``scale`` times the
+    squared error's sum): ``grad_q`` alone for an unused loss; under ``create_graph`` torch operations,
+    differentiable again; else ``backward``'s one launch."""
+    if grad_loss is None:
+        return grad_q
+    if torch.is_grad_enabled():
+        gx = grad_loss * (2.0 * scale) * (x - codebook[idx])
+        return gx if grad_q is None else grad_q + gx
+    return backward(None if grad_q is None else grad_q.float(), grad_loss.float() * (2.0 * scale), x, codebook, idx)
+
+
 class _CommitSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, codebook: Tensor, idx: Tensor, beta: float) -> tuple[Tensor, Tensor]:
@@ -100,13 +113,7 @@ class _CommitSTE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_q: Tensor | None, grad_loss: Tensor | None):
-        x, codebook, idx = ctx.saved_tensors
-        if grad_loss is None:  # the loss unused: the straight-through gradient alone
-            return grad_q, None, None, None
-        if torch.is_grad_enabled():  # create_graph=True: the same in torch operations, differentiable again
-            gx = grad_loss * (2.0 * ctx.scale) * (x - codebook[idx])
-            return gx if grad_q is None else grad_q + gx, None, None, None
-        return _backward(grad_q, grad_loss.float() * (2.0 * ctx.scale), x, codebook, idx), None, None, None
+        return _input_grad(grad_q, grad_loss, ctx.scale, *ctx.saved_tensors), None, None, None
 
 
 # For torch.compile: the same two launches as custom ops, the forward also returning the codebook's copy
@@ -137,16 +144,9 @@ def _setup(ctx, inputs, output) -> None:
 
 
 def _commit_op_backward(ctx, grad_q: Tensor | None, grad_loss: Tensor | None, _grad_copy: Tensor | None):
-    x, codebook, idx = ctx.saved_tensors
-    if grad_loss is None:
-        return grad_q, None, None, None
-    scale = 2.0 * ctx.beta / max(x.numel(), 1)
-    if torch.is_grad_enabled():  # create_graph=True (eager on a tensor subclass): torch operations, differentiable again
-        gx = grad_loss * scale * (x - codebook[idx])
-        return gx if grad_q is None else grad_q + gx, None, None, None
-    coef = grad_loss.float().reshape(1) * scale
-    grad_q = None if grad_q is None else grad_q.float()
-    return _commit_backward_op(grad_q, coef, x, codebook, idx), None, None, None
+    x = ctx.saved_tensors[0]
+    return _input_grad(grad_q, grad_loss, ctx.beta / max(x.numel(), 1), *ctx.saved_tensors,
+                       backward=_commit_backward_op), None, None, None
 
 
 _commit_op.register_autograd(_commit_op_backward, setup_context=_setup)

@@ -208,6 +208,11 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
     return {"methods": res, "checks": checks, "kernel": kernel}
 
 
+STEP_NAMES = ("ours", "ours_compiled", "ours_compiled_graphs", "ours_graph", "ours_unfused", "ours_unfused_compiled",
+              "ours_unfused_graph", "search", "search_graph", "vqp", "vqp_compiled")
+"""The training-step columns, in the table's order (``peers.train_steps``' names)."""
+
+
 def vq_train_steps(vqp_cls, cases=TRAIN_CASES, deadline: float = math.inf, done=None) -> list[dict]:
     """Forward + backward + EMA update per ``N x K x D`` case: ours eager, compiled
     (``fullgraph=True``) and replayed from a CUDA graph, the step's search alone (called and
@@ -303,10 +308,7 @@ def markdown(meta: dict, rows: list[dict], train: list[dict] | None) -> str:
             v_best = min((x for x in (v, _ms(t.get("vqp_compiled", {}))) if x == x), default=math.nan)
             mem = (f"{t['ours']['extra_mib'] / t['vqp']['extra_mib']:.3f}" if o == o and v == v
                    and t["vqp"]["extra_mib"] > 0 else "-")
-            lines.append(f"| {t['n']} x {t['k']} x {t['d']} | " + " | ".join(_cell(t.get(k, {}), "graph" not in k) for k in
-                         ("ours", "ours_compiled", "ours_compiled_graphs", "ours_graph", "ours_unfused", "ours_unfused_compiled",
-                          "ours_unfused_graph",
-                          "search", "search_graph", "vqp", "vqp_compiled"))
+            lines.append(f"| {t['n']} x {t['k']} x {t['d']} | " + " | ".join(_cell(t.get(k, {}), "graph" not in k) for k in STEP_NAMES)
                          + f" | {best / s_:.2f}x | {g / sg:.2f}x | {v / o:.1f}x | {v_best / best:.1f}x | {mem} |")
     return "\n".join(lines) + "\n"
 
@@ -322,9 +324,7 @@ def write(out: Path, meta: dict, rows: list[dict], train: list[dict] | None) -> 
             for name, r in row["methods"].items():
                 w.writerow([row["n"], row["k"], row["d"], name, r.get("ms"), r.get("extra_mib"), r["status"], fl, epi])
         for t in train or []:
-            for name in ("ours", "ours_compiled", "ours_compiled_graphs", "ours_graph", "ours_unfused", "ours_unfused_compiled",
-                          "ours_unfused_graph",
-                         "search", "search_graph", "vqp", "vqp_compiled"):
+            for name in STEP_NAMES:
                 if name in t:
                     w.writerow([t["n"], t["k"], t["d"], f"train_step_{name}", t[name].get("ms"), t[name].get("extra_mib"),
                                 t[name]["status"], "", ""])
