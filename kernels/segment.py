@@ -20,11 +20,12 @@ from tokenizers_vq.kernels._host import cdiv, int32_columns, next_pow2, plain_ea
 
 
 @triton.jit
-def _segment_sum_kernel(X, ORDER, START, SUMS, K, D, sxn, sxd, SPLITS,
+def _segment_sum_kernel(X, ORDER, START, SUMS, COUNTS, K, D, sxn, sxd, SPLITS,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid ``(K, column blocks, SPLITS)``: ``SUMS[s, k, cols] = sum_r X[ORDER[r], cols]`` over
     the ``s``-th of ``SPLITS`` equal parts of ``START[k] <= r < START[k + 1]``, accumulated
-    in fp32 (the parts let a popular code's long segment be summed by several programs)."""
+    in fp32 (the parts let a popular code's long segment be summed by several programs), and
+    ``COUNTS[k]`` the segment's length (fp32)."""
     k = tl.program_id(0).to(tl.int64)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     split = tl.program_id(2).to(tl.int64)
@@ -42,6 +43,8 @@ def _segment_sum_kernel(X, ORDER, START, SUMS, K, D, sxn, sxd, SPLITS,
         xv = tl.load(X + rows[:, None] * sxn + dd[None, :] * sxd, mask=rmask[:, None] & dmask[None, :], other=0.0)
         acc += xv.to(tl.float32)
     tl.store(SUMS + (split * K + k) * D + dd, tl.sum(acc, axis=0), mask=dmask)
+    if (tl.program_id(1) == 0) & (split == 0):
+        tl.store(COUNTS + k, (seg_hi - seg_lo).to(tl.float32))
 
 
 def _code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -55,14 +58,14 @@ def _code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]
     sorted_idx, order = torch.sort(flat, stable=True)
     # start[k] = first sorted position with code >= k; codes outside [0, size) are ignored.
     start = torch.searchsorted(sorted_idx, torch.arange(size + 1, device=x.device, dtype=key))
-    counts = (start[1:] - start[:-1]).float()
+    counts = torch.empty(size, device=x.device, dtype=torch.float32)
     block_d = min(128, max(16, next_pow2(d)))
     block_r = max(1, min(16, 2048 // block_d))
     # few codes: each segment in up to 8 parts (summed in a fixed order after), so that one
     # popular code's rows do not leave a single program running long after the others
     splits = max(1, min(8, 8192 // max(size, 1)))
     parts = sums if splits == 1 else torch.empty(splits, size, d, device=x.device, dtype=torch.float32)
-    relaunch.launch(_segment_sum_kernel, (size, cdiv(d, block_d), splits), x, order, start, parts, size, d,
+    relaunch.launch(_segment_sum_kernel, (size, max(1, cdiv(d, block_d)), splits), x, order, start, parts, counts, size, d,
                     *x.stride(), splits, BLOCK_R=block_r, BLOCK_D=block_d)
     if splits > 1:
         torch.sum(parts, dim=0, out=sums)

@@ -208,7 +208,7 @@ def run_case(n: int, k: int, d: int, nearest, vqp_cls, deadline: float) -> dict:
     return {"methods": res, "checks": checks, "kernel": kernel}
 
 
-STEP_NAMES = ("ours", "ours_compiled", "ours_compiled_graphs", "ours_graph", "ours_unfused", "ours_unfused_compiled",
+STEP_NAMES = ("ours", "ours_compiled", "ours_compiled_graphs", "ours_graphed", "ours_graph", "ours_unfused", "ours_unfused_compiled",
               "ours_unfused_graph", "search", "search_graph", "vqp", "vqp_compiled")
 """The training-step columns, in the table's order (``peers.train_steps``' names)."""
 
@@ -282,12 +282,14 @@ def markdown(meta: dict, rows: list[dict], train: list[dict] | None) -> str:
         lines.append(f"| {row['n']} x {row['k']} x {row['d']} | " + cells
                      + f" | {fl:.3f} | {pct} | {host} | {vs_fk} | {', '.join(row.get('kernel', {}).values()) or '-'} | {chk} |")
     if train:
-        lines += ["", "VQ-EMA training step (forward + backward + EMA update, fp32 latents): ms (extra peak MiB). "
+        lines += ["", "VQ-EMA training step (forward + backward + EMA update, fp32 latents; the backward from a fixed "
+                  "gradient of the output and a unit one of each loss): ms (extra peak MiB). "
                   "\"compiled\": the quantizer under `torch.compile(fullgraph=True)`, \"compiled, CUDA graphs\" with "
-                  "`mode=\"reduce-overhead\"`; \"graph\": the eager step "
+                  "`mode=\"reduce-overhead\"`; \"graphed\": the quantizer through "
+                  "`torch.cuda.make_graphed_callables` (its forward and backward replayed from CUDA graphs); \"graph\": the eager step "
                   "replayed from a CUDA graph (its kernels alone, no host time; its memory is the graph's pool, captured "
                   "before the peak is reset: \"-\"); \"search\": the step's search alone, "
-                  "called and replayed. \"ours / search\": the fastest of eager, compiled and compiled with CUDA graphs over "
+                  "called and replayed. \"ours / search\": the fastest of eager, compiled, compiled with CUDA graphs and graphed over "
                   "the search call; "
                   "\"graph / search graph\": the same without the host. vq-pytorch eager and under `torch.compile` "
                   "(graph breaks allowed): \"torch update\" is our step (eager, compiled, graph) on the torch version "
@@ -295,15 +297,15 @@ def markdown(meta: dict, rows: list[dict], train: list[dict] | None) -> str:
                   "\"vq-pytorch / ours eager\" is eager against eager, \"fastest\" the faster "
                   "of theirs against the fastest of ours. Our search runs in tf32 (the library's default for fp32 "
                   "latents), vq-pytorch's distances in exact fp32 (torch's default).", "",
-                  "| N x K x D | ours | ours compiled | compiled, CUDA graphs | ours graph | torch update | torch update, "
+                  "| N x K x D | ours | ours compiled | compiled, CUDA graphs | ours graphed | ours graph | torch update | torch update, "
                   "compiled | torch update, graph | search alone | search graph | "
                   "vq-pytorch | vq-pytorch compiled | ours / search | graph / search graph | vq-pytorch / ours eager | "
                   "vq-pytorch / ours, fastest | memory ours / theirs |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for t in train:
             o, s_, v = (_ms(t.get(k, {})) for k in ("ours", "search", "vqp"))
             g, sg = _ms(t.get("ours_graph", {})), _ms(t.get("search_graph", {}))
-            best = min((x for x in (o, _ms(t.get("ours_compiled", {})), _ms(t.get("ours_compiled_graphs", {})))
+            best = min((x for x in (o, *(_ms(t.get(k, {})) for k in ("ours_compiled", "ours_compiled_graphs", "ours_graphed")))
                         if x == x), default=math.nan)
             v_best = min((x for x in (v, _ms(t.get("vqp_compiled", {}))) if x == x), default=math.nan)
             mem = (f"{t['ours']['extra_mib'] / t['vqp']['extra_mib']:.3f}" if o == o and v == v

@@ -1,7 +1,7 @@
 """Where the VQ-EMA training step's time goes (the search benchmark's step: forward, backward
 and EMA update of ``VectorQuantizer``), eager and under ``torch.compile(fullgraph=True)``:
 ms per step, operators and kernel launches per step, then the top operators by device and by
-host time under ``torch.profiler``; with ``--host``, also the host's own time per step (the
+host time under ``torch.profiler`` and every kernel of one step in order; with ``--host``, also the host's own time per step (the
 step enqueued behind a long GPU sleep, so no GPU work is waited for unless the step syncs), the
 host syncs of one step (``torch.cuda.set_sync_debug_mode``, with where they come from) and the
 Python functions that take the host's time (``cProfile``). With ``--graphs``, the compiled step
@@ -48,6 +48,7 @@ def step_fn(n: int, k: int, d: int, device: str, compiled: bool, graphs: bool = 
         raise ValueError(f"n={n}: the step's latents are (n // 1024, 1024, d); give a multiple of 1024")
     torch.manual_seed(0)
     z = torch.randn(n // 1024, 1024, d, device=device, requires_grad=True)
+    g, one = torch.randn_like(z) / z.numel(), torch.ones((), device=device)  # as the benchmark's step (peers.py)
     q = VectorQuantizer(dim=d, codebook_size=k, check_finite=False).to(device).train()
     model = torch.compile(q, fullgraph=True, mode="reduce-overhead" if graphs else None) if compiled else q
 
@@ -56,7 +57,7 @@ def step_fn(n: int, k: int, d: int, device: str, compiled: bool, graphs: bool = 
             torch.compiler.cudagraph_mark_step_begin()
         z.grad = None
         out = model(z)
-        (out.quantized.square().mean() + sum(out.losses.values())).backward()
+        torch.autograd.backward([out.quantized, *out.losses.values()], [g, *[one] * len(out.losses)])
 
     return run
 
@@ -94,7 +95,23 @@ def profile_case(n: int, k: int, d: int, device: str, compiled: bool, steps: int
         replays = sum(e.count for e in events if e.key == "cudaGraphLaunch")
         lines.append(f"kernel launches per step: {launches / 5:.0f}; CUDA graph replays per step: {replays / 5:.0f}")
         lines.append(events.table(sort_by="cuda_time_total", row_limit=20))
+        lines.append(device_work(prof, 5))
     lines.append(events.table(sort_by="self_cpu_time_total", row_limit=20))
+    return "\n".join(lines)
+
+
+def device_work(prof, steps: int) -> str:
+    """Every kernel, copy and memset a step runs on the device, in launch order, with its time."""
+    from torch.autograd import DeviceType  # noqa: PLC0415
+
+    work = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    work.sort(key=lambda e: e.time_range.start)
+    per = len(work) // steps
+    lines = [f"device work of one step, in order ({per} items; us each, the median over {steps} steps):"]
+    for i in range(per):
+        same = sorted(work[j * per + i].time_range.elapsed_us() for j in range(steps))
+        lines.append(f"  {same[steps // 2]:8.1f}  {work[i].name[:110]}")
+    lines.append(f"  {sum(e.time_range.elapsed_us() for e in work) / steps:8.1f}  total")
     return "\n".join(lines)
 
 

@@ -58,9 +58,18 @@ def test_commit_kernels_compile_for_sm90():
 
     _compile(commit._commit_fwd_kernel,
              {"X": F32, "C": F32, "IDX": I64, "Q": F32, "PART": F32, "N": I32, "D": I32, "sxn": I32, "sxd": I32,
-              "BLOCK_N": C, "BLOCK_D": C}, {"BLOCK_N": 32, "BLOCK_D": 128})
+              "scale": "fp32", "BLOCK_N": C, "BLOCK_D": C}, {"BLOCK_N": 32, "BLOCK_D": 128})
     for has_g in (True, False):
         _compile(commit._commit_bwd_kernel,
-                 {"G": F32, "X": F32, "C": F32, "IDX": I64, "COEF": F32, "GX": F32, "N": I32, "D": I32, "sxn": I32, "sxd": I32,
-                  "sgn": I32, "sgd": I32, "HAS_G": C, "BLOCK_N": C, "BLOCK_D": C},
+                 {"G": F32, "X": F32, "C": F32, "IDX": I64, "GLOSS": F32, "GX": F32, "N": I32, "D": I32, "sxn": I32,
+                  "sxd": I32, "sgn": I32, "sgd": I32, "scale2": "fp32", "HAS_G": C, "BLOCK_N": C, "BLOCK_D": C},
                  {"HAS_G": has_g, "BLOCK_N": 32, "BLOCK_D": 128})
+
+
+def test_segment_sum_kernel_compiles_for_sm90():
+    _needs_cuda_backend()
+    from tokenizers_vq.kernels import segment  # noqa: PLC0415
+
+    _compile(segment._segment_sum_kernel,
+             {"X": F32, "ORDER": I64, "START": "*i16", "SUMS": F32, "COUNTS": F32, "K": I32, "D": I32, "sxn": I32,
+              "sxd": I32, "SPLITS": I32, "BLOCK_R": C, "BLOCK_D": C}, {"BLOCK_R": 16, "BLOCK_D": 128})

@@ -607,6 +607,48 @@ def test_gpu_cuda_graph_replay_and_inductor_training_step():
     torch.testing.assert_close(q.embed, q_eager.embed)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_graphed_training_step():
+    """``torch.cuda.make_graphed_callables`` takes a VectorQuantizer whole (its output is a pytree): the
+    replayed training steps (search, fused EMA update, backward) give the eager steps' codes, gradients
+    and codebook; with restarts, codes are restarted inside the replays."""
+    import copy  # noqa: PLC0415
+
+    from tokenizers_vq.quantizers import VectorQuantizer  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    q = VectorQuantizer(32, 512, restart_dead_codes=False, check_finite=False).cuda().train()
+    z0 = _data((8, 64, 32), torch.float32, "cuda").requires_grad_()
+    q(z0)  # the k-means start, eagerly (its flag is on the host)
+    ref = copy.deepcopy(q)
+    graphed = torch.cuda.make_graphed_callables(q, (z0,))  # three warm-up steps on z0, then the capture
+    for _ in range(3):
+        ref(z0)
+    torch.testing.assert_close(q.embed, ref.embed)
+    one = torch.ones((), device="cuda")
+    for _ in range(3):
+        z = _data((8, 64, 32), torch.float32, "cuda").requires_grad_()
+        zr = z.detach().clone().requires_grad_()
+        out, r = graphed(z), ref(zr)
+        g = torch.randn_like(r.quantized)
+        torch.autograd.backward([out.quantized, out.losses["commitment"]], [g, one])
+        torch.autograd.backward([r.quantized, r.losses["commitment"]], [g, one])
+        assert torch.equal(out.codes, r.codes)
+        torch.testing.assert_close(z.grad, zr.grad)
+        torch.testing.assert_close(out.metrics["perplexity"], r.metrics["perplexity"])
+    torch.testing.assert_close(q.embed, ref.embed)
+    torch.testing.assert_close(q.cluster_size, ref.cluster_size)
+
+    q = VectorQuantizer(32, 512, dead_code_threshold=1e9, check_finite=False).cuda().train()  # every code dead
+    q(z0)
+    graphed = torch.cuda.make_graphed_callables(q, (z0,))
+    before = int(q.restarts)
+    rows = _data((8, 64, 32), torch.float32, "cuda").requires_grad_()
+    graphed(rows).quantized.sum().backward()
+    assert int(q.restarts) == before + 512
+    assert torch.cdist(q.embed, rows.detach().reshape(-1, 32)).min(1).values.max() == 0  # onto this batch's rows
+
+
 def test_triton_calls_on_cpu_tensors_are_named():
     """Outside the interpreter the Triton functions take CUDA tensors; CPU ones are refused naming
     the torch functions that take them (a bare AssertionError from the CUDA runtime otherwise)."""

@@ -687,3 +687,17 @@ def test_candidates_break_exact_ties_to_the_lower_index_in_any_batch():
             vq.candidates(z, bad)
     with pytest.raises(ValueError, match=r"latent rows \(n, 8\)"):
         vq.candidates(z[:, :4], 1)
+
+
+def test_output_is_a_pytree():
+    """A quantizer's output flattens to its tensors and back (``make_graphed_callables``, ``tree_map``)."""
+    from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+    out = VectorQuantizer(dim=8, codebook_size=16).train()(torch.randn(2, 5, 8))
+    leaves, spec = tree_flatten(out)
+    assert all(isinstance(t, torch.Tensor) for t in leaves)
+    assert len(leaves) == 2 + len(out.losses) + len(out.metrics)
+    back = tree_unflatten(leaves, spec)
+    assert type(back) is type(out) and back.quantized is out.quantized and back.losses.keys() == out.losses.keys()
+    halved = tree_map(lambda t: t.detach() / 2 if t.is_floating_point() else t, out)
+    torch.testing.assert_close(halved.quantized, out.quantized.detach() / 2)

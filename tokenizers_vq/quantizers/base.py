@@ -118,6 +118,10 @@ class QuantizerOutput:
         return torch.stack([v.float() for v in self.losses.values()]).sum()
 
 
+# A pytree (its tensors the leaves): torch.cuda.make_graphed_callables, torch.export and tree_map take it whole.
+torch.utils._pytree.register_dataclass(QuantizerOutput)
+
+
 class Quantizer(nn.Module, ABC):
     """Base class: ``forward(z) -> QuantizerOutput``, ``encode(z) -> codes``,
     ``decode(codes) -> quantized``.
