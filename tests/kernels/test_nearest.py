@@ -185,6 +185,17 @@ def check_code_statistics(device, full=False):
         ref_sums = torch.zeros(k, 5, dtype=torch.float64).index_add_(0, kept, x[6:].double().cpu())
         assert torch.equal(counts.cpu(), torch.bincount(kept, minlength=k).float())
         torch.testing.assert_close(sums.cpu().double(), ref_sums, rtol=1e-5, atol=1e-5 * n)
+    # runs cut by chunk edges (128 sorted rows a chunk at d = 20): code 0 fills the first chunk, code 1
+    # starts on the second chunk's first row and spans three chunks; the same bits on a second call
+    idx = torch.cat([torch.zeros(128), torch.ones(300), torch.randint(2, 6, (272,)).float()]).long()
+    idx = idx[torch.randperm(700)].to(device)
+    x = _data((700, 20), torch.float32, device)
+    counts, sums = code_statistics_triton(x, idx, 6)
+    ref_sums = torch.zeros(6, 20, dtype=torch.float64).index_add_(0, idx.cpu(), x.double().cpu())
+    assert torch.equal(counts.cpu(), torch.bincount(idx.cpu(), minlength=6).float())
+    torch.testing.assert_close(sums.cpu().double(), ref_sums, rtol=1e-5, atol=1e-5 * 700)
+    again = code_statistics_triton(x, idx, 6)
+    assert torch.equal(again[0], counts) and torch.equal(again[1], sums)
     x = _data((60, 3), torch.float32, device)
     idx = torch.randint(0, 7, (60,), device=device)
     want = code_statistics_triton(x, idx, 7)
@@ -639,9 +650,10 @@ def test_gpu_graphed_training_step():
     torch.testing.assert_close(q.embed, ref.embed)
     torch.testing.assert_close(q.cluster_size, ref.cluster_size)
 
-    q = VectorQuantizer(32, 512, dead_code_threshold=1e9, check_finite=False).cuda().train()  # every code dead
+    q = VectorQuantizer(32, 512, dead_code_threshold=1e9, check_finite=False).cuda().train()
     q(z0)
     graphed = torch.cuda.make_graphed_callables(q, (z0,))
+    q.cluster_size.zero_()  # every code under the threshold again (a restart leaves its count at twice it)
     before = int(q.restarts)
     rows = _data((8, 64, 32), torch.float32, "cuda").requires_grad_()
     graphed(rows).quantized.sum().backward()
