@@ -701,3 +701,15 @@ def test_output_is_a_pytree():
     assert type(back) is type(out) and back.quantized is out.quantized and back.losses.keys() == out.losses.keys()
     halved = tree_map(lambda t: t.detach() / 2 if t.is_floating_point() else t, out)
     torch.testing.assert_close(halved.quantized, out.quantized.detach() / 2)
+
+
+def test_check_finite_refuses_a_cuda_graph_capture(monkeypatch):
+    """The finiteness check waits for the GPU; inside a CUDA graph capture it names the fix instead
+    (the capture is stood in for here; ``test_gpu_graphed_training_step`` captures for real)."""
+    vq = VectorQuantizer(dim=8, codebook_size=16).train()
+    z = torch.randn(2, 5, 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(ValueError, match="check_finite=False"):
+        vq(z)
+    VectorQuantizer(dim=8, codebook_size=16, check_finite=False).train()(z)  # no check: nothing to refuse

@@ -257,6 +257,10 @@ class Quantizer(nn.Module, ABC):
         if z.numel() == 0:
             raise ValueError(f"empty latent batch: shape {tuple(z.shape)}")
         if finite and self.check_finite and not torch.compiler.is_compiling():
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise ValueError(f"{type(self).__name__}(check_finite=True) reads the latent's range on the host, "
+                                 "which a CUDA graph capture cannot wait for: build the quantizer with "
+                                 "check_finite=False to capture it (torch.cuda.graph, make_graphed_callables)")
             lo, hi = torch.aminmax(z.detach())
             peak = torch.maximum(-lo, hi)  # NaN propagates
             if defer:  # nothing updates statistics from it: may wait for the caller's sync
