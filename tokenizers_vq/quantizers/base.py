@@ -38,10 +38,8 @@ def _check_peak(peak: Tensor) -> None:
     if not math.isfinite(value):
         raise ValueError("latent contains NaN or Inf values")
     if value > MAX_LATENT_MAGNITUDE:
-        raise ValueError(
-            f"latent has values of magnitude {value:.3g}, over the limit of {MAX_LATENT_MAGNITUDE:.0e} "
-            "(their squared distances overflow float32); the encoder has likely diverged"
-        )
+        raise ValueError(f"latent has values of magnitude {value:.3g}, over the limit of {MAX_LATENT_MAGNITUDE:.0e} "
+                         "(their squared distances overflow float32); the encoder has likely diverged")
 
 
 def _check_code_range(lo_hi: Tensor, size: int) -> None:
@@ -118,8 +116,7 @@ class QuantizerOutput:
         return torch.stack([v.float() for v in self.losses.values()]).sum()
 
 
-# A pytree (its tensors the leaves): torch.cuda.make_graphed_callables, torch.export and tree_map take it whole.
-torch.utils._pytree.register_dataclass(QuantizerOutput)
+torch.utils._pytree.register_dataclass(QuantizerOutput)  # a pytree: make_graphed_callables and tree_map take it whole
 
 
 class Quantizer(nn.Module, ABC):
@@ -258,9 +255,8 @@ class Quantizer(nn.Module, ABC):
             raise ValueError(f"empty latent batch: shape {tuple(z.shape)}")
         if finite and self.check_finite and not torch.compiler.is_compiling():
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise ValueError(f"{type(self).__name__}(check_finite=True) reads the latent's range on the host, "
-                                 "which a CUDA graph capture cannot wait for: build the quantizer with "
-                                 "check_finite=False to capture it (torch.cuda.graph, make_graphed_callables)")
+                raise ValueError(f"{type(self).__name__}(check_finite=True) reads the latent's range on the host, which a "
+                                 "CUDA graph capture cannot wait for: build it with check_finite=False to capture it")
             lo, hi = torch.aminmax(z.detach())
             peak = torch.maximum(-lo, hi)  # NaN propagates
             if defer:  # nothing updates statistics from it: may wait for the caller's sync
@@ -388,10 +384,8 @@ def check_same_codes(quantizers: Sequence[Quantizer], what: str) -> None:
     first = quantizers[0]
     for q in quantizers[1:]:
         if q.codebook_size != first.codebook_size or q.code_shape != first.code_shape:
-            raise ValueError(
-                f"{what}: all quantizers must share codebook_size and code_shape; got "
-                f"{first.codebook_size}/{first.code_shape} and {q.codebook_size}/{q.code_shape}"
-            )
+            raise ValueError(f"{what}: all quantizers must share codebook_size and code_shape; got "
+                             f"{first.codebook_size}/{first.code_shape} and {q.codebook_size}/{q.code_shape}")
 
 
 def merge_outputs(outs: Sequence[QuantizerOutput], prefix: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
