@@ -107,6 +107,8 @@ def device_work(prof, steps: int) -> str:
     work = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     work.sort(key=lambda e: e.time_range.start)
     per = len(work) // steps
+    if per * steps != len(work):  # the steps differ: positions would not name the same kernel
+        return f"device work: {len(work)} items over {steps} steps, not the same in each; not listed"
     lines = [f"device work of one step, in order ({per} items; us each, the median over {steps} steps):"]
     for i in range(per):
         same = sorted(work[j * per + i].time_range.elapsed_us() for j in range(steps))

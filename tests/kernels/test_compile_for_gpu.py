@@ -71,5 +71,5 @@ def test_segment_sum_kernel_compiles_for_sm90():
     from tokenizers_vq.kernels import segment  # noqa: PLC0415
 
     _compile(segment._segment_sum_kernel,
-             {"X": F32, "ORDER": I64, "START": "*i16", "SUMS": F32, "COUNTS": F32, "K": I32, "D": I32, "sxn": I32,
+             {"X": F32, "ORDER": I64, "START": I64, "SUMS": F32, "COUNTS": F32, "K": I32, "D": I32, "sxn": I32,
               "sxd": I32, "SPLITS": I32, "BLOCK_R": C, "BLOCK_D": C}, {"BLOCK_R": 16, "BLOCK_D": 128})

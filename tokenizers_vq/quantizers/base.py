@@ -116,7 +116,8 @@ class QuantizerOutput:
         return torch.stack([v.float() for v in self.losses.values()]).sum()
 
 
-torch.utils._pytree.register_dataclass(QuantizerOutput)  # a pytree: make_graphed_callables and tree_map take it whole
+torch.utils._pytree.register_pytree_node(  # a pytree: make_graphed_callables and tree_map take it whole
+    QuantizerOutput, lambda o: ([o.quantized, o.codes, o.losses, o.metrics], None), lambda v, _: QuantizerOutput(*v))
 
 
 class Quantizer(nn.Module, ABC):
@@ -267,9 +268,8 @@ class Quantizer(nn.Module, ABC):
     def _forward_masked(self, z: Tensor, mask: Tensor) -> QuantizerOutput:
         """The real positions quantized alone (as one ``(1, M, D)`` latent), scattered back."""
         if not self.positionwise:
-            raise ValueError(f"{type(self).__name__} does not quantize each position on its own (neighbours, or "
-                             "batches shared across ranks), so a mask cannot leave positions out; use a position-wise "
-                             "quantizer")
+            raise ValueError(f"{type(self).__name__} does not quantize each position on its own (neighbours, or batches "
+                             "shared across ranks), so a mask cannot leave positions out; use a position-wise quantizer")
         if (not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(z.shape[:-1])
                 or mask.device != z.device):
             raise ValueError(f"mask must be a bool tensor of shape {tuple(z.shape[:-1])} (the latent's shape without "
