@@ -104,7 +104,7 @@ def _input_grad(grad_q: Tensor | None, grad_loss: Tensor | None, beta: float, x:
     if grad_loss is None:
         return grad_q
     if torch.is_grad_enabled():
-        gx = grad_loss * (2.0 * beta / max(x.numel(), 1)) * (x - codebook[idx])
+        gx = grad_loss * (2.0 * _scale(beta, x)) * (x - codebook[idx])
         return gx if grad_q is None else grad_q + gx
     return backward(None if grad_q is None else grad_q.float(), grad_loss, x, codebook, idx, beta)
 

@@ -53,8 +53,7 @@ def spread_rows(n: int, slots: Tensor, generator: torch.Generator | None = None)
     random number where a random permutation of the rows sorts ``n`` keys. Traced by
     ``torch.compile``, where ``n`` may be symbolic (dynamic shapes) and its stride cannot be worked
     out: the order of ``n`` random keys (distinct rows too; the count stays symbolic)."""
-    if torch.compiler.is_compiling():  # (the count may be symbolic there: no stride to work out, and
-        # randperm would fix it: the order of random keys keeps it symbolic)
+    if torch.compiler.is_compiling():
         keys = torch.rand(n, device=slots.device, **({"generator": generator} if generator is not None else {}))
         return keys.argsort()[slots % n]
     offset = torch.randint(n, (1,), device=slots.device, generator=generator)

@@ -96,13 +96,10 @@ def sweep_case(n: int, k: int, d: int, skewed: bool) -> list[dict]:
     atomic = torch.zeros(k, d, device="cuda")
     add("index_add_ (atomic)", lambda: atomic.zero_().index_add_(0, idx, x), atomic)
     sums, counts = torch.empty(k, d, device="cuda"), torch.empty(k, device="cuda")
-    for block_d, block_r, splits, warps in itertools.product((32, 64, 128, 256), (2, 4, 8, 16, 32), (1, 2, 8),
-                                                             (2, 4, 8)):
-        block_d = min(block_d, next_pow2(d))
-        if block_r * block_d > 8192 or (block_d < min(32, next_pow2(d))):
-            continue
-        if any(r.get("block_d") == block_d and r.get("block_r") == block_r and r.get("splits") == splits
-               and r.get("warps") == warps for r in rows):
+    settings = {(min(block_d, next_pow2(d)), block_r, splits, warps) for block_d, block_r, splits, warps
+                in itertools.product((32, 64, 128, 256), (2, 4, 8, 16, 32), (1, 2, 8), (2, 4, 8))}
+    for block_d, block_r, splits, warps in sorted(settings):
+        if block_r * block_d > 8192:
             continue
         parts = sums if splits == 1 else torch.empty(splits, k, d, device="cuda")
 
@@ -113,10 +110,10 @@ def sweep_case(n: int, k: int, d: int, skewed: bool) -> list[dict]:
                 torch.sum(parts, dim=0, out=sums)
 
         add("segment sum", run, sums, block_d=block_d, block_r=block_r, splits=splits, warps=warps)
-    for block_k, block_r, block_d, warps in itertools.product((16, 32, 64), (16, 32, 64), (16, 64, 128, 256), (4, 8)):
-        block_d = max(16, min(block_d, next_pow2(d)))
-        if block_k * block_d > 16384 or any(r.get("block_k") == block_k and r.get("block_r") == block_r
-                                            and r.get("block_d") == block_d and r.get("warps") == warps for r in rows):
+    candidates = {(block_k, block_r, max(16, min(block_d, next_pow2(d))), warps) for block_k, block_r, block_d, warps
+                  in itertools.product((16, 32, 64), (16, 32, 64), (16, 64, 128, 256), (4, 8))}
+    for block_k, block_r, block_d, warps in sorted(candidates):
+        if block_k * block_d > 16384:
             continue
 
         def run_blocks(block_k=block_k, block_r=block_r, block_d=block_d, warps=warps):
