@@ -164,3 +164,16 @@ def test_a_non_finite_batch_leaves_the_dynamic_routers_threshold_as_it_was():
     assert torch.equal(dq.threshold, before)
     dq(torch.randn(8, 8, 8, 16))
     assert torch.isfinite(dq.threshold) and not torch.equal(dq.threshold, before)
+
+
+def test_vector_quantizer_weights_refuse_to_load_into_the_other_metric():
+    from tokenizers_vq.quantizers import VectorQuantizer  # noqa: PLC0415
+
+    saved = VectorQuantizer(8, 16, metric="cosine").state_dict()
+    with pytest.raises(ValueError, match="saved with metric 'cosine' cannot load into a VectorQuantizer with metric 'l2'"):
+        VectorQuantizer(8, 16).load_state_dict(saved)
+    again = VectorQuantizer(8, 16, metric="cosine")
+    again.load_state_dict(saved)
+    assert torch.equal(again.embed, saved["embed"])
+    old = {k: v for k, v in saved.items() if k != "_metric"}  # weights saved before the metric was kept
+    VectorQuantizer(8, 16, metric="cosine").load_state_dict(old)

@@ -24,10 +24,11 @@ from tokenizers_vq import distributed as tdist
 from tokenizers_vq.quantizers._fused import fused_commit, fused_update
 from tokenizers_vq.quantizers._functional import (BACKENDS, ESTIMATORS, Backend, Estimator, Metric, code_histogram,
                                                   code_statistics, estimate, l2norm, nearest_codes, perplexity)
-from tokenizers_vq.quantizers.base import (Quantizer, QuantizerOutput, as_weights, check_choice,
-                                           check_float32_statistics, check_number, flatten_latent)
+from tokenizers_vq.quantizers.base import (Quantizer, QuantizerOutput, as_weights, check_choice, check_float32_statistics,
+                                           check_number, codebook_projections, flatten_latent, load_settings)
 
 Learning = Literal["ema", "loss"]
+METRICS = ("l2", "cosine")
 
 
 class VectorQuantizer(Quantizer):
@@ -116,9 +117,9 @@ class VectorQuantizer(Quantizer):
         check_finite: bool = True,
     ):
         super().__init__(dim, check_finite)
-        check_number("codebook_size", codebook_size, 1, integer=True)
+        self._size, self.codebook_dim = codebook_size, (d := codebook_projections(self, codebook_size, codebook_dim))
         check_number("eps", eps, 0, open_low=True)
-        for name, value, choices in (("metric", metric, ("l2", "cosine")), ("learning", learning, ("ema", "loss")),
+        for name, value, choices in (("metric", metric, METRICS), ("learning", learning, ("ema", "loss")),
                                      ("estimator", estimator, ESTIMATORS), ("backend", backend, BACKENDS)):
             check_choice(name, value, choices)
         if orthogonal_weight and learning != "loss":
@@ -140,13 +141,10 @@ class VectorQuantizer(Quantizer):
         self.diversity_weight, self.diversity_sample = diversity_weight, diversity_sample
         self.diversity_temperature, self.sample_temperature = diversity_temperature, sample_temperature
         self.affine, self.affine_decay, self.decay, self.eps, self.beta = affine, affine_decay, decay, eps, beta
-        check_number("codebook_dim", 1 if codebook_dim is None else codebook_dim, 1, integer=True)
-        self._size, self.codebook_dim = codebook_size, (d := codebook_dim or dim)
         self.metric, self.learning, self.estimator, self.backend = metric, learning, estimator, backend
         self.kmeans_init, self.kmeans_iters, self.kmeans_max_samples = kmeans_init, kmeans_iters, kmeans_max_samples
         self.dead_code_threshold, self.restart_dead_codes = dead_code_threshold, restart_dead_codes
-        self.project_in = nn.Linear(dim, d) if d != dim else nn.Identity()
-        self.project_out = nn.Linear(d, dim) if d != dim else nn.Identity()
+        self.register_buffer("_metric", torch.tensor(METRICS.index(metric)))  # the codes' meaning: kept, checked at load
         embed = torch.randn(codebook_size, d)
         embed = l2norm(embed) if metric == "cosine" else embed
         if learning == "loss":
@@ -355,6 +353,7 @@ class VectorQuantizer(Quantizer):
                 "usage_window": 1.0 - dead.float().mean(), "dead_codes": dead.sum().float()}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        load_settings(self, state_dict, prefix, {"_metric": lambda i: METRICS[i] if 0 <= i < len(METRICS) else i})
         sums, embed, size = (prefix + k for k in ("embed_sum", "embed", "cluster_size"))
         if self.learning == "ema" and sums not in state_dict and embed in state_dict and size in state_dict:
             n = state_dict[size].float().sum()  # a file saved without training state: the sums its codebook came from
