@@ -177,3 +177,13 @@ def test_vector_quantizer_weights_refuse_to_load_into_the_other_metric():
     assert torch.equal(again.embed, saved["embed"])
     old = {k: v for k, v in saved.items() if k != "_metric"}  # weights saved before the metric was kept
     VectorQuantizer(8, 16, metric="cosine").load_state_dict(old)
+
+
+def test_projected_codebook_weights_refuse_to_load_into_the_other_metric():
+    from tokenizers_vq.quantizers import ProjectedCodebookVQ  # noqa: PLC0415
+
+    saved = ProjectedCodebookVQ(8, 16, features=torch.randn(16, 8), metric="cosine").state_dict()
+    with pytest.raises(ValueError, match="saved with metric 'cosine' cannot load into a ProjectedCodebookVQ with "
+                                         "metric 'l2'"):
+        ProjectedCodebookVQ(8, 16, features=torch.randn(16, 8)).load_state_dict(saved)
+    ProjectedCodebookVQ(8, 16, features=torch.randn(16, 8), metric="cosine").load_state_dict(saved)

@@ -24,6 +24,7 @@ Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 Estimator = Literal["ste", "rotation", "nsvq", "diveq"]
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
+METRICS: tuple[str, ...] = get_args(Metric)
 
 
 def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers_vq import distributed as tdist
-from tokenizers_vq.quantizers._functional import (BACKENDS, Backend, Metric, code_histogram, l2norm, nearest_codes,
-                                                  perplexity, straight_through)
+from tokenizers_vq.quantizers._functional import (BACKENDS, METRICS, Backend, Metric, code_histogram, l2norm,
+                                                  nearest_codes, perplexity, straight_through)
 from tokenizers_vq.quantizers.base import (MAX_LATENT_MAGNITUDE, Quantizer, QuantizerOutput, as_weights, check_choice,
-                                           check_number, flatten_latent)
+                                           check_number, flatten_latent, load_settings)
 from tokenizers_vq.quantizers.kmeans import kmeans
 
 Projector = Literal["linear", "mlp"]
@@ -266,7 +266,7 @@ class ProjectedCodebookVQ(Quantizer):
     ):
         super().__init__(dim, check_finite)
         check_number("codebook_size", codebook_size, 1, integer=True)
-        check_choice("metric", metric, ("l2", "cosine"))
+        check_choice("metric", metric, METRICS)
         check_choice("projector", projector, ("linear", "mlp"))
         check_choice("backend", backend, BACKENDS)
         for name, value, low, whole in (("beta", beta, 0, False), ("init_samples", init_samples, 1, True),
@@ -278,8 +278,7 @@ class ProjectedCodebookVQ(Quantizer):
         self._size, self.metric, self.beta, self.backend = codebook_size, metric, beta, backend
         self._self_init = features is None
         self.init_samples, self.init_batches, self.kmeans_iters = init_samples, init_batches, kmeans_iters
-        self.kmeans_balance = kmeans_balance
-        self.usage_window = usage_window
+        self.kmeans_balance, self.usage_window = kmeans_balance, usage_window
 
         if features is None:
             feats, ready = torch.randn(codebook_size, dim), False
@@ -301,6 +300,7 @@ class ProjectedCodebookVQ(Quantizer):
         else:
             h = hidden or max(fdim, dim)
             self.projector = nn.Sequential(nn.Linear(fdim, h), nn.GELU(), nn.Linear(h, dim))
+        self.register_buffer("_metric", torch.tensor(METRICS.index(metric)))  # the codes' meaning: kept, checked at load
         self.register_buffer("initted", torch.tensor(ready))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("last_used", torch.full((codebook_size,), -(2**62), dtype=torch.int64))
@@ -353,8 +353,9 @@ class ProjectedCodebookVQ(Quantizer):
         return F.embedding(codes.long(), self.codebook)
 
     # -- self-initialisation from the model's own latents ---------------------------------
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        load_settings(self, state_dict, prefix, {"_metric": lambda i: METRICS[i] if 0 <= i < len(METRICS) else i})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initted = bool(self.initted)  # one sync, at load time
         self._pool, self._pool_batches = [], 0
 

@@ -22,13 +22,13 @@ from torch import Tensor, nn
 
 from tokenizers_vq import distributed as tdist
 from tokenizers_vq.quantizers._fused import fused_commit, fused_update
-from tokenizers_vq.quantizers._functional import (BACKENDS, ESTIMATORS, Backend, Estimator, Metric, code_histogram,
-                                                  code_statistics, estimate, l2norm, nearest_codes, perplexity)
+from tokenizers_vq.quantizers._functional import (BACKENDS, ESTIMATORS, METRICS, Backend, Estimator, Metric,
+                                                  code_histogram, code_statistics, estimate, l2norm, nearest_codes,
+                                                  perplexity)
 from tokenizers_vq.quantizers.base import (Quantizer, QuantizerOutput, as_weights, check_choice, check_float32_statistics,
                                            check_number, codebook_projections, flatten_latent, load_settings)
 
 Learning = Literal["ema", "loss"]
-METRICS = ("l2", "cosine")
 
 
 class VectorQuantizer(Quantizer):
