@@ -19,6 +19,7 @@ perplexity, training step time and peak GPU memory per method) and ``shootout.pn
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import subprocess
@@ -57,6 +58,16 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def peer_dead_codes(vqp: Any) -> dict[str, float]:
+    """The peer's dead-code setting: an EMA count of 2 where ``VectorQuantize`` takes an absolute
+    threshold (up to 1.32, as our rows); from 1.34 it takes a ratio of the mean count and reads an
+    absolute 2 as ``2 / codebook_size`` of it (almost no restarts: 29% of the codes in use on the
+    2-core run), so there its own default ratio, 0.1 (an absolute 2 is the mean count itself in the
+    GPU shootout, past the ratios it accepts, ``< 1``)."""
+    ratio = "dead_code_threshold_ratio" in inspect.signature(vqp.VectorQuantize.__init__).parameters
+    return {"dead_code_threshold_ratio": 0.1} if ratio else {"threshold_ema_dead_code": 2}
+
+
 class PeerQuantizer(Quantizer):
     """A vector-quantize-pytorch layer behind our contract, ``(B, *S, D) -> codes (B, *S)``.
 
@@ -72,8 +83,7 @@ class PeerQuantizer(Quantizer):
         self.method, self._size = method, codebook_size
         if method == "vq":
             self.layer = vqp.VectorQuantize(dim=dim, codebook_size=codebook_size, codebook_dim=16, use_cosine_sim=True,
-                                            kmeans_init=True, threshold_ema_dead_code=2, decay=0.99,
-                                            commitment_weight=0.25)
+                                            kmeans_init=True, decay=0.99, commitment_weight=0.25, **peer_dead_codes(vqp))
         elif method == "fsq":
             self.layer = vqp.FSQ(levels=FSQ_LEVELS, dim=dim)
         elif method == "lfq":

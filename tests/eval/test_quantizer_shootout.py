@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import types
 
 import pytest
 import torch
@@ -48,6 +49,17 @@ def test_peer_adapter_keeps_the_contract(method):
     codes = q.encode(z)
     assert int(codes.max()) < q.codebook_size
     torch.testing.assert_close(q.decode(codes), q(z).quantized, atol=1e-5, rtol=1e-5)
+
+
+def test_the_peer_dead_code_setting_follows_its_signature():
+    class Absolute:  # up to 1.32: an EMA count
+        def __init__(self, dim, threshold_ema_dead_code=0): ...
+
+    class Ratio:  # from 1.34: a ratio of the mean count (an absolute 2 read as 2 / codebook_size)
+        def __init__(self, dim, dead_code_threshold_ratio=0.1, threshold_ema_dead_code=None): ...
+
+    assert shootout.peer_dead_codes(types.SimpleNamespace(VectorQuantize=Absolute)) == {"threshold_ema_dead_code": 2}
+    assert shootout.peer_dead_codes(types.SimpleNamespace(VectorQuantize=Ratio)) == {"dead_code_threshold_ratio": 0.1}
 
 
 @pytest.mark.parametrize("method", [m for m in shootout.METHODS if m.startswith("ours-")])
