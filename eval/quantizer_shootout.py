@@ -51,10 +51,13 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ours-simvq": ("simvq", {"codebook_size": CODEBOOK}),
     "ours-simvq-rot": ("simvq", {"codebook_size": CODEBOOK, "estimator": "rotation"}),  # as the peer's default
     "ours-ibq": ("ibq", {"codebook_size": CODEBOOK}),
+    "ours-fsp": ("fsp", {"levels": FSQ_LEVELS}),
+    "ours-binary-mapper": ("binary_mapper", {"bits": int(math.log2(CODEBOOK))}),
     "vqp-vq": (PEER, {"method": "vq", "codebook_size": CODEBOOK}),
     "vqp-fsq": (PEER, {"method": "fsq", "codebook_size": math.prod(FSQ_LEVELS)}),
     "vqp-lfq": (PEER, {"method": "lfq", "codebook_size": CODEBOOK}),
     "vqp-simvq": (PEER, {"method": "simvq", "codebook_size": CODEBOOK}),
+    "vqp-fsp": (PEER, {"method": "fsp", "codebook_size": math.prod(FSQ_LEVELS)}),
 }
 
 
@@ -73,7 +76,7 @@ class PeerQuantizer(Quantizer):
 
     ``method``: ``"vq"`` (``VectorQuantize`` with an EMA codebook, cosine similarity,
     k-means init, a 16-dim factorised lookup and dead-code expiry, as our default), ``"fsq"``
-    (levels :data:`FSQ_LEVELS`), ``"lfq"`` or ``"simvq"``; its own losses come back as
+    and ``"fsp"`` (levels :data:`FSQ_LEVELS`; FSP from 1.34), ``"lfq"`` or ``"simvq"``; its own losses come back as
     ``losses["peer"]``."""
 
     def __init__(self, dim: int, method: str = "vq", codebook_size: int = CODEBOOK):
@@ -86,12 +89,17 @@ class PeerQuantizer(Quantizer):
                                             kmeans_init=True, decay=0.99, commitment_weight=0.25, **peer_dead_codes(vqp))
         elif method == "fsq":
             self.layer = vqp.FSQ(levels=FSQ_LEVELS, dim=dim)
+        elif method == "fsp":
+            if not hasattr(vqp, "FSP"):
+                raise ValueError(f"vector-quantize-pytorch {getattr(vqp, '__version__', '')} has no FSP: it came in 1.34 "
+                                 "(pip install -U vector-quantize-pytorch)")
+            self.layer = vqp.FSP(levels=FSQ_LEVELS, dim=dim)
         elif method == "lfq":
             self.layer = vqp.LFQ(dim=dim, codebook_size=codebook_size)
         elif method == "simvq":
             self.layer = vqp.SimVQ(dim=dim, codebook_size=codebook_size)
         else:
-            raise ValueError(f"unknown peer method {method!r}: vq, fsq, lfq or simvq")
+            raise ValueError(f"unknown peer method {method!r}: vq, fsq, fsp, lfq or simvq")
 
     @property
     def codebook_size(self) -> int:

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from tokenizers_vq.quantizers import (FSQ, IBQ, LFQ, DynamicQuantizer, GroupedQuantizer, LatentQuantizer,
-                                      MultiScaleResidualQuantizer, ProjectedCodebookVQ, Quantizer, ResidualQuantizer,
-                                      SimVQ, VectorQuantizer)
+from tokenizers_vq.quantizers import (FSP, FSQ, IBQ, LFQ, BinaryMapper, DynamicQuantizer, GroupedQuantizer,
+                                      LatentQuantizer, MultiScaleResidualQuantizer, ProjectedCodebookVQ, Quantizer,
+                                      ResidualQuantizer, SimVQ, VectorQuantizer)
 
 QUANTIZER_KINDS: dict[str, type[Quantizer]] = {
     "vq": VectorQuantizer,
@@ -32,6 +32,8 @@ QUANTIZER_KINDS: dict[str, type[Quantizer]] = {
     "simvq": SimVQ,
     "ibq": IBQ,
     "multiscale": MultiScaleResidualQuantizer,
+    "fsp": FSP,
+    "binary_mapper": BinaryMapper,
 }
 
 

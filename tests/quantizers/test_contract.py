@@ -8,6 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from tokenizers_vq import FSQ, LFQ, GroupedQuantizer, ResidualQuantizer, SimVQ, VectorQuantizer
 from tokenizers_vq.quantizers import (
+    FSP,
+    BinaryMapper,
     HierarchicalQuantizer,
     IBQ,
     LatentQuantizer,
@@ -46,6 +48,10 @@ QUANTIZERS = {
     "fsq-no-projection": lambda: FSQ(4, [7, 6, 5, 4]),
     "fsq-symmetric-noise-dropout": lambda: FSQ(D, [8, 5, 5, 5], bound="symmetric", noise_dropout=0.5),
     "fsq-paper-bound": lambda: FSQ(D, [8, 6, 5], bound="paper"),
+    "fsp": lambda: FSP(D, [8, 5, 5, 5]),
+    "fsp-normal-inverse-half-perturbed": lambda: FSP(D, [7, 6, 5], cdf="normal", inverse_cdf=True, perturb=0.5),
+    "fsp-cauchy-no-projection": lambda: FSP(3, [4, 4, 4], cdf="cauchy", var_weight=0.0),
+    "binary-mapper": lambda: BinaryMapper(D, 6),
     "lfq": lambda: LFQ(D, 10),
     "bsq": lambda: LFQ(D, 12, spherical=True),
     "residual-vq-dropout": lambda: ResidualQuantizer([VectorQuantizer(D, 32) for _ in range(3)], dropout=0.5),

@@ -2,7 +2,9 @@
 
 from tokenizers_vq.quantizers._functional import code_statistics, nearest_codes
 from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
+from tokenizers_vq.quantizers.binary_mapper import BinaryMapper
 from tokenizers_vq.quantizers.dynamic import DynamicOutput, DynamicQuantizer, PackedCodes
+from tokenizers_vq.quantizers.fsp import FSP
 from tokenizers_vq.quantizers.fsq import FSQ
 from tokenizers_vq.quantizers.grouped import GroupedQuantizer
 from tokenizers_vq.quantizers.hierarchical import HierarchicalOutput, HierarchicalQuantizer
@@ -18,9 +20,11 @@ from tokenizers_vq.quantizers.simvq import SimVQ
 from tokenizers_vq.quantizers.vq import VectorQuantizer
 
 __all__ = [
+    "FSP",
     "FSQ",
     "IBQ",
     "LFQ",
+    "BinaryMapper",
     "DynamicOutput",
     "DynamicQuantizer",
     "GroupedQuantizer",
