@@ -19,6 +19,7 @@ perplexity, training step time and peak GPU memory per method) and ``shootout.pn
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import inspect
 import json
 import math
@@ -42,7 +43,7 @@ FSQ_LEVELS = [8, 5, 5, 5]
 # method -> (quantizer kind, options): ours, then the peer's layers behind the adapter
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ours-vq-ema": ("vq", {"codebook_size": CODEBOOK, "codebook_dim": 16, "metric": "cosine", "kmeans_init": True,
-                           "dead_code_threshold": 2.0, "check_finite": False}),  # the peer's threshold
+                           "dead_code_threshold": 2.0, "check_finite": False}),  # the peer's up to 1.32
     "ours-fsq": ("fsq", {"levels": FSQ_LEVELS}),
     "ours-lfq": ("lfq", {"num_bits": int(math.log2(CODEBOOK))}),
     "ours-bsq": ("lfq", {"num_bits": int(math.log2(CODEBOOK)), "spherical": True}),
@@ -65,8 +66,9 @@ def peer_dead_codes(vqp: Any) -> dict[str, float]:
     """The peer's dead-code setting: an EMA count of 2 where ``VectorQuantize`` takes an absolute
     threshold (up to 1.32, as our rows); from 1.34 it takes a ratio of the mean count and reads an
     absolute 2 as ``2 / codebook_size`` of it (almost no restarts: 29% of the codes in use on the
-    2-core run), so there its own default ratio, 0.1 (an absolute 2 is the mean count itself in the
-    GPU shootout, past the ratios it accepts, ``< 1``)."""
+    2-core run), so there the ratio 0.1 that its deprecation warning suggests (``VectorQuantize``'s
+    own default, 0, expires none; an absolute 2 is the mean count itself in the GPU shootout, past
+    the ratios it accepts, ``< 1``)."""
     ratio = "dead_code_threshold_ratio" in inspect.signature(vqp.VectorQuantize.__init__).parameters
     return {"dead_code_threshold_ratio": 0.1} if ratio else {"threshold_ema_dead_code": 2}
 
@@ -91,8 +93,8 @@ class PeerQuantizer(Quantizer):
             self.layer = vqp.FSQ(levels=FSQ_LEVELS, dim=dim)
         elif method == "fsp":
             if not hasattr(vqp, "FSP"):
-                raise ValueError(f"vector-quantize-pytorch {getattr(vqp, '__version__', '')} has no FSP: it came in 1.34 "
-                                 "(pip install -U vector-quantize-pytorch)")
+                raise ValueError(f"vector-quantize-pytorch {importlib.metadata.version('vector-quantize-pytorch')} has no "
+                                 "FSP: it came in 1.34 (pip install -U vector-quantize-pytorch)")
             self.layer = vqp.FSP(levels=FSQ_LEVELS, dim=dim)
         elif method == "lfq":
             self.layer = vqp.LFQ(dim=dim, codebook_size=codebook_size)

@@ -63,11 +63,24 @@ def test_fsp_settings_kept_with_the_weights_and_bad_ones_named():
     with pytest.raises(ValueError, match="saved with levels"):
         FSP(4, [5, 5, 5, 6], cdf="normal").load_state_dict(saved)
     with pytest.raises(ValueError, match="cauchy distribution has no variance.*var_weight=0"):
-        FSP(4, [5, 5], cdf="cauchy")
+        FSP(4, [5, 5], cdf="cauchy", var_weight=0.07)
+    assert FSP(4, [5, 5], cdf="cauchy").var_weight == 0  # its default: the mean term only
+    inverse = FSP(4, [5, 5, 5, 5], inverse_cdf=True).state_dict()
+    with pytest.raises(ValueError, match="saved with inverse_cdf True cannot load into a FSP with inverse_cdf False"):
+        FSP(4, [5, 5, 5, 5]).load_state_dict(inverse)
+    with pytest.raises(ValueError, match="does not fit int64 codes"):
+        FSP(3, [2**24] * 3)
     with pytest.raises(ValueError, match="cdf must be one of"):
         FSP(4, [5, 5], cdf="gumbel")
     with pytest.raises(ValueError, match="levels must be a non-empty list"):
         FSP(4, [])
+    assert FSP(4, torch.tensor([5, 4])).codebook_size == 20  # any sequence of whole numbers, as FSQ takes
+
+
+def test_fsp_of_one_position_has_no_variance_term():
+    q = FSP(2, [4, 4], mean_weight=0.0)
+    out = q(torch.randn(1, 1, 2))
+    assert out.losses["moments"] == 0 and torch.isfinite(out.quantized).all()
 
 
 def test_binary_mapper_codes_are_the_signs_of_the_logits_read_in_binary():
@@ -103,9 +116,23 @@ def test_binary_mapper_gradient_is_that_of_the_tables_expectation():
         q.project_in.bias.zero_()
         q.embed.copy_(torch.tensor([[0.0], [3.0]]))
     z = torch.full((1, 1, 1), 0.4, requires_grad=True)
-    q(z).quantized.sum().backward()
+    out = q(z)
+    out.quantized.sum().backward()
     p = torch.sigmoid(torch.tensor(0.4))
     torch.testing.assert_close(z.grad.flatten(), (p * (1 - p) * 3.0).reshape(1))  # d/dz of (1 - p) e0 + p e1
+    chosen = torch.zeros(2, 1)
+    chosen[out.codes.item()] = 1.0
+    torch.testing.assert_close(q.embed.grad, chosen)  # the table: its chosen row only, as a one-hot input gives
+
+
+def test_binary_mapper_trains_with_half_precision_weights_and_a_low_temperature_samples_the_signs():
+    torch.manual_seed(0)
+    q = BinaryMapper(4, 6, temperature=1e-4).to(torch.bfloat16).train()
+    z = torch.randn(2, 50, 4, dtype=torch.bfloat16)
+    out = q(z)
+    out.quantized.float().sum().backward()
+    assert q.project_in.weight.grad is not None and torch.isfinite(q.project_in.weight.grad.float()).all()
+    assert torch.equal(out.codes, q.eval()(z).codes)  # at temperature near 0 a bit is its logit's sign
 
 
 def test_binary_mapper_kl_loss_is_zero_for_uniform_bits_and_hinged_at_one_bit():
@@ -117,5 +144,5 @@ def test_binary_mapper_kl_loss_is_zero_for_uniform_bits_and_hinged_at_one_bit():
     with torch.no_grad():
         q.project_in.bias.fill_(40.0)  # certain bits: KL = 5 ln 2, one bit of it free
     torch.testing.assert_close(q(torch.randn(1, 10, 2)).losses["kl"], torch.tensor(2.0 * 4 * math.log(2)))
-    with pytest.raises(ValueError, match="bits must be a whole number in \\[1, 16\\]"):
+    with pytest.raises(ValueError, match="bits must be a whole number in \\[1, 16\\], got 17: .*GroupedQuantizer"):
         BinaryMapper(2, 17)

@@ -175,7 +175,7 @@ def test_vector_quantizer_weights_refuse_to_load_into_the_other_metric():
     again = VectorQuantizer(8, 16, metric="cosine")
     again.load_state_dict(saved)
     assert torch.equal(again.embed, saved["embed"])
-    old = {k: v for k, v in saved.items() if k != "_metric"}  # weights saved before the metric was kept
+    old = {k: v for k, v in saved.items() if k != "_metric"}  # weights without the key load as the quantizer's
     VectorQuantizer(8, 16, metric="cosine").load_state_dict(old)
 
 

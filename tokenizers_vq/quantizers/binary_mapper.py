@@ -4,11 +4,13 @@ The latent is projected to ``bits`` logits; in training each bit is drawn from
 ``Bernoulli(sigmoid(logit / temperature))``, in eval it is ``logit > 0`` (so that
 ``decode(encode(z))`` equals the eval forward; the reference implementation samples in eval
 too unless told otherwise). The code is the bits read as a binary number, and the decoder gets
-that code's row of a learned ``(2^bits, D)`` table, with the gradient of the table's expectation
-under the bits' joint probability (a straight-through estimator on the one-hot code).
+that code's row of a learned ``(2^bits, D)`` table. A straight-through estimator on the one-hot
+code carries the gradient: the logits get that of the table's expectation under the bits' joint
+probability, the table only its chosen rows' (as a one-hot input to a linear layer would).
 The ``kl`` loss keeps the bits uncertain enough to carry information: the KL divergence of the
 bits' distribution from uniform, ``bits ln 2 - H``, above ``kl_threshold`` nats (one bit by
-default), averaged over positions.
+default), averaged over positions; it is reported in eval too (the reference computes it in
+training only).
 
 The joint probability is ``N x 2^bits`` in training (that is the method), so ``bits`` is at
 most 16.
@@ -49,6 +51,10 @@ class BinaryMapper(Quantizer):
     def __init__(self, dim: int, bits: int, temperature: float = 1.0, kl_threshold: float = math.log(2),
                  kl_weight: float = 1.0, check_finite: bool = True):
         super().__init__(dim, check_finite)
+        if isinstance(bits, int) and bits > MAX_BITS:
+            raise ValueError(f"bits must be a whole number in [1, {MAX_BITS}], got {bits}: training holds the bits' joint "
+                             f"probability over all 2^bits codes per position; for more bits group several mappers "
+                             f"(GroupedQuantizer) or use LFQ")
         check_number("bits", bits, 1, MAX_BITS, integer=True)
         check_number("temperature", temperature, 0, open_low=True)
         for name, value in (("kl_threshold", kl_threshold), ("kl_weight", kl_weight)):
@@ -58,7 +64,7 @@ class BinaryMapper(Quantizer):
         self.embed = nn.Parameter(torch.randn(2**bits, dim) / math.sqrt(dim))
         self.register_buffer("_powers", 2 ** torch.arange(bits), persistent=False)
         table = (torch.arange(2**bits)[:, None] & self._powers) != 0  # (2^bits, bits): each code's bits
-        self.register_buffer("_table", table.float(), persistent=False)
+        self.register_buffer("_table", table, persistent=False)  # bool: kept by a cast of the weights
 
     @property
     def codebook_size(self) -> int:
@@ -80,8 +86,9 @@ class BinaryMapper(Quantizer):
             idx = self._sample(lf, self.training)
             hard = F.embedding(idx, table)
             if self.training:  # the table's expectation under the bits' joint probability carries the gradient
-                joint = (F.logsigmoid(lf) @ self._table.T + F.logsigmoid(-lf) @ (1 - self._table).T).exp()
-                soft = joint @ table
+                on = self._table.float()
+                joint = (F.logsigmoid(lf) @ on.T + F.logsigmoid(-lf) @ (1 - on).T).exp()
+                soft = joint @ table.detach()
                 hard = hard + (soft - soft.detach())
             entropy = -(torch.sigmoid(lf) * F.logsigmoid(lf) + torch.sigmoid(-lf) * F.logsigmoid(-lf)).sum(-1)
             kl = F.relu(self.bits * math.log(2) - entropy - self.kl_threshold).mean()

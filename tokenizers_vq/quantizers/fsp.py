@@ -4,16 +4,21 @@ A scalar quantizer like FSQ with two changes. Each of the ``len(levels)`` channe
 into ``(0, 1)`` by a CDF (``cdf=``: ``"tanh"`` ``(tanh(x) + 1) / 2``, the logistic CDF of scale
 1/2; ``"sigmoid"``, ``"normal"``, ``"laplace"``, ``"cauchy"``) and cut into ``L_i`` equal bins;
 a code's value is its bin's midpoint ``(i + 1/2) / L_i``, handed to the decoder standardised
-(``(v - 1/2) sqrt(12)``: unit variance for values spread evenly over the bins) or, with
-``inverse_cdf=True``, taken back through the inverse CDF. And in training each value is, with
-probability ``perturb``, replaced by its CDF value moved by uniform noise of up to half a bin
-(kept where it stays inside ``(0, 1)``): the decoder learns around the midpoints, and the gradient
-is the CDF's own there. ``perturb=1`` (always) is the reference implementation's default.
+(``(v - 1/2) sqrt(12)``: variance ``1 - 1/L^2`` for values spread evenly over the bins) or, with
+``inverse_cdf=True``, taken back through the inverse CDF (clamped to ``[1e-6, 1 - 1e-6]``). And in
+training each value is, with probability ``perturb``, replaced by its CDF value moved by uniform
+noise of up to half a bin either way (kept where it stays inside ``(0, 1)``; near a bin's edge it
+may cross into the next bin, whose code it does not take): the decoder learns around the
+midpoints, and the gradient is the CDF's own there. ``perturb=1`` (always) is the reference
+implementation's default.
 
 The bins are used evenly when the latent follows the CDF's own distribution, so a loss pulls
 each channel's batch mean to 0 and its variance to that distribution's (pi^2/12 for tanh, pi^2/3
 for the sigmoid, 1 for the normal, 2 for the Laplace; the Cauchy has none, so only the mean
-there), with the paper's weights 0.1 and 0.07 (``moments`` loss).
+there), with the weights 0.1 and 0.07 of the reference implementation (``moments`` loss). The
+reference pulls the variance to tanh's pi^2/12 whatever the CDF unless told otherwise, and also
+offers skewness and kurtosis terms, which are not here. With one position the variance term is
+left out (there is no spread to measure).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import Tensor, nn
 
 from tokenizers_vq.quantizers._functional import code_histogram, perplexity, straight_through
 from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_choice, check_number, load_settings
+from tokenizers_vq.quantizers.fsq import check_levels
 
 _SQRT2 = math.sqrt(2.0)
 # name -> (CDF, inverse CDF, the variance of the CDF's distribution or None)
@@ -47,12 +53,13 @@ class FSP(Quantizer):
         dim: latent size ``D``; projected to ``len(levels)`` channels (and back) when it differs.
         levels: bins per channel, e.g. ``[8, 5, 5, 5]`` (1000 codes), each in ``[2, 2^24]``.
         cdf: ``"tanh"`` (default), ``"sigmoid"``, ``"normal"``, ``"laplace"`` or ``"cauchy"``.
-        perturb: probability, in training, of a value moved within its bin instead of its
-            bin's midpoint (module docstring).
+        perturb: probability, in training, of the CDF value moved by up to half a bin instead
+            of its bin's midpoint (module docstring).
         inverse_cdf: hand the decoder the inverse CDF of the midpoints instead of the
             standardised midpoints.
         mean_weight, var_weight: weights of the ``moments`` loss's two terms (the latent's
-            batch mean against 0, its variance against the CDF's distribution's).
+            batch mean against 0, its variance against the CDF's distribution's); ``var_weight``
+            defaults to 0.07, and to 0 for the Cauchy CDF (no variance).
         check_finite: see :class:`Quantizer`.
 
     Example:
@@ -63,16 +70,13 @@ class FSP(Quantizer):
     """
 
     def __init__(self, dim: int, levels: Sequence[int], cdf: str = "tanh", perturb: float = 1.0,
-                 inverse_cdf: bool = False, mean_weight: float = 0.1, var_weight: float = 0.07,
+                 inverse_cdf: bool = False, mean_weight: float = 0.1, var_weight: float | None = None,
                  check_finite: bool = True):
         super().__init__(dim, check_finite)
-        levels = list(levels) if isinstance(levels, Sequence) and not isinstance(levels, str) else levels
-        if not isinstance(levels, list) or not levels:
-            raise ValueError(f"levels must be a non-empty list of bins per channel, e.g. [8, 5, 5, 5], got {levels!r}")
-        for n in levels:
-            check_number("each of levels", n, 2, 2**24, integer=True)
+        levels = check_levels(levels)
         check_choice("cdf", cdf, _NAMES)
         check_number("perturb", perturb, 0, 1)
+        var_weight = (0.0 if CDFS[cdf][2] is None else 0.07) if var_weight is None else var_weight
         for name, value in (("mean_weight", mean_weight), ("var_weight", var_weight)):
             check_number(name, value, 0)
         if CDFS[cdf][2] is None and var_weight > 0:
@@ -85,10 +89,12 @@ class FSP(Quantizer):
         lv = torch.tensor(levels, dtype=torch.int64)
         self.register_buffer("_levels", lv)  # kept with the weights: the codes' meaning, checked at load
         self.register_buffer("_cdf", torch.tensor(_NAMES.index(cdf)))
+        self.register_buffer("_inverse_cdf", torch.tensor(bool(inverse_cdf)))
         self.register_buffer("_basis", torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0), persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        load_settings(self, state_dict, prefix, {"_levels": list, "_cdf": lambda i: _NAMES[i] if 0 <= i < len(_NAMES) else i})
+        load_settings(self, state_dict, prefix, {"_levels": list, "_inverse_cdf": bool,
+                                                 "_cdf": lambda i: _NAMES[i] if 0 <= i < len(_NAMES) else i})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -130,7 +136,7 @@ class FSP(Quantizer):
             rows = xf.reshape(-1, xf.shape[-1])
             var, mean = torch.var_mean(rows, dim=0, correction=1 if rows.shape[0] > 1 else 0)
             moments = self.mean_weight * mean.square().mean()
-            if self.var_weight > 0:
+            if self.var_weight > 0 and rows.shape[0] > 1:
                 moments = moments + self.var_weight * (var - CDFS[self.cdf][2]).square().mean()
             metrics = {}
             if self.codebook_size <= 2**24:  # a histogram of every code

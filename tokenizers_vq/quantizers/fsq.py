@@ -34,6 +34,25 @@ from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput, check_numb
 _BOUNDS = ("tanh", "paper", "symmetric")
 
 
+def check_levels(levels: Sequence[int]) -> list[int]:
+    """``levels`` as a list of ints (values per channel of a scalar grid), or a ValueError naming
+    what is wrong: not a list of whole numbers >= 2, one over 2^24, a product past int64."""
+    if isinstance(levels, (str, bytes)) or not hasattr(levels, "__len__"):  # (not '855' for [8, 5, 5])
+        raise ValueError(f"levels must be a non-empty list of integers >= 2, got {levels!r}")
+    if any(isinstance(v, bool) or not float(v).is_integer() for v in levels):
+        raise ValueError(f"levels must be a non-empty list of integers >= 2, got {list(levels)}")
+    levels = [int(v) for v in levels]
+    if not levels or min(levels) < 2:
+        raise ValueError(f"levels must be a non-empty list of integers >= 2, got {levels}")
+    if max(levels) > 2**24:
+        raise ValueError(f"levels must each be at most 2^24 = {2**24} (the bounded values are float32, which "
+                         f"cannot tell apart steps beyond), got {max(levels)}: split that channel into two")
+    if sum(math.log2(v) for v in levels) > 62:
+        raise ValueError(f"prod(levels) = 2^{sum(math.log2(v) for v in levels):.1f} does not fit int64 codes: "
+                         "use fewer or smaller levels")
+    return levels
+
+
 class FSQ(Quantizer):
     """``(B, *S, D) -> codes (B, *S)`` with codes in ``[0, prod(levels))``.
 
@@ -65,19 +84,7 @@ class FSQ(Quantizer):
             raise ValueError(f"bound must be 'tanh', 'paper' or 'symmetric', got {bound!r}")
         check_number("noise_dropout", noise_dropout, 0, 1)
         self.bound_form, self.noise_dropout = bound, noise_dropout
-        if isinstance(levels, (str, bytes)) or not hasattr(levels, "__len__"):  # (not '855' for [8, 5, 5])
-            raise ValueError(f"levels must be a non-empty list of integers >= 2, got {levels!r}")
-        if any(isinstance(v, bool) or not float(v).is_integer() for v in levels):
-            raise ValueError(f"levels must be a non-empty list of integers >= 2, got {list(levels)}")
-        levels = [int(v) for v in levels]
-        if not levels or min(levels) < 2:
-            raise ValueError(f"levels must be a non-empty list of integers >= 2, got {levels}")
-        if max(levels) > 2**24:
-            raise ValueError(f"levels must each be at most 2^24 = {2**24} (the bounded values are float32, which "
-                             f"cannot tell apart steps beyond), got {max(levels)}: split that channel into two")
-        if sum(math.log2(v) for v in levels) > 62:
-            raise ValueError(f"prod(levels) = 2^{sum(math.log2(v) for v in levels):.1f} does not fit int64 codes")
-        self.levels = levels
+        self.levels = levels = check_levels(levels)
         self.usage_metrics = usage_metrics and math.prod(levels) <= 2**24
         c = len(levels)
         self.project_in = nn.Linear(dim, c) if dim != c else nn.Identity()
