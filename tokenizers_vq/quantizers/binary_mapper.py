@@ -37,7 +37,10 @@ class BinaryMapper(Quantizer):
         dim: latent size ``D``.
         bits: bits per position, in ``[1, 16]`` (``2^bits`` codes).
         temperature: of the bits' sampling in training.
-        kl_threshold: nats of KL from uniform bits that cost nothing (``ln 2``: one bit).
+        kl_threshold: nats of KL from uniform bits that cost nothing (``ln 2``: one bit, as the
+            reference). The loss holds each position's bits near uniform, which limits what a
+            position carries to about this much: a stochastic bottleneck rather than ``bits``
+            bits per token (``kl_weight=0`` lifts the limit).
         kl_weight: weight of the ``kl`` loss.
         check_finite: see :class:`Quantizer`.
 
