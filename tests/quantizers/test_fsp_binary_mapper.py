@@ -146,3 +146,19 @@ def test_binary_mapper_kl_loss_is_zero_for_uniform_bits_and_hinged_at_one_bit():
     torch.testing.assert_close(q(torch.randn(1, 10, 2)).losses["kl"], torch.tensor(2.0 * 4 * math.log(2)))
     with pytest.raises(ValueError, match="bits must be a whole number in \\[1, 16\\], got 17: .*GroupedQuantizer"):
         BinaryMapper(2, 17)
+
+
+def test_fsp_gives_the_reference_implementations_codes_and_values():
+    vqp = pytest.importorskip("vector_quantize_pytorch", reason="the peer is not installed")
+    if not hasattr(vqp, "FSP"):
+        pytest.skip("the installed vector-quantize-pytorch predates FSP (1.34)")
+    torch.manual_seed(0)
+    ours, theirs = FSP(16, [8, 5, 5, 5]).eval(), vqp.FSP(levels=[8, 5, 5, 5], dim=16).eval()
+    ours.project_in.load_state_dict(theirs.project_in.state_dict())
+    ours.project_out.load_state_dict(theirs.project_out.state_dict())
+    z = torch.randn(2, 64, 16) * 2
+    out = ours(z)
+    q, idx, loss, _ = theirs(z)
+    assert torch.equal(out.codes, idx.long())
+    torch.testing.assert_close(out.quantized, q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.losses["moments"], loss, atol=1e-4, rtol=1e-3)  # its 0.8225 against pi^2/12
