@@ -59,6 +59,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "vqp-lfq": (PEER, {"method": "lfq", "codebook_size": CODEBOOK}),
     "vqp-simvq": (PEER, {"method": "simvq", "codebook_size": CODEBOOK}),
     "vqp-fsp": (PEER, {"method": "fsp", "codebook_size": math.prod(FSQ_LEVELS)}),
+    "vqp-binary-mapper": (PEER, {"method": "binary", "codebook_size": CODEBOOK}),
 }
 
 
@@ -73,12 +74,31 @@ def peer_dead_codes(vqp: Any) -> dict[str, float]:
     return {"dead_code_threshold_ratio": 0.1} if ratio else {"threshold_ema_dead_code": 2}
 
 
+class PeerBinaryMapper(torch.nn.Module):
+    """vector-quantize-pytorch's ``BinaryMapper`` (bits to a one-hot code) between a projection to
+    its logits and a table (a bias-free linear layer on the one-hot code), as a decoder takes it;
+    signs in eval, so that a code decodes to its eval output. Returns ``(quantized, codes, loss)``."""
+
+    def __init__(self, vqp: Any, dim: int, bits: int):
+        super().__init__()
+        self.to_logits, self.table = torch.nn.Linear(dim, bits), torch.nn.Linear(2**bits, dim, bias=False)
+        self.mapper = vqp.BinaryMapper(bits=bits, deterministic_on_eval=True)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        one_hot, codes, loss = self.mapper(self.to_logits(z), return_indices=True)
+        return self.table(one_hot), codes, loss
+
+    def indices_to_codes(self, codes: Tensor) -> Tensor:
+        return self.table(torch.nn.functional.one_hot(codes.long(), self.table.in_features).float())
+
+
 class PeerQuantizer(Quantizer):
     """A vector-quantize-pytorch layer behind our contract, ``(B, *S, D) -> codes (B, *S)``.
 
     ``method``: ``"vq"`` (``VectorQuantize`` with an EMA codebook, cosine similarity,
     k-means init, a 16-dim factorised lookup and dead-code expiry, as our default), ``"fsq"``
-    and ``"fsp"`` (levels :data:`FSQ_LEVELS`; FSP from 1.34), ``"lfq"`` or ``"simvq"``; its own losses come back as
+    and ``"fsp"`` (levels :data:`FSQ_LEVELS`; FSP from 1.34), ``"binary"`` (:class:`PeerBinaryMapper`,
+    from 1.34), ``"lfq"`` or ``"simvq"``; its own losses come back as
     ``losses["peer"]``."""
 
     def __init__(self, dim: int, method: str = "vq", codebook_size: int = CODEBOOK):
@@ -96,12 +116,14 @@ class PeerQuantizer(Quantizer):
                 raise ValueError(f"vector-quantize-pytorch {importlib.metadata.version('vector-quantize-pytorch')} has no "
                                  "FSP: it came in 1.34 (pip install -U vector-quantize-pytorch)")
             self.layer = vqp.FSP(levels=FSQ_LEVELS, dim=dim)
+        elif method == "binary":
+            self.layer = PeerBinaryMapper(vqp, dim, int(math.log2(codebook_size)))
         elif method == "lfq":
             self.layer = vqp.LFQ(dim=dim, codebook_size=codebook_size)
         elif method == "simvq":
             self.layer = vqp.SimVQ(dim=dim, codebook_size=codebook_size)
         else:
-            raise ValueError(f"unknown peer method {method!r}: vq, fsq, fsp, lfq or simvq")
+            raise ValueError(f"unknown peer method {method!r}: vq, fsq, fsp, binary, lfq or simvq")
 
     @property
     def codebook_size(self) -> int:

@@ -37,11 +37,11 @@ def test_each_bottleneck_trains_and_is_measured(tmp_path):
     assert (tmp_path / "shootout.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("method", ["vq", "fsq", "fsp", "lfq", "simvq"])
+@pytest.mark.parametrize("method", ["vq", "fsq", "fsp", "binary", "lfq", "simvq"])
 def test_peer_adapter_keeps_the_contract(method):
     vqp = pytest.importorskip("vector_quantize_pytorch", reason="the peer is not installed")
-    if method == "fsp" and not hasattr(vqp, "FSP"):
-        pytest.skip("the installed vector-quantize-pytorch predates FSP (1.34)")
+    if not hasattr(vqp, {"fsp": "FSP", "binary": "BinaryMapper"}.get(method, "FSQ")):
+        pytest.skip(f"the installed vector-quantize-pytorch predates its {method} layer (1.34)")
     torch.manual_seed(0)
     q = shootout.PeerQuantizer(32, method, 1000 if method in ("fsq", "fsp") else 1024)
     z = torch.randn(2, 4, 5, 32)
