@@ -43,7 +43,7 @@ FSQ_LEVELS = [8, 5, 5, 5]
 # method -> (quantizer kind, options): ours, then the peer's layers behind the adapter
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ours-vq-ema": ("vq", {"codebook_size": CODEBOOK, "codebook_dim": 16, "metric": "cosine", "kmeans_init": True,
-                           "dead_code_threshold": 2.0, "check_finite": False}),  # the peer's up to 1.32
+                           "dead_code_threshold": 2.0, "check_finite": False}),  # the peer's threshold (to 1.32)
     "ours-fsq": ("fsq", {"levels": FSQ_LEVELS}),
     "ours-lfq": ("lfq", {"num_bits": int(math.log2(CODEBOOK))}),
     "ours-bsq": ("lfq", {"num_bits": int(math.log2(CODEBOOK)), "spherical": True}),

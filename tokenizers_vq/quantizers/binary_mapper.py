@@ -7,7 +7,7 @@ too unless told otherwise). The code is the bits read as a binary number, and th
 that code's row of a learned ``(2^bits, D)`` table. A straight-through estimator on the one-hot
 code carries the gradient: the logits get that of the table's expectation under the bits' joint
 probability, the table only its chosen rows' (as a one-hot input to a linear layer would).
-The ``kl`` loss keeps the bits uncertain enough to carry information: the KL divergence of the
+The ``kl`` loss limits what the bits carry, as a VAE's KL term does: the KL divergence of the
 bits' distribution from uniform, ``bits ln 2 - H``, above ``kl_threshold`` nats (one bit by
 default), averaged over positions; it is reported in eval too (the reference computes it in
 training only).
