@@ -83,12 +83,9 @@ def rows_of_items(module: nn.Module, items: Tensor, n_items: int):
 def as_weights(layer: nn.Module, x: Tensor) -> Tensor:
     """``x`` in the dtype of ``layer``'s first floating parameter outside autocast (fp32 values
     into a layer of bf16 or fp16 weights); as it is under autocast or for a layer without any."""
-    if torch.is_autocast_enabled(x.device.type):
-        return x
-    for p in layer.parameters():
-        if p.is_floating_point():
-            return x if p.dtype == x.dtype else x.to(p.dtype)
-    return x
+    p = None if torch.is_autocast_enabled(x.device.type) else next(
+        (p for p in layer.parameters() if p.is_floating_point()), None)
+    return x if p is None or p.dtype == x.dtype else x.to(p.dtype)
 
 
 @dataclass
@@ -329,11 +326,13 @@ def check_number(name: str, value: object, low: float, high: float = math.inf, *
         raise ValueError(f"{name} must be {'a whole number' if integer else 'a number'} in {span}, got {value!r}")
 
 
-def load_settings(q: nn.Module, state_dict: dict, prefix: str, shown: dict[str, Callable[[Any], object]]) -> None:
-    """For ``_load_from_state_dict``: the settings ``q`` keeps as buffers (names of ``shown``,
-    each with how to show a saved value) must equal the saved ones, or the codes would mean
-    other values; weights saved before a setting was kept load as this ``q``'s."""
+def load_settings(q: nn.Module, state_dict: dict, prefix: str,
+                  shown: dict[str, Callable[[Any], object] | tuple]) -> None:
+    """For ``_load_from_state_dict``: the settings ``q`` keeps as buffers (names of ``shown``, each with how
+    to show a saved value, or the names a saved index stands for) must equal the saved ones, or the codes
+    would mean other values; weights saved before a setting was kept load as this ``q``'s."""
     for name, show in shown.items():
+        show = (lambda i, names=show: names[i] if 0 <= i < len(names) else i) if isinstance(show, tuple) else show
         key, own = prefix + name, getattr(q, name)
         if key not in state_dict:
             state_dict[key] = own.clone()

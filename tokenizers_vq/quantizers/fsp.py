@@ -93,8 +93,7 @@ class FSP(Quantizer):
         self.register_buffer("_basis", torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0), persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        load_settings(self, state_dict, prefix, {"_levels": list, "_inverse_cdf": bool,
-                                                 "_cdf": lambda i: _NAMES[i] if 0 <= i < len(_NAMES) else i})
+        load_settings(self, state_dict, prefix, {"_levels": list, "_inverse_cdf": bool, "_cdf": _NAMES})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property

@@ -97,7 +97,7 @@ class FSQ(Quantizer):
         self.register_buffer("_basis", basis, persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        load_settings(self, state_dict, prefix, {"_levels": list, "_bound": lambda i: _BOUNDS[i] if 0 <= i < 3 else i})
+        load_settings(self, state_dict, prefix, {"_levels": list, "_bound": _BOUNDS})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property

@@ -354,7 +354,7 @@ class ProjectedCodebookVQ(Quantizer):
 
     # -- self-initialisation from the model's own latents ---------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        load_settings(self, state_dict, prefix, {"_metric": lambda i: METRICS[i] if 0 <= i < len(METRICS) else i})
+        load_settings(self, state_dict, prefix, {"_metric": METRICS})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initted = bool(self.initted)  # one sync, at load time
         self._pool, self._pool_batches = [], 0

@@ -353,7 +353,7 @@ class VectorQuantizer(Quantizer):
                 "usage_window": 1.0 - dead.float().mean(), "dead_codes": dead.sum().float()}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        load_settings(self, state_dict, prefix, {"_metric": lambda i: METRICS[i] if 0 <= i < len(METRICS) else i})
+        load_settings(self, state_dict, prefix, {"_metric": METRICS})
         sums, embed, size = (prefix + k for k in ("embed_sum", "embed", "cluster_size"))
         if self.learning == "ema" and sums not in state_dict and embed in state_dict and size in state_dict:
             n = state_dict[size].float().sum()  # a file saved without training state: the sums its codebook came from
