@@ -2,9 +2,13 @@
 
 ``counts[k] = #{n : idx_n = k}`` and ``sums[k] = sum_{n : idx_n = k} x_n`` in fp32.
 The rows are sorted by code once (a stable sort), so code ``k`` owns the contiguous
-segment ``order[start_k : start_{k+1}]``; one program per (code, column block, part) adds
-the rows of its part of the segment in a fixed order (with few codes a segment is cut into up
-to 8 parts, summed after in a fixed order). No atomics: the result is bitwise reproducible.
+segment ``order[start_k : start_{k+1}]``. The sorted rows are then cut into chunks of equal
+length, whatever the codes: one program per chunk (and block of columns) sums each run of equal
+codes in it by a segmented scan and stores a run that is its code's whole segment; a run cut by a
+chunk's edge is stored as a piece, and a second launch adds each cut code's pieces in chunk
+order (and writes the counts, and zeros for unused codes). The work per program is the same
+however the rows fall on codes (a popular code's rows are spread over many chunks), and the
+order of every addition is fixed: no atomics, the result is bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -20,36 +24,72 @@ from tokenizers_vq.kernels._host import cdiv, int32_columns, next_pow2, plain_ea
 
 
 @triton.jit
-def _segment_sum_kernel(X, ORDER, START, SUMS, COUNTS, K, D, sxn, sxd, SPLITS,
-                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid ``(K, column blocks, SPLITS)``: ``SUMS[s, k, cols] = sum_r X[ORDER[r], cols]`` over
-    the ``s``-th of ``SPLITS`` equal parts of ``START[k] <= r < START[k + 1]``, accumulated
-    in fp32 (the parts let a popular code's long segment be summed by several programs), and
-    ``COUNTS[k]`` the segment's length (fp32)."""
+def _carry_sum(fa, va, fb, vb):
+    """The segmented sum's step: a run that starts at ``b`` does not add what came before."""
+    return fa | fb, tl.where(fb != 0, vb, va + vb)
+
+
+@triton.jit
+def _run_sum_kernel(X, ORDER, KEYS, START, SUMS, PIECES, N, K, D, sxn, sxd,
+                    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid ``(cdiv(N, BLOCK_C), column blocks)``: sums the runs of equal codes among the sorted
+    rows ``c * BLOCK_C <= r < (c + 1) * BLOCK_C``. A run that is its code's whole segment goes to
+    ``SUMS[code]``; one cut by the chunk's edge to ``PIECES[2 c]`` if it starts the chunk, else to
+    ``PIECES[2 c + 1]`` (it ends the chunk). Codes outside ``[0, K)`` are left out."""
+    c = tl.program_id(0)
+    lo = c * BLOCK_C
+    hi = tl.minimum(lo + BLOCK_C, N)
+    rr = lo + tl.arange(0, BLOCK_C)
+    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rm = rr < hi
+    key = tl.load(KEYS + rr, mask=rm, other=-1).to(tl.int32)
+    prev = tl.load(KEYS + rr - 1, mask=rm & (rr > lo), other=-1).to(tl.int32)
+    nxt = tl.load(KEYS + rr + 1, mask=rr + 1 < hi, other=-1).to(tl.int32)
+    valid = rm & (key >= 0) & (key < K)
+    rows = tl.load(ORDER + rr, mask=valid, other=0)
+    xv = tl.load(X + rows[:, None] * sxn + dd[None, :] * sxd, mask=valid[:, None] & (dd < D)[None, :],
+                 other=0.0).to(tl.float32)
+    first = (rr == lo) | (key != prev)
+    flags = tl.broadcast_to(first.to(tl.int32)[:, None], (BLOCK_C, BLOCK_D))
+    _, run = tl.associative_scan((flags, xv), axis=0, combine_fn=_carry_sum)
+    last = valid & ((rr + 1 == hi) | (key != nxt))  # the row that holds its run's sum
+    code = tl.where(valid, key, 0)
+    seg_lo = tl.load(START + code, mask=last, other=0)
+    seg_hi = tl.load(START + code + 1, mask=last, other=0)
+    whole = (seg_lo >= lo) & (seg_hi <= hi)
+    cols = (dd < D)[None, :]
+    tl.store(SUMS + code.to(tl.int64)[:, None] * D + dd[None, :], run, mask=(last & whole)[:, None] & cols)
+    slot = 2 * c + tl.where(seg_lo <= lo, 0, 1)
+    tl.store(PIECES + slot.to(tl.int64)[:, None] * D + dd[None, :], run, mask=(last & ~whole)[:, None] & cols)
+
+
+@triton.jit
+def _join_pieces_kernel(START, PIECES, SUMS, COUNTS, K, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid ``(K, column blocks)``: the sum of a code whose segment crosses chunks, its pieces added
+    in chunk order; zeros for an unused code; ``COUNTS[k]`` the segment's length (fp32)."""
     k = tl.program_id(0).to(tl.int64)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    split = tl.program_id(2).to(tl.int64)
-    dmask = dd < D
+    dm = dd < D
     seg_lo = tl.load(START + k)
     seg_hi = tl.load(START + k + 1)
-    part = (seg_hi - seg_lo + SPLITS - 1) // SPLITS
-    lo = seg_lo + split * part
-    hi = tl.minimum(seg_hi, lo + part)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    rr = tl.arange(0, BLOCK_R)
-    for r0 in range(lo, hi, BLOCK_R):
-        rmask = r0 + rr < hi
-        rows = tl.load(ORDER + r0 + rr, mask=rmask, other=0)
-        xv = tl.load(X + rows[:, None] * sxn + dd[None, :] * sxd, mask=rmask[:, None] & dmask[None, :], other=0.0)
-        acc += xv.to(tl.float32)
-    tl.store(SUMS + (split * K + k) * D + dd, tl.sum(acc, axis=0), mask=dmask)
-    if (tl.program_id(1) == 0) & (split == 0):
+    if tl.program_id(1) == 0:
         tl.store(COUNTS + k, (seg_hi - seg_lo).to(tl.float32))
+    if seg_hi == seg_lo:
+        tl.store(SUMS + k * D + dd, tl.zeros([BLOCK_D], dtype=tl.float32), mask=dm)
+    else:
+        c_lo = seg_lo // BLOCK_C
+        c_hi = (seg_hi - 1) // BLOCK_C
+        if c_lo != c_hi:
+            acc = tl.load(PIECES + (2 * c_lo + tl.where(seg_lo == c_lo * BLOCK_C, 0, 1)) * D + dd, mask=dm, other=0.0)
+            for c in range(c_lo + 1, c_hi + 1):
+                acc += tl.load(PIECES + (2 * c) * D + dd, mask=dm, other=0.0)
+            tl.store(SUMS + k * D + dd, acc, mask=dm)
 
 
 def _code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
     n, d = x.shape
     sums = torch.empty(size, d, device=x.device, dtype=torch.float32)
+    counts = torch.empty(size, device=x.device, dtype=torch.float32)
     # the narrowest key that holds every code: a radix sort makes one pass per key byte
     key = torch.int16 if size < torch.iinfo(torch.int16).max else torch.int32 if size < 2**31 - 1 else torch.int64
     flat = idx.reshape(-1).long()  # any integer dtype in (uint8 included), then narrowed
@@ -58,17 +98,16 @@ def _code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]
     sorted_idx, order = torch.sort(flat, stable=True)
     # start[k] = first sorted position with code >= k; codes outside [0, size) are ignored.
     start = torch.searchsorted(sorted_idx, torch.arange(size + 1, device=x.device, dtype=key))
-    counts = torch.empty(size, device=x.device, dtype=torch.float32)
-    block_d = min(128, max(16, next_pow2(d)))
-    block_r = max(1, min(16, 2048 // block_d))
-    # few codes: each segment in up to 8 parts (summed in a fixed order after), so that one
-    # popular code's rows do not leave a single program running long after the others
-    splits = max(1, min(8, 8192 // max(size, 1)))
-    parts = sums if splits == 1 else torch.empty(splits, size, d, device=x.device, dtype=torch.float32)
-    relaunch.launch(_segment_sum_kernel, (size, max(1, cdiv(d, block_d)), splits), x, order, start, parts, counts, size, d,
-                    *x.stride(), splits, BLOCK_R=block_r, BLOCK_D=block_d)
-    if splits > 1:
-        torch.sum(parts, dim=0, out=sums)
+    block_d = min(64, max(16, next_pow2(d)))
+    block_c = max(16, min(256, 4096 // block_d))
+    chunks, col_blocks = cdiv(n, block_c), max(1, cdiv(d, block_d))
+    pieces = torch.empty(2 * chunks, d, device=x.device, dtype=torch.float32)
+    if n:
+        relaunch.launch(_run_sum_kernel, (chunks, col_blocks), x, order, sorted_idx, start, sums, pieces, n, size, d,
+                        *x.stride(), BLOCK_C=block_c, BLOCK_D=block_d)
+    if size:
+        relaunch.launch(_join_pieces_kernel, (size, col_blocks), start, pieces, sums, counts, size, d,
+                        BLOCK_C=block_c, BLOCK_D=block_d)
     return counts, sums
 
 
@@ -96,8 +135,8 @@ def code_statistics_triton(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, T
 
     Accepts ``x (N, d)`` of any float dtype and strides and integer ``idx (N,)``;
     CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Extra memory is
-    ``O(N + K)`` (the sort) plus, below 4,096 codes, fp32 partial sums ``(parts, K, d)`` of at
-    most ``8192 d`` values (8 MiB at ``d = 256``); never ``N x K``.
+    ``O(N + K)`` (the sort) plus fp32 pieces of the runs cut by chunk edges, at most
+    ``2 d N / 16`` values (4 MiB at ``N = 32768``, ``d = 256``); never ``N x K``.
 
     Args:
         x: ``(N, d)`` latents.

@@ -66,10 +66,14 @@ def test_commit_kernels_compile_for_sm90():
                  {"HAS_G": has_g, "BLOCK_N": 32, "BLOCK_D": 128})
 
 
-def test_segment_sum_kernel_compiles_for_sm90():
+def test_segment_kernels_compile_for_sm90():
     _needs_cuda_backend()
     from tokenizers_vq.kernels import segment  # noqa: PLC0415
 
-    _compile(segment._segment_sum_kernel,
-             {"X": F32, "ORDER": I64, "START": I64, "SUMS": F32, "COUNTS": F32, "K": I32, "D": I32, "sxn": I32,
-              "sxd": I32, "SPLITS": I32, "BLOCK_R": C, "BLOCK_D": C}, {"BLOCK_R": 16, "BLOCK_D": 128})
+    for keys in ("*i16", "*i32", "*i64"):
+        _compile(segment._run_sum_kernel,
+                 {"X": F32, "ORDER": I64, "KEYS": keys, "START": I64, "SUMS": F32, "PIECES": F32, "N": I32, "K": I32,
+                  "D": I32, "sxn": I32, "sxd": I32, "BLOCK_C": C, "BLOCK_D": C}, {"BLOCK_C": 64, "BLOCK_D": 64})
+    _compile(segment._join_pieces_kernel,
+             {"START": I64, "PIECES": F32, "SUMS": F32, "COUNTS": F32, "K": I32, "D": I32, "BLOCK_C": C, "BLOCK_D": C},
+             {"BLOCK_C": 64, "BLOCK_D": 64})

@@ -185,8 +185,8 @@ def check_code_statistics(device, full=False):
         ref_sums = torch.zeros(k, 5, dtype=torch.float64).index_add_(0, kept, x[6:].double().cpu())
         assert torch.equal(counts.cpu(), torch.bincount(kept, minlength=k).float())
         torch.testing.assert_close(sums.cpu().double(), ref_sums, rtol=1e-5, atol=1e-5 * n)
-    # long segments beside short ones: code 0 on 128 rows, code 1 on the next 300 sorted rows, four
-    # codes on the rest; the same bits on a second call
+    # runs cut by chunk edges (128 sorted rows a chunk at d = 20): code 0 fills the first chunk, code 1
+    # starts on the second chunk's first row and spans three chunks; the same bits on a second call
     idx = torch.cat([torch.zeros(128), torch.ones(300), torch.randint(2, 6, (272,)).float()]).long()
     idx = idx[torch.randperm(700)].to(device)
     x = _data((700, 20), torch.float32, device)
