@@ -86,6 +86,38 @@ def test_mutation_rate_is_per_bit_and_per_code():
     assert abs(float(changed) - 0.1 * 255 / 256) < 0.015
 
 
+def test_bitwise_crossover_mixes_the_bits_of_a_code():
+    start = torch.tensor([[0] * 50, [1023] * 50])  # complementary parents, no mutation
+    kw = dict(population=40, generations=1, mutation_rate=0.0, elites=0, tournament=1)  # parents at random
+    found = evolve_codes(as_float, lambda x, c: torch.zeros(len(c)), 1024, start, bitwise=True, **kw)
+    bits = ((found.population[..., None] >> torch.arange(10)) & 1).float()  # (child, position, bit)
+    crossed = ~((found.population == 0).all(1) | (found.population == 1023).all(1))  # two different parents
+    assert 10 <= int(crossed.sum()) <= 30
+    mixed = (bits[crossed].mean(-1) > 0) & (bits[crossed].mean(-1) < 1)  # codes that are neither parent's
+    assert mixed.float().mean() > 0.95 and abs(float(bits[crossed].mean()) - 0.5) < 0.05
+    whole = evolve_codes(as_float, lambda x, c: torch.zeros(len(c)), 1024, start, **kw)
+    assert set(whole.population.unique().tolist()) == {0, 1023}  # whole codes: each from one parent
+    assert not ((whole.population == 0).all(1) | (whole.population == 1023).all(1)).all()
+
+
+def test_a_bare_number_scores_a_map_of_one():
+    for number in (lambda x: float(x.sum()), lambda x: x.sum()):  # a float, a 0-dim tensor
+        found = evolve_codes(as_float, lambda x, c: number(x), 4, shape=(3,), population=4, generations=2,
+                             batch_size=1)
+        assert found.score == float(found.codes.sum()) and len(found.history) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_codes_give_the_cpu_search():
+    score = lambda x, c: -(x - 3).abs().flatten(1).sum(1)  # noqa: E731
+    for bitwise in (False, True):
+        kw = dict(bitwise=bitwise, population=12, generations=5, mutation_rate=0.2, seed=2)
+        cpu = evolve_codes(as_float, score, 16, torch.zeros(1, 6, dtype=torch.long), **kw)
+        gpu = evolve_codes(as_float, score, 16, torch.zeros(1, 6, dtype=torch.long, device="cuda"), **kw)
+        assert gpu.population.is_cuda and torch.equal(gpu.population.cpu(), cpu.population)
+        assert gpu.history == cpu.history
+
+
 def test_batch_size_scores_in_chunks():
     sizes = []
 
@@ -124,8 +156,10 @@ def test_float_start_and_bad_scores_are_refused():
 
 
 def small_tokenizer(kind, options, levels=1):
+    """A random-weight image tokenizer; negative ``levels``: that many channel groups instead."""
     torch.manual_seed(0)
-    return Tokenizer(TokenizerConfig(quantizer=QuantizerConfig(kind, options, levels=levels)))
+    shape = {"levels": levels} if levels > 0 else {"groups": -levels}
+    return Tokenizer(TokenizerConfig(quantizer=QuantizerConfig(kind, options, **shape)))
 
 
 def mse_to(target):
@@ -135,7 +169,9 @@ def mse_to(target):
 @pytest.mark.parametrize("kind, options, levels, bitwise", [
     ("lfq", {"num_bits": 6}, 1, True),
     ("lfq", {"num_bits": 4, "spherical": True}, 2, True),
+    ("lfq", {"num_bits": 4}, -2, True),  # two channel groups
     ("vq", {"codebook_size": 64}, 1, False),
+    ("fsq", {"levels": [4, 4, 4]}, 1, False),
 ])
 def test_tokens_search_through_the_tokenizer(kind, options, levels, bitwise, monkeypatch):
     import tokenizers_vq.evolve as ev
@@ -143,17 +179,18 @@ def test_tokens_search_through_the_tokenizer(kind, options, levels, bitwise, mon
     seen = {}
     real = ev.evolve_codes
     monkeypatch.setattr(ev, "evolve_codes", lambda *a, **k: seen.update(k) or real(*a, **k))
-    tok = small_tokenizer(kind, options, levels)
+    tok = small_tokenizer(kind, options, levels).train()
     photo = torch.rand(1, 3, 40, 40)
     start = tok.encode(photo)
     start_score = float(mse_to(photo[..., :40, :40])(tok.decode(start, (40, 40)), start)[0])
     found = evolve_tokens(tok, mse_to(photo), start, size=(40, 40), population=6, generations=3)
     assert seen["bitwise"] is bitwise
-    assert found.codes.shape == start.shape and found.score >= start_score
-    assert found.history[0] >= start_score - 1e-6  # the start is in the first generation
+    assert found.codes.shape == start.shape and found.score >= start_score - 1e-6
+    assert found.history[0] >= start_score - 1e-6  # the start is in the first generation (scored in a batch)
     assert found.scores.shape == (6,)
     assert int(found.population.max()) < tok.codebook_size
     assert tok.decode(found.codes, (40, 40)).shape == photo.shape
+    assert tok.training  # its mode given back
 
 
 def test_tokens_search_refuses_what_it_cannot_search():
@@ -162,3 +199,6 @@ def test_tokens_search_refuses_what_it_cannot_search():
         evolve_tokens(tok, mse_to(0), torch.zeros(1, 2, 2, dtype=torch.long), bitwise=False)
     with pytest.raises(ValueError, match="outside \\[0, 64\\)"):
         evolve_tokens(tok, mse_to(0), torch.full((1, 2, 2), 64), generations=1)
+    multiscale = small_tokenizer("multiscale", {"codebook_size": 64, "scales": [1, 2]})
+    with pytest.raises(ValueError, match="repeats a coarse code"):
+        evolve_tokens(multiscale, mse_to(0), torch.zeros(1, 2, 2, dtype=torch.long), generations=1)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tokenizers_vq.quantizers.base import check_number
+from tokenizers_vq.quantizers.base import check_number, evaluating
 
 Decode = Callable[[Tensor], Tensor]
 """``codes (n, *shape) -> media (n, ...)``."""
@@ -92,8 +92,9 @@ def _crossover(a: Tensor, b: Tensor, draws: _Draws, size: int, bits: int | None)
 def _scores(decode: Decode, score: Score, pop: Tensor, batch_size: int | None) -> Tensor:
     parts = []
     for chunk in pop.split(batch_size or len(pop)):
-        s = score(decode(chunk), chunk)
-        s = torch.as_tensor(s, dtype=torch.float64).reshape(-1) if not isinstance(s, Tensor) else s
+        s = torch.as_tensor(score(decode(chunk), chunk))
+        if s.dim() == 0 and len(chunk) == 1:  # a bare number for a chunk of one
+            s = s.reshape(1)
         if s.shape != (len(chunk),):
             raise ValueError(f"score must give one value per code map, shape ({len(chunk)},); got {tuple(s.shape)}")
         parts.append(s.detach().to("cpu", torch.float64))
@@ -194,10 +195,10 @@ def evolve_codes(decode: Decode, score: Score, codebook_size: int, start: Tensor
 
         rounds = tqdm(rounds, desc="evolve", unit="gen")
     n_children = population - elites
-    for _ in rounds:
+    for _ in rounds:  # (selection on the CPU, where the scores are; the maps stay on their device)
         order = torch.sort(scores, descending=True, stable=True).indices.to(device)
-        contenders = draws.ints(population, (n_children, 2, tournament))
-        winners = contenders.gather(-1, scores.to(device)[contenders].argmax(-1, keepdim=True)).squeeze(-1)
+        contenders = torch.randint(0, population, (n_children, 2, tournament), generator=draws.gen)
+        winners = contenders.gather(-1, scores[contenders].argmax(-1, keepdim=True)).squeeze(-1).to(device)
         children = _crossover(pop[winners[:, 0]], pop[winners[:, 1]], draws, codebook_size, bits)
         children = _mutate(children, draws, codebook_size, bits, mutation_rate)
         pop = torch.cat([pop[order[:elites]], children])
@@ -217,8 +218,10 @@ def evolve_tokens(tokenizer, score: Score, start: Tensor, *, size: Sequence[int]
     (``(m, *grid, *code_shape)``, e.g. ``tokenizer.encode(x)`` of one item).
 
     The search is bitwise when the bottleneck's quantizers are sign quantizers (LFQ, BSQ); ``size``
-    crops the decodings as :meth:`Tokenizer.decode` does; the tokenizer is put in eval
-    mode. Options are :func:`evolve_codes`'s.
+    crops the decodings as :meth:`Tokenizer.decode` does; the tokenizer decodes in eval mode (each
+    module's own mode back after). Options are :func:`evolve_codes`'s. Bottlenecks whose codes are not
+    one per position are refused: a dynamic-length one, and multi-scale or hierarchical ones, which
+    repeat a coarse code over the positions it covers and read one of them.
 
     Example:
         >>> from tokenizers_vq import QuantizerConfig, Tokenizer, TokenizerConfig
@@ -235,11 +238,15 @@ def evolve_tokens(tokenizer, score: Score, start: Tensor, *, size: Sequence[int]
     if tokenizer.is_dynamic:
         raise ValueError("evolve_tokens searches fixed code maps; a dynamic-length tokenizer's PackedCodes "
                          "cannot be mutated position by position (use a tokenizer without a dynamic bottleneck)")
+    if not tokenizer.quantizer.positionwise:
+        raise ValueError(f"evolve_tokens changes each position's code on its own; this {type(tokenizer.quantizer).__name__} "
+                         "repeats a coarse code over several positions and decodes one of them, so most changes would "
+                         "do nothing (use a tokenizer whose bottleneck codes each position: vq, fsq, lfq, residual, ...)")
     if "bitwise" in options:
         raise TypeError("evolve_tokens picks bitwise from the tokenizer's bottleneck; "
                         "call evolve_codes to choose it yourself")
     leaves = [m for m in tokenizer.quantizer.modules()  # (residual levels, groups: the quantizers inside)
               if isinstance(m, Quantizer) and not any(isinstance(c, Quantizer) for c in m.modules() if c is not m)]
-    tokenizer.eval()
-    return evolve_codes(lambda codes: tokenizer.decode(codes, size), score, tokenizer.codebook_size, start,
-                        bitwise=all(isinstance(m, LFQ) for m in leaves), **options)
+    with evaluating(tokenizer):
+        return evolve_codes(lambda codes: tokenizer.decode(codes, size), score, tokenizer.codebook_size, start,
+                            bitwise=all(isinstance(m, LFQ) for m in leaves), **options)
