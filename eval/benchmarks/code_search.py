@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = sys.argv[1:] if argv is None else argv
     if args.model is None and args.data is None:
         p.error("give --data to train an LFQ tokenizer, or --model")
-    torch.set_grad_enabled(False)
-    write(run(args), args, args.out)
+    with torch.no_grad():
+        write(run(args), args, args.out)
 
 
 if __name__ == "__main__":

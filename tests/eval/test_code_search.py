@@ -29,6 +29,7 @@ def test_searches_run_and_are_reported(tmp_path):
     if importlib.util.find_spec("vector_quantize_pytorch") is not None:
         assert len(found["curves"][0]["peer"]) == 4 and row["peer_reported_db"] >= row["encoder_db"] - 1e-4
         assert found["curves"][0]["peer"][0] == found["curves"][0]["ours"][0]  # the same first generation
+    assert torch.is_grad_enabled()  # the benchmark leaves the process's grad mode as it found it
     table = (tmp_path / "out" / "code_search.md").read_text()
     assert "| **mean** |" in table and "--generations 3" in table
     assert (tmp_path / "out" / "code_search.png").stat().st_size > 1000
