@@ -92,7 +92,8 @@ def _crossover(a: Tensor, b: Tensor, draws: _Draws, size: int, bits: int | None)
 def _scores(decode: Decode, score: Score, pop: Tensor, batch_size: int | None) -> Tensor:
     parts = []
     for chunk in pop.split(batch_size or len(pop)):
-        s = torch.as_tensor(score(decode(chunk), chunk))
+        with torch.no_grad():  # (scores only: no graph kept of the decodings)
+            s = torch.as_tensor(score(decode(chunk), chunk))
         if s.dim() == 0 and len(chunk) == 1:  # a bare number for a chunk of one
             s = s.reshape(1)
         if s.shape != (len(chunk),):
