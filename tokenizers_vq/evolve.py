@@ -81,7 +81,6 @@ def _mutate(codes: Tensor, draws: _Draws, size: int, bits: int | None, rate: flo
     return torch.where(draws.uniform(codes.shape) < rate, draws.ints(size, codes.shape), codes)
 
 
-
 def _crossover(a: Tensor, b: Tensor, draws: _Draws, size: int, bits: int | None) -> Tensor:
     if bits is not None:  # a uniform integer below 2^bits has independent, fair bits
         take_a = draws.ints(size, a.shape)
