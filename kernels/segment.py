@@ -99,16 +99,24 @@ def _code_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]
     # start[k] = first sorted position with code >= k; codes outside [0, size) are ignored.
     start = torch.searchsorted(sorted_idx, torch.arange(size + 1, device=x.device, dtype=key))
     block_d = min(64, max(16, next_pow2(d)))
-    block_c = max(16, min(256, 4096 // block_d))
+    sum_runs(x, order, sorted_idx, start, sums, counts, max(16, min(256, 4096 // block_d)), block_d)
+    return counts, sums
+
+
+def sum_runs(x: Tensor, order: Tensor, sorted_idx: Tensor, start: Tensor, sums: Tensor, counts: Tensor,
+             block_c: int, block_d: int, num_warps: int = 4) -> None:
+    """The two launches that fill ``sums (K, d)`` and ``counts (K,)`` from the sorted rows (``order``,
+    their codes ``sorted_idx``, each code's first position ``start (K + 1,)``), ``block_c`` sorted rows a
+    chunk and ``block_d`` columns a block (``eval/gpu/segment_sweep.py`` times them at every setting)."""
+    (n, d), size = x.shape, counts.shape[0]
     chunks, col_blocks = cdiv(n, block_c), max(1, cdiv(d, block_d))
     pieces = torch.empty(2 * chunks, d, device=x.device, dtype=torch.float32)
     if n:
         relaunch.launch(_run_sum_kernel, (chunks, col_blocks), x, order, sorted_idx, start, sums, pieces, n, size, d,
-                        *x.stride(), BLOCK_C=block_c, BLOCK_D=block_d)
+                        *x.stride(), BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps)
     if size:
         relaunch.launch(_join_pieces_kernel, (size, col_blocks), start, pieces, sums, counts, size, d,
-                        BLOCK_C=block_c, BLOCK_D=block_d)
-    return counts, sums
+                        BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps)
 
 
 def _checked_statistics(x: Tensor, idx: Tensor, size: int) -> tuple[Tensor, Tensor]:

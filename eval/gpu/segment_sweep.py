@@ -42,8 +42,8 @@ def codes(n: int, k: int, skewed: bool, gen: torch.Generator) -> torch.Tensor:
 
 
 def sweep_case(n: int, k: int, d: int, skewed: bool) -> list[dict]:
-    from tokenizers_vq.kernels import relaunch, segment  # noqa: PLC0415
-    from tokenizers_vq.kernels._host import cdiv, next_pow2  # noqa: PLC0415
+    from tokenizers_vq.kernels import segment  # noqa: PLC0415
+    from tokenizers_vq.kernels._host import next_pow2  # noqa: PLC0415
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(n, d, device="cuda", generator=gen)
@@ -77,14 +77,9 @@ def sweep_case(n: int, k: int, d: int, skewed: bool) -> list[dict]:
     for block_c, block_d, warps in sorted(settings):
         if block_c * block_d > 16384:
             continue
-        chunks, cols = cdiv(n, block_c), cdiv(d, block_d)
-        pieces = torch.empty(2 * chunks, d, device="cuda")
 
-        def run(block_c=block_c, block_d=block_d, warps=warps, chunks=chunks, cols=cols, pieces=pieces):
-            relaunch.launch(segment._run_sum_kernel, (chunks, cols), x, order, sorted_idx, start, sums, pieces, n, k, d,
-                            *x.stride(), BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps)
-            relaunch.launch(segment._join_pieces_kernel, (k, cols), start, pieces, sums, counts, k, d,
-                            BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps)
+        def run(block_c=block_c, block_d=block_d, warps=warps):
+            segment.sum_runs(x, order, sorted_idx, start, sums, counts, block_c, block_d, warps)
 
         add("runs in chunks", run, sums, block_c=block_c, block_d=block_d, warps=warps)
     return rows
