@@ -6,7 +6,8 @@ Ours: VQ with an EMA codebook and SimVQ (each with the straight-through and the 
 estimator), FSQ, LFQ, BSQ and IBQ. vector-quantize-pytorch's
 ``VectorQuantize``, ``FSQ``, ``LFQ`` and ``SimVQ`` run behind our quantizer contract
 through :class:`PeerQuantizer` (an adapter that lives here, not in the library). Every
-codebook has 1024 codes (FSQ ``[8, 5, 5, 5]``: 1000). The adversarial loss is off, so the
+codebook has 1024 codes (FSQ ``[8, 5, 5, 5]``: 1000), or the ``--codebook-size`` given (256 to
+65,536; FSQ with the levels its paper gives for that size). The adversarial loss is off, so the
 bottleneck alone separates the runs.
 
     python -m tokenizers_vq.eval.quantizer_shootout --data ../shared/data/images/bsds500/train \\
@@ -39,28 +40,44 @@ from tokenizers_vq.quantizers.base import Quantizer, QuantizerOutput
 CODEBOOK = 1024
 CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "image.yaml"
 PEER = "tokenizers_vq.eval.quantizer_shootout:PeerQuantizer"  # the adapter, as a quantizer kind by import path
-FSQ_LEVELS = [8, 5, 5, 5]
-# method -> (quantizer kind, options): ours, then the peer's layers behind the adapter
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ours-vq-ema": ("vq", {"codebook_size": CODEBOOK, "codebook_dim": 16, "metric": "cosine", "kmeans_init": True,
-                           "dead_code_threshold": 2.0, "check_finite": False}),  # the peer's threshold (to 1.32)
-    "ours-fsq": ("fsq", {"levels": FSQ_LEVELS}),
-    "ours-lfq": ("lfq", {"num_bits": int(math.log2(CODEBOOK))}),
-    "ours-bsq": ("lfq", {"num_bits": int(math.log2(CODEBOOK)), "spherical": True}),
-    "ours-vq-ema-rot": ("vq", {"codebook_size": CODEBOOK, "codebook_dim": 16, "metric": "cosine", "kmeans_init": True,
-                               "dead_code_threshold": 2.0, "check_finite": False, "estimator": "rotation"}),  # as the peer's
-    "ours-simvq": ("simvq", {"codebook_size": CODEBOOK}),
-    "ours-simvq-rot": ("simvq", {"codebook_size": CODEBOOK, "estimator": "rotation"}),  # as the peer's default
-    "ours-ibq": ("ibq", {"codebook_size": CODEBOOK}),
-    "ours-fsp": ("fsp", {"levels": FSQ_LEVELS}),
-    "ours-binary-mapper": ("binary_mapper", {"bits": int(math.log2(CODEBOOK))}),
-    "vqp-vq": (PEER, {"method": "vq", "codebook_size": CODEBOOK}),
-    "vqp-fsq": (PEER, {"method": "fsq", "codebook_size": math.prod(FSQ_LEVELS)}),
-    "vqp-lfq": (PEER, {"method": "lfq", "codebook_size": CODEBOOK}),
-    "vqp-simvq": (PEER, {"method": "simvq", "codebook_size": CODEBOOK}),
-    "vqp-fsp": (PEER, {"method": "fsp", "codebook_size": math.prod(FSQ_LEVELS)}),
-    "vqp-binary-mapper": (PEER, {"method": "binary", "codebook_size": CODEBOOK}),
-}
+FSQ_LEVELS_BY_SIZE = {256: [8, 6, 5], 1024: [8, 5, 5, 5], 4096: [7, 5, 5, 5, 5], 16384: [8, 8, 8, 6, 5],
+                      65536: [8, 8, 8, 5, 5, 5]}
+"""FSQ's levels for about ``2^b`` codes, as the FSQ paper recommends them (arXiv 2309.15505, Table 1)."""
+
+
+def methods(codebook_size: int = CODEBOOK) -> dict[str, tuple[str, dict[str, Any]]]:
+    """method -> (quantizer kind, options) at ``codebook_size`` codes (a key of
+    :data:`FSQ_LEVELS_BY_SIZE`; FSQ and FSP take that entry's levels, slightly fewer codes):
+    ours, then the peer's layers behind the adapter."""
+    if codebook_size not in FSQ_LEVELS_BY_SIZE:
+        raise ValueError(f"codebook size {codebook_size}: the shootout runs at {sorted(FSQ_LEVELS_BY_SIZE)} codes "
+                         "(powers of two, for LFQ's bits, with FSQ levels the FSQ paper recommends)")
+    k, levels, bits = codebook_size, FSQ_LEVELS_BY_SIZE[codebook_size], int(math.log2(codebook_size))
+    # dead codes: an EMA count below 2 assignments per step at 1024 codes (the peer's threshold to 1.32, the
+    # mean count of a step's 2,048 tokens), the same fraction of the mean count at other sizes
+    vq = {"codebook_size": k, "codebook_dim": 16, "metric": "cosine", "kmeans_init": True,
+          "dead_code_threshold": 2.0 * CODEBOOK / k, "check_finite": False}
+    return {
+        "ours-vq-ema": ("vq", vq),
+        "ours-fsq": ("fsq", {"levels": levels}),
+        "ours-lfq": ("lfq", {"num_bits": bits}),
+        "ours-bsq": ("lfq", {"num_bits": bits, "spherical": True}),
+        "ours-vq-ema-rot": ("vq", {**vq, "estimator": "rotation"}),  # as the peer's
+        "ours-simvq": ("simvq", {"codebook_size": k}),
+        "ours-simvq-rot": ("simvq", {"codebook_size": k, "estimator": "rotation"}),  # as the peer's default
+        "ours-ibq": ("ibq", {"codebook_size": k}),
+        "ours-fsp": ("fsp", {"levels": levels}),
+        "ours-binary-mapper": ("binary_mapper", {"bits": bits}),
+        "vqp-vq": (PEER, {"method": "vq", "codebook_size": k}),
+        "vqp-fsq": (PEER, {"method": "fsq", "codebook_size": math.prod(levels)}),
+        "vqp-lfq": (PEER, {"method": "lfq", "codebook_size": k}),
+        "vqp-simvq": (PEER, {"method": "simvq", "codebook_size": k}),
+        "vqp-fsp": (PEER, {"method": "fsp", "codebook_size": math.prod(levels)}),
+        "vqp-binary-mapper": (PEER, {"method": "binary", "codebook_size": k}),
+    }
+
+
+METHODS = methods()
 
 
 def peer_dead_codes(vqp: Any) -> dict[str, float]:
@@ -97,7 +114,7 @@ class PeerQuantizer(Quantizer):
 
     ``method``: ``"vq"`` (``VectorQuantize`` with an EMA codebook, cosine similarity,
     k-means init, a 16-dim factorised lookup and dead-code expiry, as our default), ``"fsq"``
-    and ``"fsp"`` (levels :data:`FSQ_LEVELS`; FSP from 1.34), ``"binary"`` (:class:`PeerBinaryMapper`,
+    and ``"fsp"`` (the levels of :data:`FSQ_LEVELS_BY_SIZE` whose product is ``codebook_size``; FSP from 1.34), ``"binary"`` (:class:`PeerBinaryMapper`,
     from 1.34), ``"lfq"`` or ``"simvq"``; its own losses come back as
     ``losses["peer"]``."""
 
@@ -106,16 +123,20 @@ class PeerQuantizer(Quantizer):
         import vector_quantize_pytorch as vqp  # noqa: PLC0415  (a peer: benchmark only)
 
         self.method, self._size = method, codebook_size
+        levels = next((v for v in FSQ_LEVELS_BY_SIZE.values() if math.prod(v) == codebook_size), None)
+        if method in ("fsq", "fsp") and levels is None:
+            raise ValueError(f"no FSQ levels give {codebook_size} codes here: use one of "
+                             f"{sorted(math.prod(v) for v in FSQ_LEVELS_BY_SIZE.values())}")
         if method == "vq":
             self.layer = vqp.VectorQuantize(dim=dim, codebook_size=codebook_size, codebook_dim=16, use_cosine_sim=True,
                                             kmeans_init=True, decay=0.99, commitment_weight=0.25, **peer_dead_codes(vqp))
         elif method == "fsq":
-            self.layer = vqp.FSQ(levels=FSQ_LEVELS, dim=dim)
+            self.layer = vqp.FSQ(levels=levels, dim=dim)
         elif method == "fsp":
             if not hasattr(vqp, "FSP"):
                 raise ValueError(f"vector-quantize-pytorch {importlib.metadata.version('vector-quantize-pytorch')} has no "
                                  "FSP: it came in 1.34 (pip install -U vector-quantize-pytorch)")
-            self.layer = vqp.FSP(levels=FSQ_LEVELS, dim=dim)
+            self.layer = vqp.FSP(levels=levels, dim=dim)
         elif method == "binary":
             self.layer = PeerBinaryMapper(vqp, dim, int(math.log2(codebook_size)))
         elif method == "lfq":
@@ -181,7 +202,8 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "shootout.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Quantizer shootout ({meta['device_name']}, {meta['steps']} steps each)", "",
-             f"Image tokenizer at f16, batch {meta['batch_size']}, crop {meta['crop']}, seed {meta['seed']}, no GAN; "
+             f"Image tokenizer at f16, batch {meta['batch_size']}, crop {meta['crop']}, seed {meta['seed']}, no GAN, "
+             f"{meta.get('codebook_size', CODEBOOK)} codes (FSQ/FSP: the paper's levels); "
              f"{meta.get('parallel', 1)} training(s) at a time on the device (step times include that sharing); "
              f"held-apart: {meta['val_items']} photos of `{meta['val']}`. Command: `{meta['command']}`", "",
              "| method | codes | PSNR dB | SSIM | usage | perplexity | step ms | train peak MiB |",
@@ -228,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-items", type=int, default=0)
     p.add_argument("--val-items", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--codebook-size", type=int, default=CODEBOOK, choices=sorted(FSQ_LEVELS_BY_SIZE),
+                   help="codes of every bottleneck (FSQ and FSP: the paper's levels for it, slightly fewer)")
     p.add_argument("--parallel", type=int, default=1,
                    help="trainings at once on the device (step times then include the sharing)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD:JSON",
@@ -235,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
                         "'ours-vq-ema-decay0.9=ours-vq-ema:{\"decay\": 0.9}' (repeatable; put NAME in --methods)")
     args = p.parse_args(argv)
     try:
-        args.table = with_variants(METHODS, args.variant)
+        args.table = with_variants(methods(args.codebook_size), args.variant)
     except ValueError as e:
         p.error(str(e))
     names = args.methods.split(",")
@@ -244,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = {"device_name": torch.cuda.get_device_name() if device == "cuda" else "CPU", "torch": torch.__version__,
             "steps": args.steps, "batch_size": args.batch_size, "crop": args.crop, "seed": args.seed,
-            "parallel": args.parallel,
+            "parallel": args.parallel, "codebook_size": args.codebook_size,
             "val": args.val, "val_items": args.val_items,
             "command": "python -m tokenizers_vq.eval.quantizer_shootout " + " ".join(sys.argv[1:] if argv is None else argv)}
     with tempfile.TemporaryDirectory(prefix="tvq-shootout-") as scratch:  # the runs' checkpoints, not results

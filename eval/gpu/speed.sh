@@ -15,8 +15,8 @@
 #   EXPORT_TIME seconds; carry the folder.
 #   SHOOTOUT_DATA=<train photos> SHOOTOUT_VAL=<held-apart photos> runs the quantizer shootout first
 #   (eval/quantizer_shootout.py, SHOOTOUT_STEPS steps, SHOOTOUT_PARALLEL trainings at once, at most
-#   SHOOTOUT_TIME seconds, SHOOTOUT_METHODS=a,b to run only those; needs the vector-quantize-pytorch
-#   wheels in .whl); carry both folders.
+#   SHOOTOUT_TIME seconds, SHOOTOUT_METHODS=a,b to run only those, SHOOTOUT_CODES codes each instead of
+#   1024; needs the vector-quantize-pytorch wheels in .whl); carry both folders.
 # Each part's time is bounded by what is left of LIMIT seconds; results land in $OUT/{kernels,throughput}.
 set -u
 source eval/gpu/setup.sh
@@ -27,7 +27,7 @@ left() { echo $(( LIMIT - RESERVE - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 if [ -n "${SHOOTOUT_DATA:-}" ]; then
   timeout "${SHOOTOUT_TIME:-300}" python3 -m tokenizers_vq.eval.quantizer_shootout --data "$SHOOTOUT_DATA" --val "$SHOOTOUT_VAL" \
-    --steps "${SHOOTOUT_STEPS:-1000}" --parallel "${SHOOTOUT_PARALLEL:-10}" ${SHOOTOUT_METHODS:+--methods "$SHOOTOUT_METHODS"} --out "$OUT/shootout" > "$OUT/shootout.log" 2>&1
+    --steps "${SHOOTOUT_STEPS:-1000}" --parallel "${SHOOTOUT_PARALLEL:-10}" ${SHOOTOUT_METHODS:+--methods "$SHOOTOUT_METHODS"} ${SHOOTOUT_CODES:+--codebook-size "$SHOOTOUT_CODES"} --out "$OUT/shootout" > "$OUT/shootout.log" 2>&1
   echo "shootout exit $?" >> "$OUT/shootout.log"; tail -n 15 "$OUT/shootout.log"
 fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then

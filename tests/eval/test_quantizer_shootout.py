@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import types
 
 import pytest
@@ -15,25 +16,25 @@ from tokenizers_vq.eval import quantizer_shootout as shootout
 
 
 def test_each_bottleneck_trains_and_is_measured(tmp_path):
-    """Two trainings at a time; the rows keep the order of ``--methods``."""
+    """Two trainings at a time, 256 codes each; the rows keep the order of ``--methods``."""
     photos = shared_path("images", "bsds500")
     shootout.main(["--data", str(photos / "train"), "--val", str(photos / "val"), "--steps", "2", "--batch-size", "2",
                    "--crop", "32", "--max-items", "2", "--val-items", "2",
                    "--methods", "ours-vq-ema,ours-bsq,vqp-fsq,vq-fast-ema", "--variant", 'vq-fast-ema=ours-vq-ema:{"decay": 0.8}',
-                   "--parallel", "2", "--out", str(tmp_path)])
+                   "--parallel", "2", "--codebook-size", "256", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in json.loads((tmp_path / "shootout.json").read_text())["rows"]}
     assert list(rows) == ["ours-vq-ema", "ours-bsq", "vqp-fsq", "vq-fast-ema"]
-    assert rows["vq-fast-ema"]["options"] == {**shootout.METHODS["ours-vq-ema"][1], "decay": 0.8}
+    assert rows["vq-fast-ema"]["options"] == {**shootout.methods(256)["ours-vq-ema"][1], "decay": 0.8}
     for name in ("ours-vq-ema", "ours-bsq", "vq-fast-ema"):
         r = rows[name]
-        assert r["steps"] == 2 and r["codebook_size"] == 1024 and 0 < r["usage"] <= 1 and r["psnr_db"] > 0
+        assert r["steps"] == 2 and r["codebook_size"] == 256 and 0 < r["usage"] <= 1 and r["psnr_db"] > 0
     peer = rows["vqp-fsq"]
     if importlib.util.find_spec("vector_quantize_pytorch") is None:
         assert peer["error"] == "skipped: vector-quantize-pytorch is not installed"
     else:
-        assert peer["codebook_size"] == 1000 and peer["steps"] == 2
+        assert peer["codebook_size"] == 240 and peer["steps"] == 2
     table = (tmp_path / "shootout.md").read_text()
-    assert "| ours-vq-ema | 1024 |" in table and "--steps 2" in table and "2 training(s) at a time" in table
+    assert "| ours-vq-ema | 256 |" in table and "256 codes" in table and "--steps 2" in table and "2 training(s) at a time" in table
     assert (tmp_path / "shootout.png").stat().st_size > 1000
 
 
@@ -75,6 +76,36 @@ def test_each_of_our_bottlenecks_builds_from_its_row(method):
     out = q(torch.randn(2, 4, 4, 8))
     assert out.codes.shape == (2, 4, 4) and q.codebook_size in (1000, 1024)
     assert getattr(q, "estimator", "ste") == ("rotation" if method.endswith("-rot") else "ste")
+
+
+@pytest.mark.parametrize("size", [256, 16384])
+def test_every_row_has_the_codebook_size_asked_for(size):
+    """At another size every row of ours builds with that many codes (FSQ and FSP: the paper's
+    levels, a few less), and a size without recommended levels is refused by name."""
+    from tokenizers_vq.tokenizer_config import QuantizerConfig  # noqa: PLC0415
+
+    table = shootout.methods(size)
+    assert set(table) == set(shootout.METHODS)
+    fsq = math.prod(shootout.FSQ_LEVELS_BY_SIZE[size])
+    assert 0.9 * size < fsq <= size
+    for name, (kind, options) in table.items():
+        if name.startswith("vqp-"):
+            assert options["codebook_size"] == (fsq if name in ("vqp-fsq", "vqp-fsp") else size)
+            continue
+        q = QuantizerConfig(kind=kind, options=options).build(8)
+        assert q.codebook_size == (fsq if kind in ("fsq", "fsp") else size), name
+    assert table["ours-vq-ema"][1]["dead_code_threshold"] * size == 2.0 * 1024  # the same fraction of the mean count
+    with pytest.raises(ValueError, match="codebook size 1000"):
+        shootout.methods(1000)
+
+
+def test_the_peer_fsq_takes_the_levels_of_its_size():
+    vqp = pytest.importorskip("vector_quantize_pytorch", reason="the peer is not installed")
+    assert vqp is not None
+    q = shootout.PeerQuantizer(16, "fsq", math.prod(shootout.FSQ_LEVELS_BY_SIZE[16384]))
+    assert list(q.layer._levels.tolist()) == shootout.FSQ_LEVELS_BY_SIZE[16384]
+    with pytest.raises(ValueError, match="no FSQ levels give 1024 codes"):
+        shootout.PeerQuantizer(16, "fsq", 1024)
 
 
 def test_a_variant_changes_the_options_of_an_existing_row_and_bad_ones_are_named():
