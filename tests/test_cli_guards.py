@@ -118,6 +118,16 @@ def test_bad_counts_are_one_line_naming_the_option(tmp_path, capsys, args, named
     assert named in one_error_line(capsys)
 
 
+@pytest.mark.parametrize("args", [["encode", "a.png", "-o", "a.tvq", "--quality", "5"], ["decode", "a.tvq", "-o", "b", "--x"]])
+def test_an_unknown_option_is_named_with_its_commands_usage(args, capsys):
+    """The usage printed is the command's own (where its options are), not the list of commands."""
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"usage: tvq {args[0]} " in err and "{demo," not in err
+    assert f"tvq {args[0]}: error: unrecognized arguments: {' '.join(args[4:])}" in err and f"tvq {args[0]} --help" in err
+
+
 def test_the_prior_refuses_a_model_that_did_not_write_the_tokens(tmp_path, image_model, capsys):
     data, out = tmp_path / "photos", tmp_path / "tokens"
     small_photos(data, 2)

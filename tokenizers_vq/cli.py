@@ -244,6 +244,7 @@ def _example_photo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tvq", description="Discrete tokenizers for images, audio and video.")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # each command's own parser (its usage line for errors)
     demo = sub.add_parser("demo", help="fit the quantizers to a real photo and write reconstructions")
     demo.add_argument("image", nargs="?", help="image file (default: a photo shipped with matplotlib)")
     demo.add_argument("--out", default="tvq_demo", help="output folder (default: tvq_demo)")
@@ -349,7 +350,11 @@ def _check_device(device: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's own usage line, where its options are
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)} (tvq {args.command} --help lists "
+                                     "its options)")
     try:
         _check_device(getattr(args, "device", None))
         given = [getattr(args, k, None) for k in ("files", "output", "tokens", "data", "out", "model", "init_from")]

@@ -29,6 +29,18 @@ class MissingDependency(ImportError):
     and the ``pip install`` that adds it (``tvq`` prints it as one error line)."""
 
 
+def optional_module(name: str, what: str, package: str, extra: str):
+    """The module ``name``, imported; where it is not installed, :class:`MissingDependency`
+    saying that ``what`` needs ``package`` and the package extra ``extra`` that installs it."""
+    import importlib  # noqa: PLC0415
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise MissingDependency(f"{what} needs {package}: pip install {package} (or the package's {extra} extra: "
+                                f"pip install 'tokenizers_vq[{extra}]')") from e
+
+
 class WriteError(OSError):
     """A file could not be written (a folder that cannot be made, a full disk); the message
     names the file the caller asked for. ``tvq`` prints it as one error line."""

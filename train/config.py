@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenizers_vq.errors import optional_module
 from tokenizers_vq.tokenizer import QuantizerConfig, TokenizerConfig
 
 
@@ -171,7 +172,7 @@ def _yaml_loader() -> type:
     and colons as base 60); ``1e-4`` is a number (1.1 wanted a dot); ``100_000`` is one too."""
     import re  # noqa: PLC0415
 
-    import yaml  # noqa: PLC0415
+    yaml = optional_module("yaml", "reading training configs", "pyyaml", "train")
 
     class Loader(yaml.SafeLoader):
         pass
@@ -241,8 +242,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     Raises:
         ValueError: unknown keys, malformed overrides or a missing file.
     """
-    import yaml  # noqa: PLC0415
-
+    yaml = optional_module("yaml", "reading training configs", "pyyaml", "train")
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from tokenizers_vq import samples
 from tokenizers_vq.distributed import all_reduce_sum_
+from tokenizers_vq.errors import optional_module
 from tokenizers_vq.media import left_out
 from tokenizers_vq.modality import get as get_modality
 from tokenizers_vq.tokenizer import Tokenizer
@@ -47,7 +48,7 @@ class Trainer:
     ``<out_dir>/checkpoint`` when one is there."""
 
     def __init__(self, cfg: TrainConfig, lpips_module: nn.Module | None = None):
-        from accelerate import Accelerator  # noqa: PLC0415
+        Accelerator = optional_module("accelerate", "training", "accelerate", "train").Accelerator  # noqa: N806
 
         check_config(cfg)
         self.cfg = cfg

@@ -5,6 +5,7 @@ a finished run run again keeps its record; a resumed run takes this run's optimi
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -65,6 +66,18 @@ def test_settings_of_the_wrong_kind_or_modality_are_refused_in_one_line(tmp_path
     (tmp_path / "file").write_text("x")
     assert main(["train", "train/configs/image.yaml", f"--out_dir={tmp_path / 'file'}", "--data.train=photos"]) == 2
     assert "out_dir" in one_error_line(capsys) and (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("module,package", [("yaml", "pyyaml"), ("accelerate", "accelerate")])
+def test_training_without_its_extra_is_one_error_line_naming_the_install(module, package, tmp_path, monkeypatch, capsys):
+    """``tvq train`` on an install without the train extra: exit code 2 and the install to run, not a
+    traceback; no run folder is made."""
+    monkeypatch.setitem(sys.modules, module, None)  # ``import`` of it raises ImportError
+    out = tmp_path / "run"
+    assert main(["train", "image", "--steps=1", "--data.train=photos", f"--out_dir={out}"]) == 2
+    said = one_error_line(capsys)
+    assert f"needs {package}: pip install {package}" in said and "pip install 'tokenizers_vq[train]'" in said
+    assert not out.exists()
 
 
 def test_an_incomplete_checkpoint_is_refused_and_a_finished_run_keeps_its_record(tmp_path, capsys):
