@@ -31,14 +31,19 @@ class MissingDependency(ImportError):
 
 def optional_module(name: str, what: str, package: str, extra: str):
     """The module ``name``, imported; where it is not installed, :class:`MissingDependency`
-    saying that ``what`` needs ``package`` and the package extra ``extra`` that installs it."""
+    saying that ``what`` needs ``package`` and the package extra ``extra`` that installs it;
+    where it is installed but its import fails (a module it needs is missing or broken), one
+    saying so with the import's own error."""
     import importlib  # noqa: PLC0415
 
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise MissingDependency(f"{what} needs {package}: pip install {package} (or the package's {extra} extra: "
-                                f"pip install 'tokenizers_vq[{extra}]')") from e
+        if isinstance(e, ModuleNotFoundError) and e.name == name:
+            raise MissingDependency(f"{what} needs {package}: pip install {package} (or the package's {extra} extra: "
+                                    f"pip install 'tokenizers_vq[{extra}]')") from e
+        raise MissingDependency(f"{what} needs {package}, which is installed but does not import ({e}); "
+                                f"reinstall it: pip install --force-reinstall {package}") from e
 
 
 class WriteError(OSError):

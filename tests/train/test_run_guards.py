@@ -80,6 +80,19 @@ def test_training_without_its_extra_is_one_error_line_naming_the_install(module,
     assert not out.exists()
 
 
+def test_an_installed_package_that_does_not_import_is_not_called_missing(tmp_path, monkeypatch):
+    """A package whose own import fails (a module it needs is gone) is named as installed but broken,
+    with the import's error, not as one to install."""
+    from tokenizers_vq.errors import MissingDependency, optional_module  # noqa: PLC0415
+
+    (tmp_path / "tvq_broken_pkg.py").write_text("import tvq_module_it_needs\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MissingDependency, match=r"needs tvq_broken_pkg, which is installed but does not import "
+                                                r"\(No module named 'tvq_module_it_needs'\); reinstall it"):
+        optional_module("tvq_broken_pkg", "training", "tvq_broken_pkg", "train")
+    assert "tvq_broken_pkg" not in sys.modules
+
+
 def test_an_incomplete_checkpoint_is_refused_and_a_finished_run_keeps_its_record(tmp_path, capsys):
     out = tmp_path / "run"
     Trainer(config("image", out, 2, save_every=2)).train()
