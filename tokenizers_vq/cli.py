@@ -353,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named by the command's own usage line, where its options are
-        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)} (tvq {args.command} --help lists "
-                                     "its options)")
+        said = f"unrecognized arguments: {' '.join(unknown)} (tvq {args.command} --help lists its options)"
+        parser.commands[args.command].error(said)
     try:
         _check_device(getattr(args, "device", None))
         given = [getattr(args, k, None) for k in ("files", "output", "tokens", "data", "out", "model", "init_from")]
