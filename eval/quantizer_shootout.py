@@ -47,7 +47,7 @@ FSQ_LEVELS_BY_SIZE = {256: [8, 6, 5], 1024: [8, 5, 5, 5], 4096: [7, 5, 5, 5, 5],
 
 def methods(codebook_size: int = CODEBOOK) -> dict[str, tuple[str, dict[str, Any]]]:
     """method -> (quantizer kind, options) at ``codebook_size`` codes (a key of
-    :data:`FSQ_LEVELS_BY_SIZE`; FSQ and FSP take that entry's levels, slightly fewer codes):
+    :data:`FSQ_LEVELS_BY_SIZE`; FSQ and FSP take that entry's levels, within 7% as many codes):
     ours, then the peer's layers behind the adapter."""
     if codebook_size not in FSQ_LEVELS_BY_SIZE:
         raise ValueError(f"codebook size {codebook_size}: the shootout runs at {sorted(FSQ_LEVELS_BY_SIZE)} codes "
@@ -80,15 +80,16 @@ def methods(codebook_size: int = CODEBOOK) -> dict[str, tuple[str, dict[str, Any
 METHODS = methods()
 
 
-def peer_dead_codes(vqp: Any) -> dict[str, float]:
-    """The peer's dead-code setting: an EMA count of 2 where ``VectorQuantize`` takes an absolute
-    threshold (up to 1.32, as our rows); from 1.34 it takes a ratio of the mean count and reads an
+def peer_dead_codes(vqp: Any, codebook_size: int = CODEBOOK) -> dict[str, float]:
+    """The peer's dead-code setting: an EMA count of 2 at 1024 codes (the same fraction of the mean
+    count at other sizes, as our rows) where ``VectorQuantize`` takes an absolute threshold (up to
+    1.32); from 1.34 it takes a ratio of the mean count and reads an
     absolute 2 as ``2 / codebook_size`` of it (almost no restarts: 29% of the codes in use on the
     2-core run), so there the ratio 0.1 that its deprecation warning suggests (``VectorQuantize``'s
     own default, 0, expires none; an absolute 2 is the mean count itself in the GPU shootout, past
     the ratios it accepts, ``< 1``)."""
     ratio = "dead_code_threshold_ratio" in inspect.signature(vqp.VectorQuantize.__init__).parameters
-    return {"dead_code_threshold_ratio": 0.1} if ratio else {"threshold_ema_dead_code": 2}
+    return {"dead_code_threshold_ratio": 0.1} if ratio else {"threshold_ema_dead_code": 2.0 * CODEBOOK / codebook_size}
 
 
 class PeerBinaryMapper(torch.nn.Module):
@@ -129,7 +130,7 @@ class PeerQuantizer(Quantizer):
                              f"{sorted(math.prod(v) for v in FSQ_LEVELS_BY_SIZE.values())}")
         if method == "vq":
             self.layer = vqp.VectorQuantize(dim=dim, codebook_size=codebook_size, codebook_dim=16, use_cosine_sim=True,
-                                            kmeans_init=True, decay=0.99, commitment_weight=0.25, **peer_dead_codes(vqp))
+                                            kmeans_init=True, decay=0.99, commitment_weight=0.25, **peer_dead_codes(vqp, codebook_size))
         elif method == "fsq":
             self.layer = vqp.FSQ(levels=levels, dim=dim)
         elif method == "fsp":
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-items", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--codebook-size", type=int, default=CODEBOOK, choices=sorted(FSQ_LEVELS_BY_SIZE),
-                   help="codes of every bottleneck (FSQ and FSP: the paper's levels for it, slightly fewer)")
+                   help="codes of every bottleneck (FSQ and FSP: the paper's levels for it, within 7%% as many)")
     p.add_argument("--parallel", type=int, default=1,
                    help="trainings at once on the device (step times then include the sharing)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD:JSON",

@@ -128,6 +128,17 @@ def test_an_unknown_option_is_named_with_its_commands_usage(args, capsys):
     assert f"tvq {args[0]}: error: unrecognized arguments: {' '.join(args[4:])}" in err and f"tvq {args[0]} --help" in err
 
 
+@pytest.mark.parametrize("args,said", [
+    (["--device=cpu", "encode", "a.png", "-o", "a.tvq"], "tvq encode: error: unrecognized arguments: --device=cpu "
+                                                         "(options go after the command)"),
+    (["train", "--steps=1", "image"], "tvq train: error: unrecognized arguments: --steps=1 (overrides go after the config)"),
+])
+def test_an_option_in_the_wrong_place_says_where_it_goes(args, said, capsys):
+    with pytest.raises(SystemExit):
+        main(args)
+    assert said in capsys.readouterr().err
+
+
 def test_the_prior_refuses_a_model_that_did_not_write_the_tokens(tmp_path, image_model, capsys):
     data, out = tmp_path / "photos", tmp_path / "tokens"
     small_photos(data, 2)

@@ -283,8 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also encode every file with classical codecs at the tokenizer's bitrate (Codec2 and Opus for "
                          "audio, H.264/H.265 for video, JPEG/WebP and their downscaled variants for images) and compare "
                          "them in report.md; off by default, as it runs several encodes per file (needs c2enc, ffmpeg)")
-    photo = sub.add_parser("example-photo", help="print the path of a real photo shipped with matplotlib")
-    photo.set_defaults(func=_example_photo)
+    sub.add_parser("example-photo", help="print the path of a real photo shipped with matplotlib").set_defaults(func=_example_photo)
     ex = sub.add_parser("export", help="encode a folder to memory-mappable token shards for AR training (resumable)")
     ex.add_argument("--data", required=True,
                     help="folder of media, or a WebDataset tar shard read without extracting it: a path (shard.tar) or "
@@ -353,8 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named by the command's own usage line, where its options are
-        said = f"unrecognized arguments: {' '.join(unknown)} (tvq {args.command} --help lists its options)"
-        parser.commands[args.command].error(said)
+        words = sys.argv[1:] if argv is None else list(argv)
+        first = next((i for i, w in enumerate(words) if w == unknown[0]), len(words))
+        where = ("options go after the command" if first < words.index(args.command) else "overrides go after the "
+                 "config" if args.command == "train" else f"tvq {args.command} --help lists its options")
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)} ({where})")
     try:
         _check_device(getattr(args, "device", None))
         given = [getattr(args, k, None) for k in ("files", "output", "tokens", "data", "out", "model", "init_from")]

@@ -42,8 +42,9 @@ def optional_module(name: str, what: str, package: str, extra: str):
         if isinstance(e, ModuleNotFoundError) and e.name == name:
             raise MissingDependency(f"{what} needs {package}: pip install {package} (or the package's {extra} extra: "
                                     f"pip install 'tokenizers_vq[{extra}]')") from e
-        raise MissingDependency(f"{what} needs {package}, which is installed but does not import ({e}); "
-                                f"reinstall it: pip install --force-reinstall {package}") from e
+        lacks = f"install what it lacks (pip install {e.name}) or " if e.name and e.name != name else ""
+        raise MissingDependency(f"{what} needs {package}, which is installed but does not import ({e}); {lacks}"
+                                f"reinstall it: pip install --force-reinstall --no-deps {package}") from e
 
 
 class WriteError(OSError):

@@ -88,7 +88,9 @@ def test_an_installed_package_that_does_not_import_is_not_called_missing(tmp_pat
     (tmp_path / "tvq_broken_pkg.py").write_text("import tvq_module_it_needs\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(MissingDependency, match=r"needs tvq_broken_pkg, which is installed but does not import "
-                                                r"\(No module named 'tvq_module_it_needs'\); reinstall it"):
+                                                r"\(No module named 'tvq_module_it_needs'\); install what it lacks "
+                                                r"\(pip install tvq_module_it_needs\) or reinstall it: "
+                                                r"pip install --force-reinstall --no-deps tvq_broken_pkg$"):
         optional_module("tvq_broken_pkg", "training", "tvq_broken_pkg", "train")
     assert "tvq_broken_pkg" not in sys.modules
 
