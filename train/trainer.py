@@ -383,7 +383,8 @@ class Trainer:
                        + (f"; settings changed since that checkpoint: {', '.join(changed)}" if changed else "")
                        + (f"; data changed since that checkpoint: {data_changed}" if data_changed else ""))
         self._apply_optim_settings()
-        self._truncate_log()
+        if self.acc.is_main_process:
+            truncate_log(self.out_dir / "metrics.jsonl", self.step)
 
     def _apply_optim_settings(self) -> None:
         """This run's learning rates, betas and weight decay over those a resumed optimiser
@@ -395,7 +396,3 @@ class Trainer:
                          betas=tuple(o.betas), weight_decay=o.weight_decay)
         for group in self.opt_d.param_groups if self.disc is not None else []:
             group.update(lr=o.disc_lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-
-    def _truncate_log(self) -> None:
-        if self.acc.is_main_process:
-            truncate_log(self.out_dir / "metrics.jsonl", self.step)

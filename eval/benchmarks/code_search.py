@@ -145,12 +145,9 @@ def write(res: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
 
 
 def _chart(res: dict[str, Any], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
+    from tokenizers_vq.viz import _pyplot, save_figure  # noqa: PLC0415
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    fig, axes = _pyplot().subplots(1, 4, figsize=(16, 4))
     for i, c in enumerate(res["curves"]):
         axes[0].plot(c["ours"], color="C0", label="ours" if i == 0 else None)
         if c["peer"]:
@@ -162,9 +159,7 @@ def _chart(res: dict[str, Any], path: Path) -> None:
         ax.imshow(img[0].clamp(0, 1).permute(1, 2, 0).numpy())
         ax.set_title(name)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
